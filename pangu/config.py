@@ -1,0 +1,234 @@
+"""One model configuration for every supported architecture, built from HF config.json or GGUF."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+
+DENSE_ARCHITECTURES = ("PanguEmbeddedForCausalLM", "LlamaForCausalLM")
+MOGE_ARCHITECTURES = ("PanguProMoEForCausalLM",)
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOGE_ARCHITECTURES
+MODEL_TYPE_TO_ARCH = {
+    "PanguEmbedded": "PanguEmbeddedForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "PanguProMoE": "PanguProMoEForCausalLM",
+}
+SUPPORTED_ROPE_SCALING = ("llama3", "linear")
+
+
+class ConfigError(ValueError):
+    """A config.json (or GGUF metadata) that this engine cannot run; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[dict] = None
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: Optional[int] = None
+    torch_dtype: Optional[str] = None
+    # Mixture of Grouped Experts (PanguProMoE)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    num_expert_groups: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    quantization_config: Optional[dict] = None
+
+    @property
+    def is_moge(self) -> bool:
+        return self.architecture in MOGE_ARCHITECTURES
+
+    @property
+    def experts_per_group(self) -> int:
+        return self.num_experts // self.num_expert_groups if self.is_moge else 0
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        arch = _architecture(d)
+        get = _Getter(d)
+        hidden = get.int("hidden_size")
+        heads = get.int("num_attention_heads")
+        kv_heads = get.int("num_key_value_heads", default=heads)
+        if heads <= 0:
+            raise ConfigError(f"config field num_attention_heads={heads} must be positive")
+        if kv_heads <= 0 or heads % kv_heads:
+            raise ConfigError(
+                f"config field num_key_value_heads={kv_heads} must divide num_attention_heads={heads}"
+            )
+        head_dim = get.int("head_dim", default=0) or 0
+        if not head_dim:
+            if hidden % heads:
+                raise ConfigError(
+                    f"config field hidden_size={hidden} is not divisible by num_attention_heads={heads}"
+                )
+            head_dim = hidden // heads
+        if head_dim % 2:
+            raise ConfigError(f"head_dim={head_dim} must be even for rotary embeddings")
+
+        if arch == "PanguEmbeddedForCausalLM":
+            qkv_bias = o_bias = bool(d.get("bias", False))
+        elif arch == "PanguProMoEForCausalLM":
+            qkv_bias = o_bias = True  # always on in the release, not a config key
+        else:
+            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+
+        eos = d.get("eos_token_id")
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+
+        cfg = cls(
+            architecture=arch,
+            vocab_size=get.int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get.int("intermediate_size", default=0 if arch in MOGE_ARCHITECTURES else None),
+            num_hidden_layers=get.int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=get.float("rms_norm_eps", default=1e-5),
+            rope_theta=get.float("rope_theta", default=10000.0),
+            rope_scaling=_rope_scaling(d.get("rope_scaling")),
+            max_position_embeddings=get.int("max_position_embeddings", default=4096),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            pad_token_id=d.get("pad_token_id"),
+            torch_dtype=d.get("torch_dtype"),
+            quantization_config=d.get("quantization_config"),
+        )
+        if arch in MOGE_ARCHITECTURES:
+            cfg.num_experts = get.int("num_experts")
+            cfg.num_experts_per_tok = get.int("num_experts_per_tok")
+            cfg.num_expert_groups = get.int("num_expert_groups", default=8)
+            cfg.moe_intermediate_size = get.int("moe_intermediate_size")
+            cfg.shared_expert_intermediate_size = get.int("shared_expert_intermediate_size")
+            if cfg.num_expert_groups <= 0 or cfg.num_experts % cfg.num_expert_groups:
+                raise ConfigError(
+                    f"config fields num_experts={cfg.num_experts} and num_expert_groups="
+                    f"{cfg.num_expert_groups}: the experts must divide evenly into the groups"
+                )
+            if cfg.num_experts_per_tok != cfg.num_expert_groups:
+                raise ConfigError(
+                    f"config field num_experts_per_tok={cfg.num_experts_per_tok} must equal "
+                    f"num_expert_groups={cfg.num_expert_groups}: MoGE picks one expert per group"
+                )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+            if getattr(cfg, name) <= 0:
+                raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ModelConfig":
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_hf_dict(d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _architecture(d: dict[str, Any]) -> str:
+    archs = d.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    mt = d.get("model_type")
+    if not archs and mt in MODEL_TYPE_TO_ARCH:
+        return MODEL_TYPE_TO_ARCH[mt]
+    shown = archs or mt
+    raise ConfigError(
+        f"unsupported architecture {shown!r} (config field 'architectures'/'model_type'); "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _rope_scaling(rs: Any) -> Optional[dict]:
+    if rs is None:
+        return None
+    if not isinstance(rs, dict):
+        raise ConfigError(f"config field rope_scaling={rs!r} must be an object or null")
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in SUPPORTED_ROPE_SCALING:
+        raise ConfigError(
+            f"config field rope_scaling has unsupported type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
+        )
+    factor = rs.get("factor")
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise ConfigError(f"config field rope_scaling.factor={factor!r} must be a positive number")
+    out = dict(rs)
+    out["rope_type"] = kind
+    if kind == "llama3":
+        for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            if not isinstance(rs.get(key), (int, float)):
+                raise ConfigError(f"config field rope_scaling.{key}={rs.get(key)!r} is required for llama3 scaling")
+    return out
+
+
+class _Getter:
+    """Reads typed fields from a config dict; errors name the field and the value."""
+
+    _MISSING = object()
+
+    def __init__(self, d: dict[str, Any]):
+        self.d = d
+
+    def _get(self, key: str, default: Any) -> Any:
+        v = self.d.get(key)
+        if v is not None:
+            return v
+        if default is self._MISSING or default is None:
+            raise ConfigError(f"config is missing the required field {key!r}")
+        return default
+
+    def int(self, key: str, default: Any = _MISSING) -> int:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"config field {key}={v!r} must be an integer")
+        return v
+
+    def float(self, key: str, default: Any = _MISSING) -> float:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"config field {key}={v!r} must be a number")
+        return float(v)

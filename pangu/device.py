@@ -1,0 +1,93 @@
+"""The only module that knows about cpu / cuda / npu."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def npu_available() -> bool:
+    if importlib.util.find_spec("torch_npu") is None:
+        return False
+    import torch_npu  # noqa: F401  registers the "npu" device with torch
+
+    return bool(torch.npu.is_available())
+
+
+def default_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if npu_available():
+        return "npu"
+    return "cpu"
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    name = device or default_device()
+    kind = name.split(":")[0]
+    if kind == "cpu":
+        return torch.device(name)
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} requested but CUDA is not available on this machine")
+        return torch.device(name)
+    if kind == "npu":
+        if not npu_available():
+            raise ValueError(f"device={name!r} requested but torch_npu is not installed or finds no NPU")
+        return torch.device(name)
+    raise ValueError(f"unknown device {name!r}: expected cpu, cuda or npu (optionally with :index)")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 weights halve the bytes read per decoded token and use AMX for batched products on
+    # recent x86 CPUs (see benchmarks/RESULTS.md); GPUs and NPUs run bf16 natively.
+    if device.type == "cpu":
+        return torch.bfloat16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
+def resolve_dtype(dtype: "Optional[str | torch.dtype]", device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise ValueError(f"unsupported dtype {dtype}: expected float32, bfloat16 or float16")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, auto")
+    return DTYPES[dtype]
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory the KV cache may take from, on this device."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "npu":
+        free, _ = torch.npu.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)

@@ -1,0 +1,114 @@
+"""The bridge between the engine and the model: a scheduled batch -> one forward -> logits."""
+
+from __future__ import annotations
+
+import torch
+
+from pangu.engine.scheduler import ScheduledBatch
+from pangu.engine.sequence import Sequence
+from pangu.models.dense import DecoderForCausalLM
+from pangu.models.layers import Attention, AttentionBatch, PrefillSlice
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        cfg = model.config
+        self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        slots = num_blocks * block_size
+        # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
+        # a valid slot), so the pages of a large pool are touched only as they are used.
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(
+                2, slots, layer.num_kv_heads, cfg.head_dim, dtype=kv_dtype, device=device
+            )
+
+    def release(self) -> None:
+        for layer in self.attention_layers:
+            layer.kv_cache = None
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+        """Forward every scheduled token; returns the sequences that reached their last token
+        (they sample next) and their logits [len, vocab] in float32."""
+        bs = self.block_size
+        decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1]
+        prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n > 1]
+        ordered = decodes + prefills
+
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        for seq, n in ordered:
+            start = seq.num_computed_tokens
+            input_ids.extend(seq.token_ids[start : start + n])
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
+
+        dev = self.device
+        attn = AttentionBatch(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev))
+        if decodes:
+            ctx = [s.num_computed_tokens + 1 for s, _ in decodes]
+            attn.num_decode = len(decodes)
+            attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx)
+        row = len(decodes)
+        for seq, n in prefills:
+            context_len = seq.num_computed_tokens + n
+            kv_slots = self._slots(seq.block_table, context_len)
+            mask = None
+            if context_len != n:
+                q_pos = torch.arange(context_len - n, context_len, device=dev)
+                mask = torch.arange(context_len, device=dev)[None, :] <= q_pos[:, None]
+            attn.prefills.append(PrefillSlice(row, n, context_len, kv_slots, mask))
+            row += n
+
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.long, device=dev),
+            torch.tensor(positions, dtype=torch.long, device=dev),
+            attn,
+        )
+        sampled: list[Sequence] = []
+        rows: list[int] = []
+        end = 0
+        for seq, n in ordered:
+            end += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                sampled.append(seq)
+                rows.append(end - 1)
+        if not rows:
+            return [], hidden.new_empty(0, 0, dtype=torch.float32)
+        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+        return sampled, logits
+
+    def _slots(self, block_table: list[int], context_len: int) -> torch.Tensor:
+        bs = self.block_size
+        blocks = torch.tensor(block_table[: -(-context_len // bs)], dtype=torch.long, device=self.device)
+        return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:context_len]
+
+    def _decode_slots(self, decodes, ctx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        dev = self.device
+        max_ctx = max(ctx)
+        max_blocks = -(-max_ctx // bs)
+        table = torch.tensor(
+            [s.block_table[:max_blocks] + [s.block_table[0]] * (max_blocks - len(s.block_table[:max_blocks])) for s, _ in decodes],
+            dtype=torch.long,
+            device=dev,
+        )
+        pos = torch.arange(max_ctx, device=dev)
+        slots = table[:, pos // bs] * bs + pos % bs
+        ctx_t = torch.tensor(ctx, device=dev)
+        valid = pos[None, :] < ctx_t[:, None]
+        # Padding repeats the sequence's first slot, which always holds real values.
+        slots = torch.where(valid, slots, slots[:, :1])
+        return slots, valid[:, None, None, :]

@@ -1,0 +1,178 @@
+"""Building blocks shared by every model: RMSNorm, rotary embeddings, paged attention, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pangu.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, multiply in the activation dtype: the reference implementations do.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.float()
+    if rs["rope_type"] == "linear":
+        return (inv_freq / rs["factor"]).float()
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (NeoX) rotary embedding over the full head_dim."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class PrefillSlice:
+    """One sequence's chunk of new tokens in a step: rows [start, start+length) of the flat batch."""
+
+    start: int
+    length: int
+    context_len: int  # tokens in the cache after this step, new ones included
+    kv_slots: torch.Tensor  # [context_len] flat cache slots, oldest first
+    causal_mask: Optional[torch.Tensor]  # [length, context_len] bool, None when context_len == length
+
+
+@dataclass
+class AttentionBatch:
+    """Where a step's tokens live in the paged KV cache. Decode tokens come first in the flat batch."""
+
+    slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
+    num_decode: int = 0
+    decode_slots: Optional[torch.Tensor] = None  # [num_decode, max_ctx] slots to read (padded)
+    decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_ctx] bool, True = attend
+    prefills: list[PrefillSlice] = field(default_factory=list)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        # Bound by the runner: [2, num_blocks * block_size, kv_heads, head_dim] (flat slots).
+        self.kv_cache: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: Optional[AttentionBatch],
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if attn is None:
+            out = self._sdpa(q, k, v, mask=None, causal=True)
+        else:
+            out = self._paged(q, k, v, attn)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+    def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """q: [Tq, H, D], k/v: [Tk, Hkv, D] -> [Tq, H, D]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+    def _paged(self, q, k, v, attn: AttentionBatch) -> torch.Tensor:
+        cache = self.kv_cache
+        assert cache is not None, "the runner binds a KV cache before a paged forward"
+        cache[0].index_copy_(0, attn.slot_mapping, k.to(cache.dtype))
+        cache[1].index_copy_(0, attn.slot_mapping, v.to(cache.dtype))
+        out = torch.empty_like(q)
+        nd = attn.num_decode
+        if nd:
+            keys = cache[0][attn.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+            vals = cache[1][attn.decode_slots].transpose(1, 2)
+            o = F.scaled_dot_product_attention(
+                q[:nd].unsqueeze(2),  # [B, H, 1, D]
+                keys.to(q.dtype),
+                vals.to(q.dtype),
+                attn_mask=attn.decode_mask,
+                scale=self.scale,
+                enable_gqa=self.num_kv_heads != self.num_heads,
+            )
+            out[:nd] = o.squeeze(2)
+        for p in attn.prefills:
+            rows = slice(p.start, p.start + p.length)
+            if p.causal_mask is None:
+                out[rows] = self._sdpa(q[rows], k[rows], v[rows], mask=None, causal=True)
+            else:
+                keys = cache[0][p.kv_slots].to(q.dtype)
+                vals = cache[1][p.kv_slots].to(q.dtype)
+                out[rows] = self._sdpa(q[rows], keys, vals, mask=p.causal_mask, causal=False)
+        return out
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one product."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False):
+        super().__init__()
+        self.inter = inter
+        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,184 @@
+"""Pangu Pro MoE: Mixture of Grouped Experts (MoGE). Router, stacked experts, dispatch, load counters."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pangu.config import ModelConfig
+from pangu.models.dense import DecoderForCausalLM
+from pangu.models.layers import SwiGLU
+
+IMBALANCE_DEVICES = (1, 2, 4, 8)
+
+
+def moge_route(router_logits: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoGE router: softmax over all experts (fp32), then the best expert of each group.
+
+    router_logits: [T, E]. Returns expert ids [T, G] (long, expert g*E/G + j) and their raw
+    global probabilities [T, G] (fp32): no renormalisation. Ties go to the lowest index.
+    """
+    t, e = router_logits.shape
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    per_group = probs.view(t, num_groups, e // num_groups)
+    local = per_group.argmax(dim=-1)  # argmax returns the first maximal index
+    weights = per_group.gather(-1, local.unsqueeze(-1)).squeeze(-1)
+    offsets = torch.arange(num_groups, device=local.device) * (e // num_groups)
+    return local + offsets, weights
+
+
+def imbalance_score(expert_counts: torch.Tensor, num_tokens: int, num_devices: int) -> torch.Tensor:
+    """The paper's IS = (max_i T_i - min_i T_i) / |X| with experts spread over devices in order."""
+    per_device = expert_counts.view(num_devices, -1).sum(-1).float()
+    return (per_device.max() - per_device.min()) / max(num_tokens, 1)
+
+
+class StackedExperts(nn.Module):
+    """All routed experts of one layer: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
+
+
+class MoGELoad:
+    """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k)."""
+
+    def __init__(self, num_experts: int, top_k: int):
+        self.top_k = top_k
+        # Host tensors even when the model is built on the meta device.
+        cpu = torch.device("cpu")
+        self.moge_counts = torch.zeros(num_experts, dtype=torch.long, device=cpu)
+        self.topk_counts = torch.zeros(num_experts, dtype=torch.long, device=cpu)
+        self.moge_is_sum = torch.zeros(len(IMBALANCE_DEVICES), device=cpu)
+        self.topk_is_sum = torch.zeros(len(IMBALANCE_DEVICES), device=cpu)
+        self.steps = 0
+        self.tokens = 0
+
+    def record(self, expert_counts: torch.Tensor, probs_for_topk: torch.Tensor, num_tokens: int) -> None:
+        e = expert_counts.numel()
+        topk_ids = probs_for_topk.topk(self.top_k, dim=-1).indices
+        topk_counts = torch.bincount(topk_ids.flatten(), minlength=e).cpu()
+        expert_counts = expert_counts.cpu()
+        self.moge_counts += expert_counts
+        self.topk_counts += topk_counts
+        self.moge_is_sum += torch.stack([imbalance_score(expert_counts, num_tokens, d) for d in IMBALANCE_DEVICES])
+        self.topk_is_sum += torch.stack([imbalance_score(topk_counts, num_tokens, d) for d in IMBALANCE_DEVICES])
+        self.steps += 1
+        self.tokens += num_tokens
+
+    def as_dict(self, num_groups: int) -> dict:
+        steps = max(self.steps, 1)
+        return {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "expert_tokens": self.moge_counts.tolist(),
+            "group_tokens": self.moge_counts.view(num_groups, -1).sum(-1).tolist(),
+            "imbalance_score": {d: float(v) / steps for d, v in zip(IMBALANCE_DEVICES, self.moge_is_sum)},
+            "global_topk_expert_tokens": self.topk_counts.tolist(),
+            "global_topk_imbalance_score": {
+                d: float(v) / steps for d, v in zip(IMBALANCE_DEVICES, self.topk_is_sum)
+            },
+        }
+
+
+class MoGEBlock(nn.Module):
+    """Routed experts (one per group per token) plus the always-on shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.num_groups = cfg.num_expert_groups
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
+        self.experts = StackedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
+        self.track_load = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        logits = self.gate(x)
+        expert_ids, probs = moge_route(logits, self.num_groups)
+        weights = probs.to(x.dtype) * self.router_scale[0, expert_ids]  # [T, G]
+        flat_experts = expert_ids.flatten()
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        if self.track_load:
+            self.load.record(counts, torch.softmax(logits.float(), dim=-1), t)
+        out = self.shared_expert(x)
+        routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
+        return out + routed
+
+    def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
+        """Group the token-expert pairs by expert; one product per expert that received tokens."""
+        g = self.num_groups
+        order = flat_experts.argsort(stable=True)
+        token_of_pair = order // g
+        out = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            pairs = order[start : start + n]
+            tokens = token_of_pair[start : start + n]
+            y = self.experts.expert(e, x[tokens]) * flat_weights[pairs, None]
+            out.index_add_(0, tokens, y)
+            start += n
+        return out
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+class PanguProMoEForCausalLM(DecoderForCausalLM):
+    def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        return MoGEBlock(cfg)
+
+    def expected_mlp_names(self, prefix: str) -> list[str]:
+        names = [prefix + "gate.weight", prefix + "router_scale"]
+        for e in range(self.config.num_experts):
+            names += [f"{prefix}experts.{e}.{proj}_proj.weight" for proj in ("gate", "up", "down")]
+        names += [f"{prefix}shared_expert.{proj}_proj.weight" for proj in ("gate", "up", "down")]
+        return names
+
+    def map_weight_name(self, name: str) -> tuple[str, Optional[tuple]]:
+        m = _EXPERT.match(name)
+        if m is None:
+            return super().map_weight_name(name)
+        prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        inter = self.config.moe_intermediate_size
+        if proj == "down":
+            return f"{prefix}.w2", (e,)
+        start = 0 if proj == "gate" else inter
+        return f"{prefix}.w13", (e, slice(start, start + inter))
+
+    def _gate_up_width(self, target: str) -> int:
+        return self.config.shared_expert_intermediate_size
+
+    def moe_layers(self) -> list[MoGEBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def moe_stats(self) -> dict:
+        layers = [m.load.as_dict(self.config.num_expert_groups) for m in self.moe_layers()]
+        n = max(len(layers), 1)
+
+        def mean(key: str) -> dict:
+            return {d: sum(l[key][d] for l in layers) / n for d in IMBALANCE_DEVICES}
+
+        return {
+            "num_experts": self.config.num_experts,
+            "num_groups": self.config.num_expert_groups,
+            "layers": layers,
+            "imbalance_score": mean("imbalance_score"),
+            "global_topk_imbalance_score": mean("global_topk_imbalance_score"),
+        }
