@@ -1,0 +1,72 @@
+"""Tiny random checkpoints with the real Pangu tensor names and config fields, built once per session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pangu.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint
+
+TINY_LAYERS = 2
+
+
+def _inv_freq_tensors(config: dict) -> dict[str, torch.Tensor]:
+    """The real 7B checkpoint stores these unused buffers; the loader must skip them."""
+    half = config["hidden_size"] // config["num_attention_heads"] // 2
+    return {
+        f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(half) for i in range(config["num_hidden_layers"])
+    }
+
+
+def build_tiny_model(
+    directory: Path,
+    config: dict,
+    tokenizer_dir: Path | None = None,
+    num_shards: int = 1,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> Path:
+    """A complete model folder: config, weights (with inv_freq buffers), tokenizer, generation config."""
+    tensors = random_state_dict(config, seed=seed, dtype=dtype)
+    write_checkpoint(str(directory), config, tensors, num_shards=num_shards, extra_tensors=_inv_freq_tensors(config))
+    if tokenizer_dir is not None:
+        for f in Path(tokenizer_dir).iterdir():
+            shutil.copy(f, directory / f.name)
+    gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}
+    (directory / "generation_config.json").write_text(json.dumps(gen))
+    return directory
+
+
+def _tiny_vocab(tokenizer_dir: Path) -> tuple[int, int]:
+    from pangu.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    return tok.vocab_size, tok.eos_token_id
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_config(pangu_tokenizer_dir: Path) -> dict:
+    vocab, eos = _tiny_vocab(pangu_tokenizer_dir)
+    return pangu_dense_config(vocab_size=vocab, eos_token_id=eos, num_hidden_layers=TINY_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def tiny_moge_config(pangu_tokenizer_dir: Path) -> dict:
+    vocab, eos = _tiny_vocab(pangu_tokenizer_dir)
+    return pangu_moge_config(vocab_size=vocab, eos_token_id=eos, num_hidden_layers=TINY_LAYERS)
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_dir(tmp_path_factory, tiny_dense_config, pangu_tokenizer_dir) -> Path:
+    """openPangu-Embedded layout (q/k/v/o biases, inv_freq buffers), fp32, one file."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_dense"), tiny_dense_config, pangu_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_moge_dir(tmp_path_factory, tiny_moge_config, pangu_tokenizer_dir) -> Path:
+    """Pangu Pro MoE layout: 64 experts in 8 groups, shared expert, router_scale; fp32, one file."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_moge"), tiny_moge_config, pangu_tokenizer_dir)
