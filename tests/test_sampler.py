@@ -1,0 +1,228 @@
+import math
+
+import pytest
+import torch
+
+from pangu.engine.sampler import Sampler, SamplingRow
+from pangu.sampling_params import SamplingParams
+
+# token probabilities 0.5, 0.3, 0.1, 0.05, 0.05
+SKEWED = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05]).log()
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def row(generator: torch.Generator | None = None, prompt=(), output=(), eos=(), **params) -> SamplingRow:
+    return SamplingRow(SamplingParams(**params), generator, prompt, output, eos)
+
+
+def draw_many(logits: torch.Tensor, n: int, **params) -> torch.Tensor:
+    """n independent draws from one row's distribution, as one batch of n identical rows."""
+    result = Sampler(seed=0)(logits.expand(n, -1).contiguous(), [row(**params) for _ in range(n)])
+    return torch.tensor(result.token_ids)
+
+
+def greedy_pick(logits: list[float], **kwargs) -> int:
+    return Sampler()(torch.tensor([logits]), [row(temperature=0, **kwargs)]).token_ids[0]
+
+
+def test_greedy_picks_argmax():
+    logits = torch.randn(6, 100, generator=seeded(0))
+    result = Sampler()(logits, [row(temperature=0) for _ in range(6)])
+    assert result.token_ids == logits.argmax(-1).tolist()
+    assert result.logprobs is None and result.top_logprobs == [None] * 6
+
+
+def test_all_greedy_batch_takes_argmax_without_sorting(monkeypatch):
+    def no_sort(*args, **kwargs):
+        raise AssertionError("the greedy step must not sort")
+
+    monkeypatch.setattr(torch.Tensor, "sort", no_sort)
+    monkeypatch.setattr(torch.Tensor, "topk", no_sort)
+    monkeypatch.setattr(torch, "sort", no_sort)
+    logits = torch.randn(4, 50, generator=seeded(1))
+    assert Sampler()(logits, [row(temperature=0) for _ in range(4)]).token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_k_1_matches_greedy():
+    logits = torch.randn(8, 2000, generator=seeded(2))
+    rows = [row(seeded(i) if i % 2 else None, temperature=1.5, top_k=1) for i in range(8)]
+    assert Sampler(seed=0)(logits, rows).token_ids == logits.argmax(-1).tolist()
+
+
+def test_greedy_row_consumes_no_randomness_from_its_generator():
+    generator = seeded(5)
+    before = generator.get_state()
+    Sampler()(torch.randn(2, 30), [row(generator, temperature=0, presence_penalty=1.0, output=[1]),
+                                   row(temperature=1.0)])
+    assert torch.equal(generator.get_state(), before)
+
+
+def test_sampler_leaves_the_callers_logits_unchanged():
+    logits = torch.randn(3, 40, generator=seeded(3))
+    copy = logits.clone()
+    rows = [row(temperature=0.7, top_p=0.9, repetition_penalty=1.3, prompt=[1, 2], min_tokens=2, eos=[0]),
+            row(temperature=0, frequency_penalty=0.5, output=[4, 4]),
+            row(temperature=1.0, top_k=5, min_p=0.1)]
+    Sampler(seed=0)(logits, rows)
+    assert torch.equal(logits, copy)
+
+
+def run_seeded_request(seed: int, position: int, companions: list[dict], steps: int = 8) -> list[int]:
+    """Tokens of one seeded request decoded for `steps` steps at `position` among `companions`."""
+    vocab = 2000
+    generator = seeded(seed)
+    sampler = Sampler(seed=99)
+    tokens = []
+    for step in range(steps):
+        # the request's own logits depend only on its step; the others get fresh noise each step
+        ours = torch.randn(vocab, generator=seeded(1000 + step)) * 3
+        others = torch.randn(len(companions), vocab)
+        logits = torch.cat([others[:position], ours[None], others[position:]])
+        rows = [row(seeded(c.pop("seed")) if "seed" in c else None, **c) for c in map(dict, companions)]
+        rows.insert(position, row(generator, temperature=1.3, top_p=0.95, output=list(tokens)))
+        tokens.append(sampler(logits, rows).token_ids[position])
+    return tokens
+
+
+def test_same_seed_gives_same_tokens_whatever_the_batch_and_position():
+    alone = run_seeded_request(seed=7, position=0, companions=[])
+    assert alone == run_seeded_request(seed=7, position=0, companions=[])
+    # companions that change how many candidates top_p inspects, and one whose nucleus is wide
+    # enough to force the full sort
+    mixed = [{"temperature": 1.0, "top_k": 1500}, {"temperature": 0.8, "seed": 7}, {"temperature": 0},
+             {"temperature": 2.0, "seed": 3, "min_p": 0.1}, {"temperature": 1.0, "top_p": 0.95}]
+    for position in (0, 2, 5):
+        assert run_seeded_request(seed=7, position=position, companions=mixed) == alone
+    assert run_seeded_request(seed=7, position=1, companions=mixed[:2]) == alone
+
+
+def test_different_seeds_give_different_tokens():
+    assert run_seeded_request(seed=7, position=0, companions=[]) != run_seeded_request(
+        seed=8, position=0, companions=[])
+
+
+@pytest.mark.parametrize(
+    "params, allowed",
+    [
+        ({"top_k": 2}, {0, 1}),
+        ({"top_k": 3}, {0, 1, 2}),
+        ({"top_p": 0.7}, {0, 1}),  # 0.5 < 0.7 <= 0.5 + 0.3
+        ({"top_p": 0.85}, {0, 1, 2}),
+        ({"top_p": 0.3}, {0}),
+        ({"min_p": 0.25}, {0, 1}),  # drops probabilities below 0.125
+        ({"min_p": 0.15}, {0, 1, 2}),
+        ({"top_k": 3, "top_p": 0.7}, {0, 1}),
+        ({"top_k": 3, "min_p": 0.5}, {0, 1}),
+    ],
+)
+def test_filters_never_pick_a_masked_token(params, allowed):
+    picked = set(draw_many(SKEWED, 4000, temperature=1.0, **params).tolist())
+    assert picked == allowed  # every kept token shows up, nothing else does
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> set[int]:
+    probs, order = logits.softmax(-1).sort(descending=True)
+    size = int(((probs.cumsum(-1) - probs) < top_p).sum())
+    return set(order[:size].tolist())
+
+
+def test_top_p_keeps_exactly_the_nucleus_of_a_large_vocabulary():
+    logits = torch.full((3000,), -5.0)
+    logits[:20] = torch.linspace(4, 2, 20)
+    picked = set(draw_many(logits, 2000, temperature=1.0, top_p=0.9).tolist())
+    assert picked == nucleus(logits, 0.9)
+
+
+def test_top_p_wider_than_the_candidate_shortlist_still_keeps_the_whole_nucleus():
+    logits = torch.linspace(0, -3, 3000)  # the 0.9 nucleus spans about 1,900 tokens
+    allowed = nucleus(logits, 0.9)
+    picked = draw_many(logits, 2000, temperature=1.0, top_p=0.9)
+    assert set(picked.tolist()) <= allowed
+    assert picked.max() > 1500  # well past the 1,024 candidates looked at first
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_frequencies_match_the_softmax_distribution(temperature):
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5])
+    n = 30000
+    counts = torch.bincount(draw_many(logits, n, temperature=temperature), minlength=6).double()
+    expected = (logits.double() / temperature).softmax(-1) * n
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 25  # 5 degrees of freedom: p < 1e-4 for a correct sampler
+
+
+def test_filtered_sampling_renormalizes_over_the_kept_tokens():
+    n = 20000
+    counts = torch.bincount(draw_many(SKEWED, n, temperature=1.0, top_k=2), minlength=5).double()
+    expected = torch.tensor([0.625, 0.375, 0, 0, 0], dtype=torch.float64) * n
+    chi_square = ((counts[:2] - expected[:2]) ** 2 / expected[:2]).sum().item()
+    assert chi_square < 16 and counts[2:].sum() == 0
+
+
+# Each case: the penalized logit of token 0 must equal `expected` exactly; a rival token 1 placed
+# just above or just below that value decides the greedy pick.
+@pytest.mark.parametrize(
+    "raw, expected, kwargs",
+    [
+        (2.0, 1.0, {"repetition_penalty": 2.0, "prompt": [0]}),  # positive: divided
+        (-1.0, -2.0, {"repetition_penalty": 2.0, "output": [0]}),  # negative: multiplied
+        (2.0, 1.0, {"repetition_penalty": 2.0, "prompt": [0], "output": [0, 0]}),  # once, not per use
+        (2.0, 2.0, {"repetition_penalty": 2.0, "prompt": [3], "output": [3]}),  # unseen: untouched
+        (1.0, 0.5, {"presence_penalty": 0.5, "output": [0, 0, 0]}),  # once, whatever the count
+        (1.0, 1.0, {"presence_penalty": 0.5, "prompt": [0]}),  # prompt does not count
+        (1.0, 0.25, {"frequency_penalty": 0.25, "output": [0, 2, 0, 0]}),  # per occurrence
+        (1.0, 1.0, {"frequency_penalty": 0.25, "prompt": [0, 0]}),
+        (1.0, -0.75, {"presence_penalty": 1.0, "frequency_penalty": 0.25, "output": [0, 0, 0]}),
+        (3.0, 0.5, {"repetition_penalty": 2.0, "presence_penalty": 1.0, "output": [0]}),  # rep first
+        (1.0, 1.5, {"presence_penalty": -0.5, "output": [0]}),  # negative penalties reward
+    ],
+)
+def test_penalties_change_logits_exactly_as_specified(raw, expected, kwargs):
+    assert greedy_pick([raw, expected - 1e-3, -10.0, -10.0], **kwargs) == 0
+    assert greedy_pick([raw, expected + 1e-3, -10.0, -10.0], **kwargs) == 1
+
+
+def test_penalties_apply_only_to_their_own_row():
+    logits = torch.tensor([[2.0, 1.5, 0.0], [2.0, 1.5, 0.0]])
+    rows = [row(temperature=0, repetition_penalty=2.0, output=[0]), row(temperature=0)]
+    assert Sampler()(logits, rows).token_ids == [1, 0]
+
+
+def test_min_tokens_suppresses_eos_and_stop_tokens():
+    logits = torch.tensor([[9.0, 5.0, 1.0, 0.0]])  # eos=0 most likely, then stop token 1
+
+    def pick(output, **params):
+        return Sampler(seed=0)(logits, [row(output=output, eos=[0], **params)]).token_ids[0]
+
+    assert pick([3], temperature=0, min_tokens=2) == 1
+    assert pick([3], temperature=0, min_tokens=2, stop_token_ids=[1]) == 2
+    assert pick([3, 3], temperature=0, min_tokens=2, stop_token_ids=[1]) == 0
+    assert pick([3], temperature=0, min_tokens=2, ignore_eos=True) == 0
+    sampled = Sampler(seed=0)(logits.expand(500, -1), [row(eos=[0], temperature=1.0, min_tokens=1)
+                                                        for _ in range(500)]).token_ids
+    assert 0 not in sampled
+
+
+def test_logprobs_are_log_softmax_of_the_raw_logits():
+    logits = torch.randn(4, 60, generator=seeded(4)) * 3
+    rows = [row(temperature=0.5, top_k=3, repetition_penalty=1.5, prompt=[1, 2, 3], logprobs=5),
+            row(temperature=0, presence_penalty=2.0, output=[7], logprobs=0),
+            row(temperature=0),
+            row(seeded(1), temperature=1.0, top_p=0.5, logprobs=1)]
+    result = Sampler(seed=0)(logits, rows)
+    reference = logits.log_softmax(-1)
+    for i, token in enumerate(result.token_ids):
+        assert result.logprobs[i] == pytest.approx(reference[i, token].item(), abs=1e-5)
+    assert result.top_logprobs[1] is None and result.top_logprobs[2] is None
+    for i, k in ((0, 5), (3, 1)):
+        top = result.top_logprobs[i]
+        assert len(top) == k
+        values = [v for _, v in top]
+        assert values == sorted(values, reverse=True)
+        expected_values, expected_ids = reference[i].topk(k)
+        assert [t for t, _ in top] == expected_ids.tolist()
+        assert values == pytest.approx(expected_values.tolist(), abs=1e-5)
+    assert all(math.isfinite(v) for v in result.logprobs)
