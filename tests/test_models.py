@@ -1,0 +1,259 @@
+"""Pangu 7B dense / Llama: parity with transformers, weight loading, config errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pangu import LLM, SamplingParams
+from pangu.config import ConfigError, ModelConfig
+from pangu.loader import ModelNotFoundError, WeightError, load_model
+from pangu.loader.random import pangu_dense_config, random_state_dict, write_checkpoint
+from pangu.models.registry import build_model_on_meta, count_parameters
+from fixtures_models import build_tiny_model
+
+SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 90)), [1, 999, 3], list(range(2, 130))]
+
+
+def hf_llama(config: dict, state: dict, dtype=torch.float32):
+    """transformers' LlamaForCausalLM with q/k/v/o biases, holding the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+        attention_bias=True,
+        rope_theta=config["rope_theta"],
+        rms_norm_eps=config["rms_norm_eps"],
+        max_position_embeddings=config["max_position_embeddings"],
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(hc).eval()
+    model.load_state_dict(state, strict=True)
+    return model.to(dtype)
+
+
+def _without_inv_freq(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+@pytest.fixture(scope="module")
+def dense_llm(tiny_dense_dir):
+    return LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+
+
+@pytest.fixture(scope="module")
+def dense_reference(tiny_dense_config):
+    return hf_llama(tiny_dense_config, random_state_dict(tiny_dense_config))
+
+
+def test_dense_logits_match_transformers_llama_with_biases(dense_llm, dense_reference):
+    for ids in PROMPTS:
+        ours = dense_llm.logits(ids)
+        with torch.no_grad():
+            ref = dense_reference(torch.tensor([ids])).logits[0]
+        assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_cached_decoding_equals_argmax_of_full_forwards(dense_llm):
+    outs = dense_llm.generate(
+        [{"prompt_token_ids": ids} for ids in PROMPTS],
+        SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+        use_tqdm=False,
+    )
+    for ids, out in zip(PROMPTS, outs):
+        seq = list(ids)
+        for _ in range(10):
+            seq.append(int(dense_llm.logits(seq)[-1].argmax()))
+        assert out.outputs[0].token_ids == seq[len(ids) :]
+        assert out.outputs[0].finish_reason == "length"
+
+
+def _greedy(reference, ids: list[int], steps: int):
+    """transformers' greedy continuation and its per-step logits (eos never ends or is suppressed)."""
+    with torch.no_grad():
+        out = reference.generate(
+            torch.tensor([ids]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+        )
+    return out.sequences[0, len(ids) :].tolist(), torch.cat(out.logits)
+
+
+def _confident(reference, ids: list[int], steps: int, margin: float) -> bool:
+    """True when the fp32 greedy path never has a near-tie: two correct bf16 implementations may
+    legitimately pick different tokens at a tie closer than bf16 rounding (about 0.04 here)."""
+    _, logits = _greedy(reference, ids, steps)
+    top2 = logits.float().topk(2, dim=-1).values
+    return bool(((top2[:, 0] - top2[:, 1]) >= margin).all())
+
+
+def test_bf16_greedy_continuations_match_transformers_for_20_tokens(tmp_path, tiny_dense_config, pangu_tokenizer_dir):
+    # A random model predicts nearly uniformly; bias the head towards a fixed successor of the
+    # current token (as trained models are peaked) so greedy paths have real margins.
+    state = random_state_dict(tiny_dense_config, seed=3)
+    perm = torch.randperm(tiny_dense_config["vocab_size"], generator=torch.Generator().manual_seed(0))
+    state["lm_head.weight"] += 0.3 * state["model.embed_tokens.weight"][perm]
+    state = {k: v.to(torch.bfloat16) for k, v in state.items()}
+    write_checkpoint(str(tmp_path), tiny_dense_config, state)
+    for f in pangu_tokenizer_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    llm = LLM(str(tmp_path), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+    ref = hf_llama(tiny_dense_config, state, torch.bfloat16)
+    ref32 = hf_llama(tiny_dense_config, {k: v.float() for k, v in state.items()})
+    g = torch.Generator().manual_seed(1)
+    candidates = [[1] + torch.randint(3, 900, (n,), generator=g).tolist() for n in (3, 9, 17, 30, 45, 60)]
+    prompts = [ids for ids in candidates if _confident(ref32, ids, steps=20, margin=0.15)]
+    assert len(prompts) >= 3, "the peaked test model should give several confident greedy paths"
+    for ids in prompts:
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+        assert out[0].outputs[0].token_ids == _greedy(ref, ids, 20)[0]
+
+
+def test_sharded_checkpoint_equals_single_file(tmp_path, tiny_dense_config, pangu_tokenizer_dir, dense_llm):
+    build_tiny_model(tmp_path, tiny_dense_config, pangu_tokenizer_dir, num_shards=3)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    sharded = LLM(str(tmp_path), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+    assert torch.equal(sharded.logits(PROMPTS[0]), dense_llm.logits(PROMPTS[0]))
+
+
+def test_real_7b_config_builds_on_meta_with_8_03b_parameters():
+    cfg = ModelConfig.from_file(SHARED_MODELS / "openpangu-embedded-7b" / "config.json")
+    model = build_model_on_meta(cfg)
+    assert f"{count_parameters(model) / 1e9:.2f}" == "8.03"
+    assert cfg.qkv_bias and cfg.o_bias and cfg.head_dim == 128
+    index = json.loads((SHARED_MODELS / "openpangu-embedded-7b" / "model.safetensors.index.json").read_text())
+    names = {n for n in index["weight_map"] if not n.endswith("rotary_emb.inv_freq")}
+    assert names == set(model.expected_weight_names())
+    params = dict(model.named_parameters())
+    for name in names:
+        target, _ = model.map_weight_name(name)
+        assert target in params, name
+
+
+# ---------------------------------------------------------------------- bad checkpoints
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_weights(model_dir: Path, edit) -> None:
+    path = model_dir / "model.safetensors"
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path))
+
+
+def test_missing_tensor_is_named(tmp_path, tiny_dense_dir):
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    _edit_weights(d, lambda t: t.pop("model.layers.1.self_attn.o_proj.bias"))
+    with pytest.raises(WeightError, match=r"missing.*model\.layers\.1\.self_attn\.o_proj\.bias"):
+        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
+def test_unexpected_tensor_is_named(tmp_path, tiny_dense_dir):
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    _edit_weights(d, lambda t: t.__setitem__("model.layers.0.mlp.extra.weight", torch.zeros(2)))
+    with pytest.raises(WeightError, match=r"unexpected tensor 'model\.layers\.0\.mlp\.extra\.weight'"):
+        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
+def test_wrongly_shaped_tensor_is_named(tmp_path, tiny_dense_dir):
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    _edit_weights(d, lambda t: t.__setitem__("model.layers.0.self_attn.k_proj.weight", torch.zeros(5, 64)))
+    with pytest.raises(WeightError, match=r"k_proj\.weight' has shape \(5, 64\), expected \(32, 64\)"):
+        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
+def test_missing_shard_is_named(tmp_path, tiny_dense_config):
+    build_tiny_model(tmp_path, tiny_dense_config, num_shards=2)
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(WeightError, match="model-00002-of-00002.safetensors"):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
+def test_folder_without_weights_is_an_error(tmp_path, tiny_dense_config):
+    (tmp_path / "config.json").write_text(json.dumps(tiny_dense_config))
+    with pytest.raises(WeightError, match="no safetensors weights"):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
+def test_nonexistent_model_path_is_named():
+    with pytest.raises(ModelNotFoundError, match="no-such-dir"):
+        load_model("./no-such-dir", torch.float32, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------------- config
+
+
+def _cfg(**changes) -> dict:
+    d = pangu_dense_config(vocab_size=100)
+    d.update(changes)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(ConfigError, match="GPT2LMHeadModel"):
+        ModelConfig.from_hf_dict(_cfg(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
+
+
+def test_missing_required_field_is_named():
+    with pytest.raises(ConfigError, match="hidden_size"):
+        ModelConfig.from_hf_dict(_cfg(hidden_size=None))
+
+
+def test_hidden_not_divisible_by_heads_is_rejected():
+    with pytest.raises(ConfigError, match=r"hidden_size=66.*num_attention_heads=4"):
+        ModelConfig.from_hf_dict(_cfg(hidden_size=66))
+
+
+def test_heads_not_divisible_by_kv_heads_is_rejected():
+    with pytest.raises(ConfigError, match=r"num_key_value_heads=3.*num_attention_heads=4"):
+        ModelConfig.from_hf_dict(_cfg(num_key_value_heads=3))
+
+
+def test_unsupported_rope_scaling_is_rejected():
+    with pytest.raises(ConfigError, match="yarn"):
+        ModelConfig.from_hf_dict(_cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+
+
+def test_llama_fields_are_read():
+    d = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 100, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 1,
+        "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 32, "attention_bias": False,
+        "mlp_bias": True, "tie_word_embeddings": True, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    }
+    cfg = ModelConfig.from_hf_dict(d)
+    assert (cfg.head_dim, cfg.qkv_bias, cfg.mlp_bias, cfg.tie_word_embeddings) == (32, False, True, True)
+    assert cfg.rope_scaling["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 2.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_matches_transformers(scaling):
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from pangu.models.layers import rope_inv_freq
+
+    d = _cfg(rope_scaling=scaling, rope_theta=10000.0)
+    ours = rope_inv_freq(ModelConfig.from_hf_dict(d))
+    hc = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=10000.0, rope_scaling=dict(scaling), max_position_embeddings=2048)
+    ref, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hc, "cpu")
+    assert torch.allclose(ours, ref.float(), rtol=1e-5)
