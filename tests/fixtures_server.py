@@ -1,0 +1,138 @@
+"""Real `pangu serve` processes on loopback for the server tests, and a tiny model that thinks.
+
+`running_server(model_dir, *flags)` starts `python -m pangu.cli serve` on a free 127.0.0.1 port,
+waits for /health and stops the process afterwards; test modules wrap it in module-scoped
+fixtures so each module starts its server once. `metric_value` reads one sample from /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fixtures_models import build_tiny_model
+
+STARTUP_TIMEOUT_S = 90.0
+
+
+@dataclass
+class ServerProcess:
+    url: str  # http://127.0.0.1:PORT
+    model: str  # the served model name
+    api_key: Optional[str]
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
+    """`pangu serve --model model_dir --dtype float32 ...flags` on a free loopback port."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "pangu.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
+           "--host", "127.0.0.1", "--port", str(port), *flags]
+    env = {k: v for k, v in os.environ.items() if k != "PANGU_API_KEY"}
+    if api_key is not None:
+        cmd += ["--api-key", api_key]
+    log_path = log_dir / f"server-{port}.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(f"http://127.0.0.1:{port}", str(model_dir), api_key, process, log_path)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"pangu serve exited with {process.returncode}:\n{server.log()}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pangu serve did not answer /health within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def metric_value(metrics_text: str, name: str, **labels: str) -> float:
+    """The value of the sample `name{labels...}` in a Prometheus text exposition (KeyError if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise KeyError(f"no sample {name}{labels} in /metrics")
+
+
+def _chain_token_ids(tokenizer, reasoning: str, answer: str) -> list[int]:
+    think_start, think_end = tokenizer.token_to_id("[unused16]"), tokenizer.token_to_id("[unused17]")
+    ids = [think_start, *tokenizer.encode(reasoning, add_special_tokens=False), think_end,
+           *tokenizer.encode(answer, add_special_tokens=False), tokenizer.eos_token_id]
+    assert len(set(ids)) == len(ids), f"the scripted output must not repeat a token: {ids}"
+    return ids
+
+
+SCRIPTED_REASONING = "quick fox"
+SCRIPTED_ANSWER = "hello world"
+
+
+@pytest.fixture(scope="session")
+def thinking_dense_dir(tmp_path_factory, tiny_dense_config, pangu_tokenizer_dir, pangu_tokenizer) -> Path:
+    """A tiny Pangu 7B whose greedy reply to any chat is `[unused16]quick fox[unused17]hello world` + eos.
+
+    Every layer's o_proj and down_proj are zero, so the last hidden state is the embedding of the
+    current token: the reply is a chain where each token's embedding (a unit vector) selects the
+    next token's lm_head row. Any token outside the chain leads to its start, [unused16].
+    """
+    directory = build_tiny_model(tmp_path_factory.mktemp("thinking_dense"), tiny_dense_config, pangu_tokenizer_dir)
+    chain = _chain_token_ids(pangu_tokenizer, SCRIPTED_REASONING, SCRIPTED_ANSWER)
+    hidden = tiny_dense_config["hidden_size"]
+    assert len(chain) < hidden
+    (file,) = directory.glob("*.safetensors")
+    tensors = load_file(file)
+    for name in list(tensors):
+        if ".o_proj." in name or ".down_proj." in name:
+            tensors[name] = torch.zeros_like(tensors[name])
+    tensors["model.norm.weight"] = torch.ones(hidden)
+    embed = torch.zeros_like(tensors["model.embed_tokens.weight"])
+    embed[:, hidden - 1] = 1.0  # every token not in the chain: "start the reply"
+    lm_head = torch.zeros_like(tensors["lm_head.weight"])
+    lm_head[chain[0], hidden - 1] = 10.0
+    for i, token in enumerate(chain):
+        embed[token] = 0.0
+        embed[token, i] = 1.0
+        if i + 1 < len(chain):
+            lm_head[chain[i + 1], i] = 10.0
+    tensors["model.embed_tokens.weight"], tensors["lm_head.weight"] = embed, lm_head
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return directory

@@ -1,0 +1,324 @@
+"""The OpenAI-compatible server: a real `pangu serve` process driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import openai
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, settings
+
+from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, metric_value, running_server
+from pangu.chat import render_chat
+
+API_KEY = "test-key"
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the weather in the city"}]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dense_dir, tmp_path_factory):
+    # A short context keeps fuzzed max_tokens values fast; a small pool keeps /metrics numbers readable.
+    with running_server(
+        tiny_dense_dir, "--max-model-len", "256", "--kv-cache-memory", "16MiB", "--served-model-name", "tiny-pangu",
+        api_key=API_KEY, log_dir=tmp_path_factory.mktemp("server_logs"),
+    ) as s:
+        s.model = "tiny-pangu"
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _post(server, path: str, body, **kwargs) -> httpx.Response:
+    content = body if isinstance(body, (str, bytes)) else json.dumps(body)
+    headers = {"Content-Type": "application/json", **server.headers, **kwargs.pop("headers", {})}
+    return httpx.post(f"{server.url}{path}", content=content, headers=headers, timeout=60, **kwargs)
+
+
+def _metrics(server) -> str:
+    return httpx.get(f"{server.url}/metrics", timeout=30).text
+
+
+# ---------------------------------------------------------------------- basics
+def test_models_lists_the_served_model(client):
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-pangu"]
+    assert models[0].object == "model"
+
+
+def test_health_version_and_metrics_need_no_key(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert httpx.get(f"{server.url}/version").json()["version"]
+    assert "pangu_kv_cache_blocks_total" in _metrics(server)
+
+
+# ---------------------------------------------------------------------- chat
+def test_chat_stream_matches_non_stream(client):
+    kwargs = dict(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=16)
+    whole = client.chat.completions.create(**kwargs)
+    assert whole.object == "chat.completion" and whole.id.startswith("chatcmpl-")
+    assert whole.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [whole.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_chat_usage_counts_the_rendered_prompt(client, pangu_tokenizer):
+    out = client.chat.completions.create(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=5)
+    prompt_ids = pangu_tokenizer.encode(render_chat(pangu_tokenizer, MESSAGES), add_special_tokens=False)
+    assert out.usage.prompt_tokens in (len(prompt_ids), len(prompt_ids) + 1)  # + BOS when the template adds none
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 5
+
+
+def test_enable_thinking_false_appends_no_think(client):
+    base = dict(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=1)
+    slow = client.chat.completions.create(**base)
+    fast = client.chat.completions.create(**base, extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert fast.usage.prompt_tokens > slow.usage.prompt_tokens  # " /no_think" was added to the user turn
+
+
+def test_chat_accepts_list_of_text_parts(client):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "tell me about"}, {"type": "text", "text": "the city"}]}]
+    joined = [{"role": "user", "content": "tell me about\nthe city"}]
+    a = client.chat.completions.create(model="tiny-pangu", messages=parts, temperature=0, max_tokens=6)
+    b = client.chat.completions.create(model="tiny-pangu", messages=joined, temperature=0, max_tokens=6)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+def test_chat_n_2_with_seed_is_repeatable(client):
+    kwargs = dict(model="tiny-pangu", messages=MESSAGES, temperature=1.0, max_tokens=10, n=2, seed=7)
+    first = client.chat.completions.create(**kwargs)
+    again = client.chat.completions.create(**kwargs)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.message.content for c in first.choices] == [c.message.content for c in again.choices]
+    assert first.choices[0].message.content != first.choices[1].message.content
+    assert first.usage.completion_tokens == 20
+    streamed = list(client.chat.completions.create(**kwargs, stream=True))
+    texts = ["".join(c.choices[0].delta.content or "" for c in streamed if c.choices[0].index == i) for i in (0, 1)]
+    assert texts == [c.message.content for c in first.choices]
+
+
+def test_chat_logprobs_have_one_entry_per_token(client):
+    out = client.chat.completions.create(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == 6
+    for entry in content:
+        assert len(entry.top_logprobs) == 3
+        assert entry.logprob <= 0 and entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob)  # greedy picks the best
+
+
+def test_stop_string_ends_the_reply_before_it(client):
+    kwargs = dict(model="tiny-pangu", prompt="the quick brown fox", temperature=0, max_tokens=24)
+    full = client.completions.create(**kwargs).choices[0].text
+    stop = next(full[i:i + 2] for i in range(3, len(full) - 1) if full[i:i + 2].strip() and full.find(full[i:i + 2]) == i)
+    cut = client.completions.create(**kwargs, stop=[stop]).choices[0]
+    assert cut.text == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+# ---------------------------------------------------------------------- completions
+def test_completion_stream_matches_non_stream(client):
+    kwargs = dict(model="tiny-pangu", prompt="hello world", temperature=0, max_tokens=12)
+    whole = client.completions.create(**kwargs)
+    assert whole.object == "text_completion"
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert whole.usage.completion_tokens == 12
+
+
+def test_completion_prompt_forms_agree(client, pangu_tokenizer):
+    ids = pangu_tokenizer.encode("hello world")
+    kwargs = dict(model="tiny-pangu", temperature=0, max_tokens=6)
+    by_text = client.completions.create(prompt="hello world", **kwargs)
+    by_ids = client.completions.create(prompt=ids, **kwargs)
+    several = client.completions.create(prompt=["hello world", "我们今天"], n=2, **kwargs)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert [c.index for c in several.choices] == [0, 1, 2, 3]
+    assert several.choices[0].text == several.choices[1].text == by_text.choices[0].text
+    assert several.usage.prompt_tokens == len(ids) + len(pangu_tokenizer.encode("我们今天"))
+
+
+def test_completion_logprobs(client):
+    out = client.completions.create(model="tiny-pangu", prompt="hello", temperature=0, max_tokens=5, logprobs=2)
+    lp = out.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs)
+    assert "".join(lp.tokens) == out.choices[0].text
+
+
+# ---------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/chat/completions", "{not json", 400, "not valid JSON"),
+        ("/v1/chat/completions", "[1, 2]", 400, "JSON object"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "tiny-pangu"}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "top_p": 1.5}, 400, "top_p"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "temperature": -1}, 400, "temperature"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "n": 0}, 400, "n"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "top_logprobs": 2}, 400, "logprobs"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "max_tokens": 1000}, 400, "context"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "json_object"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "logit_bias": {"5": 1}}, 400, "logit_bias"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "maybe"}}, 400, "enable_thinking"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "gpt-4", "messages": MESSAGES}, 404, "gpt-4"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": []}, 400, "prompt"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": [5, 100000]}, 400, "vocabulary"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "n": 1000}, 400, "n=1000"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "stop": [""]}, 400, "stop"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "seed": 2**70}, 400, "seed"),
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404, "nope"),
+    ],
+)
+def test_user_mistakes_are_4xx_in_openai_shape(server, path, body, status, needle):
+    response = _post(server, path, body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert needle in error["message"]
+
+
+def test_unknown_route_is_404_in_openai_shape(server):
+    response = httpx.get(f"{server.url}/v1/engines", headers=server.headers)
+    assert response.status_code == 404 and "error" in response.json()
+
+
+def test_api_key_is_required_on_v1(server):
+    body = {"model": "tiny-pangu", "prompt": "hi", "max_tokens": 1}
+    missing = httpx.post(f"{server.url}/v1/completions", json=body)
+    wrong = httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"})
+    for response in (missing, wrong):
+        assert response.status_code == 401
+        assert response.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_openai_client_raises_bad_request_for_a_bad_parameter(client):
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model="tiny-pangu", messages=MESSAGES, top_p=7)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="other", messages=MESSAGES)
+
+
+# ---------------------------------------------------------------------- metrics and disconnects
+def test_metrics_counters_move(server, client):
+    before = _metrics(server)
+    client.completions.create(model="tiny-pangu", prompt="hello", temperature=0, max_tokens=4)
+    _post(server, "/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "top_p": 9})
+    after = _metrics(server)
+
+    def delta(name: str, **labels: str) -> float:
+        def value(text: str) -> float:
+            try:
+                return metric_value(text, name, **labels)
+            except KeyError:
+                return 0.0
+        return value(after) - value(before)
+
+    assert delta("pangu_http_requests_total", endpoint="/v1/completions", status="200") == 1
+    assert delta("pangu_http_requests_total", endpoint="/v1/completions", status="400") == 1
+    assert delta("pangu_generation_tokens_total") == 4
+    assert delta("pangu_prompt_tokens_total") > 0
+    assert delta("pangu_time_to_first_token_seconds_count") == 1
+    assert delta("pangu_request_finish_total", finish_reason="length") == 1
+    assert metric_value(after, "pangu_kv_cache_blocks_used") == 0
+    assert 0 <= metric_value(after, "pangu_prefix_cache_hit_rate") <= 1
+
+
+def _wait_for_idle_kv(server, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _metrics(server)
+        if metric_value(text, "pangu_kv_cache_blocks_used") == 0 and metric_value(text, "pangu_running_sequences") == 0:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks still in use after {timeout} s:\n{text}")
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_aborts_the_request_and_frees_kv(server, stream):
+    body = {"model": "tiny-pangu", "prompt": "hello", "max_tokens": 240, "ignore_eos": True, "temperature": 0, "stream": stream}
+    with httpx.Client(timeout=60, headers=server.headers) as http:
+        if stream:
+            with http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+            # leaving the block closed the connection mid-stream
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
+    before_abort = time.monotonic()
+    text = _wait_for_idle_kv(server)
+    assert time.monotonic() - before_abort < 20
+    assert metric_value(text, "pangu_request_finish_total", finish_reason="abort") >= 1
+
+
+# ---------------------------------------------------------------------- fuzzing the OpenAPI schema
+@pytest.fixture(scope="module")
+def api_schema(server):
+    return schemathesis.openapi.from_url(f"{server.url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+def test_fuzzed_requests_never_get_a_5xx(case, server):
+    response = case.call(base_url=server.url, headers=server.headers, timeout=60)
+    assert response.status_code < 500, f"{case.method} {case.path} {case.body!r} -> {response.status_code} {response.text[:500]}"
+
+
+# ---------------------------------------------------------------------- reasoning (a tiny model that thinks)
+@pytest.fixture(scope="module")
+def thinking_client(thinking_dense_dir, tmp_path_factory):
+    with running_server(thinking_dense_dir, "--kv-cache-memory", "16MiB", log_dir=tmp_path_factory.mktemp("server_logs")) as s:
+        yield openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused", max_retries=0, timeout=60), s.model
+
+
+def test_reasoning_goes_to_reasoning_content_never_content(thinking_client):
+    client, model = thinking_client
+    out = client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=20)
+    message = out.choices[0].message
+    assert message.reasoning_content.strip() == SCRIPTED_REASONING
+    assert message.content.strip() == SCRIPTED_ANSWER
+    assert "[unused" not in message.content
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_streamed_reasoning_matches_non_streamed(thinking_client):
+    client, model = thinking_client
+    chunks = list(client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, max_tokens=20, stream=True))
+    deltas = [c.choices[0].delta for c in chunks]
+    reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
+    content = "".join(d.content or "" for d in deltas)
+    assert reasoning.strip() == SCRIPTED_REASONING and content.strip() == SCRIPTED_ANSWER
+    # reasoning comes first, and no chunk mixes the two
+    kinds = ["r" if getattr(d, "reasoning_content", None) else "c" for d in deltas if getattr(d, "reasoning_content", None) or d.content]
+    assert kinds == sorted(kinds, reverse=True)
+
+
+def test_completions_endpoint_hides_the_markers(thinking_client):
+    client, model = thinking_client
+    out = client.completions.create(model=model, prompt="tell me about the city", temperature=0, max_tokens=20)
+    assert "[unused" not in out.choices[0].text and SCRIPTED_ANSWER in out.choices[0].text
