@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Optional
 
+from pangu.parallel.errors import ParallelStartupError
+
 # command -> module that defines add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
     "serve": ("pangu.server.cli", "serve the OpenAI-compatible HTTP API"),
@@ -24,6 +26,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     p.add_argument("--device", default=None, help="cpu | cuda | npu (default: the best present)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",
+    )
     p.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step")
@@ -38,6 +44,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         device=args.device,
         quantization=args.quantization,
+        tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
@@ -127,7 +134,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"pangu {args.command}: not available in this build ({args._unavailable} is missing)", file=sys.stderr)
             return 2
         return importlib.import_module(EXTERNAL_COMMANDS[args.command][0]).run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ParallelStartupError) as e:
         # Every user mistake (bad path, config, parameter) ends as one clear line, not a traceback.
         print(f"pangu {args.command}: error: {e}", file=sys.stderr)
         return 2

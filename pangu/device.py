@@ -91,3 +91,19 @@ def free_memory_bytes(device: torch.device) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def distributed_backend(device: torch.device) -> str:
+    """The torch.distributed backend for tensor parallelism on this kind of device."""
+    return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device.type]
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of one rank: its own accelerator index, or the CPU shared by all ranks."""
+    if device.type == "cpu":
+        return device
+    if device.type == "npu":
+        torch.npu.set_device(local_rank)
+    elif device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    return torch.device(device.type, local_rank)

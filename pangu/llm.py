@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import replace
 from typing import Any, Optional, Sequence, Union
 
@@ -12,6 +13,9 @@ from pangu.device import resolve_device, resolve_dtype
 from pangu.engine.engine import EngineConfig, LLMEngine
 from pangu.loader import LoadedModel, load_model
 from pangu.outputs import RequestOutput
+from pangu.parallel.launch import load_tensor_parallel
+from pangu.parallel.load import rank_load_stats
+from pangu.parallel.state import check_tensor_parallel_size
 from pangu.sampling_params import SamplingParams
 
 PromptType = Union[str, dict, list[int]]
@@ -42,8 +46,7 @@ class LLM:
     ):
         if quantization is not None:
             raise ValueError(f"quantization={quantization!r} is not supported yet (planned: int8, int4)")
-        if tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}: only 1 is supported yet")
+        check_tensor_parallel_size(tensor_parallel_size)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.engine_config = EngineConfig(
@@ -55,12 +58,22 @@ class LLM:
             max_model_len=max_model_len,
             seed=seed,
         )
-        self.loaded: LoadedModel = load_model(model, self.dtype, self.device)
+        self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
+        if tensor_parallel_size > 1:
+            self.loaded, self.parallel = load_tensor_parallel(model, tensor_parallel_size, self.dtype, self.device)
+            self.device = self.parallel.device
+        else:
+            self.loaded = load_model(model, self.dtype, self.device)
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.generation_config = self.loaded.generation_config
         self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.generation_config)
+        if self.parallel is not None:
+            pool = self.engine.pool
+            self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.dtype)
+            # Stops the workers when this LLM is collected or the interpreter exits.
+            self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ generation
@@ -147,7 +160,18 @@ class LLM:
         """Per-layer tokens per expert and per group, and imbalance scores (MoGE models only)."""
         if not self.config.is_moge:
             return {}
-        return self.model.moe_stats()
+        stats = self.model.moe_stats()
+        if self.parallel is None:
+            rank_tokens = [[m.local_expert_tokens] for m in self.model.moe_layers()]
+        else:
+            rank_tokens = self.parallel.expert_tokens_per_rank(self.model)
+        stats["ranks"] = rank_load_stats(stats, rank_tokens, len(rank_tokens[0]))
+        return stats
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do in one process)."""
+        if self.parallel is not None:
+            self._finalizer()
 
     # ------------------------------------------------------------------ internals
     def _normalize_prompts(self, prompts) -> list[tuple[Optional[str], list[int]]]:

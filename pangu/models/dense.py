@@ -10,6 +10,8 @@ from torch import nn
 
 from pangu.config import ModelConfig
 from pangu.models.layers import Attention, AttentionBatch, RMSNorm, RotaryEmbedding, SwiGLU, rope_inv_freq
+from pangu.parallel.sharding import WeightSharder
+from pangu.parallel.state import current_parallel_state
 
 
 class WeightError(ValueError):
@@ -54,6 +56,7 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
+        self.parallel = current_parallel_state()  # this rank's shard (world size 1 in one process)
         self.model = DecoderModel(cfg, self.make_mlp)
         self.rotary = RotaryEmbedding(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -110,10 +113,9 @@ class DecoderForCausalLM(nn.Module):
         return name, None
 
     def _shard_index(self, target: str, shard: str) -> tuple:
-        cfg = self.config
         if shard in ("q", "k", "v"):
-            q = cfg.num_attention_heads * cfg.head_dim
-            kv = cfg.num_key_value_heads * cfg.head_dim
+            attn = self.model.layers[0].self_attn  # this rank's (local) head sizes
+            q, kv = attn.q_size, attn.kv_size
             start, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard]
         else:
             inter = self._gate_up_width(target)
@@ -121,7 +123,8 @@ class DecoderForCausalLM(nn.Module):
         return (slice(start, start + size),)
 
     def _gate_up_width(self, target: str) -> int:
-        return self.config.intermediate_size
+        # The SwiGLU that owns `...gate_up_proj.weight`: its width is this rank's share.
+        return self.get_submodule(target.rsplit(".", 2)[0]).inter
 
     def load_weights(
         self,
@@ -132,6 +135,7 @@ class DecoderForCausalLM(nn.Module):
         """Assign checkpoint tensors to the (meta-device) parameters; every mismatch names the tensor."""
         params = dict(self.named_parameters())
         expected = set(self.expected_weight_names())
+        sharder = WeightSharder(self.config, self.parallel)
         seen: set[str] = set()
         for name, tensor in weights:
             if _SKIPPED.search(name):
@@ -140,6 +144,9 @@ class DecoderForCausalLM(nn.Module):
                 continue  # some tied checkpoints store the head anyway
             if name not in expected:
                 raise WeightError(f"unexpected tensor {name!r} in the checkpoint (shape {tuple(tensor.shape)})")
+            if not sharder.owns(name):
+                continue  # another rank's expert, or the LM head on a worker rank
+            tensor = sharder.shard(name, tensor)
             target, index = self.map_weight_name(name)
             param = params[target]
             want = tuple(param[index].shape) if index is not None else tuple(param.shape)
@@ -153,7 +160,7 @@ class DecoderForCausalLM(nn.Module):
                     params[target] = param
                 param.data[index].copy_(tensor)
             seen.add(name)
-        missing = sorted(expected - seen)
+        missing = sorted(n for n in expected - seen if sharder.owns(n))
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise WeightError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu.config import ModelConfig
+from pangu.parallel.state import current_parallel_state, head_shard, row_parallel_linear
 
 
 class RMSNorm(nn.Module):
@@ -92,14 +93,16 @@ class AttentionBatch:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # Under tensor parallelism this rank holds a slice of the heads (all of them in one process).
+        heads = head_shard(cfg, current_parallel_state())
+        self.num_heads = heads.q_count
+        self.num_kv_heads = heads.kv_count
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, cfg.o_bias, current_parallel_state())
         # Bound by the runner: [2, num_blocks * block_size, kv_heads, head_dim] (flat slots).
         self.kv_cache: Optional[torch.Tensor] = None
 
@@ -167,11 +170,14 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one product."""
 
-    def __init__(self, hidden: int, inter: int, bias: bool = False):
+    def __init__(self, hidden: int, inter: int, bias: bool = False, reduce: bool = True):
         super().__init__()
-        self.inter = inter
-        self.gate_up_proj = nn.Linear(hidden, 2 * inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+        # Tensor parallel: each rank holds inter/world columns of gate and of up, and the matching
+        # rows of down; reduce=False leaves the sum over ranks to the caller.
+        state = current_parallel_state()
+        self.inter = inter // state.world_size
+        self.gate_up_proj = nn.Linear(hidden, 2 * self.inter, bias=bias)
+        self.down_proj = row_parallel_linear(self.inter, hidden, bias, state, reduce)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)

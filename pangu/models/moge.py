@@ -12,6 +12,7 @@ from torch import nn
 from pangu.config import ModelConfig
 from pangu.models.dense import DecoderForCausalLM
 from pangu.models.layers import SwiGLU
+from pangu.parallel.state import current_parallel_state, rank_range
 
 IMBALANCE_DEVICES = (1, 2, 4, 8)
 
@@ -99,11 +100,16 @@ class MoGEBlock(nn.Module):
         super().__init__()
         self.num_experts = cfg.num_experts
         self.num_groups = cfg.num_expert_groups
+        self.parallel = current_parallel_state()
+        # Expert parallel: this rank holds whole groups, experts [start, stop) (all in one process).
+        self.local_experts = rank_range(cfg.num_experts, self.parallel)
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
         self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
-        self.experts = StackedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
-        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size)
+        self.experts = StackedExperts(len(self.local_experts), cfg.hidden_size, cfg.moe_intermediate_size)
+        # Its partial sum joins the routed experts' in the one collective of forward().
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce=False)
         self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
+        self.local_expert_tokens = 0  # token-expert pairs this rank's experts computed
         self.track_load = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -115,9 +121,13 @@ class MoGEBlock(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
         if self.track_load:
             self.load.record(counts, torch.softmax(logits.float(), dim=-1), t)
+            self.local_expert_tokens += int(counts[self.local_experts.start : self.local_experts.stop].sum())
         out = self.shared_expert(x)
         routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
-        return out + routed
+        out = out + routed
+        if self.parallel.is_parallel:
+            self.parallel.all_reduce(out)
+        return out
 
     def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
         """Group the token-expert pairs by expert; one product per expert that received tokens."""
@@ -125,8 +135,9 @@ class MoGEBlock(nn.Module):
         order = flat_experts.argsort(stable=True)
         token_of_pair = order // g
         out = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts.tolist()):
+        # Pairs are sorted by expert: skip those of the experts before this rank's first one.
+        start = int(counts[: self.local_experts.start].sum())
+        for e, n in enumerate(counts[self.local_experts.start : self.local_experts.stop].tolist()):
             if n == 0:
                 continue
             pairs = order[start : start + n]
@@ -155,15 +166,14 @@ class PanguProMoEForCausalLM(DecoderForCausalLM):
         m = _EXPERT.match(name)
         if m is None:
             return super().map_weight_name(name)
-        prefix, e, proj = m.group(1), int(m.group(2)), m.group(3)
+        # Index into this rank's stacked experts (the loader only passes this rank's own).
+        prefix, proj = m.group(1), m.group(3)
+        e = int(m.group(2)) - rank_range(self.config.num_experts, self.parallel).start
         inter = self.config.moe_intermediate_size
         if proj == "down":
             return f"{prefix}.w2", (e,)
         start = 0 if proj == "gate" else inter
         return f"{prefix}.w13", (e, slice(start, start + inter))
-
-    def _gate_up_width(self, target: str) -> int:
-        return self.config.shared_expert_intermediate_size
 
     def moe_layers(self) -> list[MoGEBlock]:
         return [layer.mlp for layer in self.model.layers]
