@@ -326,16 +326,21 @@ class IncrementalDetokenizer:
     leading-space rules apply to both decodes alike; text ending in U+FFFD (a character cut in the
     middle of its bytes) is held back until the next ids complete it. The deltas concatenate to
     `tok.decode(all_ids)`; call `flush()` at the end to also release genuinely broken bytes.
+
+    `prompt_ids` (optional) give the window its context, as vLLM does: the first generated word
+    then keeps its leading space (" Paris" after "The capital of France is").
     """
 
-    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True) -> None:
+    PROMPT_CONTEXT = 6  # prompt ids kept as context: enough for any leading-space rule
+
+    def __init__(self, tok: Tokenizer, skip_special_tokens: bool = True, prompt_ids: Sequence[int] = ()) -> None:
         if not isinstance(skip_special_tokens, bool):  # e.g. prompt ids passed in its place
             raise TypeError(f"skip_special_tokens must be a bool, got {type(skip_special_tokens).__name__}")
         self._tok = tok
         self._skip_special_tokens = skip_special_tokens
-        self._ids: list[int] = []
+        self._ids: list[int] = [int(i) for i in list(prompt_ids)[-self.PROMPT_CONTEXT :]]
         self._prefix_offset = 0  # window start: first id of the last emitted step
-        self._read_offset = 0  # ids before this have been emitted
+        self._read_offset = len(self._ids)  # ids before this have been emitted
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Add ids; return the text they complete (possibly empty)."""

@@ -216,7 +216,7 @@ class LLMEngine:
             return None
         from pangu.tokenizer import IncrementalDetokenizer
 
-        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens, prompt_ids=prompt_ids)
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:

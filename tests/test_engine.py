@@ -1,0 +1,156 @@
+"""Serving engine: continuous batching, chunked prefill, prefix caching, preemption, sampling in the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pangu import LLM, SamplingParams
+from pangu.engine.engine import EngineConfig, LLMEngine, RequestError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def mixed_prompts(vocab: int, count: int = 24, seed: int = 0) -> list[list[int]]:
+    """Prompts of 1 to 300 tokens, both ends included."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 300] + torch.randint(2, 300, (count - 2,), generator=g).tolist()
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+def run(llm: LLM, prompts, params, **engine_kwargs) -> tuple[list, LLMEngine]:
+    """Run prompts to completion on a fresh engine over the already loaded model."""
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(**engine_kwargs), llm.generation_config)
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    for i, (ids, p) in enumerate(zip(prompts, params)):
+        engine.add_request(str(i), ids, p)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[str(i)] for i in range(len(prompts))], engine
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module", params=["dense", "moge"])
+def llm(request, tiny_dense_dir, tiny_moge_dir):
+    path = tiny_dense_dir if request.param == "dense" else tiny_moge_dir
+    return LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=8 << 20)
+
+
+@pytest.fixture(scope="module")
+def alone(llm):
+    """Each of the 24 mixed prompts run on its own: the reference for every batching test."""
+    prompts = mixed_prompts(llm.config.vocab_size)
+    return prompts, [token_ids(run(llm, [p], GREEDY, kv_cache_memory=8 << 20)[0])[0] for p in prompts]
+
+
+def test_batched_greedy_equals_each_prompt_alone(llm, alone):
+    prompts, expected = alone
+    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=8 << 20, max_num_seqs=24)
+    assert token_ids(outs) == expected
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_chunked_prefill_equals_unchunked(llm, alone):
+    prompts, expected = alone
+    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=8 << 20, max_num_batched_tokens=37)
+    assert token_ids(outs) == expected
+    assert engine.num_steps > sum(-(-len(p) // 37) for p in prompts[:1])
+
+
+def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llm, alone):
+    prompts, expected = alone
+    per_token = llm.config.kv_bytes_per_token(torch.float32)
+    budget = per_token * 16 * 30  # 30 blocks of 16 tokens shared by 24 prompts of up to 308 tokens
+    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=budget, block_size=16)
+    assert token_ids(outs) == expected
+    assert engine.stats()["num_preemptions"] > 0
+    assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
+
+
+def test_prefix_caching_equals_no_caching_and_counts_hits(llm):
+    g = torch.Generator().manual_seed(5)
+    system = torch.randint(3, llm.config.vocab_size, (70,), generator=g).tolist()
+    prompts = [system + torch.randint(3, llm.config.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 20, 1)]
+    cached, eng_on = run(llm, prompts, GREEDY, max_num_seqs=1, enable_prefix_caching=True, kv_cache_memory=8 << 20)
+    plain, eng_off = run(llm, prompts, GREEDY, max_num_seqs=1, enable_prefix_caching=False, kv_cache_memory=8 << 20)
+    assert token_ids(cached) == token_ids(plain)
+    assert eng_on.stats()["prefix_cache_hits"] >= 3 * 64  # 4 full blocks of the system prompt, 3 times
+    assert eng_off.stats()["prefix_cache_hits"] == 0
+    assert cached[1].metrics["num_cached_tokens"] == 64
+
+
+def test_seeded_sampling_is_independent_of_batch_composition(llm):
+    prompts = mixed_prompts(llm.config.vocab_size, count=6, seed=1)
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, max_tokens=8, seed=1234, ignore_eos=True)
+    other = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    alone_out = token_ids(run(llm, [prompts[0]], seeded)[0])[0]
+    mixed, _ = run(llm, prompts[1:3] + [prompts[0]] + prompts[3:], [other, other, seeded, other, other, other])
+    assert token_ids(mixed)[2] == alone_out
+
+
+def test_n_completions_share_the_prompt_blocks(llm):
+    prompt = mixed_prompts(llm.config.vocab_size, count=2, seed=2)[1][:100]
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=7, ignore_eos=True)
+    outs, engine = run(llm, [prompt], params, enable_prefix_caching=False, kv_cache_memory=8 << 20)
+    comps = outs[0].outputs
+    assert [c.index for c in comps] == [0, 1, 2]
+    assert all(len(c.token_ids) == 6 for c in comps)
+    assert len({tuple(c.token_ids) for c in comps}) > 1
+    assert engine.stats()["prefix_cache_hits"] >= 2 * 96  # forks reuse the parent's full prompt blocks
+
+
+def test_abort_mid_stream_returns_every_block(llm):
+    prompts = mixed_prompts(llm.config.vocab_size, count=8, seed=3)
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=8 << 20))
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats()["kv_blocks_used"] > 0
+    for i in range(0, 8, 2):
+        assert engine.abort_request(str(i)).outputs[0].finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats()["kv_blocks_used"] == 0
+
+
+def test_logprobs_are_the_log_softmax_of_the_model(llm):
+    prompt = [1, 50, 60, 70]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=3, logprobs=4, ignore_eos=True), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 3
+    seq = list(prompt)
+    for tok, lp in zip(comp.token_ids, comp.logprobs):
+        ref = torch.log_softmax(llm.logits(seq)[-1], dim=-1)
+        assert lp.token_id == tok and abs(lp.logprob - ref[tok].item()) < 1e-4
+        assert [t for t, _ in lp.top] == ref.topk(4).indices.tolist()
+        seq.append(tok)
+    assert abs(comp.cumulative_logprob - sum(lp.logprob for lp in comp.logprobs)) < 1e-5
+
+
+def test_stop_strings_cut_the_output(llm):
+    full = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    stop = full.text[3:6]
+    assert stop and stop in full.text
+    cut = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == full.text[: full.text.index(stop)]
+
+
+def test_requests_that_can_never_fit_are_rejected_at_submission(llm):
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=llm.config.kv_bytes_per_token(torch.float32) * 64, max_model_len=128))
+    with pytest.raises(RequestError, match="context of 128 tokens"):
+        engine.add_request("a", [5] * 100, SamplingParams(max_tokens=40))
+    with pytest.raises(RequestError, match="whole pool"):
+        engine.add_request("b", [5] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("c", [], SamplingParams())
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add_request("d", [llm.config.vocab_size], SamplingParams())
+    assert not engine.has_unfinished_requests()
