@@ -35,11 +35,13 @@ from pangu.server.metrics import ServerMetrics
 from pangu.server.protocol import (
     MAX_STOP_STRINGS,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CompletionRequest,
+    CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
-    _SamplingFields,
+    SamplingFields,
 )
 
 logger = logging.getLogger("pangu.server")
@@ -195,7 +197,7 @@ def _validation_message(exc: RequestValidationError) -> APIError:
     where = f"field '{field}'" if field else "the request body"
     got = e.get("input")
     got_text = "" if e.get("type") == "missing" else f" (got {json.dumps(got)[:100] if _jsonable(got) else type(got).__name__})"
-    more = f" ({len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    more = "" if len(errors) == 1 else f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
     return APIError(400, f"invalid {where}: {e.get('msg')}{got_text}{more}", param=field or None)
 
 
@@ -229,13 +231,20 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.llm.engine.max_model_len)
         return ModelList(data=[card])
 
-    @app.post("/v1/chat/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/chat/completions", responses={200: _ok(ChatCompletionResponse, "chat.completion.chunk"), **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         return await _chat(state, body, request)
 
-    @app.post("/v1/completions", responses=ERROR_RESPONSES)
+    @app.post("/v1/completions", responses={200: _ok(CompletionResponse, "text_completion"), **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _completion(state, body, request)
+
+
+def _ok(model: type, chunk_object: str) -> dict:
+    return {
+        "model": model,
+        "description": f"the whole reply; with stream=true, text/event-stream of `data: {{{chunk_object} JSON}}` lines ending in `data: [DONE]`",
+    }
 
 
 # ---------------------------------------------------------------------- request -> engine
@@ -244,7 +253,7 @@ def _check_model(state: ServerState, model: Optional[str]) -> None:
         raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
 
 
-def _sampling_params(state: ServerState, req: _SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
+def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(
             400,

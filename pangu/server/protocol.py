@@ -64,7 +64,7 @@ class ChatMessage(_Request):
     reasoning_content: Optional[str] = None
 
 
-class _SamplingFields(_Request):
+class SamplingFields(_Request):
     """Fields shared by both endpoints (OpenAI's and vLLM's names)."""
 
     model: Optional[str] = Field(None, description="the served model name; defaults to it")
@@ -77,7 +77,6 @@ class _SamplingFields(_Request):
     frequency_penalty: Optional[float] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = Field(None, description="an end-user id, as OpenAI accepts it; not used for generation")
     # vLLM extras
     top_k: Optional[int] = None
     min_p: Optional[float] = None
@@ -89,7 +88,7 @@ class _SamplingFields(_Request):
     response_format: Optional[ResponseFormat] = None
 
 
-class ChatCompletionRequest(_SamplingFields):
+class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
@@ -102,7 +101,7 @@ class ChatCompletionRequest(_SamplingFields):
     )
 
 
-class CompletionRequest(_SamplingFields):
+class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = 16
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -157,8 +156,8 @@ class ToolCall(_Response):
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
-    reasoning_content: Optional[str] = None
-    tool_calls: list[ToolCall] = Field(default_factory=list)
+    reasoning_content: Optional[str] = Field(None, description="Pangu's thinking ([unused16]...[unused17]); absent when none")
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="absent when the reply calls no tool")
 
 
 class ChatChoice(_Response):
