@@ -14,7 +14,6 @@ from pangu.engine.engine import EngineConfig, LLMEngine
 from pangu.loader import LoadedModel, load_model
 from pangu.outputs import RequestOutput
 from pangu.parallel.launch import load_tensor_parallel
-from pangu.parallel.load import rank_load_stats
 from pangu.parallel.state import check_tensor_parallel_size
 from pangu.sampling_params import SamplingParams
 
@@ -160,13 +159,7 @@ class LLM:
         """Per-layer tokens per expert and per group, and imbalance scores (MoGE models only)."""
         if not self.config.is_moge:
             return {}
-        stats = self.model.moe_stats()
-        if self.parallel is None:
-            rank_tokens = [[m.local_expert_tokens] for m in self.model.moe_layers()]
-        else:
-            rank_tokens = self.parallel.expert_tokens_per_rank(self.model)
-        stats["ranks"] = rank_load_stats(stats, rank_tokens, len(rank_tokens[0]))
-        return stats
+        return self.model.moe_stats()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (nothing to do in one process)."""

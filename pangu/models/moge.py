@@ -12,6 +12,7 @@ from torch import nn
 from pangu.config import ModelConfig
 from pangu.models.dense import DecoderForCausalLM
 from pangu.models.layers import SwiGLU
+from pangu.parallel.load import rank_load_stats
 from pangu.parallel.state import current_parallel_state, rank_range
 
 IMBALANCE_DEVICES = (1, 2, 4, 8)
@@ -185,10 +186,14 @@ class PanguProMoEForCausalLM(DecoderForCausalLM):
         def mean(key: str) -> dict:
             return {d: sum(l[key][d] for l in layers) / n for d in IMBALANCE_DEVICES}
 
-        return {
+        stats = {
             "num_experts": self.config.num_experts,
             "num_groups": self.config.num_expert_groups,
             "layers": layers,
             "imbalance_score": mean("imbalance_score"),
             "global_topk_imbalance_score": mean("global_topk_imbalance_score"),
         }
+        # Tokens each rank's experts computed, per layer, as each rank counted them.
+        rank_tokens = self.parallel.counts_per_rank([m.local_expert_tokens for m in self.moe_layers()])
+        stats["ranks"] = rank_load_stats(stats, rank_tokens, self.parallel.world_size)
+        return stats

@@ -92,15 +92,16 @@ class TensorParallelDriver:
         """Give every worker a KV cache like rank 0's, then mirror each forward of `model`."""
         self._send(("kv_cache", num_blocks, block_size, kv_dtype))
         model.register_forward_pre_hook(self._mirror_forward, with_kwargs=True)
+        self.state.gather_counts = self._gather_expert_tokens
 
     def _mirror_forward(self, module, args: tuple, kwargs: dict) -> None:
         self._send(("forward", _to_device(args, _CPU), _to_device(kwargs, _CPU)))
 
-    def expert_tokens_per_rank(self, model: DecoderForCausalLM) -> list[list[int]]:
+    def _gather_expert_tokens(self, local: list[int]) -> list[list[int]]:
         """[layer][rank] token-expert pairs each rank's experts computed, as each rank counted them."""
         self._send(("expert_tokens",))
         gathered: list[Any] = [None] * self.state.world_size
-        dist.gather_object(_local_expert_tokens(model), gathered, dst=0, group=self.control)
+        dist.gather_object(local, gathered, dst=0, group=self.control)
         return [list(per_layer) for per_layer in zip(*gathered)]
 
     def _send(self, message: tuple) -> None:
@@ -301,17 +302,13 @@ def _serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.
             num_blocks, block_size, kv_dtype = body
             runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
         elif kind == "expert_tokens":
-            dist.gather_object(_local_expert_tokens(model), None, dst=0, group=control)
+            dist.gather_object([m.local_expert_tokens for m in model.moe_layers()], None, dst=0, group=control)
         elif kind == "shutdown":
             if runner is not None:
                 runner.release()
             return
         else:
             raise AssertionError(f"unknown control message {kind!r}")
-
-
-def _local_expert_tokens(model: DecoderForCausalLM) -> list[int]:
-    return [m.local_expert_tokens for m in model.moe_layers()] if model.config.is_moge else []
 
 
 _CPU = torch.device("cpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,10 +24,18 @@ class ParallelState:
     # Seconds and calls spent in collectives inside the model forward (benchmarks read these).
     collective_seconds: float = field(default=0.0, compare=False)
     collective_calls: int = field(default=0, compare=False)
+    # Set on rank 0 by the driver: collects a list of counts from every rank ([item][rank]).
+    gather_counts: Optional[Callable[[list[int]], list[list[int]]]] = field(default=None, compare=False, repr=False)
 
     @property
     def is_parallel(self) -> bool:
         return self.world_size > 1
+
+    def counts_per_rank(self, local: list[int]) -> list[list[int]]:
+        """[item][rank] from every rank's own counts (just this rank's in one process)."""
+        if self.gather_counts is None:
+            return [[c] for c in local]
+        return self.gather_counts(local)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place."""
