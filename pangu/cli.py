@@ -25,7 +25,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: the demo model)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     p.add_argument("--device", default=None, help="cpu | cuda | npu (default: the best present)")
-    p.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization while loading (int4: group size 128)")
+    p.add_argument("--offload-experts", action="store_true", help="MoGE: keep routed experts memory-mapped from the checkpoint, paged in as used")
     p.add_argument(
         "--tensor-parallel-size", type=int, default=1,
         help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",
@@ -44,6 +45,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         device=args.device,
         quantization=args.quantization,
+        offload_experts=args.offload_experts,
         tensor_parallel_size=args.tensor_parallel_size,
         seed=args.seed,
         max_model_len=args.max_model_len,
@@ -81,17 +83,21 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="seed of this request's sampling")
 
 
-def sampling_params(llm, args: argparse.Namespace):
-    from dataclasses import replace
-
-    params = llm.default_sampling_params()
+def _sampling_changes(args: argparse.Namespace) -> dict:
     changes = {"max_tokens": args.max_tokens}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
     if args.sample_seed is not None:
         changes["seed"] = args.sample_seed
-    return replace(params, **changes)
+    return changes
+
+
+def sampling_params(llm, args: argparse.Namespace):
+    """The model's generation_config defaults, overridden by the flags given."""
+    from dataclasses import replace
+
+    return replace(llm.default_sampling_params(), **_sampling_changes(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--thinking", default=None, choices=["on", "off", "auto"], help="Pangu thinking mode")
     c.add_argument("--message", action="append", default=None, help="ask this instead of reading stdin (repeatable)")
+    c.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
 
     for name, (module, help_text) in EXTERNAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -144,6 +151,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def _load(args: argparse.Namespace):
     from pangu.llm import LLM
+    from pangu.sampling_params import SamplingParams
+
+    if hasattr(args, "max_tokens"):
+        SamplingParams(**_sampling_changes(args))  # a bad flag fails before the model loads
 
     return LLM(args.model, **llm_kwargs(args))
 

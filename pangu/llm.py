@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import weakref
 from dataclasses import replace
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -34,6 +34,7 @@ class LLM:
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[str] = None,
         quantization: Optional[str] = None,
+        offload_experts: bool = False,
         tensor_parallel_size: int = 1,
         seed: Optional[int] = None,
         max_num_seqs: int = 64,
@@ -43,8 +44,6 @@ class LLM:
         enable_prefix_caching: bool = True,
         max_model_len: Optional[int] = None,
     ):
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} is not supported yet (planned: int8, int4)")
         check_tensor_parallel_size(tensor_parallel_size)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -59,10 +58,17 @@ class LLM:
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
+            if quantization is not None or offload_experts:
+                raise ValueError(
+                    f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
+                    f"offload_experts={offload_experts!r}: not supported together yet; use one process"
+                )
             self.loaded, self.parallel = load_tensor_parallel(model, tensor_parallel_size, self.dtype, self.device)
             self.device = self.parallel.device
         else:
-            self.loaded = load_model(model, self.dtype, self.device)
+            self.loaded = load_model(
+                model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts
+            )
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -115,15 +121,13 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning."""
-        from pangu.chat import render_chat, split_reasoning
+        from pangu.chat import split_reasoning
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self._normalize_params(sampling_params, len(conversations))
         requests = []
         for conv, p in zip(conversations, params):
-            text = render_chat(
-                self.tokenizer, conv, enable_thinking=enable_thinking, tools=tools, **(chat_template_kwargs or {})
-            )
+            text = self.render_chat(conv, enable_thinking=enable_thinking, tools=tools, **(chat_template_kwargs or {}))
             # Keep the thinking markers in the text so the reasoning can be split off below.
             p = replace(p, skip_special_tokens=False)
             requests.append((text, self.encode_prompt(text), p))
@@ -134,6 +138,27 @@ class LLM:
                 if comp.index == 0:
                     out.reasoning = reasoning
         return outputs
+
+    def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """Generate one prompt, yielding each step's incremental output (`text_delta`, ...)."""
+        (text, ids), = self._normalize_prompts(prompt)
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)
+
+    def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, **template_kwargs) -> str:
+        from pangu.chat import render_chat
+
+        return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools, **template_kwargs)
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a rendered prompt; BOS is added unless the text already starts with it."""

@@ -1,0 +1,73 @@
+"""The real SmolLM2-135M-Instruct GGUF (Llama architecture) end to end: text must make sense."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pangu import LLM, SamplingParams
+from pangu.cli import main
+
+
+@pytest.fixture(scope="module")
+def smollm(smollm2_gguf_path):
+    return LLM(str(smollm2_gguf_path), dtype="float32", device="cpu", kv_cache_memory=64 << 20)
+
+
+def test_capital_of_france_continues_with_paris(smollm):
+    out = smollm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]
+    assert out.outputs[0].text.startswith(" Paris")
+
+
+def test_chat_question_gets_a_sensible_english_answer(smollm):
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+    out = smollm.chat(messages, SamplingParams(temperature=0, max_tokens=32), use_tqdm=False)[0]
+    comp = out.outputs[0]
+    assert "Paris" in comp.text
+    assert comp.finish_reason == "stop"  # the model ends its turn with <|im_end|>
+    assert "<|im_end|>" not in comp.text
+
+
+def test_stream_concatenates_to_the_full_text(smollm):
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full = smollm.generate("Once upon a time", params, use_tqdm=False)[0].outputs[0].text
+    streamed = "".join(step.outputs[0].text_delta for step in smollm.stream("Once upon a time", params))
+    assert streamed == full
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(smollm):
+    seeded = SamplingParams(temperature=0.8, max_tokens=12, seed=42, ignore_eos=True)
+    a = smollm.generate("My favourite food is", seeded, use_tqdm=False)[0].outputs[0].text
+    b = smollm.generate("My favourite food is", seeded, use_tqdm=False)[0].outputs[0].text
+    assert a == b
+    greedy = smollm.generate("My favourite food is", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    top1 = smollm.generate("My favourite food is", SamplingParams(temperature=1.0, top_k=1, max_tokens=12, seed=1, ignore_eos=True), use_tqdm=False)
+    assert greedy[0].outputs[0].token_ids == top1[0].outputs[0].token_ids
+
+
+def test_cli_generate_prints_the_completion(smollm2_gguf_path, capsys):
+    code = main(["generate", "--model", str(smollm2_gguf_path), "--prompt", "The capital of France is",
+                 "--max-tokens", "4", "--temperature", "0", "--dtype", "float32"])
+    assert code == 0
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_cli_chat_streams_an_answer(smollm2_gguf_path, capsys):
+    code = main(["chat", "--model", str(smollm2_gguf_path), "--message", "What is the capital of France?",
+                 "--max-tokens", "24", "--temperature", "0", "--dtype", "float32", "--stats"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "Paris" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "./no/such/model", "--prompt", "x"], "no/such/model"),
+    (["generate", "--prompt", "x", "--dtype", "float8"], "float8"),
+    (["generate", "--prompt", "x", "--top-p", "1.5", "--temperature", "1"], "top_p"),
+    pytest.param(["generate", "--prompt", "x", "--device", "cuda"], "cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")),
+])
+def test_cli_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf_path):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
