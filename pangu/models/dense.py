@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from pangu.config import ModelConfig
 from pangu.models.layers import Attention, AttentionBatch, RMSNorm, RotaryEmbedding, SwiGLU, rope_inv_freq
 from pangu.parallel.sharding import WeightSharder
 from pangu.parallel.state import current_parallel_state
+
+if TYPE_CHECKING:
+    from pangu.quant.loading import LoadHook
 
 
 class WeightError(ValueError):
@@ -75,8 +78,9 @@ class DecoderForCausalLM(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        if self.lm_head is not None:  # a module call, so a quantized head (pangu.quant) works too
+            return self.lm_head(hidden).float()
+        return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
 
     # ------------------------------------------------------------------ weights
     def expected_weight_names(self) -> list[str]:
@@ -131,8 +135,13 @@ class DecoderForCausalLM(nn.Module):
         weights: Iterable[tuple[str, torch.Tensor]],
         dtype: torch.dtype,
         device: torch.device,
+        hook: Optional["LoadHook"] = None,
     ) -> None:
-        """Assign checkpoint tensors to the (meta-device) parameters; every mismatch names the tensor."""
+        """Assign checkpoint tensors to the (meta-device) parameters; every mismatch names the tensor.
+
+        `hook` (pangu.quant.loading.LoadHook) may take a checkpoint tensor instead (to quantize
+        it, or keep a MoGE expert memory-mapped) and swaps its modules in at the end.
+        """
         params = dict(self.named_parameters())
         expected = set(self.expected_weight_names())
         sharder = WeightSharder(self.config, self.parallel)
@@ -152,6 +161,9 @@ class DecoderForCausalLM(nn.Module):
             want = tuple(param[index].shape) if index is not None else tuple(param.shape)
             if tuple(tensor.shape) != want:
                 raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {want}")
+            if hook is not None and hook.take(name, target, index, tensor):
+                seen.add(name)
+                continue
             if index is None:
                 _set_param(self, target, tensor.to(device=device, dtype=dtype))
             else:
@@ -164,6 +176,8 @@ class DecoderForCausalLM(nn.Module):
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise WeightError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
+        if hook is not None:
+            hook.finish(self)
         self.rotary.inv_freq = rope_inv_freq(self.config).to(device)
         self.finish_loading()
 

@@ -47,8 +47,12 @@ class StackedExperts(nn.Module):
         self.inter = inter
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        # Set by pangu.quant when the experts are quantized or memory-mapped; w13/w2 are then gone.
+        self.impl: Optional[nn.Module] = None
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.impl is not None:
+            return self.impl.expert(e, x)
         gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
