@@ -117,6 +117,7 @@ class TensorParallelDriver:
             return
         try:
             self._send(("shutdown",))
+            dist.barrier(group=self.control)  # every rank leaves its loop before any group is torn down
         except Exception as e:  # a dead worker: terminate below
             logger.warning("tensor-parallel shutdown message failed: %s", e)
         self._closed = True
@@ -306,6 +307,7 @@ def _serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.
         elif kind == "shutdown":
             if runner is not None:
                 runner.release()
+            dist.barrier(group=control)
             return
         else:
             raise AssertionError(f"unknown control message {kind!r}")
