@@ -42,8 +42,11 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
     llm = LLM(args.model, **llm_kwargs(args))
-    name = served_name(args, llm.loaded.source)
-    app = create_app(llm, served_model_name=name, api_key=args.api_key)
-    print(f"pangu serve: {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    try:
+        name = served_name(args, llm.loaded.source)
+        app = create_app(llm, served_model_name=name, api_key=args.api_key)
+        print(f"pangu serve: {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    finally:
+        llm.shutdown()  # tensor-parallel worker processes, if any
     return 0
