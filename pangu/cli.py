@@ -38,6 +38,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=_memory, default=None, help="KV cache bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="turn prefix caching off")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, help="prompt-lookup speculative decoding: draft tokens per step (0 = off)")
+    p.add_argument("--speculative-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default: 3)")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -54,6 +56,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         enable_prefix_caching=args.enable_prefix_caching,
+        num_speculative_tokens=args.num_speculative_tokens,
+        speculative_ngram=args.speculative_ngram,
     )
 
 

@@ -43,6 +43,8 @@ class LLM:
         kv_cache_memory: Union[None, int, float] = None,
         enable_prefix_caching: bool = True,
         max_model_len: Optional[int] = None,
+        num_speculative_tokens: int = 0,
+        speculative_ngram: int = 3,
     ):
         check_tensor_parallel_size(tensor_parallel_size)
         self.device = resolve_device(device)
@@ -55,6 +57,8 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
             seed=seed,
+            num_speculative_tokens=num_speculative_tokens,
+            speculative_ngram=speculative_ngram,
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:

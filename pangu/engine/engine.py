@@ -13,8 +13,9 @@ from pangu.device import free_memory_bytes
 from pangu.engine.kv_cache import BlockPool
 from pangu.engine.runner import ModelRunner
 from pangu.engine.sampler import Sampler, SamplingRow
-from pangu.engine.scheduler import Scheduler
+from pangu.engine.scheduler import ScheduledBatch, Scheduler
 from pangu.engine.sequence import Logprob, Sequence
+from pangu.engine.spec_decode import PromptLookupSpeculator
 from pangu.models.dense import DecoderForCausalLM
 from pangu.outputs import CompletionOutput, RequestOutput
 from pangu.sampling_params import SamplingParams
@@ -40,12 +41,18 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: Optional[int] = None
     seed: Optional[int] = None
+    # prompt-lookup speculative decoding: draft tokens per step (0 = off), longest n-gram matched
+    num_speculative_tokens: int = 0
+    speculative_ngram: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"num_speculative_tokens={k!r} must be an integer >= 0 (0 turns speculation off)")
         kv = self.kv_cache_memory
         if kv is not None:
             if isinstance(kv, bool) or not isinstance(kv, (int, float)):
@@ -92,6 +99,11 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, ec.block_size, self.dtype, self.device)
         self.sampler = Sampler(seed=ec.seed)
+        self.speculator = (
+            PromptLookupSpeculator(ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed)
+            if ec.num_speculative_tokens
+            else None
+        )
         self.eos_token_ids = self._eos_ids(generation_config or {})
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0
@@ -223,12 +235,17 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
-        sampled, logits = self.runner.run(batch)
+        drafts = self._propose_drafts(batch) if self.speculator is not None else {}
+        sampled, logits = self.runner.run(batch, drafts)
         for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.seq_id in drafts:
+                continue  # advanced in _accept_drafts, once it is known how much of the draft holds
             seq.num_computed_tokens += n
             self.pool.register_full_blocks(seq)
         self.num_steps += 1
         touched: dict[str, _Request] = {}
+        if drafts:
+            sampled, logits = self._accept_drafts(sampled, logits, drafts, touched)
         if sampled:
             rows = [
                 SamplingRow(
@@ -256,6 +273,56 @@ class LLMEngine:
                 self.finished_requests += 1
             outputs.append(out)
         return outputs
+
+    def _propose_drafts(self, batch: ScheduledBatch) -> dict[int, list[int]]:
+        """seq_id -> prompt-lookup draft for the step's decode sequences, with KV blocks reserved."""
+        assert self.speculator is not None
+        budget = self.engine_config.max_num_batched_tokens - batch.total_tokens
+        drafts: dict[int, list[int]] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if budget < 1:
+                break
+            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                continue
+            draft = self.speculator.draft_for(seq, self.max_model_len, budget)
+            if draft and self.pool.can_allocate(seq, 1 + len(draft)):
+                self.pool.allocate(seq, 1 + len(draft))
+                drafts[seq.seq_id] = draft
+                budget -= len(draft)
+        return drafts
+
+    def _accept_drafts(
+        self,
+        sampled: list[Sequence],
+        logits: torch.Tensor,
+        drafts: dict[int, list[int]],
+        touched: dict[str, _Request],
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Verify the drafted sequences (their logits rows: the last token, then each draft token) and
+        append what holds; returns the other sequences with their logits rows, for the sampler."""
+        assert self.speculator is not None
+        rest: list[Sequence] = []
+        rest_rows: list[int] = []
+        row = 0
+        for seq in sampled:
+            draft = drafts.get(seq.seq_id)
+            if draft is None:
+                rest.append(seq)
+                rest_rows.append(row)
+                row += 1
+                continue
+            tokens = self.speculator.verify(seq, logits[row : row + len(draft) + 1], draft)
+            row += len(draft) + 1
+            # The last input token and the accepted draft tokens now have valid KV entries.
+            seq.num_computed_tokens += len(tokens)
+            for token in tokens:
+                self._append(seq, token, None)
+                if seq.is_finished:
+                    break
+            if not seq.is_finished:
+                self.pool.register_full_blocks(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return rest, logits[torch.tensor(rest_rows, dtype=torch.long, device=logits.device)]
 
     def _append(self, seq: Sequence, token: int, lp: Optional[Logprob]) -> None:
         params = seq.params
@@ -352,5 +419,8 @@ class LLMEngine:
             "generation_tokens": self.num_generated_tokens,
             "num_steps": self.num_steps,
             "finished_requests": self.finished_requests,
+            "spec_draft_tokens": self.speculator.num_draft_tokens if self.speculator else 0,
+            "spec_accepted_tokens": self.speculator.num_accepted_tokens if self.speculator else 0,
+            "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else 0.0,
         }
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from pangu.engine.scheduler import ScheduledBatch
@@ -37,12 +39,21 @@ class ModelRunner:
             layer.kv_cache = None
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
+    def run(
+        self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
+    ) -> tuple[list[Sequence], torch.Tensor]:
         """Forward every scheduled token; returns the sequences that reached their last token
-        (they sample next) and their logits [len, vocab] in float32."""
+        (they sample next) and their logits [rows, vocab] in float32: one row per sequence, or,
+        for a sequence with a speculative draft (seq_id -> tokens), one row for its last token
+        and one for each draft token, which are forwarded after it."""
         bs = self.block_size
-        decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1]
-        prefills = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n > 1]
+        drafts = drafts or {}
+        decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1 and s.seq_id not in drafts]
+        prefills = [
+            (s, n + len(drafts.get(s.seq_id, ())))
+            for s, n in zip(batch.seqs, batch.num_tokens)
+            if n > 1 or s.seq_id in drafts
+        ]
         ordered = decodes + prefills
 
         input_ids: list[int] = []
@@ -50,7 +61,9 @@ class ModelRunner:
         slot_mapping: list[int] = []
         for seq, n in ordered:
             start = seq.num_computed_tokens
+            # A drafted sequence has only its last token left to compute; its draft follows it.
             input_ids.extend(seq.token_ids[start : start + n])
+            input_ids.extend(drafts.get(seq.seq_id, ()))
             for pos in range(start, start + n):
                 positions.append(pos)
                 slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
@@ -82,9 +95,10 @@ class ModelRunner:
         end = 0
         for seq, n in ordered:
             end += n
-            if seq.num_computed_tokens + n == seq.num_tokens:
+            num_draft = len(drafts.get(seq.seq_id, ()))
+            if seq.num_computed_tokens + n - num_draft == seq.num_tokens:
                 sampled.append(seq)
-                rows.append(end - 1)
+                rows.extend(range(end - 1 - num_draft, end))
         if not rows:
             return [], hidden.new_empty(0, 0, dtype=torch.float32)
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
