@@ -15,7 +15,7 @@ stays float: it is 0.1% of a layer and its argmax picks the experts.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
@@ -108,6 +108,7 @@ class LoadHook:
                 f"quantization={quantization.method!r} with tensor parallelism (world size "
                 f"{model.parallel.world_size}) is not supported yet: its row-parallel linears would lose their all-reduce"
             )
+        self.model = model
         self.quantization = quantization
         self.offload_experts = offload_experts
         self.dtype = dtype
@@ -118,14 +119,32 @@ class LoadHook:
         # StackedExperts module name -> {"gate"|"up"|"down": [view per expert]}
         self.offloaded: dict[str, dict[str, list]] = {}
 
+    def _setting(self, target: str) -> Optional[QuantizationConfig]:
+        if target not in self.kinds or self.quantization is None:
+            return None
+        return quantized_method(self.quantization, self.params[target].shape)
+
+    def weights(self, weights: Iterable[tuple[str, Weight]]) -> Iterator[tuple[str, Weight]]:
+        """The checkpoint's tensors, those that stay float copied out of the mapped file.
+
+        With quantization, a float view (a norm weight, a bias) would keep its whole shard
+        mapped, and every page the quantizer read would stay resident: peak memory would be the
+        whole float checkpoint. The copies are small; the quantized tensors are read in place.
+        """
+        for name, tensor in weights:
+            if self.quantization is not None and isinstance(tensor, torch.Tensor):
+                target = self.model.map_weight_name(name)[0]
+                offloaded = self.offload_experts and self.kinds.get(target) == "experts"
+                if not offloaded and self._setting(target) is None:
+                    tensor = tensor.clone()
+            yield name, tensor
+
     def take(self, name: str, target: str, index: Optional[tuple], tensor: Weight) -> bool:
         kind = self.kinds.get(target)
         if self.offload_experts and kind == "experts":
             self._offload(name, target, index, tensor)
             return True
-        setting = None
-        if kind is not None and self.quantization is not None:
-            setting = quantized_method(self.quantization, self.params[target].shape)
+        setting = self._setting(target)
         if setting is None:
             if isinstance(tensor, QuantizedTensor):
                 raise WeightError(f"tensor {name!r} is quantized ({tensor.method}), but this model keeps {target!r} in float")
