@@ -111,7 +111,7 @@ def load_model(
     progress = checkpoint_bytes(files) > PROGRESS_BYTES
     # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
     weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
-    net.load_weights(weights, dtype=dtype, device=device, hook=hook)
+    net.load_weights(weights if hook is None else hook.weights(weights), dtype=dtype, device=device, hook=hook)
     net.eval()
     tok = None
     if load_tokenizer:
