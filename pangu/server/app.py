@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 import time
 import uuid
@@ -285,7 +286,8 @@ def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Option
     try:
         return replace(state.llm.default_sampling_params(), **changes)
     except ValueError as e:
-        raise APIError(400, str(e)) from None
+        named = re.match(r"invalid sampling parameter (\w+)=", str(e))  # SamplingParams names the field
+        raise APIError(400, str(e), param=named.group(1) if named else None) from None
 
 
 def _check_size(state: ServerState, num_prompts: int, n: int) -> None:
