@@ -1,0 +1,91 @@
+"""`pangu bench`: what it prints, how it counts weight bytes, how it rejects bad flags."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from pangu.bench import REPEAT_PERIOD, make_prompt, percentile, weight_bytes_per_token
+from pangu.cli import main
+from pangu.config import ModelConfig
+from pangu.loader import load_model
+from pangu.models.registry import count_active_parameters
+
+FAST = ["--prompt-len", "64", "--output-len", "6", "--num-iters", "1", "--concurrency", "3",
+        "--bandwidth-buffer", "64MiB", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB"]
+
+
+def _value(text: str, label: str) -> float:
+    match = re.search(rf"^{re.escape(label)}\s+([0-9.]+)", text, re.M)
+    assert match, f"{label!r} missing from:\n{text}"
+    return float(match.group(1))
+
+
+def test_bench_prints_latency_bandwidth_and_throughput(tiny_dense_dir, capsys):
+    assert main(["bench", "--model", str(tiny_dense_dir), *FAST]) == 0
+    out = capsys.readouterr().out
+    for label in ("prefill", "decode (1 stream)", "weights read per token", "achieved bandwidth", "memory bandwidth"):
+        assert _value(out, label) > 0
+    assert re.search(r"^TTFT median / p90\s+[0-9.]+ / [0-9.]+ ms", out, re.M)
+    assert re.search(r"^TPOT median / p90\s+[0-9.]+ / [0-9.]+ ms", out, re.M)
+    assert re.search(r"^throughput @3\s+[0-9.]+ tokens/s \(18 tokens in", out, re.M)
+    assert "decode reaches" in out
+    assert "draft acceptance" not in out  # speculation is off by default
+
+
+def test_bench_reports_draft_acceptance_with_prompt_lookup(tiny_dense_dir, capsys):
+    argv = ["bench", "--model", str(tiny_dense_dir), *FAST, "--mode", "latency",
+            "--prompt-kind", "repeat", "--num-speculative-tokens", "3"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert 0 <= _value(out, "draft acceptance") <= 100
+    assert "throughput @" not in out  # latency mode only
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt-len", "0"], "--prompt-len 0"),
+        (["--concurrency", "-2"], "--concurrency -2"),
+        (["--prompt-kind", "repeat", "--prompt-len", "40"], "--prompt-len 40"),
+        (["--bandwidth-buffer", "1KiB"], "--bandwidth-buffer 1024"),
+    ],
+)
+def test_bench_rejects_bad_sizes_naming_the_flag(tiny_dense_dir, capsys, flags, message):
+    assert main(["bench", "--model", str(tiny_dense_dir), *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_weight_bytes_skip_the_untied_embedding_table(tiny_dense_dir, tiny_dense_config):
+    import torch
+
+    model = load_model(str(tiny_dense_dir), torch.float32, torch.device("cpu"), load_tokenizer=False).model
+    cfg = ModelConfig.from_hf_dict(tiny_dense_config)
+    params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() for b in model.buffers())  # the rotary frequencies
+    assert weight_bytes_per_token(model) == 4 * (params + buffers - cfg.vocab_size * cfg.hidden_size)
+
+
+def test_weight_bytes_count_one_expert_per_group_for_moge(tiny_moge_dir, tiny_moge_config):
+    import torch
+
+    model = load_model(str(tiny_moge_dir), torch.bfloat16, torch.device("cpu"), load_tokenizer=False).model
+    cfg = ModelConfig.from_hf_dict(tiny_moge_config)
+    active = count_active_parameters(model) - cfg.vocab_size * cfg.hidden_size
+    rotary = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert weight_bytes_per_token(model) == 2 * active + rotary
+
+
+def test_repeat_prompts_repeat_one_block():
+    prompt = make_prompt("repeat", 3 * REPEAT_PERIOD + 5, vocab=1000, rng=random.Random(0))
+    assert len(prompt) == 3 * REPEAT_PERIOD + 5
+    assert prompt[:REPEAT_PERIOD] == prompt[REPEAT_PERIOD : 2 * REPEAT_PERIOD]
+    assert all(2 <= t < 1000 for t in prompt)
+
+
+def test_percentile_interpolates_between_samples():
+    assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    assert percentile([7.0], 90) == 7.0
