@@ -346,6 +346,8 @@ class LLMEngine:
         if reason is None and (n_out >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len):
             reason = "length"
         if reason is not None:
+            if reason == "length" and seq.detokenizer is not None:
+                seq.output_text += seq.detokenizer.flush()  # bytes no later token can complete
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
