@@ -13,6 +13,7 @@ from pangu.cli import main as cli_main
 from pangu.loader import load_model
 from pangu.models.registry import build_model_on_meta
 from pangu.quant import QuantizationConfig, QuantizationError, dequantize, quantize, quantized_weight_bytes
+from pangu.quant.formats import unpack_int4
 from pangu.quant.checkpoint import write_quantized_checkpoint
 from pangu.quant.loading import make_load_hook
 from pangu.quant.modules import OffloadedExperts, PackedWeight, QuantizedExperts
@@ -72,6 +73,15 @@ def test_packed_kernel_matches_the_dequantized_weight(method, dtype):
     ref = x.bfloat16().float() @ dequantize(qt).T  # the kernels take bf16 activations
     assert y.dtype == dtype and y.shape == (5, 40)
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+
+
+def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
+    w = torch.randn(1000, 2048)  # 1000 rows: two chunks of rows, the last one padded to 16
+    qt = quantize(w, QuantizationConfig("int4", 128))
+    whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.nn.functional.pad(unpack_int4(qt.qweight).to(torch.int32), (0, 0, 0, 8), value=8).contiguous(), 1
+    )
+    assert torch.equal(PackedWeight(qt, CPU).data, whole)
 
 
 @pytest.mark.parametrize(

@@ -32,8 +32,9 @@ SCALE_DTYPE = torch.bfloat16
 QUANT_METHOD_KEY = "pangu-weight-only"  # quantization_config["quant_method"] of our checkpoints
 # Rounding a scale up by one bf16 step keeps max|w| / scale <= 127 (or the group range <= 15 steps).
 _ROUND_UP = 1.0 + 2.0**-7
-# Rows quantized per slice, so that a [153k, 5k] embedding never exists as one fp32 copy.
-_CHUNK_ELEMENTS = 1 << 24
+# Rows quantized per slice (4 MB of fp32): no fp32 copy of a whole weight, and temporaries small
+# enough for the heap to reuse instead of fragmenting.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 class QuantizationError(ValueError):

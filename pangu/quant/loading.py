@@ -14,7 +14,11 @@ stays float: it is 0.1% of a layer and its argmax picks the experts.
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import mmap
 import re
+import sys
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
@@ -39,6 +43,9 @@ from pangu.quant.modules import (
     QuantizedLinear,
 )
 
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4  # Linux
+TRIM_EVERY_BYTES = 256 << 20
 SCALE_SUFFIX = "_scale"
 ZERO_SUFFIX = "_zero"
 _EXPERT_PROJ = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
@@ -95,6 +102,7 @@ class LoadHook:
         offload_experts: bool,
         dtype: torch.dtype,
         device: torch.device,
+        memory_mapped: bool = False,
     ):
         cfg = model.config
         if offload_experts and not cfg.is_moge:
@@ -109,6 +117,8 @@ class LoadHook:
                 f"{model.parallel.world_size}) is not supported yet: its row-parallel linears would lose their all-reduce"
             )
         self.model = model
+        self.memory_mapped = memory_mapped
+        self.released = 0
         self.quantization = quantization
         self.offload_experts = offload_experts
         self.dtype = dtype
@@ -149,12 +159,30 @@ class LoadHook:
             if isinstance(tensor, QuantizedTensor):
                 raise WeightError(f"tensor {name!r} is quantized ({tensor.method}), but this model keeps {target!r} in float")
             return False
-        qt = _check_stored(name, tensor, setting) if isinstance(tensor, QuantizedTensor) else quantize(tensor, setting)
+        if isinstance(tensor, QuantizedTensor):
+            qt = _check_stored(name, tensor, setting)
+        else:
+            qt = quantize(tensor, setting)
+            self._release(tensor)
         if index is None:
             self.pending[target] = qt
         else:
             self._place(target, index, qt)
         return True
+
+    def _release(self, tensor: torch.Tensor) -> None:
+        """Give back the memory a float tensor took while it was quantized (Linux).
+
+        Its pages of the mapped checkpoint would stay resident until the whole shard is closed,
+        and the quantizer's freed temporaries stay in the heap: together ~0.25x of the float
+        model on the benchmark. Only file-backed views are dropped (they re-read from the file).
+        """
+        if self.memory_mapped and tensor.device.type == "cpu":
+            _drop_mapped_pages(tensor)
+        self.released += tensor.numel() * tensor.element_size()
+        if self.released >= TRIM_EVERY_BYTES:
+            self.released = 0
+            _trim_heap()
 
     def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> None:
         """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter."""
@@ -214,6 +242,35 @@ class LoadHook:
             module = model.get_submodule(module_name)
             module.impl = OffloadedExperts(lists["gate"], lists["up"], lists["down"])
             del module.w13, module.w2
+        _trim_heap()
+
+
+def _drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of a view of a memory-mapped file: out of RSS, still readable."""
+    libc = _libc()
+    if libc is None:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
+
+
+def _trim_heap() -> None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
 
 
 def _check_stored(name: str, qt: QuantizedTensor, setting: QuantizationConfig) -> QuantizedTensor:
@@ -248,7 +305,7 @@ def make_load_hook(
         raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are dequantized copies")
     if config is None and not offload_experts:
         return None
-    return LoadHook(model, config, offload_experts, dtype, device)
+    return LoadHook(model, config, offload_experts, dtype, device, memory_mapped)
 
 
 def iter_quantized_safetensors(files: list[str]) -> Iterator[tuple[str, Weight]]:

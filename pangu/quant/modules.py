@@ -26,6 +26,8 @@ from pangu.quant.formats import QuantizedTensor, dequantize, unpack_int4
 KERNEL_DTYPE = torch.bfloat16
 INT8_ALIGN = 64
 CPU_INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+CPU_INT4_BLOCK = 64  # rows per independent block of its output layout (checked in the tests)
+PACK_CHUNK_ELEMENTS = 1 << 20
 _CUDA_INNER_K_TILES = (8, 4, 2)
 
 
@@ -86,12 +88,19 @@ class PackedWeight(nn.Module):
         return next((t for t in _CUDA_INNER_K_TILES if self.in_features % (16 * t) == 0), None)
 
     def _pack_int4_cpu(self, qt: QuantizedTensor) -> None:
-        pad = -self.out_features % CPU_INT4_ROWS
+        n, pad = self.out_features, -self.out_features % CPU_INT4_ROWS
+        # The packed layout is made of independent blocks of 64 rows: packing a few MB of rows at
+        # a time keeps the int32 temporaries small (big ones fragment the heap: RSS stays up).
+        rows = max(CPU_INT4_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // CPU_INT4_BLOCK * CPU_INT4_BLOCK)
 
         def pack(m: torch.Tensor) -> torch.Tensor:
-            q = unpack_int4(m).to(torch.int32)
-            q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * scale + 0 = 0
-            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+            parts = []
+            for start in range(0, n, rows):
+                q = unpack_int4(m[start : start + rows]).to(torch.int32)
+                if start + rows >= n:
+                    q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * scale + 0 = 0
+                parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
+            return torch.cat(parts)
 
         self.register_buffer("data", _each_matrix(qt.qweight, pack))
         self.register_buffer("scales", F.pad(_scale_and_zero(qt), (0, 0, 0, pad)).contiguous())
