@@ -192,9 +192,12 @@ def print_table(title: str, rows: list[Row], llama_decode: Optional[float], conc
     def ratio(a: float, b: Optional[float]) -> str:
         return f"{a / b:.2f}" if b and a == a and b == b else "-"
 
+    def num(x: float, width: int) -> str:
+        return f"{x:{width}.1f}" if x == x else f"{'-':>{width}s}"
+
     for r in rows:
         print(
-            f"{r.name:34s}{r.prefill:9.1f}{r.decode:8.1f}{r.throughput:8.1f}"
+            f"{r.name:34s}{num(r.prefill, 9)}{num(r.decode, 8)}{num(r.throughput, 8)}"
             f"{ratio(r.prefill, base and base.prefill):>9s}{ratio(r.decode, base and base.decode):>9s}"
             f"{ratio(r.throughput, base and base.throughput):>9s}{ratio(r.decode, llama_decode):>10s}  {r.note}"
         )
