@@ -18,8 +18,8 @@ from pangu.config import ConfigError, ModelConfig
 from pangu.device import DTYPES
 from pangu.models.dense import DecoderForCausalLM
 from pangu.models.registry import build_model_on_meta, count_active_parameters, count_parameters
-from pangu.quant.formats import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, METHODS, parse_quantization
-from pangu.quant.loading import quantized_weight_bytes
+from pangu.quant.formats import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, METHODS, QuantizationConfig, parse_quantization
+from pangu.quant.loading import quantized_weight_bytes, resolve_quantization
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 GB = 10**9  # decimal gigabytes, as accelerator memory and the paper's "144 GB" are quoted
@@ -29,7 +29,7 @@ TABLE_ROWS = ("float32", "bfloat16") + METHODS  # float rows name the dtype, the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder or its config.json (no weights needed)")
     parser.add_argument("--dtype", default="bfloat16", choices=FLOAT_DTYPES, help="float dtype of the weights that stay float and of the KV cache (default: bfloat16)")
-    parser.add_argument("--quantization", default=None, choices=METHODS, help="weight-only quantization of the linear layers")
+    parser.add_argument("--quantization", default=None, choices=METHODS, help="weight-only quantization (default: the checkpoint's own quantization_config, if any)")
     parser.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES, help=f"int4 group size (default: {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--memory-gb", type=_positive_gb, default=None, help="memory budget in GB (10^9 bytes): prints how much context fits")
 
@@ -56,7 +56,10 @@ def read_config(model: str) -> ModelConfig:
 
 
 def weight_bytes(
-    model: DecoderForCausalLM, dtype: torch.dtype, quantization: Optional[str], group_size: Optional[int] = None
+    model: DecoderForCausalLM,
+    dtype: torch.dtype,
+    quantization: str | QuantizationConfig | None,
+    group_size: Optional[int] = None,
 ) -> int:
     """Resident weight bytes: float parts in `dtype`, quantized weights in the `pangu.quant` format."""
     return quantized_weight_bytes(model, dtype, parse_quantization(quantization, group_size))
@@ -76,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = read_config(args.model)
     model = build_model_on_meta(cfg)
     total, active = count_parameters(model), count_active_parameters(model)
-    weights = weight_bytes(model, DTYPES[args.dtype], args.quantization, args.group_size)
+    # A pre-quantized checkpoint's config.json says how its weights are stored.
+    quant = resolve_quantization(model, parse_quantization(args.quantization, args.group_size))
+    weights = weight_bytes(model, DTYPES[args.dtype], quant)
     kv = cfg.kv_bytes_per_token(DTYPES[args.dtype])
-    precision = args.dtype if args.quantization is None else f"{args.quantization}, float parts in {args.dtype}"
+    precision = args.dtype if quant is None else f"{quant.method}, float parts in {args.dtype}"
 
     lines = [f"{cfg.architecture}  {args.model}"]
     experts = ""
@@ -102,24 +107,27 @@ def run(args: argparse.Namespace) -> int:
             )
         lines.append(f"memory      {args.memory_gb:g} GB: {fit}")
         lines.append("")
-        lines += _fit_table(model, cfg, budget, args)
+        int4_group = quant.group_size if quant is not None and quant.method == "int4" else args.group_size
+        lines += _fit_table(model, cfg, budget, args.dtype, args.memory_gb, int4_group)
     print("\n".join(lines))
     return 0
 
 
-def _fit_table(model: DecoderForCausalLM, cfg: ModelConfig, budget: int, args: argparse.Namespace) -> list[str]:
+def _fit_table(
+    model: DecoderForCausalLM, cfg: ModelConfig, budget: int, dtype: str, memory_gb: float, int4_group: Optional[int]
+) -> list[str]:
     """Weights, KV per token and context that fits, for float32, bfloat16, int8 and int4."""
-    header = f"{'precision':<10} {'weights':>10}  {'KV/token':>10}  context tokens in {args.memory_gb:g} GB"
+    header = f"{'precision':<10} {'weights':>10}  {'KV/token':>10}  context tokens in {memory_gb:g} GB"
     rows = [header]
     for name in TABLE_ROWS:
-        dtype, quant = (name, None) if name in FLOAT_DTYPES else (args.dtype, name)
-        weights = weight_bytes(model, DTYPES[dtype], quant, args.group_size if quant == "int4" else None)
-        kv = cfg.kv_bytes_per_token(DTYPES[dtype])
+        row_dtype, quant = (name, None) if name in FLOAT_DTYPES else (dtype, name)
+        weights = weight_bytes(model, DTYPES[row_dtype], quant, int4_group if quant == "int4" else None)
+        kv = cfg.kv_bytes_per_token(DTYPES[row_dtype])
         tokens = context_tokens(budget, weights, kv)
         fit = "does not fit" if tokens is None else f"{tokens:,}"
         rows.append(f"{name:<10} {_bytes(weights):>10}  {kv / 1024:>6.1f} KiB  {fit}")
     kept = "norms, biases and the MoGE router" if cfg.is_moge else "norms and biases"
-    rows.append(f"The quantized rows keep {kept} in {args.dtype}, and the KV cache too.")
+    rows.append(f"The quantized rows keep {kept} in {dtype}, and the KV cache too.")
     rows.append("Weights and KV cache only: activations and runtime buffers need memory on top.")
     return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from pangu.config import ModelConfig
 from pangu.loader.random import pangu_dense_config, pangu_moge_config
 from pangu.models.registry import build_model_on_meta
 from pangu.plan import weight_bytes
+from pangu.quant.formats import QuantizationConfig
 
 MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 PRO_MOE_72B = MODELS / "pangu-pro-moe-72b"
@@ -160,3 +162,12 @@ def test_plan_names_an_unsupported_config(capsys, tmp_path: Path):
     path.write_text('{"architectures": ["GPT2LMHeadModel"]}')
     rc, _, err = _plan(capsys, "--model", str(path))
     assert rc == 2 and f"--model {str(path)!r}: unsupported architecture ['GPT2LMHeadModel']" in err
+
+
+def test_plan_reads_the_quantization_of_a_pre_quantized_checkpoint(capsys, tmp_path: Path):
+    config = pangu_moge_config(vocab_size=100, quantization_config=QuantizationConfig("int8").to_hf())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rc, out, _ = _plan(capsys, "--model", str(tmp_path))
+    assert rc == 0 and "(int8, float parts in bfloat16)" in out
+    rc, _, err = _plan(capsys, "--model", str(tmp_path), "--quantization", "int4")
+    assert rc == 2 and "quantization='int4' was asked for, but the checkpoint is pre-quantized with 'int8'" in err

@@ -26,17 +26,17 @@ def moge_route(router_logits: torch.Tensor, num_groups: int) -> tuple[torch.Tens
     """
     t, e = router_logits.shape
     probs = torch.softmax(router_logits.float(), dim=-1)
-    per_group = probs.view(t, num_groups, e // num_groups)
-    local = per_group.argmax(dim=-1)  # argmax returns the first maximal index
-    weights = per_group.gather(-1, local.unsqueeze(-1)).squeeze(-1)
-    offsets = torch.arange(num_groups, device=local.device) * (e // num_groups)
-    return local + offsets, weights
+    weights, local = probs.view(t, num_groups, e // num_groups).max(dim=-1)  # max returns the first maximal index
+    return local + torch.arange(0, e, e // num_groups, device=local.device), weights
 
 
-def imbalance_score(expert_counts: torch.Tensor, num_tokens: int, num_devices: int) -> torch.Tensor:
-    """The paper's IS = (max_i T_i - min_i T_i) / |X| with experts spread over devices in order."""
-    per_device = expert_counts.view(num_devices, -1).sum(-1).float()
-    return (per_device.max() - per_device.min()) / max(num_tokens, 1)
+def imbalance_score(expert_counts: torch.Tensor, num_tokens: torch.Tensor, num_devices: int) -> torch.Tensor:
+    """The paper's IS = (max_i T_i - min_i T_i) / |X| with experts spread over devices in order.
+
+    expert_counts [..., E] (token-expert pairs per expert), num_tokens [...] -> IS [...].
+    """
+    per_device = expert_counts.unflatten(-1, (num_devices, -1)).sum(-1).float()
+    return (per_device.amax(-1) - per_device.amin(-1)) / num_tokens.clamp(min=1)
 
 
 class StackedExperts(nn.Module):
@@ -58,43 +58,69 @@ class StackedExperts(nn.Module):
 
 
 class MoGELoad:
-    """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k)."""
+    """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k).
+
+    A step only stacks its two count vectors on a pending list: no host sync and no small ops on
+    the decode path. Pending steps are folded into the totals every FOLD_STEPS steps and
+    whenever the totals are read.
+    """
+
+    FOLD_STEPS = 64
 
     def __init__(self, num_experts: int, top_k: int):
         self.top_k = top_k
         # Host tensors even when the model is built on the meta device.
         cpu = torch.device("cpu")
-        self.moge_counts = torch.zeros(num_experts, dtype=torch.long, device=cpu)
-        self.topk_counts = torch.zeros(num_experts, dtype=torch.long, device=cpu)
-        self.moge_is_sum = torch.zeros(len(IMBALANCE_DEVICES), device=cpu)
-        self.topk_is_sum = torch.zeros(len(IMBALANCE_DEVICES), device=cpu)
+        self._counts = torch.zeros(2, num_experts, dtype=torch.long, device=cpu)  # MoGE, global top-k
+        self._is_sum = torch.zeros(2, len(IMBALANCE_DEVICES), dtype=torch.float64, device=cpu)
+        self._pending: list[torch.Tensor] = []  # [2, E] per step
+        self._pending_tokens: list[int] = []
         self.steps = 0
         self.tokens = 0
 
-    def record(self, expert_counts: torch.Tensor, probs_for_topk: torch.Tensor, num_tokens: int) -> None:
-        e = expert_counts.numel()
-        topk_ids = probs_for_topk.topk(self.top_k, dim=-1).indices
-        topk_counts = torch.bincount(topk_ids.flatten(), minlength=e).cpu()
-        expert_counts = expert_counts.cpu()
-        self.moge_counts += expert_counts
-        self.topk_counts += topk_counts
-        self.moge_is_sum += torch.stack([imbalance_score(expert_counts, num_tokens, d) for d in IMBALANCE_DEVICES])
-        self.topk_is_sum += torch.stack([imbalance_score(topk_counts, num_tokens, d) for d in IMBALANCE_DEVICES])
+    def record(self, expert_counts: torch.Tensor, router_logits: torch.Tensor, num_tokens: int) -> None:
+        # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
+        topk_ids = router_logits.topk(self.top_k, dim=-1).indices
+        topk_counts = torch.bincount(topk_ids.flatten(), minlength=expert_counts.numel())
+        self._pending.append(torch.stack((expert_counts, topk_counts)))
+        self._pending_tokens.append(num_tokens)
         self.steps += 1
         self.tokens += num_tokens
+        if len(self._pending) >= self.FOLD_STEPS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        counts = torch.stack(self._pending).cpu()  # [S, 2, E]
+        tokens = torch.tensor(self._pending_tokens, dtype=torch.float64)[:, None]  # [S, 1]
+        self._pending, self._pending_tokens = [], []
+        self._counts += counts.sum(0)
+        for i, d in enumerate(IMBALANCE_DEVICES):
+            self._is_sum[:, i] += imbalance_score(counts, tokens, d).sum(0)
+
+    @property
+    def moge_counts(self) -> torch.Tensor:
+        self._fold()
+        return self._counts[0]
+
+    @property
+    def topk_counts(self) -> torch.Tensor:
+        self._fold()
+        return self._counts[1]
 
     def as_dict(self, num_groups: int) -> dict:
+        self._fold()
         steps = max(self.steps, 1)
+        moge_is, topk_is = self._is_sum.tolist()
         return {
             "tokens": self.tokens,
             "steps": self.steps,
             "expert_tokens": self.moge_counts.tolist(),
             "group_tokens": self.moge_counts.view(num_groups, -1).sum(-1).tolist(),
-            "imbalance_score": {d: float(v) / steps for d, v in zip(IMBALANCE_DEVICES, self.moge_is_sum)},
+            "imbalance_score": {d: v / steps for d, v in zip(IMBALANCE_DEVICES, moge_is)},
             "global_topk_expert_tokens": self.topk_counts.tolist(),
-            "global_topk_imbalance_score": {
-                d: float(v) / steps for d, v in zip(IMBALANCE_DEVICES, self.topk_is_sum)
-            },
+            "global_topk_imbalance_score": {d: v / steps for d, v in zip(IMBALANCE_DEVICES, topk_is)},
         }
 
 
@@ -114,8 +140,12 @@ class MoGEBlock(nn.Module):
         # Its partial sum joins the routed experts' in the one collective of forward().
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce=False)
         self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
-        self.local_expert_tokens = 0  # token-expert pairs this rank's experts computed
         self.track_load = True
+
+    @property
+    def local_expert_tokens(self) -> int:
+        """Token-expert pairs this rank's experts computed (read from the load counters)."""
+        return int(self.load.moge_counts[self.local_experts.start : self.local_experts.stop].sum())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
@@ -125,8 +155,7 @@ class MoGEBlock(nn.Module):
         flat_experts = expert_ids.flatten()
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
         if self.track_load:
-            self.load.record(counts, torch.softmax(logits.float(), dim=-1), t)
-            self.local_expert_tokens += int(counts[self.local_experts.start : self.local_experts.stop].sum())
+            self.load.record(counts, logits, t)
         out = self.shared_expert(x)
         routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
         out = out + routed
@@ -135,21 +164,29 @@ class MoGEBlock(nn.Module):
         return out
 
     def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
-        """Group the token-expert pairs by expert; one product per expert that received tokens."""
-        g = self.num_groups
+        """Group the token-expert pairs by expert; one product per expert that received tokens.
+
+        Inputs, weights and the scatter are batched over all pairs: at decode the per-op cost,
+        not the arithmetic, is what a step of small expert products pays for.
+        """
+        local = self.local_experts
         order = flat_experts.argsort(stable=True)
-        token_of_pair = order // g
+        # Pairs are sorted by expert: this rank's are one contiguous run.
+        begin = int(counts[: local.start].sum()) if local.start else 0
+        local_counts = counts[local.start : local.stop].tolist()
+        pairs = order[begin : begin + sum(local_counts)]
+        tokens = pairs // self.num_groups
+        xs = x[tokens]
+        ys = []
+        start = 0
+        for e, n in enumerate(local_counts):
+            if n:
+                ys.append(self.experts.expert(e, xs[start : start + n]))
+                start += n
         out = torch.zeros_like(x)
-        # Pairs are sorted by expert: skip those of the experts before this rank's first one.
-        start = int(counts[: self.local_experts.start].sum())
-        for e, n in enumerate(counts[self.local_experts.start : self.local_experts.stop].tolist()):
-            if n == 0:
-                continue
-            pairs = order[start : start + n]
-            tokens = token_of_pair[start : start + n]
-            y = self.experts.expert(e, x[tokens]) * flat_weights[pairs, None]
-            out.index_add_(0, tokens, y)
-            start += n
+        if ys:
+            # One scatter for all pairs: in bf16 a token's expert outputs are summed in fp32, then rounded.
+            out.index_add_(0, tokens, torch.cat(ys) * flat_weights[pairs, None])
         return out
 
 
