@@ -325,3 +325,25 @@ def test_moe_stats_show_zero_imbalance_for_moge_and_positive_for_global_top8(mog
         assert layer["tokens"] > 0
         assert layer["group_tokens"] == [layer["tokens"]] * NUM_GROUPS
         assert sum(layer["expert_tokens"]) == sum(layer["global_topk_expert_tokens"]) == 8 * layer["tokens"]
+
+
+def test_load_statistics_match_a_per_step_count_across_folds():
+    block = _block(seed=7)
+    g = torch.Generator().manual_seed(8)
+    steps = [torch.randn(int(torch.randint(1, 6, (1,), generator=g)), 64, generator=g) for _ in range(150)]
+    moge_counts = torch.zeros(64, dtype=torch.long)
+    topk_is = {d: 0.0 for d in IMBALANCE_DEVICES}
+    with torch.no_grad():
+        for x in steps:
+            block(x)
+            logits = block.gate(x)
+            moge_counts += torch.bincount(moge_route(logits, NUM_GROUPS)[0].flatten(), minlength=64)
+            top8 = torch.bincount(torch.softmax(logits, -1).topk(8).indices.flatten(), minlength=64)
+            for d in IMBALANCE_DEVICES:
+                per_device = top8.view(d, -1).sum(-1)
+                topk_is[d] += float(per_device.max() - per_device.min()) / len(x) / len(steps)
+    stats = block.load.as_dict(NUM_GROUPS)
+    assert stats["steps"] == 150 and stats["tokens"] == sum(len(x) for x in steps)
+    assert stats["expert_tokens"] == moge_counts.tolist()
+    assert stats["imbalance_score"] == {d: 0.0 for d in IMBALANCE_DEVICES}
+    assert stats["global_topk_imbalance_score"] == pytest.approx(topk_is)
