@@ -169,18 +169,17 @@ def run_latency(engine, prompt_kind: str, prompt_len: int, output_len: int, num_
     )
 
 
-def run_throughput(llm, prompt_kind: str, prompt_len: int, output_len: int, concurrency: int, seed: int = 1) -> ThroughputResult:
+def run_throughput(engine, prompt_kind: str, prompt_len: int, output_len: int, concurrency: int, seed: int = 1) -> ThroughputResult:
     """`concurrency` requests submitted together; aggregate generated tokens per second."""
     from pangu.sampling_params import SamplingParams
 
     rng = random.Random(seed)
-    vocab = llm.config.vocab_size
+    vocab = engine.config.vocab_size
+    _drain(engine, {"bench-warm": make_prompt(prompt_kind, prompt_len, vocab, rng)}, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    prompts = {f"bench-thr-{i}": make_prompt(prompt_kind, prompt_len, vocab, rng) for i in range(concurrency)}
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
-    warm = [{"prompt_token_ids": make_prompt(prompt_kind, prompt_len, vocab, rng)}]
-    llm.generate(warm, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), use_tqdm=False)
-    prompts = [{"prompt_token_ids": make_prompt(prompt_kind, prompt_len, vocab, rng)} for _ in range(concurrency)]
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    outs = _drain(engine, prompts, params)
     elapsed = time.perf_counter() - start
     return ThroughputResult(
         concurrency=concurrency,
@@ -189,6 +188,18 @@ def run_throughput(llm, prompt_kind: str, prompt_len: int, output_len: int, conc
         ttft_s=[o.metrics["ttft"] for o in outs if o.metrics.get("ttft") is not None],
         tpot_s=[o.metrics["tpot"] for o in outs if o.metrics.get("tpot") is not None],
     )
+
+
+def _drain(engine, prompts: dict[str, list[int]], params) -> list:
+    """Submit every prompt, step until all finish; the final RequestOutputs in submission order."""
+    for rid, ids in prompts.items():
+        engine.add_request(rid, ids, params)
+    final = {}
+    while len(final) < len(prompts):
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return [final[rid] for rid in prompts]
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -243,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         if lat.acceptance_rate is not None:
             print(f"draft acceptance       {100 * lat.acceptance_rate:10.1f} %")
     if args.mode in ("all", "throughput"):
-        thr = run_throughput(llm, args.prompt_kind, args.prompt_len, args.output_len, args.concurrency)
+        thr = run_throughput(engine, args.prompt_kind, args.prompt_len, args.output_len, args.concurrency)
         print(f"throughput @{thr.concurrency:<3d}        {thr.tokens_per_s:10.1f} tokens/s ({thr.output_tokens} tokens in {thr.elapsed_s:.1f} s)")
         print(f"  TTFT median / p90    {1e3 * percentile(thr.ttft_s, 50):10.1f} / {1e3 * percentile(thr.ttft_s, 90):.1f} ms")
         print(f"  TPOT median / p90    {1e3 * percentile(thr.tpot_s, 50):10.2f} / {1e3 * percentile(thr.tpot_s, 90):.2f} ms")
