@@ -344,7 +344,9 @@ class IncrementalDetokenizer:
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Add ids; return the text they complete (possibly empty)."""
-        self._ids.extend(int(i) for i in new_ids)
+        # Models may pad their vocabulary past the tokenizer's; such ids have no text.
+        vocab = self._tok.vocab_size
+        self._ids.extend(int(i) for i in new_ids if 0 <= int(i) < vocab)
         return self._advance(final=False)
 
     def flush(self) -> str:

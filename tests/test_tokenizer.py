@@ -243,3 +243,18 @@ def test_detokenizer_flush_releases_a_truncated_character(pangu_tokenizer: Token
     streamed = "".join(detok.step([i]) for i in ids)
     assert streamed == "ok "
     assert detok.flush() == "\ufffd"
+
+
+def test_detokenizer_gives_no_text_for_ids_past_the_tokenizer_vocabulary(pangu_tokenizer: Tokenizer) -> None:
+    # Models often pad their embedding past the tokenizer; a sampled padding id must not break a stream.
+    ids = pangu_tokenizer.encode("hello world", add_special_tokens=False)
+    detok = IncrementalDetokenizer(pangu_tokenizer)
+    text = "".join(detok.step([i]) for i in [ids[0], pangu_tokenizer.vocab_size + 5, *ids[1:]])
+    assert text == pangu_tokenizer.decode(ids)
+
+
+def test_detokenizer_keeps_the_first_word_space_with_prompt_context(pangu_tokenizer: Tokenizer) -> None:
+    prompt = pangu_tokenizer.encode("hello")
+    word = pangu_tokenizer.encode("world", add_special_tokens=False)  # "▁world": a word start
+    detok = IncrementalDetokenizer(pangu_tokenizer, prompt_ids=prompt)
+    assert "".join(detok.step([i]) for i in word) == " world"
