@@ -34,12 +34,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from throughput import build_random_model, hf_llama  # noqa: E402
+from throughput import build_random_model  # noqa: E402
 
 from pangu.bench import make_prompt, measure_memory_bandwidth, run_latency, run_throughput, weight_bytes_per_token  # noqa: E402
 from pangu.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from pangu.loader import demo_model_path, load_model  # noqa: E402
-from pangu.loader.random import pangu_dense_config  # noqa: E402
+from pangu.loader.random import pangu_dense_config, transformers_llama  # noqa: E402
 
 # The openPangu-Embedded 1B sibling's width (hidden 1536, 12/6 heads of 128, real vocabulary),
 # with 20 layers and MLP 4800: 1.06 B parameters.
@@ -241,7 +241,7 @@ def main() -> None:
             tensors = build_random_model(Path(root), config, torch.bfloat16)
             rows = [Row("llama.cpp", note="skipped: no GGUF of these random weights")]
             for dtype in (torch.float32, torch.bfloat16):
-                model = hf_llama(config, tensors, dtype)
+                model = transformers_llama(config, tensors, dtype)
                 rows.append(hf_row(model, str(dtype).replace("torch.", ""), config["vocab_size"], args))
                 del model
                 gc.collect()

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pangu import LLM, SamplingParams  # noqa: E402
 from pangu.bench import percentile  # noqa: E402
-from pangu.loader.random import pangu_dense_config, random_state_dict, write_checkpoint  # noqa: E402
+from pangu.loader.random import pangu_dense_config, random_state_dict, transformers_llama, write_checkpoint  # noqa: E402
 
 # Pangu 7B's proportions (GQA 4:1, MLP 3.125 x hidden, q/k/v/o biases, theta 1.6e7) at ~106 M parameters.
 MODEL_100M = dict(
@@ -59,31 +59,6 @@ def build_random_model(directory: Path, config: dict, dtype: torch.dtype) -> dic
     write_checkpoint(str(directory), config, tensors)
     write_wordlevel_tokenizer(directory, config["vocab_size"])
     return tensors
-
-
-def hf_llama(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
-    """The same weights as transformers' Llama with attention_bias=True (Pangu 7B's layout)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = LlamaConfig(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config["num_key_value_heads"],
-        max_position_embeddings=config["max_position_embeddings"],
-        rms_norm_eps=config["rms_norm_eps"],
-        rope_theta=config["rope_theta"],
-        attention_bias=True,
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    model.generation_config.eos_token_id = None  # ignore_eos, like the engine's requests
-    model.generation_config.pad_token_id = 0
-    return model
 
 
 @torch.inference_mode()
@@ -147,7 +122,7 @@ def main() -> None:
         tpot = [o.metrics["tpot"] for o in outs if o.metrics["tpot"] is not None]
         del llm
 
-        model = hf_llama(config, tensors, dtype)
+        model = transformers_llama(config, tensors, dtype)
         hf_generate_padded(model, [prompts[0][:16]], 2, 1)  # warm-up
         hf_tokens, hf_s = hf_generate_padded(model, prompts, args.output_len, args.concurrency)
 

@@ -13,38 +13,12 @@ from safetensors.torch import load_file, save_file
 from pangu import LLM, SamplingParams
 from pangu.config import ConfigError, ModelConfig
 from pangu.loader import ModelNotFoundError, WeightError, load_model
-from pangu.loader.random import pangu_dense_config, random_state_dict, write_checkpoint
+from pangu.loader.random import pangu_dense_config, random_state_dict, transformers_llama, write_checkpoint
 from pangu.models.registry import build_model_on_meta, count_parameters
 from fixtures_models import build_tiny_model
 
 SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
 PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 90)), [1, 999, 3], list(range(2, 130))]
-
-
-def hf_llama(config: dict, state: dict, dtype=torch.float32):
-    """transformers' LlamaForCausalLM with q/k/v/o biases, holding the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hc = LlamaConfig(
-        vocab_size=config["vocab_size"],
-        hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"],
-        num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config["num_key_value_heads"],
-        attention_bias=True,
-        rope_theta=config["rope_theta"],
-        rms_norm_eps=config["rms_norm_eps"],
-        max_position_embeddings=config["max_position_embeddings"],
-        tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(hc).eval()
-    model.load_state_dict(state, strict=True)
-    return model.to(dtype)
-
-
-def _without_inv_freq(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +28,7 @@ def dense_llm(tiny_dense_dir):
 
 @pytest.fixture(scope="module")
 def dense_reference(tiny_dense_config):
-    return hf_llama(tiny_dense_config, random_state_dict(tiny_dense_config))
+    return transformers_llama(tiny_dense_config, random_state_dict(tiny_dense_config))
 
 
 def test_dense_logits_match_transformers_llama_with_biases(dense_llm, dense_reference):
@@ -108,8 +82,8 @@ def test_bf16_greedy_continuations_match_transformers_for_20_tokens(tmp_path, ti
     for f in pangu_tokenizer_dir.iterdir():
         shutil.copy(f, tmp_path / f.name)
     llm = LLM(str(tmp_path), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
-    ref = hf_llama(tiny_dense_config, state, torch.bfloat16)
-    ref32 = hf_llama(tiny_dense_config, {k: v.float() for k, v in state.items()})
+    ref = transformers_llama(tiny_dense_config, state, torch.bfloat16)
+    ref32 = transformers_llama(tiny_dense_config, {k: v.float() for k, v in state.items()})
     g = torch.Generator().manual_seed(1)
     candidates = [[1] + torch.randint(3, 900, (n,), generator=g).tolist() for n in (3, 9, 17, 30, 45, 60)]
     prompts = [ids for ids in candidates if _confident(ref32, ids, steps=20, margin=0.15)]

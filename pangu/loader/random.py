@@ -25,6 +25,12 @@ PANGU_7B_FIELDS = {
 }
 
 
+def _sized_config(base: dict, **fields) -> dict:
+    d = dict(base)
+    d.update(fields, torch_dtype="float32")
+    return d
+
+
 def pangu_dense_config(
     vocab_size: int,
     hidden_size: int = 64,
@@ -37,8 +43,8 @@ def pangu_dense_config(
     **extra,
 ) -> dict:
     """An HF config.json dict with the real openPangu-Embedded field names, at any size."""
-    d = dict(PANGU_7B_FIELDS)
-    d.update(
+    return _sized_config(
+        PANGU_7B_FIELDS,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -47,10 +53,23 @@ def pangu_dense_config(
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         eos_token_id=eos_token_id,
-        torch_dtype="float32",
+        **extra,
     )
-    d.update(extra)
-    return d
+
+
+PANGU_PRO_MOE_FIELDS = {
+    "architectures": ["PanguProMoEForCausalLM"],
+    "model_type": "PanguProMoE",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 16000000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "pad_token_id": 0,
+    "num_experts_per_tok": 8,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+}
 
 
 def pangu_moge_config(
@@ -67,20 +86,8 @@ def pangu_moge_config(
     **extra,
 ) -> dict:
     """An HF config.json dict with the real Pangu Pro MoE field names, at any size."""
-    d = {
-        "architectures": ["PanguProMoEForCausalLM"],
-        "model_type": "PanguProMoE",
-        "hidden_act": "silu",
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 16000000.0,
-        "tie_word_embeddings": False,
-        "bos_token_id": 1,
-        "pad_token_id": 0,
-        "num_experts_per_tok": 8,
-        "output_router_logits": False,
-        "router_aux_loss_coef": 0.001,
-    }
-    d.update(
+    return _sized_config(
+        PANGU_PRO_MOE_FIELDS,
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_hidden_layers,
@@ -91,10 +98,34 @@ def pangu_moge_config(
         shared_expert_intermediate_size=shared_expert_intermediate_size,
         max_position_embeddings=max_position_embeddings,
         eos_token_id=eos_token_id,
-        torch_dtype="float32",
+        **extra,
     )
-    d.update(extra)
-    return d
+
+
+def transformers_llama(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+    """The peer model of tests and benchmarks: transformers' LlamaForCausalLM with q/k/v/o biases
+    (Pangu 7B's layout) holding the same weights; generate() never stops at an eos."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = LlamaConfig(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_key_value_heads"],
+        max_position_embeddings=config["max_position_embeddings"],
+        rms_norm_eps=config["rms_norm_eps"],
+        rope_theta=config["rope_theta"],
+        attention_bias=True,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(hf_cfg).eval()
+    weights = {k: v for k, v in tensors.items() if not k.endswith("rotary_emb.inv_freq")}
+    model.load_state_dict(weights, strict=True)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(dtype)
 
 
 def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
