@@ -42,6 +42,14 @@ def checkpoint_bytes(files: list[str]) -> int:
     return sum(os.path.getsize(f) for f in files)
 
 
+def open_safetensors(path: str):
+    """safe_open with an error that names the file."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise WeightError(f"cannot read safetensors file {path}: {e}") from None
+
+
 def iter_safetensors(files: list[str], progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard; tensors are views of the mapped file."""
     bar = None
@@ -51,11 +59,7 @@ def iter_safetensors(files: list[str], progress: bool = False) -> Iterator[tuple
         bar = tqdm(total=checkpoint_bytes(files), unit="B", unit_scale=True, desc="loading weights")
     try:
         for path in files:
-            try:
-                handle = safe_open(path, framework="pt")
-            except Exception as e:  # safetensors raises its own error types for corrupt headers
-                raise WeightError(f"cannot read safetensors file {path}: {e}") from None
-            with handle as f:
+            with open_safetensors(path) as f:
                 for name in f.keys():
                     tensor = f.get_tensor(name)
                     yield name, tensor

@@ -310,14 +310,10 @@ def make_load_hook(
 
 def iter_quantized_safetensors(files: list[str]) -> Iterator[tuple[str, Weight]]:
     """(HF name, tensor or QuantizedTensor) from a `pangu quantize` checkpoint, memory-mapped."""
-    from safetensors import safe_open
+    from pangu.loader.safetensors import open_safetensors
 
     for path in files:
-        try:
-            handle = safe_open(path, framework="pt")
-        except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise WeightError(f"cannot read safetensors file {path}: {e}") from None
-        with handle as f:
+        with open_safetensors(path) as f:
             keys = set(f.keys())
             parts = {k + suffix for k in keys for suffix in (SCALE_SUFFIX, ZERO_SUFFIX)} & keys
             for name in sorted(keys - parts):
