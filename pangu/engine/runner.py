@@ -49,6 +49,8 @@ class ModelRunner:
         bs = self.block_size
         drafts = drafts or {}
         decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1 and s.seq_id not in drafts]
+        # Shortest context first, so decode attention can pad each group only to its own longest.
+        decodes.sort(key=lambda sn: sn[0].num_computed_tokens)
         prefills = [
             (s, n + len(drafts.get(s.seq_id, ())))
             for s, n in zip(batch.seqs, batch.num_tokens)
@@ -74,6 +76,7 @@ class ModelRunner:
             ctx = [s.num_computed_tokens + 1 for s, _ in decodes]
             attn.num_decode = len(decodes)
             attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx)
+            attn.decode_groups = self._decode_groups(ctx)
         row = len(decodes)
         for seq, n in prefills:
             context_len = seq.num_computed_tokens + n
@@ -108,6 +111,15 @@ class ModelRunner:
         bs = self.block_size
         blocks = torch.tensor(block_table[: -(-context_len // bs)], dtype=torch.long, device=self.device)
         return (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:context_len]
+
+    @staticmethod
+    def _decode_groups(ctx: list[int]) -> list[tuple[int, int]]:
+        """Split sorted decode contexts in two where that pads the fewest slots, if it saves a fifth."""
+        n = len(ctx)
+        best = min(range(1, n + 1), key=lambda i: i * ctx[i - 1] + (n - i) * ctx[-1])
+        if best == n or best * ctx[best - 1] + (n - best) * ctx[-1] > 0.8 * n * ctx[-1]:
+            return [(n, ctx[-1])]
+        return [(best, ctx[best - 1]), (n, ctx[-1])]
 
     def _decode_slots(self, decodes, ctx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         bs = self.block_size

@@ -87,6 +87,8 @@ class AttentionBatch:
     num_decode: int = 0
     decode_slots: Optional[torch.Tensor] = None  # [num_decode, max_ctx] slots to read (padded)
     decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_ctx] bool, True = attend
+    # (end row, context) groups of decodes sorted by context, each padded only to its own context
+    decode_groups: list[tuple[int, int]] = field(default_factory=list)
     prefills: list[PrefillSlice] = field(default_factory=list)
 
 
@@ -166,13 +168,16 @@ class Attention(nn.Module):
         cache[1].index_copy_(0, attn.slot_mapping, v.to(cache.dtype))
         out = torch.empty_like(q)
         nd = attn.num_decode
-        if nd:
-            out[:nd] = self._decode_attention(
-                q[:nd],
-                self._gather_heads_first(cache[0], attn.decode_slots),
-                self._gather_heads_first(cache[1], attn.decode_slots),
-                attn.decode_mask,
+        start = 0
+        for end, ctx in attn.decode_groups or ([(nd, attn.decode_slots.shape[1])] if nd else []):
+            slots = attn.decode_slots[start:end, :ctx]
+            out[start:end] = self._decode_attention(
+                q[start:end],
+                self._gather_heads_first(cache[0], slots),
+                self._gather_heads_first(cache[1], slots),
+                attn.decode_mask[start:end, ..., :ctx],
             )
+            start = end
         for p in attn.prefills:
             rows = slice(p.start, p.start + p.length)
             if p.causal_mask is None:
