@@ -271,6 +271,8 @@ def test_client_disconnect_aborts_the_request_and_frees_kv(server, stream):
                 assert next(lines).startswith("data: ")
             # leaving the block closed the connection mid-stream
         else:
+            # 32 sequences of 240 tokens: far longer than the client waits, however fast the machine.
+            body.update(prompt=["hello"] * 8, n=4)
             with pytest.raises(httpx.ReadTimeout):
                 http.post(f"{server.url}/v1/completions", json=body, timeout=0.3)
     before_abort = time.monotonic()
