@@ -390,6 +390,11 @@ def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _envelope(state, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
+    """OpenAI's response / chunk shape, the same for every endpoint."""
+    return {"id": request_id, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
@@ -447,16 +452,8 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
         return result
     final = result[0]
     choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
-    return JSONResponse(
-        {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "choices": choices,
-            "usage": _usage(len(ids), sum(len(c.token_ids) for c in final.outputs)),
-        }
-    )
+    usage = _usage(len(ids), sum(len(c.token_ids) for c in final.outputs))
+    return JSONResponse(_envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
 
 
 @dataclass
@@ -521,10 +518,8 @@ async def _chat_stream(
             "logprobs": {"content": _chat_logprobs(state, lps or [])} if logprobs and lps is not None else None,
             "finish_reason": finish_reason,
         }
-        body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name, "choices": [choice]}
-        if include_usage:
-            body["usage"] = None
-        return _sse(body)
+        extra = {"usage": None} if include_usage else {}
+        return _sse(_envelope(state, request_id, "chat.completion.chunk", created, [choice], **extra))
 
     def events_to_deltas(i: int, events: list) -> list[dict]:
         deltas = []
@@ -565,10 +560,8 @@ async def _chat_stream(
                     _observe(state, out)
         finished = True
         if include_usage:
-            yield _sse({
-                "id": request_id, "object": "chat.completion.chunk", "created": created, "model": state.model_name,
-                "choices": [], "usage": _usage(prompt_tokens, sum(completion_tokens)),
-            })
+            usage = _usage(prompt_tokens, sum(completion_tokens))
+            yield _sse(_envelope(state, request_id, "chat.completion.chunk", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
         logger.exception("error while streaming %s", request_id)
@@ -611,16 +604,8 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         for comp in final.outputs:
             lps = _completion_logprobs(state, comp.logprobs or [], 0) if req.logprobs is not None else None
             choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
-    return JSONResponse(
-        {
-            "id": request_id,
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": state.model_name,
-            "choices": choices,
-            "usage": _usage(prompt_tokens, sum(len(c.token_ids) for f in result for c in f.outputs)),
-        }
-    )
+    usage = _usage(prompt_tokens, sum(len(c.token_ids) for f in result for c in f.outputs))
+    return JSONResponse(_envelope(state, request_id, "text_completion", int(time.time()), choices, usage=usage))
 
 
 def _completion_logprobs(state: ServerState, logprobs: list[Logprob], offset: int) -> dict:
@@ -668,18 +653,14 @@ async def _completion_stream(
                         lps = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0))
                         offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
                     choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
-                    body = {"id": request_id, "object": "text_completion", "created": created, "model": state.model_name, "choices": [choice]}
-                    if include_usage:
-                        body["usage"] = None
-                    yield _sse(body)
+                    extra = {"usage": None} if include_usage else {}
+                    yield _sse(_envelope(state, request_id, "text_completion", created, [choice], **extra))
                 if out.finished:
                     _observe(state, out)
         finished = True
         if include_usage:
-            yield _sse({
-                "id": request_id, "object": "text_completion", "created": created, "model": state.model_name,
-                "choices": [], "usage": _usage(prompt_tokens, completion_tokens),
-            })
+            usage = _usage(prompt_tokens, completion_tokens)
+            yield _sse(_envelope(state, request_id, "text_completion", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:
         logger.exception("error while streaming %s", request_id)
