@@ -105,6 +105,7 @@ class LLMEngine:
             else None
         )
         self.eos_token_ids = self._eos_ids(generation_config or {})
+        self._eos_list = sorted(self.eos_token_ids)  # handed to the sampler every step
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
@@ -253,7 +254,7 @@ class LLMEngine:
                     generator=s.generator,
                     prompt_token_ids=s.prompt_token_ids,
                     output_token_ids=s.output_token_ids,
-                    eos_token_ids=[] if s.params.ignore_eos else sorted(self.eos_token_ids),
+                    eos_token_ids=self._eos_list,  # the sampler itself skips eos under ignore_eos
                 )
                 for s in sampled
             ]
