@@ -9,7 +9,8 @@ baseline" subtracts the RSS of the same process after its imports, before loadin
 torch: ~220 MB). Decode: all models loaded in this process, `LLMEngine.step()` at batch 1 after
 the prefill, modes alternating per round so that other jobs slow each alike; medians of rounds.
 GB/s = weight bytes read per token / step time. Targets: peak RSS int8 <= 0.6x and int4 <= 0.35x
-of bf16; int8 decode >= 1.5x the fastest float decode.
+of bf16, whole process (the above-baseline ratio is printed too); int8 decode >= 1.5x the fastest
+float decode.
 
 Offload: a random MoGE checkpoint in bf16, RSS (resident, and its anonymous part) after loading
 and after decoding, with and without `offload_experts=True`, each in its own subprocess.
@@ -194,8 +195,8 @@ def main() -> int:
     for name, target in RSS_TARGETS.items():
         whole = rss[name]["peak_mib"] / b["peak_mib"]
         above = (rss[name]["peak_mib"] - rss[name]["base_mib"]) / (b["peak_mib"] - b["base_mib"])
-        print(f"{name} peak RSS / bf16: {whole:.2f} whole process, {above:.2f} above the import baseline (target <= {target})")
-        ok &= above <= target
+        print(f"{name} peak RSS / bf16: {whole:.2f} whole process (target <= {target}), {above:.2f} above the import baseline")
+        ok &= whole <= target
     print(f"int8 decode / fastest float ({fastest_float}) per round, median: {speedup:.2f}x (target >= {DECODE_TARGET})")
     ok &= speedup >= DECODE_TARGET
 

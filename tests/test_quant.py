@@ -10,12 +10,15 @@ import pytest
 import torch
 
 from pangu.cli import main as cli_main
+from pangu.config import ModelConfig
 from pangu.loader import load_model
 from pangu.models.registry import build_model_on_meta
 from pangu.quant import QuantizationConfig, QuantizationError, dequantize, quantize, quantized_weight_bytes
+from pangu.loader.safetensors import iter_safetensors
+from pangu.quant import formats
 from pangu.quant.formats import unpack_int4
 from pangu.quant.checkpoint import write_quantized_checkpoint
-from pangu.quant.loading import make_load_hook
+from pangu.quant.loading import LoadHook, make_load_hook
 from pangu.quant.modules import OffloadedExperts, PackedWeight, QuantizedExperts
 
 CPU = torch.device("cpu")
@@ -84,6 +87,23 @@ def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
     assert torch.equal(PackedWeight(qt, CPU).data, whole)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_in_row_slices_equals_one_slice_and_reports_each_slice(monkeypatch, method, dtype):
+    w = (torch.randn(3, 50, 256) * 2 + torch.randn(3, 50, 1)).to(dtype)
+    kept = w.clone()
+    monkeypatch.setattr(formats, "_CHUNK_ELEMENTS", 1 << 30)
+    whole = quantize(w, QuantizationConfig(method, 64))
+    monkeypatch.setattr(formats, "_CHUNK_ELEMENTS", 7 * 256)  # slices of 7 rows, the last one short
+    seen = []
+    sliced = quantize(w, QuantizationConfig(method, 64), done=lambda x: seen.append((x.data_ptr(), len(x))))
+    assert torch.equal(w, kept)  # the in-place arithmetic works on copies, even of an fp32 input
+    for a, b in ((whole.qweight, sliced.qweight), (whole.scale, sliced.scale), (whole.zero, sliced.zero)):
+        assert (a is None and b is None) or (a.shape == b.shape and torch.equal(a, b))
+    row = 256 * w.element_size()
+    assert seen == [(w.data_ptr() + i * row, min(7, 150 - i)) for i in range(0, 150, 7)]
+
+
 @pytest.mark.parametrize(
     "make", [lambda: QuantizationConfig("int3"), lambda: QuantizationConfig("int4", 48), lambda: QuantizationConfig.from_hf({"quant_method": "gptq"})]
 )
@@ -150,6 +170,34 @@ def test_weight_bytes_match_what_the_loaded_model_holds(tiny_moge_dir, method):
     assert held == expected
     float_bytes = quantized_weight_bytes(build_model_on_meta(q.config), torch.bfloat16, None)
     assert expected < float_bytes * (0.6 if method == "int8" else 0.4)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_each_weight_is_packed_once_its_rows_are_in_and_dropping_mapped_pages_changes_nothing(
+    tiny_moge_dir, method, token_ids, monkeypatch
+):
+    """No portable copy of the model waits for finish(); the madvise'd checkpoint pages read back intact."""
+    files = [str(tiny_moge_dir / "model.safetensors")]
+    at_finish = []
+    finish = LoadHook.finish
+
+    def checked_finish(self, model):
+        at_finish.append((dict(self.pending), dict(self.ready)))
+        finish(self, model)
+
+    monkeypatch.setattr(LoadHook, "finish", checked_finish)
+    logits = []
+    for mapped in (False, True):
+        net = build_model_on_meta(ModelConfig.from_file(str(tiny_moge_dir)))
+        hook = make_load_hook(net, method, False, torch.float32, CPU, memory_mapped=mapped)
+        net.load_weights(hook.weights(iter_safetensors(files)), dtype=torch.float32, device=CPU, hook=hook)
+        with torch.inference_mode():
+            logits.append(net.compute_logits(net(token_ids, torch.arange(len(token_ids)), None)))
+    for pending, ready in at_finish:
+        assert not pending
+        assert all(isinstance(w, PackedWeight) for t, w in ready.items() if not t.endswith("embed_tokens.weight"))
+        assert any(t.endswith(".w13") for t in ready) and any(t.endswith("qkv_proj.weight") for t in ready)
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_llm_generates_with_int8_from_the_cli(tiny_dense_dir, capsys):

@@ -21,7 +21,7 @@ Portable int4 packing (checkpoints): uint8 [..., N, K/2], column 2j in the high 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -33,7 +33,8 @@ QUANT_METHOD_KEY = "pangu-weight-only"  # quantization_config["quant_method"] of
 # Rounding a scale up by one bf16 step keeps max|w| / scale <= 127 (or the group range <= 15 steps).
 _ROUND_UP = 1.0 + 2.0**-7
 # Rows quantized per slice (4 MB of fp32): no fp32 copy of a whole weight, and temporaries small
-# enough for the heap to reuse instead of fragmenting.
+# enough for the heap to reuse instead of fragmenting. Each slice's results are written into the
+# outputs, allocated once: no list of pieces and no concatenated copy next to it.
 _CHUNK_ELEMENTS = 1 << 20
 
 
@@ -124,25 +125,40 @@ class QuantizedTensor:
         return sum(t.numel() * t.element_size() for t in parts)
 
 
-def quantize(w: torch.Tensor, config: QuantizationConfig) -> Optional[QuantizedTensor]:
-    """Quantize a float weight [..., N, K]; None when this method keeps the weight float."""
+def quantize(
+    w: torch.Tensor, config: QuantizationConfig, done: Optional[Callable[[torch.Tensor], None]] = None
+) -> Optional[QuantizedTensor]:
+    """Quantize a float weight [..., N, K]; None when this method keeps the weight float.
+
+    done: called with each slice of rows of `w` once it is quantized and no longer read (the
+    loader drops its pages of the mapped checkpoint there).
+    """
     if config.method == "int8":
-        return _by_row_chunks(w, _quantize_int8, "int8")
+        return _by_row_chunks(w, _quantize_int8, "int8", done)
     group = config.group_for(w.shape[-1])
     if group is None:
         return None
-    return _by_row_chunks(w, lambda x: _quantize_int4(x, group), "int4")
+    return _by_row_chunks(w, lambda x: _quantize_int4(x, group), "int4", done)
 
 
-def _by_row_chunks(w: torch.Tensor, fn, method: str) -> QuantizedTensor:
+def _by_row_chunks(w: torch.Tensor, fn, method: str, done: Optional[Callable[[torch.Tensor], None]]) -> QuantizedTensor:
     flat = w.reshape(-1, w.shape[-1])
+    rows = flat.shape[0]
     step = max(1, _CHUNK_ELEMENTS // max(w.shape[-1], 1))
-    parts = [fn(flat[i : i + step]) for i in range(0, flat.shape[0], step)]
-    cat = [torch.cat([p[j] for p in parts]) for j in range(len(parts[0]))]
+    outs: list[torch.Tensor] = []
+    for i in range(0, max(rows, 1), step):
+        part = fn(flat[i : i + step])
+        if not outs:
+            outs = [p.new_empty((rows, *p.shape[1:])) for p in part]
+        for out, p in zip(outs, part):
+            out[i : i + step].copy_(p)
+        del part
+        if done is not None:
+            done(flat[i : i + step])
     lead = w.shape[:-1]
-    q = cat[0].reshape(*lead, cat[0].shape[-1])
-    scale = cat[1].reshape(*lead, *cat[1].shape[1:])
-    zero = cat[2].reshape(*lead, cat[2].shape[-1]) if len(cat) > 2 else None
+    q = outs[0].reshape(*lead, outs[0].shape[-1])
+    scale = outs[1].reshape(*lead, *outs[1].shape[1:])
+    zero = outs[2].reshape(*lead, outs[2].shape[-1]) if len(outs) > 2 else None
     return QuantizedTensor(method, q, scale, zero)
 
 
@@ -150,20 +166,24 @@ def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
     return (x * _ROUND_UP).clamp_min(torch.finfo(SCALE_DTYPE).tiny).to(SCALE_DTYPE)
 
 
+# Both work in place on one fp32 copy of the slice (a copy even of an fp32 input, which is the
+# caller's): the same IEEE operations in the same order as out-of-place ones, one temporary.
+
+
 def _quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    wf = w.float()
+    wf = w.to(torch.float32, copy=True)
     scale = _round_up_bf16(wf.abs().amax(-1) / 127.0)
-    q = torch.round(wf / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    q = wf.div_(scale.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
     return q, scale
 
 
 def _quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = w.shape
-    wf = w.float().reshape(n, k // group, group)
+    wf = w.to(torch.float32, copy=True).reshape(n, k // group, group)
     lo, hi = wf.amin(-1), wf.amax(-1)
     scale = _round_up_bf16((hi - lo) / 15.0)
     zero = (lo + 8.0 * scale.float()).to(SCALE_DTYPE)
-    q = torch.round((wf - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp_(0, 15)
+    q = wf.sub_(zero.float()[..., None]).div_(scale.float()[..., None]).add_(8.0).round_().clamp_(0, 15)
     return pack_int4(q.to(torch.uint8).reshape(n, k)), scale, zero
 
 

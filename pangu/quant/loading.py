@@ -7,6 +7,11 @@ quantized modules in. Peak memory is the quantized model plus one float tensor (
 row slices), never a float copy of a fused parameter: see `pangu.quant.formats` for why
 quantizing the pieces of qkv_proj / gate_up_proj / w13 apart equals quantizing them fused.
 
+Each weight is laid out for its kernel (`PackedWeight`) as soon as its last rows arrive, and its
+portable form freed: a portable copy of the whole model never waits for `finish` next to the
+packed one. The pages of the mapped checkpoint a quantized tensor is read from are dropped
+slice by slice as it is quantized, and the heap is trimmed every TRIM_EVERY_BYTES of float weights.
+
 Which weights are quantized: every nn.Linear (attention, MLPs, shared experts, lm_head), the
 routed experts (w13, w2) and the token embedding. The MoGE router (`mlp.gate`, hidden x 64)
 stays float: it is 0.1% of a layer and its argmax picks the experts.
@@ -125,7 +130,12 @@ class LoadHook:
         self.device = device
         self.params = dict(model.named_parameters())
         self.kinds = quantizable_weights(model)
+        # Fused targets still waiting for rows: the portable tensor, and the pieces already in
+        # (index -> qweight elements; a piece that comes again overwrites its rows, as floats do).
         self.pending: dict[str, QuantizedTensor] = {}
+        self.filled: dict[str, dict[tuple, int]] = {}
+        # Complete targets: the kernel layout (linears, experts) or the portable tensor (embeddings).
+        self.ready: dict[str, Union[PackedWeight, QuantizedTensor]] = {}
         # StackedExperts module name -> {"gate"|"up"|"down": [view per expert]}
         self.offloaded: dict[str, dict[str, list]] = {}
 
@@ -162,13 +172,21 @@ class LoadHook:
         if isinstance(tensor, QuantizedTensor):
             qt = _check_stored(name, tensor, setting)
         else:
-            qt = quantize(tensor, setting)
+            mapped = self.memory_mapped and tensor.device.type == "cpu"
+            # Each slice of rows gives its pages back as soon as it is quantized, not the whole tensor at the end.
+            qt = quantize(tensor, setting, done=_drop_mapped_pages if mapped else None)
             self._release(tensor)
-        if index is None:
-            self.pending[target] = qt
-        else:
-            self._place(target, index, qt)
+        if index is not None:
+            if target in self.ready:
+                raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
+            qt = self._place(target, index, qt)
+        if qt is not None:
+            self._complete(target, qt)
         return True
+
+    def _complete(self, target: str, qt: QuantizedTensor) -> None:
+        """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
+        self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device)
 
     def _release(self, tensor: torch.Tensor) -> None:
         """Give back the memory a float tensor took while it was quantized (Linux).
@@ -184,8 +202,11 @@ class LoadHook:
             self.released = 0
             _trim_heap()
 
-    def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> None:
-        """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter."""
+    def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> Optional[QuantizedTensor]:
+        """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter.
+
+        Returns the fused tensor once all its rows are in (and forgets it), else None.
+        """
         full = self.pending.get(target)
         if full is None:
             shape = self.params[target].shape
@@ -202,6 +223,12 @@ class LoadHook:
         full.scale[index].copy_(qt.scale)
         if qt.zero is not None:
             full.zero[index].copy_(qt.zero)
+        pieces = self.filled.setdefault(target, {})
+        pieces[_index_key(index)] = qt.qweight.numel()
+        if sum(pieces.values()) < full.qweight.numel():
+            return None
+        del self.filled[target]
+        return self.pending.pop(target)
 
     def _offload(self, name: str, target: str, index: tuple, tensor: Weight) -> None:
         m = _EXPERT_PROJ.search(name)
@@ -219,21 +246,26 @@ class LoadHook:
         lists[proj][expert] = tensor  # the memory-mapped view itself: paged in by the OS, never copied
 
     def finish(self, model: DecoderForCausalLM) -> None:
-        experts: dict[str, dict[str, PackedWeight]] = {}
-        # Popped one at a time so that each portable copy is freed once its kernel layout exists.
+        # After load_weights (which checks that every tensor came) nothing is pending; a fused
+        # parameter some of whose pieces never came is laid out as it is.
         while self.pending:
             target, qt = self.pending.popitem()
+            self.filled.pop(target, None)
+            self._complete(target, qt)
+        experts: dict[str, dict[str, PackedWeight]] = {}
+        while self.ready:
+            target, weight = self.ready.popitem()
             module_name, _, attr = target.rpartition(".")
             module = model.get_submodule(module_name)
             kind = self.kinds[target]
             if kind == "linear":
-                _replace(model, module_name, QuantizedLinear(PackedWeight(qt, self.device), module.bias))
+                _replace(model, module_name, QuantizedLinear(weight, module.bias))
             elif kind == "embedding":
-                _replace(model, module_name, QuantizedEmbedding(qt, self.dtype, self.device))
+                _replace(model, module_name, QuantizedEmbedding(weight, self.dtype, self.device))
                 if model.lm_head is None:  # tied head: int8 shares the embedding's tensors
-                    model.lm_head = QuantizedLinear(PackedWeight(qt, self.device), None)
+                    model.lm_head = QuantizedLinear(PackedWeight(weight, self.device), None)
             else:
-                experts.setdefault(module_name, {})[attr] = PackedWeight(qt, self.device)
+                experts.setdefault(module_name, {})[attr] = weight
         for module_name, w in experts.items():
             module = model.get_submodule(module_name)
             module.impl = QuantizedExperts(w["w13"], w["w2"], module.inter)
@@ -243,6 +275,10 @@ class LoadHook:
             module.impl = OffloadedExperts(lists["gate"], lists["up"], lists["down"])
             del module.w13, module.w2
         _trim_heap()
+
+
+def _index_key(index: tuple) -> tuple:
+    return tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
 
 
 def _drop_mapped_pages(tensor: torch.Tensor) -> None:

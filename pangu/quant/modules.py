@@ -37,12 +37,21 @@ def _has_kernel(op: str, device: torch.device) -> bool:
 
 
 def _each_matrix(x: torch.Tensor, fn) -> torch.Tensor:
-    """Apply fn to every [N, ...] matrix of a [..., N, ...] stack (experts); load time only."""
+    """Apply fn to every [N, ...] matrix of a [..., N, ...] stack (experts); load time only.
+
+    Each result is copied into the output as it comes: no list of results next to their stack.
+    """
     lead = x.shape[:-2]
     if not lead:
         return fn(x)
     flat = x.reshape(-1, *x.shape[-2:])
-    out = torch.stack([fn(m) for m in flat])
+    out = None
+    for i, m in enumerate(flat):
+        y = fn(m)
+        if out is None:
+            out = y.new_empty((len(flat), *y.shape))
+        out[i].copy_(y)
+        del y
     return out.reshape(*lead, *out.shape[1:])
 
 
@@ -94,13 +103,18 @@ class PackedWeight(nn.Module):
         rows = max(CPU_INT4_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // CPU_INT4_BLOCK * CPU_INT4_BLOCK)
 
         def pack(m: torch.Tensor) -> torch.Tensor:
-            parts = []
+            out = None  # [n + pad, K/2] uint8, filled block by block
             for start in range(0, n, rows):
                 q = unpack_int4(m[start : start + rows]).to(torch.int32)
                 if start + rows >= n:
                     q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * scale + 0 = 0
-                parts.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1))
-            return torch.cat(parts)
+                block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+                del q
+                if out is None:
+                    out = block.new_empty((n + pad, *block.shape[1:]))
+                out[start : start + len(block)].copy_(block)
+                del block
+            return out
 
         self.register_buffer("data", _each_matrix(qt.qweight, pack))
         self.register_buffer("scales", F.pad(_scale_and_zero(qt), (0, 0, 0, pad)).contiguous())
