@@ -40,6 +40,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="turn prefix caching off")
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="prompt-lookup speculative decoding: draft tokens per step (0 = off)")
     p.add_argument("--speculative-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default: 3)")
+    p.add_argument(
+        "--compile-decode", action="store_true",
+        help="torch.compile the decode step (compiles once at the first decode, about a minute on a small CPU)",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -58,6 +62,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_ngram=args.speculative_ngram,
+        compile_decode=args.compile_decode,
     )
 
 

@@ -45,6 +45,7 @@ class LLM:
         max_model_len: Optional[int] = None,
         num_speculative_tokens: int = 0,
         speculative_ngram: int = 3,
+        compile_decode: bool = False,
     ):
         check_tensor_parallel_size(tensor_parallel_size)
         self.device = resolve_device(device)
@@ -59,13 +60,15 @@ class LLM:
             seed=seed,
             num_speculative_tokens=num_speculative_tokens,
             speculative_ngram=speculative_ngram,
+            compile_decode=compile_decode,
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
-            if quantization is not None or offload_experts:
+            if quantization is not None or offload_experts or compile_decode:
                 raise ValueError(
                     f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
-                    f"offload_experts={offload_experts!r}: not supported together yet; use one process"
+                    f"offload_experts={offload_experts!r} / compile_decode={compile_decode!r}: "
+                    "not supported together yet; use one process"
                 )
             self.loaded, self.parallel = load_tensor_parallel(model, tensor_parallel_size, self.dtype, self.device)
             self.device = self.parallel.device

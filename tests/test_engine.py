@@ -154,3 +154,42 @@ def test_requests_that_can_never_fit_are_rejected_at_submission(llm):
     with pytest.raises(RequestError, match="outside the vocabulary"):
         engine.add_request("d", [llm.config.vocab_size], SamplingParams())
     assert not engine.has_unfinished_requests()
+
+
+def test_compiled_decode_equals_eager(llm, alone):
+    """torch.compile'd decode steps (dynamic batch and context) give the eager greedy tokens, for a
+    batch of 24 whose size and decode groups change as requests finish, and for one prompt alone."""
+    prompts, expected = alone
+    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=8 << 20, max_num_seqs=24, compile_decode=True)
+    assert token_ids(outs) == expected
+    assert engine.runner.decode_forward is not None
+    outs, _ = run(llm, prompts[:1], GREEDY, kv_cache_memory=8 << 20, compile_decode=True)
+    assert token_ids(outs) == expected[:1]
+
+
+def test_compiled_decode_is_private_to_its_model(tmp_path, tiny_dense_config, pangu_tokenizer_dir):
+    """Two models of different widths compiled in one process: each runs its own graphs (the
+    compiled step drops the guards on weights, so sharing graphs would break the second one)."""
+    from fixtures_models import build_tiny_model
+
+    wide = dict(tiny_dense_config, hidden_size=2 * tiny_dense_config["hidden_size"])
+    for i, config in enumerate((tiny_dense_config, wide)):
+        path = build_tiny_model(tmp_path / str(i), config, pangu_tokenizer_dir, seed=i)
+        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+        prompts = mixed_prompts(config["vocab_size"], count=4, seed=i)
+        eager, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20)
+        compiled, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20, compile_decode=True)
+        assert token_ids(compiled) == token_ids(eager)
+
+
+def test_compile_decode_flag_and_its_limits(tiny_dense_dir):
+    import argparse
+
+    from pangu.cli import add_model_arguments, llm_kwargs
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    assert llm_kwargs(p.parse_args(["--compile-decode"]))["compile_decode"] is True
+    assert llm_kwargs(p.parse_args([]))["compile_decode"] is False
+    with pytest.raises(ValueError, match=r"compile_decode=True.*not supported together"):
+        LLM(str(tiny_dense_dir), dtype="float32", device="cpu", tensor_parallel_size=2, compile_decode=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import types
 from typing import Optional
 
 import torch
@@ -12,6 +14,35 @@ from pangu.models.dense import DecoderForCausalLM
 from pangu.models.layers import Attention, AttentionBatch, PrefillSlice
 
 
+def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch.Tensor:
+    return model(input_ids, positions, attn)
+
+
+def compiled_forward(model: DecoderForCausalLM):
+    """torch.compile of `model`'s forward for decode-only steps, private to this model.
+
+    Dynamic shapes: one graph serves every context length and batch size (dynamo still keeps apart
+    batch 1, and one or two decode groups), so the compile cost (tens of seconds on a small CPU) is
+    paid once or twice, not per step. The compiled function gets a code object of its own, because
+    dynamo keeps graphs and their guards per code object: graphs traced for this model are never
+    tried on another model's call. That makes it safe to drop the guards on the model's modules and
+    weights (about a thousand checks, ~1 ms per step on CPU; weights never change after loading).
+    A MoGE model breaks the graph around its data-dependent expert dispatch, and the code after a
+    break is shared by every model of the class, so those keep all guards.
+    """
+    cached = getattr(model, "_compiled_decode_step", None)
+    if cached is not None:  # another engine over the same model: its graphs serve this one too
+        return cached
+    step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
+    # No per-call checks of every buffer's size and alignment in the generated wrapper (hundreds per step).
+    options = {"size_asserts": False, "alignment_asserts": False}
+    if not getattr(model, "has_graph_breaks", False):
+        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    compiled = functools.partial(torch.compile(step, dynamic=True, options=options), model)
+    model._compiled_decode_step = compiled  # KV caches are read from the layers at each call
+    return compiled
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -20,8 +51,12 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype,
         device: torch.device,
+        compile_decode: bool = False,
     ):
         self.model = model
+        # Steps made only of decode tokens (the bulk of generation) run a torch.compile'd forward:
+        # one graph with dynamic batch and context sizes, so it compiles once, not per shape.
+        self.decode_forward = compiled_forward(model) if compile_decode else None
         self.device = device
         self.block_size = block_size
         cfg = model.config
@@ -30,13 +65,13 @@ class ModelRunner:
         # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
         # a valid slot), so the pages of a large pool are touched only as they are used.
         for layer in self.attention_layers:
-            layer.kv_cache = torch.empty(
-                2, slots, layer.num_kv_heads, cfg.head_dim, dtype=kv_dtype, device=device
-            )
+            shape = (slots, layer.num_kv_heads, cfg.head_dim)
+            layer.k_cache = torch.empty(shape, dtype=kv_dtype, device=device)
+            layer.v_cache = torch.empty(shape, dtype=kv_dtype, device=device)
 
     def release(self) -> None:
         for layer in self.attention_layers:
-            layer.kv_cache = None
+            layer.k_cache = layer.v_cache = None
 
     @torch.inference_mode()
     def run(
@@ -76,7 +111,10 @@ class ModelRunner:
             ctx = [s.num_computed_tokens + 1 for s, _ in decodes]
             attn.num_decode = len(decodes)
             attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx)
-            attn.decode_groups = self._decode_groups(ctx)
+            # The compiled step pads all decodes to the longest context in one group: group sizes are
+            # shapes, and each new combination (or a group of one) would cost a recompile.
+            compiled = self.decode_forward is not None and not prefills
+            attn.decode_groups = [(len(ctx), ctx[-1])] if compiled else self._decode_groups(ctx)
         row = len(decodes)
         for seq, n in prefills:
             context_len = seq.num_computed_tokens + n
@@ -88,7 +126,8 @@ class ModelRunner:
             attn.prefills.append(PrefillSlice(row, n, context_len, kv_slots, mask))
             row += n
 
-        hidden = self.model(
+        forward = self.decode_forward if self.decode_forward is not None and not prefills else self.model
+        hidden = forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             attn,

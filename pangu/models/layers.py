@@ -105,8 +105,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, cfg.o_bias, current_parallel_state())
-        # Bound by the runner: [2, num_blocks * block_size, kv_heads, head_dim] (flat slots).
-        self.kv_cache: Optional[torch.Tensor] = None
+        # Bound by the runner: each [num_blocks * block_size, kv_heads, head_dim] (flat slots). Two
+        # tensors, not views of one, so that a compiled step can write them in place.
+        self.k_cache: Optional[torch.Tensor] = None
+        self.v_cache: Optional[torch.Tensor] = None
 
     def forward(
         self,
@@ -162,10 +164,12 @@ class Attention(nn.Module):
         return rows.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
 
     def _paged(self, q, k, v, attn: AttentionBatch) -> torch.Tensor:
-        cache = self.kv_cache
-        assert cache is not None, "the runner binds a KV cache before a paged forward"
-        cache[0].index_copy_(0, attn.slot_mapping, k.to(cache.dtype))
-        cache[1].index_copy_(0, attn.slot_mapping, v.to(cache.dtype))
+        k_cache, v_cache = self.k_cache, self.v_cache
+        assert k_cache is not None and v_cache is not None, "the runner binds a KV cache before a paged forward"
+        # index_put_ on the cache tensors themselves: torch.compile keeps it in place (index_copy_
+        # or a write through a view makes the compiled step copy the whole cache).
+        k_cache.index_put_((attn.slot_mapping,), k.to(k_cache.dtype))
+        v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
         out = torch.empty_like(q)
         nd = attn.num_decode
         start = 0
@@ -173,8 +177,8 @@ class Attention(nn.Module):
             slots = attn.decode_slots[start:end, :ctx]
             out[start:end] = self._decode_attention(
                 q[start:end],
-                self._gather_heads_first(cache[0], slots),
-                self._gather_heads_first(cache[1], slots),
+                self._gather_heads_first(k_cache, slots),
+                self._gather_heads_first(v_cache, slots),
                 attn.decode_mask[start:end, ..., :ctx],
             )
             start = end
@@ -183,8 +187,8 @@ class Attention(nn.Module):
             if p.causal_mask is None:
                 out[rows] = self._sdpa(q[rows], k[rows], v[rows], mask=None, causal=True)
             else:
-                keys = cache[0][p.kv_slots].to(q.dtype)
-                vals = cache[1][p.kv_slots].to(q.dtype)
+                keys = k_cache[p.kv_slots].to(q.dtype)
+                vals = v_cache[p.kv_slots].to(q.dtype)
                 out[rows] = self._sdpa(q[rows], keys, vals, mask=p.causal_mask, causal=False)
         return out
 

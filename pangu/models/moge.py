@@ -78,6 +78,7 @@ class MoGELoad:
         self.steps = 0
         self.tokens = 0
 
+    @torch.compiler.disable
     def record(self, expert_counts: torch.Tensor, router_logits: torch.Tensor, num_tokens: int) -> None:
         # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
         topk_ids = router_logits.topk(self.top_k, dim=-1).indices
@@ -163,6 +164,7 @@ class MoGEBlock(nn.Module):
             self.parallel.all_reduce(out)
         return out
 
+    @torch.compiler.disable  # data-dependent expert sizes: runs eagerly inside a compiled step
     def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
         """Group the token-expert pairs by expert; one product per expert that received tokens.
 
@@ -194,6 +196,8 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
 
 
 class PanguProMoEForCausalLM(DecoderForCausalLM):
+    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly
+
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return MoGEBlock(cfg)
 
