@@ -12,7 +12,9 @@ Per engine: prefill tokens/s (one prompt of --prompt-len), single-stream decode 
 (--output-len greedy tokens), aggregate decode throughput with --concurrency requests at once
 (transformers: one batch through `generate`; the prompts share a length, so nothing is padded).
 For this engine also prompt-lookup decoding on a prompt that repeats its context, checked to
-give the same greedy tokens as plain decoding. Ratios are against transformers bf16.
+give the same greedy tokens as plain decoding, and (--compiled) the rows again with the decode
+step compiled by torch.compile (`compile_decode=True`; those keep plain bf16 weights, the others
+use oneDNN-packed ones, as `LLM` does). Ratios are against transformers bf16.
 
     .venv/bin/python benchmarks/compare.py [--models smollm2,random1b] [--threads 2]
 """
@@ -40,6 +42,7 @@ from pangu.bench import make_prompt, measure_memory_bandwidth, run_latency, run_
 from pangu.engine.engine import EngineConfig, LLMEngine  # noqa: E402
 from pangu.loader import demo_model_path, load_model  # noqa: E402
 from pangu.loader.random import pangu_dense_config, transformers_llama  # noqa: E402
+from pangu.models.packed import can_pack, pack_linears  # noqa: E402
 
 # The openPangu-Embedded 1B sibling's width (hidden 1536, 12/6 heads of 128, real vocabulary),
 # with 20 layers and MLP 4800: 1.06 B parameters.
@@ -65,19 +68,27 @@ class Row:
 
 
 # ---------------------------------------------------------------------------------- this engine
-def pangu_rows(path: str, label: str, dtype: torch.dtype, quantization: Optional[str], args, repeat_check: bool) -> list[Row]:
-    name = f"pangu {label}"
+def pangu_rows(
+    path: str, label: str, dtype: torch.dtype, quantization: Optional[str], args, repeat_check: bool, compiled: bool = False
+) -> list[Row]:
+    name = f"pangu {label}" + (", compiled decode" if compiled else "")
     try:
         loaded = load_model(path, dtype, torch.device("cpu"), load_tokenizer=False, quantization=quantization)
     except (ValueError, NotImplementedError) as e:
         return [Row(name, note=f"skipped: {e}")]
     model = loaded.model
+    # What LLM(...) does: bf16 linears laid out for oneDNN, unless the decode step is compiled.
+    if not compiled and can_pack(torch.device("cpu"), dtype):
+        pack_linears(model)
 
     def engine(**spec) -> LLMEngine:
         # Each engine binds its own KV cache to the model's attention layers: build one, use it, drop it.
-        ec = EngineConfig(max_num_seqs=max(args.concurrency, 1), kv_cache_memory=1 << 30, seed=0, **spec)
+        ec = EngineConfig(
+            max_num_seqs=max(args.concurrency, 1), kv_cache_memory=1 << 30, seed=0, compile_decode=compiled, **spec
+        )
         return LLMEngine(model, None, ec)
 
+    # Compiled steps build their graphs in the untimed warm-ups of run_latency / run_throughput.
     lat = run_latency(engine(), "random", args.prompt_len, args.output_len, num_iters=2)
     thr = run_throughput(engine(), "random", args.prompt_len, args.output_len, args.concurrency)
     per_token = weight_bytes_per_token(model)
@@ -203,6 +214,15 @@ def print_table(title: str, rows: list[Row], llama_decode: Optional[float], conc
         )
 
 
+def compiled_rows(path: str, args) -> list[Row]:
+    rows = []
+    for label in [c for c in args.compiled.split(",") if c]:
+        quant = None if label == "bfloat16" else label
+        name = "bfloat16" if quant is None else f"{quant} (bf16 activations)"
+        rows += pangu_rows(path, name, torch.bfloat16, quant, args, repeat_check=False, compiled=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="smollm2,random1b", help="comma-separated: smollm2, random1b")
@@ -212,6 +232,10 @@ def main() -> None:
     ap.add_argument("--num-speculative-tokens", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quantizations", default="int8,int4", help="this engine's own quantizations to add (empty: none)")
+    ap.add_argument(
+        "--compiled", default="bfloat16,int8,int4",
+        help="this engine's rows to repeat with a torch.compile'd decode step: bfloat16, int8, int4 (empty: none)",
+    )
     args = ap.parse_args()
     models = [m for m in args.models.split(",") if m]
     unknown = set(models) - {"smollm2", "random1b"}
@@ -224,6 +248,9 @@ def main() -> None:
     print(f"{args.threads} threads, prompt {args.prompt_len} tokens, output {args.output_len} tokens, "
           f"throughput at {args.concurrency} concurrent; streaming-read bandwidth {args.bandwidth / 1e9:.1f} GB/s")
     quants = [q for q in args.quantizations.split(",") if q]
+    bad = set(c for c in args.compiled.split(",") if c) - {"bfloat16", "int8", "int4"}
+    if bad:
+        ap.error(f"--compiled {args.compiled!r}: unknown {sorted(bad)}; expected bfloat16, int8 and/or int4")
 
     if "smollm2" in models:
         path = demo_model_path()
@@ -233,6 +260,7 @@ def main() -> None:
         rows += pangu_rows(path, "bfloat16", torch.bfloat16, None, args, repeat_check=True)
         for q in quants:
             rows += pangu_rows(path, f"{q} (bf16 activations)", torch.bfloat16, q, args, repeat_check=False)
+        rows += compiled_rows(path, args)
         print_table(f"SmolLM2-135M-Instruct ({os.path.basename(path)})", rows, rows[0].decode, args.concurrency)
 
     if "random1b" in models:
@@ -249,6 +277,7 @@ def main() -> None:
             rows += pangu_rows(root, "bfloat16", torch.bfloat16, None, args, repeat_check=True)
             for q in quants:
                 rows += pangu_rows(root, f"{q} (bf16 activations)", torch.bfloat16, q, args, repeat_check=False)
+            rows += compiled_rows(root, args)
         print_table("random Pangu-7B-shaped 1.06 B (hidden 1536, 20 layers, 12/6 heads, MLP 4800, vocab 153376)", rows, None, args.concurrency)
 
 

@@ -175,7 +175,9 @@ def run_throughput(engine, prompt_kind: str, prompt_len: int, output_len: int, c
 
     rng = random.Random(seed)
     vocab = engine.config.vocab_size
-    _drain(engine, {"bench-warm": make_prompt(prompt_kind, prompt_len, vocab, rng)}, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    # Warm-up: two requests decoding together, so a compiled decode step has built its batched graph.
+    warm = {f"bench-warm-{i}": make_prompt(prompt_kind, prompt_len, vocab, rng) for i in range(min(concurrency, 2))}
+    _drain(engine, warm, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     prompts = {f"bench-thr-{i}": make_prompt(prompt_kind, prompt_len, vocab, rng) for i in range(concurrency)}
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()

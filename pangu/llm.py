@@ -12,6 +12,7 @@ import torch
 from pangu.device import resolve_device, resolve_dtype
 from pangu.engine.engine import EngineConfig, LLMEngine
 from pangu.loader import LoadedModel, load_model
+from pangu.models.packed import can_pack, pack_linears
 from pangu.outputs import RequestOutput
 from pangu.parallel.launch import load_tensor_parallel
 from pangu.parallel.state import check_tensor_parallel_size
@@ -76,6 +77,10 @@ class LLM:
             self.loaded = load_model(
                 model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts
             )
+            # bf16 on CPU: lay the linear weights out for oneDNN once (pangu.models.packed); a
+            # compiled decode step needs them plain.
+            if not compile_decode and can_pack(self.device, self.dtype):
+                pack_linears(self.loaded.model)
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer

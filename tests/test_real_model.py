@@ -71,3 +71,13 @@ def test_cli_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf_
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm2_gguf_path):
+    from pangu.models.packed import PackedLinear, can_pack
+
+    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20)
+    if can_pack(torch.device("cpu"), torch.bfloat16):
+        assert isinstance(llm.model.lm_head, PackedLinear)  # tied: a packed copy of the embedding
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
+    assert out[0].outputs[0].text.startswith(" Paris")
