@@ -13,8 +13,8 @@ Per engine: prefill tokens/s (one prompt of --prompt-len), single-stream decode 
 (transformers: one batch through `generate`; the prompts share a length, so nothing is padded).
 For this engine also prompt-lookup decoding on a prompt that repeats its context, checked to
 give the same greedy tokens as plain decoding, and (--compiled) the rows again with the decode
-step compiled by torch.compile (`compile_decode=True`; those keep plain bf16 weights, the others
-use oneDNN-packed ones, as `LLM` does). Ratios are against transformers bf16.
+step compiled by torch.compile (`compile_decode=True`). bf16 linears are oneDNN-packed, as `LLM`
+does. Ratios are against transformers bf16.
 
     .venv/bin/python benchmarks/compare.py [--models smollm2,random1b] [--threads 2]
 """
@@ -77,8 +77,8 @@ def pangu_rows(
     except (ValueError, NotImplementedError) as e:
         return [Row(name, note=f"skipped: {e}")]
     model = loaded.model
-    # What LLM(...) does: bf16 linears laid out for oneDNN, unless the decode step is compiled.
-    if not compiled and can_pack(torch.device("cpu"), dtype):
+    # What LLM(...) does: bf16 linears laid out for oneDNN.
+    if can_pack(torch.device("cpu"), dtype):
         pack_linears(model)
 
     def engine(**spec) -> LLMEngine:

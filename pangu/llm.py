@@ -77,9 +77,8 @@ class LLM:
             self.loaded = load_model(
                 model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts
             )
-            # bf16 on CPU: lay the linear weights out for oneDNN once (pangu.models.packed); a
-            # compiled decode step needs them plain.
-            if not compile_decode and can_pack(self.device, self.dtype):
+            # bf16 on CPU: lay the linear weights out for oneDNN once (pangu.models.packed).
+            if can_pack(self.device, self.dtype):
                 pack_linears(self.loaded.model)
         self.model = self.loaded.model
         self.config = self.loaded.config

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu import LLM, SamplingParams
-from pangu.engine.runner import compiled_forward
 from pangu.loader import load_model
 from pangu.models.packed import PackedLinear, can_pack, has_packed_linears, pack_linears
 
@@ -51,11 +50,53 @@ def test_packed_model_gives_the_plain_model_logits(tiny_dense_dir):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
 
 
-def test_llm_packs_bf16_on_cpu_unless_the_decode_step_is_compiled(tiny_dense_dir):
+def test_llm_packs_bf16_on_cpu(tiny_dense_dir):
     llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
     assert has_packed_linears(llm.model)
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
-    with pytest.raises(ValueError, match="compile_decode=True on a model with oneDNN-packed weights"):
-        compiled_forward(llm.model)
     assert not has_packed_linears(LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20).model)
+
+
+def test_packed_linear_compiles_as_an_opaque_kernel():
+    """torch.compile cannot take the packed tensor; the pangu::packed_linear operator hides it, so a
+    compiled graph calls the same kernel and gives the same bits."""
+    g = torch.Generator().manual_seed(1)
+    lin = PackedLinear(torch.randn(48, 32, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16())
+    head = PackedLinear(torch.randn(32, 48, generator=g).bfloat16(), None)
+
+    def f(x):
+        return head(torch.nn.functional.silu(lin(x)))
+
+    compiled = torch.compile(f, dynamic=True)
+    with torch.inference_mode():
+        for rows in (1, 5, 9):
+            x = torch.randn(rows, 32, generator=g).bfloat16()
+            assert torch.equal(compiled(x), f(x))
+
+
+def test_packed_weights_leave_the_operator_table_with_their_module():
+    from pangu.models import packed
+
+    lin = PackedLinear(torch.randn(8, 8).bfloat16(), None)
+    handle = lin.handle
+    assert handle in packed._WEIGHTS
+    del lin
+    import gc
+
+    gc.collect()
+    assert handle not in packed._WEIGHTS
+
+
+def test_compiled_decode_runs_on_packed_weights(tiny_dense_dir):
+    """The whole path: bf16 LLM (packed linears) with compiled decode steps, batch and single."""
+    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, compile_decode=True)
+    assert has_packed_linears(llm.model)
+    calls = []
+    runner = llm.engine.runner
+    compiled = runner.decode_forward
+    runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 9, 30)], params)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [5, 5, 5]
+    assert calls and max(calls) == 3  # decode-only steps went through the compiled forward

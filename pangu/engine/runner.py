@@ -12,7 +12,6 @@ from pangu.engine.scheduler import ScheduledBatch
 from pangu.engine.sequence import Sequence
 from pangu.models.dense import DecoderForCausalLM
 from pangu.models.layers import Attention, AttentionBatch, PrefillSlice
-from pangu.models.packed import has_packed_linears
 
 
 def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch.Tensor:
@@ -31,11 +30,6 @@ def compiled_forward(model: DecoderForCausalLM):
     A MoGE model breaks the graph around its data-dependent expert dispatch, and the code after a
     break is shared by every model of the class, so those keep all guards.
     """
-    if has_packed_linears(model):
-        raise ValueError(
-            "compile_decode=True on a model with oneDNN-packed weights (pangu.models.packed): torch.compile "
-            "needs plain weights; build it with LLM(..., compile_decode=True), which keeps them plain"
-        )
     cached = getattr(model, "_compiled_decode_step", None)
     if cached is not None:  # another engine over the same model: its graphs serve this one too
         return cached
