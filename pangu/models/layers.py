@@ -156,6 +156,15 @@ class Attention(nn.Module):
         probs = torch.softmax(scores, dim=-1).to(vals.dtype)
         return torch.matmul(probs, vals).view(b, h, d).to(q.dtype)
 
+    def _decode_attention_unmasked(self, q, keys, vals) -> torch.Tensor:
+        """_decode_attention without padding: one SDPA call with each KV head's query heads as its
+        query rows (2.5x faster than the two products and the softmax for one sequence on CPU;
+        SDPA's enable_gqa path is slower still)."""
+        b, h, d = q.shape
+        hkv = keys.shape[1]
+        qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
+        return F.scaled_dot_product_attention(qg, keys, vals, scale=self.scale).reshape(b, h, d).to(q.dtype)
+
     def _gather_heads_first(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """cache [S, Hkv, D], slots [B, L] -> [B, Hkv, L, D] contiguous (index_select on rows is ~3x
         faster than advanced indexing, and contiguous heads-first K/V make the matmuls fast)."""
@@ -175,12 +184,12 @@ class Attention(nn.Module):
         start = 0
         for end, ctx in attn.decode_groups or ([(nd, attn.decode_slots.shape[1])] if nd else []):
             slots = attn.decode_slots[start:end, :ctx]
-            out[start:end] = self._decode_attention(
-                q[start:end],
-                self._gather_heads_first(k_cache, slots),
-                self._gather_heads_first(v_cache, slots),
-                attn.decode_mask[start:end, ..., :ctx],
-            )
+            keys = self._gather_heads_first(k_cache, slots)
+            vals = self._gather_heads_first(v_cache, slots)
+            if end - start == 1:  # one sequence: nothing padded, so no mask
+                out[start:end] = self._decode_attention_unmasked(q[start:end], keys, vals)
+            else:
+                out[start:end] = self._decode_attention(q[start:end], keys, vals, attn.decode_mask[start:end, ..., :ctx])
             start = end
         for p in attn.prefills:
             rows = slice(p.start, p.start + p.length)
