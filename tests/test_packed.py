@@ -100,3 +100,18 @@ def test_compiled_decode_runs_on_packed_weights(tiny_dense_dir):
     outs = llm.generate([{"prompt_token_ids": list(range(3, 3 + n))} for n in (4, 9, 30)], params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [5, 5, 5]
     assert calls and max(calls) == 3  # decode-only steps went through the compiled forward
+
+
+def test_weights_of_a_mapped_checkpoint_are_recognised(tmp_path):
+    """pack_linears drops the pages of plain weights that are views of a memory-mapped checkpoint
+    (they would stay resident beside the packed copy); it must recognise exactly those."""
+    from safetensors.torch import save_file
+
+    from pangu.loader.safetensors import iter_safetensors
+    from pangu.models.packed import _file_backed_ranges, _inside
+
+    save_file({"w": torch.randn(256, 256).bfloat16()}, str(tmp_path / "m.safetensors"))
+    (name, mapped), = list(iter_safetensors([str(tmp_path / "m.safetensors")]))
+    ranges = _file_backed_ranges()
+    assert _inside(mapped, ranges)
+    assert not _inside(torch.randn(256, 256).bfloat16(), ranges)

@@ -84,17 +84,56 @@ def pack_linears(model: nn.Module) -> int:
 
     Returns how many were packed. Subclasses of nn.Linear (tensor-parallel ones) are left alone.
     """
+    from pangu.quant.loading import _drop_mapped_pages, _trim_heap
+
+    mapped = _file_backed_ranges()
+    # (parent, name) pairs, not the linears themselves: a list holding the old modules would keep
+    # every plain weight alive until the end, twice the weights' memory at the peak.
+    sites = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is nn.Linear and _packable(child.weight)
+    ]
     count = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is nn.Linear and _packable(child.weight):
-                setattr(module, name, PackedLinear(child.weight, child.bias))
-                count += 1
+    for module, name in sites:
+        child = getattr(module, name)
+        setattr(module, name, PackedLinear(child.weight, child.bias))
+        # A weight read straight from a memory-mapped checkpoint would otherwise stay resident
+        # beside its packed copy (the mapping lives on while other tensors of the file do): drop
+        # its pages, which the file still backs.
+        if _inside(child.weight, mapped):
+            _drop_mapped_pages(child.weight)
+        del child
+        count += 1
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if getattr(model, "lm_head", False) is None and isinstance(embed, nn.Embedding) and _packable(embed.weight):
         model.lm_head = PackedLinear(embed.weight, None)  # tied: a packed copy; the lookup keeps the rows
         count += 1
+    _trim_heap()  # plain copies of fused weights (qkv, gate_up) were heap memory
     return count
+
+
+def _file_backed_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's file mappings (Linux /proc/self/maps; none elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def _inside(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    return any(lo <= start and end <= hi for lo, hi in ranges)
 
 
 def has_packed_linears(model: nn.Module) -> bool:
