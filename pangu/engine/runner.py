@@ -21,11 +21,10 @@ def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch
 def compiled_forward(model: DecoderForCausalLM):
     """torch.compile of `model`'s forward for decode-only steps, private to this model.
 
-    Dynamic shapes: one graph serves every context length and batch size (dynamo still keeps apart
-    batch 1, and one or two decode groups), so the compile cost (tens of seconds on a small CPU) is
-    paid once or twice, not per step. The compiled function gets a code object of its own, because
-    dynamo keeps graphs and their guards per code object: graphs traced for this model are never
-    tried on another model's call. That makes it safe to drop the guards on the model's modules and
+    Dynamic shapes: one graph serves every context length and batch size (dynamo keeps batch 1
+    apart), so the compile cost (tens of seconds on a small CPU) is paid twice, not per step. The
+    compiled function gets a code object of its own, because dynamo keeps graphs and their guards
+    per code object: graphs traced for this model are never tried on another model's call. That makes it safe to drop the guards on the model's modules and
     weights (about a thousand checks, ~1 ms per step on CPU; weights never change after loading).
     A MoGE model breaks the graph around its data-dependent expert dispatch, and the code after a
     break is shared by every model of the class, so those keep all guards.
@@ -92,6 +91,7 @@ class ModelRunner:
             if n > 1 or s.seq_id in drafts
         ]
         ordered = decodes + prefills
+        compiled = self.decode_forward is not None and not prefills  # a decode-only step
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -113,7 +113,6 @@ class ModelRunner:
             attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx)
             # The compiled step pads all decodes to the longest context in one group: group sizes are
             # shapes, and each new combination (or a group of one) would cost a recompile.
-            compiled = self.decode_forward is not None and not prefills
             attn.decode_groups = [(len(ctx), ctx[-1])] if compiled else self._decode_groups(ctx)
         row = len(decodes)
         for seq, n in prefills:
@@ -126,7 +125,7 @@ class ModelRunner:
             attn.prefills.append(PrefillSlice(row, n, context_len, kv_slots, mask))
             row += n
 
-        forward = self.decode_forward if self.decode_forward is not None and not prefills else self.model
+        forward = self.decode_forward if compiled else self.model
         hidden = forward(
             torch.tensor(input_ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
