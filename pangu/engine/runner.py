@@ -22,7 +22,8 @@ def compiled_forward(model: DecoderForCausalLM):
     """torch.compile of `model`'s forward for decode-only steps, private to this model.
 
     Dynamic shapes: one graph serves every context length and batch size (dynamo keeps batch 1
-    apart), so the compile cost (tens of seconds on a small CPU) is paid twice, not per step. The
+    apart, and batch 1 past UNMASKED_SDPA_MAX_CONTEXT), so the compile cost (tens of seconds on a
+    small CPU) is paid two or three times, not per step. The
     compiled function gets a code object of its own, because dynamo keeps graphs and their guards
     per code object: graphs traced for this model are never tried on another model's call. That makes it safe to drop the guards on the model's modules and
     weights (about a thousand checks, ~1 ms per step on CPU; weights never change after loading).
