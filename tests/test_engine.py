@@ -193,3 +193,16 @@ def test_compile_decode_flag_and_its_limits(tiny_dense_dir):
     assert llm_kwargs(p.parse_args([]))["compile_decode"] is False
     with pytest.raises(ValueError, match=r"compile_decode=True.*not supported together"):
         LLM(str(tiny_dense_dir), dtype="float32", device="cpu", tensor_parallel_size=2, compile_decode=True)
+
+
+def test_one_sequence_decoding_across_the_unmasked_sdpa_limit_matches_full_forward(llm):
+    """A lone sequence decodes with one unmasked SDPA call up to UNMASKED_SDPA_MAX_CONTEXT tokens and
+    with the masked products beyond: every token on both sides is the full forward's argmax."""
+    from pangu.models.layers import UNMASKED_SDPA_MAX_CONTEXT as limit
+
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, llm.config.vocab_size, (limit - 3,), generator=g).tolist()
+    outs, _ = run(llm, [prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), kv_cache_memory=8 << 20)
+    ids = prompt + outs[0].outputs[0].token_ids
+    for i in range(len(prompt), len(ids)):
+        assert int(llm.logits(ids[:i])[-1].argmax()) == ids[i]
