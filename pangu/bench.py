@@ -89,13 +89,15 @@ def measure_memory_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> flo
 
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decoded token reads: every parameter and buffer except the embedding
-    rows it does not look up (the table still counts when it doubles as the LM head), and, for
-    MoGE, only the share of routed experts a token is sent to."""
+    rows it does not look up (the table still counts where it is itself the LM head: a tied head
+    without a copy of its own, or int8's that shares the embedding's tensors), and, for MoGE, only
+    the share of routed experts a token is sent to."""
     cfg = model.config
     total = sum(t.numel() * t.element_size() for t in _weights(model))
     embed = model.get_submodule("model.embed_tokens")
-    if not cfg.tie_word_embeddings:
-        total -= sum(t.numel() * t.element_size() for t in _weights(embed))
+    if model.lm_head is not None:  # a head of its own (untied, or a packed/quantized copy)
+        head = {id(t) for t in _weights(model.lm_head)}
+        total -= sum(t.numel() * t.element_size() for t in _weights(embed) if id(t) not in head)
     if cfg.is_moge:
         for layer in model.model.layers:
             experts = layer.mlp.experts

@@ -115,3 +115,15 @@ def test_weights_of_a_mapped_checkpoint_are_recognised(tmp_path):
     ranges = _file_backed_ranges()
     assert _inside(mapped, ranges)
     assert not _inside(torch.randn(256, 256).bfloat16(), ranges)
+
+
+def test_a_packed_tied_head_is_counted_once_in_the_bytes_per_token(smollm2_gguf_path):
+    """SmolLM2 ties its head to the embedding; packing adds a copy for the head, and decode reads
+    that copy instead of the table: the bytes a token reads stay the same."""
+    from pangu.bench import weight_bytes_per_token
+
+    model = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, load_tokenizer=False).model
+    assert model.config.tie_word_embeddings and model.lm_head is None
+    before = weight_bytes_per_token(model)
+    pack_linears(model)
+    assert weight_bytes_per_token(model) == before
