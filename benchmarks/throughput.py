@@ -124,7 +124,7 @@ def main() -> None:
                     f"ignore_eos, concurrency {args.concurrency}, {args.threads} threads"
                 )
             # Warm-up, untimed: one prompt alone and a few of different lengths together, so that a
-            # compiled engine has built its graphs (batch 1; one and two decode groups) beforehand.
+            # compiled engine has built its graphs (batch 1 and batched) beforehand.
             warm = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
             llm.generate([{"prompt_token_ids": prompts[0][:16]}], warm, use_tqdm=False)
             llm.generate([{"prompt_token_ids": p[: 16 * (i + 1)]} for i, p in enumerate(prompts[:4])], warm, use_tqdm=False)

@@ -108,13 +108,13 @@ def test_weights_of_a_mapped_checkpoint_are_recognised(tmp_path):
     from safetensors.torch import save_file
 
     from pangu.loader.safetensors import iter_safetensors
-    from pangu.models.packed import _file_backed_ranges, _inside
+    from pangu.loader.memory import file_backed_ranges, is_file_backed
 
     save_file({"w": torch.randn(256, 256).bfloat16()}, str(tmp_path / "m.safetensors"))
     (name, mapped), = list(iter_safetensors([str(tmp_path / "m.safetensors")]))
-    ranges = _file_backed_ranges()
-    assert _inside(mapped, ranges)
-    assert not _inside(torch.randn(256, 256).bfloat16(), ranges)
+    ranges = file_backed_ranges()
+    assert is_file_backed(mapped, ranges)
+    assert not is_file_backed(torch.randn(256, 256).bfloat16(), ranges)
 
 
 def test_a_packed_tied_head_is_counted_once_in_the_bytes_per_token(smollm2_gguf_path):

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu.loader.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
+
 # handle -> (packed weight, bias): what pangu::packed_linear multiplies by. Entries leave with their module.
 _WEIGHTS: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 _handles = itertools.count()
@@ -84,9 +86,7 @@ def pack_linears(model: nn.Module) -> int:
 
     Returns how many were packed. Subclasses of nn.Linear (tensor-parallel ones) are left alone.
     """
-    from pangu.quant.loading import _drop_mapped_pages, _trim_heap
-
-    mapped = _file_backed_ranges()
+    mapped = file_backed_ranges()
     # (parent, name) pairs, not the linears themselves: a list holding the old modules would keep
     # every plain weight alive until the end, twice the weights' memory at the peak.
     sites = [
@@ -102,38 +102,16 @@ def pack_linears(model: nn.Module) -> int:
         # A weight read straight from a memory-mapped checkpoint would otherwise stay resident
         # beside its packed copy (the mapping lives on while other tensors of the file do): drop
         # its pages, which the file still backs.
-        if _inside(child.weight, mapped):
-            _drop_mapped_pages(child.weight)
+        if is_file_backed(child.weight, mapped):
+            drop_mapped_pages(child.weight)
         del child
         count += 1
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if getattr(model, "lm_head", False) is None and isinstance(embed, nn.Embedding) and _packable(embed.weight):
         model.lm_head = PackedLinear(embed.weight, None)  # tied: a packed copy; the lookup keeps the rows
         count += 1
-    _trim_heap()  # plain copies of fused weights (qkv, gate_up) were heap memory
+    trim_heap()  # plain copies of fused weights (qkv, gate_up) were heap memory
     return count
-
-
-def _file_backed_ranges() -> list[tuple[int, int]]:
-    """Address ranges of this process's file mappings (Linux /proc/self/maps; none elsewhere)."""
-    try:
-        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
-            lines = f.readlines()
-    except OSError:
-        return []
-    ranges = []
-    for line in lines:
-        parts = line.split(maxsplit=5)
-        if len(parts) == 6 and parts[5].startswith("/"):
-            lo, hi = (int(x, 16) for x in parts[0].split("-"))
-            ranges.append((lo, hi))
-    return ranges
-
-
-def _inside(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    return any(lo <= start and end <= hi for lo, hi in ranges)
 
 
 def has_packed_linears(model: nn.Module) -> bool:

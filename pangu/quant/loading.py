@@ -19,16 +19,13 @@ stays float: it is 0.1% of a layer and its argmax picks the experts.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
 import re
-import sys
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
+from pangu.loader.memory import drop_mapped_pages, trim_heap
 from pangu.models.dense import DecoderForCausalLM, WeightError
 from pangu.models.moge import MoGEBlock, StackedExperts
 from pangu.quant.formats import (
@@ -48,8 +45,6 @@ from pangu.quant.modules import (
     QuantizedLinear,
 )
 
-PAGE = mmap.PAGESIZE
-MADV_DONTNEED = 4  # Linux
 TRIM_EVERY_BYTES = 256 << 20
 SCALE_SUFFIX = "_scale"
 ZERO_SUFFIX = "_zero"
@@ -174,7 +169,7 @@ class LoadHook:
         else:
             mapped = self.memory_mapped and tensor.device.type == "cpu"
             # Each slice of rows gives its pages back as soon as it is quantized, not the whole tensor at the end.
-            qt = quantize(tensor, setting, done=_drop_mapped_pages if mapped else None)
+            qt = quantize(tensor, setting, done=drop_mapped_pages if mapped else None)
             self._release(tensor)
         if index is not None:
             if target in self.ready:
@@ -196,11 +191,11 @@ class LoadHook:
         model on the benchmark. Only file-backed views are dropped (they re-read from the file).
         """
         if self.memory_mapped and tensor.device.type == "cpu":
-            _drop_mapped_pages(tensor)
+            drop_mapped_pages(tensor)
         self.released += tensor.numel() * tensor.element_size()
         if self.released >= TRIM_EVERY_BYTES:
             self.released = 0
-            _trim_heap()
+            trim_heap()
 
     def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> Optional[QuantizedTensor]:
         """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter.
@@ -274,39 +269,11 @@ class LoadHook:
             module = model.get_submodule(module_name)
             module.impl = OffloadedExperts(lists["gate"], lists["up"], lists["down"])
             del module.w13, module.w2
-        _trim_heap()
+        trim_heap()
 
 
 def _index_key(index: tuple) -> tuple:
     return tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
-
-
-def _drop_mapped_pages(tensor: torch.Tensor) -> None:
-    """madvise(MADV_DONTNEED) the whole pages of a view of a memory-mapped file: out of RSS, still readable."""
-    libc = _libc()
-    if libc is None:
-        return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
-    lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
-    if hi > lo:
-        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
-
-
-def _trim_heap() -> None:
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
-
-
-@functools.lru_cache(maxsize=1)
-def _libc() -> Optional[ctypes.CDLL]:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError:
-        return None
 
 
 def _check_stored(name: str, qt: QuantizedTensor, setting: QuantizationConfig) -> QuantizedTensor:
