@@ -81,3 +81,16 @@ def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm
         assert isinstance(llm.model.lm_head, PackedLinear)  # tied: a packed copy of the embedding
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
     assert out[0].outputs[0].text.startswith(" Paris")
+
+
+def test_int4_with_compiled_decode_steps_still_says_paris(smollm2_gguf_path):
+    """The fastest CPU decode path end to end (compare.py's int4 compiled row): int4 weights, a tied
+    int4 head computed inside the compiled step, C++ wrapper; the decode steps did run compiled."""
+    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20,
+              quantization="int4", compile_decode=True)
+    runner = llm.engine.runner
+    compiled, calls = runner.decode_forward, []
+    runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
+    assert out[0].outputs[0].text.startswith(" Paris")
+    assert calls == [1, 1, 1]  # the first token comes from the prefill

@@ -84,10 +84,10 @@ class AttentionBatch:
     """Where a step's tokens live in the paged KV cache. Decode tokens come first in the flat batch."""
 
     slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
-    num_decode: int = 0
     decode_slots: Optional[torch.Tensor] = None  # [num_decode, max_ctx] slots to read (padded)
     decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_ctx] bool, True = attend
-    # (end row, context) groups of decodes sorted by context, each padded only to its own context
+    # (end row, context) groups of decodes sorted by context, each padded only to its own context;
+    # empty: one group of all decodes, sized by decode_slots' shape
     decode_groups: list[tuple[int, int]] = field(default_factory=list)
     prefills: list[PrefillSlice] = field(default_factory=list)
 
@@ -186,9 +186,11 @@ class Attention(nn.Module):
         k_cache.index_put_((attn.slot_mapping,), k.to(k_cache.dtype))
         v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
         out = torch.empty_like(q)
-        nd = attn.num_decode
+        groups = attn.decode_groups
+        if not groups and attn.decode_slots is not None:  # one group, sized by the slots' shape
+            groups = [(attn.decode_slots.shape[0], attn.decode_slots.shape[1])]
         start = 0
-        for end, ctx in attn.decode_groups or ([(nd, attn.decode_slots.shape[1])] if nd else []):
+        for end, ctx in groups:
             slots = attn.decode_slots[start:end, :ctx]
             keys = self._gather_heads_first(k_cache, slots)
             vals = self._gather_heads_first(v_cache, slots)
