@@ -182,6 +182,18 @@ def test_compiled_decode_is_private_to_its_model(tmp_path, tiny_dense_config, pa
         assert token_ids(compiled) == token_ids(eager)
 
 
+def test_compiled_decode_graphs_are_per_cache_size(tiny_dense_dir):
+    """The cache shape is static in the compiled graphs and their guards are dropped, so an engine
+    with another cache size over the same model gets graphs of its own, and both decode right."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    prompts = mixed_prompts(llm.config.vocab_size, count=3, seed=3)
+    eager, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20)
+    for kv in (4 << 20, 6 << 20, 4 << 20):
+        compiled, _ = run(llm, prompts, GREEDY, kv_cache_memory=kv, compile_decode=True)
+        assert token_ids(compiled) == token_ids(eager)
+    assert len(llm.model._compiled_decode_steps) == 2
+
+
 def test_compile_decode_flag_and_its_limits(tiny_dense_dir):
     import argparse
 

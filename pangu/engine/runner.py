@@ -24,30 +24,33 @@ def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch
 _DYNAMIC_DIMS = (("slot_mapping", (0,)), ("decode_slots", (0, 1)), ("decode_mask", (0, 3)))
 
 
-def compiled_forward(model: DecoderForCausalLM):
-    """torch.compile of `model`'s forward + head for decode-only steps, private to this model.
+def compiled_forward(model: DecoderForCausalLM, kv_cache: tuple[int, torch.dtype]):
+    """torch.compile of `model`'s forward + head for decode-only steps, private to this model and
+    to its KV cache's (number of slots, dtype).
 
-    Shapes: the batch and context sizes of the step's inputs, and the number of KV cache slots
-    (marked by the runner), are marked dynamic, so one graph serves every context length, batch
-    size and cache size (dynamo keeps batch 1 apart, and batch 1 past UNMASKED_SDPA_MAX_CONTEXT):
-    the compile cost (tens of seconds on a small CPU) is paid two or three times, not per step.
-    Nothing else is dynamic: with `dynamic=True`, dynamo also turned every float attribute (each
-    norm's eps) into a tensor built on each call, and gave the weights symbolic shapes.
+    Shapes: the batch and context sizes of the step's inputs are marked dynamic, so one graph
+    serves every context length and batch size (dynamo keeps batch 1 apart, and batch 1 past
+    UNMASKED_SDPA_MAX_CONTEXT): the compile cost (tens of seconds on a small CPU) is paid two or
+    three times, not per step. Nothing else is dynamic. With `dynamic=True`, dynamo also turned
+    every float attribute (each norm's eps) into a tensor built on each call and gave the weights
+    symbolic shapes; dynamic cache sizes cost one size argument per cache tensor per call (~0.2 ms
+    per step on SmolLM2). The cache shape is therefore static, and part of the key: an engine with
+    another cache size over the same model compiles its own graphs.
 
     The generated wrapper is C++ (`cpp_wrapper`): the ~300 kernel calls of a step no longer each go
     through Python (SmolLM2 int4: 5.9 -> 4.7 ms per compiled step), and it skips the per-call checks
     of every buffer's size and alignment.
 
-    The compiled function gets a code object of its own, because dynamo keeps graphs and their
-    guards per code object: graphs traced for this model are never tried on another model's call.
-    That makes it safe to drop the guards on the model's modules and weights (about a thousand
-    checks, ~1 ms per step on CPU; weights never change after loading). A MoGE model breaks the
-    graph around its data-dependent expert dispatch, and the code after a break is shared by every
-    model of the class, so those keep all guards.
+    Each compiled function gets a code object of its own, because dynamo keeps graphs and their
+    guards per code object: graphs traced for this model and cache are never tried on another
+    model's or cache's call. That makes it safe to drop the guards on the model's modules, weights
+    and caches (about a thousand checks, ~1 ms per step on CPU; weights never change after
+    loading). A MoGE model breaks the graph around its data-dependent expert dispatch, and the code
+    after a break is shared by every model of the class, so those keep all guards.
     """
-    cached = getattr(model, "_compiled_decode_step", None)
-    if cached is not None:  # another engine over the same model: its graphs serve this one too
-        return cached
+    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+    if kv_cache in steps:  # another engine over the same model and cache size: its graphs serve
+        return steps[kv_cache]
     step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
     options = {"size_asserts": False, "alignment_asserts": False, "cpp_wrapper": True}
     if not getattr(model, "has_graph_breaks", False):
@@ -60,9 +63,9 @@ def compiled_forward(model: DecoderForCausalLM):
         for name, dims in _DYNAMIC_DIMS:
             for dim in dims:
                 torch._dynamo.maybe_mark_dynamic(getattr(attn, name), dim)
-        return compiled(model, input_ids, positions, attn)
+        return compiled(model, input_ids, positions, attn)  # the caches are read from the layers
 
-    model._compiled_decode_step = decode_step  # KV caches are read from the layers at each call
+    steps[kv_cache] = decode_step
     return decode_step
 
 
@@ -77,9 +80,6 @@ class ModelRunner:
         compile_decode: bool = False,
     ):
         self.model = model
-        # Steps made only of decode tokens (the bulk of generation) run a torch.compile'd forward
-        # and head: one graph with dynamic batch and context sizes, so it compiles once, not per shape.
-        self.decode_forward = compiled_forward(model) if compile_decode else None
         self.device = device
         self.block_size = block_size
         cfg = model.config
@@ -91,9 +91,9 @@ class ModelRunner:
             shape = (slots, layer.num_kv_heads, cfg.head_dim)
             layer.k_cache = torch.empty(shape, dtype=kv_dtype, device=device)
             layer.v_cache = torch.empty(shape, dtype=kv_dtype, device=device)
-            if compile_decode:  # engines of other cache sizes over this model share its graphs
-                torch._dynamo.maybe_mark_dynamic(layer.k_cache, 0)
-                torch._dynamo.maybe_mark_dynamic(layer.v_cache, 0)
+        # Steps made only of decode tokens (the bulk of generation) run a torch.compile'd forward
+        # and head: one graph with dynamic batch and context sizes, so it compiles once, not per shape.
+        self.decode_forward = compiled_forward(model, (slots, kv_dtype)) if compile_decode else None
 
     def release(self) -> None:
         for layer in self.attention_layers:
