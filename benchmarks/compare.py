@@ -122,13 +122,17 @@ def prompt_lookup_row(name: str, make_engine, args) -> Row:
                     first = time.perf_counter()
                 tokens = out.outputs[0].token_ids
         results[label] = (tokens, (len(tokens) - 1) / (time.perf_counter() - first), eng.stats()["spec_acceptance_rate"])
-    same = results["plain"][0] == results["lookup"][0]
+    plain_ids, lookup_ids = results["plain"][0], results["lookup"][0]
+    same = plain_ids == lookup_ids
+    # bf16 on a random model: the verify pass (several tokens per product) rounds unlike one-token
+    # decode steps, and its near-flat logits turn that into a different argmax now and then.
+    diverge = next((i for i, (a, b) in enumerate(zip(plain_ids, lookup_ids)) if a != b), min(len(plain_ids), len(lookup_ids)))
     speedup = results["lookup"][1] / results["plain"][1]
     return Row(
         f"{name} + prompt lookup",
         decode=results["lookup"][1],
         note=f"repeating prompt: {speedup:.2f}x plain ({results['plain'][1]:.1f} tok/s), acceptance "
-        f"{results['lookup'][2]:.0%}, greedy tokens {'identical' if same else 'DIFFER'}",
+        f"{results['lookup'][2]:.0%}, greedy tokens {'identical' if same else f'DIFFER from token {diverge}'}",
     )
 
 
