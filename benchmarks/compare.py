@@ -126,7 +126,8 @@ def prompt_lookup_row(name: str, make_engine, args) -> Row:
     same = plain_ids == lookup_ids
     # bf16 on a random model: the verify pass (several tokens per product) rounds unlike one-token
     # decode steps, and its near-flat logits turn that into a different argmax now and then.
-    diverge = next((i for i, (a, b) in enumerate(zip(plain_ids, lookup_ids)) if a != b), min(len(plain_ids), len(lookup_ids)))
+    pairs = enumerate(zip(plain_ids, lookup_ids))
+    diverge = next((i for i, (a, b) in pairs if a != b), min(len(plain_ids), len(lookup_ids)))
     speedup = results["lookup"][1] / results["plain"][1]
     return Row(
         f"{name} + prompt lookup",

@@ -24,7 +24,7 @@ def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch
 _DYNAMIC_DIMS = (("slot_mapping", (0,)), ("decode_slots", (0, 1)), ("decode_mask", (0, 3)))
 
 
-def compiled_forward(model: DecoderForCausalLM, kv_cache: tuple[int, torch.dtype]):
+def compiled_forward(model: DecoderForCausalLM, kv_cache: tuple[int, torch.dtype], device: torch.device):
     """torch.compile of `model`'s forward + head for decode-only steps, private to this model and
     to its KV cache's (number of slots, dtype).
 
@@ -37,7 +37,7 @@ def compiled_forward(model: DecoderForCausalLM, kv_cache: tuple[int, torch.dtype
     per step on SmolLM2). The cache shape is therefore static, and part of the key: an engine with
     another cache size over the same model compiles its own graphs.
 
-    The generated wrapper is C++ (`cpp_wrapper`): the ~300 kernel calls of a step no longer each go
+    On CPU the generated wrapper is C++ (`cpp_wrapper`): the ~300 kernel calls of a step no longer each go
     through Python (SmolLM2 int4: 5.9 -> 4.7 ms per compiled step), and it skips the per-call checks
     of every buffer's size and alignment.
 
@@ -52,7 +52,9 @@ def compiled_forward(model: DecoderForCausalLM, kv_cache: tuple[int, torch.dtype
     if kv_cache in steps:  # another engine over the same model and cache size: its graphs serve
         return steps[kv_cache]
     step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
-    options = {"size_asserts": False, "alignment_asserts": False, "cpp_wrapper": True}
+    options = {"size_asserts": False, "alignment_asserts": False}
+    if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
+        options["cpp_wrapper"] = True
     if not getattr(model, "has_graph_breaks", False):
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     compiled = torch.compile(step, options=options)
@@ -93,7 +95,7 @@ class ModelRunner:
             layer.v_cache = torch.empty(shape, dtype=kv_dtype, device=device)
         # Steps made only of decode tokens (the bulk of generation) run a torch.compile'd forward
         # and head: one graph with dynamic batch and context sizes, so it compiles once, not per shape.
-        self.decode_forward = compiled_forward(model, (slots, kv_dtype)) if compile_decode else None
+        self.decode_forward = compiled_forward(model, (slots, kv_dtype), device) if compile_decode else None
 
     def release(self) -> None:
         for layer in self.attention_layers:
