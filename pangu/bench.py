@@ -222,6 +222,7 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from pangu.cli import llm_kwargs
     from pangu.llm import LLM
+    from pangu.models.registry import build_model_on_meta, count_parameters
 
     _check(args)
     if args.threads is not None:
@@ -232,7 +233,9 @@ def run(args: argparse.Namespace) -> int:
     llm = LLM(args.model, **kwargs)
     engine = llm.engine
     cfg = llm.config
-    n_params = sum(p.numel() for p in llm.model.parameters())
+    # From the config: quantized weights are buffers and packed ones opaque, so the loaded
+    # model's own parameters undercount (an int4 SmolLM2 showed "0.0 M").
+    n_params = count_parameters(build_model_on_meta(cfg))
     print(
         f"model {llm.loaded.source}: {cfg.architecture}, {n_params / 1e6:.1f} M parameters, "
         f"{llm.dtype}".replace("torch.", "")

@@ -35,6 +35,16 @@ def test_bench_prints_latency_bandwidth_and_throughput(tiny_dense_dir, capsys):
     assert "draft acceptance" not in out  # speculation is off by default
 
 
+def test_bench_header_counts_the_parameters_of_quantized_models_too(tiny_dense_dir, tiny_dense_config, capsys):
+    from pangu.models.registry import build_model_on_meta, count_parameters
+
+    expected = count_parameters(build_model_on_meta(ModelConfig.from_hf_dict(tiny_dense_config)))
+    argv = ["bench", "--model", str(tiny_dense_dir), *FAST, "--mode", "latency"]
+    assert main([*argv, "--quantization", "int4"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert f"{expected / 1e6:.1f} M parameters" in header and "int4" in header
+
+
 def test_bench_reports_draft_acceptance_with_prompt_lookup(tiny_dense_dir, capsys):
     argv = ["bench", "--model", str(tiny_dense_dir), *FAST, "--mode", "latency",
             "--prompt-kind", "repeat", "--num-speculative-tokens", "3"]
