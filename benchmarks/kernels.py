@@ -8,6 +8,9 @@
    int8), against a streaming read of a buffer of the same size.
 2. Decode attention of one sequence (9 query / 3 KV heads of 64, as SmolLM2): the engine's two
    products + softmax, SDPA with enable_gqa, and SDPA with each KV head's query heads as rows.
+3. Products of 1-512 rows (prefill chunks): the int8 and int4 kernels, whose time grows with the
+   rows like a loop of one-row products, against converting the int8 weight to bf16 for one oneDNN
+   product (what the engine does from 32 rows on) and the packed bf16 product.
 
     .venv/bin/python benchmarks/kernels.py [--threads 2] [--weights-mb 1200]
 """
@@ -125,6 +128,30 @@ def attention(args) -> None:
         print(f"{ctx:8d}{us(products_softmax):17.1f}{us(gqa):17.1f}{us(as_rows):21.1f}")
 
 
+def many_rows(args) -> None:
+    """Products of many rows (prefill chunks): the weight-only kernels against converting the weight."""
+    n, k = 4800, 1536
+    g = torch.Generator().manual_seed(2)
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scales = torch.rand(n, generator=g).bfloat16()
+    w4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g), 1)
+    sz = torch.randn(k // 64, n, 2, generator=g).bfloat16()
+    plain = torch.randn(n, k, generator=g).bfloat16()
+    packed = torch.ops.mkldnn._reorder_linear_weight(plain, 1)
+    print(f"\n3. products of M rows by one {n} x {k} weight (prefill), milliseconds, best of {args.repeats}")
+    print(f"{'rows':>6s}{'int8 kernel':>13s}{'int8 -> bf16 + F.linear':>25s}{'int4 kernel':>13s}{'packed bf16':>13s}")
+    for m in (1, 8, 32, 128, 512):
+        x = torch.randn(m, k, generator=g).bfloat16()
+        cells = (
+            lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scales),
+            lambda: F.linear(x, w8.to(torch.bfloat16)) * scales,  # what PackedWeight does from 32 rows on
+            lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, w4, 64, sz),
+            lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+        )
+        ms = [timed(fn, args.repeats) * 1e3 for fn in cells]
+        print(f"{m:6d}{ms[0]:13.2f}{ms[1]:25.2f}{ms[2]:13.2f}{ms[3]:13.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -138,6 +165,7 @@ def main() -> None:
     with torch.inference_mode():
         products(args)
         attention(args)
+        many_rows(args)
 
 
 if __name__ == "__main__":

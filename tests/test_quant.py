@@ -19,7 +19,7 @@ from pangu.quant import formats
 from pangu.quant.formats import unpack_int4
 from pangu.quant.checkpoint import write_quantized_checkpoint
 from pangu.quant.loading import LoadHook, make_load_hook
-from pangu.quant.modules import OffloadedExperts, PackedWeight, QuantizedExperts
+from pangu.quant.modules import INT8_CONVERT_MIN_ROWS, OffloadedExperts, PackedWeight, QuantizedExperts
 
 CPU = torch.device("cpu")
 PASSAGE = Path(__file__).resolve().parents[1] / "pangu" / "data" / "alice_ch1.txt"
@@ -66,15 +66,16 @@ def test_int4_uses_a_smaller_group_or_keeps_float_when_the_group_does_not_divide
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_kernel_matches_the_dequantized_weight(method, dtype):
+@pytest.mark.parametrize("rows", [5, INT8_CONVERT_MIN_ROWS + 3])  # int8: the one-row kernel, then the converted weight
+def test_packed_kernel_matches_the_dequantized_weight(method, dtype, rows):
     w = torch.randn(40, 64)  # 40 rows: the CPU int4 kernel needs padding to 16
     qt = quantize(w, QuantizationConfig(method, 32))
     packed = PackedWeight(qt, CPU)
     assert packed.kernel == f"{method}_cpu".replace("int8_cpu", "int8")
-    x = torch.randn(5, 64, dtype=dtype)
+    x = torch.randn(rows, 64, dtype=dtype)
     y = packed(x)
     ref = x.bfloat16().float() @ dequantize(qt).T  # the kernels take bf16 activations
-    assert y.dtype == dtype and y.shape == (5, 40)
+    assert y.dtype == dtype and y.shape == (rows, 40)
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 

@@ -2,7 +2,8 @@
 
 Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-only quantization"):
 - int8: `aten._weight_int8pack_mm(x, int8 [N, K], scales [N])` on CPU (and CUDA where the build
-  has it). Activations go in as bf16 even for fp32 models: the fp32 path of the kernel is 2-12x
+  has it); on CPU, products of INT8_CONVERT_MIN_ROWS rows or more (prefill) convert the weight to
+  bf16 and run one oneDNN product instead (2-2.6x faster from 64 rows on). Activations go in as bf16 even for fp32 models: the fp32 path of the kernel is 2-12x
   slower on this CPU, and bf16 rounding of activations (2^-9) is below int8's own error (2^-8).
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
@@ -25,6 +26,7 @@ from pangu.quant.formats import QuantizedTensor, dequantize, unpack_int4
 
 KERNEL_DTYPE = torch.bfloat16
 INT8_ALIGN = 64
+INT8_CONVERT_MIN_ROWS = 32  # from this many rows on, CPU int8 products convert the weight (faster)
 CPU_INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 CPU_INT4_BLOCK = 64  # rows per independent block of its output layout (checked in the tests)
 PACK_CHUNK_ELEMENTS = 1 << 20
@@ -131,7 +133,12 @@ class PackedWeight(nn.Module):
         if x2.shape[0] == 0:
             return x.new_empty(*lead, self.out_features)
         xk = x2.to(KERNEL_DTYPE)
-        if self.kernel == "int8":
+        if self.kernel == "int8" and x2.device.type == "cpu" and x2.shape[0] >= INT8_CONVERT_MIN_ROWS:
+            # The CPU kernel's time grows with the rows like a loop of one-row products (5.9 ms
+            # at 128 rows of a 4800 x 1536 weight); converting the weight to bf16 for one oneDNN
+            # product takes 2.9 ms (9.0 vs 23.6 ms at 512 rows): prefill runs this way.
+            y = F.linear(xk, data.to(KERNEL_DTYPE)) * scales
+        elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xk, data, scales)
         elif self.kernel == "int4_cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, data, self.group_size, scales)
