@@ -3,8 +3,9 @@
 Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-only quantization"):
 - int8: `aten._weight_int8pack_mm(x, int8 [N, K], scales [N])` on CPU (and CUDA where the build
   has it); on CPU, products of INT8_CONVERT_MIN_ROWS rows or more (prefill) convert the weight to
-  bf16 and run one oneDNN product instead (2-2.6x faster from 64 rows on). Activations go in as bf16 even for fp32 models: the fp32 path of the kernel is 2-12x
-  slower on this CPU, and bf16 rounding of activations (2^-9) is below int8's own error (2^-8).
+  bf16 and run one oneDNN product instead (2-2.6x faster from 64 rows on). Activations go in as
+  bf16 even for fp32 models: the fp32 path of the kernel is 2-12x slower on this CPU, and bf16
+  rounding of activations (2^-9) is below int8's own error (2^-8).
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
   (fp32 ones are 4-20x slower). It needs N % 16 == 0: other row counts are zero-padded at load.
