@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/pangu chat --message "$(DEMO_QUESTION)" --max-tokens 64 --temperature 0 --stats
+	$(VENV)/bin/pangu-infer chat --message "$(DEMO_QUESTION)" --max-tokens 64 --temperature 0 --stats
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=600 -p no:cacheprovider

@@ -1,7 +1,7 @@
 """This engine against HF transformers and llama.cpp, in one process, on the same model file.
 
 Models:
-- smollm2: the real SmolLM2-135M-Instruct Q4_1 GGUF (`pangu.loader.demo_model_path()`).
+- smollm2: the real SmolLM2-135M-Instruct Q4_1 GGUF (`pangu_infer.loader.demo_model_path()`).
   llama.cpp runs the Q4_1 file as is (llama-cpp-python, optional); transformers loads the same file
   dequantized (`from_pretrained(dir, gguf_file=...)`); this engine loads it dequantized, in fp32 and
   bf16, and quantized by itself to int8 / int4 (`quantization=`).
@@ -38,11 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from throughput import build_random_model  # noqa: E402
 
-from pangu.bench import make_prompt, measure_memory_bandwidth, run_latency, run_throughput, weight_bytes_per_token  # noqa: E402
-from pangu.engine.engine import EngineConfig, LLMEngine  # noqa: E402
-from pangu.loader import demo_model_path, load_model  # noqa: E402
-from pangu.loader.random import pangu_dense_config, transformers_llama  # noqa: E402
-from pangu.models.packed import can_pack, pack_linears  # noqa: E402
+from pangu_infer.bench import make_prompt, measure_memory_bandwidth, run_latency, run_throughput, weight_bytes_per_token  # noqa: E402
+from pangu_infer.engine.engine import EngineConfig, LLMEngine  # noqa: E402
+from pangu_infer.loader import demo_model_path, load_model  # noqa: E402
+from pangu_infer.loader.random import pangu_dense_config, transformers_llama  # noqa: E402
+from pangu_infer.models.packed import can_pack, pack_linears  # noqa: E402
 
 # The openPangu-Embedded 1B sibling's width (hidden 1536, 12/6 heads of 128, real vocabulary),
 # with 20 layers and MLP 4800: 1.06 B parameters.
@@ -71,7 +71,7 @@ class Row:
 def pangu_rows(
     path: str, label: str, dtype: torch.dtype, quantization: Optional[str], args, repeat_check: bool, compiled: bool = False
 ) -> list[Row]:
-    name = f"pangu {label}" + (", compiled decode" if compiled else "")
+    name = f"pangu-infer {label}" + (", compiled decode" if compiled else "")
     try:
         loaded = load_model(path, dtype, torch.device("cpu"), load_tokenizer=False, quantization=quantization)
     except (ValueError, NotImplementedError) as e:
@@ -103,7 +103,7 @@ def pangu_rows(
 
 def prompt_lookup_row(name: str, make_engine, args) -> Row:
     """Plain vs prompt-lookup decoding of one prompt that repeats its context: speed-up, same tokens."""
-    from pangu.sampling_params import SamplingParams
+    from pangu_infer.sampling_params import SamplingParams
 
     prompt = make_prompt("repeat", args.prompt_len, 32000, random.Random(7))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)

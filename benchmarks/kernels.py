@@ -2,7 +2,7 @@
 
 1. One-token products over weights far larger than the caches (what decode reads per token):
    GB/s of weight bytes for `F.linear` on a plain bf16 weight, the oneDNN-packed bf16 product
-   (`pangu.models.packed`), weight-only int8 (`aten._weight_int8pack_mm`), int4
+   (`pangu_infer.models.packed`), weight-only int8 (`aten._weight_int8pack_mm`), int4
    (`aten._weight_int4pack_mm_for_cpu`) at group sizes 32/64/128, and oneDNN's W8A8 product
    (`onednn.qlinear_pointwise`, int8 activations: not weight-only, shown as the lead for a faster
    int8), against a streaming read of a buffer of the same size.

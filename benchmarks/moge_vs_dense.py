@@ -1,6 +1,6 @@
 """Decode step time of a MoGE model against a dense Pangu model with the same active parameters.
 
-Both models are random checkpoints with the real tensor names (pangu.loader.random), written to a
+Both models are random checkpoints with the real tensor names (pangu_infer.loader.random), written to a
 temporary folder and loaded with `LLM`. What is timed: `LLMEngine.step()` calls after the prefill
 step, each decoding one token for every sequence in the batch (the whole engine step: schedule,
 paged-KV forward, logits, greedy sampling, detokenization). The two models run in alternating
@@ -30,9 +30,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures_tokenizer import build_pangu_tokenizer  # noqa: E402  (works without pytest)
 
-from pangu import LLM, SamplingParams  # noqa: E402
-from pangu.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
-from pangu.models.registry import count_active_parameters  # noqa: E402
+from pangu_infer import LLM, SamplingParams  # noqa: E402
+from pangu_infer.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
+from pangu_infer.models.registry import count_active_parameters  # noqa: E402
 
 TARGET_RATIO = 1.25
 
@@ -99,7 +99,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_pangu_tokenizer(root / "tokenizer")
-        from pangu.tokenizer import load_tokenizer
+        from pangu_infer.tokenizer import load_tokenizer
 
         # The vocabulary is the tiny tokenizer's (1000): the LM head then weighs about as little
         # against the layers as the real 153k head does against 48 layers of hidden 5120.

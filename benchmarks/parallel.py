@@ -1,6 +1,6 @@
 """MoGE tensor/expert parallel on CPU processes (gloo): step times, collective time, imbalance.
 
-1. Engine steps. A random Pangu Pro MoE checkpoint (real tensor names, pangu.loader.random) is
+1. Engine steps. A random Pangu Pro MoE checkpoint (real tensor names, pangu_infer.loader.random) is
    loaded with `LLM(..., tensor_parallel_size=N)` for N = 1, 2, 4 in turn (one process group per
    process, so the sizes cannot interleave step by step; instead the whole N = 1, 2, 4 sequence
    repeats for --rounds rounds and each ratio is taken within its round). Timed: `LLMEngine.step()`
@@ -35,8 +35,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures_tokenizer import build_pangu_tokenizer  # noqa: E402  (works without pytest)
 
-from pangu import LLM, SamplingParams  # noqa: E402
-from pangu.loader.random import pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
+from pangu_infer import LLM, SamplingParams  # noqa: E402
+from pangu_infer.loader.random import pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
 
 WORLD_SIZES = (1, 2, 4)
 

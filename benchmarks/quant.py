@@ -1,6 +1,6 @@
 """Weight-only int8 / int4 against float: peak RSS while loading, and decode tokens/s; MoGE expert offload RSS.
 
-Model: a random checkpoint (pangu.loader.random) shaped like Pangu 7B (head_dim 128, 4 query
+Model: a random checkpoint (pangu_infer.loader.random) shaped like Pangu 7B (head_dim 128, 4 query
 heads per kv head, q/k/v/o biases, MLP 3.125x hidden) scaled to about 1 B parameters, stored in
 bf16 in shards of ~256 MB like a real release. The vocabulary is the tiny test tokenizer's.
 
@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from fixtures_tokenizer import build_pangu_tokenizer  # noqa: E402  (works without pytest)
 
-from pangu.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
+from pangu_infer.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
 
 MODES = {  # name -> (dtype, quantization)
     "fp32": ("float32", None),
@@ -82,7 +82,7 @@ def rss_mib() -> tuple[float, float]:
 def child(args: argparse.Namespace) -> int:
     """One load (and optional decode) in a fresh process; prints a JSON line."""
     torch.set_num_threads(args.threads)
-    from pangu import LLM, SamplingParams
+    from pangu_infer import LLM, SamplingParams
 
     base = rss_mib()[0]
     start = time.perf_counter()
@@ -113,7 +113,7 @@ def run_child(args: argparse.Namespace, directory: Path, dtype: str, quant, offl
 
 
 def decode_times(llm, steps: int, r: int) -> float:
-    from pangu import SamplingParams
+    from pangu_infer import SamplingParams
 
     engine = llm.engine
     prompt = [1] + [(97 * r + 13 * j) % (llm.config.vocab_size - 3) + 3 for j in range(15)]
@@ -147,9 +147,9 @@ def main() -> int:
     if args.child_dir:
         return child(args)
     torch.set_num_threads(args.threads)
-    from pangu import LLM
-    from pangu.models.registry import count_parameters
-    from pangu.tokenizer import load_tokenizer
+    from pangu_infer import LLM
+    from pangu_infer.models.registry import count_parameters
+    from pangu_infer.tokenizer import load_tokenizer
 
     root = Path(args.dir)
     tok_dir = root / "tokenizer"

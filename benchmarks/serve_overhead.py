@@ -1,9 +1,9 @@
-"""What the HTTP server costs: the same batch through `pangu serve` vs the AsyncEngine it runs on.
+"""What the HTTP server costs: the same batch through `pangu-infer serve` vs the AsyncEngine it runs on.
 
 Each round runs N greedy prompts of --max-tokens tokens (ignore_eos, so every run generates the
 same count) three ways, one after the other, so all see the same machine load:
   1. AsyncEngine in this process: N concurrent `generate` streams, no HTTP (the server's engine path);
-  2. N concurrent streaming HTTP clients against a `pangu serve` process on the same model;
+  2. N concurrent streaming HTTP clients against a `pangu-infer serve` process on the same model;
   3. LLM.generate in this process's main thread, all prompts in one call.
 The HTTP/AsyncEngine ratio is the server's overhead (HTTP, JSON, SSE, one extra process hop).
 Also printed: client-side time to first token, and whether the streamed texts equal LLM.generate's.
@@ -25,8 +25,8 @@ import time
 
 import httpx
 
-from pangu import LLM, SamplingParams
-from pangu.engine.async_engine import AsyncEngine
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.engine.async_engine import AsyncEngine
 
 WORDS = "the quick brown fox jumps over the lazy dog while a large language model answers every question".split()
 
@@ -93,7 +93,7 @@ def main() -> int:
     asyncio.run(engine_burst(engine, engine_llm, batch[:2], SamplingParams(temperature=0, max_tokens=4), "warm"))
 
     port = free_port()
-    cmd = [sys.executable, "-m", "pangu.cli", "serve", "--port", str(port), "--dtype", args.dtype]
+    cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", "--port", str(port), "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", args.model]
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -107,7 +107,7 @@ def main() -> int:
             except httpx.HTTPError:
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"pangu serve did not start: {' '.join(cmd)}")
+                raise SystemExit(f"pangu-infer serve did not start: {' '.join(cmd)}")
             time.sleep(0.5)
         asyncio.run(http_burst(url, batch[:2], 4))  # warm-up
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pangu import LLM, SamplingParams  # noqa: E402
-from pangu.bench import percentile  # noqa: E402
-from pangu.loader.random import pangu_dense_config, random_state_dict, transformers_llama, write_checkpoint  # noqa: E402
+from pangu_infer import LLM, SamplingParams  # noqa: E402
+from pangu_infer.bench import percentile  # noqa: E402
+from pangu_infer.loader.random import pangu_dense_config, random_state_dict, transformers_llama, write_checkpoint  # noqa: E402
 
 # Pangu 7B's proportions (GQA 4:1, MLP 3.125 x hidden, q/k/v/o biases, theta 1.6e7) at ~106 M parameters.
 MODEL_100M = dict(
@@ -152,7 +152,7 @@ def main() -> None:
     print(f"{'':40s}{'tokens':>8s}{'seconds':>9s}{'tokens/s':>10s}{'ratio':>7s}")
     print(f"{'transformers generate, padded':40s}{hf_tokens:8d}{hf_s:9.1f}{hf_tps:10.1f}{1.0:7.2f}")
     for compiled, (tokens, seconds, _, _) in engine_runs.items():
-        name = "pangu LLM.generate" + (", compiled decode" if compiled else "")
+        name = "pangu-infer LLM.generate" + (", compiled decode" if compiled else "")
         print(f"{name:40s}{tokens:8d}{seconds:9.1f}{tokens / seconds:10.1f}{tokens / seconds / hf_tps:7.2f}")
     if True in engine_runs:
         print(f"compiled decode: {same}/{len(prompts)} greedy completions identical to eager (compiled kernels sum in"

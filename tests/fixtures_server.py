@@ -1,6 +1,6 @@
-"""Real `pangu serve` processes on loopback for the server tests, and a tiny model that thinks.
+"""Real `pangu-infer serve` processes on loopback for the server tests, and a tiny model that thinks.
 
-`running_server(model_dir, *flags)` starts `python -m pangu.cli serve` on a free 127.0.0.1 port,
+`running_server(model_dir, *flags)` starts `python -m pangu_infer.cli serve` on a free 127.0.0.1 port,
 waits for /health and stops the process afterwards; test modules wrap it in module-scoped
 fixtures so each module starts its server once. `metric_value` reads one sample from /metrics.
 """
@@ -51,9 +51,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
-    """`pangu serve --model model_dir --dtype float32 ...flags` on a free loopback port."""
+    """`pangu-infer serve --model model_dir --dtype float32 ...flags` on a free loopback port."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "pangu.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
            "--host", "127.0.0.1", "--port", str(port), *flags]
     env = {k: v for k, v in os.environ.items() if k != "PANGU_API_KEY"}
     if api_key is not None:
@@ -66,12 +66,12 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"pangu serve exited with {process.returncode}:\n{server.log()}")
+                raise RuntimeError(f"pangu-infer serve exited with {process.returncode}:\n{server.log()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                     break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"pangu serve did not answer /health within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
+                raise RuntimeError(f"pangu-infer serve did not answer /health within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
             time.sleep(0.2)
         yield server
     finally:

@@ -19,14 +19,11 @@ import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from pangu.tokenizer import Tokenizer, load_tokenizer
+from pangu_infer.tokenizer import Tokenizer, load_tokenizer
 
-# The released Pangu tokenizer files; tests read the real chat template from here.
-_SHARED_CANDIDATES = [
-    Path(__file__).resolve().parents[1] / "shared",
-    Path(__file__).resolve().parents[2] / "shared",
-]
-_REAL_PANGU_SUBDIR = Path("models") / "openpangu-embedded-7b"
+# The released openPangu-Embedded-7B tokenizer files (tests/data/README.md says where they come
+# from); tests read the real chat template from here.
+REAL_PANGU_DIR = Path(__file__).resolve().parent / "data" / "models" / "openpangu-embedded-7b"
 
 PANGU_VOCAB_SIZE = 1000
 PANGU_UNUSED_TOKENS = [f"[unused{i}]" for i in range(18)]
@@ -67,10 +64,7 @@ def tokenizer_corpus(n: int = 1500) -> list[str]:
 
 def real_pangu_dir() -> Path:
     """The folder with the released openPangu-Embedded-7B config files."""
-    for shared in _SHARED_CANDIDATES:
-        if (shared / _REAL_PANGU_SUBDIR / "tokenizer_config.json").is_file():
-            return shared / _REAL_PANGU_SUBDIR
-    raise FileNotFoundError(f"no shared/{_REAL_PANGU_SUBDIR} next to the repository (looked in {_SHARED_CANDIDATES})")
+    return REAL_PANGU_DIR
 
 
 def real_pangu_tokenizer_config() -> dict[str, Any]:

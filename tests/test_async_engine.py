@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from pangu import LLM, SamplingParams
-from pangu.engine.async_engine import AsyncEngine
-from pangu.engine.engine import RequestError
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.engine.async_engine import AsyncEngine
+from pangu_infer.engine.engine import RequestError
 
 PROMPTS = [
     "hello world",

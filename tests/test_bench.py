@@ -1,4 +1,4 @@
-"""`pangu bench`: what it prints, how it counts weight bytes, how it rejects bad flags."""
+"""`pangu-infer bench`: what it prints, how it counts weight bytes, how it rejects bad flags."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from pangu.bench import REPEAT_PERIOD, make_prompt, percentile, weight_bytes_per_token
-from pangu.cli import main
-from pangu.config import ModelConfig
-from pangu.loader import load_model
-from pangu.models.registry import count_active_parameters
+from pangu_infer.bench import REPEAT_PERIOD, make_prompt, percentile, weight_bytes_per_token
+from pangu_infer.cli import main
+from pangu_infer.config import ModelConfig
+from pangu_infer.loader import load_model
+from pangu_infer.models.registry import count_active_parameters
 
 FAST = ["--prompt-len", "64", "--output-len", "6", "--num-iters", "1", "--concurrency", "3",
         "--bandwidth-buffer", "64MiB", "--dtype", "float32", "--device", "cpu", "--kv-cache-memory", "16MiB"]
@@ -36,7 +36,7 @@ def test_bench_prints_latency_bandwidth_and_throughput(tiny_dense_dir, capsys):
 
 
 def test_bench_header_counts_the_parameters_of_quantized_models_too(tiny_dense_dir, tiny_dense_config, capsys):
-    from pangu.models.registry import build_model_on_meta, count_parameters
+    from pangu_infer.models.registry import build_model_on_meta, count_parameters
 
     expected = count_parameters(build_model_on_meta(ModelConfig.from_hf_dict(tiny_dense_config)))
     argv = ["bench", "--model", str(tiny_dense_dir), *FAST, "--mode", "latency"]

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from pangu.chat import (
+from pangu_infer.chat import (
     THINK_END,
     THINK_START,
     TOOL_CALL_END,
@@ -17,7 +17,7 @@ from pangu.chat import (
     split_reasoning,
     tools_system_prompt,
 )
-from pangu.tokenizer import IncrementalDetokenizer, Tokenizer
+from pangu_infer.tokenizer import IncrementalDetokenizer, Tokenizer
 
 from fixtures_tokenizer import real_pangu_tokenizer_config
 

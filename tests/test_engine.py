@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pangu import LLM, SamplingParams
-from pangu.engine.engine import EngineConfig, LLMEngine, RequestError
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.engine.engine import EngineConfig, LLMEngine, RequestError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -197,7 +197,7 @@ def test_compiled_decode_graphs_are_per_cache_size(tiny_dense_dir):
 def test_compile_decode_flag_and_its_limits(tiny_dense_dir):
     import argparse
 
-    from pangu.cli import add_model_arguments, llm_kwargs
+    from pangu_infer.cli import add_model_arguments, llm_kwargs
 
     p = argparse.ArgumentParser()
     add_model_arguments(p)
@@ -210,7 +210,7 @@ def test_compile_decode_flag_and_its_limits(tiny_dense_dir):
 def test_one_sequence_decoding_across_the_unmasked_sdpa_limit_matches_full_forward(llm):
     """A lone sequence decodes with one unmasked SDPA call up to UNMASKED_SDPA_MAX_CONTEXT tokens and
     with the masked products beyond: every token on both sides is the full forward's argmax."""
-    from pangu.models.layers import UNMASKED_SDPA_MAX_CONTEXT as limit
+    from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT as limit
 
     g = torch.Generator().manual_seed(5)
     prompt = torch.randint(3, llm.config.vocab_size, (limit - 3,), generator=g).tolist()

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fixtures_gguf import PANGU_SPECIAL_PIECES, write_gguf
-from pangu.config import ModelConfig
-from pangu.loader.gguf import GGUFError, build_gguf_tokenizer, llama3_rope_scaling, read_gguf
+from pangu_infer.config import ModelConfig
+from pangu_infer.loader.gguf import GGUFError, build_gguf_tokenizer, llama3_rope_scaling, read_gguf
 
 TEXTS = [
     "Hello world! How are you?",
@@ -248,10 +248,10 @@ def test_tiny_pangu_tokenizer_encodes_like_sentencepiece(tiny_pangu_gguf):
 
 
 def test_load_gguf_tokenizer_builds_the_project_tokenizer(tiny_pangu_gguf):
-    tokenizer_module = pytest.importorskip("pangu.tokenizer")
+    tokenizer_module = pytest.importorskip("pangu_infer.tokenizer")
     if not hasattr(tokenizer_module.Tokenizer, "from_tokenizers"):
-        pytest.skip("pangu.tokenizer.Tokenizer.from_tokenizers does not exist yet")
-    from pangu.loader.gguf import load_gguf_tokenizer
+        pytest.skip("pangu_infer.tokenizer.Tokenizer.from_tokenizers does not exist yet")
+    from pangu_infer.loader.gguf import load_gguf_tokenizer
 
     tok = load_gguf_tokenizer(read_gguf(tiny_pangu_gguf.path))
     sp = tiny_pangu_gguf.vocab.sp

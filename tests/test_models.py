@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pangu import LLM, SamplingParams
-from pangu.config import ConfigError, ModelConfig
-from pangu.loader import ModelNotFoundError, WeightError, load_model
-from pangu.loader.random import pangu_dense_config, random_state_dict, transformers_llama, write_checkpoint
-from pangu.models.registry import build_model_on_meta, count_parameters
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.config import ConfigError, ModelConfig
+from pangu_infer.loader import ModelNotFoundError, WeightError, load_model
+from pangu_infer.loader.random import pangu_dense_config, random_state_dict, transformers_llama, write_checkpoint
+from pangu_infer.models.registry import build_model_on_meta, count_parameters
 from fixtures_models import build_tiny_model
 
-SHARED_MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+RELEASE_MODELS = Path(__file__).resolve().parent / "data" / "models"
 PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 90)), [1, 999, 3], list(range(2, 130))]
 
 
@@ -101,11 +101,11 @@ def test_sharded_checkpoint_equals_single_file(tmp_path, tiny_dense_config, pang
 
 
 def test_real_7b_config_builds_on_meta_with_8_03b_parameters():
-    cfg = ModelConfig.from_file(SHARED_MODELS / "openpangu-embedded-7b" / "config.json")
+    cfg = ModelConfig.from_file(RELEASE_MODELS / "openpangu-embedded-7b" / "config.json")
     model = build_model_on_meta(cfg)
     assert f"{count_parameters(model) / 1e9:.2f}" == "8.03"
     assert cfg.qkv_bias and cfg.o_bias and cfg.head_dim == 128
-    index = json.loads((SHARED_MODELS / "openpangu-embedded-7b" / "model.safetensors.index.json").read_text())
+    index = json.loads((RELEASE_MODELS / "openpangu-embedded-7b" / "model.safetensors.index.json").read_text())
     names = {n for n in index["weight_map"] if not n.endswith("rotary_emb.inv_freq")}
     assert names == set(model.expected_weight_names())
     params = dict(model.named_parameters())
@@ -224,7 +224,7 @@ def test_rope_scaling_matches_transformers(scaling):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from pangu.models.layers import rope_inv_freq
+    from pangu_infer.models.layers import rope_inv_freq
 
     d = _cfg(rope_scaling=scaling, rope_theta=10000.0)
     ours = rope_inv_freq(ModelConfig.from_hf_dict(d))

@@ -10,14 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from fixtures_models import build_tiny_model
-from pangu import LLM, SamplingParams
-from pangu.config import ConfigError, ModelConfig
-from pangu.loader.random import pangu_moge_config, random_state_dict
-from pangu.models.moge import IMBALANCE_DEVICES, MoGEBlock, moge_route
-from pangu.models.registry import build_model_on_meta, count_active_parameters, count_parameters
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.config import ConfigError, ModelConfig
+from pangu_infer.loader.random import pangu_moge_config, random_state_dict
+from pangu_infer.models.moge import IMBALANCE_DEVICES, MoGEBlock, moge_route
+from pangu_infer.models.registry import build_model_on_meta, count_active_parameters, count_parameters
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REAL_72B_CONFIG = SHARED / "models" / "pangu-pro-moe-72b" / "config.json"
+REAL_72B_CONFIG = Path(__file__).resolve().parent / "data" / "models" / "pangu-pro-moe-72b" / "config.json"
 NUM_GROUPS = 8  # fixed by the architecture: 8 groups of consecutive experts
 KV_BYTES = 64 << 20  # tiny models need a tiny KV pool
 

@@ -1,4 +1,4 @@
-"""oneDNN-prepacked bf16 linears (pangu.models.packed): same products, swapped in by LLM on CPU."""
+"""oneDNN-prepacked bf16 linears (pangu_infer.models.packed): same products, swapped in by LLM on CPU."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pangu import LLM, SamplingParams
-from pangu.loader import load_model
-from pangu.models.packed import PackedLinear, can_pack, has_packed_linears, pack_linears
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.loader import load_model
+from pangu_infer.models.packed import PackedLinear, can_pack, has_packed_linears, pack_linears
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="this CPU's oneDNN has no bf16 linear")
@@ -59,7 +59,7 @@ def test_llm_packs_bf16_on_cpu(tiny_dense_dir):
 
 
 def test_packed_linear_compiles_as_an_opaque_kernel():
-    """torch.compile cannot take the packed tensor; the pangu::packed_linear operator hides it, so a
+    """torch.compile cannot take the packed tensor; the pangu_infer::packed_linear operator hides it, so a
     compiled graph calls the same kernel and gives the same bits."""
     g = torch.Generator().manual_seed(1)
     lin = PackedLinear(torch.randn(48, 32, generator=g).bfloat16(), torch.randn(48, generator=g).bfloat16())
@@ -76,7 +76,7 @@ def test_packed_linear_compiles_as_an_opaque_kernel():
 
 
 def test_packed_weights_leave_the_operator_table_with_their_module():
-    from pangu.models import packed
+    from pangu_infer.models import packed
 
     lin = PackedLinear(torch.randn(8, 8).bfloat16(), None)
     handle = lin.handle
@@ -107,8 +107,8 @@ def test_weights_of_a_mapped_checkpoint_are_recognised(tmp_path):
     (they would stay resident beside the packed copy); it must recognise exactly those."""
     from safetensors.torch import save_file
 
-    from pangu.loader.safetensors import iter_safetensors
-    from pangu.loader.memory import file_backed_ranges, is_file_backed
+    from pangu_infer.loader.safetensors import iter_safetensors
+    from pangu_infer.loader.memory import file_backed_ranges, is_file_backed
 
     save_file({"w": torch.randn(256, 256).bfloat16()}, str(tmp_path / "m.safetensors"))
     (name, mapped), = list(iter_safetensors([str(tmp_path / "m.safetensors")]))
@@ -120,7 +120,7 @@ def test_weights_of_a_mapped_checkpoint_are_recognised(tmp_path):
 def test_a_packed_tied_head_is_counted_once_in_the_bytes_per_token(smollm2_gguf_path):
     """SmolLM2 ties its head to the embedding; packing adds a copy for the head, and decode reads
     that copy instead of the table: the bytes a token reads stay the same."""
-    from pangu.bench import weight_bytes_per_token
+    from pangu_infer.bench import weight_bytes_per_token
 
     model = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, load_tokenizer=False).model
     assert model.config.tie_word_embeddings and model.lm_head is None

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pangu import LLM, SamplingParams
-from pangu.config import ModelConfig
-from pangu.loader.random import pangu_dense_config
-from pangu.parallel.sharding import WeightSharder
-from pangu.parallel.state import ParallelState, head_shard
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.config import ModelConfig
+from pangu_infer.loader.random import pangu_dense_config
+from pangu_infer.parallel.sharding import WeightSharder
+from pangu_infer.parallel.state import ParallelState, head_shard
 
 PROMPTS = [{"prompt_token_ids": list(range(5, 17))}, {"prompt_token_ids": list(range(40, 75))}]
 LOGIT_IDS = list(range(3, 40))
@@ -107,7 +107,7 @@ def test_a_rank_that_fails_to_load_ends_the_launch_with_its_error(tiny_moge_dir,
     save_file(tensors, broken / "model.safetensors")
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "pangu.cli", "generate", "--model", str(broken), "--device", "cpu",
+        [sys.executable, "-m", "pangu_infer.cli", "generate", "--model", str(broken), "--device", "cpu",
          "--dtype", "float32", "--tensor-parallel-size", "2", "--prompt", "hi", "--max-tokens", "2"],
         capture_output=True, text=True, timeout=120,
     )

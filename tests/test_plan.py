@@ -1,4 +1,4 @@
-"""`pangu plan`: parameters, weight and KV bytes, and the context that fits, from a config alone."""
+"""`pangu-infer plan`: parameters, weight and KV bytes, and the context that fits, from a config alone."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from pangu.cli import main
-from pangu.config import ModelConfig
-from pangu.loader.random import pangu_dense_config, pangu_moge_config
-from pangu.models.registry import build_model_on_meta
-from pangu.plan import weight_bytes
-from pangu.quant.formats import QuantizationConfig
+from pangu_infer.cli import main
+from pangu_infer.config import ModelConfig
+from pangu_infer.loader.random import pangu_dense_config, pangu_moge_config
+from pangu_infer.models.registry import build_model_on_meta
+from pangu_infer.plan import weight_bytes
+from pangu_infer.quant.formats import QuantizationConfig
 
-MODELS = Path(__file__).resolve().parents[2] / "shared" / "models"
+MODELS = Path(__file__).resolve().parent / "data" / "models"
 PRO_MOE_72B = MODELS / "pangu-pro-moe-72b"
 EMBEDDED_7B = MODELS / "openpangu-embedded-7b"
 PRO_MOE_72B_PARAMS = 71_988_781_056

@@ -9,20 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from pangu.cli import main as cli_main
-from pangu.config import ModelConfig
-from pangu.loader import load_model
-from pangu.models.registry import build_model_on_meta
-from pangu.quant import QuantizationConfig, QuantizationError, dequantize, quantize, quantized_weight_bytes
-from pangu.loader.safetensors import iter_safetensors
-from pangu.quant import formats
-from pangu.quant.formats import unpack_int4
-from pangu.quant.checkpoint import write_quantized_checkpoint
-from pangu.quant.loading import LoadHook, make_load_hook
-from pangu.quant.modules import INT8_CONVERT_MIN_ROWS, OffloadedExperts, PackedWeight, QuantizedExperts
+from pangu_infer.cli import main as cli_main
+from pangu_infer.config import ModelConfig
+from pangu_infer.loader import load_model
+from pangu_infer.models.registry import build_model_on_meta
+from pangu_infer.quant import QuantizationConfig, QuantizationError, dequantize, quantize, quantized_weight_bytes
+from pangu_infer.loader.safetensors import iter_safetensors
+from pangu_infer.quant import formats
+from pangu_infer.quant.formats import unpack_int4
+from pangu_infer.quant.checkpoint import write_quantized_checkpoint
+from pangu_infer.quant.loading import LoadHook, make_load_hook
+from pangu_infer.quant.modules import INT8_CONVERT_MIN_ROWS, OffloadedExperts, PackedWeight, QuantizedExperts
 
 CPU = torch.device("cpu")
-PASSAGE = Path(__file__).resolve().parents[1] / "pangu" / "data" / "alice_ch1.txt"
+PASSAGE = Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt"
 
 
 def _logits(loaded, ids: torch.Tensor) -> torch.Tensor:
@@ -287,8 +287,8 @@ def test_offload_needs_a_moge_model(tiny_dense_dir):
 @pytest.fixture(scope="module")
 def smollm2(smollm2_gguf_path):
     """SmolLM2-135M read once: config, tokenizer and its dequantized tensors."""
-    from pangu.config import ModelConfig
-    from pangu.loader.gguf import load_gguf_tokenizer, read_gguf
+    from pangu_infer.config import ModelConfig
+    from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf
 
     ckpt = read_gguf(smollm2_gguf_path)
     return ModelConfig.from_hf_dict(ckpt.config), load_gguf_tokenizer(ckpt), list(ckpt.tensors())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pangu import LLM, SamplingParams
-from pangu.cli import main
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_cli_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf_
 
 
 def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm2_gguf_path):
-    from pangu.models.packed import PackedLinear, can_pack
+    from pangu_infer.models.packed import PackedLinear, can_pack
 
     llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20)
     if can_pack(torch.device("cpu"), torch.bfloat16):

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from pangu.engine.sampler import Sampler, SamplingRow
-from pangu.sampling_params import SamplingParams
+from pangu_infer.engine.sampler import Sampler, SamplingRow
+from pangu_infer.sampling_params import SamplingParams
 
 # token probabilities 0.5, 0.3, 0.1, 0.05, 0.05
 SKEWED = torch.tensor([0.5, 0.3, 0.1, 0.05, 0.05]).log()

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server: a real `pangu serve` process driven by the official openai client."""
+"""The OpenAI-compatible server: a real `pangu-infer serve` process driven by the official openai client."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from fastapi.testclient import TestClient
 
 from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, metric_value, running_server
-from pangu import LLM
-from pangu.chat import render_chat
-from pangu.outputs import CompletionOutput, RequestOutput
-from pangu.server.app import create_app
-from pangu.tokenizer import IncrementalDetokenizer
+from pangu_infer import LLM
+from pangu_infer.chat import render_chat
+from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.server.app import create_app
+from pangu_infer.tokenizer import IncrementalDetokenizer
 
 API_KEY = "test-key"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the weather in the city"}]

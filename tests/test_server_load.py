@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from fixtures_server import metric_value, running_server
-from pangu import LLM, SamplingParams
+from pangu_infer import LLM, SamplingParams
 
 NUM_CLIENTS = 64
 BURST_BUDGET_S = 120.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pangu import LLM, SamplingParams
-from pangu.engine.engine import EngineConfig
-from pangu.engine.spec_decode import propose_ngram_draft, target_probs, verify
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.engine.engine import EngineConfig
+from pangu_infer.engine.spec_decode import propose_ngram_draft, target_probs, verify
 
 REPEATING = [5, 6, 7, 8, 9, 10, 11, 12] * 6  # a prompt that repeats its context
 

@@ -8,7 +8,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
-from pangu.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from pangu_infer.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 from fixtures_tokenizer import PANGU_UNUSED_TOKENS, build_pangu_tokenizer, tokenizer_corpus
 

@@ -1,0 +1,192 @@
+"""The `pangu-infer` command (also `python -m pangu_infer`): generate | chat | serve | plan | quantize | bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+from typing import Optional
+
+from pangu_infer.parallel.errors import ParallelStartupError
+
+# command -> module that defines add_arguments(parser) and run(args) -> int
+EXTERNAL_COMMANDS = {
+    "serve": ("pangu_infer.server.cli", "serve the OpenAI-compatible HTTP API"),
+    "plan": ("pangu_infer.plan", "print parameters, weight and KV memory, and how much context fits"),
+    "quantize": ("pangu_infer.quant.cli", "write a pre-quantized int8/int4 checkpoint"),
+    "bench": ("pangu_infer.bench", "measure prefill, decode and throughput against the memory-bandwidth limit"),
+}
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model; names match the LLM/EngineConfig fields."""
+    p.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: the demo model)")
+    p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
+    p.add_argument("--device", default=None, help="cpu | cuda | npu (default: the best present)")
+    p.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization while loading (int4: groups of 128 weights, 32 for .gguf files)")
+    p.add_argument("--offload-experts", action="store_true", help="MoGE: keep routed experts memory-mapped from the checkpoint, paged in as used")
+    p.add_argument(
+        "--tensor-parallel-size", type=int, default=1,
+        help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",
+    )
+    p.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
+    p.add_argument("--max-model-len", type=int, default=None, help="context length limit")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk size)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--kv-cache-memory", type=_memory, default=None, help="KV cache bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="turn prefix caching off")
+    p.add_argument("--num-speculative-tokens", type=int, default=0, help="prompt-lookup speculative decoding: draft tokens per step (0 = off)")
+    p.add_argument("--speculative-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default: 3)")
+    p.add_argument(
+        "--compile-decode", action="store_true",
+        help="torch.compile the decode step (compiles once at the first decode, about a minute on a small CPU)",
+    )
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        quantization=args.quantization,
+        offload_experts=args.offload_experts,
+        tensor_parallel_size=args.tensor_parallel_size,
+        seed=args.seed,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        enable_prefix_caching=args.enable_prefix_caching,
+        num_speculative_tokens=args.num_speculative_tokens,
+        speculative_ngram=args.speculative_ngram,
+        compile_decode=args.compile_decode,
+    )
+
+
+def _memory(text: str):
+    """'2GiB', '512MB', '1073741824' -> bytes; '0.5' -> a fraction of free memory."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            try:
+                return int(float(t[: -len(suffix)]) * mult)
+            except ValueError:
+                break
+    try:
+        return int(t) if t.isdigit() else float(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid memory size {text!r}: expected e.g. 2GiB, 512MB or 0.5") from None
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="seed of this request's sampling")
+
+
+def _sampling_changes(args: argparse.Namespace) -> dict:
+    changes = {"max_tokens": args.max_tokens}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    if args.sample_seed is not None:
+        changes["seed"] = args.sample_seed
+    return changes
+
+
+def sampling_params(llm, args: argparse.Namespace):
+    """The model's generation_config defaults, overridden by the flags given."""
+    from dataclasses import replace
+
+    return replace(llm.default_sampling_params(), **_sampling_changes(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pangu-infer", description="Run Pangu and Llama-family models")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log engine details")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt and print the text")
+    add_model_arguments(g)
+    add_sampling_arguments(g)
+    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (streams, shows reasoning apart)")
+    add_model_arguments(c)
+    add_sampling_arguments(c)
+    c.add_argument("--system", default=None, help="system prompt")
+    c.add_argument("--thinking", default=None, choices=["on", "off", "auto"], help="Pangu thinking mode")
+    c.add_argument("--message", action="append", default=None, help="ask this instead of reading stdin (repeatable)")
+    c.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
+
+    for name, (module, help_text) in EXTERNAL_COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        try:
+            importlib.import_module(module).add_arguments(p)
+        except ImportError:
+            p.set_defaults(_unavailable=module)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "chat":
+            return _chat(args)
+        if getattr(args, "_unavailable", None):
+            print(f"pangu-infer {args.command}: not available in this build ({args._unavailable} is missing)", file=sys.stderr)
+            return 2
+        return importlib.import_module(EXTERNAL_COMMANDS[args.command][0]).run(args)
+    except (ValueError, OSError, ParallelStartupError) as e:
+        # Every user mistake (bad path, config, parameter) ends as one clear line, not a traceback.
+        print(f"pangu-infer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _load(args: argparse.Namespace):
+    from pangu_infer.llm import LLM
+    from pangu_infer.sampling_params import SamplingParams
+
+    if hasattr(args, "max_tokens"):
+        SamplingParams(**_sampling_changes(args))  # a bad flag fails before the model loads
+
+    return LLM(args.model, **llm_kwargs(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    params = sampling_params(llm, args)
+    start = time.perf_counter()
+    out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    elapsed = time.perf_counter() - start
+    print(out.outputs[0].text)
+    if args.stats:
+        n = len(out.outputs[0].token_ids)
+        print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from pangu_infer.chat_session import run_chat
+
+    llm = _load(args)
+    return run_chat(llm, args, sampling_params(llm, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""AsyncEngine: the LLMEngine driven from its own thread, streamed to asyncio callers.
+
+LLMEngine is not thread-safe, so one thread owns it: every call into it (add_request,
+abort_request, step, stats, moe_stats) runs there. The event loop sends commands through a
+thread-safe queue; the engine thread answers through `loop.call_soon_threadsafe`, into one
+future per command and one asyncio.Queue per request. With no request in flight the thread
+blocks on the command queue, so an idle server burns no CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Callable, Optional
+
+from pangu_infer.engine.engine import LLMEngine
+from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.sampling_params import SamplingParams
+
+logger = logging.getLogger("pangu_infer.engine")
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served any more."""
+
+
+@dataclass
+class _Stream:
+    """Where the engine thread delivers one request's outputs."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: Optional[str]
+    stream: _Stream
+    done: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+    done: Optional[asyncio.Future]  # None: fire and forget (from a generator being closed)
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], Any]
+    done: asyncio.Future
+
+
+_STOP = object()
+
+
+class AsyncEngine:
+    """Serve many concurrent asyncio callers from one LLMEngine running in its own thread.
+
+    >>> engine = AsyncEngine.from_llm(LLM("model-dir"))
+    >>> async for out in engine.generate(ids, SamplingParams(max_tokens=8), "req-1"):
+    ...     print(out.outputs[0].text_delta, end="")
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}  # owned by the engine thread
+        self._error: Optional[BaseException] = None
+        self._thread = threading.Thread(target=self._run, name="pangu-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_llm(cls, llm: Any) -> "AsyncEngine":
+        """Reuse an LLM's loaded model and engine; do not call llm.generate/chat while this runs."""
+        return cls(llm.engine)
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive()
+
+    # ------------------------------------------------------------------ the asyncio side
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        prompt: Optional[str] = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield incremental outputs until the one with finished=True.
+
+        Raises RequestError/ValueError from the engine on the first iteration when the request
+        cannot be served. Stopping early (break + aclose, cancellation) aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        added = loop.create_future()
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added))
+        try:
+            await added
+        except asyncio.CancelledError:
+            self._commands.put(_Abort(request_id, None))  # it may have been added meanwhile
+            raise
+        finished = False
+        try:
+            while not finished:
+                item = await stream.queue.get()
+                # A slow consumer gets everything that piled up as one output.
+                while not stream.queue.empty() and not isinstance(item, BaseException):
+                    nxt = stream.queue.get_nowait()
+                    item = nxt if isinstance(nxt, BaseException) else _merge(item, nxt)
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished and self.is_running:
+                # Closed early (client gone, task cancelled): free the request's KV blocks.
+                self._commands.put(_Abort(request_id, None))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request (no-op when unknown or finished); returns once its blocks are freed."""
+        done = asyncio.get_running_loop().create_future()
+        self._send(_Abort(request_id, done))
+        await done
+
+    async def stats(self) -> dict:
+        """LLMEngine.stats(), read on the engine thread after every command sent before it."""
+        return await self.call(lambda e: e.stats())
+
+    async def moe_stats(self) -> dict:
+        """Tokens per expert group and imbalance scores per layer ({} for dense models)."""
+        return await self.call(lambda e: e.model.moe_stats() if e.config.is_moge else {})
+
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the engine thread, between steps, and return its result."""
+        done = asyncio.get_running_loop().create_future()
+        self._send(_Call(fn, done))
+        return await done
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread after the step in progress; in-flight requests get EngineDeadError."""
+        if self._thread.is_alive():
+            self._commands.put(_STOP)
+            self._thread.join(timeout)
+
+    def _send(self, command: Any) -> None:
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine thread has stopped" + (f": {self._error!r}" if self._error else ""))
+        self._commands.put(command)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        try:
+            while True:
+                # Block while idle; otherwise take what has arrived and get on with the next step.
+                block = not self.engine.has_unfinished_requests()
+                while True:
+                    try:
+                        command = self._commands.get(block=block)
+                    except queue.Empty:
+                        break
+                    if command is _STOP:
+                        return
+                    self._handle(command)
+                    block = False
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:  # a bug in the engine: fail every waiting caller, not silently
+            self._error = e
+            logger.exception("the engine thread died")
+            raise
+        finally:
+            dead = EngineDeadError("the engine thread has stopped" + (f": {self._error!r}" if self._error else ""))
+            self._fail_all(dead)
+            self._fail_pending(dead)
+
+    def _handle(self, command: Any) -> None:
+        if isinstance(command, _Add):
+            try:
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
+            except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
+                _resolve(command.stream.loop, command.done, error=e)
+                return
+            self._streams[command.request_id] = command.stream
+            _resolve(command.stream.loop, command.done, None)
+        elif isinstance(command, _Abort):
+            self.engine.abort_request(command.request_id)
+            self._streams.pop(command.request_id, None)
+            if command.done is not None:
+                _resolve(command.done.get_loop(), command.done, None)
+        elif isinstance(command, _Call):
+            try:
+                result = command.fn(self.engine)
+            except Exception as e:
+                _resolve(command.done.get_loop(), command.done, error=e)
+            else:
+                _resolve(command.done.get_loop(), command.done, result)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            # A failed step leaves its batch in an unknown state: end those requests, keep serving.
+            logger.exception("engine step failed; aborting %d requests", len(self._streams))
+            for request_id in list(self._streams):
+                self.engine.abort_request(request_id)
+            self._fail_all(e)
+            return
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            _deliver(stream, out)
+
+    def _fail_pending(self, error: BaseException) -> None:
+        """Answer the commands that arrived after the stop, so no caller waits forever."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            done = getattr(command, "done", None)
+            if done is not None:
+                _resolve(done.get_loop(), done, error=error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in self._streams.values():
+            _deliver(stream, error)
+        self._streams.clear()
+
+
+def _deliver(stream: _Stream, item: Any) -> None:
+    try:
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+    except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+        pass
+
+
+def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: Any = None, error: Any = None) -> None:
+    def settle() -> None:
+        if future.done():  # the caller was cancelled meanwhile
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass
+
+
+def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output carrying the deltas of both (later's totals, both deltas concatenated)."""
+    before = {c.index: c for c in earlier.outputs}
+    outs = [_merge_completion(before[c.index], c) if c.index in before else c for c in later.outputs]
+    return replace(later, outputs=outs)
+
+
+def _merge_completion(a: CompletionOutput, b: CompletionOutput) -> CompletionOutput:
+    logprobs = None if a.logprobs_delta is None and b.logprobs_delta is None else (a.logprobs_delta or []) + (b.logprobs_delta or [])
+    return replace(
+        b,
+        text_delta=a.text_delta + b.text_delta,
+        token_ids_delta=a.token_ids_delta + b.token_ids_delta,
+        logprobs_delta=logprobs,
+    )

@@ -1,0 +1,434 @@
+"""LLMEngine: requests in, one scheduled step at a time, incremental outputs out."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional, Union
+
+import torch
+
+from pangu_infer.config import ModelConfig
+from pangu_infer.device import free_memory_bytes
+from pangu_infer.engine.kv_cache import BlockPool
+from pangu_infer.engine.runner import ModelRunner
+from pangu_infer.engine.sampler import Sampler, SamplingRow
+from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
+from pangu_infer.engine.sequence import Logprob, Sequence
+from pangu_infer.engine.spec_decode import PromptLookupSpeculator
+from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.sampling_params import SamplingParams
+
+logger = logging.getLogger("pangu_infer.engine")
+
+DEFAULT_CPU_KV_BYTES = 4 << 30
+
+
+class RequestError(ValueError):
+    """A request the engine can never serve (too long, bad token ids); rejected at submission."""
+
+
+@dataclass
+class EngineConfig:
+    """Everything a user tunes about serving; each field has a CLI flag of the same name."""
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    # bytes (int), a fraction of free memory (float in (0, 1]), or None: 4 GiB on CPU, 90% elsewhere
+    kv_cache_memory: Union[None, int, float] = None
+    enable_prefix_caching: bool = True
+    max_model_len: Optional[int] = None
+    seed: Optional[int] = None
+    # prompt-lookup speculative decoding: draft tokens per step (0 = off), longest n-gram matched
+    num_speculative_tokens: int = 0
+    speculative_ngram: int = 3
+    # torch.compile the forward of decode-only steps (one compile per process and model, at the first
+    # decode step; worth it for long generations, on CPU mostly for small models bound by op overhead)
+    compile_decode: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise ValueError(f"num_speculative_tokens={k!r} must be an integer >= 0 (0 turns speculation off)")
+        kv = self.kv_cache_memory
+        if kv is not None:
+            if isinstance(kv, bool) or not isinstance(kv, (int, float)):
+                raise ValueError(f"kv_cache_memory={kv!r} must be bytes (int) or a fraction of free memory (float)")
+            if isinstance(kv, float) and not 0 < kv <= 1:
+                raise ValueError(f"kv_cache_memory={kv!r}: a fraction must be in (0, 1]")
+            if isinstance(kv, int) and kv <= 0:
+                raise ValueError(f"kv_cache_memory={kv!r} bytes must be positive")
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+            raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        tokenizer: Any,
+        engine_config: Optional[EngineConfig] = None,
+        generation_config: Optional[dict] = None,
+    ):
+        self.model = model
+        self.config: ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.engine_config = ec = engine_config or EngineConfig()
+        param = next(model.parameters())
+        self.device = param.device
+        self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
+        self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        num_blocks = self._num_blocks()
+        self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
+        self.scheduler = Scheduler(self.pool, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            model, num_blocks, ec.block_size, self.dtype, self.device, compile_decode=ec.compile_decode
+        )
+        self.sampler = Sampler(seed=ec.seed)
+        self.speculator = (
+            PromptLookupSpeculator(ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed)
+            if ec.num_speculative_tokens
+            else None
+        )
+        self.eos_token_ids = self._eos_ids(generation_config or {})
+        self._eos_list = sorted(self.eos_token_ids)  # handed to the sampler every step
+        self.requests: dict[str, _Request] = {}
+        self._next_seq_id = 0
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self.num_steps = 0
+        self.finished_requests = 0
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
+            num_blocks, ec.block_size, num_blocks * ec.block_size,
+            num_blocks * ec.block_size * self.config.kv_bytes_per_token(self.dtype) / 2**20,
+        )
+
+    # ------------------------------------------------------------------ setup
+    def _num_blocks(self) -> int:
+        ec = self.engine_config
+        per_block = ec.block_size * self.config.kv_bytes_per_token(self.dtype)
+        kv = ec.kv_cache_memory
+        if kv is None:
+            budget = min(DEFAULT_CPU_KV_BYTES, free_memory_bytes(self.device) // 4) if self.device.type == "cpu" else int(0.9 * free_memory_bytes(self.device))
+        elif isinstance(kv, float):
+            budget = int(kv * free_memory_bytes(self.device))
+        else:
+            budget = kv
+        needed_for_max_len = -(-self.max_model_len // ec.block_size) * ec.max_num_seqs
+        num_blocks = min(budget // per_block, needed_for_max_len)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory={kv!r} gives {budget} bytes, less than one KV block ({per_block} bytes "
+                f"for block_size={ec.block_size})"
+            )
+        return int(num_blocks)
+
+    def _eos_ids(self, generation_config: dict) -> set[int]:
+        ids: set[int] = set(self.config.eos_token_ids)
+        gen_eos = generation_config.get("eos_token_id")
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.update(i for i in gen_eos if isinstance(i, int))
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.add(tok_eos)
+        return ids
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: Optional[str] = None,
+    ) -> None:
+        if request_id in self.requests:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        n_prompt = len(prompt_token_ids)
+        if n_prompt == 0:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
+        if n_prompt + max_tokens > self.max_model_len:
+            raise RequestError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} tokens "
+                f"is more than the model's context of {self.max_model_len} tokens"
+            )
+        if max_tokens < 1:
+            raise RequestError(f"the prompt ({n_prompt} tokens) fills the whole context of {self.max_model_len} tokens")
+        pool_tokens = self.pool.num_blocks * self.pool.block_size
+        if n_prompt + max_tokens > pool_tokens:
+            raise RequestError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs more KV cache than the whole "
+                f"pool holds ({pool_tokens} tokens); raise kv_cache_memory or lower max_tokens"
+            )
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max_tokens)
+        req = _Request(request_id, prompt, list(prompt_token_ids), params)
+        parent = None
+        for i in range(params.n):
+            seq = Sequence(
+                self._next_seq_id,
+                request_id,
+                i,
+                req.prompt_token_ids,
+                params,
+                self._detokenizer(req.prompt_token_ids, params),
+                self._generator(params, i),
+                parent=parent,
+            )
+            self._next_seq_id += 1
+            parent = parent or seq
+            req.seqs.append(seq)
+            self.scheduler.add(seq)
+        self.requests[request_id] = req
+        self.num_prompt_tokens += n_prompt
+
+    def abort_request(self, request_id: str) -> Optional[RequestOutput]:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+        self.finished_requests += 1
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def _generator(self, params: SamplingParams, index: int) -> Optional[torch.Generator]:
+        if params.seed is None:
+            return None
+        g = torch.Generator(device=self.device)
+        g.manual_seed(params.seed + index)
+        return g
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams):
+        if self.tokenizer is None:
+            return None
+        from pangu_infer.tokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens, prompt_ids=prompt_ids)
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        drafts = self._propose_drafts(batch) if self.speculator is not None else {}
+        sampled, logits = self.runner.run(batch, drafts)
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.seq_id in drafts:
+                continue  # advanced in _accept_drafts, once it is known how much of the draft holds
+            seq.num_computed_tokens += n
+            self.pool.register_full_blocks(seq)
+        self.num_steps += 1
+        touched: dict[str, _Request] = {}
+        if drafts:
+            sampled, logits = self._accept_drafts(sampled, logits, drafts, touched)
+        if sampled:
+            rows = [
+                SamplingRow(
+                    params=s.params,
+                    generator=s.generator,
+                    prompt_token_ids=s.prompt_token_ids,
+                    output_token_ids=s.output_token_ids,
+                    eos_token_ids=self._eos_list,  # the sampler itself skips eos under ignore_eos
+                )
+                for s in sampled
+            ]
+            result = self.sampler(logits, rows)
+            for i, seq in enumerate(sampled):
+                lp = None
+                if result.logprobs is not None and seq.params.logprobs is not None:
+                    top = result.top_logprobs[i] if result.top_logprobs is not None else None
+                    lp = Logprob(result.token_ids[i], result.logprobs[i], list(top or []))
+                self._append(seq, result.token_ids[i], lp)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = []
+        for req in touched.values():
+            out = self._output(req)
+            if req.finished:
+                del self.requests[req.request_id]
+                self.finished_requests += 1
+            outputs.append(out)
+        return outputs
+
+    def _propose_drafts(self, batch: ScheduledBatch) -> dict[int, list[int]]:
+        """seq_id -> prompt-lookup draft for the step's decode sequences, with KV blocks reserved."""
+        assert self.speculator is not None
+        budget = self.engine_config.max_num_batched_tokens - batch.total_tokens
+        drafts: dict[int, list[int]] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if budget < 1:
+                break
+            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
+                continue
+            draft = self.speculator.draft_for(seq, self.max_model_len, budget)
+            if draft and self.pool.can_allocate(seq, 1 + len(draft)):
+                self.pool.allocate(seq, 1 + len(draft))
+                drafts[seq.seq_id] = draft
+                budget -= len(draft)
+        return drafts
+
+    def _accept_drafts(
+        self,
+        sampled: list[Sequence],
+        logits: torch.Tensor,
+        drafts: dict[int, list[int]],
+        touched: dict[str, _Request],
+    ) -> tuple[list[Sequence], torch.Tensor]:
+        """Verify the drafted sequences (their logits rows: the last token, then each draft token) and
+        append what holds; returns the other sequences with their logits rows, for the sampler."""
+        assert self.speculator is not None
+        rest: list[Sequence] = []
+        rest_rows: list[int] = []
+        row = 0
+        for seq in sampled:
+            draft = drafts.get(seq.seq_id)
+            if draft is None:
+                rest.append(seq)
+                rest_rows.append(row)
+                row += 1
+                continue
+            tokens = self.speculator.verify(seq, logits[row : row + len(draft) + 1], draft)
+            row += len(draft) + 1
+            # The last input token and the accepted draft tokens now have valid KV entries.
+            seq.num_computed_tokens += len(tokens)
+            for token in tokens:
+                self._append(seq, token, None)
+                if seq.is_finished:
+                    break
+            if not seq.is_finished:
+                self.pool.register_full_blocks(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        return rest, logits[torch.tensor(rest_rows, dtype=torch.long, device=logits.device)]
+
+    def _append(self, seq: Sequence, token: int, lp: Optional[Logprob]) -> None:
+        params = seq.params
+        seq.append_token(token)
+        self.num_generated_tokens += 1
+        if lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp.logprob
+        n_out = len(seq.output_token_ids)
+        reason: Optional[str] = None
+        if n_out >= params.min_tokens:
+            if token in params.stop_token_ids:
+                reason, seq.stop_reason = "stop", token
+            elif token in self.eos_token_ids and not params.ignore_eos:
+                reason = "stop"
+        if reason is None and seq.detokenizer is not None:
+            prev = len(seq.output_text)
+            seq.output_text += seq.detokenizer.step([token])
+            if params.stop and n_out >= params.min_tokens:
+                reason = self._check_stop_strings(seq, prev)
+        if reason is None and (n_out >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            if reason == "length" and seq.detokenizer is not None:
+                seq.output_text += seq.detokenizer.flush()  # bytes no later token can complete
+            seq.finish_reason = reason
+            self.scheduler.finish(seq)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence, prev_len: int) -> Optional[str]:
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, prev_len - longest + 1)
+        best = None
+        for stop in seq.params.stop:
+            idx = seq.output_text.find(stop, search_from)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, stop)
+        if best is None:
+            return None
+        idx, stop = best
+        end = idx + len(stop) if seq.params.include_stop_str_in_output else idx
+        seq.output_text = seq.output_text[:end]
+        seq.stop_reason = stop
+        return "stop"
+
+    def _output(self, req: _Request) -> RequestOutput:
+        outs = []
+        for seq in req.seqs:
+            text = seq.output_text
+            if not seq.is_finished and seq.params.stop:
+                # Hold back what could still become a stop string, so streamed text is never retracted.
+                hold = max(len(s) for s in seq.params.stop) - 1
+                text = text[: max(len(text) - hold, seq.emitted_text_len)]
+            want_lp = seq.params.logprobs is not None
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=list(seq.output_token_ids),
+                    cumulative_logprob=seq.cumulative_logprob if want_lp else None,
+                    logprobs=list(seq.logprobs) if want_lp else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=seq.stop_reason,
+                    text_delta=text[seq.emitted_text_len :],
+                    token_ids_delta=seq.output_token_ids[seq.emitted_token_len :],
+                    logprobs_delta=seq.logprobs[seq.emitted_token_len :] if want_lp else None,
+                )
+            )
+            seq.emitted_text_len = len(text)
+            seq.emitted_token_len = len(seq.output_token_ids)
+        first = req.seqs[0]
+        metrics = {
+            "ttft": first.ttft(),
+            "tpot": first.tpot(),
+            "num_cached_tokens": first.num_cached_tokens,
+            "num_preemptions": sum(s.num_preemptions for s in req.seqs),
+        }
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        pool = self.pool
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": pool.num_blocks,
+            "kv_blocks_used": pool.num_used_blocks,
+            "kv_blocks_free": pool.num_free_blocks,
+            "kv_usage": pool.num_used_blocks / pool.num_blocks,
+            "block_size": pool.block_size,
+            "prefix_cache_queries": pool.prefix_queries,
+            "prefix_cache_hits": pool.prefix_hits,
+            "prefix_cache_hit_rate": pool.hit_rate(),
+            "num_preemptions": self.scheduler.num_preemptions,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generation_tokens": self.num_generated_tokens,
+            "num_steps": self.num_steps,
+            "finished_requests": self.finished_requests,
+            "spec_draft_tokens": self.speculator.num_draft_tokens if self.speculator else 0,
+            "spec_accepted_tokens": self.speculator.num_accepted_tokens if self.speculator else 0,
+            "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else 0.0,
+        }
+

@@ -1,0 +1,244 @@
+"""Batched next-token sampling: float32 logits [B, V] plus per-row parameters -> one token per row.
+
+Each step applies, as HF and vLLM do:
+
+    min_tokens (stop and eos tokens masked) -> repetition penalty (prompt + output)
+    -> presence / frequency penalties (output only) -> temperature -> top_k -> top_p -> min_p -> draw
+
+Greedy rows (temperature 0) take the argmax of the penalized logits and consume no randomness.
+Sampled rows draw by an exponential race, argmax(probs / E) with E ~ Exp(1) per token, which picks
+token i with probability probs[i]. A seeded row gets its noise from its own generator, always with
+shape [V], so its tokens do not depend on the rest of the batch or its position in it.
+
+top_k and top_p become one logit threshold per row, so tokens tied with the last survivor survive
+too (as in vLLM); with distinct logits that is exactly "the k largest" / "the smallest set whose
+probability reaches top_p".
+
+Logprobs follow vLLM: they are the log_softmax of the raw model logits, before min_tokens,
+penalties, temperature and top-k/top-p/min-p filtering, so they describe what the model
+predicted, not the (possibly truncated) distribution the token was drawn from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from pangu_infer.sampling_params import SamplingParams
+
+# how many of the largest logits top_p looks at before falling back to sorting the whole vocabulary
+_TOP_P_CANDIDATES = 1024
+
+
+@dataclass
+class SamplingRow:
+    """One row of the batch: its parameters, its random source and its token history."""
+
+    params: SamplingParams
+    generator: torch.Generator | None = None  # set when params.seed is; None -> the sampler's own
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
+    eos_token_ids: Sequence[int] = ()
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # raw-logit logprob of every row's token once any row asks, else None
+    top_logprobs: list[list[tuple[int, float]] | None]  # per row, when its params.logprobs = k > 0
+
+
+class Sampler:
+    """Picks the next token of every row in one call; see the module docstring for the semantics."""
+
+    def __init__(self, seed: int | None = None):
+        self._seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        if all(r.params.temperature == 0 and not _changes_logits(r) for r in rows):
+            token_ids = logits.argmax(dim=-1)  # the usual decode step: nothing else to do
+        else:
+            token_ids = self._sample(logits, rows)
+        return _result(logits, token_ids, [r.params for r in rows])
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        if any(_changes_logits(r) for r in rows):
+            # edited in place below; the caller's logits stay raw, for logprobs
+            logits = logits.clone(memory_format=torch.contiguous_format)
+            _suppress_stop_tokens_(logits, rows)
+            _apply_penalties_(logits, rows)
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
+        sampled = [i for i, r in enumerate(rows) if r.params.temperature != 0]
+        if not sampled:
+            return logits.argmax(dim=-1)
+        token_ids = logits.argmax(dim=-1) if greedy else logits.new_empty(len(rows), dtype=torch.long)
+        device, vocab = logits.device, logits.shape[1]
+        params = [rows[i].params for i in sampled]
+        index = torch.tensor(sampled, device=device)
+        temperature = torch.tensor([p.temperature for p in params], device=device)
+        scaled = logits[index] / temperature[:, None]
+        if any(p.top_k or p.top_p < 1 for p in params):
+            scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, params), float("-inf"))
+        probs = scaled.softmax(dim=-1)
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=device)
+            probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
+        # probs need no renormalizing after masking: the race argmax is invariant to scaling a row
+        noise = self._exponential_noise([rows[i] for i in sampled], vocab, device)
+        token_ids[index] = (probs / noise).argmax(dim=-1)
+        return token_ids
+
+    def _exponential_noise(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) noise [len(rows), V]: shared generator for unseeded rows, one [V] draw per seeded row."""
+        noise = torch.empty(len(rows), vocab, device=device)
+        shared = [j for j, r in enumerate(rows) if r.generator is None]
+        if len(shared) == len(rows):
+            noise.uniform_(generator=self._default_generator(device))
+        elif shared:
+            draw = torch.empty(len(shared), vocab, device=device)
+            draw.uniform_(generator=self._default_generator(device))
+            noise[torch.tensor(shared, device=device)] = draw
+        for j, row in enumerate(rows):
+            if row.generator is not None:
+                # drawn on the generator's own device, so a CPU generator works for any logits
+                noise[j] = torch.empty(vocab, device=row.generator.device).uniform_(generator=row.generator)
+        # -log(U) is Exp(1): several times faster than Tensor.exponential_ on CPU. U = 0 gives
+        # inf (that token sits out this draw, odds 2**-24); the clamp keeps a 0/0 NaN from winning
+        return noise.log_().neg_().clamp_min_(torch.finfo(noise.dtype).tiny)
+
+    def _default_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            generator = torch.Generator(device=device)
+            if self._seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(self._seed)
+            self._generators[device] = generator
+        return self._generators[device]
+
+
+def _changes_logits(row: SamplingRow) -> bool:
+    p = row.params
+    return (
+        p.repetition_penalty != 1
+        or p.presence_penalty != 0
+        or p.frequency_penalty != 0
+        or bool(_suppressed_tokens(row))
+    )
+
+
+def _suppressed_tokens(row: SamplingRow) -> list[int]:
+    """Tokens that would end the request, masked while it is still shorter than min_tokens."""
+    p = row.params
+    if len(row.output_token_ids) >= p.min_tokens:
+        return []
+    # with ignore_eos, eos does not end the request, so masking it would only distort sampling
+    eos = [] if p.ignore_eos else list(row.eos_token_ids)
+    return eos + list(p.stop_token_ids)
+
+
+def _suppress_stop_tokens_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    pairs = [(i, t) for i, r in enumerate(rows) for t in _suppressed_tokens(r)]
+    if pairs:
+        index = torch.tensor(pairs, device=logits.device)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
+
+
+def _apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """Repetition penalty over prompt + output (HF), then presence/frequency over output (OpenAI).
+
+    Works on the (row, token) pairs that occur in the histories rather than on dense [B, V]
+    tensors: a few thousand entries instead of several full passes over 32 x 153k logits.
+    """
+    params = [r.params for r in rows]
+    device, vocab = logits.device, logits.shape[1]
+    flat = logits.view(-1)
+    if any(p.repetition_penalty != 1 for p in params):
+        seen, _ = _occurrences([(i, seq) for i, r in enumerate(rows) if r.params.repetition_penalty != 1
+                                for seq in (r.prompt_token_ids, r.output_token_ids)], vocab, device)
+        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[seen // vocab]
+        values = flat[seen]
+        flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
+    if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):
+        seen, counts = _occurrences([(i, r.output_token_ids) for i, r in enumerate(rows)
+                                     if r.params.presence_penalty != 0 or r.params.frequency_penalty != 0],
+                                    vocab, device)
+        row_of = seen // vocab
+        presence = torch.tensor([p.presence_penalty for p in params], device=device)[row_of]
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=device)[row_of]
+        flat[seen] -= frequency * counts + presence
+
+
+def _occurrences(
+    histories: list[tuple[int, Sequence[int]]], vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct (row, token) pairs in the given sequences, as flat indices row * V + token,
+    and how often each occurs."""
+    tokens = torch.cat([torch.as_tensor(seq, dtype=torch.long).reshape(-1) for _, seq in histories])
+    lengths = torch.tensor([len(seq) for _, seq in histories])
+    row_ids = torch.repeat_interleave(torch.tensor([i for i, _ in histories]), lengths)
+    seen, counts = torch.unique((row_ids * vocab + tokens).to(device), return_counts=True)
+    return seen, counts.to(torch.float32)
+
+
+def _top_k_top_p_threshold(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Per row [n, 1], the smallest logit that survives top_k and then top_p (ties with it survive too).
+
+    Sorting the whole vocabulary is slow on CPUs (~200 ms for 32 x 153k), so this first looks only
+    at the largest _TOP_P_CANDIDATES logits (or the largest top_k asked for) and sorts everything
+    only when some row's top_p nucleus does not end among them.
+    """
+    device, vocab = logits.device, logits.shape[1]
+    top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)
+    # 2.0, not 1.0, for disabled rows: a cumulative sum rounding to 1 must not cut the tail
+    top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=device)
+    n_candidates = min(vocab, max([_TOP_P_CANDIDATES] + [p.top_k for p in params]))
+    threshold, resolved = _threshold_among_largest(logits, top_k, top_p, n_candidates)
+    if not resolved:
+        threshold, _ = _threshold_among_largest(logits, top_k, top_p, vocab)
+    return threshold
+
+
+def _threshold_among_largest(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, n: int
+) -> tuple[torch.Tensor, bool]:
+    """The top_k / top_p cut-off found among the n largest logits, and whether n was enough."""
+    vocab = logits.shape[1]
+    values = logits.topk(n, dim=-1).values if n < vocab else logits.sort(dim=-1, descending=True).values
+    in_top_k = torch.arange(n, device=logits.device) < top_k[:, None]
+    values = values.masked_fill(~in_top_k, float("-inf"))
+    # top_p is measured in the distribution renormalized over the top_k survivors
+    has_top_k = top_k <= n
+    log_z = torch.where(has_top_k, values.logsumexp(dim=-1), logits.logsumexp(dim=-1))
+    probs = (values - log_z[:, None]).exp()
+    mass = probs.cumsum(dim=-1)
+    # a token stays while the mass before it is below top_p: the smallest set reaching top_p,
+    # never empty since the first token has nothing before it
+    keep = in_top_k & (mass - probs < top_p[:, None])
+    resolved = has_top_k | (top_p > 1) | (mass[:, -1] >= top_p)
+    return values.gather(1, keep.sum(dim=-1, keepdim=True) - 1), bool(resolved.all())
+
+
+def _result(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SampleResult:
+    """Token ids plus the logprobs asked for, read from the raw logits."""
+    wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if not wants:
+        return SampleResult(token_ids.tolist(), None, [None] * len(params))
+    log_z = logits.logsumexp(dim=-1)
+    chosen = logits.gather(1, token_ids[:, None]).squeeze(1) - log_z
+    top_logprobs: list[list[tuple[int, float]] | None] = [None] * len(params)
+    top_rows = [i for i in wants if params[i].logprobs > 0]
+    if top_rows:
+        k_max = min(max(params[i].logprobs for i in top_rows), logits.shape[1])
+        index = torch.tensor(top_rows, device=logits.device)
+        values, ids = logits[index].topk(k_max, dim=-1)  # sorted, largest first
+        values = (values - log_z[index, None]).tolist()
+        ids = ids.tolist()
+        for j, i in enumerate(top_rows):
+            k = params[i].logprobs
+            top_logprobs[i] = list(zip(ids[j][:k], values[j][:k]))
+    return SampleResult(token_ids.tolist(), chosen.tolist(), top_logprobs)

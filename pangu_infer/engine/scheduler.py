@@ -1,0 +1,109 @@
+"""Which sequences run in a step: decodes and prefill chunks under a token budget, with preemption."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pangu_infer.engine.kv_cache import BlockPool
+from pangu_infer.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The sequences of one step with how many of their tokens are computed in it."""
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first: preemption takes from the tail
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        # Running sequences first, oldest first: decodes and the rest of chunked prefills.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.pool.can_allocate(seq, n):
+                victim = self.running[-1]
+                self._preempt(victim, batch)
+                if victim is seq:
+                    break
+            if seq.status is SequenceStatus.RUNNING:
+                self.pool.allocate(seq, n)
+                batch.seqs.append(seq)
+                batch.num_tokens.append(n)
+                budget -= n
+                i += 1
+        # Then admit waiting sequences, unless this step already had to give blocks back.
+        while self.waiting and budget > 0 and not batch.preempted and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.parent is not None and not self._parent_prompt_cached(seq):
+                break  # forks of an n>1 request follow their parent's prefill
+            if not seq.block_table:
+                self.pool.match_prefix(seq, force=seq.parent is not None)
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not self.pool.can_allocate(seq, n):
+                if not self.running and not batch.seqs:
+                    # Nothing else holds blocks: take a smaller chunk so the oldest still progresses.
+                    n = (self.pool.num_free_blocks + len(seq.block_table)) * self.pool.block_size - seq.num_computed_tokens
+                    if n <= 0:
+                        break
+                else:
+                    self.pool.release(seq)
+                    seq.num_computed_tokens = 0
+                    break
+            self.waiting.popleft()
+            self.pool.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.seqs.append(seq)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch
+
+    def _parent_prompt_cached(self, seq: Sequence) -> bool:
+        parent = seq.parent
+        assert parent is not None
+        return parent.is_finished or parent.num_computed_tokens >= parent.num_prompt_tokens
+
+    def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        self.running.remove(seq)
+        self.pool.release(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        batch.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and give its blocks back."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq)
+        seq.status = SequenceStatus.FINISHED

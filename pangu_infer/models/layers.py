@@ -1,0 +1,227 @@
+"""Building blocks shared by every model: RMSNorm, rotary embeddings, paged attention, SwiGLU."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pangu_infer.config import ModelConfig
+from pangu_infer.parallel.state import current_parallel_state, head_shard, row_parallel_linear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, multiply in the activation dtype: the reference implementations do.
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv_freq.float()
+    if rs["rope_type"] == "linear":
+        return (inv_freq / rs["factor"]).float()
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old_ctx = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half (NeoX) rotary embedding over the full head_dim."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+@dataclass
+class PrefillSlice:
+    """One sequence's chunk of new tokens in a step: rows [start, start+length) of the flat batch."""
+
+    start: int
+    length: int
+    context_len: int  # tokens in the cache after this step, new ones included
+    kv_slots: torch.Tensor  # [context_len] flat cache slots, oldest first
+    causal_mask: Optional[torch.Tensor]  # [length, context_len] bool, None when context_len == length
+
+
+@dataclass
+class AttentionBatch:
+    """Where a step's tokens live in the paged KV cache. Decode tokens come first in the flat batch."""
+
+    slot_mapping: torch.Tensor  # [T] flat slot (block * block_size + offset) for each new token
+    decode_slots: Optional[torch.Tensor] = None  # [num_decode, max_ctx] slots to read (padded)
+    decode_mask: Optional[torch.Tensor] = None  # [num_decode, 1, 1, max_ctx] bool, True = attend
+    # (end row, context) groups of decodes sorted by context, each padded only to its own context;
+    # empty: one group of all decodes, sized by decode_slots' shape
+    decode_groups: list[tuple[int, int]] = field(default_factory=list)
+    prefills: list[PrefillSlice] = field(default_factory=list)
+
+
+# A decode group of one sequence runs one unmasked SDPA call up to this context; beyond it the two
+# products + softmax are faster (benchmarks/kernels.py: 17 vs 42 us at 160 tokens, 45 vs 54 at 600,
+# 128 vs 86 at 2000).
+UNMASKED_SDPA_MAX_CONTEXT = 768
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # Under tensor parallelism this rank holds a slice of the heads (all of them in one process).
+        heads = head_shard(cfg, current_parallel_state())
+        self.num_heads = heads.q_count
+        self.num_kv_heads = heads.kv_count
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, cfg.o_bias, current_parallel_state())
+        # Bound by the runner: each [num_blocks * block_size, kv_heads, head_dim] (flat slots). Two
+        # tensors, not views of one, so that a compiled step can write them in place.
+        self.k_cache: Optional[torch.Tensor] = None
+        self.v_cache: Optional[torch.Tensor] = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: Optional[AttentionBatch],
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if attn is None:
+            out = self._sdpa(q, k, v, mask=None, causal=True)
+        else:
+            out = self._paged(q, k, v, attn)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+    def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
+        """q: [Tq, H, D], k/v: [Tk, Hkv, D] -> [Tq, H, D]."""
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=causal and mask is None,
+            scale=self.scale,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return out.squeeze(0).transpose(0, 1)
+
+    def _decode_attention(self, q, keys, vals, mask) -> torch.Tensor:
+        """One query per sequence: q [B, H, D], keys/vals [B, Hkv, L, D], mask [B, 1, 1, L] -> [B, H, D].
+
+        Two batched matmuls per KV head group in the cache dtype (CPU bf16 matmuls accumulate in
+        fp32) with the softmax in fp32: on CPU this is 5-20x faster than scaled_dot_product_attention
+        with a mask (its slow path), and converting gathered K/V to fp32 cost more than the products.
+        """
+        b, h, d = q.shape
+        hkv = keys.shape[1]
+        qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, L]
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(vals.dtype)
+        return torch.matmul(probs, vals).view(b, h, d).to(q.dtype)
+
+    def _decode_attention_unmasked(self, q, keys, vals) -> torch.Tensor:
+        """_decode_attention without padding: one SDPA call with each KV head's query heads as its
+        query rows (2.5x faster than the two products and the softmax for one sequence on CPU;
+        SDPA's enable_gqa path is slower still)."""
+        b, h, d = q.shape
+        hkv = keys.shape[1]
+        qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
+        return F.scaled_dot_product_attention(qg, keys, vals, scale=self.scale).reshape(b, h, d).to(q.dtype)
+
+    def _gather_heads_first(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """cache [S, Hkv, D], slots [B, L] -> [B, Hkv, L, D] contiguous (index_select on rows is ~3x
+        faster than advanced indexing, and contiguous heads-first K/V make the matmuls fast)."""
+        b, n = slots.shape
+        rows = cache.view(cache.shape[0], -1).index_select(0, slots.reshape(-1))
+        return rows.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
+
+    def _paged(self, q, k, v, attn: AttentionBatch) -> torch.Tensor:
+        k_cache, v_cache = self.k_cache, self.v_cache
+        assert k_cache is not None and v_cache is not None, "the runner binds a KV cache before a paged forward"
+        # index_put_ on the cache tensors themselves: torch.compile keeps it in place (index_copy_
+        # or a write through a view makes the compiled step copy the whole cache).
+        k_cache.index_put_((attn.slot_mapping,), k.to(k_cache.dtype))
+        v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        groups = attn.decode_groups
+        if not groups and attn.decode_slots is not None:  # one group, sized by the slots' shape
+            groups = [(attn.decode_slots.shape[0], attn.decode_slots.shape[1])]
+        start = 0
+        for end, ctx in groups:
+            slots = attn.decode_slots[start:end, :ctx]
+            keys = self._gather_heads_first(k_cache, slots)
+            vals = self._gather_heads_first(v_cache, slots)
+            if end - start == 1 and ctx <= UNMASKED_SDPA_MAX_CONTEXT:  # one sequence: nothing padded
+                out[start:end] = self._decode_attention_unmasked(q[start:end], keys, vals)
+            else:
+                out[start:end] = self._decode_attention(q[start:end], keys, vals, attn.decode_mask[start:end, ..., :ctx])
+            start = end
+        for p in attn.prefills:
+            rows = slice(p.start, p.start + p.length)
+            if p.causal_mask is None:
+                out[rows] = self._sdpa(q[rows], k[rows], v[rows], mask=None, causal=True)
+            else:
+                keys = k_cache[p.kv_slots].to(q.dtype)
+                vals = v_cache[p.kv_slots].to(q.dtype)
+                out[rows] = self._sdpa(q[rows], keys, vals, mask=p.causal_mask, causal=False)
+        return out
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one product."""
+
+    def __init__(self, hidden: int, inter: int, bias: bool = False, reduce: bool = True):
+        super().__init__()
+        # Tensor parallel: each rank holds inter/world columns of gate and of up, and the matching
+        # rows of down; reduce=False leaves the sum over ranks to the caller.
+        state = current_parallel_state()
+        self.inter = inter // state.world_size
+        self.gate_up_proj = nn.Linear(hidden, 2 * self.inter, bias=bias)
+        self.down_proj = row_parallel_linear(self.inter, hidden, bias, state, reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.inter, dim=-1)
+        return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,244 @@
+"""Pangu Pro MoE: Mixture of Grouped Experts (MoGE). Router, stacked experts, dispatch, load counters."""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pangu_infer.config import ModelConfig
+from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.layers import SwiGLU
+from pangu_infer.parallel.load import rank_load_stats
+from pangu_infer.parallel.state import current_parallel_state, rank_range
+
+IMBALANCE_DEVICES = (1, 2, 4, 8)
+
+
+def moge_route(router_logits: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoGE router: softmax over all experts (fp32), then the best expert of each group.
+
+    router_logits: [T, E]. Returns expert ids [T, G] (long, expert g*E/G + j) and their raw
+    global probabilities [T, G] (fp32): no renormalisation. Ties go to the lowest index.
+    """
+    t, e = router_logits.shape
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, local = probs.view(t, num_groups, e // num_groups).max(dim=-1)  # max returns the first maximal index
+    return local + torch.arange(0, e, e // num_groups, device=local.device), weights
+
+
+def imbalance_score(expert_counts: torch.Tensor, num_tokens: torch.Tensor, num_devices: int) -> torch.Tensor:
+    """The paper's IS = (max_i T_i - min_i T_i) / |X| with experts spread over devices in order.
+
+    expert_counts [..., E] (token-expert pairs per expert), num_tokens [...] -> IS [...].
+    """
+    per_device = expert_counts.unflatten(-1, (num_devices, -1)).sum(-1).float()
+    return (per_device.amax(-1) - per_device.amin(-1)) / num_tokens.clamp(min=1)
+
+
+class StackedExperts(nn.Module):
+    """All routed experts of one layer: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * inter, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, inter))
+        # Set by pangu_infer.quant when the experts are quantized or memory-mapped; w13/w2 are then gone.
+        self.impl: Optional[nn.Module] = None
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.impl is not None:
+            return self.impl.expert(e, x)
+        gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
+        return F.linear(F.silu(gate) * up, self.w2[e])
+
+
+class MoGELoad:
+    """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k).
+
+    A step only stacks its two count vectors on a pending list: no host sync and no small ops on
+    the decode path. Pending steps are folded into the totals every FOLD_STEPS steps and
+    whenever the totals are read.
+    """
+
+    FOLD_STEPS = 64
+
+    def __init__(self, num_experts: int, top_k: int):
+        self.top_k = top_k
+        # Host tensors even when the model is built on the meta device.
+        cpu = torch.device("cpu")
+        self._counts = torch.zeros(2, num_experts, dtype=torch.long, device=cpu)  # MoGE, global top-k
+        self._is_sum = torch.zeros(2, len(IMBALANCE_DEVICES), dtype=torch.float64, device=cpu)
+        self._pending: list[torch.Tensor] = []  # [2, E] per step
+        self._pending_tokens: list[int] = []
+        self.steps = 0
+        self.tokens = 0
+
+    @torch.compiler.disable
+    def record(self, expert_counts: torch.Tensor, router_logits: torch.Tensor, num_tokens: int) -> None:
+        # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
+        topk_ids = router_logits.topk(self.top_k, dim=-1).indices
+        topk_counts = torch.bincount(topk_ids.flatten(), minlength=expert_counts.numel())
+        self._pending.append(torch.stack((expert_counts, topk_counts)))
+        self._pending_tokens.append(num_tokens)
+        self.steps += 1
+        self.tokens += num_tokens
+        if len(self._pending) >= self.FOLD_STEPS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        counts = torch.stack(self._pending).cpu()  # [S, 2, E]
+        tokens = torch.tensor(self._pending_tokens, dtype=torch.float64)[:, None]  # [S, 1]
+        self._pending, self._pending_tokens = [], []
+        self._counts += counts.sum(0)
+        for i, d in enumerate(IMBALANCE_DEVICES):
+            self._is_sum[:, i] += imbalance_score(counts, tokens, d).sum(0)
+
+    @property
+    def moge_counts(self) -> torch.Tensor:
+        self._fold()
+        return self._counts[0]
+
+    @property
+    def topk_counts(self) -> torch.Tensor:
+        self._fold()
+        return self._counts[1]
+
+    def as_dict(self, num_groups: int) -> dict:
+        self._fold()
+        steps = max(self.steps, 1)
+        moge_is, topk_is = self._is_sum.tolist()
+        return {
+            "tokens": self.tokens,
+            "steps": self.steps,
+            "expert_tokens": self.moge_counts.tolist(),
+            "group_tokens": self.moge_counts.view(num_groups, -1).sum(-1).tolist(),
+            "imbalance_score": {d: v / steps for d, v in zip(IMBALANCE_DEVICES, moge_is)},
+            "global_topk_expert_tokens": self.topk_counts.tolist(),
+            "global_topk_imbalance_score": {d: v / steps for d, v in zip(IMBALANCE_DEVICES, topk_is)},
+        }
+
+
+class MoGEBlock(nn.Module):
+    """Routed experts (one per group per token) plus the always-on shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.num_groups = cfg.num_expert_groups
+        self.parallel = current_parallel_state()
+        # Expert parallel: this rank holds whole groups, experts [start, stop) (all in one process).
+        self.local_experts = rank_range(cfg.num_experts, self.parallel)
+        self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
+        self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
+        self.experts = StackedExperts(len(self.local_experts), cfg.hidden_size, cfg.moe_intermediate_size)
+        # Its partial sum joins the routed experts' in the one collective of forward().
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce=False)
+        self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
+        self.track_load = True
+
+    @property
+    def local_expert_tokens(self) -> int:
+        """Token-expert pairs this rank's experts computed (read from the load counters)."""
+        return int(self.load.moge_counts[self.local_experts.start : self.local_experts.stop].sum())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.shape[0]
+        logits = self.gate(x)
+        expert_ids, probs = moge_route(logits, self.num_groups)
+        weights = probs.to(x.dtype) * self.router_scale[0, expert_ids]  # [T, G]
+        flat_experts = expert_ids.flatten()
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        if self.track_load:
+            self.load.record(counts, logits, t)
+        out = self.shared_expert(x)
+        routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
+        out = out + routed
+        if self.parallel.is_parallel:
+            self.parallel.all_reduce(out)
+        return out
+
+    @torch.compiler.disable  # data-dependent expert sizes: runs eagerly inside a compiled step
+    def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
+        """Group the token-expert pairs by expert; one product per expert that received tokens.
+
+        Inputs, weights and the scatter are batched over all pairs: at decode the per-op cost,
+        not the arithmetic, is what a step of small expert products pays for.
+        """
+        local = self.local_experts
+        order = flat_experts.argsort(stable=True)
+        # Pairs are sorted by expert: this rank's are one contiguous run.
+        begin = int(counts[: local.start].sum()) if local.start else 0
+        local_counts = counts[local.start : local.stop].tolist()
+        pairs = order[begin : begin + sum(local_counts)]
+        tokens = pairs // self.num_groups
+        xs = x[tokens]
+        ys = []
+        start = 0
+        for e, n in enumerate(local_counts):
+            if n:
+                ys.append(self.experts.expert(e, xs[start : start + n]))
+                start += n
+        out = torch.zeros_like(x)
+        if ys:
+            # One scatter for all pairs: in bf16 a token's expert outputs are summed in fp32, then rounded.
+            out.index_add_(0, tokens, torch.cat(ys) * flat_weights[pairs, None])
+        return out
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+class PanguProMoEForCausalLM(DecoderForCausalLM):
+    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly
+
+    def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
+        return MoGEBlock(cfg)
+
+    def expected_mlp_names(self, prefix: str) -> list[str]:
+        names = [prefix + "gate.weight", prefix + "router_scale"]
+        for e in range(self.config.num_experts):
+            names += [f"{prefix}experts.{e}.{proj}_proj.weight" for proj in ("gate", "up", "down")]
+        names += [f"{prefix}shared_expert.{proj}_proj.weight" for proj in ("gate", "up", "down")]
+        return names
+
+    def map_weight_name(self, name: str) -> tuple[str, Optional[tuple]]:
+        m = _EXPERT.match(name)
+        if m is None:
+            return super().map_weight_name(name)
+        # Index into this rank's stacked experts (the loader only passes this rank's own).
+        prefix, proj = m.group(1), m.group(3)
+        e = int(m.group(2)) - rank_range(self.config.num_experts, self.parallel).start
+        inter = self.config.moe_intermediate_size
+        if proj == "down":
+            return f"{prefix}.w2", (e,)
+        start = 0 if proj == "gate" else inter
+        return f"{prefix}.w13", (e, slice(start, start + inter))
+
+    def moe_layers(self) -> list[MoGEBlock]:
+        return [layer.mlp for layer in self.model.layers]
+
+    def moe_stats(self) -> dict:
+        layers = [m.load.as_dict(self.config.num_expert_groups) for m in self.moe_layers()]
+        n = max(len(layers), 1)
+
+        def mean(key: str) -> dict:
+            return {d: sum(l[key][d] for l in layers) / n for d in IMBALANCE_DEVICES}
+
+        stats = {
+            "num_experts": self.config.num_experts,
+            "num_groups": self.config.num_expert_groups,
+            "layers": layers,
+            "imbalance_score": mean("imbalance_score"),
+            "global_topk_imbalance_score": mean("global_topk_imbalance_score"),
+        }
+        # Tokens each rank's experts computed, per layer, as each rank counted them.
+        rank_tokens = self.parallel.counts_per_rank([m.local_expert_tokens for m in self.moe_layers()])
+        stats["ranks"] = rank_load_stats(stats, rank_tokens, self.parallel.world_size)
+        return stats

@@ -1,0 +1,357 @@
+"""Multi-process tensor parallelism: rank 0 runs the engine, the other ranks replay its forwards.
+
+Rank 0 holds the real LLMEngine. A forward pre-hook on its model broadcasts each call's inputs
+(input ids, positions, attention metadata) over a control group; every other rank runs the same
+forward on its shard with its own KV-cache shard, so the collectives inside the layers match.
+
+Two ways in:
+- spawned: `LLM(model, tensor_parallel_size=N)` in a plain process starts ranks 1..N-1 itself
+  (`python -m pangu_infer.parallel.worker`, one machine); they report load errors to rank 0 through a
+  socket pair, and exit when it closes (rank 0 gone).
+- torchrun: every rank runs the same command (`RANK`/`WORLD_SIZE` set by torchrun, one or many
+  machines); on ranks != 0 `LLM(...)` serves rank 0's steps, then ends the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields, replace
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from pangu_infer.config import ModelConfig
+from pangu_infer.device import distributed_backend, rank_device
+from pangu_infer.loader import LoadedModel, load_model, resolve_model_path
+from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.layers import AttentionBatch, PrefillSlice
+from pangu_infer.parallel.errors import ParallelStartupError
+from pangu_infer.parallel.state import ParallelState, building_shard, check_parallel_config
+
+logger = logging.getLogger("pangu_infer.parallel")
+
+# Bounds that turn a stuck start into an error: a rank's weight loading, then joining the group.
+LOAD_TIMEOUT_S = 1800.0
+JOIN_TIMEOUT_S = 60.0
+# A collective inside a forward waits at most this long for a peer (a dead rank ends the run).
+COMPUTE_TIMEOUT = timedelta(seconds=120)
+# Workers wait for rank 0's next step as long as the server idles.
+IDLE_TIMEOUT = timedelta(days=365)
+
+
+def launched_by_torchrun() -> bool:
+    """True in a process torchrun started as one rank of a group of more than one."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+def load_tensor_parallel(
+    model: Optional[str], world_size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[LoadedModel, "TensorParallelDriver"]:
+    """Load rank 0's shard with every other rank loading its own; returns once all ranks joined.
+
+    Under torchrun this returns only on rank 0: the other ranks serve rank 0's steps and exit.
+    """
+    path = resolve_model_path(model)
+    check_parallel_config(_read_config(path), world_size)
+    if launched_by_torchrun():
+        return _load_torchrun(path, world_size, dtype, device)
+    return _load_spawned(path, world_size, dtype, device)
+
+
+# ---------------------------------------------------------------------- rank 0
+class TensorParallelDriver:
+    """Rank 0's side: sends each forward's inputs, the KV-cache shape and shutdown to the workers."""
+
+    def __init__(
+        self,
+        state: ParallelState,
+        control: dist.ProcessGroup,
+        device: torch.device,
+        procs: Optional[list[subprocess.Popen]] = None,
+        pipes: Optional[list[Connection]] = None,
+    ):
+        self.state = state
+        self.control = control
+        self.device = device
+        self.procs = procs or []
+        # Held open while rank 0 lives: a worker whose socket closes knows rank 0 is gone and exits.
+        self.pipes = pipes or []
+        self.broadcast_seconds = 0.0  # time spent sending step inputs to the workers
+        self._closed = False
+
+    def attach(self, model: DecoderForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype) -> None:
+        """Give every worker a KV cache like rank 0's, then mirror each forward of `model`."""
+        self._send(("kv_cache", num_blocks, block_size, kv_dtype))
+        model.register_forward_pre_hook(self._mirror_forward, with_kwargs=True)
+        self.state.gather_counts = self._gather_expert_tokens
+
+    def _mirror_forward(self, module, args: tuple, kwargs: dict) -> None:
+        self._send(("forward", _to_device(args, _CPU), _to_device(kwargs, _CPU)))
+
+    def _gather_expert_tokens(self, local: list[int]) -> list[list[int]]:
+        """[layer][rank] token-expert pairs each rank's experts computed, as each rank counted them."""
+        self._send(("expert_tokens",))
+        gathered: list[Any] = [None] * self.state.world_size
+        dist.gather_object(local, gathered, dst=0, group=self.control)
+        return [list(per_layer) for per_layer in zip(*gathered)]
+
+    def _send(self, message: tuple) -> None:
+        if self._closed:
+            raise RuntimeError("the tensor-parallel workers were shut down; create a new LLM")
+        start = time.perf_counter()
+        dist.broadcast_object_list([message], src=0, group=self.control)
+        self.broadcast_seconds += time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        """Stop the workers and leave the process group; safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self._send(("shutdown",))
+            dist.barrier(group=self.control)  # every rank leaves its loop before any group is torn down
+        except Exception as e:  # a dead worker: terminate below
+            logger.warning("tensor-parallel shutdown message failed: %s", e)
+        self._closed = True
+        _stop(self.procs, grace_s=10.0)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- spawned workers
+@dataclass
+class _WorkerArgs:
+    rank: int
+    world_size: int
+    path: str
+    dtype: torch.dtype
+    device: torch.device
+    init_method: str
+    num_threads: int
+
+
+def _load_spawned(
+    path: str, world_size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[LoadedModel, TensorParallelDriver]:
+    if dist.is_initialized():
+        raise RuntimeError(
+            "a tensor-parallel LLM is already running in this process: call its shutdown() first "
+            "(torch.distributed holds one process group per process)"
+        )
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    procs, conns = [], []
+    try:
+        for rank in range(1, world_size):
+            proc, conn = _start_worker(_WorkerArgs(rank, world_size, path, dtype, device, init_method, torch.get_num_threads()))
+            procs.append(proc)
+            conns.append(conn)
+        state = ParallelState(0, world_size)
+        dev = rank_device(device, 0)
+        with building_shard(state):
+            loaded = load_model(path, dtype, dev)
+        _wait_until_loaded(procs, conns)
+        control = _join_group(distributed_backend(dev), init_method, 0, world_size)
+    except BaseException:
+        _stop(procs, grace_s=0.0)
+        raise
+    return loaded, TensorParallelDriver(state, control, dev, procs, conns)
+
+
+def _start_worker(args: _WorkerArgs) -> tuple[subprocess.Popen, Connection]:
+    """A fresh interpreter (nothing of the caller's __main__ re-imported), linked by a socket pair."""
+    ours, theirs = socket.socketpair()
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    with theirs:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pangu_infer.parallel.worker", str(theirs.fileno())], pass_fds=(theirs.fileno(),), env=env
+        )
+    conn = Connection(ours.detach())
+    conn.send(args)
+    return proc, conn
+
+
+def _wait_until_loaded(procs: list[subprocess.Popen], conns: list[Connection]) -> None:
+    """Wait for every worker's "loaded" or error; a crash or a silent worker fails the start."""
+    world = len(procs) + 1
+    index = {conn: (rank, proc) for rank, (conn, proc) in enumerate(zip(conns, procs), start=1)}
+    pending = set(conns)
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            ranks = sorted(index[c][0] for c in pending)
+            raise ParallelStartupError(f"tensor-parallel rank(s) {ranks} of {world} did not load within {LOAD_TIMEOUT_S:.0f} s")
+        for conn in wait(list(pending), timeout=left):
+            rank, proc = index[conn]
+            try:
+                kind, detail = conn.recv()
+            except EOFError:  # the worker died before it could report (its end of the socket closed)
+                raise ParallelStartupError(
+                    f"tensor-parallel rank {rank} of {world} exited with code {proc.wait(5.0)} while loading "
+                    f"(killed for lack of memory? its stderr is above)"
+                ) from None
+            if kind == "error":
+                raise ParallelStartupError(f"tensor-parallel rank {rank} of {world} failed at startup: {detail}")
+            pending.discard(conn)
+
+
+def run_spawned_worker(conn: Connection) -> None:
+    """The body of `python -m pangu_infer.parallel.worker`: load this rank's shard, report, serve."""
+    args: _WorkerArgs = conn.recv()
+    torch.set_num_threads(args.num_threads)
+    state = ParallelState(args.rank, args.world_size)
+    try:
+        device = rank_device(args.device, args.rank)
+        with building_shard(state):
+            loaded = load_model(args.path, args.dtype, device, load_tokenizer=False)
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    conn.send(("loaded", None))
+    threading.Thread(target=_exit_when_parent_dies, args=(conn,), daemon=True).start()
+    control = _join_group(distributed_backend(device), args.init_method, args.rank, args.world_size)
+    _serve(loaded.model, control, device)
+    dist.destroy_process_group()
+
+
+def _exit_when_parent_dies(conn: Connection) -> None:
+    try:
+        conn.recv()  # rank 0 never writes: this returns only when its end closes
+    except EOFError:
+        pass
+    os._exit(1)
+
+
+# ---------------------------------------------------------------------- torchrun
+def _load_torchrun(
+    path: str, world_size: int, dtype: torch.dtype, device: torch.device
+) -> tuple[LoadedModel, TensorParallelDriver]:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if world != world_size:
+        raise ValueError(
+            f"torchrun started WORLD_SIZE={world} ranks but tensor_parallel_size={world_size}: pass "
+            f"--tensor-parallel-size {world} (one rank per tensor-parallel shard)"
+        )
+    dev = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
+    control = _join_group(distributed_backend(dev), "env://", rank, world)
+    state = ParallelState(rank, world)
+    error = None
+    try:
+        with building_shard(state):
+            loaded = load_model(path, dtype, dev, load_tokenizer=rank == 0)
+    except Exception as e:  # reported to every rank below, then raised
+        error = f"{type(e).__name__}: {e}"
+    dist.monitored_barrier(group=control, timeout=timedelta(seconds=LOAD_TIMEOUT_S))
+    errors: list[Any] = [None] * world
+    dist.all_gather_object(errors, error, group=control)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        dist.destroy_process_group()
+        r, e = failed[0]
+        raise ParallelStartupError(f"tensor-parallel rank {r} of {world} failed at startup: {e}")
+    if rank != 0:
+        _serve(loaded.model, control, dev)
+        dist.destroy_process_group()
+        raise SystemExit(0)
+    return loaded, TensorParallelDriver(state, control, dev)
+
+
+# ---------------------------------------------------------------------- both
+def _join_group(backend: str, init_method: str, rank: int, world_size: int) -> dist.ProcessGroup:
+    """Join the compute group (the model's collectives) and a gloo control group (step messages)."""
+    try:
+        dist.init_process_group(
+            backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=JOIN_TIMEOUT_S)
+        )
+    except Exception as e:  # the store's timeout or a refused connection
+        raise ParallelStartupError(
+            f"tensor-parallel rank {rank} could not join the {world_size}-rank group at {init_method} "
+            f"within {JOIN_TIMEOUT_S:.0f} s: {e}"
+        ) from None
+    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    try:
+        dist.monitored_barrier(group=control, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+    except Exception as e:  # names the ranks that never arrived
+        raise ParallelStartupError(f"tensor-parallel rank {rank}: the first barrier failed: {e}") from None
+    return control
+
+
+@torch.inference_mode()
+def _serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.device) -> None:
+    """A worker's loop: run each forward rank 0 runs, on this rank's shard, until shutdown."""
+    from pangu_infer.engine.runner import ModelRunner
+
+    runner = None
+    while True:
+        message: list[Any] = [None]
+        dist.broadcast_object_list(message, src=0, group=control)
+        kind, *body = message[0]
+        if kind == "forward":
+            args, kwargs = body
+            model(*_to_device(args, device), **_to_device(kwargs, device))
+        elif kind == "kv_cache":
+            num_blocks, block_size, kv_dtype = body
+            runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
+        elif kind == "expert_tokens":
+            dist.gather_object([m.local_expert_tokens for m in model.moe_layers()], None, dst=0, group=control)
+        elif kind == "shutdown":
+            if runner is not None:
+                runner.release()
+            dist.barrier(group=control)
+            return
+        else:
+            raise AssertionError(f"unknown control message {kind!r}")
+
+
+_CPU = torch.device("cpu")
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """Step inputs travel through the CPU control group; each rank moves them to its own device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (AttentionBatch, PrefillSlice)):
+        return replace(obj, **{f.name: _to_device(getattr(obj, f.name), device) for f in fields(obj)})
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _read_config(path: str) -> ModelConfig:
+    if path.endswith(".gguf"):
+        from pangu_infer.loader.gguf import read_gguf
+
+        return ModelConfig.from_hf_dict(read_gguf(path).config)
+    return ModelConfig.from_file(path)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(5.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

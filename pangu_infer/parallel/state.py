@@ -1,0 +1,160 @@
+"""Which shard this process holds (rank, world size) and the collectives the model layers call."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from pangu_infer.config import ModelConfig
+
+
+@dataclass
+class ParallelState:
+    """One rank of a tensor-parallel group. World size 1 means no communication at all."""
+
+    rank: int = 0
+    world_size: int = 1
+    # Seconds and calls spent in collectives inside the model forward (benchmarks read these).
+    collective_seconds: float = field(default=0.0, compare=False)
+    collective_calls: int = field(default=0, compare=False)
+    # Set on rank 0 by the driver: collects a list of counts from every rank ([item][rank]).
+    gather_counts: Optional[Callable[[list[int]], list[list[int]]]] = field(default=None, compare=False, repr=False)
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.world_size > 1
+
+    def counts_per_rank(self, local: list[int]) -> list[list[int]]:
+        """[item][rank] from every rank's own counts (just this rank's in one process)."""
+        if self.gather_counts is None:
+            return [[c] for c in local]
+        return self.gather_counts(local)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place."""
+        start = time.perf_counter()
+        dist.all_reduce(x)
+        self.collective_seconds += time.perf_counter() - start
+        self.collective_calls += 1
+        return x
+
+
+SINGLE_PROCESS = ParallelState()
+_current: ParallelState = SINGLE_PROCESS
+
+
+def current_parallel_state() -> ParallelState:
+    """The state model layers read while they are built (world size 1 outside `building_shard`)."""
+    return _current
+
+
+@contextlib.contextmanager
+def building_shard(state: ParallelState) -> Iterator[ParallelState]:
+    """Layers built inside this block hold the shard of `state`'s rank."""
+    global _current
+    previous, _current = _current, state
+    try:
+        yield state
+    finally:
+        _current = previous
+
+
+def check_tensor_parallel_size(world_size: object) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"tensor_parallel_size={world_size!r} must be a positive integer")
+
+
+def check_parallel_config(cfg: ModelConfig, world_size: int) -> None:
+    """Every divisibility the shard layout needs, checked before any process is started."""
+    check_tensor_parallel_size(world_size)
+    if cfg.quantization_config:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} with a pre-quantized checkpoint "
+            f"(quantization_config={cfg.quantization_config!r}): not supported together yet"
+        )
+    if world_size == 1:
+        return
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    if heads % world_size:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} must divide num_attention_heads={heads} (heads are split across ranks)"
+        )
+    if kv % world_size and world_size % kv:
+        raise ValueError(
+            f"tensor_parallel_size={world_size} and num_key_value_heads={kv}: one must divide the other "
+            f"(KV heads are split, or replicated when there are fewer than ranks)"
+        )
+    widths = {"intermediate_size": cfg.intermediate_size}
+    if cfg.is_moge:
+        widths = {"shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
+        if cfg.num_expert_groups % world_size:
+            raise ValueError(
+                f"tensor_parallel_size={world_size} must divide num_expert_groups={cfg.num_expert_groups} "
+                f"(each rank holds whole expert groups): use 1, 2, 4 or 8 for Pangu Pro MoE"
+            )
+    for name, width in widths.items():
+        if width % world_size:
+            raise ValueError(f"tensor_parallel_size={world_size} must divide {name}={width} (the MLP is split across ranks)")
+
+
+@dataclass(frozen=True)
+class HeadShard:
+    """The attention heads one rank holds: query heads [q_start, q_start+q_count), KV heads likewise."""
+
+    q_start: int
+    q_count: int
+    kv_start: int
+    kv_count: int
+
+
+def head_shard(cfg: ModelConfig, state: ParallelState) -> HeadShard:
+    """Query heads split evenly; KV heads split too, or the one KV head its query heads read is
+    replicated on each rank when there are fewer KV heads than ranks."""
+    heads, kv, n, r = cfg.num_attention_heads, cfg.num_key_value_heads, state.world_size, state.rank
+    q_count = heads // n
+    if kv >= n:
+        return HeadShard(r * q_count, q_count, r * (kv // n), kv // n)
+    queries_per_kv = heads // kv
+    return HeadShard(r * q_count, q_count, (r * q_count) // queries_per_kv, 1)
+
+
+class RowParallelLinear(nn.Linear):
+    """y = sum over ranks of x_r @ W_r^T, then the bias once: each rank holds in_features/world columns.
+
+    With reduce=False the partial sum is returned (the caller reduces several partial sums in one
+    collective) and only rank 0 adds the bias, so the later sum still counts it once.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, state: ParallelState, reduce: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.state = state
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.reduce:
+            self.state.all_reduce(y)
+            return y if self.bias is None else y + self.bias
+        return y if self.bias is None or self.state.rank != 0 else y + self.bias
+
+
+def row_parallel_linear(
+    in_features: int, out_features: int, bias: bool, state: ParallelState, reduce: bool = True
+) -> nn.Linear:
+    """A plain nn.Linear in a single process (so that path is unchanged), RowParallelLinear otherwise."""
+    if not state.is_parallel:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return RowParallelLinear(in_features, out_features, bias, state, reduce)
+
+
+def rank_range(total: int, state: ParallelState) -> range:
+    """This rank's contiguous share of `total` items (experts, MLP columns)."""
+    per = total // state.world_size
+    return range(state.rank * per, (state.rank + 1) * per)

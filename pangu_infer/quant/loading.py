@@ -1,0 +1,380 @@
+"""Quantize while loading, and keep MoGE experts memory-mapped: the hook `load_weights` calls.
+
+`DecoderForCausalLM.load_weights(weights, dtype, device, hook=...)` hands every checkpoint
+tensor to `hook.take(name, target, index, tensor)` after checking its name and shape; a tensor
+the hook takes is not placed in the float parameter. `hook.finish(model)` then swaps the
+quantized modules in. Peak memory is the quantized model plus one float tensor (quantized in
+row slices), never a float copy of a fused parameter: see `pangu_infer.quant.formats` for why
+quantizing the pieces of qkv_proj / gate_up_proj / w13 apart equals quantizing them fused.
+
+Each weight is laid out for its kernel (`PackedWeight`) as soon as its last rows arrive, and its
+portable form freed: a portable copy of the whole model never waits for `finish` next to the
+packed one. The pages of the mapped checkpoint a quantized tensor is read from are dropped
+slice by slice as it is quantized, and the heap is trimmed every TRIM_EVERY_BYTES of float weights.
+
+Which weights are quantized: every nn.Linear (attention, MLPs, shared experts, lm_head), the
+routed experts (w13, w2) and the token embedding. The MoGE router (`mlp.gate`, hidden x 64)
+stays float: it is 0.1% of a layer and its argmax picks the experts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable, Iterator, Optional, Union
+
+import torch
+from torch import nn
+
+from pangu_infer.loader.memory import drop_mapped_pages, trim_heap
+from pangu_infer.models.dense import DecoderForCausalLM, WeightError
+from pangu_infer.models.moge import MoGEBlock, StackedExperts
+from pangu_infer.quant.formats import (
+    QuantizationConfig,
+    QuantizationError,
+    QuantizedTensor,
+    parse_quantization,
+    quantize,
+)
+from pangu_infer.quant.modules import (
+    CPU_INT4_ROWS,
+    KERNEL_DTYPE,
+    OffloadedExperts,
+    PackedWeight,
+    QuantizedEmbedding,
+    QuantizedExperts,
+    QuantizedLinear,
+)
+
+TRIM_EVERY_BYTES = 256 << 20
+SCALE_SUFFIX = "_scale"
+ZERO_SUFFIX = "_zero"
+_EXPERT_PROJ = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
+
+Weight = Union[torch.Tensor, QuantizedTensor]
+
+
+def quantizable_weights(model: DecoderForCausalLM) -> dict[str, str]:
+    """Parameter name -> kind ("linear", "embedding", "experts") of every weight quantization covers."""
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoGEBlock)}
+    out: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and id(module) not in routers:
+            out[f"{name}.weight"] = "linear"
+        elif isinstance(module, nn.Embedding):
+            out[f"{name}.weight"] = "embedding"
+        elif isinstance(module, StackedExperts):
+            out[f"{name}.w13"] = out[f"{name}.w2"] = "experts"
+    return out
+
+
+def quantized_method(config: QuantizationConfig, shape: torch.Size) -> Optional[QuantizationConfig]:
+    """The setting one weight of this shape is stored with; None keeps it float (int4, K % 32 != 0)."""
+    if config.method == "int8":
+        return config
+    group = config.group_for(shape[-1])
+    return None if group is None else QuantizationConfig("int4", group)
+
+
+def resolve_quantization(
+    model: DecoderForCausalLM, quantization: Any, int4_group_size: Optional[int] = None
+) -> Optional[QuantizationConfig]:
+    """The user's choice checked against a pre-quantized checkpoint's `quantization_config`."""
+    wanted = parse_quantization(quantization, int4_group_size)
+    stored = model.config.quantization_config
+    if stored is None:
+        return wanted
+    stored_cfg = QuantizationConfig.from_hf(stored)
+    if wanted is not None and wanted.method != stored_cfg.method:
+        raise QuantizationError(
+            f"quantization={wanted.method!r} was asked for, but the checkpoint is pre-quantized "
+            f"with {stored_cfg.method!r}; pass quantization={stored_cfg.method!r} or None"
+        )
+    return stored_cfg
+
+
+class LoadHook:
+    """Takes the weights that are quantized or offloaded while `load_weights` runs."""
+
+    def __init__(
+        self,
+        model: DecoderForCausalLM,
+        quantization: Optional[QuantizationConfig],
+        offload_experts: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+        memory_mapped: bool = False,
+    ):
+        cfg = model.config
+        if offload_experts and not cfg.is_moge:
+            raise ValueError(
+                f"offload_experts=True needs a MoGE model with routed experts; {cfg.architecture} has none"
+            )
+        if offload_experts and device.type != "cpu":
+            raise ValueError(f"offload_experts=True keeps experts memory-mapped in host memory: device={device} must be cpu")
+        if quantization is not None and model.parallel.is_parallel:
+            raise ValueError(
+                f"quantization={quantization.method!r} with tensor parallelism (world size "
+                f"{model.parallel.world_size}) is not supported yet: its row-parallel linears would lose their all-reduce"
+            )
+        self.model = model
+        self.memory_mapped = memory_mapped
+        self.released = 0
+        self.quantization = quantization
+        self.offload_experts = offload_experts
+        self.dtype = dtype
+        self.device = device
+        self.params = dict(model.named_parameters())
+        self.kinds = quantizable_weights(model)
+        # Fused targets still waiting for rows: the portable tensor, and the pieces already in
+        # (index -> qweight elements; a piece that comes again overwrites its rows, as floats do).
+        self.pending: dict[str, QuantizedTensor] = {}
+        self.filled: dict[str, dict[tuple, int]] = {}
+        # Complete targets: the kernel layout (linears, experts) or the portable tensor (embeddings).
+        self.ready: dict[str, Union[PackedWeight, QuantizedTensor]] = {}
+        # StackedExperts module name -> {"gate"|"up"|"down": [view per expert]}
+        self.offloaded: dict[str, dict[str, list]] = {}
+
+    def _setting(self, target: str) -> Optional[QuantizationConfig]:
+        if target not in self.kinds or self.quantization is None:
+            return None
+        return quantized_method(self.quantization, self.params[target].shape)
+
+    def weights(self, weights: Iterable[tuple[str, Weight]]) -> Iterator[tuple[str, Weight]]:
+        """The checkpoint's tensors, those that stay float copied out of the mapped file.
+
+        With quantization, a float view (a norm weight, a bias) would keep its whole shard
+        mapped, and every page the quantizer read would stay resident: peak memory would be the
+        whole float checkpoint. The copies are small; the quantized tensors are read in place.
+        """
+        for name, tensor in weights:
+            if self.quantization is not None and isinstance(tensor, torch.Tensor):
+                target = self.model.map_weight_name(name)[0]
+                offloaded = self.offload_experts and self.kinds.get(target) == "experts"
+                if not offloaded and self._setting(target) is None:
+                    tensor = tensor.clone()
+            yield name, tensor
+
+    def take(self, name: str, target: str, index: Optional[tuple], tensor: Weight) -> bool:
+        kind = self.kinds.get(target)
+        if self.offload_experts and kind == "experts":
+            self._offload(name, target, index, tensor)
+            return True
+        setting = self._setting(target)
+        if setting is None:
+            if isinstance(tensor, QuantizedTensor):
+                raise WeightError(f"tensor {name!r} is quantized ({tensor.method}), but this model keeps {target!r} in float")
+            return False
+        if isinstance(tensor, QuantizedTensor):
+            qt = _check_stored(name, tensor, setting)
+        else:
+            mapped = self.memory_mapped and tensor.device.type == "cpu"
+            # Each slice of rows gives its pages back as soon as it is quantized, not the whole tensor at the end.
+            qt = quantize(tensor, setting, done=drop_mapped_pages if mapped else None)
+            self._release(tensor)
+        if index is not None:
+            if target in self.ready:
+                raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
+            qt = self._place(target, index, qt)
+        if qt is not None:
+            self._complete(target, qt)
+        return True
+
+    def _complete(self, target: str, qt: QuantizedTensor) -> None:
+        """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
+        self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device)
+
+    def _release(self, tensor: torch.Tensor) -> None:
+        """Give back the memory a float tensor took while it was quantized (Linux).
+
+        Its pages of the mapped checkpoint would stay resident until the whole shard is closed,
+        and the quantizer's freed temporaries stay in the heap: together ~0.25x of the float
+        model on the benchmark. Only file-backed views are dropped (they re-read from the file).
+        """
+        if self.memory_mapped and tensor.device.type == "cpu":
+            drop_mapped_pages(tensor)
+        self.released += tensor.numel() * tensor.element_size()
+        if self.released >= TRIM_EVERY_BYTES:
+            self.released = 0
+            trim_heap()
+
+    def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> Optional[QuantizedTensor]:
+        """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter.
+
+        Returns the fused tensor once all its rows are in (and forgets it), else None.
+        """
+        full = self.pending.get(target)
+        if full is None:
+            shape = self.params[target].shape
+            lead, k = tuple(shape[:-1]), shape[-1]
+            groups = qt.scale.shape[-1:] if qt.method == "int4" else ()
+            full = QuantizedTensor(
+                qt.method,
+                torch.empty(*lead, k if qt.method == "int8" else k // 2, dtype=qt.qweight.dtype),
+                torch.empty(*lead, *groups, dtype=qt.scale.dtype),
+                None if qt.zero is None else torch.empty(*lead, *groups, dtype=qt.zero.dtype),
+            )
+            self.pending[target] = full
+        full.qweight[index].copy_(qt.qweight)
+        full.scale[index].copy_(qt.scale)
+        if qt.zero is not None:
+            full.zero[index].copy_(qt.zero)
+        pieces = self.filled.setdefault(target, {})
+        pieces[_index_key(index)] = qt.qweight.numel()
+        if sum(pieces.values()) < full.qweight.numel():
+            return None
+        del self.filled[target]
+        return self.pending.pop(target)
+
+    def _offload(self, name: str, target: str, index: tuple, tensor: Weight) -> None:
+        m = _EXPERT_PROJ.search(name)
+        assert m is not None, name
+        expert, proj = index[0], m.group(1)  # index[0]: the expert's slot in this rank's stack
+        module = target.rpartition(".")[0]
+        if isinstance(tensor, QuantizedTensor):
+            raise QuantizationError(
+                f"offload_experts=True needs float experts, but {name!r} is stored as {tensor.method}: the "
+                "kernels need aligned, repacked copies; offload from the float checkpoint (with quantization= "
+                "for the rest of the model)"
+            )
+        n = len(self.params[target])
+        lists = self.offloaded.setdefault(module, {p: [None] * n for p in ("gate", "up", "down")})
+        lists[proj][expert] = tensor  # the memory-mapped view itself: paged in by the OS, never copied
+
+    def finish(self, model: DecoderForCausalLM) -> None:
+        # After load_weights (which checks that every tensor came) nothing is pending; a fused
+        # parameter some of whose pieces never came is laid out as it is.
+        while self.pending:
+            target, qt = self.pending.popitem()
+            self.filled.pop(target, None)
+            self._complete(target, qt)
+        experts: dict[str, dict[str, PackedWeight]] = {}
+        while self.ready:
+            target, weight = self.ready.popitem()
+            module_name, _, attr = target.rpartition(".")
+            module = model.get_submodule(module_name)
+            kind = self.kinds[target]
+            if kind == "linear":
+                _replace(model, module_name, QuantizedLinear(weight, module.bias))
+            elif kind == "embedding":
+                _replace(model, module_name, QuantizedEmbedding(weight, self.dtype, self.device))
+                if model.lm_head is None:  # tied head: int8 shares the embedding's tensors
+                    model.lm_head = QuantizedLinear(PackedWeight(weight, self.device), None)
+            else:
+                experts.setdefault(module_name, {})[attr] = weight
+        for module_name, w in experts.items():
+            module = model.get_submodule(module_name)
+            module.impl = QuantizedExperts(w["w13"], w["w2"], module.inter)
+            del module.w13, module.w2
+        for module_name, lists in self.offloaded.items():
+            module = model.get_submodule(module_name)
+            module.impl = OffloadedExperts(lists["gate"], lists["up"], lists["down"])
+            del module.w13, module.w2
+        trim_heap()
+
+
+def _index_key(index: tuple) -> tuple:
+    return tuple((i.start, i.stop, i.step) if isinstance(i, slice) else i for i in index)
+
+
+def _check_stored(name: str, qt: QuantizedTensor, setting: QuantizationConfig) -> QuantizedTensor:
+    if qt.method != setting.method or (qt.method == "int4" and qt.group_size != setting.group_size):
+        raise WeightError(
+            f"tensor {name!r} is stored as {qt.method} with group size {qt.group_size}, expected "
+            f"{setting.method}" + (f" with group size {setting.group_size}" if setting.method == "int4" else "")
+        )
+    return qt
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def make_load_hook(
+    model: DecoderForCausalLM,
+    quantization: Any,
+    offload_experts: bool,
+    dtype: torch.dtype,
+    device: torch.device,
+    memory_mapped: bool = True,
+    int4_group_size: Optional[int] = None,
+) -> Optional[LoadHook]:
+    """The hook for load_weights, or None for a plain float load.
+
+    int4_group_size: the group when `quantization` is just "int4" (GGUF sources pass 32).
+    """
+    config = resolve_quantization(model, quantization, int4_group_size)
+    if offload_experts and not memory_mapped:
+        raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are dequantized copies")
+    if config is None and not offload_experts:
+        return None
+    return LoadHook(model, config, offload_experts, dtype, device, memory_mapped)
+
+
+def iter_quantized_safetensors(files: list[str]) -> Iterator[tuple[str, Weight]]:
+    """(HF name, tensor or QuantizedTensor) from a `pangu-infer quantize` checkpoint, memory-mapped."""
+    from pangu_infer.loader.safetensors import open_safetensors
+
+    for path in files:
+        with open_safetensors(path) as f:
+            keys = set(f.keys())
+            parts = {k + suffix for k in keys for suffix in (SCALE_SUFFIX, ZERO_SUFFIX)} & keys
+            for name in sorted(keys - parts):
+                tensor = f.get_tensor(name)
+                if name + SCALE_SUFFIX not in keys:
+                    yield name, tensor
+                    continue
+                method = {torch.int8: "int8", torch.uint8: "int4"}.get(tensor.dtype)
+                if method is None:
+                    raise WeightError(f"quantized tensor {name!r} in {path} has dtype {tensor.dtype}, expected int8 or uint8")
+                zero = f.get_tensor(name + ZERO_SUFFIX) if name + ZERO_SUFFIX in keys else None
+                yield name, QuantizedTensor(method, tensor, f.get_tensor(name + SCALE_SUFFIX), zero)
+
+
+def quantized_weight_bytes(
+    model: DecoderForCausalLM,
+    dtype: torch.dtype,
+    quantization: Optional[QuantizationConfig],
+    offload_experts: bool = False,
+) -> int:
+    """Resident bytes of the weights after loading with this setting (what the memory planner uses)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    scale_elem = torch.empty((), dtype=KERNEL_DTYPE).element_size()
+    kinds = quantizable_weights(model) if quantization is not None or offload_experts else {}
+    total = 0
+    for name, p in model.named_parameters():
+        kind = kinds.get(name)
+        if offload_experts and kind == "experts":
+            continue  # memory-mapped, paged in per expert
+        setting = None if kind is None or quantization is None else quantized_method(quantization, p.shape)
+        if setting is None:
+            total += p.numel() * elem
+            continue
+        lead = p.numel() // (p.shape[-2] * p.shape[-1])
+        n, k = p.shape[-2], p.shape[-1]
+        if setting.method == "int8":
+            total += lead * (n * k + n * scale_elem)
+            continue
+        packed = n * k // 2 + 2 * n * (k // setting.group_size) * scale_elem
+        if kind == "embedding":
+            total += packed
+            if model.lm_head is None:  # tied head: a second, kernel-packed copy
+                n += -n % CPU_INT4_ROWS
+                total += n * k // 2 + 2 * n * (k // setting.group_size) * scale_elem
+            continue
+        n += -n % CPU_INT4_ROWS
+        total += lead * (n * k // 2 + 2 * n * (k // setting.group_size) * scale_elem)
+    return total
+
+
+__all__ = [
+    "LoadHook",
+    "SCALE_SUFFIX",
+    "ZERO_SUFFIX",
+    "iter_quantized_safetensors",
+    "make_load_hook",
+    "quantizable_weights",
+    "quantized_method",
+    "quantized_weight_bytes",
+    "resolve_quantization",
+]

@@ -1,0 +1,236 @@
+"""Quantized weights in the layout of each device's kernel, and the modules swapped in for float ones.
+
+Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-only quantization"):
+- int8: `aten._weight_int8pack_mm(x, int8 [N, K], scales [N])` on CPU (and CUDA where the build
+  has it); on CPU, products of INT8_CONVERT_MIN_ROWS rows or more (prefill) convert the weight to
+  bf16 and run one oneDNN product instead (2-2.6x faster from 64 rows on). Activations go in as
+  bf16 even for fp32 models: the fp32 path of the kernel is 2-12x slower on this CPU, and bf16
+  rounding of activations (2^-9) is below int8's own error (2^-8).
+- int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
+  `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
+  (fp32 ones are 4-20x slower). It needs N % 16 == 0: other row counts are zero-padded at load.
+- int4 on CUDA: `aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` and
+  `aten._weight_int4pack_mm` (bf16 only; K a multiple of 32 * inner_k_tiles / 2, N of 8).
+- Anywhere else (other devices, shapes a kernel refuses): the weight is dequantized per product,
+  slow but exact to the stored numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
+
+KERNEL_DTYPE = torch.bfloat16
+INT8_ALIGN = 64
+INT8_CONVERT_MIN_ROWS = 32  # from this many rows on, CPU int8 products convert the weight (faster)
+CPU_INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
+CPU_INT4_BLOCK = 64  # rows per independent block of its output layout (checked in the tests)
+PACK_CHUNK_ELEMENTS = 1 << 20
+_CUDA_INNER_K_TILES = (8, 4, 2)
+
+
+def _has_kernel(op: str, device: torch.device) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+
+
+def _each_matrix(x: torch.Tensor, fn) -> torch.Tensor:
+    """Apply fn to every [N, ...] matrix of a [..., N, ...] stack (experts); load time only.
+
+    Each result is copied into the output as it comes: no list of results next to their stack.
+    """
+    lead = x.shape[:-2]
+    if not lead:
+        return fn(x)
+    flat = x.reshape(-1, *x.shape[-2:])
+    out = None
+    for i, m in enumerate(flat):
+        y = fn(m)
+        if out is None:
+            out = y.new_empty((len(flat), *y.shape))
+        out[i].copy_(y)
+        del y
+    return out.reshape(*lead, *out.shape[1:])
+
+
+class PackedWeight(nn.Module):
+    """One quantized weight [..., N, K] (leading dims: experts) laid out for its device's kernel."""
+
+    def __init__(self, qt: QuantizedTensor, device: torch.device):
+        super().__init__()
+        self.method = qt.method
+        self.out_features, self.in_features = qt.shape[-2], qt.shape[-1]
+        self.group_size = qt.group_size
+        if qt.method == "int8" and self._int8_kernel_fits(qt, device):
+            self.kernel = "int8"
+            self.register_buffer("data", _aligned(qt.qweight.to(device)))
+            self.register_buffer("scales", qt.scale.to(device=device, dtype=KERNEL_DTYPE))
+        elif qt.method == "int4" and device.type == "cpu":
+            self.kernel = "int4_cpu"
+            self._pack_int4_cpu(qt)
+        elif qt.method == "int4" and self._cuda_int4_tiles(device) is not None:
+            self.kernel = "int4_cuda"
+            tiles = self._cuda_int4_tiles(device)
+            packed = _each_matrix(
+                qt.qweight.to(device), lambda m: torch.ops.aten._convert_weight_to_int4pack(m.contiguous(), tiles)
+            )
+            self.register_buffer("data", packed)
+            self.register_buffer("scales", _scale_and_zero(qt).to(device))
+        else:
+            self.kernel = "dequantize"
+            self.register_buffer("data", qt.qweight.to(device))
+            self.register_buffer("scales", qt.scale.to(device))
+            self.register_buffer("zeros", None if qt.zero is None else qt.zero.to(device))
+
+    def _int8_kernel_fits(self, qt: QuantizedTensor, device: torch.device) -> bool:
+        # The CPU kernel reads the weight with aligned vector loads: it crashes (SIGSEGV) unless
+        # the weight starts on 64 bytes and K is a multiple of 16 (measured on torch 2.13).
+        n, k = self.out_features, self.in_features
+        stacked_aligned = qt.qweight.dim() == 2 or (n * k) % INT8_ALIGN == 0
+        return k % 16 == 0 and stacked_aligned and _has_kernel("aten::_weight_int8pack_mm", device)
+
+    def _cuda_int4_tiles(self, device: torch.device) -> Optional[int]:
+        if device.type != "cuda" or not _has_kernel("aten::_weight_int4pack_mm", device) or self.out_features % 8:
+            return None
+        return next((t for t in _CUDA_INNER_K_TILES if self.in_features % (16 * t) == 0), None)
+
+    def _pack_int4_cpu(self, qt: QuantizedTensor) -> None:
+        n, pad = self.out_features, -self.out_features % CPU_INT4_ROWS
+        # The packed layout is made of independent blocks of 64 rows: packing a few MB of rows at
+        # a time keeps the int32 temporaries small (big ones fragment the heap: RSS stays up).
+        rows = max(CPU_INT4_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // CPU_INT4_BLOCK * CPU_INT4_BLOCK)
+
+        def pack(m: torch.Tensor) -> torch.Tensor:
+            out = None  # [n + pad, K/2] uint8, filled block by block
+            for start in range(0, n, rows):
+                q = unpack_int4(m[start : start + rows]).to(torch.int32)
+                if start + rows >= n:
+                    q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * scale + 0 = 0
+                block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+                del q
+                if out is None:
+                    out = block.new_empty((n + pad, *block.shape[1:]))
+                out[start : start + len(block)].copy_(block)
+                del block
+            return out
+
+        self.register_buffer("data", _each_matrix(qt.qweight, pack))
+        self.register_buffer("scales", F.pad(_scale_and_zero(qt), (0, 0, 0, pad)).contiguous())
+
+    def forward(self, x: torch.Tensor, expert: Optional[int] = None) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        data = self.data if expert is None else self.data[expert]
+        scales = self.scales if expert is None else self.scales[expert]
+        if self.kernel == "dequantize":
+            zeros = None if self.zeros is None else (self.zeros if expert is None else self.zeros[expert])
+            w = dequantize(QuantizedTensor(self.method, data, scales, zeros), x.dtype)
+            return F.linear(x, w)
+        if x2.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
+        xk = x2.to(KERNEL_DTYPE)
+        if self.kernel == "int8" and x2.device.type == "cpu" and x2.shape[0] >= INT8_CONVERT_MIN_ROWS:
+            # The CPU kernel's time grows with the rows like a loop of one-row products (5.9 ms
+            # at 128 rows of a 4800 x 1536 weight); converting the weight to bf16 for one oneDNN
+            # product takes 2.9 ms (9.0 vs 23.6 ms at 512 rows): prefill runs this way.
+            y = F.linear(xk, data.to(KERNEL_DTYPE)) * scales
+        elif self.kernel == "int8":
+            y = torch.ops.aten._weight_int8pack_mm(xk, data, scales)
+        elif self.kernel == "int4_cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xk, data, self.group_size, scales)
+            y = y[:, : self.out_features]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(xk, data, self.group_size, scales)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.method}, out={self.out_features}, in={self.in_features}, kernel={self.kernel}"
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it starts on INT8_ALIGN bytes (fresh allocations do), else an aligned copy."""
+    return t if t.data_ptr() % INT8_ALIGN == 0 else t.clone()
+
+
+def _scale_and_zero(qt: QuantizedTensor) -> torch.Tensor:
+    """[..., N, K/G] scale and zero -> [..., K/G, N, 2], the int4 kernels' qScaleAndZeros."""
+    sz = torch.stack((qt.scale, qt.zero), dim=-1).to(KERNEL_DTYPE)
+    return sz.transpose(-3, -2).contiguous()
+
+
+class QuantizedLinear(nn.Module):
+    """Stands in for nn.Linear: y = x W^T + b with W quantized."""
+
+    def __init__(self, weight: PackedWeight, bias: Optional[nn.Parameter]):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.weight(x)
+        return y if self.bias is None else y + self.bias
+
+
+class QuantizedEmbedding(nn.Module):
+    """Stands in for nn.Embedding: rows are dequantized as tokens look them up."""
+
+    def __init__(self, qt: QuantizedTensor, dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        self.method = qt.method
+        self.dtype = dtype
+        self.register_buffer("qweight", qt.qweight.to(device))
+        self.register_buffer("scale", qt.scale.to(device))
+        self.register_buffer("zero", None if qt.zero is None else qt.zero.to(device))
+
+    def portable(self) -> QuantizedTensor:
+        return QuantizedTensor(self.method, self.qweight, self.scale, self.zero)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return dequantize(self.portable()[ids], self.dtype)
+
+
+class QuantizedExperts(nn.Module):
+    """The routed experts of one MoGE layer with w13 [E, 2I, H] and w2 [E, H, I] quantized."""
+
+    def __init__(self, w13: PackedWeight, w2: PackedWeight, inter: int):
+        super().__init__()
+        self.w13 = w13
+        self.w2 = w2
+        self.inter = inter
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x, e).split(self.inter, dim=-1)
+        return self.w2(F.silu(gate) * up, e)
+
+
+class OffloadedExperts(nn.Module):
+    """Routed experts as per-expert views of the memory-mapped checkpoint, never copied.
+
+    The OS pages an expert's weights in when a token is first routed to it and may drop them
+    again under memory pressure. Kept as lists (not stacked): stacking would copy them. A view
+    is cast per product when the checkpoint dtype differs from the model's (transient copy).
+    """
+
+    def __init__(self, gate: list[torch.Tensor], up: list[torch.Tensor], down: list[torch.Tensor]):
+        super().__init__()
+        self.gate, self.up, self.down = gate, up, down
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = self.gate[e].to(x.dtype), self.up[e].to(x.dtype), self.down[e].to(x.dtype)
+        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+__all__ = [
+    "CPU_INT4_ROWS",
+    "KERNEL_DTYPE",
+    "OffloadedExperts",
+    "PackedWeight",
+    "QuantizedEmbedding",
+    "QuantizedExperts",
+    "QuantizedLinear",
+]

@@ -1,0 +1,671 @@
+"""The OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine.
+
+    POST /v1/chat/completions   POST /v1/completions   GET /v1/models
+    GET /health   GET /version   GET /metrics
+
+Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (chat rendered
+by pangu_infer.chat.render_chat) -> AsyncEngine.generate -> text deltas -> reasoning / tool-call
+parsers (chat) -> OpenAI JSON or SSE chunks. Every user mistake is a 4xx in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+import time
+import uuid
+from contextlib import aclosing, asynccontextmanager, suppress
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Awaitable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import pangu_infer
+from pangu_infer.chat import ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
+from pangu_infer.engine.async_engine import AsyncEngine
+from pangu_infer.engine.sequence import Logprob
+from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.server.metrics import ServerMetrics
+from pangu_infer.server.protocol import (
+    MAX_STOP_STRINGS,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    SamplingFields,
+)
+
+logger = logging.getLogger("pangu_infer.server")
+
+# Template variables the server sets itself; a request may not override them.
+RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}
+}
+CLIENT_CLOSED = 499  # nginx's status for "client closed the connection"; only ever seen in metrics
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    @property
+    def type(self) -> str:
+        return {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+@dataclass
+class ServerState:
+    llm: Any  # pangu.LLM: tokenizer, encode_prompt, default_sampling_params, config
+    engine: Any  # AsyncEngine or anything with its generate / stats / moe_stats
+    model_name: str
+    api_key: Optional[str]
+    metrics: ServerMetrics
+    created: int
+    max_seqs_per_request: int
+    token_texts: dict[int, str]
+
+    def token_text(self, token_id: int) -> str:
+        """A token's own text for logprobs (special tokens included), cached."""
+        text = self.token_texts.get(token_id)
+        if text is None:
+            text = self.token_texts[token_id] = self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+
+def create_app(
+    llm: Any,
+    *,
+    served_model_name: str,
+    api_key: Optional[str] = None,
+    engine: Any = None,
+) -> FastAPI:
+    """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes."""
+    own_engine = engine is None
+    state = ServerState(
+        llm=llm,
+        engine=AsyncEngine.from_llm(llm) if own_engine else engine,
+        model_name=served_model_name,
+        api_key=api_key,
+        metrics=ServerMetrics(served_model_name),
+        created=int(time.time()),
+        max_seqs_per_request=llm.engine_config.max_num_seqs,
+        token_texts={},
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        if own_engine:
+            state.engine.shutdown()
+
+    app = FastAPI(title="pangu-infer OpenAI-compatible API", version=pangu_infer.__version__, lifespan=lifespan)
+    app.state.server = state
+    _add_error_handlers(app)
+    _add_routes(app, state)
+    app.add_middleware(_AuthAndCount, state=state, endpoints={getattr(r, "path", None) for r in app.routes})
+    return app
+
+
+class _AuthAndCount:
+    """Pure ASGI (streaming-safe): API-key check on /v1/*, and requests counted by endpoint and status."""
+
+    def __init__(self, app: Any, state: ServerState, endpoints: set):
+        self.app, self.state, self.endpoints = app, state, endpoints
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = path if path in self.endpoints else "other"
+        status = {"code": CLIENT_CLOSED}
+
+        async def counting_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.state.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
+                await _error_response(
+                    APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
+                )(scope, receive, counting_send)
+            else:
+                await self.app(scope, receive, counting_send)
+        finally:
+            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
+
+    def _authorized(self, scope: dict) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.state.api_key.encode())
+
+
+# ---------------------------------------------------------------------- errors
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error")
+        return _error_response(APIError(500, f"internal server error: {type(exc).__name__}: {exc}"))
+
+
+def _validation_message(exc: RequestValidationError) -> APIError:
+    """FastAPI's 422 as OpenAI's 400, naming the first bad field and what was expected."""
+    errors = exc.errors()
+    if not errors:
+        return APIError(400, "invalid request body")
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
+    if not loc:
+        return APIError(400, f"the request body must be a JSON object with Content-Type: application/json: {e.get('msg')}")
+    # Union members show up as extra path parts (e.g. "str", "list[int]"); keep the field path only.
+    field = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "function-after"})
+    where = f"field '{field}'" if field else "the request body"
+    got = e.get("input")
+    got_text = "" if e.get("type") == "missing" else f" (got {json.dumps(got)[:100] if _jsonable(got) else type(got).__name__})"
+    more = "" if len(errors) == 1 else f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
+    return APIError(400, f"invalid {where}: {e.get('msg')}{got_text}{more}", param=field or None)
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- routes
+def _add_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/health", summary="200 while the engine thread is alive, else 503")
+    async def health() -> JSONResponse:
+        if getattr(state.engine, "is_running", True):
+            return JSONResponse({"status": "ok"})
+        return _error_response(APIError(503, "the engine thread has stopped; restart the server"))
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": pangu_infer.__version__}
+
+    @app.get("/metrics", summary="Prometheus text exposition", response_class=Response)
+    async def metrics() -> Response:
+        stats, moe = await state.engine.stats(), await state.engine.moe_stats()
+        return Response(state.metrics.render(stats, moe), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models() -> ModelList:
+        card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.llm.engine.max_model_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/chat/completions", responses={200: _ok(ChatCompletionResponse, "chat.completion.chunk"), **ERROR_RESPONSES})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        return await _chat(state, body, request)
+
+    @app.post("/v1/completions", responses={200: _ok(CompletionResponse, "text_completion"), **ERROR_RESPONSES})
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _completion(state, body, request)
+
+
+def _ok(model: type, chunk_object: str) -> dict:
+    return {
+        "model": model,
+        "description": f"the whole reply; with stream=true, text/event-stream of `data: {{{chunk_object} JSON}}` lines ending in `data: [DONE]`",
+    }
+
+
+# ---------------------------------------------------------------------- request -> engine
+def _check_model(state: ServerState, model: Optional[str]) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
+
+
+def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(
+            400,
+            f"response_format type {req.response_format.type!r} is not supported yet: only 'text' "
+            "(structured json_object / json_schema output needs guided decoding)",
+            param="response_format",
+        )
+    if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed together with stream=true", param="stream_options")
+    changes: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            changes[name] = value
+    changes.update(
+        n=req.n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=not chat,  # chat keeps the [unusedN] markers for the reasoning / tool parsers
+    )
+    try:
+        return replace(state.llm.default_sampling_params(), **changes)
+    except ValueError as e:
+        named = re.match(r"invalid sampling parameter (\w+)=", str(e))  # SamplingParams names the field
+        raise APIError(400, str(e), param=named.group(1) if named else None) from None
+
+
+def _check_size(state: ServerState, num_prompts: int, n: int) -> None:
+    total = num_prompts * n
+    if total > state.max_seqs_per_request:
+        raise APIError(
+            400,
+            f"this request asks for {num_prompts} prompt(s) x n={n} = {total} sequences; the server runs at most "
+            f"{state.max_seqs_per_request} (--max-num-seqs) at once, so one request may ask for at most that many",
+            param="n",
+        )
+
+
+async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str):
+    """Submit every prompt and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
+    base = f"{prefix}-{uuid.uuid4().hex}"
+    gens = [
+        state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text)
+        for i, (text, ids) in enumerate(prompts)
+    ]
+    firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    errors = [f for f in firsts if isinstance(f, BaseException)]
+    if errors:
+        await _close_all(gens)
+        if isinstance(errors[0], ValueError):  # RequestError: too long, bad token ids
+            raise APIError(400, str(errors[0])) from None
+        raise errors[0]
+    return base, gens, list(firsts)
+
+
+async def _close_all(gens: list) -> None:
+    for g in gens:
+        with suppress(BaseException):
+            await g.aclose()
+
+
+async def _merged(gens: list, firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all prompts' streams as they arrive; closing it aborts the rest."""
+    pending: dict[asyncio.Future, int] = {}
+    try:
+        for i, first in enumerate(firsts):
+            yield i, first
+            if not first.finished:
+                pending[asyncio.ensure_future(gens[i].__anext__())] = i
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                out = task.result()
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(gens[i].__anext__())] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await _close_all(gens)
+
+
+async def _finals(state: ServerState, gens: list, firsts: list[RequestOutput]) -> list[RequestOutput]:
+    finals: list[Optional[RequestOutput]] = [f if f.finished else None for f in firsts]
+    async for i, out in _merged(gens, firsts):
+        if out.finished:
+            finals[i] = out
+            _observe(state, out)
+    assert all(f is not None for f in finals)
+    return finals  # type: ignore[return-value]
+
+
+def _observe(state: ServerState, out: RequestOutput) -> None:
+    state.metrics.observe_request(out.metrics, (c.finish_reason for c in out.outputs))
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; if the client hangs up first, cancel it (which aborts its requests) and raise."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise _ClientGone()
+    return task.result()
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _envelope(state, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
+    """OpenAI's response / chunk shape, the same for every endpoint."""
+    return {"id": request_id, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def _run_non_streaming(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
+    try:
+        return await _unless_disconnected(request, work)
+    except _ClientGone:
+        metrics.finished.labels("abort").inc()
+        return Response(status_code=CLIENT_CLOSED)
+
+
+# ---------------------------------------------------------------------- chat
+async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
+    _check_model(state, req.model)
+    tok = state.llm.tokenizer
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    if req.tool_choice is not None and req.tool_choice not in ("auto", "none"):
+        raise APIError(
+            400,
+            f"tool_choice={req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()!r} "
+            "is not supported: forcing a tool call needs guided decoding; use 'auto' or 'none'",
+            param="tool_choice",
+        )
+    use_tools = bool(req.tools) and req.tool_choice != "none"
+    template_kwargs = dict(req.chat_template_kwargs or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
+    enable_thinking = template_kwargs.pop("enable_thinking", None)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = _sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
+    _check_size(state, 1, req.n)
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    try:
+        text = render_chat(
+            tok,
+            messages,
+            enable_thinking=enable_thinking,
+            tools=[t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None,
+            **template_kwargs,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    ids = state.llm.encode_prompt(text)
+    parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
+    request_id, gens, firsts = await _start(state, [(text, ids)], params, "chatcmpl")
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _chat_stream(state, request_id, gens, firsts, parse, req.logprobs, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream")
+    result = await _run_non_streaming(request, _finals(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    final = result[0]
+    choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
+    usage = _usage(len(ids), sum(len(c.token_ids) for c in final.outputs))
+    return JSONResponse(_envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+
+
+@dataclass
+class _ChatParsing:
+    reasoning: bool  # Pangu template: [unused16]...[unused17] is reasoning
+    tools: bool  # tools offered: [unused11]...[unused12] are tool calls
+
+
+def _chat_choice(state: ServerState, comp: CompletionOutput, parse: _ChatParsing, logprobs: bool) -> dict:
+    reasoning, content = split_reasoning(comp.text) if parse.reasoning else (None, comp.text)
+    calls: list[dict] = []
+    if parse.tools:
+        content, calls = parse_tool_calls(content)
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "index": comp.index,
+        "message": message,
+        "logprobs": {"content": _chat_logprobs(state, comp.logprobs or [])} if logprobs else None,
+        "finish_reason": "tool_calls" if calls else comp.finish_reason,
+    }
+
+
+def _chat_logprobs(state: ServerState, logprobs: list[Logprob]) -> list[dict]:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def _finite(logprob: float) -> float:
+    # JSON has no -inf; OpenAI clients expect a number. -9999.0 is what vLLM sends too.
+    return max(float(logprob), -9999.0)
+
+
+async def _chat_stream(
+    state: ServerState,
+    request_id: str,
+    gens: list,
+    firsts: list[RequestOutput],
+    parse: _ChatParsing,
+    logprobs: bool,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    n = len(firsts[0].outputs)
+    parsers = [ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools) for _ in range(n)]
+    tool_indices = [0] * n
+    done_choices: set[int] = set()
+    completion_tokens = [0] * n
+    prompt_tokens = len(firsts[0].prompt_token_ids)
+    finished = False
+
+    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, lps: Optional[list[Logprob]] = None) -> str:
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": {"content": _chat_logprobs(state, lps or [])} if logprobs and lps is not None else None,
+            "finish_reason": finish_reason,
+        }
+        extra = {"usage": None} if include_usage else {}
+        return _sse(_envelope(state, request_id, "chat.completion.chunk", created, [choice], **extra))
+
+    def events_to_deltas(i: int, events: list) -> list[dict]:
+        deltas = []
+        for ev in events:
+            if ev.kind == "content":
+                deltas.append({"content": ev.text})
+            elif ev.kind == "reasoning":
+                deltas.append({"reasoning_content": ev.text})
+            else:
+                call = ev.tool_call
+                deltas.append({"tool_calls": [{"index": tool_indices[i], "id": call["id"], "type": "function", "function": call["function"]}]})
+                tool_indices[i] += 1
+        return deltas
+
+    try:
+        for i in range(n):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async with aclosing(_merged(gens, firsts)) as outputs:
+            async for _, out in outputs:
+                for comp in out.outputs:
+                    i = comp.index
+                    if i in done_choices:
+                        continue
+                    completion_tokens[i] += len(comp.token_ids_delta)
+                    deltas = events_to_deltas(i, parsers[i].feed(comp.text_delta))
+                    if comp.finished:
+                        deltas += events_to_deltas(i, parsers[i].finish())
+                    lps = comp.logprobs_delta if comp.token_ids_delta else None
+                    if not deltas and lps:
+                        deltas = [{"content": ""}]  # carry the logprobs of tokens whose text is held back
+                    for k, delta in enumerate(deltas):
+                        yield chunk(i, delta, lps=lps if k == 0 else None)
+                    if comp.finished:
+                        done_choices.add(i)
+                        reason = "tool_calls" if tool_indices[i] else comp.finish_reason
+                        yield chunk(i, {}, finish_reason=reason)
+                if out.finished:
+                    _observe(state, out)
+        finished = True
+        if include_usage:
+            usage = _usage(prompt_tokens, sum(completion_tokens))
+            yield _sse(_envelope(state, request_id, "chat.completion.chunk", created, [], usage=usage))
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
+        logger.exception("error while streaming %s", request_id)
+        yield _sse(APIError(500, f"internal server error: {type(e).__name__}: {e}").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            state.metrics.finished.labels("abort").inc()
+
+
+# ---------------------------------------------------------------------- completions
+def _completion_prompts(state: ServerState, prompt: Any) -> list[tuple[Optional[str], list[int]]]:
+    if isinstance(prompt, str):
+        return [(prompt, state.llm.tokenizer.encode(prompt))]
+    if not prompt:
+        raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [(p, state.llm.tokenizer.encode(p)) for p in prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [(None, list(prompt))]
+    return [(None, list(p)) for p in prompt]
+
+
+async def _completion(state: ServerState, req: CompletionRequest, request: Request) -> Response:
+    _check_model(state, req.model)
+    params = _sampling_params(state, req, req.max_tokens, req.logprobs, chat=False)
+    prompts = _completion_prompts(state, req.prompt)
+    _check_size(state, len(prompts), req.n)
+    request_id, gens, firsts = await _start(state, prompts, params, "cmpl")
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens)
+        return StreamingResponse(body, media_type="text/event-stream")
+    result = await _run_non_streaming(request, _finals(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    choices = []
+    for p, final in enumerate(result):
+        for comp in final.outputs:
+            lps = _completion_logprobs(state, comp.logprobs or [], 0) if req.logprobs is not None else None
+            choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
+    usage = _usage(prompt_tokens, sum(len(c.token_ids) for f in result for c in f.outputs))
+    return JSONResponse(_envelope(state, request_id, "text_completion", int(time.time()), choices, usage=usage))
+
+
+def _completion_logprobs(state: ServerState, logprobs: list[Logprob], offset: int) -> dict:
+    tokens, offsets = [], []
+    for lp in logprobs:
+        text = state.token_text(lp.token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
+        "top_logprobs": [{state.token_text(t): _finite(v) for t, v in lp.top} for lp in logprobs],
+        "text_offset": offsets,
+    }
+
+
+async def _completion_stream(
+    state: ServerState,
+    request_id: str,
+    gens: list,
+    firsts: list[RequestOutput],
+    n: int,
+    logprobs: bool,
+    include_usage: bool,
+    prompt_tokens: int,
+) -> AsyncIterator[str]:
+    created = int(time.time())
+    completion_tokens = 0
+    offsets: dict[int, int] = {}
+    done_choices: set[int] = set()
+    finished = False
+    try:
+        async with aclosing(_merged(gens, firsts)) as outputs:
+            async for p, out in outputs:
+                for comp in out.outputs:
+                    index = p * n + comp.index
+                    if index in done_choices or not (comp.text_delta or comp.token_ids_delta or comp.finished):
+                        continue
+                    if comp.finished:
+                        done_choices.add(index)
+                    completion_tokens += len(comp.token_ids_delta)
+                    lps = None
+                    if logprobs:
+                        lps = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0))
+                        offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
+                    choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
+                    extra = {"usage": None} if include_usage else {}
+                    yield _sse(_envelope(state, request_id, "text_completion", created, [choice], **extra))
+                if out.finished:
+                    _observe(state, out)
+        finished = True
+        if include_usage:
+            usage = _usage(prompt_tokens, completion_tokens)
+            yield _sse(_envelope(state, request_id, "text_completion", created, [], usage=usage))
+        yield "data: [DONE]\n\n"
+    except Exception as e:
+        logger.exception("error while streaming %s", request_id)
+        yield _sse(APIError(500, f"internal server error: {type(e).__name__}: {e}").body())
+        yield "data: [DONE]\n\n"
+    finally:
+        if not finished:
+            state.metrics.finished.labels("abort").inc()

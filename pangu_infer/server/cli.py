@@ -1,0 +1,52 @@
+"""`pangu-infer serve`: load a model and serve the OpenAI-compatible API with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from pangu_infer.cli import add_model_arguments, llm_kwargs
+
+API_KEY_ENV = "PANGU_API_KEY"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: no check)",
+    )
+    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the --model argument)")
+
+
+def served_name(args: argparse.Namespace, source: str) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    if args.model:
+        return args.model
+    return os.path.splitext(os.path.basename(source))[0]  # the demo model: its file name
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from pangu_infer.llm import LLM
+    from pangu_infer.server.app import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: expected a TCP port in 0..65535")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
+    llm = LLM(args.model, **llm_kwargs(args))
+    try:
+        name = served_name(args, llm.loaded.source)
+        app = create_app(llm, served_model_name=name, api_key=args.api_key)
+        print(f"pangu-infer serve: {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    finally:
+        llm.shutdown()  # tensor-parallel worker processes, if any
+    return 0

@@ -1,0 +1,212 @@
+"""OpenAI request and response shapes (pydantic), plus the vLLM extras this server accepts.
+
+Requests forbid unknown fields, so a parameter this server does not implement is a clear 400
+instead of being silently ignored. Numbers are checked for type here and for range by
+SamplingParams, whose ValueError names the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_STOP_STRINGS = 16
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Request):
+    type: str
+    json_schema: Optional[dict[str, Any]] = None
+
+
+class FunctionSpec(_Request):
+    name: str
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+    strict: Optional[bool] = None
+
+
+class Tool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedToolChoiceFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedToolChoiceFunction
+
+
+class ChatMessage(_Request):
+    # Roles and content parts are checked by pangu_infer.chat.render_chat, one place for all callers.
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+    name: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+    reasoning_content: Optional[str] = None
+
+
+class SamplingFields(_Request):
+    """Fields shared by both endpoints (OpenAI's and vLLM's names)."""
+
+    model: Optional[str] = Field(None, description="the served model name; defaults to it")
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    n: int = Field(1, ge=1, description="completions per prompt")
+    stop: Union[str, list[str], None] = Field(None, description="up to 16 stop strings")
+    seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    # vLLM extras
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: Optional[list[int]] = None
+    include_stop_str_in_output: bool = False
+    response_format: Optional[ResponseFormat] = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = None
+    logprobs: bool = False
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(
+        None, description='extra chat template variables, e.g. {"enable_thinking": false}'
+    )
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: Optional[int] = 16
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+# ---------------------------------------------------------------------- responses
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ErrorInfo(_Response):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(_Response):
+    error: ErrorInfo
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Response):
+    content: Optional[list[TokenLogprob]] = None
+
+
+class FunctionCall(_Response):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Response):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str] = None
+    reasoning_content: Optional[str] = Field(None, description="Pangu's thinking ([unused16]...[unused17]); absent when none")
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="absent when the reply calls no tool")
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class CompletionLogprobs(_Response):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pangu-infer"
+    max_model_len: int
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
