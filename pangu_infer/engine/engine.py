@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
 import torch
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import free_memory_bytes
-from pangu_infer.errors import RequestError
 from pangu_infer.engine.admission import Limits, admit
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
@@ -18,6 +17,7 @@ from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
+from pangu_infer.errors import RequestError
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
