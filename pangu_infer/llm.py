@@ -11,6 +11,7 @@ import torch
 
 from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine
+from pangu_infer.errors import RequestError
 from pangu_infer.loader import LoadedModel, load_model
 from pangu_infer.models.packed import can_pack, pack_linears
 from pangu_infer.outputs import RequestOutput
@@ -236,19 +237,26 @@ class LLM:
         return params
 
     def _run(self, requests: list[tuple[Optional[str], list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+        """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
+        field) or the caller interrupts, none of them stays queued in the engine."""
         engine = self.engine
-        ids = []
-        for text, tokens, p in requests:
-            rid = str(next(self._ids))
-            engine.add_request(rid, tokens, p, prompt=text)
-            ids.append(rid)
+        ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None
-        if use_tqdm and len(requests) > 1:
-            from tqdm import tqdm
-
-            bar = tqdm(total=len(requests), desc="generating", unit="req", leave=False)
         try:
+            for i, (text, tokens, p) in enumerate(requests):
+                rid = str(next(self._ids))
+                try:
+                    engine.add_request(rid, tokens, p, prompt=text)
+                except RequestError as e:
+                    if len(requests) == 1:
+                        raise
+                    raise RequestError(f"prompt {i}: {e}", param=e.param) from None
+                ids.append(rid)
+            if use_tqdm and len(requests) > 1:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(requests), desc="generating", unit="req", leave=False)
             while len(final) < len(ids):
                 for out in engine.step():
                     if out.finished:
@@ -264,4 +272,3 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [final[rid] for rid in ids]
-

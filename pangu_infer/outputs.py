@@ -15,7 +15,7 @@ class CompletionOutput:
     token_ids: list[int]
     cumulative_logprob: Optional[float] = None
     logprobs: Optional[list[Logprob]] = None
-    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: Optional[str] = None  # "stop" | "length" | "abort" | "error" | None while running
     stop_reason: Any = None  # the stop string or stop token id that ended it
     # What is new since the previous output of this request (for streaming).
     text_delta: str = ""
@@ -36,6 +36,8 @@ class RequestOutput:
     finished: bool
     metrics: dict = field(default_factory=dict)  # ttft, tpot (seconds), cached prompt tokens
     reasoning: Optional[str] = None  # set by LLM.chat when the model wrote a thinking part
+    # set when the request failed inside the engine (finish_reason "error"); the log has the traceback
+    error: Optional[str] = None
 
     @property
     def num_prompt_tokens(self) -> int:

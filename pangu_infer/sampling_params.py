@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from typing import Optional, Union
+
+from pangu_infer.errors import RequestError, short_repr
+
+# Temperatures below this are greedy, as in vLLM: dividing logits by ~0 only adds rounding noise.
+GREEDY_TEMPERATURE = 1e-5
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's and vLLM's default limit)
+MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 1024
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes, with room for n
 
 
 @dataclass
 class SamplingParams:
-    """How one request is decoded. Invalid values raise ValueError naming the parameter."""
+    """How one request is decoded. Invalid values raise RequestError (a ValueError) naming the parameter.
+
+    Checked here: types and model-independent ranges. The engine checks the rest against the model
+    at admission (pangu_infer.engine.admission): token ids against the vocabulary, lengths
+    against the context.
+    """
 
     n: int = 1
     max_tokens: Optional[int] = 16
     min_tokens: int = 0
-    temperature: float = 1.0
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included): greedy
     top_k: int = 0  # 0 or -1: disabled
     top_p: float = 1.0
     min_p: float = 0.0
@@ -31,51 +46,69 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        if isinstance(self.stop, (list, tuple)) or self.stop is None:
+            self.stop = list(self.stop or [])
+        if isinstance(self.stop_token_ids, (list, tuple)) or self.stop_token_ids is None:
+            self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
 
     def _validate(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"invalid sampling parameter {name}={getattr(self, name)!r}: expected {expected}")
+        def bad(name: str, expected: str) -> RequestError:
+            return RequestError(
+                f"invalid sampling parameter {name}={short_repr(getattr(self, name))}: expected {expected}", param=name
+            )
 
-        if not isinstance(self.n, int) or self.n < 1:
+        if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an integer >= 1")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 or None")
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
             raise bad("min_tokens", "an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise bad("min_tokens", f"at most max_tokens={self.max_tokens}")
+            raise bad("min_tokens", f"at most max_tokens={short_repr(self.max_tokens)}")
         if not _is_num(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0 (0 means greedy)")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise bad("temperature", "a finite number >= 0 (0 means greedy)")
+        if not _is_int(self.top_k) or self.top_k < 0:
             raise bad("top_k", "an integer >= 0 (0 or -1 disables it)")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "a number in (0, 1]")
         if not _is_num(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "a number in [0, 1]")
         if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0")
+            raise bad("repetition_penalty", "a finite number > 0")
         if not _is_num(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
             raise bad("presence_penalty", "a number in [-2, 2]")
         if not _is_num(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "a number in [-2, 2]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer or None")
-        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
-            raise bad("logprobs", "an integer >= 0 or None")
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+            raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}] or None")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
-        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise RequestError(f"stop has {len(self.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
+        if not isinstance(self.stop_token_ids, list) or any(not _is_int(t) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "a list of non-negative integers")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise RequestError(
+                f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
+                param="stop_token_ids",
+            )
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_num(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,8 +1,10 @@
-"""64 concurrent streaming clients against a real server: early disconnects and malformed requests mixed in.
+"""64 concurrent streaming clients against a real server: early disconnects, malformed and hostile requests mixed in.
 
 Every completed stream must equal the same prompt generated alone, every bad request must get a
-4xx, nothing a 5xx, and afterwards every KV block is free again. Bounded: 64 clients, 12-20
-tokens each, a 120 s budget for the whole burst, loopback only.
+4xx, nothing a 5xx, and afterwards every KV block is free again. The hostile requests are those
+of issue 14 (ids past the vocabulary, huge n / logprobs / max_tokens / stop lists, deep JSON,
+invalid UTF-8, prompts over the context): none of them may cost another client anything.
+Bounded: 64 clients, 12-20 tokens each, a 120 s budget for the whole burst, loopback only.
 """
 
 from __future__ import annotations
@@ -31,16 +33,36 @@ MALFORMED = [
     ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 100000})),
     ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": []})),
 ]
+CONTEXT = 512
+HOSTILE = [
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "stop_token_ids": [1000000000], "min_tokens": 2})),
+    ("/v1/chat/completions", json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                                         "stop_token_ids": [1000000000], "min_tokens": 2, "stream": True})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": [5, 10**12, -1]})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": [5] * CONTEXT, "max_tokens": 1})),  # exactly the context
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": [5] * (CONTEXT + 7), "max_tokens": 1})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "n": 10**9, "stream": True})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "logprobs": 10**9})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 10**30})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "stop": ["x"] * 5000})),
+    ("/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "stop_token_ids": list(range(5000))})),
+    ("/v1/completions", b'{"model": "tiny", "prompt": ' + b"[" * 50000 + b"]" * 50000 + b"}"),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xc3\x28 \xff"}]}'),
+    ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "half \\ud800 a pair"}]}'),
+]
 
 
 def _jobs() -> list[dict]:
     rng = random.Random(1234)
     jobs = []
+    hostile = 0
     for i in range(NUM_CLIENTS):
-        kind = "malformed" if i % 6 == 5 else ("disconnect" if i % 4 == 3 else "complete")
+        kind = "malformed" if i % 6 == 5 else "hostile" if i % 6 == 2 or i % 12 == 0 else "disconnect" if i % 4 == 3 else "complete"
+        hostile += kind == "hostile"
         prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 24)))
         jobs.append({"id": i, "kind": kind, "prompt": prompt, "max_tokens": rng.randint(12, 20),
-                     "read_chunks": rng.randint(1, 4), "malformed": MALFORMED[i % len(MALFORMED)]})
+                     "read_chunks": rng.randint(1, 4), "malformed": MALFORMED[i % len(MALFORMED)],
+                     "hostile": HOSTILE[hostile % len(HOSTILE)]})
     return jobs
 
 
@@ -60,7 +82,7 @@ def loaded_server(tiny_dense_dir, tmp_path_factory):
     worker = threading.Thread(target=reference)
     worker.start()
     with running_server(
-        tiny_dense_dir, "--max-num-seqs", "64", "--max-model-len", "512", "--kv-cache-memory", "8MiB",
+        tiny_dense_dir, "--max-num-seqs", "64", "--max-model-len", str(CONTEXT), "--kv-cache-memory", "8MiB",
         "--served-model-name", "tiny", log_dir=tmp_path_factory.mktemp("load_logs"),
     ) as server:
         worker.join()
@@ -69,8 +91,8 @@ def loaded_server(tiny_dense_dir, tmp_path_factory):
 
 async def _client(http: httpx.AsyncClient, url: str, job: dict) -> dict:
     start = time.perf_counter()
-    if job["kind"] == "malformed":
-        path, body = job["malformed"]
+    if job["kind"] in ("malformed", "hostile"):
+        path, body = job[job["kind"]]
         response = await http.post(url + path, content=body, headers={"Content-Type": "application/json"})
         return {**job, "status": response.status_code}
     body = {"model": "tiny", "prompt": job["prompt"], "max_tokens": job["max_tokens"], "temperature": 0, "stream": True}
@@ -106,7 +128,7 @@ def test_64_streaming_clients_with_disconnects_and_bad_requests(loaded_server):
         assert r["status"] == 200, r
         assert r["text"] == alone[r["id"]], f"client {r['id']}: streamed text differs from the prompt run alone"
     for r in results:
-        if r["kind"] == "malformed":
+        if r["kind"] in ("malformed", "hostile"):
             assert 400 <= r["status"] < 500, r
         assert r["status"] < 500, r
 
@@ -130,7 +152,7 @@ def test_64_streaming_clients_with_disconnects_and_bad_requests(loaded_server):
     print(
         f"\n[server load] {NUM_CLIENTS} clients in {wall:.2f} s: {len(complete)} completed (all equal to alone), "
         f"{sum(r['kind'] == 'disconnect' for r in results)} disconnected early, "
-        f"{sum(r['kind'] == 'malformed' for r in results)} malformed -> 4xx, 0 5xx; "
+        f"{sum(r['kind'] in ('malformed', 'hostile') for r in results)} malformed or hostile -> 4xx, 0 5xx; "
         f"{tokens:.0f} tokens generated ({tokens / wall:.0f} tok/s); client TTFT p50 {statistics.median(ttfts) * 1e3:.0f} ms, "
         f"max {ttfts[-1] * 1e3:.0f} ms; KV blocks used after: 0 of {metric_value(metrics, 'pangu_kv_cache_blocks_total'):.0f}"
     )

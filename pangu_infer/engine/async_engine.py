@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Optional
 
 from pangu_infer.engine.engine import LLMEngine
+from pangu_infer.errors import RequestFailedError
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
@@ -95,8 +96,9 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True.
 
-        Raises RequestError/ValueError from the engine on the first iteration when the request
-        cannot be served. Stopping early (break + aclose, cancellation) aborts the request.
+        Raises RequestError (a ValueError naming the field) on the first iteration when the request
+        cannot be served, and RequestFailedError when it failed inside the engine (the other
+        requests go on). Stopping early (break + aclose, cancellation) aborts the request.
         """
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
@@ -119,6 +121,8 @@ class AsyncEngine:
                     finished = True
                     raise item
                 finished = item.finished
+                if item.error is not None:
+                    raise RequestFailedError(item.error)
                 yield item
         finally:
             if not finished and self.is_running:
@@ -207,12 +211,14 @@ class AsyncEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:
-            # A failed step leaves its batch in an unknown state: end those requests, keep serving.
-            logger.exception("engine step failed; aborting %d requests", len(self._streams))
+        except Exception:
+            # LLMEngine.step ends a request whose own work fails by itself; an exception here is a
+            # fault of the engine's bookkeeping, with every request in an unknown state: end them
+            # (their streamed tokens stay delivered), keep serving new ones.
+            logger.exception("engine step failed; ending %d requests", len(self._streams))
             for request_id in list(self._streams):
                 self.engine.abort_request(request_id)
-            self._fail_all(e)
+            self._fail_all(RequestFailedError("the engine step failed"))
             return
         for out in outputs:
             stream = self._streams.get(out.request_id)

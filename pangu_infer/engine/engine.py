@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Union
 
 import torch
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import free_memory_bytes
+from pangu_infer.engine.admission import Limits, admit
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
-from pangu_infer.engine.sampler import Sampler, SamplingRow
+from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
+from pangu_infer.errors import RequestError
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
@@ -23,10 +25,6 @@ from pangu_infer.sampling_params import SamplingParams
 logger = logging.getLogger("pangu_infer.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
-
-
-class RequestError(ValueError):
-    """A request the engine can never serve (too long, bad token ids); rejected at submission."""
 
 
 @dataclass
@@ -75,6 +73,7 @@ class _Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
+    error: Optional[str] = None  # set when the request failed inside the engine
 
     @property
     def finished(self) -> bool:
@@ -100,6 +99,7 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(self.pool, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.dtype, self.device, compile_decode=ec.compile_decode
         )
@@ -163,32 +163,11 @@ class LLMEngine:
         params: SamplingParams,
         prompt: Optional[str] = None,
     ) -> None:
+        """Queue a request; RequestError (a ValueError naming the field) when it can never be served."""
         if request_id in self.requests:
-            raise RequestError(f"request id {request_id!r} is already in use")
-        n_prompt = len(prompt_token_ids)
-        if n_prompt == 0:
-            raise RequestError("the prompt is empty: at least one token is needed")
-        vocab = self.config.vocab_size
-        bad = [t for t in prompt_token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
-        max_tokens = params.max_tokens if params.max_tokens is not None else self.max_model_len - n_prompt
-        if n_prompt + max_tokens > self.max_model_len:
-            raise RequestError(
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) = {n_prompt + max_tokens} tokens "
-                f"is more than the model's context of {self.max_model_len} tokens"
-            )
-        if max_tokens < 1:
-            raise RequestError(f"the prompt ({n_prompt} tokens) fills the whole context of {self.max_model_len} tokens")
-        pool_tokens = self.pool.num_blocks * self.pool.block_size
-        if n_prompt + max_tokens > pool_tokens:
-            raise RequestError(
-                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs more KV cache than the whole "
-                f"pool holds ({pool_tokens} tokens); raise kv_cache_memory or lower max_tokens"
-            )
-        if params.max_tokens is None:
-            params = replace(params, max_tokens=max_tokens)
-        req = _Request(request_id, prompt, list(prompt_token_ids), params)
+            raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        ids, params = admit(prompt_token_ids, params, self.limits)
+        req = _Request(request_id, prompt, ids, params)
         parent = None
         for i in range(params.n):
             seq = Sequence(
@@ -204,9 +183,10 @@ class LLMEngine:
             self._next_seq_id += 1
             parent = parent or seq
             req.seqs.append(seq)
+        for seq in req.seqs:  # only once every sequence is built: nothing half-added on an error
             self.scheduler.add(seq)
         self.requests[request_id] = req
-        self.num_prompt_tokens += n_prompt
+        self.num_prompt_tokens += len(ids)
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         req = self.requests.pop(request_id, None)
@@ -238,39 +218,28 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ the step
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; returns the outputs of the requests it moved.
+
+        A failure of one request's own work (its forward, sampling, detokenizing, stop check) ends
+        that request alone with finish_reason "error" and frees its blocks; the others go on.
+        """
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return []
         drafts = self._propose_drafts(batch) if self.speculator is not None else {}
-        sampled, logits = self.runner.run(batch, drafts)
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            if seq.seq_id in drafts:
-                continue  # advanced in _accept_drafts, once it is known how much of the draft holds
-            seq.num_computed_tokens += n
-            self.pool.register_full_blocks(seq)
-        self.num_steps += 1
         touched: dict[str, _Request] = {}
-        if drafts:
-            sampled, logits = self._accept_drafts(sampled, logits, drafts, touched)
-        if sampled:
-            rows = [
-                SamplingRow(
-                    params=s.params,
-                    generator=s.generator,
-                    prompt_token_ids=s.prompt_token_ids,
-                    output_token_ids=s.output_token_ids,
-                    eos_token_ids=self._eos_list,  # the sampler itself skips eos under ignore_eos
-                )
-                for s in sampled
-            ]
-            result = self.sampler(logits, rows)
-            for i, seq in enumerate(sampled):
-                lp = None
-                if result.logprobs is not None and seq.params.logprobs is not None:
-                    top = result.top_logprobs[i] if result.top_logprobs is not None else None
-                    lp = Logprob(result.token_ids[i], result.logprobs[i], list(top or []))
-                self._append(seq, result.token_ids[i], lp)
-                touched[seq.request_id] = self.requests[seq.request_id]
+        parts = self._forward(batch, drafts, touched)
+        self.num_steps += 1
+        for seqs, num_tokens, (sampled, logits) in parts:
+            for seq, n in zip(seqs, num_tokens):
+                if seq.seq_id in drafts or seq.is_finished:
+                    continue  # drafted: advanced in _accept_drafts, once it is known how much holds
+                seq.num_computed_tokens += n
+                self.pool.register_full_blocks(seq)
+            if drafts:
+                sampled, logits = self._accept_drafts(sampled, logits, drafts, touched)
+            if sampled:
+                self._sample(sampled, logits, touched)
         outputs = []
         for req in touched.values():
             out = self._output(req)
@@ -279,6 +248,76 @@ class LLMEngine:
                 self.finished_requests += 1
             outputs.append(out)
         return outputs
+
+    def _forward(
+        self, batch: ScheduledBatch, drafts: dict[int, list[int]], touched: dict[str, "_Request"]
+    ) -> list[tuple[list[Sequence], list[int], tuple[list[Sequence], torch.Tensor]]]:
+        """The step's forward as [(sequences, tokens each, runner output)]: the whole batch at once,
+        or, when that fails, each sequence alone, so that only a sequence that fails alone fails.
+        A failed forward changed no sequence (only KV slots the retry writes again)."""
+        try:
+            return [(batch.seqs, batch.num_tokens, self.runner.run(batch, drafts))]
+        except Exception:
+            logger.exception("the forward of a %d-sequence step failed; running each sequence alone", len(batch.seqs))
+        parts = []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if seq.is_finished:
+                continue  # another sequence of its request failed
+            own = {seq.seq_id: drafts[seq.seq_id]} if seq.seq_id in drafts else {}
+            try:
+                parts.append(([seq], [n], self.runner.run(ScheduledBatch([seq], [n]), own)))
+            except Exception as e:
+                self._fail(self.requests[seq.request_id], e, touched)
+        return [part for part in parts if not part[0][0].is_finished]
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, "_Request"]) -> None:
+        """Sample the next token of every sequence and append it; a row whose sampling or appending
+        fails ends its own request only."""
+        rows = [
+            SamplingRow(
+                params=s.params,
+                generator=s.generator,
+                prompt_token_ids=s.prompt_token_ids,
+                output_token_ids=s.output_token_ids,
+                eos_token_ids=self._eos_list,  # the sampler itself skips eos under ignore_eos
+            )
+            for s in seqs
+        ]
+        # Seeded rows are drawn again from the same state if the batch has to be sampled row by row.
+        states = [r.generator.get_state() if r.generator is not None else None for r in rows]
+        picked: list[Optional[tuple[int, Optional[Logprob]]]]
+        try:
+            picked = list(_picks(self.sampler(logits, rows), seqs))
+        except Exception:
+            logger.exception("sampling a batch of %d rows failed; sampling each row alone", len(rows))
+            picked = []
+            for i, (seq, row, state) in enumerate(zip(seqs, rows, states)):
+                if state is not None:
+                    row.generator.set_state(state)
+                try:
+                    picked.extend(_picks(self.sampler(logits[i : i + 1], [row]), [seq]))
+                except Exception as e:
+                    self._fail(self.requests[seq.request_id], e, touched)
+                    picked.append(None)
+        for seq, pick in zip(seqs, picked):
+            if pick is None or seq.is_finished:
+                continue
+            req = self.requests[seq.request_id]
+            try:
+                self._append(seq, *pick)
+            except Exception as e:
+                self._fail(req, e, touched)
+            touched[seq.request_id] = req
+
+    def _fail(self, req: "_Request", error: BaseException, touched: dict[str, "_Request"]) -> None:
+        """End one request whose own work failed (traceback to the log); its blocks go back."""
+        logger.error("request %s failed inside the engine; ending it alone", req.request_id, exc_info=error)
+        req.error = f"request {req.request_id} failed inside the engine"
+        for seq in req.seqs:
+            if not seq.is_finished:
+                seq.finish_reason = "error"
+                self.scheduler.finish(seq)
+        touched[req.request_id] = req
 
     def _propose_drafts(self, batch: ScheduledBatch) -> dict[int, list[int]]:
         """seq_id -> prompt-lookup draft for the step's decode sequences, with KV blocks reserved."""
@@ -290,7 +329,11 @@ class LLMEngine:
                 break
             if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
                 continue
-            draft = self.speculator.draft_for(seq, self.max_model_len, budget)
+            try:
+                draft = self.speculator.draft_for(seq, self.max_model_len, budget)
+            except Exception:  # a draft only saves time: the sequence decodes without one
+                logger.exception("no draft for request %s: proposing one failed", seq.request_id)
+                continue
             if draft and self.pool.can_allocate(seq, 1 + len(draft)):
                 self.pool.allocate(seq, 1 + len(draft))
                 drafts[seq.seq_id] = draft
@@ -317,17 +360,24 @@ class LLMEngine:
                 rest_rows.append(row)
                 row += 1
                 continue
-            tokens = self.speculator.verify(seq, logits[row : row + len(draft) + 1], draft)
+            rows = logits[row : row + len(draft) + 1]
             row += len(draft) + 1
-            # The last input token and the accepted draft tokens now have valid KV entries.
-            seq.num_computed_tokens += len(tokens)
-            for token in tokens:
-                self._append(seq, token, None)
-                if seq.is_finished:
-                    break
-            if not seq.is_finished:
-                self.pool.register_full_blocks(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
+            if seq.is_finished:
+                continue  # another sequence of its request failed
+            req = self.requests[seq.request_id]
+            try:
+                tokens = self.speculator.verify(seq, rows, draft)
+                # The last input token and the accepted draft tokens now have valid KV entries.
+                seq.num_computed_tokens += len(tokens)
+                for token in tokens:
+                    self._append(seq, token, None)
+                    if seq.is_finished:
+                        break
+                if not seq.is_finished:
+                    self.pool.register_full_blocks(seq)
+            except Exception as e:
+                self._fail(req, e, touched)
+            touched[seq.request_id] = req
         return rest, logits[torch.tensor(rest_rows, dtype=torch.long, device=logits.device)]
 
     def _append(self, seq: Sequence, token: int, lp: Optional[Logprob]) -> None:
@@ -406,7 +456,7 @@ class LLMEngine:
             "num_cached_tokens": first.num_cached_tokens,
             "num_preemptions": sum(s.num_preemptions for s in req.seqs),
         }
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics, error=req.error)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
@@ -432,3 +482,13 @@ class LLMEngine:
             "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else 0.0,
         }
 
+
+
+def _picks(result: SampleResult, seqs: list[Sequence]) -> Iterator[tuple[int, Optional[Logprob]]]:
+    """(token, logprob entry or None) per row of a sampler result, for sequences in row order."""
+    for i, seq in enumerate(seqs):
+        lp = None
+        if result.logprobs is not None and seq.params.logprobs is not None:
+            top = result.top_logprobs[i] if result.top_logprobs is not None else None
+            lp = Logprob(result.token_ids[i], result.logprobs[i], list(top or []))
+        yield result.token_ids[i], lp

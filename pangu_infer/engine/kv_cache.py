@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from typing import Optional, Sequence as Seq
 
 from pangu_infer.engine.sequence import Sequence
 
 
-def block_hash(parent: Optional[int], tokens: Seq[int]) -> int:
-    """A full block is named by its tokens and everything before it (the parent block's hash)."""
-    return hash((parent, tuple(tokens)))
+def block_hash(parent: Optional[bytes], tokens: Seq[int]) -> bytes:
+    """A full block is named by its tokens and everything before it (the parent block's hash).
+
+    SHA-256, not Python's hash(): a client must not be able to craft a prompt whose block is taken
+    for another prompt's (vLLM's CVE-2025-25183). A hit also compares the block's tokens, position
+    and parent.
+    """
+    return hashlib.sha256((parent or b"") + array("q", tokens).tobytes()).digest()
 
 
 class BlockPool:
@@ -20,8 +27,10 @@ class BlockPool:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_count = [0] * num_blocks
-        self.hash_of: list[Optional[int]] = [None] * num_blocks
-        self.block_of_hash: dict[int, int] = {}
+        self.hash_of: list[Optional[bytes]] = [None] * num_blocks
+        # What a cached block holds: (its index in the sequence, its parent's hash, its tokens).
+        self.content_of: list[Optional[tuple]] = [None] * num_blocks
+        self.block_of_hash: dict[bytes, int] = {}
         # Blocks with no user, least recently freed first; cached ones stay findable until reused.
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -54,10 +63,11 @@ class BlockPool:
         self.prefix_queries += seq.num_prompt_tokens
         parent = None
         for i in range(usable):
-            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(parent, tokens)
             block = self.block_of_hash.get(h)
-            if block is None:
-                break
+            if block is None or self.content_of[block] != (i, parent, tokens):
+                break  # a miss, or a hash that names other tokens: never trust the hash alone
             self._take(block)
             seq.block_table.append(block)
             seq.block_hashes.append(h)
@@ -74,12 +84,14 @@ class BlockPool:
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[-1] if seq.block_hashes else None
-            h = block_hash(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            h = block_hash(parent, tokens)
             seq.block_hashes.append(h)
             block = seq.block_table[i]
             if h not in self.block_of_hash and self.hash_of[block] is None:
                 self.block_of_hash[h] = block
                 self.hash_of[block] = h
+                self.content_of[block] = (i, parent, tokens)
 
     # ------------------------------------------------------------------ allocation
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
@@ -115,6 +127,7 @@ class BlockPool:
         if h is not None:
             del self.block_of_hash[h]
             self.hash_of[block] = None
+            self.content_of[block] = None
 
     def hit_rate(self) -> float:
         return self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0

@@ -5,9 +5,9 @@ Each step applies, as HF and vLLM do:
     min_tokens (stop and eos tokens masked) -> repetition penalty (prompt + output)
     -> presence / frequency penalties (output only) -> temperature -> top_k -> top_p -> min_p -> draw
 
-Greedy rows (temperature 0) take the argmax of the penalized logits and consume no randomness.
-Sampled rows draw by an exponential race, argmax(probs / E) with E ~ Exp(1) per token, which picks
-token i with probability probs[i]. A seeded row gets its noise from its own generator, always with
+Greedy rows (temperature below 1e-5, as in vLLM) take the argmax of the penalized logits and
+consume no randomness. Sampled rows draw by an exponential race, argmax(probs / E) with
+E ~ Exp(1) per token, which picks token i with probability probs[i]. A seeded row gets its noise from its own generator, always with
 shape [V], so its tokens do not depend on the rest of the batch or its position in it.
 
 top_k and top_p become one logit threshold per row, so tokens tied with the last survivor survive
@@ -59,7 +59,7 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
-        if all(r.params.temperature == 0 and not _changes_logits(r) for r in rows):
+        if all(r.params.greedy and not _changes_logits(r) for r in rows):
             token_ids = logits.argmax(dim=-1)  # the usual decode step: nothing else to do
         else:
             token_ids = self._sample(logits, rows)
@@ -71,8 +71,8 @@ class Sampler:
             logits = logits.clone(memory_format=torch.contiguous_format)
             _suppress_stop_tokens_(logits, rows)
             _apply_penalties_(logits, rows)
-        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0]
-        sampled = [i for i, r in enumerate(rows) if r.params.temperature != 0]
+        greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+        sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
             return logits.argmax(dim=-1)
         token_ids = logits.argmax(dim=-1) if greedy else logits.new_empty(len(rows), dtype=torch.long)

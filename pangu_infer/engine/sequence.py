@@ -53,7 +53,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
         self.block_table: list[int] = []
-        self.block_hashes: list[int] = []  # chained hashes of this sequence's full blocks
+        self.block_hashes: list[bytes] = []  # chained hashes of this sequence's full blocks
         self.output_text = ""
         self.emitted_text_len = 0
         self.emitted_token_len = 0

@@ -74,7 +74,7 @@ def verify(
     draft prefix followed by one token chosen by the target model (1 to len(draft) + 1 tokens)."""
     k = len(draft)
     assert logits.shape[0] == k + 1, (tuple(logits.shape), k)
-    if params.temperature == 0:
+    if params.greedy:
         best = logits.argmax(dim=-1).tolist()
         accepted = 0
         while accepted < k and best[accepted] == draft[accepted]:

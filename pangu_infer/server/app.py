@@ -5,7 +5,9 @@
 
 Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (chat rendered
 by pangu_infer.chat.render_chat) -> AsyncEngine.generate -> text deltas -> reasoning / tool-call
-parsers (chat) -> OpenAI JSON or SSE chunks. Every user mistake is a 4xx in OpenAI's error shape.
+parsers (chat) -> OpenAI JSON or SSE chunks. Every user mistake is a 4xx in OpenAI's error shape
+(server/errors.py); the API key, request counting and the body guard are ASGI middleware
+(server/middleware.py).
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
-import secrets
 import time
 import uuid
 from contextlib import aclosing, asynccontextmanager, suppress
@@ -22,19 +22,20 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Awaitable, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pangu_infer
 from pangu_infer.chat import ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
+from pangu_infer.errors import RequestError, RequestFailedError, short_repr
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.server.errors import APIError, add_error_handlers, error_response, from_request_error, internal_error
 from pangu_infer.server.metrics import ServerMetrics
+from pangu_infer.server.middleware import CLIENT_CLOSED, AuthAndCount, BodyGuard
 from pangu_infer.server.protocol import (
-    MAX_STOP_STRINGS,
+    IGNORED_FIELDS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -52,26 +53,7 @@ RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_t
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}
 }
-CLIENT_CLOSED = 499  # nginx's status for "client closed the connection"; only ever seen in metrics
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    @property
-    def type(self) -> str:
-        return {401: "authentication_error", 404: "not_found_error"}.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+_logged_ignored_fields: set[str] = set()  # SDK fields this server ignores, each logged once
 
 
 @dataclass
@@ -121,93 +103,16 @@ def create_app(
 
     app = FastAPI(title="pangu-infer OpenAI-compatible API", version=pangu_infer.__version__, lifespan=lifespan)
     app.state.server = state
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_routes(app, state)
-    app.add_middleware(_AuthAndCount, state=state, endpoints={getattr(r, "path", None) for r in app.routes})
+    # The API docs describe the API: they need the key too. (Added last = outermost: the key is
+    # checked, and the request counted, before the body guard reads a byte.)
+    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None}
+    app.add_middleware(BodyGuard)
+    app.add_middleware(
+        AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=docs
+    )
     return app
-
-
-class _AuthAndCount:
-    """Pure ASGI (streaming-safe): API-key check on /v1/*, and requests counted by endpoint and status."""
-
-    def __init__(self, app: Any, state: ServerState, endpoints: set):
-        self.app, self.state, self.endpoints = app, state, endpoints
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = path if path in self.endpoints else "other"
-        status = {"code": CLIENT_CLOSED}
-
-        async def counting_send(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            if self.state.api_key is not None and path.startswith("/v1/") and not self._authorized(scope):
-                await _error_response(
-                    APIError(401, "missing or incorrect API key: send the header 'Authorization: Bearer <key>'", code="invalid_api_key")
-                )(scope, receive, counting_send)
-            else:
-                await self.app(scope, receive, counting_send)
-        finally:
-            self.state.metrics.requests.labels(endpoint, str(status["code"])).inc()
-
-    def _authorized(self, scope: dict) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.state.api_key.encode())
-
-
-# ---------------------------------------------------------------------- errors
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error_response(_validation_message(exc))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, str(exc.detail)))
-
-    @app.exception_handler(Exception)
-    async def server_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error")
-        return _error_response(APIError(500, f"internal server error: {type(exc).__name__}: {exc}"))
-
-
-def _validation_message(exc: RequestValidationError) -> APIError:
-    """FastAPI's 422 as OpenAI's 400, naming the first bad field and what was expected."""
-    errors = exc.errors()
-    if not errors:
-        return APIError(400, "invalid request body")
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return APIError(400, f"the request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
-    loc = [str(p) for p in e.get("loc", ()) if p != "body"]
-    if not loc:
-        return APIError(400, f"the request body must be a JSON object with Content-Type: application/json: {e.get('msg')}")
-    # Union members show up as extra path parts (e.g. "str", "list[int]"); keep the field path only.
-    field = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int", "function-after"})
-    where = f"field '{field}'" if field else "the request body"
-    got = e.get("input")
-    got_text = "" if e.get("type") == "missing" else f" (got {json.dumps(got)[:100] if _jsonable(got) else type(got).__name__})"
-    more = "" if len(errors) == 1 else f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return APIError(400, f"invalid {where}: {e.get('msg')}{got_text}{more}", param=field or None)
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- routes
@@ -216,7 +121,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def health() -> JSONResponse:
         if getattr(state.engine, "is_running", True):
             return JSONResponse({"status": "ok"})
-        return _error_response(APIError(503, "the engine thread has stopped; restart the server"))
+        return error_response(APIError(503, "the engine thread has stopped; restart the server"))
 
     @app.get("/version")
     async def version() -> dict:
@@ -251,19 +156,17 @@ def _ok(model: type, chunk_object: str) -> dict:
 # ---------------------------------------------------------------------- request -> engine
 def _check_model(state: ServerState, model: Optional[str]) -> None:
     if model is not None and model != state.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
+        raise APIError(404, f"the model {short_repr(model)} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
 
 
 def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(
             400,
-            f"response_format type {req.response_format.type!r} is not supported yet: only 'text' "
+            f"response_format type {short_repr(req.response_format.type)} is not supported yet: only 'text' "
             "(structured json_object / json_schema output needs guided decoding)",
             param="response_format",
         )
-    if isinstance(req.stop, list) and len(req.stop) > MAX_STOP_STRINGS:
-        raise APIError(400, f"stop has {len(req.stop)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed together with stream=true", param="stream_options")
     changes: dict[str, Any] = {}
@@ -283,11 +186,14 @@ def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Option
         logprobs=logprobs,
         skip_special_tokens=not chat,  # chat keeps the [unusedN] markers for the reasoning / tool parsers
     )
-    try:
-        return replace(state.llm.default_sampling_params(), **changes)
-    except ValueError as e:
-        named = re.match(r"invalid sampling parameter (\w+)=", str(e))  # SamplingParams names the field
-        raise APIError(400, str(e), param=named.group(1) if named else None) from None
+    _log_ignored_fields(req)
+    return replace(state.llm.default_sampling_params(), **changes)  # RequestError -> a 400 naming the field
+
+
+def _log_ignored_fields(req: SamplingFields) -> None:
+    for name in sorted(IGNORED_FIELDS & req.model_fields_set - _logged_ignored_fields):
+        _logged_ignored_fields.add(name)
+        logger.debug("ignoring the request field %r: it has no meaning on this server (logged once)", name)
 
 
 def _check_size(state: ServerState, num_prompts: int, n: int) -> None:
@@ -295,7 +201,7 @@ def _check_size(state: ServerState, num_prompts: int, n: int) -> None:
     if total > state.max_seqs_per_request:
         raise APIError(
             400,
-            f"this request asks for {num_prompts} prompt(s) x n={n} = {total} sequences; the server runs at most "
+            f"this request asks for {num_prompts} prompt(s) x n={short_repr(n)} = {short_repr(total)} sequences; the server runs at most "
             f"{state.max_seqs_per_request} (--max-num-seqs) at once, so one request may ask for at most that many",
             param="n",
         )
@@ -312,9 +218,8 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
         await _close_all(gens)
-        if isinstance(errors[0], ValueError):  # RequestError: too long, bad token ids
-            raise APIError(400, str(errors[0])) from None
-        raise errors[0]
+        rejected = [e for e in errors if isinstance(e, RequestError)]
+        raise from_request_error(rejected[0]) if rejected else errors[0]
     return base, gens, list(firsts)
 
 
@@ -349,10 +254,14 @@ async def _merged(gens: list, firsts: list[RequestOutput]) -> AsyncIterator[tupl
 
 async def _finals(state: ServerState, gens: list, firsts: list[RequestOutput]) -> list[RequestOutput]:
     finals: list[Optional[RequestOutput]] = [f if f.finished else None for f in firsts]
-    async for i, out in _merged(gens, firsts):
-        if out.finished:
-            finals[i] = out
-            _observe(state, out)
+    try:
+        async for i, out in _merged(gens, firsts):
+            if out.finished:
+                finals[i] = out
+                _observe(state, out)
+    except RequestFailedError:
+        state.metrics.finished.labels("error").inc()
+        raise
     assert all(f is not None for f in finals)
     return finals  # type: ignore[return-value]
 
@@ -399,7 +308,8 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _run_non_streaming(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
+async def _unless_gone(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
+    """`work`'s result, or a bare 499 once the client has hung up (its requests aborted, blocks freed)."""
     try:
         return await _unless_disconnected(request, work)
     except _ClientGone:
@@ -442,12 +352,16 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
         raise APIError(400, str(e), param="messages") from None
     ids = state.llm.encode_prompt(text)
     parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
-    request_id, gens, firsts = await _start(state, [(text, ids)], params, "chatcmpl")
+    # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
+    started = await _unless_gone(request, _start(state, [(text, ids)], params, "chatcmpl"), state.metrics)
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts = started
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _chat_stream(state, request_id, gens, firsts, parse, req.logprobs, include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
-    result = await _run_non_streaming(request, _finals(state, gens, firsts), state.metrics)
+    result = await _unless_gone(request, _finals(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     final = result[0]
@@ -564,8 +478,9 @@ async def _chat_stream(
             yield _sse(_envelope(state, request_id, "chat.completion.chunk", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
-        logger.exception("error while streaming %s", request_id)
-        yield _sse(APIError(500, f"internal server error: {type(e).__name__}: {e}").body())
+        finished = True
+        state.metrics.finished.labels("error").inc()
+        yield _sse(internal_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
@@ -573,11 +488,13 @@ async def _chat_stream(
 
 
 # ---------------------------------------------------------------------- completions
-def _completion_prompts(state: ServerState, prompt: Any) -> list[tuple[Optional[str], list[int]]]:
-    if isinstance(prompt, str):
-        return [(prompt, state.llm.tokenizer.encode(prompt))]
+def _completion_prompts(state: ServerState, prompt: Any, n: int) -> list[tuple[Optional[str], list[int]]]:
     if not prompt:
         raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
+    single = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
+    _check_size(state, 1 if single else len(prompt), n)  # before tokenizing what may be thousands of prompts
+    if isinstance(prompt, str):
+        return [(prompt, state.llm.tokenizer.encode(prompt))]
     if all(isinstance(p, str) for p in prompt):
         return [(p, state.llm.tokenizer.encode(p)) for p in prompt]
     if all(isinstance(p, int) for p in prompt):
@@ -588,15 +505,17 @@ def _completion_prompts(state: ServerState, prompt: Any) -> list[tuple[Optional[
 async def _completion(state: ServerState, req: CompletionRequest, request: Request) -> Response:
     _check_model(state, req.model)
     params = _sampling_params(state, req, req.max_tokens, req.logprobs, chat=False)
-    prompts = _completion_prompts(state, req.prompt)
-    _check_size(state, len(prompts), req.n)
-    request_id, gens, firsts = await _start(state, prompts, params, "cmpl")
+    prompts = _completion_prompts(state, req.prompt, req.n)
+    started = await _unless_gone(request, _start(state, prompts, params, "cmpl"), state.metrics)
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts = started
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens)
         return StreamingResponse(body, media_type="text/event-stream")
-    result = await _run_non_streaming(request, _finals(state, gens, firsts), state.metrics)
+    result = await _unless_gone(request, _finals(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     choices = []
@@ -663,8 +582,9 @@ async def _completion_stream(
             yield _sse(_envelope(state, request_id, "text_completion", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:
-        logger.exception("error while streaming %s", request_id)
-        yield _sse(APIError(500, f"internal server error: {type(e).__name__}: {e}").body())
+        finished = True
+        state.metrics.finished.labels("error").inc()
+        yield _sse(internal_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:

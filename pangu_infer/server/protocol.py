@@ -1,8 +1,10 @@
 """OpenAI request and response shapes (pydantic), plus the vLLM extras this server accepts.
 
 Requests forbid unknown fields, so a parameter this server does not implement is a clear 400
-instead of being silently ignored. Numbers are checked for type here and for range by
-SamplingParams, whose ValueError names the parameter.
+instead of being silently ignored. The exceptions are IGNORED_FIELDS: what the official SDK and
+LangChain send that cannot change the reply here (user, metadata, store, ...); they are accepted
+and ignored. Numbers are checked for type here, and for range by SamplingParams and the engine's
+admission (pangu_infer.engine.admission), whose RequestError names the parameter.
 """
 
 from __future__ import annotations
@@ -11,9 +13,17 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pangu_infer.sampling_params import MAX_STOP_STRINGS
+
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
-MAX_STOP_STRINGS = 16
+# Accepted and ignored: bookkeeping for OpenAI's platform (user, metadata, store, service_tier,
+# safety_identifier, prompt caching hints), a latency hint (prediction), and parallel_tool_calls,
+# which changes nothing while a reply makes its tool calls in one message.
+IGNORED_FIELDS = frozenset({
+    "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+    "prompt_cache_retention", "prediction", "parallel_tool_calls",
+})
 
 
 class _Request(BaseModel):
@@ -71,7 +81,7 @@ class SamplingFields(_Request):
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     n: int = Field(1, ge=1, description="completions per prompt")
-    stop: Union[str, list[str], None] = Field(None, description="up to 16 stop strings")
+    stop: Union[str, list[str], None] = Field(None, description=f"up to {MAX_STOP_STRINGS} stop strings")
     seed: Optional[int] = Field(None, ge=INT64_MIN, le=INT64_MAX)
     presence_penalty: Optional[float] = None
     frequency_penalty: Optional[float] = None
@@ -86,6 +96,14 @@ class SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
     response_format: Optional[ResponseFormat] = None
+    # accepted and ignored (IGNORED_FIELDS)
+    user: Optional[str] = None
+    metadata: Optional[dict[str, str]] = None
+    store: Optional[bool] = None
+    service_tier: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_retention: Optional[str] = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -99,6 +117,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
     )
+    # accepted and ignored (IGNORED_FIELDS)
+    parallel_tool_calls: Optional[bool] = None
+    prediction: Optional[dict[str, Any]] = None
 
 
 class CompletionRequest(SamplingFields):

@@ -1,0 +1,78 @@
+"""Admission: every field of a request checked against the model before it reaches a step.
+
+One place for the Python API (LLM, LLMEngine.add_request) and the server: what passes here can
+not make a step fail for a reason of this request's own (an id past the vocabulary indexing the
+logits, a length past the context), and what fails raises RequestError naming the field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+from pangu_infer.errors import RequestError, short_repr
+from pangu_infer.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the engine can serve: the model's vocabulary and context, the KV pool, the batch."""
+
+    vocab_size: int
+    max_model_len: int
+    pool_tokens: int  # tokens the whole KV pool holds
+    max_num_seqs: int
+
+
+def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limits) -> tuple[list[int], SamplingParams]:
+    """The request's own copies of its prompt and parameters (max_tokens filled in), or RequestError."""
+    if not isinstance(params, SamplingParams):
+        raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}", param="sampling_params")
+    if not isinstance(prompt_token_ids, (list, tuple)):
+        raise RequestError(f"prompt token ids must be a list of integers, got {type(prompt_token_ids).__name__}", param="prompt")
+    ids = list(prompt_token_ids)
+    n_prompt = len(ids)
+    if n_prompt == 0:
+        raise RequestError("the prompt is empty: at least one token is needed", param="prompt")
+    vocab = limits.vocab_size
+    bad_at = next((i for i, t in enumerate(ids) if not _is_token(t, vocab)), None)
+    if bad_at is not None:
+        raise RequestError(f"prompt token id {short_repr(ids[bad_at])} is outside the vocabulary [0, {vocab})", param="prompt")
+    context = limits.max_model_len
+    if n_prompt >= context:
+        raise RequestError(
+            f"the prompt has {n_prompt} tokens; the model's context is {context} tokens, so a prompt may have "
+            f"at most {context - 1} to leave room for one generated token",
+            param="prompt",
+        )
+    # A copy, validated again: the caller may have changed its SamplingParams since building it,
+    # and the engine keeps this one for the request's whole life.
+    max_tokens = params.max_tokens if params.max_tokens is not None else context - n_prompt
+    params = replace(params, max_tokens=max_tokens)
+    if n_prompt + max_tokens > context:
+        raise RequestError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({short_repr(max_tokens)}) = {short_repr(n_prompt + max_tokens)} "
+            f"tokens is more than the model's context of {context} tokens",
+            param="max_tokens",
+        )
+    if n_prompt + max_tokens > limits.pool_tokens:
+        raise RequestError(
+            f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) needs more KV cache than the whole "
+            f"pool holds ({limits.pool_tokens} tokens); raise kv_cache_memory or lower max_tokens",
+            param="max_tokens",
+        )
+    bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+    if bad is not None:
+        raise RequestError(f"stop_token_ids holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="stop_token_ids")
+    if params.n > limits.max_num_seqs:
+        raise RequestError(
+            f"n={short_repr(params.n)} asks for more sequences than the engine runs at once (max_num_seqs={limits.max_num_seqs})",
+            param="n",
+        )
+    if params.logprobs is not None and params.logprobs > vocab:
+        raise RequestError(f"logprobs={params.logprobs} is more than the vocabulary's {vocab} tokens", param="logprobs")
+    return ids, params
+
+
+def _is_token(t: object, vocab: int) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
