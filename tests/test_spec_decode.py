@@ -52,14 +52,14 @@ def test_greedy_output_is_identical_with_prompt_lookup(plain_and_speculative):
     plain, spec = plain_and_speculative
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     prompts = [{"prompt_token_ids": REPEATING}, {"prompt_token_ids": REPEATING[3:] + [20, 21]}]
+    plain_before, spec_before = plain.engine.num_steps, spec.engine.num_steps
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
-    steps_before = spec.engine.num_steps
     got = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
     assert got == want
     stats = spec.engine.stats()
     assert stats["spec_draft_tokens"] > 0
-    assert 0 <= stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"]
-    assert spec.engine.num_steps - steps_before <= plain.engine.num_steps  # never more steps
+    assert 0 < stats["spec_accepted_tokens"] <= stats["spec_draft_tokens"]  # the model repeats itself: some drafts hold
+    assert spec.engine.num_steps - spec_before < plain.engine.num_steps - plain_before  # and save steps
 
 
 def test_speculation_stops_exactly_at_max_tokens(plain_and_speculative):
