@@ -69,7 +69,8 @@ def test_chunked_prefill_equals_unchunked(llm, monkeypatch):
     forward = ModelRunner.run
 
     def recording_run(self, batch, drafts=None):
-        chunks.append([(s.request_id, s.num_computed_tokens, n) for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens < s.num_prompt_tokens])
+        seqs = zip(batch.seqs, batch.num_tokens)
+        chunks.append([(s.request_id, s.num_computed_tokens, n) for s, n in seqs if s.num_computed_tokens < s.num_prompt_tokens])
         return forward(self, batch, drafts)
 
     monkeypatch.setattr(ModelRunner, "run", recording_run)
