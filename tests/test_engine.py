@@ -56,11 +56,40 @@ def test_batched_greedy_equals_each_prompt_alone(llm, alone):
     assert engine.stats()["kv_blocks_used"] == 0
 
 
-def test_chunked_prefill_equals_unchunked(llm, alone):
-    prompts, expected = alone
-    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=8 << 20, max_num_batched_tokens=37)
-    assert token_ids(outs) == expected
-    assert engine.num_steps > sum(-(-len(p) // 37) for p in prompts[:1])
+def test_chunked_prefill_equals_unchunked(llm, monkeypatch):
+    """Six prompts of 38 to 300 tokens under a 37-token step budget: every prompt is prefilled in
+    several chunks that end mid-block (blocks of 16), steps share the budget between sequences.
+    Tokens and fp32 logprobs equal those of whole-prompt prefills."""
+    from pangu_infer.engine.runner import ModelRunner
+
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=g).tolist() for n in (300, 38, 129, 77, 211, 53)]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    chunks: list[list[tuple[str, int, int]]] = []  # per step: (request, first position, tokens) of each prefill chunk
+    forward = ModelRunner.run
+
+    def recording_run(self, batch, drafts=None):
+        seqs = zip(batch.seqs, batch.num_tokens)
+        chunks.append([(s.request_id, s.num_computed_tokens, n) for s, n in seqs if s.num_computed_tokens < s.num_prompt_tokens])
+        return forward(self, batch, drafts)
+
+    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    whole, _ = run(llm, prompts, params, kv_cache_memory=8 << 20, block_size=16)
+    assert [len(step) for step in chunks if step] == [len(prompts)]  # the reference: one prefill step
+    chunks.clear()
+    chunked, _ = run(llm, prompts, params, kv_cache_memory=8 << 20, block_size=16, max_num_batched_tokens=37)
+    prefill = [c for step in chunks for c in step]
+    assert all(sum(n for r, _, n in prefill if r == str(i)) == len(p) for i, p in enumerate(prompts))
+    assert all(sum(r == str(i) for r, _, _ in prefill) >= 2 for i in range(len(prompts)))  # every prompt is split
+    assert sum(start % 16 != 0 for _, start, _ in prefill) >= len(prompts)  # chunks that begin mid-block
+    assert any(len(step) > 1 for step in chunks)  # a step holding chunks of two prompts
+    for got, want in zip(chunked, whole):
+        got, want = got.outputs[0], want.outputs[0]
+        assert got.token_ids == want.token_ids
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert abs(a.logprob - b.logprob) <= 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= 1e-4
 
 
 def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llm, alone):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from fixtures_models import build_tiny_model
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.config import ConfigError, ModelConfig
-from pangu_infer.loader.random import pangu_moge_config, random_state_dict
+from pangu_infer.loader import load_model
+from pangu_infer.loader.random import pangu_moge_config, random_state_dict, transformers_llama, write_checkpoint
 from pangu_infer.models.moge import IMBALANCE_DEVICES, MoGEBlock, moge_route
 from pangu_infer.models.registry import build_model_on_meta, count_active_parameters, count_parameters
 
@@ -151,6 +152,56 @@ def test_fp32_logits_match_the_specification(moge_llm: LLM, tiny_moge_config: di
     want = reference_logits(sd, tiny_moge_config, ids)
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert (got - want).abs().max().item() <= 1e-4
+
+
+def _moge_that_is_a_dense_llama(config: dict, seed: int) -> tuple[dict, dict]:
+    """(MoGE state dict, dense Llama state dict) of one function: a zero router ties all experts, so
+    each group's first expert wins with the raw probability 1/num_experts, which router_scale undoes;
+    those experts hold slices of a dense SwiGLU and the shared expert holds the rest. The other
+    experts are random, with other scales: only the first of each group may contribute."""
+    moge = random_state_dict(config, seed=seed)
+    dense = {k: v for k, v in moge.items() if ".mlp." not in k}
+    num_experts, per_group = config["num_experts"], config["num_experts"] // NUM_GROUPS
+    shared, inter = config["shared_expert_intermediate_size"], config["moe_intermediate_size"]
+    hidden, width = config["hidden_size"], shared + NUM_GROUPS * inter
+    g = torch.Generator().manual_seed(seed + 1)
+    for layer in range(config["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp."
+        gate, up = (torch.randn(width, hidden, generator=g) / hidden**0.5 for _ in range(2))
+        down = torch.randn(hidden, width, generator=g) / width**0.5
+        dense.update({p + "gate_proj.weight": gate, p + "up_proj.weight": up, p + "down_proj.weight": down})
+        moge[p + "gate.weight"] = torch.zeros(num_experts, hidden)
+        moge[p + "router_scale"][0, ::per_group] = float(num_experts)
+        pieces = [(p + "shared_expert.", slice(0, shared))]
+        pieces += [(f"{p}experts.{grp * per_group}.", slice(shared + grp * inter, shared + (grp + 1) * inter)) for grp in range(NUM_GROUPS)]
+        for prefix, cols in pieces:
+            moge[prefix + "gate_proj.weight"] = gate[cols].clone()
+            moge[prefix + "up_proj.weight"] = up[cols].clone()
+            moge[prefix + "down_proj.weight"] = down[:, cols].clone()
+    return moge, dense
+
+
+def test_moge_built_as_a_dense_mlp_gives_transformers_llama_logits(tmp_path: Path, tiny_moge_config: dict):
+    """A reference nobody here wrote: transformers' LlamaForCausalLM (q/k/v/o biases, as Pangu Pro
+    MoE's attention has) on the dense weights. This pins the router's tie rule (lowest index wins),
+    the raw unrenormalised weights and router_scale, and the attention, against the whole model."""
+    moge, dense = _moge_that_is_a_dense_llama(tiny_moge_config, seed=11)
+    write_checkpoint(str(tmp_path), tiny_moge_config, moge)
+    model = load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False).model
+    width = tiny_moge_config["shared_expert_intermediate_size"] + NUM_GROUPS * tiny_moge_config["moe_intermediate_size"]
+    reference = transformers_llama(dict(tiny_moge_config, intermediate_size=width), dense)
+    g = torch.Generator().manual_seed(12)
+    lengths = (1, 7, 90)
+    for n in lengths:
+        ids = torch.randint(3, tiny_moge_config["vocab_size"], (n,), generator=g)
+        with torch.inference_mode():
+            ours = model.compute_logits(model(ids, torch.arange(n)))
+            ref = reference(ids[None]).logits[0]
+        err = (ours - ref).abs().max().item()
+        assert err <= 1e-4, f"{n} tokens: logits differ by up to {err:.3g}"
+    expected = torch.zeros(tiny_moge_config["num_experts"], dtype=torch.long)
+    expected[:: tiny_moge_config["num_experts"] // NUM_GROUPS] = sum(lengths)  # every token, each group's first expert
+    assert all(torch.equal(block.load.moge_counts, expected) for block in model.moe_layers())
 
 
 def test_sharded_bf16_checkpoint_loads_every_expert(bf16_sharded_moge_dir: Path, tiny_moge_config: dict):

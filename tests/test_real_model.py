@@ -85,12 +85,24 @@ def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm
 
 def test_int4_with_compiled_decode_steps_still_says_paris(smollm2_gguf_path):
     """The fastest CPU decode path end to end (compare.py's int4 compiled row): int4 weights, a tied
-    int4 head computed inside the compiled step, C++ wrapper; the decode steps did run compiled."""
+    int4 head computed inside the compiled step, C++ wrapper; the decode steps did run compiled and
+    each gave the eager full forward's token wherever its top two logits are clearly apart (bf16
+    logits of ~20 step by 0.125, so bits may differ from eager), with its logprob."""
     llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20,
               quantization="int4", compile_decode=True)
     runner = llm.engine.runner
     compiled, calls = runner.decode_forward, []
     runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
-    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
-    assert out[0].outputs[0].text.startswith(" Paris")
-    assert calls == [1, 1, 1]  # the first token comes from the prefill
+    out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8, logprobs=0))[0]
+    assert out.outputs[0].text.startswith(" Paris")
+    assert calls == [1] * 7  # the first token comes from the prefill
+    ids = out.prompt_token_ids + out.outputs[0].token_ids
+    eager = torch.log_softmax(llm.logits(ids), dim=-1)[len(out.prompt_token_ids) : -1]
+    clear = 0
+    for lp, row in zip(out.outputs[0].logprobs[1:], eager):
+        assert abs(lp.logprob - row[lp.token_id].item()) < 0.25
+        best, second = row.topk(2).values.tolist()
+        if best - second > 0.3:
+            assert lp.token_id == int(row.argmax())
+            clear += 1
+    assert clear >= 5
