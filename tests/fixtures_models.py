@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pangu.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint
+from pangu_infer.loader.random import pangu_dense_config, pangu_moge_config, random_state_dict, write_checkpoint
 
 TINY_LAYERS = 2
 
@@ -42,7 +42,7 @@ def build_tiny_model(
 
 
 def _tiny_vocab(tokenizer_dir: Path) -> tuple[int, int]:
-    from pangu.tokenizer import load_tokenizer
+    from pangu_infer.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     return tok.vocab_size, tok.eos_token_id
