@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models
-    GET /health   GET /version   GET /metrics
+    GET /health   GET /version   GET /metrics   GET / (the chat page, static/; open without the API key)
 
 Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (chat rendered
 by pangu_infer.chat.render_chat) -> AsyncEngine.generate -> text deltas -> reasoning / tool-call
@@ -19,11 +19,13 @@ import time
 import uuid
 from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import pangu_infer
@@ -53,6 +55,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}
 }
 CLIENT_CLOSED = 499  # nginx's status for "client closed the connection"; only ever seen in metrics
+CHAT_PAGE_DIR = Path(__file__).parent / "static"  # index.html, chat.js, markdown.js, chat.css
 
 
 class APIError(Exception):
@@ -123,6 +126,7 @@ def create_app(
     app.state.server = state
     _add_error_handlers(app)
     _add_routes(app, state)
+    _add_chat_page(app)
     app.add_middleware(_AuthAndCount, state=state, endpoints={getattr(r, "path", None) for r in app.routes})
     return app
 
@@ -239,6 +243,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", responses={200: _ok(CompletionResponse, "text_completion"), **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _completion(state, body, request)
+
+
+def _add_chat_page(app: FastAPI) -> None:
+    """The web chat at / (its assets under /static); it calls /v1 from the browser, so it needs no key itself."""
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=CHAT_PAGE_DIR), name="static")
 
 
 def _ok(model: type, chunk_object: str) -> dict:
