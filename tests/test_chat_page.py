@@ -282,6 +282,7 @@ def test_tool_calls_and_markdown_show_as_such_on_a_phone(phone_page, scripted):
 
     # a phone-width screen: nothing wider than the screen, the composer in view
     assert page.evaluate("() => document.documentElement.scrollWidth <= window.innerWidth")
+    assert page.evaluate("() => { const log = document.querySelector('#log'); return log.scrollWidth <= log.clientWidth; }")
     box = page.locator("#send").bounding_box()
     assert box["x"] + box["width"] <= 375 and box["y"] + box["height"] <= 740
 
