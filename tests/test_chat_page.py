@@ -309,6 +309,8 @@ print("<script>window.pwned = 2</script>")
 
 
 def test_markdown_renders_blocks_and_never_lets_html_through(page, thinker):
+    from playwright.sync_api import expect
+
     page.goto(f"{thinker}/")
     page.evaluate(
         """async (text) => {
@@ -333,3 +335,8 @@ def test_markdown_renders_blocks_and_never_lets_html_through(page, thinker):
     assert md.locator("img, script, [onerror]").count() == 0
     assert md.locator("a").evaluate_all("as => as.map(a => a.getAttribute('href'))") == ["https://example.com/?a=1&b=2"]
     assert page.evaluate("() => window.pwned") is None
+    # a code block's Copy button puts its code, as text, on the clipboard
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    md.locator(".copy-code").click()
+    expect(md.locator(".copy-code")).to_have_text("Copied")
+    assert page.evaluate("() => navigator.clipboard.readText()") == 'print("<script>window.pwned = 2</script>")'
