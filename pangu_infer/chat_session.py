@@ -53,12 +53,12 @@ class Reply:
 class ChatSession:
     """One conversation: the system prompt, the turns so far, the thinking mode."""
 
-    def __init__(self, llm, params: SamplingParams, *, system: Optional[str], thinking: Any, out: TextIO, stats: bool):
+    def __init__(self, llm, params: SamplingParams, *, system: Optional[str], thinking: Optional[str], out: TextIO, stats: bool):
         self.llm = llm
         # Markers must survive decoding so the stream parser can route reasoning apart from the answer.
         self.params = replace(params, skip_special_tokens=False)
         self.system = system or None
-        self.thinking = thinking
+        self.thinking = thinking  # on | off | auto, or None: the model's default
         self.turns: list[dict] = []
         self.out = out
         self.color = out.isatty()
@@ -83,11 +83,11 @@ class ChatSession:
             self.say(HELP.format(history=history_path()))
         elif name == "think":
             if arg.lower() in THINKING_MODES:
-                self.thinking = THINKING_MODES[arg.lower()]
+                self.thinking = arg.lower()
             elif arg:
                 self.say(f"/think {arg}: expected on, off or auto")
                 return True
-            self.say(f"thinking: {self._thinking_name()}")
+            self.say(f"thinking: {self.thinking or 'the model default'}")
         elif name == "system":
             if arg in ('""', "''"):
                 self.system = None
@@ -101,16 +101,13 @@ class ChatSession:
             self.say(f"unknown command /{name}: /help lists the commands")
         return True
 
-    def _thinking_name(self) -> str:
-        return {True: "on", False: "off", "auto": "auto"}.get(self.thinking, "the model's default")
-
     def say(self, text: str) -> None:
         print(f"{DIM}{text}{RESET}" if self.color else text, file=self.out, flush=True)
 
     def ask(self, text: str) -> None:
         self.turns.append({"role": "user", "content": text})
         try:
-            prompt = self.llm.render_chat(self.messages(), enable_thinking=self.thinking)
+            prompt = self.llm.render_chat(self.messages(), enable_thinking=THINKING_MODES.get(self.thinking))
             reply = _stream_reply(self.llm, prompt, self.params, self.out, self.color)
         except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             self.turns.pop()
@@ -128,8 +125,7 @@ class ChatSession:
 def run_chat(llm, args: argparse.Namespace, params: SamplingParams, out: Optional[TextIO] = None) -> int:
     """Answer --message arguments, or read messages from stdin until /exit, Ctrl-D or end of input."""
     out = out or sys.stdout
-    thinking = THINKING_MODES.get(args.thinking) if args.thinking else None
-    session = ChatSession(llm, params, system=args.system, thinking=thinking, out=out, stats=args.stats)
+    session = ChatSession(llm, params, system=args.system, thinking=args.thinking, out=out, stats=args.stats)
     if args.message:
         for text in args.message:
             if not session.handle(text):
@@ -137,7 +133,7 @@ def run_chat(llm, args: argparse.Namespace, params: SamplingParams, out: Optiona
         return 1 if session.failed else 0
     with LineReader() as reader:
         if reader.interactive:
-            name = os.path.basename(str(getattr(getattr(llm, "loaded", None), "source", "") or "")) or "the model"
+            name = os.path.basename(llm.loaded.source) or "the model"
             session.say(f"chatting with {name}: /help for commands, Ctrl-C stops a reply, Ctrl-D or /bye ends the chat")
         while True:
             try:

@@ -159,7 +159,7 @@ function requestBody() {
     if (m.role === "user") history.push({ role: "user", content: m.content });
     else if (m.content || m.toolCalls.length) {
       const entry = { role: "assistant", content: m.content || null };
-      if (m.toolCalls.length) entry.tool_calls = m.toolCalls;
+      if (m.toolCalls.length) entry.tool_calls = m.toolCalls.filter(Boolean);
       history.push(entry);
     }
   }
@@ -184,7 +184,7 @@ async function send(text) {
 }
 
 async function reply() {
-  const message = { role: "assistant", content: "", reasoning: "", toolCalls: [], state: "streaming", started: performance.now() };
+  const message = { role: "assistant", content: "", reasoning: "", toolCalls: [], state: "streaming" };
   const controller = new AbortController();
   inFlight = { controller, message };
   messages.push(message);
