@@ -120,12 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt", required=True, help="the prompt text")
     g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
 
-    c = sub.add_parser("chat", help="interactive chat in the terminal (streams, shows reasoning apart)")
+    c = sub.add_parser(
+        "chat", help="chat in the terminal: streamed replies, reasoning apart, line editing and history, /help for commands",
+    )
     add_model_arguments(c)
     add_sampling_arguments(c)
-    c.add_argument("--system", default=None, help="system prompt")
-    c.add_argument("--thinking", default=None, choices=["on", "off", "auto"], help="Pangu thinking mode")
-    c.add_argument("--message", action="append", default=None, help="ask this instead of reading stdin (repeatable)")
+    c.add_argument("--system", default=None, help="system prompt (also /system TEXT in the chat)")
+    c.add_argument(
+        "--thinking", default=None, choices=["on", "off", "auto"],
+        help="Pangu thinking mode (also /think in the chat; default: the model's, which thinks)",
+    )
+    c.add_argument(
+        "--message", action="append", default=None,
+        help="ask this instead of reading stdin (repeatable; /commands work here too)",
+    )
     c.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
 
     for name, (module, help_text) in EXTERNAL_COMMANDS.items():

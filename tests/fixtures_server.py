@@ -2,7 +2,10 @@
 
 `running_server(model_dir, *flags)` starts `python -m pangu_infer.cli serve` on a free 127.0.0.1 port,
 waits for /health and stops the process afterwards; test modules wrap it in module-scoped
-fixtures so each module starts its server once. `metric_value` reads one sample from /metrics.
+fixtures so each module starts its server once. `serving(app)` serves an app made in the test
+process (uvicorn in a thread) for clients that need a real socket, such as a browser.
+`metric_value` reads one sample from /metrics; `ScriptedEngine` stands in for the engine with a
+fixed reply.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fixtures_models import build_tiny_model
+from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.tokenizer import IncrementalDetokenizer
 
 STARTUP_TIMEOUT_S = 90.0
 
@@ -81,6 +87,50 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Serve an ASGI app on a free loopback port from a thread; yields its http://127.0.0.1:PORT."""
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on port {port}")
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+class ScriptedEngine:
+    """Answers every request with the same token ids, one per output, through the real detokenizer."""
+
+    is_running = True
+
+    def __init__(self, tokenizer, reply: str):
+        self.tokenizer = tokenizer
+        self.reply_ids = tokenizer.encode(reply, add_special_tokens=False)
+        self.prompts: list[list[int]] = []
+
+    async def generate(self, prompt_token_ids, params, request_id, prompt=None):
+        self.prompts.append(list(prompt_token_ids))
+        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
+        text = ""
+        for k, token in enumerate(self.reply_ids):
+            delta = detok.step([token])
+            text += delta
+            last = k == len(self.reply_ids) - 1
+            comp = CompletionOutput(0, text, self.reply_ids[: k + 1], finish_reason="stop" if last else None,
+                                    text_delta=delta, token_ids_delta=[token])
+            yield RequestOutput(request_id, prompt, list(prompt_token_ids), [comp], finished=last)
 
 
 def metric_value(metrics_text: str, name: str, **labels: str) -> float:

@@ -13,12 +13,10 @@ from hypothesis import HealthCheck, given, settings
 
 from fastapi.testclient import TestClient
 
-from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, metric_value, running_server
+from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, ScriptedEngine, metric_value, running_server
 from pangu_infer import LLM
 from pangu_infer.chat import render_chat
-from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.server.app import create_app
-from pangu_infer.tokenizer import IncrementalDetokenizer
 
 API_KEY = "test-key"
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me about the weather in the city"}]
@@ -355,29 +353,6 @@ def test_completions_endpoint_hides_the_markers(thinking_client):
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 TOOL_REPLY = '[unused16]the user wants weather[unused17]Let me check.[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]'
-
-
-class ScriptedEngine:
-    """Answers every request with the same token ids, one per output, through the real detokenizer."""
-
-    is_running = True
-
-    def __init__(self, tokenizer, reply: str):
-        self.tokenizer = tokenizer
-        self.reply_ids = tokenizer.encode(reply, add_special_tokens=False)
-        self.prompts: list[list[int]] = []
-
-    async def generate(self, prompt_token_ids, params, request_id, prompt=None):
-        self.prompts.append(list(prompt_token_ids))
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
-        text = ""
-        for k, token in enumerate(self.reply_ids):
-            delta = detok.step([token])
-            text += delta
-            last = k == len(self.reply_ids) - 1
-            comp = CompletionOutput(0, text, self.reply_ids[: k + 1], finish_reason="stop" if last else None,
-                                    text_delta=delta, token_ids_delta=[token])
-            yield RequestOutput(request_id, prompt, list(prompt_token_ids), [comp], finished=last)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine.
 
     POST /v1/chat/completions   POST /v1/completions   GET /v1/models
-    GET /health   GET /version   GET /metrics
+    GET /health   GET /version   GET /metrics   GET / (the chat page, static/; open without the API key)
 
 Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (chat rendered
 by pangu_infer.chat.render_chat) -> AsyncEngine.generate -> text deltas -> reasoning / tool-call
@@ -19,10 +19,12 @@ import time
 import uuid
 from contextlib import aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Optional
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 
 import pangu_infer
 from pangu_infer.chat import ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
@@ -54,6 +56,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}
 }
 _logged_ignored_fields: set[str] = set()  # SDK fields this server ignores, each logged once
+CHAT_PAGE_DIR = Path(__file__).parent / "static"  # index.html, chat.js, markdown.js, chat.css
 
 
 @dataclass
@@ -105,6 +108,7 @@ def create_app(
     app.state.server = state
     add_error_handlers(app)
     _add_routes(app, state)
+    _add_chat_page(app)
     # The API docs describe the API: they need the key too. (Added last = outermost: the key is
     # checked, and the request counted, before the body guard reads a byte.)
     docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None}
@@ -144,6 +148,16 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", responses={200: _ok(CompletionResponse, "text_completion"), **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _completion(state, body, request)
+
+
+def _add_chat_page(app: FastAPI) -> None:
+    """The web chat at / (its assets under /static); it calls /v1 from the browser, so it needs no key itself."""
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        return FileResponse(CHAT_PAGE_DIR / "index.html")
+
+    app.mount("/static", StaticFiles(directory=CHAT_PAGE_DIR), name="static")
 
 
 def _ok(model: type, chunk_object: str) -> dict:

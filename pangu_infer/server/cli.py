@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         name = served_name(args, llm.loaded.source)
         app = create_app(llm, served_model_name=name, api_key=args.api_key)
-        print(f"pangu-infer serve: {name!r} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+        base = f"http://{args.host}:{args.port}"
+        print(f"pangu-infer serve: {name!r} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     finally:
         llm.shutdown()  # tensor-parallel worker processes, if any
