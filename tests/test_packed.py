@@ -51,11 +51,11 @@ def test_packed_model_gives_the_plain_model_logits(tiny_dense_dir):
 
 
 def test_llm_packs_bf16_on_cpu(tiny_dense_dir):
-    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     assert has_packed_linears(llm.model)
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
-    assert not has_packed_linears(LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20).model)
+    assert not has_packed_linears(LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True).model)
 
 
 def test_packed_linear_compiles_as_an_opaque_kernel():
@@ -90,7 +90,7 @@ def test_packed_weights_leave_the_operator_table_with_their_module():
 
 def test_compiled_decode_runs_on_packed_weights(tiny_dense_dir):
     """The whole path: bf16 LLM (packed linears) with compiled decode steps, batch and single."""
-    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, compile_decode=True)
+    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)  # compiled: the default
     assert has_packed_linears(llm.model)
     calls = []
     runner = llm.engine.runner

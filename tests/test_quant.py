@@ -203,7 +203,7 @@ def test_each_weight_is_packed_once_its_rows_are_in_and_dropping_mapped_pages_ch
 
 def test_llm_generates_with_int8_from_the_cli(tiny_dense_dir, capsys):
     rc = cli_main(["generate", "--model", str(tiny_dense_dir), "--quantization", "int8", "--dtype", "float32",
-                   "--prompt", "hello", "--max-tokens", "4", "--temperature", "0"])
+                   "--prompt", "hello", "--max-tokens", "4", "--temperature", "0", "--enforce-eager"])
     assert rc == 0 and capsys.readouterr().out.strip()
 
 

@@ -39,7 +39,7 @@ def test_engine_config_rejects_a_negative_draft_length():
 @pytest.fixture(scope="module")
 def plain_and_speculative(tiny_dense_dir):
     kwargs = dict(dtype="float32", device="cpu", max_num_seqs=4, kv_cache_memory=1 << 24)
-    return LLM(str(tiny_dense_dir), **kwargs), LLM(str(tiny_dense_dir), num_speculative_tokens=4, **kwargs)
+    return LLM(str(tiny_dense_dir), **kwargs, enforce_eager=True), LLM(str(tiny_dense_dir), num_speculative_tokens=4, **kwargs, enforce_eager=True)
 
 
 def test_greedy_output_is_identical_with_prompt_lookup(plain_and_speculative):
