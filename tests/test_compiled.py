@@ -36,11 +36,11 @@ def test_enforce_eager_is_a_flag_of_every_model_command_and_compiling_is_the_def
         assert args.enforce_eager is True, command
 
 
-def test_a_missing_cxx_compiler_means_eager_with_one_line_saying_why(tiny_dense_dir, monkeypatch, capfd):
+def test_a_missing_cxx_compiler_means_eager_with_one_line_saying_why(tiny_dense_dir, capfd):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/no/such/c++",))
-    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    with inductor_config.patch({"cpp.cxx": ("/no/such/c++",)}):
+        llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
     err = capfd.readouterr().err
     assert llm.engine.runner.decode_forward is None
     assert err.count("\n") == 1 and "compiled decode off: no C++ compiler found" in err
@@ -49,7 +49,7 @@ def test_a_missing_cxx_compiler_means_eager_with_one_line_saying_why(tiny_dense_
 
 
 def test_a_failing_compile_falls_back_to_eager_with_one_line_saying_why(
-    tmp_path, tiny_dense_config, pangu_tokenizer_dir, monkeypatch, capfd
+    tmp_path, tiny_dense_config, pangu_tokenizer_dir, capfd
 ):
     """A compiler that answers --version but fails every build: inductor really fails (on a model
     of its own shape, so no cached kernel hides the failure), and the engine decodes eagerly."""
@@ -59,10 +59,10 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line_saying_why(
     broken = tmp_path / "broken-c++"
     broken.write_text('#!/bin/sh\n[ "$1" = --version ] && echo "broken 1.0" && exit 0\necho "no" >&2\nexit 1\n')
     broken.chmod(0o755)
-    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(broken),))
     config = dict(tiny_dense_config, intermediate_size=tiny_dense_config["intermediate_size"] + 24)
     path = build_tiny_model(tmp_path / "model", config, pangu_tokenizer_dir, seed=7)
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
+    with inductor_config.patch({"cpp.cxx": (str(broken),)}):
+        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
     err = capfd.readouterr().err
     assert llm.engine.runner.decode_forward is None
     lines = err.strip().splitlines()

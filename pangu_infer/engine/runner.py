@@ -61,15 +61,19 @@ class ModelRunner:
     @contextmanager
     def bind(self) -> Iterator[None]:
         """This runner's KV cache on the model's layers, the model held for the duration."""
-        state = self._binding
-        with state[0]:
-            if state[1] is not self._token:  # another engine's step ran last: re-point the layers
-                for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches):
-                    # Straight into __dict__: nn.Module.__setattr__ costs ~2 us a call, per step.
-                    layer.__dict__["k_cache"], layer.__dict__["v_cache"] = k, v
-                state[1] = self._token
+        with self._binding[0]:
+            self._point_layers()
             yield
 
+    def _point_layers(self) -> None:
+        """Re-point the layers at this runner's cache if another engine's step ran last (the
+        model's lock held)."""
+        state = self._binding
+        if state[1] is not self._token:
+            for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches):
+                # Straight into __dict__: nn.Module.__setattr__ costs ~2 us a call, per step.
+                layer.__dict__["k_cache"], layer.__dict__["v_cache"] = k, v
+            state[1] = self._token
 
     @torch.inference_mode()
     def run(
@@ -125,7 +129,8 @@ class ModelRunner:
 
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        with self.bind():
+        with self._binding[0]:  # bind(), without a generator's cost on every step
+            self._point_layers()
             if compiled:  # logits of every row, in decode order
                 return [s for s, _ in decodes], self.decode_forward(ids, pos, attn)
             hidden = self.model(ids, pos, attn)
