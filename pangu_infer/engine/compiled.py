@@ -92,9 +92,9 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     another's call. That makes it safe to drop the guards on the model's modules, weights and
     bound KV caches (weights never change after loading; the caches' shape and dtype are this
     function's key, and each step reads the caches bound at call time): about a thousand checks,
-    ~1 ms per step on CPU. A MoGE
-    model breaks the graph around its data-dependent expert dispatch, and the code after a break
-    is shared by every model of the class, so those keep all guards.
+    ~1 ms per step on CPU. A MoGE model breaks the graph around its data-dependent expert
+    dispatch, and the code after a break is shared by every model of the class, so those keep
+    all guards.
     """
     step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
     options: dict = {"size_asserts": False, "alignment_asserts": False}
