@@ -205,18 +205,23 @@ def llama_cpp_row(path: str, args) -> Row:
     return Row("llama.cpp Q4_1", max(prefills[1:]), max(decodes[1:]), note="no batched generation in llama-cpp-python")
 
 
-def llama_cpp_batched_tokens_per_s(llm, prompts: list[list[int]], output_len: int) -> float:
+def llama_cpp_batched_tokens_per_s(llm, prompts: list[list[int]], output_len: int, threads: int) -> float:
     """Greedy decoding of every prompt at once: each step is one `llama_decode` over a batch with
     one token per sequence (sequence id = request), like llama.cpp's server; aggregate tokens/s,
-    prefills included (as this engine's throughput figure)."""
+    prefills included (as this engine's throughput figure). A context of its own over `llm`'s
+    model: the high-level `Llama` makes one-sequence contexts."""
     import ctypes
 
     import llama_cpp
     import numpy as np
 
-    ctx, n_vocab = llm.ctx, llm.n_vocab()
-    n = len(prompts)
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    n, n_vocab = len(prompts), llm.n_vocab()
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = sum(len(p) + output_len + 16 for p in prompts)
+    params.n_batch = params.n_ubatch = max(512, max(map(len, prompts)))
+    params.n_seq_max, params.kv_unified = n, True
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
     batch = llama_cpp.llama_batch_init(max(max(map(len, prompts)), n), 0, n)
 
     def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
@@ -243,6 +248,7 @@ def llama_cpp_batched_tokens_per_s(llm, prompts: list[list[int]], output_len: in
         return n * output_len / (time.perf_counter() - start)
     finally:
         llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
 
 
 def gguf_rows(path: str, args) -> tuple[Row, Row]:
@@ -263,10 +269,8 @@ def gguf_rows(path: str, args) -> tuple[Row, Row]:
     lcpp = None
     if Llama is not None:
         conc = max(args.concurrency, 1)
-        # One context for all the concurrent sequences, each its own sequence id.
         lcpp = Llama(model_path=path, n_threads=args.threads, n_threads_batch=args.threads, verbose=False,
-                     n_ctx=conc * (args.prompt_len + args.output_len + 16), n_batch=max(512, args.prompt_len),
-                     n_seq_max=conc)
+                     n_ctx=args.prompt_len + args.output_len + 16, n_batch=max(512, args.prompt_len))
         theirs.note = f"llama-cpp-python; thr: {conc} sequences per llama_decode batch"
     results: dict[str, list[float]] = {k: [] for k in ("lp", "ld", "lt", "pp", "pd", "pt")}
     rng = random.Random(3)
@@ -285,7 +289,7 @@ def gguf_rows(path: str, args) -> tuple[Row, Row]:
                 lcpp.eval([int(np.argmax(lcpp.scores[lcpp.n_tokens - 1]))])
             results["ld"].append((args.output_len - 1) / (time.perf_counter() - start))
             prompts = [make_prompt("random", args.prompt_len, lcpp.n_vocab(), rng) for _ in range(args.concurrency)]
-            results["lt"].append(llama_cpp_batched_tokens_per_s(lcpp, prompts, args.output_len))
+            results["lt"].append(llama_cpp_batched_tokens_per_s(lcpp, prompts, args.output_len, args.threads))
         lat = run_latency(llm.engine, "random", args.prompt_len, args.output_len, num_iters=1, seed=rng.randrange(1 << 30))
         results["pp"].append(lat.prefill_tokens_per_s)
         results["pd"].append(lat.decode_tokens_per_s)
