@@ -3,12 +3,13 @@
 A random model of the openPangu-Embedded 1B width (hidden 1536, 26 layers, 12/6 heads of 128,
 MLP 4800, q/k/v/o biases) is written as an HF folder (Llama architecture with `attention_bias`,
 the layout llama.cpp reads Pangu's weights in), with the demo model's tokenizer (SmolLM2's
-49152-token BPE, taken from its GGUF by transformers), so 0.64 B parameters; or
+49152-token BPE, taken from its GGUF by transformers): 0.91 B parameters with the untied
+head (0.77 B without embedding and head); or
 `--vocab 153376` for the real vocabulary's size with a word-level tokenizer. Then llama.cpp's own
 `convert_hf_to_gguf.py` writes an F16 GGUF and llama.cpp's own quantizer
 (`llama_cpp.llama_model_quantize`, from llama-cpp-python) turns it into --type (Q4_0 by default).
 
-    .venv/bin/python benchmarks/pangu_gguf.py --llama-cpp-src DIR --out pangu-0.6b.Q4_0.gguf
+    .venv/bin/python benchmarks/pangu_gguf.py --llama-cpp-src DIR --out pangu-0.9b.Q4_0.gguf
 
 DIR is a llama.cpp source tree with convert_hf_to_gguf.py, e.g. `vendor/llama.cpp` of the
 llama-cpp-python sdist (`pip download --no-deps --no-binary :all: llama-cpp-python`).
