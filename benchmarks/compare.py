@@ -13,10 +13,19 @@ Per engine: prefill tokens/s (one prompt of --prompt-len), single-stream decode 
 (transformers: one batch through `generate`; the prompts share a length, so nothing is padded).
 For this engine also prompt-lookup decoding on a prompt that repeats its context, checked to
 give the same greedy tokens as plain decoding, and (--compiled) the rows again with the decode
-step compiled by torch.compile (`compile_decode=True`). bf16 linears are oneDNN-packed, as `LLM`
-does. Ratios are against transformers bf16.
+step compiled (the default; the other rows here pass `enforce_eager=True`). bf16 linears are
+oneDNN-packed, as `LLM` does. Ratios are against transformers bf16.
+
+--gguf PATH (repeatable): any GGUF file, run by llama.cpp and by this engine exactly as a user
+gets it with no flags (`LLM(path)`: default dtype, compiled decode, default KV cache), side by
+side: prefill tokens/s (one --prompt-len prompt), decode tokens/s (one stream), and aggregate
+tokens/s with --concurrency requests at once. llama.cpp's concurrent figure decodes all the
+sequences in one `llama_decode` batch per step (llama-cpp-python's low-level API, one sequence
+id per request, as llama.cpp's own server batches them); its high-level API has no batched
+generation. The two engines alternate, round by round; each figure is the median of the rounds.
 
     .venv/bin/python benchmarks/compare.py [--models smollm2,random1b] [--threads 2]
+    .venv/bin/python benchmarks/compare.py --gguf FILE.gguf [--gguf OTHER.gguf] --prompt-len 256
 """
 
 from __future__ import annotations
@@ -82,13 +91,12 @@ def pangu_rows(
         pack_linears(model)
 
     def engine(**spec) -> LLMEngine:
-        # Each engine binds its own KV cache to the model's attention layers: build one, use it, drop it.
         ec = EngineConfig(
-            max_num_seqs=max(args.concurrency, 1), kv_cache_memory=1 << 30, seed=0, compile_decode=compiled, **spec
+            max_num_seqs=max(args.concurrency, 1), kv_cache_memory=1 << 30, seed=0, enforce_eager=not compiled, **spec
         )
         return LLMEngine(model, None, ec)
 
-    # Compiled steps build their graphs in the untimed warm-ups of run_latency / run_throughput.
+    # Compiled steps build their graphs when each engine starts, untimed.
     lat = run_latency(engine(), "random", args.prompt_len, args.output_len, num_iters=2)
     thr = run_throughput(engine(), "random", args.prompt_len, args.output_len, args.concurrency)
     per_token = weight_bytes_per_token(model)
@@ -197,6 +205,117 @@ def llama_cpp_row(path: str, args) -> Row:
     return Row("llama.cpp Q4_1", max(prefills[1:]), max(decodes[1:]), note="no batched generation in llama-cpp-python")
 
 
+def llama_cpp_batched_tokens_per_s(llm, prompts: list[list[int]], output_len: int, threads: int) -> float:
+    """Greedy decoding of every prompt at once: each step is one `llama_decode` over a batch with
+    one token per sequence (sequence id = request), like llama.cpp's server; aggregate tokens/s,
+    prefills included (as this engine's throughput figure). A context of its own over `llm`'s
+    model: the high-level `Llama` makes one-sequence contexts."""
+    import ctypes
+
+    import llama_cpp
+    import numpy as np
+
+    n, n_vocab = len(prompts), llm.n_vocab()
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = sum(len(p) + output_len + 16 for p in prompts)
+    params.n_batch = params.n_ubatch = max(512, max(map(len, prompts)))
+    params.n_seq_max, params.kv_unified = n, True
+    params.n_threads = params.n_threads_batch = threads
+    ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+    batch = llama_cpp.llama_batch_init(max(max(map(len, prompts)), n), 0, n)
+
+    def decode(entries: list[tuple[int, int, int, bool]]) -> None:  # (token, position, sequence, wants logits)
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        batch.n_tokens = len(entries)
+        if llama_cpp.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    def argmax(i: int) -> int:
+        row = llama_cpp.llama_get_logits_ith(ctx, i)
+        return int(np.argmax(np.ctypeslib.as_array(ctypes.cast(row, ctypes.POINTER(ctypes.c_float)), shape=(n_vocab,))))
+
+    try:
+        start = time.perf_counter()
+        last = []
+        for seq, prompt in enumerate(prompts):  # each prompt in one batch of its own, as a server admits them
+            decode([(t, p, seq, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+            last.append(argmax(len(prompt) - 1))
+        for step in range(output_len - 1):
+            decode([(last[s], len(prompts[s]) + step, s, True) for s in range(n)])
+            last = [argmax(i) for i in range(n)]
+        return n * output_len / (time.perf_counter() - start)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+
+
+def gguf_rows(path: str, args) -> tuple[Row, Row]:
+    """llama.cpp and this engine with no flags on one GGUF file, alternating round by round."""
+    import statistics
+
+    from pangu_infer.llm import LLM
+
+    try:
+        import numpy as np
+        from llama_cpp import Llama
+    except ImportError:
+        Llama = None
+    llm = LLM(path)  # exactly what a user gets: no flags
+    ours = Row(f"pangu-infer, no flags ({llm.dtype})".replace("torch.", ""), note=f"load {llm.load_seconds:.1f} s "
+               f"(compiling {llm.engine.runner.compile_seconds:.1f} s)")
+    theirs = Row("llama.cpp", note="skipped: llama-cpp-python is not installed (see benchmarks/README.md)")
+    lcpp = None
+    if Llama is not None:
+        conc = max(args.concurrency, 1)
+        lcpp = Llama(model_path=path, n_threads=args.threads, n_threads_batch=args.threads, verbose=False,
+                     n_ctx=args.prompt_len + args.output_len + 16, n_batch=max(512, args.prompt_len))
+        theirs.note = f"llama-cpp-python; thr: {conc} sequences per llama_decode batch"
+    results: dict[str, list[float]] = {k: [] for k in ("lp", "ld", "lt", "pp", "pd", "pt")}
+    rng = random.Random(3)
+    if lcpp is not None:  # warm-up
+        lcpp.reset()
+        lcpp.eval(make_prompt("random", 32, lcpp.n_vocab(), rng))
+    for _ in range(args.rounds):
+        if lcpp is not None:
+            prompt = make_prompt("random", args.prompt_len, lcpp.n_vocab(), rng)
+            lcpp.reset()
+            start = time.perf_counter()
+            lcpp.eval(prompt)
+            results["lp"].append(args.prompt_len / (time.perf_counter() - start))
+            start = time.perf_counter()
+            for _ in range(args.output_len - 1):
+                lcpp.eval([int(np.argmax(lcpp.scores[lcpp.n_tokens - 1]))])
+            results["ld"].append((args.output_len - 1) / (time.perf_counter() - start))
+            prompts = [make_prompt("random", args.prompt_len, lcpp.n_vocab(), rng) for _ in range(args.concurrency)]
+            results["lt"].append(llama_cpp_batched_tokens_per_s(lcpp, prompts, args.output_len, args.threads))
+        lat = run_latency(llm.engine, "random", args.prompt_len, args.output_len, num_iters=1, seed=rng.randrange(1 << 30))
+        results["pp"].append(lat.prefill_tokens_per_s)
+        results["pd"].append(lat.decode_tokens_per_s)
+        thr = run_throughput(llm.engine, "random", args.prompt_len, args.output_len, args.concurrency, seed=rng.randrange(1 << 30))
+        results["pt"].append(thr.tokens_per_s)
+    med = {k: statistics.median(v) if v else float("nan") for k, v in results.items()}
+    theirs.prefill, theirs.decode, theirs.throughput = med["lp"], med["ld"], med["lt"]
+    ours.prefill, ours.decode, ours.throughput = med["pp"], med["pd"], med["pt"]
+    del llm, lcpp
+    gc.collect()
+    return theirs, ours
+
+
+def print_gguf_table(path: str, theirs: Row, ours: Row, args) -> None:
+    print(f"\n{os.path.basename(path)}: {args.threads} threads, prompt {args.prompt_len}, output {args.output_len}, "
+          f"{args.concurrency} concurrent, median of {args.rounds} alternating rounds")
+    head = f"{'engine':34s}{'prefill':>9s}{'decode':>8s}{'thr@' + str(args.concurrency):>8s}  note"
+    print(head)
+    print("-" * len(head))
+    for r in (theirs, ours):
+        print(f"{r.name:34s}{r.prefill:9.1f}{r.decode:8.1f}{r.throughput:8.1f}  {r.note}")
+    if theirs.decode == theirs.decode:
+        print(f"{'ratio (this engine / llama.cpp)':34s}{ours.prefill / theirs.prefill:8.2f}x{ours.decode / theirs.decode:7.2f}x"
+              f"{ours.throughput / theirs.throughput:7.2f}x")
+
+
 # ---------------------------------------------------------------------------------- report
 def print_table(title: str, rows: list[Row], llama_decode: Optional[float], concurrency: int) -> None:
     base = next((r for r in rows if r.name == "transformers bfloat16"), None)
@@ -230,7 +349,10 @@ def compiled_rows(path: str, args) -> list[Row]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,random1b", help="comma-separated: smollm2, random1b")
+    ap.add_argument("--models", default=None, help="comma-separated: smollm2, random1b (default: both, none with --gguf)")
+    ap.add_argument("--gguf", action="append", default=[], metavar="PATH",
+                    help="a GGUF file to run with llama.cpp and with this engine's defaults (repeatable)")
+    ap.add_argument("--rounds", type=int, default=3, help="--gguf: alternating rounds per engine (median)")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=16)
@@ -242,7 +364,12 @@ def main() -> None:
         help="this engine's rows to repeat with a torch.compile'd decode step: bfloat16, int8, int4 (empty: none)",
     )
     args = ap.parse_args()
+    if args.models is None:
+        args.models = "" if args.gguf else "smollm2,random1b"
     models = [m for m in args.models.split(",") if m]
+    missing = [g for g in args.gguf if not os.path.isfile(g)]
+    if missing:
+        ap.error(f"--gguf {missing[0]!r}: no such file")
     unknown = set(models) - {"smollm2", "random1b"}
     if unknown:
         ap.error(f"--models {args.models!r}: unknown {sorted(unknown)}; expected smollm2 and/or random1b")
@@ -256,6 +383,9 @@ def main() -> None:
     bad = set(c for c in args.compiled.split(",") if c) - {"bfloat16", "int8", "int4"}
     if bad:
         ap.error(f"--compiled {args.compiled!r}: unknown {sorted(bad)}; expected bfloat16, int8 and/or int4")
+
+    for path in args.gguf:
+        print_gguf_table(path, *gguf_rows(path, args), args)
 
     if "smollm2" in models:
         path = demo_model_path()

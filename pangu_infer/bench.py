@@ -220,7 +220,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pangu_infer.cli import llm_kwargs
+    from pangu_infer.cli import llm_kwargs, load_line
     from pangu_infer.llm import LLM
     from pangu_infer.models.registry import build_model_on_meta, count_parameters
 
@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         + f", {torch.get_num_threads()} threads, prompt {args.prompt_len} ({args.prompt_kind}), output {args.output_len}"
         + (f", prompt lookup {engine.engine_config.num_speculative_tokens} tokens" if engine.speculator else "")
     )
+    print(load_line(llm))
     if args.mode in ("all", "latency"):
         bandwidth = measure_memory_bandwidth(args.bandwidth_buffer)
         per_token = weight_bytes_per_token(llm.model)

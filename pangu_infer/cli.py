@@ -41,8 +41,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-speculative-tokens", type=int, default=0, help="prompt-lookup speculative decoding: draft tokens per step (0 = off)")
     p.add_argument("--speculative-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default: 3)")
     p.add_argument(
-        "--compile-decode", action="store_true",
-        help="torch.compile the decode step (compiles once at the first decode, about a minute on a small CPU)",
+        "--enforce-eager", action="store_true",
+        help="never torch.compile (by default decode steps run compiled, built at startup: about a minute "
+        "the first time on a small CPU, seconds from the cache after)",
     )
 
 
@@ -62,7 +63,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_ngram=args.speculative_ngram,
-        compile_decode=args.compile_decode,
+        enforce_eager=args.enforce_eager,
     )
 
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(g)
     add_sampling_arguments(g)
     g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    g.add_argument("--stats", action="store_true", help="print the load time and tokens/s to stderr")
 
     c = sub.add_parser(
         "chat", help="chat in the terminal: streamed replies, reasoning apart, line editing and history, /help for commands",
@@ -134,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--message", action="append", default=None,
         help="ask this instead of reading stdin (repeatable; /commands work here too)",
     )
-    c.add_argument("--stats", action="store_true", help="print tokens/s after each reply")
+    c.add_argument("--stats", action="store_true", help="print the load time, and tokens/s after each reply")
 
     for name, (module, help_text) in EXTERNAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -173,7 +174,16 @@ def _load(args: argparse.Namespace):
     if hasattr(args, "max_tokens"):
         SamplingParams(**_sampling_changes(args))  # a bad flag fails before the model loads
 
-    return LLM(args.model, **llm_kwargs(args))
+    llm = LLM(args.model, **llm_kwargs(args))
+    if getattr(args, "stats", False):
+        print(load_line(llm), file=sys.stderr)
+    return llm
+
+
+def load_line(llm) -> str:
+    """The --stats line about loading: the whole time to a ready engine, and the compile's share."""
+    compiled = llm.engine.runner.compile_seconds
+    return f"[loaded in {llm.load_seconds:.2f} s" + (f", {compiled:.2f} s of it compiling]" if compiled else "]")
 
 
 def _generate(args: argparse.Namespace) -> int:

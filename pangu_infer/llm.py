@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+import time
 import weakref
 from dataclasses import replace
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -47,8 +49,9 @@ class LLM:
         max_model_len: Optional[int] = None,
         num_speculative_tokens: int = 0,
         speculative_ngram: int = 3,
-        compile_decode: bool = False,
+        enforce_eager: bool = False,
     ):
+        start = time.perf_counter()
         check_tensor_parallel_size(tensor_parallel_size)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
@@ -62,16 +65,22 @@ class LLM:
             seed=seed,
             num_speculative_tokens=num_speculative_tokens,
             speculative_ngram=speculative_ngram,
-            compile_decode=compile_decode,
+            enforce_eager=enforce_eager,
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
-            if quantization is not None or offload_experts or compile_decode:
+            if quantization is not None or offload_experts:
                 raise ValueError(
                     f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
-                    f"offload_experts={offload_experts!r} / compile_decode={compile_decode!r}: "
-                    "not supported together yet; use one process"
+                    f"offload_experts={offload_experts!r}: not supported together yet; use one process"
                 )
+            if not enforce_eager:  # the workers replay rank 0's forwards eagerly; so does rank 0
+                print(
+                    f"pangu-infer: compiled decode off: not supported with tensor_parallel_size="
+                    f"{tensor_parallel_size} yet; decoding eagerly",
+                    file=sys.stderr,
+                )
+                self.engine_config = replace(self.engine_config, enforce_eager=True)
             self.loaded, self.parallel = load_tensor_parallel(model, tensor_parallel_size, self.dtype, self.device)
             self.device = self.parallel.device
         else:
@@ -92,6 +101,8 @@ class LLM:
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()
+        # Seconds from the call to a ready engine: reading weights, packing, KV cache, compiling.
+        self.load_seconds = time.perf_counter() - start
 
     # ------------------------------------------------------------------ generation
     def get_tokenizer(self) -> Any:

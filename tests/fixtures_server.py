@@ -57,10 +57,10 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
-    """`pangu-infer serve --model model_dir --dtype float32 ...flags` on a free loopback port."""
+    """`pangu-infer serve --model model_dir --dtype float32 --enforce-eager ...flags` on a free loopback port."""
     port = _free_port()
     cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
-           "--host", "127.0.0.1", "--port", str(port), *flags]
+           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", *flags]
     env = {k: v for k, v in os.environ.items() if k != "PANGU_API_KEY"}
     if api_key is not None:
         cmd += ["--api-key", api_key]

@@ -21,7 +21,7 @@ MAX_SEQS = 4
 
 @pytest.fixture(scope="module")
 def llm(tiny_dense_dir) -> LLM:
-    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=CONTEXT, max_num_seqs=MAX_SEQS)
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=CONTEXT, max_num_seqs=MAX_SEQS, enforce_eager=True)
 
 
 def _assert_engine_empty(llm: LLM) -> None:
@@ -147,7 +147,7 @@ def test_a_prefix_hit_needs_the_same_tokens_not_only_the_same_hash(llm, tiny_den
              for name, ids in (("first", first), ("other", other), ("shifted", shifted))}
 
     monkeypatch.setattr(kv_cache, "block_hash", lambda parent, tokens: b"\0" * 32)
-    engine = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=CONTEXT, block_size=bs).engine
+    engine = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=CONTEXT, block_size=bs, enforce_eager=True).engine
 
     def generate(rid: str, ids: list[int]) -> list[int]:
         engine.add_request(rid, ids, params)

@@ -26,12 +26,12 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def reference_llm(tiny_dense_dir) -> LLM:
-    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
 def async_engine(tiny_dense_dir):
-    engine = AsyncEngine.from_llm(LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20))
+    engine = AsyncEngine.from_llm(LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True))
     yield engine
     engine.shutdown()
 
@@ -164,7 +164,7 @@ def test_idle_engine_thread_sleeps(async_engine):
 def test_moe_stats_are_read_on_the_engine_thread(tiny_moge_dir):
     import threading
 
-    llm = LLM(str(tiny_moge_dir), dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(tiny_moge_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     engine = AsyncEngine.from_llm(llm)
     readers = []
     read = llm.model.moe_stats
@@ -186,7 +186,7 @@ def test_moe_stats_are_read_on_the_engine_thread(tiny_moge_dir):
 
 
 def test_shutdown_fails_waiting_callers_instead_of_hanging(tiny_dense_dir):
-    engine = AsyncEngine.from_llm(LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20))
+    engine = AsyncEngine.from_llm(LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True))
     engine.shutdown()
 
     async def main():

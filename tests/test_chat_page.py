@@ -83,7 +83,7 @@ def phone_page(browser):
 
 @pytest.fixture(scope="module")
 def thinking_llm(thinking_dense_dir):
-    return LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    return LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def thinker(thinking_llm):
 
 @pytest.fixture(scope="module")
 def talker(tiny_dense_dir):
-    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=16 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=16 << 20, enforce_eager=True)
     with serving(create_app(llm, served_model_name="talker", api_key=API_KEY)) as url:
         yield url
 

@@ -62,12 +62,12 @@ def _chat(monkeypatch, llm, script: str, max_tokens: int = 20, **args) -> tuple[
 
 @pytest.fixture(scope="module")
 def thinker(thinking_dense_dir):
-    return LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    return LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
 def talker(tiny_dense_dir):
-    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=16 << 20)
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=16 << 20, enforce_eager=True)
 
 
 def test_commands_and_multi_line_input_shape_the_conversation(monkeypatch, thinker, pangu_tokenizer):
@@ -164,7 +164,7 @@ def test_typing_in_a_terminal(tiny_dense_dir, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "PANGU_API_KEY")}
     env.update(HOME=str(home), TERM="xterm", INPUTRC=os.devnull, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pangu_infer", "chat", "--model", str(tiny_dense_dir), "--dtype", "float32",
-           "--temperature", "0", "--max-tokens", str(LONG_REPLY_TOKENS), "--kv-cache-memory", "16MiB"]
+           "--temperature", "0", "--max-tokens", str(LONG_REPLY_TOKENS), "--kv-cache-memory", "16MiB", "--enforce-eager"]
     chat = pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", codec_errors="replace",
                          timeout=PTY_TIMEOUT_S, dimensions=(40, 200))
     try:

@@ -19,7 +19,9 @@ def mixed_prompts(vocab: int, count: int = 24, seed: int = 0) -> list[list[int]]
 
 
 def run(llm: LLM, prompts, params, **engine_kwargs) -> tuple[list, LLMEngine]:
-    """Run prompts to completion on a fresh engine over the already loaded model."""
+    """Run prompts to completion on a fresh engine over the already loaded model (eager unless
+    enforce_eager=False is passed)."""
+    engine_kwargs.setdefault("enforce_eager", True)
     engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(**engine_kwargs), llm.generation_config)
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (ids, p) in enumerate(zip(prompts, params)):
@@ -39,7 +41,7 @@ def token_ids(outputs) -> list[list[int]]:
 @pytest.fixture(scope="module", params=["dense", "moge"])
 def llm(request, tiny_dense_dir, tiny_moge_dir):
     path = tiny_dense_dir if request.param == "dense" else tiny_moge_dir
-    return LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=8 << 20)
+    return LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=8 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +138,7 @@ def test_n_completions_share_the_prompt_blocks(llm):
 
 def test_abort_mid_stream_returns_every_block(llm):
     prompts = mixed_prompts(llm.config.vocab_size, count=8, seed=3)
-    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=8 << 20))
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=8 << 20, enforce_eager=True))
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
     for _ in range(3):
@@ -173,7 +175,7 @@ def test_stop_strings_cut_the_output(llm):
 
 
 def test_requests_that_can_never_fit_are_rejected_at_submission(llm):
-    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=llm.config.kv_bytes_per_token(torch.float32) * 64, max_model_len=128))
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=llm.config.kv_bytes_per_token(torch.float32) * 64, max_model_len=128, enforce_eager=True))
     with pytest.raises(RequestError, match="context of 128 tokens"):
         engine.add_request("a", [5] * 100, SamplingParams(max_tokens=40))
     with pytest.raises(RequestError, match="whole pool"):
@@ -189,10 +191,10 @@ def test_compiled_decode_equals_eager(llm, alone):
     """torch.compile'd decode steps (dynamic batch and context) give the eager greedy tokens, for a
     batch of 24 whose size and decode groups change as requests finish, and for one prompt alone."""
     prompts, expected = alone
-    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=8 << 20, max_num_seqs=24, compile_decode=True)
+    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=8 << 20, max_num_seqs=24, enforce_eager=False)
     assert token_ids(outs) == expected
     assert engine.runner.decode_forward is not None
-    outs, _ = run(llm, prompts[:1], GREEDY, kv_cache_memory=8 << 20, compile_decode=True)
+    outs, _ = run(llm, prompts[:1], GREEDY, kv_cache_memory=8 << 20, enforce_eager=False)
     assert token_ids(outs) == expected[:1]
 
 
@@ -204,36 +206,45 @@ def test_compiled_decode_is_private_to_its_model(tmp_path, tiny_dense_config, pa
     wide = dict(tiny_dense_config, hidden_size=2 * tiny_dense_config["hidden_size"])
     for i, config in enumerate((tiny_dense_config, wide)):
         path = build_tiny_model(tmp_path / str(i), config, pangu_tokenizer_dir, seed=i)
-        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
         prompts = mixed_prompts(config["vocab_size"], count=4, seed=i)
         eager, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20)
-        compiled, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20, compile_decode=True)
+        compiled, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20, max_model_len=512, enforce_eager=False)
         assert token_ids(compiled) == token_ids(eager)
 
 
 def test_compiled_decode_graphs_are_per_cache_size(tiny_dense_dir):
     """The cache shape is static in the compiled graphs and their guards are dropped, so an engine
     with another cache size over the same model gets graphs of its own, and both decode right."""
-    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     prompts = mixed_prompts(llm.config.vocab_size, count=3, seed=3)
     eager, _ = run(llm, prompts, GREEDY, kv_cache_memory=4 << 20)
     for kv in (4 << 20, 6 << 20, 4 << 20):
-        compiled, _ = run(llm, prompts, GREEDY, kv_cache_memory=kv, compile_decode=True)
+        compiled, _ = run(llm, prompts, GREEDY, kv_cache_memory=kv, max_model_len=512, enforce_eager=False)
         assert token_ids(compiled) == token_ids(eager)
     assert len(llm.model._compiled_decode_steps) == 2
 
 
-def test_compile_decode_flag_and_its_limits(tiny_dense_dir):
-    import argparse
-
-    from pangu_infer.cli import add_model_arguments, llm_kwargs
-
-    p = argparse.ArgumentParser()
-    add_model_arguments(p)
-    assert llm_kwargs(p.parse_args(["--compile-decode"]))["compile_decode"] is True
-    assert llm_kwargs(p.parse_args([]))["compile_decode"] is False
-    with pytest.raises(ValueError, match=r"compile_decode=True.*not supported together"):
-        LLM(str(tiny_dense_dir), dtype="float32", device="cpu", tensor_parallel_size=2, compile_decode=True)
+@pytest.mark.parametrize("enforce_eager", [True, False], ids=["eager", "compiled"])
+def test_two_engines_over_one_model_interleaved_equal_each_alone(tiny_dense_dir, enforce_eager):
+    """Each engine owns its KV cache: steps of two engines over one model object, interleaved,
+    give each engine's greedy tokens alone (a cache bound on the shared layers once, at engine
+    creation, made the first engine read and write the second's)."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+    prompts = mixed_prompts(llm.config.vocab_size, count=6, seed=11)
+    kwargs = dict(kv_cache_memory=4 << 20, max_model_len=512, enforce_eager=enforce_eager)
+    alone = [token_ids(run(llm, half, GREEDY, **kwargs)[0]) for half in (prompts[:3], prompts[3:])]
+    engines = [LLMEngine(llm.model, llm.tokenizer, EngineConfig(**kwargs), llm.generation_config) for _ in range(2)]
+    for engine, half in zip(engines, (prompts[:3], prompts[3:])):
+        for i, ids in enumerate(half):
+            engine.add_request(str(i), ids, GREEDY)
+    final: list[dict] = [{}, {}]
+    while any(e.has_unfinished_requests() for e in engines):
+        for engine, done in zip(engines, final):
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+    assert [token_ids([done[str(i)] for i in range(3)]) for done in final] == alone
 
 
 def test_one_sequence_decoding_across_the_unmasked_sdpa_limit_matches_full_forward(llm):

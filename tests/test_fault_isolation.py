@@ -31,7 +31,7 @@ class Boom(RuntimeError):
 
 @pytest.fixture(scope="module")
 def llm(tiny_dense_dir) -> LLM:
-    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ PROMPTS = [[1, 5, 9, 200, 17], [1] + list(range(30, 90)), [1, 999, 3], list(rang
 
 @pytest.fixture(scope="module")
 def dense_llm(tiny_dense_dir):
-    return LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    return LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_bf16_greedy_continuations_match_transformers_for_20_tokens(tmp_path, ti
     write_checkpoint(str(tmp_path), tiny_dense_config, state)
     for f in pangu_tokenizer_dir.iterdir():
         shutil.copy(f, tmp_path / f.name)
-    llm = LLM(str(tmp_path), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(tmp_path), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     ref = transformers_llama(tiny_dense_config, state, torch.bfloat16)
     ref32 = transformers_llama(tiny_dense_config, {k: v.float() for k, v in state.items()})
     g = torch.Generator().manual_seed(1)
@@ -96,7 +96,7 @@ def test_bf16_greedy_continuations_match_transformers_for_20_tokens(tmp_path, ti
 def test_sharded_checkpoint_equals_single_file(tmp_path, tiny_dense_config, pangu_tokenizer_dir, dense_llm):
     build_tiny_model(tmp_path, tiny_dense_config, pangu_tokenizer_dir, num_shards=3)
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    sharded = LLM(str(tmp_path), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+    sharded = LLM(str(tmp_path), dtype="float32", device="cpu", kv_cache_memory=1 << 20, enforce_eager=True)
     assert torch.equal(sharded.logits(PROMPTS[0]), dense_llm.logits(PROMPTS[0]))
 
 

@@ -111,7 +111,7 @@ def reference_greedy(sd: dict, config: dict, prompt: list[int], num_tokens: int)
 
 @pytest.fixture(scope="module")
 def moge_llm(tiny_moge_dir: Path) -> LLM:
-    return LLM(str(tiny_moge_dir), dtype="float32", device="cpu", kv_cache_memory=KV_BYTES)
+    return LLM(str(tiny_moge_dir), dtype="float32", device="cpu", kv_cache_memory=KV_BYTES, enforce_eager=True)
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_moge_built_as_a_dense_mlp_gives_transformers_llama_logits(tmp_path: Pat
 
 def test_sharded_bf16_checkpoint_loads_every_expert(bf16_sharded_moge_dir: Path, tiny_moge_config: dict):
     assert len(list(bf16_sharded_moge_dir.glob("model-*-of-00003.safetensors"))) == 3
-    llm = LLM(str(bf16_sharded_moge_dir), dtype="bfloat16", device="cpu", kv_cache_memory=KV_BYTES)
+    llm = LLM(str(bf16_sharded_moge_dir), dtype="bfloat16", device="cpu", kv_cache_memory=KV_BYTES, enforce_eager=True)
     sd = random_state_dict(tiny_moge_config, dtype=torch.bfloat16)
     inter = tiny_moge_config["moe_intermediate_size"]
     for layer, block in enumerate(llm.model.moe_layers()):
@@ -221,7 +221,7 @@ def test_sharded_bf16_checkpoint_loads_every_expert(bf16_sharded_moge_dir: Path,
 
 
 def test_bf16_greedy_generation_matches_the_bf16_specification(bf16_sharded_moge_dir: Path, tiny_moge_config: dict):
-    llm = LLM(str(bf16_sharded_moge_dir), dtype="bfloat16", device="cpu", kv_cache_memory=KV_BYTES)
+    llm = LLM(str(bf16_sharded_moge_dir), dtype="bfloat16", device="cpu", kv_cache_memory=KV_BYTES, enforce_eager=True)
     sd = random_state_dict(tiny_moge_config, dtype=torch.bfloat16)
     prompt = [1, 250, 31, 7, 640]
     out = llm.generate(
@@ -323,6 +323,7 @@ def test_cached_batched_generation_equals_full_forward_argmax(
         kv_cache_memory=KV_BYTES,
         block_size=4,
         max_num_batched_tokens=max_num_batched_tokens,
+        enforce_eager=True,
     )
     prompts = [[1, 44], [1, 300, 12, 7, 95, 640, 2, 18, 77], [1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)

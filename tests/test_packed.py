@@ -51,11 +51,11 @@ def test_packed_model_gives_the_plain_model_logits(tiny_dense_dir):
 
 
 def test_llm_packs_bf16_on_cpu(tiny_dense_dir):
-    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     assert has_packed_linears(llm.model)
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 4
-    assert not has_packed_linears(LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20).model)
+    assert not has_packed_linears(LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True).model)
 
 
 def test_packed_linear_compiles_as_an_opaque_kernel():
@@ -95,7 +95,7 @@ def test_compiled_decode_runs_on_packed_weights(tiny_dense_dir):
     rotary and SiLU in fp32 where eager rounds each op to bf16 (logits of ~3 have a bf16 step of
     1/64). Greedy tokens must be the reference's argmax wherever its top two are clearly apart."""
     tol = 0.05
-    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20, compile_decode=True)
+    llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)  # compiled: the default
     assert has_packed_linears(llm.model)
     plain = load_model(str(tiny_dense_dir), torch.bfloat16, CPU, load_tokenizer=False).model
     calls = []

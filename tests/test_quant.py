@@ -206,7 +206,7 @@ def test_llm_generates_with_int8_from_the_cli(tiny_dense_dir, capsys):
     int8 text differs from the float one (so a flag parsed and ignored fails too)."""
     from pangu_infer import LLM, SamplingParams
 
-    kwargs = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    kwargs = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     int8, plain = LLM(str(tiny_dense_dir), quantization="int8", **kwargs), LLM(str(tiny_dense_dir), **kwargs)
     params = SamplingParams(temperature=0, max_tokens=24)
 
@@ -216,7 +216,7 @@ def test_llm_generates_with_int8_from_the_cli(tiny_dense_dir, capsys):
     prompt = next((p for p in ("hello", "Hello world", "Once upon a time", "1 2 3") if text(int8, p) != text(plain, p)), None)
     assert prompt is not None, "int8 should change the greedy text of one of the prompts"
     rc = cli_main(["generate", "--model", str(tiny_dense_dir), "--quantization", "int8", "--dtype", "float32",
-                   "--kv-cache-memory", "4MiB", "--prompt", prompt, "--max-tokens", "24", "--temperature", "0"])
+                   "--kv-cache-memory", "4MiB", "--prompt", prompt, "--max-tokens", "24", "--temperature", "0", "--enforce-eager"])
     assert rc == 0
     assert capsys.readouterr().out == text(int8, prompt) + "\n"
 

@@ -11,7 +11,7 @@ from pangu_infer.cli import main
 
 @pytest.fixture(scope="module")
 def smollm(smollm2_gguf_path):
-    return LLM(str(smollm2_gguf_path), dtype="float32", device="cpu", kv_cache_memory=64 << 20)
+    return LLM(str(smollm2_gguf_path), dtype="float32", device="cpu", kv_cache_memory=64 << 20, enforce_eager=True)
 
 
 def test_capital_of_france_continues_with_paris(smollm):
@@ -47,14 +47,14 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(smollm):
 
 def test_cli_generate_prints_the_completion(smollm2_gguf_path, capsys):
     code = main(["generate", "--model", str(smollm2_gguf_path), "--prompt", "The capital of France is",
-                 "--max-tokens", "4", "--temperature", "0", "--dtype", "float32"])
+                 "--max-tokens", "4", "--temperature", "0", "--dtype", "float32", "--enforce-eager"])
     assert code == 0
     assert "Paris" in capsys.readouterr().out
 
 
 def test_cli_chat_streams_an_answer(smollm2_gguf_path, capsys):
     code = main(["chat", "--model", str(smollm2_gguf_path), "--message", "What is the capital of France?",
-                 "--max-tokens", "24", "--temperature", "0", "--dtype", "float32", "--stats"])
+                 "--max-tokens", "24", "--temperature", "0", "--dtype", "float32", "--stats", "--enforce-eager"])
     assert code == 0
     out = capsys.readouterr().out
     assert "Paris" in out and "tokens/s" in out
@@ -76,20 +76,20 @@ def test_cli_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf_
 def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm2_gguf_path):
     from pangu_infer.models.packed import PackedLinear, can_pack
 
-    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20)
+    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20, enforce_eager=True)
     if can_pack(torch.device("cpu"), torch.bfloat16):
         assert isinstance(llm.model.lm_head, PackedLinear)  # tied: a packed copy of the embedding
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
     assert out[0].outputs[0].text.startswith(" Paris")
 
 
-def test_int4_with_compiled_decode_steps_still_says_paris(smollm2_gguf_path):
-    """The fastest CPU decode path end to end (compare.py's int4 compiled row): int4 weights, a tied
-    int4 head computed inside the compiled step, C++ wrapper; the decode steps did run compiled and
-    each gave the eager full forward's token wherever its top two logits are clearly apart (bf16
-    logits of ~20 step by 0.125, so bits may differ from eager), with its logprob."""
-    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20,
-              quantization="int4", compile_decode=True)
+def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_path):
+    """What a user gets with no flags (`LLM(file.gguf)`): the decode step compiled and warmed up at
+    load (C++ wrapper, the tied head inside the compiled step), and the decode steps did run compiled
+    and each gave the eager full forward's token wherever its top two logits are clearly apart (bf16
+    logits of ~20 step by 0.125, so bits may differ from eager), with its logprob. (A step that reads
+    the KV cache wrongly gives garbage here: the tiny models' tests did not catch that once.)"""
+    llm = LLM(str(smollm2_gguf_path), kv_cache_memory=16 << 20)
     runner = llm.engine.runner
     compiled, calls = runner.decode_forward, []
     runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)

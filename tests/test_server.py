@@ -280,7 +280,7 @@ def test_client_disconnect_aborts_the_request_and_frees_kv(server, stream):
 
 
 def test_moge_metrics_show_tokens_per_group_and_zero_imbalance(tiny_moge_dir):
-    llm = LLM(str(tiny_moge_dir), dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(tiny_moge_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     with TestClient(create_app(llm, served_model_name="moge")) as http:
         assert http.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 4, "temperature": 0}).status_code == 200
         text = http.get("/metrics").text
@@ -320,7 +320,7 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
 # another ~10 s of imports on this machine.
 @pytest.fixture(scope="module")
 def thinking_client(thinking_dense_dir):
-    llm = LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     with TestClient(create_app(llm, served_model_name="thinker")) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
@@ -357,7 +357,7 @@ TOOL_REPLY = '[unused16]the user wants weather[unused17]Let me check.[unused11][
 
 @pytest.fixture(scope="module")
 def tool_server(tiny_dense_dir, pangu_tokenizer):
-    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     engine = ScriptedEngine(pangu_tokenizer, TOOL_REPLY)
     with TestClient(create_app(llm, served_model_name="tools", engine=engine)) as http:
         yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0), engine

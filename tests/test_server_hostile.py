@@ -385,7 +385,7 @@ def test_the_openai_sdk_bookkeeping_fields_are_accepted(server):
 
 def test_ignored_fields_are_logged_once_at_debug(tiny_dense_dir, monkeypatch, caplog):
     monkeypatch.setattr(app_module, "_logged_ignored_fields", set())
-    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     body = {"messages": MESSAGES, "max_tokens": 2, "user": "u", "store": False}
     with caplog.at_level(logging.DEBUG, logger="pangu_infer.server"), TestClient(create_app(llm, served_model_name="m")) as http:
         for _ in range(3):
@@ -404,7 +404,7 @@ SECRET = "secret internal detail /opt/model/weights.bin"
 def poisoned(tiny_dense_dir):
     """An in-process server with two faults: the sampler fails for requests with seed 666 once they
     have 3 tokens (inside the engine), and the tokenizer fails on prompts that say "poison" (in the route)."""
-    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20)
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     sample, encode = llm.engine.sampler, llm.tokenizer.encode
 
     def sampler(logits, rows):

@@ -45,7 +45,7 @@ def test_engine_config_rejects_a_negative_draft_length():
 @pytest.fixture(scope="module")
 def plain_and_speculative(tiny_dense_dir):
     kwargs = dict(dtype="float32", device="cpu", max_num_seqs=4, kv_cache_memory=1 << 24)
-    return LLM(str(tiny_dense_dir), **kwargs), LLM(str(tiny_dense_dir), num_speculative_tokens=4, **kwargs)
+    return LLM(str(tiny_dense_dir), **kwargs, enforce_eager=True), LLM(str(tiny_dense_dir), num_speculative_tokens=4, **kwargs, enforce_eager=True)
 
 
 def test_greedy_output_is_identical_with_prompt_lookup(plain_and_speculative):
@@ -145,7 +145,7 @@ def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path
     write_checkpoint(str(tmp_path), config, state)
     model = load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False).model
     prompt = list(range(vocab)) * 6
-    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=256, num_speculative_tokens=2, seed=0, kv_cache_memory=16 << 20))
+    engine = LLMEngine(model, None, EngineConfig(max_num_seqs=256, num_speculative_tokens=2, seed=0, kv_cache_memory=16 << 20, enforce_eager=True))
     params = SamplingParams(temperature=temperature, max_tokens=num_tokens, ignore_eos=True)
     for i in range(samples):
         engine.add_request(str(i), prompt, params)

@@ -42,9 +42,9 @@ class EngineConfig:
     # prompt-lookup speculative decoding: draft tokens per step (0 = off), longest n-gram matched
     num_speculative_tokens: int = 0
     speculative_ngram: int = 3
-    # torch.compile the forward of decode-only steps (one compile per process and model, at the first
-    # decode step; worth it for long generations, on CPU mostly for small models bound by op overhead)
-    compile_decode: bool = False
+    # True: never torch.compile. By default decode-only steps run a compiled forward + head, compiled
+    # when the engine starts (engine/compiled.py; eager, with one line saying why, where it cannot be)
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram"):
@@ -101,7 +101,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.pool, ec.max_num_seqs, ec.max_num_batched_tokens)
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(
-            model, num_blocks, ec.block_size, self.dtype, self.device, compile_decode=ec.compile_decode
+            model, num_blocks, ec.block_size, self.dtype, self.device,
+            enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len,
         )
         self.sampler = Sampler(seed=ec.seed)
         self.speculator = (

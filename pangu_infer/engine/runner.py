@@ -2,76 +2,26 @@
 
 from __future__ import annotations
 
-import types
-from typing import Optional
+import threading
+import time
+import weakref
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 
+from pangu_infer.engine.compiled import compiled_decode_step
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice
 
 
-def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch.Tensor:
-    # Every row of a decode-only step samples: the head runs inside the compiled graph too.
-    return model.compute_logits(model(input_ids, positions, attn))
-
-
-# The sizes that change from one decode step to the next (batch rows, context length), marked
-# dynamic on each step's inputs; (tensor name, dims). Everything else (weights, float attributes
-# such as the norms' eps) stays static: that keeps them constants of the graph, not per-call inputs.
-_DYNAMIC_DIMS = (("slot_mapping", (0,)), ("decode_slots", (0, 1)), ("decode_mask", (0, 3)))
-
-
-def compiled_forward(model: DecoderForCausalLM, kv_cache: tuple[int, torch.dtype], device: torch.device):
-    """torch.compile of `model`'s forward + head for decode-only steps, private to this model and
-    to its KV cache's (number of slots, dtype).
-
-    Shapes: the batch and context sizes of the step's inputs are marked dynamic, so one graph
-    serves every context length and batch size (dynamo keeps batch 1 apart, and batch 1 past
-    UNMASKED_SDPA_MAX_CONTEXT): the compile cost (tens of seconds on a small CPU) is paid two or
-    three times, not per step. Nothing else is dynamic. With `dynamic=True`, dynamo also turned
-    every float attribute (each norm's eps) into a tensor built on each call and gave the weights
-    symbolic shapes; dynamic cache sizes cost one size argument per cache tensor per call (~0.2 ms
-    per step on SmolLM2). The cache shape is therefore static, and part of the key: an engine with
-    another cache size over the same model compiles its own graphs.
-
-    On CPU the generated wrapper is C++ (`cpp_wrapper`): the ~300 kernel calls of a step no longer
-    each go through Python (SmolLM2 int4: 5.9 -> 4.7 ms per compiled step). The per-call checks of
-    every buffer's size and alignment are off too.
-
-    Each compiled function gets a code object of its own, because dynamo keeps graphs and their
-    guards per code object: graphs traced for this model and cache are never tried on another
-    model's or cache's call. That makes it safe to drop the guards on the model's modules, weights
-    and caches (about a thousand checks, ~1 ms per step on CPU; weights never change after
-    loading). A MoGE model breaks the graph around its data-dependent expert dispatch, and the code
-    after a break is shared by every model of the class, so those keep all guards.
-    """
-    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    if kv_cache in steps:  # another engine over the same model and cache size: its graphs serve
-        return steps[kv_cache]
-    step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
-    options = {"size_asserts": False, "alignment_asserts": False}
-    if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
-        options["cpp_wrapper"] = True
-    if not getattr(model, "has_graph_breaks", False):
-        options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    compiled = torch.compile(step, options=options)
-
-    def decode_step(input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
-        torch._dynamo.maybe_mark_dynamic(input_ids, 0)
-        torch._dynamo.maybe_mark_dynamic(positions, 0)
-        for name, dims in _DYNAMIC_DIMS:
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(getattr(attn, name), dim)
-        return compiled(model, input_ids, positions, attn)  # the caches are read from the layers
-
-    steps[kv_cache] = decode_step
-    return decode_step
-
-
 class ModelRunner:
+    """Owns the engine's KV cache and runs its steps. The cache is bound onto the model's attention
+    layers for the duration of each step (`bind`), under a lock per model: engines sharing one
+    model take turns, and each step reads and writes only its own engine's cache."""
+
     def __init__(
         self,
         model: DecoderForCausalLM,
@@ -79,27 +29,51 @@ class ModelRunner:
         block_size: int,
         kv_dtype: torch.dtype,
         device: torch.device,
-        compile_decode: bool = False,
+        enforce_eager: bool = True,
+        max_model_len: Optional[int] = None,
     ):
         self.model = model
         self.device = device
         self.block_size = block_size
-        cfg = model.config
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         slots = num_blocks * block_size
         # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
         # a valid slot), so the pages of a large pool are touched only as they are used.
-        for layer in self.attention_layers:
-            shape = (slots, layer.num_kv_heads, cfg.head_dim)
-            layer.k_cache = torch.empty(shape, dtype=kv_dtype, device=device)
-            layer.v_cache = torch.empty(shape, dtype=kv_dtype, device=device)
+        shapes = [(slots, m.num_kv_heads, m.head_dim) for m in self.attention_layers]
+        self.k_caches = [torch.empty(shape, dtype=kv_dtype, device=device) for shape in shapes]
+        self.v_caches = [torch.empty(shape, dtype=kv_dtype, device=device) for shape in shapes]
+        # The model's binding state: [lock, token of the runner whose cache is bound]. A token, not
+        # the runner, so that a bound runner can still be collected (and unbinds then).
+        self._binding = model.__dict__.setdefault("_kv_binding", [threading.Lock(), None])
+        self._token = object()
+        weakref.finalize(self, _unbind, self.attention_layers, self._binding, self._token)
         # Steps made only of decode tokens (the bulk of generation) run a torch.compile'd forward
-        # and head: one graph with dynamic batch and context sizes, so it compiles once, not per shape.
-        self.decode_forward = compiled_forward(model, (slots, kv_dtype), device) if compile_decode else None
+        # and head, compiled and warmed up here (engine/compiled.py), or eagerly where it cannot be.
+        self.decode_forward = None
+        self.compile_seconds = 0.0  # spent here building and warming up the compiled step
+        if not enforce_eager and self.attention_layers:
+            start = time.perf_counter()
+            max_context = min(max_model_len or slots, slots)
+            with self.bind():
+                self.decode_forward = compiled_decode_step(model, self.k_caches[0], max_context)
+            self.compile_seconds = time.perf_counter() - start
 
-    def release(self) -> None:
-        for layer in self.attention_layers:
-            layer.k_cache = layer.v_cache = None
+    @contextmanager
+    def bind(self) -> Iterator[None]:
+        """This runner's KV cache on the model's layers, the model held for the duration."""
+        with self._binding[0]:
+            self._point_layers()
+            yield
+
+    def _point_layers(self) -> None:
+        """Re-point the layers at this runner's cache if another engine's step ran last (the
+        model's lock held)."""
+        state = self._binding
+        if state[1] is not self._token:
+            for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches):
+                # Straight into __dict__: nn.Module.__setattr__ costs ~2 us a call, per step.
+                layer.__dict__["k_cache"], layer.__dict__["v_cache"] = k, v
+            state[1] = self._token
 
     @torch.inference_mode()
     def run(
@@ -155,9 +129,11 @@ class ModelRunner:
 
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        if compiled:  # logits of every row, in decode order
-            return [s for s, _ in decodes], self.decode_forward(ids, pos, attn)
-        hidden = self.model(ids, pos, attn)
+        with self._binding[0]:  # bind(), without a generator's cost on every step
+            self._point_layers()
+            if compiled:  # logits of every row, in decode order
+                return [s for s, _ in decodes], self.decode_forward(ids, pos, attn)
+            hidden = self.model(ids, pos, attn)
         sampled: list[Sequence] = []
         rows: list[int] = []
         end = 0
@@ -203,3 +179,12 @@ class ModelRunner:
         # Padding repeats the sequence's first slot, which always holds real values.
         slots = torch.where(valid, slots, slots[:, :1])
         return slots, valid[:, None, None, :]
+
+
+def _unbind(layers: list[Attention], state: list, token: object) -> None:
+    """A collected runner's cache leaves the layers it is still bound to (its memory is freed)."""
+    with state[0]:
+        if state[1] is token:
+            for layer in layers:
+                layer.__dict__["k_cache"] = layer.__dict__["v_cache"] = None
+            state[1] = None

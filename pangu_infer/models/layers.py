@@ -111,8 +111,9 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, cfg.o_bias, current_parallel_state())
-        # Bound by the runner: each [num_blocks * block_size, kv_heads, head_dim] (flat slots). Two
-        # tensors, not views of one, so that a compiled step can write them in place.
+        # The KV cache of the engine whose step runs now, bound by its runner (ModelRunner.bind): each
+        # [num_blocks * block_size, kv_heads, head_dim] (flat slots). Two tensors, not views of one,
+        # so that a compiled step can write them in place.
         self.k_cache: Optional[torch.Tensor] = None
         self.v_cache: Optional[torch.Tensor] = None
 

@@ -298,15 +298,16 @@ def _serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.
         kind, *body = message[0]
         if kind == "forward":
             args, kwargs = body
-            model(*_to_device(args, device), **_to_device(kwargs, device))
+            assert runner is not None, "rank 0 sends the KV cache shape before any forward"
+            with runner.bind():
+                model(*_to_device(args, device), **_to_device(kwargs, device))
         elif kind == "kv_cache":
             num_blocks, block_size, kv_dtype = body
             runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
         elif kind == "expert_tokens":
             dist.gather_object([m.local_expert_tokens for m in model.moe_layers()], None, dst=0, group=control)
         elif kind == "shutdown":
-            if runner is not None:
-                runner.release()
+            runner = None  # its KV cache leaves the layers with it
             dist.barrier(group=control)
             return
         else:
