@@ -29,3 +29,7 @@ def short_repr(value: object, limit: int = 80) -> str:
         return f"<an integer of {value.bit_length()} bits>"
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class WeightError(ValueError):
+    """A checkpoint whose tensors do not match the model; the message names the tensor."""

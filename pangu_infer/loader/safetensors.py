@@ -9,7 +9,8 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from pangu_infer.models.dense import WeightError
+from pangu_infer.errors import WeightError
+from pangu_infer.quant.formats import SCALE_SUFFIX, ZERO_SUFFIX, QuantizedTensor, Weight
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -68,3 +69,21 @@ def iter_safetensors(files: list[str], progress: bool = False) -> Iterator[tuple
     finally:
         if bar is not None:
             bar.close()
+
+
+def iter_quantized_safetensors(files: list[str]) -> Iterator[tuple[str, Weight]]:
+    """(HF name, tensor or QuantizedTensor) from a `pangu-infer quantize` checkpoint, memory-mapped."""
+    for path in files:
+        with open_safetensors(path) as f:
+            keys = set(f.keys())
+            parts = {k + suffix for k in keys for suffix in (SCALE_SUFFIX, ZERO_SUFFIX)} & keys
+            for name in sorted(keys - parts):
+                tensor = f.get_tensor(name)
+                if name + SCALE_SUFFIX not in keys:
+                    yield name, tensor
+                    continue
+                method = {torch.int8: "int8", torch.uint8: "int4"}.get(tensor.dtype)
+                if method is None:
+                    raise WeightError(f"quantized tensor {name!r} in {path} has dtype {tensor.dtype}, expected int8 or uint8")
+                zero = f.get_tensor(name + ZERO_SUFFIX) if name + ZERO_SUFFIX in keys else None
+                yield name, QuantizedTensor(method, tensor, f.get_tensor(name + SCALE_SUFFIX), zero)

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Iterable, Optional
+from typing import Iterable, Optional, Protocol
 
 import torch
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.errors import WeightError
 from pangu_infer.models.layers import Attention, AttentionBatch, RMSNorm, RotaryEmbedding, SwiGLU, rope_inv_freq
 from pangu_infer.parallel.sharding import WeightSharder
 from pangu_infer.parallel.state import current_parallel_state
 
-if TYPE_CHECKING:
-    from pangu_infer.quant.loading import LoadHook
+class WeightLoadHook(Protocol):
+    """What `load_weights` asks of a hook that takes some checkpoint tensors itself.
 
+    The model owns this contract; pangu_infer.quant.loading.LoadHook implements it (quantizing
+    weights, or keeping MoGE experts memory-mapped), so models never import quant.
+    """
 
-class WeightError(ValueError):
-    """A checkpoint whose tensors do not match the model; the message names the tensor."""
+    def take(self, name: str, target: str, index: Optional[tuple], tensor) -> bool:
+        """True when the hook keeps `tensor` (checkpoint `name`, parameter `target[index]`)."""
+
+    def finish(self, model: nn.Module) -> None:
+        """Called once after the last tensor: swap in the modules built from what was taken."""
 
 
 class DecoderLayer(nn.Module):
@@ -135,11 +142,11 @@ class DecoderForCausalLM(nn.Module):
         weights: Iterable[tuple[str, torch.Tensor]],
         dtype: torch.dtype,
         device: torch.device,
-        hook: Optional["LoadHook"] = None,
+        hook: Optional[WeightLoadHook] = None,
     ) -> None:
         """Assign checkpoint tensors to the (meta-device) parameters; every mismatch names the tensor.
 
-        `hook` (pangu_infer.quant.loading.LoadHook) may take a checkpoint tensor instead (to quantize
+        `hook` (a WeightLoadHook, e.g. pangu_infer.quant.loading.LoadHook) may take a checkpoint tensor instead (to quantize
         it, or keep a MoGE expert memory-mapped) and swaps its modules in at the end.
         """
         params = dict(self.named_parameters())

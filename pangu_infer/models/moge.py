@@ -12,7 +12,7 @@ from torch import nn
 from pangu_infer.config import ModelConfig
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import SwiGLU
-from pangu_infer.parallel.load import rank_load_stats
+from pangu_infer.parallel.expert_load import rank_load_stats
 from pangu_infer.parallel.state import current_parallel_state, rank_range
 
 IMBALANCE_DEVICES = (1, 2, 4, 8)

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pangu_infer.loader.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
+from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
 
 # handle -> (packed weight, bias): what pangu_infer::packed_linear multiplies by. Entries leave with their module.
 _WEIGHTS: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}

@@ -22,7 +22,8 @@ from pangu_infer.loader.safetensors import INDEX_FILE, SINGLE_FILE, checkpoint_f
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta
 from pangu_infer.quant.formats import QuantizationConfig, QuantizationError, quantize
-from pangu_infer.quant.loading import SCALE_SUFFIX, ZERO_SUFFIX, quantizable_weights, quantized_method
+from pangu_infer.quant.formats import SCALE_SUFFIX, ZERO_SUFFIX
+from pangu_infer.quant.loading import quantizable_weights, quantized_method
 
 SHARD_BYTES = 2 << 30
 # Everything but weights is copied: tokenizer files, generation_config.json, chat templates.

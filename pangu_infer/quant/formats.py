@@ -21,7 +21,7 @@ Portable int4 packing (checkpoints): uint8 [..., N, K/2], column 2j in the high 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -123,6 +123,14 @@ class QuantizedTensor:
     def nbytes(self) -> int:
         parts = [self.qweight, self.scale] + ([self.zero] if self.zero is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
+
+
+# A checkpoint tensor as the loaders yield it: plain, or already quantized.
+Weight = Union[torch.Tensor, QuantizedTensor]
+
+# Names of the parts of a quantized weight in a `pangu-infer quantize` safetensors file.
+SCALE_SUFFIX = "_scale"
+ZERO_SUFFIX = "_zero"
 
 
 def quantize(

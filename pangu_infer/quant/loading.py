@@ -25,13 +25,15 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from pangu_infer.loader.memory import drop_mapped_pages, trim_heap
-from pangu_infer.models.dense import DecoderForCausalLM, WeightError
+from pangu_infer.memory import drop_mapped_pages, trim_heap
+from pangu_infer.errors import WeightError
+from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.moge import MoGEBlock, StackedExperts
 from pangu_infer.quant.formats import (
     QuantizationConfig,
     QuantizationError,
     QuantizedTensor,
+    Weight,
     parse_quantization,
     quantize,
 )
@@ -46,11 +48,7 @@ from pangu_infer.quant.modules import (
 )
 
 TRIM_EVERY_BYTES = 256 << 20
-SCALE_SUFFIX = "_scale"
-ZERO_SUFFIX = "_zero"
 _EXPERT_PROJ = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
-
-Weight = Union[torch.Tensor, QuantizedTensor]
 
 
 def quantizable_weights(model: DecoderForCausalLM) -> dict[str, str]:
@@ -311,26 +309,6 @@ def make_load_hook(
     return LoadHook(model, config, offload_experts, dtype, device, memory_mapped)
 
 
-def iter_quantized_safetensors(files: list[str]) -> Iterator[tuple[str, Weight]]:
-    """(HF name, tensor or QuantizedTensor) from a `pangu-infer quantize` checkpoint, memory-mapped."""
-    from pangu_infer.loader.safetensors import open_safetensors
-
-    for path in files:
-        with open_safetensors(path) as f:
-            keys = set(f.keys())
-            parts = {k + suffix for k in keys for suffix in (SCALE_SUFFIX, ZERO_SUFFIX)} & keys
-            for name in sorted(keys - parts):
-                tensor = f.get_tensor(name)
-                if name + SCALE_SUFFIX not in keys:
-                    yield name, tensor
-                    continue
-                method = {torch.int8: "int8", torch.uint8: "int4"}.get(tensor.dtype)
-                if method is None:
-                    raise WeightError(f"quantized tensor {name!r} in {path} has dtype {tensor.dtype}, expected int8 or uint8")
-                zero = f.get_tensor(name + ZERO_SUFFIX) if name + ZERO_SUFFIX in keys else None
-                yield name, QuantizedTensor(method, tensor, f.get_tensor(name + SCALE_SUFFIX), zero)
-
-
 def quantized_weight_bytes(
     model: DecoderForCausalLM,
     dtype: torch.dtype,
@@ -369,9 +347,6 @@ def quantized_weight_bytes(
 
 __all__ = [
     "LoadHook",
-    "SCALE_SUFFIX",
-    "ZERO_SUFFIX",
-    "iter_quantized_safetensors",
     "make_load_hook",
     "quantizable_weights",
     "quantized_method",
