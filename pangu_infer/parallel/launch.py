@@ -10,6 +10,9 @@ Two ways in:
   socket pair, and exit when it closes (rank 0 gone).
 - torchrun: every rank runs the same command (`RANK`/`WORLD_SIZE` set by torchrun, one or many
   machines); on ranks != 0 `LLM(...)` serves rank 0's steps, then ends the process.
+
+This module is rank 0's side (starting the ranks, then driving them); worker.py is the workers'
+loop, group.py the process groups both sides join.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from typing import Any, Optional
@@ -33,19 +34,12 @@ from pangu_infer.config import ModelConfig
 from pangu_infer.device import distributed_backend, rank_device
 from pangu_infer.loader import LoadedModel, load_model, resolve_model_path
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.models.layers import AttentionBatch, PrefillSlice
 from pangu_infer.parallel.errors import ParallelStartupError
+from pangu_infer.parallel.group import CPU, LOAD_TIMEOUT_S, join_group, to_device
 from pangu_infer.parallel.state import ParallelState, building_shard, check_parallel_config
+from pangu_infer.parallel.worker import WorkerArgs, serve
 
 logger = logging.getLogger("pangu_infer.parallel")
-
-# Bounds that turn a stuck start into an error: a rank's weight loading, then joining the group.
-LOAD_TIMEOUT_S = 1800.0
-JOIN_TIMEOUT_S = 60.0
-# A collective inside a forward waits at most this long for a peer (a dead rank ends the run).
-COMPUTE_TIMEOUT = timedelta(seconds=120)
-# Workers wait for rank 0's next step as long as the server idles.
-IDLE_TIMEOUT = timedelta(days=365)
 
 
 def launched_by_torchrun() -> bool:
@@ -95,7 +89,7 @@ class TensorParallelDriver:
         self.state.gather_counts = self._gather_expert_tokens
 
     def _mirror_forward(self, module, args: tuple, kwargs: dict) -> None:
-        self._send(("forward", _to_device(args, _CPU), _to_device(kwargs, _CPU)))
+        self._send(("forward", to_device(args, CPU), to_device(kwargs, CPU)))
 
     def _gather_expert_tokens(self, local: list[int]) -> list[list[int]]:
         """[layer][rank] token-expert pairs each rank's experts computed, as each rank counted them."""
@@ -127,17 +121,6 @@ class TensorParallelDriver:
 
 
 # ---------------------------------------------------------------------- spawned workers
-@dataclass
-class _WorkerArgs:
-    rank: int
-    world_size: int
-    path: str
-    dtype: torch.dtype
-    device: torch.device
-    init_method: str
-    num_threads: int
-
-
 def _load_spawned(
     path: str, world_size: int, dtype: torch.dtype, device: torch.device
 ) -> tuple[LoadedModel, TensorParallelDriver]:
@@ -150,7 +133,7 @@ def _load_spawned(
     procs, conns = [], []
     try:
         for rank in range(1, world_size):
-            proc, conn = _start_worker(_WorkerArgs(rank, world_size, path, dtype, device, init_method, torch.get_num_threads()))
+            proc, conn = _start_worker(WorkerArgs(rank, world_size, path, dtype, device, init_method, torch.get_num_threads()))
             procs.append(proc)
             conns.append(conn)
         state = ParallelState(0, world_size)
@@ -158,14 +141,14 @@ def _load_spawned(
         with building_shard(state):
             loaded = load_model(path, dtype, dev)
         _wait_until_loaded(procs, conns)
-        control = _join_group(distributed_backend(dev), init_method, 0, world_size)
+        control = join_group(distributed_backend(dev), init_method, 0, world_size)
     except BaseException:
         _stop(procs, grace_s=0.0)
         raise
     return loaded, TensorParallelDriver(state, control, dev, procs, conns)
 
 
-def _start_worker(args: _WorkerArgs) -> tuple[subprocess.Popen, Connection]:
+def _start_worker(args: WorkerArgs) -> tuple[subprocess.Popen, Connection]:
     """A fresh interpreter (nothing of the caller's __main__ re-imported), linked by a socket pair."""
     ours, theirs = socket.socketpair()
     env = dict(os.environ)
@@ -205,33 +188,6 @@ def _wait_until_loaded(procs: list[subprocess.Popen], conns: list[Connection]) -
             pending.discard(conn)
 
 
-def run_spawned_worker(conn: Connection) -> None:
-    """The body of `python -m pangu_infer.parallel.worker`: load this rank's shard, report, serve."""
-    args: _WorkerArgs = conn.recv()
-    torch.set_num_threads(args.num_threads)
-    state = ParallelState(args.rank, args.world_size)
-    try:
-        device = rank_device(args.device, args.rank)
-        with building_shard(state):
-            loaded = load_model(args.path, args.dtype, device, load_tokenizer=False)
-    except BaseException as e:
-        conn.send(("error", f"{type(e).__name__}: {e}"))
-        sys.exit(1)
-    conn.send(("loaded", None))
-    threading.Thread(target=_exit_when_parent_dies, args=(conn,), daemon=True).start()
-    control = _join_group(distributed_backend(device), args.init_method, args.rank, args.world_size)
-    _serve(loaded.model, control, device)
-    dist.destroy_process_group()
-
-
-def _exit_when_parent_dies(conn: Connection) -> None:
-    try:
-        conn.recv()  # rank 0 never writes: this returns only when its end closes
-    except EOFError:
-        pass
-    os._exit(1)
-
-
 # ---------------------------------------------------------------------- torchrun
 def _load_torchrun(
     path: str, world_size: int, dtype: torch.dtype, device: torch.device
@@ -243,7 +199,7 @@ def _load_torchrun(
             f"--tensor-parallel-size {world} (one rank per tensor-parallel shard)"
         )
     dev = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
-    control = _join_group(distributed_backend(dev), "env://", rank, world)
+    control = join_group(distributed_backend(dev), "env://", rank, world)
     state = ParallelState(rank, world)
     error = None
     try:
@@ -260,74 +216,10 @@ def _load_torchrun(
         r, e = failed[0]
         raise ParallelStartupError(f"tensor-parallel rank {r} of {world} failed at startup: {e}")
     if rank != 0:
-        _serve(loaded.model, control, dev)
+        serve(loaded.model, control, dev)
         dist.destroy_process_group()
         raise SystemExit(0)
     return loaded, TensorParallelDriver(state, control, dev)
-
-
-# ---------------------------------------------------------------------- both
-def _join_group(backend: str, init_method: str, rank: int, world_size: int) -> dist.ProcessGroup:
-    """Join the compute group (the model's collectives) and a gloo control group (step messages)."""
-    try:
-        dist.init_process_group(
-            backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=JOIN_TIMEOUT_S)
-        )
-    except Exception as e:  # the store's timeout or a refused connection
-        raise ParallelStartupError(
-            f"tensor-parallel rank {rank} could not join the {world_size}-rank group at {init_method} "
-            f"within {JOIN_TIMEOUT_S:.0f} s: {e}"
-        ) from None
-    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    try:
-        dist.monitored_barrier(group=control, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
-    except Exception as e:  # names the ranks that never arrived
-        raise ParallelStartupError(f"tensor-parallel rank {rank}: the first barrier failed: {e}") from None
-    return control
-
-
-@torch.inference_mode()
-def _serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.device) -> None:
-    """A worker's loop: run each forward rank 0 runs, on this rank's shard, until shutdown."""
-    from pangu_infer.engine.runner import ModelRunner
-
-    runner = None
-    while True:
-        message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=control)
-        kind, *body = message[0]
-        if kind == "forward":
-            args, kwargs = body
-            assert runner is not None, "rank 0 sends the KV cache shape before any forward"
-            with runner.bind():
-                model(*_to_device(args, device), **_to_device(kwargs, device))
-        elif kind == "kv_cache":
-            num_blocks, block_size, kv_dtype = body
-            runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
-        elif kind == "expert_tokens":
-            dist.gather_object([m.local_expert_tokens for m in model.moe_layers()], None, dst=0, group=control)
-        elif kind == "shutdown":
-            runner = None  # its KV cache leaves the layers with it
-            dist.barrier(group=control)
-            return
-        else:
-            raise AssertionError(f"unknown control message {kind!r}")
-
-
-_CPU = torch.device("cpu")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    """Step inputs travel through the CPU control group; each rank moves them to its own device."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device)
-    if isinstance(obj, (AttentionBatch, PrefillSlice)):
-        return replace(obj, **{f.name: _to_device(getattr(obj, f.name), device) for f in fields(obj)})
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(o, device) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    return obj
 
 
 def _read_config(path: str) -> ModelConfig:

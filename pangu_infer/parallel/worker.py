@@ -1,12 +1,93 @@
-"""Entry point of a spawned tensor-parallel rank: `python -m pangu_infer.parallel.worker FD`.
+"""A tensor-parallel worker (ranks 1..N-1): load this rank's shard, then replay rank 0's forwards.
 
-FD is this process's end of a socket pair with rank 0 (see launch.py).
+Spawned: `python -m pangu_infer.parallel.worker FD`, where FD is this process's end of a socket pair
+with rank 0 (see launch.py). Under torchrun, launch.py calls `serve` on ranks != 0 directly.
 """
 
-import sys
-from multiprocessing.connection import Connection
+from __future__ import annotations
 
-from pangu_infer.parallel.launch import run_spawned_worker
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pangu_infer.device import distributed_backend, rank_device
+from pangu_infer.loader import load_model
+from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.parallel.group import join_group, to_device
+from pangu_infer.parallel.state import ParallelState, building_shard
+
+
+@dataclass
+class WorkerArgs:
+    rank: int
+    world_size: int
+    path: str
+    dtype: torch.dtype
+    device: torch.device
+    init_method: str
+    num_threads: int
+
+
+def run_spawned_worker(conn: Connection) -> None:
+    """The body of `python -m pangu_infer.parallel.worker`: load this rank's shard, report, serve."""
+    args: WorkerArgs = conn.recv()
+    torch.set_num_threads(args.num_threads)
+    state = ParallelState(args.rank, args.world_size)
+    try:
+        device = rank_device(args.device, args.rank)
+        with building_shard(state):
+            loaded = load_model(args.path, args.dtype, device, load_tokenizer=False)
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        sys.exit(1)
+    conn.send(("loaded", None))
+    threading.Thread(target=_exit_when_parent_dies, args=(conn,), daemon=True).start()
+    control = join_group(distributed_backend(device), args.init_method, args.rank, args.world_size)
+    serve(loaded.model, control, device)
+    dist.destroy_process_group()
+
+
+def _exit_when_parent_dies(conn: Connection) -> None:
+    try:
+        conn.recv()  # rank 0 never writes: this returns only when its end closes
+    except EOFError:
+        pass
+    os._exit(1)
+
+
+@torch.inference_mode()
+def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.device) -> None:
+    """A worker's loop: run each forward rank 0 runs, on this rank's shard, until shutdown."""
+    from pangu_infer.engine.runner import ModelRunner
+
+    runner = None
+    while True:
+        message: list[Any] = [None]
+        dist.broadcast_object_list(message, src=0, group=control)
+        kind, *body = message[0]
+        if kind == "forward":
+            args, kwargs = body
+            assert runner is not None, "rank 0 sends the KV cache shape before any forward"
+            with runner.bind():
+                model(*to_device(args, device), **to_device(kwargs, device))
+        elif kind == "kv_cache":
+            num_blocks, block_size, kv_dtype = body
+            runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
+        elif kind == "expert_tokens":
+            dist.gather_object([m.local_expert_tokens for m in model.moe_layers()], None, dst=0, group=control)
+        elif kind == "shutdown":
+            runner = None  # its KV cache leaves the layers with it
+            dist.barrier(group=control)
+            return
+        else:
+            raise AssertionError(f"unknown control message {kind!r}")
+
 
 if __name__ == "__main__":
     run_spawned_worker(Connection(int(sys.argv[1])))
