@@ -115,6 +115,8 @@ PANGU_R72B_FIELDS = {
     "norm_topk_prob": True,
     "router_enable_expert_bias": True,
     "num_nextn_predict_layers": 1,
+    "bos_token_id": 1,
+    "pad_token_id": 0,
 }
 
 
@@ -163,6 +165,8 @@ PANGU_ULTRA_FIELDS = {
     "routed_scaling_factor": 2.5,
     "norm_topk_prob": True,
     "num_nextn_predict_layers": 1,
+    "bos_token_id": 1,
+    "pad_token_id": 0,
 }
 
 

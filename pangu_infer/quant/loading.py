@@ -27,7 +27,7 @@ from torch import nn
 
 from pangu_infer.loader.memory import drop_mapped_pages, trim_heap
 from pangu_infer.models.dense import DecoderForCausalLM, WeightError
-from pangu_infer.models.moge import MoGEBlock, StackedExperts
+from pangu_infer.models.moge import MoEBlock, StackedExperts
 from pangu_infer.quant.formats import (
     QuantizationConfig,
     QuantizationError,
@@ -55,7 +55,7 @@ Weight = Union[torch.Tensor, QuantizedTensor]
 
 def quantizable_weights(model: DecoderForCausalLM) -> dict[str, str]:
     """Parameter name -> kind ("linear", "embedding", "experts") of every weight quantization covers."""
-    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoGEBlock)}
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoEBlock)}
     out: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module) not in routers:
@@ -105,9 +105,9 @@ class LoadHook:
         memory_mapped: bool = False,
     ):
         cfg = model.config
-        if offload_experts and not cfg.is_moge:
+        if offload_experts and not cfg.is_moe:
             raise ValueError(
-                f"offload_experts=True needs a MoGE model with routed experts; {cfg.architecture} has none"
+                f"offload_experts=True needs an MoE model with routed experts; {cfg.architecture} has none"
             )
         if offload_experts and device.type != "cpu":
             raise ValueError(f"offload_experts=True keeps experts memory-mapped in host memory: device={device} must be cpu")
