@@ -348,7 +348,8 @@ def quantized_weight_bytes(
             continue  # memory-mapped, paged in per expert
         setting = None if kind is None or quantization is None else quantized_method(quantization, p.shape)
         if setting is None:
-            total += p.numel() * elem
+            # The MoE family's expert-selection bias stays fp32 whatever the model dtype.
+            total += p.numel() * (4 if name.endswith("e_score_correction_bias") else elem)
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
