@@ -98,8 +98,10 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     if model.lm_head is not None:  # a head of its own (untied, or a packed/quantized copy)
         head = {id(t) for t in _weights(model.lm_head)}
         total -= sum(t.numel() * t.element_size() for t in _weights(embed) if id(t) not in head)
-    if cfg.is_moge:
+    if cfg.is_moe:
         for layer in model.model.layers:
+            if not hasattr(layer.mlp, "experts"):
+                continue  # a dense layer of the MoE family
             experts = layer.mlp.experts
             routed = sum(t.numel() * t.element_size() for t in _weights(experts))
             total -= routed - routed * cfg.num_experts_per_tok // cfg.num_experts

@@ -9,13 +9,18 @@ from typing import Any, Optional
 
 import torch
 
+from pangu_infer.config_family import FAMILY_ARCHITECTURES, ULTRA_MOE, FamilyConfigError, family_fields, family_rope_theta
+
 DENSE_ARCHITECTURES = ("PanguEmbeddedForCausalLM", "LlamaForCausalLM")
 MOGE_ARCHITECTURES = ("PanguProMoEForCausalLM",)
-SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOGE_ARCHITECTURES
+# Top-k sigmoid-routed MoE with dense first layers and sandwich norm (pangu_infer/config_family.py)
+TOPK_MOE_ARCHITECTURES = FAMILY_ARCHITECTURES
+SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOGE_ARCHITECTURES + TOPK_MOE_ARCHITECTURES
 MODEL_TYPE_TO_ARCH = {
     "PanguEmbedded": "PanguEmbeddedForCausalLM",
     "llama": "LlamaForCausalLM",
     "PanguProMoE": "PanguProMoEForCausalLM",
+    "pangu_ultra_moe": "PanguUltraMoEForCausalLM",
 }
 SUPPORTED_ROPE_SCALING = ("llama3", "linear")
 
@@ -53,10 +58,44 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     shared_expert_intermediate_size: int = 0
     quantization_config: Optional[dict] = None
+    # PanguProMoEV2 / PanguUltraMoE (normalised from any key style by pangu_infer/config_family.py)
+    first_k_dense_replace: int = 0
+    routed_scaling_factor: float = 1.0
+    norm_topk_prob: bool = True
+    router_bias: bool = False  # e_score_correction_bias, used to select experts only
+    sandwich_norm: bool = False
+    num_mtp_layers: int = 0  # stored after the last layer; skipped
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0  # interleaved RoPE: the first dims of a head (V2), the last (MLA)
+    v_head_dim: int = 0
+    q_lora_rank: int = 0  # MLA (Ultra); 0 = a plain q_proj
+    kv_lora_rank: int = 0  # MLA: the cached latent's width
+    param_sink_number: int = 0  # V2: learned sink keys (and values) every query sees
+    param_sink_with_value: bool = False
 
     @property
     def is_moge(self) -> bool:
         return self.architecture in MOGE_ARCHITECTURES
+
+    @property
+    def is_topk_moe(self) -> bool:
+        return self.architecture in TOPK_MOE_ARCHITECTURES
+
+    @property
+    def is_moe(self) -> bool:
+        """Routed experts of either kind (MoGE, or sigmoid top-k)."""
+        return self.is_moge or self.is_topk_moe
+
+    @property
+    def is_mla(self) -> bool:
+        return self.architecture == ULTRA_MOE
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.is_moge or (self.is_topk_moe and layer >= self.first_k_dense_replace)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     @property
     def experts_per_group(self) -> int:
@@ -64,12 +103,18 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
+        if self.is_mla:  # the compressed latent and the one rope key shared by the heads
+            return self.num_hidden_layers * (self.kv_lora_rank + self.qk_rope_head_dim) * elem
+        if self.is_topk_moe:  # K and V heads of different widths (the sinks are parameters, not per token)
+            return self.num_hidden_layers * self.num_key_value_heads * (self.head_dim + self.v_head_dim) * elem
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         arch = _architecture(d)
+        if arch in TOPK_MOE_ARCHITECTURES:
+            return cls._from_family_dict(d, arch)
         get = _Getter(d)
         hidden = get.int("hidden_size")
         heads = get.int("num_attention_heads")
@@ -139,6 +184,50 @@ class ModelConfig:
                     f"config field num_experts_per_tok={cfg.num_experts_per_tok} must equal "
                     f"num_expert_groups={cfg.num_expert_groups}: MoGE picks one expert per group"
                 )
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+            if getattr(cfg, name) <= 0:
+                raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")
+        return cfg
+
+    @classmethod
+    def _from_family_dict(cls, d: dict[str, Any], arch: str) -> "ModelConfig":
+        try:
+            fam = family_fields(d, arch)
+            theta = family_rope_theta(d)
+        except FamilyConfigError as e:
+            raise ConfigError(str(e)) from None
+        get = _Getter(d)
+        heads = get.int("num_attention_heads")
+        if heads <= 0:
+            raise ConfigError(f"config field num_attention_heads={heads} must be positive")
+        if arch == ULTRA_MOE:
+            kv_heads = heads  # MLA: every head reads the one latent (num_key_value_heads is unused)
+        else:
+            kv_heads = get.int("num_key_value_heads", default=heads)
+            if kv_heads <= 0 or heads % kv_heads:
+                raise ConfigError(
+                    f"config field num_key_value_heads={kv_heads} must divide num_attention_heads={heads}"
+                )
+        eos = d.get("eos_token_id")
+        cfg = cls(
+            architecture=arch,
+            vocab_size=get.int("vocab_size"),
+            hidden_size=get.int("hidden_size"),
+            intermediate_size=get.int("intermediate_size", default=0),
+            num_hidden_layers=get.int("num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            rms_norm_eps=get.float("rms_norm_eps", default=1e-5),
+            rope_theta=theta,
+            max_position_embeddings=get.int("max_position_embeddings", default=4096),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            pad_token_id=d.get("pad_token_id"),
+            torch_dtype=d.get("torch_dtype"),
+            quantization_config=d.get("quantization_config"),
+            **fam,
+        )
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")

@@ -204,8 +204,8 @@ class LLM:
         return self.model.compute_logits(hidden).cpu()
 
     def moe_stats(self) -> dict:
-        """Per-layer tokens per expert and per group, and imbalance scores (MoGE models only)."""
-        if not self.config.is_moge:
+        """Per-layer tokens per expert (and per group for MoGE), and imbalance scores (MoE models only)."""
+        if not self.config.is_moe:
             return {}
         return self.model.moe_stats()
 

@@ -92,9 +92,15 @@ def run(args: argparse.Namespace) -> int:
             f" ({cfg.num_experts} experts in {cfg.num_expert_groups} groups, "
             f"{cfg.num_experts_per_tok} active per token)"
         )
+    elif cfg.is_topk_moe:
+        experts = (
+            f" ({cfg.num_experts} routed experts, top-{cfg.num_experts_per_tok}, in {cfg.num_moe_layers} of "
+            f"{cfg.num_hidden_layers} layers"
+            + (f"; the {cfg.num_mtp_layers} MTP layer(s) not counted, not loaded)" if cfg.num_mtp_layers else ")")
+        )
     lines.append(f"parameters  {_count(total)} total, {_count(active)} active{experts}")
     lines.append(f"weights     {_bytes(weights)} ({precision})")
-    lines.append(f"KV cache    {kv:,} bytes per token = {kv / 1024:.1f} KiB ({args.dtype})")
+    lines.append(f"KV cache    {kv:,} bytes per token = {kv / 1024:.1f} KiB ({args.dtype}){_kv_layout(cfg)}")
     if args.memory_gb is not None:
         budget = int(args.memory_gb * GB)
         tokens = context_tokens(budget, weights, kv)
@@ -126,10 +132,30 @@ def _fit_table(
         tokens = context_tokens(budget, weights, kv)
         fit = "does not fit" if tokens is None else f"{tokens:,}"
         rows.append(f"{name:<10} {_bytes(weights):>10}  {kv / 1024:>6.1f} KiB  {fit}")
-    kept = "norms, biases and the MoGE router" if cfg.is_moge else "norms and biases"
+    kept = "norms, biases and the MoGE router" if cfg.is_moge else (
+        "norms, the router, its bias, the sinks and MLA's kv_b_proj" if cfg.is_topk_moe else "norms and biases"
+    )
     rows.append(f"The quantized rows keep {kept} in {dtype}, and the KV cache too.")
     rows.append("Weights and KV cache only: activations and runtime buffers need memory on top.")
     return rows
+
+
+def _kv_layout(cfg: ModelConfig) -> str:
+    """What a token's KV entry holds, for the architectures whose entry is not K and V of one width."""
+    if cfg.is_mla:
+        full = cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+        per_layer = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        return (
+            f"\n            MLA: {per_layer} values per token per layer (latent {cfg.kv_lora_rank} + rope key "
+            f"{cfg.qk_rope_head_dim}) instead of {full:,} for full K and V (1/{full // per_layer})"
+        )
+    if cfg.is_topk_moe:
+        sinks = f"; {cfg.param_sink_number} sink keys/values per layer are parameters, not cache" if cfg.param_sink_number else ""
+        return (
+            f"\n            {cfg.num_key_value_heads} KV heads x (K {cfg.head_dim} + V {cfg.v_head_dim}) values "
+            f"per token per layer{sinks}"
+        )
+    return ""
 
 
 def _count(n: int) -> str:

@@ -70,3 +70,33 @@ def tiny_dense_dir(tmp_path_factory, tiny_dense_config, pangu_tokenizer_dir) -> 
 def tiny_moge_dir(tmp_path_factory, tiny_moge_config, pangu_tokenizer_dir) -> Path:
     """Pangu Pro MoE layout: 64 experts in 8 groups, shared expert, router_scale; fp32, one file."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_moge"), tiny_moge_config, pangu_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_r72b_config(pangu_tokenizer_dir: Path) -> dict:
+    """openPangu-R-72B-2512's layout at tiny widths: 8 heads / 2 KV heads of K 24 (rope 8) and
+    V 16, 4 sinks with values, layer 0 dense, 16 experts top-4 with a correction bias, 2 shared."""
+    from pangu_infer.loader.random import pangu_r72b_config
+
+    vocab, eos = _tiny_vocab(pangu_tokenizer_dir)
+    return pangu_r72b_config(vocab_size=vocab, eos_token_id=eos)
+
+
+@pytest.fixture(scope="session")
+def tiny_ultra_config(pangu_tokenizer_dir: Path) -> dict:
+    """openPangu-Ultra-MoE-718B's layout at tiny widths: MLA (q rank 24, kv rank 32, nope 16,
+    rope 8, v 16), layer 0 dense, 16 experts top-4, 1 shared, sandwich norm."""
+    from pangu_infer.loader.random import pangu_ultra_config
+
+    vocab, eos = _tiny_vocab(pangu_tokenizer_dir)
+    return pangu_ultra_config(vocab_size=vocab, eos_token_id=eos)
+
+
+@pytest.fixture(scope="session")
+def tiny_r72b_dir(tmp_path_factory, tiny_r72b_config, pangu_tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_r72b"), tiny_r72b_config, pangu_tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ultra_dir(tmp_path_factory, tiny_ultra_config, pangu_tokenizer_dir) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_ultra"), tiny_ultra_config, pangu_tokenizer_dir)

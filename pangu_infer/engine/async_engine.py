@@ -141,7 +141,7 @@ class AsyncEngine:
 
     async def moe_stats(self) -> dict:
         """Tokens per expert group and imbalance scores per layer ({} for dense models)."""
-        return await self.call(lambda e: e.model.moe_stats() if e.config.is_moge else {})
+        return await self.call(lambda e: e.model.moe_stats() if e.config.is_moe else {})
 
     async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
         """Run fn(engine) on the engine thread, between steps, and return its result."""

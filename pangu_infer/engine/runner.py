@@ -39,9 +39,11 @@ class ModelRunner:
         slots = num_blocks * block_size
         # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
         # a valid slot), so the pages of a large pool are touched only as they are used.
-        shapes = [(slots, m.num_kv_heads, m.head_dim) for m in self.attention_layers]
-        self.k_caches = [torch.empty(shape, dtype=kv_dtype, device=device) for shape in shapes]
-        self.v_caches = [torch.empty(shape, dtype=kv_dtype, device=device) for shape in shapes]
+        # Each layer says what it caches per token (`Attention.cache_shapes`): K and V heads, K and V
+        # of different widths, or one MLA latent with no value cache (None).
+        shapes = [m.cache_shapes(slots) for m in self.attention_layers]
+        self.k_caches = [torch.empty(k, dtype=kv_dtype, device=device) for k, _ in shapes]
+        self.v_caches = [None if v is None else torch.empty(v, dtype=kv_dtype, device=device) for _, v in shapes]
         # The model's binding state: [lock, token of the runner whose cache is bound]. A token, not
         # the runner, so that a bound runner can still be collected (and unbinds then).
         self._binding = model.__dict__.setdefault("_kv_binding", [threading.Lock(), None])

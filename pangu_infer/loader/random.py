@@ -102,6 +102,108 @@ def pangu_moge_config(
     )
 
 
+PANGU_R72B_FIELDS = {
+    "architectures": ["PanguProMoEV2ForCausalLM"],
+    "model_type": "PanguProMoE",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000,
+    "tie_word_embeddings": False,
+    "param_sink_with_value": True,
+    "sandwich_norm": True,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "router_enable_expert_bias": True,
+    "num_nextn_predict_layers": 1,
+    "bos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+
+def pangu_r72b_config(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 3,
+    num_attention_heads: int = 8,
+    num_key_value_heads: int = 2,
+    qk_nope_dim: int = 16,
+    qk_rope_dim: int = 8,
+    v_channels: int = 16,
+    param_sink_number: int = 4,
+    first_k_dense_replace: int = 1,
+    intermediate_size: int = 96,
+    n_routed_experts: int = 16,
+    num_experts_per_tok: int = 4,
+    n_shared_experts: int = 2,
+    moe_intermediate_size: int = 32,
+    max_position_embeddings: int = 2048,
+    eos_token_id: int = 2,
+    **extra,
+) -> dict:
+    """An HF config.json dict with openPangu-R-72B-2512's field names (vLLM style), at any size."""
+    return _sized_config(
+        PANGU_R72B_FIELDS,
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads,
+        qk_nope_dim=qk_nope_dim, qk_rope_dim=qk_rope_dim, v_channels=v_channels,
+        param_sink_number=param_sink_number, first_k_dense_replace=first_k_dense_replace,
+        intermediate_size=intermediate_size, n_routed_experts=n_routed_experts,
+        num_experts_per_tok=num_experts_per_tok, n_shared_experts=n_shared_experts,
+        moe_intermediate_size=moe_intermediate_size, max_position_embeddings=max_position_embeddings,
+        eos_token_id=eos_token_id, **extra,
+    )
+
+
+PANGU_ULTRA_FIELDS = {
+    "architectures": ["PanguUltraMoEForCausalLM"],
+    "model_type": "pangu_ultra_moe",
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 25600000,
+    "tie_word_embeddings": False,
+    "sandwich_norm": True,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "num_nextn_predict_layers": 1,
+    "bos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+
+def pangu_ultra_config(
+    vocab_size: int,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 3,
+    num_attention_heads: int = 8,
+    q_lora_rank: int = 24,
+    kv_lora_rank: int = 32,
+    qk_nope_head_dim: int = 16,
+    qk_rope_head_dim: int = 8,
+    v_head_dim: int = 16,
+    first_k_dense_replace: int = 1,
+    intermediate_size: int = 96,
+    n_routed_experts: int = 16,
+    num_experts_per_tok: int = 4,
+    n_shared_experts: int = 1,
+    moe_intermediate_size: int = 32,
+    max_position_embeddings: int = 2048,
+    eos_token_id: int = 2,
+    **extra,
+) -> dict:
+    """An HF config.json dict with openPangu-Ultra-MoE-718B's field names (DeepSeek style), at any size."""
+    return _sized_config(
+        PANGU_ULTRA_FIELDS,
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, num_key_value_heads=num_attention_heads,
+        q_lora_rank=q_lora_rank, kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+        qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim,
+        first_k_dense_replace=first_k_dense_replace, intermediate_size=intermediate_size,
+        n_routed_experts=n_routed_experts, num_experts_per_tok=num_experts_per_tok,
+        n_shared_experts=n_shared_experts, moe_intermediate_size=moe_intermediate_size,
+        max_position_embeddings=max_position_embeddings, eos_token_id=eos_token_id, **extra,
+    )
+
+
 def transformers_llama(config: dict, tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32):
     """The peer model of tests and benchmarks: transformers' LlamaForCausalLM with q/k/v/o biases
     (Pangu 7B's layout) holding the same weights; generate() never stops at an eos."""
@@ -137,13 +239,17 @@ def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.fl
     q = cfg.num_attention_heads * cfg.head_dim
     shapes: dict[str, tuple[int, ...]] = {}
     for name in model.expected_weight_names():
-        shapes[name] = _hf_shape(name, cfg, h, q, kv)
+        shapes[name] = _family_shape(model, name) if cfg.is_topk_moe else _hf_shape(name, cfg, h, q, kv)
     out = {}
     for name, shape in shapes.items():
         if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=g)
         elif name.endswith("router_scale"):
             t = 0.5 + torch.rand(shape, generator=g)
+        elif name.endswith("e_score_correction_bias"):
+            t = 0.2 * torch.randn(shape, generator=g)  # sigmoid scores lie in (0, 1): this reorders some
+        elif name.endswith(("param_sink_key", "param_sink_value")):
+            t = torch.randn(shape, generator=g)
         elif name.endswith(".bias"):
             t = 0.1 * torch.randn(shape, generator=g)
         elif name == "model.embed_tokens.weight":
@@ -152,6 +258,13 @@ def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.fl
             t = torch.randn(shape, generator=g) / shape[-1] ** 0.5
         out[name] = t.to(dtype)
     return out
+
+
+def _family_shape(model, name: str) -> tuple[int, ...]:
+    """The checkpoint shape of a PanguProMoEV2 / PanguUltraMoE tensor: its slice of the model's parameter."""
+    target, index = model.map_weight_name(name)
+    param = model.get_parameter(target)
+    return tuple(param[index].shape) if index is not None else tuple(param.shape)
 
 
 def _hf_shape(name: str, cfg: ModelConfig, h: int, q: int, kv: int) -> tuple[int, ...]:

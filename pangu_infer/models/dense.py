@@ -42,10 +42,10 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_mlp):
+    def __init__(self, cfg: ModelConfig, make_mlp, make_layer=DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(make_layer(cfg, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
@@ -63,12 +63,15 @@ _SKIPPED = re.compile(r"\.rotary_emb\.inv_freq$")
 class DecoderForCausalLM(nn.Module):
     """Pre-norm decoder with rotary attention (q/k/v/o biases per config) and SwiGLU MLPs."""
 
+    layer_class = DecoderLayer
+    rotary_class = RotaryEmbedding
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.parallel = current_parallel_state()  # this rank's shard (world size 1 in one process)
-        self.model = DecoderModel(cfg, self.make_mlp)
-        self.rotary = RotaryEmbedding(cfg)
+        self.model = DecoderModel(cfg, self.make_mlp, self.layer_class)
+        self.rotary = self.rotary_class(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
@@ -151,7 +154,7 @@ class DecoderForCausalLM(nn.Module):
         """
         params = dict(self.named_parameters())
         expected = set(self.expected_weight_names())
-        sharder = WeightSharder(self.config, self.parallel)
+        sharder = self.weight_sharder()
         seen: set[str] = set()
         for name, tensor in weights:
             if _SKIPPED.search(name):
@@ -187,6 +190,10 @@ class DecoderForCausalLM(nn.Module):
             hook.finish(self)
         self.rotary.inv_freq = rope_inv_freq(self.config).to(device)
         self.finish_loading()
+
+    def weight_sharder(self) -> WeightSharder:
+        """Which slice of each checkpoint tensor this rank keeps."""
+        return WeightSharder(self.config, self.parallel)
 
     def finish_loading(self) -> None:
         """Hook for models that re-lay parameters after loading (MoGE stacks its experts)."""

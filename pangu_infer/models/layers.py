@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    dim = cfg.head_dim
+    dim = cfg.qk_rope_head_dim or cfg.head_dim  # partial RoPE (the Pangu MoE family) or the whole head
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     rs = cfg.rope_scaling
     if rs is None:
@@ -66,6 +66,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class InterleavedRotaryEmbedding(RotaryEmbedding):
+    """GPT-J style rotary embedding: pairs (x[2i], x[2i+1]) rotated by p * theta^(-2i/dim)."""
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, dim/2]
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, dim]; cos/sin: [T, dim/2] -> o[2i] = x[2i]cos - x[2i+1]sin, o[2i+1] = x[2i+1]cos + x[2i]sin."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
 
 
 @dataclass
@@ -106,16 +121,35 @@ class Attention(nn.Module):
         self.num_heads = heads.q_count
         self.num_kv_heads = heads.kv_count
         self.head_dim = cfg.head_dim
+        self.v_dim = cfg.head_dim  # width of a value head (narrower than a key head in the MoE family)
+        # > 0: there is no value cache, values are the first `values_in_keys` dims of each cached
+        # key row (MLA caches one latent that serves as both)
+        self.values_in_keys = 0
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, cfg.o_bias, current_parallel_state())
+        self._init_projections(cfg)
         # The KV cache of the engine whose step runs now, bound by its runner (ModelRunner.bind): each
         # [num_blocks * block_size, kv_heads, head_dim] (flat slots). Two tensors, not views of one,
         # so that a compiled step can write them in place.
         self.k_cache: Optional[torch.Tensor] = None
         self.v_cache: Optional[torch.Tensor] = None
+
+    def _init_projections(self, cfg: ModelConfig) -> None:
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = row_parallel_linear(self.q_size, cfg.hidden_size, cfg.o_bias, current_parallel_state())
+
+    def cache_shapes(self, slots: int) -> tuple[tuple[int, ...], Optional[tuple[int, ...]]]:
+        """Shapes of this layer's key and value cache (None: no value cache) for `slots` tokens;
+        the runner allocates them (ModelRunner)."""
+        if self.values_in_keys:
+            return (slots, self.num_kv_heads, self.head_dim), None
+        return (slots, self.num_kv_heads, self.head_dim), (slots, self.num_kv_heads, self.v_dim)
+
+    def sinks(self, dtype: torch.dtype) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys [Hkv, S, D] and values [Hkv, S, Dv] every query attends to ahead of its context
+        (PanguProMoEV2's learned sinks), or None."""
+        return None
 
     def forward(
         self,
@@ -136,7 +170,16 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, self.q_size))
 
     def _sdpa(self, q, k, v, mask, causal: bool) -> torch.Tensor:
-        """q: [Tq, H, D], k/v: [Tk, Hkv, D] -> [Tq, H, D]."""
+        """q: [Tq, H, D], k: [Tk, Hkv, D], v: [Tk, Hkv, Dv] -> [Tq, H, Dv]; sinks, if any, first."""
+        sinks = self.sinks(k.dtype)
+        if sinks is not None:
+            sk, sv = sinks
+            if mask is None:  # causal, bottom-right aligned like the cache path
+                tq, tk = q.shape[0], k.shape[0]
+                mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+            mask = torch.cat((mask.new_ones(mask.shape[0], sk.shape[1]), mask), dim=1)
+            k = torch.cat((sk.transpose(0, 1), k), dim=0)
+            v = torch.cat((sv.transpose(0, 1), v), dim=0)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             k.transpose(0, 1).unsqueeze(0),
@@ -161,7 +204,7 @@ class Attention(nn.Module):
         scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, L]
         scores = scores.masked_fill(~mask, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(vals.dtype)
-        return torch.matmul(probs, vals).view(b, h, d).to(q.dtype)
+        return torch.matmul(probs, vals).view(b, h, vals.shape[-1]).to(q.dtype)
 
     def _decode_attention_unmasked(self, q, keys, vals) -> torch.Tensor:
         """_decode_attention without padding: one SDPA call with each KV head's query heads as its
@@ -170,35 +213,51 @@ class Attention(nn.Module):
         b, h, d = q.shape
         hkv = keys.shape[1]
         qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
-        return F.scaled_dot_product_attention(qg, keys, vals, scale=self.scale).reshape(b, h, d).to(q.dtype)
+        return F.scaled_dot_product_attention(qg, keys, vals, scale=self.scale).reshape(b, h, -1).to(q.dtype)
 
     def _gather_heads_first(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """cache [S, Hkv, D], slots [B, L] -> [B, Hkv, L, D] contiguous (index_select on rows is ~3x
         faster than advanced indexing, and contiguous heads-first K/V make the matmuls fast)."""
         b, n = slots.shape
         rows = cache.view(cache.shape[0], -1).index_select(0, slots.reshape(-1))
-        return rows.view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2).contiguous()
+        return rows.view(b, n, *cache.shape[1:]).transpose(1, 2).contiguous()
+
+    def _decode_kv(self, slots: torch.Tensor, mask: Optional[torch.Tensor]):
+        """Gathered keys [B, Hkv, L, D] and values [B, Hkv, L, Dv] of decode rows, sinks first."""
+        keys = self._gather_heads_first(self.k_cache, slots)
+        vals = keys[..., : self.values_in_keys] if self.values_in_keys else self._gather_heads_first(self.v_cache, slots)
+        sinks = self.sinks(keys.dtype)
+        if sinks is not None:
+            b = keys.shape[0]
+            sk, sv = sinks
+            keys = torch.cat((sk.expand(b, *sk.shape), keys), dim=2)
+            vals = torch.cat((sv.expand(b, *sv.shape), vals), dim=2)
+            if mask is not None:
+                mask = torch.cat((mask.new_ones(*mask.shape[:-1], sk.shape[1]), mask), dim=-1)
+        return keys, vals, mask
 
     def _paged(self, q, k, v, attn: AttentionBatch) -> torch.Tensor:
         k_cache, v_cache = self.k_cache, self.v_cache
-        assert k_cache is not None and v_cache is not None, "the runner binds a KV cache before a paged forward"
+        assert k_cache is not None, "the runner binds a KV cache before a paged forward"
         # index_put_ on the cache tensors themselves: torch.compile keeps it in place (index_copy_
         # or a write through a view makes the compiled step copy the whole cache).
         k_cache.index_put_((attn.slot_mapping,), k.to(k_cache.dtype))
-        v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
-        out = torch.empty_like(q)
+        if v_cache is not None:
+            v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
+        out = q.new_empty(*q.shape[:2], self.v_dim)
         groups = attn.decode_groups
         if not groups and attn.decode_slots is not None:  # one group, sized by the slots' shape
             groups = [(attn.decode_slots.shape[0], attn.decode_slots.shape[1])]
         start = 0
         for end, ctx in groups:
             slots = attn.decode_slots[start:end, :ctx]
-            keys = self._gather_heads_first(k_cache, slots)
-            vals = self._gather_heads_first(v_cache, slots)
-            if end - start == 1 and ctx <= UNMASKED_SDPA_MAX_CONTEXT:  # one sequence: nothing padded
+            unmasked = end - start == 1 and ctx <= UNMASKED_SDPA_MAX_CONTEXT  # one sequence: nothing padded
+            mask = None if unmasked else attn.decode_mask[start:end, ..., :ctx]
+            keys, vals, mask = self._decode_kv(slots, mask)
+            if unmasked:
                 out[start:end] = self._decode_attention_unmasked(q[start:end], keys, vals)
             else:
-                out[start:end] = self._decode_attention(q[start:end], keys, vals, attn.decode_mask[start:end, ..., :ctx])
+                out[start:end] = self._decode_attention(q[start:end], keys, vals, mask)
             start = end
         for p in attn.prefills:
             rows = slice(p.start, p.start + p.length)
@@ -206,7 +265,7 @@ class Attention(nn.Module):
                 out[rows] = self._sdpa(q[rows], k[rows], v[rows], mask=None, causal=True)
             else:
                 keys = k_cache[p.kv_slots].to(q.dtype)
-                vals = v_cache[p.kv_slots].to(q.dtype)
+                vals = keys[..., : self.values_in_keys] if self.values_in_keys else v_cache[p.kv_slots].to(q.dtype)
                 out[rows] = self._sdpa(q[rows], keys, vals, mask=p.causal_mask, causal=False)
         return out
 

@@ -125,21 +125,25 @@ class MoGELoad:
         }
 
 
-class MoGEBlock(nn.Module):
-    """Routed experts (one per group per token) plus the always-on shared expert."""
+class MoEBlock(nn.Module):
+    """Routed experts (top-k per token, chosen by `route`) plus always-on shared experts, with the
+    expert-parallel layout and load counters; MoGE and the sigmoid top-k MoE (models/topk_moe.py)
+    differ only in the router."""
 
-    def __init__(self, cfg: ModelConfig):
+    shared_prefix = "shared_expert"  # the HF name of the shared MLP (its module attribute too)
+
+    def __init__(self, cfg: ModelConfig, top_k: int):
         super().__init__()
         self.num_experts = cfg.num_experts
-        self.num_groups = cfg.num_expert_groups
+        self.top_k = top_k
         self.parallel = current_parallel_state()
-        # Expert parallel: this rank holds whole groups, experts [start, stop) (all in one process).
+        # Expert parallel: this rank holds experts [start, stop) (all of them in one process).
         self.local_experts = rank_range(cfg.num_experts, self.parallel)
         self.gate = nn.Linear(cfg.hidden_size, cfg.num_experts, bias=False)
-        self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
         self.experts = StackedExperts(len(self.local_experts), cfg.hidden_size, cfg.moe_intermediate_size)
         # Its partial sum joins the routed experts' in the one collective of forward().
-        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce=False)
+        shared = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce=False) if cfg.shared_expert_intermediate_size else None
+        setattr(self, self.shared_prefix, shared)
         self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
         self.track_load = True
 
@@ -148,18 +152,21 @@ class MoGEBlock(nn.Module):
         """Token-expert pairs this rank's experts computed (read from the load counters)."""
         return int(self.load.moge_counts[self.local_experts.start : self.local_experts.stop].sum())
 
+    def route(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits [T, E] -> expert ids [T, K] (long) and their weights [T, K] in x's dtype."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t = x.shape[0]
         logits = self.gate(x)
-        expert_ids, probs = moge_route(logits, self.num_groups)
-        weights = probs.to(x.dtype) * self.router_scale[0, expert_ids]  # [T, G]
+        expert_ids, weights = self.route(x, logits)
         flat_experts = expert_ids.flatten()
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
         if self.track_load:
             self.load.record(counts, logits, t)
-        out = self.shared_expert(x)
         routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
-        out = out + routed
+        shared = getattr(self, self.shared_prefix)
+        out = routed if shared is None else shared(x) + routed
         if self.parallel.is_parallel:
             self.parallel.all_reduce(out)
         return out
@@ -177,7 +184,7 @@ class MoGEBlock(nn.Module):
         begin = int(counts[: local.start].sum()) if local.start else 0
         local_counts = counts[local.start : local.stop].tolist()
         pairs = order[begin : begin + sum(local_counts)]
-        tokens = pairs // self.num_groups
+        tokens = pairs // self.top_k
         xs = x[tokens]
         ys = []
         start = 0
@@ -190,6 +197,19 @@ class MoGEBlock(nn.Module):
             # One scatter for all pairs: in bf16 a token's expert outputs are summed in fp32, then rounded.
             out.index_add_(0, tokens, torch.cat(ys) * flat_weights[pairs, None])
         return out
+
+
+class MoGEBlock(MoEBlock):
+    """Routed experts (one per group per token) plus the always-on shared expert."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, top_k=cfg.num_expert_groups)
+        self.num_groups = cfg.num_expert_groups
+        self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
+
+    def route(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        expert_ids, probs = moge_route(logits, self.num_groups)
+        return expert_ids, probs.to(x.dtype) * self.router_scale[0, expert_ids]  # [T, G]
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")

@@ -11,9 +11,9 @@ from pangu_infer.parallel.state import ParallelState, head_shard, rank_range
 
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # Column-parallel: output rows split. The router (`mlp.gate.weight`) does not match: replicated.
-_MLP_IN = re.compile(r"\.mlp\.(shared_expert\.)?(gate|up)_proj\.(weight|bias)$")
+_MLP_IN = re.compile(r"\.mlp\.(shared_experts?\.)?(gate|up)_proj\.(weight|bias)$")
 # Row-parallel: input columns split; their biases stay whole (added once, after the sum).
-_MLP_OUT = re.compile(r"\.mlp\.(shared_expert\.)?down_proj\.weight$")
+_MLP_OUT = re.compile(r"\.mlp\.(shared_experts?\.)?down_proj\.weight$")
 
 
 class WeightSharder:
@@ -28,7 +28,7 @@ class WeightSharder:
         d = cfg.head_dim
         self.q_rows = slice(heads.q_start * d, (heads.q_start + heads.q_count) * d)
         self.kv_rows = slice(heads.kv_start * d, (heads.kv_start + heads.kv_count) * d)
-        self.experts = rank_range(cfg.num_experts, state) if cfg.is_moge else range(0)
+        self.experts = rank_range(cfg.num_experts, state) if cfg.is_moe else range(0)
 
     def owns(self, name: str) -> bool:
         """False for tensors this rank never holds: other ranks' experts, and the head on workers."""
@@ -58,3 +58,44 @@ class WeightSharder:
     def _columns(self, width: int) -> slice:
         r = rank_range(width, self.state)
         return slice(r.start, r.stop)
+
+
+class FamilySharder(WeightSharder):
+    """The layout of PanguProMoEV2 / PanguUltraMoE: query heads split (their rows of the fused
+    qkv_proj, q_b_proj, kv_b_proj, and o_proj's columns), KV heads split or replicated as for the
+    other models (with their sink keys and values), the MLA latent projections replicated (every
+    rank caches the whole latent), routed experts in contiguous ranges, dense and shared MLPs split
+    by columns."""
+
+    def __init__(self, cfg: ModelConfig, state: ParallelState):
+        super().__init__(cfg, state)
+        self.heads = head_shard(cfg, state)
+
+    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        if not self.state.is_parallel or ".self_attn." not in name:
+            return super().shard(name, tensor)
+        cfg, h = self.cfg, self.heads
+        attr = name.rsplit(".self_attn.", 1)[1]
+
+        def rows(t: torch.Tensor, offset: int, start: int, count: int, width: int) -> torch.Tensor:
+            return t[offset + start * width : offset + (start + count) * width]
+
+        if attr == "qkv_proj.weight":
+            d, dv = cfg.head_dim, cfg.v_head_dim
+            q_end = cfg.num_attention_heads * d
+            k_end = q_end + cfg.num_key_value_heads * d
+            return torch.cat((
+                rows(tensor, 0, h.q_start, h.q_count, d),
+                rows(tensor, q_end, h.kv_start, h.kv_count, d),
+                rows(tensor, k_end, h.kv_start, h.kv_count, dv),
+            ))
+        if attr in ("param_sink_key", "param_sink_value"):
+            return tensor[:, h.kv_start : h.kv_start + h.kv_count]
+        if attr in ("q_b_proj.weight", "q_proj.weight"):
+            return rows(tensor, 0, h.q_start, h.q_count, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)
+        if attr == "kv_b_proj.weight":
+            return rows(tensor, 0, h.q_start, h.q_count, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        if attr == "o_proj.weight":
+            dv = cfg.v_head_dim
+            return tensor[:, h.q_start * dv : (h.q_start + h.q_count) * dv].contiguous()
+        return tensor  # norms, q_a_proj, kv_a_proj_with_mqa: replicated

@@ -92,6 +92,15 @@ def check_parallel_config(cfg: ModelConfig, world_size: int) -> None:
             f"(KV heads are split, or replicated when there are fewer than ranks)"
         )
     widths = {"intermediate_size": cfg.intermediate_size}
+    if cfg.is_topk_moe:
+        widths = {"shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
+        if cfg.first_k_dense_replace:
+            widths["intermediate_size"] = cfg.intermediate_size
+        if cfg.num_experts % world_size:
+            raise ValueError(
+                f"tensor_parallel_size={world_size} must divide n_routed_experts={cfg.num_experts} "
+                f"(each rank holds an equal range of experts)"
+            )
     if cfg.is_moge:
         widths = {"shared_expert_intermediate_size": cfg.shared_expert_intermediate_size}
         if cfg.num_expert_groups % world_size:

@@ -25,10 +25,10 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 from torch import nn
 
-from pangu_infer.memory import drop_mapped_pages, trim_heap
 from pangu_infer.errors import WeightError
+from pangu_infer.memory import drop_mapped_pages, trim_heap
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.models.moge import MoGEBlock, StackedExperts
+from pangu_infer.models.moge import MoEBlock, StackedExperts
 from pangu_infer.quant.formats import (
     QuantizationConfig,
     QuantizationError,
@@ -53,7 +53,7 @@ _EXPERT_PROJ = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 def quantizable_weights(model: DecoderForCausalLM) -> dict[str, str]:
     """Parameter name -> kind ("linear", "embedding", "experts") of every weight quantization covers."""
-    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoGEBlock)}
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoEBlock)}
     out: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and id(module) not in routers:
@@ -103,9 +103,9 @@ class LoadHook:
         memory_mapped: bool = False,
     ):
         cfg = model.config
-        if offload_experts and not cfg.is_moge:
+        if offload_experts and not cfg.is_moe:
             raise ValueError(
-                f"offload_experts=True needs a MoGE model with routed experts; {cfg.architecture} has none"
+                f"offload_experts=True needs an MoE model with routed experts; {cfg.architecture} has none"
             )
         if offload_experts and device.type != "cpu":
             raise ValueError(f"offload_experts=True keeps experts memory-mapped in host memory: device={device} must be cpu")
@@ -326,7 +326,8 @@ def quantized_weight_bytes(
             continue  # memory-mapped, paged in per expert
         setting = None if kind is None or quantization is None else quantized_method(quantization, p.shape)
         if setting is None:
-            total += p.numel() * elem
+            # The MoE family's expert-selection bias stays fp32 whatever the model dtype.
+            total += p.numel() * (4 if name.endswith("e_score_correction_bias") else elem)
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
