@@ -125,3 +125,14 @@ def test_no_request_waits_for_a_compile(tiny_dense_dir):
     assert dict(counters["stats"]) == before
     eager = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     assert _token_ids(llm.generate(PROMPTS + [long_prompt], GREEDY)) == _token_ids(eager.generate(PROMPTS + [long_prompt], GREEDY))
+
+
+@pytest.mark.parametrize("kind", ["r72b", "ultra"])
+def test_the_pangu_moe_family_decodes_compiled_like_eager(kind, request, capfd):
+    """R-72B-2512 (sinks beside the cache, K/V of two widths) and Ultra-MoE (MLA over a latent
+    cache with no value tensor) build the compiled step by default and decode as eager does."""
+    path = str(request.getfixturevalue(f"tiny_{kind}_dir"))
+    llm = LLM(path, dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    assert llm.engine.runner.decode_forward is not None, capfd.readouterr().err
+    eager = LLM(path, dtype="float32", device="cpu", kv_cache_memory=16 << 20, enforce_eager=True)
+    assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))

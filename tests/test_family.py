@@ -457,3 +457,31 @@ def test_offloaded_family_experts_match(kind, request):
     off = load_model(path, torch.float32, cpu, load_tokenizer=False, offload_experts=True).model
     assert all(isinstance(m.experts.impl, OffloadedExperts) for m in off.moe_layers())
     assert torch.allclose(_logits(off, R72B_IDS), _logits(ref, R72B_IDS), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving
+
+
+def test_server_chats_and_exports_top_k_expert_load(tiny_r72b_dir, tiny_r72b_config):
+    import openai
+    from fastapi.testclient import TestClient
+
+    from fixtures_server import metric_value
+    from pangu_infer.server.app import create_app
+
+    llm = LLM(str(tiny_r72b_dir), dtype="float32", device="cpu", kv_cache_memory=KV_BYTES, enforce_eager=True)
+    with TestClient(create_app(llm, served_model_name="r72b")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        out = client.chat.completions.create(model="r72b", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
+        assert out.usage.completion_tokens == 5
+        text = http.get("/metrics").text
+    moe_layers = tiny_r72b_config["num_hidden_layers"] - tiny_r72b_config["first_k_dense_replace"]
+    routed = sum(
+        metric_value(text, "pangu_moe_expert_tokens_total", layer=str(i), expert=str(e))
+        for i in range(moe_layers) for e in range(tiny_r72b_config["n_routed_experts"])
+    )
+    tokens = out.usage.prompt_tokens + out.usage.completion_tokens - 1  # the last token is never forwarded
+    assert routed == moe_layers * tokens * tiny_r72b_config["num_experts_per_tok"]
+    # (max - min token-expert pairs per device) / tokens: between 0 and top-k
+    assert 0 < metric_value(text, "pangu_moe_imbalance_score", devices="8") <= tiny_r72b_config["num_experts_per_tok"]

@@ -344,6 +344,21 @@ def test_streamed_reasoning_matches_non_streamed(thinking_client):
     assert kinds == sorted(kinds, reverse=True)
 
 
+def test_auto_think_reaches_the_prompt_through_the_release_template_and_reasoning_is_split(thinking_client, pangu_tokenizer):
+    """openPangu-Embedded-7B-V1.1's adaptive thinking, end to end on the release's chat template
+    (the tiny tokenizer carries it): `enable_thinking: "auto"` puts " /auto_think" at the end of
+    the user turn, and the reply's [unused16]...[unused17] part still goes to reasoning_content."""
+    auto = render_chat(pangu_tokenizer, MESSAGES, enable_thinking="auto")
+    assert "[unused9]用户：tell me about the weather in the city /auto_think[unused10][unused9]助手：" in auto
+    out = thinking_client.chat.completions.create(
+        model="thinker", messages=MESSAGES, temperature=0, max_tokens=20, extra_body={"chat_template_kwargs": {"enable_thinking": "auto"}}
+    )
+    plain = thinking_client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=20)
+    assert out.usage.prompt_tokens == len(pangu_tokenizer.encode(auto)) > plain.usage.prompt_tokens
+    assert out.choices[0].message.reasoning_content.strip() == SCRIPTED_REASONING
+    assert out.choices[0].message.content.strip() == SCRIPTED_ANSWER
+
+
 def test_completions_endpoint_hides_the_markers(thinking_client):
     out = thinking_client.completions.create(model="thinker", prompt="tell me about the city", temperature=0, max_tokens=20)
     assert "[unused" not in out.choices[0].text and SCRIPTED_ANSWER in out.choices[0].text

@@ -53,6 +53,9 @@ class _EngineCollector(Collector):
             yield from self._moe_families()
 
     def _moe_families(self) -> Iterable[Metric]:
+        if self.moe.get("num_groups") is None:  # sigmoid top-k MoE (R-72B-2512, Ultra-MoE): no groups
+            yield from self._topk_families()
+            return
         groups = CounterMetricFamily(
             "pangu_moge_group_tokens", "token-expert pairs routed to each expert group, per layer", labels=["model", "layer", "group"]
         )
@@ -63,6 +66,24 @@ class _EngineCollector(Collector):
         for name, key, doc in (
             ("pangu_moge_imbalance_score", "imbalance_score", "MoGE imbalance score (max-min device load / tokens), mean over layers and steps"),
             ("pangu_moge_global_topk_imbalance_score", "global_topk_imbalance_score", "the same for plain top-k routing of the same router, for comparison"),
+        ):
+            g = GaugeMetricFamily(name, doc, labels=["model", "devices"])
+            for devices, value in self.moe[key].items():
+                g.add_metric([self.model_name, str(devices)], value)
+            yield g
+
+
+    def _topk_families(self) -> Iterable[Metric]:
+        experts = CounterMetricFamily(
+            "pangu_moe_expert_tokens", "tokens routed to each expert, per MoE layer", labels=["model", "layer", "expert"]
+        )
+        for i, layer in enumerate(self.moe["layers"]):
+            for e, n in enumerate(layer["expert_tokens"]):
+                experts.add_metric([self.model_name, str(i), str(e)], n)
+        yield experts
+        for name, key, doc in (
+            ("pangu_moe_imbalance_score", "imbalance_score", "MoE imbalance score (max-min device load / tokens, experts spread over N devices in order), mean over layers and steps"),
+            ("pangu_moe_unbiased_topk_imbalance_score", "global_topk_imbalance_score", "the same for the top-k of the router scores without the correction bias"),
         ):
             g = GaugeMetricFamily(name, doc, labels=["model", "devices"])
             for devices, value in self.moe[key].items():
