@@ -153,6 +153,8 @@ class LLM:
             text = self.render_chat(conv, enable_thinking=enable_thinking, tools=tools, **(chat_template_kwargs or {}))
             # Keep the thinking markers in the text so the reasoning can be split off below.
             p = replace(p, skip_special_tokens=False)
+            if enable_thinking is False and p.structured_outputs is not None and p.max_reasoning_tokens is None:
+                p = replace(p, max_reasoning_tokens=0)  # thinking off: a constrained reply has no thinking part
             requests.append((text, self.encode_prompt(text), p))
         outputs = self._run(requests, use_tqdm)
         for out in outputs:
