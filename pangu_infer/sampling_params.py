@@ -121,6 +121,9 @@ class SamplingParams:
     # thinking budget: at most this many tokens between [unused16] and [unused17] (models with
     # Pangu's thinking markers); when reached, the engine emits [unused17] itself. None: no cap
     max_reasoning_tokens: Optional[int] = None
+    # a constrained reply may open with a thinking part ([unused16]...[unused17]) that the constraint
+    # skips; LLM.chat and the server's chat set it on Pangu templates unless enable_thinking is false
+    allow_thinking: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -180,7 +183,7 @@ class SamplingParams:
             raise bad("structured_outputs", "a StructuredOutputsParams or None")
         if self.max_reasoning_tokens is not None and (not _is_int(self.max_reasoning_tokens) or self.max_reasoning_tokens < 0):
             raise bad("max_reasoning_tokens", "an integer >= 0 or None")
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "allow_thinking"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
 

@@ -187,7 +187,7 @@ class LLMEngine:
                 parent=parent,
             )
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
-                seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens)
+                seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
             self._next_seq_id += 1
             parent = parent or seq
             req.seqs.append(seq)

@@ -6,12 +6,13 @@
     state.fill_mask(bitmask, row) -> bool    # before sampling: the row's allowed tokens
     state.accept(token)                      # after sampling: advances the matcher
 
-Reasoning-aware: on a model with Pangu's thinking markers ([unused16] / [unused17]), the first
-generated token may open a thinking part (or the prompt may end inside one); the thinking part is
-not constrained, and the grammar starts with the token after [unused17]. A thinking budget
-(`max_reasoning_tokens`) counts the tokens after [unused16]; once it is reached, [unused17] is
-the only token allowed, so the engine writes it itself. On models without the markers the
-constraint starts at the first generated token.
+Reasoning-aware: on a model with Pangu's thinking markers ([unused16] / [unused17]) and with
+`allow_thinking` (chat with thinking on), the first generated token may open a thinking part, or
+the prompt may end inside one; the thinking part is not constrained, and the grammar starts with
+the token after [unused17]. Without `allow_thinking` (plain completions, thinking off) the
+constraint starts at the first generated token. A thinking budget (`max_reasoning_tokens`) counts
+the tokens after [unused16]; once it is reached, [unused17] is the only token allowed, so the
+engine writes it itself. On models without the markers only the constraint applies.
 
 The masks are xgrammar's packed bitmasks (int32 [rows, ceil(V / 32)]), filled per constrained
 row by its matcher in C++ and applied to the logits in one call (`apply_bitmask`), so requests
@@ -148,6 +149,7 @@ class StructuredState:
         markers: Optional[ThinkMarkers],
         prompt_token_ids: Sequence[int],
         max_reasoning_tokens: Optional[int],
+        allow_thinking: bool = False,
     ):
         import xgrammar as xgr
 
@@ -159,8 +161,10 @@ class StructuredState:
             self.phase = "answer"
         elif prompt_token_ids and prompt_token_ids[-1] == markers.start:
             self.phase = "thinking"  # the template opened the thinking part itself
-        else:
+        elif allow_thinking or self.matcher is None:
             self.phase = "start"  # the first token may open a thinking part
+        else:
+            self.phase = "answer"
 
     @property
     def constrains_answer(self) -> bool:
@@ -194,7 +198,13 @@ class StructuredState:
             else:
                 self.reasoning_tokens += 1
             return
-        if self.matcher is not None and not self.matcher.is_terminated() and not self.matcher.accept_token(token):
+        if self.matcher is None:
+            # only a budget to keep: every thinking part it opens is capped
+            if self.markers is not None and token == self.markers.start:
+                self.phase = "thinking"
+                self.reasoning_tokens = 0
+            return
+        if not self.matcher.is_terminated() and not self.matcher.accept_token(token):
             raise ValueError(f"token {token} is not allowed by the request's grammar")
 
 

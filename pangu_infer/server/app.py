@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 import pangu_infer
-from pangu_infer.chat import ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
+from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
 from pangu_infer.errors import RequestError, RequestFailedError, short_repr
@@ -347,7 +347,7 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
-    params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget)
+    params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
     _check_size(state, 1, req.n)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     try:
@@ -381,9 +381,9 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
 
 
 def _with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use_tools: bool, forced_tool: bool,
-                          enable_thinking: Any, budget: Optional[int]) -> SamplingParams:
+                          enable_thinking: Any, budget: Optional[int], tok: Any) -> SamplingParams:
     """Tool calls constrained to well-formed calls (server/structured.py), and the thinking budget.
-    With thinking off, a constrained reply gets no thinking part at all (a budget of 0)."""
+    On Pangu templates with thinking on, a constraint starts after the thinking part."""
     structured = params.structured_outputs
     if use_tools and (forced_tool or structured is None):
         if forced_tool and structured is not None:
@@ -391,10 +391,14 @@ def _with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, us
                            "or structured_outputs", param="tool_choice")
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         structured = tool_constraint(tools, req.tool_choice.model_dump() if forced_tool and not isinstance(req.tool_choice, str)
-                                     else req.tool_choice, req.parallel_tool_calls)
-    if budget is None and enable_thinking is False and structured is not None:
-        budget = 0
-    return replace(params, structured_outputs=structured, max_reasoning_tokens=budget)
+                                     else req.tool_choice, req.parallel_tool_calls, _tool_marker_ids(tok))
+    thinking = enable_thinking is not False and is_pangu_template(tok)
+    return replace(params, structured_outputs=structured, max_reasoning_tokens=budget, allow_thinking=thinking)
+
+
+def _tool_marker_ids(tok: Any) -> Optional[tuple[int, int]]:
+    start, end = tok.token_to_id(TOOL_CALL_START), tok.token_to_id(TOOL_CALL_END)
+    return (start, end) if start is not None and end is not None else None
 
 
 @dataclass

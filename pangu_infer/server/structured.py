@@ -70,8 +70,15 @@ def _build(fields: dict[str, Any], param: Optional[str]) -> StructuredOutputsPar
         raise APIError(400, str(e), param=e.param) from None
 
 
-def tool_constraint(tools: list[dict], tool_choice: Any, parallel_tool_calls: Optional[bool]) -> Optional[StructuredOutputsParams]:
-    """The structural tag that keeps tool calls well formed ("required", a named tool, or "auto")."""
+def tool_constraint(
+    tools: list[dict], tool_choice: Any, parallel_tool_calls: Optional[bool], marker_ids: Optional[tuple[int, int]] = None
+) -> Optional[StructuredOutputsParams]:
+    """The structural tag that keeps tool calls well formed ("required", a named tool, or "auto").
+
+    marker_ids: the ids of [unused11] and [unused12] where they are single tokens (Pangu's
+    vocabulary): the call then opens and closes with those tokens, as the model was trained to
+    write them; elsewhere the markers are text.
+    """
     if not tools or tool_choice == "none":
         return None
     specs = [t["function"] for t in tools]
@@ -84,14 +91,23 @@ def tool_constraint(tools: list[dict], tool_choice: Any, parallel_tool_calls: Op
     calls: dict[str, Any] = {"type": "array", "items": items[0] if len(items) == 1 else {"anyOf": items}, "minItems": 1}
     if parallel_tool_calls is False or isinstance(tool_choice, dict):
         calls["maxItems"] = 1
-    tag = {"type": "tag", "begin": TOOL_CALL_START, "content": {"type": "json_schema", "json_schema": calls}, "end": TOOL_CALL_END}
-    if tool_choice in (None, "auto"):
-        fmt: dict[str, Any] = {
-            "type": "triggered_tags", "triggers": [TOOL_CALL_START], "tags": [tag],
-            "stop_after_first": parallel_tool_calls is False,
-        }
+    # at most one whitespace character in a row: a small model cannot wander off into endless whitespace
+    content = {"type": "json_schema", "json_schema": calls, "max_whitespace_cnt": 1}
+    if marker_ids is not None:
+        begin: Any = {"type": "token", "token": marker_ids[0]}
+        end: Any = {"type": "token", "token": marker_ids[1]}
     else:
+        begin, end = TOOL_CALL_START, TOOL_CALL_END
+    tag = {"type": "tag", "begin": begin, "content": content, "end": end}
+    fmt: dict[str, Any]
+    if tool_choice not in (None, "auto"):
         fmt = tag
+    elif marker_ids is not None:
+        fmt = {"type": "token_triggered_tags", "trigger_tokens": [marker_ids[0]], "tags": [tag],
+               "stop_after_first": parallel_tool_calls is False}
+    else:
+        fmt = {"type": "triggered_tags", "triggers": [TOOL_CALL_START], "tags": [tag],
+               "stop_after_first": parallel_tool_calls is False}
     return StructuredOutputsParams(structural_tag={"type": "structural_tag", "format": fmt}, param_name="tools")
 
 
