@@ -126,7 +126,7 @@ class GrammarCache:
                 return compiler.compile_grammar(text)
             if kind == "structural_tag":
                 return compiler.compile_structural_tag(text)
-        except (RuntimeError, ValueError, TypeError) as e:
+        except Exception as e:  # xgrammar's errors (RuntimeError subclasses, ValueError, ...): the request's fault
             raise RequestError(f"{param} is invalid: {_first_line(e)}", param=param) from None
         raise RequestError(f"unknown structured output kind {kind!r}", param="structured_outputs")
 
