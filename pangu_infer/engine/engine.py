@@ -302,7 +302,8 @@ class LLMEngine:
                 bitmask = allocate_bitmask(len(seqs), logits.shape[1])
                 for i in masked:
                     seqs[i].structured.fill_mask(bitmask, i)
-            picked = list(_picks(self.sampler(logits, rows, bitmask, masked), seqs))
+            result = self.sampler(logits, rows, bitmask, masked) if masked else self.sampler(logits, rows)
+            picked = list(_picks(result, seqs))
         except Exception:
             logger.exception("sampling a batch of %d rows failed; sampling each row alone", len(rows))
             picked = []
@@ -310,8 +311,11 @@ class LLMEngine:
                 if state is not None:
                     row.generator.set_state(state)
                 try:
-                    own_mask = bitmask[i : i + 1] if bitmask is not None and i in masked else None
-                    picked.extend(_picks(self.sampler(logits[i : i + 1], [row], own_mask, [0] if own_mask is not None else []), [seq]))
+                    if bitmask is not None and i in masked:
+                        result = self.sampler(logits[i : i + 1], [row], bitmask[i : i + 1], [0])
+                    else:
+                        result = self.sampler(logits[i : i + 1], [row])
+                    picked.extend(_picks(result, [seq]))
                 except Exception as e:
                     self._fail(self.requests[seq.request_id], e, touched)
                     picked.append(None)
