@@ -144,7 +144,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning."""
-        from pangu_infer.chat import split_reasoning
+        from pangu_infer.chat import is_pangu_template, split_reasoning
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self._normalize_params(sampling_params, len(conversations))
@@ -153,6 +153,8 @@ class LLM:
             text = self.render_chat(conv, enable_thinking=enable_thinking, tools=tools, **(chat_template_kwargs or {}))
             # Keep the thinking markers in the text so the reasoning can be split off below.
             p = replace(p, skip_special_tokens=False)
+            if enable_thinking is not False and is_pangu_template(self.tokenizer):
+                p = replace(p, allow_thinking=True)  # a constraint starts after the thinking part
             requests.append((text, self.encode_prompt(text), p))
         outputs = self._run(requests, use_tqdm)
         for out in outputs:

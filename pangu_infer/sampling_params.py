@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
 
 from pangu_infer.errors import RequestError, short_repr
 
@@ -14,6 +15,79 @@ MAX_LOGPROBS = 20  # alternatives per token (OpenAI's and vLLM's default limit)
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes, with room for n
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the output, as vLLM names it: exactly one of the fields is set.
+
+    json: a JSON schema (dict or JSON text); regex: a regular expression the whole output
+    matches; choice: the output is one of these strings; grammar: an EBNF grammar (xgrammar's
+    GBNF-like dialect, rule `root`); json_object: any JSON object; structural_tag: xgrammar's
+    structural tag (JSON text or dict), e.g. free text in which every `[unused11]...[unused12]`
+    block is a JSON list of tool calls. The constraint applies to the answer: on a model with
+    Pangu's thinking markers, a thinking part `[unused16]...[unused17]` is left free. Invalid
+    values (a schema xgrammar cannot compile, a bad regex) raise RequestError at admission.
+    """
+
+    json: Union[None, str, dict[str, Any]] = None
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = None
+    json_object: Optional[bool] = None
+    structural_tag: Union[None, str, dict[str, Any]] = None
+    # the request field errors name (the server's "response_format", "tools"); None: structured_outputs.<kind>
+    param_name: Optional[str] = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        set_fields = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
+        if len(set_fields) != 1:
+            raise RequestError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, json_object, structural_tag; "
+                f"got {', '.join(set_fields) if set_fields else 'none'}",
+                param="structured_outputs",
+            )
+        kind = set_fields[0]
+        value = getattr(self, kind)
+        param = self.param_name or f"structured_outputs.{kind}"
+        if kind in ("json", "structural_tag"):
+            if isinstance(value, str):
+                try:
+                    parsed = json.loads(value)
+                except ValueError as e:
+                    raise RequestError(f"{param} is not valid JSON: {e}", param=param) from None
+            else:
+                parsed = value
+            if not isinstance(parsed, (dict, bool)) or (kind == "structural_tag" and not isinstance(parsed, dict)):
+                raise RequestError(f"{param} must be a JSON object, got {short_repr(value)}", param=param)
+        elif kind in ("regex", "grammar"):
+            if not isinstance(value, str) or not value:
+                raise RequestError(f"{param} must be a non-empty string, got {short_repr(value)}", param=param)
+        elif kind == "choice":
+            if not isinstance(value, list) or not value or any(not isinstance(c, str) or not c for c in value):
+                raise RequestError(f"{param} must be a non-empty list of non-empty strings, got {short_repr(value)}", param=param)
+        elif value is not True:
+            raise RequestError(f"{param} must be true, got {short_repr(value)}", param=param)
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+    def key(self) -> tuple[str, str]:
+        """(kind, canonical text): what the compiled-grammar cache is keyed by."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind in ("json", "structural_tag"):
+            value = json.loads(value) if isinstance(value, str) else value
+            return kind, json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+        if kind == "choice":
+            return kind, json.dumps(value, ensure_ascii=False)
+        return kind, str(value)
+
+
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
@@ -42,6 +116,14 @@ class SamplingParams:
     logprobs: Optional[int] = None  # number of top alternatives to return with each token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # a constraint on the answer (JSON schema, regex, choice, grammar), compiled with xgrammar
+    structured_outputs: Optional[StructuredOutputsParams] = None
+    # thinking budget: at most this many tokens between [unused16] and [unused17] (models with
+    # Pangu's thinking markers); when reached, the engine emits [unused17] itself. None: no cap
+    max_reasoning_tokens: Optional[int] = None
+    # a constrained reply may open with a thinking part ([unused16]...[unused17]) that the constraint
+    # skips; LLM.chat and the server's chat set it on Pangu templates unless enable_thinking is false
+    allow_thinking: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -97,7 +179,11 @@ class SamplingParams:
                 f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
                 param="stop_token_ids",
             )
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise bad("structured_outputs", "a StructuredOutputsParams or None")
+        if self.max_reasoning_tokens is not None and (not _is_int(self.max_reasoning_tokens) or self.max_reasoning_tokens < 0):
+            raise bad("max_reasoning_tokens", "an integer >= 0 or None")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "allow_thinking"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")
 

@@ -267,6 +267,24 @@ class Tokenizer:
         """Id of one vocabulary entry or added token such as "[unused16]"; None if there is none."""
         return self._backend.token_to_id(text)
 
+    def grammar_vocab(self) -> tuple[str, Any]:
+        """What a grammar engine needs to know each token's bytes.
+
+        ("bytes", [bytes per id]) for SentencePiece models: the exact bytes each piece decodes to
+        ("\u2581" as a space, byte pieces as their byte, control pieces empty, added tokens as their
+        text); ("tokenizers", tokenizers.Tokenizer) for HF tokenizers, whose decoder says how to read
+        the vocabulary (byte-level BPE, byte fallback).
+        """
+        backend = self._backend
+        if isinstance(backend, _SentencePieceBackend):
+            vocab = list(backend._piece_bytes) + [b""] * (backend.vocab_size - len(backend._piece_bytes))
+            not_text = {self.bos_token_id, self.eos_token_id, self.pad_token_id, backend.sp.unk_id()}
+            for i, added in backend.added.items():
+                # markers such as [unused17] are text to a grammar (the chat parsers read them as text)
+                vocab[i] = b"" if i in not_text else added.content.encode()
+            return "bytes", vocab
+        return "tokenizers", backend.tk
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],

@@ -175,7 +175,7 @@ def test_completion_logprobs(client):
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "n": 0}, 400, "n"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "top_logprobs": 2}, 400, "logprobs"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "max_tokens": 1000}, 400, "context"),
-        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "response_format": {"type": "json_object"}}, 400, "json_object"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "response_format": {"type": "xml"}}, 400, "xml"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "logit_bias": {"5": 1}}, 400, "logit_bias"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "maybe"}}, 400, "enable_thinking"),

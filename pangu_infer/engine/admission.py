@@ -76,3 +76,22 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
 
 def _is_token(t: object, vocab: int) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
+
+
+def compile_structured(params: SamplingParams, grammars) -> object | None:
+    """The request's compiled grammar (xgrammar, cached per model), or None when it has no constraint.
+
+    A schema, regex or grammar that xgrammar cannot compile raises RequestError naming the field
+    (`structured_outputs.json`, or what the server mapped it from: `response_format`, `tools`).
+    """
+    spec = params.structured_outputs
+    if spec is None:
+        return None
+    if grammars is None:
+        raise RequestError("structured outputs need the model's tokenizer; this engine has none", param="structured_outputs")
+    try:
+        return grammars.compile(spec)
+    except RequestError as e:
+        if spec.param_name is None:
+            raise
+        raise RequestError(str(e).replace(e.param or "", spec.param_name, 1), param=spec.param_name) from None

@@ -10,13 +10,14 @@ import torch
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import free_memory_bytes
-from pangu_infer.engine.admission import Limits, admit
+from pangu_infer.engine.admission import Limits, admit, compile_structured
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
+from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
 from pangu_infer.errors import RequestError
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.outputs import CompletionOutput, RequestOutput
@@ -112,6 +113,9 @@ class LLMEngine:
         )
         self.eos_token_ids = self._eos_ids(generation_config or {})
         self._eos_list = sorted(self.eos_token_ids)  # handed to the sampler every step
+        # structured outputs: xgrammar's compiler is built on the first constrained request
+        self.grammars = GrammarCache(tokenizer, self.config.vocab_size, self._eos_list) if tokenizer is not None else None
+        self.think_markers = think_markers(tokenizer)
         self.requests: dict[str, _Request] = {}
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
@@ -168,6 +172,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids, params = admit(prompt_token_ids, params, self.limits)
+        compiled = compile_structured(params, self.grammars)
         req = _Request(request_id, prompt, ids, params)
         parent = None
         for i in range(params.n):
@@ -181,6 +186,8 @@ class LLMEngine:
                 self._generator(params, i),
                 parent=parent,
             )
+            if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
+                seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
             self._next_seq_id += 1
             parent = parent or seq
             req.seqs.append(seq)
@@ -287,8 +294,16 @@ class LLMEngine:
         # Seeded rows are drawn again from the same state if the batch has to be sampled row by row.
         states = [r.generator.get_state() if r.generator is not None else None for r in rows]
         picked: list[Optional[tuple[int, Optional[Logprob]]]]
+        masked: list[int] = []
+        bitmask = None
         try:
-            picked = list(_picks(self.sampler(logits, rows), seqs))
+            masked = [i for i, s in enumerate(seqs) if s.structured is not None and s.structured.needs_mask()]
+            if masked:
+                bitmask = allocate_bitmask(len(seqs), logits.shape[1])
+                for i in masked:
+                    seqs[i].structured.fill_mask(bitmask, i)
+            result = self.sampler(logits, rows, bitmask, masked) if masked else self.sampler(logits, rows)
+            picked = list(_picks(result, seqs))
         except Exception:
             logger.exception("sampling a batch of %d rows failed; sampling each row alone", len(rows))
             picked = []
@@ -296,7 +311,11 @@ class LLMEngine:
                 if state is not None:
                     row.generator.set_state(state)
                 try:
-                    picked.extend(_picks(self.sampler(logits[i : i + 1], [row]), [seq]))
+                    if bitmask is not None and i in masked:
+                        result = self.sampler(logits[i : i + 1], [row], bitmask[i : i + 1], [0])
+                    else:
+                        result = self.sampler(logits[i : i + 1], [row])
+                    picked.extend(_picks(result, [seq]))
                 except Exception as e:
                     self._fail(self.requests[seq.request_id], e, touched)
                     picked.append(None)
@@ -328,8 +347,8 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if budget < 1:
                 break
-            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens:
-                continue
+            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens or seq.structured is not None:
+                continue  # constrained sequences are not drafted: a draft would bypass their grammar
             try:
                 draft = self.speculator.draft_for(seq, self.max_model_len, budget)
             except Exception:  # a draft only saves time: the sequence decodes without one
@@ -383,6 +402,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, lp: Optional[Logprob]) -> None:
         params = seq.params
+        if seq.structured is not None:
+            seq.structured.accept(token)  # ValueError (this request fails) if its grammar forbids the token
         seq.append_token(token)
         self.num_generated_tokens += 1
         if lp is not None:

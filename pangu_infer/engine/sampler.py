@@ -57,13 +57,27 @@ class Sampler:
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        rows: list[SamplingRow],
+        token_bitmask: torch.Tensor | None = None,
+        masked_rows: Sequence[int] = (),
+    ) -> SampleResult:
+        """token_bitmask: xgrammar's packed allowed-token mask [len(rows), ceil(V / 32)] (int32),
+        applied to `masked_rows` only (structured outputs); logprobs stay those of the raw logits."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        raw = logits
+        if token_bitmask is not None and masked_rows:
+            from pangu_infer.engine.structured import apply_bitmask
+
+            logits = logits.clone(memory_format=torch.contiguous_format)
+            apply_bitmask(logits, token_bitmask, list(masked_rows))
         if all(r.params.greedy and not _changes_logits(r) for r in rows):
             token_ids = logits.argmax(dim=-1)  # the usual decode step: nothing else to do
         else:
             token_ids = self._sample(logits, rows)
-        return _result(logits, token_ids, [r.params for r in rows])
+        return _result(raw, token_ids, [r.params for r in rows])
 
     def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         if any(_changes_logits(r) for r in rows):

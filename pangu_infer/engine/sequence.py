@@ -65,6 +65,9 @@ class Sequence:
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
         self.num_preemptions = 0
+        # structured outputs / thinking budget (engine/structured.py); None: unconstrained. It only
+        # advances on appended tokens, so preemption by recomputation leaves it valid.
+        self.structured: Any = None
 
     @property
     def num_tokens(self) -> int:

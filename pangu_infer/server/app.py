@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 import pangu_infer
-from pangu_infer.chat import ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
+from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
 from pangu_infer.errors import RequestError, RequestFailedError, short_repr
@@ -36,6 +36,7 @@ from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, from_request_error, internal_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import CLIENT_CLOSED, AuthAndCount, BodyGuard
+from pangu_infer.server.structured import reasoning_budget, request_constraint, tool_constraint
 from pangu_infer.server.protocol import (
     IGNORED_FIELDS,
     ChatCompletionRequest,
@@ -69,6 +70,7 @@ class ServerState:
     created: int
     max_seqs_per_request: int
     token_texts: dict[int, str]
+    reasoning_budget: Optional[int] = None  # --reasoning-budget: the default max_reasoning_tokens of chat requests
 
     def token_text(self, token_id: int) -> str:
         """A token's own text for logprobs (special tokens included), cached."""
@@ -84,6 +86,7 @@ def create_app(
     served_model_name: str,
     api_key: Optional[str] = None,
     engine: Any = None,
+    reasoning_budget: Optional[int] = None,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes."""
     own_engine = engine is None
@@ -96,6 +99,7 @@ def create_app(
         created=int(time.time()),
         max_seqs_per_request=llm.engine_config.max_num_seqs,
         token_texts={},
+        reasoning_budget=reasoning_budget,
     )
 
     @asynccontextmanager
@@ -174,13 +178,6 @@ def _check_model(state: ServerState, model: Optional[str]) -> None:
 
 
 def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(
-            400,
-            f"response_format type {short_repr(req.response_format.type)} is not supported yet: only 'text' "
-            "(structured json_object / json_schema output needs guided decoding)",
-            param="response_format",
-        )
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed together with stream=true", param="stream_options")
     changes: dict[str, Any] = {}
@@ -199,6 +196,7 @@ def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Option
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
         skip_special_tokens=not chat,  # chat keeps the [unusedN] markers for the reasoning / tool parsers
+        structured_outputs=request_constraint(req),  # response_format, structured_outputs, guided_*
     )
     _log_ignored_fields(req)
     return replace(state.llm.default_sampling_params(), **changes)  # RequestError -> a 400 naming the field
@@ -337,21 +335,19 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     tok = state.llm.tokenizer
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    if req.tool_choice is not None and req.tool_choice not in ("auto", "none"):
-        raise APIError(
-            400,
-            f"tool_choice={req.tool_choice if isinstance(req.tool_choice, str) else req.tool_choice.model_dump()!r} "
-            "is not supported: forcing a tool call needs guided decoding; use 'auto' or 'none'",
-            param="tool_choice",
-        )
+    forced_tool = req.tool_choice is not None and req.tool_choice not in ("auto", "none")
+    if forced_tool and not req.tools:
+        raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
     use_tools = bool(req.tools) and req.tool_choice != "none"
     template_kwargs = dict(req.chat_template_kwargs or {})
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
     enable_thinking = template_kwargs.pop("enable_thinking", None)
+    budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = _sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
+    params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
     _check_size(state, 1, req.n)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     try:
@@ -382,6 +378,27 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
     usage = _usage(len(ids), sum(len(c.token_ids) for c in final.outputs))
     return JSONResponse(_envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+
+
+def _with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use_tools: bool, forced_tool: bool,
+                          enable_thinking: Any, budget: Optional[int], tok: Any) -> SamplingParams:
+    """Tool calls constrained to well-formed calls (server/structured.py), and the thinking budget.
+    On Pangu templates with thinking on, a constraint starts after the thinking part."""
+    structured = params.structured_outputs
+    if use_tools and (forced_tool or structured is None):
+        if forced_tool and structured is not None:
+            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with response_format "
+                           "or structured_outputs", param="tool_choice")
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        structured = tool_constraint(tools, req.tool_choice.model_dump() if forced_tool and not isinstance(req.tool_choice, str)
+                                     else req.tool_choice, req.parallel_tool_calls, _tool_marker_ids(tok))
+    thinking = enable_thinking is not False and is_pangu_template(tok)
+    return replace(params, structured_outputs=structured, max_reasoning_tokens=budget, allow_thinking=thinking)
+
+
+def _tool_marker_ids(tok: Any) -> Optional[tuple[int, int]]:
+    start, end = tok.token_to_id(TOOL_CALL_START), tok.token_to_id(TOOL_CALL_END)
+    return (start, end) if start is not None and end is not None else None
 
 
 @dataclass

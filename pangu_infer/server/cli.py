@@ -21,6 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: no check)",
     )
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the --model argument)")
+    parser.add_argument(
+        "--reasoning-budget", type=int, default=None, metavar="N",
+        help="default thinking budget of chat requests: after N reasoning tokens the server writes [unused17] "
+        "itself and the answer follows (a request's max_reasoning_tokens or chat_template_kwargs.thinking_budget "
+        "overrides it; default: no cap)",
+    )
 
 
 def served_name(args: argparse.Namespace, source: str) -> str:
@@ -39,12 +45,14 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected a TCP port in 0..65535")
+    if args.reasoning_budget is not None and args.reasoning_budget < 0:
+        raise ValueError(f"--reasoning-budget {args.reasoning_budget}: expected an integer >= 0 (reasoning tokens)")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
     llm = LLM(args.model, **llm_kwargs(args))
     try:
         name = served_name(args, llm.loaded.source)
-        app = create_app(llm, served_model_name=name, api_key=args.api_key)
+        app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget)
         base = f"http://{args.host}:{args.port}"
         print(f"pangu-infer serve: {name!r} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")

@@ -18,11 +18,10 @@ from pangu_infer.sampling_params import MAX_STOP_STRINGS
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # Accepted and ignored: bookkeeping for OpenAI's platform (user, metadata, store, service_tier,
-# safety_identifier, prompt caching hints), a latency hint (prediction), and parallel_tool_calls,
-# which changes nothing while a reply makes its tool calls in one message.
+# safety_identifier, prompt caching hints) and a latency hint (prediction).
 IGNORED_FIELDS = frozenset({
     "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-    "prompt_cache_retention", "prediction", "parallel_tool_calls",
+    "prompt_cache_retention", "prediction",
 })
 
 
@@ -39,8 +38,19 @@ class StreamOptions(_Request):
 
 
 class ResponseFormat(_Request):
-    type: str
-    json_schema: Optional[dict[str, Any]] = None
+    type: str = Field(description="text, json_object or json_schema")
+    json_schema: Optional[dict[str, Any]] = Field(None, description='{"name", "schema", "strict"}: the reply validates against schema')
+
+
+class StructuredOutputs(_Request):
+    """vLLM's structured_outputs: exactly one field (pangu_infer.sampling_params.StructuredOutputsParams)."""
+
+    json_: Union[dict[str, Any], str, None] = Field(None, alias="json", description="a JSON schema")
+    regex: Optional[str] = None
+    choice: Optional[list[str]] = None
+    grammar: Optional[str] = Field(None, description="EBNF (xgrammar's dialect, rule root)")
+    json_object: Optional[bool] = None
+    structural_tag: Union[dict[str, Any], str, None] = Field(None, description="xgrammar's structural tag")
 
 
 class FunctionSpec(_Request):
@@ -96,6 +106,11 @@ class SamplingFields(_Request):
     stop_token_ids: Optional[list[int]] = None
     include_stop_str_in_output: bool = False
     response_format: Optional[ResponseFormat] = None
+    structured_outputs: Optional[StructuredOutputs] = None
+    guided_json: Union[dict[str, Any], str, None] = Field(None, description="alias of structured_outputs.json")
+    guided_regex: Optional[str] = Field(None, description="alias of structured_outputs.regex")
+    guided_choice: Optional[list[str]] = Field(None, description="alias of structured_outputs.choice")
+    guided_grammar: Optional[str] = Field(None, description="alias of structured_outputs.grammar")
     # accepted and ignored (IGNORED_FIELDS)
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
@@ -117,8 +132,11 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
     )
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one tool call")
+    max_reasoning_tokens: Optional[int] = Field(
+        None, description="thinking budget: after this many reasoning tokens the server ends the thinking part"
+    )
     # accepted and ignored (IGNORED_FIELDS)
-    parallel_tool_calls: Optional[bool] = None
     prediction: Optional[dict[str, Any]] = None
 
 

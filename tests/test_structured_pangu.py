@@ -1,0 +1,171 @@
+"""Structured outputs, forced tool calls and the thinking budget on Pangu: a tiny random Pangu 7B
+(random weights: only the grammar makes its output well formed) and the scripted thinking model
+(`[unused16]quick fox[unused17]hello world`), through the OpenAI API (official client) and the
+Python API."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, running_server
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.config import ModelConfig
+from pangu_infer.sampling_params import StructuredOutputsParams
+from pangu_infer.server.app import create_app
+
+MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"enum": ["Paris", "Rome"]}, "metric": {"type": "boolean"}},
+            "required": ["city", "metric"],
+            "additionalProperties": False,
+        },
+    },
+}
+ALARM = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "parameters": {"type": "object", "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+                       "required": ["hour"], "additionalProperties": False},
+    },
+}
+TOOLS = {"get_weather": WEATHER, "set_alarm": ALARM}
+
+
+@pytest.fixture(scope="module")
+def random_llm(tiny_dense_dir):
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=16 << 20, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def random_client(random_llm):
+    with TestClient(create_app(random_llm, served_model_name="random")) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def thinker(thinking_dense_dir):
+    llm = LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    with TestClient(create_app(llm, served_model_name="thinker")) as http:
+        yield llm, openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+def _valid_call(call) -> None:
+    jsonschema.validate(json.loads(call.function.arguments), TOOLS[call.function.name]["function"]["parameters"])
+
+
+@pytest.mark.parametrize("thinking", [{"enable_thinking": False}, {"thinking_budget": 3}], ids=["no_think", "budget"])
+def test_random_pangu_required_tool_choice_makes_a_valid_call(random_client, thinking):
+    out = random_client.chat.completions.create(
+        model="random", messages=MESSAGES, tools=[WEATHER, ALARM], tool_choice="required", parallel_tool_calls=False,
+        temperature=1.0, seed=11, n=4, max_tokens=80, extra_body={"chat_template_kwargs": thinking},
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls", choice.message
+        (call,) = choice.message.tool_calls
+        _valid_call(call)
+
+
+def test_random_pangu_named_tool_choice_calls_that_tool(random_client):
+    out = random_client.chat.completions.create(
+        model="random", messages=MESSAGES, tools=[WEATHER, ALARM], tool_choice={"type": "function", "function": {"name": "set_alarm"}},
+        temperature=1.0, seed=12, n=4, max_tokens=60, extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls", choice.message
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "set_alarm"
+        _valid_call(call)
+
+
+def test_random_pangu_regex_choice_and_schema_in_one_batch(random_llm):
+    """Constrained and unconstrained requests share the engine's batches (one generate call)."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    params = [
+        SamplingParams(temperature=1.0, seed=1, max_tokens=20, n=2, structured_outputs=StructuredOutputsParams(regex=r"[ab]{3}-[0-9]")),
+        SamplingParams(temperature=1.0, seed=2, max_tokens=20, n=2, structured_outputs=StructuredOutputsParams(choice=["alpha", "beta"])),
+        SamplingParams(temperature=1.0, seed=3, max_tokens=40, n=2, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(temperature=1.0, seed=4, max_tokens=20),
+    ]
+    outs = random_llm.generate(["a", "b", "c", "d"], params, use_tqdm=False)
+    assert all(re.fullmatch(r"[ab]{3}-[0-9]", c.text) for c in outs[0].outputs), outs[0].outputs
+    assert all(c.text in ("alpha", "beta") for c in outs[1].outputs)
+    for c in outs[2].outputs:
+        jsonschema.validate(json.loads(c.text), schema)
+    assert len(outs[3].outputs[0].token_ids) == 20  # the free request ran its course beside them
+
+
+def test_constraint_survives_preemption_and_speculation(tiny_dense_dir):
+    """A KV pool too small for every sequence at once preempts (recompute keeps the matcher valid);
+    prompt-lookup speculation skips constrained sequences."""
+    config = ModelConfig.from_hf_dict(json.loads((tiny_dense_dir / "config.json").read_text()))
+    pool_tokens = 64  # 6 sequences of up to ~30 tokens need ~180
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, block_size=4, max_num_seqs=8, num_speculative_tokens=3,
+              kv_cache_memory=pool_tokens * config.kv_bytes_per_token(torch.float32))
+    pattern = r"(ab|cd){6,10}"
+    params = SamplingParams(temperature=1.0, seed=5, max_tokens=24, n=6, structured_outputs=StructuredOutputsParams(regex=pattern))
+    (out,) = llm.generate(["ab cd ab cd ab cd"], params, use_tqdm=False)
+    assert all(re.fullmatch(pattern, c.text) for c in out.outputs), [c.text for c in out.outputs]
+    assert llm.engine.stats()["num_preemptions"] > 0
+
+
+def test_thinking_budget_ends_the_reasoning_and_the_answer_follows(thinker):
+    llm, client = thinker
+    full = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=20)
+    assert full.choices[0].message.reasoning_content.strip() == SCRIPTED_REASONING
+    reasoning_ids = llm.tokenizer.encode(SCRIPTED_REASONING, add_special_tokens=False)
+    assert len(reasoning_ids) >= 2
+    for budget, extra in ((1, {"max_reasoning_tokens": 1}), (0, {"chat_template_kwargs": {"thinking_budget": 0}})):
+        out = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=20, extra_body=extra)
+        message = out.choices[0].message
+        expected = llm.tokenizer.decode(reasoning_ids[:budget])
+        assert message.reasoning_content == expected
+        assert message.content.strip() == SCRIPTED_ANSWER
+        chunks = list(client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=20,
+                                                     stream=True, extra_body=extra))
+        streamed = "".join(getattr(c.choices[0].delta, "reasoning_content", None) or "" for c in chunks if c.choices)
+        assert streamed == expected
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip() == SCRIPTED_ANSWER
+
+
+def test_thinking_budget_in_the_python_api(thinker):
+    llm, _ = thinker
+    (out,) = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=20, max_reasoning_tokens=1), use_tqdm=False)
+    first = llm.tokenizer.encode(SCRIPTED_REASONING, add_special_tokens=False)[:1]
+    assert out.reasoning == llm.tokenizer.decode(first)
+    assert out.outputs[0].text.strip() == SCRIPTED_ANSWER
+
+
+def test_constraint_starts_after_the_thinking_part(thinker):
+    """Thinking on: the reasoning is free (the scripted model's own), the answer follows the choice."""
+    _, client = thinker
+    out = client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=30,
+                                         extra_body={"guided_choice": ["yes", "no"]})
+    message = out.choices[0].message
+    assert message.reasoning_content.strip() == SCRIPTED_REASONING
+    assert message.content in ("yes", "no")
+
+
+def test_server_reasoning_budget_flag(thinking_dense_dir, tmp_path_factory, pangu_tokenizer):
+    with running_server(thinking_dense_dir, "--reasoning-budget", "1", "--kv-cache-memory", "8MiB",
+                        log_dir=tmp_path_factory.mktemp("budget_flag")) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        first = pangu_tokenizer.decode(pangu_tokenizer.encode(SCRIPTED_REASONING, add_special_tokens=False)[:1])
+        out = client.chat.completions.create(model=server.model, messages=MESSAGES, temperature=0, max_tokens=20)
+        assert out.choices[0].message.reasoning_content == first
+        out = client.chat.completions.create(model=server.model, messages=MESSAGES, temperature=0, max_tokens=20,
+                                             extra_body={"max_reasoning_tokens": 50})
+        assert out.choices[0].message.reasoning_content.strip() == SCRIPTED_REASONING
