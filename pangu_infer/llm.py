@@ -37,7 +37,7 @@ class LLM:
         *,
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[str] = None,
-        quantization: Optional[str] = None,
+        quantization: Optional[str] = "auto",
         offload_experts: bool = False,
         tensor_parallel_size: int = 1,
         seed: Optional[int] = None,
@@ -69,7 +69,7 @@ class LLM:
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
-            if quantization is not None or offload_experts:
+            if quantization not in (None, "auto", "none") or offload_experts:
                 raise ValueError(
                     f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
                     f"offload_experts={offload_experts!r}: not supported together yet; use one process"

@@ -108,9 +108,13 @@ class PackedWeight(nn.Module):
         def pack(m: torch.Tensor) -> torch.Tensor:
             out = None  # [n + pad, K/2] uint8, filled block by block
             for start in range(0, n, rows):
-                q = unpack_int4(m[start : start + rows]).to(torch.int32)
-                if start + rows >= n:
-                    q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * scale + 0 = 0
+                part = m[start : start + rows]
+                last = start + rows >= n
+                q = torch.empty(len(part) + (pad if last else 0), self.in_features, dtype=torch.int32)
+                torch.bitwise_right_shift(part, 4, out=q[: len(part), 0::2])
+                torch.bitwise_and(part, 15, out=q[: len(part), 1::2])
+                if last and pad:
+                    q[len(part) :] = 8  # padded rows: (8 - 8) * scale + 0 = 0
                 block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
                 del q
                 if out is None:
