@@ -17,6 +17,7 @@ never used (the int4 kernel runs at every row count) where the check fails.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -80,6 +81,7 @@ def dequantize_int4_cpu_packed(data: torch.Tensor, group_size: int, scales: torc
     return w.mul_(scale).add_(base).view(k, n)
 
 
+@functools.lru_cache(maxsize=None)
 def int4_cpu_layout_ok() -> bool:
     """Does dequantize_int4_cpu_packed read this CPU's packed layout right? (checked by packing)."""
     if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_convert_weight_to_int4pack_for_cpu", "CPU"):
@@ -161,6 +163,8 @@ def convert_min_rows(kind: str) -> int:
     """Rows from which a CPU `kind` ("int4" | "int8") product converts the weight to bf16."""
     if kind not in KINDS:
         raise ValueError(f"kernel kind {kind!r}: expected one of {', '.join(KINDS)}")
+    if kind == "int4" and not int4_cpu_layout_ok():
+        return NEVER
     override = _env_override(kind)
     if override is not None:
         return override
