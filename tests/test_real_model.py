@@ -76,7 +76,8 @@ def test_cli_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf_
 def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm2_gguf_path):
     from pangu_infer.models.packed import PackedLinear, can_pack
 
-    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20, enforce_eager=True)
+    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", quantization="none",  # dequantized to bf16
+              kv_cache_memory=16 << 20, enforce_eager=True)
     if can_pack(torch.device("cpu"), torch.bfloat16):
         assert isinstance(llm.model.lm_head, PackedLinear)  # tied: a packed copy of the embedding
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
