@@ -29,6 +29,10 @@ class LLM:
 
     >>> llm = LLM("path/to/openPangu-Embedded-7B", dtype="bfloat16")
     >>> llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
+
+    quantization: "auto" (default) keeps the checkpoint's own quantization (a GGUF file's Q4 blocks
+    as int4, its other block types as int8); "none" loads float weights in `dtype`; "int8"/"int4"
+    quantize while loading (docs/design.md, "Quantized weights").
     """
 
     def __init__(
