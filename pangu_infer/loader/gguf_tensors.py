@@ -30,6 +30,7 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 
+from pangu_infer.loader.memory import drop_mapped_range
 from pangu_infer.quant.formats import (
     QuantizationConfig,
     QuantizedTensor,
@@ -94,6 +95,12 @@ def _rows(t: Any) -> np.ndarray:
     """The tensor's data as [rows, bytes or values per row] (a view of the mapped file)."""
     data = t.data.view(np.ndarray)  # a plain view: numpy's memmap subclass costs per operation
     return data.reshape(-1, data.shape[-1]) if data.ndim != 2 else data
+
+
+def _drop(view: np.ndarray) -> None:
+    """Give back the resident pages of a slice of the mapped file (they stay in the page cache)."""
+    if view.size and view.flags.c_contiguous:
+        drop_mapped_range(view.ctypes.data, view.nbytes)
 
 
 def dequantize_rows(t: Any, start: int, stop: int) -> torch.Tensor:
@@ -164,6 +171,7 @@ def convert(t: Any, setting: QuantizationConfig) -> QuantizedTensor:
         for out, p in zip(outs, part):
             out[start:stop].copy_(p)
         del part
+        _drop(data[start:stop])  # read once: its file pages leave this process's RSS
     return QuantizedTensor(setting.method, *outs)
 
 
@@ -184,7 +192,11 @@ def iter_weights(ckpt: Any, settings: dict[str, Optional[QuantizationConfig]]) -
         if hf_name is None:
             continue
         setting = settings.get(hf_name)
-        x: Weight = _dequantize(t, ckpt.path) if setting is None else convert(t, setting)
+        if setting is None:
+            x: Weight = _dequantize(t, ckpt.path)  # a copy
+            _drop(_rows(t))
+        else:
+            x = convert(t, setting)
         n_head = None
         if ckpt.permuted_qk and ".self_attn.q_proj." in hf_name:
             n_head = heads
