@@ -79,7 +79,7 @@ def main() -> int:
             moe_intermediate_size=args.expert_size, shared_expert_intermediate_size=args.shared_size,
             eos_token_id=tok.eos_token_id,
         )
-        write_checkpoint(str(root / "moge"), cfg, random_state_dict(cfg))
+        write_checkpoint(str(root / "moge"), cfg, random_state_dict(cfg, dtype=torch.bfloat16))
         for f in (root / "tokenizer").iterdir():
             (root / "moge" / f.name).write_bytes(f.read_bytes())
         llms = {
