@@ -108,6 +108,16 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     return total
 
 
+def moge_routed_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of routed-expert weights one decoded token reads (its one expert per group, all layers)."""
+    cfg = model.config
+    total = 0
+    for layer in model.model.layers:
+        routed = sum(t.numel() * t.element_size() for t in _weights(layer.mlp.experts))
+        total += routed * cfg.num_experts_per_tok // cfg.num_experts
+    return total
+
+
 def _weights(module: nn.Module) -> list[torch.Tensor]:
     seen: dict[int, torch.Tensor] = {}
     for t in list(module.parameters()) + list(module.buffers()):
@@ -256,6 +266,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"TTFT median / p90      {1e3 * percentile(lat.ttft_s, 50):10.1f} / {1e3 * percentile(lat.ttft_s, 90):.1f} ms")
         print(f"TPOT median / p90      {1e3 * percentile(lat.tpot_s, 50):10.2f} / {1e3 * percentile(lat.tpot_s, 90):.2f} ms")
         print(f"weights read per token {per_token / 1e6:10.1f} MB")
+        if cfg.is_moge:
+            routed = moge_routed_bytes_per_token(llm.model)
+            print(
+                f"MoGE active bytes      {per_token / 1e6:10.1f} MB per token: {routed / 1e6:.1f} MB in "
+                f"{cfg.num_experts_per_tok} of {cfg.num_experts} routed experts, the rest attention, "
+                "shared expert, router, norms and head"
+            )
         print(f"achieved bandwidth     {achieved / 1e9:10.2f} GB/s")
         print(
             f"memory bandwidth       {bandwidth / 1e9:10.2f} GB/s (streaming read, measured now): "

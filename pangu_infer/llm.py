@@ -29,6 +29,10 @@ class LLM:
 
     >>> llm = LLM("path/to/openPangu-Embedded-7B", dtype="bfloat16")
     >>> llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].text
+
+    quantization: "auto" (default) keeps the checkpoint's own quantization (a GGUF file's Q4 blocks
+    as int4, its other block types as int8); "none" loads float weights in `dtype`; "int8"/"int4"
+    quantize while loading (docs/design.md, "Quantized weights").
     """
 
     def __init__(
@@ -37,7 +41,7 @@ class LLM:
         *,
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[str] = None,
-        quantization: Optional[str] = None,
+        quantization: Optional[str] = "auto",
         offload_experts: bool = False,
         tensor_parallel_size: int = 1,
         seed: Optional[int] = None,
@@ -69,7 +73,7 @@ class LLM:
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
-            if quantization is not None or offload_experts:
+            if quantization not in (None, "auto", "none") or offload_experts:
                 raise ValueError(
                     f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
                     f"offload_experts={offload_experts!r}: not supported together yet; use one process"

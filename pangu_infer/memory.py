@@ -22,11 +22,15 @@ MADV_DONTNEED = 4  # Linux
 
 def drop_mapped_pages(tensor: torch.Tensor) -> None:
     """madvise(MADV_DONTNEED) the whole pages of a view of a memory-mapped file: out of RSS, still readable."""
+    drop_mapped_range(tensor.data_ptr(), tensor.numel() * tensor.element_size())
+
+
+def drop_mapped_range(start: int, nbytes: int) -> None:
+    """drop_mapped_pages for the bytes [start, start + nbytes) of a file mapping (a numpy memmap slice)."""
     libc = _libc()
     if libc is None:
         return
-    start = tensor.data_ptr()
-    end = start + tensor.numel() * tensor.element_size()
+    end = start + nbytes
     lo, hi = -(-start // PAGE) * PAGE, end // PAGE * PAGE
     if hi > lo:
         libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), MADV_DONTNEED)

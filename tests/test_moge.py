@@ -398,3 +398,34 @@ def test_load_statistics_match_a_per_step_count_across_folds():
     assert stats["expert_tokens"] == moge_counts.tolist()
     assert stats["imbalance_score"] == {d: 0.0 for d in IMBALANCE_DEVICES}
     assert stats["global_topk_imbalance_score"] == pytest.approx(topk_is)
+
+
+def test_one_token_reads_only_its_experts_and_equals_the_batched_dispatch():
+    """Decode at batch 1 takes the one-token path: the token's 8 experts, each called once, and the
+    same output as the sorted/scattered path gives for that token inside a batch."""
+    block = _block(seed=7)
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        batched = block(x)  # 5 tokens: argsort, one product per expert, one scatter
+        ids, _ = _routes(block, x[2:3])
+        calls = []
+        expert = block.experts.expert
+        block.experts.expert = lambda e, t: calls.append(e) or expert(e, t)
+        single = block(x[2:3])
+    assert sorted(calls) == sorted(ids[0].tolist()) and len(calls) == NUM_GROUPS
+    torch.testing.assert_close(single[0], batched[2], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_experts_are_packed_for_onednn_and_give_the_same_products():
+    from pangu_infer.models.packed import PackedExperts, can_pack, pack_linears
+
+    if not can_pack(torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU's oneDNN has no bf16 linear")
+    block = _block(seed=9).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.stack([block.experts.expert(e, x) for e in range(0, 64, 9)])
+        pack_linears(block)
+        assert isinstance(block.experts.impl, PackedExperts) and not hasattr(block.experts, "w13")
+        got = torch.stack([block.experts.expert(e, x) for e in range(0, 64, 9)])
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

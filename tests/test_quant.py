@@ -19,7 +19,8 @@ from pangu_infer.quant import formats
 from pangu_infer.quant.formats import unpack_int4
 from pangu_infer.quant.checkpoint import write_quantized_checkpoint
 from pangu_infer.quant.loading import LoadHook, make_load_hook
-from pangu_infer.quant.modules import INT8_CONVERT_MIN_ROWS, OffloadedExperts, PackedWeight, QuantizedExperts
+from pangu_infer.quant import tuning
+from pangu_infer.quant.modules import OffloadedExperts, PackedWeight, QuantizedExperts
 
 CPU = torch.device("cpu")
 PASSAGE = Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt"
@@ -66,16 +67,19 @@ def test_int4_uses_a_smaller_group_or_keeps_float_when_the_group_does_not_divide
 
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [5, INT8_CONVERT_MIN_ROWS + 3])  # int8: the one-row kernel, then the converted weight
-def test_packed_kernel_matches_the_dequantized_weight(method, dtype, rows):
-    w = torch.randn(40, 64)  # 40 rows: the CPU int4 kernel needs padding to 16
+@pytest.mark.parametrize("rows, convert", [(5, False), (37, True)])  # the kernel, then the weight converted to bf16
+def test_packed_kernel_matches_the_dequantized_weight(method, dtype, rows, convert):
+    w = torch.randn(40 if not convert else 128, 64)  # 40 rows: the CPU int4 kernel pads to 16; converting reads 64-row blocks
     qt = quantize(w, QuantizationConfig(method, 32))
     packed = PackedWeight(qt, CPU)
     assert packed.kernel == f"{method}_cpu".replace("int8_cpu", "int8")
+    if method == "int4":
+        assert tuning.int4_cpu_layout_ok()  # this CPU's packed layout is the one the conversion reads
+    packed.convert_min_rows = rows if convert else tuning.NEVER  # what the per-machine measurement chooses
     x = torch.randn(rows, 64, dtype=dtype)
     y = packed(x)
     ref = x.bfloat16().float() @ dequantize(qt).T  # the kernels take bf16 activations
-    assert y.dtype == dtype and y.shape == (rows, 40)
+    assert y.dtype == dtype and y.shape == (rows, len(w))
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
@@ -333,3 +337,21 @@ def test_smollm2_perplexity_of_int8_and_int4_stays_near_float(smollm2):
     assert int8 <= base * 1.03, (base, int8)
     assert int4 <= base * 1.15, (base, int4)
     assert "Paris" in text8 and "Paris" in text4
+
+
+def test_convert_rows_are_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(cache))
+    monkeypatch.delenv("PANGU_INFER_KERNEL_ROWS_INT8", raising=False)
+    monkeypatch.setattr(tuning, "_cache", {})
+    calls = []
+    monkeypatch.setattr(tuning, "measure", lambda kind: calls.append(kind) or 48)
+    assert tuning.convert_min_rows("int8") == 48
+    assert json.loads(cache.read_text())[tuning.machine_key()]["int8_convert_min_rows"] == 48
+    monkeypatch.setattr(tuning, "_cache", {})  # a new process: read back, not measured again
+    assert tuning.convert_min_rows("int8") == 48 and calls == ["int8"]
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "7")
+    assert tuning.convert_min_rows("int8") == 7
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "many")
+    with pytest.raises(ValueError, match="'many'"):
+        tuning.convert_min_rows("int8")

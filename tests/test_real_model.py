@@ -54,7 +54,7 @@ def test_cli_generate_prints_the_completion(smollm2_gguf_path, capsys):
 
 def test_cli_chat_streams_an_answer(smollm2_gguf_path, capsys):
     code = main(["chat", "--model", str(smollm2_gguf_path), "--message", "What is the capital of France?",
-                 "--max-tokens", "24", "--temperature", "0", "--dtype", "float32", "--stats", "--enforce-eager"])
+                 "--max-tokens", "24", "--temperature", "0", "--stats", "--enforce-eager"])  # bf16, kept Q4_1/Q8_0
     assert code == 0
     out = capsys.readouterr().out
     assert "Paris" in out and "tokens/s" in out
@@ -76,7 +76,8 @@ def test_cli_user_errors_are_one_clear_line(argv, message, capsys, smollm2_gguf_
 def test_bf16_with_packed_weights_and_a_packed_tied_head_still_says_paris(smollm2_gguf_path):
     from pangu_infer.models.packed import PackedLinear, can_pack
 
-    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", kv_cache_memory=16 << 20, enforce_eager=True)
+    llm = LLM(str(smollm2_gguf_path), dtype="bfloat16", device="cpu", quantization="none",  # dequantized to bf16
+              kv_cache_memory=16 << 20, enforce_eager=True)
     if can_pack(torch.device("cpu"), torch.bfloat16):
         assert isinstance(llm.model.lm_head, PackedLinear)  # tied: a packed copy of the embedding
     out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))

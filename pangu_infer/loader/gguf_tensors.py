@@ -1,0 +1,244 @@
+"""GGUF tensors straight into this engine's int4 / int8 layouts, block by block (no float model copy).
+
+How each GGUF type is kept (`auto`, the default; docs/design.md has the table with the error bounds):
+
+| GGUF type | kept as | exact? |
+|---|---|---|
+| Q4_0 `w = (q - 8) * d` | int4, groups of 32: scale d, zero 0 | q exact; d f16 -> bf16 (relative 2^-9) |
+| Q4_1 `w = q * d + m` | int4, groups of 32: scale d, zero m + 8 d | q exact; d, m + 8 d rounded to bf16 |
+| Q4_K `w = q * d * sc_j - dmin * m_j` (sub-blocks of 32) | int4, groups of 32: scale d sc_j, zero 8 d sc_j - dmin m_j | q exact; scale and zero rounded to bf16 |
+| Q8_0, Q5_0, Q5_1, Q5_K, Q6_K, other block types | int8, one scale per row | re-rounded: half a step of max|row| / 127 |
+| F32, F16, BF16 | float (the model's dtype) | as a float load |
+
+The engine's int4 weight is `(q - 8) * scale + zero` per group of 32 with bf16 scale and zero,
+which is exactly what the CPU and CUDA int4 kernels compute: a Q4 block's 4-bit codes go into it
+unchanged, only its f16 scale (and min) is rounded to bf16. int8 has one scale per output row (what
+`_weight_int8pack_mm` takes), so the types with finer scales or 5/6-bit codes are dequantized one
+slice of rows at a time (gguf's own dequantizer) and re-quantized per row.
+
+A fused parameter (qkv_proj, gate_up_proj) takes one setting for all its pieces: int4 when every
+piece is a Q4 type, float when every piece is float, int8 otherwise.
+
+Memory: each tensor is converted from the memory-mapped file in slices of about a million
+weights; nothing but the converted tensor and one slice's temporaries is ever held.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import torch
+
+from pangu_infer.memory import drop_mapped_range
+from pangu_infer.quant.formats import (
+    QuantizationConfig,
+    QuantizedTensor,
+    SCALE_DTYPE,
+    _quantize_int4,
+    _quantize_int8,
+)
+
+GGUF_GROUP = 32  # weights per Q4_0 / Q4_1 block and per Q4_K sub-block: the int4 group size used
+CHUNK_ELEMENTS = 1 << 20  # weights converted per slice of rows
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
+
+Weight = Union[torch.Tensor, QuantizedTensor]
+
+
+def _types():
+    from gguf import GGMLQuantizationType as Q
+
+    return Q
+
+
+def int4_types() -> set:
+    Q = _types()
+    return {Q.Q4_0, Q.Q4_1, Q.Q4_K}
+
+
+def float_types() -> set:
+    Q = _types()
+    return {Q.F32, Q.F16, Q.BF16}
+
+
+def kept_method(tensor_type: Any) -> Optional[str]:
+    """What `auto` keeps one GGUF tensor type as: "int4", "int8", or None (float)."""
+    if tensor_type in float_types():
+        return None
+    return "int4" if tensor_type in int4_types() else "int8"
+
+
+def combine_methods(methods: list[Optional[str]]) -> Optional[str]:
+    """One setting for a fused parameter from the settings of its pieces (see the module docstring)."""
+    kinds = set(methods)
+    if kinds == {None}:
+        return None
+    if kinds == {"int4"}:
+        return "int4"
+    return "int8"
+
+
+def setting_for(method: Optional[str], in_features: int) -> Optional[QuantizationConfig]:
+    if method is None:
+        return None
+    if method == "int8":
+        return QuantizationConfig("int8")
+    group = QuantizationConfig("int4", GGUF_GROUP).group_for(in_features)
+    return None if group is None else QuantizationConfig("int4", group)
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+def _rows(t: Any) -> np.ndarray:
+    """The tensor's data as [rows, bytes or values per row] (a view of the mapped file)."""
+    data = t.data.view(np.ndarray)  # a plain view: numpy's memmap subclass costs per operation
+    return data.reshape(-1, data.shape[-1]) if data.ndim != 2 else data
+
+
+def _drop(view: np.ndarray) -> None:
+    """Give back the resident pages of a slice of the mapped file (they stay in the page cache)."""
+    if view.size and view.flags.c_contiguous:
+        drop_mapped_range(view.ctypes.data, view.nbytes)
+
+
+def dequantize_rows(t: Any, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of a GGUF tensor as float32 [rows, K], with gguf's own dequantizer."""
+    from gguf.quants import dequantize
+
+    Q = _types()
+    part = _rows(t)[start:stop]
+    if t.tensor_type == Q.F32:
+        return torch.from_numpy(np.array(part, dtype=np.float32))
+    if t.tensor_type == Q.F16:
+        return torch.from_numpy(np.array(part, dtype=np.float16)).float()
+    if t.tensor_type == Q.BF16:
+        return torch.from_numpy(np.array(part).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(dequantize(part, t.tensor_type))
+
+
+def _q4_codes_and_params(t: Any, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A slice of Q4 rows [rows, bytes] -> codes uint8 [rows, K] (0..15), scale, zero f32 [rows, K/32]."""
+    Q = _types()
+    rows = part.shape[0]
+    if t.tensor_type in (Q.Q4_0, Q.Q4_1):
+        head = 2 if t.tensor_type == Q.Q4_0 else 4
+        blocks = part.reshape(rows, -1, head + 16)  # [rows, K/32, bytes per block]
+        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qs = blocks[..., head:]
+        codes = np.concatenate((qs & 15, qs >> 4), axis=-1)  # low nibbles: weights 0-15, high: 16-31
+        if t.tensor_type == Q.Q4_0:
+            zero = np.zeros_like(d)
+        else:
+            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+            zero = m + 8.0 * d
+        return codes.reshape(rows, -1), d, zero
+    # Q4_K: 256 weights per block: d, dmin (f16), 12 bytes of 6-bit scales/mins, 128 bytes of codes
+    from gguf.quants import Q4_K
+
+    blocks = part.reshape(-1, 144)
+    n = blocks.shape[0]
+    d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # [n, 1]
+    dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = Q4_K.get_scale_min(blocks[:, 4:16])  # [n, 8] each, one per sub-block of 32
+    qs = blocks[:, 16:].reshape(n, 4, 1, 32)
+    codes = np.concatenate((qs & 15, qs >> 4), axis=2)  # chunk i: sub-block 2i low nibbles, 2i+1 high
+    scale = d * sc.astype(np.float32)
+    zero = 8.0 * scale - dmin * mn.astype(np.float32)
+    return codes.reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def convert(t: Any, setting: QuantizationConfig) -> QuantizedTensor:
+    """One GGUF tensor (2-D, GGUF dims reversed = torch [N, K]) in the engine's portable format."""
+    k = int(t.shape[0])
+    n = int(np.prod([int(d) for d in t.shape[1:]])) if len(t.shape) > 1 else 1
+    step = max(1, CHUNK_ELEMENTS // max(k, 1))
+    direct = setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types()
+    outs: list[torch.Tensor] = []
+    data = _rows(t)
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        if direct:
+            codes, scale, zero = _q4_codes_and_params(t, data[start:stop])
+            packed = (codes[:, 0::2] << 4) | codes[:, 1::2]  # pangu_infer.quant.formats.pack_int4's order
+            part = (torch.from_numpy(packed), torch.from_numpy(scale).to(SCALE_DTYPE), torch.from_numpy(zero).to(SCALE_DTYPE))
+        else:
+            x = dequantize_rows(t, start, stop)
+            part = _quantize_int8(x) if setting.method == "int8" else _quantize_int4(x, setting.group_size)
+        if not outs:
+            outs = [p.new_empty((n, *p.shape[1:])) for p in part]
+        for out, p in zip(outs, part):
+            out[start:stop].copy_(p)
+        del part
+        _drop(data[start:stop])  # read once: its file pages leave this process's RSS
+    return QuantizedTensor(setting.method, *outs)
+
+
+def permute_quantized_rows(qt: QuantizedTensor, fn) -> QuantizedTensor:
+    """Apply a row permutation (llama's Q/K un-permute) to every per-row part of a quantized tensor."""
+    return QuantizedTensor(qt.method, fn(qt.qweight), fn(qt.scale), None if qt.zero is None else fn(qt.zero))
+
+
+def iter_weights(ckpt: Any, settings: dict[str, Optional[QuantizationConfig]]) -> Iterator[tuple[str, Weight]]:
+    """(HF name, tensor) of a GGUFCheckpoint: a QuantizedTensor where `settings` (HF tensor name ->
+    setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32)."""
+    from pangu_infer.loader.gguf import _dequantize, unpermute_rows
+
+    heads = ckpt.config["num_attention_heads"]
+    kv_heads = ckpt.config["num_key_value_heads"]
+    for t in ckpt.reader.tensors:
+        hf_name = ckpt.hf_names.get(t.name)
+        if hf_name is None:
+            continue
+        setting = settings.get(hf_name)
+        if setting is None:
+            x: Weight = _dequantize(t, ckpt.path)  # a copy
+            _drop(_rows(t))
+        else:
+            x = convert(t, setting)
+        n_head = None
+        if ckpt.permuted_qk and ".self_attn.q_proj." in hf_name:
+            n_head = heads
+        elif ckpt.permuted_qk and ".self_attn.k_proj." in hf_name:
+            n_head = kv_heads
+        if n_head is not None:
+            def fn(y, n_head=n_head):
+                return unpermute_rows(y, n_head)
+
+            x = fn(x) if isinstance(x, torch.Tensor) else permute_quantized_rows(x, fn)
+        yield hf_name, x
+
+
+def plan_settings(
+    tensor_types: dict[str, Any],
+    targets: dict[str, tuple[str, int]],
+    quantizable: set[str],
+    quantization: str,
+) -> dict[str, Optional[QuantizationConfig]]:
+    """HF target parameter -> the setting it is loaded with.
+
+    tensor_types: HF tensor name -> GGUF type; targets: HF tensor name -> (target parameter,
+    in_features); quantizable: the target parameters quantization covers.
+    """
+    pieces: dict[str, list[Optional[str]]] = {}
+    in_features: dict[str, int] = {}
+    for name, ttype in tensor_types.items():
+        target, k = targets[name]
+        if target not in quantizable:
+            continue
+        pieces.setdefault(target, []).append(kept_method(ttype) if quantization == "auto" else quantization)
+        in_features[target] = k
+    return {target: setting_for(combine_methods(m), in_features[target]) for target, m in pieces.items()}
+
+
+__all__ = [
+    "GGUF_GROUP",
+    "QUANTIZATION_CHOICES",
+    "combine_methods",
+    "convert",
+    "dequantize_rows",
+    "iter_weights",
+    "kept_method",
+    "plan_settings",
+]

@@ -1,0 +1,173 @@
+"""GGUF files stay quantized: each block type checked against the gguf package's own dequantizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_gguf import _tiny
+from pangu_infer.loader import load_model
+from pangu_infer.loader.gguf_tensors import convert, kept_method
+from pangu_infer.quant.formats import QuantizationConfig, dequantize
+from pangu_infer.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
+
+CPU = torch.device("cpu")
+PASSAGE = Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt"
+BF16_REL = 2.0**-8  # a value rounded to bf16 moves by at most half its last place: 2^-9 relative (2^-8 with margin)
+N, K = 40, 512  # rows, columns: K a multiple of the K-quants' 256
+
+
+def _random_blocks(qtype, rows: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random bytes of a type without a quantizer in gguf (the K-quants), with sane f16 scales."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows, k // block, size), dtype=np.uint8)
+    Q = gguf.GGMLQuantizationType
+    f16 = lambda n: rng.uniform(0.001, 0.02, size=(rows, k // block, n)).astype(np.float16).view(np.uint8)  # noqa: E731
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        raw[..., 0:4] = f16(2)  # d, dmin
+    elif qtype == Q.Q6_K:
+        raw[..., size - 2 :] = f16(1)  # d comes last
+    return raw.reshape(rows, -1)
+
+
+def _gguf_tensor(tmp_path, qtype_name: str, seed: int = 0):
+    """One [N, K] tensor of this type written with gguf's writer and read back with its reader."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((N, K)) * 0.05 + rng.uniform(-0.02, 0.02, size=(N, 1))).astype(np.float32)
+    try:
+        data = gguf.quants.quantize(w, qtype)
+    except NotImplementedError:
+        data = _random_blocks(qtype, N, K, rng)
+    path = tmp_path / f"{qtype_name}.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("t", data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    t = gguf.GGUFReader(str(path)).tensors[0]
+    ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(N, K)
+    return t, ref
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_q4_blocks_load_as_int4_with_only_the_bf16_rounding_of_scales(tmp_path, qtype):
+    """Q4 codes go in unchanged: the only difference from gguf's dequantization is the scale and zero
+    rounded to bf16, at most 8 |scale| + |zero| times 2^-9 per weight (a code off by one is |scale|)."""
+    t, ref = _gguf_tensor(tmp_path, qtype)
+    assert kept_method(t.tensor_type) == "int4"
+    qt = convert(t, QuantizationConfig("int4", 32))
+    assert qt.method == "int4" and qt.group_size == 32 and qt.shape == (N, K)
+    got = dequantize(qt)
+    scale = qt.scale.float().repeat_interleave(32, -1)
+    zero = qt.zero.float().repeat_interleave(32, -1)
+    bound = (8 * scale.abs() + zero.abs()) * BF16_REL + 1e-7
+    err = (got - ref).abs()
+    assert (err <= bound).all(), float((err - bound).max())
+    live = bound < scale.abs() / 4  # where the rounding is below a quarter step, so is the error:
+    assert live.float().mean() > 0.5 and (err[live] < scale[live].abs() / 4).all()  # every code is the file's own
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q5_0", "Q5_1", "Q5_K", "Q6_K"])
+def test_other_block_types_load_as_int8_within_half_a_step(tmp_path, qtype):
+    t, ref = _gguf_tensor(tmp_path, qtype)
+    assert kept_method(t.tensor_type) == "int8"
+    qt = convert(t, QuantizationConfig("int8"))
+    assert qt.method == "int8" and qt.qweight.dtype == torch.int8 and qt.shape == (N, K)
+    step = ref.abs().amax(-1, keepdim=True) / 127
+    err = (dequantize(qt) - ref).abs()
+    assert (err <= 0.5 * step * (1 + 2**-6) + 1e-7).all()  # the stored scale: rounded up one bf16 step
+    assert err.max() > 0  # re-rounded, as documented
+
+
+def test_any_type_converts_to_int4_when_asked(tmp_path):
+    """--quantization int4 on a Q8_0 file: dequantized by gguf, re-quantized into int4 groups of 32."""
+    t, ref = _gguf_tensor(tmp_path, "Q8_0")
+    qt = convert(t, QuantizationConfig("int4", 32))
+    groups = ref.reshape(N, K // 32, 32)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    err = (dequantize(qt) - ref).reshape(N, K // 32, 32).abs()
+    assert (err <= (0.5 * step * (1 + 2**-6))[..., None] + 1e-6).all()
+
+
+# ----------------------------------------------------------------------------- whole files
+
+
+def _kernels(model) -> dict[str, str]:
+    return {n: m.method for n, m in model.named_modules() if isinstance(m, PackedWeight)}
+
+
+@pytest.fixture(scope="module")
+def tiny_q4_1_llama(tmp_path_factory, tiny_sentencepiece_vocab):
+    """llama arch (Q/K rows permuted by the converter) with every matrix Q4_1."""
+    return _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "llama", "Q4_1")
+
+
+def _assert_same_weights(kept, plain, method: str) -> None:
+    """Every quantized linear, read back through its kernel (x = identity, so y = W^T in bf16),
+    equals the float model's weight (gguf's own dequantization) within the stated rounding."""
+    plain_modules = dict(plain.named_modules())
+    checked = 0
+    for name, m in kept.named_modules():
+        if not isinstance(m, QuantizedLinear):
+            continue
+        ref = plain_modules[name].weight.float()
+        with torch.inference_mode():
+            got = m.weight(torch.eye(ref.shape[1])).t().float()
+        row_max = ref.abs().amax(-1, keepdim=True)
+        # int4: bf16 scale/zero and the bf16 output; int8: half a step of the row's max, re-rounded
+        tol = row_max * (2**-6 if method == "int4" else 1 / 254 * (1 + 2**-6)) + ref.abs() * 2**-8
+        assert (got - ref).abs().le(tol).all(), name
+        checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("qtype,method", [("Q4_0", "int4"), ("Q4_1", "int4"), ("Q8_0", "int8")])
+def test_tiny_file_stays_quantized_by_default_and_matches_its_dequantized_self(
+    tmp_path_factory, tiny_sentencepiece_vocab, qtype, method
+):
+    tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", qtype)
+    kept = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)  # no quantization argument
+    plain = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+    kinds = _kernels(kept.model)
+    assert kinds and set(kinds.values()) == {method}
+    assert len(kinds) == 4 * 2 + 1  # qkv, o, gate_up, down per layer, and the untied head
+    assert isinstance(kept.model.model.embed_tokens, QuantizedEmbedding)
+    assert not _kernels(plain.model)
+    _assert_same_weights(kept.model, plain.model, method)
+
+
+def test_llama_qk_unpermute_applies_to_quantized_rows(tiny_q4_1_llama):
+    kept = load_model(str(tiny_q4_1_llama.path), torch.float32, CPU, load_tokenizer=False)
+    plain = load_model(str(tiny_q4_1_llama.path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+    qkv = kept.model.model.layers[0].self_attn.qkv_proj
+    assert isinstance(qkv, QuantizedLinear) and qkv.weight.method == "int4"
+    _assert_same_weights(kept.model, plain.model, "int4")
+
+
+def test_bad_quantization_names_the_value(tiny_q4_1_llama):
+    with pytest.raises(ValueError, match="'fp8'"):
+        load_model(str(tiny_q4_1_llama.path), torch.float32, CPU, load_tokenizer=False, quantization="fp8")
+
+
+def test_demo_model_perplexity_as_loaded_is_within_1_percent_of_bf16(smollm2_gguf_path):
+    """SmolLM2 Q4_1 (its embedding Q8_0) kept quantized vs dequantized to bf16, on real text."""
+    text = PASSAGE.read_text()
+    out = {}
+    for q in ("auto", "none"):
+        loaded = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, quantization=q)
+        ids = torch.tensor(loaded.tokenizer.encode(text))
+        with torch.inference_mode():
+            logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
+        out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
+        if q == "auto":
+            assert set(_kernels(loaded.model).values()) == {"int4", "int8"}  # Q4_1 linears, Q8_0 tied head
+    assert abs(out["auto"] / out["none"] - 1) < 0.01, out
