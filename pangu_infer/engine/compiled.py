@@ -4,6 +4,7 @@ and replaced by the eager forward (with one line saying why) where it cannot be 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -164,6 +165,7 @@ def build_decode_step(
             with torch.inference_mode():
                 _warm_up(step, device, [s for s in shapes if s not in warmed], scratch)
         except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
+            logging.getLogger("pangu_infer.engine").info("compiling the decode step failed", exc_info=True)
             text = str(e).strip()
             return None, f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
         steps[key] = (step, warmed | set(shapes))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import sys
 import threading
 import time
 import weakref
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -29,8 +29,6 @@ logger = logging.getLogger("pangu_infer.engine")
 # The background compile starts this long after load, or after the first step if one starts
 # within it (engine/compiled.py; ModelRunner).
 FIRST_STEP_GRACE_S = 1.0
-# torch.compile's config modules, whose settings (per thread) the build takes from its creator.
-_COMPILE_CONFIGS = ("torch._dynamo.config", "torch._inductor.config")
 
 
 class _Binding:
@@ -84,7 +82,7 @@ class ModelRunner:
         self._token = object()
         weakref.finalize(self, _unbind, self.attention_layers, self._binding, self._token)
         self.decode_forward: Optional[Callable] = None  # the compiled step, once ready
-        self.compile_seconds = 0.0  # how long the background build took (0 while it runs)
+        self.compile_seconds = 0.0  # from here to the compiled step ready (0 while it builds)
         self.compile_error: Optional[str] = None  # why compiled decode is off, if it is
         self._compiled_done = threading.Event()
         # The first step's start and end: the build waits for the first step if one starts soon
@@ -98,36 +96,34 @@ class ModelRunner:
         if self.decode_forward is not None:  # another engine over this model built it
             self._compiled_done.set()
             return
-        # torch.compile's settings are per thread: the build runs under the caller's.
-        settings = [(m, m.get_config_copy()) for m in map(sys.modules.get, _COMPILE_CONFIGS) if m is not None]
         # A daemon thread: a process that is done never waits for it. Everything compile-related,
-        # imports included (torch._inductor: ~1 s idle), happens on it.
+        # imports included (torch._inductor: ~1 s idle), happens on it. It runs in a copy of this
+        # thread's context: torch.compile's settings (a `torch._inductor.config.patch` around the
+        # engine's creation) are context variables.
         threading.Thread(
-            target=self._build_compiled, args=(max_context, range(slots, slots + block_size), settings),
+            target=contextvars.copy_context().run,
+            args=(self._build_compiled, max_context, range(slots, slots + block_size)),
             name="pangu-infer-compile", daemon=True,
         ).start()
 
-    def _build_compiled(self, max_context: int, scratch: range, settings: list) -> None:
+    def _build_compiled(self, max_context: int, scratch: range) -> None:
+        start = time.perf_counter()
         started, ended = self._first_step
         if started.wait(FIRST_STEP_GRACE_S):
             ended.wait()
-        start = time.perf_counter()
         step, error = None, "the compile thread stopped"
         try:
-            with ExitStack() as stack:
-                for module, values in settings:
-                    stack.enter_context(module.patch(values))
-                problem = compile_problem(self.device)
-                if problem is not None:
-                    error = None
-                    self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
-                    return
-                say(
-                    "compiling the decode step in the background (a minute or more the first time on this "
-                    f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
-                )
-                with self._pinned(), _short_gil_turns():
-                    step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch)
+            problem = compile_problem(self.device)
+            if problem is not None:
+                error = None
+                self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
+                return
+            say(
+                "compiling the decode step in the background (a minute or more the first time on this "
+                f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
+            )
+            with self._pinned():
+                step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch)
         except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -307,31 +303,6 @@ class ModelRunner:
         # Padding repeats the sequence's first slot, which always holds real values.
         slots = torch.where(valid, slots, slots[:, :1])
         return slots, valid[:, None, None, :]
-
-
-_gil_lock = threading.Lock()
-_gil_users = 0
-
-
-@contextmanager
-def _short_gil_turns() -> Iterator[None]:
-    """While a compile runs beside live steps: give the GIL up every 0.5 ms instead of Python's
-    5 ms. The compile (dynamo tracing Python) holds the GIL nearly all the time; an eager step's
-    ~300 torch calls each wait for it, up to one interval per call (a prefill of 'Hi' on the demo
-    model: 1.0 s alone, 4.7 s beside a compile at 5 ms)."""
-    global _gil_users
-    with _gil_lock:
-        if _gil_users == 0:
-            _short_gil_turns.saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_short_gil_turns.saved, 0.0005))
-        _gil_users += 1
-    try:
-        yield
-    finally:
-        with _gil_lock:
-            _gil_users -= 1
-            if _gil_users == 0:
-                sys.setswitchinterval(_short_gil_turns.saved)
 
 
 def _unbind(layers: list[Attention], state: _Binding, token: object) -> None:
