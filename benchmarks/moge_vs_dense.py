@@ -111,6 +111,8 @@ def main() -> int:
                 (root / name / f.name).write_bytes(f.read_bytes())
         for dtype in args.dtypes:
             llms = {name: LLM(str(root / name), dtype=dtype, device="cpu", kv_cache_memory=1 << 30) for name in configs}
+            for llm in llms.values():
+                llm.wait_compiled()  # decode figures of the compiled step (it builds in the background)
             active = {name: count_active_parameters(llm.model) for name, llm in llms.items()}
             for batch in args.batches:
                 decode_step_times(llms["moge"], batch, 4, -1)  # warm-up: allocator, kernels

@@ -88,6 +88,7 @@ def child(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     llm = LLM(args.child_dir, dtype=args.child_dtype, device="cpu", quantization=args.child_quant,
               offload_experts=args.child_offload, kv_cache_memory=64 << 20)
+    llm.wait_compiled()
     out = {"load_s": time.perf_counter() - start, "base_mib": base,
            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     out["loaded_mib"], out["loaded_anon_mib"] = rss_mib()
@@ -164,6 +165,8 @@ def main() -> int:
 
     llms = {name: LLM(str(dense_dir), dtype=dtype, device="cpu", quantization=quant, kv_cache_memory=64 << 20)
             for name, (dtype, quant) in MODES.items()}
+    for llm in llms.values():
+        llm.wait_compiled()  # decode figures of the compiled step (it builds in the background)
     params = count_parameters(llms["fp32"].model)
     for llm in llms.values():
         decode_times(llm, 2, -1)  # warm-up

@@ -87,8 +87,10 @@ def main() -> int:
     batch = prompts(args.clients)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     llm = LLM(args.model, dtype=args.dtype)
+    llm.wait_compiled()  # both sides decode with the compiled step (it builds in the background)
     llm.generate(batch[:2], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)  # warm-up
     engine_llm = LLM(args.model, dtype=args.dtype)
+    engine_llm.wait_compiled()
     engine = AsyncEngine.from_llm(engine_llm)
     asyncio.run(engine_burst(engine, engine_llm, batch[:2], SamplingParams(temperature=0, max_tokens=4), "warm"))
 

@@ -1,19 +1,25 @@
 """Startup: wall time of `pangu-infer generate --prompt Hi --max-tokens 1` in a fresh process.
 
 Rows (each a new process, alternating, median of --runs; one untimed run of each first, so the
-compile cache is warm, as on a user's second start):
-- `pangu-infer generate` with no flags (compiled decode, built at load from the cache);
+compile cache is warm and the file in the page cache, as on a user's second start):
+- `pangu-infer generate` with no flags (compiled decode on: it builds in the background, the
+  answer does not wait for it);
 - the same with `--enforce-eager`;
 - `python -c "import pangu_infer.cli"` and `import torch` (what any start pays);
-- llama.cpp (llama-cpp-python) loading the same file and answering one token, when installed.
-The `--stats` line of each pangu-infer run splits its load time (reading, packing, compiling).
+- llama.cpp (llama-cpp-python) loading the same file and answering one token, when installed;
+- the no-flags start again, waiting for the compiled decode step (`LLM.wait_compiled`): what a
+  start costs until decode runs compiled.
+Then one process timed phase by phase (`--breakdown`, the default): imports, the GGUF header,
+the weights, the tokenizer, packing, the engine (KV cache), the first answer, and the wait for the
+compiled step.
 
-    .venv/bin/python benchmarks/startup.py [--model FILE.gguf] [--runs 3]
+    .venv/bin/python benchmarks/startup.py [--model FILE.gguf] [--runs 3] [--no-breakdown]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -22,8 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pangu_infer.loader import demo_model_path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 LLAMA_CPP = """
 import sys
@@ -32,21 +37,74 @@ llm = Llama(model_path=sys.argv[1], n_threads=2, verbose=False)
 print(llm("Hi", max_tokens=1)["choices"][0]["text"])
 """
 
+WAIT_COMPILED = """
+import sys
+from pangu_infer import LLM, SamplingParams
+llm = LLM(sys.argv[1])
+print(llm.generate("Hi", SamplingParams(max_tokens=1))[0].outputs[0].text)
+assert llm.wait_compiled()
+"""
 
-def timed(cmd: list[str]) -> tuple[float, str]:
+# One process, phase by phase: LLM(path) with its parts timed by wrapping them, as JSON on stdout.
+BREAKDOWN = """
+import json, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import pangu_infer.cli
+from pangu_infer import LLM, SamplingParams
+import pangu_infer.engine.engine as E, pangu_infer.llm as L, pangu_infer.loader.gguf as G
+t2 = time.perf_counter()
+spent = {}
+def wrap(owner, name, label):
+    inner = getattr(owner, name)
+    def clocked(*a, **k):
+        start = time.perf_counter()
+        try:
+            return inner(*a, **k)
+        finally:
+            spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
+    setattr(owner, name, clocked)
+wrap(G, "read_gguf", "GGUF header (metadata, tensor index)")
+wrap(G, "load_gguf_tokenizer", "tokenizer")
+wrap(L, "load_model", "load_model")
+wrap(L, "pack_linears", "packing (oneDNN layout)")
+wrap(E, "ModelRunner", "runner (KV cache; compile thread started)")
+llm = LLM(sys.argv[1], enforce_eager=bool(int(sys.argv[2])))
+t3 = time.perf_counter()
+llm.generate("Hi", SamplingParams(max_tokens=1))
+t4 = time.perf_counter()
+marks = {"import torch": t1 - t0, "import pangu_infer (cli, LLM)": t2 - t1}
+inner = ("GGUF header (metadata, tensor index)", "tokenizer")
+marks |= {k: spent.get(k, 0.0) for k in inner}
+marks["weights (read, convert, place)"] = spent["load_model"] - sum(spent.get(k, 0.0) for k in inner)
+marks |= {k: spent.get(k, 0.0) for k in ("packing (oneDNN layout)", "runner (KV cache; compile thread started)")}
+marks["rest of LLM()"] = (t3 - t2) - sum(v for k, v in spent.items() if k not in inner)
+marks["first answer (prefill of 'Hi', 1 token)"] = t4 - t3
+if llm.wait_compiled():
+    marks["then: wait for the compiled decode step"] = time.perf_counter() - t4
+print(json.dumps(marks))
+"""
+
+
+def timed(cmd: list[str]) -> tuple[float, str, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
-    return wall, proc.stderr
+    return wall, proc.stdout, proc.stderr
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="a .gguf file (default: the demo model)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-breakdown", action="store_true", help="skip the phase-by-phase process")
     args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from pangu_infer.loader import demo_model_path
+
     model = args.model or demo_model_path()
     py = sys.executable
     gen = [py, "-m", "pangu_infer.cli", "generate", "--model", model, "--prompt", "Hi", "--max-tokens", "1", "--stats"]
@@ -62,19 +120,31 @@ def main() -> None:
         rows["llama-cpp-python: load + 1 token"] = [py, "-c", LLAMA_CPP, model]
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
+    rows["LLM(file), 1 token, then wait_compiled()"] = [py, "-c", WAIT_COMPILED, model]
     for cmd in rows.values():  # untimed: fills the compile cache, warms the page cache
         timed(cmd)
     walls: dict[str, list[float]] = {name: [] for name in rows}
     loads: dict[str, list[str]] = {name: [] for name in rows}
     for _ in range(args.runs):
         for name, cmd in rows.items():
-            wall, err = timed(cmd)
+            wall, _, err = timed(cmd)
             walls[name].append(wall)
             loads[name] += re.findall(r"\[loaded in [^\]]*\]", err)
     print(f"{os.path.basename(model)}: wall seconds of a fresh process, median of {args.runs} alternating runs")
     for name in rows:
         load = loads[name][len(loads[name]) // 2] if loads[name] else ""
-        print(f"{name:40s}{statistics.median(walls[name]):8.2f} s  {load}")
+        print(f"{name:42s}{statistics.median(walls[name]):8.2f} s  {load}")
+    if args.no_breakdown:
+        return
+    for eager in (0, 1):
+        phases: dict[str, list[float]] = {}
+        for _ in range(args.runs):
+            _, out, _ = timed([py, "-c", BREAKDOWN, model, str(eager)])
+            for name, sec in json.loads(out.strip().splitlines()[-1]).items():
+                phases.setdefault(name, []).append(sec)
+        print(f"\none process, phase by phase ({'--enforce-eager' if eager else 'no flags'}), median of {args.runs}:")
+        for name, secs in phases.items():
+            print(f"  {name:46s}{statistics.median(secs):7.2f} s")
 
 
 if __name__ == "__main__":

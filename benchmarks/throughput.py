@@ -111,6 +111,7 @@ def main() -> None:
                 root, dtype=args.dtype, device="cpu", max_num_seqs=args.concurrency, kv_cache_memory=2 << 30,
                 enforce_eager=not compiled,
             )
+            llm.wait_compiled()  # the compiled step builds in the background: figures are compiled ones
             if not engine_runs:
                 n_params = sum(p.numel() for p in llm.model.parameters())
                 print(

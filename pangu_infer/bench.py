@@ -243,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode != "latency":
         kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], args.concurrency)
     llm = LLM(args.model, **kwargs)
+    llm.wait_compiled()  # figures of the compiled decode step (it builds in the background)
     engine = llm.engine
     cfg = llm.config
     # From the config: quantized weights are buffers and packed ones opaque, so the loaded

@@ -105,8 +105,17 @@ class LLM:
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()
-        # Seconds from the call to a ready engine: reading weights, packing, KV cache, compiling.
+        # Seconds from the call to a ready engine: reading weights, packing, KV cache (the compiled
+        # decode step is built on a background thread meanwhile; see wait_compiled).
         self.load_seconds = time.perf_counter() - start
+
+    def wait_compiled(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the compiled decode step, built on a background thread from load on, is ready
+        (at most `timeout` seconds). Nothing needs to: until it is ready, decode steps run eagerly.
+        Benchmarks and tests of compiled decode wait. True when decode steps now run compiled;
+        False where they cannot (`enforce_eager`, tensor parallel, no compiler, a failed compile,
+        the time ran out)."""
+        return self.engine.runner.wait_compiled(timeout)
 
     # ------------------------------------------------------------------ generation
     def get_tokenizer(self) -> Any:

@@ -24,13 +24,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import sentencepiece
 import tokenizers
+
+if TYPE_CHECKING:
+    import jinja2
 
 __all__ = ["Tokenizer", "IncrementalDetokenizer", "load_tokenizer"]
 
@@ -295,6 +295,8 @@ class Tokenizer:
         """Render the model's Jinja chat template the way transformers' apply_chat_template does."""
         if self.chat_template is None:
             raise ValueError(f"tokenizer {self.name} has no chat_template, so it cannot render chat messages")
+        import jinja2  # here: a start that renders no chat template does not pay its import
+
         try:
             return _compile_chat_template(self.chat_template).render(
                 messages=messages,
@@ -326,7 +328,10 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
 
 
 @functools.lru_cache(maxsize=16)
-def _compile_chat_template(source: str) -> jinja2.Template:
+def _compile_chat_template(source: str) -> "jinja2.Template":
+    import jinja2.ext
+    import jinja2.sandbox
+
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )

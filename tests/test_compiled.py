@@ -1,5 +1,7 @@
-"""The default compiled decode path: compiled at load, never in a request; one progress line; a
-persistent cache that a second start reads; eager with one line saying why where it cannot be."""
+"""The default compiled decode path: built on a background thread from load on, while steps run
+eagerly (nothing waits for it, a process that is done exits without it, its warm-up never touches a
+live KV cache), then used between steps with the eager tokens; one progress line; a persistent
+cache that a second start reads; eager with one line saying why where it cannot be."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def test_a_missing_cxx_compiler_means_eager_with_one_line_saying_why(tiny_dense_
 
     with inductor_config.patch({"cpp.cxx": ("/no/such/c++",)}):
         llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    assert llm.wait_compiled() is False  # the build thread took the caller's settings
     err = capfd.readouterr().err
     assert llm.engine.runner.decode_forward is None
     assert err.count("\n") == 1 and "compiled decode off: no C++ compiler found" in err
@@ -48,12 +51,11 @@ def test_a_missing_cxx_compiler_means_eager_with_one_line_saying_why(tiny_dense_
     assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))
 
 
-def test_a_failing_compile_falls_back_to_eager_with_one_line_saying_why(
-    tmp_path, tiny_dense_config, pangu_tokenizer_dir, capfd
-):
+def test_a_failing_compile_falls_back_to_eager_with_one_line_saying_why(tmp_path, tiny_dense_config, pangu_tokenizer_dir):
     """A compiler that answers --version but fails every build: inductor really fails (on a model
-    of its own shape, so no cached kernel hides the failure), and the engine decodes eagerly."""
-    import torch._inductor.config as inductor_config
+    of its own shape, so no cached kernel hides the failure), and the engine decodes eagerly with
+    the eager tokens. In a process of its own: inductor keeps what it learnt about the compiler
+    (its kind, its precompiled header) for the process, which would break later compiles here."""
     from fixtures_models import build_tiny_model
 
     broken = tmp_path / "broken-c++"
@@ -61,15 +63,25 @@ def test_a_failing_compile_falls_back_to_eager_with_one_line_saying_why(
     broken.chmod(0o755)
     config = dict(tiny_dense_config, intermediate_size=tiny_dense_config["intermediate_size"] + 24)
     path = build_tiny_model(tmp_path / "model", config, pangu_tokenizer_dir, seed=7)
-    with inductor_config.patch({"cpp.cxx": (str(broken),)}):
-        llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
-    err = capfd.readouterr().err
-    assert llm.engine.runner.decode_forward is None
-    lines = err.strip().splitlines()
-    assert "compiling the decode step" in lines[0]
+    script = (
+        "import sys, torch._inductor.config as inductor_config\n"
+        "from pangu_infer import LLM, SamplingParams\n"
+        f"with inductor_config.patch({{'cpp.cxx': ({str(broken)!r},)}}):\n"
+        f"    llm = LLM({str(path)!r}, dtype='float32', device='cpu', kv_cache_memory=4 << 20, max_model_len=256)\n"
+        "assert llm.wait_compiled() is False and llm.engine.runner.decode_forward is None\n"
+        "prompts = [{'prompt_token_ids': list(range(3, 3 + n))} for n in (4, 9, 30)]\n"
+        "greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)\n"
+        "print([o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)])\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert "compiling the decode step in the background" in lines[0]
     assert len(lines) == 2 and "compiled decode off: compiling failed" in lines[1] and "decoding eagerly" in lines[1]
     eager = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
-    assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))
+    assert proc.stdout.strip() == str(_token_ids(eager.generate(PROMPTS, GREEDY)))
 
 
 def test_the_cache_lives_under_the_users_cache_folder(monkeypatch, tmp_path):
@@ -83,40 +95,45 @@ def test_the_cache_lives_under_the_users_cache_folder(monkeypatch, tmp_path):
 
 
 def test_a_second_start_reads_the_compiled_graphs_from_the_persistent_cache(tmp_path, tiny_moge_dir):
-    """Two `pangu-infer generate` processes with no flags and an empty cache folder: the first
-    compiles at startup (one progress line) and fills ~/.cache/pangu-infer (here $XDG_CACHE_HOME);
-    the second compiles nothing new (inductor finds every graph in the cache). --stats prints
-    the load time. (The tiny MoGE model: its graphs are the cheapest to build.)"""
+    """Two processes with an empty cache folder, each loading with compiled decode on and waiting
+    for it: the first compiles (one progress line) and fills ~/.cache/pangu-infer (here
+    $XDG_CACHE_HOME); the second compiles nothing new (inductor finds every graph in the cache).
+    --stats prints the load time and where the compiled step stands. (The tiny MoGE model: its
+    graphs are the cheapest to build.)"""
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env |= {"XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "pangu_infer.cli", "generate", "--model", str(tiny_moge_dir), "--dtype", "float32",
-           "--prompt", "hello", "--max-tokens", "3", "--temperature", "0", "--max-model-len", "128",
-           "--kv-cache-memory", "4MiB", "--stats"]
+    script = (
+        "import sys; from pangu_infer import LLM, SamplingParams; from pangu_infer.cli import load_line\n"
+        f"llm = LLM({str(tiny_moge_dir)!r}, dtype='float32', max_model_len=128, kv_cache_memory=4 << 20)\n"
+        "print(load_line(llm), file=sys.stderr); assert llm.wait_compiled(); print(load_line(llm), file=sys.stderr)\n"
+        "print(llm.generate('hello', SamplingParams(temperature=0, max_tokens=3))[0].outputs[0].token_ids)\n"
+    )
     graphs = tmp_path / "pangu-infer" / "torchinductor" / "fxgraph"
 
     def start() -> tuple[str, set[Path]]:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout, proc.stderr, set(graphs.rglob("*"))
 
     out1, err1, files1 = start()
-    assert "pangu-infer: compiling the decode step (2 graphs" in err1 and " done in " in err1
-    assert "[loaded in " in err1 and "of it compiling]" in err1
+    assert err1.count("pangu-infer: compiling the decode step in the background") == 1
+    assert "compiled decode building in the background]" in err1 and "compiled decode ready after " in err1
     assert any(f.is_file() for f in files1)
     out2, err2, files2 = start()
     assert files2 == files1  # nothing new compiled
     assert out2 == out1
 
 
-def test_no_request_waits_for_a_compile(tiny_dense_dir):
+def test_the_background_build_warms_up_every_graph_a_request_uses(tiny_dense_dir):
     """The graphs a decode will use (batch 1, batch 1 past the unmasked-SDPA limit, larger
-    batches) are compiled at load: generating afterwards compiles no frame."""
+    batches) are all compiled by the background build: once it is ready, generating compiles no
+    frame."""
     from torch._dynamo.utils import counters
 
     from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT as limit
 
     llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=limit + 64)
-    assert llm.engine.runner.decode_forward is not None
+    assert llm.wait_compiled() and llm.engine.runner.decode_forward is not None
     before = dict(counters["stats"])
     long_prompt = {"prompt_token_ids": [5] * (limit + 2)}
     llm.generate(PROMPTS, GREEDY)
@@ -133,6 +150,67 @@ def test_the_pangu_moe_family_decodes_compiled_like_eager(kind, request, capfd):
     cache with no value tensor) build the compiled step by default and decode as eager does."""
     path = str(request.getfixturevalue(f"tiny_{kind}_dir"))
     llm = LLM(path, dtype="float32", device="cpu", kv_cache_memory=16 << 20)
-    assert llm.engine.runner.decode_forward is not None, capfd.readouterr().err
+    assert llm.wait_compiled(), capfd.readouterr().err
     eager = LLM(path, dtype="float32", device="cpu", kv_cache_memory=16 << 20, enforce_eager=True)
     assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))
+
+
+def test_requests_run_eagerly_while_compiling_and_switch_to_compiled_between_steps(tiny_dense_dir, monkeypatch):
+    """The compiled step builds on a background thread (held back here until released): requests
+    issued meanwhile are served eagerly with the eager tokens; a request decoding when it becomes
+    ready switches to it at its next step and still gets the eager tokens; the build's warm-up
+    leaves every slot the block pool hands out as it was (it runs beside live steps)."""
+    import threading
+
+    import pangu_infer.engine.runner as runner_module
+
+    gate, real = threading.Event(), runner_module.build_decode_step
+    monkeypatch.setattr(runner_module, "build_decode_step", lambda *a: gate.wait(600) and real(*a))
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
+    runner = llm.engine.runner
+    eager = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+    long_params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    expected = _token_ids(eager.generate(PROMPTS, GREEDY))
+    expected_long = eager.generate(PROMPTS[2], long_params)[0].outputs[0].token_ids
+
+    assert runner.compiling and runner.decode_forward is None
+    assert _token_ids(llm.generate(PROMPTS, GREEDY)) == expected  # served eagerly meanwhile
+    assert runner.compiling and not runner.wait_compiled(timeout=0.01)
+
+    stream = llm.stream(PROMPTS[2], long_params)
+    first = [next(stream) for _ in range(6)]  # prefill and 5 eager decode steps
+    live = llm.engine.pool.num_blocks * llm.engine.pool.block_size  # the scratch block follows
+    # As bytes: slots no sequence wrote yet hold whatever torch.empty found (NaN != NaN).
+    before = [c[:live].view(torch.uint8).clone() for c in runner.k_caches + runner.v_caches]
+    gate.set()
+    assert llm.wait_compiled() and not runner.compiling
+    assert all(torch.equal(c[:live].view(torch.uint8), b) for c, b in zip(runner.k_caches + runner.v_caches, before))
+    compiled, calls = runner.decode_forward, []
+    runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
+    last = list(stream)[-1]
+    assert len(first) == 6 and calls == [1] * (24 - 6)  # the rest of the request ran compiled
+    assert last.outputs[0].token_ids == expected_long
+    assert _token_ids(llm.generate(PROMPTS, GREEDY)) == expected
+
+
+def test_a_process_that_is_done_exits_while_the_compile_still_runs(tmp_path, tiny_dense_dir):
+    """A short `LLM.generate` in a process with an empty compile cache: it answers while the
+    compiled step is still building and exits right after, without waiting for the build, with
+    no error on the way out."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env |= {"XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    script = (
+        "import time; from pangu_infer import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_dense_dir)!r}, dtype='float32', max_model_len=2048, kv_cache_memory=4 << 20)\n"
+        "out = llm.generate('hello', SamplingParams(temperature=0, max_tokens=2))[0]\n"
+        "print(len(out.outputs[0].token_ids), llm.engine.runner.compiling, time.time(), flush=True)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    import time
+
+    ended = time.time()
+    assert proc.returncode == 0, proc.stderr
+    tokens, compiling, done = proc.stdout.split()
+    assert (tokens, compiling) == ("2", "True")  # answered, eagerly, with the build still running
+    assert ended - float(done) < 10  # no wait for the build (a cold one takes minutes here)
+    assert "Traceback" not in proc.stderr and "Error" not in proc.stderr

@@ -23,6 +23,8 @@ def run(llm: LLM, prompts, params, **engine_kwargs) -> tuple[list, LLMEngine]:
     enforce_eager=False is passed)."""
     engine_kwargs.setdefault("enforce_eager", True)
     engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(**engine_kwargs), llm.generation_config)
+    if not engine_kwargs["enforce_eager"]:
+        assert engine.runner.wait_compiled()  # the compiled step builds in the background
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (ids, p) in enumerate(zip(prompts, params)):
         engine.add_request(str(i), ids, p)
@@ -235,6 +237,7 @@ def test_two_engines_over_one_model_interleaved_equal_each_alone(tiny_dense_dir,
     kwargs = dict(kv_cache_memory=4 << 20, max_model_len=512, enforce_eager=enforce_eager)
     alone = [token_ids(run(llm, half, GREEDY, **kwargs)[0]) for half in (prompts[:3], prompts[3:])]
     engines = [LLMEngine(llm.model, llm.tokenizer, EngineConfig(**kwargs), llm.generation_config) for _ in range(2)]
+    assert all(e.runner.wait_compiled() != enforce_eager for e in engines)
     for engine, half in zip(engines, (prompts[:3], prompts[3:])):
         for i, ids in enumerate(half):
             engine.add_request(str(i), ids, GREEDY)

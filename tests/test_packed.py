@@ -96,6 +96,7 @@ def test_compiled_decode_runs_on_packed_weights(tiny_dense_dir):
     1/64). Greedy tokens must be the reference's argmax wherever its top two are clearly apart."""
     tol = 0.05
     llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)  # compiled: the default
+    assert llm.wait_compiled()
     assert has_packed_linears(llm.model)
     plain = load_model(str(tiny_dense_dir), torch.bfloat16, CPU, load_tokenizer=False).model
     calls = []

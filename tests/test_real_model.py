@@ -91,6 +91,7 @@ def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_pat
     logits of ~20 step by 0.125, so bits may differ from eager), with its logprob. (A step that reads
     the KV cache wrongly gives garbage here: the tiny models' tests did not catch that once.)"""
     llm = LLM(str(smollm2_gguf_path), kv_cache_memory=16 << 20)
+    assert llm.wait_compiled()
     runner = llm.engine.runner
     compiled, calls = runner.decode_forward, []
     runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)

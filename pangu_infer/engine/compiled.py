@@ -1,12 +1,13 @@
-"""The torch.compile'd decode step: built and warmed up when an engine starts, kept in a
-persistent compile cache, and replaced by the eager forward (with one line saying why) where it
-cannot be built."""
+"""The torch.compile'd decode step: built and warmed up on a background thread when an engine
+starts (engine/runner.py decodes eagerly until it is ready), kept in a persistent compile cache,
+and replaced by the eager forward (with one line saying why) where it cannot be built."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
-import time
+import threading
 import types
 from pathlib import Path
 from typing import Callable, Optional
@@ -14,7 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT, AttentionBatch
+from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT, AttentionBatch, disable_compile_on_marked_methods
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch], torch.Tensor]
 
@@ -96,6 +97,7 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     dispatch, and the code after a break is shared by every model of the class, so those keep
     all guards.
     """
+    disable_compile_on_marked_methods(model)
     step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
     options: dict = {"size_asserts": False, "alignment_asserts": False}
     if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
@@ -115,59 +117,60 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     return decode_step
 
 
-def _warm_up(step: DecodeStep, device: torch.device, shapes) -> None:
-    """Run the compiled step once per (batch, context), on dummy tokens in the bound (still
-    unused) cache, so that no user request waits for a compile."""
+def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range) -> None:
+    """Run the compiled step once per (batch, context), on dummy tokens that read and write only
+    the `scratch` slots of the bound cache (slots no sequence is ever given), so that no user
+    request waits for a compile and a warm-up running beside live steps never touches their KV."""
+    base, size = scratch.start, len(scratch)
     for batch, ctx in shapes:
         attn = AttentionBatch(
-            slot_mapping=torch.arange(batch, device=device),
-            decode_slots=torch.arange(ctx, device=device).repeat(batch, 1),
+            slot_mapping=base + torch.arange(batch, device=device) % size,
+            decode_slots=(base + torch.arange(ctx, device=device) % size).repeat(batch, 1),
             decode_mask=torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device=device),
         )
         ids = torch.zeros(batch, dtype=torch.long, device=device)
         step(ids, torch.full((batch,), ctx - 1, dtype=torch.long, device=device), attn)
 
 
-def compiled_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int) -> Optional[DecodeStep]:
-    """The model's compiled decode step for the KV cache bound now (`kv_cache`: one of its
-    tensors), compiled and warmed up now (one progress line on stderr), or None, after one line
-    saying why, where it cannot be built. Sequences reach at most `max_context` tokens (it decides
-    which graphs to warm up)."""
+def cached_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int) -> Optional[DecodeStep]:
+    """The model's compiled step for this KV cache shape if one is built and warmed up for every
+    graph `max_context` needs (another engine over the same model built it), else None."""
+    key = (tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device)
+    step, warmed = model.__dict__.get("_compiled_decode_steps", {}).get(key, (None, set()))
+    return step if step is not None and set(_warmup_shapes(max_context)) <= warmed else None
+
+
+def build_decode_step(
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range
+) -> tuple[Optional[DecodeStep], Optional[str]]:
+    """(the model's compiled decode step for the KV cache bound now, None) once built and warmed
+    up, or (None, why) where compiling failed. `kv_cache` is one of the bound cache tensors;
+    sequences reach at most `max_context` tokens (it decides which graphs to warm up); the warm-up
+    writes only the `scratch` slots. Meant for a background thread: it prints nothing, and builds
+    for one model run one at a time."""
     # Inductor's caches read the variable each time they look a graph up.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     device = kv_cache.device
     shapes = _warmup_shapes(max_context)
     key = (tuple(kv_cache.shape), kv_cache.dtype, device)
-    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    if key in steps:  # another engine over the same model and cache shape: its graphs serve
-        step, warmed = steps[key]
-        if set(shapes) <= warmed:
-            return step
-    else:
-        problem = compile_problem(device)
-        if problem is not None:
-            _say(f"compiled decode off: {problem}; decoding eagerly (--enforce-eager turns compiling off)")
-            return None
-        step, warmed = _compile(model, device), set()
-    _say(
-        f"compiling the decode step ({len(set(shapes) - warmed)} graphs; a minute or more the first time on "
-        f"this machine, seconds from the cache in {os.environ['TORCHINDUCTOR_CACHE_DIR']})...",
-        end="",
-    )
-    start = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            _warm_up(step, device, [s for s in shapes if s not in warmed])
-    except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
-        text = str(e).strip()
-        reason = f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
-        print(file=sys.stderr)
-        _say(f"compiled decode off: compiling failed ({reason}); decoding eagerly")
-        return None
-    print(f" done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
-    steps[key] = (step, warmed | set(shapes))
-    return step
+    lock = model.__dict__.setdefault("_compile_lock", threading.Lock())
+    with lock:
+        steps = model.__dict__.setdefault("_compiled_decode_steps", {})
+        step, warmed = steps.get(key, (None, set()))
+        if step is not None and set(shapes) <= warmed:  # another engine over this model built it
+            return step, None
+        if step is None:
+            step = _compile(model, device)
+        try:
+            with torch.inference_mode():
+                _warm_up(step, device, [s for s in shapes if s not in warmed], scratch)
+        except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
+            logging.getLogger("pangu_infer.engine").info("compiling the decode step failed", exc_info=True)
+            text = str(e).strip()
+            return None, f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+        steps[key] = (step, warmed | set(shapes))
+        return step, None
 
 
-def _say(line: str, end: str = "\n") -> None:
+def say(line: str, end: str = "\n") -> None:
     print(f"pangu-infer: {line}", end=end, file=sys.stderr, flush=True)

@@ -2,25 +2,57 @@
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import time
 import weakref
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from pangu_infer.engine.compiled import compiled_decode_step
+from pangu_infer.engine.compiled import (
+    build_decode_step,
+    cached_decode_step,
+    compile_cache_dir,
+    compile_problem,
+    say,
+)
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice
 
+logger = logging.getLogger("pangu_infer.engine")
+
+# The background compile starts this long after load, or after the first step if one starts
+# within it (engine/compiled.py; ModelRunner).
+FIRST_STEP_GRACE_S = 1.0
+
+
+class _Binding:
+    """Which runner's KV cache is on a model's layers. `lock` is held for a step; `pinned` is the
+    token of a runner whose background compile needs its cache to stay bound (its own steps go on;
+    another runner's steps wait until the compile ends)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.released = threading.Condition(self.lock)
+        self.token: Optional[object] = None
+        self.pinned: Optional[object] = None
+
 
 class ModelRunner:
     """Owns the engine's KV cache and runs its steps. The cache is bound onto the model's attention
     layers for the duration of each step (`bind`), under a lock per model: engines sharing one
-    model take turns, and each step reads and writes only its own engine's cache."""
+    model take turns, and each step reads and writes only its own engine's cache.
+
+    Steps made only of decode tokens run a torch.compile'd forward and head (engine/compiled.py)
+    unless `enforce_eager`. It is built on a background thread started here: steps run eagerly
+    until it is ready and switch to it between steps, so no start and no request waits for a
+    compile (`wait_compiled` does, for benchmarks and tests). Its warm-up runs only on a scratch
+    block of the cache that the block pool never hands out."""
 
     def __init__(
         self,
@@ -37,47 +69,126 @@ class ModelRunner:
         self.block_size = block_size
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         slots = num_blocks * block_size
+        compile_ = not enforce_eager and bool(self.attention_layers)
         # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
-        # a valid slot), so the pages of a large pool are touched only as they are used.
+        # a valid slot), so the pages of a large pool are touched only as they are used. With
+        # compiling on, one more block at the end is the warm-up's scratch space.
         # Each layer says what it caches per token (`Attention.cache_shapes`): K and V heads, K and V
         # of different widths, or one MLA latent with no value cache (None).
-        shapes = [m.cache_shapes(slots) for m in self.attention_layers]
+        shapes = [m.cache_shapes(slots + (block_size if compile_ else 0)) for m in self.attention_layers]
         self.k_caches = [torch.empty(k, dtype=kv_dtype, device=device) for k, _ in shapes]
         self.v_caches = [None if v is None else torch.empty(v, dtype=kv_dtype, device=device) for _, v in shapes]
-        # The model's binding state: [lock, token of the runner whose cache is bound]. A token, not
-        # the runner, so that a bound runner can still be collected (and unbinds then).
-        self._binding = model.__dict__.setdefault("_kv_binding", [threading.Lock(), None])
+        # The model's binding state. A token, not the runner, marks the bound cache, so that a
+        # bound runner can still be collected (and unbinds then).
+        self._binding = model.__dict__.setdefault("_kv_binding", _Binding())
         self._token = object()
         weakref.finalize(self, _unbind, self.attention_layers, self._binding, self._token)
-        # Steps made only of decode tokens (the bulk of generation) run a torch.compile'd forward
-        # and head, compiled and warmed up here (engine/compiled.py), or eagerly where it cannot be.
-        self.decode_forward = None
-        self.compile_seconds = 0.0  # spent here building and warming up the compiled step
-        if not enforce_eager and self.attention_layers:
-            start = time.perf_counter()
-            max_context = min(max_model_len or slots, slots)
-            with self.bind():
-                self.decode_forward = compiled_decode_step(model, self.k_caches[0], max_context)
+        self.decode_forward: Optional[Callable] = None  # the compiled step, once ready
+        self.compile_seconds = 0.0  # from here to the compiled step ready (0 while it builds)
+        self.compile_error: Optional[str] = None  # why compiled decode is off, if it is
+        self._compiled_done = threading.Event()
+        # The first step's start and end: the build waits for the first step if one starts soon
+        # after load (a prompt given with the command), so that it does not slow that answer.
+        self._first_step = [threading.Event(), threading.Event()]
+        if not compile_:
+            self._compiled_done.set()
+            return
+        max_context = min(max_model_len or slots, slots)
+        self.decode_forward = cached_decode_step(model, self.k_caches[0], max_context)
+        if self.decode_forward is not None:  # another engine over this model built it
+            self._compiled_done.set()
+            return
+        # A daemon thread: a process that is done never waits for it. Everything compile-related,
+        # imports included (torch._inductor: ~1 s idle), happens on it. It runs in a copy of this
+        # thread's context: torch.compile's settings (a `torch._inductor.config.patch` around the
+        # engine's creation) are context variables.
+        threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._build_compiled, max_context, range(slots, slots + block_size)),
+            name="pangu-infer-compile", daemon=True,
+        ).start()
+
+    def _build_compiled(self, max_context: int, scratch: range) -> None:
+        start = time.perf_counter()
+        started, ended = self._first_step
+        if started.wait(FIRST_STEP_GRACE_S):
+            ended.wait()
+        step, error = None, "the compile thread stopped"
+        try:
+            problem = compile_problem(self.device)
+            if problem is not None:
+                error = None
+                self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
+                return
+            say(
+                "compiling the decode step in the background (a minute or more the first time on this "
+                f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
+            )
+            with self._pinned():
+                step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch)
+        except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
+            error = f"{type(e).__name__}: {e}"
+        finally:
             self.compile_seconds = time.perf_counter() - start
+            if step is not None:
+                self.decode_forward = step  # the next decode-only step runs it
+                logger.info("compiled decode step ready after %.1f s", self.compile_seconds)
+            elif error is not None:
+                self._compile_off(f"compiling failed ({error}); decoding eagerly")
+            self._compiled_done.set()
+
+    def _compile_off(self, why: str) -> None:
+        self.compile_error = why
+        say(f"compiled decode off: {why}")
+
+    def wait_compiled(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the background compile (at most `timeout` seconds); True when decode-only steps
+        now run compiled, False where compiled decode is off (enforce_eager, or it failed) or the
+        time ran out."""
+        self._compiled_done.wait(timeout)
+        return self.decode_forward is not None
+
+    @property
+    def compiling(self) -> bool:
+        """True while the compiled step is being built (steps run eagerly meanwhile)."""
+        return not self._compiled_done.is_set()
+
+    @contextmanager
+    def _pinned(self) -> Iterator[None]:
+        """This runner's cache bound, and kept bound while the block runs without the lock (for the
+        compile: this runner's steps go on beside it, another runner's wait for it)."""
+        state = self._binding
+        with state.lock:
+            while state.pinned is not None:
+                state.released.wait()
+            self._point_layers()
+            state.pinned = self._token
+        try:
+            yield
+        finally:
+            with state.lock:
+                state.pinned = None
+                state.released.notify_all()
 
     @contextmanager
     def bind(self) -> Iterator[None]:
         """This runner's KV cache on the model's layers, the model held for the duration."""
-        with self._binding[0]:
+        with self._binding.lock:
             self._point_layers()
             yield
 
     def _point_layers(self) -> None:
         """Re-point the layers at this runner's cache if another engine's step ran last (the
-        model's lock held)."""
+        model's lock held; waits while another runner's compile has its cache pinned)."""
         state = self._binding
-        if state[1] is not self._token:
+        if state.token is not self._token:
+            while state.pinned is not None and state.pinned is not self._token:
+                state.released.wait()
             for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches):
                 # Straight into __dict__: nn.Module.__setattr__ costs ~2 us a call, per step.
                 layer.__dict__["k_cache"], layer.__dict__["v_cache"] = k, v
-            state[1] = self._token
+            state.token = self._token
 
-    @torch.inference_mode()
     def run(
         self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
     ) -> tuple[list[Sequence], torch.Tensor]:
@@ -85,6 +196,18 @@ class ModelRunner:
         (they sample next) and their logits [rows, vocab] in float32: one row per sequence, or,
         for a sequence with a speculative draft (seq_id -> tokens), one row for its last token
         and one for each draft token, which are forwarded after it."""
+        if self._first_step[1].is_set():
+            return self._run(batch, drafts)
+        self._first_step[0].set()
+        try:
+            return self._run(batch, drafts)
+        finally:
+            self._first_step[1].set()
+
+    @torch.inference_mode()
+    def _run(
+        self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
+    ) -> tuple[list[Sequence], torch.Tensor]:
         bs = self.block_size
         drafts = drafts or {}
         decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1 and s.seq_id not in drafts]
@@ -96,7 +219,8 @@ class ModelRunner:
             if n > 1 or s.seq_id in drafts
         ]
         ordered = decodes + prefills
-        compiled = self.decode_forward is not None and not prefills  # a decode-only step
+        decode_forward = self.decode_forward  # read once: the compile thread may set it meanwhile
+        compiled = decode_forward is not None and not prefills  # a decode-only step
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -131,10 +255,10 @@ class ModelRunner:
 
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        with self._binding[0]:  # bind(), without a generator's cost on every step
+        with self._binding.lock:  # bind(), without a generator's cost on every step
             self._point_layers()
             if compiled:  # logits of every row, in decode order
-                return [s for s, _ in decodes], self.decode_forward(ids, pos, attn)
+                return [s for s, _ in decodes], decode_forward(ids, pos, attn)
             hidden = self.model(ids, pos, attn)
         sampled: list[Sequence] = []
         rows: list[int] = []
@@ -183,10 +307,10 @@ class ModelRunner:
         return slots, valid[:, None, None, :]
 
 
-def _unbind(layers: list[Attention], state: list, token: object) -> None:
+def _unbind(layers: list[Attention], state: _Binding, token: object) -> None:
     """A collected runner's cache leaves the layers it is still bound to (its memory is freed)."""
-    with state[0]:
-        if state[1] is token:
+    with state.lock:
+        if state.token is token:
             for layer in layers:
                 layer.__dict__["k_cache"] = layer.__dict__["v_cache"] = None
-            state[1] = None
+            state.token = None

@@ -14,6 +14,29 @@ from pangu_infer.config import ModelConfig
 from pangu_infer.parallel.state import current_parallel_state, head_shard, row_parallel_linear
 
 
+def eager_in_compiled_steps(fn):
+    """Marks a method that a torch.compile'd step must run eagerly (data-dependent shapes, host
+    bookkeeping). engine/compiled.py applies `torch.compiler.disable` to the marked methods when
+    it first compiles a model of the class: applying it here, at import, would import
+    torch._dynamo (about a second) into every start, eager ones included."""
+    fn._eager_in_compiled_steps = True
+    return fn
+
+
+def disable_compile_on_marked_methods(model: nn.Module) -> None:
+    """`torch.compiler.disable` on every method marked with `eager_in_compiled_steps` in the
+    classes of `model`'s modules and of their plain attributes (once per class)."""
+    classes = {type(m) for m in model.modules()}
+    classes |= {type(v) for m in model.modules() for v in vars(m).values() if not isinstance(v, (torch.Tensor, dict))}
+    for cls in classes:
+        for klass in cls.__mro__:
+            for name, attr in list(vars(klass).items()):
+                if getattr(attr, "_eager_in_compiled_steps", False) and not getattr(attr, "_compile_disabled", False):
+                    disabled = torch.compiler.disable(attr)
+                    disabled._compile_disabled = True
+                    setattr(klass, name, disabled)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -30,7 +53,9 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     dim = cfg.qk_rope_head_dim or cfg.head_dim  # partial RoPE (the Pangu MoE family) or the whole head
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    # On the CPU even while a model is built on the meta device: meta's arange runs torch's
+    # reference ops, whose first call imports torch._dynamo (a second of every start).
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device="cpu") / dim))
     rs = cfg.rope_scaling
     if rs is None:
         return inv_freq.float()

@@ -11,7 +11,7 @@ from torch import nn
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.models.layers import SwiGLU
+from pangu_infer.models.layers import SwiGLU, eager_in_compiled_steps
 from pangu_infer.parallel.expert_load import rank_load_stats
 from pangu_infer.parallel.state import current_parallel_state, rank_range
 
@@ -78,7 +78,7 @@ class MoGELoad:
         self.steps = 0
         self.tokens = 0
 
-    @torch.compiler.disable
+    @eager_in_compiled_steps
     def record(self, expert_counts: torch.Tensor, router_logits: torch.Tensor, num_tokens: int) -> None:
         # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
         topk_ids = router_logits.topk(self.top_k, dim=-1).indices
@@ -171,7 +171,7 @@ class MoEBlock(nn.Module):
             self.parallel.all_reduce(out)
         return out
 
-    @torch.compiler.disable  # data-dependent expert sizes: runs eagerly inside a compiled step
+    @eager_in_compiled_steps  # data-dependent expert sizes: runs eagerly inside a compiled step
     def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
         """Group the token-expert pairs by expert; one product per expert that received tokens.
 
