@@ -193,6 +193,7 @@ def test_streamed_forced_tool_call(client, server):
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 5}}}}}],
           "tool_choice": "required"}, "tools"),
         ({"max_reasoning_tokens": -1}, "max_reasoning_tokens"),
+        ({"guided_choice": ["a"], "min_tokens": 3}, "min_tokens"),
         ({"chat_template_kwargs": {"thinking_budget": "lots"}}, "chat_template_kwargs.thinking_budget"),
     ],
 )

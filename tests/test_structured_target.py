@@ -1,7 +1,7 @@
 """The issue's target on the demo model: response_format json_schema, 20 of 20 sampled replies parse and
-validate (jsonschema) for three schemas (nested objects, arrays, enums). A real `pangu-infer serve`
-process and the official `openai` client; one request with n=20 per schema (about 40 s each on a
-loaded 2-core machine)."""
+validate (jsonschema) for three schemas (nested objects, arrays, enums). The server app in this
+process (test_structured.py runs a real `pangu-infer serve`) and the official `openai` client; one
+request with n=20 per schema (about 40 s each on a loaded 2-core machine)."""
 
 from __future__ import annotations
 
@@ -11,26 +11,24 @@ import jsonschema
 import openai
 import pytest
 
-from fixtures_server import running_server
+from fastapi.testclient import TestClient
+
+from pangu_infer import LLM
+from pangu_infer.server.app import create_app
 from test_structured import ARRAYS, ENUMS, MESSAGES, NESTED
 
 
 @pytest.fixture(scope="module")
-def server(smollm2_gguf_path, tmp_path_factory):
-    with running_server(smollm2_gguf_path, "--max-num-seqs", "32", "--kv-cache-memory", "256MiB",
-                        log_dir=tmp_path_factory.mktemp("structured_target")) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=300)
+def client(smollm2_gguf_path):
+    llm = LLM(str(smollm2_gguf_path), dtype="float32", enforce_eager=True, max_num_seqs=32, kv_cache_memory=256 << 20)
+    with TestClient(create_app(llm, served_model_name="demo")) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
 
 @pytest.mark.parametrize("schema", [NESTED, ARRAYS, ENUMS], ids=["nested", "arrays", "enums"])
-def test_20_of_20_sampled_replies_validate(client, server, schema):
+def test_20_of_20_sampled_replies_validate(client, schema):
     out = client.chat.completions.create(
-        model=server.model, messages=MESSAGES, n=20, temperature=1.0, seed=7, max_tokens=80,
+        model="demo", messages=MESSAGES, n=20, temperature=1.0, seed=7, max_tokens=80,
         response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}},
     )
     assert len(out.choices) == 20

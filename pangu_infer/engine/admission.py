@@ -89,6 +89,11 @@ def compile_structured(params: SamplingParams, grammars) -> object | None:
         return None
     if grammars is None:
         raise RequestError("structured outputs need the model's tokenizer; this engine has none", param="structured_outputs")
+    if params.min_tokens:
+        raise RequestError(
+            f"min_tokens={params.min_tokens} cannot be combined with a structured output: the grammar decides where the reply ends",
+            param="min_tokens",
+        )
     try:
         return grammars.compile(spec)
     except RequestError as e:
