@@ -26,7 +26,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     p.add_argument("--device", default=None, help="cpu | cuda | npu (default: the best present)")
     p.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization while loading (int4: groups of 128 weights, 32 for .gguf files)")
-    p.add_argument("--offload-experts", action="store_true", help="MoGE: keep routed experts memory-mapped from the checkpoint, paged in as used")
+    p.add_argument("--offload-experts", action="store_true", help="MoE models: keep routed experts memory-mapped from the checkpoint, paged in as used")
     p.add_argument(
         "--tensor-parallel-size", type=int, default=1,
         help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",

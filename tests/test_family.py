@@ -485,3 +485,21 @@ def test_server_chats_and_exports_top_k_expert_load(tiny_r72b_dir, tiny_r72b_con
     assert routed == moe_layers * tokens * tiny_r72b_config["num_experts_per_tok"]
     # (max - min token-expert pairs per device) / tokens: between 0 and top-k
     assert 0 < metric_value(text, "pangu_moe_imbalance_score", devices="8") <= tiny_r72b_config["num_experts_per_tok"]
+
+
+@pytest.mark.parametrize("kind", ["r72b", "ultra"])
+def test_quantize_command_writes_a_family_checkpoint_that_reloads_to_identical_logits(kind, request, tmp_path):
+    from pangu_infer.cli import main
+    from pangu_infer.loader import load_model
+
+    src = str(request.getfixturevalue(f"tiny_{kind}_dir"))
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", src, "--out", str(out), "--method", "int4", "--group-size", "32"]) == 0
+    cpu = torch.device("cpu")
+    from pangu_infer.quant import QuantizationConfig
+
+    direct = load_model(src, torch.bfloat16, cpu, load_tokenizer=False, quantization=QuantizationConfig("int4", 32))
+    stored = load_model(str(out), torch.bfloat16, cpu, load_tokenizer=False)
+    assert stored.config.quantization_config["method"] == "int4"
+    ids = R72B_IDS[:7]
+    assert torch.equal(_logits(stored.model, ids), _logits(direct.model, ids))
