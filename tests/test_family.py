@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fixtures_models import build_tiny_model
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.config import ConfigError, ModelConfig
-from pangu_infer.loader.random import pangu_r72b_config, pangu_ultra_config, random_state_dict, write_checkpoint
+from pangu_infer.loader.random import pangu_ultra_config, random_state_dict, write_checkpoint
 from pangu_infer.models.registry import MODEL_CLASSES, build_model_on_meta, count_active_parameters, count_parameters
 
 DATA = Path(__file__).resolve().parent / "data" / "models"
@@ -324,9 +324,8 @@ def test_r72b_cache_holds_k_and_v_of_their_own_widths(tiny_r72b_dir, tiny_r72b_c
     runner = llm.engine.runner
     assert all(k.shape[1:] == (c["num_key_value_heads"], c["qk_nope_dim"] + c["qk_rope_dim"]) for k in runner.k_caches)
     assert all(v.shape[1:] == (c["num_key_value_heads"], c["v_channels"]) for v in runner.v_caches)
-    stats = llm.moe_stats()  # top-k load statistics: no groups
     llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)
-    stats = llm.moe_stats()
+    stats = llm.moe_stats()  # top-k load statistics: no groups
     moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
     assert stats["num_groups"] is None and len(stats["layers"]) == moe_layers
     tokens = stats["layers"][0]["tokens"]
