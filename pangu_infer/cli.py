@@ -32,7 +32,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "other block types as int8), none loads float weights in --dtype, int8/int4 quantize while loading "
         "(int4: groups of 128 weights, 32 for .gguf files)",
     )
-    p.add_argument("--offload-experts", action="store_true", help="MoGE: keep routed experts memory-mapped from the checkpoint, paged in as used")
+    p.add_argument("--offload-experts", action="store_true", help="MoE models: keep routed experts memory-mapped from the checkpoint, paged in as used")
     p.add_argument(
         "--tensor-parallel-size", type=int, default=1,
         help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",

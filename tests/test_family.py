@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fixtures_models import build_tiny_model
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.config import ConfigError, ModelConfig
-from pangu_infer.loader.random import pangu_r72b_config, pangu_ultra_config, random_state_dict, write_checkpoint
+from pangu_infer.loader.random import pangu_ultra_config, random_state_dict, write_checkpoint
 from pangu_infer.models.registry import MODEL_CLASSES, build_model_on_meta, count_active_parameters, count_parameters
 
 DATA = Path(__file__).resolve().parent / "data" / "models"
@@ -324,9 +324,8 @@ def test_r72b_cache_holds_k_and_v_of_their_own_widths(tiny_r72b_dir, tiny_r72b_c
     runner = llm.engine.runner
     assert all(k.shape[1:] == (c["num_key_value_heads"], c["qk_nope_dim"] + c["qk_rope_dim"]) for k in runner.k_caches)
     assert all(v.shape[1:] == (c["num_key_value_heads"], c["v_channels"]) for v in runner.v_caches)
-    stats = llm.moe_stats()  # top-k load statistics: no groups
     llm.generate([{"prompt_token_ids": PROMPTS[0]}], GREEDY, use_tqdm=False)
-    stats = llm.moe_stats()
+    stats = llm.moe_stats()  # top-k load statistics: no groups
     moe_layers = c["num_hidden_layers"] - c["first_k_dense_replace"]
     assert stats["num_groups"] is None and len(stats["layers"]) == moe_layers
     tokens = stats["layers"][0]["tokens"]
@@ -485,3 +484,21 @@ def test_server_chats_and_exports_top_k_expert_load(tiny_r72b_dir, tiny_r72b_con
     assert routed == moe_layers * tokens * tiny_r72b_config["num_experts_per_tok"]
     # (max - min token-expert pairs per device) / tokens: between 0 and top-k
     assert 0 < metric_value(text, "pangu_moe_imbalance_score", devices="8") <= tiny_r72b_config["num_experts_per_tok"]
+
+
+@pytest.mark.parametrize("kind", ["r72b", "ultra"])
+def test_quantize_command_writes_a_family_checkpoint_that_reloads_to_identical_logits(kind, request, tmp_path):
+    from pangu_infer.cli import main
+    from pangu_infer.loader import load_model
+
+    src = str(request.getfixturevalue(f"tiny_{kind}_dir"))
+    out = tmp_path / "int4"
+    assert main(["quantize", "--model", src, "--out", str(out), "--method", "int4", "--group-size", "32"]) == 0
+    cpu = torch.device("cpu")
+    from pangu_infer.quant import QuantizationConfig
+
+    direct = load_model(src, torch.bfloat16, cpu, load_tokenizer=False, quantization=QuantizationConfig("int4", 32))
+    stored = load_model(str(out), torch.bfloat16, cpu, load_tokenizer=False)
+    assert stored.config.quantization_config["method"] == "int4"
+    ids = R72B_IDS[:7]
+    assert torch.equal(_logits(stored.model, ids), _logits(direct.model, ids))
