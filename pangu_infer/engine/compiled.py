@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.batch_invariant import KV_SPLIT
 from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT, AttentionBatch
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch], torch.Tensor]
@@ -61,10 +62,13 @@ def compile_problem(device: torch.device) -> Optional[str]:
     return f"torch.compile is not set up for {device.type} devices here"
 
 
-def _warmup_shapes(max_context: int) -> list[tuple[int, int]]:
+def _warmup_shapes(max_context: int, batch_invariant: bool = False) -> list[tuple[int, int]]:
     """(batch, context) of one decode step per graph dynamo keeps: batch 1 (a size of 1 is never
     dynamic), batch 1 past UNMASKED_SDPA_MAX_CONTEXT (another attention path) when a sequence
-    can get that long, and every larger batch (one graph with dynamic batch and context)."""
+    can get that long, and every larger batch (one graph with dynamic batch and context).
+    Batch-invariant steps have one attention path, over contexts padded to KV_SPLIT keys."""
+    if batch_invariant:
+        return [(1, 2 * KV_SPLIT), (2, 2 * KV_SPLIT)]
     shapes = [(1, 16)]
     if max_context > UNMASKED_SDPA_MAX_CONTEXT:
         shapes.append((1, UNMASKED_SDPA_MAX_CONTEXT + 1))
@@ -72,7 +76,7 @@ def _warmup_shapes(max_context: int) -> list[tuple[int, int]]:
     return [(b, max(2, min(c, max_context))) for b, c in shapes]  # a context of 1 would be a static size
 
 
-def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
+def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: bool = False) -> DecodeStep:
     """torch.compile of `model`'s forward + head for decode-only steps, private to this model.
 
     Shapes: the batch and context sizes of the step's inputs are marked dynamic, so one graph
@@ -98,6 +102,10 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     """
     step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
     options: dict = {"size_asserts": False, "alignment_asserts": False}
+    if batch_invariant:
+        # Round every intermediate to its dtype where eager does, so that a compiled decode step
+        # computes the tokens' values bitwise like the eager prefill (preemption recomputes them so).
+        options["emulate_precision_casts"] = True
     if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
         options["cpp_wrapper"] = True
     if not getattr(model, "has_graph_breaks", False):
@@ -115,7 +123,7 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     return decode_step
 
 
-def _warm_up(step: DecodeStep, device: torch.device, shapes) -> None:
+def _warm_up(step: DecodeStep, device: torch.device, shapes, batch_invariant: bool = False) -> None:
     """Run the compiled step once per (batch, context), on dummy tokens in the bound (still
     unused) cache, so that no user request waits for a compile."""
     for batch, ctx in shapes:
@@ -123,12 +131,15 @@ def _warm_up(step: DecodeStep, device: torch.device, shapes) -> None:
             slot_mapping=torch.arange(batch, device=device),
             decode_slots=torch.arange(ctx, device=device).repeat(batch, 1),
             decode_mask=torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device=device),
+            batch_invariant=batch_invariant,
         )
         ids = torch.zeros(batch, dtype=torch.long, device=device)
         step(ids, torch.full((batch,), ctx - 1, dtype=torch.long, device=device), attn)
 
 
-def compiled_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int) -> Optional[DecodeStep]:
+def compiled_decode_step(
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, batch_invariant: bool = False
+) -> Optional[DecodeStep]:
     """The model's compiled decode step for the KV cache bound now (`kv_cache`: one of its
     tensors), compiled and warmed up now (one progress line on stderr), or None, after one line
     saying why, where it cannot be built. Sequences reach at most `max_context` tokens (it decides
@@ -136,8 +147,8 @@ def compiled_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_
     # Inductor's caches read the variable each time they look a graph up.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     device = kv_cache.device
-    shapes = _warmup_shapes(max_context)
-    key = (tuple(kv_cache.shape), kv_cache.dtype, device)
+    shapes = _warmup_shapes(max_context, batch_invariant)
+    key = (tuple(kv_cache.shape), kv_cache.dtype, device, batch_invariant)
     steps = model.__dict__.setdefault("_compiled_decode_steps", {})
     if key in steps:  # another engine over the same model and cache shape: its graphs serve
         step, warmed = steps[key]
@@ -148,7 +159,7 @@ def compiled_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_
         if problem is not None:
             _say(f"compiled decode off: {problem}; decoding eagerly (--enforce-eager turns compiling off)")
             return None
-        step, warmed = _compile(model, device), set()
+        step, warmed = _compile(model, device, batch_invariant), set()
     _say(
         f"compiling the decode step ({len(set(shapes) - warmed)} graphs; a minute or more the first time on "
         f"this machine, seconds from the cache in {os.environ['TORCHINDUCTOR_CACHE_DIR']})...",
@@ -157,7 +168,7 @@ def compiled_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            _warm_up(step, device, [s for s in shapes if s not in warmed])
+            _warm_up(step, device, [s for s in shapes if s not in warmed], batch_invariant)
     except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
         text = str(e).strip()
         reason = f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__

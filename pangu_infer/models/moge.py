@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.models.batch_invariant import row_tiled
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import SwiGLU
 from pangu_infer.parallel.load import rank_load_stats
@@ -142,6 +144,8 @@ class MoGEBlock(nn.Module):
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.shared_expert_intermediate_size, reduce=False)
         self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
         self.track_load = True
+        # models/batch_invariant.py: expert products in fixed row tiles, outputs summed per token in group order
+        self.batch_invariant = False
 
     @property
     def local_expert_tokens(self) -> int:
@@ -183,13 +187,31 @@ class MoGEBlock(nn.Module):
         start = 0
         for e, n in enumerate(local_counts):
             if n:
-                ys.append(self.experts.expert(e, xs[start : start + n]))
+                if self.batch_invariant:  # rows per expert depend on the other tokens: fixed tiles
+                    ys.append(row_tiled(partial(self.experts.expert, e), xs[start : start + n]))
+                else:
+                    ys.append(self.experts.expert(e, xs[start : start + n]))
                 start += n
+        if self.batch_invariant:
+            return self._combine_in_group_order(x, pairs, ys, flat_weights)
         out = torch.zeros_like(x)
         if ys:
             # One scatter for all pairs: in bf16 a token's expert outputs are summed in fp32, then rounded.
             out.index_add_(0, tokens, torch.cat(ys) * flat_weights[pairs, None])
         return out
+
+    def _combine_in_group_order(self, x, pairs, ys, flat_weights) -> torch.Tensor:
+        """Each token's weighted expert outputs summed in fp32 over its groups in group order, then
+        rounded: the same additions whatever the other tokens routed to."""
+        t, g = x.shape[0], self.num_groups
+        per_pair = x.new_zeros(t * g, x.shape[1], dtype=torch.float32)  # row token * G + group
+        if ys:
+            per_pair[pairs] = (torch.cat(ys) * flat_weights[pairs, None]).float()
+        per_pair = per_pair.view(t, g, -1)
+        out = per_pair[:, 0].clone()
+        for group in range(1, g):
+            out += per_pair[:, group]
+        return out.to(x.dtype)
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
