@@ -117,7 +117,7 @@ class LLMEngine:
             model, num_blocks, ec.block_size, self.dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
         )
-        self.sampler = Sampler(seed=ec.seed)
+        self.sampler = Sampler(seed=ec.seed, batch_invariant=ec.batch_invariant)
         self.speculator = (
             PromptLookupSpeculator(ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed)
             if ec.num_speculative_tokens
