@@ -247,3 +247,13 @@ def test_cli_flag_reaches_the_engine():
     add_model_arguments(p)
     assert llm_kwargs(p.parse_args(["--batch-invariant"]))["batch_invariant"] is True
     assert llm_kwargs(p.parse_args([]))["batch_invariant"] is False
+
+
+@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", "int8")])
+def test_fp32_and_quantized_linears_alone_equal_batched(tiny_dense_dir, dtype, quantization):
+    """fp32 (MKL products vary at every row count > 1) and int8 weight-only linears, through the engine."""
+    llm = LLM(str(tiny_dense_dir), dtype=dtype, device="cpu", enforce_eager=True, batch_invariant=True,
+              quantization=quantization, max_num_seqs=16)
+    prompts = _prompts(16, seed=6)
+    alone = [_alone(llm.engine, p, PARAMS, f"alone-{i}") for i, p in enumerate(prompts)]
+    assert _mixed(llm.engine, prompts, [PARAMS] * 16, random.Random(3), "mix") == alone
