@@ -117,8 +117,9 @@ def test_default_path_does_vary_with_the_batch(tiny_moge_dir):
 
 
 def test_compiled_decode_alone_equals_batched_and_eager(tiny_dense_dir):
-    """One small compiled case (compiling costs minutes): compiled batch-1 and batched graphs and
-    the eager forward compute the same bits, preemption (eager recompute) included."""
+    """One small compiled case (compiling costs minutes): the compiled batch-1 and batched graphs
+    and the eager forward compute the same bits (what preemption needs: it recomputes a compiled
+    sequence's tokens with the eager prefill)."""
     llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", batch_invariant=True, max_num_seqs=16)
     assert llm.engine.runner.decode_forward is not None
     prompts = _prompts(6, seed=4)
