@@ -51,6 +51,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="never torch.compile (by default decode steps run compiled, built at startup: about a minute "
         "the first time on a small CPU, seconds from the cache after)",
     )
+    p.add_argument(
+        "--batch-invariant", action="store_true",
+        help="every request's tokens and logprobs bitwise the same whatever else is in the batch "
+        "(greedy and seeded requests; costs speed, see the README)",
+    )
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -70,6 +75,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_ngram=args.speculative_ngram,
         enforce_eager=args.enforce_eager,
+        batch_invariant=args.batch_invariant,
     )
 
 

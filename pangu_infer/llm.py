@@ -54,6 +54,7 @@ class LLM:
         num_speculative_tokens: int = 0,
         speculative_ngram: int = 3,
         enforce_eager: bool = False,
+        batch_invariant: bool = False,
     ):
         start = time.perf_counter()
         check_tensor_parallel_size(tensor_parallel_size)
@@ -70,9 +71,15 @@ class LLM:
             num_speculative_tokens=num_speculative_tokens,
             speculative_ngram=speculative_ngram,
             enforce_eager=enforce_eager,
+            batch_invariant=batch_invariant,
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
+            if batch_invariant:
+                raise ValueError(
+                    f"batch_invariant=True with tensor_parallel_size={tensor_parallel_size}: not supported "
+                    "(the ranks' partial sums are reduced in an order of their own); use one process"
+                )
             if quantization not in (None, "auto", "none") or offload_experts:
                 raise ValueError(
                     f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.batch_invariant import KV_SPLIT
 from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT, AttentionBatch, disable_compile_on_marked_methods
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch], torch.Tensor]
@@ -62,10 +63,13 @@ def compile_problem(device: torch.device) -> Optional[str]:
     return f"torch.compile is not set up for {device.type} devices here"
 
 
-def _warmup_shapes(max_context: int) -> list[tuple[int, int]]:
+def _warmup_shapes(max_context: int, batch_invariant: bool = False) -> list[tuple[int, int]]:
     """(batch, context) of one decode step per graph dynamo keeps: batch 1 (a size of 1 is never
     dynamic), batch 1 past UNMASKED_SDPA_MAX_CONTEXT (another attention path) when a sequence
-    can get that long, and every larger batch (one graph with dynamic batch and context)."""
+    can get that long, and every larger batch (one graph with dynamic batch and context).
+    Batch-invariant steps have one attention path, over contexts padded to KV_SPLIT keys."""
+    if batch_invariant:
+        return [(1, 2 * KV_SPLIT), (2, 2 * KV_SPLIT)]
     shapes = [(1, 16)]
     if max_context > UNMASKED_SDPA_MAX_CONTEXT:
         shapes.append((1, UNMASKED_SDPA_MAX_CONTEXT + 1))
@@ -73,7 +77,7 @@ def _warmup_shapes(max_context: int) -> list[tuple[int, int]]:
     return [(b, max(2, min(c, max_context))) for b, c in shapes]  # a context of 1 would be a static size
 
 
-def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
+def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: bool = False) -> DecodeStep:
     """torch.compile of `model`'s forward + head for decode-only steps, private to this model.
 
     Shapes: the batch and context sizes of the step's inputs are marked dynamic, so one graph
@@ -100,6 +104,10 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     disable_compile_on_marked_methods(model)
     step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
     options: dict = {"size_asserts": False, "alignment_asserts": False}
+    if batch_invariant:
+        # Round every intermediate to its dtype where eager does, so that a compiled decode step
+        # computes the tokens' values bitwise like the eager prefill (preemption recomputes them so).
+        options["emulate_precision_casts"] = True
     if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
         options["cpp_wrapper"] = True
     if not getattr(model, "has_graph_breaks", False):
@@ -117,7 +125,7 @@ def _compile(model: DecoderForCausalLM, device: torch.device) -> DecodeStep:
     return decode_step
 
 
-def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range) -> None:
+def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, batch_invariant: bool = False) -> None:
     """Run the compiled step once per (batch, context), on dummy tokens that read and write only
     the `scratch` slots of the bound cache (slots no sequence is ever given), so that no user
     request waits for a compile and a warm-up running beside live steps never touches their KV."""
@@ -127,21 +135,24 @@ def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range) -> 
             slot_mapping=base + torch.arange(batch, device=device) % size,
             decode_slots=(base + torch.arange(ctx, device=device) % size).repeat(batch, 1),
             decode_mask=torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device=device),
+            batch_invariant=batch_invariant,
         )
         ids = torch.zeros(batch, dtype=torch.long, device=device)
         step(ids, torch.full((batch,), ctx - 1, dtype=torch.long, device=device), attn)
 
 
-def cached_decode_step(model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int) -> Optional[DecodeStep]:
+def cached_decode_step(
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, batch_invariant: bool = False
+) -> Optional[DecodeStep]:
     """The model's compiled step for this KV cache shape if one is built and warmed up for every
     graph `max_context` needs (another engine over the same model built it), else None."""
-    key = (tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device)
+    key = (tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device, batch_invariant)
     step, warmed = model.__dict__.get("_compiled_decode_steps", {}).get(key, (None, set()))
-    return step if step is not None and set(_warmup_shapes(max_context)) <= warmed else None
+    return step if step is not None and set(_warmup_shapes(max_context, batch_invariant)) <= warmed else None
 
 
 def build_decode_step(
-    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool = False
 ) -> tuple[Optional[DecodeStep], Optional[str]]:
     """(the model's compiled decode step for the KV cache bound now, None) once built and warmed
     up, or (None, why) where compiling failed. `kv_cache` is one of the bound cache tensors;
@@ -151,8 +162,8 @@ def build_decode_step(
     # Inductor's caches read the variable each time they look a graph up.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     device = kv_cache.device
-    shapes = _warmup_shapes(max_context)
-    key = (tuple(kv_cache.shape), kv_cache.dtype, device)
+    shapes = _warmup_shapes(max_context, batch_invariant)
+    key = (tuple(kv_cache.shape), kv_cache.dtype, device, batch_invariant)
     lock = model.__dict__.setdefault("_compile_lock", threading.Lock())
     with lock:
         steps = model.__dict__.setdefault("_compiled_decode_steps", {})
@@ -160,10 +171,10 @@ def build_decode_step(
         if step is not None and set(shapes) <= warmed:  # another engine over this model built it
             return step, None
         if step is None:
-            step = _compile(model, device)
+            step = _compile(model, device, batch_invariant)
         try:
             with torch.inference_mode():
-                _warm_up(step, device, [s for s in shapes if s not in warmed], scratch)
+                _warm_up(step, device, [s for s in shapes if s not in warmed], scratch, batch_invariant)
         except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
             logging.getLogger("pangu_infer.engine").info("compiling the decode step failed", exc_info=True)
             text = str(e).strip()

@@ -46,6 +46,10 @@ class EngineConfig:
     # True: never torch.compile. By default decode-only steps run a compiled forward + head, compiled
     # when the engine starts (engine/compiled.py; eager, with one line saying why, where it cannot be)
     enforce_eager: bool = False
+    # True: every request's tokens and logprobs are bitwise the same whatever else is in the batch
+    # (concurrency, arrival order, chunked prefill, preemption, prefix-cache hits):
+    # pangu_infer/models/batch_invariant.py. Costs speed (benchmarks/batch_invariant.py).
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram"):
@@ -63,6 +67,13 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory={kv!r}: a fraction must be in (0, 1]")
             if isinstance(kv, int) and kv <= 0:
                 raise ValueError(f"kv_cache_memory={kv!r} bytes must be positive")
+        if not isinstance(self.batch_invariant, bool):
+            raise ValueError(f"batch_invariant={self.batch_invariant!r} must be True or False")
+        if self.batch_invariant and self.max_num_batched_tokens < self.block_size:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least block_size={self.block_size} "
+                "with batch_invariant (prefill chunks end on block boundaries)"
+            )
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")
 
@@ -99,13 +110,15 @@ class LLMEngine:
         self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         num_blocks = self._num_blocks()
         self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
-        self.scheduler = Scheduler(self.pool, ec.max_num_seqs, ec.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1
+        )
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.dtype, self.device,
-            enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len,
+            enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
         )
-        self.sampler = Sampler(seed=ec.seed)
+        self.sampler = Sampler(seed=ec.seed, batch_invariant=ec.batch_invariant)
         self.speculator = (
             PromptLookupSpeculator(ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed)
             if ec.num_speculative_tokens

@@ -21,6 +21,7 @@ from pangu_infer.engine.compiled import (
 )
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
+from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice
 
@@ -63,8 +64,13 @@ class ModelRunner:
         device: torch.device,
         enforce_eager: bool = True,
         max_model_len: Optional[int] = None,
+        batch_invariant: bool = False,
     ):
         self.model = model
+        # Every token computed bitwise the same whatever shares its step (models/batch_invariant.py).
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            make_batch_invariant(model)
         self.device = device
         self.block_size = block_size
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
@@ -94,7 +100,7 @@ class ModelRunner:
             self._compiled_done.set()
             return
         max_context = min(max_model_len or slots, slots)
-        self.decode_forward = cached_decode_step(model, self.k_caches[0], max_context)
+        self.decode_forward = cached_decode_step(model, self.k_caches[0], max_context, batch_invariant)
         if self.decode_forward is not None:  # another engine over this model built it
             self._compiled_done.set()
             return
@@ -125,7 +131,7 @@ class ModelRunner:
                 f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
             )
             with self._pinned():
-                step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch)
+                step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch, self.batch_invariant)
         except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -235,19 +241,22 @@ class ModelRunner:
                 slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
 
         dev = self.device
-        attn = AttentionBatch(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev))
+        invariant = self.batch_invariant
+        attn = AttentionBatch(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev), batch_invariant=invariant
+        )
         if decodes:
             ctx = [s.num_computed_tokens + 1 for s, _ in decodes]
-            attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx)
+            attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx, KV_SPLIT if invariant else 1)
             # The compiled step pads all decodes to the longest context in one group: group sizes are
             # shapes, and each new combination (or a group of one) would cost a recompile.
-            attn.decode_groups = [] if compiled else self._decode_groups(ctx)
+            attn.decode_groups = [] if compiled or invariant else self._decode_groups(ctx)
         row = len(decodes)
         for seq, n in prefills:
             context_len = seq.num_computed_tokens + n
             kv_slots = self._slots(seq.block_table, context_len)
             mask = None
-            if context_len != n:
+            if context_len != n and not invariant:  # (the batch-invariant path masks per query itself)
                 q_pos = torch.arange(context_len - n, context_len, device=dev)
                 mask = torch.arange(context_len, device=dev)[None, :] <= q_pos[:, None]
             attn.prefills.append(PrefillSlice(row, n, context_len, kv_slots, mask))
@@ -288,10 +297,11 @@ class ModelRunner:
             return [(n, ctx[-1])]
         return [(best, ctx[best - 1]), (n, ctx[-1])]
 
-    def _decode_slots(self, decodes, ctx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_slots(self, decodes, ctx: list[int], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] slots and [B, 1, 1, L] validity, L the longest context rounded up to `multiple`."""
         bs = self.block_size
         dev = self.device
-        max_ctx = max(ctx)
+        max_ctx = -(-max(ctx) // multiple) * multiple
         max_blocks = -(-max_ctx // bs)
         table = torch.tensor(
             [s.block_table[:max_blocks] + [s.block_table[0]] * (max_blocks - len(s.block_table[:max_blocks])) for s, _ in decodes],

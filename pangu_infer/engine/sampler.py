@@ -53,9 +53,13 @@ class SampleResult:
 class Sampler:
     """Picks the next token of every row in one call; see the module docstring for the semantics."""
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, batch_invariant: bool = False):
         self._seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
+        # Row by row whenever a row needs more than the argmax: elementwise exp/log over a [B, V]
+        # batch take a scalar path for the elements past the last whole vector, so a row's
+        # logprobs or top-p cut-off could depend on the rows after it (batch-invariant mode).
+        self.batch_invariant = batch_invariant
 
     def __call__(
         self,
@@ -67,6 +71,14 @@ class Sampler:
         """token_bitmask: xgrammar's packed allowed-token mask [len(rows), ceil(V / 32)] (int32),
         applied to `masked_rows` only (structured outputs); logprobs stay those of the raw logits."""
         assert logits.dim() == 2 and logits.shape[0] == len(rows), (tuple(logits.shape), len(rows))
+        if self.batch_invariant and len(rows) > 1 and not all(
+            r.params.greedy and r.params.logprobs is None and not _changes_logits(r) for r in rows
+        ):
+            masked = set(masked_rows) if token_bitmask is not None else set()
+            return _concat([
+                self(logits[i : i + 1], [row], token_bitmask[i : i + 1] if i in masked else None, (0,) if i in masked else ())
+                for i, row in enumerate(rows)
+            ])
         raw = logits
         if token_bitmask is not None and masked_rows:
             from pangu_infer.engine.structured import apply_bitmask
@@ -235,6 +247,16 @@ def _threshold_among_largest(
     keep = in_top_k & (mass - probs < top_p[:, None])
     resolved = has_top_k | (top_p > 1) | (mass[:, -1] >= top_p)
     return values.gather(1, keep.sum(dim=-1, keepdim=True) - 1), bool(resolved.all())
+
+
+def _concat(parts: list[SampleResult]) -> SampleResult:
+    """One-row results joined (a row that asked no logprobs gets 0.0, never read)."""
+    any_logprobs = any(p.logprobs is not None for p in parts)
+    return SampleResult(
+        [p.token_ids[0] for p in parts],
+        [p.logprobs[0] if p.logprobs is not None else 0.0 for p in parts] if any_logprobs else None,
+        [p.top_logprobs[0] for p in parts],
+    )
 
 
 def _result(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SampleResult:

@@ -26,8 +26,12 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, chunk_multiple: int = 1):
         self.pool = pool
+        # A prefill chunk that stops short of the sequence's end stops at a multiple of this many
+        # tokens of the sequence (batch-invariant mode: the block size), never where the step's
+        # budget happens to run out.
+        self.chunk_multiple = chunk_multiple
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -47,7 +51,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
+            if n == 0:
+                i += 1
+                continue
             while not self.pool.can_allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
@@ -66,11 +73,16 @@ class Scheduler:
                 break  # forks of an n>1 request follow their parent's prefill
             if not seq.block_table:
                 self.pool.match_prefix(seq, force=seq.parent is not None)
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._chunk(seq, budget)
+            if n == 0:  # the budget left does not reach its next chunk boundary: next step
+                self.pool.release(seq)
+                seq.num_computed_tokens = 0
+                break
             if not self.pool.can_allocate(seq, n):
                 if not self.running and not batch.seqs:
                     # Nothing else holds blocks: take a smaller chunk so the oldest still progresses.
                     n = (self.pool.num_free_blocks + len(seq.block_table)) * self.pool.block_size - seq.num_computed_tokens
+                    n = self._chunk(seq, n)
                     if n <= 0:
                         break
                 else:
@@ -85,6 +97,15 @@ class Scheduler:
             batch.num_tokens.append(n)
             budget -= n
         return batch
+
+    def _chunk(self, seq: Sequence, budget: int) -> int:
+        """Tokens of `seq` to compute in this step within `budget`: all that remain, or a chunk
+        ending on a multiple of chunk_multiple (0 when the budget does not reach one)."""
+        start = seq.num_computed_tokens
+        n = min(seq.num_tokens - start, budget)
+        if n < seq.num_tokens - start and self.chunk_multiple > 1:
+            n = (start + n) // self.chunk_multiple * self.chunk_multiple - start
+        return max(n, 0)
 
     def _parent_prompt_cached(self, seq: Sequence) -> bool:
         parent = seq.parent

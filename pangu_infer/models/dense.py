@@ -10,6 +10,7 @@ from torch import nn
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.errors import WeightError
+from pangu_infer.models.batch_invariant import tied_head
 from pangu_infer.models.layers import Attention, AttentionBatch, RMSNorm, RotaryEmbedding, SwiGLU, rope_inv_freq
 from pangu_infer.parallel.sharding import WeightSharder
 from pangu_infer.parallel.state import current_parallel_state
@@ -73,6 +74,8 @@ class DecoderForCausalLM(nn.Module):
         self.model = DecoderModel(cfg, self.make_mlp, self.layer_class)
         self.rotary = self.rotary_class(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # Set by models/batch_invariant.make_batch_invariant (linears row-tiled, MoGE fixed-order combine).
+        self.batch_invariant = False
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -90,6 +93,8 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.lm_head is not None:  # a module call, so a quantized head (pangu_infer.quant) works too
             return self.lm_head(hidden).float()
+        if self.batch_invariant:
+            return tied_head(hidden, self.model.embed_tokens.weight).float()
         return torch.nn.functional.linear(hidden, self.model.embed_tokens.weight).float()
 
     # ------------------------------------------------------------------ weights

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.models import batch_invariant as bi
 from pangu_infer.parallel.state import current_parallel_state, head_shard, row_parallel_linear
 
 
@@ -130,6 +131,9 @@ class AttentionBatch:
     # empty: one group of all decodes, sized by decode_slots' shape
     decode_groups: list[tuple[int, int]] = field(default_factory=list)
     prefills: list[PrefillSlice] = field(default_factory=list)
+    # Every query attends alone over its own keys in fixed chunks (models/batch_invariant.py);
+    # decode_slots' width is then a multiple of bi.KV_SPLIT and decode_groups is empty.
+    batch_invariant: bool = False
 
 
 # A decode group of one sequence runs one unmasked SDPA call up to this context; beyond it the two
@@ -269,6 +273,8 @@ class Attention(nn.Module):
         k_cache.index_put_((attn.slot_mapping,), k.to(k_cache.dtype))
         if v_cache is not None:
             v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
+        if attn.batch_invariant:
+            return self._paged_batch_invariant(q, attn)
         out = q.new_empty(*q.shape[:2], self.v_dim)
         groups = attn.decode_groups
         if not groups and attn.decode_slots is not None:  # one group, sized by the slots' shape
@@ -293,6 +299,20 @@ class Attention(nn.Module):
                 vals = keys[..., : self.values_in_keys] if self.values_in_keys else v_cache[p.kv_slots].to(q.dtype)
                 out[rows] = self._sdpa(q[rows], keys, vals, mask=p.causal_mask, causal=False)
         return out
+
+    def _paged_batch_invariant(self, q, attn: AttentionBatch) -> torch.Tensor:
+        """Each query token alone over its own context, decode or prefill alike."""
+        k_cache, v_cache = self.k_cache, self.v_cache
+        parts = []
+        if attn.decode_slots is not None:
+            b, length = attn.decode_slots.shape
+            parts.append(
+                bi.attention(q[:b], k_cache, v_cache, attn.decode_slots, attn.decode_mask.view(b, length), self.scale)
+            )
+        for p in attn.prefills:
+            rows = q[p.start : p.start + p.length]
+            parts.append(bi.prefill_attention(rows, k_cache, v_cache, p.kv_slots, p.context_len, self.scale))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class SwiGLU(nn.Module):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Optional
 
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.models.batch_invariant import row_tiled
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import SwiGLU, eager_in_compiled_steps
 from pangu_infer.parallel.expert_load import rank_load_stats
@@ -146,6 +148,8 @@ class MoEBlock(nn.Module):
         setattr(self, self.shared_prefix, shared)
         self.load = MoGELoad(cfg.num_experts, cfg.num_experts_per_tok)
         self.track_load = True
+        # models/batch_invariant.py: expert products in fixed row tiles, outputs summed per token in group order
+        self.batch_invariant = False
 
     @property
     def local_expert_tokens(self) -> int:
@@ -179,7 +183,8 @@ class MoEBlock(nn.Module):
         not the arithmetic, is what a step of small expert products pays for.
         """
         local = self.local_experts
-        if x.shape[0] == 1 and local.start == 0 and local.stop == self.num_experts:
+        # (Not in batch-invariant mode: its sum must be the same additions as the batched combine.)
+        if x.shape[0] == 1 and not self.batch_invariant and local.start == 0 and local.stop == self.num_experts:
             return self._one_token(x, flat_experts, flat_weights)
         order = flat_experts.argsort(stable=True)
         # Pairs are sorted by expert: this rank's are one contiguous run.
@@ -192,8 +197,13 @@ class MoEBlock(nn.Module):
         start = 0
         for e, n in enumerate(local_counts):
             if n:
-                ys.append(self.experts.expert(e, xs[start : start + n]))
+                if self.batch_invariant:  # rows per expert depend on the other tokens: fixed tiles
+                    ys.append(row_tiled(partial(self.experts.expert, e), xs[start : start + n]))
+                else:
+                    ys.append(self.experts.expert(e, xs[start : start + n]))
                 start += n
+        if self.batch_invariant:
+            return self._combine_in_group_order(x, pairs, ys, flat_weights)
         out = torch.zeros_like(x)
         if ys:
             # One scatter for all pairs: in bf16 a token's expert outputs are summed in fp32, then rounded.
@@ -207,6 +217,19 @@ class MoEBlock(nn.Module):
         for j, e in enumerate(flat_experts.tolist()):  # one host sync for the ids
             y = self.experts.expert(e, x).float() * flat_weights[j].float()
             out = y if out is None else out.add_(y)
+        return out.to(x.dtype)
+
+    def _combine_in_group_order(self, x, pairs, ys, flat_weights) -> torch.Tensor:
+        """Each token's weighted expert outputs summed in fp32 in the router's order (MoGE: group
+        order), then rounded: the same additions whatever the other tokens routed to."""
+        t, g = x.shape[0], self.top_k
+        per_pair = x.new_zeros(t * g, x.shape[1], dtype=torch.float32)  # row token * K + slot
+        if ys:
+            per_pair[pairs] = (torch.cat(ys) * flat_weights[pairs, None]).float()
+        per_pair = per_pair.view(t, g, -1)
+        out = per_pair[:, 0].clone()
+        for group in range(1, g):
+            out += per_pair[:, group]
         return out.to(x.dtype)
 
 

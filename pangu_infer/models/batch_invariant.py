@@ -1,0 +1,225 @@
+"""Batch-invariant numerics: a token's hidden states, KV entries and logits computed bitwise the
+same whatever else shares its step (EngineConfig.batch_invariant, `--batch-invariant`).
+
+What varies with the batch on CPU, measured (benchmarks/batch_invariant.py --sources, and the
+numbers in benchmarks/RESULTS.md):
+
+- Linear products. oneDNN and MKL pick kernels and K-blockings by row count: row 0 of an
+  M-row product differs from the same row alone at some M for bf16 `F.linear`, the
+  oneDNN-packed linear, fp32 `F.linear` (every M > 1) and the int8 weight-only kernel (M >= 32);
+  only the int4 kernel was row-invariant at every M tried. A product whose calls all have the
+  same shape is invariant by construction, so every linear runs in tiles of exactly ROW_TILE rows
+  (the last one padded with zeros): a row's result then depends neither on the row count nor on
+  its place in the tile nor on the other rows (checked for every module type above). This wraps
+  whatever linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized linears of
+  pangu_infer.quant, or any later one with the same call signature) without touching its kernel.
+- Attention. Unmasked SDPA for one sequence, padded masked products for a batch and SDPA's flash
+  kernel for prefill (whose KV split depends on the total length) all sum in different orders.
+  Here every query token, decode or prefill, attends alone over its own context split into
+  KV_SPLIT-key chunks at fixed positions: per (query, KV head, chunk) one [G, D] x [D, KV_SPLIT]
+  and one [G, KV_SPLIT] x [KV_SPLIT, D] product (the same shape every time; batched matmuls of
+  one per-entry shape measured invariant in the batch count), one max over the whole context
+  (exact), and the chunk sums added in chunk order by a sequential cumsum. Padding keys and
+  chunks past a query's position add exact zeros.
+- MoGE: expert products (row counts set by the routing of the other tokens) are tiled like every
+  linear, and a token's expert outputs are summed over its groups in group order, in fp32.
+
+The sampler needs nothing: greedy picks and logprobs are per-row and seeded rows draw from their
+own generators (rows without a seed share the engine's generator and stay batch-dependent).
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Rows of every linear product in batch-invariant mode. 8: a one-row decode pays almost nothing
+# for the padding (the weights' streaming dominates; benchmarks/batch_invariant.py), and a 16-way
+# decode step is two tiles.
+ROW_TILE = 8
+# Keys per attention chunk: fixed positions 0, KV_SPLIT, 2 * KV_SPLIT, ... of each sequence.
+KV_SPLIT = 64
+# Elements of gathered K (per tensor) for one block of prefill queries: bounds the memory.
+_PREFILL_BLOCK_ELEMENTS = 1 << 24
+
+
+def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = ROW_TILE) -> torch.Tensor:
+    """fn over the rows of x [M, K] in calls of exactly `tile` rows (the last padded with zeros)."""
+    m = x.shape[0]
+    padded = -(-m // tile) * tile
+    if padded != m:
+        x = torch.cat((x, x.new_zeros(padded - m, *x.shape[1:])))
+    if padded == tile:
+        return fn(x)[:m]
+    return torch.cat([fn(x[i : i + tile]) for i in range(0, padded, tile)])[:m]
+
+
+# handle -> the wrapped linear module; what pangu_infer::row_tiled_linear runs. Entries leave with their wrapper.
+_MODULES: dict[int, nn.Module] = {}
+_handles = itertools.count()
+
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("row_tiled_linear(Tensor x, int handle, int out_features) -> Tensor")
+
+
+def _row_tiled_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return row_tiled(_MODULES[handle], x)
+
+
+def _row_tiled_linear_fake(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+_lib.impl("row_tiled_linear", _row_tiled_linear, "CPU")
+_lib.impl("row_tiled_linear", _row_tiled_linear, "CUDA")
+_lib._register_fake("row_tiled_linear", _row_tiled_linear_fake)
+
+
+class RowTiledLinear(nn.Module):
+    """Any linear module (x [..., in] -> [..., out]) run in ROW_TILE-row calls. An opaque operator
+    to torch.compile, so the compiled decode step runs exactly the eager tiles."""
+
+    def __init__(self, inner: nn.Module, in_features: int, out_features: int):
+        super().__init__()
+        self.inner = inner
+        self.in_features, self.out_features = in_features, out_features
+        self.handle = next(_handles)
+        _MODULES[self.handle] = inner
+        weakref.finalize(self, _MODULES.pop, self.handle, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, self.in_features).contiguous()
+        y = torch.ops.pangu_infer.row_tiled_linear(flat, self.handle, self.out_features)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"rows in tiles of {ROW_TILE}"
+
+
+def linear_sizes(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a module that stands for a linear layer (x [..., in] -> [..., out]), else None:
+    `nn.Linear` itself (not the tensor-parallel subclasses, whose collectives stay untiled),
+    `PackedLinear`, the quantized linears (sizes on the module or on its packed weight), and any
+    later module named *Linear with integer `in_features` / `out_features`."""
+    if isinstance(module, RowTiledLinear):
+        return None
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Linear) or not type(module).__name__.endswith("Linear"):
+        return None
+    for holder in (module, getattr(module, "weight", None)):
+        sizes = (getattr(holder, "in_features", None), getattr(holder, "out_features", None))
+        if all(isinstance(s, int) and not isinstance(s, bool) for s in sizes):
+            return sizes  # type: ignore[return-value]
+    return None
+
+
+def make_batch_invariant(model: nn.Module) -> int:
+    """Wrap every linear module of `model` in RowTiledLinear and switch its attention-free parts
+    (MoGE combine, tied head) to their batch-invariant forms. Idempotent; returns how many
+    modules were wrapped."""
+    if getattr(model, "batch_invariant", False):
+        return 0
+    from pangu_infer.models.layers import Attention
+
+    for m in model.modules():
+        # The per-query attention here reads K and V of one width from two caches, with no sinks.
+        if isinstance(m, Attention) and (m.sinks(torch.float32) is not None or m.values_in_keys or m.v_dim != m.head_dim):
+            arch = getattr(getattr(model, "config", None), "architecture", type(model).__name__)
+            raise ValueError(
+                f"batch_invariant=True is not supported for {arch} yet (its attention has sinks, MLA or "
+                "values narrower than keys); run it without --batch-invariant"
+            )
+    sites = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            sizes = linear_sizes(child)
+            if sizes is not None:
+                sites.append((parent, name, child, sizes))
+    for parent, name, child, (fin, fout) in sites:
+        setattr(parent, name, RowTiledLinear(child, fin, fout))
+    for m in model.modules():
+        if "batch_invariant" in vars(m):
+            m.batch_invariant = True
+    model.batch_invariant = True
+    return len(sites)
+
+
+def tied_head(hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """A tied LM head's product, row-tiled."""
+    return row_tiled(lambda t: F.linear(t, embedding), hidden)
+
+
+def attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Each query alone over its own keys, in fixed KV_SPLIT chunks (see the module docstring).
+
+    q [N, H, D]; caches [S, Hkv, D]; slots [N or 1, L] (L a multiple of KV_SPLIT; padding repeats a
+    real slot); valid [N, L] bool (key i attended by query n). Returns [N, H, D] in q's dtype.
+    """
+    n, h, d = q.shape
+    hkv = k_cache.shape[1]
+    g = h // hkv
+    length = slots.shape[-1]
+    chunks = length // KV_SPLIT
+    if slots.shape[0] == 1 and n > 1:
+        slots = slots.expand(n, length)
+    # [N, L, Hkv, D] -> [N, Hkv, C, S, D]
+    keys = k_cache.index_select(0, slots.reshape(-1)).view(n, chunks, KV_SPLIT, hkv, d).permute(0, 3, 1, 2, 4)
+    vals = v_cache.index_select(0, slots.reshape(-1)).view(n, chunks, KV_SPLIT, hkv, d).permute(0, 3, 1, 2, 4)
+    qg = q.to(keys.dtype).view(n, hkv, 1, g, d).expand(n, hkv, chunks, g, d)
+    # One [G, D] x [D, S] product per (query, KV head, chunk); scores rounded as the cache dtype's product gives them.
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [N, Hkv, C, G, S]
+    mask = valid.view(n, 1, chunks, 1, KV_SPLIT)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(dim=(2, 4), keepdim=True)  # exact: the same whatever the padding
+    probs = torch.exp(scores - top)  # masked keys: exactly 0
+    sums = probs.sum(-1)  # [N, Hkv, C, G], over a fixed KV_SPLIT keys
+    parts = torch.matmul(probs, vals.float())  # [N, Hkv, C, G, D], one [G, S] x [S, D] per chunk
+    # Chunks added in order (cumsum is sequential); chunks past a query's last key add exact zeros.
+    total = sums.cumsum(2)[:, :, -1]  # [N, Hkv, G]
+    out = parts.cumsum(2)[:, :, -1] / total[..., None]
+    return out.reshape(n, h, d).to(q.dtype)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_slots: torch.Tensor,
+    context_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """A sequence's prefill chunk: q [n, H, D] for the last n of its context_len tokens (already
+    in the cache at kv_slots [context_len]); in blocks of queries, each over the keys it can see."""
+    n = q.shape[0]
+    first = context_len - n  # position of the first query
+    hkv, d = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    block = 1
+    while block < n and (block * 2) * context_len * hkv * d <= _PREFILL_BLOCK_ELEMENTS:
+        block *= 2
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        keys_needed = first + stop  # the block's last query sees keys [0, first + stop)
+        length = -(-keys_needed // KV_SPLIT) * KV_SPLIT
+        slots = kv_slots[:keys_needed]
+        if length > keys_needed:
+            slots = torch.cat((slots, slots[:1].expand(length - keys_needed)))
+        q_pos = torch.arange(first + start, first + stop, device=q.device)
+        valid = torch.arange(length, device=q.device)[None, :] <= q_pos[:, None]
+        out[start:stop] = attention(q[start:stop], k_cache, v_cache, slots[None, :], valid, scale)
+    return out
