@@ -165,7 +165,7 @@ ONE_SHOT_COMMANDS = ("generate", "chat")
 def command() -> None:
     """The `pangu-infer` command (and `python -m pangu_infer`): `main`, and after a one-shot
     command (generate, chat) an immediate exit once the output is flushed. That skips the
-    interpreter's teardown of torch (0.3 s idle, 1.4-2 s on a loaded 2-core machine) and never
+    interpreter's teardown of torch (seconds on a busy machine; benchmarks/startup.py) and never
     waits for a compiled decode step still building in the background."""
     rc = main(exit_when_done=True)
     sys.exit(rc)

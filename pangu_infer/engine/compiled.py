@@ -84,20 +84,19 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
     serves every context length and batch size (dynamo keeps batch 1 apart, and batch 1 past
     UNMASKED_SDPA_MAX_CONTEXT). Nothing else is dynamic. With `dynamic=True`, dynamo also turned
     every float attribute (each norm's eps) into a tensor built on each call and gave the weights
-    symbolic shapes; dynamic cache sizes cost one size argument per cache tensor per call (~0.2 ms
-    per step on SmolLM2). The cache shape is therefore static: graphs are kept per KV cache
+    symbolic shapes; dynamic cache sizes cost one size argument per cache tensor per call. The cache shape is therefore static: graphs are kept per KV cache
     (slots, dtype), and an engine with another cache size compiles its own.
 
     On CPU the generated wrapper is C++ (`cpp_wrapper`): the ~300 kernel calls of a step no longer
-    each go through Python (SmolLM2 int4: 5.9 -> 4.7 ms per compiled step). The per-call checks of
+    each go through Python (measured in benchmarks/RESULTS.md). The per-call checks of
     every buffer's size and alignment are off too.
 
     Each compiled function gets a code object of its own, because dynamo keeps graphs and their
     guards per code object: graphs traced for this model and cache shape are never tried on
     another's call. That makes it safe to drop the guards on the model's modules, weights and
     bound KV caches (weights never change after loading; the caches' shape and dtype are this
-    function's key, and each step reads the caches bound at call time): about a thousand checks,
-    ~1 ms per step on CPU. A MoGE model breaks the graph around its data-dependent expert
+    function's key, and each step reads the caches bound at call time): about a thousand checks
+    per step. A MoGE model breaks the graph around its data-dependent expert
     dispatch, and the code after a break is shared by every model of the class, so those keep
     all guards.
     """

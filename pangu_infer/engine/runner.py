@@ -105,7 +105,7 @@ class ModelRunner:
             self._compiled_done.set()
             return
         # A daemon thread: a process that is done never waits for it. Everything compile-related,
-        # imports included (torch._inductor: ~1 s idle), happens on it. It runs in a copy of this
+        # imports included (torch._inductor is a slow import), happens on it. It runs in a copy of this
         # thread's context: torch.compile's settings (a `torch._inductor.config.patch` around the
         # engine's creation) are context variables.
         threading.Thread(
@@ -191,7 +191,7 @@ class ModelRunner:
             while state.pinned is not None and state.pinned is not self._token:
                 state.released.wait()
             for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches):
-                # Straight into __dict__: nn.Module.__setattr__ costs ~2 us a call, per step.
+                # Straight into __dict__: nn.Module.__setattr__ is slow, and this runs per layer per step.
                 layer.__dict__["k_cache"], layer.__dict__["v_cache"] = k, v
             state.token = self._token
 

@@ -214,7 +214,7 @@ def _occurrences(
 def _top_k_top_p_threshold(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Per row [n, 1], the smallest logit that survives top_k and then top_p (ties with it survive too).
 
-    Sorting the whole vocabulary is slow on CPUs (~200 ms for 32 x 153k), so this first looks only
+    Sorting the whole vocabulary is slow on CPUs (a batch of rows of 153k logits), so this first looks only
     at the largest _TOP_P_CANDIDATES logits (or the largest top_k asked for) and sorts everything
     only when some row's top_p nucleus does not end among them.
     """

@@ -1,7 +1,7 @@
 """A GGUF file's metadata and tensor index, read in one pass over the header.
 
 `gguf.GGUFReader` builds a numpy view for every part of every metadata value: a 49 152-token
-vocabulary plus its merges is ~1.2 million views, 3-13 s of a start (`benchmarks/RESULTS.md`).
+vocabulary plus its merges is ~1.2 million views, seconds of every start (`benchmarks/RESULTS.md`).
 This reads the header with `struct` straight from the file's bytes (string arrays decoded in one
 loop, number arrays with one `numpy.frombuffer`) and yields the same values as the reader's
 `ReaderField.contents()`. The tensors are `gguf`'s own `ReaderTensor` records, their `data` a view

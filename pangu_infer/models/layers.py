@@ -137,8 +137,7 @@ class AttentionBatch:
 
 
 # A decode group of one sequence runs one unmasked SDPA call up to this context; beyond it the two
-# products + softmax are faster (benchmarks/kernels.py: 17 vs 42 us at 160 tokens, 45 vs 54 at 600,
-# 128 vs 86 at 2000).
+# products + softmax are faster (where they cross: benchmarks/kernels.py, figures in RESULTS.md).
 UNMASKED_SDPA_MAX_CONTEXT = 768
 
 
@@ -224,7 +223,7 @@ class Attention(nn.Module):
         """One query per sequence: q [B, H, D], keys/vals [B, Hkv, L, D], mask [B, 1, 1, L] -> [B, H, D].
 
         Two batched matmuls per KV head group in the cache dtype (CPU bf16 matmuls accumulate in
-        fp32) with the softmax in fp32: on CPU this is 5-20x faster than scaled_dot_product_attention
+        fp32) with the softmax in fp32: on CPU this is several times faster than scaled_dot_product_attention
         with a mask (its slow path), and converting gathered K/V to fp32 cost more than the products.
         """
         b, h, d = q.shape
@@ -237,7 +236,7 @@ class Attention(nn.Module):
 
     def _decode_attention_unmasked(self, q, keys, vals) -> torch.Tensor:
         """_decode_attention without padding: one SDPA call with each KV head's query heads as its
-        query rows (2.5x faster than the two products and the softmax for one sequence on CPU;
+        query rows (faster than the two products and the softmax for one sequence on CPU;
         SDPA's enable_gqa path is slower still)."""
         b, h, d = q.shape
         hkv = keys.shape[1]

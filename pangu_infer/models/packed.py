@@ -2,16 +2,15 @@
 
 `F.linear` on a plain `[out, in]` bf16 weight makes oneDNN re-lay the weight into its blocked
 format on every call. Laid out once, at load (`mkldnn._reorder_linear_weight`), the same product
-streams the weight at 1.6x the speed from memory for one token (36 vs 22 GB/s on the 2-core AMX
-machine of benchmarks/RESULTS.md, 86% of its streaming-read bandwidth) and runs 20-25% faster for
-batches of 32; at prefill sizes it is the same. The packed tensor is opaque (no views, no
+streams the weight faster for one token and for small batches, and the same at prefill sizes
+(benchmarks/kernels.py; the figures, which differ between CPUs, are in benchmarks/RESULTS.md). The packed tensor is opaque (no views, no
 indexing), so packing happens after loading, quantization and sharding, on the modules that stay
 plain `nn.Linear`; a tied LM head gets a packed copy of the embedding (the lookup needs rows).
 
 torch.compile cannot take the opaque weights as graph inputs, so the product is the operator
 `pangu_infer::packed_linear(x, handle)`: the weight is looked up from `handle` (an int the module holds)
-inside the operator, and a compiled decode step calls it as an opaque kernel (~1.5 us over the
-direct call).
+inside the operator, and a compiled decode step calls it as an opaque kernel (a small fixed cost
+over the direct call).
 """
 
 from __future__ import annotations

@@ -3,11 +3,11 @@
 Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-only quantization"):
 - int8: `aten._weight_int8pack_mm(x, int8 [N, K], scales [N])` on CPU (and CUDA where the build
   has it). Activations go in as
-  bf16 even for fp32 models: the fp32 path of the kernel is 2-12x slower on this CPU, and bf16
+  bf16 even for fp32 models: the fp32 path of the kernel is several times slower on CPU, and bf16
   rounding of activations (2^-9) is below int8's own error (2^-8).
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
-  (fp32 ones are 4-20x slower). It needs N % 16 == 0: other row counts are zero-padded at load.
+  (fp32 ones are several times slower). It needs N % 16 == 0: other row counts are zero-padded at load.
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill).
 - int4 on CUDA: `aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` and
@@ -145,10 +145,9 @@ class PackedWeight(nn.Module):
             return x.new_empty(*lead, self.out_features)
         xk = x2.to(KERNEL_DTYPE)
         if self.kernel == "int8" and x2.shape[0] >= self.convert_min_rows:
-            # The CPU kernel's time grows with the rows like a loop of one-row products (5.9 ms
-            # at 128 rows of a 4800 x 1536 weight); converting the weight to bf16 for one oneDNN
-            # product takes 2.9 ms (9.0 vs 23.6 ms at 512 rows): prefill runs this way. Where the
-            # two cross is measured once per machine (pangu_infer.quant.tuning).
+            # The CPU kernel's time grows with the rows like a loop of one-row products; from some
+            # row count, converting the weight to bf16 for one oneDNN product is faster (prefill
+            # runs this way). Where the two cross is measured once per machine (quant/tuning.py).
             y = F.linear(xk, data.to(KERNEL_DTYPE)) * scales
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
