@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 from fixtures_server import metric_value, running_server
 from pangu_infer import LLM
-from pangu_infer.server import app as app_module
+from pangu_infer.server import params as params_module
 from pangu_infer.server.app import create_app
 
 API_KEY = "hostile-key"
@@ -384,7 +384,7 @@ def test_the_openai_sdk_bookkeeping_fields_are_accepted(server):
 
 
 def test_ignored_fields_are_logged_once_at_debug(tiny_dense_dir, monkeypatch, caplog):
-    monkeypatch.setattr(app_module, "_logged_ignored_fields", set())
+    monkeypatch.setattr(params_module, "_logged_ignored_fields", set())
     llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     body = {"messages": MESSAGES, "max_tokens": 2, "user": "u", "store": False}
     with caplog.at_level(logging.DEBUG, logger="pangu_infer.server"), TestClient(create_app(llm, served_model_name="m")) as http:

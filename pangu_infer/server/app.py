@@ -7,20 +7,18 @@ Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (c
 by pangu_infer.chat.render_chat) -> AsyncEngine.generate -> text deltas -> reasoning / tool-call
 parsers (chat) -> OpenAI JSON or SSE chunks. Every user mistake is a 4xx in OpenAI's error shape
 (server/errors.py); the API key, request counting and the body guard are ASGI middleware
-(server/middleware.py).
+(server/middleware.py). Request fields become engine parameters in server/params.py; submitting,
+merging streams, SSE framing and hang-ups are server/streaming.py; this file holds the routes.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 import time
-import uuid
-from contextlib import aclosing, asynccontextmanager, suppress
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Optional
+from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -30,15 +28,12 @@ import pangu_infer
 from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
-from pangu_infer.errors import RequestError, RequestFailedError, short_repr
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
-from pangu_infer.server.errors import APIError, add_error_handlers, error_response, from_request_error, internal_error
+from pangu_infer.server.errors import APIError, add_error_handlers, error_response, internal_error
 from pangu_infer.server.metrics import ServerMetrics
-from pangu_infer.server.middleware import CLIENT_CLOSED, AuthAndCount, BodyGuard
-from pangu_infer.server.structured import reasoning_budget, request_constraint, tool_constraint
+from pangu_infer.server.middleware import AuthAndCount, BodyGuard
 from pangu_infer.server.protocol import (
-    IGNORED_FIELDS,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -46,7 +41,19 @@ from pangu_infer.server.protocol import (
     ErrorResponse,
     ModelCard,
     ModelList,
-    SamplingFields,
+)
+from pangu_infer.server.params import check_model, check_size, to_sampling_params
+from pangu_infer.server.state import ServerState
+from pangu_infer.server.structured import reasoning_budget, tool_constraint
+from pangu_infer.server.streaming import (
+    envelope,
+    final_outputs,
+    merged_outputs,
+    observe,
+    sse,
+    start_requests,
+    unless_gone,
+    usage_info,
 )
 
 logger = logging.getLogger("pangu_infer.server")
@@ -56,28 +63,7 @@ RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_t
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}
 }
-_logged_ignored_fields: set[str] = set()  # SDK fields this server ignores, each logged once
 CHAT_PAGE_DIR = Path(__file__).parent / "static"  # index.html, chat.js, markdown.js, chat.css
-
-
-@dataclass
-class ServerState:
-    llm: Any  # pangu.LLM: tokenizer, encode_prompt, default_sampling_params, config
-    engine: Any  # AsyncEngine or anything with its generate / stats / moe_stats
-    model_name: str
-    api_key: Optional[str]
-    metrics: ServerMetrics
-    created: int
-    max_seqs_per_request: int
-    token_texts: dict[int, str]
-    reasoning_budget: Optional[int] = None  # --reasoning-budget: the default max_reasoning_tokens of chat requests
-
-    def token_text(self, token_id: int) -> str:
-        """A token's own text for logprobs (special tokens included), cached."""
-        text = self.token_texts.get(token_id)
-        if text is None:
-            text = self.token_texts[token_id] = self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
-        return text
 
 
 def create_app(
@@ -172,166 +158,11 @@ def _ok(model: type, chunk_object: str) -> dict:
 
 
 # ---------------------------------------------------------------------- request -> engine
-def _check_model(state: ServerState, model: Optional[str]) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"the model {short_repr(model)} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
-
-
-def _sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
-    if req.stream_options is not None and not req.stream:
-        raise APIError(400, "stream_options is only allowed together with stream=true", param="stream_options")
-    changes: dict[str, Any] = {}
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value is not None:
-            changes[name] = value
-    changes.update(
-        n=req.n,
-        max_tokens=max_tokens,
-        min_tokens=req.min_tokens,
-        stop=req.stop,
-        stop_token_ids=req.stop_token_ids,
-        include_stop_str_in_output=req.include_stop_str_in_output,
-        seed=req.seed,
-        ignore_eos=req.ignore_eos,
-        logprobs=logprobs,
-        skip_special_tokens=not chat,  # chat keeps the [unusedN] markers for the reasoning / tool parsers
-        structured_outputs=request_constraint(req),  # response_format, structured_outputs, guided_*
-    )
-    _log_ignored_fields(req)
-    return replace(state.llm.default_sampling_params(), **changes)  # RequestError -> a 400 naming the field
-
-
-def _log_ignored_fields(req: SamplingFields) -> None:
-    for name in sorted(IGNORED_FIELDS & req.model_fields_set - _logged_ignored_fields):
-        _logged_ignored_fields.add(name)
-        logger.debug("ignoring the request field %r: it has no meaning on this server (logged once)", name)
-
-
-def _check_size(state: ServerState, num_prompts: int, n: int) -> None:
-    total = num_prompts * n
-    if total > state.max_seqs_per_request:
-        raise APIError(
-            400,
-            f"this request asks for {num_prompts} prompt(s) x n={short_repr(n)} = {short_repr(total)} sequences; the server runs at most "
-            f"{state.max_seqs_per_request} (--max-num-seqs) at once, so one request may ask for at most that many",
-            param="n",
-        )
-
-
-async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str):
-    """Submit every prompt and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
-    base = f"{prefix}-{uuid.uuid4().hex}"
-    gens = [
-        state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text)
-        for i, (text, ids) in enumerate(prompts)
-    ]
-    firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
-    errors = [f for f in firsts if isinstance(f, BaseException)]
-    if errors:
-        await _close_all(gens)
-        rejected = [e for e in errors if isinstance(e, RequestError)]
-        raise from_request_error(rejected[0]) if rejected else errors[0]
-    return base, gens, list(firsts)
-
-
-async def _close_all(gens: list) -> None:
-    for g in gens:
-        with suppress(BaseException):
-            await g.aclose()
-
-
-async def _merged(gens: list, firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """(prompt index, output) from all prompts' streams as they arrive; closing it aborts the rest."""
-    pending: dict[asyncio.Future, int] = {}
-    try:
-        for i, first in enumerate(firsts):
-            yield i, first
-            if not first.finished:
-                pending[asyncio.ensure_future(gens[i].__anext__())] = i
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                i = pending.pop(task)
-                out = task.result()
-                yield i, out
-                if not out.finished:
-                    pending[asyncio.ensure_future(gens[i].__anext__())] = i
-    finally:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        await _close_all(gens)
-
-
-async def _finals(state: ServerState, gens: list, firsts: list[RequestOutput]) -> list[RequestOutput]:
-    finals: list[Optional[RequestOutput]] = [f if f.finished else None for f in firsts]
-    try:
-        async for i, out in _merged(gens, firsts):
-            if out.finished:
-                finals[i] = out
-                _observe(state, out)
-    except RequestFailedError:
-        state.metrics.finished.labels("error").inc()
-        raise
-    assert all(f is not None for f in finals)
-    return finals  # type: ignore[return-value]
-
-
-def _observe(state: ServerState, out: RequestOutput) -> None:
-    state.metrics.observe_request(out.metrics, (c.finish_reason for c in out.outputs))
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Run `work`; if the client hangs up first, cancel it (which aborts its requests) and raise."""
-    task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    watcher = asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with suppress(asyncio.CancelledError):
-            await task
-        raise _ClientGone()
-    return task.result()
-
-
-class _ClientGone(Exception):
-    pass
-
-
-def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-
-def _envelope(state, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
-    """OpenAI's response / chunk shape, the same for every endpoint."""
-    return {"id": request_id, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
-
-
-async def _unless_gone(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
-    """`work`'s result, or a bare 499 once the client has hung up (its requests aborted, blocks freed)."""
-    try:
-        return await _unless_disconnected(request, work)
-    except _ClientGone:
-        metrics.finished.labels("abort").inc()
-        return Response(status_code=CLIENT_CLOSED)
 
 
 # ---------------------------------------------------------------------- chat
 async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
-    _check_model(state, req.model)
+    check_model(state, req.model)
     tok = state.llm.tokenizer
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
@@ -346,9 +177,9 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     enable_thinking = template_kwargs.pop("enable_thinking", None)
     budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
+    params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
     params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
-    _check_size(state, 1, req.n)
+    check_size(state, 1, req.n)
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
     try:
         text = render_chat(
@@ -363,7 +194,7 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     ids = state.llm.encode_prompt(text)
     parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await _unless_gone(request, _start(state, [(text, ids)], params, "chatcmpl"), state.metrics)
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, "chatcmpl"), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
@@ -371,13 +202,13 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _chat_stream(state, request_id, gens, firsts, parse, req.logprobs, include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
-    result = await _unless_gone(request, _finals(state, gens, firsts), state.metrics)
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     final = result[0]
     choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
-    usage = _usage(len(ids), sum(len(c.token_ids) for c in final.outputs))
-    return JSONResponse(_envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+    usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
+    return JSONResponse(envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
 
 
 def _with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use_tools: bool, forced_tool: bool,
@@ -464,7 +295,7 @@ async def _chat_stream(
             "finish_reason": finish_reason,
         }
         extra = {"usage": None} if include_usage else {}
-        return _sse(_envelope(state, request_id, "chat.completion.chunk", created, [choice], **extra))
+        return sse(envelope(state, request_id, "chat.completion.chunk", created, [choice], **extra))
 
     def events_to_deltas(i: int, events: list) -> list[dict]:
         deltas = []
@@ -482,7 +313,7 @@ async def _chat_stream(
     try:
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async with aclosing(_merged(gens, firsts)) as outputs:
+        async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for _, out in outputs:
                 for comp in out.outputs:
                     i = comp.index
@@ -502,16 +333,16 @@ async def _chat_stream(
                         reason = "tool_calls" if tool_indices[i] else comp.finish_reason
                         yield chunk(i, {}, finish_reason=reason)
                 if out.finished:
-                    _observe(state, out)
+                    observe(state, out)
         finished = True
         if include_usage:
-            usage = _usage(prompt_tokens, sum(completion_tokens))
-            yield _sse(_envelope(state, request_id, "chat.completion.chunk", created, [], usage=usage))
+            usage = usage_info(prompt_tokens, sum(completion_tokens))
+            yield sse(envelope(state, request_id, "chat.completion.chunk", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
         finished = True
         state.metrics.finished.labels("error").inc()
-        yield _sse(internal_error(e, f"streaming {request_id}").body())
+        yield sse(internal_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
@@ -523,7 +354,7 @@ def _completion_prompts(state: ServerState, prompt: Any, n: int) -> list[tuple[O
     if not prompt:
         raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
     single = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
-    _check_size(state, 1 if single else len(prompt), n)  # before tokenizing what may be thousands of prompts
+    check_size(state, 1 if single else len(prompt), n)  # before tokenizing what may be thousands of prompts
     if isinstance(prompt, str):
         return [(prompt, state.llm.tokenizer.encode(prompt))]
     if all(isinstance(p, str) for p in prompt):
@@ -534,10 +365,10 @@ def _completion_prompts(state: ServerState, prompt: Any, n: int) -> list[tuple[O
 
 
 async def _completion(state: ServerState, req: CompletionRequest, request: Request) -> Response:
-    _check_model(state, req.model)
-    params = _sampling_params(state, req, req.max_tokens, req.logprobs, chat=False)
+    check_model(state, req.model)
+    params = to_sampling_params(state, req, req.max_tokens, req.logprobs, chat=False)
     prompts = _completion_prompts(state, req.prompt, req.n)
-    started = await _unless_gone(request, _start(state, prompts, params, "cmpl"), state.metrics)
+    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl"), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
@@ -546,7 +377,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens)
         return StreamingResponse(body, media_type="text/event-stream")
-    result = await _unless_gone(request, _finals(state, gens, firsts), state.metrics)
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     choices = []
@@ -554,8 +385,8 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         for comp in final.outputs:
             lps = _completion_logprobs(state, comp.logprobs or [], 0) if req.logprobs is not None else None
             choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
-    usage = _usage(prompt_tokens, sum(len(c.token_ids) for f in result for c in f.outputs))
-    return JSONResponse(_envelope(state, request_id, "text_completion", int(time.time()), choices, usage=usage))
+    usage = usage_info(prompt_tokens, sum(len(c.token_ids) for f in result for c in f.outputs))
+    return JSONResponse(envelope(state, request_id, "text_completion", int(time.time()), choices, usage=usage))
 
 
 def _completion_logprobs(state: ServerState, logprobs: list[Logprob], offset: int) -> dict:
@@ -589,7 +420,7 @@ async def _completion_stream(
     done_choices: set[int] = set()
     finished = False
     try:
-        async with aclosing(_merged(gens, firsts)) as outputs:
+        async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for p, out in outputs:
                 for comp in out.outputs:
                     index = p * n + comp.index
@@ -604,18 +435,18 @@ async def _completion_stream(
                         offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
                     choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
                     extra = {"usage": None} if include_usage else {}
-                    yield _sse(_envelope(state, request_id, "text_completion", created, [choice], **extra))
+                    yield sse(envelope(state, request_id, "text_completion", created, [choice], **extra))
                 if out.finished:
-                    _observe(state, out)
+                    observe(state, out)
         finished = True
         if include_usage:
-            usage = _usage(prompt_tokens, completion_tokens)
-            yield _sse(_envelope(state, request_id, "text_completion", created, [], usage=usage))
+            usage = usage_info(prompt_tokens, completion_tokens)
+            yield sse(envelope(state, request_id, "text_completion", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:
         finished = True
         state.metrics.finished.labels("error").inc()
-        yield _sse(internal_error(e, f"streaming {request_id}").body())
+        yield sse(internal_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:

@@ -1,0 +1,65 @@
+"""Request -> engine: the model check, sampling parameters from a request's fields, size limits."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any, Optional
+
+from pangu_infer.errors import short_repr
+from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.server.errors import APIError
+from pangu_infer.server.structured import request_constraint
+from pangu_infer.server.protocol import IGNORED_FIELDS, SamplingFields
+from pangu_infer.server.state import ServerState
+
+logger = logging.getLogger("pangu_infer.server")
+
+_logged_ignored_fields: set[str] = set()  # SDK fields this server ignores, each logged once
+
+
+def check_model(state: ServerState, model: Optional[str]) -> None:
+    if model is not None and model != state.model_name:
+        raise APIError(404, f"the model {short_repr(model)} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
+
+
+def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed together with stream=true", param="stream_options")
+    changes: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            changes[name] = value
+    changes.update(
+        n=req.n,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        seed=req.seed,
+        ignore_eos=req.ignore_eos,
+        logprobs=logprobs,
+        skip_special_tokens=not chat,  # chat keeps the [unusedN] markers for the reasoning / tool parsers
+        structured_outputs=request_constraint(req),  # response_format, structured_outputs, guided_*
+    )
+    log_ignored_fields(req)
+    return replace(state.llm.default_sampling_params(), **changes)  # RequestError -> a 400 naming the field
+
+
+def log_ignored_fields(req: SamplingFields) -> None:
+    for name in sorted(IGNORED_FIELDS & req.model_fields_set - _logged_ignored_fields):
+        _logged_ignored_fields.add(name)
+        logger.debug("ignoring the request field %r: it has no meaning on this server (logged once)", name)
+
+
+def check_size(state: ServerState, num_prompts: int, n: int) -> None:
+    total = num_prompts * n
+    if total > state.max_seqs_per_request:
+        raise APIError(
+            400,
+            f"this request asks for {num_prompts} prompt(s) x n={short_repr(n)} = {short_repr(total)} sequences; the server runs at most "
+            f"{state.max_seqs_per_request} (--max-num-seqs) at once, so one request may ask for at most that many",
+            param="n",
+        )

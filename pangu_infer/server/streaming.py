@@ -1,0 +1,131 @@
+"""Engine -> response: submitting a request's prompts, merging their streams, SSE framing, and
+aborting when the client hangs up."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from contextlib import suppress
+from typing import Any, AsyncIterator, Awaitable, Optional
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from pangu_infer.errors import RequestError, RequestFailedError
+from pangu_infer.outputs import RequestOutput
+from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.server.errors import from_request_error
+from pangu_infer.server.metrics import ServerMetrics
+from pangu_infer.server.middleware import CLIENT_CLOSED
+from pangu_infer.server.state import ServerState
+
+
+async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str):
+    """Submit every prompt and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
+    base = f"{prefix}-{uuid.uuid4().hex}"
+    gens = [
+        state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text)
+        for i, (text, ids) in enumerate(prompts)
+    ]
+    firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    errors = [f for f in firsts if isinstance(f, BaseException)]
+    if errors:
+        await close_all(gens)
+        rejected = [e for e in errors if isinstance(e, RequestError)]
+        raise from_request_error(rejected[0]) if rejected else errors[0]
+    return base, gens, list(firsts)
+
+
+async def close_all(gens: list) -> None:
+    for g in gens:
+        with suppress(BaseException):
+            await g.aclose()
+
+
+async def merged_outputs(gens: list, firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(prompt index, output) from all prompts' streams as they arrive; closing it aborts the rest."""
+    pending: dict[asyncio.Future, int] = {}
+    try:
+        for i, first in enumerate(firsts):
+            yield i, first
+            if not first.finished:
+                pending[asyncio.ensure_future(gens[i].__anext__())] = i
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                i = pending.pop(task)
+                out = task.result()
+                yield i, out
+                if not out.finished:
+                    pending[asyncio.ensure_future(gens[i].__anext__())] = i
+    finally:
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await close_all(gens)
+
+
+async def final_outputs(state: ServerState, gens: list, firsts: list[RequestOutput]) -> list[RequestOutput]:
+    finals: list[Optional[RequestOutput]] = [f if f.finished else None for f in firsts]
+    try:
+        async for i, out in merged_outputs(gens, firsts):
+            if out.finished:
+                finals[i] = out
+                observe(state, out)
+    except RequestFailedError:
+        state.metrics.finished.labels("error").inc()
+        raise
+    assert all(f is not None for f in finals)
+    return finals  # type: ignore[return-value]
+
+
+def observe(state: ServerState, out: RequestOutput) -> None:
+    state.metrics.observe_request(out.metrics, (c.finish_reason for c in out.outputs))
+
+
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; if the client hangs up first, cancel it (which aborts its requests) and raise."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        raise ClientGone()
+    return task.result()
+
+
+class ClientGone(Exception):
+    pass
+
+
+def sse(data: Any) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def envelope(state, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
+    """OpenAI's response / chunk shape, the same for every endpoint."""
+    return {"id": request_id, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def unless_gone(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
+    """`work`'s result, or a bare 499 once the client has hung up (its requests aborted, blocks freed)."""
+    try:
+        return await unless_disconnected(request, work)
+    except ClientGone:
+        metrics.finished.labels("abort").inc()
+        return Response(status_code=CLIENT_CLOSED)
