@@ -258,3 +258,12 @@ def test_fp32_and_quantized_linears_alone_equal_batched(tiny_dense_dir, dtype, q
     prompts = _prompts(16, seed=6)
     alone = [_alone(llm.engine, p, PARAMS, f"alone-{i}") for i, p in enumerate(prompts)]
     assert _mixed(llm.engine, prompts, [PARAMS] * 16, random.Random(3), "mix") == alone
+
+
+@pytest.mark.parametrize("kind", ["r72b", "ultra"])
+def test_sink_and_mla_attention_refuse_the_mode_by_name(kind, request):
+    """The mode's attention has no sinks and no MLA latent: those models say so instead of
+    computing something else."""
+    path = str(request.getfixturevalue(f"tiny_{kind}_dir"))
+    with pytest.raises(ValueError, match=r"batch_invariant=True is not supported for Pangu(ProMoEV2|UltraMoE)ForCausalLM"):
+        LLM(path, dtype="float32", device="cpu", enforce_eager=True, batch_invariant=True)

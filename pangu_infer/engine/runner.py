@@ -70,6 +70,14 @@ class ModelRunner:
         # Every token computed bitwise the same whatever shares its step (models/batch_invariant.py).
         self.batch_invariant = batch_invariant
         if batch_invariant:
+            for m in model.modules():
+                # The per-query attention of models/batch_invariant.py reads K and V of one width
+                # from two caches, with no sinks.
+                if isinstance(m, Attention) and (m.sinks(torch.float32) is not None or m.values_in_keys or m.v_dim != m.head_dim):
+                    raise ValueError(
+                        f"batch_invariant=True is not supported for {model.config.architecture} yet (its attention "
+                        "has sinks, MLA or values narrower than keys); run it without --batch-invariant"
+                    )
             make_batch_invariant(model)
         self.device = device
         self.block_size = block_size
