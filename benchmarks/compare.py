@@ -344,8 +344,8 @@ def print_table(title: str, rows: list[Row], llama_decode: Optional[float], conc
 def compiled_rows(path: str, args) -> list[Row]:
     rows = []
     for label in [c for c in args.compiled.split(",") if c]:
-        quant = None if label == "bfloat16" else label
-        name = "bfloat16" if quant is None else f"{quant} (bf16 activations)"
+        quant = "none" if label == "bfloat16" else label  # "none": dequantized to bf16
+        name = "bfloat16" if quant == "none" else f"{quant} (bf16 activations)"
         rows += pangu_rows(path, name, torch.bfloat16, quant, args, repeat_check=False, compiled=True)
     return rows
 
@@ -394,8 +394,9 @@ def main() -> None:
         path = demo_model_path()
         rows = [llama_cpp_row(path, args)]
         rows += hf_gguf_rows(path, args)
-        rows += pangu_rows(path, "float32", torch.float32, None, args, repeat_check=False)
-        rows += pangu_rows(path, "bfloat16", torch.bfloat16, None, args, repeat_check=True)
+        # "none": the file dequantized (GGUF files stay quantized by default)
+        rows += pangu_rows(path, "float32", torch.float32, "none", args, repeat_check=False)
+        rows += pangu_rows(path, "bfloat16", torch.bfloat16, "none", args, repeat_check=True)
         for q in quants:
             rows += pangu_rows(path, f"{q} (bf16 activations)", torch.bfloat16, q, args, repeat_check=False)
         rows += compiled_rows(path, args)

@@ -142,7 +142,7 @@ def test_a_packed_tied_head_is_counted_once_in_the_bytes_per_token(smollm2_gguf_
     that copy instead of the table: the bytes a token reads stay the same."""
     from pangu_infer.bench import weight_bytes_per_token
 
-    model = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, load_tokenizer=False).model
+    model = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, load_tokenizer=False, quantization="none").model
     assert model.config.tie_word_embeddings and model.lm_head is None
     before = weight_bytes_per_token(model)
     pack_linears(model)

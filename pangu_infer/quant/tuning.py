@@ -73,12 +73,13 @@ def dequantize_int4_cpu_packed(data: torch.Tensor, group_size: int, scales: torc
     codes = torch.empty(k, nb, 2, 32, dtype=torch.uint8, device=data.device)
     torch.bitwise_and(v, 15, out=codes[:, :, 0])
     torch.bitwise_right_shift(v, 4, out=codes[:, :, 1])
-    w = codes.view(k // group_size, group_size, n).to(torch.bfloat16)
-    scale = scales[..., 0].unsqueeze(1)  # [K/G, 1, N]
-    # (q - 8) s + z = q s + (z - 8 s): two in-place passes in bf16 (bf16 addcmul takes a slow path
-    # on CPU); each rounds to bf16, so a weight is off by at most 2^-8 (|q s| + |z - 8 s|).
-    base = (scales[..., 1].unsqueeze(1).float() - 8 * scale.float()).to(torch.bfloat16)
-    return w.mul_(scale).add_(base).view(k, n)
+    w = codes.view(k // group_size, group_size, n).to(torch.float32)
+    scale = scales[..., 0].unsqueeze(1).float()  # [K/G, 1, N]
+    # (q - 8) s + z = q s + (z - 8 s), in fp32 (bf16 addcmul takes a slow path on CPU), rounded to
+    # bf16 once: each weight is within half a bf16 step of the kernel's own value, the rounding a
+    # float bf16 weight has anyway.
+    base = scales[..., 1].unsqueeze(1).float() - 8 * scale
+    return torch.addcmul(base, w, scale, out=w).to(torch.bfloat16).view(k, n)
 
 
 @functools.lru_cache(maxsize=None)
