@@ -112,8 +112,15 @@ def main() -> None:
         grammars.compile(StructuredOutputsParams(json=json.dumps(typical_schema(i))))  # same schema, as JSON text
         hits.append(time.perf_counter() - start)
 
+    vocab = llm.config.vocab_size
+    print(f"schema compile, vocabulary {vocab}: first (builds the tokenizer info) {first * 1e3:.1f} ms; "
+          f"distinct schemas median {statistics.median(misses) * 1e3:.1f} ms (min {min(misses) * 1e3:.1f}, max {max(misses) * 1e3:.1f}); "
+          f"cache hit median {statistics.median(hits) * 1e6:.1f} us", flush=True)
+    print(f"model {llm.loaded.source}, {llm.engine.dtype}, {'eager' if args.enforce_eager else 'compiled decode'}; "
+          f"{args.concurrency} concurrent greedy requests x {args.max_tokens} tokens", flush=True)
     run(llm, 2, 4, True)  # warm-up of both paths
     run(llm, 2, 4, False)
+    print("round  unconstrained tok/s  constrained tok/s  ratio  tokens (u/c)", flush=True)
     rows = []
     for r in range(args.rounds):
         order = (False, True) if r % 2 == 0 else (True, False)
@@ -123,17 +130,9 @@ def main() -> None:
             result[constrained] = (seconds, tokens)
         (su, tu), (sc, tc) = result[False], result[True]
         rows.append((tu / su, tc / sc, (tc / sc) / (tu / su), tu, tc))
-
-    print(f"model {llm.loaded.source}, {llm.engine.dtype}, {'eager' if args.enforce_eager else 'compiled decode'}; "
-          f"{args.concurrency} concurrent greedy requests x {args.max_tokens} tokens")
-    print("round  unconstrained tok/s  constrained tok/s  ratio  tokens (u/c)")
-    for i, (u, c, ratio, tu, tc) in enumerate(rows):
-        print(f"{i:5d}  {u:19.1f}  {c:17.1f}  {ratio:5.2f}  {tu}/{tc}")
+        u, c, ratio, tu, tc = rows[-1]
+        print(f"{r:5d}  {u:19.1f}  {c:17.1f}  {ratio:5.2f}  {tu}/{tc}", flush=True)
     print(f"median ratio constrained / unconstrained: {statistics.median(r[2] for r in rows):.3f} (target >= 0.9)")
-    vocab = llm.config.vocab_size
-    print(f"schema compile, vocabulary {vocab}: first (builds the tokenizer info) {first * 1e3:.1f} ms; "
-          f"distinct schemas median {statistics.median(misses) * 1e3:.1f} ms (min {min(misses) * 1e3:.1f}, max {max(misses) * 1e3:.1f}); "
-          f"cache hit median {statistics.median(hits) * 1e6:.1f} us")
     print("grammar cache:", grammars.stats())
 
 
