@@ -13,7 +13,7 @@ Then one process timed phase by phase (`--breakdown`, the default): imports, the
 the weights, the tokenizer, packing, the engine (KV cache), the first answer, and the wait for the
 compiled step.
 
-    .venv/bin/python benchmarks/startup.py [--model FILE.gguf] [--runs 3] [--no-breakdown]
+    .venv/bin/python benchmarks/startup.py [--model FILE.gguf] [--runs 3] [--no-breakdown] [--no-wait-row]
 """
 
 from __future__ import annotations
@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="a .gguf file (default: the demo model)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-breakdown", action="store_true", help="skip the phase-by-phase process")
+    ap.add_argument("--no-wait-row", action="store_true", help="skip the row that waits for the compiled step")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from pangu_infer.loader import demo_model_path
@@ -120,7 +121,8 @@ def main() -> None:
         rows["llama-cpp-python: load + 1 token"] = [py, "-c", LLAMA_CPP, model]
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
-    rows["LLM(file), 1 token, then wait_compiled()"] = [py, "-c", WAIT_COMPILED, model]
+    if not args.no_wait_row:
+        rows["LLM(file), 1 token, then wait_compiled()"] = [py, "-c", WAIT_COMPILED, model]
     for cmd in rows.values():  # untimed: fills the compile cache, warms the page cache
         timed(cmd)
     walls: dict[str, list[float]] = {name: [] for name in rows}
@@ -136,7 +138,7 @@ def main() -> None:
         print(f"{name:42s}{statistics.median(walls[name]):8.2f} s  {load}")
     if args.no_breakdown:
         return
-    for eager in (0, 1):
+    for eager in (0, 1) if not args.no_wait_row else (1,):
         phases: dict[str, list[float]] = {}
         for _ in range(args.runs):
             _, out, _ = timed([py, "-c", BREAKDOWN, model, str(eager)])

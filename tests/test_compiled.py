@@ -214,3 +214,23 @@ def test_a_process_that_is_done_exits_while_the_compile_still_runs(tmp_path, tin
     assert (tokens, compiling) == ("2", "True")  # answered, eagerly, with the build still running
     assert ended - float(done) < 10  # no wait for the build (a cold one takes minutes here)
     assert "Traceback" not in proc.stderr and "Error" not in proc.stderr
+
+
+def test_a_kv_cache_sized_from_free_memory_keeps_its_shape_when_free_memory_moves_a_little(tiny_dense_dir, monkeypatch):
+    """The KV cache's shape is static in the compiled graphs: a default cache (a share of free
+    memory) must not change shape with the few percent free memory moves between two starts, or
+    every start compiles anew instead of reading the compile cache."""
+    import pangu_infer.engine.engine as engine_module
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+    shapes = []
+    for free in (15.0 * 2**30, 15.3 * 2**30, 15.6 * 2**30):
+        monkeypatch.setattr(engine_module, "free_memory_bytes", lambda device, free=free: int(free))
+        config = engine_module.EngineConfig(enforce_eager=True, max_num_seqs=65536)
+        engine = engine_module.LLMEngine(llm.model, llm.tokenizer, config, llm.generation_config)
+        shapes.append(tuple(engine.runner.k_caches[0].shape))
+        del engine
+    assert len(set(shapes)) == 1, shapes
+    assert shapes[0][0] < -(-llm.config.max_position_embeddings // 16) * 65536 * 16  # free memory decided it
+    per_token = llm.config.kv_bytes_per_token(torch.float32)
+    assert shapes[0][0] * per_token >= 15.0 * 2**30 // 4 * 7 / 8 - 16 * per_token  # at most 1/8 given up

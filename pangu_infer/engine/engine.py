@@ -153,7 +153,13 @@ class LLMEngine:
         else:
             budget = kv
         needed_for_max_len = -(-self.max_model_len // ec.block_size) * ec.max_num_seqs
-        num_blocks = min(budget // per_block, needed_for_max_len)
+        blocks = budget // per_block
+        if not isinstance(kv, int):
+            # A share of free memory changes from run to run, and the KV cache's shape is static in
+            # the compiled decode graphs: keep 3 significant bits (at most 1/8 less), so that the
+            # next start finds its graphs in the compile cache instead of compiling anew.
+            blocks = blocks >> max(blocks.bit_length() - 3, 0) << max(blocks.bit_length() - 3, 0)
+        num_blocks = min(blocks, needed_for_max_len)
         if num_blocks < 1:
             raise ValueError(
                 f"kv_cache_memory={kv!r} gives {budget} bytes, less than one KV block ({per_block} bytes "
