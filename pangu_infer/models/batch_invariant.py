@@ -21,11 +21,9 @@ numbers in benchmarks/RESULTS.md):
   one per-entry shape measured invariant in the batch count), one max over the whole context
   (exact), and the chunk sums added in chunk order by a sequential cumsum. Padding keys and
   chunks past a query's position add exact zeros.
-- Rotary cos/sin: computed per step over the batch's [T, head_dim] positions, a token's values
-  come from the vectorized or the scalar cos/sin depending on where it sits in the flattened
-  tensor (the tail past the last whole vector is scalar); in batch-invariant mode they are looked
-  up in a table of every position built once. The same vector-versus-tail effect is why the
-  sampler works row by row in this mode (engine/sampler.py).
+- Elementwise exp/log over a whole [B, V] batch take a scalar path for the elements past the last
+  whole vector, so a row's values could depend on the rows after it: the sampler works row by row
+  in this mode (engine/sampler.py). (Rotary cos/sin, RMSNorm and cumsum were checked row-invariant.)
 - MoGE: expert products (row counts set by the routing of the other tokens) are tiled like every
   linear, and a token's expert outputs are summed over its groups in group order, in fp32.
 
@@ -143,8 +141,6 @@ def make_batch_invariant(model: nn.Module) -> int:
     for m in model.modules():
         if "batch_invariant" in vars(m):
             m.batch_invariant = True
-        if callable(getattr(m, "build_table", None)) and hasattr(model, "config"):
-            m.build_table(model.config.max_position_embeddings)  # rotary cos/sin looked up per position
     model.batch_invariant = True
     return len(sites)
 

@@ -81,20 +81,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-        # Batch-invariant mode (models/batch_invariant.py): cos and sin of every position computed
-        # once and looked up; computed per step, a token's values came from the vectorized or the
-        # scalar cos/sin depending on where it sat in the batch's flattened [T, head_dim] tensor.
-        self.table: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-
-    def build_table(self, max_positions: int) -> None:
-        positions = torch.arange(max_positions, device=self.inv_freq.device)
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.table = (emb.cos(), emb.sin())
-
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.table is not None:
-            return self.table[0][positions].to(dtype), self.table[1][positions].to(dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
