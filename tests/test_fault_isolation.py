@@ -108,14 +108,16 @@ def test_a_failing_detokenizer_fails_its_request_alone(llm, alone, caplog):
 
 
 def test_a_failing_stop_check_fails_its_request_alone(llm, alone, monkeypatch, caplog):
-    real = LLMEngine._check_stop_strings
+    import pangu_infer.engine.output as output_module
+
+    real = output_module.check_stop_strings
 
     def check(seq, prev_len):
         if seq.request_id == "bad" and len(seq.output_token_ids) >= FAIL_AFTER:
             raise Boom("a stop check failed")
         return real(seq, prev_len)
 
-    monkeypatch.setattr(LLMEngine, "_check_stop_strings", staticmethod(check))
+    monkeypatch.setattr(output_module, "check_stop_strings", check)
     engine = llm.engine
     bad = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop=["never appears"])
     _check(_run(engine, bad), alone, engine, caplog)

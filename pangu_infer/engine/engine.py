@@ -10,6 +10,7 @@ import torch
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import free_memory_bytes
+from pangu_infer.engine import output
 from pangu_infer.engine.admission import Limits, admit, compile_structured
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
@@ -20,7 +21,7 @@ from pangu_infer.engine.spec_decode import PromptLookupSpeculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
 from pangu_infer.errors import RequestError
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.outputs import RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
 logger = logging.getLogger("pangu_infer.engine")
@@ -420,7 +421,6 @@ class LLMEngine:
         return rest, logits[torch.tensor(rest_rows, dtype=torch.long, device=logits.device)]
 
     def _append(self, seq: Sequence, token: int, lp: Optional[Logprob]) -> None:
-        params = seq.params
         if seq.structured is not None:
             seq.structured.accept(token)  # ValueError (this request fails) if its grammar forbids the token
         seq.append_token(token)
@@ -428,76 +428,13 @@ class LLMEngine:
         if lp is not None:
             seq.logprobs.append(lp)
             seq.cumulative_logprob += lp.logprob
-        n_out = len(seq.output_token_ids)
-        reason: Optional[str] = None
-        if n_out >= params.min_tokens:
-            if token in params.stop_token_ids:
-                reason, seq.stop_reason = "stop", token
-            elif token in self.eos_token_ids and not params.ignore_eos:
-                reason = "stop"
-        if reason is None and seq.detokenizer is not None:
-            prev = len(seq.output_text)
-            seq.output_text += seq.detokenizer.step([token])
-            if params.stop and n_out >= params.min_tokens:
-                reason = self._check_stop_strings(seq, prev)
-        if reason is None and (n_out >= (params.max_tokens or 0) or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        reason = output.finish_reason(seq, token, self.eos_token_ids, self.max_model_len)
         if reason is not None:
-            if reason == "length" and seq.detokenizer is not None:
-                seq.output_text += seq.detokenizer.flush()  # bytes no later token can complete
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
-    @staticmethod
-    def _check_stop_strings(seq: Sequence, prev_len: int) -> Optional[str]:
-        longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, prev_len - longest + 1)
-        best = None
-        for stop in seq.params.stop:
-            idx = seq.output_text.find(stop, search_from)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, stop)
-        if best is None:
-            return None
-        idx, stop = best
-        end = idx + len(stop) if seq.params.include_stop_str_in_output else idx
-        seq.output_text = seq.output_text[:end]
-        seq.stop_reason = stop
-        return "stop"
-
     def _output(self, req: _Request) -> RequestOutput:
-        outs = []
-        for seq in req.seqs:
-            text = seq.output_text
-            if not seq.is_finished and seq.params.stop:
-                # Hold back what could still become a stop string, so streamed text is never retracted.
-                hold = max(len(s) for s in seq.params.stop) - 1
-                text = text[: max(len(text) - hold, seq.emitted_text_len)]
-            want_lp = seq.params.logprobs is not None
-            outs.append(
-                CompletionOutput(
-                    index=seq.index,
-                    text=text,
-                    token_ids=list(seq.output_token_ids),
-                    cumulative_logprob=seq.cumulative_logprob if want_lp else None,
-                    logprobs=list(seq.logprobs) if want_lp else None,
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                    text_delta=text[seq.emitted_text_len :],
-                    token_ids_delta=seq.output_token_ids[seq.emitted_token_len :],
-                    logprobs_delta=seq.logprobs[seq.emitted_token_len :] if want_lp else None,
-                )
-            )
-            seq.emitted_text_len = len(text)
-            seq.emitted_token_len = len(seq.output_token_ids)
-        first = req.seqs[0]
-        metrics = {
-            "ttft": first.ttft(),
-            "tpot": first.tpot(),
-            "num_cached_tokens": first.num_cached_tokens,
-            "num_preemptions": sum(s.num_preemptions for s in req.seqs),
-        }
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, req.finished, metrics, error=req.error)
+        return output.request_output(req.request_id, req.prompt, req.prompt_token_ids, req.seqs, req.finished, req.error)
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
