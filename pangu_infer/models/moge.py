@@ -211,11 +211,14 @@ class MoEBlock(nn.Module):
         return out
 
     def _one_token(self, x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor) -> torch.Tensor:
-        """Decode at batch 1: the token's top-k experts straight from its ids, nothing
-        sorted or scattered; only those experts' weights are read. Summed in fp32, as the scatter does."""
+        """Decode at batch 1: the token's top-k experts straight from its ids, nothing sorted or
+        scattered on the device; only those experts' weights are read. The same arithmetic as the
+        batched path's scatter: each weighted output rounded to x's dtype, then summed in fp32 in
+        expert order, so that a token alone and in a batch get the same value."""
+        ids = flat_experts.tolist()  # one host sync for the ids
         out = None
-        for j, e in enumerate(flat_experts.tolist()):  # one host sync for the ids
-            y = self.experts.expert(e, x).float() * flat_weights[j].float()
+        for j in sorted(range(len(ids)), key=ids.__getitem__):
+            y = (self.experts.expert(ids[j], x) * flat_weights[j]).float()
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
 
