@@ -96,6 +96,7 @@ def main() -> None:
     args = ap.parse_args()
 
     llm = LLM(args.model, enforce_eager=args.enforce_eager, max_num_seqs=max(args.concurrency, 16))
+    llm.wait_compiled()  # measure the compiled step, not the eager steps run while it builds
     grammars = llm.engine.grammars
 
     # compile times on the engine's own cache
