@@ -283,19 +283,23 @@ class PanguProMoEForCausalLM(DecoderForCausalLM):
 
     def moe_stats(self) -> dict:
         layers = [m.load.as_dict(self.config.num_expert_groups) for m in self.moe_layers()]
-        n = max(len(layers), 1)
+        return moe_load_stats(self, layers, num_experts=self.config.num_experts, num_groups=self.config.num_expert_groups)
 
-        def mean(key: str) -> dict:
-            return {d: sum(l[key][d] for l in layers) / n for d in IMBALANCE_DEVICES}
 
-        stats = {
-            "num_experts": self.config.num_experts,
-            "num_groups": self.config.num_expert_groups,
-            "layers": layers,
-            "imbalance_score": mean("imbalance_score"),
-            "global_topk_imbalance_score": mean("global_topk_imbalance_score"),
-        }
-        # Tokens each rank's experts computed, per layer, as each rank counted them.
-        rank_tokens = self.parallel.counts_per_rank([m.local_expert_tokens for m in self.moe_layers()])
-        stats["ranks"] = rank_load_stats(stats, rank_tokens, self.parallel.world_size)
-        return stats
+def moe_load_stats(model: DecoderForCausalLM, layers: list[dict], **header) -> dict:
+    """LLM.moe_stats() of a MoE model: `header`, the per-layer load dicts, their mean imbalance
+    scores, and the tokens each rank's experts computed, per layer, as each rank counted them."""
+    n = max(len(layers), 1)
+
+    def mean(key: str) -> dict:
+        return {d: sum(l[key][d] for l in layers) / n for d in IMBALANCE_DEVICES}
+
+    stats = {
+        **header,
+        "layers": layers,
+        "imbalance_score": mean("imbalance_score"),
+        "global_topk_imbalance_score": mean("global_topk_imbalance_score"),
+    }
+    rank_tokens = model.parallel.counts_per_rank([m.local_expert_tokens for m in model.moe_layers()])
+    stats["ranks"] = rank_load_stats(stats, rank_tokens, model.parallel.world_size)
+    return stats

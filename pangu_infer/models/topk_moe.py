@@ -14,8 +14,7 @@ from torch import nn
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.models.layers import AttentionBatch, InterleavedRotaryEmbedding, RMSNorm, SwiGLU
-from pangu_infer.models.moge import IMBALANCE_DEVICES, MoEBlock, PanguProMoEForCausalLM
-from pangu_infer.parallel.expert_load import rank_load_stats
+from pangu_infer.models.moge import MoEBlock, PanguProMoEForCausalLM, moe_load_stats
 from pangu_infer.parallel.sharding import FamilySharder
 
 logger = logging.getLogger("pangu_infer.models")
@@ -176,22 +175,9 @@ class FamilyForCausalLM(PanguProMoEForCausalLM):
             d = m.load.as_dict(1)
             del d["group_tokens"]
             layers.append(d)
-        n = max(len(layers), 1)
-
-        def mean(key: str) -> dict:
-            return {d: sum(l[key][d] for l in layers) / n for d in IMBALANCE_DEVICES}
-
-        stats = {
-            "num_experts": self.config.num_experts,
-            "num_groups": None,
-            "top_k": self.config.num_experts_per_tok,
-            "layers": layers,
-            "imbalance_score": mean("imbalance_score"),
-            "global_topk_imbalance_score": mean("global_topk_imbalance_score"),
-        }
-        rank_tokens = self.parallel.counts_per_rank([m.local_expert_tokens for m in self.moe_layers()])
-        stats["ranks"] = rank_load_stats(stats, rank_tokens, self.parallel.world_size)
-        return stats
+        return moe_load_stats(
+            self, layers, num_experts=self.config.num_experts, num_groups=None, top_k=self.config.num_experts_per_tok
+        )
 
 
 __all__ = ["FamilyForCausalLM", "SandwichDecoderLayer", "TopKMoEBlock", "sigmoid_topk_route"]
