@@ -18,7 +18,7 @@ from pangu_infer.config import ConfigError, ModelConfig
 from pangu_infer.device import DTYPES
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta, count_active_parameters, count_parameters
-from pangu_infer.quant.formats import DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, METHODS, QuantizationConfig, parse_quantization
+from pangu_infer.quant.formats import CHOICES, DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, METHODS, QuantizationConfig, parse_quantization
 from pangu_infer.quant.loading import quantized_weight_bytes, resolve_quantization
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
@@ -29,7 +29,11 @@ TABLE_ROWS = ("float32", "bfloat16") + METHODS  # float rows name the dtype, the
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder or its config.json (no weights needed)")
     parser.add_argument("--dtype", default="bfloat16", choices=FLOAT_DTYPES, help="float dtype of the weights that stay float and of the KV cache (default: bfloat16)")
-    parser.add_argument("--quantization", default=None, choices=METHODS, help="weight-only quantization (default: the checkpoint's own quantization_config, if any)")
+    parser.add_argument(
+        "--quantization", default="auto", choices=CHOICES,
+        help="weight-only quantization: auto (default) and none keep the checkpoint's own quantization_config, if any, "
+        "as generate and serve do; int8 or int4 quantize a float checkpoint",
+    )
     parser.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES, help=f"int4 group size (default: {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--memory-gb", type=_positive_gb, default=None, help="memory budget in GB (10^9 bytes): prints how much context fits")
 
@@ -74,7 +78,7 @@ def context_tokens(memory_bytes: int, weights: int, kv_per_token: int) -> Option
 
 def run(args: argparse.Namespace) -> int:
     if args.group_size is not None and args.quantization != "int4":
-        got = f"--quantization {args.quantization}" if args.quantization else "no --quantization"
+        got = f"--quantization {args.quantization}"
         raise ValueError(f"--group-size {args.group_size} applies to --quantization int4 only, got {got}")
     cfg = read_config(args.model)
     model = build_model_on_meta(cfg)

@@ -171,3 +171,20 @@ def test_plan_reads_the_quantization_of_a_pre_quantized_checkpoint(capsys, tmp_p
     assert rc == 0 and "(int8, float parts in bfloat16)" in out
     rc, _, err = _plan(capsys, "--model", str(tmp_path), "--quantization", "int4")
     assert rc == 2 and "quantization='int4' was asked for, but the checkpoint is pre-quantized with 'int8'" in err
+
+
+def test_plan_takes_the_quantization_words_that_generate_and_serve_take(capsys, tmp_path: Path):
+    """`auto` and `none` (generate's and serve's choices) keep a float checkpoint float and a
+    pre-quantized one as stored; int4 quantizes the float one."""
+    rc, default, _ = _plan(capsys, "--model", str(EMBEDDED_7B))
+    assert rc == 0 and "(bfloat16)" in default
+    for word in ("auto", "none"):
+        rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--quantization", word)
+        assert rc == 0 and out == default
+    rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--quantization", "int4")
+    assert rc == 0 and "(int4, float parts in bfloat16)" in out
+    config = pangu_moge_config(vocab_size=100, quantization_config=QuantizationConfig("int8").to_hf())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for word in ("auto", "none"):
+        rc, out, _ = _plan(capsys, "--model", str(tmp_path), "--quantization", word)
+        assert rc == 0 and "(int8, float parts in bfloat16)" in out
