@@ -141,6 +141,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: load, ppl, prefill")
+    p.add_argument("--eager-convert", action="store_true",
+                   help="leave the prefill conversions of quantized weights eager (as before quant/prefill.py)")
     p.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quantization", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -152,6 +154,7 @@ def main() -> int:
 
     from pangu_infer.loader import demo_model_path, load_model
     from pangu_infer.models.packed import can_pack, pack_linears
+    from pangu_infer.quant.prefill import prepare as prepare_prefill
     from pangu_infer.quant.tuning import convert_min_rows
 
     if args.threads:
@@ -180,6 +183,11 @@ def main() -> int:
         loaded = load_model(path, torch.bfloat16, cpu, load_tokenizer=True, quantization=q)
         if can_pack(cpu, torch.bfloat16):
             pack_linears(loaded.model)  # what LLM does after loading
+        if not args.eager_convert:  # what LLM's background compile does (quant/prefill.py)
+            t = time.perf_counter()
+            why = prepare_prefill(loaded.model)
+            print(f"{name}: prefill conversions compiled in {time.perf_counter() - t:.1f} s"
+                  + (f" ({why})" if why else ""))
         models[name] = loaded
 
     if "ppl" not in skip:
