@@ -9,8 +9,9 @@ the gguf package's own writer and Q4_0 quantizer, `--layers` deep):
   the ratio reported is (peak - baseline) / file size;
 - perplexity of pangu_infer/data/alice_ch1.txt, kept vs dequantized, bf16 activations;
 - prefill of --prompt-len tokens (one forward of the whole prompt, as the engine's prefill step
-  runs it; bf16 weights oneDNN-packed as LLM packs them): kept int4 (and `int8`, re-quantized
-  per row) against bf16, alternating rounds, medians, and their ratio.
+  runs it; bf16 weights oneDNN-packed as LLM packs them; the quantized weights' prefill
+  conversions compiled as LLM's background compile does, unless --eager-convert): kept int4 (and
+  `int8`, re-quantized per row) against bf16, alternating rounds, medians, and their ratio.
 
     .venv/bin/python benchmarks/gguf_quant.py
     .venv/bin/python benchmarks/gguf_quant.py --make-pangu-q4_0 /tmp/pangu-q4_0.gguf --layers 4
@@ -187,7 +188,8 @@ def main() -> int:
             t = time.perf_counter()
             why = prepare_prefill(loaded.model)
             print(f"{name}: prefill conversions compiled in {time.perf_counter() - t:.1f} s"
-                  + (f" ({why})" if why else ""))
+                  + (f" ({why})" if why else "") + f"; int4 converts from {convert_min_rows('int4')} rows, "
+                  f"int8 from {convert_min_rows('int8')}")
         models[name] = loaded
 
     if "ppl" not in skip:

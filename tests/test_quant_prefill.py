@@ -19,8 +19,11 @@ pytestmark = pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
+    before = prefill._lib
     assert prefill.prepare() is None
     assert prefill.ready()
+    yield
+    prefill._lib = before  # other test files see the process as they found it
 
 
 def _packed_int4(n: int, k: int, group: int, seed: int = 0):
@@ -120,3 +123,19 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
         out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
     assert set(calls) == {"int4_to_bf16", "int8_to_bf16"}
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
+
+
+def test_prepare_sets_the_rows_measured_for_the_compiled_conversion(tmp_path, monkeypatch):
+    from pangu_infer.quant import tuning
+
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(tuning, "_cache", {})
+    monkeypatch.setattr(tuning, "measure", lambda kind: {"int4": 48, "int8": 80}[kind])
+    model = torch.nn.ModuleList(
+        PackedWeight(quantize(torch.randn(n, 64), QuantizationConfig(m, 32)), CPU)
+        for n, m in ((128, "int4"), (40, "int4"), (64, "int8"))
+    )
+    assert prefill.prepare(model) is None
+    assert [w.convert_min_rows for w in model] == [48, tuning.NEVER, 80]  # 40 rows: not whole 64-row blocks
+    stored = (tmp_path / "kernels.json").read_text()
+    assert "int4_convert_min_rows_compiled" in stored and "int8_convert_min_rows_compiled" in stored

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pangu_infer.quant.tuning import NEVER, dequantize_int4_cpu_packed
+from pangu_infer.quant.tuning import dequantize_int4_cpu_packed
 
 ENV = "PANGU_INFER_COMPILED_DEQUANT"
 SCRATCH_MAX_BYTES = 32 << 20  # bigger converted weights (a vocabulary head) are allocated per product
@@ -207,27 +207,39 @@ def _same(kind: str, got: torch.Tensor, want: torch.Tensor) -> None:
         raise RuntimeError(f"the compiled {kind} conversion differs from the eager one")
 
 
-def _converts(model: nn.Module) -> bool:
-    from pangu_infer.quant.modules import PackedWeight
+def _convertible(model: nn.Module) -> list:
+    """The quantized CPU weights whose products may convert (int4: whole 64-row blocks)."""
+    from pangu_infer.quant.modules import CPU_INT4_BLOCK, PackedWeight
 
-    return any(
-        isinstance(m, PackedWeight) and m.kernel in ("int4_cpu", "int8") and m.convert_min_rows < NEVER
-        and m.data.device.type == "cpu"
-        for m in model.modules()
-    )
+    return [
+        m for m in model.modules()
+        if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
+        and (m.kernel == "int8" or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
+    ]
+
+
+def _retune(weights: list) -> None:
+    """From the row counts measured for the compiled conversion (once per machine, cached)."""
+    from pangu_infer.quant.tuning import convert_min_rows
+
+    for m in weights:
+        m.convert_min_rows = convert_min_rows("int4" if m.kernel == "int4_cpu" else "int8")
 
 
 def prepare(model: Optional[nn.Module] = None) -> Optional[str]:
-    """Build the conversion loops when `model` (any model when None) has quantized CPU weights that
-    convert for products with many rows; None when they are ready or not needed, else why the
+    """Build the conversion loops when `model` (any model when None) has quantized CPU weights
+    whose products may convert, and set those weights' row counts from which they convert to the
+    ones measured for the compiled conversion; None when ready or not needed, else why the
     conversions stay eager."""
     global _lib, _failed
     if not enabled():
         return f"{ENV}=0"
-    if model is not None and not _converts(model):
+    weights = [] if model is None else _convertible(model)
+    if model is not None and not weights:
         return None
     with _lock:
         if _lib is not None:
+            _retune(weights)
             return None
         if _failed is not None:
             return _failed
@@ -245,6 +257,7 @@ def prepare(model: Optional[nn.Module] = None) -> Optional[str]:
             _failed = f"{type(e).__name__}: {str(e).strip()[:200]}"
             return _failed
         _lib = lib
+        _retune(weights)
         return None
 
 
