@@ -49,7 +49,7 @@ def test_int4_conversion_equals_the_eager_one(n, k, group, threads):
     assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("n, k", [(64, 64), (200, 576), (7, 48)])
+@pytest.mark.parametrize("n, k", [(64, 64), (208, 576), (200, 576), (7, 48)])
 def test_int8_conversion_folds_the_scale_rounding_once(n, k):
     g = torch.Generator().manual_seed(1)
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
@@ -57,6 +57,12 @@ def test_int8_conversion_folds_the_scale_rounding_once(n, k):
     got = prefill.int8_to_bf16(w8, s8)
     assert torch.equal(got, (w8.float() * s8.float()[:, None]).to(torch.bfloat16))
     assert torch.equal(got, prefill._int8_eager(w8, s8))
+    w_t = torch.empty(k, n, dtype=torch.bfloat16)
+    if prefill._lib[2](w8.data_ptr(), s8.data_ptr(), w_t.data_ptr(), n, k, 1):  # AVX-512, n % 16 == 0
+        assert n % 16 == 0 and torch.equal(w_t, got.t())
+    x = torch.randn(33, k, dtype=torch.bfloat16)
+    ref = x.float() @ got.float().t()
+    assert torch.allclose(prefill.int8_product(x, w8, s8).float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
@@ -105,13 +111,13 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4", "16")
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "16")
     calls = []
-    for name in ("int4_to_bf16", "int8_to_bf16"):
+    for name in ("int4_to_bf16", "int8_to_bf16", "int8_product"):
         real = getattr(prefill, name)
         monkeypatch.setattr(prefill, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     import pangu_infer.quant.modules as modules
 
     monkeypatch.setattr(modules, "int4_to_bf16", prefill.int4_to_bf16)
-    monkeypatch.setattr(modules, "int8_to_bf16", prefill.int8_to_bf16)
+    monkeypatch.setattr(modules, "int8_product", prefill.int8_product)
     text = (Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt").read_text()
     out = {}
     for q in ("auto", "none"):
@@ -121,7 +127,7 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
         with torch.inference_mode():
             logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
         out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
-    assert set(calls) == {"int4_to_bf16", "int8_to_bf16"}
+    assert {"int4_to_bf16", "int8_product"} <= set(calls)
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
 
 

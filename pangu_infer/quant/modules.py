@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
-from pangu_infer.quant.prefill import int4_to_bf16, int8_to_bf16
+from pangu_infer.quant.prefill import int4_to_bf16, int8_product
 from pangu_infer.quant.tuning import NEVER, convert_min_rows
 
 KERNEL_DTYPE = torch.bfloat16
@@ -152,7 +152,7 @@ class PackedWeight(nn.Module):
             # runs this way). Where the two cross is measured once per machine (quant/tuning.py).
             # The scales are folded into the converted weight (quant/prefill.py: one fused loop
             # once compiled, one eager pass before).
-            y = F.linear(xk, int8_to_bf16(data, scales))
+            y = int8_product(xk, data, scales)
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
             w_t = int4_to_bf16(data, self.group_size, scales)

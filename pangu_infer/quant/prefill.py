@@ -11,8 +11,9 @@ is still in cache when the product reads it:
 
 - int4 (the aten kernel's packed layout, see `dequantize_int4_cpu_packed`): q * s + (z - 8 s) in
   fp32, rounded to bf16 once (to nearest even), W^T [K, N];
-- int8: q * s in fp32, rounded to bf16 once, W [N, K] with the scale folded in (the product's
-  output is then not scaled and rounded a second time).
+- int8: q * s in fp32, rounded to bf16 once, with the scale folded in (the product's output is
+  then not scaled and rounded a second time); written as W^T [K, N] where the CPU has AVX-512
+  (oneDNN multiplies by a row-major W^T faster), else as W [N, K].
 
 Their eager versions (`_int4_eager`, `_int8_eager`) compute the same formulas; they run until the
 library is built, wherever building it fails, and when `PANGU_INFER_COMPILED_DEQUANT=0`. Building
@@ -52,6 +53,11 @@ _SOURCE = r"""
 #pragma GCC optimize ("tree-loop-vectorize")
 #include <stdint.h>
 #include <string.h>
+#include <limits.h>
+#include <stdint.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 // Round to nearest even, as torch's float -> bfloat16 conversion (no NaN here: finite scales).
@@ -95,6 +101,37 @@ extern "C" void pangu_int8_to_bf16(const int8_t* w, const uint16_t* scale, uint1
     uint16_t* o = out + r * k;
     for (int64_t c = 0; c < k; ++c) o[c] = f2bf((float)src[c] * s);
   }
+}
+
+// The same, written transposed: out = W^T [k][n]. oneDNN multiplies by a row-major W^T faster
+// than by W (RESULTS.md). Sixteen rows at a time: one gather takes 4 bytes of each row, and each
+// of the 4 columns is stored as 16 contiguous bf16. Only built with AVX-512 (else returns 0).
+extern "C" int pangu_int8_to_bf16_t(const int8_t* w, const uint16_t* scale, uint16_t* out,
+                                    int64_t n, int64_t k, int threads) {
+#ifdef __AVX512F__
+  if (n % 16 || k % 4 || k * 16 > INT32_MAX) return 0;
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
+  for (int64_t r0 = 0; r0 < n; r0 += 16) {
+    const __m512 s = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)k));
+    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    const int8_t* base = w + r0 * k;
+    for (int64_t c = 0; c < k; c += 4) {
+      const __m512i g = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i b = _mm512_srai_epi32(_mm512_sllv_epi32(g, _mm512_set1_epi32(24 - 8 * j)), 24);
+        __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(b), s));
+        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+        _mm256_storeu_si256((__m256i*)(out + (c + j) * n + r0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+      }
+    }
+  }
+  return 1;
+#else
+  return 0;
+#endif
 }
 """
 
@@ -151,17 +188,32 @@ def _int8_eager(data: torch.Tensor, scales: torch.Tensor, out: Optional[torch.Te
     return torch.mul(data, scales.to(torch.bfloat16).unsqueeze(1), out=out)
 
 
+def _int8_fits(data: torch.Tensor, scales: torch.Tensor) -> bool:
+    return (
+        data.dtype == torch.int8 and scales.dtype == torch.bfloat16 and data.is_contiguous()
+        and scales.is_contiguous() and tuple(scales.shape) == tuple(data.shape[:1])
+    )
+
+
 def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W [N, K] in bf16 with each row's scale folded in."""
     out = _scratch(("int8", *data.shape), tuple(data.shape))
     lib = _lib if enabled() else None
-    if (
-        lib is None or data.dtype != torch.int8 or scales.dtype != torch.bfloat16
-        or not data.is_contiguous() or not scales.is_contiguous() or scales.shape != data.shape[:1]
-    ):
+    if lib is None or not _int8_fits(data, scales):
         return _int8_eager(data, scales, out)
     lib[1](data.data_ptr(), scales.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1], torch.get_num_threads())
     return out
+
+
+def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16 times the int8 weight converted to bf16 (scales folded in): [M, N]."""
+    lib = _lib if enabled() else None
+    if lib is not None and _int8_fits(data, scales):
+        n, k = data.shape
+        w_t = _scratch(("int8_t", n, k), (k, n))
+        if lib[2](data.data_ptr(), scales.data_ptr(), w_t.data_ptr(), n, k, torch.get_num_threads()):
+            return torch.matmul(x, w_t)
+    return torch.nn.functional.linear(x, int8_to_bf16(data, scales))
 
 
 # ---------------------------------------------------------------------------------- preparing
@@ -174,11 +226,12 @@ def _build() -> tuple:
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     lib = CppCodeCache.load(_SOURCE)
-    f4, f8 = lib.pangu_int4_to_bf16, lib.pangu_int8_to_bf16
+    f4, f8, f8t = lib.pangu_int4_to_bf16, lib.pangu_int8_to_bf16, lib.pangu_int8_to_bf16_t
     f4.restype = f8.restype = None
+    f8t.restype = ctypes.c_int
     f4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    f8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    return f4, f8
+    f8.argtypes = f8t.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    return f4, f8, f8t
 
 
 def _check(lib: tuple) -> None:
@@ -195,9 +248,12 @@ def _check(lib: tuple) -> None:
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     s8 = (torch.rand(n, generator=g) * 0.02).to(torch.bfloat16)
     out8 = torch.empty(n, k, dtype=torch.bfloat16)
+    out8t = torch.empty(k, n, dtype=torch.bfloat16)
     for threads in (1, 2):
         lib[1](w8.data_ptr(), s8.data_ptr(), out8.data_ptr(), n, k, threads)
         _same("int8", out8, _int8_eager(w8, s8))
+        if lib[2](w8.data_ptr(), s8.data_ptr(), out8t.data_ptr(), n, k, threads):
+            _same("int8 (transposed)", out8t, _int8_eager(w8, s8).t())
 
 
 def _same(kind: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -265,4 +321,4 @@ def ready() -> bool:
     return _lib is not None and enabled()
 
 
-__all__ = ["ENV", "enabled", "int4_to_bf16", "int8_to_bf16", "prepare", "ready"]
+__all__ = ["ENV", "enabled", "int4_to_bf16", "int8_product", "int8_to_bf16", "prepare", "ready"]

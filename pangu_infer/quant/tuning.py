@@ -116,7 +116,7 @@ def measure(kind: str) -> int:
 
     Converting runs the conversion products run now (quant/prefill.py: the compiled loop once it
     is built, else the eager one)."""
-    from pangu_infer.quant.prefill import int4_to_bf16, int8_to_bf16
+    from pangu_infer.quant.prefill import int4_to_bf16, int8_product
 
     g = torch.Generator().manual_seed(0)
     n, k, group = BENCH_N, BENCH_K, 32
@@ -143,7 +143,7 @@ def measure(kind: str) -> int:
             return torch.ops.aten._weight_int8pack_mm(x, w8, s8)
 
         def convert(x):
-            return F.linear(x, int8_to_bf16(w8, s8))
+            return int8_product(x, w8, s8)
 
     for rows in ROW_CANDIDATES:
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
