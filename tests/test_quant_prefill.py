@@ -145,3 +145,16 @@ def test_prepare_sets_the_rows_measured_for_the_compiled_conversion(tmp_path, mo
     assert [w.convert_min_rows for w in model] == [48, tuning.NEVER, 80]  # 40 rows: not whole 64-row blocks
     stored = (tmp_path / "kernels.json").read_text()
     assert "int4_convert_min_rows_compiled" in stored and "int8_convert_min_rows_compiled" in stored
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_a_traced_many_row_product_uses_the_eager_formula(method):
+    """Dynamo cannot trace the ctypes call: a compiled graph with many rows (a big decode batch)
+    takes the eager conversion, whole (fullgraph), with the same numbers."""
+    packed = PackedWeight(quantize(torch.randn(128, 64), QuantizationConfig(method, 32)), CPU)
+    packed.convert_min_rows = 16
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = packed(x)
+        got = torch.compile(packed, fullgraph=True, dynamic=False)(x)
+    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())

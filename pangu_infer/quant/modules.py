@@ -10,7 +10,7 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
   (fp32 ones are several times slower). It needs N % 16 == 0: other row counts are zero-padded at load.
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill); the
-  conversion is one loop compiled per weight shape once prepared (pangu_infer.quant.prefill).
+  conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
 - int4 on CUDA: `aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` and
   `aten._weight_int4pack_mm` (bf16 only; K a multiple of 32 * inner_k_tiles / 2, N of 8).
 - Anywhere else (other devices, shapes a kernel refuses): the weight is dequantized per product,

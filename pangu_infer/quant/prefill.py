@@ -156,6 +156,13 @@ def _scratch(key: tuple, shape: tuple) -> torch.Tensor:
 
 
 def _int4_eager(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # the same formula without out= into strided views (dynamo refuses those)
+        n, k = data.shape[0], data.shape[1] * 2
+        v = data.view(n // _INT4_BLOCK, k, 32).permute(1, 0, 2)
+        codes = torch.stack((v & 15, v >> 4), dim=2).reshape(k // group_size, group_size, n).float()
+        scale = scales[..., 0].unsqueeze(1).float()
+        base = scales[..., 1].unsqueeze(1).float() - 8 * scale
+        return (codes * scale + base).to(torch.bfloat16).view(k, n)
     return dequantize_int4_cpu_packed(data, group_size, scales)
 
 
@@ -168,9 +175,15 @@ def _int4_fits(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> boo
     )
 
 
+def _usable() -> Optional[tuple]:
+    # Inside a graph dynamo traces (a compiled decode step with many rows), the eager formulas:
+    # dynamo cannot trace a ctypes call, and inductor fuses those itself.
+    return _lib if enabled() and not torch.compiler.is_compiling() else None
+
+
 def int4_to_bf16(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
     """W^T [K, N] in bf16 from the packed int4 layout (N a multiple of 64)."""
-    lib = _lib if enabled() else None
+    lib = _usable()
     if lib is None or not _int4_fits(data, group_size, scales):
         return _int4_eager(data, group_size, scales)
     n, k = data.shape[0], data.shape[1] * 2
@@ -197,8 +210,10 @@ def _int8_fits(data: torch.Tensor, scales: torch.Tensor) -> bool:
 
 def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W [N, K] in bf16 with each row's scale folded in."""
+    lib = _usable()
+    if torch.compiler.is_compiling():
+        return _int8_eager(data, scales)
     out = _scratch(("int8", *data.shape), tuple(data.shape))
-    lib = _lib if enabled() else None
     if lib is None or not _int8_fits(data, scales):
         return _int8_eager(data, scales, out)
     lib[1](data.data_ptr(), scales.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1], torch.get_num_threads())
@@ -207,7 +222,7 @@ def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 times the int8 weight converted to bf16 (scales folded in): [M, N]."""
-    lib = _lib if enabled() else None
+    lib = _usable()
     if lib is not None and _int8_fits(data, scales):
         n, k = data.shape
         w_t = _scratch(("int8_t", n, k), (k, n))
