@@ -9,8 +9,9 @@ the gguf package's own writer and Q4_0 quantizer, `--layers` deep):
   the ratio reported is (peak - baseline) / file size;
 - perplexity of pangu_infer/data/alice_ch1.txt, kept vs dequantized, bf16 activations;
 - prefill of --prompt-len tokens (one forward of the whole prompt, as the engine's prefill step
-  runs it; bf16 weights oneDNN-packed as LLM packs them): kept int4 (and `int8`, re-quantized
-  per row) against bf16, alternating rounds, medians, and their ratio.
+  runs it; bf16 weights oneDNN-packed as LLM packs them; the quantized weights' prefill
+  conversions compiled as LLM's background compile does, unless --eager-convert): kept int4 (and
+  `int8`, re-quantized per row) against bf16, alternating rounds, medians, and their ratio.
 
     .venv/bin/python benchmarks/gguf_quant.py
     .venv/bin/python benchmarks/gguf_quant.py --make-pangu-q4_0 /tmp/pangu-q4_0.gguf --layers 4
@@ -141,6 +142,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: load, ppl, prefill")
+    p.add_argument("--eager-convert", action="store_true",
+                   help="leave the prefill conversions of quantized weights eager (as before quant/prefill.py)")
     p.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
     p.add_argument("--quantization", default="auto", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -152,6 +155,7 @@ def main() -> int:
 
     from pangu_infer.loader import demo_model_path, load_model
     from pangu_infer.models.packed import can_pack, pack_linears
+    from pangu_infer.quant.prefill import prepare as prepare_prefill
     from pangu_infer.quant.tuning import convert_min_rows
 
     if args.threads:
@@ -180,6 +184,12 @@ def main() -> int:
         loaded = load_model(path, torch.bfloat16, cpu, load_tokenizer=True, quantization=q)
         if can_pack(cpu, torch.bfloat16):
             pack_linears(loaded.model)  # what LLM does after loading
+        if not args.eager_convert:  # what LLM's background compile does (quant/prefill.py)
+            t = time.perf_counter()
+            why = prepare_prefill(loaded.model)
+            print(f"{name}: prefill conversions compiled in {time.perf_counter() - t:.1f} s"
+                  + (f" ({why})" if why else "") + f"; int4 converts from {convert_min_rows('int4')} rows, "
+                  f"int8 from {convert_min_rows('int8')}")
         models[name] = loaded
 
     if "ppl" not in skip:

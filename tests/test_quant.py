@@ -19,7 +19,7 @@ from pangu_infer.quant import formats
 from pangu_infer.quant.formats import unpack_int4
 from pangu_infer.quant.checkpoint import write_quantized_checkpoint
 from pangu_infer.quant.loading import LoadHook, make_load_hook
-from pangu_infer.quant import tuning
+from pangu_infer.quant import prefill, tuning
 from pangu_infer.quant.modules import OffloadedExperts, PackedWeight, QuantizedExperts
 
 CPU = torch.device("cpu")
@@ -344,6 +344,7 @@ def test_convert_rows_are_measured_once_and_cached_per_machine(tmp_path, monkeyp
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(cache))
     monkeypatch.delenv("PANGU_INFER_KERNEL_ROWS_INT8", raising=False)
     monkeypatch.setattr(tuning, "_cache", {})
+    monkeypatch.setattr(prefill, "_lib", None)  # the eager conversion's entry (the compiled one has its own)
     calls = []
     monkeypatch.setattr(tuning, "measure", lambda kind: calls.append(kind) or 48)
     assert tuning.convert_min_rows("int8") == 48

@@ -140,6 +140,14 @@ class ModelRunner:
             )
             with self._pinned():
                 step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch, self.batch_invariant)
+            if step is not None:
+                self.decode_forward = step  # decode goes compiled while the prefill conversions compile
+            if self.device.type == "cpu":
+                from pangu_infer.quant.prefill import prepare as prepare_prefill
+
+                why = prepare_prefill(self.model)  # quantized weights' conversion for prefill, one loop each
+                if why is not None:
+                    logger.info("quantized prefill conversions stay eager for some shapes: %s", why)
         except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
             error = f"{type(e).__name__}: {e}"
         finally:

@@ -9,7 +9,8 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
   (fp32 ones are several times slower). It needs N % 16 == 0: other row counts are zero-padded at load.
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
-  products convert the weight to bf16 and run one oneDNN product instead (prefill).
+  products convert the weight to bf16 and run one oneDNN product instead (prefill); the
+  conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
 - int4 on CUDA: `aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` and
   `aten._weight_int4pack_mm` (bf16 only; K a multiple of 32 * inner_k_tiles / 2, N of 8).
 - Anywhere else (other devices, shapes a kernel refuses): the weight is dequantized per product,
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
-from pangu_infer.quant.tuning import NEVER, convert_min_rows, dequantize_int4_cpu_packed
+from pangu_infer.quant.prefill import int4_to_bf16, int8_product
+from pangu_infer.quant.tuning import NEVER, convert_min_rows
 
 KERNEL_DTYPE = torch.bfloat16
 INT8_ALIGN = 64
@@ -148,10 +150,12 @@ class PackedWeight(nn.Module):
             # The CPU kernel's time grows with the rows like a loop of one-row products; from some
             # row count, converting the weight to bf16 for one oneDNN product is faster (prefill
             # runs this way). Where the two cross is measured once per machine (quant/tuning.py).
-            y = F.linear(xk, data.to(KERNEL_DTYPE)) * scales
+            # The scales are folded into the converted weight (quant/prefill.py: one fused loop
+            # once compiled, one eager pass before).
+            y = int8_product(xk, data, scales)
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
-            w_t = dequantize_int4_cpu_packed(data, self.group_size, scales)
+            w_t = int4_to_bf16(data, self.group_size, scales)
             y = torch.matmul(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features])
         elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xk, data, scales)

@@ -1,0 +1,160 @@
+"""The compiled weight conversions of quantized products with many rows (pangu_infer.quant.prefill)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pangu_infer.engine.compiled import compile_problem
+from pangu_infer.loader import load_model
+from pangu_infer.quant import prefill
+from pangu_infer.quant.formats import QuantizationConfig, dequantize, quantize
+from pangu_infer.quant.modules import PackedWeight
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++ compiler for inductor here")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    before = prefill._lib
+    assert prefill.prepare() is None
+    assert prefill.ready()
+    yield
+    prefill._lib = before  # other test files see the process as they found it
+
+
+def _packed_int4(n: int, k: int, group: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+    data = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales = (torch.randn(k // group, n, 2, generator=g) * 0.05).to(torch.bfloat16)
+    return data, scales
+
+
+@pytest.mark.parametrize("n, k, group", [(64, 64, 32), (192, 576, 32), (320, 256, 64), (128, 512, 128)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int4_conversion_equals_the_eager_one(n, k, group, threads):
+    data, scales = _packed_int4(n, k, group)
+    want = prefill._int4_eager(data, group, scales)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = prefill.int4_to_bf16(data, group, scales)
+    finally:
+        torch.set_num_threads(old)
+    assert got.shape == (k, n) and got.dtype == torch.bfloat16
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n, k", [(64, 64), (208, 576), (200, 576), (7, 48)])
+def test_int8_conversion_folds_the_scale_rounding_once(n, k):
+    g = torch.Generator().manual_seed(1)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(n, generator=g) * 0.02).to(torch.bfloat16)
+    got = prefill.int8_to_bf16(w8, s8)
+    assert torch.equal(got, (w8.float() * s8.float()[:, None]).to(torch.bfloat16))
+    assert torch.equal(got, prefill._int8_eager(w8, s8))
+    w_t = torch.empty(k, n, dtype=torch.bfloat16)
+    if prefill._lib[2](w8.data_ptr(), s8.data_ptr(), w_t.data_ptr(), n, k, 1):  # AVX-512, n % 16 == 0
+        assert n % 16 == 0 and torch.equal(w_t, got.t())
+    x = torch.randn(33, k, dtype=torch.bfloat16)
+    ref = x.float() @ got.float().t()
+    assert torch.allclose(prefill.int8_product(x, w8, s8).float(), ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_many_row_products_match_the_dequantized_weight_and_the_eager_conversion(monkeypatch, method):
+    w = torch.randn(192, 256)
+    qt = quantize(w, QuantizationConfig(method, 32))
+    packed = PackedWeight(qt, CPU)
+    packed.convert_min_rows = 16
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    y = packed(x)
+    ref = x.float() @ dequantize(qt).T
+    assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+    monkeypatch.setenv(prefill.ENV, "0")  # the eager conversion: the same weight, so the same product
+    assert torch.equal(packed(x), y)
+
+
+def test_two_weights_of_one_shape_each_get_their_own_numbers():
+    """The converted weight lives in a buffer shared by the shape; each product reads its own."""
+    a, b = (PackedWeight(quantize(torch.randn(128, 128) * s, QuantizationConfig("int4", 32)), CPU) for s in (1, 3))
+    a.convert_min_rows = b.convert_min_rows = 1
+    x = torch.randn(64, 128, dtype=torch.bfloat16)
+    ya, yb = a(x), b(x)
+    assert not torch.equal(ya, yb)
+    assert torch.equal(a(x), ya) and torch.equal(b(x), yb)
+
+
+def test_turned_off_or_unbuilt_runs_the_eager_conversion(monkeypatch):
+    data, scales = _packed_int4(64, 64, 32)
+
+    def boom(*args):
+        raise AssertionError("the compiled conversion ran")
+
+    monkeypatch.setattr(prefill, "_lib", (boom, boom))
+    monkeypatch.setenv(prefill.ENV, "0")
+    assert torch.equal(prefill.int4_to_bf16(data, 32, scales), prefill._int4_eager(data, 32, scales))
+    assert prefill.prepare() == f"{prefill.ENV}=0"
+    monkeypatch.delenv(prefill.ENV)
+    with pytest.raises(AssertionError, match="compiled conversion ran"):
+        prefill.int4_to_bf16(data, 32, scales)
+    monkeypatch.setattr(prefill, "_lib", None)
+    assert torch.equal(prefill.int4_to_bf16(data, 32, scales), prefill._int4_eager(data, 32, scales))
+
+
+def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_bf16(monkeypatch, smollm2_gguf_path):
+    """Every product of the passage converts (int4 linears, the int8 tied head) through the loops."""
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4", "16")
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "16")
+    calls = []
+    for name in ("int4_to_bf16", "int8_to_bf16", "int8_product"):
+        real = getattr(prefill, name)
+        monkeypatch.setattr(prefill, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    import pangu_infer.quant.modules as modules
+
+    monkeypatch.setattr(modules, "int4_to_bf16", prefill.int4_to_bf16)
+    monkeypatch.setattr(modules, "int8_product", prefill.int8_product)
+    text = (Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt").read_text()
+    out = {}
+    for q in ("auto", "none"):
+        loaded = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, quantization=q)
+        assert prefill.prepare(loaded.model) is None
+        ids = torch.tensor(loaded.tokenizer.encode(text))
+        with torch.inference_mode():
+            logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
+        out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
+    assert {"int4_to_bf16", "int8_product"} <= set(calls)
+    assert abs(out["auto"] / out["none"] - 1) < 0.01, out
+
+
+def test_prepare_sets_the_rows_measured_for_the_compiled_conversion(tmp_path, monkeypatch):
+    from pangu_infer.quant import tuning
+
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(tuning, "_cache", {})
+    monkeypatch.setattr(tuning, "measure", lambda kind: {"int4": 48, "int8": 80}[kind])
+    model = torch.nn.ModuleList(
+        PackedWeight(quantize(torch.randn(n, 64), QuantizationConfig(m, 32)), CPU)
+        for n, m in ((128, "int4"), (40, "int4"), (64, "int8"))
+    )
+    assert prefill.prepare(model) is None
+    assert [w.convert_min_rows for w in model] == [48, tuning.NEVER, 80]  # 40 rows: not whole 64-row blocks
+    stored = (tmp_path / "kernels.json").read_text()
+    assert "int4_convert_min_rows_compiled" in stored and "int8_convert_min_rows_compiled" in stored
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_a_traced_many_row_product_uses_the_eager_formula(method):
+    """Dynamo cannot trace the ctypes call: a compiled graph with many rows (a big decode batch)
+    takes the eager conversion, whole (fullgraph), with the same numbers."""
+    packed = PackedWeight(quantize(torch.randn(128, 64), QuantizationConfig(method, 32)), CPU)
+    packed.convert_min_rows = 16
+    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = packed(x)
+        got = torch.compile(packed, fullgraph=True, dynamic=False)(x)
+    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
