@@ -128,6 +128,7 @@ def _load_gguf(
     (pangu_infer.loader.gguf_tensors: Q4 blocks as int4 groups of 32, other block types as int8,
     float tensors float), converted block by block from the mapped file; "none" dequantizes every
     tensor to `dtype`; "int8"/"int4" quantize every linear that way."""
+    from pangu_infer.loader import model_cache
     from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf
     from pangu_infer.loader.gguf_tensors import iter_weights, plan_settings
     from pangu_infer.quant.formats import QuantizationConfig, parse_quantization
@@ -137,6 +138,15 @@ def _load_gguf(
         raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are converted copies")
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_hf_dict(ckpt.config)
+    # A later start maps the converted model from the cache instead of converting (loader/model_cache.py).
+    cached = None
+    use_cache = model_cache.enabled() and device.type == "cpu"
+    if use_cache:
+        cached = model_cache.load(path, model_cache.cache_key(path, dtype, device, quantization), lambda: build_model_on_meta(cfg))
+    if cached is not None:
+        cached.eval()
+        tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
+        return LoadedModel(cached, cfg, tok, {}, path)
     net = build_model_on_meta(cfg)
     if isinstance(quantization, QuantizationConfig):
         mode = quantization.method
@@ -165,6 +175,8 @@ def _load_gguf(
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
     net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook)
     net.eval()
+    if use_cache:  # the key again: loading may have measured and stored this machine's kernel tuning
+        model_cache.store(net, model_cache.cache_key(path, dtype, device, quantization), lambda: build_model_on_meta(cfg))
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)
 
