@@ -39,7 +39,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -280,8 +280,12 @@ def _header_bytes(header: dict) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write(model: nn.Module, key: dict, target: Path) -> None:
-    """Write the model's snapshot to `target` atomically (raises CacheError if it cannot be described)."""
+def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = None) -> None:
+    """Write the model's snapshot (and `extras`, JSON: what else the load needs, such as the config
+    and tokenizer read from the GGUF header) to `target` atomically; CacheError if it cannot be described."""
+    extras = extras or {}
+    if json.loads(json.dumps(extras)) != extras:
+        raise CacheError("the config or tokenizer does not survive JSON")
     modules, tensors = describe(model)
     header, writes, aliases = _layout(tensors)
     strides = {n: list(t.stride()) for n, t in tensors.items() if n not in aliases and not t.is_contiguous()}
@@ -291,6 +295,7 @@ def write(model: nn.Module, key: dict, target: Path) -> None:
         "modules": json.dumps(modules),
         "aliases": json.dumps(aliases),
         "strides": json.dumps(strides),
+        "extras": json.dumps(extras),
     }
     head = _header_bytes(header)
     size = len(head) + (writes[-1][0] + writes[-1][1].numel() * writes[-1][1].element_size() if writes else 0)
@@ -335,14 +340,17 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read(path: Path, key: dict, model: nn.Module) -> nn.Module:
-    """Fill the meta-device `model` (built from the same config) from the snapshot at `path`."""
+def read(path: Path, key: dict, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
+    """The model in the snapshot at `path` and its extras: `build(extras)` makes the meta-device
+    model (from the config), which is then filled."""
     header, base = _read_header(path)
     meta = header["__metadata__"]
     if meta.get("format") != FORMAT:
         raise CacheError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
     if json.loads(meta["key"]) != json.loads(json.dumps(key, sort_keys=True)):
         raise CacheError("written for another file, engine or setting (key differs)")
+    extras = json.loads(meta["extras"])
+    model = build(extras)
     modules = json.loads(meta["modules"])
     aliases: dict[str, str] = json.loads(meta["aliases"])
     strides: dict[str, list[int]] = json.loads(meta["strides"])
@@ -408,7 +416,7 @@ def read(path: Path, key: dict, model: nn.Module) -> nn.Module:
             else:
                 module.__dict__[name] = t
     _share_parameters(model, modules, aliases)
-    return model
+    return model, extras
 
 
 def _share_parameters(model: nn.Module, modules: list[dict], aliases: dict[str, str]) -> None:
@@ -501,24 +509,24 @@ def _aliasing(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
 # ------------------------------------------------------------------------------------ the API
 
 
-def load(path: str, key: dict, build) -> Optional[nn.Module]:
-    """The cached model for `key`, or None (no file; a bad one is reported in one line)."""
+def load(path: str, key: dict, build: Callable[[dict], nn.Module]) -> Optional[tuple[nn.Module, dict]]:
+    """The cached model for `key` and its extras, or None (no file; a bad one is reported in one line)."""
     target = cache_file(key)
     if not target.is_file():
         return None
     try:
-        return read(target, key, build())
+        return read(target, key, build)
     except Exception as e:  # noqa: BLE001  (any problem with the file: load normally, rewrite it)
         warn(f"ignoring {target} ({type(e).__name__}: {e}); loading {os.path.basename(path)} normally")
         return None
 
 
-def store(model: nn.Module, key: dict, build) -> Optional[Path]:
+def store(model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extras: Optional[dict] = None) -> Optional[Path]:
     """Write the model's snapshot, check it reads back as the same model, and keep it; on any
-    problem keep nothing (one line on stderr unless the model just has no cacheable form)."""
+    problem keep nothing and say why in one line."""
     target = cache_file(key)
     try:
-        write(model, key, target)
+        write(model, key, target, extras)
     except CacheError as e:
         warn(f"not cached ({e})")
         return None
@@ -526,7 +534,7 @@ def store(model: nn.Module, key: dict, build) -> Optional[Path]:
         warn(f"not written to {target.parent} ({e})")
         return None
     try:
-        why = same_model(model, read(target, key, build()))
+        why = same_model(model, read(target, key, build)[0])
     except Exception as e:  # noqa: BLE001
         why = f"{type(e).__name__}: {e}"
     if why is not None:
