@@ -106,8 +106,18 @@ def test_a_changed_file_invalidates_its_cache(tiny_file, cache_dir, monkeypatch)
     calls = _conversions(monkeypatch)
     LLM(str(tiny_file), enforce_eager=True)
     assert "convert" in calls
-    (new,) = _files(cache_dir)  # the new key's file replaced the old one
+    (new,) = _files(cache_dir)  # the new version's file replaced the old one
     assert new != old
+
+
+def test_caches_of_other_settings_stay_side_by_side(tiny_file, cache_dir, monkeypatch):
+    LLM(str(tiny_file), enforce_eager=True)
+    LLM(str(tiny_file), enforce_eager=True, dtype="float32")
+    assert len(_files(cache_dir)) == 2
+    calls = _conversions(monkeypatch)
+    LLM(str(tiny_file), enforce_eager=True)
+    LLM(str(tiny_file), enforce_eager=True, dtype="float32")
+    assert calls == []
 
 
 @pytest.mark.parametrize("damage", ["truncate", "header", "key"])

@@ -19,7 +19,8 @@ Safety:
   was just converted; a model that does not round-trip is not cached;
 - a file that cannot be read back (truncated, another key, bad header) is ignored with one
   warning line, and the normal load rewrites it;
-- files of an older key for the same GGUF path are removed when a new one is written;
+- files written for an older version of the same GGUF path (another size or mtime) are removed
+  when a new one is written; the caches of one version under other settings (threads, dtype) stay;
 - `PANGU_INFER_MODEL_CACHE=0` (or the CLI's `--no-model-cache`) turns the cache off;
   `PANGU_INFER_MODEL_CACHE_DIR` names another folder.
 
@@ -131,11 +132,29 @@ def cache_key(path: str, dtype: torch.dtype, device: torch.device, quantization:
 
 
 def cache_file(key: dict) -> Path:
-    """<file stem>-<hash of its path>-<hash of the whole key>.safetensors"""
+    """<file stem>-<hash of its path>-<hash of its size and mtime>-<hash of the whole key>.safetensors:
+    the caches of one version of a file under several settings (threads, dtype) live side by side."""
     stem = Path(key["file"]).stem[:60]
     where = hashlib.blake2b(key["file"].encode(), digest_size=4).hexdigest()
+    version = hashlib.blake2b(f"{key['size']}:{key['mtime_ns']}".encode(), digest_size=4).hexdigest()
     what = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
-    return cache_dir() / f"{stem}-{where}-{what}.safetensors"
+    return cache_dir() / f"{stem}-{where}-{version}-{what}.safetensors"
+
+
+def _stale(target: Path) -> list[Path]:
+    """Cache files of other versions of the same GGUF path (the file changed since they were written)."""
+    stem, where, version, _ = target.name.rsplit("-", 3)
+    return [
+        old
+        for old in target.parent.glob(f"{glob_escape(stem)}-{where}-*.safetensors")
+        if old.name.rsplit("-", 3)[2] != version
+    ]
+
+
+def glob_escape(text: str) -> str:
+    import glob
+
+    return glob.escape(text)
 
 
 def warn(msg: str) -> None:
@@ -541,8 +560,6 @@ def store(model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extra
         warn(f"not cached: the written model does not read back the same ({why})")
         target.unlink(missing_ok=True)
         return None
-    prefix = target.name.rsplit("-", 1)[0] + "-"
-    for old in target.parent.glob(prefix + "*.safetensors"):
-        if old != target:
-            old.unlink(missing_ok=True)
+    for old in _stale(target):
+        old.unlink(missing_ok=True)
     return target
