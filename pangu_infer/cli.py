@@ -52,6 +52,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "the first time on a small CPU, seconds from the cache after)",
     )
     p.add_argument(
+        "--no-model-cache", action="store_true",
+        help="convert a .gguf file on every start instead of mapping its converted form from "
+        "~/.cache/pangu-infer/models (same as PANGU_INFER_MODEL_CACHE=0)",
+    )
+    p.add_argument(
         "--batch-invariant", action="store_true",
         help="every request's tokens and logprobs bitwise the same whatever else is in the batch "
         "(greedy and seeded requests; costs speed, see the README)",
@@ -59,6 +64,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
+    if getattr(args, "no_model_cache", False):
+        os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
     return dict(
         dtype=args.dtype,
         device=args.device,

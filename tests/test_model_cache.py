@@ -188,3 +188,14 @@ def test_demo_model_from_the_cache_gives_bitwise_the_same_logits(smollm2_gguf_pa
     emb, head = cached.model.model.embed_tokens, cached.model.lm_head
     if hasattr(emb, "qweight") and head.weight.method == "int8":  # the tied int8 head shares the embedding's bytes
         assert head.weight.data.data_ptr() == emb.qweight.data_ptr()
+
+
+def test_the_cli_flag_turns_the_cache_off(tiny_file, cache_dir, monkeypatch, capsys):
+    from pangu_infer import cli
+
+    argv = ["generate", "--model", str(tiny_file), "--prompt", "hi", "--max-tokens", "1", "--enforce-eager"]
+    assert cli.main(argv + ["--no-model-cache"]) == 0
+    assert not _files(cache_dir)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "1")
+    assert cli.main(argv) == 0
+    assert len(_files(cache_dir)) == 1
