@@ -199,3 +199,8 @@ def test_the_cli_flag_turns_the_cache_off(tiny_file, cache_dir, monkeypatch, cap
     monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "1")
     assert cli.main(argv) == 0
     assert len(_files(cache_dir)) == 1
+
+
+def test_a_float_load_is_not_cached(tiny_file, cache_dir):
+    LLM(str(tiny_file), enforce_eager=True, quantization="none")
+    assert not _files(cache_dir)

@@ -178,7 +178,10 @@ def _load_gguf(
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
     net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook)
     net.eval()
-    if use_cache:  # the key again: loading may have measured and stored this machine's kernel tuning
+    # Only a model that keeps quantized weights is cached: a float one is cheap to read from the
+    # file and would take several times its disk space. The key again: loading may have measured
+    # and stored this machine's kernel tuning.
+    if use_cache and hook is not None:
         extras = {"config": ckpt.config, "tokenizer_spec": ckpt.tokenizer_spec}
         model_cache.store(net, model_cache.cache_key(path, dtype, device, quantization), _build_cached, extras)
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
