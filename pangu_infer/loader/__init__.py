@@ -129,6 +129,7 @@ def _load_gguf(
     float tensors float), converted block by block from the mapped file; "none" dequantizes every
     tensor to `dtype`; "int8"/"int4" quantize every linear that way."""
     from pangu_infer.loader import model_cache
+    from pangu_infer.parallel.state import current_parallel_state
     from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf, tokenizer_from_spec
     from pangu_infer.loader.gguf_tensors import iter_weights, plan_settings
     from pangu_infer.quant.formats import QuantizationConfig, parse_quantization
@@ -138,7 +139,8 @@ def _load_gguf(
         raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are converted copies")
     # A later start maps the converted model from the cache instead of converting; the cache also
     # holds the config and tokenizer read from the file's header (loader/model_cache.py).
-    use_cache = model_cache.enabled() and device.type == "cpu"
+    # One process only: a tensor-parallel rank holds a shard, which the key does not name.
+    use_cache = model_cache.enabled() and device.type == "cpu" and not current_parallel_state().is_parallel
     if use_cache:
         hit = model_cache.load(
             path, model_cache.cache_key(path, dtype, device, quantization), lambda extras: _build_cached(extras)
