@@ -204,3 +204,14 @@ def test_the_cli_flag_turns_the_cache_off(tiny_file, cache_dir, monkeypatch, cap
 def test_a_float_load_is_not_cached(tiny_file, cache_dir):
     LLM(str(tiny_file), enforce_eager=True, quantization="none")
     assert not _files(cache_dir)
+
+
+def test_a_new_engine_version_replaces_the_old_files(tiny_file, cache_dir, monkeypatch):
+    LLM(str(tiny_file), enforce_eager=True)
+    (old,) = _files(cache_dir)
+    monkeypatch.setattr(model_cache, "source_hash", lambda: "another-version")
+    calls = _conversions(monkeypatch)
+    LLM(str(tiny_file), enforce_eager=True)
+    assert "convert" in calls
+    (new,) = _files(cache_dir)
+    assert new != old

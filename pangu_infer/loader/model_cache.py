@@ -19,8 +19,9 @@ Safety:
   was just converted; a model that does not round-trip is not cached;
 - a file that cannot be read back (truncated, another key, bad header) is ignored with one
   warning line, and the normal load rewrites it;
-- files written for an older version of the same GGUF path (another size or mtime) are removed
-  when a new one is written; the caches of one version under other settings (threads, dtype) stay;
+- files written for another version of the same GGUF path (another size or mtime, engine source
+  or torch) are removed when a new one is written; the caches of one version under other settings
+  (threads, dtype) stay;
 - `PANGU_INFER_MODEL_CACHE=0` (or the CLI's `--no-model-cache`) turns the cache off;
   `PANGU_INFER_MODEL_CACHE_DIR` names another folder.
 
@@ -132,17 +133,20 @@ def cache_key(path: str, dtype: torch.dtype, device: torch.device, quantization:
 
 
 def cache_file(key: dict) -> Path:
-    """<file stem>-<hash of its path>-<hash of its size and mtime>-<hash of the whole key>.safetensors:
-    the caches of one version of a file under several settings (threads, dtype) live side by side."""
+    """<file stem>-<hash of its path>-<version>-<hash of the whole key>.safetensors, the version a
+    hash of the file's size and mtime, this engine's source and torch's version: the caches of one
+    version under several settings (threads, dtype) live side by side, and a new version (the file
+    changed, the engine or torch was upgraded) replaces them all."""
     stem = Path(key["file"]).stem[:60]
     where = hashlib.blake2b(key["file"].encode(), digest_size=4).hexdigest()
-    version = hashlib.blake2b(f"{key['size']}:{key['mtime_ns']}".encode(), digest_size=4).hexdigest()
+    version = f"{key['size']}:{key['mtime_ns']}:{key['source']}:{key['torch']}"
+    version = hashlib.blake2b(version.encode(), digest_size=4).hexdigest()
     what = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=8).hexdigest()
     return cache_dir() / f"{stem}-{where}-{version}-{what}.safetensors"
 
 
 def _stale(target: Path) -> list[Path]:
-    """Cache files of other versions of the same GGUF path (the file changed since they were written)."""
+    """Cache files of other versions of the same GGUF path (the file, the engine or torch changed)."""
     stem, where, version, _ = target.name.rsplit("-", 3)
     return [
         old
