@@ -26,7 +26,7 @@ Safety:
   `PANGU_INFER_MODEL_CACHE_DIR` names another folder.
 
 The file is plain safetensors (any safetensors reader opens it): one `__metadata__` entry holds
-the key and the module tree; every tensor starts on 64 bytes (the int8 CPU kernel reads its weight
+the key and the module tree, the `__extras__.json` tensor the config and tokenizer spec; every tensor starts on 64 bytes (the int8 CPU kernel reads its weight
 with aligned loads), the gaps filled by small `__pad__.N` tensors.
 """
 
@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 FORMAT = "pangu-infer-model-cache/1"
+EXTRAS = "__extras__.json"  # the U8 tensor holding the extras (config, tokenizer spec) as JSON
 ALIGN = 64
 ENV_OFF = "PANGU_INFER_MODEL_CACHE"
 ENV_DIR = "PANGU_INFER_MODEL_CACHE_DIR"
@@ -310,6 +311,9 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
     if json.loads(json.dumps(extras)) != extras:
         raise CacheError("the config or tokenizer does not survive JSON")
     modules, tensors = describe(model)
+    # The extras (a tokenizer's vocabulary and merges: megabytes) as one UTF-8 tensor, parsed once:
+    # a JSON string inside the JSON header would be parsed twice, escaped.
+    tensors[EXTRAS] = torch.frombuffer(bytearray(json.dumps(extras).encode()), dtype=torch.uint8)
     header, writes, aliases = _layout(tensors)
     strides = {n: list(t.stride()) for n, t in tensors.items() if n not in aliases and not t.is_contiguous()}
     header["__metadata__"] = {
@@ -318,7 +322,6 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
         "modules": json.dumps(modules),
         "aliases": json.dumps(aliases),
         "strides": json.dumps(strides),
-        "extras": json.dumps(extras),
     }
     head = _header_bytes(header)
     size = len(head) + (writes[-1][0] + writes[-1][1].numel() * writes[-1][1].element_size() if writes else 0)
@@ -372,8 +375,6 @@ def read(path: Path, key: dict, build: Callable[[dict], nn.Module]) -> tuple[nn.
         raise CacheError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
     if json.loads(meta["key"]) != json.loads(json.dumps(key, sort_keys=True)):
         raise CacheError("written for another file, engine or setting (key differs)")
-    extras = json.loads(meta["extras"])
-    model = build(extras)
     modules = json.loads(meta["modules"])
     aliases: dict[str, str] = json.loads(meta["aliases"])
     strides: dict[str, list[int]] = json.loads(meta["strides"])
@@ -397,6 +398,10 @@ def read(path: Path, key: dict, build: Callable[[dict], nn.Module]) -> tuple[nn.
             t = _restride(t, strides[name])
         return t
 
+    if EXTRAS not in header:
+        raise CacheError("no extras")
+    extras = json.loads(tensor(EXTRAS).numpy().tobytes())
+    model = build(extras)
     # Parents come before children in named_modules' order: each module is placed, then filled.
     built: dict[str, nn.Module] = {}
     for entry in modules:
