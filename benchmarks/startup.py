@@ -3,15 +3,17 @@
 Rows (each a new process, alternating, median of --runs; one untimed run of each first, so the
 compile cache is warm and the file in the page cache, as on a user's second start):
 - `pangu-infer generate` with no flags (compiled decode on: it builds in the background, the
-  answer does not wait for it);
+  answer does not wait for it; the converted model mapped from its cache, loader/model_cache.py);
 - the same with `--enforce-eager`;
+- the same with the converted-model cache off (`PANGU_INFER_MODEL_CACHE=0`: the GGUF file is
+  converted on every start, as before the cache);
 - `python -c "import pangu_infer.cli"` and `import torch` (what any start pays);
 - llama.cpp (llama-cpp-python) loading the same file and answering one token, when installed;
 - the no-flags start again, waiting for the compiled decode step (`LLM.wait_compiled`): what a
   start costs until decode runs compiled.
-Then one process timed phase by phase (`--breakdown`, the default): imports, the GGUF header,
-the weights, the tokenizer, packing, the engine (KV cache), the first answer, and the wait for the
-compiled step.
+Then one process timed phase by phase (`--breakdown`, the default): imports, the model cache
+(a hit maps the converted model, its config and tokenizer spec), the GGUF header, the weights, the
+tokenizer, packing, the engine (KV cache), the first answer, and the wait for the compiled step.
 
     .venv/bin/python benchmarks/startup.py [--model FILE.gguf] [--runs 3] [--no-breakdown] [--no-wait-row]
 """
@@ -54,6 +56,7 @@ t1 = time.perf_counter()
 import pangu_infer.cli
 from pangu_infer import LLM, SamplingParams
 import pangu_infer.engine.engine as E, pangu_infer.llm as L, pangu_infer.loader.gguf as G
+import pangu_infer.loader.model_cache as MC
 t2 = time.perf_counter()
 spent = {}
 def wrap(owner, name, label):
@@ -65,8 +68,9 @@ def wrap(owner, name, label):
         finally:
             spent[label] = spent.get(label, 0.0) + time.perf_counter() - start
     setattr(owner, name, clocked)
+wrap(MC, "load", "model cache (key, map the converted model)")
 wrap(G, "read_gguf", "GGUF header (metadata, tensor index)")
-wrap(G, "load_gguf_tokenizer", "tokenizer")
+wrap(G, "tokenizer_from_spec", "tokenizer")
 wrap(L, "load_model", "load_model")
 wrap(L, "pack_linears", "packing (oneDNN layout)")
 wrap(E, "ModelRunner", "runner (KV cache; compile thread started)")
@@ -75,9 +79,9 @@ t3 = time.perf_counter()
 llm.generate("Hi", SamplingParams(max_tokens=1))
 t4 = time.perf_counter()
 marks = {"import torch": t1 - t0, "import pangu_infer (cli, LLM)": t2 - t1}
-inner = ("GGUF header (metadata, tensor index)", "tokenizer")
+inner = ("model cache (key, map the converted model)", "GGUF header (metadata, tensor index)", "tokenizer")
 marks |= {k: spent.get(k, 0.0) for k in inner}
-marks["weights (read, convert, place)"] = spent["load_model"] - sum(spent.get(k, 0.0) for k in inner)
+marks["weights (read, convert, place; cache write)"] = spent["load_model"] - sum(spent.get(k, 0.0) for k in inner)
 marks |= {k: spent.get(k, 0.0) for k in ("packing (oneDNN layout)", "runner (KV cache; compile thread started)")}
 marks["rest of LLM()"] = (t3 - t2) - sum(v for k, v in spent.items() if k not in inner)
 marks["first answer (prefill of 'Hi', 1 token)"] = t4 - t3
@@ -87,9 +91,12 @@ print(json.dumps(marks))
 """
 
 
-def timed(cmd: list[str]) -> tuple[float, str, str]:
+NO_CACHE = {"PANGU_INFER_MODEL_CACHE": "0"}
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr}")
@@ -112,6 +119,7 @@ def main() -> None:
     rows = {
         "pangu-infer generate (no flags)": gen,
         "pangu-infer generate --enforce-eager": gen + ["--enforce-eager"],
+        "generate, model cache off": (gen, NO_CACHE),
         "import pangu_infer.cli": [py, "-c", "import pangu_infer.cli"],
         "import torch": [py, "-c", "import torch"],
     }
@@ -123,13 +131,14 @@ def main() -> None:
         print("llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
     if not args.no_wait_row:
         rows["LLM(file), 1 token, then wait_compiled()"] = [py, "-c", WAIT_COMPILED, model]
-    for cmd in rows.values():  # untimed: fills the compile cache, warms the page cache
-        timed(cmd)
+    rows = {name: cmd if isinstance(cmd, tuple) else (cmd, None) for name, cmd in rows.items()}
+    for cmd, env in rows.values():  # untimed: fills the compile and model caches, warms the page cache
+        timed(cmd, env)
     walls: dict[str, list[float]] = {name: [] for name in rows}
     loads: dict[str, list[str]] = {name: [] for name in rows}
     for _ in range(args.runs):
-        for name, cmd in rows.items():
-            wall, _, err = timed(cmd)
+        for name, (cmd, env) in rows.items():
+            wall, _, err = timed(cmd, env)
             walls[name].append(wall)
             loads[name] += re.findall(r"\[loaded in [^\]]*\]", err)
     print(f"{os.path.basename(model)}: wall seconds of a fresh process, median of {args.runs} alternating runs")
@@ -138,13 +147,16 @@ def main() -> None:
         print(f"{name:42s}{statistics.median(walls[name]):8.2f} s  {load}")
     if args.no_breakdown:
         return
-    for eager in (0, 1) if not args.no_wait_row else (1,):
+    kinds = [(1, None, "--enforce-eager"), (1, NO_CACHE, "--enforce-eager, model cache off")]
+    if not args.no_wait_row:
+        kinds.insert(0, (0, None, "no flags"))
+    for eager, env, label in kinds:
         phases: dict[str, list[float]] = {}
         for _ in range(args.runs):
-            _, out, _ = timed([py, "-c", BREAKDOWN, model, str(eager)])
+            _, out, _ = timed([py, "-c", BREAKDOWN, model, str(eager)], env)
             for name, sec in json.loads(out.strip().splitlines()[-1]).items():
                 phases.setdefault(name, []).append(sec)
-        print(f"\none process, phase by phase ({'--enforce-eager' if eager else 'no flags'}), median of {args.runs}:")
+        print(f"\none process, phase by phase ({label}), median of {args.runs}:")
         for name, secs in phases.items():
             print(f"  {name:46s}{statistics.median(secs):7.2f} s")
 

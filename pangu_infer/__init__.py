@@ -1,7 +1,19 @@
 """pangu-infer: inference for Huawei's open Pangu models on CPUs and GPUs."""
 
-from pangu_infer.outputs import CompletionOutput, RequestOutput
-from pangu_infer.sampling_params import SamplingParams
+import gc as _gc
+
+# Importing torch (which these pull in) creates several hundred thousand long-lived objects, and
+# each full garbage collection while they are created walks them all: two or three of ~0.1 s in
+# every start (benchmarks/RESULTS.md, startup). Collections are paused while the package imports
+# and resume after, as they were.
+_collecting = _gc.isenabled()
+_gc.disable()
+try:
+    from pangu_infer.outputs import CompletionOutput, RequestOutput
+    from pangu_infer.sampling_params import SamplingParams
+finally:
+    if _collecting:
+        _gc.enable()
 
 __version__ = "0.1.0"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import logging
 import os
@@ -52,6 +53,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "the first time on a small CPU, seconds from the cache after)",
     )
     p.add_argument(
+        "--no-model-cache", action="store_true",
+        help="convert a .gguf file on every start instead of mapping its converted form from "
+        "~/.cache/pangu-infer/models (same as PANGU_INFER_MODEL_CACHE=0)",
+    )
+    p.add_argument(
         "--batch-invariant", action="store_true",
         help="every request's tokens and logprobs bitwise the same whatever else is in the batch "
         "(greedy and seeded requests; costs speed, see the README)",
@@ -59,6 +65,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
+    if getattr(args, "no_model_cache", False):
+        os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
     return dict(
         dtype=args.dtype,
         device=args.device,
@@ -167,6 +175,9 @@ def command() -> None:
     command (generate, chat) an immediate exit once the output is flushed. That skips the
     interpreter's teardown of torch (seconds on a busy machine; benchmarks/startup.py) and never
     waits for a compiled decode step still building in the background."""
+    # What was imported lives as long as the process: out of the garbage collector's walks
+    # (each full collection walked torch's objects again, ~0.1 s; benchmarks/RESULTS.md, startup).
+    gc.freeze()
     rc = main(exit_when_done=True)
     sys.exit(rc)
 
@@ -211,7 +222,16 @@ def _load(args: argparse.Namespace):
     if hasattr(args, "max_tokens"):
         SamplingParams(**_sampling_changes(args))  # a bad flag fails before the model loads
 
-    llm = LLM(args.model, **llm_kwargs(args))
+    # Loading makes many long-lived objects (modules, the tokenizer) and little garbage: no
+    # collection walks them while they are made, and they join the frozen ones after.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        llm = LLM(args.model, **llm_kwargs(args))
+    finally:
+        gc.freeze()
+        if collecting:
+            gc.enable()
     if getattr(args, "stats", False):
         print(load_line(llm), file=sys.stderr)
     return llm

@@ -30,6 +30,8 @@ logger = logging.getLogger("pangu_infer.engine")
 # The background compile starts this long after load, or after the first step if one starts
 # within it (engine/compiled.py; ModelRunner).
 FIRST_STEP_GRACE_S = 1.0
+# How much lower the background compile's CPU priority is (nice increment; _lower_thread_priority).
+COMPILE_NICE = 10
 
 
 class _Binding:
@@ -127,6 +129,7 @@ class ModelRunner:
         started, ended = self._first_step
         if started.wait(FIRST_STEP_GRACE_S):
             ended.wait()
+        _lower_thread_priority()
         step, error = None, "the compile thread stopped"
         try:
             problem = compile_problem(self.device)
@@ -331,6 +334,25 @@ class ModelRunner:
         # Padding repeats the sequence's first slot, which always holds real values.
         slots = torch.where(valid, slots, slots[:, :1])
         return slots, valid[:, None, None, :]
+
+
+def _lower_thread_priority() -> None:
+    """Give the calling thread (and the compiler processes it starts, which inherit it) a lower CPU
+    priority: while the compiled step builds, the steps that answer run eagerly beside it and should
+    get the CPU first (benchmarks/RESULTS.md, startup). Linux only: elsewhere setpriority on a
+    thread id would renice the whole process. PANGU_INFER_COMPILE_NICE sets the increment (0: none)."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        step = int(os.environ.get("PANGU_INFER_COMPILE_NICE", COMPILE_NICE))
+        if step > 0:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + step))
+    except (OSError, ValueError):
+        pass
 
 
 def _unbind(layers: list[Attention], state: _Binding, token: object) -> None:

@@ -128,13 +128,28 @@ def _load_gguf(
     (pangu_infer.loader.gguf_tensors: Q4 blocks as int4 groups of 32, other block types as int8,
     float tensors float), converted block by block from the mapped file; "none" dequantizes every
     tensor to `dtype`; "int8"/"int4" quantize every linear that way."""
-    from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf
+    from pangu_infer.loader import model_cache
+    from pangu_infer.parallel.state import current_parallel_state
+    from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf, tokenizer_from_spec
     from pangu_infer.loader.gguf_tensors import iter_weights, plan_settings
     from pangu_infer.quant.formats import QuantizationConfig, parse_quantization
     from pangu_infer.quant.loading import LoadHook, quantizable_weights
 
     if offload_experts:
         raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are converted copies")
+    # A later start maps the converted model from the cache instead of converting; the cache also
+    # holds the config and tokenizer read from the file's header (loader/model_cache.py).
+    # One process only: a tensor-parallel rank holds a shard, which the key does not name.
+    use_cache = model_cache.enabled() and device.type == "cpu" and not current_parallel_state().is_parallel
+    if use_cache:
+        hit = model_cache.load(
+            path, model_cache.cache_key(path, dtype, device, quantization), lambda extras: _build_cached(extras)
+        )
+        if hit is not None:
+            cached, extras = hit
+            cached.eval()
+            tok = tokenizer_from_spec(extras["tokenizer_spec"], path) if load_tokenizer else None
+            return LoadedModel(cached, ModelConfig.from_hf_dict(extras["config"]), tok, {}, path)
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_hf_dict(ckpt.config)
     net = build_model_on_meta(cfg)
@@ -165,8 +180,19 @@ def _load_gguf(
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
     net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook)
     net.eval()
+    # Only a model that keeps quantized weights is cached: a float one is cheap to read from the
+    # file and would take several times its disk space. The key again: loading may have measured
+    # and stored this machine's kernel tuning.
+    if use_cache and hook is not None:
+        extras = {"config": ckpt.config, "tokenizer_spec": ckpt.tokenizer_spec}
+        model_cache.store(net, model_cache.cache_key(path, dtype, device, quantization), _build_cached, extras)
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)
+
+
+def _build_cached(extras: dict) -> DecoderForCausalLM:
+    """The meta-device model a cached GGUF load fills (its config from the cache file)."""
+    return build_model_on_meta(ModelConfig.from_hf_dict(extras["config"]))
 
 
 __all__ = [

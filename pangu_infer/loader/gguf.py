@@ -547,9 +547,14 @@ def _sentencepiece_bpe(spec: dict) -> "tokenizers.Tokenizer":
 
 def load_gguf_tokenizer(ckpt: GGUFCheckpoint) -> "Tokenizer":
     """The project's Tokenizer for a GGUF checkpoint."""
+    return tokenizer_from_spec(ckpt.tokenizer_spec, ckpt.path)
+
+
+def tokenizer_from_spec(spec: dict, path: str) -> "Tokenizer":
+    """The project's Tokenizer from a GGUF tokenizer spec (`GGUFCheckpoint.tokenizer_spec`)."""
     from pangu_infer.tokenizer import Tokenizer
 
-    built = build_gguf_tokenizer(ckpt.tokenizer_spec)
+    built = build_gguf_tokenizer(spec)
     return Tokenizer.from_tokenizers(
         built.tokenizer,
         bos_token_id=built.bos_token_id,
@@ -558,7 +563,7 @@ def load_gguf_tokenizer(ckpt: GGUFCheckpoint) -> "Tokenizer":
         add_bos=built.add_bos,
         chat_template=built.chat_template,
         special_token_ids=built.special_token_ids,
-        name=os.path.basename(ckpt.path),
+        name=os.path.basename(path),
     )
 
 
@@ -571,5 +576,6 @@ __all__ = [
     "llama3_rope_scaling",
     "load_gguf_tokenizer",
     "read_gguf",
+    "tokenizer_from_spec",
     "unpermute_rows",
 ]
