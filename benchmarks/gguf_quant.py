@@ -155,7 +155,7 @@ def main() -> int:
 
     from pangu_infer.loader import demo_model_path, load_model
     from pangu_infer.models.packed import can_pack, pack_linears
-    from pangu_infer.quant.prefill import prepare as prepare_prefill
+    from pangu_infer.quant.modules import prepare_prefill
     from pangu_infer.quant.tuning import convert_min_rows
 
     if args.threads:

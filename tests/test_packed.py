@@ -9,15 +9,19 @@ from torch import nn
 
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.loader import load_model
+from pangu_infer.models import packed
 from pangu_infer.models.packed import PackedLinear, can_pack, has_packed_linears, pack_linears
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="this CPU's oneDNN has no bf16 linear")
 
 
+@pytest.mark.parametrize("layout", packed.LAYOUTS)
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (2, 5, 96)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_linear_equals_f_linear(shape, bias):
+def test_packed_linear_equals_f_linear(shape, bias, layout, monkeypatch):
+    monkeypatch.setenv(packed.LAYOUT_ENV, layout)
+    packed.packed_layout.cache_clear()
     g = torch.Generator().manual_seed(0)
     w = torch.randn(130, 96, generator=g).bfloat16()
     b = torch.randn(130, generator=g).bfloat16() if bias else None
@@ -147,3 +151,34 @@ def test_a_packed_tied_head_is_counted_once_in_the_bytes_per_token(smollm2_gguf_
     before = weight_bytes_per_token(model)
     pack_linears(model)
     assert weight_bytes_per_token(model) == before
+
+
+def test_the_packed_layout_is_measured_once_per_machine_and_can_be_set(monkeypatch, tmp_path):
+    """Which oneDNN layout packs bf16 weights is timed once, kept in the per-machine cache file
+    (a second process reads it, measuring nothing), and PANGU_INFER_PACKED_LAYOUT overrides it."""
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv(packed.LAYOUT_ENV, raising=False)
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return "general"
+
+    monkeypatch.setattr(packed, "measure_layouts", measure)
+    packed.packed_layout.cache_clear()
+    assert packed.packed_layout() == "general" and len(calls) == 1
+    packed.packed_layout.cache_clear()  # as a new process would: read from the file
+    assert packed.packed_layout() == "general" and len(calls) == 1
+    assert '"packed_bf16_layout": "general"' in (tmp_path / "kernels.json").read_text()
+    monkeypatch.setenv(packed.LAYOUT_ENV, "decode")
+    packed.packed_layout.cache_clear()
+    assert packed.packed_layout() == "decode" and len(calls) == 1
+    monkeypatch.setenv(packed.LAYOUT_ENV, "fast")
+    packed.packed_layout.cache_clear()
+    with pytest.raises(ValueError, match="PANGU_INFER_PACKED_LAYOUT='fast': expected one of decode, general"):
+        packed.packed_layout()
+    packed.packed_layout.cache_clear()
+
+
+def test_the_layout_measurement_returns_a_layout():
+    assert packed.measure_layouts(n_weights=2, size=256) in packed.LAYOUTS

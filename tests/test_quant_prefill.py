@@ -11,7 +11,7 @@ from pangu_infer.engine.compiled import compile_problem
 from pangu_infer.loader import load_model
 from pangu_infer.quant import prefill
 from pangu_infer.quant.formats import QuantizationConfig, dequantize, quantize
-from pangu_infer.quant.modules import PackedWeight
+from pangu_infer.quant.modules import PackedWeight, prepare_prefill
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++ compiler for inductor here")
@@ -122,7 +122,7 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
     out = {}
     for q in ("auto", "none"):
         loaded = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, quantization=q)
-        assert prefill.prepare(loaded.model) is None
+        assert prepare_prefill(loaded.model) is None
         ids = torch.tensor(loaded.tokenizer.encode(text))
         with torch.inference_mode():
             logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
@@ -141,7 +141,7 @@ def test_prepare_sets_the_rows_measured_for_the_compiled_conversion(tmp_path, mo
         PackedWeight(quantize(torch.randn(n, 64), QuantizationConfig(m, 32)), CPU)
         for n, m in ((128, "int4"), (40, "int4"), (64, "int8"))
     )
-    assert prefill.prepare(model) is None
+    assert prepare_prefill(model) is None
     assert [w.convert_min_rows for w in model] == [48, tuning.NEVER, 80]  # 40 rows: not whole 64-row blocks
     stored = (tmp_path / "kernels.json").read_text()
     assert "int4_convert_min_rows_compiled" in stored and "int8_convert_min_rows_compiled" in stored

@@ -17,6 +17,7 @@ import torch
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.batch_invariant import KV_SPLIT
 from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT, AttentionBatch, disable_compile_on_marked_methods
+from pangu_infer.native import compile_cache_dir, compile_problem  # noqa: F401  (their home before native.py)
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch], torch.Tensor]
 
@@ -31,36 +32,6 @@ def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch
 # such as the norms' eps, the KV cache's shape) stays static: that keeps them constants of the
 # graph, not per-call inputs.
 _DYNAMIC_DIMS = (("slot_mapping", (0,)), ("decode_slots", (0, 1)), ("decode_mask", (0, 3)))
-
-
-def compile_cache_dir() -> Path:
-    """Where inductor keeps compiled graphs between processes: `$TORCHINDUCTOR_CACHE_DIR` when
-    the user set it, else ~/.cache/pangu-infer/torchinductor (inductor's own default is a
-    temporary folder, emptied at reboot, which inductor writes into the variable once used)."""
-    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
-        return Path(chosen)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pangu-infer" / "torchinductor"
-
-
-def compile_problem(device: torch.device) -> Optional[str]:
-    """Why torch.compile cannot build the decode step on `device` here, or None when it can."""
-    if device.type == "cpu":
-        from torch._inductor import cpp_builder, exc
-
-        try:
-            cpp_builder.get_cpp_compiler()  # inductor's own search (g++ or $CXX)
-        except exc.InvalidCxxCompiler:
-            return "no C++ compiler found (inductor needs g++, or $CXX naming one)"
-        return None
-    if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        return None if has_triton() else "Triton is not installed (inductor needs it on CUDA)"
-    return f"torch.compile is not set up for {device.type} devices here"
 
 
 def _warmup_shapes(max_context: int, batch_invariant: bool = False) -> list[tuple[int, int]]:

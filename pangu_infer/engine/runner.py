@@ -146,7 +146,7 @@ class ModelRunner:
             if step is not None:
                 self.decode_forward = step  # decode goes compiled while the prefill conversions compile
             if self.device.type == "cpu":
-                from pangu_infer.quant.prefill import prepare as prepare_prefill
+                from pangu_infer.quant.modules import prepare_prefill
 
                 why = prepare_prefill(self.model)  # quantized weights' conversion for prefill, one loop each
                 if why is not None:

@@ -15,6 +15,7 @@ over the direct call).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import weakref
 from typing import Optional
@@ -22,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu_infer.machine import cached_choice, env_choice, interleaved_medians
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
 
 # handle -> (packed weight, bias): what pangu_infer::packed_linear multiplies by. Entries leave with their module.
@@ -56,15 +58,60 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return bool(ops._is_mkldnn_bf16_supported())
 
 
+LAYOUT_ENV = "PANGU_INFER_PACKED_LAYOUT"
+LAYOUTS = ("decode", "general")
+
+
+@functools.lru_cache(maxsize=None)
+def packed_layout() -> str:
+    """"decode" (oneDNN's layout for one row, batch-size hint 1) or "general" (no hint).
+
+    Which is faster differs between CPUs: on an Intel Xeon with AMX the general layout ran one-row
+    products as fast and 512-row products 1.5x faster than the one-row layout, which had been
+    chosen on an AMD EPYC (benchmarks/RESULTS.md). So it is measured once per machine
+    (pangu_infer.machine, key `packed_bf16_layout`): the layout whose one-row products are within
+    5% of the fastest and whose 256-row products are fastest. PANGU_INFER_PACKED_LAYOUT=decode|general
+    sets it by hand.
+    """
+    forced = env_choice(LAYOUT_ENV, LAYOUTS)
+    if forced is not None:
+        return forced
+    return cached_choice("packed_bf16_layout", measure_layouts, lambda v: v in LAYOUTS)
+
+
+def measure_layouts(n_weights: int = 8, size: int = 2048) -> str:
+    """Times both layouts on `n_weights` bf16 weights of size x size (64 MB by default: more than a
+    CPU cache holds, as a model's weights are) at 1 and 256 rows, interleaved; returns the choice."""
+    g = torch.Generator().manual_seed(0)
+    plain = [torch.randn(size, size, generator=g).to(torch.bfloat16) for _ in range(n_weights)]
+    layouts = {
+        "decode": [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in plain],
+        "general": [torch.ops.mkldnn._reorder_linear_weight(w) for w in plain],
+    }
+    del plain
+    xs = {rows: torch.randn(rows, size, generator=g).to(torch.bfloat16) for rows in (1, 256)}
+
+    def products(weights: list[torch.Tensor], x: torch.Tensor):
+        return lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]
+
+    one = interleaved_medians({name: products(ws, xs[1]) for name, ws in layouts.items()}, rounds=7)
+    many = interleaved_medians({name: products(ws, xs[256]) for name, ws in layouts.items()}, rounds=3)
+    best_one = min(one.values())
+    near = [name for name in LAYOUTS if one[name] <= 1.05 * best_one]
+    return min(near, key=lambda name: many[name])
+
+
 class PackedLinear(nn.Module):
     """Stands in for a bf16 nn.Linear on CPU: same product, the weight pre-laid out for oneDNN."""
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        # Laid out for one row at a time: decode is what the layout matters for (batches of 32
-        # and prefill chunks run at least as fast as on the plain weight with it).
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        # oneDNN's layout for a batch-size hint: the one-row layout or the general one, whichever
+        # this machine measured faster (packed_layout()).
+        hint = packed_layout()
+        w = weight.detach().contiguous()
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if hint == "decode" else torch.ops.mkldnn._reorder_linear_weight(w)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.handle = next(_handles)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
+from pangu_infer.quant import prefill
 from pangu_infer.quant.prefill import int4_to_bf16, int8_product
 from pangu_infer.quant.tuning import NEVER, convert_min_rows
 
@@ -248,7 +249,27 @@ __all__ = [
     "KERNEL_DTYPE",
     "OffloadedExperts",
     "PackedWeight",
+    "prepare_prefill",
     "QuantizedEmbedding",
     "QuantizedExperts",
     "QuantizedLinear",
 ]
+
+
+def prepare_prefill(model: nn.Module) -> Optional[str]:
+    """Build the compiled prefill conversions (pangu_infer.quant.prefill) when `model` has quantized
+    CPU weights whose products may convert, and set those weights' row counts from which they
+    convert to the ones measured for the compiled conversion (once per machine, cached). None when
+    ready or not needed, else why the conversions stay eager."""
+    weights = [
+        m for m in model.modules()
+        if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
+        and (m.kernel == "int8" or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
+    ]
+    if not weights:
+        return None
+    why = prefill.prepare()
+    if why is None:
+        for m in weights:
+            m.convert_min_rows = convert_min_rows("int4" if m.kernel == "int4_cpu" else "int8")
+    return why

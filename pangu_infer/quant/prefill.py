@@ -27,6 +27,7 @@ slower, and each call paid dynamo's guards; RESULTS.md.)
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -35,7 +36,6 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pangu_infer.quant.tuning import dequantize_int4_cpu_packed
 
 ENV = "PANGU_INFER_COMPILED_DEQUANT"
 SCRATCH_MAX_BYTES = 32 << 20  # bigger converted weights (a vocabulary head) are allocated per product
@@ -231,13 +231,56 @@ def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> t
     return torch.nn.functional.linear(x, int8_to_bf16(data, scales))
 
 
+# ---------------------------------------------------------------------------------- the eager conversion of the aten int4 layout
+
+
+def dequantize_int4_cpu_packed(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
+    """W^T [K, N] in bf16 from `_convert_weight_to_int4pack_for_cpu`'s layout.
+
+    data: uint8 [N, K/2] as packed (N a multiple of 64): blocks of 64 rows, each [K, 32] bytes
+    whose low nibble is row d and high nibble row 32 + d. scales: [K/G, N, 2] (scale, zero).
+    W^T comes out with N innermost, so each group's scale and zero broadcast over its G rows.
+    """
+    n = data.shape[0]
+    k = data.shape[1] * 2
+    nb = n // 64
+    v = data.view(nb, k, 32).permute(1, 0, 2)  # [K, nb, 32]
+    codes = torch.empty(k, nb, 2, 32, dtype=torch.uint8, device=data.device)
+    torch.bitwise_and(v, 15, out=codes[:, :, 0])
+    torch.bitwise_right_shift(v, 4, out=codes[:, :, 1])
+    w = codes.view(k // group_size, group_size, n).to(torch.float32)
+    scale = scales[..., 0].unsqueeze(1).float()  # [K/G, 1, N]
+    # (q - 8) s + z = q s + (z - 8 s), in fp32 (bf16 addcmul takes a slow path on CPU), rounded to
+    # bf16 once: each weight is within half a bf16 step of the kernel's own value, the rounding a
+    # float bf16 weight has anyway.
+    base = scales[..., 1].unsqueeze(1).float() - 8 * scale
+    return torch.addcmul(base, w, scale, out=w).to(torch.bfloat16).view(k, n)
+
+
+@functools.lru_cache(maxsize=None)
+def int4_cpu_layout_ok() -> bool:
+    """Does dequantize_int4_cpu_packed read this CPU's packed layout right? (checked by packing)."""
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_convert_weight_to_int4pack_for_cpu", "CPU"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    n, k, group = 128, 128, 32
+    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+    scales = torch.stack((torch.ones(k // group, n), torch.zeros(k // group, n)), -1).to(torch.bfloat16)
+    if packed.shape != (n, k // 2) or packed.dtype != torch.uint8:
+        return False
+    got = dequantize_int4_cpu_packed(packed, group, scales)
+    return torch.equal(got.t().float(), (q - 8).float())
+
+
+
 # ---------------------------------------------------------------------------------- preparing
 
 
 def _build() -> tuple:
     from torch._inductor.codecache import CppCodeCache
 
-    from pangu_infer.engine.compiled import compile_cache_dir
+    from pangu_infer.native import compile_cache_dir
 
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     lib = CppCodeCache.load(_SOURCE)
@@ -278,43 +321,20 @@ def _same(kind: str, got: torch.Tensor, want: torch.Tensor) -> None:
         raise RuntimeError(f"the compiled {kind} conversion differs from the eager one")
 
 
-def _convertible(model: nn.Module) -> list:
-    """The quantized CPU weights whose products may convert (int4: whole 64-row blocks)."""
-    from pangu_infer.quant.modules import CPU_INT4_BLOCK, PackedWeight
-
-    return [
-        m for m in model.modules()
-        if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
-        and (m.kernel == "int8" or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
-    ]
-
-
-def _retune(weights: list) -> None:
-    """From the row counts measured for the compiled conversion (once per machine, cached)."""
-    from pangu_infer.quant.tuning import convert_min_rows
-
-    for m in weights:
-        m.convert_min_rows = convert_min_rows("int4" if m.kernel == "int4_cpu" else "int8")
-
-
-def prepare(model: Optional[nn.Module] = None) -> Optional[str]:
-    """Build the conversion loops when `model` (any model when None) has quantized CPU weights
-    whose products may convert, and set those weights' row counts from which they convert to the
-    ones measured for the compiled conversion; None when ready or not needed, else why the
-    conversions stay eager."""
+def prepare() -> Optional[str]:
+    """Build and check the conversion loops (once per process; a cache hit after the first time):
+    None when they are ready, else why the conversions stay eager. Never called inside a request:
+    the engine's background compile thread calls it through
+    `pangu_infer.quant.modules.prepare_prefill(model)`, which also retunes the model's weights."""
     global _lib, _failed
     if not enabled():
         return f"{ENV}=0"
-    weights = [] if model is None else _convertible(model)
-    if model is not None and not weights:
-        return None
     with _lock:
         if _lib is not None:
-            _retune(weights)
             return None
         if _failed is not None:
             return _failed
-        from pangu_infer.engine.compiled import compile_problem
+        from pangu_infer.native import compile_problem
 
         problem = compile_problem(torch.device("cpu"))
         if problem is not None:
@@ -328,7 +348,6 @@ def prepare(model: Optional[nn.Module] = None) -> Optional[str]:
             _failed = f"{type(e).__name__}: {str(e).strip()[:200]}"
             return _failed
         _lib = lib
-        _retune(weights)
         return None
 
 
@@ -336,4 +355,4 @@ def ready() -> bool:
     return _lib is not None and enabled()
 
 
-__all__ = ["ENV", "enabled", "int4_to_bf16", "int8_product", "int8_to_bf16", "prepare", "ready"]
+__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int8_product", "int8_to_bf16", "prepare", "ready"]

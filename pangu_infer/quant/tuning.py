@@ -28,6 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from pangu_infer.quant.prefill import dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int8_product, ready
+
 NEVER = 1 << 30
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
 BENCH_N = BENCH_K = 1536
@@ -59,45 +61,6 @@ def machine_key() -> str:
 # ---------------------------------------------------------------------------------- conversion
 
 
-def dequantize_int4_cpu_packed(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
-    """W^T [K, N] in bf16 from `_convert_weight_to_int4pack_for_cpu`'s layout.
-
-    data: uint8 [N, K/2] as packed (N a multiple of 64): blocks of 64 rows, each [K, 32] bytes
-    whose low nibble is row d and high nibble row 32 + d. scales: [K/G, N, 2] (scale, zero).
-    W^T comes out with N innermost, so each group's scale and zero broadcast over its G rows.
-    """
-    n = data.shape[0]
-    k = data.shape[1] * 2
-    nb = n // 64
-    v = data.view(nb, k, 32).permute(1, 0, 2)  # [K, nb, 32]
-    codes = torch.empty(k, nb, 2, 32, dtype=torch.uint8, device=data.device)
-    torch.bitwise_and(v, 15, out=codes[:, :, 0])
-    torch.bitwise_right_shift(v, 4, out=codes[:, :, 1])
-    w = codes.view(k // group_size, group_size, n).to(torch.float32)
-    scale = scales[..., 0].unsqueeze(1).float()  # [K/G, 1, N]
-    # (q - 8) s + z = q s + (z - 8 s), in fp32 (bf16 addcmul takes a slow path on CPU), rounded to
-    # bf16 once: each weight is within half a bf16 step of the kernel's own value, the rounding a
-    # float bf16 weight has anyway.
-    base = scales[..., 1].unsqueeze(1).float() - 8 * scale
-    return torch.addcmul(base, w, scale, out=w).to(torch.bfloat16).view(k, n)
-
-
-@functools.lru_cache(maxsize=None)
-def int4_cpu_layout_ok() -> bool:
-    """Does dequantize_int4_cpu_packed read this CPU's packed layout right? (checked by packing)."""
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_convert_weight_to_int4pack_for_cpu", "CPU"):
-        return False
-    g = torch.Generator().manual_seed(0)
-    n, k, group = 128, 128, 32
-    q = torch.randint(0, 16, (n, k), dtype=torch.int32, generator=g)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-    scales = torch.stack((torch.ones(k // group, n), torch.zeros(k // group, n)), -1).to(torch.bfloat16)
-    if packed.shape != (n, k // 2) or packed.dtype != torch.uint8:
-        return False
-    got = dequantize_int4_cpu_packed(packed, group, scales)
-    return torch.equal(got.t().float(), (q - 8).float())
-
-
 # ---------------------------------------------------------------------------------- measuring
 
 
@@ -116,8 +79,6 @@ def measure(kind: str) -> int:
 
     Converting runs the conversion products run now (quant/prefill.py: the compiled loop once it
     is built, else the eager one)."""
-    from pangu_infer.quant.prefill import int4_to_bf16, int8_product
-
     g = torch.Generator().manual_seed(0)
     n, k, group = BENCH_N, BENCH_K, 32
     if kind == "int4":
@@ -174,8 +135,6 @@ def convert_min_rows(kind: str) -> int:
     override = _env_override(kind)
     if override is not None:
         return override
-    from pangu_infer.quant.prefill import ready
-
     # Measured apart for the eager conversion and the compiled one (they cross the kernel at
     # different row counts); the compiled one is measured once it is built (prefill.prepare).
     name = f"{kind}_convert_min_rows" + ("_compiled" if ready() else "")

@@ -1,0 +1,118 @@
+"""Choices measured once per machine and kept: which kernel or layout is faster on this CPU.
+
+CPUs differ in what is fast (an AMD EPYC and an Intel Xeon with AMX disagree on oneDNN's layouts and
+on the int4 kernels; benchmarks/RESULTS.md), so the engine times the candidates on first use and
+keeps the answer per machine in `~/.cache/pangu-infer/kernels.json` (`$XDG_CACHE_HOME` respected;
+`PANGU_INFER_KERNEL_CACHE` names another file). The key is the CPU model, the torch thread count
+and the torch version: a change of any of them measures again.
+
+Layer 1 (no imports from the rest of the package): models, quant and engine all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def cache_path() -> str:
+    explicit = os.environ.get("PANGU_INFER_KERNEL_CACHE")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pangu-infer", "kernels.json")
+
+
+def machine_key() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+
+
+def _read() -> dict:
+    try:
+        with open(cache_path(), encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
+def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
+    """The value stored under `name` for this machine if `valid(value)`, else compute() stored there.
+
+    A read-only home, or a cache file another process rewrote meanwhile, only means measuring again
+    next time: the file is replaced atomically and never left half written.
+    """
+    key = machine_key()
+    entry = _read().get(key)
+    value = entry.get(name) if isinstance(entry, dict) else None
+    if valid(value):
+        return value
+    value = compute()
+    stored = _read()  # again: another process may have added its own entries while this one measured
+    if not isinstance(stored.get(key), dict):
+        stored[key] = {}
+    stored[key][name] = value
+    path = cache_path()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stored, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
+
+
+def median_time(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> float:
+    """Median seconds of `reps` calls of fn after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], rounds: int = 5) -> dict[str, float]:
+    """Median seconds per candidate, the candidates taking turns round by round (a machine whose
+    load changes during the measurement moves every candidate alike)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def env_choice(var: str, choices: tuple[str, ...]) -> Optional[str]:
+    """The value of environment variable `var` if set (one of `choices`, else a ValueError naming it)."""
+    value = os.environ.get(var)
+    if value is None or value == "":
+        return None
+    if value not in choices:
+        raise ValueError(f"{var}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+__all__ = ["cache_path", "cached_choice", "env_choice", "interleaved_medians", "machine_key", "median_time"]
