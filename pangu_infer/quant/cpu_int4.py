@@ -1,0 +1,303 @@
+"""int4 products of a few rows (decode) on x86 CPUs with AVX-512 VNNI: a small C kernel of our own.
+
+Why: on some CPUs `aten._weight_int4pack_mm_for_cpu` reaches well under half of the memory's
+streaming read at one token (benchmarks/RESULTS.md, "int4 decode kernel"), and a decode step of an
+int4 model is almost all such products. This kernel does less arithmetic per weight byte:
+
+- weights in their own layout, [N/16, K/8, 64] bytes: for each block of 16 rows and each 8 columns
+  (an "octet"), 16 rows x 4 bytes; byte j of row r holds column 8o + j in the low nibble and
+  column 8o + 4 + j in the high nibble. One 64-byte load feeds two `vpdpbusd` (u8 x s8 dot
+  products of 4) per activation row, with no conversion of the weights to float;
+- scales and zeros [N/16, K/G, 2, 16] in bf16 (the same rounding as the aten kernel's
+  qScaleAndZeros): w = (q - 8) * scale + zero, so per group and row
+  y += scale * sum(x q) + (zero - 8 scale) * sum(x);
+- activations quantized per group twice, x ~= d (a + b / 254) with int8 a and b (two more dot
+  products per load): the rounding error is about 2^-16 of the group's largest value, finer than
+  the bf16 activations the aten kernel takes (2^-9).
+
+Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). The kernel is
+built once per machine with the C compiler inductor also needs (`$CC`, else `cc`/`gcc`), with
+`-march=native`, into `~/.cache/pangu-infer/` (`$XDG_CACHE_HOME` respected), and loaded with ctypes.
+Where it cannot be used (no AVX-512 VNNI, no compiler, a shape it does not take) the aten kernel
+runs as before. `PANGU_INFER_INT4_KERNEL=aten` turns it off.
+
+Inside a compiled step the product is the custom op `pangu_infer::int4_vnni_mm` (opaque to
+inductor, like the aten kernel); eagerly the C function is called directly (fewer microseconds per
+call, which the small expert products of a MoE notice).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+ENV = "PANGU_INFER_INT4_KERNEL"
+ROW_BLOCK = 16  # rows per block of the layout
+OCTET = 8  # columns per 64-byte load of a block
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+
+#define MMAX 4
+
+static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t tobf(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  /* NaN stays NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even, as torch does */
+  return (uint16_t)(u >> 16);
+}
+
+/* One block of 16 rows for M (1..4) activation rows. xq: [2][MMAX][K] int8 (coarse, fine);
+   dx, xs: [MMAX][K/G] per-group step and sum of x. */
+static inline __attribute__((always_inline)) void block16(
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t b) {
+  __m512 acc[MMAX];
+  for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(15);
+  const int64_t ng = K / G;
+  const uint8_t* p = w + b * (K / 8) * 64;
+  const uint16_t* sp = sz + b * ng * 32;
+  for (int64_t g = 0; g < ng; g++, sp += 32) {
+    __m512i a1[MMAX], a2[MMAX];
+    for (int m = 0; m < M; m++) { a1[m] = _mm512_setzero_si512(); a2[m] = _mm512_setzero_si512(); }
+    for (int64_t o = 0; o < G / 8; o++, p += 64) {
+      __m512i v = _mm512_loadu_si512((const void*)p);
+      __m512i lo = _mm512_and_si512(v, mask);
+      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      for (int m = 0; m < M; m++) {
+        const int8_t* c = xq + m * K + g * G + 8 * o;
+        const int8_t* f = c + MMAX * K;
+        int32_t c0, c1, f0, f1;
+        memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+        a1[m] = _mm512_dpbusd_epi32(a1[m], lo, _mm512_set1_epi32(c0));
+        a1[m] = _mm512_dpbusd_epi32(a1[m], hi, _mm512_set1_epi32(c1));
+        a2[m] = _mm512_dpbusd_epi32(a2[m], lo, _mm512_set1_epi32(f0));
+        a2[m] = _mm512_dpbusd_epi32(a2[m], hi, _mm512_set1_epi32(f1));
+      }
+    }
+    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)sp)), 16));
+    __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(sp + 16))), 16));
+    __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+    for (int m = 0; m < M; m++) {
+      __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2[m]), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(a1[m]));
+      acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    float t[16];
+    _mm512_storeu_ps(t, acc[m]);
+    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(t[d]);
+  }
+}
+
+#define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
+  block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, b); }
+ROWS(1) ROWS(2) ROWS(3) ROWS(4)
+
+int pangu_int4_abi(void) { return 1; }
+
+/* y [M, N] bf16 = x [M, K] bf16 times the weight; returns 0, or 1 for a shape it does not take. */
+int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t threads) {
+  if (M < 1 || N % 16 || G % 8 || G < 8 || K % G) return 1;
+  const int64_t ng = K / G, nb = N / 16;
+  int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
+  float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
+  if (!xq || !dx) { free(xq); free(dx); return 2; }
+  float* xs = dx + MMAX * ng;
+  for (int64_t m0 = 0; m0 < M; m0 += MMAX) {
+    const int mm = (int)(M - m0 < MMAX ? M - m0 : MMAX);
+    for (int m = 0; m < mm; m++)
+      for (int64_t g = 0; g < ng; g++) {
+        const uint16_t* xr = x + (m0 + m) * K + g * G;
+        float amax = 0.0f, s = 0.0f;
+        for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; amax = fmaxf(amax, fabsf(v)); }
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int64_t k = 0; k < G; k++) {
+          const float v = bf(xr[k]) * inv, c = nearbyintf(v);
+          xq[m * K + g * G + k] = (int8_t)c;
+          xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+        }
+        dx[m * ng + g] = d;
+        xs[m * ng + g] = s;
+      }
+    void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
+        mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
+    uint16_t* yc = y + m0 * N;
+    if (threads > 1 && nb >= 4 * threads) {
+      #pragma omp parallel for num_threads(threads) schedule(static)
+      for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
+    } else {
+      for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
+    }
+  }
+  free(xq);
+  free(dx);
+  return 0;
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pangu-infer")
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("aten", "off", "0", "none")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built kernel, or None where it cannot run here (then the aten kernel runs)."""
+    if disabled() or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.info("int4 decode kernel: no C compiler found, using aten's")
+        return None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
+    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"int4_vnni_{key}.so")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "int4.c")
+                with open(src, "w", encoding="utf-8") as f:
+                    f.write(SOURCE)
+                out = os.path.join(tmp, "int4.so")
+                subprocess.run([compiler, *FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
+                shutil.move(out, f"{path}.{os.getpid()}.tmp")
+                os.replace(f"{path}.{os.getpid()}.tmp", path)
+        lib = ctypes.CDLL(path)
+        if lib.pangu_int4_abi() != 1:
+            return None
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("int4 decode kernel not built (%s): using aten's", e)
+        return None
+    fn = lib.pangu_int4_mm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    return lib
+
+
+def usable(in_features: int, group_size: int) -> bool:
+    """Does this machine run the kernel, for weights of this width and group?"""
+    return group_size % OCTET == 0 and in_features % group_size == 0 and library() is not None
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes uint8 0..15 [N, K] (N a multiple of 16), scale and zero [N, K/G] -> the kernel's layout:
+    weight uint8 [N/16, K/8, 64] and scale-and-zero bf16 [N/16, K/G, 2, 16]."""
+    n, k = q.shape
+    v = q.view(n // ROW_BLOCK, ROW_BLOCK, k // OCTET, 2, 4)
+    data = torch.bitwise_or(v[:, :, :, 0], v[:, :, :, 1] << 4)  # [nb, 16, K/8, 4]
+    data = data.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 64)
+    ng = scale.shape[-1]
+    sz = torch.stack((scale, zero), 0).to(torch.bfloat16)  # [2, N, K/G]
+    sz = sz.view(2, n // ROW_BLOCK, ROW_BLOCK, ng).permute(1, 3, 0, 2).contiguous()
+    return data.contiguous(), sz
+
+
+def unpack_codes(data: torch.Tensor) -> torch.Tensor:
+    """The kernel's weight layout [N/16, K/8, 64] -> codes uint8 [N, K]."""
+    nb, octets = data.shape[0], data.shape[1]
+    v = data.view(nb, octets, ROW_BLOCK, 4)
+    q = torch.stack((v & 15, v >> 4), dim=3)  # [nb, K/8, 16, 2, 4]
+    return q.permute(0, 2, 1, 3, 4).reshape(nb * ROW_BLOCK, octets * OCTET)
+
+
+def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W^T [K, N] in bf16 from the kernel's layout (products of many rows convert the weight)."""
+    q = unpack_codes(data).float()  # [N, K]
+    n, k = q.shape
+    scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()  # [N, K/G, 1]
+    zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float()
+    w = torch.addcmul(zero - 8 * scale, q.view(n, -1, group_size), scale)
+    return w.view(n, k).to(torch.bfloat16).t()
+
+
+# ------------------------------------------------------------------------------------ product
+
+
+def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] bf16 (contiguous) times the weight -> [M, N] bf16; N is the padded row count."""
+    lib = library()
+    n = data.shape[0] * ROW_BLOCK
+    k = data.shape[1] * OCTET
+    if (
+        lib is None
+        or x.dtype != torch.bfloat16
+        or x.dim() != 2
+        or x.shape[1] != k
+        or data.dtype != torch.uint8
+        or sz.dtype != torch.bfloat16
+        or not (x.is_contiguous() and data.is_contiguous() and sz.is_contiguous())
+        or sz.shape != (data.shape[0], k // group_size, 2, ROW_BLOCK)
+    ):
+        raise ValueError(f"int4 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}")
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    if x.shape[0]:
+        rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"int4 kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
+    return y
+
+
+@torch.library.custom_op("pangu_infer::int4_vnni_mm", mutates_args=())
+def int4_vnni_mm(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    return matmul(x.contiguous(), data, sz, group_size)
+
+
+@int4_vnni_mm.register_fake
+def _(x, data, sz, group_size):
+    return x.new_empty(x.shape[0], data.shape[0] * ROW_BLOCK, dtype=torch.bfloat16)
+
+
+def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The product as the caller's context wants it: the custom op while compiling, else direct."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group_size)
+    return matmul(x.contiguous(), data, sz, group_size)
+
+
+__all__ = ["ENV", "dequantize_t", "disabled", "library", "matmul", "pack", "product", "unpack_codes", "usable"]
