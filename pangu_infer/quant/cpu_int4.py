@@ -19,7 +19,10 @@ Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). 
 built once per machine with the C compiler inductor also needs (`$CC`, else `cc`/`gcc`), with
 `-march=native`, into `~/.cache/pangu-infer/` (`$XDG_CACHE_HOME` respected), and loaded with ctypes.
 Where it cannot be used (no AVX-512 VNNI, no compiler, a shape it does not take) the aten kernel
-runs as before. `PANGU_INFER_INT4_KERNEL=aten` turns it off.
+runs as before. Where it can run, it is used if it beat aten's kernel in a short measurement
+(one-row products over 32 MB of int4 weights, interleaved), made once per machine and kept in
+pangu_infer.quant.tuning's per-machine cache (`~/.cache/pangu-infer/kernels.json`, key
+`int4_decode_kernel`). `PANGU_INFER_INT4_KERNEL=aten` turns it off, `=own` uses it unmeasured.
 
 Inside a compiled step the product is the custom op `pangu_infer::int4_vnni_mm` (opaque to
 inductor, like the aten kernel); eagerly the C function is called directly (fewer microseconds per
@@ -180,6 +183,10 @@ def disabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("aten", "off", "0", "none")
 
 
+def forced() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("own", "vnni", "on", "1")
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then the aten kernel runs)."""
@@ -218,8 +225,84 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 def usable(in_features: int, group_size: int) -> bool:
-    """Does this machine run the kernel, for weights of this width and group?"""
-    return group_size % OCTET == 0 and in_features % group_size == 0 and library() is not None
+    """Does this machine run the kernel (and is it the faster one here), for weights of this width and group?"""
+    return group_size % OCTET == 0 and in_features % group_size == 0 and library() is not None and chosen()
+
+
+MEASURE_N, MEASURE_K, MEASURE_GROUP, MEASURE_COUNT = 2048, 4096, 64, 8  # 32 MB of int4: beyond the caches
+
+
+def measure() -> dict[str, float]:
+    """Seconds for one-row products over MEASURE_COUNT weights, each kernel (best of interleaved passes)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    n, k, group = MEASURE_N, MEASURE_K, MEASURE_GROUP
+    ours, aten = [], []
+    for _ in range(MEASURE_COUNT):
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        scale = torch.rand(n, k // group, generator=g) * 0.01
+        zero = torch.rand(n, k // group, generator=g) * 0.01
+        ours.append(pack(q, scale, zero))
+        aten.append((
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+            torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16),
+        ))
+        del q
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    runs = {
+        "own": lambda: [matmul(x, d, sz, group) for d, sz in ours],
+        "aten": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, d, group, sz) for d, sz in aten],
+    }
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            fn()  # warm-up
+        for _ in range(5):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def chosen() -> bool:
+    """Is this package's kernel the one to use here: forced, else measured once per machine."""
+    if disabled() or library() is None:
+        return False
+    if forced():
+        return True
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int4pack_mm_for_cpu", "CPU"):
+        return True
+    import json
+
+    from pangu_infer.quant import tuning
+
+    path, key = tuning.cache_path(), tuning.machine_key()
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    entry = stored.get(key)
+    value = entry.get("int4_decode_kernel") if isinstance(entry, dict) else None
+    if value not in ("own", "aten"):
+        times = measure()
+        value = "own" if times["own"] < times["aten"] else "aten"
+        log.info("int4 decode kernel: %s (own %.2f ms, aten %.2f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
+        entry = stored.setdefault(key, {}) if isinstance(stored.get(key), dict) else stored.__setitem__(key, {}) or stored[key]
+        entry["int4_decode_kernel"] = value
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(stored, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only home: measured again next time
+    return value == "own"
 
 
 # ------------------------------------------------------------------------------------ layout
@@ -300,4 +383,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ENV", "dequantize_t", "disabled", "library", "matmul", "pack", "product", "unpack_codes", "usable"]
+__all__ = ["ENV", "chosen", "dequantize_t", "disabled", "forced", "library", "measure", "matmul", "pack", "product", "unpack_codes", "usable"]
