@@ -98,3 +98,28 @@ def test_inside_a_compiled_function_it_is_the_custom_op():
     compiled = torch.compile(lambda t: packed(t) * 2, fullgraph=True)  # fullgraph: no break at the C call
     with torch.inference_mode():
         assert torch.equal(compiled(x), packed(x) * 2)
+
+
+def test_the_kernel_is_chosen_by_a_measurement_kept_per_machine(monkeypatch, tmp_path):
+    import json
+
+    from pangu_infer.quant import tuning
+
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(cache))
+    monkeypatch.delenv(cpu_int4.ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(cpu_int4, "measure", lambda: calls.append(1) or {"own": 2.0, "aten": 1.0})
+    cpu_int4.chosen.cache_clear()
+    try:
+        assert not cpu_int4.chosen()  # aten measured faster: aten's kernel
+        assert PackedWeight(quantize(torch.randn(32, 64), QuantizationConfig("int4", 32)), CPU).kernel == "int4_cpu"
+        assert json.loads(cache.read_text())[tuning.machine_key()]["int4_decode_kernel"] == "aten"
+        cpu_int4.chosen.cache_clear()
+        monkeypatch.setattr(cpu_int4, "measure", lambda: calls.append(1) or {"own": 1.0, "aten": 2.0})
+        assert not cpu_int4.chosen() and len(calls) == 1  # the kept choice, not measured again
+        monkeypatch.setenv(cpu_int4.ENV, "own")
+        cpu_int4.chosen.cache_clear()
+        assert cpu_int4.chosen()  # forced
+    finally:
+        cpu_int4.chosen.cache_clear()
