@@ -79,28 +79,36 @@ static inline __attribute__((always_inline)) void block16(
   const uint8_t* p = w + b * (K / 8) * 64;
   const uint16_t* sp = sz + b * ng * 32;
   for (int64_t g = 0; g < ng; g++, sp += 32) {
-    __m512i a1[MMAX], a2[MMAX];
-    for (int m = 0; m < M; m++) { a1[m] = _mm512_setzero_si512(); a2[m] = _mm512_setzero_si512(); }
+    /* four independent accumulator chains per row (coarse/fine x low/high nibble): the dot
+       products' latency overlaps. High nibbles are used in place (v & 0xF0 = 16 q): no shift. */
+    __m512i cl[MMAX], ch[MMAX], fl[MMAX], fh[MMAX];
+    for (int m = 0; m < M; m++) {
+      cl[m] = _mm512_setzero_si512(); ch[m] = _mm512_setzero_si512();
+      fl[m] = _mm512_setzero_si512(); fh[m] = _mm512_setzero_si512();
+    }
     for (int64_t o = 0; o < G / 8; o++, p += 64) {
       __m512i v = _mm512_loadu_si512((const void*)p);
       __m512i lo = _mm512_and_si512(v, mask);
-      __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+      __m512i hi = _mm512_andnot_si512(mask, v);
       for (int m = 0; m < M; m++) {
         const int8_t* c = xq + m * K + g * G + 8 * o;
         const int8_t* f = c + MMAX * K;
         int32_t c0, c1, f0, f1;
         memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
-        a1[m] = _mm512_dpbusd_epi32(a1[m], lo, _mm512_set1_epi32(c0));
-        a1[m] = _mm512_dpbusd_epi32(a1[m], hi, _mm512_set1_epi32(c1));
-        a2[m] = _mm512_dpbusd_epi32(a2[m], lo, _mm512_set1_epi32(f0));
-        a2[m] = _mm512_dpbusd_epi32(a2[m], hi, _mm512_set1_epi32(f1));
+        cl[m] = _mm512_dpbusd_epi32(cl[m], lo, _mm512_set1_epi32(c0));
+        ch[m] = _mm512_dpbusd_epi32(ch[m], hi, _mm512_set1_epi32(c1));
+        fl[m] = _mm512_dpbusd_epi32(fl[m], lo, _mm512_set1_epi32(f0));
+        fh[m] = _mm512_dpbusd_epi32(fh[m], hi, _mm512_set1_epi32(f1));
       }
     }
     __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)sp)), 16));
     __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(sp + 16))), 16));
     __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+    const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
     for (int m = 0; m < M; m++) {
-      __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2[m]), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(a1[m]));
+      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch[m]), sixteenth, _mm512_cvtepi32_ps(cl[m]));
+      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh[m]), sixteenth, _mm512_cvtepi32_ps(fl[m]));
+      __m512 t = _mm512_fmadd_ps(fine, _mm512_set1_ps(1.0f / 254.0f), coarse);
       acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
       acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
     }
@@ -134,7 +142,7 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
       for (int64_t g = 0; g < ng; g++) {
         const uint16_t* xr = x + (m0 + m) * K + g * G;
         float amax = 0.0f, s = 0.0f;
-        for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; amax = fmaxf(amax, fabsf(v)); }
+        for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
         const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
         for (int64_t k = 0; k < G; k++) {
           const float v = bf(xr[k]) * inv, c = nearbyintf(v);
