@@ -120,6 +120,63 @@ static inline __attribute__((always_inline)) void block16(
   }
 }
 
+/* One activation row, two blocks (32 weight rows) at once: each broadcast of x feeds both, and
+   eight accumulator chains overlap. */
+static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
+                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t b) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(15);
+  const int64_t ng = K / G;
+  const uint8_t* p0 = w + b * (K / 8) * 64;
+  const uint8_t* p1 = p0 + (K / 8) * 64;
+  const uint16_t* s0 = sz + b * ng * 32;
+  const uint16_t* s1 = s0 + ng * 32;
+  const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
+  for (int64_t g = 0; g < ng; g++, s0 += 32, s1 += 32) {
+    __m512i cl0 = _mm512_setzero_si512(), ch0 = cl0, fl0 = cl0, fh0 = cl0;
+    __m512i cl1 = cl0, ch1 = cl0, fl1 = cl0, fh1 = cl0;
+    const int8_t* c = xq + g * G;
+    const int8_t* f = c + MMAX * K;
+    for (int64_t o = 0; o < G / 8; o++, p0 += 64, p1 += 64, c += 8, f += 8) {
+      int32_t c0, c1, f0, f1;
+      memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+      const __m512i bc0 = _mm512_set1_epi32(c0), bc1 = _mm512_set1_epi32(c1);
+      const __m512i bf0 = _mm512_set1_epi32(f0), bf1 = _mm512_set1_epi32(f1);
+      const __m512i v0 = _mm512_loadu_si512((const void*)p0), v1 = _mm512_loadu_si512((const void*)p1);
+      const __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_andnot_si512(mask, v0);
+      const __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_andnot_si512(mask, v1);
+      cl0 = _mm512_dpbusd_epi32(cl0, lo0, bc0); ch0 = _mm512_dpbusd_epi32(ch0, hi0, bc1);
+      fl0 = _mm512_dpbusd_epi32(fl0, lo0, bf0); fh0 = _mm512_dpbusd_epi32(fh0, hi0, bf1);
+      cl1 = _mm512_dpbusd_epi32(cl1, lo1, bc0); ch1 = _mm512_dpbusd_epi32(ch1, hi1, bc1);
+      fl1 = _mm512_dpbusd_epi32(fl1, lo1, bf0); fh1 = _mm512_dpbusd_epi32(fh1, hi1, bf1);
+    }
+    const __m512 step = _mm512_set1_ps(dx[g]), sum = _mm512_set1_ps(xs[g]);
+    const __m512 fine_w = _mm512_set1_ps(1.0f / 254.0f);
+    {
+      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s0)), 16));
+      __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s0 + 16))), 16));
+      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch0), sixteenth, _mm512_cvtepi32_ps(cl0));
+      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh0), sixteenth, _mm512_cvtepi32_ps(fl0));
+      __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
+      acc0 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc0);
+      acc0 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc0);
+    }
+    {
+      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s1)), 16));
+      __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s1 + 16))), 16));
+      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch1), sixteenth, _mm512_cvtepi32_ps(cl1));
+      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh1), sixteenth, _mm512_cvtepi32_ps(fl1));
+      __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
+      acc1 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc1);
+      acc1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc1);
+    }
+  }
+  float t[32];
+  _mm512_storeu_ps(t, acc0);
+  _mm512_storeu_ps(t + 16, acc1);
+  for (int d = 0; d < 32; d++) y[b * 16 + d] = tobf(t[d]);
+}
+
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
   block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, b); }
@@ -155,7 +212,16 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
     void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
         mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
     uint16_t* yc = y + m0 * N;
-    if (threads > 1 && nb >= 4 * threads) {
+    if (mm == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
+      const int64_t pairs = nb / 2;
+      if (threads > 1 && pairs >= 4 * threads) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, yc, K, G, 2 * i);
+      } else {
+        for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, yc, K, G, 2 * i);
+      }
+      if (nb % 2) rows1(xq, dx, xs, w, sz, yc, N, K, G, nb - 1);
+    } else if (threads > 1 && nb >= 4 * threads) {
       #pragma omp parallel for num_threads(threads) schedule(static)
       for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
     } else {
