@@ -440,14 +440,22 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
     return y
 
 
-@torch.library.custom_op("pangu_infer::int4_vnni_mm", mutates_args=())
-def int4_vnni_mm(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+# A plain Library registration, not torch.library.custom_op: the latter's wrapping costs a few
+# times the kernel itself at small expert widths (RESULTS.md, "int4 decode kernel of our own").
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("int4_vnni_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor")
+
+
+def _int4_vnni_mm(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-@int4_vnni_mm.register_fake
-def _(x, data, sz, group_size):
+def _int4_vnni_mm_shape(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], data.shape[0] * ROW_BLOCK, dtype=torch.bfloat16)
+
+
+_lib.impl("int4_vnni_mm", _int4_vnni_mm, "CPU")
+_lib._register_fake("int4_vnni_mm", _int4_vnni_mm_shape)
 
 
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
