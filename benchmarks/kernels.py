@@ -5,7 +5,8 @@
    (`pangu_infer.models.packed`), weight-only int8 (`aten._weight_int8pack_mm`), int4
    (`aten._weight_int4pack_mm_for_cpu`) at group sizes 32/64/128, and oneDNN's W8A8 product
    (`onednn.qlinear_pointwise`, int8 activations: not weight-only, shown as the lead for a faster
-   int8), against a streaming read of a buffer of the same size.
+   int8), this package's int4 kernel (pangu_infer.quant.cpu_int4, where the CPU has AVX-512 VNNI),
+   against a streaming read of a buffer of the same size.
 2. Decode attention of one sequence (9 query / 3 KV heads of 64, as SmolLM2): the engine's two
    products + softmax, SDPA with enable_gqa, and SDPA with each KV head's query heads as rows.
 3. Products of 1-512 rows (prefill chunks): the int8 and int4 kernels, whose time grows with the
@@ -18,10 +19,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def timed(fn, repeats: int) -> float:
@@ -89,6 +94,18 @@ def products(args) -> None:
             timed(over_all(lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(x, int4[i], group, sz)), args.repeats),
         ))
     del int4
+    from pangu_infer.quant import cpu_int4
+
+    if cpu_int4.library() is not None:  # this package's int4 kernel (AVX-512 VNNI), its own layout
+        own = [cpu_int4.pack(torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g), torch.rand(n, k // 32), torch.rand(n, k // 32))[0] for _ in range(count)]
+        for group in (32, 64, 128):
+            sz = torch.rand(n // 16, k // group, 2, 16, generator=g).bfloat16()
+            rows.append((
+                f"int4 own kernel (cpu_int4), group {group}",
+                bf16_bytes // 4,
+                timed(over_all(lambda i: cpu_int4.matmul(x, own[i], sz, group)), args.repeats),
+            ))
+        del own
     buf = torch.ones(bf16_bytes // 4)
     rows.append(("streaming read (sum of fp32)", bf16_bytes, timed(buf.sum, args.repeats)))
 

@@ -12,11 +12,16 @@ bandwidth is a streaming read measured in the same run (`measure_memory_bandwidt
 
     .venv/bin/python benchmarks/moge_decode.py                 # compiled decode off by default here
     .venv/bin/python benchmarks/moge_decode.py --compiled      # the default engine path (compiles first)
+    .venv/bin/python benchmarks/moge_decode.py --methods int4 int4-aten   # the int4 kernels side by side
+
+`int4-aten` is int4 with `PANGU_INFER_INT4_KERNEL=aten` while it loads: aten's
+`_weight_int4pack_mm_for_cpu` where the default would use pangu_infer.quant.cpu_int4's kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -51,6 +56,22 @@ def decode_step_times(llm: LLM, steps: int, round_index: int) -> list[float]:
     return times
 
 
+def load(path: str, method: str, eager: bool) -> LLM:
+    from pangu_infer.quant import cpu_int4
+
+    kernel = os.environ.get(cpu_int4.ENV)
+    if method == "int4-aten":
+        os.environ[cpu_int4.ENV] = "aten"
+        cpu_int4.library.cache_clear()
+    try:
+        quantization = None if method == "bf16" else method.split("-")[0]
+        return LLM(path, dtype="bfloat16", device="cpu", kv_cache_memory=256 << 20, quantization=quantization, enforce_eager=eager)
+    finally:
+        if method == "int4-aten":
+            os.environ.pop(cpu_int4.ENV) if kernel is None else os.environ.__setitem__(cpu_int4.ENV, kernel)
+            cpu_int4.library.cache_clear()
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--hidden", type=int, default=1024)
@@ -82,11 +103,10 @@ def main() -> int:
         write_checkpoint(str(root / "moge"), cfg, random_state_dict(cfg, dtype=torch.bfloat16))
         for f in (root / "tokenizer").iterdir():
             (root / "moge" / f.name).write_bytes(f.read_bytes())
-        llms = {
-            m: LLM(str(root / "moge"), dtype="bfloat16", device="cpu", kv_cache_memory=256 << 20,
-                   quantization=None if m == "bf16" else m, enforce_eager=not args.compiled)
-            for m in args.methods
-        }
+        llms = {m: load(str(root / "moge"), m, not args.compiled) for m in args.methods}
+        if args.compiled:
+            for llm in llms.values():
+                llm.wait_compiled()  # the compiled step builds in the background: time that one
         active = {m: weight_bytes_per_token(llm.model) for m, llm in llms.items()}
         routed = {m: moge_routed_bytes_per_token(llm.model) for m, llm in llms.items()}
         for m, llm in llms.items():

@@ -16,11 +16,16 @@ achieved = active bytes per token / median step time; ratio = achieved / bandwid
 (issue 17): ratio >= 0.70, checked on the median of the per-round ratios.
 
     .venv/bin/python benchmarks/r72b_decode.py [--layers 3] [--rounds 5] [--steps 16] [--threads 2]
+    .venv/bin/python benchmarks/r72b_decode.py --kernels default aten   # two models, rounds alternate
+
+`--kernels default aten` builds the model twice, once with the default int4 kernel and once with
+`PANGU_INFER_INT4_KERNEL=aten` (aten's `_weight_int4pack_mm_for_cpu`), and times them in the same rounds.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -98,6 +103,34 @@ def decode_step_seconds(engine: LLMEngine, steps: int, round_index: int) -> floa
     return statistics.median(times)
 
 
+def build_engine(cfg, tok, args, kernel: str) -> LLMEngine:
+    from pangu_infer.quant import cpu_int4
+
+    saved = os.environ.get(cpu_int4.ENV)
+    if kernel == "aten":
+        os.environ[cpu_int4.ENV] = "aten"
+        cpu_int4.library.cache_clear()
+    try:
+        model = build_model_on_meta(cfg)
+        hook = make_load_hook(model, "int4", False, torch.bfloat16, torch.device("cpu"), memory_mapped=False, int4_group_size=args.group_size)
+        model.load_weights(hook.weights(random_tensors(model)), dtype=torch.bfloat16, device=torch.device("cpu"), hook=hook)
+        model.eval()
+    finally:
+        if kernel == "aten":
+            os.environ.pop(cpu_int4.ENV) if saved is None else os.environ.__setitem__(cpu_int4.ENV, saved)
+            cpu_int4.library.cache_clear()
+    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=4, kv_cache_memory=256 << 20, enforce_eager=args.enforce_eager))
+    engine.runner.wait_compiled()  # the compiled step builds in the background: time that one
+    return engine
+
+
+def kernel_name(engine: LLMEngine) -> str:
+    from pangu_infer.quant.modules import PackedWeight
+
+    kernels = sorted({m.kernel for m in engine.model.modules() if isinstance(m, PackedWeight)})
+    return "+".join(kernels)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layers", type=int, default=3, help="decoder layers: the first dense, the rest MoE (default 3)")
@@ -107,6 +140,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16, help="decode steps per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--enforce-eager", action="store_true", help="decode eagerly instead of the compiled step")
+    p.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "aten"], help="int4 kernels to compare")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -115,21 +149,21 @@ def main() -> int:
         tok = load_tokenizer(Path(tmp))
     config = r72b_shaped(args.vocab or tok.vocab_size, args.layers, tok.eos_token_id)
     cfg = ModelConfig.from_hf_dict(config)
-    model = build_model_on_meta(cfg)
-    start = time.perf_counter()
-    hook = make_load_hook(model, "int4", False, torch.bfloat16, torch.device("cpu"), memory_mapped=False, int4_group_size=args.group_size)
-    model.load_weights(hook.weights(random_tensors(model)), dtype=torch.bfloat16, device=torch.device("cpu"), hook=hook)
-    model.eval()
-    load_s = time.perf_counter() - start
-    engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=4, kv_cache_memory=256 << 20, enforce_eager=args.enforce_eager))
-    per_token = weight_bytes_per_token(model)
-    decode_step_seconds(engine, 4, -1)  # warm-up
-    rows = []
+    engines, load_s = {}, 0.0
+    for kernel in args.kernels:
+        start = time.perf_counter()
+        engines[kernel] = build_engine(cfg, tok, args, kernel)
+        load_s = time.perf_counter() - start
+    per_token = weight_bytes_per_token(engines[args.kernels[0]].model)
+    for engine in engines.values():
+        decode_step_seconds(engine, 4, -1)  # warm-up
+    rows = {kernel: [] for kernel in engines}
     for r in range(args.rounds):
         bandwidth = measure_memory_bandwidth(1 << 30, repeats=3)
-        step = decode_step_seconds(engine, args.steps, r)
-        rows.append((bandwidth, step, per_token / step / bandwidth))
-    compiled = engine.runner.decode_forward is not None
+        for kernel, engine in engines.items():
+            step = decode_step_seconds(engine, args.steps, r)
+            rows[kernel].append((bandwidth, step, per_token / step / bandwidth))
+    compiled = engines[args.kernels[0]].runner.decode_forward is not None
     print(
         f"R-72B-2512-shaped int4 (group {args.group_size}, bf16 activations): hidden 4608, 64/4 heads, K 192 / V 128, "
         f"128 sinks, {args.layers} layers (1 dense 10240, {args.layers - 1} MoE: 80 x 1280 top-8 + 2 shared), vocab "
@@ -137,10 +171,16 @@ def main() -> int:
         f"{'compiled' if compiled else 'eager'} decode; built and quantized in {load_s:.0f} s; "
         f"{args.rounds} alternating rounds of the bandwidth read and {args.steps} decode steps"
     )
-    print("| round | streaming read GB/s | decode ms/step | achieved GB/s | achieved / read |")
-    print("|---|---|---|---|---|")
-    for i, (bw, step, ratio) in enumerate(rows):
-        print(f"| {i} | {bw / 1e9:.2f} | {step * 1e3:.2f} | {per_token / step / 1e9:.2f} | {ratio:.2f} |")
+    print("| int4 kernel | round | streaming read GB/s | decode ms/step | achieved GB/s | achieved / read |")
+    print("|---|---|---|---|---|---|")
+    for kernel in engines:
+        name = kernel_name(engines[kernel])
+        for i, (bw, step, ratio) in enumerate(rows[kernel]):
+            print(f"| {name} | {i} | {bw / 1e9:.2f} | {step * 1e3:.2f} | {per_token / step / 1e9:.2f} | {ratio:.2f} |")
+    for kernel in engines:
+        med = statistics.median(r for _, _, r in rows[kernel])
+        print(f"{kernel_name(engines[kernel])}: median achieved / read {med:.2f}; best round {max(r for _, _, r in rows[kernel]):.2f}")
+    rows = rows[args.kernels[0]]
     median = statistics.median(r for _, _, r in rows)
     print(f"median achieved / read: {median:.2f} (target >= {TARGET}); best round {max(r for _, _, r in rows):.2f}")
     return 0 if median >= TARGET else 1

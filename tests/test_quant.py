@@ -19,7 +19,7 @@ from pangu_infer.quant import formats
 from pangu_infer.quant.formats import unpack_int4
 from pangu_infer.quant.checkpoint import write_quantized_checkpoint
 from pangu_infer.quant.loading import LoadHook, make_load_hook
-from pangu_infer.quant import prefill, tuning
+from pangu_infer.quant import cpu_int4, prefill, tuning
 from pangu_infer.quant.modules import OffloadedExperts, PackedWeight, QuantizedExperts
 
 CPU = torch.device("cpu")
@@ -65,15 +65,22 @@ def test_int4_uses_a_smaller_group_or_keeps_float_when_the_group_does_not_divide
     assert quantize(torch.randn(16, 40), config) is None
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+def _int4_kernels() -> list[str]:
+    return ["int4_cpu"] + (["int4_vnni"] if cpu_int4.usable(64, 32) else [])
+
+
+@pytest.mark.parametrize("kernel", ["int8", *_int4_kernels()])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, convert", [(5, False), (37, True)])  # the kernel, then the weight converted to bf16
-def test_packed_kernel_matches_the_dequantized_weight(method, dtype, rows, convert):
+def test_packed_kernel_matches_the_dequantized_weight(monkeypatch, kernel, dtype, rows, convert):
+    method = kernel[:4]
+    if kernel == "int4_cpu":  # aten's kernel, where this package's own one would run
+        monkeypatch.setattr(cpu_int4, "usable", lambda *a: False)
     w = torch.randn(40 if not convert else 128, 64)  # 40 rows: the CPU int4 kernel pads to 16; converting reads 64-row blocks
     qt = quantize(w, QuantizationConfig(method, 32))
     packed = PackedWeight(qt, CPU)
-    assert packed.kernel == f"{method}_cpu".replace("int8_cpu", "int8")
-    if method == "int4":
+    assert packed.kernel == kernel
+    if kernel == "int4_cpu":
         assert tuning.int4_cpu_layout_ok()  # this CPU's packed layout is the one the conversion reads
     packed.convert_min_rows = rows if convert else tuning.NEVER  # what the per-machine measurement chooses
     x = torch.randn(rows, 64, dtype=dtype)
@@ -83,7 +90,8 @@ def test_packed_kernel_matches_the_dequantized_weight(method, dtype, rows, conve
     assert torch.allclose(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
 
 
-def test_int4_cpu_packing_in_row_blocks_equals_packing_whole():
+def test_int4_cpu_packing_in_row_blocks_equals_packing_whole(monkeypatch):
+    monkeypatch.setattr(cpu_int4, "usable", lambda *a: False)  # aten's layout
     w = torch.randn(1000, 2048)  # 1000 rows: two chunks of rows, the last one padded to 16
     qt = quantize(w, QuantizationConfig("int4", 128))
     whole = torch.ops.aten._convert_weight_to_int4pack_for_cpu(

@@ -106,14 +106,26 @@ def test_turned_off_or_unbuilt_runs_the_eager_conversion(monkeypatch):
     assert torch.equal(prefill.int4_to_bf16(data, 32, scales), prefill._int4_eager(data, 32, scales))
 
 
-def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_bf16(monkeypatch, smollm2_gguf_path):
-    """Every product of the passage converts (int4 linears, the int8 tied head) through the loops."""
+@pytest.mark.parametrize("int4_kernel", ["aten", "own"])
+def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_bf16(monkeypatch, smollm2_gguf_path, int4_kernel):
+    """Every product of the passage converts (int4 linears, the int8 tied head) through the loops:
+    from aten's int4 layout, or from cpu_int4's where that kernel runs (its library's C loop)."""
+    from pangu_infer.quant import cpu_int4
+
+    if int4_kernel == "own" and cpu_int4.library() is None:
+        pytest.skip("no AVX-512 VNNI or no C compiler: cpu_int4 does not run here")
+    monkeypatch.setenv(cpu_int4.ENV, int4_kernel)
+    cpu_int4.library.cache_clear()
+    cpu_int4.chosen.cache_clear()
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4", "16")
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4_VNNI", "16")
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "16")
     calls = []
     for name in ("int4_to_bf16", "int8_to_bf16", "int8_product"):
         real = getattr(prefill, name)
         monkeypatch.setattr(prefill, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    real_vnni = cpu_int4.to_bf16_t
+    monkeypatch.setattr(cpu_int4, "to_bf16_t", lambda *a: calls.append("int4_to_bf16") or real_vnni(*a))
     import pangu_infer.quant.modules as modules
 
     monkeypatch.setattr(modules, "int4_to_bf16", prefill.int4_to_bf16)
@@ -129,11 +141,16 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
         out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
     assert {"int4_to_bf16", "int8_product"} <= set(calls)
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
+    cpu_int4.library.cache_clear()
+    cpu_int4.chosen.cache_clear()
 
 
 def test_prepare_sets_the_rows_measured_for_the_compiled_conversion(tmp_path, monkeypatch):
-    from pangu_infer.quant import tuning
+    from pangu_infer.quant import cpu_int4, tuning
 
+    monkeypatch.setenv(cpu_int4.ENV, "aten")  # int4 weights in aten's layout (the one prefill.py converts)
+    cpu_int4.library.cache_clear()
+    cpu_int4.chosen.cache_clear()
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     monkeypatch.setattr(tuning, "_cache", {})
     monkeypatch.setattr(tuning, "measure", lambda kind: {"int4": 48, "int8": 80}[kind])
@@ -143,6 +160,8 @@ def test_prepare_sets_the_rows_measured_for_the_compiled_conversion(tmp_path, mo
     )
     assert prepare_prefill(model) is None
     assert [w.convert_min_rows for w in model] == [48, tuning.NEVER, 80]  # 40 rows: not whole 64-row blocks
+    cpu_int4.library.cache_clear()
+    cpu_int4.chosen.cache_clear()
     stored = (tmp_path / "kernels.json").read_text()
     assert "int4_convert_min_rows_compiled" in stored and "int8_convert_min_rows_compiled" in stored
 

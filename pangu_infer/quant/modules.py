@@ -8,6 +8,8 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
   (fp32 ones are several times slower). It needs N % 16 == 0: other row counts are zero-padded at load.
+- int4 on x86 CPUs with AVX-512 VNNI: this package's own kernel and layout (pangu_infer.quant.cpu_int4,
+  `PANGU_INFER_INT4_KERNEL=aten` turns it off), which reads the weight faster at decode.
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill); the
   conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
@@ -25,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
 from pangu_infer.quant.prefill import int4_to_bf16, int8_product
@@ -77,6 +80,10 @@ class PackedWeight(nn.Module):
                 self.convert_min_rows = convert_min_rows("int8")
             self.register_buffer("data", _aligned(qt.qweight.to(device)))
             self.register_buffer("scales", qt.scale.to(device=device, dtype=KERNEL_DTYPE))
+        elif qt.method == "int4" and device.type == "cpu" and cpu_int4.usable(self.in_features, self.group_size):
+            self.kernel = "int4_vnni"
+            self._pack_int4_vnni(qt)
+            self.convert_min_rows = convert_min_rows("int4_vnni")
         elif qt.method == "int4" and device.type == "cpu":
             self.kernel = "int4_cpu"
             self._pack_int4_cpu(qt)
@@ -135,6 +142,36 @@ class PackedWeight(nn.Module):
         self.register_buffer("data", _each_matrix(qt.qweight, pack))
         self.register_buffer("scales", F.pad(_scale_and_zero(qt), (0, 0, 0, pad)).contiguous())
 
+    def _pack_int4_vnni(self, qt: QuantizedTensor) -> None:
+        n, pad = self.out_features, -self.out_features % cpu_int4.ROW_BLOCK
+        # A few MB of rows at a time: the unpacked codes are a temporary of one byte per weight.
+        rows = max(cpu_int4.ROW_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // cpu_int4.ROW_BLOCK * cpu_int4.ROW_BLOCK)
+
+        def pack(m: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            datas, szs = [], []
+            for start in range(0, n, rows):
+                q, s, z = unpack_int4(m[start : start + rows]), scale[start : start + rows], zero[start : start + rows]
+                if start + rows >= n and pad:  # padded rows: scale 0 and zero 0 give 0
+                    q, s, z = F.pad(q, (0, 0, 0, pad)), F.pad(s, (0, 0, 0, pad)), F.pad(z, (0, 0, 0, pad))
+                d, sz = cpu_int4.pack(q, s, z)
+                datas.append(d)
+                szs.append(sz)
+            return torch.cat(datas), torch.cat(szs)
+
+        lead = qt.qweight.shape[:-2]
+        mats = [t.reshape(-1, *t.shape[-2:]) for t in (qt.qweight, qt.scale, qt.zero)]
+        data = sz = None
+        for i, (m, scale, zero) in enumerate(zip(*mats)):  # experts one at a time, copied in as they come
+            d, z = pack(m, scale, zero)
+            if data is None:
+                data, sz = d.new_empty((len(mats[0]), *d.shape)), z.new_empty((len(mats[0]), *z.shape))
+            data[i].copy_(d)
+            sz[i].copy_(z)
+            del d, z
+        data, sz = data.reshape(*lead, *data.shape[1:]), sz.reshape(*lead, *sz.shape[1:])
+        self.register_buffer("data", data)
+        self.register_buffer("scales", sz)
+
     def forward(self, x: torch.Tensor, expert: Optional[int] = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -154,6 +191,11 @@ class PackedWeight(nn.Module):
             # The scales are folded into the converted weight (quant/prefill.py: one fused loop
             # once compiled, one eager pass before).
             y = int8_product(xk, data, scales)
+        elif self.kernel == "int4_vnni" and x2.shape[0] >= self.convert_min_rows:
+            w_t = cpu_int4.to_bf16_t(data, scales, self.group_size)
+            y = torch.matmul(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features])
+        elif self.kernel == "int4_vnni":
+            y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
             w_t = int4_to_bf16(data, self.group_size, scales)
@@ -271,5 +313,5 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     why = prefill.prepare()
     if why is None:
         for m in weights:
-            m.convert_min_rows = convert_min_rows("int4" if m.kernel == "int4_cpu" else "int8")
+            m.convert_min_rows = convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel))
     return why

@@ -152,6 +152,9 @@ def _scratch(key: tuple, shape: tuple) -> torch.Tensor:
     return buf
 
 
+scratch = _scratch  # for the other conversions of quant/ (cpu_int4's layout)
+
+
 # ---------------------------------------------------------------------------------- int4
 
 
@@ -355,4 +358,4 @@ def ready() -> bool:
     return _lib is not None and enabled()
 
 
-__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int8_product", "int8_to_bf16", "prepare", "ready"]
+__all__ = ["ENV", "scratch", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int8_product", "int8_to_bf16", "prepare", "ready"]

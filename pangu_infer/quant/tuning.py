@@ -17,61 +17,23 @@ never used (the int4 kernel runs at every row count) where the check fails.
 
 from __future__ import annotations
 
-import functools
-import json
 import os
-import platform
-import statistics
-import time
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from pangu_infer.machine import cache_path, cached_choice, machine_key, median_time
+from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.prefill import dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int8_product, ready
 
 NEVER = 1 << 30
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
 BENCH_N = BENCH_K = 1536
-KINDS = ("int4", "int8")
+KINDS = ("int4", "int8", "int4_vnni")
 _cache: dict[str, int] = {}
 
 
-def cache_path() -> str:
-    explicit = os.environ.get("PANGU_INFER_KERNEL_CACHE")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pangu-infer", "kernels.json")
-
-
-def machine_key() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
-
-
-# ---------------------------------------------------------------------------------- conversion
-
-
 # ---------------------------------------------------------------------------------- measuring
-
-
-def _median_time(fn, reps: int = 3) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def measure(kind: str) -> int:
@@ -94,6 +56,18 @@ def measure(kind: str) -> int:
         def convert(x):
             return torch.matmul(x, int4_to_bf16(data, group, scales))
 
+    elif kind == "int4_vnni":  # this package's kernel and layout (quant/cpu_int4.py), converted by its C loop
+        if cpu_int4.library() is None:
+            return NEVER
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01)
+
+        def kernel(x):
+            return cpu_int4.matmul(x, data, sz, group)
+
+        def convert(x):
+            return torch.matmul(x, cpu_int4.to_bf16_t(data, sz, group))
+
     else:
         if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CPU"):
             return NEVER
@@ -108,7 +82,7 @@ def measure(kind: str) -> int:
 
     for rows in ROW_CANDIDATES:
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-        if _median_time(lambda: convert(x)) < _median_time(lambda: kernel(x)):
+        if median_time(lambda: convert(x)) < median_time(lambda: kernel(x)):
             return rows
     return NEVER
 
@@ -127,7 +101,7 @@ def _env_override(kind: str) -> Optional[int]:
 
 
 def convert_min_rows(kind: str) -> int:
-    """Rows from which a CPU `kind` ("int4" | "int8") product converts the weight to bf16."""
+    """Rows from which a CPU `kind` ("int4" | "int8" | "int4_vnni") product converts the weight to bf16."""
     if kind not in KINDS:
         raise ValueError(f"kernel kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "int4" and not int4_cpu_layout_ok():
@@ -137,32 +111,13 @@ def convert_min_rows(kind: str) -> int:
         return override
     # Measured apart for the eager conversion and the compiled one (they cross the kernel at
     # different row counts); the compiled one is measured once it is built (prefill.prepare).
-    name = f"{kind}_convert_min_rows" + ("_compiled" if ready() else "")
-    if name in _cache:
-        return _cache[name]
-    path, key = cache_path(), machine_key()
-    stored: dict = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
-        stored = {}
-    entry = stored.get(key, {}) if isinstance(stored, dict) else {}
-    rows = entry.get(name) if isinstance(entry, dict) else None
-    if not isinstance(rows, int) or rows < 1:
-        rows = measure(kind)
-        stored = stored if isinstance(stored, dict) else {}
-        stored.setdefault(key, {})[name] = rows
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(stored, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home: measured again next time
-    _cache[name] = rows
-    return rows
+    # cpu_int4's conversion is its library's own C loop from the start.
+    name = f"{kind}_convert_min_rows" + ("_compiled" if ready() and kind != "int4_vnni" else "")
+    if name not in _cache:
+        _cache[name] = cached_choice(
+            name, lambda: measure(kind), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
+        )
+    return _cache[name]
 
 
-__all__ = ["NEVER", "cache_path", "convert_min_rows", "dequantize_int4_cpu_packed", "int4_cpu_layout_ok", "measure"]
+__all__ = ["NEVER", "cache_path", "convert_min_rows", "machine_key", "dequantize_int4_cpu_packed", "int4_cpu_layout_ok", "measure"]

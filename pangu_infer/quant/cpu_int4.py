@@ -1,0 +1,502 @@
+"""int4 products of a few rows (decode) on x86 CPUs with AVX-512 VNNI: a small C kernel of our own.
+
+Why: on some CPUs `aten._weight_int4pack_mm_for_cpu` reaches well under half of the memory's
+streaming read at one token (benchmarks/RESULTS.md, "int4 decode kernel"), and a decode step of an
+int4 model is almost all such products. This kernel does less arithmetic per weight byte:
+
+- weights in their own layout, [N/16, K/8, 64] bytes: for each block of 16 rows and each 8 columns
+  (an "octet"), 16 rows x 4 bytes; byte j of row r holds column 8o + j in the low nibble and
+  column 8o + 4 + j in the high nibble. One 64-byte load feeds two `vpdpbusd` (u8 x s8 dot
+  products of 4) per activation row, with no conversion of the weights to float;
+- scales and zeros [N/16, K/G, 2, 16] in bf16 (the same rounding as the aten kernel's
+  qScaleAndZeros): w = (q - 8) * scale + zero, so per group and row
+  y += scale * sum(x q) + (zero - 8 scale) * sum(x);
+- activations quantized per group twice, x ~= d (a + b / 254) with int8 a and b (two more dot
+  products per load): the rounding error is about 2^-16 of the group's largest value, finer than
+  the bf16 activations the aten kernel takes (2^-9).
+
+Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). The kernel is
+built once per machine with the C compiler inductor also needs (`$CC`, else `cc`/`gcc`), with
+`-march=native`, into `~/.cache/pangu-infer/` (`$XDG_CACHE_HOME` respected), and loaded with ctypes.
+Where it cannot be used (no AVX-512 VNNI, no compiler, a shape it does not take) the aten kernel
+runs as before. Where it can run, it is used if it beat aten's kernel in a short measurement
+(one-row products over 32 MB of int4 weights, interleaved), made once per machine and kept in
+pangu_infer.quant.tuning's per-machine cache (`~/.cache/pangu-infer/kernels.json`, key
+`int4_decode_kernel`). `PANGU_INFER_INT4_KERNEL=aten` turns it off, `=own` uses it unmeasured.
+
+Inside a compiled step the product is the custom op `pangu_infer::int4_vnni_mm` (opaque to
+inductor, like the aten kernel); eagerly the C function is called directly (fewer microseconds per
+call, which the small expert products of a MoE notice).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+from pangu_infer.machine import cached_choice
+from pangu_infer.quant.prefill import scratch
+
+log = logging.getLogger(__name__)
+
+ENV = "PANGU_INFER_INT4_KERNEL"
+ROW_BLOCK = 16  # rows per block of the layout
+OCTET = 8  # columns per 64-byte load of a block
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <immintrin.h>
+
+#define MMAX 4
+
+static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t tobf(float f) {
+  uint32_t u; memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  /* NaN stays NaN */
+  u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even, as torch does */
+  return (uint16_t)(u >> 16);
+}
+
+/* One block of 16 rows for M (1..4) activation rows. xq: [2][MMAX][K] int8 (coarse, fine);
+   dx, xs: [MMAX][K/G] per-group step and sum of x. */
+static inline __attribute__((always_inline)) void block16(
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t b) {
+  __m512 acc[MMAX];
+  for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(15);
+  const int64_t ng = K / G;
+  const uint8_t* p = w + b * (K / 8) * 64;
+  const uint16_t* sp = sz + b * ng * 32;
+  for (int64_t g = 0; g < ng; g++, sp += 32) {
+    /* four independent accumulator chains per row (coarse/fine x low/high nibble): the dot
+       products' latency overlaps. High nibbles are used in place (v & 0xF0 = 16 q): no shift. */
+    __m512i cl[MMAX], ch[MMAX], fl[MMAX], fh[MMAX];
+    for (int m = 0; m < M; m++) {
+      cl[m] = _mm512_setzero_si512(); ch[m] = _mm512_setzero_si512();
+      fl[m] = _mm512_setzero_si512(); fh[m] = _mm512_setzero_si512();
+    }
+    for (int64_t o = 0; o < G / 8; o++, p += 64) {
+      __m512i v = _mm512_loadu_si512((const void*)p);
+      __m512i lo = _mm512_and_si512(v, mask);
+      __m512i hi = _mm512_andnot_si512(mask, v);
+      for (int m = 0; m < M; m++) {
+        const int8_t* c = xq + m * K + g * G + 8 * o;
+        const int8_t* f = c + MMAX * K;
+        int32_t c0, c1, f0, f1;
+        memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+        cl[m] = _mm512_dpbusd_epi32(cl[m], lo, _mm512_set1_epi32(c0));
+        ch[m] = _mm512_dpbusd_epi32(ch[m], hi, _mm512_set1_epi32(c1));
+        fl[m] = _mm512_dpbusd_epi32(fl[m], lo, _mm512_set1_epi32(f0));
+        fh[m] = _mm512_dpbusd_epi32(fh[m], hi, _mm512_set1_epi32(f1));
+      }
+    }
+    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)sp)), 16));
+    __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(sp + 16))), 16));
+    __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+    const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
+    for (int m = 0; m < M; m++) {
+      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch[m]), sixteenth, _mm512_cvtepi32_ps(cl[m]));
+      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh[m]), sixteenth, _mm512_cvtepi32_ps(fl[m]));
+      __m512 t = _mm512_fmadd_ps(fine, _mm512_set1_ps(1.0f / 254.0f), coarse);
+      acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    float t[16];
+    _mm512_storeu_ps(t, acc[m]);
+    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(t[d]);
+  }
+}
+
+/* One activation row, two blocks (32 weight rows) at once: each broadcast of x feeds both, and
+   eight accumulator chains overlap. */
+static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
+                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t b) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(15);
+  const int64_t ng = K / G;
+  const uint8_t* p0 = w + b * (K / 8) * 64;
+  const uint8_t* p1 = p0 + (K / 8) * 64;
+  const uint16_t* s0 = sz + b * ng * 32;
+  const uint16_t* s1 = s0 + ng * 32;
+  const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
+  for (int64_t g = 0; g < ng; g++, s0 += 32, s1 += 32) {
+    __m512i cl0 = _mm512_setzero_si512(), ch0 = cl0, fl0 = cl0, fh0 = cl0;
+    __m512i cl1 = cl0, ch1 = cl0, fl1 = cl0, fh1 = cl0;
+    const int8_t* c = xq + g * G;
+    const int8_t* f = c + MMAX * K;
+    for (int64_t o = 0; o < G / 8; o++, p0 += 64, p1 += 64, c += 8, f += 8) {
+      int32_t c0, c1, f0, f1;
+      memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+      const __m512i bc0 = _mm512_set1_epi32(c0), bc1 = _mm512_set1_epi32(c1);
+      const __m512i bf0 = _mm512_set1_epi32(f0), bf1 = _mm512_set1_epi32(f1);
+      const __m512i v0 = _mm512_loadu_si512((const void*)p0), v1 = _mm512_loadu_si512((const void*)p1);
+      const __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_andnot_si512(mask, v0);
+      const __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_andnot_si512(mask, v1);
+      cl0 = _mm512_dpbusd_epi32(cl0, lo0, bc0); ch0 = _mm512_dpbusd_epi32(ch0, hi0, bc1);
+      fl0 = _mm512_dpbusd_epi32(fl0, lo0, bf0); fh0 = _mm512_dpbusd_epi32(fh0, hi0, bf1);
+      cl1 = _mm512_dpbusd_epi32(cl1, lo1, bc0); ch1 = _mm512_dpbusd_epi32(ch1, hi1, bc1);
+      fl1 = _mm512_dpbusd_epi32(fl1, lo1, bf0); fh1 = _mm512_dpbusd_epi32(fh1, hi1, bf1);
+    }
+    const __m512 step = _mm512_set1_ps(dx[g]), sum = _mm512_set1_ps(xs[g]);
+    const __m512 fine_w = _mm512_set1_ps(1.0f / 254.0f);
+    {
+      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s0)), 16));
+      __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s0 + 16))), 16));
+      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch0), sixteenth, _mm512_cvtepi32_ps(cl0));
+      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh0), sixteenth, _mm512_cvtepi32_ps(fl0));
+      __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
+      acc0 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc0);
+      acc0 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc0);
+    }
+    {
+      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s1)), 16));
+      __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s1 + 16))), 16));
+      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch1), sixteenth, _mm512_cvtepi32_ps(cl1));
+      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh1), sixteenth, _mm512_cvtepi32_ps(fl1));
+      __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
+      acc1 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc1);
+      acc1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc1);
+    }
+  }
+  float t[32];
+  _mm512_storeu_ps(t, acc0);
+  _mm512_storeu_ps(t + 16, acc1);
+  for (int d = 0; d < 32; d++) y[b * 16 + d] = tobf(t[d]);
+}
+
+#define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
+  block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, b); }
+ROWS(1) ROWS(2) ROWS(3) ROWS(4)
+
+int pangu_int4_abi(void) { return 2; }
+
+/* W^T [K, N] bf16 from the layout (products of many rows convert the weight once and run one bf16
+   product): w = q * scale + (zero - 8 scale) in fp32, one fused multiply-add, rounded to bf16 once
+   (to nearest even). Each 64-byte load is one octet of 16 rows: lane r holds row r's 4 bytes. */
+int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
+                         int64_t N, int64_t K, int64_t G, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G) return 1;
+  const int64_t nb = N / 16, ng = K / G, octets = K / 8;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
+  for (int64_t b = 0; b < nb; b++) {
+    const uint8_t* p = w + b * octets * 64;
+    const uint16_t* sp = sz + b * ng * 32;
+    const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
+    const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    for (int64_t o = 0; o < octets; o++, p += 64) {
+      const uint16_t* s = sp + ((8 * o) / G) * 32;
+      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+      const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
+      const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+      const __m512i v = _mm512_loadu_si512((const void*)p);
+      for (int j = 0; j < 4; j++) {
+        const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);
+        const __m512i q[2] = {_mm512_and_si512(bytes, nib), _mm512_srli_epi32(bytes, 4)};
+        for (int h = 0; h < 2; h++) {
+          const __m512i u = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q[h]), sc, off));
+          const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+          _mm256_storeu_si256((__m256i*)(out + (8 * o + 4 * h + j) * N + 16 * b), _mm512_cvtepi32_epi16(r));
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+/* y [M, N] bf16 = x [M, K] bf16 times the weight; returns 0, or 1 for a shape it does not take. */
+int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t threads) {
+  if (M < 1 || N % 16 || G % 8 || G < 8 || K % G) return 1;
+  const int64_t ng = K / G, nb = N / 16;
+  int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
+  float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
+  if (!xq || !dx) { free(xq); free(dx); return 2; }
+  float* xs = dx + MMAX * ng;
+  for (int64_t m0 = 0; m0 < M; m0 += MMAX) {
+    const int mm = (int)(M - m0 < MMAX ? M - m0 : MMAX);
+    for (int m = 0; m < mm; m++)
+      for (int64_t g = 0; g < ng; g++) {
+        const uint16_t* xr = x + (m0 + m) * K + g * G;
+        float amax = 0.0f, s = 0.0f;
+        for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
+        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+        for (int64_t k = 0; k < G; k++) {
+          const float v = bf(xr[k]) * inv, c = nearbyintf(v);
+          xq[m * K + g * G + k] = (int8_t)c;
+          xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+        }
+        dx[m * ng + g] = d;
+        xs[m * ng + g] = s;
+      }
+    void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
+        mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
+    uint16_t* yc = y + m0 * N;
+    if (mm == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
+      const int64_t pairs = nb / 2;
+      if (threads > 1 && pairs >= 4 * threads) {
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, yc, K, G, 2 * i);
+      } else {
+        for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, yc, K, G, 2 * i);
+      }
+      if (nb % 2) rows1(xq, dx, xs, w, sz, yc, N, K, G, nb - 1);
+    } else if (threads > 1 && nb >= 4 * threads) {
+      #pragma omp parallel for num_threads(threads) schedule(static)
+      for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
+    } else {
+      for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
+    }
+  }
+  free(xq);
+  free(dx);
+  return 0;
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pangu-infer")
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("aten", "off", "0", "none")
+
+
+def forced() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("own", "vnni", "on", "1")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built kernel, or None where it cannot run here (then the aten kernel runs)."""
+    if disabled() or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.info("int4 decode kernel: no C compiler found, using aten's")
+        return None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
+    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"int4_vnni_{key}.so")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "int4.c")
+                with open(src, "w", encoding="utf-8") as f:
+                    f.write(SOURCE)
+                out = os.path.join(tmp, "int4.so")
+                subprocess.run([compiler, *FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
+                shutil.move(out, f"{path}.{os.getpid()}.tmp")
+                os.replace(f"{path}.{os.getpid()}.tmp", path)
+        lib = ctypes.CDLL(path)
+        if lib.pangu_int4_abi() != 2:
+            return None
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("int4 decode kernel not built (%s): using aten's", e)
+        return None
+    fn = lib.pangu_int4_mm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    conv = lib.pangu_int4_to_bf16_t
+    conv.restype = ctypes.c_int
+    conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    return lib
+
+
+def usable(in_features: int, group_size: int) -> bool:
+    """Does this machine run the kernel (and is it the faster one here), for weights of this width and group?"""
+    return group_size % OCTET == 0 and in_features % group_size == 0 and library() is not None and chosen()
+
+
+MEASURE_N, MEASURE_K, MEASURE_GROUP, MEASURE_COUNT = 2048, 4096, 64, 8  # 32 MB of int4: beyond the caches
+
+
+def measure() -> dict[str, float]:
+    """Seconds for one-row products over MEASURE_COUNT weights, each kernel (best of interleaved passes)."""
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    n, k, group = MEASURE_N, MEASURE_K, MEASURE_GROUP
+    ours, aten = [], []
+    for _ in range(MEASURE_COUNT):
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        scale = torch.rand(n, k // group, generator=g) * 0.01
+        zero = torch.rand(n, k // group, generator=g) * 0.01
+        ours.append(pack(q, scale, zero))
+        aten.append((
+            torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1),
+            torch.stack((scale, zero), -1).transpose(0, 1).contiguous().to(torch.bfloat16),
+        ))
+        del q
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    runs = {
+        "own": lambda: [matmul(x, d, sz, group) for d, sz in ours],
+        "aten": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, d, group, sz) for d, sz in aten],
+    }
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            fn()  # warm-up
+        for _ in range(5):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def chosen() -> bool:
+    """Is this package's kernel the one to use here: forced, else measured once per machine."""
+    if disabled() or library() is None:
+        return False
+    if forced():
+        return True
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int4pack_mm_for_cpu", "CPU"):
+        return True
+    def measured() -> str:
+        times = measure()
+        value = "own" if times["own"] < times["aten"] else "aten"
+        log.info("int4 decode kernel: %s (own %.2f ms, aten %.2f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
+        return value
+
+    value = cached_choice("int4_decode_kernel", measured, lambda v: v in ("own", "aten"))
+    return value == "own"
+
+
+# ------------------------------------------------------------------------------------ layout
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes uint8 0..15 [N, K] (N a multiple of 16), scale and zero [N, K/G] -> the kernel's layout:
+    weight uint8 [N/16, K/8, 64] and scale-and-zero bf16 [N/16, K/G, 2, 16]."""
+    n, k = q.shape
+    v = q.view(n // ROW_BLOCK, ROW_BLOCK, k // OCTET, 2, 4)
+    data = torch.bitwise_or(v[:, :, :, 0], v[:, :, :, 1] << 4)  # [nb, 16, K/8, 4]
+    data = data.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 64)
+    ng = scale.shape[-1]
+    sz = torch.stack((scale, zero), 0).to(torch.bfloat16)  # [2, N, K/G]
+    sz = sz.view(2, n // ROW_BLOCK, ROW_BLOCK, ng).permute(1, 3, 0, 2).contiguous()
+    return data.contiguous(), sz
+
+
+def unpack_codes(data: torch.Tensor) -> torch.Tensor:
+    """The kernel's weight layout [N/16, K/8, 64] -> codes uint8 [N, K]."""
+    nb, octets = data.shape[0], data.shape[1]
+    v = data.view(nb, octets, ROW_BLOCK, 4)
+    q = torch.stack((v & 15, v >> 4), dim=3)  # [nb, K/8, 16, 2, 4]
+    return q.permute(0, 2, 1, 3, 4).reshape(nb * ROW_BLOCK, octets * OCTET)
+
+
+def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W^T [K, N] in bf16 from the kernel's layout (products of many rows convert the weight)."""
+    q = unpack_codes(data).float()  # [N, K]
+    n, k = q.shape
+    scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()  # [N, K/G, 1]
+    zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float()
+    w = torch.addcmul(zero - 8 * scale, q.reshape(n, -1, group_size), scale)
+    return w.reshape(n, k).to(torch.bfloat16).t()
+
+
+def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """dequantize_t by the library's C loop (one pass, into a buffer kept per shape and thread),
+    where it runs and outside a graph being traced; else dequantize_t."""
+    if torch.compiler.is_compiling():  # a graph being traced: the traceable formula
+        return dequantize_t(data, sz, group_size)
+    lib = library()
+    n, k = data.shape[0] * ROW_BLOCK, data.shape[1] * OCTET
+    if lib is None or not (data.is_contiguous() and sz.is_contiguous()):
+        return dequantize_t(data, sz, group_size)
+    out = scratch(("int4_vnni", n, k), (k, n))
+    if lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group_size, torch.get_num_threads()):
+        return dequantize_t(data, sz, group_size)
+    return out
+
+
+# ------------------------------------------------------------------------------------ product
+
+
+def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] bf16 (contiguous) times the weight -> [M, N] bf16; N is the padded row count."""
+    lib = library()
+    n = data.shape[0] * ROW_BLOCK
+    k = data.shape[1] * OCTET
+    if (
+        lib is None
+        or x.dtype != torch.bfloat16
+        or x.dim() != 2
+        or x.shape[1] != k
+        or data.dtype != torch.uint8
+        or sz.dtype != torch.bfloat16
+        or not (x.is_contiguous() and data.is_contiguous() and sz.is_contiguous())
+        or sz.shape != (data.shape[0], k // group_size, 2, ROW_BLOCK)
+    ):
+        raise ValueError(f"int4 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}")
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    if x.shape[0]:
+        rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"int4 kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
+    return y
+
+
+# A plain Library registration, not torch.library.custom_op: the latter's wrapping costs a few
+# times the kernel itself at small expert widths (RESULTS.md, "int4 decode kernel of our own").
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("int4_vnni_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor")
+
+
+def _int4_vnni_mm(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    return matmul(x.contiguous(), data, sz, group_size)
+
+
+def _int4_vnni_mm_shape(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], data.shape[0] * ROW_BLOCK, dtype=torch.bfloat16)
+
+
+_lib.impl("int4_vnni_mm", _int4_vnni_mm, "CPU")
+_lib._register_fake("int4_vnni_mm", _int4_vnni_mm_shape)
+
+
+def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The product as the caller's context wants it: the custom op while compiling, else direct."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group_size)
+    return matmul(x.contiguous(), data, sz, group_size)
+
+
+__all__ = ["ENV", "chosen", "dequantize_t", "disabled", "forced", "library", "measure", "matmul", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]
