@@ -160,6 +160,36 @@ def _env_override(kind: str) -> Optional[int]:
     return rows
 
 
+def cached_measurement(name: str, compute) -> int:
+    """The positive int stored under `name` for this machine (machine_key()) in the cache file, or
+    compute() stored there (a read-only home: measured again next time)."""
+    path, key = cache_path(), machine_key()
+    stored: dict = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        stored = {}
+    stored = stored if isinstance(stored, dict) else {}
+    entry = stored.get(key, {})
+    value = entry.get(name) if isinstance(entry, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    value = compute()
+    if not isinstance(entry, dict):
+        stored[key] = {}
+    stored.setdefault(key, {})[name] = value
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(stored, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
+
+
 def convert_min_rows(kind: str) -> int:
     """Rows from which a CPU `kind` ("int4" | "int8") product converts the weight to bf16."""
     if kind not in KINDS:
@@ -171,29 +201,9 @@ def convert_min_rows(kind: str) -> int:
         return override
     if kind in _cache:
         return _cache[kind]
-    path, key = cache_path(), machine_key()
-    stored: dict = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            stored = json.load(f)
-    except (OSError, ValueError):
-        stored = {}
-    entry = stored.get(key, {}) if isinstance(stored, dict) else {}
-    rows = entry.get(f"{kind}_convert_min_rows") if isinstance(entry, dict) else None
-    if not isinstance(rows, int) or rows < 1:
-        rows = measure(kind)
-        stored = stored if isinstance(stored, dict) else {}
-        stored.setdefault(key, {})[f"{kind}_convert_min_rows"] = rows
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(stored, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only home: measured again next time
+    rows = cached_measurement(f"{kind}_convert_min_rows", lambda: measure(kind))
     _cache[kind] = rows
     return rows
 
 
-__all__ = ["NEVER", "cache_path", "convert_min_rows", "dequantize_int4_cpu_packed", "int4_cpu_layout_ok", "measure"]
+__all__ = ["NEVER", "cache_path", "cached_measurement", "convert_min_rows", "dequantize_int4_cpu_packed", "int4_cpu_layout_ok", "measure"]
