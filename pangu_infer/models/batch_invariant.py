@@ -5,21 +5,24 @@ What varies with the batch on CPU, measured (benchmarks/batch_invariant.py --sou
 numbers in benchmarks/RESULTS.md):
 
 - Linear products. oneDNN and MKL pick kernels and K-blockings by row count: row 0 of an
-  M-row product differs from the same row alone at some M for bf16 `F.linear`, the
-  oneDNN-packed linear, fp32 `F.linear` (every M > 1) and the int8 weight-only kernel (M >= 32);
-  only the int4 kernel was row-invariant at every M tried. A product whose calls all have the
-  same shape is invariant by construction, so every linear runs in tiles of exactly ROW_TILE rows
-  (the last one padded with zeros): a row's result then depends neither on the row count nor on
-  its place in the tile nor on the other rows (checked for every module type above). This wraps
-  whatever linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized linears of
+  M-row product can differ from the same row alone, from some M on that depends on the kernel,
+  the shape, the CPU and the thread count (on an AMD EPYC without AMX the oneDNN-packed bf16 linear
+  varied from 2 or 9 rows on; on an Intel Xeon with AMX it did not up to 128 rows; fp32 MKL varies
+  at every M > 1 on both; RESULTS.md). A product whose calls all have the same shape is invariant
+  by construction, so a linear whose kernel is not measured invariant runs in tiles of exactly
+  PAD_TILE rows (the last one padded with zeros). Where a linear's rows were measured equal to the
+  row alone at every row count 1..T (free_tile: once per kernel, shape and dtype, cached per
+  machine and thread count like pangu_infer.quant.tuning's thresholds), it runs unpadded in calls
+  of at most T rows: a one-row decode then costs what it does without the mode. This wraps whatever
+  linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized linears of
   pangu_infer.quant, or any later one with the same call signature) without touching its kernel.
 - Attention. Unmasked SDPA for one sequence, padded masked products for a batch and SDPA's flash
   kernel for prefill (whose KV split depends on the total length) all sum in different orders.
   Here every query token, decode or prefill, attends alone over its own context split into
-  KV_SPLIT-key chunks at fixed positions: per (query, KV head, chunk) one [G, D] x [D, KV_SPLIT]
-  and one [G, KV_SPLIT] x [KV_SPLIT, D] product (the same shape every time; batched matmuls of
-  one per-entry shape measured invariant in the batch count), one max over the whole context
-  (exact), and the chunk sums added in chunk order by a sequential cumsum. Padding keys and
+  KV_SPLIT-key chunks at fixed positions: per (KV head, query, chunk) one [G, D] x [D, KV_SPLIT]
+  and one [G, KV_SPLIT] x [KV_SPLIT, D] product in the cache dtype (the same shape every time;
+  batched matmuls of one per-entry shape measured invariant in the batch count), one max over the
+  whole context (exact), and the chunk sums added in chunk order by a sequential cumsum in fp32. Padding keys and
   chunks past a query's position add exact zeros.
 - Elementwise exp/log over a whole [B, V] batch take a scalar path for the elements past the last
   whole vector, so a row's values could depend on the rows after it: the sampler works row by row
