@@ -291,8 +291,9 @@ def test_cli_flag_reaches_the_engine():
 @pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", "int8")])
 def test_fp32_and_quantized_linears_alone_equal_batched(tiny_dense_dir, dtype, quantization):
     """int8 weight-only linears (bf16): bitwise. fp32 (MKL products vary at every row count > 1):
-    token ids equal; logprobs are not yet bitwise in fp32 (2 of 16 prompts differ in the last
-    bits, source not located; README), so they are held to 1e-5 there."""
+    token ids equal; logprobs were bitwise on an Intel Xeon (AMX) but differed in the last bits on
+    an AMD EPYC (2 of 16 prompts, about 1e-6, source not located; README, RESULTS.md), so they are
+    held to 1e-5 here."""
     llm = LLM(str(tiny_dense_dir), dtype=dtype, device="cpu", enforce_eager=True, batch_invariant=True,
               quantization=quantization, max_num_seqs=16)
     prompts = _prompts(16, seed=6)
