@@ -185,7 +185,10 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=48, help="reply length for sources/target")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per request for speed")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.sources:
         sources(args)

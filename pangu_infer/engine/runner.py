@@ -266,7 +266,12 @@ class ModelRunner:
         )
         if decodes:
             ctx = [s.num_computed_tokens + 1 for s, _ in decodes]
-            attn.decode_slots, attn.decode_mask = self._decode_slots(decodes, ctx, KV_SPLIT if invariant else 1)
+            # Batch-invariant: whole KV_SPLIT chunks, at least two (padding chunks add exact zeros), so the
+            # chunk count is never 1: a size of 1 is a shape torch.compile specializes on, and the extra
+            # graph compiled in the middle of decoding (one-chunk contexts) took minutes.
+            attn.decode_slots, attn.decode_mask = (
+                self._decode_slots(decodes, ctx, KV_SPLIT, 2 * KV_SPLIT) if invariant else self._decode_slots(decodes, ctx)
+            )
             # The compiled step pads all decodes to the longest context in one group: group sizes are
             # shapes, and each new combination (or a group of one) would cost a recompile.
             attn.decode_groups = [] if compiled or invariant else self._decode_groups(ctx)
@@ -316,11 +321,14 @@ class ModelRunner:
             return [(n, ctx[-1])]
         return [(best, ctx[best - 1]), (n, ctx[-1])]
 
-    def _decode_slots(self, decodes, ctx: list[int], multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, L] slots and [B, 1, 1, L] validity, L the longest context rounded up to `multiple`."""
+    def _decode_slots(
+        self, decodes, ctx: list[int], multiple: int = 1, minimum: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] slots and [B, 1, 1, L] validity, L the longest context rounded up to `multiple`
+        (and at least `minimum`)."""
         bs = self.block_size
         dev = self.device
-        max_ctx = -(-max(ctx) // multiple) * multiple
+        max_ctx = max(minimum, -(-max(ctx) // multiple) * multiple)
         max_blocks = -(-max_ctx // bs)
         table = torch.tensor(
             [s.block_table[:max_blocks] + [s.block_table[0]] * (max_blocks - len(s.block_table[:max_blocks])) for s, _ in decodes],

@@ -5,21 +5,24 @@ What varies with the batch on CPU, measured (benchmarks/batch_invariant.py --sou
 numbers in benchmarks/RESULTS.md):
 
 - Linear products. oneDNN and MKL pick kernels and K-blockings by row count: row 0 of an
-  M-row product differs from the same row alone at some M for bf16 `F.linear`, the
-  oneDNN-packed linear, fp32 `F.linear` (every M > 1) and the int8 weight-only kernel (M >= 32);
-  only the int4 kernel was row-invariant at every M tried. A product whose calls all have the
-  same shape is invariant by construction, so every linear runs in tiles of exactly ROW_TILE rows
-  (the last one padded with zeros): a row's result then depends neither on the row count nor on
-  its place in the tile nor on the other rows (checked for every module type above). This wraps
-  whatever linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized linears of
+  M-row product can differ from the same row alone, from some M on that depends on the kernel,
+  the shape, the CPU and the thread count (on an AMD EPYC without AMX the oneDNN-packed bf16 linear
+  varied from 2 or 9 rows on; on an Intel Xeon with AMX it did not up to 128 rows; fp32 MKL varies
+  at every M > 1 on both; RESULTS.md). A product whose calls all have the same shape is invariant
+  by construction, so a linear whose kernel is not measured invariant runs in tiles of exactly
+  PAD_TILE rows (the last one padded with zeros). Where a linear's rows were measured equal to the
+  row alone at every row count 1..T (free_tile: once per kernel, shape and dtype, cached per
+  machine and thread count like pangu_infer.quant.tuning's thresholds), it runs unpadded in calls
+  of at most T rows: a one-row decode then costs what it does without the mode. This wraps whatever
+  linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized linears of
   pangu_infer.quant, or any later one with the same call signature) without touching its kernel.
 - Attention. Unmasked SDPA for one sequence, padded masked products for a batch and SDPA's flash
   kernel for prefill (whose KV split depends on the total length) all sum in different orders.
   Here every query token, decode or prefill, attends alone over its own context split into
-  KV_SPLIT-key chunks at fixed positions: per (query, KV head, chunk) one [G, D] x [D, KV_SPLIT]
-  and one [G, KV_SPLIT] x [KV_SPLIT, D] product (the same shape every time; batched matmuls of
-  one per-entry shape measured invariant in the batch count), one max over the whole context
-  (exact), and the chunk sums added in chunk order by a sequential cumsum. Padding keys and
+  KV_SPLIT-key chunks at fixed positions: per (KV head, query, chunk) one [G, D] x [D, KV_SPLIT]
+  and one [G, KV_SPLIT] x [KV_SPLIT, D] product in the cache dtype (the same shape every time;
+  batched matmuls of one per-entry shape measured invariant in the batch count), one max over the
+  whole context (exact), and the chunk sums added in chunk order by a sequential cumsum in fp32. Padding keys and
   chunks past a query's position add exact zeros.
 - Elementwise exp/log over a whole [B, V] batch take a scalar path for the elements past the last
   whole vector, so a row's values could depend on the rows after it: the sampler works row by row
@@ -41,19 +44,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows of every linear product in batch-invariant mode. 8: a one-row decode pays almost nothing
-# for the padding (the weights' streaming dominates; benchmarks/batch_invariant.py), and a 16-way
-# decode step is two tiles.
-ROW_TILE = 8
+# Padded tile: rows of every product of a kernel that is not row-invariant here (each call exactly
+# PAD_TILE rows, the last tile padded with zeros). 8: a 16-way decode step is two tiles.
+ROW_TILE = PAD_TILE = 8
+# Free tiles: a kernel whose row i was measured equal to the row alone at every row count 1..T on
+# this machine runs in unpadded calls of at most T rows, T the largest of these (no padding for a
+# one-row decode; benchmarks/batch_invariant.py --sources, RESULTS.md).
+FREE_TILES = (64, 32, 16, 8, 4, 2)
+# Set to 0: every linear in padded tiles, nothing measured.
+MEASURE_ENV = "PANGU_INFER_BATCH_INVARIANT_MEASURE"
 # Keys per attention chunk: fixed positions 0, KV_SPLIT, 2 * KV_SPLIT, ... of each sequence.
 KV_SPLIT = 64
 # Elements of gathered K (per tensor) for one block of prefill queries: bounds the memory.
 _PREFILL_BLOCK_ELEMENTS = 1 << 24
 
 
-def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = ROW_TILE) -> torch.Tensor:
-    """fn over the rows of x [M, K] in calls of exactly `tile` rows (the last padded with zeros)."""
+def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = PAD_TILE, pad: bool = True) -> torch.Tensor:
+    """fn over the rows of x [M, K] in calls of exactly `tile` rows, the last padded with zeros
+    (pad=False: calls of at most `tile` rows, unpadded; only for a kernel row-invariant up to `tile`)."""
     m = x.shape[0]
+    if not pad:
+        if m <= tile:
+            return fn(x)
+        return torch.cat([fn(x[i : i + tile]) for i in range(0, m, tile)])
     padded = -(-m // tile) * tile
     if padded != m:
         x = torch.cat((x, x.new_zeros(padded - m, *x.shape[1:])))
@@ -62,8 +75,65 @@ def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     return torch.cat([fn(x[i : i + tile]) for i in range(0, padded, tile)])[:m]
 
 
-# handle -> the wrapped linear module; what pangu_infer::row_tiled_linear runs. Entries leave with their wrapper.
-_MODULES: dict[int, nn.Module] = {}
+def first_varying_rows(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, rows: int) -> int:
+    """The smallest row count M <= rows at which some row of fn(x[:M]) differs from the row
+    computed alone, on random activations of mixed scale; rows + 1 when none does."""
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(rows, in_features, generator=gen) * torch.rand(rows, 1, generator=gen).mul(4).add(0.1)).to(dtype)
+    with torch.inference_mode():
+        alone = torch.cat([fn(x[i : i + 1]) for i in range(rows)])
+        for m in range(2, rows + 1):
+            if not torch.equal(fn(x[:m]), alone[:m]):
+                return m
+    return rows + 1
+
+
+def _signature(module: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> str:
+    """What a linear's kernel choice can depend on: its type, kernel attributes, sizes, dtypes."""
+    parts = [type(module).__name__, f"{in_features}x{out_features}", str(dtype).removeprefix("torch.")]
+    for holder in (module, getattr(module, "weight", None)):
+        if holder is None:
+            continue
+        for attr in ("kernel", "convert_min_rows", "group_size", "method", "layout"):
+            value = getattr(holder, attr, None)
+            if isinstance(value, (int, str)):
+                parts.append(f"{attr}={value}")
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor):
+        parts.append(f"w={str(weight.dtype).removeprefix('torch.')}")
+    parts.append(f"bias={getattr(module, 'bias', None) is not None}")
+    return "|".join(parts)
+
+
+_free_tiles: dict[str, int] = {}
+
+
+def free_tile(module: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> int:
+    """The largest FREE_TILES entry T at which `module` (on CPU) was measured row-invariant at every
+    row count 1..T on this machine, cached per machine (pangu_infer.machine) like the quantized
+    kernels' thresholds; 1 when not even 2 rows are (the caller pads instead)."""
+    import os
+
+    from pangu_infer.machine import cached_choice
+
+    if os.environ.get(MEASURE_ENV, "1") == "0":
+        return 1
+    params = [t for t in itertools.chain(module.parameters(), module.buffers())]
+    if any(t.device.type != "cpu" for t in params):
+        return 1
+    key = f"batch_invariant_free_rows|{_signature(module, in_features, out_features, dtype)}"
+    if key not in _free_tiles:
+
+        def measure() -> int:
+            return first_varying_rows(module, in_features, dtype, FREE_TILES[0]) - 1
+
+        invariant_up_to = cached_choice(key, measure, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        _free_tiles[key] = max([t for t in FREE_TILES if t <= invariant_up_to], default=1)
+    return _free_tiles[key]
+
+
+# handle -> (the wrapped linear module, tile, pad); what pangu_infer::row_tiled_linear runs. Entries leave with their wrapper.
+_MODULES: dict[int, tuple[nn.Module, int, bool]] = {}
 _handles = itertools.count()
 
 _lib = torch.library.Library("pangu_infer", "FRAGMENT")
@@ -71,8 +141,13 @@ _lib.define("row_tiled_linear(Tensor x, int handle, int out_features) -> Tensor"
 
 
 def _row_tiled_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    # Called back from every compiled decode step once per linear: the common case (unpadded, one
+    # tile) goes straight to the module's forward.
+    inner, tile, pad = _MODULES[handle]
+    if not pad and x.shape[0] <= tile and torch.is_inference_mode_enabled():
+        return inner.forward(x)
     with torch.inference_mode():
-        return row_tiled(_MODULES[handle], x)
+        return row_tiled(inner, x, tile, pad)
 
 
 def _row_tiled_linear_fake(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -85,25 +160,32 @@ _lib._register_fake("row_tiled_linear", _row_tiled_linear_fake)
 
 
 class RowTiledLinear(nn.Module):
-    """Any linear module (x [..., in] -> [..., out]) run in ROW_TILE-row calls. An opaque operator
-    to torch.compile, so the compiled decode step runs exactly the eager tiles."""
+    """Any linear module (x [..., in] -> [..., out]) run in row tiles: unpadded tiles of up to
+    `tile` rows where its kernel was measured row-invariant up to `tile` rows (free_tile), else
+    PAD_TILE-row calls padded with zeros. An opaque operator to torch.compile, so the compiled
+    decode step runs exactly the eager tiles; eager calls the tiles directly."""
 
-    def __init__(self, inner: nn.Module, in_features: int, out_features: int):
+    def __init__(self, inner: nn.Module, in_features: int, out_features: int, dtype: torch.dtype | None = None):
         super().__init__()
         self.inner = inner
         self.in_features, self.out_features = in_features, out_features
+        free = free_tile(inner, in_features, out_features, dtype) if dtype is not None else 1
+        self.tile, self.pad = (free, False) if free > 1 else (PAD_TILE, True)
         self.handle = next(_handles)
-        _MODULES[self.handle] = inner
+        _MODULES[self.handle] = (inner, self.tile, self.pad)
         weakref.finalize(self, _MODULES.pop, self.handle, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).contiguous()
-        y = torch.ops.pangu_infer.row_tiled_linear(flat, self.handle, self.out_features)
+        if torch.compiler.is_compiling():
+            y = torch.ops.pangu_infer.row_tiled_linear(flat, self.handle, self.out_features)
+        else:
+            y = row_tiled(self.inner, flat, self.tile, self.pad)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"rows in tiles of {ROW_TILE}"
+        return f"rows in {'padded' if self.pad else 'unpadded'} tiles of {self.tile}"
 
 
 def linear_sizes(module: nn.Module) -> tuple[int, int] | None:
@@ -124,12 +206,21 @@ def linear_sizes(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def make_batch_invariant(model: nn.Module) -> int:
+def _activation_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype activations run in: that of the model's float parameters and buffers."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
+
+
+def make_batch_invariant(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Wrap every linear module of `model` in RowTiledLinear and switch its attention-free parts
     (MoGE combine, tied head) to their batch-invariant forms. Idempotent; returns how many
-    modules were wrapped."""
+    modules were wrapped. dtype: the activations' (default: the model's float parameters')."""
     if getattr(model, "batch_invariant", False):
         return 0
+    dtype = dtype or _activation_dtype(model)
     sites = []
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -137,7 +228,7 @@ def make_batch_invariant(model: nn.Module) -> int:
             if sizes is not None:
                 sites.append((parent, name, child, sizes))
     for parent, name, child, (fin, fout) in sites:
-        setattr(parent, name, RowTiledLinear(child, fin, fout))
+        setattr(parent, name, RowTiledLinear(child, fin, fout, dtype))
     for m in model.modules():
         if "batch_invariant" in vars(m):
             m.batch_invariant = True
@@ -168,23 +259,34 @@ def attention(
     g = h // hkv
     length = slots.shape[-1]
     chunks = length // KV_SPLIT
-    if slots.shape[0] == 1 and n > 1:
-        slots = slots.expand(n, length)
-    # [N, L, Hkv, D] -> [N, Hkv, C, S, D]
-    keys = k_cache.index_select(0, slots.reshape(-1)).view(n, chunks, KV_SPLIT, hkv, d).permute(0, 3, 1, 2, 4)
-    vals = v_cache.index_select(0, slots.reshape(-1)).view(n, chunks, KV_SPLIT, hkv, d).permute(0, 3, 1, 2, 4)
-    qg = q.to(keys.dtype).view(n, hkv, 1, g, d).expand(n, hkv, chunks, g, d)
-    # One [G, D] x [D, S] product per (query, KV head, chunk); scores rounded as the cache dtype's product gives them.
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [N, Hkv, C, G, S]
-    mask = valid.view(n, 1, chunks, 1, KV_SPLIT)
+    rows = slots.shape[0]  # 1: every query reads the same keys (a prefill block), gathered once
+    index = slots.reshape(-1)
+
+    def gather(cache: torch.Tensor) -> torch.Tensor:
+        # Heads first, [Hkv, rows, C, S, D], one index_select per head straight into place: every
+        # (head, row, chunk) entry is then a contiguous [S, D] block and the batched products below
+        # read them without a copy.
+        out = cache.new_empty(hkv, index.numel(), cache.shape[-1])
+        for head in range(hkv):
+            torch.index_select(cache[:, head], 0, index, out=out[head])
+        return out.view(hkv, rows, chunks, KV_SPLIT, cache.shape[-1])
+
+    keys = gather(k_cache)
+    vals = gather(v_cache)
+    qg = q.to(keys.dtype).view(n, hkv, g, d).transpose(0, 1).reshape(hkv, n, 1, g, d)
+    # One [G, D] x [D, S] product per (KV head, query, chunk) (q broadcast over the chunks); scores
+    # rounded as the cache dtype's product gives them.
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [Hkv, N, C, G, S]
+    mask = valid.view(1, n, chunks, 1, KV_SPLIT)
     scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(dim=(2, 4), keepdim=True)  # exact: the same whatever the padding
     probs = torch.exp(scores - top)  # masked keys: exactly 0
-    sums = probs.sum(-1)  # [N, Hkv, C, G], over a fixed KV_SPLIT keys
-    parts = torch.matmul(probs, vals.float())  # [N, Hkv, C, G, D], one [G, S] x [S, D] per chunk
+    sums = probs.sum(-1)  # [Hkv, N, C, G], over a fixed KV_SPLIT keys
+    # One [G, S] x [S, D] product per chunk, in the cache dtype like the default path's
+    parts = torch.matmul(probs.to(vals.dtype), vals).float()  # [Hkv, N, C, G, D]
     # Chunks added in order (cumsum is sequential); chunks past a query's last key add exact zeros.
-    total = sums.cumsum(2)[:, :, -1]  # [N, Hkv, G]
-    out = parts.cumsum(2)[:, :, -1] / total[..., None]
+    total = sums.cumsum(2)[:, :, -1]  # [Hkv, N, G]
+    out = (parts.cumsum(2)[:, :, -1] / total[..., None]).transpose(0, 1)  # [N, Hkv, G, D]
     return out.reshape(n, h, d).to(q.dtype)
 
 

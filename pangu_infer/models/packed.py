@@ -109,9 +109,12 @@ class PackedLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         # oneDNN's layout for a batch-size hint: the one-row layout or the general one, whichever
         # this machine measured faster (packed_layout()).
-        hint = packed_layout()
+        self.layout = packed_layout()
         w = weight.detach().contiguous()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, 1) if hint == "decode" else torch.ops.mkldnn._reorder_linear_weight(w)
+        if self.layout == "decode":
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.handle = next(_handles)
@@ -124,7 +127,10 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, oneDNN-packed"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"oneDNN-packed ({self.layout} layout)"
+        )
 
 
 def pack_linears(model: nn.Module) -> int:
