@@ -234,3 +234,28 @@ def test_a_kv_cache_sized_from_free_memory_keeps_its_shape_when_free_memory_move
     assert shapes[0][0] < -(-llm.config.max_position_embeddings // 16) * 65536 * 16  # free memory decided it
     per_token = llm.config.kv_bytes_per_token(torch.float32)
     assert shapes[0][0] * per_token >= 15.0 * 2**30 // 4 * 7 / 8 - 16 * per_token  # at most 1/8 given up
+
+
+def test_every_layer_of_a_moge_model_deeper_than_dynamos_default_limit_is_compiled(tmp_path, tiny_moge_config, pangu_tokenizer_dir):
+    """A MoGE step breaks its graph around the expert dispatch, so dynamo compiles each decoder
+    layer's frame apart, and in bf16 every layer is its own entry (its packed linears' handles are
+    guarded): with dynamo's default limit of 8, the layers past the 8th of a deeper model silently
+    ran eagerly. 10 layers here: each gets compiled entries."""
+    from fixtures_models import build_tiny_model
+
+    from pangu_infer.models.dense import DecoderLayer
+
+    config = dict(tiny_moge_config, num_hidden_layers=10)
+    model_dir = build_tiny_model(tmp_path / "moge10", config, pangu_tokenizer_dir)
+    limit = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8  # the default, whatever an earlier test raised it to
+        llm = LLM(str(model_dir), dtype="bfloat16", max_model_len=64, kv_cache_memory=4 << 20)
+        llm.wait_compiled()
+        assert llm.engine.runner.compile_error is None
+        out = llm.generate(["one two three"], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 6
+        entries = torch._C._dynamo.eval_frame._debug_get_cache_entry_list(DecoderLayer.forward.__code__)
+        assert len(entries) >= 10, f"{len(entries)} compiled entries for 10 layers: some ran eagerly"
+    finally:
+        torch._dynamo.config.recompile_limit = limit

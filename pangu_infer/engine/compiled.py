@@ -82,6 +82,7 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
         options["cpp_wrapper"] = True
     if not getattr(model, "has_graph_breaks", False):
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
+    raise_recompile_limits(model.config.num_hidden_layers)
     compiled = torch.compile(step, options=options)
 
     def decode_step(input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
@@ -93,6 +94,21 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
         return compiled(model, input_ids, positions, attn)
 
     return decode_step
+
+
+def raise_recompile_limits(num_layers: int) -> None:
+    """Let dynamo keep a graph per layer and per graph shape.
+
+    Past a graph break (a MoGE model's eager expert dispatch) dynamo compiles each decoder
+    layer's frame apart: the layer's modules are guarded, their integer attributes included (a
+    packed linear's handle differs per layer), so the same code object gets one entry per layer
+    and per graph shape. With dynamo's default limit of 8 entries per code object, every layer
+    past the 8th of a 12-layer MoGE model ran eagerly inside the compiled step ("hit
+    config.recompile_limit (8)"; Pangu Pro MoE has 48 layers). Limits are only ever raised.
+    """
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, 4 * num_layers + 8)
+    cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * num_layers + 64)
 
 
 def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, batch_invariant: bool = False) -> None:
