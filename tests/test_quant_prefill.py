@@ -177,3 +177,20 @@ def test_a_traced_many_row_product_uses_the_eager_formula(method):
         want = packed(x)
         got = torch.compile(packed, fullgraph=True, dynamic=False)(x)
     assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-2 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_conversion_buffer_made_in_inference_mode_is_not_reused_outside_it(compiled, monkeypatch):
+    """The per-shape buffer of a conversion is written in place: one made under inference_mode
+    (the engine's steps) must not be handed to a product run outside it (a user's own call),
+    where the eager conversion's in-place write would raise."""
+    if not compiled:
+        monkeypatch.setenv(prefill.ENV, "0")
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (64, 96), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(64, generator=g) * 0.01).to(torch.bfloat16)
+    x = torch.randn(40, 96, generator=g).to(torch.bfloat16)
+    with torch.inference_mode():
+        inside = prefill.int8_product(x, w8, s8)
+    outside = prefill.int8_product(x, w8, s8)
+    assert torch.equal(inside, outside)

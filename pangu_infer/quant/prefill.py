@@ -146,6 +146,9 @@ def _scratch(key: tuple, shape: tuple) -> torch.Tensor:
     if 2 * shape[0] * shape[1] > SCRATCH_MAX_BYTES:
         return torch.empty(shape, dtype=torch.bfloat16)
     buffers = _local.__dict__.setdefault("buffers", {})
+    # A buffer made under inference_mode is an inference tensor, which may not be written outside
+    # it (and the other way round is fine but would keep two kinds apart anyway): one per mode.
+    key = (*key, torch.is_inference_mode_enabled())
     buf = buffers.get(key)
     if buf is None:
         buf = buffers[key] = torch.empty(shape, dtype=torch.bfloat16)
