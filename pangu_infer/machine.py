@@ -16,17 +16,23 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+
+def cache_root() -> Path:
+    """Where the engine keeps what it measured, built or converted on this machine:
+    ~/.cache/pangu-infer, or under `$XDG_CACHE_HOME`."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pangu-infer"
 
 
 def cache_path() -> str:
     explicit = os.environ.get("PANGU_INFER_KERNEL_CACHE")
     if explicit:
         return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pangu-infer", "kernels.json")
+    return str(cache_root() / "kernels.json")
 
 
 def machine_key() -> str:
@@ -115,4 +121,4 @@ def env_choice(var: str, choices: tuple[str, ...]) -> Optional[str]:
     return value
 
 
-__all__ = ["cache_path", "cached_choice", "env_choice", "interleaved_medians", "machine_key", "median_time"]
+__all__ = ["cache_path", "cache_root", "cached_choice", "env_choice", "interleaved_medians", "machine_key", "median_time"]

@@ -2,7 +2,7 @@
 
 torch.compile (inductor) and the engine's own C loops (pangu_infer.quant.prefill,
 pangu_infer.quant.cpu_int4) all need a C/C++ compiler at run time and a cache that outlives the
-process. Layer 1: nothing here imports the rest of the package.
+process. Layer 1: it imports only pangu_infer.machine (the cache folder).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from pangu_infer.machine import cache_root
 
 
 def compile_cache_dir() -> Path:
@@ -23,8 +25,7 @@ def compile_cache_dir() -> Path:
     chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if chosen and os.path.abspath(chosen) != os.path.abspath(default_cache_dir()):
         return Path(chosen)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pangu-infer" / "torchinductor"
+    return cache_root() / "torchinductor"
 
 
 def compile_problem(device: torch.device) -> Optional[str]:

@@ -46,6 +46,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from pangu_infer.machine import cache_root
+
 FORMAT = "pangu-infer-model-cache/1"
 EXTRAS = "__extras__.json"  # the U8 tensor holding the extras (config, tokenizer spec) as JSON
 ALIGN = 64
@@ -76,8 +78,7 @@ def cache_dir() -> Path:
     chosen = os.environ.get(ENV_DIR)
     if chosen:
         return Path(chosen)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "pangu-infer" / "models"
+    return cache_root() / "models"
 
 
 @functools.lru_cache(maxsize=1)
@@ -105,7 +106,7 @@ def _cpu_model() -> str:
 def _tuning_file_hash() -> str:
     """The per-machine kernel measurements the layout depends on (quant/tuning.py's file)."""
     try:
-        from pangu_infer.quant.tuning import cache_path
+        from pangu_infer.machine import cache_path
 
         with open(cache_path(), "rb") as f:
             return hashlib.blake2b(f.read(), digest_size=16).hexdigest()

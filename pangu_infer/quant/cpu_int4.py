@@ -44,7 +44,7 @@ from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cached_choice
+from pangu_infer.machine import cache_root, cached_choice
 from pangu_infer.quant.prefill import scratch
 
 log = logging.getLogger(__name__)
@@ -284,11 +284,6 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pangu-infer")
-
-
 def disabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("aten", "off", "0", "none")
 
@@ -310,7 +305,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
     key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"int4_vnni_{key}.so")
+    path = os.path.join(str(cache_root()), f"int4_vnni_{key}.so")
     try:
         if not os.path.exists(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
