@@ -4,9 +4,10 @@ Four measurements on one GGUF file (the demo model's SmolLM2-135M Q4_1 by defaul
 for another; `--make-pangu-q4_0 OUT` first writes an openPangu-Embedded-1B-shaped Q4_0 file with
 the gguf package's own writer and Q4_0 quantizer, `--layers` deep):
 
-- load: wall time and peak RSS of `load_model` in a fresh process, `--quantization auto` (kept)
-  and `none` (dequantized to bf16), with the RSS of the same process after its imports (baseline);
-  the ratio reported is (peak - baseline) / file size;
+- load: wall time and peak RSS of `load_model` in a fresh process, `--quantization auto` (kept;
+  with the converted-model cache off, then a first and a second load with it on, in a fresh cache
+  folder) and `none` (dequantized to bf16), with the RSS of the same process after its imports
+  (baseline); the ratio reported is (peak - baseline) / file size;
 - perplexity of pangu_infer/data/alice_ch1.txt, kept vs dequantized, bf16 activations;
 - prefill of --prompt-len tokens (one forward of the whole prompt, as the engine's prefill step
   runs it; bf16 weights oneDNN-packed as LLM packs them; the quantized weights' prefill
@@ -25,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,10 +58,10 @@ def _load_child(path: str, quantization: str) -> None:
     print(json.dumps({"seconds": seconds, "peak": peak, "base": base, "after": rss_now()}))
 
 
-def measure_load(path: str, quantization: str) -> dict:
+def measure_load(path: str, quantization: str, env: dict) -> dict:
     out = subprocess.run(
         [sys.executable, __file__, "--child-load", path, "--quantization", quantization],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env={**os.environ, **env},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -173,11 +175,20 @@ def main() -> int:
     if "load" not in skip:
         print("| load | seconds | peak RSS MB | RSS after imports MB | (peak - imports) / file |")
         print("|---|---|---|---|---|")
-        for q in ("auto", "none"):
-            r = measure_load(path, q)
-            print(f"| {q} | {r['seconds']:.1f} | {r['peak'] / 1e6:.0f} | {r['base'] / 1e6:.0f} | "
-                  f"{(r['peak'] - r['base']) / size:.2f}x |")
+        with tempfile.TemporaryDirectory() as folder:
+            cache_on = {"PANGU_INFER_MODEL_CACHE": "1", "PANGU_INFER_MODEL_CACHE_DIR": folder}
+            for label, q, env in (
+                ("auto, model cache off", "auto", {"PANGU_INFER_MODEL_CACHE": "0"}),
+                ("auto, first load (converts, writes and checks the model cache: the default)", "auto", cache_on),
+                ("auto, second load (maps the model cache)", "auto", cache_on),
+                ("none (bf16)", "none", {"PANGU_INFER_MODEL_CACHE": "0"}),
+            ):
+                r = measure_load(path, q, env)
+                print(f"| {label} | {r['seconds']:.1f} | {r['peak'] / 1e6:.0f} | {r['base'] / 1e6:.0f} | "
+                      f"{(r['peak'] - r['base']) / size:.2f}x |")
 
+    if {"ppl", "prefill"} <= skip:
+        return 0
     cpu = torch.device("cpu")
     models = {}
     for name, q in (("kept (auto)", "auto"), ("int8", "int8"), ("bf16 (none)", "none")):

@@ -215,3 +215,49 @@ def test_a_new_engine_version_replaces_the_old_files(tiny_file, cache_dir, monke
     assert "convert" in calls
     (new,) = _files(cache_dir)
     assert new != old
+
+
+def _resident_bytes_of(path: str) -> int:
+    """Resident bytes of this process's mappings of `path` (Linux /proc/self/smaps)."""
+    total, current = 0, False
+    with open("/proc/self/smaps", encoding="utf-8") as f:
+        for line in f:
+            parts = line.split()
+            if "-" in parts[0] and ":" not in parts[0]:
+                current = len(parts) > 5 and parts[5] == path
+            elif current and parts[0] == "Rss:":
+                total += int(parts[1]) * 1024
+    return total
+
+
+def test_the_read_back_check_keeps_one_slice_of_the_copy_resident(cache_dir, monkeypatch):
+    """store() reads the written file back to compare it: each slice of the mapped copy is given back
+    once compared, so a first load never holds a second resident model (its peak RSS)."""
+    slice_bytes = 256 << 10
+    monkeypatch.setattr(model_cache, "COMPARE_BYTES", slice_bytes)
+    model = torch.nn.Linear(2048, 2048, bias=False)  # a 16 MiB weight: 64 slices
+    source = cache_dir.parent / "weights.gguf"
+    source.write_bytes(b"GGUF")
+    key = model_cache.cache_key(str(source), torch.float32, torch.device("cpu"), "auto")
+    resident: list[int] = []
+    real_same = model_cache.same_model
+
+    def same_model(a, b, compared=None):
+        def watch(t):
+            compared(t)
+            resident.append(_resident_bytes_of(str(model_cache.cache_file(key))))
+
+        return real_same(a, b, compared=watch)
+
+    monkeypatch.setattr(model_cache, "same_model", same_model)
+    written = model_cache.store(model, key, lambda extras: torch.nn.Linear(2048, 2048, bias=False, device="meta"))
+    assert written is not None and written.is_file()
+    assert len(resident) >= 64
+    # Never the whole copy (16 MiB): a slice, plus what the kernel maps around a fault (fault-around,
+    # readahead) of a file whose pages are all in the page cache, having just been written.
+    assert max(resident) <= 4 << 20, resident
+
+
+def _mapped_files() -> set:
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        return {parts[5] for parts in (line.split() for line in f) if len(parts) > 5}

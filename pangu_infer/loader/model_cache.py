@@ -41,12 +41,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from pangu_infer.machine import cache_root
+from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed
 
 FORMAT = "pangu-infer-model-cache/1"
 EXTRAS = "__extras__.json"  # the U8 tensor holding the extras (config, tokenizer spec) as JSON
@@ -496,9 +497,15 @@ def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
 # ----------------------------------------------------------------------------------- checking
 
 
-def same_model(a: nn.Module, b: nn.Module) -> Optional[str]:
+def _drop_if_mapped(t: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
+    if is_file_backed(t, ranges):  # never anonymous memory: MADV_DONTNEED would zero it
+        drop_mapped_pages(t)
+
+
+def same_model(a: nn.Module, b: nn.Module, compared: Optional[Callable[[torch.Tensor], None]] = None) -> Optional[str]:
     """None when `b` is `a` rebuilt: module classes, plain attributes, tensors (values, dtypes,
-    shapes, strides), parameters vs buffers and shared tensors; else what differs."""
+    shapes, strides), parameters vs buffers and shared tensors; else what differs. `compared` is
+    called with each tensor of `b` once it has been compared."""
     ma, ta = describe(a)
     mb, tb = describe(b)
     if json.dumps(ma, sort_keys=True) != json.dumps(mb, sort_keys=True):
@@ -508,8 +515,13 @@ def same_model(a: nn.Module, b: nn.Module) -> Optional[str]:
         return "module trees differ"
     for name, x in ta.items():
         y = tb[name]
-        if x.dtype != y.dtype or x.shape != y.shape or x.stride() != y.stride() or not torch.equal(x, y):
+        if x.dtype != y.dtype or x.shape != y.shape or x.stride() != y.stride():
             return f"tensor {name!r} differs"
+        for xs, ys in _pieces(x, y):
+            if not torch.equal(xs, ys):
+                return f"tensor {name!r} differs"
+            if compared is not None:
+                compared(ys)
     for pa, pb in ((_aliasing(ta), _aliasing(tb)),):
         if pa != pb:
             return "shared tensors differ"
@@ -524,6 +536,18 @@ def same_model(a: nn.Module, b: nn.Module) -> Optional[str]:
 
 
 _MISSING = object()
+COMPARE_BYTES = 4 << 20  # compared (and, read back, dropped) at most this much at a time
+
+
+def _pieces(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """x and y (same shape and strides) in matching slices of about COMPARE_BYTES."""
+    if not (x.is_contiguous() and y.is_contiguous()) or x.numel() * x.element_size() <= COMPARE_BYTES:
+        yield x, y
+        return
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    step = max(1, COMPARE_BYTES // x.element_size())
+    for i in range(0, xf.numel(), step):
+        yield xf[i : i + step], yf[i : i + step]
 
 
 def _aliasing(tensors: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -563,7 +587,12 @@ def store(model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extra
         warn(f"not written to {target.parent} ({e})")
         return None
     try:
-        why = same_model(model, read(target, key, build)[0])
+        # The copy read back is memory-mapped: each tensor's pages are given back once compared, so
+        # the check never holds a second resident model (peak RSS of a first load, RESULTS.md).
+        copy = read(target, key, build)[0]
+        ranges = file_backed_ranges()
+        why = same_model(model, copy, compared=lambda t: _drop_if_mapped(t, ranges))
+        del copy
     except Exception as e:  # noqa: BLE001
         why = f"{type(e).__name__}: {e}"
     if why is not None:

@@ -10,7 +10,9 @@ quantizing the pieces of qkv_proj / gate_up_proj / w13 apart equals quantizing t
 Each weight is laid out for its kernel (`PackedWeight`) as soon as its last rows arrive, and its
 portable form freed: a portable copy of the whole model never waits for `finish` next to the
 packed one. The pages of the mapped checkpoint a quantized tensor is read from are dropped
-slice by slice as it is quantized, and the heap is trimmed every TRIM_EVERY_BYTES of float weights.
+slice by slice as it is quantized, and the heap is trimmed every TRIM_EVERY_BYTES of weights laid
+out: the freed portable copies and the converters' temporaries (GGUF blocks, float slices) otherwise
+stay resident in the heap until the end of the load (benchmarks/RESULTS.md, "Peak RSS while loading").
 
 Which weights are quantized: every nn.Linear (attention, MLPs, shared experts, lm_head), the
 routed experts (w13, w2) and the token embedding. The MoGE router (`mlp.gate`, hidden x 64)
@@ -47,7 +49,7 @@ from pangu_infer.quant.modules import (
     QuantizedLinear,
 )
 
-TRIM_EVERY_BYTES = 256 << 20
+TRIM_EVERY_BYTES = 8 << 20  # of kept weights; a trim costs ~10 ms
 _EXPERT_PROJ = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 
@@ -117,7 +119,7 @@ class LoadHook:
             )
         self.model = model
         self.memory_mapped = memory_mapped
-        self.released = 0
+        self.laid_out = 0  # kept bytes laid out since the last heap trim
         self.quantization = quantization
         # Target parameter -> its own setting (GGUF files keep each tensor's type); else `quantization` for all.
         self.settings = settings
@@ -158,6 +160,10 @@ class LoadHook:
             yield name, tensor
 
     def take(self, name: str, target: str, index: Optional[tuple], tensor: Weight) -> bool:
+        if self.laid_out >= TRIM_EVERY_BYTES:
+            # Here, not in _complete: by now the previous tensor's portable copy and temporaries are freed.
+            self.laid_out = 0
+            trim_heap()
         kind = self.kinds.get(target)
         if self.offload_experts and kind == "experts":
             self._offload(name, target, index, tensor)
@@ -185,6 +191,7 @@ class LoadHook:
     def _complete(self, target: str, qt: QuantizedTensor) -> None:
         """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
         self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device)
+        self.laid_out += sum(t.numel() * t.element_size() for t in (qt.qweight, qt.scale, qt.zero) if t is not None)
 
     def _release(self, tensor: torch.Tensor) -> None:
         """Give back the memory a float tensor took while it was quantized (Linux).
@@ -195,10 +202,6 @@ class LoadHook:
         """
         if self.memory_mapped and tensor.device.type == "cpu":
             drop_mapped_pages(tensor)
-        self.released += tensor.numel() * tensor.element_size()
-        if self.released >= TRIM_EVERY_BYTES:
-            self.released = 0
-            trim_heap()
 
     def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> Optional[QuantizedTensor]:
         """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter.

@@ -144,33 +144,26 @@ class PackedWeight(nn.Module):
 
     def _pack_int4_vnni(self, qt: QuantizedTensor) -> None:
         n, pad = self.out_features, -self.out_features % cpu_int4.ROW_BLOCK
-        # A few MB of rows at a time: the unpacked codes are a temporary of one byte per weight.
+        # A few MB of rows at a time, written straight into the kept tensors: the unpacked codes are a
+        # temporary of one byte per weight, and no second copy of the packed weight is ever made.
         rows = max(cpu_int4.ROW_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // cpu_int4.ROW_BLOCK * cpu_int4.ROW_BLOCK)
-
-        def pack(m: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            datas, szs = [], []
+        lead = qt.qweight.shape[:-2]
+        mats = [t.reshape(-1, *t.shape[-2:]) for t in (qt.qweight, qt.scale, qt.zero)]
+        blocks = (n + pad) // cpu_int4.ROW_BLOCK
+        data = torch.empty(len(mats[0]), blocks, self.in_features // cpu_int4.OCTET, 64, dtype=torch.uint8)
+        sz = torch.empty(len(mats[0]), blocks, qt.scale.shape[-1], 2, cpu_int4.ROW_BLOCK, dtype=torch.bfloat16)
+        for i, (m, scale, zero) in enumerate(zip(*mats)):  # experts one at a time
             for start in range(0, n, rows):
                 q, s, z = unpack_int4(m[start : start + rows]), scale[start : start + rows], zero[start : start + rows]
                 if start + rows >= n and pad:  # padded rows: scale 0 and zero 0 give 0
                     q, s, z = F.pad(q, (0, 0, 0, pad)), F.pad(s, (0, 0, 0, pad)), F.pad(z, (0, 0, 0, pad))
-                d, sz = cpu_int4.pack(q, s, z)
-                datas.append(d)
-                szs.append(sz)
-            return torch.cat(datas), torch.cat(szs)
-
-        lead = qt.qweight.shape[:-2]
-        mats = [t.reshape(-1, *t.shape[-2:]) for t in (qt.qweight, qt.scale, qt.zero)]
-        data = sz = None
-        for i, (m, scale, zero) in enumerate(zip(*mats)):  # experts one at a time, copied in as they come
-            d, z = pack(m, scale, zero)
-            if data is None:
-                data, sz = d.new_empty((len(mats[0]), *d.shape)), z.new_empty((len(mats[0]), *z.shape))
-            data[i].copy_(d)
-            sz[i].copy_(z)
-            del d, z
-        data, sz = data.reshape(*lead, *data.shape[1:]), sz.reshape(*lead, *sz.shape[1:])
-        self.register_buffer("data", data)
-        self.register_buffer("scales", sz)
+                d, z = cpu_int4.pack(q, s, z)
+                b = start // cpu_int4.ROW_BLOCK
+                data[i, b : b + len(d)].copy_(d)
+                sz[i, b : b + len(z)].copy_(z)
+                del q, s, z, d
+        self.register_buffer("data", data.reshape(*lead, *data.shape[1:]))
+        self.register_buffer("scales", sz.reshape(*lead, *sz.shape[1:]))
 
     def forward(self, x: torch.Tensor, expert: Optional[int] = None) -> torch.Tensor:
         lead = x.shape[:-1]
