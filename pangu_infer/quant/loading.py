@@ -49,7 +49,7 @@ from pangu_infer.quant.modules import (
     QuantizedLinear,
 )
 
-TRIM_EVERY_BYTES = 8 << 20  # of kept weights; a trim costs ~10 ms
+TRIM_EVERY_BYTES = 8 << 20  # of kept weights laid out; a trim costs a few ms (malloc_trim)
 _EXPERT_PROJ = re.compile(r"\.experts\.\d+\.(gate|up|down)_proj\.weight$")
 
 
