@@ -311,7 +311,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     weights = [
         m for m in model.modules()
         if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
-        and (m.kernel == "int8" or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
+        and (m.kernel in ("int8", "int4_vnni") or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
     ]
     if not weights:
         return None
@@ -319,4 +319,9 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     if why is None:
         for m in weights:
             m.convert_min_rows = convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel))
+            # oneDNN's packed layout, checked once per shape here rather than in a first request
+            if m.kernel == "int8":
+                prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
+            elif m.kernel == "int4_vnni":
+                prefill.packed_layout_ok(m.data.shape[-3] * 16, m.data.shape[-2] * 8)
     return why
