@@ -15,6 +15,9 @@ is still in cache when the product reads it:
   then not scaled and rounded a second time); written as W^T [K, N] where the CPU has AVX-512
   (oneDNN multiplies by a row-major W^T faster), else as W [N, K].
 
+- int8 and cpu_int4's int4 layout, where the check passes: straight into oneDNN's packed bf16
+  layout, multiplied by the bf16 model's own product (section "into oneDNN's packed layout").
+
 Their eager versions (`_int4_eager`, `_int8_eager`) compute the same formulas; they run until the
 library is built, wherever building it fails, and when `PANGU_INFER_COMPILED_DEQUANT=0`. Building
 never happens inside a request: `prepare(model)` builds the library (seconds; a cache hit after
