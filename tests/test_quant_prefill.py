@@ -231,7 +231,7 @@ def _bf16_peer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
 
 
-SHAPES = [(32, 64), (96, 576), (192, 576), (64, 1536)]
+SHAPES = [(32, 64), (32, 96), (96, 576), (192, 576), (64, 1536)]  # 96: the 64-column steps and a 32-column tail
 needs_packed = pytest.mark.skipif(not prefill.packed_layout_ok(32, 64), reason="oneDNN's packed bf16 layout is not the one checked here")
 
 

@@ -200,7 +200,39 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
     const __m512i idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)k));
     const int8_t* base = w + r0 * k;
-    for (int64_t c = 0; c < k; c += 4) {
+    int64_t c = 0;
+    // 64 columns at a time: one 64-byte load per row and a 16 x 16 transpose of 32-bit words
+    // (the gather below, 16 loads per 4 columns, for the rest)
+    for (; c + 64 <= k; c += 64) {
+      __m512i t[16], u[16], v[16];
+      for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * k + c));
+      for (int i = 0; i < 8; i++) {
+        u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
+        u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; i++) {
+        t[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
+        t[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
+        t[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
+        t[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
+      }
+      for (int q = 0; q < 4; q++) {
+        const __m512i a = _mm512_shuffle_i32x4(t[q], t[4 + q], 0x88), bb = _mm512_shuffle_i32x4(t[q], t[4 + q], 0xdd);
+        const __m512i d = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0x88), e = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0xdd);
+        v[q] = _mm512_shuffle_i32x4(a, d, 0x88);
+        v[8 + q] = _mm512_shuffle_i32x4(a, d, 0xdd);
+        v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
+        v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
+      }
+      for (int j = 0; j < 16; j++) {  // v[j]: lane i = row r0 + i, columns c + 4j .. c + 4j + 3
+        __m512i r[4];
+        for (int h = 0; h < 4; ++h)
+          r[h] = round_hi(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[j], _mm512_set1_epi32(24 - 8 * h)), 24)), s));
+        _mm512_storeu_si512((void*)(out + packed_at(b, b0, (c + 4 * j) / 2, k, rb)), pair_words(r[0], r[1]));
+        _mm512_storeu_si512((void*)(out + packed_at(b, b0, (c + 4 * j) / 2 + 1, k, rb)), pair_words(r[2], r[3]));
+      }
+    }
+    for (; c < k; c += 4) {
       const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
       __m512i r[4];
       for (int j = 0; j < 4; ++j)
