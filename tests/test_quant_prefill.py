@@ -306,3 +306,29 @@ def test_packed_layout_check_refuses_a_layout_it_does_not_write(monkeypatch):
         assert not prefill.packed_layout_ok(48, 64)  # 48 rows: padded by oneDNN, never written
     finally:
         prefill.packed_rows.cache_clear()
+
+
+@needs_packed
+@pytest.mark.parametrize("kb", ["8", "0"])
+def test_a_weight_bigger_than_a_slice_is_converted_and_multiplied_slice_by_slice(monkeypatch, kb):
+    """Slices of at most PANGU_INFER_PACKED_SLICE_KB (here 8 KB; 96 x 576 bf16 is 108 KB, so
+    slices of one 32-row block each, the smallest whole block) give each output column the bf16
+    peer's product of that slice's weights; 0 converts the weight whole."""
+    monkeypatch.setenv(prefill.SLICE_ENV, kb)
+    n, k = 96, 576
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(45, k, generator=g).to(torch.bfloat16)
+    data, sz, w4 = _vnni_weight(n, k, 32)
+    w8, s8, w8b = _int8_weight(n, k)
+    step = prefill._slice_rows(n, k, prefill.packed_rows(n, k))
+    assert (step < n) == (kb != "0")
+    calls = []
+    real = prefill._packed_linear
+    monkeypatch.setattr(prefill, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+    for y, w in ((prefill.int4_vnni_packed_product(x, data, sz, 32), w4), (prefill.int8_packed_product(x, w8, s8), w8b)):
+        assert y is not None and y.shape == (45, n)
+        want = torch.cat([_bf16_peer(x, w[a : a + step].contiguous()) for a in range(0, n, step)], 1)
+        assert torch.equal(y, want)
+        plain = torch.nn.functional.linear(x, w).float()
+        assert torch.allclose(y.float(), plain, rtol=2**-7, atol=2**-7 * plain.abs().max().item())
+    assert len(calls) == 2 * -(-n // step)

@@ -582,7 +582,7 @@ def _to_packed_raw(fn, args: tuple, n: int, k: int, rb: int, threads: int) -> to
 
 def _packed_usable(n: int, k: int, x: torch.Tensor) -> Optional[tuple]:
     lib = _usable()
-    if lib is None or not packed_enabled() or 2 * n * k > SCRATCH_MAX_BYTES:
+    if lib is None or not packed_enabled():
         return None
     if x.dim() != 2 or x.dtype != torch.bfloat16 or not x.is_contiguous() or not packed_layout_ok(n, k):
         return None
@@ -593,6 +593,48 @@ def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+SLICE_ENV = "PANGU_INFER_PACKED_SLICE_KB"
+SLICE_KB = 8192
+
+
+def _slice_rows(n: int, k: int, rb: int) -> int:
+    """Rows per slice of a weight converted and multiplied slice by slice: all of them up to about
+    SLICE_KB of bf16, else equal slices of at most that size (whole row blocks). A 29 MB converted
+    weight (Pangu's 9600 x 1536 gate/up) written whole went out to memory and took 1.4-1.7x longer
+    than four slices of 7 MB, each converted then multiplied (RESULTS.md); 4 MB slices paid more
+    calls and output copies than they saved. PANGU_INFER_PACKED_SLICE_KB sets the size, 0 = whole."""
+    try:
+        kb = int(os.environ.get(SLICE_ENV, SLICE_KB))
+    except ValueError:
+        kb = SLICE_KB
+    if kb <= 0 or 2 * n * k <= kb * 1024 * 5 // 4:
+        return n
+    pieces = -(-2 * n * k // (kb * 1024))
+    return -(-(n // rb) // pieces) * rb
+
+
+def _sliced_product(x: torch.Tensor, n: int, k: int, convert) -> Optional[torch.Tensor]:
+    """x times the weight `convert(out_ptr, rb, b0, b1)` writes (16-row blocks b0..b1) into oneDNN's
+    packed layout, whole or slice by slice (`_slice_rows`); None where a slice's layout is unchecked."""
+    rb = packed_rows(n, k)
+    step = _slice_rows(n, k, rb)
+    if step >= n:
+        if 2 * n * k > SCRATCH_MAX_BYTES:  # slicing turned off: not kept per thread, the plain path runs
+            return None
+        packed = _packed_scratch(n, k)
+        return _packed_linear(x, packed) if convert(torch.ops.mkldnn.data_ptr(packed), rb, 0, n // _ROWS) else None
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    for a in range(0, n, step):
+        m = min(step, n - a)
+        if packed_rows(m, k) != rb:
+            return None
+        packed = _packed_scratch(m, k)
+        if not convert(torch.ops.mkldnn.data_ptr(packed), rb, a // _ROWS, (a + m) // _ROWS):
+            return None
+        y[:, a : a + m] = _packed_linear(x, packed)
+    return y
+
+
 def int4_vnni_packed_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> Optional[torch.Tensor]:
     """x [M, K] bf16 times a cpu_int4-layout weight converted into oneDNN's packed layout: [M, N]
     (N the padded row count), or None where this path does not run (then the caller converts to W^T)."""
@@ -600,11 +642,8 @@ def int4_vnni_packed_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tens
     lib = _packed_usable(n, k, x)
     if lib is None or not (data.is_contiguous() and sz.is_contiguous()) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16:
         return None
-    packed = _packed_scratch(n, k)
-    rb = packed_rows(n, k)
-    if not lib[3](data.data_ptr(), sz.data_ptr(), torch.ops.mkldnn.data_ptr(packed), n, k, group_size, rb, 0, n // _ROWS, torch.get_num_threads()):
-        return None
-    return _packed_linear(x, packed)
+    return _sliced_product(x, n, k, lambda out, rb, b0, b1: lib[3](
+        data.data_ptr(), sz.data_ptr(), out, n, k, group_size, rb, b0, b1, torch.get_num_threads()))
 
 
 def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:
@@ -613,11 +652,8 @@ def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tenso
     lib = _packed_usable(n, k, x)
     if lib is None or not _int8_fits(data, scales):
         return None
-    packed = _packed_scratch(n, k)
-    rb = packed_rows(n, k)
-    if not lib[4](data.data_ptr(), scales.data_ptr(), torch.ops.mkldnn.data_ptr(packed), n, k, rb, 0, n // _ROWS, torch.get_num_threads()):
-        return None
-    return _packed_linear(x, packed)
+    return _sliced_product(x, n, k, lambda out, rb, b0, b1: lib[4](
+        data.data_ptr(), scales.data_ptr(), out, n, k, rb, b0, b1, torch.get_num_threads()))
 
 
 __all__ = ["ENV", "scratch", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]
