@@ -144,6 +144,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: load, ppl, prefill")
+    p.add_argument("--plain-too", action="store_true",
+                   help="also time each quantized model with PANGU_INFER_PACKED_PREFILL=0 (products on a plain W^T), interleaved")
     p.add_argument("--eager-convert", action="store_true",
                    help="leave the prefill conversions of quantized weights eager (as before quant/prefill.py)")
     p.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
@@ -214,15 +216,36 @@ def main() -> int:
     if "prefill" not in skip:
         ids = torch.randint(2, 30000, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         pos = torch.arange(args.prompt_len)
-        times: dict[str, list[float]] = {name: [] for name in models}
+        # Each quantized model also runs with its many-row products converting to a plain W^T
+        # (PANGU_INFER_PACKED_PREFILL=0, the path before the packed one), interleaved in the same
+        # rounds, so that the two paths are compared under the same load.
+        from pangu_infer.quant import prefill as _prefill
+
+        runs = []
+        for name, m in models.items():
+            runs.append((name, m, None))
+            if args.plain_too and name != "bf16 (none)":
+                runs.append((f"{name}, plain W^T", m, "0"))
+        times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+        before = os.environ.get(_prefill.PACKED_ENV)
+
+        def packed_env(value):
+            if value is None:
+                os.environ.pop(_prefill.PACKED_ENV, None) if before is None else os.environ.__setitem__(_prefill.PACKED_ENV, before)
+            else:
+                os.environ[_prefill.PACKED_ENV] = value
+
         with torch.inference_mode():
-            for m in models.values():
+            for _, m, env in runs:
+                packed_env(env)
                 m.model(ids, pos, None)  # warm-up
             for _ in range(args.rounds):
-                for name, m in models.items():
+                for name, m, env in runs:
+                    packed_env(env)
                     t = time.perf_counter()
                     m.model(ids, pos, None)
                     times[name].append(time.perf_counter() - t)
+            packed_env(None)
         med = {name: statistics.median(v) for name, v in times.items()}
         base = med["bf16 (none)"]
         print(f"| prefill {args.prompt_len} tokens | median s ({args.rounds} alternating rounds) | tokens/s | vs bf16 |")

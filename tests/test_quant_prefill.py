@@ -126,9 +126,17 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
         monkeypatch.setattr(prefill, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
     real_vnni = cpu_int4.to_bf16_t
     monkeypatch.setattr(cpu_int4, "to_bf16_t", lambda *a: calls.append("int4_to_bf16") or real_vnni(*a))
+    real_packed = prefill.int4_vnni_packed_product
+
+    def packed(*a):
+        y = real_packed(*a)
+        calls.append("int4_to_bf16" if y is None else "int4_into_packed")
+        return y
+
     import pangu_infer.quant.modules as modules
 
     monkeypatch.setattr(modules, "int4_to_bf16", prefill.int4_to_bf16)
+    monkeypatch.setattr(modules, "int4_vnni_packed_product", packed)
     monkeypatch.setattr(modules, "int8_product", prefill.int8_product)
     text = (Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt").read_text()
     out = {}
@@ -139,7 +147,10 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
         with torch.inference_mode():
             logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
         out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
-    assert {"int4_to_bf16", "int8_product"} <= set(calls)
+    assert "int8_product" in calls
+    # cpu_int4's layout converts into oneDNN's packed layout where that layout is checked here
+    int4_calls = {"int4_into_packed"} if int4_kernel == "own" and prefill.packed_layout_ok(576, 576) else {"int4_to_bf16"}
+    assert int4_calls <= set(calls), calls
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
     cpu_int4.library.cache_clear()
     cpu_int4.chosen.cache_clear()
@@ -194,3 +205,130 @@ def test_a_conversion_buffer_made_in_inference_mode_is_not_reused_outside_it(com
         inside = prefill.int8_product(x, w8, s8)
     outside = prefill.int8_product(x, w8, s8)
     assert torch.equal(inside, outside)
+
+
+# ---------------------------------------------------------------------------------- into oneDNN's packed layout
+
+
+def _vnni_weight(n: int, k: int, group: int, seed: int = 0):
+    from pangu_infer.quant import cpu_int4
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.05, torch.rand(n, k // group, generator=g) * 0.05 - 0.025)
+    return data, sz, cpu_int4.dequantize_t(data, sz, group).t().contiguous()  # W [n, k] bf16
+
+
+def _int8_weight(n: int, k: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(n, generator=g) * 0.02).to(torch.bfloat16)
+    return w8, s8, prefill._int8_eager(w8, s8)
+
+
+def _bf16_peer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The bf16 model's product: the same weight laid out by oneDNN at load (models/packed.py)."""
+    return torch.ops.mkldnn._linear_pointwise(x, torch.ops.mkldnn._reorder_linear_weight(w), None, "none", [], "")
+
+
+SHAPES = [(32, 64), (32, 96), (96, 576), (192, 576), (64, 1536)]  # 96: the 64-column steps and a 32-column tail
+needs_packed = pytest.mark.skipif(not prefill.packed_layout_ok(32, 64), reason="oneDNN's packed bf16 layout is not the one checked here")
+
+
+@needs_packed
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conversions_into_the_packed_layout_write_what_onednn_reorder_writes(n, k, threads):
+    """Bitwise: the loops' output is oneDNN's own reorder of the eager conversion."""
+    rb = prefill.packed_rows(n, k)
+    data, sz, w4 = _vnni_weight(n, k, 32)
+    got4 = prefill._to_packed_raw(prefill._lib[3], (data, sz, 32), n, k, rb, threads)
+    assert torch.equal(got4.view(torch.int16), prefill._mkldnn_raw(torch.ops.mkldnn._reorder_linear_weight(w4)).view(torch.int16))
+    w8, s8, w8b = _int8_weight(n, k)
+    got8 = prefill._to_packed_raw(prefill._lib[4], (w8, s8), n, k, rb, threads)
+    assert torch.equal(got8.view(torch.int16), prefill._mkldnn_raw(torch.ops.mkldnn._reorder_linear_weight(w8b)).view(torch.int16))
+
+
+@needs_packed
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_packed_products_equal_the_bf16_peer_on_the_same_weight(n, k):
+    """The same additions as the bf16 model's product (bitwise); against the plain-weight product
+    they were before (oneDNN re-laid the weight: other blocking, other order of additions), within
+    bf16 rounding of the output."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(67, k, generator=g).to(torch.bfloat16)
+    data, sz, w4 = _vnni_weight(n, k, 32)
+    y4 = prefill.int4_vnni_packed_product(x, data, sz, 32)
+    w8, s8, w8b = _int8_weight(n, k)
+    y8 = prefill.int8_packed_product(x, w8, s8)
+    assert y4 is not None and y8 is not None
+    for y, w in ((y4, w4), (y8, w8b)):
+        assert torch.equal(y, _bf16_peer(x, w))
+        plain = torch.nn.functional.linear(x, w).float()
+        assert torch.allclose(y.float(), plain, rtol=2**-7, atol=2**-7 * plain.abs().max().item())
+    assert torch.equal(prefill.int8_product(x, w8, s8), y8)  # int8 products take it
+
+
+@needs_packed
+def test_packed_path_turned_off_or_layout_unchecked_falls_back_to_plain_wt(monkeypatch):
+    from pangu_infer.quant import cpu_int4
+
+    w = torch.randn(192, 256)
+    x = torch.randn(40, 256, dtype=torch.bfloat16)
+    for method in ("int4", "int8"):
+        weight = PackedWeight(quantize(w, QuantizationConfig(method, 32)), CPU)
+        if weight.kernel not in ("int8", "int4_vnni"):
+            continue
+        weight.convert_min_rows = 16
+        y = weight(x)
+        if weight.kernel == "int8":
+            w_bf16 = prefill._int8_eager(weight.data, weight.scales)
+        else:
+            w_bf16 = cpu_int4.dequantize_t(weight.data, weight.scales, 32).t()[: weight.out_features]
+        assert torch.equal(y, _bf16_peer(x, w_bf16.contiguous()))
+        for env, value in ((prefill.PACKED_ENV, "0"), (prefill.ENV, "0")):
+            monkeypatch.setenv(env, value)
+            assert prefill.int8_packed_product(x, *_int8_weight(192, 256)[:2]) is None
+            off = weight(x)
+            assert torch.allclose(off.float(), y.float(), rtol=2**-7, atol=2**-7 * y.float().abs().max().item())
+            monkeypatch.delenv(env)
+        monkeypatch.setattr(prefill, "packed_rows", lambda n, k: 0)  # a oneDNN laying weights out otherwise
+        assert prefill.int8_packed_product(x, *_int8_weight(192, 256)[:2]) is None
+        assert torch.allclose(weight(x).float(), y.float(), rtol=2**-7, atol=2**-7 * y.float().abs().max().item())
+        monkeypatch.undo()
+
+
+def test_packed_layout_check_refuses_a_layout_it_does_not_write(monkeypatch):
+    prefill.packed_rows.cache_clear()
+    try:
+        monkeypatch.setattr(prefill, "_PACKED_ROW_BLOCKS", (64,))  # not what oneDNN writes for 32 rows
+        assert prefill.packed_rows(32, 64) == 0
+        assert not prefill.packed_layout_ok(48, 64)  # 48 rows: padded by oneDNN, never written
+    finally:
+        prefill.packed_rows.cache_clear()
+
+
+@needs_packed
+@pytest.mark.parametrize("kb", ["8", "0"])
+def test_a_weight_bigger_than_a_slice_is_converted_and_multiplied_slice_by_slice(monkeypatch, kb):
+    """Slices of at most PANGU_INFER_PACKED_SLICE_KB (here 8 KB; 96 x 576 bf16 is 108 KB, so
+    slices of one 32-row block each, the smallest whole block) give each output column the bf16
+    peer's product of that slice's weights; 0 converts the weight whole."""
+    monkeypatch.setenv(prefill.SLICE_ENV, kb)
+    n, k = 96, 576
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(45, k, generator=g).to(torch.bfloat16)
+    data, sz, w4 = _vnni_weight(n, k, 32)
+    w8, s8, w8b = _int8_weight(n, k)
+    step = prefill._slice_rows(n, k, prefill.packed_rows(n, k))
+    assert (step < n) == (kb != "0")
+    calls = []
+    real = prefill._packed_linear
+    monkeypatch.setattr(prefill, "_packed_linear", lambda *a: calls.append(1) or real(*a))
+    for y, w in ((prefill.int4_vnni_packed_product(x, data, sz, 32), w4), (prefill.int8_packed_product(x, w8, s8), w8b)):
+        assert y is not None and y.shape == (45, n)
+        want = torch.cat([_bf16_peer(x, w[a : a + step].contiguous()) for a in range(0, n, step)], 1)
+        assert torch.equal(y, want)
+        plain = torch.nn.functional.linear(x, w).float()
+        assert torch.allclose(y.float(), plain, rtol=2**-7, atol=2**-7 * plain.abs().max().item())
+    assert len(calls) == 2 * -(-n // step)

@@ -30,7 +30,7 @@ from torch import nn
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
-from pangu_infer.quant.prefill import int4_to_bf16, int8_product
+from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_packed_product, int8_product
 from pangu_infer.quant.tuning import NEVER, convert_min_rows
 
 KERNEL_DTYPE = torch.bfloat16
@@ -185,8 +185,13 @@ class PackedWeight(nn.Module):
             # once compiled, one eager pass before).
             y = int8_product(xk, data, scales)
         elif self.kernel == "int4_vnni" and x2.shape[0] >= self.convert_min_rows:
-            w_t = cpu_int4.to_bf16_t(data, scales, self.group_size)
-            y = torch.matmul(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features])
+            # Converted straight into oneDNN's packed layout where it is checked (quant/prefill.py),
+            # else to a plain W^T.
+            y = int4_vnni_packed_product(xk, data, scales, self.group_size)
+            if y is None:
+                w_t = cpu_int4.to_bf16_t(data, scales, self.group_size)
+                y = torch.matmul(xk, w_t)
+            y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
@@ -299,7 +304,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     weights = [
         m for m in model.modules()
         if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
-        and (m.kernel == "int8" or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
+        and (m.kernel in ("int8", "int4_vnni") or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
     ]
     if not weights:
         return None
@@ -307,4 +312,9 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     if why is None:
         for m in weights:
             m.convert_min_rows = convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel))
+            # oneDNN's packed layout, checked once per shape here rather than in a first request
+            if m.kernel == "int8":
+                prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
+            elif m.kernel == "int4_vnni":
+                prefill.packed_layout_ok(m.data.shape[-3] * 16, m.data.shape[-2] * 8)
     return why

@@ -15,6 +15,9 @@ is still in cache when the product reads it:
   then not scaled and rounded a second time); written as W^T [K, N] where the CPU has AVX-512
   (oneDNN multiplies by a row-major W^T faster), else as W [N, K].
 
+- int8 and cpu_int4's int4 layout, where the check passes: straight into oneDNN's packed bf16
+  layout, multiplied by the bf16 model's own product (section "into oneDNN's packed layout").
+
 Their eager versions (`_int4_eager`, `_int8_eager`) compute the same formulas; they run until the
 library is built, wherever building it fails, and when `PANGU_INFER_COMPILED_DEQUANT=0`. Building
 never happens inside a request: `prepare(model)` builds the library (seconds; a cache hit after
@@ -133,6 +136,117 @@ extern "C" int pangu_int8_to_bf16_t(const int8_t* w, const uint16_t* scale, uint
   return 0;
 #endif
 }
+
+#ifdef __AVX512F__
+// oneDNN's packed bf16 layout of a weight W [n][k] ("general" hint, checked at run time by
+// packed_layout_ok): [n/rb][k/2][rb][2], i.e. per block of rb rows (32 with AMX), k in pairs, each
+// pair of a row one 32-bit word (even k low half). The loops go by 16 rows: for 16-row block b and
+// pair p, 16 words at packed_at(b, p); blocks [b0, b1) are written (b0 * 16 a multiple of rb),
+// relative to out = the start of row block b0.
+static inline int64_t packed_at(int64_t b, int64_t b0, int64_t p, int64_t k, int64_t rb) {
+  const int64_t r = b * 16 - b0 * 16;
+  return (r / rb) * rb * k + p * rb * 2 + (r % rb) * 2;
+}
+static inline __m512i round_hi(__m512 f) {  // the bf16 of f (nearest even) in the high half, low half zero
+  __m512i u = _mm512_castps_si512(f);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  return _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
+}
+static inline __m512i pair_words(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
+
+// From cpu_int4's layout: w [n/16][k/8][16][4 bytes] (byte j of a row: low nibble k = 8o + j, high
+// nibble k = 8o + 4 + j), sz bf16 [n/16][k/g][2][16] (scale, zero); weight = q * s + (z - 8 s) in
+// fp32, one fused multiply-add, rounded once: the same values as pangu_int4_to_bf16_t.
+extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n,
+                                     int64_t k, int64_t g, int64_t rb, int64_t b0, int64_t b1, int threads) {
+  if (n % rb || rb % 16 || (b0 * 16) % rb || g % 8 || g < 8 || k % g) return 0;
+  const int64_t ng = k / g, octets = k / 8;
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && b1 - b0 >= 2 * threads)
+  for (int64_t b = b0; b < b1; ++b) {
+    const uint8_t* p = w + b * octets * 64;
+    const uint16_t* sp = sz + b * ng * 32;
+    const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
+    for (int64_t o = 0; o < octets; o++, p += 64) {
+      const uint16_t* s = sp + ((8 * o) / g) * 32;
+      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+      const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
+      const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+      const __m512i v = _mm512_loadu_si512((const void*)p);
+      __m512i lo[4], hi[4];
+      for (int j = 0; j < 4; j++) {
+        const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);
+        lo[j] = round_hi(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), sc, off));
+        hi[j] = round_hi(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sc, off));
+      }
+      // pairs 4o .. 4o + 3: k = 8o + (0, 1), (2, 3) from the low nibbles, (4, 5), (6, 7) from the high ones
+      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o, k, rb)), pair_words(lo[0], lo[1]));
+      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 1, k, rb)), pair_words(lo[2], lo[3]));
+      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 2, k, rb)), pair_words(hi[0], hi[1]));
+      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 3, k, rb)), pair_words(hi[2], hi[3]));
+    }
+  }
+  return 1;
+}
+
+// From int8 [n][k] and a bf16 scale per row: w * scale in fp32, rounded once (as pangu_int8_to_bf16).
+extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n,
+                                    int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) {
+  if (n % rb || rb % 16 || (b0 * 16) % rb || k % 4 || k * 16 > INT32_MAX) return 0;
+  #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && b1 - b0 >= 2 * threads)
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t r0 = b * 16;
+    const __m512 s = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)k));
+    const int8_t* base = w + r0 * k;
+    int64_t c = 0;
+    // 64 columns at a time: one 64-byte load per row and a 16 x 16 transpose of 32-bit words
+    // (the gather below, 16 loads per 4 columns, for the rest)
+    for (; c + 64 <= k; c += 64) {
+      __m512i t[16], u[16], v[16];
+      for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * k + c));
+      for (int i = 0; i < 8; i++) {
+        u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
+        u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
+      }
+      for (int i = 0; i < 4; i++) {
+        t[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
+        t[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
+        t[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
+        t[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
+      }
+      for (int q = 0; q < 4; q++) {
+        const __m512i a = _mm512_shuffle_i32x4(t[q], t[4 + q], 0x88), bb = _mm512_shuffle_i32x4(t[q], t[4 + q], 0xdd);
+        const __m512i d = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0x88), e = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0xdd);
+        v[q] = _mm512_shuffle_i32x4(a, d, 0x88);
+        v[8 + q] = _mm512_shuffle_i32x4(a, d, 0xdd);
+        v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
+        v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
+      }
+      for (int j = 0; j < 16; j++) {  // v[j]: lane i = row r0 + i, columns c + 4j .. c + 4j + 3
+        __m512i r[4];
+        for (int h = 0; h < 4; ++h)
+          r[h] = round_hi(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[j], _mm512_set1_epi32(24 - 8 * h)), 24)), s));
+        _mm512_storeu_si512((void*)(out + packed_at(b, b0, (c + 4 * j) / 2, k, rb)), pair_words(r[0], r[1]));
+        _mm512_storeu_si512((void*)(out + packed_at(b, b0, (c + 4 * j) / 2 + 1, k, rb)), pair_words(r[2], r[3]));
+      }
+    }
+    for (; c < k; c += 4) {
+      const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
+      __m512i r[4];
+      for (int j = 0; j < 4; ++j)
+        r[j] = round_hi(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(gv, _mm512_set1_epi32(24 - 8 * j)), 24)), s));
+      _mm512_storeu_si512((void*)(out + packed_at(b, b0, c / 2, k, rb)), pair_words(r[0], r[1]));
+      _mm512_storeu_si512((void*)(out + packed_at(b, b0, c / 2 + 1, k, rb)), pair_words(r[2], r[3]));
+    }
+  }
+  return 1;
+}
+#else
+extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n, int64_t k, int64_t g, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
+extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n, int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
+#endif
 """
 
 
@@ -228,6 +342,9 @@ def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 times the int8 weight converted to bf16 (scales folded in): [M, N]."""
+    y = int8_packed_product(x, data, scales)
+    if y is not None:
+        return y
     lib = _usable()
     if lib is not None and _int8_fits(data, scales):
         n, k = data.shape
@@ -291,11 +408,14 @@ def _build() -> tuple:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir()))
     lib = CppCodeCache.load(_SOURCE)
     f4, f8, f8t = lib.pangu_int4_to_bf16, lib.pangu_int8_to_bf16, lib.pangu_int8_to_bf16_t
+    p4, p8 = lib.pangu_int4v_to_packed, lib.pangu_int8_to_packed
     f4.restype = f8.restype = None
-    f8t.restype = ctypes.c_int
+    f8t.restype = p4.restype = p8.restype = ctypes.c_int
     f4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     f8.argtypes = f8t.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    return f4, f8, f8t
+    p4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    p8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    return f4, f8, f8t, p4, p8
 
 
 def _check(lib: tuple) -> None:
@@ -318,6 +438,20 @@ def _check(lib: tuple) -> None:
         _same("int8", out8, _int8_eager(w8, s8))
         if lib[2](w8.data_ptr(), s8.data_ptr(), out8t.data_ptr(), n, k, threads):
             _same("int8 (transposed)", out8t, _int8_eager(w8, s8).t())
+    rb = packed_rows(n, k)
+    if rb:
+        from pangu_infer.quant import cpu_int4
+
+        if cpu_int4.library() is not None:
+            qv = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+            dv, szv = cpu_int4.pack(qv, torch.rand(n, k // group, generator=g) * 0.02, torch.rand(n, k // group, generator=g) * 0.02)
+            want = cpu_int4.dequantize_t(dv, szv, group).t()
+            for threads in (1, 2):
+                got = _to_packed_raw(lib[3], (dv, szv, group), n, k, rb, threads)
+                _same("int4 (packed)", got, _pack_plain(want, rb))
+        for threads in (1, 2):
+            got = _to_packed_raw(lib[4], (w8, s8), n, k, rb, threads)
+            _same("int8 (packed)", got, _pack_plain(_int8_eager(w8, s8), rb))
 
 
 def _same(kind: str, got: torch.Tensor, want: torch.Tensor) -> None:
@@ -361,4 +495,165 @@ def ready() -> bool:
     return _lib is not None and enabled()
 
 
-__all__ = ["ENV", "scratch", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int8_product", "int8_to_bf16", "prepare", "ready"]
+# ---------------------------------------------------------------------------------- into oneDNN's packed layout
+#
+# The bf16 peer multiplies by a weight oneDNN laid out once at load (models/packed.py); a product on
+# a plain bf16 weight makes oneDNN re-lay it on every call, which at 512 rows cost about as much as
+# the conversion itself (RESULTS.md, "Quantized prefill into oneDNN's packed layout"). So the int4
+# (cpu_int4's layout) and int8 products of many rows convert straight into that packed layout, in
+# an opaque oneDNN tensor kept per shape and thread whose memory the conversion overwrites, and run
+# the peer's own product on it. The layout is not a documented format: `packed_layout_ok` checks it
+# against oneDNN's own reorder, per shape, before it is ever written; where it differs the products
+# convert to a plain W^T as before. PANGU_INFER_PACKED_PREFILL=0 turns this off.
+
+PACKED_ENV = "PANGU_INFER_PACKED_PREFILL"
+_ROWS = 16  # rows per step of the loops (the layout's row blocks are a multiple: 32 with AMX)
+_PACKED_ROW_BLOCKS = (32, 16, 64)  # the layouts `packed_rows` tries
+
+
+def packed_enabled() -> bool:
+    return os.environ.get(PACKED_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _pack_plain(w: torch.Tensor, rb: int) -> torch.Tensor:
+    """W [n, k] bf16 laid out as [n/rb][k/2][rb][2] (the layout the loops write), flat."""
+    n, k = w.shape
+    return w.reshape(n // rb, rb, k // 2, 2).permute(0, 2, 1, 3).reshape(-1)
+
+
+def _mkldnn_raw(packed: torch.Tensor) -> torch.Tensor:
+    nbytes = torch.ops.mkldnn._nbytes(packed)
+    out = torch.empty(nbytes // 2, dtype=torch.bfloat16)
+    ctypes.memmove(out.data_ptr(), torch.ops.mkldnn.data_ptr(packed), nbytes)
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def packed_rows(n: int, k: int) -> int:
+    """The row block rb where oneDNN lays a bf16 [n, k] weight (no batch hint) out as
+    `_pack_plain(w, rb)` here (checked on a random weight against its own reorder), else 0."""
+    from pangu_infer.models.packed import can_pack
+
+    if n % _ROWS or k % 4 or n <= 0 or k <= 0 or not can_pack(torch.device("cpu"), torch.bfloat16):
+        return 0
+    ops = torch.ops.mkldnn
+    if not (hasattr(ops, "_nbytes") and hasattr(ops, "data_ptr")):
+        return 0
+    g = torch.Generator().manual_seed(n * 7919 + k)
+    with torch.inference_mode(False), torch.no_grad():
+        w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+        packed = ops._reorder_linear_weight(w)
+        if ops._nbytes(packed) != 2 * n * k:
+            return 0
+        raw = _mkldnn_raw(packed).view(torch.int16)
+        for rb in _PACKED_ROW_BLOCKS:
+            if n % rb == 0 and torch.equal(raw, _pack_plain(w, rb).view(torch.int16)):
+                return rb
+    return 0
+
+
+def packed_layout_ok(n: int, k: int) -> bool:
+    return packed_rows(n, k) > 0
+
+
+def _packed_scratch(n: int, k: int) -> torch.Tensor:
+    """An opaque oneDNN bf16 [n, k] weight kept per shape and thread, whose memory is overwritten."""
+    buffers = _local.__dict__.setdefault("packed", {})
+    buf = buffers.get((n, k))
+    if buf is None:
+        with torch.inference_mode(False), torch.no_grad():
+            buf = buffers[(n, k)] = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(n, k, dtype=torch.bfloat16))
+    return buf
+
+
+def _to_packed_raw(fn, args: tuple, n: int, k: int, rb: int, threads: int) -> torch.Tensor:
+    """For the check: what loop `fn` writes, as a flat bf16 tensor."""
+    out = torch.empty(n * k, dtype=torch.bfloat16)
+    if len(args) == 3:
+        data, sz, group = args
+        ok = fn(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group, rb, 0, n // _ROWS, threads)
+    else:
+        data, scales = args
+        ok = fn(data.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, rb, 0, n // _ROWS, threads)
+    if not ok:
+        raise RuntimeError("the packed conversion refused its shape")
+    return out
+
+
+def _packed_usable(n: int, k: int, x: torch.Tensor) -> Optional[tuple]:
+    lib = _usable()
+    if lib is None or not packed_enabled():
+        return None
+    if x.dim() != 2 or x.dtype != torch.bfloat16 or not x.is_contiguous() or not packed_layout_ok(n, k):
+        return None
+    return lib
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+
+SLICE_ENV = "PANGU_INFER_PACKED_SLICE_KB"
+SLICE_KB = 8192
+
+
+def _slice_rows(n: int, k: int, rb: int) -> int:
+    """Rows per slice of a weight converted and multiplied slice by slice: all of them up to about
+    SLICE_KB of bf16, else equal slices of at most that size (whole row blocks). A 29 MB converted
+    weight (Pangu's 9600 x 1536 gate/up) written whole went out to memory and took 1.4-1.7x longer
+    than four slices of 7 MB, each converted then multiplied (RESULTS.md); 4 MB slices paid more
+    calls and output copies than they saved. PANGU_INFER_PACKED_SLICE_KB sets the size, 0 = whole."""
+    try:
+        kb = int(os.environ.get(SLICE_ENV, SLICE_KB))
+    except ValueError:
+        kb = SLICE_KB
+    if kb <= 0 or 2 * n * k <= kb * 1024 * 5 // 4:
+        return n
+    pieces = -(-2 * n * k // (kb * 1024))
+    return -(-(n // rb) // pieces) * rb
+
+
+def _sliced_product(x: torch.Tensor, n: int, k: int, convert) -> Optional[torch.Tensor]:
+    """x times the weight `convert(out_ptr, rb, b0, b1)` writes (16-row blocks b0..b1) into oneDNN's
+    packed layout, whole or slice by slice (`_slice_rows`); None where a slice's layout is unchecked."""
+    rb = packed_rows(n, k)
+    step = _slice_rows(n, k, rb)
+    if step >= n:
+        if 2 * n * k > SCRATCH_MAX_BYTES:  # slicing turned off: not kept per thread, the plain path runs
+            return None
+        packed = _packed_scratch(n, k)
+        return _packed_linear(x, packed) if convert(torch.ops.mkldnn.data_ptr(packed), rb, 0, n // _ROWS) else None
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    for a in range(0, n, step):
+        m = min(step, n - a)
+        if packed_rows(m, k) != rb:
+            return None
+        packed = _packed_scratch(m, k)
+        if not convert(torch.ops.mkldnn.data_ptr(packed), rb, a // _ROWS, (a + m) // _ROWS):
+            return None
+        y[:, a : a + m] = _packed_linear(x, packed)
+    return y
+
+
+def int4_vnni_packed_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> Optional[torch.Tensor]:
+    """x [M, K] bf16 times a cpu_int4-layout weight converted into oneDNN's packed layout: [M, N]
+    (N the padded row count), or None where this path does not run (then the caller converts to W^T)."""
+    n, k = data.shape[0] * _ROWS, data.shape[1] * 8
+    lib = _packed_usable(n, k, x)
+    if lib is None or not (data.is_contiguous() and sz.is_contiguous()) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16:
+        return None
+    return _sliced_product(x, n, k, lambda out, rb, b0, b1: lib[3](
+        data.data_ptr(), sz.data_ptr(), out, n, k, group_size, rb, b0, b1, torch.get_num_threads()))
+
+
+def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:
+    """x [M, K] bf16 times the int8 weight (scales folded in) in oneDNN's packed layout, or None."""
+    n, k = data.shape
+    lib = _packed_usable(n, k, x)
+    if lib is None or not _int8_fits(data, scales):
+        return None
+    return _sliced_product(x, n, k, lambda out, rb, b0, b1: lib[4](
+        data.data_ptr(), scales.data_ptr(), out, n, k, rb, b0, b1, torch.get_num_threads()))
+
+
+__all__ = ["ENV", "scratch", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]

@@ -24,7 +24,10 @@ import torch
 
 from pangu_infer.machine import cache_path, cached_choice, machine_key, median_time
 from pangu_infer.quant import cpu_int4
-from pangu_infer.quant.prefill import dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int8_product, ready
+from pangu_infer.quant.prefill import (
+    dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_packed_product, int8_product, packed_enabled,
+    packed_layout_ok, ready,
+)
 
 NEVER = 1 << 30
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
@@ -65,8 +68,9 @@ def measure(kind: str) -> int:
         def kernel(x):
             return cpu_int4.matmul(x, data, sz, group)
 
-        def convert(x):
-            return torch.matmul(x, cpu_int4.to_bf16_t(data, sz, group))
+        def convert(x):  # what PackedWeight runs: into oneDNN's packed layout where it can (quant/prefill.py)
+            y = int4_vnni_packed_product(x, data, sz, group)
+            return torch.matmul(x, cpu_int4.to_bf16_t(data, sz, group)) if y is None else y
 
     else:
         if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CPU"):
@@ -113,6 +117,9 @@ def convert_min_rows(kind: str) -> int:
     # different row counts); the compiled one is measured once it is built (prefill.prepare).
     # cpu_int4's conversion is its library's own C loop from the start.
     name = f"{kind}_convert_min_rows" + ("_compiled" if ready() and kind != "int4_vnni" else "")
+    # and apart again for the conversions into oneDNN's packed layout (prefill.py), cheaper still
+    if kind != "int4" and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
+        name += "_packed"
     if name not in _cache:
         _cache[name] = cached_choice(
             name, lambda: measure(kind), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
