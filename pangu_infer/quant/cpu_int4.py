@@ -45,7 +45,7 @@ from typing import Optional
 import torch
 
 from pangu_infer.machine import cache_root, cached_choice
-from pangu_infer.quant.prefill import scratch
+from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
 

@@ -39,16 +39,16 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
+
 
 ENV = "PANGU_INFER_COMPILED_DEQUANT"
-SCRATCH_MAX_BYTES = 32 << 20  # bigger converted weights (a vocabulary head) are allocated per product
 _INT4_BLOCK = 64  # rows per block of the packed int4 layout
 
 logger = logging.getLogger("pangu_infer.quant")
 _lib: Optional[tuple] = None  # (int4 fn, int8 fn) once built and checked
 _failed: Optional[str] = None
 _lock = threading.Lock()
-_local = threading.local()
 
 # Inductor compiles with -fno-tree-loop-vectorize (it vectorizes its own loops); these loops rely on
 # GCC's vectorizer, hence the pragma (clang ignores it and vectorizes at -O3 anyway).
@@ -254,22 +254,6 @@ def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-def _scratch(key: tuple, shape: tuple) -> torch.Tensor:
-    """A bf16 buffer of `shape` kept for this key and thread (the conversion overwrites it each
-    product: its result is only read by that product). Big ones are not kept."""
-    if 2 * shape[0] * shape[1] > SCRATCH_MAX_BYTES:
-        return torch.empty(shape, dtype=torch.bfloat16)
-    buffers = _local.__dict__.setdefault("buffers", {})
-    # A buffer made under inference_mode is an inference tensor, which may not be written outside
-    # it (and the other way round is fine but would keep two kinds apart anyway): one per mode.
-    key = (*key, torch.is_inference_mode_enabled())
-    buf = buffers.get(key)
-    if buf is None:
-        buf = buffers[key] = torch.empty(shape, dtype=torch.bfloat16)
-    return buf
-
-
-scratch = _scratch  # for the other conversions of quant/ (cpu_int4's layout)
 
 
 # ---------------------------------------------------------------------------------- int4
@@ -307,7 +291,7 @@ def int4_to_bf16(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> t
     if lib is None or not _int4_fits(data, group_size, scales):
         return _int4_eager(data, group_size, scales)
     n, k = data.shape[0], data.shape[1] * 2
-    out = _scratch(("int4", n, k), (k, n))
+    out = scratch(("int4", n, k), (k, n))
     lib[0](data.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, group_size, torch.get_num_threads())
     return out
 
@@ -333,7 +317,7 @@ def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     lib = _usable()
     if torch.compiler.is_compiling():
         return _int8_eager(data, scales)
-    out = _scratch(("int8", *data.shape), tuple(data.shape))
+    out = scratch(("int8", *data.shape), tuple(data.shape))
     if lib is None or not _int8_fits(data, scales):
         return _int8_eager(data, scales, out)
     lib[1](data.data_ptr(), scales.data_ptr(), out.data_ptr(), data.shape[0], data.shape[1], torch.get_num_threads())
@@ -348,7 +332,7 @@ def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> t
     lib = _usable()
     if lib is not None and _int8_fits(data, scales):
         n, k = data.shape
-        w_t = _scratch(("int8_t", n, k), (k, n))
+        w_t = scratch(("int8_t", n, k), (k, n))
         if lib[2](data.data_ptr(), scales.data_ptr(), w_t.data_ptr(), n, k, torch.get_num_threads()):
             return torch.matmul(x, w_t)
     return torch.nn.functional.linear(x, int8_to_bf16(data, scales))
@@ -558,7 +542,7 @@ def packed_layout_ok(n: int, k: int) -> bool:
 
 def _packed_scratch(n: int, k: int) -> torch.Tensor:
     """An opaque oneDNN bf16 [n, k] weight kept per shape and thread, whose memory is overwritten."""
-    buffers = _local.__dict__.setdefault("packed", {})
+    buffers = thread_buffers("packed")
     buf = buffers.get((n, k))
     if buf is None:
         with torch.inference_mode(False), torch.no_grad():
@@ -656,4 +640,4 @@ def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tenso
         data.data_ptr(), scales.data_ptr(), out, n, k, rb, b0, b1, torch.get_num_threads()))
 
 
-__all__ = ["ENV", "scratch", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]
+__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]
