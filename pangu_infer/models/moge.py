@@ -168,7 +168,17 @@ class MoEBlock(nn.Module):
         counts = torch.bincount(flat_experts, minlength=self.num_experts)
         if self.track_load:
             self.load.record(counts, logits, t)
-        routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
+        impl = self.experts.impl
+        if (
+            t == 1 and not self.batch_invariant and self.local_experts.start == 0
+            and self.local_experts.stop == self.num_experts
+            and getattr(impl, "one_token_fused", None) is not None and impl.one_token_fused(x)
+        ):
+            # Decode at batch 1 with int4 experts on the own CPU kernel: one op for all experts, the
+            # same numbers as _one_token, and no graph break in a compiled step.
+            routed = impl.one_token(x, flat_experts, weights.flatten().to(x.dtype))
+        else:
+            routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
         shared = getattr(self, self.shared_prefix)
         out = routed if shared is None else shared(x) + routed
         if self.parallel.is_parallel:

@@ -268,6 +268,22 @@ class QuantizedExperts(nn.Module):
         gate, up = self.w13(x, e).split(self.inter, dim=-1)
         return self.w2(F.silu(gate) * up, e)
 
+    def one_token_fused(self, x: torch.Tensor) -> bool:
+        """Does one_token() take this token: both products on the own int4 kernel (CPU), x one
+        row in bf16 or fp32, the fused path not turned off (PANGU_INFER_FUSED_EXPERTS=off)."""
+        return (
+            self.w13.kernel == "int4_vnni" and self.w2.kernel == "int4_vnni" and x.shape[0] == 1
+            and x.dtype in (torch.bfloat16, torch.float32) and cpu_int4.fused_experts_enabled()
+        )
+
+    def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """All the token's routed experts in one op (cpu_int4.experts_one_token): the same numbers
+        as MoEBlock._one_token's loop over expert(), without its host sync and per-expert ops."""
+        return cpu_int4.experts(
+            x, ids, weights, self.w13.data, self.w13.scales, self.w13.group_size,
+            self.w2.data, self.w2.scales, self.w2.group_size, self.inter, self.w2.out_features,
+        )
+
 
 class OffloadedExperts(nn.Module):
     """Routed experts as per-expert views of the memory-mapped checkpoint, never copied.
