@@ -41,6 +41,14 @@ def imbalance_score(expert_counts: torch.Tensor, num_tokens: torch.Tensor, num_d
     return (per_device.amax(-1) - per_device.amin(-1)) / num_tokens.clamp(min=1)
 
 
+def count_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Token-expert pairs per expert [E] (long). Eagerly one bincount; inside a compiled step a
+    scatter-add (bincount's output size depends on the values: dynamo breaks the graph on it)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    return torch.bincount(ids, minlength=num_experts)
+
+
 class StackedExperts(nn.Module):
     """All routed experts of one layer: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
 
@@ -62,9 +70,11 @@ class StackedExperts(nn.Module):
 class MoGELoad:
     """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k).
 
-    A step only stacks its two count vectors on a pending list: no host sync and no small ops on
-    the decode path. Pending steps are folded into the totals every FOLD_STEPS steps and
-    whenever the totals are read.
+    An eager step only stacks its two count vectors on a pending list: no host sync and no small
+    ops on the decode path. Pending steps are folded into the totals every FOLD_STEPS steps and
+    whenever the totals are read. Inside a compiled step (torch.compile traces `record`) the step
+    adds into tensors in place instead (a handful of ops inductor fuses, and no graph break);
+    readers fold those in too.
     """
 
     FOLD_STEPS = 64
@@ -77,22 +87,53 @@ class MoGELoad:
         self._is_sum = torch.zeros(2, len(IMBALANCE_DEVICES), dtype=torch.float64, device=cpu)
         self._pending: list[torch.Tensor] = []  # [2, E] per step
         self._pending_tokens: list[int] = []
-        self.steps = 0
-        self.tokens = 0
+        self._steps = 0
+        self._tokens = 0
+        # What compiled steps added (see the class doc): counts [2, E], IS sums, steps, tokens.
+        self._graph_counts = torch.zeros(2, num_experts, dtype=torch.long, device=cpu)
+        self._graph_is = torch.zeros(2, len(IMBALANCE_DEVICES), dtype=torch.float64, device=cpu)
+        self._graph_steps = torch.zeros((), dtype=torch.long, device=cpu)
+        self._graph_tokens = torch.zeros((), dtype=torch.long, device=cpu)
 
-    @eager_in_compiled_steps
+    @property
+    def steps(self) -> int:
+        self._fold()
+        return self._steps
+
+    @property
+    def tokens(self) -> int:
+        self._fold()
+        return self._tokens
+
     def record(self, expert_counts: torch.Tensor, router_logits: torch.Tensor, num_tokens: int) -> None:
         # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
         topk_ids = router_logits.topk(self.top_k, dim=-1).indices
-        topk_counts = torch.bincount(topk_ids.flatten(), minlength=expert_counts.numel())
+        topk_counts = count_experts(topk_ids.flatten(), expert_counts.numel())
+        if torch.compiler.is_compiling():
+            both = torch.stack((expert_counts, topk_counts)).to(self._graph_counts.device)
+            self._graph_counts += both
+            # imbalance_score's numbers (integer counts, one float64 division), without a tensor of the count
+            per_device = [both.unflatten(-1, (d, -1)).sum(-1).double() for d in IMBALANCE_DEVICES]
+            spread = torch.stack([p.amax(-1) - p.amin(-1) for p in per_device], -1)
+            self._graph_is += spread / max(num_tokens, 1)
+            self._graph_steps += 1
+            self._graph_tokens += num_tokens
+            return
         self._pending.append(torch.stack((expert_counts, topk_counts)))
         self._pending_tokens.append(num_tokens)
-        self.steps += 1
-        self.tokens += num_tokens
+        self._steps += 1
+        self._tokens += num_tokens
         if len(self._pending) >= self.FOLD_STEPS:
             self._fold()
 
     def _fold(self) -> None:
+        if self._graph_steps.item():  # what compiled steps added (a host sync: readers only)
+            self._counts += self._graph_counts
+            self._is_sum += self._graph_is
+            self._steps += int(self._graph_steps)
+            self._tokens += int(self._graph_tokens)
+            for t in (self._graph_counts, self._graph_is, self._graph_steps, self._graph_tokens):
+                t.zero_()
         if not self._pending:
             return
         counts = torch.stack(self._pending).cpu()  # [S, 2, E]
@@ -114,11 +155,11 @@ class MoGELoad:
 
     def as_dict(self, num_groups: int) -> dict:
         self._fold()
-        steps = max(self.steps, 1)
+        steps = max(self._steps, 1)
         moge_is, topk_is = self._is_sum.tolist()
         return {
-            "tokens": self.tokens,
-            "steps": self.steps,
+            "tokens": self._tokens,
+            "steps": self._steps,
             "expert_tokens": self.moge_counts.tolist(),
             "group_tokens": self.moge_counts.view(num_groups, -1).sum(-1).tolist(),
             "imbalance_score": {d: v / steps for d, v in zip(IMBALANCE_DEVICES, moge_is)},
@@ -165,7 +206,7 @@ class MoEBlock(nn.Module):
         logits = self.gate(x)
         expert_ids, weights = self.route(x, logits)
         flat_experts = expert_ids.flatten()
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        counts = count_experts(flat_experts, self.num_experts)
         if self.track_load:
             self.load.record(counts, logits, t)
         impl = self.experts.impl

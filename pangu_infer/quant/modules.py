@@ -263,6 +263,8 @@ class QuantizedExperts(nn.Module):
         self.w13 = w13
         self.w2 = w2
         self.inter = inter
+        # Read once at load (not per step: a compiled step would guard on the environment).
+        self.fused = cpu_int4.fused_experts_enabled()
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x, e).split(self.inter, dim=-1)
@@ -270,10 +272,10 @@ class QuantizedExperts(nn.Module):
 
     def one_token_fused(self, x: torch.Tensor) -> bool:
         """Does one_token() take this token: both products on the own int4 kernel (CPU), x one
-        row in bf16 or fp32, the fused path not turned off (PANGU_INFER_FUSED_EXPERTS=off)."""
+        row in bf16 or fp32, the fused path not turned off (PANGU_INFER_FUSED_EXPERTS=off at load)."""
         return (
             self.w13.kernel == "int4_vnni" and self.w2.kernel == "int4_vnni" and x.shape[0] == 1
-            and x.dtype in (torch.bfloat16, torch.float32) and cpu_int4.fused_experts_enabled()
+            and x.dtype in (torch.bfloat16, torch.float32) and self.fused
         )
 
     def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
