@@ -66,6 +66,19 @@ class StackedExperts(nn.Module):
         gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
+    @property
+    def split_products(self) -> bool:
+        """Do gate_up() and down() exist here (plain, packed bf16 and quantized experts; not the
+        memory-mapped ones, whose gate and up are apart)?"""
+        return self.impl is None or hasattr(self.impl, "gate_up")
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, 2I]: expert e's gate then up rows, as expert() computes them before the activation."""
+        return F.linear(x, self.w13[e]) if self.impl is None else self.impl.gate_up(e, x)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.w2[e]) if self.impl is None else self.impl.down(e, h)
+
 
 class MoGELoad:
     """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k).
@@ -267,9 +280,23 @@ class MoEBlock(nn.Module):
         batched path's scatter: each weighted output rounded to x's dtype, then summed in fp32 in
         expert order, so that a token alone and in a batch get the same value."""
         ids = flat_experts.tolist()  # one host sync for the ids
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        experts = self.experts
+        if experts.split_products:
+            # The same numbers with fewer ops: the activation, the weighting and the conversion
+            # run once over the experts' rows (elementwise: the same bits as row by row).
+            i = experts.inter
+            gu = torch.cat([experts.gate_up(ids[j], x) for j in order])  # [K, 2I]
+            h = F.silu(gu[:, :i]) * gu[:, i:]
+            ys = torch.cat([experts.down(ids[j], h[r : r + 1]) for r, j in enumerate(order)])  # [K, H]
+            wy = (ys * flat_weights[order][:, None]).float()
+            out = wy[0:1]
+            for r in range(1, len(order)):
+                out.add_(wy[r : r + 1])
+            return out.to(x.dtype)
         out = None
-        for j in sorted(range(len(ids)), key=ids.__getitem__):
-            y = (self.experts.expert(ids[j], x) * flat_weights[j]).float()
+        for j in order:
+            y = (experts.expert(ids[j], x) * flat_weights[j]).float()
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
 

@@ -270,6 +270,12 @@ class QuantizedExperts(nn.Module):
         gate, up = self.w13(x, e).split(self.inter, dim=-1)
         return self.w2(F.silu(gate) * up, e)
 
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.w13(x, e)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self.w2(h, e)
+
     def one_token_fused(self, x: torch.Tensor) -> bool:
         """Does one_token() take this token: both products on the own int4 kernel (CPU), x one
         row in bf16 or fp32, the fused path not turned off (PANGU_INFER_FUSED_EXPERTS=off at load)."""
