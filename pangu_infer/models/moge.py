@@ -331,7 +331,7 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
 
 
 class PanguProMoEForCausalLM(DecoderForCausalLM):
-    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly
+    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly (all but fused int4 batch-1 steps)
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return MoGEBlock(cfg)
