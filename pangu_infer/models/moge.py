@@ -122,8 +122,8 @@ class MoGELoad:
         # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
         topk_ids = router_logits.topk(self.top_k, dim=-1).indices
         topk_counts = count_experts(topk_ids.flatten(), expert_counts.numel())
-        if torch.compiler.is_compiling():
-            both = torch.stack((expert_counts, topk_counts)).to(self._graph_counts.device)
+        if torch.compiler.is_compiling() and expert_counts.device.type == "cpu":
+            both = torch.stack((expert_counts, topk_counts))
             self._graph_counts += both
             # imbalance_score's numbers (integer counts, one float64 division), without a tensor of the count
             per_device = [both.unflatten(-1, (d, -1)).sum(-1).double() for d in IMBALANCE_DEVICES]
@@ -132,6 +132,10 @@ class MoGELoad:
             self._graph_steps += 1
             self._graph_tokens += num_tokens
             return
+        self._record_pending(expert_counts, topk_counts, num_tokens)
+
+    @eager_in_compiled_steps  # on an accelerator: host counters, so outside the graph (no sync in it)
+    def _record_pending(self, expert_counts: torch.Tensor, topk_counts: torch.Tensor, num_tokens: int) -> None:
         self._pending.append(torch.stack((expert_counts, topk_counts)))
         self._pending_tokens.append(num_tokens)
         self._steps += 1
