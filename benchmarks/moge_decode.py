@@ -13,9 +13,11 @@ bandwidth is a streaming read measured in the same run (`measure_memory_bandwidt
     .venv/bin/python benchmarks/moge_decode.py                 # compiled decode off by default here
     .venv/bin/python benchmarks/moge_decode.py --compiled      # the default engine path (compiles first)
     .venv/bin/python benchmarks/moge_decode.py --methods int4 int4-aten   # the int4 kernels side by side
+    .venv/bin/python benchmarks/moge_decode.py --pro-moe       # Pangu Pro MoE's real widths, 2 layers
 
 `int4-aten` is int4 with `PANGU_INFER_INT4_KERNEL=aten` while it loads: aten's
-`_weight_int4pack_mm_for_cpu` where the default would use pangu_infer.quant.cpu_int4's kernel.
+`_weight_int4pack_mm_for_cpu` where the default would use pangu_infer.quant.cpu_int4's kernel;
+`int4-unfused` is int4 with `PANGU_INFER_FUSED_EXPERTS=off` (experts one by one at batch 1).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pangu_infer.bench import measure_memory_bandwidth, moge_routed_bytes_per_to
 from pangu_infer.loader.random import pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
 
 TARGET = 0.70
+PRO_MOE_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "models" / "pangu-pro-moe-72b" / "config.json"
 
 
 def decode_step_times(llm: LLM, steps: int, round_index: int) -> list[float]:
@@ -60,9 +63,12 @@ def load(path: str, method: str, eager: bool) -> LLM:
     from pangu_infer.quant import cpu_int4
 
     kernel = os.environ.get(cpu_int4.ENV)
+    fused = os.environ.get(cpu_int4.FUSED_ENV)
     if method == "int4-aten":
         os.environ[cpu_int4.ENV] = "aten"
         cpu_int4.library.cache_clear()
+    if method == "int4-unfused":
+        os.environ[cpu_int4.FUSED_ENV] = "off"
     try:
         quantization = None if method == "bf16" else method.split("-")[0]
         return LLM(path, dtype="bfloat16", device="cpu", kv_cache_memory=256 << 20, quantization=quantization, enforce_eager=eager)
@@ -70,12 +76,19 @@ def load(path: str, method: str, eager: bool) -> LLM:
         if method == "int4-aten":
             os.environ.pop(cpu_int4.ENV) if kernel is None else os.environ.__setitem__(cpu_int4.ENV, kernel)
             cpu_int4.library.cache_clear()
+        if method == "int4-unfused":
+            os.environ.pop(cpu_int4.FUSED_ENV) if fused is None else os.environ.__setitem__(cpu_int4.FUSED_ENV, fused)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--pro-moe", action="store_true",
+        help="Pangu Pro MoE's own widths (hidden 5120, 40/8 heads of 128, experts of 1344, shared 1344: "
+        "read from tests/data/models/pangu-pro-moe-72b/config.json) with --layers layers (default 2 then)",
+    )
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4; 2 with --pro-moe)")
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--expert-size", type=int, default=256)
@@ -86,6 +99,13 @@ def main() -> int:
     p.add_argument("--compiled", action="store_true", help="compiled decode (the engine default; compiles at load)")
     p.add_argument("--methods", nargs="+", default=["bf16", "int8", "int4"])
     args = p.parse_args()
+    if args.pro_moe:
+        import json
+
+        real = json.loads(PRO_MOE_CONFIG.read_text())  # the repository's copy of the 72B's config.json
+        args.hidden, args.heads, args.kv_heads = real["hidden_size"], real["num_attention_heads"], real["num_key_value_heads"]
+        args.expert_size, args.shared_size = real["moe_intermediate_size"], real["shared_expert_intermediate_size"]
+    args.layers = args.layers or (2 if args.pro_moe else 4)
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -107,9 +107,12 @@ def build_engine(cfg, tok, args, kernel: str) -> LLMEngine:
     from pangu_infer.quant import cpu_int4
 
     saved = os.environ.get(cpu_int4.ENV)
+    saved_fused = os.environ.get(cpu_int4.FUSED_ENV)
     if kernel == "aten":
         os.environ[cpu_int4.ENV] = "aten"
         cpu_int4.library.cache_clear()
+    if kernel == "unfused":  # the own kernel, experts one by one (MoEBlock._one_token), as before the fused op
+        os.environ[cpu_int4.FUSED_ENV] = "off"
     try:
         model = build_model_on_meta(cfg)
         hook = make_load_hook(model, "int4", False, torch.bfloat16, torch.device("cpu"), memory_mapped=False, int4_group_size=args.group_size)
@@ -119,16 +122,20 @@ def build_engine(cfg, tok, args, kernel: str) -> LLMEngine:
         if kernel == "aten":
             os.environ.pop(cpu_int4.ENV) if saved is None else os.environ.__setitem__(cpu_int4.ENV, saved)
             cpu_int4.library.cache_clear()
+        if kernel == "unfused":
+            os.environ.pop(cpu_int4.FUSED_ENV) if saved_fused is None else os.environ.__setitem__(cpu_int4.FUSED_ENV, saved_fused)
     engine = LLMEngine(model, tok, EngineConfig(max_num_seqs=4, kv_cache_memory=256 << 20, enforce_eager=args.enforce_eager))
     engine.runner.wait_compiled()  # the compiled step builds in the background: time that one
     return engine
 
 
 def kernel_name(engine: LLMEngine) -> str:
-    from pangu_infer.quant.modules import PackedWeight
+    from pangu_infer.quant.modules import PackedWeight, QuantizedExperts
 
     kernels = sorted({m.kernel for m in engine.model.modules() if isinstance(m, PackedWeight)})
-    return "+".join(kernels)
+    experts = [m for m in engine.model.modules() if isinstance(m, QuantizedExperts)]
+    unfused = any(m.w13.kernel == "int4_vnni" and not m.fused for m in experts)
+    return "+".join(kernels) + (" (experts one by one)" if unfused else "")
 
 
 def main() -> int:
@@ -140,7 +147,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=16, help="decode steps per round")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--enforce-eager", action="store_true", help="decode eagerly instead of the compiled step")
-    p.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "aten"], help="int4 kernels to compare")
+    p.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "aten", "unfused"],
+                   help="int4 kernels to compare (unfused: the default kernel with PANGU_INFER_FUSED_EXPERTS=off)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -259,3 +259,30 @@ def test_every_layer_of_a_moge_model_deeper_than_dynamos_default_limit_is_compil
         assert len(entries) >= 10, f"{len(entries)} compiled entries for 10 layers: some ran eagerly"
     finally:
         torch._dynamo.config.recompile_limit = limit
+
+
+def test_int4_moge_decodes_compiled_at_batch_1_through_the_fused_expert_op_like_eager(tiny_moge_dir, capfd):
+    """With int4 experts on the own CPU kernel, a compiled batch-1 step runs each MoE layer as one
+    op (no graph break, load counters added in the graph): the same tokens and expert counts as eager."""
+    from pangu_infer.quant import cpu_int4
+    from pangu_infer.quant.formats import QuantizationConfig
+    from pangu_infer.quant.modules import QuantizedExperts
+
+    if cpu_int4.library() is None:
+        pytest.skip("no AVX-512 VNNI or no C compiler here")
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=16 << 20, quantization=QuantizationConfig("int4", 32))
+    llm = LLM(str(tiny_moge_dir), **kw)
+    assert llm.wait_compiled(), capfd.readouterr().err
+    experts = [m for m in llm.engine.model.modules() if isinstance(m, QuantizedExperts)]
+    if not experts or experts[0].w13.kernel != "int4_vnni":
+        pytest.skip("the own int4 kernel is not chosen on this machine")
+    eager = LLM(str(tiny_moge_dir), **kw, enforce_eager=True)
+    # The warm-up's dummy steps are counted too (as they were when the counters ran eagerly): compare what came after.
+    warm = llm.moe_stats()["layers"]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    for prompt in PROMPTS[:2]:  # one request at a time: batch-1 steps
+        assert _token_ids(llm.generate([prompt], params)) == _token_ids(eager.generate([prompt], params))
+    ours, theirs = llm.moe_stats()["layers"], eager.moe_stats()["layers"]
+    for o, w, t in zip(ours, warm, theirs):
+        assert [a - b for a, b in zip(o["expert_tokens"], w["expert_tokens"])] == t["expert_tokens"]
+        assert o["steps"] - w["steps"] == t["steps"] and o["tokens"] - w["tokens"] == t["tokens"]

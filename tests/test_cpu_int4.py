@@ -143,3 +143,121 @@ def test_the_c_conversion_equals_the_eager_one_bit_for_bit(shape, group):
             finally:
                 torch.set_num_threads(before)
             assert got.shape == (k, n) and torch.equal(got, want)
+
+
+# ------------------------------------------------------------------ routed experts of one token
+
+
+def _quantized_moge_block(seed: int, dtype: torch.dtype, group: int, hidden: int = 64, inter: int = 32, fused: bool = True):
+    """A MoGEBlock (64 experts in 8 groups) with random weights and its routed experts in int4."""
+    from pangu_infer.config import ModelConfig
+    from pangu_infer.loader.random import pangu_moge_config
+    from pangu_infer.models.moge import MoGEBlock
+    from pangu_infer.quant.modules import QuantizedExperts
+
+    cfg = ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, hidden_size=hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=2 * inter))
+    block = MoGEBlock(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        block.router_scale.copy_(0.5 + torch.rand(block.router_scale.shape, generator=g))
+    block.to(dtype)
+    config = QuantizationConfig("int4", group)
+    w13 = PackedWeight(quantize(block.experts.w13.detach().float(), config), CPU)
+    w2 = PackedWeight(quantize(block.experts.w2.detach().float(), config), CPU)
+    assert w13.kernel == w2.kernel == "int4_vnni"
+    block.experts.impl = QuantizedExperts(w13, w2, inter)
+    block.experts.impl.fused = fused
+    del block.experts.w13, block.experts.w2
+    return block
+
+
+def _routing(block, x):
+    ids, weights = block.route(x, block.gate(x))
+    return ids.flatten(), weights.flatten()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("hidden, inter, group", [(64, 32, 32), (288, 96, 32), (384, 128, 128)])
+def test_fused_experts_of_one_token_equal_the_expert_loop_bit_for_bit(dtype, hidden, inter, group):
+    """One op for the token's 8 experts (cpu_int4.experts_one_token) gives MoEBlock._one_token's
+    bits: each expert's output rounded, weighted and summed in fp32 in ascending expert id; groups
+    of 32 and 128, one thread and two, activations of several magnitudes."""
+    block = _quantized_moge_block(hidden + inter, dtype, group, hidden, inter)
+    g = torch.Generator().manual_seed(1)
+    before = torch.get_num_threads()
+    with torch.inference_mode():
+        for i in range(12):
+            x = (torch.randn(1, hidden, generator=g) * (1 + 10 * (i % 3))).to(dtype)
+            ids, weights = _routing(block, x)
+            shuffle = torch.randperm(8, generator=g)  # as a top-k router gives them (MoGE's ascend)
+            ids, weights = ids[shuffle], weights[shuffle]
+            want = block._one_token(x, ids, weights)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                try:
+                    got = block.experts.impl.one_token(x, ids, weights)
+                finally:
+                    torch.set_num_threads(before)
+                assert got.dtype == want.dtype == dtype and got.shape == (1, hidden)
+                assert torch.equal(got, want), (i, threads, (got.float() - want.float()).abs().max())
+
+
+def test_the_block_takes_the_fused_path_at_batch_1_and_the_switch_turns_it_off(monkeypatch):
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    monkeypatch.setenv(cpu_int4.FUSED_ENV, "off")
+    off = _quantized_moge_block(5, torch.bfloat16, 32)
+    from pangu_infer.quant.modules import QuantizedExperts
+
+    assert not QuantizedExperts(off.experts.impl.w13, off.experts.impl.w2, 32).fused  # read at load
+    off.experts.impl.fused = False
+    calls = []
+    gate_up = off.experts.gate_up
+    off.experts.gate_up = lambda e, t: calls.append(e) or gate_up(e, t)
+    on = _quantized_moge_block(5, torch.bfloat16, 32)
+    on.experts.gate_up = on.experts.expert = lambda e, t: pytest.fail("the fused path calls no expert one by one")
+    with torch.inference_mode():
+        assert torch.equal(on(x), off(x))
+    assert len(calls) == 8
+    # batch 2 is the general path (sorted, one product per expert)
+    del on.experts.gate_up, on.experts.expert, off.experts.gate_up
+    with torch.inference_mode():
+        assert torch.equal(on(x.repeat(2, 1)), off(x.repeat(2, 1)))
+
+
+def test_fused_experts_refuse_an_expert_id_out_of_range():
+    block = _quantized_moge_block(6, torch.bfloat16, 32)
+    x = torch.randn(1, 64).bfloat16()
+    ids, weights = _routing(block, x)
+    ids = ids.clone()
+    ids[3] = 64
+    with pytest.raises(RuntimeError, match="refused"):
+        block.experts.impl.one_token(x, ids, weights)
+
+
+def test_fused_experts_inside_a_compiled_step_no_graph_break_same_bits_same_load_counts():
+    """torch.compile(fullgraph=True) of the op gives the eager bits; of the whole MoE block at
+    batch 1 (router, load counters, fused experts, shared expert) it compiles without a graph
+    break, and the load counters it keeps equal the eager block's."""
+    from pangu_infer.models.layers import disable_compile_on_marked_methods
+
+    block = _quantized_moge_block(7, torch.bfloat16, 32)
+    eager = _quantized_moge_block(7, torch.bfloat16, 32)
+    disable_compile_on_marked_methods(block)
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(1, 64, generator=g).bfloat16() for _ in range(6)]
+    torch._dynamo.reset()
+    op = torch.compile(lambda x, ids, w: block.experts.impl.one_token(x, ids, w), fullgraph=True)
+    whole = torch.compile(block, fullgraph=True)
+    with torch.inference_mode():
+        for x in xs:
+            ids, weights = _routing(block, x)
+            assert torch.equal(op(x, ids, weights), block._one_token(x, ids, weights))
+            got, want = whole(x), eager(x)
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)  # inductor's softmax/SiLU round apart
+    ours, theirs = block.load.as_dict(8), eager.load.as_dict(8)
+    assert ours["steps"] == theirs["steps"] == 6 and ours["tokens"] == 6
+    assert ours["expert_tokens"] == theirs["expert_tokens"] and sum(ours["expert_tokens"]) == 48
+    assert ours["global_topk_expert_tokens"] == theirs["global_topk_expert_tokens"]
+    assert ours["global_topk_imbalance_score"] == pytest.approx(theirs["global_topk_imbalance_score"])

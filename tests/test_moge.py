@@ -410,11 +410,46 @@ def test_one_token_reads_only_its_experts_and_equals_the_batched_dispatch():
         batched = block(x)  # 5 tokens: argsort, one product per expert, one scatter
         ids, _ = _routes(block, x[2:3])
         calls = []
-        expert = block.experts.expert
-        block.experts.expert = lambda e, t: calls.append(e) or expert(e, t)
+        gate_up, down = block.experts.gate_up, block.experts.down
+        block.experts.gate_up = lambda e, t: calls.append(e) or gate_up(e, t)
+        block.experts.down = lambda e, t: calls.append(e) or down(e, t)
         single = block(x[2:3])
-    assert sorted(calls) == sorted(ids[0].tolist()) and len(calls) == NUM_GROUPS
+    assert calls == 2 * sorted(ids[0].tolist())  # ascending ids, gate/up products then down ones
     torch.testing.assert_close(single[0], batched[2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "bf16-packed", "int8"])
+def test_one_token_with_batched_activation_equals_the_expert_loop_bit_for_bit(kind, monkeypatch):
+    """_one_token runs the activation, weighting and conversion once over the 8 experts' rows
+    (plain, oneDNN-packed and int8 experts): the same bits as calling expert() one by one."""
+    from pangu_infer.models.moge import StackedExperts
+    from pangu_infer.models.packed import can_pack, pack_linears
+    from pangu_infer.quant.formats import QuantizationConfig, quantize
+    from pangu_infer.quant.modules import PackedWeight, QuantizedExperts
+
+    block = _block(seed=11)
+    if kind != "fp32":
+        block = block.to(torch.bfloat16)
+    if kind == "bf16-packed":
+        if not can_pack(torch.device("cpu"), torch.bfloat16):
+            pytest.skip("this CPU's oneDNN has no bf16 linear")
+        pack_linears(block)
+    if kind == "int8":
+        config = QuantizationConfig("int8")
+        w13 = PackedWeight(quantize(block.experts.w13.detach().float(), config), torch.device("cpu"))
+        w2 = PackedWeight(quantize(block.experts.w2.detach().float(), config), torch.device("cpu"))
+        block.experts.impl = QuantizedExperts(w13, w2, block.experts.inter)
+    assert block.experts.split_products
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        xs = [(torch.randn(1, 64, generator=g) * 4).to(block.gate.weight.dtype if hasattr(block.gate, "weight") else torch.bfloat16) for _ in range(8)]
+        # slots in a shuffled order, as a top-k router gives them (MoGE's come in ascending id)
+        routes = [(ids.flatten()[p], w.flatten()[p]) for x in xs for ids, w, p in [(*_routes(block, x), torch.randperm(8, generator=g))]]
+        got = [block._one_token(x, ids.flatten(), w.to(x.dtype).flatten()) for x, (ids, w) in zip(xs, routes)]
+        monkeypatch.setattr(StackedExperts, "split_products", property(lambda self: False))
+        want = [block._one_token(x, ids.flatten(), w.to(x.dtype).flatten()) for x, (ids, w) in zip(xs, routes)]
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 def test_bf16_experts_are_packed_for_onednn_and_give_the_same_products():

@@ -82,10 +82,17 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
         options["cpp_wrapper"] = True
     if not getattr(model, "has_graph_breaks", False):
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
-    raise_recompile_limits(model.config.num_hidden_layers)
+    global _LAYERS_COMPILED
+    _LAYERS_COMPILED += model.config.num_hidden_layers
+    raise_recompile_limits(_LAYERS_COMPILED)
     compiled = torch.compile(step, options=options)
 
     def decode_step(input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        # dynamo's config is per thread (a context variable): the limits raised on the compile
+        # thread do not hold on the thread that runs the steps, whose recompiles (a shape the
+        # warm-up did not cover) hit the default 8, and frames past it run eagerly from then on.
+        if torch._dynamo.config.recompile_limit < 4 * _LAYERS_COMPILED + 8:
+            raise_recompile_limits(_LAYERS_COMPILED)
         torch._dynamo.maybe_mark_dynamic(input_ids, 0)
         torch._dynamo.maybe_mark_dynamic(positions, 0)
         for name, dims in _DYNAMIC_DIMS:
@@ -94,6 +101,9 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
         return compiled(model, input_ids, positions, attn)
 
     return decode_step
+
+
+_LAYERS_COMPILED = 0  # decoder layers of every model compiled in this process: frames are shared per class
 
 
 def raise_recompile_limits(num_layers: int) -> None:

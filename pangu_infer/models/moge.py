@@ -41,6 +41,14 @@ def imbalance_score(expert_counts: torch.Tensor, num_tokens: torch.Tensor, num_d
     return (per_device.amax(-1) - per_device.amin(-1)) / num_tokens.clamp(min=1)
 
 
+def count_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Token-expert pairs per expert [E] (long). Eagerly one bincount; inside a compiled step a
+    scatter-add (bincount's output size depends on the values: dynamo breaks the graph on it)."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
+    return torch.bincount(ids, minlength=num_experts)
+
+
 class StackedExperts(nn.Module):
     """All routed experts of one layer: w13 [E, 2I, H] (gate rows then up rows), w2 [E, H, I]."""
 
@@ -58,13 +66,28 @@ class StackedExperts(nn.Module):
         gate, up = F.linear(x, self.w13[e]).split(self.inter, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
+    @property
+    def split_products(self) -> bool:
+        """Do gate_up() and down() exist here (plain, packed bf16 and quantized experts; not the
+        memory-mapped ones, whose gate and up are apart)?"""
+        return self.impl is None or hasattr(self.impl, "gate_up")
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """[T, 2I]: expert e's gate then up rows, as expert() computes them before the activation."""
+        return F.linear(x, self.w13[e]) if self.impl is None else self.impl.gate_up(e, x)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.w2[e]) if self.impl is None else self.impl.down(e, h)
+
 
 class MoGELoad:
     """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k).
 
-    A step only stacks its two count vectors on a pending list: no host sync and no small ops on
-    the decode path. Pending steps are folded into the totals every FOLD_STEPS steps and
-    whenever the totals are read.
+    An eager step only stacks its two count vectors on a pending list: no host sync and no small
+    ops on the decode path. Pending steps are folded into the totals every FOLD_STEPS steps and
+    whenever the totals are read. Inside a compiled step (torch.compile traces `record`) the step
+    adds into tensors in place instead (a handful of ops inductor fuses, and no graph break);
+    readers fold those in too.
     """
 
     FOLD_STEPS = 64
@@ -77,22 +100,57 @@ class MoGELoad:
         self._is_sum = torch.zeros(2, len(IMBALANCE_DEVICES), dtype=torch.float64, device=cpu)
         self._pending: list[torch.Tensor] = []  # [2, E] per step
         self._pending_tokens: list[int] = []
-        self.steps = 0
-        self.tokens = 0
+        self._steps = 0
+        self._tokens = 0
+        # What compiled steps added (see the class doc): counts [2, E], IS sums, steps, tokens.
+        self._graph_counts = torch.zeros(2, num_experts, dtype=torch.long, device=cpu)
+        self._graph_is = torch.zeros(2, len(IMBALANCE_DEVICES), dtype=torch.float64, device=cpu)
+        self._graph_steps = torch.zeros((), dtype=torch.long, device=cpu)
+        self._graph_tokens = torch.zeros((), dtype=torch.long, device=cpu)
 
-    @eager_in_compiled_steps
+    @property
+    def steps(self) -> int:
+        self._fold()
+        return self._steps
+
+    @property
+    def tokens(self) -> int:
+        self._fold()
+        return self._tokens
+
     def record(self, expert_counts: torch.Tensor, router_logits: torch.Tensor, num_tokens: int) -> None:
         # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
         topk_ids = router_logits.topk(self.top_k, dim=-1).indices
-        topk_counts = torch.bincount(topk_ids.flatten(), minlength=expert_counts.numel())
+        topk_counts = count_experts(topk_ids.flatten(), expert_counts.numel())
+        if torch.compiler.is_compiling() and expert_counts.device.type == "cpu":
+            both = torch.stack((expert_counts, topk_counts))
+            self._graph_counts += both
+            # imbalance_score's numbers (integer counts, one float64 division), without a tensor of the count
+            per_device = [both.unflatten(-1, (d, -1)).sum(-1).double() for d in IMBALANCE_DEVICES]
+            spread = torch.stack([p.amax(-1) - p.amin(-1) for p in per_device], -1)
+            self._graph_is += spread / max(num_tokens, 1)
+            self._graph_steps += 1
+            self._graph_tokens += num_tokens
+            return
+        self._record_pending(expert_counts, topk_counts, num_tokens)
+
+    @eager_in_compiled_steps  # on an accelerator: host counters, so outside the graph (no sync in it)
+    def _record_pending(self, expert_counts: torch.Tensor, topk_counts: torch.Tensor, num_tokens: int) -> None:
         self._pending.append(torch.stack((expert_counts, topk_counts)))
         self._pending_tokens.append(num_tokens)
-        self.steps += 1
-        self.tokens += num_tokens
+        self._steps += 1
+        self._tokens += num_tokens
         if len(self._pending) >= self.FOLD_STEPS:
             self._fold()
 
     def _fold(self) -> None:
+        if self._graph_steps.item():  # what compiled steps added (a host sync: readers only)
+            self._counts += self._graph_counts
+            self._is_sum += self._graph_is
+            self._steps += int(self._graph_steps)
+            self._tokens += int(self._graph_tokens)
+            for t in (self._graph_counts, self._graph_is, self._graph_steps, self._graph_tokens):
+                t.zero_()
         if not self._pending:
             return
         counts = torch.stack(self._pending).cpu()  # [S, 2, E]
@@ -114,11 +172,11 @@ class MoGELoad:
 
     def as_dict(self, num_groups: int) -> dict:
         self._fold()
-        steps = max(self.steps, 1)
+        steps = max(self._steps, 1)
         moge_is, topk_is = self._is_sum.tolist()
         return {
-            "tokens": self.tokens,
-            "steps": self.steps,
+            "tokens": self._tokens,
+            "steps": self._steps,
             "expert_tokens": self.moge_counts.tolist(),
             "group_tokens": self.moge_counts.view(num_groups, -1).sum(-1).tolist(),
             "imbalance_score": {d: v / steps for d, v in zip(IMBALANCE_DEVICES, moge_is)},
@@ -165,10 +223,20 @@ class MoEBlock(nn.Module):
         logits = self.gate(x)
         expert_ids, weights = self.route(x, logits)
         flat_experts = expert_ids.flatten()
-        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        counts = count_experts(flat_experts, self.num_experts)
         if self.track_load:
             self.load.record(counts, logits, t)
-        routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
+        impl = self.experts.impl
+        if (
+            t == 1 and not self.batch_invariant and self.local_experts.start == 0
+            and self.local_experts.stop == self.num_experts
+            and getattr(impl, "one_token_fused", None) is not None and impl.one_token_fused(x)
+        ):
+            # Decode at batch 1 with int4 experts on the own CPU kernel: one op for all experts, the
+            # same numbers as _one_token, and no graph break in a compiled step.
+            routed = impl.one_token(x, flat_experts, weights.flatten().to(x.dtype))
+        else:
+            routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
         shared = getattr(self, self.shared_prefix)
         out = routed if shared is None else shared(x) + routed
         if self.parallel.is_parallel:
@@ -216,9 +284,23 @@ class MoEBlock(nn.Module):
         batched path's scatter: each weighted output rounded to x's dtype, then summed in fp32 in
         expert order, so that a token alone and in a batch get the same value."""
         ids = flat_experts.tolist()  # one host sync for the ids
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        experts = self.experts
+        if experts.split_products:
+            # The same numbers with fewer ops: the activation, the weighting and the conversion
+            # run once over the experts' rows (elementwise: the same bits as row by row).
+            i = experts.inter
+            gu = torch.cat([experts.gate_up(ids[j], x) for j in order])  # [K, 2I]
+            h = F.silu(gu[:, :i]) * gu[:, i:]
+            ys = torch.cat([experts.down(ids[j], h[r : r + 1]) for r, j in enumerate(order)])  # [K, H]
+            wy = (ys * flat_weights[order][:, None]).float()
+            out = wy[0:1]
+            for r in range(1, len(order)):
+                out.add_(wy[r : r + 1])
+            return out.to(x.dtype)
         out = None
-        for j in sorted(range(len(ids)), key=ids.__getitem__):
-            y = (self.experts.expert(ids[j], x) * flat_weights[j]).float()
+        for j in order:
+            y = (experts.expert(ids[j], x) * flat_weights[j]).float()
             out = y if out is None else out.add_(y)
         return out.to(x.dtype)
 
@@ -253,7 +335,7 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
 
 
 class PanguProMoEForCausalLM(DecoderForCausalLM):
-    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly
+    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly (all but fused int4 batch-1 steps)
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return MoGEBlock(cfg)

@@ -181,6 +181,12 @@ class PackedExperts(nn.Module):
         gate, up = self.w13[e](x).split(self.inter, dim=-1)
         return self.w2[e](torch.nn.functional.silu(gate) * up)
 
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.w13[e](x)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self.w2[e](h)
+
 
 def _pack_experts(model: nn.Module) -> int:
     """Pack the bf16 routed experts of every MoGE layer (those not quantized or memory-mapped).

@@ -185,7 +185,7 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
   block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, b); }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
-int pangu_int4_abi(void) { return 2; }
+int pangu_int4_abi(void) { return 3; }
 
 /* W^T [K, N] bf16 from the layout (products of many rows convert the weight once and run one bf16
    product): w = q * scale + (zero - 8 scale) in fp32, one fused multiply-add, rounded to bf16 once
@@ -217,6 +217,104 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
       }
     }
   }
+  return 0;
+}
+
+/* ---- The routed experts of one token (decode at batch 1), one call per product kind and layer.
+   The arithmetic is pangu_int4_mm's for one row, expert by expert: the same quantization of the
+   row, the same blocks, the same rounding of each output to bf16. */
+
+static void quant_row(const uint16_t* xr0, int8_t* xq, float* dx, int64_t K, int64_t G) {
+  const int64_t ng = K / G;
+  float* xs = dx + MMAX * ng;
+  for (int64_t g = 0; g < ng; g++) {
+    const uint16_t* xr = xr0 + g * G;
+    float amax = 0.0f, s = 0.0f;
+    for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
+    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+    for (int64_t k = 0; k < G; k++) {
+      const float v = bf(xr[k]) * inv, c = nearbyintf(v);
+      xq[g * G + k] = (int8_t)c;
+      xq[MMAX * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+    }
+    dx[g] = d;
+    xs[g] = s;
+  }
+}
+
+static void row_product(const int8_t* xq, const float* dx, const uint8_t* w, const uint16_t* sz,
+                        uint16_t* y, int64_t N, int64_t K, int64_t G, int64_t threads) {
+  const int64_t nb = N / 16, pairs = nb / 2;
+  const float* xs = dx + MMAX * (K / G);
+  if (threads > 1 && pairs >= 4 * threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+  } else {
+    for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+  }
+  if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, nb - 1);
+}
+
+/* y [S, N] bf16: row x [K] bf16 times expert ids[j]'s weight, for each of the S selected experts.
+   w, sz: all E experts stacked in the layout. Returns 3 for an expert id out of range. */
+int pangu_int4_experts_mm(const uint16_t* x, const int64_t* ids, int64_t S, const uint8_t* w, const uint16_t* sz,
+                          uint16_t* y, int64_t E, int64_t N, int64_t K, int64_t G, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G) return 1;
+  const int64_t ng = K / G, wstride = (N / 16) * (K / 8) * 64, sstride = (N / 16) * ng * 32;
+  for (int64_t j = 0; j < S; j++) if (ids[j] < 0 || ids[j] >= E) return 3;
+  int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
+  float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
+  if (!xq || !dx) { free(xq); free(dx); return 2; }
+  quant_row(x, xq, dx, K, G);  /* once for all experts: the same row */
+  for (int64_t j = 0; j < S; j++)
+    row_product(xq, dx, w + ids[j] * wstride, sz + ids[j] * sstride, y + j * N, N, K, G, threads);
+  free(xq);
+  free(dx);
+  return 0;
+}
+
+/* The down products of the S selected experts and their weighted sum, as MoEBlock._one_token does
+   it: each expert's output [H] rounded to bf16, times its routing weight in the activations' dtype
+   (bf16: rounded to bf16; fp32: one fp32 product), summed in fp32 in ascending expert id (the
+   first output is the start value, not 0 + it), rounded to the output's dtype.
+   h: [S, K] bf16 (row j for expert ids[j]); wts: [S] bf16 or fp32 (out_fp32 says which, and the
+   dtype of out [H]). No fused multiply-add: the product and the sum round apart, as in torch. */
+__attribute__((optimize("fp-contract=off")))
+int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* wts, int64_t S, const uint8_t* w,
+                            const uint16_t* sz, void* out, int64_t out_fp32, int64_t E, int64_t H, int64_t N,
+                            int64_t K, int64_t G, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || H > N || S < 1 || S > 256) return 1;
+  const int64_t ng = K / G, wstride = (N / 16) * (K / 8) * 64, sstride = (N / 16) * ng * 32;
+  int64_t order[256];
+  for (int64_t j = 0; j < S; j++) {
+    if (ids[j] < 0 || ids[j] >= E) return 3;
+    int64_t i = j;  /* stable insertion sort of the slots by expert id */
+    while (i > 0 && ids[order[i - 1]] > ids[j]) { order[i] = order[i - 1]; i--; }
+    order[i] = j;
+  }
+  int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
+  float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
+  uint16_t* y = (uint16_t*)malloc(sizeof(uint16_t) * (size_t)N);
+  float* acc = (float*)malloc(sizeof(float) * (size_t)H);
+  float* p = (float*)malloc(sizeof(float) * (size_t)H);
+  if (!xq || !dx || !y || !acc || !p) { free(xq); free(dx); free(y); free(acc); free(p); return 2; }
+  for (int64_t t = 0; t < S; t++) {
+    const int64_t j = order[t], e = ids[j];
+    quant_row(h + j * K, xq, dx, K, G);
+    row_product(xq, dx, w + e * wstride, sz + e * sstride, y, N, K, G, threads);
+    if (out_fp32) {
+      const float r = ((const float*)wts)[j];
+      for (int64_t d = 0; d < H; d++) p[d] = bf(y[d]) * r;
+    } else {
+      const float r = bf(((const uint16_t*)wts)[j]);
+      for (int64_t d = 0; d < H; d++) p[d] = bf(tobf(bf(y[d]) * r));
+    }
+    if (t == 0) memcpy(acc, p, sizeof(float) * (size_t)H);
+    else for (int64_t d = 0; d < H; d++) acc[d] += p[d];
+  }
+  if (out_fp32) memcpy(out, acc, sizeof(float) * (size_t)H);
+  else for (int64_t d = 0; d < H; d++) ((uint16_t*)out)[d] = tobf(acc[d]);
+  free(xq); free(dx); free(y); free(acc); free(p);
   return 0;
 }
 
@@ -318,7 +416,7 @@ def library() -> Optional[ctypes.CDLL]:
                 shutil.move(out, f"{path}.{os.getpid()}.tmp")
                 os.replace(f"{path}.{os.getpid()}.tmp", path)
         lib = ctypes.CDLL(path)
-        if lib.pangu_int4_abi() != 2:
+        if lib.pangu_int4_abi() != 3:
             return None
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("int4 decode kernel not built (%s): using aten's", e)
@@ -326,6 +424,12 @@ def library() -> Optional[ctypes.CDLL]:
     fn = lib.pangu_int4_mm
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    ex = lib.pangu_int4_experts_mm
+    ex.restype = ctypes.c_int
+    ex.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    down = lib.pangu_int4_experts_down
+    down.restype = ctypes.c_int
+    down.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
     conv = lib.pangu_int4_to_bf16_t
     conv.restype = ctypes.c_int
     conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
@@ -487,6 +591,79 @@ _lib.impl("int4_vnni_mm", _int4_vnni_mm, "CPU")
 _lib._register_fake("int4_vnni_mm", _int4_vnni_mm_shape)
 
 
+# ------------------------------------------------------------------ routed experts of one token
+
+FUSED_ENV = "PANGU_INFER_FUSED_EXPERTS"
+
+
+def fused_experts_enabled() -> bool:
+    """The one-token expert path below, unless PANGU_INFER_FUSED_EXPERTS=off (then per expert)."""
+    return os.environ.get(FUSED_ENV, "").strip().lower() not in ("off", "0", "no", "false")
+
+
+def experts_one_token(
+    x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+    data13: torch.Tensor, sz13: torch.Tensor, group13: int,
+    data2: torch.Tensor, sz2: torch.Tensor, group2: int, inter: int, hidden: int,
+) -> torch.Tensor:
+    """The routed experts of one token, as MoEBlock._one_token computes them expert by expert:
+    sum over the selected experts (ascending id) of weight * down(silu(gate) * up), each expert's
+    output rounded to x's dtype, weighted in it, summed in fp32, rounded. Two C calls (all gate/up
+    products; all down products with the weighted sum) and the activation between them in torch
+    (the same ATen kernel as per expert, so the same bits). The ids are read by the C code: no
+    host sync. x [1, H] bf16 or fp32; ids [S] int64; weights [S] in x's dtype; data13/sz13 and
+    data2/sz2 the stacked experts' layouts ([E, ...])."""
+    lib = library()
+    s, e = ids.numel(), data13.shape[0]
+    n13, k13 = data13.shape[1] * ROW_BLOCK, data13.shape[2] * OCTET
+    n2, k2 = data2.shape[1] * ROW_BLOCK, data2.shape[2] * OCTET
+    if (
+        lib is None or x.dtype not in (torch.bfloat16, torch.float32) or x.numel() != k13 or weights.dtype != x.dtype
+        or ids.dtype != torch.long or weights.numel() != s or k2 != inter or 2 * inter > n13 or hidden > n2
+        or data2.shape[0] != e or not all(t.is_contiguous() for t in (data13, sz13, data2, sz2))
+    ):
+        raise ValueError(f"int4 experts: unexpected operands x {tuple(x.shape)} {x.dtype}, ids {tuple(ids.shape)}, weights {weights.dtype}")
+    threads = torch.get_num_threads()
+    ids = ids.reshape(-1).contiguous()
+    xk = x.reshape(1, k13).to(torch.bfloat16).contiguous()
+    gu = torch.empty(s, n13, dtype=torch.bfloat16)
+    rc = lib.pangu_int4_experts_mm(xk.data_ptr(), ids.data_ptr(), s, data13.data_ptr(), sz13.data_ptr(), gu.data_ptr(), e, n13, k13, group13, threads)
+    if rc:
+        raise RuntimeError(f"int4 experts kernel refused the gate/up products ({rc})")
+    gu = gu[:, : 2 * inter].to(x.dtype)
+    h = (torch.nn.functional.silu(gu[:, :inter]) * gu[:, inter:]).to(torch.bfloat16).contiguous()
+    out = torch.empty(1, hidden, dtype=x.dtype)
+    w = weights.reshape(-1).contiguous()
+    rc = lib.pangu_int4_experts_down(
+        h.data_ptr(), ids.data_ptr(), w.data_ptr(), s, data2.data_ptr(), sz2.data_ptr(), out.data_ptr(),
+        int(x.dtype == torch.float32), e, hidden, n2, inter, group2, threads,
+    )
+    if rc:
+        raise RuntimeError(f"int4 experts kernel refused the down products ({rc})")
+    return out
+
+
+_lib.define(
+    "int4_vnni_experts(Tensor x, Tensor ids, Tensor weights, Tensor data13, Tensor sz13, int group13, "
+    "Tensor data2, Tensor sz2, int group2, int inter, int hidden) -> Tensor"
+)
+
+
+def _int4_vnni_experts_shape(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden):
+    return x.new_empty(1, hidden)
+
+
+_lib.impl("int4_vnni_experts", experts_one_token, "CPU")
+_lib._register_fake("int4_vnni_experts", _int4_vnni_experts_shape)
+
+
+def experts(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden) -> torch.Tensor:
+    """experts_one_token as the caller's context wants it: the custom op while compiling, else direct."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pangu_infer.int4_vnni_experts(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden)
+    return experts_one_token(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden)
+
+
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """The product as the caller's context wants it: the custom op while compiling, else direct."""
     if torch.compiler.is_compiling():
@@ -494,4 +671,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ENV", "chosen", "dequantize_t", "disabled", "forced", "library", "measure", "matmul", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]
+__all__ = ["ENV", "FUSED_ENV", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]

@@ -261,10 +261,34 @@ class QuantizedExperts(nn.Module):
         self.w13 = w13
         self.w2 = w2
         self.inter = inter
+        # Read once at load (not per step: a compiled step would guard on the environment).
+        self.fused = cpu_int4.fused_experts_enabled()
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x, e).split(self.inter, dim=-1)
         return self.w2(F.silu(gate) * up, e)
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.w13(x, e)
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return self.w2(h, e)
+
+    def one_token_fused(self, x: torch.Tensor) -> bool:
+        """Does one_token() take this token: both products on the own int4 kernel (CPU), x one
+        row in bf16 or fp32, the fused path not turned off (PANGU_INFER_FUSED_EXPERTS=off at load)."""
+        return (
+            self.w13.kernel == "int4_vnni" and self.w2.kernel == "int4_vnni" and x.shape[0] == 1
+            and x.dtype in (torch.bfloat16, torch.float32) and self.fused
+        )
+
+    def one_token(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """All the token's routed experts in one op (cpu_int4.experts_one_token): the same numbers
+        as MoEBlock._one_token's loop over expert(), without its host sync and per-expert ops."""
+        return cpu_int4.experts(
+            x, ids, weights, self.w13.data, self.w13.scales, self.w13.group_size,
+            self.w2.data, self.w2.scales, self.w2.group_size, self.inter, self.w2.out_features,
+        )
 
 
 class OffloadedExperts(nn.Module):
