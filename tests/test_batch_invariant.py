@@ -386,7 +386,10 @@ def test_compiled_quantized_decode_inlined_equals_alone_and_eager(tiny_dense_dir
     assert wrapped and all(m.inline_rows > 0 for m in wrapped), [m.extra_repr() for m in wrapped]
     if quantization == "int8":
         assert 16 in inline_bounds(llm.model, max_num_seqs)
+    from torch._dynamo.utils import counters
+
     assert llm.wait_compiled()
+    compiled_before = dict(counters["stats"])  # every graph a batch up to max_num_seqs takes is warmed up
     prompts = _prompts(max_num_seqs, seed=8)
     alone = [_alone(llm.engine, p, PARAMS, f"alone-{i}") for i, p in enumerate(prompts)]
     for i, p in enumerate(prompts):  # all at once: decode steps of max_num_seqs rows
@@ -397,5 +400,6 @@ def test_compiled_quantized_decode_inlined_equals_alone_and_eager(tiny_dense_dir
             if out.finished:
                 results[int(out.request_id.rsplit("-", 1)[1])] = _result(out)
     assert [results[i] for i in range(len(prompts))] == alone
+    assert dict(counters["stats"]) == compiled_before
     eager = _engine(llm, max_num_seqs=max_num_seqs)
     assert [_alone(eager, p, PARAMS, f"eager-{i}") for i, p in enumerate(prompts[:4])] == alone[:4]
