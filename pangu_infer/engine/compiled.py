@@ -34,13 +34,15 @@ def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch
 _DYNAMIC_DIMS = (("slot_mapping", (0,)), ("decode_slots", (0, 1)), ("decode_mask", (0, 3)))
 
 
-def _warmup_shapes(max_context: int, batch_invariant: bool = False) -> list[tuple[int, int]]:
+def _warmup_shapes(max_context: int, batch_invariant: bool = False, inline_bounds: tuple[int, ...] = ()) -> list[tuple[int, int]]:
     """(batch, context) of one decode step per graph dynamo keeps: batch 1 (a size of 1 is never
     dynamic), batch 1 past UNMASKED_SDPA_MAX_CONTEXT (another attention path) when a sequence
     can get that long, and every larger batch (one graph with dynamic batch and context).
-    Batch-invariant steps have one attention path, over contexts padded to KV_SPLIT keys."""
+    Batch-invariant steps have one attention path, over contexts padded to KV_SPLIT keys, and a
+    graph per range of batch sizes between the row counts up to which linears are traced inline
+    (`inline_bounds`, each below the engine's largest batch; models/batch_invariant.inline_rows)."""
     if batch_invariant:
-        return [(1, 2 * KV_SPLIT), (2, 2 * KV_SPLIT)]
+        return [(1, 2 * KV_SPLIT), (2, 2 * KV_SPLIT)] + [(b + 1, 2 * KV_SPLIT) for b in sorted(set(inline_bounds)) if b >= 2]
     shapes = [(1, 16)]
     if max_context > UNMASKED_SDPA_MAX_CONTEXT:
         shapes.append((1, UNMASKED_SDPA_MAX_CONTEXT + 1))
@@ -137,18 +139,31 @@ def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, bat
         step(ids, torch.full((batch,), ctx - 1, dtype=torch.long, device=device), attn)
 
 
+def inline_bounds(model: torch.nn.Module, max_batch: Optional[int]) -> tuple[int, ...]:
+    """The row counts below `max_batch` (None: any) up to which the model's batch-invariant
+    linears are traced inline in a compiled step: a batch past one of them takes another graph."""
+    from pangu_infer.models.batch_invariant import RowTiledLinear
+
+    bounds = {m.inline_rows for m in model.modules() if isinstance(m, RowTiledLinear) and m.inline_rows > 0}
+    return tuple(sorted(b for b in bounds if max_batch is None or b < max_batch))
+
+
 def cached_decode_step(
-    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, batch_invariant: bool = False
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, batch_invariant: bool = False,
+    max_batch: Optional[int] = None,
 ) -> Optional[DecodeStep]:
     """The model's compiled step for this KV cache shape if one is built and warmed up for every
-    graph `max_context` needs (another engine over the same model built it), else None."""
+    graph `max_context` (and, batch-invariant, batches up to `max_batch`) needs (another engine
+    over the same model built it), else None."""
     key = (tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device, batch_invariant)
     step, warmed = model.__dict__.get("_compiled_decode_steps", {}).get(key, (None, set()))
-    return step if step is not None and set(_warmup_shapes(max_context, batch_invariant)) <= warmed else None
+    bounds = inline_bounds(model, max_batch) if batch_invariant else ()
+    return step if step is not None and set(_warmup_shapes(max_context, batch_invariant, bounds)) <= warmed else None
 
 
 def build_decode_step(
-    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool = False
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool = False,
+    max_batch: Optional[int] = None,
 ) -> tuple[Optional[DecodeStep], Optional[str]]:
     """(the model's compiled decode step for the KV cache bound now, None) once built and warmed
     up, or (None, why) where compiling failed. `kv_cache` is one of the bound cache tensors;
@@ -158,7 +173,7 @@ def build_decode_step(
     # Inductor's caches read the variable each time they look a graph up.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     device = kv_cache.device
-    shapes = _warmup_shapes(max_context, batch_invariant)
+    shapes = _warmup_shapes(max_context, batch_invariant, inline_bounds(model, max_batch) if batch_invariant else ())
     key = (tuple(kv_cache.shape), kv_cache.dtype, device, batch_invariant)
     lock = model.__dict__.setdefault("_compile_lock", threading.Lock())
     with lock:

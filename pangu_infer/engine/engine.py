@@ -118,6 +118,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
+            max_num_seqs=ec.max_num_seqs,
         )
         self.sampler = Sampler(seed=ec.seed, batch_invariant=ec.batch_invariant)
         self.speculator = (

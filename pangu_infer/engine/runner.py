@@ -67,10 +67,12 @@ class ModelRunner:
         enforce_eager: bool = True,
         max_model_len: Optional[int] = None,
         batch_invariant: bool = False,
+        max_num_seqs: Optional[int] = None,
     ):
         self.model = model
         # Every token computed bitwise the same whatever shares its step (models/batch_invariant.py).
         self.batch_invariant = batch_invariant
+        self.max_num_seqs = max_num_seqs  # the largest decode batch (the batch-invariant graphs it needs)
         if batch_invariant:
             for m in model.modules():
                 # The per-query attention of models/batch_invariant.py reads K and V of one width
@@ -110,7 +112,7 @@ class ModelRunner:
             self._compiled_done.set()
             return
         max_context = min(max_model_len or slots, slots)
-        self.decode_forward = cached_decode_step(model, self.k_caches[0], max_context, batch_invariant)
+        self.decode_forward = cached_decode_step(model, self.k_caches[0], max_context, batch_invariant, max_num_seqs)
         if self.decode_forward is not None:  # another engine over this model built it
             self._compiled_done.set()
             return
@@ -142,7 +144,9 @@ class ModelRunner:
                 f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
             )
             with self._pinned():
-                step, error = build_decode_step(self.model, self.k_caches[0], max_context, scratch, self.batch_invariant)
+                step, error = build_decode_step(
+                    self.model, self.k_caches[0], max_context, scratch, self.batch_invariant, self.max_num_seqs
+                )
             if step is not None:
                 self.decode_forward = step  # decode goes compiled while the prefill conversions compile
             if self.device.type == "cpu":

@@ -37,6 +37,7 @@ own generators (rows without a seed share the engine's generator and stay batch-
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import Callable
 
@@ -53,6 +54,8 @@ ROW_TILE = PAD_TILE = 8
 FREE_TILES = (64, 32, 16, 8, 4, 2)
 # Set to 0: every linear in padded tiles, nothing measured.
 MEASURE_ENV = "PANGU_INFER_BATCH_INVARIANT_MEASURE"
+# Set to 0: compiled steps call every linear back through the opaque operator (no inlining).
+INLINE_ENV = "PANGU_INFER_BATCH_INVARIANT_INLINE"
 # Keys per attention chunk: fixed positions 0, KV_SPLIT, 2 * KV_SPLIT, ... of each sequence.
 KV_SPLIT = 64
 # Elements of gathered K (per tensor) for one block of prefill queries: bounds the memory.
@@ -112,8 +115,6 @@ def free_tile(module: nn.Module, in_features: int, out_features: int, dtype: tor
     """The largest FREE_TILES entry T at which `module` (on CPU) was measured row-invariant at every
     row count 1..T on this machine, cached per machine (pangu_infer.machine) like the quantized
     kernels' thresholds; 1 when not even 2 rows are (the caller pads instead)."""
-    import os
-
     from pangu_infer.machine import cached_choice
 
     if os.environ.get(MEASURE_ENV, "1") == "0":
@@ -171,6 +172,9 @@ class RowTiledLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         free = free_tile(inner, in_features, out_features, dtype) if dtype is not None else 1
         self.tile, self.pad = (free, False) if free > 1 else (PAD_TILE, True)
+        # Rows up to which a compiled step traces the inner module itself instead of calling back
+        # into Python (0: never); see inline_rows().
+        self.inline_rows = inline_rows(inner, self.tile) if not self.pad and os.environ.get(INLINE_ENV, "1") != "0" else 0
         self.handle = next(_handles)
         _MODULES[self.handle] = (inner, self.tile, self.pad)
         weakref.finalize(self, _MODULES.pop, self.handle, None)
@@ -179,13 +183,47 @@ class RowTiledLinear(nn.Module):
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).contiguous()
         if torch.compiler.is_compiling():
-            y = torch.ops.pangu_infer.row_tiled_linear(flat, self.handle, self.out_features)
+            # Up to inline_rows the compiled graph calls the inner module's own kernel op, which is
+            # what the eager tile calls (no padding there, one tile): the same bits without a
+            # Python callback per linear. The comparison is a guard on the step's batch size, so a
+            # bigger batch gets its own graph (warmed up by engine/compiled.py), with the callback.
+            if flat.shape[0] <= self.inline_rows:
+                y = self.inner(flat)
+            else:
+                y = torch.ops.pangu_infer.row_tiled_linear(flat, self.handle, self.out_features)
         else:
             y = row_tiled(self.inner, flat, self.tile, self.pad)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"rows in {'padded' if self.pad else 'unpadded'} tiles of {self.tile}"
+        inline = f", compiled inline up to {self.inline_rows} rows" if self.inline_rows else ""
+        return f"rows in {'padded' if self.pad else 'unpadded'} tiles of {self.tile}{inline}"
+
+
+def inline_rows(inner: nn.Module, tile: int) -> int:
+    """Rows (<= tile) up to which a compiled step may trace `inner` in place of the opaque
+    row_tiled_linear callback, 0 where it may not: only where the traced forward calls, at
+    every row count up to that, the one kernel the eager tile calls, as an op inductor leaves
+    opaque. That holds for
+    - PackedLinear: its forward is the registered pangu_infer::packed_linear op;
+    - the quantized linears with the own int4 kernel (the registered pangu_infer::int4_vnni_mm op)
+      or the int8 kernel (aten::_weight_int8pack_mm, which inductor lowers to a call of the same
+      aten kernel unless max-autotune is on), below the row count where they convert the weight
+      to bf16 instead (the conversion may be inductor's own loop when compiled).
+    Any other module (plain nn.Linear, which inductor may lower to other code) keeps the callback."""
+    from pangu_infer.models.packed import PackedLinear
+    from pangu_infer.quant.modules import QuantizedLinear
+
+    if type(inner) is PackedLinear:
+        return tile
+    if type(inner) is QuantizedLinear:
+        weight = inner.weight
+        if getattr(weight, "kernel", None) not in ("int4_vnni", "int8") or weight.method not in ("int4", "int8"):
+            return 0
+        if any(os.environ.get(v, "0") == "1" for v in ("TORCHINDUCTOR_MAX_AUTOTUNE", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM")):
+            return 0  # inductor may then pick its own GEMM template for the int8 product
+        return max(0, min(tile, weight.convert_min_rows - 1))
+    return 0
 
 
 def linear_sizes(module: nn.Module) -> tuple[int, int] | None:
