@@ -100,3 +100,19 @@ def tiny_r72b_dir(tmp_path_factory, tiny_r72b_config, pangu_tokenizer_dir) -> Pa
 @pytest.fixture(scope="session")
 def tiny_ultra_dir(tmp_path_factory, tiny_ultra_config, pangu_tokenizer_dir) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny_ultra"), tiny_ultra_config, pangu_tokenizer_dir)
+
+
+def random_moge_block(seed: int = 0, **overrides):
+    """A MoGEBlock of the tiny config (64 experts, 8 groups; `overrides` of pangu_moge_config) with
+    random fp32 weights of unit-ish scale and router scales in [0.5, 1.5)."""
+    from pangu_infer.config import ModelConfig
+    from pangu_infer.models.moge import MoGEBlock
+
+    cfg = ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, **overrides))
+    block = MoGEBlock(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5)
+        block.router_scale.copy_(0.5 + torch.rand(block.router_scale.shape, generator=g))
+    return block

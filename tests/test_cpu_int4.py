@@ -150,18 +150,10 @@ def test_the_c_conversion_equals_the_eager_one_bit_for_bit(shape, group):
 
 def _quantized_moge_block(seed: int, dtype: torch.dtype, group: int, hidden: int = 64, inter: int = 32, fused: bool = True):
     """A MoGEBlock (64 experts in 8 groups) with random weights and its routed experts in int4."""
-    from pangu_infer.config import ModelConfig
-    from pangu_infer.loader.random import pangu_moge_config
-    from pangu_infer.models.moge import MoGEBlock
+    from fixtures_models import random_moge_block
     from pangu_infer.quant.modules import QuantizedExperts
 
-    cfg = ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, hidden_size=hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=2 * inter))
-    block = MoGEBlock(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
-        block.router_scale.copy_(0.5 + torch.rand(block.router_scale.shape, generator=g))
+    block = random_moge_block(seed, hidden_size=hidden, moe_intermediate_size=inter, shared_expert_intermediate_size=2 * inter)
     block.to(dtype)
     config = QuantizationConfig("int4", group)
     w13 = PackedWeight(quantize(block.experts.w13.detach().float(), config), CPU)

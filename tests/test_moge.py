@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fixtures_models import build_tiny_model
+from fixtures_models import build_tiny_model, random_moge_block
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.config import ConfigError, ModelConfig
 from pangu_infer.loader import load_model
@@ -123,18 +123,6 @@ def bf16_sharded_moge_dir(tmp_path_factory, tiny_moge_config: dict, pangu_tokeni
         num_shards=3,
         dtype=torch.bfloat16,
     )
-
-
-def _block(seed: int = 0, **overrides) -> MoGEBlock:
-    """A MoGEBlock of the tiny config with random fp32 weights (64 experts, 8 groups)."""
-    cfg = ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, **overrides))
-    block = MoGEBlock(cfg)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in block.parameters():
-            param.copy_(torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5)
-        block.router_scale.copy_(0.5 + torch.rand(block.router_scale.shape, generator=g))
-    return block
 
 
 def _routes(block: MoGEBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +252,7 @@ def test_moge_router_ties_go_to_the_lowest_expert_index():
 
 
 def test_moge_block_sends_tied_tokens_to_the_first_expert_of_each_group():
-    block = _block()
+    block = random_moge_block()
     with torch.no_grad():
         block.gate.weight.zero_()  # every router logit 0: a 64-way tie
     block(torch.randn(6, 64))
@@ -274,7 +262,7 @@ def test_moge_block_sends_tied_tokens_to_the_first_expert_of_each_group():
 
 
 def test_moge_block_weights_each_expert_by_probability_times_router_scale():
-    block = _block(seed=3)
+    block = random_moge_block(seed=3)
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(4))
     ids, probs = _routes(block, x)
     e = int(ids[:, 2].mode().values)  # an expert of group 2 that receives tokens
@@ -294,7 +282,7 @@ def test_moge_block_weights_each_expert_by_probability_times_router_scale():
 
 
 def test_changing_one_expert_changes_only_the_tokens_routed_to_it():
-    block = _block(seed=5)
+    block = random_moge_block(seed=5)
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(6))
     ids, _ = _routes(block, x)
     e = int(ids[:, 5].mode().values)
@@ -380,7 +368,7 @@ def test_moe_stats_show_zero_imbalance_for_moge_and_positive_for_global_top8(mog
 
 
 def test_load_statistics_match_a_per_step_count_across_folds():
-    block = _block(seed=7)
+    block = random_moge_block(seed=7)
     g = torch.Generator().manual_seed(8)
     steps = [torch.randn(int(torch.randint(1, 6, (1,), generator=g)), 64, generator=g) for _ in range(150)]
     moge_counts = torch.zeros(64, dtype=torch.long)
@@ -404,7 +392,7 @@ def test_load_statistics_match_a_per_step_count_across_folds():
 def test_one_token_reads_only_its_experts_and_equals_the_batched_dispatch():
     """Decode at batch 1 takes the one-token path: the token's 8 experts, each called once, and the
     same output as the sorted/scattered path gives for that token inside a batch."""
-    block = _block(seed=7)
+    block = random_moge_block(seed=7)
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         batched = block(x)  # 5 tokens: argsort, one product per expert, one scatter
@@ -427,7 +415,7 @@ def test_one_token_with_batched_activation_equals_the_expert_loop_bit_for_bit(ki
     from pangu_infer.quant.formats import QuantizationConfig, quantize
     from pangu_infer.quant.modules import PackedWeight, QuantizedExperts
 
-    block = _block(seed=11)
+    block = random_moge_block(seed=11)
     if kind != "fp32":
         block = block.to(torch.bfloat16)
     if kind == "bf16-packed":
@@ -457,7 +445,7 @@ def test_bf16_experts_are_packed_for_onednn_and_give_the_same_products():
 
     if not can_pack(torch.device("cpu"), torch.bfloat16):
         pytest.skip("this CPU's oneDNN has no bf16 linear")
-    block = _block(seed=9).to(torch.bfloat16)
+    block = random_moge_block(seed=9).to(torch.bfloat16)
     x = torch.randn(3, 64, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
     with torch.no_grad():
         want = torch.stack([block.experts.expert(e, x) for e in range(0, 64, 9)])
