@@ -107,3 +107,13 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
     elif device.type == "cuda":
         torch.cuda.set_device(local_rank)
     return torch.device(device.type, local_rank)
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """bf16 on a CPU whose oneDNN build has the bf16 linear (AVX-512 BF16 / AMX)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        return False
+    ops = torch.ops.mkldnn
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    return bool(ops._is_mkldnn_bf16_supported())

@@ -79,6 +79,17 @@ class StackedExperts(nn.Module):
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.w2[e]) if self.impl is None else self.impl.down(e, h)
 
+    def pack_experts(self) -> int:
+        """Lay bf16 CPU experts out for oneDNN (models/packed.py's PackedExperts, called by
+        pack_linears); the number of products packed, 0 when these experts are not plain bf16."""
+        from pangu_infer.models.packed import PackedExperts, packable
+
+        if self.impl is not None or not (packable(self.w13) and packable(self.w2)):
+            return 0
+        self.impl = PackedExperts(self.w13, self.w2, self.inter)
+        del self.w13, self.w2
+        return 2 * len(self.impl.w13)
+
 
 class MoGELoad:
     """Tokens per expert since start, and per-step imbalance scores (MoGE and global top-k).

@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu_infer.device import can_pack  # noqa: F401  (here too: where the packing lives)
 from pangu_infer.machine import cached_choice, env_choice, interleaved_medians
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
 
@@ -46,16 +47,6 @@ def _packed_linear_shape(x: torch.Tensor, handle: int) -> torch.Tensor:
 
 _lib.impl("packed_linear", _packed_linear, "CPU")
 _lib._register_fake("packed_linear", _packed_linear_shape)
-
-
-def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on a CPU whose oneDNN build has the bf16 linear (AVX-512 BF16 / AMX)."""
-    if device.type != "cpu" or dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
-        return False
-    ops = torch.ops.mkldnn
-    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
-        return False
-    return bool(ops._is_mkldnn_bf16_supported())
 
 
 LAYOUT_ENV = "PANGU_INFER_PACKED_LAYOUT"
@@ -145,7 +136,7 @@ def pack_linears(model: nn.Module) -> int:
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and _packable(child.weight)
+        if type(child) is nn.Linear and packable(child.weight)
     ]
     count = 0
     for module, name in sites:
@@ -160,7 +151,7 @@ def pack_linears(model: nn.Module) -> int:
         count += 1
     count += _pack_experts(model)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if getattr(model, "lm_head", False) is None and isinstance(embed, nn.Embedding) and _packable(embed.weight):
+    if getattr(model, "lm_head", False) is None and isinstance(embed, nn.Embedding) and packable(embed.weight):
         model.lm_head = PackedLinear(embed.weight, None)  # tied: a packed copy; the lookup keeps the rows
         count += 1
     trim_heap()  # plain copies of fused weights (qkv, gate_up) were heap memory
@@ -193,14 +184,11 @@ def _pack_experts(model: nn.Module) -> int:
 
     Peak memory: one layer's experts twice (its stack is freed before the next layer is packed).
     """
-    from pangu_infer.models.moge import StackedExperts
-
     count = 0
-    for m in model.modules():
-        if isinstance(m, StackedExperts) and m.impl is None and _packable(m.w13) and _packable(m.w2):
-            m.impl = PackedExperts(m.w13, m.w2, m.inter)
-            del m.w13, m.w2
-            count += 2 * len(m.impl.w13)
+    for m in list(model.modules()):
+        pack = getattr(m, "pack_experts", None)  # models/moge.py's StackedExperts (not imported: it imports this)
+        if callable(pack):
+            count += pack()
     return count
 
 
@@ -208,5 +196,5 @@ def has_packed_linears(model: nn.Module) -> bool:
     return any(isinstance(m, PackedLinear) for m in model.modules())
 
 
-def _packable(weight: torch.Tensor) -> bool:
+def packable(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not weight.is_meta

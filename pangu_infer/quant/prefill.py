@@ -516,7 +516,7 @@ def _mkldnn_raw(packed: torch.Tensor) -> torch.Tensor:
 def packed_rows(n: int, k: int) -> int:
     """The row block rb where oneDNN lays a bf16 [n, k] weight (no batch hint) out as
     `_pack_plain(w, rb)` here (checked on a random weight against its own reorder), else 0."""
-    from pangu_infer.models.packed import can_pack
+    from pangu_infer.device import can_pack
 
     if n % _ROWS or k % 4 or n <= 0 or k <= 0 or not can_pack(torch.device("cpu"), torch.bfloat16):
         return 0
