@@ -137,10 +137,11 @@ def test_ctrl_c_stops_the_reply_frees_the_engine_and_keeps_the_session(monkeypat
 
 def test_second_ctrl_c_in_one_reply_quits(monkeypatch, talker):
     llm = Recorder(talker, ctrl_c_after_steps=2, presses=2)
+    before = signal.getsignal(signal.SIGINT)  # Python's default handler, or SIG_IGN in a background job
     with pytest.raises(KeyboardInterrupt):
         _chat(monkeypatch, llm, "tell me a story\n", max_tokens=LONG_REPLY_TOKENS)
     assert llm.steps_seen == [2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the chat's handler is gone again
+    assert signal.getsignal(signal.SIGINT) is before  # the chat's handler is gone again
     assert talker.engine.stats()["kv_blocks_used"] == 0
 
 
@@ -165,8 +166,11 @@ def test_typing_in_a_terminal(tiny_dense_dir, tmp_path):
     env.update(HOME=str(home), TERM="xterm", INPUTRC=os.devnull, PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pangu_infer", "chat", "--model", str(tiny_dense_dir), "--dtype", "float32",
            "--temperature", "0", "--max-tokens", str(LONG_REPLY_TOKENS), "--kv-cache-memory", "16MiB", "--enforce-eager"]
+    # Ctrl-C as in a terminal, even when this run was started where SIGINT is ignored (a background
+    # job of a shell without job control): a process starting with SIGINT ignored keeps it ignored.
     chat = pexpect.spawn(cmd[0], cmd[1:], env=env, encoding="utf-8", codec_errors="replace",
-                         timeout=PTY_TIMEOUT_S, dimensions=(40, 200))
+                         timeout=PTY_TIMEOUT_S, dimensions=(40, 200),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         def prompt() -> None:
             chat.expect_exact(">>> ")
