@@ -136,7 +136,7 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
     import pangu_infer.quant.modules as modules
 
     monkeypatch.setattr(modules, "int4_to_bf16", prefill.int4_to_bf16)
-    monkeypatch.setattr(modules, "int4_vnni_packed_product", packed)
+    monkeypatch.setattr(prefill, "int4_vnni_packed_product", packed)  # what prefill.int4_vnni_product calls
     monkeypatch.setattr(modules, "int8_product", prefill.int8_product)
     text = (Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt").read_text()
     out = {}

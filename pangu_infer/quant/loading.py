@@ -191,14 +191,14 @@ class LoadHook:
     def _complete(self, target: str, qt: QuantizedTensor) -> None:
         """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
         self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device)
-        self.laid_out += sum(t.numel() * t.element_size() for t in (qt.qweight, qt.scale, qt.zero) if t is not None)
+        self.laid_out += qt.nbytes()
 
     def _release(self, tensor: torch.Tensor) -> None:
-        """Give back the memory a float tensor took while it was quantized (Linux).
+        """Give back the pages a float tensor took while it was quantized (Linux).
 
-        Its pages of the mapped checkpoint would stay resident until the whole shard is closed,
-        and the quantizer's freed temporaries stay in the heap: together ~0.25x of the float
-        model on the benchmark. Only file-backed views are dropped (they re-read from the file).
+        Its pages of the mapped checkpoint would stay resident until the whole shard is closed
+        (the quantizer's freed temporaries are trimmed from the heap in take()). Only file-backed
+        views are dropped (they re-read from the file).
         """
         if self.memory_mapped and tensor.device.type == "cpu":
             drop_mapped_pages(tensor)

@@ -30,7 +30,7 @@ from torch import nn
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
-from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_packed_product, int8_product
+from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product
 from pangu_infer.quant.tuning import NEVER, convert_min_rows
 
 KERNEL_DTYPE = torch.bfloat16
@@ -187,10 +187,7 @@ class PackedWeight(nn.Module):
         elif self.kernel == "int4_vnni" and x2.shape[0] >= self.convert_min_rows:
             # Converted straight into oneDNN's packed layout where it is checked (quant/prefill.py),
             # else to a plain W^T.
-            y = int4_vnni_packed_product(xk, data, scales, self.group_size)
-            if y is None:
-                w_t = cpu_int4.to_bf16_t(data, scales, self.group_size)
-                y = torch.matmul(xk, w_t)
+            y = int4_vnni_product(xk, data, scales, self.group_size)
             y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
@@ -340,5 +337,5 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
             if m.kernel == "int8":
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
             elif m.kernel == "int4_vnni":
-                prefill.packed_layout_ok(m.data.shape[-3] * 16, m.data.shape[-2] * 8)
+                prefill.packed_layout_ok(m.data.shape[-3] * cpu_int4.ROW_BLOCK, m.data.shape[-2] * cpu_int4.OCTET)
     return why

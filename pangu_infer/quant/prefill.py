@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
 
 
@@ -424,8 +425,6 @@ def _check(lib: tuple) -> None:
             _same("int8 (transposed)", out8t, _int8_eager(w8, s8).t())
     rb = packed_rows(n, k)
     if rb:
-        from pangu_infer.quant import cpu_int4
-
         if cpu_int4.library() is not None:
             qv = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
             dv, szv = cpu_int4.pack(qv, torch.rand(n, k // group, generator=g) * 0.02, torch.rand(n, k // group, generator=g) * 0.02)
@@ -630,6 +629,13 @@ def int4_vnni_packed_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tens
         data.data_ptr(), sz.data_ptr(), out, n, k, group_size, rb, b0, b1, torch.get_num_threads()))
 
 
+def int4_vnni_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] bf16 times a cpu_int4-layout weight converted to bf16: [M, N] (N the padded row
+    count); into oneDNN's packed layout where it is checked, else to a plain W^T."""
+    y = int4_vnni_packed_product(x, data, sz, group_size)
+    return torch.matmul(x, cpu_int4.to_bf16_t(data, sz, group_size)) if y is None else y
+
+
 def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:
     """x [M, K] bf16 times the int8 weight (scales folded in) in oneDNN's packed layout, or None."""
     n, k = data.shape
@@ -640,4 +646,4 @@ def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tenso
         data.data_ptr(), scales.data_ptr(), out, n, k, rb, b0, b1, torch.get_num_threads()))
 
 
-__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]
+__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int4_vnni_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]

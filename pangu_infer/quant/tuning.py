@@ -25,7 +25,7 @@ import torch
 from pangu_infer.machine import cache_path, cached_choice, machine_key, median_time
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.prefill import (
-    dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_packed_product, int8_product, packed_enabled,
+    dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_product, int8_product, packed_enabled,
     packed_layout_ok, ready,
 )
 
@@ -69,8 +69,7 @@ def measure(kind: str) -> int:
             return cpu_int4.matmul(x, data, sz, group)
 
         def convert(x):  # what PackedWeight runs: into oneDNN's packed layout where it can (quant/prefill.py)
-            y = int4_vnni_packed_product(x, data, sz, group)
-            return torch.matmul(x, cpu_int4.to_bf16_t(data, sz, group)) if y is None else y
+            return int4_vnni_product(x, data, sz, group)
 
     else:
         if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CPU"):
