@@ -78,6 +78,22 @@ def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     return torch.cat([fn(x[i : i + tile]) for i in range(0, padded, tile)])[:m]
 
 
+def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over its last dim (kept, size 1) by pairwise halving: each step adds the first
+    half to the second elementwise (an odd last element carried along), so the order of the
+    additions is set here, not by a kernel. A reduction op (`sum`, `mean`) sums in an order its
+    kernel picks, and inductor's generated reduction picks another than eager's aten kernel
+    (fp32 rows of 64: most row sums differ in the last bit; RESULTS.md, issue 18 fourth pass),
+    so a compiled step and the eager forward would round differently; fp32 elementwise adds
+    are the same bits in both (inductor's C++ is built without unsafe math or contraction)."""
+    while t.shape[-1] > 1:
+        n = t.shape[-1]
+        half = n // 2
+        top = t[..., :half] + t[..., half : 2 * half]
+        t = top if n % 2 == 0 else torch.cat((top, t[..., 2 * half :]), dim=-1)
+    return t
+
+
 def first_varying_rows(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, rows: int) -> int:
     """The smallest row count M <= rows at which some row of fn(x[:M]) differs from the row
     computed alone, on random activations of mixed scale; rows + 1 when none does."""
@@ -172,6 +188,16 @@ class RowTiledLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         free = free_tile(inner, in_features, out_features, dtype) if dtype is not None else 1
         self.tile, self.pad = (free, False) if free > 1 else (PAD_TILE, True)
+        # A quantized weight converts to bf16 from `convert_min_rows` rows (another kernel, other
+        # bits); the tile was measured (and inline_rows set) with its value now. The compile thread
+        # retunes it later (quant.modules.prepare_prefill: the compiled conversion's own crossing,
+        # 32 rows where this was 64 on the machine of RESULTS.md), which made the 32-row tiles of a
+        # prefill convert while a token alone did not: the floor keeps every tile on the kernel
+        # measured here.
+        weight = getattr(inner, "weight", None)
+        if isinstance(getattr(weight, "convert_min_rows", None), int):
+            weight.convert_min_rows_floor = max(getattr(weight, "convert_min_rows_floor", 1), self.tile + 1)
+            weight.convert_min_rows = max(weight.convert_min_rows, weight.convert_min_rows_floor)
         # Rows up to which a compiled step traces the inner module itself instead of calling back
         # into Python (0: never); see inline_rows().
         self.inline_rows = inline_rows(inner, self.tile) if not self.pad and os.environ.get(INLINE_ENV, "1") != "0" else 0
@@ -319,7 +345,8 @@ def attention(
     scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(dim=(2, 4), keepdim=True)  # exact: the same whatever the padding
     probs = torch.exp(scores - top)  # masked keys: exactly 0
-    sums = probs.sum(-1)  # [Hkv, N, C, G], over a fixed KV_SPLIT keys
+    # [Hkv, N, C, G], over a fixed KV_SPLIT keys, in an order eager and compiled share
+    sums = fixed_order_sum(probs)[..., 0]
     # One [G, S] x [S, D] product per chunk, in the cache dtype like the default path's
     parts = torch.matmul(probs.to(vals.dtype), vals).float()  # [Hkv, N, C, G, D]
     # Chunks added in order (cumsum is sequential); chunks past a query's last key add exact zeros.
