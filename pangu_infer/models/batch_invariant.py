@@ -30,6 +30,14 @@ numbers in benchmarks/RESULTS.md):
 - MoGE: expert products (row counts set by the routing of the other tokens) are tiled like every
   linear, and a token's expert outputs are summed over its groups in group order, in fp32.
 
+- Compiled against eager (a decode step compiled, the prefill and a preempted sequence's
+  recomputation eager): inductor's own reductions sum in another order than eager's aten kernels
+  (most fp32 row sums of 64 values differ in the last bit), and its fp32 exp is Sleef's where
+  eager's is MKL's. RMSNorm's mean square and the attention's chunk sums are therefore summed by
+  fixed_order_sum (elementwise adds in an order set here) and the attention's exp is an exp2, which
+  both compute alike. And a quantized weight's conversion row count (retuned by the compile thread
+  after the wrap) never drops to a tile's row count (RowTiledLinear's floor).
+
 The sampler needs nothing: greedy picks and logprobs are per-row and seeded rows draw from their
 own generators (rows without a seed share the engine's generator and stay batch-dependent).
 """
@@ -58,6 +66,7 @@ MEASURE_ENV = "PANGU_INFER_BATCH_INVARIANT_MEASURE"
 INLINE_ENV = "PANGU_INFER_BATCH_INVARIANT_INLINE"
 # Keys per attention chunk: fixed positions 0, KV_SPLIT, 2 * KV_SPLIT, ... of each sequence.
 KV_SPLIT = 64
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 # Elements of gathered K (per tensor) for one block of prefill queries: bounds the memory.
 _PREFILL_BLOCK_ELEMENTS = 1 << 24
 
@@ -344,7 +353,9 @@ def attention(
     mask = valid.view(1, n, chunks, 1, KV_SPLIT)
     scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(dim=(2, 4), keepdim=True)  # exact: the same whatever the padding
-    probs = torch.exp(scores - top)  # masked keys: exactly 0
+    # masked keys: exactly 0. exp2, not exp: eager's fp32 exp is MKL's vector exp and inductor's is
+    # Sleef's, which differ in the last bit for about 1 value in 10; both run Sleef's exp2.
+    probs = torch.exp2((scores - top) * _LOG2E)
     # [Hkv, N, C, G], over a fixed KV_SPLIT keys, in an order eager and compiled share
     sums = fixed_order_sum(probs)[..., 0]
     # One [G, S] x [S, D] product per chunk, in the cache dtype like the default path's
