@@ -30,6 +30,14 @@ numbers in benchmarks/RESULTS.md):
 - MoGE: expert products (row counts set by the routing of the other tokens) are tiled like every
   linear, and a token's expert outputs are summed over its groups in group order, in fp32.
 
+- Compiled against eager (a decode step compiled, the prefill and a preempted sequence's
+  recomputation eager): inductor's own reductions sum in another order than eager's aten kernels
+  (most fp32 row sums of 64 values differ in the last bit), and its fp32 exp is Sleef's where
+  eager's is MKL's. RMSNorm's mean square and the attention's chunk sums are therefore summed by
+  fixed_order_sum (elementwise adds in an order set here) and the attention's exp is an exp2, which
+  both compute alike. And a quantized weight's conversion row count (retuned by the compile thread
+  after the wrap) never drops to a tile's row count (RowTiledLinear's floor).
+
 The sampler needs nothing: greedy picks and logprobs are per-row and seeded rows draw from their
 own generators (rows without a seed share the engine's generator and stay batch-dependent).
 """
@@ -58,6 +66,7 @@ MEASURE_ENV = "PANGU_INFER_BATCH_INVARIANT_MEASURE"
 INLINE_ENV = "PANGU_INFER_BATCH_INVARIANT_INLINE"
 # Keys per attention chunk: fixed positions 0, KV_SPLIT, 2 * KV_SPLIT, ... of each sequence.
 KV_SPLIT = 64
+_LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 # Elements of gathered K (per tensor) for one block of prefill queries: bounds the memory.
 _PREFILL_BLOCK_ELEMENTS = 1 << 24
 
@@ -76,6 +85,22 @@ def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile:
     if padded == tile:
         return fn(x)[:m]
     return torch.cat([fn(x[i : i + tile]) for i in range(0, padded, tile)])[:m]
+
+
+def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over its last dim (kept, size 1) by pairwise halving: each step adds the first
+    half to the second elementwise (an odd last element carried along), so the order of the
+    additions is set here, not by a kernel. A reduction op (`sum`, `mean`) sums in an order its
+    kernel picks, and inductor's generated reduction picks another than eager's aten kernel
+    (fp32 rows of 64: most row sums differ in the last bit; RESULTS.md, issue 18 fourth pass),
+    so a compiled step and the eager forward would round differently; fp32 elementwise adds
+    are the same bits in both (inductor's C++ is built without unsafe math or contraction)."""
+    while t.shape[-1] > 1:
+        n = t.shape[-1]
+        half = n // 2
+        top = t[..., :half] + t[..., half : 2 * half]
+        t = top if n % 2 == 0 else torch.cat((top, t[..., 2 * half :]), dim=-1)
+    return t
 
 
 def first_varying_rows(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, rows: int) -> int:
@@ -172,6 +197,16 @@ class RowTiledLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         free = free_tile(inner, in_features, out_features, dtype) if dtype is not None else 1
         self.tile, self.pad = (free, False) if free > 1 else (PAD_TILE, True)
+        # A quantized weight converts to bf16 from `convert_min_rows` rows (another kernel, other
+        # bits); the tile was measured (and inline_rows set) with its value now. The compile thread
+        # retunes it later (quant.modules.prepare_prefill: the compiled conversion's own crossing,
+        # 32 rows where this was 64 on the machine of RESULTS.md), which made the 32-row tiles of a
+        # prefill convert while a token alone did not: the floor keeps every tile on the kernel
+        # measured here.
+        weight = getattr(inner, "weight", None)
+        if isinstance(getattr(weight, "convert_min_rows", None), int):
+            weight.convert_min_rows_floor = max(getattr(weight, "convert_min_rows_floor", 1), self.tile + 1)
+            weight.convert_min_rows = max(weight.convert_min_rows, weight.convert_min_rows_floor)
         # Rows up to which a compiled step traces the inner module itself instead of calling back
         # into Python (0: never); see inline_rows().
         self.inline_rows = inline_rows(inner, self.tile) if not self.pad and os.environ.get(INLINE_ENV, "1") != "0" else 0
@@ -318,8 +353,11 @@ def attention(
     mask = valid.view(1, n, chunks, 1, KV_SPLIT)
     scores = scores.masked_fill(~mask, float("-inf"))
     top = scores.amax(dim=(2, 4), keepdim=True)  # exact: the same whatever the padding
-    probs = torch.exp(scores - top)  # masked keys: exactly 0
-    sums = probs.sum(-1)  # [Hkv, N, C, G], over a fixed KV_SPLIT keys
+    # masked keys: exactly 0. exp2, not exp: eager's fp32 exp is MKL's vector exp and inductor's is
+    # Sleef's, which differ in the last bit for about 1 value in 10; both run Sleef's exp2.
+    probs = torch.exp2((scores - top) * _LOG2E)
+    # [Hkv, N, C, G], over a fixed KV_SPLIT keys, in an order eager and compiled share
+    sums = fixed_order_sum(probs)[..., 0]
     # One [G, S] x [S, D] product per chunk, in the cache dtype like the default path's
     parts = torch.matmul(probs.to(vals.dtype), vals).float()  # [Hkv, N, C, G, D]
     # Chunks added in order (cumsum is sequential); chunks past a query's last key add exact zeros.

@@ -43,12 +43,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        # Set by models/batch_invariant.make_batch_invariant: the mean of squares summed in a fixed
+        # order, so that a compiled step rounds it as the eager forward does (bi.fixed_order_sum).
+        self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, multiply in the activation dtype: the reference implementations do.
         dtype = x.dtype
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.batch_invariant:
+            mean_sq = bi.fixed_order_sum(xf * xf) * (1.0 / xf.shape[-1])
+        else:
+            mean_sq = xf.pow(2).mean(-1, keepdim=True)
+        xf = xf * torch.rsqrt(mean_sq + self.eps)
         return self.weight * xf.to(dtype)
 
 

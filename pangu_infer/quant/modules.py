@@ -332,7 +332,9 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     why = prefill.prepare()
     if why is None:
         for m in weights:
-            m.convert_min_rows = convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel))
+            # never down to a row count a batch-invariant tile runs (models/batch_invariant.RowTiledLinear)
+            floor = getattr(m, "convert_min_rows_floor", 1)
+            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel)), floor)
             # oneDNN's packed layout, checked once per shape here rather than in a first request
             if m.kernel == "int8":
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
