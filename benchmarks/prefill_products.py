@@ -7,7 +7,9 @@ of `--rounds` rounds:
   (PANGU_INFER_PACKED_PREFILL=0, the path before);
 - int4 / int8, packed: the conversion straight into oneDNN's packed layout and the peer's product
   (quant/prefill.py);
-- conversion alone into the packed layout, and the product alone on it.
+- conversion alone into the packed layout, and the product alone on it;
+- int4 / int8 AMX: quant/amx.py's product that reads the quantized weight itself (converting
+  strips in L2 and multiplying them with AMX tiles), where this machine has AMX.
 int4 is cpu_int4's layout (groups of 32), int8 a weight with a bf16 scale per row.
 
     .venv/bin/python benchmarks/prefill_products.py --threads 1 --shapes 1536x576,576x1536,4800x1536,1536x4800
@@ -33,7 +35,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
-    from pangu_infer.quant import cpu_int4, prefill
+    from pangu_infer.quant import amx, cpu_int4, prefill
 
     why = prefill.prepare()
     if why is not None or cpu_int4.library() is None:
@@ -42,8 +44,10 @@ def main() -> int:
     lib = prefill._lib
     g = torch.Generator().manual_seed(0)
     print(f"{args.rows} rows, {args.threads} threads; ms (median of {args.reps}, best of {args.rounds} interleaved rounds); ratio = bf16 / this")
-    print("| N x K | bf16 packed | int4 plain W^T | int4 packed | int8 plain W^T | int8 packed | int4 conv. | int8 conv. | product |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    has_amx = amx.library() is not None
+    amx_cols = ("int4 AMX", "int8 AMX") if has_amx else ()
+    print("| N x K | bf16 packed | int4 plain W^T | int4 packed | int8 plain W^T | int8 packed | " + "".join(f"{c} | " for c in amx_cols) + "int4 conv. | int8 conv. | product |")
+    print("|---" * (9 + len(amx_cols)) + "|")
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.split("x"))
         q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
@@ -78,6 +82,9 @@ def main() -> int:
             "int8 conv.": lambda: lib[4](w8.data_ptr(), s8.data_ptr(), ptr, n, k, rb, 0, n // 16, args.threads),
             "product": lambda: prefill._packed_linear(x, scratch),
         }
+        if has_amx:
+            fns["int4 AMX"] = lambda: amx.int4_product(x, data, sz, 32)
+            fns["int8 AMX"] = lambda: amx.int8_product(x, w8, s8)
         best: dict[str, float] = {}
         for _ in range(args.rounds):
             for name, fn in fns.items():
@@ -90,7 +97,7 @@ def main() -> int:
                 best[name] = min(best.get(name, float("inf")), statistics.median(ts))
         base = best["bf16 packed"]
         cells = [f"{1e3 * best['bf16 packed']:.2f}"]
-        for name in ("int4 plain W^T", "int4 packed", "int8 plain W^T", "int8 packed"):
+        for name in ("int4 plain W^T", "int4 packed", "int8 plain W^T", "int8 packed", *amx_cols):
             cells.append(f"{1e3 * best[name]:.2f} ({base / best[name]:.2f}x)")
         cells += [f"{1e3 * best[name]:.2f}" for name in ("int4 conv.", "int8 conv.", "product")]
         print(f"| {shape} | " + " | ".join(cells) + " |")

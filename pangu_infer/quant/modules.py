@@ -13,6 +13,9 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill); the
   conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
+- On CPUs with AMX, where it was measured faster (quant/amx.py, quant/tuning.py), int8 and
+  cpu_int4-layout products of many rows run a kernel of our own that reads the quantized weight
+  itself (no bf16 weight written out); PANGU_INFER_AMX_PREFILL=0 turns it off.
 - int4 on CUDA: `aten._convert_weight_to_int4pack(uint8 [N, K/2], inner_k_tiles)` and
   `aten._weight_int4pack_mm` (bf16 only; K a multiple of 32 * inner_k_tiles / 2, N of 8).
 - Anywhere else (other devices, shapes a kernel refuses): the weight is dequantized per product,
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pangu_infer.quant import cpu_int4
+from pangu_infer.quant import amx, cpu_int4
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
 from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product
@@ -183,11 +186,14 @@ class PackedWeight(nn.Module):
             # runs this way). Where the two cross is measured once per machine (quant/tuning.py).
             # The scales are folded into the converted weight (quant/prefill.py: one fused loop
             # once compiled, one eager pass before).
-            y = int8_product(xk, data, scales)
+            # Where quant/amx.py's kernel was chosen, it reads the int8 weight itself instead.
+            y = amx.int8_product(xk, data, scales) if amx.active("int8") else None
+            y = int8_product(xk, data, scales) if y is None else y
         elif self.kernel == "int4_vnni" and x2.shape[0] >= self.convert_min_rows:
-            # Converted straight into oneDNN's packed layout where it is checked (quant/prefill.py),
-            # else to a plain W^T.
-            y = int4_vnni_product(xk, data, scales, self.group_size)
+            # Read by quant/amx.py's kernel where it was chosen, else converted straight into
+            # oneDNN's packed layout where it is checked (quant/prefill.py), else to a plain W^T.
+            y = amx.int4_product(xk, data, scales, self.group_size) if amx.active("int4") else None
+            y = int4_vnni_product(xk, data, scales, self.group_size) if y is None else y
             y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
@@ -331,6 +337,9 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
         return None
     why = prefill.prepare()
     if why is None:
+        # quant/amx.py's kernel for the many-row products it takes: built, and measured against the
+        # path below once per machine (quant/tuning.py), here rather than in a first request
+        amx.prepare(sorted({"int4" if m.kernel == "int4_vnni" else "int8" for m in weights if m.kernel != "int4_cpu"}))
         for m in weights:
             # never down to a row count a batch-invariant tile runs (models/batch_invariant.RowTiledLinear)
             floor = getattr(m, "convert_min_rows_floor", 1)

@@ -10,6 +10,12 @@ number when it never is). The result is kept per machine (CPU model, threads, to
 (e.g. `PANGU_INFER_KERNEL_ROWS_INT4=64`) sets it by hand, and `PANGU_INFER_KERNEL_CACHE` names
 another cache file.
 
+`amx_prefill(kind)` chooses, the same way, whether int4 (cpu_int4's layout) and int8 products of
+many rows run quant/amx.py's kernel, which reads the quantized weight itself, instead of the
+conversion into oneDNN's packed layout: interleaved medians of both on 512 rows of a 1536 x 1536
+weight, and the AMX kernel only where it is at least AMX_MARGIN faster (`amx_prefill_int4`,
+`amx_prefill_int8`; PANGU_INFER_AMX_PREFILL=0/1 decides by hand).
+
 int4 on CPU converts from the kernel's own packed layout (`dequantize_int4_cpu_packed`), which is
 not a documented format: it is checked against the packing op itself before it is ever used, and
 never used (the int4 kernel runs at every row count) where the check fails.
@@ -22,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cache_path, cached_choice, machine_key, median_time
+from pangu_infer.machine import cache_path, cached_choice, interleaved_medians, machine_key, median_time
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.prefill import (
     dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_product, int8_product, packed_enabled,
@@ -33,7 +39,7 @@ NEVER = 1 << 30
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
 BENCH_N = BENCH_K = 1536
 KINDS = ("int4", "int8", "int4_vnni")
-_cache: dict[str, int] = {}
+_cache: dict[str, object] = {}
 
 
 # ---------------------------------------------------------------------------------- measuring
@@ -90,6 +96,52 @@ def measure(kind: str) -> int:
     return NEVER
 
 
+AMX_ROWS = 512
+AMX_MARGIN = 0.97  # the AMX kernel's median at most this fraction of the packed path's
+
+
+def measure_amx(kind: str) -> dict[str, float]:
+    """Median seconds of one product of AMX_ROWS rows on a BENCH_N x BENCH_K weight: quant/amx.py's
+    kernel ("amx") and the many-row path that runs without it ("packed"), interleaved."""
+    from pangu_infer.quant import amx
+
+    g = torch.Generator().manual_seed(0)
+    n, k, group = BENCH_N, BENCH_K, 32
+    x = torch.randn(AMX_ROWS, k, generator=g).to(torch.bfloat16)
+    if kind == "int4":
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01)
+        fns = {"amx": lambda: amx.int4_product(x, data, sz, group), "packed": lambda: int4_vnni_product(x, data, sz, group)}
+    else:
+        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        s8 = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+        fns = {"amx": lambda: amx.int8_product(x, w8, s8), "packed": lambda: int8_product(x, w8, s8)}
+    with torch.inference_mode():
+        if fns["amx"]() is None:
+            return {"amx": float("inf"), "packed": 0.0}
+        return interleaved_medians(fns, rounds=9)
+
+
+def amx_prefill(kind: str) -> bool:
+    """Do `kind` ("int4" | "int8") products of many rows run quant/amx.py's kernel on this machine:
+    PANGU_INFER_AMX_PREFILL=1/0, else measured once per machine (cached)."""
+    from pangu_infer.quant import amx
+
+    setting = amx.setting()
+    if setting:
+        return setting == "on" and amx.library() is not None
+    if amx.library() is None:
+        return False
+    name = f"amx_prefill_{kind}"
+    if name not in _cache:
+        def measured() -> bool:
+            t = measure_amx(kind)
+            return bool(t["amx"] <= AMX_MARGIN * t["packed"])
+
+        _cache[name] = cached_choice(name, measured, lambda v: isinstance(v, bool))
+    return bool(_cache[name])
+
+
 def _env_override(kind: str) -> Optional[int]:
     value = os.environ.get(f"PANGU_INFER_KERNEL_ROWS_{kind.upper()}")
     if value is None:
@@ -126,4 +178,4 @@ def convert_min_rows(kind: str) -> int:
     return _cache[name]
 
 
-__all__ = ["NEVER", "cache_path", "convert_min_rows", "machine_key", "dequantize_int4_cpu_packed", "int4_cpu_layout_ok", "measure"]
+__all__ = ["AMX_MARGIN", "NEVER", "amx_prefill", "cache_path", "convert_min_rows", "machine_key", "dequantize_int4_cpu_packed", "int4_cpu_layout_ok", "measure", "measure_amx"]

@@ -1,0 +1,516 @@
+"""Quantized products of many rows (prefill) that read the int4/int8 weight themselves, with AMX.
+
+Why: the default many-row path (quant/prefill.py) converts the whole weight into oneDNN's packed
+bf16 layout, then runs oneDNN's product; the bf16 weight is written out and read back once per
+product, which is what keeps quantized prefill under bf16's speed (benchmarks/RESULTS.md,
+"Quantized prefill into oneDNN's packed bf16 layout"). Here one C function does both, strip by
+strip of output columns:
+
+- a strip of S columns (a multiple of 32) of the weight (int4 in cpu_int4's layout with its bf16
+  scale/zero per group, or int8 with a bf16 scale per row) is converted into bf16 VNNI pairs in a
+  buffer of this thread sized to stay in L2, in the order the products read it (k in chunks of KC,
+  in each the strip's 32-column pieces, in each two 1 KB B tiles per 32 of k). The values are the
+  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once (int8:
+  q * s rounded once);
+- x is copied once per product into 32-row blocks laid out as AMX A tiles ([K/32][32][32] bf16,
+  the last rows zero); every 32 rows run against each 32-column piece with 2 x 2 fp32 accumulator
+  tiles (`tdpbf16ps`), k chunk by k chunk so that the rows' chunk stays in L1 across the pieces;
+- while one strip is multiplied, the next one is converted into a second buffer a unit at a time
+  between the tile products (the vector units are free while the tile unit works);
+- each 32 x 32 block of fp32 sums is rounded to bf16 (nearest even) into y.
+
+Rows are independent (each row's sums run over k in the same order whatever the row count), so a
+row's result does not depend on the rows next to it. N must be a multiple of 16 (a last half
+piece is converted zero-padded) and K of 32, else the caller's path runs.
+
+Built once per machine with the C compiler (`$CC`, else `cc`/`gcc`) and `-march=native` (which
+carries `-mamx-tile -mamx-bf16` on an AMX CPU) into `~/.cache/pangu-infer/`, loaded with ctypes;
+the process asks Linux for the AMX tile state once (`arch_prctl(ARCH_REQ_XCOMP_PERM,
+XFEATURE_XTILEDATA)`, as oneDNN does). Nothing of it runs where the CPU has no `amx_bf16`, where
+there is no compiler or where Linux refuses the tile state: the packed path runs as before.
+
+Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, it runs for a
+kind (int4, int8) only if it beat the packed path by 3% in a short measurement (quant/tuning.py,
+`amx_prefill_int4` / `amx_prefill_int8` in kernels.json), made once per machine from
+`prepare()` (the engine's background compile thread, never inside a request). On the machine of
+benchmarks/RESULTS.md ("Quantized prefill with AMX reading the quantized weight") it was not
+faster, so there the packed path stays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from typing import Optional
+
+import torch
+
+from pangu_infer.machine import cache_root
+
+log = logging.getLogger(__name__)
+
+ENV = "PANGU_INFER_AMX_PREFILL"
+STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
+K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
+ABI = 1
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <omp.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+int pangu_amx_abi(void) { return 1; }
+
+/* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
+int pangu_amx_init(void) {
+  return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 0 : 1;
+}
+
+/* Buffers kept per thread and grown as needed: fresh big allocations are fresh pages (mmap), whose
+   faults and zeroing cost a good part of a product. */
+static __thread void* kept[4];
+static __thread size_t kept_size[4];
+static void* kept_buffer(int i, size_t bytes) {
+  if (kept_size[i] < bytes) {
+    free(kept[i]);
+    bytes = (bytes + 4095) / 4096 * 4096;
+    kept[i] = aligned_alloc(4096, bytes);
+    kept_size[i] = kept[i] ? bytes : 0;
+  }
+  return kept[i];
+}
+
+typedef struct {
+  uint8_t palette_id, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} tilecfg;
+
+static void config_tiles(void) {
+  tilecfg c;
+  memset(&c, 0, sizeof c);
+  c.palette_id = 1;
+  for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+static inline __m512i round_hi(__m512 f) {  /* bf16 of f (nearest even) in the high half, low half zero */
+  __m512i u = _mm512_castps_si512(f);
+  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
+  return _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
+}
+static inline __m512i pair_words(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
+/* lane r of even and odd (fp32) -> word r = (bf16(even[r]), bf16(odd[r])), rounded to nearest even as
+   round_hi (vcvtne2ps2bf16 puts even in the low 16 halfwords, odd in the high ones; one permutation). */
+static inline __m512i pairs(__m512 even, __m512 odd) {
+  const __m512i idx = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005, 0x160006, 0x170007,
+                                        0x180008, 0x190009, 0x1a000a, 0x1b000b, 0x1c000c, 0x1d000d, 0x1e000e, 0x1f000f);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+}
+
+/* The strip buffer, in the order the products read it: k in chunks of KC (the last one shorter),
+   in each the strip's 32-column pieces, in each piece per step of 32 in k two B tiles of 16 pairs x
+   16 columns (1 KB each, a k pair of one column per 32-bit word, even k in the low half). 16-row
+   block j of the strip (0 .. S/16 - 1) is tile (j % 2) of piece j / 2; p is the k pair. */
+typedef struct { int64_t K, S, KC; int sh; } strip_t;  /* KC a power of two, KC / 2 = 1 << sh */
+static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t) {
+  const int64_t p0 = (p >> t->sh) << t->sh, kcs = t->K - 2 * p0 < t->KC ? t->K - 2 * p0 : t->KC, q = p - p0;
+  return buf + p0 * t->S + (j >> 1) * kcs * 16 + (q >> 4) * 512 + (j & 1) * 256 + (q & 15) * 16;
+}
+
+/* int4 in cpu_int4's layout: w [N/16][K/8][64] bytes, sz bf16 [N/16][K/G][2][16]. Octet o (k = 8o ..
+   8o + 7) of 16-row block b into strip block j. */
+static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf, int64_t b, int64_t j, int64_t o,
+                             const strip_t* st, int64_t G) {
+  const int64_t K = st->K;
+  const uint8_t* p = w + (b * (K / 8) + o) * 64;
+  const uint16_t* s = sz + b * (K / G) * 32 + ((8 * o) / G) * 32;
+  const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
+  const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+  const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
+  const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+  const __m512i v = _mm512_loadu_si512((const void*)p);
+  __m512 lo[4], hi[4];
+  for (int q = 0; q < 4; q++) {
+    const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * q), byte_mask);
+    lo[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), sc, off);
+    hi[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sc, off);
+  }
+  uint32_t* d = at(buf, j, 4 * o, st);  /* pairs 4o .. 4o + 3: four consecutive rows of one B tile */
+  _mm512_storeu_si512((void*)d, pairs(lo[0], lo[1]));
+  _mm512_storeu_si512((void*)(d + 16), pairs(lo[2], lo[3]));
+  _mm512_storeu_si512((void*)(d + 32), pairs(hi[0], hi[1]));
+  _mm512_storeu_si512((void*)(d + 48), pairs(hi[2], hi[3]));
+}
+
+/* int8 [N][K] with a bf16 scale per row: columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
+   into strip block j. */
+static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* buf, int64_t b, int64_t j, int64_t c,
+                             const strip_t* st) {
+  const int64_t K = st->K, r0 = b * 16;
+  const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
+  const int8_t* base = w + r0 * K;
+  if (c + 64 <= K) {  /* one 64-byte load per row, a 16 x 16 transpose of 32-bit words */
+    __m512i t[16], u[16], v[16];
+    for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * K + c));
+    for (int i = 0; i < 8; i++) {
+      u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
+      u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+      t[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
+      t[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
+      t[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
+      t[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
+    }
+    for (int q = 0; q < 4; q++) {
+      const __m512i a = _mm512_shuffle_i32x4(t[q], t[4 + q], 0x88), bb = _mm512_shuffle_i32x4(t[q], t[4 + q], 0xdd);
+      const __m512i d = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0x88), e = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0xdd);
+      v[q] = _mm512_shuffle_i32x4(a, d, 0x88);
+      v[8 + q] = _mm512_shuffle_i32x4(a, d, 0xdd);
+      v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
+      v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) {  /* v[i]: lane r = row r0 + r, columns c + 4i .. c + 4i + 3 */
+      __m512 r[4];
+      for (int h = 0; h < 4; ++h)
+        r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[i], _mm512_set1_epi32(24 - 8 * h)), 24)), s);
+      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), pairs(r[0], r[1]));
+      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), pairs(r[2], r[3]));
+    }
+    return;
+  }
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
+  for (; c < K; c += 4) {
+    const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
+    __m512 r[4];
+    for (int h = 0; h < 4; ++h)
+      r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(gv, _mm512_set1_epi32(24 - 8 * h)), 24)), s);
+    _mm512_storeu_si512((void*)at(buf, j, c / 2, st), pairs(r[0], r[1]));
+    _mm512_storeu_si512((void*)at(buf, j, c / 2 + 1, st), pairs(r[2], r[3]));
+  }
+}
+
+/* The conversion of one strip, a unit at a time (an octet of a 16-row block for int4, 64 columns of
+   one for int8), so that the next strip's can run between the current strip's tile products. */
+typedef struct {
+  int kind;
+  const void* w;
+  const uint16_t* q;
+  uint32_t* buf;
+  strip_t st;
+  int64_t G, b0, blocks, units, j, u;
+} cursor_t;
+
+static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
+                         int sh, int64_t G, int64_t n0, int64_t ns) {
+  cu->kind = kind; cu->w = w; cu->q = q; cu->buf = buf; cu->G = G;
+  cu->b0 = n0 / 16; cu->blocks = ns / 16;
+  cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh;
+  cu->units = kind == 4 ? K / 8 : (K + 63) / 64;
+  cu->j = 0; cu->u = 0;
+}
+
+static inline void cursor_step(cursor_t* cu) {
+  if (cu->j >= cu->blocks) return;
+  if (cu->kind == 4) conv_int4((const uint8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G);
+  else conv_int8((const int8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, 64 * cu->u, &cu->st);
+  if (++cu->u == cu->units) { cu->u = 0; cu->j++; }
+}
+
+static void cursor_finish(cursor_t* cu) {
+  while (cu->j < cu->blocks) cursor_step(cu);
+  if (cu->blocks % 2) {  /* a last half piece: its other 16 columns zero */
+    for (int64_t p = 0; p < cu->st.K / 2; p++) memset(at(cu->buf, cu->blocks, p, &cu->st), 0, 64);
+  }
+  cu->blocks = -1;
+}
+
+/* 32 rows of x, packed ([K/32][32 rows][32] bf16, xa) times one piece of a chunk of the strip (bp:
+   per step of 32 in k two 1 KB B tiles) over k in [k0, k1): the fp32 sums added to c [32][32] (or
+   written there when first). Both operands are read as contiguous 2 KB per step of 32 in k. */
+static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, int64_t k1, float* c, int first,
+                           cursor_t* next, int rate) {
+  if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
+  else {
+    _tile_loadd(0, c, 128); _tile_loadd(1, c + 16, 128);
+    _tile_loadd(2, c + 16 * 32, 128); _tile_loadd(3, c + 16 * 32 + 16, 128);
+  }
+  xa += k0 * 32;
+  for (int64_t k = k0; k < k1; k += 32, xa += 32 * 32, bp += 512) {
+    /* each load as late as its first use and as far as possible after the last product reading
+       the tile it overwrites (tiles are not renamed) */
+    _tile_loadd(4, xa, 64);
+    _tile_loadd(6, bp, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, bp + 256, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_loadd(5, xa + 16 * 32, 64);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+    /* the next strip's conversion, in the vector units while the tile products run */
+    for (int r = 0; r < rate; r++) cursor_step(next);
+  }
+  _tile_stored(0, c, 128);
+  _tile_stored(1, c + 16, 128);
+  _tile_stored(2, c + 16 * 32, 128);
+  _tile_stored(3, c + 16 * 32 + 16, 128);
+}
+
+static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols) {
+  const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
+  const __mmask16 m1 = cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1));
+  for (int64_t r = 0; r < rows; r++) {
+    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32));
+    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32 + 16));
+    _mm256_mask_storeu_epi16(y + r * ldy, m0, lo);
+    if (m1) _mm256_mask_storeu_epi16(y + r * ldy + 16, m1, hi);
+  }
+}
+
+/* y [M][N] bf16 = x [M][K] bf16 times W^T, W [N][K] given quantized:
+   kind 4: w = cpu_int4 data [N/16][K/8][64], q = sz bf16 [N/16][K/G][2][16], G the group;
+   kind 8: w = int8 [N][K], q = scale bf16 [N];
+   N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
+int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
+                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int threads) {
+  if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
+  if (kind == 4 && (G % 8 || G < 8 || K % G)) return 1;
+  if (kind == 8 && K * 16 > 0x7fffffff) return 1;
+  if (kind != 4 && kind != 8) return 1;
+  int sh = 4;  /* k chunks: a power of two from 32 (the whole of K when kc <= 0) */
+  while (kc > 0 ? (2 << sh) < kc : (2 << sh) < K) sh++;
+  const int64_t KC = (int64_t)2 << sh;
+  const int64_t strips = (N + S - 1) / S, mblocks = (M + 31) / 32, kb = K / 32;
+  /* x packed once: [M/32][K/32][32 rows][32] bf16, the last rows zero (A tiles read contiguous 2 KB) */
+  uint16_t* xp = (uint16_t*)kept_buffer(0, (size_t)mblocks * 32 * K * 2);
+  if (!xp) return 2;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && mblocks >= 2)
+  for (int64_t mb = 0; mb < mblocks; mb++) {
+    for (int64_t r = 0; r < 32; r++) {
+      const int64_t row = mb * 32 + r;
+      uint16_t* dst = xp + mb * 32 * K + r * 32;
+      if (row < M) {
+        const uint16_t* src = x + row * K;
+        for (int64_t b = 0; b < kb; b++) _mm512_store_si512((void*)(dst + b * 1024), _mm512_loadu_si512((const void*)(src + b * 32)));
+      } else {
+        for (int64_t b = 0; b < kb; b++) _mm512_store_si512((void*)(dst + b * 1024), _mm512_setzero_si512());
+      }
+    }
+  }
+  int fail = 0;
+  #pragma omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && strips >= 2)
+  {
+    /* this thread's strips, in order: while one is multiplied, the next is converted into the other buffer */
+    const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t s_begin = strips * me / nt, s_end = strips * (me + 1) / nt;
+    const size_t bytes = (size_t)(S / 32) * (size_t)(K / 2) * 128;
+    uint32_t* bufs[2] = {(uint32_t*)kept_buffer(1, bytes), (uint32_t*)kept_buffer(3, bytes)};
+    float* c = (float*)kept_buffer(2, (size_t)(S / 32) * 32 * 32 * sizeof(float));
+    if (!(c && bufs[0] && bufs[1])) {
+      #pragma omp atomic write
+      fail = 2;
+    } else if (s_begin < s_end) {
+      config_tiles();
+      cursor_t cur, nxt;
+      cursor_start(&cur, kind, w, q, bufs[0], K, KC, sh, G, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S);
+      cursor_finish(&cur);
+      for (int64_t s = s_begin; s < s_end; s++) {
+        const int64_t n0 = s * S, ns = (N - n0 < S) ? N - n0 : S;
+        const int64_t pieces = (ns / 16 + 1) / 2;
+        const strip_t t = cur.st;
+        uint32_t* buf = cur.buf;
+        int rate = 0;
+        nxt.blocks = 0; nxt.j = 0;
+        if (s + 1 < s_end) {
+          const int64_t n1 = n0 + S;
+          cursor_start(&nxt, kind, w, q, bufs[(s - s_begin + 1) % 2], K, KC, sh, G, n1, N - n1 < S ? N - n1 : S);
+          const int64_t steps = mblocks * pieces * (K / 32), units = nxt.blocks * nxt.units;
+          rate = (int)((units + steps - 1) / steps);
+        }
+        /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
+           pieces), each piece's sums kept in c between chunks */
+        for (int64_t mb = 0; mb < mblocks; mb++) {
+          for (int64_t k0 = 0; k0 < K; k0 += KC) {
+            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
+            for (int64_t pc = 0; pc < pieces; pc++)
+              block32(xp + mb * 32 * K, buf + (k0 / 2) * t.S + pc * ((k1 - k0) / 2) * 32, k0, k1,
+                      c + pc * 1024, k0 == 0, &nxt, rate);
+          }
+          const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
+          for (int64_t pc = 0; pc < pieces; pc++) {
+            const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
+            write_rows(c + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols);
+          }
+        }
+        if (s + 1 < s_end) { cursor_finish(&nxt); cur = nxt; }
+      }
+      _tile_release();
+    }
+  }
+  return fail;
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Werror=incompatible-pointer-types")
+KINDS = ("int4", "int8")
+_chosen: dict[str, bool] = {}
+_lock = threading.Lock()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def setting() -> str:
+    """PANGU_INFER_AMX_PREFILL: "off", "on" (unmeasured) or "" (measured once per machine)."""
+    v = os.environ.get(ENV, "").strip().lower()
+    if v in ("0", "off", "false", "no"):
+        return "off"
+    if v in ("1", "on", "true", "yes"):
+        return "on"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built kernel with the AMX tile state granted, or None where it cannot run here."""
+    if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
+        return None
+    if not {"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"} <= _cpu_flags():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.info("AMX prefill kernel: no C compiler found")
+        return None
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
+    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
+    path = os.path.join(str(cache_root()), f"amx_prefill_{key}.so")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "amx.c")
+                with open(src, "w", encoding="utf-8") as f:
+                    f.write(SOURCE)
+                out = os.path.join(tmp, "amx.so")
+                subprocess.run([compiler, *FLAGS, src, "-o", out], check=True, capture_output=True, timeout=120)
+                shutil.move(out, f"{path}.{os.getpid()}.tmp")
+                os.replace(f"{path}.{os.getpid()}.tmp", path)
+        lib = ctypes.CDLL(path)
+        if lib.pangu_amx_abi() != ABI:
+            return None
+        if lib.pangu_amx_init() != 0:
+            log.info("AMX prefill kernel: Linux refused the AMX tile state (arch_prctl)")
+            return None
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("AMX prefill kernel not built (%s)", e)
+        return None
+    fn = lib.pangu_amx_qmm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    return lib
+
+
+def prepare(kinds=KINDS) -> None:
+    """Build the kernel and, unless PANGU_INFER_AMX_PREFILL decides, choose per kind whether it
+    runs (measured once per machine, cached): never inside a request (the engine's background
+    compile thread calls it through quant.modules.prepare_prefill)."""
+    if setting() == "off":
+        return
+    with _lock:
+        if library() is None:
+            return
+        from pangu_infer.quant import tuning
+
+        for kind in kinds:
+            if kind not in _chosen:
+                _chosen[kind] = tuning.amx_prefill(kind)
+
+
+def active(kind: str) -> bool:
+    """Do `kind`'s many-row products run here ("int4": cpu_int4's layout, "int8")? Only once
+    prepare() has built the kernel (and measured, unless PANGU_INFER_AMX_PREFILL=1)."""
+    s = setting()
+    if s == "off" or kind not in _chosen and s != "on" or torch.compiler.is_compiling():
+        return False
+    if s == "on":
+        return library.cache_info().currsize > 0 and library() is not None
+    return _chosen[kind]
+
+
+def strip_width(k: int) -> int:
+    """Output columns per strip: the strip's bf16 weight (2 K S bytes) within about 768 KB of L2
+    (RESULTS.md), 32 to 256; PANGU_INFER_AMX_STRIP sets it by hand."""
+    try:
+        s = int(os.environ.get(STRIP_ENV, "0"))
+    except ValueError:
+        s = 0
+    if s <= 0:
+        s = (768 << 10) // (2 * k)
+    return max(32, min(256, s) // 32 * 32)
+
+
+def _fits(x: torch.Tensor, n: int, k: int) -> bool:
+    return x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[1] == k and n % 16 == 0 and k % 32 == 0 and n > 0
+
+
+def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int) -> Optional[torch.Tensor]:
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    if x.shape[0] and lib.pangu_amx_qmm(
+        x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, kind, strip_width(k), K_CHUNK,
+        torch.get_num_threads(),
+    ):
+        return None
+    return y
+
+
+def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> Optional[torch.Tensor]:
+    """x [M, K] bf16 times a cpu_int4-layout weight: [M, N] bf16 (N the padded row count), or None
+    where this kernel does not take the operands (then the caller's path runs)."""
+    lib = library()
+    n, k = data.shape[0] * 16, data.shape[1] * 8
+    if (
+        lib is None or not _fits(x, n, k) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16
+        or not (data.is_contiguous() and sz.is_contiguous()) or group_size % 8 or k % group_size
+        or tuple(sz.shape) != (data.shape[0], k // group_size, 2, 16)
+    ):
+        return None
+    return _run(lib, x, data, sz, n, k, group_size, 4)
+
+
+def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:
+    """x [M, K] bf16 times an int8 weight [N, K] with a bf16 scale per row: [M, N] bf16, or None."""
+    lib = library()
+    n, k = data.shape
+    if (
+        lib is None or not _fits(x, n, k) or data.dtype != torch.int8 or scales.dtype != torch.bfloat16
+        or not (data.is_contiguous() and scales.is_contiguous()) or tuple(scales.shape) != (n,)
+    ):
+        return None
+    return _run(lib, x, data, scales, n, k, 0, 8)
+
+
+__all__ = ["ENV", "KINDS", "active", "int4_product", "int8_product", "library", "prepare", "setting", "strip_width"]

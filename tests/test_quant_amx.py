@@ -1,0 +1,184 @@
+"""quant/amx.py: int4 (cpu_int4's layout) and int8 products of many rows read by an AMX kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pangu_infer.engine.compiled import compile_problem
+from pangu_infer.loader import load_model
+from pangu_infer.quant import amx, cpu_int4, prefill, tuning
+from pangu_infer.quant.formats import QuantizationConfig, dequantize, quantize
+from pangu_infer.quant.modules import PackedWeight, QuantizedLinear, prepare_prefill
+
+CPU = torch.device("cpu")
+pytestmark = [
+    pytest.mark.skipif(amx.library() is None, reason="no AMX-BF16, no C compiler or no AMX tile state here"),
+    pytest.mark.skipif(cpu_int4.library() is None, reason="cpu_int4's layout needs AVX-512 VNNI"),
+]
+
+
+def _int4(n: int, k: int, group: int = 32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    zero = (torch.rand(n, k // group, generator=g) - 0.5) * 0.1
+    data, sz = cpu_int4.pack(q, scale, zero)
+    return data, sz, cpu_int4.dequantize_t(data, sz, group).t()  # the bf16 weight [N, K] the packed path multiplies
+
+
+def _int8(n: int, k: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(n, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
+    return w8, s8, (w8.float() * s8.float()[:, None]).to(torch.bfloat16)
+
+
+def _product(kind: str, x: torch.Tensor, w: tuple) -> torch.Tensor:
+    return amx.int4_product(x, w[0], w[1], 32) if kind == "int4" else amx.int8_product(x, w[0], w[1])
+
+
+def _close_to_bf16_weight(y: torch.Tensor, x: torch.Tensor, w_bf16: torch.Tensor) -> None:
+    """Within the output's bf16 rounding (and fp32 sums in another order) of x times the bf16 weight
+    the packed path would multiply, row by row."""
+    ref = x.float() @ w_bf16.float().t()
+    err = (y.float() - ref).abs()
+    bound = 2**-8 * ref.abs() + 1e-4 * ref.abs().amax(dim=1, keepdim=True)
+    assert (err <= bound).all(), float((err - bound).max())
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize(
+    "n, k, rows",
+    [
+        (64, 64, 32),  # one piece, one block of rows
+        (48, 256, 7),  # a half piece (N % 32 == 16), fewer rows than a block
+        (96, 128, 45),  # odd rows over two blocks
+        (320, 576, 100),  # two strips (576 wide: 256 columns each), the second one shorter
+        (272, 1536, 33),  # k in six chunks, a half piece in the second strip
+    ],
+)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_products_equal_the_bf16_weight_within_the_output_rounding(kind, n, k, rows, threads):
+    w = _int4(n, k) if kind == "int4" else _int8(n, k)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = _product(kind, x, w)
+    finally:
+        torch.set_num_threads(old)
+    assert y is not None and y.shape == (rows, n) and y.dtype == torch.bfloat16
+    _close_to_bf16_weight(y, x, w[2])
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_a_row_comes_out_the_same_whatever_rows_run_with_it(kind):
+    w = _int4(160, 320) if kind == "int4" else _int8(160, 320)
+    x = torch.randn(77, 320, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    full = _product(kind, x, w)
+    for rows in (1, 16, 31, 32, 33, 64):
+        assert torch.equal(_product(kind, x[:rows].contiguous(), w), full[:rows])
+    assert torch.equal(_product(kind, x[40:].contiguous(), w), full[40:])
+
+
+def test_shapes_it_does_not_take_are_refused():
+    x = torch.randn(40, 48, dtype=torch.bfloat16)
+    data, sz, _ = _int4(64, 48, group=16)
+    assert amx.int4_product(x, data, sz, 16) is None  # K % 32
+    w8, s8, _ = _int8(64, 48)
+    assert amx.int8_product(x, w8, s8) is None
+    w8, s8, _ = _int8(40, 64)
+    assert amx.int8_product(torch.randn(40, 64, dtype=torch.bfloat16), w8, s8) is None  # N % 16
+    assert amx.int8_product(torch.randn(40, 64), *_int8(64, 64)[:2]) is None  # fp32 x
+
+
+@pytest.fixture
+def forced_on(monkeypatch):
+    monkeypatch.setenv(amx.ENV, "1")
+    monkeypatch.setattr(amx, "_chosen", {})
+    assert prefill.prepare() is None
+    amx.prepare()
+    assert amx.active("int4") and amx.active("int8")
+
+
+@pytest.mark.parametrize("method", ["int4", "int8"])
+@pytest.mark.parametrize("n, k", [(192, 256), (100, 96), (72, 48)])  # 72 x 48: K % 32, the packed path runs
+def test_linear_with_bias_runs_it_and_matches_the_packed_path(forced_on, monkeypatch, method, n, k):
+    if method == "int4" and k % 32:
+        pytest.skip("int4 groups are 32 to 128 wide: K is a multiple of 32")
+    w = torch.randn(n, k)
+    qt = quantize(w, QuantizationConfig(method, 32))
+    weight = PackedWeight(qt, CPU)
+    weight.convert_min_rows = 16
+    lin = QuantizedLinear(weight, torch.nn.Parameter(torch.randn(n).to(torch.bfloat16)))
+    x = torch.randn(37, k).to(torch.bfloat16)
+    calls = []
+    for name in ("int4_product", "int8_product"):
+        real = getattr(amx, name)
+        monkeypatch.setattr(amx, name, lambda *a, _r=real: calls.append(1) or _r(*a))
+    with torch.inference_mode():
+        got = lin(x)
+        monkeypatch.setenv(amx.ENV, "0")
+        want = lin(x)
+    assert calls, "the AMX kernel was not asked"
+    assert got.shape == want.shape == (37, n)
+    ref = F.linear(x.float(), dequantize(qt)) + lin.bias.float()  # the quantized weight, in float
+    scale = ref.abs().max().item()
+    assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2 * scale)
+    # the same bf16 weight as the packed path: apart only by the order of the sums and the roundings
+    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=2e-3 * scale)
+    if k % 32:
+        assert torch.equal(got, want)
+
+
+def test_off_by_default_where_measured_slower_and_by_hand(tmp_path, monkeypatch):
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv(amx.ENV, raising=False)
+    monkeypatch.setattr(tuning, "_cache", {})
+    monkeypatch.setattr(amx, "_chosen", {})
+    assert not amx.active("int4")  # nothing chosen before prepare()
+    monkeypatch.setattr(tuning, "measure_amx", lambda kind: {"amx": 1.0, "packed": 1.0 if kind == "int4" else 2.0})
+    amx.prepare()
+    assert not amx.active("int4") and amx.active("int8")  # within the margin: not taken
+    assert '"amx_prefill_int4": false' in (tmp_path / "kernels.json").read_text()
+    monkeypatch.setenv(amx.ENV, "0")
+    assert not amx.active("int8")
+    monkeypatch.setenv(amx.ENV, "1")
+    assert amx.active("int4")
+
+
+@pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++ compiler for inductor here")
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_model_prefill_logits_match_the_eager_bf16_dequantized_model(tiny_dense_dir, forced_on, monkeypatch, method):
+    """A whole prefill (q/k/v with biases, MLP, head) through the kernel against the same model with
+    every quantized product replaced by F.linear on its bf16-dequantized weight, eagerly."""
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4_VNNI", "16")
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "16")
+    loaded = load_model(str(tiny_dense_dir), torch.bfloat16, CPU, load_tokenizer=False, quantization=method)
+    weights = [m for m in loaded.model.modules() if isinstance(m, PackedWeight)]
+    assert weights and all(m.kernel in ("int4_vnni", "int8") for m in weights)
+    assert prepare_prefill(loaded.model) is None
+    assert all(m.convert_min_rows == 16 for m in weights)
+    calls = []
+    for name in ("int4_product", "int8_product"):
+        real = getattr(amx, name)
+        monkeypatch.setattr(amx, name, lambda *a, _r=real: calls.append(1) or _r(*a))
+    ids = torch.randint(3, 1000, (70,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None)).float()
+        assert len(calls) >= len(weights)
+
+        def dequantized(self, x, expert=None):
+            if self.kernel == "int4_vnni":
+                w = cpu_int4.dequantize_t(self.data, self.scales, self.group_size).t()[: self.out_features]
+            else:
+                w = (self.data.float() * self.scales.float()[:, None]).to(torch.bfloat16)
+            return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+
+        monkeypatch.setattr(PackedWeight, "forward", dequantized)
+        want = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None)).float()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() >= 0.999
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.95
