@@ -12,7 +12,9 @@ the gguf package's own writer and Q4_0 quantizer, `--layers` deep):
 - prefill of --prompt-len tokens (one forward of the whole prompt, as the engine's prefill step
   runs it; bf16 weights oneDNN-packed as LLM packs them; the quantized weights' prefill
   conversions compiled as LLM's background compile does, unless --eager-convert): kept int4 (and
-  `int8`, re-quantized per row) against bf16, alternating rounds, medians, and their ratio.
+  `int8`, re-quantized per row) against bf16, alternating rounds, medians, and their ratio;
+  `--plain-too` / `--amx-too` add the same quantized models on the plain-W^T path / with
+  quant/amx.py's AMX kernel forced on and off.
 
     .venv/bin/python benchmarks/gguf_quant.py
     .venv/bin/python benchmarks/gguf_quant.py --make-pangu-q4_0 /tmp/pangu-q4_0.gguf --layers 4
@@ -146,6 +148,8 @@ def main() -> int:
     p.add_argument("--skip", default="", help="comma-separated parts to skip: load, ppl, prefill")
     p.add_argument("--plain-too", action="store_true",
                    help="also time each quantized model with PANGU_INFER_PACKED_PREFILL=0 (products on a plain W^T), interleaved")
+    p.add_argument("--amx-too", action="store_true",
+                   help="also time each quantized model with PANGU_INFER_AMX_PREFILL=1 and =0 (quant/amx.py's kernel on and off), interleaved")
     p.add_argument("--eager-convert", action="store_true",
                    help="leave the prefill conversions of quantized weights eager (as before quant/prefill.py)")
     p.add_argument("--child-load", default=None, help=argparse.SUPPRESS)
@@ -159,6 +163,7 @@ def main() -> int:
 
     from pangu_infer.loader import demo_model_path, load_model
     from pangu_infer.models.packed import can_pack, pack_linears
+    from pangu_infer.quant import amx
     from pangu_infer.quant.modules import prepare_prefill
     from pangu_infer.quant.tuning import convert_min_rows
 
@@ -201,7 +206,8 @@ def main() -> int:
             t = time.perf_counter()
             why = prepare_prefill(loaded.model)
             print(f"{name}: prefill conversions compiled in {time.perf_counter() - t:.1f} s"
-                  + (f" ({why})" if why else "") + f"; int4 converts from {convert_min_rows('int4')} rows, "
+                  + (f" ({why})" if why else "") + f"; AMX kernel (quant/amx.py) for int4: {amx.active('int4')}, "
+                  f"int8: {amx.active('int8')}; int4 converts from {convert_min_rows('int4')} rows, "
                   f"int8 from {convert_min_rows('int8')}")
         models[name] = loaded
 
@@ -217,23 +223,27 @@ def main() -> int:
         ids = torch.randint(2, 30000, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         pos = torch.arange(args.prompt_len)
         # Each quantized model also runs with its many-row products converting to a plain W^T
-        # (PANGU_INFER_PACKED_PREFILL=0, the path before the packed one), interleaved in the same
-        # rounds, so that the two paths are compared under the same load.
+        # (--plain-too: PANGU_INFER_PACKED_PREFILL=0, the path before the packed one) and with
+        # quant/amx.py's kernel forced on and off (--amx-too), interleaved in the same rounds, so
+        # that the paths are compared under the same load.
+        from pangu_infer.quant import amx as _amx
         from pangu_infer.quant import prefill as _prefill
 
         runs = []
         for name, m in models.items():
-            runs.append((name, m, None))
+            runs.append((name, m, {}))
             if args.plain_too and name != "bf16 (none)":
-                runs.append((f"{name}, plain W^T", m, "0"))
+                runs.append((f"{name}, plain W^T", m, {_prefill.PACKED_ENV: "0", _amx.ENV: "0"}))
+            if args.amx_too and name != "bf16 (none)":
+                runs.append((f"{name}, AMX kernel", m, {_amx.ENV: "1"}))
+                runs.append((f"{name}, packed", m, {_amx.ENV: "0"}))
         times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
-        before = os.environ.get(_prefill.PACKED_ENV)
+        before = {k: os.environ.get(k) for k in (_prefill.PACKED_ENV, _amx.ENV)}
 
-        def packed_env(value):
-            if value is None:
-                os.environ.pop(_prefill.PACKED_ENV, None) if before is None else os.environ.__setitem__(_prefill.PACKED_ENV, before)
-            else:
-                os.environ[_prefill.PACKED_ENV] = value
+        def packed_env(env):
+            for k, v in before.items():
+                value = env.get(k, v)
+                os.environ.pop(k, None) if value is None else os.environ.__setitem__(k, value)
 
         with torch.inference_mode():
             for _, m, env in runs:
@@ -245,7 +255,7 @@ def main() -> int:
                     t = time.perf_counter()
                     m.model(ids, pos, None)
                     times[name].append(time.perf_counter() - t)
-            packed_env(None)
+            packed_env({})
         med = {name: statistics.median(v) for name, v in times.items()}
         base = med["bf16 (none)"]
         print(f"| prefill {args.prompt_len} tokens | median s ({args.rounds} alternating rounds) | tokens/s | vs bf16 |")
