@@ -118,10 +118,9 @@ def test_shapes_it_does_not_take_are_refused():
 @pytest.fixture
 def forced_on(monkeypatch):
     monkeypatch.setenv(amx.ENV, "1")
-    monkeypatch.setattr(amx, "_chosen", {})
     assert prefill.prepare() is None
-    amx.prepare()
-    assert amx.active("int4") and amx.active("int8")
+    assert amx.prepare()
+    assert amx.use(False)
 
 
 @pytest.mark.parametrize("method", ["int4", "int8"])
@@ -154,20 +153,41 @@ def test_linear_with_bias_runs_it_and_matches_the_packed_path(forced_on, monkeyp
         assert torch.equal(got, want)
 
 
-def test_off_by_default_where_measured_slower_and_by_hand(tmp_path, monkeypatch):
+def test_chosen_per_shape_where_measured_faster_and_by_hand(tmp_path, monkeypatch):
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     monkeypatch.delenv(amx.ENV, raising=False)
     monkeypatch.setattr(tuning, "_cache", {})
-    monkeypatch.setattr(amx, "_chosen", {})
-    assert not amx.active("int4")  # nothing chosen before prepare()
-    monkeypatch.setattr(tuning, "measure_amx", lambda kind: {"amx": 1.0, "packed": 1.0 if kind == "int4" else 2.0})
-    amx.prepare()
-    assert not amx.active("int4") and amx.active("int8")  # within the margin: not taken
-    assert '"amx_prefill_int4": false' in (tmp_path / "kernels.json").read_text()
+    measured = []
+
+    def measure(kind, data, scales, group=0):
+        measured.append((kind, tuple(data.shape)))
+        return {"amx": 1.0, "packed": 2.0 if data.shape[0] == 128 else 1.0}  # faster on 128 rows only
+
+    monkeypatch.setattr(tuning, "measure_amx", measure)
+    model = torch.nn.ModuleList(
+        PackedWeight(quantize(torch.randn(n, 64), QuantizationConfig(m, 32)), CPU)
+        for n, m in ((128, "int8"), (64, "int8"), (128, "int8"))
+    )
+    assert not any(w.amx_prefill for w in model)  # nothing chosen before prepare_prefill
+    assert prepare_prefill(model) is None
+    assert [w.amx_prefill for w in model] == [True, False, True]
+    assert measured == [("int8", (128, 64)), ("int8", (64, 64))]  # once per shape, then cached
+    stored = (tmp_path / "kernels.json").read_text()
+    assert '"amx_prefill_int8_128x64": true' in stored and '"amx_prefill_int8_64x64": false' in stored
+    x = torch.randn(40, 64, dtype=torch.bfloat16)
+    calls = []
+    real = amx.int8_product
+    monkeypatch.setattr(amx, "int8_product", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    for w in model:
+        w.convert_min_rows = 16
+        w(x)
+    assert calls == [128, 128]
     monkeypatch.setenv(amx.ENV, "0")
-    assert not amx.active("int8")
+    model[0](x)
+    assert calls == [128, 128] and not amx.use(True)
     monkeypatch.setenv(amx.ENV, "1")
-    assert amx.active("int4")
+    model[1](x)
+    assert calls == [128, 128, 64] and amx.use(False)
 
 
 @pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++ compiler for inductor here")

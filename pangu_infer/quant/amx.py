@@ -29,12 +29,12 @@ the process asks Linux for the AMX tile state once (`arch_prctl(ARCH_REQ_XCOMP_P
 XFEATURE_XTILEDATA)`, as oneDNN does). Nothing of it runs where the CPU has no `amx_bf16`, where
 there is no compiler or where Linux refuses the tile state: the packed path runs as before.
 
-Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, it runs for a
-kind (int4, int8) only if it beat the packed path by 3% in a short measurement (quant/tuning.py,
-`amx_prefill_int4` / `amx_prefill_int8` in kernels.json), made once per machine from
-`prepare()` (the engine's background compile thread, never inside a request). On the machine of
-benchmarks/RESULTS.md ("Quantized prefill with AMX reading the quantized weight") it was not
-faster, so there the packed path stays.
+Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, a weight's
+products run it only if it beat the packed path by 3% in a short measurement on a weight of that
+kind and shape (quant/tuning.py, `amx_prefill_<kind>_<N>x<K>` in kernels.json), made once per
+machine and thread count when the engine's background compile thread prepares the model (never
+inside a request). Which shapes that is differs by machine: benchmarks/RESULTS.md, "Quantized
+prefill with an AMX kernel that reads the quantized weight".
 """
 
 from __future__ import annotations
@@ -368,8 +368,6 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
 """
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Werror=incompatible-pointer-types")
-KINDS = ("int4", "int8")
-_chosen: dict[str, bool] = {}
 _lock = threading.Lock()
 
 
@@ -434,31 +432,28 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-def prepare(kinds=KINDS) -> None:
-    """Build the kernel and, unless PANGU_INFER_AMX_PREFILL decides, choose per kind whether it
-    runs (measured once per machine, cached): never inside a request (the engine's background
-    compile thread calls it through quant.modules.prepare_prefill)."""
+def prepare() -> bool:
+    """Build the kernel (once per process; a cached library after the first time on a machine):
+    True when it can run here. Never inside a request: the engine's background compile thread calls
+    it through quant.modules.prepare_prefill, which then chooses per weight shape whether it runs."""
     if setting() == "off":
-        return
+        return False
     with _lock:
-        if library() is None:
-            return
-        from pangu_infer.quant import tuning
-
-        for kind in kinds:
-            if kind not in _chosen:
-                _chosen[kind] = tuning.amx_prefill(kind)
+        return library() is not None
 
 
-def active(kind: str) -> bool:
-    """Do `kind`'s many-row products run here ("int4": cpu_int4's layout, "int8")? Only once
-    prepare() has built the kernel (and measured, unless PANGU_INFER_AMX_PREFILL=1)."""
+def use(chosen: bool) -> bool:
+    """Does a many-row product whose weight's shape chose `chosen` (PackedWeight.amx_prefill,
+    measured per machine) run the kernel now: PANGU_INFER_AMX_PREFILL=0 never, =1 always once
+    prepare() has built it, else `chosen`; never inside a graph dynamo traces (a ctypes call)."""
+    if torch.compiler.is_compiling():
+        return False
     s = setting()
-    if s == "off" or kind not in _chosen and s != "on" or torch.compiler.is_compiling():
+    if s == "off":
         return False
     if s == "on":
         return library.cache_info().currsize > 0 and library() is not None
-    return _chosen[kind]
+    return chosen
 
 
 def strip_width(k: int) -> int:
@@ -513,4 +508,4 @@ def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> O
     return _run(lib, x, data, scales, n, k, 0, 8)
 
 
-__all__ = ["ENV", "KINDS", "active", "int4_product", "int8_product", "library", "prepare", "setting", "strip_width"]
+__all__ = ["ENV", "int4_product", "int8_product", "library", "prepare", "setting", "strip_width", "use"]

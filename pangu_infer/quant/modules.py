@@ -34,7 +34,7 @@ from pangu_infer.quant import amx, cpu_int4
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
 from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product
-from pangu_infer.quant.tuning import NEVER, convert_min_rows
+from pangu_infer.quant.tuning import NEVER, amx_prefill as amx_chosen, convert_min_rows
 
 KERNEL_DTYPE = torch.bfloat16
 INT8_ALIGN = 64
@@ -77,6 +77,7 @@ class PackedWeight(nn.Module):
         self.out_features, self.in_features = qt.shape[-2], qt.shape[-1]
         self.group_size = qt.group_size
         self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
+        self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per shape by prepare_prefill)
         if qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
             if device.type == "cpu":
@@ -187,12 +188,12 @@ class PackedWeight(nn.Module):
             # The scales are folded into the converted weight (quant/prefill.py: one fused loop
             # once compiled, one eager pass before).
             # Where quant/amx.py's kernel was chosen, it reads the int8 weight itself instead.
-            y = amx.int8_product(xk, data, scales) if amx.active("int8") else None
+            y = amx.int8_product(xk, data, scales) if amx.use(self.amx_prefill) else None
             y = int8_product(xk, data, scales) if y is None else y
         elif self.kernel == "int4_vnni" and x2.shape[0] >= self.convert_min_rows:
             # Read by quant/amx.py's kernel where it was chosen, else converted straight into
             # oneDNN's packed layout where it is checked (quant/prefill.py), else to a plain W^T.
-            y = amx.int4_product(xk, data, scales, self.group_size) if amx.active("int4") else None
+            y = amx.int4_product(xk, data, scales, self.group_size) if amx.use(self.amx_prefill) else None
             y = int4_vnni_product(xk, data, scales, self.group_size) if y is None else y
             y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
@@ -337,9 +338,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
         return None
     why = prefill.prepare()
     if why is None:
-        # quant/amx.py's kernel for the many-row products it takes: built, and measured against the
-        # path below once per machine (quant/tuning.py), here rather than in a first request
-        amx.prepare(sorted({"int4" if m.kernel == "int4_vnni" else "int8" for m in weights if m.kernel != "int4_cpu"}))
+        amx_ok = amx.prepare()
         for m in weights:
             # never down to a row count a batch-invariant tile runs (models/batch_invariant.RowTiledLinear)
             floor = getattr(m, "convert_min_rows_floor", 1)
@@ -349,4 +348,11 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
             elif m.kernel == "int4_vnni":
                 prefill.packed_layout_ok(m.data.shape[-3] * cpu_int4.ROW_BLOCK, m.data.shape[-2] * cpu_int4.OCTET)
+            # quant/amx.py's kernel where it beat that path on this shape (measured once per machine
+            # on the weight itself, quant/tuning.py), chosen here rather than in a first request
+            if amx_ok and m.kernel in ("int8", "int4_vnni"):
+                lead = (0,) * (m.data.dim() - (3 if m.kernel == "int4_vnni" else 2))  # experts: the first one
+                m.amx_prefill = amx_chosen(
+                    "int4" if m.kernel == "int4_vnni" else "int8", m.data[lead], m.scales[lead], m.group_size
+                )
     return why

@@ -10,11 +10,11 @@ number when it never is). The result is kept per machine (CPU model, threads, to
 (e.g. `PANGU_INFER_KERNEL_ROWS_INT4=64`) sets it by hand, and `PANGU_INFER_KERNEL_CACHE` names
 another cache file.
 
-`amx_prefill(kind)` chooses, the same way, whether int4 (cpu_int4's layout) and int8 products of
-many rows run quant/amx.py's kernel, which reads the quantized weight itself, instead of the
-conversion into oneDNN's packed layout: interleaved medians of both on 512 rows of a 1536 x 1536
-weight, and the AMX kernel only where it is at least AMX_MARGIN faster (`amx_prefill_int4`,
-`amx_prefill_int8`; PANGU_INFER_AMX_PREFILL=0/1 decides by hand).
+`amx_prefill(kind, weight)` chooses, the same way, whether many-row products of an int4 (cpu_int4's
+layout) or int8 weight of that shape run quant/amx.py's kernel, which reads the quantized weight
+itself, instead of the conversion into oneDNN's packed layout: interleaved medians of both on 512
+rows and that weight, and the AMX kernel only where it is at least AMX_MARGIN faster
+(`amx_prefill_<kind>_<N>x<K>`; PANGU_INFER_AMX_PREFILL=0/1 decides by hand).
 
 int4 on CPU converts from the kernel's own packed layout (`dequantize_int4_cpu_packed`), which is
 not a documented format: it is checked against the packing op itself before it is ever used, and
@@ -100,31 +100,28 @@ AMX_ROWS = 512
 AMX_MARGIN = 0.97  # the AMX kernel's median at most this fraction of the packed path's
 
 
-def measure_amx(kind: str) -> dict[str, float]:
-    """Median seconds of one product of AMX_ROWS rows on a BENCH_N x BENCH_K weight: quant/amx.py's
-    kernel ("amx") and the many-row path that runs without it ("packed"), interleaved."""
+def measure_amx(kind: str, data: torch.Tensor, scales: torch.Tensor, group: int = 0) -> dict[str, float]:
+    """Median seconds of one product of AMX_ROWS rows on this weight (cpu_int4's layout for "int4",
+    int8 [N, K] with a bf16 scale per row for "int8"): quant/amx.py's kernel ("amx") and the
+    many-row path that runs without it ("packed"), interleaved."""
     from pangu_infer.quant import amx
 
-    g = torch.Generator().manual_seed(0)
-    n, k, group = BENCH_N, BENCH_K, 32
-    x = torch.randn(AMX_ROWS, k, generator=g).to(torch.bfloat16)
+    k = data.shape[1] * cpu_int4.OCTET if kind == "int4" else data.shape[1]
+    x = torch.randn(AMX_ROWS, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     if kind == "int4":
-        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-        data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01)
-        fns = {"amx": lambda: amx.int4_product(x, data, sz, group), "packed": lambda: int4_vnni_product(x, data, sz, group)}
+        fns = {"amx": lambda: amx.int4_product(x, data, scales, group), "packed": lambda: int4_vnni_product(x, data, scales, group)}
     else:
-        w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
-        s8 = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
-        fns = {"amx": lambda: amx.int8_product(x, w8, s8), "packed": lambda: int8_product(x, w8, s8)}
+        fns = {"amx": lambda: amx.int8_product(x, data, scales), "packed": lambda: int8_product(x, data, scales)}
     with torch.inference_mode():
         if fns["amx"]() is None:
             return {"amx": float("inf"), "packed": 0.0}
-        return interleaved_medians(fns, rounds=9)
+        return interleaved_medians(fns, rounds=7)
 
 
-def amx_prefill(kind: str) -> bool:
-    """Do `kind` ("int4" | "int8") products of many rows run quant/amx.py's kernel on this machine:
-    PANGU_INFER_AMX_PREFILL=1/0, else measured once per machine (cached)."""
+def amx_prefill(kind: str, data: torch.Tensor, scales: torch.Tensor, group: int = 0) -> bool:
+    """Do many-row products of a weight of this kind ("int4" | "int8") and shape run quant/amx.py's
+    kernel on this machine: measured once per machine on this weight (cached per kind and shape);
+    PANGU_INFER_AMX_PREFILL=0/1 decides without measuring."""
     from pangu_infer.quant import amx
 
     setting = amx.setting()
@@ -132,10 +129,11 @@ def amx_prefill(kind: str) -> bool:
         return setting == "on" and amx.library() is not None
     if amx.library() is None:
         return False
-    name = f"amx_prefill_{kind}"
+    n, k = (data.shape[0] * cpu_int4.ROW_BLOCK, data.shape[1] * cpu_int4.OCTET) if kind == "int4" else tuple(data.shape)
+    name = f"amx_prefill_{kind}_{n}x{k}" + (f"_g{group}" if kind == "int4" else "")
     if name not in _cache:
         def measured() -> bool:
-            t = measure_amx(kind)
+            t = measure_amx(kind, data, scales, group)
             return bool(t["amx"] <= AMX_MARGIN * t["packed"])
 
         _cache[name] = cached_choice(name, measured, lambda v: isinstance(v, bool))
