@@ -197,6 +197,15 @@ def main() -> int:
     if {"ppl", "prefill"} <= skip:
         return 0
     cpu = torch.device("cpu")
+
+    def amx_shapes(model) -> str:
+        """The weight shapes whose many-row products run quant/amx.py's kernel (measured per machine)."""
+        from pangu_infer.quant.modules import PackedWeight
+
+        ws = [m for m in model.modules() if isinstance(m, PackedWeight) and m.kernel in ("int8", "int4_vnni")]
+        chosen = sorted({f"{m.method} {m.out_features}x{m.in_features}" for m in ws if amx.use(m.amx_prefill)})
+        return f"{len([m for m in ws if amx.use(m.amx_prefill)])} of {len(ws)} weights ({', '.join(chosen) or 'none'})"
+
     models = {}
     for name, q in (("kept (auto)", "auto"), ("int8", "int8"), ("bf16 (none)", "none")):
         loaded = load_model(path, torch.bfloat16, cpu, load_tokenizer=True, quantization=q)
@@ -206,8 +215,7 @@ def main() -> int:
             t = time.perf_counter()
             why = prepare_prefill(loaded.model)
             print(f"{name}: prefill conversions compiled in {time.perf_counter() - t:.1f} s"
-                  + (f" ({why})" if why else "") + f"; AMX kernel (quant/amx.py) for int4: {amx.active('int4')}, "
-                  f"int8: {amx.active('int8')}; int4 converts from {convert_min_rows('int4')} rows, "
+                  + (f" ({why})" if why else "") + f"; AMX kernel (quant/amx.py) chosen for {amx_shapes(loaded.model)}; int4 converts from {convert_min_rows('int4')} rows, "
                   f"int8 from {convert_min_rows('int8')}")
         models[name] = loaded
 
