@@ -13,7 +13,7 @@ strip of output columns:
   packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once (int8:
   q * s rounded once);
 - x is copied once per product into 32-row blocks laid out as AMX A tiles ([K/32][32][32] bf16,
-  the last rows zero); every 32 rows run against each 32-column piece with 2 x 2 fp32 accumulator
+  the last rows zero; a buffer kept per thread up to 32 MB, bigger ones allocated per call); every 32 rows run against each 32-column piece with 2 x 2 fp32 accumulator
   tiles (`tdpbf16ps`), k chunk by k chunk so that the rows' chunk stays in L1 across the pieces;
 - while one strip is multiplied, the next one is converted into a second buffer a unit at a time
   between the tile products (the vector units are free while the tile unit works);
@@ -298,7 +298,10 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
   const int64_t KC = (int64_t)2 << sh;
   const int64_t strips = (N + S - 1) / S, mblocks = (M + 31) / 32, kb = K / 32;
   /* x packed once: [M/32][K/32][32 rows][32] bf16, the last rows zero (A tiles read contiguous 2 KB) */
-  uint16_t* xp = (uint16_t*)kept_buffer(0, (size_t)mblocks * 32 * K * 2);
+  /* kept per thread up to 32 MB (the size of the packed path's kept buffers), else per call */
+  const size_t xbytes = (size_t)mblocks * 32 * K * 2;
+  const int xkept = xbytes <= ((size_t)32 << 20);
+  uint16_t* xp = (uint16_t*)(xkept ? kept_buffer(0, xbytes) : aligned_alloc(4096, (xbytes + 4095) / 4096 * 4096));
   if (!xp) return 2;
   #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && mblocks >= 2)
   for (int64_t mb = 0; mb < mblocks; mb++) {
@@ -363,6 +366,7 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
       _tile_release();
     }
   }
+  if (!xkept) free(xp);
   return fail;
 }
 """
