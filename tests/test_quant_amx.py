@@ -56,7 +56,8 @@ def _close_to_bf16_weight(y: torch.Tensor, x: torch.Tensor, w_bf16: torch.Tensor
         (48, 256, 7),  # a half piece (N % 32 == 16), fewer rows than a block
         (96, 128, 45),  # odd rows over two blocks
         (320, 576, 100),  # two strips (576 wide: 256 columns each), the second one shorter
-        (272, 1536, 33),  # k in six chunks, a half piece in the second strip
+        (272, 1536, 33),  # k in six chunks, a half piece in the last strip
+        (80, 1536, 300),  # rows in two blocks (256 at K = 1536, amx.row_block), the second one odd
     ],
 )
 @pytest.mark.parametrize("threads", [1, 2])

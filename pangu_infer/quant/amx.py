@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
-ABI = 1
+ABI = 2
 
 SOURCE = r"""
 #include <stdint.h>
@@ -74,7 +74,7 @@ SOURCE = r"""
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-int pangu_amx_abi(void) { return 1; }
+int pangu_amx_abi(void) { return 2; }
 
 /* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
 int pangu_amx_init(void) {
@@ -287,8 +287,8 @@ static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t 
    kind 4: w = cpu_int4 data [N/16][K/8][64], q = sz bf16 [N/16][K/G][2][16], G the group;
    kind 8: w = int8 [N][K], q = scale bf16 [N];
    N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
-int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int threads) {
+static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
+                    int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int threads) {
   if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
   if (kind == 4 && (G % 8 || G < 8 || K % G)) return 1;
   if (kind == 8 && K * 16 > 0x7fffffff) return 1;
@@ -369,6 +369,18 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
   if (!xkept) free(xp);
   return fail;
 }
+
+/* In blocks of mb rows (0: all at once), each converting the weight again: a block's rows of x stay
+   in L2 with the strip buffers instead of streaming through it once per strip. */
+int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
+                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t mb, int threads) {
+  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, kind, S, kc, threads);
+  for (int64_t m0 = 0; m0 < M; m0 += mb) {
+    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, kind, S, kc, threads);
+    if (rc) return rc;
+  }
+  return 0;
+}
 """
 
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Werror=incompatible-pointer-types")
@@ -432,7 +444,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     fn = lib.pangu_amx_qmm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -461,15 +473,24 @@ def use(chosen: bool) -> bool:
 
 
 def strip_width(k: int) -> int:
-    """Output columns per strip: the strip's bf16 weight (2 K S bytes) within about 768 KB of L2
-    (RESULTS.md), 32 to 256; PANGU_INFER_AMX_STRIP sets it by hand."""
+    """Output columns per strip. Up to K = 2048: 64, with the rows in blocks (row_block) whose x
+    stays in L2 beside the two strip buffers; wider: the strip's bf16 weight (2 K S bytes) within
+    about 768 KB of L2, 32 to 256 columns, all rows at once (RESULTS.md, "Quantized prefill with an
+    AMX kernel"). PANGU_INFER_AMX_STRIP sets it by hand."""
     try:
         s = int(os.environ.get(STRIP_ENV, "0"))
     except ValueError:
         s = 0
     if s <= 0:
-        s = (768 << 10) // (2 * k)
+        s = 64 if k <= 2048 else (768 << 10) // (2 * k)
     return max(32, min(256, s) // 32 * 32)
+
+
+def row_block(k: int) -> int:
+    """Rows per block, each block converting the weight again (0: all rows at once): up to K = 2048,
+    about 768 KB of x (256 rows at K = 1536), which measured faster than x streaming through L2
+    once per strip; wider K, all at once (a block small enough for L2 converts the weight too often)."""
+    return max(32, (768 << 10) // (2 * k) // 32 * 32) if k <= 2048 else 0
 
 
 def _fits(x: torch.Tensor, n: int, k: int) -> bool:
@@ -480,7 +501,7 @@ def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int,
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0] and lib.pangu_amx_qmm(
         x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, kind, strip_width(k), K_CHUNK,
-        torch.get_num_threads(),
+        row_block(k), torch.get_num_threads(),
     ):
         return None
     return y
@@ -512,4 +533,4 @@ def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> O
     return _run(lib, x, data, scales, n, k, 0, 8)
 
 
-__all__ = ["ENV", "int4_product", "int8_product", "library", "prepare", "setting", "strip_width", "use"]
+__all__ = ["ENV", "int4_product", "int8_product", "library", "prepare", "row_block", "setting", "strip_width", "use"]
