@@ -174,7 +174,7 @@ def test_chosen_per_shape_where_measured_faster_and_by_hand(tmp_path, monkeypatc
     assert [w.amx_prefill for w in model] == [True, False, True]
     assert measured == [("int8", (128, 64)), ("int8", (64, 64))]  # once per shape, then cached
     stored = (tmp_path / "kernels.json").read_text()
-    assert '"amx_prefill_int8_128x64": true' in stored and '"amx_prefill_int8_64x64": false' in stored
+    assert f'"amx_prefill_v{amx.ABI}_int8_128x64": true' in stored and f'"amx_prefill_v{amx.ABI}_int8_64x64": false' in stored
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     calls = []
     real = amx.int8_product

@@ -31,7 +31,7 @@ there is no compiler or where Linux refuses the tile state: the packed path runs
 
 Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, a weight's
 products run it only if it beat the packed path by 3% in a short measurement on a weight of that
-kind and shape (quant/tuning.py, `amx_prefill_<kind>_<N>x<K>` in kernels.json), made once per
+kind and shape (quant/tuning.py, `amx_prefill_v<ABI>_<kind>_<N>x<K>` in kernels.json), made once per
 machine and thread count when the engine's background compile thread prepares the model (never
 inside a request). Which shapes that is differs by machine: benchmarks/RESULTS.md, "Quantized
 prefill with an AMX kernel that reads the quantized weight".

@@ -14,7 +14,7 @@ another cache file.
 layout) or int8 weight of that shape run quant/amx.py's kernel, which reads the quantized weight
 itself, instead of the conversion into oneDNN's packed layout: interleaved medians of both on 512
 rows and that weight, and the AMX kernel only where it is at least AMX_MARGIN faster
-(`amx_prefill_<kind>_<N>x<K>`; PANGU_INFER_AMX_PREFILL=0/1 decides by hand).
+(`amx_prefill_v<ABI>_<kind>_<N>x<K>`; PANGU_INFER_AMX_PREFILL=0/1 decides by hand).
 
 int4 on CPU converts from the kernel's own packed layout (`dequantize_int4_cpu_packed`), which is
 not a documented format: it is checked against the packing op itself before it is ever used, and
@@ -130,7 +130,8 @@ def amx_prefill(kind: str, data: torch.Tensor, scales: torch.Tensor, group: int 
     if amx.library() is None:
         return False
     n, k = (data.shape[0] * cpu_int4.ROW_BLOCK, data.shape[1] * cpu_int4.OCTET) if kind == "int4" else tuple(data.shape)
-    name = f"amx_prefill_{kind}_{n}x{k}" + (f"_g{group}" if kind == "int4" else "")
+    # the kernel's ABI in the name: a changed kernel is measured again
+    name = f"amx_prefill_v{amx.ABI}_{kind}_{n}x{k}" + (f"_g{group}" if kind == "int4" else "")
     if name not in _cache:
         def measured() -> bool:
             t = measure_amx(kind, data, scales, group)
