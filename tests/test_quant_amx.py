@@ -154,41 +154,41 @@ def test_linear_with_bias_runs_it_and_matches_the_packed_path(forced_on, monkeyp
         assert torch.equal(got, want)
 
 
-def test_chosen_per_shape_where_measured_faster_and_by_hand(tmp_path, monkeypatch):
+def test_chosen_per_kind_where_a_pass_over_the_shapes_measured_faster_and_by_hand(tmp_path, monkeypatch):
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     monkeypatch.delenv(amx.ENV, raising=False)
     monkeypatch.setattr(tuning, "_cache", {})
     measured = []
 
-    def measure(kind, data, scales, group=0):
-        measured.append((kind, tuple(data.shape)))
-        return {"amx": 1.0, "packed": 2.0 if data.shape[0] == 128 else 1.0}  # faster on 128 rows only
+    def measure(kind, weights):
+        measured.append((kind, sorted(tuple(d.shape) for d, _, _ in weights)))
+        return {"amx": 1.0, "packed": 2.0 if kind == "int8" else 1.0}  # faster for int8 only
 
     monkeypatch.setattr(tuning, "measure_amx", measure)
     model = torch.nn.ModuleList(
         PackedWeight(quantize(torch.randn(n, 64), QuantizationConfig(m, 32)), CPU)
-        for n, m in ((128, "int8"), (64, "int8"), (128, "int8"))
+        for n, m in ((128, "int8"), (64, "int8"), (128, "int8"), (128, "int4"))
     )
     assert not any(w.amx_prefill for w in model)  # nothing chosen before prepare_prefill
     assert prepare_prefill(model) is None
-    assert [w.amx_prefill for w in model] == [True, False, True]
-    assert measured == [("int8", (128, 64)), ("int8", (64, 64))]  # once per shape, then cached
+    assert [w.amx_prefill for w in model] == [True, True, True, False]  # int4 within the margin: not taken
+    assert measured == [("int4", [(8, 8, 64)]), ("int8", [(64, 64), (128, 64)])]  # one weight of each shape
     stored = (tmp_path / "kernels.json").read_text()
-    assert f'"amx_prefill_v{amx.ABI}_int8_128x64": true' in stored and f'"amx_prefill_v{amx.ABI}_int8_64x64": false' in stored
+    assert f'"amx_prefill_v{amx.ABI}_int8_128x64_64x64": true' in stored and f'"amx_prefill_v{amx.ABI}_int4_128x64g32": false' in stored
+    assert prepare_prefill(model) is None and len(measured) == 2  # cached
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     calls = []
     real = amx.int8_product
     monkeypatch.setattr(amx, "int8_product", lambda *a: calls.append(a[1].shape[0]) or real(*a))
-    for w in model:
+    for w in model[:2]:
         w.convert_min_rows = 16
         w(x)
-    assert calls == [128, 128]
+    assert calls == [128, 64]
     monkeypatch.setenv(amx.ENV, "0")
     model[0](x)
-    assert calls == [128, 128] and not amx.use(True)
+    assert calls == [128, 64] and not amx.use(True)
     monkeypatch.setenv(amx.ENV, "1")
-    model[1](x)
-    assert calls == [128, 128, 64] and amx.use(False)
+    assert amx.use(False)
 
 
 @pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++ compiler for inductor here")

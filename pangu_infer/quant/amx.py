@@ -29,12 +29,13 @@ the process asks Linux for the AMX tile state once (`arch_prctl(ARCH_REQ_XCOMP_P
 XFEATURE_XTILEDATA)`, as oneDNN does). Nothing of it runs where the CPU has no `amx_bf16`, where
 there is no compiler or where Linux refuses the tile state: the packed path runs as before.
 
-Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, a weight's
-products run it only if it beat the packed path by 3% in a short measurement on a weight of that
-kind and shape (quant/tuning.py, `amx_prefill_v<ABI>_<kind>_<N>x<K>` in kernels.json), made once per
-machine and thread count when the engine's background compile thread prepares the model (never
-inside a request). Which shapes that is differs by machine: benchmarks/RESULTS.md, "Quantized
-prefill with an AMX kernel that reads the quantized weight".
+Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, a model's
+int4 (or int8) products run it only if it beat the packed path by 3% in a short measurement: a
+pass of 512-row products over one weight of each of the model's shapes of that kind (quant/tuning.py,
+`amx_prefill_v<ABI>_<kind>_<shapes>` in kernels.json), made once per machine and thread count when
+the engine's background compile thread prepares the model (never inside a request). Which kinds
+that is differs by machine: benchmarks/RESULTS.md, "Quantized prefill with an AMX kernel that reads
+the quantized weight".
 """
 
 from __future__ import annotations
@@ -451,7 +452,7 @@ def library() -> Optional[ctypes.CDLL]:
 def prepare() -> bool:
     """Build the kernel (once per process; a cached library after the first time on a machine):
     True when it can run here. Never inside a request: the engine's background compile thread calls
-    it through quant.modules.prepare_prefill, which then chooses per weight shape whether it runs."""
+    it through quant.modules.prepare_prefill, which then chooses per kind whether it runs."""
     if setting() == "off":
         return False
     with _lock:
@@ -459,8 +460,8 @@ def prepare() -> bool:
 
 
 def use(chosen: bool) -> bool:
-    """Does a many-row product whose weight's shape chose `chosen` (PackedWeight.amx_prefill,
-    measured per machine) run the kernel now: PANGU_INFER_AMX_PREFILL=0 never, =1 always once
+    """Does a many-row product whose weight chose `chosen` (PackedWeight.amx_prefill, measured per
+    machine) run the kernel now: PANGU_INFER_AMX_PREFILL=0 never, =1 always once
     prepare() has built it, else `chosen`; never inside a graph dynamo traces (a ctypes call)."""
     if torch.compiler.is_compiling():
         return False

@@ -77,7 +77,7 @@ class PackedWeight(nn.Module):
         self.out_features, self.in_features = qt.shape[-2], qt.shape[-1]
         self.group_size = qt.group_size
         self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
-        self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per shape by prepare_prefill)
+        self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per kind by prepare_prefill)
         if qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
             if device.type == "cpu":
@@ -348,11 +348,18 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
             elif m.kernel == "int4_vnni":
                 prefill.packed_layout_ok(m.data.shape[-3] * cpu_int4.ROW_BLOCK, m.data.shape[-2] * cpu_int4.OCTET)
-            # quant/amx.py's kernel where it beat that path on this shape (measured once per machine
-            # on the weight itself, quant/tuning.py), chosen here rather than in a first request
-            if amx_ok and m.kernel in ("int8", "int4_vnni"):
-                lead = (0,) * (m.data.dim() - (3 if m.kernel == "int4_vnni" else 2))  # experts: the first one
-                m.amx_prefill = amx_chosen(
-                    "int4" if m.kernel == "int4_vnni" else "int8", m.data[lead], m.scales[lead], m.group_size
-                )
+        # quant/amx.py's kernel where it beat that path on a pass over one weight of each of the
+        # model's shapes of that kind (measured once per machine, quant/tuning.py), chosen here
+        # rather than in a first request
+        for kernel, kind in (("int4_vnni", "int4"), ("int8", "int8")):
+            same = [m for m in weights if m.kernel == kernel]
+            if not (amx_ok and same):
+                continue
+            one_each = {}
+            for m in same:
+                lead = (0,) * (m.data.dim() - (3 if kernel == "int4_vnni" else 2))  # experts: the first one
+                one_each.setdefault((tuple(m.data.shape[len(lead):]), m.group_size), (m.data[lead], m.scales[lead], m.group_size))
+            chosen = amx_chosen(kind, list(one_each.values()))
+            for m in same:
+                m.amx_prefill = chosen
     return why

@@ -10,11 +10,12 @@ number when it never is). The result is kept per machine (CPU model, threads, to
 (e.g. `PANGU_INFER_KERNEL_ROWS_INT4=64`) sets it by hand, and `PANGU_INFER_KERNEL_CACHE` names
 another cache file.
 
-`amx_prefill(kind, weight)` chooses, the same way, whether many-row products of an int4 (cpu_int4's
-layout) or int8 weight of that shape run quant/amx.py's kernel, which reads the quantized weight
-itself, instead of the conversion into oneDNN's packed layout: interleaved medians of both on 512
-rows and that weight, and the AMX kernel only where it is at least AMX_MARGIN faster
-(`amx_prefill_v<ABI>_<kind>_<N>x<K>`; PANGU_INFER_AMX_PREFILL=0/1 decides by hand).
+`amx_prefill(kind, weights)` chooses, the same way, whether a model's many-row int4 (cpu_int4's
+layout) or int8 products run quant/amx.py's kernel, which reads the quantized weight itself,
+instead of the conversion into oneDNN's packed layout: interleaved medians of a pass of 512-row
+products over one weight of each of the model's shapes, and the AMX kernel only where it is at
+least AMX_MARGIN faster (`amx_prefill_v<ABI>_<kind>_<shapes>`; PANGU_INFER_AMX_PREFILL=0/1
+decides by hand).
 
 int4 on CPU converts from the kernel's own packed layout (`dequantize_int4_cpu_packed`), which is
 not a documented format: it is checked against the packing op itself before it is ever used, and
@@ -100,41 +101,59 @@ AMX_ROWS = 512
 AMX_MARGIN = 0.97  # the AMX kernel's median at most this fraction of the packed path's
 
 
-def measure_amx(kind: str, data: torch.Tensor, scales: torch.Tensor, group: int = 0) -> dict[str, float]:
-    """Median seconds of one product of AMX_ROWS rows on this weight (cpu_int4's layout for "int4",
-    int8 [N, K] with a bf16 scale per row for "int8"): quant/amx.py's kernel ("amx") and the
-    many-row path that runs without it ("packed"), interleaved."""
+def measure_amx(kind: str, weights: list) -> dict[str, float]:
+    """Median seconds of one pass of products of AMX_ROWS rows over `weights` ([(data, scales,
+    group)], one of each shape of a model, cpu_int4's layout for "int4", int8 [N, K] with a bf16
+    scale per row for "int8"), one after the other as a prefill runs them: quant/amx.py's kernel
+    ("amx") and the many-row path that runs without it ("packed"), interleaved. A pass rather than
+    each shape alone: the packed path's bf16 copies also push the next product's operands out of
+    the caches, which a product timed alone does not see (RESULTS.md)."""
     from pangu_infer.quant import amx
 
-    k = data.shape[1] * cpu_int4.OCTET if kind == "int4" else data.shape[1]
-    x = torch.randn(AMX_ROWS, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    def k_of(data):
+        return data.shape[1] * cpu_int4.OCTET if kind == "int4" else data.shape[1]
+
+    g = torch.Generator().manual_seed(0)
+    xs = {k: torch.randn(AMX_ROWS, k, generator=g).to(torch.bfloat16) for k in sorted({k_of(d) for d, _, _ in weights})}
     if kind == "int4":
-        fns = {"amx": lambda: amx.int4_product(x, data, scales, group), "packed": lambda: int4_vnni_product(x, data, scales, group)}
+        def run(use_amx):
+            for d, s, grp in weights:
+                x = xs[k_of(d)]
+                y = amx.int4_product(x, d, s, grp) if use_amx else None
+                if y is None:
+                    int4_vnni_product(x, d, s, grp)
     else:
-        fns = {"amx": lambda: amx.int8_product(x, data, scales), "packed": lambda: int8_product(x, data, scales)}
+        def run(use_amx):
+            for d, s, _ in weights:
+                x = xs[k_of(d)]
+                y = amx.int8_product(x, d, s) if use_amx else None
+                if y is None:
+                    int8_product(x, d, s)
     with torch.inference_mode():
-        if fns["amx"]() is None:
-            return {"amx": float("inf"), "packed": 0.0}
-        return interleaved_medians(fns, rounds=7)
+        return interleaved_medians({"amx": lambda: run(True), "packed": lambda: run(False)}, rounds=7)
 
 
-def amx_prefill(kind: str, data: torch.Tensor, scales: torch.Tensor, group: int = 0) -> bool:
-    """Do many-row products of a weight of this kind ("int4" | "int8") and shape run quant/amx.py's
-    kernel on this machine: measured once per machine on this weight (cached per kind and shape);
-    PANGU_INFER_AMX_PREFILL=0/1 decides without measuring."""
+def amx_prefill(kind: str, weights: list) -> bool:
+    """Do many-row products of `kind` ("int4" | "int8") run quant/amx.py's kernel on this machine,
+    for a model whose weights of that kind have these shapes (`weights`: one (data, scales, group)
+    of each): measured once per machine and set of shapes (cached), taken where it is at least
+    AMX_MARGIN faster; PANGU_INFER_AMX_PREFILL=0/1 decides without measuring."""
     from pangu_infer.quant import amx
 
     setting = amx.setting()
     if setting:
         return setting == "on" and amx.library() is not None
-    if amx.library() is None:
+    if amx.library() is None or not weights:
         return False
-    n, k = (data.shape[0] * cpu_int4.ROW_BLOCK, data.shape[1] * cpu_int4.OCTET) if kind == "int4" else tuple(data.shape)
+    shapes = []
+    for d, _, grp in weights:
+        n, k = (d.shape[0] * cpu_int4.ROW_BLOCK, d.shape[1] * cpu_int4.OCTET) if kind == "int4" else tuple(d.shape)
+        shapes.append(f"{n}x{k}" + (f"g{grp}" if kind == "int4" else ""))
     # the kernel's ABI in the name: a changed kernel is measured again
-    name = f"amx_prefill_v{amx.ABI}_{kind}_{n}x{k}" + (f"_g{group}" if kind == "int4" else "")
+    name = f"amx_prefill_v{amx.ABI}_{kind}_" + "_".join(sorted(shapes))
     if name not in _cache:
         def measured() -> bool:
-            t = measure_amx(kind, data, scales, group)
+            t = measure_amx(kind, weights)
             return bool(t["amx"] <= AMX_MARGIN * t["packed"])
 
         _cache[name] = cached_choice(name, measured, lambda v: isinstance(v, bool))
