@@ -117,6 +117,7 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
     monkeypatch.setenv(cpu_int4.ENV, int4_kernel)
     cpu_int4.library.cache_clear()
     cpu_int4.chosen.cache_clear()
+    monkeypatch.setenv("PANGU_INFER_AMX_PREFILL", "0")  # the conversions, not quant/amx.py's kernel (tests/test_quant_amx.py)
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4", "16")
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4_VNNI", "16")
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "16")
