@@ -114,6 +114,22 @@ def test_shapes_it_does_not_take_are_refused():
     w8, s8, _ = _int8(40, 64)
     assert amx.int8_product(torch.randn(40, 64, dtype=torch.bfloat16), w8, s8) is None  # N % 16
     assert amx.int8_product(torch.randn(40, 64), *_int8(64, 64)[:2]) is None  # fp32 x
+    data, sz, _ = _int4(64, 2560)
+    assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is None  # K > max_k()
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_wide_k_runs_all_rows_at_once_when_allowed(kind, monkeypatch):
+    """Past amx.max_k() the kernel is refused by default; allowed by hand, its loop for wide K
+    (all rows at once, strips sized to L2) is still right."""
+    monkeypatch.setenv(amx.MAX_K_ENV, "0")
+    n, k = 80, 2560
+    assert amx.row_block(k) == 0
+    w = _int4(n, k) if kind == "int4" else _int8(n, k)
+    x = torch.randn(70, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    y = _product(kind, x, w)
+    assert y is not None
+    _close_to_bf16_weight(y, x, w[2])
 
 
 @pytest.fixture
@@ -174,7 +190,7 @@ def test_chosen_per_kind_where_a_pass_over_the_shapes_measured_faster_and_by_han
     assert [w.amx_prefill for w in model] == [True, True, True, False]  # int4 within the margin: not taken
     assert measured == [("int4", [(8, 8, 64)]), ("int8", [(64, 64), (128, 64)])]  # one weight of each shape
     stored = (tmp_path / "kernels.json").read_text()
-    assert f'"amx_prefill_v{amx.ABI}_int8_128x64_64x64": true' in stored and f'"amx_prefill_v{amx.ABI}_int4_128x64g32": false' in stored
+    assert f'"amx_prefill_v{amx.REVISION}_int8_128x64_64x64": true' in stored and f'"amx_prefill_v{amx.REVISION}_int4_128x64g32": false' in stored
     assert prepare_prefill(model) is None and len(measured) == 2  # cached
     x = torch.randn(40, 64, dtype=torch.bfloat16)
     calls = []

@@ -21,7 +21,8 @@ strip of output columns:
 
 Rows are independent (each row's sums run over k in the same order whatever the row count), so a
 row's result does not depend on the rows next to it. N must be a multiple of 16 (a last half
-piece is converted zero-padded) and K of 32, else the caller's path runs.
+piece is converted zero-padded), K a multiple of 32 and at most 2048 (`max_k()`), else the
+caller's path runs.
 
 Built once per machine with the C compiler (`$CC`, else `cc`/`gcc`) and `-march=native` (which
 carries `-mamx-tile -mamx-bf16` on an AMX CPU) into `~/.cache/pangu-infer/`, loaded with ctypes;
@@ -32,7 +33,7 @@ there is no compiler or where Linux refuses the tile state: the packed path runs
 Whether it runs where it can: `PANGU_INFER_AMX_PREFILL=1` always, `=0` never; unset, a model's
 int4 (or int8) products run it only if it beat the packed path by 3% in a short measurement: a
 pass of 512-row products over one weight of each of the model's shapes of that kind (quant/tuning.py,
-`amx_prefill_v<ABI>_<kind>_<shapes>` in kernels.json), made once per machine and thread count when
+`amx_prefill_v<REVISION>_<kind>_<shapes>` in kernels.json), made once per machine and thread count when
 the engine's background compile thread prepares the model (never inside a request). Which kinds
 that is differs by machine: benchmarks/RESULTS.md, "Quantized prefill with an AMX kernel that reads
 the quantized weight".
@@ -62,6 +63,7 @@ ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
 ABI = 2
+REVISION = 3  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
 #include <stdint.h>
@@ -494,8 +496,27 @@ def row_block(k: int) -> int:
     return max(32, (768 << 10) // (2 * k) // 32 * 32) if k <= 2048 else 0
 
 
+MAX_K_ENV = "PANGU_INFER_AMX_MAX_K"
+MAX_K = 2048
+
+
+def max_k() -> int:
+    """The widest K the kernel takes (PANGU_INFER_AMX_MAX_K, 0 = any): past 2048 the rows cannot be
+    blocked so that x stays in L2, x streams from L3 once per strip, and the products measured
+    slower than the packed path's (RESULTS.md: 1536 x 4800 at 0.69x of bf16 against 0.84x), so
+    they take the packed path."""
+    try:
+        v = int(os.environ.get(MAX_K_ENV, MAX_K))
+    except ValueError:
+        v = MAX_K
+    return v if v > 0 else 1 << 62
+
+
 def _fits(x: torch.Tensor, n: int, k: int) -> bool:
-    return x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[1] == k and n % 16 == 0 and k % 32 == 0 and n > 0
+    return (
+        x.dim() == 2 and x.dtype == torch.bfloat16 and x.is_contiguous() and x.shape[1] == k and n % 16 == 0
+        and k % 32 == 0 and n > 0 and k <= max_k()
+    )
 
 
 def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int) -> Optional[torch.Tensor]:

@@ -14,7 +14,7 @@ another cache file.
 layout) or int8 products run quant/amx.py's kernel, which reads the quantized weight itself,
 instead of the conversion into oneDNN's packed layout: interleaved medians of a pass of 512-row
 products over one weight of each of the model's shapes, and the AMX kernel only where it is at
-least AMX_MARGIN faster (`amx_prefill_v<ABI>_<kind>_<shapes>`; PANGU_INFER_AMX_PREFILL=0/1
+least AMX_MARGIN faster (`amx_prefill_v<REVISION>_<kind>_<shapes>`; PANGU_INFER_AMX_PREFILL=0/1
 decides by hand).
 
 int4 on CPU converts from the kernel's own packed layout (`dequantize_int4_cpu_packed`), which is
@@ -149,8 +149,8 @@ def amx_prefill(kind: str, weights: list) -> bool:
     for d, _, grp in weights:
         n, k = (d.shape[0] * cpu_int4.ROW_BLOCK, d.shape[1] * cpu_int4.OCTET) if kind == "int4" else tuple(d.shape)
         shapes.append(f"{n}x{k}" + (f"g{grp}" if kind == "int4" else ""))
-    # the kernel's ABI in the name: a changed kernel is measured again
-    name = f"amx_prefill_v{amx.ABI}_{kind}_" + "_".join(sorted(shapes))
+    # the kernel's revision in the name: a changed kernel is measured again
+    name = f"amx_prefill_v{amx.REVISION}_{kind}_" + "_".join(sorted(shapes))
     if name not in _cache:
         def measured() -> bool:
             t = measure_amx(kind, weights)
