@@ -103,6 +103,17 @@ def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def softmax(t: torch.Tensor) -> torch.Tensor:
+    """Softmax of fp32 t over its last dim, the same bits eager and compiled: the max (exact),
+    exp2 for exp and fixed_order_sum for the sum (inductor's softmax sums in another order and its
+    exp is Sleef's where eager's is MKL's: the MoGE router's fp32 weights differed in about 3 of
+    4 rows, RESULTS.md, issue 18 fifth pass). Measured bitwise equal compiled and eager, and alone
+    and batched, at 64 experts (MoGE's); widths that are not a multiple of 32 can put a row in an
+    elementwise kernel's scalar tail (not checked)."""
+    p = torch.exp2((t - t.amax(-1, keepdim=True)) * _LOG2E)
+    return p / fixed_order_sum(p)
+
+
 def first_varying_rows(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, rows: int) -> int:
     """The smallest row count M <= rows at which some row of fn(x[:M]) differs from the row
     computed alone, on random activations of mixed scale; rows + 1 when none does."""
@@ -326,7 +337,27 @@ def attention(
 
     q [N, H, D]; caches [S, Hkv, D]; slots [N or 1, L] (L a multiple of KV_SPLIT; padding repeats a
     real slot); valid [N, L] bool (key i attended by query n). Returns [N, H, D] in q's dtype.
+    Where the C kernel of models/bi_attention_kernel.py runs (decided once per process and model:
+    its sums are the same bits alone or batched, decode or prefill, eager or compiled, but not the
+    torch form's bits), it computes this; else the torch form, torch_attention.
     """
+    from pangu_infer.models import bi_attention_kernel as kernel
+
+    if kernel.usable(q, k_cache, v_cache):
+        return kernel.attention(q, k_cache, v_cache, slots, valid, scale)
+    return torch_attention(q, k_cache, v_cache, slots, valid, scale)
+
+
+def torch_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """attention() in torch operators (where the C kernel does not run): per (KV head, query,
+    chunk) two batched products, as the module docstring says."""
     n, h, d = q.shape
     hkv = k_cache.shape[1]
     g = h // hkv
@@ -376,8 +407,15 @@ def prefill_attention(
 ) -> torch.Tensor:
     """A sequence's prefill chunk: q [n, H, D] for the last n of its context_len tokens (already
     in the cache at kv_slots [context_len]); in blocks of queries, each over the keys it can see."""
+    from pangu_infer.models import bi_attention_kernel as kernel
+
     n = q.shape[0]
     first = context_len - n  # position of the first query
+    if kernel.usable(q, k_cache, v_cache):
+        # One call for the whole chunk: the kernel takes each query alone whatever the block.
+        q_pos = torch.arange(first, context_len, device=q.device)
+        valid = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
+        return kernel.attention(q, k_cache, v_cache, kv_slots[:context_len][None, :], valid, scale)
     hkv, d = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
     block = 1
