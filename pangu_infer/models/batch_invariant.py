@@ -23,7 +23,10 @@ numbers in benchmarks/RESULTS.md):
   and one [G, KV_SPLIT] x [KV_SPLIT, D] product in the cache dtype (the same shape every time;
   batched matmuls of one per-entry shape measured invariant in the batch count), one max over the
   whole context (exact), and the chunk sums added in chunk order by a sequential cumsum in fp32. Padding keys and
-  chunks past a query's position add exact zeros.
+  chunks past a query's position add exact zeros. That is the torch form (torch_attention); where
+  a C compiler and AVX-512 are there, one kernel of our own computes the same definition per query
+  in one call per layer (models/bi_attention_kernel.py: fp32 sums in key order, masked keys not
+  read; within rounding of the torch form, not its bits, so a process uses one or the other).
 - Elementwise exp/log over a whole [B, V] batch take a scalar path for the elements past the last
   whole vector, so a row's values could depend on the rows after it: the sampler works row by row
   in this mode (engine/sampler.py). (Rotary cos/sin, RMSNorm and cumsum were checked row-invariant.)
