@@ -504,6 +504,10 @@ def test_attention_kernel_equals_the_torch_form_within_rounding_whatever_the_bat
         assert torch.equal(alone[0], batch[i]), i
         chunk = bi.prefill_attention(q[i : i + 1].expand(3, -1, -1), k_cache, v_cache, order, c + 2, 0.125)
         assert torch.equal(chunk[0], batch[i]), i
+    bad = rows.clone()
+    bad[3, 0] = slots  # a valid key's slot past the cache: refused, not read
+    with pytest.raises(RuntimeError, match="refused"):
+        bi.attention(q, k_cache, v_cache, bad, valid, 0.125)
 
 
 def test_compiled_moge_router_equals_eager_in_the_mode():

@@ -90,14 +90,15 @@ static inline __m512 exp2_neg(__m512 x) {
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 
-int pangu_bi_attention_abi(void) { return 1; }
+int pangu_bi_attention_abi(void) { return 2; }
 
 /* q [N, H, D]; caches [S, Hkv, D] (value rows Dv wide, Dv = D here); slots [R, L] int64 (R = 1:
    shared by every query), valid [N, L] bytes; out [N, H, D]. *_f32: fp32, else bf16.
-   Returns 0, or nonzero for shapes it does not take. */
+   Returns 0, or nonzero for shapes it does not take (1) or a valid key's slot outside [0, S) (3;
+   that query's output is then left unwritten). */
 int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int64_t* slots,
-                       const uint8_t* valid, void* out, int64_t N, int64_t H, int64_t Hkv, int64_t D,
-                       int64_t L, int64_t R, float scale, int q_f32, int kv_f32, int out_f32,
+                       const uint8_t* valid, void* out, int64_t S, int64_t N, int64_t H, int64_t Hkv,
+                       int64_t D, int64_t L, int64_t R, float scale, int q_f32, int kv_f32, int out_f32,
                        int64_t threads) {
   if (Hkv <= 0 || H % Hkv || D % 16 || D > MAXD || H / Hkv > MAXG || (R != 1 && R != N)) return 1;
   const int64_t G = H / Hkv, V = D / 16, tasks = N * Hkv;
@@ -126,6 +127,13 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
       float top[MAXG];
       for (int64_t g = 0; g < G; g++) top[g] = -__builtin_inff();
       /* scores; masked keys -inf (their rows are not read) */
+      int oob = 0;
+      for (int64_t j = 0; j < L; j++) oob |= ok[j] && (sl[j] < 0 || sl[j] >= S);
+      if (oob) {
+        #pragma omp atomic write
+        bad = 3;
+        continue;
+      }
       for (int64_t j = 0; j < Lp; j++) {
         if (j >= L || !ok[j]) {
           for (int64_t g = 0; g < G; g++) sc[g * Lp + j] = -__builtin_inff();
@@ -238,14 +246,14 @@ def library() -> Optional[ctypes.CDLL]:
                 shutil.move(out, f"{path}.{os.getpid()}.tmp")
                 os.replace(f"{path}.{os.getpid()}.tmp", path)
         lib = ctypes.CDLL(path)
-        if lib.pangu_bi_attention_abi() != 1:
+        if lib.pangu_bi_attention_abi() != 2:
             return None
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("batch-invariant attention kernel not built (%s): using the torch form", e)
         return None
     fn = lib.pangu_bi_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float] + [ctypes.c_int] * 3 + [ctypes.c_int64]
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3 + [ctypes.c_int64]
     return lib
 
 
@@ -291,7 +299,7 @@ def run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: to
     if n:
         rc = lib.pangu_bi_attention(
             q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(), out.data_ptr(),
-            n, h, k_cache.shape[1], d, length, slots.shape[0], float(scale),
+            k_cache.shape[0], n, h, k_cache.shape[1], d, length, slots.shape[0], float(scale),
             int(q.dtype == torch.float32), int(k_cache.dtype == torch.float32), int(q.dtype == torch.float32),
             torch.get_num_threads(),
         )
