@@ -56,6 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# At import, not inside the traced attention: the module registers pangu_infer::bi_attention.
+from pangu_infer.models import bi_attention_kernel
+
 # Padded tile: rows of every product of a kernel that is not row-invariant here (each call exactly
 # PAD_TILE rows, the last tile padded with zeros). 8: a 16-way decode step is two tiles.
 ROW_TILE = PAD_TILE = 8
@@ -344,10 +347,8 @@ def attention(
     its sums are the same bits alone or batched, decode or prefill, eager or compiled, but not the
     torch form's bits), it computes this; else the torch form, torch_attention.
     """
-    from pangu_infer.models import bi_attention_kernel as kernel
-
-    if kernel.usable(q, k_cache, v_cache):
-        return kernel.attention(q, k_cache, v_cache, slots, valid, scale)
+    if bi_attention_kernel.usable(q, k_cache, v_cache):
+        return bi_attention_kernel.attention(q, k_cache, v_cache, slots, valid, scale)
     return torch_attention(q, k_cache, v_cache, slots, valid, scale)
 
 
@@ -410,15 +411,13 @@ def prefill_attention(
 ) -> torch.Tensor:
     """A sequence's prefill chunk: q [n, H, D] for the last n of its context_len tokens (already
     in the cache at kv_slots [context_len]); in blocks of queries, each over the keys it can see."""
-    from pangu_infer.models import bi_attention_kernel as kernel
-
     n = q.shape[0]
     first = context_len - n  # position of the first query
-    if kernel.usable(q, k_cache, v_cache):
+    if bi_attention_kernel.usable(q, k_cache, v_cache):
         # One call for the whole chunk: the kernel takes each query alone whatever the block.
         q_pos = torch.arange(first, context_len, device=q.device)
         valid = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
-        return kernel.attention(q, k_cache, v_cache, kv_slots[:context_len][None, :], valid, scale)
+        return bi_attention_kernel.attention(q, k_cache, v_cache, kv_slots[:context_len][None, :], valid, scale)
     hkv, d = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
     block = 1
