@@ -109,7 +109,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
   {
     /* per thread: scores [G][L rounded up to 16], fp32 */
     const int64_t Lp = (L + 15) / 16 * 16;
-    float* sc = (float*)aligned_alloc(64, (size_t)(G * Lp + 16) * sizeof(float));
+    float* sc = (float*)aligned_alloc(64, ((size_t)(G * Lp + 16) * sizeof(float) + 63) / 64 * 64);  /* a multiple of the alignment, as C11 asks */
     if (!sc) {
       #pragma omp atomic write
       bad = 2;
