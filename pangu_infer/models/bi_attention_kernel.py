@@ -7,8 +7,9 @@ small at decode, so the mode's compiled step and its eager prefill paid for it i
 itself, over its own keys, read through its slot list from the paged caches:
 
 - per (query, KV head), the G query heads of the group share each key and value row read;
-- scores q.k in fp32 (bf16 operands widened exactly), the dot product of D values summed in a fixed
-  order (16 lanes, then a fixed lane reduction), times the scale;
+- scores q.k in fp32 (bf16 operands widened exactly), 16 keys at a time: each dot product of D
+  values accumulated in 16 lanes, the 16 keys' lanes then summed together by one fixed tree of adds
+  (the same for every key), times the scale;
 - the max over the query's valid keys (exact), then p = exp2((s - max) * log2 e) by a polynomial
   of our own (the same bits everywhere it runs), keys that are not valid contributing exactly 0;
 - the sum of p and the value rows weighted by p accumulated in fp32 in key-position order (16-key
@@ -60,11 +61,14 @@ SOURCE = r"""
 #define MAXD 256
 #define MAXG 16
 
-static inline uint16_t tobf(float f) {
-  uint32_t u; memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 64);  /* NaN stays NaN */
-  u += 0x7fffu + ((u >> 16) & 1u);  /* round to nearest even, as torch does */
-  return (uint16_t)(u >> 16);
+/* 16 lanes rounded to bf16, to nearest even as torch does (NaN stays NaN) */
+static inline void store_bf16(uint16_t* dst, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(64)));
+  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(r));
 }
 
 static inline __m512 load16(const void* p, int f32) {
@@ -88,6 +92,24 @@ static inline __m512 exp2_neg(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f)); /* ln2 */
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+/* r[i] = the sum of the 16 lanes of a[i], i = 0..15, for all 16 at once: the same tree of adds
+   for every i (lanes k and k+2 of each 128-bit quarter, then the two pairs, then quarters 0+1 and
+   2+3, then the two halves). */
+static inline __m512 reduce16(const __m512 a[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; i++)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  /* c[i], quarter q, position p: the partial sum over quarter q of a[4i + p] */
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  /* e0: quarters (c0: 0+1, 2+3; c1: 0+1, 2+3); e1 the same for c2, c3 */
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
 int pangu_bi_attention_abi(void) { return 2; }
@@ -125,7 +147,6 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
         for (int64_t v = 0; v < V; v++)
           qv[g][v] = load16((const char*)q + ((n * H + h * G + g) * D + 16 * v) * qsz, q_f32);
       float top[MAXG];
-      for (int64_t g = 0; g < G; g++) top[g] = -__builtin_inff();
       /* scores; masked keys -inf (their rows are not read) */
       int oob = 0;
       for (int64_t j = 0; j < L; j++) oob |= ok[j] && (sl[j] < 0 || sl[j] >= S);
@@ -134,22 +155,39 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
         bad = 3;
         continue;
       }
-      for (int64_t j = 0; j < Lp; j++) {
-        if (j >= L || !ok[j]) {
-          for (int64_t g = 0; g < G; g++) sc[g * Lp + j] = -__builtin_inff();
-          continue;
+      /* 16 keys at a time: their rows widened to fp32 once (keys not valid are not read), then
+         per query head 16 dot products reduced together by reduce16 (scores of keys not valid:
+         -inf) */
+      float kb[16 * MAXD] __attribute__((aligned(64)));
+      __m512 topv[MAXG];
+      for (int64_t g = 0; g < G; g++) topv[g] = _mm512_set1_ps(-__builtin_inff());
+      for (int64_t jb = 0; jb < Lp; jb += 16) {
+        __mmask16 live = 0;
+        for (int i = 0; i < 16; i++) {
+          const int64_t j = jb + i;
+          if (j >= L || !ok[j]) continue;
+          live |= (__mmask16)(1u << i);
+          const char* kr = (const char*)kc + ((sl[j] * Hkv + h) * D) * ksz;
+          for (int64_t v = 0; v < V; v++) _mm512_store_ps(kb + i * D + 16 * v, load16(kr + 16 * v * ksz, kv_f32));
         }
-        const char* kr = (const char*)kc + ((sl[j] * Hkv + h) * D) * ksz;
-        __m512 kv[MAXD / 16];
-        for (int64_t v = 0; v < V; v++) kv[v] = load16(kr + 16 * v * ksz, kv_f32);
         for (int64_t g = 0; g < G; g++) {
-          __m512 acc = _mm512_mul_ps(qv[g][0], kv[0]);
-          for (int64_t v = 1; v < V; v++) acc = _mm512_fmadd_ps(qv[g][v], kv[v], acc);
-          const float s = _mm512_reduce_add_ps(acc) * scale;
-          sc[g * Lp + j] = s;
-          if (s > top[g]) top[g] = s;
+          __m512 s = _mm512_set1_ps(-__builtin_inff());
+          if (live) {
+            __m512 a[16];
+            for (int i = 0; i < 16; i++) {
+              if (!((live >> i) & 1)) { a[i] = _mm512_setzero_ps(); continue; }
+              const float* kr = kb + i * D;
+              __m512 acc = _mm512_mul_ps(qv[g][0], _mm512_load_ps(kr));
+              for (int64_t v = 1; v < V; v++) acc = _mm512_fmadd_ps(qv[g][v], _mm512_load_ps(kr + 16 * v), acc);
+              a[i] = acc;
+            }
+            s = _mm512_mask_mov_ps(s, live, _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)));
+          }
+          _mm512_storeu_ps(sc + g * Lp + jb, s);
+          topv[g] = _mm512_max_ps(topv[g], s);
         }
       }
+      for (int64_t g = 0; g < G; g++) top[g] = _mm512_reduce_max_ps(topv[g]);
       /* p = exp2((s - max) log2 e) in place, summed in 16 lanes by key position */
       float total[MAXG];
       for (int64_t g = 0; g < G; g++) {
@@ -186,9 +224,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
           if (out_f32) {
             _mm512_storeu_ps((float*)o + 16 * v, r);
           } else {
-            float tmp[16];
-            _mm512_storeu_ps(tmp, r);
-            for (int i = 0; i < 16; i++) ((uint16_t*)o)[16 * v + i] = tobf(tmp[i]);
+            store_bf16((uint16_t*)o + 16 * v, r);
           }
         }
       }
