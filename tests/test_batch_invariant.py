@@ -230,7 +230,19 @@ def test_free_tiles_are_measured_and_stay_below_the_kernel_switch(switch, tmp_pa
         assert (model[0].tile, model[0].pad) == (bi.PAD_TILE, True)
 
 
-def test_attention_of_a_query_does_not_depend_on_padding_or_the_other_queries():
+@pytest.fixture(params=["kernel", "torch"])
+def attention_form(request, monkeypatch):
+    """bi.attention by the C kernel (models/bi_attention_kernel.py) or by its torch form."""
+    from pangu_infer.models import bi_attention_kernel as kernel
+
+    if request.param == "kernel" and not kernel.available():
+        pytest.skip("no C compiler or AVX-512 here: the kernel does not run")
+    if request.param == "torch":
+        monkeypatch.setattr(kernel, "available", lambda: False)
+    return request.param
+
+
+def test_attention_of_a_query_does_not_depend_on_padding_or_the_other_queries(attention_form):
     torch.manual_seed(0)
     hkv, g, d, slots = 2, 3, 32, 400
     k_cache = torch.randn(slots, hkv, d).bfloat16()
@@ -451,3 +463,76 @@ def test_compiled_norm_and_attention_sums_equal_eager():
         compiled = torch.compile(bi.attention, options=opts, dynamic=True)
         assert torch.equal(compiled(q, k_cache, v_cache, order, valid, 0.25), bi.attention(q, k_cache, v_cache, order, valid, 0.25))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_attention_kernel_equals_the_torch_form_within_rounding_whatever_the_batch_or_threads(dtype):
+    """The C kernel: attention within rounding of the torch form (and of SDPA), and a query's bits
+    the same alone, among other queries of other lengths, as one of a prefill chunk (slots shared),
+    and at 1 or 2 threads."""
+    from pangu_infer.models import bi_attention_kernel as kernel
+
+    if not kernel.available():
+        pytest.skip("no C compiler or AVX-512 here: the kernel does not run")
+    gen = torch.Generator().manual_seed(3)
+    hkv, g, d, slots, n = 2, 4, 64, 1000, 40
+    k_cache = torch.randn(slots, hkv, d, generator=gen).to(dtype)
+    v_cache = torch.randn(slots, hkv, d, generator=gen).to(dtype)
+    order = torch.randperm(slots, generator=gen)[:768]
+    q = torch.randn(n, hkv * g, d, generator=gen).to(dtype)
+    ctx = torch.randint(1, 700, (n,), generator=gen)
+    length = -(-int(ctx.max()) // bi.KV_SPLIT) * bi.KV_SPLIT
+    valid = torch.arange(length)[None, :] < ctx[:, None]
+    rows = torch.where(valid, order[:length][None, :], order[:1])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        batch = bi.attention(q, k_cache, v_cache, rows, valid, 0.125)
+        torch.set_num_threads(2)
+        assert torch.equal(bi.attention(q, k_cache, v_cache, rows, valid, 0.125), batch)
+    finally:
+        torch.set_num_threads(threads)
+    ref = bi.torch_attention(q, k_cache, v_cache, rows, valid, 0.125)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(batch.float(), ref.float(), atol=tol), float((batch.float() - ref.float()).abs().max())
+    shared = bi.attention(q, k_cache, v_cache, order[:length][None, :], valid, 0.125)  # one slot row for all
+    assert torch.equal(shared, batch)
+    for i in (0, 7, n - 1):
+        c = int(ctx[i])
+        own = -(-c // bi.KV_SPLIT) * bi.KV_SPLIT + bi.KV_SPLIT  # its own padding, one chunk more
+        alone = bi.attention(q[i : i + 1], k_cache, v_cache, torch.cat((order[:c], order[:1].expand(own - c)))[None], torch.arange(own)[None, :] < c, 0.125)
+        assert torch.equal(alone[0], batch[i]), i
+        chunk = bi.prefill_attention(q[i : i + 1].expand(3, -1, -1), k_cache, v_cache, order, c + 2, 0.125)
+        assert torch.equal(chunk[0], batch[i]), i
+    bad = rows.clone()
+    bad[3, 0] = slots  # a valid key's slot past the cache: refused, not read
+    with pytest.raises(RuntimeError, match="refused"):
+        bi.attention(q, k_cache, v_cache, bad, valid, 0.125)
+
+
+def test_compiled_moge_router_equals_eager_in_the_mode():
+    """The MoGE router's softmax in the mode (bi.softmax: exp2, fixed-order sum), compiled with
+    dynamic rows as the engine compiles its step, is bitwise the eager forward's, alone or batched;
+    torch.softmax compiled is not (most fp32 rows differ in the last bits)."""
+    from pangu_infer.models.moge import moge_route
+
+    opts = {"emulate_precision_casts": True, "cpp_wrapper": True}
+    gen = torch.Generator().manual_seed(11)
+    torch._dynamo.reset()
+    try:
+        with torch.inference_mode():
+            for fixed in (True, False):
+                route = torch.compile(lambda t, f=fixed: moge_route(t, 8, fixed_order=f), options=opts)
+                x = (torch.randn(300, 64, generator=gen) * 3).bfloat16()
+                torch._dynamo.maybe_mark_dynamic(x, 0)
+                ids, weights = moge_route(x, 8, fixed_order=fixed)
+                got_ids, got = route(x)
+                assert torch.equal(got_ids, ids)
+                if fixed:
+                    assert torch.equal(got, weights)
+                    alone = torch.cat([moge_route(x[i : i + 1], 8, fixed_order=True)[1] for i in range(x.shape[0])])
+                    assert torch.equal(alone, weights)
+                else:
+                    assert not torch.equal(got, weights)  # what the fixed order is for
+    finally:
+        torch._dynamo.reset()

@@ -23,7 +23,10 @@ numbers in benchmarks/RESULTS.md):
   and one [G, KV_SPLIT] x [KV_SPLIT, D] product in the cache dtype (the same shape every time;
   batched matmuls of one per-entry shape measured invariant in the batch count), one max over the
   whole context (exact), and the chunk sums added in chunk order by a sequential cumsum in fp32. Padding keys and
-  chunks past a query's position add exact zeros.
+  chunks past a query's position add exact zeros. That is the torch form (torch_attention); where
+  a C compiler and AVX-512 are there, one kernel of our own computes the same definition per query
+  in one call per layer (models/bi_attention_kernel.py: fp32 sums in key order, masked keys not
+  read; within rounding of the torch form, not its bits, so a process uses one or the other).
 - Elementwise exp/log over a whole [B, V] batch take a scalar path for the elements past the last
   whole vector, so a row's values could depend on the rows after it: the sampler works row by row
   in this mode (engine/sampler.py). (Rotary cos/sin, RMSNorm and cumsum were checked row-invariant.)
@@ -52,6 +55,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# At import, not inside the traced attention: the module registers pangu_infer::bi_attention.
+from pangu_infer.models import bi_attention_kernel
 
 # Padded tile: rows of every product of a kernel that is not row-invariant here (each call exactly
 # PAD_TILE rows, the last tile padded with zeros). 8: a 16-way decode step is two tiles.
@@ -101,6 +107,17 @@ def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
         top = t[..., :half] + t[..., half : 2 * half]
         t = top if n % 2 == 0 else torch.cat((top, t[..., 2 * half :]), dim=-1)
     return t
+
+
+def softmax(t: torch.Tensor) -> torch.Tensor:
+    """Softmax of fp32 t over its last dim, the same bits eager and compiled: the max (exact),
+    exp2 for exp and fixed_order_sum for the sum (inductor's softmax sums in another order and its
+    exp is Sleef's where eager's is MKL's: the MoGE router's fp32 weights differed in about 3 of
+    4 rows, RESULTS.md, issue 18 fifth pass). Measured bitwise equal compiled and eager, and alone
+    and batched, at 64 experts (MoGE's); widths that are not a multiple of 32 can put a row in an
+    elementwise kernel's scalar tail (not checked)."""
+    p = torch.exp2((t - t.amax(-1, keepdim=True)) * _LOG2E)
+    return p / fixed_order_sum(p)
 
 
 def first_varying_rows(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, rows: int) -> int:
@@ -326,7 +343,25 @@ def attention(
 
     q [N, H, D]; caches [S, Hkv, D]; slots [N or 1, L] (L a multiple of KV_SPLIT; padding repeats a
     real slot); valid [N, L] bool (key i attended by query n). Returns [N, H, D] in q's dtype.
+    Where the C kernel of models/bi_attention_kernel.py runs (decided once per process and model:
+    its sums are the same bits alone or batched, decode or prefill, eager or compiled, but not the
+    torch form's bits), it computes this; else the torch form, torch_attention.
     """
+    if bi_attention_kernel.usable(q, k_cache, v_cache):
+        return bi_attention_kernel.attention(q, k_cache, v_cache, slots, valid, scale)
+    return torch_attention(q, k_cache, v_cache, slots, valid, scale)
+
+
+def torch_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    valid: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """attention() in torch operators (where the C kernel does not run): per (KV head, query,
+    chunk) two batched products, as the module docstring says."""
     n, h, d = q.shape
     hkv = k_cache.shape[1]
     g = h // hkv
@@ -378,6 +413,11 @@ def prefill_attention(
     in the cache at kv_slots [context_len]); in blocks of queries, each over the keys it can see."""
     n = q.shape[0]
     first = context_len - n  # position of the first query
+    if bi_attention_kernel.usable(q, k_cache, v_cache):
+        # One call for the whole chunk: the kernel takes each query alone whatever the block.
+        q_pos = torch.arange(first, context_len, device=q.device)
+        valid = torch.arange(context_len, device=q.device)[None, :] <= q_pos[:, None]
+        return bi_attention_kernel.attention(q, k_cache, v_cache, kv_slots[:context_len][None, :], valid, scale)
     hkv, d = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
     block = 1

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.models import batch_invariant
 from pangu_infer.models.batch_invariant import row_tiled
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.layers import SwiGLU, eager_in_compiled_steps
@@ -20,14 +21,16 @@ from pangu_infer.parallel.state import current_parallel_state, rank_range
 IMBALANCE_DEVICES = (1, 2, 4, 8)
 
 
-def moge_route(router_logits: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moge_route(router_logits: torch.Tensor, num_groups: int, fixed_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoGE router: softmax over all experts (fp32), then the best expert of each group.
 
     router_logits: [T, E]. Returns expert ids [T, G] (long, expert g*E/G + j) and their raw
     global probabilities [T, G] (fp32): no renormalisation. Ties go to the lowest index.
+    fixed_order (the batch-invariant mode): the softmax of batch_invariant.softmax, which a
+    compiled step computes bitwise as the eager forward does (torch.softmax does not).
     """
     t, e = router_logits.shape
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    probs = batch_invariant.softmax(router_logits.float()) if fixed_order else torch.softmax(router_logits.float(), dim=-1)
     weights, local = probs.view(t, num_groups, e // num_groups).max(dim=-1)  # max returns the first maximal index
     return local + torch.arange(0, e, e // num_groups, device=local.device), weights
 
@@ -338,7 +341,7 @@ class MoGEBlock(MoEBlock):
         self.router_scale = nn.Parameter(torch.ones(1, cfg.num_experts))
 
     def route(self, x: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        expert_ids, probs = moge_route(logits, self.num_groups)
+        expert_ids, probs = moge_route(logits, self.num_groups, fixed_order=self.batch_invariant)
         return expert_ids, probs.to(x.dtype) * self.router_scale[0, expert_ids]  # [T, G]
 
 

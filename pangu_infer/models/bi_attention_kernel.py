@@ -1,0 +1,372 @@
+"""The batch-invariant attention (models/batch_invariant.attention) as one C kernel of our own.
+
+Why: the torch form of the mode's attention is a dozen operators per layer (gathers by KV head,
+two batched products per 64-key chunk, the fp32 chunk sums, the fixed-order sums, exp2), each
+small at decode, so the mode's compiled step and its eager prefill paid for it in every layer
+(benchmarks/RESULTS.md, issue 18, "the attention as one C kernel"). Here each query is computed by
+itself, over its own keys, read through its slot list from the paged caches:
+
+- per (query, KV head), the G query heads of the group share each key and value row read;
+- scores q.k in fp32 (bf16 operands widened exactly), 16 keys at a time: each dot product of D
+  values accumulated in 16 lanes, the 16 keys' lanes then summed together by one fixed tree of adds
+  (the same for every key), times the scale;
+- the max over the query's valid keys (exact), then p = exp2((s - max) * log2 e) by a polynomial
+  of our own (the same bits everywhere it runs), keys that are not valid contributing exactly 0;
+- the sum of p and the value rows weighted by p accumulated in fp32 in key-position order (16-key
+  blocks at fixed positions 0, 16, 32, ... for the sum; one fused multiply-add per key and value
+  lane for the values), then divided and rounded once to the output dtype.
+
+Nothing in it depends on the other queries, how many there are, the padding past a query's
+context (not read: masked keys are skipped), or the thread split (threads share out whole
+(query, KV head) tasks). So a token's attention is the same bits as a decode query, alone or
+batched, and as a prefill query (a recomputation after preemption), eager or inside a compiled
+step (where it is the opaque op `pangu_infer::bi_attention`).
+
+Built once per machine like pangu_infer/quant/cpu_int4.py (`$CC`, else `cc`/`gcc`, -march=native,
+into `~/.cache/pangu-infer/`), loaded with ctypes. Needs AVX-512F on x86-64 and a head width that
+is a multiple of 16; elsewhere, or with `PANGU_INFER_BI_ATTENTION=torch`, the torch form runs.
+The choice is made once per process (library()), so one process never mixes the two (they agree
+only within rounding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+from pangu_infer.machine import cache_root
+
+log = logging.getLogger(__name__)
+
+ENV = "PANGU_INFER_BI_ATTENTION"
+MAX_HEAD_DIM = 256
+MAX_GROUP = 16
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+
+#define MAXD 256
+#define MAXG 16
+
+/* 16 lanes rounded to bf16, to nearest even as torch does (NaN stays NaN) */
+static inline void store_bf16(uint16_t* dst, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(64)));
+  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(r));
+}
+
+static inline __m512 load16(const void* p, int f32) {
+  if (f32) return _mm512_loadu_ps((const float*)p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* 2^x for x <= 0: x = n + f, f in [-1/2, 1/2], 2^f by its Taylor polynomial of degree 7
+   (relative error below 1e-8), scaled by 2^n; below -126 exactly 0 (and -inf gives 0). */
+static inline __m512 exp2_neg(__m512 x) {
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);           /* ln2^7 / 7! */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f)); /* ln2^6 / 6! */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f)); /* ln2^5 / 5! */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f)); /* ln2^4 / 4! */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f)); /* ln2^3 / 3! */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f)); /* ln2^2 / 2! */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f)); /* ln2 */
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+/* r[i] = the sum of the 16 lanes of a[i], i = 0..15, for all 16 at once: the same tree of adds
+   for every i (lanes k and k+2 of each 128-bit quarter, then the two pairs, then quarters 0+1 and
+   2+3, then the two halves). */
+static inline __m512 reduce16(const __m512 a[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; i++)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  /* c[i], quarter q, position p: the partial sum over quarter q of a[4i + p] */
+  const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+  /* e0: quarters (c0: 0+1, 2+3; c1: 0+1, 2+3); e1 the same for c2, c3 */
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+int pangu_bi_attention_abi(void) { return 2; }
+
+/* q [N, H, D]; caches [S, Hkv, D] (value rows Dv wide, Dv = D here); slots [R, L] int64 (R = 1:
+   shared by every query), valid [N, L] bytes; out [N, H, D]. *_f32: fp32, else bf16.
+   Returns 0, or nonzero for shapes it does not take (1) or a valid key's slot outside [0, S) (3;
+   that query's output is then left unwritten). */
+int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int64_t* slots,
+                       const uint8_t* valid, void* out, int64_t S, int64_t N, int64_t H, int64_t Hkv,
+                       int64_t D, int64_t L, int64_t R, float scale, int q_f32, int kv_f32, int out_f32,
+                       int64_t threads) {
+  if (Hkv <= 0 || H % Hkv || D % 16 || D > MAXD || H / Hkv > MAXG || (R != 1 && R != N)) return 1;
+  const int64_t G = H / Hkv, V = D / 16, tasks = N * Hkv;
+  const size_t qsz = q_f32 ? 4 : 2, ksz = kv_f32 ? 4 : 2, osz = out_f32 ? 4 : 2;
+  const float log2e = 1.4426950408889634f;
+  int bad = 0;
+  #pragma omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && tasks >= 2)
+  {
+    /* per thread: scores [G][L rounded up to 16], fp32 */
+    const int64_t Lp = (L + 15) / 16 * 16;
+    float* sc = (float*)aligned_alloc(64, ((size_t)(G * Lp + 16) * sizeof(float) + 63) / 64 * 64);  /* a multiple of the alignment, as C11 asks */
+    if (!sc) {
+      #pragma omp atomic write
+      bad = 2;
+    }
+    #pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; t++) {
+      if (!sc) continue;
+      const int64_t n = t / Hkv, h = t % Hkv;
+      const int64_t* sl = slots + (R == 1 ? 0 : n * L);
+      const uint8_t* ok = valid + n * L;
+      __m512 qv[MAXG][MAXD / 16];
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t v = 0; v < V; v++)
+          qv[g][v] = load16((const char*)q + ((n * H + h * G + g) * D + 16 * v) * qsz, q_f32);
+      float top[MAXG];
+      /* scores; masked keys -inf (their rows are not read) */
+      int oob = 0;
+      for (int64_t j = 0; j < L; j++) oob |= ok[j] && (sl[j] < 0 || sl[j] >= S);
+      if (oob) {
+        #pragma omp atomic write
+        bad = 3;
+        continue;
+      }
+      /* 16 keys at a time: their rows widened to fp32 once (keys not valid are not read), then
+         per query head 16 dot products reduced together by reduce16 (scores of keys not valid:
+         -inf) */
+      float kb[16 * MAXD] __attribute__((aligned(64)));
+      __m512 topv[MAXG];
+      for (int64_t g = 0; g < G; g++) topv[g] = _mm512_set1_ps(-__builtin_inff());
+      for (int64_t jb = 0; jb < Lp; jb += 16) {
+        __mmask16 live = 0;
+        for (int i = 0; i < 16; i++) {
+          const int64_t j = jb + i;
+          if (j >= L || !ok[j]) continue;
+          live |= (__mmask16)(1u << i);
+          const char* kr = (const char*)kc + ((sl[j] * Hkv + h) * D) * ksz;
+          for (int64_t v = 0; v < V; v++) _mm512_store_ps(kb + i * D + 16 * v, load16(kr + 16 * v * ksz, kv_f32));
+        }
+        for (int64_t g = 0; g < G; g++) {
+          __m512 s = _mm512_set1_ps(-__builtin_inff());
+          if (live) {
+            __m512 a[16];
+            for (int i = 0; i < 16; i++) {
+              if (!((live >> i) & 1)) { a[i] = _mm512_setzero_ps(); continue; }
+              const float* kr = kb + i * D;
+              __m512 acc = _mm512_mul_ps(qv[g][0], _mm512_load_ps(kr));
+              for (int64_t v = 1; v < V; v++) acc = _mm512_fmadd_ps(qv[g][v], _mm512_load_ps(kr + 16 * v), acc);
+              a[i] = acc;
+            }
+            s = _mm512_mask_mov_ps(s, live, _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)));
+          }
+          _mm512_storeu_ps(sc + g * Lp + jb, s);
+          topv[g] = _mm512_max_ps(topv[g], s);
+        }
+      }
+      for (int64_t g = 0; g < G; g++) top[g] = _mm512_reduce_max_ps(topv[g]);
+      /* p = exp2((s - max) log2 e) in place, summed in 16 lanes by key position */
+      float total[MAXG];
+      for (int64_t g = 0; g < G; g++) {
+        float* s = sc + g * Lp;
+        const __m512 m = _mm512_set1_ps(top[g]), l2 = _mm512_set1_ps(log2e);
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < Lp; j += 16) {
+          __m512 p = exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), m), l2));
+          _mm512_storeu_ps(s + j, p);
+          sum = _mm512_add_ps(sum, p);
+        }
+        total[g] = _mm512_reduce_add_ps(sum);
+      }
+      /* values weighted by p, in key order */
+      __m512 acc[MAXG][MAXD / 16];
+      for (int64_t g = 0; g < G; g++)
+        for (int64_t v = 0; v < V; v++) acc[g][v] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < L; j++) {
+        if (!ok[j]) continue;
+        const char* vr = (const char*)vc + ((sl[j] * Hkv + h) * D) * ksz;
+        __m512 vv[MAXD / 16];
+        for (int64_t v = 0; v < V; v++) vv[v] = load16(vr + 16 * v * ksz, kv_f32);
+        for (int64_t g = 0; g < G; g++) {
+          const __m512 p = _mm512_set1_ps(sc[g * Lp + j]);
+          for (int64_t v = 0; v < V; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
+        }
+      }
+      for (int64_t g = 0; g < G; g++) {
+        /* no valid key: 0/0, NaN, as the torch form gives */
+        const __m512 inv = _mm512_set1_ps(total[g]);
+        char* o = (char*)out + ((n * H + h * G + g) * D) * osz;
+        for (int64_t v = 0; v < V; v++) {
+          const __m512 r = _mm512_div_ps(acc[g][v], inv);
+          if (out_f32) {
+            _mm512_storeu_ps((float*)o + 16 * v, r);
+          } else {
+            store_bf16((uint16_t*)o + 16 * v, r);
+          }
+        }
+      }
+    }
+    free(sc);
+  }
+  return bad;
+}
+"""
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("torch", "off", "0", "none")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built kernel, or None where it cannot run here (then the torch form runs)."""
+    if disabled() or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if not {"avx512f"} <= _cpu_flags():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        log.info("batch-invariant attention: no C compiler found, using the torch form")
+        return None
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
+    path = os.path.join(str(cache_root()), f"bi_attention_{key}.so")
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                src = os.path.join(tmp, "bi_attention.c")
+                with open(src, "w", encoding="utf-8") as f:
+                    f.write(SOURCE)
+                out = os.path.join(tmp, "bi_attention.so")
+                subprocess.run([compiler, *FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
+                shutil.move(out, f"{path}.{os.getpid()}.tmp")
+                os.replace(f"{path}.{os.getpid()}.tmp", path)
+        lib = ctypes.CDLL(path)
+        if lib.pangu_bi_attention_abi() != 2:
+            return None
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("batch-invariant attention kernel not built (%s): using the torch form", e)
+        return None
+    fn = lib.pangu_bi_attention
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float] + [ctypes.c_int] * 3 + [ctypes.c_int64]
+    return lib
+
+
+_DTYPES = (torch.bfloat16, torch.float32)
+
+
+@torch.compiler.assume_constant_result
+def available() -> bool:
+    """Is the kernel built and loadable here? A constant to torch.compile: evaluated (and the
+    kernel built) when a graph is traced, not traced into (library()'s file and ctypes calls would
+    break the graph, and the decode step skips the module guards that a break needs)."""
+    return library() is not None
+
+
+def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: Optional[torch.Tensor]) -> bool:
+    """Does the kernel take this attention (else the torch form)? Fixed per model and cache:
+    the same answer for every call of one engine."""
+    if v_cache is None or not available():
+        return False
+    d = k_cache.shape[-1]
+    hkv = k_cache.shape[1]
+    return (
+        q.device.type == "cpu" and k_cache.device.type == "cpu"
+        and q.dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
+        and v_cache.shape == k_cache.shape and q.shape[-1] == d and d % 16 == 0 and d <= MAX_HEAD_DIM
+        and q.shape[1] % hkv == 0 and q.shape[1] // hkv <= MAX_GROUP
+    )
+
+
+def run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [N, H, D]; caches [S, Hkv, D]; slots [N or 1, L] int64; valid [N, L] bool -> [N, H, D] in q's dtype."""
+    lib = library()
+    n, h, d = q.shape
+    length = slots.shape[-1]
+    q = q.contiguous()
+    slots = slots.to(torch.long).contiguous()
+    valid = valid.reshape(n, length).contiguous()
+    if valid.dtype != torch.bool:
+        valid = valid.to(torch.bool)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("batch-invariant attention: the caches must be contiguous")
+    out = torch.empty(n, h, d, dtype=q.dtype)
+    if n:
+        rc = lib.pangu_bi_attention(
+            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(), out.data_ptr(),
+            k_cache.shape[0], n, h, k_cache.shape[1], d, length, slots.shape[0], float(scale),
+            int(q.dtype == torch.float32), int(k_cache.dtype == torch.float32), int(q.dtype == torch.float32),
+            torch.get_num_threads(),
+        )
+        if rc:
+            raise RuntimeError(f"batch-invariant attention kernel refused q {tuple(q.shape)}, cache {tuple(k_cache.shape)} ({rc})")
+    return out
+
+
+# A plain Library registration (as quant/cpu_int4.py's ops): opaque to inductor, so a compiled
+# step runs exactly the kernel an eager forward calls.
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("bi_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor valid, float scale) -> Tensor")
+
+
+def _bi_attention(q, k_cache, v_cache, slots, valid, scale):
+    return run(q, k_cache, v_cache, slots, valid, scale)
+
+
+def _bi_attention_shape(q, k_cache, v_cache, slots, valid, scale):
+    return q.new_empty(q.shape)
+
+
+_lib.impl("bi_attention", _bi_attention, "CPU")
+_lib._register_fake("bi_attention", _bi_attention_shape)
+
+
+def attention(q, k_cache, v_cache, slots, valid, scale) -> torch.Tensor:
+    """The kernel as the caller's context wants it: the custom op while compiling, else direct."""
+    if torch.compiler.is_compiling():
+        return torch.ops.pangu_infer.bi_attention(q, k_cache, v_cache, slots, valid, scale)
+    return run(q, k_cache, v_cache, slots, valid, scale)
+
+
+__all__ = ["ENV", "attention", "disabled", "library", "run", "usable"]
