@@ -10,8 +10,10 @@
                     prefill chunks, all (= batch_invariant).
     --target    greedy chat replies under 16-way load equal alone: mismatches out of 64, the
                 default path against batch_invariant (the issue's target: 64/64 equal).
-    --speed     decode tokens/s (one sequence) and 16-way throughput (16 requests at once),
-                default against batch_invariant, in interleaved rounds; medians and ratios.
+    --speed     decode tokens/s (one sequence), 16-way throughput (16 requests at once) and the
+                prefill of one long prompt (--prefill-tokens, a new prompt each round so the prefix
+                cache never hits), default against batch_invariant, in interleaved rounds; medians
+                and ratios.
 
 Usage:
     .venv/bin/python benchmarks/batch_invariant.py --sources --target --speed [--enforce-eager] [--rounds 3]
@@ -158,10 +160,17 @@ def speed(args) -> None:
     # Two models: make_batch_invariant swaps the linears of the model it is given.
     prompts = [chat_ids(llms[False], p) for p in PROMPTS[:16]]
     params = SamplingParams(temperature=0, max_tokens=args.decode_tokens, ignore_eos=True)
-    res = {(inv, what): [] for inv in (False, True) for what in ("decode", "x16")}
+    res = {(inv, what): [] for inv in (False, True) for what in ("decode", "x16", "prefill")}
+    one = SamplingParams(temperature=0, max_tokens=1)
     for r in range(args.rounds):
+        # A prompt of its own per round (its first tokens differ): no prefix-cache hit.
+        text = f"Round {r}. " + " ".join(PROMPTS[(r + i) % len(PROMPTS)] for i in range(args.prefill_tokens // 4 + 1))
+        long_prompt = llms[False].tokenizer.encode(text, add_special_tokens=False)[: args.prefill_tokens]
         for inv, llm in llms.items():
             eng = llm.engine
+            start = time.perf_counter()
+            run_alone(eng, [long_prompt], one)
+            res[(inv, "prefill")].append(len(long_prompt) / (time.perf_counter() - start))
             start = time.perf_counter()
             run_alone(eng, prompts[:1], params)
             res[(inv, "decode")].append(args.decode_tokens / (time.perf_counter() - start))
@@ -170,7 +179,8 @@ def speed(args) -> None:
             res[(inv, "x16")].append(16 * args.decode_tokens / (time.perf_counter() - start))
         print(f"  round {r + 1}: " + ", ".join(f"{'bi' if k[0] else 'default'} {k[1]} {v[-1]:.1f}" for k, v in res.items()), flush=True)
     print("| measure | default tok/s | batch_invariant tok/s | ratio |\n| --- | --- | --- | --- |")
-    for what, label in (("decode", "decode, 1 sequence"), ("x16", "16-way throughput")):
+    for what, label in (("decode", "decode, 1 sequence"), ("x16", "16-way throughput"),
+                        ("prefill", f"prefill of one {args.prefill_tokens}-token prompt")):
         a, b = statistics.median(res[(False, what)]), statistics.median(res[(True, what)])
         print(f"| {label} | {a:.1f} | {b:.1f} | {b / a:.2f}x |")
 
@@ -184,6 +194,7 @@ def main() -> None:
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--max-tokens", type=int, default=48, help="reply length for sources/target")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per request for speed")
+    p.add_argument("--prefill-tokens", type=int, default=512, help="length of the long prompt for speed")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
