@@ -224,22 +224,25 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
    The arithmetic is pangu_int4_mm's for one row, expert by expert: the same quantization of the
    row, the same blocks, the same rounding of each output to bf16. */
 
-static void quant_row(const uint16_t* xr0, int8_t* xq, float* dx, int64_t K, int64_t G) {
+/* Rows m0..m0+mm-1 of x quantized per group into one chunk's buffers (xq [2][MMAX][K], dx and
+   xs [MMAX][K/G] each). */
+static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, int mm, int64_t K, int64_t G) {
   const int64_t ng = K / G;
   float* xs = dx + MMAX * ng;
-  for (int64_t g = 0; g < ng; g++) {
-    const uint16_t* xr = xr0 + g * G;
-    float amax = 0.0f, s = 0.0f;
-    for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    for (int64_t k = 0; k < G; k++) {
-      const float v = bf(xr[k]) * inv, c = nearbyintf(v);
-      xq[g * G + k] = (int8_t)c;
-      xq[MMAX * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+  for (int m = 0; m < mm; m++)
+    for (int64_t g = 0; g < ng; g++) {
+      const uint16_t* xr = x + (m0 + m) * K + g * G;
+      float amax = 0.0f, s = 0.0f;
+      for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
+      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      for (int64_t k = 0; k < G; k++) {
+        const float v = bf(xr[k]) * inv, c = nearbyintf(v);
+        xq[m * K + g * G + k] = (int8_t)c;
+        xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+      }
+      dx[m * ng + g] = d;
+      xs[m * ng + g] = s;
     }
-    dx[g] = d;
-    xs[g] = s;
-  }
 }
 
 static void row_product(const int8_t* xq, const float* dx, const uint8_t* w, const uint16_t* sz,
@@ -265,7 +268,7 @@ int pangu_int4_experts_mm(const uint16_t* x, const int64_t* ids, int64_t S, cons
   int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
   float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
   if (!xq || !dx) { free(xq); free(dx); return 2; }
-  quant_row(x, xq, dx, K, G);  /* once for all experts: the same row */
+  quant_chunk(x, xq, dx, 0, 1, K, G);  /* once for all experts: the same row */
   for (int64_t j = 0; j < S; j++)
     row_product(xq, dx, w + ids[j] * wstride, sz + ids[j] * sstride, y + j * N, N, K, G, threads);
   free(xq);
@@ -300,7 +303,7 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
   if (!xq || !dx || !y || !acc || !p) { free(xq); free(dx); free(y); free(acc); free(p); return 2; }
   for (int64_t t = 0; t < S; t++) {
     const int64_t j = order[t], e = ids[j];
-    quant_row(h + j * K, xq, dx, K, G);
+    quant_chunk(h + j * K, xq, dx, 0, 1, K, G);
     row_product(xq, dx, w + e * wstride, sz + e * sstride, y, N, K, G, threads);
     if (out_fp32) {
       const float r = ((const float*)wts)[j];
@@ -329,20 +332,7 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   float* xs = dx + MMAX * ng;
   for (int64_t m0 = 0; m0 < M; m0 += MMAX) {
     const int mm = (int)(M - m0 < MMAX ? M - m0 : MMAX);
-    for (int m = 0; m < mm; m++)
-      for (int64_t g = 0; g < ng; g++) {
-        const uint16_t* xr = x + (m0 + m) * K + g * G;
-        float amax = 0.0f, s = 0.0f;
-        for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
-        const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-        for (int64_t k = 0; k < G; k++) {
-          const float v = bf(xr[k]) * inv, c = nearbyintf(v);
-          xq[m * K + g * G + k] = (int8_t)c;
-          xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
-        }
-        dx[m * ng + g] = d;
-        xs[m * ng + g] = s;
-      }
+    quant_chunk(x, xq, dx, m0, mm, K, G);
     void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
         mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
     uint16_t* yc = y + m0 * N;
