@@ -10,8 +10,10 @@ strip of output columns:
   scale/zero per group, or int8 with a bf16 scale per row) is converted into bf16 VNNI pairs in a
   buffer of this thread sized to stay in L2, in the order the products read it (k in chunks of KC,
   in each the strip's 32-column pieces, in each two 1 KB B tiles per 32 of k). The values are the
-  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once (int8:
-  q * s rounded once);
+  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once. int8 is
+  only widened (every int8 is exact in bf16), and its per-row scale multiplies the fp32 sums when
+  they are written: a cheaper conversion, and no rounding of the weight (closer to the float
+  weight than the packed path's bf16(q * s));
 - x is copied once per product into 32-row blocks laid out as AMX A tiles ([K/32][32][32] bf16,
   the last rows zero; a buffer kept per thread up to 32 MB, bigger ones allocated per call); every 32 rows run against each 32-column piece with 2 x 2 fp32 accumulator
   tiles (`tdpbf16ps`), k chunk by k chunk so that the rows' chunk stays in L1 across the pieces;
@@ -62,8 +64,8 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
-ABI = 2
-REVISION = 3  # in the names of the per-machine choices: a changed kernel or rule is measured again
+ABI = 3
+REVISION = 4  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
 #include <stdint.h>
@@ -77,7 +79,7 @@ SOURCE = r"""
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-int pangu_amx_abi(void) { return 2; }
+int pangu_amx_abi(void) { return 3; }
 
 /* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
 int pangu_amx_init(void) {
@@ -161,12 +163,26 @@ static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf
   _mm512_storeu_si512((void*)(d + 48), pairs(hi[2], hi[3]));
 }
 
-/* int8 [N][K] with a bf16 scale per row: columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
+/* Four int8 per 32-bit lane (k = 4i .. 4i + 3 of one row) -> the words (bf16(k0), bf16(k1)) and
+   (bf16(k2), bf16(k3)). Every int8 is exact in bf16: its fp32 has the low 16 bits zero, so the bf16 is
+   the fp32's high half with no rounding (no scale here: it is applied to the sums, see write_rows). */
+static inline __m512i widen_lo(__m512i v) {
+  const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)));
+  const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)));
+  return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
+}
+static inline __m512i widen_hi(__m512i v) {
+  const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)));
+  const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)));
+  return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
+}
+
+/* int8 [N][K] (its bf16 scale per row applied to the sums, not here): columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
    into strip block j. */
 static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* buf, int64_t b, int64_t j, int64_t c,
                              const strip_t* st) {
+  (void)scale;
   const int64_t K = st->K, r0 = b * 16;
-  const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
   const int8_t* base = w + r0 * K;
   if (c + 64 <= K) {  /* one 64-byte load per row, a 16 x 16 transpose of 32-bit words */
     __m512i t[16], u[16], v[16];
@@ -190,22 +206,16 @@ static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* b
       v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
     }
     for (int i = 0; i < 16; i++) {  /* v[i]: lane r = row r0 + r, columns c + 4i .. c + 4i + 3 */
-      __m512 r[4];
-      for (int h = 0; h < 4; ++h)
-        r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[i], _mm512_set1_epi32(24 - 8 * h)), 24)), s);
-      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), pairs(r[0], r[1]));
-      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), pairs(r[2], r[3]));
+      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), widen_lo(v[i]));
+      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), widen_hi(v[i]));
     }
     return;
   }
   const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
   for (; c < K; c += 4) {
     const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
-    __m512 r[4];
-    for (int h = 0; h < 4; ++h)
-      r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(gv, _mm512_set1_epi32(24 - 8 * h)), 24)), s);
-    _mm512_storeu_si512((void*)at(buf, j, c / 2, st), pairs(r[0], r[1]));
-    _mm512_storeu_si512((void*)at(buf, j, c / 2 + 1, st), pairs(r[2], r[3]));
+    _mm512_storeu_si512((void*)at(buf, j, c / 2, st), widen_lo(gv));
+    _mm512_storeu_si512((void*)at(buf, j, c / 2 + 1, st), widen_hi(gv));
   }
 }
 
@@ -218,6 +228,7 @@ typedef struct {
   uint32_t* buf;
   strip_t st;
   int64_t G, b0, blocks, units, j, u;
+  int64_t acc, num, den;  /* spread: num units per den tile steps (block32), acc the carry */
 } cursor_t;
 
 static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
@@ -227,6 +238,7 @@ static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* 
   cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh;
   cu->units = kind == 4 ? K / 8 : (K + 63) / 64;
   cu->j = 0; cu->u = 0;
+  cu->acc = 0; cu->num = 0; cu->den = 1;
 }
 
 static inline void cursor_step(cursor_t* cu) {
@@ -248,7 +260,7 @@ static void cursor_finish(cursor_t* cu) {
    per step of 32 in k two 1 KB B tiles) over k in [k0, k1): the fp32 sums added to c [32][32] (or
    written there when first). Both operands are read as contiguous 2 KB per step of 32 in k. */
 static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, int64_t k1, float* c, int first,
-                           cursor_t* next, int rate) {
+                           cursor_t* next) {
   if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
   else {
     _tile_loadd(0, c, 128); _tile_loadd(1, c + 16, 128);
@@ -266,8 +278,11 @@ static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, i
     _tile_loadd(5, xa + 16 * 32, 64);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
-    /* the next strip's conversion, in the vector units while the tile products run */
-    for (int r = 0; r < rate; r++) cursor_step(next);
+    /* the next strip's conversion, in the vector units while the tile products run, spread evenly
+       over the strip's steps (an int8 unit is 1024 weights, 8 times an int4 unit: one per step
+       would bunch int8's conversion into the first eighth of the strip, leaving the rest tile-bound) */
+    next->acc += next->num;
+    while (next->acc >= next->den) { next->acc -= next->den; cursor_step(next); }
   }
   _tile_stored(0, c, 128);
   _tile_stored(1, c + 16, 128);
@@ -275,12 +290,19 @@ static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, i
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
-static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols) {
+/* sc: the bf16 scales of these columns (int8: the weight's per-row scale times the fp32 sums, one
+   product before the one rounding to bf16), or NULL. */
+static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols, const uint16_t* sc) {
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1));
+  __m512 s0 = _mm512_set1_ps(1.0f), s1 = _mm512_set1_ps(1.0f);
+  if (sc) {
+    s0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, sc)), 16));
+    s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, sc + 16)), 16));
+  }
   for (int64_t r = 0; r < rows; r++) {
-    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32));
-    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32 + 16));
+    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * 32), s0));
+    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * 32 + 16), s1));
     _mm256_mask_storeu_epi16(y + r * ldy, m0, lo);
     if (m1) _mm256_mask_storeu_epi16(y + r * ldy + 16, m1, hi);
   }
@@ -341,13 +363,12 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
         const int64_t pieces = (ns / 16 + 1) / 2;
         const strip_t t = cur.st;
         uint32_t* buf = cur.buf;
-        int rate = 0;
-        nxt.blocks = 0; nxt.j = 0;
+        nxt.blocks = 0; nxt.j = 0; nxt.acc = 0; nxt.num = 0; nxt.den = 1;
         if (s + 1 < s_end) {
           const int64_t n1 = n0 + S;
           cursor_start(&nxt, kind, w, q, bufs[(s - s_begin + 1) % 2], K, KC, sh, G, n1, N - n1 < S ? N - n1 : S);
           const int64_t steps = mblocks * pieces * (K / 32), units = nxt.blocks * nxt.units;
-          rate = (int)((units + steps - 1) / steps);
+          nxt.num = units; nxt.den = steps;
         }
         /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
            pieces), each piece's sums kept in c between chunks */
@@ -356,12 +377,12 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
             const int64_t k1 = k0 + KC < K ? k0 + KC : K;
             for (int64_t pc = 0; pc < pieces; pc++)
               block32(xp + mb * 32 * K, buf + (k0 / 2) * t.S + pc * ((k1 - k0) / 2) * 32, k0, k1,
-                      c + pc * 1024, k0 == 0, &nxt, rate);
+                      c + pc * 1024, k0 == 0, &nxt);
           }
           const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
           for (int64_t pc = 0; pc < pieces; pc++) {
             const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
-            write_rows(c + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols);
+            write_rows(c + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols, kind == 8 ? q + n0 + 32 * pc : NULL);
           }
         }
         if (s + 1 < s_end) { cursor_finish(&nxt); cur = nxt; }
