@@ -121,14 +121,28 @@ def test_shapes_it_does_not_take_are_refused():
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_wide_k_runs_all_rows_at_once_when_allowed(kind, monkeypatch):
-    """Past amx.max_k() the kernel is refused by default; allowed by hand, its loop for wide K
-    (all rows at once, strips sized to L2) is still right."""
+@pytest.mark.parametrize(
+    "k, panel, rows, n",
+    [
+        (2560, None, 300, 80),  # two panels of 1280, rows in two blocks (288 at a 1280 panel)
+        (4800, None, 70, 48),  # panels of 1664, 1664 and 1472 (the last one shorter), a half piece
+        (2560, "1536", 45, 96),  # panels of 1536 and 1024 set by hand
+        (2560, "0", 70, 80),  # no panels: all rows at once, strips sized to L2 (the first loop for wide K)
+    ],
+)
+def test_wide_k_runs_in_k_panels_when_allowed(kind, k, panel, rows, n, monkeypatch):
+    """Past amx.max_k() the kernel is refused by default; allowed by hand, K runs in panels of at
+    most 2048 with the fp32 sums kept between them (or, with the panels off, the loop over all rows
+    at once), and the products are still right."""
     monkeypatch.setenv(amx.MAX_K_ENV, "0")
-    n, k = 80, 2560
-    assert amx.row_block(k) == 0
+    if panel is not None:
+        monkeypatch.setenv(amx.PANEL_ENV, panel)
+    if panel is None:
+        assert amx.k_panel(k) == {2560: 1280, 4800: 1664}[k]
+    if panel == "0":
+        assert amx.k_panel(k) == 0 and amx.row_block(k) == 0
     w = _int4(n, k) if kind == "int4" else _int8(n, k)
-    x = torch.randn(70, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     y = _product(kind, x, w)
     assert y is not None
     _close_to_bf16_weight(y, x, w[2])

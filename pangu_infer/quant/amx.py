@@ -132,7 +132,8 @@ static inline __m512i pairs(__m512 even, __m512 odd) {
    in each the strip's 32-column pieces, in each piece per step of 32 in k two B tiles of 16 pairs x
    16 columns (1 KB each, a k pair of one column per 32-bit word, even k in the low half). 16-row
    block j of the strip (0 .. S/16 - 1) is tile (j % 2) of piece j / 2; p is the k pair. */
-typedef struct { int64_t K, S, KC; int sh; } strip_t;  /* KC a power of two, KC / 2 = 1 << sh */
+typedef struct { int64_t K, S, KC; int sh; int64_t ld, k0; } strip_t;  /* KC a power of two, KC / 2 = 1 << sh;
+   K the k panel's width, k0 its first k in the weight, ld the weight's whole K */
 static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t) {
   const int64_t p0 = (p >> t->sh) << t->sh, kcs = t->K - 2 * p0 < t->KC ? t->K - 2 * p0 : t->KC, q = p - p0;
   return buf + p0 * t->S + (j >> 1) * kcs * 16 + (q >> 4) * 512 + (j & 1) * 256 + (q & 15) * 16;
@@ -142,9 +143,9 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
    8o + 7) of 16-row block b into strip block j. */
 static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf, int64_t b, int64_t j, int64_t o,
                              const strip_t* st, int64_t G) {
-  const int64_t K = st->K;
-  const uint8_t* p = w + (b * (K / 8) + o) * 64;
-  const uint16_t* s = sz + b * (K / G) * 32 + ((8 * o) / G) * 32;
+  const int64_t ld = st->ld;
+  const uint8_t* p = w + (b * (ld / 8) + st->k0 / 8 + o) * 64;
+  const uint16_t* s = sz + b * (ld / G) * 32 + ((st->k0 + 8 * o) / G) * 32;
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
   const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
   const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
@@ -182,11 +183,11 @@ static inline __m512i widen_hi(__m512i v) {
 static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* buf, int64_t b, int64_t j, int64_t c,
                              const strip_t* st) {
   (void)scale;
-  const int64_t K = st->K, r0 = b * 16;
-  const int8_t* base = w + r0 * K;
+  const int64_t K = st->K, ld = st->ld, r0 = b * 16;
+  const int8_t* base = w + r0 * ld + st->k0;
   if (c + 64 <= K) {  /* one 64-byte load per row, a 16 x 16 transpose of 32-bit words */
     __m512i t[16], u[16], v[16];
-    for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * K + c));
+    for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * ld + c));
     for (int i = 0; i < 8; i++) {
       u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
       u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
@@ -211,7 +212,7 @@ static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* b
     }
     return;
   }
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)ld));
   for (; c < K; c += 4) {
     const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
     _mm512_storeu_si512((void*)at(buf, j, c / 2, st), widen_lo(gv));
@@ -232,10 +233,10 @@ typedef struct {
 } cursor_t;
 
 static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
-                         int sh, int64_t G, int64_t n0, int64_t ns) {
+                         int sh, int64_t G, int64_t n0, int64_t ns, int64_t ld, int64_t k0) {
   cu->kind = kind; cu->w = w; cu->q = q; cu->buf = buf; cu->G = G;
   cu->b0 = n0 / 16; cu->blocks = ns / 16;
-  cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh;
+  cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh; cu->st.ld = ld; cu->st.k0 = k0;
   cu->units = kind == 4 ? K / 8 : (K + 63) / 64;
   cu->j = 0; cu->u = 0;
   cu->acc = 0; cu->num = 0; cu->den = 1;
@@ -313,13 +314,17 @@ static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t 
    kind 8: w = int8 [N][K], q = scale bf16 [N];
    N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
 static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                    int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int threads) {
+                    int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t kp, int threads) {
   if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
   if (kind == 4 && (G % 8 || G < 8 || K % G)) return 1;
   if (kind == 8 && K * 16 > 0x7fffffff) return 1;
   if (kind != 4 && kind != 8) return 1;
+  /* k in panels of KP (0: one panel): a panel's rows of x stay in L2 across all strips, the fp32 sums
+     kept between panels */
+  const int64_t KP = kp > 0 && kp < K ? kp : K, panels = (K + KP - 1) / KP;
+  if (panels > 1 && (KP % 64 || (kind == 4 && KP % G))) return 1;
   int sh = 4;  /* k chunks: a power of two from 32 (the whole of K when kc <= 0) */
-  while (kc > 0 ? (2 << sh) < kc : (2 << sh) < K) sh++;
+  while (kc > 0 ? (2 << sh) < kc : (2 << sh) < KP) sh++;
   const int64_t KC = (int64_t)2 << sh;
   const int64_t strips = (N + S - 1) / S, mblocks = (M + 31) / 32, kb = K / 32;
   /* x packed once: [M/32][K/32][32 rows][32] bf16, the last rows zero (A tiles read contiguous 2 KB) */
@@ -344,48 +349,59 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
   int fail = 0;
   #pragma omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && strips >= 2)
   {
-    /* this thread's strips, in order: while one is multiplied, the next is converted into the other buffer */
+    /* this thread's strips, in order (per k panel: all strips of one panel, then the next panel's):
+       while one is multiplied, the next is converted into the other buffer */
     const int nt = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t s_begin = strips * me / nt, s_end = strips * (me + 1) / nt;
-    const size_t bytes = (size_t)(S / 32) * (size_t)(K / 2) * 128;
+    const size_t bytes = (size_t)(S / 32) * (size_t)(KP / 2) * 128;
     uint32_t* bufs[2] = {(uint32_t*)kept_buffer(1, bytes), (uint32_t*)kept_buffer(3, bytes)};
-    float* c = (float*)kept_buffer(2, (size_t)(S / 32) * 32 * 32 * sizeof(float));
+    /* one panel: each strip's sums per 32 rows in c only while it runs; several: kept for all of this
+       thread's strips and rows across the panels */
+    const size_t cfloats = (size_t)(S / 32) * 1024 * (panels > 1 ? (size_t)(s_end > s_begin ? s_end - s_begin : 1) * mblocks : 1);
+    float* c = (float*)kept_buffer(2, cfloats * sizeof(float));
     if (!(c && bufs[0] && bufs[1])) {
       #pragma omp atomic write
       fail = 2;
     } else if (s_begin < s_end) {
       config_tiles();
       cursor_t cur, nxt;
-      cursor_start(&cur, kind, w, q, bufs[0], K, KC, sh, G, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S);
+      int which = 0;
+      cursor_start(&cur, kind, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
       cursor_finish(&cur);
-      for (int64_t s = s_begin; s < s_end; s++) {
-        const int64_t n0 = s * S, ns = (N - n0 < S) ? N - n0 : S;
-        const int64_t pieces = (ns / 16 + 1) / 2;
-        const strip_t t = cur.st;
-        uint32_t* buf = cur.buf;
-        nxt.blocks = 0; nxt.j = 0; nxt.acc = 0; nxt.num = 0; nxt.den = 1;
-        if (s + 1 < s_end) {
-          const int64_t n1 = n0 + S;
-          cursor_start(&nxt, kind, w, q, bufs[(s - s_begin + 1) % 2], K, KC, sh, G, n1, N - n1 < S ? N - n1 : S);
-          const int64_t steps = mblocks * pieces * (K / 32), units = nxt.blocks * nxt.units;
-          nxt.num = units; nxt.den = steps;
-        }
-        /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
-           pieces), each piece's sums kept in c between chunks */
-        for (int64_t mb = 0; mb < mblocks; mb++) {
-          for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-            for (int64_t pc = 0; pc < pieces; pc++)
-              block32(xp + mb * 32 * K, buf + (k0 / 2) * t.S + pc * ((k1 - k0) / 2) * 32, k0, k1,
-                      c + pc * 1024, k0 == 0, &nxt);
+      for (int64_t pn = 0; pn < panels; pn++) {
+        const int64_t pk0 = pn * KP, pw = K - pk0 < KP ? K - pk0 : KP;
+        for (int64_t s = s_begin; s < s_end; s++) {
+          const int64_t n0 = s * S, ns = (N - n0 < S) ? N - n0 : S;
+          const int64_t pieces = (ns / 16 + 1) / 2;
+          const strip_t t = cur.st;
+          uint32_t* buf = cur.buf;
+          nxt.blocks = 0; nxt.j = 0; nxt.acc = 0; nxt.num = 0; nxt.den = 1;
+          const int more = s + 1 < s_end || pn + 1 < panels;
+          if (more) {  /* the next strip of this panel, or the first of the next panel */
+            const int64_t n1 = s + 1 < s_end ? n0 + S : s_begin * S, q0 = s + 1 < s_end ? pk0 : pk0 + KP;
+            const int64_t qw = K - q0 < KP ? K - q0 : KP;
+            cursor_start(&nxt, kind, w, q, bufs[1 - which], qw, KC, sh, G, n1, N - n1 < S ? N - n1 : S, K, q0);
+            nxt.num = nxt.blocks * nxt.units; nxt.den = mblocks * pieces * (pw / 32);
           }
-          const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
-          for (int64_t pc = 0; pc < pieces; pc++) {
-            const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
-            write_rows(c + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols, kind == 8 ? q + n0 + 32 * pc : NULL);
+          /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
+             pieces), each piece's sums kept in c between chunks (and panels) */
+          for (int64_t mb = 0; mb < mblocks; mb++) {
+            float* cc = panels > 1 ? c + ((s - s_begin) * mblocks + mb) * (S / 32) * 1024 : c;
+            for (int64_t k0 = 0; k0 < pw; k0 += KC) {
+              const int64_t k1 = k0 + KC < pw ? k0 + KC : pw;
+              for (int64_t pc = 0; pc < pieces; pc++)
+                block32(xp + mb * 32 * K, buf + (k0 / 2) * t.S + pc * ((k1 - k0) / 2) * 32, pk0 + k0, pk0 + k1,
+                        cc + pc * 1024, pn == 0 && k0 == 0, &nxt);
+            }
+            if (pn + 1 < panels) continue;
+            const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
+            for (int64_t pc = 0; pc < pieces; pc++) {
+              const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
+              write_rows(cc + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols, kind == 8 ? q + n0 + 32 * pc : NULL);
+            }
           }
+          if (more) { cursor_finish(&nxt); cur = nxt; which = 1 - which; }
         }
-        if (s + 1 < s_end) { cursor_finish(&nxt); cur = nxt; }
       }
       _tile_release();
     }
@@ -397,10 +413,10 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
 /* In blocks of mb rows (0: all at once), each converting the weight again: a block's rows of x stay
    in L2 with the strip buffers instead of streaming through it once per strip. */
 int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t mb, int threads) {
-  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, kind, S, kc, threads);
+                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads) {
+  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, kind, S, kc, kp, threads);
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, kind, S, kc, threads);
+    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, kind, S, kc, kp, threads);
     if (rc) return rc;
   }
   return 0;
@@ -468,7 +484,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     fn = lib.pangu_amx_qmm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
 
 
@@ -506,7 +522,8 @@ def strip_width(k: int) -> int:
     except ValueError:
         s = 0
     if s <= 0:
-        s = 64 if k <= 2048 else (768 << 10) // (2 * k)
+        kw = k_panel(k) or k  # with k panels, a strip is as wide as a panel's
+        s = 64 if kw <= 2048 else (768 << 10) // (2 * kw)
     return max(32, min(256, s) // 32 * 32)
 
 
@@ -514,7 +531,27 @@ def row_block(k: int) -> int:
     """Rows per block, each block converting the weight again (0: all rows at once): up to K = 2048,
     about 768 KB of x (256 rows at K = 1536), which measured faster than x streaming through L2
     once per strip; wider K, all at once (a block small enough for L2 converts the weight too often)."""
-    return max(32, (768 << 10) // (2 * k) // 32 * 32) if k <= 2048 else 0
+    kw = k_panel(k) or k  # with k panels, a block's x per panel stays in L2
+    return max(32, (768 << 10) // (2 * kw) // 32 * 32) if kw <= 2048 else 0
+
+
+PANEL_ENV = "PANGU_INFER_AMX_K_PANEL"  # k panel width by hand (measuring; 0 = none)
+
+
+def k_panel(k: int) -> int:
+    """k per panel (0: all of K at once): above 2048, K in equal panels of at most 2048 (a multiple of
+    128, so that int4 groups and int8 units stay whole; the last one shorter), each panel's rows of x
+    kept in L2 across all strips and the fp32 sums kept between panels. PANGU_INFER_AMX_K_PANEL sets it."""
+    env = os.environ.get(PANEL_ENV)
+    if env is not None:
+        try:
+            return max(0, int(env)) // 128 * 128
+        except ValueError:
+            pass
+    if k <= 2048:
+        return 0
+    panels = -(-k // 2048)
+    return -(-k // panels // 128) * 128
 
 
 MAX_K_ENV = "PANGU_INFER_AMX_MAX_K"
@@ -544,7 +581,7 @@ def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int,
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0] and lib.pangu_amx_qmm(
         x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, kind, strip_width(k), K_CHUNK,
-        row_block(k), torch.get_num_threads(),
+        row_block(k), k_panel(k), torch.get_num_threads(),
     ):
         return None
     return y
