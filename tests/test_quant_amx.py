@@ -107,7 +107,7 @@ def test_a_row_comes_out_the_same_whatever_rows_run_with_it(kind):
     assert torch.equal(_product(kind, x[40:].contiguous(), w), full[40:])
 
 
-def test_shapes_it_does_not_take_are_refused():
+def test_shapes_it_does_not_take_are_refused(monkeypatch):
     x = torch.randn(40, 48, dtype=torch.bfloat16)
     data, sz, _ = _int4(64, 48, group=16)
     assert amx.int4_product(x, data, sz, 16) is None  # K % 32
@@ -117,6 +117,8 @@ def test_shapes_it_does_not_take_are_refused():
     assert amx.int8_product(torch.randn(40, 64, dtype=torch.bfloat16), w8, s8) is None  # N % 16
     assert amx.int8_product(torch.randn(40, 64), *_int8(64, 64)[:2]) is None  # fp32 x
     data, sz, _ = _int4(64, 2560)
+    assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is not None  # any K by default
+    monkeypatch.setenv(amx.MAX_K_ENV, "2048")
     assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is None  # K > max_k()
 
 

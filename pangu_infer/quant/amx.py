@@ -23,8 +23,10 @@ strip of output columns:
 
 Rows are independent (each row's sums run over k in the same order whatever the row count), so a
 row's result does not depend on the rows next to it. N must be a multiple of 16 (a last half
-piece is converted zero-padded), K a multiple of 32 and at most 2048 (`max_k()`), else the
-caller's path runs.
+piece is converted zero-padded), K a multiple of 32 (and at most `max_k()`, any by default),
+else the caller's path runs. Above K = 2048, K runs in panels of at most 2048 (`k_panel`): per
+block of rows, per panel, all strips (the panel's x stays in L2), the fp32 sums of all the block's
+rows and this thread's columns kept between panels and rounded once after the last.
 
 Built once per machine with the C compiler (`$CC`, else `cc`/`gcc`) and `-march=native` (which
 carries `-mamx-tile -mamx-bf16` on an AMX CPU) into `~/.cache/pangu-infer/`, loaded with ctypes;
@@ -65,7 +67,7 @@ ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
 ABI = 3
-REVISION = 4  # in the names of the per-machine choices: a changed kernel or rule is measured again
+REVISION = 5  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
 #include <stdint.h>
@@ -555,14 +557,15 @@ def k_panel(k: int) -> int:
 
 
 MAX_K_ENV = "PANGU_INFER_AMX_MAX_K"
-MAX_K = 2048
+MAX_K = 0  # any K (k panels above 2048)
 
 
 def max_k() -> int:
-    """The widest K the kernel takes (PANGU_INFER_AMX_MAX_K, 0 = any): past 2048 the rows cannot be
-    blocked so that x stays in L2, x streams from L3 once per strip, and the products measured
-    slower than the packed path's (RESULTS.md: 1536 x 4800 at 0.69x of bf16 against 0.84x), so
-    they take the packed path."""
+    """The widest K the kernel takes (PANGU_INFER_AMX_MAX_K; 0, the default, = any). Past 2048, K runs
+    in panels (k_panel); without them x streamed from L3 once per strip and 1536 x 4800 measured
+    0.69x of bf16 against the packed path's 0.84x, with them level or ahead (RESULTS.md, "int8
+    through the AMX kernel with the scale on the sums", k panels). PANGU_INFER_AMX_MAX_K=2048 sends
+    wider weights to the packed path again."""
     try:
         v = int(os.environ.get(MAX_K_ENV, MAX_K))
     except ValueError:
