@@ -82,9 +82,13 @@ def main() -> int:
             "int8 conv.": lambda: lib[4](w8.data_ptr(), s8.data_ptr(), ptr, n, k, rb, 0, n // 16, args.threads),
             "product": lambda: prefill._packed_linear(x, scratch),
         }
+        refused = set()
         if has_amx:
             fns["int4 AMX"] = lambda: amx.int4_product(x, data, sz, 32)
             fns["int8 AMX"] = lambda: amx.int8_product(x, w8, s8)
+            refused = {name for name in amx_cols if fns[name]() is None}  # e.g. K > amx.max_k()
+            for name in refused:
+                del fns[name]
         best: dict[str, float] = {}
         for _ in range(args.rounds):
             for name, fn in fns.items():
@@ -98,6 +102,9 @@ def main() -> int:
         base = best["bf16 packed"]
         cells = [f"{1e3 * best['bf16 packed']:.2f}"]
         for name in ("int4 plain W^T", "int4 packed", "int8 plain W^T", "int8 packed", *amx_cols):
+            if name in refused:
+                cells.append("refused")
+                continue
             cells.append(f"{1e3 * best[name]:.2f} ({base / best[name]:.2f}x)")
         cells += [f"{1e3 * best[name]:.2f}" for name in ("int4 conv.", "int8 conv.", "product")]
         print(f"| {shape} | " + " | ".join(cells) + " |")

@@ -32,7 +32,9 @@ def _int8(n: int, k: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     s8 = (torch.rand(n, generator=g) * 0.02 + 0.001).to(torch.bfloat16)
-    return w8, s8, (w8.float() * s8.float()[:, None]).to(torch.bfloat16)
+    # the float weight: the kernel widens the int8 exactly and scales the fp32 sums, so it is held to
+    # that weight within the output's rounding (the packed path's bf16(q * s) is not)
+    return w8, s8, w8.float() * s8.float()[:, None]
 
 
 def _product(kind: str, x: torch.Tensor, w: tuple) -> torch.Tensor:
@@ -40,8 +42,8 @@ def _product(kind: str, x: torch.Tensor, w: tuple) -> torch.Tensor:
 
 
 def _close_to_bf16_weight(y: torch.Tensor, x: torch.Tensor, w_bf16: torch.Tensor) -> None:
-    """Within the output's bf16 rounding (and fp32 sums in another order) of x times the bf16 weight
-    the packed path would multiply, row by row."""
+    """Within the output's bf16 rounding (and fp32 sums in another order) of x times the weight:
+    int4, the bf16 weight the packed path would multiply; int8, the float weight q * s, row by row."""
     ref = x.float() @ w_bf16.float().t()
     err = (y.float() - ref).abs()
     bound = 2**-8 * ref.abs() + 1e-4 * ref.abs().amax(dim=1, keepdim=True)
@@ -105,7 +107,7 @@ def test_a_row_comes_out_the_same_whatever_rows_run_with_it(kind):
     assert torch.equal(_product(kind, x[40:].contiguous(), w), full[40:])
 
 
-def test_shapes_it_does_not_take_are_refused():
+def test_shapes_it_does_not_take_are_refused(monkeypatch):
     x = torch.randn(40, 48, dtype=torch.bfloat16)
     data, sz, _ = _int4(64, 48, group=16)
     assert amx.int4_product(x, data, sz, 16) is None  # K % 32
@@ -115,18 +117,34 @@ def test_shapes_it_does_not_take_are_refused():
     assert amx.int8_product(torch.randn(40, 64, dtype=torch.bfloat16), w8, s8) is None  # N % 16
     assert amx.int8_product(torch.randn(40, 64), *_int8(64, 64)[:2]) is None  # fp32 x
     data, sz, _ = _int4(64, 2560)
+    assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is not None  # any K by default
+    monkeypatch.setenv(amx.MAX_K_ENV, "2048")
     assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is None  # K > max_k()
 
 
 @pytest.mark.parametrize("kind", ["int4", "int8"])
-def test_wide_k_runs_all_rows_at_once_when_allowed(kind, monkeypatch):
-    """Past amx.max_k() the kernel is refused by default; allowed by hand, its loop for wide K
-    (all rows at once, strips sized to L2) is still right."""
+@pytest.mark.parametrize(
+    "k, panel, rows, n",
+    [
+        (2560, None, 300, 80),  # two panels of 1280, rows in two blocks (288 at a 1280 panel)
+        (4800, None, 70, 48),  # panels of 1664, 1664 and 1472 (the last one shorter), a half piece
+        (2560, "1536", 45, 96),  # panels of 1536 and 1024 set by hand
+        (2560, "0", 70, 80),  # no panels: all rows at once, strips sized to L2 (the first loop for wide K)
+    ],
+)
+def test_wide_k_runs_in_k_panels_when_allowed(kind, k, panel, rows, n, monkeypatch):
+    """Past amx.max_k() the kernel is refused by default; allowed by hand, K runs in panels of at
+    most 2048 with the fp32 sums kept between them (or, with the panels off, the loop over all rows
+    at once), and the products are still right."""
     monkeypatch.setenv(amx.MAX_K_ENV, "0")
-    n, k = 80, 2560
-    assert amx.row_block(k) == 0
+    if panel is not None:
+        monkeypatch.setenv(amx.PANEL_ENV, panel)
+    if panel is None:
+        assert amx.k_panel(k) == {2560: 1280, 4800: 1664}[k]
+    if panel == "0":
+        assert amx.k_panel(k) == 0 and amx.row_block(k) == 0
     w = _int4(n, k) if kind == "int4" else _int8(n, k)
-    x = torch.randn(70, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     y = _product(kind, x, w)
     assert y is not None
     _close_to_bf16_weight(y, x, w[2])
@@ -164,9 +182,19 @@ def test_linear_with_bias_runs_it_and_matches_the_packed_path(forced_on, monkeyp
     ref = F.linear(x.float(), dequantize(qt)) + lin.bias.float()  # the quantized weight, in float
     scale = ref.abs().max().item()
     assert torch.allclose(got.float(), ref, rtol=2e-2, atol=2e-2 * scale)
-    # the same bf16 weight as the packed path: apart only by the order of the sums and the roundings
-    assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=2e-3 * scale)
-    if k % 32:
+    took = k % 32 == 0 and (method == "int4" or n % 16 == 0)  # else the kernel refused: the packed path ran both
+    if method == "int4":
+        # the same bf16 weight as the packed path: apart only by the order of the sums and the roundings
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=2e-3 * scale)
+    elif took:
+        # int8: the exact weight (q times the bf16 scale the kernel keeps), scaled sums: closer to it
+        # than the packed path's bf16(q * s) weight, within the output's roundings (product, then bias)
+        exact = F.linear(x.float(), weight.data.float() * weight.scales.float()[:, None]) + lin.bias.float()
+        err, err_packed = (got.float() - exact).abs(), (want.float() - exact).abs()
+        assert err.mean() <= err_packed.mean()
+        bound = 2**-8 * ((exact - lin.bias.float()).abs() + exact.abs()) + 1e-4 * scale
+        assert (err <= bound).all(), (float((err - bound).max()), float(err.max()), float(err_packed.max()))
+    if not took:
         assert torch.equal(got, want)
 
 

@@ -10,8 +10,10 @@ strip of output columns:
   scale/zero per group, or int8 with a bf16 scale per row) is converted into bf16 VNNI pairs in a
   buffer of this thread sized to stay in L2, in the order the products read it (k in chunks of KC,
   in each the strip's 32-column pieces, in each two 1 KB B tiles per 32 of k). The values are the
-  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once (int8:
-  q * s rounded once);
+  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once. int8 is
+  only widened (every int8 is exact in bf16), and its per-row scale multiplies the fp32 sums when
+  they are written: a cheaper conversion, and no rounding of the weight (closer to the float
+  weight than the packed path's bf16(q * s));
 - x is copied once per product into 32-row blocks laid out as AMX A tiles ([K/32][32][32] bf16,
   the last rows zero; a buffer kept per thread up to 32 MB, bigger ones allocated per call); every 32 rows run against each 32-column piece with 2 x 2 fp32 accumulator
   tiles (`tdpbf16ps`), k chunk by k chunk so that the rows' chunk stays in L1 across the pieces;
@@ -21,8 +23,10 @@ strip of output columns:
 
 Rows are independent (each row's sums run over k in the same order whatever the row count), so a
 row's result does not depend on the rows next to it. N must be a multiple of 16 (a last half
-piece is converted zero-padded), K a multiple of 32 and at most 2048 (`max_k()`), else the
-caller's path runs.
+piece is converted zero-padded), K a multiple of 32 (and at most `max_k()`, any by default),
+else the caller's path runs. Above K = 2048, K runs in panels of at most 2048 (`k_panel`): per
+block of rows, per panel, all strips (the panel's x stays in L2), the fp32 sums of all the block's
+rows and this thread's columns kept between panels and rounded once after the last.
 
 Built once per machine with the C compiler (`$CC`, else `cc`/`gcc`) and `-march=native` (which
 carries `-mamx-tile -mamx-bf16` on an AMX CPU) into `~/.cache/pangu-infer/`, loaded with ctypes;
@@ -62,8 +66,8 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
-ABI = 2
-REVISION = 3  # in the names of the per-machine choices: a changed kernel or rule is measured again
+ABI = 4
+REVISION = 5  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
 #include <stdint.h>
@@ -77,7 +81,7 @@ SOURCE = r"""
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-int pangu_amx_abi(void) { return 2; }
+int pangu_amx_abi(void) { return 4; }
 
 /* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
 int pangu_amx_init(void) {
@@ -130,7 +134,8 @@ static inline __m512i pairs(__m512 even, __m512 odd) {
    in each the strip's 32-column pieces, in each piece per step of 32 in k two B tiles of 16 pairs x
    16 columns (1 KB each, a k pair of one column per 32-bit word, even k in the low half). 16-row
    block j of the strip (0 .. S/16 - 1) is tile (j % 2) of piece j / 2; p is the k pair. */
-typedef struct { int64_t K, S, KC; int sh; } strip_t;  /* KC a power of two, KC / 2 = 1 << sh */
+typedef struct { int64_t K, S, KC; int sh; int64_t ld, k0; } strip_t;  /* KC a power of two, KC / 2 = 1 << sh;
+   K the k panel's width, k0 its first k in the weight, ld the weight's whole K */
 static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t) {
   const int64_t p0 = (p >> t->sh) << t->sh, kcs = t->K - 2 * p0 < t->KC ? t->K - 2 * p0 : t->KC, q = p - p0;
   return buf + p0 * t->S + (j >> 1) * kcs * 16 + (q >> 4) * 512 + (j & 1) * 256 + (q & 15) * 16;
@@ -140,9 +145,9 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
    8o + 7) of 16-row block b into strip block j. */
 static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf, int64_t b, int64_t j, int64_t o,
                              const strip_t* st, int64_t G) {
-  const int64_t K = st->K;
-  const uint8_t* p = w + (b * (K / 8) + o) * 64;
-  const uint16_t* s = sz + b * (K / G) * 32 + ((8 * o) / G) * 32;
+  const int64_t ld = st->ld;
+  const uint8_t* p = w + (b * (ld / 8) + st->k0 / 8 + o) * 64;
+  const uint16_t* s = sz + b * (ld / G) * 32 + ((st->k0 + 8 * o) / G) * 32;
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
   const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
   const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
@@ -161,16 +166,30 @@ static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf
   _mm512_storeu_si512((void*)(d + 48), pairs(hi[2], hi[3]));
 }
 
-/* int8 [N][K] with a bf16 scale per row: columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
+/* Four int8 per 32-bit lane (k = 4i .. 4i + 3 of one row) -> the words (bf16(k0), bf16(k1)) and
+   (bf16(k2), bf16(k3)). Every int8 is exact in bf16: its fp32 has the low 16 bits zero, so the bf16 is
+   the fp32's high half with no rounding (no scale here: it is applied to the sums, see write_rows). */
+static inline __m512i widen_lo(__m512i v) {
+  const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)));
+  const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)));
+  return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
+}
+static inline __m512i widen_hi(__m512i v) {
+  const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)));
+  const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)));
+  return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
+}
+
+/* int8 [N][K] (its bf16 scale per row applied to the sums, not here): columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
    into strip block j. */
 static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* buf, int64_t b, int64_t j, int64_t c,
                              const strip_t* st) {
-  const int64_t K = st->K, r0 = b * 16;
-  const __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
-  const int8_t* base = w + r0 * K;
+  (void)scale;
+  const int64_t K = st->K, ld = st->ld, r0 = b * 16;
+  const int8_t* base = w + r0 * ld + st->k0;
   if (c + 64 <= K) {  /* one 64-byte load per row, a 16 x 16 transpose of 32-bit words */
     __m512i t[16], u[16], v[16];
-    for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * K + c));
+    for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * ld + c));
     for (int i = 0; i < 8; i++) {
       u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
       u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
@@ -190,22 +209,16 @@ static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* b
       v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
     }
     for (int i = 0; i < 16; i++) {  /* v[i]: lane r = row r0 + r, columns c + 4i .. c + 4i + 3 */
-      __m512 r[4];
-      for (int h = 0; h < 4; ++h)
-        r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[i], _mm512_set1_epi32(24 - 8 * h)), 24)), s);
-      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), pairs(r[0], r[1]));
-      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), pairs(r[2], r[3]));
+      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), widen_lo(v[i]));
+      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), widen_hi(v[i]));
     }
     return;
   }
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)K));
+  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)ld));
   for (; c < K; c += 4) {
     const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
-    __m512 r[4];
-    for (int h = 0; h < 4; ++h)
-      r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(gv, _mm512_set1_epi32(24 - 8 * h)), 24)), s);
-    _mm512_storeu_si512((void*)at(buf, j, c / 2, st), pairs(r[0], r[1]));
-    _mm512_storeu_si512((void*)at(buf, j, c / 2 + 1, st), pairs(r[2], r[3]));
+    _mm512_storeu_si512((void*)at(buf, j, c / 2, st), widen_lo(gv));
+    _mm512_storeu_si512((void*)at(buf, j, c / 2 + 1, st), widen_hi(gv));
   }
 }
 
@@ -218,15 +231,17 @@ typedef struct {
   uint32_t* buf;
   strip_t st;
   int64_t G, b0, blocks, units, j, u;
+  int64_t acc, num, den;  /* spread: num units per den tile steps (block32), acc the carry */
 } cursor_t;
 
 static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
-                         int sh, int64_t G, int64_t n0, int64_t ns) {
+                         int sh, int64_t G, int64_t n0, int64_t ns, int64_t ld, int64_t k0) {
   cu->kind = kind; cu->w = w; cu->q = q; cu->buf = buf; cu->G = G;
   cu->b0 = n0 / 16; cu->blocks = ns / 16;
-  cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh;
+  cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh; cu->st.ld = ld; cu->st.k0 = k0;
   cu->units = kind == 4 ? K / 8 : (K + 63) / 64;
   cu->j = 0; cu->u = 0;
+  cu->acc = 0; cu->num = 0; cu->den = 1;
 }
 
 static inline void cursor_step(cursor_t* cu) {
@@ -248,7 +263,7 @@ static void cursor_finish(cursor_t* cu) {
    per step of 32 in k two 1 KB B tiles) over k in [k0, k1): the fp32 sums added to c [32][32] (or
    written there when first). Both operands are read as contiguous 2 KB per step of 32 in k. */
 static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, int64_t k1, float* c, int first,
-                           cursor_t* next, int rate) {
+                           cursor_t* next) {
   if (first) { _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3); }
   else {
     _tile_loadd(0, c, 128); _tile_loadd(1, c + 16, 128);
@@ -266,8 +281,11 @@ static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, i
     _tile_loadd(5, xa + 16 * 32, 64);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
-    /* the next strip's conversion, in the vector units while the tile products run */
-    for (int r = 0; r < rate; r++) cursor_step(next);
+    /* the next strip's conversion, in the vector units while the tile products run, spread evenly
+       over the strip's steps (an int8 unit is 1024 weights, 8 times an int4 unit: one per step
+       would bunch int8's conversion into the first eighth of the strip, leaving the rest tile-bound) */
+    next->acc += next->num;
+    while (next->acc >= next->den) { next->acc -= next->den; cursor_step(next); }
   }
   _tile_stored(0, c, 128);
   _tile_stored(1, c + 16, 128);
@@ -275,12 +293,19 @@ static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, i
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
-static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols) {
+/* sc: the bf16 scales of these columns (int8: the weight's per-row scale times the fp32 sums, one
+   product before the one rounding to bf16), or NULL. */
+static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols, const uint16_t* sc) {
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1));
+  __m512 s0 = _mm512_set1_ps(1.0f), s1 = _mm512_set1_ps(1.0f);
+  if (sc) {
+    s0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, sc)), 16));
+    s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, sc + 16)), 16));
+  }
   for (int64_t r = 0; r < rows; r++) {
-    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32));
-    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32 + 16));
+    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * 32), s0));
+    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * 32 + 16), s1));
     _mm256_mask_storeu_epi16(y + r * ldy, m0, lo);
     if (m1) _mm256_mask_storeu_epi16(y + r * ldy + 16, m1, hi);
   }
@@ -291,13 +316,17 @@ static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t 
    kind 8: w = int8 [N][K], q = scale bf16 [N];
    N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
 static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                    int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int threads) {
+                    int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t kp, int threads) {
   if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
   if (kind == 4 && (G % 8 || G < 8 || K % G)) return 1;
   if (kind == 8 && K * 16 > 0x7fffffff) return 1;
   if (kind != 4 && kind != 8) return 1;
+  /* k in panels of KP (0: one panel): a panel's rows of x stay in L2 across all strips, the fp32 sums
+     kept between panels */
+  const int64_t KP = kp > 0 && kp < K ? kp : K, panels = (K + KP - 1) / KP;
+  if (panels > 1 && (KP % 64 || (kind == 4 && KP % G))) return 1;
   int sh = 4;  /* k chunks: a power of two from 32 (the whole of K when kc <= 0) */
-  while (kc > 0 ? (2 << sh) < kc : (2 << sh) < K) sh++;
+  while (kc > 0 ? (2 << sh) < kc : (2 << sh) < KP) sh++;
   const int64_t KC = (int64_t)2 << sh;
   const int64_t strips = (N + S - 1) / S, mblocks = (M + 31) / 32, kb = K / 32;
   /* x packed once: [M/32][K/32][32 rows][32] bf16, the last rows zero (A tiles read contiguous 2 KB) */
@@ -322,49 +351,59 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
   int fail = 0;
   #pragma omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && strips >= 2)
   {
-    /* this thread's strips, in order: while one is multiplied, the next is converted into the other buffer */
+    /* this thread's strips, in order (per k panel: all strips of one panel, then the next panel's):
+       while one is multiplied, the next is converted into the other buffer */
     const int nt = omp_get_num_threads(), me = omp_get_thread_num();
     const int64_t s_begin = strips * me / nt, s_end = strips * (me + 1) / nt;
-    const size_t bytes = (size_t)(S / 32) * (size_t)(K / 2) * 128;
+    const size_t bytes = (size_t)(S / 32) * (size_t)(KP / 2) * 128;
     uint32_t* bufs[2] = {(uint32_t*)kept_buffer(1, bytes), (uint32_t*)kept_buffer(3, bytes)};
-    float* c = (float*)kept_buffer(2, (size_t)(S / 32) * 32 * 32 * sizeof(float));
+    /* one panel: each strip's sums per 32 rows in c only while it runs; several: kept for all of this
+       thread's strips and rows across the panels */
+    const size_t cfloats = (size_t)(S / 32) * 1024 * (panels > 1 ? (size_t)(s_end > s_begin ? s_end - s_begin : 1) * mblocks : 1);
+    float* c = (float*)kept_buffer(2, cfloats * sizeof(float));
     if (!(c && bufs[0] && bufs[1])) {
       #pragma omp atomic write
       fail = 2;
     } else if (s_begin < s_end) {
       config_tiles();
       cursor_t cur, nxt;
-      cursor_start(&cur, kind, w, q, bufs[0], K, KC, sh, G, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S);
+      int which = 0;
+      cursor_start(&cur, kind, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
       cursor_finish(&cur);
-      for (int64_t s = s_begin; s < s_end; s++) {
-        const int64_t n0 = s * S, ns = (N - n0 < S) ? N - n0 : S;
-        const int64_t pieces = (ns / 16 + 1) / 2;
-        const strip_t t = cur.st;
-        uint32_t* buf = cur.buf;
-        int rate = 0;
-        nxt.blocks = 0; nxt.j = 0;
-        if (s + 1 < s_end) {
-          const int64_t n1 = n0 + S;
-          cursor_start(&nxt, kind, w, q, bufs[(s - s_begin + 1) % 2], K, KC, sh, G, n1, N - n1 < S ? N - n1 : S);
-          const int64_t steps = mblocks * pieces * (K / 32), units = nxt.blocks * nxt.units;
-          rate = (int)((units + steps - 1) / steps);
-        }
-        /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
-           pieces), each piece's sums kept in c between chunks */
-        for (int64_t mb = 0; mb < mblocks; mb++) {
-          for (int64_t k0 = 0; k0 < K; k0 += KC) {
-            const int64_t k1 = k0 + KC < K ? k0 + KC : K;
-            for (int64_t pc = 0; pc < pieces; pc++)
-              block32(xp + mb * 32 * K, buf + (k0 / 2) * t.S + pc * ((k1 - k0) / 2) * 32, k0, k1,
-                      c + pc * 1024, k0 == 0, &nxt, rate);
+      for (int64_t pn = 0; pn < panels; pn++) {
+        const int64_t pk0 = pn * KP, pw = K - pk0 < KP ? K - pk0 : KP;
+        for (int64_t s = s_begin; s < s_end; s++) {
+          const int64_t n0 = s * S, ns = (N - n0 < S) ? N - n0 : S;
+          const int64_t pieces = (ns / 16 + 1) / 2;
+          const strip_t t = cur.st;
+          uint32_t* buf = cur.buf;
+          nxt.blocks = 0; nxt.j = 0; nxt.acc = 0; nxt.num = 0; nxt.den = 1;
+          const int more = s + 1 < s_end || pn + 1 < panels;
+          if (more) {  /* the next strip of this panel, or the first of the next panel */
+            const int64_t n1 = s + 1 < s_end ? n0 + S : s_begin * S, q0 = s + 1 < s_end ? pk0 : pk0 + KP;
+            const int64_t qw = K - q0 < KP ? K - q0 : KP;
+            cursor_start(&nxt, kind, w, q, bufs[1 - which], qw, KC, sh, G, n1, N - n1 < S ? N - n1 : S, K, q0);
+            nxt.num = nxt.blocks * nxt.units; nxt.den = mblocks * pieces * (pw / 32);
           }
-          const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
-          for (int64_t pc = 0; pc < pieces; pc++) {
-            const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
-            write_rows(c + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols);
+          /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
+             pieces), each piece's sums kept in c between chunks (and panels) */
+          for (int64_t mb = 0; mb < mblocks; mb++) {
+            float* cc = panels > 1 ? c + ((s - s_begin) * mblocks + mb) * (S / 32) * 1024 : c;
+            for (int64_t k0 = 0; k0 < pw; k0 += KC) {
+              const int64_t k1 = k0 + KC < pw ? k0 + KC : pw;
+              for (int64_t pc = 0; pc < pieces; pc++)
+                block32(xp + mb * 32 * K, buf + (k0 / 2) * t.S + pc * ((k1 - k0) / 2) * 32, pk0 + k0, pk0 + k1,
+                        cc + pc * 1024, pn == 0 && k0 == 0, &nxt);
+            }
+            if (pn + 1 < panels) continue;
+            const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
+            for (int64_t pc = 0; pc < pieces; pc++) {
+              const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
+              write_rows(cc + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols, kind == 8 ? q + n0 + 32 * pc : NULL);
+            }
           }
+          if (more) { cursor_finish(&nxt); cur = nxt; which = 1 - which; }
         }
-        if (s + 1 < s_end) { cursor_finish(&nxt); cur = nxt; }
       }
       _tile_release();
     }
@@ -376,10 +415,10 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
 /* In blocks of mb rows (0: all at once), each converting the weight again: a block's rows of x stay
    in L2 with the strip buffers instead of streaming through it once per strip. */
 int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t mb, int threads) {
-  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, kind, S, kc, threads);
+                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads) {
+  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, kind, S, kc, kp, threads);
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, kind, S, kc, threads);
+    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, kind, S, kc, kp, threads);
     if (rc) return rc;
   }
   return 0;
@@ -447,7 +486,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     fn = lib.pangu_amx_qmm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
 
 
@@ -485,7 +524,8 @@ def strip_width(k: int) -> int:
     except ValueError:
         s = 0
     if s <= 0:
-        s = 64 if k <= 2048 else (768 << 10) // (2 * k)
+        kw = k_panel(k) or k  # with k panels, a strip is as wide as a panel's
+        s = 64 if kw <= 2048 else (768 << 10) // (2 * kw)
     return max(32, min(256, s) // 32 * 32)
 
 
@@ -493,18 +533,39 @@ def row_block(k: int) -> int:
     """Rows per block, each block converting the weight again (0: all rows at once): up to K = 2048,
     about 768 KB of x (256 rows at K = 1536), which measured faster than x streaming through L2
     once per strip; wider K, all at once (a block small enough for L2 converts the weight too often)."""
-    return max(32, (768 << 10) // (2 * k) // 32 * 32) if k <= 2048 else 0
+    kw = k_panel(k) or k  # with k panels, a block's x per panel stays in L2
+    return max(32, (768 << 10) // (2 * kw) // 32 * 32) if kw <= 2048 else 0
+
+
+PANEL_ENV = "PANGU_INFER_AMX_K_PANEL"  # k panel width by hand (measuring; 0 = none)
+
+
+def k_panel(k: int) -> int:
+    """k per panel (0: all of K at once): above 2048, K in equal panels of at most 2048 (a multiple of
+    128, so that int4 groups and int8 units stay whole; the last one shorter), each panel's rows of x
+    kept in L2 across all strips and the fp32 sums kept between panels. PANGU_INFER_AMX_K_PANEL sets it."""
+    env = os.environ.get(PANEL_ENV)
+    if env is not None:
+        try:
+            return max(0, int(env)) // 128 * 128
+        except ValueError:
+            pass
+    if k <= 2048:
+        return 0
+    panels = -(-k // 2048)
+    return -(-k // panels // 128) * 128
 
 
 MAX_K_ENV = "PANGU_INFER_AMX_MAX_K"
-MAX_K = 2048
+MAX_K = 0  # any K (k panels above 2048)
 
 
 def max_k() -> int:
-    """The widest K the kernel takes (PANGU_INFER_AMX_MAX_K, 0 = any): past 2048 the rows cannot be
-    blocked so that x stays in L2, x streams from L3 once per strip, and the products measured
-    slower than the packed path's (RESULTS.md: 1536 x 4800 at 0.69x of bf16 against 0.84x), so
-    they take the packed path."""
+    """The widest K the kernel takes (PANGU_INFER_AMX_MAX_K; 0, the default, = any). Past 2048, K runs
+    in panels (k_panel); without them x streamed from L3 once per strip and 1536 x 4800 measured
+    0.69x of bf16 against the packed path's 0.84x, with them level or ahead (RESULTS.md, "int8
+    through the AMX kernel with the scale on the sums", k panels). PANGU_INFER_AMX_MAX_K=2048 sends
+    wider weights to the packed path again."""
     try:
         v = int(os.environ.get(MAX_K_ENV, MAX_K))
     except ValueError:
@@ -523,7 +584,7 @@ def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int,
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0] and lib.pangu_amx_qmm(
         x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, kind, strip_width(k), K_CHUNK,
-        row_block(k), torch.get_num_threads(),
+        row_block(k), k_panel(k), torch.get_num_threads(),
     ):
         return None
     return y
