@@ -187,6 +187,10 @@ class LLM:
     def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
         """Generate one prompt, yielding each step's incremental output (`text_delta`, ...)."""
         (text, ids), = self._normalize_prompts(prompt)
+        driver = getattr(self.engine, "driver", None)
+        if driver is not None and driver.is_running:
+            raise RuntimeError("this LLM's engine is driven by a running server (AsyncEngine) in this process: stream "
+                               "through it (`async for out in AsyncEngine.generate(...)`), or use LLM.generate")
         rid = str(next(self._ids))
         self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text)
         finished = False
@@ -273,6 +277,10 @@ class LLM:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine."""
         engine = self.engine
+        driver = getattr(engine, "driver", None)
+        if driver is not None and driver.is_running:
+            # A server (AsyncEngine) in this process steps this engine from its own thread.
+            return driver.run_blocking([(f"llm-{next(self._ids)}", tokens, p, text) for text, tokens, p in requests])
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None

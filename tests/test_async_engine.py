@@ -194,3 +194,50 @@ def test_shutdown_fails_waiting_callers_instead_of_hanging(tiny_dense_dir):
             await engine.stats()
 
     asyncio.run(main())
+
+
+def test_llm_generate_beside_a_running_server_goes_through_its_thread(tiny_dense_dir, reference_llm):
+    """LLM.generate/chat on an LLM whose engine a server (AsyncEngine) drives: the engine is stepped
+    by one thread only. Stepped from both, each thread took the other's outputs (a request that
+    never finished for its caller: a test here hung until pytest's timeout) or corrupted the
+    scheduler."""
+    import threading
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    engine = AsyncEngine.from_llm(llm)
+    try:
+        long = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        short = SamplingParams(temperature=0, max_tokens=8)
+        served: list = []
+        started = threading.Event()
+
+        async def serve_one():
+            async for out in engine.generate(_ids(llm, PROMPTS[0]), long, "served"):
+                started.set()
+                final = out
+            served.append(final)
+
+        server = threading.Thread(target=lambda: asyncio.run(serve_one()), daemon=True)
+        server.start()
+        assert started.wait(60)
+        got: list = []
+        caller = threading.Thread(target=lambda: got.append(llm.generate(PROMPTS[1:4], short, use_tqdm=False)), daemon=True)
+        caller.start()
+        caller.join(120)
+        assert not caller.is_alive(), "LLM.generate beside the running server never returned"
+        server.join(120)
+        (outs,) = got
+        alone = reference_llm.generate(PROMPTS[1:4], short, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in alone]
+        assert all(o.finished for o in outs)
+        assert len(served) == 1 and len(served[0].outputs[0].token_ids) == 200
+        # A bad request through the server's thread: the caller's ValueError, naming the prompt.
+        with pytest.raises(RequestError, match="prompt 1"):
+            llm.generate(["hello", "hi"], [short, SamplingParams(max_tokens=10**7)], use_tqdm=False)
+        assert llm.generate("hello", short, use_tqdm=False)[0].finished
+        with pytest.raises(RuntimeError, match="running server"):
+            next(iter(llm.stream("hello", short)))
+    finally:
+        engine.shutdown()
+    assert engine.engine.driver is None
+    assert llm.generate("hello", short, use_tqdm=False)[0].finished  # stepped directly again

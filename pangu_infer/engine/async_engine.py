@@ -3,7 +3,8 @@
 LLMEngine is not thread-safe, so one thread owns it: every call into it (add_request,
 abort_request, step, stats, moe_stats) runs there. The event loop sends commands through a
 thread-safe queue; the engine thread answers through `loop.call_soon_threadsafe`, into one
-future per command and one asyncio.Queue per request. With no request in flight the thread
+future per command and one asyncio.Queue per request. LLM.generate/chat on the same engine (a
+server and the Python API in one process) go through the same thread (run_blocking). With no request in flight the thread
 blocks on the command queue, so an idle server burns no CPU.
 """
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass, replace
 from typing import Any, AsyncIterator, Callable, Optional
 
 from pangu_infer.engine.engine import LLMEngine
-from pangu_infer.errors import RequestFailedError
+from pangu_infer.errors import RequestError, RequestFailedError
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
@@ -75,11 +76,14 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}  # owned by the engine thread
         self._error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._run, name="pangu-engine", daemon=True)
+        # LLM.generate/chat on the same engine go through this thread while it runs (run_blocking).
+        engine.driver = self
         self._thread.start()
 
     @classmethod
     def from_llm(cls, llm: Any) -> "AsyncEngine":
-        """Reuse an LLM's loaded model and engine; do not call llm.generate/chat while this runs."""
+        """Reuse an LLM's loaded model and engine; llm.generate/chat then run through this engine's
+        thread (run_blocking) while it runs."""
         return cls(llm.engine)
 
     @property
@@ -128,6 +132,37 @@ class AsyncEngine:
             if not finished and self.is_running:
                 # Closed early (client gone, task cancelled): free the request's KV blocks.
                 self._commands.put(_Abort(request_id, None))
+
+    def run_blocking(self, requests: list[tuple[str, list[int], SamplingParams, Optional[str]]]) -> list[RequestOutput]:
+        """Generate (request_id, prompt ids, params, prompt) each to the end and return the final
+        outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
+        AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
+        only: stepped from two threads, each would take the other's outputs (a caller waiting
+        forever) or corrupt the scheduler. A rejected request raises (RequestError, naming the
+        prompt's index when there are several) and the others are aborted."""
+
+        async def one(index: int, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str]) -> RequestOutput:
+            last = None
+            try:
+                async for out in self.generate(ids, params, request_id, prompt):
+                    last = out
+            except RequestError as e:
+                if len(requests) == 1:
+                    raise
+                raise RequestError(f"prompt {index}: {e}", param=e.param) from None
+            return last
+
+        async def every() -> list[RequestOutput]:
+            # On the first error gather raises it; asyncio.run then cancels the rest, whose
+            # generators abort their requests.
+            return list(await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests))))
+
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(every())
+        raise RuntimeError("this engine is driven by a running AsyncEngine (a server) and this thread runs an event loop: "
+                           "use `await AsyncEngine.generate(...)` here, not LLM.generate/chat")
 
     async def abort(self, request_id: str) -> None:
         """Abort a request (no-op when unknown or finished); returns once its blocks are freed."""
@@ -182,6 +217,8 @@ class AsyncEngine:
             logger.exception("the engine thread died")
             raise
         finally:
+            if getattr(self.engine, "driver", None) is self:
+                self.engine.driver = None
             dead = EngineDeadError("the engine thread has stopped" + (f": {self._error!r}" if self._error else ""))
             self._fail_all(dead)
             self._fail_pending(dead)

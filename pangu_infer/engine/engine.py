@@ -105,6 +105,9 @@ class LLMEngine:
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
         self.engine_config = ec = engine_config or EngineConfig()
+        # The AsyncEngine stepping this engine from its own thread, if one runs (it sets this);
+        # LLM.generate/chat then send their requests through it.
+        self.driver = None
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
