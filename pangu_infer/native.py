@@ -1,15 +1,22 @@
 """Native code built on this machine: where compiled artifacts are kept, and whether a compiler is here.
 
-torch.compile (inductor) and the engine's own C loops (pangu_infer.quant.prefill,
-pangu_infer.quant.cpu_int4) all need a C/C++ compiler at run time and a cache that outlives the
-process. Layer 1: it imports only pangu_infer.machine (the cache folder).
+torch.compile (inductor) and the engine's own C kernels (pangu_infer.quant.cpu_int4,
+pangu_infer.quant.amx, pangu_infer.models.bi_attention_kernel) all need a C/C++ compiler at run
+time and a cache that outlives the process. Layer 1: it imports only pangu_infer.machine (the
+cache folder).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -45,4 +52,52 @@ def compile_problem(device: torch.device) -> Optional[str]:
     return f"torch.compile is not set up for {device.type} devices here"
 
 
-__all__ = ["compile_cache_dir", "compile_problem"]
+# How the engine's C kernels are built: for this CPU (-march=native), OpenMP for their threads.
+C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo), empty where it does not."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def c_compiler() -> Optional[str]:
+    """The C compiler for the engine's kernels: `$CC`, else cc or gcc on the PATH; None without one."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_c_library(name: str, source: str, compiler: str, flags: Sequence[str] = C_FLAGS, link: Sequence[str] = ("-lm",)) -> ctypes.CDLL:
+    """`source` compiled into a shared library once per machine and loaded. Kept in the cache
+    folder as `<name>_<key>.so`, the key a hash of the source, the flags, the compiler and the CPU
+    model, so a changed kernel or another CPU builds anew; written to a temporary name and renamed,
+    so processes building at once never load a half-written file. Raises OSError or
+    subprocess.SubprocessError when it cannot be built or loaded (the caller falls back)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        cpu = ""
+    key = hashlib.sha256("\0".join((source, " ".join(flags), compiler, cpu)).encode()).hexdigest()[:16]
+    path = os.path.join(str(cache_root()), f"{name}_{key}.so")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            src = os.path.join(tmp, f"{name}.c")
+            with open(src, "w", encoding="utf-8") as f:
+                f.write(source)
+            out = os.path.join(tmp, f"{name}.so")
+            subprocess.run([compiler, *flags, src, "-o", out, *link], check=True, capture_output=True, timeout=120)
+            shutil.move(out, f"{path}.{os.getpid()}.tmp")
+            os.replace(f"{path}.{os.getpid()}.tmp", path)
+    return ctypes.CDLL(path)
+
+
+__all__ = ["C_FLAGS", "build_c_library", "c_compiler", "compile_cache_dir", "compile_problem", "cpu_flags"]

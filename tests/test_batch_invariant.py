@@ -384,8 +384,8 @@ def test_compiled_linears_inline_their_kernel_and_equal_the_eager_tiles(name, mo
 def test_compiled_quantized_decode_inlined_equals_alone_and_eager(tiny_dense_dir, quantization, max_num_seqs):
     """Quantized linears traced inline in the compiled step (the same kernel op as the eager
     tiles): alone, all at once and eager compute the same bits. int8 with 24 sequences: the int8
-    products are inlined up to 16 rows (they convert from 32), so a batch of 17..24 takes the
-    graph with the callback, which the engine warmed up as well."""
+    products are inlined up to 8 or 16 rows (below the measured conversion row count), so the
+    bigger batches take the graph with the callback, which the engine warmed up as well."""
     from pangu_infer.engine.compiled import inline_bounds
 
     llm = LLM(str(tiny_dense_dir), dtype="bfloat16", device="cpu", batch_invariant=True, quantization=quantization,
@@ -393,7 +393,10 @@ def test_compiled_quantized_decode_inlined_equals_alone_and_eager(tiny_dense_dir
     wrapped = [m for m in llm.model.modules() if isinstance(m, bi.RowTiledLinear)]
     assert wrapped and all(m.inline_rows > 0 for m in wrapped), [m.extra_repr() for m in wrapped]
     if quantization == "int8":
-        assert 16 in inline_bounds(llm.model, max_num_seqs)
+        # Some batch up to max_num_seqs takes the graph with the callback: the int8 products are
+        # inlined below their conversion row count, which is measured per machine (16 or 32 rows
+        # on the machine of RESULTS.md, so inlined up to 8 or 16 rows).
+        assert any(b < max_num_seqs for b in inline_bounds(llm.model, max_num_seqs))
     from torch._dynamo.utils import counters
 
     assert llm.wait_compiled()

@@ -33,18 +33,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cache_root
+from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -235,18 +232,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
 }
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+FLAGS = C_FLAGS
 
 
 def disabled() -> bool:
@@ -258,30 +244,14 @@ def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then the torch form runs)."""
     if disabled() or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if not {"avx512f"} <= _cpu_flags():
+    if not {"avx512f"} <= cpu_flags():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if not compiler:
         log.info("batch-invariant attention: no C compiler found, using the torch form")
         return None
     try:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
-    except OSError:
-        cpu = ""
-    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
-    path = os.path.join(str(cache_root()), f"bi_attention_{key}.so")
-    try:
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = os.path.join(tmp, "bi_attention.c")
-                with open(src, "w", encoding="utf-8") as f:
-                    f.write(SOURCE)
-                out = os.path.join(tmp, "bi_attention.so")
-                subprocess.run([compiler, *FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
-                shutil.move(out, f"{path}.{os.getpid()}.tmp")
-                os.replace(f"{path}.{os.getpid()}.tmp", path)
-        lib = ctypes.CDLL(path)
+        lib = build_c_library("bi_attention", SOURCE, compiler, FLAGS)
         if lib.pangu_bi_attention_abi() != 2:
             return None
     except (OSError, subprocess.SubprocessError) as e:

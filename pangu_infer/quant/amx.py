@@ -47,19 +47,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cache_root
+from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
 log = logging.getLogger(__name__)
 
@@ -425,19 +422,8 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
 }
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-Werror=incompatible-pointer-types")
+FLAGS = (*C_FLAGS, "-Werror=incompatible-pointer-types")
 _lock = threading.Lock()
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def setting() -> str:
@@ -455,27 +441,14 @@ def library() -> Optional[ctypes.CDLL]:
     """The built kernel with the AMX tile state granted, or None where it cannot run here."""
     if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
         return None
-    if not {"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"} <= _cpu_flags():
+    if not {"avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16"} <= cpu_flags():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if not compiler:
         log.info("AMX prefill kernel: no C compiler found")
         return None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
-    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
-    path = os.path.join(str(cache_root()), f"amx_prefill_{key}.so")
     try:
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = os.path.join(tmp, "amx.c")
-                with open(src, "w", encoding="utf-8") as f:
-                    f.write(SOURCE)
-                out = os.path.join(tmp, "amx.so")
-                subprocess.run([compiler, *FLAGS, src, "-o", out], check=True, capture_output=True, timeout=120)
-                shutil.move(out, f"{path}.{os.getpid()}.tmp")
-                os.replace(f"{path}.{os.getpid()}.tmp", path)
-        lib = ctypes.CDLL(path)
+        lib = build_c_library("amx_prefill", SOURCE, compiler, FLAGS, link=())
         if lib.pangu_amx_abi() != ABI:
             return None
         if lib.pangu_amx_init() != 0:

@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
-import tempfile
 from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cache_root, cached_choice
+from pangu_infer.machine import cached_choice
+from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
@@ -358,18 +356,7 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
 }
 """
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+FLAGS = C_FLAGS
 
 
 def disabled() -> bool:
@@ -385,27 +372,14 @@ def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then the aten kernel runs)."""
     if disabled() or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if not {"avx512f", "avx512bw", "avx512_vnni"} <= _cpu_flags():
+    if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    compiler = c_compiler()
     if not compiler:
         log.info("int4 decode kernel: no C compiler found, using aten's")
         return None
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo", encoding="utf-8") if line.startswith("model name")), "")
-    key = hashlib.sha256("\0".join((SOURCE, " ".join(FLAGS), compiler, cpu)).encode()).hexdigest()[:16]
-    path = os.path.join(str(cache_root()), f"int4_vnni_{key}.so")
     try:
-        if not os.path.exists(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                src = os.path.join(tmp, "int4.c")
-                with open(src, "w", encoding="utf-8") as f:
-                    f.write(SOURCE)
-                out = os.path.join(tmp, "int4.so")
-                subprocess.run([compiler, *FLAGS, src, "-o", out, "-lm"], check=True, capture_output=True, timeout=120)
-                shutil.move(out, f"{path}.{os.getpid()}.tmp")
-                os.replace(f"{path}.{os.getpid()}.tmp", path)
-        lib = ctypes.CDLL(path)
+        lib = build_c_library("int4_vnni", SOURCE, compiler, FLAGS)
         if lib.pangu_int4_abi() != 3:
             return None
     except (OSError, subprocess.SubprocessError) as e:
