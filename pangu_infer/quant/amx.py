@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
+from pangu_infer.quant.c_simd import TRANSPOSE16_EPI32
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,7 @@ static inline __m512i widen_hi(__m512i v) {
   return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
 }
 
+@TRANSPOSE16@
 /* int8 [N][K] (its bf16 scale per row applied to the sums, not here): columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
    into strip block j. */
 static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* buf, int64_t b, int64_t j, int64_t c,
@@ -185,26 +187,8 @@ static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* b
   const int64_t K = st->K, ld = st->ld, r0 = b * 16;
   const int8_t* base = w + r0 * ld + st->k0;
   if (c + 64 <= K) {  /* one 64-byte load per row, a 16 x 16 transpose of 32-bit words */
-    __m512i t[16], u[16], v[16];
-    for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * ld + c));
-    for (int i = 0; i < 8; i++) {
-      u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
-      u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
-    }
-    for (int i = 0; i < 4; i++) {
-      t[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
-      t[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
-      t[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
-      t[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
-    }
-    for (int q = 0; q < 4; q++) {
-      const __m512i a = _mm512_shuffle_i32x4(t[q], t[4 + q], 0x88), bb = _mm512_shuffle_i32x4(t[q], t[4 + q], 0xdd);
-      const __m512i d = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0x88), e = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0xdd);
-      v[q] = _mm512_shuffle_i32x4(a, d, 0x88);
-      v[8 + q] = _mm512_shuffle_i32x4(a, d, 0xdd);
-      v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
-      v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
-    }
+    __m512i v[16];
+    transpose16_epi32(base + c, ld, v);
     for (int i = 0; i < 16; i++) {  /* v[i]: lane r = row r0 + r, columns c + 4i .. c + 4i + 3 */
       _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), widen_lo(v[i]));
       _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), widen_hi(v[i]));
@@ -420,7 +404,7 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
   }
   return 0;
 }
-"""
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32)
 
 FLAGS = (*C_FLAGS, "-Werror=incompatible-pointer-types")
 _lock = threading.Lock()

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from pangu_infer.quant import cpu_int4
+from pangu_infer.quant.c_simd import TRANSPOSE16_EPI32
 from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
 
 
@@ -189,6 +190,7 @@ extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint1
   return 1;
 }
 
+@TRANSPOSE16@
 // From int8 [n][k] and a bf16 scale per row: w * scale in fp32, rounded once (as pangu_int8_to_bf16).
 extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n,
                                     int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) {
@@ -205,26 +207,8 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
     // 64 columns at a time: one 64-byte load per row and a 16 x 16 transpose of 32-bit words
     // (the gather below, 16 loads per 4 columns, for the rest)
     for (; c + 64 <= k; c += 64) {
-      __m512i t[16], u[16], v[16];
-      for (int i = 0; i < 16; i++) t[i] = _mm512_loadu_si512((const void*)(base + i * k + c));
-      for (int i = 0; i < 8; i++) {
-        u[2 * i] = _mm512_unpacklo_epi32(t[2 * i], t[2 * i + 1]);
-        u[2 * i + 1] = _mm512_unpackhi_epi32(t[2 * i], t[2 * i + 1]);
-      }
-      for (int i = 0; i < 4; i++) {
-        t[4 * i] = _mm512_unpacklo_epi64(u[4 * i], u[4 * i + 2]);
-        t[4 * i + 1] = _mm512_unpackhi_epi64(u[4 * i], u[4 * i + 2]);
-        t[4 * i + 2] = _mm512_unpacklo_epi64(u[4 * i + 1], u[4 * i + 3]);
-        t[4 * i + 3] = _mm512_unpackhi_epi64(u[4 * i + 1], u[4 * i + 3]);
-      }
-      for (int q = 0; q < 4; q++) {
-        const __m512i a = _mm512_shuffle_i32x4(t[q], t[4 + q], 0x88), bb = _mm512_shuffle_i32x4(t[q], t[4 + q], 0xdd);
-        const __m512i d = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0x88), e = _mm512_shuffle_i32x4(t[8 + q], t[12 + q], 0xdd);
-        v[q] = _mm512_shuffle_i32x4(a, d, 0x88);
-        v[8 + q] = _mm512_shuffle_i32x4(a, d, 0xdd);
-        v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
-        v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
-      }
+      __m512i v[16];
+      transpose16_epi32(base + c, k, v);
       for (int j = 0; j < 16; j++) {  // v[j]: lane i = row r0 + i, columns c + 4j .. c + 4j + 3
         __m512i r[4];
         for (int h = 0; h < 4; ++h)
@@ -248,7 +232,7 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
 extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n, int64_t k, int64_t g, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n, int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 #endif
-"""
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32)
 
 
 def enabled() -> bool:
