@@ -43,6 +43,19 @@ _SP_CORPUS = [
 ]
 
 
+# Real English text for perplexity checks (the demo model's quantized against its bf16 weights).
+PASSAGE = Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt"
+
+
+def passage_perplexity(loaded) -> float:
+    """Perplexity of PASSAGE under a loaded model (pangu_infer.loader.load_model's result), one
+    prefill of the whole passage, the loss in fp32."""
+    ids = torch.tensor(loaded.tokenizer.encode(PASSAGE.read_text()))
+    with torch.inference_mode():
+        logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
+    return float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct, Q4_1 (Llama architecture, byte-level BPE vocabulary)."""

@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from fixtures_gguf import _tiny
+from fixtures_gguf import _tiny, passage_perplexity
 from pangu_infer.loader import load_model
 from pangu_infer.loader.gguf_tensors import convert, kept_method
 from pangu_infer.quant.formats import QuantizationConfig, dequantize
 from pangu_infer.quant.modules import PackedWeight, QuantizedEmbedding, QuantizedLinear
 
 CPU = torch.device("cpu")
-PASSAGE = Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt"
 BF16_REL = 2.0**-8  # a value rounded to bf16 moves by at most half its last place: 2^-9 relative (2^-8 with margin)
 N, K = 40, 512  # rows, columns: K a multiple of the K-quants' 256
 
@@ -160,14 +157,10 @@ def test_bad_quantization_names_the_value(tiny_q4_1_llama):
 
 def test_demo_model_perplexity_as_loaded_is_within_1_percent_of_bf16(smollm2_gguf_path):
     """SmolLM2 Q4_1 (its embedding Q8_0) kept quantized vs dequantized to bf16, on real text."""
-    text = PASSAGE.read_text()
     out = {}
     for q in ("auto", "none"):
         loaded = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, quantization=q)
-        ids = torch.tensor(loaded.tokenizer.encode(text))
-        with torch.inference_mode():
-            logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
-        out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
+        out[q] = passage_perplexity(loaded)
         if q == "auto":
             assert set(_kernels(loaded.model).values()) == {"int4", "int8"}  # Q4_1 linears, Q8_0 tied head
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out

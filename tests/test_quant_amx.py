@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fixtures_gguf import passage_perplexity
 from pangu_infer.engine.compiled import compile_problem
 from pangu_infer.loader import load_model
 from pangu_infer.quant import amx, cpu_int4, prefill, tuning
@@ -274,22 +275,16 @@ def test_model_prefill_logits_match_the_eager_bf16_dequantized_model(tiny_dense_
 def test_demo_model_perplexity_through_the_kernel_is_within_1_percent_of_bf16(smollm2_gguf_path, forced_on, monkeypatch):
     """The demo model kept quantized (int4 in cpu_int4's layout, the Q8_0 head as int8), every
     many-row product through the kernel, against the file dequantized to bf16."""
-    from pathlib import Path
-
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT4_VNNI", "16")
     monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", "16")
     calls = []
     for name in ("int4_product", "int8_product"):
         real = getattr(amx, name)
         monkeypatch.setattr(amx, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
-    text = (Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt").read_text()
     out = {}
     for q in ("auto", "none"):
         loaded = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, quantization=q)
         assert prepare_prefill(loaded.model) is None
-        ids = torch.tensor(loaded.tokenizer.encode(text))
-        with torch.inference_mode():
-            logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
-        out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
+        out[q] = passage_perplexity(loaded)
     assert {"int4_product", "int8_product"} <= set(calls), set(calls)
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
+from fixtures_gguf import passage_perplexity
 from pangu_infer.engine.compiled import compile_problem
 from pangu_infer.loader import load_model
 from pangu_infer.quant import prefill
@@ -139,15 +139,11 @@ def test_demo_model_perplexity_with_compiled_conversions_is_within_1_percent_of_
     monkeypatch.setattr(modules, "int4_to_bf16", prefill.int4_to_bf16)
     monkeypatch.setattr(prefill, "int4_vnni_packed_product", packed)  # what prefill.int4_vnni_product calls
     monkeypatch.setattr(modules, "int8_product", prefill.int8_product)
-    text = (Path(__file__).resolve().parents[1] / "pangu_infer" / "data" / "alice_ch1.txt").read_text()
     out = {}
     for q in ("auto", "none"):
         loaded = load_model(str(smollm2_gguf_path), torch.bfloat16, CPU, quantization=q)
         assert prepare_prefill(loaded.model) is None
-        ids = torch.tensor(loaded.tokenizer.encode(text))
-        with torch.inference_mode():
-            logits = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None))
-        out[q] = float(torch.nn.functional.cross_entropy(logits[:-1].float(), ids[1:]).exp())
+        out[q] = passage_perplexity(loaded)
     assert "int8_product" in calls
     # cpu_int4's layout converts into oneDNN's packed layout where that layout is checked here
     int4_calls = {"int4_into_packed"} if int4_kernel == "own" and prefill.packed_layout_ok(576, 576) else {"int4_to_bf16"}
