@@ -57,7 +57,7 @@ from typing import Optional
 import torch
 
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
-from pangu_infer.quant.c_simd import TRANSPOSE16_EPI32
+from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
   return buf + p0 * t->S + (j >> 1) * kcs * 16 + (q >> 4) * 512 + (j & 1) * 256 + (q & 15) * 16;
 }
 
+@INT4_OCTET@
 /* int4 in cpu_int4's layout: w [N/16][K/8][64] bytes, sz bf16 [N/16][K/G][2][16]. Octet o (k = 8o ..
    8o + 7) of 16-row block b into strip block j. */
 static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf, int64_t b, int64_t j, int64_t o,
@@ -146,17 +147,8 @@ static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf
   const int64_t ld = st->ld;
   const uint8_t* p = w + (b * (ld / 8) + st->k0 / 8 + o) * 64;
   const uint16_t* s = sz + b * (ld / G) * 32 + ((st->k0 + 8 * o) / G) * 32;
-  const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
-  const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
-  const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
-  const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
-  const __m512i v = _mm512_loadu_si512((const void*)p);
   __m512 lo[4], hi[4];
-  for (int q = 0; q < 4; q++) {
-    const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * q), byte_mask);
-    lo[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), sc, off);
-    hi[q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sc, off);
-  }
+  int4_octet(p, s, lo, hi);
   uint32_t* d = at(buf, j, 4 * o, st);  /* pairs 4o .. 4o + 3: four consecutive rows of one B tile */
   _mm512_storeu_si512((void*)d, pairs(lo[0], lo[1]));
   _mm512_storeu_si512((void*)(d + 16), pairs(lo[2], lo[3]));
@@ -404,7 +396,7 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
   }
   return 0;
 }
-""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32)
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET)
 
 FLAGS = (*C_FLAGS, "-Werror=incompatible-pointer-types")
 _lock = threading.Lock()

@@ -1,5 +1,6 @@
-"""C text shared by the engine's C kernels (pangu_infer.quant.prefill's conversion loops and
-pangu_infer.quant.amx's kernel are built as separate libraries; each source includes these)."""
+"""C text shared by the engine's C kernels (pangu_infer.quant.cpu_int4's library, pangu_infer.quant.
+prefill's conversion loops and pangu_infer.quant.amx's kernel are built as separate libraries; each
+source includes what it uses of these)."""
 
 # 16 rows of 64 int8 weights (row i at base + i * ld) as 32-bit words transposed: v[j], lane r, holds
 # row r's bytes 4j .. 4j + 3. One 64-byte load per row instead of a gather per 4 columns. AVX-512F.
@@ -24,6 +25,25 @@ static inline void transpose16_epi32(const int8_t* base, int64_t ld, __m512i v[1
     v[8 + q] = _mm512_shuffle_i32x4(a, d, 0xdd);
     v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
     v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
+  }
+}
+"""
+
+# One octet of pangu_infer.quant.cpu_int4's int4 layout dequantized in fp32. p: its 64 bytes, 16 rows x
+# 4 bytes (byte j of a row: column j in the low nibble, column 4 + j in the high one); s: the group's
+# bf16 scales [16] then zeros [16]. lo[j] = column j, hi[j] = column 4 + j, lane r = row r; the weight
+# is q * scale + (zero - 8 scale), one fused multiply-add. AVX-512F.
+INT4_OCTET = r"""
+static inline void int4_octet(const uint8_t* p, const uint16_t* s, __m512 lo[4], __m512 hi[4]) {
+  const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
+  const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+  const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
+  const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+  const __m512i v = _mm512_loadu_si512((const void*)p);
+  for (int j = 0; j < 4; j++) {
+    const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);
+    lo[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), sc, off);
+    hi[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sc, off);
   }
 }
 """

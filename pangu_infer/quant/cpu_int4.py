@@ -43,6 +43,7 @@ import torch
 
 from pangu_infer.machine import cached_choice
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
+from pangu_infer.quant.c_simd import INT4_OCTET
 from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
 int pangu_int4_abi(void) { return 3; }
 
+@INT4_OCTET@
 /* W^T [K, N] bf16 from the layout (products of many rows convert the weight once and run one bf16
    product): w = q * scale + (zero - 8 scale) in fp32, one fused multiply-add, rounded to bf16 once
    (to nearest even). Each 64-byte load is one octet of 16 rows: lane r holds row r's 4 bytes. */
@@ -196,19 +198,13 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
   for (int64_t b = 0; b < nb; b++) {
     const uint8_t* p = w + b * octets * 64;
     const uint16_t* sp = sz + b * ng * 32;
-    const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
     const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
     for (int64_t o = 0; o < octets; o++, p += 64) {
-      const uint16_t* s = sp + ((8 * o) / G) * 32;
-      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
-      const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
-      const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
-      const __m512i v = _mm512_loadu_si512((const void*)p);
+      __m512 f[2][4];  /* [low, high nibbles][j] */
+      int4_octet(p, sp + ((8 * o) / G) * 32, f[0], f[1]);
       for (int j = 0; j < 4; j++) {
-        const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);
-        const __m512i q[2] = {_mm512_and_si512(bytes, nib), _mm512_srli_epi32(bytes, 4)};
         for (int h = 0; h < 2; h++) {
-          const __m512i u = _mm512_castps_si512(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q[h]), sc, off));
+          const __m512i u = _mm512_castps_si512(f[h][j]);
           const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
           _mm256_storeu_si256((__m256i*)(out + (8 * o + 4 * h + j) * N + 16 * b), _mm512_cvtepi32_epi16(r));
         }
@@ -354,7 +350,7 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   free(dx);
   return 0;
 }
-"""
+""".replace("@INT4_OCTET@", INT4_OCTET)
 
 FLAGS = C_FLAGS
 

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from pangu_infer.quant import cpu_int4
-from pangu_infer.quant.c_simd import TRANSPOSE16_EPI32
+from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
 from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
 
 
@@ -156,6 +156,7 @@ static inline __m512i round_hi(__m512 f) {  // the bf16 of f (nearest even) in t
 }
 static inline __m512i pair_words(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
 
+@INT4_OCTET@
 // From cpu_int4's layout: w [n/16][k/8][16][4 bytes] (byte j of a row: low nibble k = 8o + j, high
 // nibble k = 8o + 4 + j), sz bf16 [n/16][k/g][2][16] (scale, zero); weight = q * s + (z - 8 s) in
 // fp32, one fused multiply-add, rounded once: the same values as pangu_int4_to_bf16_t.
@@ -167,18 +168,13 @@ extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint1
   for (int64_t b = b0; b < b1; ++b) {
     const uint8_t* p = w + b * octets * 64;
     const uint16_t* sp = sz + b * ng * 32;
-    const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
     for (int64_t o = 0; o < octets; o++, p += 64) {
-      const uint16_t* s = sp + ((8 * o) / g) * 32;
-      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
-      const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
-      const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
-      const __m512i v = _mm512_loadu_si512((const void*)p);
+      __m512 flo[4], fhi[4];
+      int4_octet(p, sp + ((8 * o) / g) * 32, flo, fhi);
       __m512i lo[4], hi[4];
       for (int j = 0; j < 4; j++) {
-        const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);
-        lo[j] = round_hi(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, nib)), sc, off));
-        hi[j] = round_hi(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), sc, off));
+        lo[j] = round_hi(flo[j]);
+        hi[j] = round_hi(fhi[j]);
       }
       // pairs 4o .. 4o + 3: k = 8o + (0, 1), (2, 3) from the low nibbles, (4, 5), (6, 7) from the high ones
       _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o, k, rb)), pair_words(lo[0], lo[1]));
@@ -232,7 +228,7 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
 extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n, int64_t k, int64_t g, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n, int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 #endif
-""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32)
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET)
 
 
 def enabled() -> bool:
