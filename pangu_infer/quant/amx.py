@@ -57,6 +57,7 @@ from typing import Optional
 import torch
 
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
+from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
 
 log = logging.getLogger(__name__)
@@ -543,7 +544,7 @@ def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_si
     """x [M, K] bf16 times a cpu_int4-layout weight: [M, N] bf16 (N the padded row count), or None
     where this kernel does not take the operands (then the caller's path runs)."""
     lib = library()
-    n, k = data.shape[0] * 16, data.shape[1] * 8
+    n, k = data.shape[0] * cpu_int4.ROW_BLOCK, data.shape[1] * cpu_int4.OCTET
     if (
         lib is None or not _fits(x, n, k) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16
         or not (data.is_contiguous() and sz.is_contiguous()) or group_size % 8 or k % group_size
