@@ -320,15 +320,11 @@ _lib = torch.library.Library("pangu_infer", "FRAGMENT")
 _lib.define("bi_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor valid, float scale) -> Tensor")
 
 
-def _bi_attention(q, k_cache, v_cache, slots, valid, scale):
-    return run(q, k_cache, v_cache, slots, valid, scale)
-
-
 def _bi_attention_shape(q, k_cache, v_cache, slots, valid, scale):
     return q.new_empty(q.shape)
 
 
-_lib.impl("bi_attention", _bi_attention, "CPU")
+_lib.impl("bi_attention", run, "CPU")
 _lib._register_fake("bi_attention", _bi_attention_shape)
 
 
