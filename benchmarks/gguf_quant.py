@@ -143,6 +143,7 @@ def main() -> int:
     p.add_argument("--make-pangu-q4_0", default=None, metavar="OUT", help="write a Pangu-1B-shaped Q4_0 file first and use it")
     p.add_argument("--layers", type=int, default=4, help="layers of the file --make-pangu-q4_0 writes")
     p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--dtype", default="auto", help="activations (and the unquantized peer's weights): auto = LLM's default here")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--skip", default="", help="comma-separated parts to skip: load, ppl, prefill")
@@ -161,6 +162,7 @@ def main() -> int:
 
     import torch
 
+    from pangu_infer.device import resolve_dtype
     from pangu_infer.loader import demo_model_path, load_model
     from pangu_infer.models.packed import can_pack, pack_linears
     from pangu_infer.quant import amx
@@ -207,9 +209,13 @@ def main() -> int:
         return f"{len([m for m in ws if amx.use(m.amx_prefill)])} of {len(ws)} weights ({', '.join(chosen) or 'none'})"
 
     models = {}
-    for name, q in (("kept (auto)", "auto"), ("int8", "int8"), ("bf16 (none)", "none")):
-        loaded = load_model(path, torch.bfloat16, cpu, load_tokenizer=True, quantization=q)
-        if can_pack(cpu, torch.bfloat16):
+    # the activations' dtype LLM picks on this machine (bf16, or fp32 where the CPU only emulates bf16),
+    # and the same file dequantized to it as the peer
+    dtype = resolve_dtype(args.dtype, cpu)
+    NONE = f"{str(dtype).replace('torch.', '').replace('bfloat16', 'bf16')} (none)"
+    for name, q in (("kept (auto)", "auto"), ("int8", "int8"), (NONE, "none")):
+        loaded = load_model(path, dtype, cpu, load_tokenizer=True, quantization=q)
+        if can_pack(cpu, dtype):
             pack_linears(loaded.model)  # what LLM does after loading
         if not args.eager_convert:  # what LLM's background compile does (quant/prefill.py)
             t = time.perf_counter()
@@ -221,8 +227,8 @@ def main() -> int:
 
     if "ppl" not in skip:
         ppl = {name: perplexity(m) for name, m in models.items()}
-        base = ppl["bf16 (none)"]
-        print("| weights | perplexity (alice_ch1) | vs bf16 |")
+        base = ppl[NONE]
+        print(f"| weights | perplexity (alice_ch1) | vs {NONE} |")
         print("|---|---|---|")
         for name, v in ppl.items():
             print(f"| {name} | {v:.3f} | {100 * (v / base - 1):+.2f}% |")
@@ -240,9 +246,9 @@ def main() -> int:
         runs = []
         for name, m in models.items():
             runs.append((name, m, {}))
-            if args.plain_too and name != "bf16 (none)":
+            if args.plain_too and name != NONE:
                 runs.append((f"{name}, plain W^T", m, {_prefill.PACKED_ENV: "0", _amx.ENV: "0"}))
-            if args.amx_too and name != "bf16 (none)":
+            if args.amx_too and name != NONE:
                 runs.append((f"{name}, AMX kernel", m, {_amx.ENV: "1"}))
                 runs.append((f"{name}, packed", m, {_amx.ENV: "0"}))
         times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
@@ -265,8 +271,8 @@ def main() -> int:
                     times[name].append(time.perf_counter() - t)
             packed_env({})
         med = {name: statistics.median(v) for name, v in times.items()}
-        base = med["bf16 (none)"]
-        print(f"| prefill {args.prompt_len} tokens | median s ({args.rounds} alternating rounds) | tokens/s | vs bf16 |")
+        base = med[NONE]
+        print(f"| prefill {args.prompt_len} tokens | median s ({args.rounds} alternating rounds) | tokens/s | vs {NONE} |")
         print("|---|---|---|---|")
         for name, v in med.items():
             print(f"| {name} | {v:.3f} | {args.prompt_len / v:.0f} | {base / v:.2f}x |")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from typing import Optional
 
@@ -51,11 +52,25 @@ def resolve_device(device: Optional[str]) -> torch.device:
     raise ValueError(f"unknown device {name!r}: expected cpu, cuda or npu (optionally with :index)")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_bf16() -> bool:
+    """Does this CPU multiply bf16 natively (oneDNN's bf16 kernels: AVX-512 BW/VL/DQ with or
+    without BF16 and AMX, or AVX-NE-CONVERT)? Without it (AVX2-only x86 such as AMD Zen 1-3, or a
+    torch without oneDNN) every bf16 product is emulated: on a Zen 1 EPYC, 512-row products ran at
+    5.4 GFLOP/s in bf16 against 32 in fp32, and one-row products read bf16 weights slower than
+    fp32 ones (benchmarks/RESULTS.md, "A CPU without native bf16")."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     # bf16 weights halve the bytes read per decoded token and use AMX for batched products on
-    # recent x86 CPUs (see benchmarks/RESULTS.md); GPUs and NPUs run bf16 natively.
+    # recent x86 CPUs (see benchmarks/RESULTS.md); GPUs and NPUs run bf16 natively. A CPU that
+    # only emulates bf16 runs float32 (quantized weights stay quantized either way).
     if device.type == "cpu":
-        return torch.bfloat16
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float16
     return torch.bfloat16

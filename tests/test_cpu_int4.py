@@ -1,5 +1,6 @@
-"""The int4 decode kernel of pangu_infer.quant.cpu_int4 (x86 CPUs with AVX-512 VNNI): layout and
-numbers against the dequantized weight and aten's kernel, odd shapes, experts, the switch, compiled."""
+"""The int4 decode kernel of pangu_infer.quant.cpu_int4 (x86 CPUs with AVX-512 VNNI, or AVX2 and FMA):
+layout and numbers against the dequantized weight and aten's kernel, odd shapes, experts, the switch,
+compiled, and the AVX2 build's bits against the AVX-512 build's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pangu_infer.quant.formats import QuantizationConfig, dequantize, quantize, 
 from pangu_infer.quant.modules import PackedWeight
 
 CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(cpu_int4.library() is None, reason="no AVX-512 VNNI or no C compiler here")
+pytestmark = pytest.mark.skipif(cpu_int4.library() is None, reason="no AVX-512 VNNI or AVX2, or no C compiler here")
 
 
 def _rel(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -253,3 +254,42 @@ def test_fused_experts_inside_a_compiled_step_no_graph_break_same_bits_same_load
     assert ours["expert_tokens"] == theirs["expert_tokens"] and sum(ours["expert_tokens"]) == 48
     assert ours["global_topk_expert_tokens"] == theirs["global_topk_expert_tokens"]
     assert ours["global_topk_imbalance_score"] == pytest.approx(theirs["global_topk_imbalance_score"])
+
+
+def test_the_avx2_build_gives_the_avx512_builds_bits():
+    """Where the CPU has AVX-512 VNNI, the AVX2 build (what an AVX2-only CPU such as AMD Zen 1-3
+    runs) built beside it gives the same bits: products of 1 to 7 rows, groups of 32 and 128, one
+    thread and two, the conversion to W^T and the fused experts."""
+    from pangu_infer.native import c_compiler, cpu_flags
+
+    if not {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma"} <= cpu_flags():
+        pytest.skip("needs a CPU with AVX-512 VNNI to compare the two builds")
+    wide, narrow = cpu_int4.load(cpu_int4.SOURCE, "int4_vnni", c_compiler()), cpu_int4.load(cpu_int4.SOURCE_AVX2, "int4_avx2", c_compiler())
+    g = torch.Generator().manual_seed(5)
+    for n, k, group in ((48, 256, 32), (160, 1024, 128), (512, 1536, 32)):
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.02, (torch.rand(n, k // group, generator=g) - 0.5) * 0.02)
+        for rows in (1, 2, 3, 4, 5, 7):
+            x = (torch.randn(rows, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
+            for threads in (1, 2):
+                ys = []
+                for lib in (wide, narrow):
+                    y = torch.empty(rows, n, dtype=torch.bfloat16)
+                    assert lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), rows, n, k, group, threads) == 0
+                    ys.append(y)
+                assert torch.equal(ys[0], ys[1]), (n, k, group, rows, threads)
+        ts = []
+        for lib in (wide, narrow):
+            t = torch.empty(k, n, dtype=torch.bfloat16)
+            assert lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), t.data_ptr(), n, k, group, 2) == 0
+            ts.append(t)
+        assert torch.equal(ts[0], ts[1])
+        experts = torch.stack([data, data.roll(1, 0)]), torch.stack([sz, sz.roll(1, 0)])
+        ids = torch.tensor([1, 0, 1], dtype=torch.int64)
+        x = torch.randn(1, k, generator=g).bfloat16()
+        outs = []
+        for lib in (wide, narrow):
+            y = torch.empty(3, n, dtype=torch.bfloat16)
+            assert lib.pangu_int4_experts_mm(x.data_ptr(), ids.data_ptr(), 3, experts[0].data_ptr(), experts[1].data_ptr(), y.data_ptr(), 2, n, k, group, 1) == 0
+            outs.append(y)
+        assert torch.equal(outs[0], outs[1])

@@ -52,7 +52,7 @@ ENV = "PANGU_INFER_INT4_KERNEL"
 ROW_BLOCK = 16  # rows per block of the layout
 OCTET = 8  # columns per 64-byte load of a block
 
-SOURCE = r"""
+_HEAD = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -69,6 +69,10 @@ static inline uint16_t tobf(float f) {
   return (uint16_t)(u >> 16);
 }
 
+"""
+
+# AVX-512 VNNI: one 16-row block per 512-bit vector, `vpdpbusd` dot products.
+_KERNELS_AVX512 = r"""
 /* One block of 16 rows for M (1..4) activation rows. xq: [2][MMAX][K] int8 (coarse, fine);
    dx, xs: [MMAX][K/G] per-group step and sum of x. */
 static inline __attribute__((always_inline)) void block16(
@@ -184,8 +188,6 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
   block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, b); }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
-int pangu_int4_abi(void) { return 3; }
-
 @INT4_OCTET@
 /* W^T [K, N] bf16 from the layout (products of many rows convert the weight once and run one bf16
    product): w = q * scale + (zero - 8 scale) in fp32, one fused multiply-add, rounded to bf16 once
@@ -213,6 +215,182 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
   }
   return 0;
 }
+
+""".replace("@INT4_OCTET@", INT4_OCTET)
+
+# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
+# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
+# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
+# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
+# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
+# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
+_KERNELS_AVX2 = r"""
+/* acc (int16) + per 16-bit lane: the two u8 x s8 products of (a, b) and those of (c, d); a, c in
+   0..15, so each addend is at most 2 * 2 * 15 * 127 = 7620 in size. */
+static inline __m256i dot2(__m256i acc, __m256i a, __m256i b, __m256i c, __m256i d) {
+  return _mm256_add_epi16(acc, _mm256_add_epi16(_mm256_maddubs_epi16(a, b), _mm256_maddubs_epi16(c, d)));
+}
+
+/* 4 bytes at p in every 32-bit lane: one broadcast load (a scalar load, a move to a vector register
+   and a broadcast measured slower here) */
+static inline __m256i bcast4(const int8_t* p) { return _mm256_castps_si256(_mm256_broadcast_ss((const float*)(const void*)p)); }
+
+static inline __m256 bf8(const uint16_t* s) {  /* 8 bf16 -> fp32 */
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)s)), 16));
+}
+
+/* Half h (rows 8h .. 8h + 7) of 16-row block b for M (1..4) activation rows; the arithmetic of the
+   AVX-512 block16 lane by lane. xq: [2][MMAX][K] int8 (coarse, fine); dx, xs: [MMAX][K/G]. */
+static inline __attribute__((always_inline)) void block8(
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t b, int h) {
+  __m256 acc[MMAX];
+  for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(15);
+  const int64_t ng = K / G;
+  const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
+  const uint16_t* sp = sz + b * ng * 32 + 8 * h;
+  for (int64_t g = 0; g < ng; g++, sp += 32) {
+    __m256i c[MMAX], f[MMAX];
+    for (int m = 0; m < M; m++) { c[m] = _mm256_setzero_si256(); f[m] = _mm256_setzero_si256(); }
+    /* up to 4 octets summed in int16 (at most 4 * 7620 = 30480), then widened to int32 */
+    for (int64_t o0 = 0; o0 < G / 8; o0 += 4) {
+      const int64_t o1 = o0 + 4 < G / 8 ? o0 + 4 : G / 8;
+      __m256i c16[MMAX], f16[MMAX];
+      for (int m = 0; m < M; m++) { c16[m] = _mm256_setzero_si256(); f16[m] = _mm256_setzero_si256(); }
+      for (int64_t o = o0; o < o1; o++, p += 64) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+        const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        for (int m = 0; m < M; m++) {
+          const int8_t* cq = xq + m * K + g * G + 8 * o;
+          const int8_t* fq = cq + MMAX * K;
+          c16[m] = dot2(c16[m], lo, bcast4(cq), hi, bcast4(cq + 4));
+          f16[m] = dot2(f16[m], lo, bcast4(fq), hi, bcast4(fq + 4));
+        }
+      }
+      for (int m = 0; m < M; m++) {
+        c[m] = _mm256_add_epi32(c[m], _mm256_madd_epi16(c16[m], _mm256_set1_epi16(1)));
+        f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
+      }
+    }
+    const __m256 sc = bf8(sp), ze = bf8(sp + 16);
+    const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+    for (int m = 0; m < M; m++) {
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f[m]), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(c[m]));
+      acc[m] = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(dx[m * ng + g])), acc[m]);
+      acc[m] = _mm256_fmadd_ps(off, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    float t[8];
+    _mm256_storeu_ps(t, acc[m]);
+    for (int d = 0; d < 8; d++) y[m * ldy + b * 16 + 8 * h + d] = tobf(t[d]);
+  }
+}
+
+/* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves. */
+static void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+                  uint16_t* y, int64_t K, int64_t G, int64_t b) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const int64_t ng = K / G;
+  const uint8_t* p = w + b * (K / 8) * 64;
+  const uint16_t* sp = sz + b * ng * 32;
+  for (int64_t g = 0; g < ng; g++, sp += 32) {
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
+    const int8_t* cq = xq + g * G;
+    const int8_t* fq = cq + MMAX * K;
+    for (int64_t o0 = 0; o0 < G / 8; o0 += 4) {
+      const int64_t o1 = o0 + 4 < G / 8 ? o0 + 4 : G / 8;
+      __m256i c160 = _mm256_setzero_si256(), c161 = c160, f160 = c160, f161 = c160;
+      for (int64_t o = o0; o < o1; o++, p += 64, cq += 8, fq += 8) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+        const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+        const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4), bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
+        c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
+        f160 = dot2(f160, lo0, bf0, hi0, bf1); f161 = dot2(f161, lo1, bf0, hi1, bf1);
+      }
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
+      f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
+    }
+    const __m256 step = _mm256_set1_ps(dx[g]), sum = _mm256_set1_ps(xs[g]), fine_w = _mm256_set1_ps(1.0f / 254.0f);
+    {
+      const __m256 sc = bf8(sp), ze = bf8(sp + 16);
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f0), fine_w, _mm256_cvtepi32_ps(c0));
+      acc0 = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, step), acc0);
+      acc0 = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), sum, acc0);
+    }
+    {
+      const __m256 sc = bf8(sp + 8), ze = bf8(sp + 24);
+      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f1), fine_w, _mm256_cvtepi32_ps(c1));
+      acc1 = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, step), acc1);
+      acc1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), sum, acc1);
+    }
+  }
+  float t[16];
+  _mm256_storeu_ps(t, acc0);
+  _mm256_storeu_ps(t + 8, acc1);
+  for (int d = 0; d < 16; d++) y[b * 16 + d] = tobf(t[d]);
+}
+
+#define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
+  block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, b, 0); block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, b, 1); }
+ROWS(2) ROWS(3) ROWS(4)
+static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+                  uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) {
+  (void)ldy;
+  row16(xq, dx, xs, w, sz, y, K, G, b);
+}
+
+/* One activation row, blocks b and b + 1 (the AVX-512 kernel's pair; here one block after the other). */
+static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
+                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t b) {
+  row16(xq, dx, xs, w, sz, y, K, G, b);
+  row16(xq, dx, xs, w, sz, y, K, G, b + 1);
+}
+
+/* W^T [K, N] bf16 from the layout, as the AVX-512 build's: q * scale + (zero - 8 scale) in fp32, one
+   fused multiply-add, rounded to bf16 once (to nearest even). */
+int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
+                         int64_t N, int64_t K, int64_t G, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G) return 1;
+  const int64_t nb = N / 16, ng = K / G, octets = K / 8;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
+  for (int64_t b = 0; b < nb; b++) {
+    const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int h = 0; h < 2; h++) {
+      const uint8_t* p = w + b * octets * 64 + 32 * h;
+      const uint16_t* sp = sz + b * ng * 32 + 8 * h;
+      for (int64_t o = 0; o < octets; o++, p += 64) {
+        const uint16_t* s = sp + ((8 * o) / G) * 32;
+        const __m256 sc = bf8(s), ze = bf8(s + 16);
+        const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+        const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+        for (int j = 0; j < 4; j++) {
+          const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
+          const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, nib)), sc, off),
+                               _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), sc, off)};
+          for (int q = 0; q < 2; q++) {
+            const __m256i u = _mm256_castps_si256(f[q]);
+            const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+            /* 8 words 0..0xFFFF -> 8 bf16: packus per 128-bit lane, then the two lanes' low halves together */
+            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+            _mm_storeu_si128((__m128i*)(out + (8 * o + 4 * q + j) * N + 16 * b + 8 * h), _mm256_castsi256_si128(packed));
+          }
+        }
+      }
+    }
+  }
+  return 0;
+}
+"""
+
+# What both builds share: the quantization of the activations, the row loops, the experts.
+_COMMON = r"""
+int pangu_int4_abi(void) { return 3; }
 
 /* ---- The routed experts of one token (decode at batch 1), one call per product kind and layer.
    The arithmetic is pangu_int4_mm's for one row, expert by expert: the same quantization of the
@@ -350,7 +528,10 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   free(dx);
   return 0;
 }
-""".replace("@INT4_OCTET@", INT4_OCTET)
+"""
+
+SOURCE = _HEAD + _KERNELS_AVX512 + _COMMON
+SOURCE_AVX2 = _HEAD + _KERNELS_AVX2 + _COMMON
 
 FLAGS = C_FLAGS
 
@@ -363,23 +544,41 @@ def forced() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("own", "vnni", "on", "1")
 
 
+def isa_source() -> tuple[Optional[str], str]:
+    """The kernel's source for this CPU and the library's name: AVX-512 VNNI where the CPU has it,
+    else AVX2 with FMA (the same outputs, bitwise), else (None, "")."""
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
+        return SOURCE, "int4_vnni"
+    if {"avx2", "fma"} <= flags:
+        return SOURCE_AVX2, "int4_avx2"
+    return None, ""
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then the aten kernel runs)."""
     if disabled() or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
+    source, name = isa_source()
+    if source is None:
         return None
     compiler = c_compiler()
     if not compiler:
         log.info("int4 decode kernel: no C compiler found, using aten's")
         return None
     try:
-        lib = build_c_library("int4_vnni", SOURCE, compiler, FLAGS)
-        if lib.pangu_int4_abi() != 3:
-            return None
+        return load(source, name, compiler)
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("int4 decode kernel not built (%s): using aten's", e)
+        return None
+
+
+def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
+    """One build of the kernel (SOURCE or SOURCE_AVX2), its functions typed; None for a library of
+    another ABI. Raises what build_c_library raises."""
+    lib = build_c_library(name, source, compiler, FLAGS)
+    if lib.pangu_int4_abi() != 3:
         return None
     fn = lib.pangu_int4_mm
     fn.restype = ctypes.c_int

@@ -33,7 +33,7 @@ from torch import nn
 from pangu_infer.quant import amx, cpu_int4
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
-from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product
+from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product, weight_product
 from pangu_infer.quant.tuning import NEVER, amx_prefill as amx_chosen, convert_min_rows
 
 KERNEL_DTYPE = torch.bfloat16
@@ -201,7 +201,7 @@ class PackedWeight(nn.Module):
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
             w_t = int4_to_bf16(data, self.group_size, scales)
-            y = torch.matmul(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features])
+            y = weight_product(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features], True)
         elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xk, data, scales)
         elif self.kernel == "int4_cpu":

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu_infer.device import cpu_has_bf16
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
 from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
@@ -305,6 +306,18 @@ def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def weight_product(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """x [M, K] times a converted bf16 weight (W^T [K, N] when `transposed`, else W [N, K]): one
+    oneDNN product where the CPU multiplies bf16 natively. Where it only emulates bf16
+    (device.cpu_has_bf16: AVX2-only x86), the same bf16 operands multiplied in fp32 and the result
+    rounded to x's dtype: 6x (W) to 40x (W^T) faster there (benchmarks/RESULTS.md, "A CPU without
+    native bf16"), and the same sums (fp32 either way)."""
+    if x.dtype == torch.float32 or not cpu_has_bf16():
+        y = torch.matmul(x.float(), w.float()) if transposed else torch.nn.functional.linear(x.float(), w.float())
+        return y.to(x.dtype)
+    return torch.matmul(x, w) if transposed else torch.nn.functional.linear(x, w)
+
+
 def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] bf16 times the int8 weight converted to bf16 (scales folded in): [M, N]."""
     y = int8_packed_product(x, data, scales)
@@ -315,8 +328,8 @@ def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> t
         n, k = data.shape
         w_t = scratch(("int8_t", n, k), (k, n))
         if lib[2](data.data_ptr(), scales.data_ptr(), w_t.data_ptr(), n, k, torch.get_num_threads()):
-            return torch.matmul(x, w_t)
-    return torch.nn.functional.linear(x, int8_to_bf16(data, scales))
+            return weight_product(x, w_t, True)
+    return weight_product(x, int8_to_bf16(data, scales), False)
 
 
 # ---------------------------------------------------------------------------------- the eager conversion of the aten int4 layout
@@ -613,7 +626,7 @@ def int4_vnni_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, gro
     """x [M, K] bf16 times a cpu_int4-layout weight converted to bf16: [M, N] (N the padded row
     count); into oneDNN's packed layout where it is checked, else to a plain W^T."""
     y = int4_vnni_packed_product(x, data, sz, group_size)
-    return torch.matmul(x, cpu_int4.to_bf16_t(data, sz, group_size)) if y is None else y
+    return weight_product(x, cpu_int4.to_bf16_t(data, sz, group_size), True) if y is None else y
 
 
 def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:
@@ -626,4 +639,4 @@ def int8_packed_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tenso
         data.data_ptr(), scales.data_ptr(), out, n, k, rb, b0, b1, torch.get_num_threads()))
 
 
-__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int4_vnni_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready"]
+__all__ = ["ENV", "dequantize_int4_cpu_packed", "enabled", "int4_cpu_layout_ok", "int4_to_bf16", "int4_vnni_packed_product", "int4_vnni_product", "int8_packed_product", "int8_product", "int8_to_bf16", "packed_enabled", "packed_layout_ok", "packed_rows", "prepare", "ready", "weight_product"]

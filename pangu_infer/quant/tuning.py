@@ -33,7 +33,7 @@ from pangu_infer.machine import cache_path, cached_choice, interleaved_medians, 
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.prefill import (
     dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_product, int8_product, packed_enabled,
-    packed_layout_ok, ready,
+    packed_layout_ok, ready, weight_product,
 )
 
 NEVER = 1 << 30
@@ -64,7 +64,7 @@ def measure(kind: str) -> int:
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, data, group, scales)
 
         def convert(x):
-            return torch.matmul(x, int4_to_bf16(data, group, scales))
+            return weight_product(x, int4_to_bf16(data, group, scales), True)
 
     elif kind == "int4_vnni":  # this package's kernel and layout (quant/cpu_int4.py), converted by its C loop
         if cpu_int4.library() is None:
