@@ -11,6 +11,7 @@ Layer 1 (no imports from the rest of the package): models, quant and engine all 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -35,6 +36,19 @@ def cache_path() -> str:
     return str(cache_root() / "kernels.json")
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them (/proc/cpuinfo), empty where it does not."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
 def machine_key() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -45,7 +59,10 @@ def machine_key() -> str:
                     break
     except OSError:
         pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    # Virtual machines often name every generation alike ("AMD EPYC" for Zen 1 with AVX2 only and for
+    # Zen 4 with AVX-512): the feature flags that pick kernels tell them apart.
+    isa = "+".join(f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in cpu_flags())
+    return f"{cpu}|{isa or 'base'}|threads={torch.get_num_threads()}|torch={torch.__version__}"
 
 
 def _read() -> dict:

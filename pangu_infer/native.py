@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from pangu_infer.machine import cache_root
+from pangu_infer.machine import cache_root, cpu_flags  # noqa: F401  (cpu_flags: here too, beside the builds)
 
 
 def compile_cache_dir() -> Path:
@@ -54,19 +54,6 @@ def compile_problem(device: torch.device) -> Optional[str]:
 
 # How the engine's C kernels are built: for this CPU (-march=native), OpenMP for their threads.
 C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-
-
-@functools.lru_cache(maxsize=None)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as Linux lists them (/proc/cpuinfo), empty where it does not."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def c_compiler() -> Optional[str]:
