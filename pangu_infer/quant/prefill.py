@@ -306,13 +306,18 @@ def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Read once at import: a graph dynamo traces through weight_product reads a plain bool (the op behind
+# cpu_has_bf16 returns a non-tensor, which dynamo cannot trace).
+_NATIVE_BF16 = cpu_has_bf16()
+
+
 def weight_product(x: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
     """x [M, K] times a converted bf16 weight (W^T [K, N] when `transposed`, else W [N, K]): one
     oneDNN product where the CPU multiplies bf16 natively. Where it only emulates bf16
     (device.cpu_has_bf16: AVX2-only x86), the same bf16 operands multiplied in fp32 and the result
     rounded to x's dtype: 6x (W) to 40x (W^T) faster there (benchmarks/RESULTS.md, "A CPU without
     native bf16"), and the same sums (fp32 either way)."""
-    if x.dtype == torch.float32 or not cpu_has_bf16():
+    if x.dtype == torch.float32 or not _NATIVE_BF16:
         y = torch.matmul(x.float(), w.float()) if transposed else torch.nn.functional.linear(x.float(), w.float())
         return y.to(x.dtype)
     return torch.matmul(x, w) if transposed else torch.nn.functional.linear(x, w)
