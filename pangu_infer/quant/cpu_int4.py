@@ -239,6 +239,15 @@ static inline __m256 bf8(const uint16_t* s) {  /* 8 bf16 -> fp32 */
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)s)), 16));
 }
 
+/* One group's end for 8 rows: the coarse and fine int32 sums (c, f) to fp32, times the group's scale
+   and the row's step, plus (zero - 8 scale) times the row's sum; the AVX-512 build's steps, in order. */
+static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, float step, float sum) {
+  const __m256 sc = bf8(s), ze = bf8(s + 16);
+  const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(c));
+  acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
+  return _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), _mm256_set1_ps(sum), acc);
+}
+
 /* Half h (rows 8h .. 8h + 7) of 16-row block b for M (1..4) activation rows; the arithmetic of the
    AVX-512 block16 lane by lane. xq: [2][MMAX][K] int8 (coarse, fine); dx, xs: [MMAX][K/G]. */
 static inline __attribute__((always_inline)) void block8(
@@ -273,13 +282,7 @@ static inline __attribute__((always_inline)) void block8(
         f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
       }
     }
-    const __m256 sc = bf8(sp), ze = bf8(sp + 16);
-    const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
-    for (int m = 0; m < M; m++) {
-      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f[m]), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(c[m]));
-      acc[m] = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(dx[m * ng + g])), acc[m]);
-      acc[m] = _mm256_fmadd_ps(off, _mm256_set1_ps(xs[m * ng + g]), acc[m]);
-    }
+    for (int m = 0; m < M; m++) acc[m] = group_end(acc[m], c[m], f[m], sp, dx[m * ng + g], xs[m * ng + g]);
   }
   for (int m = 0; m < M; m++) {
     float t[8];
@@ -314,19 +317,8 @@ static void row16(const int8_t* xq, const float* dx, const float* xs, const uint
       c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
       f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
     }
-    const __m256 step = _mm256_set1_ps(dx[g]), sum = _mm256_set1_ps(xs[g]), fine_w = _mm256_set1_ps(1.0f / 254.0f);
-    {
-      const __m256 sc = bf8(sp), ze = bf8(sp + 16);
-      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f0), fine_w, _mm256_cvtepi32_ps(c0));
-      acc0 = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, step), acc0);
-      acc0 = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), sum, acc0);
-    }
-    {
-      const __m256 sc = bf8(sp + 8), ze = bf8(sp + 24);
-      const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f1), fine_w, _mm256_cvtepi32_ps(c1));
-      acc1 = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, step), acc1);
-      acc1 = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), sum, acc1);
-    }
+    acc0 = group_end(acc0, c0, f0, sp, dx[g], xs[g]);
+    acc1 = group_end(acc1, c1, f1, sp + 8, dx[g], xs[g]);
   }
   float t[16];
   _mm256_storeu_ps(t, acc0);
