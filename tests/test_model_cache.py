@@ -12,6 +12,7 @@ import torch
 
 from fixtures_gguf import _tiny
 from pangu_infer import LLM, SamplingParams
+from pangu_infer.device import default_dtype
 from pangu_infer.loader import gguf as gguf_loader
 from pangu_infer.loader import gguf_tensors, model_cache
 
@@ -111,12 +112,15 @@ def test_a_changed_file_invalidates_its_cache(tiny_file, cache_dir, monkeypatch)
 
 
 def test_caches_of_other_settings_stay_side_by_side(tiny_file, cache_dir, monkeypatch):
+    # The other setting is a dtype that is not this CPU's default (float32 is the default where
+    # bf16 is only emulated, bfloat16 elsewhere).
+    other = "bfloat16" if default_dtype(torch.device("cpu")) == torch.float32 else "float32"
     LLM(str(tiny_file), enforce_eager=True)
-    LLM(str(tiny_file), enforce_eager=True, dtype="float32")
+    LLM(str(tiny_file), enforce_eager=True, dtype=other)
     assert len(_files(cache_dir)) == 2
     calls = _conversions(monkeypatch)
     LLM(str(tiny_file), enforce_eager=True)
-    LLM(str(tiny_file), enforce_eager=True, dtype="float32")
+    LLM(str(tiny_file), enforce_eager=True, dtype=other)
     assert calls == []
 
 
