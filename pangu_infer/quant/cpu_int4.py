@@ -1,4 +1,4 @@
-"""int4 products of a few rows (decode) on x86 CPUs with AVX-512 VNNI: a small C kernel of our own.
+"""int4 products of a few rows (decode) on x86 CPUs (AVX-512 VNNI, or AVX2): a small C kernel of our own.
 
 Why: on some CPUs `aten._weight_int4pack_mm_for_cpu` reaches well under half of the memory's
 streaming read at one token (benchmarks/RESULTS.md, "int4 decode kernel"), and a decode step of an
@@ -13,7 +13,12 @@ int4 model is almost all such products. This kernel does less arithmetic per wei
   y += scale * sum(x q) + (zero - 8 scale) * sum(x);
 - activations quantized per group twice, x ~= d (a + b / 254) with int8 a and b (two more dot
   products per load): the rounding error is about 2^-16 of the group's largest value, finer than
-  the bf16 activations the aten kernel takes (2^-9).
+  the bf16 activations the aten kernel takes (2^-9). That is the default where the CPU has AVX-512
+  VNNI, which streams the weights at the memory's speed either way. On AVX2-only CPUs the kernel is
+  bound by its dot products, and by default it quantizes once, x ~= d a: llama.cpp's Q8_0 rounding
+  of the activations for its Q4 dot products, 1.5x faster there, and the demo model's perplexity
+  moves by 0.01% (`activation_levels`, `PANGU_INFER_INT4_ACTIVATIONS=int8|int8x2`;
+  benchmarks/int4_activations.py).
 
 Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). The kernel is
 built once per machine with the C compiler inductor also needs (`$CC`, else `cc`/`gcc`), with
@@ -49,6 +54,7 @@ from pangu_infer.quant.scratch import scratch
 log = logging.getLogger(__name__)
 
 ENV = "PANGU_INFER_INT4_KERNEL"
+ACTIVATIONS_ENV = "PANGU_INFER_INT4_ACTIVATIONS"
 ROW_BLOCK = 16  # rows per block of the layout
 OCTET = 8  # columns per 64-byte load of a block
 
@@ -60,6 +66,11 @@ _HEAD = r"""
 #include <immintrin.h>
 
 #define MMAX 4
+/* INT4_FINE 1: activations as two int8 levels per group (coarse and fine); 0: the coarse level only
+   (llama.cpp's Q8_0 rounding of the activations), half the dot products. */
+#ifndef INT4_FINE
+#define INT4_FINE 1
+#endif
 
 static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t tobf(float f) {
@@ -98,13 +109,17 @@ static inline __attribute__((always_inline)) void block16(
       __m512i hi = _mm512_andnot_si512(mask, v);
       for (int m = 0; m < M; m++) {
         const int8_t* c = xq + m * K + g * G + 8 * o;
-        const int8_t* f = c + MMAX * K;
-        int32_t c0, c1, f0, f1;
-        memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+        int32_t c0, c1;
+        memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4);
         cl[m] = _mm512_dpbusd_epi32(cl[m], lo, _mm512_set1_epi32(c0));
         ch[m] = _mm512_dpbusd_epi32(ch[m], hi, _mm512_set1_epi32(c1));
+#if INT4_FINE
+        const int8_t* f = c + MMAX * K;
+        int32_t f0, f1;
+        memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
         fl[m] = _mm512_dpbusd_epi32(fl[m], lo, _mm512_set1_epi32(f0));
         fh[m] = _mm512_dpbusd_epi32(fh[m], hi, _mm512_set1_epi32(f1));
+#endif
       }
     }
     __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)sp)), 16));
@@ -113,8 +128,12 @@ static inline __attribute__((always_inline)) void block16(
     const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
     for (int m = 0; m < M; m++) {
       __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch[m]), sixteenth, _mm512_cvtepi32_ps(cl[m]));
+#if INT4_FINE
       __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh[m]), sixteenth, _mm512_cvtepi32_ps(fl[m]));
       __m512 t = _mm512_fmadd_ps(fine, _mm512_set1_ps(1.0f / 254.0f), coarse);
+#else
+      __m512 t = coarse;
+#endif
       acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
       acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
     }
@@ -144,17 +163,21 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
     const int8_t* c = xq + g * G;
     const int8_t* f = c + MMAX * K;
     for (int64_t o = 0; o < G / 8; o++, p0 += 64, p1 += 64, c += 8, f += 8) {
-      int32_t c0, c1, f0, f1;
-      memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4); memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+      int32_t c0, c1;
+      memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4);
       const __m512i bc0 = _mm512_set1_epi32(c0), bc1 = _mm512_set1_epi32(c1);
-      const __m512i bf0 = _mm512_set1_epi32(f0), bf1 = _mm512_set1_epi32(f1);
       const __m512i v0 = _mm512_loadu_si512((const void*)p0), v1 = _mm512_loadu_si512((const void*)p1);
       const __m512i lo0 = _mm512_and_si512(v0, mask), hi0 = _mm512_andnot_si512(mask, v0);
       const __m512i lo1 = _mm512_and_si512(v1, mask), hi1 = _mm512_andnot_si512(mask, v1);
       cl0 = _mm512_dpbusd_epi32(cl0, lo0, bc0); ch0 = _mm512_dpbusd_epi32(ch0, hi0, bc1);
-      fl0 = _mm512_dpbusd_epi32(fl0, lo0, bf0); fh0 = _mm512_dpbusd_epi32(fh0, hi0, bf1);
       cl1 = _mm512_dpbusd_epi32(cl1, lo1, bc0); ch1 = _mm512_dpbusd_epi32(ch1, hi1, bc1);
+#if INT4_FINE
+      int32_t f0, f1;
+      memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+      const __m512i bf0 = _mm512_set1_epi32(f0), bf1 = _mm512_set1_epi32(f1);
+      fl0 = _mm512_dpbusd_epi32(fl0, lo0, bf0); fh0 = _mm512_dpbusd_epi32(fh0, hi0, bf1);
       fl1 = _mm512_dpbusd_epi32(fl1, lo1, bf0); fh1 = _mm512_dpbusd_epi32(fh1, hi1, bf1);
+#endif
     }
     const __m512 step = _mm512_set1_ps(dx[g]), sum = _mm512_set1_ps(xs[g]);
     const __m512 fine_w = _mm512_set1_ps(1.0f / 254.0f);
@@ -162,8 +185,12 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
       __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s0)), 16));
       __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s0 + 16))), 16));
       __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch0), sixteenth, _mm512_cvtepi32_ps(cl0));
+#if INT4_FINE
       __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh0), sixteenth, _mm512_cvtepi32_ps(fl0));
       __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
+#else
+      __m512 t = coarse;
+#endif
       acc0 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc0);
       acc0 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc0);
     }
@@ -171,8 +198,12 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
       __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s1)), 16));
       __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s1 + 16))), 16));
       __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch1), sixteenth, _mm512_cvtepi32_ps(cl1));
+#if INT4_FINE
       __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh1), sixteenth, _mm512_cvtepi32_ps(fl1));
       __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
+#else
+      __m512 t = coarse;
+#endif
       acc1 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc1);
       acc1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc1);
     }
@@ -243,7 +274,12 @@ static inline __m256 bf8(const uint16_t* s) {  /* 8 bf16 -> fp32 */
    and the row's step, plus (zero - 8 scale) times the row's sum; the AVX-512 build's steps, in order. */
 static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, float step, float sum) {
   const __m256 sc = bf8(s), ze = bf8(s + 16);
+#if INT4_FINE
   const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(c));
+#else
+  (void)f;
+  const __m256 t = _mm256_cvtepi32_ps(c);
+#endif
   acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
   return _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), _mm256_set1_ps(sum), acc);
 }
@@ -274,7 +310,11 @@ static inline __attribute__((always_inline)) void block8(
           const int8_t* cq = xq + m * K + g * G + 8 * o;
           const int8_t* fq = cq + MMAX * K;
           c16[m] = dot2(c16[m], lo, bcast4(cq), hi, bcast4(cq + 4));
+#if INT4_FINE
           f16[m] = dot2(f16[m], lo, bcast4(fq), hi, bcast4(fq + 4));
+#else
+          (void)fq;
+#endif
         }
       }
       for (int m = 0; m < M; m++) {
@@ -310,9 +350,12 @@ static void row16(const int8_t* xq, const float* dx, const float* xs, const uint
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
         const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
         const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4), bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
+        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4);
         c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
+#if INT4_FINE
+        const __m256i bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
         f160 = dot2(f160, lo0, bf0, hi0, bf1); f161 = dot2(f161, lo1, bf0, hi1, bf1);
+#endif
       }
       c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
       f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
@@ -383,6 +426,7 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
 # What both builds share: the quantization of the activations, the row loops, the experts.
 _COMMON = r"""
 int pangu_int4_abi(void) { return 3; }
+int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the activations */
 
 /* ---- The routed experts of one token (decode at batch 1), one call per product kind and layer.
    The arithmetic is pangu_int4_mm's for one row, expert by expert: the same quantization of the
@@ -402,7 +446,9 @@ static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, in
       for (int64_t k = 0; k < G; k++) {
         const float v = bf(xr[k]) * inv, c = nearbyintf(v);
         xq[m * K + g * G + k] = (int8_t)c;
+#if INT4_FINE
         xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+#endif
       }
       dx[m * ng + g] = d;
       xs[m * ng + g] = s;
@@ -536,15 +582,48 @@ def forced() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("own", "vnni", "on", "1")
 
 
-def isa_source() -> tuple[Optional[str], str]:
+def has_vnni() -> bool:
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags()
+
+
+def activation_levels() -> int:
+    """How finely the kernel quantizes a product's activations, per group of the weight: 2 int8
+    levels (x ~= d (a + b / 254), about 2^-16 of the group's largest value: finer than bf16) or 1
+    (x ~= d a, about 2^-8: llama.cpp's Q8_0 rounding of the activations for its Q4 dot products).
+    `PANGU_INFER_INT4_ACTIVATIONS=int8x2` or `=int8` chooses; by default 2 where the CPU has AVX-512
+    VNNI (there the kernel streams the weights at the memory's speed either way) and 1 on AVX2-only
+    CPUs, where the kernel is bound by its dot products and the second level costs 1.3-1.4x of the
+    decode step's int4 time (benchmarks/RESULTS.md, "int4 activations in one int8 level on AVX2")."""
+    value = os.environ.get(ACTIVATIONS_ENV, "").strip().lower()
+    if value in ("", "auto"):
+        return 2 if has_vnni() else 1
+    if value in ("int8", "1"):
+        return 1
+    if value in ("int8x2", "2"):
+        return 2
+    raise ValueError(f"{ACTIVATIONS_ENV}={value!r}: expected auto, int8 (one level) or int8x2 (two levels)")
+
+
+def isa_source(levels: Optional[int] = None) -> tuple[Optional[str], str]:
     """The kernel's source for this CPU and the library's name: AVX-512 VNNI where the CPU has it,
-    else AVX2 with FMA (the same outputs, bitwise), else (None, "")."""
+    else AVX2 with FMA (the same outputs, bitwise, at either level), else (None, ""). `levels`: the
+    activations' int8 levels (default: activation_levels())."""
+    levels = activation_levels() if levels is None else levels
     flags = cpu_flags()
-    if {"avx512f", "avx512bw", "avx512_vnni"} <= flags:
-        return SOURCE, "int4_vnni"
-    if {"avx2", "fma"} <= flags:
-        return SOURCE_AVX2, "int4_avx2"
-    return None, ""
+    if has_vnni():
+        source, name = SOURCE, "int4_vnni"
+    elif {"avx2", "fma"} <= flags:
+        source, name = SOURCE_AVX2, "int4_avx2"
+    else:
+        return None, ""
+    return level_source(source, levels), name + ("" if levels == 2 else "_q8")
+
+
+def level_source(source: str, levels: int) -> str:
+    """A build's source (SOURCE or SOURCE_AVX2) with its activations in `levels` int8 levels (1 or 2)."""
+    if levels not in (1, 2):
+        raise ValueError(f"int4 kernel: activations in {levels} levels (1 or 2)")
+    return source if levels == 2 else "#define INT4_FINE 0\n" + source
 
 
 @functools.lru_cache(maxsize=None)
@@ -572,6 +651,7 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     lib = build_c_library(name, source, compiler, FLAGS)
     if lib.pangu_int4_abi() != 3:
         return None
+    lib.pangu_int4_levels.restype = ctypes.c_int
     fn = lib.pangu_int4_mm
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
@@ -822,4 +902,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ENV", "FUSED_ENV", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]
