@@ -67,6 +67,11 @@ def build_c_library(name: str, source: str, compiler: str, flags: Sequence[str] 
     model, so a changed kernel or another CPU builds anew; written to a temporary name and renamed,
     so processes building at once never load a half-written file. Raises OSError or
     subprocess.SubprocessError when it cannot be built or loaded (the caller falls back)."""
+    return ctypes.CDLL(_build(name, source, ".c", compiler, flags, link))
+
+
+def _build(name: str, source: str, suffix: str, compiler: str, flags: Sequence[str], link: Sequence[str], timeout: int = 120) -> str:
+    """The cached shared library's path, built first if it is not there (see build_c_library)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
@@ -77,14 +82,47 @@ def build_c_library(name: str, source: str, compiler: str, flags: Sequence[str] 
     if not os.path.exists(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            src = os.path.join(tmp, f"{name}.c")
+            src = os.path.join(tmp, f"{name}{suffix}")
             with open(src, "w", encoding="utf-8") as f:
                 f.write(source)
             out = os.path.join(tmp, f"{name}.so")
-            subprocess.run([compiler, *flags, src, "-o", out, *link], check=True, capture_output=True, timeout=120)
+            subprocess.run([compiler, *flags, src, "-o", out, *link], check=True, capture_output=True, timeout=timeout)
             shutil.move(out, f"{path}.{os.getpid()}.tmp")
             os.replace(f"{path}.{os.getpid()}.tmp", path)
-    return ctypes.CDLL(path)
+    return path
 
 
-__all__ = ["C_FLAGS", "build_c_library", "c_compiler", "compile_cache_dir", "compile_problem", "cpu_flags"]
+def cxx_compiler() -> Optional[str]:
+    """The C++ compiler inductor uses (`$CXX`, else g++ and the like), or None without one."""
+    from torch._inductor import cpp_builder, exc
+
+    try:
+        return cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        return None
+
+
+def build_torch_ops(name: str, source: str) -> str:
+    """C++ `source` that registers operators with torch's dispatcher (TORCH_LIBRARY_FRAGMENT),
+    compiled against this torch's headers and libraries once per machine (cached as
+    build_c_library's are, the torch version in the key) and loaded into the process
+    (torch.ops.load_library). Operators called from a compiled graph then run without Python in
+    between. Returns the library's path; raises RuntimeError when there is no C++ compiler, and
+    OSError or subprocess.SubprocessError when it cannot be built or loaded."""
+    from torch.utils import cpp_extension
+
+    compiler = cxx_compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found")
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    flags += [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = cpp_extension.library_paths()
+    link = [f"-L{p}" for p in libs] + [f"-Wl,-rpath,{p}" for p in libs] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+    # the torch version in the source: in the cache key, as the headers the library was built with
+    path = _build(name, f"// torch {torch.__version__}\n" + source, ".cpp", compiler, flags, link, timeout=600)
+    torch.ops.load_library(path)
+    return path
+
+
+__all__ = ["C_FLAGS", "build_c_library", "build_torch_ops", "c_compiler", "cxx_compiler", "compile_cache_dir", "compile_problem", "cpu_flags"]

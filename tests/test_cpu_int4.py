@@ -181,7 +181,7 @@ def test_the_kernel_is_chosen_by_a_measurement_kept_per_machine(monkeypatch, tmp
     try:
         assert not cpu_int4.chosen()  # aten measured faster: aten's kernel
         assert PackedWeight(quantize(torch.randn(32, 64), QuantizationConfig("int4", 32)), CPU).kernel == "int4_cpu"
-        assert json.loads(cache.read_text())[tuning.machine_key()]["int4_decode_kernel"] == "aten"
+        assert json.loads(cache.read_text())[tuning.machine_key()]["int4_decode_kernel" + cpu_int4.tag()] == "aten"
         cpu_int4.chosen.cache_clear()
         monkeypatch.setattr(cpu_int4, "measure", lambda: calls.append(1) or {"own": 1.0, "aten": 2.0})
         assert not cpu_int4.chosen() and len(calls) == 1  # the kept choice, not measured again
@@ -364,3 +364,74 @@ def test_the_avx2_build_gives_the_avx512_builds_bits(levels):
             assert lib.pangu_int4_experts_mm(x.data_ptr(), ids.data_ptr(), 3, experts[0].data_ptr(), experts[1].data_ptr(), y.data_ptr(), 2, n, k, group, 1) == 0
             outs.append(y)
         assert torch.equal(outs[0], outs[1])
+
+
+def _native_or_skip() -> None:
+    from pangu_infer.native import cxx_compiler
+
+    if cxx_compiler() is None:
+        pytest.skip("no C++ compiler here")
+    assert cpu_int4.native_op()  # built and loaded where a compiler is
+
+
+def test_the_cpp_operator_gives_the_python_operators_bits(monkeypatch):
+    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
+    _native_or_skip()
+    g = torch.Generator().manual_seed(6)
+    for n, k, group in ((48, 256, 32), (160, 1536, 128)):
+        q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+        data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.02, (torch.rand(n, k // group, generator=g) - 0.5) * 0.02)
+        for rows in (0, 1, 3, 6):
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            ours = torch.ops.pangu_infer.int4_native_mm(x, data, sz, group)
+            assert torch.equal(ours, torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group)) and ours.shape == (rows, n)
+        t = torch.randn(k, 2, generator=g).bfloat16().t()  # not contiguous: taken contiguous, as the Python operator does
+        assert torch.equal(torch.ops.pangu_infer.int4_native_mm(t, data, sz, group), cpu_int4.matmul(t.contiguous(), data, sz, group))
+    with pytest.raises(RuntimeError, match="int4 kernel: unexpected operands x"):
+        torch.ops.pangu_infer.int4_native_mm(torch.randn(1, 100).bfloat16(), data, sz, group)
+    with pytest.raises(RuntimeError, match="int4 kernel: scales"):
+        torch.ops.pangu_infer.int4_native_mm(torch.randn(1, k).bfloat16(), data, sz, 64)
+
+
+def test_a_compiled_graph_calls_the_cpp_operator_without_python(monkeypatch):
+    """With the C++ operator loaded, a compiled product never enters the Python operator (its
+    Python body broken here); PANGU_INFER_NATIVE_OPS=0 traces the Python operator again."""
+    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
+    _native_or_skip()
+    packed = PackedWeight(quantize(torch.randn(40, 64), QuantizationConfig("int4", 32)), CPU)
+    x = torch.randn(1, 64).bfloat16()
+    with torch.inference_mode():
+        want = packed(x) * 2
+
+    def broken(*a, **k):
+        raise AssertionError("the Python operator ran")
+
+    monkeypatch.setattr(cpu_int4, "matmul", broken)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x), want)
+    monkeypatch.setenv(cpu_int4.NATIVE_OP_ENV, "0")
+    torch._dynamo.reset()
+    with torch.inference_mode(), pytest.raises(Exception, match="the Python operator ran"):
+        torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x)
+    torch._dynamo.reset()
+
+
+def test_a_failed_cpp_build_leaves_the_python_operator(monkeypatch, tmp_path, caplog):
+    from pangu_infer import native
+
+    broken = tmp_path / "broken-c++"
+    broken.write_text('#!/bin/sh\necho "no" >&2\nexit 1\n')
+    broken.chmod(0o755)
+    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
+    monkeypatch.setattr(native, "cxx_compiler", lambda: str(broken))
+    monkeypatch.setitem(cpu_int4._native, "ready", False)
+    with caplog.at_level("WARNING"):
+        assert cpu_int4.native_op() is False
+    assert "int4 C++ operator not built" in caplog.text
+    packed = PackedWeight(quantize(torch.randn(40, 64), QuantizationConfig("int4", 32)), CPU)
+    x = torch.randn(1, 64).bfloat16()
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x), packed(x) * 2)
+    torch._dynamo.reset()

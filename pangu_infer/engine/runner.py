@@ -143,6 +143,10 @@ class ModelRunner:
                 "compiling the decode step in the background (a minute or more the first time on this "
                 f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
             )
+            if self.device.type == "cpu":
+                from pangu_infer.quant.modules import prepare_native_ops
+
+                prepare_native_ops(self.model)  # before tracing: the graph calls C++ operators where built
             with self._pinned():
                 step, error = build_decode_step(
                     self.model, self.k_caches[0], max_context, scratch, self.batch_invariant, self.max_num_seqs

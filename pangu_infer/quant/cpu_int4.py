@@ -29,9 +29,12 @@ runs as before. Where it can run, it is used if it beat aten's kernel in a short
 pangu_infer.quant.tuning's per-machine cache (`~/.cache/pangu-infer/kernels.json`, key
 `int4_decode_kernel`). `PANGU_INFER_INT4_KERNEL=aten` turns it off, `=own` uses it unmeasured.
 
-Inside a compiled step the product is the custom op `pangu_infer::int4_vnni_mm` (opaque to
-inductor, like the aten kernel); eagerly the C function is called directly (fewer microseconds per
-call, which the small expert products of a MoE notice).
+Inside a compiled step the product is an operator opaque to inductor, like the aten kernel:
+`pangu_infer::int4_native_mm`, registered from C++ (built once per machine with torch's headers
+before the decode step is traced, `native_op`), which calls the kernel with no Python in between,
+or where that cannot be built (or `PANGU_INFER_NATIVE_OPS=0`) the Python custom op
+`pangu_infer::int4_vnni_mm` (about 25 us more per call). Eagerly the C function is called directly
+(fewer microseconds per call, which the small expert products of a MoE notice).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import logging
 import os
 import platform
 import subprocess
+import threading
 from typing import Optional
 
 import torch
@@ -604,6 +608,12 @@ def activation_levels() -> int:
     raise ValueError(f"{ACTIVATIONS_ENV}={value!r}: expected auto, int8 (one level) or int8x2 (two levels)")
 
 
+def tag() -> str:
+    """What this build's measured choices are kept under, beside the machine's key: "" for two
+    levels of activations, "_q8" for one (a faster kernel crosses the conversion at other rows)."""
+    return "" if activation_levels() == 2 else "_q8"
+
+
 def isa_source(levels: Optional[int] = None) -> tuple[Optional[str], str]:
     """The kernel's source for this CPU and the library's name: AVX-512 VNNI where the CPU has it,
     else AVX2 with FMA (the same outputs, bitwise, at either level), else (None, ""). `levels`: the
@@ -724,7 +734,7 @@ def chosen() -> bool:
         log.info("int4 decode kernel: %s (own %.2f ms, aten %.2f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
         return value
 
-    value = cached_choice("int4_decode_kernel", measured, lambda v: v in ("own", "aten"))
+    value = cached_choice("int4_decode_kernel" + tag(), measured, lambda v: v in ("own", "aten"))
     return value == "own"
 
 
@@ -895,11 +905,93 @@ def experts(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, h
     return experts_one_token(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden)
 
 
+# ------------------------------------------------------------- the product as a C++ operator
+
+# `pangu_infer::int4_native_mm`: the product of int4_vnni_mm registered from C++, so that a compiled
+# graph calls the kernel without Python in between (the Python operator costs about 25 us a call
+# on top of the kernel: 3 ms of a 19 ms decode step of the demo model's 120 products). It calls
+# this library's pangu_int4_mm through a pointer set once loaded (set_int4_kernel).
+NATIVE_OP_SOURCE = r"""
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <atomic>
+
+typedef int (*int4_mm_fn)(const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t);
+static std::atomic<int4_mm_fn> kernel{nullptr};
+
+static void set_int4_kernel(int64_t address) { kernel.store(reinterpret_cast<int4_mm_fn>(address)); }
+
+static at::Tensor int4_native_mm(const at::Tensor& x_, const at::Tensor& data, const at::Tensor& sz, int64_t group) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(data.dim() == 3 && data.scalar_type() == at::kByte && data.is_contiguous(), "int4 kernel: weight ", data.sizes(), " ", data.scalar_type());
+  const int64_t n = data.size(0) * 16, k = data.size(1) * 8;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == k, "int4 kernel: unexpected operands x ", x.sizes(), " ", x.scalar_type(), ", weight ", data.sizes());
+  TORCH_CHECK(group > 0 && k % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 &&
+              sz.size(0) == data.size(0) && sz.size(1) == k / group && sz.size(2) == 2 && sz.size(3) == 16,
+              "int4 kernel: scales ", sz.sizes(), " for weight ", data.sizes(), ", group ", group);
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  const int4_mm_fn f = kernel.load();
+  TORCH_CHECK(f != nullptr, "int4 kernel: not loaded");
+  if (x.size(0)) {
+    const int rc = f(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, at::get_num_threads());
+    TORCH_CHECK(rc == 0, "int4 kernel refused x ", x.sizes(), ", weight ", data.sizes(), ", group ", group, " (", rc, ")");
+  }
+  return y;
+}
+
+static at::Tensor int4_native_mm_meta(const at::Tensor& x, const at::Tensor& data, const at::Tensor& sz, int64_t group) {
+  return at::empty({x.size(0), data.size(0) * 16}, x.options());
+}
+
+TORCH_LIBRARY_FRAGMENT(pangu_infer, m) {
+  m.def("int4_native_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor");
+  m.def("set_int4_kernel(int address) -> ()", set_int4_kernel);
+}
+TORCH_LIBRARY_IMPL(pangu_infer, CPU, m) { m.impl("int4_native_mm", int4_native_mm); }
+TORCH_LIBRARY_IMPL(pangu_infer, Meta, m) { m.impl("int4_native_mm", int4_native_mm_meta); }
+"""
+
+NATIVE_OP_ENV = "PANGU_INFER_NATIVE_OPS"
+_native = {"ready": False}
+_native_lock = threading.Lock()
+
+
+def native_op() -> bool:
+    """Build (once per machine, about a minute), load and point `pangu_infer::int4_native_mm` at
+    this library's kernel; True when compiled graphs call it from now on. False where the kernel
+    does not run here, PANGU_INFER_NATIVE_OPS=0, or the build failed (logged; the Python operator
+    runs as before). Meant for the background compile, before the decode step is traced."""
+    if os.environ.get(NATIVE_OP_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return False
+    if _native["ready"]:
+        return True
+    lib = library()
+    if lib is None:
+        return False
+    with _native_lock:
+        if _native["ready"]:
+            return True
+        from pangu_infer.native import build_torch_ops
+
+        try:
+            build_torch_ops("int4_op", NATIVE_OP_SOURCE)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("int4 C++ operator not built (%s): compiled graphs call the Python one", str(e).splitlines()[0] if str(e) else type(e).__name__)
+            return False
+        torch.ops.pangu_infer.set_int4_kernel(ctypes.cast(lib.pangu_int4_mm, ctypes.c_void_p).value)
+        _native["ready"] = True
+    return True
+
+
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """The product as the caller's context wants it: the custom op while compiling, else direct."""
+    """The product as the caller's context wants it: while compiling the C++ operator where it is
+    loaded (native_op), else the Python custom op; eagerly the C function directly."""
     if torch.compiler.is_compiling():
+        if _native["ready"] and os.environ.get(NATIVE_OP_ENV, "").strip().lower() not in ("0", "off", "no", "false"):
+            return torch.ops.pangu_infer.int4_native_mm(x, data, sz, group_size)
         return torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group_size)
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]

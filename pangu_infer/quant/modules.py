@@ -317,11 +317,21 @@ __all__ = [
     "KERNEL_DTYPE",
     "OffloadedExperts",
     "PackedWeight",
+    "prepare_native_ops",
     "prepare_prefill",
     "QuantizedEmbedding",
     "QuantizedExperts",
     "QuantizedLinear",
 ]
+
+
+def prepare_native_ops(model: nn.Module) -> bool:
+    """Before a decode step of `model` is traced: the C++ operator of cpu_int4's product where the
+    model has such weights (cpu_int4.native_op; built once per machine). True when the graph will
+    call it."""
+    if not any(isinstance(m, PackedWeight) and m.kernel == "int4_vnni" for m in model.modules()):
+        return False
+    return cpu_int4.native_op()
 
 
 def prepare_prefill(model: nn.Module) -> Optional[str]:

@@ -185,7 +185,8 @@ def convert_min_rows(kind: str) -> int:
     # Measured apart for the eager conversion and the compiled one (they cross the kernel at
     # different row counts); the compiled one is measured once it is built (prefill.prepare).
     # cpu_int4's conversion is its library's own C loop from the start.
-    name = f"{kind}_convert_min_rows" + ("_compiled" if ready() and kind != "int4_vnni" else "")
+    # cpu_int4's own kernel per build (cpu_int4.tag(): its activations' levels).
+    name = f"{kind}{cpu_int4.tag() if kind == 'int4_vnni' else ''}_convert_min_rows" + ("_compiled" if ready() and kind != "int4_vnni" else "")
     # and apart again for the conversions into oneDNN's packed layout (prefill.py), cheaper still
     if kind != "int4" and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
         name += "_packed"
