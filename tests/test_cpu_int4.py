@@ -395,7 +395,7 @@ def test_the_cpp_operator_gives_the_python_operators_bits(monkeypatch):
 
 def test_a_compiled_graph_calls_the_cpp_operator_without_python(monkeypatch):
     """With the C++ operator loaded, a compiled product never enters the Python operator (its
-    Python body broken here); PANGU_INFER_NATIVE_OPS=0 traces the Python operator again."""
+    Python body broken here); without it the Python operator is traced again."""
     monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
     _native_or_skip()
     packed = PackedWeight(quantize(torch.randn(40, 64), QuantizationConfig("int4", 32)), CPU)
@@ -410,14 +410,14 @@ def test_a_compiled_graph_calls_the_cpp_operator_without_python(monkeypatch):
     torch._dynamo.reset()
     with torch.inference_mode():
         assert torch.equal(torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x), want)
-    monkeypatch.setenv(cpu_int4.NATIVE_OP_ENV, "0")
+    monkeypatch.setitem(cpu_int4._native, "ready", False)
     torch._dynamo.reset()
     with torch.inference_mode(), pytest.raises(Exception, match="the Python operator ran"):
         torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x)
     torch._dynamo.reset()
 
 
-def test_a_failed_cpp_build_leaves_the_python_operator(monkeypatch, tmp_path, caplog):
+def test_the_switch_and_a_failed_cpp_build_leave_the_python_operator(monkeypatch, tmp_path, caplog):
     from pangu_infer import native
 
     broken = tmp_path / "broken-c++"
@@ -426,6 +426,9 @@ def test_a_failed_cpp_build_leaves_the_python_operator(monkeypatch, tmp_path, ca
     monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
     monkeypatch.setattr(native, "cxx_compiler", lambda: str(broken))
     monkeypatch.setitem(cpu_int4._native, "ready", False)
+    monkeypatch.setenv(cpu_int4.NATIVE_OP_ENV, "0")
+    assert cpu_int4.native_op() is False and "int4 C++ operator" not in caplog.text  # off: not even built
+    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV)
     with caplog.at_level("WARNING"):
         assert cpu_int4.native_op() is False
     assert "int4 C++ operator not built" in caplog.text

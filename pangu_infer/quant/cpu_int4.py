@@ -940,16 +940,11 @@ static at::Tensor int4_native_mm(const at::Tensor& x_, const at::Tensor& data, c
   return y;
 }
 
-static at::Tensor int4_native_mm_meta(const at::Tensor& x, const at::Tensor& data, const at::Tensor& sz, int64_t group) {
-  return at::empty({x.size(0), data.size(0) * 16}, x.options());
-}
-
 TORCH_LIBRARY_FRAGMENT(pangu_infer, m) {
   m.def("int4_native_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor");
   m.def("set_int4_kernel(int address) -> ()", set_int4_kernel);
 }
 TORCH_LIBRARY_IMPL(pangu_infer, CPU, m) { m.impl("int4_native_mm", int4_native_mm); }
-TORCH_LIBRARY_IMPL(pangu_infer, Meta, m) { m.impl("int4_native_mm", int4_native_mm_meta); }
 """
 
 NATIVE_OP_ENV = "PANGU_INFER_NATIVE_OPS"
@@ -980,6 +975,11 @@ def native_op() -> bool:
             log.warning("int4 C++ operator not built (%s): compiled graphs call the Python one", str(e).splitlines()[0] if str(e) else type(e).__name__)
             return False
         torch.ops.pangu_infer.set_int4_kernel(ctypes.cast(lib.pangu_int4_mm, ctypes.c_void_p).value)
+        # The shape function in Python, as the Python operator's: it keeps a batch size symbolic
+        # (a C++ Meta kernel reading x.size(0) specialized the graph to each batch size).
+        if not _native.get("fake"):
+            torch.library.register_fake("pangu_infer::int4_native_mm")(_int4_vnni_mm_shape)
+            _native["fake"] = True
         _native["ready"] = True
     return True
 
@@ -988,7 +988,7 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     """The product as the caller's context wants it: while compiling the C++ operator where it is
     loaded (native_op), else the Python custom op; eagerly the C function directly."""
     if torch.compiler.is_compiling():
-        if _native["ready"] and os.environ.get(NATIVE_OP_ENV, "").strip().lower() not in ("0", "off", "no", "false"):
+        if _native["ready"]:
             return torch.ops.pangu_infer.int4_native_mm(x, data, sz, group_size)
         return torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group_size)
     return matmul(x.contiguous(), data, sz, group_size)
