@@ -39,8 +39,7 @@ def speed(rounds: int) -> dict[int, float]:
     from pangu_infer.native import c_compiler
     from pangu_infer.quant import cpu_int4
 
-    source, _ = cpu_int4.isa_source(2)
-    name = "int4_vnni" if source is cpu_int4.SOURCE else "int4_avx2"
+    source, name = cpu_int4.isa_source(2)  # two levels: the build's source as it is, and its name
     builds = {lv: cpu_int4.load(cpu_int4.level_source(source, lv), name + ("" if lv == 2 else "_q8"), c_compiler()) for lv in (2, 1)}
     g = torch.Generator().manual_seed(0)
     weights = []
