@@ -7,6 +7,7 @@ import torch
 
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.cli import main
+from pangu_infer.quant import cpu_int4
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,14 @@ def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_pat
     load (C++ wrapper, the tied head inside the compiled step), and the decode steps did run compiled
     and each gave the eager full forward's token wherever its top two logits are clearly apart (bf16
     logits of ~20 step by 0.125, so bits may differ from eager), with its logprob. (A step that reads
-    the KV cache wrongly gives garbage here: the tiny models' tests did not catch that once.)"""
+    the KV cache wrongly gives garbage here: the tiny models' tests did not catch that once.)
+
+    How close depends on the int4 kernel's rounding of the activations, which is per CPU by default:
+    two int8 levels move a token's logprob by at most 0.18 between two paths that round apart, and
+    flipped the top token at margins up to 0.125; one level (llama.cpp's Q8_0 rounding, the default
+    on AVX2-only CPUs) by up to 0.48, and flips up to 0.5 (5 prompts x 24 tokens, eager decode against
+    the full forward, on a Zen 1 EPYC). Garbage is off by nats either way."""
+    tol, margin = (0.25, 0.3) if cpu_int4.activation_levels() == 2 else (0.75, 0.75)
     llm = LLM(str(smollm2_gguf_path), kv_cache_memory=16 << 20)
     assert llm.wait_compiled()
     runner = llm.engine.runner
@@ -107,9 +115,9 @@ def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_pat
     eager = torch.log_softmax(llm.logits(ids), dim=-1)[len(out.prompt_token_ids) : -1]
     clear = 0
     for lp, row in zip(out.outputs[0].logprobs[1:], eager):
-        assert abs(lp.logprob - row[lp.token_id].item()) < 0.25
+        assert abs(lp.logprob - row[lp.token_id].item()) < tol
         best, second = row.topk(2).values.tolist()
-        if best - second > 0.3:
+        if best - second > margin:
             assert lp.token_id == int(row.argmax())
             clear += 1
-    assert clear >= 5
+    assert clear >= 4
