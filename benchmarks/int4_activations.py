@@ -11,9 +11,10 @@ CPUs) that is the decode step's int4 time. Two measurements:
 - precision: perplexity of pangu_infer/data/alice_ch1.txt with the demo model's GGUF kept quantized
   and every int4 product of the passage run by the kernel (PANGU_INFER_KERNEL_ROWS_INT4_VNNI set
   past the passage's length, so no product converts its weight), at each level, against the same file
-  dequantized to the default dtype.
+  dequantized to the default dtype (or --dtype), and llama.cpp's own perplexity of the same tokens
+  from the same file (its prefill and its decode path) where llama-cpp-python is installed.
 
-    .venv/bin/python benchmarks/int4_activations.py [--threads 2] [--rounds 5] [--gguf PATH]
+    .venv/bin/python benchmarks/int4_activations.py [--threads 2] [--rounds 5] [--gguf PATH] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def speed(rounds: int) -> dict[int, float]:
     return best
 
 
-def precision(path: str) -> None:
+def precision(path: str, dtype_name: str = "auto") -> None:
     import torch
 
     from pangu_infer.device import default_dtype
@@ -80,10 +81,10 @@ def precision(path: str) -> None:
     from pangu_infer.quant import cpu_int4
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from gguf_quant import perplexity
+    from gguf_quant import PASSAGE, perplexity
 
     cpu = torch.device("cpu")
-    dtype = default_dtype(cpu)
+    dtype = default_dtype(cpu) if dtype_name == "auto" else getattr(torch, dtype_name)
     rows = []
     kept = load_model(path, dtype, cpu, load_tokenizer=True, quantization="auto")
     for setting in ("int8x2", "int8"):
@@ -91,15 +92,40 @@ def precision(path: str) -> None:
         cpu_int4.library.cache_clear()
         t = time.perf_counter()
         rows.append((f"kept, int4 activations {setting}", perplexity(kept), time.perf_counter() - t))
+    ids = list(kept.tokenizer.encode(PASSAGE.read_text()))  # the tokens perplexity() scores
     del kept
     none = load_model(path, dtype, cpu, load_tokenizer=True, quantization="none")
     rows.append((f"dequantized ({str(dtype).replace('torch.', '')})", perplexity(none), 0.0))
     base = rows[-1][1]
+    rows += llama_cpp_rows(path, ids)
     print(f"\n{Path(path).name}, activations {dtype}, every int4 product through the kernel")
     print("| weights | perplexity (alice_ch1) | vs dequantized | seconds |")
     print("|---|---|---|---|")
     for name, v, s in rows:
         print(f"| {name} | {v:.3f} | {100 * (v / base - 1):+.2f}% | {s:.1f} |")
+
+
+def llama_cpp_rows(path: str, ids: list[int]) -> list[tuple[str, float, float]]:
+    """The peer: llama.cpp's perplexity of the same tokens from the same file, as its prefill
+    (batches of 512) and its decode (one token a call) compute them; none without llama-cpp-python."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        print("(llama-cpp-python not installed: no llama.cpp rows; see benchmarks/README.md)")
+        return []
+    import numpy as np
+    import torch
+
+    out = []
+    for batch in (512, 1):
+        llm = Llama(path, n_ctx=max(512, len(ids) + 8), n_batch=batch, n_threads=torch.get_num_threads(), logits_all=True, verbose=False)
+        t = time.perf_counter()
+        llm.eval(ids)
+        logits = torch.tensor(np.array(llm.scores[: len(ids)]))
+        ppl = float(torch.nn.functional.cross_entropy(logits[:-1].float(), torch.tensor(ids[1:])).exp())
+        out.append((f"llama.cpp, the same file (n_batch {batch})", ppl, time.perf_counter() - t))
+        del llm
+    return out
 
 
 def main() -> int:
@@ -108,6 +134,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--gguf", default=None, help="GGUF file for the perplexity (default: the demo model)")
     p.add_argument("--skip", default="", help="comma-separated: speed, ppl")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"), help="activations' dtype for the perplexity (default: the CPU's default dtype)")
     args = p.parse_args()
     import torch
 
@@ -118,7 +145,7 @@ def main() -> int:
     if "ppl" not in skip:
         from pangu_infer.loader import demo_model_path
 
-        precision(args.gguf or str(demo_model_path()))
+        precision(args.gguf or str(demo_model_path()), args.dtype)
     return 0
 
 

@@ -91,18 +91,20 @@ def test_agrees_with_atens_kernel_at_least_as_well_as_it_agrees_with_the_exact_p
 
 
 def _q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
-    """The one-level kernel's product in float64, written from its definition: per row and group of
-    the bf16 activations x [M, K], the step d = amax / 127 and a = round(x / d) (fp32, halves to
-    even), as llama.cpp's Q8_0 rounds them; y = sum over groups of scale d sum(q a) + (zero - 8 scale)
-    sum(x), with codes q [N, K] and the bf16-rounded scale and zero [N, K/G]."""
+    """The one-level kernel's product in float64, written from its definition: the activations as
+    llama.cpp's Q8_0 rounds them (per row and group of the bf16 x [M, K], the step d = amax / 127
+    and a = round(x / d), fp32, halves to even) times the weight (q - 8) scale + zero, with codes
+    q [N, K] and the bf16-rounded scale and zero [N, K/G]. (The rounded activations' own sum goes
+    with the zero point, as llama.cpp's Q8_1 does: the rounding's error is then sum(e w), not
+    sum(e (w - zero')), which for Q4_1-style weights is about 2.5x larger and shifts every output of
+    a row along the scales.)"""
     rows, k = x.shape
     n = q.shape[0]
     xg = x.float().view(rows, k // group, group)
     d = xg.abs().amax(-1, keepdim=True) / 127.0
     a = torch.round(xg * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
-    dots = torch.einsum("rgk,ngk->rng", a.double(), q.double().view(n, k // group, group))
-    s, z = scale.bfloat16().double(), zero.bfloat16().double()
-    return (dots * d.double().squeeze(-1)[:, None, :] * s).sum(-1) + (xg.double().sum(-1)[:, None, :] * (z - 8 * s)).sum(-1)
+    s, z = scale.bfloat16().double().repeat_interleave(group, 1), zero.bfloat16().double().repeat_interleave(group, 1)
+    return (a.double() * d.double()).view(rows, k) @ ((q.double() - 8) * s + z).T
 
 
 @pytest.mark.parametrize("n, k, group, rows", [(64, 256, 32, 1), (160, 1536, 32, 3), (48, 1024, 128, 6)])
@@ -124,6 +126,29 @@ def test_one_level_is_the_product_of_the_q8_0_rounded_activations(monkeypatch, n
     y = cpu_int4.matmul(x, data, sz, group).double()
     assert _rel(y, exact) * 2 < _rel(q8, exact)
     assert not torch.allclose(y, q8, rtol=2**-8, atol=2**-14 * q8.abs().max().item())
+
+
+def test_one_level_products_of_many_rows_convert_in_bf16_models_only(monkeypatch):
+    """With activations in one int8 level a bf16 model's products convert the weight from
+    Q8_KERNEL_MAX_ROWS rows whatever was measured (the one-level rounding costs a bf16 model more
+    than its weight in bf16); a float32 model's follow the measurement, as two levels do."""
+    from pangu_infer.quant import tuning
+
+    monkeypatch.delenv("PANGU_INFER_KERNEL_ROWS_INT4_VNNI", raising=False)
+    monkeypatch.setattr(tuning, "_cache", {})
+    monkeypatch.setattr(tuning, "cached_choice", lambda name, compute, valid: tuning.NEVER)  # "the kernel wins at every row"
+    _use_levels(monkeypatch, 1)
+    assert tuning.convert_min_rows("int4_vnni", torch.bfloat16) == tuning.Q8_KERNEL_MAX_ROWS
+    assert tuning.convert_min_rows("int4_vnni", torch.float32) == tuning.NEVER
+    tuning._cache.clear()
+    _use_levels(monkeypatch, 2)
+    assert tuning.convert_min_rows("int4_vnni", torch.bfloat16) == tuning.NEVER
+    g = torch.Generator().manual_seed(3)
+    qt = quantize(torch.randn(32, 64, generator=g), QuantizationConfig("int4", 32))
+    tuning._cache.clear()
+    _use_levels(monkeypatch, 1)
+    assert PackedWeight(qt, CPU, torch.bfloat16).convert_min_rows == tuning.Q8_KERNEL_MAX_ROWS
+    assert PackedWeight(qt, CPU, torch.float32).convert_min_rows == tuning.NEVER
 
 
 def test_an_unknown_activation_setting_is_refused_by_name(monkeypatch):

@@ -437,7 +437,11 @@ int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the
    row, the same blocks, the same rounding of each output to bf16. */
 
 /* Rows m0..m0+mm-1 of x quantized per group into one chunk's buffers (xq [2][MMAX][K], dx and
-   xs [MMAX][K/G] each). */
+   xs [MMAX][K/G] each). xs, what the zero point multiplies: with two levels the sum of x, with one
+   the sum of its rounding d a (as llama.cpp's Q8_1): the product is then exactly (d a) . w, and the
+   rounding's error sum(e w) rather than sum(e (w - zero')), about 2.5x smaller for Q4_1-style
+   weights and not shifting a row's outputs along the scales (RESULTS.md, "the one-level rounding's
+   sum"). */
 static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, int mm, int64_t K, int64_t G) {
   const int64_t ng = K / G;
   float* xs = dx + MMAX * ng;
@@ -447,15 +451,21 @@ static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, in
       float amax = 0.0f, s = 0.0f;
       for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
       const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      int32_t qs = 0;
       for (int64_t k = 0; k < G; k++) {
         const float v = bf(xr[k]) * inv, c = nearbyintf(v);
         xq[m * K + g * G + k] = (int8_t)c;
+        qs += (int32_t)c;
 #if INT4_FINE
         xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
 #endif
       }
       dx[m * ng + g] = d;
+#if INT4_FINE
       xs[m * ng + g] = s;
+#else
+      xs[m * ng + g] = d * (float)qs;
+#endif
     }
 }
 

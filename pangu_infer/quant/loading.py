@@ -190,7 +190,7 @@ class LoadHook:
 
     def _complete(self, target: str, qt: QuantizedTensor) -> None:
         """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
-        self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device)
+        self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device, self.dtype)
         self.laid_out += qt.nbytes()
 
     def _release(self, tensor: torch.Tensor) -> None:
@@ -264,7 +264,7 @@ class LoadHook:
             elif kind == "embedding":
                 _replace(model, module_name, QuantizedEmbedding(weight, self.dtype, self.device))
                 if model.lm_head is None:  # tied head: int8 shares the embedding's tensors
-                    model.lm_head = QuantizedLinear(PackedWeight(weight, self.device), None)
+                    model.lm_head = QuantizedLinear(PackedWeight(weight, self.device, self.dtype), None)
             else:
                 experts.setdefault(module_name, {})[attr] = weight
         for module_name, w in experts.items():

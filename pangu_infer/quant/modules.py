@@ -71,9 +71,10 @@ def _each_matrix(x: torch.Tensor, fn) -> torch.Tensor:
 class PackedWeight(nn.Module):
     """One quantized weight [..., N, K] (leading dims: experts) laid out for its device's kernel."""
 
-    def __init__(self, qt: QuantizedTensor, device: torch.device):
+    def __init__(self, qt: QuantizedTensor, device: torch.device, activations: Optional[torch.dtype] = None):
         super().__init__()
         self.method = qt.method
+        self.activations = activations  # the model's dtype, where known: some row choices depend on it
         self.out_features, self.in_features = qt.shape[-2], qt.shape[-1]
         self.group_size = qt.group_size
         self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
@@ -87,7 +88,7 @@ class PackedWeight(nn.Module):
         elif qt.method == "int4" and device.type == "cpu" and cpu_int4.usable(self.in_features, self.group_size):
             self.kernel = "int4_vnni"
             self._pack_int4_vnni(qt)
-            self.convert_min_rows = convert_min_rows("int4_vnni")
+            self.convert_min_rows = convert_min_rows("int4_vnni", activations)
         elif qt.method == "int4" and device.type == "cpu":
             self.kernel = "int4_cpu"
             self._pack_int4_cpu(qt)
@@ -352,7 +353,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
         for m in weights:
             # never down to a row count a batch-invariant tile runs (models/batch_invariant.RowTiledLinear)
             floor = getattr(m, "convert_min_rows_floor", 1)
-            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel)), floor)
+            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel), m.activations), floor)
             # oneDNN's packed layout, checked once per shape here rather than in a first request
             if m.kernel == "int8":
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])

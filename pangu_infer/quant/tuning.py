@@ -29,6 +29,7 @@ from typing import Optional
 
 import torch
 
+from pangu_infer.device import default_dtype
 from pangu_infer.machine import cache_path, cached_choice, interleaved_medians, machine_key, median_time
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.prefill import (
@@ -37,7 +38,7 @@ from pangu_infer.quant.prefill import (
 )
 
 NEVER = 1 << 30
-Q8_KERNEL_MAX_ROWS = 64  # rows from which a one-level int4 kernel's products convert at the latest
+Q8_KERNEL_MAX_ROWS = 64  # rows from which a one-level int4 kernel's products in bf16 models convert at the latest
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
 BENCH_N = BENCH_K = 1536
 KINDS = ("int4", "int8", "int4_vnni")
@@ -174,8 +175,11 @@ def _env_override(kind: str) -> Optional[int]:
     return rows
 
 
-def convert_min_rows(kind: str) -> int:
-    """Rows from which a CPU `kind` ("int4" | "int8" | "int4_vnni") product converts the weight to bf16."""
+def convert_min_rows(kind: str, activations: Optional[torch.dtype] = None) -> int:
+    """Rows from which a CPU `kind` ("int4" | "int8" | "int4_vnni") product converts the weight to bf16.
+
+    activations: the model's dtype (default: this CPU's default dtype); it matters only for
+    cpu_int4's kernel with activations in one int8 level (see Q8_KERNEL_MAX_ROWS)."""
     if kind not in KINDS:
         raise ValueError(f"kernel kind {kind!r}: expected one of {', '.join(KINDS)}")
     if kind == "int4" and not int4_cpu_layout_ok():
@@ -195,10 +199,13 @@ def convert_min_rows(kind: str) -> int:
         _cache[name] = cached_choice(
             name, lambda: measure(kind), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
         )
-    if kind == "int4_vnni" and cpu_int4.tag():
-        # Activations in one int8 level: the kernel stays for decode and small batches, prefills
-        # convert. Run on every row of a prefill (measured faster on an AVX2 EPYC), the one-level
-        # rounding moved the demo model's bf16 perplexity by +2.5% (tests/test_gguf_quant.py).
+    if kind == "int4_vnni" and cpu_int4.tag() and (activations or default_dtype(torch.device("cpu"))) == torch.bfloat16:
+        # Activations in one int8 level (llama.cpp's Q8_0 rounding) in a bf16 model: products of
+        # many rows convert the weight to bf16 whatever the measurement says, which costs a bf16
+        # model nothing more than its own dtype; run on every row of a prefill, the one-level rounding
+        # moved the demo model's bf16 perplexity by +0.98% (benchmarks/int4_activations.py). In a
+        # float32 model (the default on CPUs without native bf16) the kernel is the more precise
+        # of the two (+0.5% against +0.7% for the weight rounded to bf16): the measurement decides.
         return min(_cache[name], Q8_KERNEL_MAX_ROWS)
     return _cache[name]
 
