@@ -7,7 +7,6 @@ import torch
 
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.cli import main
-from pangu_infer.quant import cpu_int4
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,14 @@ def test_seeded_sampling_repeats_and_top_k_1_is_greedy(smollm):
     assert a == b
     greedy = smollm.generate("My favourite food is", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     top1 = smollm.generate("My favourite food is", SamplingParams(temperature=1.0, top_k=1, max_tokens=12, seed=1, ignore_eos=True), use_tqdm=False)
-    assert greedy[0].outputs[0].token_ids == top1[0].outputs[0].token_ids
+    # top_k keeps the tokens tied with its last survivor (as vLLM does), so top_k=1 draws among
+    # tokens tied for the top where greedy takes the lowest id; the logits are bf16-valued here (the
+    # int8 head), and ties happen. Up to the first tie the two agree, and where they part it was one.
+    g, t = greedy[0].outputs[0].token_ids, top1[0].outputs[0].token_ids
+    if g != t:
+        i = next(i for i in range(len(g)) if g[i] != t[i])
+        row = smollm.logits(greedy[0].prompt_token_ids + g[:i])[-1]
+        assert row[g[i]] == row[t[i]] == row.max(), (i, g[i], t[i], row.topk(3))
 
 
 def test_cli_generate_prints_the_completion(smollm2_gguf_path, capsys):
@@ -97,12 +103,12 @@ def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_pat
     logits of ~20 step by 0.125, so bits may differ from eager), with its logprob. (A step that reads
     the KV cache wrongly gives garbage here: the tiny models' tests did not catch that once.)
 
-    How close depends on the int4 kernel's rounding of the activations, which is per CPU by default:
-    two int8 levels move a token's logprob by at most 0.18 between two paths that round apart, and
-    flipped the top token at margins up to 0.125; one level (llama.cpp's Q8_0 rounding, the default
-    on AVX2-only CPUs) by up to 0.48, and flips up to 0.5 (5 prompts x 24 tokens, eager decode against
-    the full forward, on a Zen 1 EPYC). Garbage is off by nats either way."""
-    tol, margin = (0.25, 0.3) if cpu_int4.activation_levels() == 2 else (0.75, 0.75)
+    Between two paths that round apart (eager decode against the full forward, 5 prompts x 24
+    tokens, Zen 1 EPYC) a token's logprob moved by at most 0.18 with the int4 kernel's activations in
+    two int8 levels and 0.20 in one (the AVX2 default, llama.cpp's Q8_1 rounding), and the top token
+    flipped at margins up to 0.125. (With the one-level rounding's error once shifting whole rows,
+    0.48 and 0.5: this test failed at 0.277.) Garbage is off by nats."""
+    tol, margin = 0.25, 0.3
     llm = LLM(str(smollm2_gguf_path), kv_cache_memory=16 << 20)
     assert llm.wait_compiled()
     runner = llm.engine.runner
@@ -120,4 +126,4 @@ def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_pat
         if best - second > margin:
             assert lp.token_id == int(row.argmax())
             clear += 1
-    assert clear >= 4
+    assert clear >= 5
