@@ -546,34 +546,48 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
 }
 
 /* y [M, N] bf16 = x [M, K] bf16 times the weight; returns 0, or 1 for a shape it does not take. */
+/* Rows per tile of the weight when many activation rows are multiplied: the tile's 16-row blocks
+   (TILE_BLOCKS x 16 x K/2 bytes, 48 KB at K = 1536) stay in the core's cache while every chunk of
+   activation rows runs over them, so the weight is read from memory once per product, not once per
+   chunk of MMAX rows. */
+#define TILE_BLOCKS 4
+
 int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
                   int64_t M, int64_t N, int64_t K, int64_t G, int64_t threads) {
   if (M < 1 || N % 16 || G % 8 || G < 8 || K % G) return 1;
-  const int64_t ng = K / G, nb = N / 16;
-  int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
-  float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
+  const int64_t ng = K / G, nb = N / 16, nc = (M + MMAX - 1) / MMAX;
+  const int64_t xq_stride = 2 * MMAX * K, dx_stride = 2 * MMAX * ng;  /* one chunk's buffers */
+  int8_t* xq = (int8_t*)malloc((size_t)(nc * xq_stride));
+  float* dx = (float*)malloc(sizeof(float) * (size_t)(nc * dx_stride));
   if (!xq || !dx) { free(xq); free(dx); return 2; }
-  float* xs = dx + MMAX * ng;
-  for (int64_t m0 = 0; m0 < M; m0 += MMAX) {
-    const int mm = (int)(M - m0 < MMAX ? M - m0 : MMAX);
-    quant_chunk(x, xq, dx, m0, mm, K, G);
-    void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
-        mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
-    uint16_t* yc = y + m0 * N;
-    if (mm == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
-      const int64_t pairs = nb / 2;
-      if (threads > 1 && pairs >= 4 * threads) {
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, yc, K, G, 2 * i);
-      } else {
-        for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, yc, K, G, 2 * i);
-      }
-      if (nb % 2) rows1(xq, dx, xs, w, sz, yc, N, K, G, nb - 1);
-    } else if (threads > 1 && nb >= 4 * threads) {
+  for (int64_t c = 0; c < nc; c++)  /* every row quantized once, chunk by chunk, before the products */
+    quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, (int)(M - c * MMAX < MMAX ? M - c * MMAX : MMAX), K, G);
+  if (M == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
+    const float* xs = dx + MMAX * ng;
+    const int64_t pairs = nb / 2;
+    if (threads > 1 && pairs >= 4 * threads) {
       #pragma omp parallel for num_threads(threads) schedule(static)
-      for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
+      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
     } else {
-      for (int64_t b = 0; b < nb; b++) f(xq, dx, xs, w, sz, yc, N, K, G, b);
+      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+    }
+    if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, nb - 1);
+  } else {
+    /* tiles of the weight outside, the chunks of rows inside: each output is the same block
+       function's over the same quantized chunk as one chunk at a time, so the same bits */
+    int64_t tb = threads > 1 ? nb / (2 * threads) : TILE_BLOCKS;  /* smaller tiles where the weight is small */
+    tb = tb < 1 ? 1 : tb > TILE_BLOCKS ? TILE_BLOCKS : tb;
+    const int64_t tiles = (nb + tb - 1) / tb;
+    #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 4 * threads)
+    for (int64_t t = 0; t < tiles; t++) {
+      const int64_t b1 = (t + 1) * tb < nb ? (t + 1) * tb : nb;
+      for (int64_t c = 0; c < nc; c++) {
+        const int mm = (int)(M - c * MMAX < MMAX ? M - c * MMAX : MMAX);
+        void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
+            mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
+        const float* dc = dx + c * dx_stride;
+        for (int64_t b = t * tb; b < b1; b++) f(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, N, K, G, b);
+      }
     }
   }
   free(xq);
