@@ -434,7 +434,7 @@ def test_quantized_weights_retuned_later_never_convert_within_a_tile(name, monke
     weight = wrapped.inner.weight
     monkeypatch.setattr(prefill, "prepare", lambda: None)
     monkeypatch.setattr(prefill, "packed_layout_ok", lambda *a: False)
-    monkeypatch.setattr(modules, "convert_min_rows", lambda kind: 2)  # a retune that says "convert from 2 rows"
+    monkeypatch.setattr(modules, "convert_min_rows", lambda kind, activations=None: 2)  # a retune that says "convert from 2 rows"
     assert modules.prepare_prefill(model) is None
     assert weight.convert_min_rows > wrapped.tile, (weight.convert_min_rows, wrapped.extra_repr())
     x = torch.randn(2 * wrapped.tile + 1, 1536, generator=torch.Generator().manual_seed(4)).bfloat16()
