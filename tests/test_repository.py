@@ -9,8 +9,10 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# A folder named "shared" next to the repository exists on developer machines only.
-_SIBLING = re.compile(r"(\.\./|[^a-z_])" + "shared" + r"/|parents\[\d\]\s*/\s*[\"']" + "shared")
+# A folder beside the repository exists on developer machines only; its name is spelled in pieces
+# so that this file itself never names the path it guards against.
+_NAME = "sha" + "red"
+_SIBLING = re.compile(r"(\.\./|[^a-z_])" + _NAME + r"/|parents\[\d\]\s*/\s*[\"']" + _NAME)
 
 
 def test_no_file_reads_a_sibling_shared_folder():
@@ -29,9 +31,9 @@ def test_no_file_reads_a_sibling_shared_folder():
 
 
 def test_the_pattern_catches_what_it_should():
-    assert _SIBLING.search('Path(__file__).parents[2] / "shared" / "models"')
-    assert _SIBLING.search("see ../" + "shared/docs/architecture.md")
-    assert not _SIBLING.search("shared_expert.gate_proj")
+    assert _SIBLING.search(f'Path(__file__).parents[2] / "{_NAME}" / "models"')
+    assert _SIBLING.search(f"see ../{_NAME}/docs/architecture.md")
+    assert not _SIBLING.search(f"{_NAME}_expert.gate_proj")
 
 
 def test_distribution_installs_pangu_infer_only():
