@@ -560,8 +560,9 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   int8_t* xq = (int8_t*)malloc((size_t)(nc * xq_stride));
   float* dx = (float*)malloc(sizeof(float) * (size_t)(nc * dx_stride));
   if (!xq || !dx) { free(xq); free(dx); return 2; }
+#define CHUNK_ROWS(c) ((int)(M - (c) * MMAX < MMAX ? M - (c) * MMAX : MMAX))  /* rows of chunk c */
   for (int64_t c = 0; c < nc; c++)  /* every row quantized once, chunk by chunk, before the products */
-    quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, (int)(M - c * MMAX < MMAX ? M - c * MMAX : MMAX), K, G);
+    quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, CHUNK_ROWS(c), K, G);
   if (M == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
     const float* xs = dx + MMAX * ng;
     const int64_t pairs = nb / 2;
@@ -582,7 +583,7 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
     for (int64_t t = 0; t < tiles; t++) {
       const int64_t b1 = (t + 1) * tb < nb ? (t + 1) * tb : nb;
       for (int64_t c = 0; c < nc; c++) {
-        const int mm = (int)(M - c * MMAX < MMAX ? M - c * MMAX : MMAX);
+        const int mm = CHUNK_ROWS(c);
         void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
             mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
         const float* dc = dx + c * dx_stride;
@@ -590,6 +591,7 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
       }
     }
   }
+#undef CHUNK_ROWS
   free(xq);
   free(dx);
   return 0;
