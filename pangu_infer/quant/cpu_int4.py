@@ -336,7 +336,7 @@ static inline __attribute__((always_inline)) void block8(
 }
 
 /* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves. */
-static void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+static inline __attribute__((always_inline)) void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
                   uint16_t* y, int64_t K, int64_t G, int64_t b) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
@@ -373,21 +373,26 @@ static void row16(const int8_t* xq, const float* dx, const float* xs, const uint
   for (int d = 0; d < 16; d++) y[b * 16 + d] = tobf(t[d]);
 }
 
+/* CALL_G(f, ..., G, ...): f with the group size a constant where it is 32 (GGUF's Q4_0 and Q4_1 blocks,
+   this engine's default): the compiler then unrolls a group's 4 octets and keeps its sums in
+   registers, 1.2-1.3x faster products of 2-64 rows on Zen 1 (RESULTS.md, "a constant group").
+   The same arithmetic in the same order either way: the same bits. */
+#define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
-  block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, b, 0); block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, b, 1); }
+  for (int h = 0; h < 2; h++) \
+    CALL_G(block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, b, h), block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, b, h)); }
 ROWS(2) ROWS(3) ROWS(4)
 static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
                   uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) {
   (void)ldy;
-  row16(xq, dx, xs, w, sz, y, K, G, b);
+  CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, b), row16(xq, dx, xs, w, sz, y, K, G, b));
 }
 
 /* One activation row, blocks b and b + 1 (the AVX-512 kernel's pair; here one block after the other). */
 static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
                    const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t b) {
-  row16(xq, dx, xs, w, sz, y, K, G, b);
-  row16(xq, dx, xs, w, sz, y, K, G, b + 1);
+  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, i), row16(xq, dx, xs, w, sz, y, K, G, i));
 }
 
 /* W^T [K, N] bf16 from the layout, as the AVX-512 build's: q * scale + (zero - 8 scale) in fp32, one
