@@ -5,6 +5,9 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
   has it). Activations go in as
   bf16 even for fp32 models: the fp32 path of the kernel is several times slower on CPU, and bf16
   rounding of activations (2^-9) is below int8's own error (2^-8).
+- int8 on x86 CPUs with AVX2, where it was measured faster: this package's own kernel
+  (pangu_infer.quant.cpu_int8, the same weight and scales; activations in 15-bit integers per row,
+  exact integer sums, float32 out; `PANGU_INFER_INT8_KERNEL=aten` turns it off).
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
   (fp32 ones are several times slower). It needs N % 16 == 0: other row counts are zero-padded at load.
@@ -30,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pangu_infer.quant import amx, cpu_int4
+from pangu_infer.quant import amx, cpu_int4, cpu_int8
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
 from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product, weight_product
@@ -81,6 +84,8 @@ class PackedWeight(nn.Module):
         self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per kind by prepare_prefill)
         if qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
+            # fewer rows than convert_min_rows: quant/cpu_int8.py's kernel where it was measured faster
+            self.own_int8 = device.type == "cpu" and cpu_int8.usable(self.in_features)
             if device.type == "cpu":
                 self.convert_min_rows = convert_min_rows("int8")
             self.register_buffer("data", _aligned(qt.qweight.to(device)))
@@ -203,6 +208,9 @@ class PackedWeight(nn.Module):
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
             w_t = int4_to_bf16(data, self.group_size, scales)
             y = weight_product(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features], True)
+        elif self.kernel == "int8" and getattr(self, "own_int8", False):
+            # x in its own dtype (float32 models keep their activations); float32 out
+            y = cpu_int8.product(x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float(), data, scales)
         elif self.kernel == "int8":
             y = torch.ops.aten._weight_int8pack_mm(xk, data, scales)
         elif self.kernel == "int4_cpu":

@@ -31,7 +31,7 @@ import torch
 
 from pangu_infer.device import default_dtype
 from pangu_infer.machine import cache_path, cached_choice, interleaved_medians, machine_key, median_time
-from pangu_infer.quant import cpu_int4
+from pangu_infer.quant import cpu_int4, cpu_int8
 from pangu_infer.quant.prefill import (
     dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_product, int8_product, packed_enabled,
     packed_layout_ok, ready, weight_product,
@@ -85,9 +85,10 @@ def measure(kind: str) -> int:
             return NEVER
         w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
         s8 = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
+        own = cpu_int8.usable(k)  # the kernel few-row products run here (quant/modules.py)
 
         def kernel(x):
-            return torch.ops.aten._weight_int8pack_mm(x, w8, s8)
+            return cpu_int8.matmul(x, w8, s8) if own else torch.ops.aten._weight_int8pack_mm(x, w8, s8)
 
         def convert(x):
             return int8_product(x, w8, s8)
@@ -191,7 +192,9 @@ def convert_min_rows(kind: str, activations: Optional[torch.dtype] = None) -> in
     # different row counts); the compiled one is measured once it is built (prefill.prepare).
     # cpu_int4's conversion is its library's own C loop from the start.
     # cpu_int4's own kernel per build (cpu_int4.tag(): its activations' levels).
-    name = f"{kind}{cpu_int4.tag() if kind == 'int4_vnni' else ''}_convert_min_rows" + ("_compiled" if ready() and kind != "int4_vnni" else "")
+    # cpu_int8's kernel apart from aten's (it crosses the conversion at other rows).
+    tag = cpu_int4.tag() if kind == "int4_vnni" else "_own" if kind == "int8" and cpu_int8.usable(BENCH_K) else ""
+    name = f"{kind}{tag}_convert_min_rows" + ("_compiled" if ready() and kind != "int4_vnni" else "")
     # and apart again for the conversions into oneDNN's packed layout (prefill.py), cheaper still
     if kind != "int4" and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
         name += "_packed"
