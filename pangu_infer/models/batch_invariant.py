@@ -259,8 +259,9 @@ def inline_rows(inner: nn.Module, tile: int) -> int:
     opaque. That holds for
     - PackedLinear: its forward is the registered pangu_infer::packed_linear op;
     - the quantized linears with the own int4 kernel (the registered pangu_infer::int4_vnni_mm op)
-      or the int8 kernel (aten::_weight_int8pack_mm, which inductor lowers to a call of the same
-      aten kernel unless max-autotune is on), below the row count where they convert the weight
+      or the int8 kernel (quant/cpu_int8.py's registered pangu_infer::int8_own_mm op where it runs,
+      else aten::_weight_int8pack_mm, which inductor lowers to a call of the same aten kernel
+      unless max-autotune is on), below the row count where they convert the weight
       to bf16 instead (the conversion may be inductor's own loop when compiled).
     Any other module (plain nn.Linear, which inductor may lower to other code) keeps the callback."""
     from pangu_infer.models.packed import PackedLinear
