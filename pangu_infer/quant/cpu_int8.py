@@ -22,9 +22,9 @@ outputs.
 
 Built once per machine like pangu_infer/quant/cpu_int4.py (`$CC`, else `cc`/`gcc`, -march=native,
 into ~/.cache/pangu-infer/), loaded with ctypes, and used where it beat aten's kernel in a short
-measurement made once per machine (one-row products over 32 MB of int8 weights, interleaved; key
-`int8_decode_kernel` of pangu_infer.quant.tuning's cache). `PANGU_INFER_INT8_KERNEL=aten` turns it
-off, `=own` uses it unmeasured. Inside a compiled step it is the operator `pangu_infer::int8_own_mm`,
+measurement made once per machine (one-row products over 32 MB of int8 weights, medians of
+interleaved passes; key `int8_decode_kernel` of pangu_infer.quant.tuning's cache).
+`PANGU_INFER_INT8_KERNEL=aten` turns it off, `=own` uses it unmeasured. Inside a compiled step it is the operator `pangu_infer::int8_own_mm`,
 opaque to inductor; eagerly the C function is called directly.
 """
 
@@ -40,7 +40,7 @@ from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cached_choice
+from pangu_infer.machine import cached_choice, interleaved_medians
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
 log = logging.getLogger(__name__)
@@ -232,9 +232,7 @@ MEASURE_N, MEASURE_K, MEASURE_COUNT = 2048, 2048, 8  # 32 MB of int8: beyond the
 
 
 def measure() -> dict[str, float]:
-    """Seconds for one-row products over MEASURE_COUNT weights, each kernel (best of interleaved passes)."""
-    import time
-
+    """Seconds for one-row products over MEASURE_COUNT weights, each kernel (medians of interleaved passes)."""
     g = torch.Generator().manual_seed(0)
     weights = [
         (torch.randint(-127, 128, (MEASURE_N, MEASURE_K), dtype=torch.int8, generator=g),
@@ -242,20 +240,11 @@ def measure() -> dict[str, float]:
         for _ in range(MEASURE_COUNT)
     ]
     x = torch.randn(1, MEASURE_K, generator=g).to(torch.bfloat16)
-    runs = {
-        "own": lambda: [matmul(x, w, s) for w, s in weights],
-        "aten": lambda: [torch.ops.aten._weight_int8pack_mm(x, w, s) for w, s in weights],
-    }
-    best = {name: float("inf") for name in runs}
     with torch.inference_mode():
-        for fn in runs.values():
-            fn()  # warm-up
-        for _ in range(5):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+        return interleaved_medians({
+            "own": lambda: [matmul(x, w, s) for w, s in weights],
+            "aten": lambda: [torch.ops.aten._weight_int8pack_mm(x, w, s) for w, s in weights],
+        })
 
 
 @functools.lru_cache(maxsize=None)
