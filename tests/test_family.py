@@ -420,6 +420,36 @@ def test_mtp_layer_after_the_last_is_skipped_with_a_log_line(tiny_ultra_config, 
 # Quantization (experts included) and expert offload
 
 
+# How far int8 products can move a router's choice scores (sigmoid, plus the selection bias): the
+# router logits of R-72B's first MoE layer were 0.023 apart between two int8 kernels (aten's and
+# quant/cpu_int8.py's), times sigmoid's slope (at most 1/4).
+ROUTING_TIE = 0.006
+
+
+def _untied_prefix(model, ids: list[int]) -> int:
+    """Tokens before the first one whose expert choice, in some MoE layer of `model`, is within
+    ROUTING_TIE of a tie (k-th and (k+1)-th choice scores): past it a quantized copy may route
+    otherwise by its rounding alone (causal attention carries that to the later tokens)."""
+    margins = []
+
+    def hook(block, inputs, logits):
+        choice = torch.sigmoid(logits.float())
+        if block.e_score_correction_bias is not None:
+            choice = choice + block.e_score_correction_bias.float()
+        top = choice.sort(-1, descending=True).values
+        margins.append(top[:, block.top_k - 1] - top[:, block.top_k])
+
+    blocks = [m for m in model.modules() if hasattr(m, "route") and hasattr(m, "gate")]
+    handles = [b.gate.register_forward_hook(lambda mod, i, o, b=b: hook(b, i, o)) for b in blocks]
+    try:
+        _logits(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    tied = (torch.stack(margins).min(0).values < ROUTING_TIE).nonzero()
+    return int(tied[0]) if len(tied) else len(ids)
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("kind", ["r72b", "ultra"])
 def test_quantized_family_model_stays_close_to_float_with_quantized_experts(kind, method, request):
@@ -437,7 +467,14 @@ def test_quantized_family_model_stays_close_to_float_with_quantized_experts(kind
     out, want = _logits(q.model, R72B_IDS), _logits(ref, R72B_IDS)
     # int8 ~3% of the logit range (measured 2.6-2.8%); int4 (16 levels a group, the embedding too)
     # 37% (R-72B) and 57% (Ultra: a routing flip or two in 3 tiny layers), cosine 0.90 and 0.78.
+    # int8 is compared up to the first token the float model routes within ROUTING_TIE of a tie
+    # (R-72B's token 7: 0.0017 apart, chosen otherwise by one int8 kernel's rounding and not another's;
+    # the tiny models' margins are 0.002-0.22).
     max_rel, cosine = {"int8": (0.08, 0.99), "int4": (0.7, 0.7)}[method]
+    if method == "int8":
+        n = _untied_prefix(ref, R72B_IDS)
+        assert n >= 5, n  # enough tokens left to mean something
+        out, want = out[:n], want[:n]
     assert (out - want).abs().max() <= max_rel * want.abs().max()
     assert F.cosine_similarity(out, want, dim=-1).min() >= cosine
     held = sum(t.numel() * t.element_size() for t in q.model.parameters())
