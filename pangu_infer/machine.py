@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import platform
 import statistics
@@ -102,6 +103,21 @@ def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], 
     return value
 
 
+def own_kernel_measured_faster(name: str, measure: Callable[[], dict[str, float]], what: str) -> bool:
+    """Does this package's kernel ("own") beat aten's here: `measure()` -> seconds {"own", "aten"},
+    run once per machine and kept under `name` (cached_choice); the choice is logged as `what`."""
+
+    def measured() -> str:
+        times = measure()
+        value = "own" if times["own"] < times["aten"] else "aten"
+        logging.getLogger("pangu_infer.machine").info(
+            "%s: %s (own %.2f ms, aten %.2f ms)", what, value, times["own"] * 1e3, times["aten"] * 1e3
+        )
+        return value
+
+    return cached_choice(name, measured, lambda v: v in ("own", "aten")) == "own"
+
+
 def median_time(fn: Callable[[], Any], reps: int = 3, warmup: int = 1) -> float:
     """Median seconds of `reps` calls of fn after `warmup` calls."""
     for _ in range(warmup):
@@ -138,4 +154,4 @@ def env_choice(var: str, choices: tuple[str, ...]) -> Optional[str]:
     return value
 
 
-__all__ = ["cache_path", "cache_root", "cached_choice", "env_choice", "interleaved_medians", "machine_key", "median_time"]
+__all__ = ["cache_path", "cache_root", "cached_choice", "env_choice", "interleaved_medians", "machine_key", "median_time", "own_kernel_measured_faster"]

@@ -50,7 +50,7 @@ from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cached_choice
+from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant.c_simd import INT4_OCTET
 from pangu_infer.quant.scratch import scratch
@@ -759,14 +759,7 @@ def chosen() -> bool:
         return True
     if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int4pack_mm_for_cpu", "CPU"):
         return True
-    def measured() -> str:
-        times = measure()
-        value = "own" if times["own"] < times["aten"] else "aten"
-        log.info("int4 decode kernel: %s (own %.2f ms, aten %.2f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
-        return value
-
-    value = cached_choice("int4_decode_kernel" + tag(), measured, lambda v: v in ("own", "aten"))
-    return value == "own"
+    return own_kernel_measured_faster("int4_decode_kernel" + tag(), measure, "int4 decode kernel")
 
 
 # ------------------------------------------------------------------------------------ layout

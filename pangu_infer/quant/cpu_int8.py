@@ -24,8 +24,9 @@ Built once per machine like pangu_infer/quant/cpu_int4.py (`$CC`, else `cc`/`gcc
 into ~/.cache/pangu-infer/), loaded with ctypes, and used where it beat aten's kernel in a short
 measurement made once per machine (one-row products over 32 MB of int8 weights, medians of
 interleaved passes; key `int8_decode_kernel` of pangu_infer.quant.tuning's cache).
-`PANGU_INFER_INT8_KERNEL=aten` turns it off, `=own` uses it unmeasured. Inside a compiled step it is the operator `pangu_infer::int8_own_mm`,
-opaque to inductor; eagerly the C function is called directly.
+`PANGU_INFER_INT8_KERNEL=aten` turns it off, `=own` uses it unmeasured. Inside a compiled step it
+is the operator `pangu_infer::int8_own_mm`, opaque to inductor; eagerly the C function is called
+directly.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Optional
 
 import torch
 
-from pangu_infer.machine import cached_choice, interleaved_medians
+from pangu_infer.machine import interleaved_medians, own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def forced() -> bool:
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then aten's int8 kernel runs)."""
-    if disabled() or platform.machine() not in ("x86_64", "AMD64") or not {"avx2"} <= cpu_flags():
+    if disabled() or platform.machine() not in ("x86_64", "AMD64") or "avx2" not in cpu_flags():
         return None
     compiler = c_compiler()
     if not compiler:
@@ -254,14 +255,7 @@ def chosen() -> bool:
         return False
     if forced() or not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CPU"):
         return True
-
-    def measured() -> str:
-        times = measure()
-        value = "own" if times["own"] < times["aten"] else "aten"
-        log.info("int8 kernel: %s (own %.2f ms, aten %.2f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
-        return value
-
-    return cached_choice("int8_decode_kernel", measured, lambda v: v in ("own", "aten")) == "own"
+    return own_kernel_measured_faster("int8_decode_kernel", measure, "int8 kernel")
 
 
 def usable(in_features: int) -> bool:

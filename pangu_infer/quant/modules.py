@@ -208,7 +208,7 @@ class PackedWeight(nn.Module):
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
             w_t = int4_to_bf16(data, self.group_size, scales)
             y = weight_product(xk, w_t if w_t.shape[1] == self.out_features else w_t[:, : self.out_features], True)
-        elif self.kernel == "int8" and getattr(self, "own_int8", False) and data.is_contiguous():
+        elif self.kernel == "int8" and self.own_int8 and data.is_contiguous():
             # x in its own dtype (float32 models keep their activations); float32 out
             y = cpu_int8.product(x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float(), data, scales)
         elif self.kernel == "int8":
