@@ -167,6 +167,30 @@ def test_logprobs_are_the_log_softmax_of_the_model(llm):
     assert abs(comp.cumulative_logprob - sum(lp.logprob for lp in comp.logprobs)) < 1e-5
 
 
+@pytest.mark.parametrize("form", ["kernel", "torch"])
+def test_decode_attention_forms_give_the_full_forwards_tokens_and_logprobs(llm, form, monkeypatch):
+    """Decode attention by the C kernel reading the paged cache in place (the default where it is
+    the faster form, models/bi_attention_kernel.py) and by gathered K/V and two products: sequences
+    of 1 to 300 tokens decoding together (padded to the longest context, masked), each token the
+    full forward's argmax with its log-softmax."""
+    from pangu_infer.models import bi_attention_kernel
+    from pangu_infer.models.layers import DECODE_ATTENTION_ENV
+
+    if form == "kernel" and not bi_attention_kernel.available():
+        pytest.skip("no C compiler or no AVX2 here: the kernel does not run")
+    monkeypatch.setenv(DECODE_ATTENTION_ENV, form)
+    prompts = mixed_prompts(llm.config.vocab_size, count=8, seed=21)
+    params = SamplingParams(temperature=0, max_tokens=5, logprobs=2, ignore_eos=True)
+    outs, engine = run(llm, prompts, params, kv_cache_memory=8 << 20)
+    assert engine.runner.decode_kernel == [form == "kernel"] * len(engine.runner.attention_layers)
+    for prompt, out in zip(prompts, outs):
+        seq = list(prompt)
+        for lp in out.outputs[0].logprobs:
+            ref = torch.log_softmax(llm.logits(seq)[-1], dim=-1)
+            assert lp.token_id == int(ref.argmax()) and abs(lp.logprob - ref[lp.token_id].item()) < 1e-4
+            seq.append(lp.token_id)
+
+
 def test_stop_strings_cut_the_output(llm):
     full = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)[0].outputs[0]
     stop = full.text[3:6]

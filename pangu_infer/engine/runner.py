@@ -23,7 +23,8 @@ from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice
+from pangu_infer.models import bi_attention_kernel
+from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice, decode_kernel_chosen
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -96,6 +97,7 @@ class ModelRunner:
         shapes = [m.cache_shapes(slots + (block_size if compile_ else 0)) for m in self.attention_layers]
         self.k_caches = [torch.empty(k, dtype=kv_dtype, device=device) for k, _ in shapes]
         self.v_caches = [None if v is None else torch.empty(v, dtype=kv_dtype, device=device) for _, v in shapes]
+        self.decode_kernel = self._choose_decode_attention(kv_dtype)
         # The model's binding state. A token, not the runner, marks the bound cache, so that a
         # bound runner can still be collected (and unbinds then).
         self._binding = model.__dict__.setdefault("_kv_binding", _Binding())
@@ -125,6 +127,18 @@ class ModelRunner:
             args=(self._build_compiled, max_context, range(slots, slots + block_size)),
             name="pangu-infer-compile", daemon=True,
         ).start()
+
+    def _choose_decode_attention(self, kv_dtype: torch.dtype) -> list[bool]:
+        """Each layer's decode attention: True for the C kernel over the paged cache, where it takes
+        the layer and is the faster form here (layers.decode_kernel_chosen), else gathered K/V and
+        two products. The batch-invariant mode calls its own kernel."""
+        takes = [
+            not self.batch_invariant and self.device.type == "cpu" and m.sinks(kv_dtype) is None
+            and bi_attention_kernel.usable(torch.empty(0, m.num_heads, m.head_dim, dtype=kv_dtype), k, v)
+            for m, k, v in zip(self.attention_layers, self.k_caches, self.v_caches)
+        ]
+        chosen = any(takes) and decode_kernel_chosen(kv_dtype)
+        return [chosen and t for t in takes]
 
     def _build_compiled(self, max_context: int, scratch: range) -> None:
         start = time.perf_counter()
@@ -217,9 +231,10 @@ class ModelRunner:
         if state.token is not self._token:
             while state.pinned is not None and state.pinned is not self._token:
                 state.released.wait()
-            for layer, k, v in zip(self.attention_layers, self.k_caches, self.v_caches):
+            for layer, k, v, kernel in zip(self.attention_layers, self.k_caches, self.v_caches, self.decode_kernel):
                 # Straight into __dict__: nn.Module.__setattr__ is slow, and this runs per layer per step.
                 layer.__dict__["k_cache"], layer.__dict__["v_cache"] = k, v
+                layer.__dict__["decode_kernel"] = kernel
             state.token = self._token
 
     def run(

@@ -49,7 +49,10 @@ ENV = "PANGU_INFER_BI_ATTENTION"
 MAX_HEAD_DIM = 256
 MAX_GROUP = 16
 
-SOURCE = r"""
+# The kernel is written once (BODY) over a 16-lane fp32 vector `vec` and a few operations on it;
+# each instruction set gives its own (AVX512: one __m512; AVX2: two __m256, lane for lane the same
+# arithmetic in the same order, so the two builds give the same bits).
+_COMMON = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +60,29 @@ SOURCE = r"""
 
 #define MAXD 256
 #define MAXG 16
+"""
+
+AVX512 = r"""
+typedef __m512 vec;
+typedef __mmask16 vmask;
+static inline vec v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vec v_zero(void) { return _mm512_setzero_ps(); }
+static inline vec v_add(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec v_sub(vec a, vec b) { return _mm512_sub_ps(a, b); }
+static inline vec v_mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
+static inline vec v_div(vec a, vec b) { return _mm512_div_ps(a, b); }
+static inline vec v_max(vec a, vec b) { return _mm512_max_ps(a, b); }
+static inline vec v_fmadd(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec v_load(const float* p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float* p, vec x) { _mm512_storeu_ps(p, x); }
+/* lanes of x where bit i of live is set, else those of s */
+static inline vec v_select(vec s, unsigned live, vec x) { return _mm512_mask_mov_ps(s, (__mmask16)live, x); }
+static inline float v_reduce_max(vec x) { return _mm512_reduce_max_ps(x); }
+static inline float v_reduce_add(vec x) { return _mm512_reduce_add_ps(x); }
+static inline vmask v_ge(vec a, vec b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+static inline vec v_round(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vec v_scale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* p 2^n, n an integer */
+static inline vec v_keep(vmask keep, vec x) { return _mm512_maskz_mov_ps(keep, x); }
 
 /* 16 lanes rounded to bf16, to nearest even as torch does (NaN stays NaN) */
 static inline void store_bf16(uint16_t* dst, __m512 x) {
@@ -71,24 +97,6 @@ static inline void store_bf16(uint16_t* dst, __m512 x) {
 static inline __m512 load16(const void* p, int f32) {
   if (f32) return _mm512_loadu_ps((const float*)p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-/* 2^x for x <= 0: x = n + f, f in [-1/2, 1/2], 2^f by its Taylor polynomial of degree 7
-   (relative error below 1e-8), scaled by 2^n; below -126 exactly 0 (and -inf gives 0). */
-static inline __m512 exp2_neg(__m512 x) {
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_GE_OQ);
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.5252733804059841e-05f);           /* ln2^7 / 7! */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381609e-04f)); /* ln2^6 / 6! */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-03f)); /* ln2^5 / 5! */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f)); /* ln2^4 / 4! */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f)); /* ln2^3 / 3! */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f)); /* ln2^2 / 2! */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f)); /* ln2 */
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
 }
 
 /* r[i] = the sum of the 16 lanes of a[i], i = 0..15, for all 16 at once: the same tree of adds
@@ -107,6 +115,135 @@ static inline __m512 reduce16(const __m512 a[16]) {
   const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
   /* e0: quarters (c0: 0+1, 2+3; c1: 0+1, 2+3); e1 the same for c2, c3 */
   return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
+}
+"""
+
+AVX2 = r"""
+/* 16 lanes as two halves: lo = lanes 0..7, hi = lanes 8..15 */
+typedef struct { __m256 lo, hi; } vec;
+typedef vec vmask;
+#define V2(f, a, b) { f((a).lo, (b).lo), f((a).hi, (b).hi) }
+static inline vec v_set1(float x) { const vec r = {_mm256_set1_ps(x), _mm256_set1_ps(x)}; return r; }
+static inline vec v_zero(void) { const vec r = {_mm256_setzero_ps(), _mm256_setzero_ps()}; return r; }
+static inline vec v_add(vec a, vec b) { const vec r = V2(_mm256_add_ps, a, b); return r; }
+static inline vec v_sub(vec a, vec b) { const vec r = V2(_mm256_sub_ps, a, b); return r; }
+static inline vec v_mul(vec a, vec b) { const vec r = V2(_mm256_mul_ps, a, b); return r; }
+static inline vec v_div(vec a, vec b) { const vec r = V2(_mm256_div_ps, a, b); return r; }
+static inline vec v_max(vec a, vec b) { const vec r = V2(_mm256_max_ps, a, b); return r; }
+static inline vec v_fmadd(vec a, vec b, vec c) {
+  const vec r = {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
+  return r;
+}
+static inline vec v_load(const float* p) { const vec r = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; return r; }
+static inline void v_store(float* p, vec x) { _mm256_storeu_ps(p, x.lo); _mm256_storeu_ps(p + 8, x.hi); }
+static inline __m256 lane_bits(unsigned bits) {  /* all ones in lane i where bit i is set */
+  const __m256i b = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)bits), b), b));
+}
+static inline vec v_select(vec s, unsigned live, vec x) {
+  const vec r = {_mm256_blendv_ps(s.lo, x.lo, lane_bits(live & 0xff)), _mm256_blendv_ps(s.hi, x.hi, lane_bits(live >> 8))};
+  return r;
+}
+static inline float v_reduce_max(vec x) {  /* exact in any order */
+  float t[8];
+  _mm256_storeu_ps(t, _mm256_max_ps(x.lo, x.hi));
+  float m = t[0];
+  for (int i = 1; i < 8; i++) m = t[i] > m ? t[i] : m;
+  return m;
+}
+/* the order of GCC's _mm512_reduce_add_ps: the halves, their 128-bit halves, lanes (0+2, 1+3), then the two */
+static inline float v_reduce_add(vec x) {
+  const __m256 t3 = _mm256_add_ps(x.hi, x.lo);
+  const __m128 t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+  const __m128 t8 = _mm_add_ps(t6, _mm_shuffle_ps(t6, t6, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(t8) + _mm_cvtss_f32(_mm_shuffle_ps(t8, t8, 1));
+}
+static inline vmask v_ge(vec a, vec b) {
+  const vec r = {_mm256_cmp_ps(a.lo, b.lo, _CMP_GE_OQ), _mm256_cmp_ps(a.hi, b.hi, _CMP_GE_OQ)};
+  return r;
+}
+static inline vec v_round(vec x) {
+  const vec r = {_mm256_round_ps(x.lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC),
+                 _mm256_round_ps(x.hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)};
+  return r;
+}
+static inline __m256 pow2(__m256 n) {  /* 2^n for an integer n in [-126, 127] */
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+/* p 2^n, n an integer in [-126, 0]: one rounding of the exact product, as AVX-512's scalef */
+static inline vec v_scale2(vec p, vec n) { const vec r = {_mm256_mul_ps(p.lo, pow2(n.lo)), _mm256_mul_ps(p.hi, pow2(n.hi))}; return r; }
+static inline vec v_keep(vmask keep, vec x) { const vec r = V2(_mm256_and_ps, keep, x); return r; }
+
+static inline __m128i bf16_8(__m256 x) {  /* 8 lanes rounded to bf16, to nearest even (NaN stays NaN) */
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64)), nan);
+  /* 8 words 0..0xFFFF: packus per 128-bit lane, then the two lanes' low halves together */
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
+}
+static inline void store_bf16(uint16_t* dst, vec x) {
+  _mm_storeu_si128((__m128i*)dst, bf16_8(x.lo));
+  _mm_storeu_si128((__m128i*)(dst + 8), bf16_8(x.hi));
+}
+
+static inline __m256 bf8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+static inline vec load16(const void* p, int f32) {
+  if (f32) return v_load((const float*)p);
+  const vec r = {bf8((const uint16_t*)p), bf8((const uint16_t*)p + 8)};
+  return r;
+}
+
+/* AVX-512's reduce16, the same tree of adds: within each 128-bit quarter as there (unpacks work
+   per 128-bit lane), then quarters 0+1 (the lo half's two lanes) plus quarters 2+3 (the hi half's). */
+static inline void quarters(const __m256 a[16], __m256 c[4]) {
+  for (int i = 0; i < 4; i++) {
+    __m256 b[2];
+    for (int k = 0; k < 2; k++) {
+      const __m256 x = a[4 * i + 2 * k], y = a[4 * i + 2 * k + 1];
+      b[k] = _mm256_add_ps(_mm256_unpacklo_ps(x, y), _mm256_unpackhi_ps(x, y));
+    }
+    const __m256d x = _mm256_castps_pd(b[0]), y = _mm256_castps_pd(b[1]);
+    c[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+}
+static inline vec reduce16(const vec a[16]) {
+  __m256 lo[16], hi[16], cl[4], ch[4], s[4];
+  for (int i = 0; i < 16; i++) { lo[i] = a[i].lo; hi[i] = a[i].hi; }
+  quarters(lo, cl);  /* cl[i], 128-bit lane q (quarter q), position p: quarter q's sum of a[4i + p] */
+  quarters(hi, ch);  /* the same for quarters 2 and 3 */
+  /* quarters 0+1 and 2+3 of a[4i + p], i = 0..3, then their sum */
+  for (int i = 0; i < 4; i++) {
+    const __m128 q01 = _mm_add_ps(_mm256_castps256_ps128(cl[i]), _mm256_extractf128_ps(cl[i], 1));
+    const __m128 q23 = _mm_add_ps(_mm256_castps256_ps128(ch[i]), _mm256_extractf128_ps(ch[i], 1));
+    s[i] = _mm256_castps128_ps256(_mm_add_ps(q01, q23));
+  }
+  const vec r = {_mm256_insertf128_ps(s[0], _mm256_castps256_ps128(s[1]), 1), _mm256_insertf128_ps(s[2], _mm256_castps256_ps128(s[3]), 1)};
+  return r;
+}
+"""
+
+BODY = r"""
+/* 2^x for x <= 0: x = n + f, f in [-1/2, 1/2], 2^f by its Taylor polynomial of degree 7
+   (relative error below 1e-8), scaled by 2^n; below -126 exactly 0 (and -inf gives 0). */
+static inline vec exp2_neg(vec x) {
+  const vec lim = v_set1(-126.0f);
+  const vmask keep = v_ge(x, lim);
+  x = v_max(x, lim);
+  const vec n = v_round(x);
+  const vec f = v_sub(x, n);
+  vec p = v_set1(1.5252733804059841e-05f);                  /* ln2^7 / 7! */
+  p = v_fmadd(p, f, v_set1(1.5403530393381609e-04f)); /* ln2^6 / 6! */
+  p = v_fmadd(p, f, v_set1(1.3333558146428443e-03f)); /* ln2^5 / 5! */
+  p = v_fmadd(p, f, v_set1(9.6181291076284772e-03f)); /* ln2^4 / 4! */
+  p = v_fmadd(p, f, v_set1(5.5504108664821580e-02f)); /* ln2^3 / 3! */
+  p = v_fmadd(p, f, v_set1(2.4022650695910071e-01f)); /* ln2^2 / 2! */
+  p = v_fmadd(p, f, v_set1(6.9314718055994531e-01f)); /* ln2 */
+  p = v_fmadd(p, f, v_set1(1.0f));
+  return v_keep(keep, v_scale2(p, n));
 }
 
 int pangu_bi_attention_abi(void) { return 2; }
@@ -139,7 +276,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
       const int64_t n = t / Hkv, h = t % Hkv;
       const int64_t* sl = slots + (R == 1 ? 0 : n * L);
       const uint8_t* ok = valid + n * L;
-      __m512 qv[MAXG][MAXD / 16];
+      vec qv[MAXG][MAXD / 16];
       for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < V; v++)
           qv[g][v] = load16((const char*)q + ((n * H + h * G + g) * D + 16 * v) * qsz, q_f32);
@@ -156,70 +293,70 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
          per query head 16 dot products reduced together by reduce16 (scores of keys not valid:
          -inf) */
       float kb[16 * MAXD] __attribute__((aligned(64)));
-      __m512 topv[MAXG];
-      for (int64_t g = 0; g < G; g++) topv[g] = _mm512_set1_ps(-__builtin_inff());
+      vec topv[MAXG];
+      for (int64_t g = 0; g < G; g++) topv[g] = v_set1(-__builtin_inff());
       for (int64_t jb = 0; jb < Lp; jb += 16) {
-        __mmask16 live = 0;
+        unsigned live = 0;
         for (int i = 0; i < 16; i++) {
           const int64_t j = jb + i;
           if (j >= L || !ok[j]) continue;
-          live |= (__mmask16)(1u << i);
+          live |= 1u << i;
           const char* kr = (const char*)kc + ((sl[j] * Hkv + h) * D) * ksz;
-          for (int64_t v = 0; v < V; v++) _mm512_store_ps(kb + i * D + 16 * v, load16(kr + 16 * v * ksz, kv_f32));
+          for (int64_t v = 0; v < V; v++) v_store(kb + i * D + 16 * v, load16(kr + 16 * v * ksz, kv_f32));
         }
         for (int64_t g = 0; g < G; g++) {
-          __m512 s = _mm512_set1_ps(-__builtin_inff());
+          vec s = v_set1(-__builtin_inff());
           if (live) {
-            __m512 a[16];
+            vec a[16];
             for (int i = 0; i < 16; i++) {
-              if (!((live >> i) & 1)) { a[i] = _mm512_setzero_ps(); continue; }
+              if (!((live >> i) & 1)) { a[i] = v_zero(); continue; }
               const float* kr = kb + i * D;
-              __m512 acc = _mm512_mul_ps(qv[g][0], _mm512_load_ps(kr));
-              for (int64_t v = 1; v < V; v++) acc = _mm512_fmadd_ps(qv[g][v], _mm512_load_ps(kr + 16 * v), acc);
+              vec acc = v_mul(qv[g][0], v_load(kr));
+              for (int64_t v = 1; v < V; v++) acc = v_fmadd(qv[g][v], v_load(kr + 16 * v), acc);
               a[i] = acc;
             }
-            s = _mm512_mask_mov_ps(s, live, _mm512_mul_ps(reduce16(a), _mm512_set1_ps(scale)));
+            s = v_select(s, live, v_mul(reduce16(a), v_set1(scale)));
           }
-          _mm512_storeu_ps(sc + g * Lp + jb, s);
-          topv[g] = _mm512_max_ps(topv[g], s);
+          v_store(sc + g * Lp + jb, s);
+          topv[g] = v_max(topv[g], s);
         }
       }
-      for (int64_t g = 0; g < G; g++) top[g] = _mm512_reduce_max_ps(topv[g]);
+      for (int64_t g = 0; g < G; g++) top[g] = v_reduce_max(topv[g]);
       /* p = exp2((s - max) log2 e) in place, summed in 16 lanes by key position */
       float total[MAXG];
       for (int64_t g = 0; g < G; g++) {
         float* s = sc + g * Lp;
-        const __m512 m = _mm512_set1_ps(top[g]), l2 = _mm512_set1_ps(log2e);
-        __m512 sum = _mm512_setzero_ps();
+        const vec m = v_set1(top[g]), l2 = v_set1(log2e);
+        vec sum = v_zero();
         for (int64_t j = 0; j < Lp; j += 16) {
-          __m512 p = exp2_neg(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), m), l2));
-          _mm512_storeu_ps(s + j, p);
-          sum = _mm512_add_ps(sum, p);
+          const vec p = exp2_neg(v_mul(v_sub(v_load(s + j), m), l2));
+          v_store(s + j, p);
+          sum = v_add(sum, p);
         }
-        total[g] = _mm512_reduce_add_ps(sum);
+        total[g] = v_reduce_add(sum);
       }
       /* values weighted by p, in key order */
-      __m512 acc[MAXG][MAXD / 16];
+      vec acc[MAXG][MAXD / 16];
       for (int64_t g = 0; g < G; g++)
-        for (int64_t v = 0; v < V; v++) acc[g][v] = _mm512_setzero_ps();
+        for (int64_t v = 0; v < V; v++) acc[g][v] = v_zero();
       for (int64_t j = 0; j < L; j++) {
         if (!ok[j]) continue;
         const char* vr = (const char*)vc + ((sl[j] * Hkv + h) * D) * ksz;
-        __m512 vv[MAXD / 16];
+        vec vv[MAXD / 16];
         for (int64_t v = 0; v < V; v++) vv[v] = load16(vr + 16 * v * ksz, kv_f32);
         for (int64_t g = 0; g < G; g++) {
-          const __m512 p = _mm512_set1_ps(sc[g * Lp + j]);
-          for (int64_t v = 0; v < V; v++) acc[g][v] = _mm512_fmadd_ps(p, vv[v], acc[g][v]);
+          const vec p = v_set1(sc[g * Lp + j]);
+          for (int64_t v = 0; v < V; v++) acc[g][v] = v_fmadd(p, vv[v], acc[g][v]);
         }
       }
       for (int64_t g = 0; g < G; g++) {
         /* no valid key: 0/0, NaN, as the torch form gives */
-        const __m512 inv = _mm512_set1_ps(total[g]);
+        const vec inv = v_set1(total[g]);
         char* o = (char*)out + ((n * H + h * G + g) * D) * osz;
         for (int64_t v = 0; v < V; v++) {
-          const __m512 r = _mm512_div_ps(acc[g][v], inv);
+          const vec r = v_div(acc[g][v], inv);
           if (out_f32) {
-            _mm512_storeu_ps((float*)o + 16 * v, r);
+            v_store((float*)o + 16 * v, r);
           } else {
             store_bf16((uint16_t*)o + 16 * v, r);
           }
@@ -232,6 +369,11 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
 }
 """
 
+
+def source(isa: str) -> str:
+    """The kernel's C source for "avx512" or "avx2"."""
+    return _COMMON + (AVX512 if isa == "avx512" else AVX2) + BODY
+
 FLAGS = C_FLAGS
 
 
@@ -239,19 +381,30 @@ def disabled() -> bool:
     return os.environ.get(ENV, "").strip().lower() in ("torch", "off", "0", "none")
 
 
+def instruction_set() -> Optional[str]:
+    """The build this CPU takes: "avx512" (AVX-512F), "avx2" (AVX2 and FMA), or None."""
+    flags = cpu_flags()
+    if "avx512f" in flags:
+        return "avx512"
+    if {"avx2", "fma"} <= flags:
+        return "avx2"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then the torch form runs)."""
     if disabled() or platform.machine() not in ("x86_64", "AMD64"):
         return None
-    if not {"avx512f"} <= cpu_flags():
+    isa = instruction_set()
+    if isa is None:
         return None
     compiler = c_compiler()
     if not compiler:
         log.info("batch-invariant attention: no C compiler found, using the torch form")
         return None
     try:
-        lib = build_c_library("bi_attention", SOURCE, compiler, FLAGS)
+        lib = build_c_library("bi_attention", source(isa), compiler, FLAGS)
         if lib.pangu_bi_attention_abi() != 2:
             return None
     except (OSError, subprocess.SubprocessError) as e:

@@ -12,6 +12,7 @@ from torch import nn
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.models import batch_invariant as bi
+from pangu_infer.models import bi_attention_kernel
 from pangu_infer.parallel.state import current_parallel_state, head_shard, row_parallel_linear
 
 
@@ -147,6 +148,77 @@ class AttentionBatch:
 # products + softmax are faster (where they cross: benchmarks/kernels.py, figures in RESULTS.md).
 UNMASKED_SDPA_MAX_CONTEXT = 768
 
+# Decode attention by models/bi_attention_kernel.py's C kernel ("kernel"), by gathered K/V and two
+# batched products ("torch"), or, unset, whichever a one-time measurement per machine and cache
+# dtype finds faster (decode_kernel_chosen).
+DECODE_ATTENTION_ENV = "PANGU_INFER_DECODE_ATTENTION"
+
+
+def decode_kernel_chosen(kv_dtype: torch.dtype) -> bool:
+    """Do decode queries on CPU run the C kernel, which reads each sequence's keys and values
+    where they lie in the paged cache (no gathered copy), in fp32 with masked keys skipped?
+    Forced by DECODE_ATTENTION_ENV, else measured once per machine and cache dtype against the
+    torch form at a decode batch of 8 x 512 keys (kept in kernels.json)."""
+    from pangu_infer import machine
+
+    if kv_dtype not in (torch.float32, torch.bfloat16) or not bi_attention_kernel.available():
+        return False
+    forced = machine.env_choice(DECODE_ATTENTION_ENV, ("kernel", "torch"))
+    if forced is not None:
+        return forced == "kernel"
+    name = "decode_attention_kernel|" + str(kv_dtype).replace("torch.", "")
+    return machine.own_kernel_measured_faster(name, lambda: _measure_decode(kv_dtype), "decode attention kernel")
+
+
+def _measure_decode(kv_dtype: torch.dtype, batch: int = 8, length: int = 512, kv_heads: int = 8, group: int = 4, dim: int = 128) -> dict[str, float]:
+    """Seconds per decode attention call, each form, over caches paged in blocks of 16 slots in a
+    shuffled order (medians of interleaved passes)."""
+    from pangu_infer.machine import interleaved_medians
+
+    g = torch.Generator().manual_seed(0)
+    slots = batch * length
+    k_cache = torch.randn(slots, kv_heads, dim, generator=g).to(kv_dtype)
+    v_cache = torch.randn(slots, kv_heads, dim, generator=g).to(kv_dtype)
+    blocks = torch.randperm(slots // 16, generator=g)
+    table = (blocks[:, None] * 16 + torch.arange(16)).reshape(batch, length)
+    q = torch.randn(batch, kv_heads * group, dim, generator=g).to(kv_dtype)
+    mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    scale = dim**-0.5
+
+    def torch_form():
+        keys, vals = gather_heads_first(k_cache, table), gather_heads_first(v_cache, table)
+        return decode_products(q, keys, vals, mask, scale)
+
+    with torch.inference_mode():
+        return interleaved_medians({
+            "own": lambda: bi_attention_kernel.run(q, k_cache, v_cache, table, mask.view(batch, length), scale),
+            "aten": torch_form,
+        })
+
+
+def gather_heads_first(cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """cache [S, Hkv, D], slots [B, L] -> [B, Hkv, L, D] contiguous (index_select on rows is ~3x
+    faster than advanced indexing, and contiguous heads-first K/V make the matmuls fast)."""
+    b, n = slots.shape
+    rows = cache.view(cache.shape[0], -1).index_select(0, slots.reshape(-1))
+    return rows.view(b, n, *cache.shape[1:]).transpose(1, 2).contiguous()
+
+
+def decode_products(q, keys, vals, mask, scale: float) -> torch.Tensor:
+    """One query per sequence: q [B, H, D], keys/vals [B, Hkv, L, D], mask [B, 1, 1, L] -> [B, H, D].
+
+    Two batched matmuls per KV head group in the cache dtype (CPU bf16 matmuls accumulate in
+    fp32) with the softmax in fp32: on CPU this is several times faster than scaled_dot_product_attention
+    with a mask (its slow path), and converting gathered K/V to fp32 cost more than the products.
+    """
+    b, h, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(vals.dtype)
+    return torch.matmul(probs, vals).view(b, h, vals.shape[-1]).to(q.dtype)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -169,6 +241,9 @@ class Attention(nn.Module):
         # so that a compiled step can write them in place.
         self.k_cache: Optional[torch.Tensor] = None
         self.v_cache: Optional[torch.Tensor] = None
+        # Decode queries by the C kernel that reads the paged cache in place (decode_kernel_chosen);
+        # set by the runner that allocates the cache (ModelRunner), off for eager forwards without one.
+        self.decode_kernel = False
 
     def _init_projections(self, cfg: ModelConfig) -> None:
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
@@ -227,19 +302,8 @@ class Attention(nn.Module):
         return out.squeeze(0).transpose(0, 1)
 
     def _decode_attention(self, q, keys, vals, mask) -> torch.Tensor:
-        """One query per sequence: q [B, H, D], keys/vals [B, Hkv, L, D], mask [B, 1, 1, L] -> [B, H, D].
-
-        Two batched matmuls per KV head group in the cache dtype (CPU bf16 matmuls accumulate in
-        fp32) with the softmax in fp32: on CPU this is several times faster than scaled_dot_product_attention
-        with a mask (its slow path), and converting gathered K/V to fp32 cost more than the products.
-        """
-        b, h, d = q.shape
-        hkv = keys.shape[1]
-        qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * self.scale  # [B, Hkv, G, L]
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(vals.dtype)
-        return torch.matmul(probs, vals).view(b, h, vals.shape[-1]).to(q.dtype)
+        """q [B, H, D], gathered keys/vals [B, Hkv, L, D], mask [B, 1, 1, L] -> [B, H, D] (decode_products)."""
+        return decode_products(q, keys, vals, mask, self.scale)
 
     def _decode_attention_unmasked(self, q, keys, vals) -> torch.Tensor:
         """_decode_attention without padding: one SDPA call with each KV head's query heads as its
@@ -250,17 +314,10 @@ class Attention(nn.Module):
         qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
         return F.scaled_dot_product_attention(qg, keys, vals, scale=self.scale).reshape(b, h, -1).to(q.dtype)
 
-    def _gather_heads_first(self, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """cache [S, Hkv, D], slots [B, L] -> [B, Hkv, L, D] contiguous (index_select on rows is ~3x
-        faster than advanced indexing, and contiguous heads-first K/V make the matmuls fast)."""
-        b, n = slots.shape
-        rows = cache.view(cache.shape[0], -1).index_select(0, slots.reshape(-1))
-        return rows.view(b, n, *cache.shape[1:]).transpose(1, 2).contiguous()
-
     def _decode_kv(self, slots: torch.Tensor, mask: Optional[torch.Tensor]):
         """Gathered keys [B, Hkv, L, D] and values [B, Hkv, L, Dv] of decode rows, sinks first."""
-        keys = self._gather_heads_first(self.k_cache, slots)
-        vals = keys[..., : self.values_in_keys] if self.values_in_keys else self._gather_heads_first(self.v_cache, slots)
+        keys = gather_heads_first(self.k_cache, slots)
+        vals = keys[..., : self.values_in_keys] if self.values_in_keys else gather_heads_first(self.v_cache, slots)
         sinks = self.sinks(keys.dtype)
         if sinks is not None:
             b = keys.shape[0]
@@ -288,6 +345,11 @@ class Attention(nn.Module):
         start = 0
         for end, ctx in groups:
             slots = attn.decode_slots[start:end, :ctx]
+            if self.decode_kernel:  # masked keys are skipped, not read
+                valid = attn.decode_mask[start:end, ..., :ctx].reshape(end - start, ctx)
+                out[start:end] = bi_attention_kernel.attention(q[start:end], k_cache, v_cache, slots, valid, self.scale)
+                start = end
+                continue
             unmasked = end - start == 1 and ctx <= UNMASKED_SDPA_MAX_CONTEXT  # one sequence: nothing padded
             mask = None if unmasked else attn.decode_mask[start:end, ..., :ctx]
             keys, vals, mask = self._decode_kv(slots, mask)
