@@ -22,9 +22,18 @@ context (not read: masked keys are skipped), or the thread split (threads share 
 batched, and as a prefill query (a recomputation after preemption), eager or inside a compiled
 step (where it is the opaque op `pangu_infer::bi_attention`).
 
+Outside the mode, the same kernel is the default decode attention on CPU where a one-time
+measurement finds it faster than gathering K/V into copies for two batched products
+(models/layers.decode_kernel_chosen): it reads the paged cache in place and skips padding.
+
 Built once per machine like pangu_infer/quant/cpu_int4.py (`$CC`, else `cc`/`gcc`, -march=native,
-into `~/.cache/pangu-infer/`), loaded with ctypes. Needs AVX-512F on x86-64 and a head width that
-is a multiple of 16; elsewhere, or with `PANGU_INFER_BI_ATTENTION=torch`, the torch form runs.
+into `~/.cache/pangu-infer/`), loaded with ctypes. Needs AVX-512F, or AVX2 with FMA, on x86-64 and
+a head width that is a multiple of 16; elsewhere, or with `PANGU_INFER_BI_ATTENTION=torch`, the
+torch form runs. The body is written once over a 16-lane vector; the AVX2 build holds it in two
+256-bit halves and does the same operations lane for lane in the same order (the 16-key reduction
+tree and the final sum included), written to give the AVX-512 build's bits. That was not run on
+one machine with both (the AVX2 build is checked by the mode's tests and against SDPA; after the
+split the AVX-512 source compiles to the same arithmetic instructions as before it).
 The choice is made once per process (library()), so one process never mixes the two (they agree
 only within rounding).
 """
