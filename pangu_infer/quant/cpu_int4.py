@@ -566,7 +566,10 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   float* dx = (float*)malloc(sizeof(float) * (size_t)(nc * dx_stride));
   if (!xq || !dx) { free(xq); free(dx); return 2; }
 #define CHUNK_ROWS(c) ((int)(M - (c) * MMAX < MMAX ? M - (c) * MMAX : MMAX))  /* rows of chunk c */
-  for (int64_t c = 0; c < nc; c++)  /* every row quantized once, chunk by chunk, before the products */
+  /* every row quantized once, chunk by chunk, before the products (chunks apart: the same bits
+     however the threads share them) */
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nc >= 4 * threads)
+  for (int64_t c = 0; c < nc; c++)
     quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, CHUNK_ROWS(c), K, G);
   if (M == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
     const float* xs = dx + MMAX * ng;
