@@ -134,7 +134,7 @@ class ModelRunner:
         two products. The batch-invariant mode calls its own kernel."""
         takes = [
             not self.batch_invariant and self.device.type == "cpu" and m.sinks(kv_dtype) is None
-            and bi_attention_kernel.usable(torch.empty(0, m.num_heads, m.head_dim, dtype=kv_dtype), k, v)
+            and bi_attention_kernel.takes(m.num_heads, m.head_dim, kv_dtype, k, v)  # queries in the cache's dtype
             for m, k, v in zip(self.attention_layers, self.k_caches, self.v_caches)
         ]
         chosen = any(takes) and decode_kernel_chosen(kv_dtype)

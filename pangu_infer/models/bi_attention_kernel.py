@@ -60,7 +60,7 @@ MAX_GROUP = 16
 
 # The kernel is written once (BODY) over a 16-lane fp32 vector `vec` and a few operations on it;
 # each instruction set gives its own (AVX512: one __m512; AVX2: two __m256, lane for lane the same
-# arithmetic in the same order, so the two builds give the same bits).
+# arithmetic in the same order, written to give the same bits; see the module docstring).
 _COMMON = r"""
 #include <stdint.h>
 #include <stdlib.h>
@@ -439,15 +439,21 @@ def available() -> bool:
 def usable(q: torch.Tensor, k_cache: torch.Tensor, v_cache: Optional[torch.Tensor]) -> bool:
     """Does the kernel take this attention (else the torch form)? Fixed per model and cache:
     the same answer for every call of one engine."""
+    return q.device.type == "cpu" and takes(q.shape[1], q.shape[-1], q.dtype, k_cache, v_cache)
+
+
+def takes(heads: int, head_dim: int, q_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: Optional[torch.Tensor]) -> bool:
+    """usable() from what a layer knows before its first query: query heads and width, the
+    queries' dtype, and its caches."""
     if v_cache is None or not available():
         return False
     d = k_cache.shape[-1]
     hkv = k_cache.shape[1]
     return (
-        q.device.type == "cpu" and k_cache.device.type == "cpu"
-        and q.dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
-        and v_cache.shape == k_cache.shape and q.shape[-1] == d and d % 16 == 0 and d <= MAX_HEAD_DIM
-        and q.shape[1] % hkv == 0 and q.shape[1] // hkv <= MAX_GROUP
+        k_cache.device.type == "cpu"
+        and q_dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
+        and v_cache.shape == k_cache.shape and head_dim == d and d % 16 == 0 and d <= MAX_HEAD_DIM
+        and heads % hkv == 0 and heads // hkv <= MAX_GROUP
     )
 
 
@@ -497,4 +503,4 @@ def attention(q, k_cache, v_cache, slots, valid, scale) -> torch.Tensor:
     return run(q, k_cache, v_cache, slots, valid, scale)
 
 
-__all__ = ["ENV", "attention", "disabled", "library", "run", "usable"]
+__all__ = ["ENV", "attention", "disabled", "instruction_set", "library", "run", "source", "takes", "usable"]
