@@ -118,15 +118,12 @@ class ModelRunner:
         if self.decode_forward is not None:  # another engine over this model built it
             self._compiled_done.set()
             return
-        # A daemon thread: a process that is done never waits for it. Everything compile-related,
-        # imports included (torch._inductor is a slow import), happens on it. It runs in a copy of this
-        # thread's context: torch.compile's settings (a `torch._inductor.config.patch` around the
-        # engine's creation) are context variables.
-        threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(self._build_compiled, max_context, range(slots, slots + block_size)),
-            name="pangu-infer-compile", daemon=True,
-        ).start()
+        # A daemon thread, stopped at the interpreter's exit: a process that is done never waits for
+        # the build. Everything compile-related, imports included (torch._inductor is a slow
+        # import), happens on it. It runs in a copy of this thread's context: torch.compile's
+        # settings (a `torch._inductor.config.patch` around the engine's creation) are context
+        # variables.
+        _start_compile_thread(contextvars.copy_context().run, self._build_compiled, max_context, range(slots, slots + block_size))
 
     def _choose_decode_attention(self, kv_dtype: torch.dtype) -> list[bool]:
         """Each layer's decode attention: True for the C kernel over the paged cache, where it takes
@@ -173,6 +170,8 @@ class ModelRunner:
                 why = prepare_prefill(self.model)  # quantized weights' conversion for prefill, one loop each
                 if why is not None:
                     logger.info("quantized prefill conversions stay eager for some shapes: %s", why)
+        except _ProcessExiting:
+            error = None  # the process is ending: nothing to report
         except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -365,6 +364,61 @@ class ModelRunner:
         # Padding repeats the sequence's first slot, which always holds real values.
         slots = torch.where(valid, slots, slots[:, :1])
         return slots, valid[:, None, None, :]
+
+
+class _ProcessExiting(BaseException):
+    """Raised in a compile thread still running when the interpreter exits (_stop_compiles)."""
+
+
+# Compile threads still running: _stop_compiles stops them at the interpreter's exit.
+_compile_threads: set[threading.Thread] = set()
+_compile_threads_lock = threading.Lock()
+# How long the exit waits for compile threads to unwind (a thread stops at its next Python bytecode:
+# at most one C++ compiler run in practice).
+EXIT_STOP_WAIT_S = 60.0
+
+
+def _start_compile_thread(target: Callable, *args) -> None:
+    """Run `target(*args)` on a daemon thread, stopped when the interpreter exits if it still runs.
+
+    A daemon thread still inside torch when the interpreter finalizes is ended by CPython
+    (pthread_exit when it next takes the GIL), and that unwinds through torch's C++ destructors and
+    aborts the process ("terminate called without an active exception", exit status 134): a short
+    script that ends while the compiled step builds. So an exit handler, which runs before
+    finalization, raises `_ProcessExiting` in the thread and waits for it to unwind. It is
+    registered with the first thread, after torch's handlers, so it runs before them."""
+    import atexit
+
+    def main() -> None:
+        try:
+            target(*args)
+            with _compile_threads_lock:
+                # An exception raised by _stop_compiles just before is delivered by this call at the
+                # latest: inside the try.
+                _compile_threads.discard(threading.current_thread())
+        except _ProcessExiting:
+            pass
+
+    thread = threading.Thread(target=main, name="pangu-infer-compile", daemon=True)
+    with _compile_threads_lock:
+        if not _compile_threads:
+            atexit.unregister(_stop_compiles)
+            atexit.register(_stop_compiles)
+        _compile_threads.add(thread)
+    thread.start()
+
+
+def _stop_compiles() -> None:
+    import ctypes
+
+    with _compile_threads_lock:
+        threads = [t for t in _compile_threads if t.ident is not None and t.is_alive()]
+        for thread in threads:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(_ProcessExiting))
+        _compile_threads.clear()
+    deadline = time.monotonic() + EXIT_STOP_WAIT_S
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _lower_thread_priority() -> None:
