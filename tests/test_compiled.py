@@ -297,3 +297,30 @@ def test_int4_moge_decodes_compiled_at_batch_1_through_the_fused_expert_op_like_
     for o, w, t in zip(ours, warm, theirs):
         assert [a - b for a, b in zip(o["expert_tokens"], w["expert_tokens"])] == t["expert_tokens"]
         assert o["steps"] - w["steps"] == t["steps"] and o["tokens"] - w["tokens"] == t["tokens"]
+
+
+def test_a_compiled_decode_calls_the_attention_kernel_through_its_cpp_operator(tiny_dense_dir, monkeypatch):
+    """Where decode attention is the C kernel, the background build connects its C++ operator
+    (pangu_infer.native_ops) before tracing: the compiled steps never enter the Python operator
+    (broken here once the build is done) and give the eager tokens."""
+    from pangu_infer import native_ops
+    from pangu_infer.models import bi_attention_kernel
+    from pangu_infer.models.layers import DECODE_ATTENTION_ENV
+    from pangu_infer.native import cxx_compiler
+
+    if cxx_compiler() is None or bi_attention_kernel.library() is None:
+        pytest.skip("no C++ compiler, or the attention kernel does not run here")
+    monkeypatch.setenv(DECODE_ATTENTION_ENV, "kernel")
+    monkeypatch.delenv(native_ops.ENV, raising=False)
+    monkeypatch.setitem(native_ops._connected, "attention", False)  # as in a new process: the build connects it
+    eager = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+    expected = _token_ids(eager.generate(PROMPTS, GREEDY))
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    assert llm.wait_compiled() and llm.engine.runner.decode_forward is not None
+    assert all(llm.engine.runner.decode_kernel) and native_ops.connected("attention")
+
+    def broken(*a, **k):
+        raise AssertionError("the Python operator ran")
+
+    monkeypatch.setattr(bi_attention_kernel, "run", broken)
+    assert _token_ids(llm.generate(PROMPTS, GREEDY)) == expected

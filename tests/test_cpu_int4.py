@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pangu_infer import native_ops
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.formats import QuantizationConfig, dequantize, quantize, unpack_int4
 from pangu_infer.quant.modules import PackedWeight
@@ -402,7 +403,7 @@ def _native_or_skip() -> None:
 
 
 def test_the_cpp_operator_gives_the_python_operators_bits(monkeypatch):
-    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
+    monkeypatch.delenv(native_ops.ENV, raising=False)
     _native_or_skip()
     g = torch.Generator().manual_seed(6)
     for n, k, group in ((48, 256, 32), (160, 1536, 128)):
@@ -423,7 +424,7 @@ def test_the_cpp_operator_gives_the_python_operators_bits(monkeypatch):
 def test_a_compiled_graph_calls_the_cpp_operator_without_python(monkeypatch):
     """With the C++ operator loaded, a compiled product never enters the Python operator (its
     Python body broken here); without it the Python operator is traced again."""
-    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
+    monkeypatch.delenv(native_ops.ENV, raising=False)
     _native_or_skip()
     packed = PackedWeight(quantize(torch.randn(40, 64), QuantizationConfig("int4", 32)), CPU)
     x = torch.randn(1, 64).bfloat16()
@@ -437,7 +438,7 @@ def test_a_compiled_graph_calls_the_cpp_operator_without_python(monkeypatch):
     torch._dynamo.reset()
     with torch.inference_mode():
         assert torch.equal(torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x), want)
-    monkeypatch.setitem(cpu_int4._native, "ready", False)
+    monkeypatch.setitem(native_ops._connected, "int4", False)
     torch._dynamo.reset()
     with torch.inference_mode(), pytest.raises(Exception, match="the Python operator ran"):
         torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x)
@@ -450,15 +451,16 @@ def test_the_switch_and_a_failed_cpp_build_leave_the_python_operator(monkeypatch
     broken = tmp_path / "broken-c++"
     broken.write_text('#!/bin/sh\necho "no" >&2\nexit 1\n')
     broken.chmod(0o755)
-    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV, raising=False)
+    monkeypatch.delenv(native_ops.ENV, raising=False)
     monkeypatch.setattr(native, "cxx_compiler", lambda: str(broken))
-    monkeypatch.setitem(cpu_int4._native, "ready", False)
-    monkeypatch.setenv(cpu_int4.NATIVE_OP_ENV, "0")
-    assert cpu_int4.native_op() is False and "int4 C++ operator" not in caplog.text  # off: not even built
-    monkeypatch.delenv(cpu_int4.NATIVE_OP_ENV)
+    monkeypatch.setitem(native_ops._connected, "int4", False)
+    monkeypatch.setitem(native_ops._state, "loaded", None)
+    monkeypatch.setenv(native_ops.ENV, "0")
+    assert cpu_int4.native_op() is False and "C++ operators" not in caplog.text  # off: not even built
+    monkeypatch.delenv(native_ops.ENV)
     with caplog.at_level("WARNING"):
         assert cpu_int4.native_op() is False
-    assert "int4 C++ operator not built" in caplog.text
+    assert "C++ operators not built" in caplog.text
     packed = PackedWeight(quantize(torch.randn(40, 64), QuantizationConfig("int4", 32)), CPU)
     x = torch.randn(1, 64).bfloat16()
     torch._dynamo.reset()

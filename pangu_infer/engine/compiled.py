@@ -62,7 +62,8 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
 
     On CPU the generated wrapper is C++ (`cpp_wrapper`): the ~300 kernel calls of a step no longer
     each go through Python (measured in benchmarks/RESULTS.md). The per-call checks of
-    every buffer's size and alignment are off too.
+    every buffer's size and alignment are off too. Its kernels and its entry are compiled apart
+    (`cpp_wrapper_build_separate`: a shorter first build, measured in benchmarks/RESULTS.md).
 
     Each compiled function gets a code object of its own, because dynamo keeps graphs and their
     guards per code object: graphs traced for this model and cache shape are never tried on
@@ -82,6 +83,9 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
         options["emulate_precision_casts"] = True
     if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
         options["cpp_wrapper"] = True
+        # Kernels and wrapper compiled as two files: a first build of the demo model's step took
+        # 219 s instead of 290 s on Zen 1 (g++ 48 s instead of 125 s), decode within noise.
+        options["cpp_wrapper_build_separate"] = True
     if not getattr(model, "has_graph_breaks", False):
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     global _LAYERS_COMPILED

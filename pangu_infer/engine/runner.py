@@ -158,6 +158,8 @@ class ModelRunner:
                 from pangu_infer.quant.modules import prepare_native_ops
 
                 prepare_native_ops(self.model)  # before tracing: the graph calls C++ operators where built
+                if any(self.decode_kernel) or (self.batch_invariant and bi_attention_kernel.available()):
+                    bi_attention_kernel.native_op()
             with self._pinned():
                 step, error = build_decode_step(
                     self.model, self.k_caches[0], max_context, scratch, self.batch_invariant, self.max_num_seqs

@@ -20,7 +20,8 @@ Nothing in it depends on the other queries, how many there are, the padding past
 context (not read: masked keys are skipped), or the thread split (threads share out whole
 (query, KV head) tasks). So a token's attention is the same bits as a decode query, alone or
 batched, and as a prefill query (a recomputation after preemption), eager or inside a compiled
-step (where it is the opaque op `pangu_infer::bi_attention`).
+step (where it is an opaque op: `pangu_infer::bi_attention_native`, registered from C++ by
+pangu_infer.native_ops, else the Python one `pangu_infer::bi_attention`).
 
 Outside the mode, the same kernel is the default decode attention on CPU where a one-time
 measurement finds it faster than gathering K/V into copies for two batched products
@@ -50,6 +51,7 @@ from typing import Optional
 
 import torch
 
+from pangu_infer import native_ops
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
 log = logging.getLogger(__name__)
@@ -492,15 +494,37 @@ def _bi_attention_shape(q, k_cache, v_cache, slots, valid, scale):
     return q.new_empty(q.shape)
 
 
-_lib.impl("bi_attention", run, "CPU")
+def _bi_attention(q, k_cache, v_cache, slots, valid, scale):
+    return run(q, k_cache, v_cache, slots, valid, scale)
+
+
+_lib.impl("bi_attention", _bi_attention, "CPU")
 _lib._register_fake("bi_attention", _bi_attention_shape)
 
 
+def native_op() -> bool:
+    """Point `pangu_infer::bi_attention_native` (pangu_infer.native_ops: the kernel's call
+    registered from C++, no Python between a compiled graph and the kernel) at the kernel; True
+    when compiled graphs call it from now on, False where the kernel or the operators are not built
+    here (the Python operator runs)."""
+    if native_ops.disabled():
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    return native_ops.connect(
+        "attention", lambda: ctypes.cast(lib.pangu_bi_attention, ctypes.c_void_p).value, "bi_attention_native", _bi_attention_shape
+    )
+
+
 def attention(q, k_cache, v_cache, slots, valid, scale) -> torch.Tensor:
-    """The kernel as the caller's context wants it: the custom op while compiling, else direct."""
+    """The kernel as the caller's context wants it: while compiling the C++ operator where it is
+    connected (native_op), else the Python one; eagerly the C function."""
     if torch.compiler.is_compiling():
+        if native_ops.connected("attention"):
+            return torch.ops.pangu_infer.bi_attention_native(q, k_cache, v_cache, slots, valid, scale)
         return torch.ops.pangu_infer.bi_attention(q, k_cache, v_cache, slots, valid, scale)
     return run(q, k_cache, v_cache, slots, valid, scale)
 
 
-__all__ = ["ENV", "attention", "disabled", "instruction_set", "library", "run", "source", "takes", "usable"]
+__all__ = ["ENV", "attention", "disabled", "instruction_set", "library", "native_op", "run", "source", "takes", "usable"]

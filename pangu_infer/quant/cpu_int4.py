@@ -30,8 +30,8 @@ pangu_infer.quant.tuning's per-machine cache (`~/.cache/pangu-infer/kernels.json
 `int4_decode_kernel`). `PANGU_INFER_INT4_KERNEL=aten` turns it off, `=own` uses it unmeasured.
 
 Inside a compiled step the product is an operator opaque to inductor, like the aten kernel:
-`pangu_infer::int4_native_mm`, registered from C++ (built once per machine with torch's headers
-before the decode step is traced, `native_op`), which calls the kernel with no Python in between,
+`pangu_infer::int4_native_mm`, registered from C++ (pangu_infer.native_ops: built once per machine
+with torch's headers before the decode step is traced, `native_op`), which calls the kernel with no Python in between,
 or where that cannot be built (or `PANGU_INFER_NATIVE_OPS=0`) the Python custom op
 `pangu_infer::int4_vnni_mm` (about 25 us more per call). Eagerly the C function is called directly
 (fewer microseconds per call, which the small expert products of a MoE notice).
@@ -45,11 +45,11 @@ import logging
 import os
 import platform
 import subprocess
-import threading
 from typing import Optional
 
 import torch
 
+from pangu_infer import native_ops
 from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant.c_simd import INT4_OCTET
@@ -934,88 +934,26 @@ def experts(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, h
 
 # ------------------------------------------------------------- the product as a C++ operator
 
-# `pangu_infer::int4_native_mm`: the product of int4_vnni_mm registered from C++, so that a compiled
-# graph calls the kernel without Python in between (the Python operator costs about 25 us a call
-# on top of the kernel: 3 ms of a 19 ms decode step of the demo model's 120 products). It calls
-# this library's pangu_int4_mm through a pointer set once loaded (set_int4_kernel).
-NATIVE_OP_SOURCE = r"""
-#include <torch/library.h>
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <atomic>
-
-typedef int (*int4_mm_fn)(const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t);
-static std::atomic<int4_mm_fn> kernel{nullptr};
-
-static void set_int4_kernel(int64_t address) { kernel.store(reinterpret_cast<int4_mm_fn>(address)); }
-
-static at::Tensor int4_native_mm(const at::Tensor& x_, const at::Tensor& data, const at::Tensor& sz, int64_t group) {
-  const at::Tensor x = x_.contiguous();
-  TORCH_CHECK(data.dim() == 3 && data.scalar_type() == at::kByte && data.is_contiguous(), "int4 kernel: weight ", data.sizes(), " ", data.scalar_type());
-  const int64_t n = data.size(0) * 16, k = data.size(1) * 8;
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == k, "int4 kernel: unexpected operands x ", x.sizes(), " ", x.scalar_type(), ", weight ", data.sizes());
-  TORCH_CHECK(group > 0 && k % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 &&
-              sz.size(0) == data.size(0) && sz.size(1) == k / group && sz.size(2) == 2 && sz.size(3) == 16,
-              "int4 kernel: scales ", sz.sizes(), " for weight ", data.sizes(), ", group ", group);
-  at::Tensor y = at::empty({x.size(0), n}, x.options());
-  const int4_mm_fn f = kernel.load();
-  TORCH_CHECK(f != nullptr, "int4 kernel: not loaded");
-  if (x.size(0)) {
-    const int rc = f(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, at::get_num_threads());
-    TORCH_CHECK(rc == 0, "int4 kernel refused x ", x.sizes(), ", weight ", data.sizes(), ", group ", group, " (", rc, ")");
-  }
-  return y;
-}
-
-TORCH_LIBRARY_FRAGMENT(pangu_infer, m) {
-  m.def("int4_native_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor");
-  m.def("set_int4_kernel(int address) -> ()", set_int4_kernel);
-}
-TORCH_LIBRARY_IMPL(pangu_infer, CPU, m) { m.impl("int4_native_mm", int4_native_mm); }
-"""
-
-NATIVE_OP_ENV = "PANGU_INFER_NATIVE_OPS"
-_native = {"ready": False}
-_native_lock = threading.Lock()
-
 
 def native_op() -> bool:
-    """Build (once per machine, about a minute), load and point `pangu_infer::int4_native_mm` at
-    this library's kernel; True when compiled graphs call it from now on. False where the kernel
-    does not run here, PANGU_INFER_NATIVE_OPS=0, or the build failed (logged; the Python operator
+    """Point `pangu_infer::int4_native_mm` (pangu_infer.native_ops: the product registered from
+    C++, so that a compiled graph calls the kernel without Python in between) at this library's
+    kernel; True when compiled graphs call it from now on. False where the kernel does not run
+    here, PANGU_INFER_NATIVE_OPS=0, or the operators' build failed (logged; the Python operator
     runs as before). Meant for the background compile, before the decode step is traced."""
-    if os.environ.get(NATIVE_OP_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+    if native_ops.disabled():
         return False
-    if _native["ready"]:
-        return True
     lib = library()
     if lib is None:
         return False
-    with _native_lock:
-        if _native["ready"]:
-            return True
-        from pangu_infer.native import build_torch_ops
-
-        try:
-            build_torch_ops("int4_op", NATIVE_OP_SOURCE)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            log.warning("int4 C++ operator not built (%s): compiled graphs call the Python one", str(e).splitlines()[0] if str(e) else type(e).__name__)
-            return False
-        torch.ops.pangu_infer.set_int4_kernel(ctypes.cast(lib.pangu_int4_mm, ctypes.c_void_p).value)
-        # The shape function in Python, as the Python operator's: it keeps a batch size symbolic
-        # (a C++ Meta kernel reading x.size(0) specialized the graph to each batch size).
-        if not _native.get("fake"):
-            torch.library.register_fake("pangu_infer::int4_native_mm")(_int4_vnni_mm_shape)
-            _native["fake"] = True
-        _native["ready"] = True
-    return True
+    return native_ops.connect("int4", lambda: ctypes.cast(lib.pangu_int4_mm, ctypes.c_void_p).value, "int4_native_mm", _int4_vnni_mm_shape)
 
 
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
     loaded (native_op), else the Python custom op; eagerly the C function directly."""
     if torch.compiler.is_compiling():
-        if _native["ready"]:
+        if native_ops.connected("int4"):
             return torch.ops.pangu_infer.int4_native_mm(x, data, sz, group_size)
         return torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group_size)
     return matmul(x.contiguous(), data, sz, group_size)

@@ -25,8 +25,9 @@ into ~/.cache/pangu-infer/), loaded with ctypes, and used where it beat aten's k
 measurement made once per machine (one-row products over 32 MB of int8 weights, medians of
 interleaved passes; key `int8_decode_kernel` of pangu_infer.quant.tuning's cache).
 `PANGU_INFER_INT8_KERNEL=aten` turns it off, `=own` uses it unmeasured. Inside a compiled step it
-is the operator `pangu_infer::int8_own_mm`, opaque to inductor; eagerly the C function is called
-directly.
+is an operator opaque to inductor: `pangu_infer::int8_native_mm`, registered from C++
+(pangu_infer.native_ops, `native_op`), else the Python one `pangu_infer::int8_own_mm`; eagerly the
+C function is called directly.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from typing import Optional
 
 import torch
 
+from pangu_infer import native_ops
 from pangu_infer.machine import interleaved_medians, own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
@@ -222,9 +224,24 @@ _lib.impl("int8_own_mm", _int8_own_mm, "CPU")
 _lib._register_fake("int8_own_mm", _int8_own_mm_shape)
 
 
+def native_op() -> bool:
+    """Point `pangu_infer::int8_native_mm` (pangu_infer.native_ops: the product registered from
+    C++, no Python between a compiled graph and the kernel) at this kernel; True when compiled
+    graphs call it from now on, False where the kernel or the operators are not built here."""
+    if native_ops.disabled():
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    return native_ops.connect("int8", lambda: ctypes.cast(lib.pangu_int8_mm, ctypes.c_void_p).value, "int8_native_mm", _int8_own_mm_shape)
+
+
 def product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The product as the caller's context wants it: the operator while compiling, else the C function."""
+    """The product as the caller's context wants it: while compiling the C++ operator where it is
+    connected (native_op), else the Python one; eagerly the C function."""
     if torch.compiler.is_compiling():
+        if native_ops.connected("int8"):
+            return torch.ops.pangu_infer.int8_native_mm(x, data, scales)
         return torch.ops.pangu_infer.int8_own_mm(x, data, scales)
     return matmul(x, data, scales)
 
@@ -263,4 +280,4 @@ def usable(in_features: int) -> bool:
     return in_features % COLUMNS == 0 and library() is not None and chosen()
 
 
-__all__ = ["COLUMNS", "ENV", "chosen", "disabled", "forced", "library", "matmul", "measure", "product", "usable"]
+__all__ = ["COLUMNS", "ENV", "chosen", "disabled", "forced", "library", "matmul", "native_op", "measure", "product", "usable"]

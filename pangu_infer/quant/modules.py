@@ -335,12 +335,13 @@ __all__ = [
 
 
 def prepare_native_ops(model: nn.Module) -> bool:
-    """Before a decode step of `model` is traced: the C++ operator of cpu_int4's product where the
-    model has such weights (cpu_int4.native_op; built once per machine). True when the graph will
-    call it."""
-    if not any(isinstance(m, PackedWeight) and m.kernel == "int4_vnni" for m in model.modules()):
-        return False
-    return cpu_int4.native_op()
+    """Before a decode step of `model` is traced: the C++ operators (pangu_infer.native_ops; built
+    once per machine) of cpu_int4's and cpu_int8's products where the model has weights that use
+    them. True when the graph will call one."""
+    weights = [m for m in model.modules() if isinstance(m, PackedWeight)]
+    int4 = any(m.kernel == "int4_vnni" for m in weights) and cpu_int4.native_op()
+    int8 = any(getattr(m, "own_int8", False) for m in weights) and cpu_int8.native_op()
+    return int4 or int8
 
 
 def prepare_prefill(model: nn.Module) -> Optional[str]:
