@@ -21,11 +21,12 @@ x.size(0) would specialize a compiled graph to each batch size. Layer 1: imports
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import subprocess
 import threading
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -161,19 +162,22 @@ def load() -> bool:
         return _state["loaded"]
 
 
-def connect(kernel: str, address: Callable[[], int], op: str, shape: Callable) -> bool:
-    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8" or "attention")
-    at the C function address `address()`, with `shape` as its shape function: load() first. True
-    when compiled graphs can call it from now on (see connected)."""
+def connect(kernel: str, library: Callable[[], Optional[ctypes.CDLL]], symbol: str, op: str, shape: Callable) -> bool:
+    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8" or "attention"):
+    the C function `symbol` of `library()` (None where that kernel does not run here), with `shape`
+    as the operator's shape function; load() first. True when compiled graphs can call it from now
+    on (see connected)."""
     if disabled():
         return False
     if _connected.get(kernel):
         return True
-    if not load():
+    lib = library()
+    if lib is None or not load():
         return False
     with _lock:
         if not _connected.get(kernel):
-            torch.ops.pangu_infer.set_native_kernel(kernel, address())
+            address = ctypes.cast(getattr(lib, symbol), ctypes.c_void_p).value
+            torch.ops.pangu_infer.set_native_kernel(kernel, address)
             if op not in _fakes:
                 torch.library.register_fake(f"pangu_infer::{op}")(shape)
                 _fakes.add(op)

@@ -507,14 +507,7 @@ def native_op() -> bool:
     registered from C++, no Python between a compiled graph and the kernel) at the kernel; True
     when compiled graphs call it from now on, False where the kernel or the operators are not built
     here (the Python operator runs)."""
-    if native_ops.disabled():
-        return False
-    lib = library()
-    if lib is None:
-        return False
-    return native_ops.connect(
-        "attention", lambda: ctypes.cast(lib.pangu_bi_attention, ctypes.c_void_p).value, "bi_attention_native", _bi_attention_shape
-    )
+    return native_ops.connect("attention", library, "pangu_bi_attention", "bi_attention_native", _bi_attention_shape)
 
 
 def attention(q, k_cache, v_cache, slots, valid, scale) -> torch.Tensor:

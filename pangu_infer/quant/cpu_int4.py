@@ -941,12 +941,7 @@ def native_op() -> bool:
     kernel; True when compiled graphs call it from now on. False where the kernel does not run
     here, PANGU_INFER_NATIVE_OPS=0, or the operators' build failed (logged; the Python operator
     runs as before). Meant for the background compile, before the decode step is traced."""
-    if native_ops.disabled():
-        return False
-    lib = library()
-    if lib is None:
-        return False
-    return native_ops.connect("int4", lambda: ctypes.cast(lib.pangu_int4_mm, ctypes.c_void_p).value, "int4_native_mm", _int4_vnni_mm_shape)
+    return native_ops.connect("int4", library, "pangu_int4_mm", "int4_native_mm", _int4_vnni_mm_shape)
 
 
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:

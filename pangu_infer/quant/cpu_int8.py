@@ -228,12 +228,7 @@ def native_op() -> bool:
     """Point `pangu_infer::int8_native_mm` (pangu_infer.native_ops: the product registered from
     C++, no Python between a compiled graph and the kernel) at this kernel; True when compiled
     graphs call it from now on, False where the kernel or the operators are not built here."""
-    if native_ops.disabled():
-        return False
-    lib = library()
-    if lib is None:
-        return False
-    return native_ops.connect("int8", lambda: ctypes.cast(lib.pangu_int8_mm, ctypes.c_void_p).value, "int8_native_mm", _int8_own_mm_shape)
+    return native_ops.connect("int8", library, "pangu_int8_mm", "int8_native_mm", _int8_own_mm_shape)
 
 
 def product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
