@@ -63,13 +63,17 @@ def test_attention_operator_refuses_what_the_kernel_does_not_take(native):
         torch.ops.pangu_infer.bi_attention_native(q, wide, wide, slots, valid, 0.125)
 
 
-def test_int8_operator_gives_the_kernels_bits_and_refuses_by_shape(native):
+def _int8_operator_or_skip(seed: int):
+    """The int8 operator connected, and a generator, an int8 weight [48, 64] and its scales."""
     if cpu_int8.library() is None:
         pytest.skip("the int8 kernel does not run here")
     assert cpu_int8.native_op()
-    g = torch.Generator().manual_seed(4)
-    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=g)
-    scales = (torch.rand(48, generator=g) * 0.01).bfloat16()
+    g = torch.Generator().manual_seed(seed)
+    return g, torch.randint(-127, 128, (48, 64), dtype=torch.int8, generator=g), (torch.rand(48, generator=g) * 0.01).bfloat16()
+
+
+def test_int8_operator_gives_the_kernels_bits_and_refuses_by_shape(native):
+    g, w, scales = _int8_operator_or_skip(4)
     for dtype in (torch.float32, torch.bfloat16):
         for rows in (0, 1, 5):
             x = torch.randn(rows, 64, generator=g).to(dtype)
@@ -111,12 +115,7 @@ def test_a_compiled_graph_calls_the_attention_operator_without_python(native, mo
 
 
 def test_a_compiled_graph_calls_the_int8_operator_without_python(native, monkeypatch):
-    if cpu_int8.library() is None:
-        pytest.skip("the int8 kernel does not run here")
-    assert cpu_int8.native_op()
-    g = torch.Generator().manual_seed(6)
-    w = torch.randint(-127, 128, (40, 64), dtype=torch.int8, generator=g)
-    scales = (torch.rand(40, generator=g) * 0.01).bfloat16()
+    g, w, scales = _int8_operator_or_skip(6)
     _compiled_calls_no_python(monkeypatch, cpu_int8, "matmul", "int8", cpu_int8.product, (torch.randn(1, 64, generator=g), w, scales))
 
 
