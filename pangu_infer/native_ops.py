@@ -144,8 +144,8 @@ def disabled() -> bool:
 
 def load() -> bool:
     """Build (once per machine) and load the operators (once per process); True when they are
-    there. False with PANGU_INFER_NATIVE_OPS=0 or when the build failed (logged once; the Python
-    operators run as before)."""
+    there. False with PANGU_INFER_NATIVE_OPS=0 or when the build failed (logged once, at info
+    level; the Python operators run as before)."""
     if disabled():
         return False
     with _lock:
@@ -157,7 +157,9 @@ def load() -> bool:
                 _state["loaded"] = True
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 why = str(e).splitlines()[0] if str(e) else type(e).__name__
-                log.warning("C++ operators not built (%s): compiled graphs call the Python ones", why)
+                # info, not a warning: a speed detail (the compiled step still builds, and where the
+                # compiler is what fails, the step's own build fails with one line saying so)
+                log.info("C++ operators not built (%s): compiled graphs call the Python ones", why)
                 _state["loaded"] = False
         return _state["loaded"]
 
