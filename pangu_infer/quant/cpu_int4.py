@@ -30,11 +30,12 @@ pangu_infer.quant.tuning's per-machine cache (`~/.cache/pangu-infer/kernels.json
 `int4_decode_kernel`). `PANGU_INFER_INT4_KERNEL=aten` turns it off, `=own` uses it unmeasured.
 
 Inside a compiled step the product is an operator opaque to inductor, like the aten kernel:
-`pangu_infer::int4_native_mm`, registered from C++ (pangu_infer.native_ops: built once per machine
-with torch's headers before the decode step is traced, `native_op`), which calls the kernel with no Python in between,
-or where that cannot be built (or `PANGU_INFER_NATIVE_OPS=0`) the Python custom op
-`pangu_infer::int4_vnni_mm` (about 25 us more per call). Eagerly the C function is called directly
-(fewer microseconds per call, which the small expert products of a MoE notice).
+`pangu_infer::int4_native_mm`, registered from C++ (pangu_infer.native_ops: built once per
+machine with torch's headers before the decode step is traced, `native_op`), which calls the
+kernel with no Python in between, or where that cannot be built (or `PANGU_INFER_NATIVE_OPS=0`)
+the Python custom op `pangu_infer::int4_vnni_mm` (about 25 us more per call). Eagerly the C
+function is called directly (fewer microseconds per call, which the small expert products of a
+MoE notice).
 """
 
 from __future__ import annotations
@@ -946,7 +947,7 @@ def native_op() -> bool:
 
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
-    loaded (native_op), else the Python custom op; eagerly the C function directly."""
+    connected (native_op), else the Python custom op; eagerly the C function directly."""
     if torch.compiler.is_compiling():
         if native_ops.connected("int4"):
             return torch.ops.pangu_infer.int4_native_mm(x, data, sz, group_size)
