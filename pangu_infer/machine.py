@@ -75,6 +75,31 @@ def _read() -> dict:
     return stored if isinstance(stored, dict) else {}
 
 
+# Every choice this process has made: {cache file: {machine key: {name: value}}} (choices_made()).
+_MADE: dict[str, dict[str, dict[str, Any]]] = {}
+
+
+def choices_made() -> dict[str, dict[str, Any]]:
+    """{machine key: {name: value}} of every choice cached_choice has given in this process from
+    the cache file in use. Callers memoize choices of their own (functools.lru_cache), so what one
+    model's load consulted is not visible by itself; this superset is: a model converted now was
+    laid out by some of these."""
+    return json.loads(json.dumps(_MADE.get(cache_path(), {})))
+
+
+def changed_choices(made: dict[str, dict[str, Any]]) -> list[str]:
+    """The names in `made` (choices_made() of an earlier process) whose value is no longer the one
+    stored for their machine key: measured again with another answer, or gone (the file deleted)."""
+    stored = _read()
+    return sorted(
+        name for key, values in made.items() for name, value in values.items()
+        if not isinstance(stored.get(key), dict) or stored[key].get(name, _MISSING) != value
+    )
+
+
+_MISSING = object()
+
+
 def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
     """The value stored under `name` for this machine if `valid(value)`, else compute() stored there.
 
@@ -85,8 +110,10 @@ def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], 
     entry = _read().get(key)
     value = entry.get(name) if isinstance(entry, dict) else None
     if valid(value):
+        _MADE.setdefault(cache_path(), {}).setdefault(key, {})[name] = value
         return value
     value = compute()
+    _MADE.setdefault(cache_path(), {}).setdefault(key, {})[name] = value
     stored = _read()  # again: another process may have added its own entries while this one measured
     if not isinstance(stored.get(key), dict):
         stored[key] = {}

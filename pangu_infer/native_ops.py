@@ -12,8 +12,8 @@ loaded (`connect`), so the results are those of the eager calls, bit for bit:
 - `pangu_infer::bi_attention_native(q, k_cache, v_cache, slots, valid, scale)` -> pangu_bi_attention
   (pangu_infer.models.bi_attention_kernel).
 
-One library for all of them, compiled against this torch's headers once per machine (about a
-minute, in the background compile before the decode step is traced; pangu_infer.native.build_torch_ops)
+One library for all of them, compiled against this torch's headers once per machine (about 20 s
+on a 2-core Zen 1, in the background compile before the decode step is traced; pangu_infer.native.build_torch_ops)
 and loaded once per process. `PANGU_INFER_NATIVE_OPS=0` turns them off (the Python operators run).
 The shape functions stay in Python (each kernel module registers its own): a C++ one reading
 x.size(0) would specialize a compiled graph to each batch size. Layer 1: imports pangu_infer.native.

@@ -124,6 +124,47 @@ def test_caches_of_other_settings_stay_side_by_side(tiny_file, cache_dir, monkey
     assert calls == []
 
 
+def test_kernel_choices_measured_elsewhere_leave_the_cache_valid_and_a_changed_one_converts_again(
+    tiny_file, cache_dir, monkeypatch, tmp_path
+):
+    """The per-machine kernel choices (kernels.json) decide a converted model's layout. A choice
+    added later (another model's shapes, another process, a test beside this one) must not throw
+    the cache away; a choice the writing process had made that now reads otherwise (measured
+    again, or the file deleted) must convert again, and the rewritten file is used next time."""
+    from pangu_infer import machine
+
+    kernels = tmp_path / "kernels.json"
+    if os.path.exists(machine.cache_path()):
+        shutil.copy(machine.cache_path(), kernels)
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(kernels))
+    monkeypatch.setattr(machine, "_MADE", {})
+    assert machine.cached_choice("test_layout", lambda: "a", lambda v: v in ("a", "b")) == "a"
+    LLM(str(tiny_file), enforce_eager=True)
+    (written,) = _files(cache_dir)
+
+    def edit(**entries) -> None:  # what another process's cached_choice does to the file
+        stored = json.loads(kernels.read_text())
+        stored[machine.machine_key()] |= entries
+        kernels.write_text(json.dumps(stored))
+
+    calls = _conversions(monkeypatch)
+    edit(test_other_shapes=123)
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []
+    edit(test_layout="b")
+    monkeypatch.setattr(machine, "_MADE", {})  # as a process started now: it lays weights out by "b"
+    assert machine.cached_choice("test_layout", lambda: "a", lambda v: v in ("a", "b")) == "b"
+    LLM(str(tiny_file), enforce_eager=True)
+    assert "convert" in calls
+    assert _files(cache_dir) == [written]  # rewritten in place, under the same key
+    calls.clear()
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []  # the rewritten file holds "b"
+    kernels.unlink()
+    LLM(str(tiny_file), enforce_eager=True)
+    assert "convert" in calls
+
+
 @pytest.mark.parametrize("damage", ["truncate", "header", "key"])
 def test_a_corrupt_cache_is_ignored_with_one_warning_and_rewritten(tiny_file, cache_dir, monkeypatch, capsys, damage):
     ref_logits, ref_tokens = _answer(LLM(str(tiny_file), enforce_eager=True))

@@ -142,9 +142,8 @@ def _load_gguf(
     # One process only: a tensor-parallel rank holds a shard, which the key does not name.
     use_cache = model_cache.enabled() and device.type == "cpu" and not current_parallel_state().is_parallel
     if use_cache:
-        hit = model_cache.load(
-            path, model_cache.cache_key(path, dtype, device, quantization), lambda extras: _build_cached(extras)
-        )
+        key = model_cache.cache_key(path, dtype, device, quantization)
+        hit = model_cache.load(path, key, lambda extras: _build_cached(extras))
         if hit is not None:
             cached, extras = hit
             cached.eval()
@@ -181,11 +180,11 @@ def _load_gguf(
     net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook)
     net.eval()
     # Only a model that keeps quantized weights is cached: a float one is cheap to read from the
-    # file and would take several times its disk space. The key again: loading may have measured
-    # and stored this machine's kernel tuning.
+    # file and would take several times its disk space. The file keeps the kernel choices made so
+    # far (loading may have measured some): they decided the layout.
     if use_cache and hook is not None:
         extras = {"config": ckpt.config, "tokenizer_spec": ckpt.tokenizer_spec}
-        model_cache.store(net, model_cache.cache_key(path, dtype, device, quantization), _build_cached, extras)
+        model_cache.store(net, key, _build_cached, extras)
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)
 

@@ -9,8 +9,12 @@ the model on the meta device, swaps in the same module classes and maps the file
 
 Key: the GGUF file's real path, size and mtime; a hash of this package's source (any code change
 invalidates every cache); torch's version; the CPU model and thread count; the dtype, device and
-quantization asked for; the `PANGU_INFER_*` settings; and the kernel tuning file
-(quant/tuning.py), whose per-machine measurements decide how weights are laid out.
+quantization asked for; and the `PANGU_INFER_*` settings. The per-machine kernel choices
+(pangu_infer.machine: kernels.json), which decide how weights are laid out, are not in the key:
+the file keeps the choices its process had made when it was written, and is used only while the
+tuning file still holds those values (a choice measured again with another answer, or the tuning
+file deleted, converts again). A measurement added for other shapes, by another model or another
+process, leaves it valid.
 
 Safety:
 - written to a temporary file and renamed into place: a reader never sees a partial file;
@@ -35,6 +39,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -46,10 +51,10 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from pangu_infer.machine import cache_root
+from pangu_infer.machine import cache_root, changed_choices, choices_made
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed
 
-FORMAT = "pangu-infer-model-cache/1"
+FORMAT = "pangu-infer-model-cache/2"
 EXTRAS = "__extras__.json"  # the U8 tensor holding the extras (config, tokenizer spec) as JSON
 ALIGN = 64
 ENV_OFF = "PANGU_INFER_MODEL_CACHE"
@@ -65,6 +70,10 @@ _DTYPES = {
 _BY_NAME = {v: k for k, v in _DTYPES.items()}
 # nn.Module's own bookkeeping: never part of a module's recorded attributes.
 _MODULE_INTERNALS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training"}
+
+
+class StaleChoices(Exception):
+    """A cache file whose kernel choices are no longer this machine's: a miss, not a bad file."""
 
 
 class CacheError(ValueError):
@@ -104,17 +113,6 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _tuning_file_hash() -> str:
-    """The per-machine kernel measurements the layout depends on (quant/tuning.py's file)."""
-    try:
-        from pangu_infer.machine import cache_path
-
-        with open(cache_path(), "rb") as f:
-            return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
-    except Exception:  # noqa: BLE001  (no file yet, or another layout of that module)
-        return ""
-
-
 def cache_key(path: str, dtype: torch.dtype, device: torch.device, quantization: Any) -> dict:
     st = os.stat(path)
     settings = {k: v for k, v in os.environ.items() if k.startswith("PANGU_INFER_") and k not in (ENV_OFF, ENV_DIR)}
@@ -131,7 +129,6 @@ def cache_key(path: str, dtype: torch.dtype, device: torch.device, quantization:
         "device": str(device),
         "quantization": repr(quantization),
         "settings": sorted(settings.items()),
-        "tuning": _tuning_file_hash(),
     }
 
 
@@ -324,6 +321,7 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
         "modules": json.dumps(modules),
         "aliases": json.dumps(aliases),
         "strides": json.dumps(strides),
+        "choices": json.dumps(choices_made(), sort_keys=True),
     }
     head = _header_bytes(header)
     size = len(head) + (writes[-1][0] + writes[-1][1].numel() * writes[-1][1].element_size() if writes else 0)
@@ -368,15 +366,24 @@ def _read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def read(path: Path, key: dict, build: Callable[[dict], nn.Module]) -> tuple[nn.Module, dict]:
+def read(path: Path, key: dict, build: Callable[[dict], nn.Module], check_choices: bool = True) -> tuple[nn.Module, dict]:
     """The model in the snapshot at `path` and its extras: `build(extras)` makes the meta-device
-    model (from the config), which is then filled."""
+    model (from the config), which is then filled. StaleChoices (with `check_choices`) where a
+    kernel choice the writing process had made is no longer the one stored for this machine."""
     header, base = _read_header(path)
     meta = header["__metadata__"]
     if meta.get("format") != FORMAT:
         raise CacheError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
     if json.loads(meta["key"]) != json.loads(json.dumps(key, sort_keys=True)):
         raise CacheError("written for another file, engine or setting (key differs)")
+    try:
+        made = json.loads(meta["choices"])
+    except (KeyError, TypeError, ValueError):
+        raise CacheError("no kernel choices recorded") from None
+    if not isinstance(made, dict) or not all(isinstance(v, dict) for v in made.values()):
+        raise CacheError("bad kernel choices record")
+    if check_choices and (changed := changed_choices(made)):
+        raise StaleChoices(", ".join(changed))
     modules = json.loads(meta["modules"])
     aliases: dict[str, str] = json.loads(meta["aliases"])
     strides: dict[str, list[int]] = json.loads(meta["strides"])
@@ -569,6 +576,9 @@ def load(path: str, key: dict, build: Callable[[dict], nn.Module]) -> Optional[t
         return None
     try:
         return read(target, key, build)
+    except StaleChoices as e:  # the machine's kernel choices changed since: convert again, rewrite it
+        logging.getLogger("pangu_infer.loader").info("%s: kernel choices changed (%s); converting again", target, e)
+        return None
     except Exception as e:  # noqa: BLE001  (any problem with the file: load normally, rewrite it)
         warn(f"ignoring {target} ({type(e).__name__}: {e}); loading {os.path.basename(path)} normally")
         return None
@@ -589,7 +599,7 @@ def store(model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extra
     try:
         # The copy read back is memory-mapped: each tensor's pages are given back once compared, so
         # the check never holds a second resident model (peak RSS of a first load, RESULTS.md).
-        copy = read(target, key, build)[0]
+        copy = read(target, key, build, check_choices=False)[0]
         ranges = file_backed_ranges()
         why = same_model(model, copy, compared=lambda t: _drop_if_mapped(t, ranges))
         del copy
