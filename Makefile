@@ -22,8 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pangu-infer chat --message "$(DEMO_QUESTION)" --max-tokens 64 --temperature 0 --stats
 
+# Tests run on one torch thread each (tests/conftest.py), and most of the suite's time is spent
+# compiling (Python and g++, one core each): two pytest workers halve it on a 2-core machine
+# (17.8 -> 9.4 minutes, benchmarks/RESULTS.md). `make test TEST_WORKERS=0` runs them in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=600 -p no:cacheprovider
+	$(PY) -m pytest -q --timeout=600 -p no:cacheprovider -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
