@@ -11,6 +11,7 @@ Layer 1 (no imports from the rest of the package): models, quant and engine all 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -19,7 +20,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -103,31 +104,51 @@ _MISSING = object()
 def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
     """The value stored under `name` for this machine if `valid(value)`, else compute() stored there.
 
-    A read-only home, or a cache file another process rewrote meanwhile, only means measuring again
-    next time: the file is replaced atomically and never left half written.
+    Processes measuring at once (two servers starting on a fresh machine, test workers) agree: the
+    file is read, changed and replaced under a lock, a value another process stored while this one
+    measured is taken instead of this one's (one answer per machine), and no process's entries are
+    lost to another's rewrite. A read-only home only means measuring again next time; the file is
+    replaced atomically and never left half written.
     """
     key = machine_key()
+    path = cache_path()
     entry = _read().get(key)
     value = entry.get(name) if isinstance(entry, dict) else None
-    if valid(value):
-        _MADE.setdefault(cache_path(), {}).setdefault(key, {})[name] = value
-        return value
-    value = compute()
-    _MADE.setdefault(cache_path(), {}).setdefault(key, {})[name] = value
-    stored = _read()  # again: another process may have added its own entries while this one measured
-    if not isinstance(stored.get(key), dict):
-        stored[key] = {}
-    stored[key][name] = value
-    path = cache_path()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(stored, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    if not valid(value):
+        measured = compute()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with _locked(path):
+                stored = _read()  # again, under the lock: another process may have written meanwhile
+                if not isinstance(stored.get(key), dict):
+                    stored[key] = {}
+                value = stored[key].get(name)
+                if not valid(value):
+                    value = stored[key][name] = measured
+                    tmp = f"{path}.{os.getpid()}.tmp"
+                    with open(tmp, "w", encoding="utf-8") as f:
+                        json.dump(stored, f, indent=1, sort_keys=True)
+                    os.replace(tmp, path)
+        except OSError:
+            value = measured
+    _MADE.setdefault(path, {}).setdefault(key, {})[name] = value
     return value
+
+
+@contextlib.contextmanager
+def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on `path`'s companion lock file (POSIX flock; elsewhere none)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: last writer wins
+        yield
+        return
+    with open(f"{path}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def own_kernel_measured_faster(name: str, measure: Callable[[], dict[str, float]], what: str) -> bool:
