@@ -24,7 +24,7 @@ demo: $(STAMP)
 
 # Tests run on one torch thread each (tests/conftest.py), and most of the suite's time is spent
 # compiling (Python and g++, one core each): two pytest workers halve it on a 2-core machine
-# (17.8 -> 9.4 minutes, benchmarks/RESULTS.md). `make test TEST_WORKERS=0` runs them in one process.
+# (17.8 -> 9.5-11.8 minutes cold, benchmarks/RESULTS.md). `make test TEST_WORKERS=0` runs them in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
