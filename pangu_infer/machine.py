@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -78,6 +79,7 @@ def _read() -> dict:
 
 # Every choice this process has made: {cache file: {machine key: {name: value}}} (choices_made()).
 _MADE: dict[str, dict[str, dict[str, Any]]] = {}
+_MADE_LOCK = threading.Lock()  # a compile thread may measure while a load copies the record
 
 
 def choices_made() -> dict[str, dict[str, Any]]:
@@ -85,7 +87,8 @@ def choices_made() -> dict[str, dict[str, Any]]:
     the cache file in use. Callers memoize choices of their own (functools.lru_cache), so what one
     model's load consulted is not visible by itself; this superset is: a model converted now was
     laid out by some of these."""
-    return json.loads(json.dumps(_MADE.get(cache_path(), {})))
+    with _MADE_LOCK:
+        return json.loads(json.dumps(_MADE.get(cache_path(), {})))
 
 
 def changed_choices(made: dict[str, dict[str, Any]]) -> list[str]:
@@ -131,7 +134,8 @@ def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], 
                     os.replace(tmp, path)
         except OSError:
             value = measured
-    _MADE.setdefault(path, {}).setdefault(key, {})[name] = value
+    with _MADE_LOCK:
+        _MADE.setdefault(path, {}).setdefault(key, {})[name] = value
     return value
 
 
