@@ -91,6 +91,9 @@ def choices_made() -> dict[str, dict[str, Any]]:
         return json.loads(json.dumps(_MADE.get(cache_path(), {})))
 
 
+_MISSING = object()  # a name the file no longer holds
+
+
 def changed_choices(made: dict[str, dict[str, Any]]) -> list[str]:
     """The names in `made` (choices_made() of an earlier process) whose value is no longer the one
     stored for their machine key: measured again with another answer, or gone (the file deleted)."""
@@ -99,9 +102,6 @@ def changed_choices(made: dict[str, dict[str, Any]]) -> list[str]:
         name for key, values in made.items() for name, value in values.items()
         if not isinstance(stored.get(key), dict) or stored[key].get(name, _MISSING) != value
     )
-
-
-_MISSING = object()
 
 
 def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:

@@ -143,7 +143,7 @@ def _load_gguf(
     use_cache = model_cache.enabled() and device.type == "cpu" and not current_parallel_state().is_parallel
     if use_cache:
         key = model_cache.cache_key(path, dtype, device, quantization)
-        hit = model_cache.load(path, key, lambda extras: _build_cached(extras))
+        hit = model_cache.load(path, key, _build_cached)
         if hit is not None:
             cached, extras = hit
             cached.eval()
