@@ -6,6 +6,7 @@ cache that a second start reads; eager with one line saying why where it cannot 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -122,6 +123,44 @@ def test_a_second_start_reads_the_compiled_graphs_from_the_persistent_cache(tmp_
     out2, err2, files2 = start()
     assert files2 == files1  # nothing new compiled
     assert out2 == out1
+
+
+def test_a_second_start_loads_the_saved_decode_step_instead_of_tracing_the_model(tmp_path, tiny_dense_dir):
+    """A dense model's compiled step is saved whole (engine/saved_step.py): two processes with an
+    empty cache folder, each waiting for the compiled step; the first traces and saves one file per
+    graph, the second loads every graph from those files and dynamo traces no frame at all. Both
+    decode the eager engine's greedy tokens (several context lengths and batch sizes: the batch-1
+    and the dynamic-batch graphs)."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env |= {"XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    script = (
+        "import json; from pangu_infer import LLM, SamplingParams\n"
+        "from torch._dynamo.utils import counters\n"
+        f"llm = LLM({str(tiny_dense_dir)!r}, dtype='float32', max_model_len=128, kv_cache_memory=4 << 20)\n"
+        "assert llm.wait_compiled(), llm.engine.runner.compile_error\n"
+        "step = llm.engine.runner.decode_forward\n"
+        f"prompts = {PROMPTS!r}\n"
+        "one = [llm.generate([p], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].outputs[0].token_ids for p in prompts]\n"
+        "many = [o.outputs[0].token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))]\n"
+        "print(json.dumps({'loaded': step.loaded, 'built': step.built, 'frames': counters['frames']['total'], 'one': one, 'many': many}))\n"
+    )
+    steps = tmp_path / "pangu-infer" / "torchinductor" / "pangu-infer-steps"
+
+    def start() -> dict:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = start()
+    saved = {f: f.stat().st_size for f in steps.glob("*.step")}
+    assert first["built"] == len(saved) >= 2 and first["loaded"] == 0  # batch 1 and the dynamic batch
+    second = start()
+    assert second["loaded"] == len(saved) and second["built"] == 0
+    assert second["frames"] == 0  # nothing traced
+    assert {f: f.stat().st_size for f in steps.glob("*.step")} == saved
+    eager = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=128, enforce_eager=True)
+    expected = _token_ids(eager.generate(PROMPTS, GREEDY))
+    assert first["one"] == first["many"] == second["one"] == second["many"] == expected
 
 
 def test_the_background_build_warms_up_every_graph_a_request_uses(tiny_dense_dir):

@@ -18,6 +18,9 @@ from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.batch_invariant import KV_SPLIT
 from pangu_infer.models.layers import UNMASKED_SDPA_MAX_CONTEXT, AttentionBatch, disable_compile_on_marked_methods
 from pangu_infer.native import compile_cache_dir, compile_problem  # noqa: F401  (their home before native.py)
+from pangu_infer.engine import saved_step
+
+logger = logging.getLogger("pangu_infer.engine")
 
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch], torch.Tensor]
 
@@ -50,6 +53,26 @@ def _warmup_shapes(max_context: int, batch_invariant: bool = False, inline_bound
     return [(b, max(2, min(c, max_context))) for b, c in shapes]  # a context of 1 would be a static size
 
 
+def _step_function() -> Callable:
+    # A code object of its own per compiled function (see _compile).
+    return types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
+
+
+def _options(device: torch.device, batch_invariant: bool) -> dict:
+    """Inductor's options for the decode step (see _compile)."""
+    options: dict = {"size_asserts": False, "alignment_asserts": False}
+    if batch_invariant:
+        # Round every intermediate to its dtype where eager does, so that a compiled decode step
+        # computes the tokens' values bitwise like the eager prefill (preemption recomputes them so).
+        options["emulate_precision_casts"] = True
+    if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
+        options["cpp_wrapper"] = True
+        # Kernels and wrapper compiled as two files: a first build of the demo model's step took
+        # 219 s instead of 290 s on Zen 1 (g++ 48 s instead of 125 s), decode within noise.
+        options["cpp_wrapper_build_separate"] = True
+    return options
+
+
 def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: bool = False) -> DecodeStep:
     """torch.compile of `model`'s forward + head for decode-only steps, private to this model.
 
@@ -75,17 +98,8 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
     all guards.
     """
     disable_compile_on_marked_methods(model)
-    step = types.FunctionType(_decode_step.__code__.replace(), _decode_step.__globals__, "decode_step")
-    options: dict = {"size_asserts": False, "alignment_asserts": False}
-    if batch_invariant:
-        # Round every intermediate to its dtype where eager does, so that a compiled decode step
-        # computes the tokens' values bitwise like the eager prefill (preemption recomputes them so).
-        options["emulate_precision_casts"] = True
-    if device.type == "cpu":  # (on CUDA the C++ wrapper needs the CUDA toolkit's headers; untested there)
-        options["cpp_wrapper"] = True
-        # Kernels and wrapper compiled as two files: a first build of the demo model's step took
-        # 219 s instead of 290 s on Zen 1 (g++ 48 s instead of 125 s), decode within noise.
-        options["cpp_wrapper_build_separate"] = True
+    step = _step_function()
+    options = _options(device, batch_invariant)
     if not getattr(model, "has_graph_breaks", False):
         options["guard_filter_fn"] = torch.compiler.skip_guard_on_all_nn_modules_unsafe
     global _LAYERS_COMPILED
@@ -131,16 +145,71 @@ def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, bat
     """Run the compiled step once per (batch, context), on dummy tokens that read and write only
     the `scratch` slots of the bound cache (slots no sequence is ever given), so that no user
     request waits for a compile and a warm-up running beside live steps never touches their KV."""
-    base, size = scratch.start, len(scratch)
     for batch, ctx in shapes:
-        attn = AttentionBatch(
-            slot_mapping=base + torch.arange(batch, device=device) % size,
-            decode_slots=(base + torch.arange(ctx, device=device) % size).repeat(batch, 1),
-            decode_mask=torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device=device),
-            batch_invariant=batch_invariant,
-        )
-        ids = torch.zeros(batch, dtype=torch.long, device=device)
-        step(ids, torch.full((batch,), ctx - 1, dtype=torch.long, device=device), attn)
+        step(*_dummy_step(batch, ctx, device, scratch, batch_invariant))
+
+
+def _dummy_step(batch: int, ctx: int, device: torch.device, scratch: range, batch_invariant: bool = False) -> tuple:
+    """(input_ids, positions, attn) of a decode step of `batch` rows over `ctx` keys, on dummy
+    tokens that read and write only the `scratch` slots."""
+    base, size = scratch.start, len(scratch)
+    attn = AttentionBatch(
+        slot_mapping=base + torch.arange(batch, device=device) % size,
+        decode_slots=(base + torch.arange(ctx, device=device) % size).repeat(batch, 1),
+        decode_mask=torch.ones(batch, 1, 1, ctx, dtype=torch.bool, device=device),
+        batch_invariant=batch_invariant,
+    )
+    ids = torch.zeros(batch, dtype=torch.long, device=device)
+    return ids, torch.full((batch,), ctx - 1, dtype=torch.long, device=device), attn
+
+
+def _saved_steps_apply(model: DecoderForCausalLM, device: torch.device, batch_invariant: bool) -> bool:
+    """Are this model's graphs saved whole (engine/saved_step.py)? On CPU, for a model traced as
+    one graph; a MoGE model's graph breaks and the batch-invariant mode's graphs per batch range
+    stay with torch.compile's caches, as does CUDA (untested there)."""
+    return (
+        saved_step.enabled() and device.type == "cpu" and not batch_invariant
+        and not getattr(model, "has_graph_breaks", False)
+    )
+
+
+def _build_saved(model: DecoderForCausalLM, kv_cache: torch.Tensor, shapes, scratch: range) -> saved_step.SavedStep:
+    """The decode step over one saved graph per warm-up shape that the graphs before it do not
+    cover: each loaded from the steps folder, or traced, compiled and saved there; each run once.
+    Runs under inference_mode, as the steps do (a saved graph's guards hold its inputs' dispatch
+    keys). Raises where torch cannot build or save one (the caller compiles the regular way)."""
+    device = kv_cache.device
+    disable_compile_on_marked_methods(model)
+    options = _options(device, batch_invariant=False)
+    step = saved_step.SavedStep(model, _decode_step)
+    for batch, ctx in shapes:
+        inputs = _dummy_step(batch, ctx, device, scratch)
+        if step.graph_for(*inputs) is not None:
+            continue
+        key = saved_step.step_key(model, kv_cache, (batch, ctx), options)
+        graph = saved_step.load(key)
+        if graph is not None and not graph.guard_check(model, *inputs):
+            logger.info("the saved decode step for %s refuses the inputs it was built for: building it again", (batch, ctx))
+            graph = None
+        if graph is not None:
+            step.loaded += 1
+        else:
+            step.built += 1
+            ids, positions, attn = inputs
+            torch._dynamo.maybe_mark_dynamic(ids, 0)
+            torch._dynamo.maybe_mark_dynamic(positions, 0)
+            for name, dims in _DYNAMIC_DIMS:
+                for dim in dims:
+                    torch._dynamo.maybe_mark_dynamic(getattr(attn, name), dim)
+            compiled = torch.compile(_step_function(), fullgraph=True, options={**options, "guard_filter_fn": saved_step.serializable_guards})
+            graph = compiled.aot_compile(((model, *inputs), {}))
+            if not graph.guard_check(model, *inputs):
+                raise RuntimeError(f"the graph built for a decode step of {batch} x {ctx} refuses its own inputs")
+            saved_step.save(graph, key)
+        graph.disable_guard_check()  # SavedStep checks the guards itself to choose the graph
+        step.graphs.append(graph)
+        step(*inputs)
+    return step
 
 
 def inline_bounds(model: torch.nn.Module, max_batch: Optional[int]) -> tuple[int, ...]:
@@ -185,13 +254,22 @@ def build_decode_step(
         step, warmed = steps.get(key, (None, set()))
         if step is not None and set(shapes) <= warmed:  # another engine over this model built it
             return step, None
+        if step is None and _saved_steps_apply(model, device, batch_invariant):
+            try:
+                with torch.inference_mode():
+                    step = _build_saved(model, kv_cache, shapes, scratch)
+                steps[key] = (step, set(shapes))
+                return step, None
+            except Exception:  # noqa: BLE001  the regular compiled step may still build
+                logger.info("saving the compiled decode step failed: compiling it the regular way", exc_info=True)
+                step = None
         if step is None:
             step = _compile(model, device, batch_invariant)
         try:
             with torch.inference_mode():
                 _warm_up(step, device, [s for s in shapes if s not in warmed], scratch, batch_invariant)
         except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
-            logging.getLogger("pangu_infer.engine").info("compiling the decode step failed", exc_info=True)
+            logger.info("compiling the decode step failed", exc_info=True)
             text = str(e).strip()
             return None, f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
         steps[key] = (step, warmed | set(shapes))

@@ -86,8 +86,11 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
+        layers = self.model.layers
+        # By index: iterating the ModuleList has torch.compile guard its dict's key order, a guard
+        # that a saved compiled step (engine/saved_step.py) cannot rebuild without the model.
+        for i in range(len(layers)):
+            x = layers[i](x, cos, sin, attn)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""Saved compiled decode steps (engine/saved_step.py): what the key holds and what it ignores,
+that it reads the same in every process, and that any file it cannot trust is a quiet miss.
+(A second start loading the saved graphs: tests/test_compiled.py.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pangu_infer import LLM
+from pangu_infer.engine import saved_step
+
+OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dense_dir):
+    return LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+
+
+def _key(llm) -> dict:
+    runner = llm.engine.runner
+    return saved_step.step_key(runner.model, runner.k_caches[0], (1, 16), OPTIONS)
+
+
+def test_the_key_reads_the_same_in_every_process(tiny_dense_dir, tmp_path):
+    """Two processes with different string hashing (sets of names print in another order) compute
+    one key for one model: a key that moved between processes would never find its file."""
+    script = (
+        "import json; from pangu_infer import LLM; from pangu_infer.engine import saved_step\n"
+        f"llm = LLM({str(tiny_dense_dir)!r}, dtype='float32', device='cpu', kv_cache_memory=4 << 20, enforce_eager=True)\n"
+        "r = llm.engine.runner\n"
+        f"print(json.dumps(saved_step.step_key(r.model, r.k_caches[0], (1, 16), {OPTIONS!r})))\n"
+    )
+    keys = []
+    for seed in ("1", "2"):
+        env = dict(os.environ, PYTHONHASHSEED=seed, XDG_CACHE_HOME=str(tmp_path))
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        keys.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert keys[0] == keys[1]
+    assert keys[0]["graph"] == [1, 16] and keys[0]["kv_cache"][1] == "torch.float32"
+
+
+def test_the_key_follows_what_a_trace_bakes_in_and_not_the_weights_values(llm):
+    model = llm.engine.runner.model
+    base = _key(llm)
+    with torch.no_grad():
+        model.model.layers[0].mlp.gate_up_proj.weight.add_(1.0)  # values: read at each call
+    assert _key(llm) == base
+    norm = model.model.layers[1].input_layernorm
+    old_eps = norm.eps
+    norm.eps = old_eps * 2  # a plain attribute: a constant of the graph
+    try:
+        assert _key(llm)["model"] != base["model"]
+    finally:
+        norm.eps = old_eps
+    assert _key(llm) == base
+    runner = llm.engine.runner
+    other = saved_step.step_key(model, runner.k_caches[0][:-16], (1, 16), OPTIONS)  # another cache shape
+    assert other != base
+    assert saved_step.step_key(model, runner.k_caches[0], (2, 16), OPTIONS) != base  # another graph
+    assert saved_step.step_key(model, runner.k_caches[0], (1, 16), {**OPTIONS, "cpp_wrapper": False}) != base
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        assert _key(llm) != base
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write(key: dict, choices: dict, header_key=None, body: bytes = b"not a compiled function") -> None:
+    path = saved_step.step_file(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(json.dumps({"key": header_key or key, "choices": choices}).encode() + b"\n" + body)
+
+
+def test_a_file_it_cannot_trust_is_a_quiet_miss(llm, tmp_path, monkeypatch, caplog):
+    """No file, another key behind the name, kernel choices that kernels.json no longer holds, a
+    body torch cannot read: each is None (built again by the caller), logged at INFO, never raised."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    key = _key(llm)
+    caplog.set_level(logging.INFO, logger="pangu_infer.engine")
+    assert saved_step.load(key) is None  # nothing saved
+    _write(key, {}, header_key={**key, "graph": [9, 9]})  # (a name is a hash of its key)
+    assert saved_step.load(key) is None
+    assert "for another key" in caplog.text
+    from pangu_infer import machine
+
+    _write(key, {machine.machine_key(): {"no such choice": 1}})
+    assert saved_step.load(key) is None
+    assert "other kernel choices (no such choice)" in caplog.text
+    _write(key, {})
+    assert saved_step.load(key) is None
+    assert "could not be loaded" in caplog.text
+
+
+def test_old_files_are_pruned_least_recently_used_first(tmp_path, monkeypatch):
+    monkeypatch.setattr(saved_step, "KEEP", 3)
+    for i in range(5):
+        f = tmp_path / f"{i}.step"
+        f.write_bytes(b"x")
+        os.utime(f, (1000 + i, 1000 + i))
+    os.utime(tmp_path / "0.step", (2000, 2000))  # used recently (a load touches it)
+    saved_step._prune(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.step")) == ["0.step", "3.step", "4.step"]
