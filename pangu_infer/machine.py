@@ -32,6 +32,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pangu-infer"
 
 
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """A hash of every Python file of this package (the C sources are strings in them): what the
+    engine caches from its own code (converted models, saved compiled steps) is keyed by it."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def cache_path() -> str:
     explicit = os.environ.get("PANGU_INFER_KERNEL_CACHE")
     if explicit:

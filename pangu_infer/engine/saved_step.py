@@ -98,12 +98,10 @@ def _settings_hash() -> str:
 
 
 def step_key(model: torch.nn.Module, kv_cache: torch.Tensor, shape: tuple[int, int], options: dict) -> dict:
-    from pangu_infer.loader.model_cache import source_hash
-
     settings = {k: v for k, v in os.environ.items() if k.startswith("PANGU_INFER_") and k != ENV_OFF}
     key = {
         "format": FORMAT,
-        "source": source_hash(),
+        "source": machine.source_hash(),
         "torch": torch.__version__,
         "python": sys.version,
         "machine": machine.machine_key(),

@@ -36,7 +36,6 @@ with aligned loads), the gaps filled by small `__pad__.N` tensors.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -51,7 +50,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from pangu_infer.machine import cache_root, changed_choices, choices_made
+from pangu_infer.machine import cache_root, changed_choices, choices_made, source_hash
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed
 
 FORMAT = "pangu-infer-model-cache/2"
@@ -89,17 +88,6 @@ def cache_dir() -> Path:
     if chosen:
         return Path(chosen)
     return cache_root() / "models"
-
-
-@functools.lru_cache(maxsize=1)
-def source_hash() -> str:
-    """A hash of every Python file of this package: any change to the code makes a new key."""
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.blake2b(digest_size=16)
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 def _cpu_model() -> str:
