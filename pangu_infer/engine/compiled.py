@@ -113,14 +113,18 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
         # warm-up did not cover) hit the default 8, and frames past it run eagerly from then on.
         if torch._dynamo.config.recompile_limit < 4 * _LAYERS_COMPILED + 8:
             raise_recompile_limits(_LAYERS_COMPILED)
-        torch._dynamo.maybe_mark_dynamic(input_ids, 0)
-        torch._dynamo.maybe_mark_dynamic(positions, 0)
-        for name, dims in _DYNAMIC_DIMS:
-            for dim in dims:
-                torch._dynamo.maybe_mark_dynamic(getattr(attn, name), dim)
+        _mark_dynamic(input_ids, positions, attn)
         return compiled(model, input_ids, positions, attn)
 
     return decode_step
+
+
+def _mark_dynamic(input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> None:
+    torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+    torch._dynamo.maybe_mark_dynamic(positions, 0)
+    for name, dims in _DYNAMIC_DIMS:
+        for dim in dims:
+            torch._dynamo.maybe_mark_dynamic(getattr(attn, name), dim)
 
 
 _LAYERS_COMPILED = 0  # decoder layers of every model compiled in this process: frames are shared per class
@@ -173,15 +177,18 @@ def _saved_steps_apply(model: DecoderForCausalLM, device: torch.device, batch_in
     )
 
 
-def _build_saved(model: DecoderForCausalLM, kv_cache: torch.Tensor, shapes, scratch: range) -> saved_step.SavedStep:
-    """The decode step over one saved graph per warm-up shape that the graphs before it do not
-    cover: each loaded from the steps folder, or traced, compiled and saved there; each run once.
+def _build_saved(
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, shapes, scratch: range, step: Optional[saved_step.SavedStep] = None,
+) -> saved_step.SavedStep:
+    """The decode step (`step` extended, or a new one) over one saved graph per warm-up shape that
+    the graphs before it do not cover: each loaded from the steps folder, or traced, compiled and
+    saved there; each run once.
     Runs under inference_mode, as the steps do (a saved graph's guards hold its inputs' dispatch
     keys). Raises where torch cannot build or save one (the caller compiles the regular way)."""
     device = kv_cache.device
     disable_compile_on_marked_methods(model)
     options = _options(device, batch_invariant=False)
-    step = saved_step.SavedStep(model, _decode_step)
+    step = step or saved_step.SavedStep(model, _decode_step)
     for batch, ctx in shapes:
         inputs = _dummy_step(batch, ctx, device, scratch)
         if step.graph_for(*inputs) is not None:
@@ -195,12 +202,7 @@ def _build_saved(model: DecoderForCausalLM, kv_cache: torch.Tensor, shapes, scra
             step.loaded += 1
         else:
             step.built += 1
-            ids, positions, attn = inputs
-            torch._dynamo.maybe_mark_dynamic(ids, 0)
-            torch._dynamo.maybe_mark_dynamic(positions, 0)
-            for name, dims in _DYNAMIC_DIMS:
-                for dim in dims:
-                    torch._dynamo.maybe_mark_dynamic(getattr(attn, name), dim)
+            _mark_dynamic(*inputs)
             compiled = torch.compile(_step_function(), fullgraph=True, options={**options, "guard_filter_fn": saved_step.serializable_guards})
             graph = compiled.aot_compile(((model, *inputs), {}))
             if not graph.guard_check(model, *inputs):
@@ -254,15 +256,15 @@ def build_decode_step(
         step, warmed = steps.get(key, (None, set()))
         if step is not None and set(shapes) <= warmed:  # another engine over this model built it
             return step, None
-        if step is None and _saved_steps_apply(model, device, batch_invariant):
+        if (step is None or isinstance(step, saved_step.SavedStep)) and _saved_steps_apply(model, device, batch_invariant):
             try:
-                with torch.inference_mode():
-                    step = _build_saved(model, kv_cache, shapes, scratch)
-                steps[key] = (step, set(shapes))
+                with torch.inference_mode():  # (graphs for shapes another engine's warm-up did not need added)
+                    step = _build_saved(model, kv_cache, [s for s in shapes if s not in warmed], scratch, step)
+                steps[key] = (step, warmed | set(shapes))
                 return step, None
             except Exception:  # noqa: BLE001  the regular compiled step may still build
                 logger.info("saving the compiled decode step failed: compiling it the regular way", exc_info=True)
-                step = None
+                step, warmed = None, set()
         if step is None:
             step = _compile(model, device, batch_invariant)
         try:
