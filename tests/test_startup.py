@@ -1,4 +1,5 @@
-"""Startup details: the background compile's lower CPU priority, garbage collection around imports."""
+"""Startup details: the background compile's lower CPU priority, garbage collection around imports,
+no torch._dynamo in an eager start."""
 
 from __future__ import annotations
 
@@ -38,3 +39,18 @@ def test_importing_the_package_leaves_garbage_collection_as_it_was():
     for switch, expected in (("enable", "True"), ("disable", "False")):
         out = subprocess.run([sys.executable, "-c", code.format(switch)], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+def test_an_eager_start_never_imports_torch_dynamo(tiny_dense_dir):
+    """torch._dynamo costs an eager start about 1-2 s of imports: the package, the CLI and an
+    `--enforce-eager` load and answer leave it unimported (the compile thread imports it when it
+    builds). A decorator such as `torch.compiler.assume_constant_result` at import time pulls it in."""
+    code = (
+        "import sys; import pangu_infer.cli; from pangu_infer import LLM, SamplingParams\n"
+        f"llm = LLM({str(tiny_dense_dir)!r}, dtype='float32', kv_cache_memory=4 << 20, enforce_eager=True)\n"
+        "llm.generate('hello', SamplingParams(max_tokens=2), use_tqdm=False)\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('torch._dynamo', 'torch._inductor'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -430,11 +430,12 @@ def library() -> Optional[ctypes.CDLL]:
 _DTYPES = (torch.bfloat16, torch.float32)
 
 
-@torch.compiler.assume_constant_result
 def available() -> bool:
     """Is the kernel built and loadable here? A constant to torch.compile: evaluated (and the
     kernel built) when a graph is traced, not traced into (library()'s file and ctypes calls would
-    break the graph, and the decode step skips the module guards that a break needs)."""
+    break the graph, and the decode step skips the module guards that a break needs). Marked so
+    (`torch.compiler.assume_constant_result`) by layers.disable_compile_on_marked_methods before
+    any trace, not here: the decorator imports torch._dynamo, 2 s of every start on Zen 1."""
     return library() is not None
 
 

@@ -27,7 +27,11 @@ def eager_in_compiled_steps(fn):
 
 def disable_compile_on_marked_methods(model: nn.Module) -> None:
     """`torch.compiler.disable` on every method marked with `eager_in_compiled_steps` in the
-    classes of `model`'s modules and of their plain attributes (once per class)."""
+    classes of `model`'s modules and of their plain attributes (once per class), and
+    `torch.compiler.assume_constant_result` on `bi_attention_kernel.available` (it marks the
+    function in place; at import it would import torch._dynamo into every start). Called before
+    every trace of a model."""
+    torch.compiler.assume_constant_result(bi_attention_kernel.available)
     classes = {type(m) for m in model.modules()}
     classes |= {type(v) for m in model.modules() for v in vars(m).values() if not isinstance(v, (torch.Tensor, dict))}
     for cls in classes:
