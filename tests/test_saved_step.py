@@ -111,3 +111,20 @@ def test_old_files_are_pruned_least_recently_used_first(tmp_path, monkeypatch):
     os.utime(tmp_path / "0.step", (2000, 2000))  # used recently (a load touches it)
     saved_step._prune(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.step")) == ["0.step", "3.step", "4.step"]
+
+
+def test_a_graph_that_cannot_be_written_leaves_no_file_and_raises_nothing(llm, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+
+    class Unwritable:  # serializes to something a file cannot take: fails after the header is written
+        @classmethod
+        def serialize(cls, fn):
+            return type("Result", (), {"serialized_data": object()})()
+
+    caplog.set_level(logging.INFO, logger="pangu_infer.engine")
+    key = _key(llm)
+    saved_step.save(Unwritable(), key)
+    assert "could not save the compiled decode step" in caplog.text
+    assert list(saved_step.steps_dir().iterdir()) == []
+    assert saved_step.load(key) is None

@@ -149,11 +149,11 @@ def save(fn: Any, key: dict) -> None:
     """Write the graph `fn` (an aot_compile result) for `key`, atomically, and prune old files.
     A cache that cannot be written only costs the next process a trace (logged)."""
     path = step_file(key)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = type(fn).serialize(fn).serialized_data
         header = json.dumps({"key": key, "choices": machine.choices_made()}).encode() + b"\n"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             f.write(header)
             f.write(data)
@@ -161,6 +161,10 @@ def save(fn: Any, key: dict) -> None:
         _prune(path.parent)
     except Exception as e:  # noqa: BLE001
         logger.info("could not save the compiled decode step to %s (%s: %s)", path, type(e).__name__, str(e)[:200])
+        try:
+            tmp.unlink(missing_ok=True)  # a disk that filled up midway keeps no partial file
+        except OSError:
+            pass
 
 
 def _prune(folder: Path) -> None:
