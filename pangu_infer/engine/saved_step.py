@@ -161,8 +161,9 @@ def save(fn: Any, key: dict) -> None:
         _prune(path.parent)
     except Exception as e:  # noqa: BLE001
         logger.info("could not save the compiled decode step to %s (%s: %s)", path, type(e).__name__, str(e)[:200])
+    finally:  # a disk that filled up midway, or the process ending (a BaseException), keeps no partial file
         try:
-            tmp.unlink(missing_ok=True)  # a disk that filled up midway keeps no partial file
+            tmp.unlink(missing_ok=True)
         except OSError:
             pass
 
