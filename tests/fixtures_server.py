@@ -57,9 +57,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _PortTaken(RuntimeError):
+    pass
+
+
 @contextlib.contextmanager
 def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
-    """`pangu-infer serve --model model_dir --dtype float32 --enforce-eager ...flags` on a free loopback port."""
+    """`pangu-infer serve --model model_dir --dtype float32 --enforce-eager ...flags` on a free loopback port
+    (another port if a test running beside this one took it between the probe and the bind)."""
+    for attempt in range(3):
+        try:
+            with _running_server(model_dir, *flags, api_key=api_key, log_dir=log_dir) as server:
+                yield server
+            return
+        except _PortTaken:
+            if attempt == 2:
+                raise
+
+
+@contextlib.contextmanager
+def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
     port = _free_port()
     cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", *flags]
@@ -74,6 +91,8 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
             if process.poll() is not None:
+                if "address already in use" in server.log().lower():
+                    raise _PortTaken(port)
                 raise RuntimeError(f"pangu-infer serve exited with {process.returncode}:\n{server.log()}")
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
@@ -93,19 +112,24 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
 
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
-    """Serve an ASGI app on a free loopback port from a thread; yields its http://127.0.0.1:PORT."""
+    """Serve an ASGI app on a free loopback port from a thread; yields its http://127.0.0.1:PORT
+    (a server whose thread ends before it starts, as one that lost its port to another test
+    worker's does, is tried again on another port, twice)."""
     import uvicorn
 
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    try:
+    for attempt in range(3):
+        port = _free_port()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+        thread.start()
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start on port {port}")
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if server.started or thread.is_alive() or attempt == 2:
+            break
+    try:
+        if not server.started:
+            raise RuntimeError(f"uvicorn did not start on port {port}")
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -421,3 +421,50 @@ def test_tools_and_tool_turns_are_rendered_into_the_prompt(tool_server, pangu_to
     assert '"name": "get_weather"' in prompt  # the tool spec, in the system turn
     assert "[unused9]工具：sunny[unused10]" in prompt
     assert '[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]' in prompt
+
+
+def test_the_test_server_takes_another_port_when_one_is_taken_before_it_binds(tiny_dense_dir, tmp_path, monkeypatch):
+    """Two test workers can probe the same free port: the server that loses the bind ("address
+    already in use") is started again on another port instead of failing the test."""
+    import socket
+
+    import fixtures_server
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = fixtures_server._free_port
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(fixtures_server, "_free_port", lambda: next(ports, None) or real())
+    try:
+        with running_server(tiny_dense_dir, "--max-model-len", "64", "--kv-cache-memory", "4MiB", log_dir=tmp_path) as s:
+            assert s.url != f"http://127.0.0.1:{taken.getsockname()[1]}"
+            assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+    finally:
+        taken.close()
+    assert any("address already in use" in p.read_text().lower() for p in tmp_path.glob("server-*.log"))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread that lost the port
+def test_an_app_served_in_a_thread_takes_another_port_when_one_is_taken(monkeypatch):
+    import socket
+
+    import fixtures_server
+
+    async def app(scope, receive, send):
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = fixtures_server._free_port
+    ports = iter([taken.getsockname()[1]])
+    monkeypatch.setattr(fixtures_server, "_free_port", lambda: next(ports, None) or real())
+    try:
+        with fixtures_server.serving(app) as url:
+            assert url != f"http://127.0.0.1:{taken.getsockname()[1]}"
+            assert httpx.get(url, timeout=10).text == "ok"
+    finally:
+        taken.close()
