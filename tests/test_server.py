@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 
 import httpx
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 
 from fastapi.testclient import TestClient
 
-from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, ScriptedEngine, metric_value, running_server
+from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, ScriptedEngine, metric_value, running_server, serving
 from pangu_infer import LLM
 from pangu_infer.chat import render_chat
 from pangu_infer.server.app import create_app
@@ -423,48 +424,41 @@ def test_tools_and_tool_turns_are_rendered_into_the_prompt(tool_server, pangu_to
     assert '[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]' in prompt
 
 
-def test_the_test_server_takes_another_port_when_one_is_taken_before_it_binds(tiny_dense_dir, tmp_path, monkeypatch):
-    """Two test workers can probe the same free port: the server that loses the bind ("address
-    already in use") is started again on another port instead of failing the test."""
-    import socket
-
+@pytest.fixture
+def taken_port(monkeypatch):
+    """A loopback port something listens on, which fixtures_server._free_port hands out first (as
+    when another test worker bound the port it had also probed), then free ports as before."""
     import fixtures_server
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
+    port = taken.getsockname()[1]
     real = fixtures_server._free_port
-    ports = iter([taken.getsockname()[1]])
+    ports = iter([port])
     monkeypatch.setattr(fixtures_server, "_free_port", lambda: next(ports, None) or real())
     try:
-        with running_server(tiny_dense_dir, "--max-model-len", "64", "--kv-cache-memory", "4MiB", log_dir=tmp_path) as s:
-            assert s.url != f"http://127.0.0.1:{taken.getsockname()[1]}"
-            assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
+        yield port
     finally:
         taken.close()
+
+
+def test_the_test_server_takes_another_port_when_one_is_taken_before_it_binds(tiny_dense_dir, tmp_path, taken_port):
+    """Two test workers can probe the same free port: the server that loses the bind ("address
+    already in use") is started again on another port instead of failing the test."""
+    with running_server(tiny_dense_dir, "--max-model-len", "64", "--kv-cache-memory", "4MiB", log_dir=tmp_path) as s:
+        assert s.url != f"http://127.0.0.1:{taken_port}"
+        assert httpx.get(f"{s.url}/health", timeout=10).status_code == 200
     assert any("address already in use" in p.read_text().lower() for p in tmp_path.glob("server-*.log"))
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread that lost the port
-def test_an_app_served_in_a_thread_takes_another_port_when_one_is_taken(monkeypatch):
-    import socket
-
-    import fixtures_server
-
+def test_an_app_served_in_a_thread_takes_another_port_when_one_is_taken(taken_port):
     async def app(scope, receive, send):
         if scope["type"] == "http":
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen()
-    real = fixtures_server._free_port
-    ports = iter([taken.getsockname()[1]])
-    monkeypatch.setattr(fixtures_server, "_free_port", lambda: next(ports, None) or real())
-    try:
-        with fixtures_server.serving(app) as url:
-            assert url != f"http://127.0.0.1:{taken.getsockname()[1]}"
-            assert httpx.get(url, timeout=10).text == "ok"
-    finally:
-        taken.close()
+    with serving(app) as url:
+        assert url != f"http://127.0.0.1:{taken_port}"
+        assert httpx.get(url, timeout=10).text == "ok"
