@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -36,14 +37,18 @@ def cache_root() -> Path:
 def source_hash() -> str:
     """A hash of every Python file of this package (the C sources are strings in them): what the
     engine caches from its own code (converted models, saved compiled steps) is keyed by it."""
-    import hashlib
-
     root = Path(__file__).resolve().parent
     h = hashlib.blake2b(digest_size=16)
     for path in sorted(root.rglob("*.py")):
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def engine_settings(*ignored: str) -> list[tuple[str, str]]:
+    """The `PANGU_INFER_*` environment settings, sorted, less `ignored` (a cache's own switches):
+    part of the key of what the engine caches, since any of them may change what it builds."""
+    return sorted((k, v) for k, v in os.environ.items() if k.startswith("PANGU_INFER_") and k not in ignored)
 
 
 def cache_path() -> str:

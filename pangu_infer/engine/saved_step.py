@@ -98,7 +98,6 @@ def _settings_hash() -> str:
 
 
 def step_key(model: torch.nn.Module, kv_cache: torch.Tensor, shape: tuple[int, int], options: dict) -> dict:
-    settings = {k: v for k, v in os.environ.items() if k.startswith("PANGU_INFER_") and k != ENV_OFF}
     key = {
         "format": FORMAT,
         "source": machine.source_hash(),
@@ -108,7 +107,7 @@ def step_key(model: torch.nn.Module, kv_cache: torch.Tensor, shape: tuple[int, i
         "threads": torch.get_num_threads(),
         "compile_settings": _settings_hash(),
         "options": sorted((k, repr(v)) for k, v in options.items() if k != "guard_filter_fn"),
-        "settings": sorted(settings.items()),
+        "settings": machine.engine_settings(ENV_OFF),
         "model": structure(model),
         "kv_cache": [list(kv_cache.shape), str(kv_cache.dtype), str(kv_cache.device)],
         "graph": list(shape),

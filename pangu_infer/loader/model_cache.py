@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import nn
 
-from pangu_infer.machine import cache_root, changed_choices, choices_made, source_hash
+from pangu_infer.machine import cache_root, changed_choices, choices_made, engine_settings, source_hash
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed
 
 FORMAT = "pangu-infer-model-cache/2"
@@ -103,7 +103,6 @@ def _cpu_model() -> str:
 
 def cache_key(path: str, dtype: torch.dtype, device: torch.device, quantization: Any) -> dict:
     st = os.stat(path)
-    settings = {k: v for k, v in os.environ.items() if k.startswith("PANGU_INFER_") and k not in (ENV_OFF, ENV_DIR)}
     return {
         "format": FORMAT,
         "file": os.path.realpath(path),
@@ -116,7 +115,7 @@ def cache_key(path: str, dtype: torch.dtype, device: torch.device, quantization:
         "dtype": str(dtype),
         "device": str(device),
         "quantization": repr(quantization),
-        "settings": sorted(settings.items()),
+        "settings": engine_settings(ENV_OFF, ENV_DIR),
     }
 
 
