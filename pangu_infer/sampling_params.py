@@ -14,6 +14,8 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's and vLLM's default limit)
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 300  # tokens in one logit_bias (OpenAI's limit)
+LOGIT_BIAS_RANGE = 100.0  # a bias is in [-100, 100], as OpenAI takes it
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes, with room for n
 
 
@@ -113,6 +115,11 @@ class SamplingParams:
     stop: Union[None, str, list[str]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: bool = False
+    # added to the logits of these token ids before penalties, temperature and filtering (OpenAI's
+    # logit_bias: -100 all but bans a token, 100 all but forces it); keys may be ids or their text
+    logit_bias: Optional[dict[int, float]] = None
+    # when set, only these token ids can be drawn (vLLM's allowed_token_ids)
+    allowed_token_ids: Optional[list[int]] = None
     logprobs: Optional[int] = None  # number of top alternatives to return with each token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -134,6 +141,10 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.allowed_token_ids, tuple):
+            self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.logit_bias, dict):
+            self.logit_bias = _token_keys(self.logit_bias)
         self._validate()
 
     def _validate(self) -> None:
@@ -179,6 +190,26 @@ class SamplingParams:
                 f"stop_token_ids has {len(self.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS} are allowed",
                 param="stop_token_ids",
             )
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise bad("logit_bias", "a mapping of token ids to numbers in [-100, 100], or None")
+            if len(self.logit_bias) > MAX_LOGIT_BIAS:
+                raise RequestError(
+                    f"logit_bias has {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS} are allowed", param="logit_bias"
+                )
+            for token, bias in self.logit_bias.items():
+                if not _is_int(token) or token < 0:
+                    raise RequestError(f"logit_bias has the key {short_repr(token)}: expected a token id (an integer >= 0)", param="logit_bias")
+                if not _is_num(bias) or not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                    raise RequestError(
+                        f"logit_bias[{token}]={short_repr(bias)}: expected a number in [-100, 100]", param="logit_bias"
+                    )
+        if self.allowed_token_ids is not None and (
+            not isinstance(self.allowed_token_ids, list)
+            or not self.allowed_token_ids
+            or any(not _is_int(t) or t < 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", "a non-empty list of non-negative integers, or None")
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise bad("structured_outputs", "a StructuredOutputsParams or None")
         if self.max_reasoning_tokens is not None and (not _is_int(self.max_reasoning_tokens) or self.max_reasoning_tokens < 0):
@@ -190,6 +221,17 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+
+def _token_keys(bias: dict) -> dict:
+    """logit_bias with its keys as ints where they are ints or their decimal text (JSON object keys
+    are strings: OpenAI's {"1234": -100}); other keys are kept for _validate to name."""
+    out = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.strip().isdecimal():
+            key = int(key)
+        out[key] = value
+    return out
 
 
 def _is_int(x: object) -> bool:

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -226,3 +227,59 @@ def test_logprobs_are_log_softmax_of_the_raw_logits():
         assert [t for t, _ in top] == expected_ids.tolist()
         assert values == pytest.approx(expected_values.tolist(), abs=1e-5)
     assert all(math.isfinite(v) for v in result.logprobs)
+
+
+def test_logit_bias_sampling_follows_transformers_sequence_bias():
+    """Frequencies match softmax(logits + bias / T) where the biased logits come from transformers'
+    own SequenceBiasLogitsProcessor (single-token biases are OpenAI's logit_bias)."""
+    from transformers import SequenceBiasLogitsProcessor
+
+    logits = torch.tensor([1.0, 0.2, -0.5, 2.0, 0.0, -1.5])
+    bias = {0: 1.5, 3: -2.5, 5: 3.0}
+    reference = SequenceBiasLogitsProcessor([[[t], b] for t, b in bias.items()])(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
+    assert not torch.equal(reference, logits)
+    n = 30000
+    counts = torch.bincount(draw_many(logits, n, temperature=0.8, logit_bias=bias), minlength=6).double()
+    expected = (reference.double() / 0.8).softmax(-1) * n
+    chi_square = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi_square < 25  # 5 degrees of freedom: p < 1e-4 for a correct sampler
+
+
+def test_logit_bias_bans_and_forces_tokens_per_row():
+    logits = torch.tensor([[5.0, 1.0, 0.0, -3.0]] * 3)
+    rows = [row(temperature=0, logit_bias={0: -100}), row(temperature=0, logit_bias={"3": 100}), row(temperature=0)]
+    assert Sampler()(logits, rows).token_ids == [1, 3, 0]
+    # a forced token wins sampled draws too (odds of any other under 1e-40)
+    assert set(draw_many(logits[0], 500, temperature=1.0, logit_bias={2: 100}).tolist()) == {2}
+
+
+def test_allowed_token_ids_only_draws_those_tokens():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0, -1.0])
+    assert set(draw_many(logits, 3000, temperature=1.0, allowed_token_ids=[2, 5]).tolist()) == {2, 5}
+    assert greedy_pick(logits.tolist(), allowed_token_ids=[4, 1]) == 1
+    # the bias applies among the allowed tokens; logprobs stay those of the raw logits
+    result = Sampler()(logits[None], [row(temperature=0, allowed_token_ids=[1, 4], logit_bias={4: 5.0}, logprobs=1)])
+    assert result.token_ids == [4]
+    assert result.top_logprobs[0][0][0] == 0
+    assert math.isclose(result.logprobs[0], logits.log_softmax(-1)[4].item(), rel_tol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"logit_bias": {0: 101}}, "logit_bias[0]=101"),
+        ({"logit_bias": {0: float("nan")}}, "logit_bias[0]=nan"),
+        ({"logit_bias": {"x1": 1}}, "the key 'x1'"),
+        ({"logit_bias": {-2: 1}}, "the key -2"),
+        ({"logit_bias": {i: 1 for i in range(301)}}, "at most 300"),
+        ({"logit_bias": [1, 2]}, "logit_bias="),
+        ({"allowed_token_ids": []}, "allowed_token_ids=[]"),
+        ({"allowed_token_ids": [1, -1]}, "allowed_token_ids=[1, -1]"),
+    ],
+)
+def test_bad_logit_bias_and_allowed_token_ids_name_the_field(params, message):
+    from pangu_infer.errors import RequestError
+
+    with pytest.raises(RequestError, match=re.escape(message)) as info:
+        SamplingParams(**params)
+    assert info.value.param == next(iter(params))

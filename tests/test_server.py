@@ -131,6 +131,27 @@ def test_stop_string_ends_the_reply_before_it(client):
     assert cut.finish_reason == "stop"
 
 
+def test_logit_bias_and_allowed_token_ids_steer_the_reply(client, pangu_tokenizer):
+    a, b = [i for i in range(300, pangu_tokenizer.vocab_size) if pangu_tokenizer.decode([i]).strip().isalpha()][:2]
+    kwargs = dict(model="tiny-pangu", prompt="hello world", temperature=0, max_tokens=4)
+
+    def words(token: int, n: int = 4) -> list[str]:  # a continuation keeps the space a lone decode drops
+        return pangu_tokenizer.decode([token] * n).split()
+
+    def text(**extra) -> list[str]:
+        return client.completions.create(**kwargs, **extra).choices[0].text.split()
+
+    assert text(logit_bias={str(a): 100}) == words(a)
+    # Between two allowed tokens, banning either leaves the other: whichever greedy preferred, one
+    # of the two cases only holds if -100 bans.
+    assert text(extra_body={"allowed_token_ids": [a, b]}, logit_bias={str(a): -100}) == words(b)
+    assert text(extra_body={"allowed_token_ids": [a, b]}, logit_bias={str(b): -100}) == words(a)
+    sampled = client.completions.create(**{**kwargs, "temperature": 1.5, "n": 4, "seed": 3}, extra_body={"allowed_token_ids": [b]})
+    assert [c.text.split() for c in sampled.choices] == [words(b)] * 4
+    chat = client.chat.completions.create(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=3, logit_bias={str(b): 100})
+    assert chat.choices[0].message.content.split() == words(b, 3)
+
+
 # ---------------------------------------------------------------------- completions
 def test_completion_stream_matches_non_stream(client):
     kwargs = dict(model="tiny-pangu", prompt="hello world", temperature=0, max_tokens=12)
@@ -178,7 +199,10 @@ def test_completion_logprobs(client):
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "max_tokens": 1000}, 400, "context"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "response_format": {"type": "xml"}}, 400, "xml"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "tool_choice": "required"}, 400, "tool_choice"),
-        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "logit_bias": {"5": 1}}, 400, "logit_bias"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "logit_bias": {"5": 500}}, 400, "logit_bias[5]=500"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "logit_bias": {"the": 5}}, 400, "logit_bias has the key 'the'"),
+        ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "logit_bias": {"100000": 5}}, 400, "logit_bias holds the token id 100000, outside the vocabulary"),
+        ("/v1/completions", {"model": "tiny-pangu", "prompt": "hi", "allowed_token_ids": [3, 100000]}, 400, "allowed_token_ids holds 100000"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": "maybe"}}, 400, "enable_thinking"),
         ("/v1/chat/completions", {"model": "tiny-pangu", "messages": MESSAGES, "chat_template_kwargs": {"messages": []}}, 400, "messages"),
         ("/v1/chat/completions", {"model": "gpt-4", "messages": MESSAGES}, 404, "gpt-4"),

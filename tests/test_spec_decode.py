@@ -171,3 +171,20 @@ def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path
     assert p_value > 1e-3, f"chi-square p = {p_value:.3g}, total variation {total_variation:.3f}"
     stats = engine.stats()  # the test saw both outcomes of verification
     assert stats["spec_draft_tokens"] >= samples and 0.2 < stats["spec_acceptance_rate"] < 0.8, stats
+
+
+@pytest.mark.parametrize("steer", ["logit_bias", "allowed_token_ids"])
+def test_logit_bias_and_allowed_tokens_hold_with_prompt_lookup(plain_and_speculative, steer):
+    """Drafts are verified against the raw argmax, so a steered row must not take them: its tokens
+    are the plain engine's, and they differ from the unsteered ones."""
+    plain, spec = plain_and_speculative
+    prompt = {"prompt_token_ids": REPEATING}
+    free = plain.generate(prompt, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)[0].outputs[0].token_ids
+    if steer == "logit_bias":
+        extra = {"logit_bias": {t: 10.0 for t in REPEATING}}  # the prompt's tokens: drafts on every step
+    else:
+        extra = {"allowed_token_ids": sorted(set(REPEATING) - set(free[:4]))}
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, **extra)
+    want = plain.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+    assert want != free
+    assert spec.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want

@@ -64,6 +64,12 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
     bad = next((t for t in params.stop_token_ids if t >= vocab), None)
     if bad is not None:
         raise RequestError(f"stop_token_ids holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="stop_token_ids")
+    bad = next((t for t in params.logit_bias or () if t >= vocab), None)
+    if bad is not None:
+        raise RequestError(f"logit_bias holds the token id {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="logit_bias")
+    bad = next((t for t in params.allowed_token_ids or () if t >= vocab), None)
+    if bad is not None:
+        raise RequestError(f"allowed_token_ids holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="allowed_token_ids")
     if params.n > limits.max_num_seqs:
         raise RequestError(
             f"n={short_repr(params.n)} asks for more sequences than the engine runs at once (max_num_seqs={limits.max_num_seqs})",

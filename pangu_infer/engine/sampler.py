@@ -2,7 +2,8 @@
 
 Each step applies, as HF and vLLM do:
 
-    min_tokens (stop and eos tokens masked) -> repetition penalty (prompt + output)
+    allowed_token_ids (all others masked) -> logit_bias (added)
+    -> min_tokens (stop and eos tokens masked) -> repetition penalty (prompt + output)
     -> presence / frequency penalties (output only) -> temperature -> top_k -> top_p -> min_p -> draw
 
 Greedy rows (temperature below 1e-5, as in vLLM) take the argmax of the penalized logits and
@@ -95,6 +96,7 @@ class Sampler:
         if any(_changes_logits(r) for r in rows):
             # edited in place below; the caller's logits stay raw, for logprobs
             logits = logits.clone(memory_format=torch.contiguous_format)
+            _apply_allowed_and_bias_(logits, rows)
             _suppress_stop_tokens_(logits, rows)
             _apply_penalties_(logits, rows)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -150,7 +152,9 @@ class Sampler:
 def _changes_logits(row: SamplingRow) -> bool:
     p = row.params
     return (
-        p.repetition_penalty != 1
+        bool(p.logit_bias)
+        or p.allowed_token_ids is not None
+        or p.repetition_penalty != 1
         or p.presence_penalty != 0
         or p.frequency_penalty != 0
         or bool(_suppressed_tokens(row))
@@ -165,6 +169,23 @@ def _suppressed_tokens(row: SamplingRow) -> list[int]:
     # with ignore_eos, eos does not end the request, so masking it would only distort sampling
     eos = [] if p.ignore_eos else list(row.eos_token_ids)
     return eos + list(p.stop_token_ids)
+
+
+def _apply_allowed_and_bias_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """allowed_token_ids: every other token of the row to -inf; then logit_bias added (OpenAI)."""
+    device = logits.device
+    for i, row in enumerate(rows):
+        allowed = row.params.allowed_token_ids
+        if allowed is not None:
+            index = torch.tensor(allowed, device=device)
+            keep = logits[i, index]
+            logits[i].fill_(float("-inf"))
+            logits[i, index] = keep
+    triples = [(i, t, b) for i, r in enumerate(rows) for t, b in (r.params.logit_bias or {}).items()]
+    if triples:
+        row_ids, token_ids, biases = zip(*triples)
+        bias = torch.tensor(biases, dtype=logits.dtype, device=device)
+        logits.index_put_((torch.tensor(row_ids, device=device), torch.tensor(token_ids, device=device)), bias, accumulate=True)
 
 
 def _suppress_stop_tokens_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

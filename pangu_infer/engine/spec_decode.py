@@ -42,11 +42,14 @@ def propose_ngram_draft(token_ids: list[int], max_ngram: int, num_tokens: int) -
 
 
 def can_speculate(seq: Sequence) -> bool:
-    """Rows whose logits the sampler would change by history (penalties, min_tokens) or that
-    want logprobs take the plain path: verification scores the draft with the raw distribution."""
+    """Rows whose logits the sampler would change (penalties, min_tokens, logit_bias,
+    allowed_token_ids) or that want logprobs take the plain path: verification scores the draft
+    with the raw distribution."""
     p = seq.params
     return (
-        p.repetition_penalty == 1
+        not p.logit_bias
+        and p.allowed_token_ids is None
+        and p.repetition_penalty == 1
         and p.presence_penalty == 0
         and p.frequency_penalty == 0
         and p.logprobs is None

@@ -37,6 +37,8 @@ def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Opti
         min_tokens=req.min_tokens,
         stop=req.stop,
         stop_token_ids=req.stop_token_ids,
+        logit_bias=req.logit_bias,
+        allowed_token_ids=req.allowed_token_ids,
         include_stop_str_in_output=req.include_stop_str_in_output,
         seed=req.seed,
         ignore_eos=req.ignore_eos,

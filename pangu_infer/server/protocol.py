@@ -97,6 +97,7 @@ class SamplingFields(_Request):
     frequency_penalty: Optional[float] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
+    logit_bias: Optional[dict[str, float]] = Field(None, description="token id -> bias in [-100, 100], added to its logit")
     # vLLM extras
     top_k: Optional[int] = None
     min_p: Optional[float] = None
@@ -104,6 +105,7 @@ class SamplingFields(_Request):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
+    allowed_token_ids: Optional[list[int]] = Field(None, description="only these token ids can be generated")
     include_stop_str_in_output: bool = False
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
