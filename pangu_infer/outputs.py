@@ -38,6 +38,9 @@ class RequestOutput:
     reasoning: Optional[str] = None  # set by LLM.chat when the model wrote a thinking part
     # set when the request failed inside the engine (finish_reason "error"); the log has the traceback
     error: Optional[str] = None
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's
+    # shape); complete once the prompt is computed (the first output with a generated token)
+    prompt_logprobs: Optional[list[Optional[Logprob]]] = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -121,6 +121,9 @@ class SamplingParams:
     # when set, only these token ids can be drawn (vLLM's allowed_token_ids)
     allowed_token_ids: Optional[list[int]] = None
     logprobs: Optional[int] = None  # number of top alternatives to return with each token
+    # logprobs of the prompt's tokens (all but the first) with this many top alternatives each
+    # (vLLM's prompt_logprobs; the server's echo). The prompt is computed whole: no prefix cache.
+    prompt_logprobs: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # a constraint on the answer (JSON schema, regex, choice, grammar), compiled with xgrammar
@@ -179,6 +182,8 @@ class SamplingParams:
             raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:

@@ -231,3 +231,28 @@ def test_rope_scaling_matches_transformers(scaling):
     hc = LlamaConfig(hidden_size=64, num_attention_heads=4, rope_theta=10000.0, rope_scaling=dict(scaling), max_position_embeddings=2048)
     ref, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hc, "cpu")
     assert torch.allclose(ours, ref.float(), rtol=1e-5)
+
+
+def test_prompt_logprobs_match_transformers_through_chunks_prefix_cache_and_n(tiny_dense_dir, dense_reference):
+    """Prompt logprobs (vLLM's prompt_logprobs) of prompts cut into chunks of 16 tokens, with a
+    prefix already cached and n=2, equal the log_softmax of transformers' logits."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True, max_num_batched_tokens=16)
+    long = PROMPTS[3]
+    llm.generate({"prompt_token_ids": long}, SamplingParams(max_tokens=1), use_tqdm=False)  # now cached
+    prompts = [{"prompt_token_ids": ids} for ids in (long, PROMPTS[1], PROMPTS[0])]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=2, n=2, temperature=0, prompt_logprobs=3), use_tqdm=False)
+    for ids, out in zip((long, PROMPTS[1], PROMPTS[0]), outs):
+        with torch.no_grad():
+            ref = dense_reference(torch.tensor([ids])).logits[0].log_softmax(-1)
+        lps = out.prompt_logprobs
+        assert len(lps) == len(ids) and lps[0] is None
+        assert [e.token_id for e in lps[1:]] == ids[1:]
+        got = torch.tensor([e.logprob for e in lps[1:]])
+        want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert (got - want).abs().max().item() <= 1e-4
+        top_values, top_ids = ref[:-1].topk(3, dim=-1)
+        assert [[t for t, _ in e.top] for e in lps[1:]] == top_ids.tolist()
+        assert torch.allclose(torch.tensor([[v for _, v in e.top] for e in lps[1:]]), top_values, atol=1e-4)
+    assert outs[0].metrics["num_cached_tokens"] == 0  # scoring the prompt computes it whole
+    plain = llm.generate({"prompt_token_ids": long}, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+    assert plain.prompt_logprobs is None and plain.metrics["num_cached_tokens"] > 0

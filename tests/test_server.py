@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 import schemathesis
+import torch
 from hypothesis import HealthCheck, given, settings
 
 from fastapi.testclient import TestClient
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, ScriptedEngine, metric_value, running_server, serving
 from pangu_infer import LLM
 from pangu_infer.chat import render_chat
+from pangu_infer.loader.random import random_state_dict, transformers_llama
 from pangu_infer.server.app import create_app
 
 API_KEY = "test-key"
@@ -181,6 +183,50 @@ def test_completion_logprobs(client):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
     assert lp.text_offset[0] == 0 and all(len(t) <= 2 for t in lp.top_logprobs)
     assert "".join(lp.tokens) == out.choices[0].text
+
+
+def test_echo_scores_the_prompt_as_lm_eval_harness_asks(client, tiny_dense_config, pangu_tokenizer):
+    """lm-evaluation-harness's loglikelihood request (token-id prompts, echo, logprobs=1,
+    max_tokens=1): the prompt's logprobs are transformers' on the same weights."""
+    reference = transformers_llama(tiny_dense_config, random_state_dict(tiny_dense_config))
+    prompts = [[1, 5, 9, 200, 17, 33, 8], [1] + list(range(40, 75))]
+    out = client.completions.create(model="tiny-pangu", prompt=prompts, temperature=0, max_tokens=1, logprobs=1, echo=True, seed=1234)
+    for ids, choice in zip(prompts, out.choices):
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        with torch.no_grad():
+            ref = reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1 : len(ids)]), want, atol=0.1)  # bf16 serving or fp32
+        assert choice.text.startswith(pangu_tokenizer.decode(ids, skip_special_tokens=False))
+        assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert out.usage.completion_tokens == 2
+
+
+def test_echo_with_max_tokens_0_returns_the_prompt_alone_streamed_or_not(client):
+    kwargs = dict(model="tiny-pangu", prompt="the weather in the city", max_tokens=0, echo=True, logprobs=2)
+    whole = client.completions.create(**kwargs)
+    choice = whole.choices[0]
+    assert choice.text == "the weather in the city" and choice.finish_reason == "length"
+    assert whole.usage.completion_tokens == 0 and len(choice.logprobs.tokens) == whole.usage.prompt_tokens
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert sum((c.choices[0].logprobs.token_logprobs for c in chunks), []) == choice.logprobs.token_logprobs
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(**{**kwargs, "echo": False})
+
+
+def test_streamed_echo_matches_the_whole_reply(client):
+    kwargs = dict(model="tiny-pangu", prompt=["hello world", "我们今天"], temperature=0, max_tokens=5, echo=True, logprobs=1)
+    whole = client.completions.create(**kwargs)
+    assert whole.choices[0].text.startswith("hello world") and whole.choices[1].text.startswith("我们今天")
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert sum((c.logprobs.tokens for c in mine), []) == choice.logprobs.tokens
+        assert sum((c.logprobs.text_offset for c in mine), []) == choice.logprobs.text_offset
 
 
 # ---------------------------------------------------------------------- errors

@@ -77,6 +77,10 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
         )
     if params.logprobs is not None and params.logprobs > vocab:
         raise RequestError(f"logprobs={params.logprobs} is more than the vocabulary's {vocab} tokens", param="logprobs")
+    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
+        raise RequestError(
+            f"prompt_logprobs={params.prompt_logprobs} is more than the vocabulary's {vocab} tokens", param="prompt_logprobs"
+        )
     return ids, params
 
 

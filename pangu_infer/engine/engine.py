@@ -262,10 +262,16 @@ class LLMEngine:
         touched: dict[str, _Request] = {}
         parts = self._forward(batch, drafts, touched)
         self.num_steps += 1
-        for seqs, num_tokens, (sampled, logits) in parts:
+        for seqs, num_tokens, (sampled, logits, prompt_logprobs) in parts:
             for seq, n in zip(seqs, num_tokens):
                 if seq.seq_id in drafts or seq.is_finished:
                     continue  # drafted: advanced in _accept_drafts, once it is known how much holds
+                if seq.seq_id in prompt_logprobs:
+                    try:
+                        seq.add_prompt_logprobs(*prompt_logprobs[seq.seq_id])
+                    except Exception as e:  # its own bookkeeping: this request alone ends
+                        self._fail(self.requests[seq.request_id], e, touched)
+                        continue
                 seq.num_computed_tokens += n
                 self.pool.register_full_blocks(seq)
             if drafts:
@@ -283,7 +289,7 @@ class LLMEngine:
 
     def _forward(
         self, batch: ScheduledBatch, drafts: dict[int, list[int]], touched: dict[str, "_Request"]
-    ) -> list[tuple[list[Sequence], list[int], tuple[list[Sequence], torch.Tensor]]]:
+    ) -> list[tuple[list[Sequence], list[int], tuple[list[Sequence], torch.Tensor, dict]]]:
         """The step's forward as [(sequences, tokens each, runner output)]: the whole batch at once,
         or, when that fails, each sequence alone, so that only a sequence that fails alone fails.
         A failed forward changed no sequence (only KV slots the retry writes again)."""

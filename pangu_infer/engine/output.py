@@ -84,4 +84,5 @@ def request_output(
         "num_cached_tokens": first.num_cached_tokens,
         "num_preemptions": sum(s.num_preemptions for s in seqs),
     }
-    return RequestOutput(request_id, prompt, prompt_token_ids, outs, finished, metrics, error=error)
+    prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None else None
+    return RequestOutput(request_id, prompt, prompt_token_ids, outs, finished, metrics, error=error, prompt_logprobs=prompt_logprobs)

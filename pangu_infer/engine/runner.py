@@ -19,8 +19,9 @@ from pangu_infer.engine.compiled import (
     compile_problem,
     say,
 )
+from pangu_infer.engine.sampler import token_logprobs
 from pangu_infer.engine.scheduler import ScheduledBatch
-from pangu_infer.engine.sequence import Sequence
+from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models import bi_attention_kernel
@@ -33,6 +34,8 @@ logger = logging.getLogger("pangu_infer.engine")
 FIRST_STEP_GRACE_S = 1.0
 # How much lower the background compile's CPU priority is (nice increment; _lower_thread_priority).
 COMPILE_NICE = 10
+# Rows of prompt logits computed at once for prompt logprobs ([rows, vocab] float32: 78 MB at 153k).
+PROMPT_LOGPROB_ROWS = 128
 
 
 class _Binding:
@@ -240,11 +243,13 @@ class ModelRunner:
 
     def run(
         self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
-    ) -> tuple[list[Sequence], torch.Tensor]:
+    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
         """Forward every scheduled token; returns the sequences that reached their last token
         (they sample next) and their logits [rows, vocab] in float32: one row per sequence, or,
         for a sequence with a speculative draft (seq_id -> tokens), one row for its last token
-        and one for each draft token, which are forwarded after it."""
+        and one for each draft token, which are forwarded after it. Third, for sequences that want
+        prompt logprobs: seq_id -> (the first prompt position scored, its entries); the
+        sequences themselves are left unchanged."""
         if self._first_step[1].is_set():
             return self._run(batch, drafts)
         self._first_step[0].set()
@@ -256,7 +261,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _run(
         self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
-    ) -> tuple[list[Sequence], torch.Tensor]:
+    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
         bs = self.block_size
         drafts = drafts or {}
         decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1 and s.seq_id not in drafts]
@@ -315,8 +320,9 @@ class ModelRunner:
         with self._binding.lock:  # bind(), without a generator's cost on every step
             self._point_layers()
             if compiled:  # logits of every row, in decode order
-                return [s for s, _ in decodes], decode_forward(ids, pos, attn)
+                return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}
             hidden = self.model(ids, pos, attn)
+        prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
         sampled: list[Sequence] = []
         rows: list[int] = []
         end = 0
@@ -327,9 +333,30 @@ class ModelRunner:
                 sampled.append(seq)
                 rows.extend(range(end - 1 - num_draft, end))
         if not rows:
-            return [], hidden.new_empty(0, 0, dtype=torch.float32)
+            return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
-        return sampled, logits
+        return sampled, logits, prompt_logprobs
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, prefills: list[tuple[Sequence, int]], row: int
+    ) -> dict[int, tuple[int, list[Logprob]]]:
+        """Prompt logprobs of the prefill chunks that want them: the hidden row of position p
+        scores prompt token p + 1, computed PROMPT_LOGPROB_ROWS rows of logits at a time."""
+        out: dict[int, tuple[int, list[Logprob]]] = {}
+        for seq, n in prefills:
+            start = seq.num_computed_tokens
+            stop = min(start + n, seq.num_prompt_tokens - 1)  # the last prompt position scores the first output
+            if seq.wants_prompt_logprobs and stop > start:
+                k = seq.params.prompt_logprobs
+                entries: list[Logprob] = []
+                for a in range(start, stop, PROMPT_LOGPROB_ROWS):
+                    b = min(a + PROMPT_LOGPROB_ROWS, stop)
+                    logits = self.model.compute_logits(hidden[row + a - start : row + b - start])
+                    targets = seq.token_ids[a + 1 : b + 1]
+                    entries += [Logprob(t, lp, top) for t, (lp, top) in zip(targets, token_logprobs(logits, targets, k))]
+                out[seq.seq_id] = (start + 1, entries)
+            row += n
+        return out
 
     def _slots(self, block_table: list[int], context_len: int) -> torch.Tensor:
         bs = self.block_size

@@ -58,6 +58,9 @@ class Sequence:
         self.emitted_text_len = 0
         self.emitted_token_len = 0
         self.logprobs: list[Logprob] = []
+        # The request's prompt logprobs, kept by its first sequence: entry p for prompt token p
+        # (None for the first, which nothing predicts); None when the request asks for none.
+        self.prompt_logprobs: Optional[list[Optional[Logprob]]] = [None] if params.prompt_logprobs is not None and index == 0 else None
         self.cumulative_logprob = 0.0
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[Any] = None
@@ -80,6 +83,18 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Prompt logprobs still to compute: its prompt must be computed, not taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    def add_prompt_logprobs(self, first: int, entries: list[Logprob]) -> None:
+        """Entries for prompt tokens first, first + 1, ...; those already held (a prompt computed
+        again after preemption) are skipped."""
+        if self.prompt_logprobs is None or first > len(self.prompt_logprobs):
+            raise RuntimeError(f"prompt logprobs from position {first} after {len(self.prompt_logprobs or ())} of them: a gap")
+        self.prompt_logprobs.extend(entries[len(self.prompt_logprobs) - first :])
 
     def append_token(self, token_id: int) -> None:
         now = time.monotonic()

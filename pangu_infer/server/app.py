@@ -366,8 +366,13 @@ def _completion_prompts(state: ServerState, prompt: Any, n: int) -> list[tuple[O
 
 async def _completion(state: ServerState, req: CompletionRequest, request: Request) -> Response:
     check_model(state, req.model)
-    params = to_sampling_params(state, req, req.max_tokens, req.logprobs, chat=False)
+    # echo with max_tokens 0 (OpenAI's way to score a text): one token is generated and dropped
+    prompt_only = req.echo and req.max_tokens == 0
+    params = to_sampling_params(state, req, 1 if prompt_only else req.max_tokens, req.logprobs, chat=False)
+    if req.echo and req.logprobs is not None:
+        params = replace(params, prompt_logprobs=req.logprobs)
     prompts = _completion_prompts(state, req.prompt, req.n)
+    echo = _Echo(state, prompts, req.logprobs is not None, prompt_only) if req.echo else None
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl"), state.metrics)
     if isinstance(started, Response):
         return started
@@ -375,7 +380,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens)
+        body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo)
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
@@ -383,25 +388,60 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     choices = []
     for p, final in enumerate(result):
         for comp in final.outputs:
+            if echo is not None:
+                choices.append(echo.choice(p * req.n + comp.index, p, final, comp))
+                continue
             lps = _completion_logprobs(state, comp.logprobs or [], 0) if req.logprobs is not None else None
             choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
-    usage = usage_info(prompt_tokens, sum(len(c.token_ids) for f in result for c in f.outputs))
+    generated = 0 if prompt_only else sum(len(c.token_ids) for f in result for c in f.outputs)
+    usage = usage_info(prompt_tokens, generated)
     return JSONResponse(envelope(state, request_id, "text_completion", int(time.time()), choices, usage=usage))
 
 
-def _completion_logprobs(state: ServerState, logprobs: list[Logprob], offset: int) -> dict:
+def _completion_logprobs(state: ServerState, logprobs: list[Optional[Logprob]], offset: int, token_ids: Optional[list[int]] = None) -> dict:
+    """OpenAI's legacy logprobs of `logprobs` (an entry may be None: an echoed prompt's first
+    token, whose id is then read from token_ids)."""
     tokens, offsets = [], []
-    for lp in logprobs:
-        text = state.token_text(lp.token_id)
+    for i, lp in enumerate(logprobs):
+        text = state.token_text(lp.token_id if lp is not None else token_ids[i])
         tokens.append(text)
         offsets.append(offset)
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [_finite(lp.logprob) for lp in logprobs],
-        "top_logprobs": [{state.token_text(t): _finite(v) for t, v in lp.top} for lp in logprobs],
+        "token_logprobs": [_finite(lp.logprob) if lp is not None else None for lp in logprobs],
+        "top_logprobs": [{state.token_text(t): _finite(v) for t, v in lp.top} if lp is not None else None for lp in logprobs],
         "text_offset": offsets,
     }
+
+
+class _Echo:
+    """echo=true: each choice starts with its prompt (the given text, or the ids decoded, special
+    tokens kept) and, with
+    logprobs, the prompt's tokens scored first; prompt_only (max_tokens 0) drops the one generated token."""
+
+    def __init__(self, state: ServerState, prompts: list[tuple[Optional[str], list[int]]], logprobs: bool, prompt_only: bool):
+        self.state = state
+        self.texts = [text if text is not None else state.llm.tokenizer.decode(ids, skip_special_tokens=False) for text, ids in prompts]
+        self.ids = [ids for _, ids in prompts]
+        self.logprobs = logprobs
+        self.prompt_only = prompt_only
+
+    def prompt_logprobs(self, p: int, out: RequestOutput) -> Optional[dict]:
+        if not self.logprobs:
+            return None
+        entries = list(out.prompt_logprobs or [])
+        entries += [None] * (len(self.ids[p]) - len(entries))  # (always complete once a token is out)
+        return _completion_logprobs(self.state, entries, 0, self.ids[p])
+
+    def choice(self, index: int, p: int, out: RequestOutput, comp: CompletionOutput) -> dict:
+        lps = self.prompt_logprobs(p, out)
+        if self.prompt_only:
+            return {"index": index, "text": self.texts[p], "logprobs": lps, "finish_reason": "length"}
+        if lps is not None:
+            rest = _completion_logprobs(self.state, comp.logprobs or [], sum(len(t) for t in lps["tokens"]))
+            lps = {key: lps[key] + rest[key] for key in lps}
+        return {"index": index, "text": self.texts[p] + comp.text, "logprobs": lps, "finish_reason": comp.finish_reason}
 
 
 async def _completion_stream(
@@ -413,17 +453,30 @@ async def _completion_stream(
     logprobs: bool,
     include_usage: bool,
     prompt_tokens: int,
+    echo: Optional[_Echo] = None,
 ) -> AsyncIterator[str]:
     created = int(time.time())
     completion_tokens = 0
     offsets: dict[int, int] = {}
     done_choices: set[int] = set()
+    echoed: set[int] = set()
     finished = False
+    extra = {"usage": None} if include_usage else {}
     try:
         async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for p, out in outputs:
                 for comp in out.outputs:
                     index = p * n + comp.index
+                    if echo is not None and index not in echoed:
+                        # the prompt first, in a chunk of its own (prompt_only: the whole choice)
+                        echoed.add(index)
+                        choice = echo.choice(index, p, out, comp) if echo.prompt_only else {
+                            "index": index, "text": echo.texts[p], "logprobs": echo.prompt_logprobs(p, out), "finish_reason": None}
+                        if choice["logprobs"] is not None:
+                            offsets[index] = sum(len(t) for t in choice["logprobs"]["tokens"])
+                        yield sse(envelope(state, request_id, "text_completion", created, [choice], **extra))
+                        if echo.prompt_only:
+                            done_choices.add(index)
                     if index in done_choices or not (comp.text_delta or comp.token_ids_delta or comp.finished):
                         continue
                     if comp.finished:
@@ -434,7 +487,6 @@ async def _completion_stream(
                         lps = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0))
                         offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
                     choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
-                    extra = {"usage": None} if include_usage else {}
                     yield sse(envelope(state, request_id, "text_completion", created, [choice], **extra))
                 if out.finished:
                     observe(state, out)

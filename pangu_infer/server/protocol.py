@@ -144,8 +144,9 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: Optional[int] = 16
+    max_tokens: Optional[int] = Field(16, description="0 only with echo: the prompt (and its logprobs) without generating")
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = Field(False, description="the reply starts with the prompt; with logprobs, the prompt's tokens are scored too")
 
 
 # ---------------------------------------------------------------------- responses
@@ -219,8 +220,9 @@ class ChatCompletionResponse(_Response):
 
 class CompletionLogprobs(_Response):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    # None for the first token of an echoed prompt: nothing predicts it
+    token_logprobs: list[Optional[float]] = Field(default_factory=list)
+    top_logprobs: list[Optional[dict[str, float]]] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
