@@ -58,6 +58,38 @@ def test_models_lists_the_served_model(client):
     assert models[0].object == "model"
 
 
+def test_models_retrieve_names_the_served_model(client):
+    card = client.models.retrieve("tiny-pangu")
+    assert card.id == "tiny-pangu" and card.object == "model"
+    with pytest.raises(openai.NotFoundError, match="gpt-4"):
+        client.models.retrieve("gpt-4")
+    with pytest.raises(openai.NotFoundError, match="org/other"):
+        client.models.retrieve("org/other")
+
+
+def test_tokenize_and_detokenize_as_vllm_names_them(server, client, pangu_tokenizer):
+    text = "the weather in the city 我们今天"
+    plain = _post(server, "/tokenize", {"model": "tiny-pangu", "prompt": text, "return_token_strs": True}).json()
+    assert plain["tokens"] == pangu_tokenizer.encode(text) and plain["count"] == len(plain["tokens"])
+    assert plain["max_model_len"] == 256 and len(plain["token_strs"]) == plain["count"]
+    bare = _post(server, "/tokenize", {"prompt": text, "add_special_tokens": False}).json()
+    assert bare["tokens"] == pangu_tokenizer.encode(text, add_special_tokens=False)
+    chat = _post(server, "/tokenize", {"model": "tiny-pangu", "messages": MESSAGES}).json()
+    used = client.chat.completions.create(model="tiny-pangu", messages=MESSAGES, max_tokens=1).usage.prompt_tokens
+    assert chat["count"] == used
+    back = _post(server, "/detokenize", {"model": "tiny-pangu", "tokens": plain["tokens"]}).json()
+    assert back["prompt"] == pangu_tokenizer.decode(plain["tokens"], skip_special_tokens=False)
+    for path, body, needle in [
+        ("/detokenize", {"tokens": [5, 10**6]}, "1000000"),
+        ("/tokenize", {"prompt": "hi", "messages": MESSAGES}, "exactly one"),
+        ("/tokenize", {}, "exactly one"),
+        ("/tokenize", {"model": "gpt-4", "prompt": "hi"}, "gpt-4"),
+    ]:
+        response = _post(server, path, body)
+        assert 400 <= response.status_code < 500 and needle in response.json()["error"]["message"], response.text
+    assert httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"}).status_code == 401  # the key, as on /v1
+
+
 def test_health_version_and_metrics_need_no_key(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/version").json()["version"]

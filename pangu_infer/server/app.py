@@ -28,6 +28,7 @@ import pangu_infer
 from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
+from pangu_infer.errors import short_repr
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, internal_error
@@ -38,9 +39,13 @@ from pangu_infer.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from pangu_infer.server.params import check_model, check_size, to_sampling_params
 from pangu_infer.server.state import ServerState
@@ -58,6 +63,8 @@ from pangu_infer.server.streaming import (
 
 logger = logging.getLogger("pangu_infer.server")
 
+# Routes outside /v1 that need the API key too (the API docs are added in create_app).
+KEYED_ROUTES = {"/tokenize", "/detokenize"}
 # Template variables the server sets itself; a request may not override them.
 RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -101,7 +108,7 @@ def create_app(
     _add_chat_page(app)
     # The API docs describe the API: they need the key too. (Added last = outermost: the key is
     # checked, and the request counted, before the body guard reads a byte.)
-    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None}
+    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None} | KEYED_ROUTES
     app.add_middleware(BodyGuard)
     app.add_middleware(
         AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=docs
@@ -126,10 +133,30 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         stats, moe = await state.engine.stats(), await state.engine.moe_stats()
         return Response(state.metrics.render(stats, moe), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    def card() -> ModelCard:
+        return ModelCard(id=state.model_name, created=state.created, max_model_len=state.llm.engine.max_model_len)
+
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models() -> ModelList:
-        card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.llm.engine.max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    async def model(model: str) -> ModelCard:
+        check_model(state, model)
+        return card()
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        return _tokenize(state, body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        check_model(state, body.model)
+        vocab = state.llm.tokenizer.vocab_size
+        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="tokens")
+        return DetokenizeResponse(prompt=state.llm.tokenizer.decode(body.tokens, skip_special_tokens=False))
 
     @app.post("/v1/chat/completions", responses={200: _ok(ChatCompletionResponse, "chat.completion.chunk"), **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -170,28 +197,14 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     if forced_tool and not req.tools:
         raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
     use_tools = bool(req.tools) and req.tool_choice != "none"
-    template_kwargs = dict(req.chat_template_kwargs or {})
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
-    if reserved:
-        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
+    template_kwargs = _template_kwargs(req.chat_template_kwargs)
     enable_thinking = template_kwargs.pop("enable_thinking", None)
     budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
     params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
     check_size(state, 1, req.n)
-    messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    try:
-        text = render_chat(
-            tok,
-            messages,
-            enable_thinking=enable_thinking,
-            tools=[t.model_dump(exclude_none=True) for t in req.tools] if use_tools else None,
-            **template_kwargs,
-        )
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    ids = state.llm.encode_prompt(text)
+    text, ids = _render(state, req.messages, req.tools if use_tools else None, enable_thinking, template_kwargs)
     parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     started = await unless_gone(request, start_requests(state, [(text, ids)], params, "chatcmpl"), state.metrics)
@@ -209,6 +222,43 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
     usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
     return JSONResponse(envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+
+
+def _template_kwargs(given: Optional[dict]) -> dict:
+    template_kwargs = dict(given or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
+    return template_kwargs
+
+
+def _render(state: ServerState, messages: list, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
+    """A chat's prompt text and token ids, as the model's template renders it."""
+    try:
+        text = render_chat(
+            state.llm.tokenizer,
+            [m.model_dump(exclude_none=True) for m in messages],
+            enable_thinking=enable_thinking,
+            tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+            **template_kwargs,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return text, state.llm.encode_prompt(text)
+
+
+def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
+    check_model(state, req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+    if req.prompt is not None:
+        ids = state.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+    else:
+        template_kwargs = _template_kwargs(req.chat_template_kwargs)
+        template_kwargs.pop("thinking_budget", None)  # a sampling setting: no part of the prompt
+        _, ids = _render(state, req.messages, req.tools, template_kwargs.pop("enable_thinking", None), template_kwargs)
+    strs = [state.token_text(t) for t in ids] if req.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=state.llm.engine.max_model_len, tokens=ids, token_strs=strs)
 
 
 def _with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use_tools: bool, forced_tool: bool,
