@@ -88,6 +88,9 @@ def test_tokenize_and_detokenize_as_vllm_names_them(server, client, pangu_tokeni
         response = _post(server, path, body)
         assert 400 <= response.status_code < 500 and needle in response.json()["error"]["message"], response.text
     assert httpx.post(f"{server.url}/tokenize", json={"prompt": "hi"}).status_code == 401  # the key, as on /v1
+    info = httpx.get(f"{server.url}/tokenizer_info", headers=server.headers).json()
+    assert info["eos_token"] == pangu_tokenizer.eos_token and info["bos_token"] == pangu_tokenizer.bos_token
+    assert info["chat_template"] == pangu_tokenizer.chat_template and info["model_max_length"] == 256
 
 
 def test_health_version_and_metrics_need_no_key(server):

@@ -64,7 +64,7 @@ from pangu_infer.server.streaming import (
 logger = logging.getLogger("pangu_infer.server")
 
 # Routes outside /v1 that need the API key too (the API docs are added in create_app).
-KEYED_ROUTES = {"/tokenize", "/detokenize"}
+KEYED_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}
 # Template variables the server sets itself; a request may not override them.
 RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -148,6 +148,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         return _tokenize(state, body)
+
+    @app.get("/tokenizer_info", summary="vLLM's: the special tokens and chat template, for clients that tokenize through the server")
+    async def tokenizer_info() -> dict:
+        tok = state.llm.tokenizer
+        pad = tok.convert_ids_to_tokens([tok.pad_token_id])[0] if tok.pad_token_id is not None else None
+        return {
+            "tokenizer_class": type(tok).__name__,
+            "bos_token": tok.bos_token,
+            "eos_token": tok.eos_token,
+            "pad_token": pad,
+            "add_bos_token": tok.add_bos,
+            "chat_template": tok.chat_template,
+            "model_max_length": state.llm.engine.max_model_len,
+            "vocab_size": tok.vocab_size,
+        }
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
