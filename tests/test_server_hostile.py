@@ -396,6 +396,45 @@ def test_ignored_fields_are_logged_once_at_debug(tiny_dense_dir, monkeypatch, ca
     assert all(r.levelno == logging.DEBUG for r in caplog.records if "ignoring the request field" in r.getMessage())
 
 
+def test_a_prompt_still_being_tokenized_holds_up_no_other_request(tiny_dense_dir):
+    """Rendering and tokenizing run off the event loop (a prompt of megabytes takes seconds): while
+    three requests (a completion, a chat, /tokenize) sit in the tokenizer, others are answered."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    encode = llm.tokenizer.encode
+    inside, release = threading.Semaphore(0), threading.Event()
+
+    def slow_encode(text, *args, **kwargs):
+        if "slow" in text:
+            inside.release()
+            release.wait(20)
+        return encode(text, *args, **kwargs)
+
+    llm.tokenizer.encode = slow_encode
+    held = [("/v1/completions", {"prompt": "slow", "max_tokens": 2}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "slow"}], "max_tokens": 2}),
+            ("/tokenize", {"prompt": "slow"})]
+    fine = [("/v1/completions", {"prompt": "fine", "max_tokens": 2}),
+            ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2}),
+            ("/tokenize", {"prompt": "fine"}),
+            ("/detokenize", {"tokens": [5, 6, 7]})]
+    results: dict[str, httpx.Response] = {}
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        threads = [threading.Thread(target=lambda p=p, b=b: results.__setitem__(p, http.post(p, json=b))) for p, b in held]
+        for t in threads:
+            t.start()
+        for _ in held:
+            assert inside.acquire(timeout=30)
+        try:
+            for path, body in fine:
+                assert http.post(path, json=body).status_code == 200
+            assert not results  # all three still in the tokenizer meanwhile
+        finally:
+            release.set()
+            for t in threads:
+                t.join(60)
+    assert [results[p].status_code for p, _ in held] == [200, 200, 200]
+
+
 # ---------------------------------------------------------------------- a fault inside one request
 SECRET = "secret internal detail /opt/model/weights.bin"
 

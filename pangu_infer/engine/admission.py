@@ -34,17 +34,17 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
     n_prompt = len(ids)
     if n_prompt == 0:
         raise RequestError("the prompt is empty: at least one token is needed", param="prompt")
-    vocab = limits.vocab_size
-    bad_at = next((i for i, t in enumerate(ids) if not _is_token(t, vocab)), None)
-    if bad_at is not None:
-        raise RequestError(f"prompt token id {short_repr(ids[bad_at])} is outside the vocabulary [0, {vocab})", param="prompt")
     context = limits.max_model_len
-    if n_prompt >= context:
+    if n_prompt >= context:  # before the scan below: a prompt of millions of ids costs nothing more
         raise RequestError(
             f"the prompt has {n_prompt} tokens; the model's context is {context} tokens, so a prompt may have "
             f"at most {context - 1} to leave room for one generated token",
             param="prompt",
         )
+    vocab = limits.vocab_size
+    bad_at = next((i for i, t in enumerate(ids) if not _is_token(t, vocab)), None)
+    if bad_at is not None:
+        raise RequestError(f"prompt token id {short_repr(ids[bad_at])} is outside the vocabulary [0, {vocab})", param="prompt")
     # A copy, validated again: the caller may have changed its SamplingParams since building it,
     # and the engine keeps this one for the request's whole life.
     max_tokens = params.max_tokens if params.max_tokens is not None else context - n_prompt

@@ -13,6 +13,7 @@ merging streams, SSE framing and hang-ups are server/streaming.py; this file hol
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import aclosing, asynccontextmanager
@@ -147,7 +148,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
-        return _tokenize(state, body)
+        return await asyncio.to_thread(_tokenize, state, body)
 
     @app.get("/tokenizer_info", summary="vLLM's: the special tokens and chat template, for clients that tokenize through the server")
     async def tokenizer_info() -> dict:
@@ -171,7 +172,8 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise APIError(400, f"tokens holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="tokens")
-        return DetokenizeResponse(prompt=state.llm.tokenizer.decode(body.tokens, skip_special_tokens=False))
+        text = await asyncio.to_thread(state.llm.tokenizer.decode, body.tokens, skip_special_tokens=False)
+        return DetokenizeResponse(prompt=text)
 
     @app.post("/v1/chat/completions", responses={200: _ok(ChatCompletionResponse, "chat.completion.chunk"), **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -219,7 +221,9 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
     params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
     check_size(state, 1, req.n)
-    text, ids = _render(state, req.messages, req.tools if use_tools else None, enable_thinking, template_kwargs)
+    # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
+    # other requests' streams go on meanwhile (as for every prompt below).
+    text, ids = await asyncio.to_thread(_render, state, req.messages, req.tools if use_tools else None, enable_thinking, template_kwargs)
     parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     started = await unless_gone(request, start_requests(state, [(text, ids)], params, "chatcmpl"), state.metrics)
@@ -436,8 +440,8 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     params = to_sampling_params(state, req, 1 if prompt_only else req.max_tokens, req.logprobs, chat=False)
     if req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)
-    prompts = _completion_prompts(state, req.prompt, req.n)
-    echo = _Echo(state, prompts, req.logprobs is not None, prompt_only) if req.echo else None
+    prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
+    echo = await asyncio.to_thread(_Echo, state, prompts, req.logprobs is not None, prompt_only) if req.echo else None
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl"), state.metrics)
     if isinstance(started, Response):
         return started
