@@ -1,13 +1,16 @@
-"""How long one client's huge prompt holds up another client's stream.
+"""How long one client's costly request holds up another client's stream.
 
 Starts `pangu-infer serve` on the model (the demo's GGUF unless --model), streams a greedy
-completion of --tokens tokens, and once --after chunks have arrived posts a completion whose prompt
-is --prompt-mb megabytes of text (too long for any context: it is tokenized, then refused with a
-400). Prints the stream's largest and median gap between chunks after that point, and how long
-the big request took. A gap near the median means the tokenizing ran beside the stream; a gap near
-the big request's time means it held the stream up.
+completion of --tokens tokens, and once --after chunks have arrived posts, from another client:
+- `--what prompt` (default): a completion whose prompt is --prompt-mb megabytes of text (too long
+  for any context: it is tokenized, then refused with a 400);
+- `--what grammar`: the server's first constrained request (a JSON schema), whose grammar compile
+  builds xgrammar's tokenizer info first (seconds).
+Prints the stream's largest and median gap between chunks after that point, and how long the
+other request took. A gap near the median means the work ran beside the stream; a gap near the
+other request's time means it held the stream up.
 
-    .venv/bin/python benchmarks/prompt_stall.py [--model FILE.gguf] [--prompt-mb 8] [--tokens 300]
+    .venv/bin/python benchmarks/prompt_stall.py [--model FILE.gguf] [--what prompt|grammar] [--prompt-mb 8] [--tokens 300]
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def free_port() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a model the server can load (default: the demo GGUF)")
+    ap.add_argument("--what", choices=("prompt", "grammar"), default="prompt")
     ap.add_argument("--prompt-mb", type=float, default=8.0)
     ap.add_argument("--tokens", type=int, default=300, help="tokens the stream generates")
     ap.add_argument("--after", type=int, default=20, help="chunks of the stream before the big prompt is sent")
@@ -63,9 +67,13 @@ def main() -> None:
         big = (line * (size // len(line) + 1))[:size]
         result: dict = {}
 
+        schema = {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}, "required": ["city", "days"]}
+        other = ({"model": "m", "prompt": big, "max_tokens": 1} if args.what == "prompt" else
+                 {"model": "m", "prompt": "A trip as JSON:", "max_tokens": 24, "structured_outputs": {"json": schema}})
+
         def post_big() -> None:
             t = time.perf_counter()
-            r = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": big, "max_tokens": 1}, timeout=600)
+            r = httpx.post(f"{url}/v1/completions", json=other, timeout=600)
             result["status"], result["seconds"] = r.status_code, time.perf_counter() - t
 
         stamps: list[float] = []
@@ -80,7 +88,8 @@ def main() -> None:
         sender.join()
         gaps = sorted(b - a for a, b in zip(stamps[args.after - 1 :], stamps[args.after :]))
         print(json.dumps({
-            "prompt_mb": args.prompt_mb, "big_request_status": result["status"], "big_request_s": round(result["seconds"], 2),
+            "what": args.what, **({"prompt_mb": args.prompt_mb} if args.what == "prompt" else {}),
+            "other_request_status": result["status"], "other_request_s": round(result["seconds"], 2),
             "stream_chunks": len(stamps), "max_gap_s": round(gaps[-1], 3), "median_gap_s": round(gaps[len(gaps) // 2], 4),
         }))
     finally:

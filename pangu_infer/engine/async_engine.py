@@ -45,6 +45,7 @@ class _Add:
     prompt: Optional[str]
     stream: _Stream
     done: asyncio.Future
+    grammar: Optional[object] = None  # compiled beforehand (LLMEngine.compile_grammar)
 
 
 @dataclass
@@ -107,7 +108,12 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         added = loop.create_future()
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added))
+        grammar = None
+        if params.structured_outputs is not None:
+            # Compiling takes seconds on a model's first constrained request: on a worker thread,
+            # so that the engine thread goes on stepping the other requests meanwhile.
+            grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar))
         try:
             await added
         except asyncio.CancelledError:
@@ -226,7 +232,7 @@ class AsyncEngine:
     def _handle(self, command: Any) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt)
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar)
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)
                 return

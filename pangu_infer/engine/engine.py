@@ -191,12 +191,15 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         prompt: Optional[str] = None,
+        grammar: Optional[object] = None,
     ) -> None:
-        """Queue a request; RequestError (a ValueError naming the field) when it can never be served."""
+        """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
+        `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
+        thread (else it is compiled here)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids, params = admit(prompt_token_ids, params, self.limits)
-        compiled = compile_structured(params, self.grammars)
+        compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
         req = _Request(request_id, prompt, ids, params)
         parent = None
         for i in range(params.n):
@@ -219,6 +222,13 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def compile_grammar(self, params: SamplingParams) -> Optional[object]:
+        """The compiled grammar of params.structured_outputs (None without one), or RequestError.
+        Safe from any thread (the grammar cache has its own lock): the first constrained request
+        of a model takes seconds here (xgrammar's tokenizer info), which the server spends on a
+        worker thread instead of the engine's."""
+        return compile_structured(params, self.grammars)
 
     def abort_request(self, request_id: str) -> Optional[RequestOutput]:
         req = self.requests.pop(request_id, None)
