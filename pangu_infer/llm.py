@@ -161,16 +161,23 @@ class LLM:
         enable_thinking: Union[bool, str, None] = None,
         tools: Optional[list[dict]] = None,
         chat_template_kwargs: Optional[dict] = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning."""
+        """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning.
+        continue_final_message (with add_generation_prompt=False): the reply goes on writing the
+        last message, the assistant's."""
         from pangu_infer.chat import is_pangu_template, split_reasoning
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self._normalize_params(sampling_params, len(conversations))
         requests = []
         for conv, p in zip(conversations, params):
-            text = self.render_chat(conv, enable_thinking=enable_thinking, tools=tools, **(chat_template_kwargs or {}))
+            text = self.render_chat(
+                conv, enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message, **(chat_template_kwargs or {}),
+            )
             # Keep the thinking markers in the text so the reasoning can be split off below.
             p = replace(p, skip_special_tokens=False)
             if enable_thinking is not False and is_pangu_template(self.tokenizer):

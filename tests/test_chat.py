@@ -171,6 +171,27 @@ def test_bad_tools_are_rejected(pangu_tokenizer: Tokenizer) -> None:
         render_chat(pangu_tokenizer, [{"role": "user", "content": "a"}], tools=[{"type": "function"}])
 
 
+@pytest.mark.parametrize("which", ["pangu", "llama"])
+def test_continue_final_message_matches_transformers(which: str, request, llama_tokenizer_dir) -> None:
+    """The prompt ends right after the assistant's partial text, as transformers'
+    apply_chat_template(continue_final_message=True) renders it with the same template (the Pangu
+    folder's tokenizer needs remote code in transformers, so its template is passed by hand)."""
+    from transformers import AutoTokenizer
+
+    ours = request.getfixturevalue(f"{which}_tokenizer")
+    reference = AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
+    messages = [{"role": "user", "content": "The city, as JSON"}, {"role": "assistant", "content": '{"city": "Par'}]
+    want = reference.apply_chat_template(
+        messages, chat_template=ours.chat_template, tokenize=False, add_generation_prompt=False, continue_final_message=True
+    )
+    got = render_chat(ours, messages, add_generation_prompt=False, continue_final_message=True)
+    assert got == want and got.endswith('{"city": "Par')
+    with pytest.raises(ValueError, match="add_generation_prompt"):
+        render_chat(ours, messages, continue_final_message=True)
+    with pytest.raises(ValueError, match="the user's"):
+        render_chat(ours, messages[:1], add_generation_prompt=False, continue_final_message=True)
+
+
 @pytest.mark.parametrize(("text", "reasoning", "content"), [
     ("Just an answer.", None, "Just an answer."),
     ("[unused16]用户问天气，先想一想。[unused17]北京今天晴。", "用户问天气，先想一想。", "北京今天晴。"),

@@ -93,6 +93,22 @@ def test_tokenize_and_detokenize_as_vllm_names_them(server, client, pangu_tokeni
     assert info["chat_template"] == pangu_tokenizer.chat_template and info["model_max_length"] == 256
 
 
+def test_continue_final_message_goes_on_writing_the_assistants_text(server, client, pangu_tokenizer):
+    partial = MESSAGES + [{"role": "assistant", "content": "The weather in the city is"}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    rendered = render_chat(pangu_tokenizer, partial, add_generation_prompt=False, continue_final_message=True)
+    assert rendered.endswith("The weather in the city is")
+    out = client.chat.completions.create(model="tiny-pangu", messages=partial, max_tokens=4, temperature=0, extra_body=extra)
+    assert out.usage.prompt_tokens == len(pangu_tokenizer.encode(rendered))
+    # the same prompt as a plain completion of the rendered text: the same continuation
+    plain = client.completions.create(model="tiny-pangu", prompt=pangu_tokenizer.encode(rendered), max_tokens=4, temperature=0)
+    assert out.choices[0].message.content == plain.choices[0].text
+    counted = _post(server, "/tokenize", {"messages": partial, **extra}).json()["count"]
+    assert counted == out.usage.prompt_tokens
+    with pytest.raises(openai.BadRequestError, match="add_generation_prompt"):
+        client.chat.completions.create(model="tiny-pangu", messages=partial, max_tokens=4, extra_body={"continue_final_message": True})
+
+
 def test_health_version_and_metrics_need_no_key(server):
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/version").json()["version"]

@@ -4,6 +4,7 @@ Pangu's thinking switch, and every message checked on the way (a ValueError nami
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from pangu_infer.chat.markers import TOOL_CALL_END, TOOL_CALL_START
@@ -24,6 +25,7 @@ def render_chat(
     messages: list[dict[str, Any]],
     *,
     add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
     enable_thinking: bool | str | None = None,
     tools: list[dict[str, Any]] | None = None,
     **template_kwargs: Any,
@@ -36,10 +38,17 @@ def render_chat(
     tools: OpenAI function specs. A template that does not mention `tools` itself (Pangu's does not)
     gets them in the system turn as `tools_system_prompt` describes, and assistant `tool_calls` are
     written inline in the same [unused11]...[unused12] format the model answers with.
+    continue_final_message (vLLM's name; needs add_generation_prompt=False): the last message is
+    the assistant's, and the prompt ends right after its text, so the model goes on writing it.
     """
     if enable_thinking not in (None, True, False, "auto"):
         raise ValueError(f"enable_thinking must be True, False, None or 'auto', got {enable_thinking!r}")
     normalized = _normalize_messages(messages)
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true: set add_generation_prompt to false")
+        if normalized[-1]["role"] != "assistant":
+            raise ValueError(f"continue_final_message needs the last message to be the assistant's, not the {normalized[-1]['role']}'s")
     if tools is not None:
         _validate_tools(tools)
     template_tools = tools
@@ -52,9 +61,19 @@ def render_chat(
         normalized = _with_thinking_flag(normalized, enable_thinking)
     elif enable_thinking is not None:
         template_kwargs["enable_thinking"] = enable_thinking
-    return tok.apply_chat_template(
-        normalized, add_generation_prompt=add_generation_prompt, tools=template_tools, **template_kwargs
-    )
+    if not continue_final_message:
+        return tok.apply_chat_template(
+            normalized, add_generation_prompt=add_generation_prompt, tools=template_tools, **template_kwargs
+        )
+    # Render with a marker after the final text and cut there: whatever the template writes after
+    # a message (its end-of-turn) goes, and nothing of the text itself.
+    final = normalized[-1]["content"]
+    marker = f"\x00continue-{uuid.uuid4().hex}\x00"
+    normalized[-1] = {**normalized[-1], "content": final + marker}
+    text = tok.apply_chat_template(normalized, add_generation_prompt=False, tools=template_tools, **template_kwargs)
+    if text.count(marker) != 1:
+        raise ValueError("continue_final_message: this model's chat template does not write the final message's text as given")
+    return text[: text.index(marker)]
 
 
 def tools_system_prompt(tools: list[dict[str, Any]]) -> str:

@@ -223,7 +223,7 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     check_size(state, 1, req.n)
     # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
     # other requests' streams go on meanwhile (as for every prompt below).
-    text, ids = await asyncio.to_thread(_render, state, req.messages, req.tools if use_tools else None, enable_thinking, template_kwargs)
+    text, ids = await asyncio.to_thread(_render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
     parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     started = await unless_gone(request, start_requests(state, [(text, ids)], params, "chatcmpl"), state.metrics)
@@ -251,12 +251,15 @@ def _template_kwargs(given: Optional[dict]) -> dict:
     return template_kwargs
 
 
-def _render(state: ServerState, messages: list, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
-    """A chat's prompt text and token ids, as the model's template renders it."""
+def _render(state: ServerState, req: Any, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
+    """A chat's prompt text and token ids, as the model's template renders it (req: its messages,
+    add_generation_prompt and continue_final_message)."""
     try:
         text = render_chat(
             state.llm.tokenizer,
-            [m.model_dump(exclude_none=True) for m in messages],
+            [m.model_dump(exclude_none=True) for m in req.messages],
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
             enable_thinking=enable_thinking,
             tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
             **template_kwargs,
@@ -275,7 +278,7 @@ def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
     else:
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
         template_kwargs.pop("thinking_budget", None)  # a sampling setting: no part of the prompt
-        _, ids = _render(state, req.messages, req.tools, template_kwargs.pop("enable_thinking", None), template_kwargs)
+        _, ids = _render(state, req, req.tools, template_kwargs.pop("enable_thinking", None), template_kwargs)
     strs = [state.token_text(t) for t in ids] if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.llm.engine.max_model_len, tokens=ids, token_strs=strs)
 

@@ -134,6 +134,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
     )
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opening (vLLM)")
+    continue_final_message: bool = Field(
+        False, description="the last message is the assistant's and the reply goes on writing it (vLLM; add_generation_prompt false)"
+    )
     parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one tool call")
     max_reasoning_tokens: Optional[int] = Field(
         None, description="thinking budget: after this many reasoning tokens the server ends the thinking part"
@@ -156,6 +160,8 @@ class TokenizeRequest(_Request):
     prompt: Optional[str] = None
     messages: Optional[list[ChatMessage]] = None
     add_special_tokens: bool = Field(True, description="prompt only: BOS first when the model wants one")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: Optional[list[Tool]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     return_token_strs: bool = False
