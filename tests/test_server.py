@@ -545,6 +545,90 @@ def test_tools_and_tool_turns_are_rendered_into_the_prompt(tool_server, pangu_to
     assert '[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]' in prompt
 
 
+# ---------------------------------------------------------------------- the Responses API
+RESPONSE_TOOLS = [{"type": "function", "name": "get_weather", "description": "weather of a city",
+                   "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+def test_responses_stream_and_whole_agree_through_the_sdks_accumulator(tool_server):
+    """Reasoning, text and a function call as output items; streamed, the openai SDK's own
+    accumulator (responses.stream) rebuilds the same response from the events."""
+    client, _ = tool_server
+    whole = client.responses.create(model="tools", input="weather in Paris?", tools=RESPONSE_TOOLS, instructions="be brief")
+    assert whole.status == "completed" and whole.object == "response"
+    assert [item.type for item in whole.output] == ["reasoning", "message", "function_call"]
+    assert whole.output[0].content[0].text == "the user wants weather"
+    assert whole.output_text == "Let me check."
+    call = whole.output[2]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.call_id.startswith("call_")
+    with client.responses.stream(model="tools", input="weather in Paris?", tools=RESPONSE_TOOLS, instructions="be brief") as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.reasoning_text.delta" in kinds and "response.function_call_arguments.done" in kinds
+    assert [item.type for item in streamed.output] == ["reasoning", "message", "function_call"]
+    assert streamed.output_text == whole.output_text and streamed.output[2].arguments == call.arguments
+    assert streamed.usage.output_tokens == whole.usage.output_tokens > streamed.usage.output_tokens_details.reasoning_tokens > 0
+
+
+def test_responses_continue_a_conversation_with_tool_results(tool_server, pangu_tokenizer):
+    client, engine = tool_server
+    first = client.responses.create(model="tools", input="weather in Paris?", tools=RESPONSE_TOOLS)
+    call = first.output[-1]
+    client.responses.create(model="tools", previous_response_id=first.id, tools=RESPONSE_TOOLS,
+                            input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    prompt = pangu_tokenizer.decode(engine.prompts[-1], skip_special_tokens=False)
+    assert "[unused9]用户：weather in Paris?" in prompt  # the first turn, from the stored response
+    assert '[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]' in prompt
+    assert "[unused9]工具：sunny[unused10]" in prompt
+    # the same conversation sent as items, without the store
+    client.responses.create(model="tools", tools=RESPONSE_TOOLS, store=False, input=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Let me check."}]},
+        {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert pangu_tokenizer.decode(engine.prompts[-1], skip_special_tokens=False).endswith(prompt[prompt.index("[unused9]用户"):])
+    assert client.responses.retrieve(first.id).id == first.id
+    assert client.responses.delete(first.id) is None
+    with pytest.raises(openai.NotFoundError, match=first.id):
+        client.responses.create(model="tools", previous_response_id=first.id, input="again")
+
+
+def test_responses_on_a_real_engine_match_chat_completions(client):
+    kwargs = dict(model="tiny-pangu", temperature=0, max_output_tokens=6)
+    out = client.responses.create(input=MESSAGES[1]["content"], instructions=MESSAGES[0]["content"], **kwargs)
+    chat = client.chat.completions.create(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=6)
+    assert out.output_text == chat.choices[0].message.content
+    assert out.status == "incomplete" and out.incomplete_details.reason == "max_output_tokens"
+    assert out.usage.input_tokens == chat.usage.prompt_tokens and out.usage.output_tokens == 6
+    events = list(client.responses.create(input=MESSAGES[1]["content"], instructions=MESSAGES[0]["content"], stream=True, **kwargs))
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == out.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with_lp = client.responses.create(input="hello", top_logprobs=2, **kwargs)
+    logprobs = with_lp.output[0].content[0].logprobs
+    assert len(logprobs) == 6 and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+
+
+@pytest.mark.parametrize(
+    "body, status, needle",
+    [
+        ({"input": [{"type": "web_search_call"}]}, 400, "web_search_call"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, 400, "function tools"),
+        ({"input": "hi", "text": {"format": {"type": "xml"}}}, 400, "xml"),
+        ({"input": "hi", "reasoning": {"effort": "maximal"}}, 400, "maximal"),
+        ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "resp_nope"),
+        ({"input": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
+        ({"input": "hi", "temperature": -1}, 400, "temperature"),
+        ({"input": "hi", "truncation": "auto"}, 400, "truncation"),
+        ({"input": "hi", "max_output_tokens": 10**6}, 400, "context"),
+    ],
+)
+def test_responses_mistakes_are_4xx_naming_them(server, body, status, needle):
+    response = _post(server, "/v1/responses", {"model": "tiny-pangu", **body})
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
 @pytest.fixture
 def taken_port(monkeypatch):
     """A loopback port something listens on, which fixtures_server._free_port hands out first (as

@@ -48,7 +48,8 @@ from pangu_infer.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from pangu_infer.server.params import check_model, check_size, to_sampling_params
+from pangu_infer.server import responses as resp
+from pangu_infer.server.params import check_model, check_size, log_ignored_fields, to_sampling_params
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.structured import reasoning_budget, tool_constraint
 from pangu_infer.server.streaming import (
@@ -183,6 +184,19 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _completion(state, body, request)
 
+    @app.post("/v1/responses", responses=ERROR_RESPONSES, summary="OpenAI's Responses API (server/responses.py)")
+    async def responses(body: resp.ResponsesRequest, request: Request) -> Response:
+        return await _responses(state, body, request)
+
+    @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def get_response(response_id: str) -> dict:
+        return state.responses.get(response_id)[0]
+
+    @app.delete("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
+    async def delete_response(response_id: str) -> dict:
+        state.responses.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
 
 def _add_chat_page(app: FastAPI) -> None:
     """The web chat at / (its assets under /static); it calls /v1 from the browser, so it needs no key itself."""
@@ -206,6 +220,27 @@ def _ok(model: type, chunk_object: str) -> dict:
 
 # ---------------------------------------------------------------------- chat
 async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
+    started = await _start_chat(state, req, request, "chatcmpl")
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts, parse, ids = started
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        body = _chat_stream(state, request_id, gens, firsts, parse, req.logprobs, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream")
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    final = result[0]
+    choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
+    usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
+    return JSONResponse(envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+
+
+async def _start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
+    """A chat request checked, rendered and submitted: (request id, generators, first outputs,
+    parsing, prompt ids), or the 499 Response of a client that left meanwhile. /v1/chat/completions
+    and /v1/responses (server/responses.py) share it."""
     check_model(state, req.model)
     tok = state.llm.tokenizer
     if req.top_logprobs is not None and not req.logprobs:
@@ -226,21 +261,11 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     text, ids = await asyncio.to_thread(_render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
     parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await unless_gone(request, start_requests(state, [(text, ids)], params, "chatcmpl"), state.metrics)
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
-    if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _chat_stream(state, request_id, gens, firsts, parse, req.logprobs, include_usage)
-        return StreamingResponse(body, media_type="text/event-stream")
-    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
-    if isinstance(result, Response):
-        return result
-    final = result[0]
-    choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
-    usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
-    return JSONResponse(envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+    return request_id, gens, firsts, parse, ids
 
 
 def _template_kwargs(given: Optional[dict]) -> dict:
@@ -419,6 +444,100 @@ async def _chat_stream(
     finally:
         if not finished:
             state.metrics.finished.labels("abort").inc()
+
+
+# ---------------------------------------------------------------------- responses
+async def _responses(state: ServerState, req: resp.ResponsesRequest, request: Request) -> Response:
+    log_ignored_fields(req)
+    history = state.responses.get(req.previous_response_id, "previous_response_id")[1] if req.previous_response_id else []
+    messages = resp.conversation(req, history)
+    chat = resp.to_chat_request(req, messages)
+    started = await _start_chat(state, chat, request, "resp")
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts, parse, ids = started
+    response_id, created = f"resp_{request_id.split('-', 1)[1]}", resp.now()
+    if req.stream:
+        return StreamingResponse(_responses_stream(state, req, response_id, created, gens, firsts, parse, messages, len(ids)),
+                                 media_type="text/event-stream")
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    final = result[0]
+    comp = final.outputs[0]
+    choice = _chat_choice(state, comp, parse, chat.logprobs)
+    lps = (choice["logprobs"] or {}).get("content")
+    output = resp.output_items(choice["message"], comp.finish_reason, lps)
+    body = _finish_response(state, req, response_id, created, output, comp.finish_reason, final, len(ids), messages)
+    return JSONResponse(body)
+
+
+def _finish_response(state: ServerState, req: resp.ResponsesRequest, response_id: str, created: float, output: list[dict],
+                     finish_reason: Optional[str], final: RequestOutput, n_prompt: int, messages: list[dict]) -> dict:
+    """The response object of a finished reply, stored when req.store."""
+    reasoning = "".join(part["text"] for item in output if item["type"] == "reasoning" for part in item["content"])
+    reasoning_tokens = len(state.llm.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    usage = resp.usage(n_prompt, completion, final.metrics.get("num_cached_tokens") or 0, min(reasoning_tokens, completion))
+    status = "incomplete" if finish_reason == "length" else "completed"
+    body = resp.response_object(req, response_id, created, state.model_name, status, output, usage)
+    if req.store:
+        state.responses.put(body, messages + [resp.reply_message(output)])
+    return body
+
+
+async def _responses_stream(state: ServerState, req: resp.ResponsesRequest, response_id: str, created: float, gens: list,
+                            firsts: list[RequestOutput], parse: "_ChatParsing", messages: list[dict], n_prompt: int) -> AsyncIterator[str]:
+    stream = resp.ResponsesStream()
+    parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
+    started = resp.response_object(req, response_id, created, state.model_name, "in_progress", [], None)
+    finished = False
+
+    def events_of(parsed: list, logprobs: Optional[list[dict]]) -> list[dict]:
+        events = []
+        for ev in parsed:
+            if ev.kind == "tool_call":
+                events += stream.feed("tool_call", call=ev.tool_call)
+            else:
+                events += stream.feed(ev.kind, ev.text, logprobs=logprobs if ev.kind == "content" else None)
+                logprobs = None  # once, with the first text of the step
+        return events
+
+    try:
+        yield _event(stream.event("response.created", response=started))
+        yield _event(stream.event("response.in_progress", response=started))
+        final = None
+        async with aclosing(merged_outputs(gens, firsts)) as outputs:
+            async for _, out in outputs:
+                comp = out.outputs[0]
+                lps = _chat_logprobs(state, comp.logprobs_delta or []) if req.top_logprobs is not None and comp.token_ids_delta else None
+                parsed = parser.feed(comp.text_delta)
+                if comp.finished:
+                    parsed += parser.finish()
+                for event in events_of(parsed, lps):
+                    yield _event(event)
+                if out.finished:
+                    observe(state, out)
+                    final = out
+        comp = final.outputs[0]
+        status = "incomplete" if comp.finish_reason == "length" else "completed"
+        for event in stream.close(status):
+            yield _event(event)
+        body = _finish_response(state, req, response_id, created, stream.output, comp.finish_reason, final, n_prompt, messages)
+        finished = True
+        yield _event(stream.event("response.incomplete" if status == "incomplete" else "response.completed", response=body))
+    except Exception as e:  # after the 200 is sent, an error can only travel as an event
+        finished = True
+        state.metrics.finished.labels("error").inc()
+        error = internal_error(e, f"streaming {response_id}").body()["error"]
+        yield _event(stream.event("error", code=error.get("code"), message=error["message"], param=None))
+    finally:
+        if not finished:
+            state.metrics.finished.labels("abort").inc()
+
+
+def _event(event: dict) -> str:
+    return f"event: {event['type']}\n{sse(event)}"
 
 
 # ---------------------------------------------------------------------- completions

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pangu_infer.server.metrics import ServerMetrics
+from pangu_infer.server.responses import ResponseStore
 
 
 @dataclass
@@ -19,6 +20,7 @@ class ServerState:
     max_seqs_per_request: int
     token_texts: dict[int, str]
     reasoning_budget: Optional[int] = None  # --reasoning-budget: the default max_reasoning_tokens of chat requests
+    responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses kept for previous_response_id
 
     def token_text(self, token_id: int) -> str:
         """A token's own text for logprobs (special tokens included), cached."""

@@ -1,0 +1,357 @@
+"""OpenAI's Responses API (`POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`) over the chat path.
+
+A request becomes a chat request (`to_chat_request`): `instructions` a system turn, the turns of
+`previous_response_id` (kept by `ResponseStore`, in memory, the newest MAX_STORED responses), then
+`input` (a string, or items: messages, `function_call`, `function_call_output`; reasoning items
+are skipped). Tools are function tools (`{"type": "function", "name", "parameters"}`), `text.format`
+maps to response_format, `reasoning.effort` "none"/"minimal" turns thinking off. The chat path
+renders, constrains and generates it; the reply becomes output items: a `reasoning` item (Pangu's
+thinking), a `message` with one `output_text`, and a `function_call` per tool call. With
+`stream: true` the items arrive as OpenAI's typed events (`ResponsesStream`), each with its
+sequence_number, from `response.created` to `response.completed` (`response.incomplete` when
+max_output_tokens cut it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import OrderedDict
+from typing import Any, Literal, Optional, Union
+
+from pydantic import Field, ValidationError
+
+from pangu_infer.server.errors import APIError
+from pangu_infer.server.protocol import ChatCompletionRequest, _Request
+
+MAX_STORED = 1024  # responses kept for previous_response_id and GET, newest first
+ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
+
+
+class ResponsesRequest(_Request):
+    model: Optional[str] = None
+    input: Union[str, list[dict[str, Any]]]
+    instructions: Optional[str] = None
+    max_output_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    tools: Optional[list[dict[str, Any]]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
+    parallel_tool_calls: Optional[bool] = None
+    text: Optional[dict[str, Any]] = Field(None, description='{"format": {"type": "text" | "json_object" | "json_schema", ...}}')
+    reasoning: Optional[dict[str, Any]] = Field(None, description='{"effort": ...}: "none" or "minimal" turn thinking off')
+    stream: bool = False
+    store: bool = Field(True, description="keep the response for previous_response_id and GET /v1/responses/{id}")
+    previous_response_id: Optional[str] = None
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    truncation: Optional[Literal["disabled"]] = None
+    background: Optional[Literal[False]] = None
+    # accepted and ignored: bookkeeping (as protocol.IGNORED_FIELDS) and what to include in the output
+    include: Optional[list[str]] = None
+    metadata: Optional[dict[str, str]] = None
+    user: Optional[str] = None
+    service_tier: Optional[str] = None
+    safety_identifier: Optional[str] = None
+    prompt_cache_key: Optional[str] = None
+    prompt_cache_retention: Optional[str] = None
+
+
+class ResponseStore:
+    """The newest MAX_STORED responses: each one's JSON and its conversation (chat messages, the
+    reply included) for a later previous_response_id."""
+
+    def __init__(self, capacity: int = MAX_STORED):
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+
+    def put(self, response: dict, messages: list[dict]) -> None:
+        self._items[response["id"]] = (response, messages)
+        self._items.move_to_end(response["id"])
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, response_id: str, param: Optional[str] = None) -> tuple[dict, list[dict]]:
+        item = self._items.get(response_id)
+        if item is None:
+            raise APIError(404, f"no response with id {response_id!r} is stored here (only the newest {self.capacity} are kept)",
+                           param=param, code="not_found")
+        return item
+
+    def delete(self, response_id: str) -> None:
+        self.get(response_id)
+        del self._items[response_id]
+
+
+def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
+    """The chat messages of this turn without `instructions`: the earlier turns, then `input`."""
+    messages = list(history)
+    if isinstance(req.input, str):
+        return messages + [{"role": "user", "content": req.input}]
+    for i, item in enumerate(req.input):
+        kind = item.get("type", "message")
+        where = f"input[{i}]"
+        if kind == "message":
+            role = ROLES.get(item.get("role"))
+            if role is None:
+                raise APIError(400, f"{where}.role is {item.get('role')!r}; expected user, system, developer or assistant", param=where)
+            messages.append({"role": role, "content": _text(item.get("content"), where)})
+        elif kind == "function_call":
+            call = {"id": _field(item, "call_id", where), "type": "function",
+                    "function": {"name": _field(item, "name", where), "arguments": _field(item, "arguments", where)}}
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant":
+                # a reply's message and calls (or parallel calls) are one assistant turn
+                messages[-1] = {**last, "tool_calls": [*last.get("tool_calls", []), call]}
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": _field(item, "call_id", where),
+                             "content": output if isinstance(output, str) else _text(output, where + ".output")})
+        elif kind == "reasoning":
+            continue  # earlier thinking is not sent back to the model, as chat templates drop it too
+        else:
+            raise APIError(400, f"{where} has type {kind!r}; this server takes message, function_call, "
+                           "function_call_output and reasoning items", param=where)
+    return messages
+
+
+def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
+    """The chat request that generates the reply to `messages` (conversation()) under req's settings."""
+    tools, tool_choice = _tools(req)
+    thinking = None
+    effort = (req.reasoning or {}).get("effort")
+    if effort is not None:
+        if effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+            raise APIError(400, f"reasoning.effort is {effort!r}; expected none, minimal, low, medium, high or xhigh", param="reasoning.effort")
+        thinking = effort not in ("none", "minimal")
+    fields: dict[str, Any] = {
+        "model": req.model,
+        "messages": ([{"role": "system", "content": req.instructions}] if req.instructions else []) + messages,
+        "max_completion_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "tools": tools,
+        "tool_choice": tool_choice,
+        "parallel_tool_calls": req.parallel_tool_calls,
+        "response_format": _response_format(req.text),
+        "chat_template_kwargs": None if thinking is None else {"enable_thinking": thinking},
+        "logprobs": req.top_logprobs is not None,
+        "top_logprobs": req.top_logprobs,
+        "stream": req.stream,
+    }
+    try:
+        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
+
+
+def output_items(message: dict, finish_reason: Optional[str], logprobs: Optional[list[dict]]) -> list[dict]:
+    """The output items of a chat reply (server/app.py's _chat_choice message)."""
+    items: list[dict] = []
+    status = "incomplete" if finish_reason == "length" else "completed"
+    if message.get("reasoning_content") is not None:
+        items.append(reasoning_item(message["reasoning_content"], status))
+    calls = message.get("tool_calls") or []
+    if message.get("content") or not calls:
+        items.append(message_item(message.get("content") or "", status, logprobs))
+    items += [call_item(call, "completed") for call in calls]
+    return items
+
+
+def reasoning_item(text: str, status: str, item_id: Optional[str] = None) -> dict:
+    return {"type": "reasoning", "id": item_id or _id("rs"), "summary": [], "status": status,
+            "content": [{"type": "reasoning_text", "text": text}]}
+
+
+def message_item(text: str, status: str, logprobs: Optional[list[dict]] = None, item_id: Optional[str] = None) -> dict:
+    part = {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+    return {"type": "message", "id": item_id or _id("msg"), "status": status, "role": "assistant", "content": [part]}
+
+
+def call_item(call: dict, status: str, item_id: Optional[str] = None) -> dict:
+    return {"type": "function_call", "id": item_id or _id("fc"), "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}
+
+
+def response_object(req: ResponsesRequest, response_id: str, created: float, model: str, status: str,
+                    output: list[dict], usage: Optional[dict]) -> dict:
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": status,
+        "model": model,
+        "output": output,
+        "usage": usage,
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "tools": req.tools or [],
+        "tool_choice": req.tool_choice or "auto",
+        "parallel_tool_calls": req.parallel_tool_calls is not False,
+        "text": req.text or {"format": {"type": "text"}},
+        "reasoning": req.reasoning or {"effort": None, "summary": None},
+        "previous_response_id": req.previous_response_id,
+        "store": req.store,
+        "metadata": req.metadata or {},
+        "truncation": "disabled",
+        "top_logprobs": req.top_logprobs,
+        "user": req.user,
+    }
+
+
+def usage(input_tokens: int, output_tokens: int, cached: int, reasoning_tokens: int) -> dict:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
+            "total_tokens": input_tokens + output_tokens}
+
+
+def reply_message(output: list[dict]) -> dict:
+    """The reply as one assistant chat message, for the conversation a later turn continues."""
+    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    calls = [{"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+             for item in output if item["type"] == "function_call"]
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+class ResponsesStream:
+    """Chat stream events (chat.ChatStreamParser: content, reasoning, tool_call) as Responses API
+    events, one item open at a time: each event a dict, numbered in order."""
+
+    def __init__(self) -> None:
+        self.sequence = 0
+        self.output: list[dict] = []  # finished items
+        self.open: Optional[dict] = None  # the item being written: reasoning or message
+        self.text = ""
+
+    def event(self, kind: str, **fields: Any) -> dict:
+        event = {"type": kind, "sequence_number": self.sequence, **fields}
+        self.sequence += 1
+        return event
+
+    def feed(self, kind: str, text: str = "", call: Optional[dict] = None, logprobs: Optional[list[dict]] = None) -> list[dict]:
+        """Events for one parser event: `kind` is "content", "reasoning" or "tool_call"."""
+        events: list[dict] = []
+        want = {"content": "message", "reasoning": "reasoning"}.get(kind)
+        if self.open is not None and self.open["type"] != want:
+            events += self.close("completed")
+        if kind == "tool_call":
+            item = call_item(call, "in_progress")
+            index = len(self.output)
+            events.append(self.event("response.output_item.added", output_index=index, item={**item, "arguments": ""}))
+            events.append(self.event("response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=item["arguments"]))
+            events.append(self.event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                                     name=item["name"], arguments=item["arguments"]))
+            item["status"] = "completed"
+            events.append(self.event("response.output_item.done", output_index=index, item=item))
+            self.output.append(item)
+            return events
+        index = len(self.output)
+        if self.open is None:
+            self.open = (reasoning_item("", "in_progress") if want == "reasoning" else message_item("", "in_progress"))
+            self.text = ""
+            empty = {**self.open, "content": []}
+            events.append(self.event("response.output_item.added", output_index=index, item=empty))
+            events.append(self.event("response.content_part.added", item_id=self.open["id"], output_index=index,
+                                     content_index=0, part=self._part("")))
+        self.text += text
+        if want == "reasoning":
+            events.append(self.event("response.reasoning_text.delta", item_id=self.open["id"], output_index=index, content_index=0, delta=text))
+        else:
+            self.open["content"][0]["logprobs"] += logprobs or []
+            events.append(self.event("response.output_text.delta", item_id=self.open["id"], output_index=index, content_index=0,
+                                     delta=text, logprobs=logprobs or []))
+        return events
+
+    def close(self, status: str) -> list[dict]:
+        """Events that finish the open item (none when no item is open)."""
+        if self.open is None:
+            return []
+        item, index = self.open, len(self.output)
+        part = self._part(self.text)
+        item["content"] = [part]
+        item["status"] = status
+        done = "response.reasoning_text.done" if item["type"] == "reasoning" else "response.output_text.done"
+        extra = {} if item["type"] == "reasoning" else {"logprobs": part["logprobs"]}
+        events = [
+            self.event(done, item_id=item["id"], output_index=index, content_index=0, text=self.text, **extra),
+            self.event("response.content_part.done", item_id=item["id"], output_index=index, content_index=0, part=part),
+            self.event("response.output_item.done", output_index=index, item=item),
+        ]
+        self.output.append(item)
+        self.open = None
+        return events
+
+    def _part(self, text: str) -> dict:
+        if self.open is not None and self.open["type"] == "reasoning":
+            return {"type": "reasoning_text", "text": text}
+        logprobs = self.open["content"][0]["logprobs"] if self.open is not None and self.open["content"] else []
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
+
+
+def _tools(req: ResponsesRequest) -> tuple[Optional[list[dict]], Any]:
+    tools = None
+    if req.tools is not None:
+        tools = []
+        for i, tool in enumerate(req.tools):
+            if tool.get("type") != "function":
+                raise APIError(400, f"tools[{i}] has type {tool.get('type')!r}; this server runs function tools only", param=f"tools[{i}]")
+            spec = {key: tool[key] for key in ("name", "description", "parameters", "strict") if tool.get(key) is not None}
+            tools.append({"type": "function", "function": spec})
+    choice: Any = req.tool_choice
+    if isinstance(choice, dict):
+        if choice.get("type") != "function" or not isinstance(choice.get("name"), str):
+            raise APIError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "name": ...}', param="tool_choice")
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    return tools, choice
+
+
+def _response_format(text: Optional[dict]) -> Optional[dict]:
+    fmt = (text or {}).get("format")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_object":
+        return {"type": "json_object"}
+    if fmt.get("type") == "json_schema":
+        schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
+        return {"type": "json_schema", "json_schema": schema}
+    raise APIError(400, f"text.format.type is {fmt.get('type')!r}; expected text, json_object or json_schema", param="text.format")
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+                raise APIError(400, f"{where}.content[{k}] must be an input_text or output_text part with text, got {json.dumps(part)[:200]}",
+                               param=f"{where}.content[{k}]")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise APIError(400, f"{where}.content must be a string or a list of text parts", param=where)
+
+
+def _field(item: dict, key: str, where: str) -> str:
+    value = item.get(key)
+    if not isinstance(value, str):
+        raise APIError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
+    return value
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def now() -> float:
+    return float(int(time.time()))
