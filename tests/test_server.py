@@ -667,3 +667,30 @@ def test_an_app_served_in_a_thread_takes_another_port_when_one_is_taken(taken_po
     with serving(app) as url:
         assert url != f"http://127.0.0.1:{taken_port}"
         assert httpx.get(url, timeout=10).text == "ok"
+
+
+def test_the_response_store_keeps_the_newest_within_its_count_and_bytes():
+    from pangu_infer.server.errors import APIError
+    from pangu_infer.server.responses import ResponseStore
+
+    store = ResponseStore(capacity=3, max_bytes=2000)
+    for i in range(4):
+        assert store.put({"id": f"r{i}"}, [{"role": "user", "content": "x" * 100}])
+    with pytest.raises(APIError, match="r0"):
+        store.get("r0")  # over the count: the oldest went
+    assert store.get("r3")[0] == {"id": "r3"}
+    assert store.put({"id": "big"}, [{"role": "user", "content": "y" * 1700}])
+    assert [k for k in ("r1", "r2", "r3", "big") if _stored(store, k)] == ["r3", "big"]  # over the bytes
+    assert not store.put({"id": "huge"}, [{"role": "user", "content": "z" * 5000}]) and not _stored(store, "huge")
+    store.delete("big")
+    assert store.bytes == sum(len(json.dumps(r)) + len(json.dumps(m)) for r, m in [store.get("r3")])
+
+
+def _stored(store, key: str) -> bool:
+    from pangu_infer.server.errors import APIError
+
+    try:
+        store.get(key)
+        return True
+    except APIError:
+        return False

@@ -481,8 +481,8 @@ def _finish_response(state: ServerState, req: resp.ResponsesRequest, response_id
     usage = resp.usage(n_prompt, completion, final.metrics.get("num_cached_tokens") or 0, min(reasoning_tokens, completion))
     status = "incomplete" if finish_reason == "length" else "completed"
     body = resp.response_object(req, response_id, created, state.model_name, status, output, usage)
-    if req.store:
-        state.responses.put(body, messages + [resp.reply_message(output)])
+    if req.store and not state.responses.put(body, messages + [resp.reply_message(output)]):
+        body["store"] = False  # over the store's whole byte budget: answered, not kept
     return body
 
 

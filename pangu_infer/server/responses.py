@@ -26,6 +26,7 @@ from pangu_infer.server.errors import APIError
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 
 MAX_STORED = 1024  # responses kept for previous_response_id and GET, newest first
+MAX_STORED_BYTES = 256 << 20  # and at most this much of their JSON: one client's huge inputs cannot fill memory
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
 
@@ -58,29 +59,37 @@ class ResponsesRequest(_Request):
 
 
 class ResponseStore:
-    """The newest MAX_STORED responses: each one's JSON and its conversation (chat messages, the
-    reply included) for a later previous_response_id."""
+    """The newest MAX_STORED responses, MAX_STORED_BYTES of JSON at most: each one's JSON and its
+    conversation (chat messages, the reply included) for a later previous_response_id. A response
+    bigger than the whole budget is not kept."""
 
-    def __init__(self, capacity: int = MAX_STORED):
+    def __init__(self, capacity: int = MAX_STORED, max_bytes: int = MAX_STORED_BYTES):
         self.capacity = capacity
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
 
-    def put(self, response: dict, messages: list[dict]) -> None:
-        self._items[response["id"]] = (response, messages)
-        self._items.move_to_end(response["id"])
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+    def put(self, response: dict, messages: list[dict]) -> bool:
+        """Keep it (True), evicting the oldest as needed; False when it alone is over the budget."""
+        size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(messages, ensure_ascii=False))
+        if size > self.max_bytes:
+            return False
+        self._items[response["id"]] = (response, messages, size)
+        self.bytes += size
+        while len(self._items) > self.capacity or self.bytes > self.max_bytes:
+            self.bytes -= self._items.popitem(last=False)[1][2]
+        return True
 
     def get(self, response_id: str, param: Optional[str] = None) -> tuple[dict, list[dict]]:
         item = self._items.get(response_id)
         if item is None:
-            raise APIError(404, f"no response with id {response_id!r} is stored here (only the newest {self.capacity} are kept)",
-                           param=param, code="not_found")
-        return item
+            raise APIError(404, f"no response with id {response_id!r} is stored here (only the newest {self.capacity}, "
+                           f"{self.max_bytes >> 20} MiB in all, are kept)", param=param, code="not_found")
+        return item[0], item[1]
 
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        del self._items[response_id]
+        self.bytes -= self._items.pop(response_id)[2]
 
 
 def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
