@@ -144,6 +144,20 @@ def test_enable_thinking_false_appends_no_think(client):
     assert fast.usage.prompt_tokens > slow.usage.prompt_tokens  # " /no_think" was added to the user turn
 
 
+def test_reasoning_effort_none_turns_thinking_off_as_enable_thinking_false(server, client, pangu_tokenizer):
+    base = dict(model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=1)
+    no_think = render_chat(pangu_tokenizer, MESSAGES, enable_thinking=False)
+    for effort, rendered in (("none", no_think), ("minimal", no_think), ("high", render_chat(pangu_tokenizer, MESSAGES))):
+        out = client.chat.completions.create(**base, reasoning_effort=effort)
+        assert out.usage.prompt_tokens == len(pangu_tokenizer.encode(rendered)), effort
+    clash = _post(server, "/v1/chat/completions", {**base, "reasoning_effort": "high", "chat_template_kwargs": {"enable_thinking": False}})
+    assert clash.status_code == 400 and clash.json()["error"]["param"] == "reasoning_effort"
+    assert _post(server, "/v1/chat/completions", {**base, "reasoning_effort": "max"}).status_code == 400
+    effortless = client.responses.create(model="tiny-pangu", input=MESSAGES[1]["content"], instructions=MESSAGES[0]["content"],
+                                         max_output_tokens=1, reasoning={"effort": "none"})
+    assert effortless.usage.input_tokens == len(pangu_tokenizer.encode(no_think))
+
+
 def test_chat_accepts_list_of_text_parts(client):
     parts = [{"role": "user", "content": [{"type": "text", "text": "tell me about"}, {"type": "text", "text": "the city"}]}]
     joined = [{"role": "user", "content": "tell me about\nthe city"}]

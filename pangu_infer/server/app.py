@@ -251,6 +251,12 @@ async def _start_chat(state: ServerState, req: ChatCompletionRequest, request: R
     use_tools = bool(req.tools) and req.tool_choice != "none"
     template_kwargs = _template_kwargs(req.chat_template_kwargs)
     enable_thinking = template_kwargs.pop("enable_thinking", None)
+    if req.reasoning_effort is not None:
+        thinking = req.reasoning_effort not in ("none", "minimal")
+        if enable_thinking is not None and enable_thinking != thinking:
+            raise APIError(400, f"reasoning_effort={req.reasoning_effort!r} and chat_template_kwargs.enable_thinking="
+                           f"{enable_thinking!r} disagree; give one", param="reasoning_effort")
+        enable_thinking = thinking if enable_thinking is None else enable_thinking
     budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)

@@ -134,6 +134,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
     )
+    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = Field(
+        None, description='OpenAI\'s: "none" or "minimal" turn thinking off (enable_thinking false), the others leave it on'
+    )
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opening (vLLM)")
     continue_final_message: bool = Field(
         False, description="the last message is the assistant's and the reply goes on writing it (vLLM; add_generation_prompt false)"

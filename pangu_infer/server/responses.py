@@ -129,12 +129,9 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
 def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     """The chat request that generates the reply to `messages` (conversation()) under req's settings."""
     tools, tool_choice = _tools(req)
-    thinking = None
     effort = (req.reasoning or {}).get("effort")
-    if effort is not None:
-        if effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
-            raise APIError(400, f"reasoning.effort is {effort!r}; expected none, minimal, low, medium, high or xhigh", param="reasoning.effort")
-        thinking = effort not in ("none", "minimal")
+    if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+        raise APIError(400, f"reasoning.effort is {effort!r}; expected none, minimal, low, medium, high or xhigh", param="reasoning.effort")
     fields: dict[str, Any] = {
         "model": req.model,
         "messages": ([{"role": "system", "content": req.instructions}] if req.instructions else []) + messages,
@@ -145,7 +142,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
         "tool_choice": tool_choice,
         "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _response_format(req.text),
-        "chat_template_kwargs": None if thinking is None else {"enable_thinking": thinking},
+        "reasoning_effort": effort,
         "logprobs": req.top_logprobs is not None,
         "top_logprobs": req.top_logprobs,
         "stream": req.stream,
