@@ -603,6 +603,14 @@ def test_responses_continue_a_conversation_with_tool_results(tool_server, pangu_
         {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
     assert pangu_tokenizer.decode(engine.prompts[-1], skip_special_tokens=False).endswith(prompt[prompt.index("[unused9]用户"):])
     assert client.responses.retrieve(first.id).id == first.id
+    second = client.responses.create(model="tools", previous_response_id=first.id, input=[
+        {"role": "user", "content": "and in Rome?"},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    items = client.responses.input_items.list(second.id)  # this request's own input, newest first
+    assert [item.type for item in items.data] == ["function_call_output", "message"]
+    assert items.data[1].content[0].text == "and in Rome?" and items.data[0].output == "sunny"
+    oldest = client.responses.input_items.list(second.id, order="asc", limit=1)
+    assert [item.id for item in oldest.data] == [items.data[1].id] and oldest.has_more
     assert client.responses.delete(first.id) is None
     with pytest.raises(openai.NotFoundError, match=first.id):
         client.responses.create(model="tools", previous_response_id=first.id, input="again")
@@ -697,7 +705,7 @@ def test_the_response_store_keeps_the_newest_within_its_count_and_bytes():
     assert [k for k in ("r1", "r2", "r3", "big") if _stored(store, k)] == ["r3", "big"]  # over the bytes
     assert not store.put({"id": "huge"}, [{"role": "user", "content": "z" * 5000}]) and not _stored(store, "huge")
     store.delete("big")
-    assert store.bytes == sum(len(json.dumps(r)) + len(json.dumps(m)) for r, m in [store.get("r3")])
+    assert store.bytes == sum(len(json.dumps(part)) for part in (*store.get("r3"), []))  # response, messages, input items
 
 
 def _stored(store, key: str) -> bool:

@@ -192,6 +192,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def get_response(response_id: str) -> dict:
         return state.responses.get(response_id)[0]
 
+    @app.get("/v1/responses/{response_id}/input_items", responses=ERROR_RESPONSES)
+    async def response_input_items(response_id: str, limit: int = 20, order: str = "desc", after: Optional[str] = None) -> dict:
+        return state.responses.input_items(response_id, limit, order, after)
+
     @app.delete("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
     async def delete_response(response_id: str) -> dict:
         state.responses.delete(response_id)
@@ -487,7 +491,7 @@ def _finish_response(state: ServerState, req: resp.ResponsesRequest, response_id
     usage = resp.usage(n_prompt, completion, final.metrics.get("num_cached_tokens") or 0, min(reasoning_tokens, completion))
     status = "incomplete" if finish_reason == "length" else "completed"
     body = resp.response_object(req, response_id, created, state.model_name, status, output, usage)
-    if req.store and not state.responses.put(body, messages + [resp.reply_message(output)]):
+    if req.store and not state.responses.put(body, messages + [resp.reply_message(output)], resp.input_items_of(req)):
         body["store"] = False  # over the store's whole byte budget: answered, not kept
     return body
 

@@ -67,17 +67,19 @@ class ResponseStore:
         self.capacity = capacity
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._items: OrderedDict[str, tuple[dict, list[dict], int]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict, list[dict], list[dict], int]] = OrderedDict()
 
-    def put(self, response: dict, messages: list[dict]) -> bool:
-        """Keep it (True), evicting the oldest as needed; False when it alone is over the budget."""
-        size = len(json.dumps(response, ensure_ascii=False)) + len(json.dumps(messages, ensure_ascii=False))
+    def put(self, response: dict, messages: list[dict], inputs: Optional[list[dict]] = None) -> bool:
+        """Keep it (True), evicting the oldest as needed; False when it alone is over the budget.
+        inputs: the request's own input items (input_items_of), for GET .../input_items."""
+        inputs = inputs or []
+        size = sum(len(json.dumps(part, ensure_ascii=False)) for part in (response, messages, inputs))
         if size > self.max_bytes:
             return False
-        self._items[response["id"]] = (response, messages, size)
+        self._items[response["id"]] = (response, messages, inputs, size)
         self.bytes += size
         while len(self._items) > self.capacity or self.bytes > self.max_bytes:
-            self.bytes -= self._items.popitem(last=False)[1][2]
+            self.bytes -= self._items.popitem(last=False)[1][3]
         return True
 
     def get(self, response_id: str, param: Optional[str] = None) -> tuple[dict, list[dict]]:
@@ -87,9 +89,29 @@ class ResponseStore:
                            f"{self.max_bytes >> 20} MiB in all, are kept)", param=param, code="not_found")
         return item[0], item[1]
 
+    def input_items(self, response_id: str, limit: int, order: str, after: Optional[str]) -> dict:
+        """OpenAI's list of a response's input items: newest first unless order is "asc", from
+        after the item `after`, at most `limit` (1-100)."""
+        self.get(response_id)
+        if not 1 <= limit <= 100:
+            raise APIError(400, f"limit={limit}: expected 1 to 100", param="limit")
+        if order not in ("asc", "desc"):
+            raise APIError(400, f"order={order!r}: expected asc or desc", param="order")
+        items = list(self._items[response_id][2])
+        if order == "desc":
+            items.reverse()
+        if after is not None:
+            ids = [item["id"] for item in items]
+            if after not in ids:
+                raise APIError(400, f"after={after!r} is not an input item of {response_id!r}", param="after")
+            items = items[ids.index(after) + 1 :]
+        page = items[:limit]
+        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
+
     def delete(self, response_id: str) -> None:
         self.get(response_id)
-        self.bytes -= self._items.pop(response_id)[2]
+        self.bytes -= self._items.pop(response_id)[3]
 
 
 def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
@@ -124,6 +146,23 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
             raise APIError(400, f"{where} has type {kind!r}; this server takes message, function_call, "
                            "function_call_output and reasoning items", param=where)
     return messages
+
+
+def input_items_of(req: ResponsesRequest) -> list[dict]:
+    """The request's input as stored items, each with an id (OpenAI's shapes)."""
+    raw = [{"role": "user", "content": req.input}] if isinstance(req.input, str) else req.input
+    items = []
+    for item in raw:
+        kind = item.get("type", "message")
+        if kind == "message":
+            content = item.get("content")
+            parts = [{"type": "input_text", "text": content}] if isinstance(content, str) else content
+            items.append({"id": item.get("id") or _id("msg"), "type": "message", "role": item.get("role"),
+                          "status": "completed", "content": parts})
+        else:
+            prefix = {"function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}.get(kind, "item")
+            items.append({**item, "id": item.get("id") or _id(prefix), "status": item.get("status", "completed")})
+    return items
 
 
 def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
