@@ -2,8 +2,8 @@
 
 - issue 14's request (an out-of-vocabulary stop token id with min_tokens) is one 400 naming the
   field, and the stream running beside it completes unchanged;
-- a property-based test (hypothesis) sends random and adversarial bodies to both endpoints
-  while a good stream runs: no response is a 5xx, the stream's tokens equal those it gets alone;
+- a property-based test (hypothesis) sends random and adversarial bodies to chat, completions,
+  the Responses API and /tokenize while a good stream runs: no response is a 5xx, the stream's tokens equal those it gets alone;
 - a client that leaves while queued, in prefill, in decode or mid-stream is aborted and its KV
   blocks are freed, while the request beside it keeps running;
 - /docs, /redoc and /openapi.json follow --api-key; the OpenAI SDK's bookkeeping fields are accepted;
@@ -193,7 +193,13 @@ ADVERSARIAL_FIELDS = {
     "frequency_penalty": st.floats(-3, 3),
     "ignore_eos": st.booleans(),
     "stream": st.booleans(),
-    "logit_bias": _jsonable_values(),
+    "logit_bias": st.one_of(_jsonable_values(), st.dictionaries(st.one_of(st.text(max_size=4), st.integers(-3, 2000).map(str), HUGE.map(str)),
+                                                                 st.one_of(st.floats(-150, 150), HUGE), max_size=5)),
+    "allowed_token_ids": st.one_of(_jsonable_values(), st.lists(st.one_of(st.integers(-3, 2000), HUGE), max_size=5)),
+    "echo": st.one_of(st.booleans(), _jsonable_values()),
+    "continue_final_message": st.booleans(),
+    "add_generation_prompt": st.booleans(),
+    "reasoning_effort": st.one_of(st.sampled_from(["none", "minimal", "high", "max"]), _jsonable_values()),
     "user": _jsonable_values(),
     "metadata": _jsonable_values(),
     "chat_template_kwargs": _jsonable_values(),
@@ -211,20 +217,56 @@ CONTENT = st.one_of(st.text(max_size=60), st.lists(st.fixed_dictionaries({"type"
                                                      max_size=3), _jsonable_values())
 MESSAGES_ST = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "wizard"]),
                                               "content": CONTENT}), max_size=4)
+RESPONSE_ITEMS = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "tool", "wizard"]), "content": st.one_of(
+        st.text(max_size=40), st.lists(st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "input_image"]),
+                                                              "text": st.text(max_size=10)}), max_size=3), _jsonable_values())}),
+    st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output", "reasoning", "item_reference", "web_search_call"]),
+                           "call_id": st.one_of(st.text(max_size=6), _jsonable_values()), "name": st.one_of(st.just("f"), _jsonable_values()),
+                           "arguments": st.one_of(st.just("{}"), st.text(max_size=10), _jsonable_values()),
+                           "output": st.one_of(st.text(max_size=10), _jsonable_values())}),
+    _jsonable_values()), max_size=4)
+RESPONSE_FIELDS = {
+    "instructions": st.one_of(st.text(max_size=20), _jsonable_values()),
+    "max_output_tokens": st.one_of(st.integers(-3, 6), st.integers(CONTEXT - 2, CONTEXT + 2), HUGE),
+    "tools": st.one_of(_jsonable_values(), st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]),
+                                                                           "name": st.text(max_size=5), "parameters": _jsonable_values()}), max_size=2)),
+    "tool_choice": _jsonable_values(),
+    "text": st.one_of(_jsonable_values(), st.fixed_dictionaries({"format": st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"]), "schema": _jsonable_values()})})),
+    "reasoning": st.one_of(_jsonable_values(), st.fixed_dictionaries({"effort": _jsonable_values()})),
+    "previous_response_id": st.one_of(st.text(max_size=10), _jsonable_values()),
+    "top_logprobs": st.one_of(st.integers(-3, 25), HUGE),
+    "temperature": st.one_of(st.floats(-1, 3), st.just(1e308)),
+    "stream": st.booleans(),
+    "store": st.one_of(st.booleans(), _jsonable_values()),
+    "truncation": st.one_of(st.sampled_from(["auto", "disabled"]), _jsonable_values()),
+    "background": _jsonable_values(),
+}
 
 
 @st.composite
 def hostile_requests(draw) -> tuple[str, bytes]:
     """(path, body bytes): a plausible request with adversarial fields, then maybe corrupted as bytes."""
-    chat = draw(st.booleans())
+    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"]))
+    chat = path != "/v1/completions"
     body: dict = {"model": draw(st.sampled_from(["tiny", "tiny", "other"]))}
-    if chat:
-        body["messages"] = draw(st.one_of(st.just(MESSAGES), MESSAGES_ST))
+    if path == "/v1/responses":
+        body["input"] = draw(st.one_of(st.text(max_size=40), RESPONSE_ITEMS))
+        body["max_output_tokens"] = 4
+        fields = RESPONSE_FIELDS
     else:
-        body["prompt"] = draw(PROMPTS)
-    body["max_tokens"] = 4  # valid requests stay short, unless a drawn field changes it
-    for name in draw(st.lists(st.sampled_from(sorted(ADVERSARIAL_FIELDS)), max_size=4, unique=True)):
-        body[name] = draw(ADVERSARIAL_FIELDS[name])
+        if chat:
+            body["messages"] = draw(st.one_of(st.just(MESSAGES), MESSAGES_ST))
+        else:
+            body["prompt"] = draw(PROMPTS)
+        fields = ADVERSARIAL_FIELDS
+        if path == "/tokenize":  # the chat fields it shares
+            fields = {k: ADVERSARIAL_FIELDS[k] for k in ("chat_template_kwargs", "continue_final_message", "add_generation_prompt")}
+        else:
+            body["max_tokens"] = 4  # valid requests stay short, unless a drawn field changes it
+    for name in draw(st.lists(st.sampled_from(sorted(fields)), max_size=4, unique=True)):
+        body[name] = draw(fields[name])
     raw = json.dumps(body).encode()
     corruption = draw(st.sampled_from(["none", "none", "deep", "invalid-utf8", "surrogate", "truncated"]))
     if corruption == "deep":
@@ -233,11 +275,11 @@ def hostile_requests(draw) -> tuple[str, bytes]:
     elif corruption == "invalid-utf8":
         raw = raw[:-1] + b', "user": "caf\xc3\x28 \xff\xfe"}'
     elif corruption == "surrogate":
-        key = "messages" if chat else "prompt"
+        key = {"/v1/completions": "prompt", "/v1/responses": "input"}.get(path, "messages")
         raw = raw[:-1] + (b', "%s": "lone \\ud800 half"}' % key.encode())
     elif corruption == "truncated":
         raw = raw[: draw(st.integers(0, max(0, len(raw) - 1)))]
-    return ("/v1/chat/completions" if chat else "/v1/completions"), raw
+    return path, raw
 
 
 EXAMPLES = [  # what issue 14 names, always sent
@@ -259,7 +301,7 @@ EXAMPLES = [  # what issue 14 names, always sent
 def test_hostile_bodies_never_get_a_5xx_and_never_touch_a_good_stream(server, good_alone):
     statuses: list[int] = []
 
-    @settings(max_examples=120, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=160, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(request=hostile_requests())
     @example(request=("/v1/completions", b"[" * 100000 + b"]" * 100000))
     @example(request=("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xc3\x28"}]}'))
