@@ -651,6 +651,92 @@ def test_responses_mistakes_are_4xx_naming_them(server, body, status, needle):
     assert needle in response.json()["error"]["message"]
 
 
+# ---------------------------------------------------------------------- Anthropic's Messages API
+ANTHROPIC_TOOLS = [{"name": "get_weather", "description": "weather of a city",
+                    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+
+
+@pytest.fixture
+def anthropic_tools(tool_server):
+    import anthropic
+
+    openai_client, engine = tool_server
+    return anthropic.Anthropic(base_url="http://testserver", api_key="unused", http_client=openai_client._client, max_retries=0), engine
+
+
+def test_messages_stream_and_whole_agree_through_the_anthropic_sdk(anthropic_tools):
+    """Thinking, text and a tool_use block; streamed, the anthropic SDK's own accumulator
+    (messages.stream(...).get_final_message()) rebuilds the same message from the events."""
+    client, _ = anthropic_tools
+    kwargs = dict(model="tools", max_tokens=100, system="be brief", tools=ANTHROPIC_TOOLS,
+                  messages=[{"role": "user", "content": "weather in Paris?"}])
+    whole = client.messages.create(**kwargs)
+    assert [b.type for b in whole.content] == ["thinking", "text", "tool_use"]
+    assert whole.content[0].thinking == "the user wants weather" and whole.content[1].text == "Let me check."
+    assert whole.content[2].name == "get_weather" and whole.content[2].input == {"city": "Paris"}
+    assert whole.stop_reason == "tool_use" and whole.usage.output_tokens > 0
+    with client.messages.stream(**kwargs) as stream:
+        kinds = [event.type for event in stream]
+        streamed = stream.get_final_message()
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    assert [b.type for b in streamed.content] == ["thinking", "text", "tool_use"]
+    assert streamed.content[1].text == whole.content[1].text and streamed.content[2].input == whole.content[2].input
+    assert streamed.stop_reason == "tool_use" and streamed.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_messages_tool_results_render_as_tool_turns(anthropic_tools, pangu_tokenizer):
+    client, engine = anthropic_tools
+    client.messages.create(model="tools", max_tokens=50, tools=ANTHROPIC_TOOLS, messages=[
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me check."},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}])
+    prompt = pangu_tokenizer.decode(engine.prompts[-1], skip_special_tokens=False)
+    assert 'Let me check.[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]' in prompt
+    assert prompt.endswith("[unused9]工具：sunny[unused10][unused9]助手：")
+
+
+def test_messages_on_a_real_engine_match_chat_completions(server, pangu_tokenizer):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0)  # the key as x-api-key
+    greedy = {"extra_body": {"temperature": 0}}  # this SDK no longer sends temperature itself; older ones and raw clients do
+    out = client.messages.create(model="tiny-pangu", max_tokens=6, system=MESSAGES[0]["content"], **greedy,
+                                 messages=[{"role": "user", "content": MESSAGES[1]["content"]}])
+    chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0).chat.completions.create(
+        model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=6)
+    assert out.content[0].text == chat.choices[0].message.content and out.stop_reason == "max_tokens"
+    assert out.usage.input_tokens == chat.usage.prompt_tokens and out.usage.output_tokens == 6
+    stop = out.content[0].text[2:4]
+    cut = client.messages.create(model="tiny-pangu", max_tokens=6, stop_sequences=[stop], system=MESSAGES[0]["content"], **greedy,
+                                 messages=[{"role": "user", "content": MESSAGES[1]["content"]}])
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop and cut.content[0].text == out.content[0].text[:2]
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    shaped = client.messages.create(model="tiny-pangu", max_tokens=20, thinking={"type": "disabled"}, **greedy,
+                                    output_config={"format": {"type": "json_schema", "schema": schema}},
+                                    messages=[{"role": "user", "content": "answer"}])
+    assert json.loads(shaped.content[0].text) in ({"ok": True}, {"ok": False}) and shaped.stop_reason == "end_turn"
+    auto = client.messages.create(model="tiny-pangu", max_tokens=1, thinking={"type": "adaptive"}, system=MESSAGES[0]["content"],
+                                  messages=[{"role": "user", "content": MESSAGES[1]["content"]}])
+    assert auto.usage.input_tokens == len(pangu_tokenizer.encode(render_chat(pangu_tokenizer, MESSAGES, enable_thinking="auto")))
+    no_think = client.messages.create(model="tiny-pangu", max_tokens=1, thinking={"type": "disabled"},
+                                      messages=[{"role": "user", "content": MESSAGES[1]["content"]}], system=MESSAGES[0]["content"])
+    assert no_think.usage.input_tokens == len(pangu_tokenizer.encode(render_chat(pangu_tokenizer, MESSAGES, enable_thinking=False)))
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=server.url, api_key="nope", max_retries=0).messages.create(
+            model="tiny-pangu", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+    for body, needle in [
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "system"),
+        ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools"),
+        ({"messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled", "budget_tokens": 0}}, "budget_tokens"),
+        ({"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "tool"}}, "tool_choice"),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, "temperature"),
+    ]:
+        response = _post(server, "/v1/messages", {"model": "tiny-pangu", "max_tokens": 4, **body})
+        assert response.status_code == 400 and needle in response.json()["error"]["message"], response.text
+
+
 @pytest.fixture
 def taken_port(monkeypatch):
     """A loopback port something listens on, which fixtures_server._free_port hands out first (as

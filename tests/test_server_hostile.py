@@ -3,7 +3,7 @@
 - issue 14's request (an out-of-vocabulary stop token id with min_tokens) is one 400 naming the
   field, and the stream running beside it completes unchanged;
 - a property-based test (hypothesis) sends random and adversarial bodies to chat, completions,
-  the Responses API and /tokenize while a good stream runs: no response is a 5xx, the stream's tokens equal those it gets alone;
+  the Responses API, the Messages API and /tokenize while a good stream runs: no response is a 5xx, the stream's tokens equal those it gets alone;
 - a client that leaves while queued, in prefill, in decode or mid-stream is aborted and its KV
   blocks are freed, while the request beside it keeps running;
 - /docs, /redoc and /openapi.json follow --api-key; the OpenAI SDK's bookkeeping fields are accepted;
@@ -226,6 +226,28 @@ RESPONSE_ITEMS = st.lists(st.one_of(
                            "arguments": st.one_of(st.just("{}"), st.text(max_size=10), _jsonable_values()),
                            "output": st.one_of(st.text(max_size=10), _jsonable_values())}),
     _jsonable_values()), max_size=4)
+ANTHROPIC_BLOCKS = st.lists(st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "document"]),
+                           "text": st.one_of(st.text(max_size=10), _jsonable_values()), "id": st.one_of(st.text(max_size=5), _jsonable_values()),
+                           "name": st.one_of(st.just("f"), _jsonable_values()), "input": _jsonable_values(),
+                           "tool_use_id": st.one_of(st.text(max_size=5), _jsonable_values()), "content": _jsonable_values()}),
+    _jsonable_values()), max_size=3)
+ANTHROPIC_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "wizard"]),
+                                                     "content": st.one_of(st.text(max_size=30), ANTHROPIC_BLOCKS, _jsonable_values())}), max_size=3)
+ANTHROPIC_FIELDS = {
+    "system": st.one_of(st.text(max_size=20), _jsonable_values()),
+    "max_tokens": st.one_of(st.integers(-3, 6), st.integers(CONTEXT - 2, CONTEXT + 2), HUGE),
+    "stop_sequences": st.one_of(st.lists(st.text(max_size=4), max_size=20), _jsonable_values()),
+    "tools": st.one_of(_jsonable_values(), st.lists(st.fixed_dictionaries({"name": st.text(max_size=5), "input_schema": _jsonable_values()}),
+                                                    max_size=2)),
+    "tool_choice": _jsonable_values(),
+    "thinking": st.one_of(_jsonable_values(), st.fixed_dictionaries({"type": st.sampled_from(["enabled", "adaptive", "disabled", "x"]),
+                                                                     "budget_tokens": st.one_of(st.integers(-3, 50), HUGE)})),
+    "output_config": _jsonable_values(),
+    "temperature": st.one_of(st.floats(-1, 3), st.just(1e308)),
+    "top_k": st.one_of(st.integers(-3, 50), HUGE),
+    "stream": st.booleans(),
+}
 RESPONSE_FIELDS = {
     "instructions": st.one_of(st.text(max_size=20), _jsonable_values()),
     "max_output_tokens": st.one_of(st.integers(-3, 6), st.integers(CONTEXT - 2, CONTEXT + 2), HUGE),
@@ -248,10 +270,14 @@ RESPONSE_FIELDS = {
 @st.composite
 def hostile_requests(draw) -> tuple[str, bytes]:
     """(path, body bytes): a plausible request with adversarial fields, then maybe corrupted as bytes."""
-    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses", "/tokenize"]))
+    path = draw(st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages", "/tokenize"]))
     chat = path != "/v1/completions"
     body: dict = {"model": draw(st.sampled_from(["tiny", "tiny", "other"]))}
-    if path == "/v1/responses":
+    if path == "/v1/messages":
+        body["messages"] = draw(st.one_of(st.just([{"role": "user", "content": "hi"}]), ANTHROPIC_MESSAGES))
+        body["max_tokens"] = 4
+        fields = ANTHROPIC_FIELDS
+    elif path == "/v1/responses":
         body["input"] = draw(st.one_of(st.text(max_size=40), RESPONSE_ITEMS))
         body["max_output_tokens"] = 4
         fields = RESPONSE_FIELDS
@@ -301,7 +327,7 @@ EXAMPLES = [  # what issue 14 names, always sent
 def test_hostile_bodies_never_get_a_5xx_and_never_touch_a_good_stream(server, good_alone):
     statuses: list[int] = []
 
-    @settings(max_examples=160, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(request=hostile_requests())
     @example(request=("/v1/completions", b"[" * 100000 + b"]" * 100000))
     @example(request=("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xc3\x28"}]}'))

@@ -48,6 +48,7 @@ from pangu_infer.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from pangu_infer.server import messages as anthropic
 from pangu_infer.server import responses as resp
 from pangu_infer.server.params import check_model, check_size, log_ignored_fields, to_sampling_params
 from pangu_infer.server.state import ServerState
@@ -187,6 +188,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/responses", responses=ERROR_RESPONSES, summary="OpenAI's Responses API (server/responses.py)")
     async def responses(body: resp.ResponsesRequest, request: Request) -> Response:
         return await _responses(state, body, request)
+
+    @app.post("/v1/messages", responses=ERROR_RESPONSES, summary="Anthropic's Messages API (server/messages.py)")
+    async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
+        return await _messages(state, body, request)
 
     @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
     async def get_response(response_id: str) -> dict:
@@ -548,6 +553,66 @@ async def _responses_stream(state: ServerState, req: resp.ResponsesRequest, resp
 
 def _event(event: dict) -> str:
     return f"event: {event['type']}\n{sse(event)}"
+
+
+# ---------------------------------------------------------------------- Anthropic's Messages API
+async def _messages(state: ServerState, req: anthropic.MessagesRequest, request: Request) -> Response:
+    chat = anthropic.to_chat_request(req)
+    started = await _start_chat(state, chat, request, "msg")
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts, parse, ids = started
+    message_id = f"msg_{request_id.split('-', 1)[1]}"
+    if req.stream:
+        return StreamingResponse(_messages_stream(state, message_id, gens, firsts, parse, len(ids)), media_type="text/event-stream")
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    final = result[0]
+    comp = final.outputs[0]
+    blocks = anthropic.content_blocks(_chat_choice(state, comp, parse, False)["message"])
+    reason, sequence = anthropic.stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in blocks))
+    cached = final.metrics.get("num_cached_tokens") or 0
+    return JSONResponse(anthropic.message_object(message_id, state.model_name, blocks, reason, sequence, len(ids), len(comp.token_ids), cached))
+
+
+async def _messages_stream(state: ServerState, message_id: str, gens: list, firsts: list[RequestOutput], parse: "_ChatParsing",
+                           n_prompt: int) -> AsyncIterator[str]:
+    stream = anthropic.MessagesStream()
+    parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
+    finished = False
+    try:
+        start = anthropic.message_object(message_id, state.model_name, [], None, None, n_prompt, 0, 0)
+        yield _event({"type": "message_start", "message": start})
+        final = None
+        async with aclosing(merged_outputs(gens, firsts)) as outputs:
+            async for _, out in outputs:
+                comp = out.outputs[0]
+                parsed = parser.feed(comp.text_delta)
+                if comp.finished:
+                    parsed += parser.finish()
+                for ev in parsed:
+                    for event in stream.feed(ev.kind, getattr(ev, "text", ""), call=getattr(ev, "tool_call", None)):
+                        yield _event(event)
+                if out.finished:
+                    observe(state, out)
+                    final = out
+        for event in stream.close():
+            yield _event(event)
+        comp = final.outputs[0]
+        reason, sequence = anthropic.stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in stream.blocks))
+        yield _event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                      "usage": {"output_tokens": len(comp.token_ids)}})
+        finished = True
+        yield _event({"type": "message_stop"})
+    except Exception as e:  # after the 200 is sent, an error can only travel as an event
+        finished = True
+        state.metrics.finished.labels("error").inc()
+        error = internal_error(e, f"streaming {message_id}").body()["error"]
+        yield _event({"type": "error", "error": {"type": "api_error", "message": error["message"]}})
+    finally:
+        if not finished:
+            state.metrics.finished.labels("abort").inc()
 
 
 # ---------------------------------------------------------------------- completions

@@ -46,9 +46,13 @@ class AuthAndCount:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
     def _authorized(self, scope: dict) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        scheme, _, token = header.partition(" ")
-        return scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode())
+        headers = dict(scope["headers"])
+        scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            return True
+        # Anthropic's SDK sends its key as x-api-key
+        key = headers.get(b"x-api-key")
+        return key is not None and secrets.compare_digest(key.strip(), self.api_key.encode())
 
 
 class BodyGuard:
