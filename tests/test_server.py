@@ -699,7 +699,7 @@ def test_messages_tool_results_render_as_tool_turns(anthropic_tools, pangu_token
 def test_messages_on_a_real_engine_match_chat_completions(server, pangu_tokenizer):
     import anthropic
 
-    client = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0)  # the key as x-api-key
+    client = anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0)
     greedy = {"extra_body": {"temperature": 0}}  # this SDK no longer sends temperature itself; older ones and raw clients do
     out = client.messages.create(model="tiny-pangu", max_tokens=6, system=MESSAGES[0]["content"], **greedy,
                                  messages=[{"role": "user", "content": MESSAGES[1]["content"]}])
@@ -725,6 +725,10 @@ def test_messages_on_a_real_engine_match_chat_completions(server, pangu_tokenize
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=server.url, api_key="nope", max_retries=0).messages.create(
             model="tiny-pangu", max_tokens=1, messages=[{"role": "user", "content": "x"}])
+    # the key as the header Anthropic's API documents (this SDK version sends a bearer token instead)
+    body = {"model": "tiny-pangu", "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]}
+    for key, status in ((API_KEY, 200), ("nope", 401)):
+        assert httpx.post(f"{server.url}/v1/messages", json=body, headers={"x-api-key": key}, timeout=60).status_code == status
     for body, needle in [
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
         ({"messages": [{"role": "system", "content": "x"}]}, "system"),
