@@ -783,7 +783,7 @@ def test_an_app_served_in_a_thread_takes_another_port_when_one_is_taken(taken_po
 
 def test_the_response_store_keeps_the_newest_within_its_count_and_bytes():
     from pangu_infer.server.errors import APIError
-    from pangu_infer.server.responses import ResponseStore
+    from pangu_infer.server.response_store import ResponseStore
 
     store = ResponseStore(capacity=3, max_bytes=2000)
     for i in range(4):

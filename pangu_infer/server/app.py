@@ -1,6 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine.
 
-    POST /v1/chat/completions   POST /v1/completions   GET /v1/models
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /v1/messages
+    GET /v1/models[/{name}]   POST /tokenize   POST /detokenize   GET /tokenizer_info
     GET /health   GET /version   GET /metrics   GET / (the chat page, static/; open without the API key)
 
 Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (chat rendered
@@ -8,7 +9,9 @@ by pangu_infer.chat.render_chat) -> AsyncEngine.generate -> text deltas -> reaso
 parsers (chat) -> OpenAI JSON or SSE chunks. Every user mistake is a 4xx in OpenAI's error shape
 (server/errors.py); the API key, request counting and the body guard are ASGI middleware
 (server/middleware.py). Request fields become engine parameters in server/params.py; submitting,
-merging streams, SSE framing and hang-ups are server/streaming.py; this file holds the routes.
+merging streams, SSE framing and hang-ups are server/streaming.py; the chat path the chat-shaped
+endpoints share is server/chat_api.py, with the Responses API in server/responses.py and
+Anthropic's Messages API in server/messages.py; this file holds the routes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import asyncio
 import logging
 import time
 from contextlib import aclosing, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Optional
 
@@ -26,12 +29,11 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 import pangu_infer
-from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, ChatStreamParser, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
+from pangu_infer.chat import ChatStreamParser
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
 from pangu_infer.errors import short_repr
 from pangu_infer.outputs import CompletionOutput, RequestOutput
-from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, internal_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import AuthAndCount, BodyGuard
@@ -50,9 +52,9 @@ from pangu_infer.server.protocol import (
 )
 from pangu_infer.server import messages as anthropic
 from pangu_infer.server import responses as resp
-from pangu_infer.server.params import check_model, check_size, log_ignored_fields, to_sampling_params
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, checked_template_kwargs, finite, render, start_chat
+from pangu_infer.server.params import check_model, check_size, to_sampling_params
 from pangu_infer.server.state import ServerState
-from pangu_infer.server.structured import reasoning_budget, tool_constraint
 from pangu_infer.server.streaming import (
     envelope,
     final_outputs,
@@ -68,8 +70,6 @@ logger = logging.getLogger("pangu_infer.server")
 
 # Routes outside /v1 that need the API key too (the API docs are added in create_app).
 KEYED_ROUTES = {"/tokenize", "/detokenize", "/tokenizer_info"}
-# Template variables the server sets itself; a request may not override them.
-RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}
 }
@@ -170,12 +170,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         check_model(state, body.model)
-        vocab = state.llm.tokenizer.vocab_size
-        bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise APIError(400, f"tokens holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="tokens")
-        text = await asyncio.to_thread(state.llm.tokenizer.decode, body.tokens, skip_special_tokens=False)
-        return DetokenizeResponse(prompt=text)
+        return await asyncio.to_thread(_detokenize, state, body.tokens)
 
     @app.post("/v1/chat/completions", responses={200: _ok(ChatCompletionResponse, "chat.completion.chunk"), **ERROR_RESPONSES})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -187,11 +182,11 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/responses", responses=ERROR_RESPONSES, summary="OpenAI's Responses API (server/responses.py)")
     async def responses(body: resp.ResponsesRequest, request: Request) -> Response:
-        return await _responses(state, body, request)
+        return await resp.handle(state, body, request)
 
     @app.post("/v1/messages", responses=ERROR_RESPONSES, summary="Anthropic's Messages API (server/messages.py)")
     async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
-        return await _messages(state, body, request)
+        return await anthropic.handle(state, body, request)
 
     @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
     async def get_response(response_id: str) -> dict:
@@ -229,7 +224,7 @@ def _ok(model: type, chunk_object: str) -> dict:
 
 # ---------------------------------------------------------------------- chat
 async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
-    started = await _start_chat(state, req, request, "chatcmpl")
+    started = await start_chat(state, req, request, "chatcmpl")
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids = started
@@ -241,72 +236,9 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     if isinstance(result, Response):
         return result
     final = result[0]
-    choices = [_chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
+    choices = [chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
     usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
     return JSONResponse(envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
-
-
-async def _start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
-    """A chat request checked, rendered and submitted: (request id, generators, first outputs,
-    parsing, prompt ids), or the 499 Response of a client that left meanwhile. /v1/chat/completions
-    and /v1/responses (server/responses.py) share it."""
-    check_model(state, req.model)
-    tok = state.llm.tokenizer
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    forced_tool = req.tool_choice is not None and req.tool_choice not in ("auto", "none")
-    if forced_tool and not req.tools:
-        raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
-    use_tools = bool(req.tools) and req.tool_choice != "none"
-    template_kwargs = _template_kwargs(req.chat_template_kwargs)
-    enable_thinking = template_kwargs.pop("enable_thinking", None)
-    if req.reasoning_effort is not None:
-        thinking = req.reasoning_effort not in ("none", "minimal")
-        if enable_thinking is not None and enable_thinking != thinking:
-            raise APIError(400, f"reasoning_effort={req.reasoning_effort!r} and chat_template_kwargs.enable_thinking="
-                           f"{enable_thinking!r} disagree; give one", param="reasoning_effort")
-        enable_thinking = thinking if enable_thinking is None else enable_thinking
-    budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
-    params = _with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
-    check_size(state, 1, req.n)
-    # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
-    # other requests' streams go on meanwhile (as for every prompt below).
-    text, ids = await asyncio.to_thread(_render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
-    parse = _ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
-    # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix), state.metrics)
-    if isinstance(started, Response):
-        return started
-    request_id, gens, firsts = started
-    return request_id, gens, firsts, parse, ids
-
-
-def _template_kwargs(given: Optional[dict]) -> dict:
-    template_kwargs = dict(given or {})
-    reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
-    if reserved:
-        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
-    return template_kwargs
-
-
-def _render(state: ServerState, req: Any, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
-    """A chat's prompt text and token ids, as the model's template renders it (req: its messages,
-    add_generation_prompt and continue_final_message)."""
-    try:
-        text = render_chat(
-            state.llm.tokenizer,
-            [m.model_dump(exclude_none=True) for m in req.messages],
-            add_generation_prompt=req.add_generation_prompt,
-            continue_final_message=req.continue_final_message,
-            enable_thinking=enable_thinking,
-            tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-            **template_kwargs,
-        )
-    except ValueError as e:
-        raise APIError(400, str(e), param="messages") from None
-    return text, state.llm.encode_prompt(text)
 
 
 def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
@@ -316,69 +248,19 @@ def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
     if req.prompt is not None:
         ids = state.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
-        template_kwargs = _template_kwargs(req.chat_template_kwargs)
+        template_kwargs = checked_template_kwargs(req.chat_template_kwargs)
         template_kwargs.pop("thinking_budget", None)  # a sampling setting: no part of the prompt
-        _, ids = _render(state, req, req.tools, template_kwargs.pop("enable_thinking", None), template_kwargs)
+        _, ids = render(state, req, req.tools, template_kwargs.pop("enable_thinking", None), template_kwargs)
     strs = [state.token_text(t) for t in ids] if req.return_token_strs else None
     return TokenizeResponse(count=len(ids), max_model_len=state.llm.engine.max_model_len, tokens=ids, token_strs=strs)
 
 
-def _with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use_tools: bool, forced_tool: bool,
-                          enable_thinking: Any, budget: Optional[int], tok: Any) -> SamplingParams:
-    """Tool calls constrained to well-formed calls (server/structured.py), and the thinking budget.
-    On Pangu templates with thinking on, a constraint starts after the thinking part."""
-    structured = params.structured_outputs
-    if use_tools and (forced_tool or structured is None):
-        if forced_tool and structured is not None:
-            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with response_format "
-                           "or structured_outputs", param="tool_choice")
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
-        structured = tool_constraint(tools, req.tool_choice.model_dump() if forced_tool and not isinstance(req.tool_choice, str)
-                                     else req.tool_choice, req.parallel_tool_calls, _tool_marker_ids(tok))
-    thinking = enable_thinking is not False and is_pangu_template(tok)
-    return replace(params, structured_outputs=structured, max_reasoning_tokens=budget, allow_thinking=thinking)
-
-
-def _tool_marker_ids(tok: Any) -> Optional[tuple[int, int]]:
-    start, end = tok.token_to_id(TOOL_CALL_START), tok.token_to_id(TOOL_CALL_END)
-    return (start, end) if start is not None and end is not None else None
-
-
-@dataclass
-class _ChatParsing:
-    reasoning: bool  # Pangu template: [unused16]...[unused17] is reasoning
-    tools: bool  # tools offered: [unused11]...[unused12] are tool calls
-
-
-def _chat_choice(state: ServerState, comp: CompletionOutput, parse: _ChatParsing, logprobs: bool) -> dict:
-    reasoning, content = split_reasoning(comp.text) if parse.reasoning else (None, comp.text)
-    calls: list[dict] = []
-    if parse.tools:
-        content, calls = parse_tool_calls(content)
-    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-    if reasoning is not None:
-        message["reasoning_content"] = reasoning
-    if calls:
-        message["tool_calls"] = calls
-    return {
-        "index": comp.index,
-        "message": message,
-        "logprobs": {"content": _chat_logprobs(state, comp.logprobs or [])} if logprobs else None,
-        "finish_reason": "tool_calls" if calls else comp.finish_reason,
-    }
-
-
-def _chat_logprobs(state: ServerState, logprobs: list[Logprob]) -> list[dict]:
-    def entry(token_id: int, logprob: float) -> dict:
-        text = state.token_text(token_id)
-        return {"token": text, "logprob": _finite(logprob), "bytes": list(text.encode("utf-8"))}
-
-    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
-
-
-def _finite(logprob: float) -> float:
-    # JSON has no -inf; OpenAI clients expect a number. -9999.0 is what vLLM sends too.
-    return max(float(logprob), -9999.0)
+def _detokenize(state: ServerState, tokens: list[int]) -> DetokenizeResponse:
+    vocab = state.llm.tokenizer.vocab_size
+    bad = next((t for t in tokens if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise APIError(400, f"tokens holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="tokens")
+    return DetokenizeResponse(prompt=state.llm.tokenizer.decode(tokens, skip_special_tokens=False))
 
 
 async def _chat_stream(
@@ -386,7 +268,7 @@ async def _chat_stream(
     request_id: str,
     gens: list,
     firsts: list[RequestOutput],
-    parse: _ChatParsing,
+    parse: ChatParsing,
     logprobs: bool,
     include_usage: bool,
 ) -> AsyncIterator[str]:
@@ -403,7 +285,7 @@ async def _chat_stream(
         choice = {
             "index": index,
             "delta": delta,
-            "logprobs": {"content": _chat_logprobs(state, lps or [])} if logprobs and lps is not None else None,
+            "logprobs": {"content": chat_logprobs(state, lps or [])} if logprobs and lps is not None else None,
             "finish_reason": finish_reason,
         }
         extra = {"usage": None} if include_usage else {}
@@ -456,160 +338,6 @@ async def _chat_stream(
         state.metrics.finished.labels("error").inc()
         yield sse(internal_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
-    finally:
-        if not finished:
-            state.metrics.finished.labels("abort").inc()
-
-
-# ---------------------------------------------------------------------- responses
-async def _responses(state: ServerState, req: resp.ResponsesRequest, request: Request) -> Response:
-    log_ignored_fields(req)
-    history = state.responses.get(req.previous_response_id, "previous_response_id")[1] if req.previous_response_id else []
-    messages = resp.conversation(req, history)
-    chat = resp.to_chat_request(req, messages)
-    started = await _start_chat(state, chat, request, "resp")
-    if isinstance(started, Response):
-        return started
-    request_id, gens, firsts, parse, ids = started
-    response_id, created = f"resp_{request_id.split('-', 1)[1]}", resp.now()
-    if req.stream:
-        return StreamingResponse(_responses_stream(state, req, response_id, created, gens, firsts, parse, messages, len(ids)),
-                                 media_type="text/event-stream")
-    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
-    if isinstance(result, Response):
-        return result
-    final = result[0]
-    comp = final.outputs[0]
-    choice = _chat_choice(state, comp, parse, chat.logprobs)
-    lps = (choice["logprobs"] or {}).get("content")
-    output = resp.output_items(choice["message"], comp.finish_reason, lps)
-    body = _finish_response(state, req, response_id, created, output, comp.finish_reason, final, len(ids), messages)
-    return JSONResponse(body)
-
-
-def _finish_response(state: ServerState, req: resp.ResponsesRequest, response_id: str, created: float, output: list[dict],
-                     finish_reason: Optional[str], final: RequestOutput, n_prompt: int, messages: list[dict]) -> dict:
-    """The response object of a finished reply, stored when req.store."""
-    reasoning = "".join(part["text"] for item in output if item["type"] == "reasoning" for part in item["content"])
-    reasoning_tokens = len(state.llm.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
-    completion = sum(len(c.token_ids) for c in final.outputs)
-    usage = resp.usage(n_prompt, completion, final.metrics.get("num_cached_tokens") or 0, min(reasoning_tokens, completion))
-    status = "incomplete" if finish_reason == "length" else "completed"
-    body = resp.response_object(req, response_id, created, state.model_name, status, output, usage)
-    if req.store and not state.responses.put(body, messages + [resp.reply_message(output)], resp.input_items_of(req)):
-        body["store"] = False  # over the store's whole byte budget: answered, not kept
-    return body
-
-
-async def _responses_stream(state: ServerState, req: resp.ResponsesRequest, response_id: str, created: float, gens: list,
-                            firsts: list[RequestOutput], parse: "_ChatParsing", messages: list[dict], n_prompt: int) -> AsyncIterator[str]:
-    stream = resp.ResponsesStream()
-    parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
-    started = resp.response_object(req, response_id, created, state.model_name, "in_progress", [], None)
-    finished = False
-
-    def events_of(parsed: list, logprobs: Optional[list[dict]]) -> list[dict]:
-        events = []
-        for ev in parsed:
-            if ev.kind == "tool_call":
-                events += stream.feed("tool_call", call=ev.tool_call)
-            else:
-                events += stream.feed(ev.kind, ev.text, logprobs=logprobs if ev.kind == "content" else None)
-                logprobs = None  # once, with the first text of the step
-        return events
-
-    try:
-        yield _event(stream.event("response.created", response=started))
-        yield _event(stream.event("response.in_progress", response=started))
-        final = None
-        async with aclosing(merged_outputs(gens, firsts)) as outputs:
-            async for _, out in outputs:
-                comp = out.outputs[0]
-                lps = _chat_logprobs(state, comp.logprobs_delta or []) if req.top_logprobs is not None and comp.token_ids_delta else None
-                parsed = parser.feed(comp.text_delta)
-                if comp.finished:
-                    parsed += parser.finish()
-                for event in events_of(parsed, lps):
-                    yield _event(event)
-                if out.finished:
-                    observe(state, out)
-                    final = out
-        comp = final.outputs[0]
-        status = "incomplete" if comp.finish_reason == "length" else "completed"
-        for event in stream.close(status):
-            yield _event(event)
-        body = _finish_response(state, req, response_id, created, stream.output, comp.finish_reason, final, n_prompt, messages)
-        finished = True
-        yield _event(stream.event("response.incomplete" if status == "incomplete" else "response.completed", response=body))
-    except Exception as e:  # after the 200 is sent, an error can only travel as an event
-        finished = True
-        state.metrics.finished.labels("error").inc()
-        error = internal_error(e, f"streaming {response_id}").body()["error"]
-        yield _event(stream.event("error", code=error.get("code"), message=error["message"], param=None))
-    finally:
-        if not finished:
-            state.metrics.finished.labels("abort").inc()
-
-
-def _event(event: dict) -> str:
-    return f"event: {event['type']}\n{sse(event)}"
-
-
-# ---------------------------------------------------------------------- Anthropic's Messages API
-async def _messages(state: ServerState, req: anthropic.MessagesRequest, request: Request) -> Response:
-    chat = anthropic.to_chat_request(req)
-    started = await _start_chat(state, chat, request, "msg")
-    if isinstance(started, Response):
-        return started
-    request_id, gens, firsts, parse, ids = started
-    message_id = f"msg_{request_id.split('-', 1)[1]}"
-    if req.stream:
-        return StreamingResponse(_messages_stream(state, message_id, gens, firsts, parse, len(ids)), media_type="text/event-stream")
-    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
-    if isinstance(result, Response):
-        return result
-    final = result[0]
-    comp = final.outputs[0]
-    blocks = anthropic.content_blocks(_chat_choice(state, comp, parse, False)["message"])
-    reason, sequence = anthropic.stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in blocks))
-    cached = final.metrics.get("num_cached_tokens") or 0
-    return JSONResponse(anthropic.message_object(message_id, state.model_name, blocks, reason, sequence, len(ids), len(comp.token_ids), cached))
-
-
-async def _messages_stream(state: ServerState, message_id: str, gens: list, firsts: list[RequestOutput], parse: "_ChatParsing",
-                           n_prompt: int) -> AsyncIterator[str]:
-    stream = anthropic.MessagesStream()
-    parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
-    finished = False
-    try:
-        start = anthropic.message_object(message_id, state.model_name, [], None, None, n_prompt, 0, 0)
-        yield _event({"type": "message_start", "message": start})
-        final = None
-        async with aclosing(merged_outputs(gens, firsts)) as outputs:
-            async for _, out in outputs:
-                comp = out.outputs[0]
-                parsed = parser.feed(comp.text_delta)
-                if comp.finished:
-                    parsed += parser.finish()
-                for ev in parsed:
-                    for event in stream.feed(ev.kind, getattr(ev, "text", ""), call=getattr(ev, "tool_call", None)):
-                        yield _event(event)
-                if out.finished:
-                    observe(state, out)
-                    final = out
-        for event in stream.close():
-            yield _event(event)
-        comp = final.outputs[0]
-        reason, sequence = anthropic.stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in stream.blocks))
-        yield _event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                      "usage": {"output_tokens": len(comp.token_ids)}})
-        finished = True
-        yield _event({"type": "message_stop"})
-    except Exception as e:  # after the 200 is sent, an error can only travel as an event
-        finished = True
-        state.metrics.finished.labels("error").inc()
-        error = internal_error(e, f"streaming {message_id}").body()["error"]
-        yield _event({"type": "error", "error": {"type": "api_error", "message": error["message"]}})
     finally:
         if not finished:
             state.metrics.finished.labels("abort").inc()
@@ -675,8 +403,8 @@ def _completion_logprobs(state: ServerState, logprobs: list[Optional[Logprob]], 
         offset += len(text)
     return {
         "tokens": tokens,
-        "token_logprobs": [_finite(lp.logprob) if lp is not None else None for lp in logprobs],
-        "top_logprobs": [{state.token_text(t): _finite(v) for t, v in lp.top} if lp is not None else None for lp in logprobs],
+        "token_logprobs": [finite(lp.logprob) if lp is not None else None for lp in logprobs],
+        "top_logprobs": [{state.token_text(t): finite(v) for t, v in lp.top} if lp is not None else None for lp in logprobs],
         "text_offset": offsets,
     }
 

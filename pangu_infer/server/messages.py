@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Optional, Union
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Optional, Union
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
 
-from pangu_infer.server.errors import APIError
+from pangu_infer.chat import ChatStreamParser
+from pangu_infer.outputs import RequestOutput
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, start_chat
+from pangu_infer.server.errors import APIError, internal_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
+from pangu_infer.server.state import ServerState
+from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
 
 
 class MessagesRequest(_Request):
@@ -177,6 +185,66 @@ class MessagesStream:
         events.append({"type": "content_block_stop", "index": self.index})
         self.open = None
         return events
+
+
+# ---------------------------------------------------------------------- the route
+async def handle(state: ServerState, req: MessagesRequest, request: Request) -> Response:
+    chat = to_chat_request(req)
+    started = await start_chat(state, chat, request, "msg")
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts, parse, ids = started
+    message_id = f"msg_{request_id.split('-', 1)[1]}"
+    if req.stream:
+        return StreamingResponse(_stream(state, message_id, gens, firsts, parse, len(ids)), media_type="text/event-stream")
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    final = result[0]
+    comp = final.outputs[0]
+    blocks = content_blocks(chat_choice(state, comp, parse, False)["message"])
+    reason, sequence = stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in blocks))
+    cached = final.metrics.get("num_cached_tokens") or 0
+    return JSONResponse(message_object(message_id, state.model_name, blocks, reason, sequence, len(ids), len(comp.token_ids), cached))
+
+
+async def _stream(state: ServerState, message_id: str, gens: list, firsts: list[RequestOutput], parse: ChatParsing,
+                  n_prompt: int) -> AsyncIterator[str]:
+    stream = MessagesStream()
+    parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
+    finished = False
+    try:
+        start = message_object(message_id, state.model_name, [], None, None, n_prompt, 0, 0)
+        yield sse_event({"type": "message_start", "message": start})
+        final = None
+        async with aclosing(merged_outputs(gens, firsts)) as outputs:
+            async for _, out in outputs:
+                comp = out.outputs[0]
+                parsed = parser.feed(comp.text_delta)
+                if comp.finished:
+                    parsed += parser.finish()
+                for ev in parsed:
+                    for event in stream.feed(ev.kind, getattr(ev, "text", ""), call=getattr(ev, "tool_call", None)):
+                        yield sse_event(event)
+                if out.finished:
+                    observe(state, out)
+                    final = out
+        for event in stream.close():
+            yield sse_event(event)
+        comp = final.outputs[0]
+        reason, sequence = stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in stream.blocks))
+        yield sse_event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                      "usage": {"output_tokens": len(comp.token_ids)}})
+        finished = True
+        yield sse_event({"type": "message_stop"})
+    except Exception as e:  # after the 200 is sent, an error can only travel as an event
+        finished = True
+        state.metrics.finished.labels("error").inc()
+        error = internal_error(e, f"streaming {message_id}").body()["error"]
+        yield sse_event({"type": "error", "error": {"type": "api_error", "message": error["message"]}})
+    finally:
+        if not finished:
+            state.metrics.finished.labels("abort").inc()
 
 
 def _chat_messages(message: dict, where: str) -> list[dict]:

@@ -1,7 +1,7 @@
 """OpenAI's Responses API (`POST /v1/responses`, `GET`/`DELETE /v1/responses/{id}`) over the chat path.
 
 A request becomes a chat request (`to_chat_request`): `instructions` a system turn, the turns of
-`previous_response_id` (kept by `ResponseStore`, in memory, the newest MAX_STORED responses), then
+`previous_response_id` (kept in memory by server/response_store.py), then
 `input` (a string, or items: messages, `function_call`, `function_call_output`; reasoning items
 are skipped). Tools are function tools (`{"type": "function", "name", "parameters"}`), `text.format`
 maps to response_format, `reasoning.effort` "none"/"minimal" turns thinking off. The chat path
@@ -17,16 +17,22 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections import OrderedDict
-from typing import Any, Literal, Optional, Union
+from contextlib import aclosing
+from typing import Any, AsyncIterator, Literal, Optional, Union
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field, ValidationError
 
-from pangu_infer.server.errors import APIError
+from pangu_infer.chat import ChatStreamParser
+from pangu_infer.outputs import RequestOutput
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, start_chat
+from pangu_infer.server.errors import APIError, internal_error
+from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
+from pangu_infer.server.state import ServerState
+from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
 
-MAX_STORED = 1024  # responses kept for previous_response_id and GET, newest first
-MAX_STORED_BYTES = 256 << 20  # and at most this much of their JSON: one client's huge inputs cannot fill memory
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
 
@@ -56,62 +62,6 @@ class ResponsesRequest(_Request):
     safety_identifier: Optional[str] = None
     prompt_cache_key: Optional[str] = None
     prompt_cache_retention: Optional[str] = None
-
-
-class ResponseStore:
-    """The newest MAX_STORED responses, MAX_STORED_BYTES of JSON at most: each one's JSON and its
-    conversation (chat messages, the reply included) for a later previous_response_id. A response
-    bigger than the whole budget is not kept."""
-
-    def __init__(self, capacity: int = MAX_STORED, max_bytes: int = MAX_STORED_BYTES):
-        self.capacity = capacity
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[str, tuple[dict, list[dict], list[dict], int]] = OrderedDict()
-
-    def put(self, response: dict, messages: list[dict], inputs: Optional[list[dict]] = None) -> bool:
-        """Keep it (True), evicting the oldest as needed; False when it alone is over the budget.
-        inputs: the request's own input items (input_items_of), for GET .../input_items."""
-        inputs = inputs or []
-        size = sum(len(json.dumps(part, ensure_ascii=False)) for part in (response, messages, inputs))
-        if size > self.max_bytes:
-            return False
-        self._items[response["id"]] = (response, messages, inputs, size)
-        self.bytes += size
-        while len(self._items) > self.capacity or self.bytes > self.max_bytes:
-            self.bytes -= self._items.popitem(last=False)[1][3]
-        return True
-
-    def get(self, response_id: str, param: Optional[str] = None) -> tuple[dict, list[dict]]:
-        item = self._items.get(response_id)
-        if item is None:
-            raise APIError(404, f"no response with id {response_id!r} is stored here (only the newest {self.capacity}, "
-                           f"{self.max_bytes >> 20} MiB in all, are kept)", param=param, code="not_found")
-        return item[0], item[1]
-
-    def input_items(self, response_id: str, limit: int, order: str, after: Optional[str]) -> dict:
-        """OpenAI's list of a response's input items: newest first unless order is "asc", from
-        after the item `after`, at most `limit` (1-100)."""
-        self.get(response_id)
-        if not 1 <= limit <= 100:
-            raise APIError(400, f"limit={limit}: expected 1 to 100", param="limit")
-        if order not in ("asc", "desc"):
-            raise APIError(400, f"order={order!r}: expected asc or desc", param="order")
-        items = list(self._items[response_id][2])
-        if order == "desc":
-            items.reverse()
-        if after is not None:
-            ids = [item["id"] for item in items]
-            if after not in ids:
-                raise APIError(400, f"after={after!r} is not an input item of {response_id!r}", param="after")
-            items = items[ids.index(after) + 1 :]
-        page = items[:limit]
-        return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
-
-    def delete(self, response_id: str) -> None:
-        self.get(response_id)
-        self.bytes -= self._items.pop(response_id)[3]
 
 
 def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
@@ -342,6 +292,96 @@ class ResponsesStream:
             return {"type": "reasoning_text", "text": text}
         logprobs = self.open["content"][0]["logprobs"] if self.open is not None and self.open["content"] else []
         return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
+
+
+# ---------------------------------------------------------------------- the route
+async def handle(state: ServerState, req: ResponsesRequest, request: Request) -> Response:
+    log_ignored_fields(req)
+    history = state.responses.get(req.previous_response_id, "previous_response_id")[1] if req.previous_response_id else []
+    messages = conversation(req, history)
+    chat = to_chat_request(req, messages)
+    started = await start_chat(state, chat, request, "resp")
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts, parse, ids = started
+    response_id, created = f"resp_{request_id.split('-', 1)[1]}", now()
+    if req.stream:
+        return StreamingResponse(_stream(state, req, response_id, created, gens, firsts, parse, messages, len(ids)),
+                                 media_type="text/event-stream")
+    result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
+    if isinstance(result, Response):
+        return result
+    final = result[0]
+    comp = final.outputs[0]
+    choice = chat_choice(state, comp, parse, chat.logprobs)
+    lps = (choice["logprobs"] or {}).get("content")
+    output = output_items(choice["message"], comp.finish_reason, lps)
+    body = _finish(state, req, response_id, created, output, comp.finish_reason, final, len(ids), messages)
+    return JSONResponse(body)
+
+
+def _finish(state: ServerState, req: ResponsesRequest, response_id: str, created: float, output: list[dict],
+            finish_reason: Optional[str], final: RequestOutput, n_prompt: int, messages: list[dict]) -> dict:
+    """The response object of a finished reply, stored when req.store."""
+    reasoning = "".join(part["text"] for item in output if item["type"] == "reasoning" for part in item["content"])
+    reasoning_tokens = len(state.llm.tokenizer.encode(reasoning, add_special_tokens=False)) if reasoning else 0
+    completion = sum(len(c.token_ids) for c in final.outputs)
+    counts = usage(n_prompt, completion, final.metrics.get("num_cached_tokens") or 0, min(reasoning_tokens, completion))
+    status = "incomplete" if finish_reason == "length" else "completed"
+    body = response_object(req, response_id, created, state.model_name, status, output, counts)
+    if req.store and not state.responses.put(body, messages + [reply_message(output)], input_items_of(req)):
+        body["store"] = False  # over the store's whole byte budget: answered, not kept
+    return body
+
+
+async def _stream(state: ServerState, req: ResponsesRequest, response_id: str, created: float, gens: list,
+                  firsts: list[RequestOutput], parse: "ChatParsing", messages: list[dict], n_prompt: int) -> AsyncIterator[str]:
+    stream = ResponsesStream()
+    parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
+    started = response_object(req, response_id, created, state.model_name, "in_progress", [], None)
+    finished = False
+
+    def events_of(parsed: list, logprobs: Optional[list[dict]]) -> list[dict]:
+        events = []
+        for ev in parsed:
+            if ev.kind == "tool_call":
+                events += stream.feed("tool_call", call=ev.tool_call)
+            else:
+                events += stream.feed(ev.kind, ev.text, logprobs=logprobs if ev.kind == "content" else None)
+                logprobs = None  # once, with the first text of the step
+        return events
+
+    try:
+        yield sse_event(stream.event("response.created", response=started))
+        yield sse_event(stream.event("response.in_progress", response=started))
+        final = None
+        async with aclosing(merged_outputs(gens, firsts)) as outputs:
+            async for _, out in outputs:
+                comp = out.outputs[0]
+                lps = chat_logprobs(state, comp.logprobs_delta or []) if req.top_logprobs is not None and comp.token_ids_delta else None
+                parsed = parser.feed(comp.text_delta)
+                if comp.finished:
+                    parsed += parser.finish()
+                for event in events_of(parsed, lps):
+                    yield sse_event(event)
+                if out.finished:
+                    observe(state, out)
+                    final = out
+        comp = final.outputs[0]
+        status = "incomplete" if comp.finish_reason == "length" else "completed"
+        for event in stream.close(status):
+            yield sse_event(event)
+        body = _finish(state, req, response_id, created, stream.output, comp.finish_reason, final, n_prompt, messages)
+        finished = True
+        yield sse_event(stream.event("response.incomplete" if status == "incomplete" else "response.completed", response=body))
+    except Exception as e:  # after the 200 is sent, an error can only travel as an event
+        finished = True
+        state.metrics.finished.labels("error").inc()
+        error = internal_error(e, f"streaming {response_id}").body()["error"]
+        yield sse_event(stream.event("error", code=error.get("code"), message=error["message"], param=None))
+    finally:
+        if not finished:
+            state.metrics.finished.labels("abort").inc()
 
 
 def _tools(req: ResponsesRequest) -> tuple[Optional[list[dict]], Any]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pangu_infer.server.metrics import ServerMetrics
-from pangu_infer.server.responses import ResponseStore
+from pangu_infer.server.response_store import ResponseStore
 
 
 @dataclass

@@ -113,6 +113,11 @@ def sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def sse_event(event: dict) -> str:
+    """An SSE event named by its type (the Responses and Messages APIs' framing): `event:` then `data:`."""
+    return f"event: {event['type']}\n{sse(event)}"
+
+
 def envelope(state, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
     """OpenAI's response / chunk shape, the same for every endpoint."""
     return {"id": request_id, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}

@@ -1,0 +1,148 @@
+"""The chat path every chat-shaped endpoint shares: a request checked, rendered and submitted
+(`start_chat`), and a finished reply parsed into reasoning, content and tool calls (`chat_choice`).
+/v1/chat/completions (server/app.py), /v1/responses (server/responses.py) and /v1/messages
+(server/messages.py) build a ChatCompletionRequest and go through here."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from fastapi import Request
+from fastapi.responses import Response
+
+from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
+from pangu_infer.engine.sequence import Logprob
+from pangu_infer.outputs import CompletionOutput
+from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.server.errors import APIError
+from pangu_infer.server.params import check_model, check_size, to_sampling_params
+from pangu_infer.server.protocol import ChatCompletionRequest
+from pangu_infer.server.state import ServerState
+from pangu_infer.server.streaming import start_requests, unless_gone
+from pangu_infer.server.structured import reasoning_budget, tool_constraint
+
+# Template variables the server sets itself; a request may not override them.
+RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
+
+
+async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
+    """A chat request checked, rendered and submitted: (request id, generators, first outputs,
+    parsing, prompt ids), or the 499 Response of a client that left meanwhile. /v1/chat/completions
+    and /v1/responses (server/responses.py) share it."""
+    check_model(state, req.model)
+    tok = state.llm.tokenizer
+    if req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+    forced_tool = req.tool_choice is not None and req.tool_choice not in ("auto", "none")
+    if forced_tool and not req.tools:
+        raise APIError(400, "tool_choice 'required' or a named function needs tools", param="tool_choice")
+    use_tools = bool(req.tools) and req.tool_choice != "none"
+    template_kwargs = checked_template_kwargs(req.chat_template_kwargs)
+    enable_thinking = template_kwargs.pop("enable_thinking", None)
+    if req.reasoning_effort is not None:
+        thinking = req.reasoning_effort not in ("none", "minimal")
+        if enable_thinking is not None and enable_thinking != thinking:
+            raise APIError(400, f"reasoning_effort={req.reasoning_effort!r} and chat_template_kwargs.enable_thinking="
+                           f"{enable_thinking!r} disagree; give one", param="reasoning_effort")
+        enable_thinking = thinking if enable_thinking is None else enable_thinking
+    budget = reasoning_budget(req, template_kwargs, state.reasoning_budget)
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
+    params = with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
+    check_size(state, 1, req.n)
+    # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
+    # other requests' streams go on meanwhile (as for every prompt below).
+    text, ids = await asyncio.to_thread(render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
+    parse = ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
+    # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix), state.metrics)
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts = started
+    return request_id, gens, firsts, parse, ids
+
+
+def checked_template_kwargs(given: Optional[dict]) -> dict:
+    template_kwargs = dict(given or {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
+    if reserved:
+        raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
+    return template_kwargs
+
+
+def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
+    """A chat's prompt text and token ids, as the model's template renders it (req: its messages,
+    add_generation_prompt and continue_final_message)."""
+    try:
+        text = render_chat(
+            state.llm.tokenizer,
+            [m.model_dump(exclude_none=True) for m in req.messages],
+            add_generation_prompt=req.add_generation_prompt,
+            continue_final_message=req.continue_final_message,
+            enable_thinking=enable_thinking,
+            tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+            **template_kwargs,
+        )
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return text, state.llm.encode_prompt(text)
+
+
+def with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use_tools: bool, forced_tool: bool,
+                          enable_thinking: Any, budget: Optional[int], tok: Any) -> SamplingParams:
+    """Tool calls constrained to well-formed calls (server/structured.py), and the thinking budget.
+    On Pangu templates with thinking on, a constraint starts after the thinking part."""
+    structured = params.structured_outputs
+    if use_tools and (forced_tool or structured is None):
+        if forced_tool and structured is not None:
+            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with response_format "
+                           "or structured_outputs", param="tool_choice")
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
+        structured = tool_constraint(tools, req.tool_choice.model_dump() if forced_tool and not isinstance(req.tool_choice, str)
+                                     else req.tool_choice, req.parallel_tool_calls, tool_marker_ids(tok))
+    thinking = enable_thinking is not False and is_pangu_template(tok)
+    return replace(params, structured_outputs=structured, max_reasoning_tokens=budget, allow_thinking=thinking)
+
+
+def tool_marker_ids(tok: Any) -> Optional[tuple[int, int]]:
+    start, end = tok.token_to_id(TOOL_CALL_START), tok.token_to_id(TOOL_CALL_END)
+    return (start, end) if start is not None and end is not None else None
+
+
+@dataclass
+class ChatParsing:
+    reasoning: bool  # Pangu template: [unused16]...[unused17] is reasoning
+    tools: bool  # tools offered: [unused11]...[unused12] are tool calls
+
+
+def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, logprobs: bool) -> dict:
+    reasoning, content = split_reasoning(comp.text) if parse.reasoning else (None, comp.text)
+    calls: list[dict] = []
+    if parse.tools:
+        content, calls = parse_tool_calls(content)
+    message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
+    if calls:
+        message["tool_calls"] = calls
+    return {
+        "index": comp.index,
+        "message": message,
+        "logprobs": {"content": chat_logprobs(state, comp.logprobs or [])} if logprobs else None,
+        "finish_reason": "tool_calls" if calls else comp.finish_reason,
+    }
+
+
+def chat_logprobs(state: ServerState, logprobs: list[Logprob]) -> list[dict]:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = state.token_text(token_id)
+        return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def finite(logprob: float) -> float:
+    # JSON has no -inf; OpenAI clients expect a number. -9999.0 is what vLLM sends too.
+    return max(float(logprob), -9999.0)
