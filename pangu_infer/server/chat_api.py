@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from fastapi import Request
 from fastapi.responses import Response
+from pydantic import ValidationError
 
 from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.sequence import Logprob
@@ -146,3 +147,14 @@ def chat_logprobs(state: ServerState, logprobs: list[Logprob]) -> list[dict]:
 def finite(logprob: float) -> float:
     # JSON has no -inf; OpenAI clients expect a number. -9999.0 is what vLLM sends too.
     return max(float(logprob), -9999.0)
+
+
+def chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:
+    """The chat request another API's request maps to (None fields left out); a field it got
+    wrong is a 400 naming where."""
+    try:
+        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None

@@ -22,11 +22,11 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.outputs import RequestOutput
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, start_chat
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, start_chat
 from pangu_infer.server.errors import APIError, internal_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 from pangu_infer.server.state import ServerState
@@ -94,12 +94,7 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
             fields["chat_template_kwargs"] = {"enable_thinking": False}
         else:
             raise APIError(400, f"thinking.type is {kind!r}; expected enabled, adaptive or disabled", param="thinking.type")
-    try:
-        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
+    return chat_request(fields)
 
 
 def content_blocks(message: dict, stop_text: Optional[str] = None) -> list[dict]:

@@ -22,11 +22,11 @@ from typing import Any, AsyncIterator, Literal, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.outputs import RequestOutput
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, start_chat
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, chat_logprobs, start_chat
 from pangu_infer.server.errors import APIError, internal_error
 from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
@@ -136,12 +136,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
         "top_logprobs": req.top_logprobs,
         "stream": req.stream,
     }
-    try:
-        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
+    return chat_request(fields)
 
 
 def output_items(message: dict, finish_reason: Optional[str], logprobs: Optional[list[dict]]) -> list[dict]:
