@@ -340,3 +340,41 @@ def test_markdown_renders_blocks_and_never_lets_html_through(page, thinker):
     md.locator(".copy-code").click()
     expect(md.locator(".copy-code")).to_have_text("Copied")
     assert page.evaluate("() => navigator.clipboard.readText()") == 'print("<script>window.pwned = 2</script>")'
+
+
+# ---------------------------------------------------------------------- CORS: pages on other origins
+async def _blank_page(scope, receive, send):
+    """An ASGI app serving an empty HTML page: another origin for the browser to call the API from."""
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/html")]})
+        await send({"type": "http.response.body", "body": b"<!doctype html><title>elsewhere</title>"})
+
+
+CROSS_ORIGIN_FETCH = """async ([api, key]) => {
+    try {
+        const r = await fetch(api + "/v1/chat/completions", {method: "POST",
+            headers: {"Authorization": "Bearer " + key, "Content-Type": "application/json"},
+            body: JSON.stringify({messages: [{role: "user", content: "hi"}], max_tokens: 2})});
+        const body = await r.json();
+        return [r.status, body.object || body.error.code];
+    } catch (e) {
+        return ["blocked", String(e)];
+    }
+}"""
+
+
+def test_a_page_on_an_allowed_origin_can_call_the_api_and_others_cannot(page, tiny_dense_dir):
+    """CORS, as a real browser enforces it: a page on an origin given to --allowed-origins calls the
+    API with its key (preflight included) and reads a 401 too; with no origins allowed (the
+    default) the browser blocks the same call."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    with serving(_blank_page) as elsewhere:
+        page.goto(elsewhere)
+        with serving(create_app(llm, served_model_name="m", api_key=API_KEY, allowed_origins=[elsewhere])) as api:
+            assert page.evaluate(CROSS_ORIGIN_FETCH, [api, API_KEY]) == [200, "chat.completion"]
+            assert page.evaluate(CROSS_ORIGIN_FETCH, [api, "wrong"]) == [401, "invalid_api_key"]
+        with serving(create_app(llm, served_model_name="m", api_key=API_KEY, allowed_origins=["http://other.example:1"])) as api:
+            status, why = page.evaluate(CROSS_ORIGIN_FETCH, [api, API_KEY])
+            assert status == "blocked" and "fetch" in why.lower()
+        with serving(create_app(llm, served_model_name="m", api_key=API_KEY)) as api:
+            assert page.evaluate(CROSS_ORIGIN_FETCH, [api, API_KEY])[0] == "blocked"

@@ -806,3 +806,13 @@ def _stored(store, key: str) -> bool:
         return True
     except APIError:
         return False
+
+
+def test_allowed_origins_are_checked_before_the_model_loads():
+    from pangu_infer.server.cli import allowed_origins
+
+    assert allowed_origins("") == []
+    assert allowed_origins("http://localhost:5173, https://chat.example.org/,*") == ["http://localhost:5173", "https://chat.example.org", "*"]
+    for bad in ("chat.example.org", "ftp://x", "https://x/app", "http://"):
+        with pytest.raises(ValueError, match="is not an origin"):
+            allowed_origins(bad)

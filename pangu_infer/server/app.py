@@ -22,9 +22,10 @@ import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -83,8 +84,11 @@ def create_app(
     api_key: Optional[str] = None,
     engine: Any = None,
     reasoning_budget: Optional[int] = None,
+    allowed_origins: Sequence[str] = (),
 ) -> FastAPI:
-    """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes."""
+    """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes.
+    allowed_origins: web origins whose pages may call the API from a browser (CORS; "*" for any);
+    none by default, so that a page on another site cannot drive a server on localhost."""
     own_engine = engine is None
     state = ServerState(
         llm=llm,
@@ -116,6 +120,10 @@ def create_app(
     app.add_middleware(
         AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=docs
     )
+    if allowed_origins:
+        # Outermost: a browser's preflight carries no key, and a 401 needs the CORS headers to be read.
+        app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "DELETE"],
+                           allow_headers=["*"], expose_headers=["*"], max_age=600)
     return app
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from urllib.parse import urlsplit
 
 from pangu_infer.cli import add_model_arguments, llm_kwargs
 
@@ -22,11 +23,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the --model argument)")
     parser.add_argument(
+        "--allowed-origins", default="", metavar="ORIGINS",
+        help="comma-separated web origins whose pages may call the API from a browser (CORS), e.g. "
+        "'http://localhost:5173,https://chat.example.org', or '*' for any (default: none: only the server's own chat page)",
+    )
+    parser.add_argument(
         "--reasoning-budget", type=int, default=None, metavar="N",
         help="default thinking budget of chat requests: after N reasoning tokens the server writes [unused17] "
         "itself and the answer follows (a request's max_reasoning_tokens or chat_template_kwargs.thinking_budget "
         "overrides it; default: no cap)",
     )
+
+
+def allowed_origins(text: str) -> list[str]:
+    """--allowed-origins as a list: '*' or origins scheme://host[:port] (no path); ValueError naming a bad one."""
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    for origin in origins:
+        if origin == "*":
+            continue
+        parsed = urlsplit(origin)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+            raise ValueError(f"--allowed-origins: {origin!r} is not an origin; expected scheme://host[:port], e.g. http://localhost:5173, or *")
+    return [o.rstrip("/") for o in origins]
 
 
 def served_name(args: argparse.Namespace, source: str) -> str:
@@ -49,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--reasoning-budget {args.reasoning_budget}: expected an integer >= 0 (reasoning tokens)")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
+    origins = allowed_origins(args.allowed_origins)
     llm = LLM(args.model, **llm_kwargs(args))
     try:
         name = served_name(args, llm.loaded.source)
-        app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget)
+        app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
+                         allowed_origins=origins)
         base = f"http://{args.host}:{args.port}"
         print(f"pangu-infer serve: {name!r} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
