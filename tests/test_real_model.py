@@ -126,3 +126,22 @@ def test_the_default_path_decodes_compiled_and_still_says_paris(smollm2_gguf_pat
             assert lp.token_id == int(row.argmax())
             clear += 1
     assert clear >= 5
+
+
+def test_continue_final_message_goes_on_with_the_assistants_own_words(smollm):
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    params = SamplingParams(temperature=0, max_tokens=4)
+    out = smollm.chat(messages, params, add_generation_prompt=False, continue_final_message=True, use_tqdm=False)[0]
+    assert out.outputs[0].text.startswith(" Paris")
+    assert smollm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\nThe capital of France is")
+
+
+def test_logit_bias_and_prompt_logprobs_on_the_capital_of_france(smollm):
+    (paris,) = smollm.tokenizer.encode(" Paris", add_special_tokens=False)
+    prompt = "The capital of France is"
+    banned = smollm.generate(prompt, SamplingParams(temperature=0, max_tokens=3, logit_bias={paris: -100}), use_tqdm=False)[0]
+    assert banned.outputs[0].token_ids[0] != paris and not banned.outputs[0].text.startswith(" Paris")
+    scored = smollm.generate(prompt + " Paris", SamplingParams(max_tokens=1, prompt_logprobs=1), use_tqdm=False)[0]
+    last = scored.prompt_logprobs[-1]
+    assert last.token_id == paris and last.top[0][0] == paris and last.logprob > -1.0  # the model's own best guess
