@@ -124,6 +124,9 @@ class SamplingParams:
     # logprobs of the prompt's tokens (all but the first) with this many top alternatives each
     # (vLLM's prompt_logprobs; the server's echo). The prompt is computed whole: no prefix cache.
     prompt_logprobs: Optional[int] = None
+    # keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as leave room for
+    # max_tokens (or one token) in the model's context. None: a prompt that does not fit is an error
+    truncate_prompt_tokens: Optional[int] = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # a constraint on the answer (JSON schema, regex, choice, grammar), compiled with xgrammar
@@ -182,6 +185,10 @@ class SamplingParams:
             raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.truncate_prompt_tokens is not None and (
+            not _is_int(self.truncate_prompt_tokens) or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
+        ):
+            raise bad("truncate_prompt_tokens", "an integer >= 1, -1 (as many as fit the context) or None")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):

@@ -176,3 +176,21 @@ def test_block_hash_is_sha256_of_the_parent_and_the_tokens():
     assert root == hashlib.sha256(array("q", [1, 2, 3]).tobytes()).digest()
     assert kv_cache.block_hash(root, [4]) == hashlib.sha256(root + array("q", [4]).tobytes()).digest()
     assert kv_cache.block_hash(None, [1, 2, 3]) != kv_cache.block_hash(root, [1, 2, 3])
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tiny_dense_dir):
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True, max_model_len=64)
+    ids = list(range(3, 103))  # 100 tokens: longer than the context of 64
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    with pytest.raises(ValueError, match="the prompt has 100 tokens"):
+        llm.generate({"prompt_token_ids": ids}, SamplingParams(**greedy), use_tqdm=False)
+    cut = llm.generate({"prompt_token_ids": ids}, SamplingParams(**greedy, truncate_prompt_tokens=20), use_tqdm=False)[0]
+    alone = llm.generate({"prompt_token_ids": ids[-20:]}, SamplingParams(**greedy), use_tqdm=False)[0]
+    assert cut.prompt_token_ids == ids[-20:] and cut.outputs[0].token_ids == alone.outputs[0].token_ids
+    fit = llm.generate({"prompt_token_ids": ids}, SamplingParams(**greedy, truncate_prompt_tokens=-1), use_tqdm=False)[0]
+    assert fit.prompt_token_ids == ids[-(64 - 4):]  # as many as leave room for max_tokens
+    short = llm.generate({"prompt_token_ids": ids[:5]}, SamplingParams(**greedy, truncate_prompt_tokens=20), use_tqdm=False)[0]
+    assert short.prompt_token_ids == ids[:5]
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+            SamplingParams(truncate_prompt_tokens=bad)

@@ -219,6 +219,24 @@ def test_logit_bias_and_allowed_token_ids_steer_the_reply(client, pangu_tokenize
     assert chat.choices[0].message.content.split() == words(b, 3)
 
 
+def test_truncate_prompt_tokens_counts_and_echoes_the_kept_tokens(client, pangu_tokenizer):
+    ids = [1] + list(range(40, 75))
+    kwargs = dict(model="tiny-pangu", prompt=ids, temperature=0, max_tokens=3)
+    cut = client.completions.create(**kwargs, echo=True, logprobs=0, extra_body={"truncate_prompt_tokens": 10})
+    alone = client.completions.create(**{**kwargs, "prompt": ids[-10:]}, echo=True, logprobs=0)
+    assert cut.usage.prompt_tokens == 10 and cut.choices[0].text == alone.choices[0].text
+    assert cut.choices[0].text.startswith(pangu_tokenizer.decode(ids[-10:], skip_special_tokens=False))
+    assert cut.choices[0].logprobs.token_logprobs == alone.choices[0].logprobs.token_logprobs
+    long_chat = [{"role": "user", "content": "weather " * 400}]  # past the 256-token context
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model="tiny-pangu", messages=long_chat, max_tokens=2)
+    fit = client.chat.completions.create(model="tiny-pangu", messages=long_chat, max_tokens=2, extra_body={"truncate_prompt_tokens": -1})
+    assert fit.usage.prompt_tokens == 256 - 2
+    streamed = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"truncate_prompt_tokens": 10}))
+    assert streamed[-1].usage.prompt_tokens == 10
+
+
 # ---------------------------------------------------------------------- completions
 def test_completion_stream_matches_non_stream(client):
     kwargs = dict(model="tiny-pangu", prompt="hello world", temperature=0, max_tokens=12)

@@ -197,6 +197,7 @@ ADVERSARIAL_FIELDS = {
                                                                  st.one_of(st.floats(-150, 150), HUGE), max_size=5)),
     "allowed_token_ids": st.one_of(_jsonable_values(), st.lists(st.one_of(st.integers(-3, 2000), HUGE), max_size=5)),
     "echo": st.one_of(st.booleans(), _jsonable_values()),
+    "truncate_prompt_tokens": st.one_of(st.integers(-3, CONTEXT + 2), HUGE, _jsonable_values()),
     "continue_final_message": st.booleans(),
     "add_generation_prompt": st.booleans(),
     "reasoning_effort": st.one_of(st.sampled_from(["none", "minimal", "high", "max"]), _jsonable_values()),

@@ -31,9 +31,14 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
     if not isinstance(prompt_token_ids, (list, tuple)):
         raise RequestError(f"prompt token ids must be a list of integers, got {type(prompt_token_ids).__name__}", param="prompt")
     ids = list(prompt_token_ids)
-    n_prompt = len(ids)
-    if n_prompt == 0:
+    if not ids:
         raise RequestError("the prompt is empty: at least one token is needed", param="prompt")
+    keep = params.truncate_prompt_tokens
+    if keep is not None:
+        if keep == -1:
+            keep = max(limits.max_model_len - (params.max_tokens or 1), 1)
+        ids = ids[-keep:]
+    n_prompt = len(ids)
     context = limits.max_model_len
     if n_prompt >= context:  # before the scan below: a prompt of millions of ids costs nothing more
         raise RequestError(

@@ -374,12 +374,13 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     if req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
-    echo = await asyncio.to_thread(_Echo, state, prompts, req.logprobs is not None, prompt_only) if req.echo else None
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl"), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
-    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    admitted = [(text if len(f.prompt_token_ids) == len(ids) else None, f.prompt_token_ids) for (text, ids), f in zip(prompts, firsts)]
+    echo = await asyncio.to_thread(_Echo, state, admitted, req.logprobs is not None, prompt_only) if req.echo else None
+    prompt_tokens = sum(len(ids) for _, ids in admitted)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo)
@@ -419,7 +420,7 @@ def _completion_logprobs(state: ServerState, logprobs: list[Optional[Logprob]], 
 
 class _Echo:
     """echo=true: each choice starts with its prompt (the given text, or the ids decoded, special
-    tokens kept) and, with
+    tokens kept: token-id prompts and prompts that truncate_prompt_tokens cut) and, with
     logprobs, the prompt's tokens scored first; prompt_only (max_tokens 0) drops the one generated token."""
 
     def __init__(self, state: ServerState, prompts: list[tuple[Optional[str], list[int]]], logprobs: bool, prompt_only: bool):

@@ -62,7 +62,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
-    return request_id, gens, firsts, parse, ids
+    return request_id, gens, firsts, parse, firsts[0].prompt_token_ids  # as admitted (truncate_prompt_tokens)
 
 
 def checked_template_kwargs(given: Optional[dict]) -> dict:
