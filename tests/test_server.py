@@ -724,6 +724,12 @@ def test_messages_on_a_real_engine_match_chat_completions(server, pangu_tokenize
     chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0).chat.completions.create(
         model="tiny-pangu", messages=MESSAGES, temperature=0, max_tokens=6)
     assert out.content[0].text == chat.choices[0].message.content and out.stop_reason == "max_tokens"
+    asked = dict(model="tiny-pangu", system=MESSAGES[0]["content"], messages=[{"role": "user", "content": MESSAGES[1]["content"]}])
+    assert client.messages.count_tokens(**asked).input_tokens == out.usage.input_tokens
+    tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}}
+             for t in ANTHROPIC_TOOLS]
+    with_tools = render_chat(pangu_tokenizer, MESSAGES, tools=tools)  # the tools' system text is counted too
+    assert client.messages.count_tokens(**asked, tools=ANTHROPIC_TOOLS).input_tokens == len(pangu_tokenizer.encode(with_tools))
     assert out.usage.input_tokens == chat.usage.prompt_tokens and out.usage.output_tokens == 6
     stop = out.content[0].text[2:4]
     cut = client.messages.create(model="tiny-pangu", max_tokens=6, stop_sequences=[stop], system=MESSAGES[0]["content"], **greedy,

@@ -196,6 +196,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def messages(body: anthropic.MessagesRequest, request: Request) -> Response:
         return await anthropic.handle(state, body, request)
 
+    @app.post("/v1/messages/count_tokens", responses=ERROR_RESPONSES, summary="Anthropic's: the prompt tokens of a Messages request")
+    async def messages_count_tokens(body: anthropic.CountTokensRequest) -> dict:
+        return await anthropic.count_tokens(state, body)
+
     @app.get("/v1/responses/{response_id}", responses=ERROR_RESPONSES)
     async def get_response(response_id: str) -> dict:
         return state.responses.get(response_id)[0]

@@ -30,8 +30,19 @@ RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_t
 
 async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
     """A chat request checked, rendered and submitted: (request id, generators, first outputs,
-    parsing, prompt ids), or the 499 Response of a client that left meanwhile. /v1/chat/completions
-    and /v1/responses (server/responses.py) share it."""
+    parsing, prompt ids as admitted), or the 499 Response of a client that left meanwhile.
+    /v1/chat/completions, /v1/responses and /v1/messages share it."""
+    params, text, ids, parse = await prepare_chat(state, req)
+    # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix), state.metrics)
+    if isinstance(started, Response):
+        return started
+    request_id, gens, firsts = started
+    return request_id, gens, firsts, parse, firsts[0].prompt_token_ids  # as admitted (truncate_prompt_tokens)
+
+
+async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[SamplingParams, str, list[int], ChatParsing]:
+    """A chat request checked and rendered: its sampling parameters, prompt text and ids, parsing."""
     check_model(state, req.model)
     tok = state.llm.tokenizer
     if req.top_logprobs is not None and not req.logprobs:
@@ -56,13 +67,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
     # other requests' streams go on meanwhile (as for every prompt below).
     text, ids = await asyncio.to_thread(render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
-    parse = ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
-    # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix), state.metrics)
-    if isinstance(started, Response):
-        return started
-    request_id, gens, firsts = started
-    return request_id, gens, firsts, parse, firsts[0].prompt_token_ids  # as admitted (truncate_prompt_tokens)
+    return params, text, ids, ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
 
 
 def checked_template_kwargs(given: Optional[dict]) -> dict:

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.outputs import RequestOutput
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, start_chat
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, prepare_chat, start_chat
 from pangu_infer.server.errors import APIError, internal_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 from pangu_infer.server.state import ServerState
@@ -53,6 +53,12 @@ class MessagesRequest(_Request):
     metadata: Optional[dict[str, Any]] = None
     service_tier: Optional[str] = None
     cache_control: Optional[dict[str, Any]] = None
+
+
+class CountTokensRequest(MessagesRequest):
+    """/v1/messages/count_tokens: a Messages request without max_tokens."""
+
+    max_tokens: Optional[int] = None
 
 
 def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
@@ -183,6 +189,13 @@ class MessagesStream:
 
 
 # ---------------------------------------------------------------------- the route
+async def count_tokens(state: ServerState, req: CountTokensRequest) -> dict:
+    """The prompt tokens the same Messages request would have (system, tools and thinking flags
+    included), as Anthropic's count_tokens answers: {"input_tokens": N}."""
+    _, _, ids, _ = await prepare_chat(state, to_chat_request(req))
+    return {"input_tokens": len(ids)}
+
+
 async def handle(state: ServerState, req: MessagesRequest, request: Request) -> Response:
     chat = to_chat_request(req)
     started = await start_chat(state, chat, request, "msg")
