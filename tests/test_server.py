@@ -661,6 +661,10 @@ def test_responses_on_a_real_engine_match_chat_completions(client):
         ({"input": "hi", "temperature": -1}, 400, "temperature"),
         ({"input": "hi", "truncation": "auto"}, 400, "truncation"),
         ({"input": "hi", "max_output_tokens": 10**6}, 400, "context"),
+        ({"input": [{"role": ["user"], "content": "hi"}]}, 400, "['user']"),
+        ({"input": "hi", "text": {"format": ["json_schema"]}}, 400, "text.format"),
+        ({"input": "hi", "tool_choice": {"type": "function"}}, 400, "tool_choice"),
+        ({"input": [{"type": "function_call", "call_id": 5, "name": "f", "arguments": "{}"}]}, 400, "call_id"),
     ],
 )
 def test_responses_mistakes_are_4xx_naming_them(server, body, status, needle):

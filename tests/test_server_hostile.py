@@ -219,7 +219,8 @@ CONTENT = st.one_of(st.text(max_size=60), st.lists(st.fixed_dictionaries({"type"
 MESSAGES_ST = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool", "wizard"]),
                                               "content": CONTENT}), max_size=4)
 RESPONSE_ITEMS = st.lists(st.one_of(
-    st.fixed_dictionaries({"role": st.sampled_from(["user", "developer", "assistant", "tool", "wizard"]), "content": st.one_of(
+    st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "developer", "assistant", "tool", "wizard"]), _jsonable_values()),
+                           "content": st.one_of(
         st.text(max_size=40), st.lists(st.fixed_dictionaries({"type": st.sampled_from(["input_text", "output_text", "input_image"]),
                                                               "text": st.text(max_size=10)}), max_size=3), _jsonable_values())}),
     st.fixed_dictionaries({"type": st.sampled_from(["function_call", "function_call_output", "reasoning", "item_reference", "web_search_call"]),
@@ -233,7 +234,7 @@ ANTHROPIC_BLOCKS = st.lists(st.one_of(
                            "name": st.one_of(st.just("f"), _jsonable_values()), "input": _jsonable_values(),
                            "tool_use_id": st.one_of(st.text(max_size=5), _jsonable_values()), "content": _jsonable_values()}),
     _jsonable_values()), max_size=3)
-ANTHROPIC_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "wizard"]),
+ANTHROPIC_MESSAGES = st.lists(st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "assistant", "system", "wizard"]), _jsonable_values()),
                                                      "content": st.one_of(st.text(max_size=30), ANTHROPIC_BLOCKS, _jsonable_values())}), max_size=3)
 ANTHROPIC_FIELDS = {
     "system": st.one_of(st.text(max_size=20), _jsonable_values()),
@@ -244,7 +245,7 @@ ANTHROPIC_FIELDS = {
     "tool_choice": _jsonable_values(),
     "thinking": st.one_of(_jsonable_values(), st.fixed_dictionaries({"type": st.sampled_from(["enabled", "adaptive", "disabled", "x"]),
                                                                      "budget_tokens": st.one_of(st.integers(-3, 50), HUGE)})),
-    "output_config": _jsonable_values(),
+    "output_config": st.one_of(_jsonable_values(), st.fixed_dictionaries({"format": _jsonable_values()})),
     "temperature": st.one_of(st.floats(-1, 3), st.just(1e308)),
     "top_k": st.one_of(st.integers(-3, 50), HUGE),
     "stream": st.booleans(),
@@ -255,8 +256,8 @@ RESPONSE_FIELDS = {
     "tools": st.one_of(_jsonable_values(), st.lists(st.fixed_dictionaries({"type": st.sampled_from(["function", "web_search"]),
                                                                            "name": st.text(max_size=5), "parameters": _jsonable_values()}), max_size=2)),
     "tool_choice": _jsonable_values(),
-    "text": st.one_of(_jsonable_values(), st.fixed_dictionaries({"format": st.fixed_dictionaries(
-        {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"]), "schema": _jsonable_values()})})),
+    "text": st.one_of(_jsonable_values(), st.fixed_dictionaries({"format": st.one_of(_jsonable_values(), st.fixed_dictionaries(
+        {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"]), "schema": _jsonable_values()}))})),
     "reasoning": st.one_of(_jsonable_values(), st.fixed_dictionaries({"effort": _jsonable_values()})),
     "previous_response_id": st.one_of(st.text(max_size=10), _jsonable_values()),
     "top_logprobs": st.one_of(st.integers(-3, 25), HUGE),
@@ -328,7 +329,7 @@ EXAMPLES = [  # what issue 14 names, always sent
 def test_hostile_bodies_never_get_a_5xx_and_never_touch_a_good_stream(server, good_alone):
     statuses: list[int] = []
 
-    @settings(max_examples=200, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=240, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
     @given(request=hostile_requests())
     @example(request=("/v1/completions", b"[" * 100000 + b"]" * 100000))
     @example(request=("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "caf\xc3\x28"}]}'))

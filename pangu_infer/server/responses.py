@@ -73,7 +73,7 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         kind = item.get("type", "message")
         where = f"input[{i}]"
         if kind == "message":
-            role = ROLES.get(item.get("role"))
+            role = ROLES.get(item.get("role")) if isinstance(item.get("role"), str) else None
             if role is None:
                 raise APIError(400, f"{where}.role is {item.get('role')!r}; expected user, system, developer or assistant", param=where)
             messages.append({"role": role, "content": _text(item.get("content"), where)})
@@ -398,6 +398,8 @@ def _tools(req: ResponsesRequest) -> tuple[Optional[list[dict]], Any]:
 
 def _response_format(text: Optional[dict]) -> Optional[dict]:
     fmt = (text or {}).get("format")
+    if fmt is not None and not isinstance(fmt, dict):
+        raise APIError(400, 'text.format must be an object like {"type": "json_schema", "name": ..., "schema": {...}}', param="text.format")
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
