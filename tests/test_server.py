@@ -647,6 +647,8 @@ def test_responses_on_a_real_engine_match_chat_completions(client):
     with_lp = client.responses.create(input="hello", top_logprobs=2, **kwargs)
     logprobs = with_lp.output[0].content[0].logprobs
     assert len(logprobs) == 6 and all(len(lp.top_logprobs) == 2 for lp in logprobs)
+    streamed = list(client.responses.create(input="hello", top_logprobs=2, stream=True, **kwargs))[-1].response
+    assert [lp.logprob for lp in streamed.output[0].content[0].logprobs] == [lp.logprob for lp in logprobs]
 
 
 @pytest.mark.parametrize(

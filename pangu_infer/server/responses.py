@@ -335,15 +335,18 @@ async def _stream(state: ServerState, req: ResponsesRequest, response_id: str, c
     parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
     started = response_object(req, response_id, created, state.model_name, "in_progress", [], None)
     finished = False
+    pending: list[dict] = []  # logprobs of tokens whose text the parser still holds back
 
-    def events_of(parsed: list, logprobs: Optional[list[dict]]) -> list[dict]:
+    def events_of(parsed: list) -> list[dict]:
         events = []
         for ev in parsed:
             if ev.kind == "tool_call":
                 events += stream.feed("tool_call", call=ev.tool_call)
+            elif ev.kind == "content":
+                events += stream.feed("content", ev.text, logprobs=list(pending))
+                pending.clear()  # sent with the first text after them
             else:
-                events += stream.feed(ev.kind, ev.text, logprobs=logprobs if ev.kind == "content" else None)
-                logprobs = None  # once, with the first text of the step
+                events += stream.feed(ev.kind, ev.text)
         return events
 
     try:
@@ -353,11 +356,12 @@ async def _stream(state: ServerState, req: ResponsesRequest, response_id: str, c
         async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for _, out in outputs:
                 comp = out.outputs[0]
-                lps = chat_logprobs(state, comp.logprobs_delta or []) if req.top_logprobs is not None and comp.token_ids_delta else None
+                if req.top_logprobs is not None and comp.token_ids_delta:
+                    pending.extend(chat_logprobs(state, comp.logprobs_delta or []))
                 parsed = parser.feed(comp.text_delta)
                 if comp.finished:
                     parsed += parser.finish()
-                for event in events_of(parsed, lps):
+                for event in events_of(parsed):
                     yield sse_event(event)
                 if out.finished:
                     observe(state, out)
