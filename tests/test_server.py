@@ -651,6 +651,23 @@ def test_responses_on_a_real_engine_match_chat_completions(client):
     assert [lp.logprob for lp in streamed.output[0].content[0].logprobs] == [lp.logprob for lp in logprobs]
 
 
+def test_responses_truncation_auto_drops_the_oldest_turns_to_fit(client, pangu_tokenizer):
+    long = "the weather in the city today " * 12  # about 90 tokens a turn; the context is 256
+    kwargs = dict(model="tiny-pangu", temperature=0, max_output_tokens=8, instructions="be brief")
+    first = client.responses.create(input=long, **kwargs)
+    second = client.responses.create(input=long + "again", previous_response_id=first.id, **kwargs)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.responses.create(input=long + "and again", previous_response_id=second.id, **kwargs)
+    fitted = client.responses.create(input=long + "and again", previous_response_id=second.id, truncation="auto", **kwargs)
+    assert fitted.truncation == "auto" and fitted.usage.input_tokens + 8 <= 256
+    # what was kept: the latest turns, whole, after the instructions
+    kept = client.responses.create(input=long + "and again", previous_response_id=second.id, **{**kwargs, "max_output_tokens": 1},
+                                   truncation="auto")
+    assert kept.usage.input_tokens >= fitted.usage.input_tokens  # less room for the reply: never fewer turns
+    alone = client.responses.create(input=long + "and again", **kwargs)
+    assert alone.usage.input_tokens < fitted.usage.input_tokens  # more than the last turn was kept
+
+
 @pytest.mark.parametrize(
     "body, status, needle",
     [
@@ -661,7 +678,7 @@ def test_responses_on_a_real_engine_match_chat_completions(client):
         ({"input": "hi", "previous_response_id": "resp_nope"}, 404, "resp_nope"),
         ({"input": [{"role": "wizard", "content": "hi"}]}, 400, "wizard"),
         ({"input": "hi", "temperature": -1}, 400, "temperature"),
-        ({"input": "hi", "truncation": "auto"}, 400, "truncation"),
+        ({"input": "hi", "truncation": "middle"}, 400, "truncation"),
         ({"input": "hi", "max_output_tokens": 10**6}, 400, "context"),
         ({"input": [{"role": ["user"], "content": "hi"}]}, 400, "['user']"),
         ({"input": "hi", "text": {"format": ["json_schema"]}}, 400, "text.format"),

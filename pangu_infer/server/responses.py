@@ -26,7 +26,7 @@ from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.outputs import RequestOutput
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, chat_logprobs, start_chat
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat
 from pangu_infer.server.errors import APIError, internal_error
 from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
@@ -52,7 +52,9 @@ class ResponsesRequest(_Request):
     store: bool = Field(True, description="keep the response for previous_response_id and GET /v1/responses/{id}")
     previous_response_id: Optional[str] = None
     top_logprobs: Optional[int] = Field(None, ge=0, le=20)
-    truncation: Optional[Literal["disabled"]] = None
+    truncation: Optional[Literal["auto", "disabled"]] = Field(
+        None, description="auto: drop the conversation's oldest turns until the prompt fits the context with max_output_tokens"
+    )
     background: Optional[Literal[False]] = None
     # accepted and ignored: bookkeeping (as protocol.IGNORED_FIELDS) and what to include in the output
     include: Optional[list[str]] = None
@@ -191,7 +193,7 @@ def response_object(req: ResponsesRequest, response_id: str, created: float, mod
         "previous_response_id": req.previous_response_id,
         "store": req.store,
         "metadata": req.metadata or {},
-        "truncation": "disabled",
+        "truncation": req.truncation or "disabled",
         "top_logprobs": req.top_logprobs,
         "user": req.user,
     }
@@ -294,7 +296,7 @@ async def handle(state: ServerState, req: ResponsesRequest, request: Request) ->
     log_ignored_fields(req)
     history = state.responses.get(req.previous_response_id, "previous_response_id")[1] if req.previous_response_id else []
     messages = conversation(req, history)
-    chat = to_chat_request(req, messages)
+    chat = to_chat_request(req, await _fitted(state, req, messages) if req.truncation == "auto" else messages)
     started = await start_chat(state, chat, request, "resp")
     if isinstance(started, Response):
         return started
@@ -313,6 +315,30 @@ async def handle(state: ServerState, req: ResponsesRequest, request: Request) ->
     output = output_items(choice["message"], comp.finish_reason, lps)
     body = _finish(state, req, response_id, created, output, comp.finish_reason, final, len(ids), messages)
     return JSONResponse(body)
+
+
+async def _fitted(state: ServerState, req: ResponsesRequest, messages: list[dict]) -> list[dict]:
+    """truncation "auto": the conversation from its latest start (a turn that is not a tool result)
+    whose prompt, instructions and template included, leaves max_output_tokens (or one token) of the
+    context; binary search over the start, so a long conversation renders O(log n) times. When even
+    the last turn alone does not fit, it is sent as is and admission names the problem."""
+    room = state.llm.engine.max_model_len - (req.max_output_tokens or 1)
+    starts = [i for i, m in enumerate(messages) if m["role"] != "tool"]
+
+    async def fits(start: int) -> bool:
+        _, _, ids, _ = await prepare_chat(state, to_chat_request(req, messages[start:]))
+        return len(ids) <= room
+
+    if not starts or await fits(0):
+        return messages
+    lo, hi = 0, len(starts) - 1  # starts[hi] is tried last: the latest turn alone
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if await fits(starts[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return messages[starts[lo]:]
 
 
 def _finish(state: ServerState, req: ResponsesRequest, response_id: str, created: float, output: list[dict],
