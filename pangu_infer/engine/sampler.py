@@ -303,14 +303,8 @@ def _result(logits: torch.Tensor, token_ids: torch.Tensor, params: list[Sampling
 
 def token_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
     """Per row of raw logits [R, V]: the log_softmax value of that row's target token and the k
-    most likely tokens, best first (prompt logprobs: row p scores prompt token p + 1)."""
-    logits = logits.float()
-    log_z = logits.logsumexp(dim=-1)
+    most likely tokens, best first (prompt logprobs: row p scores prompt token p + 1); the
+    arithmetic of a sampled token's logprobs (_result)."""
     target = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
-    chosen = (logits.gather(1, target[:, None]).squeeze(1) - log_z).tolist()
-    if not k:
-        return [(c, []) for c in chosen]
-    values, ids = logits.topk(min(k, logits.shape[1]), dim=-1)
-    values = (values - log_z[:, None]).tolist()
-    ids = ids.tolist()
-    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
+    result = _result(logits.float(), target, [SamplingParams(logprobs=k)] * len(target))
+    return [(c, top or []) for c, top in zip(result.logprobs, result.top_logprobs)]
