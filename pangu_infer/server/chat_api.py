@@ -19,7 +19,7 @@ from pangu_infer.outputs import CompletionOutput
 from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError
 from pangu_infer.server.params import check_model, check_size, to_sampling_params
-from pangu_infer.server.protocol import ChatCompletionRequest
+from pangu_infer.server.protocol import EFFORTS_WITHOUT_THINKING, ChatCompletionRequest
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import start_requests, unless_gone
 from pangu_infer.server.structured import reasoning_budget, tool_constraint
@@ -54,7 +54,7 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[
     template_kwargs = checked_template_kwargs(req.chat_template_kwargs)
     enable_thinking = template_kwargs.pop("enable_thinking", None)
     if req.reasoning_effort is not None:
-        thinking = req.reasoning_effort not in ("none", "minimal")
+        thinking = req.reasoning_effort not in EFFORTS_WITHOUT_THINKING
         if enable_thinking is not None and enable_thinking != thinking:
             raise APIError(400, f"reasoning_effort={req.reasoning_effort!r} and chat_template_kwargs.enable_thinking="
                            f"{enable_thinking!r} disagree; give one", param="reasoning_effort")

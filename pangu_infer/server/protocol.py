@@ -25,6 +25,11 @@ IGNORED_FIELDS = frozenset({
 })
 
 
+# OpenAI's reasoning efforts; the first two turn Pangu's thinking off (server/chat_api.py).
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+EFFORTS_WITHOUT_THINKING = ("none", "minimal")
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -135,7 +140,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
     )
-    reasoning_effort: Optional[Literal["none", "minimal", "low", "medium", "high", "xhigh"]] = Field(
+    reasoning_effort: Optional[ReasoningEffort] = Field(
         None, description='OpenAI\'s: "none" or "minimal" turn thinking off (enable_thinking false), the others leave it on'
     )
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opening (vLLM)")

@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal, Optional, Union
+from typing import Any, AsyncIterator, Literal, Optional, Union, get_args
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,7 +29,7 @@ from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat
 from pangu_infer.server.errors import APIError, internal_error
 from pangu_infer.server.params import log_ignored_fields
-from pangu_infer.server.protocol import ChatCompletionRequest, _Request
+from pangu_infer.server.protocol import ChatCompletionRequest, ReasoningEffort, _Request
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
 
@@ -121,8 +121,8 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
     """The chat request that generates the reply to `messages` (conversation()) under req's settings."""
     tools, tool_choice = _tools(req)
     effort = (req.reasoning or {}).get("effort")
-    if effort is not None and effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
-        raise APIError(400, f"reasoning.effort is {effort!r}; expected none, minimal, low, medium, high or xhigh", param="reasoning.effort")
+    if effort is not None and effort not in get_args(ReasoningEffort):
+        raise APIError(400, f"reasoning.effort is {effort!r}; expected one of {', '.join(get_args(ReasoningEffort))}", param="reasoning.effort")
     fields: dict[str, Any] = {
         "model": req.model,
         "messages": ([{"role": "system", "content": req.instructions}] if req.instructions else []) + messages,
