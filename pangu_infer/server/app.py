@@ -430,19 +430,19 @@ class _Echo:
     def __init__(self, state: ServerState, prompts: list[tuple[Optional[str], list[int]]], logprobs: bool, prompt_only: bool):
         self.state = state
         self.texts = [text if text is not None else state.llm.tokenizer.decode(ids, skip_special_tokens=False) for text, ids in prompts]
-        self.ids = [ids for _, ids in prompts]
         self.logprobs = logprobs
         self.prompt_only = prompt_only
 
-    def prompt_logprobs(self, p: int, out: RequestOutput) -> Optional[dict]:
+    def prompt_logprobs(self, out: RequestOutput) -> Optional[dict]:
         if not self.logprobs:
             return None
         entries = list(out.prompt_logprobs or [])
-        entries += [None] * (len(self.ids[p]) - len(entries))  # (always complete once a token is out)
-        return _completion_logprobs(self.state, entries, 0, self.ids[p])
+        ids = out.prompt_token_ids  # as admitted
+        entries += [None] * (len(ids) - len(entries))  # (always complete once a token is out)
+        return _completion_logprobs(self.state, entries, 0, ids)
 
     def choice(self, index: int, p: int, out: RequestOutput, comp: CompletionOutput) -> dict:
-        lps = self.prompt_logprobs(p, out)
+        lps = self.prompt_logprobs(out)
         if self.prompt_only:
             return {"index": index, "text": self.texts[p], "logprobs": lps, "finish_reason": "length"}
         if lps is not None:
@@ -478,7 +478,7 @@ async def _completion_stream(
                         # the prompt first, in a chunk of its own (prompt_only: the whole choice)
                         echoed.add(index)
                         choice = echo.choice(index, p, out, comp) if echo.prompt_only else {
-                            "index": index, "text": echo.texts[p], "logprobs": echo.prompt_logprobs(p, out), "finish_reason": None}
+                            "index": index, "text": echo.texts[p], "logprobs": echo.prompt_logprobs(out), "finish_reason": None}
                         if choice["logprobs"] is not None:
                             offsets[index] = sum(len(t) for t in choice["logprobs"]["tokens"])
                         yield sse(envelope(state, request_id, "text_completion", created, [choice], **extra))

@@ -50,7 +50,7 @@ class AuthAndCount:
         scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
         if scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
             return True
-        # Anthropic's SDK sends its key as x-api-key
+        # x-api-key: the header Anthropic's API documents (its SDK 2.17 sends a bearer token)
         key = headers.get(b"x-api-key")
         return key is not None and secrets.compare_digest(key.strip(), self.api_key.encode())
 
