@@ -9,6 +9,7 @@ import gc as _gc
 _collecting = _gc.isenabled()
 _gc.disable()
 try:
+    from pangu_infer.lora import LoRARequest
     from pangu_infer.outputs import CompletionOutput, RequestOutput
     from pangu_infer.sampling_params import SamplingParams
 finally:
@@ -27,4 +28,4 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "__version__"]

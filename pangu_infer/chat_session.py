@@ -53,8 +53,12 @@ class Reply:
 class ChatSession:
     """One conversation: the system prompt, the turns so far, the thinking mode."""
 
-    def __init__(self, llm, params: SamplingParams, *, system: Optional[str], thinking: Optional[str], out: TextIO, stats: bool):
+    def __init__(
+        self, llm, params: SamplingParams, *, system: Optional[str], thinking: Optional[str], out: TextIO, stats: bool,
+        lora_request=None,
+    ):
         self.llm = llm
+        self.lora_request = lora_request  # the LoRA adapter every reply runs with (--lora), or None
         # Markers must survive decoding so the stream parser can route reasoning apart from the answer.
         self.params = replace(params, skip_special_tokens=False)
         self.system = system or None
@@ -108,7 +112,7 @@ class ChatSession:
         self.turns.append({"role": "user", "content": text})
         try:
             prompt = self.llm.render_chat(self.messages(), enable_thinking=THINKING_MODES.get(self.thinking))
-            reply = _stream_reply(self.llm, prompt, self.params, self.out, self.color)
+            reply = _stream_reply(self.llm, prompt, self.params, self.out, self.color, self.lora_request)
         except ValueError as e:  # e.g. the conversation outgrew the context: say so, keep the session
             self.turns.pop()
             self.failed = True
@@ -125,7 +129,10 @@ class ChatSession:
 def run_chat(llm, args: argparse.Namespace, params: SamplingParams, out: Optional[TextIO] = None) -> int:
     """Answer --message arguments, or read messages from stdin until /exit, Ctrl-D or end of input."""
     out = out or sys.stdout
-    session = ChatSession(llm, params, system=args.system, thinking=args.thinking, out=out, stats=args.stats)
+    session = ChatSession(
+        llm, params, system=args.system, thinking=args.thinking, out=out, stats=args.stats,
+        lora_request=getattr(args, "lora_request", None),
+    )
     if args.message:
         for text in args.message:
             if not session.handle(text):
@@ -166,7 +173,7 @@ class _CtrlC:
             signal.signal(signal.SIGINT, self.previous if self.previous is not None else signal.default_int_handler)
 
 
-def _stream_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: bool) -> Reply:
+def _stream_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: bool, lora_request=None) -> Reply:
     parser = ChatStreamParser()
     answer, reasoning = [], []
     in_reasoning = stopped = False
@@ -174,7 +181,7 @@ def _stream_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: 
     start = time.perf_counter()
     request = {"prompt_token_ids": llm.encode_prompt(prompt), "prompt": prompt}
     # closing the stream aborts the request in the engine and frees its KV blocks
-    with _CtrlC() as ctrl_c, contextlib.closing(llm.stream(request, params)) as steps:
+    with _CtrlC() as ctrl_c, contextlib.closing(llm.stream(request, params, lora_request=lora_request)) as steps:
         for step in steps:
             comp = step.outputs[0]
             n_tokens += len(comp.token_ids_delta)

@@ -62,6 +62,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="every request's tokens and logprobs bitwise the same whatever else is in the batch "
         "(greedy and seeded requests; costs speed, see the README)",
     )
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT folders) beside the base model")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters held at once (default: 4)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="the highest LoRA rank accepted (default: 64)")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
@@ -84,6 +87,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         speculative_ngram=args.speculative_ngram,
         enforce_eager=args.enforce_eager,
         batch_invariant=args.batch_invariant,
+        enable_lora=args.enable_lora or bool(getattr(args, "lora", None)),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
     )
 
 
@@ -139,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(g)
     add_sampling_arguments(g)
     g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--lora", default=None, metavar="PATH", help="answer with this LoRA adapter (a PEFT folder) on the model")
     g.add_argument("--stats", action="store_true", help="print the load time and tokens/s to stderr")
 
     c = sub.add_parser(
@@ -156,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask this instead of reading stdin (repeatable; /commands work here too)",
     )
     c.add_argument("--stats", action="store_true", help="print the load time, and tokens/s after each reply")
+    c.add_argument("--lora", default=None, metavar="PATH", help="chat with this LoRA adapter (a PEFT folder) on the model")
 
     for name, (module, help_text) in EXTERNAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
@@ -232,6 +240,12 @@ def _load(args: argparse.Namespace):
         gc.freeze()
         if collecting:
             gc.enable()
+    if getattr(args, "lora", None):
+        from pangu_infer.lora import LoRARequest
+
+        # Read now: a bad adapter is one line before any prompt (and --stats' load time counts it).
+        args.lora_request = LoRARequest(os.path.basename(os.path.normpath(args.lora)) or "lora", 1, args.lora)
+        llm.engine.add_lora(args.lora_request)
     if getattr(args, "stats", False):
         print(load_line(llm), file=sys.stderr)
     return llm
@@ -254,7 +268,7 @@ def _generate(args: argparse.Namespace) -> int:
     llm = _load(args)
     params = sampling_params(llm, args)
     start = time.perf_counter()
-    out = llm.generate(args.prompt, params, use_tqdm=False)[0]
+    out = llm.generate(args.prompt, params, use_tqdm=False, lora_request=getattr(args, "lora_request", None))[0]
     elapsed = time.perf_counter() - start
     print(out.outputs[0].text)
     if args.stats:

@@ -15,6 +15,7 @@ from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine
 from pangu_infer.errors import RequestError
 from pangu_infer.loader import LoadedModel, load_model
+from pangu_infer.lora import LoRARequest
 from pangu_infer.models.packed import can_pack, pack_linears
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.parallel.launch import load_tensor_parallel
@@ -55,6 +56,9 @@ class LLM:
         speculative_ngram: int = 3,
         enforce_eager: bool = False,
         batch_invariant: bool = False,
+        enable_lora: bool = False,
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
     ):
         start = time.perf_counter()
         check_tensor_parallel_size(tensor_parallel_size)
@@ -72,6 +76,9 @@ class LLM:
             speculative_ngram=speculative_ngram,
             enforce_eager=enforce_eager,
             batch_invariant=batch_invariant,
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
@@ -79,6 +86,11 @@ class LLM:
                 raise ValueError(
                     f"batch_invariant=True with tensor_parallel_size={tensor_parallel_size}: not supported "
                     "(the ranks' partial sums are reduced in an order of their own); use one process"
+                )
+            if enable_lora:
+                raise ValueError(
+                    f"enable_lora=True with tensor_parallel_size={tensor_parallel_size}: not supported yet "
+                    "(adapters are applied in one process); use one process"
                 )
             if quantization not in (None, "auto", "none") or offload_experts:
                 raise ValueError(
@@ -144,13 +156,17 @@ class LLM:
         prompts: Union[PromptType, Sequence[PromptType]],
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
-        """Prompts: a string, a list of strings, or token ids as {"prompt_token_ids": [...]}."""
+        """Prompts: a string, a list of strings, or token ids as {"prompt_token_ids": [...]}.
+        lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model);
+        it needs enable_lora=True."""
         items = self._normalize_prompts(prompts)
         params = self._normalize_params(sampling_params, len(items))
+        loras = self._normalize_loras(lora_request, len(items))
         requests = []
-        for (text, ids), p in zip(items, params):
-            requests.append((text, ids, p))
+        for (text, ids), p, lora in zip(items, params, loras):
+            requests.append((text, ids, p, lora))
         return self._run(requests, use_tqdm)
 
     def chat(
@@ -164,6 +180,7 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         use_tqdm: bool = True,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning.
         continue_final_message (with add_generation_prompt=False): the reply goes on writing the
@@ -172,8 +189,9 @@ class LLM:
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self._normalize_params(sampling_params, len(conversations))
+        loras = self._normalize_loras(lora_request, len(conversations))
         requests = []
-        for conv, p in zip(conversations, params):
+        for conv, p, lora in zip(conversations, params, loras):
             text = self.render_chat(
                 conv, enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, **(chat_template_kwargs or {}),
@@ -182,7 +200,7 @@ class LLM:
             p = replace(p, skip_special_tokens=False)
             if enable_thinking is not False and is_pangu_template(self.tokenizer):
                 p = replace(p, allow_thinking=True)  # a constraint starts after the thinking part
-            requests.append((text, self.encode_prompt(text), p))
+            requests.append((text, self.encode_prompt(text), p, lora))
         outputs = self._run(requests, use_tqdm)
         for out in outputs:
             for comp in out.outputs:
@@ -191,7 +209,9 @@ class LLM:
                     out.reasoning = reasoning
         return outputs
 
-    def stream(self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None) -> Iterator[RequestOutput]:
+    def stream(
+        self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None, lora_request: Optional[LoRARequest] = None
+    ) -> Iterator[RequestOutput]:
         """Generate one prompt, yielding each step's incremental output (`text_delta`, ...)."""
         (text, ids), = self._normalize_prompts(prompt)
         driver = getattr(self.engine, "driver", None)
@@ -199,7 +219,7 @@ class LLM:
             raise RuntimeError("this LLM's engine is driven by a running server (AsyncEngine) in this process: stream "
                                "through it (`async for out in AsyncEngine.generate(...)`), or use LLM.generate")
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text)
+        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request)
         finished = False
         try:
             while not finished:
@@ -280,22 +300,33 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {n} prompts")
         return params
 
-    def _run(self, requests: list[tuple[Optional[str], list[int], SamplingParams]], use_tqdm: bool) -> list[RequestOutput]:
+    def _normalize_loras(self, lora_request, n: int) -> list[Optional[LoRARequest]]:
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            return [lora_request] * n
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != n:
+                raise ValueError(f"got {len(lora_request)} LoRA requests for {n} prompts")
+            return list(lora_request)
+        raise ValueError(f"lora_request={lora_request!r} must be a LoRARequest, a list of them (one per prompt) or None")
+
+    def _run(
+        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest]]], use_tqdm: bool
+    ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine."""
         engine = self.engine
         driver = getattr(engine, "driver", None)
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
-            return driver.run_blocking([(f"llm-{next(self._ids)}", tokens, p, text) for text, tokens, p in requests])
+            return driver.run_blocking([(f"llm-{next(self._ids)}", tokens, p, text, lora) for text, tokens, p, lora in requests])
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None
         try:
-            for i, (text, tokens, p) in enumerate(requests):
+            for i, (text, tokens, p, lora) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    engine.add_request(rid, tokens, p, prompt=text)
+                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise

@@ -38,7 +38,7 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self.llm, name)
 
-    def stream(self, request, params):
+    def stream(self, request, params, lora_request=None):
         self.prompts.append(request["prompt"])
         self.steps_seen.append(0)
         for step in self.llm.stream(request, params):

@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from pangu_infer.engine.engine import LLMEngine
 from pangu_infer.errors import RequestError, RequestFailedError
+from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
@@ -46,6 +47,7 @@ class _Add:
     stream: _Stream
     done: asyncio.Future
     grammar: Optional[object] = None  # compiled beforehand (LLMEngine.compile_grammar)
+    lora_request: Optional[LoRARequest] = None
 
 
 @dataclass
@@ -98,8 +100,11 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         prompt: Optional[str] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Yield incremental outputs until the one with finished=True.
+        """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
+        adapter it runs with (an adapter not loaded yet is read on the engine thread: the server
+        loads its adapters beforehand, LLMEngine.read_lora/add_lora).
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -113,7 +118,7 @@ class AsyncEngine:
             # Compiling takes seconds on a model's first constrained request: on a worker thread,
             # so that the engine thread goes on stepping the other requests meanwhile.
             grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar))
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request))
         try:
             await added
         except asyncio.CancelledError:
@@ -139,18 +144,21 @@ class AsyncEngine:
                 # Closed early (client gone, task cancelled): free the request's KV blocks.
                 self._commands.put(_Abort(request_id, None))
 
-    def run_blocking(self, requests: list[tuple[str, list[int], SamplingParams, Optional[str]]]) -> list[RequestOutput]:
-        """Generate (request_id, prompt ids, params, prompt) each to the end and return the final
+    def run_blocking(self, requests: list[tuple]) -> list[RequestOutput]:
+        """Generate (request_id, prompt ids, params, prompt[, lora_request]) each to the end and return the final
         outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
         AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
         only: stepped from two threads, each would take the other's outputs (a caller waiting
         forever) or corrupt the scheduler. A rejected request raises (RequestError, naming the
         prompt's index when there are several) and the others are aborted."""
 
-        async def one(index: int, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str]) -> RequestOutput:
+        async def one(
+            index: int, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str],
+            lora_request: Optional[LoRARequest] = None,
+        ) -> RequestOutput:
             last = None
             try:
-                async for out in self.generate(ids, params, request_id, prompt):
+                async for out in self.generate(ids, params, request_id, prompt, lora_request):
                     last = out
             except RequestError as e:
                 if len(requests) == 1:
@@ -232,7 +240,10 @@ class AsyncEngine:
     def _handle(self, command: Any) -> None:
         if isinstance(command, _Add):
             try:
-                self.engine.add_request(command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar)
+                self.engine.add_request(
+                    command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
+                    command.lora_request,
+                )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)
                 return

@@ -17,10 +17,13 @@ from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
+from pangu_infer.engine.lora import LoRAManager
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
 from pangu_infer.errors import RequestError
+from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.lora import enable_lora
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
@@ -51,9 +54,13 @@ class EngineConfig:
     # (concurrency, arrival order, chunked prefill, preemption, prefix-cache hits):
     # pangu_infer/models/batch_invariant.py. Costs speed (benchmarks/batch_invariant.py).
     batch_invariant: bool = False
+    # LoRA adapters (PEFT folders) per request, like vLLM's: how many are held at once, their highest rank
+    enable_lora: bool = False
+    max_loras: int = 4
+    max_lora_rank: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
@@ -77,6 +84,10 @@ class EngineConfig:
             )
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")
+        if not isinstance(self.enable_lora, bool):
+            raise ValueError(f"enable_lora={self.enable_lora!r} must be True or False")
+        if self.enable_lora and self.batch_invariant:
+            raise ValueError("enable_lora=True with batch_invariant=True: not supported together (adapters' products are not batch-invariant)")
 
 
 @dataclass
@@ -87,6 +98,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     error: Optional[str] = None  # set when the request failed inside the engine
+    lora_key: int = 0  # the installed LoRA adapter it runs with (engine/lora.py), 0 for none
 
     @property
     def finished(self) -> bool:
@@ -118,6 +130,10 @@ class LLMEngine:
             self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1
         )
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
+        # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py)
+        self.loras = (
+            LoRAManager(enable_lora(model), ec.max_loras, ec.max_lora_rank, self.dtype, self.device) if ec.enable_lora else None
+        )
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
@@ -192,15 +208,18 @@ class LLMEngine:
         params: SamplingParams,
         prompt: Optional[str] = None,
         grammar: Optional[object] = None,
+        lora_request: Optional[LoRARequest] = None,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
-        thread (else it is compiled here)."""
+        thread (else it is compiled here). `lora_request`: the adapter it runs with (loaded here
+        if it is not yet: add_lora)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids, params = admit(prompt_token_ids, params, self.limits)
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
-        req = _Request(request_id, prompt, ids, params)
+        lora_key = self._lora_key(lora_request) if lora_request is not None else 0
+        req = _Request(request_id, prompt, ids, params, lora_key=lora_key)
         parent = None
         for i in range(params.n):
             seq = Sequence(
@@ -213,6 +232,7 @@ class LLMEngine:
                 self._generator(params, i),
                 parent=parent,
             )
+            seq.set_lora(lora_key)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
             self._next_seq_id += 1
@@ -222,6 +242,42 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def read_lora(self, request: LoRARequest) -> LoRAAdapter:
+        """Read and check an adapter's folder against this model (ValueError naming what does not
+        fit). Changes nothing, so safe from any thread: the server reads on a worker thread and
+        adds what it read on the engine's (add_lora)."""
+        return self._lora_manager().read(request)
+
+    def add_lora(self, request: LoRARequest, adapter: Optional[LoRAAdapter] = None) -> None:
+        """Load an adapter (`adapter`: what read_lora returned for it, else it is read here). At most
+        max_loras are held: the least recently used one that no unfinished request runs with makes
+        room. A name already loaded from the same folder is kept as it is."""
+        self._lora_manager().add(request, adapter, self._lora_keys_in_use())
+
+    def remove_lora(self, lora_name: str) -> bool:
+        """Unload an adapter; False if none of that name is loaded, ValueError while a request runs with it."""
+        return self._lora_manager().remove(lora_name, self._lora_keys_in_use())
+
+    def list_loras(self) -> list[LoRARequest]:
+        return self.loras.list() if self.loras is not None else []
+
+    def _lora_manager(self) -> LoRAManager:
+        if self.loras is None:
+            raise ValueError("LoRA adapters are off for this engine: start it with enable_lora=True (--enable-lora)")
+        return self.loras
+
+    def _lora_key(self, request: LoRARequest) -> int:
+        if not isinstance(request, LoRARequest):
+            raise RequestError(f"lora_request={request!r} must be a LoRARequest", param="lora_request")
+        try:
+            return self._lora_manager().add(request, None, self._lora_keys_in_use())
+        except ValueError as e:
+            raise RequestError(str(e), param="lora_request") from None
+
+    def _lora_keys_in_use(self) -> set[int]:
+        return {req.lora_key for req in self.requests.values() if req.lora_key}
 
     def compile_grammar(self, params: SamplingParams) -> Optional[object]:
         """The compiled grammar of params.structured_outputs (None without one), or RequestError.

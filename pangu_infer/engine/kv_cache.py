@@ -61,7 +61,7 @@ class BlockPool:
         bs = self.block_size
         usable = (seq.num_tokens - 1) // bs
         self.prefix_queries += seq.num_prompt_tokens
-        parent = None
+        parent = seq.cache_salt
         for i in range(usable):
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = block_hash(parent, tokens)
@@ -83,7 +83,7 @@ class BlockPool:
         full = seq.num_computed_tokens // bs
         while len(seq.block_hashes) < full:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.cache_salt
             tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
             h = block_hash(parent, tokens)
             seq.block_hashes.append(h)

@@ -90,6 +90,7 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.lora = model.__dict__.get("_lora_state")  # LoRA adapters' shared state (models/lora.py), if enabled
         slots = num_blocks * block_size
         compile_ = not enforce_eager and bool(self.attention_layers)
         # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
@@ -273,8 +274,10 @@ class ModelRunner:
             if n > 1 or s.seq_id in drafts
         ]
         ordered = decodes + prefills
+        lora_rows = self._lora_rows(ordered) if self.lora is not None else None
         decode_forward = self.decode_forward  # read once: the compile thread may set it meanwhile
-        compiled = decode_forward is not None and not prefills  # a decode-only step
+        # A decode-only step with no LoRA row (the compiled step is traced without adapters)
+        compiled = decode_forward is not None and not prefills and lora_rows is None
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -321,7 +324,14 @@ class ModelRunner:
             self._point_layers()
             if compiled:  # logits of every row, in decode order
                 return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}
-            hidden = self.model(ids, pos, attn)
+            if lora_rows is None:
+                hidden = self.model(ids, pos, attn)
+            else:
+                self.lora.rows = lora_rows
+                try:
+                    hidden = self.model(ids, pos, attn)
+                finally:
+                    self.lora.rows = None
         prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
         sampled: list[Sequence] = []
         rows: list[int] = []
@@ -336,6 +346,22 @@ class ModelRunner:
             return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
         return sampled, logits, prompt_logprobs
+
+    def _lora_rows(self, ordered: list[tuple[Sequence, int]]) -> Optional[list[tuple[int, Optional[torch.Tensor]]]]:
+        """The step's rows per LoRA adapter ([(key, row indices)], None for the rows of all), or None
+        when no sequence of the step runs with one."""
+        keys = [s.lora_key for s, _ in ordered]
+        if not any(keys):
+            return None
+        rows: dict[int, list[int]] = {}
+        row = 0
+        for key, (_, n) in zip(keys, ordered):
+            if key:
+                rows.setdefault(key, []).extend(range(row, row + n))
+            row += n
+        if len(rows) == 1 and all(keys):
+            return [(keys[0], None)]
+        return [(key, torch.tensor(r, dtype=torch.long, device=self.device)) for key, r in rows.items()]
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, prefills: list[tuple[Sequence, int]], row: int

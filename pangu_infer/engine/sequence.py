@@ -71,6 +71,14 @@ class Sequence:
         # structured outputs / thinking budget (engine/structured.py); None: unconstrained. It only
         # advances on appended tokens, so preemption by recomputation leaves it valid.
         self.structured: Any = None
+        # The LoRA adapter it runs with (engine/lora.py; 0: none), and the root of its prefix-cache
+        # hashes: blocks computed with one adapter never serve another, or the base model.
+        self.lora_key = 0
+        self.cache_salt: Optional[bytes] = None
+
+    def set_lora(self, key: int) -> None:
+        self.lora_key = key
+        self.cache_salt = f"lora:{key}".encode() if key else None
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,247 @@
+"""LoRA adapters (PEFT folders) served beside the base model: every token checked against PEFT's own
+model (tests/fixtures_lora.py), with adapters and the base model sharing batches, chunked prefill,
+the prefix cache and quantized base weights; and every bad adapter or request a ValueError."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from fixtures_lora import make_peft_adapter
+from pangu_infer import LLM, LoRARequest, SamplingParams
+from pangu_infer.loader.random import pangu_dense_config, random_state_dict, transformers_llama
+
+PROMPTS = [
+    [1, 5, 9, 33, 7],
+    [1, 44, 2, 9, 100, 3, 17, 17, 17, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 19, 20],
+    list(range(3, 43)),  # 40 tokens: two full blocks of 16 for the prefix cache
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def base_reference(tiny_dense_config):
+    return transformers_llama(tiny_dense_config, random_state_dict(tiny_dense_config))
+
+
+@pytest.fixture(scope="module")
+def lora_llm(tiny_dense_dir):
+    return LLM(
+        str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, max_num_batched_tokens=16,
+        enable_lora=True, max_loras=2,
+    )
+
+
+def requests(adapters) -> dict[str, LoRARequest]:
+    return {name: LoRARequest(name, i + 1, str(a.path)) for i, (name, a) in enumerate(sorted(adapters.items()))}
+
+
+def base_greedy(model, ids: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, min_new_tokens=n)
+    return out[0, len(ids):].tolist()
+
+
+def test_adapters_and_the_base_model_in_one_batch_match_peft(lora_llm, lora_adapters, base_reference):
+    """Six requests in one batch, two per adapter and two on the base model, prefilled in chunks of
+    16 beside each other's decodes: each continuation is PEFT's (or transformers', for the base)."""
+    reqs = requests(lora_adapters)
+    plan = [("full", 0), ("attn", 1), (None, 2), ("attn", 0), ("full", 2), (None, 1)]
+    outs = lora_llm.generate(
+        [{"prompt_token_ids": PROMPTS[p]} for _, p in plan], GREEDY,
+        lora_request=[reqs[name] if name else None for name, _ in plan], use_tqdm=False,
+    )
+    for (name, p), out in zip(plan, outs):
+        want = lora_adapters[name].greedy(PROMPTS[p], 8) if name else base_greedy(base_reference, PROMPTS[p], 8)
+        assert out.outputs[0].token_ids == want, (name, p)
+    # the adapters change the answers (else the test above would hold with LoRA ignored)
+    assert outs[0].outputs[0].token_ids != base_greedy(base_reference, PROMPTS[0], 8)
+    assert outs[3].outputs[0].token_ids != base_greedy(base_reference, PROMPTS[0], 8)
+
+
+def test_prompt_logprobs_under_an_adapter_are_pefts(lora_llm, lora_adapters):
+    reqs = requests(lora_adapters)
+    ids = PROMPTS[2]
+    out = lora_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), lora_request=reqs["attn"], use_tqdm=False)[0]
+    ref = lora_adapters["attn"].logits(ids).log_softmax(-1)
+    got = torch.tensor([e.logprob for e in out.prompt_logprobs[1:]])
+    want = ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert (got - want).abs().max().item() <= 1e-4
+
+
+def test_the_prefix_cache_keeps_each_adapters_blocks_apart(tiny_dense_dir, lora_adapters, base_reference):
+    """A prompt cached by the base model is computed again under an adapter (its keys and values
+    differ), and is then served from the cache to that adapter's next request."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True)
+    reqs = requests(lora_adapters)
+    prompt = {"prompt_token_ids": PROMPTS[2]}
+    base = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+    assert base.outputs[0].token_ids == base_greedy(base_reference, PROMPTS[2], 8)
+    first = llm.generate(prompt, GREEDY, lora_request=reqs["full"], use_tqdm=False)[0]
+    assert first.metrics["num_cached_tokens"] == 0
+    assert first.outputs[0].token_ids == lora_adapters["full"].greedy(PROMPTS[2], 8)
+    again = llm.generate(prompt, GREEDY, lora_request=reqs["full"], use_tqdm=False)[0]
+    assert again.metrics["num_cached_tokens"] == 32
+    assert again.outputs[0].token_ids == first.outputs[0].token_ids
+    other = llm.generate(prompt, GREEDY, lora_request=reqs["attn"], use_tqdm=False)[0]
+    assert other.metrics["num_cached_tokens"] == 0
+    assert other.outputs[0].token_ids == lora_adapters["attn"].greedy(PROMPTS[2], 8)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_adapters_apply_over_quantized_base_weights(tiny_dense_dir, lora_adapters, quantization):
+    """LoRA adds to whatever module holds the base weight: over int8/int4 weights the prompt's
+    logprobs are far closer to PEFT's (fp32 base) than the base model's are (an adapter left out
+    of the quantized modules would leave them as far)."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20,
+              quantization=quantization, enable_lora=True)
+    reqs = requests(lora_adapters)
+    ids = PROMPTS[1]
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+    with_lora, plain = llm.generate([{"prompt_token_ids": ids}] * 2, params, lora_request=[reqs["full"], None], use_tqdm=False)
+    ref = lora_adapters["full"].logits(ids).log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    got = torch.tensor([e.logprob for e in with_lora.prompt_logprobs[1:]])
+    base = torch.tensor([e.logprob for e in plain.prompt_logprobs[1:]])
+    err = (got - ref).abs().max().item()
+    # int4 here: 4-bit random weights, and activations rounded to int8 by the CPU kernel
+    assert err < {"int8": 0.1, "int4": 0.5}[quantization] * (base - ref).abs().max().item(), err
+
+
+def test_max_loras_evicts_the_least_recently_used_idle_adapter(tiny_dense_dir, lora_adapters):
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True, max_loras=1)
+    reqs = requests(lora_adapters)
+    for name in ("full", "attn", "full"):
+        out = llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=reqs[name], use_tqdm=False)[0]
+        assert out.outputs[0].token_ids == lora_adapters[name].greedy(PROMPTS[0], 8)
+        assert [r.lora_name for r in llm.engine.list_loras()] == [name]
+    # both at once: the second cannot load while the first runs
+    with pytest.raises(ValueError, match=r"max_loras=1 adapters are loaded and every one is in use"):
+        llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 2, GREEDY, lora_request=[reqs["full"], reqs["attn"]], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_remove_lora(lora_llm, lora_adapters):
+    engine = lora_llm.engine
+    reqs = requests(lora_adapters)
+    engine.add_lora(reqs["attn"])
+    engine.add_request("busy", PROMPTS[0], GREEDY, lora_request=reqs["attn"])
+    with pytest.raises(ValueError, match="'attn' is in use"):
+        engine.remove_lora("attn")
+    engine.abort_request("busy")
+    assert engine.remove_lora("attn") is True
+    assert engine.remove_lora("attn") is False
+    assert "attn" not in [r.lora_name for r in engine.list_loras()]
+
+
+def test_a_name_already_loaded_from_another_folder_is_refused(lora_llm, lora_adapters):
+    reqs = requests(lora_adapters)
+    lora_llm.engine.add_lora(reqs["full"])
+    with pytest.raises(ValueError, match="'full' is loaded from"):
+        lora_llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=LoRARequest("full", 1, str(lora_adapters["attn"].path)), use_tqdm=False)
+
+
+def _edited_adapter(tmp_path, source, **changes):
+    target = tmp_path / "edited"
+    shutil.copytree(source, target)
+    cfg = json.loads((target / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (target / "adapter_config.json").write_text(json.dumps(cfg))
+    return target
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"use_dora": True}, "use_dora=True is not supported"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"bias": "all"}, "bias='all' is not supported"),
+        ({"peft_type": "IA3"}, "peft_type='IA3'"),
+        ({"r": 0}, "r=0"),
+        ({"r": 16}, "has rank 8, its config says r=16"),
+        ({"lora_alpha": "x"}, "lora_alpha='x'"),
+    ],
+)
+def test_bad_adapter_configs_are_value_errors_naming_the_field(tmp_path, lora_llm, lora_adapters, changes, message):
+    path = _edited_adapter(tmp_path, lora_adapters["full"].path, **changes)
+    with pytest.raises(ValueError, match=message):
+        lora_llm.engine.add_lora(LoRARequest("bad", 9, str(path)))
+    assert "bad" not in [r.lora_name for r in lora_llm.engine.list_loras()]
+
+
+def test_bad_adapter_folders_are_value_errors(tmp_path, tiny_dense_config, lora_llm, lora_adapters):
+    engine = lora_llm.engine
+    with pytest.raises(ValueError, match="no such folder"):
+        engine.add_lora(LoRARequest("x", 9, str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        engine.add_lora(LoRARequest("x", 9, str(tmp_path / "empty")))
+    broken = _edited_adapter(tmp_path, lora_adapters["full"].path)
+    (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        engine.add_lora(LoRARequest("x", 9, str(broken)))
+    # an adapter of another model: wider hidden size
+    wide = pangu_dense_config(**{**tiny_dense_config, "hidden_size": 2 * tiny_dense_config["hidden_size"]})
+    other = make_peft_adapter(tmp_path / "other", wide, 3, r=4, lora_alpha=8, target_modules=["q_proj"])
+    with pytest.raises(ValueError, match=r"is the adapter for another model"):
+        engine.add_lora(LoRARequest("x", 9, str(other.path)))
+    head = make_peft_adapter(tmp_path / "head", tiny_dense_config, 3, r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"])
+    with pytest.raises(ValueError, match=r"targets 'lm_head', which this engine cannot apply LoRA to"):
+        engine.add_lora(LoRARequest("x", 9, str(head.path)))
+
+
+def test_rank_above_max_lora_rank_and_lora_off_are_value_errors(tiny_dense_dir, lora_adapters):
+    small = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=4 << 20, enable_lora=True, max_lora_rank=4)
+    with pytest.raises(ValueError, match=r"rank 8 of .* is above max_lora_rank=4"):
+        small.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=LoRARequest("full", 1, str(lora_adapters["full"].path)), use_tqdm=False)
+    off = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=4 << 20)
+    with pytest.raises(ValueError, match=r"start it with enable_lora=True"):
+        off.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=LoRARequest("full", 1, str(lora_adapters["full"].path)), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"lora_int_id=0 must be a positive integer"):
+        LoRARequest("full", 0, "x")
+    with pytest.raises(ValueError, match=r"2 LoRA requests for 1 prompts"):
+        off.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=[None, None], use_tqdm=False)
+
+
+def test_with_lora_enabled_base_decodes_run_compiled_and_adapter_decodes_run_eagerly(tiny_dense_dir, lora_adapters, base_reference):
+    """The compiled decode step is traced over the wrapped model with no adapter rows: steps of base
+    requests only run it (and give transformers' tokens), a step with an adapter row runs eagerly
+    (and gives PEFT's), and a base request decoding beside an adapter's is still right."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=128, enable_lora=True)
+    assert llm.wait_compiled(), llm.engine.runner.compile_error
+    runner = llm.engine.runner
+    compiled, calls = runner.decode_forward, []
+    runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
+    base = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in base] == [base_greedy(base_reference, p, 8) for p in PROMPTS[:2]]
+    assert calls == [2] * 7  # every decode step of the two ran compiled
+    calls.clear()
+    reqs = requests(lora_adapters)
+    mixed = llm.generate(prompts, GREEDY, lora_request=[reqs["full"], None], use_tqdm=False)
+    assert mixed[0].outputs[0].token_ids == lora_adapters["full"].greedy(PROMPTS[0], 8)
+    assert mixed[1].outputs[0].token_ids == base_greedy(base_reference, PROMPTS[1], 8)
+    assert calls == []
+
+
+def test_generate_and_chat_take_an_adapter_with_lora(tiny_dense_dir, lora_adapters, lora_llm, capsys):
+    """`pangu-infer generate --lora PATH` answers with the adapter (the Python API's text, checked
+    against PEFT above); a folder that is no adapter is one line and exit status 2."""
+    from pangu_infer.cli import main
+
+    common = ["--model", str(tiny_dense_dir), "--dtype", "float32", "--enforce-eager", "--kv-cache-memory", "8MiB",
+              "--temperature", "0", "--max-tokens", "8"]
+    path = str(lora_adapters["full"].path)
+    want = lora_llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=8), lora_request=LoRARequest("full", 1, path), use_tqdm=False)[0]
+    base = lora_llm.generate("Hello there", SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    assert want.outputs[0].text != base.outputs[0].text
+    capsys.readouterr()
+    assert main(["generate", *common, "--prompt", "Hello there", "--lora", path]) == 0
+    assert capsys.readouterr().out == want.outputs[0].text + "\n"
+    assert main(["chat", *common, "--lora", path, "--message", "Hi"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["generate", *common, "--prompt", "Hello there", "--lora", str(tiny_dense_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no adapter_config.json" in err
