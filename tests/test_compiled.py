@@ -363,3 +363,16 @@ def test_a_compiled_decode_calls_the_attention_kernel_through_its_cpp_operator(t
 
     monkeypatch.setattr(bi_attention_kernel, "run", broken)
     assert _token_ids(llm.generate(PROMPTS, GREEDY)) == expected
+
+
+def test_two_models_loaded_at_once_both_decode_compiled(tiny_dense_dir, tiny_moge_dir):
+    """Two LLMs in one process build their compiled steps one after the other: built at once, one
+    of them failed in dynamo ("using FX to symbolically trace a dynamo-optimized function") and
+    decoded eagerly for the rest of the process."""
+    kwargs = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=128)
+    first, second = LLM(str(tiny_dense_dir), **kwargs), LLM(str(tiny_moge_dir), **kwargs)
+    assert first.wait_compiled(), first.engine.runner.compile_error
+    assert second.wait_compiled(), second.engine.runner.compile_error
+    for path, llm in ((tiny_dense_dir, first), (tiny_moge_dir, second)):
+        eager = LLM(str(path), enforce_eager=True, **kwargs)
+        assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))

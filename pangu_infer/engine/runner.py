@@ -148,7 +148,11 @@ class ModelRunner:
             ended.wait()
         _lower_thread_priority()
         step, error = None, "the compile thread stopped"
+        # One build at a time in a process: two models' builds at once (two LLMs) failed one of them
+        # in dynamo ("using FX to symbolically trace a dynamo-optimized function").
+        locked = False
         try:
+            locked = _COMPILE_LOCK.acquire()
             problem = compile_problem(self.device)
             if problem is not None:
                 error = None
@@ -181,6 +185,8 @@ class ModelRunner:
         except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
             error = f"{type(e).__name__}: {e}"
         finally:
+            if locked:
+                _COMPILE_LOCK.release()
             self.compile_seconds = time.perf_counter() - start
             if step is not None:
                 self.decode_forward = step  # the next decode-only step runs it
@@ -425,6 +431,8 @@ class _ProcessExiting(BaseException):
     """Raised in a compile thread still running when the interpreter exits (_stop_compiles)."""
 
 
+# Held by the compile thread that is building (one at a time: _build_compiled).
+_COMPILE_LOCK = threading.Lock()
 # Compile threads still running: _stop_compiles stops them at the interpreter's exit.
 _compile_threads: set[threading.Thread] = set()
 _compile_threads_lock = threading.Lock()
