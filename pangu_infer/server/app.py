@@ -2,6 +2,7 @@
 
     POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /v1/messages
     GET /v1/models[/{name}]   POST /tokenize   POST /detokenize   GET /tokenizer_info
+    POST /v1/load_lora_adapter   POST /v1/unload_lora_adapter (--enable-runtime-lora-updates; server/lora.py)
     GET /health   GET /version   GET /metrics   GET / (the chat page, static/; open without the API key)
 
 Request path: JSON -> protocol.py models -> SamplingParams + prompt token ids (chat rendered
@@ -34,6 +35,7 @@ from pangu_infer.chat import ChatStreamParser
 from pangu_infer.engine.async_engine import AsyncEngine
 from pangu_infer.engine.sequence import Logprob
 from pangu_infer.errors import short_repr
+from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, internal_error
 from pangu_infer.server.metrics import ServerMetrics
@@ -53,6 +55,8 @@ from pangu_infer.server.protocol import (
 )
 from pangu_infer.server import messages as anthropic
 from pangu_infer.server import responses as resp
+from pangu_infer.server.state import LoRAModule
+from pangu_infer.server.lora import add_routes as lora_routes
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, checked_template_kwargs, finite, render, start_chat
 from pangu_infer.server.params import check_model, check_size, to_sampling_params
 from pangu_infer.server.state import ServerState
@@ -85,10 +89,15 @@ def create_app(
     engine: Any = None,
     reasoning_budget: Optional[int] = None,
     allowed_origins: Sequence[str] = (),
+    lora_modules: Sequence[LoRAModule] = (),
+    enable_runtime_lora_updates: bool = False,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes.
     allowed_origins: web origins whose pages may call the API from a browser (CORS; "*" for any);
-    none by default, so that a page on another site cannot drive a server on localhost."""
+    none by default, so that a page on another site cannot drive a server on localhost.
+    lora_modules: LoRA adapters already added to llm's engine (server/lora.py add_startup_adapters),
+    served under their names; enable_runtime_lora_updates: /v1/load_lora_adapter and
+    /v1/unload_lora_adapter change them while the server runs."""
     own_engine = engine is None
     state = ServerState(
         llm=llm,
@@ -100,6 +109,9 @@ def create_app(
         max_seqs_per_request=llm.engine_config.max_num_seqs,
         token_texts={},
         reasoning_budget=reasoning_budget,
+        loras={m.request.lora_name: m for m in lora_modules},
+        next_lora_id=max((m.request.lora_int_id for m in lora_modules), default=0) + 1,
+        runtime_lora_updates=enable_runtime_lora_updates,
     )
 
     @asynccontextmanager
@@ -112,6 +124,7 @@ def create_app(
     app.state.server = state
     add_error_handlers(app)
     _add_routes(app, state)
+    lora_routes(app, state)
     _add_chat_page(app)
     # The API docs describe the API: they need the key too. (Added last = outermost: the key is
     # checked, and the request counted, before the body guard reads a byte.)
@@ -144,17 +157,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         stats, moe = await state.engine.stats(), await state.engine.moe_stats()
         return Response(state.metrics.render(stats, moe), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card() -> ModelCard:
-        return ModelCard(id=state.model_name, created=state.created, max_model_len=state.llm.engine.max_model_len)
+    def card(lora: Optional[LoRARequest] = None) -> ModelCard:
+        max_len = state.llm.engine.max_model_len
+        if lora is None:
+            return ModelCard(id=state.model_name, created=state.created, max_model_len=max_len)
+        module = state.loras[lora.lora_name]
+        return ModelCard(id=lora.lora_name, created=module.created, max_model_len=max_len, root=lora.lora_path, parent=module.parent)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    # The base model first, then the LoRA adapters (vLLM's order); root and parent only on adapters.
+    @app.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=ERROR_RESPONSES)
     async def models() -> ModelList:
-        return ModelList(data=[card()])
+        return ModelList(data=[card()] + [card(m.request) for m in list(state.loras.values())])
 
-    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES)
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, response_model_exclude_none=True, responses=ERROR_RESPONSES)
     async def model(model: str) -> ModelCard:
-        check_model(state, model)
-        return card()
+        return card(check_model(state, model))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
@@ -239,10 +256,10 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     started = await start_chat(state, req, request, "chatcmpl")
     if isinstance(started, Response):
         return started
-    request_id, gens, firsts, parse, ids = started
+    request_id, gens, firsts, parse, ids, model = started
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _chat_stream(state, request_id, gens, firsts, parse, req.logprobs, include_usage)
+        body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, include_usage)
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
@@ -250,7 +267,7 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     final = result[0]
     choices = [chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
     usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
-    return JSONResponse(envelope(state, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+    return JSONResponse(envelope(model, request_id, "chat.completion", int(time.time()), choices, usage=usage))
 
 
 def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
@@ -277,6 +294,7 @@ def _detokenize(state: ServerState, tokens: list[int]) -> DetokenizeResponse:
 
 async def _chat_stream(
     state: ServerState,
+    model: str,
     request_id: str,
     gens: list,
     firsts: list[RequestOutput],
@@ -301,7 +319,7 @@ async def _chat_stream(
             "finish_reason": finish_reason,
         }
         extra = {"usage": None} if include_usage else {}
-        return sse(envelope(state, request_id, "chat.completion.chunk", created, [choice], **extra))
+        return sse(envelope(model, request_id, "chat.completion.chunk", created, [choice], **extra))
 
     def events_to_deltas(i: int, events: list) -> list[dict]:
         deltas = []
@@ -343,7 +361,7 @@ async def _chat_stream(
         finished = True
         if include_usage:
             usage = usage_info(prompt_tokens, sum(completion_tokens))
-            yield sse(envelope(state, request_id, "chat.completion.chunk", created, [], usage=usage))
+            yield sse(envelope(model, request_id, "chat.completion.chunk", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
         finished = True
@@ -371,14 +389,15 @@ def _completion_prompts(state: ServerState, prompt: Any, n: int) -> list[tuple[O
 
 
 async def _completion(state: ServerState, req: CompletionRequest, request: Request) -> Response:
-    check_model(state, req.model)
+    lora = check_model(state, req.model)
+    model = state.reply_model(lora)
     # echo with max_tokens 0 (OpenAI's way to score a text): one token is generated and dropped
     prompt_only = req.echo and req.max_tokens == 0
     params = to_sampling_params(state, req, 1 if prompt_only else req.max_tokens, req.logprobs, chat=False)
     if req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
-    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl"), state.metrics)
+    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
@@ -387,7 +406,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     prompt_tokens = sum(len(ids) for _, ids in admitted)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _completion_stream(state, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo)
+        body = _completion_stream(state, model, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo)
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
@@ -402,7 +421,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
             choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
     generated = 0 if prompt_only else sum(len(c.token_ids) for f in result for c in f.outputs)
     usage = usage_info(prompt_tokens, generated)
-    return JSONResponse(envelope(state, request_id, "text_completion", int(time.time()), choices, usage=usage))
+    return JSONResponse(envelope(model, request_id, "text_completion", int(time.time()), choices, usage=usage))
 
 
 def _completion_logprobs(state: ServerState, logprobs: list[Optional[Logprob]], offset: int, token_ids: Optional[list[int]] = None) -> dict:
@@ -453,6 +472,7 @@ class _Echo:
 
 async def _completion_stream(
     state: ServerState,
+    model: str,
     request_id: str,
     gens: list,
     firsts: list[RequestOutput],
@@ -481,7 +501,7 @@ async def _completion_stream(
                             "index": index, "text": echo.texts[p], "logprobs": echo.prompt_logprobs(out), "finish_reason": None}
                         if choice["logprobs"] is not None:
                             offsets[index] = sum(len(t) for t in choice["logprobs"]["tokens"])
-                        yield sse(envelope(state, request_id, "text_completion", created, [choice], **extra))
+                        yield sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
                         if echo.prompt_only:
                             done_choices.add(index)
                     if index in done_choices or not (comp.text_delta or comp.token_ids_delta or comp.finished):
@@ -494,13 +514,13 @@ async def _completion_stream(
                         lps = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0))
                         offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
                     choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
-                    yield sse(envelope(state, request_id, "text_completion", created, [choice], **extra))
+                    yield sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
                 if out.finished:
                     observe(state, out)
         finished = True
         if include_usage:
             usage = usage_info(prompt_tokens, completion_tokens)
-            yield sse(envelope(state, request_id, "text_completion", created, [], usage=usage))
+            yield sse(envelope(model, request_id, "text_completion", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:
         finished = True

@@ -30,15 +30,17 @@ RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_t
 
 async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
     """A chat request checked, rendered and submitted: (request id, generators, first outputs,
-    parsing, prompt ids as admitted), or the 499 Response of a client that left meanwhile.
-    /v1/chat/completions, /v1/responses and /v1/messages share it."""
+    parsing, prompt ids as admitted, the model name to answer with), or the 499 Response of a
+    client that left meanwhile. /v1/chat/completions, /v1/responses and /v1/messages share it."""
     params, text, ids, parse = await prepare_chat(state, req)
+    lora = check_model(state, req.model)  # (checked first thing in prepare_chat: here, only which adapter)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix), state.metrics)
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
-    return request_id, gens, firsts, parse, firsts[0].prompt_token_ids  # as admitted (truncate_prompt_tokens)
+    # prompt ids as admitted (truncate_prompt_tokens)
+    return request_id, gens, firsts, parse, firsts[0].prompt_token_ids, state.reply_model(lora)
 
 
 async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[SamplingParams, str, list[int], ChatParsing]:

@@ -33,6 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "itself and the answer follows (a request's max_reasoning_tokens or chat_template_kwargs.thinking_budget "
         "overrides it; default: no cap)",
     )
+    parser.add_argument(
+        "--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
+        help="LoRA adapters (PEFT folders) to serve, each as NAME=PATH or a JSON object "
+        '\'{"name": ..., "path": ..., "base_model_name": ...}\'; a request picks one by sending its NAME as model '
+        "(turns on --enable-lora; ids 1, 2, ... in this order)",
+    )
+    parser.add_argument(
+        "--enable-runtime-lora-updates", action="store_true",
+        help="let clients load and unload LoRA adapters while the server runs: POST /v1/load_lora_adapter "
+        '{"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"} (vLLM\'s; needs --enable-lora). '
+        "Anyone with the API key can then make the server read any adapter folder on this machine",
+    )
 
 
 def allowed_origins(text: str) -> list[str]:
@@ -60,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pangu_infer.llm import LLM
     from pangu_infer.server.app import create_app
+    from pangu_infer.server.lora import add_startup_adapters, parse_lora_modules
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected a TCP port in 0..65535")
@@ -68,13 +81,22 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
     origins = allowed_origins(args.allowed_origins)
-    llm = LLM(args.model, **llm_kwargs(args))
+    lora_modules = parse_lora_modules(args.lora_modules or [])
+    kwargs = llm_kwargs(args)
+    if lora_modules:
+        kwargs["enable_lora"] = True
+    if args.enable_runtime_lora_updates and not kwargs.get("enable_lora"):
+        raise ValueError("--enable-runtime-lora-updates needs LoRA turned on: add --enable-lora (or --lora-modules)")
+    llm = LLM(args.model, **kwargs)
     try:
         name = served_name(args, llm.loaded.source)
+        loras = add_startup_adapters(llm, lora_modules, name)
         app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
-                         allowed_origins=origins)
+                         allowed_origins=origins, lora_modules=loras,
+                         enable_runtime_lora_updates=args.enable_runtime_lora_updates)
         base = f"http://{args.host}:{args.port}"
-        print(f"pangu-infer serve: {name!r} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
+        adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
+        print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     finally:
         llm.shutdown()  # tensor-parallel worker processes, if any

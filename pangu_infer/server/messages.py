@@ -201,10 +201,10 @@ async def handle(state: ServerState, req: MessagesRequest, request: Request) -> 
     started = await start_chat(state, chat, request, "msg")
     if isinstance(started, Response):
         return started
-    request_id, gens, firsts, parse, ids = started
+    request_id, gens, firsts, parse, ids, model = started
     message_id = f"msg_{request_id.split('-', 1)[1]}"
     if req.stream:
-        return StreamingResponse(_stream(state, message_id, gens, firsts, parse, len(ids)), media_type="text/event-stream")
+        return StreamingResponse(_stream(state, model, message_id, gens, firsts, parse, len(ids)), media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
@@ -213,16 +213,16 @@ async def handle(state: ServerState, req: MessagesRequest, request: Request) -> 
     blocks = content_blocks(chat_choice(state, comp, parse, False)["message"])
     reason, sequence = stop_reason(comp.finish_reason, comp.stop_reason, any(b["type"] == "tool_use" for b in blocks))
     cached = final.metrics.get("num_cached_tokens") or 0
-    return JSONResponse(message_object(message_id, state.model_name, blocks, reason, sequence, len(ids), len(comp.token_ids), cached))
+    return JSONResponse(message_object(message_id, model, blocks, reason, sequence, len(ids), len(comp.token_ids), cached))
 
 
-async def _stream(state: ServerState, message_id: str, gens: list, firsts: list[RequestOutput], parse: ChatParsing,
+async def _stream(state: ServerState, model: str, message_id: str, gens: list, firsts: list[RequestOutput], parse: ChatParsing,
                   n_prompt: int) -> AsyncIterator[str]:
     stream = MessagesStream()
     parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
     finished = False
     try:
-        start = message_object(message_id, state.model_name, [], None, None, n_prompt, 0, 0)
+        start = message_object(message_id, model, [], None, None, n_prompt, 0, 0)
         yield sse_event({"type": "message_start", "message": start})
         final = None
         async with aclosing(merged_outputs(gens, firsts)) as outputs:

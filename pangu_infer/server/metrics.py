@@ -108,6 +108,9 @@ class ServerMetrics:
         self.tpot = Histogram(
             "pangu_time_per_output_token_seconds", "mean time between output tokens of a request", buckets=LATENCY_BUCKETS, registry=self.registry
         )
+        self.lora_requests = Counter(
+            "pangu_lora_requests", "requests that ran a LoRA adapter, by adapter", ["lora_name"], registry=self.registry
+        )
         self.engine = _EngineCollector(model_name)
         self.registry.register(self.engine)
 

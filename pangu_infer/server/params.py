@@ -11,16 +11,29 @@ from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError
 from pangu_infer.server.structured import request_constraint
 from pangu_infer.server.protocol import IGNORED_FIELDS, SamplingFields
+from pangu_infer.lora import LoRARequest
 from pangu_infer.server.state import ServerState
 
 logger = logging.getLogger("pangu_infer.server")
+MAX_NAMES_IN_MESSAGE = 10  # LoRA adapters named in a model_not_found message
 
 _logged_ignored_fields: set[str] = set()  # SDK fields this server ignores, each logged once
 
 
-def check_model(state: ServerState, model: Optional[str]) -> None:
-    if model is not None and model != state.model_name:
-        raise APIError(404, f"the model {short_repr(model)} does not exist; this server serves {state.model_name!r}", param="model", code="model_not_found")
+def check_model(state: ServerState, model: Optional[str]) -> Optional[LoRARequest]:
+    """The LoRA adapter a request's `model` names (None: the served model, or no model given); any
+    other name is a 404 model_not_found."""
+    if model is None or model == state.model_name:
+        return None
+    module = state.loras.get(model)
+    if module is not None:
+        return module.request
+    served = f"this server serves {state.model_name!r}"
+    if state.loras:
+        names = sorted(state.loras)
+        more = f" and {len(names) - MAX_NAMES_IN_MESSAGE} more" if len(names) > MAX_NAMES_IN_MESSAGE else ""
+        served += f" and the LoRA adapters {', '.join(map(repr, names[:MAX_NAMES_IN_MESSAGE]))}{more}"
+    raise APIError(404, f"the model {short_repr(model)} does not exist; {served}", param="model", code="model_not_found")
 
 
 def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:

@@ -291,6 +291,8 @@ class ModelCard(_Response):
     created: int
     owned_by: str = "pangu-infer"
     max_model_len: int
+    root: Optional[str] = Field(None, description="a LoRA adapter's folder (vLLM's field; absent on the base model)")
+    parent: Optional[str] = Field(None, description="the model a LoRA adapter adapts (vLLM's field; absent on the base model)")
 
 
 class ModelList(_Response):

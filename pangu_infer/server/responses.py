@@ -300,10 +300,10 @@ async def handle(state: ServerState, req: ResponsesRequest, request: Request) ->
     started = await start_chat(state, chat, request, "resp")
     if isinstance(started, Response):
         return started
-    request_id, gens, firsts, parse, ids = started
+    request_id, gens, firsts, parse, ids, model = started
     response_id, created = f"resp_{request_id.split('-', 1)[1]}", now()
     if req.stream:
-        return StreamingResponse(_stream(state, req, response_id, created, gens, firsts, parse, messages, len(ids)),
+        return StreamingResponse(_stream(state, model, req, response_id, created, gens, firsts, parse, messages, len(ids)),
                                  media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
@@ -313,7 +313,7 @@ async def handle(state: ServerState, req: ResponsesRequest, request: Request) ->
     choice = chat_choice(state, comp, parse, chat.logprobs)
     lps = (choice["logprobs"] or {}).get("content")
     output = output_items(choice["message"], comp.finish_reason, lps)
-    body = _finish(state, req, response_id, created, output, comp.finish_reason, final, len(ids), messages)
+    body = _finish(state, model, req, response_id, created, output, comp.finish_reason, final, len(ids), messages)
     return JSONResponse(body)
 
 
@@ -341,7 +341,7 @@ async def _fitted(state: ServerState, req: ResponsesRequest, messages: list[dict
     return messages[starts[lo]:]
 
 
-def _finish(state: ServerState, req: ResponsesRequest, response_id: str, created: float, output: list[dict],
+def _finish(state: ServerState, model: str, req: ResponsesRequest, response_id: str, created: float, output: list[dict],
             finish_reason: Optional[str], final: RequestOutput, n_prompt: int, messages: list[dict]) -> dict:
     """The response object of a finished reply, stored when req.store."""
     reasoning = "".join(part["text"] for item in output if item["type"] == "reasoning" for part in item["content"])
@@ -349,17 +349,17 @@ def _finish(state: ServerState, req: ResponsesRequest, response_id: str, created
     completion = sum(len(c.token_ids) for c in final.outputs)
     counts = usage(n_prompt, completion, final.metrics.get("num_cached_tokens") or 0, min(reasoning_tokens, completion))
     status = "incomplete" if finish_reason == "length" else "completed"
-    body = response_object(req, response_id, created, state.model_name, status, output, counts)
+    body = response_object(req, response_id, created, model, status, output, counts)
     if req.store and not state.responses.put(body, messages + [reply_message(output)], input_items_of(req)):
         body["store"] = False  # over the store's whole byte budget: answered, not kept
     return body
 
 
-async def _stream(state: ServerState, req: ResponsesRequest, response_id: str, created: float, gens: list,
+async def _stream(state: ServerState, model: str, req: ResponsesRequest, response_id: str, created: float, gens: list,
                   firsts: list[RequestOutput], parse: "ChatParsing", messages: list[dict], n_prompt: int) -> AsyncIterator[str]:
     stream = ResponsesStream()
     parser = ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools)
-    started = response_object(req, response_id, created, state.model_name, "in_progress", [], None)
+    started = response_object(req, response_id, created, model, "in_progress", [], None)
     finished = False
     pending: list[dict] = []  # logprobs of tokens whose text the parser still holds back
 
@@ -396,7 +396,7 @@ async def _stream(state: ServerState, req: ResponsesRequest, response_id: str, c
         status = "incomplete" if comp.finish_reason == "length" else "completed"
         for event in stream.close(status):
             yield sse_event(event)
-        body = _finish(state, req, response_id, created, stream.output, comp.finish_reason, final, n_prompt, messages)
+        body = _finish(state, model, req, response_id, created, stream.output, comp.finish_reason, final, n_prompt, messages)
         finished = True
         yield sse_event(stream.event("response.incomplete" if status == "incomplete" else "response.completed", response=body))
     except Exception as e:  # after the 200 is sent, an error can only travel as an event

@@ -5,8 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from pangu_infer.lora import LoRARequest
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.response_store import ResponseStore
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """An adapter this server serves: what requests naming it run with, and its /v1/models card
+    (server/lora.py adds them)."""
+
+    request: LoRARequest
+    parent: str  # the model it adapts: its base_model_name, else the served model
+    created: int
 
 
 @dataclass
@@ -21,6 +32,13 @@ class ServerState:
     token_texts: dict[int, str]
     reasoning_budget: Optional[int] = None  # --reasoning-budget: the default max_reasoning_tokens of chat requests
     responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses kept for previous_response_id
+    loras: dict[str, LoRAModule] = field(default_factory=dict)  # LoRA adapters served, by name (server/lora.py)
+    next_lora_id: int = 1  # lora_int_id of the next adapter loaded at runtime (ids are never reused)
+    runtime_lora_updates: bool = False  # --enable-runtime-lora-updates: /v1/load_lora_adapter and unload answer
+
+    def reply_model(self, lora: Optional[LoRARequest]) -> str:
+        """The `model` a response names: the adapter's name for a request that runs one, else the served name."""
+        return lora.lora_name if lora is not None else self.model_name
 
     def token_text(self, token_id: int) -> str:
         """A token's own text for logprobs (special tokens included), cached."""

@@ -18,14 +18,18 @@ from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import from_request_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import CLIENT_CLOSED
+from pangu_infer.lora import LoRARequest
 from pangu_infer.server.state import ServerState
 
 
-async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str):
-    """Submit every prompt and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
+async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
+                         lora: Optional[LoRARequest] = None):
+    """Submit every prompt (each with the LoRA adapter `lora`, when given) and wait for each one's
+    first output, so a bad request is a 400 before any byte is sent."""
     base = f"{prefix}-{uuid.uuid4().hex}"
+    extra = {} if lora is None else {"lora_request": lora}  # (engines without adapters take no such argument)
     gens = [
-        state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text)
+        state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
         for i, (text, ids) in enumerate(prompts)
     ]
     firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
@@ -34,6 +38,8 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
         await close_all(gens)
         rejected = [e for e in errors if isinstance(e, RequestError)]
         raise from_request_error(rejected[0]) if rejected else errors[0]
+    if lora is not None:
+        state.metrics.lora_requests.labels(lora.lora_name).inc()
     return base, gens, list(firsts)
 
 
@@ -118,9 +124,9 @@ def sse_event(event: dict) -> str:
     return f"event: {event['type']}\n{sse(event)}"
 
 
-def envelope(state, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
-    """OpenAI's response / chunk shape, the same for every endpoint."""
-    return {"id": request_id, "object": obj, "created": created, "model": state.model_name, "choices": choices, **extra}
+def envelope(model: str, request_id: str, obj: str, created: int, choices: list, **extra) -> dict:
+    """OpenAI's response / chunk shape, the same for every endpoint (model: ServerState.reply_model)."""
+    return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
 def usage_info(prompt_tokens: int, completion_tokens: int) -> dict:
