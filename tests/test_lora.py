@@ -245,3 +245,35 @@ def test_generate_and_chat_take_an_adapter_with_lora(tiny_dense_dir, lora_adapte
     assert main(["generate", *common, "--prompt", "Hello there", "--lora", str(tiny_dense_dir)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no adapter_config.json" in err
+
+
+def test_async_engine_reads_an_adapter_it_does_not_hold_off_the_engine_thread(tiny_dense_dir, lora_adapters):
+    """An adapter the engine does not hold (never loaded, or made room for) is read on a worker
+    thread before its request is queued: the engine thread, stepping everyone's requests, never
+    reads adapter files. A folder that is no adapter is the request's RequestError."""
+    import asyncio
+    import threading
+
+    from pangu_infer.engine.async_engine import AsyncEngine
+    from pangu_infer.errors import RequestError
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True, max_loras=1)
+    reads, real = [], llm.engine.read_lora
+    llm.engine.read_lora = lambda req: reads.append((req.lora_name, threading.current_thread().name)) or real(req)
+    engine = AsyncEngine.from_llm(llm)
+    reqs = requests(lora_adapters)
+
+    async def run(name, lora):
+        async for out in engine.generate(PROMPTS[0], GREEDY, name, lora_request=lora):
+            last = out
+        return last.outputs[0].token_ids
+
+    try:
+        for name in ("full", "attn", "full"):
+            assert asyncio.run(run(f"r-{len(reads)}", reqs[name])) == lora_adapters[name].greedy(PROMPTS[0], 8)
+        assert [n for n, _ in reads] == ["full", "attn", "full"]
+        assert all(t != "pangu-engine" and t != threading.current_thread().name for _, t in reads)
+        with pytest.raises(RequestError, match="no adapter_config.json"):
+            asyncio.run(run("bad", LoRARequest("bad", 9, str(tiny_dense_dir))))
+    finally:
+        engine.shutdown()

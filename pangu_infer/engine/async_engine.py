@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 from pangu_infer.engine.engine import LLMEngine
 from pangu_infer.errors import RequestError, RequestFailedError
-from pangu_infer.lora import LoRARequest
+from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
@@ -48,6 +48,7 @@ class _Add:
     done: asyncio.Future
     grammar: Optional[object] = None  # compiled beforehand (LLMEngine.compile_grammar)
     lora_request: Optional[LoRARequest] = None
+    lora_adapter: Optional[LoRAAdapter] = None  # read beforehand (LLMEngine.read_lora)
 
 
 @dataclass
@@ -103,8 +104,8 @@ class AsyncEngine:
         lora_request: Optional[LoRARequest] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
-        adapter it runs with (an adapter not loaded yet is read on the engine thread: the server
-        loads its adapters beforehand, LLMEngine.read_lora/add_lora).
+        adapter it runs with (one the engine does not hold, never loaded or made room for, is read
+        on a worker thread first, so that reading its files stalls no other request).
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -118,7 +119,13 @@ class AsyncEngine:
             # Compiling takes seconds on a model's first constrained request: on a worker thread,
             # so that the engine thread goes on stepping the other requests meanwhile.
             grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request))
+        adapter = None
+        if lora_request is not None and self.engine.loras is not None and not self.engine.lora_loaded(lora_request):
+            try:
+                adapter = await asyncio.to_thread(self.engine.read_lora, lora_request)
+            except ValueError as e:
+                raise RequestError(str(e), param="lora_request") from None
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter))
         try:
             await added
         except asyncio.CancelledError:
@@ -242,7 +249,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
-                    command.lora_request,
+                    command.lora_request, command.lora_adapter,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

@@ -209,16 +209,18 @@ class LLMEngine:
         prompt: Optional[str] = None,
         grammar: Optional[object] = None,
         lora_request: Optional[LoRARequest] = None,
+        lora_adapter: Optional[LoRAAdapter] = None,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
-        thread (else it is compiled here). `lora_request`: the adapter it runs with (loaded here
-        if it is not yet: add_lora)."""
+        thread (else it is compiled here). `lora_request`: the adapter it runs with, loaded here
+        if it is not yet (add_lora; `lora_adapter`: what read_lora returned for it, read beforehand
+        on another thread, else it is read here)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids, params = admit(prompt_token_ids, params, self.limits)
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
-        lora_key = self._lora_key(lora_request) if lora_request is not None else 0
+        lora_key = self._lora_key(lora_request, lora_adapter) if lora_request is not None else 0
         req = _Request(request_id, prompt, ids, params, lora_key=lora_key)
         parent = None
         for i in range(params.n):
@@ -268,11 +270,16 @@ class LLMEngine:
             raise ValueError("LoRA adapters are off for this engine: start it with enable_lora=True (--enable-lora)")
         return self.loras
 
-    def _lora_key(self, request: LoRARequest) -> int:
+    def lora_loaded(self, request: LoRARequest) -> bool:
+        """Whether the adapter is loaded (safe from any thread: AsyncEngine reads one that is not on a
+        worker thread before it queues the request)."""
+        return self.loras is not None and self.loras.holds(request)
+
+    def _lora_key(self, request: LoRARequest, adapter: Optional[LoRAAdapter]) -> int:
         if not isinstance(request, LoRARequest):
             raise RequestError(f"lora_request={request!r} must be a LoRARequest", param="lora_request")
         try:
-            return self._lora_manager().add(request, None, self._lora_keys_in_use())
+            return self._lora_manager().add(request, adapter, self._lora_keys_in_use())
         except ValueError as e:
             raise RequestError(str(e), param="lora_request") from None
 

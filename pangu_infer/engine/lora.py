@@ -31,6 +31,11 @@ class LoRAManager:
         """Read and check the adapter's folder (no change to the engine: safe from any thread)."""
         return read_lora_adapter(request.lora_path, self.state.shapes(), self.max_rank, self.dtype, self.device)
 
+    def holds(self, request: LoRARequest) -> bool:
+        """Whether the adapter is loaded under its name (a dict lookup: safe from another thread)."""
+        got = self._loaded.get(request.lora_name)
+        return got is not None and got[0].lora_path == request.lora_path
+
     def add(self, request: LoRARequest, adapter: Optional[LoRAAdapter] = None, in_use: Iterable[int] = ()) -> int:
         """The key of the adapter `request` names, loading it (and evicting another) if needed."""
         got = self._loaded.get(request.lora_name)
