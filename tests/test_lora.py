@@ -110,17 +110,39 @@ def test_adapters_apply_over_quantized_base_weights(tiny_dense_dir, lora_adapter
     assert err < {"int8": 0.1, "int4": 0.5}[quantization] * (base - ref).abs().max().item(), err
 
 
-def test_max_loras_evicts_the_least_recently_used_idle_adapter(tiny_dense_dir, lora_adapters):
+def test_max_loras_evicts_the_least_recently_used_idle_adapter_and_requests_wait_for_a_free_one(tiny_dense_dir, lora_adapters, base_reference):
     llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True, max_loras=1)
     reqs = requests(lora_adapters)
     for name in ("full", "attn", "full"):
         out = llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=reqs[name], use_tqdm=False)[0]
         assert out.outputs[0].token_ids == lora_adapters[name].greedy(PROMPTS[0], 8)
         assert [r.lora_name for r in llm.engine.list_loras()] == [name]
-    # both at once: the second cannot load while the first runs
-    with pytest.raises(ValueError, match=r"max_loras=1 adapters are loaded and every one is in use"):
-        llm.generate([{"prompt_token_ids": PROMPTS[0]}] * 2, GREEDY, lora_request=[reqs["full"], reqs["attn"]], use_tqdm=False)
+    # at once, with a base request and another of the loaded adapter: "attn" waits until no request
+    # runs with "full" (one adapter at a time in a batch), then loads; every answer is still right
+    plan = ["full", "attn", None, "full", "attn"]
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[0]}] * len(plan), GREEDY, lora_request=[reqs[n] if n else None for n in plan], use_tqdm=False)
+    for name, out in zip(plan, outs):
+        if name:
+            assert out.outputs[0].token_ids == lora_adapters[name].greedy(PROMPTS[0], 8), name
+    assert outs[2].outputs[0].token_ids == base_greedy(base_reference, PROMPTS[0], 8)
+    assert [r.lora_name for r in llm.engine.list_loras()] == ["attn"]
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_a_request_waiting_for_its_adapter_can_be_aborted_and_a_bad_one_fails_at_once(tiny_dense_dir, lora_adapters):
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True, max_loras=1)
+    engine, reqs = llm.engine, requests(lora_adapters)
+    engine.add_request("running", PROMPTS[0], GREEDY, lora_request=reqs["full"])
+    engine.add_request("waiting", PROMPTS[0], GREEDY, lora_request=reqs["attn"])
+    with pytest.raises(ValueError, match="no adapter_config.json"):  # read at once, not when a slot frees
+        engine.add_request("bad", PROMPTS[0], GREEDY, lora_request=LoRARequest("bad", 3, str(tiny_dense_dir)))
+    engine.step()
+    assert [s.request_id for s in engine.scheduler.running] == ["running"]
+    out = engine.abort_request("waiting")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [r.lora_name for r in engine.list_loras()] == ["full"]  # "attn" never loaded
 
 
 def test_remove_lora(lora_llm, lora_adapters):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
@@ -17,7 +18,7 @@ from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
-from pangu_infer.engine.lora import LoRAManager
+from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
 from pangu_infer.errors import RequestError
@@ -151,6 +152,9 @@ class LLMEngine:
         self.grammars = GrammarCache(tokenizer, self.config.vocab_size, self._eos_list) if tokenizer is not None else None
         self.think_markers = think_markers(tokenizer)
         self.requests: dict[str, _Request] = {}
+        # Requests whose LoRA adapter cannot load yet (max_loras loaded and busy), with the adapter
+        # read: they join the scheduler in order as adapters free up (_admit_lora_waiting).
+        self._lora_waiting: deque[tuple[_Request, LoRARequest, Optional[LoRAAdapter]]] = deque()
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
@@ -220,7 +224,10 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids, params = admit(prompt_token_ids, params, self.limits)
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
-        lora_key = self._lora_key(lora_request, lora_adapter) if lora_request is not None else 0
+        lora_key, waits = 0, False
+        if lora_request is not None:
+            lora_key, lora_adapter = self._lora_key(lora_request, lora_adapter)
+            waits = lora_key == 0  # max_loras adapters are loaded and busy: it waits for one to be free
         req = _Request(request_id, prompt, ids, params, lora_key=lora_key)
         parent = None
         for i in range(params.n):
@@ -240,8 +247,11 @@ class LLMEngine:
             self._next_seq_id += 1
             parent = parent or seq
             req.seqs.append(seq)
-        for seq in req.seqs:  # only once every sequence is built: nothing half-added on an error
-            self.scheduler.add(seq)
+        if waits:
+            self._lora_waiting.append((req, lora_request, lora_adapter))
+        else:
+            for seq in req.seqs:  # only once every sequence is built: nothing half-added on an error
+                self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
 
@@ -275,13 +285,44 @@ class LLMEngine:
         worker thread before it queues the request)."""
         return self.loras is not None and self.loras.holds(request)
 
-    def _lora_key(self, request: LoRARequest, adapter: Optional[LoRAAdapter]) -> int:
+    def _lora_key(self, request: LoRARequest, adapter: Optional[LoRAAdapter]) -> tuple[int, Optional[LoRAAdapter]]:
+        """The key of the request's adapter, loaded here if needed; (0, the adapter read) when
+        max_loras adapters are loaded and busy (the request waits: _admit_lora_waiting)."""
         if not isinstance(request, LoRARequest):
             raise RequestError(f"lora_request={request!r} must be a LoRARequest", param="lora_request")
+        manager = self._lora_manager_for_request()
         try:
-            return self._lora_manager().add(request, adapter, self._lora_keys_in_use())
+            if adapter is None and not manager.holds(request):
+                adapter = manager.read(request)  # an adapter that is no adapter fails now, even if it must wait
+            return manager.add(request, adapter, self._lora_keys_in_use()), None
+        except LoRASlotsBusy:
+            return 0, adapter
         except ValueError as e:
             raise RequestError(str(e), param="lora_request") from None
+
+    def _lora_manager_for_request(self) -> LoRAManager:
+        try:
+            return self._lora_manager()
+        except ValueError as e:
+            raise RequestError(str(e), param="lora_request") from None
+
+    def _admit_lora_waiting(self, touched: dict[str, "_Request"]) -> None:
+        """Requests waiting for their adapter, in arrival order, until one still cannot load."""
+        while self._lora_waiting:
+            req, lora_request, adapter = self._lora_waiting[0]
+            try:
+                key = self.loras.add(lora_request, adapter, self._lora_keys_in_use())
+            except LoRASlotsBusy:
+                return
+            except ValueError as e:  # the name loaded meanwhile from another folder (a runtime reload)
+                self._lora_waiting.popleft()
+                self._fail(req, e, touched)
+                continue
+            self._lora_waiting.popleft()
+            req.lora_key = key
+            for seq in req.seqs:
+                seq.set_lora(key)
+                self.scheduler.add(seq)
 
     def _lora_keys_in_use(self) -> set[int]:
         return {req.lora_key for req in self.requests.values() if req.lora_key}
@@ -297,6 +338,8 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
+        if self._lora_waiting:
+            self._lora_waiting = deque(w for w in self._lora_waiting if w[0] is not req)
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
@@ -328,11 +371,13 @@ class LLMEngine:
         A failure of one request's own work (its forward, sampling, detokenizing, stop check) ends
         that request alone with finish_reason "error" and frees its blocks; the others go on.
         """
+        touched: dict[str, _Request] = {}
+        if self._lora_waiting:
+            self._admit_lora_waiting(touched)
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            return self._outputs(touched)
         drafts = self._propose_drafts(batch) if self.speculator is not None else {}
-        touched: dict[str, _Request] = {}
         parts = self._forward(batch, drafts, touched)
         self.num_steps += 1
         for seqs, num_tokens, (sampled, logits, prompt_logprobs) in parts:
@@ -351,6 +396,9 @@ class LLMEngine:
                 sampled, logits = self._accept_drafts(sampled, logits, drafts, touched)
             if sampled:
                 self._sample(sampled, logits, touched)
+        return self._outputs(touched)
+
+    def _outputs(self, touched: dict[str, "_Request"]) -> list[RequestOutput]:
         outputs = []
         for req in touched.values():
             out = self._output(req)

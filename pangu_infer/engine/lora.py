@@ -13,6 +13,11 @@ import torch
 from pangu_infer.lora import LoRAAdapter, LoRARequest, read_lora_adapter
 from pangu_infer.models.lora import LoRAState
 
+class LoRASlotsBusy(ValueError):
+    """max_loras adapters are loaded and each is in use: a request for another one waits (the engine
+    queues it until one is free)."""
+
+
 # Keys of installed adapters, never reused in a process: engines sharing a model share its
 # wrappers, and a prefix-cache block computed with one adapter is salted with its key.
 _KEYS = itertools.count(1)
@@ -47,16 +52,17 @@ class LoRAManager:
                 )
             self._loaded.move_to_end(request.lora_name)
             return got[1]
-        if adapter is None:
-            adapter = self.read(request)
         if len(self._loaded) >= self.max_loras:
             busy = set(in_use)
             victim = next((name for name, (_, key) in self._loaded.items() if key not in busy), None)
             if victim is None:
-                raise ValueError(
-                    f"cannot load LoRA adapter {request.lora_name!r}: max_loras={self.max_loras} adapters are loaded "
-                    "and every one is in use by an unfinished request (raise --max-loras, or retry later)"
+                raise LoRASlotsBusy(
+                    f"cannot load LoRA adapter {request.lora_name!r} now: max_loras={self.max_loras} adapters are "
+                    "loaded and every one is in use by an unfinished request"
                 )
+        if adapter is None:
+            adapter = self.read(request)
+        if len(self._loaded) >= self.max_loras:
             self._unload(victim)
         key = next(_KEYS)
         self.state.install(key, adapter.modules)
