@@ -158,15 +158,16 @@ class LLM:
         use_tqdm: bool = True,
         lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
     ) -> list[RequestOutput]:
-        """Prompts: a string, a list of strings, or token ids as {"prompt_token_ids": [...]}.
+        """Prompts: a string, a list of strings, or dicts {"prompt": text} or {"prompt_token_ids": [...]},
+        either with "cache_salt" (vLLM's: its blocks in the prefix cache serve only the same salt).
         lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model);
         it needs enable_lora=True."""
         items = self._normalize_prompts(prompts)
         params = self._normalize_params(sampling_params, len(items))
         loras = self._normalize_loras(lora_request, len(items))
         requests = []
-        for (text, ids), p, lora in zip(items, params, loras):
-            requests.append((text, ids, p, lora))
+        for (text, ids, salt), p, lora in zip(items, params, loras):
+            requests.append((text, ids, p, lora, salt))
         return self._run(requests, use_tqdm)
 
     def chat(
@@ -200,7 +201,7 @@ class LLM:
             p = replace(p, skip_special_tokens=False)
             if enable_thinking is not False and is_pangu_template(self.tokenizer):
                 p = replace(p, allow_thinking=True)  # a constraint starts after the thinking part
-            requests.append((text, self.encode_prompt(text), p, lora))
+            requests.append((text, self.encode_prompt(text), p, lora, None))
         outputs = self._run(requests, use_tqdm)
         for out in outputs:
             for comp in out.outputs:
@@ -213,13 +214,13 @@ class LLM:
         self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None, lora_request: Optional[LoRARequest] = None
     ) -> Iterator[RequestOutput]:
         """Generate one prompt, yielding each step's incremental output (`text_delta`, ...)."""
-        (text, ids), = self._normalize_prompts(prompt)
+        (text, ids, salt), = self._normalize_prompts(prompt)
         driver = getattr(self.engine, "driver", None)
         if driver is not None and driver.is_running:
             raise RuntimeError("this LLM's engine is driven by a running server (AsyncEngine) in this process: stream "
                                "through it (`async for out in AsyncEngine.generate(...)`), or use LLM.generate")
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request)
+        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request, cache_salt=salt)
         finished = False
         try:
             while not finished:
@@ -268,7 +269,8 @@ class LLM:
             self._finalizer()
 
     # ------------------------------------------------------------------ internals
-    def _normalize_prompts(self, prompts) -> list[tuple[Optional[str], list[int]]]:
+    def _normalize_prompts(self, prompts) -> list[tuple[Optional[str], list[int], Optional[str]]]:
+        """(text, token ids, cache salt) per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         elif prompts and isinstance(prompts, (list, tuple)) and all(isinstance(t, int) for t in prompts):
@@ -276,14 +278,14 @@ class LLM:
         items = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                items.append((p, self.tokenizer.encode(p)))
+                items.append((p, self.tokenizer.encode(p), None))
             elif isinstance(p, dict) and "prompt_token_ids" in p:
                 ids = p["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
                     raise ValueError(f"prompts[{i}]['prompt_token_ids'] must be a list of integers")
-                items.append((p.get("prompt"), list(ids)))
+                items.append((p.get("prompt"), list(ids), p.get("cache_salt")))
             elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
-                items.append((p["prompt"], self.tokenizer.encode(p["prompt"])))
+                items.append((p["prompt"], self.tokenizer.encode(p["prompt"]), p.get("cache_salt")))
             else:
                 raise ValueError(f"prompts[{i}] must be a string or {{'prompt_token_ids': [...]}}, got {type(p).__name__}")
         if not items:
@@ -310,7 +312,7 @@ class LLM:
         raise ValueError(f"lora_request={lora_request!r} must be a LoRARequest, a list of them (one per prompt) or None")
 
     def _run(
-        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest]]], use_tqdm: bool
+        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str]]], use_tqdm: bool
     ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine."""
@@ -318,15 +320,17 @@ class LLM:
         driver = getattr(engine, "driver", None)
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
-            return driver.run_blocking([(f"llm-{next(self._ids)}", tokens, p, text, lora) for text, tokens, p, lora in requests])
+            return driver.run_blocking(
+                [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt) for text, tokens, p, lora, salt in requests]
+            )
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None
         try:
-            for i, (text, tokens, p, lora) in enumerate(requests):
+            for i, (text, tokens, p, lora, salt) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora)
+                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise

@@ -285,3 +285,23 @@ def test_one_sequence_decoding_across_the_unmasked_sdpa_limit_matches_full_forwa
     ids = prompt + outs[0].outputs[0].token_ids
     for i in range(len(prompt), len(ids)):
         assert int(llm.logits(ids[:i])[-1].argmax()) == ids[i]
+
+
+def test_a_cache_salt_keeps_prefix_cache_blocks_to_requests_with_the_same_salt(llm):
+    """vLLM's cache_salt: a prompt's blocks serve only requests with the same salt (none is a salt of
+    its own), so one tenant cannot find another's prompt in the cache, not even by its speed; the
+    tokens are the same either way."""
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(3, llm.config.vocab_size, (70,), generator=g).tolist()
+    order = [None, None, "tenant-a", "tenant-a", "tenant-b", None]
+    cached, tokens = [], []
+    for salt in order:
+        prompt = {"prompt_token_ids": ids} if salt is None else {"prompt_token_ids": ids, "cache_salt": salt}
+        out = llm.generate(prompt, GREEDY, use_tqdm=False)[0]
+        cached.append(out.metrics["num_cached_tokens"])
+        tokens.append(out.outputs[0].token_ids)
+    assert cached == [0, 64, 0, 64, 0, 64]
+    assert all(t == tokens[0] for t in tokens)
+    for bad in ("", 5, "x" * 2000):
+        with pytest.raises(ValueError, match="cache_salt"):
+            llm.generate({"prompt_token_ids": ids, "cache_salt": bad}, GREEDY, use_tqdm=False)

@@ -49,6 +49,7 @@ class _Add:
     grammar: Optional[object] = None  # compiled beforehand (LLMEngine.compile_grammar)
     lora_request: Optional[LoRARequest] = None
     lora_adapter: Optional[LoRAAdapter] = None  # read beforehand (LLMEngine.read_lora)
+    cache_salt: Optional[str] = None
 
 
 @dataclass
@@ -102,10 +103,12 @@ class AsyncEngine:
         request_id: str,
         prompt: Optional[str] = None,
         lora_request: Optional[LoRARequest] = None,
+        cache_salt: Optional[str] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
         adapter it runs with (one the engine does not hold, never loaded or made room for, is read
-        on a worker thread first, so that reading its files stalls no other request).
+        on a worker thread first, so that reading its files stalls no other request). `cache_salt`:
+        LLMEngine.add_request's.
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -125,7 +128,7 @@ class AsyncEngine:
                 adapter = await asyncio.to_thread(self.engine.read_lora, lora_request)
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter))
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter, cache_salt))
         try:
             await added
         except asyncio.CancelledError:
@@ -152,7 +155,7 @@ class AsyncEngine:
                 self._commands.put(_Abort(request_id, None))
 
     def run_blocking(self, requests: list[tuple]) -> list[RequestOutput]:
-        """Generate (request_id, prompt ids, params, prompt[, lora_request]) each to the end and return the final
+        """Generate (request_id, prompt ids, params, prompt[, lora_request[, cache_salt]]) each to the end and return the final
         outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
         AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
         only: stepped from two threads, each would take the other's outputs (a caller waiting
@@ -161,11 +164,11 @@ class AsyncEngine:
 
         async def one(
             index: int, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str],
-            lora_request: Optional[LoRARequest] = None,
+            lora_request: Optional[LoRARequest] = None, cache_salt: Optional[str] = None,
         ) -> RequestOutput:
             last = None
             try:
-                async for out in self.generate(ids, params, request_id, prompt, lora_request):
+                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt):
                     last = out
             except RequestError as e:
                 if len(requests) == 1:
@@ -249,7 +252,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
-                    command.lora_request, command.lora_adapter,
+                    command.lora_request, command.lora_adapter, command.cache_salt,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

@@ -21,7 +21,7 @@ from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
-from pangu_infer.errors import RequestError
+from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
@@ -31,6 +31,17 @@ from pangu_infer.sampling_params import SamplingParams
 logger = logging.getLogger("pangu_infer.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
+MAX_CACHE_SALT_CHARS = 1024
+
+
+def check_cache_salt(salt: object) -> None:
+    """A request's cache_salt: None, or a non-empty string of at most MAX_CACHE_SALT_CHARS."""
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not salt:
+        raise RequestError(f"cache_salt={short_repr(salt)} must be a non-empty string", param="cache_salt")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise RequestError(f"cache_salt has {len(salt)} characters; at most {MAX_CACHE_SALT_CHARS}", param="cache_salt")
 
 
 @dataclass
@@ -214,15 +225,19 @@ class LLMEngine:
         grammar: Optional[object] = None,
         lora_request: Optional[LoRARequest] = None,
         lora_adapter: Optional[LoRAAdapter] = None,
+        cache_salt: Optional[str] = None,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
         thread (else it is compiled here). `lora_request`: the adapter it runs with, loaded here
         if it is not yet (add_lora; `lora_adapter`: what read_lora returned for it, read beforehand
-        on another thread, else it is read here)."""
+        on another thread, else it is read here). `cache_salt` (vLLM's): its prompt's blocks in the
+        prefix cache serve only requests with the same salt (tenants that cannot see each other's
+        prompts, not even by timing)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         ids, params = admit(prompt_token_ids, params, self.limits)
+        check_cache_salt(cache_salt)
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
         lora_key, waits = 0, False
         if lora_request is not None:
@@ -241,6 +256,7 @@ class LLMEngine:
                 self._generator(params, i),
                 parent=parent,
             )
+            seq.set_user_salt(cache_salt)
             seq.set_lora(lora_key)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)

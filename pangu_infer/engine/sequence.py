@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -72,13 +73,28 @@ class Sequence:
         # advances on appended tokens, so preemption by recomputation leaves it valid.
         self.structured: Any = None
         # The LoRA adapter it runs with (engine/lora.py; 0: none), and the root of its prefix-cache
-        # hashes: blocks computed with one adapter never serve another, or the base model.
+        # hashes: blocks computed with one adapter never serve another or the base model, and
+        # blocks of a request with a cache salt (vLLM's cache_salt) serve only requests with that salt.
         self.lora_key = 0
+        self.user_salt: Optional[str] = None
         self.cache_salt: Optional[bytes] = None
 
     def set_lora(self, key: int) -> None:
         self.lora_key = key
-        self.cache_salt = f"lora:{key}".encode() if key else None
+        self._salt()
+
+    def set_user_salt(self, salt: Optional[str]) -> None:
+        self.user_salt = salt
+        self._salt()
+
+    def _salt(self) -> None:
+        if not self.lora_key and self.user_salt is None:
+            self.cache_salt = None
+            return
+        h = hashlib.sha256(f"lora:{self.lora_key}".encode())
+        if self.user_salt is not None:
+            h.update(b"\0salt:" + self.user_salt.encode("utf-8", "surrogatepass"))
+        self.cache_salt = h.digest()
 
     @property
     def num_tokens(self) -> int:

@@ -397,7 +397,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     if req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
-    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora), state.metrics)
+    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

@@ -35,7 +35,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     params, text, ids, parse = await prepare_chat(state, req)
     lora = check_model(state, req.model)  # (checked first thing in prepare_chat: here, only which adapter)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora), state.metrics)
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

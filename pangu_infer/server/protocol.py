@@ -111,6 +111,10 @@ class SamplingFields(_Request):
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
     allowed_token_ids: Optional[list[int]] = Field(None, description="only these token ids can be generated")
+    cache_salt: Optional[str] = Field(
+        None, description="the prompt's prefix-cache blocks serve only requests with this salt (a secret per tenant, "
+        "e.g. 43 base64 characters)",
+    )
     truncate_prompt_tokens: Optional[int] = Field(None, description="keep the prompt's last k tokens; -1: as many as fit the context")
     include_stop_str_in_output: bool = False
     response_format: Optional[ResponseFormat] = None

@@ -23,11 +23,12 @@ from pangu_infer.server.state import ServerState
 
 
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
-                         lora: Optional[LoRARequest] = None):
-    """Submit every prompt (each with the LoRA adapter `lora`, when given) and wait for each one's
-    first output, so a bad request is a 400 before any byte is sent."""
+                         lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None):
+    """Submit every prompt (each with the LoRA adapter `lora` and the prefix-cache salt `cache_salt`,
+    when given) and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
     base = f"{prefix}-{uuid.uuid4().hex}"
-    extra = {} if lora is None else {"lora_request": lora}  # (engines without adapters take no such argument)
+    # (only what is given: the tests' stand-in engines take neither argument)
+    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt)) if v is not None}
     gens = [
         state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
         for i, (text, ids) in enumerate(prompts)
