@@ -64,7 +64,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT folders) beside the base model")
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters held at once (default: 4)")
-    p.add_argument("--max-lora-rank", type=int, default=64, help="the highest LoRA rank accepted (default: 64)")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the highest LoRA rank accepted (default: 16, as vLLM; each adapter slot is this wide)")
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:

@@ -58,7 +58,7 @@ class LLM:
         batch_invariant: bool = False,
         enable_lora: bool = False,
         max_loras: int = 4,
-        max_lora_rank: int = 64,
+        max_lora_rank: int = 16,
     ):
         start = time.perf_counter()
         check_tensor_parallel_size(tensor_parallel_size)

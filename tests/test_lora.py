@@ -227,11 +227,11 @@ def test_rank_above_max_lora_rank_and_lora_off_are_value_errors(tiny_dense_dir, 
         off.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=[None, None], use_tqdm=False)
 
 
-def test_with_lora_enabled_base_decodes_run_compiled_and_adapter_decodes_run_eagerly(tiny_dense_dir, lora_adapters, base_reference):
-    """The compiled decode step is traced over the wrapped model with no adapter rows: steps of base
-    requests only run it (and give transformers' tokens), a step with an adapter row runs eagerly
-    (and gives PEFT's), and a base request decoding beside an adapter's is still right."""
-    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=128, enable_lora=True)
+def test_decode_steps_with_adapters_run_compiled(tiny_dense_dir, lora_adapters, base_reference):
+    """The compiled decode step is traced once with the adapters' slots in it: steps of base
+    requests, of adapter requests and of both mixed all run it, with transformers' and PEFT's
+    tokens; an adapter loaded after the build (written into its slot) is used by the same graph."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=128, enable_lora=True, max_loras=2)
     assert llm.wait_compiled(), llm.engine.runner.compile_error
     runner = llm.engine.runner
     compiled, calls = runner.decode_forward, []
@@ -240,12 +240,14 @@ def test_with_lora_enabled_base_decodes_run_compiled_and_adapter_decodes_run_eag
     base = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in base] == [base_greedy(base_reference, p, 8) for p in PROMPTS[:2]]
     assert calls == [2] * 7  # every decode step of the two ran compiled
-    calls.clear()
     reqs = requests(lora_adapters)
-    mixed = llm.generate(prompts, GREEDY, lora_request=[reqs["full"], None], use_tqdm=False)
-    assert mixed[0].outputs[0].token_ids == lora_adapters["full"].greedy(PROMPTS[0], 8)
-    assert mixed[1].outputs[0].token_ids == base_greedy(base_reference, PROMPTS[1], 8)
-    assert calls == []
+    for plan in (["full", None], ["attn", "full"], ["attn", "attn"]):
+        calls.clear()
+        mixed = llm.generate(prompts, GREEDY, lora_request=[reqs[n] if n else None for n in plan], use_tqdm=False)
+        for name, ids, out in zip(plan, PROMPTS[:2], mixed):
+            want = lora_adapters[name].greedy(ids, 8) if name else base_greedy(base_reference, ids, 8)
+            assert out.outputs[0].token_ids == want, (plan, name)
+        assert calls == [2] * 7, plan
 
 
 def test_generate_and_chat_take_an_adapter_with_lora(tiny_dense_dir, lora_adapters, lora_llm, capsys):
@@ -299,3 +301,37 @@ def test_async_engine_reads_an_adapter_it_does_not_hold_off_the_engine_thread(ti
             asyncio.run(run("bad", LoRARequest("bad", 9, str(tiny_dense_dir))))
     finally:
         engine.shutdown()
+
+
+def test_a_saved_decode_step_applies_the_adapters_loaded_after_it(tmp_path, tiny_dense_dir, lora_adapters, base_reference):
+    """The second process loads the compiled step saved by the first (engine/saved_step.py) and its
+    adapters, loaded after that, are read from their slots at each call: PEFT's tokens in both."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    env |= {"XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    reqs = requests(lora_adapters)
+    script = (
+        "import json; from pangu_infer import LLM, LoRARequest, SamplingParams\n"
+        f"llm = LLM({str(tiny_dense_dir)!r}, dtype='float32', max_model_len=128, kv_cache_memory=8 << 20, enable_lora=True, max_loras=2)\n"
+        "assert llm.wait_compiled(), llm.engine.runner.compile_error\n"
+        "step = llm.engine.runner.decode_forward\n"
+        f"loras = [LoRARequest(*r) if r else None for r in {[(r.lora_name, r.lora_int_id, r.lora_path) for r in (reqs['full'], reqs['attn'])] + [None]!r}]\n"
+        f"prompts = [{{'prompt_token_ids': {PROMPTS[0]!r}}}] * 3\n"
+        "outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), lora_request=loras, use_tqdm=False)\n"
+        "print(json.dumps({'loaded': step.loaded, 'built': step.built, 'tokens': [o.outputs[0].token_ids for o in outs]}))\n"
+    )
+
+    def start() -> dict:
+        proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    want = [lora_adapters["full"].greedy(PROMPTS[0], 8), lora_adapters["attn"].greedy(PROMPTS[0], 8), base_greedy(base_reference, PROMPTS[0], 8)]
+    first = start()
+    assert first["built"] >= 2 and first["loaded"] == 0 and first["tokens"] == want
+    second = start()
+    assert second["loaded"] == first["built"] and second["built"] == 0
+    assert second["tokens"] == want

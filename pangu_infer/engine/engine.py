@@ -69,7 +69,7 @@ class EngineConfig:
     # LoRA adapters (PEFT folders) per request, like vLLM's: how many are held at once, their highest rank
     enable_lora: bool = False
     max_loras: int = 4
-    max_lora_rank: int = 64
+    max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "max_loras", "max_lora_rank"):
@@ -142,10 +142,16 @@ class LLMEngine:
             self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1
         )
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
-        # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py)
-        self.loras = (
-            LoRAManager(enable_lora(model), ec.max_loras, ec.max_lora_rank, self.dtype, self.device) if ec.enable_lora else None
-        )
+        # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py);
+        # engines sharing a model share its adapters' slots and their manager.
+        self.loras: Optional[LoRAManager] = None
+        if ec.enable_lora:
+            # the most rows a step forwards: its token budget, plus the drafts of speculation
+            rows = ec.max_num_batched_tokens + ec.max_num_seqs * (ec.num_speculative_tokens + 1)
+            state = enable_lora(model, ec.max_loras, ec.max_lora_rank, rows, self.dtype, self.device)
+            if state.manager is None:
+                state.manager = LoRAManager(state, self.dtype, self.device)
+            self.loras = state.manager
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
@@ -239,9 +245,9 @@ class LLMEngine:
         ids, params = admit(prompt_token_ids, params, self.limits)
         check_cache_salt(cache_salt)
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
-        lora_key, waits = 0, False
+        lora_key, lora_slot, waits = 0, -1, False
         if lora_request is not None:
-            lora_key, lora_adapter = self._lora_key(lora_request, lora_adapter)
+            lora_key, lora_slot, lora_adapter = self._lora_key(lora_request, lora_adapter)
             waits = lora_key == 0  # max_loras adapters are loaded and busy: it waits for one to be free
         req = _Request(request_id, prompt, ids, params, lora_key=lora_key)
         parent = None
@@ -257,7 +263,7 @@ class LLMEngine:
                 parent=parent,
             )
             seq.set_user_salt(cache_salt)
-            seq.set_lora(lora_key)
+            seq.set_lora(lora_key, lora_slot)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
             self._next_seq_id += 1
@@ -266,6 +272,8 @@ class LLMEngine:
         if waits:
             self._lora_waiting.append((req, lora_request, lora_adapter))
         else:
+            if lora_key:
+                self.loras.acquire(lora_key)  # given back when the request ends (_release_lora)
             for seq in req.seqs:  # only once every sequence is built: nothing half-added on an error
                 self.scheduler.add(seq)
         self.requests[request_id] = req
@@ -282,11 +290,11 @@ class LLMEngine:
         """Load an adapter (`adapter`: what read_lora returned for it, else it is read here). At most
         max_loras are held: the least recently used one that no unfinished request runs with makes
         room. A name already loaded from the same folder is kept as it is."""
-        self._lora_manager().add(request, adapter, self._lora_keys_in_use())
+        self._lora_manager().add(request, adapter)
 
     def remove_lora(self, lora_name: str) -> bool:
         """Unload an adapter; False if none of that name is loaded, ValueError while a request runs with it."""
-        return self._lora_manager().remove(lora_name, self._lora_keys_in_use())
+        return self._lora_manager().remove(lora_name)
 
     def list_loras(self) -> list[LoRARequest]:
         return self.loras.list() if self.loras is not None else []
@@ -301,18 +309,18 @@ class LLMEngine:
         worker thread before it queues the request)."""
         return self.loras is not None and self.loras.holds(request)
 
-    def _lora_key(self, request: LoRARequest, adapter: Optional[LoRAAdapter]) -> tuple[int, Optional[LoRAAdapter]]:
-        """The key of the request's adapter, loaded here if needed; (0, the adapter read) when
-        max_loras adapters are loaded and busy (the request waits: _admit_lora_waiting)."""
+    def _lora_key(self, request: LoRARequest, adapter: Optional[LoRAAdapter]) -> tuple[int, int, Optional[LoRAAdapter]]:
+        """(key, slot, None) of the request's adapter, loaded here if needed; (0, -1, the adapter
+        read) when max_loras adapters are loaded and busy (the request waits: _admit_lora_waiting)."""
         if not isinstance(request, LoRARequest):
             raise RequestError(f"lora_request={request!r} must be a LoRARequest", param="lora_request")
         manager = self._lora_manager_for_request()
         try:
             if adapter is None and not manager.holds(request):
                 adapter = manager.read(request)  # an adapter that is no adapter fails now, even if it must wait
-            return manager.add(request, adapter, self._lora_keys_in_use()), None
+            return (*manager.add(request, adapter), None)
         except LoRASlotsBusy:
-            return 0, adapter
+            return 0, -1, adapter
         except ValueError as e:
             raise RequestError(str(e), param="lora_request") from None
 
@@ -327,7 +335,7 @@ class LLMEngine:
         while self._lora_waiting:
             req, lora_request, adapter = self._lora_waiting[0]
             try:
-                key = self.loras.add(lora_request, adapter, self._lora_keys_in_use())
+                key, slot = self.loras.add(lora_request, adapter)
             except LoRASlotsBusy:
                 return
             except ValueError as e:  # the name loaded meanwhile from another folder (a runtime reload)
@@ -336,12 +344,16 @@ class LLMEngine:
                 continue
             self._lora_waiting.popleft()
             req.lora_key = key
+            self.loras.acquire(key)
             for seq in req.seqs:
-                seq.set_lora(key)
+                seq.set_lora(key, slot)
                 self.scheduler.add(seq)
 
-    def _lora_keys_in_use(self) -> set[int]:
-        return {req.lora_key for req in self.requests.values() if req.lora_key}
+    def _release_lora(self, req: "_Request") -> None:
+        """An ended request gives its adapter back (it may be unloaded or replaced from now on)."""
+        if req.lora_key:
+            self.loras.release(req.lora_key)
+            req.lora_key = 0
 
     def compile_grammar(self, params: SamplingParams) -> Optional[object]:
         """The compiled grammar of params.structured_outputs (None without one), or RequestError.
@@ -356,6 +368,7 @@ class LLMEngine:
             return None
         if self._lora_waiting:
             self._lora_waiting = deque(w for w in self._lora_waiting if w[0] is not req)
+        self._release_lora(req)
         for seq in req.seqs:
             if not seq.is_finished:
                 self.scheduler.finish(seq)
@@ -420,6 +433,7 @@ class LLMEngine:
             out = self._output(req)
             if req.finished:
                 del self.requests[req.request_id]
+                self._release_lora(req)
                 self.finished_requests += 1
             outputs.append(out)
         return outputs

@@ -1,36 +1,39 @@
-"""Which LoRA adapters an engine holds: at most max_loras at once, the least recently used one
-that no unfinished request runs with making room for a new one (models/lora.py applies them)."""
+"""Which LoRA adapters a model holds: one per slot (max_loras slots, models/lora.py), the least
+recently used one that no unfinished request runs with making room for a new one. Requests take
+and give back a reference to their adapter, so engines sharing one model share its adapters."""
 
 from __future__ import annotations
 
 import itertools
 import os
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
 from pangu_infer.lora import LoRAAdapter, LoRARequest, read_lora_adapter
 from pangu_infer.models.lora import LoRAState
 
+
 class LoRASlotsBusy(ValueError):
-    """max_loras adapters are loaded and each is in use: a request for another one waits (the engine
-    queues it until one is free)."""
+    """Every slot holds an adapter some unfinished request runs with: a request for another one
+    waits (the engine queues it until a slot is free)."""
 
 
-# Keys of installed adapters, never reused in a process: engines sharing a model share its
-# wrappers, and a prefix-cache block computed with one adapter is salted with its key.
+# Keys of installed adapters, never reused in a process: a prefix-cache block computed with one
+# adapter is salted with its key, and must not serve the next adapter in the same slot.
 _KEYS = itertools.count(1)
 
 
 class LoRAManager:
-    def __init__(self, state: LoRAState, max_loras: int, max_rank: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, state: LoRAState, dtype: torch.dtype, device: torch.device):
         self.state = state
-        self.max_loras = max_loras
-        self.max_rank = max_rank
+        self.max_loras = state.slots
+        self.max_rank = state.max_rank
         self.dtype = dtype
         self.device = device
-        self._loaded: "OrderedDict[str, tuple[LoRARequest, int]]" = OrderedDict()  # least recently used first
+        self._loaded: "OrderedDict[str, tuple[LoRARequest, int, int]]" = OrderedDict()  # name -> (request, key, slot); LRU first
+        self._refs: dict[int, int] = {}  # key -> unfinished requests running with it
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """Read and check the adapter's folder (no change to the engine: safe from any thread)."""
@@ -41,8 +44,9 @@ class LoRAManager:
         got = self._loaded.get(request.lora_name)
         return got is not None and got[0].lora_path == request.lora_path
 
-    def add(self, request: LoRARequest, adapter: Optional[LoRAAdapter] = None, in_use: Iterable[int] = ()) -> int:
-        """The key of the adapter `request` names, loading it (and evicting another) if needed."""
+    def add(self, request: LoRARequest, adapter: Optional[LoRAAdapter] = None) -> tuple[int, int]:
+        """(key, slot) of the adapter `request` names, loading it (in place of an idle one) if needed;
+        LoRASlotsBusy when every slot's adapter is in use."""
         got = self._loaded.get(request.lora_name)
         if got is not None:
             if os.path.realpath(got[0].lora_path) != os.path.realpath(request.lora_path):
@@ -51,10 +55,12 @@ class LoRAManager:
                     "unload it first or choose another name"
                 )
             self._loaded.move_to_end(request.lora_name)
-            return got[1]
-        if len(self._loaded) >= self.max_loras:
-            busy = set(in_use)
-            victim = next((name for name, (_, key) in self._loaded.items() if key not in busy), None)
+            return got[1], got[2]
+        used = {slot for _, _, slot in self._loaded.values()}
+        free = next((s for s in range(self.max_loras) if s not in used), None)
+        victim = None
+        if free is None:
+            victim = next((name for name, (_, key, _) in self._loaded.items() if not self._refs.get(key)), None)
             if victim is None:
                 raise LoRASlotsBusy(
                     f"cannot load LoRA adapter {request.lora_name!r} now: max_loras={self.max_loras} adapters are "
@@ -62,25 +68,31 @@ class LoRAManager:
                 )
         if adapter is None:
             adapter = self.read(request)
-        if len(self._loaded) >= self.max_loras:
-            self._unload(victim)
+        if victim is not None:
+            free = self._loaded.pop(victim)[2]
         key = next(_KEYS)
-        self.state.install(key, adapter.modules)
-        self._loaded[request.lora_name] = (request, key)
-        return key
+        self.state.install(free, adapter.modules)
+        self._loaded[request.lora_name] = (request, key, free)
+        return key, free
 
-    def remove(self, name: str, in_use: Iterable[int] = ()) -> bool:
+    def acquire(self, key: int) -> None:
+        self._refs[key] = self._refs.get(key, 0) + 1
+
+    def release(self, key: int) -> None:
+        left = self._refs.get(key, 0) - 1
+        if left > 0:
+            self._refs[key] = left
+        else:
+            self._refs.pop(key, None)
+
+    def remove(self, name: str) -> bool:
         got = self._loaded.get(name)
         if got is None:
             return False
-        if got[1] in set(in_use):
+        if self._refs.get(got[1]):
             raise ValueError(f"LoRA adapter {name!r} is in use by an unfinished request; unload it when they end")
-        self._unload(name)
+        del self._loaded[name]  # its slot's values stay until the next adapter is written over them
         return True
 
-    def _unload(self, name: str) -> None:
-        _, key = self._loaded.pop(name)
-        self.state.uninstall(key)
-
     def list(self) -> list[LoRARequest]:
-        return [req for req, _ in self._loaded.values()]
+        return [req for req, _, _ in self._loaded.values()]

@@ -280,10 +280,9 @@ class ModelRunner:
             if n > 1 or s.seq_id in drafts
         ]
         ordered = decodes + prefills
-        lora_rows = self._lora_rows(ordered) if self.lora is not None else None
         decode_forward = self.decode_forward  # read once: the compile thread may set it meanwhile
-        # A decode-only step with no LoRA row (the compiled step is traced without adapters)
-        compiled = decode_forward is not None and not prefills and lora_rows is None
+        compiled = decode_forward is not None and not prefills  # a decode-only step
+        lora_slots = self._lora_slots(ordered, compiled) if self.lora is not None else None
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -328,16 +327,11 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         with self._binding.lock:  # bind(), without a generator's cost on every step
             self._point_layers()
+            if self.lora is not None:
+                self.lora.set_rows(lora_slots)  # the adapters' slot of each row (models/lora.py)
             if compiled:  # logits of every row, in decode order
                 return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}
-            if lora_rows is None:
-                hidden = self.model(ids, pos, attn)
-            else:
-                self.lora.rows = lora_rows
-                try:
-                    hidden = self.model(ids, pos, attn)
-                finally:
-                    self.lora.rows = None
+            hidden = self.model(ids, pos, attn)
         prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
         sampled: list[Sequence] = []
         rows: list[int] = []
@@ -353,21 +347,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
         return sampled, logits, prompt_logprobs
 
-    def _lora_rows(self, ordered: list[tuple[Sequence, int]]) -> Optional[list[tuple[int, Optional[torch.Tensor]]]]:
-        """The step's rows per LoRA adapter ([(key, row indices)], None for the rows of all), or None
-        when no sequence of the step runs with one."""
-        keys = [s.lora_key for s, _ in ordered]
-        if not any(keys):
+    @staticmethod
+    def _lora_slots(ordered: list[tuple[Sequence, int]], compiled: bool) -> Optional[list[int]]:
+        """The LoRA slot of each row of the step (-1: none), or None where no row has an adapter and
+        the step runs eagerly (which then skips the adapters' products; the compiled step always
+        computes them, zeros for rows with no adapter)."""
+        if not compiled and all(s.lora_slot < 0 for s, _ in ordered):
             return None
-        rows: dict[int, list[int]] = {}
-        row = 0
-        for key, (_, n) in zip(keys, ordered):
-            if key:
-                rows.setdefault(key, []).extend(range(row, row + n))
-            row += n
-        if len(rows) == 1 and all(keys):
-            return [(keys[0], None)]
-        return [(key, torch.tensor(r, dtype=torch.long, device=self.device)) for key, r in rows.items()]
+        return [s.lora_slot for s, n in ordered for _ in range(n)]
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, prefills: list[tuple[Sequence, int]], row: int

@@ -76,11 +76,12 @@ class Sequence:
         # hashes: blocks computed with one adapter never serve another or the base model, and
         # blocks of a request with a cache salt (vLLM's cache_salt) serve only requests with that salt.
         self.lora_key = 0
+        self.lora_slot = -1  # its adapter's slot (models/lora.py), -1 for none
         self.user_salt: Optional[str] = None
         self.cache_salt: Optional[bytes] = None
 
-    def set_lora(self, key: int) -> None:
-        self.lora_key = key
+    def set_lora(self, key: int, slot: int) -> None:
+        self.lora_key, self.lora_slot = key, slot
         self._salt()
 
     def set_user_salt(self, salt: Optional[str]) -> None:

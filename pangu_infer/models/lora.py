@@ -1,12 +1,17 @@
-"""LoRA adapters on a loaded model, many at once: y = W x + (B_a A_a x) for the rows of adapter a.
+"""LoRA adapters on a loaded model, many at once: y = W x + B_a (A_a x) for the rows of adapter a.
 
-`enable_lora(model)` wraps every projection an adapter may target (q/k/v/o of attention, gate/up/down
-of the dense and shared-expert MLPs) in a LoRALinear around whatever module holds its weight (plain,
-oneDNN-packed or quantized: LoRA adds to its output). Fused modules (qkv_proj, gate_up_proj) keep one
-adapter pair per checkpoint projection, each adding to its own columns. Every wrapper of a model
-shares one LoRAState: the adapters' keys, and for the step being run, which rows use which adapter
-(set by the engine's runner around the forward; None when no row uses one, and then the wrappers
-are the base modules plus one attribute read, which is what the compiled decode step traces).
+`enable_lora(model, ...)` wraps every projection an adapter may target (q/k/v/o of attention,
+gate/up/down of the dense and shared-expert MLPs) in a LoRALinear around whatever module holds its
+weight (plain, oneDNN-packed or quantized: LoRA adds to its output). Fused modules (qkv_proj,
+gate_up_proj) keep one pair per checkpoint projection, each adding to its own columns.
+
+The adapters live in slots of fixed shape, so that one graph serves every mix of adapters: per
+checkpoint projection, `lora_a` [slots * max_rank, in] (slot s's A in rows s*R .. s*R + r, zeros
+after) and `lora_b` [out, slots * max_rank]. Every wrapper of a model shares one LoRAState, whose
+`slot_ids` buffer says each row's slot for the step (-1: no adapter), written by the engine's
+runner before each forward. A wrapper computes `(x @ lora_a^T) * mask @ lora_b^T`, the mask keeping
+each row's own slot's columns: two products of slots * max_rank columns, whatever the adapters are,
+traced once into the compiled decode step. Eager steps with no adapter row skip them.
 """
 
 from __future__ import annotations
@@ -22,61 +27,82 @@ _TARGET = re.compile(r"^(?P<module>.+\.(q|k|v|o|gate|up|down)_proj)\.weight$")
 
 
 class LoRAState:
-    """What every LoRALinear of one model shares."""
+    """What every LoRALinear of one model shares: the slots' shape, each row's slot for the step,
+    and which wrapper (and slice of it) each checkpoint projection is."""
 
-    def __init__(self) -> None:
+    def __init__(self, slots: int, max_rank: int, max_rows: int, dtype: torch.dtype, device: torch.device):
+        self.slots, self.max_rank, self.dtype, self.device = slots, max_rank, dtype, device
         # HF module name (model.layers.0.self_attn.q_proj) -> (wrapper, index of its slice)
         self.targets: dict[str, tuple["LoRALinear", int]] = {}
-        # This step's rows per adapter key: [(key, row indices or None for every row)], None for none.
-        self.rows: Optional[list[tuple[int, Optional[torch.Tensor]]]] = None
+        self.slot_ids = torch.full((max_rows,), -1, dtype=torch.long, device=device)
+        # The slot of each column of lora_a's output: [slots * max_rank]
+        self.column_slots = torch.arange(slots * max_rank, device=device) // max_rank
+        self.active = False  # an eager step has rows with an adapter (the compiled step always applies them)
+        self.manager: Optional[object] = None  # the engine-side LoRAManager over these slots (engine/lora.py)
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """HF module name -> (in_features, out_features) of that projection."""
         return {name: (w.in_features, w.slices[i][1]) for name, (w, i) in self.targets.items()}
 
-    def install(self, key: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """An adapter's (A [r, in], scaled B [out, r]) per HF module name, under `key`."""
+    def set_rows(self, slots: Optional[list[int]]) -> None:
+        """Each row's slot for the next step (-1: none); None: no row has an adapter."""
+        if slots is None:
+            self.active = False
+            return
+        if len(slots) > len(self.slot_ids):
+            raise ValueError(f"a step of {len(slots)} rows; the LoRA slot table holds {len(self.slot_ids)}")
+        self.slot_ids[: len(slots)].copy_(torch.tensor(slots, dtype=torch.long))
+        self.active = True
+
+    def install(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """An adapter's (A [r, in], scaled B [out, r]) per HF module name into `slot`; the
+        projections it leaves out get zeros there."""
+        r0, r1 = slot * self.max_rank, (slot + 1) * self.max_rank
+        for wrapper, i in self.targets.values():
+            wrapper.lora_a[i][r0:r1].zero_()
+            wrapper.lora_b[i][:, r0:r1].zero_()
         for name, (a, b) in modules.items():
             wrapper, i = self.targets[name]
-            wrapper.adapters.setdefault(key, [None] * len(wrapper.slices))[i] = (a, b)
-
-    def uninstall(self, key: int) -> None:
-        for wrapper, _ in self.targets.values():
-            wrapper.adapters.pop(key, None)
+            r = a.shape[0]
+            wrapper.lora_a[i][r0 : r0 + r].copy_(a)
+            wrapper.lora_b[i][:, r0 : r0 + r].copy_(b)
 
 
 class LoRALinear(nn.Module):
-    """`base(x)` plus, for each adapter of the step, its low-rank products on its rows."""
+    """`base(x)` plus each row's adapter's low-rank product (models/lora.py)."""
 
-    def __init__(self, base: nn.Module, in_features: int, slices: list[tuple[int, int]], state: LoRAState):
+    def __init__(self, base: nn.Module, in_features: int, state: LoRAState):
         super().__init__()
         self.base = base
         self.in_features = in_features
-        self.slices = slices  # (first output column, width) of each checkpoint projection
-        # Plain attributes, not submodules or buffers: shared state, and adapters that come and go.
+        self.slices: list[tuple[int, int]] = []  # (first output column, width) of each checkpoint projection
+        self.lora_a = nn.ParameterList()
+        self.lora_b = nn.ParameterList()
+        # Shared with every wrapper of the model (the same tensors): buffers, so that a compiled
+        # step reads them at each call like the weights.
+        self.register_buffer("slot_ids", state.slot_ids, persistent=False)
+        self.register_buffer("column_slots", state.column_slots, persistent=False)
         self.__dict__["state"] = state
-        self.__dict__["adapters"] = {}  # key -> per slice (A, B) or None
+
+    def add_slice(self, start: int, width: int) -> int:
+        s = self.state
+        cols = s.slots * s.max_rank
+        self.slices.append((start, width))
+        self.lora_a.append(nn.Parameter(torch.zeros(cols, self.in_features, dtype=s.dtype, device=s.device), requires_grad=False))
+        self.lora_b.append(nn.Parameter(torch.zeros(width, cols, dtype=s.dtype, device=s.device), requires_grad=False))
+        return len(self.slices) - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        rows = self.state.rows
-        if rows is None:
+        if not torch.compiler.is_compiling() and not self.state.active:
             return y
-        for key, idx in rows:
-            pairs = self.adapters.get(key)
-            if pairs is None:
-                continue
-            xs = x if idx is None else x.index_select(0, idx)
-            for (start, width), pair in zip(self.slices, pairs):
-                if pair is None:
-                    continue
-                a, b = pair
-                delta = ((xs.to(a.dtype) @ a.t()) @ b.t()).to(y.dtype)  # (no-op casts but in a model of mixed dtypes)
-                if idx is None:
-                    y[:, start : start + width] += delta
-                else:
-                    y[:, start : start + width].index_add_(0, idx, delta)
-        return y
+        rows = self.slot_ids[: x.shape[0]]
+        mask = (rows[:, None] == self.column_slots[None, :]).to(self.lora_a[0].dtype)
+        xs = x.to(self.lora_a[0].dtype)
+        parts = [((xs @ a.t()) * mask) @ b.t() for a, b in zip(self.lora_a, self.lora_b)]
+        if len(parts) == 1:
+            return y + parts[0].to(y.dtype)
+        return y + torch.cat(parts, dim=-1).to(y.dtype)
 
 
 def _in_features(module: nn.Module) -> Optional[int]:
@@ -87,40 +113,53 @@ def _in_features(module: nn.Module) -> Optional[int]:
     return n if isinstance(n, int) else None
 
 
-def enable_lora(model: nn.Module) -> LoRAState:
-    """Wrap the model's LoRA-targetable projections (once; a second call returns the same state)."""
+def _out_features(module: nn.Module) -> Optional[int]:
+    n = getattr(module, "out_features", None)
+    if n is None:
+        n = getattr(getattr(module, "weight", None), "out_features", None)
+    return n if isinstance(n, int) else None
+
+
+def enable_lora(
+    model: nn.Module, slots: int, max_rank: int, max_rows: int, dtype: torch.dtype, device: torch.device
+) -> LoRAState:
+    """Wrap the model's LoRA-targetable projections, with `slots` adapter slots of rank `max_rank`,
+    for steps of up to `max_rows` rows (once: a later call returns the same state, which must fit)."""
     existing = model.__dict__.get("_lora_state")
     if existing is not None:
+        if (existing.slots, existing.max_rank) != (slots, max_rank) or len(existing.slot_ids) < max_rows:
+            raise ValueError(
+                f"this model already serves LoRA with max_loras={existing.slots}, max_lora_rank={existing.max_rank} "
+                f"and steps of {len(existing.slot_ids)} rows; another engine over it must fit those"
+            )
         return existing
-    state = LoRAState()
-    wrappers: dict[str, LoRALinear] = {}
+    state = LoRAState(slots, max_rank, max_rows, dtype, device)
+    wrappers: dict[str, tuple[LoRALinear, int]] = {}  # module path -> (wrapper, output width)
     for name in model.expected_weight_names():
         m = _TARGET.match(name)
         if m is None or ".experts." in name:
             continue
         target, index = model.map_weight_name(name)
         path = target.removesuffix(".weight")
-        wrapper = wrappers.get(path)
-        if wrapper is None:
+        if path not in wrappers:
             try:
                 base = model.get_submodule(path)
             except AttributeError:
                 continue  # a weight that is not a module's (stacked experts)
-            width = getattr(base, "out_features", None) or getattr(getattr(base, "weight", None), "out_features", None)
-            n_in = _in_features(base)
-            if n_in is None or not isinstance(width, int):
+            n_in, n_out = _in_features(base), _out_features(base)
+            if n_in is None or n_out is None:
                 continue
             parent_name, _, attr = path.rpartition(".")
-            wrapper = LoRALinear(base, n_in, [], state)
+            wrapper = LoRALinear(base, n_in, state)
             setattr(model.get_submodule(parent_name), attr, wrapper)
-            wrappers[path] = wrapper
-            wrapper.__dict__["_width"] = width
-        if index is None:
-            start, size = 0, wrapper.__dict__["_width"]
-        else:
-            sl = index[0]
-            start, size = sl.start, sl.stop - sl.start
-        wrapper.slices.append((start, size))
-        state.targets[m.group("module")] = (wrapper, len(wrapper.slices) - 1)
+            wrappers[path] = (wrapper, n_out)
+        wrapper, width = wrappers[path]
+        start, size = (0, width) if index is None else (index[0].start, index[0].stop - index[0].start)
+        state.targets[m.group("module")] = (wrapper, wrapper.add_slice(start, size))
+    for path, (wrapper, width) in wrappers.items():
+        # The parts are concatenated: the checkpoint projections must tile the output in order.
+        ends = [start + size for start, size in wrapper.slices]
+        if [start for start, _ in wrapper.slices] != [0] + ends[:-1] or ends[-1] != width:
+            raise ValueError(f"LoRA: the checkpoint projections of {path} do not tile its output in order: {wrapper.slices}")
     model.__dict__["_lora_state"] = state
     return state
