@@ -136,13 +136,8 @@ class LLMEngine:
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
         self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
-        num_blocks = self._num_blocks()
-        self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
-        self.scheduler = Scheduler(
-            self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1
-        )
-        self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
-        # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py);
+        # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py), and
+        # the adapters' slots allocated before the KV cache is sized from what memory is left;
         # engines sharing a model share its adapters' slots and their manager.
         self.loras: Optional[LoRAManager] = None
         if ec.enable_lora:
@@ -152,6 +147,12 @@ class LLMEngine:
             if state.manager is None:
                 state.manager = LoRAManager(state, self.dtype, self.device)
             self.loras = state.manager
+        num_blocks = self._num_blocks()
+        self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1
+        )
+        self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
