@@ -5,6 +5,7 @@ the prefix cache and quantized base weights; and every bad adapter or request a 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -335,3 +336,46 @@ def test_a_saved_decode_step_applies_the_adapters_loaded_after_it(tmp_path, tiny
     second = start()
     assert second["loaded"] == first["built"] and second["built"] == 0
     assert second["tokens"] == want
+
+
+def test_an_adapter_on_pangu_pro_moe_equals_its_weights_merged_into_the_checkpoint(tmp_path, tiny_moge_dir):
+    """MoGE (Pangu Pro MoE): an adapter on attention and the shared expert, in PEFT's file layout,
+    served at run time gives the tokens and prompt logprobs of a checkpoint with W + (alpha/r) B A
+    written into those weights (PEFT's merge), compiled decode included."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(tiny_moge_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    rank, alpha = 4, 8
+    adapter, merged = {}, dict(weights)
+    for name, w in weights.items():
+        m = re.match(r"^(model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.shared_expert\.(gate|up|down)_proj))\.weight$", name)
+        if m is None:
+            continue
+        a = torch.randn(rank, w.shape[1], generator=g) * 0.3
+        b = torch.randn(w.shape[0], rank, generator=g) * 0.3
+        adapter[f"base_model.model.{m.group(1)}.lora_A.weight"] = a
+        adapter[f"base_model.model.{m.group(1)}.lora_B.weight"] = b
+        merged[name] = w + (alpha / rank) * (b @ a)
+    assert len(adapter) == 2 * 7 * 2  # 7 projections in each of the 2 layers
+    (tmp_path / "adapter").mkdir()
+    save_file(adapter, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": alpha}))
+    shutil.copytree(tiny_moge_dir, tmp_path / "merged")
+    save_file(merged, str(tmp_path / "merged" / "model.safetensors"))
+
+    kwargs = dict(dtype="float32", kv_cache_memory=8 << 20, max_model_len=128)
+    served = LLM(str(tiny_moge_dir), enable_lora=True, **kwargs)
+    reference = LLM(str(tmp_path / "merged"), enforce_eager=True, **kwargs)
+    assert served.wait_compiled(), served.engine.runner.compile_error
+    lora = LoRARequest("moe", 1, str(tmp_path / "adapter"))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=0)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    got = served.generate(prompts, params, lora_request=lora, use_tqdm=False)
+    want = reference.generate(prompts, params, use_tqdm=False)
+    base = served.generate(prompts, params, use_tqdm=False)
+    for g_out, w_out, b_out in zip(got, want, base):
+        assert g_out.outputs[0].token_ids == w_out.outputs[0].token_ids
+        lp = [(x.logprob, y.logprob) for x, y in zip(g_out.prompt_logprobs[1:], w_out.prompt_logprobs[1:])]
+        assert max(abs(x - y) for x, y in lp) <= 1e-4
+    assert [o.outputs[0].token_ids for o in base] != [o.outputs[0].token_ids for o in want]
