@@ -379,17 +379,26 @@ def test_openai_client_raises_bad_request_for_a_bad_parameter(client):
 # ---------------------------------------------------------------------- metrics and disconnects
 def test_cache_salt_keeps_prefix_cache_blocks_to_requests_with_the_same_salt(server, client):
     """vLLM's cache_salt through the openai client: a prompt cached under one salt is computed again
-    under another, and found again under its own; an empty salt is a 400 naming the field."""
+    under another, and found again under its own (usage.prompt_tokens_details.cached_tokens, OpenAI's
+    field, counts them, in chat and streamed chat too); an empty salt is a 400 naming the field."""
     ids = list(range(100, 150))  # three full blocks of 16
 
     def hits_after(salt: str) -> float:
         before = metric_value(_metrics(server), "pangu_prefix_cache_hits_total")
-        client.completions.create(model="tiny-pangu", prompt=ids, max_tokens=1, extra_body={"cache_salt": salt})
-        return metric_value(_metrics(server), "pangu_prefix_cache_hits_total") - before
+        out = client.completions.create(model="tiny-pangu", prompt=ids, max_tokens=1, extra_body={"cache_salt": salt})
+        hits = metric_value(_metrics(server), "pangu_prefix_cache_hits_total") - before
+        assert out.usage.prompt_tokens_details.cached_tokens == hits  # OpenAI's usage field says the same
+        return hits
 
     assert hits_after("secret-a") == 0
     assert hits_after("secret-b") == 0
     assert hits_after("secret-a") == 48
+    chat = {"model": "tiny-pangu", "messages": [{"role": "user", "content": "the same long question " * 6}], "max_tokens": 1}
+    client.chat.completions.create(**chat)
+    again = client.chat.completions.create(**chat)
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16
+    streamed = list(client.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens_details.cached_tokens
     for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
         r = _post(server, path, {"model": "tiny-pangu", "max_tokens": 1, "cache_salt": "", **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt", r.text

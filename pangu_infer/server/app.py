@@ -266,7 +266,7 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
         return result
     final = result[0]
     choices = [chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
-    usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs))
+    usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs), [final])
     return JSONResponse(envelope(model, request_id, "chat.completion", int(time.time()), choices, usage=usage))
 
 
@@ -360,7 +360,7 @@ async def _chat_stream(
                     observe(state, out)
         finished = True
         if include_usage:
-            usage = usage_info(prompt_tokens, sum(completion_tokens))
+            usage = usage_info(prompt_tokens, sum(completion_tokens), firsts)
             yield sse(envelope(model, request_id, "chat.completion.chunk", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
@@ -420,7 +420,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
             lps = _completion_logprobs(state, comp.logprobs or [], 0) if req.logprobs is not None else None
             choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
     generated = 0 if prompt_only else sum(len(c.token_ids) for f in result for c in f.outputs)
-    usage = usage_info(prompt_tokens, generated)
+    usage = usage_info(prompt_tokens, generated, result)
     return JSONResponse(envelope(model, request_id, "text_completion", int(time.time()), choices, usage=usage))
 
 
@@ -519,7 +519,7 @@ async def _completion_stream(
                     observe(state, out)
         finished = True
         if include_usage:
-            usage = usage_info(prompt_tokens, completion_tokens)
+            usage = usage_info(prompt_tokens, completion_tokens, firsts)
             yield sse(envelope(model, request_id, "text_completion", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:

@@ -186,10 +186,15 @@ class DetokenizeRequest(_Request):
 
 
 # ---------------------------------------------------------------------- responses
+class PromptTokensDetails(_Response):
+    cached_tokens: int = Field(0, description="prompt tokens served from the prefix cache")
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: Optional[PromptTokensDetails] = None
 
 
 class ErrorInfo(_Response):

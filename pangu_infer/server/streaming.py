@@ -130,8 +130,11 @@ def envelope(model: str, request_id: str, obj: str, created: int, choices: list,
     return {"id": request_id, "object": obj, "created": created, "model": model, "choices": choices, **extra}
 
 
-def usage_info(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage_info(prompt_tokens: int, completion_tokens: int, outputs: list[RequestOutput]) -> dict:
+    """OpenAI's usage, with the prompt tokens the prefix cache served (`outputs`: one per prompt)."""
+    cached = sum(o.metrics.get("num_cached_tokens") or 0 for o in outputs)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def unless_gone(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
