@@ -379,3 +379,18 @@ def test_an_adapter_on_pangu_pro_moe_equals_its_weights_merged_into_the_checkpoi
         lp = [(x.logprob, y.logprob) for x, y in zip(g_out.prompt_logprobs[1:], w_out.prompt_logprobs[1:])]
         assert max(abs(x - y) for x, y in lp) <= 1e-4
     assert [o.outputs[0].token_ids for o in base] != [o.outputs[0].token_ids for o in want]
+
+
+def test_adapters_with_speculative_decoding_and_n_keep_pefts_tokens(tiny_dense_dir, lora_adapters):
+    """Prompt-lookup drafts are verified through the adapter (draft rows take their sequence's slot),
+    and n=2 forks share their parent's adapter and its salted prompt blocks."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True,
+              num_speculative_tokens=3, speculative_ngram=1)
+    reqs = requests(lora_adapters)
+    repetitive = list(range(3, 300))  # most tokens the model writes are in it: the lookup proposes their followers
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, n=2)
+    outs = llm.generate([{"prompt_token_ids": repetitive}] * 2, params, lora_request=[reqs["full"], reqs["attn"]], use_tqdm=False)
+    for name, out in zip(("full", "attn"), outs):
+        want = lora_adapters[name].greedy(repetitive, 12)
+        assert [c.token_ids for c in out.outputs] == [want, want], name
+    assert llm.engine.stats()["spec_draft_tokens"] > 0
