@@ -63,10 +63,26 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def resolve_adapter_path(path: str) -> str:
+    """A local adapter folder, or a hub id (org/name) whose adapter files are downloaded with
+    huggingface_hub (as vLLM resolves a lora_path); ValueError naming it otherwise."""
+    local = os.path.expanduser(path)
+    if os.path.isdir(local):
+        return local
+    if os.path.exists(local):
+        raise ValueError(f"LoRA adapter {path!r} is a file; pass the adapter's folder (with {ADAPTER_CONFIG})")
+    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+        raise ValueError(f"LoRA adapter {path!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+    except Exception as e:  # network, auth and not-found errors all end here
+        raise ValueError(f"LoRA adapter {path!r} is not a local folder and could not be downloaded from the hub: {e}") from None
+
+
 def _config(path: str) -> dict:
     file = os.path.join(path, ADAPTER_CONFIG)
-    if not os.path.isdir(path):
-        raise ValueError(f"LoRA adapter {path!r}: no such folder")
     if not os.path.isfile(file):
         raise ValueError(f"LoRA adapter {path!r}: no {ADAPTER_CONFIG} (a PEFT adapter folder has one)")
     try:
@@ -110,7 +126,7 @@ def read_lora_adapter(
     name -> (in, out)); ValueError naming the folder and what does not fit."""
     from safetensors import SafetensorError, safe_open
 
-    path = os.fspath(path)
+    path = resolve_adapter_path(os.fspath(path))
     cfg = _config(path)
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):

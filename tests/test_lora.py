@@ -394,3 +394,28 @@ def test_adapters_with_speculative_decoding_and_n_keep_pefts_tokens(tiny_dense_d
         want = lora_adapters[name].greedy(repetitive, 12)
         assert [c.token_ids for c in out.outputs] == [want, want], name
     assert llm.engine.stats()["spec_draft_tokens"] > 0
+
+
+def test_an_adapter_path_that_is_a_hub_id_is_downloaded(monkeypatch, lora_llm, lora_adapters, tmp_path):
+    """As vLLM resolves a lora_path: org/name that is no local folder is fetched with
+    huggingface_hub (only the adapter's two files); a failed download is a ValueError naming it."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        if repo_id == "someone/missing":
+            raise RuntimeError("404 Client Error: Repository Not Found")
+        return str(lora_adapters["attn"].path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    out = lora_llm.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=LoRARequest("hub", 7, "someone/attn-lora"), use_tqdm=False)[0]
+    assert out.outputs[0].token_ids == lora_adapters["attn"].greedy(PROMPTS[0], 8)
+    assert calls == [("someone/attn-lora", ["adapter_config.json", "adapter_model.safetensors"])]
+    with pytest.raises(ValueError, match=r"'someone/missing' is not a local folder and could not be downloaded from the hub: 404"):
+        lora_llm.engine.add_lora(LoRARequest("gone", 8, "someone/missing"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(ValueError, match="is a file; pass the adapter's folder"):
+        lora_llm.engine.add_lora(LoRARequest("file", 9, str(tmp_path / "file.txt")))
+    assert lora_llm.engine.remove_lora("hub")
