@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"random token ids, or a block of {REPEAT_PERIOD} random ids repeated (what prompt lookup speeds up)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--lora", default=None, metavar="PATH", help="run every request with this LoRA adapter (a PEFT folder)")
     p.add_argument(
         "--bandwidth-buffer", type=_memory, default=1 << 30,
         help="bytes the memory-bandwidth read streams through; larger than the caches (default: 1GiB)",
@@ -135,7 +136,7 @@ def make_prompt(kind: str, length: int, vocab: int, rng: random.Random) -> list[
     return [rng.randrange(2, high) for _ in range(length)]
 
 
-def run_latency(engine, prompt_kind: str, prompt_len: int, output_len: int, num_iters: int, seed: int = 0) -> LatencyResult:
+def run_latency(engine, prompt_kind: str, prompt_len: int, output_len: int, num_iters: int, seed: int = 0, lora=None) -> LatencyResult:
     """One request at a time: TTFT per run, and the time of every later token (step by step)."""
     from pangu_infer.sampling_params import SamplingParams
 
@@ -152,7 +153,7 @@ def run_latency(engine, prompt_kind: str, prompt_len: int, output_len: int, num_
             before = (spec.num_draft_tokens, spec.num_accepted_tokens)
         rid = f"bench-latency-{i}"
         start = time.perf_counter()
-        engine.add_request(rid, prompt, params)
+        engine.add_request(rid, prompt, params, lora_request=lora)
         first = last = None
         per_token: list[float] = []
         done = False
@@ -183,7 +184,7 @@ def run_latency(engine, prompt_kind: str, prompt_len: int, output_len: int, num_
     )
 
 
-def run_throughput(engine, prompt_kind: str, prompt_len: int, output_len: int, concurrency: int, seed: int = 1) -> ThroughputResult:
+def run_throughput(engine, prompt_kind: str, prompt_len: int, output_len: int, concurrency: int, seed: int = 1, lora=None) -> ThroughputResult:
     """`concurrency` requests submitted together; aggregate generated tokens per second."""
     from pangu_infer.sampling_params import SamplingParams
 
@@ -191,11 +192,11 @@ def run_throughput(engine, prompt_kind: str, prompt_len: int, output_len: int, c
     vocab = engine.config.vocab_size
     # Warm-up: two requests decoding together, so a compiled decode step has built its batched graph.
     warm = {f"bench-warm-{i}": make_prompt(prompt_kind, prompt_len, vocab, rng) for i in range(min(concurrency, 2))}
-    _drain(engine, warm, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    _drain(engine, warm, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), lora)
     prompts = {f"bench-thr-{i}": make_prompt(prompt_kind, prompt_len, vocab, rng) for i in range(concurrency)}
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     start = time.perf_counter()
-    outs = _drain(engine, prompts, params)
+    outs = _drain(engine, prompts, params, lora)
     elapsed = time.perf_counter() - start
     return ThroughputResult(
         concurrency=concurrency,
@@ -206,10 +207,10 @@ def run_throughput(engine, prompt_kind: str, prompt_len: int, output_len: int, c
     )
 
 
-def _drain(engine, prompts: dict[str, list[int]], params) -> list:
+def _drain(engine, prompts: dict[str, list[int]], params, lora=None) -> list:
     """Submit every prompt, step until all finish; the final RequestOutputs in submission order."""
     for rid, ids in prompts.items():
-        engine.add_request(rid, ids, params)
+        engine.add_request(rid, ids, params, lora_request=lora)
     final = {}
     while len(final) < len(prompts):
         for out in engine.step():
@@ -243,6 +244,12 @@ def run(args: argparse.Namespace) -> int:
     if args.mode != "latency":
         kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], args.concurrency)
     llm = LLM(args.model, **kwargs)
+    lora = None
+    if args.lora:
+        from pangu_infer.lora import LoRARequest
+
+        lora = LoRARequest("bench", 1, args.lora)
+        llm.engine.add_lora(lora)  # read before the clock starts
     llm.wait_compiled()  # figures of the compiled decode step (it builds in the background)
     engine = llm.engine
     cfg = llm.config
@@ -255,12 +262,13 @@ def run(args: argparse.Namespace) -> int:
         + (f", {args.quantization}" if args.quantization else "")
         + f", {torch.get_num_threads()} threads, prompt {args.prompt_len} ({args.prompt_kind}), output {args.output_len}"
         + (f", prompt lookup {engine.engine_config.num_speculative_tokens} tokens" if engine.speculator else "")
+        + (f", LoRA adapter {args.lora}" if lora is not None else "")
     )
     print(load_line(llm))
     if args.mode in ("all", "latency"):
         bandwidth = measure_memory_bandwidth(args.bandwidth_buffer)
         per_token = weight_bytes_per_token(llm.model)
-        lat = run_latency(engine, args.prompt_kind, args.prompt_len, args.output_len, args.num_iters)
+        lat = run_latency(engine, args.prompt_kind, args.prompt_len, args.output_len, args.num_iters, lora=lora)
         achieved = per_token * lat.decode_tokens_per_s
         print(f"prefill                {lat.prefill_tokens_per_s:10.1f} tokens/s")
         print(f"decode (1 stream)      {lat.decode_tokens_per_s:10.1f} tokens/s")
@@ -282,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         if lat.acceptance_rate is not None:
             print(f"draft acceptance       {100 * lat.acceptance_rate:10.1f} %")
     if args.mode in ("all", "throughput"):
-        thr = run_throughput(engine, args.prompt_kind, args.prompt_len, args.output_len, args.concurrency)
+        thr = run_throughput(engine, args.prompt_kind, args.prompt_len, args.output_len, args.concurrency, lora=lora)
         print(f"throughput @{thr.concurrency:<3d}        {thr.tokens_per_s:10.1f} tokens/s ({thr.output_tokens} tokens in {thr.elapsed_s:.1f} s)")
         print(f"  TTFT median / p90    {1e3 * percentile(thr.ttft_s, 50):10.1f} / {1e3 * percentile(thr.ttft_s, 90):.1f} ms")
         print(f"  TPOT median / p90    {1e3 * percentile(thr.tpot_s, 50):10.2f} / {1e3 * percentile(thr.tpot_s, 90):.2f} ms")

@@ -100,3 +100,21 @@ def test_percentile_interpolates_between_samples():
     assert percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
     assert percentile([7.0], 90) == 7.0
+
+
+def test_bench_runs_every_request_with_a_lora_adapter(tiny_dense_dir, lora_adapters, capsys, monkeypatch):
+    """`bench --lora PATH`: every request (latency, warm-up and throughput) runs with the adapter,
+    and the weights read per token count its slots (the decode step reads them)."""
+    from pangu_infer.engine.engine import LLMEngine
+
+    seen, real = [], LLMEngine.add_request
+    monkeypatch.setattr(LLMEngine, "add_request", lambda self, rid, ids, params, *a, **kw: seen.append(kw.get("lora_request")) or real(self, rid, ids, params, *a, **kw))
+    assert main(["bench", "--model", str(tiny_dense_dir), *FAST]) == 0
+    plain = _value(capsys.readouterr().out, "weights read per token")
+    seen.clear()
+    path = str(lora_adapters["full"].path)
+    assert main(["bench", "--model", str(tiny_dense_dir), *FAST, "--lora", path]) == 0
+    out = capsys.readouterr().out
+    assert f"LoRA adapter {path}" in out
+    assert len(seen) == 2 + 3 + 2 and all(r is not None and r.lora_path == path for r in seen)
+    assert _value(out, "weights read per token") > plain
