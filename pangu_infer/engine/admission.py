@@ -89,6 +89,19 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
     return ids, params
 
 
+MAX_CACHE_SALT_CHARS = 1024
+
+
+def check_cache_salt(salt: object) -> None:
+    """A request's cache_salt: None, or a non-empty string of at most MAX_CACHE_SALT_CHARS."""
+    if salt is None:
+        return
+    if not isinstance(salt, str) or not salt:
+        raise RequestError(f"cache_salt={short_repr(salt)} must be a non-empty string", param="cache_salt")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise RequestError(f"cache_salt has {len(salt)} characters; at most {MAX_CACHE_SALT_CHARS}", param="cache_salt")
+
+
 def _is_token(t: object, vocab: int) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab
 

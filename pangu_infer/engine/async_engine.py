@@ -123,7 +123,7 @@ class AsyncEngine:
             # so that the engine thread goes on stepping the other requests meanwhile.
             grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
         adapter = None
-        if lora_request is not None and self.engine.loras is not None and not self.engine.lora_loaded(lora_request):
+        if lora_request is not None and not self.engine.lora_loaded(lora_request):
             try:
                 adapter = await asyncio.to_thread(self.engine.read_lora, lora_request)
             except ValueError as e:

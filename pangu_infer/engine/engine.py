@@ -12,7 +12,7 @@ import torch
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import free_memory_bytes
 from pangu_infer.engine import output
-from pangu_infer.engine.admission import Limits, admit, compile_structured
+from pangu_infer.engine.admission import Limits, admit, check_cache_salt, compile_structured
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
@@ -21,7 +21,7 @@ from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
-from pangu_infer.errors import RequestError, short_repr
+from pangu_infer.errors import RequestError
 from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
@@ -31,17 +31,6 @@ from pangu_infer.sampling_params import SamplingParams
 logger = logging.getLogger("pangu_infer.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
-MAX_CACHE_SALT_CHARS = 1024
-
-
-def check_cache_salt(salt: object) -> None:
-    """A request's cache_salt: None, or a non-empty string of at most MAX_CACHE_SALT_CHARS."""
-    if salt is None:
-        return
-    if not isinstance(salt, str) or not salt:
-        raise RequestError(f"cache_salt={short_repr(salt)} must be a non-empty string", param="cache_salt")
-    if len(salt) > MAX_CACHE_SALT_CHARS:
-        raise RequestError(f"cache_salt has {len(salt)} characters; at most {MAX_CACHE_SALT_CHARS}", param="cache_salt")
 
 
 @dataclass
@@ -145,7 +134,7 @@ class LLMEngine:
             rows = ec.max_num_batched_tokens + ec.max_num_seqs * (ec.num_speculative_tokens + 1)
             state = enable_lora(model, ec.max_loras, ec.max_lora_rank, rows, self.dtype, self.device)
             if state.manager is None:
-                state.manager = LoRAManager(state, self.dtype, self.device)
+                state.manager = LoRAManager(state)
             self.loras = state.manager
         num_blocks = self._num_blocks()
         self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
@@ -263,8 +252,8 @@ class LLMEngine:
                 self._generator(params, i),
                 parent=parent,
             )
-            seq.set_user_salt(cache_salt)
-            seq.set_lora(lora_key, lora_slot)
+            seq.user_salt = cache_salt
+            seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
             self._next_seq_id += 1
@@ -315,19 +304,13 @@ class LLMEngine:
         read) when max_loras adapters are loaded and busy (the request waits: _admit_lora_waiting)."""
         if not isinstance(request, LoRARequest):
             raise RequestError(f"lora_request={request!r} must be a LoRARequest", param="lora_request")
-        manager = self._lora_manager_for_request()
         try:
+            manager = self._lora_manager()
             if adapter is None and not manager.holds(request):
                 adapter = manager.read(request)  # an adapter that is no adapter fails now, even if it must wait
             return (*manager.add(request, adapter), None)
         except LoRASlotsBusy:
             return 0, -1, adapter
-        except ValueError as e:
-            raise RequestError(str(e), param="lora_request") from None
-
-    def _lora_manager_for_request(self) -> LoRAManager:
-        try:
-            return self._lora_manager()
         except ValueError as e:
             raise RequestError(str(e), param="lora_request") from None
 

@@ -9,8 +9,6 @@ import os
 from collections import OrderedDict
 from typing import Optional
 
-import torch
-
 from pangu_infer.lora import LoRAAdapter, LoRARequest, read_lora_adapter
 from pangu_infer.models.lora import LoRAState
 
@@ -26,30 +24,28 @@ _KEYS = itertools.count(1)
 
 
 class LoRAManager:
-    def __init__(self, state: LoRAState, dtype: torch.dtype, device: torch.device):
+    def __init__(self, state: LoRAState):
         self.state = state
         self.max_loras = state.slots
-        self.max_rank = state.max_rank
-        self.dtype = dtype
-        self.device = device
         self._loaded: "OrderedDict[str, tuple[LoRARequest, int, int]]" = OrderedDict()  # name -> (request, key, slot); LRU first
         self._refs: dict[int, int] = {}  # key -> unfinished requests running with it
 
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """Read and check the adapter's folder (no change to the engine: safe from any thread)."""
-        return read_lora_adapter(request.lora_path, self.state.shapes(), self.max_rank, self.dtype, self.device)
+        s = self.state
+        return read_lora_adapter(request.lora_path, s.shapes(), s.max_rank, s.dtype, s.device)
 
     def holds(self, request: LoRARequest) -> bool:
         """Whether the adapter is loaded under its name (a dict lookup: safe from another thread)."""
         got = self._loaded.get(request.lora_name)
-        return got is not None and got[0].lora_path == request.lora_path
+        return got is not None and _same_folder(got[0], request)
 
     def add(self, request: LoRARequest, adapter: Optional[LoRAAdapter] = None) -> tuple[int, int]:
         """(key, slot) of the adapter `request` names, loading it (in place of an idle one) if needed;
         LoRASlotsBusy when every slot's adapter is in use."""
         got = self._loaded.get(request.lora_name)
         if got is not None:
-            if os.path.realpath(got[0].lora_path) != os.path.realpath(request.lora_path):
+            if not _same_folder(got[0], request):
                 raise ValueError(
                     f"LoRA adapter {request.lora_name!r} is loaded from {got[0].lora_path!r}, not {request.lora_path!r}; "
                     "unload it first or choose another name"
@@ -96,3 +92,7 @@ class LoRAManager:
 
     def list(self) -> list[LoRARequest]:
         return [req for req, _, _ in self._loaded.values()]
+
+
+def _same_folder(a: LoRARequest, b: LoRARequest) -> bool:
+    return os.path.realpath(a.lora_path) == os.path.realpath(b.lora_path)

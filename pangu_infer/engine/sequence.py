@@ -77,18 +77,12 @@ class Sequence:
         # blocks of a request with a cache salt (vLLM's cache_salt) serve only requests with that salt.
         self.lora_key = 0
         self.lora_slot = -1  # its adapter's slot (models/lora.py), -1 for none
-        self.user_salt: Optional[str] = None
+        self.user_salt: Optional[str] = None  # set before set_lora, which derives cache_salt from both
         self.cache_salt: Optional[bytes] = None
 
     def set_lora(self, key: int, slot: int) -> None:
+        """Its adapter (key 0: none), and the root of its prefix-cache hashes from that and user_salt."""
         self.lora_key, self.lora_slot = key, slot
-        self._salt()
-
-    def set_user_salt(self, salt: Optional[str]) -> None:
-        self.user_salt = salt
-        self._salt()
-
-    def _salt(self) -> None:
         if not self.lora_key and self.user_salt is None:
             self.cache_salt = None
             return

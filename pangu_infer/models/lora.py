@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from pangu_infer.models.batch_invariant import linear_sizes
+
 # The checkpoint projections an adapter may target, by HF module name. Routed experts are excluded.
 _TARGET = re.compile(r"^(?P<module>.+\.(q|k|v|o|gate|up|down)_proj)\.weight$")
 
@@ -105,21 +107,6 @@ class LoRALinear(nn.Module):
         return y + torch.cat(parts, dim=-1).to(y.dtype)
 
 
-def _in_features(module: nn.Module) -> Optional[int]:
-    """The input width of a linear-like module (nn.Linear, PackedLinear, QuantizedLinear), else None."""
-    n = getattr(module, "in_features", None)
-    if n is None:
-        n = getattr(getattr(module, "weight", None), "in_features", None)
-    return n if isinstance(n, int) else None
-
-
-def _out_features(module: nn.Module) -> Optional[int]:
-    n = getattr(module, "out_features", None)
-    if n is None:
-        n = getattr(getattr(module, "weight", None), "out_features", None)
-    return n if isinstance(n, int) else None
-
-
 def enable_lora(
     model: nn.Module, slots: int, max_rank: int, max_rows: int, dtype: torch.dtype, device: torch.device
 ) -> LoRAState:
@@ -146,9 +133,10 @@ def enable_lora(
                 base = model.get_submodule(path)
             except AttributeError:
                 continue  # a weight that is not a module's (stacked experts)
-            n_in, n_out = _in_features(base), _out_features(base)
-            if n_in is None or n_out is None:
+            sizes = linear_sizes(base)
+            if sizes is None:
                 continue
+            n_in, n_out = sizes
             parent_name, _, attr = path.rpartition(".")
             wrapper = LoRALinear(base, n_in, state)
             setattr(model.get_submodule(parent_name), attr, wrapper)
