@@ -137,17 +137,27 @@ def _normalize_messages(messages: Any) -> list[dict[str, Any]]:
     return normalized
 
 
+def join_text_parts(parts: list, types: tuple[str, ...] = ("text",)) -> tuple[str, int]:
+    """The texts of content parts {"type": one of `types`, "text": str}, joined by newlines as vLLM
+    joins several text parts, and -1; or ("", the index of the first part that is not one).
+    Chat messages here, and the Responses and Messages APIs' content blocks, share it."""
+    texts = []
+    for k, part in enumerate(parts):
+        if not isinstance(part, dict) or part.get("type") not in types or not isinstance(part.get("text"), str):
+            return "", k
+        texts.append(part["text"])
+    return "\n".join(texts), -1
+
+
 def _content_text(index: int, content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                expected = "{'type': 'text', 'text': str}"
-                raise ValueError(f"messages[{index}].content[{k}] must be {expected}, got {part!r}")
-            texts.append(part["text"])
-        return "\n".join(texts)  # as vLLM joins several text parts
+        text, bad = join_text_parts(content)
+        if bad >= 0:
+            expected = "{'type': 'text', 'text': str}"
+            raise ValueError(f"messages[{index}].content[{bad}] must be {expected}, got {content[bad]!r}")
+        return text
     raise ValueError(
         f"messages[{index}].content must be a string or a list of text parts, got {type(content).__name__}"
     )

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
+from pangu_infer.chat.render import join_text_parts
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, prepare_chat, start_chat
 from pangu_infer.server.errors import APIError, internal_error
@@ -329,12 +330,10 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
-        for k, block in enumerate(content):
-            if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-                raise APIError(400, f"{where}[{k}] must be a text block {{'type': 'text', 'text': ...}}", param=f"{where}[{k}]")
-            texts.append(block["text"])
-        return "\n".join(texts)
+        text, k = join_text_parts(content)
+        if k >= 0:
+            raise APIError(400, f"{where}[{k}] must be a text block {{'type': 'text', 'text': ...}}", param=f"{where}[{k}]")
+        return text
     raise APIError(400, f"{where} must be a string or a list of text blocks", param=where)
 
 

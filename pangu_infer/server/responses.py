@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
+from pangu_infer.chat.render import join_text_parts
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat
 from pangu_infer.server.errors import APIError, internal_error
@@ -444,13 +445,11 @@ def _text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = []
-        for k, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-                raise APIError(400, f"{where}.content[{k}] must be an input_text or output_text part with text, got {json.dumps(part)[:200]}",
-                               param=f"{where}.content[{k}]")
-            texts.append(part["text"])
-        return "\n".join(texts)
+        text, k = join_text_parts(content, ("input_text", "output_text", "text"))
+        if k >= 0:
+            raise APIError(400, f"{where}.content[{k}] must be an input_text or output_text part with text, got {json.dumps(content[k])[:200]}",
+                           param=f"{where}.content[{k}]")
+        return text
     raise APIError(400, f"{where}.content must be a string or a list of text parts", param=where)
 
 
