@@ -1,11 +1,13 @@
 """LoRA adapters in `pangu-infer serve` (vLLM's --lora-modules, model = the adapter's name, runtime
 load/unload): real server processes driven by the official openai client, every generated token
-compared with PEFT's own model of the same adapter (tests/fixtures_lora.py)."""
+compared with PEFT's own model of the same adapter (tests/fixtures_lora.py); and an in-process server
+whose request is held at a chosen point while an unload runs."""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -257,3 +259,94 @@ def test_a_bad_lora_module_stops_the_start_with_one_line_naming_it(tiny_dense_di
         err = capsys.readouterr().err.strip()
         assert err.startswith("pangu-infer serve: error: --") and needle in err, (flags, err)
         assert "\n" not in err and "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------- unload racing a request
+def test_a_request_racing_an_unload_never_brings_the_adapter_back(tiny_dense_dir, lora_adapters, monkeypatch):
+    """A request that named an adapter just before its unload: held (threading.Event) between its
+    model check and its submission, the unload succeeds and the request is the 404 of an unknown
+    model; held inside its submission (the engine's generate), the unload is a 409 and the request
+    runs with the adapter. Never an adapter the engine holds that the server no longer serves."""
+    import asyncio
+    import threading
+
+    import pangu_infer.server.chat_api as chat_api
+    from fixtures_server import serving
+    from pangu_infer import LLM
+    from pangu_infer.server.app import create_app
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, max_model_len=256, enable_lora=True)
+    app = create_app(llm, served_model_name=SERVED, api_key=API_KEY, enable_runtime_lora_updates=True)
+    engine = app.state.server.engine
+    attn = str(lora_adapters["attn"].path)
+    chat = {"model": "attn", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    base = {**chat, "model": SERVED}
+    reached, release = threading.Event(), threading.Event()
+
+    def held(original):
+        """`original` (a coroutine function) that waits for `release` first, on a worker thread."""
+        async def wait_then(*args, **kwargs):
+            reached.set()
+            await asyncio.to_thread(release.wait, 60)
+            return await original(*args, **kwargs)
+        return wait_then
+
+    def raced(server, unload_while_held):
+        """A chat request for attn held where the patch holds it, unloaded meanwhile: both answers."""
+        reached.clear(), release.clear()
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(_post, server, "/v1/chat/completions", chat)
+            try:
+                assert reached.wait(60), "the request was never held"
+                unloaded = unload_while_held()
+            finally:
+                release.set()
+            return unloaded, pending.result()
+
+    def engine_holds() -> list[str]:
+        return [r.lora_name for r in llm.engine.list_loras()]
+
+    with serving(app) as url:
+        server = SimpleNamespace(url=url)  # what _post needs
+        load = {"lora_name": "attn", "lora_path": attn}
+        assert _post(server, "/v1/load_lora_adapter", load).status_code == 200
+        assert _post(server, "/v1/chat/completions", chat).status_code == 200
+        assert engine_holds() == ["attn"]
+
+        # 1. checked, not yet submitted: the unload succeeds, the request is a 404 like any unknown model
+        with monkeypatch.context() as m:
+            m.setattr(chat_api, "start_requests", held(chat_api.start_requests))
+            unloaded, answer = raced(server, lambda: _post(server, "/v1/unload_lora_adapter", {"lora_name": "attn"}))
+        assert unloaded.status_code == 200, unloaded.text
+        unknown = _post(server, "/v1/chat/completions", chat)
+        assert answer.status_code == 404 and unknown.status_code == 404, answer.text
+        assert answer.json() == unknown.json() and answer.json()["error"]["code"] == "model_not_found", answer.text
+        assert engine_holds() == [], "an unloaded adapter is back in the engine"
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()["data"]
+        assert [c["id"] for c in models] == [SERVED]
+
+        # 2. inside its submission: the unload is a 409 (in use) and the request runs with attn, while
+        # a base model request beside them is not held up
+        assert _post(server, "/v1/load_lora_adapter", load).status_code == 200
+        original = engine.generate
+
+        async def generate(*args, **kwargs):
+            if kwargs.get("lora_request") is not None:
+                reached.set()
+                await asyncio.to_thread(release.wait, 60)
+            async for out in original(*args, **kwargs):
+                yield out
+
+        with monkeypatch.context() as m:
+            m.setattr(engine, "generate", generate)
+
+            def unload_and_base():
+                assert _post(server, "/v1/chat/completions", base).status_code == 200
+                return _post(server, "/v1/unload_lora_adapter", {"lora_name": "attn"})
+
+            refused, answer = raced(server, unload_and_base)
+        assert refused.status_code == 409 and "attn" in refused.json()["error"]["message"], refused.text
+        assert answer.status_code == 200 and answer.json()["model"] == "attn", answer.text
+        assert engine_holds() == ["attn"]
+        assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "attn"}).status_code == 200
+        assert engine_holds() == []

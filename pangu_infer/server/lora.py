@@ -145,8 +145,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
                 await _remove(state, old.request)
 
             def install(engine: Any) -> None:
-                # Not served under this name, so what the engine may hold under it is stale (a request
-                # that named it just before an unload brings it back): dropped, unless still running.
+                # Not served under this name, so what the engine may hold under it is stale (one that
+                # LLM.generate loaded on the same engine): dropped, unless still running.
                 with suppress(ValueError):
                     engine.remove_lora(name)
                 engine.add_lora(request, adapter)
@@ -179,7 +179,12 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
 
 async def _remove(state: ServerState, request: LoRARequest) -> None:
     """Stop serving an adapter: out of the list first (no new request picks it), then out of the
-    engine; back in the list when the engine refuses (requests still run with it: 409)."""
+    engine; back in the list when the engine refuses (requests still run with it: 409). Requests
+    still being submitted with it (streaming.start_requests) are in use too: 409, checked in the
+    same step as the list changes, as they would load it back into the engine after its removal."""
+    if state.lora_submissions.get(request.lora_name):
+        raise APIError(409, f"the LoRA adapter {request.lora_name!r} cannot be unloaded now: it is in use by an unfinished "
+                       "request; unload it when they end", param="lora_name")
     module = state.loras.pop(request.lora_name)
     try:
         await state.engine.call(lambda e: e.remove_lora(request.lora_name))  # False: not loaded there (evicted)

@@ -34,6 +34,10 @@ class ServerState:
     responses: ResponseStore = field(default_factory=ResponseStore)  # /v1/responses kept for previous_response_id
     loras: dict[str, LoRAModule] = field(default_factory=dict)  # LoRA adapters served, by name (server/lora.py)
     next_lora_id: int = 1  # lora_int_id of the next adapter loaded at runtime (ids are never reused)
+    # Requests being submitted with an adapter, by its name: named again in loras and counted in one
+    # step, uncounted once the engine runs them (streaming.start_requests); an unload answers 409
+    # while any are (server/lora.py _remove), so none brings an unloaded adapter back into the engine.
+    lora_submissions: dict[str, int] = field(default_factory=dict)
     runtime_lora_updates: bool = False  # --enable-runtime-lora-updates: /v1/load_lora_adapter and unload answer
 
     def reply_model(self, lora: Optional[LoRARequest]) -> str:

@@ -18,6 +18,7 @@ from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import from_request_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import CLIENT_CLOSED
+from pangu_infer.server.params import check_model
 from pangu_infer.lora import LoRARequest
 from pangu_infer.server.state import ServerState
 
@@ -26,6 +27,27 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
                          lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None):
     """Submit every prompt (each with the LoRA adapter `lora` and the prefix-cache salt `cache_salt`,
     when given) and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
+    if lora is None:
+        return await _start(state, prompts, params, prefix, None, cache_salt)
+    # The adapter named again here, and the submission counted in the same step (no await between):
+    # one unloaded since the request's check_model is the same 404 as an unknown model, and an
+    # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
+    # instead of succeeding while this submission loads the adapter back into the engine.
+    lora = check_model(state, lora.lora_name)
+    name = lora.lora_name
+    state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
+    try:
+        started = await _start(state, prompts, params, prefix, lora, cache_salt)
+    finally:
+        left = state.lora_submissions.pop(name) - 1
+        if left:
+            state.lora_submissions[name] = left
+    state.metrics.lora_requests.labels(name).inc()
+    return started
+
+
+async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
+                 lora: Optional[LoRARequest], cache_salt: Optional[str]):
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take neither argument)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt)) if v is not None}
@@ -39,8 +61,6 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
         await close_all(gens)
         rejected = [e for e in errors if isinstance(e, RequestError)]
         raise from_request_error(rejected[0]) if rejected else errors[0]
-    if lora is not None:
-        state.metrics.lora_requests.labels(lora.lora_name).inc()
     return base, gens, list(firsts)
 
 
