@@ -261,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
         f"{llm.dtype}".replace("torch.", "")
         + (f", {args.quantization}" if args.quantization else "")
         + f", {torch.get_num_threads()} threads, prompt {args.prompt_len} ({args.prompt_kind}), output {args.output_len}"
-        + (f", prompt lookup {engine.engine_config.num_speculative_tokens} tokens" if engine.speculator else "")
+        + (f", {engine.speculator.describe()}" if engine.speculator else "")
         + (f", LoRA adapter {args.lora}" if lora is not None else "")
     )
     print(load_line(llm))

@@ -45,8 +45,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=_memory, default=None, help="KV cache bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="turn prefix caching off")
-    p.add_argument("--num-speculative-tokens", type=int, default=0, help="prompt-lookup speculative decoding: draft tokens per step (0 = off)")
+    p.add_argument(
+        "--num-speculative-tokens", type=int, default=0,
+        help="speculative decoding: draft tokens per step (0 = off; with --speculative-model: 4), drafted by "
+        "prompt lookup unless a draft model is given",
+    )
     p.add_argument("--speculative-ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default: 3)")
+    p.add_argument(
+        "--speculative-model", default=None,
+        help="a smaller model of the same tokenizer (folder, .gguf file or hub id) that drafts the tokens, "
+        "as llama.cpp's --model-draft",
+    )
+    p.add_argument(
+        "--speculative-config", type=_json_object, default=None,
+        help='vLLM\'s speculative config as JSON, e.g. \'{"model": "draft.gguf", "num_speculative_tokens": 4}\' '
+        'or \'{"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4}\'',
+    )
     p.add_argument(
         "--enforce-eager", action="store_true",
         help="never torch.compile (by default decode steps run compiled, built at startup: about a minute "
@@ -85,12 +99,26 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         enable_prefix_caching=args.enable_prefix_caching,
         num_speculative_tokens=args.num_speculative_tokens,
         speculative_ngram=args.speculative_ngram,
+        speculative_model=args.speculative_model,
+        speculative_config=args.speculative_config,
         enforce_eager=args.enforce_eager,
         batch_invariant=args.batch_invariant,
         enable_lora=args.enable_lora or bool(getattr(args, "lora", None)),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
     )
+
+
+def _json_object(text: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid JSON {text!r}: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
+    return value
 
 
 def _memory(text: str):

@@ -13,8 +13,9 @@ import torch
 
 from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine
+from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError
-from pangu_infer.loader import LoadedModel, load_model
+from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_model
 from pangu_infer.lora import LoRARequest
 from pangu_infer.models.packed import can_pack, pack_linears
 from pangu_infer.outputs import RequestOutput
@@ -54,6 +55,8 @@ class LLM:
         max_model_len: Optional[int] = None,
         num_speculative_tokens: int = 0,
         speculative_ngram: int = 3,
+        speculative_model: Optional[str] = None,
+        speculative_config: Optional[dict] = None,
         enforce_eager: bool = False,
         batch_invariant: bool = False,
         enable_lora: bool = False,
@@ -62,6 +65,7 @@ class LLM:
     ):
         start = time.perf_counter()
         check_tensor_parallel_size(tensor_parallel_size)
+        spec = speculative_settings(speculative_config, speculative_model, num_speculative_tokens, speculative_ngram)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.engine_config = EngineConfig(
@@ -72,8 +76,9 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
             seed=seed,
-            num_speculative_tokens=num_speculative_tokens,
-            speculative_ngram=speculative_ngram,
+            num_speculative_tokens=spec.num_tokens,
+            speculative_ngram=spec.ngram_max,
+            speculative_ngram_min=spec.ngram_min,
             enforce_eager=enforce_eager,
             batch_invariant=batch_invariant,
             enable_lora=enable_lora,
@@ -91,6 +96,11 @@ class LLM:
                 raise ValueError(
                     f"enable_lora=True with tensor_parallel_size={tensor_parallel_size}: not supported yet "
                     "(adapters are applied in one process); use one process"
+                )
+            if spec.draft_model is not None:
+                raise ValueError(
+                    f"a draft model ({spec.draft_model!r}) with tensor_parallel_size={tensor_parallel_size}: "
+                    "not supported yet; use one process, or prompt lookup"
                 )
             if quantization not in (None, "auto", "none") or offload_experts:
                 raise ValueError(
@@ -117,7 +127,15 @@ class LLM:
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.generation_config = self.loaded.generation_config
-        self.engine = LLMEngine(self.model, self.tokenizer, self.engine_config, self.generation_config)
+        # The draft model of speculative decoding (engine/draft_model.py), loaded like the target.
+        self.draft = None
+        if spec.draft_model is not None:
+            self.draft = _load_draft(spec, self.loaded, self.dtype, self.device, self.engine_config)
+        self.engine = LLMEngine(
+            self.model, self.tokenizer, self.engine_config, self.generation_config,
+            draft_model=self.draft.model if self.draft is not None else None,
+            draft_name=self.draft.source if self.draft is not None else "draft model",
+        )
         if self.parallel is not None:
             pool = self.engine.pool
             self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.dtype)
@@ -134,7 +152,10 @@ class LLM:
         Benchmarks and tests of compiled decode wait. True when decode steps now run compiled;
         False where they cannot (`enforce_eager`, tensor parallel, no compiler, a failed compile,
         the time ran out)."""
-        return self.engine.runner.wait_compiled(timeout)
+        ready = self.engine.runner.wait_compiled(timeout)
+        if self.engine.speculator is not None:  # a draft model's own compiled step
+            ready = self.engine.speculator.wait_compiled(timeout) and ready
+        return ready
 
     # ------------------------------------------------------------------ generation
     def get_tokenizer(self) -> Any:
@@ -355,3 +376,34 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [final[rid] for rid in ids]
+
+
+# Encoded by the target's and the draft's tokenizers: a draft model whose token ids mean other
+# tokens would never be accepted (and only slow decoding down).
+DRAFT_TOKENIZER_PROBE = "Hello, world! 你好，世界。 def f(x):\n    return x ** 2  # 123 émigré"
+
+
+def _load_draft(
+    spec: SpeculativeSettings, target: LoadedModel, dtype: torch.dtype, device: torch.device, ec: EngineConfig
+) -> LoadedModel:
+    """The draft model of speculative decoding, in the target's dtype and on its device; a ValueError
+    naming it when it cannot serve as the target's draft."""
+    name = f"speculative draft model {spec.draft_model!r}"
+    try:
+        draft = load_model(spec.draft_model, dtype, device, quantization=spec.draft_quantization)
+    except ModelNotFoundError as e:  # its message names --model: say it is the draft
+        raise ModelNotFoundError(f"{name}: {str(e).replace('--model ', '', 1)}") from None
+    if can_pack(device, dtype):
+        pack_linears(draft.model)
+    if target.tokenizer is not None and draft.tokenizer is not None:
+        want = target.tokenizer.encode(DRAFT_TOKENIZER_PROBE, add_special_tokens=False)
+        got = draft.tokenizer.encode(DRAFT_TOKENIZER_PROBE, add_special_tokens=False)
+        if want != got:
+            raise ValueError(f"{name}: its tokenizer differs from the target model's (a draft must share the target's tokens)")
+    if draft.config.max_position_embeddings < min(ec.max_model_len or target.config.max_position_embeddings, target.config.max_position_embeddings):
+        raise ValueError(
+            f"{name}: its context ({draft.config.max_position_embeddings} tokens) is shorter than the target's; "
+            "set max_model_len to at most that"
+        )
+    return draft
+

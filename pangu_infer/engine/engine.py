@@ -19,7 +19,8 @@ from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
-from pangu_infer.engine.spec_decode import PromptLookupSpeculator
+from pangu_infer.engine.draft_model import DraftModelSpeculator
+from pangu_infer.engine.spec_decode import PromptLookupSpeculator, Speculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
 from pangu_infer.errors import RequestError
 from pangu_infer.lora import LoRAAdapter, LoRARequest
@@ -45,9 +46,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_model_len: Optional[int] = None
     seed: Optional[int] = None
-    # prompt-lookup speculative decoding: draft tokens per step (0 = off), longest n-gram matched
+    # speculative decoding: draft tokens per step (0 = off), from a draft model given to the engine
+    # or else by prompt lookup, matching n-grams of speculative_ngram down to speculative_ngram_min tokens
     num_speculative_tokens: int = 0
     speculative_ngram: int = 3
+    speculative_ngram_min: int = 1
     # True: never torch.compile. By default decode-only steps run a compiled forward + head, compiled
     # when the engine starts (engine/compiled.py; eager, with one line saying why, where it cannot be)
     enforce_eager: bool = False
@@ -61,13 +64,17 @@ class EngineConfig:
     max_lora_rank: int = 16
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "max_loras", "max_lora_rank"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "speculative_ngram_min", "max_loras", "max_lora_rank"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         k = self.num_speculative_tokens
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise ValueError(f"num_speculative_tokens={k!r} must be an integer >= 0 (0 turns speculation off)")
+        if self.speculative_ngram_min > self.speculative_ngram:
+            raise ValueError(
+                f"speculative_ngram_min={self.speculative_ngram_min} must not exceed speculative_ngram={self.speculative_ngram}"
+            )
         kv = self.kv_cache_memory
         if kv is not None:
             if isinstance(kv, bool) or not isinstance(kv, (int, float)):
@@ -113,7 +120,11 @@ class LLMEngine:
         tokenizer: Any,
         engine_config: Optional[EngineConfig] = None,
         generation_config: Optional[dict] = None,
+        draft_model: Optional[DecoderForCausalLM] = None,
+        draft_name: str = "draft model",
     ):
+        """draft_model: a smaller model of the same tokenizer whose argmax drafts
+        engine_config.num_speculative_tokens tokens per step (engine/draft_model.py)."""
         self.model = model
         self.config: ModelConfig = model.config
         self.tokenizer = tokenizer
@@ -125,6 +136,12 @@ class LLMEngine:
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
         self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        self.draft_model = draft_model
+        if draft_model is not None:
+            if ec.num_speculative_tokens < 1:
+                raise ValueError(f"a draft model needs num_speculative_tokens >= 1 (got {ec.num_speculative_tokens})")
+            if ec.batch_invariant:
+                raise ValueError("a draft model with batch_invariant=True: not supported together (the draft's batches are not batch-invariant)")
         # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py), and
         # the adapters' slots allocated before the KV cache is sized from what memory is left;
         # engines sharing a model share its adapters' slots and their manager.
@@ -148,11 +165,17 @@ class LLMEngine:
             max_num_seqs=ec.max_num_seqs,
         )
         self.sampler = Sampler(seed=ec.seed, batch_invariant=ec.batch_invariant)
-        self.speculator = (
-            PromptLookupSpeculator(ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed)
-            if ec.num_speculative_tokens
-            else None
-        )
+        self.speculator: Optional[Speculator] = None
+        if draft_model is not None:
+            self.speculator = DraftModelSpeculator(
+                draft_model, ec.num_speculative_tokens, num_blocks, ec.block_size, self.device, ec.seed,
+                vocab_size=self.config.vocab_size, max_model_len=self.max_model_len, max_num_seqs=ec.max_num_seqs,
+                max_num_batched_tokens=ec.max_num_batched_tokens, enforce_eager=ec.enforce_eager, name=draft_name,
+            )
+        elif ec.num_speculative_tokens:
+            self.speculator = PromptLookupSpeculator(
+                ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed, ec.speculative_ngram_min
+            )
         self.eos_token_ids = self._eos_ids(generation_config or {})
         self._eos_list = sorted(self.eos_token_ids)  # handed to the sampler every step
         # structured outputs: xgrammar's compiler is built on the first constrained request
@@ -170,13 +193,21 @@ class LLMEngine:
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.1f MiB)",
             num_blocks, ec.block_size, num_blocks * ec.block_size,
-            num_blocks * ec.block_size * self.config.kv_bytes_per_token(self.dtype) / 2**20,
+            num_blocks * ec.block_size * self._kv_bytes_per_token() / 2**20,
         )
 
     # ------------------------------------------------------------------ setup
+    def _kv_bytes_per_token(self) -> int:
+        """The target's KV bytes per token, and the draft model's, which pages by the same blocks."""
+        per_token = self.config.kv_bytes_per_token(self.dtype)
+        if self.draft_model is not None:
+            param = next(self.draft_model.parameters())
+            per_token += self.draft_model.config.kv_bytes_per_token(param.dtype if param.is_floating_point() else torch.bfloat16)
+        return per_token
+
     def _num_blocks(self) -> int:
         ec = self.engine_config
-        per_block = ec.block_size * self.config.kv_bytes_per_token(self.dtype)
+        per_block = ec.block_size * self._kv_bytes_per_token()
         kv = ec.kv_cache_memory
         if kv is None:
             budget = min(DEFAULT_CPU_KV_BYTES, free_memory_bytes(self.device) // 4) if self.device.type == "cpu" else int(0.9 * free_memory_bytes(self.device))
@@ -390,7 +421,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._outputs(touched)
-        drafts = self._propose_drafts(batch) if self.speculator is not None else {}
+        drafts = (
+            self.speculator.propose(batch, self.pool, self.max_model_len, self.engine_config.max_num_batched_tokens - batch.total_tokens)
+            if self.speculator is not None
+            else {}
+        )
         parts = self._forward(batch, drafts, touched)
         self.num_steps += 1
         for seqs, num_tokens, (sampled, logits, prompt_logprobs) in parts:
@@ -503,27 +538,6 @@ class LLMEngine:
                 seq.finish_reason = "error"
                 self.scheduler.finish(seq)
         touched[req.request_id] = req
-
-    def _propose_drafts(self, batch: ScheduledBatch) -> dict[int, list[int]]:
-        """seq_id -> prompt-lookup draft for the step's decode sequences, with KV blocks reserved."""
-        assert self.speculator is not None
-        budget = self.engine_config.max_num_batched_tokens - batch.total_tokens
-        drafts: dict[int, list[int]] = {}
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            if budget < 1:
-                break
-            if n != 1 or seq.num_computed_tokens + 1 != seq.num_tokens or seq.structured is not None:
-                continue  # constrained sequences are not drafted: a draft would bypass their grammar
-            try:
-                draft = self.speculator.draft_for(seq, self.max_model_len, budget)
-            except Exception:  # a draft only saves time: the sequence decodes without one
-                logger.exception("no draft for request %s: proposing one failed", seq.request_id)
-                continue
-            if draft and self.pool.can_allocate(seq, 1 + len(draft)):
-                self.pool.allocate(seq, 1 + len(draft))
-                drafts[seq.seq_id] = draft
-                budget -= len(draft)
-        return drafts
 
     def _accept_drafts(
         self,

@@ -75,6 +75,7 @@ class BlockPool:
         cached = len(seq.block_table) * bs
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
+        seq.draft_computed = cached
         self.prefix_hits += min(cached, seq.num_prompt_tokens)
 
     def register_full_blocks(self, seq: Sequence) -> None:

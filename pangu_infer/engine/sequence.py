@@ -53,6 +53,9 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
+        # Tokens whose draft-model KV is valid (engine/draft_model.py), at most num_computed_tokens
+        # after each step; cached blocks carry the draft's KV as they carry the target's.
+        self.draft_computed = 0
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of this sequence's full blocks
         self.output_text = ""
@@ -127,6 +130,7 @@ class Sequence:
         """Preempted: its blocks are gone; prompt and output so far are prefilled again later."""
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
+        self.draft_computed = 0
         self.block_table = []
         self.block_hashes = []
         self.num_preemptions += 1

@@ -1,20 +1,25 @@
-"""Speculative decoding by prompt lookup: n-gram drafts from the sequence itself, verified in one pass.
+"""Speculative decoding: drafts of up to k tokens per decode sequence, verified in one pass.
 
-Each decode step, a sequence whose last n tokens (n = speculative_ngram down to 1) occurred
-earlier in its prompt or output proposes the up to k tokens that followed that earlier
-occurrence. The runner computes logits at the last token and at every draft token in one
-forward; `verify` then keeps the longest acceptable prefix of the draft plus one token of its own:
+Drafts come from prompt lookup (`PromptLookupSpeculator`: a sequence whose last n tokens, n =
+speculative_ngram down to prompt_lookup_min, occurred earlier in its prompt or output proposes
+the up to k tokens that followed that earlier occurrence) or from a smaller draft model
+(engine/draft_model.py). The runner computes the target's logits at the last token and at every
+draft token in one forward; `verify` then keeps the longest acceptable prefix of the draft plus
+one token of its own:
 
 - greedy rows accept a draft token while it equals the argmax, so the text is the one plain
   greedy decoding writes;
 - sampled rows use standard speculative rejection sampling. The draft is deterministic (q is
-  one-hot), so draft token d is accepted with probability p(d), and on rejection the token is
-  drawn from p with d removed and renormalised; the output follows the target distribution p.
+  one-hot: prompt lookup, or the draft model's argmax), so draft token d is accepted with
+  probability p(d), and on rejection the token is drawn from p with d removed and renormalised;
+  the output follows the target distribution p.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,14 +28,17 @@ from pangu_infer.engine.sampler import _top_k_top_p_threshold
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.sampling_params import SamplingParams
 
+logger = logging.getLogger("pangu_infer.engine")
 
-def propose_ngram_draft(token_ids: list[int], max_ngram: int, num_tokens: int) -> list[int]:
-    """The tokens that followed the latest earlier occurrence of the longest matching suffix."""
+
+def propose_ngram_draft(token_ids: list[int], max_ngram: int, num_tokens: int, min_ngram: int = 1) -> list[int]:
+    """The tokens that followed the latest earlier occurrence of the longest matching suffix of
+    at least min_ngram tokens."""
     n_total = len(token_ids)
     if num_tokens < 1 or n_total < 2:
         return []
     arr = np.asarray(token_ids, dtype=np.int64)
-    for n in range(min(max_ngram, n_total - 1), 0, -1):
+    for n in range(min(max_ngram, n_total - 1), max(min_ngram, 1) - 1, -1):
         suffix = arr[n_total - n :]
         # Windows that start before the suffix itself: arr[i:i+n] for i in [0, n_total - n).
         windows = np.lib.stride_tricks.sliding_window_view(arr[: n_total - 1], n)
@@ -99,11 +107,12 @@ def verify(
     return draft[:accepted] + [token]
 
 
-class PromptLookupSpeculator:
-    """Proposes drafts for a step's decode sequences and counts how many of them were accepted."""
+class Speculator:
+    """What the engine asks of a draft source: `propose` drafts for a step's decode sequences (their
+    KV blocks reserved) and `verify` them against the target's logits; it counts how many draft
+    tokens were accepted."""
 
-    def __init__(self, max_ngram: int, num_tokens: int, device: torch.device, seed: Optional[int]):
-        self.max_ngram = max_ngram
+    def __init__(self, num_tokens: int, device: torch.device, seed: Optional[int]):
         self.num_tokens = num_tokens
         self.generator = torch.Generator(device=device)
         if seed is None:
@@ -113,20 +122,24 @@ class PromptLookupSpeculator:
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
 
-    def draft_for(self, seq: Sequence, max_len: int, budget: int) -> list[int]:
-        """A draft for one decode sequence, capped so that it ends within max_tokens, the model's
-        context (max_len) and the step's spare token budget."""
-        if not can_speculate(seq):
-            return []
-        left = min(
+    @staticmethod
+    def eligible(seq: Sequence, n: int) -> bool:
+        """A decode sequence (one token left to compute) that may be drafted. Constrained sequences
+        are not: a draft would bypass their grammar."""
+        return n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.structured is None and can_speculate(seq)
+
+    def draft_length(self, seq: Sequence, max_len: int, budget: int) -> int:
+        """How many draft tokens a decode sequence may take: up to k, ending within max_tokens, the
+        model's context (max_len) and the step's spare token budget."""
+        return min(
             (seq.params.max_tokens or 0) - len(seq.output_token_ids) - 1,
             max_len - seq.num_tokens - 1,
             budget,
             self.num_tokens,
         )
-        if left < 1:
-            return []
-        return propose_ngram_draft(seq.token_ids, self.max_ngram, left)
+
+    def propose(self, batch: Any, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
+        raise NotImplementedError
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
         tokens = verify(logits, draft, seq.params, seq.generator or self.generator)
@@ -136,3 +149,137 @@ class PromptLookupSpeculator:
 
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def wait_compiled(self, timeout: Optional[float] = None) -> bool:
+        return True
+
+    def describe(self) -> str:
+        raise NotImplementedError
+
+
+class PromptLookupSpeculator(Speculator):
+    """Drafts from the sequence itself: the tokens that followed an earlier occurrence of its last n-gram."""
+
+    def __init__(self, max_ngram: int, num_tokens: int, device: torch.device, seed: Optional[int], min_ngram: int = 1):
+        super().__init__(num_tokens, device, seed)
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+
+    def propose(self, batch: Any, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
+        """seq_id -> draft for the step's decode sequences, with KV blocks reserved."""
+        drafts: dict[int, list[int]] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if budget < 1:
+                break
+            if not self.eligible(seq, n):
+                continue
+            try:
+                draft = self.draft_for(seq, max_len, budget)
+            except Exception:  # a draft only saves time: the sequence decodes without one
+                logger.exception("no draft for request %s: proposing one failed", seq.request_id)
+                continue
+            if draft and pool.can_allocate(seq, 1 + len(draft)):
+                pool.allocate(seq, 1 + len(draft))
+                drafts[seq.seq_id] = draft
+                budget -= len(draft)
+        return drafts
+
+    def draft_for(self, seq: Sequence, max_len: int, budget: int) -> list[int]:
+        """A draft for one decode sequence, capped so that it ends within max_tokens, the model's
+        context (max_len) and the step's spare token budget."""
+        if not can_speculate(seq):
+            return []
+        left = self.draft_length(seq, max_len, budget)
+        if left < 1:
+            return []
+        return propose_ngram_draft(seq.token_ids, self.max_ngram, left, self.min_ngram)
+
+    def describe(self) -> str:
+        return f"prompt lookup {self.num_tokens} tokens"
+
+
+@dataclass
+class SpeculativeSettings:
+    """Speculation as the user asked for it (LLM's arguments or vLLM's speculative_config)."""
+
+    num_tokens: int = 0  # draft tokens per step; 0: off
+    draft_model: Optional[str] = None  # a folder, .gguf file or hub id; None: prompt lookup
+    draft_quantization: str = "auto"
+    ngram_max: int = 3
+    ngram_min: int = 1
+
+
+# A draft model given with no draft length drafts this many tokens per step.
+DEFAULT_DRAFT_MODEL_TOKENS = 4
+SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "quantization")
+
+
+def speculative_settings(
+    speculative_config: Optional[dict],
+    speculative_model: Optional[str] = None,
+    num_speculative_tokens: int = 0,
+    speculative_ngram: int = 3,
+) -> SpeculativeSettings:
+    """vLLM's speculative_config ({"method": "ngram" | "draft_model", "model", "num_speculative_tokens",
+    "prompt_lookup_max", "prompt_lookup_min", "quantization"}), or this engine's own arguments
+    (speculative_model, num_speculative_tokens, speculative_ngram), as one SpeculativeSettings.
+    A field given twice with two values, an unknown key or method, or a bad value is a ValueError
+    naming it."""
+    settings = SpeculativeSettings(num_tokens=num_speculative_tokens, draft_model=speculative_model, ngram_max=speculative_ngram)
+    if speculative_model is not None and (not isinstance(speculative_model, str) or not speculative_model):
+        raise ValueError(f"speculative_model={speculative_model!r} must be a path or hub id")
+    if speculative_config is None:
+        if settings.draft_model is not None and not settings.num_tokens:
+            settings.num_tokens = DEFAULT_DRAFT_MODEL_TOKENS
+        return settings
+    if not isinstance(speculative_config, dict):
+        raise ValueError(f"speculative_config={speculative_config!r} must be a dict (JSON object)")
+    unknown = sorted(set(speculative_config) - set(SPECULATIVE_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"speculative_config: unknown key {unknown[0]!r} (known: {', '.join(SPECULATIVE_CONFIG_KEYS)})")
+    method = speculative_config.get("method")
+    model = speculative_config.get("model")
+    if method not in (None, "ngram", "draft_model"):
+        raise ValueError(f"speculative_config: method {method!r} is not supported (supported: 'ngram', 'draft_model')")
+    if model is not None:
+        if not isinstance(model, str) or not model:
+            raise ValueError(f"speculative_config: model {model!r} must be a path or hub id")
+        if method == "ngram":
+            raise ValueError("speculative_config: method 'ngram' takes no model (drafts come from the prompt)")
+        if settings.draft_model is not None and settings.draft_model != model:
+            raise ValueError(f"speculative_config: model {model!r} differs from speculative_model={settings.draft_model!r}")
+        settings.draft_model = model
+    elif method == "draft_model" and settings.draft_model is None:
+        raise ValueError("speculative_config: method 'draft_model' needs a model")
+    elif method == "ngram" and settings.draft_model is not None:
+        raise ValueError(f"speculative_config: method 'ngram' with speculative_model={settings.draft_model!r}")
+    k = speculative_config.get("num_speculative_tokens")
+    if k is not None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"speculative_config: num_speculative_tokens {k!r} must be a positive integer")
+        if settings.num_tokens and settings.num_tokens != k:
+            raise ValueError(f"speculative_config: num_speculative_tokens {k} differs from num_speculative_tokens={settings.num_tokens}")
+        settings.num_tokens = k
+    if not settings.num_tokens:
+        if settings.draft_model is None:
+            raise ValueError("speculative_config: num_speculative_tokens is required for prompt lookup ('ngram')")
+        settings.num_tokens = DEFAULT_DRAFT_MODEL_TOKENS
+    for key, field_name in (("prompt_lookup_max", "ngram_max"), ("prompt_lookup_min", "ngram_min")):
+        v = speculative_config.get(key)
+        if v is None:
+            continue
+        if settings.draft_model is not None:
+            raise ValueError(f"speculative_config: {key} applies to prompt lookup ('ngram'), not to a draft model")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"speculative_config: {key} {v!r} must be a positive integer")
+        setattr(settings, field_name, v)
+    if settings.ngram_min > settings.ngram_max:
+        raise ValueError(f"speculative_config: prompt_lookup_min {settings.ngram_min} exceeds prompt_lookup_max {settings.ngram_max}")
+    quantization = speculative_config.get("quantization")
+    if quantization is not None:
+        if settings.draft_model is None:
+            raise ValueError("speculative_config: quantization applies to a draft model")
+        if quantization not in ("auto", "none", "int8", "int4"):
+            raise ValueError(f"speculative_config: quantization {quantization!r} must be one of auto, none, int8, int4")
+        settings.draft_quantization = quantization
+    return settings

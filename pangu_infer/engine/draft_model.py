@@ -1,0 +1,161 @@
+"""Speculative decoding with a draft model: a smaller model of the same tokenizer proposes k tokens
+per decode sequence, one at a time, and the target verifies them in one forward (vLLM's
+`speculative_config={"model": ..., "num_speculative_tokens": k}`, llama.cpp's `--model-draft`).
+
+The draft model has a KV cache of its own, run by a ModelRunner of its own, paged by the target's
+block tables: each sequence's draft keys and values lie at the same slots as the target's, so no
+block bookkeeping of its own is needed (the engine sizes its blocks for both caches). The draft
+cache follows the target's: every token the target computes in a step (prefill chunks and
+decodes alike) is computed by the draft in the same step, before the target's forward, in one
+forward with the catch-up of the drafted sequences. `Sequence.draft_computed` counts the tokens
+whose draft KV is valid, of which the draft tokens the target rejected do not count.
+
+Drafts are the draft model's argmax: deterministic, so spec_decode.verify's rejection sampling
+keeps sampled requests on the target's distribution, and greedy requests write the text plain
+greedy decoding writes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from pangu_infer.engine.runner import ModelRunner
+from pangu_infer.engine.scheduler import ScheduledBatch
+from pangu_infer.engine.sequence import Sequence
+from pangu_infer.engine.spec_decode import Speculator
+
+logger = logging.getLogger("pangu_infer.engine")
+
+
+class _DraftView:
+    """What the draft's runner reads of a sequence: its tokens up to `num_tokens`, of which
+    `num_computed_tokens` have draft KV, in the sequence's own blocks. The runner computes logits
+    (to draft from) only where the view's last token is computed; a view that only catches up
+    ends one token past what it computes."""
+
+    __slots__ = ("seq", "seq_id", "token_ids", "num_computed_tokens", "num_tokens", "block_table", "num_prompt_tokens")
+    lora_slot = -1
+    wants_prompt_logprobs = False
+
+    def __init__(self, seq: Sequence, token_ids: list[int], computed: int, num_tokens: int):
+        self.seq = seq
+        self.seq_id = seq.seq_id
+        self.token_ids = token_ids
+        self.num_computed_tokens = computed
+        self.num_tokens = num_tokens
+        self.block_table = seq.block_table
+        self.num_prompt_tokens = seq.num_prompt_tokens
+
+
+class DraftModelSpeculator(Speculator):
+    def __init__(
+        self,
+        model: Any,
+        num_tokens: int,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        seed: Optional[int],
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enforce_eager: bool,
+        name: str = "draft model",
+    ):
+        super().__init__(num_tokens, device, seed)
+        self.model = model
+        self.name = name
+        # Draft tokens are target token ids: the draft's logits past the target's vocabulary are never taken.
+        self.vocab_size = min(vocab_size, model.config.vocab_size)
+        # A sequence whose draft cache lags by more than a step's tokens (a draft forward failed)
+        # catches up by at most this many tokens per step, and is drafted again once it has.
+        self.max_catch_up = max_num_batched_tokens
+        param = next(model.parameters())
+        kv_dtype = param.dtype if param.is_floating_point() else torch.bfloat16
+        self.runner = ModelRunner(
+            model, num_blocks, block_size, kv_dtype, device,
+            enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+        )
+        self.num_draft_forwards = 0
+
+    def propose(self, batch: ScheduledBatch, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
+        """seq_id -> draft for the step's decode sequences (KV blocks reserved for 1 + k tokens),
+        after the draft's cache has taken every token the target computes in this step."""
+        lengths: dict[int, int] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if budget < 1:
+                break
+            if not self.eligible(seq, n) or seq.num_tokens - self._computed(seq) > self.max_catch_up:
+                continue
+            k = self.draft_length(seq, max_len, budget)
+            if k >= 1 and pool.can_allocate(seq, 1 + k):
+                pool.allocate(seq, 1 + k)
+                lengths[seq.seq_id] = k
+                budget -= k
+        try:
+            return self._draft(batch, lengths)
+        except Exception:  # a draft only saves time: the step goes on without drafts
+            logger.exception("the draft model's forward failed; this step decodes without drafts")
+            return {}
+
+    @staticmethod
+    def _computed(seq: Sequence) -> int:
+        """Tokens with valid draft KV: those of the last step's draft tokens that the target kept."""
+        return min(seq.draft_computed, seq.num_computed_tokens)
+
+    def _draft(self, batch: ScheduledBatch, lengths: dict[int, int]) -> dict[int, list[int]]:
+        # First forward: what the target computes in this step, for every sequence, from where each
+        # one's draft cache stands; drafted sequences through their last token, whose logits give
+        # their first draft token.
+        views, counts = [], []
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            start = self._computed(seq)
+            end = min(seq.num_computed_tokens + n, start + self.max_catch_up)
+            if end <= start:
+                continue
+            drafted = seq.seq_id in lengths
+            views.append(_DraftView(seq, seq.token_ids, start, end if drafted else end + 1))
+            counts.append(end - start)
+        drafts: dict[int, list[int]] = {}
+        if views:
+            sampled, logits, _ = self.runner.run(ScheduledBatch(views, counts))
+            self.num_draft_forwards += 1
+            for view, count in zip(views, counts):
+                view.seq.draft_computed = view.num_computed_tokens + count
+            for view, token in zip(sampled, self._argmax(logits)):
+                if view.seq_id in lengths:  # (a compiled step gives logits for every row)
+                    drafts[view.seq_id] = [token]
+        # Then one token at a time: each draft token is the input of the next.
+        seqs = {seq.seq_id: seq for seq in batch.seqs}
+        for j in range(1, max(lengths.values(), default=0)):
+            views = []
+            for seq_id, draft in drafts.items():
+                if len(draft) < lengths[seq_id]:
+                    seq = seqs[seq_id]
+                    tokens = seq.token_ids + draft
+                    views.append(_DraftView(seq, tokens, len(tokens) - 1, len(tokens)))
+            if not views:
+                break
+            sampled, logits, _ = self.runner.run(ScheduledBatch(views, [1] * len(views)))
+            self.num_draft_forwards += 1
+            for view in views:
+                view.seq.draft_computed = view.num_tokens
+            for view, token in zip(sampled, self._argmax(logits)):
+                drafts[view.seq_id].append(token)
+        return drafts
+
+    def _argmax(self, logits: torch.Tensor) -> list[int]:
+        if logits.numel() == 0:  # no row reached its last token (only catch-up)
+            return []
+        return logits[:, : self.vocab_size].argmax(dim=-1).tolist()
+
+    def wait_compiled(self, timeout: Optional[float] = None) -> bool:
+        return self.runner.wait_compiled(timeout)
+
+    def describe(self) -> str:
+        return f"draft model {self.name}, {self.num_tokens} tokens"
