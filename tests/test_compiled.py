@@ -376,3 +376,33 @@ def test_two_models_loaded_at_once_both_decode_compiled(tiny_dense_dir, tiny_mog
     for path, llm in ((tiny_dense_dir, first), (tiny_moge_dir, second)):
         eager = LLM(str(path), enforce_eager=True, **kwargs)
         assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))
+
+
+def test_a_one_token_prompt_chunk_beside_decodes_is_not_sampled_by_the_compiled_step(tiny_dense_dir):
+    """A step budget of 3 tokens: two sequences decode while the third's prompt goes in one token at
+    a time. Those one-token prompt chunks are no decodes: the compiled step (which samples every row)
+    must not take that step, or the third sequence's first token comes from the middle of its prompt."""
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_num_batched_tokens=3)
+    llm = LLM(str(tiny_dense_dir), **kw)
+    assert llm.wait_compiled()
+    prompts = [{"prompt_token_ids": [5, 6]}, {"prompt_token_ids": [7, 8]}, {"prompt_token_ids": list(range(10, 20))}]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    want = _token_ids(LLM(str(tiny_dense_dir), **kw, enforce_eager=True).generate(prompts, params))
+    assert _token_ids(llm.generate(prompts, params)) == want
+
+
+def test_speculative_drafts_are_verified_by_the_compiled_step(tiny_dense_dir):
+    """A decode step with prompt-lookup drafts runs compiled: each drafted sequence's last token and
+    draft tokens are rows of the decode step, and the text is the eager plain engine's."""
+    kw = dict(dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(tiny_dense_dir), **kw, num_speculative_tokens=3)
+    assert llm.wait_compiled()
+    runner = llm.engine.runner
+    compiled, calls = runner.decode_forward, []
+    runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
+    prompts = [{"prompt_token_ids": [5, 6, 7, 8, 9] * 6}, {"prompt_token_ids": [9, 10, 11]}]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = _token_ids(LLM(str(tiny_dense_dir), **kw, enforce_eager=True).generate(prompts, params))
+    assert _token_ids(llm.generate(prompts, params)) == want
+    assert llm.engine.stats()["spec_accepted_tokens"] > 0
+    assert any(rows > 2 for rows in calls)  # steps with drafts ran compiled

@@ -197,17 +197,26 @@ def test_moge_target_with_a_dense_draft(tiny_moge_dir, tiny_dense_dir):
     assert spec.engine.stats()["spec_draft_tokens"] > 0
 
 
-def test_compiled_draft_and_target_keep_the_text(plain, tiny_dense_dir, noisy_draft_dir):
-    """Both decode steps compiled (the draft's one-token forwards run the draft's compiled step)."""
-    spec = LLM(str(tiny_dense_dir), speculative_model=str(noisy_draft_dir), num_speculative_tokens=3,
+@pytest.mark.parametrize("draft", ["self", "noisy"])
+def test_compiled_draft_and_target_keep_the_text(plain, tiny_dense_dir, noisy_draft_dir, draft):
+    """Both decode steps compiled: after the prompt's step, every draft forward (the first one too,
+    catching up two tokens after a wholly accepted draft) and every verification runs compiled."""
+    path = tiny_dense_dir if draft == "self" else noisy_draft_dir
+    spec = LLM(str(tiny_dense_dir), speculative_model=str(path), num_speculative_tokens=3,
                **dict(KW, enforce_eager=False))
     assert spec.wait_compiled()
-    assert spec.engine.speculator.runner.decode_forward is not None
-    calls = []
-    step = spec.engine.speculator.runner.decode_forward
-    spec.engine.speculator.runner.decode_forward = lambda *a: calls.append(1) or step(*a)
-    assert _tokens(spec) == _tokens(plain)
-    assert calls  # the draft's one-token forwards ran compiled
+    speculator = spec.engine.speculator
+    counted = {}
+    for name, runner in (("draft", speculator.runner), ("target", spec.engine.runner)):
+        step, calls = runner.decode_forward, counted.setdefault(name, [])
+        runner.decode_forward = functools.partial(lambda step, calls, *a: calls.append(1) or step(*a), step, calls)
+    forwards, steps = speculator.num_draft_forwards, spec.engine.num_steps
+    assert _tokens(spec, PROMPTS[:1]) == _tokens(plain, PROMPTS[:1])
+    forwards, steps = speculator.num_draft_forwards - forwards, spec.engine.num_steps - steps
+    assert len(counted["draft"]) == forwards - 1  # all but the prompt's
+    assert len(counted["target"]) == steps - 1
+    if draft == "self":
+        assert spec.engine.stats()["spec_acceptance_rate"] == 1.0
 
 
 # ---------------------------------------------------------------------------- refused drafts, config

@@ -33,14 +33,13 @@ logger = logging.getLogger("pangu_infer.engine")
 class _DraftView:
     """What the draft's runner reads of a sequence: its tokens up to `num_tokens`, of which
     `num_computed_tokens` have draft KV, in the sequence's own blocks. The runner computes logits
-    (to draft from) only where the view's last token is computed; a view that only catches up
-    ends one token past what it computes."""
+    where the view's last token is computed; `wants` marks the rows a draft token is taken from."""
 
-    __slots__ = ("seq", "seq_id", "token_ids", "num_computed_tokens", "num_tokens", "block_table", "num_prompt_tokens")
+    __slots__ = ("seq", "seq_id", "token_ids", "num_computed_tokens", "num_tokens", "block_table", "num_prompt_tokens", "wants")
     lora_slot = -1
     wants_prompt_logprobs = False
 
-    def __init__(self, seq: Sequence, token_ids: list[int], computed: int, num_tokens: int):
+    def __init__(self, seq: Sequence, token_ids: list[int], computed: int, num_tokens: int, wants: bool):
         self.seq = seq
         self.seq_id = seq.seq_id
         self.token_ids = token_ids
@@ -48,6 +47,7 @@ class _DraftView:
         self.num_tokens = num_tokens
         self.block_table = seq.block_table
         self.num_prompt_tokens = seq.num_prompt_tokens
+        self.wants = wants
 
 
 class DraftModelSpeculator(Speculator):
@@ -112,23 +112,32 @@ class DraftModelSpeculator(Speculator):
         # First forward: what the target computes in this step, for every sequence, from where each
         # one's draft cache stands; drafted sequences through their last token, whose logits give
         # their first draft token.
-        views, counts = [], []
+        spans = []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             start = self._computed(seq)
             end = min(seq.num_computed_tokens + n, start + self.max_catch_up)
-            if end <= start:
-                continue
-            drafted = seq.seq_id in lengths
-            views.append(_DraftView(seq, seq.token_ids, start, end if drafted else end + 1))
-            counts.append(end - start)
+            if end > start:
+                spans.append((seq, start, end, seq.seq_id in lengths))
+        views: list[_DraftView] = []
+        counts: list[int] = []
+        if all(end - start <= self.num_tokens + 1 for _, start, end, _ in spans):
+            # Decodes, and the one token more after a wholly accepted draft: one row per token (rows
+            # of one sequence see each other's KV), so that the step is decode-only and runs compiled.
+            for seq, start, end, drafted in spans:
+                views += [_DraftView(seq, seq.token_ids, p, p + 1, drafted and p == end - 1) for p in range(start, end)]
+            counts = [1] * len(views)
+        else:  # prefill chunks: a chunk per sequence (logits only for the drafted ones)
+            for seq, start, end, drafted in spans:
+                views.append(_DraftView(seq, seq.token_ids, start, end if drafted else end + 1, drafted))
+                counts.append(end - start)
         drafts: dict[int, list[int]] = {}
         if views:
             sampled, logits, _ = self.runner.run(ScheduledBatch(views, counts))
             self.num_draft_forwards += 1
-            for view, count in zip(views, counts):
-                view.seq.draft_computed = view.num_computed_tokens + count
+            for seq, _, end, _ in spans:
+                seq.draft_computed = end
             for view, token in zip(sampled, self._argmax(logits)):
-                if view.seq_id in lengths:  # (a compiled step gives logits for every row)
+                if view.wants:  # (other rows' logits: a compiled step computes them for every row)
                     drafts[view.seq_id] = [token]
         # Then one token at a time: each draft token is the input of the next.
         seqs = {seq.seq_id: seq for seq in batch.seqs}
@@ -138,7 +147,7 @@ class DraftModelSpeculator(Speculator):
                 if len(draft) < lengths[seq_id]:
                     seq = seqs[seq_id]
                     tokens = seq.token_ids + draft
-                    views.append(_DraftView(seq, tokens, len(tokens) - 1, len(tokens)))
+                    views.append(_DraftView(seq, tokens, len(tokens) - 1, len(tokens), True))
             if not views:
                 break
             sampled, logits, _ = self.runner.run(ScheduledBatch(views, [1] * len(views)))

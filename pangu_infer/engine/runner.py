@@ -271,16 +271,21 @@ class ModelRunner:
     ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
         bs = self.block_size
         drafts = drafts or {}
-        decodes = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if n == 1 and s.seq_id not in drafts]
+        decode_forward = self.decode_forward  # read once: the compile thread may set it meanwhile
+        # A decode: the sequence's last token alone. (A one-token chunk of a prompt is not: nothing
+        # samples from it, so it goes with the prefill chunks.)
+        final = [n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)]
+        if drafts and decode_forward is not None and not self.batch_invariant and all(final):
+            return self._run_drafted_decodes(batch, drafts, decode_forward)
+        decodes = [(s, n) for s, n, f in zip(batch.seqs, batch.num_tokens, final) if f and s.seq_id not in drafts]
         # Shortest context first, so decode attention can pad each group only to its own longest.
         decodes.sort(key=lambda sn: sn[0].num_computed_tokens)
         prefills = [
             (s, n + len(drafts.get(s.seq_id, ())))
-            for s, n in zip(batch.seqs, batch.num_tokens)
-            if n > 1 or s.seq_id in drafts
+            for s, n, f in zip(batch.seqs, batch.num_tokens, final)
+            if not f or s.seq_id in drafts
         ]
         ordered = decodes + prefills
-        decode_forward = self.decode_forward  # read once: the compile thread may set it meanwhile
         compiled = decode_forward is not None and not prefills  # a decode-only step
         lora_slots = self._lora_slots(ordered, compiled) if self.lora is not None else None
 
@@ -346,6 +351,39 @@ class ModelRunner:
             return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
         return sampled, logits, prompt_logprobs
+
+    def _run_drafted_decodes(
+        self, batch: ScheduledBatch, drafts: dict[int, list[int]], decode_forward: Callable
+    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
+        """A step of decodes, some with speculative drafts, through the compiled decode step: each
+        drafted sequence's last token and draft tokens are decode rows of their own, one position
+        after another (every row's K and V are written to the cache before any row attends, so a
+        draft token's row sees the rows before it). Rows stay in sequence order: each sequence's
+        logits rows are contiguous, last token first, as `run` returns them."""
+        bs = self.block_size
+        dev = self.device
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        rows: list[tuple[Sequence, int]] = []
+        for seq in batch.seqs:
+            start = seq.num_computed_tokens
+            tokens = [seq.token_ids[start], *drafts.get(seq.seq_id, ())]
+            input_ids.extend(tokens)
+            for pos in range(start, start + len(tokens)):
+                positions.append(pos)
+                slot_mapping.append(seq.block_table[pos // bs] * bs + pos % bs)
+                rows.append((seq, 1))
+        attn = AttentionBatch(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev))
+        attn.decode_slots, attn.decode_mask = self._decode_slots(rows, [p + 1 for p in positions])
+        lora_slots = [s.lora_slot for s, _ in rows] if self.lora is not None else None
+        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
+        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        with self._binding.lock:
+            self._point_layers()
+            if self.lora is not None:
+                self.lora.set_rows(lora_slots)
+            return list(batch.seqs), decode_forward(ids, pos, attn), {}
 
     @staticmethod
     def _lora_slots(ordered: list[tuple[Sequence, int]], compiled: bool) -> Optional[list[int]]:
