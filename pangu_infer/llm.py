@@ -12,7 +12,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 
 from pangu_infer.device import resolve_device, resolve_dtype
-from pangu_infer.engine.engine import EngineConfig, LLMEngine
+from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_model
@@ -51,6 +51,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         block_size: int = 16,
         kv_cache_memory: Union[None, int, float] = None,
+        kv_cache_dtype: Optional[str] = None,
         enable_prefix_caching: bool = True,
         max_model_len: Optional[int] = None,
         num_speculative_tokens: int = 0,
@@ -73,6 +74,7 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size,
             kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype or "auto",
             enable_prefix_caching=enable_prefix_caching,
             max_model_len=max_model_len,
             seed=seed,
@@ -123,6 +125,9 @@ class LLM:
             # bf16 on CPU: lay the linear weights out for oneDNN once (pangu_infer.models.packed).
             if can_pack(self.device, self.dtype):
                 pack_linears(self.loaded.model)
+            if kv_cache_dtype is None and dtype in (None, "auto"):  # nothing asked: the compact cache where it costs nothing
+                kv = default_kv_cache_dtype(self.loaded.model, self.dtype, self.device)
+                self.engine_config = replace(self.engine_config, kv_cache_dtype=kv)
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -138,7 +143,7 @@ class LLM:
         )
         if self.parallel is not None:
             pool = self.engine.pool
-            self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.dtype)
+            self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.kv_dtype)
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()

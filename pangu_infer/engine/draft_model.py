@@ -57,6 +57,7 @@ class DraftModelSpeculator(Speculator):
         num_tokens: int,
         num_blocks: int,
         block_size: int,
+        kv_dtype: torch.dtype,
         device: torch.device,
         seed: Optional[int],
         *,
@@ -75,8 +76,6 @@ class DraftModelSpeculator(Speculator):
         # A sequence whose draft cache lags by more than a step's tokens (a draft forward failed)
         # catches up by at most this many tokens per step, and is drafted again once it has.
         self.max_catch_up = max_num_batched_tokens
-        param = next(model.parameters())
-        kv_dtype = param.dtype if param.is_floating_point() else torch.bfloat16
         self.runner = ModelRunner(
             model, num_blocks, block_size, kv_dtype, device,
             enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,

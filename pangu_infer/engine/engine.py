@@ -32,6 +32,7 @@ from pangu_infer.sampling_params import SamplingParams
 logger = logging.getLogger("pangu_infer.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -58,6 +59,9 @@ class EngineConfig:
     # (concurrency, arrival order, chunked prefill, preemption, prefix-cache hits):
     # pangu_infer/models/batch_invariant.py. Costs speed (benchmarks/batch_invariant.py).
     batch_invariant: bool = False
+    # The KV cache's dtype: "auto" (the model's dtype, as vLLM) or float32 / bfloat16 / float16
+    # (float16 not on CPU, whose attention kernel reads float32 and bfloat16 caches)
+    kv_cache_dtype: str = "auto"
     # LoRA adapters (PEFT folders) per request, like vLLM's: how many are held at once, their highest rank
     enable_lora: bool = False
     max_loras: int = 4
@@ -92,6 +96,10 @@ class EngineConfig:
             )
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: expected one of {', '.join(KV_CACHE_DTYPES)}"
+            )
         if not isinstance(self.enable_lora, bool):
             raise ValueError(f"enable_lora={self.enable_lora!r} must be True or False")
         if self.enable_lora and self.batch_invariant:
@@ -135,6 +143,9 @@ class LLMEngine:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
+        self.kv_dtype = self.dtype if ec.kv_cache_dtype == "auto" else getattr(torch, ec.kv_cache_dtype)
+        if self.kv_dtype == torch.float16 and self.device.type == "cpu":
+            raise ValueError("kv_cache_dtype='float16' is not supported on CPU (its attention kernel reads float32 and bfloat16 caches): use bfloat16")
         self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.draft_model = draft_model
         if draft_model is not None:
@@ -160,7 +171,7 @@ class LLMEngine:
         )
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(
-            model, num_blocks, ec.block_size, self.dtype, self.device,
+            model, num_blocks, ec.block_size, self.kv_dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,
             max_num_seqs=ec.max_num_seqs,
         )
@@ -168,7 +179,7 @@ class LLMEngine:
         self.speculator: Optional[Speculator] = None
         if draft_model is not None:
             self.speculator = DraftModelSpeculator(
-                draft_model, ec.num_speculative_tokens, num_blocks, ec.block_size, self.device, ec.seed,
+                draft_model, ec.num_speculative_tokens, num_blocks, ec.block_size, self.kv_dtype, self.device, ec.seed,
                 vocab_size=self.config.vocab_size, max_model_len=self.max_model_len, max_num_seqs=ec.max_num_seqs,
                 max_num_batched_tokens=ec.max_num_batched_tokens, enforce_eager=ec.enforce_eager, name=draft_name,
             )
@@ -199,10 +210,9 @@ class LLMEngine:
     # ------------------------------------------------------------------ setup
     def _kv_bytes_per_token(self) -> int:
         """The target's KV bytes per token, and the draft model's, which pages by the same blocks."""
-        per_token = self.config.kv_bytes_per_token(self.dtype)
+        per_token = self.config.kv_bytes_per_token(self.kv_dtype)
         if self.draft_model is not None:
-            param = next(self.draft_model.parameters())
-            per_token += self.draft_model.config.kv_bytes_per_token(param.dtype if param.is_floating_point() else torch.bfloat16)
+            per_token += self.draft_model.config.kv_bytes_per_token(self.kv_dtype)
         return per_token
 
     def _num_blocks(self) -> int:
@@ -629,3 +639,28 @@ def _picks(result: SampleResult, seqs: list[Sequence]) -> Iterator[tuple[int, Op
             top = result.top_logprobs[i] if result.top_logprobs is not None else None
             lp = Logprob(result.token_ids[i], result.logprobs[i], list(top or []))
         yield result.token_ids[i], lp
+
+
+def default_kv_cache_dtype(model: DecoderForCausalLM, dtype: torch.dtype, device: torch.device) -> str:
+    """The KV cache dtype when none is asked for, for a model whose dtype was chosen by default:
+    "bfloat16" on a CPU without native bf16 products, where models run in float32 only for the
+    products' sake (device.cpu_has_bf16), if the attention kernel that reads bf16 caches takes every
+    layer and is the decode attention chosen here: half the memory (twice the context in the same
+    budget, as llama.cpp's f16 cache), the same attention speed (benchmarks/RESULTS.md). Else
+    "auto" (the model's dtype)."""
+    from pangu_infer.device import cpu_has_bf16
+    from pangu_infer.models import bi_attention_kernel
+    from pangu_infer.models.layers import Attention, decode_kernel_chosen
+
+    if device.type != "cpu" or dtype != torch.float32 or cpu_has_bf16():
+        return "auto"
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in layers:
+        k_shape, v_shape = m.cache_shapes(1)
+        if v_shape is None or m.sinks(torch.bfloat16) is not None:
+            return "auto"
+        k, v = torch.empty(k_shape, dtype=torch.bfloat16), torch.empty(v_shape, dtype=torch.bfloat16)
+        if not bi_attention_kernel.takes(m.num_heads, m.head_dim, torch.float32, k, v):
+            return "auto"
+    return "bfloat16" if layers and decode_kernel_chosen(torch.bfloat16) else "auto"
+
