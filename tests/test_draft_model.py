@@ -343,3 +343,33 @@ def test_server_with_a_draft_model(plain, tiny_dense_dir, tmp_path):
     drafted = metric_value(metrics, "pangu_spec_decode_num_draft_tokens_total")
     accepted = metric_value(metrics, "pangu_spec_decode_num_accepted_tokens_total")
     assert drafted > 0 and accepted == drafted  # the draft is the target itself
+
+
+def test_rejection_sampling_with_a_draft_distribution_keeps_the_target_distribution():
+    """Drafts drawn from a q far from p (a draft model's distribution): accepted with probability
+    min(1, p/q), replaced from max(p - q, 0) when not; the first token still follows p."""
+    from pangu_infer.engine.spec_decode import target_probs, verify
+
+    g = torch.Generator().manual_seed(99)
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])
+    params = SamplingParams(temperature=0.9)
+    p = target_probs(logits[:1], params)[0]
+    q = torch.tensor([0.05, 0.05, 0.1, 0.6, 0.2])  # favours what p finds unlikely
+    trials = 4000
+    counts = torch.zeros(5)
+    for _ in range(trials):
+        d = int(torch.multinomial(q, 1, generator=g))
+        counts[verify(logits, [d], params, g, q[None])[0]] += 1
+    tolerance = 4.5 * (p * (1 - p) / trials).sqrt()
+    assert torch.all((counts / trials - p).abs() <= tolerance), (counts / trials, p)
+
+
+def test_sampled_requests_draw_their_drafts_from_the_draft_model(plain, tiny_dense_dir):
+    """At temperature 1 a draft equal to the target, drawing its drafts from its own distribution,
+    is accepted (nearly) every time; drafting its argmax instead would be accepted only as often
+    as the target happens to sample its argmax."""
+    spec = LLM(str(tiny_dense_dir), speculative_model=str(tiny_dense_dir), num_speculative_tokens=3, **KW)
+    params = SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=3)
+    spec.generate(PROMPTS, params, use_tqdm=False)
+    stats = spec.engine.stats()
+    assert stats["spec_draft_tokens"] > 50 and stats["spec_acceptance_rate"] > 0.97, stats

@@ -10,9 +10,11 @@ decodes alike) is computed by the draft in the same step, before the target's fo
 forward with the catch-up of the drafted sequences. `Sequence.draft_computed` counts the tokens
 whose draft KV is valid, of which the draft tokens the target rejected do not count.
 
-Drafts are the draft model's argmax: deterministic, so spec_decode.verify's rejection sampling
-keeps sampled requests on the target's distribution, and greedy requests write the text plain
-greedy decoding writes.
+Greedy requests draft the draft model's argmax, and write the text plain greedy decoding writes.
+Sampled requests draw their drafts from the draft model's distribution under their own temperature,
+top-k/top-p and min-p, kept for verification: spec_decode.verify's rejection sampling then keeps
+them on the target's distribution, and accepts more than an argmax draft would where the two
+models agree.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
-from pangu_infer.engine.spec_decode import Speculator
+from pangu_infer.engine.spec_decode import Speculator, target_probs
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -73,6 +75,7 @@ class DraftModelSpeculator(Speculator):
         self.name = name
         # Draft tokens are target token ids: the draft's logits past the target's vocabulary are never taken.
         self.vocab_size = min(vocab_size, model.config.vocab_size)
+        self.target_vocab = vocab_size
         # A sequence whose draft cache lags by more than a step's tokens (a draft forward failed)
         # catches up by at most this many tokens per step, and is drafted again once it has.
         self.max_catch_up = max_num_batched_tokens
@@ -81,11 +84,14 @@ class DraftModelSpeculator(Speculator):
             enforce_eager=enforce_eager, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
         )
         self.num_draft_forwards = 0
+        # seq_id -> [k, V] distributions the step's sampled drafts were drawn from (verify reads them)
+        self._probs: dict[int, list[torch.Tensor]] = {}
 
     def propose(self, batch: ScheduledBatch, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
         """seq_id -> draft for the step's decode sequences (KV blocks reserved for 1 + k tokens),
         after the draft's cache has taken every token the target computes in this step."""
         lengths: dict[int, int] = {}
+        self._probs = {}
         for seq, n in zip(batch.seqs, batch.num_tokens):
             if budget < 1:
                 break
@@ -135,9 +141,9 @@ class DraftModelSpeculator(Speculator):
             self.num_draft_forwards += 1
             for seq, _, end, _ in spans:
                 seq.draft_computed = end
-            for view, token in zip(sampled, self._argmax(logits)):
+            for view, row in zip(sampled, logits):
                 if view.wants:  # (other rows' logits: a compiled step computes them for every row)
-                    drafts[view.seq_id] = [token]
+                    drafts[view.seq_id] = [self._pick(view.seq, row)]
         # Then one token at a time: each draft token is the input of the next.
         seqs = {seq.seq_id: seq for seq in batch.seqs}
         for j in range(1, max(lengths.values(), default=0)):
@@ -153,14 +159,27 @@ class DraftModelSpeculator(Speculator):
             self.num_draft_forwards += 1
             for view in views:
                 view.seq.draft_computed = view.num_tokens
-            for view, token in zip(sampled, self._argmax(logits)):
-                drafts[view.seq_id].append(token)
+            for view, row in zip(sampled, logits):
+                drafts[view.seq_id].append(self._pick(view.seq, row))
         return drafts
 
-    def _argmax(self, logits: torch.Tensor) -> list[int]:
-        if logits.numel() == 0:  # no row reached its last token (only catch-up)
-            return []
-        return logits[:, : self.vocab_size].argmax(dim=-1).tolist()
+    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
+        """One draft token from the draft's logits: the argmax for greedy requests, else drawn from
+        the distribution the request samples from (kept for verification, over the target's vocabulary)."""
+        logits = logits[: self.vocab_size]
+        if seq.params.greedy:
+            return int(logits.argmax())
+        q = target_probs(logits[None].float(), seq.params)[0]
+        generator = seq.generator or self.generator
+        token = int(torch.multinomial(q.to(generator.device), 1, generator=generator))
+        if q.shape[0] < self.target_vocab:
+            q = torch.nn.functional.pad(q, (0, self.target_vocab - q.shape[0]))
+        self._probs.setdefault(seq.seq_id, []).append(q)
+        return token
+
+    def draft_probs(self, seq: Sequence) -> Optional[torch.Tensor]:
+        probs = self._probs.pop(seq.seq_id, None)
+        return None if probs is None else torch.stack(probs)
 
     def wait_compiled(self, timeout: Optional[float] = None) -> bool:
         return self.runner.wait_compiled(timeout)

@@ -9,10 +9,12 @@ one token of its own:
 
 - greedy rows accept a draft token while it equals the argmax, so the text is the one plain
   greedy decoding writes;
-- sampled rows use standard speculative rejection sampling. The draft is deterministic (q is
-  one-hot: prompt lookup, or the draft model's argmax), so draft token d is accepted with
-  probability p(d), and on rejection the token is drawn from p with d removed and renormalised;
-  the output follows the target distribution p.
+- sampled rows use standard speculative rejection sampling: draft token d, drawn from the
+  draft's distribution q, is accepted with probability min(1, p(d) / q(d)), and on rejection the
+  token is drawn from max(p - q, 0) renormalised; the output follows the target distribution p.
+  Prompt lookup's drafts are deterministic (q one-hot: d is accepted with probability p(d), and
+  the residual is p with d removed); a draft model samples its drafts from its own distribution
+  under the request's temperature, top-k/top-p and min-p (greedy requests take its argmax).
 """
 
 from __future__ import annotations
@@ -79,10 +81,16 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def verify(
-    logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator
+    logits: torch.Tensor,
+    draft: list[int],
+    params: SamplingParams,
+    generator: torch.Generator,
+    draft_probs: Optional[torch.Tensor] = None,
 ) -> list[int]:
     """logits [len(draft) + 1, V]: row j scores the token after draft[:j]. Returns the accepted
-    draft prefix followed by one token chosen by the target model (1 to len(draft) + 1 tokens)."""
+    draft prefix followed by one token chosen by the target model (1 to len(draft) + 1 tokens).
+    draft_probs [len(draft), V]: the distribution each draft token was drawn from (None: the
+    draft is deterministic, q one-hot)."""
     k = len(draft)
     assert logits.shape[0] == k + 1, (tuple(logits.shape), k)
     if params.greedy:
@@ -94,6 +102,8 @@ def verify(
     probs = target_probs(logits, params)
     draft_t = torch.tensor(draft, device=logits.device, dtype=torch.long)
     p_draft = probs[:k].gather(1, draft_t[:, None]).squeeze(1)
+    if draft_probs is not None:  # accepted with probability min(1, p/q); q(d) > 0, d was drawn from q
+        p_draft = p_draft / draft_probs.gather(1, draft_t[:, None]).squeeze(1)
     u = torch.rand(k, device=generator.device, generator=generator).to(logits.device)
     rejected = (u >= p_draft).nonzero()
     if rejected.numel() == 0:
@@ -101,8 +111,13 @@ def verify(
         accepted = k
     else:
         accepted = int(rejected[0, 0])
-        last = probs[accepted].clone()
-        last[draft[accepted]] = 0.0  # the residual max(p - q, 0) with a one-hot q
+        if draft_probs is None:
+            last = probs[accepted].clone()
+            last[draft[accepted]] = 0.0  # the residual max(p - q, 0) with a one-hot q
+        else:
+            last = (probs[accepted] - draft_probs[accepted]).clamp_(min=0)
+            if not last.sum() > 0:  # p == q up to rounding: nothing left over; p itself
+                last = probs[accepted]
     token = int(torch.multinomial(last.to(generator.device), 1, generator=generator))
     return draft[:accepted] + [token]
 
@@ -141,8 +156,12 @@ class Speculator:
     def propose(self, batch: Any, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
         raise NotImplementedError
 
+    def draft_probs(self, seq: Sequence) -> Optional[torch.Tensor]:
+        """The distributions this step's draft for `seq` was drawn from ([k, V]), or None (deterministic)."""
+        return None
+
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
-        tokens = verify(logits, draft, seq.params, seq.generator or self.generator)
+        tokens = verify(logits, draft, seq.params, seq.generator or self.generator, self.draft_probs(seq))
         self.num_draft_tokens += len(draft)
         self.num_accepted_tokens += len(tokens) - 1
         return tokens
