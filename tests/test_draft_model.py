@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import math
 import subprocess
 import sys
 
@@ -16,9 +15,8 @@ from pangu_infer import LLM, SamplingParams
 from pangu_infer.engine.engine import EngineConfig, LLMEngine
 from pangu_infer.engine.spec_decode import speculative_settings
 from pangu_infer.loader import load_model
-from pangu_infer.loader.random import pangu_dense_config, random_state_dict, write_checkpoint
 from fixtures_models import build_tiny_model
-from test_spec_decode import _chi_square_p_value
+from test_spec_decode import CYCLIC_SAMPLES, assert_samples_follow_the_target, write_cyclic_model
 
 PROMPTS = [
     {"prompt_token_ids": [5, 17, 300, 42, 9, 120, 77, 8, 64, 900] * 3},
@@ -148,43 +146,11 @@ def test_sampled_requests_follow_the_target_distribution(tmp_path):
     """600 sampled completions of 4 tokens with 2-token drafts from another random model (accepted,
     rejected and bonus tokens all occur) follow the target's joint distribution of those 4 tokens,
     computed exactly from full forwards (as tests/test_spec_decode.py does for prompt lookup)."""
-    vocab, num_tokens, samples, temperature = 4, 4, 600, 2.0
-    config = pangu_dense_config(vocab_size=vocab, eos_token_id=2)
-    state = random_state_dict(config, seed=5)
-    state["lm_head.weight"] += 0.1 * state["model.embed_tokens.weight"].roll(1, 0)
-    write_checkpoint(str(tmp_path / "target"), config, state)
-    draft_state = random_state_dict(config, seed=6)
-    draft_state["lm_head.weight"] += 0.1 * draft_state["model.embed_tokens.weight"].roll(1, 0)
-    write_checkpoint(str(tmp_path / "draft"), config, draft_state)
-    cpu = torch.device("cpu")
-    model = load_model(str(tmp_path / "target"), torch.float32, cpu, load_tokenizer=False).model
-    draft = load_model(str(tmp_path / "draft"), torch.float32, cpu, load_tokenizer=False).model
-    prompt = list(range(vocab)) * 6
+    model = write_cyclic_model(tmp_path / "target", seed=5)
+    draft = write_cyclic_model(tmp_path / "draft", seed=6)
     cfg = EngineConfig(max_num_seqs=256, num_speculative_tokens=2, seed=0, kv_cache_memory=16 << 20, enforce_eager=True)
-    engine = LLMEngine(model, None, cfg, draft_model=draft)
-    params = SamplingParams(temperature=temperature, max_tokens=num_tokens, ignore_eos=True)
-    for i in range(samples):
-        engine.add_request(str(i), prompt, params)
-    counts = torch.zeros((vocab,) * num_tokens)
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                counts[tuple(out.outputs[0].token_ids)] += 1
-
-    @functools.cache
-    def next_token_probs(prefix: tuple[int, ...]) -> torch.Tensor:
-        ids = torch.tensor(prompt + list(prefix))
-        with torch.inference_mode():
-            logits = model.compute_logits(model(ids, torch.arange(len(ids))))[-1]
-        return torch.softmax(logits.double() / temperature, dim=-1)
-
-    target = torch.zeros(counts.shape, dtype=torch.float64)
-    for tokens in itertools.product(range(vocab), repeat=num_tokens):
-        target[tokens] = math.prod(next_token_probs(tokens[:i])[t].item() for i, t in enumerate(tokens))
-    p_value = _chi_square_p_value(counts, target)
-    assert p_value > 1e-3, f"chi-square p = {p_value:.3g}"
-    stats = engine.stats()
-    assert stats["spec_draft_tokens"] >= samples and 0.1 < stats["spec_acceptance_rate"] < 0.9, stats
+    stats = assert_samples_follow_the_target(LLMEngine(model, None, cfg, draft_model=draft), model)
+    assert stats["spec_draft_tokens"] >= CYCLIC_SAMPLES and 0.1 < stats["spec_acceptance_rate"] < 0.9, stats
 
 
 def test_moge_target_with_a_dense_draft(tiny_moge_dir, tiny_dense_dir):

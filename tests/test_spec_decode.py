@@ -138,16 +138,34 @@ def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path
     here, while accepting every draft, keeping the draft token in the residual, drawing the bonus
     token from the wrong row, accepting with probability sqrt(p) or verifying at temperature 1 each
     give p < 1e-14."""
-    vocab, num_tokens, samples, temperature = 4, 4, 600, 2.0
-    config = pangu_dense_config(vocab_size=vocab, eos_token_id=2)
-    state = random_state_dict(config, seed=5)
-    state["lm_head.weight"] += 0.1 * state["model.embed_tokens.weight"].roll(1, 0)  # token j more likely after j - 1
-    write_checkpoint(str(tmp_path), config, state)
-    model = load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False).model
-    prompt = list(range(vocab)) * 6
+    model = write_cyclic_model(tmp_path, seed=5)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=256, num_speculative_tokens=2, seed=0, kv_cache_memory=16 << 20, enforce_eager=True))
+    stats = assert_samples_follow_the_target(engine, model)
+    assert stats["spec_draft_tokens"] >= CYCLIC_SAMPLES and 0.2 < stats["spec_acceptance_rate"] < 0.8, stats  # both outcomes seen
+
+
+# The end-to-end distribution tests: a 4-token vocabulary, completions of 4 tokens at temperature 2.
+CYCLIC_VOCAB, CYCLIC_TOKENS, CYCLIC_SAMPLES, CYCLIC_TEMPERATURE = 4, 4, 600, 2.0
+
+
+def write_cyclic_model(directory, seed: int):
+    """A random model of CYCLIC_VOCAB tokens whose head favours token i+1 after token i, written to
+    `directory` and loaded (float32, CPU)."""
+    config = pangu_dense_config(vocab_size=CYCLIC_VOCAB, eos_token_id=2)
+    state = random_state_dict(config, seed=seed)
+    state["lm_head.weight"] += 0.1 * state["model.embed_tokens.weight"].roll(1, 0)  # token j more likely after j - 1
+    write_checkpoint(str(directory), config, state)
+    return load_model(str(directory), torch.float32, torch.device("cpu"), load_tokenizer=False).model
+
+
+def assert_samples_follow_the_target(engine, model) -> dict:
+    """CYCLIC_SAMPLES sampled completions through `engine` follow the joint distribution of their
+    CYCLIC_TOKENS tokens under `model` alone, computed exactly from full forwards (Pearson's test,
+    p > 1e-3); returns the engine's stats."""
+    vocab, num_tokens, temperature = CYCLIC_VOCAB, CYCLIC_TOKENS, CYCLIC_TEMPERATURE
+    prompt = list(range(vocab)) * 6
     params = SamplingParams(temperature=temperature, max_tokens=num_tokens, ignore_eos=True)
-    for i in range(samples):
+    for i in range(CYCLIC_SAMPLES):
         engine.add_request(str(i), prompt, params)
     counts = torch.zeros((vocab,) * num_tokens)
     while engine.has_unfinished_requests():
@@ -167,10 +185,9 @@ def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path
         target[tokens] = math.prod(next_token_probs(tokens[:i])[t].item() for i, t in enumerate(tokens))
     assert abs(target.sum().item() - 1) < 1e-9
     p_value = _chi_square_p_value(counts, target)
-    total_variation = 0.5 * (counts / samples - target).abs().sum().item()
+    total_variation = 0.5 * (counts / CYCLIC_SAMPLES - target).abs().sum().item()
     assert p_value > 1e-3, f"chi-square p = {p_value:.3g}, total variation {total_variation:.3f}"
-    stats = engine.stats()  # the test saw both outcomes of verification
-    assert stats["spec_draft_tokens"] >= samples and 0.2 < stats["spec_acceptance_rate"] < 0.8, stats
+    return engine.stats()
 
 
 @pytest.mark.parametrize("steer", ["logit_bias", "allowed_token_ids"])
