@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help=f"random token ids, or a block of {REPEAT_PERIOD} random ids repeated (what prompt lookup speeds up)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--lora", default=None, metavar="PATH", help="run every request with this LoRA adapter (a PEFT folder)")
+    p.add_argument("--lora", default=None, metavar="PATH", help="run every request with this LoRA adapter (a PEFT folder or a GGUF adapter file)")
     p.add_argument(
         "--bandwidth-buffer", type=_memory, default=1 << 30,
         help="bytes the memory-bandwidth read streams through; larger than the caches (default: 1GiB)",

@@ -81,7 +81,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="every request's tokens and logprobs bitwise the same whatever else is in the batch "
         "(greedy and seeded requests; costs speed, see the README)",
     )
-    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT folders) beside the base model")
+    p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT folders or GGUF adapter files) beside the base model")
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters held at once (default: 4)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the highest LoRA rank accepted (default: 16, as vLLM; each adapter slot is this wide)")
 
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(g)
     add_sampling_arguments(g)
     g.add_argument("--prompt", required=True, help="the prompt text")
-    g.add_argument("--lora", default=None, metavar="PATH", help="answer with this LoRA adapter (a PEFT folder) on the model")
+    g.add_argument("--lora", default=None, metavar="PATH", help="answer with this LoRA adapter (a PEFT folder or a GGUF adapter file, as llama.cpp's --lora) on the model")
     g.add_argument("--stats", action="store_true", help="print the load time and tokens/s to stderr")
 
     c = sub.add_parser(
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask this instead of reading stdin (repeatable; /commands work here too)",
     )
     c.add_argument("--stats", action="store_true", help="print the load time, and tokens/s after each reply")
-    c.add_argument("--lora", default=None, metavar="PATH", help="chat with this LoRA adapter (a PEFT folder) on the model")
+    c.add_argument("--lora", default=None, metavar="PATH", help="chat with this LoRA adapter (a PEFT folder or a GGUF adapter file) on the model")
 
     for name, (module, help_text) in EXTERNAL_COMMANDS.items():
         p = sub.add_parser(name, help=help_text)

@@ -1,7 +1,8 @@
-"""LoRA adapters as PEFT writes them (adapter_config.json + adapter_model.safetensors), served
-beside the base model like vLLM's: `LLM(..., enable_lora=True)` and a `LoRARequest` per request.
+"""LoRA adapters as PEFT writes them (adapter_config.json + adapter_model.safetensors), or as
+llama.cpp's convert_lora_to_gguf.py writes them (one .gguf file), served beside the base model like
+vLLM's: `LLM(..., enable_lora=True)` and a `LoRARequest` per request.
 
-This module reads and checks an adapter folder against a model's projections
+This module reads and checks an adapter against a model's projections
 (models/lora.LoRAState.shapes); the engine installs what it returns (engine/engine.py, add_lora).
 """
 
@@ -12,6 +13,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,7 +40,7 @@ class LoRARequest:
         if not isinstance(self.lora_int_id, int) or isinstance(self.lora_int_id, bool) or self.lora_int_id < 1:
             raise ValueError(f"lora_int_id={self.lora_int_id!r} must be a positive integer")
         if not isinstance(self.lora_path, (str, os.PathLike)) or not str(self.lora_path):
-            raise ValueError(f"lora_path={self.lora_path!r} must be the path of an adapter folder")
+            raise ValueError(f"lora_path={self.lora_path!r} must be the path of an adapter folder or .gguf file")
 
 
 @dataclass
@@ -120,13 +122,22 @@ def _config(path: str) -> dict:
 
 
 def read_lora_adapter(
-    path: str, shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype, device: torch.device
+    path: str,
+    shapes: dict[str, tuple[int, int]],
+    max_rank: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    heads: Optional[tuple[int, int]] = None,
 ) -> LoRAAdapter:
-    """Read a PEFT adapter folder for a model whose targetable projections are `shapes` (HF module
-    name -> (in, out)); ValueError naming the folder and what does not fit."""
+    """Read a PEFT adapter folder, or a llama.cpp GGUF adapter file, for a model whose targetable
+    projections are `shapes` (HF module name -> (in, out)) and whose attention has `heads` (query,
+    key/value) heads; ValueError naming the adapter and what does not fit."""
     from safetensors import SafetensorError, safe_open
 
-    path = resolve_adapter_path(os.fspath(path))
+    path = os.fspath(path)
+    if path.endswith(".gguf") and os.path.isfile(os.path.expanduser(path)):
+        return _read_gguf_adapter(os.path.expanduser(path), shapes, max_rank, dtype, device, heads)
+    path = resolve_adapter_path(path)
     cfg = _config(path)
     file = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(file):
@@ -160,26 +171,108 @@ def read_lora_adapter(
         if set(ab) != {"A", "B"}:
             raise ValueError(f"LoRA adapter {path!r}: {module!r} has lora_{''.join(ab)} but not lora_{'AB'.replace(''.join(ab), '')}")
         a, b = ab["A"], ab["B"]
-        n_in, n_out = shapes[module]
         r = _pattern_value(rank_pattern, module, cfg["r"])
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"LoRA adapter {path!r}: {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; this model needs "
-                f"A [r, {n_in}] and B [{n_out}, r] (is the adapter for another model?)"
-            )
-        if a.shape[0] != r:
-            raise ValueError(f"LoRA adapter {path!r}: {module!r} has rank {a.shape[0]}, its config says r={r}")
-        if r > max_rank:
-            raise ValueError(
-                f"LoRA adapter {path!r}: rank {r} of {module!r} is above max_lora_rank={max_rank} (raise --max-lora-rank)"
-            )
         alpha = _pattern_value(alpha_pattern, module, cfg["lora_alpha"])
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        if not torch.isfinite(a).all() or not torch.isfinite(b).all():
-            raise ValueError(f"LoRA adapter {path!r}: {module!r} holds non-finite values")
-        modules[module] = (
-            a.to(device=device, dtype=dtype).contiguous(),
-            (b.float() * scale).to(device=device, dtype=dtype).contiguous(),
-        )
+        modules[module] = _checked_pair(path, module, a, b, shapes, max_rank, scale, dtype, device)
+        if a.shape[0] != r:
+            raise ValueError(f"LoRA adapter {path!r}: {module!r} has rank {a.shape[0]}, its config says r={r}")
         top = max(top, r)
+    return LoRAAdapter(path, top, modules)
+
+
+def _checked_pair(
+    path: str, module: str, a: torch.Tensor, b: torch.Tensor, shapes: dict[str, tuple[int, int]], max_rank: int,
+    scale: float, dtype: torch.dtype, device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B * scale) of one projection, in the slots' dtype and device, once its shapes, rank and
+    values are checked against the model."""
+    n_in, n_out = shapes[module]
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != n_in or b.shape[0] != n_out or a.shape[0] != b.shape[1]:
+        raise ValueError(
+            f"LoRA adapter {path!r}: {module!r} has A {tuple(a.shape)} and B {tuple(b.shape)}; this model needs "
+            f"A [r, {n_in}] and B [{n_out}, r] (is the adapter for another model?)"
+        )
+    r = a.shape[0]
+    if r > max_rank:
+        raise ValueError(f"LoRA adapter {path!r}: rank {r} of {module!r} is above max_lora_rank={max_rank} (raise --max-lora-rank)")
+    if not torch.isfinite(a).all() or not torch.isfinite(b).all():
+        raise ValueError(f"LoRA adapter {path!r}: {module!r} holds non-finite values")
+    return a.to(device=device, dtype=dtype).contiguous(), (b.float() * scale).to(device=device, dtype=dtype).contiguous()
+
+
+def _read_gguf_adapter(
+    path: str, shapes: dict[str, tuple[int, int]], max_rank: int, dtype: torch.dtype, device: torch.device,
+    heads: Optional[tuple[int, int]],
+) -> LoRAAdapter:
+    """A GGUF LoRA adapter as llama.cpp's convert_lora_to_gguf.py writes it: general.type "adapter",
+    adapter.type "lora", adapter.lora.alpha, and per projection `blk.N.<tensor>.weight.lora_a` (A,
+    [r, in]) and `.lora_b` (B, [out, r]) in f32/f16/bf16/q8_0. Scaled as llama.cpp scales it:
+    alpha / r, or 1 where alpha is 0. For GGUF architecture `llama` the converter reordered the
+    q/k projections' rows (LlamaModel.permute), and with them B's rows: put back in HF order."""
+    from pangu_infer.loader.gguf import ARCHITECTURES, GGUFError, _dequantize, _hf_name, _Metadata, unpermute_rows
+    from pangu_infer.loader.gguf_index import read_gguf_index
+
+    def refuse(why: str) -> ValueError:
+        return ValueError(f"LoRA adapter {path!r}: {why}")
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise refuse("a .gguf file that is not GGUF")
+    try:
+        reader = read_gguf_index(path)
+    except ValueError as e:
+        raise refuse(f"cannot read the GGUF file ({e})") from None
+    md = _Metadata(reader.metadata, path)
+    if md.get("general.type", None) != "adapter":
+        raise refuse(f"general.type={md.get('general.type', None)!r}: a GGUF model, not an adapter (serve it with --model)")
+    if md.get("adapter.type", None) != "lora":
+        raise refuse(f"adapter.type={md.get('adapter.type', None)!r} is not supported (only lora adapters are)")
+    if "adapter.alora.invocation_tokens" in md:
+        raise refuse("an activated LoRA (adapter.alora.invocation_tokens) is not supported")
+    arch = md.get("general.architecture", None)
+    if arch not in ARCHITECTURES:
+        raise refuse(f"general.architecture={arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    try:
+        alpha = md.float("adapter.lora.alpha", 0.0)
+    except GGUFError as e:
+        raise refuse(str(e)) from None
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for t in reader.tensors:
+        base, _, kind = t.name.rpartition(".")
+        try:
+            hf = _hf_name(base, arch, 1 << 30, path) if kind in ("lora_a", "lora_b") else None
+        except GGUFError:
+            hf = None
+        if hf is None or not hf.endswith(".weight"):
+            raise refuse(f"tensor {t.name!r} is not a LoRA A/B matrix of a linear layer (norms or embeddings an adapter replaces are not applied)")
+        module = hf[: -len(".weight")]
+        if module not in shapes:
+            raise refuse(
+                f"tensor {t.name!r} targets {module!r}, which this engine cannot apply LoRA to (it applies it to the "
+                "q/k/v/o projections and the dense MLPs' gate/up/down of this model)"
+            )
+        try:
+            pairs.setdefault(module, {})[kind[-1].upper()] = _dequantize(t, path).float()
+        except GGUFError as e:
+            raise refuse(str(e)) from None
+    if not pairs:
+        raise refuse("the file holds no LoRA tensors")
+    permuted = ARCHITECTURES[arch][2]
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    top = 0
+    for module, ab in sorted(pairs.items()):
+        if set(ab) != {"A", "B"}:
+            raise refuse(f"{module!r} has lora_{''.join(ab).lower()} but not lora_{'AB'.replace(''.join(ab), '').lower()}")
+        a, b = ab["A"], ab["B"]
+        if permuted and module.endswith((".q_proj", ".k_proj")):
+            if heads is None:
+                raise refuse("its q/k rows are in llama.cpp's order and this model's head counts are unknown")
+            n_head = heads[0] if module.endswith(".q_proj") else heads[1]
+            if b.dim() != 2 or b.shape[0] % (2 * n_head):
+                raise refuse(f"{module!r} has B {tuple(b.shape)}, not rows of {n_head} heads (is the adapter for another model?)")
+            b = unpermute_rows(b, n_head)
+        rank = a.shape[0] if a.dim() == 2 else 0
+        modules[module] = _checked_pair(path, module, a, b, shapes, max_rank, alpha / rank if alpha and rank else 1.0, dtype, device)
+        top = max(top, rank)
     return LoRAAdapter(path, top, modules)

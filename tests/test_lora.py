@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -419,3 +420,100 @@ def test_an_adapter_path_that_is_a_hub_id_is_downloaded(monkeypatch, lora_llm, l
     with pytest.raises(ValueError, match="is a file; pass the adapter's folder"):
         lora_llm.engine.add_lora(LoRARequest("file", 9, str(tmp_path / "file.txt")))
     assert lora_llm.engine.remove_lora("hub")
+
+
+# ---------------------------------------------------------------------------- GGUF adapters (llama.cpp's)
+
+_GGUF_MODULES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                 "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+
+
+def write_gguf_adapter(path, adapter, config: dict, arch: str, qtype=None, extra=None):
+    """A PEFT adapter written as llama.cpp's convert_lora_to_gguf.py writes it: general.type
+    "adapter", adapter.type "lora", adapter.lora.alpha, and per projection
+    blk.N.<tensor>.weight.lora_a (A) / .lora_b (B); for GGUF architecture `llama` the q/k B rows in
+    the converter's order (LlamaModel.permute, as it reorders the base weights' rows)."""
+    import gguf
+    from safetensors.torch import load_file
+
+    from fixtures_gguf import llama_cpp_permute
+
+    lora_config = json.loads((adapter.path / "adapter_config.json").read_text())
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_config["lora_alpha"]))
+    for key, value in (extra or {}).items():
+        w.add_string(key, value)
+    for name, t in load_file(str(adapter.path / "adapter_model.safetensors")).items():
+        m = re.fullmatch(r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight", name)
+        x = t.float()
+        if arch == "llama" and m[3] == "B" and m[2] in ("q_proj", "k_proj"):
+            x = llama_cpp_permute(x, config["num_attention_heads"] if m[2] == "q_proj" else config["num_key_value_heads"])
+        arr = x.numpy()
+        gguf_name = f"blk.{m[1]}.{_GGUF_MODULES[m[2]]}.weight.lora_{m[3].lower()}"
+        try:
+            if qtype is None:
+                raise gguf.QuantError("f32")
+            w.add_tensor(gguf_name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        except gguf.QuantError:  # rows shorter than a block (B's rank): the converter falls back to f16 there
+            w.add_tensor(gguf_name, arr.astype(np.float16) if qtype is not None else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "pangu-embedded"])
+def test_a_gguf_adapter_as_llama_cpp_writes_it_matches_peft(tmp_path, lora_llm, lora_adapters, tiny_dense_config, arch):
+    """PEFT's "full" adapter converted to a GGUF file (llama.cpp's layout, q/k rows reordered for
+    `llama`) gives PEFT's tokens and prompt logprobs, as llama.cpp's `--lora` would apply it."""
+    path = write_gguf_adapter(tmp_path / f"full-{arch}.gguf", lora_adapters["full"], tiny_dense_config, arch)
+    req = LoRARequest(f"gguf-{arch}", 50 + len(arch), str(path))
+    outs = lora_llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY, lora_request=req, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outs] == [lora_adapters["full"].greedy(p, 8) for p in PROMPTS]
+    ids = PROMPTS[2]
+    out = lora_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), lora_request=req, use_tqdm=False)[0]
+    ref = lora_adapters["full"].logits(ids).log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert (torch.tensor([e.logprob for e in out.prompt_logprobs[1:]]) - ref).abs().max().item() <= 1e-4
+    lora_llm.engine.remove_lora(req.lora_name)
+
+
+def test_a_q8_0_gguf_adapter_is_close_to_peft(tmp_path, lora_llm, lora_adapters, tiny_dense_config):
+    """convert_lora_to_gguf.py --outtype q8_0: the blocks are dequantized as gguf does."""
+    import gguf
+
+    path = write_gguf_adapter(tmp_path / "full-q8.gguf", lora_adapters["full"], tiny_dense_config, "llama", gguf.GGMLQuantizationType.Q8_0)
+    req = LoRARequest("gguf-q8", 60, str(path))
+    ids = PROMPTS[2]
+    out = lora_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=0), lora_request=req, use_tqdm=False)[0]
+    ref = lora_adapters["full"].logits(ids).log_softmax(-1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    moved = (torch.tensor([e.logprob for e in out.prompt_logprobs[1:]]) - ref).abs()
+    # Q8_0's rounding of these large random A matrices (B, of rank 8, stays f16): hundredths
+    assert moved.mean().item() <= 0.03 and moved.max().item() <= 0.25, moved
+    lora_llm.engine.remove_lora(req.lora_name)
+
+
+def test_bad_gguf_adapters_are_value_errors_naming_the_file(tmp_path, lora_llm, lora_adapters, tiny_dense_config):
+    import gguf
+
+    def refused(path, message):
+        with pytest.raises(ValueError, match=message):
+            lora_llm.engine.read_lora(LoRARequest("bad", 70, str(path)))
+
+    model = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(model), "llama")
+    w.add_tensor("blk.0.attn_q.weight", torch.zeros(64, 64).numpy())
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    refused(model, "general.type=None: a GGUF model, not an adapter")
+    alora = write_gguf_adapter(tmp_path / "alora.gguf", lora_adapters["full"], tiny_dense_config, "llama",
+                               extra={"adapter.alora.invocation_tokens": "x"})
+    refused(alora, "activated LoRA")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    refused(tmp_path / "junk.gguf", "junk.gguf.*not GGUF")
+    other = tmp_path / "other.gguf"
+    bigger = dict(tiny_dense_config, hidden_size=128, intermediate_size=256)
+    big_adapter = make_peft_adapter(tmp_path / "big", bigger, 3, r=4, lora_alpha=8, target_modules=["v_proj"])
+    write_gguf_adapter(other, big_adapter, bigger, "pangu-embedded")
+    refused(other, "another model")

@@ -33,7 +33,7 @@ class LoRAManager:
     def read(self, request: LoRARequest) -> LoRAAdapter:
         """Read and check the adapter's folder (no change to the engine: safe from any thread)."""
         s = self.state
-        return read_lora_adapter(request.lora_path, s.shapes(), s.max_rank, s.dtype, s.device)
+        return read_lora_adapter(request.lora_path, s.shapes(), s.max_rank, s.dtype, s.device, s.heads)
 
     def holds(self, request: LoRARequest) -> bool:
         """Whether the adapter is loaded under its name (a dict lookup: safe from another thread)."""

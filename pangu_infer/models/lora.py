@@ -41,6 +41,8 @@ class LoRAState:
         self.column_slots = torch.arange(slots * max_rank, device=device) // max_rank
         self.active = False  # an eager step has rows with an adapter (the compiled step always applies them)
         self.manager: Optional[object] = None  # the engine-side LoRAManager over these slots (engine/lora.py)
+        # (query, key/value) attention heads: a GGUF adapter's q/k rows are put back in HF order by head
+        self.heads: Optional[tuple[int, int]] = None
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """HF module name -> (in_features, out_features) of that projection."""
@@ -121,6 +123,9 @@ def enable_lora(
             )
         return existing
     state = LoRAState(slots, max_rank, max_rows, dtype, device)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        state.heads = (cfg.num_attention_heads, cfg.num_key_value_heads)
     wrappers: dict[str, tuple[LoRALinear, int]] = {}  # module path -> (wrapper, output width)
     for name in model.expected_weight_names():
         m = _TARGET.match(name)
