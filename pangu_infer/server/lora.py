@@ -98,7 +98,7 @@ def add_startup_adapters(llm: Any, modules: list[LoRAModulePath], served_model_n
 
 class LoadLoRAAdapterRequest(_Request):
     lora_name: str = Field(description="the name requests give as their model")
-    lora_path: str = Field(description="a PEFT adapter folder on the server (adapter_config.json, adapter_model.safetensors)")
+    lora_path: str = Field(description="a PEFT adapter folder on the server (adapter_config.json, adapter_model.safetensors), or a GGUF adapter file")
     load_inplace: bool = Field(False, description="replace an adapter already loaded under this name")
 
 
@@ -124,7 +124,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         if not name.strip():
             raise APIError(400, "lora_name is empty; give the adapter a name", param="lora_name")
         if not path.strip():
-            raise APIError(400, "lora_path is empty; give the adapter's folder", param="lora_path")
+            raise APIError(400, "lora_path is empty; give the adapter's folder or .gguf file", param="lora_path")
         if name == state.model_name:
             raise APIError(400, f"lora_name {short_repr(name)} is the served model's name; give the adapter another", param="lora_name")
         async with updates:
