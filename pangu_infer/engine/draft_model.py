@@ -27,7 +27,7 @@ import torch
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
-from pangu_infer.engine.spec_decode import Speculator, target_probs
+from pangu_infer.engine.spec_decode import Speculator, rows_probs
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -141,9 +141,9 @@ class DraftModelSpeculator(Speculator):
             self.num_draft_forwards += 1
             for seq, _, end, _ in spans:
                 seq.draft_computed = end
-            for view, row in zip(sampled, logits):
-                if view.wants:  # (other rows' logits: a compiled step computes them for every row)
-                    drafts[view.seq_id] = [self._pick(view.seq, row)]
+            wanted = [i for i, view in enumerate(sampled) if view.wants]  # (a compiled step gives every row's logits)
+            for i, token in zip(wanted, self._pick([sampled[i].seq for i in wanted], logits, wanted)):
+                drafts[sampled[i].seq_id] = [token]
         # Then one token at a time: each draft token is the input of the next.
         seqs = {seq.seq_id: seq for seq in batch.seqs}
         for j in range(1, max(lengths.values(), default=0)):
@@ -159,23 +159,28 @@ class DraftModelSpeculator(Speculator):
             self.num_draft_forwards += 1
             for view in views:
                 view.seq.draft_computed = view.num_tokens
-            for view, row in zip(sampled, logits):
-                drafts[view.seq_id].append(self._pick(view.seq, row))
+            for view, token in zip(sampled, self._pick([v.seq for v in sampled], logits, range(len(sampled)))):
+                drafts[view.seq_id].append(token)
         return drafts
 
-    def _pick(self, seq: Sequence, logits: torch.Tensor) -> int:
-        """One draft token from the draft's logits: the argmax for greedy requests, else drawn from
-        the distribution the request samples from (kept for verification, over the target's vocabulary)."""
-        logits = logits[: self.vocab_size]
-        if seq.params.greedy:
-            return int(logits.argmax())
-        q = target_probs(logits[None].float(), seq.params)[0]
-        generator = seq.generator or self.generator
-        token = int(torch.multinomial(q.to(generator.device), 1, generator=generator))
-        if q.shape[0] < self.target_vocab:
-            q = torch.nn.functional.pad(q, (0, self.target_vocab - q.shape[0]))
-        self._probs.setdefault(seq.seq_id, []).append(q)
-        return token
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor, rows) -> list[int]:
+        """A draft token for each sequence from its row of the draft's logits: the argmax for greedy
+        requests, else drawn from the distribution the request samples from (all sampled rows in one
+        pass; kept for verification, over the target's vocabulary)."""
+        if not seqs:
+            return []
+        logits = logits[list(rows), : self.vocab_size]
+        tokens = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
+        if sampled:
+            probs = rows_probs(logits[sampled].float(), [seqs[i].params for i in sampled])
+            if probs.shape[1] < self.target_vocab:
+                probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
+            for i, q in zip(sampled, probs):
+                generator = seqs[i].generator or self.generator
+                tokens[i] = int(torch.multinomial(q.to(generator.device), 1, generator=generator))
+                self._probs.setdefault(seqs[i].seq_id, []).append(q)
+        return tokens
 
     def draft_probs(self, seq: Sequence) -> Optional[torch.Tensor]:
         probs = self._probs.pop(seq.seq_id, None)

@@ -69,13 +69,20 @@ def can_speculate(seq: Sequence) -> bool:
 
 def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution the sampler draws from, per row: temperature, top-k/top-p, min-p."""
-    scaled = logits / params.temperature
-    if params.top_k or params.top_p < 1:
-        threshold = _top_k_top_p_threshold(scaled, [params] * scaled.shape[0])
+    return rows_probs(logits, [params] * logits.shape[0])
+
+
+def rows_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """target_probs with each row's own sampling parameters, in one pass over the batch."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    scaled = logits / temperature[:, None]
+    if any(p.top_k or p.top_p < 1 for p in params):
+        threshold = _top_k_top_p_threshold(scaled, params)
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
     probs = scaled.softmax(dim=-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * params.min_p, 0.0)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
+        probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
