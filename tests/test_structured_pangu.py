@@ -109,8 +109,8 @@ def test_random_pangu_regex_choice_and_schema_in_one_batch(random_llm):
 
 
 def test_constraint_survives_preemption_and_speculation(tiny_dense_dir):
-    """A KV pool too small for every sequence at once preempts (recompute keeps the matcher valid);
-    prompt-lookup speculation skips constrained sequences."""
+    """A KV pool too small for every sequence at once preempts (recompute keeps the matcher valid),
+    beside prompt-lookup drafts checked against each sequence's grammar."""
     config = ModelConfig.from_hf_dict(json.loads((tiny_dense_dir / "config.json").read_text()))
     pool_tokens = 64  # 6 sequences of up to ~30 tokens need ~180
     llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, block_size=4, max_num_seqs=8, num_speculative_tokens=3,
@@ -169,3 +169,35 @@ def test_server_reasoning_budget_flag(thinking_dense_dir, tmp_path_factory, pang
         out = client.chat.completions.create(model=server.model, messages=MESSAGES, temperature=0, max_tokens=20,
                                              extra_body={"max_reasoning_tokens": 50})
         assert out.choices[0].message.reasoning_content.strip() == SCRIPTED_REASONING
+
+
+SPEC_SCHEMA = {
+    "type": "array", "minItems": 3, "maxItems": 3,
+    "items": {"type": "object", "properties": {"name": {"enum": ["alpha", "beta"]}, "count": {"enum": [1, 2, 3]}},
+              "required": ["name", "count"], "additionalProperties": False},
+}
+
+
+@pytest.mark.parametrize("speculation", ["prompt lookup", "draft model"])
+def test_constrained_requests_take_speculative_drafts_and_keep_their_tokens(tiny_dense_dir, speculation):
+    """A JSON schema whose output repeats its keys: drafts (prompt lookup, or a draft model equal to
+    the target) are cut to what the grammar allows and verified under its masks, so the greedy tokens
+    are those of decoding without drafts, drafts are accepted, and sampled replies stay valid."""
+    kw = dict(dtype="float32", kv_cache_memory=16 << 20, enforce_eager=True)
+    spec_kw = {"num_speculative_tokens": 4}
+    if speculation == "draft model":
+        spec_kw["speculative_model"] = str(tiny_dense_dir)
+    plain, spec = LLM(str(tiny_dense_dir), **kw), LLM(str(tiny_dense_dir), **kw, **spec_kw)
+    constrained = StructuredOutputsParams(json=SPEC_SCHEMA)
+    greedy = SamplingParams(temperature=0, max_tokens=200, structured_outputs=constrained)
+    prompts = ["List three items.", "Again:"]
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, greedy, use_tqdm=False)]
+    got = spec.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    for o in got:
+        jsonschema.validate(json.loads(o.outputs[0].text), SPEC_SCHEMA)
+    stats = spec.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0, stats
+    sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=200, n=3, structured_outputs=constrained)
+    for c in spec.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs:
+        jsonschema.validate(json.loads(c.text), SPEC_SCHEMA)

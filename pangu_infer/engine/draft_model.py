@@ -86,6 +86,7 @@ class DraftModelSpeculator(Speculator):
         self.num_draft_forwards = 0
         # seq_id -> [k, V] distributions the step's sampled drafts were drawn from (verify reads them)
         self._probs: dict[int, list[torch.Tensor]] = {}
+        self._advanced: dict[int, tuple[Any, int]] = {}
 
     def propose(self, batch: ScheduledBatch, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
         """seq_id -> draft for the step's decode sequences (KV blocks reserved for 1 + k tokens),
@@ -102,11 +103,15 @@ class DraftModelSpeculator(Speculator):
                 pool.allocate(seq, 1 + k)
                 lengths[seq.seq_id] = k
                 budget -= k
+        self._advanced: dict[int, tuple[Any, int]] = {}  # seq_id -> (its grammar state, draft tokens it took)
         try:
             return self._draft(batch, lengths)
         except Exception:  # a draft only saves time: the step goes on without drafts
             logger.exception("the draft model's forward failed; this step decodes without drafts")
             return {}
+        finally:  # grammars back where the sequences stand (the engine checks and verifies the drafts)
+            for state, n in self._advanced.values():
+                state.rollback(n)
 
     @staticmethod
     def _computed(seq: Sequence) -> int:
@@ -170,6 +175,10 @@ class DraftModelSpeculator(Speculator):
         if not seqs:
             return []
         logits = logits[list(rows), : self.vocab_size]
+        # A constrained sequence drafts what its grammar allows, the grammar advanced past each draft token
+        constrained = [i for i, seq in enumerate(seqs) if seq.structured is not None]
+        for i in constrained:
+            seqs[i].structured.draft_step(logits[i])
         tokens = logits.argmax(dim=-1).tolist()
         sampled = [i for i, seq in enumerate(seqs) if not seq.params.greedy]
         if sampled:
@@ -180,6 +189,11 @@ class DraftModelSpeculator(Speculator):
                 generator = seqs[i].generator or self.generator
                 tokens[i] = int(torch.multinomial(q.to(generator.device), 1, generator=generator))
                 self._probs.setdefault(seqs[i].seq_id, []).append(q)
+        for i in constrained:
+            state = seqs[i].structured
+            _, n = self._advanced.get(seqs[i].seq_id, (state, 0))
+            if state.draft_accept(tokens[i]):
+                self._advanced[seqs[i].seq_id] = (state, n + 1)
         return tokens
 
     def draft_probs(self, seq: Sequence) -> Optional[torch.Tensor]:

@@ -21,7 +21,7 @@ from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.draft_model import DraftModelSpeculator
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator, Speculator
-from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, think_markers
+from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, apply_bitmask, think_markers
 from pangu_infer.errors import RequestError
 from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
@@ -436,6 +436,8 @@ class LLMEngine:
             if self.speculator is not None
             else {}
         )
+        if drafts:
+            drafts = self._grammar_drafts(batch, drafts, touched)
         parts = self._forward(batch, drafts, touched)
         self.num_steps += 1
         for seqs, num_tokens, (sampled, logits, prompt_logprobs) in parts:
@@ -549,6 +551,25 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         touched[req.request_id] = req
 
+    def _grammar_drafts(
+        self, batch: ScheduledBatch, drafts: dict[int, list[int]], touched: dict[str, _Request]
+    ) -> dict[int, list[int]]:
+        """Constrained sequences' drafts cut to the prefix their grammar allows (none left: no draft)."""
+        for seq in batch.seqs:
+            draft = drafts.get(seq.seq_id)
+            if draft is None or seq.structured is None:
+                continue
+            try:
+                n = seq.structured.valid_prefix(draft)
+            except Exception as e:  # its own grammar state: this request alone ends
+                self._fail(self.requests[seq.request_id], e, touched)
+                n = 0
+            if n:
+                drafts[seq.seq_id] = draft[:n]
+            else:
+                del drafts[seq.seq_id]
+        return drafts
+
     def _accept_drafts(
         self,
         sampled: list[Sequence],
@@ -575,6 +596,11 @@ class LLMEngine:
                 continue  # another sequence of its request failed
             req = self.requests[seq.request_id]
             try:
+                if seq.structured is not None:  # verified under the grammar's masks at each position
+                    bitmask = allocate_bitmask(len(draft) + 1, rows.shape[1])
+                    masked = seq.structured.draft_masks(draft, bitmask)
+                    if masked:
+                        apply_bitmask(rows, bitmask, masked)
                 tokens = self.speculator.verify(seq, rows, draft)
                 # The last input token and the accepted draft tokens now have valid KV entries.
                 seq.num_computed_tokens += len(tokens)

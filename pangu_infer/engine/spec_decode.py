@@ -146,9 +146,13 @@ class Speculator:
 
     @staticmethod
     def eligible(seq: Sequence, n: int) -> bool:
-        """A decode sequence (one token left to compute) that may be drafted. Constrained sequences
-        are not: a draft would bypass their grammar."""
-        return n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens and seq.structured is None and can_speculate(seq)
+        """A decode sequence (one token left to compute) that may be drafted. A constrained one only
+        in its answer under a grammar, whose drafts the engine cuts to what the grammar allows and
+        verifies under its masks (LLMEngine._grammar_drafts)."""
+        return (
+            n == 1 and seq.num_computed_tokens + 1 == seq.num_tokens
+            and (seq.structured is None or seq.structured.draftable()) and can_speculate(seq)
+        )
 
     def draft_length(self, seq: Sequence, max_len: int, budget: int) -> int:
         """How many draft tokens a decode sequence may take: up to k, ending within max_tokens, the
@@ -168,7 +172,8 @@ class Speculator:
         return None
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
-        tokens = verify(logits, draft, seq.params, seq.generator or self.generator, self.draft_probs(seq))
+        q = self.draft_probs(seq)
+        tokens = verify(logits, draft, seq.params, seq.generator or self.generator, None if q is None else q[: len(draft)])
         self.num_draft_tokens += len(draft)
         self.num_accepted_tokens += len(tokens) - 1
         return tokens

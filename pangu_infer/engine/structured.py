@@ -175,6 +175,53 @@ class StructuredState:
             return self.budget is not None and self.reasoning_tokens >= self.budget
         return self.matcher is not None and not self.matcher.is_terminated()
 
+    def draftable(self) -> bool:
+        """Speculative drafts can be checked here: the answer, under a grammar not yet ended."""
+        return self.phase == "answer" and self.matcher is not None and not self.matcher.is_terminated()
+
+    def valid_prefix(self, draft: list[int]) -> int:
+        """How many leading draft tokens the grammar allows from here (the matcher is left as it was)."""
+        n = 0
+        for token in draft:
+            if self.matcher.is_terminated() or not self.matcher.accept_token(token):
+                break
+            n += 1
+        if n:
+            self.matcher.rollback(n)
+        return n
+
+    def draft_step(self, logits: torch.Tensor) -> None:
+        """Mask, in place, a draft model's logits row [V] for the next draft token from here."""
+        if not self.matcher.is_terminated():
+            bitmask = allocate_bitmask(1, logits.shape[-1])
+            self.matcher.fill_next_token_bitmask(bitmask, 0)
+            apply_bitmask(logits[None], bitmask, [0])
+
+    def draft_accept(self, token: int) -> bool:
+        """Advance past a draft token for now (the drafter rolls back what it advanced: rollback)."""
+        return not self.matcher.is_terminated() and self.matcher.accept_token(token)
+
+    def rollback(self, n: int) -> None:
+        if n:
+            self.matcher.rollback(n)
+
+    def draft_masks(self, draft: list[int], bitmask: torch.Tensor) -> list[int]:
+        """Bitmask row j: the tokens the grammar allows after draft[:j], for j = 0..len(draft) (the
+        rows a draft is verified on; a draft is a valid_prefix). Returns the rows filled: none past the
+        grammar's end, which allows nothing more (needs_mask). The matcher is left as it was."""
+        rows, accepted = [], 0
+        for j in range(len(draft) + 1):
+            if self.matcher.is_terminated():
+                break
+            self.matcher.fill_next_token_bitmask(bitmask, j)
+            rows.append(j)
+            if j == len(draft) or not self.matcher.accept_token(draft[j]):
+                break
+            accepted += 1
+        if accepted:
+            self.matcher.rollback(accepted)
+        return rows
+
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this sequence's allowed tokens into row `row` of an xgrammar bitmask (needs_mask() is true)."""
         if self.phase == "thinking":  # the budget is spent: only [unused17]
