@@ -48,7 +48,8 @@ def prompts(llm: LLM, questions: list[str]) -> list[dict]:
     return ids
 
 
-def run(llm: LLM, batch: list[dict], params: SamplingParams, together: bool) -> tuple[float, list[list[int]]]:
+def run(llm: LLM, batch: list, params: SamplingParams, together: bool) -> tuple[float, list[list[int]]]:
+    """Tokens/s of the prompts (token-id dicts or strings), one at a time or together, and the replies' tokens."""
     start = time.perf_counter()
     if together:
         outs = llm.generate(batch, params, use_tqdm=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,17 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pangu_infer import LLM, SamplingParams  # noqa: E402
 from pangu_infer.loader import demo_model_path  # noqa: E402
 from pangu_infer.sampling_params import StructuredOutputsParams  # noqa: E402
+from draft_model import run  # noqa: E402  (one prompt at a time, or all at once: tokens/s and the replies)
 from structured import ORDER_SCHEMA  # noqa: E402
 
 PROMPTS = ["An order for a coffee shop:", "Write a clothing order as JSON:", "Order list:", "Another order:"]
-
-
-def run(llm: LLM, prompts: list[str], params: SamplingParams, together: bool) -> tuple[float, list[list[int]]]:
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False) if together else [llm.generate(p, params, use_tqdm=False)[0] for p in prompts]
-    elapsed = time.perf_counter() - start
-    tokens = [o.outputs[0].token_ids for o in outs]
-    return sum(len(t) for t in tokens) / elapsed, tokens
 
 
 def main() -> None:
