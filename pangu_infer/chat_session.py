@@ -123,7 +123,9 @@ class ChatSession:
         if reply.stopped:
             self.say("[stopped]")
         if self.stats:
-            self.say(f"[{reply.tokens} tokens, {reply.tokens / max(reply.seconds, 1e-9):.1f} tokens/s]")
+            from pangu_infer.engine.spec_decode import acceptance_words
+
+            self.say(f"[{reply.tokens} tokens, {reply.tokens / max(reply.seconds, 1e-9):.1f} tokens/s{acceptance_words(self.llm.engine)}]")
 
 
 def run_chat(llm, args: argparse.Namespace, params: SamplingParams, out: Optional[TextIO] = None) -> int:

@@ -299,6 +299,8 @@ def load_line(llm) -> str:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from pangu_infer.engine.spec_decode import acceptance_words
+
     llm = _load(args)
     params = sampling_params(llm, args)
     start = time.perf_counter()
@@ -307,7 +309,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(out.outputs[0].text)
     if args.stats:
         n = len(out.outputs[0].token_ids)
-        print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s{acceptance_words(llm.engine)}]", file=sys.stderr)
     return 0
 
 

@@ -156,10 +156,12 @@ class LLM:
         (at most `timeout` seconds). Nothing needs to: until it is ready, decode steps run eagerly.
         Benchmarks and tests of compiled decode wait. True when decode steps now run compiled;
         False where they cannot (`enforce_eager`, tensor parallel, no compiler, a failed compile,
-        the time ran out)."""
+        the time ran out). With a draft model, its compiled step too, within the same `timeout`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         ready = self.engine.runner.wait_compiled(timeout)
         if self.engine.speculator is not None:  # a draft model's own compiled step
-            ready = self.engine.speculator.wait_compiled(timeout) and ready
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = self.engine.speculator.wait_compiled(left) and ready
         return ready
 
     # ------------------------------------------------------------------ generation

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 import subprocess
 import sys
 
@@ -262,10 +263,11 @@ def test_cli_generate_with_a_draft_model(tiny_dense_dir):
     out = subprocess.run(
         [sys.executable, "-m", "pangu_infer", "generate", "--model", str(tiny_dense_dir), "--prompt", "Hello",
          "--max-tokens", "8", "--temperature", "0", "--enforce-eager", "--dtype", "float32",
-         "--speculative-model", str(tiny_dense_dir), "--num-speculative-tokens", "3"],
+         "--speculative-model", str(tiny_dense_dir), "--num-speculative-tokens", "3", "--stats"],
         capture_output=True, text=True, timeout=300,
     )
     assert out.returncode == 0, out.stderr
+    assert re.search(r"8 tokens in .* drafts accepted \d+/\d+ \(\d+%\)\]", out.stderr), out.stderr
     plain = subprocess.run(
         [sys.executable, "-m", "pangu_infer", "generate", "--model", str(tiny_dense_dir), "--prompt", "Hello",
          "--max-tokens", "8", "--temperature", "0", "--enforce-eager", "--dtype", "float32"],

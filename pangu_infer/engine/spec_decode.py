@@ -229,6 +229,14 @@ class PromptLookupSpeculator(Speculator):
         return f"prompt lookup {self.num_tokens} tokens"
 
 
+def acceptance_words(engine: Any) -> str:
+    """--stats' words on speculative decoding where it runs: the draft tokens accepted so far."""
+    if engine.speculator is None:
+        return ""
+    stats = engine.stats()
+    return f", drafts accepted {stats['spec_accepted_tokens']}/{stats['spec_draft_tokens']} ({stats['spec_acceptance_rate']:.0%})"
+
+
 @dataclass
 class SpeculativeSettings:
     """Speculation as the user asked for it (LLM's arguments or vLLM's speculative_config)."""
