@@ -273,6 +273,8 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     """Set to -inf, in place, every logit of `rows` whose bit in the matching bitmask row is 0."""
     import xgrammar as xgr
 
+    if bitmask.device != logits.device:  # (masks are filled on the CPU; xgrammar's GPU kernels read them there)
+        bitmask = bitmask.to(logits.device, non_blocking=True)
     if len(rows) == logits.shape[0]:
         xgr.apply_token_bitmask_inplace(logits, bitmask, vocab_size=logits.shape[1])
     else:
