@@ -168,9 +168,7 @@ def read_lora_adapter(
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     top = 0
     for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"LoRA adapter {path!r}: {module!r} has lora_{''.join(ab)} but not lora_{'AB'.replace(''.join(ab), '')}")
-        a, b = ab["A"], ab["B"]
+        a, b = _both_halves(path, module, ab)
         r = _pattern_value(rank_pattern, module, cfg["r"])
         alpha = _pattern_value(alpha_pattern, module, cfg["lora_alpha"])
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
@@ -179,6 +177,16 @@ def read_lora_adapter(
             raise ValueError(f"LoRA adapter {path!r}: {module!r} has rank {a.shape[0]}, its config says r={r}")
         top = max(top, r)
     return LoRAAdapter(path, top, modules)
+
+
+def _both_halves(path: str, module: str, ab: dict[str, torch.Tensor], lower: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A module's (A, B) from {"A": ..., "B": ...}; a ValueError naming the half it lacks, spelled
+    as the format names its tensors (lora_A in PEFT's, lora_a with `lower` in GGUF's)."""
+    if set(ab) != {"A", "B"}:
+        have = "".join(ab)
+        spell = str.lower if lower else str
+        raise ValueError(f"LoRA adapter {path!r}: {module!r} has lora_{spell(have)} but not lora_{spell('AB'.replace(have, ''))}")
+    return ab["A"], ab["B"]
 
 
 def _checked_pair(
@@ -262,9 +270,7 @@ def _read_gguf_adapter(
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     top = 0
     for module, ab in sorted(pairs.items()):
-        if set(ab) != {"A", "B"}:
-            raise refuse(f"{module!r} has lora_{''.join(ab).lower()} but not lora_{'AB'.replace(''.join(ab), '').lower()}")
-        a, b = ab["A"], ab["B"]
+        a, b = _both_halves(path, module, ab, lower=True)
         if permuted and module.endswith((".q_proj", ".k_proj")):
             if heads is None:
                 raise refuse("its q/k rows are in llama.cpp's order and this model's head counts are unknown")

@@ -675,18 +675,16 @@ def default_kv_cache_dtype(model: DecoderForCausalLM, dtype: torch.dtype, device
     budget, as llama.cpp's f16 cache), the same attention speed (benchmarks/RESULTS.md). Else
     "auto" (the model's dtype)."""
     from pangu_infer.device import cpu_has_bf16
-    from pangu_infer.models import bi_attention_kernel
-    from pangu_infer.models.layers import Attention, decode_kernel_chosen
+    from pangu_infer.models.layers import Attention, decode_kernel_chosen, decode_kernel_takes
 
     if device.type != "cpu" or dtype != torch.float32 or cpu_has_bf16():
         return "auto"
     layers = [m for m in model.modules() if isinstance(m, Attention)]
     for m in layers:
-        k_shape, v_shape = m.cache_shapes(1)
-        if v_shape is None or m.sinks(torch.bfloat16) is not None:
-            return "auto"
-        k, v = torch.empty(k_shape, dtype=torch.bfloat16), torch.empty(v_shape, dtype=torch.bfloat16)
-        if not bi_attention_kernel.takes(m.num_heads, m.head_dim, torch.float32, k, v):
+        k_shape, v_shape = m.cache_shapes(1)  # (one slot: the kernel looks at shapes and dtypes only)
+        k = torch.empty(k_shape, dtype=torch.bfloat16)
+        v = None if v_shape is None else torch.empty(v_shape, dtype=torch.bfloat16)
+        if not decode_kernel_takes(m, torch.bfloat16, k, v):
             return "auto"
     return "bfloat16" if layers and decode_kernel_chosen(torch.bfloat16) else "auto"
 

@@ -25,7 +25,7 @@ from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models import bi_attention_kernel
-from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice, decode_kernel_chosen
+from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice, decode_kernel_chosen, decode_kernel_takes
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -134,8 +134,7 @@ class ModelRunner:
         the layer and is the faster form here (layers.decode_kernel_chosen), else gathered K/V and
         two products. The batch-invariant mode calls its own kernel."""
         takes = [
-            not self.batch_invariant and self.device.type == "cpu" and m.sinks(kv_dtype) is None
-            and bi_attention_kernel.takes(m.num_heads, m.head_dim, kv_dtype, k, v)  # queries in the cache's dtype
+            not self.batch_invariant and self.device.type == "cpu" and decode_kernel_takes(m, kv_dtype, k, v)
             for m, k, v in zip(self.attention_layers, self.k_caches, self.v_caches)
         ]
         chosen = any(takes) and decode_kernel_chosen(kv_dtype)

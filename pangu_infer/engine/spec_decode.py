@@ -216,10 +216,8 @@ class PromptLookupSpeculator(Speculator):
         return drafts
 
     def draft_for(self, seq: Sequence, max_len: int, budget: int) -> list[int]:
-        """A draft for one decode sequence, capped so that it ends within max_tokens, the model's
-        context (max_len) and the step's spare token budget."""
-        if not can_speculate(seq):
-            return []
+        """A draft for one eligible decode sequence, capped so that it ends within max_tokens, the
+        model's context (max_len) and the step's spare token budget."""
         left = self.draft_length(seq, max_len, budget)
         if left < 1:
             return []

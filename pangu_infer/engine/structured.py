@@ -183,11 +183,10 @@ class StructuredState:
         """How many leading draft tokens the grammar allows from here (the matcher is left as it was)."""
         n = 0
         for token in draft:
-            if self.matcher.is_terminated() or not self.matcher.accept_token(token):
+            if not self.draft_accept(token):
                 break
             n += 1
-        if n:
-            self.matcher.rollback(n)
+        self.rollback(n)
         return n
 
     def draft_step(self, logits: torch.Tensor) -> None:
@@ -202,6 +201,7 @@ class StructuredState:
         return not self.matcher.is_terminated() and self.matcher.accept_token(token)
 
     def rollback(self, n: int) -> None:
+        """Undo the last n draft_accept calls."""
         if n:
             self.matcher.rollback(n)
 
@@ -215,11 +215,10 @@ class StructuredState:
                 break
             self.matcher.fill_next_token_bitmask(bitmask, j)
             rows.append(j)
-            if j == len(draft) or not self.matcher.accept_token(draft[j]):
+            if j == len(draft) or not self.draft_accept(draft[j]):
                 break
             accepted += 1
-        if accepted:
-            self.matcher.rollback(accepted)
+        self.rollback(accepted)
         return rows
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:

@@ -174,6 +174,12 @@ def decode_kernel_chosen(kv_dtype: torch.dtype) -> bool:
     return machine.own_kernel_measured_faster(name, lambda: _measure_decode(kv_dtype), "decode attention kernel")
 
 
+def decode_kernel_takes(layer: "Attention", kv_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: Optional[torch.Tensor]) -> bool:
+    """Can the C kernel run this layer's decode attention over these caches (no sinks, a value
+    cache, shapes it handles)? Whether it is the faster form here is decode_kernel_chosen's."""
+    return layer.sinks(kv_dtype) is None and bi_attention_kernel.takes(layer.num_heads, layer.head_dim, kv_dtype, k_cache, v_cache)
+
+
 def _measure_decode(kv_dtype: torch.dtype, batch: int = 8, length: int = 512, kv_heads: int = 8, group: int = 4, dim: int = 128) -> dict[str, float]:
     """Seconds per decode attention call, each form, over caches paged in blocks of 16 slots in a
     shuffled order (medians of interleaved passes)."""
