@@ -15,9 +15,8 @@ from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError
-from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_model
+from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
 from pangu_infer.lora import LoRARequest
-from pangu_infer.models.packed import can_pack, pack_linears
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.parallel.launch import load_tensor_parallel
 from pangu_infer.parallel.state import check_tensor_parallel_size
@@ -104,11 +103,6 @@ class LLM:
                     f"a draft model ({spec.draft_model!r}) with tensor_parallel_size={tensor_parallel_size}: "
                     "not supported yet; use one process, or prompt lookup"
                 )
-            if quantization not in (None, "auto", "none") or offload_experts:
-                raise ValueError(
-                    f"tensor_parallel_size={tensor_parallel_size} with quantization={quantization!r} / "
-                    f"offload_experts={offload_experts!r}: not supported together yet; use one process"
-                )
             if not enforce_eager:  # the workers replay rank 0's forwards eagerly; so does rank 0
                 print(
                     f"pangu-infer: compiled decode off: not supported with tensor_parallel_size="
@@ -116,18 +110,17 @@ class LLM:
                     file=sys.stderr,
                 )
                 self.engine_config = replace(self.engine_config, enforce_eager=True)
-            self.loaded, self.parallel = load_tensor_parallel(model, tensor_parallel_size, self.dtype, self.device)
+            self.loaded, self.parallel = load_tensor_parallel(
+                model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts
+            )
             self.device = self.parallel.device
         else:
-            self.loaded = load_model(
+            self.loaded = load_serving_model(
                 model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts
             )
-            # bf16 on CPU: lay the linear weights out for oneDNN once (pangu_infer.models.packed).
-            if can_pack(self.device, self.dtype):
-                pack_linears(self.loaded.model)
-            if kv_cache_dtype is None and dtype in (None, "auto"):  # nothing asked: the compact cache where it costs nothing
-                kv = default_kv_cache_dtype(self.loaded.model, self.dtype, self.device)
-                self.engine_config = replace(self.engine_config, kv_cache_dtype=kv)
+        if kv_cache_dtype is None and dtype in (None, "auto"):  # nothing asked: the compact cache where it costs nothing
+            kv = default_kv_cache_dtype(self.loaded.model, self.dtype, self.device)
+            self.engine_config = replace(self.engine_config, kv_cache_dtype=kv)
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
@@ -397,11 +390,9 @@ def _load_draft(
     naming it when it cannot serve as the target's draft."""
     name = f"speculative draft model {spec.draft_model!r}"
     try:
-        draft = load_model(spec.draft_model, dtype, device, quantization=spec.draft_quantization)
+        draft = load_serving_model(spec.draft_model, dtype, device, quantization=spec.draft_quantization)
     except ModelNotFoundError as e:  # its message names --model: say it is the draft
         raise ModelNotFoundError(f"{name}: {str(e).replace('--model ', '', 1)}") from None
-    if can_pack(device, dtype):
-        pack_linears(draft.model)
     if target.tokenizer is not None and draft.tokenizer is not None:
         want = target.tokenizer.encode(DRAFT_TOKENIZER_PROBE, add_special_tokens=False)
         got = draft.tokenizer.encode(DRAFT_TOKENIZER_PROBE, add_special_tokens=False)

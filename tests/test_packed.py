@@ -32,13 +32,28 @@ def test_packed_linear_equals_f_linear(shape, bias, layout, monkeypatch):
 
 
 def test_only_plain_bf16_linears_are_packed():
-    class RowParallel(nn.Linear):  # subclasses (tensor-parallel linears) keep their own forward
+    class Custom(nn.Linear):  # other subclasses keep their own forward
         pass
 
-    m = nn.Sequential(nn.Linear(8, 8).bfloat16(), nn.Linear(8, 8), RowParallel(8, 8).bfloat16())
+    m = nn.Sequential(nn.Linear(8, 8).bfloat16(), nn.Linear(8, 8), Custom(8, 8).bfloat16())
     assert pack_linears(m) == 1
-    assert [type(c) for c in m] == [PackedLinear, nn.Linear, RowParallel]
+    assert [type(c) for c in m] == [PackedLinear, nn.Linear, Custom]
     assert not can_pack(CPU, torch.float32) and not can_pack(torch.device("meta"), torch.bfloat16)
+
+
+def test_a_row_parallel_linear_is_packed_inside_its_reduction():
+    """A tensor-parallel rank's o_proj / down_proj: the packed product, then its all-reduce and bias
+    (reduce=False here: rank 0's partial sum with the bias, nothing to reduce with)."""
+    from pangu_infer.parallel.state import ParallelState, RowParallelLinear, RowParallelProduct
+
+    row = RowParallelLinear(64, 32, True, ParallelState(0, 2), reduce=False).bfloat16()
+    m = nn.Sequential(row)
+    x = torch.randn(3, 64).bfloat16()
+    want = F.linear(x, row.weight) + row.bias
+    assert pack_linears(m) == 1
+    assert type(m[0]) is RowParallelProduct and type(m[0].product) is PackedLinear
+    assert m[0].product.bias is None and m[0].bias is row.bias
+    torch.testing.assert_close(m(x), want, rtol=0, atol=2e-2)
 
 
 def test_packed_model_gives_the_plain_model_logits(tiny_dense_dir):

@@ -121,6 +121,25 @@ def load_model(
     return LoadedModel(net, cfg, tok, read_generation_config(path), path)
 
 
+def load_serving_model(
+    model: Optional[str],
+    dtype: torch.dtype,
+    device: torch.device,
+    load_tokenizer: bool = True,
+    quantization: Any = None,
+    offload_experts: bool = False,
+) -> LoadedModel:
+    """load_model, then, for bf16 on a CPU that multiplies it natively, the linear weights laid out
+    for oneDNN once (pangu_infer.models.packed): what every process of an engine serves (one process,
+    each tensor-parallel rank, a draft model)."""
+    from pangu_infer.models.packed import can_pack, pack_linears
+
+    loaded = load_model(model, dtype, device, load_tokenizer, quantization, offload_experts)
+    if can_pack(device, dtype):
+        pack_linears(loaded.model)
+    return loaded
+
+
 def _load_gguf(
     path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool, quantization: Any, offload_experts: bool
 ) -> LoadedModel:
@@ -198,6 +217,7 @@ __all__ = [
     "ConfigError",
     "LoadedModel",
     "ModelNotFoundError",
+    "load_serving_model",
     "WeightError",
     "demo_model_path",
     "load_model",

@@ -26,6 +26,7 @@ from torch import nn
 from pangu_infer.device import can_pack  # noqa: F401  (here too: where the packing lives)
 from pangu_infer.machine import cached_choice, env_choice, interleaved_medians
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
+from pangu_infer.parallel.state import RowParallelLinear
 
 # handle -> (packed weight, bias): what pangu_infer::packed_linear multiplies by. Entries leave with their module.
 _WEIGHTS: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
@@ -127,7 +128,8 @@ class PackedLinear(nn.Module):
 def pack_linears(model: nn.Module) -> int:
     """Swap every plain bf16 CPU nn.Linear of `model` (and a tied LM head) for a PackedLinear.
 
-    Returns how many were packed. Subclasses of nn.Linear (tensor-parallel ones) are left alone.
+    Returns how many were packed. A tensor-parallel row-parallel linear keeps its all-reduce
+    around the packed product (RowParallelLinear.around).
     """
     mapped = file_backed_ranges()
     # (parent, name) pairs, not the linears themselves: a list holding the old modules would keep
@@ -136,12 +138,15 @@ def pack_linears(model: nn.Module) -> int:
         (parent, name)
         for parent in model.modules()
         for name, child in parent.named_children()
-        if type(child) is nn.Linear and packable(child.weight)
+        if type(child) in (nn.Linear, RowParallelLinear) and packable(child.weight)
     ]
     count = 0
     for module, name in sites:
         child = getattr(module, name)
-        setattr(module, name, PackedLinear(child.weight, child.bias))
+        if isinstance(child, RowParallelLinear):
+            setattr(module, name, child.around(PackedLinear(child.weight, None)))
+        else:
+            setattr(module, name, PackedLinear(child.weight, child.bias))
         # A weight read straight from a memory-mapped checkpoint would otherwise stay resident
         # beside its packed copy (the mapping lives on while other tensors of the file do): drop
         # its pages, which the file still backs.

@@ -32,12 +32,12 @@ import torch.distributed as dist
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import distributed_backend, rank_device
-from pangu_infer.loader import LoadedModel, load_model, resolve_model_path
+from pangu_infer.loader import LoadedModel, resolve_model_path
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.parallel.errors import ParallelStartupError
 from pangu_infer.parallel.group import CPU, LOAD_TIMEOUT_S, join_group, to_device
 from pangu_infer.parallel.state import ParallelState, building_shard, check_parallel_config
-from pangu_infer.parallel.worker import WorkerArgs, serve
+from pangu_infer.parallel.worker import ShardLoad, WorkerArgs, serve
 
 logger = logging.getLogger("pangu_infer.parallel")
 
@@ -48,17 +48,25 @@ def launched_by_torchrun() -> bool:
 
 
 def load_tensor_parallel(
-    model: Optional[str], world_size: int, dtype: torch.dtype, device: torch.device
+    model: Optional[str],
+    world_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: Any = None,
+    offload_experts: bool = False,
 ) -> tuple[LoadedModel, "TensorParallelDriver"]:
     """Load rank 0's shard with every other rank loading its own; returns once all ranks joined.
 
+    Every rank loads as `load_serving_model` does in one process: quantized while loading (or kept
+    quantized, a GGUF file's blocks), bf16 linears packed on CPU, experts offloaded if asked.
     Under torchrun this returns only on rank 0: the other ranks serve rank 0's steps and exit.
     """
     path = resolve_model_path(model)
     check_parallel_config(_read_config(path), world_size)
+    load = ShardLoad(path, dtype, quantization, offload_experts)
     if launched_by_torchrun():
-        return _load_torchrun(path, world_size, dtype, device)
-    return _load_spawned(path, world_size, dtype, device)
+        return _load_torchrun(load, world_size, device)
+    return _load_spawned(load, world_size, device)
 
 
 # ---------------------------------------------------------------------- rank 0
@@ -121,9 +129,7 @@ class TensorParallelDriver:
 
 
 # ---------------------------------------------------------------------- spawned workers
-def _load_spawned(
-    path: str, world_size: int, dtype: torch.dtype, device: torch.device
-) -> tuple[LoadedModel, TensorParallelDriver]:
+def _load_spawned(load: ShardLoad, world_size: int, device: torch.device) -> tuple[LoadedModel, TensorParallelDriver]:
     if dist.is_initialized():
         raise RuntimeError(
             "a tensor-parallel LLM is already running in this process: call its shutdown() first "
@@ -133,13 +139,13 @@ def _load_spawned(
     procs, conns = [], []
     try:
         for rank in range(1, world_size):
-            proc, conn = _start_worker(WorkerArgs(rank, world_size, path, dtype, device, init_method, torch.get_num_threads()))
+            proc, conn = _start_worker(WorkerArgs(rank, world_size, load, device, init_method, torch.get_num_threads()))
             procs.append(proc)
             conns.append(conn)
         state = ParallelState(0, world_size)
         dev = rank_device(device, 0)
         with building_shard(state):
-            loaded = load_model(path, dtype, dev)
+            loaded = load.run(dev, load_tokenizer=True)
         _wait_until_loaded(procs, conns)
         control = join_group(distributed_backend(dev), init_method, 0, world_size)
     except BaseException:
@@ -189,9 +195,7 @@ def _wait_until_loaded(procs: list[subprocess.Popen], conns: list[Connection]) -
 
 
 # ---------------------------------------------------------------------- torchrun
-def _load_torchrun(
-    path: str, world_size: int, dtype: torch.dtype, device: torch.device
-) -> tuple[LoadedModel, TensorParallelDriver]:
+def _load_torchrun(load: ShardLoad, world_size: int, device: torch.device) -> tuple[LoadedModel, TensorParallelDriver]:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world != world_size:
         raise ValueError(
@@ -204,7 +208,7 @@ def _load_torchrun(
     error = None
     try:
         with building_shard(state):
-            loaded = load_model(path, dtype, dev, load_tokenizer=rank == 0)
+            loaded = load.run(dev, load_tokenizer=rank == 0)
     except Exception as e:  # reported to every rank below, then raised
         error = f"{type(e).__name__}: {e}"
     dist.monitored_barrier(group=control, timeout=timedelta(seconds=LOAD_TIMEOUT_S))

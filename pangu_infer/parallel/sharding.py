@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import torch
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.errors import WeightError
 from pangu_infer.parallel.state import ParallelState, head_shard, rank_range
+
+if TYPE_CHECKING:  # a Weight that is no torch.Tensor is a quantized one (imported lazily: quant imports the models)
+    from pangu_infer.quant.formats import Weight
 
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # Column-parallel: output rows split. The router (`mlp.gate.weight`) does not match: replicated.
@@ -39,8 +44,11 @@ class WeightSharder:
         m = _EXPERT.search(name)
         return m is None or int(m.group(1)) in self.experts
 
-    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The rank's slice of an HF tensor (a view: only that slice is read from the mapped file)."""
+    def shard(self, name: str, tensor: Weight) -> Weight:
+        """The rank's slice of an HF tensor (a view: only that slice is read from the mapped file).
+
+        A quantized tensor (a GGUF file's blocks, a `pangu-infer quantize` checkpoint) is sliced
+        the same way: rows as they are, input columns by whole int4 groups."""
         if not self.state.is_parallel or _EXPERT.search(name):
             return tensor
         if ".self_attn.q_proj." in name:
@@ -48,11 +56,11 @@ class WeightSharder:
         if ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
             return tensor[self.kv_rows]
         if name.endswith(".self_attn.o_proj.weight"):
-            return tensor[:, self.q_rows].contiguous()  # a column slice: copy it out of the full tensor
+            return input_columns(name, tensor, self.q_rows)
         if _MLP_IN.search(name):
             return tensor[self._columns(tensor.shape[0])]
         if _MLP_OUT.search(name):
-            return tensor[:, self._columns(tensor.shape[1])].contiguous()
+            return input_columns(name, tensor, self._columns(tensor.shape[1]))
         return tensor
 
     def _columns(self, width: int) -> slice:
@@ -71,24 +79,25 @@ class FamilySharder(WeightSharder):
         super().__init__(cfg, state)
         self.heads = head_shard(cfg, state)
 
-    def shard(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    def shard(self, name: str, tensor: Weight) -> Weight:
         if not self.state.is_parallel or ".self_attn." not in name:
             return super().shard(name, tensor)
         cfg, h = self.cfg, self.heads
         attr = name.rsplit(".self_attn.", 1)[1]
 
-        def rows(t: torch.Tensor, offset: int, start: int, count: int, width: int) -> torch.Tensor:
+        def rows(t: Weight, offset: int, start: int, count: int, width: int) -> Weight:
             return t[offset + start * width : offset + (start + count) * width]
 
         if attr == "qkv_proj.weight":
             d, dv = cfg.head_dim, cfg.v_head_dim
             q_end = cfg.num_attention_heads * d
             k_end = q_end + cfg.num_key_value_heads * d
-            return torch.cat((
+            parts = [
                 rows(tensor, 0, h.q_start, h.q_count, d),
                 rows(tensor, q_end, h.kv_start, h.kv_count, d),
                 rows(tensor, k_end, h.kv_start, h.kv_count, dv),
-            ))
+            ]
+            return torch.cat(parts) if isinstance(tensor, torch.Tensor) else type(tensor).cat(parts)
         if attr in ("param_sink_key", "param_sink_value"):
             return tensor[:, h.kv_start : h.kv_start + h.kv_count]
         if attr in ("q_b_proj.weight", "q_proj.weight"):
@@ -97,5 +106,18 @@ class FamilySharder(WeightSharder):
             return rows(tensor, 0, h.q_start, h.q_count, cfg.qk_nope_head_dim + cfg.v_head_dim)
         if attr == "o_proj.weight":
             dv = cfg.v_head_dim
-            return tensor[:, h.q_start * dv : (h.q_start + h.q_count) * dv].contiguous()
+            return input_columns(name, tensor, slice(h.q_start * dv, (h.q_start + h.q_count) * dv))
         return tensor  # norms, q_a_proj, kv_a_proj_with_mqa: replicated
+
+
+def input_columns(name: str, tensor: Weight, cols: slice) -> Weight:
+    """A row-parallel shard: input columns of a float or quantized weight, copied out of the whole."""
+    if isinstance(tensor, torch.Tensor):
+        return tensor[:, cols].contiguous()
+    try:
+        return tensor.columns(cols.start, cols.stop)
+    except ValueError as e:
+        raise WeightError(
+            f"tensor {name!r} cannot be split for tensor parallelism: {e}; use a tensor_parallel_size "
+            f"whose shards hold whole groups, or a checkpoint quantized with a smaller group"
+        ) from None

@@ -74,11 +74,6 @@ def check_tensor_parallel_size(world_size: object) -> None:
 def check_parallel_config(cfg: ModelConfig, world_size: int) -> None:
     """Every divisibility the shard layout needs, checked before any process is started."""
     check_tensor_parallel_size(world_size)
-    if cfg.quantization_config:
-        raise ValueError(
-            f"tensor_parallel_size={world_size} with a pre-quantized checkpoint "
-            f"(quantization_config={cfg.quantization_config!r}): not supported together yet"
-        )
     if world_size == 1:
         return
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -147,11 +142,34 @@ class RowParallelLinear(nn.Linear):
         self.reduce = reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if self.reduce:
-            self.state.all_reduce(y)
-            return y if self.bias is None else y + self.bias
-        return y if self.bias is None or self.state.rank != 0 else y + self.bias
+        return _reduced(F.linear(x, self.weight), self.bias, self.state, self.reduce)
+
+    def around(self, product: nn.Module) -> "RowParallelProduct":
+        """This linear with its weight's product done by `product` (a quantized or packed weight
+        laid out for its kernel, no bias): the all-reduce and the bias stay as they are."""
+        return RowParallelProduct(product, self.bias, self.state, self.reduce)
+
+
+class RowParallelProduct(nn.Module):
+    """A RowParallelLinear whose x @ W_r^T is another module's (see RowParallelLinear.around)."""
+
+    def __init__(self, product: nn.Module, bias: Optional[nn.Parameter], state: ParallelState, reduce: bool):
+        super().__init__()
+        self.product = product
+        self.bias = bias
+        self.state = state
+        self.reduce = reduce
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _reduced(self.product(x), self.bias, self.state, self.reduce)
+
+
+def _reduced(y: torch.Tensor, bias: Optional[torch.Tensor], state: ParallelState, reduce: bool) -> torch.Tensor:
+    """A row-parallel partial product summed over the ranks (or left partial), the bias added once."""
+    if reduce:
+        state.all_reduce(y)
+        return y if bias is None else y + bias
+    return y if bias is None or state.rank != 0 else y + bias
 
 
 def row_parallel_linear(

@@ -17,18 +17,33 @@ import torch
 import torch.distributed as dist
 
 from pangu_infer.device import distributed_backend, rank_device
-from pangu_infer.loader import load_model
+from pangu_infer.loader import LoadedModel, load_serving_model
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.parallel.group import join_group, to_device
 from pangu_infer.parallel.state import ParallelState, building_shard
+
+
+@dataclass(frozen=True)
+class ShardLoad:
+    """What every rank loads, and how: the same on all of them (each keeps its own shard)."""
+
+    path: str
+    dtype: torch.dtype
+    quantization: Any = None  # as LLM(quantization=...): "auto" keeps a GGUF file's blocks quantized
+    offload_experts: bool = False
+
+    def run(self, device: torch.device, load_tokenizer: bool = False) -> LoadedModel:
+        """This rank's shard (call inside `building_shard`)."""
+        return load_serving_model(
+            self.path, self.dtype, device, load_tokenizer, quantization=self.quantization, offload_experts=self.offload_experts
+        )
 
 
 @dataclass
 class WorkerArgs:
     rank: int
     world_size: int
-    path: str
-    dtype: torch.dtype
+    load: ShardLoad
     device: torch.device
     init_method: str
     num_threads: int
@@ -42,7 +57,7 @@ def run_spawned_worker(conn: Connection) -> None:
     try:
         device = rank_device(args.device, args.rank)
         with building_shard(state):
-            loaded = load_model(args.path, args.dtype, device, load_tokenizer=False)
+            loaded = args.load.run(device)
     except BaseException as e:
         conn.send(("error", f"{type(e).__name__}: {e}"))
         sys.exit(1)

@@ -130,6 +130,38 @@ class QuantizedTensor:
         zero = None if self.zero is None else self.zero[index]
         return QuantizedTensor(self.method, self.qweight[index], self.scale[index], zero)
 
+    def columns(self, start: int, stop: int) -> "QuantizedTensor":
+        """Input columns [start, stop) of the weight (a row-parallel shard), copied out.
+
+        int8's scale is per output row, so it stays whole; int4 keeps the groups the slice covers,
+        which needs start and stop on group boundaries (a ValueError otherwise)."""
+        k = self.shape[-1]
+        if not 0 <= start <= stop <= k:
+            raise ValueError(f"columns [{start}, {stop}) are outside a weight of {k} input columns")
+        if self.method == "int8":
+            return QuantizedTensor("int8", self.qweight[..., start:stop].contiguous(), self.scale)
+        g = self.group_size
+        if start % g or stop % g:
+            raise ValueError(
+                f"columns [{start}, {stop}) of an int4 weight with groups of {g} do not start and end on group boundaries"
+            )
+        zero = None if self.zero is None else self.zero[..., start // g : stop // g].contiguous()
+        return QuantizedTensor(
+            "int4", self.qweight[..., start // 2 : stop // 2].contiguous(), self.scale[..., start // g : stop // g].contiguous(), zero
+        )
+
+    @staticmethod
+    def cat(parts: "list[QuantizedTensor]") -> "QuantizedTensor":
+        """Rows of several weights of one format stacked (torch.cat along N)."""
+        first = parts[0]
+        if any(p.method != first.method or p.shape[-1] != first.shape[-1] or p.group_size != first.group_size for p in parts):
+            raise ValueError("only quantized weights of one format, width and group size can be stacked")
+        scale_dim = -2 if first.method == "int4" else -1  # int4: [..., N, K/G]; int8: [..., N]
+        zero = None if first.zero is None else torch.cat([p.zero for p in parts], dim=-2)
+        return QuantizedTensor(
+            first.method, torch.cat([p.qweight for p in parts], dim=-2), torch.cat([p.scale for p in parts], dim=scale_dim), zero
+        )
+
     def nbytes(self) -> int:
         parts = [self.qweight, self.scale] + ([self.zero] if self.zero is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)

@@ -31,6 +31,7 @@ from pangu_infer.errors import WeightError
 from pangu_infer.memory import drop_mapped_pages, trim_heap
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.moge import MoEBlock, StackedExperts
+from pangu_infer.parallel.state import RowParallelLinear
 from pangu_infer.quant.formats import (
     QuantizationConfig,
     QuantizationError,
@@ -112,11 +113,6 @@ class LoadHook:
             )
         if offload_experts and device.type != "cpu":
             raise ValueError(f"offload_experts=True keeps experts memory-mapped in host memory: device={device} must be cpu")
-        if quantization is not None and model.parallel.is_parallel:
-            raise ValueError(
-                f"quantization={quantization.method!r} with tensor parallelism (world size "
-                f"{model.parallel.world_size}) is not supported yet: its row-parallel linears would lose their all-reduce"
-            )
         self.model = model
         self.memory_mapped = memory_mapped
         self.laid_out = 0  # kept bytes laid out since the last heap trim
@@ -260,7 +256,10 @@ class LoadHook:
             module = model.get_submodule(module_name)
             kind = self.kinds[target]
             if kind == "linear":
-                _replace(model, module_name, QuantizedLinear(weight, module.bias))
+                if isinstance(module, RowParallelLinear):  # the rank's columns: summed over the ranks
+                    _replace(model, module_name, module.around(QuantizedLinear(weight, None)))
+                else:
+                    _replace(model, module_name, QuantizedLinear(weight, module.bias))
             elif kind == "embedding":
                 _replace(model, module_name, QuantizedEmbedding(weight, self.dtype, self.device))
                 if model.lm_head is None:  # tied head: int8 shares the embedding's tensors
