@@ -100,15 +100,18 @@ def test_quantizing_while_loading_on_two_ranks(method, tiny_dense_dir):
     _assert_same_model(got, want, _run(path, 1, dtype="float32"), False)
 
 
-def test_a_prequantized_moge_checkpoint_on_two_ranks(tiny_moge_dir, tmp_path):
-    out = tmp_path / "moge-int4"
+@pytest.mark.parametrize("kind,method", [("moge", "int4"), ("r72b", "int8")])
+def test_a_prequantized_checkpoint_on_two_ranks(kind, method, tiny_moge_dir, tiny_r72b_dir, tmp_path):
+    # R-72B's fused qkv_proj is cut per rank from the stored rows (QuantizedTensor.cat), its o_proj by columns.
+    src = tiny_moge_dir if kind == "moge" else tiny_r72b_dir
+    out = tmp_path / f"{kind}-{method}"
+    group = ["--group-size", "32"] if method == "int4" else []
     subprocess.run(
-        [sys.executable, "-m", "pangu_infer.cli", "quantize", "--model", str(tiny_moge_dir), "--out", str(out),
-         "--method", "int4", "--group-size", "32"],
+        [sys.executable, "-m", "pangu_infer.cli", "quantize", "--model", str(src), "--out", str(out), "--method", method, *group],
         check=True, capture_output=True, timeout=300,
     )
-    ref = _run(str(tiny_moge_dir), 1, dtype="float32")
-    _assert_same_model(_run(str(out), 2, dtype="float32"), _run(str(out), 1, dtype="float32"), ref, False)
+    ref = _run(str(src), 1, dtype="float32")
+    _assert_same_model(_run(str(out), 2, dtype="float32"), _run(str(out), 1, dtype="float32"), ref, method == "int8")
 
 
 def _weight(n: int, k: int) -> torch.Tensor:
