@@ -86,6 +86,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-lora-rank", type=int, default=16, help="the highest LoRA rank accepted (default: 16, as vLLM; each adapter slot is this wide)")
 
 
+def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
+        help="render chats with this Jinja template (a file's path, or the template itself) instead of the "
+        "model's own, as vLLM's --chat-template",
+    )
+
+
 def llm_kwargs(args: argparse.Namespace) -> dict:
     if getattr(args, "no_model_cache", False):
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
@@ -112,6 +120,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         enable_lora=args.enable_lora or bool(getattr(args, "lora", None)),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        **({"chat_template": args.chat_template} if getattr(args, "chat_template", None) is not None else {}),
     )
 
 
@@ -187,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_arguments(c)
     add_sampling_arguments(c)
+    add_chat_template_argument(c)
     c.add_argument("--system", default=None, help="system prompt (also /system TEXT in the chat)")
     c.add_argument(
         "--thinking", default=None, choices=["on", "off", "auto"],

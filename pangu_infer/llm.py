@@ -62,8 +62,12 @@ class LLM:
         enable_lora: bool = False,
         max_loras: int = 4,
         max_lora_rank: int = 16,
+        chat_template: Optional[str] = None,
     ):
         start = time.perf_counter()
+        # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
+        # path or the template itself, as vLLM's --chat-template); checked before anything loads.
+        template = None if chat_template is None else _chat_template(chat_template)
         check_tensor_parallel_size(tensor_parallel_size)
         spec = speculative_settings(speculative_config, speculative_model, num_speculative_tokens, speculative_ngram)
         self.device = resolve_device(device)
@@ -124,6 +128,8 @@ class LLM:
         self.model = self.loaded.model
         self.config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
+        if template is not None and self.tokenizer is not None:
+            self.tokenizer.chat_template = template
         self.generation_config = self.loaded.generation_config
         # The draft model of speculative decoding (engine/draft_model.py), loaded like the target.
         self.draft = None
@@ -203,11 +209,15 @@ class LLM:
         continue_final_message: bool = False,
         use_tqdm: bool = True,
         lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+        chat_template: Optional[str] = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or several; the reply's thinking goes to .reasoning.
         continue_final_message (with add_generation_prompt=False): the reply goes on writing the
-        last message, the assistant's."""
+        last message, the assistant's. chat_template (vLLM's argument): a Jinja template (or its
+        file's path) for these conversations instead of the model's."""
         from pangu_infer.chat import is_pangu_template, split_reasoning
+
+        template = None if chat_template is None else _chat_template(chat_template)
 
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
         params = self._normalize_params(sampling_params, len(conversations))
@@ -216,11 +226,11 @@ class LLM:
         for conv, p, lora in zip(conversations, params, loras):
             text = self.render_chat(
                 conv, enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **(chat_template_kwargs or {}),
+                continue_final_message=continue_final_message, chat_template=template, **(chat_template_kwargs or {}),
             )
             # Keep the thinking markers in the text so the reasoning can be split off below.
             p = replace(p, skip_special_tokens=False)
-            if enable_thinking is not False and is_pangu_template(self.tokenizer):
+            if enable_thinking is not False and is_pangu_template(self.tokenizer, template):
                 p = replace(p, allow_thinking=True)  # a constraint starts after the thinking part
             requests.append((text, self.encode_prompt(text), p, lora, None))
         outputs = self._run(requests, use_tqdm)
@@ -253,10 +263,12 @@ class LLM:
             if not finished:
                 self.engine.abort_request(rid)
 
-    def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, **template_kwargs) -> str:
+    def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, chat_template=None, **template_kwargs) -> str:
         from pangu_infer.chat import render_chat
 
-        return render_chat(self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools, **template_kwargs)
+        return render_chat(
+            self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools, chat_template=chat_template, **template_kwargs
+        )
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a rendered prompt; BOS is added unless the text already starts with it."""
@@ -376,6 +388,12 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [final[rid] for rid in ids]
+
+
+def _chat_template(value: str) -> str:
+    from pangu_infer.tokenizer import load_chat_template  # sentencepiece and tokenizers: imported when used
+
+    return load_chat_template(value)
 
 
 # Encoded by the target's and the draft's tokenizers: a draft model whose token ids mean other

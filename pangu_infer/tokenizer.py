@@ -293,15 +293,21 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
         **kwargs: Any,
     ) -> str:
-        """Render the model's Jinja chat template the way transformers' apply_chat_template does."""
-        if self.chat_template is None:
-            raise ValueError(f"tokenizer {self.name} has no chat_template, so it cannot render chat messages")
+        """Render the model's Jinja chat template (or `chat_template`, a template given for this
+        call) the way transformers' apply_chat_template does."""
+        template = self.chat_template if chat_template is None else chat_template
+        if template is None:
+            raise ValueError(
+                f"tokenizer {self.name} has no chat_template, so it cannot render chat messages "
+                "(give one with --chat-template, as vLLM takes it)"
+            )
         import jinja2  # here: a start that renders no chat template does not pay its import
 
         try:
-            return _compile_chat_template(self.chat_template).render(
+            return _compile_chat_template(template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 tools=tools,
@@ -328,6 +334,39 @@ def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # Jinja's own tojson HTML-escapes, which would change prompts; transformers overrides it the same way.
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def load_chat_template(value: str) -> str:
+    """--chat-template / LLM(chat_template=...): a Jinja file's path, or the template itself (as
+    vLLM takes it); a ValueError naming it when it is neither, or when Jinja cannot parse it."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"chat_template={value!r} must be a Jinja template or the path of a file holding one")
+    path = Path(os.path.expanduser(value))
+    try:
+        is_file = "\n" not in value and path.is_file()
+    except OSError:  # a long template is no file name
+        is_file = False
+    if is_file:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"chat template file {value!r} cannot be read: {e}") from None
+        check_chat_template(text, f"file {value!r}")
+        return text
+    if not any(c in value for c in "{}\n"):
+        raise ValueError(f"chat template {value!r}: no such file (a template itself holds Jinja tags such as {{{{ ... }}}})")
+    check_chat_template(value, "given")
+    return value
+
+
+def check_chat_template(source: str, name: str = "given") -> None:
+    """A ValueError with Jinja's message and line when `source` is no valid template."""
+    import jinja2
+
+    try:
+        _compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"chat template {name} is not valid Jinja: {e.message} (line {e.lineno})") from None
 
 
 @functools.lru_cache(maxsize=16)

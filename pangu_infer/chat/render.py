@@ -15,9 +15,11 @@ _ROLES = ("system", "user", "assistant", "tool", "function")
 _THINKING_FLAGS = {False: " /no_think", "auto": " /auto_think"}
 
 
-def is_pangu_template(tok: Tokenizer) -> bool:
-    """True when the tokenizer's chat template is Pangu's ([unused9]ROLE：...[unused10] turns)."""
-    return tok.chat_template is not None and _PANGU_TURN_START in tok.chat_template
+def is_pangu_template(tok: Tokenizer, chat_template: str | None = None) -> bool:
+    """True when the tokenizer's chat template (or `chat_template`, one given for a request) is
+    Pangu's ([unused9]ROLE：...[unused10] turns)."""
+    template = tok.chat_template if chat_template is None else chat_template
+    return template is not None and _PANGU_TURN_START in template
 
 
 def render_chat(
@@ -28,9 +30,12 @@ def render_chat(
     continue_final_message: bool = False,
     enable_thinking: bool | str | None = None,
     tools: list[dict[str, Any]] | None = None,
+    chat_template: str | None = None,
     **template_kwargs: Any,
 ) -> str:
     """Validate OpenAI-style messages and render them into the model's prompt text.
+
+    chat_template: a Jinja template used instead of the tokenizer's (vLLM's per-request field).
 
     enable_thinking: for Pangu, False appends " /no_think" and "auto" appends " /auto_think" to the
     last user message; True/None keep slow thinking (the default). Other templates get it as the
@@ -52,25 +57,28 @@ def render_chat(
     if tools is not None:
         _validate_tools(tools)
     template_tools = tools
-    if tok.chat_template is not None and "tools" not in tok.chat_template:
+    template = tok.chat_template if chat_template is None else chat_template
+    if template is not None and "tools" not in template:
         normalized = [_inline_tool_calls(i, m) for i, m in enumerate(normalized)]
         if tools:
             normalized = _with_tools_in_system(normalized, tools)
         template_tools = None
-    if is_pangu_template(tok):
+    if is_pangu_template(tok, template):
         normalized = _with_thinking_flag(normalized, enable_thinking)
     elif enable_thinking is not None:
         template_kwargs["enable_thinking"] = enable_thinking
     if not continue_final_message:
         return tok.apply_chat_template(
-            normalized, add_generation_prompt=add_generation_prompt, tools=template_tools, **template_kwargs
+            normalized, add_generation_prompt=add_generation_prompt, tools=template_tools, chat_template=template, **template_kwargs
         )
     # Render with a marker after the final text and cut there: whatever the template writes after
     # a message (its end-of-turn) goes, and nothing of the text itself.
     final = normalized[-1]["content"]
     marker = f"\x00continue-{uuid.uuid4().hex}\x00"
     normalized[-1] = {**normalized[-1], "content": final + marker}
-    text = tok.apply_chat_template(normalized, add_generation_prompt=False, tools=template_tools, **template_kwargs)
+    text = tok.apply_chat_template(
+        normalized, add_generation_prompt=False, tools=template_tools, chat_template=template, **template_kwargs
+    )
     if text.count(marker) != 1:
         raise ValueError("continue_final_message: this model's chat template does not write the final message's text as given")
     return text[: text.index(marker)]

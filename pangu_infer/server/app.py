@@ -91,13 +91,15 @@ def create_app(
     allowed_origins: Sequence[str] = (),
     lora_modules: Sequence[LoRAModule] = (),
     enable_runtime_lora_updates: bool = False,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes.
     allowed_origins: web origins whose pages may call the API from a browser (CORS; "*" for any);
     none by default, so that a page on another site cannot drive a server on localhost.
     lora_modules: LoRA adapters already added to llm's engine (server/lora.py add_startup_adapters),
     served under their names; enable_runtime_lora_updates: /v1/load_lora_adapter and
-    /v1/unload_lora_adapter change them while the server runs."""
+    /v1/unload_lora_adapter change them while the server runs; trust_request_chat_template: a chat
+    or /tokenize request may bring its own chat_template (vLLM's flag of the same name)."""
     own_engine = engine is None
     state = ServerState(
         llm=llm,
@@ -112,6 +114,7 @@ def create_app(
         loras={m.request.lora_name: m for m in lora_modules},
         next_lora_id=max((m.request.lora_int_id for m in lora_modules), default=0) + 1,
         runtime_lora_updates=enable_runtime_lora_updates,
+        trust_request_chat_template=trust_request_chat_template,
     )
 
     @asynccontextmanager

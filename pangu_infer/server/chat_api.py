@@ -23,6 +23,7 @@ from pangu_infer.server.protocol import EFFORTS_WITHOUT_THINKING, ChatCompletion
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import start_requests, unless_gone
 from pangu_infer.server.structured import reasoning_budget, tool_constraint
+from pangu_infer.tokenizer import check_chat_template
 
 # Template variables the server sets itself; a request may not override them.
 RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
@@ -69,7 +70,7 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[
     # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
     # other requests' streams go on meanwhile (as for every prompt below).
     text, ids = await asyncio.to_thread(render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
-    return params, text, ids, ChatParsing(reasoning=is_pangu_template(tok), tools=use_tools)
+    return params, text, ids, ChatParsing(reasoning=is_pangu_template(tok, req.chat_template), tools=use_tools)
 
 
 def checked_template_kwargs(given: Optional[dict]) -> dict:
@@ -80,9 +81,25 @@ def checked_template_kwargs(given: Optional[dict]) -> dict:
     return template_kwargs
 
 
+def request_chat_template(state: ServerState, req: Any) -> Optional[str]:
+    """A request's own chat_template (vLLM's field), checked: only on a server that trusts them."""
+    given = getattr(req, "chat_template", None)
+    if given is None:
+        return None
+    if not state.trust_request_chat_template:
+        raise APIError(400, "chat_template in a request is refused: this server renders chats with its own template "
+                       "(start it with --trust-request-chat-template to allow requests to bring theirs)", param="chat_template")
+    try:
+        check_chat_template(given)
+    except ValueError as e:
+        raise APIError(400, str(e), param="chat_template") from None
+    return given
+
+
 def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
-    """A chat's prompt text and token ids, as the model's template renders it (req: its messages,
-    add_generation_prompt and continue_final_message)."""
+    """A chat's prompt text and token ids, as the model's template (or the request's own, checked by
+    request_chat_template) renders it (req: its messages, add_generation_prompt and continue_final_message)."""
+    template = request_chat_template(state, req)
     try:
         text = render_chat(
             state.llm.tokenizer,
@@ -91,6 +108,7 @@ def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking:
             continue_final_message=req.continue_final_message,
             enable_thinking=enable_thinking,
             tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+            chat_template=template,
             **template_kwargs,
         )
     except ValueError as e:
@@ -110,7 +128,7 @@ def with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         structured = tool_constraint(tools, req.tool_choice.model_dump() if forced_tool and not isinstance(req.tool_choice, str)
                                      else req.tool_choice, req.parallel_tool_calls, tool_marker_ids(tok))
-    thinking = enable_thinking is not False and is_pangu_template(tok)
+    thinking = enable_thinking is not False and is_pangu_template(tok, getattr(req, "chat_template", None))
     return replace(params, structured_outputs=structured, max_reasoning_tokens=budget, allow_thinking=thinking)
 
 

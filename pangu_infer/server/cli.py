@@ -7,13 +7,19 @@ import os
 import sys
 from urllib.parse import urlsplit
 
-from pangu_infer.cli import add_model_arguments, llm_kwargs
+from pangu_infer.cli import add_chat_template_argument, add_model_arguments, llm_kwargs
 
 API_KEY_ENV = "PANGU_API_KEY"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_chat_template_argument(parser)
+    parser.add_argument(
+        "--trust-request-chat-template", action="store_true",
+        help="let a chat request bring its own Jinja chat_template (vLLM's flag; rendered in Jinja's sandbox); "
+        "refused with a 400 otherwise",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument(
@@ -93,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         loras = add_startup_adapters(llm, lora_modules, name)
         app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
                          allowed_origins=origins, lora_modules=loras,
-                         enable_runtime_lora_updates=args.enable_runtime_lora_updates)
+                         enable_runtime_lora_updates=args.enable_runtime_lora_updates,
+                         trust_request_chat_template=args.trust_request_chat_template)
         base = f"http://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)

@@ -144,6 +144,10 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
     )
+    chat_template: Optional[str] = Field(
+        None, description="a Jinja chat template for this request instead of the model's (vLLM's; only on a server "
+        "started with --trust-request-chat-template)"
+    )
     reasoning_effort: Optional[ReasoningEffort] = Field(
         None, description='OpenAI\'s: "none" or "minimal" turn thinking off (enable_thinking false), the others leave it on'
     )
@@ -177,6 +181,7 @@ class TokenizeRequest(_Request):
     continue_final_message: bool = False
     tools: Optional[list[Tool]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    chat_template: Optional[str] = None
     return_token_strs: bool = False
 
 

@@ -39,6 +39,7 @@ class ServerState:
     # while any are (server/lora.py _remove), so none brings an unloaded adapter back into the engine.
     lora_submissions: dict[str, int] = field(default_factory=dict)
     runtime_lora_updates: bool = False  # --enable-runtime-lora-updates: /v1/load_lora_adapter and unload answer
+    trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may bring its chat_template
 
     def reply_model(self, lora: Optional[LoRARequest]) -> str:
         """The `model` a response names: the adapter's name for a request that runs one, else the served name."""
