@@ -84,6 +84,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (PEFT folders or GGUF adapter files) beside the base model")
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters held at once (default: 4)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the highest LoRA rank accepted (default: 16, as vLLM; each adapter slot is this wide)")
+    p.add_argument(
+        "--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
+        help="fcfs (default): requests run in arrival order; priority: by each request's priority, lower first "
+        "(vLLM's; the running request of lowest priority is preempted when KV blocks run out)",
+    )
 
 
 def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
@@ -120,6 +125,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         enable_lora=args.enable_lora or bool(getattr(args, "lora", None)),
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
+        scheduling_policy=args.scheduling_policy,
         **({"chat_template": args.chat_template} if getattr(args, "chat_template", None) is not None else {}),
     )
 

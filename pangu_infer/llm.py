@@ -14,7 +14,7 @@ import torch
 from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
-from pangu_infer.errors import RequestError
+from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import RequestOutput
@@ -63,6 +63,7 @@ class LLM:
         max_loras: int = 4,
         max_lora_rank: int = 16,
         chat_template: Optional[str] = None,
+        scheduling_policy: str = "fcfs",
     ):
         start = time.perf_counter()
         # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
@@ -89,6 +90,7 @@ class LLM:
             enable_lora=enable_lora,
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
+            scheduling_policy=scheduling_policy,
         )
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
@@ -184,17 +186,25 @@ class LLM:
         sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
         use_tqdm: bool = True,
         lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+        priority: Optional[Sequence[int]] = None,
     ) -> list[RequestOutput]:
         """Prompts: a string, a list of strings, or dicts {"prompt": text} or {"prompt_token_ids": [...]},
         either with "cache_salt" (vLLM's: its blocks in the prefix cache serve only the same salt).
         lora_request: the LoRA adapter of every prompt, or one per prompt (None: the base model);
-        it needs enable_lora=True."""
+        it needs enable_lora=True. priority (vLLM's): one integer per prompt, lower served first;
+        it needs scheduling_policy="priority"."""
         items = self._normalize_prompts(prompts)
         params = self._normalize_params(sampling_params, len(items))
         loras = self._normalize_loras(lora_request, len(items))
+        if priority is None:
+            priorities = [0] * len(items)
+        elif isinstance(priority, (list, tuple)) and len(priority) == len(items):
+            priorities = list(priority)
+        else:
+            raise ValueError(f"priority={short_repr(priority)} must be a list of integers, one per prompt ({len(items)})")
         requests = []
-        for (text, ids, salt), p, lora in zip(items, params, loras):
-            requests.append((text, ids, p, lora, salt))
+        for (text, ids, salt), p, lora, rank in zip(items, params, loras, priorities):
+            requests.append((text, ids, p, lora, salt, rank))
         return self._run(requests, use_tqdm)
 
     def chat(
@@ -232,7 +242,7 @@ class LLM:
             p = replace(p, skip_special_tokens=False)
             if enable_thinking is not False and is_pangu_template(self.tokenizer, template):
                 p = replace(p, allow_thinking=True)  # a constraint starts after the thinking part
-            requests.append((text, self.encode_prompt(text), p, lora, None))
+            requests.append((text, self.encode_prompt(text), p, lora, None, 0))
         outputs = self._run(requests, use_tqdm)
         for out in outputs:
             for comp in out.outputs:
@@ -345,7 +355,7 @@ class LLM:
         raise ValueError(f"lora_request={lora_request!r} must be a LoRARequest, a list of them (one per prompt) or None")
 
     def _run(
-        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str]]], use_tqdm: bool
+        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str], int]], use_tqdm: bool
     ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine."""
@@ -354,16 +364,16 @@ class LLM:
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
             return driver.run_blocking(
-                [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt) for text, tokens, p, lora, salt in requests]
+                [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt, rank) for text, tokens, p, lora, salt, rank in requests]
             )
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
         bar = None
         try:
-            for i, (text, tokens, p, lora, salt) in enumerate(requests):
+            for i, (text, tokens, p, lora, salt, rank) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt)
+                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise

@@ -50,6 +50,7 @@ class _Add:
     lora_request: Optional[LoRARequest] = None
     lora_adapter: Optional[LoRAAdapter] = None  # read beforehand (LLMEngine.read_lora)
     cache_salt: Optional[str] = None
+    priority: int = 0
 
 
 @dataclass
@@ -104,11 +105,12 @@ class AsyncEngine:
         prompt: Optional[str] = None,
         lora_request: Optional[LoRARequest] = None,
         cache_salt: Optional[str] = None,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
         adapter it runs with (one the engine does not hold, never loaded or made room for, is read
-        on a worker thread first, so that reading its files stalls no other request). `cache_salt`:
-        LLMEngine.add_request's.
+        on a worker thread first, so that reading its files stalls no other request). `cache_salt`
+        and `priority`: LLMEngine.add_request's.
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -128,7 +130,8 @@ class AsyncEngine:
                 adapter = await asyncio.to_thread(self.engine.read_lora, lora_request)
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter, cache_salt))
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter,
+                        cache_salt, priority))
         try:
             await added
         except asyncio.CancelledError:
@@ -155,7 +158,7 @@ class AsyncEngine:
                 self._commands.put(_Abort(request_id, None))
 
     def run_blocking(self, requests: list[tuple]) -> list[RequestOutput]:
-        """Generate (request_id, prompt ids, params, prompt[, lora_request[, cache_salt]]) each to the end and return the final
+        """Generate (request_id, prompt ids, params, prompt[, lora_request[, cache_salt[, priority]]]) each to the end and return the final
         outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
         AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
         only: stepped from two threads, each would take the other's outputs (a caller waiting
@@ -164,11 +167,11 @@ class AsyncEngine:
 
         async def one(
             index: int, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str],
-            lora_request: Optional[LoRARequest] = None, cache_salt: Optional[str] = None,
+            lora_request: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
         ) -> RequestOutput:
             last = None
             try:
-                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt):
+                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority):
                     last = out
             except RequestError as e:
                 if len(requests) == 1:
@@ -252,7 +255,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
-                    command.lora_request, command.lora_adapter, command.cache_salt,
+                    command.lora_request, command.lora_adapter, command.cache_salt, command.priority,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

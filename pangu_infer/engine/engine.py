@@ -16,13 +16,14 @@ from pangu_infer.engine.admission import Limits, admit, check_cache_salt, compil
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
+from pangu_infer.engine.scheduler import POLICIES as SCHEDULING_POLICIES
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.draft_model import DraftModelSpeculator
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator, Speculator
 from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, apply_bitmask, think_markers
-from pangu_infer.errors import RequestError
+from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
@@ -66,6 +67,9 @@ class EngineConfig:
     enable_lora: bool = False
     max_loras: int = 4
     max_lora_rank: int = 16
+    # vLLM's: "fcfs" (arrival order) or "priority" (each request's priority, lower first; the running
+    # request of lowest priority is the one preempted when blocks run out): engine/scheduler.py
+    scheduling_policy: str = "fcfs"
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "speculative_ngram_min", "max_loras", "max_lora_rank"):
@@ -99,6 +103,10 @@ class EngineConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
                 f"kv_cache_dtype={self.kv_cache_dtype!r} is not supported: expected one of {', '.join(KV_CACHE_DTYPES)}"
+            )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy={self.scheduling_policy!r} must be one of {', '.join(SCHEDULING_POLICIES)}"
             )
         if not isinstance(self.enable_lora, bool):
             raise ValueError(f"enable_lora={self.enable_lora!r} must be True or False")
@@ -167,7 +175,8 @@ class LLMEngine:
         num_blocks = self._num_blocks()
         self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(
-            self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1
+            self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1,
+            ec.scheduling_policy,
         )
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(
@@ -263,6 +272,7 @@ class LLMEngine:
         lora_request: Optional[LoRARequest] = None,
         lora_adapter: Optional[LoRAAdapter] = None,
         cache_salt: Optional[str] = None,
+        priority: int = 0,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -270,9 +280,11 @@ class LLMEngine:
         if it is not yet (add_lora; `lora_adapter`: what read_lora returned for it, read beforehand
         on another thread, else it is read here). `cache_salt` (vLLM's): its prompt's blocks in the
         prefix cache serve only requests with the same salt (tenants that cannot see each other's
-        prompts, not even by timing)."""
+        prompts, not even by timing). `priority` (vLLM's): with scheduling_policy "priority", lower
+        values are served first (0 by default; any integer); with "fcfs" only 0 is accepted."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
+        self._check_priority(priority)
         ids, params = admit(prompt_token_ids, params, self.limits)
         check_cache_salt(cache_salt)
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
@@ -294,6 +306,7 @@ class LLMEngine:
                 parent=parent,
             )
             seq.user_salt = cache_salt
+            seq.priority = priority
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
@@ -309,6 +322,16 @@ class LLMEngine:
                 self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def _check_priority(self, priority: object) -> None:
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise RequestError(f"priority={short_repr(priority)} must be an integer", param="priority")
+        if priority != 0 and self.engine_config.scheduling_policy != "priority":
+            raise RequestError(
+                f"priority={priority} needs priority scheduling: this engine serves requests in arrival order "
+                "(start it with --scheduling-policy priority, or LLM(..., scheduling_policy='priority'))",
+                param="priority",
+            )
 
     # ------------------------------------------------------------------ LoRA adapters
     def read_lora(self, request: LoRARequest) -> LoRAAdapter:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -25,8 +26,23 @@ class ScheduledBatch:
         return sum(self.num_tokens)
 
 
+# vLLM's scheduling policies: "fcfs" serves requests in arrival order and preempts the newest
+# running one when blocks run out; "priority" serves waiting requests by (priority, arrival), lower
+# values first, and preempts the running request with the highest (priority, arrival).
+POLICIES = ("fcfs", "priority")
+
+
+def _rank(seq: Sequence) -> tuple[int, int]:
+    return seq.priority, seq.seq_id  # seq ids grow with arrival; a request's forks are consecutive
+
+
 class Scheduler:
-    def __init__(self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, chunk_multiple: int = 1):
+    def __init__(
+        self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, chunk_multiple: int = 1, policy: str = "fcfs"
+    ):
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling_policy={policy!r} must be one of {', '.join(POLICIES)}")
+        self.policy = policy
         self.pool = pool
         # A prefill chunk that stops short of the sequence's end stops at a multiple of this many
         # tokens of the sequence (batch-invariant mode: the block size), never where the step's
@@ -39,7 +55,10 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        if self.policy == "priority":
+            self.waiting.insert(bisect.bisect_right(self.waiting, _rank(seq), key=_rank), seq)
+        else:
+            self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -56,7 +75,13 @@ class Scheduler:
                 i += 1
                 continue
             while not self.pool.can_allocate(seq, n):
-                victim = self.running[-1]
+                victim = self._victim()
+                if self.running.index(victim) < i:  # already scheduled in this step (priority policy)
+                    i -= 1
+                    if victim in batch.seqs:
+                        k = batch.seqs.index(victim)
+                        del batch.seqs[k]
+                        budget += batch.num_tokens.pop(k)
                 self._preempt(victim, batch)
                 if victim is seq:
                     break
@@ -112,11 +137,21 @@ class Scheduler:
         assert parent is not None
         return parent.is_finished or parent.num_computed_tokens >= parent.num_prompt_tokens
 
+    def _victim(self) -> Sequence:
+        """The running sequence that gives its blocks back: the newest (fcfs), or the one of
+        lowest priority, the newest among equals (priority)."""
+        if self.policy == "priority":
+            return max(self.running, key=_rank)
+        return self.running[-1]
+
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
         self.running.remove(seq)
         self.pool.release(seq)
         seq.reset_for_recompute()
-        self.waiting.appendleft(seq)
+        if self.policy == "priority":
+            self.waiting.insert(bisect.bisect_left(self.waiting, _rank(seq), key=_rank), seq)
+        else:
+            self.waiting.appendleft(seq)
         batch.preempted.append(seq)
         self.num_preemptions += 1
 

@@ -69,6 +69,7 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[Any] = None
         self.arrival_time = time.monotonic()
+        self.priority = 0  # the request's (scheduling_policy "priority": lower runs first)
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
         self.num_preemptions = 0
