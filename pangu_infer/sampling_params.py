@@ -15,6 +15,8 @@ MAX_LOGPROBS = 20  # alternatives per token (OpenAI's and vLLM's default limit)
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 300  # tokens in one logit_bias (OpenAI's limit)
+MAX_BAD_WORDS = 300  # words in one bad_words
+MAX_BAD_WORD_CHARS = 1000  # characters in one of them
 LOGIT_BIAS_RANGE = 100.0  # a bias is in [-100, 100], as OpenAI takes it
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes, with room for n
 
@@ -120,6 +122,9 @@ class SamplingParams:
     logit_bias: Optional[dict[int, float]] = None
     # when set, only these token ids can be drawn (vLLM's allowed_token_ids)
     allowed_token_ids: Optional[list[int]] = None
+    # words never generated (vLLM's bad_words): each word's tokens, with and without a leading space,
+    # may not all appear in a row; the engine bans a word's last token where the output ends with the rest
+    bad_words: Optional[list[str]] = None
     logprobs: Optional[int] = None  # number of top alternatives to return with each token
     # logprobs of the prompt's tokens (all but the first) with this many top alternatives each
     # (vLLM's prompt_logprobs; the server's echo). The prompt is computed whole: no prefix cache.
@@ -149,6 +154,8 @@ class SamplingParams:
             self.top_k = 0
         if isinstance(self.allowed_token_ids, tuple):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         if isinstance(self.logit_bias, dict):
             self.logit_bias = _token_keys(self.logit_bias)
         self._validate()
@@ -222,6 +229,16 @@ class SamplingParams:
             or any(not _is_int(t) or t < 0 for t in self.allowed_token_ids)
         ):
             raise bad("allowed_token_ids", "a non-empty list of non-negative integers, or None")
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, list) or any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+                raise bad("bad_words", "a list of words (strings with a non-space character), or None")
+            if len(self.bad_words) > MAX_BAD_WORDS:
+                raise RequestError(f"bad_words has {len(self.bad_words)} words; at most {MAX_BAD_WORDS} are allowed", param="bad_words")
+            long = next((w for w in self.bad_words if len(w) > MAX_BAD_WORD_CHARS), None)
+            if long is not None:
+                raise RequestError(
+                    f"bad_words holds a word of {len(long)} characters; at most {MAX_BAD_WORD_CHARS} are allowed", param="bad_words"
+                )
         if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
             raise bad("structured_outputs", "a StructuredOutputsParams or None")
         if self.max_reasoning_tokens is not None and (not _is_int(self.max_reasoning_tokens) or self.max_reasoning_tokens < 0):

@@ -287,6 +287,7 @@ class LLMEngine:
         self._check_priority(priority)
         ids, params = admit(prompt_token_ids, params, self.limits)
         check_cache_salt(cache_salt)
+        bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
         lora_key, lora_slot, waits = 0, -1, False
         if lora_request is not None:
@@ -307,6 +308,7 @@ class LLMEngine:
             )
             seq.user_salt = cache_salt
             seq.priority = priority
+            seq.bad_words_ids = bad_words_ids
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
@@ -322,6 +324,22 @@ class LLMEngine:
                 self.scheduler.add(seq)
         self.requests[request_id] = req
         self.num_prompt_tokens += len(ids)
+
+    def bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's bad_words as token sequences: each word as written (leading spaces stripped) and,
+        where that gives another first token and as many tokens, with one leading space (how the
+        word reads inside a text)."""
+        if self.tokenizer is None:
+            raise RequestError("bad_words needs the model's tokenizer, and this engine has none", param="bad_words")
+        out: list[list[int]] = []
+        for word in words:
+            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            if bare:
+                out.append(bare)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
+                out.append(spaced)
+        return out
 
     def _check_priority(self, priority: object) -> None:
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -523,6 +541,7 @@ class LLMEngine:
                 prompt_token_ids=s.prompt_token_ids,
                 output_token_ids=s.output_token_ids,
                 eos_token_ids=self._eos_list,  # the sampler itself skips eos under ignore_eos
+                bad_words_ids=s.bad_words_ids,
             )
             for s in seqs
         ]

@@ -2,7 +2,7 @@
 
 Each step applies, as HF and vLLM do:
 
-    allowed_token_ids (all others masked) -> logit_bias (added)
+    allowed_token_ids (all others masked) -> logit_bias (added) -> bad_words (masked)
     -> min_tokens (stop and eos tokens masked) -> repetition penalty (prompt + output)
     -> presence / frequency penalties (output only) -> temperature -> top_k -> top_p -> min_p -> draw
 
@@ -42,6 +42,8 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
     eos_token_ids: Sequence[int] = ()
+    # the request's bad_words as token id sequences (LLMEngine.bad_words_ids)
+    bad_words_ids: Sequence[Sequence[int]] = ()
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Sampler:
             # edited in place below; the caller's logits stay raw, for logprobs
             logits = logits.clone(memory_format=torch.contiguous_format)
             _apply_allowed_and_bias_(logits, rows)
+            _ban_bad_words_(logits, rows)
             _suppress_stop_tokens_(logits, rows)
             _apply_penalties_(logits, rows)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -158,7 +161,27 @@ def _changes_logits(row: SamplingRow) -> bool:
         or p.presence_penalty != 0
         or p.frequency_penalty != 0
         or bool(_suppressed_tokens(row))
+        or bool(_banned_tokens(row))
     )
+
+
+def _banned_tokens(row: SamplingRow) -> list[int]:
+    """The last token of every bad word whose other tokens the output ends with (vLLM's rule: a
+    one-token word is always banned; the prompt does not count)."""
+    out = row.output_token_ids
+    banned = []
+    for word in row.bad_words_ids:
+        k = len(word) - 1
+        if k <= len(out) and (k == 0 or list(out[len(out) - k :]) == list(word[:k])):
+            banned.append(word[-1])
+    return banned
+
+
+def _ban_bad_words_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    pairs = [(i, t) for i, r in enumerate(rows) for t in _banned_tokens(r)]
+    if pairs:
+        index = torch.tensor(pairs, device=logits.device)
+        logits[index[:, 0], index[:, 1]] = float("-inf")
 
 
 def _suppressed_tokens(row: SamplingRow) -> list[int]:

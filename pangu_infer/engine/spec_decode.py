@@ -53,12 +53,13 @@ def propose_ngram_draft(token_ids: list[int], max_ngram: int, num_tokens: int, m
 
 def can_speculate(seq: Sequence) -> bool:
     """Rows whose logits the sampler would change (penalties, min_tokens, logit_bias,
-    allowed_token_ids) or that want logprobs take the plain path: verification scores the draft
+    allowed_token_ids, bad_words) or that want logprobs take the plain path: verification scores the draft
     with the raw distribution."""
     p = seq.params
     return (
         not p.logit_bias
         and p.allowed_token_ids is None
+        and not p.bad_words
         and p.repetition_penalty == 1
         and p.presence_penalty == 0
         and p.frequency_penalty == 0

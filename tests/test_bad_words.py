@@ -1,0 +1,89 @@
+"""vLLM's bad_words: a word's tokens never all appear in a row in the output. A one-token word is
+banned everywhere; a longer one only where the output already ends with its first tokens."""
+
+from __future__ import annotations
+
+import pytest
+
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.errors import RequestError
+
+PROMPT = {"prompt_token_ids": list(range(40, 60))}
+
+
+def greedy(**kwargs) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dense_dir):
+    return LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+
+
+def _ids(llm: LLM, params: SamplingParams, prompt=PROMPT) -> list[int]:
+    return llm.generate([prompt], params, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def _round_trip(llm: LLM, ids: list[int]) -> list[tuple[int, str]]:
+    """(position, text) of output tokens whose text encodes back to that one token."""
+    tok = llm.tokenizer
+    out = []
+    for i, t in enumerate(ids):
+        text = tok.decode([t])
+        if text.strip() and tok.encode(text.lstrip(), add_special_tokens=False) == [t]:
+            out.append((i, text))
+    return out
+
+
+def test_a_one_token_word_is_never_generated(llm):
+    plain = _ids(llm, greedy())
+    position, word = next((i, w) for i, w in _round_trip(llm, plain) if i > 0)
+    token = plain[position]
+    got = _ids(llm, greedy(bad_words=[word]))
+    assert token not in got
+    assert got[:position] == plain[:position]  # the same text up to where the word came
+    # The same as a logit bias that all but bans the token (OpenAI's -100).
+    assert got == _ids(llm, greedy(logit_bias={token: -100}))
+
+
+def test_a_two_token_word_is_cut_at_its_last_token_only(llm):
+    plain = _ids(llm, greedy())
+    tok = llm.tokenizer
+
+    def two_tokens(i: int) -> bool:
+        text = tok.decode(plain[i - 1 : i + 1]).lstrip()
+        return plain[i] != plain[i - 1] and tok.encode(text, add_special_tokens=False) == plain[i - 1 : i + 1]
+
+    i = next(i for i in range(1, len(plain)) if two_tokens(i))
+    pair = plain[i - 1 : i + 1]
+    word = tok.decode(pair)
+    assert pair in llm.engine.bad_words_ids([word])  # the word is those two tokens
+    got = _ids(llm, greedy(bad_words=[word]))
+    assert got[:i] == plain[:i]  # its first token is still written
+    assert got[i] != plain[i]  # but not followed by the second
+    assert all(got[j : j + 2] != pair for j in range(len(got) - 1))
+
+
+def test_requests_with_bad_words_decode_the_same_with_speculation(tiny_dense_dir, llm):
+    # Prompt lookup would draft the repeated text; a banned word must not come back through a draft.
+    prompt = {"prompt_token_ids": list(range(40, 52)) * 4}
+    plain = _ids(llm, greedy(), prompt)
+    word = next(w for i, w in _round_trip(llm, plain) if i > 0)
+    want = _ids(llm, greedy(bad_words=[word]), prompt)
+    spec = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True,
+               num_speculative_tokens=4)
+    assert _ids(spec, greedy(bad_words=[word]), prompt) == want
+
+
+@pytest.mark.parametrize("value,message", [
+    ("word", "expected a list of words"),
+    ([""], "expected a list of words"),
+    (["  "], "expected a list of words"),
+    ([3], "expected a list of words"),
+    (["w"] * 301, "bad_words has 301 words; at most 300"),
+    (["w" * 1001], "a word of 1001 characters; at most 1000"),
+])
+def test_bad_words_that_are_not_words_name_the_field(value, message):
+    with pytest.raises(RequestError, match=message) as e:
+        SamplingParams(bad_words=value)
+    assert e.value.param == "bad_words"
