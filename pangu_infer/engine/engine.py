@@ -676,9 +676,17 @@ class LLMEngine:
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:
         pool = self.pool
+        running = {s.request_id: s.lora_key for s in self.scheduler.running}
+        waiting = {s.request_id: s.lora_key for s in self.scheduler.waiting if s.request_id not in running}
         return {
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            # requests, not sequences (a request with n=2 counts once), as vLLM counts them
+            "num_requests_running": len(running),
+            "num_requests_waiting": len(waiting) + len(self._lora_waiting),
+            "max_loras": self.loras.max_loras if self.loras is not None else 0,
+            "lora_running": self._lora_names(running.values()),
+            "lora_waiting": sorted(set(self._lora_names(waiting.values())) | {w[1].lora_name for w in self._lora_waiting}),
             "kv_blocks_total": pool.num_blocks,
             "kv_blocks_used": pool.num_used_blocks,
             "kv_blocks_free": pool.num_free_blocks,
@@ -696,6 +704,11 @@ class LLMEngine:
             "spec_accepted_tokens": self.speculator.num_accepted_tokens if self.speculator else 0,
             "spec_acceptance_rate": self.speculator.acceptance_rate() if self.speculator else 0.0,
         }
+
+    def _lora_names(self, keys) -> list[str]:
+        if self.loras is None:
+            return []
+        return sorted({name for name in (self.loras.name_of(k) for k in set(keys) if k) if name is not None})
 
 
 

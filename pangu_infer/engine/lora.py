@@ -93,6 +93,10 @@ class LoRAManager:
     def list(self) -> list[LoRARequest]:
         return [req for req, _, _ in self._loaded.values()]
 
+    def name_of(self, key: int) -> Optional[str]:
+        """The name of the loaded adapter installed under `key` (None once it was unloaded)."""
+        return next((req.lora_name for req, k, _ in self._loaded.values() if k == key), None)
+
 
 def _same_folder(a: LoRARequest, b: LoRARequest) -> bool:
     return os.path.realpath(a.lora_path) == os.path.realpath(b.lora_path)

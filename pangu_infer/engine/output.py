@@ -81,6 +81,8 @@ def request_output(
     metrics = {
         "ttft": first.ttft(),
         "tpot": first.tpot(),
+        # arrival in the engine to the latest token (the whole request's latency once finished)
+        "e2e": None if first.last_token_time is None else first.last_token_time - first.arrival_time,
         "num_cached_tokens": first.num_cached_tokens,
         "num_preemptions": sum(s.num_preemptions for s in seqs),
     }

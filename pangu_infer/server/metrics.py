@@ -2,10 +2,16 @@
 
 Each app has its own CollectorRegistry, so several apps in one process (tests) never share counts.
 Engine figures are read from one snapshot taken on the engine thread per scrape.
+
+Beside this server's own `pangu_*` families, the ones that routers, autoscalers and dashboards
+read from vLLM are exported under vLLM's names and labels (`vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc`, `vllm:lora_requests_info`, ...: what llm-d, the Gateway API inference
+extension, KEDA rules and vLLM's Grafana dashboard query), from the same figures.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -13,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+REQUEST_BUCKETS = LATENCY_BUCKETS + (120.0, 300.0, 600.0, 1800.0)  # whole requests (e2e) last longer
+VLLM_LABELS = ["model_name"]
 
 
 class _EngineCollector(Collector):
@@ -52,8 +60,41 @@ class _EngineCollector(Collector):
         if "spec_draft_tokens" in s:  # speculative decoding (a draft model or prompt lookup), as vLLM counts it
             yield counter("pangu_spec_decode_num_draft_tokens", "speculative draft tokens proposed", s["spec_draft_tokens"])
             yield counter("pangu_spec_decode_num_accepted_tokens", "speculative draft tokens accepted by the target", s["spec_accepted_tokens"])
+        yield from self._vllm_families(s)
         if self.moe:
             yield from self._moe_families()
+
+    def _vllm_families(self, s: dict) -> Iterable[Metric]:
+        """The engine's state under vLLM's metric names (requests, not sequences, as vLLM counts)."""
+        label = [self.model_name]
+
+        def family(kind, name: str, doc: str, value: float) -> Metric:
+            m = kind(name, doc, labels=VLLM_LABELS)
+            m.add_metric(label, value)
+            return m
+
+        yield family(GaugeMetricFamily, "vllm:num_requests_running", "Number of requests in model execution batches.", s["num_requests_running"])
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Number of requests waiting to be processed.", s["num_requests_waiting"])
+        yield family(GaugeMetricFamily, "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", s["kv_usage"])
+        yield family(GaugeMetricFamily, "vllm:gpu_cache_usage_perc", "KV-cache usage (vLLM's older name of kv_cache_usage_perc).", s["kv_usage"])
+        for name, key, doc in (
+            ("vllm:prompt_tokens", "prompt_tokens", "Number of prefill tokens processed."),
+            ("vllm:generation_tokens", "generation_tokens", "Number of generation tokens processed."),
+            ("vllm:num_preemptions", "num_preemptions", "Cumulative number of preemptions from the engine."),
+            ("vllm:prefix_cache_queries", "prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens."),
+            ("vllm:prefix_cache_hits", "prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens."),
+            ("vllm:spec_decode_num_draft_tokens", "spec_draft_tokens", "Number of draft tokens."),
+            ("vllm:spec_decode_num_accepted_tokens", "spec_accepted_tokens", "Number of accepted tokens."),
+        ):
+            if key in s:
+                yield family(CounterMetricFamily, name, doc, s[key])
+        if s.get("max_loras"):  # a LoRA engine: which adapters its requests run with (vLLM's info gauge)
+            info = GaugeMetricFamily(
+                "vllm:lora_requests_info", "Running stats on lora requests.",
+                labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            info.add_metric([str(s["max_loras"]), ",".join(s["lora_running"]), ",".join(s["lora_waiting"])], time.time())
+            yield info
 
     def _moe_families(self) -> Iterable[Metric]:
         if self.moe.get("num_groups") is None:  # sigmoid top-k MoE (R-72B-2512, Ultra-MoE): no groups
@@ -114,6 +155,24 @@ class ServerMetrics:
         self.lora_requests = Counter(
             "pangu_lora_requests", "requests that ran a LoRA adapter, by adapter", ["lora_name"], registry=self.registry
         )
+        # vLLM's request histograms and success counter (labelled by the served model's name)
+        self.vllm_ttft = Histogram(
+            "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", VLLM_LABELS,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.vllm_tpot = Histogram(
+            "vllm:request_time_per_output_token_seconds", "Histogram of time_per_output_token_seconds per request.", VLLM_LABELS,
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.vllm_e2e = Histogram(
+            "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", VLLM_LABELS,
+            buckets=REQUEST_BUCKETS, registry=self.registry,
+        ).labels(model_name)
+        self.vllm_success = Counter(
+            "vllm:request_success", "Count of successfully processed requests.", VLLM_LABELS + ["finished_reason"],
+            registry=self.registry,
+        )
+        self.model_name = model_name
         self.engine = _EngineCollector(model_name)
         self.registry.register(self.engine)
 
@@ -121,10 +180,15 @@ class ServerMetrics:
         """Record one finished engine request (RequestOutput.metrics and its completions' reasons)."""
         if metrics.get("ttft") is not None:
             self.ttft.observe(metrics["ttft"])
+            self.vllm_ttft.observe(metrics["ttft"])
         if metrics.get("tpot") is not None:
             self.tpot.observe(metrics["tpot"])
+            self.vllm_tpot.observe(metrics["tpot"])
+        if metrics.get("e2e") is not None:
+            self.vllm_e2e.observe(metrics["e2e"])
         for reason in finish_reasons:
             self.finished.labels(reason or "unknown").inc()
+            self.vllm_success.labels(self.model_name, reason or "unknown").inc()
 
     def render(self, engine_stats: dict, moe_stats: dict) -> bytes:
         self.engine.stats, self.engine.moe = engine_stats, moe_stats
