@@ -583,8 +583,10 @@ def test_streamed_tool_calls_match_non_streamed(tool_server):
 
 
 def test_without_tools_the_markers_stay_in_the_content(tool_server):
+    # (as special tokens they leave the text unless skip_special_tokens is false: tests/test_server_vllm_fields.py)
     client, _ = tool_server
-    out = client.chat.completions.create(model="tools", messages=MESSAGES, tools=TOOLS, tool_choice="none")
+    out = client.chat.completions.create(model="tools", messages=MESSAGES, tools=TOOLS, tool_choice="none",
+                                         extra_body={"skip_special_tokens": False})
     assert out.choices[0].finish_reason == "stop" and not out.choices[0].message.tool_calls
     assert '[unused11][{"name": "get_weather"' in out.choices[0].message.content
 

@@ -57,7 +57,19 @@ from pangu_infer.server import messages as anthropic
 from pangu_infer.server import responses as resp
 from pangu_infer.server.state import LoRAModule
 from pangu_infer.server.lora import add_routes as lora_routes
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, checked_template_kwargs, finite, render, start_chat
+from pangu_infer.server.chat_api import (
+    ChatParsing,
+    SpecialTokenFilter,
+    chat_choice,
+    chat_logprobs,
+    checked_template_kwargs,
+    finite,
+    prompt_logprobs,
+    render,
+    special_token_filter,
+    start_chat,
+    token_name,
+)
 from pangu_infer.server.params import check_model, check_size, to_sampling_params
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import (
@@ -260,17 +272,21 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started
+    as_ids = bool(req.return_tokens_as_token_ids)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, include_usage)
+        body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, include_usage,
+                            special=req.skip_special_tokens, token_ids=as_ids)
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     final = result[0]
-    choices = [chat_choice(state, c, parse, req.logprobs) for c in final.outputs]
+    special = special_token_filter(state) if req.skip_special_tokens else None
+    choices = [chat_choice(state, c, parse, req.logprobs, special, as_ids) for c in final.outputs]
     usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs), [final])
-    return JSONResponse(envelope(model, request_id, "chat.completion", int(time.time()), choices, usage=usage))
+    extra = {"prompt_logprobs": prompt_logprobs(state, final.prompt_logprobs)} if req.prompt_logprobs is not None else {}
+    return JSONResponse(envelope(model, request_id, "chat.completion", int(time.time()), choices, usage=usage, **extra))
 
 
 def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
@@ -304,10 +320,18 @@ async def _chat_stream(
     parse: ChatParsing,
     logprobs: bool,
     include_usage: bool,
+    special: bool = False,
+    token_ids: bool = False,
 ) -> AsyncIterator[str]:
+    """special: skip_special_tokens (their texts taken out of reasoning and content after parsing);
+    token_ids: return_tokens_as_token_ids."""
     created = int(time.time())
     n = len(firsts[0].outputs)
     parsers = [ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools) for _ in range(n)]
+    # per choice, one filter per text channel; a channel's held-back tail is let out when the other speaks
+    filters: list[Optional[dict[str, SpecialTokenFilter]]] = [
+        {"content": special_token_filter(state), "reasoning": special_token_filter(state)} if special else None for _ in range(n)
+    ]
     tool_indices = [0] * n
     done_choices: set[int] = set()
     completion_tokens = [0] * n
@@ -318,20 +342,40 @@ async def _chat_stream(
         choice = {
             "index": index,
             "delta": delta,
-            "logprobs": {"content": chat_logprobs(state, lps or [])} if logprobs and lps is not None else None,
+            "logprobs": {"content": chat_logprobs(state, lps or [], token_ids)} if logprobs and lps is not None else None,
             "finish_reason": finish_reason,
         }
         extra = {"usage": None} if include_usage else {}
         return sse(envelope(model, request_id, "chat.completion.chunk", created, [choice], **extra))
 
+    def filtered(i: int, kind: str, text: str, final: bool = False) -> list[dict]:
+        """The deltas of `text` on channel `kind` (content or reasoning), special tokens taken out
+        when asked; what the other channel held back goes first (final: let out this channel's)."""
+        field = {"content": "content", "reasoning": "reasoning_content"}
+        channels = filters[i]
+        if channels is None:
+            return [{field[kind]: text}]
+        other = "reasoning" if kind == "content" else "content"
+        deltas = []
+        held = channels[other].finish()
+        if held:
+            deltas.append({field[other]: held})
+        kept = channels[kind].finish() if final else channels[kind].feed(text)
+        if kept:
+            deltas.append({field[kind]: kept})
+        return deltas
+
+    def flush(i: int) -> list[dict]:
+        """What the special-token filters still hold (before a tool call, and at the end)."""
+        return [] if filters[i] is None else filtered(i, "content", "", final=True) + filtered(i, "reasoning", "", final=True)
+
     def events_to_deltas(i: int, events: list) -> list[dict]:
         deltas = []
         for ev in events:
-            if ev.kind == "content":
-                deltas.append({"content": ev.text})
-            elif ev.kind == "reasoning":
-                deltas.append({"reasoning_content": ev.text})
+            if ev.kind in ("content", "reasoning"):
+                deltas += filtered(i, ev.kind, ev.text)
             else:
+                deltas += flush(i)
                 call = ev.tool_call
                 deltas.append({"tool_calls": [{"index": tool_indices[i], "id": call["id"], "type": "function", "function": call["function"]}]})
                 tool_indices[i] += 1
@@ -349,7 +393,7 @@ async def _chat_stream(
                     completion_tokens[i] += len(comp.token_ids_delta)
                     deltas = events_to_deltas(i, parsers[i].feed(comp.text_delta))
                     if comp.finished:
-                        deltas += events_to_deltas(i, parsers[i].finish())
+                        deltas += events_to_deltas(i, parsers[i].finish()) + flush(i)
                     lps = comp.logprobs_delta if comp.token_ids_delta else None
                     if not deltas and lps:
                         deltas = [{"content": ""}]  # carry the logprobs of tokens whose text is held back
@@ -397,78 +441,90 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     # echo with max_tokens 0 (OpenAI's way to score a text): one token is generated and dropped
     prompt_only = req.echo and req.max_tokens == 0
     params = to_sampling_params(state, req, 1 if prompt_only else req.max_tokens, req.logprobs, chat=False)
-    if req.echo and req.logprobs is not None:
-        params = replace(params, prompt_logprobs=req.logprobs)
+    if req.prompt_logprobs is None and req.echo and req.logprobs is not None:
+        params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
+    as_ids = bool(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
     admitted = [(text if len(f.prompt_token_ids) == len(ids) else None, f.prompt_token_ids) for (text, ids), f in zip(prompts, firsts)]
-    echo = await asyncio.to_thread(_Echo, state, admitted, req.logprobs is not None, prompt_only) if req.echo else None
+    echo = await asyncio.to_thread(_Echo, state, admitted, req.logprobs, prompt_only, as_ids) if req.echo else None
     prompt_tokens = sum(len(ids) for _, ids in admitted)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _completion_stream(state, model, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo)
+        body = _completion_stream(state, model, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo,
+                                  token_ids=as_ids)
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     choices = []
     for p, final in enumerate(result):
+        # vLLM's: every choice carries its prompt's logprobs whenever they were computed
+        scored = {"prompt_logprobs": prompt_logprobs(state, final.prompt_logprobs)} if params.prompt_logprobs is not None else {}
         for comp in final.outputs:
             if echo is not None:
-                choices.append(echo.choice(p * req.n + comp.index, p, final, comp))
+                choices.append({**echo.choice(p * req.n + comp.index, p, final, comp), **scored})
                 continue
-            lps = _completion_logprobs(state, comp.logprobs or [], 0) if req.logprobs is not None else None
-            choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason})
+            lps = _completion_logprobs(state, comp.logprobs or [], 0, as_ids=as_ids)[0] if req.logprobs is not None else None
+            choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason, **scored})
     generated = 0 if prompt_only else sum(len(c.token_ids) for f in result for c in f.outputs)
     usage = usage_info(prompt_tokens, generated, result)
     return JSONResponse(envelope(model, request_id, "text_completion", int(time.time()), choices, usage=usage))
 
 
-def _completion_logprobs(state: ServerState, logprobs: list[Optional[Logprob]], offset: int, token_ids: Optional[list[int]] = None) -> dict:
+def _completion_logprobs(state: ServerState, logprobs: list[Optional[Logprob]], offset: int, token_ids: Optional[list[int]] = None,
+                         as_ids: bool = False, top: Optional[int] = None) -> tuple[dict, int]:
     """OpenAI's legacy logprobs of `logprobs` (an entry may be None: an echoed prompt's first
-    token, whose id is then read from token_ids)."""
+    token, whose id is then read from token_ids), and the text offset after them. as_ids: tokens
+    named "token_id:<id>" (return_tokens_as_token_ids; text_offset still counts the text); top:
+    at most this many alternatives per token (an echoed prompt scored with more)."""
     tokens, offsets = [], []
     for i, lp in enumerate(logprobs):
-        text = state.token_text(lp.token_id if lp is not None else token_ids[i])
-        tokens.append(text)
+        token_id = lp.token_id if lp is not None else token_ids[i]
+        tokens.append(token_name(state, token_id, as_ids))
         offsets.append(offset)
-        offset += len(text)
-    return {
+        offset += len(state.token_text(token_id))
+    lps = {
         "tokens": tokens,
         "token_logprobs": [finite(lp.logprob) if lp is not None else None for lp in logprobs],
-        "top_logprobs": [{state.token_text(t): finite(v) for t, v in lp.top} if lp is not None else None for lp in logprobs],
+        "top_logprobs": [{token_name(state, t, as_ids): finite(v) for t, v in lp.top[:top]} if lp is not None else None for lp in logprobs],
         "text_offset": offsets,
     }
+    return lps, offset
 
 
 class _Echo:
     """echo=true: each choice starts with its prompt (the given text, or the ids decoded, special
     tokens kept: token-id prompts and prompts that truncate_prompt_tokens cut) and, with
-    logprobs, the prompt's tokens scored first; prompt_only (max_tokens 0) drops the one generated token."""
+    logprobs, the prompt's tokens scored first (at most `logprobs` alternatives each, whatever
+    prompt_logprobs asked the engine for); prompt_only (max_tokens 0) drops the one generated token."""
 
-    def __init__(self, state: ServerState, prompts: list[tuple[Optional[str], list[int]]], logprobs: bool, prompt_only: bool):
+    def __init__(self, state: ServerState, prompts: list[tuple[Optional[str], list[int]]], logprobs: Optional[int], prompt_only: bool,
+                 as_ids: bool = False):
         self.state = state
         self.texts = [text if text is not None else state.llm.tokenizer.decode(ids, skip_special_tokens=False) for text, ids in prompts]
         self.logprobs = logprobs
         self.prompt_only = prompt_only
+        self.as_ids = as_ids
 
-    def prompt_logprobs(self, out: RequestOutput) -> Optional[dict]:
-        if not self.logprobs:
-            return None
+    def prompt_logprobs(self, out: RequestOutput) -> tuple[Optional[dict], int]:
+        """The prompt's legacy logprobs (None without logprobs) and the text offset after them."""
+        if self.logprobs is None:
+            return None, 0
         entries = list(out.prompt_logprobs or [])
         ids = out.prompt_token_ids  # as admitted
         entries += [None] * (len(ids) - len(entries))  # (always complete once a token is out)
-        return _completion_logprobs(self.state, entries, 0, ids)
+        return _completion_logprobs(self.state, entries, 0, ids, self.as_ids, self.logprobs)
 
     def choice(self, index: int, p: int, out: RequestOutput, comp: CompletionOutput) -> dict:
-        lps = self.prompt_logprobs(out)
+        lps, end = self.prompt_logprobs(out)
         if self.prompt_only:
             return {"index": index, "text": self.texts[p], "logprobs": lps, "finish_reason": "length"}
         if lps is not None:
-            rest = _completion_logprobs(self.state, comp.logprobs or [], sum(len(t) for t in lps["tokens"]))
+            rest, _ = _completion_logprobs(self.state, comp.logprobs or [], end, as_ids=self.as_ids)
             lps = {key: lps[key] + rest[key] for key in lps}
         return {"index": index, "text": self.texts[p] + comp.text, "logprobs": lps, "finish_reason": comp.finish_reason}
 
@@ -484,7 +540,9 @@ async def _completion_stream(
     include_usage: bool,
     prompt_tokens: int,
     echo: Optional[_Echo] = None,
+    token_ids: bool = False,
 ) -> AsyncIterator[str]:
+    """token_ids: return_tokens_as_token_ids."""
     created = int(time.time())
     completion_tokens = 0
     offsets: dict[int, int] = {}
@@ -500,10 +558,11 @@ async def _completion_stream(
                     if echo is not None and index not in echoed:
                         # the prompt first, in a chunk of its own (prompt_only: the whole choice)
                         echoed.add(index)
-                        choice = echo.choice(index, p, out, comp) if echo.prompt_only else {
-                            "index": index, "text": echo.texts[p], "logprobs": echo.prompt_logprobs(out), "finish_reason": None}
-                        if choice["logprobs"] is not None:
-                            offsets[index] = sum(len(t) for t in choice["logprobs"]["tokens"])
+                        if echo.prompt_only:
+                            choice = echo.choice(index, p, out, comp)
+                        else:
+                            prompt_lps, offsets[index] = echo.prompt_logprobs(out)
+                            choice = {"index": index, "text": echo.texts[p], "logprobs": prompt_lps, "finish_reason": None}
                         yield sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
                         if echo.prompt_only:
                             done_choices.add(index)
@@ -514,8 +573,7 @@ async def _completion_stream(
                     completion_tokens += len(comp.token_ids_delta)
                     lps = None
                     if logprobs:
-                        lps = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0))
-                        offsets[index] = offsets.get(index, 0) + sum(len(t) for t in lps["tokens"])
+                        lps, offsets[index] = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0), as_ids=token_ids)
                     choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
                     yield sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
                 if out.finished:

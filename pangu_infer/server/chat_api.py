@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+import re
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -143,11 +145,17 @@ class ChatParsing:
     tools: bool  # tools offered: [unused11]...[unused12] are tool calls
 
 
-def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, logprobs: bool) -> dict:
+def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, logprobs: bool,
+                special: Optional[SpecialTokenFilter] = None, token_ids: bool = False) -> dict:
+    """special: the special tokens to take out of reasoning and content once parsed (skip_special_tokens);
+    token_ids: logprobs name tokens as "token_id:<id>" (return_tokens_as_token_ids)."""
     reasoning, content = split_reasoning(comp.text) if parse.reasoning else (None, comp.text)
     calls: list[dict] = []
     if parse.tools:
         content, calls = parse_tool_calls(content)
+    if special is not None:
+        content = special.remove(content)
+        reasoning = special.remove(reasoning) if reasoning is not None else None
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
     if reasoning is not None:
         message["reasoning_content"] = reasoning
@@ -156,17 +164,80 @@ def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, 
     return {
         "index": comp.index,
         "message": message,
-        "logprobs": {"content": chat_logprobs(state, comp.logprobs or [])} if logprobs else None,
+        "logprobs": {"content": chat_logprobs(state, comp.logprobs or [], token_ids)} if logprobs else None,
         "finish_reason": "tool_calls" if calls else comp.finish_reason,
     }
 
 
-def chat_logprobs(state: ServerState, logprobs: list[Logprob]) -> list[dict]:
+def token_name(state: ServerState, token_id: int, as_id: bool) -> str:
+    """A token as logprobs name it: its text, or vLLM's "token_id:<id>" (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_id else state.token_text(token_id)
+
+
+def chat_logprobs(state: ServerState, logprobs: list[Logprob], token_ids: bool = False) -> list[dict]:
     def entry(token_id: int, logprob: float) -> dict:
-        text = state.token_text(token_id)
+        text = token_name(state, token_id, token_ids)
         return {"token": text, "logprob": finite(logprob), "bytes": list(text.encode("utf-8"))}
 
     return [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def prompt_logprobs(state: ServerState, entries: Optional[list[Optional[Logprob]]]) -> list[Optional[dict]]:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}}, the prompt token first and then the top alternatives ranked 1, 2, ... (a prompt
+    token among them keeps its first place with its rank there; one outside them has rank None:
+    the engine does not count how many tokens beat it)."""
+    out: list[Optional[dict]] = []
+    for lp in entries or []:
+        if lp is None:
+            out.append(None)
+            continue
+        ranked = {t: (v, rank) for rank, (t, v) in enumerate(lp.top, 1)}
+        logprob, rank = ranked.get(lp.token_id, (lp.logprob, None))
+        position = {str(lp.token_id): {"logprob": finite(logprob), "rank": rank, "decoded_token": state.token_text(lp.token_id)}}
+        for t, (v, r) in ranked.items():
+            position.setdefault(str(t), {"logprob": finite(v), "rank": r, "decoded_token": state.token_text(t)})
+        out.append(position)
+    return out
+
+
+class SpecialTokenFilter:
+    """skip_special_tokens on chat: the texts of the tokenizer's special tokens taken out of a reply's
+    reasoning and content after the reasoning / tool-call parsers have read their markers (the
+    engine keeps special tokens for them). Streamed, `feed` holds back a tail that may be the start
+    of one until the next piece shows; the pieces joined equal `remove` of the whole text."""
+
+    def __init__(self, texts: frozenset[str]):
+        self._pattern, self._prefixes, self._longest = _special_pattern(texts)
+        self._held = ""
+
+    def remove(self, text: str) -> str:
+        return self._pattern.sub("", text) if self._pattern is not None else text
+
+    def feed(self, text: str) -> str:
+        text = self._held + text
+        keep = next((k for k in range(min(self._longest, len(text)), 0, -1) if text[-k:] in self._prefixes), 0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return self.remove(text[: len(text) - keep])
+
+    def finish(self) -> str:
+        text, self._held = self._held, ""
+        return self.remove(text)
+
+
+def special_token_filter(state: ServerState) -> SpecialTokenFilter:
+    tok = state.llm.tokenizer
+    return SpecialTokenFilter(frozenset(state.token_text(i) for i in tok.all_special_ids) - {""})
+
+
+@functools.lru_cache(maxsize=8)
+def _special_pattern(texts: frozenset[str]) -> tuple[Optional[re.Pattern], frozenset[str], int]:
+    """(the texts as one regex, longest first; every proper prefix of one; the longest prefix's length)."""
+    if not texts:
+        return None, frozenset(), 0
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+    prefixes = frozenset(t[:k] for t in texts for k in range(1, len(t)))
+    return pattern, prefixes, max(len(t) for t in texts) - 1
 
 
 def finite(logprob: float) -> float:

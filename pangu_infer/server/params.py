@@ -39,6 +39,10 @@ def check_model(state: ServerState, model: Optional[str]) -> Optional[LoRAReques
 def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed together with stream=true", param="stream_options")
+    if req.prompt_logprobs is not None and req.stream:
+        # vLLM refuses them too: a stream's chunks have no place for them
+        raise APIError(400, f"prompt_logprobs={short_repr(req.prompt_logprobs)} is not available with stream=true; "
+                       "ask without streaming", param="prompt_logprobs")
     changes: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
@@ -57,7 +61,10 @@ def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Opti
         seed=req.seed,
         ignore_eos=req.ignore_eos,
         logprobs=logprobs,
-        skip_special_tokens=not chat,  # chat keeps the [unusedN] markers for the reasoning / tool parsers
+        prompt_logprobs=req.prompt_logprobs,  # (completions: echo with logprobs asks for them too, app.py)
+        # Chat keeps the [unusedN] markers for the reasoning / tool parsers; its skip_special_tokens
+        # takes the special tokens out after parsing (chat_api.special_token_filter).
+        skip_special_tokens=req.skip_special_tokens and not chat,
         structured_outputs=request_constraint(req),  # response_format, structured_outputs, guided_*
     )
     log_ignored_fields(req)

@@ -117,6 +117,17 @@ class SamplingFields(_Request):
     )
     truncate_prompt_tokens: Optional[int] = Field(None, description="keep the prompt's last k tokens; -1: as many as fit the context")
     include_stop_str_in_output: bool = False
+    prompt_logprobs: Optional[int] = Field(
+        None, description=f"score the prompt: each token's logprob with this many top alternatives (0..{MAX_TOP_LOGPROBS}; "
+        "not with stream=true), as vLLM returns them",
+    )
+    return_tokens_as_token_ids: Optional[bool] = Field(
+        None, description='logprobs name tokens as "token_id:<id>" instead of their text (vLLM)'
+    )
+    skip_special_tokens: bool = Field(
+        True, description="leave the tokenizer's special tokens out of the reply's text (chat: after the reasoning and "
+        "tool-call markers are parsed)",
+    )
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
     guided_json: Union[dict[str, Any], str, None] = Field(None, description="alias of structured_outputs.json")
@@ -255,6 +266,17 @@ class ChatChoice(_Response):
     finish_reason: Optional[str] = None
 
 
+class PromptLogprob(_Response):
+    logprob: float
+    rank: Optional[int] = Field(None, description="1 for the likeliest token; null for a prompt token outside the top prompt_logprobs")
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: one entry per prompt token, null for the first; each maps token ids (the
+# prompt token first, then the top alternatives) to their logprob, rank and text.
+PromptLogprobs = list[Optional[dict[str, PromptLogprob]]]
+
+
 class ChatCompletionResponse(_Response):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -262,6 +284,7 @@ class ChatCompletionResponse(_Response):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: Optional[PromptLogprobs] = Field(None, description="with prompt_logprobs (vLLM's field)")
 
 
 class CompletionLogprobs(_Response):
@@ -277,6 +300,7 @@ class CompletionChoice(_Response):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = Field(None, description="with prompt_logprobs, or echo with logprobs (vLLM's field)")
 
 
 class CompletionResponse(_Response):

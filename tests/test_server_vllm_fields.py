@@ -1,0 +1,280 @@
+"""vLLM's request fields on /v1/completions and /v1/chat/completions: prompt_logprobs,
+return_tokens_as_token_ids and skip_special_tokens, driven by the openai client (extra_body) against
+an in-process app over the tiny Pangu model. Prompt logprobs are checked against transformers'
+LlamaForCausalLM on the same weights and against the engine's own LLM.generate."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import openai
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from fixtures_server import ScriptedEngine
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.loader.random import random_state_dict, transformers_llama
+from pangu_infer.server.app import create_app
+from pangu_infer.server.chat_api import SpecialTokenFilter
+
+MESSAGES = [{"role": "user", "content": "tell me about the weather in the city"}]
+PROMPTS = [[1, 5, 9, 200, 17, 33, 8, 412, 77], [1] + list(range(40, 60))]
+SPECIAL = 16  # [unused13]: a special token that is no marker of the reasoning / tool parsers
+PLAIN = 500  # an ordinary token
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dense_dir):
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+
+
+@pytest.fixture(scope="module")
+def http(llm):
+    with TestClient(create_app(llm, served_model_name="tiny")) as http:
+        yield http
+
+
+@pytest.fixture(scope="module")
+def client(http) -> openai.OpenAI:
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dense_config):
+    return transformers_llama(tiny_dense_config, random_state_dict(tiny_dense_config))
+
+
+def _reference_logprobs(reference, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return reference(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def _check_prompt_logprobs(got, ids, k, reference, engine_entries, tokenizer):
+    """vLLM's shape with transformers' values: null first, then {id: {logprob, rank, decoded_token}}
+    holding the prompt token first and the top k ranked 1..k (the prompt token's rank: its true
+    rank when among them, else null); and exactly the engine's own numbers."""
+    ref = _reference_logprobs(reference, ids)
+    assert len(got) == len(ids) and got[0] is None and engine_entries[0] is None
+    for p in range(1, len(ids)):
+        row, token, position = ref[p - 1], ids[p], got[p]
+        top_values, top_ids = row.topk(k)
+        top_ids = top_ids.tolist()
+        assert list(position) == [str(token)] + [str(t) for t in top_ids if t != token]
+        assert abs(position[str(token)]["logprob"] - row[token].item()) <= 1e-4
+        true_rank = int((row >= row[token]).sum())
+        assert position[str(token)]["rank"] == (true_rank if true_rank <= k else None)
+        for rank, (t, v) in enumerate(zip(top_ids, top_values.tolist()), 1):
+            assert position[str(t)]["rank"] == rank and abs(position[str(t)]["logprob"] - v) <= 1e-4
+        for t, entry in position.items():
+            assert entry["decoded_token"] == tokenizer.decode([int(t)], skip_special_tokens=False)
+        mine = engine_entries[p]  # LLM.generate(..., SamplingParams(prompt_logprobs=k))
+        assert mine.token_id == token and position[str(token)]["logprob"] == pytest.approx(mine.logprob, abs=1e-6)
+        assert {int(t): e["logprob"] for t, e in position.items() if e["rank"] is not None} == pytest.approx(dict(mine.top), abs=1e-6)
+
+
+# ---------------------------------------------------------------------- prompt_logprobs
+def test_completion_prompt_logprobs_are_vllms_shape_with_transformers_values(client, llm, reference, pangu_tokenizer):
+    k = 3
+    out = client.completions.create(model="tiny", prompt=PROMPTS, max_tokens=2, temperature=0, n=2, extra_body={"prompt_logprobs": k})
+    assert len(out.choices) == 4
+    engine = llm.generate([{"prompt_token_ids": ids} for ids in PROMPTS], SamplingParams(max_tokens=1, prompt_logprobs=k), use_tqdm=False)
+    for choice in out.choices:
+        p = choice.index // 2
+        _check_prompt_logprobs(choice.prompt_logprobs, PROMPTS[p], k, reference, engine[p].prompt_logprobs, pangu_tokenizer)
+    # a rank outside the top k is null; with k=0 every position holds the prompt token alone
+    zero = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1, extra_body={"prompt_logprobs": 0})
+    lps = zero.choices[0].prompt_logprobs
+    assert [list(pos) for pos in lps[1:]] == [[str(t)] for t in PROMPTS[0][1:]]
+    ref = _reference_logprobs(reference, PROMPTS[0])
+    assert [pos[str(t)]["logprob"] for pos, t in zip(lps[1:], PROMPTS[0][1:])] == pytest.approx(
+        ref[torch.arange(len(PROMPTS[0]) - 1), torch.tensor(PROMPTS[0][1:])].tolist(), abs=1e-4)
+    # not asked: no field
+    plain = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1)
+    assert "prompt_logprobs" not in plain.choices[0].model_dump()
+
+
+def test_echo_with_logprobs_carries_prompt_logprobs_as_vllm_does(client, reference, llm, pangu_tokenizer):
+    ids = PROMPTS[0]
+    echoed = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=1,
+                                       extra_body={"prompt_logprobs": 4})
+    choice = echoed.choices[0]
+    engine = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1, prompt_logprobs=4), use_tqdm=False)[0]
+    _check_prompt_logprobs(choice.prompt_logprobs, ids, 4, reference, engine.prompt_logprobs, pangu_tokenizer)
+    # the echoed prompt's legacy logprobs keep logprobs=1 alternatives although the engine scored 4
+    assert all(len(top) == 1 for top in choice.logprobs.top_logprobs[1:])
+    assert choice.logprobs.token_logprobs[1:len(ids)] == [choice.prompt_logprobs[p][str(ids[p])]["logprob"] for p in range(1, len(ids))]
+    # echo with logprobs alone scores the prompt with logprobs alternatives, and says so (vLLM's choice)
+    alone = client.completions.create(model="tiny", prompt=ids, max_tokens=1, temperature=0, echo=True, logprobs=2).choices[0]
+    assert all(len(pos) in (2, 3) for pos in alone.prompt_logprobs[1:])
+
+
+def test_chat_prompt_logprobs_are_top_level_and_equal_the_rendered_prompts(client, http, reference, pangu_tokenizer):
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0, extra_body={"prompt_logprobs": 2})
+    ids = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert len(out.prompt_logprobs) == out.usage.prompt_tokens == len(ids)
+    same = client.completions.create(model="tiny", prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 2})
+    assert out.prompt_logprobs == same.choices[0].prompt_logprobs
+    ref = _reference_logprobs(reference, ids)
+    got = [pos[str(t)]["logprob"] for pos, t in zip(out.prompt_logprobs[1:], ids[1:])]
+    assert got == pytest.approx(ref[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist(), abs=1e-4)
+    assert "prompt_logprobs" not in client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1).model_dump()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"prompt_logprobs": 1, "stream": True}, "stream"),
+    ({"prompt_logprobs": 0, "stream": True}, "stream"),
+    ({"prompt_logprobs": -1}, "-1"),
+    ({"prompt_logprobs": 21}, "21"),
+    ({"prompt_logprobs": "many"}, "many"),
+    ({"return_tokens_as_token_ids": "perhaps"}, "perhaps"),
+    ({"skip_special_tokens": "perhaps"}, "perhaps"),
+    ({"skip_special_tokens": None}, "null"),
+])
+def test_bad_values_are_a_400_naming_the_field_and_value(http, path, extra, needle):
+    body = {"model": "tiny", "max_tokens": 2, **({"prompt": "hi"} if path == "/v1/completions" else {"messages": MESSAGES}), **extra}
+    response = http.post(path, json=body)
+    field = next(k for k in extra if k != "stream")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and needle in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_spaces_between_special_tokens_is_refused(http, path):
+    """The tokenizer's decode has no such switch (it never puts spaces around special tokens), so
+    the field is not taken rather than taken and ignored."""
+    body = {"model": "tiny", "max_tokens": 2, **({"prompt": "hi"} if path == "/v1/completions" else {"messages": MESSAGES}),
+            "spaces_between_special_tokens": True}
+    response = http.post(path, json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "spaces_between_special_tokens"
+
+
+# ---------------------------------------------------------------------- return_tokens_as_token_ids
+def _ids(tokens: list[str]) -> list[int]:
+    assert all(re.fullmatch(r"token_id:\d+", t) for t in tokens), tokens
+    return [int(t.split(":")[1]) for t in tokens]
+
+
+def test_completion_tokens_as_token_ids(client, pangu_tokenizer):
+    kwargs = dict(model="tiny", prompt="the weather in the city", max_tokens=6, temperature=0, logprobs=2)
+    plain = client.completions.create(**kwargs).choices[0]
+    as_ids = client.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True}).choices[0]
+    ids = _ids(as_ids.logprobs.tokens)
+    assert [pangu_tokenizer.decode([t], skip_special_tokens=False) for t in ids] == plain.logprobs.tokens
+    assert as_ids.logprobs.token_logprobs == plain.logprobs.token_logprobs
+    assert as_ids.logprobs.text_offset == plain.logprobs.text_offset  # offsets into the text, as before
+    for top, plain_top in zip(as_ids.logprobs.top_logprobs, plain.logprobs.top_logprobs):
+        named = {pangu_tokenizer.decode([t], skip_special_tokens=False): v for t, v in zip(_ids(list(top)), top.values())}
+        assert named == plain_top
+    streamed = list(client.completions.create(**kwargs, stream=True, extra_body={"return_tokens_as_token_ids": True}))
+    assert sum((c.choices[0].logprobs.tokens for c in streamed), []) == as_ids.logprobs.tokens
+    assert sum((c.choices[0].logprobs.text_offset for c in streamed), []) == as_ids.logprobs.text_offset
+    # echo: the prompt's tokens too, its first one included
+    echoed = client.completions.create(**{**kwargs, "prompt": PROMPTS[0]}, echo=True, extra_body={"return_tokens_as_token_ids": True})
+    assert _ids(echoed.choices[0].logprobs.tokens)[: len(PROMPTS[0])] == PROMPTS[0]
+
+
+def test_chat_tokens_as_token_ids(client, pangu_tokenizer):
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+    plain = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    as_ids = client.chat.completions.create(**kwargs, extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs.content
+    ids = _ids([e.token for e in as_ids])
+    assert [pangu_tokenizer.decode([t], skip_special_tokens=False) for t in ids] == [e.token for e in plain]
+    assert all(e.bytes == list(e.token.encode()) for e in as_ids)
+    for mine, theirs in zip(as_ids, plain):
+        tops = _ids([t.token for t in mine.top_logprobs])
+        assert [pangu_tokenizer.decode([t], skip_special_tokens=False) for t in tops] == [t.token for t in theirs.top_logprobs]
+        assert [t.logprob for t in mine.top_logprobs] == [t.logprob for t in theirs.top_logprobs]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, extra_body={"return_tokens_as_token_ids": True}))
+    streamed = [e.token for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == [e.token for e in as_ids]
+
+
+# ---------------------------------------------------------------------- skip_special_tokens
+MIXED = dict(max_tokens=16, temperature=1.0, seed=1, logprobs=0, extra_body={"allowed_token_ids": [SPECIAL, PLAIN], "return_tokens_as_token_ids": True})
+
+
+def _mixed_ids(tokens: list[str]) -> list[int]:
+    ids = _ids(tokens)
+    assert SPECIAL in ids and PLAIN in ids, f"the seed must draw both tokens: {ids}"
+    return ids
+
+
+@pytest.mark.parametrize("skip", [None, True, False])
+def test_completion_skip_special_tokens(client, pangu_tokenizer, skip):
+    extra = {**MIXED["extra_body"], **({} if skip is None else {"skip_special_tokens": skip})}
+    kwargs = dict(model="tiny", prompt="the weather", **{**MIXED, "extra_body": extra})
+    choice = client.completions.create(**kwargs).choices[0]
+    ids = _mixed_ids(choice.logprobs.tokens)
+    keep = skip is False
+    assert choice.text == pangu_tokenizer.decode(ids, skip_special_tokens=not keep)
+    assert ("[unused13]" in choice.text) == keep
+    streamed = list(client.completions.create(**kwargs, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+
+
+@pytest.mark.parametrize("skip", [None, True, False])
+def test_chat_skip_special_tokens_with_the_real_engine(client, http, skip):
+    """Chat drops special tokens from the text after parsing; a completion of the same prompt ids
+    with the same seed draws the same tokens and drops them in the engine's detokenizer: the same text."""
+    extra = {**MIXED["extra_body"], **({} if skip is None else {"skip_special_tokens": skip})}
+    kwargs = dict(model="tiny", **{**MIXED, "extra_body": extra})
+    choice = client.chat.completions.create(messages=MESSAGES, **{**kwargs, "logprobs": True}).choices[0]
+    ids = _mixed_ids([e.token for e in choice.logprobs.content])
+    prompt = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    completion = client.completions.create(prompt=prompt, **kwargs).choices[0]
+    assert _ids(completion.logprobs.tokens) == ids
+    assert choice.message.content == completion.text
+    assert ("[unused13]" in choice.message.content) == (skip is False)
+    chunks = list(client.chat.completions.create(messages=MESSAGES, **kwargs, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+
+
+SCRIPTED = ('[unused16]the [unused13]user wants[unused0] weather[unused17]Let me[unused13] check.'
+            '[unused11][{"name": "get_weather", "arguments": {"city": "Paris"}}][unused12]')
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def scripted(llm, pangu_tokenizer):
+    engine = ScriptedEngine(pangu_tokenizer, SCRIPTED)
+    with TestClient(create_app(llm, served_model_name="tools", engine=engine)) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+@pytest.mark.parametrize("skip", [None, True, False])
+def test_chat_skip_special_tokens_after_the_parsers(scripted, skip):
+    """The reasoning and tool-call markers are read whatever the field says; the other special
+    tokens leave reasoning and content unless skip_special_tokens is false, streamed or not."""
+    kwargs = dict(model="tools", messages=MESSAGES, tools=TOOLS, extra_body={} if skip is None else {"skip_special_tokens": skip})
+    message = scripted.chat.completions.create(**kwargs).choices[0].message
+    if skip is False:
+        assert message.reasoning_content == "the [unused13]user wants[unused0] weather"
+        assert message.content == "Let me[unused13] check."
+    else:
+        assert message.reasoning_content == "the user wants weather" and message.content == "Let me check."
+    (call,) = message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+    chunks = list(scripted.chat.completions.create(**kwargs, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == message.reasoning_content
+    assert "".join(d.content or "" for d in deltas) == message.content
+    assert [tc.function.name for d in deltas for tc in (d.tool_calls or [])] == ["get_weather"]
+    # without tools the tool markers are special tokens like any other
+    bare = scripted.chat.completions.create(model="tools", messages=MESSAGES, **({} if skip is None else {"extra_body": {"skip_special_tokens": skip}}))
+    assert ("[unused11]" in bare.choices[0].message.content) == (skip is False)
+    assert '[{"name": "get_weather"' in bare.choices[0].message.content
+
+
+def test_special_token_filter_streamed_in_any_pieces_equals_the_whole(pangu_tokenizer):
+    texts = frozenset(pangu_tokenizer.decode([i], skip_special_tokens=False) for i in pangu_tokenizer.all_special_ids)
+    text = "a[unused1][unused13]b[unus[unused10]ed1]</s>c<s"
+    whole = SpecialTokenFilter(texts).remove(text)
+    assert whole == "ab[unused1]c<s"
+    for size in range(1, 8):
+        stream = SpecialTokenFilter(texts)
+        pieces = [stream.feed(text[i:i + size]) for i in range(0, len(text), size)] + [stream.finish()]
+        assert "".join(pieces) == whole, size
