@@ -87,3 +87,19 @@ def test_bad_words_that_are_not_words_name_the_field(value, message):
     with pytest.raises(RequestError, match=message) as e:
         SamplingParams(bad_words=value)
     assert e.value.param == "bad_words"
+
+
+def test_the_server_takes_bad_words_as_vllm_does(llm):
+    from fastapi.testclient import TestClient
+
+    from pangu_infer.server.app import create_app
+
+    plain = _ids(llm, greedy())
+    word = next(w for i, w in _round_trip(llm, plain) if i > 0)
+    want = llm.generate([PROMPT], greedy(bad_words=[word]), use_tqdm=False)[0].outputs[0].text
+    body = {"model": "m", "prompt": PROMPT["prompt_token_ids"], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        r = http.post("/v1/completions", json={**body, "bad_words": [word]})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        r = http.post("/v1/completions", json={**body, "bad_words": [""]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"

@@ -157,3 +157,24 @@ def test_a_priority_needs_the_priority_policy_and_an_integer(llm):
     assert not engine.has_unfinished_requests()
     with pytest.raises(ValueError, match=r"scheduling_policy='lifo' must be one of fcfs, priority"):
         EngineConfig(scheduling_policy="lifo")
+
+
+def test_the_server_takes_a_priority_only_under_the_priority_policy(llm, tiny_dense_dir):
+    from fastapi.testclient import TestClient
+
+    from pangu_infer.server.app import create_app
+
+    body = {"model": "m", "prompt": [5, 6, 7], "max_tokens": 2, "priority": 3}
+    with TestClient(create_app(llm, served_model_name="m")) as http:  # fcfs
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+        assert "--scheduling-policy priority" in r.json()["error"]["message"]
+        assert http.post("/v1/completions", json={**body, "priority": 0}).status_code == 200
+    ranked = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True,
+                 scheduling_policy="priority")
+    with TestClient(create_app(ranked, served_model_name="m")) as http:
+        assert http.post("/v1/completions", json=body).status_code == 200
+        r = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                    "max_tokens": 2, "priority": -2})
+        assert r.status_code == 200
+        assert http.post("/v1/completions", json={**body, "priority": "high"}).status_code == 400

@@ -54,7 +54,7 @@ def _reference_logprobs(reference, ids: list[int]) -> torch.Tensor:
 def _check_prompt_logprobs(got, ids, k, reference, engine_entries, tokenizer):
     """vLLM's shape with transformers' values: null first, then {id: {logprob, rank, decoded_token}}
     holding the prompt token first and the top k ranked 1..k (the prompt token's rank: its true
-    rank when among them, else null); and exactly the engine's own numbers."""
+    rank in the vocabulary); and exactly the engine's own numbers."""
     ref = _reference_logprobs(reference, ids)
     assert len(got) == len(ids) and got[0] is None and engine_entries[0] is None
     for p in range(1, len(ids)):
@@ -64,14 +64,15 @@ def _check_prompt_logprobs(got, ids, k, reference, engine_entries, tokenizer):
         assert list(position) == [str(token)] + [str(t) for t in top_ids if t != token]
         assert abs(position[str(token)]["logprob"] - row[token].item()) <= 1e-4
         true_rank = int((row >= row[token]).sum())
-        assert position[str(token)]["rank"] == (true_rank if true_rank <= k else None)
+        assert position[str(token)]["rank"] == true_rank
         for rank, (t, v) in enumerate(zip(top_ids, top_values.tolist()), 1):
             assert position[str(t)]["rank"] == rank and abs(position[str(t)]["logprob"] - v) <= 1e-4
         for t, entry in position.items():
             assert entry["decoded_token"] == tokenizer.decode([int(t)], skip_special_tokens=False)
         mine = engine_entries[p]  # LLM.generate(..., SamplingParams(prompt_logprobs=k))
         assert mine.token_id == token and position[str(token)]["logprob"] == pytest.approx(mine.logprob, abs=1e-6)
-        assert {int(t): e["logprob"] for t, e in position.items() if e["rank"] is not None} == pytest.approx(dict(mine.top), abs=1e-6)
+        top = {int(t): e["logprob"] for t, e in position.items() if int(t) != token or e["rank"] <= k}
+        assert top == pytest.approx(dict(mine.top), abs=1e-6)
 
 
 # ---------------------------------------------------------------------- prompt_logprobs
@@ -83,7 +84,7 @@ def test_completion_prompt_logprobs_are_vllms_shape_with_transformers_values(cli
     for choice in out.choices:
         p = choice.index // 2
         _check_prompt_logprobs(choice.prompt_logprobs, PROMPTS[p], k, reference, engine[p].prompt_logprobs, pangu_tokenizer)
-    # a rank outside the top k is null; with k=0 every position holds the prompt token alone
+    # with k=0 every position holds the prompt token alone, with its rank
     zero = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=1, extra_body={"prompt_logprobs": 0})
     lps = zero.choices[0].prompt_logprobs
     assert [list(pos) for pos in lps[1:]] == [[str(t)] for t in PROMPTS[0][1:]]

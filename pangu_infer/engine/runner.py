@@ -409,7 +409,7 @@ class ModelRunner:
                     b = min(a + PROMPT_LOGPROB_ROWS, stop)
                     logits = self.model.compute_logits(hidden[row + a - start : row + b - start])
                     targets = seq.token_ids[a + 1 : b + 1]
-                    entries += [Logprob(t, lp, top) for t, (lp, top) in zip(targets, token_logprobs(logits, targets, k))]
+                    entries += [Logprob(t, lp, top, rank) for t, (lp, top, rank) in zip(targets, token_logprobs(logits, targets, k))]
                 out[seq.seq_id] = (start + 1, entries)
             row += n
         return out

@@ -324,10 +324,12 @@ def _result(logits: torch.Tensor, token_ids: torch.Tensor, params: list[Sampling
     return SampleResult(token_ids.tolist(), chosen.tolist(), top_logprobs)
 
 
-def token_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
-    """Per row of raw logits [R, V]: the log_softmax value of that row's target token and the k
-    most likely tokens, best first (prompt logprobs: row p scores prompt token p + 1); the
-    arithmetic of a sampled token's logprobs (_result)."""
+def token_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[tuple[float, list[tuple[int, float]], int]]:
+    """Per row of raw logits [R, V]: the log_softmax value of that row's target token, the k most
+    likely tokens, best first, and the target's rank (1 + the tokens of a greater logit) (prompt
+    logprobs: row p scores prompt token p + 1); the arithmetic of a sampled token's logprobs (_result)."""
+    logits = logits.float()
     target = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
-    result = _result(logits.float(), target, [SamplingParams(logprobs=k)] * len(target))
-    return [(c, top or []) for c, top in zip(result.logprobs, result.top_logprobs)]
+    result = _result(logits, target, [SamplingParams(logprobs=k)] * len(target))
+    ranks = (logits > logits.gather(1, target[:, None])).sum(dim=1).add_(1).tolist()
+    return [(c, top or [], r) for c, top, r in zip(result.logprobs, result.top_logprobs, ranks)]

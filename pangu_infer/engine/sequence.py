@@ -21,11 +21,13 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Logprob:
-    """The chosen token's logprob and the top alternatives (token id, logprob), best first."""
+    """The chosen token's logprob and the top alternatives (token id, logprob), best first; for a
+    prompt token also its rank (1 + the tokens more likely than it, as vLLM ranks)."""
 
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+    rank: Optional[int] = None
 
 
 class Sequence:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
@@ -11,8 +11,9 @@ from pangu_infer.config import ModelConfig
 from pangu_infer.errors import WeightError
 from pangu_infer.parallel.state import ParallelState, head_shard, rank_range
 
-if TYPE_CHECKING:  # a Weight that is no torch.Tensor is a quantized one (imported lazily: quant imports the models)
-    from pangu_infer.quant.formats import Weight
+# A checkpoint tensor: a torch.Tensor, or a quantized one (pangu_infer.quant.formats.QuantizedTensor,
+# a layer above this one: told apart here by not being a torch.Tensor).
+Weight = Any
 
 _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 # Column-parallel: output rows split. The router (`mlp.gate.weight`) does not match: replicated.

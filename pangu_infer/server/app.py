@@ -445,7 +445,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
     as_ids = bool(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
-    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt), state.metrics)
+    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

@@ -38,7 +38,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     params, text, ids, parse = await prepare_chat(state, req)
     lora = check_model(state, req.model)  # (checked first thing in prepare_chat: here, only which adapter)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
-    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt), state.metrics)
+    started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
@@ -185,15 +185,15 @@ def chat_logprobs(state: ServerState, logprobs: list[Logprob], token_ids: bool =
 def prompt_logprobs(state: ServerState, entries: Optional[list[Optional[Logprob]]]) -> list[Optional[dict]]:
     """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
     decoded_token}}, the prompt token first and then the top alternatives ranked 1, 2, ... (a prompt
-    token among them keeps its first place with its rank there; one outside them has rank None:
-    the engine does not count how many tokens beat it)."""
+    token among them keeps its first place with its rank there; one outside them has its rank
+    among the whole vocabulary, 1 + the tokens more likely than it)."""
     out: list[Optional[dict]] = []
     for lp in entries or []:
         if lp is None:
             out.append(None)
             continue
         ranked = {t: (v, rank) for rank, (t, v) in enumerate(lp.top, 1)}
-        logprob, rank = ranked.get(lp.token_id, (lp.logprob, None))
+        logprob, rank = ranked.get(lp.token_id, (lp.logprob, lp.rank))
         position = {str(lp.token_id): {"logprob": finite(logprob), "rank": rank, "decoded_token": state.token_text(lp.token_id)}}
         for t, (v, r) in ranked.items():
             position.setdefault(str(t), {"logprob": finite(v), "rank": r, "decoded_token": state.token_text(t)})

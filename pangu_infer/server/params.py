@@ -56,6 +56,7 @@ def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Opti
         stop_token_ids=req.stop_token_ids,
         logit_bias=req.logit_bias,
         allowed_token_ids=req.allowed_token_ids,
+        bad_words=req.bad_words,
         truncate_prompt_tokens=req.truncate_prompt_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
         seed=req.seed,

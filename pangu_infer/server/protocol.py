@@ -111,6 +111,11 @@ class SamplingFields(_Request):
     min_tokens: int = 0
     stop_token_ids: Optional[list[int]] = None
     allowed_token_ids: Optional[list[int]] = Field(None, description="only these token ids can be generated")
+    bad_words: Optional[list[str]] = Field(None, description="words never generated (vLLM's)")
+    priority: int = Field(
+        0, ge=INT64_MIN, le=INT64_MAX,
+        description="lower runs first, on a server started with --scheduling-policy priority (vLLM's); else only 0",
+    )
     cache_salt: Optional[str] = Field(
         None, description="the prompt's prefix-cache blocks serve only requests with this salt (a secret per tenant, "
         "e.g. 43 base64 characters)",

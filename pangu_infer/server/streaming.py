@@ -24,11 +24,12 @@ from pangu_infer.server.state import ServerState
 
 
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
-                         lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None):
-    """Submit every prompt (each with the LoRA adapter `lora` and the prefix-cache salt `cache_salt`,
-    when given) and wait for each one's first output, so a bad request is a 400 before any byte is sent."""
+                         lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0):
+    """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
+    the scheduling priority, when given) and wait for each one's first output, so a bad request is a
+    400 before any byte is sent."""
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt)
+        return await _start(state, prompts, params, prefix, None, cache_salt, priority)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -37,7 +38,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt)
+        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -47,10 +48,10 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
 
 
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
-                 lora: Optional[LoRARequest], cache_salt: Optional[str]):
+                 lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0):
     base = f"{prefix}-{uuid.uuid4().hex}"
-    # (only what is given: the tests' stand-in engines take neither argument)
-    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt)) if v is not None}
+    # (only what is given: the tests' stand-in engines take none of these arguments)
+    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None)) if v is not None}
     gens = [
         state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
         for i, (text, ids) in enumerate(prompts)
