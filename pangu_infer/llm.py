@@ -122,7 +122,8 @@ class LLM:
             self.device = self.parallel.device
         else:
             self.loaded = load_serving_model(
-                model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts
+                model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts,
+                bf16_weights=not batch_invariant,  # the kernel's many-row path is BLAS's, not row-tiled
             )
         if kv_cache_dtype is None and dtype in (None, "auto"):  # nothing asked: the compact cache where it costs nothing
             kv = default_kv_cache_dtype(self.loaded.model, self.dtype, self.device)

@@ -128,16 +128,45 @@ def load_serving_model(
     load_tokenizer: bool = True,
     quantization: Any = None,
     offload_experts: bool = False,
+    bf16_weights: bool = True,
 ) -> LoadedModel:
-    """load_model, then, for bf16 on a CPU that multiplies it natively, the linear weights laid out
-    for oneDNN once (pangu_infer.models.packed): what every process of an engine serves (one process,
-    each tensor-parallel rank, a draft model)."""
+    """load_model, then laid out for this CPU's fastest products: what every process of an engine
+    serves (one process, each tensor-parallel rank, a draft model).
+    - bf16 on a CPU that multiplies it natively: the linear weights laid out for oneDNN once
+      (pangu_infer.models.packed);
+    - float32 on a CPU whose kernel for it is built and measured faster (the default where bf16 is
+      only emulated), from a safetensors checkpoint storing its matrices in bf16, with no
+      quantization: the linear weights and the embedding stay bf16, multiplied in float32
+      (pangu_infer.models.bf16_weights; `bf16_weights=False` widens them to float32 instead)."""
     from pangu_infer.models.packed import can_pack, pack_linears
 
-    loaded = load_model(model, dtype, device, load_tokenizer, quantization, offload_experts)
+    path = resolve_model_path(model)
+    if bf16_weights and keeps_bf16_weights(path, dtype, device, quantization, offload_experts):
+        from pangu_infer.models.bf16_weights import widen_model
+
+        loaded = load_model(path, torch.bfloat16, device, load_tokenizer, quantization, offload_experts)
+        widen_model(loaded.model)
+        return loaded
+    loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts)
     if can_pack(device, dtype):
         pack_linears(loaded.model)
     return loaded
+
+
+def keeps_bf16_weights(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> bool:
+    """Does a float32 load of `path` keep its bf16 matrices as they are (models/bf16_weights.py)?"""
+    if device.type != "cpu" or dtype != torch.float32 or offload_experts or path.endswith(".gguf"):
+        return False
+    if quantization not in (None, "auto", "none"):
+        return False
+    from pangu_infer.loader.safetensors import checkpoint_files, matrix_dtypes
+    from pangu_infer.models import bf16_weights
+
+    if bf16_weights.disabled() or ModelConfig.from_file(path).quantization_config:
+        return False
+    if matrix_dtypes(checkpoint_files(path)) != {"BF16"}:
+        return False
+    return bf16_weights.chosen()
 
 
 def _load_gguf(

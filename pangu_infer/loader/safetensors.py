@@ -51,6 +51,19 @@ def open_safetensors(path: str):
         raise WeightError(f"cannot read safetensors file {path}: {e}") from None
 
 
+def matrix_dtypes(files: list[str]) -> set[str]:
+    """The dtypes ("BF16", "F32", ...) the checkpoint stores its matrices (tensors of 2 or more
+    dims) in, read from the files' headers only."""
+    out: set[str] = set()
+    for path in files:
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                part = f.get_slice(name)
+                if len(part.get_shape()) >= 2:
+                    out.add(part.get_dtype())
+    return out
+
+
 def iter_safetensors(files: list[str], progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard; tensors are views of the mapped file."""
     bar = None

@@ -1,0 +1,289 @@
+"""bf16 weights under float32 activations, for CPUs that do not multiply bf16 natively.
+
+Where a CPU lacks native bf16 products (AVX2-only x86 such as AMD Zen 1-3), models run in float32
+(device.default_dtype): oneDNN's emulated bf16 products ran several times slower than fp32 ones.
+But the released checkpoints hold bf16 weights: widened to float32 at load they take twice the
+memory (openPangu-Embedded-7B: 30 GB instead of 15, more than many machines have) and every
+decoded token reads twice the bytes.
+
+So the linear weights stay in bf16 as the checkpoint stores them, and their products run in
+float32: for few rows (decode, small batches) a C kernel of this module that widens each weight
+tile in registers (bf16 -> fp32 is a 16-bit shift, exact) and multiplies in float32 with FMA,
+reading 2 bytes per weight; for many rows (prefill) the weight is widened in slices of rows into
+a small float32 buffer for BLAS's product. The numbers are those of the float32 model (the same
+weights, float32 arithmetic; only the order of the sums differs), with half the weight memory
+and, on the Zen 1 EPYC of benchmarks/RESULTS.md, 2.3x the one-row speed of float32 `F.linear`.
+The token embedding stays bf16 too (rows widened as they are looked up; a tied head multiplies
+by the same table).
+
+Used by loader.load_serving_model for a float32 model on CPU whose safetensors checkpoint stores
+its 2-D weights in bf16, with no quantization asked, where the kernel builds (x86 with AVX2 and
+FMA, a C compiler) and measured faster than float32 `F.linear` once per machine (key
+`bf16_weight_kernel` of pangu_infer.machine's cache). `PANGU_INFER_BF16_WEIGHTS=0` keeps float32
+weights; `=1` uses the kernel unmeasured.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import platform
+import subprocess
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pangu_infer.machine import interleaved_medians, own_kernel_measured_faster
+from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
+from pangu_infer.parallel.state import RowParallelLinear
+
+log = logging.getLogger(__name__)
+
+ENV = "PANGU_INFER_BF16_WEIGHTS"
+COLUMNS = 8  # in_features must be a multiple of this (one AVX2 vector of floats)
+KERNEL_MAX_ROWS = 48  # up to here the kernel; beyond, widened slices and BLAS (crossover ~64 rows on Zen 1)
+SLICE_ELEMENTS = 1 << 21  # weights widened at once for many-row products: an 8 MB float32 buffer
+
+SOURCE = r"""
+#include <stdint.h>
+#include <immintrin.h>
+
+/* Weight rows per tile: 64 KB of bf16 at K = 2048, kept in the core's cache while every row of x runs over it. */
+#define TILE_ROWS 16
+
+int pangu_bf16w_abi(void) { return 1; }
+
+static inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+/* 8 bf16 weights widened to float32: the 16 bits become the high half of each float, exactly. */
+static inline __m256 widen(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
+}
+
+/* y [M, N] float32 = x [M, K] float32 times w [N, K] bf16 (transposed). Each output is the sum of
+   its row of x against one weight row, in the same order whatever M is. Returns 0, or 1 for a
+   shape it does not take. */
+int pangu_bf16w_mm(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t threads) {
+  if (M < 1 || N < 1 || K < 8 || K % 8) return 1;
+  const int64_t tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && tiles >= 2 * threads)
+  for (int64_t t = 0; t < tiles; t++) {
+    const int64_t n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < N ? n0 + TILE_ROWS : N;
+    for (int64_t m = 0; m < M; m++) {
+      const float* xm = x + m * K;
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) {
+        const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = 0; k < K; k += 8) {
+          const __m256 xv = _mm256_loadu_ps(xm + k);
+          a0 = _mm256_fmadd_ps(widen(w0 + k), xv, a0);
+          a1 = _mm256_fmadd_ps(widen(w1 + k), xv, a1);
+          a2 = _mm256_fmadd_ps(widen(w2 + k), xv, a2);
+          a3 = _mm256_fmadd_ps(widen(w3 + k), xv, a3);
+        }
+        y[m * N + n] = hsum(a0);
+        y[m * N + n + 1] = hsum(a1);
+        y[m * N + n + 2] = hsum(a2);
+        y[m * N + n + 3] = hsum(a3);
+      }
+      for (; n < n1; n++) {
+        const uint16_t* wr = w + n * K;
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(widen(wr + k), _mm256_loadu_ps(xm + k), a);
+        y[m * N + n] = hsum(a);
+      }
+    }
+  }
+  return 0;
+}
+"""
+
+
+def _setting() -> str:
+    return os.environ.get(ENV, "").strip().lower()
+
+
+def disabled() -> bool:
+    return _setting() in ("0", "off", "false", "no")
+
+
+def forced() -> bool:
+    return _setting() in ("1", "on", "true", "yes")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built kernel, or None where it cannot run here (the model then keeps float32 weights)."""
+    flags = cpu_flags()
+    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in flags or "fma" not in flags:
+        return None
+    compiler = c_compiler()
+    if not compiler:
+        log.info("bf16-weight kernel: no C compiler found; float32 weights")
+        return None
+    try:
+        lib = build_c_library("bf16w_avx2", SOURCE, compiler, C_FLAGS)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("bf16-weight kernel not built (%s): float32 weights", e)
+        return None
+    if lib.pangu_bf16w_abi() != 1:
+        return None
+    fn = lib.pangu_bf16w_mm
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    return lib
+
+
+def kernel_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 times the bf16 weight [N, K] transposed -> [M, N] float32, by the C kernel."""
+    lib = library()
+    if (
+        lib is None or x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.bfloat16 or weight.dim() != 2
+        or x.shape[1] != weight.shape[1] or weight.shape[1] % COLUMNS or not weight.is_contiguous()
+    ):
+        raise ValueError(f"bf16-weight kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+    if x.shape[0]:
+        rc = lib.pangu_bf16w_mm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1],
+                                torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"bf16-weight kernel refused x {tuple(x.shape)}, weight {tuple(weight.shape)} ({rc})")
+    return y
+
+
+def widened_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The same product for many rows: slices of weight rows widened to float32, each one BLAS product."""
+    n, k = weight.shape
+    y = torch.empty(x.shape[0], n, dtype=torch.float32)
+    step = max(1, SLICE_ELEMENTS // max(k, 1))
+    for n0 in range(0, n, step):
+        torch.mm(x, weight[n0 : n0 + step].float().t(), out=y[:, n0 : n0 + step])
+    return y
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] float32 times a bf16 weight [N, K] transposed, in float32: the kernel for few rows."""
+    if x.shape[0] <= KERNEL_MAX_ROWS:
+        return kernel_mm(x, weight)
+    return widened_mm(x.contiguous(), weight)
+
+
+# An operator opaque to inductor, so that a compiled decode step calls the kernel as it is.
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("bf16w_mm(Tensor x, Tensor weight) -> Tensor")
+_lib.impl("bf16w_mm", matmul, "CPU")
+_lib._register_fake("bf16w_mm", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32))
+
+
+class Bf16WeightLinear(nn.Module):
+    """Stands in for an nn.Linear of a float32 model: the weight kept in bf16 (a buffer, as the
+    checkpoint stores it), the product in float32 (see the module docstring)."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.detach().contiguous())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.pangu_infer.bf16w_mm(x.reshape(-1, self.in_features), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bf16 weight"
+
+
+class Bf16Embedding(nn.Module):
+    """Stands in for nn.Embedding: the table kept in bf16, rows widened to float32 as they are looked up."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight.detach())
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).float()
+
+
+def widen_model(model: nn.Module) -> int:
+    """A model loaded in bf16 made a float32 model with bf16 linear weights: every linear of a
+    width the kernel takes (and the token embedding) keeps its bf16 weight behind a
+    Bf16WeightLinear / Bf16Embedding, every other parameter and buffer (norms, biases, routers,
+    stacked experts, rotary tables) becomes float32. Returns how many linears kept bf16 weights."""
+    from pangu_infer.models.moge import MoEBlock
+
+    routers = {id(m.gate) for m in model.modules() if isinstance(m, MoEBlock)}
+    sites = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) in (nn.Linear, RowParallelLinear) and id(child) not in routers
+        and child.weight.dtype == torch.bfloat16 and child.in_features % COLUMNS == 0
+    ]
+    for parent, name, child in sites:
+        if isinstance(child, RowParallelLinear):  # a tensor-parallel rank's columns: its all-reduce stays around
+            setattr(parent, name, child.around(Bf16WeightLinear(child.weight, None)))
+        else:
+            setattr(parent, name, Bf16WeightLinear(child.weight, child.bias))
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if type(embed) is nn.Embedding and embed.weight.dtype == torch.bfloat16:
+        table = Bf16Embedding(embed.weight)
+        model.model.embed_tokens = table
+        if getattr(model, "lm_head", False) is None and table.weight.shape[1] % COLUMNS == 0:
+            model.lm_head = Bf16WeightLinear(table.weight, None)  # tied: the same bf16 table
+    for module in model.modules():
+        if isinstance(module, (Bf16WeightLinear, Bf16Embedding)):
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                setattr(module, pname, nn.Parameter(p.detach().float(), requires_grad=False))
+        for bname, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                module.register_buffer(bname, b.float(), persistent=bname not in module._non_persistent_buffers_set)
+    return len(sites)
+
+
+MEASURE_N, MEASURE_K, MEASURE_COUNT = 2048, 2048, 8  # 32 MB of bf16: beyond the caches
+
+
+def measure() -> dict[str, float]:
+    """Seconds for one-row products over MEASURE_COUNT weights: the kernel on bf16 weights ("own")
+    against float32 `F.linear` on the same weights widened ("aten"), medians of interleaved passes."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(MEASURE_N, MEASURE_K, generator=g).to(torch.bfloat16) for _ in range(MEASURE_COUNT)]
+    wide = [w.float() for w in weights]
+    x = torch.randn(1, MEASURE_K, generator=g)
+    with torch.inference_mode():
+        return interleaved_medians({
+            "own": lambda: [kernel_mm(x, w) for w in weights],
+            "aten": lambda: [F.linear(x, w) for w in wide],
+        })
+
+
+def chosen() -> bool:
+    """Are bf16 weights under float32 activations the choice here: not turned off, the kernel built,
+    and forced or measured faster than float32 `F.linear` (once per machine)."""
+    if disabled() or library() is None:
+        return False
+    return forced() or _measured_faster()
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_faster() -> bool:
+    return own_kernel_measured_faster("bf16_weight_kernel", measure, "bf16-weight kernel")
+
+
+__all__ = ["Bf16Embedding", "Bf16WeightLinear", "ENV", "chosen", "library", "matmul", "measure", "widen_model"]

@@ -1,0 +1,115 @@
+"""A bf16 checkpoint in a float32 model keeps its bf16 matrices (models/bf16_weights.py): the same
+logits and tokens as the same model with its weights widened to float32, half the weight memory."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.models import bf16_weights
+from pangu_infer.models.bf16_weights import Bf16Embedding, Bf16WeightLinear
+
+pytestmark = pytest.mark.skipif(bf16_weights.library() is None, reason="the bf16-weight kernel needs x86 with AVX2 and FMA and a C compiler")
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": list(range(5, 17))}, {"prompt_token_ids": list(range(40, 95))}]
+
+
+def as_bf16(src, dst):
+    """The checkpoint in `src` with every tensor stored in bf16, as the released checkpoints are."""
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def bf16_dirs(tmp_path_factory, tiny_dense_dir, tiny_moge_dir):
+    root = tmp_path_factory.mktemp("bf16")
+    return {"dense": as_bf16(tiny_dense_dir, root / "dense"), "moge": as_bf16(tiny_moge_dir, root / "moge")}
+
+
+def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
+    monkeypatch.setenv(bf16_weights.ENV, "1" if keep else "0")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20, **kwargs)
+    if not kwargs.get("enforce_eager"):
+        assert llm.wait_compiled(600)
+    model = llm.model
+    out = {
+        "logits": llm.logits(list(range(3, 40))),
+        "greedy": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)],
+        "kept": sum(isinstance(m, Bf16WeightLinear) for m in model.modules()),
+        "linears": sum(type(m) is nn.Linear for m in model.modules()),
+        "bf16_bytes": sum(t.numel() * 2 for t in model.buffers() if t.dtype == torch.bfloat16),
+        # dtypes of every float tensor outside the modules that keep bf16 weights
+        "others": {
+            t.dtype for m in model.modules() if not isinstance(m, (Bf16WeightLinear, Bf16Embedding))
+            for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t is not None and t.is_floating_point()
+        },
+        "embedding": type(model.model.embed_tokens),
+        "compiled": llm.engine.runner.decode_forward is not None,
+    }
+    return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "moge"])
+def test_bf16_matrices_give_the_float32_models_logits_and_tokens(kind, bf16_dirs, monkeypatch):
+    kept = _run(bf16_dirs[kind], monkeypatch, True, enforce_eager=True)
+    wide = _run(bf16_dirs[kind], monkeypatch, False, enforce_eager=True)
+    assert kept["kept"] > 0 and kept["embedding"] is Bf16Embedding and kept["others"] == {torch.float32}
+    assert wide["kept"] == 0 and wide["linears"] > 0 and wide["embedding"] is nn.Embedding
+    scale = wide["logits"].abs().max().item()
+    assert (kept["logits"] - wide["logits"]).abs().max().item() <= 1e-4 * scale
+    assert kept["greedy"] == wide["greedy"]
+
+
+def test_the_compiled_step_runs_the_kernel(bf16_dirs, monkeypatch):
+    compiled = _run(bf16_dirs["dense"], monkeypatch, True)
+    eager = _run(bf16_dirs["dense"], monkeypatch, True, enforce_eager=True)
+    assert compiled["compiled"] and compiled["kept"] > 0
+    assert compiled["greedy"] == eager["greedy"]
+
+
+def test_a_float32_checkpoint_and_a_quantized_load_stay_as_they_were(tiny_dense_dir, bf16_dirs, monkeypatch):
+    plain = _run(tiny_dense_dir, monkeypatch, True, enforce_eager=True)  # fp32 matrices: nothing to keep
+    assert plain["kept"] == 0 and plain["bf16_bytes"] == 0
+    quantized = _run(bf16_dirs["dense"], monkeypatch, True, enforce_eager=True, quantization="int8")
+    assert quantized["kept"] == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 48, 49, 130])
+def test_the_product_equals_float32s_for_few_and_many_rows(rows):
+    g = torch.Generator().manual_seed(rows)
+    w = torch.randn(70, 96, generator=g).to(torch.bfloat16)  # 70 rows: tiles and a ragged end
+    x = torch.randn(rows, 96, generator=g)
+    want = x.double() @ w.double().T
+    got = bf16_weights.matmul(x, w)
+    assert got.dtype == torch.float32 and got.shape == (rows, 70)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # the kernel's outputs for a row depend on that row of x only (batch invariance)
+    assert torch.equal(bf16_weights.kernel_mm(x[-1:], w), bf16_weights.kernel_mm(x, w)[-1:])
+
+
+def test_two_tensor_parallel_ranks_keep_bf16_matrices_inside_their_reductions(bf16_dirs, monkeypatch):
+    from pangu_infer.parallel.state import RowParallelProduct
+
+    one = _run(bf16_dirs["dense"], monkeypatch, True, enforce_eager=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the spawned rank copies this
+    try:
+        monkeypatch.setenv(bf16_weights.ENV, "1")  # the spawned rank reads it too
+        llm = LLM(str(bf16_dirs["dense"]), dtype="float32", device="cpu", kv_cache_memory=4 << 20, tensor_parallel_size=2)
+        logits = llm.logits(list(range(3, 40)))
+        greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        rows = [m.product for m in llm.model.modules() if isinstance(m, RowParallelProduct)]
+        llm.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+    assert rows and all(isinstance(p, Bf16WeightLinear) for p in rows)
+    assert (logits - one["logits"]).abs().max().item() <= 1e-4 * one["logits"].abs().max().item()
+    assert greedy == one["greedy"]
