@@ -113,3 +113,21 @@ def test_two_tensor_parallel_ranks_keep_bf16_matrices_inside_their_reductions(bf
     assert rows and all(isinstance(p, Bf16WeightLinear) for p in rows)
     assert (logits - one["logits"]).abs().max().item() <= 1e-4 * one["logits"].abs().max().item()
     assert greedy == one["greedy"]
+
+
+@pytest.mark.parametrize("own,kept", [(1.2, True), (1.3, False)])
+def test_bf16_weights_stay_unless_measured_clearly_slower(own, kept, monkeypatch, tmp_path):
+    """Measured once per machine and kept in the per-machine cache; at equal speed half the memory wins."""
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv(bf16_weights.ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(bf16_weights, "measure", lambda: calls.append(1) or {"own": own, "aten": 1.0})
+    bf16_weights._measured_faster.cache_clear()
+    try:
+        assert bf16_weights.chosen() is kept
+        bf16_weights._measured_faster.cache_clear()  # as a new process would: read from the file
+        assert bf16_weights.chosen() is kept and len(calls) == 1
+        monkeypatch.setenv(bf16_weights.ENV, "0")
+        assert not bf16_weights.chosen()
+    finally:
+        bf16_weights._measured_faster.cache_clear()

@@ -134,7 +134,7 @@ def load_serving_model(
     serves (one process, each tensor-parallel rank, a draft model).
     - bf16 on a CPU that multiplies it natively: the linear weights laid out for oneDNN once
       (pangu_infer.models.packed);
-    - float32 on a CPU whose kernel for it is built and measured faster (the default where bf16 is
+    - float32 on a CPU whose kernel for it is built and not measured clearly slower (the default where bf16 is
       only emulated), from a safetensors checkpoint storing its matrices in bf16, with no
       quantization: the linear weights and the embedding stay bf16, multiplied in float32
       (pangu_infer.models.bf16_weights; `bf16_weights=False` widens them to float32 instead)."""

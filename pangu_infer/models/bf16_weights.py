@@ -18,7 +18,7 @@ by the same table).
 
 Used by loader.load_serving_model for a float32 model on CPU whose safetensors checkpoint stores
 its 2-D weights in bf16, with no quantization asked, where the kernel builds (x86 with AVX2 and
-FMA, a C compiler) and measured faster than float32 `F.linear` once per machine (key
+FMA, a C compiler) and not measured clearly slower than float32 `F.linear` once per machine (key
 `bf16_weight_kernel` of pangu_infer.machine's cache). `PANGU_INFER_BF16_WEIGHTS=0` keeps float32
 weights; `=1` uses the kernel unmeasured.
 """
@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pangu_infer.machine import interleaved_medians, own_kernel_measured_faster
+from pangu_infer.machine import cached_choice, interleaved_medians
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.parallel.state import RowParallelLinear
 
@@ -275,15 +275,27 @@ def measure() -> dict[str, float]:
 
 def chosen() -> bool:
     """Are bf16 weights under float32 activations the choice here: not turned off, the kernel built,
-    and forced or measured faster than float32 `F.linear` (once per machine)."""
+    and forced or not measured clearly slower than float32 `F.linear` (once per machine)."""
     if disabled() or library() is None:
         return False
     return forced() or _measured_faster()
 
 
+# bf16 weights take half the memory whatever their speed: they are kept unless the measurement finds
+# them clearly slower (one made while other work loaded both cores once found the OpenMP kernel
+# slower than float32 F.linear, which a quiet run measures at half its time).
+SLOWER_BY = 1.25
+
+
 @functools.lru_cache(maxsize=None)
 def _measured_faster() -> bool:
-    return own_kernel_measured_faster("bf16_weight_kernel", measure, "bf16-weight kernel")
+    def measured() -> str:
+        times = measure()
+        value = "own" if times["own"] <= SLOWER_BY * times["aten"] else "aten"
+        log.info("bf16-weight kernel: %s (own %.2f ms, float32 F.linear %.2f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
+        return value
+
+    return cached_choice("bf16_weight_kernel", measured, lambda v: v in ("own", "aten")) == "own"
 
 
 __all__ = ["Bf16Embedding", "Bf16WeightLinear", "ENV", "chosen", "library", "matmul", "measure", "widen_model"]
