@@ -73,3 +73,33 @@ def _libc() -> Optional[ctypes.CDLL]:
         return ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return None
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still fill on the host: what the OS reports available (free plus
+    reclaimable page cache) plus free swap, or less where a cgroup v2 memory limit (a container's)
+    leaves less: its limit minus what the group holds, its page cache counting as free."""
+    import psutil
+
+    available = int(psutil.virtual_memory().available + psutil.swap_memory().free)
+    limited = _cgroup_available()
+    return available if limited is None else min(available, limited)
+
+
+def _cgroup_available(root: str = "/sys/fs/cgroup") -> Optional[int]:
+    try:
+        with open(f"{root}/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open(f"{root}/memory.current", encoding="ascii") as f:
+            current = int(f.read().strip())
+        cache = 0
+        with open(f"{root}/memory.stat", encoding="ascii") as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                if key == "file":
+                    cache = int(value)
+        return max(0, int(limit) - current + cache)
+    except (OSError, ValueError):
+        return None

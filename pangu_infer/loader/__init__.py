@@ -144,13 +144,74 @@ def load_serving_model(
     if bf16_weights and keeps_bf16_weights(path, dtype, device, quantization, offload_experts):
         from pangu_infer.models.bf16_weights import widen_model
 
+        check_weights_fit(path, torch.bfloat16, device, quantization, offload_experts)
         loaded = load_model(path, torch.bfloat16, device, load_tokenizer, quantization, offload_experts)
         widen_model(loaded.model)
         return loaded
+    check_weights_fit(path, dtype, device, quantization, offload_experts)
     loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts)
     if can_pack(device, dtype):
         pack_linears(loaded.model)
     return loaded
+
+
+MEMORY_CHECK_ENV = "PANGU_INFER_MEMORY_CHECK"  # "0": load whatever the estimate says
+
+
+def weights_bytes(path: str, dtype: torch.dtype, quantization: Any, offload_experts: bool) -> int:
+    """Resident bytes of the weights a load of `path` holds (quantized where it quantizes, float parts
+    in `dtype`, offloaded experts not counted): the memory planner's figure."""
+    from pangu_infer.quant.loading import quantized_weight_bytes, resolve_quantization
+
+    if path.endswith(".gguf") and quantization in (None, "auto"):
+        return os.path.getsize(path)  # blocks kept as they are stored: about the file's size
+    net = build_model_on_meta(_read_config(path))  # GGUF "none": float; int8/int4: int4 in groups of 32
+    return quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization, 32 if path.endswith(".gguf") else None),
+                                  offload_experts)
+
+
+def _read_config(path: str) -> ModelConfig:
+    if path.endswith(".gguf"):
+        from pangu_infer.loader.gguf import read_gguf
+
+        return ModelConfig.from_hf_dict(read_gguf(path).config)
+    return ModelConfig.from_file(path)
+
+
+def check_weights_fit(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> None:
+    """A ValueError naming the model, what its weights need and what the machine has, before a CPU
+    load that cannot fit in memory starts (the kernel would kill it part way, with no message).
+    One process only (a tensor-parallel rank holds a shard); PANGU_INFER_MEMORY_CHECK=0 skips it."""
+    from pangu_infer.memory import available_memory_bytes
+    from pangu_infer.parallel.state import current_parallel_state
+
+    if device.type != "cpu" or current_parallel_state().is_parallel or os.environ.get(MEMORY_CHECK_ENV, "1").strip() == "0":
+        return
+    need = weights_bytes(path, dtype, quantization, offload_experts)
+    have = available_memory_bytes()
+    if need <= have:
+        return
+    gib = 1 << 30
+    cfg = _read_config(path)
+    hints = []
+    if quantization in (None, "auto", "none") and not path.endswith(".gguf") and not cfg.quantization_config:
+        for method in ("int8", "int4"):
+            hints.append(f"--quantization {method} (about {weights_bytes(path, dtype, method, offload_experts) / gib:.1f} GiB)")
+    if cfg.is_moe and not offload_experts and not path.endswith(".gguf"):
+        hints.append(f"--offload-experts (about {weights_bytes(path, dtype, quantization, True) / gib:.1f} GiB)")
+    hints.append("a machine (or container) with more memory")
+    raise ValueError(
+        f"model {path!r} needs about {need / gib:.1f} GiB of memory for its weights ({_describe(dtype, quantization)}), "
+        f"and this machine has {have / gib:.1f} GiB available: use " + ", or ".join(hints)
+        + f" ({MEMORY_CHECK_ENV}=0 loads it anyway)"
+    )
+
+
+def _describe(dtype: torch.dtype, quantization: Any) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if quantization in (None, "auto", "none"):
+        return name if quantization == "none" else f"{name}, or as the checkpoint stores them"
+    return f"{getattr(quantization, 'method', quantization)}, the rest in {name}"
 
 
 def keeps_bf16_weights(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> bool:
