@@ -9,6 +9,9 @@ loaded (`connect`), so the results are those of the eager calls, bit for bit:
 
 - `pangu_infer::int4_native_mm(x, data, sz, group)` -> pangu_int4_mm (pangu_infer.quant.cpu_int4);
 - `pangu_infer::int8_native_mm(x, data, scales)` -> pangu_int8_mm (pangu_infer.quant.cpu_int8);
+- `pangu_infer::bf16w_native_mm(x, weight, max_rows, slice)` -> pangu_bf16w_mm for up to max_rows
+  rows, else the weight widened `slice` elements at a time into BLAS products
+  (pangu_infer.models.bf16_weights);
 - `pangu_infer::bi_attention_native(q, k_cache, v_cache, slots, valid, scale)` -> pangu_bi_attention
   (pangu_infer.models.bi_attention_kernel).
 
@@ -48,11 +51,14 @@ typedef int (*attention_fn)(const void*, const void*, const void*, const void*, 
 static std::atomic<int4_mm_fn> int4_kernel{nullptr};
 static std::atomic<int8_mm_fn> int8_kernel{nullptr};
 static std::atomic<attention_fn> attention_kernel{nullptr};
+typedef int (*bf16w_mm_fn)(const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t);
+static std::atomic<bf16w_mm_fn> bf16w_kernel{nullptr};
 
 static void set_native_kernel(const std::string& name, int64_t address) {
   if (name == "int4") int4_kernel.store(reinterpret_cast<int4_mm_fn>(address));
   else if (name == "int8") int8_kernel.store(reinterpret_cast<int8_mm_fn>(address));
   else if (name == "attention") attention_kernel.store(reinterpret_cast<attention_fn>(address));
+  else if (name == "bf16w") bf16w_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
   else TORCH_CHECK(false, "set_native_kernel: no kernel named ", name);
 }
 
@@ -93,6 +99,30 @@ static at::Tensor int8_native_mm(const at::Tensor& x_, const at::Tensor& data, c
   return y;
 }
 
+static at::Tensor bf16w_native_mm(const at::Tensor& x_, const at::Tensor& w, int64_t max_rows, int64_t slice) {
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && w.dim() == 2 && w.scalar_type() == at::kBFloat16 &&
+              x_.size(1) == w.size(1) && w.size(1) % 8 == 0 && w.is_contiguous(),
+              "bf16-weight kernel: unexpected operands x ", x_.sizes(), " ", x_.scalar_type(), ", weight ", w.sizes(), " ", w.scalar_type());
+  const at::Tensor x = x_.contiguous();
+  const int64_t m = x.size(0), n = w.size(0), k = w.size(1);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m > max_rows) {  /* widened slices of weight rows, one BLAS product each */
+    const int64_t step = std::max<int64_t>(1, slice / std::max<int64_t>(k, 1));
+    for (int64_t n0 = 0; n0 < n; n0 += step) {
+      const int64_t len = std::min(step, n - n0);
+      y.narrow(1, n0, len).copy_(at::mm(x, w.narrow(0, n0, len).to(at::kFloat).t()));
+    }
+    return y;
+  }
+  const bf16w_mm_fn f = bf16w_kernel.load();
+  TORCH_CHECK(f != nullptr, "bf16-weight kernel: not loaded");
+  if (m) {
+    const int rc = f(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, at::get_num_threads());
+    TORCH_CHECK(rc == 0, "bf16-weight kernel refused x ", x.sizes(), ", weight ", w.sizes(), " (", rc, ")");
+  }
+  return y;
+}
+
 static at::Tensor bi_attention_native(const at::Tensor& q_, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                       const at::Tensor& slots_, const at::Tensor& valid_, double scale) {
   TORCH_CHECK(q_.dim() == 3 && (q_.scalar_type() == at::kFloat || q_.scalar_type() == at::kBFloat16),
@@ -123,12 +153,14 @@ TORCH_LIBRARY_FRAGMENT(pangu_infer, m) {
   m.def("int4_native_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor");
   m.def("int8_native_mm(Tensor x, Tensor data, Tensor scales) -> Tensor");
   m.def("bi_attention_native(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor valid, float scale) -> Tensor");
+  m.def("bf16w_native_mm(Tensor x, Tensor weight, int max_rows, int slice) -> Tensor");
   m.def("set_native_kernel(str name, int address) -> ()", set_native_kernel);
 }
 TORCH_LIBRARY_IMPL(pangu_infer, CPU, m) {
   m.impl("int4_native_mm", int4_native_mm);
   m.impl("int8_native_mm", int8_native_mm);
   m.impl("bi_attention_native", bi_attention_native);
+  m.impl("bf16w_native_mm", bf16w_native_mm);
 }
 """
 
@@ -165,7 +197,7 @@ def load() -> bool:
 
 
 def connect(kernel: str, library: Callable[[], Optional[ctypes.CDLL]], symbol: str, op: str, shape: Callable) -> bool:
-    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8" or "attention"):
+    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8", "attention" or "bf16w"):
     the C function `symbol` of `library()` (None where that kernel does not run here), with `shape`
     as the operator's shape function; load() first. True when compiled graphs can call it from now
     on (see connected)."""

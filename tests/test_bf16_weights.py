@@ -73,6 +73,9 @@ def test_the_compiled_step_runs_the_kernel(bf16_dirs, monkeypatch):
     eager = _run(bf16_dirs["dense"], monkeypatch, True, enforce_eager=True)
     assert compiled["compiled"] and compiled["kept"] > 0
     assert compiled["greedy"] == eager["greedy"]
+    from pangu_infer import native_ops
+
+    assert native_ops.connected("bf16w") == native_ops.load()  # the C++ operator where it is built
 
 
 def test_a_float32_checkpoint_and_a_quantized_load_stay_as_they_were(tiny_dense_dir, bf16_dirs, monkeypatch):
@@ -93,6 +96,12 @@ def test_the_product_equals_float32s_for_few_and_many_rows(rows):
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     # the kernel's outputs for a row depend on that row of x only (batch invariance)
     assert torch.equal(bf16_weights.kernel_mm(x[-1:], w), bf16_weights.kernel_mm(x, w)[-1:])
+    # the C++ operator compiled graphs call gives the same numbers, where it is built
+    if bf16_weights.native_op():
+        native = torch.ops.pangu_infer.bf16w_native_mm(x, w, bf16_weights.KERNEL_MAX_ROWS, bf16_weights.SLICE_ELEMENTS)
+        assert torch.equal(native, got)
+        sliced = torch.ops.pangu_infer.bf16w_native_mm(x, w, 0, 96 * 16)  # widened 16 rows at a time
+        torch.testing.assert_close(sliced.double(), want, rtol=1e-5, atol=1e-4)
 
 
 def test_two_tensor_parallel_ranks_keep_bf16_matrices_inside_their_reductions(bf16_dirs, monkeypatch):

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pangu_infer import native_ops
 from pangu_infer.machine import cached_choice, interleaved_medians
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.parallel.state import RowParallelLinear
@@ -179,11 +180,33 @@ def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return widened_mm(x.contiguous(), weight)
 
 
-# An operator opaque to inductor, so that a compiled decode step calls the kernel as it is.
+# An operator opaque to inductor, so that a compiled decode step calls the kernel as it is: the C++
+# one of pangu_infer.native_ops where it is built and connected (native_op), else this Python one.
 _lib = torch.library.Library("pangu_infer", "FRAGMENT")
 _lib.define("bf16w_mm(Tensor x, Tensor weight) -> Tensor")
+
+
+def _shape(x: torch.Tensor, weight: torch.Tensor, *_) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
 _lib.impl("bf16w_mm", matmul, "CPU")
-_lib._register_fake("bf16w_mm", lambda x, weight: x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32))
+_lib._register_fake("bf16w_mm", _shape)
+
+
+def native_op() -> bool:
+    """Point `pangu_infer::bf16w_native_mm` at this kernel; True when compiled graphs call it from now on."""
+    return native_ops.connect("bf16w", library, "pangu_bf16w_mm", "bf16w_native_mm", _shape)
+
+
+def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The product as the caller's context wants it: while compiling the C++ operator where it is
+    connected (native_op), else the Python one; eagerly the functions themselves."""
+    if torch.compiler.is_compiling():
+        if native_ops.connected("bf16w"):
+            return torch.ops.pangu_infer.bf16w_native_mm(x, weight, KERNEL_MAX_ROWS, SLICE_ELEMENTS)
+        return torch.ops.pangu_infer.bf16w_mm(x, weight)
+    return matmul(x, weight)
 
 
 class Bf16WeightLinear(nn.Module):
@@ -198,7 +221,7 @@ class Bf16WeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.pangu_infer.bf16w_mm(x.reshape(-1, self.in_features), self.weight)
+        y = product(x.reshape(-1, self.in_features), self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
