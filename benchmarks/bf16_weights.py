@@ -39,23 +39,10 @@ from pangu_infer.bench import weight_bytes_per_token  # noqa: E402
 from pangu_infer.loader.random import pangu_dense_config, random_state_dict, write_checkpoint  # noqa: E402
 from pangu_infer.models import bf16_weights  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kv_cache_dtype import decode_rate  # noqa: E402  (tokens/s once every prompt has its first token)
+
 VOCAB = 153376  # openPangu-Embedded's
-
-
-def decode_rate(llm: LLM, prompts: list[list[int]], tokens: int) -> float:
-    """Decode tokens/s of the prompts at once, from the step where every one has its first token."""
-    engine = llm.engine
-    params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        engine.add_request(f"d-{time.monotonic_ns()}-{i}", p, params)
-    counts: dict[str, int] = {}
-    start, after = None, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            counts[out.request_id] = len(out.outputs[0].token_ids)
-        if start is None and len(counts) == len(prompts):
-            start, after = time.perf_counter(), sum(counts.values())
-    return (sum(counts.values()) - after) / (time.perf_counter() - start)
 
 
 def prefill_rate(llm: LLM, prompt: list[int]) -> float:

@@ -24,7 +24,7 @@ from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
-from pangu_infer.models import bi_attention_kernel
+from pangu_infer.models import bf16_weights, bi_attention_kernel
 from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice, decode_kernel_chosen, decode_kernel_takes
 
 logger = logging.getLogger("pangu_infer.engine")
@@ -165,6 +165,8 @@ class ModelRunner:
                 from pangu_infer.quant.modules import prepare_native_ops
 
                 prepare_native_ops(self.model)  # before tracing: the graph calls C++ operators where built
+                if any(isinstance(m, bf16_weights.Bf16WeightLinear) for m in self.model.modules()):
+                    bf16_weights.native_op()
                 if any(self.decode_kernel) or (self.batch_invariant and bi_attention_kernel.available()):
                     bi_attention_kernel.native_op()
             with self._pinned():

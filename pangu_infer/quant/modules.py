@@ -336,15 +336,12 @@ __all__ = [
 
 def prepare_native_ops(model: nn.Module) -> bool:
     """Before a decode step of `model` is traced: the C++ operators (pangu_infer.native_ops; built
-    once per machine) of cpu_int4's, cpu_int8's and bf16_weights' products where the model has
-    weights that use them. True when the graph will call one."""
+    once per machine) of cpu_int4's and cpu_int8's products where the model has weights that use
+    them. True when the graph will call one."""
     weights = [m for m in model.modules() if isinstance(m, PackedWeight)]
     int4 = any(m.kernel == "int4_vnni" for m in weights) and cpu_int4.native_op()
     int8 = any(getattr(m, "own_int8", False) for m in weights) and cpu_int8.native_op()
-    from pangu_infer.models import bf16_weights
-
-    bf16 = any(isinstance(m, bf16_weights.Bf16WeightLinear) for m in model.modules()) and bf16_weights.native_op()
-    return int4 or int8 or bf16
+    return int4 or int8
 
 
 def prepare_prefill(model: nn.Module) -> Optional[str]:
