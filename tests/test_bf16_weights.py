@@ -12,7 +12,7 @@ from torch import nn
 
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.models import bf16_weights
-from pangu_infer.models.bf16_weights import Bf16Embedding, Bf16WeightLinear
+from pangu_infer.models.bf16_weights import Bf16Embedding, Bf16Experts, Bf16WeightLinear
 
 pytestmark = pytest.mark.skipif(bf16_weights.library() is None, reason="the bf16-weight kernel needs x86 with AVX2 and FMA and a C compiler")
 
@@ -29,9 +29,10 @@ def as_bf16(src, dst):
 
 
 @pytest.fixture(scope="module")
-def bf16_dirs(tmp_path_factory, tiny_dense_dir, tiny_moge_dir):
+def bf16_dirs(tmp_path_factory, tiny_dense_dir, tiny_moge_dir, tiny_r72b_dir, tiny_ultra_dir):
     root = tmp_path_factory.mktemp("bf16")
-    return {"dense": as_bf16(tiny_dense_dir, root / "dense"), "moge": as_bf16(tiny_moge_dir, root / "moge")}
+    sources = {"dense": tiny_dense_dir, "moge": tiny_moge_dir, "r72b": tiny_r72b_dir, "ultra": tiny_ultra_dir}
+    return {kind: as_bf16(src, root / kind) for kind, src in sources.items()}
 
 
 def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
@@ -44,11 +45,12 @@ def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
         "logits": llm.logits(list(range(3, 40))),
         "greedy": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)],
         "kept": sum(isinstance(m, Bf16WeightLinear) for m in model.modules()),
+        "experts": sum(isinstance(m, Bf16Experts) for m in model.modules()),
         "linears": sum(type(m) is nn.Linear for m in model.modules()),
         "bf16_bytes": sum(t.numel() * 2 for t in model.buffers() if t.dtype == torch.bfloat16),
         # dtypes of every float tensor outside the modules that keep bf16 weights
         "others": {
-            t.dtype for m in model.modules() if not isinstance(m, (Bf16WeightLinear, Bf16Embedding))
+            t.dtype for m in model.modules() if not isinstance(m, (Bf16WeightLinear, Bf16Embedding, Bf16Experts))
             for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)) if t is not None and t.is_floating_point()
         },
         "embedding": type(model.model.embed_tokens),
@@ -57,11 +59,12 @@ def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kind", ["dense", "moge"])
+@pytest.mark.parametrize("kind", ["dense", "moge", "r72b", "ultra"])
 def test_bf16_matrices_give_the_float32_models_logits_and_tokens(kind, bf16_dirs, monkeypatch):
     kept = _run(bf16_dirs[kind], monkeypatch, True, enforce_eager=True)
     wide = _run(bf16_dirs[kind], monkeypatch, False, enforce_eager=True)
     assert kept["kept"] > 0 and kept["embedding"] is Bf16Embedding and kept["others"] == {torch.float32}
+    assert (kept["experts"] > 0) == (kind != "dense")
     assert wide["kept"] == 0 and wide["linears"] > 0 and wide["embedding"] is nn.Embedding
     scale = wide["logits"].abs().max().item()
     assert (kept["logits"] - wide["logits"]).abs().max().item() <= 1e-4 * scale

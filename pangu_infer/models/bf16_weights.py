@@ -230,6 +230,27 @@ class Bf16WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bf16 weight"
 
 
+class Bf16Experts(nn.Module):
+    """The routed experts of one MoE layer with w13 [E, 2I, H] and w2 [E, H, I] kept in bf16 (buffers),
+    each expert's products in float32 by this module's kernel; `StackedExperts.impl` when set."""
+
+    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, inter: int):
+        super().__init__()
+        self.inter = inter
+        self.register_buffer("w13", w13.detach().contiguous())
+        self.register_buffer("w2", w2.detach().contiguous())
+
+    def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return product(x, self.w13[e])
+
+    def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        return product(h, self.w2[e])
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(e, x).split(self.inter, dim=-1)
+        return self.down(e, F.silu(gate) * up)
+
+
 class Bf16Embedding(nn.Module):
     """Stands in for nn.Embedding: the table kept in bf16, rows widened to float32 as they are looked up."""
 
@@ -244,9 +265,10 @@ class Bf16Embedding(nn.Module):
 def widen_model(model: nn.Module) -> int:
     """A model loaded in bf16 made a float32 model with bf16 linear weights: every linear of a
     width the kernel takes (and the token embedding) keeps its bf16 weight behind a
-    Bf16WeightLinear / Bf16Embedding, every other parameter and buffer (norms, biases, routers,
-    stacked experts, rotary tables) becomes float32. Returns how many linears kept bf16 weights."""
-    from pangu_infer.models.moge import MoEBlock
+    Bf16WeightLinear / Bf16Embedding, the routed experts of MoE layers behind Bf16Experts, every
+    other parameter and buffer (norms, biases, routers, rotary tables) becomes float32. Returns how
+    many linears kept bf16 weights."""
+    from pangu_infer.models.moge import MoEBlock, StackedExperts
 
     routers = {id(m.gate) for m in model.modules() if isinstance(m, MoEBlock)}
     sites = [
@@ -261,6 +283,14 @@ def widen_model(model: nn.Module) -> int:
             setattr(parent, name, child.around(Bf16WeightLinear(child.weight, None)))
         else:
             setattr(parent, name, Bf16WeightLinear(child.weight, child.bias))
+    for experts in [m for m in model.modules() if isinstance(m, StackedExperts)]:
+        w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
+        if (
+            experts.impl is None and w13 is not None and w13.dtype == torch.bfloat16 and w2.dtype == torch.bfloat16
+            and w13.shape[-1] % COLUMNS == 0 and w2.shape[-1] % COLUMNS == 0
+        ):
+            experts.impl = Bf16Experts(w13, w2, experts.inter)
+            del experts.w13, experts.w2
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     if type(embed) is nn.Embedding and embed.weight.dtype == torch.bfloat16:
         table = Bf16Embedding(embed.weight)
@@ -268,7 +298,7 @@ def widen_model(model: nn.Module) -> int:
         if getattr(model, "lm_head", False) is None and table.weight.shape[1] % COLUMNS == 0:
             model.lm_head = Bf16WeightLinear(table.weight, None)  # tied: the same bf16 table
     for module in model.modules():
-        if isinstance(module, (Bf16WeightLinear, Bf16Embedding)):
+        if isinstance(module, (Bf16WeightLinear, Bf16Embedding, Bf16Experts)):
             continue
         for pname, p in list(module.named_parameters(recurse=False)):
             if p.is_floating_point() and p.dtype != torch.float32:
@@ -276,6 +306,9 @@ def widen_model(model: nn.Module) -> int:
         for bname, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_floating_point() and b.dtype != torch.float32:
                 module.register_buffer(bname, b.float(), persistent=bname not in module._non_persistent_buffers_set)
+    finish = getattr(model, "finish_loading", None)
+    if callable(finish):
+        finish()  # what the model derives from its parameters at load (R-72B's normed sink keys), again in float32
     return len(sites)
 
 
@@ -321,4 +354,4 @@ def _measured_faster() -> bool:
     return cached_choice("bf16_weight_kernel", measured, lambda v: v in ("own", "aten")) == "own"
 
 
-__all__ = ["Bf16Embedding", "Bf16WeightLinear", "ENV", "chosen", "library", "matmul", "measure", "widen_model"]
+__all__ = ["Bf16Embedding", "Bf16Experts", "Bf16WeightLinear", "ENV", "chosen", "library", "matmul", "measure", "widen_model"]
