@@ -9,7 +9,8 @@ loaded (`connect`), so the results are those of the eager calls, bit for bit:
 
 - `pangu_infer::int4_native_mm(x, data, sz, group)` -> pangu_int4_mm (pangu_infer.quant.cpu_int4);
 - `pangu_infer::int8_native_mm(x, data, scales)` -> pangu_int8_mm (pangu_infer.quant.cpu_int8);
-- `pangu_infer::bf16w_native_mm(x, weight, max_rows, slice)` -> pangu_bf16w_mm for up to max_rows
+- `pangu_infer::bf16w_native_mm(x, weight, max_rows, slice)` -> pangu_bf16w_mm (pangu_f16w_mm for a
+  float16 weight) for up to max_rows
   rows, else the weight widened `slice` elements at a time into BLAS products
   (pangu_infer.models.bf16_weights);
 - `pangu_infer::bi_attention_native(q, k_cache, v_cache, slots, valid, scale)` -> pangu_bi_attention
@@ -53,12 +54,14 @@ static std::atomic<int8_mm_fn> int8_kernel{nullptr};
 static std::atomic<attention_fn> attention_kernel{nullptr};
 typedef int (*bf16w_mm_fn)(const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t);
 static std::atomic<bf16w_mm_fn> bf16w_kernel{nullptr};
+static std::atomic<bf16w_mm_fn> f16w_kernel{nullptr};
 
 static void set_native_kernel(const std::string& name, int64_t address) {
   if (name == "int4") int4_kernel.store(reinterpret_cast<int4_mm_fn>(address));
   else if (name == "int8") int8_kernel.store(reinterpret_cast<int8_mm_fn>(address));
   else if (name == "attention") attention_kernel.store(reinterpret_cast<attention_fn>(address));
   else if (name == "bf16w") bf16w_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
+  else if (name == "f16w") f16w_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
   else TORCH_CHECK(false, "set_native_kernel: no kernel named ", name);
 }
 
@@ -100,7 +103,8 @@ static at::Tensor int8_native_mm(const at::Tensor& x_, const at::Tensor& data, c
 }
 
 static at::Tensor bf16w_native_mm(const at::Tensor& x_, const at::Tensor& w, int64_t max_rows, int64_t slice) {
-  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && w.dim() == 2 && w.scalar_type() == at::kBFloat16 &&
+  TORCH_CHECK(x_.dim() == 2 && x_.scalar_type() == at::kFloat && w.dim() == 2 &&
+              (w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf) &&
               x_.size(1) == w.size(1) && w.size(1) % 8 == 0 && w.is_contiguous(),
               "bf16-weight kernel: unexpected operands x ", x_.sizes(), " ", x_.scalar_type(), ", weight ", w.sizes(), " ", w.scalar_type());
   const at::Tensor x = x_.contiguous();
@@ -114,7 +118,7 @@ static at::Tensor bf16w_native_mm(const at::Tensor& x_, const at::Tensor& w, int
     }
     return y;
   }
-  const bf16w_mm_fn f = bf16w_kernel.load();
+  const bf16w_mm_fn f = (w.scalar_type() == at::kBFloat16 ? bf16w_kernel : f16w_kernel).load();
   TORCH_CHECK(f != nullptr, "bf16-weight kernel: not loaded");
   if (m) {
     const int rc = f(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, at::get_num_threads());
@@ -197,7 +201,7 @@ def load() -> bool:
 
 
 def connect(kernel: str, library: Callable[[], Optional[ctypes.CDLL]], symbol: str, op: str, shape: Callable) -> bool:
-    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8", "attention" or "bf16w"):
+    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8", "attention", "bf16w" or "f16w"):
     the C function `symbol` of `library()` (None where that kernel does not run here), with `shape`
     as the operator's shape function; load() first. True when compiled graphs can call it from now
     on (see connected)."""

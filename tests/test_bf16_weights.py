@@ -20,11 +20,11 @@ GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": list(range(5, 17))}, {"prompt_token_ids": list(range(40, 95))}]
 
 
-def as_bf16(src, dst):
-    """The checkpoint in `src` with every tensor stored in bf16, as the released checkpoints are."""
+def as_bf16(src, dst, dtype=torch.bfloat16):
+    """The checkpoint in `src` with every tensor stored in bf16 (as the released checkpoints are), or `dtype`."""
     shutil.copytree(src, dst)
     for f in dst.glob("*.safetensors"):
-        save_file({k: v.to(torch.bfloat16) for k, v in load_file(f).items()}, f)
+        save_file({k: v.to(dtype) for k, v in load_file(f).items()}, f)
     return dst
 
 
@@ -32,7 +32,16 @@ def as_bf16(src, dst):
 def bf16_dirs(tmp_path_factory, tiny_dense_dir, tiny_moge_dir, tiny_r72b_dir, tiny_ultra_dir):
     root = tmp_path_factory.mktemp("bf16")
     sources = {"dense": tiny_dense_dir, "moge": tiny_moge_dir, "r72b": tiny_r72b_dir, "ultra": tiny_ultra_dir}
-    return {kind: as_bf16(src, root / kind) for kind, src in sources.items()}
+    dirs = {kind: as_bf16(src, root / kind) for kind, src in sources.items()}
+    dirs["dense-fp16"] = as_bf16(tiny_dense_dir, root / "dense-fp16", torch.float16)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def half_ggufs(tmp_path_factory, tiny_sentencepiece_vocab):
+    from fixtures_gguf import _tiny
+
+    return {kind: _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", kind).path for kind in ("F16", "BF16")}
 
 
 def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
@@ -48,6 +57,7 @@ def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
         "experts": sum(isinstance(m, Bf16Experts) for m in model.modules()),
         "linears": sum(type(m) is nn.Linear for m in model.modules()),
         "bf16_bytes": sum(t.numel() * 2 for t in model.buffers() if t.dtype == torch.bfloat16),
+        "half_dtypes": {t.dtype for t in model.buffers() if t.dtype in (torch.bfloat16, torch.float16)},
         # dtypes of every float tensor outside the modules that keep bf16 weights
         "others": {
             t.dtype for m in model.modules() if not isinstance(m, (Bf16WeightLinear, Bf16Embedding, Bf16Experts))
@@ -59,12 +69,14 @@ def _run(path, monkeypatch, keep: bool, **kwargs) -> dict:
     return out
 
 
-@pytest.mark.parametrize("kind", ["dense", "moge", "r72b", "ultra"])
-def test_bf16_matrices_give_the_float32_models_logits_and_tokens(kind, bf16_dirs, monkeypatch):
-    kept = _run(bf16_dirs[kind], monkeypatch, True, enforce_eager=True)
-    wide = _run(bf16_dirs[kind], monkeypatch, False, enforce_eager=True)
+@pytest.mark.parametrize("kind", ["dense", "moge", "r72b", "ultra", "dense-fp16", "F16.gguf", "BF16.gguf"])
+def test_bf16_matrices_give_the_float32_models_logits_and_tokens(kind, bf16_dirs, half_ggufs, monkeypatch):
+    path = half_ggufs[kind.removesuffix(".gguf")] if kind.endswith(".gguf") else bf16_dirs[kind]
+    kept = _run(path, monkeypatch, True, enforce_eager=True)
+    wide = _run(path, monkeypatch, False, enforce_eager=True)
+    assert kept["half_dtypes"] == {torch.float16 if kind in ("dense-fp16", "F16.gguf") else torch.bfloat16}
     assert kept["kept"] > 0 and kept["embedding"] is Bf16Embedding and kept["others"] == {torch.float32}
-    assert (kept["experts"] > 0) == (kind != "dense")
+    assert (kept["experts"] > 0) == (kind in ("moge", "r72b", "ultra"))
     assert wide["kept"] == 0 and wide["linears"] > 0 and wide["embedding"] is nn.Embedding
     scale = wide["logits"].abs().max().item()
     assert (kept["logits"] - wide["logits"]).abs().max().item() <= 1e-4 * scale

@@ -90,8 +90,15 @@ def load_model(
     load_tokenizer: bool = True,
     quantization: Any = None,
     offload_experts: bool = False,
+    keep_half: bool = False,
+    matrix_dtype: Optional[torch.dtype] = None,
 ) -> LoadedModel:
     """Build the model on the meta device and assign the checkpoint's tensors to it.
+
+    keep_half: a float32 CPU load of a GGUF file whose matrices are all F16 (or all BF16) keeps them
+    in that dtype, multiplied in float32 (models/bf16_weights.py), where the kernel is chosen here.
+    matrix_dtype: a safetensors checkpoint's tensors of 2 or more dims are loaded in this dtype, the
+    others in `dtype` (load_serving_model's 16-bit matrices).
 
     quantization ("int8", "int4" or a pangu_infer.quant.QuantizationConfig) quantizes while loading;
     a `pangu-infer quantize` checkpoint loads quantized without it. offload_experts keeps MoGE routed
@@ -101,7 +108,7 @@ def load_model(
 
     path = resolve_model_path(model)
     if path.endswith(".gguf"):
-        return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts)
+        return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half)
     from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_quantized_safetensors, iter_safetensors
 
     cfg = ModelConfig.from_file(path)
@@ -111,7 +118,7 @@ def load_model(
     progress = checkpoint_bytes(files) > PROGRESS_BYTES
     # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
     weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
-    net.load_weights(weights if hook is None else hook.weights(weights), dtype=dtype, device=device, hook=hook)
+    net.load_weights(weights if hook is None else hook.weights(weights), dtype=dtype, device=device, hook=hook, matrix_dtype=matrix_dtype)
     net.eval()
     tok = None
     if load_tokenizer:
@@ -135,21 +142,23 @@ def load_serving_model(
     - bf16 on a CPU that multiplies it natively: the linear weights laid out for oneDNN once
       (pangu_infer.models.packed);
     - float32 on a CPU whose kernel for it is built and not measured clearly slower (the default where bf16 is
-      only emulated), from a safetensors checkpoint storing its matrices in bf16, with no
-      quantization: the linear weights and the embedding stay bf16, multiplied in float32
-      (pangu_infer.models.bf16_weights; `bf16_weights=False` widens them to float32 instead)."""
+      only emulated), from a safetensors checkpoint storing its matrices in bf16 (or float16), or a
+      GGUF file storing them in BF16 (or F16), with no quantization: the linear weights, the
+      embedding and MoE experts stay 16-bit, multiplied in float32 (pangu_infer.models.bf16_weights;
+      `bf16_weights=False` widens them to float32 instead)."""
     from pangu_infer.models.packed import can_pack, pack_linears
 
     path = resolve_model_path(model)
-    if bf16_weights and keeps_bf16_weights(path, dtype, device, quantization, offload_experts):
+    half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if bf16_weights else None
+    if half is not None:
         from pangu_infer.models.bf16_weights import widen_model
 
-        check_weights_fit(path, torch.bfloat16, device, quantization, offload_experts)
-        loaded = load_model(path, torch.bfloat16, device, load_tokenizer, quantization, offload_experts)
+        check_weights_fit(path, half, device, quantization, offload_experts)
+        loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half)
         widen_model(loaded.model)
         return loaded
     check_weights_fit(path, dtype, device, quantization, offload_experts)
-    loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts)
+    loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half=bf16_weights)
     if can_pack(device, dtype):
         pack_linears(loaded.model)
     return loaded
@@ -214,24 +223,26 @@ def _describe(dtype: torch.dtype, quantization: Any) -> str:
     return f"{getattr(quantization, 'method', quantization)}, the rest in {name}"
 
 
-def keeps_bf16_weights(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> bool:
-    """Does a float32 load of `path` keep its bf16 matrices as they are (models/bf16_weights.py)?"""
+def kept_half_dtype(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> Optional[torch.dtype]:
+    """bfloat16 or float16 when a float32 load of the safetensors checkpoint `path` keeps its matrices
+    as stored (all BF16, or all F16) and multiplies them in float32 (models/bf16_weights.py), else
+    None. (A GGUF file decides while it loads, its header read: load_model's keep_half.)"""
     if device.type != "cpu" or dtype != torch.float32 or offload_experts or path.endswith(".gguf"):
-        return False
+        return None
     if quantization not in (None, "auto", "none"):
-        return False
+        return None
     from pangu_infer.loader.safetensors import checkpoint_files, matrix_dtypes
     from pangu_infer.models import bf16_weights
 
     if bf16_weights.disabled() or ModelConfig.from_file(path).quantization_config:
-        return False
-    if matrix_dtypes(checkpoint_files(path)) != {"BF16"}:
-        return False
-    return bf16_weights.chosen()
+        return None
+    half = {frozenset({"BF16"}): torch.bfloat16, frozenset({"F16"}): torch.float16}.get(frozenset(matrix_dtypes(checkpoint_files(path))))
+    return half if half is not None and bf16_weights.chosen() else None
 
 
 def _load_gguf(
-    path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool, quantization: Any, offload_experts: bool
+    path: str, dtype: torch.dtype, device: torch.device, load_tokenizer: bool, quantization: Any, offload_experts: bool,
+    keep_half: bool = False,
 ) -> LoadedModel:
     """A GGUF file: by default (quantization "auto" or None) each tensor keeps its file's quantization
     (pangu_infer.loader.gguf_tensors: Q4 blocks as int4 groups of 32, other block types as int8,
@@ -261,6 +272,7 @@ def _load_gguf(
     ckpt = read_gguf(path)
     cfg = ModelConfig.from_hf_dict(ckpt.config)
     net = build_model_on_meta(cfg)
+    half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
     if isinstance(quantization, QuantizationConfig):
         mode = quantization.method
     else:
@@ -286,7 +298,11 @@ def _load_gguf(
     if settings and any(v is not None for v in settings.values()):
         any_setting = next(v for v in by_target.values())
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
-    net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook)
+    net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
+    if half is not None:
+        from pangu_infer.models.bf16_weights import widen_model
+
+        widen_model(net)  # F16 / BF16 matrices kept, everything else float32
     net.eval()
     # Only a model that keeps quantized weights is cached: a float one is cheap to read from the
     # file and would take several times its disk space. The file keeps the kernel choices made so
@@ -296,6 +312,20 @@ def _load_gguf(
         model_cache.store(net, key, _build_cached, extras)
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)
+
+
+def _kept_half_dtype(ckpt: Any, dtype: torch.dtype, device: torch.device, quantization: Any) -> Optional[torch.dtype]:
+    """float16 or bfloat16 when a float32 CPU load of this GGUF file keeps its matrices as stored:
+    every tensor of 2 or more dims is F16 (or every one BF16), no quantization asked, kernel chosen."""
+    if device.type != "cpu" or dtype != torch.float32 or quantization not in (None, "auto", "none"):
+        return None
+    from gguf import GGMLQuantizationType as Q
+
+    from pangu_infer.models import bf16_weights
+
+    kinds = {t.tensor_type for t in ckpt.reader.tensors if len(t.shape) >= 2}
+    half = {frozenset({Q.F16}): torch.float16, frozenset({Q.BF16}): torch.bfloat16}.get(frozenset(kinds))
+    return half if half is not None and bf16_weights.chosen() else None
 
 
 def _build_cached(extras: dict) -> DecoderForCausalLM:

@@ -66,47 +66,54 @@ static inline float hsum(__m256 v) {
 }
 
 /* 8 bf16 weights widened to float32: the 16 bits become the high half of each float, exactly. */
-static inline __m256 widen(const uint16_t* p) {
+static inline __m256 widen_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
 }
 
-/* y [M, N] float32 = x [M, K] float32 times w [N, K] bf16 (transposed). Each output is the sum of
-   its row of x against one weight row, in the same order whatever M is. Returns 0, or 1 for a
-   shape it does not take. */
-int pangu_bf16w_mm(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t threads) {
-  if (M < 1 || N < 1 || K < 8 || K % 8) return 1;
-  const int64_t tiles = (N + TILE_ROWS - 1) / TILE_ROWS;
-  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && tiles >= 2 * threads)
-  for (int64_t t = 0; t < tiles; t++) {
-    const int64_t n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < N ? n0 + TILE_ROWS : N;
-    for (int64_t m = 0; m < M; m++) {
-      const float* xm = x + m * K;
-      int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) {
-        const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int64_t k = 0; k < K; k += 8) {
-          const __m256 xv = _mm256_loadu_ps(xm + k);
-          a0 = _mm256_fmadd_ps(widen(w0 + k), xv, a0);
-          a1 = _mm256_fmadd_ps(widen(w1 + k), xv, a1);
-          a2 = _mm256_fmadd_ps(widen(w2 + k), xv, a2);
-          a3 = _mm256_fmadd_ps(widen(w3 + k), xv, a3);
-        }
-        y[m * N + n] = hsum(a0);
-        y[m * N + n + 1] = hsum(a1);
-        y[m * N + n + 2] = hsum(a2);
-        y[m * N + n + 3] = hsum(a3);
-      }
-      for (; n < n1; n++) {
-        const uint16_t* wr = w + n * K;
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(widen(wr + k), _mm256_loadu_ps(xm + k), a);
-        y[m * N + n] = hsum(a);
-      }
-    }
-  }
-  return 0;
+/* 8 float16 weights widened to float32 (F16C), exactly. */
+static inline __m256 widen_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
+
+/* y [M, N] float32 = x [M, K] float32 times w [N, K] bf16 or float16 (transposed). Each output is
+   the sum of its row of x against one weight row, in the same order whatever M is. Returns 0, or
+   1 for a shape it does not take. */
+#define WIDENED_MM(NAME, widen)                                                                                   \
+int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t threads) {       \
+  if (M < 1 || N < 1 || K < 8 || K % 8) return 1;                                                                \
+  const int64_t tiles = (N + TILE_ROWS - 1) / TILE_ROWS;                                                          \
+  _Pragma("omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && tiles >= 2 * threads)") \
+  for (int64_t t = 0; t < tiles; t++) {                                                                          \
+    const int64_t n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < N ? n0 + TILE_ROWS : N;                              \
+    for (int64_t m = 0; m < M; m++) {                                                                            \
+      const float* xm = x + m * K;                                                                               \
+      int64_t n = n0;                                                                                            \
+      for (; n + 4 <= n1; n += 4) {                                                                              \
+        const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                                \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                              \
+        for (int64_t k = 0; k < K; k += 8) {                                                                     \
+          const __m256 xv = _mm256_loadu_ps(xm + k);                                                             \
+          a0 = _mm256_fmadd_ps(widen(w0 + k), xv, a0);                                                           \
+          a1 = _mm256_fmadd_ps(widen(w1 + k), xv, a1);                                                           \
+          a2 = _mm256_fmadd_ps(widen(w2 + k), xv, a2);                                                           \
+          a3 = _mm256_fmadd_ps(widen(w3 + k), xv, a3);                                                           \
+        }                                                                                                        \
+        y[m * N + n] = hsum(a0);                                                                                 \
+        y[m * N + n + 1] = hsum(a1);                                                                             \
+        y[m * N + n + 2] = hsum(a2);                                                                             \
+        y[m * N + n + 3] = hsum(a3);                                                                             \
+      }                                                                                                          \
+      for (; n < n1; n++) {                                                                                      \
+        const uint16_t* wr = w + n * K;                                                                          \
+        __m256 a = _mm256_setzero_ps();                                                                          \
+        for (int64_t k = 0; k < K; k += 8) a = _mm256_fmadd_ps(widen(wr + k), _mm256_loadu_ps(xm + k), a);      \
+        y[m * N + n] = hsum(a);                                                                                  \
+      }                                                                                                          \
+    }                                                                                                            \
+  }                                                                                                              \
+  return 0;                                                                                                      \
 }
+
+WIDENED_MM(pangu_bf16w_mm, widen_bf16)
+WIDENED_MM(pangu_f16w_mm, widen_f16)
 """
 
 
@@ -126,7 +133,7 @@ def forced() -> bool:
 def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (the model then keeps float32 weights)."""
     flags = cpu_flags()
-    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in flags or "fma" not in flags:
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= set(flags):
         return None
     compiler = c_compiler()
     if not compiler:
@@ -139,25 +146,28 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     if lib.pangu_bf16w_abi() != 1:
         return None
-    fn = lib.pangu_bf16w_mm
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    for fn in (lib.pangu_bf16w_mm, lib.pangu_f16w_mm):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     return lib
 
 
+HALF = (torch.bfloat16, torch.float16)  # the 16-bit weights kept (both widen to float32 exactly)
+
+
 def kernel_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 times the bf16 weight [N, K] transposed -> [M, N] float32, by the C kernel."""
+    """x [M, K] float32 times the bf16 or float16 weight [N, K] transposed -> [M, N] float32, by the C kernel."""
     lib = library()
     if (
-        lib is None or x.dim() != 2 or x.dtype != torch.float32 or weight.dtype != torch.bfloat16 or weight.dim() != 2
+        lib is None or x.dim() != 2 or x.dtype != torch.float32 or weight.dtype not in HALF or weight.dim() != 2
         or x.shape[1] != weight.shape[1] or weight.shape[1] % COLUMNS or not weight.is_contiguous()
     ):
         raise ValueError(f"bf16-weight kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
     x = x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     if x.shape[0]:
-        rc = lib.pangu_bf16w_mm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1],
-                                torch.get_num_threads())
+        fn = lib.pangu_bf16w_mm if weight.dtype == torch.bfloat16 else lib.pangu_f16w_mm
+        rc = fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
         if rc:
             raise RuntimeError(f"bf16-weight kernel refused x {tuple(x.shape)}, weight {tuple(weight.shape)} ({rc})")
     return y
@@ -195,15 +205,19 @@ _lib._register_fake("bf16w_mm", _shape)
 
 
 def native_op() -> bool:
-    """Point `pangu_infer::bf16w_native_mm` at this kernel; True when compiled graphs call it from now on."""
-    return native_ops.connect("bf16w", library, "pangu_bf16w_mm", "bf16w_native_mm", _shape)
+    """Point `pangu_infer::bf16w_native_mm` at this kernel (both weight dtypes); True when compiled
+    graphs call it from now on."""
+    return (
+        native_ops.connect("f16w", library, "pangu_f16w_mm", "bf16w_native_mm", _shape)
+        and native_ops.connect("bf16w", library, "pangu_bf16w_mm", "bf16w_native_mm", _shape)
+    )
 
 
 def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
     connected (native_op), else the Python one; eagerly the functions themselves."""
     if torch.compiler.is_compiling():
-        if native_ops.connected("bf16w"):
+        if native_ops.connected("bf16w") and native_ops.connected("f16w"):
             return torch.ops.pangu_infer.bf16w_native_mm(x, weight, KERNEL_MAX_ROWS, SLICE_ELEMENTS)
         return torch.ops.pangu_infer.bf16w_mm(x, weight)
     return matmul(x, weight)
@@ -263,11 +277,12 @@ class Bf16Embedding(nn.Module):
 
 
 def widen_model(model: nn.Module) -> int:
-    """A model loaded in bf16 made a float32 model with bf16 linear weights: every linear of a
-    width the kernel takes (and the token embedding) keeps its bf16 weight behind a
-    Bf16WeightLinear / Bf16Embedding, the routed experts of MoE layers behind Bf16Experts, every
-    other parameter and buffer (norms, biases, routers, rotary tables) becomes float32. Returns how
-    many linears kept bf16 weights."""
+    """A model whose matrices were loaded in bf16 or float16 (the rest in float32) made a float32
+    model with 16-bit weights: every linear of a width the kernel takes (and the token embedding)
+    keeps its weight behind a Bf16WeightLinear / Bf16Embedding, the routed experts of MoE layers
+    behind Bf16Experts, every other parameter and buffer (norms, biases, routers, rotary tables)
+    becomes float32 (exactly: both 16-bit formats widen without rounding). Returns how many linears
+    kept 16-bit weights."""
     from pangu_infer.models.moge import MoEBlock, StackedExperts
 
     routers = {id(m.gate) for m in model.modules() if isinstance(m, MoEBlock)}
@@ -276,7 +291,7 @@ def widen_model(model: nn.Module) -> int:
         for parent in model.modules()
         for name, child in parent.named_children()
         if type(child) in (nn.Linear, RowParallelLinear) and id(child) not in routers
-        and child.weight.dtype == torch.bfloat16 and child.in_features % COLUMNS == 0
+        and child.weight.dtype in HALF and child.in_features % COLUMNS == 0
     ]
     for parent, name, child in sites:
         if isinstance(child, RowParallelLinear):  # a tensor-parallel rank's columns: its all-reduce stays around
@@ -286,13 +301,13 @@ def widen_model(model: nn.Module) -> int:
     for experts in [m for m in model.modules() if isinstance(m, StackedExperts)]:
         w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
         if (
-            experts.impl is None and w13 is not None and w13.dtype == torch.bfloat16 and w2.dtype == torch.bfloat16
+            experts.impl is None and w13 is not None and w13.dtype in HALF and w2.dtype == w13.dtype
             and w13.shape[-1] % COLUMNS == 0 and w2.shape[-1] % COLUMNS == 0
         ):
             experts.impl = Bf16Experts(w13, w2, experts.inter)
             del experts.w13, experts.w2
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if type(embed) is nn.Embedding and embed.weight.dtype == torch.bfloat16:
+    if type(embed) is nn.Embedding and embed.weight.dtype in HALF:
         table = Bf16Embedding(embed.weight)
         model.model.embed_tokens = table
         if getattr(model, "lm_head", False) is None and table.weight.shape[1] % COLUMNS == 0:
@@ -301,7 +316,7 @@ def widen_model(model: nn.Module) -> int:
         if isinstance(module, (Bf16WeightLinear, Bf16Embedding, Bf16Experts)):
             continue
         for pname, p in list(module.named_parameters(recurse=False)):
-            if p.is_floating_point() and p.dtype != torch.float32:
+            if p.is_floating_point() and p.dtype != torch.float32:  # exact: bf16 and float16 both widen without rounding
                 setattr(module, pname, nn.Parameter(p.detach().float(), requires_grad=False))
         for bname, b in list(module.named_buffers(recurse=False)):
             if b is not None and b.is_floating_point() and b.dtype != torch.float32:

@@ -154,11 +154,14 @@ class DecoderForCausalLM(nn.Module):
         dtype: torch.dtype,
         device: torch.device,
         hook: Optional[WeightLoadHook] = None,
+        matrix_dtype: Optional[torch.dtype] = None,
     ) -> None:
         """Assign checkpoint tensors to the (meta-device) parameters; every mismatch names the tensor.
 
         `hook` (a WeightLoadHook, e.g. pangu_infer.quant.loading.LoadHook) may take a checkpoint tensor instead (to quantize
         it, or keep a MoGE expert memory-mapped) and swaps its modules in at the end.
+        `matrix_dtype`: the dtype of tensors of 2 or more dims where it is not `dtype` (16-bit
+        matrices under float32 activations, models/bf16_weights.py); the others stay in `dtype`.
         """
         params = dict(self.named_parameters())
         expected = set(self.expected_weight_names())
@@ -183,10 +186,11 @@ class DecoderForCausalLM(nn.Module):
                 seen.add(name)
                 continue
             if index is None:
-                _set_param(self, target, tensor.to(device=device, dtype=dtype))
+                _set_param(self, target, tensor.to(device=device, dtype=matrix_dtype if matrix_dtype and tensor.dim() >= 2 else dtype))
             else:
                 if param.is_meta:
-                    param = _set_param(self, target, torch.empty(param.shape, dtype=dtype, device=device))
+                    kind = matrix_dtype if matrix_dtype and tensor.dim() >= 2 else dtype
+                    param = _set_param(self, target, torch.empty(param.shape, dtype=kind, device=device))
                     params[target] = param
                 param.data[index].copy_(tensor)
             seen.add(name)

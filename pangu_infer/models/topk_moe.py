@@ -134,9 +134,9 @@ class FamilyForCausalLM(PanguProMoEForCausalLM):
     def weight_sharder(self) -> FamilySharder:
         return FamilySharder(self.config, self.parallel)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype, device, hook=None) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], dtype, device, hook=None, matrix_dtype=None) -> None:
         biases: dict[str, torch.Tensor] = {}
-        super().load_weights(self._checkpoint_names(weights, biases), dtype, device, hook)
+        super().load_weights(self._checkpoint_names(weights, biases), dtype, device, hook, matrix_dtype)
         for name, bias in biases.items():  # the selection bias stays fp32, whatever the model dtype
             module = self.get_submodule(name.rpartition(".")[0])
             module.e_score_correction_bias = nn.Parameter(bias.to(device=device, dtype=torch.float32), requires_grad=False)
