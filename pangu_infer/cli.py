@@ -45,6 +45,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=_memory, default=None, help="KV cache bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument(
+        "--gpu-memory-utilization", type=float, default=None,
+        help="GPUs and NPUs: the share of the device's whole memory this engine fills, weights, activations and "
+        "KV cache together, as vLLM's flag (e.g. 0.9); the KV cache gets the rest after the weights",
+    )
+    p.add_argument(
         "--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
         help="the KV cache's dtype: auto is the model's (as vLLM); not given, bfloat16 where the model runs in "
         "float32 only because the CPU lacks native bf16 products (half the memory, same speed), else the model's",
@@ -114,6 +119,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         max_num_batched_tokens=args.max_num_batched_tokens,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         kv_cache_dtype=args.kv_cache_dtype,
         enable_prefix_caching=args.enable_prefix_caching,
         num_speculative_tokens=args.num_speculative_tokens,

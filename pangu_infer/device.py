@@ -108,6 +108,24 @@ def free_memory_bytes(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
+def total_memory_bytes(device: torch.device) -> int:
+    """The accelerator's whole memory (GPUs, NPUs)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[1])
+    if device.type == "npu":
+        return int(torch.npu.mem_get_info(device)[1])
+    raise ValueError(f"device {device} has no memory of its own to take a share of")
+
+
+def process_memory_bytes(device: torch.device) -> int:
+    """What this process holds on the accelerator (torch's caching allocator: weights, buffers)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_reserved(device))
+    if device.type == "npu":
+        return int(torch.npu.memory_reserved(device))
+    raise ValueError(f"device {device} has no memory of its own to take a share of")
+
+
 def distributed_backend(device: torch.device) -> str:
     """The torch.distributed backend for tensor parallelism on this kind of device."""
     return {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[device.type]

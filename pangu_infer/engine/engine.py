@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional, Union
 import torch
 
 from pangu_infer.config import ModelConfig
-from pangu_infer.device import free_memory_bytes
+from pangu_infer.device import free_memory_bytes, process_memory_bytes, total_memory_bytes
 from pangu_infer.engine import output
 from pangu_infer.engine.admission import Limits, admit, check_cache_salt, compile_structured
 from pangu_infer.engine.kv_cache import BlockPool
@@ -45,6 +45,9 @@ class EngineConfig:
     block_size: int = 16
     # bytes (int), a fraction of free memory (float in (0, 1]), or None: 4 GiB on CPU, 90% elsewhere
     kv_cache_memory: Union[None, int, float] = None
+    # vLLM's: the share of a GPU's (NPU's) whole memory this engine may fill, weights, activations and
+    # KV cache together; the KV cache gets what the weights and an activation reserve leave of it
+    gpu_memory_utilization: Optional[float] = None
     enable_prefix_caching: bool = True
     max_model_len: Optional[int] = None
     seed: Optional[int] = None
@@ -91,6 +94,14 @@ class EngineConfig:
                 raise ValueError(f"kv_cache_memory={kv!r}: a fraction must be in (0, 1]")
             if isinstance(kv, int) and kv <= 0:
                 raise ValueError(f"kv_cache_memory={kv!r} bytes must be positive")
+        util = self.gpu_memory_utilization
+        if util is not None:
+            if isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1:
+                raise ValueError(f"gpu_memory_utilization={util!r} must be a fraction in (0, 1] of the GPU's memory")
+            if kv is not None:
+                raise ValueError(
+                    f"gpu_memory_utilization={util!r} and kv_cache_memory={kv!r} both size the KV cache: give one"
+                )
         if not isinstance(self.batch_invariant, bool):
             raise ValueError(f"batch_invariant={self.batch_invariant!r} must be True or False")
         if self.batch_invariant and self.max_num_batched_tokens < self.block_size:
@@ -228,7 +239,17 @@ class LLMEngine:
         ec = self.engine_config
         per_block = ec.block_size * self._kv_bytes_per_token()
         kv = ec.kv_cache_memory
-        if kv is None:
+        if ec.gpu_memory_utilization is not None:
+            if self.device.type == "cpu":
+                raise ValueError(
+                    f"gpu_memory_utilization={ec.gpu_memory_utilization} takes a share of a GPU's memory, and this "
+                    "engine runs on the CPU: size its KV cache with kv_cache_memory (--kv-cache-memory, e.g. 8GiB or 0.5)"
+                )
+            budget = utilization_kv_budget(
+                ec.gpu_memory_utilization, total_memory_bytes(self.device), free_memory_bytes(self.device),
+                process_memory_bytes(self.device), self._activation_reserve(),
+            )
+        elif kv is None:
             budget = min(DEFAULT_CPU_KV_BYTES, free_memory_bytes(self.device) // 4) if self.device.type == "cpu" else int(0.9 * free_memory_bytes(self.device))
         elif isinstance(kv, float):
             budget = int(kv * free_memory_bytes(self.device))
@@ -248,6 +269,14 @@ class LLMEngine:
                 f"for block_size={ec.block_size})"
             )
         return int(num_blocks)
+
+    def _activation_reserve(self) -> int:
+        """Bytes kept out of a gpu_memory_utilization share for a step's activations: a prefill
+        chunk's hidden and MLP rows a few times over, and the logits of a full batch in float32."""
+        cfg, ec = self.config, self.engine_config
+        width = cfg.hidden_size + 2 * (cfg.intermediate_size or cfg.hidden_size)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return 4 * ec.max_num_batched_tokens * width * element + ec.max_num_seqs * cfg.vocab_size * 4
 
     def _eos_ids(self, generation_config: dict) -> set[int]:
         ids: set[int] = set(self.config.eos_token_ids)
@@ -710,6 +739,28 @@ class LLMEngine:
             return []
         return sorted({name for name in (self.loras.name_of(k) for k in set(keys) if k) if name is not None})
 
+
+
+def utilization_kv_budget(utilization: float, total: int, free: int, held: int, reserve: int) -> int:
+    """The KV cache's bytes under vLLM's gpu_memory_utilization: this engine may fill `utilization`
+    of the device's `total` memory; it already `held` (its weights), `reserve` stays for activations.
+    A ValueError naming the fraction when other processes hold more than the rest of the device, or
+    when nothing is left for the cache."""
+    gib = float(1 << 30)
+    share = int(utilization * total)
+    others = max(0, total - free - held)
+    if share > total - others:
+        raise ValueError(
+            f"gpu_memory_utilization={utilization} asks for {share / gib:.1f} GiB of the device's {total / gib:.1f} GiB, "
+            f"but other processes hold {others / gib:.1f} GiB of it: lower it to at most {(total - others) / total:.2f}"
+        )
+    budget = share - held - reserve
+    if budget <= 0:
+        raise ValueError(
+            f"gpu_memory_utilization={utilization} gives this engine {share / gib:.1f} GiB, and the weights already hold "
+            f"{held / gib:.1f} GiB and activations need about {reserve / gib:.1f} GiB: nothing is left for the KV cache; raise it"
+        )
+    return budget
 
 
 def _picks(result: SampleResult, seqs: list[Sequence]) -> Iterator[tuple[int, Optional[Logprob]]]:
