@@ -9,7 +9,6 @@ cache folder).
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
@@ -59,6 +58,23 @@ C_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 def c_compiler() -> Optional[str]:
     """The C compiler for the engine's kernels: `$CC`, else cc or gcc on the PATH; None without one."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def kernel_library(name: str, source: str, what: str, otherwise: str, flags: Sequence[str] = C_FLAGS) -> Optional[ctypes.CDLL]:
+    """build_c_library with the C compiler found here, or None, logged as `what` with what happens
+    `otherwise`, where there is no compiler or the build fails: how each kernel module loads its C."""
+    import logging
+
+    log = logging.getLogger("pangu_infer.native")
+    compiler = c_compiler()
+    if not compiler:
+        log.info("%s: no C compiler found; %s", what, otherwise)
+        return None
+    try:
+        return build_c_library(name, source, compiler, flags)
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("%s not built (%s): %s", what, e, otherwise)
+        return None
 
 
 def build_c_library(name: str, source: str, compiler: str, flags: Sequence[str] = C_FLAGS, link: Sequence[str] = ("-lm",)) -> ctypes.CDLL:

@@ -30,7 +30,6 @@ import functools
 import logging
 import os
 import platform
-import subprocess
 from typing import Optional
 
 import torch
@@ -39,7 +38,7 @@ from torch import nn
 
 from pangu_infer import native_ops
 from pangu_infer.machine import cached_choice, interleaved_medians
-from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
+from pangu_infer.native import cpu_flags, kernel_library
 from pangu_infer.parallel.state import RowParallelLinear
 
 log = logging.getLogger(__name__)
@@ -135,16 +134,8 @@ def library() -> Optional[ctypes.CDLL]:
     flags = cpu_flags()
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= set(flags):
         return None
-    compiler = c_compiler()
-    if not compiler:
-        log.info("bf16-weight kernel: no C compiler found; float32 weights")
-        return None
-    try:
-        lib = build_c_library("bf16w_avx2", SOURCE, compiler, C_FLAGS)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("bf16-weight kernel not built (%s): float32 weights", e)
-        return None
-    if lib.pangu_bf16w_abi() != 1:
+    lib = kernel_library("bf16w_avx2", SOURCE, "bf16-weight kernel", "float32 weights")
+    if lib is None or lib.pangu_bf16w_abi() != 1:
         return None
     for fn in (lib.pangu_bf16w_mm, lib.pangu_f16w_mm):
         fn.restype = ctypes.c_int

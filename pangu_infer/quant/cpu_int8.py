@@ -37,14 +37,13 @@ import functools
 import logging
 import os
 import platform
-import subprocess
 from typing import Optional
 
 import torch
 
 from pangu_infer import native_ops
 from pangu_infer.machine import interleaved_medians, own_kernel_measured_faster
-from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
+from pangu_infer.native import cpu_flags, kernel_library
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +160,8 @@ def library() -> Optional[ctypes.CDLL]:
     """The built kernel, or None where it cannot run here (then aten's int8 kernel runs)."""
     if disabled() or platform.machine() not in ("x86_64", "AMD64") or "avx2" not in cpu_flags():
         return None
-    compiler = c_compiler()
-    if not compiler:
-        log.info("int8 kernel: no C compiler found, using aten's")
-        return None
-    try:
-        lib = build_c_library("int8_avx2", SOURCE, compiler, C_FLAGS)
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("int8 kernel not built (%s): using aten's", e)
-        return None
-    if lib.pangu_int8_abi() != 1:
+    lib = kernel_library("int8_avx2", SOURCE, "int8 kernel", "using aten's")
+    if lib is None or lib.pangu_int8_abi() != 1:
         return None
     fn = lib.pangu_int8_mm
     fn.restype = ctypes.c_int
