@@ -103,3 +103,35 @@ def test_the_server_takes_bad_words_as_vllm_does(llm):
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
         r = http.post("/v1/completions", json={**body, "bad_words": [""]})
         assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
+
+
+def test_a_servers_bad_words_are_tokenized_off_the_engine_thread(llm, monkeypatch):
+    """Hundreds of long words take tens of milliseconds to tokenize: not on the thread every request's steps run on."""
+    import asyncio
+    import threading
+
+    from pangu_infer.engine.async_engine import AsyncEngine
+
+    threads = []
+    tokenize = llm.engine.bad_words_ids
+
+    def recording(words):
+        threads.append(threading.current_thread())
+        return tokenize(words)
+
+    monkeypatch.setattr(llm.engine, "bad_words_ids", recording)
+    engine = AsyncEngine.from_llm(llm)
+    word = next(w for i, w in _round_trip(llm, _ids(llm, greedy())) if i > 0)
+
+    async def main():
+        last = None
+        async for out in engine.generate(PROMPT["prompt_token_ids"], greedy(bad_words=[word]), "bw-1"):
+            last = out
+        return last
+
+    try:
+        out = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert threads and all(t is not engine._thread for t in threads)
+    assert out.outputs[0].token_ids == _ids(llm, greedy(bad_words=[word]))

@@ -51,6 +51,7 @@ class _Add:
     lora_adapter: Optional[LoRAAdapter] = None  # read beforehand (LLMEngine.read_lora)
     cache_salt: Optional[str] = None
     priority: int = 0
+    bad_words_ids: Optional[list[list[int]]] = None  # tokenized beforehand (LLMEngine.bad_words_ids)
 
 
 @dataclass
@@ -124,6 +125,14 @@ class AsyncEngine:
             # Compiling takes seconds on a model's first constrained request: on a worker thread,
             # so that the engine thread goes on stepping the other requests meanwhile.
             grammar = await asyncio.to_thread(self.engine.compile_grammar, params)
+        bad_words_ids = None
+        if params.bad_words:
+            # Up to 300 words of 1000 characters, each tokenized twice: tens of milliseconds that
+            # would stall every other request's step on the engine thread.
+            try:
+                bad_words_ids = await asyncio.to_thread(self.engine.bad_words_ids, params.bad_words)
+            except ValueError as e:
+                raise RequestError(str(e), param="bad_words") from None
         adapter = None
         if lora_request is not None and not self.engine.lora_loaded(lora_request):
             try:
@@ -131,7 +140,7 @@ class AsyncEngine:
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
         self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter,
-                        cache_salt, priority))
+                        cache_salt, priority, bad_words_ids))
         try:
             await added
         except asyncio.CancelledError:
@@ -255,7 +264,7 @@ class AsyncEngine:
             try:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
-                    command.lora_request, command.lora_adapter, command.cache_salt, command.priority,
+                    command.lora_request, command.lora_adapter, command.cache_salt, command.priority, command.bad_words_ids,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

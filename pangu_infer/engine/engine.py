@@ -302,6 +302,7 @@ class LLMEngine:
         lora_adapter: Optional[LoRAAdapter] = None,
         cache_salt: Optional[str] = None,
         priority: int = 0,
+        bad_words_ids: Optional[list[list[int]]] = None,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -310,13 +311,16 @@ class LLMEngine:
         on another thread, else it is read here). `cache_salt` (vLLM's): its prompt's blocks in the
         prefix cache serve only requests with the same salt (tenants that cannot see each other's
         prompts, not even by timing). `priority` (vLLM's): with scheduling_policy "priority", lower
-        values are served first (0 by default; any integer); with "fcfs" only 0 is accepted."""
+        values are served first (0 by default; any integer); with "fcfs" only 0 is accepted.
+        `bad_words_ids`: what bad_words_ids(params.bad_words) returned, tokenized beforehand on
+        another thread (else it is tokenized here)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._check_priority(priority)
         ids, params = admit(prompt_token_ids, params, self.limits)
         check_cache_salt(cache_salt)
-        bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
+        if bad_words_ids is None:
+            bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
         lora_key, lora_slot, waits = 0, -1, False
         if lora_request is not None:
