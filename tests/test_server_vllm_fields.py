@@ -271,11 +271,29 @@ def test_chat_skip_special_tokens_after_the_parsers(scripted, skip):
 
 
 def test_special_token_filter_streamed_in_any_pieces_equals_the_whole(pangu_tokenizer):
-    texts = frozenset(pangu_tokenizer.decode([i], skip_special_tokens=False) for i in pangu_tokenizer.all_special_ids)
+    texts = {i: pangu_tokenizer.decode([i], skip_special_tokens=False) for i in pangu_tokenizer.all_special_ids}
     text = "a[unused1][unused13]b[unus[unused10]ed1]</s>c<s"
-    whole = SpecialTokenFilter(texts).remove(text)
+    everything = SpecialTokenFilter(texts)
+    everything.saw(texts)  # the reply generated every special token
+    whole = everything.remove(text)
     assert whole == "ab[unused1]c<s"
     for size in range(1, 8):
         stream = SpecialTokenFilter(texts)
+        stream.saw(texts)
         pieces = [stream.feed(text[i:i + size]) for i in range(0, len(text), size)] + [stream.finish()]
         assert "".join(pieces) == whole, size
+
+
+def test_special_token_text_written_as_ordinary_tokens_stays(pangu_tokenizer):
+    """As vLLM skips by id: HTML's <s> written by the model as text is not a bos token."""
+    texts = {i: pangu_tokenizer.decode([i], skip_special_tokens=False) for i in pangu_tokenizer.all_special_ids}
+    bos = pangu_tokenizer.bos_token_id
+    reply = "Use <s>old</s> text"
+    quiet = SpecialTokenFilter(texts)
+    ordinary = [t for piece in ("Use ", "<", "s", ">old", "</", "s", "> text") for t in pangu_tokenizer.encode(piece, add_special_tokens=False)]
+    assert not set(ordinary) & set(texts)  # the characters, as ordinary tokens
+    quiet.saw(ordinary)
+    assert quiet.remove(reply) == reply
+    loud = SpecialTokenFilter(texts)
+    loud.saw([bos])
+    assert loud.remove(reply) == reply.replace(texts[bos], "")

@@ -391,6 +391,9 @@ async def _chat_stream(
                     if i in done_choices:
                         continue
                     completion_tokens[i] += len(comp.token_ids_delta)
+                    if filters[i] is not None:
+                        for channel in filters[i].values():
+                            channel.saw(comp.token_ids_delta)
                     deltas = events_to_deltas(i, parsers[i].feed(comp.text_delta))
                     if comp.finished:
                         deltas += events_to_deltas(i, parsers[i].finish()) + flush(i)

@@ -154,6 +154,7 @@ def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, 
     if parse.tools:
         content, calls = parse_tool_calls(content)
     if special is not None:
+        special.saw(comp.token_ids)
         content = special.remove(content)
         reasoning = special.remove(reasoning) if reasoning is not None else None
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
@@ -202,14 +203,27 @@ def prompt_logprobs(state: ServerState, entries: Optional[list[Optional[Logprob]
 
 
 class SpecialTokenFilter:
-    """skip_special_tokens on chat: the texts of the tokenizer's special tokens taken out of a reply's
+    """skip_special_tokens on chat: the texts of the special tokens a reply generated taken out of its
     reasoning and content after the reasoning / tool-call parsers have read their markers (the
-    engine keeps special tokens for them). Streamed, `feed` holds back a tail that may be the start
-    of one until the next piece shows; the pieces joined equal `remove` of the whole text."""
+    engine keeps special tokens for them). Only tokens whose ids the reply holds (`saw`) are taken
+    out: the same characters written as ordinary tokens (HTML's `<s>` beside a bos `<s>`) stay, as
+    vLLM's skipping by id keeps them (until the reply also generates that special token). Streamed,
+    `feed` holds back a tail that may be the start of one until the next piece shows; the pieces
+    joined equal `remove` of the whole text."""
 
-    def __init__(self, texts: frozenset[str]):
-        self._pattern, self._prefixes, self._longest = _special_pattern(texts)
+    def __init__(self, texts: dict[int, str]):
+        self._texts = texts
+        self._seen: set[str] = set()
+        _, self._prefixes, self._longest = _special_pattern(frozenset(texts.values()))
+        self._pattern = None
         self._held = ""
+
+    def saw(self, token_ids) -> None:
+        """The reply's token ids so far: the special ones among them are taken out of its text."""
+        new = {self._texts[t] for t in token_ids if t in self._texts} - self._seen
+        if new:
+            self._seen |= new
+            self._pattern = _special_pattern(frozenset(self._seen))[0]
 
     def remove(self, text: str) -> str:
         return self._pattern.sub("", text) if self._pattern is not None else text
@@ -227,7 +241,7 @@ class SpecialTokenFilter:
 
 def special_token_filter(state: ServerState) -> SpecialTokenFilter:
     tok = state.llm.tokenizer
-    return SpecialTokenFilter(frozenset(state.token_text(i) for i in tok.all_special_ids) - {""})
+    return SpecialTokenFilter({i: text for i in tok.all_special_ids if (text := state.token_text(i))})
 
 
 @functools.lru_cache(maxsize=8)
