@@ -135,3 +135,25 @@ def test_a_servers_bad_words_are_tokenized_off_the_engine_thread(llm, monkeypatc
         engine.shutdown()
     assert threads and all(t is not engine._thread for t in threads)
     assert out.outputs[0].token_ids == _ids(llm, greedy(bad_words=[word]))
+
+
+def test_bad_words_past_the_token_budget_or_the_vocabulary_name_the_field(llm, monkeypatch):
+    long = ["abc def 你好 " * 90] * 300  # about 1000 characters each: far more than 4096 tokens in all
+    with pytest.raises(RequestError, match=r"bad_words come to \d+ tokens; at most 4096") as e:
+        llm.generate([PROMPT], greedy(bad_words=long), use_tqdm=False)
+    assert e.value.param == "bad_words"
+    vocab = llm.config.vocab_size
+    monkeypatch.setattr(llm.tokenizer, "encode", lambda text, add_special_tokens=True: [vocab + 5])
+    with pytest.raises(RequestError, match=rf"token id {vocab + 5}, outside the model's vocabulary"):
+        llm.generate([PROMPT], greedy(bad_words=["x"]), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_bad_words_grouped_by_prefix_ban_what_each_word_bans():
+    from pangu_infer.engine.sampler import BadWords
+
+    words = [[5], [7, 8], [9, 7, 8], [7, 3], [1, 2, 3, 4]]
+    table = BadWords(words)
+    for out in ([], [7], [9, 7], [1, 2, 3], [2, 3], [0, 7]):
+        want = sorted(w[-1] for w in words if len(w) - 1 <= len(out) and list(out[len(out) - len(w) + 1 :] if len(w) > 1 else []) == w[:-1])
+        assert sorted(table.banned(out)) == want, out

@@ -15,7 +15,7 @@ from pangu_infer.engine import output
 from pangu_infer.engine.admission import Limits, admit, check_cache_salt, compile_structured
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
-from pangu_infer.engine.sampler import SampleResult, Sampler, SamplingRow
+from pangu_infer.engine.sampler import BadWords, SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import POLICIES as SCHEDULING_POLICIES
 from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
 from pangu_infer.engine.sequence import Logprob, Sequence
@@ -33,6 +33,7 @@ from pangu_infer.sampling_params import SamplingParams
 logger = logging.getLogger("pangu_infer.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
+MAX_BAD_WORD_TOKENS = 4096  # tokens of one request's bad_words, both spellings: what each step matches
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
@@ -321,6 +322,7 @@ class LLMEngine:
         check_cache_salt(cache_salt)
         if bad_words_ids is None:
             bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
+        bad_words = BadWords(bad_words_ids) if bad_words_ids else None
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
         lora_key, lora_slot, waits = 0, -1, False
         if lora_request is not None:
@@ -341,7 +343,7 @@ class LLMEngine:
             )
             seq.user_salt = cache_salt
             seq.priority = priority
-            seq.bad_words_ids = bad_words_ids
+            seq.bad_words = bad_words
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
@@ -372,6 +374,16 @@ class LLMEngine:
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
             if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
                 out.append(spaced)
+        vocab = self.config.vocab_size
+        outside = next((t for w in out for t in w if not 0 <= t < vocab), None)
+        if outside is not None:  # an added token of the tokenizer's past the model's logits
+            raise RequestError(f"bad_words holds a word with the token id {outside}, outside the model's vocabulary [0, {vocab})", param="bad_words")
+        total = sum(len(w) for w in out)
+        if total > MAX_BAD_WORD_TOKENS:
+            raise RequestError(
+                f"bad_words come to {total} tokens; at most {MAX_BAD_WORD_TOKENS} are allowed (every step matches them)",
+                param="bad_words",
+            )
         return out
 
     def _check_priority(self, priority: object) -> None:
@@ -574,7 +586,7 @@ class LLMEngine:
                 prompt_token_ids=s.prompt_token_ids,
                 output_token_ids=s.output_token_ids,
                 eos_token_ids=self._eos_list,  # the sampler itself skips eos under ignore_eos
-                bad_words_ids=s.bad_words_ids,
+                bad_words=s.bad_words,
             )
             for s in seqs
         ]

@@ -33,6 +33,25 @@ from pangu_infer.sampling_params import SamplingParams
 _TOP_P_CANDIDATES = 1024
 
 
+class BadWords:
+    """A request's bad words as token sequences, grouped by the length of their prefix (all but the
+    last token): prefix -> the last tokens it bans. A step looks up the output's last k tokens once
+    per prefix length k, not once per word."""
+
+    def __init__(self, words: Sequence[Sequence[int]]):
+        self.by_prefix: dict[int, dict[tuple[int, ...], list[int]]] = {}
+        for word in words:
+            self.by_prefix.setdefault(len(word) - 1, {}).setdefault(tuple(word[:-1]), []).append(word[-1])
+
+    def banned(self, out: Sequence[int]) -> list[int]:
+        """The tokens to ban after output `out` (vLLM's rule: the prompt does not count)."""
+        n, found = len(out), []
+        for k, table in self.by_prefix.items():
+            if k <= n:
+                found += table.get(tuple(out[n - k :]) if k else (), ())
+        return found
+
+
 @dataclass
 class SamplingRow:
     """One row of the batch: its parameters, its random source and its token history."""
@@ -42,8 +61,8 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
     eos_token_ids: Sequence[int] = ()
-    # the request's bad_words as token id sequences (LLMEngine.bad_words_ids)
-    bad_words_ids: Sequence[Sequence[int]] = ()
+    # the request's bad_words as token id sequences (LLMEngine.bad_words_ids), grouped
+    bad_words: "BadWords | None" = None
 
 
 @dataclass
@@ -168,13 +187,7 @@ def _changes_logits(row: SamplingRow) -> bool:
 def _banned_tokens(row: SamplingRow) -> list[int]:
     """The last token of every bad word whose other tokens the output ends with (vLLM's rule: a
     one-token word is always banned; the prompt does not count)."""
-    out = row.output_token_ids
-    banned = []
-    for word in row.bad_words_ids:
-        k = len(word) - 1
-        if k <= len(out) and (k == 0 or list(out[len(out) - k :]) == list(word[:k])):
-            banned.append(word[-1])
-    return banned
+    return row.bad_words.banned(row.output_token_ids) if row.bad_words is not None else []
 
 
 def _ban_bad_words_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:

@@ -72,7 +72,7 @@ class Sequence:
         self.stop_reason: Optional[Any] = None
         self.arrival_time = time.monotonic()
         self.priority = 0  # the request's (scheduling_policy "priority": lower runs first)
-        self.bad_words_ids: list[list[int]] = []  # its params.bad_words as token ids (LLMEngine.bad_words_ids)
+        self.bad_words: Any = None  # its params.bad_words as sampler.BadWords (LLMEngine.bad_words_ids), or None
         self.first_token_time: Optional[float] = None
         self.last_token_time: Optional[float] = None
         self.num_preemptions = 0

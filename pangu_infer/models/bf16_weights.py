@@ -298,11 +298,13 @@ def widen_model(model: nn.Module) -> int:
             experts.impl = Bf16Experts(w13, w2, experts.inter)
             del experts.w13, experts.w2
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    if type(embed) is nn.Embedding and embed.weight.dtype in HALF:
+    tied = getattr(model, "lm_head", False) is None
+    # A tied table is the head too: kept 16-bit only where the kernel takes its width (else widened below).
+    if type(embed) is nn.Embedding and embed.weight.dtype in HALF and (not tied or embed.weight.shape[1] % COLUMNS == 0):
         table = Bf16Embedding(embed.weight)
         model.model.embed_tokens = table
-        if getattr(model, "lm_head", False) is None and table.weight.shape[1] % COLUMNS == 0:
-            model.lm_head = Bf16WeightLinear(table.weight, None)  # tied: the same bf16 table
+        if tied:
+            model.lm_head = Bf16WeightLinear(table.weight, None)  # tied: the same 16-bit table
     for module in model.modules():
         if isinstance(module, (Bf16WeightLinear, Bf16Embedding, Bf16Experts)):
             continue
