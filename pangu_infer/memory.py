@@ -82,8 +82,24 @@ def available_memory_bytes() -> int:
     import psutil
 
     available = int(psutil.virtual_memory().available + psutil.swap_memory().free)
-    limited = _cgroup_available()
-    return available if limited is None else min(available, limited)
+    limits = [v for v in (_cgroup_available(group) for group in _cgroup_groups()) if v is not None]
+    return min([available] + limits)
+
+
+def _cgroup_groups(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> list[str]:
+    """The cgroup v2 folders whose memory limits bind this process: its own group (`0::/path` in
+    /proc/self/cgroup, which systemd units, Slurm jobs and pods without a cgroup namespace are in)
+    and every group above it, up to the root (a container's own namespace shows its group as /)."""
+    path = "/"
+    try:
+        with open(self_cgroup, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("0::"):
+                    path = line[3:].strip() or "/"
+    except OSError:
+        pass
+    parts = [p for p in path.split("/") if p]
+    return [root + "".join("/" + p for p in parts[:k]) for k in range(len(parts), -1, -1)]
 
 
 def _cgroup_available(root: str = "/sys/fs/cgroup") -> Optional[int]:

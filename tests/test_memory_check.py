@@ -56,3 +56,19 @@ def test_a_containers_memory_limit_counts(tmp_path):
     (tmp_path / "memory.max").write_text("max\n")
     assert memory._cgroup_available(str(tmp_path)) is None
     assert memory._cgroup_available(str(tmp_path / "none")) is None
+
+
+def test_a_nested_cgroups_limit_and_the_ones_above_it_count(tmp_path):
+    """A systemd unit's or a Slurm job's group, with no cgroup namespace: /proc/self/cgroup names it."""
+    groups = memory._cgroup_groups(str(tmp_path), str(tmp_path / "none"))
+    assert groups == [str(tmp_path)]  # no /proc/self/cgroup: the root alone
+    (tmp_path / "self").write_text("0::/system.slice/pangu.service\n")
+    assert memory._cgroup_groups(str(tmp_path), str(tmp_path / "self")) == [
+        f"{tmp_path}/system.slice/pangu.service", f"{tmp_path}/system.slice", str(tmp_path)]
+    unit = tmp_path / "system.slice" / "pangu.service"
+    unit.mkdir(parents=True)
+    (unit / "memory.max").write_text("2147483648\n")
+    (unit / "memory.current").write_text("1073741824\n")
+    (unit / "memory.stat").write_text("file 0\n")
+    assert memory._cgroup_available(str(unit)) == 1 << 30
+    assert memory._cgroup_available(str(tmp_path / "system.slice")) is None  # no limit file there
