@@ -98,7 +98,7 @@ def load_model(
     keep_half: a float32 CPU load of a GGUF file whose matrices are all F16 (or all BF16) keeps them
     in that dtype, multiplied in float32 (models/bf16_weights.py), where the kernel is chosen here.
     matrix_dtype: a safetensors checkpoint's tensors of 2 or more dims are loaded in this dtype, the
-    others in `dtype` (load_serving_model's 16-bit matrices).
+    others in `dtype`, and the model keeps them so (load_serving_model's 16-bit matrices).
 
     quantization ("int8", "int4" or a pangu_infer.quant.QuantizationConfig) quantizes while loading;
     a `pangu-infer quantize` checkpoint loads quantized without it. offload_experts keeps MoGE routed
@@ -119,6 +119,8 @@ def load_model(
     # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
     weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
     net.load_weights(weights if hook is None else hook.weights(weights), dtype=dtype, device=device, hook=hook, matrix_dtype=matrix_dtype)
+    if matrix_dtype is not None:
+        _keep_half(net)
     net.eval()
     tok = None
     if load_tokenizer:
@@ -151,12 +153,8 @@ def load_serving_model(
     path = resolve_model_path(model)
     half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if bf16_weights else None
     if half is not None:
-        from pangu_infer.models.bf16_weights import widen_model
-
         check_weights_fit(path, half, device, quantization, offload_experts)
-        loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half)
-        widen_model(loaded.model)
-        return loaded
+        return load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half)
     check_weights_fit(path, dtype, device, quantization, offload_experts)
     loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half=bf16_weights)
     if can_pack(device, dtype):
@@ -174,12 +172,13 @@ def weights_bytes(path: str, dtype: torch.dtype, quantization: Any, offload_expe
 
     if path.endswith(".gguf") and quantization in (None, "auto"):
         return os.path.getsize(path)  # blocks kept as they are stored: about the file's size
-    net = build_model_on_meta(_read_config(path))  # GGUF "none": float; int8/int4: int4 in groups of 32
+    net = build_model_on_meta(read_config(path))  # GGUF "none": float; int8/int4: int4 in groups of 32
     return quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization, 32 if path.endswith(".gguf") else None),
                                   offload_experts)
 
 
-def _read_config(path: str) -> ModelConfig:
+def read_config(path: str) -> ModelConfig:
+    """The config of a resolved model path: a folder's config.json, or a GGUF file's header."""
     if path.endswith(".gguf"):
         from pangu_infer.loader.gguf import read_gguf
 
@@ -201,7 +200,7 @@ def check_weights_fit(path: str, dtype: torch.dtype, device: torch.device, quant
     if need <= have:
         return
     gib = 1 << 30
-    cfg = _read_config(path)
+    cfg = read_config(path)
     hints = []
     if quantization in (None, "auto", "none") and not path.endswith(".gguf") and not cfg.quantization_config:
         for method in ("int8", "int4"):
@@ -227,17 +226,34 @@ def kept_half_dtype(path: str, dtype: torch.dtype, device: torch.device, quantiz
     """bfloat16 or float16 when a float32 load of the safetensors checkpoint `path` keeps its matrices
     as stored (all BF16, or all F16) and multiplies them in float32 (models/bf16_weights.py), else
     None. (A GGUF file decides while it loads, its header read: load_model's keep_half.)"""
-    if device.type != "cpu" or dtype != torch.float32 or offload_experts or path.endswith(".gguf"):
-        return None
-    if quantization not in (None, "auto", "none"):
+    if offload_experts or path.endswith(".gguf") or not _float32_cpu_load(dtype, device, quantization):
         return None
     from pangu_infer.loader.safetensors import checkpoint_files, matrix_dtypes
     from pangu_infer.models import bf16_weights
 
     if bf16_weights.disabled() or ModelConfig.from_file(path).quantization_config:
         return None
-    half = {frozenset({"BF16"}): torch.bfloat16, frozenset({"F16"}): torch.float16}.get(frozenset(matrix_dtypes(checkpoint_files(path))))
+    return _half_of(matrix_dtypes(checkpoint_files(path)))
+
+
+def _float32_cpu_load(dtype: torch.dtype, device: torch.device, quantization: Any) -> bool:
+    """A float32 CPU load with no quantization asked: where 16-bit matrices may be kept."""
+    return device.type == "cpu" and dtype == torch.float32 and quantization in (None, "auto", "none")
+
+
+def _half_of(stored: set[str]) -> Optional[torch.dtype]:
+    """The dtype kept when every matrix is stored in one 16-bit format ("BF16" or "F16", the names
+    of safetensors and of GGUF alike) and the kernel is the choice here, else None."""
+    from pangu_infer.models import bf16_weights
+
+    half = {"BF16": torch.bfloat16, "F16": torch.float16}.get(next(iter(stored))) if len(stored) == 1 else None
     return half if half is not None and bf16_weights.chosen() else None
+
+
+def _keep_half(net: DecoderForCausalLM) -> None:
+    from pangu_infer.models.bf16_weights import widen_model
+
+    widen_model(net)  # the 16-bit matrices kept behind their modules, everything else float32
 
 
 def _load_gguf(
@@ -300,9 +316,7 @@ def _load_gguf(
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
     net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
     if half is not None:
-        from pangu_infer.models.bf16_weights import widen_model
-
-        widen_model(net)  # F16 / BF16 matrices kept, everything else float32
+        _keep_half(net)
     net.eval()
     # Only a model that keeps quantized weights is cached: a float one is cheap to read from the
     # file and would take several times its disk space. The file keeps the kernel choices made so
@@ -317,15 +331,9 @@ def _load_gguf(
 def _kept_half_dtype(ckpt: Any, dtype: torch.dtype, device: torch.device, quantization: Any) -> Optional[torch.dtype]:
     """float16 or bfloat16 when a float32 CPU load of this GGUF file keeps its matrices as stored:
     every tensor of 2 or more dims is F16 (or every one BF16), no quantization asked, kernel chosen."""
-    if device.type != "cpu" or dtype != torch.float32 or quantization not in (None, "auto", "none"):
+    if not _float32_cpu_load(dtype, device, quantization):
         return None
-    from gguf import GGMLQuantizationType as Q
-
-    from pangu_infer.models import bf16_weights
-
-    kinds = {t.tensor_type for t in ckpt.reader.tensors if len(t.shape) >= 2}
-    half = {frozenset({Q.F16}): torch.float16, frozenset({Q.BF16}): torch.bfloat16}.get(frozenset(kinds))
-    return half if half is not None and bf16_weights.chosen() else None
+    return _half_of({t.tensor_type.name for t in ckpt.reader.tensors if len(t.shape) >= 2})
 
 
 def _build_cached(extras: dict) -> DecoderForCausalLM:

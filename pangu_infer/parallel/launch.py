@@ -30,9 +30,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from pangu_infer.config import ModelConfig
 from pangu_infer.device import distributed_backend, rank_device
-from pangu_infer.loader import LoadedModel, resolve_model_path
+from pangu_infer.loader import LoadedModel, read_config, resolve_model_path
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.parallel.errors import ParallelStartupError
 from pangu_infer.parallel.group import CPU, LOAD_TIMEOUT_S, join_group, to_device
@@ -62,7 +61,7 @@ def load_tensor_parallel(
     Under torchrun this returns only on rank 0: the other ranks serve rank 0's steps and exit.
     """
     path = resolve_model_path(model)
-    check_parallel_config(_read_config(path), world_size)
+    check_parallel_config(read_config(path), world_size)
     load = ShardLoad(path, dtype, quantization, offload_experts)
     if launched_by_torchrun():
         return _load_torchrun(load, world_size, device)
@@ -224,14 +223,6 @@ def _load_torchrun(load: ShardLoad, world_size: int, device: torch.device) -> tu
         dist.destroy_process_group()
         raise SystemExit(0)
     return loaded, TensorParallelDriver(state, control, dev)
-
-
-def _read_config(path: str) -> ModelConfig:
-    if path.endswith(".gguf"):
-        from pangu_infer.loader.gguf import read_gguf
-
-        return ModelConfig.from_hf_dict(read_gguf(path).config)
-    return ModelConfig.from_file(path)
 
 
 def _free_port() -> int:
