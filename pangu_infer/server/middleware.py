@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from typing import Any, Optional
 
@@ -56,11 +57,13 @@ class AuthAndCount:
 
 
 class BodyGuard:
-    """Checks a JSON request body before the app parses it: size, UTF-8, nesting depth, lone surrogates.
+    """Checks a JSON request body before the app parses it: size, UTF-8, nesting depth, lone
+    surrogates, non-finite numbers.
 
     Each is a 400 (413 for size) naming the problem, where it would otherwise end deep in the
     stack: a RecursionError in a template, a UnicodeEncodeError in the tokenizer or in the
-    response. The body is read once here and handed on unchanged; later receives (the disconnect
+    response, a NaN echoed back (the Responses API returns its text, tools and reasoning) that no
+    JSON response can hold. The body is read once here and handed on unchanged; later receives (the disconnect
     the routes watch for) pass straight through.
     """
 
@@ -101,8 +104,9 @@ class BodyGuard:
 
 
 def check_json_body(body: bytes) -> Optional[APIError]:
-    """A 400 for a body that is not UTF-8, nests too deeply or holds a lone surrogate; None when fine
-    (and for a body that is not JSON at all: the app names that error itself)."""
+    """A 400 for a body that is not UTF-8, nests too deeply, holds a lone surrogate or a number
+    that is not finite (NaN, Infinity: Python's json reads them, JSON has none; 1e999 reads as
+    Infinity); None when fine (and for a body that is not JSON at all: the app names that error itself)."""
     if not body.strip():
         return None
     try:
@@ -119,6 +123,8 @@ def check_json_body(body: bytes) -> Optional[APIError]:
         return APIError(400, "the request body holds a number too long to read")
     if isinstance(value, str) and _has_surrogate(value):
         return _surrogate_error("")
+    if _not_finite(value):
+        return _not_finite_error("", value)
     if not isinstance(value, (dict, list)):
         return None
     # Iterative walk: the point is to refuse what recursive code downstream could not handle.
@@ -136,6 +142,8 @@ def check_json_body(body: bytes) -> Optional[APIError]:
                 stack.append((child, depth + 1, f"{path}.{key}" if path else str(key)))
             elif isinstance(child, str) and _has_surrogate(child):
                 return _surrogate_error(f"{path}.{key}" if path else str(key))
+            elif _not_finite(child):
+                return _not_finite_error(f"{path}.{key}" if path else str(key), child)
     return None
 
 
@@ -150,6 +158,20 @@ def _has_surrogate(text: str) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def _not_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _not_finite_error(path: str, value: float) -> APIError:
+    where = f"invalid field '{path}'" if path else "invalid request body"
+    return APIError(
+        400,
+        f"{where}: {'NaN' if math.isnan(value) else 'an infinite number'} is not a JSON number "
+        "(JSON has no NaN or Infinity, and a literal too large for a double, like 1e999, reads as Infinity)",
+        param=path or None,
+    )
 
 
 def _surrogate_error(path: str) -> APIError:

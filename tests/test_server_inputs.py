@@ -1,0 +1,69 @@
+"""Inputs a hostile or careless client gets wrong, each a 400 naming the field (found auditing the server).
+
+- a NaN or Infinity anywhere in a body (Python's json reads them; JSON has none): the Responses API
+  echoed text/tools/reasoning back, a 500 (JSONResponse refuses them) or a stream event that is not JSON;
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from pangu_infer import LLM
+from pangu_infer.server.app import create_app
+
+MESSAGES = [{"role": "user", "content": "tell me about the weather in the city"}]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_dense_dir):
+    return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True, max_model_len=256)
+
+
+@pytest.fixture(scope="module")
+def http(llm):
+    with TestClient(create_app(llm, served_model_name="m"), raise_server_exceptions=False) as client:
+        yield client
+
+
+def _post_raw(http, path: str, text: str):
+    return http.post(path, content=text.encode(), headers={"Content-Type": "application/json"})
+
+
+def _error(response, param):
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param, error
+    return error["message"]
+
+
+def _still_serves(http) -> None:
+    ok = http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2})
+    assert ok.status_code == 200, ok.text
+    assert http.get("/health").status_code == 200
+
+
+# ---------------------------------------------------------------------- NaN and Infinity
+@pytest.mark.parametrize(("path", "body", "param"), [
+    # echoed back by the Responses API: a 500 before the body guard refused them
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "text": {"format": {"type": "text"}, "x": float("nan")}}, "text.x"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "stream": True, "text": {"format": {"type": "text"}, "x": float("nan")}},
+     "text.x"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "tool_choice": "none",
+                       "tools": [{"type": "function", "name": "f", "parameters": {"type": "number", "maximum": float("inf")}}]},
+     "tools.0.parameters.maximum"),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2, "reasoning": {"effort": None, "x": float("-inf")}}, "reasoning.x"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 2, "temperature": float("nan")}, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": float("inf")}}, "logit_bias.5"),
+])
+def test_nan_and_infinity_anywhere_are_a_400_naming_where(http, path, body, param):
+    response = _post_raw(http, path, json.dumps(body))  # (json.dumps writes NaN, Infinity, -Infinity)
+    assert "JSON has no NaN or Infinity" in _error(response, param)
+    _still_serves(http)
+
+
+def test_a_number_too_large_for_a_double_is_refused_as_infinite(http):
+    body = '{"input": "hi", "max_output_tokens": 2, "text": {"format": {"type": "text"}, "x": 1e999}}'
+    assert "an infinite number" in _error(_post_raw(http, "/v1/responses", body), "text.x")
