@@ -2,6 +2,8 @@
 
 - a NaN or Infinity anywhere in a body (Python's json reads them; JSON has none): the Responses API
   echoed text/tools/reasoning back, a 500 (JSONResponse refuses them) or a stream event that is not JSON;
+- chat_template_kwargs that replace a function the chat template calls (strftime_now, namespace,
+  raise_exception, range, ...): a TypeError inside the template, a 500;
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from fastapi.testclient import TestClient
 
 from pangu_infer import LLM
 from pangu_infer.server.app import create_app
+from pangu_infer.server.chat_api import RESERVED_TEMPLATE_KWARGS
+from pangu_infer.tokenizer import _compile_chat_template
 
 MESSAGES = [{"role": "user", "content": "tell me about the weather in the city"}]
 
@@ -67,3 +71,40 @@ def test_nan_and_infinity_anywhere_are_a_400_naming_where(http, path, body, para
 def test_a_number_too_large_for_a_double_is_refused_as_infinite(http):
     body = '{"input": "hi", "max_output_tokens": 2, "text": {"format": {"type": "text"}, "x": 1e999}}'
     assert "an infinite number" in _error(_post_raw(http, "/v1/responses", body), "text.x")
+
+
+# ---------------------------------------------------------------------- chat_template_kwargs
+# Calls what Llama 3's and Qwen's templates call: strftime_now, namespace, raise_exception, range.
+CALLING_TEMPLATE = (
+    "{% if not date_string is defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+    "{% set ns = namespace(n=0) %}{% for i in range(1) %}{% set ns.n = ns.n + 1 %}{% endfor %}"
+    "{% for m in messages %}{% if m['role'] not in ['user', 'assistant', 'system'] %}{{ raise_exception('bad role') }}{% endif %}"
+    "[unused9]{{ m['role'] }}：{{ m['content'] }}[unused10]{% endfor %}{% if add_generation_prompt %}[unused9]助手：{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def calling_http(tiny_dense_dir):
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True, max_model_len=256,
+              chat_template=CALLING_TEMPLATE)
+    with TestClient(create_app(llm, served_model_name="m"), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("name", ["strftime_now", "namespace", "range", "raise_exception"])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_template_kwargs_may_not_replace_the_functions_a_template_calls(calling_http, name, path):
+    body = {"messages": [{"role": "tool", "content": "x"}] if name == "raise_exception" else MESSAGES,
+            "chat_template_kwargs": {name: 5}}
+    if path != "/tokenize":
+        body["max_tokens"] = 2
+    message = _error(calling_http.post(path, json=body), "chat_template_kwargs")
+    assert f"may not set {name}" in message
+    # the template's own raise_exception still answers a 400 for what it refuses
+    refused = calling_http.post(path, json={**body, "chat_template_kwargs": {}})
+    assert refused.status_code == (400 if name == "raise_exception" else 200), refused.text
+    _still_serves(calling_http)
+
+
+def test_every_function_a_chat_template_gets_is_reserved():
+    assert set(_compile_chat_template("x").environment.globals) <= RESERVED_TEMPLATE_KWARGS

@@ -27,8 +27,13 @@ from pangu_infer.server.streaming import start_requests, unless_gone
 from pangu_infer.server.structured import reasoning_budget, tool_constraint
 from pangu_infer.tokenizer import check_chat_template
 
-# Template variables the server sets itself; a request may not override them.
-RESERVED_TEMPLATE_KWARGS = {"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"}
+# Template variables the server sets itself; a request may not override them: the chat's own, and
+# the functions templates call (Jinja's globals, jinja2.defaults.DEFAULT_NAMESPACE, and the two
+# pangu_infer.tokenizer adds): {"strftime_now": 5} made Llama 3's template, which calls it, a 500.
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "add_generation_prompt", "tools", "bos_token", "eos_token",
+    "range", "dict", "lipsum", "cycler", "joiner", "namespace", "raise_exception", "strftime_now",
+})
 
 
 async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
