@@ -77,32 +77,52 @@ def _libc() -> Optional[ctypes.CDLL]:
 
 def available_memory_bytes() -> int:
     """Memory this process can still fill on the host: what the OS reports available (free plus
-    reclaimable page cache) plus free swap, or less where a cgroup v2 memory limit (a container's)
-    leaves less: its limit minus what the group holds, its page cache counting as free."""
+    reclaimable page cache) plus free swap, or less where a cgroup memory limit (a container's, a
+    systemd unit's, a Slurm job's) leaves less: its limit minus what the group holds, its page cache
+    counting as free. cgroup v2 (one unified tree) and v1 (the memory controller's own tree, as
+    older Docker, Kubernetes and Slurm set up) are both read; the tightest limit counts."""
     import psutil
 
     available = int(psutil.virtual_memory().available + psutil.swap_memory().free)
-    limits = [v for v in (_cgroup_available(group) for group in _cgroup_groups()) if v is not None]
-    return min([available] + limits)
+    limits = [_cgroup_available(group) for group in _cgroup_groups(V2_ROOT, SELF_CGROUP)]
+    limits += [_cgroup_v1_available(group) for group in _cgroup_groups(V1_ROOT, SELF_CGROUP, "memory")]
+    return min([available] + [v for v in limits if v is not None])
 
 
-def _cgroup_groups(root: str = "/sys/fs/cgroup", self_cgroup: str = "/proc/self/cgroup") -> list[str]:
-    """The cgroup v2 folders whose memory limits bind this process: its own group (`0::/path` in
-    /proc/self/cgroup, which systemd units, Slurm jobs and pods without a cgroup namespace are in)
-    and every group above it, up to the root (a container's own namespace shows its group as /)."""
+SELF_CGROUP = "/proc/self/cgroup"
+V2_ROOT = "/sys/fs/cgroup"
+V1_ROOT = "/sys/fs/cgroup/memory"  # cgroup v1: the memory controller's own hierarchy
+# cgroup v1 writes "no limit" as the largest page count times the page size (2**63 - 4096 with 4 KiB
+# pages); anything from 2**62 bytes (4 EiB) up is read as that.
+V1_NO_LIMIT = 1 << 62
+
+
+def _cgroup_groups(root: str = V2_ROOT, self_cgroup: str = SELF_CGROUP, controller: Optional[str] = None) -> list[str]:
+    """The cgroup folders whose memory limits bind this process: its own group and every group above
+    it, up to the root (a container's own namespace shows its group as /; a container whose
+    hierarchy is mounted at its own group, with no namespace, finds only the root's folder there).
+    The group is the path on /proc/self/cgroup's line for the hierarchy: `0::/path` for cgroup v2
+    (controller None), `N:a,b,memory:/path` for the v1 hierarchy holding `controller`. Systemd
+    units, Slurm jobs and pods without a cgroup namespace are in groups below the root."""
     path = "/"
     try:
         with open(self_cgroup, encoding="utf-8") as f:
             for line in f:
-                if line.startswith("0::"):
-                    path = line[3:].strip() or "/"
+                fields = line.rstrip("\n").split(":", 2)
+                if len(fields) != 3:
+                    continue
+                _, controllers, group = fields
+                if (controllers == "") if controller is None else (controller in controllers.split(",")):
+                    path = group.strip() or "/"
     except OSError:
         pass
     parts = [p for p in path.split("/") if p]
     return [root + "".join("/" + p for p in parts[:k]) for k in range(len(parts), -1, -1)]
 
 
-def _cgroup_available(root: str = "/sys/fs/cgroup") -> Optional[int]:
+def _cgroup_available(root: str = V2_ROOT) -> Optional[int]:
+    """What a cgroup v2 group leaves: memory.max - memory.current + its page cache (memory.stat's
+    `file`); None without a limit there."""
     try:
         with open(f"{root}/memory.max", encoding="ascii") as f:
             limit = f.read().strip()
@@ -110,12 +130,34 @@ def _cgroup_available(root: str = "/sys/fs/cgroup") -> Optional[int]:
             return None
         with open(f"{root}/memory.current", encoding="ascii") as f:
             current = int(f.read().strip())
-        cache = 0
-        with open(f"{root}/memory.stat", encoding="ascii") as f:
-            for line in f:
-                key, _, value = line.partition(" ")
-                if key == "file":
-                    cache = int(value)
-        return max(0, int(limit) - current + cache)
+        return max(0, int(limit) - current + _stat(root, "file"))
     except (OSError, ValueError):
         return None
+
+
+def _cgroup_v1_available(root: str = V1_ROOT) -> Optional[int]:
+    """What a cgroup v1 memory group leaves: memory.limit_in_bytes - memory.usage_in_bytes + its page
+    cache (memory.stat's `total_cache`, the group and the groups below it as the usage counts them:
+    the counter v2 calls `file`; `cache` where the kernel gives no totals); None without a limit."""
+    try:
+        with open(f"{root}/memory.limit_in_bytes", encoding="ascii") as f:
+            limit = int(f.read().strip())
+        if limit >= V1_NO_LIMIT:
+            return None
+        with open(f"{root}/memory.usage_in_bytes", encoding="ascii") as f:
+            usage = int(f.read().strip())
+        cache = _stat(root, "total_cache", "cache")
+        return max(0, limit - usage + cache)
+    except (OSError, ValueError):
+        return None
+
+
+def _stat(root: str, *keys: str) -> int:
+    """The first of `keys` that the group's memory.stat has (0 if none)."""
+    values = {}
+    with open(f"{root}/memory.stat", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(" ")
+            if key in keys:
+                values[key] = int(value)
+    return next((values[k] for k in keys if k in values), 0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 
@@ -151,11 +151,10 @@ def load_serving_model(
     from pangu_infer.models.packed import can_pack, pack_linears
 
     path = resolve_model_path(model)
+    check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half=bf16_weights)
     half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if bf16_weights else None
     if half is not None:
-        check_weights_fit(path, half, device, quantization, offload_experts)
         return load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half)
-    check_weights_fit(path, dtype, device, quantization, offload_experts)
     loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half=bf16_weights)
     if can_pack(device, dtype):
         pack_linears(loaded.model)
@@ -165,16 +164,51 @@ def load_serving_model(
 MEMORY_CHECK_ENV = "PANGU_INFER_MEMORY_CHECK"  # "0": load whatever the estimate says
 
 
-def weights_bytes(path: str, dtype: torch.dtype, quantization: Any, offload_experts: bool) -> int:
-    """Resident bytes of the weights a load of `path` holds (quantized where it quantizes, float parts
-    in `dtype`, offloaded experts not counted): the memory planner's figure."""
+def weights_bytes(
+    path: str,
+    dtype: torch.dtype,
+    quantization: Any,
+    offload_experts: bool,
+    keep_half: bool = False,
+    device: torch.device = torch.device("cpu"),
+    tensor_parallel_size: int = 1,
+    ranks: Optional[Iterable[int]] = None,
+) -> int:
+    """Resident bytes of the weights a load of `path` holds, from its config or GGUF header alone (no
+    tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
+    converts their block types: Q4 types int4, other block types int8, whatever the file's bytes),
+    float tensors in the dtype they end up in (`dtype`; with keep_half, the 16-bit matrices a float32
+    CPU load keeps as load_serving_model decides, widened otherwise), offloaded experts not counted.
+
+    tensor_parallel_size > 1: the sum of the shards of `ranks` (all by default), each counted from
+    the model as that rank builds it (heads and MLP columns split, the embedding on every rank, the
+    LM head on rank 0 only)."""
+    from pangu_infer.parallel.state import ParallelState, building_shard
     from pangu_infer.quant.loading import quantized_weight_bytes, resolve_quantization
 
-    if path.endswith(".gguf") and quantization in (None, "auto"):
-        return os.path.getsize(path)  # blocks kept as they are stored: about the file's size
-    net = build_model_on_meta(read_config(path))  # GGUF "none": float; int8/int4: int4 in groups of 32
-    return quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization, 32 if path.endswith(".gguf") else None),
-                                  offload_experts)
+    gguf = path.endswith(".gguf")
+    if gguf:
+        from pangu_infer.loader.gguf import read_gguf
+
+        ckpt = read_gguf(path)
+        cfg = ModelConfig.from_hf_dict(ckpt.config)
+        half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
+    else:
+        cfg = ModelConfig.from_file(path)
+        half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if keep_half else None
+    total = 0
+    for rank in range(tensor_parallel_size) if ranks is None else ranks:
+        with building_shard(ParallelState(rank, tensor_parallel_size)):
+            net = build_model_on_meta(cfg)
+        if net.lm_head is not None and not net.weight_sharder().owns("lm_head.weight"):
+            net.lm_head = torch.nn.Module()  # a worker rank never fills the head it builds
+        if gguf:
+            total += quantized_weight_bytes(net, dtype, None, settings=_gguf_plan(ckpt, net, quantization)[1],
+                                            matrix_dtype=half)
+        else:
+            total += quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization), offload_experts,
+                                            matrix_dtype=half)
+    return total
 
 
 def read_config(path: str) -> ModelConfig:
@@ -186,30 +220,51 @@ def read_config(path: str) -> ModelConfig:
     return ModelConfig.from_file(path)
 
 
-def check_weights_fit(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> None:
+def check_weights_fit(
+    path: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization: Any,
+    offload_experts: bool,
+    keep_half: bool = False,
+    tensor_parallel_size: int = 1,
+    ranks: Optional[Iterable[int]] = None,
+    available: Optional[int] = None,
+) -> None:
     """A ValueError naming the model, what its weights need and what the machine has, before a CPU
     load that cannot fit in memory starts (the kernel would kill it part way, with no message).
-    One process only (a tensor-parallel rank holds a shard); PANGU_INFER_MEMORY_CHECK=0 skips it."""
+    PANGU_INFER_MEMORY_CHECK=0 skips it. `available`: the memory measured earlier (default: now).
+
+    Tensor parallelism: the ranks on one host share its memory, so the launcher checks once, before
+    any rank loads, the shards of all the host's ranks together (`tensor_parallel_size`, `ranks`:
+    see weights_bytes) against the whole host's memory. A rank does not check again (inside
+    building_shard): the other ranks' loads would already be filling the memory it measures."""
     from pangu_infer.memory import available_memory_bytes
     from pangu_infer.parallel.state import current_parallel_state
 
     if device.type != "cpu" or current_parallel_state().is_parallel or os.environ.get(MEMORY_CHECK_ENV, "1").strip() == "0":
         return
-    need = weights_bytes(path, dtype, quantization, offload_experts)
-    have = available_memory_bytes()
+    ranks = None if ranks is None else list(ranks)
+    need = weights_bytes(path, dtype, quantization, offload_experts, keep_half, device, tensor_parallel_size, ranks)
+    have = available_memory_bytes() if available is None else available
     if need <= have:
         return
     gib = 1 << 30
     cfg = read_config(path)
     hints = []
+    parallel = tensor_parallel_size, ranks
     if quantization in (None, "auto", "none") and not path.endswith(".gguf") and not cfg.quantization_config:
         for method in ("int8", "int4"):
-            hints.append(f"--quantization {method} (about {weights_bytes(path, dtype, method, offload_experts) / gib:.1f} GiB)")
+            hints.append(f"--quantization {method} (about {weights_bytes(path, dtype, method, offload_experts, False, device, *parallel) / gib:.1f} GiB)")
     if cfg.is_moe and not offload_experts and not path.endswith(".gguf"):
-        hints.append(f"--offload-experts (about {weights_bytes(path, dtype, quantization, True) / gib:.1f} GiB)")
+        hints.append(f"--offload-experts (about {weights_bytes(path, dtype, quantization, True, keep_half, device, *parallel) / gib:.1f} GiB)")
     hints.append("a machine (or container) with more memory")
+    whose, how = "its weights", _describe(dtype, quantization)
+    if tensor_parallel_size > 1:
+        whose = f"the weights of its {tensor_parallel_size if ranks is None else len(ranks)} tensor-parallel ranks on this machine"
+        how += f"; tensor_parallel_size={tensor_parallel_size}, every rank holding the whole embedding"
     raise ValueError(
-        f"model {path!r} needs about {need / gib:.1f} GiB of memory for its weights ({_describe(dtype, quantization)}), "
+        f"model {path!r} needs about {need / gib:.1f} GiB of memory for {whose} ({how}), "
         f"and this machine has {have / gib:.1f} GiB available: use " + ", or ".join(hints)
         + f" ({MEMORY_CHECK_ENV}=0 loads it anyway)"
     )
@@ -267,9 +322,8 @@ def _load_gguf(
     from pangu_infer.loader import model_cache
     from pangu_infer.parallel.state import current_parallel_state
     from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf, tokenizer_from_spec
-    from pangu_infer.loader.gguf_tensors import iter_weights, plan_settings
-    from pangu_infer.quant.formats import QuantizationConfig, parse_quantization
-    from pangu_infer.quant.loading import LoadHook, quantizable_weights
+    from pangu_infer.loader.gguf_tensors import iter_weights
+    from pangu_infer.quant.loading import LoadHook
 
     if offload_experts:
         raise ValueError("offload_experts=True needs a safetensors checkpoint (memory-mapped); GGUF tensors are converted copies")
@@ -289,27 +343,7 @@ def _load_gguf(
     cfg = ModelConfig.from_hf_dict(ckpt.config)
     net = build_model_on_meta(cfg)
     half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
-    if isinstance(quantization, QuantizationConfig):
-        mode = quantization.method
-    else:
-        parse_quantization(quantization)  # a clear error for anything else
-        mode = "auto" if quantization is None else quantization
-    settings: dict = {}
-    if mode != "none":
-        params = dict(net.named_parameters())
-        types, targets = {}, {}
-        for t in ckpt.reader.tensors:
-            hf_name = ckpt.hf_names.get(t.name)
-            if hf_name is None or (hf_name == "lm_head.weight" and cfg.tie_word_embeddings):
-                continue
-            target = net.map_weight_name(hf_name)[0]
-            if target in params:
-                types[hf_name], targets[hf_name] = t.tensor_type, (target, params[target].shape[-1])
-        by_target = plan_settings(types, targets, set(quantizable_weights(net)), mode)
-        if isinstance(quantization, QuantizationConfig):  # an explicit group size for int4
-            by_target = {k: (None if v is None else quantization) for k, v in by_target.items()}
-        settings = {name: by_target.get(target) for name, (target, _) in targets.items()}
-        by_target = {k: v for k, v in by_target.items() if v is not None}
+    settings, by_target = _gguf_plan(ckpt, net, quantization)
     hook = None
     if settings and any(v is not None for v in settings.values()):
         any_setting = next(v for v in by_target.values())
@@ -326,6 +360,39 @@ def _load_gguf(
         model_cache.store(net, key, _build_cached, extras)
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)
+
+
+def _gguf_plan(ckpt: Any, net: DecoderForCausalLM, quantization: Any) -> tuple[dict, dict]:
+    """How a load of this GGUF file into `net` (built on the meta device, a rank's shard under
+    tensor parallelism) keeps each tensor: (HF tensor name -> setting, None for float; target
+    parameter -> setting, the quantized ones only). "auto" (or None) keeps each tensor's block type
+    (gguf_tensors.plan_settings), "int8"/"int4" (or a QuantizationConfig) quantize every linear,
+    "none" keeps every tensor float."""
+    from pangu_infer.loader.gguf_tensors import plan_settings
+    from pangu_infer.quant.formats import QuantizationConfig, parse_quantization
+    from pangu_infer.quant.loading import quantizable_weights
+
+    if isinstance(quantization, QuantizationConfig):
+        mode = quantization.method
+    else:
+        parse_quantization(quantization)  # a clear error for anything else
+        mode = "auto" if quantization is None else quantization
+    if mode == "none":
+        return {}, {}
+    params = dict(net.named_parameters())
+    types, targets = {}, {}
+    for t in ckpt.reader.tensors:
+        hf_name = ckpt.hf_names.get(t.name)
+        if hf_name is None or (hf_name == "lm_head.weight" and net.config.tie_word_embeddings):
+            continue
+        target = net.map_weight_name(hf_name)[0]
+        if target in params:
+            types[hf_name], targets[hf_name] = t.tensor_type, (target, params[target].shape[-1])
+    by_target = plan_settings(types, targets, set(quantizable_weights(net)), mode)
+    if isinstance(quantization, QuantizationConfig):  # an explicit group size for int4
+        by_target = {k: (None if v is None else quantization) for k, v in by_target.items()}
+    settings = {name: by_target.get(target) for name, (target, _) in targets.items()}
+    return settings, {k: v for k, v in by_target.items() if v is not None}
 
 
 def _kept_half_dtype(ckpt: Any, dtype: torch.dtype, device: torch.device, quantization: Any) -> Optional[torch.dtype]:

@@ -30,8 +30,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from pangu_infer import memory
 from pangu_infer.device import distributed_backend, rank_device
-from pangu_infer.loader import LoadedModel, read_config, resolve_model_path
+from pangu_infer.loader import LoadedModel, check_weights_fit, read_config, resolve_model_path
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.parallel.errors import ParallelStartupError
 from pangu_infer.parallel.group import CPU, LOAD_TIMEOUT_S, join_group, to_device
@@ -65,7 +66,21 @@ def load_tensor_parallel(
     load = ShardLoad(path, dtype, quantization, offload_experts)
     if launched_by_torchrun():
         return _load_torchrun(load, world_size, device)
+    check_fits(load, world_size, device)  # before any rank is started: spawned ranks all share this host
     return _load_spawned(load, world_size, device)
+
+
+def check_fits(load: ShardLoad, world_size: int, device: torch.device, ranks: Optional[range] = None,
+               available: Optional[int] = None) -> None:
+    """The memory check of a tensor-parallel start (loader.check_weights_fit): the ranks on one host
+    hold their shards side by side, so one check counts them together, each shard as its rank
+    builds it (the embedding on every rank), against the host's whole memory, before any rank
+    loads; the ranks themselves do not check (each would see the others' loads filling memory).
+    Spawned ranks: all of them, here, before any is started. torchrun: this host's ranks
+    (`ranks`), on each of them, with memory measured before the group formed (`available`)."""
+    check_weights_fit(load.path, load.dtype, device, load.quantization, load.offload_experts,
+                      keep_half=True,  # as ShardLoad.run loads (load_serving_model's default)
+                      tensor_parallel_size=world_size, ranks=ranks, available=available)
 
 
 # ---------------------------------------------------------------------- rank 0
@@ -201,11 +216,17 @@ def _load_torchrun(load: ShardLoad, world_size: int, device: torch.device) -> tu
             f"torchrun started WORLD_SIZE={world} ranks but tensor_parallel_size={world_size}: pass "
             f"--tensor-parallel-size {world} (one rank per tensor-parallel shard)"
         )
-    dev = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    dev = rank_device(device, local_rank)
+    # This host's ranks (torchrun numbers each host's ranks in a row), and its memory measured before
+    # the group forms: until every rank has joined, none has started loading.
+    host_ranks = range(rank - local_rank, rank - local_rank + int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    available = memory.available_memory_bytes() if dev.type == "cpu" else None
     control = join_group(distributed_backend(dev), "env://", rank, world)
     state = ParallelState(rank, world)
     error = None
     try:
+        check_fits(load, world, dev, host_ranks, available)
         with building_shard(state):
             loaded = load.run(dev, load_tokenizer=rank == 0)
     except Exception as e:  # reported to every rank below, then raised

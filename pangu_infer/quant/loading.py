@@ -321,20 +321,28 @@ def quantized_weight_bytes(
     dtype: torch.dtype,
     quantization: Optional[QuantizationConfig],
     offload_experts: bool = False,
+    settings: Optional[dict[str, Optional[QuantizationConfig]]] = None,
+    matrix_dtype: Optional[torch.dtype] = None,
 ) -> int:
-    """Resident bytes of the weights after loading with this setting (what the memory planner uses)."""
+    """Resident bytes of the weights after loading with this setting (what the memory planner uses).
+
+    settings: target parameter -> its own setting (None: float), in place of `quantization`, as
+    LoadHook takes them (a GGUF file's per-tensor plan). matrix_dtype: the dtype float parameters
+    of 2 or more dims are held in (load_weights' matrix_dtype), the others in `dtype`."""
     elem = torch.empty((), dtype=dtype).element_size()
+    matrix_elem = elem if matrix_dtype is None else torch.empty((), dtype=matrix_dtype).element_size()
     scale_elem = torch.empty((), dtype=KERNEL_DTYPE).element_size()
-    kinds = quantizable_weights(model) if quantization is not None or offload_experts else {}
+    kinds = quantizable_weights(model) if quantization is not None or settings is not None or offload_experts else {}
     total = 0
     for name, p in model.named_parameters():
         kind = kinds.get(name)
         if offload_experts and kind == "experts":
             continue  # memory-mapped, paged in per expert
-        setting = None if kind is None or quantization is None else quantized_method(quantization, p.shape)
+        wanted = quantization if settings is None else settings.get(name)
+        setting = None if kind is None or wanted is None else quantized_method(wanted, p.shape)
         if setting is None:
             # The MoE family's expert-selection bias stays fp32 whatever the model dtype.
-            total += p.numel() * (4 if name.endswith("e_score_correction_bias") else elem)
+            total += p.numel() * (4 if name.endswith("e_score_correction_bias") else matrix_elem if p.dim() >= 2 else elem)
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
