@@ -35,7 +35,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--prompt-kind", default="random", choices=PROMPT_KINDS,
         help=f"random token ids, or a block of {REPEAT_PERIOD} random ids repeated (what prompt lookup speeds up)",
     )
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--lora", default=None, metavar="PATH", help="run every request with this LoRA adapter (a PEFT folder or a GGUF adapter file)")
     p.add_argument(
         "--bandwidth-buffer", type=_memory, default=1 << 30,
@@ -226,8 +225,6 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} {v}: expected a positive integer")
     if not isinstance(args.bandwidth_buffer, int) or args.bandwidth_buffer < 1 << 20:
         raise ValueError(f"--bandwidth-buffer {args.bandwidth_buffer!r}: expected a size of at least 1MiB, e.g. 1GiB")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads {args.threads}: expected a positive integer")
     if args.prompt_kind == "repeat" and args.prompt_len < 2 * REPEAT_PERIOD:
         raise ValueError(f"--prompt-len {args.prompt_len}: a repeat prompt needs at least {2 * REPEAT_PERIOD} tokens")
 
@@ -238,8 +235,6 @@ def run(args: argparse.Namespace) -> int:
     from pangu_infer.models.registry import build_model_on_meta, count_parameters
 
     _check(args)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     kwargs = llm_kwargs(args)
     if args.mode != "latency":
         kwargs["max_num_seqs"] = max(kwargs["max_num_seqs"], args.concurrency)

@@ -39,6 +39,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",
     )
     p.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
+    p.add_argument(
+        "-t", "--threads", type=int, default=None,
+        help="CPU threads for the products, as llama.cpp's -t (default: the cores this process may use, "
+        "fewer where a container's CPU quota allows fewer; OMP_NUM_THREADS is respected); tensor-parallel "
+        "ranks on the CPU share them",
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="context length limit")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk size)")
@@ -132,6 +138,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         scheduling_policy=args.scheduling_policy,
+        threads=args.threads,
         **({"chat_template": args.chat_template} if getattr(args, "chat_template", None) is not None else {}),
     )
 

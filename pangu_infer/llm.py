@@ -11,6 +11,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
+from pangu_infer.cpu_threads import check_threads, configure_threads
 from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
@@ -65,8 +66,10 @@ class LLM:
         max_lora_rank: int = 16,
         chat_template: Optional[str] = None,
         scheduling_policy: str = "fcfs",
+        threads: Optional[int] = None,
     ):
         start = time.perf_counter()
+        check_threads(threads)
         # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
         # path or the template itself, as vLLM's --chat-template); checked before anything loads.
         template = None if chat_template is None else _chat_template(chat_template)
@@ -94,6 +97,10 @@ class LLM:
             max_lora_rank=max_lora_rank,
             scheduling_policy=scheduling_policy,
         )
+        # threads: CPU threads for the products (llama.cpp's -t), set for this whole process; None: the
+        # cores this process may use, cut to a cgroup CPU quota (pangu_infer.cpu_threads). Set before
+        # loading: the kernels measured once per machine are measured per thread count.
+        configure_threads(threads)
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
             if batch_invariant:

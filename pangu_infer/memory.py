@@ -84,8 +84,8 @@ def available_memory_bytes() -> int:
     import psutil
 
     available = int(psutil.virtual_memory().available + psutil.swap_memory().free)
-    limits = [_cgroup_available(group) for group in _cgroup_groups(V2_ROOT, SELF_CGROUP)]
-    limits += [_cgroup_v1_available(group) for group in _cgroup_groups(V1_ROOT, SELF_CGROUP, "memory")]
+    limits = [_cgroup_available(group) for group in cgroup_groups(V2_ROOT, SELF_CGROUP)]
+    limits += [_cgroup_v1_available(group) for group in cgroup_groups(V1_ROOT, SELF_CGROUP, "memory")]
     return min([available] + [v for v in limits if v is not None])
 
 
@@ -97,8 +97,8 @@ V1_ROOT = "/sys/fs/cgroup/memory"  # cgroup v1: the memory controller's own hier
 V1_NO_LIMIT = 1 << 62
 
 
-def _cgroup_groups(root: str = V2_ROOT, self_cgroup: str = SELF_CGROUP, controller: Optional[str] = None) -> list[str]:
-    """The cgroup folders whose memory limits bind this process: its own group and every group above
+def cgroup_groups(root: str = V2_ROOT, self_cgroup: str = SELF_CGROUP, controller: Optional[str] = None) -> list[str]:
+    """The cgroup folders whose limits (memory here, CPU quota in cpu_threads) bind this process: its own group and every group above
     it, up to the root (a container's own namespace shows its group as /; a container whose
     hierarchy is mounted at its own group, with no namespace, finds only the root's folder there).
     The group is the path on /proc/self/cgroup's line for the hierarchy: `0::/path` for cgroup v2

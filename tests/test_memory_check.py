@@ -131,10 +131,10 @@ def test_a_containers_memory_limit_counts(tmp_path):
 
 def test_a_nested_cgroups_limit_and_the_ones_above_it_count(tmp_path):
     """A systemd unit's or a Slurm job's group, with no cgroup namespace: /proc/self/cgroup names it."""
-    groups = memory._cgroup_groups(str(tmp_path), str(tmp_path / "none"))
+    groups = memory.cgroup_groups(str(tmp_path), str(tmp_path / "none"))
     assert groups == [str(tmp_path)]  # no /proc/self/cgroup: the root alone
     (tmp_path / "self").write_text("0::/system.slice/pangu.service\n")
-    assert memory._cgroup_groups(str(tmp_path), str(tmp_path / "self")) == [
+    assert memory.cgroup_groups(str(tmp_path), str(tmp_path / "self")) == [
         f"{tmp_path}/system.slice/pangu.service", f"{tmp_path}/system.slice", str(tmp_path)]
     unit = tmp_path / "system.slice" / "pangu.service"
     unit.mkdir(parents=True)
@@ -221,10 +221,10 @@ def test_a_nested_cgroup_v1_group_and_the_ones_above_it_count(tmp_path, monkeypa
     v1 = tmp_path / "memory"
     self_cgroup = tmp_path / "self"
     self_cgroup.write_text("9:name=systemd:/\n5:cpuacct,cpu:/\n4:memory:/process_api/job7\n1:cpuset:/\n0::/\n")
-    assert memory._cgroup_groups(str(v1), str(self_cgroup), "memory") == [f"{v1}/process_api/job7", f"{v1}/process_api", str(v1)]
-    assert memory._cgroup_groups(str(tmp_path / "v2"), str(self_cgroup)) == [str(tmp_path / "v2")]
+    assert memory.cgroup_groups(str(v1), str(self_cgroup), "memory") == [f"{v1}/process_api/job7", f"{v1}/process_api", str(v1)]
+    assert memory.cgroup_groups(str(tmp_path / "v2"), str(self_cgroup)) == [str(tmp_path / "v2")]
     self_cgroup.write_text("4:memory,hugetlb:/slurm/uid_1/job_2\n")  # co-mounted controllers
-    assert memory._cgroup_groups(str(v1), str(self_cgroup), "memory")[0] == f"{v1}/slurm/uid_1/job_2"
+    assert memory.cgroup_groups(str(v1), str(self_cgroup), "memory")[0] == f"{v1}/slurm/uid_1/job_2"
     self_cgroup.write_text("4:memory:/process_api/job7\n0::/\n")
     _v1_group(v1, NO_LIMIT_V1, 8 << 30, "total_cache 0\n")  # the root: no limit
     _v1_group(v1 / "process_api", 4 << 30, 3 << 30, "total_cache 0\n")

@@ -150,10 +150,11 @@ def _load_spawned(load: ShardLoad, world_size: int, device: torch.device) -> tup
             "(torch.distributed holds one process group per process)"
         )
     init_method = f"tcp://127.0.0.1:{_free_port()}"
+    threads = rank_threads(device, world_size)
     procs, conns = [], []
     try:
         for rank in range(1, world_size):
-            proc, conn = _start_worker(WorkerArgs(rank, world_size, load, device, init_method, torch.get_num_threads()))
+            proc, conn = _start_worker(WorkerArgs(rank, world_size, load, device, init_method, threads))
             procs.append(proc)
             conns.append(conn)
         state = ParallelState(0, world_size)
@@ -166,6 +167,18 @@ def _load_spawned(load: ShardLoad, world_size: int, device: torch.device) -> tup
         _stop(procs, grace_s=0.0)
         raise
     return loaded, TensorParallelDriver(state, control, dev, procs, conns)
+
+
+def rank_threads(device: torch.device, world_size: int) -> int:
+    """Each spawned rank's torch threads, rank 0 (this process) set to it too: on the CPU the ranks
+    share this host's cores, so the thread count (--threads, or the default) is split between them
+    (two ranks of 2 threads each on 2 cores wait on each other's paused threads); on GPUs, unchanged."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        threads = max(1, threads // world_size)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    return threads
 
 
 def _start_worker(args: WorkerArgs) -> tuple[subprocess.Popen, Connection]:
