@@ -4,6 +4,8 @@
   echoed text/tools/reasoning back, a 500 (JSONResponse refuses them) or a stream event that is not JSON;
 - chat_template_kwargs that replace a function the chat template calls (strftime_now, namespace,
   raise_exception, range, ...): a TypeError inside the template, a 500;
+- a value of the wrong JSON type (a string or a boolean for a number, a number for a boolean):
+  lax pydantic converted it, so "n": "2" ran two sequences and "stop_token_ids": [true] stopped on token 1;
 """
 
 from __future__ import annotations
@@ -108,3 +110,36 @@ def test_template_kwargs_may_not_replace_the_functions_a_template_calls(calling_
 
 def test_every_function_a_chat_template_gets_is_reserved():
     assert set(_compile_chat_template("x").environment.globals) <= RESERVED_TEMPLATE_KWARGS
+
+
+# ---------------------------------------------------------------------- JSON types
+WRONG_TYPES = [
+    ("/v1/completions", "n", "2"), ("/v1/completions", "n", True), ("/v1/completions", "max_tokens", "5"),
+    ("/v1/completions", "max_tokens", 5.0), ("/v1/completions", "temperature", True), ("/v1/completions", "temperature", "0.5"),
+    ("/v1/completions", "seed", "1"), ("/v1/completions", "stop_token_ids", [True]), ("/v1/completions", "stop_token_ids", ["1"]),
+    ("/v1/completions", "logprobs", True), ("/v1/completions", "echo", "yes"), ("/v1/completions", "echo", 1),
+    ("/v1/completions", "include_stop_str_in_output", 1), ("/v1/completions", "prompt", [True, 5]),
+    ("/v1/chat/completions", "logprobs", 1), ("/v1/chat/completions", "top_logprobs", "2"), ("/v1/chat/completions", "stream", "false"),
+    ("/v1/chat/completions", "max_completion_tokens", "4"), ("/v1/chat/completions", "allowed_token_ids", [False, 5]),
+    ("/v1/responses", "max_output_tokens", "4"), ("/v1/responses", "top_logprobs", True), ("/v1/responses", "store", "false"),
+    ("/v1/messages", "max_tokens", "4"), ("/v1/messages", "top_k", True), ("/v1/messages", "stream", 0),
+    ("/tokenize", "add_special_tokens", "no"), ("/detokenize", "tokens", [True, 5]),
+]
+BASES = {
+    "/v1/completions": {"prompt": "hi", "max_tokens": 2}, "/v1/chat/completions": {"messages": MESSAGES, "max_tokens": 2},
+    "/v1/responses": {"input": "hi", "max_output_tokens": 2}, "/v1/messages": {"model": "m", "messages": MESSAGES, "max_tokens": 2},
+    "/tokenize": {"prompt": "hi"}, "/detokenize": {"tokens": [5]},
+}
+
+
+@pytest.mark.parametrize(("path", "field", "value"), WRONG_TYPES)
+def test_a_value_of_the_wrong_json_type_is_refused_not_converted(http, path, field, value):
+    response = http.post(path, json={**BASES[path], field: value})
+    assert response.status_code == 400, f"{field}={value!r} -> {response.status_code} {response.text[:200]}"
+    assert response.json()["error"]["param"].startswith(field), response.text
+    assert "(got " in response.json()["error"]["message"]  # what was sent, or its bad element
+
+
+def test_integers_still_read_as_floats(http):
+    body = {**BASES["/v1/completions"], "temperature": 0, "top_p": 1, "presence_penalty": 0, "logit_bias": {"5": -100}}
+    assert http.post("/v1/completions", json=body).status_code == 200

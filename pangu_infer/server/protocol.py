@@ -3,7 +3,8 @@
 Requests forbid unknown fields, so a parameter this server does not implement is a clear 400
 instead of being silently ignored. The exceptions are IGNORED_FIELDS: what the official SDK and
 LangChain send that cannot change the reply here (user, metadata, store, ...); they are accepted
-and ignored. Numbers are checked for type here, and for range by SamplingParams and the engine's
+and ignored. Every field is checked for its JSON type here (strictly: no string or boolean read
+as a number), and numbers for range by SamplingParams and the engine's
 admission (pangu_infer.engine.admission), whose RequestError names the parameter.
 """
 
@@ -31,7 +32,9 @@ EFFORTS_WITHOUT_THINKING = ("none", "minimal")
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: a value of the wrong JSON type is refused, not converted (lax pydantic read "2" as n=2,
+    # true as temperature 1.0 and stop_token_ids [true] as token 1); an integer still reads as a float
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class _Response(BaseModel):
