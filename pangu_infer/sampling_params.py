@@ -46,6 +46,9 @@ class StructuredOutputsParams:
     def __post_init__(self) -> None:
         if isinstance(self.choice, tuple):
             self.choice = list(self.choice)
+        if self.json is False:  # a schema, not "unset" as json_object=False is: named where it was given
+            param = self.param_name or "structured_outputs.json"
+            raise RequestError(f"{param} is the JSON schema false, which no output matches", param=param)
         set_fields = [name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False)]
         if len(set_fields) != 1:
             raise RequestError(

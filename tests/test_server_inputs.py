@@ -6,6 +6,8 @@
   raise_exception, range, ...): a TypeError inside the template, a 500;
 - a value of the wrong JSON type (a string or a boolean for a number, a number for a boolean):
   lax pydantic converted it, so "n": "2" ran two sequences and "stop_token_ids": [true] stopped on token 1;
+- response_format's json_schema beside type json_object or text (ignored: no constraint), and a
+  schema of false (refused naming structured_outputs, a field the request did not have);
 """
 
 from __future__ import annotations
@@ -143,3 +145,24 @@ def test_a_value_of_the_wrong_json_type_is_refused_not_converted(http, path, fie
 def test_integers_still_read_as_floats(http):
     body = {**BASES["/v1/completions"], "temperature": 0, "top_p": 1, "presence_penalty": 0, "logit_bias": {"5": -100}}
     assert http.post("/v1/completions", json=body).status_code == 200
+
+
+# ---------------------------------------------------------------------- response_format
+@pytest.mark.parametrize("kind", ["json_object", "text"])
+def test_a_json_schema_beside_another_response_format_type_is_refused(http, kind):
+    rf = {"type": kind, "json_schema": {"name": "x", "schema": {"type": "integer"}}}
+    message = _error(http.post("/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 2, "response_format": rf}),
+                     "response_format")
+    assert f"json_schema is read only with type 'json_schema', not '{kind}'" in message
+
+
+@pytest.mark.parametrize(("path", "field", "param"), [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": False}}},
+     "response_format.json_schema"),
+    ("/v1/completions", {"structured_outputs": {"json": False}}, "structured_outputs.json"),
+    ("/v1/completions", {"guided_json": False}, "guided_json"),
+])
+def test_the_schema_false_is_refused_naming_where_it_was_given(http, path, field, param):
+    message = _error(http.post(path, json={**BASES[path], **field}), param)
+    if param == "response_format.json_schema":  # (the others are typed: a boolean is no schema there)
+        assert "the JSON schema false, which no output matches" in message

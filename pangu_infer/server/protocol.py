@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from pangu_infer.sampling_params import MAX_STOP_STRINGS
 
@@ -48,6 +49,13 @@ class StreamOptions(_Request):
 class ResponseFormat(_Request):
     type: str = Field(description="text, json_object or json_schema")
     json_schema: Optional[dict[str, Any]] = Field(None, description='{"name", "schema", "strict"}: the reply validates against schema')
+
+    @model_validator(mode="after")
+    def _schema_needs_its_type(self) -> "ResponseFormat":
+        if self.json_schema is not None and self.type != "json_schema":  # it would constrain nothing
+            raise PydanticCustomError("json_schema_unread", "json_schema is read only with type 'json_schema', not {type}",
+                                      {"type": repr(self.type)[:80]})
+        return self
 
 
 class StructuredOutputs(_Request):
