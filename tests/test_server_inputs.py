@@ -8,6 +8,8 @@
   lax pydantic converted it, so "n": "2" ran two sequences and "stop_token_ids": [true] stopped on token 1;
 - response_format's json_schema beside type json_object or text (ignored: no constraint), and a
   schema of false (refused naming structured_outputs, a field the request did not have);
+- an unknown key in the Responses API's text or reasoning (text.verbosity, which would change the
+  reply) or the Messages API's output_config or thinking: ignored, as no top-level field is;
 """
 
 from __future__ import annotations
@@ -166,3 +168,26 @@ def test_the_schema_false_is_refused_naming_where_it_was_given(http, path, field
     message = _error(http.post(path, json={**BASES[path], **field}), param)
     if param == "response_format.json_schema":  # (the others are typed: a boolean is no schema there)
         assert "the JSON schema false, which no output matches" in message
+
+
+# ---------------------------------------------------------------------- objects of known keys
+@pytest.mark.parametrize(("path", "field", "param"), [
+    ("/v1/responses", {"text": {"format": {"type": "text"}, "verbosity": "low"}}, "text.verbosity"),
+    ("/v1/responses", {"text": {"bogus": 1}}, "text.bogus"),
+    ("/v1/responses", {"reasoning": {"effort": "low", "bogus": 1}}, "reasoning.bogus"),
+    ("/v1/messages", {"output_config": {"effort": "high", "bogus": 1}}, "output_config.bogus"),
+    ("/v1/messages", {"thinking": {"type": "disabled", "bogus": 1}}, "thinking.bogus"),
+])
+def test_an_unknown_key_in_an_object_field_is_refused_not_ignored(http, path, field, param):
+    assert "Extra inputs are not permitted" in _error(http.post(path, json={**BASES[path], **field}), param)
+
+
+def test_the_responses_api_echoes_text_and_reasoning_as_given(http):
+    body = {**BASES["/v1/responses"], "text": {"format": {"type": "json_object"}}, "reasoning": {"effort": "low", "summary": "auto"}}
+    response = http.post("/v1/responses", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["text"] == body["text"] and response.json()["reasoning"] == body["reasoning"]
+    plain = http.post("/v1/responses", json=BASES["/v1/responses"]).json()
+    assert plain["text"] == {"format": {"type": "text"}} and plain["reasoning"] == {"effort": None, "summary": None}
+    shaped = http.post("/v1/messages", json={**BASES["/v1/messages"], "output_config": {"effort": "low"}, "thinking": {"type": "disabled"}})
+    assert shaped.status_code == 200, shaped.text

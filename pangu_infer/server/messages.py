@@ -34,6 +34,16 @@ from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
 
 
+class ThinkingConfig(_Request):
+    type: Any = None  # enabled, adaptive or disabled (checked in to_chat_request, as budget_tokens)
+    budget_tokens: Any = None
+
+
+class OutputConfig(_Request):
+    format: Any = Field(None, description='{"type": "json_schema", "schema": ...} (checked in to_chat_request)')
+    effort: Optional[str] = Field(None, description="accepted and ignored")
+
+
 class MessagesRequest(_Request):
     model: str
     max_tokens: int
@@ -46,10 +56,11 @@ class MessagesRequest(_Request):
     stream: bool = False
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[dict[str, Any]] = None
-    thinking: Optional[dict[str, Any]] = Field(
+    # objects of known keys: an unknown one is a 400, not ignored
+    thinking: Optional[ThinkingConfig] = Field(
         None, description='{"type": "enabled", "budget_tokens": N}, {"type": "adaptive"} (Pangu\'s auto think) or {"type": "disabled"}'
     )
-    output_config: Optional[dict[str, Any]] = Field(None, description='{"format": {"type": "json_schema", "schema": ...}}; effort is accepted and ignored')
+    output_config: Optional[OutputConfig] = Field(None, description='{"format": {"type": "json_schema", "schema": ...}}; effort is accepted and ignored')
     # accepted and ignored: bookkeeping, and prompt caching hints (the prefix cache needs none)
     metadata: Optional[dict[str, Any]] = None
     service_tier: Optional[str] = None
@@ -82,17 +93,17 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
         fields["tools"] = [_tool(tool, f"tools[{k}]") for k, tool in enumerate(req.tools)]
     if req.tool_choice is not None:
         fields.update(_tool_choice(req.tool_choice))
-    fmt = (req.output_config or {}).get("format")
+    fmt = req.output_config.format if req.output_config is not None else None
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
             raise APIError(400, 'output_config.format must be {"type": "json_schema", "schema": {...}}', param="output_config.format")
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if req.thinking is not None:
-        kind = req.thinking.get("type")
+        kind = req.thinking.type
         if kind == "adaptive":
             fields["chat_template_kwargs"] = {"enable_thinking": "auto"}
         elif kind == "enabled":
-            budget = req.thinking.get("budget_tokens")
+            budget = req.thinking.budget_tokens
             if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
                 raise APIError(400, f"thinking.budget_tokens must be an integer >= 1, got {budget!r}", param="thinking.budget_tokens")
             fields["chat_template_kwargs"] = {"enable_thinking": True}

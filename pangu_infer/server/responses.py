@@ -37,6 +37,17 @@ from pangu_infer.server.streaming import final_outputs, merged_outputs, observe,
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
 
+class ResponsesText(_Request):
+    format: Optional[dict[str, Any]] = Field(None, description='{"type": "text" | "json_object" | "json_schema", ...}')
+    # (OpenAI's verbosity would change the reply: refused as an unknown key, as chat refuses it)
+
+
+class ResponsesReasoning(_Request):
+    effort: Optional[str] = Field(None, description='"none" or "minimal" turn thinking off (checked in to_chat_request)')
+    summary: Optional[str] = Field(None, description="accepted; reasoning items carry the thinking itself, their summary stays empty")
+    generate_summary: Optional[str] = Field(None, description="summary's older name")
+
+
 class ResponsesRequest(_Request):
     model: Optional[str] = None
     input: Union[str, list[dict[str, Any]]]
@@ -47,8 +58,9 @@ class ResponsesRequest(_Request):
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Union[Literal["none", "auto", "required"], dict[str, Any], None] = None
     parallel_tool_calls: Optional[bool] = None
-    text: Optional[dict[str, Any]] = Field(None, description='{"format": {"type": "text" | "json_object" | "json_schema", ...}}')
-    reasoning: Optional[dict[str, Any]] = Field(None, description='{"effort": ...}: "none" or "minimal" turn thinking off')
+    # objects of known keys: an unknown one (text.verbosity) is a 400, not ignored
+    text: Optional[ResponsesText] = Field(None, description='{"format": {"type": "text" | "json_object" | "json_schema", ...}}')
+    reasoning: Optional[ResponsesReasoning] = Field(None, description='{"effort": ...}: "none" or "minimal" turn thinking off')
     stream: bool = False
     store: bool = Field(True, description="keep the response for previous_response_id and GET /v1/responses/{id}")
     previous_response_id: Optional[str] = None
@@ -121,7 +133,7 @@ def input_items_of(req: ResponsesRequest) -> list[dict]:
 def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     """The chat request that generates the reply to `messages` (conversation()) under req's settings."""
     tools, tool_choice = _tools(req)
-    effort = (req.reasoning or {}).get("effort")
+    effort = req.reasoning.effort if req.reasoning is not None else None
     if effort is not None and effort not in get_args(ReasoningEffort):
         raise APIError(400, f"reasoning.effort is {effort!r}; expected one of {', '.join(get_args(ReasoningEffort))}", param="reasoning.effort")
     fields: dict[str, Any] = {
@@ -133,7 +145,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
         "tools": tools,
         "tool_choice": tool_choice,
         "parallel_tool_calls": req.parallel_tool_calls,
-        "response_format": _response_format(req.text),
+        "response_format": _response_format(req.text.format if req.text is not None else None),
         "reasoning_effort": effort,
         "logprobs": req.top_logprobs is not None,
         "top_logprobs": req.top_logprobs,
@@ -189,8 +201,8 @@ def response_object(req: ResponsesRequest, response_id: str, created: float, mod
         "tools": req.tools or [],
         "tool_choice": req.tool_choice or "auto",
         "parallel_tool_calls": req.parallel_tool_calls is not False,
-        "text": req.text or {"format": {"type": "text"}},
-        "reasoning": req.reasoning or {"effort": None, "summary": None},
+        "text": _given(req.text) or {"format": {"type": "text"}},
+        "reasoning": _given(req.reasoning) or {"effort": None, "summary": None},
         "previous_response_id": req.previous_response_id,
         "store": req.store,
         "metadata": req.metadata or {},
@@ -427,10 +439,13 @@ def _tools(req: ResponsesRequest) -> tuple[Optional[list[dict]], Any]:
     return tools, choice
 
 
-def _response_format(text: Optional[dict]) -> Optional[dict]:
-    fmt = (text or {}).get("format")
-    if fmt is not None and not isinstance(fmt, dict):
-        raise APIError(400, 'text.format must be an object like {"type": "json_schema", "name": ..., "schema": {...}}', param="text.format")
+def _given(obj: Optional[_Request]) -> dict:
+    """An object field as the request gave it (for the response, which echoes it)."""
+    return obj.model_dump(exclude_unset=True) if obj is not None else {}
+
+
+def _response_format(fmt: Optional[dict]) -> Optional[dict]:
+    """text.format as chat's response_format."""
     if fmt is None or fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
