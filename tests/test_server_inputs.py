@@ -10,6 +10,7 @@
   schema of false (refused naming structured_outputs, a field the request did not have);
 - an unknown key in the Responses API's text or reasoning (text.verbosity, which would change the
   reply) or the Messages API's output_config or thinking: ignored, as no top-level field is;
+- max_completion_tokens or max_output_tokens of 0: refused as "max_tokens=0", a field the request did not have.
 """
 
 from __future__ import annotations
@@ -191,3 +192,11 @@ def test_the_responses_api_echoes_text_and_reasoning_as_given(http):
     assert plain["text"] == {"format": {"type": "text"}} and plain["reasoning"] == {"effort": None, "summary": None}
     shaped = http.post("/v1/messages", json={**BASES["/v1/messages"], "output_config": {"effort": "low"}, "thinking": {"type": "disabled"}})
     assert shaped.status_code == 200, shaped.text
+
+
+# ---------------------------------------------------------------------- the length fields' names
+@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_completion_tokens"), ("/v1/responses", "max_output_tokens")])
+@pytest.mark.parametrize("value", [0, -1])
+def test_a_length_below_one_is_refused_under_the_name_it_was_given(http, path, field, value):
+    body = {k: v for k, v in BASES[path].items() if not k.startswith("max_")}
+    assert "greater than or equal to 1" in _error(http.post(path, json={**body, field: value}), field)

@@ -163,7 +163,7 @@ class SamplingFields(_Request):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_completion_tokens: Optional[int] = Field(None, ge=1)  # (a 0 is refused naming this field, not max_tokens)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: Optional[list[Tool]] = None

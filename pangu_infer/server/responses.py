@@ -52,7 +52,7 @@ class ResponsesRequest(_Request):
     model: Optional[str] = None
     input: Union[str, list[dict[str, Any]]]
     instructions: Optional[str] = None
-    max_output_tokens: Optional[int] = None
+    max_output_tokens: Optional[int] = Field(None, ge=1)  # (a 0 is refused naming this field, not chat's max_tokens)
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     tools: Optional[list[dict[str, Any]]] = None
