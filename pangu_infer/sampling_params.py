@@ -255,12 +255,18 @@ class SamplingParams:
         return self.temperature < GREEDY_TEMPERATURE
 
 
+MAX_TOKEN_ID_DIGITS = 20  # a logit_bias key longer is past any vocabulary (and int() refuses 4300+ digits)
+
+
 def _token_keys(bias: dict) -> dict:
     """logit_bias with its keys as ints where they are ints or their decimal text (JSON object keys
     are strings: OpenAI's {"1234": -100}); other keys are kept for _validate to name."""
     out = {}
     for key, value in bias.items():
         if isinstance(key, str) and key.strip().isdecimal():
+            if len(key.strip()) > MAX_TOKEN_ID_DIGITS:
+                raise RequestError(f"logit_bias has the key {short_repr(key)}: a token id of {len(key.strip())} digits "
+                                   "is outside any vocabulary", param="logit_bias")
             key = int(key)
         out[key] = value
     return out

@@ -10,7 +10,8 @@
   schema of false (refused naming structured_outputs, a field the request did not have);
 - an unknown key in the Responses API's text or reasoning (text.verbosity, which would change the
   reply) or the Messages API's output_config or thinking: ignored, as no top-level field is;
-- max_completion_tokens or max_output_tokens of 0: refused as "max_tokens=0", a field the request did not have.
+- max_completion_tokens or max_output_tokens of 0: refused as "max_tokens=0", a field the request did not have;
+- a logit_bias key of 4300+ digits: int() refuses it with a ValueError, a 500.
 """
 
 from __future__ import annotations
@@ -200,3 +201,11 @@ def test_the_responses_api_echoes_text_and_reasoning_as_given(http):
 def test_a_length_below_one_is_refused_under_the_name_it_was_given(http, path, field, value):
     body = {k: v for k, v in BASES[path].items() if not k.startswith("max_")}
     assert "greater than or equal to 1" in _error(http.post(path, json={**body, field: value}), field)
+
+
+# ---------------------------------------------------------------------- logit_bias keys
+@pytest.mark.parametrize("digits", [21, 5000])
+def test_a_logit_bias_key_of_too_many_digits_is_a_400(http, digits):
+    body = {**BASES["/v1/completions"], "logit_bias": {"1" * digits: 1}}
+    assert f"a token id of {digits} digits is outside any vocabulary" in _error(http.post("/v1/completions", json=body), "logit_bias")
+    _still_serves(http)
