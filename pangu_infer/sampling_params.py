@@ -259,16 +259,22 @@ MAX_TOKEN_ID_DIGITS = 20  # a logit_bias key longer is past any vocabulary (and 
 
 
 def _token_keys(bias: dict) -> dict:
-    """logit_bias with its keys as ints where they are ints or their decimal text (JSON object keys
-    are strings: OpenAI's {"1234": -100}); other keys are kept for _validate to name."""
-    out = {}
+    """logit_bias with its keys as ints where they are ints or their decimal text in ASCII digits
+    (JSON object keys are strings: OpenAI's {"1234": -100}); other keys are kept for _validate to
+    name. Two keys of one token ("1" and "01") are a RequestError: one bias would silently win."""
+    out: dict = {}
+    given: dict = {}
     for key, value in bias.items():
-        if isinstance(key, str) and key.strip().isdecimal():
+        name = key
+        if isinstance(key, str) and key.strip().isascii() and key.strip().isdecimal():
             if len(key.strip()) > MAX_TOKEN_ID_DIGITS:
                 raise RequestError(f"logit_bias has the key {short_repr(key)}: a token id of {len(key.strip())} digits "
                                    "is outside any vocabulary", param="logit_bias")
             key = int(key)
-        out[key] = value
+        if key in out:
+            raise RequestError(f"logit_bias names the token {short_repr(key)} twice ({short_repr(given[key])} and {short_repr(name)})",
+                               param="logit_bias")
+        out[key], given[key] = value, name
     return out
 
 

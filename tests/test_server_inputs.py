@@ -11,7 +11,8 @@
 - an unknown key in the Responses API's text or reasoning (text.verbosity, which would change the
   reply) or the Messages API's output_config or thinking: ignored, as no top-level field is;
 - max_completion_tokens or max_output_tokens of 0: refused as "max_tokens=0", a field the request did not have;
-- a logit_bias key of 4300+ digits: int() refuses it with a ValueError, a 500.
+- a logit_bias key of 4300+ digits: int() refuses it with a ValueError, a 500; two keys of one
+  token ("1" and "01"): one bias silently won; digits of other scripts ("１", "٣") read as token ids.
 """
 
 from __future__ import annotations
@@ -209,3 +210,14 @@ def test_a_logit_bias_key_of_too_many_digits_is_a_400(http, digits):
     body = {**BASES["/v1/completions"], "logit_bias": {"1" * digits: 1}}
     assert f"a token id of {digits} digits is outside any vocabulary" in _error(http.post("/v1/completions", json=body), "logit_bias")
     _still_serves(http)
+
+
+@pytest.mark.parametrize(("bias", "message"), [
+    ({"5": 1, "05": -1}, "logit_bias names the token 5 twice ('5' and '05')"),
+    ({"5": 1, " 5": -1}, "logit_bias names the token 5 twice ('5' and ' 5')"),
+    ({"\uff15": 1}, "logit_bias has the key '\uff15': expected a token id"),  # a fullwidth 5
+    ({"\u0665": 1}, "logit_bias has the key '\u0665': expected a token id"),  # an Arabic-Indic 5
+])
+def test_logit_bias_keys_are_one_token_each_in_ascii_digits(http, bias, message):
+    body = {**BASES["/v1/completions"], "logit_bias": bias}
+    assert message in _error(http.post("/v1/completions", json=body), "logit_bias")
