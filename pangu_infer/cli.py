@@ -7,6 +7,7 @@ import gc
 import importlib
 import logging
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -104,10 +105,27 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--chat-template", default=None, metavar="FILE_OR_TEMPLATE",
-        help="render chats with this Jinja template (a file's path, or the template itself) instead of the "
-        "model's own, as vLLM's --chat-template",
+        "--chat-template", default=None, metavar="FILE_OR_TEMPLATE", type=_chat_template_argument,
+        help="render chats with this Jinja template (a file's path, or the template itself, its \\n and "
+        "other backslash escapes read as vLLM reads them) instead of the model's own, as vLLM's --chat-template",
     )
+
+
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|N\{[^}]*\}|[0-7]{1,3}|[\\'\"abfnrtv])")
+
+
+def _chat_template_argument(text: str) -> str:
+    """A template typed on the command line has no newlines, only `\\n`: as vLLM does, backslash
+    escapes of a template given inline (not a file's path) are decoded (vLLM: Python's unicode_escape;
+    here escape by escape, so that non-ASCII text in the template stays as typed)."""
+    import codecs
+
+    try:
+        if os.path.isfile(os.path.expanduser(text)):
+            return text
+    except (OSError, ValueError):
+        pass
+    return _ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), text)
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:

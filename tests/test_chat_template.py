@@ -87,10 +87,29 @@ def test_a_request_brings_its_template_only_where_the_server_trusts_it(llm):
 
 
 def test_serve_takes_a_template_as_text(tiny_dense_dir, tmp_path):
-    with running_server(tiny_dense_dir, "--chat-template", PLAIN, log_dir=tmp_path) as server:
+    # Typed in a shell, a template's newlines are `\n`: decoded as vLLM decodes them.
+    with running_server(tiny_dense_dir, "--chat-template", PLAIN.replace("\n", "\\n"), log_dir=tmp_path) as server:
         r = httpx.post(f"{server.url}/tokenize", json={"messages": MESSAGES}, timeout=60)
         assert r.status_code == 200
         info = httpx.get(f"{server.url}/tokenizer_info", timeout=60).json()
     assert info["chat_template"] == PLAIN
     llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 22, enforce_eager=True)
     assert r.json()["tokens"] == llm.encode_prompt(reference(PLAIN, MESSAGES))
+
+
+def test_an_inline_templates_escapes_are_read_as_vllm_reads_them(tmp_path):
+    """vLLM's load_chat_template decodes an inline template with Python's unicode_escape; here
+    the same escapes, with non-ASCII text left as typed (unicode_escape would garble it)."""
+    import codecs
+
+    from pangu_infer.cli import build_parser
+
+    def parsed(value):
+        return build_parser().parse_args(["chat", "--chat-template", value]).chat_template
+
+    typed = r"{% for m in messages %}{{ m['content'] }}\n\t\u00e9\x41\\{% endfor %}"
+    assert parsed(typed) == codecs.decode(typed, "unicode_escape")
+    assert parsed(r"{{ '你好' }}\n") == "{{ '你好' }}\n"
+    named = tmp_path / "a\\nb.jinja"  # a file's path is a path: nothing decoded
+    named.write_text(PLAIN)
+    assert parsed(str(named)) == str(named)

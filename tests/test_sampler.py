@@ -283,3 +283,13 @@ def test_bad_logit_bias_and_allowed_token_ids_name_the_field(params, message):
     with pytest.raises(RequestError, match=re.escape(message)) as info:
         SamplingParams(**params)
     assert info.value.param == next(iter(params))
+
+
+def test_a_prompt_tokens_rank_counts_ties_as_vllm_does():
+    """vLLM's rank: the tokens whose logprob is at least the target's, itself included (its sampler's
+    batched_count_greater_than is `x >= value`): 1 for the likeliest, tied tokens share the last place."""
+    from pangu_infer.engine.sampler import token_logprobs
+
+    logits = torch.tensor([[2.0, 2.0, 0.0, 3.0], [2.0, 2.0, 0.0, 3.0], [5.0, 1.0, 1.0, 1.0]])
+    ranks = [r for _, _, r in token_logprobs(logits, [0, 3, 0], 1)]
+    assert ranks == [3, 1, 1]

@@ -339,10 +339,11 @@ def _result(logits: torch.Tensor, token_ids: torch.Tensor, params: list[Sampling
 
 def token_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int) -> list[tuple[float, list[tuple[int, float]], int]]:
     """Per row of raw logits [R, V]: the log_softmax value of that row's target token, the k most
-    likely tokens, best first, and the target's rank (1 + the tokens of a greater logit) (prompt
+    likely tokens, best first, and the target's rank (the tokens of a logit at least its own, itself
+    included, as vLLM counts: 1 for the likeliest, and ties share the last place) (prompt
     logprobs: row p scores prompt token p + 1); the arithmetic of a sampled token's logprobs (_result)."""
     logits = logits.float()
     target = torch.tensor(list(targets), dtype=torch.long, device=logits.device)
     result = _result(logits, target, [SamplingParams(logprobs=k)] * len(target))
-    ranks = (logits > logits.gather(1, target[:, None])).sum(dim=1).add_(1).tolist()
+    ranks = (logits >= logits.gather(1, target[:, None])).sum(dim=1).tolist()
     return [(c, top or [], r) for c, top, r in zip(result.logprobs, result.top_logprobs, ranks)]
