@@ -147,6 +147,43 @@ def test_a_request_waiting_for_its_adapter_can_be_aborted_and_a_bad_one_fails_at
     assert [r.lora_name for r in engine.list_loras()] == ["full"]  # "attn" never loaded
 
 
+def _waiting_for_a_slot(policy, lora_adapters, tiny_dense_dir, plan):
+    """max_loras=1 held by a running "full" request; `plan` [(request id, adapter name, priority)]
+    then waits. Returns the engine one step after "running" ended, and who the scheduler holds then."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True,
+              max_loras=1, scheduling_policy=policy)
+    engine, reqs = llm.engine, requests(lora_adapters)
+    folders = {"attn": reqs["attn"].lora_path, "attn2": reqs["attn"].lora_path, "full2": reqs["full"].lora_path}
+    engine.add_request("running", PROMPTS[0], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True), lora_request=reqs["full"])
+    for i, (rid, name, priority) in enumerate(plan):
+        engine.add_request(rid, PROMPTS[0], GREEDY, lora_request=LoRARequest(name, 10 + i, folders[name]), priority=priority)
+    while "running" in engine.requests:
+        engine.step()
+    engine.step()  # the slot "running" held is free: waiting requests are admitted at the step's start
+    admitted = [s.request_id for s in list(engine.scheduler.running) + list(engine.scheduler.waiting)]
+    return engine, admitted
+
+
+def test_requests_waiting_for_an_adapter_are_admitted_by_priority(tiny_dense_dir, lora_adapters):
+    engine, admitted = _waiting_for_a_slot("priority", lora_adapters, tiny_dense_dir,
+                                           [("low", "attn", 5), ("high", "attn2", -1)])
+    assert admitted == ["high"] and [r.lora_name for r in engine.list_loras()] == ["attn2"]
+    _, admitted = _waiting_for_a_slot("priority", lora_adapters, tiny_dense_dir, [("first", "attn", 0), ("second", "attn2", 0)])
+    assert admitted == ["first"]  # equal priorities: arrival order
+
+
+def test_a_request_blocked_on_a_slot_does_not_hold_back_one_whose_adapter_loaded(tiny_dense_dir, lora_adapters):
+    """w1 loads "attn" when the slot frees; w2 ("attn2") still finds the slot busy; w3, also "attn",
+    runs beside w1 instead of waiting behind w2 (and then behind w2's own turn)."""
+    engine, admitted = _waiting_for_a_slot("fcfs", lora_adapters, tiny_dense_dir,
+                                           [("w1", "attn", 0), ("w2", "attn2", 0), ("w3", "attn", 0)])
+    assert sorted(admitted) == ["w1", "w3"]
+    assert [w[0].request_id for w in engine._lora_waiting] == ["w2"]
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert [r.lora_name for r in engine.list_loras()] == ["attn2"]
+
+
 def test_remove_lora(lora_llm, lora_adapters):
     engine = lora_llm.engine
     reqs = requests(lora_adapters)

@@ -17,7 +17,7 @@ from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import BadWords, SampleResult, Sampler, SamplingRow
 from pangu_infer.engine.scheduler import POLICIES as SCHEDULING_POLICIES
-from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler
+from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler, scheduling_rank
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.draft_model import DraftModelSpeculator
@@ -442,23 +442,31 @@ class LLMEngine:
             raise RequestError(str(e), param="lora_request") from None
 
     def _admit_lora_waiting(self, touched: dict[str, "_Request"]) -> None:
-        """Requests waiting for their adapter, in arrival order, until one still cannot load."""
-        while self._lora_waiting:
-            req, lora_request, adapter = self._lora_waiting[0]
+        """Requests waiting for their adapter join the scheduler as their adapters load: in arrival
+        order, or by priority then arrival under the priority policy. One that still finds every slot
+        busy stays, without holding back those after it whose adapter is loaded by now (vLLM skips
+        such a request too); the slot that frees next goes to the first that needs one."""
+        if not self._lora_waiting:
+            return
+        waiting = list(self._lora_waiting)
+        if self.scheduler.policy == "priority":
+            waiting.sort(key=lambda w: scheduling_rank(w[0].seqs[0]))
+        still = []
+        for req, lora_request, adapter in waiting:
             try:
                 key, slot = self.loras.add(lora_request, adapter)
             except LoRASlotsBusy:
-                return
+                still.append((req, lora_request, adapter))
+                continue
             except ValueError as e:  # the name loaded meanwhile from another folder (a runtime reload)
-                self._lora_waiting.popleft()
                 self._fail(req, e, touched)
                 continue
-            self._lora_waiting.popleft()
             req.lora_key = key
             self.loras.acquire(key)
             for seq in req.seqs:
                 seq.set_lora(key, slot)
                 self.scheduler.add(seq)
+        self._lora_waiting = deque(still)
 
     def _release_lora(self, req: "_Request") -> None:
         """An ended request gives its adapter back (it may be unloaded or replaced from now on)."""

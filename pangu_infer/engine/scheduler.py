@@ -32,7 +32,8 @@ class ScheduledBatch:
 POLICIES = ("fcfs", "priority")
 
 
-def _rank(seq: Sequence) -> tuple[int, int]:
+def scheduling_rank(seq: Sequence) -> tuple[int, int]:
+    """The priority policy's order: lower priority values first, then arrival."""
     return seq.priority, seq.seq_id  # seq ids grow with arrival; a request's forks are consecutive
 
 
@@ -56,7 +57,7 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         if self.policy == "priority":
-            self.waiting.insert(bisect.bisect_right(self.waiting, _rank(seq), key=_rank), seq)
+            self.waiting.insert(bisect.bisect_right(self.waiting, scheduling_rank(seq), key=scheduling_rank), seq)
         else:
             self.waiting.append(seq)
 
@@ -141,7 +142,7 @@ class Scheduler:
         """The running sequence that gives its blocks back: the newest (fcfs), or the one of
         lowest priority, the newest among equals (priority)."""
         if self.policy == "priority":
-            return max(self.running, key=_rank)
+            return max(self.running, key=scheduling_rank)
         return self.running[-1]
 
     def _preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
@@ -149,7 +150,7 @@ class Scheduler:
         self.pool.release(seq)
         seq.reset_for_recompute()
         if self.policy == "priority":
-            self.waiting.insert(bisect.bisect_left(self.waiting, _rank(seq), key=_rank), seq)
+            self.waiting.insert(bisect.bisect_left(self.waiting, scheduling_rank(seq), key=scheduling_rank), seq)
         else:
             self.waiting.appendleft(seq)
         batch.preempted.append(seq)
