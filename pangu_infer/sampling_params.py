@@ -14,6 +14,7 @@ GREEDY_TEMPERATURE = 1e-5
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's and vLLM's default limit)
 MAX_STOP_STRINGS = 16
 MAX_STOP_TOKEN_IDS = 1024
+MAX_ALLOWED_TOKEN_IDS = 1 << 18  # more than any vocabulary holds (153k for Pangu)
 MAX_LOGIT_BIAS = 300  # tokens in one logit_bias (OpenAI's limit)
 MAX_BAD_WORDS = 300  # words in one bad_words
 MAX_BAD_WORD_CHARS = 1000  # characters in one of them
@@ -162,6 +163,9 @@ class SamplingParams:
         if isinstance(self.logit_bias, dict):
             self.logit_bias = _token_keys(self.logit_bias)
         self._validate()
+        if self.allowed_token_ids is not None and len(set(self.allowed_token_ids)) < len(self.allowed_token_ids):
+            # a set of tokens: each step masks by this list, so a repeated id only costs every request in the batch
+            self.allowed_token_ids = list(dict.fromkeys(self.allowed_token_ids))
 
     def _validate(self) -> None:
         def bad(name: str, expected: str) -> RequestError:
@@ -226,6 +230,9 @@ class SamplingParams:
                     raise RequestError(
                         f"logit_bias[{token}]={short_repr(bias)}: expected a number in [-100, 100]", param="logit_bias"
                     )
+        if isinstance(self.allowed_token_ids, list) and len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:  # before scanning them
+            raise RequestError(f"allowed_token_ids has {len(self.allowed_token_ids)} ids; at most {MAX_ALLOWED_TOKEN_IDS} are allowed "
+                               "(more than any vocabulary holds)", param="allowed_token_ids")
         if self.allowed_token_ids is not None and (
             not isinstance(self.allowed_token_ids, list)
             or not self.allowed_token_ids
