@@ -14,16 +14,21 @@
 - a logit_bias key of 4300+ digits: int() refuses it with a ValueError, a 500; two keys of one
   token ("1" and "01"): one bias silently won; digits of other scripts ("１", "٣") read as token ids;
 - allowed_token_ids of millions of ids (a 20 MB body): every step turned the whole list into a
-  tensor on the engine thread, and every other request's 60 tokens took 33 s instead of 1.8 s.
+  tensor on the engine thread, and every other request's 60 tokens took 33 s instead of 1.8 s;
+- a 500 (a fault in a route or in the engine): uvicorn closed its keep-alive connection, and the next
+  request on it, a good one, failed with a reset.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
+from fixtures_server import serving
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.sampling_params import MAX_ALLOWED_TOKEN_IDS
 from pangu_infer.server.app import create_app
@@ -241,3 +246,51 @@ def test_allowed_token_ids_are_kept_once_each_for_the_steps_that_mask_by_them(ht
     response = http.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     assert set(response.json()["choices"][0]["logprobs"]["tokens"]) <= {"token_id:5", "token_id:6"}
+
+
+# ---------------------------------------------------------------------- a 500 keeps the connection
+@pytest.fixture(scope="module")
+def poisoned_llm(tiny_dense_dir):
+    """Faults of the server itself: the tokenizer fails on prompts that say "poison" (in the route),
+    the sampler on requests with seed 666 (inside the engine)."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True, max_model_len=256)
+    encode, sample = llm.tokenizer.encode, llm.engine.sampler
+
+    def tokenize(text, *args, **kwargs):
+        if "poison" in text:
+            raise RuntimeError("secret detail")
+        return encode(text, *args, **kwargs)
+
+    def sampler(logits, rows):
+        if any(r.params.seed == 666 for r in rows):
+            raise RuntimeError("secret detail")
+        return sample(logits, rows)
+
+    llm.tokenizer.encode, llm.engine.sampler = tokenize, sampler
+    return llm
+
+
+@pytest.fixture
+def poisoned_app(poisoned_llm):
+    return create_app(poisoned_llm, served_model_name="m")  # one per test: an app stops its engine when it shuts down
+
+
+FAULTS = [{"prompt": "poison", "max_tokens": 2}, {"prompt": "hi", "max_tokens": 2, "seed": 666, "temperature": 1.0}]
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=["route", "engine"])
+def test_a_500_leaves_the_connection_open_for_the_next_request(poisoned_app, fault, caplog):
+    with serving(poisoned_app) as url, httpx.Client(base_url=url, timeout=60) as client, caplog.at_level(logging.ERROR):
+        for _ in range(3):
+            failed = client.post("/v1/completions", json=fault)
+            assert failed.status_code == 500 and failed.json()["error"]["code"] == "internal_error"
+            assert "secret" not in failed.text
+            # on the same keep-alive connection: it was closed after the 500, and this failed with a reset
+            assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert not [r for r in caplog.records if r.getMessage().startswith("Exception in ASGI application")]
+
+
+def test_the_app_raises_nothing_to_the_server_after_its_500(poisoned_app):
+    with TestClient(poisoned_app, raise_server_exceptions=True) as client:  # (re-raises what reaches the server)
+        for fault in FAULTS:
+            assert client.post("/v1/completions", json=fault).status_code == 500

@@ -39,7 +39,7 @@ from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, internal_error
 from pangu_infer.server.metrics import ServerMetrics
-from pangu_infer.server.middleware import AuthAndCount, BodyGuard
+from pangu_infer.server.middleware import AuthAndCount, BodyGuard, InternalErrors
 from pangu_infer.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -144,6 +144,7 @@ def create_app(
     # The API docs describe the API: they need the key too. (Added last = outermost: the key is
     # checked, and the request counted, before the body guard reads a byte.)
     docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None} | KEYED_ROUTES
+    app.add_middleware(InternalErrors)  # innermost: a route's fault is a 500 that keeps the connection
     app.add_middleware(BodyGuard)
     app.add_middleware(
         AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=docs

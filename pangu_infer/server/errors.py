@@ -73,6 +73,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(APIError(exc.status_code, str(exc.detail)))
 
+    # The last resort of a fault outside the routes (the outer middleware); a route's fault is
+    # answered by middleware.InternalErrors, which keeps the connection open.
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
         return error_response(internal_error(exc, f"{request.method} {request.url.path}"))

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware (streaming-safe): the API key, request counting, and the body guard."""
+"""Pure ASGI middleware (streaming-safe): the API key, request counting, the body guard, and the
+generic 500 of a fault."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import secrets
 from typing import Any, Optional
 
-from pangu_infer.server.errors import APIError, error_response
+from pangu_infer.server.errors import APIError, error_response, internal_error
 from pangu_infer.server.metrics import ServerMetrics
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the connection"; only ever seen in metrics
@@ -54,6 +55,37 @@ class AuthAndCount:
         # x-api-key: the header Anthropic's API documents (its SDK 2.17 sends a bearer token)
         key = headers.get(b"x-api-key")
         return key is not None and secrets.compare_digest(key.strip(), self.api_key.encode())
+
+
+class InternalErrors:
+    """A fault no exception handler answers becomes the generic 500 (server/errors.py internal_error:
+    an id, the traceback in the log) here, and goes no further. Starlette's own last resort
+    (ServerErrorMiddleware, where handlers of Exception go) answers and then raises the exception
+    again, and uvicorn closes the connection of a request that raised: the next request on that
+    keep-alive connection, a good one of the same client or of another behind a shared proxy,
+    failed with a reset. After the response has started nothing can be answered any more: the
+    exception goes on (the stream is cut, as it must be)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watching_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watching_send)
+        except Exception as e:
+            if started:
+                raise
+            await error_response(internal_error(e, f"{scope['method']} {scope['path']}"))(scope, receive, send)
 
 
 class BodyGuard:
