@@ -22,6 +22,7 @@ with and without constraints share a batch and no Python loop runs over the voca
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -127,17 +128,39 @@ class GrammarCache:
             if kind == "structural_tag":
                 return compiler.compile_structural_tag(text)
         except Exception as e:  # xgrammar's errors (RuntimeError subclasses, ValueError, ...): the request's fault
-            raise RequestError(f"{param} is invalid: {_first_line(e)}", param=param) from None
+            raise RequestError(f"{param} is invalid: {_xgrammar_message(e, kind)}", param=param) from None
         raise RequestError(f"unknown structured output kind {kind!r}", param="structured_outputs")
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses, "compile_seconds": self.compile_seconds}
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (lines[-1] if lines else text)[:500]
+# xgrammar's C++ errors start with its log prefix, "[06:21:41] /project/cpp/json_schema_converter.cc:5082: ";
+# a failed internal check adds "Check failed: (std::holds_alternative<Grammar>(result)) is false: ".
+_LOG_PREFIX = re.compile(r"^\[\d{1,2}:\d{2}:\d{2}\]\s*(?:[^\s:]+\.(?:cc|cpp|cxx|cu|h|hpp)(?::\d+)*:\s*)?")
+_SOURCE_PATH = re.compile(r"(?:/[\w.+-]+)+\.(?:cc|cpp|cxx|cu|h|hpp)(?::\d+)*:?\s*")
+_CHECK_FAILED = re.compile(r"Check failed:.*? is false:?\s*")
+# where the regex / schema was turned into xgrammar's EBNF: a position in text the client never wrote
+_EBNF_POSITION = re.compile(r"EBNF parser error at line \d+, column \d+:\s*")
+MAX_ERROR_CHARS = 300
+
+
+def _xgrammar_message(error: BaseException, kind: str) -> str:
+    """What xgrammar says is wrong, without its log prefix, C++ source paths and internal checks
+    (a 400's body shows it to the client): "Unsupported type \"nope\"", "Regex parsing error at
+    position 3: The parenthesis is not closed."."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # the message is the first line; a stack trace may follow
+    text = _LOG_PREFIX.sub("", lines[0]) if lines else ""
+    text = _CHECK_FAILED.sub("", text)
+    text = _SOURCE_PATH.sub("", text)
+    text = text.replace("Invalid structural tag error: ", "")
+    if kind != "grammar":
+        text = _EBNF_POSITION.sub("", text)
+    text = text.strip()
+    if not text:
+        return "xgrammar cannot compile it"
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
 class StructuredState:
