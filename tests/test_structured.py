@@ -183,6 +183,10 @@ def test_streamed_forced_tool_call(client, server):
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}},
          "response_format.json_schema"),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
+        # grammars that match nothing: refused when they compile (were a 500 from the engine)
+        ({"structured_outputs": {"regex": "[^\\s\\S]"}}, "structured_outputs.regex"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[^\\s\\S]"}}}},
+         "response_format.json_schema"),
         ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),

@@ -56,3 +56,27 @@ def test_xgrammar_message_cleans_any_prefix_path_check_and_stack():
     assert _xgrammar_message(raw, "structural_tag") == "Format type not recognized: x"
     assert _xgrammar_message(RuntimeError("[06:21:41] /project/cpp/x.cc:5: Check failed: (a) is false"), "json") == "xgrammar cannot compile it"
     assert _xgrammar_message(RuntimeError("x" * 1000), "json") == "x" * 297 + "..."
+
+
+@pytest.mark.parametrize(
+    "spec, param",
+    [
+        ({"regex": "[^\\s\\S]"}, "structured_outputs.regex"),
+        ({"grammar": "root ::= [^\\x00-\\U0010ffff]"}, "structured_outputs.grammar"),
+        # the opening quote is the only token allowed, then nothing: found by following it
+        ({"json": {"type": "string", "pattern": "[^\\s\\S]"}}, "structured_outputs.json"),
+        ({"structural_tag": {"type": "structural_tag", "format": {"type": "regex", "pattern": "[^\\s\\S]"}}}, "structured_outputs.structural_tag"),
+    ],
+)
+def test_a_grammar_that_matches_nothing_is_refused_when_it_compiles(grammars, spec, param):
+    error = _refusal(grammars, **spec)
+    assert error.param == param
+    assert str(error) == f"{param} matches no output: no text (not even an empty one) satisfies it"
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"grammar": 'root ::= ""'}, {"regex": "(abc)*"}, {"regex": "a"}, {"regex": "x" * 100}, {"choice": ["yes", "no"]}, {"json_object": True}],
+)
+def test_grammars_that_match_something_compile(grammars, spec):
+    assert grammars.compile(StructuredOutputsParams(**spec)) is not None

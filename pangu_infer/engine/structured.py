@@ -37,6 +37,7 @@ from pangu_infer.sampling_params import StructuredOutputsParams
 THINK_START = "[unused16]"
 THINK_END = "[unused17]"
 DEFAULT_CACHE_ENTRIES = 256
+FORCED_STEPS_CHECKED = 32  # tokens a grammar forces one by one, followed at compile time to see it can go on
 
 
 @dataclass(frozen=True)
@@ -109,27 +110,61 @@ class GrammarCache:
             return compiled
 
     def _compile(self, kind: str, text: str, spec: StructuredOutputsParams) -> Any:
-        compiler = self.compiler
         param = f"structured_outputs.{kind}"
         try:
-            if kind == "json":
-                # compact JSON (", " and ": " separators, no free whitespace): a small model cannot
-                # wander off into endless whitespace, and the reply parses the same
-                return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
-            if kind == "json_object":
-                return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
-            if kind == "regex":
-                return compiler.compile_regex(text)
-            if kind == "choice":
-                alternatives = " | ".join(json.dumps(c, ensure_ascii=True) for c in spec.choice or [])
-                return compiler.compile_grammar(f"root ::= {alternatives}")
-            if kind == "grammar":
-                return compiler.compile_grammar(text)
-            if kind == "structural_tag":
-                return compiler.compile_structural_tag(text)
+            compiled = self._xgrammar_compile(kind, text, spec)
         except Exception as e:  # xgrammar's errors (RuntimeError subclasses, ValueError, ...): the request's fault
             raise RequestError(f"{param} is invalid: {_xgrammar_message(e, kind)}", param=param) from None
-        raise RequestError(f"unknown structured output kind {kind!r}", param="structured_outputs")
+        if compiled is None:
+            raise RequestError(f"unknown structured output kind {kind!r}", param="structured_outputs")
+        if not self._matches_something(compiled):
+            # the engine would find no token to sample at the reply's first step
+            raise RequestError(f"{param} matches no output: no text (not even an empty one) satisfies it", param=param)
+        return compiled
+
+    def _xgrammar_compile(self, kind: str, text: str, spec: StructuredOutputsParams) -> Any:
+        compiler = self.compiler
+        if kind == "json":
+            # compact JSON (", " and ": " separators, no free whitespace): a small model cannot
+            # wander off into endless whitespace, and the reply parses the same
+            return compiler.compile_json_schema(text, any_whitespace=False, strict_mode=True)
+        if kind == "json_object":
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        if kind == "regex":
+            return compiler.compile_regex(text)
+        if kind == "choice":
+            alternatives = " | ".join(json.dumps(c, ensure_ascii=True) for c in spec.choice or [])
+            return compiler.compile_grammar(f"root ::= {alternatives}")
+        if kind == "grammar":
+            return compiler.compile_grammar(text)
+        if kind == "structural_tag":
+            return compiler.compile_structural_tag(text)
+        return None
+
+    def _matches_something(self, compiled: Any) -> bool:
+        """False when no reply can satisfy the grammar: its first token mask allows no token (and it
+        cannot end at once, which would allow a stop token), or a path it forces token by token ends
+        there (a JSON string whose pattern matches nothing allows its opening quote, then nothing).
+        Catches the grammars that match nothing ("[^\\s\\S]", a character no token writes), not every
+        dead end further on."""
+        import xgrammar as xgr
+
+        matcher = xgr.GrammarMatcher(compiled)
+        bitmask = allocate_bitmask(1, self.vocab_size)
+        for _ in range(FORCED_STEPS_CHECKED):
+            matcher.fill_next_token_bitmask(bitmask, 0)
+            words = bitmask[0].nonzero().flatten().tolist()
+            if not words:
+                return False
+            if len(words) > 1:
+                return True
+            word = int(bitmask[0, words[0]]) & 0xFFFFFFFF
+            if word & (word - 1):  # more than one token
+                return True
+            token = words[0] * 32 + word.bit_length() - 1
+            if token in self.stop_token_ids or not matcher.accept_token(token):
+                return True
+        return True
 
     def stats(self) -> dict:
         return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses, "compile_seconds": self.compile_seconds}
