@@ -188,6 +188,12 @@ def test_streamed_forced_tool_call(client, server):
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[^\\s\\S]"}}}},
          "response_format.json_schema"),
         ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar"),
+        # over the limits on what a constraint may hold: refused before xgrammar spends seconds on it
+        ({"guided_choice": [f"c{i}" for i in range(10_001)]}, "guided_choice"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "[a-z]{1,2001}"}}}},
+         "response_format.json_schema"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(501)}}}}], "tool_choice": "required"}, "tools"),
         ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
         ({"guided_choice": []}, "guided_choice"),
         ({"response_format": {"type": "xml"}}, "response_format"),

@@ -1,13 +1,20 @@
 """The grammar cache as a hostile client meets it (pangu_infer.engine.structured.GrammarCache, on
-the tiny byte-level Pangu tokenizer): what a 400 says when xgrammar refuses a constraint."""
+the tiny byte-level Pangu tokenizer): what a 400 says when xgrammar refuses a constraint, grammars
+that match nothing, the limits on what a constraint may hold, the cache bounded by bytes, and a slow
+compile that holds up no other request."""
 
 from __future__ import annotations
 
+import gc
 import re
+import threading
+import time
 
 import pytest
+import torch
 
-from pangu_infer.engine.structured import GrammarCache, _xgrammar_message
+from pangu_infer.engine import structured
+from pangu_infer.engine.structured import GrammarCache, StructuredState, _xgrammar_message, allocate_bitmask, pattern_repetition
 from pangu_infer.errors import RequestError
 from pangu_infer.sampling_params import StructuredOutputsParams
 
@@ -80,3 +87,149 @@ def test_a_grammar_that_matches_nothing_is_refused_when_it_compiles(grammars, sp
 )
 def test_grammars_that_match_something_compile(grammars, spec):
     assert grammars.compile(StructuredOutputsParams(**spec)) is not None
+
+
+# ---------------------------------------------------------------------- limits on what a constraint holds
+def _object(n_properties: int, required: bool) -> dict:
+    props = {f"p{i}": {"type": "integer"} for i in range(n_properties)}
+    return {"type": "object", "properties": props, **({"required": list(props)} if required else {})}
+
+
+@pytest.mark.parametrize(
+    "spec, param, message",
+    [
+        ({"choice": [f"c{i}" for i in range(10_001)]}, "structured_outputs.choice", "has 10001 choices; at most 10000"),
+        ({"choice": ["x" * 60_000, "y" * 60_001]}, "structured_outputs.choice", "has 120001 characters of choices; at most 120000"),
+        ({"regex": "a" * 120_001}, "structured_outputs.regex", "has 120001 characters; at most 120000"),
+        ({"grammar": 'root ::= "' + "a" * 120_000 + '"'}, "structured_outputs.grammar", "has 120011 characters; at most 120000"),
+        ({"json": {"enum": list(range(10_001))}}, "structured_outputs.json", "has 10001 enum values; at most 10000"),
+        ({"json": {"type": "object", "properties": {"a": {"enum": ["v" * 60_000]}, "b": {"const": "w" * 60_000}}}},
+         "structured_outputs.json", "has 120031 characters of literal text (names, enum and const values, patterns); at most 120000"),
+        ({"json": _object(5_001, required=True)}, "structured_outputs.json", "has 5001 properties; at most 5000"),
+        ({"json": {"type": "object", "properties": {"a": _object(300, False), "b": _object(201, False)}, "required": ["a", "b"]}},
+         "structured_outputs.json", "has 501 optional properties (not in their object's required); at most 500"),
+        ({"json": {"type": "string", "pattern": "[a-z]{1,2001}"}}, "structured_outputs.json",
+         "has a pattern that repeats up to 2001 characters ('[a-z]{1,2001}'); at most 2000"),
+        ({"json": {"type": "string", "pattern": "([a-z]{1,100}[0-9]{1,100}){1,100}"}}, "structured_outputs.json",
+         "has a pattern that repeats up to 20000 characters ('([a-z]{1,100}[0-9]{1,100}){1,100}'); at most 2000"),
+        ({"structural_tag": {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": _object(501, False)}}},
+         "structured_outputs.structural_tag", "has 501 optional properties (not in their object's required); at most 500"),
+    ],
+)
+def test_a_constraint_over_the_limits_is_refused_before_it_compiles(grammars, spec, param, message):
+    start = time.perf_counter()
+    error = _refusal(grammars, **spec)
+    assert error.param == param
+    assert str(error).startswith(f"{param} {message}"), str(error)
+    assert time.perf_counter() - start < 2
+    assert grammars.stats()["misses"] == 0
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"choice": [f"c{i}" for i in range(10_000)]},
+        {"json": {"type": "string", "pattern": "[a-z]{1,100}", "description": "d" * 200_000}},  # annotations are not compiled
+        {"json": _object(400, False)},
+        {"json": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"}},
+    ],
+)
+def test_constraints_within_the_limits_compile(grammars, spec):
+    assert grammars.compile(StructuredOutputsParams(**spec)) is not None
+
+
+@pytest.mark.parametrize(
+    "pattern, repetition",
+    [("abc", 3), ("[a-z]+", 1), ("^[0-9]{5}$", 5), ("[a-z]{1,100}", 100), (".{0,2000}", 2000), ("\\d{3}-\\d{4}", 8),
+     ("[]a{]{10}", 10), ("(a(b{10}){10}){10}", 1010), ("(ab|cd){1,500}", 2000), ("([a-z]{1,100}[0-9]{1,100}){1,100}", 20000)],
+)
+def test_pattern_repetition(pattern, repetition):
+    assert pattern_repetition(pattern) == repetition
+
+
+# ---------------------------------------------------------------------- the cache, bounded by bytes
+def _choice(i: int) -> StructuredOutputsParams:
+    return StructuredOutputsParams(choice=[f"answer {i} {j}" for j in range(40)])
+
+
+def test_the_cache_is_bounded_by_bytes_evicting_the_least_recently_used(pangu_tokenizer):
+    size = GrammarCache(pangu_tokenizer, pangu_tokenizer.vocab_size, [pangu_tokenizer.eos_token_id]).compile(_choice(0)).memory_size_bytes
+    grammars = GrammarCache(pangu_tokenizer, pangu_tokenizer.vocab_size, [pangu_tokenizer.eos_token_id], max_bytes=int(size * 2.5))
+    a = grammars.compile(_choice(0))
+    grammars.compile(_choice(1))
+    assert grammars.compile(_choice(0)) is a  # a hit: 0 is now the most recently used
+    grammars.compile(_choice(2))  # over the budget: 1 goes
+    assert grammars.stats()["entries"] == 2 and grammars.stats()["bytes"] <= grammars.max_bytes
+    misses = grammars.misses
+    assert grammars.compile(_choice(0)) is a and grammars.misses == misses
+    grammars.compile(_choice(1))
+    assert grammars.misses == misses + 1
+
+
+def test_a_grammar_larger_than_the_cache_alone_is_refused(pangu_tokenizer):
+    grammars = GrammarCache(pangu_tokenizer, pangu_tokenizer.vocab_size, [pangu_tokenizer.eos_token_id], max_bytes=4096)
+    with pytest.raises(RequestError) as info:
+        grammars.compile(_choice(0))
+    assert info.value.param == "structured_outputs.choice"
+    assert re.fullmatch(r"structured_outputs.choice compiles to a grammar of \d+ KiB; this server holds at most 4 KiB of grammars", str(info.value))
+
+
+def test_an_evicted_grammar_serves_the_request_that_holds_it(pangu_tokenizer):
+    grammars = GrammarCache(pangu_tokenizer, pangu_tokenizer.vocab_size, [pangu_tokenizer.eos_token_id], max_bytes=1 << 20, max_entries=1)
+    state = StructuredState(grammars.compile(StructuredOutputsParams(choice=["hello world"])), None, [], None)
+    for i in range(1, 4):
+        grammars.compile(_choice(i))  # evicts it
+    gc.collect()
+    text = b""
+    bitmask = allocate_bitmask(1, pangu_tokenizer.vocab_size)
+    vocab = pangu_tokenizer.grammar_vocab()[1]
+    while state.needs_mask():
+        state.fill_mask(bitmask, 0)
+        logits = torch.zeros(1, pangu_tokenizer.vocab_size)
+        structured.apply_bitmask(logits, bitmask, [0])
+        token = int(logits[0].argmax())
+        state.accept(token)
+        text += vocab[token]  # (the end: b"")
+    assert text == b"hello world"
+
+
+# ---------------------------------------------------------------------- a slow compile holds up no one else
+def test_a_slow_compile_holds_up_no_other_grammar_and_compiles_once(pangu_tokenizer, monkeypatch):
+    grammars = GrammarCache(pangu_tokenizer, pangu_tokenizer.vocab_size, [pangu_tokenizer.eos_token_id])
+    cached = grammars.compile(_choice(0))
+    inside, release = threading.Event(), threading.Event()
+    compile_real = grammars._xgrammar_compile
+    calls = []
+
+    def slow(kind, text, spec):
+        calls.append(text)
+        if "slow" in text:
+            inside.set()
+            release.wait(30)
+        return compile_real(kind, text, spec)
+
+    monkeypatch.setattr(grammars, "_xgrammar_compile", slow)
+    slow_spec = StructuredOutputsParams(choice=["slow"])
+    results: dict[str, object] = {}
+
+    def run(name, spec):
+        results[name] = grammars.compile(spec)
+
+    first = threading.Thread(target=run, args=("first", slow_spec))
+    first.start()
+    try:
+        assert inside.wait(30)
+        second = threading.Thread(target=run, args=("second", slow_spec))  # the same grammar: waits for that compile
+        second.start()
+        others = threading.Thread(target=lambda: (run("hit", _choice(0)), run("other", _choice(1))))
+        others.start()
+        others.join(10)
+        assert not others.is_alive(), "a cache hit or another grammar's compile waited for the slow compile"
+        assert results["hit"] is cached and results["other"] is not None
+        assert "first" not in results and "second" not in results
+    finally:
+        release.set()
+        first.join(30)
+        second.join(30)
+    assert results["first"] is results["second"]
+    assert sum("slow" in text for text in calls) == 1

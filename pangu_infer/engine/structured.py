@@ -31,13 +31,33 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from pangu_infer.errors import RequestError
+from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.sampling_params import StructuredOutputsParams
 
 THINK_START = "[unused16]"
 THINK_END = "[unused17]"
 DEFAULT_CACHE_ENTRIES = 256
+# Compiled grammars kept, in xgrammar's own count (CompiledGrammar.memory_size_bytes): a typical
+# schema takes 10 KB-1 MB, the largest the limits below let through ~30 MB on a 49k vocabulary
+# (more on a larger one); 256 MiB holds hundreds of the first and several of the second, small
+# beside a model's weights and KV cache. One grammar larger than this alone is refused.
+DEFAULT_CACHE_BYTES = 256 << 20
 FORCED_STEPS_CHECKED = 32  # tokens a grammar forces one by one, followed at compile time to see it can go on
+
+# What a constraint may hold, checked before xgrammar compiles it (compiling cannot be stopped once
+# begun, and it holds a core and memory meanwhile). Measured on SmolLM2's 49k vocabulary, 2 cores:
+# a choice of 100,000 strings (1.5 MB) took 11-30 s and ~300 MB; 120,000 characters of literal text
+# take ~0.7 s and ~27 MB; 2,000 optional properties in one object 35 s (750 MB while compiling),
+# 500 of them 0.5 s; a JSON string pattern [a-z]{1,10000} 9 s, ([a-z]{1,100}[0-9]{1,100}){1,100} 14 s,
+# .{0,2000} 1.6 s. OpenAI's own limits for a schema: 120,000 characters of property names, enum and
+# const values, 1,000 enum values, 5,000 properties.
+MAX_GRAMMAR_CHARS = 120_000  # a regex's or grammar's text, choices together, a schema's literal text
+MAX_CHOICES = 10_000  # entries of a choice, enum values of a schema together
+MAX_PROPERTIES = 5_000  # properties of a schema together
+MAX_OPTIONAL_PROPERTIES = 500  # properties not in their object's "required", together
+MAX_PATTERN_REPETITION = 2_000  # characters a schema's pattern repeats (nested bounds multiplied)
+# JSON schema annotations: free text xgrammar does not compile
+_ANNOTATIONS = frozenset({"description", "title", "$comment", "examples", "default", "deprecated", "readOnly", "writeOnly"})
 
 
 @dataclass(frozen=True)
@@ -56,27 +76,46 @@ def think_markers(tokenizer: Any) -> Optional[ThinkMarkers]:
 
 class GrammarCache:
     """xgrammar's GrammarCompiler for one model's tokenizer (built on first use) and an LRU of
-    compiled grammars keyed by (kind, canonical text)."""
+    compiled grammars keyed by (kind, canonical text), bounded by their total size (max_bytes, in
+    xgrammar's memory_size_bytes) and count. Evicting drops only the cache's reference: a request
+    holds its own (StructuredState.compiled) until it ends.
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Sequence[int], max_entries: int = DEFAULT_CACHE_ENTRIES):
+    Thread-safe; a grammar compiles outside the cache's lock, so a slow one holds up no other
+    request's cache hit or compile, and requests that bring the same new grammar meanwhile wait
+    for that one compile.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int,
+        stop_token_ids: Sequence[int],
+        max_entries: int = DEFAULT_CACHE_ENTRIES,
+        max_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self._compiler = None
-        self._entries: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._compiler_lock = threading.Lock()
+        self._entries: OrderedDict[tuple[str, str], tuple[Any, int]] = OrderedDict()  # key -> (compiled, bytes)
+        self._compiling: dict[tuple[str, str], _Compiling] = {}
         self._lock = threading.Lock()
+        self.bytes = 0  # of the grammars cached
         self.hits = 0
         self.misses = 0
         self.compile_seconds = 0.0  # total time spent compiling (misses)
 
     @property
     def compiler(self):
-        if self._compiler is None:
-            import xgrammar as xgr
+        with self._compiler_lock:  # (seconds for a large vocabulary: built once)
+            if self._compiler is None:
+                import xgrammar as xgr
 
-            self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), cache_enabled=False)
-        return self._compiler
+                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), cache_enabled=False)
+            return self._compiler
 
     def _tokenizer_info(self):
         import xgrammar as xgr
@@ -92,22 +131,55 @@ class GrammarCache:
         return xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
-        """The compiled grammar of `spec` (cached); RequestError naming the field when it is invalid."""
+        """The compiled grammar of `spec` (cached); RequestError naming the field when it is invalid
+        or larger than the limits (MAX_CHOICES, ...; max_bytes compiled)."""
         key = spec.key()
-        with self._lock:
-            compiled = self._entries.get(key)
-            if compiled is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                return compiled
+        while True:
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    return entry[0]
+                pending = self._compiling.get(key)
+                if pending is None:
+                    pending = self._compiling[key] = _Compiling()
+                    break
+            pending.done.wait()  # another request compiles the same grammar: its result serves both
+            if isinstance(pending.error, RequestError):
+                raise RequestError(str(pending.error), param=pending.error.param)
+            if pending.compiled is not None:
+                with self._lock:
+                    self.hits += 1
+                return pending.compiled
+            # it failed otherwise (not this request's fault): compile it here
+        try:
             start = time.perf_counter()
+            check_limits(spec)
             compiled = self._compile(spec.kind, key[1], spec)
-            self.compile_seconds += time.perf_counter() - start
-            self.misses += 1
-            self._entries[key] = compiled
-            if len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
+            seconds = time.perf_counter() - start
+        except BaseException as e:
+            pending.error = e
+            raise
+        else:
+            pending.compiled = compiled
+            with self._lock:
+                self.misses += 1
+                self.compile_seconds += seconds
+                self._store(key, compiled)
             return compiled
+        finally:
+            with self._lock:
+                del self._compiling[key]
+            pending.done.set()
+
+    def _store(self, key: tuple[str, str], compiled: Any) -> None:
+        size = compiled.memory_size_bytes
+        self._entries[key] = (compiled, size)
+        self.bytes += size
+        while len(self._entries) > 1 and (self.bytes > self.max_bytes or len(self._entries) > self.max_entries):
+            _, (_, evicted) = self._entries.popitem(last=False)  # the least recently used
+            self.bytes -= evicted
 
     def _compile(self, kind: str, text: str, spec: StructuredOutputsParams) -> Any:
         param = f"structured_outputs.{kind}"
@@ -117,6 +189,12 @@ class GrammarCache:
             raise RequestError(f"{param} is invalid: {_xgrammar_message(e, kind)}", param=param) from None
         if compiled is None:
             raise RequestError(f"unknown structured output kind {kind!r}", param="structured_outputs")
+        size = compiled.memory_size_bytes
+        if size > self.max_bytes:
+            raise RequestError(
+                f"{param} compiles to a grammar of {_size(size)}; this server holds at most {_size(self.max_bytes)} of grammars",
+                param=param,
+            )
         if not self._matches_something(compiled):
             # the engine would find no token to sample at the reply's first step
             raise RequestError(f"{param} matches no output: no text (not even an empty one) satisfies it", param=param)
@@ -167,7 +245,151 @@ class GrammarCache:
         return True
 
     def stats(self) -> dict:
-        return {"entries": len(self._entries), "hits": self.hits, "misses": self.misses, "compile_seconds": self.compile_seconds}
+        return {"entries": len(self._entries), "bytes": self.bytes, "hits": self.hits, "misses": self.misses,
+                "compile_seconds": self.compile_seconds}
+
+
+class _Compiling:
+    """A grammar being compiled: what requests for the same one wait on."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.compiled: Any = None
+        self.error: Optional[BaseException] = None
+
+
+def check_limits(spec: StructuredOutputsParams) -> None:
+    """RequestError naming the field when `spec` is larger than compiling it may cost (MAX_...)."""
+    kind = spec.kind
+    param = f"structured_outputs.{kind}"
+    if kind == "choice":
+        choices = spec.choice or []
+        if len(choices) > MAX_CHOICES:
+            raise RequestError(f"{param} has {len(choices)} choices; at most {MAX_CHOICES}", param=param)
+        _check_chars(param, sum(len(c) for c in choices), "characters of choices")
+    elif kind in ("regex", "grammar"):
+        _check_chars(param, len(getattr(spec, kind)), "characters")
+    elif kind in ("json", "structural_tag"):
+        value = getattr(spec, kind)
+        _check_schema(param, json.loads(value) if isinstance(value, str) else value)
+
+
+def _check_chars(param: str, n: int, what: str) -> None:
+    if n > MAX_GRAMMAR_CHARS:
+        raise RequestError(f"{param} has {n} {what}; at most {MAX_GRAMMAR_CHARS}", param=param)
+
+
+def _check_schema(param: str, schema: Any) -> None:
+    """A JSON schema's (or a structural tag's, schemas inside) size: its literal text (keys and
+    values, annotations such as descriptions aside), enum values, properties, optional properties
+    and its patterns' repetition."""
+    chars = enums = properties = optional = 0
+    stack = [schema]
+    while stack:  # (not recursive: a schema may nest deeper than Python's stack)
+        node = stack.pop()
+        if isinstance(node, dict):
+            props = node.get("properties")
+            if isinstance(props, dict):
+                required = node.get("required")
+                required = set(required) if isinstance(required, list) and all(isinstance(r, str) for r in required) else set()
+                properties += len(props)
+                optional += len(props.keys() - required)
+            enum = node.get("enum")
+            if isinstance(enum, list):
+                enums += len(enum)
+            pattern = node.get("pattern")
+            if isinstance(pattern, str) and node.get("type") != "regex":  # (a structural tag's regex: not in a JSON string)
+                repetition = pattern_repetition(pattern)
+                if repetition > MAX_PATTERN_REPETITION:
+                    raise RequestError(
+                        f"{param} has a pattern that repeats up to {repetition} characters ({short_repr(pattern)}); "
+                        f"at most {MAX_PATTERN_REPETITION}", param=param,
+                    )
+            for name, value in node.items():
+                chars += len(name)
+                if name not in _ANNOTATIONS:
+                    stack.append(value)
+        elif isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, str):
+            chars += len(node)
+        else:
+            chars += len(str(node)) if isinstance(node, float) else 1 if node is None or isinstance(node, bool) else _digits(node)
+    if enums > MAX_CHOICES:
+        raise RequestError(f"{param} has {enums} enum values; at most {MAX_CHOICES}", param=param)
+    if properties > MAX_PROPERTIES:
+        raise RequestError(f"{param} has {properties} properties; at most {MAX_PROPERTIES}", param=param)
+    if optional > MAX_OPTIONAL_PROPERTIES:
+        raise RequestError(
+            f"{param} has {optional} optional properties (not in their object's required); at most "
+            f"{MAX_OPTIONAL_PROPERTIES}: each one adds to every other's cost of compiling", param=param,
+        )
+    _check_chars(param, chars, "characters of literal text (names, enum and const values, patterns)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def _digits(value: Any) -> int:
+    return max(1, value.bit_length() * 3 // 10 + 1) if isinstance(value, int) else 1
+
+
+_QUANTIFIER = re.compile(r"\{(\d{1,9})(,(\d{0,9}))?\}")
+
+
+def pattern_repetition(pattern: str) -> int:
+    """How many characters a regex's bounded repetitions spell out at most: each atom counts its
+    {m,n} bound (n, or m for {m,}; 1 for *, + and ?) times the bounds of the groups around it; the
+    alternatives of a group add up. [a-z]{1,100} -> 100, ([a-z]{1,100}[0-9]{1,100}){1,100} -> 20,000.
+    (xgrammar spells bounded repetitions out inside a JSON string: compiling takes time that grows
+    faster than this number.)"""
+    stack: list[int] = [0]  # the weight of each open group so far
+    i, n = 0, len(pattern)
+    last = 0  # the weight of the atom just read, which a quantifier multiplies
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            last, i = 1, i + 2
+            stack[-1] += 1
+            continue
+        if c == "[":
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            last, i = 1, j + 1
+            stack[-1] += 1
+            continue
+        if c == "(":
+            stack.append(0)
+            last, i = 0, i + 1
+            continue
+        if c == ")" and len(stack) > 1:
+            last = stack.pop()
+            stack[-1] += last
+            i += 1
+            continue
+        if c == "{":
+            m = _QUANTIFIER.match(pattern, i)
+            if m:
+                low, comma, high = int(m.group(1)), m.group(2), m.group(3)
+                bound = int(high) if comma and high else max(low, 1)
+                stack[-1] += last * (bound - 1)  # the atom counted once already
+                last = last * bound
+                i = m.end()
+                continue
+        if c in "*+?|^$":
+            last = 0 if c in "|^$" else last
+            i += 1
+            continue
+        last = 1
+        stack[-1] += 1
+        i += 1
+    return sum(stack)
 
 
 # xgrammar's C++ errors start with its log prefix, "[06:21:41] /project/cpp/json_schema_converter.cc:5082: ";
@@ -211,6 +433,7 @@ class StructuredState:
     ):
         import xgrammar as xgr
 
+        self.compiled = compiled  # this request's own reference: the cache may evict it meanwhile
         self.matcher = xgr.GrammarMatcher(compiled) if compiled is not None else None
         self.markers = markers
         self.budget = max_reasoning_tokens if markers is not None else None
