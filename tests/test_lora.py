@@ -267,18 +267,25 @@ def test_rank_above_max_lora_rank_and_lora_off_are_value_errors(tiny_dense_dir, 
 
 
 def test_decode_steps_with_adapters_run_compiled(tiny_dense_dir, lora_adapters, base_reference):
-    """The compiled decode step is traced once with the adapters' slots in it: steps of base
-    requests, of adapter requests and of both mixed all run it, with transformers' and PEFT's
-    tokens; an adapter loaded after the build (written into its slot) is used by the same graph."""
+    """The compiled decode step is traced twice: with the adapters' slots in it, which steps with an
+    adapter row run (adapter requests, and adapter and base requests mixed), and without them, which
+    steps of base requests alone run (the adapters' products cost them more than a small 4-bit
+    model's weights); transformers' and PEFT's tokens either way. An adapter loaded after the build
+    (written into its slot) is used by the same graph."""
+    from pangu_infer.engine.compiled import LoRAVariants
+
     llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, max_model_len=128, enable_lora=True, max_loras=2)
     assert llm.wait_compiled(), llm.engine.runner.compile_error
-    runner = llm.engine.runner
-    compiled, calls = runner.decode_forward, []
-    runner.decode_forward = lambda *a: calls.append(len(a[0])) or compiled(*a)
+    step = llm.engine.runner.decode_forward
+    assert isinstance(step, LoRAVariants)
+    calls = []
+    with_lora, base_graph = step.with_lora, step.base
+    step.with_lora = lambda *a: calls.append(("lora", len(a[0]))) or with_lora(*a)
+    step.base = lambda *a: calls.append(("base", len(a[0]))) or base_graph(*a)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS[:2]]
     base = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in base] == [base_greedy(base_reference, p, 8) for p in PROMPTS[:2]]
-    assert calls == [2] * 7  # every decode step of the two ran compiled
+    assert calls == [("base", 2)] * 7  # every decode step of the two ran compiled, without the adapters
     reqs = requests(lora_adapters)
     for plan in (["full", None], ["attn", "full"], ["attn", "attn"]):
         calls.clear()
@@ -286,7 +293,29 @@ def test_decode_steps_with_adapters_run_compiled(tiny_dense_dir, lora_adapters, 
         for name, ids, out in zip(plan, PROMPTS[:2], mixed):
             want = lora_adapters[name].greedy(ids, 8) if name else base_greedy(base_reference, ids, 8)
             assert out.outputs[0].token_ids == want, (plan, name)
-        assert calls == [2] * 7, plan
+        assert calls == [("lora", 2)] * 7, plan
+    calls.clear()
+    after = llm.generate(prompts, GREEDY, use_tqdm=False)  # base requests again, after the adapters
+    assert [o.outputs[0].token_ids for o in after] == [o.outputs[0].token_ids for o in base]
+    assert calls == [("base", 2)] * 7
+    # The base graph has no adapter products in it: given rows of an installed adapter's slot, it
+    # computes what the adapters' graph computes for rows with none, and not what it computes for them.
+    from pangu_infer.engine.compiled import _dummy_step
+
+    runner, lora = llm.engine.runner, llm.engine.runner.lora
+    total = runner.k_caches[0].shape[0]
+    slot = llm.engine.loras.add(reqs["full"])[1]
+    with runner.bind(), torch.inference_mode():  # (the graphs' guards hold their inputs' dispatch keys)
+        inputs = _dummy_step(2, 2, runner.device, range(total - runner.block_size, total))
+        lora.slot_ids[:2] = slot
+        lora.in_graph = False
+        without = base_graph(*inputs)
+        lora.in_graph = True
+        applied = with_lora(*inputs)
+        lora.slot_ids[:2] = -1
+        zeros = with_lora(*inputs)
+    assert not base_graph.missed and not with_lora.missed  # graphs ran, not the eager fallback
+    assert torch.allclose(without, zeros, atol=1e-5) and not torch.allclose(without, applied, atol=1e-3)
 
 
 def test_generate_and_chat_take_an_adapter_with_lora(tiny_dense_dir, lora_adapters, lora_llm, capsys):
@@ -360,7 +389,10 @@ def test_a_saved_decode_step_applies_the_adapters_loaded_after_it(tmp_path, tiny
         f"loras = [LoRARequest(*r) if r else None for r in {[(r.lora_name, r.lora_int_id, r.lora_path) for r in (reqs['full'], reqs['attn'])] + [None]!r}]\n"
         f"prompts = [{{'prompt_token_ids': {PROMPTS[0]!r}}}] * 3\n"
         "outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), lora_request=loras, use_tqdm=False)\n"
-        "print(json.dumps({'loaded': step.loaded, 'built': step.built, 'tokens': [o.outputs[0].token_ids for o in outs]}))\n"
+        "base = llm.generate(prompts[2:], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)\n"
+        "graphs = (step.with_lora, step.base)\n"
+        "print(json.dumps({'loaded': sum(g.loaded for g in graphs), 'built': sum(g.built for g in graphs), "
+        "'tokens': [o.outputs[0].token_ids for o in outs + base]}))\n"
     )
 
     def start() -> dict:
@@ -369,8 +401,9 @@ def test_a_saved_decode_step_applies_the_adapters_loaded_after_it(tmp_path, tiny
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     want = [lora_adapters["full"].greedy(PROMPTS[0], 8), lora_adapters["attn"].greedy(PROMPTS[0], 8), base_greedy(base_reference, PROMPTS[0], 8)]
+    want.append(want[-1])  # a base request alone: the graph without the adapters' products
     first = start()
-    assert first["built"] >= 2 and first["loaded"] == 0 and first["tokens"] == want
+    assert first["built"] >= 4 and first["loaded"] == 0 and first["tokens"] == want
     second = start()
     assert second["loaded"] == first["built"] and second["built"] == 0
     assert second["tokens"] == want

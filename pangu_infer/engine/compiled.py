@@ -179,6 +179,7 @@ def _saved_steps_apply(model: DecoderForCausalLM, device: torch.device, batch_in
 
 def _build_saved(
     model: DecoderForCausalLM, kv_cache: torch.Tensor, shapes, scratch: range, step: Optional[saved_step.SavedStep] = None,
+    variant: str = "",
 ) -> saved_step.SavedStep:
     """The decode step (`step` extended, or a new one) over one saved graph per warm-up shape that
     the graphs before it do not cover: each loaded from the steps folder, or traced, compiled and
@@ -193,7 +194,7 @@ def _build_saved(
         inputs = _dummy_step(batch, ctx, device, scratch)
         if step.graph_for(*inputs) is not None:
             continue
-        key = saved_step.step_key(model, kv_cache, (batch, ctx), options)
+        key = saved_step.step_key(model, kv_cache, (batch, ctx), options, variant)
         graph = saved_step.load(key)
         if graph is not None and not graph.guard_check(model, *inputs):
             logger.info("the saved decode step for %s refuses the inputs it was built for: building it again", (batch, ctx))
@@ -225,12 +226,12 @@ def inline_bounds(model: torch.nn.Module, max_batch: Optional[int]) -> tuple[int
 
 def cached_decode_step(
     model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, batch_invariant: bool = False,
-    max_batch: Optional[int] = None,
+    max_batch: Optional[int] = None, variant: str = "",
 ) -> Optional[DecodeStep]:
     """The model's compiled step for this KV cache shape if one is built and warmed up for every
     graph `max_context` (and, batch-invariant, batches up to `max_batch`) needs (another engine
     over the same model built it), else None."""
-    key = (tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device, batch_invariant)
+    key = (tuple(kv_cache.shape), kv_cache.dtype, kv_cache.device, batch_invariant, variant)
     step, warmed = model.__dict__.get("_compiled_decode_steps", {}).get(key, (None, set()))
     bounds = inline_bounds(model, max_batch) if batch_invariant else ()
     return step if step is not None and set(_warmup_shapes(max_context, batch_invariant, bounds)) <= warmed else None
@@ -238,18 +239,33 @@ def cached_decode_step(
 
 def build_decode_step(
     model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool = False,
-    max_batch: Optional[int] = None,
+    max_batch: Optional[int] = None, variant: str = "",
 ) -> tuple[Optional[DecodeStep], Optional[str]]:
     """(the model's compiled decode step for the KV cache bound now, None) once built and warmed
     up, or (None, why) where compiling failed. `kv_cache` is one of the bound cache tensors;
     sequences reach at most `max_context` tokens (it decides which graphs to warm up); the warm-up
     writes only the `scratch` slots. Meant for a background thread: it prints nothing, and builds
-    for one model run one at a time."""
+    for one model run one at a time. A model with LoRA adapters has two: `variant` "lora" computes
+    the adapters' products, "base" leaves them out (LoRAVariants runs each where it applies)."""
+    lora = model.__dict__.get("_lora_state")
+    if lora is None:
+        return _build_decode_step(model, kv_cache, max_context, scratch, batch_invariant, max_batch, variant)
+    lora.in_graph = variant != "base"  # what the graphs traced now compute (models/lora.py)
+    try:
+        return _build_decode_step(model, kv_cache, max_context, scratch, batch_invariant, max_batch, variant)
+    finally:
+        lora.in_graph = True
+
+
+def _build_decode_step(
+    model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool,
+    max_batch: Optional[int], variant: str,
+) -> tuple[Optional[DecodeStep], Optional[str]]:
     # Inductor's caches read the variable each time they look a graph up.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
     device = kv_cache.device
     shapes = _warmup_shapes(max_context, batch_invariant, inline_bounds(model, max_batch) if batch_invariant else ())
-    key = (tuple(kv_cache.shape), kv_cache.dtype, device, batch_invariant)
+    key = (tuple(kv_cache.shape), kv_cache.dtype, device, batch_invariant, variant)
     lock = model.__dict__.setdefault("_compile_lock", threading.Lock())
     with lock:
         steps = model.__dict__.setdefault("_compiled_decode_steps", {})
@@ -259,7 +275,7 @@ def build_decode_step(
         if (step is None or isinstance(step, saved_step.SavedStep)) and _saved_steps_apply(model, device, batch_invariant):
             try:
                 with torch.inference_mode():  # (graphs for shapes another engine's warm-up did not need added)
-                    step = _build_saved(model, kv_cache, [s for s in shapes if s not in warmed], scratch, step)
+                    step = _build_saved(model, kv_cache, [s for s in shapes if s not in warmed], scratch, step, variant)
                 steps[key] = (step, warmed | set(shapes))
                 return step, None
             except Exception:  # noqa: BLE001  the regular compiled step may still build
@@ -276,6 +292,24 @@ def build_decode_step(
             return None, f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
         steps[key] = (step, warmed | set(shapes))
         return step, None
+
+
+class LoRAVariants:
+    """The compiled decode step of a model with LoRA adapters: the graph with the adapters' products
+    where a row of the step has an adapter (the runner's set_rows made `state.active` True), the
+    graph without them where none has. Each call tells the graphs' guards which one runs
+    (`state.in_graph`: a MoGE model's graphs keep their guards on the model)."""
+
+    def __init__(self, with_lora: DecodeStep, base: DecodeStep, state) -> None:
+        self.with_lora, self.base, self.state = with_lora, base, state
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
+        on = self.state.active
+        self.state.in_graph = on
+        try:
+            return (self.with_lora if on else self.base)(input_ids, positions, attn)
+        finally:
+            self.state.in_graph = True
 
 
 def say(line: str, end: str = "\n") -> None:

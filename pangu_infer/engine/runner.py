@@ -13,6 +13,7 @@ from typing import Callable, Iterator, Optional
 import torch
 
 from pangu_infer.engine.compiled import (
+    LoRAVariants,
     build_decode_step,
     cached_decode_step,
     compile_cache_dir,
@@ -118,7 +119,7 @@ class ModelRunner:
             self._compiled_done.set()
             return
         max_context = min(max_model_len or slots, slots)
-        self.decode_forward = cached_decode_step(model, self.k_caches[0], max_context, batch_invariant, max_num_seqs)
+        self.decode_forward = self._cached_step(max_context)
         if self.decode_forward is not None:  # another engine over this model built it
             self._compiled_done.set()
             return
@@ -139,6 +140,31 @@ class ModelRunner:
         ]
         chosen = any(takes) and decode_kernel_chosen(kv_dtype)
         return [chosen and t for t in takes]
+
+    def _cached_step(self, max_context: int) -> Optional[Callable]:
+        """The compiled step another engine over this model built for this cache shape, or None; with
+        LoRA adapters, both graphs (compiled.LoRAVariants) or None."""
+        args = (self.model, self.k_caches[0], max_context, self.batch_invariant, self.max_num_seqs)
+        if self.lora is None:
+            return cached_decode_step(*args)
+        with_lora, base = cached_decode_step(*args, variant="lora"), cached_decode_step(*args, variant="base")
+        return LoRAVariants(with_lora, base, self.lora) if with_lora is not None and base is not None else None
+
+    def _build_steps(self, max_context: int, scratch: range) -> tuple[Optional[Callable], Optional[str]]:
+        """build_decode_step; with LoRA adapters, the graph with their products and the one without
+        (LoRAVariants), or the first alone (logged) where the second fails to build."""
+        args = (self.model, self.k_caches[0], max_context, scratch, self.batch_invariant, self.max_num_seqs)
+        if self.lora is None:
+            return build_decode_step(*args)
+        step, error = build_decode_step(*args, variant="lora")
+        if step is None:
+            return step, error
+        base, why = build_decode_step(*args, variant="base")
+        if base is None:
+            logger.info("the decode step without LoRA products failed to build (%s): steps with no adapter row "
+                        "run the adapters' products too (zeros)", why)
+            return step, None
+        return LoRAVariants(step, base, self.lora), None
 
     def _build_compiled(self, max_context: int, scratch: range) -> None:
         start = time.perf_counter()
@@ -170,9 +196,7 @@ class ModelRunner:
                 if any(self.decode_kernel) or (self.batch_invariant and bi_attention_kernel.available()):
                     bi_attention_kernel.native_op()
             with self._pinned():
-                step, error = build_decode_step(
-                    self.model, self.k_caches[0], max_context, scratch, self.batch_invariant, self.max_num_seqs
-                )
+                step, error = self._build_steps(max_context, scratch)
             if step is not None:
                 self.decode_forward = step  # decode goes compiled while the prefill conversions compile
             if self.device.type == "cpu":
@@ -288,7 +312,7 @@ class ModelRunner:
         ]
         ordered = decodes + prefills
         compiled = decode_forward is not None and not prefills  # a decode-only step
-        lora_slots = self._lora_slots(ordered, compiled) if self.lora is not None else None
+        lora_slots = self._lora_slots(ordered, compiled and not isinstance(decode_forward, LoRAVariants)) if self.lora is not None else None
 
         input_ids: list[int] = []
         positions: list[int] = []
@@ -377,7 +401,7 @@ class ModelRunner:
                 rows.append((seq, 1))
         attn = AttentionBatch(slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev))
         attn.decode_slots, attn.decode_mask = self._decode_slots(rows, [p + 1 for p in positions])
-        lora_slots = [s.lora_slot for s, _ in rows] if self.lora is not None else None
+        lora_slots = self._lora_slots(rows, not isinstance(decode_forward, LoRAVariants)) if self.lora is not None else None
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
         with self._binding.lock:
@@ -387,11 +411,12 @@ class ModelRunner:
             return list(batch.seqs), decode_forward(ids, pos, attn), {}
 
     @staticmethod
-    def _lora_slots(ordered: list[tuple[Sequence, int]], compiled: bool) -> Optional[list[int]]:
-        """The LoRA slot of each row of the step (-1: none), or None where no row has an adapter and
-        the step runs eagerly (which then skips the adapters' products; the compiled step always
-        computes them, zeros for rows with no adapter)."""
-        if not compiled and all(s.lora_slot < 0 for s, _ in ordered):
+    def _lora_slots(ordered: list[tuple[Sequence, int]], always: bool) -> Optional[list[int]]:
+        """The LoRA slot of each row of the step (-1: none), or None where no row has an adapter
+        (the step then skips the adapters' products: eagerly, or in the compiled graph without them)
+        unless `always` (a compiled step with only the adapters' graph computes them, zeros for rows
+        with no adapter)."""
+        if not always and all(s.lora_slot < 0 for s, _ in ordered):
             return None
         return [s.lora_slot for s, n in ordered for _ in range(n)]
 

@@ -97,8 +97,9 @@ def _settings_hash() -> str:
     return hashlib.blake2b(repr(sorted(items)).encode(), digest_size=16).hexdigest()
 
 
-def step_key(model: torch.nn.Module, kv_cache: torch.Tensor, shape: tuple[int, int], options: dict) -> dict:
+def step_key(model: torch.nn.Module, kv_cache: torch.Tensor, shape: tuple[int, int], options: dict, variant: str = "") -> dict:
     key = {
+        "variant": variant,  # compiled.build_decode_step's: with LoRA adapters, their graph or the base one
         "format": FORMAT,
         "source": machine.source_hash(),
         "torch": torch.__version__,

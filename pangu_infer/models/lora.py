@@ -11,7 +11,10 @@ after) and `lora_b` [out, slots * max_rank]. Every wrapper of a model shares one
 `slot_ids` buffer says each row's slot for the step (-1: no adapter), written by the engine's
 runner before each forward. A wrapper computes `(x @ lora_a^T) * mask @ lora_b^T`, the mask keeping
 each row's own slot's columns: two products of slots * max_rank columns, whatever the adapters are,
-traced once into the compiled decode step. Eager steps with no adapter row skip them.
+traced once into the compiled decode step. Steps with no adapter row skip them: eager ones by
+`state.active`, compiled ones by running a second graph traced without them (`state.in_graph`
+False while it is traced; engine/compiled.py's LoRAVariants): the products read (in + out) *
+slots * max_rank weights per projection, more than a 4-bit small model's own weights.
 """
 
 from __future__ import annotations
@@ -39,7 +42,10 @@ class LoRAState:
         self.slot_ids = torch.full((max_rows,), -1, dtype=torch.long, device=device)
         # The slot of each column of lora_a's output: [slots * max_rank]
         self.column_slots = torch.arange(slots * max_rank, device=device) // max_rank
-        self.active = False  # an eager step has rows with an adapter (the compiled step always applies them)
+        self.active = False  # the step has rows with an adapter (set_rows)
+        # What a graph being traced computes (read only while torch.compile traces): the adapters'
+        # products (True), or not (False: the graph that steps with no adapter row run).
+        self.in_graph = True
         self.manager: Optional[object] = None  # the engine-side LoRAManager over these slots (engine/lora.py)
         # (query, key/value) attention heads: a GGUF adapter's q/k rows are put back in HF order by head
         self.heads: Optional[tuple[int, int]] = None
@@ -98,7 +104,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if not torch.compiler.is_compiling() and not self.state.active:
+        if not (self.state.in_graph if torch.compiler.is_compiling() else self.state.active):
             return y
         rows = self.slot_ids[: x.shape[0]]
         mask = (rows[:, None] == self.column_slots[None, :]).to(self.lora_a[0].dtype)
