@@ -16,11 +16,13 @@ Two backends sit behind one `Tokenizer`:
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import functools
 import json
 import os
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,8 +306,17 @@ class Tokenizer:
                 f"tokenizer {self.name} has no chat_template, so it cannot render chat messages "
                 "(give one with --chat-template, as vLLM takes it)"
             )
-        import jinja2  # here: a start that renders no chat template does not pay its import
-
+        # A template that fails while rendering (its raise_exception, an error in its code such as
+        # {{ 1/0 }}, a limit of the sandbox below) fails on what this call gave it: a ChatTemplateError
+        # (a ValueError) saying where and why, never another exception.
+        whose = "chat_template" if chat_template is not None else f"chat template of tokenizer {self.name}"
+        inputs = {"messages": messages, "tools": tools, **kwargs}
+        budget = _TemplateBudget(
+            chars=TEMPLATE_CHARS + TEMPLATE_INPUT_FACTOR * _text_size(inputs),
+            ops=TEMPLATE_OPS + TEMPLATE_OPS_PER_ITEM * (len(messages) + len(tools or ())),
+            seconds=TEMPLATE_SECONDS,
+        )
+        token = _BUDGET.set(budget)
         try:
             return _compile_chat_template(template).render(
                 messages=messages,
@@ -315,25 +326,50 @@ class Tokenizer:
                 eos_token=self.eos_token or "",
                 **kwargs,
             )
-        except jinja2.TemplateError as e:
-            raise ValueError(f"chat template of tokenizer {self.name} failed: {e}") from None
+        except ChatTemplateError:
+            raise
+        except Exception as e:
+            raise ChatTemplateError(f"{whose} failed{_template_line(e)}: {_template_error_text(e)}") from None
+        finally:
+            _BUDGET.reset(token)
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
 
+class ChatTemplateError(ValueError):
+    """A chat template that failed while rendering: its own raise_exception (a template refusing
+    the messages, e.g. roles out of order), an error in its code ({{ 1/0 }}), or a limit on what a
+    template may make and run (TEMPLATE_CHARS, TEMPLATE_OPS, TEMPLATE_SECONDS)."""
+
+
 def _raise_template_exception(message: str) -> None:
-    raise ValueError(f"chat template error: {message}")
+    raise ChatTemplateError(f"chat template error: {message}")
 
 
 def _strftime_now(fmt: str) -> str:
+    _budget().check(16 * len(fmt))  # (%c writes 24 characters for 2)
     return datetime.datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | str | None = None,
             separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
     # Jinja's own tojson HTML-escapes, which would change prompts; transformers overrides it the same way.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    if indent is None and separators is None:
+        budget = _budget()
+        budget.check(_text_size(value, budget.chars_left))
+        return json.dumps(value, ensure_ascii=ensure_ascii, sort_keys=sort_keys)
+    # an indent or separators repeat on every line or item: written piece by piece within the budget
+    # (an indent of at most 64 characters: a line's indent is made whole, as deep as the value nests)
+    budget = _budget()
+    if (indent if isinstance(indent, int) else len(str(indent or ""))) > 64:
+        raise _limit("may indent tojson by at most 64 characters")
+    pieces = []
+    encoder = json.JSONEncoder(ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    for piece in encoder.iterencode(value):
+        budget.charge(len(piece))
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def load_chat_template(value: str) -> str:
@@ -359,28 +395,464 @@ def load_chat_template(value: str) -> str:
     return value
 
 
-def check_chat_template(source: str, name: str = "given") -> None:
-    """A ValueError with Jinja's message and line when `source` is no valid template."""
+def check_chat_template(source: str, name: str = "given", max_chars: int | None = None) -> None:
+    """A ValueError with Jinja's message and line when `source` is no valid template (or, with
+    `max_chars`, a longer one)."""
     import jinja2
 
+    if max_chars is not None and len(source) > max_chars:
+        raise ValueError(f"chat template {name} has {len(source)} characters; at most {max_chars}")
     try:
         _compile_chat_template(source)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"chat template {name} is not valid Jinja: {e.message} (line {e.lineno})") from None
+    except RecursionError:
+        raise ValueError(f"chat template {name} nests too deeply to compile") from None
 
 
 @functools.lru_cache(maxsize=16)
 def _compile_chat_template(source: str) -> "jinja2.Template":
     import jinja2.ext
-    import jinja2.sandbox
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
+    env = _sandbox_class()(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols], finalize=_written)
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_template_exception
     env.globals["strftime_now"] = _strftime_now
+    env.filters = {name: _bounded_filter(name, f) for name, f in env.filters.items()}
+    env.globals["lipsum"] = _lipsum
     return env.from_string(source)
+
+
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:  # noqa: A002 (Jinja's names)
+    from jinja2.utils import generate_lorem_ipsum
+
+    _budget().check(12 * n * max if isinstance(n, int) and isinstance(max, int) else None)
+    return generate_lorem_ipsum(n, html, min, max)
+
+
+# ---------------------------------------------------------------------- what a template may make and run
+# Jinja's sandbox keeps a template from Python's internals, not from spending the server's memory and
+# time: {{ 'x' * 10**10 }} got a test server OOM-killed, and nested loops or a macro calling itself
+# twice run for hours. Each render has a budget, checked by the sandbox's hooks below:
+# - characters made: by * + % ~ on text and lists, slices, str methods, filters, padding ({:>N},
+#   center, ...), the output of every block: at most TEMPLATE_CHARS plus TEMPLATE_INPUT_FACTOR x the characters
+#   of the messages, tools and variables it was given (a list's item counts _ITEM_COST); amplifiers
+#   are checked before they run;
+# - steps: loop iterations, calls (macros, methods, functions) and filters: TEMPLATE_OPS plus
+#   TEMPLATE_OPS_PER_ITEM per message and tool;
+# - time: TEMPLATE_SECONDS, checked at each step (for what no step counts, e.g. `in` over a long list);
+# - integers: at most TEMPLATE_INT_BITS bits from * and **.
+# Real templates (Pangu's, Llama 3's, Qwen's, ChatML) stay far inside: a few characters per input
+# character, a few steps per message.
+TEMPLATE_CHARS = 16 << 20
+TEMPLATE_INPUT_FACTOR = 8
+TEMPLATE_OPS = 100_000
+TEMPLATE_OPS_PER_ITEM = 100
+TEMPLATE_SECONDS = 10.0
+TEMPLATE_INT_BITS = 1 << 16
+_ITEM_COST = 64  # a new list's item, as characters (a pointer and a small object)
+_POINTER = 8  # an item of a list made of other lists' items (+, *)
+_BUDGET: contextvars.ContextVar["_TemplateBudget | None"] = contextvars.ContextVar("pangu_infer_template_budget", default=None)
+
+
+class _TemplateBudget:
+    def __init__(self, chars: int, ops: int, seconds: float):
+        self.chars = self.chars_left = chars
+        self.ops = self.ops_left = ops
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+
+    def step(self) -> None:
+        self.ops_left -= 1
+        if self.ops_left < 0:
+            raise _limit(f"ran more than {self.ops:,} steps (loop iterations, calls and filters)")
+        if time.monotonic() > self.deadline:
+            raise _limit(f"ran for more than {self.seconds:g} s")
+
+    def check(self, size: Any) -> None:
+        """Before something of `size` characters is made (charged once made)."""
+        if not isinstance(size, int) or size > self.chars_left:
+            raise _limit(f"would make more than {self.chars:,} characters (text repeated, joined, padded or written)")
+
+    def charge(self, size: int) -> None:
+        self.check(size)
+        self.chars_left -= size
+
+
+def _budget() -> _TemplateBudget:
+    """This render's budget (a fresh one outside apply_chat_template)."""
+    budget = _BUDGET.get()
+    return budget if budget is not None else _TemplateBudget(TEMPLATE_CHARS, TEMPLATE_OPS, TEMPLATE_SECONDS)
+
+
+def _limit(message: str) -> Exception:
+    from jinja2.sandbox import SecurityError
+
+    return SecurityError(f"the template {message}")
+
+
+def _cost(value: Any) -> int:
+    """What making `value` cost, in characters: its length; a list's items, and the text of those
+    that are strings (split's pieces are new)."""
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, (list, tuple)):
+        return _ITEM_COST * len(value) + sum(len(v) for v in value if isinstance(v, str))
+    if isinstance(value, (dict, set, frozenset)):
+        return _ITEM_COST * len(value)
+    return 0
+
+
+def _made(seq: Any) -> int:
+    """What repeating or adding `seq` makes: its text, or a list's references (its items are shared)."""
+    return len(seq) if isinstance(seq, str) else _POINTER * len(seq)
+
+
+def _text_size(value: Any, limit: float = float("inf")) -> int:
+    """About how many characters `value` writes as text (its strings, plus a little per item and
+    number); counting stops past `limit`."""
+    total, stack = 0, [value]
+    while stack and total <= limit:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            total += 4 * len(v) + 2
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            total += 2 * len(v) + 2
+            stack.extend(v)
+        elif isinstance(v, bytes):
+            total += 4 * len(v)
+        elif isinstance(v, int) and v.bit_length() > 64:
+            total += v.bit_length() // 3
+        else:
+            total += 24
+    return total
+
+
+_PRINTF = re.compile(r"%(?:\(([^)]*)\))?[#0 +-]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.)", re.S)
+
+
+def _printf_size(fmt: str, args: Any, limit: int) -> int:
+    """At most how many characters `fmt % args` writes: widths and precisions, and every value each
+    conversion names (one mapping value may be named many times)."""
+    mapping = args if isinstance(args, dict) and "%(" in fmt else None
+    positional = iter(args if isinstance(args, tuple) else () if mapping is not None else (args,))
+    size = len(fmt)
+    for key, width, precision, conversion in _PRINTF.findall(fmt):
+        if conversion == "%":
+            continue
+        for number in (width, precision):
+            if number == "*":
+                number = next(positional, 0)
+                size += number if isinstance(number, int) and number > 0 else 0
+            elif number:
+                size += int(number) if len(number) < 10 else limit + 1
+        value = mapping.get(key) if mapping is not None else next(positional, None)
+        size += _text_size(value, limit)
+        if size > limit:
+            break
+    return size
+
+
+def _str_method_check(budget: _TemplateBudget, method: Any, args: tuple, kwargs: dict) -> tuple:
+    """Before a str method that may write much more than its string runs (padding, replace, join,
+    translate, expandtabs, split): its result's size checked; the args to call it with."""
+    s, name = method.__self__, method.__name__
+
+    def arg(i: int, key: str, default: Any = None) -> Any:
+        return args[i] if len(args) > i else kwargs.get(key, default)
+
+    if name in ("center", "ljust", "rjust", "zfill"):
+        budget.check(max(len(s), arg(0, "width", 0)) if isinstance(arg(0, "width", 0), int) else 0)
+    elif name == "expandtabs":
+        tabsize = arg(0, "tabsize", 8)
+        budget.check(len(s) + s.count("\t") * max(tabsize, 0) if isinstance(tabsize, int) else 0)
+    elif name == "replace" and len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        old, new, count = args[0], args[1], arg(2, "count", -1)
+        occurrences = s.count(old) if old else len(s) + 1
+        if isinstance(count, int) and count >= 0:
+            occurrences = min(occurrences, count)
+        budget.check(len(s) + occurrences * max(len(new) - len(old), 0))
+    elif name == "join" and args:
+        items = list(args[0])
+        budget.check(_text_size(items, budget.chars_left) + len(s) * max(len(items) - 1, 0))
+        args = (items, *args[1:])
+    elif name == "translate" and args and isinstance(args[0], dict):
+        longest = max((len(v) for v in args[0].values() if isinstance(v, str)), default=1)
+        budget.check(len(s) * max(longest, 1))
+    elif name in ("split", "rsplit", "splitlines"):
+        if name == "splitlines":
+            pieces = s.count("\n") + s.count("\r") + 1
+        else:
+            sep, maxsplit = arg(0, "sep"), arg(1, "maxsplit", -1)
+            pieces = s.count(sep) + 1 if isinstance(sep, str) and sep else sum(map(s.count, " \t\n\r\x0b\x0c")) + 1
+            if isinstance(maxsplit, int) and maxsplit >= 0:
+                pieces = min(pieces, maxsplit + 1)
+        budget.check(len(s) + _ITEM_COST * pieces)
+    return args
+
+
+# filters that write their value as text first, whatever it is
+_STRINGIFYING_FILTERS = frozenset({
+    "string", "e", "escape", "forceescape", "upper", "lower", "title", "capitalize", "trim", "striptags",
+    "urlencode", "wordcount", "truncate", "wordwrap", "center", "indent", "replace", "urlize", "format", "safe",
+})
+
+
+def _filter_check(name: str, budget: _TemplateBudget, a: tuple, kw: dict) -> tuple:
+    """Before a filter that may write much more than it is given runs: its result's size checked;
+    the args to call it with (`a` without the context Jinja passes some filters)."""
+
+    def arg(i: int, key: str, default: Any = None) -> Any:
+        return a[i] if len(a) > i else kw.get(key, default)
+
+    if not a:
+        return a
+    value = a[0]
+    if name in _STRINGIFYING_FILTERS and not isinstance(value, str):
+        budget.check(6 * _text_size(value, budget.chars_left))  # (escape writes up to 5 characters for 1)
+    if name == "center":
+        width = arg(1, "width", 80)
+        budget.check(max(len(str(value)), width) if isinstance(width, int) else 0)
+    elif name == "indent":
+        width = arg(1, "width", 4)
+        text = str(value)
+        budget.check(len(text) + (text.count("\n") + 1) * (width if isinstance(width, int) else len(str(width))))
+    elif name == "format":
+        budget.check(_printf_size(str(value), kw or tuple(a[1:]), budget.chars_left))
+    elif name == "join":
+        items = list(value)
+        budget.check(_text_size(items, budget.chars_left) + len(str(arg(1, "d", ""))) * len(items))
+        a = (items, *a[1:])
+    elif name == "replace" and len(a) >= 3:
+        text, old, new, count = str(value), str(a[1]), str(a[2]), arg(3, "count")
+        occurrences = text.count(old) if old else len(text) + 1
+        if isinstance(count, int) and count >= 0:
+            occurrences = min(occurrences, count)
+        budget.check(len(text) + occurrences * max(len(new) - len(old), 0))
+    elif name == "wordwrap":
+        text = str(value)
+        budget.check(len(text) + (len(text) + 1) * len(str(arg(4, "wrapstring", "\n") or "\n")))
+    elif name == "batch" and arg(2, "fill_with") is not None:
+        budget.check(_ITEM_COST * _number(arg(1, "linecount", 0)))
+    elif name == "slice":
+        budget.check(_ITEM_COST * _number(arg(1, "slices", 0)))
+    elif name == "sum" and isinstance(arg(2, "start", 0), (list, tuple)):
+        items = list(value)
+        budget.check(sum(_cost(i) for i in items))
+        a = (items, *a[1:])
+    elif name == "list" and isinstance(value, str):
+        budget.check(_ITEM_COST * len(value))
+    elif name == "pprint":
+        if _text_size(value, 4096) > 4096:
+            raise _limit("may pprint only values of at most 4096 characters")
+    elif name == "urlize":
+        text = str(value)
+        extra = len(str(arg(3, "target", "") or "")) + len(str(arg(4, "rel", "") or "")) + 64
+        budget.check(3 * len(text) + (len(text) // 4 + 1) * extra)
+    return a
+
+
+def _number(value: Any) -> int:
+    return value if isinstance(value, int) else 0
+
+
+def _bounded_filter(name: str, f: Any) -> Any:
+    """Jinja's filter `f`, checked against the render's budget (a step, and what it writes)."""
+    skip = 1 if hasattr(f, "jinja_pass_arg") else 0  # the context / environment Jinja passes first
+
+    @functools.wraps(f)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        budget = _budget()
+        budget.step()
+        args = (*args[:skip], *_filter_check(name, budget, args[skip:], kwargs))
+        result = f(*args, **kwargs)
+        budget.charge(_cost(result))
+        return result
+
+    return bounded
+
+
+class _Counted:
+    """A for loop's iterable: each iteration a step."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Any):
+        self.items = items
+
+    def __iter__(self) -> Any:
+        budget = _budget()
+        for item in self.items:
+            budget.step()
+            yield item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def _counted(items: Any) -> _Counted:
+    return _Counted(items)
+
+
+def _sliced(value: Any, start: Any, stop: Any, step: Any) -> Any:
+    return value[start:stop:step]
+
+
+def _joined(*parts: Any) -> str:
+    """`a ~ b ~ ...`: Jinja's own str_join, its size checked before it is made."""
+    budget = _budget()
+    budget.check(sum(_text_size(p, budget.chars_left) for p in parts))
+    return "".join(map(str, parts))
+
+
+def _written(value: Any) -> Any:
+    """Jinja's finalize, for each {{ value }} before it becomes text: a list written as text may be
+    far longer than what it cost ([big] * 100 is 100 references to one string)."""
+    if not isinstance(value, str):
+        budget = _budget()
+        budget.check(_text_size(value, budget.chars_left))
+    return value
+
+
+def _template_line(error: BaseException) -> str:
+    """ " at line N" of the template where `error` was raised (Jinja rewrites its traceback so)."""
+    line = getattr(error, "lineno", None)
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f" at line {line}" if line else ""
+
+
+def _template_error_text(error: BaseException) -> str:
+    import jinja2
+
+    text = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@functools.lru_cache(maxsize=None)
+def _sandbox_class() -> type:
+    """Jinja's ImmutableSandboxedEnvironment, with the render budget's hooks (built on first use: a
+    start that renders no chat template does not import Jinja)."""
+    from functools import update_wrapper
+
+    import jinja2.nodes as nodes
+    from jinja2.runtime import Macro
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+    from jinja2.visitor import NodeTransformer
+    from markupsafe import Markup
+
+    class BoundedFormatter(SandboxedFormatter):
+        # str.format: every field's width and precision checked, its text charged, before the join
+        def format_field(self, value: Any, format_spec: str) -> Any:
+            budget = _budget()
+            if not isinstance(value, str):
+                budget.check(_text_size(value, budget.chars_left))
+            for number in re.findall(r"\d+", format_spec):
+                budget.check(int(number) if len(number) < 10 else None)
+            text = super().format_field(value, format_spec)
+            budget.charge(len(text))
+            return text
+
+    class BoundedEscapeFormatter(BoundedFormatter, SandboxedEscapeFormatter):
+        pass
+
+    def counted(node: Any) -> Any:
+        return nodes.Call(nodes.ImportedName(f"{__name__}._counted"), [node], [], None, None, lineno=node.lineno)
+
+    class Bounded(NodeTransformer):
+        # every for loop's iterable counted (a recursive loop's loop(...) calls too); ~ and slices checked
+        def visit_For(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            node.iter = counted(node.iter)
+            if node.recursive:
+                for call in node.find_all(nodes.Call):
+                    if isinstance(call.node, nodes.Name) and call.node.name == "loop" and call.args:
+                        call.args[0] = counted(call.args[0])
+            return node
+
+        def visit_Getitem(self, node: Any) -> Any:
+            # a slice is a copy (text[1:], messages[::-1]): made by _sliced, through the sandbox's call
+            node = self.generic_visit(node)
+            if not isinstance(node.arg, nodes.Slice):
+                return node
+            bounds = [b if b is not None else nodes.Const(None) for b in (node.arg.start, node.arg.stop, node.arg.step)]
+            return nodes.Call(nodes.ImportedName(f"{__name__}._sliced"), [node.node, *bounds], [], None, None, lineno=node.lineno)
+
+        def visit_Concat(self, node: Any) -> Any:
+            node = self.generic_visit(node)
+            return nodes.Call(nodes.ImportedName(f"{__name__}._joined"), node.nodes, [], None, None, lineno=node.lineno)
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
+
+        def _parse(self, source: str, name: Any, filename: Any) -> Any:
+            tree = Bounded().visit(super()._parse(source, name, filename))
+            tree.set_environment(self)
+            return tree
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            budget = _budget()
+            ints = isinstance(left, int) and isinstance(right, int)
+            if ints and operator in ("*", "**"):
+                bits = left.bit_length() + right.bit_length() if operator == "*" else right * max(left.bit_length(), 1)
+                if bits > TEMPLATE_INT_BITS:
+                    raise _limit(f"would make an integer of more than {TEMPLATE_INT_BITS} bits")
+            elif operator == "*":
+                seq, times = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(times, int) and isinstance(seq, (str, list, tuple)):
+                    budget.charge(_made(seq) * max(times, 0))
+            elif operator == "+" and isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)):
+                budget.charge(_made(left) + _made(right))
+            elif operator == "%" and isinstance(left, str):
+                budget.charge(_printf_size(left, right, budget.chars_left))
+            return super().call_binop(context, operator, left, right)
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's own names)
+            budget = _budget()
+            budget.step()
+            if isinstance(getattr(__obj, "__self__", None), str):
+                args = _str_method_check(budget, __obj, args, kwargs)
+            result = super().call(__context, __obj, *args, **kwargs)
+            if not isinstance(__obj, Macro):  # (a macro's output was charged as it was joined)
+                budget.charge(_cost(result))
+            return result
+
+        def concat(self, parts: Any) -> str:
+            """A template's or a block's output, joined: each piece charged first."""
+            budget = _budget()
+            if isinstance(parts, list):
+                budget.charge(sum(map(len, parts)))
+                return "".join(parts)
+            out = []
+            for piece in parts:
+                budget.charge(len(piece))
+                out.append(piece)
+            return "".join(out)
+
+        def wrap_str_format(self, value: Any) -> Any:
+            if super().wrap_str_format(value) is None:  # not a str's format / format_map
+                return None
+            fmt = value.__self__
+            formatter = BoundedEscapeFormatter(self, escape=fmt.escape) if isinstance(fmt, Markup) else BoundedFormatter(self)
+            is_format_map = value.__name__ == "format_map"
+
+            def bounded_format(*args: Any, **kwargs: Any) -> str:
+                if is_format_map:
+                    if kwargs or len(args) != 1:
+                        raise TypeError("format_map() takes exactly one argument")
+                    args, kwargs = (), args[0]
+                return type(fmt)(formatter.vformat(fmt, args, kwargs))
+
+            return update_wrapper(bounded_format, value)
+
+    return BoundedSandbox
 
 
 class IncrementalDetokenizer:

@@ -7,6 +7,8 @@ The reference rendering is transformers' `apply_chat_template` with the same tem
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -113,3 +115,122 @@ def test_an_inline_templates_escapes_are_read_as_vllm_reads_them(tmp_path):
     named = tmp_path / "a\\nb.jinja"  # a file's path is a path: nothing decoded
     named.write_text(PLAIN)
     assert parsed(str(named)) == str(named)
+
+
+# ---------------------------------------------------------------------- a template that fails or runs away
+# Each: what happened before (a 500, or the server's memory and time spent), a 400 naming the template now.
+HOSTILE_TEMPLATES = [
+    ("{{ 1/0 }}", "ZeroDivisionError: division by zero"),
+    ("{{ 1 + 'a' }}", "TypeError: unsupported operand type(s) for +: 'int' and 'str'"),
+    ("{% for x in 5 %}{% endfor %}", "TypeError: 'int' object is not iterable"),
+    ("{{ 'x' * 10**10 }}", "would make more than"),  # OOM-killed a test server
+    ("{{ [1] * 10**9 }}", "would make more than"),
+    ("{{ 10 ** 100000 }}", "an integer of more than 65536 bits"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}", "would make more than"),
+    ("{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}", "would make more than"),
+    ("{{ '{:>10000000000}'.format('x') }}", "would make more than"),
+    ("{{ '{:>{}}'.format('x', 10**10) }}", "would make more than"),
+    ("{{ 'x'.ljust(10**10) }}", "would make more than"),
+    ("{{ 'x'|center(10**10) }}", "would make more than"),
+    ("{{ 'a\nb'|indent(10**10) }}", "would make more than"),
+    ("{{ '%*s' % (10**10, 'x') }}", "would make more than"),
+    ("{{ '%(a)s' * 100000 % {'a': 'y' * 1000} }}", "would make more than"),
+    ("{{ ('x' * 1000000).replace('x', 'y' * 100) }}", "would make more than"),
+    ("{{ (['x' * 1000000] * 100)|join }}", "would make more than"),
+    ("{{ ['x' * 1000000] * 100 }}", "would make more than"),  # a list written as text
+    ("{{ lipsum(10**7) }}", "would make more than"),
+    ("{{ [1]|batch(10**10, 'x')|list }}", "would make more than"),
+    ("{{ messages|tojson(indent=10**10) }}", "may indent tojson by at most 64 characters"),
+    # copies kept: slices of a long text in 300 variables
+    ("{% set ns = namespace(s='x' * 1000000) %}" + "".join("{%% set ns.c%d = ns.s[%d:] %%}" % (i, i) for i in range(300)),
+     "would make more than"),
+    ("{% set s %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endset %}", "would make more than"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "steps (loop iterations, calls and filters)"),
+    ("{% macro f(n) %}{% if n < 60 %}{{ f(n + 1) }}{{ f(n + 1) }}{% endif %}{% endmacro %}{{ f(0) }}", "steps (loop iterations"),
+    ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError"),
+]
+
+
+@pytest.fixture(scope="module")
+def trusting(llm):
+    with TestClient(create_app(llm, served_model_name="m", trust_request_chat_template=True)) as http:
+        yield http
+
+
+@pytest.mark.parametrize("template, message", HOSTILE_TEMPLATES)
+def test_a_requests_template_that_fails_or_runs_away_is_a_400_naming_it(trusting, template, message):
+    start = time.perf_counter()
+    for path, extra in (("/v1/chat/completions", {"max_tokens": 1}), ("/tokenize", {})):
+        r = trusting.post(path, json={"model": "m", "messages": MESSAGES, "chat_template": template, **extra})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "chat_template" and error["message"].startswith("chat_template failed"), error
+        assert message in error["message"], error
+    assert time.perf_counter() - start < 10
+    # and the server still serves, its own template too
+    assert trusting.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 1}).status_code == 200
+
+
+def test_the_error_says_at_which_line_of_the_template(trusting):
+    r = trusting.post("/tokenize", json={"model": "m", "messages": MESSAGES, "chat_template": "{{ 'a' }}\n\n{{ 1/0 }}"})
+    assert r.json()["error"]["message"] == "chat_template failed at line 3: ZeroDivisionError: division by zero"
+
+
+def test_a_requests_template_is_at_most_64_kib(trusting):
+    template = PLAIN + "{# " + "x" * (65536 - len(PLAIN) - 6) + " #}"
+    ok = trusting.post("/tokenize", json={"model": "m", "messages": MESSAGES, "chat_template": template})
+    assert ok.status_code == 200, ok.text
+    r = trusting.post("/tokenize", json={"model": "m", "messages": MESSAGES, "chat_template": template + " "})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template"
+    assert r.json()["error"]["message"] == "chat template given has 65537 characters; at most 65536"
+
+
+def test_a_template_of_the_python_api_fails_with_a_value_error(llm):
+    with pytest.raises(ValueError, match=r"^chat_template failed at line 1: ZeroDivisionError: division by zero$"):
+        llm.chat(MESSAGES, SamplingParams(max_tokens=1), use_tqdm=False, chat_template="{{ 1/0 }}")
+    with pytest.raises(ValueError, match="would make more than"):
+        llm.render_chat(MESSAGES, chat_template="{{ 'x' * 10**10 }}")
+
+
+def test_the_models_own_template_failing_on_a_requests_messages_is_a_400_naming_messages(tiny_dense_dir):
+    # (raise_exception in a model's template was a 400 already; any other failure was a 500)
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 22, enforce_eager=True,
+              chat_template="{{ 'roles: ' ~ (100 // (messages|length - 1)) }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        r = http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES[1:], "max_tokens": 1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert "failed at line 1: ZeroDivisionError: integer division or modulo by zero" in r.json()["error"]["message"]
+        assert http.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 1}).status_code == 200
+
+
+# What the render budget hooks (*, +, %, ~, str methods, filters, tojson, loops, macros, output) must not change.
+BUSY = """{%- set ns = namespace(n=0, names=[]) -%}
+{%- macro turn(m) -%}<{{ m['role'] | upper }}>{{ m['content'] | trim }}</{{ m['role'] }}>{%- endmacro -%}
+{%- for m in messages -%}
+{%- set ns.n = ns.n + 1 -%}{%- set ns.names = ns.names + [m['role']] -%}
+{{ turn(m) }}|{{ '%s:%03d' % (m['role'], loop.index) }}|{{ m['content'][1:4] }}{{ m['content'][::-2] }}|{{ '{}-{:>5}'.format(m['role'], loop.index0) }}|
+{{- m['content'].split(' ')|join('_') ~ '/' ~ m['content'].replace('a', 'A') ~ '/' ~ (m['role'] * 2) ~ '/' ~ m['role']|center(12) }}
+{{ m | tojson }}{{ m | tojson(indent=2) }}{{ [m['role'], 1, 2.5, none] | tojson(separators=(',', ':')) }}
+{%- endfor -%}
+{{ ns.n }} {{ ns.names|join(',') }} {{ messages[::-1]|map(attribute='role')|join }} {{ range(3)|list }} {{ messages|map(attribute='role')|unique|list }}
+{%- for x in [[1, [2, 3]], [4]] recursive %}[{{ x if x is number else loop(x) }}]{% endfor %}
+{{ 2 ** 10 }} {{ 7 % 3 }} {{ 'a\nb'|indent(2, true) }} {{ 'ab'|wordwrap(1) }} {{ [1, 2, 3, 4]|batch(3, 0)|list }}
+{%- if add_generation_prompt %}<ASSISTANT>{% endif %}"""
+
+
+def test_templates_render_as_transformers_renders_them(llm):
+    messages = MESSAGES + [{"role": "assistant", "content": "  Two, a prime.  "}, {"role": "user", "content": "And another"}]
+    for template in (BUSY, CHATML, PLAIN):
+        assert llm.render_chat(messages, chat_template=template) == reference(template, messages)
+
+
+def test_a_long_conversation_renders_within_the_budget(pangu_tokenizer):
+    """The budget grows with what a template is given: a 20M-character message, 20,000 messages
+    (Pangu's real template); a busy template's many copies of a 1M-character message, and its
+    1,000 messages (a list grown by one item a message)."""
+    long = [{"role": "user", "content": "字" * 20_000_000}]
+    assert len(pangu_tokenizer.apply_chat_template(long)) > 20_000_000
+    many = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(20_000)]
+    assert pangu_tokenizer.apply_chat_template(many).count("turn") == 20_000
+    assert len(pangu_tokenizer.apply_chat_template([{"role": "user", "content": "字" * 1_000_000}], chat_template=BUSY)) > 1_000_000
+    assert pangu_tokenizer.apply_chat_template(many[:1000], chat_template=BUSY).count("turn") > 1000
