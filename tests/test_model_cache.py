@@ -99,6 +99,27 @@ def _mapped_from(address: int):
     return None
 
 
+def test_the_memory_check_reads_the_header_once_and_a_cache_hit_by_its_file(tiny_file, cache_dir, monkeypatch):
+    """The check before a load (loader.check_weights_fit) costs a start no second header read: on a
+    miss it counts the header the load reads, on a hit the converted model's file (no header at
+    all); either way a model that does not fit is refused."""
+    from pangu_infer import memory
+
+    calls = _conversions(monkeypatch)
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls.count("header") == 1 and "convert" in calls
+    (written,) = _files(cache_dir)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: written.stat().st_size // 2)
+    calls.clear()
+    with pytest.raises(ValueError, match="needs about .* GiB of memory for its weights"):
+        LLM(str(tiny_file), enforce_eager=True)
+    assert "convert" not in calls  # (the refusal reads the header for its hints)
+    calls.clear()
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: written.stat().st_size * 2)
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []
+
+
 def test_a_changed_file_invalidates_its_cache(tiny_file, cache_dir, monkeypatch):
     LLM(str(tiny_file), enforce_eager=True)
     (old,) = _files(cache_dir)

@@ -151,7 +151,8 @@ def load_serving_model(
     from pangu_infer.models.packed import can_pack, pack_linears
 
     path = resolve_model_path(model)
-    check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half=bf16_weights)
+    if not path.endswith(".gguf"):  # (a GGUF file is checked as it loads: _load_gguf)
+        check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half=bf16_weights)
     half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if bf16_weights else None
     if half is not None:
         return load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half)
@@ -173,6 +174,7 @@ def weights_bytes(
     device: torch.device = torch.device("cpu"),
     tensor_parallel_size: int = 1,
     ranks: Optional[Iterable[int]] = None,
+    ckpt: Any = None,
 ) -> int:
     """Resident bytes of the weights a load of `path` holds, from its config or GGUF header alone (no
     tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
@@ -182,7 +184,7 @@ def weights_bytes(
 
     tensor_parallel_size > 1: the sum of the shards of `ranks` (all by default), each counted from
     the model as that rank builds it (heads and MLP columns split, the embedding on every rank, the
-    LM head on rank 0 only)."""
+    LM head on rank 0 only). `ckpt`: the GGUF file's header, if read already (read_gguf)."""
     from pangu_infer.parallel.state import ParallelState, building_shard
     from pangu_infer.quant.loading import quantized_weight_bytes, resolve_quantization
 
@@ -190,7 +192,7 @@ def weights_bytes(
     if gguf:
         from pangu_infer.loader.gguf import read_gguf
 
-        ckpt = read_gguf(path)
+        ckpt = ckpt if ckpt is not None else read_gguf(path)
         cfg = ModelConfig.from_hf_dict(ckpt.config)
         half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
     else:
@@ -230,10 +232,14 @@ def check_weights_fit(
     tensor_parallel_size: int = 1,
     ranks: Optional[Iterable[int]] = None,
     available: Optional[int] = None,
+    ckpt: Any = None,
+    need: Optional[int] = None,
 ) -> None:
     """A ValueError naming the model, what its weights need and what the machine has, before a CPU
     load that cannot fit in memory starts (the kernel would kill it part way, with no message).
-    PANGU_INFER_MEMORY_CHECK=0 skips it. `available`: the memory measured earlier (default: now).
+    PANGU_INFER_MEMORY_CHECK=0 skips it. `available`: the memory measured earlier (default: now);
+    `need`: the weights' bytes, where known without an estimate (a converted model's cache file);
+    `ckpt`: a GGUF file's header, if read already.
 
     Tensor parallelism: the ranks on one host share its memory, so the launcher checks once, before
     any rank loads, the shards of all the host's ranks together (`tensor_parallel_size`, `ranks`:
@@ -245,7 +251,8 @@ def check_weights_fit(
     if device.type != "cpu" or current_parallel_state().is_parallel or os.environ.get(MEMORY_CHECK_ENV, "1").strip() == "0":
         return
     ranks = None if ranks is None else list(ranks)
-    need = weights_bytes(path, dtype, quantization, offload_experts, keep_half, device, tensor_parallel_size, ranks)
+    if need is None:
+        need = weights_bytes(path, dtype, quantization, offload_experts, keep_half, device, tensor_parallel_size, ranks, ckpt)
     have = available_memory_bytes() if available is None else available
     if need <= have:
         return
@@ -333,6 +340,9 @@ def _load_gguf(
     use_cache = model_cache.enabled() and device.type == "cpu" and not current_parallel_state().is_parallel
     if use_cache:
         key = model_cache.cache_key(path, dtype, device, quantization)
+        converted = model_cache.cache_file(key)
+        if converted.is_file():  # the converted model maps from it: its size is what the weights take
+            check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half, need=converted.stat().st_size)
         hit = model_cache.load(path, key, _build_cached)
         if hit is not None:
             cached, extras = hit
@@ -340,6 +350,7 @@ def _load_gguf(
             tok = tokenizer_from_spec(extras["tokenizer_spec"], path) if load_tokenizer else None
             return LoadedModel(cached, ModelConfig.from_hf_dict(extras["config"]), tok, {}, path)
     ckpt = read_gguf(path)
+    check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half, ckpt=ckpt)  # (its header read once)
     cfg = ModelConfig.from_hf_dict(ckpt.config)
     net = build_model_on_meta(cfg)
     half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
