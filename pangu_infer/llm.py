@@ -297,8 +297,9 @@ class LLM:
         return tok.encode(text, add_special_tokens=not (bos_text and text.startswith(bos_text)))
 
     @torch.inference_mode()
-    def logits(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Full forward of one sequence without the KV cache: float32 [len(token_ids), vocab]."""
+    def logits(self, token_ids: Sequence[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
+        """Full forward of one sequence without the KV cache: float32 [len(token_ids), vocab]; with
+        `lora_request` (an engine started with enable_lora=True), that adapter's, loaded if needed."""
         ids = list(token_ids)
         if not ids:
             raise ValueError("logits() needs at least one token id")
@@ -306,9 +307,18 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        engine = self.engine
+        lora = self.model.__dict__.get("_lora_state")  # (models/lora.py) the adapters' per-row slots
+        slot = -1
+        if lora_request is not None:
+            engine.add_lora(lora_request)  # (a ValueError where LoRA is off or the adapter is bad)
+            slot = engine.loras.add(lora_request)[1]
         x = torch.tensor(ids, dtype=torch.long, device=self.device)
-        hidden = self.model(x, torch.arange(len(ids), device=self.device), None)
-        return self.model.compute_logits(hidden).cpu()
+        with engine.runner.bind():  # the model's lock, as a step holds it
+            if lora is not None:  # this call's rows, never the last step's
+                lora.set_rows(None if slot < 0 else [slot] * len(ids))
+            hidden = self.model(x, torch.arange(len(ids), device=self.device), None)
+            return self.model.compute_logits(hidden).cpu()
 
     def moe_stats(self) -> dict:
         """Per-layer tokens per expert (and per group for MoGE), and imbalance scores (MoE models only)."""

@@ -184,6 +184,23 @@ def test_a_request_blocked_on_a_slot_does_not_hold_back_one_whose_adapter_loaded
     assert [r.lora_name for r in engine.list_loras()] == ["attn2"]
 
 
+def test_llm_logits_take_an_adapter_and_never_the_last_steps(tiny_dense_dir, lora_adapters, base_reference):
+    """LLM.logits: PEFT's logits with lora_request, transformers' base logits without, whatever
+    adapters the last engine step ran with (its rows' slots are still in the slot table)."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20, enable_lora=True, max_loras=2)
+    reqs = requests(lora_adapters)
+    ids = PROMPTS[0]
+    with torch.no_grad():
+        base = base_reference(torch.tensor([ids])).logits[0].float()
+    with_full = lora_adapters["full"].logits(ids)
+    llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, max_tokens=2), lora_request=reqs["full"], use_tqdm=False)
+    torch.testing.assert_close(llm.logits(ids), base, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llm.logits(ids, lora_request=reqs["full"]), with_full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(llm.logits(ids), base, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="enable_lora=True"):
+        LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=8 << 20).logits(ids, lora_request=reqs["full"])
+
+
 def test_remove_lora(lora_llm, lora_adapters):
     engine = lora_llm.engine
     reqs = requests(lora_adapters)
