@@ -10,7 +10,8 @@
   schema of false (refused naming structured_outputs, a field the request did not have);
 - an unknown key in the Responses API's text or reasoning (text.verbosity, which would change the
   reply) or the Messages API's output_config or thinking: ignored, as no top-level field is;
-- max_completion_tokens or max_output_tokens of 0: refused as "max_tokens=0", a field the request did not have;
+- max_completion_tokens or max_output_tokens of 0, or past the context: refused naming "max_tokens", a
+  field the request did not have;
 - a logit_bias key of 4300+ digits: int() refuses it with a ValueError, a 500; two keys of one
   token ("1" and "01"): one bias silently won; digits of other scripts ("１", "٣") read as token ids;
 - allowed_token_ids of millions of ids (a 20 MB body): every step turned the whole list into a
@@ -210,6 +211,18 @@ def test_the_responses_api_echoes_text_and_reasoning_as_given(http):
 def test_a_length_below_one_is_refused_under_the_name_it_was_given(http, path, field, value):
     body = {k: v for k, v in BASES[path].items() if not k.startswith("max_")}
     assert "greater than or equal to 1" in _error(http.post(path, json={**body, field: value}), field)
+
+
+@pytest.mark.parametrize(("path", "field"), [
+    ("/v1/chat/completions", "max_completion_tokens"), ("/v1/chat/completions", "max_tokens"),
+    ("/v1/responses", "max_output_tokens"), ("/v1/messages", "max_tokens"),
+])
+def test_a_length_past_the_context_is_refused_under_the_name_it_was_given(http, path, field):
+    body = {k: v for k, v in BASES[path].items() if not k.startswith("max_")}
+    message = _error(http.post(path, json={**body, field: 1000}), field)  # the context: 256 tokens
+    assert f"{field} (1000)" in message and "more than the model's context of 256 tokens" in message
+    assert field == "max_tokens" or "max_tokens" not in message.replace(field, "")
+    _still_serves(http)
 
 
 # ---------------------------------------------------------------------- logit_bias keys
