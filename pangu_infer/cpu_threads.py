@@ -4,8 +4,8 @@ default (the cores this process may run on), cut to the CPUs a cgroup CPU quota 
 A container given `--cpus=4` (Docker) or a CPU limit of 4 (Kubernetes) on a 64-core host still sees
 all 64 cores: torch starts 32 or 64 OpenMP threads, the quota lets them run 4 CPUs' worth of time per
 period, and every parallel product waits on threads the kernel has paused until the next period.
-Decode under a 1-CPU quota on 2 cores ran 3-4 tok/s with 2 threads and 12+ tok/s with 1
-(benchmarks/RESULTS.md, "threads under a CPU quota"). A quota of q CPUs gets floor(q) threads (at
+Decode of the demo model under a 1-CPU quota on 2 cores ran 9.6 tok/s with 2 threads and 30.7 with
+1 (benchmarks/cpu_quota.py; benchmarks/RESULTS.md, "threads under a CPU quota"). A quota of q CPUs gets floor(q) threads (at
 least 1). OMP_NUM_THREADS or MKL_NUM_THREADS, when set, is the user's choice and is kept.
 
 Layer 1 (no imports from the rest of the package but pangu_infer.memory's cgroup paths).
