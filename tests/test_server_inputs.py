@@ -307,3 +307,16 @@ def test_the_app_raises_nothing_to_the_server_after_its_500(poisoned_app):
     with TestClient(poisoned_app, raise_server_exceptions=True) as client:  # (re-raises what reaches the server)
         for fault in FAULTS:
             assert client.post("/v1/completions", json=fault).status_code == 500
+
+
+# ---------------------------------------------------------------------- enable_thinking
+@pytest.mark.parametrize("value", ["yes", 1, [True]])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_bad_enable_thinking_is_refused_naming_it_not_messages(http, path, value):
+    body = {**BASES[path if path != "/tokenize" else "/v1/chat/completions"], "chat_template_kwargs": {"enable_thinking": value}}
+    if path == "/tokenize":
+        del body["max_tokens"]
+    message = _error(http.post(path, json=body), "chat_template_kwargs.enable_thinking")
+    assert "chat_template_kwargs.enable_thinking must be true, false or \"auto\"" in message
+    for good in (False, "auto"):  # (rendered, not refused)
+        assert http.post(path, json={**body, "chat_template_kwargs": {"enable_thinking": good}}).status_code == 200

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
 from pangu_infer.engine.sequence import Logprob
+from pangu_infer.errors import short_repr
 from pangu_infer.outputs import CompletionOutput
 from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError
@@ -110,6 +111,10 @@ def checked_template_kwargs(given: Optional[dict]) -> dict:
     reserved = sorted(RESERVED_TEMPLATE_KWARGS & template_kwargs.keys())
     if reserved:
         raise APIError(400, f"chat_template_kwargs may not set {', '.join(reserved)}: the server sets them", param="chat_template_kwargs")
+    thinking = template_kwargs.get("enable_thinking")
+    if thinking not in (None, "auto") and not isinstance(thinking, bool):  # (render_chat's ValueError named messages)
+        raise APIError(400, f"chat_template_kwargs.enable_thinking must be true, false or \"auto\", got {short_repr(thinking)}",
+                       param="chat_template_kwargs.enable_thinking")
     return template_kwargs
 
 
