@@ -320,3 +320,14 @@ def test_a_bad_enable_thinking_is_refused_naming_it_not_messages(http, path, val
     assert "chat_template_kwargs.enable_thinking must be true, false or \"auto\"" in message
     for good in (False, "auto"):  # (rendered, not refused)
         assert http.post(path, json={**body, "chat_template_kwargs": {"enable_thinking": good}}).status_code == 200
+
+
+# ---------------------------------------------------------------------- the Responses API's input items
+def test_a_function_call_item_of_bad_arguments_is_refused_naming_the_item(http):
+    items = [{"role": "user", "content": "hi"}, {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+             {"type": "function_call_output", "call_id": "c1", "output": "ok"},
+             {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{not json"}]
+    body = {**BASES["/v1/responses"], "instructions": "be brief", "input": items}  # (a system turn first: messages[k] != input[k])
+    assert "input[3].arguments is not valid JSON" in _error(http.post("/v1/responses", json=body), "input[3].arguments")
+    items[3]["arguments"] = '{"a": 1}'
+    assert http.post("/v1/responses", json=body).status_code == 200

@@ -94,7 +94,7 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
             messages.append({"role": role, "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": _field(item, "call_id", where), "type": "function",
-                    "function": {"name": _field(item, "name", where), "arguments": _field(item, "arguments", where)}}
+                    "function": {"name": _field(item, "name", where), "arguments": _arguments(item, where)}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
                 # a reply's message and calls (or parallel calls) are one assistant turn
@@ -473,6 +473,18 @@ def _field(item: dict, key: str, where: str) -> str:
     if not isinstance(value, str):
         raise APIError(400, f"{where}.{key} must be a string", param=f"{where}.{key}")
     return value
+
+
+def _arguments(item: dict, where: str) -> str:
+    """A function_call item's arguments: a string of JSON (the prompt writes the call as JSON; the
+    chat renderer's error named messages[k], an index into the converted conversation)."""
+    arguments = _field(item, "arguments", where)
+    try:
+        if arguments.strip():
+            json.loads(arguments)
+    except (ValueError, RecursionError):
+        raise APIError(400, f"{where}.arguments is not valid JSON: {json.dumps(arguments)[:200]}", param=f"{where}.arguments") from None
+    return arguments
 
 
 def _id(prefix: str) -> str:
