@@ -331,3 +331,20 @@ def test_a_function_call_item_of_bad_arguments_is_refused_naming_the_item(http):
     assert "input[3].arguments is not valid JSON" in _error(http.post("/v1/responses", json=body), "input[3].arguments")
     items[3]["arguments"] = '{"a": 1}'
     assert http.post("/v1/responses", json=body).status_code == 200
+
+
+# ---------------------------------------------------------------------- schemas of other APIs' fields
+@pytest.mark.parametrize(("path", "field", "param", "says"), [
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": False}}}, "text.format.schema",
+     "text.format.schema is the JSON schema false"),
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nope"}}}}, "text.format.schema",
+     "text.format.schema is invalid"),  # (refused when it compiles, at admission)
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": "{}"}}}, "text.format.schema",
+     "text.format.schema must be a JSON schema"),
+    ("/v1/messages", {"output_config": {"format": {"type": "json_schema", "schema": {"type": "nope"}}}}, "output_config.format.schema",
+     "output_config.format.schema is invalid"),
+])
+def test_a_bad_schema_is_named_as_the_api_names_it_not_response_format(http, path, field, param, says):
+    message = _error(http.post(path, json={**BASES[path], **field}), param)
+    assert says in message and "response_format" not in message
+    _still_serves(http)

@@ -297,12 +297,16 @@ def finite(logprob: float) -> float:
     return max(float(logprob), -9999.0)
 
 
-def chat_request(fields: dict[str, Any]) -> ChatCompletionRequest:
+def chat_request(fields: dict[str, Any], schema_param: Optional[str] = None) -> ChatCompletionRequest:
     """The chat request another API's request maps to (None fields left out); a field it got
-    wrong is a 400 naming where."""
+    wrong is a 400 naming where. schema_param: where that API's request gave the schema it maps
+    to response_format (errors about the schema name it)."""
     try:
-        return ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
+        req = ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
+    if schema_param is not None:
+        req._schema_param = schema_param
+    return req

@@ -112,7 +112,7 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
             fields["chat_template_kwargs"] = {"enable_thinking": False}
         else:
             raise APIError(400, f"thinking.type is {kind!r}; expected enabled, adaptive or disabled", param="thinking.type")
-    return chat_request(fields)
+    return chat_request(fields, schema_param="output_config.format.schema")
 
 
 def content_blocks(message: dict, stop_text: Optional[str] = None) -> list[dict]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from pangu_infer.sampling_params import MAX_STOP_STRINGS
@@ -188,6 +188,9 @@ class ChatCompletionRequest(SamplingFields):
     )
     # accepted and ignored (IGNORED_FIELDS)
     prediction: Optional[dict[str, Any]] = None
+    # Not a field: where the client gave response_format's schema, for the errors about it (the
+    # Responses API's text.format.schema, Messages' output_config.format.schema; chat_api.chat_request).
+    _schema_param: str = PrivateAttr("response_format.json_schema")
 
 
 class CompletionRequest(SamplingFields):

@@ -151,7 +151,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
         "top_logprobs": req.top_logprobs,
         "stream": req.stream,
     }
-    return chat_request(fields)
+    return chat_request(fields, schema_param="text.format.schema")
 
 
 def output_items(message: dict, finish_reason: Optional[str], logprobs: Optional[list[dict]]) -> list[dict]:
@@ -451,6 +451,9 @@ def _response_format(fmt: Optional[dict]) -> Optional[dict]:
     if fmt.get("type") == "json_object":
         return {"type": "json_object"}
     if fmt.get("type") == "json_schema":
+        if "schema" in fmt and not isinstance(fmt["schema"], (dict, bool)):
+            raise APIError(400, f"text.format.schema must be a JSON schema (an object), got {json.dumps(fmt['schema'])[:200]}",
+                           param="text.format.schema")
         schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
         return {"type": "json_schema", "json_schema": schema}
     raise APIError(400, f"text.format.type is {fmt.get('type')!r}; expected text, json_object or json_schema", param="text.format")

@@ -30,7 +30,7 @@ def request_constraint(req: Any) -> Optional[StructuredOutputsParams]:
     found: list[tuple[str, StructuredOutputsParams]] = []
     rf = req.response_format
     if rf is not None and rf.type != "text":
-        found.append(("response_format", _response_format(rf)))
+        found.append(("response_format", _response_format(rf, getattr(req, "_schema_param", "response_format.json_schema"))))
     if req.structured_outputs is not None:
         given = req.structured_outputs.model_dump(exclude_none=True, by_alias=True)
         found.append(("structured_outputs", _build(given, None)))
@@ -44,7 +44,8 @@ def request_constraint(req: Any) -> Optional[StructuredOutputsParams]:
     return found[0][1] if found else None
 
 
-def _response_format(rf: Any) -> StructuredOutputsParams:
+def _response_format(rf: Any, schema_param: str) -> StructuredOutputsParams:
+    """schema_param: the name errors give the schema, as the client sent it (another API's field)."""
     if rf.type == "json_object":
         return _build({"json_object": True}, "response_format")
     if rf.type == "json_schema":
@@ -56,7 +57,7 @@ def _response_format(rf: Any) -> StructuredOutputsParams:
             )
         # OpenAI: a missing schema means any JSON object
         schema = spec.get("schema", {"type": "object"})
-        return _build({"json": schema}, "response_format.json_schema")
+        return _build({"json": schema}, schema_param)
     raise APIError(
         400, f"response_format type {short_repr(rf.type)} is not supported: use 'text', 'json_object' or 'json_schema'",
         param="response_format",
