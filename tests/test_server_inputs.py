@@ -348,3 +348,26 @@ def test_a_bad_schema_is_named_as_the_api_names_it_not_response_format(http, pat
     message = _error(http.post(path, json={**BASES[path], **field}), param)
     assert says in message and "response_format" not in message
     _still_serves(http)
+
+
+# ---------------------------------------------------------------------- tool names
+CHAT_TOOL, SHAPED_TOOL = {"type": "function", "function": {"name": "f"}}, {"type": "function", "name": "f"}
+
+
+@pytest.mark.parametrize(("path", "tools", "param"), [
+    ("/v1/chat/completions", [CHAT_TOOL, {"type": "function", "function": {"name": "g"}}, CHAT_TOOL], "tools"),
+    ("/tokenize", [CHAT_TOOL, CHAT_TOOL], "tools"),
+    ("/v1/responses", [SHAPED_TOOL, SHAPED_TOOL], "tools"),
+    ("/v1/messages", [{"name": "f"}, {"name": "f"}], "tools"),
+    ("/v1/chat/completions", [{"type": "function", "function": {"name": ""}}], "tools.0.function.name"),
+    ("/v1/responses", [SHAPED_TOOL, {"type": "function", "name": ""}], "tools[1].name"),
+    ("/v1/messages", [{"name": ""}], "tools[0].name"),
+])
+def test_tool_names_are_unique_and_not_empty(http, path, tools, param):
+    body = {**BASES["/v1/chat/completions"], "max_tokens": None} if path == "/tokenize" else BASES[path]
+    message = _error(http.post(path, json={**{k: v for k, v in body.items() if v is not None}, "tools": tools}), param)
+    assert ("tool names must be unique" if param == "tools" else "at least 1 character" if "function" in param else "non-empty") in message
+    if param == "tools":
+        assert ("tools[0] and tools[2]" if len(tools) == 3 else "tools[0] and tools[1]") in message
+    if path == "/tokenize":  # tools of distinct names: taken
+        assert http.post(path, json={"messages": MESSAGES, "tools": [CHAT_TOOL, {"type": "function", "function": {"name": "g"}}]}).status_code == 200

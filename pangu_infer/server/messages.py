@@ -312,6 +312,8 @@ def _tool(tool: Any, where: str) -> dict:
     if not isinstance(tool, dict) or tool.get("type", "custom") != "custom" or not isinstance(tool.get("name"), str):
         raise APIError(400, f"{where} must be a client tool {{'name', 'description', 'input_schema'}}; server tools "
                        "(web search, code execution, ...) do not run here", param=where)
+    if not tool["name"]:
+        raise APIError(400, f"{where}.name must be a non-empty string", param=f"{where}.name")
     spec = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
     if tool.get("description") is not None:
         spec["description"] = tool["description"]

@@ -10,9 +10,9 @@ admission (pangu_infer.engine.admission), whose RequestError names the parameter
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from pangu_infer.sampling_params import MAX_STOP_STRINGS
@@ -70,7 +70,7 @@ class StructuredOutputs(_Request):
 
 
 class FunctionSpec(_Request):
-    name: str
+    name: str = Field(min_length=1)  # (OpenAI refuses an empty name; the reply could not call it)
     description: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     strict: Optional[bool] = None
@@ -79,6 +79,20 @@ class FunctionSpec(_Request):
 class Tool(_Request):
     type: Literal["function"] = "function"
     function: FunctionSpec
+
+
+def _unique_names(tools: list[Tool]) -> list[Tool]:
+    """Tools of one name each (Anthropic refuses two of one name too): a call names the tool it calls."""
+    first: dict[str, int] = {}
+    for i, tool in enumerate(tools):
+        k = first.setdefault(tool.function.name, i)
+        if k != i:
+            raise PydanticCustomError("duplicate_tool_name", "tools[{k}] and tools[{i}] are both named {name}; tool names must be unique",
+                                      {"k": k, "i": i, "name": repr(tool.function.name)[:80]})
+    return tools
+
+
+Tools = Annotated[list[Tool], AfterValidator(_unique_names)]
 
 
 class NamedToolChoiceFunction(_Request):
@@ -166,7 +180,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # (a 0 is refused naming this field, not max_tokens)
     logprobs: bool = False
     top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: Optional[list[Tool]] = None
+    tools: Optional[Tools] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
         None, description='extra chat template variables, e.g. {"enable_thinking": false}'
@@ -209,7 +223,7 @@ class TokenizeRequest(_Request):
     add_special_tokens: bool = Field(True, description="prompt only: BOS first when the model wants one")
     add_generation_prompt: bool = True
     continue_final_message: bool = False
-    tools: Optional[list[Tool]] = None
+    tools: Optional[Tools] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
     chat_template: Optional[str] = None
     return_token_strs: bool = False

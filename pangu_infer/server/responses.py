@@ -429,6 +429,9 @@ def _tools(req: ResponsesRequest) -> tuple[Optional[list[dict]], Any]:
         for i, tool in enumerate(req.tools):
             if tool.get("type") != "function":
                 raise APIError(400, f"tools[{i}] has type {tool.get('type')!r}; this server runs function tools only", param=f"tools[{i}]")
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                raise APIError(400, f"tools[{i}].name must be a non-empty string, got {json.dumps(tool.get('name'))[:100]}",
+                               param=f"tools[{i}].name")
             spec = {key: tool[key] for key in ("name", "description", "parameters", "strict") if tool.get(key) is not None}
             tools.append({"type": "function", "function": spec})
     choice: Any = req.tool_choice
