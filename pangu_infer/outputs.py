@@ -36,8 +36,12 @@ class RequestOutput:
     finished: bool
     metrics: dict = field(default_factory=dict)  # ttft, tpot (seconds), cached prompt tokens
     reasoning: Optional[str] = None  # set by LLM.chat when the model wrote a thinking part
-    # set when the request failed inside the engine (finish_reason "error"); the log has the traceback
+    # set when the request failed (finish_reason "error"): a generic message for a fault of the
+    # engine (the log has the traceback), or what was wrong with the request's own input
     error: Optional[str] = None
+    # the request field at fault when its own input made it fail (a grammar that allows nothing
+    # more names "structured_outputs.json", or the server's "response_format"); None for the engine's
+    error_param: Optional[str] = None
     # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (vLLM's
     # shape); complete once the prompt is computed (the first output with a generated token)
     prompt_logprobs: Optional[list[Optional[Logprob]]] = None

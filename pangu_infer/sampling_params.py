@@ -59,7 +59,7 @@ class StructuredOutputsParams:
             )
         kind = set_fields[0]
         value = getattr(self, kind)
-        param = self.param_name or f"structured_outputs.{kind}"
+        param = self.param
         if kind in ("json", "structural_tag"):
             if isinstance(value, str):
                 try:
@@ -82,6 +82,11 @@ class StructuredOutputsParams:
     @property
     def kind(self) -> str:
         return next(name for name in _STRUCTURED_KINDS if getattr(self, name) not in (None, False))
+
+    @property
+    def param(self) -> str:
+        """The field errors about this constraint name: `param_name`, or structured_outputs.<kind>."""
+        return self.param_name or f"structured_outputs.{self.kind}"
 
     def key(self) -> tuple[str, str]:
         """(kind, canonical text): what the compiled-grammar cache is keyed by."""

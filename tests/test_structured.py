@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import jsonschema
@@ -215,3 +216,63 @@ def test_bad_constraints_are_a_400_naming_the_field(client, server, extra, param
     assert not re.search(r"\[\d\d:\d\d:\d\d\]|/project/|\.cc\b|Check failed|std::", info.value.body["message"]), info.value.body
     # and the server still serves
     assert client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=2).choices
+
+
+# Compiles, but every reply dead-ends: the one required property's pattern matches no text.
+DEAD_END = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}}, "required": ["a"]}
+
+
+def test_a_schema_that_dead_ends_is_a_400_naming_it_and_touches_no_other_request(client, server):
+    """xgrammar compiles it and the check at admission passes it; the reply then reaches `{"a": "`,
+    after which the grammar allows nothing. Not streamed: a 400 naming response_format's schema;
+    streamed: an error event saying the same after the 200; a request running beside them gets the
+    tokens it gets alone."""
+    dead = {"type": "json_schema", "json_schema": {"name": "dead", "schema": DEAD_END}}
+    beside = dict(model=server.model, messages=MESSAGES, max_tokens=24, temperature=0)
+    alone = client.chat.completions.create(**beside).choices[0].message.content
+    with ThreadPoolExecutor(2) as pool:
+        neighbour = pool.submit(lambda: client.chat.completions.create(**beside))
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=30, response_format=dead)
+        assert neighbour.result().choices[0].message.content == alone
+    body = info.value.body
+    assert body["param"] == "response_format.json_schema", body
+    assert body["message"].startswith("response_format.json_schema allows no next token after the "), body
+    assert "inside the engine" not in body["message"] and "internal" not in body["message"], body
+    stream = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=30, response_format=dead, stream=True)
+    text = ""
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+    assert text == '{"a": "'
+    assert info.value.body["param"] == "response_format.json_schema", info.value.body
+    assert info.value.body["type"] == "invalid_request_error", info.value.body
+    assert info.value.message.startswith("response_format.json_schema allows no next token"), info.value.message
+
+
+def _events(server, path: str, body: dict) -> list[dict]:
+    import httpx
+
+    with httpx.stream("POST", f"{server.url}{path}", json=body, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        return [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_a_dead_end_streamed_on_the_responses_and_messages_apis_is_the_clients_error(server):
+    """After the 200, the Responses API's error event and the Messages API's say what the client's
+    constraint did (a tool whose schema dead-ends, on the Messages API), not an internal error."""
+    events = _events(server, "/v1/responses", {
+        "model": server.model, "input": "Describe a person.", "max_output_tokens": 30, "stream": True,
+        "text": {"format": {"type": "json_schema", "name": "dead", "schema": DEAD_END}},
+    })
+    error = events[-1]
+    assert error["type"] == "error" and "allows no next token" in error["message"], error
+    assert error["param"] and error["code"] is None, error
+    tool = {"name": "dead", "input_schema": DEAD_END}
+    events = _events(server, "/v1/messages", {
+        "model": server.model, "max_tokens": 30, "stream": True, "messages": [{"role": "user", "content": "Call it."}],
+        "tools": [tool], "tool_choice": {"type": "any"},
+    })
+    error = events[-1]
+    assert error["type"] == "error", error
+    assert error["error"]["type"] == "invalid_request_error" and "tools allows no next token" in error["error"]["message"], error

@@ -233,3 +233,28 @@ def test_a_slow_compile_holds_up_no_other_grammar_and_compiles_once(pangu_tokeni
         second.join(30)
     assert results["first"] is results["second"]
     assert sum("slow" in text for text in calls) == 1
+
+
+DEAD_END = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}}, "required": ["a"]}
+
+
+def test_a_dead_end_further_on_is_the_requests_error_and_drafts_stop_before_it(grammars, pangu_tokenizer):
+    """The check at admission passes it (the first tokens branch); after `{"a": "` the grammar
+    allows nothing. Filling that mask is a GrammarDeadEnd naming the field (a RequestError: the
+    client's 400); a draft through it is verified only up to the token that leads there."""
+    spec = StructuredOutputsParams(json=DEAD_END, param_name="response_format.json_schema")
+    compiled = grammars.compile(spec)
+    prefix = pangu_tokenizer.encode('{"a": "', add_special_tokens=False)[1:]  # (after SentencePiece's leading '▁')
+    state = StructuredState(compiled, None, [], None, param=spec.param)
+    bitmask = allocate_bitmask(len(prefix) + 1, pangu_tokenizer.vocab_size)
+    rows, keep = state.draft_masks(prefix, bitmask)
+    assert (rows, keep) == (list(range(len(prefix))), len(prefix) - 1)
+    assert state.answer_tokens == 0  # the matcher is left as it was
+    for token in prefix:
+        state.accept(token)
+    with pytest.raises(structured.GrammarDeadEnd) as info:
+        state.fill_mask(allocate_bitmask(1, pangu_tokenizer.vocab_size), 0)
+    assert isinstance(info.value, RequestError) and info.value.param == "response_format.json_schema"
+    assert str(info.value).startswith(f"response_format.json_schema allows no next token after the {len(prefix)} tokens")
+    with pytest.raises(structured.GrammarDeadEnd):
+        state.draft_masks([prefix[0]], allocate_bitmask(2, pangu_tokenizer.vocab_size))

@@ -201,3 +201,33 @@ def test_constrained_requests_take_speculative_drafts_and_keep_their_tokens(tiny
     sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=200, n=3, structured_outputs=constrained)
     for c in spec.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs:
         jsonschema.validate(json.loads(c.text), SPEC_SCHEMA)
+
+
+# Compiles (the check at admission sees the path it forces token by token branch at once), but every
+# reply dead-ends: the object's one required property is a string whose pattern matches no text.
+DEAD_END = {"type": "object", "properties": {"a": {"type": "string", "pattern": "[^\\s\\S]"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize("speculation", [None, "prompt lookup", "draft model"])
+def test_a_grammar_that_dead_ends_ends_its_request_alone_naming_its_field(tiny_dense_dir, speculation):
+    """Its grammar allows no token after `{"a": "`: that request ends with finish_reason "error", the
+    message and field of a client's error (not "failed inside the engine"), and the request beside
+    it in the same steps gets the tokens it gets alone; with drafts (prompt lookup, or a draft
+    model equal to the target whose drafts run into the dead end) as well."""
+    kw = dict(dtype="float32", kv_cache_memory=16 << 20, enforce_eager=True)
+    spec_kw = {} if speculation is None else {"num_speculative_tokens": 4}
+    if speculation == "draft model":
+        spec_kw["speculative_model"] = str(tiny_dense_dir)
+    llm = LLM(str(tiny_dense_dir), **kw, **spec_kw)
+    good = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=SPEC_SCHEMA))
+    alone = llm.generate(["List three items."], good, use_tqdm=False)[0].outputs[0].token_ids
+    dead = SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=DEAD_END))
+    # (the prompt holds the dead end's prefix, for prompt lookup's drafts)
+    bad, ok = llm.generate(['{"a": "{"a": "{"a": "', "List three items."], [dead, good], use_tqdm=False)
+    assert bad.outputs[0].finish_reason == "error"
+    assert bad.error_param == "structured_outputs.json", bad.error
+    assert bad.error.startswith("structured_outputs.json allows no next token after the "), bad.error
+    assert bad.outputs[0].text == '{"a": "'
+    assert ok.error is None and ok.outputs[0].token_ids == alone
+    if speculation is not None:
+        assert llm.engine.stats()["spec_accepted_tokens"] > 0

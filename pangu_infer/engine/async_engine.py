@@ -158,8 +158,8 @@ class AsyncEngine:
                     finished = True
                     raise item
                 finished = item.finished
-                if item.error is not None:
-                    raise RequestFailedError(item.error)
+                if item.error is not None:  # the request's own input at fault (a 400), or the engine's
+                    raise RequestError(item.error, param=item.error_param) if item.error_param else RequestFailedError(item.error)
                 yield item
         finally:
             if not finished and self.is_running:

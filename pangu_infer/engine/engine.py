@@ -22,7 +22,7 @@ from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.draft_model import DraftModelSpeculator
 from pangu_infer.engine.spec_decode import PromptLookupSpeculator, Speculator
-from pangu_infer.engine.structured import GrammarCache, StructuredState, allocate_bitmask, apply_bitmask, think_markers
+from pangu_infer.engine.structured import GrammarCache, GrammarDeadEnd, StructuredState, allocate_bitmask, apply_bitmask, think_markers
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
@@ -134,6 +134,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     error: Optional[str] = None  # set when the request failed inside the engine
+    error_param: Optional[str] = None  # the request field at fault, when its own input made it fail
     lora_key: int = 0  # the installed LoRA adapter it runs with (engine/lora.py), 0 for none
 
     @property
@@ -346,7 +347,10 @@ class LLMEngine:
             seq.bad_words = bad_words
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
-                seq.structured = StructuredState(compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking)
+                seq.structured = StructuredState(
+                    compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking,
+                    param=params.structured_outputs.param if params.structured_outputs is not None else "structured_outputs",
+                )
             self._next_seq_id += 1
             parent = parent or seq
             req.seqs.append(seq)
@@ -608,7 +612,11 @@ class LLMEngine:
             if masked:
                 bitmask = allocate_bitmask(len(seqs), logits.shape[1])
                 for i in masked:
-                    seqs[i].structured.fill_mask(bitmask, i)
+                    try:
+                        seqs[i].structured.fill_mask(bitmask, i)
+                    except GrammarDeadEnd as e:  # its grammar allows nothing more: it ends, a client error
+                        self._fail(self.requests[seqs[i].request_id], e, touched)
+                        bitmask[i].fill_(-1)  # its row is sampled unmasked with the rest; the pick is dropped
             result = self.sampler(logits, rows, bitmask, masked) if masked else self.sampler(logits, rows)
             picked = list(_picks(result, seqs))
         except Exception:
@@ -637,9 +645,15 @@ class LLMEngine:
             touched[seq.request_id] = req
 
     def _fail(self, req: "_Request", error: BaseException, touched: dict[str, "_Request"]) -> None:
-        """End one request whose own work failed (traceback to the log); its blocks go back."""
-        logger.error("request %s failed inside the engine; ending it alone", req.request_id, exc_info=error)
-        req.error = f"request {req.request_id} failed inside the engine"
+        """End one request whose own work failed; its blocks go back. A RequestError is the request's
+        own input at fault (a grammar with a dead end): its message and field go to the client. Any
+        other error is a fault of the engine: a generic message, the traceback to the log."""
+        if isinstance(error, RequestError):
+            logger.info("request %s ended: %s", req.request_id, error)
+            req.error, req.error_param = str(error), error.param
+        else:
+            logger.error("request %s failed inside the engine; ending it alone", req.request_id, exc_info=error)
+            req.error = f"request {req.request_id} failed inside the engine"
         for seq in req.seqs:
             if not seq.is_finished:
                 seq.finish_reason = "error"
@@ -693,7 +707,9 @@ class LLMEngine:
             try:
                 if seq.structured is not None:  # verified under the grammar's masks at each position
                     bitmask = allocate_bitmask(len(draft) + 1, rows.shape[1])
-                    masked = seq.structured.draft_masks(draft, bitmask)
+                    masked, keep = seq.structured.draft_masks(draft, bitmask)
+                    if keep < len(draft):  # the draft's tail runs into a dead end of the grammar: not verified
+                        draft, rows, bitmask = draft[:keep], rows[: keep + 1], bitmask[: keep + 1]
                     if masked:
                         apply_bitmask(rows, bitmask, masked)
                 tokens = self.speculator.verify(seq, rows, draft)
@@ -724,7 +740,9 @@ class LLMEngine:
             self.scheduler.finish(seq)
 
     def _output(self, req: _Request) -> RequestOutput:
-        return output.request_output(req.request_id, req.prompt, req.prompt_token_ids, req.seqs, req.finished, req.error)
+        return output.request_output(
+            req.request_id, req.prompt, req.prompt_token_ids, req.seqs, req.finished, req.error, req.error_param
+        )
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict:

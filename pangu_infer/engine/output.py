@@ -50,7 +50,8 @@ def check_stop_strings(seq: Sequence, prev_len: int) -> Optional[str]:
 
 
 def request_output(
-    request_id: str, prompt: Optional[str], prompt_token_ids: list[int], seqs: list[Sequence], finished: bool, error: Optional[str]
+    request_id: str, prompt: Optional[str], prompt_token_ids: list[int], seqs: list[Sequence], finished: bool,
+    error: Optional[str], error_param: Optional[str] = None,
 ) -> RequestOutput:
     """What a request's sequences have produced since the last call, with the totals so far."""
     outs = []
@@ -87,4 +88,5 @@ def request_output(
         "num_preemptions": sum(s.num_preemptions for s in seqs),
     }
     prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None else None
-    return RequestOutput(request_id, prompt, prompt_token_ids, outs, finished, metrics, error=error, prompt_logprobs=prompt_logprobs)
+    return RequestOutput(request_id, prompt, prompt_token_ids, outs, finished, metrics, error=error, error_param=error_param,
+                         prompt_logprobs=prompt_logprobs)

@@ -420,6 +420,13 @@ def _xgrammar_message(error: BaseException, kind: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
 
+class GrammarDeadEnd(RequestError):
+    """A grammar that allows no next token after what the reply holds, a dead end the check at
+    admission (`_matches_something`) cannot see: no reply satisfies it (an object property it
+    requires whose pattern matches no text, a character no token of this model writes). The
+    request's own fault, named by its field (the server's 400), not a fault of the engine."""
+
+
 class StructuredState:
     """One sequence's constraint: its thinking phase, its thinking budget and its grammar matcher."""
 
@@ -430,11 +437,14 @@ class StructuredState:
         prompt_token_ids: Sequence[int],
         max_reasoning_tokens: Optional[int],
         allow_thinking: bool = False,
+        param: str = "structured_outputs",
     ):
         import xgrammar as xgr
 
         self.compiled = compiled  # this request's own reference: the cache may evict it meanwhile
         self.matcher = xgr.GrammarMatcher(compiled) if compiled is not None else None
+        self.param = param  # the request field the grammar came from, named by a dead end's error
+        self.answer_tokens = 0  # tokens the grammar has accepted
         self.markers = markers
         self.budget = max_reasoning_tokens if markers is not None else None
         self.reasoning_tokens = 0
@@ -486,21 +496,38 @@ class StructuredState:
         if n:
             self.matcher.rollback(n)
 
-    def draft_masks(self, draft: list[int], bitmask: torch.Tensor) -> list[int]:
+    def draft_masks(self, draft: list[int], bitmask: torch.Tensor) -> tuple[list[int], int]:
         """Bitmask row j: the tokens the grammar allows after draft[:j], for j = 0..len(draft) (the
-        rows a draft is verified on; a draft is a valid_prefix). Returns the rows filled: none past the
-        grammar's end, which allows nothing more (needs_mask). The matcher is left as it was."""
-        rows, accepted = [], 0
+        rows a draft is verified on; a draft is a valid_prefix). Returns the rows filled (none past
+        the grammar's end, which allows nothing more: needs_mask) and how many draft tokens to
+        verify: all of them, or those before the first one after which the grammar allows nothing
+        (a dead end it accepted; dropped, the target model's pick there meets the dead end next
+        step). The matcher is left as it was. GrammarDeadEnd when it allows nothing from here."""
+        rows, accepted, keep = [], 0, len(draft)
         for j in range(len(draft) + 1):
             if self.matcher.is_terminated():
                 break
             self.matcher.fill_next_token_bitmask(bitmask, j)
+            if not bool(bitmask[j].any()):
+                if j == 0:
+                    self.rollback(accepted)
+                    raise self._dead_end()
+                keep = j - 1
+                break
             rows.append(j)
             if j == len(draft) or not self.draft_accept(draft[j]):
                 break
             accepted += 1
         self.rollback(accepted)
-        return rows
+        return rows, keep
+
+    def _dead_end(self) -> GrammarDeadEnd:
+        after = f"after the {self.answer_tokens} tokens of the reply so far" if self.answer_tokens else "at the reply's start"
+        return GrammarDeadEnd(
+            f"{self.param} allows no next token {after}: no reply satisfies it (a part of it, such as a required "
+            "property's pattern, matches no text this model can write)",
+            param=self.param,
+        )
 
     def fill_mask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this sequence's allowed tokens into row `row` of an xgrammar bitmask (needs_mask() is true)."""
@@ -511,6 +538,8 @@ class StructuredState:
         self.matcher.fill_next_token_bitmask(bitmask, row)
         if self.phase == "start":
             _set_bit(bitmask, row, self.markers.start)
+        elif not bool(bitmask[row].any()):
+            raise self._dead_end()
 
     def accept(self, token: int) -> None:
         """Advance past a generated token; ValueError if the grammar does not allow it."""
@@ -531,8 +560,10 @@ class StructuredState:
                 self.phase = "thinking"
                 self.reasoning_tokens = 0
             return
-        if not self.matcher.is_terminated() and not self.matcher.accept_token(token):
-            raise ValueError(f"token {token} is not allowed by the request's grammar")
+        if not self.matcher.is_terminated():
+            if not self.matcher.accept_token(token):
+                raise ValueError(f"token {token} is not allowed by the request's grammar")
+            self.answer_tokens += 1
 
 
 def _set_bit(bitmask: torch.Tensor, row: int, token: int) -> None:

@@ -37,7 +37,7 @@ from pangu_infer.engine.sequence import Logprob
 from pangu_infer.errors import short_repr
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
-from pangu_infer.server.errors import APIError, add_error_handlers, error_response, internal_error
+from pangu_infer.server.errors import APIError, add_error_handlers, error_response, stream_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import AuthAndCount, BodyGuard, InternalErrors
 from pangu_infer.server.protocol import (
@@ -417,7 +417,7 @@ async def _chat_stream(
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event
         finished = True
         state.metrics.finished.labels("error").inc()
-        yield sse(internal_error(e, f"streaming {request_id}").body())
+        yield sse(stream_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:
@@ -590,7 +590,7 @@ async def _completion_stream(
     except Exception as e:
         finished = True
         state.metrics.finished.labels("error").inc()
-        yield sse(internal_error(e, f"streaming {request_id}").body())
+        yield sse(stream_error(e, f"streaming {request_id}").body())
         yield "data: [DONE]\n\n"
     finally:
         if not finished:

@@ -56,6 +56,12 @@ def internal_error(exc: BaseException, context: str = "") -> APIError:
     return APIError(500, f"internal server error (id {error_id}; the server log has the details)", code="internal_error")
 
 
+def stream_error(exc: BaseException, context: str) -> APIError:
+    """What a stream's error event says after its 200: a 400's message and field when the request's
+    own input ended it (a grammar that allows nothing more), else a fault of the server's."""
+    return from_request_error(exc) if isinstance(exc, RequestError) else internal_error(exc, context)
+
+
 def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:

@@ -28,7 +28,7 @@ from pangu_infer.chat import ChatStreamParser
 from pangu_infer.chat.render import join_text_parts
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, prepare_chat, start_chat
-from pangu_infer.server.errors import APIError, internal_error
+from pangu_infer.server.errors import APIError, stream_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
@@ -260,8 +260,9 @@ async def _stream(state: ServerState, model: str, message_id: str, gens: list, f
     except Exception as e:  # after the 200 is sent, an error can only travel as an event
         finished = True
         state.metrics.finished.labels("error").inc()
-        error = internal_error(e, f"streaming {message_id}").body()["error"]
-        yield sse_event({"type": "error", "error": {"type": "api_error", "message": error["message"]}})
+        error = stream_error(e, f"streaming {message_id}").body()["error"]
+        kind = "invalid_request_error" if error["type"] == "invalid_request_error" else "api_error"
+        yield sse_event({"type": "error", "error": {"type": kind, "message": error["message"]}})
     finally:
         if not finished:
             state.metrics.finished.labels("abort").inc()

@@ -28,7 +28,7 @@ from pangu_infer.chat import ChatStreamParser
 from pangu_infer.chat.render import join_text_parts
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat
-from pangu_infer.server.errors import APIError, internal_error
+from pangu_infer.server.errors import APIError, stream_error
 from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, ReasoningEffort, _Request
 from pangu_infer.server.state import ServerState
@@ -415,8 +415,8 @@ async def _stream(state: ServerState, model: str, req: ResponsesRequest, respons
     except Exception as e:  # after the 200 is sent, an error can only travel as an event
         finished = True
         state.metrics.finished.labels("error").inc()
-        error = internal_error(e, f"streaming {response_id}").body()["error"]
-        yield sse_event(stream.event("error", code=error.get("code"), message=error["message"], param=None))
+        error = stream_error(e, f"streaming {response_id}").body()["error"]
+        yield sse_event(stream.event("error", code=error.get("code"), message=error["message"], param=error.get("param")))
     finally:
         if not finished:
             state.metrics.finished.labels("abort").inc()

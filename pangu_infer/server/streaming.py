@@ -101,7 +101,7 @@ async def final_outputs(state: ServerState, gens: list, firsts: list[RequestOutp
             if out.finished:
                 finals[i] = out
                 observe(state, out)
-    except RequestFailedError:
+    except (RequestFailedError, RequestError):  # (a RequestError here: its own input ended it, a 400)
         state.metrics.finished.labels("error").inc()
         raise
     assert all(f is not None for f in finals)
