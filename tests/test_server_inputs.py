@@ -371,3 +371,17 @@ def test_tool_names_are_unique_and_not_empty(http, path, tools, param):
         assert ("tools[0] and tools[2]" if len(tools) == 3 else "tools[0] and tools[1]") in message
     if path == "/tokenize":  # tools of distinct names: taken
         assert http.post(path, json={"messages": MESSAGES, "tools": [CHAT_TOOL, {"type": "function", "function": {"name": "g"}}]}).status_code == 200
+
+
+# ---------------------------------------------------------------------- assistant tool calls
+@pytest.mark.parametrize("arguments", [{"city": "Rome"}, None, 5])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_tool_call_arguments_that_are_not_a_string_are_refused(http, path, arguments):
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    body = {"messages": messages, **({"max_tokens": 2} if path != "/tokenize" else {})}
+    param = "messages[1].tool_calls[0].function.arguments"
+    assert f"{param} must be a string" in _error(http.post(path, json=body), param)
+    call["function"]["arguments"] = '{"city": "Rome"}'
+    assert http.post(path, json=body).status_code == 200

@@ -137,6 +137,13 @@ def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking:
     """A chat's prompt text and token ids, as the model's template (or the request's own, checked by
     request_chat_template) renders it (req: its messages, add_generation_prompt and continue_final_message)."""
     template = request_chat_template(state, req)
+    for i, message in enumerate(req.messages):
+        for k, call in enumerate(message.tool_calls or []):
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and not isinstance(function.get("arguments", ""), str):
+                # (OpenAI's and vLLM's type; the renderer took an object as it was)
+                where = f"messages[{i}].tool_calls[{k}].function.arguments"
+                raise APIError(400, f"{where} must be a string (of JSON), got {short_repr(function['arguments'])}", param=where)
     try:
         text = render_chat(
             state.llm.tokenizer,
