@@ -385,3 +385,11 @@ def test_tool_call_arguments_that_are_not_a_string_are_refused(http, path, argum
     assert f"{param} must be a string" in _error(http.post(path, json=body), param)
     call["function"]["arguments"] = '{"city": "Rome"}'
     assert http.post(path, json=body).status_code == 200
+
+
+# ---------------------------------------------------------------------- previous_response_id
+def test_an_empty_previous_response_id_is_refused_not_taken_as_absent(http):
+    body = {**BASES["/v1/responses"], "previous_response_id": ""}
+    assert "at least 1 character" in _error(http.post("/v1/responses", json=body), "previous_response_id")
+    stored = http.post("/v1/responses", json=BASES["/v1/responses"]).json()["id"]  # (a real one still continues)
+    assert http.post("/v1/responses", json={**body, "previous_response_id": stored}).status_code == 200
