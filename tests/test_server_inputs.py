@@ -393,3 +393,13 @@ def test_an_empty_previous_response_id_is_refused_not_taken_as_absent(http):
     assert "at least 1 character" in _error(http.post("/v1/responses", json=body), "previous_response_id")
     stored = http.post("/v1/responses", json=BASES["/v1/responses"]).json()["id"]  # (a real one still continues)
     assert http.post("/v1/responses", json={**body, "previous_response_id": stored}).status_code == 200
+
+
+# ---------------------------------------------------------------------- the Messages API's content
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_an_empty_content_list_is_refused_naming_the_message(http, path):
+    messages = [*MESSAGES, {"role": "assistant", "content": "ok"}, {"role": "user", "content": []}]
+    body = {**BASES["/v1/messages"], "messages": messages}
+    assert "messages[2].content is an empty list" in _error(http.post(path, json=body), "messages[2].content")
+    messages[2]["content"] = [{"type": "text", "text": "and tomorrow?"}]
+    assert http.post(path, json=body).status_code == 200

@@ -277,6 +277,8 @@ def _chat_messages(message: dict, where: str) -> list[dict]:
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
         raise APIError(400, f"{where}.content must be a string or a list of content blocks", param=f"{where}.content")
+    if not content:  # (Anthropic refuses it; it had become an empty turn)
+        raise APIError(400, f"{where}.content is an empty list: give a string or at least one content block", param=f"{where}.content")
     texts: list[str] = []
     calls: list[dict] = []
     results: list[dict] = []
