@@ -269,7 +269,8 @@ def _ok(model: type, chunk_object: str) -> dict:
 
 # ---------------------------------------------------------------------- chat
 async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
-    started = await start_chat(state, req, request, "chatcmpl")
+    length_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    started = await start_chat(state, req, request, "chatcmpl", length_field)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started

@@ -41,17 +41,19 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 
 
-async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str):
+async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str, length_field: str):
     """A chat request checked, rendered and submitted: (request id, generators, first outputs,
     parsing, prompt ids as admitted, the model name to answer with), or the 499 Response of a
-    client that left meanwhile. /v1/chat/completions, /v1/responses and /v1/messages share it."""
+    client that left meanwhile. /v1/chat/completions, /v1/responses and /v1/messages share it.
+    length_field: the name the client gave the reply's length limit (each API's own, which the chat
+    request holds as max_completion_tokens or max_tokens): admission's errors about it name it."""
     params, text, ids, parse = await prepare_chat(state, req)
     lora = check_model(state, req.model)  # (checked first thing in prepare_chat: here, only which adapter)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     try:
         started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority), state.metrics)
     except APIError as e:
-        raise _as_sent(e, _length_field(req, prefix)) from None
+        raise _as_sent(e, length_field) from None
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
@@ -86,16 +88,6 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[
     # other requests' streams go on meanwhile (as for every prompt below).
     text, ids = await asyncio.to_thread(render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
     return params, text, ids, ChatParsing(reasoning=is_pangu_template(tok, req.chat_template), tools=use_tools)
-
-
-def _length_field(req: ChatCompletionRequest, prefix: str) -> str:
-    """The name the client gave the reply's length limit: the Responses API's max_output_tokens,
-    Messages' max_tokens, chat's max_completion_tokens or max_tokens (each becomes max_tokens)."""
-    if prefix == "resp":
-        return "max_output_tokens"
-    if prefix == "msg":
-        return "max_tokens"
-    return "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
 
 
 def _as_sent(error: APIError, field: str) -> APIError:

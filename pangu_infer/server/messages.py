@@ -210,7 +210,7 @@ async def count_tokens(state: ServerState, req: CountTokensRequest) -> dict:
 
 async def handle(state: ServerState, req: MessagesRequest, request: Request) -> Response:
     chat = to_chat_request(req)
-    started = await start_chat(state, chat, request, "msg")
+    started = await start_chat(state, chat, request, "msg", "max_tokens")
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started

@@ -310,7 +310,7 @@ async def handle(state: ServerState, req: ResponsesRequest, request: Request) ->
     history = state.responses.get(req.previous_response_id, "previous_response_id")[1] if req.previous_response_id else []
     messages = conversation(req, history)
     chat = to_chat_request(req, await _fitted(state, req, messages) if req.truncation == "auto" else messages)
-    started = await start_chat(state, chat, request, "resp")
+    started = await start_chat(state, chat, request, "resp", "max_output_tokens")
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started
