@@ -293,3 +293,24 @@ def test_a_prompt_tokens_rank_counts_ties_as_vllm_does():
     logits = torch.tensor([[2.0, 2.0, 0.0, 3.0], [2.0, 2.0, 0.0, 3.0], [5.0, 1.0, 1.0, 1.0]])
     ranks = [r for _, _, r in token_logprobs(logits, [0, 3, 0], 1)]
     assert ranks == [3, 1, 1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_row_whose_restrictions_exclude_every_token_is_reported_and_the_others_sampled(temperature):
+    """allowed_token_ids holding only the eos token while min_tokens masks it: no token is left. The
+    row is reported blocked (its token meaningless) instead of drawn from a row of -inf; the rows
+    beside it get the tokens they get alone."""
+    logits = torch.randn(3, 50, generator=seeded(1))
+    rows = lambda: [  # noqa: E731
+        row(seeded(2), temperature=temperature, seed=2),
+        row(seeded(3), eos=(7,), temperature=temperature, seed=3, allowed_token_ids=[7], min_tokens=2),
+        row(seeded(4), temperature=temperature, seed=4, allowed_token_ids=[3, 9]),
+    ]
+    result = Sampler()(logits, rows())
+    assert result.blocked == [1]
+    alone = [Sampler()(logits[i : i + 1], [r]).token_ids[0] for i, r in enumerate(rows()) if i != 1]
+    assert [result.token_ids[0], result.token_ids[2]] == alone
+    assert result.token_ids[2] in (3, 9)
+    # once min_tokens is met, eos is allowed again
+    assert Sampler()(logits[1:2], [row(seeded(3), output=(1, 2), eos=(7,), temperature=temperature, seed=3,
+                                       allowed_token_ids=[7], min_tokens=2)]).token_ids == [7]

@@ -276,3 +276,30 @@ def test_a_dead_end_streamed_on_the_responses_and_messages_apis_is_the_clients_e
     error = events[-1]
     assert error["type"] == "error", error
     assert error["error"]["type"] == "invalid_request_error" and "tools allows no next token" in error["error"]["message"], error
+
+
+def test_restrictions_that_leave_no_token_are_a_400_naming_them(client, server):
+    """allowed_token_ids holding only the end-of-text token under min_tokens, or no token the
+    grammar allows: at the reply's first token nothing is left. A 400 naming allowed_token_ids
+    (streamed too: it fails before the 200), not a token drawn from a row of -inf."""
+    import httpx
+
+    def tokens(text: str) -> list[int]:
+        body = {"model": server.model, "prompt": text, "add_special_tokens": False}
+        return httpx.post(f"{server.url}/tokenize", json=body, timeout=60).json()["tokens"]
+
+    (eos,), hello = tokens("<|im_end|>"), tokens("hello")
+    cases = [
+        ({"allowed_token_ids": [eos], "min_tokens": 2}, "allowed_token_ids and min_tokens together allow no token"),
+        ({"allowed_token_ids": [hello[0] + 1], "guided_choice": ["hello"]}, "allowed_token_ids and guided_choice together"),
+    ]
+    for extra, message in cases:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=5, stream=stream, extra_body=extra)
+            assert info.value.body["param"] == "allowed_token_ids", info.value.body
+            assert info.value.body["message"].startswith(message), info.value.body
+    # allowed_token_ids alone, and with min_tokens met by another token, still serve
+    reply = client.chat.completions.create(model=server.model, messages=MESSAGES, max_tokens=5,
+                                           extra_body={"allowed_token_ids": [eos, hello[0]], "min_tokens": 2})
+    assert reply.choices[0].finish_reason in ("stop", "length")

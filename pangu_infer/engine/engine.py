@@ -619,6 +619,8 @@ class LLMEngine:
                         bitmask[i].fill_(-1)  # its row is sampled unmasked with the rest; the pick is dropped
             result = self.sampler(logits, rows, bitmask, masked) if masked else self.sampler(logits, rows)
             picked = list(_picks(result, seqs))
+            for i in result.blocked:  # its own restrictions left no token: a client error, it ends
+                self._fail(self.requests[seqs[i].request_id], _no_token_allowed(seqs[i]), touched)
         except Exception:
             logger.exception("sampling a batch of %d rows failed; sampling each row alone", len(rows))
             picked = []
@@ -631,6 +633,8 @@ class LLMEngine:
                     else:
                         result = self.sampler(logits[i : i + 1], [row])
                     picked.extend(_picks(result, [seq]))
+                    if result.blocked:
+                        self._fail(self.requests[seq.request_id], _no_token_allowed(seq), touched)
                 except Exception as e:
                     self._fail(self.requests[seq.request_id], e, touched)
                     picked.append(None)
@@ -803,6 +807,25 @@ def utilization_kv_budget(utilization: float, total: int, free: int, held: int, 
             f"{held / gib:.1f} GiB and activations need about {reserve / gib:.1f} GiB: nothing is left for the KV cache; raise it"
         )
     return budget
+
+
+def _no_token_allowed(seq: Sequence) -> BaseException:
+    """The error of a sequence whose own restrictions left no token to sample (SampleResult.blocked):
+    a RequestError naming them, the first as the field at fault."""
+    p = seq.params
+    n = len(seq.output_token_ids)
+    fields = [name for name, on in (
+        ("allowed_token_ids", p.allowed_token_ids is not None),
+        ("bad_words", seq.bad_words is not None),
+        ("min_tokens", n < p.min_tokens),
+        (seq.structured.param if seq.structured is not None else "", seq.structured is not None and seq.structured.constrains_answer),
+    ) if on]
+    if not fields:  # (nothing of its own masks tokens: not the request's fault)
+        return RuntimeError(f"no token is allowed for sequence {seq.seq_id}")
+    where = f"after the {n} tokens of the reply so far" if n else "at the reply's first token"
+    verb = "allows" if len(fields) == 1 else "together allow"
+    return RequestError(f"{' and '.join(fields)} {verb} no token {where}: each token is excluded by one of them",
+                        param=fields[0])
 
 
 def _picks(result: SampleResult, seqs: list[Sequence]) -> Iterator[tuple[int, Optional[Logprob]]]:

@@ -22,7 +22,7 @@ predicted, not the (possibly truncated) distribution the token was drawn from.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -70,6 +70,9 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None  # raw-logit logprob of every row's token once any row asks, else None
     top_logprobs: list[list[tuple[int, float]] | None]  # per row, when its params.logprobs = k > 0
+    # rows whose own restrictions (allowed_token_ids, bad_words, min_tokens, a grammar's mask) left
+    # no token at all: their token is meaningless, the request cannot go on (the caller ends it)
+    blocked: list[int] = field(default_factory=list)
 
 
 class Sampler:
@@ -107,13 +110,19 @@ class Sampler:
 
             logits = logits.clone(memory_format=torch.contiguous_format)
             apply_bitmask(logits, token_bitmask, list(masked_rows))
+        blocked: list[int] = []
         if all(r.params.greedy and not _changes_logits(r) for r in rows):
-            token_ids = logits.argmax(dim=-1)  # the usual decode step: nothing else to do
+            # the usual decode step: nothing else to do (a grammar's empty mask is caught before)
+            token_ids = logits.argmax(dim=-1)
         else:
-            token_ids = self._sample(logits, rows)
-        return _result(raw, token_ids, [r.params for r in rows])
+            token_ids, blocked = self._sample(logits, rows)
+        result = _result(raw, token_ids, [r.params for r in rows])
+        result.blocked = blocked
+        return result
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, list[int]]:
+        """The rows' tokens, and the rows left with no token allowed (SampleResult.blocked)."""
+        blocked: list[int] = []
         if any(_changes_logits(r) for r in rows):
             # edited in place below; the caller's logits stay raw, for logprobs
             logits = logits.clone(memory_format=torch.contiguous_format)
@@ -121,10 +130,17 @@ class Sampler:
             _ban_bad_words_(logits, rows)
             _suppress_stop_tokens_(logits, rows)
             _apply_penalties_(logits, rows)
+            if any(_restricts(r) for r in rows):
+                # the restrictions together may exclude every token (allowed_token_ids holding only
+                # stop tokens under min_tokens, or none that the grammar's mask allows): drawn from a
+                # row of -inf (NaN probabilities) the token would be arbitrary, against them all
+                blocked = torch.isneginf(logits).all(dim=-1).nonzero().flatten().tolist()
+                if blocked:
+                    logits[blocked] = 0.0
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
-            return logits.argmax(dim=-1)
+            return logits.argmax(dim=-1), blocked
         token_ids = logits.argmax(dim=-1) if greedy else logits.new_empty(len(rows), dtype=torch.long)
         device, vocab = logits.device, logits.shape[1]
         params = [rows[i].params for i in sampled]
@@ -140,7 +156,7 @@ class Sampler:
         # probs need no renormalizing after masking: the race argmax is invariant to scaling a row
         noise = self._exponential_noise([rows[i] for i in sampled], vocab, device)
         token_ids[index] = (probs / noise).argmax(dim=-1)
-        return token_ids
+        return token_ids, blocked
 
     def _exponential_noise(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
         """Exp(1) noise [len(rows), V]: shared generator for unseeded rows, one [V] draw per seeded row."""
@@ -182,6 +198,12 @@ def _changes_logits(row: SamplingRow) -> bool:
         or bool(_suppressed_tokens(row))
         or bool(_banned_tokens(row))
     )
+
+
+def _restricts(row: SamplingRow) -> bool:
+    """Can this row's own parameters mask tokens to -inf (not only shift them)?"""
+    p = row.params
+    return p.allowed_token_ids is not None or row.bad_words is not None or len(row.output_token_ids) < p.min_tokens
 
 
 def _banned_tokens(row: SamplingRow) -> list[int]:
@@ -313,6 +335,7 @@ def _concat(parts: list[SampleResult]) -> SampleResult:
         [p.token_ids[0] for p in parts],
         [p.logprobs[0] if p.logprobs is not None else 0.0 for p in parts] if any_logprobs else None,
         [p.top_logprobs[0] for p in parts],
+        [i for i, p in enumerate(parts) if p.blocked],
     )
 
 
