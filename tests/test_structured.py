@@ -204,6 +204,10 @@ def test_streamed_forced_tool_call(client, server):
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": 5}}}}}],
           "tool_choice": "required"}, "tools"),
         ({"max_reasoning_tokens": -1}, "max_reasoning_tokens"),
+        # a keyword xgrammar would not enforce
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+            "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}}, "response_format.json_schema"),
+        ({"guided_json": {"type": "integer", "not": {"const": 3}}}, "guided_json"),
         ({"guided_choice": ["a"], "min_tokens": 3}, "min_tokens"),
         ({"chat_template_kwargs": {"thinking_budget": "lots"}}, "chat_template_kwargs.thinking_budget"),
     ],

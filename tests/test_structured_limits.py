@@ -258,3 +258,68 @@ def test_a_dead_end_further_on_is_the_requests_error_and_drafts_stop_before_it(g
     assert str(info.value).startswith(f"response_format.json_schema allows no next token after the {len(prefix)} tokens")
     with pytest.raises(structured.GrammarDeadEnd):
         state.draft_masks([prefix[0]], allocate_bitmask(2, pangu_tokenizer.vocab_size))
+
+
+# Each keyword UNENFORCED_KEYWORDS (and the other refusals) names, with a reply that breaks it.
+UNENFORCED = [
+    ("not", {"type": "integer", "not": {"const": 3}}, "3"),
+    ("if", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "if": {"properties": {"a": {"const": 1}}}, "then": {"required": ["b"]}}, '{"a": 1}'),
+    ("contains", {"type": "array", "items": {"type": "integer"}, "contains": {"const": 5}}, "[1]"),
+    ("dependentRequired", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                           "dependentRequired": {"a": ["b"]}}, '{"a": 1}'),
+    ("dependentSchemas", {"type": "object", "properties": {"a": {"type": "integer"}},
+                          "dependentSchemas": {"a": {"required": ["b"]}}}, '{"a": 1}'),
+    ("dependencies", {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                      "dependencies": {"a": ["b"]}}, '{"a": 1}'),
+    ("uniqueItems", {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}, "[1, 1]"),
+    ("allOf of several schemas", {"allOf": [{"type": "integer"}, {"minimum": 5}]}, "3"),
+    ("allOf beside other keywords", {"type": "integer", "allOf": [{"minimum": 5}]}, "3"),
+    ("a $ref outside the schema", {"$ref": "http://example.com/x.json"}, "1"),
+]
+
+
+def _byte_compiler():
+    import xgrammar as xgr
+
+    info = xgr.TokenizerInfo([bytes([i]) for i in range(256)] + [b""], xgr.VocabType.RAW, vocab_size=257, stop_token_ids=[256])
+    return xgr.GrammarCompiler(info, cache_enabled=False)
+
+
+@pytest.mark.parametrize("keyword, schema, breaking", UNENFORCED, ids=[c[0] for c in UNENFORCED])
+def test_xgrammar_still_ignores_each_keyword_that_is_refused(keyword, schema, breaking):
+    """Why each is refused: xgrammar compiles the schema (as the engine does) and accepts a reply
+    that breaks it. When this fails, xgrammar enforces the keyword now: drop it from the refusals."""
+    import json
+
+    import xgrammar as xgr
+
+    matcher = xgr.GrammarMatcher(_byte_compiler().compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True))
+    assert all(matcher.accept_token(b) for b in breaking.encode()) and matcher.accept_token(256), keyword
+
+
+@pytest.mark.parametrize("keyword, schema, breaking", UNENFORCED, ids=[c[0] for c in UNENFORCED])
+def test_a_schema_keyword_xgrammar_ignores_is_refused_naming_it_and_where(grammars, keyword, schema, breaking):
+    nested = {"type": "object", "properties": {"a/b": {"type": "array", "items": schema}}, "required": ["a/b"]}
+    error = _refusal(grammars, json=nested, param_name="response_format.json_schema")
+    assert error.param == "structured_outputs.json"
+    assert str(error).startswith(f"structured_outputs.json uses {keyword}") and "(at #/properties/a~1b/items" in str(error), str(error)
+    # in a structural tag's schema too, and where the server named it
+    tag = {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": schema}}
+    assert "structural_tag uses" in str(_refusal(grammars, structural_tag=tag))
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "object", "properties": {"not": {"type": "integer"}, "if": {"type": "string"}}, "required": ["not"]},  # names
+    {"$defs": {"X": {"type": "integer"}}, "title": "T", "description": "d", "allOf": [{"$ref": "#/$defs/X"}]},  # pydantic v1
+    {"type": "array", "items": {"type": "integer"}, "uniqueItems": False},
+    {"type": "string", "format": "regex"},  # an unknown format is an annotation (JSON Schema 2020-12)
+])
+def test_schemas_xgrammar_enforces_compile(grammars, schema):
+    assert grammars.compile(StructuredOutputsParams(json=schema)) is not None
+
+
+def test_tool_schemas_are_enforced_as_far_as_xgrammar_does_not_refused(grammars):
+    """A function's parameters describe it to the model too; OpenAI refuses none of these unless strict."""
+    tag = {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": {c[0]: c[1] for c in UNENFORCED}["uniqueItems"]}}
+    assert grammars.compile(StructuredOutputsParams(structural_tag=tag, param_name="tools")) is not None

@@ -27,7 +27,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -156,6 +156,7 @@ class GrammarCache:
         try:
             start = time.perf_counter()
             check_limits(spec)
+            check_enforceable(spec)
             compiled = self._compile(spec.kind, key[1], spec)
             seconds = time.perf_counter() - start
         except BaseException as e:
@@ -272,6 +273,95 @@ def check_limits(spec: StructuredOutputsParams) -> None:
     elif kind in ("json", "structural_tag"):
         value = getattr(spec, kind)
         _check_schema(param, json.loads(value) if isinstance(value, str) else value)
+
+
+# JSON-schema keywords xgrammar compiles without enforcing (the reply may break them): refused, as
+# vLLM's xgrammar backend and OpenAI's strict mode refuse what they cannot enforce, rather than
+# answered with a reply that breaks the schema. (tests/test_structured_limits.py checks that
+# xgrammar still ignores each: drop one from here once it is enforced.)
+UNENFORCED_KEYWORDS = ("not", "if", "then", "else", "contains", "minContains", "maxContains", "dependentRequired",
+                       "dependentSchemas", "dependencies", "$dynamicRef", "$recursiveRef")
+# keywords that sit beside allOf without constraining anything
+_BESIDE_ALL_OF = _ANNOTATIONS | {"allOf", "$defs", "definitions", "$schema", "$id", "$anchor"}
+# where a schema holds other schemas: maps of them, one, or lists of them
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONE = ("items", "additionalProperties", "unevaluatedProperties", "unevaluatedItems", "propertyNames", "additionalItems")
+_SCHEMA_LISTS = ("prefixItems", "allOf", "anyOf", "oneOf", "items")
+
+
+def check_enforceable(spec: StructuredOutputsParams) -> None:
+    """RequestError naming the field when a JSON schema of `spec` (a structural tag's too) uses a
+    keyword xgrammar would not enforce (UNENFORCED_KEYWORDS, uniqueItems, allOf of several schemas
+    or beside other keywords, a $ref outside the schema). The tools' schemas (param "tools") are
+    enforced as far as xgrammar does, not refused: a function's parameters describe it to the model
+    too, and OpenAI's function calling refuses none of these unless strict."""
+    kind = spec.kind
+    if kind not in ("json", "structural_tag") or spec.param_name == "tools":
+        return
+    value = getattr(spec, kind)
+    value = json.loads(value) if isinstance(value, str) else value
+    param = f"structured_outputs.{kind}"
+    schemas = [(value, "#")] if kind == "json" else list(_tag_schemas(value))
+    for schema, where in schemas:
+        found = unenforced_keyword(schema)
+        if found is not None:
+            keyword, path = found
+            at = where if path == "#" else where + path[1:]
+            raise RequestError(
+                f"{param} uses {keyword} (at {at}), which structured outputs cannot enforce (xgrammar ignores it: "
+                "the reply could break it); leave it out, or check the reply yourself", param=param,
+            )
+
+
+def _tag_schemas(tag: Any) -> Iterator[tuple[Any, str]]:
+    """The JSON schemas inside a structural tag (its formats of type json_schema), with their paths."""
+    stack = [(tag, "#")]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "json_schema" and "json_schema" in node:
+                yield node["json_schema"], f"{path}/json_schema"
+            for key, value in node.items():
+                stack.append((value, f"{path}/{key}"))
+        elif isinstance(node, list):
+            stack.extend((value, f"{path}/{i}") for i, value in enumerate(node))
+
+
+def unenforced_keyword(schema: Any) -> Optional[tuple[str, str]]:
+    """(keyword, JSON pointer of the schema using it) for the first keyword of `schema` that xgrammar
+    compiles without enforcing; None when it enforces them all. Walks schema positions only (a
+    property named "not" is a name, not the keyword)."""
+    stack = [(schema, "#")]
+    while stack:  # (not recursive: a schema may nest deeper than Python's stack)
+        node, path = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        for keyword in UNENFORCED_KEYWORDS:
+            if keyword in node:
+                return keyword, path
+        if node.get("uniqueItems") is True:
+            return "uniqueItems", path
+        ref = node.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            return f"a $ref outside the schema ({short_repr(ref)})", path
+        all_of = node.get("allOf")
+        if isinstance(all_of, list) and (len(all_of) > 1 or node.keys() - _BESIDE_ALL_OF):
+            return "allOf of several schemas" if len(all_of) > 1 else "allOf beside other keywords", path
+        for key in _SCHEMA_MAPS:
+            children = node.get(key)
+            if isinstance(children, dict):
+                stack.extend((child, f"{path}/{key}/{_pointer_part(name)}") for name, child in children.items())
+        for key in _SCHEMA_ONE:
+            stack.append((node.get(key), f"{path}/{key}"))
+        for key in _SCHEMA_LISTS:
+            children = node.get(key)
+            if isinstance(children, list):
+                stack.extend((child, f"{path}/{key}/{i}") for i, child in enumerate(children))
+    return None
+
+
+def _pointer_part(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")  # (RFC 6901)
 
 
 def _check_chars(param: str, n: int, what: str) -> None:
