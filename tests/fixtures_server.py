@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -62,12 +63,15 @@ class _PortTaken(RuntimeError):
 
 
 @contextlib.contextmanager
-def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
+def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path,
+                   https_ca: Optional[Path] = None) -> Iterator[ServerProcess]:
     """`pangu-infer serve --model model_dir --dtype float32 --enforce-eager ...flags` on a free loopback port
-    (another port if a test running beside this one took it between the probe and the bind)."""
+    (another port if a test running beside this one took it between the probe and the bind).
+    https_ca: the server serves HTTPS (flags name its key and certificate): its url is https://,
+    and /health is checked trusting this certificate file."""
     for attempt in range(3):
         try:
-            with _running_server(model_dir, *flags, api_key=api_key, log_dir=log_dir) as server:
+            with _running_server(model_dir, *flags, api_key=api_key, log_dir=log_dir, https_ca=https_ca) as server:
                 yield server
             return
         except _PortTaken:
@@ -76,7 +80,8 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
 
 
 @contextlib.contextmanager
-def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path) -> Iterator[ServerProcess]:
+def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path,
+                    https_ca: Optional[Path] = None) -> Iterator[ServerProcess]:
     port = _free_port()
     cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", *flags]
@@ -86,7 +91,9 @@ def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None,
     log_path = log_dir / f"server-{port}.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(f"http://127.0.0.1:{port}", str(model_dir), api_key, process, log_path)
+    scheme = "https" if https_ca is not None else "http"
+    verify = ssl.create_default_context(cafile=str(https_ca)) if https_ca is not None else True
+    server = ServerProcess(f"{scheme}://127.0.0.1:{port}", str(model_dir), api_key, process, log_path)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
@@ -95,7 +102,7 @@ def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None,
                     raise _PortTaken(port)
                 raise RuntimeError(f"pangu-infer serve exited with {process.returncode}:\n{server.log()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{server.url}/health", timeout=2, verify=verify).status_code == 200:
                     break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pangu-infer serve did not answer /health within {STARTUP_TIMEOUT_S} s:\n{server.log()}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import ssl
 import sys
+from typing import Optional
 from urllib.parse import urlsplit
 
 from pangu_infer.cli import add_chat_template_argument, add_model_arguments, llm_kwargs
@@ -22,6 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    parser.add_argument(
+        "--ssl-keyfile", "--ssl-key-file", dest="ssl_keyfile", default=None, metavar="FILE",
+        help="serve HTTPS with this PEM private key (unencrypted; with --ssl-certfile; vLLM's flag, llama.cpp's --ssl-key-file)",
+    )
+    parser.add_argument(
+        "--ssl-certfile", "--ssl-cert-file", dest="ssl_certfile", default=None, metavar="FILE",
+        help="serve HTTPS with this PEM certificate (chain) (with --ssl-keyfile; vLLM's flag, llama.cpp's --ssl-cert-file)",
+    )
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
@@ -65,6 +75,52 @@ def allowed_origins(text: str) -> list[str]:
     return [o.rstrip("/") for o in origins]
 
 
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    raise _EncryptedKey  # (without a callback OpenSSL would prompt on the terminal)
+
+
+def check_ssl_files(keyfile: Optional[str], certfile: Optional[str]) -> bool:
+    """--ssl-keyfile and --ssl-certfile: both or neither, and a pair an SSL context loads (checked
+    before the model loads); True when HTTPS is on. ValueError naming the flag and the file."""
+    if keyfile is None and certfile is None:
+        return False
+    if keyfile is None or certfile is None:
+        given, missing = ("--ssl-certfile", "--ssl-keyfile") if keyfile is None else ("--ssl-keyfile", "--ssl-certfile")
+        raise ValueError(f"{given} needs {missing} too: HTTPS takes a private key and its certificate")
+    for flag, path, what, marker in (
+        ("--ssl-certfile", certfile, "a PEM certificate", "-----BEGIN CERTIFICATE-----"),
+        ("--ssl-keyfile", keyfile, "a PEM private key", "PRIVATE KEY-----"),
+    ):
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag} {path!r}: no such file")
+        try:
+            with open(path, "rb") as f:
+                text = f.read(1 << 20).decode("latin-1")
+        except OSError as e:
+            raise ValueError(f"{flag} {path!r}: cannot read it ({e.strerror or e})") from None
+        if marker not in text:
+            raise ValueError(f"{flag} {path!r}: not {what} (expected a '{marker.strip('-')}' block)")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile, password=_no_password)
+    except _EncryptedKey:
+        raise ValueError(f"--ssl-keyfile {keyfile!r}: the key is encrypted (password-protected); give an unencrypted key") from None
+    except ssl.SSLError as e:
+        reason = getattr(e, "reason", None) or ""
+        if "MISMATCH" in reason:
+            raise ValueError(f"--ssl-keyfile {keyfile!r} does not match the certificate in --ssl-certfile {certfile!r}") from None
+        try:  # which file: the certificate alone, read as a CA file, parses or not
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=certfile)
+        except ssl.SSLError:
+            raise ValueError(f"--ssl-certfile {certfile!r}: not a valid PEM certificate ({e})") from None
+        raise ValueError(f"--ssl-keyfile {keyfile!r}: not a valid PEM private key for --ssl-certfile {certfile!r} ({e})") from None
+    return True
+
+
 def served_name(args: argparse.Namespace, source: str) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -87,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
     origins = allowed_origins(args.allowed_origins)
+    https = check_ssl_files(args.ssl_keyfile, args.ssl_certfile)
     lora_modules = parse_lora_modules(args.lora_modules or [])
     kwargs = llm_kwargs(args)
     if lora_modules:
@@ -101,10 +158,11 @@ def run(args: argparse.Namespace) -> int:
                          allowed_origins=origins, lora_modules=loras,
                          enable_runtime_lora_updates=args.enable_runtime_lora_updates,
                          trust_request_chat_template=args.trust_request_chat_template)
-        base = f"http://{args.host}:{args.port}"
+        base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
     finally:
         llm.shutdown()  # tensor-parallel worker processes, if any
     return 0
