@@ -97,6 +97,18 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters held at once (default: 4)")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the highest LoRA rank accepted (default: 16, as vLLM; each adapter slot is this wide)")
     p.add_argument(
+        "--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+        help="where the default sampling values of a request that omits them come from (vLLM's flag): auto "
+        "(default) the model's generation_config.json, vllm the engine's own defaults (the file ignored), or a "
+        "folder holding a generation_config.json; keys read: temperature, top_p, top_k, min_p, "
+        "repetition_penalty, max_new_tokens (the default max_tokens), do_sample false (greedy)",
+    )
+    p.add_argument(
+        "--override-generation-config", default=None, metavar="JSON",
+        help='default sampling values over those --generation-config chose, as a JSON object (vLLM\'s flag), '
+        'e.g. \'{"temperature": 0.5, "top_p": 0.9}\'; a request\'s own values still win',
+    )
+    p.add_argument(
         "--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
         help="fcfs (default): requests run in arrival order; priority: by each request's priority, lower first "
         "(vLLM's; the running request of lowest priority is preempted when KV blocks run out)",
@@ -129,6 +141,12 @@ def _chat_template_argument(text: str) -> str:
 
 
 def llm_kwargs(args: argparse.Namespace) -> dict:
+    """LLM's keyword arguments from the model flags; a bad --generation-config or
+    --override-generation-config is a ValueError naming the flag (before anything loads)."""
+    from pangu_infer.generation_config import check_generation_config, check_override
+
+    check_generation_config(args.generation_config, "--generation-config")
+    override = check_override(args.override_generation_config, "--override-generation-config")
     if getattr(args, "no_model_cache", False):
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
     return dict(
@@ -157,6 +175,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         max_lora_rank=args.max_lora_rank,
         scheduling_policy=args.scheduling_policy,
         threads=args.threads,
+        generation_config=args.generation_config,
+        override_generation_config=override or None,
         **({"chat_template": args.chat_template} if getattr(args, "chat_template", None) is not None else {}),
     )
 
@@ -189,8 +209,14 @@ def _memory(text: str):
         raise argparse.ArgumentTypeError(f"invalid memory size {text!r}: expected e.g. 2GiB, 512MB or 0.5") from None
 
 
+DEFAULT_MAX_TOKENS = 256  # generate and chat, where neither --max-tokens nor the generation config gives one
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument(
+        "--max-tokens", type=int, default=None,
+        help=f"the reply's length limit in tokens (default: max_new_tokens of the generation config, else {DEFAULT_MAX_TOKENS})",
+    )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config)")
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--top-k", type=int, default=None)
@@ -200,7 +226,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_changes(args: argparse.Namespace) -> dict:
-    changes = {"max_tokens": args.max_tokens}
+    changes = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
@@ -210,10 +236,14 @@ def _sampling_changes(args: argparse.Namespace) -> dict:
 
 
 def sampling_params(llm, args: argparse.Namespace):
-    """The model's generation_config defaults, overridden by the flags given."""
+    """The defaults of the generation config (--generation-config, --override-generation-config),
+    overridden by the flags given."""
     from dataclasses import replace
 
-    return replace(llm.default_sampling_params(), **_sampling_changes(args))
+    changes = _sampling_changes(args)
+    if "max_tokens" not in changes and llm.default_max_tokens is None:
+        changes["max_tokens"] = DEFAULT_MAX_TOKENS
+    return replace(llm.default_sampling_params(), **changes)
 
 
 def build_parser() -> argparse.ArgumentParser:

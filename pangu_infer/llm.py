@@ -16,6 +16,7 @@ from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
+from pangu_infer.generation_config import check_generation_config, check_override, sampling_defaults
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import RequestOutput
@@ -67,9 +68,15 @@ class LLM:
         chat_template: Optional[str] = None,
         scheduling_policy: str = "fcfs",
         threads: Optional[int] = None,
+        generation_config: Optional[str] = "auto",
+        override_generation_config: Optional[dict] = None,
     ):
         start = time.perf_counter()
         check_threads(threads)
+        # generation_config, override_generation_config (vLLM's): where the default sampling values
+        # of a request that omits them come from (pangu_infer/generation_config.py); checked first.
+        chosen_config = check_generation_config(generation_config, "generation_config")
+        override = check_override(override_generation_config, "override_generation_config")
         # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
         # path or the template itself, as vLLM's --chat-template); checked before anything loads.
         template = None if chat_template is None else _chat_template(chat_template)
@@ -142,7 +149,11 @@ class LLM:
         self.tokenizer = self.loaded.tokenizer
         if template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = template
-        self.generation_config = self.loaded.generation_config
+        self.generation_config = self.loaded.generation_config  # (its eos_token_id ends sequences)
+        # SamplingParams keyword arguments of a request that omits them (default_sampling_params)
+        self.sampling_defaults = sampling_defaults(
+            self.generation_config if chosen_config is None else chosen_config, override
+        )
         # The draft model of speculative decoding (engine/draft_model.py), loaded like the target.
         self.draft = None
         if spec.draft_model is not None:
@@ -180,15 +191,18 @@ class LLM:
         return self.tokenizer
 
     def default_sampling_params(self) -> SamplingParams:
-        """The release's generation_config.json defaults (temperature, top_p, top_k), like vLLM."""
-        g = self.generation_config
-        kwargs: dict[str, Any] = {}
-        for key in ("temperature", "top_p", "top_k", "repetition_penalty"):
-            if isinstance(g.get(key), (int, float)) and not isinstance(g.get(key), bool):
-                kwargs[key] = g[key]
-        if g.get("do_sample") is False:
-            kwargs["temperature"] = 0.0
-        return SamplingParams(**kwargs)
+        """The defaults of a request that gives no sampling values, like vLLM's: the release's
+        generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, max_new_tokens
+        as max_tokens; do_sample false: greedy), or what generation_config chose instead, with
+        override_generation_config over them."""
+        return SamplingParams(**self.sampling_defaults)
+
+    @property
+    def default_max_tokens(self) -> Optional[int]:
+        """max_new_tokens of the chosen generation config (or its override): the length of a reply
+        whose request gives none (None: SamplingParams' default offline, the rest of the context
+        on the server)."""
+        return self.sampling_defaults.get("max_tokens")
 
     def generate(
         self,

@@ -123,3 +123,128 @@ def test_bad_ssl_files_are_named_before_the_model_loads(tmp_path, certificate):
     assert "pangu-infer serve: error: --ssl-keyfile" in run.stderr and "does not match" in run.stderr, run.stderr
     assert "no-such-model" not in run.stderr
 
+
+# ---------------------------------------------------------------------- generation config
+CHAT = [{"role": "user", "content": "tell me about the weather in the city"}]
+
+
+def _client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def engine_defaults_server(tiny_dense_dir, tmp_path_factory):
+    """--generation-config vllm: the model's file (do_sample false: greedy) is ignored."""
+    with running_server(
+        tiny_dense_dir, "--max-model-len", "128", "--kv-cache-memory", "8MiB", "--generation-config", "vllm",
+        log_dir=tmp_path_factory.mktemp("genconfig_logs"),
+    ) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def folder_config_server(tiny_dense_dir, tmp_path_factory):
+    """--generation-config FOLDER (sampling, replies of 3 tokens) with a greedy override over it."""
+    folder = tmp_path_factory.mktemp("generation_config")
+    (folder / "generation_config.json").write_text('{"do_sample": true, "temperature": 1.0, "top_k": 50, "max_new_tokens": 3}')
+    with running_server(
+        tiny_dense_dir, "--max-model-len", "128", "--kv-cache-memory", "8MiB", "--generation-config", str(folder),
+        "--override-generation-config", '{"temperature": 0}',
+        log_dir=tmp_path_factory.mktemp("genconfig_logs"),
+    ) as s:
+        yield s
+
+
+def test_generation_config_vllm_ignores_the_models_file(engine_defaults_server):
+    client = _client(engine_defaults_server)
+    model = engine_defaults_server.model
+    # The tiny model's generation_config.json says do_sample false; ignored, a request without a
+    # temperature samples at 1.0: two replies differ, and differ from the greedy one.
+    sampled = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, n=2)
+    texts = [c.message.content for c in sampled.choices]
+    greedy = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, temperature=0).choices[0].message.content
+    assert texts[0] != texts[1] and greedy not in texts
+
+
+def test_a_folders_generation_config_with_the_override_over_it(folder_config_server):
+    client = _client(folder_config_server)
+    model = folder_config_server.model
+    greedy = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, temperature=0).choices[0].message.content
+    # No temperature, no max_tokens: the override's temperature 0 (over the folder's 1.0) and the
+    # folder's max_new_tokens 3.
+    replies = [client.chat.completions.create(model=model, messages=CHAT) for _ in range(2)]
+    for reply in replies:
+        assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+        assert reply.choices[0].message.content == greedy
+    # Completions too (instead of OpenAI's 16); a request's own values win.
+    plain = client.completions.create(model=model, prompt="the weather in the city")
+    assert plain.usage.completion_tokens == 3
+    assert client.completions.create(model=model, prompt="the weather in the city", max_tokens=5).usage.completion_tokens == 5
+    sampled = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, n=2, temperature=1.0)
+    assert sampled.choices[0].message.content != sampled.choices[1].message.content
+    # The default length fits a prompt's room in the context (128 tokens), not a 400 for a length not asked.
+    near_full = client.completions.create(model=model, prompt=[7] * 126)
+    assert near_full.usage.completion_tokens == 2
+
+
+def test_generation_config_in_the_python_api_and_the_generate_command(tiny_dense_dir):
+    from pangu_infer import LLM
+    from pangu_infer.cli import build_parser, llm_kwargs, sampling_params
+
+    base = ["generate", "--model", str(tiny_dense_dir), "--prompt", "x", "--enforce-eager", "--dtype", "float32"]
+    args = build_parser().parse_args(
+        [*base, "--generation-config", "vllm", "--override-generation-config", '{"top_k": 5, "max_new_tokens": 7}']
+    )
+    kwargs = llm_kwargs(args)
+    assert kwargs["generation_config"] == "vllm" and kwargs["override_generation_config"] == {"top_k": 5, "max_new_tokens": 7}
+    llm = LLM(args.model, **kwargs)
+    defaults = llm.default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (1.0, 5, 7)
+    assert sampling_params(llm, args).max_tokens == 7  # generate's length: the config's max_new_tokens
+    assert sampling_params(llm, build_parser().parse_args([*base, "--max-tokens", "9"])).max_tokens == 9
+    auto = LLM(str(tiny_dense_dir), enforce_eager=True, dtype="float32")  # the model's file: do_sample false
+    assert auto.default_sampling_params().temperature == 0.0
+    assert sampling_params(auto, build_parser().parse_args(base)).max_tokens == 256
+
+
+def test_bad_generation_config_values_name_the_flag_and_key(tmp_path):
+    from pangu_infer import LLM
+    from pangu_infer.generation_config import check_generation_config, check_override
+
+    flag = "--override-generation-config"
+    assert check_override('{"temperature": 0.5, "top_p": 0.9, "min_p": 0.1, "top_k": 40, "repetition_penalty": 1.1}', flag)
+    for text, pattern in [
+        ("[0.5]", "expected a JSON object"),
+        ("{temperature: 0.5}", "not valid JSON"),
+        ('{"temprature": 0.5}', "unknown key 'temprature'"),
+        ('{"max_tokens": 5}', "unknown key 'max_tokens'.*max_new_tokens"),
+        ('{"temperature": "hot"}', "temperature must be a number, got 'hot'"),
+        ('{"top_k": 2.5}', "top_k must be an integer"),
+        ('{"top_p": true}', "top_p must be a number"),
+        ('{"top_p": 0}', "top_p=0"),
+        ('{"temperature": -1}', "temperature=-1"),
+        ('{"max_new_tokens": 0}', "max_new_tokens=0"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{flag}: .*{pattern}|^{flag} .*{pattern}"):
+            check_override(text, flag)
+    assert check_generation_config("auto") is None and check_generation_config("vllm") == {}
+    with pytest.raises(ValueError, match=r"--generation-config 'greedy': expected 'auto', 'vllm' or a folder"):
+        check_generation_config("greedy", "--generation-config")
+    with pytest.raises(ValueError, match=r"--generation-config .*: the folder holds no generation_config.json"):
+        check_generation_config(str(tmp_path), "--generation-config")
+    (tmp_path / "generation_config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"--generation-config .*generation_config.json is not a JSON object"):
+        check_generation_config(str(tmp_path), "--generation-config")
+    # The Python API names its arguments, before looking for the model.
+    with pytest.raises(ValueError, match=r"^override_generation_config: unknown key 'bogus'"):
+        LLM(str(tmp_path / "no-such-model"), override_generation_config={"bogus": 1})
+    with pytest.raises(ValueError, match=r"^generation_config 'nope'"):
+        LLM(str(tmp_path / "no-such-model"), generation_config="nope")
+    # The commands: exit code 2 and one line naming the flag and key, before the model is looked for.
+    run = subprocess.run(
+        [sys.executable, "-m", "pangu_infer.cli", "serve", "--model", str(tmp_path / "no-such-model"),
+         "--override-generation-config", '{"temperature": 0.5, "top_q": 1}'],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "pangu-infer serve: error: --override-generation-config: unknown key 'top_q'" in run.stderr, run.stderr

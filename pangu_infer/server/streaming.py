@@ -7,6 +7,7 @@ import asyncio
 import json
 import uuid
 from contextlib import suppress
+from dataclasses import replace
 from typing import Any, AsyncIterator, Awaitable, Optional
 
 from fastapi import Request
@@ -47,13 +48,23 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     return started
 
 
+def fit_default_length(state: ServerState, params: SamplingParams, ids: list[int]) -> SamplingParams:
+    """A request that gave no length (max_tokens None) on a server whose generation config has
+    max_new_tokens: that many tokens, or the prompt's room in the context if less (as vLLM)."""
+    default = getattr(state.llm, "default_max_tokens", None)
+    if params.max_tokens is not None or default is None:
+        return params
+    room = state.llm.engine.max_model_len - len(ids)
+    return replace(params, max_tokens=max(1, min(default, room)))
+
+
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0):
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None)) if v is not None}
     gens = [
-        state.engine.generate(ids, params, base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
+        state.engine.generate(ids, fit_default_length(state, params, ids), base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
         for i, (text, ids) in enumerate(prompts)
     ]
     firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
