@@ -1,4 +1,6 @@
-"""`pangu-infer plan`: parameters, weight and KV bytes, and the context that fits, from a config alone."""
+"""`pangu-infer plan`: parameters, weight and KV bytes, and the context that fits, from a config alone
+or a .gguf file's header. The tests that check bfloat16 figures ask for --dtype bfloat16: the default
+(auto) is what this machine's engine picks."""
 
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ def _table(out: str) -> dict[str, str]:
 
 
 def test_plan_prints_the_72b_parameters_weights_and_kv_bytes(capsys):
-    rc, out, _ = _plan(capsys, "--model", str(PRO_MOE_72B))
+    rc, out, _ = _plan(capsys, "--model", str(PRO_MOE_72B), "--dtype", "bfloat16")
     assert rc == 0
     assert "71.99 B total, 16.50 B active (64 experts in 8 groups, 8 active per token)" in out
     assert f"{2 * PRO_MOE_72B_PARAMS / 1e9:.2f} GB (bfloat16)" in out
@@ -47,7 +49,10 @@ def test_plan_prints_the_72b_parameters_weights_and_kv_bytes(capsys):
     assert "context" not in out  # the fit table needs --memory-gb
 
 
-def test_plan_accepts_a_config_json_path(capsys):
+def test_plan_accepts_a_config_json_path(capsys, monkeypatch):
+    from pangu_infer.models import bf16_weights
+
+    monkeypatch.setenv(bf16_weights.ENV, "0")  # float32 loads widen 16-bit matrices
     rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B / "config.json"), "--dtype", "float32")
     assert rc == 0
     assert "8.03 B total, 8.03 B active" in out
@@ -55,8 +60,21 @@ def test_plan_accepts_a_config_json_path(capsys):
     assert f"{2 * 34 * 8 * 128 * 4:,} bytes per token" in out
 
 
+def test_a_float32_cpu_load_keeps_the_bf16_matrices_its_config_names(capsys, monkeypatch):
+    """Where a float32 CPU load keeps a bf16 checkpoint's matrices bf16 (load_serving_model), a plan
+    from its config.json alone counts them so (torch_dtype says how the checkpoint stores them)."""
+    from pangu_infer.models import bf16_weights
+
+    if bf16_weights.library() is None:
+        pytest.skip("the bf16-weight kernel needs x86 with AVX2 and FMA and a C compiler")
+    monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: torch.device("cpu"))
+    monkeypatch.setenv(bf16_weights.ENV, "1")
+    rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--dtype", "float32")
+    assert rc == 0 and "16.06 GB (float32; the matrices kept in bfloat16, as its config's torch_dtype says)" in out
+
+
 def test_plan_memory_budget_shows_context_that_fits_per_precision(capsys):
-    rc, out, _ = _plan(capsys, "--model", str(PRO_MOE_72B), "--memory-gb", "160")
+    rc, out, _ = _plan(capsys, "--model", str(PRO_MOE_72B), "--memory-gb", "160", "--dtype", "bfloat16")
     assert rc == 0
     tokens = (160 * 10**9 - 2 * PRO_MOE_72B_PARAMS) // PRO_MOE_72B_KV_BF16
     assert f"= {tokens:,} tokens of context" in out
@@ -69,7 +87,7 @@ def test_plan_memory_budget_shows_context_that_fits_per_precision(capsys):
 
 
 def test_plan_says_when_the_weights_do_not_fit(capsys):
-    rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--memory-gb", "16", "--quantization", "int8")
+    rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--memory-gb", "16", "--quantization", "int8", "--dtype", "bfloat16")
     assert rc == 0
     assert "(int8, float parts in bfloat16)" in out
     table = _table(out)
@@ -154,7 +172,7 @@ def test_plan_names_a_missing_or_wrong_model_path(capsys, tmp_path: Path, tiny_d
     assert rc == 2 and f"config file not found: {tmp_path / 'nowhere'}" in err
     weights = tiny_dense_dir / "model.safetensors"
     rc, _, err = _plan(capsys, "--model", str(weights))
-    assert rc == 2 and f"--model {str(weights)!r} is a file but not a config.json" in err
+    assert rc == 2 and f"--model {str(weights)!r} is a file but neither a config.json nor a .gguf file" in err
 
 
 def test_plan_names_an_unsupported_config(capsys, tmp_path: Path):
@@ -167,7 +185,7 @@ def test_plan_names_an_unsupported_config(capsys, tmp_path: Path):
 def test_plan_reads_the_quantization_of_a_pre_quantized_checkpoint(capsys, tmp_path: Path):
     config = pangu_moge_config(vocab_size=100, quantization_config=QuantizationConfig("int8").to_hf())
     (tmp_path / "config.json").write_text(json.dumps(config))
-    rc, out, _ = _plan(capsys, "--model", str(tmp_path))
+    rc, out, _ = _plan(capsys, "--model", str(tmp_path), "--dtype", "bfloat16")
     assert rc == 0 and "(int8, float parts in bfloat16)" in out
     rc, _, err = _plan(capsys, "--model", str(tmp_path), "--quantization", "int4")
     assert rc == 2 and "quantization='int4' was asked for, but the checkpoint is pre-quantized with 'int8'" in err
@@ -176,15 +194,142 @@ def test_plan_reads_the_quantization_of_a_pre_quantized_checkpoint(capsys, tmp_p
 def test_plan_takes_the_quantization_words_that_generate_and_serve_take(capsys, tmp_path: Path):
     """`auto` and `none` (generate's and serve's choices) keep a float checkpoint float and a
     pre-quantized one as stored; int4 quantizes the float one."""
-    rc, default, _ = _plan(capsys, "--model", str(EMBEDDED_7B))
+    bf16 = ("--dtype", "bfloat16")
+    rc, default, _ = _plan(capsys, "--model", str(EMBEDDED_7B), *bf16)
     assert rc == 0 and "(bfloat16)" in default
     for word in ("auto", "none"):
-        rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--quantization", word)
+        rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--quantization", word, *bf16)
         assert rc == 0 and out == default
-    rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--quantization", "int4")
+    rc, out, _ = _plan(capsys, "--model", str(EMBEDDED_7B), "--quantization", "int4", *bf16)
     assert rc == 0 and "(int4, float parts in bfloat16)" in out
     config = pangu_moge_config(vocab_size=100, quantization_config=QuantizationConfig("int8").to_hf())
     (tmp_path / "config.json").write_text(json.dumps(config))
     for word in ("auto", "none"):
-        rc, out, _ = _plan(capsys, "--model", str(tmp_path), "--quantization", word)
+        rc, out, _ = _plan(capsys, "--model", str(tmp_path), "--quantization", word, *bf16)
         assert rc == 0 and "(int8, float parts in bfloat16)" in out
+
+
+# ------------------------------------------------------------------ .gguf files: the header alone
+
+
+CPU = torch.device("cpu")
+
+
+def _line(out: str, head: str) -> str:
+    return next(line for line in out.splitlines() if line.startswith(head))
+
+
+def _weights_line_bytes(out: str) -> int:
+    """The exact bytes at the end of the `weights` line."""
+    return int(_line(out, "weights ").rsplit("= ", 1)[1].removesuffix(" bytes").replace(",", ""))
+
+
+def _held(model) -> int:
+    """Bytes of the loaded model's parameters and buffers (each tensor once)."""
+    seen = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if not t.is_meta}
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_f16_gguf(tmp_path_factory, tiny_sentencepiece_vocab) -> Path:
+    """The tiny Pangu with its matrices F16, written as llama.cpp's converter writes them."""
+    from fixtures_gguf import _tiny
+
+    return _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "F16").path
+
+
+@pytest.mark.parametrize(
+    "which, quantization",
+    [("demo", "auto"), ("demo", "int8"), ("demo", "none"), ("q8_0", "auto"), ("f16", "auto")],
+)
+def test_plan_of_a_gguf_file_prints_the_weights_its_load_holds(
+    capsys, monkeypatch, which, quantization, smollm2_gguf_path, tiny_pangu_gguf_q8_0, tiny_f16_gguf
+):
+    """The weights line is what load_serving_model (generate's and serve's load, on this machine's
+    default dtype) holds: Q4_1 kept int4, Q8_0 int8, F16 as the loader keeps it, "none" float."""
+    from pangu_infer.device import default_dtype
+    from pangu_infer.loader import load_serving_model
+
+    path = {"demo": smollm2_gguf_path, "q8_0": tiny_pangu_gguf_q8_0.path, "f16": tiny_f16_gguf}[which]
+    monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)  # loaded below on the CPU
+    rc, out, err = _plan(capsys, "--model", str(path), "--quantization", quantization)
+    assert rc == 0, err
+    assert "(GGUF header)" in out.splitlines()[0]
+    dtype = default_dtype(CPU)
+    assert _line(out, "dtype ").startswith(f"dtype       {str(dtype).removeprefix('torch.')}, KV cache ")
+    planned = _weights_line_bytes(out)
+    held = _held(load_serving_model(str(path), dtype, CPU, load_tokenizer=False, quantization=quantization).model)
+    assert abs(planned - held) <= 0.01 * held, (planned, held)
+    if which == "demo" and quantization == "auto":
+        assert "(as loaded: Q4_1 as int4 in groups of 32, F32 as " in out and "Q8_0 as int8" in out
+    if which == "q8_0":
+        assert "Q8_0 as int8" in out
+
+
+def test_the_gguf_table_quantizes_as_the_loader_quantizes_that_file(capsys, smollm2_gguf_path):
+    """The int8 and int4 rows of a .gguf file are what --quantization int8 / int4 load (int4 in groups of 32)."""
+    rc, out, _ = _plan(capsys, "--model", str(smollm2_gguf_path), "--memory-gb", "1")
+    assert rc == 0
+    table = _table(out)
+    for method in ("int8", "int4"):
+        rc, asked, _ = _plan(capsys, "--model", str(smollm2_gguf_path), "--quantization", method)
+        assert rc == 0 and f"{_weights_line_bytes(asked) / 10**6:.2f} MB" in table[method]
+    assert "int4 in groups of 32" in asked
+
+
+@pytest.mark.parametrize("dtype", [None, "float32", "bfloat16"])
+def test_the_plans_dtype_and_kv_bytes_are_what_the_engine_allocates(capsys, monkeypatch, dtype, smollm2_gguf_path):
+    """No --dtype: the model dtype and KV-cache dtype LLM picks with none given (float32 and a bf16
+    cache on a CPU without native bf16); a dtype given is both. The KV bytes per token are the
+    engine's cache bytes over its slots."""
+    from pangu_infer import LLM
+
+    monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)  # the LLM below runs on the CPU
+    rc, out, _ = _plan(capsys, "--model", str(smollm2_gguf_path), *(() if dtype is None else ("--dtype", dtype)))
+    assert rc == 0
+    llm = LLM(str(smollm2_gguf_path), device="cpu", kv_cache_memory=1 << 22, enforce_eager=True,
+              **({} if dtype is None else {"dtype": dtype}))
+    runner = llm.engine.runner
+    caches = [c for c in runner.k_caches + runner.v_caches if c is not None]
+    per_token = sum(c.numel() * c.element_size() for c in caches) // runner.k_caches[0].shape[0]
+    name = str(llm.engine.dtype).removeprefix("torch."), str(llm.engine.kv_dtype).removeprefix("torch.")
+    why = "auto: what generate and serve pick on this machine (cpu) when given no --dtype" if dtype is None else f"--dtype {dtype}"
+    assert _line(out, "dtype ") == f"dtype       {name[0]}, KV cache {name[1]} ({why})"
+    assert _line(out, "KV cache ").startswith(f"KV cache    {per_token:,} bytes per token")
+    assert llm.config.kv_bytes_per_token(llm.engine.kv_dtype) == per_token
+
+
+def test_auto_is_bfloat16_on_a_cpu_with_native_bf16(capsys, smollm2_gguf_path, monkeypatch):
+    import pangu_infer.device as device
+
+    monkeypatch.setattr(device, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: torch.device("cpu"))
+    rc, out, _ = _plan(capsys, "--model", str(smollm2_gguf_path))
+    assert rc == 0 and _line(out, "dtype ").startswith("dtype       bfloat16, KV cache bfloat16 (auto:")
+    assert f"{30 * 2 * 3 * 64 * 2:,} bytes per token" in out  # SmolLM2-135M: 30 layers, 3 KV heads of 64
+
+
+def test_plan_names_a_gguf_file_it_cannot_read(capsys, tmp_path: Path, smollm2_gguf_path):
+    """Not GGUF, a header cut short, tensor data cut short, no such file: one line naming the file, exit 2,
+    as the other plan errors."""
+    from pangu_infer.loader.gguf_index import read_gguf_index
+
+    data_offset = read_gguf_index(smollm2_gguf_path).data_offset
+    with open(smollm2_gguf_path, "rb") as f:
+        head = f.read(data_offset + 4096)  # the header and the start of the first tensor
+    cases = {
+        "magic.gguf": (b"GGML" + head[4:4096], "is not a GGUF file (it starts with b'GGML'"),
+        "short.gguf": (b"GG", "is not a GGUF file"),
+        "header.gguf": (head[:1000], "cannot read GGUF file: a string at byte"),
+        "data.gguf": (head, "runs past the end of the file (truncated?)"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        rc, out, err = _plan(capsys, "--model", str(path))
+        assert rc == 2 and out == "", name
+        assert len(err.strip().splitlines()) == 1 and str(path) in err and message in err, (name, err)
+        assert err.count(str(path)) == 1, err  # named once
+    missing = tmp_path / "missing.gguf"
+    rc, _, err = _plan(capsys, "--model", str(missing))
+    assert rc == 2 and f"--model {str(missing)!r}: no such .gguf file" in err

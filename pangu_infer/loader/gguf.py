@@ -150,8 +150,8 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         raise GGUFError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')")
     try:
         reader = read_gguf_index(path)  # gguf.GGUFReader's tensors, its metadata parsed in one struct pass
-    except ValueError as e:
-        raise GGUFError(f"{path}: cannot read GGUF file: {e}") from None
+    except ValueError as e:  # (the index's messages start with the path: named once)
+        raise GGUFError(f"{path}: cannot read GGUF file: {str(e).removeprefix(path + ': ')}") from None
     md = _Metadata(reader.metadata, path)
     arch = md.get("general.architecture")
     if arch not in ARCHITECTURES:
