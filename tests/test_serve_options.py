@@ -248,3 +248,52 @@ def test_bad_generation_config_values_name_the_flag_and_key(tmp_path):
     )
     assert run.returncode == 2, run.stderr
     assert "pangu-infer serve: error: --override-generation-config: unknown key 'top_q'" in run.stderr, run.stderr
+
+
+# ---------------------------------------------------------------------- root path
+API_KEY = "proxy-key"
+
+
+@pytest.fixture(scope="module")
+def proxied_server(tiny_dense_dir, tmp_path_factory):
+    """Behind a reverse proxy at /proxy (which strips the prefix before forwarding)."""
+    with running_server(
+        tiny_dense_dir, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny-proxied", "--root-path", "/proxy/",
+        api_key=API_KEY, log_dir=tmp_path_factory.mktemp("proxy_logs"),
+    ) as s:
+        s.model = "tiny-proxied"
+        yield s
+
+
+def test_root_path_is_uvicorns_behind_a_proxy(proxied_server):
+    from fixtures_server import metric_value
+
+    url, key = proxied_server.url, {"Authorization": f"Bearer {API_KEY}"}
+    # The proxy forwards /proxy/v1/models as /v1/models: the API answers there.
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == ["tiny-proxied"]
+    # The API key still guards /v1 and the docs (the middleware sees the path the routes see, not
+    # the prefixed one uvicorn puts in the scope), and requests are counted by their endpoint.
+    assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+    assert httpx.get(f"{url}/openapi.json", timeout=30).status_code == 401
+    metrics = httpx.get(f"{url}/metrics", timeout=30).text
+    assert metric_value(metrics, "pangu_http_requests_total", endpoint="/v1/models", status="401") >= 1
+    # FastAPI's root_path behaviour: the OpenAPI document's servers entry and the docs page name the prefix.
+    spec = httpx.get(f"{url}/openapi.json", headers=key, timeout=30).json()
+    assert spec["servers"] == [{"url": "/proxy"}]
+    assert "'/proxy/openapi.json'" in httpx.get(f"{url}/docs", headers=key, timeout=30).text
+    # The chat page's links are relative (static/..., v1/...): they resolve under /proxy/ in the browser.
+    page = httpx.get(f"{url}/", timeout=30).text
+    assert 'href="static/chat.css"' in page and 'src="static/chat.js"' in page
+    assert 'href="/' not in page and 'src="/' not in page
+    assert httpx.get(f"{url}/static/chat.js", timeout=30).status_code == 200
+    assert "(behind a proxy at /proxy/)" in proxied_server.log()
+
+
+def test_bad_root_path_is_named():
+    from pangu_infer.server.cli import root_path
+
+    assert root_path("") == "" and root_path("/") == "" and root_path("/llm/") == "/llm" and root_path("/a/b") == "/a/b"
+    for bad in ("llm", "/llm?x=1", "/a b", "/über", "//llm"):
+        with pytest.raises(ValueError, match="^--root-path "):
+            root_path(bad)

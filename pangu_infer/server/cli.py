@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get(API_KEY_ENV),
         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: no check)",
     )
+    parser.add_argument(
+        "--root-path", default="", metavar="PATH",
+        help="the path prefix a reverse proxy serves this server under, e.g. /llm (uvicorn's root_path, vLLM's "
+        "flag): the proxy strips it before forwarding; the API docs (openapi servers) name it (default: none)",
+    )
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the --model argument)")
     parser.add_argument(
         "--allowed-origins", default="", metavar="ORIGINS",
@@ -121,6 +126,19 @@ def check_ssl_files(keyfile: Optional[str], certfile: Optional[str]) -> bool:
     return True
 
 
+def root_path(text: str) -> str:
+    """--root-path checked: '' or /segment[/segment...] (a trailing / dropped); ValueError naming the flag."""
+    if text in ("", "/"):
+        return ""
+    if not text.startswith("/") or any(c in text for c in "?#") or any(c.isspace() for c in text) or "//" in text:
+        raise ValueError(f"--root-path {text!r}: expected a URL path prefix such as /llm (starting with /, no query)")
+    try:
+        text.encode("ascii")
+    except UnicodeEncodeError:
+        raise ValueError(f"--root-path {text!r}: expected an ASCII URL path (percent-encode other characters)") from None
+    return text.rstrip("/")
+
+
 def served_name(args: argparse.Namespace, source: str) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -144,6 +162,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
     origins = allowed_origins(args.allowed_origins)
     https = check_ssl_files(args.ssl_keyfile, args.ssl_certfile)
+    prefix = root_path(args.root_path)
     lora_modules = parse_lora_modules(args.lora_modules or [])
     kwargs = llm_kwargs(args)
     if lora_modules:
@@ -160,9 +179,10 @@ def run(args: argparse.Namespace) -> int:
                          trust_request_chat_template=args.trust_request_chat_template)
         base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
-        print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/", file=sys.stderr, flush=True)
+        proxied = f" (behind a proxy at {prefix}/)" if prefix else ""
+        print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/{proxied}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile)
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, root_path=prefix)
     finally:
         llm.shutdown()  # tensor-parallel worker processes, if any
     return 0

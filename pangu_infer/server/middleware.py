@@ -27,7 +27,7 @@ class AuthAndCount:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path = scope["path"]
+        path = route_path(scope)
         endpoint = path if path in self.endpoints else "other"
         status = {"code": CLIENT_CLOSED}
 
@@ -55,6 +55,15 @@ class AuthAndCount:
         # x-api-key: the header Anthropic's API documents (its SDK 2.17 sends a bearer token)
         key = headers.get(b"x-api-key")
         return key is not None and secrets.compare_digest(key.strip(), self.api_key.encode())
+
+
+def route_path(scope: dict) -> str:
+    """The path the routes see: behind --root-path uvicorn puts the prefix in front of every path
+    (ASGI's root_path), and the router takes it off again (as starlette's get_route_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
 
 
 class InternalErrors:
