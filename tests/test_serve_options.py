@@ -250,16 +250,17 @@ def test_bad_generation_config_values_name_the_flag_and_key(tmp_path):
     assert "pangu-infer serve: error: --override-generation-config: unknown key 'top_q'" in run.stderr, run.stderr
 
 
-# ---------------------------------------------------------------------- root path
+# ---------------------------------------------------------------------- root path, uvicorn log level
 API_KEY = "proxy-key"
 
 
 @pytest.fixture(scope="module")
 def proxied_server(tiny_dense_dir, tmp_path_factory):
-    """Behind a reverse proxy at /proxy (which strips the prefix before forwarding)."""
+    """Behind a reverse proxy at /proxy (which strips the prefix before forwarding), uvicorn logging
+    each request."""
     with running_server(
         tiny_dense_dir, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny-proxied", "--root-path", "/proxy/",
-        api_key=API_KEY, log_dir=tmp_path_factory.mktemp("proxy_logs"),
+        "--uvicorn-log-level", "info", api_key=API_KEY, log_dir=tmp_path_factory.mktemp("proxy_logs"),
     ) as s:
         s.model = "tiny-proxied"
         yield s
@@ -288,12 +289,22 @@ def test_root_path_is_uvicorns_behind_a_proxy(proxied_server):
     assert 'href="/' not in page and 'src="/' not in page
     assert httpx.get(f"{url}/static/chat.js", timeout=30).status_code == 200
     assert "(behind a proxy at /proxy/)" in proxied_server.log()
+    # --uvicorn-log-level info: uvicorn's access log lines (not written at the default level, warning).
+    assert '"GET /proxy/v1/models HTTP/1.1" 200' in proxied_server.log()
 
 
-def test_bad_root_path_is_named():
-    from pangu_infer.server.cli import root_path
+def test_bad_root_path_and_the_log_level_default():
+    from pangu_infer.cli import build_parser
+    from pangu_infer.server.cli import root_path, uvicorn_log_level
 
     assert root_path("") == "" and root_path("/") == "" and root_path("/llm/") == "/llm" and root_path("/a/b") == "/a/b"
     for bad in ("llm", "/llm?x=1", "/a b", "/über", "//llm"):
         with pytest.raises(ValueError, match="^--root-path "):
             root_path(bad)
+    parse = build_parser().parse_args
+    assert uvicorn_log_level(parse(["serve"])) == "warning"
+    assert uvicorn_log_level(parse(["-v", "serve"])) == "info"
+    assert uvicorn_log_level(parse(["-v", "serve", "--uvicorn-log-level", "error"])) == "error"
+    assert uvicorn_log_level(parse(["serve", "--uvicorn-log-level", "trace"])) == "trace"
+    with pytest.raises(SystemExit):
+        parse(["serve", "--uvicorn-log-level", "loud"])

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from pangu_infer.cli import add_chat_template_argument, add_model_arguments, llm_kwargs
 
 API_KEY_ENV = "PANGU_API_KEY"
+UVICORN_LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--root-path", default="", metavar="PATH",
         help="the path prefix a reverse proxy serves this server under, e.g. /llm (uvicorn's root_path, vLLM's "
         "flag): the proxy strips it before forwarding; the API docs (openapi servers) name it (default: none)",
+    )
+    parser.add_argument(
+        "--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
+        help="uvicorn's log level (vLLM's flag); info logs every request (default: warning, info with --verbose)",
     )
     parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the --model argument)")
     parser.add_argument(
@@ -139,6 +144,13 @@ def root_path(text: str) -> str:
     return text.rstrip("/")
 
 
+def uvicorn_log_level(args: argparse.Namespace) -> str:
+    """--uvicorn-log-level, else warning (info with --verbose), as before the flag."""
+    if args.uvicorn_log_level is not None:
+        return args.uvicorn_log_level
+    return "info" if getattr(args, "verbose", False) else "warning"
+
+
 def served_name(args: argparse.Namespace, source: str) -> str:
     if args.served_model_name:
         return args.served_model_name
@@ -181,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         proxied = f" (behind a proxy at {prefix}/)" if prefix else ""
         print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/{proxied}", file=sys.stderr, flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+        uvicorn.run(app, host=args.host, port=args.port, log_level=uvicorn_log_level(args),
                     ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, root_path=prefix)
     finally:
         llm.shutdown()  # tensor-parallel worker processes, if any
