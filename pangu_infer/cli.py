@@ -46,8 +46,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "fewer where a container's CPU quota allows fewer; OMP_NUM_THREADS is respected); tensor-parallel "
         "ranks on the CPU share them",
     )
-    p.add_argument("--max-model-len", type=int, default=None, help="context length limit")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched per step")
+    p.add_argument("--max-model-len", "-c", "--ctx-size", dest="max_model_len", type=int, default=None,
+                   help="context length limit (-c/--ctx-size: llama.cpp's spelling)")
+    p.add_argument("--max-num-seqs", "-np", "--parallel", dest="max_num_seqs", type=int, default=64,
+                   help="sequences batched per step (-np/--parallel: llama.cpp's spelling)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk size)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=_memory, default=None, help="KV cache bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")

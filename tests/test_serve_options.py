@@ -259,7 +259,7 @@ def proxied_server(tiny_dense_dir, tmp_path_factory):
     """Behind a reverse proxy at /proxy (which strips the prefix before forwarding), uvicorn logging
     each request."""
     with running_server(
-        tiny_dense_dir, "--kv-cache-memory", "8MiB", "--served-model-name", "tiny-proxied", "--root-path", "/proxy/",
+        tiny_dense_dir, "--kv-cache-memory", "8MiB", "-a", "tiny-proxied", "-c", "128", "-np", "3", "--root-path", "/proxy/",
         "--uvicorn-log-level", "info", api_key=API_KEY, log_dir=tmp_path_factory.mktemp("proxy_logs"),
     ) as s:
         s.model = "tiny-proxied"
@@ -289,6 +289,11 @@ def test_root_path_is_uvicorns_behind_a_proxy(proxied_server):
     assert 'href="/' not in page and 'src="/' not in page
     assert httpx.get(f"{url}/static/chat.js", timeout=30).status_code == 200
     assert "(behind a proxy at /proxy/)" in proxied_server.log()
+    # llama.cpp's -a, -c, -np: the served name (above), the context and the batch the server took.
+    tokenized = httpx.post(f"{url}/tokenize", json={"prompt": "hi"}, headers=key, timeout=30).json()
+    assert tokenized["max_model_len"] == 128
+    too_many = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "n": 4, "max_tokens": 1}, headers=key, timeout=30)
+    assert too_many.status_code == 400 and "at most 3 (--max-num-seqs)" in too_many.json()["error"]["message"]
     # --uvicorn-log-level info: uvicorn's access log lines (not written at the default level, warning).
     assert '"GET /proxy/v1/models HTTP/1.1" 200' in proxied_server.log()
 
@@ -308,3 +313,28 @@ def test_bad_root_path_and_the_log_level_default():
     assert uvicorn_log_level(parse(["serve", "--uvicorn-log-level", "trace"])) == "trace"
     with pytest.raises(SystemExit):
         parse(["serve", "--uvicorn-log-level", "loud"])
+
+
+# ---------------------------------------------------------------------- llama.cpp's spellings
+@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
+def test_llama_cpp_spellings_set_the_same_values(command):
+    from pangu_infer.cli import build_parser, llm_kwargs
+
+    parse = build_parser().parse_args
+    extra = ["--prompt", "x"] if command == "generate" else []
+    spelled = {
+        ("-c", "512"): ("--max-model-len", "512"), ("--ctx-size", "384"): ("--max-model-len", "384"),
+        ("-np", "3"): ("--max-num-seqs", "3"), ("--parallel", "5"): ("--max-num-seqs", "5"),
+    }
+    if command == "serve":
+        spelled.update({("-a", "pangu-7b"): ("--served-model-name", "pangu-7b"), ("--alias", "p"): ("--served-model-name", "p"),
+                        ("--ssl-key-file", "k.pem"): ("--ssl-keyfile", "k.pem"), ("--ssl-cert-file", "c.pem"): ("--ssl-certfile", "c.pem")})
+    for alias, name in spelled.items():
+        assert vars(parse([command, *extra, *alias])) == vars(parse([command, *extra, *name])), alias
+        assert vars(parse([command, *extra, *alias])) != vars(parse([command, *extra])), alias
+    args = parse([command, *extra, "-c", "512", "-np", "3"])
+    assert (llm_kwargs(args)["max_model_len"], llm_kwargs(args)["max_num_seqs"]) == (512, 3)
+    if command == "serve":
+        from pangu_infer.server.cli import served_name
+
+        assert served_name(parse(["serve", "-a", "pangu-7b"]), "/models/x.gguf") == "pangu-7b"

@@ -47,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
         help="uvicorn's log level (vLLM's flag); info logs every request (default: warning, info with --verbose)",
     )
-    parser.add_argument("--served-model-name", default=None, help="the model name clients send (default: the --model argument)")
+    parser.add_argument(
+        "--served-model-name", "-a", "--alias", dest="served_model_name", default=None, metavar="NAME",
+        help="the model name clients send (default: the --model argument; -a/--alias: llama.cpp's spelling)",
+    )
     parser.add_argument(
         "--allowed-origins", default="", metavar="ORIGINS",
         help="comma-separated web origins whose pages may call the API from a browser (CORS), e.g. "
