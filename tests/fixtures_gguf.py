@@ -207,15 +207,17 @@ def write_gguf(
     qtype: Optional[Any] = None,
     omit_keys: tuple[str, ...] = (),
     extra_tensors: Optional[dict[str, np.ndarray]] = None,
+    metadata: Optional[dict[str, tuple[str, Any]]] = None,
 ) -> Path:
-    """Write an HF checkpoint as llama.cpp's converter would, for GGUF architecture `arch`."""
+    """Write an HF checkpoint as llama.cpp's converter would, for GGUF architecture `arch`.
+    `metadata`: keys (name -> (gguf writer kind, value)) written instead of the converter's values."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
     qtype = Q.F32 if qtype is None else qtype
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["hidden_size"] // heads
-    metadata: dict[str, tuple[str, Any]] = {
+    written: dict[str, tuple[str, Any]] = {
         f"{arch}.context_length": ("uint32", config["max_position_embeddings"]),
         f"{arch}.embedding_length": ("uint32", config["hidden_size"]),
         f"{arch}.block_count": ("uint32", config["num_hidden_layers"]),
@@ -243,8 +245,9 @@ def write_gguf(
         "tokenizer.ggml.add_space_prefix": ("bool", True),
         "tokenizer.chat_template": ("string", PANGU_CHAT_TEMPLATE),
     }
+    written.update(metadata or {})
     w = gguf.GGUFWriter(str(path), arch)
-    for key, (kind, value) in metadata.items():
+    for key, (kind, value) in written.items():
         if key not in omit_keys:
             getattr(w, f"add_{kind}")(key, value)
 

@@ -416,6 +416,20 @@ def test_mtp_layer_after_the_last_is_skipped_with_a_log_line(tiny_ultra_config, 
     assert torch.allclose(_logits(loaded.model, ids), _logits(_model(c, sd), ids))
 
 
+@pytest.mark.parametrize("layers", [1_000_000, 4])
+def test_config_layers_past_the_checkpoints_and_its_mtp_are_refused(tiny_r72b_config, tmp_path, layers):
+    """R-72B's 3 layers with num_nextn_predict_layers=1 (its MTP layer not stored): more layers than
+    the checkpoint holds is a WeightError naming num_hidden_layers, before a model is built."""
+    from pangu_infer.errors import WeightError
+    from pangu_infer.loader import load_model
+
+    c = tiny_r72b_config
+    write_checkpoint(str(tmp_path), dict(c, num_hidden_layers=layers), random_state_dict(c, seed=0))
+    with pytest.raises(WeightError, match=rf"num_hidden_layers={layers} \(and up to 1 multi-token-prediction layer\(s\) "
+                                          r"after them\) does not match the checkpoint: .* holds 3 layers"):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantization (experts included) and expert offload
 

@@ -347,6 +347,18 @@ def test_unknown_tensor_is_named(tmp_path, tiny_pangu_gguf):
         read_gguf(path)
 
 
+@pytest.mark.parametrize("blocks", [1_000_000, 1, 3])
+def test_block_count_not_the_files_blocks_is_named(tmp_path, tiny_pangu_gguf, blocks):
+    """block_count against the file's blk.N tensors, in the header: a million blocks were built
+    (minutes, tens of GiB) before any tensor was matched."""
+    t = tiny_pangu_gguf
+    path = write_gguf(tmp_path / "b.gguf", arch=t.arch, config=t.config, tensors=t.tensors, vocab=t.vocab,
+                      metadata={f"{t.arch}.block_count": ("uint32", blocks)})  # fmt: skip
+    with pytest.raises(GGUFError, match=rf"pangu-embedded\.block_count={blocks} \(num_hidden_layers\) but the file holds "
+                                        r"the tensors of 2 blocks \(blk\.0 to blk\.1\)"):
+        read_gguf(path)
+
+
 def test_unknown_bpe_pre_tokenizer_is_named(smollm2):
     spec = dict(smollm2.tokenizer_spec, pre="no-such-pre")
     with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.pre='no-such-pre'.*smollm"):

@@ -150,6 +150,28 @@ def test_wrongly_shaped_tensor_is_named(tmp_path, tiny_dense_dir):
         load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
 
 
+def _never_built(cfg):
+    raise AssertionError(f"a model of {cfg.num_hidden_layers} layers was built")
+
+
+@pytest.mark.parametrize("layers", [1_000_000, 1, 3])
+def test_config_layers_not_the_checkpoints_are_refused_before_building(tmp_path, tiny_dense_dir, monkeypatch, layers):
+    """num_hidden_layers against the checkpoint's model.layers.N names (headers only), before the
+    model or the memory check's meta model is built: a million layers took minutes and 24 GiB."""
+    import pangu_infer.loader as loader
+    from pangu_infer.loader import load_serving_model
+
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    config = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(dict(config, num_hidden_layers=layers)))
+    monkeypatch.setattr(loader, "build_model_on_meta", _never_built)
+    message = rf"config field num_hidden_layers={layers} does not match the checkpoint: .* holds 2 layers \(model\.layers\.0 to model\.layers\.1\)"
+    with pytest.raises(WeightError, match=message):
+        load_serving_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)  # the memory check first
+    with pytest.raises(WeightError, match=message):
+        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
 def test_missing_shard_is_named(tmp_path, tiny_dense_config):
     build_tiny_model(tmp_path, tiny_dense_config, num_shards=2)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -71,6 +72,38 @@ def resolve_model_path(model: Optional[str]) -> str:
         raise ModelNotFoundError(f"--model {model!r} is not a local path and could not be downloaded from the hub: {e}") from None
 
 
+_LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def check_layer_count(cfg: ModelConfig, names: Iterable[str], where: str) -> None:
+    """A WeightError naming num_hidden_layers when the config's layers are not the checkpoint's
+    (`names`: its tensor names, `where`: the checkpoint, for the message), before any model is built:
+    a config naming more layers than the checkpoint holds would build them all first (a million
+    layers take minutes and tens of GiB) only to find their tensors missing. The top-k MoE family
+    may store its multi-token-prediction layers (num_nextn_predict_layers) after the last one."""
+    held = sorted({int(m.group(1)) for m in map(_LAYER_NAME.match, names) if m is not None})
+    count = held[-1] + 1 if held else 0
+    extra = cfg.num_mtp_layers if cfg.is_topk_moe else 0
+    if cfg.num_hidden_layers <= count <= cfg.num_hidden_layers + extra:
+        return
+    holds = f"{count} layers (model.layers.0 to model.layers.{count - 1})" if held else "no model.layers.N tensors"
+    mtp = f" (and up to {extra} multi-token-prediction layer(s) after them)" if extra else ""
+    raise WeightError(
+        f"config field num_hidden_layers={cfg.num_hidden_layers}{mtp} does not match the checkpoint: "
+        f"{where} holds {holds}"
+    )
+
+
+def read_checked_config(path: str, files: Optional[list[str]] = None) -> ModelConfig:
+    """A model folder's config.json, checked against the tensor names of its safetensors files
+    (their headers only) before anything is built from it: check_layer_count."""
+    from pangu_infer.loader.safetensors import checkpoint_files, tensor_names
+
+    cfg = ModelConfig.from_file(path)
+    check_layer_count(cfg, tensor_names(checkpoint_files(path) if files is None else files), f"the checkpoint in {path}")
+    return cfg
+
+
 def read_generation_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
@@ -111,8 +144,8 @@ def load_model(
         return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half)
     from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_quantized_safetensors, iter_safetensors
 
-    cfg = ModelConfig.from_file(path)
     files = checkpoint_files(path)
+    cfg = read_checked_config(path, files)
     net = build_model_on_meta(cfg)
     hook = make_load_hook(net, quantization, offload_experts, dtype, device)
     progress = checkpoint_bytes(files) > PROGRESS_BYTES
@@ -196,7 +229,7 @@ def weights_bytes(
         cfg = ModelConfig.from_hf_dict(ckpt.config)
         half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
     else:
-        cfg = ModelConfig.from_file(path)
+        cfg = read_checked_config(path)  # (its layers the checkpoint's: a config's absurd count builds nothing)
         half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if keep_half else None
     total = 0
     for rank in range(tensor_parallel_size) if ranks is None else ranks:

@@ -161,6 +161,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         )
     tensors = {t.name: t for t in reader.tensors}
     n_layers = md.int(f"{arch}.block_count")
+    _check_block_count(n_layers, tensors, arch, path)
     hf_names = {name: _hf_name(name, arch, n_layers, path) for name in tensors if name != ROPE_FREQS}
     config = _hf_config(md, arch, tensors, path)
     return GGUFCheckpoint(
@@ -213,6 +214,17 @@ class _Metadata:
 def _shortest_float32(v: float) -> float:
     """GGUF stores float32: 1e-5 reads back as 9.99999974e-06; give the shortest decimal it stands for."""
     return float(str(np.float32(v)))
+
+
+def _check_block_count(n_layers: int, tensors: dict[str, Any], arch: str, path: str) -> None:
+    """The blocks block_count names are the blocks the file's tensors hold (blk.0 to blk.N-1), checked
+    before anything is built from it: a larger count would build every block first (a million take
+    minutes and tens of GiB) only to find its tensors missing."""
+    held = {int(m.group(1)) for m in map(_BLOCK_RE.fullmatch, tensors) if m is not None}
+    count = max(held) + 1 if held else 0
+    if n_layers != count:
+        holds = f"the tensors of {count} blocks (blk.0 to blk.{count - 1})" if held else "no blk.N tensors"
+        raise GGUFError(f"{path}: GGUF metadata {arch}.block_count={n_layers} (num_hidden_layers) but the file holds {holds}")
 
 
 def _hf_name(name: str, arch: str, n_layers: int, path: str) -> str:

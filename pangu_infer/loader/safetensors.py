@@ -51,6 +51,15 @@ def open_safetensors(path: str):
         raise WeightError(f"cannot read safetensors file {path}: {e}") from None
 
 
+def tensor_names(files: list[str]) -> list[str]:
+    """The names of every tensor of the checkpoint's files, read from their headers only."""
+    names: list[str] = []
+    for path in files:
+        with open_safetensors(path) as f:
+            names.extend(f.keys())
+    return names
+
+
 def matrix_dtypes(files: list[str]) -> set[str]:
     """The dtypes ("BF16", "F32", ...) the checkpoint stores its matrices (tensors of 2 or more
     dims) in, read from the files' headers only."""
