@@ -431,6 +431,16 @@ def test_config_layers_past_the_checkpoints_and_its_mtp_are_refused(tiny_r72b_co
         load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
 
 
+def test_routed_experts_not_the_checkpoints_are_refused(tiny_r72b_config, tmp_path):
+    from pangu_infer.errors import WeightError
+    from pangu_infer.loader import load_model
+
+    c = tiny_r72b_config
+    write_checkpoint(str(tmp_path), dict(c, n_routed_experts=1_000_000), random_state_dict(c, seed=0))
+    with pytest.raises(WeightError, match=r"config field n_routed_experts=1000000 does not match the checkpoint: .* holds 16 routed experts"):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantization (experts included) and expert offload
 

@@ -348,6 +348,22 @@ def test_experts_per_token_other_than_one_per_group_is_rejected_naming_both_fiel
         ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, num_experts_per_tok=4))
 
 
+@pytest.mark.parametrize("experts", [1_000_000, 56])
+def test_experts_not_the_checkpoints_are_refused_naming_num_experts(tmp_path: Path, tiny_moge_config: dict, experts: int):
+    """num_experts against the checkpoint's mlp.experts.E names (headers only), before the memory
+    check: a million experts on a 64-expert checkpoint was reported as a 46 GiB shortage."""
+    from pangu_infer.errors import WeightError
+    from pangu_infer.loader import load_serving_model
+
+    c = tiny_moge_config
+    write_checkpoint(str(tmp_path), dict(c, num_experts=experts), random_state_dict(c, seed=0))
+    message = rf"config field num_experts={experts} does not match the checkpoint: .* holds 64 routed experts"
+    with pytest.raises(WeightError, match=message):
+        load_serving_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    with pytest.raises(WeightError, match=message):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
 # ---------------------------------------------------------------------------------------------
 # Load statistics
 

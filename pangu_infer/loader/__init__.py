@@ -94,13 +94,39 @@ def check_layer_count(cfg: ModelConfig, names: Iterable[str], where: str) -> Non
     )
 
 
+_EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.")
+
+
+def check_expert_count(cfg: ModelConfig, names: Iterable[str], where: str) -> None:
+    """A WeightError naming the experts field when an MoE config's routed experts are not the
+    checkpoint's (model.layers.N.mlp.experts.E tensors of its layers, MTP layers aside): a count far
+    above the checkpoint's was reported as a memory shortage (or, that check off, built first)."""
+    if not cfg.is_moe:
+        return
+    held = {int(m.group(2)) for m in map(_EXPERT_NAME.match, names) if m is not None and int(m.group(1)) < cfg.num_hidden_layers}
+    count = max(held) + 1 if held else 0
+    if count == cfg.num_experts:
+        return
+    field = "num_experts" if cfg.is_moge else "n_routed_experts"
+    holds = f"{count} routed experts (mlp.experts.0 to mlp.experts.{count - 1})" if held else "no mlp.experts.E tensors"
+    raise WeightError(f"config field {field}={cfg.num_experts} does not match the checkpoint: {where} holds {holds}")
+
+
+def check_against_checkpoint(cfg: ModelConfig, names: Iterable[str], where: str) -> None:
+    """The config's layers and routed experts against the checkpoint's tensor names, before any
+    model is built from it (check_layer_count, check_expert_count)."""
+    names = list(names)
+    check_layer_count(cfg, names, where)
+    check_expert_count(cfg, names, where)
+
+
 def read_checked_config(path: str, files: Optional[list[str]] = None) -> ModelConfig:
     """A model folder's config.json, checked against the tensor names of its safetensors files
-    (their headers only) before anything is built from it: check_layer_count."""
+    (their headers only) before anything is built from it: check_against_checkpoint."""
     from pangu_infer.loader.safetensors import checkpoint_files, tensor_names
 
     cfg = ModelConfig.from_file(path)
-    check_layer_count(cfg, tensor_names(checkpoint_files(path) if files is None else files), f"the checkpoint in {path}")
+    check_against_checkpoint(cfg, tensor_names(checkpoint_files(path) if files is None else files), f"the checkpoint in {path}")
     return cfg
 
 

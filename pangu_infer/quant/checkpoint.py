@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from pangu_infer.config import ModelConfig
-from pangu_infer.loader import check_layer_count
+from pangu_infer.loader import check_against_checkpoint
 from pangu_infer.loader.safetensors import INDEX_FILE, SINGLE_FILE, checkpoint_files, iter_safetensors, tensor_names
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta
@@ -108,7 +108,7 @@ def write_quantized_checkpoint(
             f"--model {model_dir!r} is already quantized ({cfg.quantization_config}); quantize its float source instead"
         )
     files = checkpoint_files(model_dir)
-    check_layer_count(cfg, tensor_names(files), f"the checkpoint in {model_dir}")  # before a meta model is built
+    check_against_checkpoint(cfg, tensor_names(files), f"the checkpoint in {model_dir}")  # before a meta model is built
     os.makedirs(out_dir, exist_ok=True)
     net = build_model_on_meta(cfg)
     writer = QuantizedCheckpointWriter(net, config, out_dir, shard_bytes)
