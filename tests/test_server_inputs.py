@@ -350,6 +350,18 @@ def test_a_bad_schema_is_named_as_the_api_names_it_not_response_format(http, pat
     _still_serves(http)
 
 
+@pytest.mark.parametrize(("path", "field", "named"), [
+    ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}}}, "text.format.schema"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("/v1/chat/completions", {"guided_regex": "a+"}, "guided_regex"),
+])
+def test_a_forced_tool_call_with_a_schema_names_the_schemas_field_as_sent(http, path, field, named):
+    tool = SHAPED_TOOL if path == "/v1/responses" else CHAT_TOOL
+    body = {**BASES[path], **field, "tools": [tool], "tool_choice": "required"}
+    message = _error(http.post(path, json=body), "tool_choice")
+    assert message == f"tool_choice 'required' or a named function cannot be combined with {named}", message
+
+
 # ---------------------------------------------------------------------- tool names
 CHAT_TOOL, SHAPED_TOOL = {"type": "function", "function": {"name": "f"}}, {"type": "function", "name": "f"}
 

@@ -162,8 +162,8 @@ def with_tool_constraint(params: SamplingParams, req: ChatCompletionRequest, use
     structured = params.structured_outputs
     if use_tools and (forced_tool or structured is None):
         if forced_tool and structured is not None:
-            raise APIError(400, "tool_choice 'required' or a named function cannot be combined with response_format "
-                           "or structured_outputs", param="tool_choice")
+            raise APIError(400, f"tool_choice 'required' or a named function cannot be combined with {structured.param}",
+                           param="tool_choice")  # (named as the client sent it: text.format on the Responses API)
         tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
         structured = tool_constraint(tools, req.tool_choice.model_dump() if forced_tool and not isinstance(req.tool_choice, str)
                                      else req.tool_choice, req.parallel_tool_calls, tool_marker_ids(tok))
