@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -126,6 +127,8 @@ class ModelConfig:
                 f"config field num_key_value_heads={kv_heads} must divide num_attention_heads={heads}"
             )
         head_dim = get.int("head_dim", default=0) or 0
+        if head_dim < 0:
+            raise ConfigError(f"config field head_dim={head_dim} must be positive")
         if not head_dim:
             if hidden % heads:
                 raise ConfigError(
@@ -154,8 +157,8 @@ class ModelConfig:
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=get.float("rms_norm_eps", default=1e-5),
-            rope_theta=get.float("rope_theta", default=10000.0),
+            rms_norm_eps=get.positive_float("rms_norm_eps", default=1e-5),
+            rope_theta=get.positive_float("rope_theta", default=10000.0),
             rope_scaling=_rope_scaling(d.get("rope_scaling")),
             max_position_embeddings=get.int("max_position_embeddings", default=4096),
             qkv_bias=qkv_bias,
@@ -174,6 +177,9 @@ class ModelConfig:
             cfg.num_expert_groups = get.int("num_expert_groups", default=8)
             cfg.moe_intermediate_size = get.int("moe_intermediate_size")
             cfg.shared_expert_intermediate_size = get.int("shared_expert_intermediate_size")
+            for name in ("num_experts", "moe_intermediate_size", "shared_expert_intermediate_size"):
+                if getattr(cfg, name) <= 0:
+                    raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")
             if cfg.num_expert_groups <= 0 or cfg.num_experts % cfg.num_expert_groups:
                 raise ConfigError(
                     f"config fields num_experts={cfg.num_experts} and num_expert_groups="
@@ -184,7 +190,8 @@ class ModelConfig:
                     f"config field num_experts_per_tok={cfg.num_experts_per_tok} must equal "
                     f"num_expert_groups={cfg.num_expert_groups}: MoGE picks one expert per group"
                 )
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings")
+        for name in sizes + (() if arch in MOGE_ARCHITECTURES else ("intermediate_size",)):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")
         return cfg
@@ -217,7 +224,7 @@ class ModelConfig:
             num_hidden_layers=get.int("num_hidden_layers"),
             num_attention_heads=heads,
             num_key_value_heads=kv_heads,
-            rms_norm_eps=get.float("rms_norm_eps", default=1e-5),
+            rms_norm_eps=get.positive_float("rms_norm_eps", default=1e-5),
             rope_theta=theta,
             max_position_embeddings=get.int("max_position_embeddings", default=4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -231,6 +238,11 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "max_position_embeddings"):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")
+        if cfg.first_k_dense_replace and cfg.intermediate_size <= 0:
+            raise ConfigError(
+                f"config field intermediate_size={cfg.intermediate_size} must be positive (the width of the "
+                f"first_k_dense_replace={cfg.first_k_dense_replace} dense layers)"
+            )
         return cfg
 
     @classmethod
@@ -283,15 +295,27 @@ def _rope_scaling(rs: Any) -> Optional[dict]:
             f"config field rope_scaling has unsupported type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_SCALING)}"
         )
     factor = rs.get("factor")
-    if not isinstance(factor, (int, float)) or factor <= 0:
+    if not _positive_number(factor):
         raise ConfigError(f"config field rope_scaling.factor={factor!r} must be a positive number")
     out = dict(rs)
     out["rope_type"] = kind
     if kind == "llama3":
         for key in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-            if not isinstance(rs.get(key), (int, float)):
+            if rs.get(key) is None:
                 raise ConfigError(f"config field rope_scaling.{key}={rs.get(key)!r} is required for llama3 scaling")
+            if not _positive_number(rs[key]):
+                raise ConfigError(f"config field rope_scaling.{key}={rs[key]!r} must be a positive number")
+        if rs["high_freq_factor"] <= rs["low_freq_factor"]:
+            raise ConfigError(
+                f"config field rope_scaling.high_freq_factor={rs['high_freq_factor']!r} must exceed "
+                f"low_freq_factor={rs['low_freq_factor']!r}"
+            )
     return out
+
+
+def _positive_number(v: Any) -> bool:
+    """A finite number above 0 (not a bool)."""
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
 class _Getter:
@@ -321,3 +345,9 @@ class _Getter:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise ConfigError(f"config field {key}={v!r} must be a number")
         return float(v)
+
+    def positive_float(self, key: str, default: Any = _MISSING) -> float:
+        v = self.float(key, default)
+        if not _positive_number(v):
+            raise ConfigError(f"config field {key}={v!r} must be a finite positive number")
+        return v

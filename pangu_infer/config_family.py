@@ -19,6 +19,7 @@ ConfigError that names the field.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 PRO_MOE_V2 = "PanguProMoEV2ForCausalLM"
@@ -173,8 +174,8 @@ def family_fields(d: dict[str, Any], arch: str) -> dict[str, Any]:
     if dense > layers:
         raise FamilyConfigError(f"config field first_k_dense_replace={dense} exceeds num_hidden_layers={layers}")
     scale = d.get("routed_scaling_factor", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
-        raise FamilyConfigError(f"config field routed_scaling_factor={scale!r} must be a positive number")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise FamilyConfigError(f"config field routed_scaling_factor={scale!r} must be a finite positive number")
     mtp = _canonical(d, "num_nextn_predict_layers")
     out.update(
         num_experts=experts,
@@ -244,6 +245,6 @@ def family_rope_theta(d: dict[str, Any]) -> float:
         shown = ", ".join(f"{k}={v!r}" for k, v in found.items())
         raise FamilyConfigError(f"contradictory config fields: {shown}")
     theta = values[0] if values else 10000.0
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise FamilyConfigError(f"config field rope_theta={theta!r} must be a positive number")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
+        raise FamilyConfigError(f"config field rope_theta={theta!r} must be a finite positive number")
     return float(theta)

@@ -372,6 +372,11 @@ def test_the_three_key_styles_give_one_config():
         (dict(interleaved_sliding_window=4096), r"sliding-window attention is not supported"),
         (dict(rope_scaling={"rope_type": "yarn", "factor": 4}), r"only plain RoPE"),
         (dict(qk_rope_dim=None), r"missing the required field 'qk_rope_head_dim / attention_qk_rope_dim / qk_rope_dim'"),
+        (dict(routed_scaling_factor=float("nan")), r"routed_scaling_factor=nan must be a finite positive number"),
+        (dict(routed_scaling_factor=float("inf")), r"routed_scaling_factor=inf must be a finite positive number"),
+        (dict(rope_theta=float("nan")), r"rope_theta=nan must be a finite positive number"),
+        (dict(rms_norm_eps=-1), r"rms_norm_eps=-1\.0 must be a finite positive number"),
+        (dict(intermediate_size=0), r"intermediate_size=0 must be positive \(the width of the first_k_dense_replace=4 dense layers\)"),
     ],
 )
 def test_unknown_or_contradictory_fields_are_named(change, message):

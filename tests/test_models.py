@@ -224,6 +224,36 @@ def test_unsupported_rope_scaling_is_rejected():
         ModelConfig.from_hf_dict(_cfg(rope_scaling={"rope_type": "yarn", "factor": 4.0}))
 
 
+_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(rms_norm_eps=-1), r"config field rms_norm_eps=-1\.0 must be a finite positive number"),
+    (dict(rms_norm_eps=float("nan")), r"config field rms_norm_eps=nan must be a finite positive number"),
+    (dict(rms_norm_eps=0), r"config field rms_norm_eps=0\.0 must be a finite positive number"),
+    (dict(rope_theta=float("inf")), r"config field rope_theta=inf must be a finite positive number"),
+    (dict(rope_theta=-10000.0), r"config field rope_theta=-10000\.0 must be a finite positive number"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": float("nan")}), r"rope_scaling\.factor=nan must be a positive number"),
+    (dict(rope_scaling=dict(_LLAMA3, low_freq_factor=-1.0)), r"rope_scaling\.low_freq_factor=-1\.0 must be a positive number"),
+    (dict(rope_scaling=dict(_LLAMA3, high_freq_factor=1.0)), r"rope_scaling\.high_freq_factor=1\.0 must exceed low_freq_factor=1\.0"),
+])
+def test_negative_zero_or_non_finite_numbers_are_named(change, message):
+    """A negative or NaN epsilon loaded and gave NaN logits; the others NaN or inf frequencies."""
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict(_cfg(**change))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(intermediate_size=0), r"config field intermediate_size=0 must be positive"),
+    (dict(intermediate_size=-128), r"config field intermediate_size=-128 must be positive"),
+    (dict(head_dim=-4), r"config field head_dim=-4 must be positive"),
+])
+def test_sizes_that_are_not_positive_are_named(change, message):
+    """intermediate_size 0 was a WeightError about a tensor's shape; head_dim -4 built a model."""
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict(_cfg(**change))
+
+
 def test_llama_fields_are_read():
     d = {
         "architectures": ["LlamaForCausalLM"],

@@ -348,6 +348,14 @@ def test_experts_per_token_other_than_one_per_group_is_rejected_naming_both_fiel
         ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, num_experts_per_tok=4))
 
 
+@pytest.mark.parametrize("field", ["num_experts", "moe_intermediate_size", "shared_expert_intermediate_size"])
+@pytest.mark.parametrize("value", [0, -8])
+def test_moe_sizes_that_are_not_positive_are_named(field, value):
+    """num_experts 0 passed the groups check (0 divides into 8 groups)."""
+    with pytest.raises(ConfigError, match=rf"config field {field}={value} must be positive"):
+        ModelConfig.from_hf_dict(pangu_moge_config(vocab_size=128, **{field: value}))
+
+
 @pytest.mark.parametrize("experts", [1_000_000, 56])
 def test_experts_not_the_checkpoints_are_refused_naming_num_experts(tmp_path: Path, tiny_moge_config: dict, experts: int):
     """num_experts against the checkpoint's mlp.experts.E names (headers only), before the memory
