@@ -145,9 +145,6 @@ class ModelConfig:
         else:
             qkv_bias = o_bias = bool(d.get("attention_bias", False))
 
-        eos = d.get("eos_token_id")
-        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-
         cfg = cls(
             architecture=arch,
             vocab_size=get.int("vocab_size"),
@@ -165,9 +162,6 @@ class ModelConfig:
             o_bias=o_bias,
             mlp_bias=bool(d.get("mlp_bias", False)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            pad_token_id=d.get("pad_token_id"),
             torch_dtype=d.get("torch_dtype"),
             quantization_config=d.get("quantization_config"),
         )
@@ -194,6 +188,7 @@ class ModelConfig:
         for name in sizes + (() if arch in MOGE_ARCHITECTURES else ("intermediate_size",)):
             if getattr(cfg, name) <= 0:
                 raise ConfigError(f"config field {name}={getattr(cfg, name)} must be positive")
+        cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id = token_ids(d, cfg.vocab_size)
         return cfg
 
     @classmethod
@@ -215,7 +210,6 @@ class ModelConfig:
                 raise ConfigError(
                     f"config field num_key_value_heads={kv_heads} must divide num_attention_heads={heads}"
                 )
-        eos = d.get("eos_token_id")
         cfg = cls(
             architecture=arch,
             vocab_size=get.int("vocab_size"),
@@ -228,9 +222,6 @@ class ModelConfig:
             rope_theta=theta,
             max_position_embeddings=get.int("max_position_embeddings", default=4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
-            pad_token_id=d.get("pad_token_id"),
             torch_dtype=d.get("torch_dtype"),
             quantization_config=d.get("quantization_config"),
             **fam,
@@ -243,6 +234,7 @@ class ModelConfig:
                 f"config field intermediate_size={cfg.intermediate_size} must be positive (the width of the "
                 f"first_k_dense_replace={cfg.first_k_dense_replace} dense layers)"
             )
+        cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id = token_ids(d, cfg.vocab_size)
         return cfg
 
     @classmethod
@@ -316,6 +308,41 @@ def _rope_scaling(rs: Any) -> Optional[dict]:
 def _positive_number(v: Any) -> bool:
     """A finite number above 0 (not a bool)."""
     return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
+def _is_token_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def token_ids(d: dict[str, Any], vocab_size: int, source: str = "config") -> tuple[Optional[int], list[int], Optional[int]]:
+    """(bos_token_id, eos_token_ids, pad_token_id) of a config.json or generation_config.json dict
+    (`source` names it in errors): eos an id or a list of ids, bos and pad an id, each in
+    [0, vocab_size). A pad_token_id of -1, which some older Llama conversions write for "none", is
+    read as none (the engine pads with no token id)."""
+    def check(name: str, v: Any) -> int:
+        if not _is_token_id(v):
+            raise ConfigError(f"{source} field {name}={v!r} must be a token id (an integer)")
+        if not 0 <= v < vocab_size:
+            raise ConfigError(f"{source} field {name}={v} is outside the vocabulary (vocab_size={vocab_size})")
+        return v
+
+    eos = d.get("eos_token_id")
+    if eos is None:
+        eos_ids = []
+    elif isinstance(eos, list):
+        eos_ids = []
+        for v in eos:
+            if not _is_token_id(v):
+                raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
+            eos_ids.append(check("eos_token_id", v))
+    elif _is_token_id(eos):
+        eos_ids = [check("eos_token_id", eos)]
+    else:
+        raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
+    bos, pad = d.get("bos_token_id"), d.get("pad_token_id")
+    if pad == -1 and _is_token_id(pad):
+        pad = None
+    return (None if bos is None else check("bos_token_id", bos)), eos_ids, (None if pad is None else check("pad_token_id", pad))
 
 
 class _Getter:

@@ -172,6 +172,21 @@ def test_config_layers_not_the_checkpoints_are_refused_before_building(tmp_path,
         load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
 
 
+@pytest.mark.parametrize("change,message", [
+    (dict(eos_token_id=["a"]), r"generation_config\.json field eos_token_id=\['a'\] must be a token id or a list of token ids"),
+    (dict(eos_token_id=1_000_000_000), r"generation_config\.json field eos_token_id=1000000000 is outside the vocabulary"),
+    (dict(bos_token_id="1"), r"generation_config\.json field bos_token_id='1' must be a token id"),
+])
+def test_bad_generation_config_token_ids_are_named_as_the_model_loads(tmp_path, tiny_dense_dir, change, message):
+    """The model's generation_config.json: an ill-typed eos was skipped (or a TypeError), one
+    outside the vocabulary ended nothing."""
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    gen = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps(dict(gen, **change)))
+    with pytest.raises(ValueError, match=message):
+        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
 def test_missing_shard_is_named(tmp_path, tiny_dense_config):
     build_tiny_model(tmp_path, tiny_dense_config, num_shards=2)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
@@ -241,6 +256,29 @@ def test_negative_zero_or_non_finite_numbers_are_named(change, message):
     """A negative or NaN epsilon loaded and gave NaN logits; the others NaN or inf frequencies."""
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_dict(_cfg(**change))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(eos_token_id=["a"]), r"config field eos_token_id=\['a'\] must be a token id or a list of token ids"),
+    (dict(eos_token_id="2"), r"config field eos_token_id='2' must be a token id or a list of token ids"),
+    (dict(eos_token_id=True), r"config field eos_token_id=True must be a token id"),
+    (dict(eos_token_id=1_000_000_000), r"config field eos_token_id=1000000000 is outside the vocabulary \(vocab_size=100\)"),
+    (dict(eos_token_id=[2, 100]), r"config field eos_token_id=100 is outside the vocabulary \(vocab_size=100\)"),
+    (dict(bos_token_id=-3), r"config field bos_token_id=-3 is outside the vocabulary"),
+    (dict(bos_token_id=1.0), r"config field bos_token_id=1\.0 must be a token id \(an integer\)"),
+    (dict(pad_token_id="x"), r"config field pad_token_id='x' must be a token id \(an integer\)"),
+])
+def test_token_ids_that_are_not_ids_of_the_vocabulary_are_named(change, message):
+    """eos_token_id ["a"] was a TypeError in the engine's sort; 10**9 loaded and never ended anything."""
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict(_cfg(**change))
+
+
+def test_token_ids_are_read():
+    cfg = ModelConfig.from_hf_dict(_cfg(eos_token_id=[2, 99], bos_token_id=0, pad_token_id=-1))
+    assert (cfg.eos_token_ids, cfg.bos_token_id, cfg.pad_token_id) == ([2, 99], 0, None)  # -1: older Llama ports' "none"
+    for d in (json.loads((RELEASE_MODELS / name / "config.json").read_text()) for name in ("openpangu-embedded-7b", "pangu-pro-moe-72b")):
+        assert ModelConfig.from_hf_dict(d).eos_token_ids == [45892]
 
 
 @pytest.mark.parametrize("change,message", [

@@ -130,7 +130,11 @@ def read_checked_config(path: str, files: Optional[list[str]] = None) -> ModelCo
     return cfg
 
 
-def read_generation_config(model_dir: str) -> dict:
+def read_generation_config(model_dir: str, vocab_size: Optional[int] = None) -> dict:
+    """A model folder's generation_config.json ({} if none); with `vocab_size`, its token ids
+    checked (config.token_ids: eos_token_id, which ends sequences, bos_token_id, pad_token_id)."""
+    from pangu_infer.config import token_ids
+
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
         return {}
@@ -139,7 +143,11 @@ def read_generation_config(model_dir: str) -> dict:
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return d if isinstance(d, dict) else {}
+    if not isinstance(d, dict):
+        return {}
+    if vocab_size is not None:
+        token_ids(d, vocab_size, source=path)
+    return d
 
 
 def load_model(
@@ -172,6 +180,7 @@ def load_model(
 
     files = checkpoint_files(path)
     cfg = read_checked_config(path, files)
+    generation_config = read_generation_config(path, cfg.vocab_size)
     net = build_model_on_meta(cfg)
     hook = make_load_hook(net, quantization, offload_experts, dtype, device)
     progress = checkpoint_bytes(files) > PROGRESS_BYTES
@@ -186,7 +195,7 @@ def load_model(
         from pangu_infer.tokenizer import load_tokenizer as _load_tok
 
         tok = _load_tok(path)
-    return LoadedModel(net, cfg, tok, read_generation_config(path), path)
+    return LoadedModel(net, cfg, tok, generation_config, path)
 
 
 def load_serving_model(
