@@ -139,11 +139,11 @@ class ModelConfig:
             raise ConfigError(f"head_dim={head_dim} must be even for rotary embeddings")
 
         if arch == "PanguEmbeddedForCausalLM":
-            qkv_bias = o_bias = bool(d.get("bias", False))
+            qkv_bias = o_bias = get.flag("bias")
         elif arch == "PanguProMoEForCausalLM":
             qkv_bias = o_bias = True  # always on in the release, not a config key
         else:
-            qkv_bias = o_bias = bool(d.get("attention_bias", False))
+            qkv_bias = o_bias = get.flag("attention_bias")
 
         cfg = cls(
             architecture=arch,
@@ -160,9 +160,9 @@ class ModelConfig:
             max_position_embeddings=get.int("max_position_embeddings", default=4096),
             qkv_bias=qkv_bias,
             o_bias=o_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            torch_dtype=d.get("torch_dtype"),
+            mlp_bias=get.flag("mlp_bias"),
+            tie_word_embeddings=get.flag("tie_word_embeddings"),
+            torch_dtype=_torch_dtype(d),
             quantization_config=d.get("quantization_config"),
         )
         if arch in MOGE_ARCHITECTURES:
@@ -221,8 +221,8 @@ class ModelConfig:
             rms_norm_eps=get.positive_float("rms_norm_eps", default=1e-5),
             rope_theta=theta,
             max_position_embeddings=get.int("max_position_embeddings", default=4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            torch_dtype=d.get("torch_dtype"),
+            tie_word_embeddings=get.flag("tie_word_embeddings"),
+            torch_dtype=_torch_dtype(d),
             quantization_config=d.get("quantization_config"),
             **fam,
         )
@@ -345,6 +345,27 @@ def token_ids(d: dict[str, Any], vocab_size: int, source: str = "config") -> tup
     return (None if bos is None else check("bos_token_id", bos)), eos_ids, (None if pad is None else check("pad_token_id", pad))
 
 
+# HF's torch_dtype values: torch dtype names, with or without "torch.", and "auto"
+_TORCH_DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name, None), torch.dtype)}
+
+
+def _torch_dtype(d: dict[str, Any]) -> Optional[str]:
+    """The dtype the checkpoint was saved in: torch_dtype (or dtype, newer transformers' name) as a
+    torch dtype name without "torch." ("bfloat16"), "auto", or None; anything else is an error."""
+    found = None
+    for key in ("torch_dtype", "dtype"):
+        v = d.get(key)
+        if v is None:
+            continue
+        name = v.removeprefix("torch.") if isinstance(v, str) else None
+        if name != "auto" and name not in _TORCH_DTYPES:
+            raise ConfigError(
+                f"config field {key}={v!r} is not a torch dtype (e.g. 'bfloat16', 'float16', 'float32' or 'auto')"
+            )
+        found = found or name
+    return found
+
+
 class _Getter:
     """Reads typed fields from a config dict; errors name the field and the value."""
 
@@ -377,4 +398,12 @@ class _Getter:
         v = self.float(key, default)
         if not _positive_number(v):
             raise ConfigError(f"config field {key}={v!r} must be a finite positive number")
+        return v
+
+    def flag(self, key: str, default: bool = False) -> bool:
+        v = self.d.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise ConfigError(f"config field {key}={v!r} must be true or false")
         return v

@@ -281,6 +281,17 @@ def test_token_ids_are_read():
         assert ModelConfig.from_hf_dict(d).eos_token_ids == [45892]
 
 
+@pytest.mark.parametrize("field", ["tie_word_embeddings", "bias", "mlp_bias"])
+@pytest.mark.parametrize("value", ["yes", "false", 1, 0])
+def test_boolean_fields_must_be_true_or_false(field, value):
+    """tie_word_embeddings "yes" (and "false") loaded as true through bool()."""
+    with pytest.raises(ConfigError, match=rf"config field {field}={value!r} must be true or false"):
+        ModelConfig.from_hf_dict(_cfg(**{field: value}))
+    llama = dict(_cfg(architectures=["LlamaForCausalLM"], model_type="llama", bias=None), attention_bias=value)
+    with pytest.raises(ConfigError, match=rf"config field attention_bias={value!r} must be true or false"):
+        ModelConfig.from_hf_dict(llama)
+
+
 @pytest.mark.parametrize("change,message", [
     (dict(intermediate_size=0), r"config field intermediate_size=0 must be positive"),
     (dict(intermediate_size=-128), r"config field intermediate_size=-128 must be positive"),
@@ -290,6 +301,15 @@ def test_sizes_that_are_not_positive_are_named(change, message):
     """intermediate_size 0 was a WeightError about a tensor's shape; head_dim -4 built a model."""
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_dict(_cfg(**change))
+
+
+@pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
+def test_torch_dtype_must_be_a_torch_dtype(key):
+    """torch_dtype "float99" loaded silently (plan reads it as the checkpoint's dtype)."""
+    with pytest.raises(ConfigError, match=rf"config field {key}='float99' is not a torch dtype"):
+        ModelConfig.from_hf_dict(_cfg(**{"torch_dtype": None, key: "float99"}))
+    for value, read in (("torch.bfloat16", "bfloat16"), ("float16", "float16"), ("auto", "auto")):
+        assert ModelConfig.from_hf_dict(_cfg(**{"torch_dtype": None, key: value})).torch_dtype == read
 
 
 def test_llama_fields_are_read():
