@@ -59,7 +59,34 @@ def check_generation_config(value: Optional[str], name: str = "generation_config
         raise ValueError(f"{name} {value!r}: cannot read {path}: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{name} {value!r}: {path} is not a JSON object")
+    check_file_values(config, path)
     return config
+
+
+def check_file_values(config: dict, path: str) -> None:
+    """A generation_config.json's values of the keys read here: each of the type and in the range a
+    request's own would be (null: not given; a max_new_tokens below 1 stays ignored, the engine's
+    default length), do_sample true or false. ValueError naming the file and the key: a bad value
+    would otherwise fail every request that omits it, naming a field the request never gave, or
+    (an ill-typed one, or a do_sample "no") be dropped silently."""
+    from pangu_infer.errors import RequestError
+    from pangu_infer.sampling_params import SamplingParams
+
+    for key, kind in SAMPLING_KEYS.items():
+        given = config.get(key)
+        if given is None:
+            continue
+        if not _well_typed(given, kind):
+            raise ValueError(f"{path} field {key}={given!r} must be {'an integer' if kind is int else 'a number'}")
+        if key == "max_new_tokens" and given < 1:
+            continue
+        try:
+            SamplingParams(**{_FIELD.get(key, key): given})
+        except RequestError as e:  # ("invalid sampling parameter top_p=5: expected ...")
+            reason = str(e).partition(f"{_FIELD.get(key, key)}={given!r}: ")[2] or str(e)
+            raise ValueError(f"{path} field {key}={given!r} is out of range: {reason}") from None
+    if config.get("do_sample") not in (None, True, False):
+        raise ValueError(f"{path} field do_sample={config['do_sample']!r} must be true or false")
 
 
 def check_override(value: Union[None, str, dict], name: str = "override_generation_config") -> dict:
@@ -92,8 +119,8 @@ def check_override(value: Union[None, str, dict], name: str = "override_generati
 
 
 def sampling_defaults(config: dict, override: Optional[dict] = None) -> dict:
-    """SamplingParams keyword arguments from a generation config (ill-typed values in a file are
-    skipped, as before) with `override` (checked by check_override) over them."""
+    """SamplingParams keyword arguments from a generation config (checked as it was read:
+    check_file_values) with `override` (checked by check_override) over them."""
     kwargs: dict[str, Any] = {}
     for key, kind in SAMPLING_KEYS.items():
         if _well_typed(config.get(key), kind):

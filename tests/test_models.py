@@ -176,10 +176,16 @@ def test_config_layers_not_the_checkpoints_are_refused_before_building(tmp_path,
     (dict(eos_token_id=["a"]), r"generation_config\.json field eos_token_id=\['a'\] must be a token id or a list of token ids"),
     (dict(eos_token_id=1_000_000_000), r"generation_config\.json field eos_token_id=1000000000 is outside the vocabulary"),
     (dict(bos_token_id="1"), r"generation_config\.json field bos_token_id='1' must be a token id"),
+    (dict(temperature=-1), r"generation_config\.json field temperature=-1 is out of range: expected a finite number >= 0"),
+    (dict(top_p=float("nan")), r"generation_config\.json field top_p=nan is out of range"),
+    (dict(temperature="0.7"), r"generation_config\.json field temperature='0\.7' must be a number"),
+    (dict(top_k=2.5), r"generation_config\.json field top_k=2\.5 must be an integer"),
+    (dict(do_sample="no"), r"generation_config\.json field do_sample='no' must be true or false"),
 ])
-def test_bad_generation_config_token_ids_are_named_as_the_model_loads(tmp_path, tiny_dense_dir, change, message):
+def test_bad_generation_config_values_are_named_as_the_model_loads(tmp_path, tiny_dense_dir, change, message):
     """The model's generation_config.json: an ill-typed eos was skipped (or a TypeError), one
-    outside the vocabulary ended nothing."""
+    outside the vocabulary ended nothing, an ill-typed sampling value was dropped, an out-of-range
+    one failed every request that omitted it, naming a field the request never gave."""
     d = _copy_model(tiny_dense_dir, tmp_path / "m")
     gen = json.loads((d / "generation_config.json").read_text())
     (d / "generation_config.json").write_text(json.dumps(dict(gen, **change)))
