@@ -48,6 +48,7 @@ class Reply:
     tokens: int
     seconds: float
     stopped: bool
+    error: Optional[str] = None  # why it ended early (RequestOutput.error), when it failed
 
 
 class ChatSession:
@@ -118,6 +119,11 @@ class ChatSession:
             self.failed = True
             print(f"pangu-infer chat: error: {e}", file=sys.stderr, flush=True)
             return
+        if reply.error is not None:  # it ended early (an engine fault: the log has the traceback); the session goes on
+            self.turns.pop()
+            self.failed = True
+            print(f"pangu-infer chat: error: the reply ended early: {reply.error}", file=sys.stderr, flush=True)
+            return
         if reply.answer:  # a stopped reply stays in the conversation as far as it got
             self.turns.append({"role": "assistant", "content": reply.answer})
         if reply.stopped:
@@ -179,6 +185,7 @@ def _stream_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: 
     parser = ChatStreamParser()
     answer, reasoning = [], []
     in_reasoning = stopped = False
+    failed = None
     n_tokens = 0
     start = time.perf_counter()
     request = {"prompt_token_ids": llm.encode_prompt(prompt), "prompt": prompt}
@@ -208,7 +215,8 @@ def _stream_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: 
             if ctrl_c.requested:
                 stopped = True
                 break
+            failed = step.error or failed
     if in_reasoning and color:
         print(RESET, end="", file=out)
     print(file=out, flush=True)
-    return Reply("".join(answer), "".join(reasoning), n_tokens, time.perf_counter() - start, stopped)
+    return Reply("".join(answer), "".join(reasoning), n_tokens, time.perf_counter() - start, stopped, failed)

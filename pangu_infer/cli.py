@@ -389,6 +389,9 @@ def _generate(args: argparse.Namespace) -> int:
     if args.stats:
         n = len(out.outputs[0].token_ids)
         print(f"[{n} tokens in {elapsed:.2f} s, {n / elapsed:.1f} tokens/s{acceptance_words(llm.engine)}]", file=sys.stderr)
+    if out.error is not None:  # ended early: what it wrote is above, why here (the log has an engine fault's traceback)
+        print(f"pangu-infer generate: the reply ended early: {out.error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -154,6 +154,49 @@ def test_a_conversation_too_long_for_the_context_is_an_error_not_the_end(monkeyp
     assert code == 1  # piped input: the failure shows in the exit status
 
 
+class Failing(Recorder):
+    """The first reply fails inside the engine after two steps (an engine fault: RequestOutput.error)."""
+
+    def stream(self, request, params, lora_request=None):
+        from dataclasses import replace
+
+        for i, step in enumerate(super().stream(request, params)):
+            if len(self.prompts) == 1 and i == 1:
+                outs = [replace(c, finish_reason="error") for c in step.outputs]
+                yield replace(step, outputs=outs, finished=True, error="request 0 failed inside the engine")
+                return
+            yield step
+
+
+def test_a_reply_that_fails_is_an_error_and_the_session_goes_on(monkeypatch, thinker, capsys):
+    llm = Failing(thinker)
+    code, out = _chat(monkeypatch, llm, "first\nsecond\n")
+    err = capsys.readouterr().err
+    assert "pangu-infer chat: error: the reply ended early: request 0 failed inside the engine" in err
+    assert code == 1  # piped input: the failure shows in the exit status
+    # the failed turn left no trace: the second prompt holds the second message alone
+    assert len(llm.prompts) == 2 and "first" not in llm.prompts[1] and "second" in llm.prompts[1]
+    assert out.count(SCRIPTED_ANSWER) == 1
+
+
+def test_generate_says_why_a_reply_ended_early(monkeypatch, tiny_dense_dir, capsys):
+    from dataclasses import replace
+
+    from pangu_infer.cli import main
+
+    real = LLM.generate
+
+    def failing(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        return [replace(o, error="request 0 failed inside the engine") for o in out]
+
+    monkeypatch.setattr(LLM, "generate", failing)
+    code = main(["generate", "--model", str(tiny_dense_dir), "--dtype", "float32", "--enforce-eager", "--prompt", "Hi",
+                 "--max-tokens", "3", "--kv-cache-memory", "8MiB"])
+    assert code == 1
+    assert "pangu-infer generate: the reply ended early: request 0 failed inside the engine" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- in a real terminal
 UP = "\x1b[A"
 PTY_TIMEOUT_S = 90  # the chat loads torch and the model first; the steps below take well under a second each
