@@ -678,6 +678,16 @@ def test_responses_on_a_real_engine_match_chat_completions(client):
     assert len(logprobs) == 6 and all(len(lp.top_logprobs) == 2 for lp in logprobs)
     streamed = list(client.responses.create(input="hello", top_logprobs=2, stream=True, **kwargs))[-1].response
     assert [lp.logprob for lp in streamed.output[0].content[0].logprobs] == [lp.logprob for lp in logprobs]
+    # OpenAI's include asks for them too (no top_logprobs: none of the top ones); streamed the same
+    included = client.responses.create(input="hello", include=["message.output_text.logprobs"], **kwargs)
+    assert [lp.logprob for lp in included.output[0].content[0].logprobs] == [lp.logprob for lp in logprobs]
+    assert all(lp.top_logprobs == [] for lp in included.output[0].content[0].logprobs)
+    streamed = list(client.responses.create(input="hello", include=["message.output_text.logprobs"], stream=True, **kwargs))
+    assert [lp.logprob for lp in streamed[-1].response.output[0].content[0].logprobs] == [lp.logprob for lp in logprobs]
+    assert client.responses.create(input="hello", include=["reasoning.encrypted_content"], **kwargs).output[0].content[0].logprobs == []
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(input="hello", include=["reasoning.encrypted_content", "message.output_text.nope"], **kwargs)
+    assert info.value.body["param"] == "include[1]" and "message.output_text.logprobs" in info.value.body["message"]
 
 
 def test_responses_truncation_auto_drops_the_oldest_turns_to_fit(client, pangu_tokenizer):

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.chat.render import join_text_parts
+from pangu_infer.errors import short_repr
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat
 from pangu_infer.server.errors import APIError, stream_error
@@ -69,8 +70,9 @@ class ResponsesRequest(_Request):
         None, description="auto: drop the conversation's oldest turns until the prompt fits the context with max_output_tokens"
     )
     background: Optional[Literal[False]] = None
-    # accepted and ignored: bookkeeping (as protocol.IGNORED_FIELDS) and what to include in the output
+    # what to add to the output (OpenAI's values; see INCLUDE)
     include: Optional[list[str]] = None
+    # accepted and ignored: bookkeeping (as protocol.IGNORED_FIELDS)
     metadata: Optional[dict[str, str]] = None
     user: Optional[str] = None
     service_tier: Optional[str] = None
@@ -130,9 +132,28 @@ def input_items_of(req: ResponsesRequest) -> list[dict]:
     return items
 
 
+# OpenAI's values of `include`: the output text's logprobs (with top_logprobs of them, else none),
+# and what this server has nothing of, so nothing to add (its reasoning is not encrypted: a reasoning
+# item's text is in the output as it is; no built-in tools, no image inputs)
+OUTPUT_LOGPROBS = "message.output_text.logprobs"
+INCLUDE = (OUTPUT_LOGPROBS, "reasoning.encrypted_content", "file_search_call.results", "web_search_call.results",
+           "web_search_call.action.sources", "message.input_image.image_url", "computer_call_output.output.image_url",
+           "code_interpreter_call.outputs")
+
+
+def _logprobs_asked(req: ResponsesRequest) -> bool:
+    """Does the output carry its text's logprobs (include names them, or top_logprobs is given)?
+    APIError naming an unknown include value."""
+    for i, value in enumerate(req.include or []):
+        if value not in INCLUDE:
+            raise APIError(400, f"include[{i}] is {short_repr(value)}; expected one of {', '.join(INCLUDE)}", param=f"include[{i}]")
+    return req.top_logprobs is not None or OUTPUT_LOGPROBS in (req.include or [])
+
+
 def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompletionRequest:
     """The chat request that generates the reply to `messages` (conversation()) under req's settings."""
     tools, tool_choice = _tools(req)
+    logprobs = _logprobs_asked(req)
     effort = req.reasoning.effort if req.reasoning is not None else None
     if effort is not None and effort not in get_args(ReasoningEffort):
         raise APIError(400, f"reasoning.effort is {effort!r}; expected one of {', '.join(get_args(ReasoningEffort))}", param="reasoning.effort")
@@ -147,8 +168,8 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
         "parallel_tool_calls": req.parallel_tool_calls,
         "response_format": _response_format(req.text.format if req.text is not None else None),
         "reasoning_effort": effort,
-        "logprobs": req.top_logprobs is not None,
-        "top_logprobs": req.top_logprobs,
+        "logprobs": logprobs,
+        "top_logprobs": (req.top_logprobs or 0) if logprobs else None,
         "stream": req.stream,
     }
     return chat_request(fields, schema_param="text.format.schema")
@@ -375,6 +396,7 @@ async def _stream(state: ServerState, model: str, req: ResponsesRequest, respons
     started = response_object(req, response_id, created, model, "in_progress", [], None)
     finished = False
     pending: list[dict] = []  # logprobs of tokens whose text the parser still holds back
+    want_logprobs = _logprobs_asked(req)  # (its include was checked when the request started)
 
     def events_of(parsed: list) -> list[dict]:
         events = []
@@ -395,7 +417,7 @@ async def _stream(state: ServerState, model: str, req: ResponsesRequest, respons
         async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for _, out in outputs:
                 comp = out.outputs[0]
-                if req.top_logprobs is not None and comp.token_ids_delta:
+                if want_logprobs and comp.token_ids_delta:
                     pending.extend(chat_logprobs(state, comp.logprobs_delta or []))
                 parsed = parser.feed(comp.text_delta)
                 if comp.finished:
