@@ -225,6 +225,16 @@ def test_a_length_past_the_context_is_refused_under_the_name_it_was_given(http, 
     _still_serves(http)
 
 
+def test_a_completion_that_gives_no_length_fits_its_prompts_room(http):
+    """No max_tokens: OpenAI's 16, or the room the prompt leaves in the context if less (vLLM's min),
+    not a 400 for a length the client did not ask; an explicit one past the context stays a 400."""
+    near_full = http.post("/v1/completions", json={"prompt": [7] * 250, "temperature": 0, "ignore_eos": True})
+    assert near_full.status_code == 200 and near_full.json()["usage"]["completion_tokens"] == 6, near_full.text
+    short = http.post("/v1/completions", json={"prompt": [7] * 10, "temperature": 0, "ignore_eos": True})
+    assert short.json()["usage"]["completion_tokens"] == 16
+    assert "max_tokens (16)" in _error(http.post("/v1/completions", json={"prompt": [7] * 250, "max_tokens": 16}), "max_tokens")
+
+
 # ---------------------------------------------------------------------- logit_bias keys
 @pytest.mark.parametrize("digits", [21, 5000])
 def test_a_logit_bias_key_of_too_many_digits_is_a_400(http, digits):

@@ -445,12 +445,17 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     model = state.reply_model(lora)
     # echo with max_tokens 0 (OpenAI's way to score a text): one token is generated and dropped
     prompt_only = req.echo and req.max_tokens == 0
-    params = to_sampling_params(state, req, 1 if prompt_only else req.max_tokens, req.logprobs, chat=False)
+    # no max_tokens: OpenAI's 16, the generation config's max_new_tokens or the prompt's room, the
+    # least (vLLM's; streaming.fit_default_length), not a 400 for a length the client did not ask
+    default_length = None if "max_tokens" in req.model_fields_set else req.max_tokens
+    max_tokens = 1 if prompt_only else None if default_length is not None else req.max_tokens
+    params = to_sampling_params(state, req, max_tokens, req.logprobs, chat=False)
     if req.prompt_logprobs is None and req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
     as_ids = bool(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
-    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority), state.metrics)
+    started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority,
+                                                          default_length), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

@@ -43,11 +43,6 @@ def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Opti
         # vLLM refuses them too: a stream's chunks have no place for them
         raise APIError(400, f"prompt_logprobs={short_repr(req.prompt_logprobs)} is not available with stream=true; "
                        "ask without streaming", param="prompt_logprobs")
-    if max_tokens is None or (not chat and "max_tokens" not in req.model_fields_set):
-        # No length given: the generation config's max_new_tokens where it has one, fitted to each
-        # prompt's room when submitted (streaming.fit_default_length); else the request's default.
-        if getattr(state.llm, "default_max_tokens", None) is not None:
-            max_tokens = None
     changes: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         value = getattr(req, name)

@@ -25,12 +25,13 @@ from pangu_infer.server.state import ServerState
 
 
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
-                         lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0):
+                         lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
+                         default_length: Optional[int] = None):
     """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
     the scheduling priority, when given) and wait for each one's first output, so a bad request is a
     400 before any byte is sent."""
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt, priority)
+        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -39,7 +40,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority)
+        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -48,23 +49,24 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     return started
 
 
-def fit_default_length(state: ServerState, params: SamplingParams, ids: list[int]) -> SamplingParams:
-    """A request that gave no length (max_tokens None) on a server whose generation config has
-    max_new_tokens: that many tokens, or the prompt's room in the context if less (as vLLM)."""
-    default = getattr(state.llm, "default_max_tokens", None)
-    if params.max_tokens is not None or default is None:
+def fit_default_length(state: ServerState, params: SamplingParams, ids: list[int], default_length: Optional[int] = None) -> SamplingParams:
+    """A request that gave no length (max_tokens None): the API's own default (`default_length`:
+    completions' 16) and the generation config's max_new_tokens, the smaller, or the prompt's room in
+    the context if less (vLLM's min of the three); with neither, the room (the engine's None)."""
+    limits = [n for n in (default_length, getattr(state.llm, "default_max_tokens", None)) if n is not None]
+    if params.max_tokens is not None or not limits:
         return params
     room = state.llm.engine.max_model_len - len(ids)
-    return replace(params, max_tokens=max(1, min(default, room)))
+    return replace(params, max_tokens=max(1, min(*limits, room)))
 
 
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
-                 lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0):
+                 lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None):
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None)) if v is not None}
     gens = [
-        state.engine.generate(ids, fit_default_length(state, params, ids), base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
+        state.engine.generate(ids, fit_default_length(state, params, ids, default_length), base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
         for i, (text, ids) in enumerate(prompts)
     ]
     firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
