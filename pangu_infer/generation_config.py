@@ -63,6 +63,30 @@ def check_generation_config(value: Optional[str], name: str = "generation_config
     return config
 
 
+def check_model_file(config: dict, path: str) -> None:
+    """check_file_values of the model's own generation_config.json (generation_config 'auto'), with
+    the way round it in the message: 'vllm' loads the model without the file's sampling values."""
+    try:
+        check_file_values(config, path)
+    except ValueError as e:
+        raise ValueError(f"{e} (generation_config='vllm', --generation-config vllm, leaves the file's sampling values out)") from None
+
+
+def check_model_folder(model: str) -> None:
+    """check_model_file of a local model folder's generation_config.json, if it has one that reads
+    as a JSON object (else the load names what is wrong with it)."""
+    path = os.path.join(model, FILE_NAME)
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict):
+        check_model_file(config, path)
+
+
 def check_file_values(config: dict, path: str) -> None:
     """A generation_config.json's values of the keys read here: each of the type and in the range a
     request's own would be (null: not given; a max_new_tokens below 1 stays ignored, the engine's

@@ -16,7 +16,7 @@ from pangu_infer.device import resolve_device, resolve_dtype
 from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
-from pangu_infer.generation_config import check_generation_config, check_override, sampling_defaults
+from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import RequestOutput
@@ -77,6 +77,8 @@ class LLM:
         # of a request that omits them come from (pangu_infer/generation_config.py); checked first.
         chosen_config = check_generation_config(generation_config, "generation_config")
         override = check_override(override_generation_config, "override_generation_config")
+        if chosen_config is None and model is not None:  # a local folder's own file: before loading
+            check_model_folder(model)
         # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
         # path or the template itself, as vLLM's --chat-template); checked before anything loads.
         template = None if chat_template is None else _chat_template(chat_template)
@@ -150,6 +152,8 @@ class LLM:
         if template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = template
         self.generation_config = self.loaded.generation_config  # (its eos_token_id ends sequences)
+        if chosen_config is None:  # (a hub model's, read by the load)
+            check_model_file(self.generation_config, "the model's generation_config.json")
         # SamplingParams keyword arguments of a request that omits them (default_sampling_params)
         self.sampling_defaults = sampling_defaults(
             self.generation_config if chosen_config is None else chosen_config, override

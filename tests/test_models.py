@@ -185,12 +185,23 @@ def test_config_layers_not_the_checkpoints_are_refused_before_building(tmp_path,
 def test_bad_generation_config_values_are_named_as_the_model_loads(tmp_path, tiny_dense_dir, change, message):
     """The model's generation_config.json: an ill-typed eos was skipped (or a TypeError), one
     outside the vocabulary ended nothing, an ill-typed sampling value was dropped, an out-of-range
-    one failed every request that omitted it, naming a field the request never gave."""
+    one failed every request that omitted it, naming a field the request never gave. Its sampling
+    values are the defaults LLM uses: with generation_config 'vllm' (none of them) the model loads."""
+    from pangu_infer import LLM
+
     d = _copy_model(tiny_dense_dir, tmp_path / "m")
     gen = json.loads((d / "generation_config.json").read_text())
     (d / "generation_config.json").write_text(json.dumps(dict(gen, **change)))
-    with pytest.raises(ValueError, match=message):
-        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    kwargs = dict(dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    with pytest.raises(ValueError, match=message) as info:
+        LLM(str(d), **kwargs)
+    if "token_id" in str(change):  # the eos ends sequences whatever the sampling defaults
+        with pytest.raises(ValueError, match=message):
+            load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    else:
+        assert "--generation-config vllm" in str(info.value)
+        llm = LLM(str(d), generation_config="vllm", **kwargs)
+        assert llm.default_sampling_params().temperature == 1.0
 
 
 def test_missing_shard_is_named(tmp_path, tiny_dense_config):

@@ -131,11 +131,11 @@ def read_checked_config(path: str, files: Optional[list[str]] = None) -> ModelCo
 
 
 def read_generation_config(model_dir: str, vocab_size: Optional[int] = None) -> dict:
-    """A model folder's generation_config.json ({} if none), its sampling values checked
-    (generation_config.check_file_values); with `vocab_size`, its token ids too (config.token_ids:
-    eos_token_id, which ends sequences, bos_token_id, pad_token_id)."""
+    """A model folder's generation_config.json ({} if none); with `vocab_size`, its token ids checked
+    (config.token_ids: eos_token_id, which ends sequences, bos_token_id, pad_token_id). Its sampling
+    values are checked where they are used (LLM: generation_config.check_file_values), not here:
+    generation_config 'vllm' loads a model whose file holds bad ones."""
     from pangu_infer.config import token_ids
-    from pangu_infer.generation_config import check_file_values
 
     path = os.path.join(model_dir, "generation_config.json")
     if not os.path.isfile(path):
@@ -147,7 +147,6 @@ def read_generation_config(model_dir: str, vocab_size: Optional[int] = None) -> 
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(d, dict):
         return {}
-    check_file_values(d, path)
     if vocab_size is not None:
         token_ids(d, vocab_size, source=path)
     return d
