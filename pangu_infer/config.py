@@ -316,9 +316,9 @@ def _is_token_id(v: Any) -> bool:
 
 def token_ids(d: dict[str, Any], vocab_size: int, source: str = "config") -> tuple[Optional[int], list[int], Optional[int]]:
     """(bos_token_id, eos_token_ids, pad_token_id) of a config.json or generation_config.json dict
-    (`source` names it in errors): eos an id or a list of ids, bos and pad an id, each in
-    [0, vocab_size). A pad_token_id of -1, which some older Llama conversions write for "none", is
-    read as none (the engine pads with no token id)."""
+    (`source` names it in errors): eos an id or a list of ids, bos an id, each in [0, vocab_size),
+    pad an id. A pad_token_id outside the vocabulary (-1, which some older Llama conversions write
+    for "none", or a pad token added past the embedding) is read as none: the engine uses none."""
     def check(name: str, v: Any) -> int:
         if not _is_token_id(v):
             raise ConfigError(f"{source} field {name}={v!r} must be a token id (an integer)")
@@ -340,7 +340,9 @@ def token_ids(d: dict[str, Any], vocab_size: int, source: str = "config") -> tup
     else:
         raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
     bos, pad = d.get("bos_token_id"), d.get("pad_token_id")
-    if pad == -1 and _is_token_id(pad):
+    if _is_token_id(pad) and not 0 <= pad < vocab_size:
+        # -1 (older Llama conversions' "none"), or a pad token the tokenizer added past the
+        # embedding: the engine pads with no token id, so it is read as none, not refused
         pad = None
     return (None if bos is None else check("bos_token_id", bos)), eos_ids, (None if pad is None else check("pad_token_id", pad))
 

@@ -294,6 +294,9 @@ def test_token_ids_that_are_not_ids_of_the_vocabulary_are_named(change, message)
 def test_token_ids_are_read():
     cfg = ModelConfig.from_hf_dict(_cfg(eos_token_id=[2, 99], bos_token_id=0, pad_token_id=-1))
     assert (cfg.eos_token_ids, cfg.bos_token_id, cfg.pad_token_id) == ([2, 99], 0, None)  # -1: older Llama ports' "none"
+    # a pad token added to the tokenizer past the embedding (the engine uses no pad id): loads
+    cfg = ModelConfig.from_hf_dict(_cfg(pad_token_id=cfg.vocab_size))
+    assert cfg.pad_token_id is None
     for d in (json.loads((RELEASE_MODELS / name / "config.json").read_text()) for name in ("openpangu-embedded-7b", "pangu-pro-moe-72b")):
         assert ModelConfig.from_hf_dict(d).eos_token_ids == [45892]
 
