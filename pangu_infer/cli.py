@@ -25,7 +25,7 @@ EXTERNAL_COMMANDS = {
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model; names match the LLM/EngineConfig fields."""
-    p.add_argument("--model", default=None, help="model folder, .gguf file or hub id (default: the demo model)")
+    p.add_argument("--model", "-m", default=None, help="model folder, .gguf file or hub id (default: the demo model; -m: llama.cpp's)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     p.add_argument("--device", default=None, help="cpu | cuda | npu (default: the best present)")
     p.add_argument(
@@ -63,7 +63,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="the KV cache's dtype: auto is the model's (as vLLM); not given, bfloat16 where the model runs in "
         "float32 only because the CPU lacks native bf16 products (half the memory, same speed), else the model's",
     )
-    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false", help="turn prefix caching off")
+    p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="turn prefix caching off (--no-enable-prefix-caching: vLLM's spelling)")
+    p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
+                   help="prefix caching on: the default (vLLM's flag, taken so its command lines work)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="taken so vLLM's command lines work: nothing in a model folder is ever run here, so there is nothing to trust")
     p.add_argument(
         "--num-speculative-tokens", type=int, default=0,
         help="speculative decoding: draft tokens per step (0 = off; with --speculative-model: 4), drafted by "
@@ -216,7 +221,7 @@ DEFAULT_MAX_TOKENS = 256  # generate and chat, where neither --max-tokens nor th
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--max-tokens", type=int, default=None,
+        "--max-tokens", "-n", "--n-predict", dest="max_tokens", type=int, default=None,
         help=f"the reply's length limit in tokens (default: max_new_tokens of the generation config, else {DEFAULT_MAX_TOKENS})",
     )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config)")
@@ -256,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="complete one prompt and print the text")
     add_model_arguments(g)
     add_sampling_arguments(g)
-    g.add_argument("--prompt", required=True, help="the prompt text")
+    g.add_argument("--prompt", "-p", required=True, help="the prompt text (-p: llama.cpp's)")
     g.add_argument("--lora", default=None, metavar="PATH", help="answer with this LoRA adapter (a PEFT folder or a GGUF adapter file, as llama.cpp's --lora) on the model")
     g.add_argument("--stats", action="store_true", help="print the load time and tokens/s to stderr")
 

@@ -65,7 +65,8 @@ class _PortTaken(RuntimeError):
 @contextlib.contextmanager
 def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path,
                    https_ca: Optional[Path] = None) -> Iterator[ServerProcess]:
-    """`pangu-infer serve --model model_dir --dtype float32 --enforce-eager ...flags` on a free loopback port
+    """`pangu-infer serve model_dir --dtype float32 --enforce-eager ...flags` (the model positional, as
+    `vllm serve MODEL` takes it: every server test runs that spelling) on a free loopback port
     (another port if a test running beside this one took it between the probe and the bind).
     https_ca: the server serves HTTPS (flags name its key and certificate): its url is https://,
     and /health is checked trusting this certificate file."""
@@ -83,7 +84,7 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
 def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path,
                     https_ca: Optional[Path] = None) -> Iterator[ServerProcess]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", "--model", str(model_dir), "--dtype", "float32",
+    cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", str(model_dir), "--dtype", "float32",
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", *flags]
     env = {k: v for k, v in os.environ.items() if k != "PANGU_API_KEY"}
     if api_key is not None:
@@ -107,6 +108,8 @@ def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None,
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pangu-infer serve did not answer /health within {STARTUP_TIMEOUT_S} s:\n{server.log()}")
             time.sleep(0.2)
+        if not {"--served-model-name", "-a", "--alias"} & set(flags):  # the model given positionally was the one loaded
+            assert f"pangu-infer serve: {str(model_dir)!r}" in server.log(), server.log()
         yield server
     finally:
         process.terminate()

@@ -326,6 +326,13 @@ def test_llama_cpp_spellings_set_the_same_values(command):
         ("-c", "512"): ("--max-model-len", "512"), ("--ctx-size", "384"): ("--max-model-len", "384"),
         ("-np", "3"): ("--max-num-seqs", "3"), ("--parallel", "5"): ("--max-num-seqs", "5"),
     }
+    spelled.update({("-m", "x.gguf"): ("--model", "x.gguf"),
+                    ("--no-enable-prefix-caching",): ("--no-prefix-caching",)})
+    if command != "serve":
+        spelled.update({("-n", "7"): ("--max-tokens", "7"), ("--n-predict", "9"): ("--max-tokens", "9")})
+    if command == "generate":
+        extra = ["-p", "x"]  # llama.cpp's -p for --prompt (the others compare against it)
+        assert vars(parse([command, *extra])) == vars(parse([command, "--prompt", "x"]))
     if command == "serve":
         spelled.update({("-a", "pangu-7b"): ("--served-model-name", "pangu-7b"), ("--alias", "p"): ("--served-model-name", "p"),
                         ("--ssl-key-file", "k.pem"): ("--ssl-keyfile", "k.pem"), ("--ssl-cert-file", "c.pem"): ("--ssl-certfile", "c.pem")})
@@ -334,7 +341,25 @@ def test_llama_cpp_spellings_set_the_same_values(command):
         assert vars(parse([command, *extra, *alias])) != vars(parse([command, *extra])), alias
     args = parse([command, *extra, "-c", "512", "-np", "3"])
     assert (llm_kwargs(args)["max_model_len"], llm_kwargs(args)["max_num_seqs"]) == (512, 3)
+    # vLLM's --enable-prefix-caching is the default; --trust-remote-code has nothing to allow here
+    assert vars(parse([command, *extra, "--enable-prefix-caching"])) == vars(parse([command, *extra]))
+    assert llm_kwargs(parse([command, *extra, "--trust-remote-code"])) == llm_kwargs(parse([command, *extra]))
     if command == "serve":
         from pangu_infer.server.cli import served_name
 
         assert served_name(parse(["serve", "-a", "pangu-7b"]), "/models/x.gguf") == "pangu-7b"
+
+
+def test_serve_takes_the_model_as_vllm_serve_does():
+    from pangu_infer.cli import build_parser
+    from pangu_infer.server.cli import take_model_tag
+
+    parse = build_parser().parse_args
+    args = parse(["serve", "/models/pangu-7b", "--port", "8001"])
+    take_model_tag(args)
+    assert args.model == "/models/pangu-7b"
+    same = parse(["serve", "/models/pangu-7b", "--model", "/models/pangu-7b"])
+    take_model_tag(same)
+    assert same.model == "/models/pangu-7b"
+    with pytest.raises(ValueError, match=r"the model is named twice: '/models/a' and --model '/models/b'"):
+        take_model_tag(parse(["serve", "/models/a", "--model", "/models/b"]))

@@ -16,6 +16,8 @@ UVICORN_LOG_LEVELS = ["critical", "error", "warning", "info", "debug", "trace"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                        help="the model, as vLLM's `vllm serve MODEL` takes it (or --model / -m)")
     add_model_arguments(parser)
     add_chat_template_argument(parser)
     parser.add_argument(
@@ -162,6 +164,16 @@ def served_name(args: argparse.Namespace, source: str) -> str:
     return os.path.splitext(os.path.basename(source))[0]  # the demo model: its file name
 
 
+def take_model_tag(args: argparse.Namespace) -> None:
+    """`serve MODEL` (vLLM's positional) as --model; ValueError when both name different models."""
+    tag = getattr(args, "model_tag", None)
+    if tag is None:
+        return
+    if args.model is not None and args.model != tag:
+        raise ValueError(f"the model is named twice: {tag!r} and --model {args.model!r}; give one")
+    args.model = tag
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -169,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
     from pangu_infer.server.app import create_app
     from pangu_infer.server.lora import add_startup_adapters, parse_lora_modules
 
+    take_model_tag(args)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected a TCP port in 0..65535")
     if args.reasoning_budget is not None and args.reasoning_budget < 0:
