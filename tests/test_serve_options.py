@@ -257,10 +257,11 @@ API_KEY = "proxy-key"
 @pytest.fixture(scope="module")
 def proxied_server(tiny_dense_dir, tmp_path_factory):
     """Behind a reverse proxy at /proxy (which strips the prefix before forwarding), uvicorn logging
-    each request."""
+    each request, and the server each request's prompt and parameters (cut to 40 characters)."""
     with running_server(
         tiny_dense_dir, "--kv-cache-memory", "8MiB", "-a", "tiny-proxied", "-c", "128", "-np", "3", "--root-path", "/proxy/",
-        "--uvicorn-log-level", "info", api_key=API_KEY, log_dir=tmp_path_factory.mktemp("proxy_logs"),
+        "--uvicorn-log-level", "info", "--enable-log-requests", "--max-log-len", "40",
+        api_key=API_KEY, log_dir=tmp_path_factory.mktemp("proxy_logs"),
     ) as s:
         s.model = "tiny-proxied"
         yield s
@@ -296,6 +297,13 @@ def test_root_path_is_uvicorns_behind_a_proxy(proxied_server):
     assert too_many.status_code == 400 and "at most 3 (--max-num-seqs)" in too_many.json()["error"]["message"]
     # --uvicorn-log-level info: uvicorn's access log lines (not written at the default level, warning).
     assert '"GET /proxy/v1/models HTTP/1.1" 200' in proxied_server.log()
+    # --enable-log-requests --max-log-len 40: the prompt and parameters when it arrives, its end
+    prompt = "a prompt long enough to be cut in the log " * 3
+    done = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 2}, headers=key, timeout=30).json()
+    log = proxied_server.log()
+    assert f"received request {done['id']}: prompt {repr(prompt)[:40]}... ({len(repr(prompt))} characters) (" in log, log
+    assert "(62 tokens), params SamplingParams(n=1, max_tokens=2, min_to... (" in log
+    assert f"finished request {done['id']}: length, " in log and "2 generated tokens" in log
 
 
 def test_bad_root_path_and_the_log_level_default():
@@ -363,3 +371,40 @@ def test_serve_takes_the_model_as_vllm_serve_does():
     assert same.model == "/models/pangu-7b"
     with pytest.raises(ValueError, match=r"the model is named twice: '/models/a' and --model '/models/b'"):
         take_model_tag(parse(["serve", "/models/a", "--model", "/models/b"]))
+
+
+def test_requests_are_logged_only_when_asked(tiny_dense_dir, caplog):
+    """create_app(enable_log_requests=True): the prompt (ids when given as ids) and parameters of each
+    request as it arrives, and how it ended; not by default (no prompt in the log unless asked)."""
+    import logging
+
+    from fastapi.testclient import TestClient
+
+    from pangu_infer import LLM
+    from pangu_infer.server.app import create_app
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    caplog.set_level(logging.INFO, logger="pangu_infer.server.requests")
+    for logged in (False, True):
+        caplog.clear()
+        with TestClient(create_app(llm, served_model_name="m", enable_log_requests=logged)) as http:
+            chat = http.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "secret words"}], "max_tokens": 2}).json()
+            ids = http.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 1, "n": 2}).json()
+        text = caplog.text
+        if not logged:
+            assert "secret words" not in text and "received request" not in text
+            continue
+        assert f"received request {chat['id']}: prompt '" in text and "secret words" in text and "max_tokens=2" in text
+        assert f"received request {ids['id']}: prompt token ids [5, 6, 7] (3 tokens)" in text
+        assert f"finished request {chat['id']}: " in text and f"finished request {ids['id']}: length, 3 prompt + 2 generated tokens" in text
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--enable-log-requests", "--disable-log-requests"], "--enable-log-requests and --disable-log-requests: give one"),
+    (["--max-log-len", "-1"], "--max-log-len -1: expected a number of characters >= 0"),
+])
+def test_request_log_flags_are_checked_before_the_model_loads(flags, says, capsys):
+    from pangu_infer.cli import main
+
+    assert main(["serve", "/no/such/model", *flags]) == 2
+    assert says in capsys.readouterr().err

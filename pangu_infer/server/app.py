@@ -73,6 +73,7 @@ from pangu_infer.server.chat_api import (
 from pangu_infer.server.params import check_model, check_size, to_sampling_params
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import (
+    REQUEST_LOGGER,
     envelope,
     final_outputs,
     merged_outputs,
@@ -104,6 +105,8 @@ def create_app(
     lora_modules: Sequence[LoRAModule] = (),
     enable_runtime_lora_updates: bool = False,
     trust_request_chat_template: bool = False,
+    enable_log_requests: bool = False,
+    max_log_len: Optional[int] = None,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes.
     allowed_origins: web origins whose pages may call the API from a browser (CORS; "*" for any);
@@ -111,7 +114,9 @@ def create_app(
     lora_modules: LoRA adapters already added to llm's engine (server/lora.py add_startup_adapters),
     served under their names; enable_runtime_lora_updates: /v1/load_lora_adapter and
     /v1/unload_lora_adapter change them while the server runs; trust_request_chat_template: a chat
-    or /tokenize request may bring its own chat_template (vLLM's flag of the same name)."""
+    or /tokenize request may bring its own chat_template (vLLM's flag of the same name);
+    enable_log_requests, max_log_len (vLLM's): log each request's prompt and parameters when it is
+    submitted (cut to max_log_len characters) and how it ended, at INFO."""
     own_engine = engine is None
     state = ServerState(
         llm=llm,
@@ -127,7 +132,11 @@ def create_app(
         next_lora_id=max((m.request.lora_int_id for m in lora_modules), default=0) + 1,
         runtime_lora_updates=enable_runtime_lora_updates,
         trust_request_chat_template=trust_request_chat_template,
+        log_requests=enable_log_requests,
+        max_log_len=max_log_len,
     )
+    if enable_log_requests:  # (shown whatever the engine's log level: the operator asked for them)
+        logging.getLogger(REQUEST_LOGGER).setLevel(logging.INFO)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

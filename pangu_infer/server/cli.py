@@ -46,6 +46,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "flag): the proxy strips it before forwarding; the API docs (openapi servers) name it (default: none)",
     )
     parser.add_argument(
+        "--enable-log-requests", action="store_true",
+        help="log each request's prompt and sampling parameters when it arrives, and how it ended (vLLM's flag)",
+    )
+    parser.add_argument("--disable-log-requests", action="store_true",
+                        help="requests are not logged: the default (vLLM's older flag, taken so its command lines work)")
+    parser.add_argument("--max-log-len", type=int, default=None, metavar="N",
+                        help="with --enable-log-requests: characters of a logged prompt and of its parameters (default: all)")
+    parser.add_argument(
         "--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
         help="uvicorn's log level (vLLM's flag); info logs every request (default: warning, info with --verbose)",
     )
@@ -182,6 +190,10 @@ def run(args: argparse.Namespace) -> int:
     from pangu_infer.server.lora import add_startup_adapters, parse_lora_modules
 
     take_model_tag(args)
+    if args.enable_log_requests and args.disable_log_requests:
+        raise ValueError("--enable-log-requests and --disable-log-requests: give one")
+    if args.max_log_len is not None and args.max_log_len < 0:
+        raise ValueError(f"--max-log-len {args.max_log_len}: expected a number of characters >= 0")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected a TCP port in 0..65535")
     if args.reasoning_budget is not None and args.reasoning_budget < 0:
@@ -204,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
                          allowed_origins=origins, lora_modules=loras,
                          enable_runtime_lora_updates=args.enable_runtime_lora_updates,
-                         trust_request_chat_template=args.trust_request_chat_template)
+                         trust_request_chat_template=args.trust_request_chat_template,
+                         enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
         base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         proxied = f" (behind a proxy at {prefix}/)" if prefix else ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from contextlib import suppress
 from dataclasses import replace
@@ -60,6 +61,23 @@ def fit_default_length(state: ServerState, params: SamplingParams, ids: list[int
     return replace(params, max_tokens=max(1, min(*limits, room)))
 
 
+REQUEST_LOGGER = "pangu_infer.server.requests"
+request_log = logging.getLogger(REQUEST_LOGGER)
+
+
+def _clipped(text: str, limit: Optional[int]) -> str:
+    return text if limit is None or len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def log_request(state: ServerState, request_id: str, text: Optional[str], ids: list[int], params: SamplingParams,
+                lora: Optional[LoRARequest]) -> None:
+    """--enable-log-requests: the prompt (its text, else its ids) and parameters of a request submitted."""
+    prompt = repr(text) if text is not None else f"token ids {ids}"
+    adapter = f", LoRA adapter {lora.lora_name!r}" if lora is not None else ""
+    request_log.info("received request %s: prompt %s (%d tokens), params %s%s", request_id,
+                     _clipped(prompt, state.max_log_len), len(ids), _clipped(repr(params), state.max_log_len), adapter)
+
+
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None):
     base = f"{prefix}-{uuid.uuid4().hex}"
@@ -69,6 +87,9 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
         state.engine.generate(ids, fit_default_length(state, params, ids, default_length), base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
         for i, (text, ids) in enumerate(prompts)
     ]
+    if state.log_requests:
+        for i, (text, ids) in enumerate(prompts):
+            log_request(state, base if len(prompts) == 1 else f"{base}-{i}", text, ids, params, lora)
     firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
@@ -123,6 +144,10 @@ async def final_outputs(state: ServerState, gens: list, firsts: list[RequestOutp
 
 def observe(state: ServerState, out: RequestOutput) -> None:
     state.metrics.observe_request(out.metrics, (c.finish_reason for c in out.outputs))
+    if state.log_requests:
+        reasons = ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
+        request_log.info("finished request %s: %s, %d prompt + %d generated tokens", out.request_id, reasons,
+                         out.num_prompt_tokens, out.num_generated_tokens)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
