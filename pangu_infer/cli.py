@@ -128,9 +128,22 @@ def add_chat_template_argument(p: argparse.ArgumentParser) -> None:
         help="render chats with this Jinja template (a file's path, or the template itself, its \\n and "
         "other backslash escapes read as vLLM reads them) instead of the model's own, as vLLM's --chat-template",
     )
+    p.add_argument(
+        "--chat-template-file", dest="chat_template", default=None, metavar="FILE", type=_chat_template_file,
+        help="the same from a file that must exist (llama.cpp's flag)",
+    )
+    p.add_argument("--jinja", action="store_true",
+                   help="taken so llama.cpp's command lines work: chat templates are always Jinja here")
 
 
 _ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|x[0-9a-fA-F]{2}|N\{[^}]*\}|[0-7]{1,3}|[\\'\"abfnrtv])")
+
+
+def _chat_template_file(path: str) -> str:
+    """--chat-template-file: a path to an existing file (argparse names the flag when it is not)."""
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise argparse.ArgumentTypeError(f"{path!r}: no such file")
+    return path
 
 
 def _chat_template_argument(text: str) -> str:

@@ -349,6 +349,12 @@ def test_llama_cpp_spellings_set_the_same_values(command):
         assert vars(parse([command, *extra, *alias])) != vars(parse([command, *extra])), alias
     args = parse([command, *extra, "-c", "512", "-np", "3"])
     assert (llm_kwargs(args)["max_model_len"], llm_kwargs(args)["max_num_seqs"]) == (512, 3)
+    if command != "generate":  # llama.cpp's --chat-template-file (a file that exists) and --jinja
+        template = Path(__file__).resolve()  # (any file: its path is what is compared)
+        assert vars(parse([command, "--chat-template-file", str(template)])) == vars(parse([command, "--chat-template", str(template)]))
+        with pytest.raises(SystemExit):
+            parse([command, "--chat-template-file", "/no/such/template.jinja"])
+        assert llm_kwargs(parse([command, "--jinja"])) == llm_kwargs(parse([command]))
     # vLLM's --enable-prefix-caching is the default; --trust-remote-code has nothing to allow here
     assert vars(parse([command, *extra, "--enable-prefix-caching"])) == vars(parse([command, *extra]))
     assert llm_kwargs(parse([command, *extra, "--trust-remote-code"])) == llm_kwargs(parse([command, *extra]))
