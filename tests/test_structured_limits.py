@@ -323,3 +323,21 @@ def test_tool_schemas_are_enforced_as_far_as_xgrammar_does_not_refused(grammars)
     """A function's parameters describe it to the model too; OpenAI refuses none of these unless strict."""
     tag = {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": {c[0]: c[1] for c in UNENFORCED}["uniqueItems"]}}
     assert grammars.compile(StructuredOutputsParams(structural_tag=tag, param_name="tools")) is not None
+
+
+def test_the_compiler_takes_the_engines_threads_not_eight(pangu_tokenizer, monkeypatch):
+    """xgrammar compiles with 8 threads by default: on a machine (or a container's CPU quota) with
+    fewer cores they fight the engine's steps; the compiler gets the products' thread count."""
+    import xgrammar as xgr
+
+    built = []
+    real = xgr.GrammarCompiler
+
+    def spy(*args, **kwargs):
+        built.append(kwargs.get("max_threads"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xgr, "GrammarCompiler", spy)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    GrammarCache(pangu_tokenizer, pangu_tokenizer.vocab_size, [pangu_tokenizer.eos_token_id]).compile(StructuredOutputsParams(regex="a+"))
+    assert built == [1]

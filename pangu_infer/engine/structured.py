@@ -114,7 +114,11 @@ class GrammarCache:
             if self._compiler is None:
                 import xgrammar as xgr
 
-                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), cache_enabled=False)
+                # as many threads as the products get (cpu_threads: a container's CPU quota), at most
+                # xgrammar's own default of 8: more only fight the engine's step for the cores
+                # (benchmarks/RESULTS.md: 8 threads compiled no faster than 1 or 2 on 2 cores)
+                threads = max(1, min(8, torch.get_num_threads()))
+                self._compiler = xgr.GrammarCompiler(self._tokenizer_info(), max_threads=threads, cache_enabled=False)
             return self._compiler
 
     def _tokenizer_info(self):
