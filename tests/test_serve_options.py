@@ -414,3 +414,31 @@ def test_request_log_flags_are_checked_before_the_model_loads(flags, says, capsy
 
     assert main(["serve", "/no/such/model", *flags]) == 2
     assert says in capsys.readouterr().err
+
+
+def test_several_served_names_as_vllm_takes_them(tiny_dense_dir):
+    """--served-model-name a b: requests may send either name, replies name the first, /v1/models
+    lists both; an adapter may not take either name; an empty name is refused."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer import LLM
+    from pangu_infer.cli import build_parser
+    from pangu_infer.server.app import create_app
+    from pangu_infer.server.cli import served_names
+    from pangu_infer.server.lora import LoRAModulePath, add_startup_adapters
+
+    args = build_parser().parse_args(["serve", "x.gguf", "--served-model-name", "pangu", "pangu-7b", "pangu"])
+    assert served_names(args, "x.gguf") == ["pangu", "pangu-7b"]
+    with pytest.raises(ValueError, match="a name may not be empty"):
+        served_names(build_parser().parse_args(["serve", "-a", " "]), "x.gguf")
+    with pytest.raises(ValueError, match="the served model is called 'pangu-7b' too"):
+        add_startup_adapters(None, [LoRAModulePath("pangu-7b", "/adapters/a")], ["pangu", "pangu-7b"])
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    with TestClient(create_app(llm, served_model_name=["pangu", "pangu-7b"])) as http:
+        assert [m["id"] for m in http.get("/v1/models").json()["data"]] == ["pangu", "pangu-7b"]
+        assert http.get("/v1/models/pangu-7b").json()["id"] == "pangu-7b"
+        reply = http.post("/v1/completions", json={"model": "pangu-7b", "prompt": "hi", "max_tokens": 2}).json()
+        assert reply["model"] == "pangu" and reply["usage"]["completion_tokens"] == 2
+        missing = http.post("/v1/completions", json={"model": "other", "prompt": "hi", "max_tokens": 2})
+        assert missing.status_code == 404 and "serves 'pangu' (also 'pangu-7b')" in missing.json()["error"]["message"]

@@ -23,7 +23,7 @@ import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Sequence
+from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -97,7 +97,7 @@ CHAT_PAGE_DIR = Path(__file__).parent / "static"  # index.html, chat.js, markdow
 def create_app(
     llm: Any,
     *,
-    served_model_name: str,
+    served_model_name: Union[str, Sequence[str]],
     api_key: Optional[str] = None,
     engine: Any = None,
     reasoning_budget: Optional[int] = None,
@@ -108,7 +108,8 @@ def create_app(
     enable_log_requests: bool = False,
     max_log_len: Optional[int] = None,
 ) -> FastAPI:
-    """The app serving `llm` as `served_model_name`; it owns (and stops) the AsyncEngine it makes.
+    """The app serving `llm` as `served_model_name` (several names: requests may send any, replies
+    name the first, as vLLM's); it owns (and stops) the AsyncEngine it makes.
     allowed_origins: web origins whose pages may call the API from a browser (CORS; "*" for any);
     none by default, so that a page on another site cannot drive a server on localhost.
     lora_modules: LoRA adapters already added to llm's engine (server/lora.py add_startup_adapters),
@@ -118,6 +119,8 @@ def create_app(
     enable_log_requests, max_log_len (vLLM's): log each request's prompt and parameters when it is
     submitted (cut to max_log_len characters) and how it ended, at INFO."""
     own_engine = engine is None
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
+    served_model_name = names[0]
     state = ServerState(
         llm=llm,
         engine=AsyncEngine.from_llm(llm) if own_engine else engine,
@@ -132,6 +135,7 @@ def create_app(
         next_lora_id=max((m.request.lora_int_id for m in lora_modules), default=0) + 1,
         runtime_lora_updates=enable_runtime_lora_updates,
         trust_request_chat_template=trust_request_chat_template,
+        other_model_names=tuple(names[1:]),
         log_requests=enable_log_requests,
         max_log_len=max_log_len,
     )
@@ -182,21 +186,21 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         stats, moe = await state.engine.stats(), await state.engine.moe_stats()
         return Response(state.metrics.render(stats, moe), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    def card(lora: Optional[LoRARequest] = None) -> ModelCard:
+    def card(lora: Optional[LoRARequest] = None, name: Optional[str] = None) -> ModelCard:
         max_len = state.llm.engine.max_model_len
         if lora is None:
-            return ModelCard(id=state.model_name, created=state.created, max_model_len=max_len)
+            return ModelCard(id=name or state.model_name, created=state.created, max_model_len=max_len)
         module = state.loras[lora.lora_name]
         return ModelCard(id=lora.lora_name, created=module.created, max_model_len=max_len, root=lora.lora_path, parent=module.parent)
 
     # The base model first, then the LoRA adapters (vLLM's order); root and parent only on adapters.
     @app.get("/v1/models", response_model=ModelList, response_model_exclude_none=True, responses=ERROR_RESPONSES)
     async def models() -> ModelList:
-        return ModelList(data=[card()] + [card(m.request) for m in list(state.loras.values())])
+        return ModelList(data=[card(name=n) for n in state.model_names] + [card(m.request) for m in list(state.loras.values())])
 
     @app.get("/v1/models/{model:path}", response_model=ModelCard, response_model_exclude_none=True, responses=ERROR_RESPONSES)
     async def model(model: str) -> ModelCard:
-        return card(check_model(state, model))
+        return card(check_model(state, model), name=model if model in state.model_names else None)
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(body: TokenizeRequest) -> TokenizeResponse:

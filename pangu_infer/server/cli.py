@@ -58,8 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uvicorn's log level (vLLM's flag); info logs every request (default: warning, info with --verbose)",
     )
     parser.add_argument(
-        "--served-model-name", "-a", "--alias", dest="served_model_name", default=None, metavar="NAME",
-        help="the model name clients send (default: the --model argument; -a/--alias: llama.cpp's spelling)",
+        "--served-model-name", "-a", "--alias", dest="served_model_name", nargs="+", default=None, metavar="NAME",
+        help="the model name clients send (default: the --model argument; -a/--alias: llama.cpp's spelling); "
+        "several names: requests may send any, replies name the first (vLLM's)",
     )
     parser.add_argument(
         "--allowed-origins", default="", metavar="ORIGINS",
@@ -164,12 +165,22 @@ def uvicorn_log_level(args: argparse.Namespace) -> str:
     return "info" if getattr(args, "verbose", False) else "warning"
 
 
-def served_name(args: argparse.Namespace, source: str) -> str:
+def served_names(args: argparse.Namespace, source: str) -> list[str]:
+    """The names the model is served under (--served-model-name, several in vLLM's way), else the
+    --model argument, else the demo model's file name; ValueError for an empty one."""
     if args.served_model_name:
-        return args.served_model_name
+        names = list(dict.fromkeys(args.served_model_name))  # (a name given twice: once)
+        if any(not name.strip() for name in names):
+            raise ValueError(f"--served-model-name {names!r}: a name may not be empty")
+        return names
     if args.model:
-        return args.model
-    return os.path.splitext(os.path.basename(source))[0]  # the demo model: its file name
+        return [args.model]
+    return [os.path.splitext(os.path.basename(source))[0]]  # the demo model: its file name
+
+
+def served_name(args: argparse.Namespace, source: str) -> str:
+    """The name replies give: the first of served_names."""
+    return served_names(args, source)[0]
 
 
 def take_model_tag(args: argparse.Namespace) -> None:
@@ -211,9 +222,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--enable-runtime-lora-updates needs LoRA turned on: add --enable-lora (or --lora-modules)")
     llm = LLM(args.model, **kwargs)
     try:
-        name = served_name(args, llm.loaded.source)
-        loras = add_startup_adapters(llm, lora_modules, name)
-        app = create_app(llm, served_model_name=name, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
+        names = served_names(args, llm.loaded.source)
+        name = names[0]
+        loras = add_startup_adapters(llm, lora_modules, names)
+        app = create_app(llm, served_model_name=names, api_key=args.api_key, reasoning_budget=args.reasoning_budget,
                          allowed_origins=origins, lora_modules=loras,
                          enable_runtime_lora_updates=args.enable_runtime_lora_updates,
                          trust_request_chat_template=args.trust_request_chat_template,
@@ -221,7 +233,8 @@ def run(args: argparse.Namespace) -> int:
         base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         proxied = f" (behind a proxy at {prefix}/)" if prefix else ""
-        print(f"pangu-infer serve: {name!r}{adapters} on {base}/v1, chat page at {base}/{proxied}", file=sys.stderr, flush=True)
+        also = f" (also {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
+        print(f"pangu-infer serve: {name!r}{also}{adapters} on {base}/v1, chat page at {base}/{proxied}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=uvicorn_log_level(args),
                     ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, root_path=prefix)
     finally:

@@ -16,7 +16,7 @@ import logging
 import time
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 from fastapi import FastAPI
 from fastapi.responses import PlainTextResponse
@@ -78,21 +78,22 @@ def _parse_one(text: str) -> LoRAModulePath:
     return LoRAModulePath(name, path, base)
 
 
-def add_startup_adapters(llm: Any, modules: list[LoRAModulePath], served_model_name: str) -> list[LoRAModule]:
+def add_startup_adapters(llm: Any, modules: list[LoRAModulePath], served_model_name: Union[str, Sequence[str]]) -> list[LoRAModule]:
     """Read and add each --lora-modules adapter to llm's engine (before the engine thread starts),
     ids 1, 2, ...; ValueError naming the module that cannot be served."""
     loaded = []
     created = int(time.time())
+    names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     for lora_id, module in enumerate(modules, start=1):
-        if module.name == served_model_name:
-            raise ValueError(f"--lora-modules {module.name}: the served model is called {served_model_name!r} too; "
+        if module.name in names:
+            raise ValueError(f"--lora-modules {module.name}: the served model is called {module.name!r} too; "
                              "give the adapter another name")
         request = LoRARequest(module.name, lora_id, module.path)
         try:
             llm.engine.add_lora(request)
         except ValueError as e:
             raise ValueError(f"--lora-modules {module.name}={module.path}: {e}") from None
-        loaded.append(LoRAModule(request, module.base_model_name or served_model_name, created))
+        loaded.append(LoRAModule(request, module.base_model_name or names[0], created))
     return loaded
 
 
@@ -125,7 +126,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             raise APIError(400, "lora_name is empty; give the adapter a name", param="lora_name")
         if not path.strip():
             raise APIError(400, "lora_path is empty; give the adapter's folder or .gguf file", param="lora_path")
-        if name == state.model_name:
+        if name in state.model_names:
             raise APIError(400, f"lora_name {short_repr(name)} is the served model's name; give the adapter another", param="lora_name")
         async with updates:
             old = state.loras.get(name)

@@ -23,12 +23,13 @@ _logged_ignored_fields: set[str] = set()  # SDK fields this server ignores, each
 def check_model(state: ServerState, model: Optional[str]) -> Optional[LoRARequest]:
     """The LoRA adapter a request's `model` names (None: the served model, or no model given); any
     other name is a 404 model_not_found."""
-    if model is None or model == state.model_name:
+    if model is None or model in state.model_names:
         return None
     module = state.loras.get(model)
     if module is not None:
         return module.request
-    served = f"this server serves {state.model_name!r}"
+    also = f" (also {', '.join(map(repr, state.other_model_names))})" if state.other_model_names else ""
+    served = f"this server serves {state.model_name!r}{also}"
     if state.loras:
         names = sorted(state.loras)
         more = f" and {len(names) - MAX_NAMES_IN_MESSAGE} more" if len(names) > MAX_NAMES_IN_MESSAGE else ""

@@ -40,8 +40,14 @@ class ServerState:
     lora_submissions: dict[str, int] = field(default_factory=dict)
     runtime_lora_updates: bool = False  # --enable-runtime-lora-updates: /v1/load_lora_adapter and unload answer
     trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may bring its chat_template
+    other_model_names: tuple[str, ...] = ()  # --served-model-name's names after the first: requests may send them
     log_requests: bool = False  # --enable-log-requests: each request's prompt and parameters, and its end, logged
     max_log_len: Optional[int] = None  # --max-log-len: characters of a logged prompt and parameters (None: all)
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name of the served model (the first is the one replies give)."""
+        return (self.model_name, *self.other_model_names)
 
     def reply_model(self, lora: Optional[LoRARequest]) -> str:
         """The `model` a response names: the adapter's name for a request that runs one, else the served name."""
