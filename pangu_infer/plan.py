@@ -81,7 +81,7 @@ def read_source(model: str) -> Source:
         if not os.path.isfile(path):
             raise ValueError(f"--model {model!r}: no such .gguf file")
         ckpt = read_gguf(path)  # a file that is not GGUF, or is cut short, is a GGUFError naming it
-        return Source(ModelConfig.from_hf_dict(ckpt.config), path, gguf=ckpt)
+        return Source(ckpt.model_config(), path, gguf=ckpt)
     if os.path.isfile(path) and not path.endswith(".json"):
         raise ValueError(
             f"--model {model!r} is a file but neither a config.json nor a .gguf file; "

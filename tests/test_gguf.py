@@ -363,3 +363,23 @@ def test_unknown_bpe_pre_tokenizer_is_named(smollm2):
     spec = dict(smollm2.tokenizer_spec, pre="no-such-pre")
     with pytest.raises(GGUFError, match=r"tokenizer\.ggml\.pre='no-such-pre'.*smollm"):
         build_gguf_tokenizer(spec)
+
+
+@pytest.mark.parametrize("key, value, says", [
+    ("attention.layer_norm_rms_epsilon", ("float32", -1.0), r"rms_norm_eps=-1\.0 must be a finite positive number"),
+    ("rope.freq_base", ("float32", 0.0), r"rope_theta=0\.0 must be a finite positive number"),
+    ("feed_forward_length", ("uint32", 0), r"intermediate_size=0 must be positive"),
+])
+def test_a_bad_metadata_value_names_its_gguf_key(tmp_path, tiny_pangu_gguf, key, value, says):
+    """A GGUF file has no config.json: an error about a config field read from its metadata names
+    the key it was read from, for LLM as for plan."""
+    from pangu_infer.cli import main
+    from pangu_infer.loader import load_model
+
+    t = tiny_pangu_gguf
+    path = write_gguf(tmp_path / "m.gguf", arch=t.arch, config=t.config, tensors=t.tensors, vocab=t.vocab,
+                      metadata={f"{t.arch}.{key}": value})
+    message = rf"{says} \(read from the GGUF metadata key pangu-embedded\.{re.escape(key)}\)"
+    with pytest.raises(GGUFError, match=message):
+        load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    assert main(["plan", "--model", str(path)]) == 2

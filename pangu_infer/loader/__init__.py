@@ -263,7 +263,7 @@ def weights_bytes(
         from pangu_infer.loader.gguf import read_gguf
 
         ckpt = ckpt if ckpt is not None else read_gguf(path)
-        cfg = ModelConfig.from_hf_dict(ckpt.config)
+        cfg = ckpt.model_config()
         half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
     else:
         cfg = read_checked_config(path)  # (its layers the checkpoint's: a config's absurd count builds nothing)
@@ -288,7 +288,7 @@ def read_config(path: str) -> ModelConfig:
     if path.endswith(".gguf"):
         from pangu_infer.loader.gguf import read_gguf
 
-        return ModelConfig.from_hf_dict(read_gguf(path).config)
+        return read_gguf(path).model_config()
     return ModelConfig.from_file(path)
 
 
@@ -421,7 +421,7 @@ def _load_gguf(
             return LoadedModel(cached, ModelConfig.from_hf_dict(extras["config"]), tok, {}, path)
     ckpt = read_gguf(path)
     check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half, ckpt=ckpt)  # (its header read once)
-    cfg = ModelConfig.from_hf_dict(ckpt.config)
+    cfg = ckpt.model_config()
     net = build_model_on_meta(cfg)
     half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
     settings, by_target = _gguf_plan(ckpt, net, quantization)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import numpy as np
 import torch
 
-from pangu_infer.config import ConfigError
+from pangu_infer.config import ConfigError, ModelConfig
 
 if TYPE_CHECKING:
     import tokenizers
@@ -112,6 +112,20 @@ class GGUFCheckpoint:
     # GGUF tensor name -> HF tensor name, for every tensor that tensors() yields
     hf_names: dict[str, str] = field(repr=False)
     permuted_qk: bool = False
+    # config field -> the GGUF metadata key it was read from (an error about a field names the key)
+    config_keys: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def model_config(self) -> ModelConfig:
+        """ModelConfig.from_hf_dict of this file's config; a ConfigError about a field read from
+        the metadata names the GGUF key too (the file has no config.json to look the field up in)."""
+        try:
+            return ModelConfig.from_hf_dict(self.config)
+        except ConfigError as e:
+            found = _FIELD_IN_ERROR.search(str(e))
+            key = self.config_keys.get(found.group(1)) if found else None
+            if key is None:
+                raise
+            raise GGUFError(f"{self.path}: {e} (read from the GGUF metadata key {key})") from None
 
     def tensor_names(self) -> list[str]:
         return list(self.hf_names.values())
@@ -171,6 +185,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
         reader=reader,
         hf_names=hf_names,
         permuted_qk=ARCHITECTURES[arch][2],
+        config_keys=_config_keys(arch),
     )
 
 
@@ -239,6 +254,29 @@ def _hf_name(name: str, arch: str, n_layers: int, path: str) -> str:
     raise GGUFError(
         f"{path}: unknown tensor {name!r} for GGUF architecture {arch!r} with {n_layers} blocks; known: {known}"
     )
+
+
+_FIELD_IN_ERROR = re.compile(r"\bfield (\w+)")
+
+
+def _config_keys(arch: str) -> dict[str, str]:
+    """The GGUF metadata key each config field _hf_config fills is read from."""
+    return {
+        "vocab_size": f"{arch}.vocab_size (or the rows of token_embd.weight)",
+        "hidden_size": f"{arch}.embedding_length",
+        "intermediate_size": f"{arch}.feed_forward_length",
+        "num_hidden_layers": f"{arch}.block_count",
+        "num_attention_heads": f"{arch}.attention.head_count",
+        "num_key_value_heads": f"{arch}.attention.head_count_kv",
+        "head_dim": f"{arch}.attention.key_length",
+        "rms_norm_eps": f"{arch}.attention.layer_norm_rms_epsilon",
+        "rope_theta": f"{arch}.rope.freq_base",
+        "max_position_embeddings": f"{arch}.context_length",
+        "rope_scaling": f"{arch}.rope.scaling.*",
+        "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id",
+        "pad_token_id": "tokenizer.ggml.padding_token_id",
+    }
 
 
 def _hf_config(md: _Metadata, arch: str, tensors: dict[str, Any], path: str) -> dict:
