@@ -83,13 +83,14 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None)) if v is not None}
-    gens = [
-        state.engine.generate(ids, fit_default_length(state, params, ids, default_length), base if len(prompts) == 1 else f"{base}-{i}", prompt=text, **extra)
+    submitted = [  # (request id, prompt text, ids, the parameters it runs with)
+        (base if len(prompts) == 1 else f"{base}-{i}", text, ids, fit_default_length(state, params, ids, default_length))
         for i, (text, ids) in enumerate(prompts)
     ]
     if state.log_requests:
-        for i, (text, ids) in enumerate(prompts):
-            log_request(state, base if len(prompts) == 1 else f"{base}-{i}", text, ids, params, lora)
+        for request_id, text, ids, own in submitted:
+            log_request(state, request_id, text, ids, own, lora)
+    gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) for request_id, text, ids, own in submitted]
     firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
