@@ -37,6 +37,11 @@ def _well_typed(value: Any, kind: type) -> bool:
     return isinstance(value, int) if kind is int else isinstance(value, (int, float))
 
 
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def check_generation_config(value: Optional[str], name: str = "generation_config") -> Optional[dict]:
     """'auto' (or None) -> None (the model's file); 'vllm' -> {} (no file); a folder -> its
     generation_config.json, read. ValueError naming `name` (the flag or argument)."""
@@ -53,8 +58,7 @@ def check_generation_config(value: Optional[str], name: str = "generation_config
     if not os.path.isfile(path):
         raise ValueError(f"{name} {value!r}: the folder holds no {FILE_NAME}")
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = _read_json(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"{name} {value!r}: cannot read {path}: {e}") from None
     if not isinstance(config, dict):
@@ -72,19 +76,20 @@ def check_model_file(config: dict, path: str) -> None:
         raise ValueError(f"{e} (generation_config='vllm', --generation-config vllm, leaves the file's sampling values out)") from None
 
 
-def check_model_folder(model: str) -> None:
+def check_model_folder(model: str) -> bool:
     """check_model_file of a local model folder's generation_config.json, if it has one that reads
-    as a JSON object (else the load names what is wrong with it)."""
+    as a JSON object (else the load names what is wrong with it); True when it was checked."""
     path = os.path.join(model, FILE_NAME)
     if not os.path.isfile(path):
-        return
+        return False
     try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
+        config = _read_json(path)
     except (OSError, ValueError):
-        return
-    if isinstance(config, dict):
-        check_model_file(config, path)
+        return False
+    if not isinstance(config, dict):
+        return False
+    check_model_file(config, path)
+    return True
 
 
 def check_file_values(config: dict, path: str) -> None:

@@ -77,8 +77,8 @@ class LLM:
         # of a request that omits them come from (pangu_infer/generation_config.py); checked first.
         chosen_config = check_generation_config(generation_config, "generation_config")
         override = check_override(override_generation_config, "override_generation_config")
-        if chosen_config is None and model is not None:  # a local folder's own file: before loading
-            check_model_folder(model)
+        # a local folder's own file: checked before loading (a hub model's: once the load has read it)
+        own_checked = chosen_config is None and model is not None and check_model_folder(model)
         # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
         # path or the template itself, as vLLM's --chat-template); checked before anything loads.
         template = None if chat_template is None else _chat_template(chat_template)
@@ -152,7 +152,7 @@ class LLM:
         if template is not None and self.tokenizer is not None:
             self.tokenizer.chat_template = template
         self.generation_config = self.loaded.generation_config  # (its eos_token_id ends sequences)
-        if chosen_config is None:  # (a hub model's, read by the load)
+        if chosen_config is None and not own_checked:
             check_model_file(self.generation_config, "the model's generation_config.json")
         # SamplingParams keyword arguments of a request that omits them (default_sampling_params)
         self.sampling_defaults = sampling_defaults(

@@ -170,7 +170,7 @@ def gguf_precision(source: Source, model: DecoderForCausalLM, dtype: torch.dtype
         setting = settings.get(name)
         if setting is None:
             as_dtype = half if half is not None and len(t.shape) >= 2 else dtype
-            how = str(as_dtype).removeprefix("torch.")
+            how = _name(as_dtype)
         elif setting.method == "int4":
             how = f"int4 in groups of {setting.group_size}"
         else:
