@@ -409,6 +409,43 @@ def test_tool_call_arguments_that_are_not_a_string_are_refused(http, path, argum
     assert http.post(path, json=body).status_code == 200
 
 
+# ---------------------------------------------------------------------- fields a role cannot carry
+@pytest.mark.parametrize(("message", "field"), [
+    ({"role": "user", "content": "hi", "tool_call_id": "c1"}, "tool_call_id"),
+    ({"role": "system", "content": "be brief", "tool_call_id": "c1"}, "tool_call_id"),
+    ({"role": "assistant", "content": "ok", "tool_call_id": "c1"}, "tool_call_id"),
+    ({"role": "user", "content": "hi", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+     "tool_calls"),
+    ({"role": "tool", "content": "sunny", "tool_call_id": "c1", "tool_calls": []}, "tool_calls"),
+    ({"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "f"}, "name"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+def test_a_field_the_messages_role_cannot_carry_is_refused_naming_it(http, path, message, field):
+    """OpenAI's message types: tool_call_id only on a tool result, tool_calls only on an assistant's
+    message, name on user, system and assistant messages (not a tool result's); taken before, the
+    field was dropped or rendered as something the chat never said."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = dict(message)  # (the parameter's dict is shared by both paths)
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}, message]
+    body = {"messages": messages, **({"max_tokens": 2} if path != "/tokenize" else {})}
+    param = f"messages[2].{field}"
+    text = _error(http.post(path, json=body), param)
+    assert f"role {message['role']!r} cannot carry {field}" in text, text
+    del message[field]
+    assert http.post(path, json=body).status_code == 200
+    if field == "tool_call_id" and message["role"] == "user":  # the name OpenAI allows on a user's message
+        assert http.post(path, json={**body, "messages": [*messages[:2], {**message, "name": "ann"}]}).status_code == 200
+
+
+def test_the_openai_client_hears_which_message_field_is_refused(http):
+    import openai
+
+    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi", "tool_call_id": "c1"}])
+    assert refused.value.body["param"] == "messages[0].tool_call_id", refused.value.body
+
+
 # ---------------------------------------------------------------------- previous_response_id
 def test_an_empty_previous_response_id_is_refused_not_taken_as_absent(http):
     body = {**BASES["/v1/responses"], "previous_response_id": ""}

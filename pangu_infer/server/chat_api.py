@@ -125,11 +125,28 @@ def request_chat_template(state: ServerState, req: Any) -> Optional[str]:
     return given
 
 
+# Fields only some roles carry (OpenAI's message types): a tool result answers a call by its id, only
+# an assistant makes calls, and a tool result has no name (user, system and assistant messages may
+# have one; the legacy function message must). Taken elsewhere they were silently dropped or shown to
+# the template as something the chat never said.
+ROLES_OF_FIELD = {"tool_call_id": ("tool",), "tool_calls": ("assistant",), "name": ("system", "user", "assistant", "function")}
+
+
+def check_message_fields(index: int, message: Any) -> None:
+    """A 400 naming messages[index].FIELD for a field its role cannot carry (ROLES_OF_FIELD)."""
+    for field, roles in ROLES_OF_FIELD.items():
+        if getattr(message, field, None) is not None and message.role not in roles:
+            where = f"messages[{index}].{field}"
+            raise APIError(400, f"{where}: a message of role {short_repr(message.role)} cannot carry {field} "
+                           f"(only {' or '.join(roles)} messages can)", param=where)
+
+
 def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
     """A chat's prompt text and token ids, as the model's template (or the request's own, checked by
     request_chat_template) renders it (req: its messages, add_generation_prompt and continue_final_message)."""
     template = request_chat_template(state, req)
     for i, message in enumerate(req.messages):
+        check_message_fields(i, message)
         for k, call in enumerate(message.tool_calls or []):
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and not isinstance(function.get("arguments", ""), str):
