@@ -1,4 +1,4 @@
-"""The `pangu-infer` command (also `python -m pangu_infer`): generate | chat | serve | plan | quantize | bench."""
+"""The `pangu-infer` command (also `python -m pangu_infer`): generate | chat | serve | run-batch | plan | quantize | bench."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from pangu_infer.parallel.errors import ParallelStartupError
 # command -> module that defines add_arguments(parser) and run(args) -> int
 EXTERNAL_COMMANDS = {
     "serve": ("pangu_infer.server.cli", "serve the OpenAI-compatible HTTP API"),
+    "run-batch": ("pangu_infer.batch", "answer a file of OpenAI Batch API requests offline (vLLM's run-batch)"),
     "plan": ("pangu_infer.plan", "print parameters, weight and KV memory, and how much context fits"),
     "quantize": ("pangu_infer.quant.cli", "write a pre-quantized int8/int4 checkpoint"),
     "bench": ("pangu_infer.bench", "measure prefill, decode and throughput against the memory-bandwidth limit"),
