@@ -378,3 +378,42 @@ def test_a_page_on_an_allowed_origin_can_call_the_api_and_others_cannot(page, ti
             assert status == "blocked" and "fetch" in why.lower()
         with serving(create_app(llm, served_model_name="m", api_key=API_KEY)) as api:
             assert page.evaluate(CROSS_ORIGIN_FETCH, [api, API_KEY])[0] == "blocked"
+
+
+def _behind_root_path(app, prefix: str):
+    """`app` as uvicorn --root-path PREFIX runs it: the prefix in front of every path, and as root_path."""
+
+    async def prefixed(scope, receive, send):
+        if scope["type"] == "http":
+            scope = {**scope, "root_path": prefix, "path": prefix + scope["path"], "raw_path": prefix.encode() + scope["raw_path"]}
+        await app(scope, receive, send)
+
+    return prefixed
+
+
+@pytest.mark.parametrize("shown", ["/llm", "/llm/"])
+def test_the_page_works_behind_a_proxy_at_its_prefix_with_or_without_the_slash(page, thinking_llm, shown):
+    """--root-path /llm behind a proxy that strips /llm (and serves nothing else): the browser at
+    https://site.example/llm or /llm/ loads the page's stylesheet and scripts, and the page calls the API."""
+    from playwright.sync_api import expect
+
+    with serving(_behind_root_path(create_app(thinking_llm, served_model_name="prefixed"), "/llm")) as server:
+        outside: list[str] = []
+
+        def proxy(route):
+            path = route.request.url.removeprefix("https://site.example")
+            if path != "/llm" and not path.startswith("/llm/"):
+                outside.append(route.request.url)
+                route.fulfill(status=404, body="not behind the proxy")
+                return
+            route.fulfill(response=route.fetch(url=server + (path[len("/llm"):] or "/")))
+
+        page.route("**/*", proxy)
+        loaded: list[str] = []
+        page.on("requestfinished", lambda r: loaded.append(r.url))
+        page.goto(f"https://site.example{shown}")
+        expect(page.locator("#model-name")).to_have_text("prefixed")  # chat.js ran and fetched v1/models
+        assert page.evaluate("getComputedStyle(document.querySelector('header.top')).display") == "flex"  # chat.css applied
+        assert not outside, outside
+        assert {"https://site.example/llm/static/chat.css", "https://site.example/llm/static/chat.js",
+                "https://site.example/llm/static/markdown.js", "https://site.example/llm/v1/models"} <= set(loaded), loaded

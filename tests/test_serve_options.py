@@ -4,11 +4,14 @@ uvicorn's log level, llama.cpp's spellings. Real servers on loopback, driven by 
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import ssl
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 import openai
@@ -284,10 +287,12 @@ def test_root_path_is_uvicorns_behind_a_proxy(proxied_server):
     spec = httpx.get(f"{url}/openapi.json", headers=key, timeout=30).json()
     assert spec["servers"] == [{"url": "/proxy"}]
     assert "'/proxy/openapi.json'" in httpx.get(f"{url}/docs", headers=key, timeout=30).text
-    # The chat page's links are relative (static/..., v1/...): they resolve under /proxy/ in the browser.
+    # The chat page's links are relative (static/..., v1/...), to its base /proxy/ (the browser may
+    # show /proxy or /proxy/: test_the_chat_page_loads_under_the_prefix_with_or_without_its_slash).
     page = httpx.get(f"{url}/", timeout=30).text
     assert 'href="static/chat.css"' in page and 'src="static/chat.js"' in page
-    assert 'href="/' not in page and 'src="/' not in page
+    assert '<base href="/proxy/">' in page
+    assert 'href="/' not in page.replace('<base href="/proxy/">', "") and 'src="/' not in page
     assert httpx.get(f"{url}/static/chat.js", timeout=30).status_code == 200
     assert "(behind a proxy at /proxy/)" in proxied_server.log()
     # llama.cpp's -a, -c, -np: the served name (above), the context and the batch the server took.
@@ -304,6 +309,54 @@ def test_root_path_is_uvicorns_behind_a_proxy(proxied_server):
     assert f"received request {done['id']}: prompt {repr(prompt)[:40]}... ({len(repr(prompt))} characters) (" in log, log
     assert "(62 tokens), params SamplingParams(n=1, max_tokens=2, min_to... (" in log
     assert f"finished request {done['id']}: length, " in log and "2 generated tokens" in log
+
+
+class _PageLinks(HTMLParser):
+    """The base href, stylesheets and scripts of an HTML page."""
+
+    def __init__(self):
+        super().__init__()
+        self.base, self.assets = None, []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "base":
+            self.base = attrs["href"]
+        elif tag == "link" and attrs.get("rel") == "stylesheet" or tag == "script" and "src" in attrs:
+            self.assets.append(attrs.get("href") or attrs["src"])
+
+
+@pytest.mark.parametrize("shown", ["/proxy", "/proxy/"])
+def test_the_chat_page_loads_under_the_prefix_with_or_without_its_slash(proxied_server, shown):
+    """A browser at https://site/proxy or https://site/proxy/: a proxy that strips /proxy forwards
+    both as /, and what the page links (its stylesheet, its scripts, the modules they import, the
+    API it calls), resolved as a browser resolves them, is under /proxy/ and loads."""
+    site = "https://site.example"
+
+    def through_proxy(public: str, **kwargs) -> httpx.Response:
+        path = urlsplit(public).path
+        assert urlsplit(public).netloc == "site.example" and (path == "/proxy" or path.startswith("/proxy/")), \
+            f"{public}: outside the proxy's prefix"
+        return httpx.get(f"{proxied_server.url}{path[len('/proxy'):] or '/'}", timeout=30, **kwargs)
+
+    page_url = site + shown
+    page = through_proxy(page_url)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    links = _PageLinks()
+    links.feed(page.text)
+    base = urljoin(page_url, links.base or "")
+    assets = [urljoin(base, a) for a in links.assets]
+    assert sorted(urlsplit(a).path for a in assets) == ["/proxy/static/chat.css", "/proxy/static/chat.js"]
+    for asset in assets:
+        got = through_proxy(asset)
+        assert got.status_code == 200, asset
+        assert got.headers["content-type"].startswith("text/css" if asset.endswith(".css") else "text/javascript"), got.headers
+        # a module's imports resolve against the module's own URL
+        for module in re.findall(r'^import .* from "([^"]+)";', got.text, re.MULTILINE):
+            assert through_proxy(urljoin(asset, module)).status_code == 200, module
+    # the page's fetches (v1/models, v1/chat/completions) resolve against its base
+    models = through_proxy(urljoin(base, "v1/models"), headers={"Authorization": f"Bearer {API_KEY}"})
+    assert models.status_code == 200 and models.json()["data"][0]["id"] == "tiny-proxied"
 
 
 def test_bad_root_path_and_the_log_level_default():

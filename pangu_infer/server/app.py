@@ -18,6 +18,7 @@ Anthropic's Messages API in server/messages.py; this file holds the routes.
 from __future__ import annotations
 
 import asyncio
+import html
 import logging
 import time
 from contextlib import aclosing, asynccontextmanager
@@ -27,7 +28,7 @@ from typing import Any, AsyncIterator, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
 import pangu_infer
@@ -261,13 +262,26 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_chat_page(app: FastAPI) -> None:
-    """The web chat at / (its assets under /static); it calls /v1 from the browser, so it needs no key itself."""
+    """The web chat at / (its assets under /static); it calls /v1 from the browser, so it needs no key itself.
+    Its links are relative (static/chat.js, v1/...). Behind --root-path the page names the prefix as
+    its base URL (<base href="/prefix/">): the browser shows /prefix as well as /prefix/ (a proxy that
+    strips the prefix forwards both as /), and relative to /prefix the links would leave the prefix."""
 
     @app.get("/", include_in_schema=False)
-    async def chat_page() -> FileResponse:
-        return FileResponse(CHAT_PAGE_DIR / "index.html")
+    async def chat_page(request: Request) -> Response:
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        if not prefix:
+            return FileResponse(CHAT_PAGE_DIR / "index.html")
+        return HTMLResponse(chat_page_html(prefix))
 
     app.mount("/static", StaticFiles(directory=CHAT_PAGE_DIR), name="static")
+
+
+def chat_page_html(prefix: str) -> str:
+    """index.html with `<base href="PREFIX/">` first in its head (before any link it resolves)."""
+    page = (CHAT_PAGE_DIR / "index.html").read_text(encoding="utf-8")
+    head = page.index("<head>") + len("<head>")
+    return f'{page[:head]}\n<base href="{html.escape(prefix, quote=True)}/">{page[head:]}'
 
 
 def _ok(model: type, chunk_object: str) -> dict:
