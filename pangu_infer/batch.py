@@ -94,6 +94,8 @@ def parse_lines(data: bytes) -> list[tuple[int, Any]]:
     used before is a LineError naming the line that used it."""
     items: list[tuple[int, Any]] = []
     seen: dict[str, int] = {}
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 byte order mark, as some Windows editors write
     for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue

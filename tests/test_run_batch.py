@@ -130,10 +130,11 @@ def test_lines_run_concurrently_through_the_engine(llm):
 
 
 def test_stdin_to_stdout(tiny_dense_dir):
-    """`-i - -o -`: the results alone on stdout, the progress and the summary on stderr."""
-    text = "\n".join([request("a", "/v1/completions", COMPLETION), "nonsense", request("b", "/v1/chat/completions", CHAT)])
+    """`-i - -o -`: the results alone on stdout, the progress and the summary on stderr (the input
+    with a UTF-8 byte order mark, as Windows editors may write it)."""
+    text = "\ufeff" + "\n".join([request("a", "/v1/completions", COMPLETION), "nonsense", request("b", "/v1/chat/completions", CHAT)])
     out = subprocess.run([sys.executable, "-m", "pangu_infer.cli", "run-batch", "-i", "-", "-o", "-", "--model", str(tiny_dense_dir), *MODEL_FLAGS],
-                         input=text, capture_output=True, text=True, timeout=300)
+                         input=text, capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [line["custom_id"] for line in lines] == ["a", None, "b"]
