@@ -24,7 +24,7 @@ from pangu_infer.server.errors import APIError
 from pangu_infer.server.params import check_model, check_size, to_sampling_params
 from pangu_infer.server.protocol import EFFORTS_WITHOUT_THINKING, ChatCompletionRequest
 from pangu_infer.server.state import ServerState
-from pangu_infer.server.streaming import start_requests, unless_gone
+from pangu_infer.server.streaming import as_sent, start_requests, unless_gone
 from pangu_infer.server.structured import reasoning_budget, tool_constraint
 from pangu_infer.tokenizer import ChatTemplateError, check_chat_template
 
@@ -51,9 +51,10 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     lora = check_model(state, req.model)  # (checked first thing in prepare_chat: here, only which adapter)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     try:
-        started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority), state.metrics)
+        started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority,
+                                                              length_field=length_field), state.metrics)
     except APIError as e:
-        raise _as_sent(e, length_field) from None
+        raise as_sent(e, length_field) from None
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started
@@ -88,14 +89,6 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[
     # other requests' streams go on meanwhile (as for every prompt below).
     text, ids = await asyncio.to_thread(render, state, req, req.tools if use_tools else None, enable_thinking, template_kwargs)
     return params, text, ids, ChatParsing(reasoning=is_pangu_template(tok, req.chat_template), tools=use_tools)
-
-
-def _as_sent(error: APIError, field: str) -> APIError:
-    """An admission error about max_tokens (the prompt and the reply past the context, or past the
-    KV cache) named as the client named the field."""
-    if error.param != "max_tokens" or field == "max_tokens":
-        return error
-    return APIError(error.status, error.message.replace("max_tokens", field), param=field, code=error.code)
 
 
 def checked_template_kwargs(given: Optional[dict]) -> dict:

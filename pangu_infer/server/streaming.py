@@ -14,10 +14,11 @@ from typing import Any, AsyncIterator, Awaitable, Optional
 from fastapi import Request
 from fastapi.responses import Response
 
+from pangu_infer.engine.async_engine import EngineDeadError
 from pangu_infer.errors import RequestError, RequestFailedError
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.sampling_params import SamplingParams
-from pangu_infer.server.errors import from_request_error
+from pangu_infer.server.errors import APIError, from_request_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import CLIENT_CLOSED
 from pangu_infer.server.params import check_model
@@ -27,12 +28,12 @@ from pangu_infer.server.state import ServerState
 
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                          lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
-                         default_length: Optional[int] = None):
+                         default_length: Optional[int] = None, length_field: str = "max_tokens"):
     """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
     the scheduling priority, when given) and wait for each one's first output, so a bad request is a
-    400 before any byte is sent."""
+    400 before any byte is sent. length_field: the name the client gave max_tokens (as_sent)."""
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length)
+        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -41,7 +42,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length)
+        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -78,8 +79,77 @@ def log_request(state: ServerState, request_id: str, text: Optional[str], ids: l
                      _clipped(prompt, state.max_log_len), len(ids), _clipped(repr(params), state.max_log_len), adapter)
 
 
+def as_sent(error: APIError, field: str) -> APIError:
+    """An admission error about max_tokens (the prompt and the reply past the context, or past the
+    KV cache) named as the client named the field (the chat APIs' max_completion_tokens, ...)."""
+    if error.param != "max_tokens" or field == "max_tokens":
+        return error
+    return APIError(error.status, error.message.replace("max_tokens", field), param=field, code=error.code)
+
+
+def client_message(e: BaseException, length_field: str = "max_tokens") -> str:
+    """What the client is told of the exception that ended its request, without the error id of a
+    5xx (server/errors.py: a 400's message for a RequestError; a fault's generic message)."""
+    if isinstance(e, RequestError):
+        return as_sent(from_request_error(e), length_field).message
+    if isinstance(e, EngineDeadError):
+        return "the inference engine has stopped; restart the server"
+    return "internal server error (the server log has the details)"
+
+
+class LoggedStream:
+    """--enable-log-requests: one engine stream that logs how its request ended, exactly once:
+    finished (the finish reasons, and the tokens), failed (what the client is told: a 400's message,
+    or the generic one of a fault; never a traceback), or aborted (closed or cancelled before it
+    finished: the client left, or another prompt of its request failed). Iterated like the stream."""
+
+    def __init__(self, gen: Any, request_id: str, length_field: str = "max_tokens"):
+        self.gen, self.request_id, self.length_field = gen, request_id, length_field
+        self.ended = False
+        self.generated = 0
+
+    def __aiter__(self) -> "LoggedStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        try:
+            out = await self.gen.__anext__()
+        except StopAsyncIteration:
+            self.aborted()  # (an engine stream ends with its finished output: never seen)
+            raise
+        except asyncio.CancelledError:
+            self.aborted()
+            raise
+        except Exception as e:
+            self.failed(e)
+            raise
+        self.generated = out.num_generated_tokens
+        if out.finished and not self.ended:
+            self.ended = True
+            reasons = ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
+            request_log.info("finished request %s: %s, %d prompt + %d generated tokens", out.request_id, reasons,
+                             out.num_prompt_tokens, out.num_generated_tokens)
+        return out
+
+    async def aclose(self) -> None:
+        self.aborted()
+        await self.gen.aclose()
+
+    def failed(self, e: BaseException) -> None:
+        if not self.ended:
+            self.ended = True
+            request_log.info("failed request %s: %s", self.request_id, client_message(e, self.length_field))
+
+    def aborted(self) -> None:
+        if not self.ended:
+            self.ended = True
+            request_log.info("aborted request %s: ended before it finished, after %d generated tokens", self.request_id,
+                             self.generated)
+
+
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
-                 lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None):
+                 lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None,
+                 length_field: str = "max_tokens"):
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None)) if v is not None}
@@ -91,7 +161,13 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
         for request_id, text, ids, own in submitted:
             log_request(state, request_id, text, ids, own, lora)
     gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) for request_id, text, ids, own in submitted]
-    firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    if state.log_requests:  # (each logged as received above: each logs its end)
+        gens = [LoggedStream(g, request_id, length_field) for g, (request_id, *_) in zip(gens, submitted)]
+    try:
+        firsts = await asyncio.gather(*(g.__anext__() for g in gens), return_exceptions=True)
+    except BaseException:  # cancelled (the client left while queued): a stream never started is closed too
+        await close_all(gens)
+        raise
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
         await close_all(gens)
@@ -144,11 +220,8 @@ async def final_outputs(state: ServerState, gens: list, firsts: list[RequestOutp
 
 
 def observe(state: ServerState, out: RequestOutput) -> None:
+    """A finished request counted (--enable-log-requests logs its end from its stream: LoggedStream)."""
     state.metrics.observe_request(out.metrics, (c.finish_reason for c in out.outputs))
-    if state.log_requests:
-        reasons = ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
-        request_log.info("finished request %s: %s, %d prompt + %d generated tokens", out.request_id, reasons,
-                         out.num_prompt_tokens, out.num_generated_tokens)
 
 
 async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
