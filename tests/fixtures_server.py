@@ -64,15 +64,16 @@ class _PortTaken(RuntimeError):
 
 @contextlib.contextmanager
 def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path,
-                   https_ca: Optional[Path] = None) -> Iterator[ServerProcess]:
+                   https_ca: Optional[Path] = None, https_client_cert: Optional[tuple[Path, Path]] = None) -> Iterator[ServerProcess]:
     """`pangu-infer serve model_dir --dtype float32 --enforce-eager ...flags` (the model positional, as
     `vllm serve MODEL` takes it: every server test runs that spelling) on a free loopback port
     (another port if a test running beside this one took it between the probe and the bind).
     https_ca: the server serves HTTPS (flags name its key and certificate): its url is https://,
-    and /health is checked trusting this certificate file."""
+    and /health is checked trusting this certificate file (presenting https_client_cert, (key, cert), when given)."""
     for attempt in range(3):
         try:
-            with _running_server(model_dir, *flags, api_key=api_key, log_dir=log_dir, https_ca=https_ca) as server:
+            with _running_server(model_dir, *flags, api_key=api_key, log_dir=log_dir, https_ca=https_ca,
+                                 https_client_cert=https_client_cert) as server:
                 yield server
             return
         except _PortTaken:
@@ -82,7 +83,7 @@ def running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, 
 
 @contextlib.contextmanager
 def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None, log_dir: Path,
-                    https_ca: Optional[Path] = None) -> Iterator[ServerProcess]:
+                    https_ca: Optional[Path] = None, https_client_cert: Optional[tuple[Path, Path]] = None) -> Iterator[ServerProcess]:
     port = _free_port()
     cmd = [sys.executable, "-m", "pangu_infer.cli", "serve", str(model_dir), "--dtype", "float32",
            "--host", "127.0.0.1", "--port", str(port), "--enforce-eager", *flags]
@@ -94,6 +95,8 @@ def _running_server(model_dir: Path, *flags: str, api_key: Optional[str] = None,
         process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     scheme = "https" if https_ca is not None else "http"
     verify = ssl.create_default_context(cafile=str(https_ca)) if https_ca is not None else True
+    if https_client_cert is not None:
+        verify.load_cert_chain(str(https_client_cert[1]), str(https_client_cert[0]))
     server = ServerProcess(f"{scheme}://127.0.0.1:{port}", str(model_dir), api_key, process, log_path)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Optional
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -125,6 +126,118 @@ def test_bad_ssl_files_are_named_before_the_model_loads(tmp_path, certificate):
     assert run.returncode == 2, run.stderr
     assert "pangu-infer serve: error: --ssl-keyfile" in run.stderr and "does not match" in run.stderr, run.stderr
     assert "no-such-model" not in run.stderr
+
+
+# ---------------------------------------------------------------------- client certificates, encrypted keys
+def _openssl(*args: str) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("making test client certificates needs the openssl command")
+    subprocess.run([openssl, *args], check=True, capture_output=True)
+
+
+def _ca(directory: Path) -> tuple[Path, Path]:
+    """A CA for client certificates: (key, cert)."""
+    key, cert = directory / "ca.key", directory / "ca.crt"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2",
+             "-subj", "/CN=test client CA", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return key, cert
+
+
+def _client_certificate(directory: Path, ca: tuple[Path, Path], name: str = "client") -> tuple[Path, Path]:
+    """A client certificate signed by `ca`: (key, cert)."""
+    key, request, cert, extensions = (directory / f"{name}{ext}" for ext in (".key", ".csr", ".crt", ".ext"))
+    extensions.write_text("extendedKeyUsage=clientAuth\n")
+    _openssl("req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(request), "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", str(request), "-CA", str(ca[1]), "-CAkey", str(ca[0]), "-set_serial", "2", "-days", "2",
+             "-out", str(cert), "-extfile", str(extensions))
+    return key, cert
+
+
+def _encrypted(key: Path, password: str) -> Path:
+    """A copy of `key` encrypted with `password` (PKCS#8, AES-256)."""
+    encrypted = key.with_name(key.stem + "-encrypted.key")
+    _openssl("pkey", "-in", str(key), "-aes256", "-passout", f"pass:{password}", "-out", str(encrypted))
+    return encrypted
+
+
+def _tls_client(server_cert: Path, client: Optional[tuple[Path, Path]] = None) -> httpx.Client:
+    context = ssl.create_default_context(cafile=str(server_cert))
+    if client is not None:
+        context.load_cert_chain(str(client[1]), str(client[0]))
+    return httpx.Client(verify=context, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def client_ca(tmp_path_factory) -> tuple[Path, Path]:
+    return _ca(tmp_path_factory.mktemp("client_ca"))
+
+
+@pytest.mark.parametrize("cert_reqs", ["2", "1"])
+def test_client_certificates_are_required_or_optional_and_an_encrypted_key_serves(tiny_dense_dir, certificate, client_ca,
+                                                                                  tmp_path, cert_reqs):
+    """--ssl-cert-reqs 2 --ssl-ca-certs CA: a client without a certificate, or with one the CA did
+    not sign, is refused at the handshake; one with a CA-signed certificate is served. 1: a client
+    without one is served too, one with a certificate the CA did not sign is still refused. The
+    server's key is encrypted: --ssl-keyfile-password reaches uvicorn."""
+    key, cert = certificate
+    signed = _client_certificate(tmp_path, client_ca)
+    (tmp_path / "other").mkdir()
+    stranger = _client_certificate(tmp_path, _ca(tmp_path / "other"), "stranger")  # signed by another CA
+    with running_server(
+        tiny_dense_dir, "--max-model-len", "128", "--kv-cache-memory", "8MiB", "--served-model-name", "tiny-mtls",
+        "--ssl-keyfile", str(_encrypted(key, "s3cret pass")), "--ssl-certfile", str(cert), "--ssl-keyfile-password", "s3cret pass",
+        "--ssl-ca-certs", str(client_ca[1]), "--ssl-cert-reqs", cert_reqs,
+        log_dir=tmp_path, https_ca=cert, https_client_cert=signed,
+    ) as server:
+        with _tls_client(cert, signed) as http:
+            client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, http_client=http)
+            assert [m.id for m in client.models.list().data] == ["tiny-mtls"]
+        with _tls_client(cert, stranger) as http, pytest.raises(httpx.TransportError):
+            http.get(f"{server.url}/health")
+        with _tls_client(cert) as http:
+            if cert_reqs == "2":
+                with pytest.raises(httpx.TransportError):
+                    http.get(f"{server.url}/health")
+            else:
+                assert http.get(f"{server.url}/health").status_code == 200
+
+
+def test_bad_client_certificate_and_key_password_flags_are_named_before_the_model_loads(tmp_path, certificate, client_ca, capsys):
+    from pangu_infer.cli import main
+
+    key, cert = certificate
+    ca = str(client_ca[1])
+    encrypted = _encrypted(key, "right")
+    https = ["--ssl-keyfile", str(key), "--ssl-certfile", str(cert)]
+    garbled = tmp_path / "garbled.crt"
+    garbled.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    assert check_ssl_files(str(key), str(cert), None, ca, 2) is True
+    assert check_ssl_files(str(encrypted), str(cert), "right") is True
+    # (flags, the flag the line starts with, what it says)
+    for flags, flag, says in [
+        (["--ssl-ca-certs", ca, "--ssl-cert-reqs", "2"], "--ssl-ca-certs", "needs HTTPS: give --ssl-keyfile and --ssl-certfile too"),
+        (["--ssl-cert-reqs", "2"], "--ssl-cert-reqs", "needs HTTPS: give --ssl-keyfile and --ssl-certfile too"),
+        (["--ssl-keyfile-password", "x"], "--ssl-keyfile-password", "needs HTTPS"),
+        ([*https, "--ssl-cert-reqs", "3"], "--ssl-cert-reqs", "3: expected 0 (no client certificate), 1 (optional) or 2 (required)"),
+        ([*https, "--ssl-cert-reqs", "-1", "--ssl-ca-certs", ca], "--ssl-cert-reqs", "-1: expected 0"),
+        ([*https, "--ssl-cert-reqs", "2"], "--ssl-cert-reqs", "2 needs --ssl-ca-certs"),
+        ([*https, "--ssl-ca-certs", ca], "--ssl-ca-certs", "is read only to verify client certificates: give --ssl-cert-reqs 2"),
+        ([*https, "--ssl-cert-reqs", "1", "--ssl-ca-certs", str(tmp_path / "missing.pem")], "--ssl-ca-certs", "missing.pem': no such file"),
+        ([*https, "--ssl-cert-reqs", "2", "--ssl-ca-certs", str(key)], "--ssl-ca-certs", "not a PEM file of CA certificates"),
+        ([*https, "--ssl-cert-reqs", "2", "--ssl-ca-certs", str(garbled)], "--ssl-ca-certs", "not a valid PEM file of CA certificates"),
+        (["--ssl-keyfile", str(encrypted), "--ssl-certfile", str(cert)], "--ssl-keyfile",
+         "the key is encrypted (password-protected); give its password with --ssl-keyfile-password"),
+        (["--ssl-keyfile", str(encrypted), "--ssl-certfile", str(cert), "--ssl-keyfile-password", "wrong"], "--ssl-keyfile-password",
+         ": not the password of the key in --ssl-keyfile"),
+        (["--ssl-keyfile", str(encrypted), "--ssl-certfile", str(cert), "--ssl-keyfile-password", ""], "--ssl-keyfile-password",
+         "'': expected the key's password"),
+    ]:
+        assert main(["serve", str(tmp_path / "no-such-model"), *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith(f"pangu-infer serve: error: {flag}") and says in err, (flags, err)
+        assert len(err.strip().splitlines()) == 1 and "no-such-model" not in err and "Traceback" not in err, (flags, err)
 
 
 # ---------------------------------------------------------------------- generation config

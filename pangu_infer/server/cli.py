@@ -29,11 +29,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument(
         "--ssl-keyfile", "--ssl-key-file", dest="ssl_keyfile", default=None, metavar="FILE",
-        help="serve HTTPS with this PEM private key (unencrypted; with --ssl-certfile; vLLM's flag, llama.cpp's --ssl-key-file)",
+        help="serve HTTPS with this PEM private key (with --ssl-certfile; an encrypted one with --ssl-keyfile-password; "
+        "vLLM's flag, llama.cpp's --ssl-key-file)",
     )
     parser.add_argument(
         "--ssl-certfile", "--ssl-cert-file", dest="ssl_certfile", default=None, metavar="FILE",
         help="serve HTTPS with this PEM certificate (chain) (with --ssl-keyfile; vLLM's flag, llama.cpp's --ssl-cert-file)",
+    )
+    parser.add_argument(
+        "--ssl-keyfile-password", default=None, metavar="PASSWORD",
+        help="the password of an encrypted --ssl-keyfile (uvicorn's and vLLM's flag; other users of this machine may see "
+        "a command line's arguments)",
+    )
+    parser.add_argument(
+        "--ssl-ca-certs", default=None, metavar="FILE",
+        help="PEM file of the CA certificates that client certificates are verified against (with --ssl-cert-reqs 1 or 2; "
+        "uvicorn's and vLLM's flag)",
+    )
+    parser.add_argument(
+        "--ssl-cert-reqs", type=int, default=None, metavar="N",
+        help="client certificates: 0 not asked for (the default), 1 optional (verified when sent), 2 required "
+        "(Python's ssl.CERT_NONE, CERT_OPTIONAL, CERT_REQUIRED; uvicorn's and vLLM's flag; needs --ssl-ca-certs)",
     )
     parser.add_argument(
         "--api-key",
@@ -107,41 +123,82 @@ def _no_password() -> bytes:
     raise _EncryptedKey  # (without a callback OpenSSL would prompt on the terminal)
 
 
-def check_ssl_files(keyfile: Optional[str], certfile: Optional[str]) -> bool:
-    """--ssl-keyfile and --ssl-certfile: both or neither, and a pair an SSL context loads (checked
-    before the model loads); True when HTTPS is on. ValueError naming the flag and the file."""
+def _encrypted(certfile: str, keyfile: str) -> bool:
+    """Whether loading the key asks for a password."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile, password=_no_password)
+    except _EncryptedKey:
+        return True
+    except ssl.SSLError:
+        pass
+    return False
+
+
+CERT_REQS = {0: "not asked for", 1: "optional", 2: "required"}  # ssl.CERT_NONE, CERT_OPTIONAL, CERT_REQUIRED
+
+
+def _check_pem(flag: str, path: str, what: str, marker: str) -> None:
+    if not os.path.isfile(path):
+        raise ValueError(f"{flag} {path!r}: no such file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 20).decode("latin-1")
+    except OSError as e:
+        raise ValueError(f"{flag} {path!r}: cannot read it ({e.strerror or e})") from None
+    if marker not in text:
+        raise ValueError(f"{flag} {path!r}: not {what} (expected a '{marker.strip('-')}' block)")
+
+
+def check_ssl_files(keyfile: Optional[str], certfile: Optional[str], password: Optional[str] = None,
+                    ca_certs: Optional[str] = None, cert_reqs: Optional[int] = None) -> bool:
+    """--ssl-keyfile and --ssl-certfile: both or neither, and a pair an SSL context loads (an
+    encrypted key with --ssl-keyfile-password); --ssl-ca-certs and --ssl-cert-reqs: client
+    certificates verified against a CA file that loads, only with HTTPS. Checked before the model
+    loads; True when HTTPS is on. ValueError naming the flag (and the file)."""
+    if cert_reqs is not None and cert_reqs not in CERT_REQS:
+        raise ValueError(f"--ssl-cert-reqs {cert_reqs}: expected 0 (no client certificate), 1 (optional) or 2 (required)")
     if keyfile is None and certfile is None:
+        given = [flag for flag, value in (("--ssl-keyfile-password", password), ("--ssl-ca-certs", ca_certs),
+                                          ("--ssl-cert-reqs", cert_reqs)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]} needs HTTPS: give --ssl-keyfile and --ssl-certfile too")
         return False
     if keyfile is None or certfile is None:
         given, missing = ("--ssl-certfile", "--ssl-keyfile") if keyfile is None else ("--ssl-keyfile", "--ssl-certfile")
         raise ValueError(f"{given} needs {missing} too: HTTPS takes a private key and its certificate")
-    for flag, path, what, marker in (
-        ("--ssl-certfile", certfile, "a PEM certificate", "-----BEGIN CERTIFICATE-----"),
-        ("--ssl-keyfile", keyfile, "a PEM private key", "PRIVATE KEY-----"),
-    ):
-        if not os.path.isfile(path):
-            raise ValueError(f"{flag} {path!r}: no such file")
-        try:
-            with open(path, "rb") as f:
-                text = f.read(1 << 20).decode("latin-1")
-        except OSError as e:
-            raise ValueError(f"{flag} {path!r}: cannot read it ({e.strerror or e})") from None
-        if marker not in text:
-            raise ValueError(f"{flag} {path!r}: not {what} (expected a '{marker.strip('-')}' block)")
+    if password is not None and not password:
+        raise ValueError("--ssl-keyfile-password '': expected the key's password (leave the flag out for an unencrypted key)")
+    _check_pem("--ssl-certfile", certfile, "a PEM certificate", "-----BEGIN CERTIFICATE-----")
+    _check_pem("--ssl-keyfile", keyfile, "a PEM private key", "PRIVATE KEY-----")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(certfile, keyfile, password=_no_password)
+        context.load_cert_chain(certfile, keyfile, password=password if password is not None else _no_password)
     except _EncryptedKey:
-        raise ValueError(f"--ssl-keyfile {keyfile!r}: the key is encrypted (password-protected); give an unencrypted key") from None
+        raise ValueError(f"--ssl-keyfile {keyfile!r}: the key is encrypted (password-protected); give its password "
+                         "with --ssl-keyfile-password, or an unencrypted key") from None
     except ssl.SSLError as e:
         reason = getattr(e, "reason", None) or ""
         if "MISMATCH" in reason:
             raise ValueError(f"--ssl-keyfile {keyfile!r} does not match the certificate in --ssl-certfile {certfile!r}") from None
+        if password is not None and _encrypted(certfile, keyfile):  # (OpenSSL names no reason: "PEM lib")
+            raise ValueError(f"--ssl-keyfile-password: not the password of the key in --ssl-keyfile {keyfile!r}") from None
         try:  # which file: the certificate alone, read as a CA file, parses or not
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=certfile)
         except ssl.SSLError:
             raise ValueError(f"--ssl-certfile {certfile!r}: not a valid PEM certificate ({e})") from None
         raise ValueError(f"--ssl-keyfile {keyfile!r}: not a valid PEM private key for --ssl-certfile {certfile!r} ({e})") from None
+    if ca_certs is not None and not cert_reqs:
+        raise ValueError("--ssl-ca-certs is read only to verify client certificates: give --ssl-cert-reqs 2 (required) "
+                         "or 1 (optional) too")
+    if cert_reqs and ca_certs is None:
+        raise ValueError(f"--ssl-cert-reqs {cert_reqs} needs --ssl-ca-certs: the CA certificates that client certificates "
+                         "are verified against (none would verify without them)")
+    if ca_certs is not None:
+        _check_pem("--ssl-ca-certs", ca_certs, "a PEM file of CA certificates", "-----BEGIN CERTIFICATE-----")
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=ca_certs)
+        except ssl.SSLError as e:
+            raise ValueError(f"--ssl-ca-certs {ca_certs!r}: not a valid PEM file of CA certificates ({e})") from None
     return True
 
 
@@ -212,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError(f"--api-key {args.api_key!r}: expected a non-empty key")
     origins = allowed_origins(args.allowed_origins)
-    https = check_ssl_files(args.ssl_keyfile, args.ssl_certfile)
+    https = check_ssl_files(args.ssl_keyfile, args.ssl_certfile, args.ssl_keyfile_password, args.ssl_ca_certs, args.ssl_cert_reqs)
     prefix = root_path(args.root_path)
     lora_modules = parse_lora_modules(args.lora_modules or [])
     kwargs = llm_kwargs(args)
@@ -236,7 +293,8 @@ def run(args: argparse.Namespace) -> int:
         also = f" (also {', '.join(map(repr, names[1:]))})" if len(names) > 1 else ""
         print(f"pangu-infer serve: {name!r}{also}{adapters} on {base}/v1, chat page at {base}/{proxied}", file=sys.stderr, flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level=uvicorn_log_level(args),
-                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, root_path=prefix)
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile, ssl_keyfile_password=args.ssl_keyfile_password,
+                    ssl_ca_certs=args.ssl_ca_certs, ssl_cert_reqs=args.ssl_cert_reqs or ssl.CERT_NONE, root_path=prefix)
     finally:
         llm.shutdown()  # tensor-parallel worker processes, if any
     return 0
