@@ -417,13 +417,11 @@ def test_tool_call_arguments_that_are_not_a_string_are_refused(http, path, argum
     ({"role": "user", "content": "hi", "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
      "tool_calls"),
     ({"role": "tool", "content": "sunny", "tool_call_id": "c1", "tool_calls": []}, "tool_calls"),
-    ({"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "f"}, "name"),
 ])
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
 def test_a_field_the_messages_role_cannot_carry_is_refused_naming_it(http, path, message, field):
     """OpenAI's message types: tool_call_id only on a tool result, tool_calls only on an assistant's
-    message, name on user, system and assistant messages (not a tool result's); taken before, the
-    field was dropped or rendered as something the chat never said."""
+    message; taken before, the field was dropped or rendered as something the chat never said."""
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     message = dict(message)  # (the parameter's dict is shared by both paths)
     messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}, message]
@@ -435,6 +433,14 @@ def test_a_field_the_messages_role_cannot_carry_is_refused_naming_it(http, path,
     assert http.post(path, json=body).status_code == 200
     if field == "tool_call_id" and message["role"] == "user":  # the name OpenAI allows on a user's message
         assert http.post(path, json={**body, "messages": [*messages[:2], {**message, "name": "ann"}]}).status_code == 200
+
+
+def test_a_tool_result_may_carry_the_tools_name(http):
+    """LangChain sends a ToolMessage's name (LangGraph's tool node sets it to the tool's), as vLLM takes it."""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "sunny", "tool_call_id": "c1", "name": "f"}]
+    assert http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}).status_code == 200
 
 
 def test_the_openai_client_hears_which_message_field_is_refused(http):

@@ -118,11 +118,11 @@ def request_chat_template(state: ServerState, req: Any) -> Optional[str]:
     return given
 
 
-# Fields only some roles carry (OpenAI's message types): a tool result answers a call by its id, only
-# an assistant makes calls, and a tool result has no name (user, system and assistant messages may
-# have one; the legacy function message must). Taken elsewhere they were silently dropped or shown to
-# the template as something the chat never said.
-ROLES_OF_FIELD = {"tool_call_id": ("tool",), "tool_calls": ("assistant",), "name": ("system", "user", "assistant", "function")}
+# Fields only some roles carry (OpenAI's message types): a tool result answers a call by its id, and
+# only an assistant makes calls. Taken elsewhere they were silently dropped or shown to the template
+# as something the chat never said. (`name` goes with any role: OpenAI's types leave it off a tool
+# result, but LangChain sends a ToolMessage's name, the tool's, and vLLM takes it.)
+ROLES_OF_FIELD = {"tool_call_id": ("tool",), "tool_calls": ("assistant",)}
 
 
 def check_message_fields(index: int, message: Any) -> None:
