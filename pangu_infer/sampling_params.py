@@ -17,6 +17,7 @@ MAX_STOP_TOKEN_IDS = 1024
 MAX_ALLOWED_TOKEN_IDS = 1 << 18  # more than any vocabulary holds (153k for Pangu)
 MAX_LOGIT_BIAS = 300  # tokens in one logit_bias (OpenAI's limit)
 MAX_BAD_WORDS = 300  # words in one bad_words
+MAX_PREDICTION_LENGTH = 4_000_000  # characters (or token ids) of a prediction; its tokens must fit the context too
 MAX_BAD_WORD_CHARS = 1000  # characters in one of them
 LOGIT_BIAS_RANGE = 100.0  # a bias is in [-100, 100], as OpenAI takes it
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # what torch.Generator.manual_seed takes, with room for n
@@ -151,6 +152,10 @@ class SamplingParams:
     # a constrained reply may open with a thinking part ([unused16]...[unused17]) that the constraint
     # skips; LLM.chat and the server's chat set it on Pangu templates unless enable_thinking is false
     allow_thinking: bool = False
+    # the reply as the client expects it to read, mostly (OpenAI's Predicted Outputs): text, or its
+    # token ids. The engine drafts from it and verifies the drafts, so the reply is the one written
+    # without it, sooner where it matches (RequestOutput.metrics counts its tokens accepted and rejected)
+    prediction: Union[None, str, list[int]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -258,6 +263,19 @@ class SamplingParams:
             raise bad("structured_outputs", "a StructuredOutputsParams or None")
         if self.max_reasoning_tokens is not None and (not _is_int(self.max_reasoning_tokens) or self.max_reasoning_tokens < 0):
             raise bad("max_reasoning_tokens", "an integer >= 0 or None")
+        if self.prediction is not None:
+            if isinstance(self.prediction, tuple):
+                self.prediction = list(self.prediction)
+            if isinstance(self.prediction, list):
+                if any(not _is_int(t) for t in self.prediction):
+                    raise bad("prediction", "a text or a list of token ids (integers), or None")
+            elif not isinstance(self.prediction, str):
+                raise bad("prediction", "a text or a list of token ids (integers), or None")
+            if len(self.prediction) > MAX_PREDICTION_LENGTH:
+                raise RequestError(
+                    f"prediction has {len(self.prediction)} {'characters' if isinstance(self.prediction, str) else 'token ids'}; "
+                    f"at most {MAX_PREDICTION_LENGTH} are allowed", param="prediction",
+                )
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output", "allow_thinking"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "true or false")

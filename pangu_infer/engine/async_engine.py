@@ -52,6 +52,7 @@ class _Add:
     cache_salt: Optional[str] = None
     priority: int = 0
     bad_words_ids: Optional[list[list[int]]] = None  # tokenized beforehand (LLMEngine.bad_words_ids)
+    prediction_ids: Optional[list[int]] = None  # tokenized beforehand (LLMEngine.prediction_ids)
 
 
 @dataclass
@@ -133,6 +134,13 @@ class AsyncEngine:
                 bad_words_ids = await asyncio.to_thread(self.engine.bad_words_ids, params.bad_words)
             except ValueError as e:
                 raise RequestError(str(e), param="bad_words") from None
+        prediction_ids = None
+        if params.prediction is not None:
+            # a predicted output may be as long as the reply: its tokenizing stalls no other request
+            try:
+                prediction_ids = await asyncio.to_thread(self.engine.prediction_ids, params.prediction)
+            except ValueError as e:
+                raise RequestError(str(e), param="prediction") from None
         adapter = None
         if lora_request is not None and not self.engine.lora_loaded(lora_request):
             try:
@@ -140,7 +148,7 @@ class AsyncEngine:
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
         self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter,
-                        cache_salt, priority, bad_words_ids))
+                        cache_salt, priority, bad_words_ids, prediction_ids))
         try:
             await added
         except asyncio.CancelledError:
@@ -265,6 +273,7 @@ class AsyncEngine:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
                     command.lora_request, command.lora_adapter, command.cache_salt, command.priority, command.bad_words_ids,
+                    command.prediction_ids,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

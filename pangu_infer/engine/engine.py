@@ -7,6 +7,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
 
+import numpy as np
 import torch
 
 from pangu_infer.config import ModelConfig
@@ -21,7 +22,7 @@ from pangu_infer.engine.scheduler import ScheduledBatch, Scheduler, scheduling_r
 from pangu_infer.engine.sequence import Logprob, Sequence
 from pangu_infer.engine.lora import LoRAManager, LoRASlotsBusy
 from pangu_infer.engine.draft_model import DraftModelSpeculator
-from pangu_infer.engine.spec_decode import PromptLookupSpeculator, Speculator
+from pangu_infer.engine.spec_decode import Prediction, PredictionSpeculator, PromptLookupSpeculator, Speculator
 from pangu_infer.engine.structured import GrammarCache, GrammarDeadEnd, StructuredState, allocate_bitmask, apply_bitmask, think_markers
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.lora import LoRAAdapter, LoRARequest
@@ -209,6 +210,10 @@ class LLMEngine:
             self.speculator = PromptLookupSpeculator(
                 ec.speculative_ngram, ec.num_speculative_tokens, self.device, ec.seed, ec.speculative_ngram_min
             )
+        # Drafts from the requests' predicted outputs, beside (and before) prompt lookup's. A draft
+        # model's cache follows every token its own drafts lead to: with one, predictions go unused.
+        self.predictions = PredictionSpeculator(self.device, ec.seed) if draft_model is None else None
+        self._said_predictions_unused = False
         self.eos_token_ids = self._eos_ids(generation_config or {})
         self._eos_list = sorted(self.eos_token_ids)  # handed to the sampler every step
         # structured outputs: xgrammar's compiler is built on the first constrained request
@@ -305,6 +310,7 @@ class LLMEngine:
         cache_salt: Optional[str] = None,
         priority: int = 0,
         bad_words_ids: Optional[list[list[int]]] = None,
+        prediction_ids: Optional[list[int]] = None,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -315,7 +321,7 @@ class LLMEngine:
         prompts, not even by timing). `priority` (vLLM's): with scheduling_policy "priority", lower
         values are served first (0 by default; any integer); with "fcfs" only 0 is accepted.
         `bad_words_ids`: what bad_words_ids(params.bad_words) returned, tokenized beforehand on
-        another thread (else it is tokenized here)."""
+        another thread (else it is tokenized here); `prediction_ids` likewise, prediction_ids(params.prediction)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._check_priority(priority)
@@ -324,6 +330,11 @@ class LLMEngine:
         if bad_words_ids is None:
             bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
         bad_words = BadWords(bad_words_ids) if bad_words_ids else None
+        if params.prediction is not None and prediction_ids is None:
+            prediction_ids = self.prediction_ids(params.prediction)
+        if prediction_ids and self.predictions is None and not self._said_predictions_unused:
+            self._said_predictions_unused = True
+            logger.info("requests' predicted outputs go unused: this engine drafts with its draft model (%s)", self.speculator.describe())
         compiled = grammar if grammar is not None else compile_structured(params, self.grammars)
         lora_key, lora_slot, waits = 0, -1, False
         if lora_request is not None:
@@ -346,6 +357,8 @@ class LLMEngine:
             seq.priority = priority
             seq.bad_words = bad_words
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
+            if prediction_ids and self.predictions is not None:
+                seq.prediction = Prediction(np.asarray(prediction_ids, dtype=np.int64))
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(
                     compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking,
@@ -389,6 +402,26 @@ class LLMEngine:
                 param="bad_words",
             )
         return out
+
+    def prediction_ids(self, prediction: Union[str, list[int]]) -> list[int]:
+        """A predicted output's token ids (a text tokenized as the reply would be), checked against
+        the model: ids in its vocabulary, and no more of them than its context holds."""
+        if isinstance(prediction, str):
+            if self.tokenizer is None:
+                raise RequestError("a prediction given as text needs the model's tokenizer, and this engine has none", param="prediction")
+            ids = self.tokenizer.encode(prediction, add_special_tokens=False)
+        else:
+            ids = list(prediction)
+        vocab = self.config.vocab_size
+        outside = next((t for t in ids if not 0 <= t < vocab), None)
+        if outside is not None:
+            raise RequestError(f"prediction holds the token id {outside}, outside the model's vocabulary [0, {vocab})", param="prediction")
+        if len(ids) > self.max_model_len:
+            raise RequestError(
+                f"prediction is {len(ids)} tokens, more than the model's context of {self.max_model_len} tokens holds",
+                param="prediction",
+            )
+        return ids
 
     def _check_priority(self, priority: object) -> None:
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -529,11 +562,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._outputs(touched)
-        drafts = (
-            self.speculator.propose(batch, self.pool, self.max_model_len, self.engine_config.max_num_batched_tokens - batch.total_tokens)
-            if self.speculator is not None
-            else {}
-        )
+        drafts, predicted = self._propose(batch)
         if drafts:
             drafts = self._grammar_drafts(batch, drafts, touched)
         parts = self._forward(batch, drafts, touched)
@@ -551,10 +580,26 @@ class LLMEngine:
                 seq.num_computed_tokens += n
                 self.pool.register_full_blocks(seq)
             if drafts:
-                sampled, logits = self._accept_drafts(sampled, logits, drafts, touched)
+                sampled, logits = self._accept_drafts(sampled, logits, drafts, predicted, touched)
             if sampled:
                 self._sample(sampled, logits, touched)
         return self._outputs(touched)
+
+    def _propose(self, batch: ScheduledBatch) -> tuple[dict[int, list[int]], set[int]]:
+        """The step's drafts (seq_id -> tokens, their KV blocks reserved), and which of them came
+        from predicted outputs: those first, then the speculator's for the other sequences."""
+        budget = self.engine_config.max_num_batched_tokens - batch.total_tokens
+        drafts: dict[int, list[int]] = {}
+        if self.predictions is not None and any(s.prediction is not None for s in batch.seqs):
+            drafts = self.predictions.propose(batch, self.pool, self.max_model_len, budget)
+            budget -= sum(len(d) for d in drafts.values())
+        predicted = set(drafts)
+        if self.speculator is not None:
+            if predicted:
+                rest = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if s.seq_id not in predicted]
+                batch = ScheduledBatch([s for s, _ in rest], [n for _, n in rest])
+            drafts.update(self.speculator.propose(batch, self.pool, self.max_model_len, budget))
+        return drafts, predicted
 
     def _outputs(self, touched: dict[str, "_Request"]) -> list[RequestOutput]:
         outputs = []
@@ -688,11 +733,12 @@ class LLMEngine:
         sampled: list[Sequence],
         logits: torch.Tensor,
         drafts: dict[int, list[int]],
+        predicted: set[int],
         touched: dict[str, _Request],
     ) -> tuple[list[Sequence], torch.Tensor]:
         """Verify the drafted sequences (their logits rows: the last token, then each draft token) and
-        append what holds; returns the other sequences with their logits rows, for the sampler."""
-        assert self.speculator is not None
+        append what holds; returns the other sequences with their logits rows, for the sampler.
+        `predicted`: the sequences whose draft came from their predicted output."""
         rest: list[Sequence] = []
         rest_rows: list[int] = []
         row = 0
@@ -716,7 +762,7 @@ class LLMEngine:
                         draft, rows, bitmask = draft[:keep], rows[: keep + 1], bitmask[: keep + 1]
                     if masked:
                         apply_bitmask(rows, bitmask, masked)
-                tokens = self.speculator.verify(seq, rows, draft)
+                tokens = (self.predictions if seq.seq_id in predicted else self.speculator).verify(seq, rows, draft)
                 # The last input token and the accepted draft tokens now have valid KV entries.
                 seq.num_computed_tokens += len(tokens)
                 for token in tokens:

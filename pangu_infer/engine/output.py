@@ -87,6 +87,10 @@ def request_output(
         "num_cached_tokens": first.num_cached_tokens,
         "num_preemptions": sum(s.num_preemptions for s in seqs),
     }
+    if first.params.prediction is not None:  # its predicted output's draft tokens taken and not taken
+        predictions = [s.prediction for s in seqs if s.prediction is not None]
+        metrics["accepted_prediction_tokens"] = sum(p.accepted for p in predictions)
+        metrics["rejected_prediction_tokens"] = sum(p.rejected for p in predictions)
     prompt_logprobs = list(first.prompt_logprobs) if first.prompt_logprobs is not None else None
     return RequestOutput(request_id, prompt, prompt_token_ids, outs, finished, metrics, error=error, error_param=error_param,
                          prompt_logprobs=prompt_logprobs)

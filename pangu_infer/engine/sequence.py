@@ -58,6 +58,8 @@ class Sequence:
         # Tokens whose draft-model KV is valid (engine/draft_model.py), at most num_computed_tokens
         # after each step; cached blocks carry the draft's KV as they carry the target's.
         self.draft_computed = 0
+        # The request's predicted output and where this sequence stands in it (spec_decode.Prediction)
+        self.prediction: Optional[Any] = None
         self.block_table: list[int] = []
         self.block_hashes: list[bytes] = []  # chained hashes of this sequence's full blocks
         self.output_text = ""

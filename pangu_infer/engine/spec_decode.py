@@ -166,6 +166,26 @@ class Speculator:
         )
 
     def propose(self, batch: Any, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
+        """seq_id -> draft for the step's eligible decode sequences, with KV blocks reserved, from
+        draft_for (each sequence alone) until the step's spare token budget is spent."""
+        drafts: dict[int, list[int]] = {}
+        for seq, n in zip(batch.seqs, batch.num_tokens):
+            if budget < 1:
+                break
+            if not self.eligible(seq, n):
+                continue
+            try:
+                draft = self.draft_for(seq, max_len, budget)
+            except Exception:  # a draft only saves time: the sequence decodes without one
+                logger.exception("no draft for request %s: proposing one failed", seq.request_id)
+                continue
+            if draft and pool.can_allocate(seq, 1 + len(draft)):
+                pool.allocate(seq, 1 + len(draft))
+                drafts[seq.seq_id] = draft
+                budget -= len(draft)
+        return drafts
+
+    def draft_for(self, seq: Sequence, max_len: int, budget: int) -> list[int]:
         raise NotImplementedError
 
     def draft_probs(self, seq: Sequence) -> Optional[torch.Tensor]:
@@ -197,25 +217,6 @@ class PromptLookupSpeculator(Speculator):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
 
-    def propose(self, batch: Any, pool: Any, max_len: int, budget: int) -> dict[int, list[int]]:
-        """seq_id -> draft for the step's decode sequences, with KV blocks reserved."""
-        drafts: dict[int, list[int]] = {}
-        for seq, n in zip(batch.seqs, batch.num_tokens):
-            if budget < 1:
-                break
-            if not self.eligible(seq, n):
-                continue
-            try:
-                draft = self.draft_for(seq, max_len, budget)
-            except Exception:  # a draft only saves time: the sequence decodes without one
-                logger.exception("no draft for request %s: proposing one failed", seq.request_id)
-                continue
-            if draft and pool.can_allocate(seq, 1 + len(draft)):
-                pool.allocate(seq, 1 + len(draft))
-                drafts[seq.seq_id] = draft
-                budget -= len(draft)
-        return drafts
-
     def draft_for(self, seq: Sequence, max_len: int, budget: int) -> list[int]:
         """A draft for one eligible decode sequence, capped so that it ends within max_tokens, the
         model's context (max_len) and the step's spare token budget."""
@@ -226,6 +227,120 @@ class PromptLookupSpeculator(Speculator):
 
     def describe(self) -> str:
         return f"prompt lookup {self.num_tokens} tokens"
+
+
+# Draft tokens per step from a request's predicted output (OpenAI's Predicted Outputs), whatever
+# speculation the engine runs otherwise: a prediction is the client's own guess at the reply, long
+# runs of it are accepted at once, and verifying a draft costs little more than decoding one token
+# (the weights are read once for all its rows).
+PREDICTION_DRAFT_TOKENS = 8
+# The longest tail of the output looked up in the prediction once the output has left it.
+PREDICTION_MAX_NGRAM = 8
+# A one-token tail is looked up only this far past where the output left the prediction (a token
+# replaced: the text goes on as predicted); further away one token matches by chance.
+PREDICTION_NEAR = 16
+
+
+class Prediction:
+    """A sequence's predicted output as tokens, and where its output stands in it: output[:aligned]
+    ends where tokens[:cursor] ends. Drafts are the prediction's tokens from the cursor on. Once the
+    output leaves the prediction (cursor None), the draft comes from where the output's last tokens
+    occur in it: the longest such tail (2 to PREDICTION_MAX_NGRAM tokens; one token only a little
+    past where it left), its first occurrence from there on, else its last. A draft is as long as
+    the last one held, plus one, doubled while whole drafts hold (up to PREDICTION_DRAFT_TOKENS):
+    rows of a draft that misses cost a batch's step time for nothing."""
+
+    __slots__ = ("tokens", "cursor", "aligned", "left_at", "draft_start", "draft_out_len", "length", "accepted", "rejected")
+
+    def __init__(self, tokens: np.ndarray):
+        self.tokens = tokens
+        self.cursor: Optional[int] = 0  # the output starts as the prediction does
+        self.aligned = 0
+        self.left_at = 0  # the cursor when the output last left the prediction
+        self.draft_start = 0
+        self.draft_out_len = 0
+        self.length = PREDICTION_DRAFT_TOKENS  # the next draft's length at most
+        # OpenAI's accepted_prediction_tokens: the prediction's tokens the output took, drafted or
+        # written as it said anyway; rejected_prediction_tokens: draft tokens it did not take
+        self.accepted = 0
+        self.rejected = 0
+
+    def draft(self, output: list[int], num_tokens: int) -> list[int]:
+        """Up to num_tokens tokens the prediction says follow `output` (none: no place in it fits)."""
+        tokens, n_out = self.tokens, len(output)
+        if self.cursor is not None and n_out > self.aligned:
+            # tokens written since the last alignment (a bonus token, a step without a draft)
+            new = np.asarray(output[self.aligned :], dtype=tokens.dtype)
+            if np.array_equal(tokens[self.cursor : self.cursor + len(new)], new):
+                self.cursor += len(new)
+                self.accepted += len(new)  # the prediction's tokens, written as it said
+            else:
+                self.left_at, self.cursor = self.cursor, None
+            self.aligned = n_out
+        if self.cursor is None:
+            self.cursor = self._find(output)
+            if self.cursor is None:
+                return []
+            self.aligned = n_out
+        self.draft_start, self.draft_out_len = self.cursor, n_out
+        return tokens[self.cursor : self.cursor + min(num_tokens, self.length)].tolist()
+
+    def _find(self, output: list[int]) -> Optional[int]:
+        """Where in the prediction the output goes on: the end of the best occurrence of its tail."""
+        tokens = self.tokens
+        if not output or tokens.size < 2:
+            return None
+        # ends of the occurrences of the last token, with something after them to draft
+        ends = np.flatnonzero(tokens[:-1] == output[-1]) + 1
+        if not ends.size:
+            return None
+        longest = min(PREDICTION_MAX_NGRAM, len(output), int(ends.max()))
+        tail = np.asarray(output[-longest:], dtype=tokens.dtype)
+        length = np.ones(ends.size, dtype=np.int64)
+        alive = np.ones(ends.size, dtype=bool)
+        for j in range(2, longest + 1):  # how far back each occurrence agrees with the output
+            idx = ends - j
+            alive &= idx >= 0
+            alive[alive] = tokens[idx[alive]] == tail[-j]
+            length[alive] = j
+            if not alive.any():
+                break
+        best = int(length.max())
+        if best == 1:
+            near = ends[(ends >= self.left_at) & (ends <= self.left_at + PREDICTION_NEAR)]
+            return int(near[0]) if near.size else None
+        chosen = ends[length == best]
+        ahead = chosen[chosen >= self.left_at]
+        return int(ahead[0] if ahead.size else chosen[-1])
+
+    def verified(self, num_draft: int, num_accepted: int) -> None:
+        """The draft of this step (its first num_draft tokens verified) kept num_accepted tokens."""
+        self.accepted += num_accepted
+        self.rejected += num_draft - num_accepted
+        self.length = min(2 * self.length, PREDICTION_DRAFT_TOKENS) if num_accepted == num_draft else num_accepted + 1
+        self.cursor = self.draft_start + num_accepted
+        self.aligned = self.draft_out_len + num_accepted
+
+
+class PredictionSpeculator(Speculator):
+    """Drafts from the predicted outputs of the requests that give one (`Sequence.prediction`)."""
+
+    def __init__(self, device: torch.device, seed: Optional[int]):
+        super().__init__(PREDICTION_DRAFT_TOKENS, device, seed)
+
+    def draft_for(self, seq: Sequence, max_len: int, budget: int) -> list[int]:
+        if seq.prediction is None:
+            return []
+        left = self.draft_length(seq, max_len, budget)
+        return seq.prediction.draft(seq.output_token_ids, left) if left > 0 else []
+
+    def verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
+        tokens = super().verify(seq, logits, draft)
+        seq.prediction.verified(len(draft), len(tokens) - 1)
+        return tokens
+
+    def describe(self) -> str:
+        return f"predicted outputs {self.num_tokens} tokens"
 
 
 def acceptance_words(engine: Any) -> str:

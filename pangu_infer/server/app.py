@@ -413,8 +413,10 @@ async def _chat_stream(
     try:
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
+        latest = list(firsts)  # each prompt's latest output: the usage's counts at the end
         async with aclosing(merged_outputs(gens, firsts)) as outputs:
-            async for _, out in outputs:
+            async for prompt_index, out in outputs:
+                latest[prompt_index] = out
                 for comp in out.outputs:
                     i = comp.index
                     if i in done_choices:
@@ -439,7 +441,7 @@ async def _chat_stream(
                     observe(state, out)
         finished = True
         if include_usage:
-            usage = usage_info(prompt_tokens, sum(completion_tokens), firsts)
+            usage = usage_info(prompt_tokens, sum(completion_tokens), latest)
             yield sse(envelope(model, request_id, "chat.completion.chunk", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:  # after the 200 is sent, an error can only travel as an SSE event

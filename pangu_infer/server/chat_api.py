@@ -84,6 +84,8 @@ async def prepare_chat(state: ServerState, req: ChatCompletionRequest) -> tuple[
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = to_sampling_params(state, req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, chat=True)
     params = with_tool_constraint(params, req, use_tools, forced_tool, enable_thinking, budget, tok)
+    if req.prediction is not None:
+        params = replace(params, prediction=req.prediction.text)
     check_size(state, 1, req.n)
     # Rendering and tokenizing take seconds for a prompt of megabytes: off the event loop, so that
     # other requests' streams go on meanwhile (as for every prompt below).

@@ -20,10 +20,10 @@ from pangu_infer.sampling_params import MAX_STOP_STRINGS
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 # Accepted and ignored: bookkeeping for OpenAI's platform (user, metadata, store, service_tier,
-# safety_identifier, prompt caching hints) and a latency hint (prediction).
+# safety_identifier, prompt caching hints).
 IGNORED_FIELDS = frozenset({
     "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
-    "prompt_cache_retention", "prediction",
+    "prompt_cache_retention",
 })
 
 
@@ -174,6 +174,20 @@ class SamplingFields(_Request):
     prompt_cache_retention: Optional[str] = None
 
 
+class PredictionTextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class PredictedOutput(_Request):
+    type: Literal["content"]
+    content: Union[str, list[PredictionTextPart]]
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
     max_tokens: Optional[int] = None
@@ -200,8 +214,11 @@ class ChatCompletionRequest(SamplingFields):
     max_reasoning_tokens: Optional[int] = Field(
         None, description="thinking budget: after this many reasoning tokens the server ends the thinking part"
     )
-    # accepted and ignored (IGNORED_FIELDS)
-    prediction: Optional[dict[str, Any]] = None
+    prediction: Optional[PredictedOutput] = Field(
+        None, description="OpenAI's Predicted Outputs: text the reply is expected to repeat mostly (a file being edited); "
+        "the server drafts from it and verifies the drafts, so the reply is the one written without it, sooner where "
+        "it matches (usage.completion_tokens_details counts its tokens accepted and rejected)",
+    )
     # Not a field: where the client gave response_format's schema, for the errors about it (the
     # Responses API's text.format.schema, Messages' output_config.format.schema; chat_api.chat_request).
     _schema_param: str = PrivateAttr("response_format.json_schema")
@@ -239,11 +256,17 @@ class PromptTokensDetails(_Response):
     cached_tokens: int = Field(0, description="prompt tokens served from the prefix cache")
 
 
+class CompletionTokensDetails(_Response):
+    accepted_prediction_tokens: int = Field(0, description="tokens of the request's prediction that the reply took")
+    rejected_prediction_tokens: int = Field(0, description="tokens of the request's prediction drafted and not taken")
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: Optional[PromptTokensDetails] = None
+    completion_tokens_details: Optional[CompletionTokensDetails] = Field(None, description="with a prediction")
 
 
 class ErrorInfo(_Response):

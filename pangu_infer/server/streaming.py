@@ -266,8 +266,14 @@ def envelope(model: str, request_id: str, obj: str, created: int, choices: list,
 def usage_info(prompt_tokens: int, completion_tokens: int, outputs: list[RequestOutput]) -> dict:
     """OpenAI's usage, with the prompt tokens the prefix cache served (`outputs`: one per prompt)."""
     cached = sum(o.metrics.get("num_cached_tokens") or 0 for o in outputs)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens,
+             "prompt_tokens_details": {"cached_tokens": cached}}
+    predicted = [o.metrics for o in outputs if "accepted_prediction_tokens" in o.metrics]
+    if predicted:  # (the final outputs': the counts grow as the reply is written)
+        usage["completion_tokens_details"] = {
+            name: sum(m[name] for m in predicted) for name in ("accepted_prediction_tokens", "rejected_prediction_tokens")
+        }
+    return usage
 
 
 async def unless_gone(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
