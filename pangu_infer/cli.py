@@ -303,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
             importlib.import_module(module).add_arguments(p)
         except ImportError:
             p.set_defaults(_unavailable=module)
+    for p in sub.choices.values():
+        # -v after the command too (`pangu-infer serve -v`); SUPPRESS leaves a -v before it standing
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log engine details (also before the command)")
     return parser
 
 

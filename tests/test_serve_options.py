@@ -489,6 +489,21 @@ def test_bad_root_path_and_the_log_level_default():
         parse(["serve", "--uvicorn-log-level", "loud"])
 
 
+@pytest.mark.parametrize("command", [["serve"], ["generate", "-p", "x"], ["chat"], ["run-batch", "-i", "a", "-o", "b"],
+                                     ["bench"], ["plan", "--model", "m"], ["quantize", "--model", "m", "--out", "o", "--method", "int8"]])
+def test_verbose_before_or_after_the_command(command):
+    """`pangu-infer serve -v` as `pangu-infer -v serve` (it was an unrecognized argument after the command)."""
+    from pangu_infer.cli import build_parser
+    from pangu_infer.server.cli import uvicorn_log_level
+
+    parse = build_parser().parse_args
+    assert parse(command).verbose is False
+    for argv in (["-v", *command], [*command, "-v"], [*command, "--verbose"], ["-v", *command, "-v"]):
+        assert parse(argv).verbose is True, argv
+    if command == ["serve"]:
+        assert uvicorn_log_level(parse(["serve", "-v"])) == "info"
+
+
 # ---------------------------------------------------------------------- llama.cpp's spellings
 @pytest.mark.parametrize("command", ["serve", "generate", "chat"])
 def test_llama_cpp_spellings_set_the_same_values(command):
