@@ -10,7 +10,7 @@ _collecting = _gc.isenabled()
 _gc.disable()
 try:
     from pangu_infer.lora import LoRARequest
-    from pangu_infer.outputs import CompletionOutput, RequestOutput
+    from pangu_infer.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
     from pangu_infer.sampling_params import SamplingParams
 finally:
     if _collecting:
@@ -28,4 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EmbeddingOutput",
+           "__version__"]

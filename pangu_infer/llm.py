@@ -13,13 +13,13 @@ import torch
 
 from pangu_infer.cpu_threads import check_threads, configure_threads
 from pangu_infer.device import resolve_device, resolve_dtype
-from pangu_infer.engine.engine import EngineConfig, LLMEngine, default_kv_cache_dtype
+from pangu_infer.engine.engine import EngineConfig, LLMEngine, check_pooling, default_kv_cache_dtype, embedding_params
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
 from pangu_infer.lora import LoRARequest
-from pangu_infer.outputs import RequestOutput
+from pangu_infer.outputs import EmbeddingRequestOutput, RequestOutput
 from pangu_infer.parallel.launch import load_tensor_parallel
 from pangu_infer.parallel.state import check_tensor_parallel_size
 from pangu_infer.sampling_params import SamplingParams
@@ -70,9 +70,16 @@ class LLM:
         threads: Optional[int] = None,
         generation_config: Optional[str] = "auto",
         override_generation_config: Optional[dict] = None,
+        pooling: str = "last",
     ):
         start = time.perf_counter()
         check_threads(threads)
+        # pooling: how embed() pools a prompt's final hidden states, "last" (the last token's, vLLM's
+        # default for a decoder) or "mean" (vLLM's --override-pooler-config pooling_type); checked first
+        try:
+            self.pooling = check_pooling(pooling)
+        except RequestError as e:
+            raise ValueError(str(e)) from None
         # generation_config, override_generation_config (vLLM's): where the default sampling values
         # of a request that omits them come from (pangu_infer/generation_config.py); checked first.
         chosen_config = check_generation_config(generation_config, "generation_config")
@@ -301,6 +308,34 @@ class LLM:
             if not finished:
                 self.engine.abort_request(rid)
 
+    def embed(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        *,
+        pooling: Optional[str] = None,
+        use_tqdm: bool = True,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """vLLM's LLM.embed: each prompt's embedding (`out.outputs.embedding`, a list of floats of the
+        hidden size): the model's final hidden states (after its final norm, before the LM head)
+        pooled over the prompt, "last" token or "mean" (`pooling`, else the LLM's), and L2-normalized.
+        Prompts as generate takes them; they run through the engine as prompt-only requests, batched
+        with whatever else it runs. A generative model's embeddings, not a trained embedding model's
+        (README, Embeddings). ValueError (RequestError naming the prompt and field) for an empty
+        prompt, one longer than the context or ids outside the vocabulary."""
+        try:
+            how = self.pooling if pooling is None else check_pooling(pooling)
+        except RequestError as e:
+            raise ValueError(str(e)) from None
+        items = self._normalize_prompts(prompts)
+        empty = next((i for i, (text, ids, _) in enumerate(items) if text == "" or not ids), None)
+        if empty is not None:
+            raise RequestError(f"prompts[{empty}] is empty: an embedding needs at least one token", param="prompt")
+        loras = self._normalize_loras(lora_request, len(items))
+        params = embedding_params()
+        requests = [(text, ids, params, lora, salt, 0) for (text, ids, salt), lora in zip(items, loras)]
+        return self._run(requests, use_tqdm, pooling=how)  # type: ignore[return-value]
+
     def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, chat_template=None, **template_kwargs) -> str:
         from pangu_infer.chat import render_chat
 
@@ -393,16 +428,19 @@ class LLM:
         raise ValueError(f"lora_request={lora_request!r} must be a LoRARequest, a list of them (one per prompt) or None")
 
     def _run(
-        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str], int]], use_tqdm: bool
+        self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str], int]], use_tqdm: bool,
+        pooling: Optional[str] = None,
     ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
-        field) or the caller interrupts, none of them stays queued in the engine."""
+        field) or the caller interrupts, none of them stays queued in the engine. `pooling`: they are
+        embedding requests (embed)."""
         engine = self.engine
         driver = getattr(engine, "driver", None)
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
             return driver.run_blocking(
-                [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt, rank) for text, tokens, p, lora, salt, rank in requests]
+                [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt, rank) for text, tokens, p, lora, salt, rank in requests],
+                pooling=pooling,
             )
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
@@ -411,7 +449,7 @@ class LLM:
             for i, (text, tokens, p, lora, salt, rank) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank)
+                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise
@@ -420,7 +458,7 @@ class LLM:
             if use_tqdm and len(requests) > 1:
                 from tqdm import tqdm
 
-                bar = tqdm(total=len(requests), desc="generating", unit="req", leave=False)
+                bar = tqdm(total=len(requests), desc="embedding" if pooling else "generating", unit="req", leave=False)
             while len(final) < len(ids):
                 for out in engine.step():
                     if out.finished:

@@ -53,3 +53,38 @@ class RequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+@dataclass
+class EmbeddingOutput:
+    """vLLM's: the prompt's embedding (its final hidden states pooled, L2-normalized)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What an embedding request returns (LLM.embed), shaped like vLLM's: `outputs.embedding`.
+    The engine gives one per request, when it ends (finished: True), or on failure with `error`
+    (and `error_param` when its own input was at fault), as RequestOutput does."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    finished: bool = True
+    prompt: Optional[str] = None
+    metrics: dict = field(default_factory=dict)  # e2e (seconds), cached prompt tokens
+    error: Optional[str] = None
+    error_param: Optional[str] = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_generated_tokens(self) -> int:
+        return 0

@@ -24,8 +24,12 @@ class Limits:
     max_num_seqs: int
 
 
-def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limits) -> tuple[list[int], SamplingParams]:
-    """The request's own copies of its prompt and parameters (max_tokens filled in), or RequestError."""
+def admit(
+    prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limits, prompt_only: bool = False
+) -> tuple[list[int], SamplingParams]:
+    """The request's own copies of its prompt and parameters (max_tokens filled in), or RequestError.
+    prompt_only: an embedding request, which computes its prompt and generates nothing: the prompt
+    may fill the context, and max_tokens is not read."""
     if not isinstance(params, SamplingParams):
         raise RequestError(f"sampling params must be a SamplingParams, got {type(params).__name__}", param="sampling_params")
     if not isinstance(prompt_token_ids, (list, tuple)):
@@ -40,6 +44,8 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
         ids = ids[-keep:]
     n_prompt = len(ids)
     context = limits.max_model_len
+    if prompt_only:
+        return _admit_prompt(ids, params, limits)
     if n_prompt >= context:  # before the scan below: a prompt of millions of ids costs nothing more
         raise RequestError(
             f"the prompt has {n_prompt} tokens; the model's context is {context} tokens, so a prompt may have "
@@ -47,9 +53,7 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
             param="prompt",
         )
     vocab = limits.vocab_size
-    bad_at = next((i for i, t in enumerate(ids) if not _is_token(t, vocab)), None)
-    if bad_at is not None:
-        raise RequestError(f"prompt token id {short_repr(ids[bad_at])} is outside the vocabulary [0, {vocab})", param="prompt")
+    _check_ids(ids, vocab)
     # A copy, validated again: the caller may have changed its SamplingParams since building it,
     # and the engine keeps this one for the request's whole life.
     max_tokens = params.max_tokens if params.max_tokens is not None else context - n_prompt
@@ -89,6 +93,21 @@ def admit(prompt_token_ids: Sequence[int], params: SamplingParams, limits: Limit
     return ids, params
 
 
+def _admit_prompt(ids: list[int], params: SamplingParams, limits: Limits) -> tuple[list[int], SamplingParams]:
+    """admit's checks for a prompt-only request: its length (before the scan of its ids) and ids."""
+    n_prompt, context = len(ids), limits.max_model_len
+    if n_prompt > context:
+        raise RequestError(f"the prompt has {n_prompt} tokens, more than the model's context of {context} tokens", param="prompt")
+    if n_prompt > limits.pool_tokens:
+        raise RequestError(
+            f"the prompt has {n_prompt} tokens, more than the whole KV cache holds ({limits.pool_tokens} tokens); "
+            "raise kv_cache_memory",
+            param="prompt",
+        )
+    _check_ids(ids, limits.vocab_size)
+    return ids, replace(params)
+
+
 MAX_CACHE_SALT_CHARS = 1024
 
 
@@ -100,6 +119,12 @@ def check_cache_salt(salt: object) -> None:
         raise RequestError(f"cache_salt={short_repr(salt)} must be a non-empty string", param="cache_salt")
     if len(salt) > MAX_CACHE_SALT_CHARS:
         raise RequestError(f"cache_salt has {len(salt)} characters; at most {MAX_CACHE_SALT_CHARS}", param="cache_salt")
+
+
+def _check_ids(ids: list[int], vocab: int) -> None:
+    bad_at = next((i for i, t in enumerate(ids) if not _is_token(t, vocab)), None)
+    if bad_at is not None:
+        raise RequestError(f"prompt token id {short_repr(ids[bad_at])} is outside the vocabulary [0, {vocab})", param="prompt")
 
 
 def _is_token(t: object, vocab: int) -> bool:

@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Callable, Optional
 from pangu_infer.engine.engine import LLMEngine
 from pangu_infer.errors import RequestError, RequestFailedError
 from pangu_infer.lora import LoRAAdapter, LoRARequest
-from pangu_infer.outputs import CompletionOutput, RequestOutput
+from pangu_infer.outputs import CompletionOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
 logger = logging.getLogger("pangu_infer.engine")
@@ -53,6 +53,7 @@ class _Add:
     priority: int = 0
     bad_words_ids: Optional[list[list[int]]] = None  # tokenized beforehand (LLMEngine.bad_words_ids)
     prediction_ids: Optional[list[int]] = None  # tokenized beforehand (LLMEngine.prediction_ids)
+    pooling: Optional[str] = None  # an embedding request's (LLMEngine.add_request)
 
 
 @dataclass
@@ -108,11 +109,13 @@ class AsyncEngine:
         lora_request: Optional[LoRARequest] = None,
         cache_salt: Optional[str] = None,
         priority: int = 0,
+        pooling: Optional[str] = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
         adapter it runs with (one the engine does not hold, never loaded or made room for, is read
         on a worker thread first, so that reading its files stalls no other request). `cache_salt`
-        and `priority`: LLMEngine.add_request's.
+        and `priority`: LLMEngine.add_request's. `pooling`: an embedding request (LLMEngine.add_request's;
+        `params` from embedding_params()), whose one output, an EmbeddingRequestOutput, is its last.
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -148,7 +151,7 @@ class AsyncEngine:
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
         self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter,
-                        cache_salt, priority, bad_words_ids, prediction_ids))
+                        cache_salt, priority, bad_words_ids, prediction_ids, pooling))
         try:
             await added
         except asyncio.CancelledError:
@@ -174,13 +177,14 @@ class AsyncEngine:
                 # Closed early (client gone, task cancelled): free the request's KV blocks.
                 self._commands.put(_Abort(request_id, None))
 
-    def run_blocking(self, requests: list[tuple]) -> list[RequestOutput]:
+    def run_blocking(self, requests: list[tuple], pooling: Optional[str] = None) -> list[RequestOutput]:
         """Generate (request_id, prompt ids, params, prompt[, lora_request[, cache_salt[, priority]]]) each to the end and return the final
         outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
         AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
         only: stepped from two threads, each would take the other's outputs (a caller waiting
         forever) or corrupt the scheduler. A rejected request raises (RequestError, naming the
-        prompt's index when there are several) and the others are aborted."""
+        prompt's index when there are several) and the others are aborted. `pooling`: every request
+        is an embedding request pooled that way (generate's)."""
 
         async def one(
             index: int, request_id: str, ids: list[int], params: SamplingParams, prompt: Optional[str],
@@ -188,7 +192,7 @@ class AsyncEngine:
         ) -> RequestOutput:
             last = None
             try:
-                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority):
+                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority, pooling):
                     last = out
             except RequestError as e:
                 if len(requests) == 1:
@@ -273,7 +277,7 @@ class AsyncEngine:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
                     command.lora_request, command.lora_adapter, command.cache_salt, command.priority, command.bad_words_ids,
-                    command.prediction_ids,
+                    command.prediction_ids, command.pooling,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)
@@ -354,6 +358,8 @@ def _resolve(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result: An
 
 def _merge(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     """One output carrying the deltas of both (later's totals, both deltas concatenated)."""
+    if isinstance(later, EmbeddingRequestOutput):  # (an embedding request has one output: never merged)
+        return later
     before = {c.index: c for c in earlier.outputs}
     outs = [_merge_completion(before[c.index], c) if c.index in before else c for c in later.outputs]
     return replace(later, outputs=outs)

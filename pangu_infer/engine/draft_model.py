@@ -40,6 +40,7 @@ class _DraftView:
     __slots__ = ("seq", "seq_id", "token_ids", "num_computed_tokens", "num_tokens", "block_table", "num_prompt_tokens", "wants")
     lora_slot = -1
     wants_prompt_logprobs = False
+    pooling = None
 
     def __init__(self, seq: Sequence, token_ids: list[int], computed: int, num_tokens: int, wants: bool):
         self.seq = seq
@@ -142,7 +143,7 @@ class DraftModelSpeculator(Speculator):
                 counts.append(end - start)
         drafts: dict[int, list[int]] = {}
         if views:
-            sampled, logits, _ = self.runner.run(ScheduledBatch(views, counts))
+            sampled, logits, _, _ = self.runner.run(ScheduledBatch(views, counts))
             self.num_draft_forwards += 1
             for seq, _, end, _ in spans:
                 seq.draft_computed = end
@@ -160,7 +161,7 @@ class DraftModelSpeculator(Speculator):
                     views.append(_DraftView(seq, tokens, len(tokens) - 1, len(tokens), True))
             if not views:
                 break
-            sampled, logits, _ = self.runner.run(ScheduledBatch(views, [1] * len(views)))
+            sampled, logits, _, _ = self.runner.run(ScheduledBatch(views, [1] * len(views)))
             self.num_draft_forwards += 1
             for view in views:
                 view.seq.draft_computed = view.num_tokens

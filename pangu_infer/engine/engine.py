@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Union
@@ -28,7 +29,7 @@ from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
-from pangu_infer.outputs import RequestOutput
+from pangu_infer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 
 logger = logging.getLogger("pangu_infer.engine")
@@ -36,6 +37,9 @@ logger = logging.getLogger("pangu_infer.engine")
 DEFAULT_CPU_KV_BYTES = 4 << 30
 MAX_BAD_WORD_TOKENS = 4096  # tokens of one request's bad_words, both spellings: what each step matches
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How an embedding request pools its prompt's final hidden states (add_request(pooling=...)):
+# the last position's (vLLM's default for a decoder, what decoder embedding models train), or their mean
+POOLING_TYPES = ("last", "mean")
 
 
 @dataclass
@@ -137,6 +141,7 @@ class _Request:
     error: Optional[str] = None  # set when the request failed inside the engine
     error_param: Optional[str] = None  # the request field at fault, when its own input made it fail
     lora_key: int = 0  # the installed LoRA adapter it runs with (engine/lora.py), 0 for none
+    pooling: Optional[str] = None  # an embedding request's pooling ("last", "mean"); None: generation
 
     @property
     def finished(self) -> bool:
@@ -311,6 +316,7 @@ class LLMEngine:
         priority: int = 0,
         bad_words_ids: Optional[list[list[int]]] = None,
         prediction_ids: Optional[list[int]] = None,
+        pooling: Optional[str] = None,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -321,11 +327,18 @@ class LLMEngine:
         prompts, not even by timing). `priority` (vLLM's): with scheduling_policy "priority", lower
         values are served first (0 by default; any integer); with "fcfs" only 0 is accepted.
         `bad_words_ids`: what bad_words_ids(params.bad_words) returned, tokenized beforehand on
-        another thread (else it is tokenized here); `prediction_ids` likewise, prediction_ids(params.prediction)."""
+        another thread (else it is tokenized here); `prediction_ids` likewise, prediction_ids(params.prediction).
+        `pooling` ("last" or "mean"): an embedding request instead (embedding_params gives its
+        `params`): its prompt is computed like any other's, in the same steps, and it ends with its
+        final hidden states pooled and L2-normalized (an EmbeddingRequestOutput), generating nothing."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._check_priority(priority)
-        ids, params = admit(prompt_token_ids, params, self.limits)
+        if pooling is not None:
+            check_pooling(pooling)
+            if params.n != 1 or params.prompt_logprobs is not None or params.structured_outputs is not None or params.prediction is not None:
+                raise RequestError("an embedding request takes no sampling parameters: give embedding_params()", param="sampling_params")
+        ids, params = admit(prompt_token_ids, params, self.limits, prompt_only=pooling is not None)
         check_cache_salt(cache_salt)
         if bad_words_ids is None:
             bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
@@ -340,7 +353,7 @@ class LLMEngine:
         if lora_request is not None:
             lora_key, lora_slot, lora_adapter = self._lora_key(lora_request, lora_adapter)
             waits = lora_key == 0  # max_loras adapters are loaded and busy: it waits for one to be free
-        req = _Request(request_id, prompt, ids, params, lora_key=lora_key)
+        req = _Request(request_id, prompt, ids, params, lora_key=lora_key, pooling=pooling)
         parent = None
         for i in range(params.n):
             seq = Sequence(
@@ -357,6 +370,7 @@ class LLMEngine:
             seq.priority = priority
             seq.bad_words = bad_words
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
+            seq.pooling = pooling
             if prediction_ids and self.predictions is not None:
                 seq.prediction = Prediction(np.asarray(prediction_ids, dtype=np.int64))
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
@@ -567,18 +581,22 @@ class LLMEngine:
             drafts = self._grammar_drafts(batch, drafts, touched)
         parts = self._forward(batch, drafts, touched)
         self.num_steps += 1
-        for seqs, num_tokens, (sampled, logits, prompt_logprobs) in parts:
+        for seqs, num_tokens, (sampled, logits, prompt_logprobs, pooled) in parts:
             for seq, n in zip(seqs, num_tokens):
                 if seq.seq_id in drafts or seq.is_finished:
                     continue  # drafted: advanced in _accept_drafts, once it is known how much holds
-                if seq.seq_id in prompt_logprobs:
-                    try:
+                try:  # its own bookkeeping: a failure ends this request alone
+                    if seq.seq_id in prompt_logprobs:
                         seq.add_prompt_logprobs(*prompt_logprobs[seq.seq_id])
-                    except Exception as e:  # its own bookkeeping: this request alone ends
-                        self._fail(self.requests[seq.request_id], e, touched)
-                        continue
+                    if seq.seq_id in pooled:
+                        seq.add_pooled(*pooled[seq.seq_id])
+                except Exception as e:
+                    self._fail(self.requests[seq.request_id], e, touched)
+                    continue
                 seq.num_computed_tokens += n
                 self.pool.register_full_blocks(seq)
+                if seq.pooling is not None and seq.num_computed_tokens == seq.num_prompt_tokens:
+                    self._finish_embedding(seq, touched)
             if drafts:
                 sampled, logits = self._accept_drafts(sampled, logits, drafts, predicted, touched)
             if sampled:
@@ -693,6 +711,19 @@ class LLMEngine:
                 self._fail(req, e, touched)
             touched[seq.request_id] = req
 
+    def _finish_embedding(self, seq: Sequence, touched: dict[str, "_Request"]) -> None:
+        """An embedding request's prompt is computed: its embedding, and it ends (its blocks freed)."""
+        req = self.requests[seq.request_id]
+        try:
+            seq.embedding = seq.pooled_embedding()
+        except Exception as e:
+            self._fail(req, e, touched)
+            return
+        seq.pooled = None
+        seq.finish_reason = "stop"
+        self.scheduler.finish(seq)
+        touched[seq.request_id] = req
+
     def _fail(self, req: "_Request", error: BaseException, touched: dict[str, "_Request"]) -> None:
         """End one request whose own work failed; its blocks go back. A RequestError is the request's
         own input at fault (a grammar with a dead end): its message and field go to the client. Any
@@ -789,7 +820,14 @@ class LLMEngine:
             seq.finish_reason = reason
             self.scheduler.finish(seq)
 
-    def _output(self, req: _Request) -> RequestOutput:
+    def _output(self, req: _Request) -> Union[RequestOutput, EmbeddingRequestOutput]:
+        if req.pooling is not None:
+            seq = req.seqs[0]
+            return EmbeddingRequestOutput(
+                req.request_id, EmbeddingOutput(seq.embedding or []), req.prompt_token_ids, req.finished, prompt=req.prompt,
+                metrics={"e2e": time.monotonic() - seq.arrival_time if req.finished else None, "num_cached_tokens": seq.num_cached_tokens},
+                error=req.error, error_param=req.error_param,
+            )
         return output.request_output(
             req.request_id, req.prompt, req.prompt_token_ids, req.seqs, req.finished, req.error, req.error_param
         )
@@ -831,6 +869,18 @@ class LLMEngine:
             return []
         return sorted({name for name in (self.loras.name_of(k) for k in set(keys) if k) if name is not None})
 
+
+
+def check_pooling(pooling: object) -> str:
+    """An embedding request's pooling, "last" or "mean"; else a RequestError naming pooling."""
+    if pooling not in POOLING_TYPES:
+        raise RequestError(f"pooling={short_repr(pooling)} must be one of {', '.join(map(repr, POOLING_TYPES))}", param="pooling")
+    return pooling  # type: ignore[return-value]
+
+
+def embedding_params() -> SamplingParams:
+    """The SamplingParams an embedding request runs with (nothing of them is read: it never samples)."""
+    return SamplingParams(temperature=0.0, max_tokens=1)
 
 
 def utilization_kv_budget(utilization: float, total: int, free: int, held: int, reserve: int) -> int:

@@ -275,13 +275,14 @@ class ModelRunner:
 
     def run(
         self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
-    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
+    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]], dict[int, tuple[int, int, torch.Tensor]]]:
         """Forward every scheduled token; returns the sequences that reached their last token
         (they sample next) and their logits [rows, vocab] in float32: one row per sequence, or,
         for a sequence with a speculative draft (seq_id -> tokens), one row for its last token
         and one for each draft token, which are forwarded after it. Third, for sequences that want
-        prompt logprobs: seq_id -> (the first prompt position scored, its entries); the
-        sequences themselves are left unchanged."""
+        prompt logprobs: seq_id -> (the first prompt position scored, its entries). Fourth, for
+        embedding requests' sequences (which never sample): seq_id -> their chunk's pooling result
+        (_pooled). The sequences themselves are left unchanged."""
         if self._first_step[1].is_set():
             return self._run(batch, drafts)
         self._first_step[0].set()
@@ -293,13 +294,16 @@ class ModelRunner:
     @torch.inference_mode()
     def _run(
         self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
-    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
+    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]], dict]:
         bs = self.block_size
         drafts = drafts or {}
         decode_forward = self.decode_forward  # read once: the compile thread may set it meanwhile
         # A decode: the sequence's last token alone. (A one-token chunk of a prompt is not: nothing
-        # samples from it, so it goes with the prefill chunks.)
-        final = [n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(batch.seqs, batch.num_tokens)]
+        # samples from it, so it goes with the prefill chunks; nor an embedding request's last prompt
+        # token, whose hidden state is pooled, not sampled.)
+        final = [
+            n == 1 and s.num_computed_tokens + 1 == s.num_tokens and s.pooling is None for s, n in zip(batch.seqs, batch.num_tokens)
+        ]
         if drafts and decode_forward is not None and not self.batch_invariant and all(final):
             return self._run_drafted_decodes(batch, drafts, decode_forward)
         decodes = [(s, n) for s, n, f in zip(batch.seqs, batch.num_tokens, final) if f and s.seq_id not in drafts]
@@ -360,26 +364,27 @@ class ModelRunner:
             if self.lora is not None:
                 self.lora.set_rows(lora_slots)  # the adapters' slot of each row (models/lora.py)
             if compiled:  # logits of every row, in decode order
-                return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}
+                return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}, {}
             hidden = self.model(ids, pos, attn)
         prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
+        pooled = self._pooled(hidden, prefills, len(decodes))
         sampled: list[Sequence] = []
         rows: list[int] = []
         end = 0
         for seq, n in ordered:
             end += n
             num_draft = len(drafts.get(seq.seq_id, ()))
-            if seq.num_computed_tokens + n - num_draft == seq.num_tokens:
+            if seq.num_computed_tokens + n - num_draft == seq.num_tokens and seq.pooling is None:
                 sampled.append(seq)
                 rows.extend(range(end - 1 - num_draft, end))
         if not rows:
-            return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs
+            return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs, pooled
         logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
-        return sampled, logits, prompt_logprobs
+        return sampled, logits, prompt_logprobs, pooled
 
     def _run_drafted_decodes(
         self, batch: ScheduledBatch, drafts: dict[int, list[int]], decode_forward: Callable
-    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]]]:
+    ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]], dict]:
         """A step of decodes, some with speculative drafts, through the compiled decode step: each
         drafted sequence's last token and draft tokens are decode rows of their own, one position
         after another (every row's K and V are written to the cache before any row attends, so a
@@ -408,7 +413,7 @@ class ModelRunner:
             self._point_layers()
             if self.lora is not None:
                 self.lora.set_rows(lora_slots)
-            return list(batch.seqs), decode_forward(ids, pos, attn), {}
+            return list(batch.seqs), decode_forward(ids, pos, attn), {}, {}
 
     @staticmethod
     def _lora_slots(ordered: list[tuple[Sequence, int]], always: bool) -> Optional[list[int]]:
@@ -438,6 +443,26 @@ class ModelRunner:
                     targets = seq.token_ids[a + 1 : b + 1]
                     entries += [Logprob(t, lp, top, rank) for t, (lp, top, rank) in zip(targets, token_logprobs(logits, targets, k))]
                 out[seq.seq_id] = (start + 1, entries)
+            row += n
+        return out
+
+    @staticmethod
+    def _pooled(
+        hidden: torch.Tensor, prefills: list[tuple[Sequence, int]], row: int
+    ) -> dict[int, tuple[int, int, torch.Tensor]]:
+        """Embedding requests' chunks (Sequence.pooling): seq_id -> (first position, end, float32
+        [H]): mean pooling, the sum of the hidden rows of positions not pooled before (a prompt
+        computed again after preemption skips those it already summed); last pooling, the row of
+        the prompt's last position, in the chunk that computes it."""
+        out: dict[int, tuple[int, int, torch.Tensor]] = {}
+        for seq, n in prefills:
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            if seq.pooling == "mean":
+                first = max(start, seq.num_pooled)
+                if end > first:
+                    out[seq.seq_id] = (first, end, hidden[row + first - start : row + n].float().sum(0))
+            elif seq.pooling == "last" and end == seq.num_prompt_tokens:
+                out[seq.seq_id] = (end - 1, end, hidden[row + n - 1].float())
             row += n
         return out
 

@@ -70,6 +70,14 @@ class Sequence:
         # (None for the first, which nothing predicts); None when the request asks for none.
         self.prompt_logprobs: Optional[list[Optional[Logprob]]] = [None] if params.prompt_logprobs is not None and index == 0 else None
         self.cumulative_logprob = 0.0
+        # An embedding request's sequence (LLMEngine.add_request(pooling=...)): "last" or "mean", None
+        # for generation. It computes its prompt and ends, never sampling; `pooled` holds the final
+        # hidden state of the last prompt position ("last") or the sum over positions 0..num_pooled-1
+        # ("mean"), in float32; `embedding` the pooled vector, L2-normalized, once it ends.
+        self.pooling: Optional[str] = None
+        self.pooled: Optional[torch.Tensor] = None
+        self.num_pooled = 0
+        self.embedding: Optional[list[float]] = None
         self.finish_reason: Optional[str] = None
         self.stop_reason: Optional[Any] = None
         self.arrival_time = time.monotonic()
@@ -116,6 +124,34 @@ class Sequence:
     def wants_prompt_logprobs(self) -> bool:
         """Prompt logprobs still to compute: its prompt must be computed, not taken from the prefix cache."""
         return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+
+    @property
+    def skips_prefix_cache(self) -> bool:
+        """Every prompt position must go through the forward: prompt logprobs still to compute, or
+        mean pooling (last pooling needs only the last position, which a prefix-cache hit never covers)."""
+        return self.wants_prompt_logprobs or (self.pooling == "mean" and self.num_pooled < self.num_prompt_tokens)
+
+    def add_pooled(self, first: int, end: int, value: torch.Tensor) -> None:
+        """A prefill chunk's pooling result for prompt positions first..end-1 (runner._pooled): their
+        hidden states' sum (mean pooling: positions already summed, of a prompt computed again after
+        preemption, are not in it), or the last position's hidden state (last pooling)."""
+        if self.pooling == "last":
+            self.pooled, self.num_pooled = value, end
+            return
+        if first != self.num_pooled:
+            raise RuntimeError(f"pooled positions from {first} after {self.num_pooled} of them: a gap")
+        self.pooled = value if self.pooled is None else self.pooled + value
+        self.num_pooled = end
+
+    def pooled_embedding(self) -> list[float]:
+        """The embedding of the whole prompt: the pooled hidden state (mean: the sum over its count),
+        L2-normalized."""
+        if self.pooled is None or self.num_pooled != self.num_prompt_tokens:
+            raise RuntimeError(f"pooling ended after {self.num_pooled} of {self.num_prompt_tokens} prompt positions")
+        v = self.pooled.cpu().double()  # (on the CPU: not every accelerator has float64)
+        if self.pooling == "mean":
+            v = v / self.num_pooled
+        return torch.nn.functional.normalize(v, dim=0).tolist()
 
     def add_prompt_logprobs(self, first: int, entries: list[Logprob]) -> None:
         """Entries for prompt tokens first, first + 1, ...; those already held (a prompt computed

@@ -57,7 +57,8 @@ def can_speculate(seq: Sequence) -> bool:
     with the raw distribution."""
     p = seq.params
     return (
-        not p.logit_bias
+        seq.pooling is None  # (an embedding request's sequence never samples)
+        and not p.logit_bias
         and p.allowed_token_ids is None
         and not p.bad_words
         and p.repetition_penalty == 1
