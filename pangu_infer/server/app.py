@@ -1,6 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the AsyncEngine.
 
-    POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /v1/messages
+    POST /v1/chat/completions   POST /v1/completions   POST /v1/responses   POST /v1/messages   POST /v1/embeddings
     GET /v1/models[/{name}]   POST /tokenize   POST /detokenize   GET /tokenizer_info
     POST /v1/load_lora_adapter   POST /v1/unload_lora_adapter (--enable-runtime-lora-updates; server/lora.py)
     GET /health   GET /version   GET /metrics   GET / (the chat page, static/; open without the API key)
@@ -12,7 +12,7 @@ parsers (chat) -> OpenAI JSON or SSE chunks. Every user mistake is a 4xx in Open
 (server/middleware.py). Request fields become engine parameters in server/params.py; submitting,
 merging streams, SSE framing and hang-ups are server/streaming.py; the chat path the chat-shaped
 endpoints share is server/chat_api.py, with the Responses API in server/responses.py and
-Anthropic's Messages API in server/messages.py; this file holds the routes.
+Anthropic's Messages API in server/messages.py, embeddings in server/embeddings.py; this file holds the routes.
 """
 
 from __future__ import annotations
@@ -48,12 +48,14 @@ from pangu_infer.server.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
     TokenizeRequest,
     TokenizeResponse,
 )
+from pangu_infer.server import embeddings as embed_api
 from pangu_infer.server import messages as anthropic
 from pangu_infer.server import responses as resp
 from pangu_infer.server.state import LoRAModule
@@ -234,6 +236,10 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", responses={200: _ok(CompletionResponse, "text_completion"), **ERROR_RESPONSES})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         return await _completion(state, body, request)
+
+    @app.post("/v1/embeddings", responses=ERROR_RESPONSES, summary="OpenAI's embeddings: final hidden states pooled (--pooling), L2-normalized")
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        return await embed_api.handle(state, body, request)
 
     @app.post("/v1/responses", responses=ERROR_RESPONSES, summary="OpenAI's Responses API (server/responses.py)")
     async def responses(body: resp.ResponsesRequest, request: Request) -> Response:

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="let a chat request bring its own Jinja chat_template (vLLM's flag; rendered in Jinja's sandbox); "
         "refused with a 400 otherwise",
     )
+    parser.add_argument(
+        "--pooling", default="last", choices=["last", "mean"],
+        help="how /v1/embeddings pools a prompt's final hidden states: last (default: the last token's, as vLLM "
+        "pools a decoder) or mean (over the prompt's tokens; vLLM's --override-pooler-config pooling_type)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument(
@@ -273,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     prefix = root_path(args.root_path)
     lora_modules = parse_lora_modules(args.lora_modules or [])
     kwargs = llm_kwargs(args)
+    kwargs["pooling"] = args.pooling
     if lora_modules:
         kwargs["enable_lora"] = True
     if args.enable_runtime_lora_updates and not kwargs.get("enable_lora"):

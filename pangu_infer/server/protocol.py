@@ -251,6 +251,22 @@ class DetokenizeRequest(_Request):
     tokens: list[int]
 
 
+class EmbeddingRequest(_Request):
+    """OpenAI's /v1/embeddings (server/embeddings.py): the inputs' embeddings, the model's final hidden
+    states pooled (serve --pooling) and L2-normalized."""
+
+    model: Optional[str] = None
+    input: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="a text, a list of texts, token ids, or a list of token-id lists; each embedded alone"
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="float: lists of numbers; base64: each embedding's little-endian float32 bytes, base64-encoded"
+    )
+    dimensions: Optional[int] = Field(None, description="only the model's hidden size: its embeddings cannot be shortened")
+    user: Optional[str] = Field(None, description="accepted and ignored")
+    add_special_tokens: bool = Field(True, description="vLLM's: texts tokenized with BOS first when the model wants one")
+
+
 # ---------------------------------------------------------------------- responses
 class PromptTokensDetails(_Response):
     cached_tokens: int = Field(0, description="prompt tokens served from the prefix cache")

@@ -16,7 +16,7 @@ from fastapi.responses import Response
 
 from pangu_infer.engine.async_engine import EngineDeadError
 from pangu_infer.errors import RequestError, RequestFailedError
-from pangu_infer.outputs import RequestOutput
+from pangu_infer.outputs import EmbeddingRequestOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError, from_request_error
 from pangu_infer.server.metrics import ServerMetrics
@@ -28,12 +28,13 @@ from pangu_infer.server.state import ServerState
 
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                          lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
-                         default_length: Optional[int] = None, length_field: str = "max_tokens"):
+                         default_length: Optional[int] = None, length_field: str = "max_tokens", pooling: Optional[str] = None):
     """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
     the scheduling priority, when given) and wait for each one's first output, so a bad request is a
-    400 before any byte is sent. length_field: the name the client gave max_tokens (as_sent)."""
+    400 before any byte is sent. length_field: the name the client gave max_tokens (as_sent).
+    pooling: embedding requests (server/embeddings.py), whose first output is their only one."""
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field)
+        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -42,7 +43,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field)
+        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -126,7 +127,7 @@ class LoggedStream:
         self.generated = out.num_generated_tokens
         if out.finished and not self.ended:
             self.ended = True
-            reasons = ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
+            reasons = "embedded" if isinstance(out, EmbeddingRequestOutput) else ", ".join(sorted({str(c.finish_reason) for c in out.outputs}))
             request_log.info("finished request %s: %s, %d prompt + %d generated tokens", out.request_id, reasons,
                              out.num_prompt_tokens, out.num_generated_tokens)
         return out
@@ -149,10 +150,11 @@ class LoggedStream:
 
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None,
-                 length_field: str = "max_tokens"):
+                 length_field: str = "max_tokens", pooling: Optional[str] = None):
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
-    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None)) if v is not None}
+    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None), ("pooling", pooling))
+             if v is not None}
     submitted = [  # (request id, prompt text, ids, the parameters it runs with)
         (base if len(prompts) == 1 else f"{base}-{i}", text, ids, fit_default_length(state, params, ids, default_length))
         for i, (text, ids) in enumerate(prompts)
