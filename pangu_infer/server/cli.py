@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--api-key",
         default=os.environ.get(API_KEY_ENV),
-        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV}; none: no check)",
+        help=f"require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on /v1/*, /tokenize, /detokenize, /tokenizer_info "
+        f"and the API docs; /health, /version, /metrics and the chat page stay open (default: ${API_KEY_ENV}; none: no check)",
     )
     parser.add_argument(
         "--root-path", default="", metavar="PATH",
