@@ -239,10 +239,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
         help=f"the reply's length limit in tokens (default: max_new_tokens of the generation config, else {DEFAULT_MAX_TOKENS})",
     )
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's generation_config)")
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample from the most likely tokens whose probabilities add up to this (default: the model's generation_config, else 1: all)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="sample from this many most likely tokens (default: the model's generation_config, else 0: all)")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the most likely one's probability (default: the model's generation_config, else 0)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="above 1 makes tokens of the prompt and the reply less likely (default: the model's generation_config, else 1: none)")
     p.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="seed of this request's sampling")
 
 
