@@ -25,6 +25,7 @@ from pangu_infer.server.app import create_app
 # Lengths around the prefill chunk (32 tokens a step below): one token, within one chunk, exactly
 # two chunks, several chunks.
 PROMPTS = [[1, 5, 9, 200, 17, 33, 8, 412, 77], [7], [1] + list(range(40, 103)), [3] + list(range(300, 400))]
+MAX_STEPS = 500  # far more than any test here needs: a request that never ends fails, not hangs
 TOL = 2e-5  # float32 throughout; the engine's chunked attention sums in another order than transformers'
 
 
@@ -112,8 +113,9 @@ def test_gguf_model_embeds_like_transformers(tiny_llama_bias_gguf):
 
 
 # ---------------------------------------------------------------------- in the engine, beside generation
-def _drive(engine: LLMEngine, steps_between: int, gen: list[list[int]], embeds: list[tuple[list[int], str]]):
-    """Generation requests first, then, after `steps_between` steps, embedding requests; every step to the end."""
+def _drive(engine: LLMEngine, steps_between: int, gen: list[list[int]], embeds: list[tuple[list[int], str]], late=()):
+    """Generation requests first, then, after `steps_between` steps, embedding requests and the `late`
+    generation requests (whose prompts then run behind the embeddings' in a step); every step to the end."""
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     for i, ids in enumerate(gen):
         engine.add_request(f"gen-{i}", ids, params)
@@ -124,14 +126,19 @@ def _drive(engine: LLMEngine, steps_between: int, gen: list[list[int]], embeds: 
                 finals[out.request_id] = out
     for i, (ids, pooling) in enumerate(embeds):
         engine.add_request(f"emb-{i}", ids, embedding_params(), pooling=pooling)
+    for i, ids in enumerate(late):
+        engine.add_request(f"late-{i}", ids, params)
     saw_mixed = False
-    while engine.has_unfinished_requests():
+    for _ in range(MAX_STEPS):
+        if not engine.has_unfinished_requests():
+            break
         kinds = {s.pooling is None for s in engine.scheduler.running} | {s.pooling is None for s in engine.scheduler.waiting}
         saw_mixed |= kinds == {True, False}
         for out in engine.step():
             if out.finished:
                 assert out.request_id not in finals
                 finals[out.request_id] = out
+    assert not engine.has_unfinished_requests(), f"requests still unfinished after {MAX_STEPS} steps"
     return finals, saw_mixed
 
 
@@ -140,18 +147,19 @@ def test_embeddings_batched_with_generation_change_neither(llm, reference):
     embeds = [(ids, pooling) for ids in PROMPTS for pooling in ("last", "mean")]
     engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=8 << 20, enforce_eager=True, max_num_batched_tokens=32),
                        llm.generation_config)
-    alone, _ = _drive(engine, 0, gen, [])
-    together, mixed = _drive(engine, 3, gen, embeds)
+    late = [[1, 9, 99, 999, 3, 33, 333], [1] + list(range(650, 670))]
+    alone, _ = _drive(engine, 3, gen, [], late)
+    together, mixed = _drive(engine, 3, gen, embeds, late)
     assert mixed  # the embedding requests ran in steps with the generation requests
-    for i in range(len(gen)):
-        assert together[f"gen-{i}"].outputs[0].token_ids == alone[f"gen-{i}"].outputs[0].token_ids
-        assert len(alone[f"gen-{i}"].outputs[0].token_ids) == 24
+    for rid in [f"gen-{i}" for i in range(len(gen))] + [f"late-{i}" for i in range(len(late))]:
+        assert together[rid].outputs[0].token_ids == alone[rid].outputs[0].token_ids, rid
+        assert len(alone[rid].outputs[0].token_ids) == 24
     for i, (ids, pooling) in enumerate(embeds):
         out = together[f"emb-{i}"]
         assert isinstance(out, EmbeddingRequestOutput) and out.error is None
         check_equal(out.outputs.embedding, expected(reference, ids, pooling))
     assert all_freed(engine)
-    assert engine.stats()["generation_tokens"] == 2 * 2 * 24  # the embedding requests generated nothing
+    assert engine.stats()["generation_tokens"] == 2 * 4 * 24  # the embedding requests generated nothing
 
 
 def test_mean_pooling_survives_preemption(llm, reference, monkeypatch):
