@@ -364,3 +364,27 @@ def test_logged_requests_log_each_input_received_and_embedded(llm, caplog):
     lines = [rec.getMessage() for rec in caplog.records if rec.name == "pangu_infer.server.requests"]
     assert sum(line.startswith("received request embd-") for line in lines) == 2
     assert sum(line.startswith("finished request embd-") and ": embedded," in line for line in lines) == 2, lines
+
+
+def test_lora_adapter_embeddings_equal_peft(tiny_dense_dir, lora_adapters, reference):
+    """A request whose model names a LoRA adapter (or LLM.embed's lora_request) embeds with it:
+    PEFT's model's last_hidden_state, pooled the same way."""
+    from pangu_infer import LoRARequest
+    from pangu_infer.server.lora import LoRAModulePath, add_startup_adapters
+
+    adapter = lora_adapters["full"]
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True, enable_lora=True)
+    ids = PROMPTS[2]
+    with torch.no_grad():
+        hidden = adapter.model.get_base_model().model(torch.tensor([ids])).last_hidden_state[0].float()
+    want = torch.nn.functional.normalize(hidden[-1], dim=0)
+    assert not torch.allclose(want, expected(reference, ids, "last"), atol=1e-3)  # the adapter changes it
+    out = llm.embed({"prompt_token_ids": ids}, lora_request=LoRARequest("full", 1, str(adapter.path)))[0]
+    check_equal(out.outputs.embedding, want)
+    loras = add_startup_adapters(llm, [LoRAModulePath("full", str(adapter.path))], "tiny")
+    with TestClient(create_app(llm, served_model_name="tiny", lora_modules=loras)) as http:
+        with_adapter = http.post("/v1/embeddings", json={"model": "full", "input": ids}).json()
+        base = http.post("/v1/embeddings", json={"model": "tiny", "input": ids}).json()
+    assert with_adapter["model"] == "full"
+    check_equal(with_adapter["data"][0]["embedding"], want)
+    check_equal(base["data"][0]["embedding"], expected(reference, ids, "last"))
