@@ -388,3 +388,27 @@ def test_lora_adapter_embeddings_equal_peft(tiny_dense_dir, lora_adapters, refer
     assert with_adapter["model"] == "full"
     check_equal(with_adapter["data"][0]["embedding"], want)
     check_equal(base["data"][0]["embedding"], expected(reference, ids, "last"))
+
+
+def test_embeddings_beside_compiled_decode_steps(tiny_dense_dir, llm, reference):
+    """With the compiled decode step (the default): steps holding an embedding's prompt run eagerly,
+    decode-only steps compiled; tokens as the eager engine's, embeddings as transformers'."""
+    compiled = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256,
+                   max_num_batched_tokens=32)
+    assert compiled.wait_compiled(), compiled.engine.runner.compile_error
+    runner = compiled.engine.runner
+    step, calls = runner.decode_forward, []
+    runner.decode_forward = lambda *args: calls.append(1) or step(*args)
+    gen = [[1, 4, 8, 15, 16, 23, 42], [1] + list(range(600, 640))]
+    embeds = [(ids, pooling) for ids in PROMPTS for pooling in ("last", "mean")]
+    late = [[1, 9, 99, 999, 3, 33, 333]]
+    together, mixed = _drive(compiled.engine, 3, gen, embeds, late)
+    assert mixed and calls  # embeddings ran beside generation, and decode-only steps ran compiled
+    eager = LLMEngine(llm.model, llm.tokenizer, EngineConfig(kv_cache_memory=8 << 20, enforce_eager=True, max_num_batched_tokens=32),
+                      llm.generation_config)
+    alone, _ = _drive(eager, 3, gen, [], late)
+    for rid in ("gen-0", "gen-1", "late-0"):
+        assert together[rid].outputs[0].token_ids == alone[rid].outputs[0].token_ids, rid
+    for i, (ids, pooling) in enumerate(embeds):
+        check_equal(together[f"emb-{i}"].outputs.embedding, expected(reference, ids, pooling))
+    assert all_freed(compiled.engine)
