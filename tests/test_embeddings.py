@@ -412,3 +412,13 @@ def test_embeddings_beside_compiled_decode_steps(tiny_dense_dir, llm, reference)
     for i, (ids, pooling) in enumerate(embeds):
         check_equal(together[f"emb-{i}"].outputs.embedding, expected(reference, ids, pooling))
     assert all_freed(compiled.engine)
+
+
+def test_add_special_tokens_false_tokenizes_without_bos(http, reference, pangu_tokenizer):
+    text = "the weather in the city"
+    bare = pangu_tokenizer.encode(text, add_special_tokens=False)
+    assert pangu_tokenizer.encode(text) != bare  # (this tokenizer adds BOS)
+    r = http.post("/v1/embeddings", json={"input": text, "add_special_tokens": False, "encoding_format": "float"})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(bare)
+    check_equal(r.json()["data"][0]["embedding"], expected(reference, bare, "last"))
