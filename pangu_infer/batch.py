@@ -31,7 +31,7 @@ from pangu_infer.cli import add_chat_template_argument, add_model_arguments, llm
 
 logger = logging.getLogger("pangu_infer.batch")
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
 STDIO = "-"
 
 
@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let a chat request bring its own Jinja chat_template, as serve's flag")
     parser.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
                         help="default thinking budget of chat requests, as serve's flag")
+    parser.add_argument("--pooling", default="last", choices=["last", "mean"],
+                        help="how /v1/embeddings lines pool the final hidden states, as serve's flag")
     parser.add_argument(
         "--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
         help="LoRA adapters a request picks by sending NAME as model, as serve's flag (turns on --enable-lora)",
@@ -266,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--reasoning-budget {args.reasoning_budget}: expected an integer >= 0 (reasoning tokens)")
     lora_modules = parse_lora_modules(args.lora_modules or [])
     kwargs = llm_kwargs(args)
+    kwargs["pooling"] = args.pooling
     if lora_modules:
         kwargs["enable_lora"] = True
     items = parse_lines(read_input(args.input_file))  # before the model loads: a bad path fails at once

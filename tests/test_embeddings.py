@@ -274,6 +274,17 @@ def test_openai_client_float_and_base64(client, llm, reference, pangu_tokenizer)
     assert llm.embed({"prompt_token_ids": PROMPTS[0]})[0].outputs.embedding == ids.data[0].embedding
 
 
+def test_more_inputs_than_max_num_seqs_are_queued_not_refused(client, llm, reference):
+    """LangChain's OpenAIEmbeddings sends 1000 texts a request; the engine runs max_num_seqs (8 here) at
+    once and queues the rest."""
+    inputs = [[1, 5 + i, 9, 200 + i] for i in range(3 * llm.engine_config.max_num_seqs + 1)]
+    res = client.embeddings.create(model="tiny", input=inputs, encoding_format="float")
+    assert [d.index for d in res.data] == list(range(len(inputs)))
+    for ids, d in zip(inputs, res.data):
+        check_equal(d.embedding, expected(reference, ids, "last"))
+    assert all_freed(llm.engine)
+
+
 def test_response_shape_and_base64_bytes(http, reference):
     body = {"model": "tiny", "input": PROMPTS[0], "encoding_format": "base64", "user": "someone",
             "dimensions": 64}
@@ -328,7 +339,7 @@ def test_serve_pooling_flag_reaches_the_llm(monkeypatch):
     ({"input": [1, 10**6]}, "input", "input: prompt token id 1000000 is outside the vocabulary"),
     ({"input": [[1, 2], [1, -1]]}, "input", r"input\[1\]: prompt token id -1 is outside the vocabulary"),
     ({"input": [1] * 2049}, "input", "more than the model's context of 2048 tokens"),
-    ({"input": ["a"] * 9}, "input", r"input holds 9 inputs; the server runs at most 8"),
+    ({"input": ["a"] * 2049}, "input", r"input holds 2049 inputs; one request may embed at most 2048"),
     ({"input": [True, 2]}, "input", "invalid field 'input'"),
     ({"input": "a", "dimensions": 32}, "dimensions", "dimensions=32: this model's embeddings have 64 dimensions"),
     ({"input": "a", "encoding_format": "int8"}, "encoding_format", "invalid field 'encoding_format'"),

@@ -35,7 +35,7 @@ MIXED = [
     request("chat-1", "/v1/chat/completions", CHAT),
     request("cmpl-1", "/v1/completions", COMPLETION),
     '{"custom_id": "broken", "url": "/v1/completions", "body": {',  # not JSON
-    request("embed-1", "/v1/embeddings", {"model": "m", "input": "hi"}),  # no such endpoint here
+    request("speech-1", "/v1/audio/speech", {"model": "m", "input": "hi"}),  # no such endpoint here
     "",  # blank: skipped
     request("too-long", "/v1/completions", {**COMPLETION, "max_tokens": -1}),  # the server's 400
     request("chat-1", "/v1/completions", COMPLETION),  # custom_id used on line 1
@@ -44,6 +44,7 @@ MIXED = [
     request("resp-1", "/v1/responses", RESPONSES),
     json.dumps({"custom_id": "no-url", "method": "POST", "body": CHAT}),
     request("get-1", "/v1/completions", COMPLETION, method="GET"),
+    request("embed-1", "/v1/embeddings", {"model": "m", "input": ["hi", "there"]}),
 ]
 
 
@@ -67,29 +68,31 @@ def llm(tiny_dense_dir):
 def test_a_mixed_file_gives_one_line_per_request_in_order(batch):
     lines, stderr = batch
     assert [line["custom_id"] for line in lines] == [
-        "chat-1", "cmpl-1", None, "embed-1", "too-long", "chat-1", "stream-1", "msg-1", "resp-1", "no-url", "get-1"]
+        "chat-1", "cmpl-1", None, "speech-1", "too-long", "chat-1", "stream-1", "msg-1", "resp-1", "no-url", "get-1", "embed-1"]
     assert all(line["id"].startswith("batch_req_") for line in lines) and len({line["id"] for line in lines}) == len(lines)
     by_position = dict(enumerate(lines))
-    for k, kind in ((0, "chat.completion"), (1, "text_completion"), (7, "message"), (8, "response")):
+    for k, kind in ((0, "chat.completion"), (1, "text_completion"), (7, "message"), (8, "response"), (11, "list")):
         line = by_position[k]
         assert line["error"] is None and line["response"]["status_code"] == 200, line
         body = line["response"]["body"]
-        assert body.get("object", body.get("type")) == kind and line["response"]["request_id"] == body["id"]
+        assert body.get("object", body.get("type")) == kind
+        assert line["response"]["request_id"] == body["id"] if kind != "list" else line["response"]["request_id"].startswith("req_")
     assert lines[0]["response"]["body"]["usage"]["completion_tokens"] == 6
     refused = lines[4]
     assert refused["error"] is None and refused["response"]["status_code"] == 400
     assert refused["response"]["body"]["error"]["param"] == "max_tokens"
     # Lines that are no request: no response, an error naming the problem and its line.
     errors = {line["custom_id"]: line["error"] for line in lines if line["response"] is None}
-    assert set(errors) == {None, "embed-1", "chat-1", "stream-1", "no-url", "get-1"}
+    assert set(errors) == {None, "speech-1", "chat-1", "stream-1", "no-url", "get-1"}
     assert errors[None]["code"] == "invalid_json_line" and errors[None]["message"].startswith("line 3: not valid JSON")
-    assert errors["embed-1"]["code"] == "invalid_url" and errors["embed-1"]["message"].startswith("line 4: url \"/v1/embeddings\"")
+    assert errors["speech-1"]["code"] == "invalid_url" and errors["speech-1"]["message"].startswith("line 4: url \"/v1/audio/speech\"")
     assert lines[5]["error"] == {"code": "duplicate_custom_id", "message": lines[5]["error"]["message"]}
     assert lines[5]["error"]["message"].startswith("line 7: custom_id 'chat-1' was used on line 1")
     assert errors["stream-1"]["message"].startswith("line 8: stream=true is not supported")
     assert errors["no-url"] == {"code": "missing_required_parameter", "message": "line 11: missing url"}
     assert errors["get-1"]["code"] == "invalid_method" and errors["get-1"]["message"].startswith("line 12: method \"GET\"")
-    assert "4 succeeded, 7 failed, of 11 requests" in stderr and "run-batch" in stderr  # the summary, after tqdm's bar
+    assert [len(d["embedding"]) for d in lines[11]["response"]["body"]["data"]] == [64, 64]
+    assert "5 succeeded, 7 failed, of 12 requests" in stderr and "run-batch" in stderr  # the summary, after tqdm's bar
 
 
 def test_a_greedy_line_is_what_the_server_answers(batch, llm):

@@ -27,6 +27,10 @@ from pangu_infer.server.protocol import EmbeddingRequest
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import close_all, start_requests, unless_gone
 
+# Inputs of one request, as OpenAI allows: each is a request of its own in the engine, which runs
+# --max-num-seqs at once and queues the rest (LangChain's OpenAIEmbeddings sends 1000 at a time).
+MAX_INPUTS = 2048
+
 
 async def handle(state: ServerState, req: EmbeddingRequest, request: Request) -> Response:
     lora = check_model(state, req.model)
@@ -62,20 +66,14 @@ async def handle(state: ServerState, req: EmbeddingRequest, request: Request) ->
 
 def _inputs(state: ServerState, req: EmbeddingRequest) -> list[tuple[Optional[str], list[int]]]:
     """(text, token ids) of each input, checked as the engine admits it: not empty, no longer than the
-    context, ids in the vocabulary; at most --max-num-seqs inputs (counted before any is tokenized)."""
+    context, ids in the vocabulary; at most MAX_INPUTS inputs (counted before any is tokenized)."""
     given = req.input
     if isinstance(given, list) and not given:
         raise APIError(400, "input is empty: give a text, a list of texts, token ids, or a list of token-id lists", param="input")
     single = isinstance(given, str) or all(isinstance(t, int) for t in given)  # one text, or one input's token ids
     items: list = [given] if single else list(given)
-    most = state.max_seqs_per_request
-    if len(items) > most:
-        raise APIError(
-            400,
-            f"input holds {len(items)} inputs; the server runs at most {most} sequences at once (--max-num-seqs), "
-            "so one request may embed at most that many",
-            param="input",
-        )
+    if len(items) > MAX_INPUTS:
+        raise APIError(400, f"input holds {len(items)} inputs; one request may embed at most {MAX_INPUTS}", param="input")
     limits = state.llm.engine.limits
     params = embedding_params()
     out = []
