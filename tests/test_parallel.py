@@ -41,10 +41,15 @@ def _workload(model_dir: Path, world_size: int) -> dict:
         greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         chat = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)[0].outputs[0].token_ids
         stats = llm.moe_stats()
+        # (after the expert counts are read) embedding requests, and the first prompt again with its
+        # greedy reply as the prediction: drafts of up to 8 tokens verified on every rank
+        embeddings = [o.outputs.embedding for pooling in ("last", "mean") for o in llm.embed(PROMPTS, pooling=pooling, use_tqdm=False)]
+        predicted = llm.generate(PROMPTS[0], SamplingParams(**{**GREEDY.__dict__, "prediction": greedy[0]}), use_tqdm=False)[0]
         llm.shutdown()
     finally:
         torch.set_num_threads(threads)
-    return {"logits": logits, "greedy": greedy, "chat": chat, "moe_stats": stats, "eager": eager}
+    return {"logits": logits, "greedy": greedy, "chat": chat, "moe_stats": stats, "eager": eager, "embeddings": embeddings,
+            "predicted": (predicted.outputs[0].token_ids, predicted.metrics["accepted_prediction_tokens"])}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +83,15 @@ def test_greedy_generate_and_chat_match_one_process(run, kind, world_size):
     assert got["greedy"] == want["greedy"]
     assert all(len(ids) == GREEDY.max_tokens for ids in got["greedy"])
     assert got["chat"] == want["chat"]
+
+
+@pytest.mark.parametrize("kind,world_size", CASES)
+def test_embeddings_and_predicted_outputs_match_one_process(run, kind, world_size):
+    got, want = run(kind, world_size), run(kind, 1)
+    for a, b in zip(got["embeddings"], want["embeddings"], strict=True):
+        assert (torch.tensor(a) - torch.tensor(b)).abs().max().item() < 1e-5
+    tokens, accepted = got["predicted"]
+    assert tokens == want["greedy"][0] and accepted >= GREEDY.max_tokens - 1
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
