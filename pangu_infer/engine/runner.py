@@ -183,6 +183,8 @@ class ModelRunner:
                 error = None
                 self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
                 return
+            with self._binding.lock:  # no step's forward runs meanwhile
+                _trace_inductors_placeholder()
             say(
                 "compiling the decode step in the background (a minute or more the first time on this "
                 f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
@@ -515,6 +517,22 @@ _compile_threads_lock = threading.Lock()
 # How long the exit waits for compile threads to unwind (a thread stops at its next Python bytecode:
 # at most one C++ compiler run in practice).
 EXIT_STOP_WAIT_S = 60.0
+
+
+def _trace_inductors_placeholder() -> None:
+    """torch.fx's symbolic tracing replaces nn.Module.__call__ for the whole process while it runs,
+    so a module called on another thread meanwhile fails ("module is not installed as a
+    submodule"). Inductor traces one function that way, once per process, in the middle of a
+    compile (loop_body.InterpreterShim's placeholder graph, cached after): an eager step on the
+    engine thread at that moment failed its request with a 500. Traced here first, where the
+    caller holds the lock every step's forward takes; the compile's own traces (make_fx) pass
+    other callers' module calls through."""
+    try:
+        from torch._inductor.loop_body import InterpreterShim
+
+        InterpreterShim._dummy_gm()
+    except Exception as e:  # noqa: BLE001  (torch's private helper moved: the compile goes on as it did)
+        logger.debug("inductor's placeholder graph not traced ahead: %s", e)
 
 
 def _start_compile_thread(target: Callable, *args) -> None:
