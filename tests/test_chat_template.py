@@ -166,7 +166,9 @@ def test_a_requests_template_that_fails_or_runs_away_is_a_400_naming_it(trusting
         error = r.json()["error"]
         assert error["param"] == "chat_template" and error["message"].startswith("chat_template failed"), error
         assert message in error["message"], error
-    assert time.perf_counter() - start < 10
+    # The budgets count steps and bytes, not time: this bound only tells a cut from a hang (each
+    # template ran for minutes before them). 10 s failed once on a loaded 2-core machine (14.6 s).
+    assert time.perf_counter() - start < 60
     # and the server still serves, its own template too
     assert trusting.post("/v1/chat/completions", json={"model": "m", "messages": MESSAGES, "max_tokens": 1}).status_code == 200
 
