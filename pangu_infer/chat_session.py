@@ -182,6 +182,15 @@ class _CtrlC:
 
 
 def _stream_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: bool, lora_request=None) -> Reply:
+    """One reply streamed to `out`; the compile thread's progress lines wait until it has ended
+    (with its newline), instead of landing in its middle."""
+    from pangu_infer.engine.compiled import lines_held
+
+    with lines_held():
+        return _write_reply(llm, prompt, params, out, color, lora_request)
+
+
+def _write_reply(llm, prompt: str, params: SamplingParams, out: TextIO, color: bool, lora_request=None) -> Reply:
     parser = ChatStreamParser()
     answer, reasoning = [], []
     in_reasoning = stopped = False

@@ -179,6 +179,34 @@ def test_a_reply_that_fails_is_an_error_and_the_session_goes_on(monkeypatch, thi
     assert out.count(SCRIPTED_ANSWER) == 1
 
 
+class Announcing(Recorder):
+    """Says a line mid-reply, as the compile thread does once the first step of a prompt given with
+    the command is done (say(), on stderr)."""
+
+    def stream(self, request, params, lora_request=None):
+        from pangu_infer.engine.compiled import say
+
+        for i, step in enumerate(super().stream(request, params)):
+            if i == 2:
+                say("compiling the decode step in the background")
+            yield step
+
+
+def test_the_compile_threads_line_follows_the_reply_instead_of_landing_inside_it(monkeypatch, talker):
+    """stdout and stderr share the terminal: a line said mid-reply waits until the reply's newline."""
+    shared = io.StringIO()  # the terminal both streams write to
+    monkeypatch.setattr(sys, "stderr", shared)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    code = run_chat(Announcing(talker), _args(), SamplingParams(temperature=0, max_tokens=8), out=shared)
+    assert code == 0
+    text = shared.getvalue()
+    reply, _, after = text.partition("pangu-infer: compiling the decode step in the background\n")
+    assert after is not None and reply.endswith("\n") and len(reply.strip()) > 0, text
+    from pangu_infer.engine import compiled
+
+    assert compiled._held is None  # nothing held once the reply is done
+
+
 def test_generate_says_why_a_reply_ended_early(monkeypatch, tiny_dense_dir, capsys):
     from dataclasses import replace
 

@@ -4,13 +4,14 @@ and replaced by the eager forward (with one line saying why) where it cannot be 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import threading
 import types
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -312,5 +313,34 @@ class LoRAVariants:
             self.state.in_graph = True
 
 
+# Lines say() was asked for while a reply streams to the terminal (lines_held), printed after it.
+_held: Optional[list[str]] = None
+_held_lock = threading.Lock()
+
+
 def say(line: str, end: str = "\n") -> None:
-    print(f"pangu-infer: {line}", end=end, file=sys.stderr, flush=True)
+    """One line on stderr (the compile thread's progress and fallbacks); held while lines_held() runs."""
+    text = f"pangu-infer: {line}{end}"
+    with _held_lock:
+        if _held is not None:
+            _held.append(text)
+            return
+    print(text, end="", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def lines_held() -> Iterator[None]:
+    """While a reply streams to the terminal, say()'s lines (from the compile thread, which starts
+    once the first step of a prompt given with the command is done) wait, and follow the reply
+    instead of landing in its middle."""
+    global _held
+    with _held_lock:
+        outer, _held = _held, _held if _held is not None else []
+    try:
+        yield
+    finally:
+        with _held_lock:
+            lines = _held if outer is None else []
+            _held = outer
+        for text in lines or []:
+            print(text, end="", file=sys.stderr, flush=True)
