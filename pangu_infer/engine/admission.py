@@ -8,7 +8,7 @@ logits, a length past the context), and what fails raises RequestError naming th
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Iterable, Optional, Sequence
 
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.sampling_params import SamplingParams
@@ -122,9 +122,15 @@ def check_cache_salt(salt: object) -> None:
 
 
 def _check_ids(ids: list[int], vocab: int) -> None:
-    bad_at = next((i for i, t in enumerate(ids) if not _is_token(t, vocab)), None)
-    if bad_at is not None:
-        raise RequestError(f"prompt token id {short_repr(ids[bad_at])} is outside the vocabulary [0, {vocab})", param="prompt")
+    bad = outside_vocabulary(ids, vocab)
+    if bad is not None:
+        raise RequestError(f"prompt token id {short_repr(bad)} is outside the vocabulary [0, {vocab})", param="prompt")
+
+
+def outside_vocabulary(ids: Iterable[object], vocab: int) -> Optional[object]:
+    """The first of `ids` that is no token id of a vocabulary of `vocab` (None: all are): a prompt's,
+    bad_words' or a prediction's ids, each refused naming it."""
+    return next((t for t in ids if not _is_token(t, vocab)), None)
 
 
 def _is_token(t: object, vocab: int) -> bool:

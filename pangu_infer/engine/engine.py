@@ -14,7 +14,7 @@ import torch
 from pangu_infer.config import ModelConfig
 from pangu_infer.device import free_memory_bytes, process_memory_bytes, total_memory_bytes
 from pangu_infer.engine import output
-from pangu_infer.engine.admission import Limits, admit, check_cache_salt, compile_structured
+from pangu_infer.engine.admission import Limits, admit, check_cache_salt, compile_structured, outside_vocabulary
 from pangu_infer.engine.kv_cache import BlockPool
 from pangu_infer.engine.runner import ModelRunner
 from pangu_infer.engine.sampler import BadWords, SampleResult, Sampler, SamplingRow
@@ -354,6 +354,8 @@ class LLMEngine:
             lora_key, lora_slot, lora_adapter = self._lora_key(lora_request, lora_adapter)
             waits = lora_key == 0  # max_loras adapters are loaded and busy: it waits for one to be free
         req = _Request(request_id, prompt, ids, params, lora_key=lora_key, pooling=pooling)
+        # the prediction's tokens, one array the request's sequences share (each has its own cursor)
+        predicted = np.asarray(prediction_ids, dtype=np.int64) if prediction_ids and self.predictions is not None else None
         parent = None
         for i in range(params.n):
             seq = Sequence(
@@ -371,8 +373,8 @@ class LLMEngine:
             seq.bad_words = bad_words
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             seq.pooling = pooling
-            if prediction_ids and self.predictions is not None:
-                seq.prediction = Prediction(np.asarray(prediction_ids, dtype=np.int64))
+            if predicted is not None:
+                seq.prediction = Prediction(predicted)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
                 seq.structured = StructuredState(
                     compiled, self.think_markers, ids, params.max_reasoning_tokens, params.allow_thinking,
@@ -406,7 +408,7 @@ class LLMEngine:
             if spaced and (not bare or (spaced[0] != bare[0] and len(spaced) == len(bare))):
                 out.append(spaced)
         vocab = self.config.vocab_size
-        outside = next((t for w in out for t in w if not 0 <= t < vocab), None)
+        outside = outside_vocabulary((t for w in out for t in w), vocab)
         if outside is not None:  # an added token of the tokenizer's past the model's logits
             raise RequestError(f"bad_words holds a word with the token id {outside}, outside the model's vocabulary [0, {vocab})", param="bad_words")
         total = sum(len(w) for w in out)
@@ -427,7 +429,7 @@ class LLMEngine:
         else:
             ids = list(prediction)
         vocab = self.config.vocab_size
-        outside = next((t for t in ids if not 0 <= t < vocab), None)
+        outside = outside_vocabulary(ids, vocab)
         if outside is not None:
             raise RequestError(f"prediction holds the token id {outside}, outside the model's vocabulary [0, {vocab})", param="prediction")
         if len(ids) > self.max_model_len:
