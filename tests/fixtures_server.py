@@ -149,6 +149,13 @@ def serving(app) -> Iterator[str]:
         thread.join(timeout=20)
 
 
+def sdk_client(http):
+    """The openai SDK over an in-process app (a fastapi TestClient as its HTTP client; no retries)."""
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
 class ScriptedEngine:
     """Answers every request with the same token ids, one per output, through the real detokenizer."""
 

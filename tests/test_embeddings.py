@@ -21,6 +21,7 @@ from pangu_infer.errors import RequestError
 from pangu_infer.loader.random import random_state_dict, transformers_llama
 from pangu_infer.outputs import EmbeddingRequestOutput
 from pangu_infer.server.app import create_app
+from fixtures_server import sdk_client
 
 # Lengths around the prefill chunk (32 tokens a step below): one token, within one chunk, exactly
 # two chunks, several chunks.
@@ -251,7 +252,7 @@ def http(llm):
 
 @pytest.fixture(scope="module")
 def client(http) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    return sdk_client(http)
 
 
 def test_openai_client_float_and_base64(client, llm, reference, pangu_tokenizer):

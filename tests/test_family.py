@@ -534,15 +534,14 @@ def test_offloaded_family_experts_match(kind, request):
 
 
 def test_server_chats_and_exports_top_k_expert_load(tiny_r72b_dir, tiny_r72b_config):
-    import openai
     from fastapi.testclient import TestClient
 
-    from fixtures_server import metric_value
+    from fixtures_server import metric_value, sdk_client
     from pangu_infer.server.app import create_app
 
     llm = LLM(str(tiny_r72b_dir), dtype="float32", device="cpu", kv_cache_memory=KV_BYTES, enforce_eager=True)
     with TestClient(create_app(llm, served_model_name="r72b")) as http:
-        client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        client = sdk_client(http)
         out = client.chat.completions.create(model="r72b", messages=[{"role": "user", "content": "hello"}], max_tokens=5, temperature=0)
         assert out.usage.completion_tokens == 5
         text = http.get("/metrics").text

@@ -5,7 +5,6 @@ the same distribution), in fewer steps where the prediction holds."""
 from __future__ import annotations
 
 import numpy as np
-import openai
 import pytest
 from fastapi.testclient import TestClient
 
@@ -14,6 +13,7 @@ from pangu_infer.engine.engine import EngineConfig, LLMEngine
 from pangu_infer.engine.spec_decode import PREDICTION_DRAFT_TOKENS, PREDICTION_NEAR, Prediction
 from pangu_infer.server.app import create_app
 from test_spec_decode import CYCLIC_SAMPLES, assert_samples_follow_the_target, write_cyclic_model
+from fixtures_server import sdk_client
 
 PROMPT = [1, 5, 9, 200, 17, 33, 8, 412, 77, 19, 23]
 
@@ -176,7 +176,7 @@ def test_a_prediction_of_the_wrong_type_is_refused(prediction):
 @pytest.fixture(scope="module")
 def client(llm):
     with TestClient(create_app(llm, served_model_name="tiny")) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0), http
+        yield sdk_client(http), http
 
 
 MESSAGES = [{"role": "user", "content": "tell me about the weather in the city"}]

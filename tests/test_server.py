@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 
 from fastapi.testclient import TestClient
 
-from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, ScriptedEngine, metric_value, running_server, serving
+from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, ScriptedEngine, metric_value, running_server, sdk_client, serving
 from pangu_infer import LLM
 from pangu_infer.chat import render_chat
 from pangu_infer.loader.random import random_state_dict, transformers_llama
@@ -506,7 +506,7 @@ def test_fuzzed_requests_from_the_openapi_schema_never_get_a_5xx(server):
 def thinking_client(thinking_dense_dir):
     llm = LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     with TestClient(create_app(llm, served_model_name="thinker")) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield sdk_client(http)
 
 
 def test_reasoning_goes_to_reasoning_content_never_content(thinking_client):
@@ -559,7 +559,7 @@ def tool_server(tiny_dense_dir, pangu_tokenizer):
     llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     engine = ScriptedEngine(pangu_tokenizer, TOOL_REPLY)
     with TestClient(create_app(llm, served_model_name="tools", engine=engine)) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0), engine
+        yield sdk_client(http), engine
 
 
 def test_tool_call_output_becomes_tool_calls(tool_server):

@@ -29,7 +29,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from fixtures_server import serving
+from fixtures_server import sdk_client, serving
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.sampling_params import MAX_ALLOWED_TOKEN_IDS
 from pangu_infer.server.app import create_app
@@ -446,7 +446,7 @@ def test_a_tool_result_may_carry_the_tools_name(http):
 def test_the_openai_client_hears_which_message_field_is_refused(http):
     import openai
 
-    client = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    client = sdk_client(http)
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="m", max_tokens=2, messages=[{"role": "user", "content": "hi", "tool_call_id": "c1"}])
     assert refused.value.body["param"] == "messages[0].tool_call_id", refused.value.body

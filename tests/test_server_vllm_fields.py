@@ -13,7 +13,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from fixtures_server import ScriptedEngine
+from fixtures_server import ScriptedEngine, sdk_client
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.loader.random import random_state_dict, transformers_llama
 from pangu_infer.server.app import create_app
@@ -38,7 +38,7 @@ def http(llm):
 
 @pytest.fixture(scope="module")
 def client(http) -> openai.OpenAI:
-    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+    return sdk_client(http)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +243,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 def scripted(llm, pangu_tokenizer):
     engine = ScriptedEngine(pangu_tokenizer, SCRIPTED)
     with TestClient(create_app(llm, served_model_name="tools", engine=engine)) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield sdk_client(http)
 
 
 @pytest.mark.parametrize("skip", [None, True, False])

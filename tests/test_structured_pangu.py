@@ -14,7 +14,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, running_server
+from fixtures_server import SCRIPTED_ANSWER, SCRIPTED_REASONING, running_server, sdk_client
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.config import ModelConfig
 from pangu_infer.sampling_params import StructuredOutputsParams
@@ -52,14 +52,14 @@ def random_llm(tiny_dense_dir):
 @pytest.fixture(scope="module")
 def random_client(random_llm):
     with TestClient(create_app(random_llm, served_model_name="random")) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield sdk_client(http)
 
 
 @pytest.fixture(scope="module")
 def thinker(thinking_dense_dir):
     llm = LLM(str(thinking_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
     with TestClient(create_app(llm, served_model_name="thinker")) as http:
-        yield llm, openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield llm, sdk_client(http)
 
 
 def _valid_call(call) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import jsonschema
-import openai
 import pytest
 
 from fastapi.testclient import TestClient
@@ -16,13 +15,14 @@ from fastapi.testclient import TestClient
 from pangu_infer import LLM
 from pangu_infer.server.app import create_app
 from test_structured import ARRAYS, ENUMS, MESSAGES, NESTED
+from fixtures_server import sdk_client
 
 
 @pytest.fixture(scope="module")
 def client(smollm2_gguf_path):
     llm = LLM(str(smollm2_gguf_path), dtype="float32", enforce_eager=True, max_num_seqs=32, kv_cache_memory=256 << 20)
     with TestClient(create_app(llm, served_model_name="demo")) as http:
-        yield openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+        yield sdk_client(http)
 
 
 @pytest.mark.parametrize("schema", [NESTED, ARRAYS, ENUMS], ids=["nested", "arrays", "enums"])
