@@ -27,7 +27,8 @@ import time
 import uuid
 from typing import Any, Optional
 
-from pangu_infer.cli import add_chat_template_argument, add_model_arguments, llm_kwargs
+from pangu_infer.cli import add_chat_template_argument, add_model_arguments
+from pangu_infer.server.cli import add_app_arguments
 
 logger = logging.getLogger("pangu_infer.batch")
 
@@ -42,20 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where the results go, one line per request in input order ('-': stdout)")
     add_model_arguments(parser)
     add_chat_template_argument(parser)
-    parser.add_argument(
-        "--served-model-name", dest="served_model_name", nargs="+", default=None, metavar="NAME",
-        help="the names a request's body.model may give (default: the --model argument), as serve's flag",
-    )
-    parser.add_argument("--trust-request-chat-template", action="store_true",
-                        help="let a chat request bring its own Jinja chat_template, as serve's flag")
-    parser.add_argument("--reasoning-budget", type=int, default=None, metavar="N",
-                        help="default thinking budget of chat requests, as serve's flag")
-    parser.add_argument("--pooling", default="last", choices=["last", "mean"],
-                        help="how /v1/embeddings lines pool the final hidden states, as serve's flag")
-    parser.add_argument(
-        "--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
-        help="LoRA adapters a request picks by sending NAME as model, as serve's flag (turns on --enable-lora)",
-    )
+    add_app_arguments(parser)  # (serve's: the app is the one serve builds)
 
 
 # ---------------------------------------------------------------------- the input file
@@ -261,16 +249,12 @@ def run(args: argparse.Namespace) -> int:
 
     from pangu_infer.llm import LLM
     from pangu_infer.server.app import create_app
-    from pangu_infer.server.cli import served_names
-    from pangu_infer.server.lora import add_startup_adapters, parse_lora_modules
+    from pangu_infer.server.cli import app_llm_kwargs, served_names
+    from pangu_infer.server.lora import add_startup_adapters
 
     if args.reasoning_budget is not None and args.reasoning_budget < 0:
         raise ValueError(f"--reasoning-budget {args.reasoning_budget}: expected an integer >= 0 (reasoning tokens)")
-    lora_modules = parse_lora_modules(args.lora_modules or [])
-    kwargs = llm_kwargs(args)
-    kwargs["pooling"] = args.pooling
-    if lora_modules:
-        kwargs["enable_lora"] = True
+    kwargs, lora_modules = app_llm_kwargs(args)
     items = parse_lines(read_input(args.input_file))  # before the model loads: a bad path fails at once
     check_output(args.output_file)
     llm = LLM(args.model, **kwargs)

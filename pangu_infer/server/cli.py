@@ -20,16 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the model, as vLLM's `vllm serve MODEL` takes it (or --model / -m)")
     add_model_arguments(parser)
     add_chat_template_argument(parser)
-    parser.add_argument(
-        "--trust-request-chat-template", action="store_true",
-        help="let a chat request bring its own Jinja chat_template (vLLM's flag; rendered in Jinja's sandbox); "
-        "refused with a 400 otherwise",
-    )
-    parser.add_argument(
-        "--pooling", default="last", choices=["last", "mean"],
-        help="how /v1/embeddings pools a prompt's final hidden states: last (default: the last token's, as vLLM "
-        "pools a decoder) or mean (over the prompt's tokens; vLLM's --override-pooler-config pooling_type)",
-    )
+    add_app_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     parser.add_argument(
@@ -80,14 +71,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="uvicorn's log level (vLLM's flag); info logs every request (default: warning, info with --verbose)",
     )
     parser.add_argument(
+        "--allowed-origins", default="", metavar="ORIGINS",
+        help="comma-separated web origins whose pages may call the API from a browser (CORS), e.g. "
+        "'http://localhost:5173,https://chat.example.org', or '*' for any (default: none: only the server's own chat page)",
+    )
+    parser.add_argument(
+        "--enable-runtime-lora-updates", action="store_true",
+        help="let clients load and unload LoRA adapters while the server runs: POST /v1/load_lora_adapter "
+        '{"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"} (vLLM\'s; needs --enable-lora). '
+        "Anyone with the API key can then make the server read any adapter folder on this machine",
+    )
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that shape the app itself (server/app.py create_app), which serve and run-batch
+    build alike: the names it serves, request chat templates, the thinking budget, LoRA adapters,
+    embeddings' pooling."""
+    parser.add_argument(
         "--served-model-name", "-a", "--alias", dest="served_model_name", nargs="+", default=None, metavar="NAME",
         help="the model name clients send (default: the --model argument; -a/--alias: llama.cpp's spelling); "
         "several names: requests may send any, replies name the first (vLLM's)",
     )
     parser.add_argument(
-        "--allowed-origins", default="", metavar="ORIGINS",
-        help="comma-separated web origins whose pages may call the API from a browser (CORS), e.g. "
-        "'http://localhost:5173,https://chat.example.org', or '*' for any (default: none: only the server's own chat page)",
+        "--trust-request-chat-template", action="store_true",
+        help="let a chat request bring its own Jinja chat_template (vLLM's flag; rendered in Jinja's sandbox); "
+        "refused with a 400 otherwise",
     )
     parser.add_argument(
         "--reasoning-budget", type=int, default=None, metavar="N",
@@ -102,11 +110,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(turns on --enable-lora; ids 1, 2, ... in this order)",
     )
     parser.add_argument(
-        "--enable-runtime-lora-updates", action="store_true",
-        help="let clients load and unload LoRA adapters while the server runs: POST /v1/load_lora_adapter "
-        '{"lora_name", "lora_path"} and /v1/unload_lora_adapter {"lora_name"} (vLLM\'s; needs --enable-lora). '
-        "Anyone with the API key can then make the server read any adapter folder on this machine",
+        "--pooling", default="last", choices=["last", "mean"],
+        help="how /v1/embeddings pools a prompt's final hidden states: last (default: the last token's, as vLLM "
+        "pools a decoder) or mean (over the prompt's tokens; vLLM's --override-pooler-config pooling_type)",
     )
+
+
+def app_llm_kwargs(args: argparse.Namespace) -> tuple[dict, list]:
+    """LLM's keyword arguments for the model and app flags, and the --lora-modules read (which turn
+    LoRA on): what serve and run-batch load alike."""
+    from pangu_infer.server.lora import parse_lora_modules
+
+    lora_modules = parse_lora_modules(args.lora_modules or [])
+    kwargs = llm_kwargs(args)
+    kwargs["pooling"] = args.pooling
+    if lora_modules:
+        kwargs["enable_lora"] = True
+    return kwargs, lora_modules
 
 
 def allowed_origins(text: str) -> list[str]:
@@ -261,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pangu_infer.llm import LLM
     from pangu_infer.server.app import create_app
-    from pangu_infer.server.lora import add_startup_adapters, parse_lora_modules
+    from pangu_infer.server.lora import add_startup_adapters
 
     take_model_tag(args)
     if args.enable_log_requests and args.disable_log_requests:
@@ -277,11 +297,7 @@ def run(args: argparse.Namespace) -> int:
     origins = allowed_origins(args.allowed_origins)
     https = check_ssl_files(args.ssl_keyfile, args.ssl_certfile, args.ssl_keyfile_password, args.ssl_ca_certs, args.ssl_cert_reqs)
     prefix = root_path(args.root_path)
-    lora_modules = parse_lora_modules(args.lora_modules or [])
-    kwargs = llm_kwargs(args)
-    kwargs["pooling"] = args.pooling
-    if lora_modules:
-        kwargs["enable_lora"] = True
+    kwargs, lora_modules = app_llm_kwargs(args)
     if args.enable_runtime_lora_updates and not kwargs.get("enable_lora"):
         raise ValueError("--enable-runtime-lora-updates needs LoRA turned on: add --enable-lora (or --lora-modules)")
     llm = LLM(args.model, **kwargs)
