@@ -109,12 +109,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="where the default sampling values of a request that omits them come from (vLLM's flag): auto "
         "(default) the model's generation_config.json, vllm the engine's own defaults (the file ignored), or a "
         "folder holding a generation_config.json; keys read: temperature, top_p, top_k, min_p, "
-        "repetition_penalty, max_new_tokens (the default max_tokens), do_sample false (greedy)",
+        "repetition_penalty, max_new_tokens (the default max_tokens; a FOLDER's also caps a server request's "
+        "own max_tokens, as vLLM's), do_sample false (greedy)",
     )
     p.add_argument(
         "--override-generation-config", default=None, metavar="JSON",
         help='default sampling values over those --generation-config chose, as a JSON object (vLLM\'s flag), '
-        'e.g. \'{"temperature": 0.5, "top_p": 0.9}\'; a request\'s own values still win',
+        'e.g. \'{"temperature": 0.5, "top_p": 0.9}\'; a request\'s own values still win, except that its '
+        '"max_new_tokens" also caps a server request\'s own max_tokens (vLLM\'s server-wide limit)',
     )
     p.add_argument(
         "--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],

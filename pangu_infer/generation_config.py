@@ -6,8 +6,9 @@ a folder's path takes them from that folder's generation_config.json. override_g
 (vLLM's --override-generation-config): a dict of keys applied over whichever was chosen.
 
 The keys read are vLLM's: temperature, top_p, top_k, min_p, repetition_penalty, and
-max_new_tokens (the default max_tokens of a request that gives no length); a file's do_sample
-false means greedy. The model's own generation_config.json still gives the end-of-sequence
+max_new_tokens (the default max_tokens of a request that gives no length; the override's, or a
+chosen folder's, also caps a server request's own max_tokens: LLM.max_tokens_ceiling); a file's
+do_sample false means greedy. The model's own generation_config.json still gives the end-of-sequence
 tokens whatever is chosen here.
 """
 

@@ -165,6 +165,13 @@ class LLM:
         self.sampling_defaults = sampling_defaults(
             self.generation_config if chosen_config is None else chosen_config, override
         )
+        # The server's ceiling on every reply's length, a request's own max_tokens included (vLLM's
+        # since its PR #34063): max_new_tokens of a generation config the operator chose (a
+        # folder, with the override over it) or of the override; the model's own file's is only
+        # the default of a request that gives no length.
+        self.max_tokens_ceiling: Optional[int] = (
+            override.get("max_new_tokens") if chosen_config is None else self.sampling_defaults.get("max_tokens")
+        )
         # The draft model of speculative decoding (engine/draft_model.py), loaded like the target.
         self.draft = None
         if spec.draft_model is not None:

@@ -4,6 +4,7 @@ uvicorn's log level, llama.cpp's spellings. Real servers on loopback, driven by 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import ssl
@@ -292,15 +293,95 @@ def test_a_folders_generation_config_with_the_override_over_it(folder_config_ser
     for reply in replies:
         assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
         assert reply.choices[0].message.content == greedy
-    # Completions too (instead of OpenAI's 16); a request's own values win.
+    # Completions too (instead of OpenAI's 16); a request's own values win, its length up to the
+    # folder's max_new_tokens (vLLM's ceiling for a config the operator chose).
     plain = client.completions.create(model=model, prompt="the weather in the city")
     assert plain.usage.completion_tokens == 3
-    assert client.completions.create(model=model, prompt="the weather in the city", max_tokens=5).usage.completion_tokens == 5
-    sampled = client.chat.completions.create(model=model, messages=CHAT, max_tokens=12, n=2, temperature=1.0)
+    assert client.completions.create(model=model, prompt="the weather in the city", max_tokens=2).usage.completion_tokens == 2
+    assert client.completions.create(model=model, prompt="the weather in the city", max_tokens=5).usage.completion_tokens == 3
+    sampled = client.chat.completions.create(model=model, messages=CHAT, max_tokens=3, n=2, temperature=1.0)
     assert sampled.choices[0].message.content != sampled.choices[1].message.content
     # The default length fits a prompt's room in the context (128 tokens), not a 400 for a length not asked.
     near_full = client.completions.create(model=model, prompt=[7] * 126)
     assert near_full.usage.completion_tokens == 2
+
+
+def _reply_lengths(http, model: str, asked: Optional[int]) -> dict[str, tuple[int, str]]:
+    """(generated tokens, finish reason) of a greedy request asking `asked` tokens (None: no length)
+    on each API: chat (max_tokens and max_completion_tokens), completions, Responses, Messages."""
+    def length(field: str) -> dict:
+        return {} if asked is None else {field: asked}
+
+    got = {}
+    for name, field in (("chat", "max_tokens"), ("chat_completion_tokens", "max_completion_tokens")):
+        r = http.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "temperature": 0, "ignore_eos": True,
+                                                    **length(field)}).json()
+        got[name] = (r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"])
+    r = http.post("/v1/completions", json={"model": model, "prompt": "the weather in the city", "temperature": 0,
+                                           "ignore_eos": True, **length("max_tokens")}).json()
+    got["completions"] = (r["usage"]["completion_tokens"], r["choices"][0]["finish_reason"])
+    r = http.post("/v1/responses", json={"model": model, "input": CHAT[0]["content"], "temperature": 0,
+                                         **length("max_output_tokens")}).json()
+    got["responses"] = (r["usage"]["output_tokens"], r["status"])
+    if asked is not None:  # (Anthropic's max_tokens is required)
+        r = http.post("/v1/messages", json={"model": model, "messages": CHAT, "temperature": 0, "max_tokens": asked}).json()
+        got["messages"] = (r["usage"]["output_tokens"], r["stop_reason"])
+    return got
+
+
+def _cut(n: int, asked_some: bool = True) -> dict[str, tuple[int, str]]:
+    cut = {"chat": (n, "length"), "chat_completion_tokens": (n, "length"), "completions": (n, "length"),
+           "responses": (n, "incomplete")}
+    return {**cut, "messages": (n, "max_tokens")} if asked_some else cut
+
+
+def test_an_operators_max_new_tokens_caps_every_servers_request_as_vllms_does(tiny_dense_dir, tmp_path):
+    """vLLM's server: --override-generation-config's max_new_tokens, or that of a --generation-config
+    FOLDER, is a ceiling on a request's own max_tokens on every API; a request asking less gets what
+    it asked. LLM.generate with a SamplingParams keeps its max_tokens (vLLM's offline API)."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer import LLM, SamplingParams
+    from pangu_infer.server.app import create_app
+
+    folder = tmp_path / "config"
+    folder.mkdir()
+    (folder / "generation_config.json").write_text('{"do_sample": false, "max_new_tokens": 3}')
+    small = {"dtype": "float32", "kv_cache_memory": 8 << 20, "enforce_eager": True, "max_model_len": 256}
+    for chosen in ({"override_generation_config": {"max_new_tokens": 3}}, {"generation_config": str(folder)}):
+        llm = LLM(str(tiny_dense_dir), **small, **chosen)
+        with TestClient(create_app(llm, served_model_name="m")) as http:
+            assert _reply_lengths(http, "m", 10) == _cut(3), chosen
+            assert _reply_lengths(http, "m", 2) == _cut(2), chosen
+            assert _reply_lengths(http, "m", None) == _cut(3, asked_some=False), chosen
+            # Responses' truncation "auto" leaves room for the length the reply runs with (3), not
+            # the 250 asked: the whole conversation is kept.
+            turns = [{"role": "user", "content": "tell me about the weather " * 4}, {"role": "assistant", "content": "sunny"},
+                     {"role": "user", "content": "and tomorrow?"}]
+            whole = http.post("/v1/responses", json={"model": "m", "input": turns, "max_output_tokens": 3}).json()
+            auto = http.post("/v1/responses", json={"model": "m", "input": turns, "max_output_tokens": 250, "truncation": "auto"}).json()
+            assert auto["usage"]["input_tokens"] == whole["usage"]["input_tokens"] > 256 - 250, chosen
+        offline = llm.generate(["the weather"], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), use_tqdm=False)
+        assert len(offline[0].outputs[0].token_ids) == 10, chosen
+
+
+def test_the_models_own_max_new_tokens_is_a_default_not_a_ceiling(tiny_dense_dir, tmp_path):
+    """generation_config auto: the model's generation_config.json's max_new_tokens is the length of a
+    request that gives none (vLLM's since its PR #34063), not a cap on one that gives its own."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer import LLM
+    from pangu_infer.server.app import create_app
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dense_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "max_new_tokens": 3}))
+    llm = LLM(str(model), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True, max_model_len=256)
+    assert llm.max_tokens_ceiling is None
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        assert _reply_lengths(http, "m", 10) == _cut(10)
+        assert _reply_lengths(http, "m", None) == _cut(3, asked_some=False)
 
 
 def test_generation_config_in_the_python_api_and_the_generate_command(tiny_dense_dir):

@@ -356,7 +356,8 @@ async def _fitted(state: ServerState, req: ResponsesRequest, messages: list[dict
     whose prompt, instructions and template included, leaves max_output_tokens (or one token) of the
     context; binary search over the start, so a long conversation renders O(log n) times. When even
     the last turn alone does not fit, it is sent as is and admission names the problem."""
-    room = state.llm.engine.max_model_len - (req.max_output_tokens or 1)
+    asked, ceiling = req.max_output_tokens or 1, getattr(state.llm, "max_tokens_ceiling", None)
+    room = state.llm.engine.max_model_len - (asked if ceiling is None else min(asked, ceiling))  # (the length it runs with)
     starts = [i for i, m in enumerate(messages) if m["role"] != "tool"]
 
     async def fits(start: int) -> bool:

@@ -53,11 +53,18 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
 
 
 def fit_default_length(state: ServerState, params: SamplingParams, ids: list[int], default_length: Optional[int] = None) -> SamplingParams:
-    """A request that gave no length (max_tokens None): the API's own default (`default_length`:
-    completions' 16) and the generation config's max_new_tokens, the smaller, or the prompt's room in
-    the context if less (vLLM's min of the three); with neither, the room (the engine's None)."""
+    """A reply's length as vLLM's server sets it. A request that gave no length (max_tokens None):
+    the API's own default (`default_length`: completions' 16) and the generation config's
+    max_new_tokens, the smaller, or the prompt's room in the context if less; with neither, the
+    room (the engine's None). A request's own max_tokens is kept, but never past the ceiling of a
+    generation config the operator chose (LLM.max_tokens_ceiling: --override-generation-config's
+    max_new_tokens, or a --generation-config folder's, which is then also the default above).
+    A length (capped) past the prompt's room stays the engine's 400."""
+    ceiling = getattr(state.llm, "max_tokens_ceiling", None)
+    if params.max_tokens is not None:
+        return params if ceiling is None or params.max_tokens <= ceiling else replace(params, max_tokens=ceiling)
     limits = [n for n in (default_length, getattr(state.llm, "default_max_tokens", None)) if n is not None]
-    if params.max_tokens is not None or not limits:
+    if not limits:
         return params
     room = state.llm.engine.max_model_len - len(ids)
     return replace(params, max_tokens=max(1, min(*limits, room)))
