@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -11,6 +12,8 @@ from typing import Any, Optional
 import torch
 
 from pangu_infer.config_family import FAMILY_ARCHITECTURES, ULTRA_MOE, FamilyConfigError, family_fields, family_rope_theta
+
+logger = logging.getLogger(__name__)
 
 DENSE_ARCHITECTURES = ("PanguEmbeddedForCausalLM", "LlamaForCausalLM")
 MOGE_ARCHITECTURES = ("PanguProMoEForCausalLM",)
@@ -314,36 +317,48 @@ def _is_token_id(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """A load-time warning given once per process: a model's files are read more than once per
+    load (the memory check, the plan, the load itself), and the same fault is said once."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning("%s", message)
+
+
 def token_ids(d: dict[str, Any], vocab_size: int, source: str = "config") -> tuple[Optional[int], list[int], Optional[int]]:
     """(bos_token_id, eos_token_ids, pad_token_id) of a config.json or generation_config.json dict
-    (`source` names it in errors): eos an id or a list of ids, bos an id, each in [0, vocab_size),
-    pad an id. A pad_token_id outside the vocabulary (-1, which some older Llama conversions write
-    for "none", or a pad token added past the embedding) is read as none: the engine uses none."""
-    def check(name: str, v: Any) -> int:
+    (`source` names it in errors): eos an id or a list of ids, bos an id, pad an id; a value that
+    is not an integer is an error. An id outside [0, vocab_size) is read as none, with one warning
+    (bos, eos) or none (pad: -1 is older Llama conversions' "none", or a pad token added past the
+    embedding), as transformers loads such a config (its generate only never meets that eos) and
+    llama.cpp a GGUF's ("bad special token ..., using default id"): an eos no token can be never
+    ends a sequence, and the model still runs (its other eos ids, or max_tokens, end replies)."""
+    def check(name: str, v: Any) -> Optional[int]:
         if not _is_token_id(v):
             raise ConfigError(f"{source} field {name}={v!r} must be a token id (an integer)")
         if not 0 <= v < vocab_size:
-            raise ConfigError(f"{source} field {name}={v} is outside the vocabulary (vocab_size={vocab_size})")
+            warn_once(f"{source} field {name}={v} is outside the vocabulary (vocab_size={vocab_size}): ignored"
+                      + (" (no token of the model can be it)" if name == "eos_token_id" else ""))
+            return None
         return v
 
     eos = d.get("eos_token_id")
     if eos is None:
         eos_ids = []
     elif isinstance(eos, list):
-        eos_ids = []
-        for v in eos:
-            if not _is_token_id(v):
-                raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
-            eos_ids.append(check("eos_token_id", v))
+        if not all(_is_token_id(v) for v in eos):
+            raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
+        eos_ids = [v for v in (check("eos_token_id", v) for v in eos) if v is not None]
     elif _is_token_id(eos):
-        eos_ids = [check("eos_token_id", eos)]
+        eos_ids = [v for v in (check("eos_token_id", eos),) if v is not None]
     else:
         raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
     bos, pad = d.get("bos_token_id"), d.get("pad_token_id")
     if _is_token_id(pad) and not 0 <= pad < vocab_size:
-        # -1 (older Llama conversions' "none"), or a pad token the tokenizer added past the
-        # embedding: the engine pads with no token id, so it is read as none, not refused
-        pad = None
+        pad = None  # (no warning: -1 is a common spelling of none)
     return (None if bos is None else check("bos_token_id", bos)), eos_ids, (None if pad is None else check("pad_token_id", pad))
 
 

@@ -60,6 +60,19 @@ class _Backend(Protocol):
     def token_to_id(self, text: str) -> int | None: ...
 
 
+def _with_pieces(ids: list[int], vocab_size: int) -> list[int]:
+    """The ids that have a piece. An id past the tokenizer's pieces has none, and is dropped: the
+    model's vocabulary may be wider than its tokenizer's (an embedding padded to a multiple of 64 or
+    128, as many HF checkpoints are), and a sampled padding id decodes as empty text, as a
+    transformers tokenizer decodes it, instead of failing its request. A negative id is an error."""
+    if all(0 <= i < vocab_size for i in ids):
+        return ids
+    bad = next((i for i in ids if i < 0), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary (size {vocab_size})")
+    return [i for i in ids if i < vocab_size]
+
+
 class _SentencePieceBackend:
     """Slow-tokenizer semantics over a SentencePiece model plus the added tokens of tokenizer_config.json."""
 
@@ -118,7 +131,7 @@ class _SentencePieceBackend:
     def decode(self, ids: list[int], skip_ids: frozenset[int]) -> str:
         out: list[str] = []
         segment: list[int] = []
-        for i in ids:
+        for i in _with_pieces(ids, self.vocab_size):
             added = self.added.get(i)
             if added is None:
                 segment.append(i)
@@ -133,11 +146,10 @@ class _SentencePieceBackend:
     def _decode_segment(self, segment: list[int]) -> str:
         if not segment:
             return ""
-        try:
-            data = b"".join(self._piece_bytes[i] for i in segment)
-        except IndexError:
-            bad = next(i for i in segment if not 0 <= i < len(self._piece_bytes))
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})") from None
+        segment = _with_pieces(segment, len(self._piece_bytes))  # (an id between the pieces and an added token)
+        if not segment:
+            return ""
+        data = b"".join(self._piece_bytes[i] for i in segment)
         # Each fragment was encoded with its own dummy prefix, so each one loses exactly one leading
         # space on the way back -- the same rule as sp.decode, applied per fragment.
         if self._drops_first_space and self._word_start[segment[0]]:
@@ -147,8 +159,8 @@ class _SentencePieceBackend:
     def id_to_token(self, token_id: int) -> str:
         if token_id in self.added:
             return self.added[token_id].content
-        if not 0 <= token_id < self.sp.get_piece_size():
-            raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
+        if not _with_pieces([token_id], self.sp.get_piece_size()):
+            return ""
         return self.sp.id_to_piece(token_id)
 
     def token_to_id(self, text: str) -> int | None:
@@ -174,16 +186,13 @@ class _HFTokenizersBackend:
         return self.tk.encode_batch([text], add_special_tokens=False)[0].ids
 
     def decode(self, ids: list[int], skip_ids: frozenset[int]) -> str:
-        bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"token id {bad} is outside the vocabulary (size {self.vocab_size})")
-        return self.tk.decode([i for i in ids if i not in skip_ids], skip_special_tokens=False)
+        return self.tk.decode([i for i in _with_pieces(ids, self.vocab_size) if i not in skip_ids], skip_special_tokens=False)
 
     def id_to_token(self, token_id: int) -> str:
+        if not _with_pieces([token_id], self.vocab_size):
+            return ""
         token = self.tk.id_to_token(token_id)
-        if token is None:
-            raise ValueError(f"token id {token_id} is outside the vocabulary (size {self.vocab_size})")
-        return token
+        return "" if token is None else token
 
     def token_to_id(self, text: str) -> int | None:
         return self.tk.token_to_id(text)

@@ -383,3 +383,94 @@ def test_a_bad_metadata_value_names_its_gguf_key(tmp_path, tiny_pangu_gguf, key,
     with pytest.raises(GGUFError, match=message):
         load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
     assert main(["plan", "--model", str(path)]) == 2
+
+
+# ------------------------------------------------------------------- the tokenizer against the model's rows
+def _resized(t, rows: int, n_tokens: int, tmp_path, name: str, **metadata):
+    """The tiny Pangu GGUF with `rows` embedding and output rows and the tokenizer's first
+    `n_tokens` tokens (past its own, pieces as llama.cpp's converter pads them: [PADi], UNUSED)."""
+    from dataclasses import replace
+
+    from fixtures_gguf import tiny_pangu_tensors
+
+    n = len(t.vocab.tokens)
+    pad = range(n, max(n, n_tokens))
+    vocab = replace(t.vocab, tokens=(t.vocab.tokens + [f"[PAD{i}]" for i in pad])[:n_tokens],
+                    scores=(t.vocab.scores + [-1000.0 for _ in pad])[:n_tokens],
+                    token_types=(t.vocab.token_types + [5 for _ in pad])[:n_tokens])
+    config = dict(t.config, vocab_size=rows)
+    return write_gguf(tmp_path / name, arch=t.arch, config=config, tensors=tiny_pangu_tensors(config), vocab=vocab,
+                      metadata=metadata)
+
+
+@pytest.mark.parametrize("rows, n_tokens", [(412, 420), (420, 428)])
+def test_a_tokenizer_with_more_tokens_than_the_models_rows_is_refused_naming_both(tmp_path, tiny_pangu_gguf, rows, n_tokens):
+    """The tokenizer could give ids the embedding has no row for (an IndexError mid-request, or a
+    400 for a text prompt); llama.cpp refuses such a file ("tensor 'token_embd.weight' has wrong
+    shape")."""
+    from pangu_infer import LLM
+
+    path = _resized(tiny_pangu_gguf, rows, n_tokens, tmp_path, "m.gguf")
+    says = rf"{re.escape(str(path))}: the tokenizer has {n_tokens} tokens \(tokenizer\.ggml\.tokens\) but the model's vocabulary only {rows}"
+    with pytest.raises(GGUFError, match=says):
+        read_gguf(path)
+    with pytest.raises(ValueError, match=says):
+        LLM(str(path), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True)
+    stated = write_gguf(tmp_path / "s.gguf", arch=tiny_pangu_gguf.arch, config=tiny_pangu_gguf.config, tensors=tiny_pangu_gguf.tensors,
+                        vocab=tiny_pangu_gguf.vocab, metadata={"pangu-embedded.vocab_size": ("uint32", 500)})
+    with pytest.raises(GGUFError, match=r"s\.gguf: pangu-embedded\.vocab_size=500 but token_embd\.weight has 420 rows"):
+        read_gguf(stated)
+
+
+def test_rows_without_a_piece_load_with_one_warning_and_decode_as_empty_text(tmp_path, tiny_pangu_gguf, caplog):
+    """An embedding wider than the tokenizer (8 rows past its 420 tokens): the model loads (one
+    warning naming the file and both counts) and a reply that samples those ids is empty text where
+    they stand, logprobs and /detokenize included, instead of a failed request."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer import LLM
+    from pangu_infer.server.app import create_app
+
+    path = _resized(tiny_pangu_gguf, 428, 420, tmp_path, "wide.gguf")
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(path), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True)
+    said = [r.getMessage() for r in caplog.records if "rows" in r.getMessage()]
+    assert said == [f"{path}: the model's vocabulary has 428 rows (token_embd.weight) but the tokenizer only 420 tokens: "
+                    "ids 420 to 427, if sampled, decode as empty text"]
+    assert llm.config.vocab_size == 428 and llm.tokenizer.vocab_size == 420
+    word = llm.tokenizer.encode("Hello", add_special_tokens=False)
+    body = {"model": "m", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0, "logprobs": 1, "ignore_eos": True}
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        # every token forced to a padded id: 200, empty text and empty token strings
+        forced = http.post("/v1/completions", json={**body, "logit_bias": {"425": 100}}).json()
+        assert forced["choices"][0]["text"] == "" and forced["choices"][0]["logprobs"]["tokens"] == [""] * 4
+        assert forced["usage"]["completion_tokens"] == 4
+        assert http.post("/detokenize", json={"model": "m", "tokens": [425, *word]}).json()["prompt"] == "Hello"
+        assert http.post("/detokenize", json={"model": "m", "tokens": [428]}).status_code == 400
+        chat = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                                       "temperature": 0, "logit_bias": {"426": 100}, "stream": True})
+        assert chat.status_code == 200 and '"finish_reason":"length"' in chat.text.replace(" ", "")
+
+
+def test_a_special_token_id_outside_the_vocabulary_is_read_as_absent_as_llama_cpp_does(tmp_path, tiny_pangu_gguf, caplog):
+    """llama.cpp: "bad special token: 'tokenizer.ggml.eos_token_id' = N, using default id 2" (a
+    SentencePiece vocabulary's defaults: bos 1, eos 2), and the model runs; it was refused here.
+    One warning per key, however often the header is read."""
+    from pangu_infer import LLM, SamplingParams
+
+    t = tiny_pangu_gguf
+    path = write_gguf(tmp_path / "bad.gguf", arch=t.arch, config=t.config, tensors=t.tensors, vocab=t.vocab,
+                      metadata={"tokenizer.ggml.eos_token_id": ("uint32", 10**6), "tokenizer.ggml.bos_token_id": ("uint32", 420)})
+    with caplog.at_level("WARNING"):
+        ckpt = read_gguf(path)
+        read_gguf(path)
+        llm = LLM(str(path), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True)
+    said = sorted(r.getMessage() for r in caplog.records if "outside the vocabulary" in r.getMessage())
+    assert said == [f"{path}: tokenizer.ggml.{key} is outside the vocabulary of 420 tokens: read as absent "
+                    "(llama.cpp's bad special token, which takes the default id)"
+                    for key in ("bos_token_id=420", "eos_token_id=1000000")]
+    assert (ckpt.config["bos_token_id"], ckpt.config["eos_token_id"]) == (None, None)
+    assert (llm.tokenizer.bos_token_id, llm.tokenizer.eos_token_id) == (1, 2)
+    assert llm.engine.eos_token_ids == {2}
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=3, temperature=0, logit_bias={2: 100}), use_tqdm=False)[0]
+    assert out.prompt_token_ids[0] == 1 and out.outputs[0].token_ids == [2] and out.outputs[0].finish_reason == "stop"

@@ -174,7 +174,6 @@ def test_config_layers_not_the_checkpoints_are_refused_before_building(tmp_path,
 
 @pytest.mark.parametrize("change,message", [
     (dict(eos_token_id=["a"]), r"generation_config\.json field eos_token_id=\['a'\] must be a token id or a list of token ids"),
-    (dict(eos_token_id=1_000_000_000), r"generation_config\.json field eos_token_id=1000000000 is outside the vocabulary"),
     (dict(bos_token_id="1"), r"generation_config\.json field bos_token_id='1' must be a token id"),
     (dict(temperature=-1), r"generation_config\.json field temperature=-1 is out of range: expected a finite number >= 0"),
     (dict(top_p=float("nan")), r"generation_config\.json field top_p=nan is out of range"),
@@ -279,9 +278,6 @@ def test_negative_zero_or_non_finite_numbers_are_named(change, message):
     (dict(eos_token_id=["a"]), r"config field eos_token_id=\['a'\] must be a token id or a list of token ids"),
     (dict(eos_token_id="2"), r"config field eos_token_id='2' must be a token id or a list of token ids"),
     (dict(eos_token_id=True), r"config field eos_token_id=True must be a token id"),
-    (dict(eos_token_id=1_000_000_000), r"config field eos_token_id=1000000000 is outside the vocabulary \(vocab_size=100\)"),
-    (dict(eos_token_id=[2, 100]), r"config field eos_token_id=100 is outside the vocabulary \(vocab_size=100\)"),
-    (dict(bos_token_id=-3), r"config field bos_token_id=-3 is outside the vocabulary"),
     (dict(bos_token_id=1.0), r"config field bos_token_id=1\.0 must be a token id \(an integer\)"),
     (dict(pad_token_id="x"), r"config field pad_token_id='x' must be a token id \(an integer\)"),
 ])
@@ -289,6 +285,42 @@ def test_token_ids_that_are_not_ids_of_the_vocabulary_are_named(change, message)
     """eos_token_id ["a"] was a TypeError in the engine's sort; 10**9 loaded and never ended anything."""
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_hf_dict(_cfg(**change))
+
+
+def test_token_ids_outside_the_vocabulary_load_with_one_warning_each_and_are_read_as_none(caplog, monkeypatch):
+    """transformers loads such a config (its generate never meets that eos) and llama.cpp warns of a
+    GGUF's and goes on: an eos no token can be ends nothing, and the model still runs (it was
+    refused). One warning per id, however often the config is read."""
+    import pangu_infer.config as config_module
+
+    monkeypatch.setattr(config_module, "_warned", set())
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            cfg = ModelConfig.from_hf_dict(_cfg(eos_token_id=[2, 100, 1_000_000_000], bos_token_id=-3))
+    assert (cfg.eos_token_ids, cfg.bos_token_id) == ([2], None)
+    assert [r.getMessage() for r in caplog.records] == [
+        "config field eos_token_id=100 is outside the vocabulary (vocab_size=100): ignored (no token of the model can be it)",
+        "config field eos_token_id=1000000000 is outside the vocabulary (vocab_size=100): ignored (no token of the model can be it)",
+        "config field bos_token_id=-3 is outside the vocabulary (vocab_size=100): ignored",
+    ]
+    assert ModelConfig.from_hf_dict(_cfg(eos_token_id=100)).eos_token_ids == []
+
+
+def test_a_generation_config_eos_outside_the_vocabulary_loads_and_ends_nothing(tmp_path, tiny_dense_dir, caplog):
+    from pangu_infer import LLM, SamplingParams
+
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    gen = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[gen["eos_token_id"], 1_000_000_000])))
+    with caplog.at_level("WARNING"):
+        llm = LLM(str(d), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
+    assert [r.getMessage() for r in caplog.records if "1000000000" in r.getMessage()] == [
+        f"{d / 'generation_config.json'} field eos_token_id=1000000000 is outside the vocabulary "
+        f"(vocab_size={llm.config.vocab_size}): ignored (no token of the model can be it)"
+    ]
+    assert llm.engine.eos_token_ids == {gen["eos_token_id"]}
+    out = llm.generate(["Hello"], SamplingParams(max_tokens=2, min_tokens=1, temperature=0), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) >= 1
 
 
 def test_token_ids_are_read():

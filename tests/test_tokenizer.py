@@ -136,10 +136,19 @@ def test_token_to_id_answers_none_for_unknown_text(pangu_tokenizer: Tokenizer) -
     assert pangu_tokenizer.token_to_id("[unused99]") is None
 
 
-def test_decoding_an_id_outside_the_vocabulary_is_a_clear_error(pangu_tokenizer, llama_tokenizer) -> None:
+def test_an_id_past_the_tokenizers_pieces_decodes_as_empty_text(pangu_tokenizer, llama_tokenizer, llama_tokenizer_dir) -> None:
+    """A model's vocabulary may be wider than its tokenizer (an embedding padded to a multiple of 64,
+    or a GGUF's rows past its tokens): a sampled id without a piece is empty text, as transformers
+    decodes it, not a failed request. A negative id is still an error."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(str(llama_tokenizer_dir))
+    assert llama_tokenizer.decode([5, 5000]) == reference.decode([5, 5000]) == reference.decode([5])
     for tok in (pangu_tokenizer, llama_tokenizer):
-        with pytest.raises(ValueError, match="token id 5000 is outside the vocabulary"):
-            tok.decode([5, 5000])
+        assert tok.decode([5, 5000, 6]) == tok.decode([5, 6]) and tok.decode([5000]) == ""
+        assert tok.convert_ids_to_tokens([5000]) == [""]
+        with pytest.raises(ValueError, match="token id -1 is outside the vocabulary"):
+            tok.decode([5, -1])
 
 
 def test_load_tokenizer_names_the_folder_it_cannot_use(tmp_path: Path) -> None:

@@ -300,7 +300,9 @@ class LLMEngine:
         tok_eos = getattr(self.tokenizer, "eos_token_id", None)
         if tok_eos is not None:
             ids.add(tok_eos)
-        return ids
+        # an id no token can be (warned of as the file was read: config.token_ids) ends nothing,
+        # and the sampler indexes the logits with these
+        return {i for i in ids if 0 <= i < self.config.vocab_size}
 
     # ------------------------------------------------------------------ requests
     def add_request(

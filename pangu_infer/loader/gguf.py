@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 import numpy as np
 import torch
 
-from pangu_infer.config import ConfigError, ModelConfig
+from pangu_infer.config import ConfigError, ModelConfig, warn_once
 
 if TYPE_CHECKING:
     import tokenizers
@@ -177,11 +177,12 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     n_layers = md.int(f"{arch}.block_count")
     _check_block_count(n_layers, tensors, arch, path)
     hf_names = {name: _hf_name(name, arch, n_layers, path) for name in tensors if name != ROPE_FREQS}
-    config = _hf_config(md, arch, tensors, path)
+    special = _special_token_ids(md)
+    config = _hf_config(md, arch, tensors, path, special)
     return GGUFCheckpoint(
         path=path,
         config=config,
-        tokenizer_spec=_tokenizer_spec(md),
+        tokenizer_spec=_tokenizer_spec(md, special),
         reader=reader,
         hf_names=hf_names,
         permuted_qk=ARCHITECTURES[arch][2],
@@ -279,7 +280,56 @@ def _config_keys(arch: str) -> dict[str, str]:
     }
 
 
-def _hf_config(md: _Metadata, arch: str, tensors: dict[str, Any], path: str) -> dict:
+_SPECIAL_KEYS = ("bos", "eos", "unknown", "padding")
+
+
+def _special_token_ids(md: _Metadata) -> dict[str, Optional[int]]:
+    """tokenizer.ggml.{bos,eos,unknown,padding}_token_id as the file gives them (None: absent).
+    One outside the file's tokenizer.ggml.tokens is read as absent with one warning, as llama.cpp
+    reads it ("bad special token ..., using default id": _tokenizer_spec gives llama.cpp's
+    defaults of an absent id), where the model still runs; the padding id without a warning."""
+    n_tokens = len(md.get("tokenizer.ggml.tokens"))
+    ids: dict[str, Optional[int]] = {}
+    for kind in _SPECIAL_KEYS:
+        key = f"tokenizer.ggml.{kind}_token_id"
+        value = md.int(key, None)
+        if value is not None and not 0 <= value < n_tokens:
+            if kind != "padding":
+                warn_once(f"{md.path}: {key}={value} is outside the vocabulary of {n_tokens} tokens: read as absent "
+                          "(llama.cpp's bad special token, which takes the default id)")
+            value = None
+        ids[kind] = value
+    return ids
+
+
+def _check_vocabulary(md: _Metadata, arch: str, tensors: dict[str, Any], path: str) -> int:
+    """The model's vocabulary (token_embd.weight's rows) against {arch}.vocab_size and the tokenizer's
+    tokens (llama.cpp builds the embedding of n_tokens rows, and refuses any other shape). More
+    tokens than rows: an error naming both counts (the tokenizer would give ids the model has no
+    row for); fewer: one warning, and the ids without a piece decode as empty text (as a
+    transformers tokenizer decodes the padded rows of many HF checkpoints). The rows."""
+    rows = int(tensors["token_embd.weight"].shape[1])
+    stated = md.int(f"{arch}.vocab_size", None)
+    if stated is not None and stated != rows:
+        raise GGUFError(f"{path}: {arch}.vocab_size={stated} but token_embd.weight has {rows} rows")
+    output = tensors.get("output.weight")
+    if output is not None and len(output.shape) == 2 and int(output.shape[1]) != rows:
+        raise GGUFError(f"{path}: output.weight has {int(output.shape[1])} rows but token_embd.weight {rows}: "
+                        "the model's input and output vocabularies differ")
+    n_tokens = len(md.get("tokenizer.ggml.tokens"))
+    if n_tokens > rows:
+        raise GGUFError(
+            f"{path}: the tokenizer has {n_tokens} tokens (tokenizer.ggml.tokens) but the model's vocabulary "
+            f"only {rows} (the rows of token_embd.weight): token ids {rows} to {n_tokens - 1} would have no "
+            "embedding (llama.cpp refuses this file too)"
+        )
+    if n_tokens < rows:
+        warn_once(f"{path}: the model's vocabulary has {rows} rows (token_embd.weight) but the tokenizer only {n_tokens} "
+                  f"tokens: ids {n_tokens} to {rows - 1}, if sampled, decode as empty text")
+    return rows
+
+
+def _hf_config(md: _Metadata, arch: str, tensors: dict[str, Any], path: str, special: dict[str, Optional[int]]) -> dict:
     hf_arch, model_type, _ = ARCHITECTURES[arch]
     hidden = md.int(f"{arch}.embedding_length")
     heads = md.int(f"{arch}.attention.head_count")
@@ -301,9 +351,7 @@ def _hf_config(md: _Metadata, arch: str, tensors: dict[str, Any], path: str) -> 
     rope_theta = md.float(f"{arch}.rope.freq_base", 10000.0)
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{path}: the tensor 'token_embd.weight' is missing")
-    vocab = md.int(f"{arch}.vocab_size", None)
-    if vocab is None:
-        vocab = int(tensors["token_embd.weight"].shape[1])
+    vocab = _check_vocabulary(md, arch, tensors, path)
 
     cfg: dict[str, Any] = {
         "architectures": [hf_arch],
@@ -318,9 +366,9 @@ def _hf_config(md: _Metadata, arch: str, tensors: dict[str, Any], path: str) -> 
         "rope_theta": rope_theta,
         "max_position_embeddings": md.int(f"{arch}.context_length"),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "bos_token_id": md.int("tokenizer.ggml.bos_token_id", None),
-        "eos_token_id": md.int("tokenizer.ggml.eos_token_id", None),
-        "pad_token_id": md.int("tokenizer.ggml.padding_token_id", None),
+        "bos_token_id": special["bos"],
+        "eos_token_id": special["eos"],
+        "pad_token_id": special["padding"],
         "torch_dtype": _torch_dtype(tensors),
     }
     if head_dim is not None:
@@ -452,7 +500,7 @@ def _dequantize(t: Any, path: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------- tokenizer
 
 
-def _tokenizer_spec(md: _Metadata) -> dict:
+def _tokenizer_spec(md: _Metadata, special: dict[str, Optional[int]]) -> dict:
     model = md.get("tokenizer.ggml.model")
     if model not in ("gpt2", "llama"):
         raise GGUFError(
@@ -460,6 +508,12 @@ def _tokenizer_spec(md: _Metadata) -> dict:
             "'llama' (SentencePiece)"
         )
     tokens = md.get("tokenizer.ggml.tokens")
+
+    def special_id(kind: str, spm_default: int) -> Optional[int]:  # llama.cpp's default for an absent id
+        if special[kind] is not None:
+            return special[kind]
+        return spm_default if model == "llama" and spm_default < len(tokens) else None
+
     pre = md.get("tokenizer.ggml.pre", None) if model == "gpt2" else None
     if model == "llama":
         add_bos_default = True
@@ -473,10 +527,10 @@ def _tokenizer_spec(md: _Metadata) -> dict:
         "scores": md.get("tokenizer.ggml.scores", None) if model == "llama" else None,
         "merges": md.get("tokenizer.ggml.merges") if model == "gpt2" else None,
         # llama.cpp's defaults for a SentencePiece vocabulary that names no ids
-        "bos_token_id": md.int("tokenizer.ggml.bos_token_id", 1 if model == "llama" else None),
-        "eos_token_id": md.int("tokenizer.ggml.eos_token_id", 2 if model == "llama" else None),
-        "unk_token_id": md.int("tokenizer.ggml.unknown_token_id", 0 if model == "llama" else None),
-        "pad_token_id": md.int("tokenizer.ggml.padding_token_id", None),
+        "bos_token_id": special_id("bos", 1),
+        "eos_token_id": special_id("eos", 2),
+        "unk_token_id": special_id("unknown", 0),
+        "pad_token_id": special["padding"],
         "add_bos": bool(md.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         "add_eos": bool(md.get("tokenizer.ggml.add_eos_token", False)),
         "add_space_prefix": bool(md.get("tokenizer.ggml.add_space_prefix", model == "llama")),

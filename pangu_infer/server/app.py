@@ -339,7 +339,9 @@ def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
 
 
 def _detokenize(state: ServerState, tokens: list[int]) -> DetokenizeResponse:
-    vocab = state.llm.tokenizer.vocab_size
+    # the model's vocabulary, or the tokenizer's if wider: an id of the model's padded rows has
+    # no piece, and is empty text (Tokenizer.decode), as in a reply that sampled it
+    vocab = max(state.llm.tokenizer.vocab_size, state.llm.config.vocab_size)
     bad = next((t for t in tokens if not 0 <= t < vocab), None)
     if bad is not None:
         raise APIError(400, f"tokens holds {short_repr(bad)}, outside the vocabulary [0, {vocab})", param="tokens")
