@@ -322,6 +322,8 @@ class LLM:
         pooling: Optional[str] = None,
         use_tqdm: bool = True,
         lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+        truncate_prompt_tokens: Optional[int] = None,
+        normalize: bool = True,
     ) -> list[EmbeddingRequestOutput]:
         """vLLM's LLM.embed: each prompt's embedding (`out.outputs.embedding`, a list of floats of the
         hidden size): the model's final hidden states (after its final norm, before the LM head)
@@ -329,19 +331,23 @@ class LLM:
         Prompts as generate takes them; they run through the engine as prompt-only requests, batched
         with whatever else it runs. A generative model's embeddings, not a trained embedding model's
         (README, Embeddings). ValueError (RequestError naming the prompt and field) for an empty
-        prompt, one longer than the context or ids outside the vocabulary."""
+        prompt, one longer than the context or ids outside the vocabulary. truncate_prompt_tokens
+        (vLLM's): embed each prompt's last k tokens (-1: as many as fit the context); normalize
+        False (vLLM's PoolingParams.normalize): the pooled hidden state as it is."""
         try:
             how = self.pooling if pooling is None else check_pooling(pooling)
         except RequestError as e:
             raise ValueError(str(e)) from None
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize={normalize!r} must be True or False")
+        params = embedding_params(truncate_prompt_tokens)
         items = self._normalize_prompts(prompts)
         empty = next((i for i, (text, ids, _) in enumerate(items) if text == "" or not ids), None)
         if empty is not None:
             raise RequestError(f"prompts[{empty}] is empty: an embedding needs at least one token", param="prompt")
         loras = self._normalize_loras(lora_request, len(items))
-        params = embedding_params()
         requests = [(text, ids, params, lora, salt, 0) for (text, ids, salt), lora in zip(items, loras)]
-        return self._run(requests, use_tqdm, pooling=how)  # type: ignore[return-value]
+        return self._run(requests, use_tqdm, pooling=how, normalize=normalize)  # type: ignore[return-value]
 
     def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, chat_template=None, **template_kwargs) -> str:
         from pangu_infer.chat import render_chat
@@ -437,17 +443,18 @@ class LLM:
     def _run(
         self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str], int]], use_tqdm: bool,
         pooling: Optional[str] = None,
+        normalize: bool = True,
     ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine. `pooling`: they are
-        embedding requests (embed)."""
+        embedding requests (embed), their vectors L2-normalized unless `normalize` is off."""
         engine = self.engine
         driver = getattr(engine, "driver", None)
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
             return driver.run_blocking(
                 [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt, rank) for text, tokens, p, lora, salt, rank in requests],
-                pooling=pooling,
+                pooling=pooling, normalize=normalize,
             )
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
@@ -456,7 +463,8 @@ class LLM:
             for i, (text, tokens, p, lora, salt, rank) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling)
+                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
+                                       normalize=normalize)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise

@@ -345,6 +345,11 @@ def test_serve_pooling_flag_reaches_the_llm(monkeypatch):
     ({"input": "a", "dimensions": 32}, "dimensions", "dimensions=32: this model's embeddings have 64 dimensions"),
     ({"input": "a", "encoding_format": "int8"}, "encoding_format", "invalid field 'encoding_format'"),
     ({"input": "a", "pooling": "mean"}, "pooling", "invalid field 'pooling'"),
+    ({"input": "a", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens", r"truncate_prompt_tokens=0: expected an integer >= 1, -1"),
+    ({"input": "a", "truncate_prompt_tokens": -2}, "truncate_prompt_tokens", r"truncate_prompt_tokens=-2: expected an integer >= 1, -1"),
+    ({"input": "a", "truncate_prompt_tokens": "5"}, "truncate_prompt_tokens", "invalid field 'truncate_prompt_tokens'"),
+    ({"input": "a", "normalize": "yes"}, "normalize", "invalid field 'normalize'"),
+    ({"input": [1] * 2049, "truncate_prompt_tokens": 2049}, "input", "more than the model's context of 2048 tokens"),
 ])
 def test_bad_requests_are_a_400_naming_the_field(http, llm, body, param, needle):
     import re
@@ -353,6 +358,49 @@ def test_bad_requests_are_a_400_naming_the_field(http, llm, body, param, needle)
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and re.search(needle, err["message"]), err
+    assert all_freed(llm.engine)
+
+
+def test_truncate_prompt_tokens_and_normalize_as_vllm_takes_them(http, llm, reference, pangu_tokenizer):
+    """vLLM's fields: truncate_prompt_tokens k embeds each input's last k tokens (-1: as many as fit
+    the context), usage counting those kept; normalize false gives the pooled hidden state as it is.
+    Both were a 400 (unknown fields)."""
+    def post(**body):
+        r = http.post("/v1/embeddings", json={"model": "tiny", "encoding_format": "float", **body})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    text = "the weather in the city today"
+    cut = post(input=[PROMPTS[2], PROMPTS[0]], truncate_prompt_tokens=8)
+    for got, ids in zip(cut["data"], (PROMPTS[2][-8:], PROMPTS[0][-8:])):
+        check_equal(got["embedding"], expected(reference, ids, "last"))
+    assert cut["usage"]["prompt_tokens"] == 16
+    words = pangu_tokenizer.encode(text)
+    assert len(words) > 3
+    texts = post(input=[text, "a"], truncate_prompt_tokens=3)
+    check_equal(texts["data"][0]["embedding"], expected(reference, words[-3:], "last"))
+    assert texts["usage"]["prompt_tokens"] == 3 + min(3, len(pangu_tokenizer.encode("a")))
+    longest = [1] + [100 + i % 800 for i in range(2050)]  # 2051 tokens: the last 2048 (the context) embedded
+    fit = post(input=longest, truncate_prompt_tokens=-1)
+    assert fit["usage"]["prompt_tokens"] == 2048
+    check_equal(fit["data"][0]["embedding"], expected(reference, longest[-2048:], "last"))
+
+    with torch.no_grad():
+        hidden = reference.model(torch.tensor([PROMPTS[0]])).last_hidden_state[0, -1].float()
+    raw = post(input=PROMPTS[0], normalize=False)["data"][0]["embedding"]
+    torch.testing.assert_close(torch.tensor(raw), hidden, atol=TOL * float(hidden.norm()), rtol=0)
+    assert abs(np.linalg.norm(raw) - 1) > 0.1
+    assert post(input=PROMPTS[0], normalize=True)["data"][0]["embedding"] == post(input=PROMPTS[0])["data"][0]["embedding"]
+    # LLM.embed takes both too
+    out = llm.embed({"prompt_token_ids": PROMPTS[2]}, truncate_prompt_tokens=10, normalize=False)[0]
+    assert out.prompt_token_ids == PROMPTS[2][-10:]
+    with torch.no_grad():
+        want = reference.model(torch.tensor([PROMPTS[2][-10:]])).last_hidden_state[0, -1].float()
+    torch.testing.assert_close(torch.tensor(out.outputs.embedding), want, atol=TOL * float(want.norm()), rtol=0)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=0"):
+        llm.embed("hello", truncate_prompt_tokens=0)
+    with pytest.raises(ValueError, match="normalize='no' must be True or False"):
+        llm.embed("hello", normalize="no")
     assert all_freed(llm.engine)
 
 

@@ -39,8 +39,8 @@ def admit(
         raise RequestError("the prompt is empty: at least one token is needed", param="prompt")
     keep = params.truncate_prompt_tokens
     if keep is not None:
-        if keep == -1:
-            keep = max(limits.max_model_len - (params.max_tokens or 1), 1)
+        if keep == -1:  # as many as fit: the context, less room for one generated token (but a prompt-only request's)
+            keep = limits.max_model_len if prompt_only else max(limits.max_model_len - (params.max_tokens or 1), 1)
         ids = ids[-keep:]
     n_prompt = len(ids)
     context = limits.max_model_len

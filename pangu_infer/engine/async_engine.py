@@ -54,6 +54,7 @@ class _Add:
     bad_words_ids: Optional[list[list[int]]] = None  # tokenized beforehand (LLMEngine.bad_words_ids)
     prediction_ids: Optional[list[int]] = None  # tokenized beforehand (LLMEngine.prediction_ids)
     pooling: Optional[str] = None  # an embedding request's (LLMEngine.add_request)
+    normalize: bool = True  # (an embedding request's: LLMEngine.add_request)
 
 
 @dataclass
@@ -110,12 +111,14 @@ class AsyncEngine:
         cache_salt: Optional[str] = None,
         priority: int = 0,
         pooling: Optional[str] = None,
+        normalize: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
         adapter it runs with (one the engine does not hold, never loaded or made room for, is read
         on a worker thread first, so that reading its files stalls no other request). `cache_salt`
         and `priority`: LLMEngine.add_request's. `pooling`: an embedding request (LLMEngine.add_request's;
-        `params` from embedding_params()), whose one output, an EmbeddingRequestOutput, is its last.
+        `params` from embedding_params()), whose one output, an EmbeddingRequestOutput, is its last;
+        `normalize` False: its pooled vector not L2-normalized.
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -151,7 +154,7 @@ class AsyncEngine:
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
         self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter,
-                        cache_salt, priority, bad_words_ids, prediction_ids, pooling))
+                        cache_salt, priority, bad_words_ids, prediction_ids, pooling, normalize))
         try:
             await added
         except asyncio.CancelledError:
@@ -177,7 +180,7 @@ class AsyncEngine:
                 # Closed early (client gone, task cancelled): free the request's KV blocks.
                 self._commands.put(_Abort(request_id, None))
 
-    def run_blocking(self, requests: list[tuple], pooling: Optional[str] = None) -> list[RequestOutput]:
+    def run_blocking(self, requests: list[tuple], pooling: Optional[str] = None, normalize: bool = True) -> list[RequestOutput]:
         """Generate (request_id, prompt ids, params, prompt[, lora_request[, cache_salt[, priority]]]) each to the end and return the final
         outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
         AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
@@ -192,7 +195,7 @@ class AsyncEngine:
         ) -> RequestOutput:
             last = None
             try:
-                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority, pooling):
+                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority, pooling, normalize):
                     last = out
             except RequestError as e:
                 if len(requests) == 1:
@@ -277,7 +280,7 @@ class AsyncEngine:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
                     command.lora_request, command.lora_adapter, command.cache_salt, command.priority, command.bad_words_ids,
-                    command.prediction_ids, command.pooling,
+                    command.prediction_ids, command.pooling, command.normalize,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

@@ -319,6 +319,7 @@ class LLMEngine:
         bad_words_ids: Optional[list[list[int]]] = None,
         prediction_ids: Optional[list[int]] = None,
         pooling: Optional[str] = None,
+        normalize: bool = True,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -332,7 +333,8 @@ class LLMEngine:
         another thread (else it is tokenized here); `prediction_ids` likewise, prediction_ids(params.prediction).
         `pooling` ("last" or "mean"): an embedding request instead (embedding_params gives its
         `params`): its prompt is computed like any other's, in the same steps, and it ends with its
-        final hidden states pooled and L2-normalized (an EmbeddingRequestOutput), generating nothing."""
+        final hidden states pooled and L2-normalized (an EmbeddingRequestOutput), generating nothing;
+        `normalize` False (vLLM's PoolingParams.normalize): the pooled vector as it is."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._check_priority(priority)
@@ -375,6 +377,7 @@ class LLMEngine:
             seq.bad_words = bad_words
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             seq.pooling = pooling
+            seq.normalize = normalize
             if predicted is not None:
                 seq.prediction = Prediction(predicted)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
@@ -882,9 +885,11 @@ def check_pooling(pooling: object) -> str:
     return pooling  # type: ignore[return-value]
 
 
-def embedding_params() -> SamplingParams:
-    """The SamplingParams an embedding request runs with (nothing of them is read: it never samples)."""
-    return SamplingParams(temperature=0.0, max_tokens=1)
+def embedding_params(truncate_prompt_tokens: Optional[int] = None) -> SamplingParams:
+    """The SamplingParams an embedding request runs with (nothing of them is read but
+    truncate_prompt_tokens: it never samples). truncate_prompt_tokens (vLLM's): embed the prompt's
+    last k tokens; -1: as many as fit the context. A RequestError naming it where it is not one."""
+    return SamplingParams(temperature=0.0, max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens)
 
 
 def utilization_kv_budget(utilization: float, total: int, free: int, held: int, reserve: int) -> int:

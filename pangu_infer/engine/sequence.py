@@ -75,6 +75,7 @@ class Sequence:
         # hidden state of the last prompt position ("last") or the sum over positions 0..num_pooled-1
         # ("mean"), in float32; `embedding` the pooled vector, L2-normalized, once it ends.
         self.pooling: Optional[str] = None
+        self.normalize = True  # the embedding L2-normalized (vLLM's PoolingParams.normalize)
         self.pooled: Optional[torch.Tensor] = None
         self.num_pooled = 0
         self.embedding: Optional[list[float]] = None
@@ -145,13 +146,13 @@ class Sequence:
 
     def pooled_embedding(self) -> list[float]:
         """The embedding of the whole prompt: the pooled hidden state (mean: the sum over its count),
-        L2-normalized."""
+        L2-normalized unless `normalize` is off."""
         if self.pooled is None or self.num_pooled != self.num_prompt_tokens:
             raise RuntimeError(f"pooling ended after {self.num_pooled} of {self.num_prompt_tokens} prompt positions")
         v = self.pooled.cpu().double()  # (on the CPU: not every accelerator has float64)
         if self.pooling == "mean":
             v = v / self.num_pooled
-        return torch.nn.functional.normalize(v, dim=0).tolist()
+        return (torch.nn.functional.normalize(v, dim=0) if self.normalize else v).tolist()
 
     def add_prompt_logprobs(self, first: int, entries: list[Logprob]) -> None:
         """Entries for prompt tokens first, first + 1, ...; those already held (a prompt computed

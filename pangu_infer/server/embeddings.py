@@ -3,7 +3,8 @@
 Each input is one prompt-only engine request (LLMEngine.add_request(pooling=...)), submitted like a
 completion's prompts (streaming.start_requests: batched with the generation requests, the LoRA adapter
 `model` names, --enable-log-requests), whose one output is its embedding: the model's final hidden
-states pooled as serve --pooling says, L2-normalized. Inputs are checked with the engine's own
+states pooled as serve --pooling says, L2-normalized (unless the request's normalize is false; its
+truncate_prompt_tokens keeps each input's last tokens, as a completion's does). Inputs are checked with the engine's own
 admission before anything is submitted, so a bad one is a 400 naming `input` (and which one).
 """
 
@@ -44,9 +45,10 @@ async def handle(state: ServerState, req: EmbeddingRequest, request: Request) ->
             param="dimensions",
         )
     log_ignored_fields(req)  # (user)
-    prompts = await asyncio.to_thread(_inputs, state, req)
+    prompts = await asyncio.to_thread(_inputs, state, req, _params(req))
     pooling = getattr(state.llm, "pooling", "last")
-    started = await unless_gone(request, start_requests(state, prompts, embedding_params(), "embd", lora, pooling=pooling),
+    params = _params(req)
+    started = await unless_gone(request, start_requests(state, prompts, params, "embd", lora, pooling=pooling, normalize=req.normalize),
                                 state.metrics)
     if isinstance(started, Response):
         return started
@@ -64,9 +66,19 @@ async def handle(state: ServerState, req: EmbeddingRequest, request: Request) ->
     return JSONResponse({"object": "list", "data": data, "model": state.reply_model(lora), "usage": usage})
 
 
-def _inputs(state: ServerState, req: EmbeddingRequest) -> list[tuple[Optional[str], list[int]]]:
+def _params(req: EmbeddingRequest):
+    """The inputs' engine parameters: embedding_params with the request's truncate_prompt_tokens,
+    checked as a completion's is (an integer >= 1, or -1): a 400 naming it."""
+    try:
+        return embedding_params(req.truncate_prompt_tokens)
+    except RequestError as e:
+        raise APIError(400, str(e), param="truncate_prompt_tokens") from None
+
+
+def _inputs(state: ServerState, req: EmbeddingRequest, params) -> list[tuple[Optional[str], list[int]]]:
     """(text, token ids) of each input, checked as the engine admits it: not empty, no longer than the
-    context, ids in the vocabulary; at most MAX_INPUTS inputs (counted before any is tokenized)."""
+    context (after truncate_prompt_tokens), ids in the vocabulary; at most MAX_INPUTS inputs (counted
+    before any is tokenized)."""
     given = req.input
     if isinstance(given, list) and not given:
         raise APIError(400, "input is empty: give a text, a list of texts, token ids, or a list of token-id lists", param="input")
@@ -75,7 +87,6 @@ def _inputs(state: ServerState, req: EmbeddingRequest) -> list[tuple[Optional[st
     if len(items) > MAX_INPUTS:
         raise APIError(400, f"input holds {len(items)} inputs; one request may embed at most {MAX_INPUTS}", param="input")
     limits = state.llm.engine.limits
-    params = embedding_params()
     out = []
     for i, item in enumerate(items):
         where = "input" if single else f"input[{i}]"

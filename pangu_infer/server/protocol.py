@@ -265,6 +265,10 @@ class EmbeddingRequest(_Request):
     dimensions: Optional[int] = Field(None, description="only the model's hidden size: its embeddings cannot be shortened")
     user: Optional[str] = Field(None, description="accepted and ignored")
     add_special_tokens: bool = Field(True, description="vLLM's: texts tokenized with BOS first when the model wants one")
+    truncate_prompt_tokens: Optional[int] = Field(
+        None, description="vLLM's: embed each input's last k tokens; -1: as many as fit the context (usage counts those kept)"
+    )
+    normalize: bool = Field(True, description="vLLM's: true, the embedding L2-normalized; false, the pooled hidden state as it is")
 
 
 # ---------------------------------------------------------------------- responses

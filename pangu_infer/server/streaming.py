@@ -28,13 +28,15 @@ from pangu_infer.server.state import ServerState
 
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                          lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
-                         default_length: Optional[int] = None, length_field: str = "max_tokens", pooling: Optional[str] = None):
+                         default_length: Optional[int] = None, length_field: str = "max_tokens", pooling: Optional[str] = None,
+                         normalize: bool = True):
     """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
     the scheduling priority, when given) and wait for each one's first output, so a bad request is a
     400 before any byte is sent. length_field: the name the client gave max_tokens (as_sent).
-    pooling: embedding requests (server/embeddings.py), whose first output is their only one."""
+    pooling: embedding requests (server/embeddings.py), whose first output is their only one;
+    normalize False: their vectors not L2-normalized."""
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling)
+        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling, normalize)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -43,7 +45,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling)
+        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling, normalize)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -157,11 +159,11 @@ class LoggedStream:
 
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None,
-                 length_field: str = "max_tokens", pooling: Optional[str] = None):
+                 length_field: str = "max_tokens", pooling: Optional[str] = None, normalize: bool = True):
     base = f"{prefix}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
-    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None), ("pooling", pooling))
-             if v is not None}
+    extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None), ("pooling", pooling),
+                               ("normalize", None if normalize else False)) if v is not None}
     submitted = [  # (request id, prompt text, ids, the parameters it runs with)
         (base if len(prompts) == 1 else f"{base}-{i}", text, ids, fit_default_length(state, params, ids, default_length))
         for i, (text, ids) in enumerate(prompts)
