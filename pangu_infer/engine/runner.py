@@ -49,6 +49,27 @@ class _Binding:
         self.released = threading.Condition(self.lock)
         self.token: Optional[object] = None
         self.pinned: Optional[object] = None
+        _BINDINGS.add(self)
+
+
+# Every model's binding in the process (a speculative decoder's draft model has its own, beside its
+# target's): _every_forward_held takes all their locks.
+_BINDINGS: "weakref.WeakSet[_Binding]" = weakref.WeakSet()
+
+
+@contextmanager
+def _every_forward_held() -> Iterator[None]:
+    """Every model's step lock in this process held (each forward takes its model's: ModelRunner.run,
+    bind), taken in one order (by id) so that two holders cannot deadlock; a thread holds at most one
+    of them otherwise (a draft model's forward and its target's run one after the other)."""
+    locks = sorted((b.lock for b in list(_BINDINGS)), key=id)
+    for lock in locks:
+        lock.acquire()
+    try:
+        yield
+    finally:
+        for lock in reversed(locks):
+            lock.release()
 
 
 class ModelRunner:
@@ -183,7 +204,7 @@ class ModelRunner:
                 error = None
                 self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
                 return
-            with self._binding.lock:  # no step's forward runs meanwhile
+            with _every_forward_held():  # no model's forward runs meanwhile: the target's, a draft's, another LLM's
                 _trace_inductors_placeholder()
             say(
                 "compiling the decode step in the background (a minute or more the first time on this "
@@ -361,27 +382,30 @@ class ModelRunner:
 
         ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        with self._binding.lock:  # bind(), without a generator's cost on every step
+        # bind(), without a generator's cost on every step; held through the LM head too: every
+        # module call of a step is inside it (runner._every_forward_held: inductor's process-wide
+        # fx trace fails a module called beside it, the head's lm_head as the layers)
+        with self._binding.lock:
             self._point_layers()
             if self.lora is not None:
                 self.lora.set_rows(lora_slots)  # the adapters' slot of each row (models/lora.py)
             if compiled:  # logits of every row, in decode order
                 return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}, {}
             hidden = self.model(ids, pos, attn)
-        prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
-        pooled = self._pooled(hidden, prefills, len(decodes))
-        sampled: list[Sequence] = []
-        rows: list[int] = []
-        end = 0
-        for seq, n in ordered:
-            end += n
-            num_draft = len(drafts.get(seq.seq_id, ()))
-            if seq.num_computed_tokens + n - num_draft == seq.num_tokens and seq.pooling is None:
-                sampled.append(seq)
-                rows.extend(range(end - 1 - num_draft, end))
-        if not rows:
-            return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs, pooled
-        logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
+            prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
+            pooled = self._pooled(hidden, prefills, len(decodes))
+            sampled: list[Sequence] = []
+            rows: list[int] = []
+            end = 0
+            for seq, n in ordered:
+                end += n
+                num_draft = len(drafts.get(seq.seq_id, ()))
+                if seq.num_computed_tokens + n - num_draft == seq.num_tokens and seq.pooling is None:
+                    sampled.append(seq)
+                    rows.extend(range(end - 1 - num_draft, end))
+            if not rows:
+                return [], hidden.new_empty(0, 0, dtype=torch.float32), prompt_logprobs, pooled
+            logits = self.model.compute_logits(hidden[torch.tensor(rows, device=dev)])
         return sampled, logits, prompt_logprobs, pooled
 
     def _run_drafted_decodes(
@@ -525,8 +549,9 @@ def _trace_inductors_placeholder() -> None:
     submodule"). Inductor traces one function that way, once per process, in the middle of a
     compile (loop_body.InterpreterShim's placeholder graph, cached after): an eager step on the
     engine thread at that moment failed its request with a 500. Traced here first, where the
-    caller holds the lock every step's forward takes; the compile's own traces (make_fx) pass
-    other callers' module calls through."""
+    caller holds the lock every step's forward takes, of every model in the process (a draft
+    model's too: _every_forward_held); the compile's own traces (make_fx) pass other callers'
+    module calls through."""
     try:
         from torch._inductor.loop_body import InterpreterShim
 
