@@ -29,12 +29,15 @@ def _key(llm) -> dict:
     return saved_step.step_key(runner.model, runner.k_caches[0], (1, 16), OPTIONS)
 
 
-def test_the_key_reads_the_same_in_every_process(tiny_dense_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["dense", "moge"])
+def test_the_key_reads_the_same_in_every_process(kind, request, tmp_path):
     """Two processes with different string hashing (sets of names print in another order) compute
-    one key for one model: a key that moved between processes would never find its file."""
+    one key for one model: a key that moved between processes would never find its file. (MoGE:
+    each MoE block's handle for pangu_infer::moe_dispatch is in the key too.)"""
+    path = request.getfixturevalue(f"tiny_{kind}_dir")
     script = (
         "import json; from pangu_infer import LLM; from pangu_infer.engine import saved_step\n"
-        f"llm = LLM({str(tiny_dense_dir)!r}, dtype='float32', device='cpu', kv_cache_memory=4 << 20, enforce_eager=True)\n"
+        f"llm = LLM({str(path)!r}, dtype='float32', device='cpu', kv_cache_memory=4 << 20, enforce_eager=True)\n"
         "r = llm.engine.runner\n"
         f"print(json.dumps(saved_step.step_key(r.model, r.k_caches[0], (1, 16), {OPTIONS!r})))\n"
     )

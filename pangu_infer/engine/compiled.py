@@ -94,9 +94,9 @@ def _compile(model: DecoderForCausalLM, device: torch.device, batch_invariant: b
     another's call. That makes it safe to drop the guards on the model's modules, weights and
     bound KV caches (weights never change after loading; the caches' shape and dtype are this
     function's key, and each step reads the caches bound at call time): about a thousand checks
-    per step. A MoGE model breaks the graph around its data-dependent expert
-    dispatch, and the code after a break is shared by every model of the class, so those keep
-    all guards.
+    per step. A model that breaks the graph (`has_graph_breaks`: a MoE model off CPU, whose load
+    counters stay outside the graph) keeps all guards: the code after a break is shared by every
+    model of the class.
     """
     disable_compile_on_marked_methods(model)
     step = _step_function()
@@ -134,7 +134,7 @@ _LAYERS_COMPILED = 0  # decoder layers of every model compiled in this process: 
 def raise_recompile_limits(num_layers: int) -> None:
     """Let dynamo keep a graph per layer and per graph shape.
 
-    Past a graph break (a MoGE model's eager expert dispatch) dynamo compiles each decoder
+    Past a graph break (a MoE model's host load counters, off CPU) dynamo compiles each decoder
     layer's frame apart: the layer's modules are guarded, their integer attributes included (a
     packed linear's handle differs per layer), so the same code object gets one entry per layer
     and per graph shape. With dynamo's default limit of 8 entries per code object, every layer
@@ -170,7 +170,7 @@ def _dummy_step(batch: int, ctx: int, device: torch.device, scratch: range, batc
 
 def _saved_steps_apply(model: DecoderForCausalLM, device: torch.device, batch_invariant: bool) -> bool:
     """Are this model's graphs saved whole (engine/saved_step.py)? On CPU, for a model traced as
-    one graph; a MoGE model's graph breaks and the batch-invariant mode's graphs per batch range
+    one graph; a model with graph breaks and the batch-invariant mode's graphs per batch range
     stay with torch.compile's caches, as does CUDA (untested there)."""
     return (
         saved_step.enabled() and device.type == "cpu" and not batch_invariant
@@ -299,7 +299,7 @@ class LoRAVariants:
     """The compiled decode step of a model with LoRA adapters: the graph with the adapters' products
     where a row of the step has an adapter (the runner's set_rows made `state.active` True), the
     graph without them where none has. Each call tells the graphs' guards which one runs
-    (`state.in_graph`: a MoGE model's graphs keep their guards on the model)."""
+    (`state.in_graph`: a model with graph breaks keeps its graphs' guards on the model)."""
 
     def __init__(self, with_lora: DecodeStep, base: DecodeStep, state) -> None:
         self.with_lora, self.base, self.state = with_lora, base, state

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
+import weakref
 from functools import partial
 from typing import Optional
 
@@ -42,6 +44,26 @@ def imbalance_score(expert_counts: torch.Tensor, num_tokens: torch.Tensor, num_d
     """
     per_device = expert_counts.unflatten(-1, (num_devices, -1)).sum(-1).float()
     return (per_device.amax(-1) - per_device.amin(-1)) / num_tokens.clamp(min=1)
+
+
+# handle -> MoEBlock: whose experts pangu_infer::moe_dispatch runs. Entries leave with their block.
+_BLOCKS: "weakref.WeakValueDictionary[int, MoEBlock]" = weakref.WeakValueDictionary()
+_handles = itertools.count()
+
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("moe_dispatch(Tensor x, Tensor flat_experts, Tensor flat_weights, Tensor counts, int handle) -> Tensor")
+
+
+def _moe_dispatch(x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
+    return _BLOCKS[handle]._dispatch(x, flat_experts, flat_weights, counts)
+
+
+def _moe_dispatch_shape(x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+_lib.impl("moe_dispatch", _moe_dispatch, "CompositeExplicitAutograd")
+_lib._register_fake("moe_dispatch", _moe_dispatch_shape)
 
 
 def count_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -222,6 +244,10 @@ class MoEBlock(nn.Module):
         self.track_load = True
         # models/batch_invariant.py: expert products in fixed row tiles, outputs summed per token in group order
         self.batch_invariant = False
+        # Inside a compiled step the dispatch is the opaque operator pangu_infer::moe_dispatch, which
+        # finds this block by its handle (an int the graph holds; tensors only cross the boundary).
+        self.handle = next(_handles)
+        _BLOCKS[self.handle] = self
 
     @property
     def local_expert_tokens(self) -> int:
@@ -249,6 +275,10 @@ class MoEBlock(nn.Module):
             # Decode at batch 1 with int4 experts on the own CPU kernel: one op for all experts, the
             # same numbers as _one_token, and no graph break in a compiled step.
             routed = impl.one_token(x, flat_experts, weights.flatten().to(x.dtype))
+        elif torch.compiler.is_compiling():
+            # Data-dependent expert sizes: one opaque operator running _dispatch eagerly, so that the
+            # step stays one graph (no graph break; it can be saved whole, engine/saved_step.py).
+            routed = torch.ops.pangu_infer.moe_dispatch(x, flat_experts, weights.flatten(), counts, self.handle)
         else:
             routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
         shared = getattr(self, self.shared_prefix)
@@ -257,7 +287,6 @@ class MoEBlock(nn.Module):
             self.parallel.all_reduce(out)
         return out
 
-    @eager_in_compiled_steps  # data-dependent expert sizes: runs eagerly inside a compiled step
     def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:
         """Group the token-expert pairs by expert; one product per expert that received tokens.
 
@@ -349,7 +378,12 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
 
 
 class PanguProMoEForCausalLM(DecoderForCausalLM):
-    has_graph_breaks = True  # torch.compile runs MoGEBlock._dispatch eagerly (all but fused int4 batch-1 steps)
+    @property
+    def has_graph_breaks(self) -> bool:
+        """Does a compiled step break its graph? On CPU no: the dispatch is an operator and the load
+        counters add in the graph. Elsewhere the counters are host tensors kept outside the graph
+        (MoGELoad._record_pending), one break per MoE layer."""
+        return self.model.norm.weight.device.type != "cpu"
 
     def make_mlp(self, cfg: ModelConfig, layer: int) -> nn.Module:
         return MoGEBlock(cfg)
