@@ -10,6 +10,9 @@ medians of --rounds.
 
     .venv/bin/python benchmarks/saved_step.py                 # the demo model (SmolLM2-135M Q4_1 GGUF)
     .venv/bin/python benchmarks/saved_step.py --model /tmp/pangu1b.Q4_0.gguf --rounds 3
+
+`--baseline DIR` adds a third variant: the engine of another checkout (say `git worktree add
+/tmp/base HEAD~1`), started the same way with no settings, for before/after comparisons in one run.
 """
 
 from __future__ import annotations
@@ -53,10 +56,14 @@ VARIANTS = {"saved": {}, "traced": {"PANGU_INFER_SAVED_STEPS": "0"}}
 def start(variant: str, args, cache: str) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     env |= {"XDG_CACHE_HOME": cache, **VARIANTS[variant]}
+    root = Path(__file__).resolve().parents[1]
+    if variant == "baseline":  # the other checkout's package first on the path (the child's cwd)
+        root = Path(args.baseline).resolve()
+        env["PYTHONPATH"] = str(root)
     t = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, args.model or "", str(args.tokens), str(args.batch)],
-        capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, env=env, cwd=root,
     )
     if proc.returncode:
         raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
@@ -72,7 +79,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cache", default=None, help="cache folder (XDG_CACHE_HOME) shared by every start")
+    ap.add_argument("--baseline", default=None, metavar="DIR", help="also start the engine of the checkout in DIR, with no settings")
     args = ap.parse_args()
+    if args.baseline:
+        if not (Path(args.baseline) / "pangu_infer" / "__init__.py").is_file():
+            raise SystemExit(f"--baseline {args.baseline!r}: no pangu_infer package there")
+        VARIANTS["baseline"] = {}
     cache = args.cache or tempfile.mkdtemp(prefix="pangu-saved-step-")
     for variant in VARIANTS:  # fill the cache: every timed start is a second start
         start(variant, args, cache)
