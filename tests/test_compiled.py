@@ -189,10 +189,12 @@ def test_the_background_build_warms_up_every_graph_a_request_uses(tiny_dense_dir
 @pytest.mark.parametrize("kind", ["r72b", "ultra"])
 def test_the_pangu_moe_family_decodes_compiled_like_eager(kind, request, capfd):
     """R-72B-2512 (sinks beside the cache, K/V of two widths) and Ultra-MoE (MLA over a latent
-    cache with no value tensor) build the compiled step by default and decode as eager does."""
+    cache with no value tensor) build the compiled step by default, one graph saved whole (the
+    expert dispatch is an operator inside it), and decode as eager does."""
     path = str(request.getfixturevalue(f"tiny_{kind}_dir"))
     llm = LLM(path, dtype="float32", device="cpu", kv_cache_memory=16 << 20)
     assert llm.wait_compiled(), capfd.readouterr().err
+    assert isinstance(llm.engine.runner.decode_forward, saved_step.SavedStep)  # one graph, saved whole
     eager = LLM(path, dtype="float32", device="cpu", kv_cache_memory=16 << 20, enforce_eager=True)
     assert _token_ids(llm.generate(PROMPTS, GREEDY)) == _token_ids(eager.generate(PROMPTS, GREEDY))
 
