@@ -116,3 +116,35 @@ def random_moge_block(seed: int = 0, **overrides):
             param.copy_(torch.randn(param.shape, generator=g) / param.shape[-1] ** 0.5)
         block.router_scale.copy_(0.5 + torch.rand(block.router_scale.shape, generator=g))
     return block
+
+
+@pytest.fixture
+def slow_fx_trace_build(monkeypatch):
+    """The compile thread's build replaced by what inductor does mid-compile and nothing else: it
+    traces loop_body.InterpreterShim's placeholder graph with torch.fx (which replaces
+    nn.Module.__call__ for the whole process while it runs), here made to take 1.5 s; then no
+    graph (decoding stays eager). Returns the event set once that trace has ended."""
+    import functools
+    import threading
+    import time
+
+    import pangu_infer.engine.runner as runner_module
+    from torch._inductor import loop_body
+
+    def slow_placeholder():
+        def identity(x):
+            time.sleep(1.5)
+            return x
+
+        return torch.fx.symbolic_trace(identity)
+
+    monkeypatch.setattr(loop_body.InterpreterShim, "_dummy_gm", staticmethod(functools.cache(slow_placeholder)))
+    built = threading.Event()
+
+    def build(*args):
+        loop_body.InterpreterShim._dummy_gm()
+        built.set()
+        return None, "a stand-in build"
+
+    monkeypatch.setattr(runner_module, "build_decode_step", build)
+    return built

@@ -237,35 +237,15 @@ def test_requests_run_eagerly_while_compiling_and_switch_to_compiled_between_ste
     assert _token_ids(llm.generate(PROMPTS, GREEDY)) == expected
 
 
-def test_inductors_process_wide_fx_trace_never_runs_beside_an_eager_step(tiny_dense_dir, monkeypatch):
+def test_inductors_process_wide_fx_trace_never_runs_beside_an_eager_step(tiny_dense_dir, slow_fx_trace_build):
     """torch.fx's symbolic tracing replaces nn.Module.__call__ for the whole process while it runs;
     inductor traces one placeholder function that way once per process, in the middle of the
     background compile (loop_body.InterpreterShim._dummy_gm), and an eager step on the engine thread
     at that moment failed its request ("module is not installed as a submodule": a 500). Here that
     trace takes 1.5 s and the build does nothing else: every request served while it runs succeeds."""
-    import functools
-    import threading
     import time
 
-    import pangu_infer.engine.runner as runner_module
-    from torch._inductor import loop_body
-
-    def slow_placeholder():
-        def identity(x):
-            time.sleep(1.5)
-            return x
-
-        return torch.fx.symbolic_trace(identity)
-
-    monkeypatch.setattr(loop_body.InterpreterShim, "_dummy_gm", staticmethod(functools.cache(slow_placeholder)))
-    built = threading.Event()
-
-    def build(*args):  # what inductor does mid-compile; then no graph (decoding stays eager)
-        loop_body.InterpreterShim._dummy_gm()
-        built.set()
-        return None, "a stand-in build"
-
-    monkeypatch.setattr(runner_module, "build_decode_step", build)
+    built = slow_fx_trace_build
     eager = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     expected = _token_ids(eager.generate(PROMPTS, GREEDY))
     llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)

@@ -343,7 +343,7 @@ def test_sampled_requests_draw_their_drafts_from_the_draft_model(plain, tiny_den
     assert stats["spec_draft_tokens"] > 50 and stats["spec_acceptance_rate"] > 0.97, stats
 
 
-def test_inductors_process_wide_fx_trace_never_runs_beside_a_draft_forward(plain, tiny_dense_dir, monkeypatch, caplog):
+def test_inductors_process_wide_fx_trace_never_runs_beside_a_draft_forward(plain, tiny_dense_dir, slow_fx_trace_build, caplog):
     """torch.fx's symbolic tracing replaces nn.Module.__call__ for the whole process while it runs;
     inductor traces one placeholder that way once per process, mid-compile, and the compile thread
     traces it first under the lock every step's forward holds (engine/runner.py). A draft model is
@@ -351,28 +351,9 @@ def test_inductors_process_wide_fx_trace_never_runs_beside_a_draft_forward(plain
     ("module is not installed as a submodule": the step lost its drafts, or, had the draft's compile
     traced it, the target's step its requests). Here the trace takes 1.5 s and the builds do nothing
     else: every request served meanwhile keeps the target's tokens and no draft forward fails."""
-    import threading
     import time
 
-    import pangu_infer.engine.runner as runner_module
-    from torch._inductor import loop_body
-
-    def slow_placeholder():
-        def identity(x):
-            time.sleep(1.5)
-            return x
-
-        return torch.fx.symbolic_trace(identity)
-
-    monkeypatch.setattr(loop_body.InterpreterShim, "_dummy_gm", staticmethod(functools.cache(slow_placeholder)))
-    built = threading.Event()
-
-    def build(*args):  # what inductor does mid-compile; then no graph (decoding stays eager)
-        loop_body.InterpreterShim._dummy_gm()
-        built.set()
-        return None, "a stand-in build"
-
-    monkeypatch.setattr(runner_module, "build_decode_step", build)
+    built = slow_fx_trace_build
     want = _tokens(plain, PROMPTS[:2])
     spec = LLM(str(tiny_dense_dir), speculative_model=str(tiny_dense_dir), num_speculative_tokens=3,
                **dict(KW, enforce_eager=False, max_model_len=256))
