@@ -45,9 +45,9 @@ async def handle(state: ServerState, req: EmbeddingRequest, request: Request) ->
             param="dimensions",
         )
     log_ignored_fields(req)  # (user)
-    prompts = await asyncio.to_thread(_inputs, state, req, _params(req))
-    pooling = getattr(state.llm, "pooling", "last")
     params = _params(req)
+    prompts = await asyncio.to_thread(_inputs, state, req, params)
+    pooling = getattr(state.llm, "pooling", "last")
     started = await unless_gone(request, start_requests(state, prompts, params, "embd", lora, pooling=pooling, normalize=req.normalize),
                                 state.metrics)
     if isinstance(started, Response):
