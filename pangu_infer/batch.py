@@ -113,6 +113,10 @@ def _parse_line(number: int, raw: bytes) -> dict:
     if not isinstance(item, dict):
         raise LineError("invalid_json_line", f"line {number}: expected a JSON object, got {type(item).__name__}")
     custom_id = item.get("custom_id") if isinstance(item.get("custom_id"), str) else None
+    # Echoed in the output line: one UTF-8 cannot write had ended the whole run, every line's result lost.
+    if custom_id is not None and not _is_unicode(custom_id):
+        raise LineError("invalid_request", f"line {number}: custom_id {json.dumps(custom_id)[:60]} holds a lone UTF-16 surrogate "
+                        "(an escape like \\ud800 without its pair), which is not valid Unicode")
     missing = [key for key in ("custom_id", "url", "body") if key not in item]
     if missing:
         raise LineError("missing_required_parameter", f"line {number}: missing {', '.join(missing)}", custom_id)
@@ -128,6 +132,14 @@ def _parse_line(number: int, raw: bytes) -> dict:
     if _streams(item["body"].get("stream")):
         raise LineError("invalid_request", f"line {number}: stream=true is not supported in a batch; leave stream out", custom_id)
     return item
+
+
+def _is_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _streams(value: Any) -> bool:

@@ -159,3 +159,26 @@ def test_an_unreadable_input_or_model_is_a_clear_error(tmp_path, capsys):
     assert "cannot write the output file" in capsys.readouterr().err
     assert main(["run-batch", "-i", str(given), "-o", str(out), "--model", str(tmp_path / "no-model")]) == 2
     assert "pangu-infer run-batch: error: " in capsys.readouterr().err and not out.exists()
+
+
+def test_a_custom_id_that_is_not_unicode_fails_its_line_alone(tiny_dense_dir, tmp_path):
+    """A custom_id holding a lone surrogate (JSON's "\\ud800") is echoed in no output line: UTF-8 cannot
+    write it, and writing it had ended the whole run (exit 2), every other line's result lost."""
+    lines = [
+        request("first", "/v1/completions", COMPLETION),
+        '{"custom_id": "\\ud800", "url": "/v1/completions", "body": {"model": "m", "prompt": "x", "max_tokens": 2}}',
+        '{"custom_id": "half \\udc80", "body": {}}',  # (refused for its missing url too: the same error, first)
+        request("last", "/v1/completions", COMPLETION),
+    ]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(["run-batch", "-i", str(tmp_path / "in.jsonl"), "-o", str(tmp_path / "out.jsonl"), "--model", str(tiny_dense_dir), *MODEL_FLAGS])
+    assert rc == 0, err.getvalue()
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [line["custom_id"] for line in out] == ["first", None, None, "last"]
+    assert out[0]["response"]["status_code"] == out[3]["response"]["status_code"] == 200
+    for number, line in ((2, out[1]), (3, out[2])):
+        assert line["response"] is None and line["error"]["code"] == "invalid_request"
+        assert line["error"]["message"].startswith(f"line {number}: custom_id ") and "lone UTF-16 surrogate" in line["error"]["message"]
+    assert "2 succeeded, 2 failed, of 4 requests" in err.getvalue()
