@@ -206,11 +206,16 @@ def test_the_responses_api_echoes_text_and_reasoning_as_given(http):
 
 
 # ---------------------------------------------------------------------- the length fields' names
-@pytest.mark.parametrize(("path", "field"), [("/v1/chat/completions", "max_completion_tokens"), ("/v1/responses", "max_output_tokens")])
+@pytest.mark.parametrize(("path", "field"), [
+    ("/v1/chat/completions", "max_completion_tokens"), ("/v1/responses", "max_output_tokens"), ("/v1/messages", "max_tokens"),
+    ("/v1/messages/count_tokens", "max_tokens"),
+])
 @pytest.mark.parametrize("value", [0, -1])
 def test_a_length_below_one_is_refused_under_the_name_it_was_given(http, path, field, value):
-    body = {k: v for k, v in BASES[path].items() if not k.startswith("max_")}
-    assert "greater than or equal to 1" in _error(http.post(path, json={**body, field: value}), field)
+    """(The Messages API's max_tokens of 0 was refused as max_completion_tokens, its chat request's field.)"""
+    body = {k: v for k, v in BASES[path.removesuffix("/count_tokens")].items() if not k.startswith("max_")}
+    message = _error(http.post(path, json={**body, field: value}), field)
+    assert "greater than or equal to 1" in message and "max_completion_tokens" not in message.replace(field, "")
 
 
 @pytest.mark.parametrize(("path", "field"), [
@@ -393,6 +398,33 @@ def test_tool_names_are_unique_and_not_empty(http, path, tools, param):
         assert ("tools[0] and tools[2]" if len(tools) == 3 else "tools[0] and tools[1]") in message
     if path == "/tokenize":  # tools of distinct names: taken
         assert http.post(path, json={"messages": MESSAGES, "tools": [CHAT_TOOL, {"type": "function", "function": {"name": "g"}}]}).status_code == 200
+
+
+@pytest.mark.parametrize(("path", "tool", "param"), [
+    ("/v1/responses", {**SHAPED_TOOL, "parameters": "an object"}, "tools[0].parameters"),
+    ("/v1/responses", {**SHAPED_TOOL, "description": 5}, "tools[0].description"),
+    ("/v1/responses", {**SHAPED_TOOL, "strict": "yes"}, "tools[0].strict"),
+    ("/v1/messages", {"name": "f", "input_schema": "an object"}, "tools[0].input_schema"),
+    ("/v1/messages", {"name": "f", "description": ["d"]}, "tools[0].description"),
+    ("/v1/messages/count_tokens", {"name": "f", "input_schema": 5}, "tools[0].input_schema"),
+])
+def test_a_tool_field_of_the_wrong_type_is_named_as_the_api_names_it(http, path, tool, param):
+    """The Responses and Messages APIs give a tool's fields flat, and Messages calls its schema
+    input_schema: their errors named the chat request's tools.0.function.parameters."""
+    body = BASES[path.removesuffix("/count_tokens")]
+    message = _error(http.post(path, json={**body, "tools": [tool]}), param)
+    assert message.startswith(f"invalid request: {param}: ") and "function" not in message, message
+    _still_serves(http)
+
+
+# ---------------------------------------------------------------------- Messages' stop_sequences
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize(("stop", "says"), [([""], "stop_sequences=['']: expected a non-empty string"),
+                                            (["x"] * 17, "stop_sequences has 17 strings; at most 16")])
+def test_bad_stop_sequences_are_refused_naming_stop_sequences(http, path, stop, says):
+    """(They were refused naming stop, chat's field, which a Messages request has not.)"""
+    message = _error(http.post(path, json={**BASES["/v1/messages"], "stop_sequences": stop}), "stop_sequences")
+    assert says in message, message
 
 
 # ---------------------------------------------------------------------- assistant tool calls

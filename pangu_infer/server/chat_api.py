@@ -9,7 +9,7 @@ import asyncio
 import functools
 import re
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -308,16 +308,30 @@ def finite(logprob: float) -> float:
     return max(float(logprob), -9999.0)
 
 
-def chat_request(fields: dict[str, Any], schema_param: Optional[str] = None) -> ChatCompletionRequest:
+def chat_request(fields: dict[str, Any], schema_param: Optional[str] = None,
+                 sent_as: Optional[Callable[[tuple], Optional[str]]] = None) -> ChatCompletionRequest:
     """The chat request another API's request maps to (None fields left out); a field it got
     wrong is a 400 naming where. schema_param: where that API's request gave the schema it maps
-    to response_format (errors about the schema name it)."""
+    to response_format (errors about the schema name it). sent_as: where that API's request gave
+    what the chat request holds at a location (pydantic's loc), None where it is the same; without
+    it a Messages max_tokens of 0 was refused as max_completion_tokens, an input_schema that is no
+    object as tools.0.function.parameters."""
     try:
         req = ChatCompletionRequest(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise APIError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
+        loc = tuple(first["loc"])
+        where = (sent_as(loc) if sent_as is not None else None) or ".".join(str(p) for p in loc)
+        raise APIError(400, f"invalid request: {where}: {first['msg']} (got {short_repr(first.get('input'))})", param=where) from None
     if schema_param is not None:
         req._schema_param = schema_param
     return req
+
+
+def tool_field_sent_as(loc: tuple, names: Optional[dict[str, str]] = None) -> Optional[str]:
+    """tools[k].FIELD for a chat request's tools.k.function.FIELD (the Responses and Messages APIs
+    give a tool's fields flat; `names` renames some: Messages' input_schema is chat's parameters)."""
+    if len(loc) >= 4 and loc[0] == "tools" and isinstance(loc[1], int) and loc[2] == "function":
+        field = (names or {}).get(str(loc[3]), str(loc[3]))
+        return ".".join([f"tools[{loc[1]}].{field}", *(str(p) for p in loc[4:])])
+    return None

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from contextlib import aclosing
-from typing import Any, AsyncIterator, Optional, Union
+from contextlib import aclosing, contextmanager
+from typing import Any, AsyncIterator, Iterator, Optional, Union
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,8 +26,9 @@ from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.chat.render import join_text_parts
+from pangu_infer.errors import RequestError
 from pangu_infer.outputs import RequestOutput
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, prepare_chat, start_chat
+from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, prepare_chat, start_chat, tool_field_sent_as
 from pangu_infer.server.errors import APIError, stream_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 from pangu_infer.server.state import ServerState
@@ -112,7 +113,14 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
             fields["chat_template_kwargs"] = {"enable_thinking": False}
         else:
             raise APIError(400, f"thinking.type is {kind!r}; expected enabled, adaptive or disabled", param="thinking.type")
-    return chat_request(fields, schema_param="output_config.format.schema")
+    return chat_request(fields, schema_param="output_config.format.schema", sent_as=_sent_as)
+
+
+def _sent_as(loc: tuple) -> Optional[str]:
+    """Where a Messages request gave what its chat request holds at `loc` (chat_request)."""
+    if loc[:1] == ("max_completion_tokens",):
+        return "max_tokens"
+    return tool_field_sent_as(loc, {"parameters": "input_schema"})
 
 
 def content_blocks(message: dict, stop_text: Optional[str] = None) -> list[dict]:
@@ -204,13 +212,26 @@ class MessagesStream:
 async def count_tokens(state: ServerState, req: CountTokensRequest) -> dict:
     """The prompt tokens the same Messages request would have (system, tools and thinking flags
     included), as Anthropic's count_tokens answers: {"input_tokens": N}."""
-    _, _, ids, _ = await prepare_chat(state, to_chat_request(req))
+    with _stop_sequences_as_sent():
+        _, _, ids, _ = await prepare_chat(state, to_chat_request(req))
     return {"input_tokens": len(ids)}
+
+
+@contextmanager
+def _stop_sequences_as_sent() -> Iterator[None]:
+    """The sampling parameters' refusal of `stop` named stop_sequences, the field the client gave."""
+    try:
+        yield
+    except RequestError as e:
+        if e.param != "stop":
+            raise
+        raise APIError(400, str(e).replace("stop", "stop_sequences", 1), param="stop_sequences") from None
 
 
 async def handle(state: ServerState, req: MessagesRequest, request: Request) -> Response:
     chat = to_chat_request(req)
-    started = await start_chat(state, chat, request, "msg", "max_tokens")
+    with _stop_sequences_as_sent():
+        started = await start_chat(state, chat, request, "msg", "max_tokens")
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started

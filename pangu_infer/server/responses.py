@@ -28,7 +28,9 @@ from pangu_infer.chat import ChatStreamParser
 from pangu_infer.chat.render import join_text_parts
 from pangu_infer.errors import short_repr
 from pangu_infer.outputs import RequestOutput
-from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat
+from pangu_infer.server.chat_api import (
+    ChatParsing, chat_choice, chat_logprobs, chat_request, prepare_chat, start_chat, tool_field_sent_as,
+)
 from pangu_infer.server.errors import APIError, stream_error
 from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, ReasoningEffort, _Request
@@ -172,7 +174,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
         "top_logprobs": (req.top_logprobs or 0) if logprobs else None,
         "stream": req.stream,
     }
-    return chat_request(fields, schema_param="text.format.schema")
+    return chat_request(fields, schema_param="text.format.schema", sent_as=tool_field_sent_as)
 
 
 def output_items(message: dict, finish_reason: Optional[str], logprobs: Optional[list[dict]]) -> list[dict]:
