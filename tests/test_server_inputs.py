@@ -348,6 +348,20 @@ def test_a_function_call_item_of_bad_arguments_is_refused_naming_the_item(http):
     assert http.post("/v1/responses", json=body).status_code == 200
 
 
+@pytest.mark.parametrize(("item", "param", "says"), [
+    ({"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_image"}]}, "input[1].output[0]", "must be an input_text"),
+    ({"type": "function_call_output", "call_id": "c1", "output": 5}, "input[1].output", "must be a string or a list of text parts, got 5"),
+    ({"type": "function_call_output", "call_id": "c1"}, "input[1].output", "got null"),
+    ({"role": "user", "content": {"text": "hi"}}, "input[1].content", "must be a string or a list of text parts"),
+])
+def test_an_items_text_of_the_wrong_shape_is_refused_naming_where(http, item, param, says):
+    """(A function_call_output's output was named input[k].output.content[j], a field no item has,
+    and a content that is no text input[k] alone.)"""
+    body = {**BASES["/v1/responses"], "input": [{"role": "user", "content": "hi"}, item]}
+    message = _error(http.post("/v1/responses", json=body), param)
+    assert message.startswith(param) and says in message and "output.content" not in message, message
+
+
 # ---------------------------------------------------------------------- schemas of other APIs' fields
 @pytest.mark.parametrize(("path", "field", "param", "says"), [
     ("/v1/responses", {"text": {"format": {"type": "json_schema", "name": "x", "schema": False}}}, "text.format.schema",

@@ -106,9 +106,8 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            output = item.get("output")
             messages.append({"role": "tool", "tool_call_id": _field(item, "call_id", where),
-                             "content": output if isinstance(output, str) else _text(output, where + ".output")})
+                             "content": _text(item.get("output"), where, "output")})
         elif kind == "reasoning":
             continue  # earlier thinking is not sent back to the model, as chat templates drop it too
         else:
@@ -487,16 +486,19 @@ def _response_format(fmt: Optional[dict]) -> Optional[dict]:
     raise APIError(400, f"text.format.type is {fmt.get('type')!r}; expected text, json_object or json_schema", param="text.format")
 
 
-def _text(content: Any, where: str) -> str:
+def _text(content: Any, where: str, field: str = "content") -> str:
+    """The text of an item's `field` (its content, a function_call_output's output): a string, or
+    text parts joined; a 400 naming where (input[i].FIELD[k]) for anything else."""
+    at = f"{where}.{field}"
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         text, k = join_text_parts(content, ("input_text", "output_text", "text"))
         if k >= 0:
-            raise APIError(400, f"{where}.content[{k}] must be an input_text or output_text part with text, got {json.dumps(content[k])[:200]}",
-                           param=f"{where}.content[{k}]")
+            raise APIError(400, f"{at}[{k}] must be an input_text or output_text part with text, got {json.dumps(content[k])[:200]}",
+                           param=f"{at}[{k}]")
         return text
-    raise APIError(400, f"{where}.content must be a string or a list of text parts", param=where)
+    raise APIError(400, f"{at} must be a string or a list of text parts, got {json.dumps(content)[:100]}", param=at)
 
 
 def _field(item: dict, key: str, where: str) -> str:
