@@ -404,22 +404,35 @@ class LLM:
             prompts = [prompts]
         elif prompts and isinstance(prompts, (list, tuple)) and all(isinstance(t, int) for t in prompts):
             prompts = [{"prompt_token_ids": list(prompts)}]
+        elif not isinstance(prompts, (list, tuple)):
+            try:
+                prompts = list(prompts)
+            except TypeError:  # (None, a number: had been a TypeError from the loop below)
+                raise ValueError(f"prompts must be a string, {{'prompt_token_ids': [...]}}, token ids or a list of them, "
+                                 f"got {short_repr(prompts)}") from None
         items = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
-                items.append((p, self.tokenizer.encode(p), None))
+                items.append((p, self._encode(p, f"prompts[{i}]"), None))
             elif isinstance(p, dict) and "prompt_token_ids" in p:
                 ids = p["prompt_token_ids"]
                 if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) for t in ids):
                     raise ValueError(f"prompts[{i}]['prompt_token_ids'] must be a list of integers")
                 items.append((p.get("prompt"), list(ids), p.get("cache_salt")))
             elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
-                items.append((p["prompt"], self.tokenizer.encode(p["prompt"]), p.get("cache_salt")))
+                items.append((p["prompt"], self._encode(p["prompt"], f"prompts[{i}]['prompt']"), p.get("cache_salt")))
             else:
                 raise ValueError(f"prompts[{i}] must be a string or {{'prompt_token_ids': [...]}}, got {type(p).__name__}")
         if not items:
             raise ValueError("no prompts given")
         return items
+
+    def _encode(self, text: str, where: str) -> list[int]:
+        """A prompt's token ids; the tokenizer's ValueError (a lone surrogate) names the prompt."""
+        try:
+            return self.tokenizer.encode(text)
+        except ValueError as e:
+            raise RequestError(f"{where}: {e}", param="prompt") from None
 
     def _normalize_params(self, params, n: int) -> list[SamplingParams]:
         if params is None:

@@ -198,6 +198,15 @@ class _HFTokenizersBackend:
         return self.tk.token_to_id(text)
 
 
+def lone_surrogate_at(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate in `text` (None: it is valid Unicode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 class Tokenizer:
     """Encode, decode and chat-template rendering for one model; build it with `load_tokenizer`."""
 
@@ -264,8 +273,17 @@ class Tokenizer:
         return set(self._special_ids)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids of `text`; with `add_special_tokens`, bos first when the model wants it (never eos)."""
-        ids = self._backend.encode(text)
+        """Token ids of `text`; with `add_special_tokens`, bos first when the model wants it (never eos).
+        ValueError for a text holding a lone UTF-16 surrogate (a str Python builds from the JSON
+        escape "\\ud800"), which neither backend can read: SentencePiece raised a RuntimeError
+        about a C++ cast, tokenizers a TypeError."""
+        try:
+            ids = self._backend.encode(text)
+        except (RuntimeError, TypeError):
+            at = lone_surrogate_at(text) if isinstance(text, str) else None
+            if at is None:
+                raise
+            raise ValueError(f"the text holds a lone UTF-16 surrogate at character {at} ({text[at]!a}), which is not valid Unicode") from None
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             ids.insert(0, self.bos_token_id)
         return ids

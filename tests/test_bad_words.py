@@ -143,6 +143,10 @@ def test_bad_words_past_the_token_budget_or_the_vocabulary_name_the_field(llm, m
         llm.generate([PROMPT], greedy(bad_words=long), use_tqdm=False)
     assert e.value.param == "bad_words"
     vocab = llm.config.vocab_size
+    # a Python str from JSON's "\ud800": SentencePiece had raised a RuntimeError about a C++ cast
+    with pytest.raises(RequestError, match=r"bad_words\[1\]: the text holds a lone UTF-16 surrogate at character 2") as e:
+        llm.generate([PROMPT], greedy(bad_words=["fine", "no\ud800"]), use_tqdm=False)
+    assert e.value.param == "bad_words"
     monkeypatch.setattr(llm.tokenizer, "encode", lambda text, add_special_tokens=True: [vocab + 5])
     with pytest.raises(RequestError, match=rf"token id {vocab + 5}, outside the model's vocabulary"):
         llm.generate([PROMPT], greedy(bad_words=["x"]), use_tqdm=False)

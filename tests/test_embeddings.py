@@ -221,11 +221,24 @@ def test_one_failing_embedding_request_ends_alone(llm, reference, monkeypatch):
     ({"prompt_token_ids": [1, 10**6]}, r"prompt token id 1000000 is outside the vocabulary"),
     ({"prompt_token_ids": [1, -3]}, r"prompt token id -3 is outside the vocabulary"),
     ({"prompt_token_ids": [1] * 2049}, r"the prompt has 2049 tokens, more than the model's context of 2048 tokens"),
+    # a Python str from JSON's "\ud800": SentencePiece had raised a RuntimeError about a C++ cast
+    (["fine", "half \udc80 a pair"], r"prompts\[1\]: the text holds a lone UTF-16 surrogate at character 5 \('\\udc80'\)"),
+    ({"prompt": "\ud800"}, r"prompts\[0\]\['prompt'\]: the text holds a lone UTF-16 surrogate at character 0"),
 ])
 def test_bad_prompts_are_a_value_error_naming_them(llm, prompts, needle):
     with pytest.raises(ValueError, match=needle) as e:
         llm.embed(prompts)
     assert isinstance(e.value, RequestError) and e.value.param == "prompt"
+    assert all_freed(llm.engine)
+
+
+@pytest.mark.parametrize("prompts", [None, 5])
+def test_prompts_that_are_no_prompts_are_a_value_error(llm, prompts):
+    """(A TypeError from iterating them before.)"""
+    with pytest.raises(ValueError, match=f"prompts must be a string, .*got {prompts}"):
+        llm.embed(prompts)
+    with pytest.raises(ValueError, match=f"prompts must be a string, .*got {prompts}"):
+        llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False)
     assert all_freed(llm.engine)
 
 

@@ -158,6 +158,8 @@ def test_predictions_and_prompt_lookup_draft_side_by_side(tiny_dense_dir):
 @pytest.mark.parametrize("prediction, match", [
     ([1, 2, 10**6], r"prediction holds the token id 1000000, outside the model's vocabulary"),
     ([1] * 5000, r"prediction is 5000 tokens, more than the model's context of \d+ tokens"),
+    # (a Python str from JSON's "\ud800": SentencePiece raised a RuntimeError about a C++ cast)
+    ("fine \ud800 text", r"prediction: the text holds a lone UTF-16 surrogate at character 5 \('\\ud800'\)"),
 ])
 def test_a_prediction_the_model_cannot_take_is_refused_naming_it(llm, prediction, match):
     with pytest.raises(ValueError, match=match) as e:

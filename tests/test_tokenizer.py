@@ -151,6 +151,16 @@ def test_an_id_past_the_tokenizers_pieces_decodes_as_empty_text(pangu_tokenizer,
             tok.decode([5, -1])
 
 
+@pytest.mark.parametrize("name", ["pangu_tokenizer", "llama_tokenizer"])
+def test_a_text_with_a_lone_surrogate_is_a_value_error(name, request) -> None:
+    """A str Python builds from JSON's "\\ud800" (LLM.generate, a prediction, bad_words): SentencePiece
+    raised a RuntimeError about a C++ cast, tokenizers a TypeError."""
+    tok = request.getfixturevalue(name)
+    with pytest.raises(ValueError, match=r"lone UTF-16 surrogate at character 3 \('\\udc00'\)"):
+        tok.encode("abc\udc00def")
+    assert tok.encode("abc\U0001F600def") == tok.encode("abc\ud83d\ude00def".encode("utf-16", "surrogatepass").decode("utf-16"))
+
+
 def test_load_tokenizer_names_the_folder_it_cannot_use(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "missing"))):
         load_tokenizer(tmp_path / "missing")

@@ -405,8 +405,11 @@ class LLMEngine:
         if self.tokenizer is None:
             raise RequestError("bad_words needs the model's tokenizer, and this engine has none", param="bad_words")
         out: list[list[int]] = []
-        for word in words:
-            bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        for k, word in enumerate(words):
+            try:
+                bare = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            except ValueError as e:  # (a lone surrogate)
+                raise RequestError(f"bad_words[{k}]: {e}", param="bad_words") from None
             if bare:
                 out.append(bare)
             spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
@@ -430,7 +433,10 @@ class LLMEngine:
         if isinstance(prediction, str):
             if self.tokenizer is None:
                 raise RequestError("a prediction given as text needs the model's tokenizer, and this engine has none", param="prediction")
-            ids = self.tokenizer.encode(prediction, add_special_tokens=False)
+            try:
+                ids = self.tokenizer.encode(prediction, add_special_tokens=False)
+            except ValueError as e:  # (a lone surrogate)
+                raise RequestError(f"prediction: {e}", param="prediction") from None
         else:
             ids = list(prediction)
         vocab = self.config.vocab_size
