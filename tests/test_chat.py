@@ -239,9 +239,15 @@ def test_parse_tool_calls_without_end_marker_runs_to_the_end() -> None:
     '[unused11]["f"][unused12] tail',
     "[unused11]not json at all",
     "no markers here",
+    # deeper than Python's json recurses (a reply a request's regex steered there): a RecursionError, a 500
+    "[unused11]" + "[" * 5000 + "]" * 5000 + "[unused12]",
+    '[unused11]{"name": "f", "arguments": "' + "[" * 5000 + "]" * 5000 + '"}[unused12]',
+    '[unused11]{"name": "f", "arguments": {"x": 1' + "0" * 5000 + "}}[unused12]",  # (past int()'s digits)
 ])
 def test_malformed_tool_calls_stay_in_the_content(text: str) -> None:
     assert parse_tool_calls(text) == (text, [])
+    if "[unused12]" in text:  # the stream parser too
+        assert parse_streamed([text[:15], text[15:]]) == ("", text, [])
 
 
 def parse_whole(text: str) -> tuple[str, str, list]:

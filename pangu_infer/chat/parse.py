@@ -59,11 +59,17 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _parse_call_block(body: str) -> list[dict[str, Any]] | None:
-    """OpenAI tool calls from the JSON between the markers, or None when it is not well formed."""
+    """OpenAI tool calls from the JSON between the markers, or None when it is not well formed (JSON
+    nested deeper than Python's json recurses counts as not well formed: a reply steered into a
+    thousand brackets, by a regex the request gave, had been a 500)."""
     try:
-        data = json.loads(body)
-    except json.JSONDecodeError:
+        return _call_block(body)
+    except (ValueError, RecursionError):
         return None
+
+
+def _call_block(body: str) -> list[dict[str, Any]] | None:
+    data = json.loads(body)
     items = data if isinstance(data, list) else [data]
     calls = []
     for item in items:
@@ -71,10 +77,7 @@ def _parse_call_block(body: str) -> list[dict[str, Any]] | None:
             return None
         arguments = item.get("arguments", item.get("parameters", {}))
         if isinstance(arguments, str):  # already a JSON string, as OpenAI sends it
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError:
-                return None
+            arguments = json.loads(arguments)
         calls.append({
             "id": f"call_{secrets.token_hex(12)}",
             "type": "function",

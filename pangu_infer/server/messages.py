@@ -138,7 +138,7 @@ def tool_use_block(call: dict) -> dict:
     arguments = call["function"]["arguments"]
     try:
         value = json.loads(arguments) if arguments else {}
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # (the parser gives JSON; kept safe for any other arguments)
         value = {}
     return {"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": value if isinstance(value, dict) else {}}
 
