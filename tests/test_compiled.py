@@ -309,17 +309,14 @@ def test_a_kv_cache_sized_from_free_memory_keeps_its_shape_when_free_memory_move
     assert shapes[0][0] * per_token >= 15.0 * 2**30 // 4 * 7 / 8 - 16 * per_token  # at most 1/8 given up
 
 
-def test_a_moge_step_is_one_graph_with_every_layer_in_it(tmp_path, tiny_moge_config, pangu_tokenizer_dir, caplog):
+def test_a_moge_step_is_one_graph_with_every_layer_in_it(tiny_moge_dir, caplog):
     """On CPU a MoGE step's expert dispatch is the opaque operator pangu_infer::moe_dispatch, so the
     whole step (every layer, the router, the load counters) is one graph, saved whole like a dense
     model's: no graph break at batch 1 or in the dynamic batch. (Before it, the dispatch broke the
-    graph in every layer, dynamo compiled each layer's frame apart and, past its default limit of 8
-    entries, silently ran the layers after the 8th eagerly; and a second start traced the model
-    again.) 10 layers, batches of 1 and 3: the eager tokens and expert counts."""
-    from fixtures_models import build_tiny_model
-
-    config = dict(tiny_moge_config, num_hidden_layers=10)
-    model_dir = build_tiny_model(tmp_path / "moge10", config, pangu_tokenizer_dir)
+    graph in every layer: dynamo compiled each layer's frame apart, with all guards on the modules,
+    and a second start traced the model again.) Batches of 1 and 3: the eager tokens and expert
+    counts."""
+    model_dir = tiny_moge_dir
     kw = dict(dtype="float32", max_model_len=64, kv_cache_memory=4 << 20)
     caplog.set_level(logging.INFO, logger="pangu_infer.engine")
     llm = LLM(str(model_dir), **kw)
@@ -335,6 +332,31 @@ def test_a_moge_step_is_one_graph_with_every_layer_in_it(tmp_path, tiny_moge_con
     ours, theirs = llm.moe_stats()["layers"], eager.moe_stats()["layers"]
     for o, w, t in zip(ours, warm, theirs):  # the warm-up's dummy steps are counted too
         assert [a - b for a, b in zip(o["expert_tokens"], w["expert_tokens"])] == t["expert_tokens"]
+
+
+def test_a_moge_model_of_the_same_shape_loads_the_saved_step_and_dispatches_its_own_experts(
+    tmp_path, tiny_moge_dir, tiny_moge_config, pangu_tokenizer_dir,
+):
+    """The dispatch operator finds its block by a handle passed as a tensor (a graph input), not
+    baked into the graph: a second MoGE model of the same shape in the process (other weights, other
+    handles) loads the first one's saved step instead of compiling its own, and that step runs the
+    second model's experts: each model decodes its own eager tokens, and they differ."""
+    from fixtures_models import build_tiny_model
+
+    other_dir = build_tiny_model(tmp_path / "other", tiny_moge_config, pangu_tokenizer_dir, seed=1)
+    kw = dict(dtype="float32", max_model_len=64, kv_cache_memory=4 << 20)
+    first = LLM(str(tiny_moge_dir), **kw)
+    assert first.wait_compiled(), first.engine.runner.compile_error
+    second = LLM(str(other_dir), **kw)
+    assert second.wait_compiled(), second.engine.runner.compile_error
+    step = second.engine.runner.decode_forward
+    assert isinstance(step, saved_step.SavedStep) and step.built == 0 and step.loaded >= 2
+    got = []
+    for path, llm in ((tiny_moge_dir, first), (other_dir, second)):
+        eager = LLM(str(path), enforce_eager=True, **kw)
+        got.append(_token_ids(llm.generate(PROMPTS, GREEDY)))
+        assert got[-1] == _token_ids(eager.generate(PROMPTS, GREEDY))
+    assert got[0] != got[1]
 
 
 def test_int4_moge_decodes_compiled_at_batch_1_through_the_fused_expert_op_like_eager(tiny_moge_dir, capfd):

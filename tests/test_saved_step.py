@@ -131,3 +131,32 @@ def test_a_graph_that_cannot_be_written_leaves_no_file_and_raises_nothing(llm, t
     assert "could not save the compiled decode step" in caplog.text
     assert list(saved_step.steps_dir().iterdir()) == []
     assert saved_step.load(key) is None
+
+
+def test_a_trace_dynamo_asks_to_restart_is_traced_again(caplog):
+    """aot_compile passes up dynamo's TensorifyScalarRestartAnalysis (a float scalar to specialize,
+    recorded process-wide) where torch.compile's own path traces again; whether it is raised depends
+    on earlier compiles in the process (a MoGE step's save fell back to the regular path in one test
+    order). The build traces again, as dynamo would, and gives up only after a few attempts."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    from pangu_infer.engine.compiled import _aot_compile
+
+    class Flaky:
+        def __init__(self, failures: int):
+            self.failures, self.calls = failures, 0
+
+        def aot_compile(self, inputs):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise TensorifyScalarRestartAnalysis
+            return ("graph", inputs)
+
+    caplog.set_level(logging.INFO, logger="pangu_infer.engine")
+    once = Flaky(1)
+    assert _aot_compile(once, (1, 2)) == ("graph", ((1, 2), {})) and once.calls == 2
+    assert "tracing the decode step again" in caplog.text
+    always = Flaky(10)
+    with pytest.raises(TensorifyScalarRestartAnalysis):
+        _aot_compile(always, (1,))
+    assert always.calls == 4

@@ -206,7 +206,7 @@ def _build_saved(
             step.built += 1
             _mark_dynamic(*inputs)
             compiled = torch.compile(_step_function(), fullgraph=True, options={**options, "guard_filter_fn": saved_step.serializable_guards})
-            graph = compiled.aot_compile(((model, *inputs), {}))
+            graph = _aot_compile(compiled, (model, *inputs))
             if not graph.guard_check(model, *inputs):
                 raise RuntimeError(f"the graph built for a decode step of {batch} x {ctx} refuses its own inputs")
             saved_step.save(graph, key)
@@ -214,6 +214,26 @@ def _build_saved(
         step.graphs.append(graph)
         step(*inputs)
     return step
+
+
+def _aot_compile(compiled, args: tuple, attempts: int = 4):
+    """`compiled.aot_compile` of `args`, traced again where dynamo asks for it.
+
+    When inductor's pass over the traced graph finds a float scalar input it cannot turn into a
+    tensor, it records the scalar as one to specialize (a process-wide set, dynamo's TensorifyState)
+    and raises TensorifyScalarRestartAnalysis; torch.compile's own path then traces the frame again,
+    aot_compile passes the exception up. Whether it is raised depends on what earlier compiles in
+    the process left in that set (seen with a MoGE step: one process built its saved step, another
+    fell back to the regular path), so the trace is repeated here as dynamo would."""
+    from torch._dynamo.exc import TensorifyScalarRestartAnalysis
+
+    for attempt in range(attempts):
+        try:
+            return compiled.aot_compile((args, {}))
+        except TensorifyScalarRestartAnalysis:
+            if attempt == attempts - 1:
+                raise
+            logger.info("tracing the decode step again: dynamo specializes a float it could not make a tensor")
 
 
 def inline_bounds(model: torch.nn.Module, max_batch: Optional[int]) -> tuple[int, ...]:

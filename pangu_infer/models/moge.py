@@ -47,18 +47,21 @@ def imbalance_score(expert_counts: torch.Tensor, num_tokens: torch.Tensor, num_d
 
 
 # handle -> MoEBlock: whose experts pangu_infer::moe_dispatch runs. Entries leave with their block.
+# The handle reaches the operator as a tensor (each block's `dispatch_handle`), not as an int:
+# an int would be a constant of the traced graph, so that each process (and each model loaded in it)
+# whose blocks were numbered otherwise would compile and save its own copy of the same step.
 _BLOCKS: "weakref.WeakValueDictionary[int, MoEBlock]" = weakref.WeakValueDictionary()
 _handles = itertools.count()
 
 _lib = torch.library.Library("pangu_infer", "FRAGMENT")
-_lib.define("moe_dispatch(Tensor x, Tensor flat_experts, Tensor flat_weights, Tensor counts, int handle) -> Tensor")
+_lib.define("moe_dispatch(Tensor x, Tensor flat_experts, Tensor flat_weights, Tensor counts, Tensor handle) -> Tensor")
 
 
-def _moe_dispatch(x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
-    return _BLOCKS[handle]._dispatch(x, flat_experts, flat_weights, counts)
+def _moe_dispatch(x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, counts: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    return _BLOCKS[int(handle)]._dispatch(x, flat_experts, flat_weights, counts)
 
 
-def _moe_dispatch_shape(x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, counts: torch.Tensor, handle: int) -> torch.Tensor:
+def _moe_dispatch_shape(x: torch.Tensor, flat_experts: torch.Tensor, flat_weights: torch.Tensor, counts: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
@@ -245,9 +248,12 @@ class MoEBlock(nn.Module):
         # models/batch_invariant.py: expert products in fixed row tiles, outputs summed per token in group order
         self.batch_invariant = False
         # Inside a compiled step the dispatch is the opaque operator pangu_infer::moe_dispatch, which
-        # finds this block by its handle (an int the graph holds; tensors only cross the boundary).
-        self.handle = next(_handles)
-        _BLOCKS[self.handle] = self
+        # finds this block by its handle, read from this tensor (a graph input, as the bound KV
+        # caches are: see _BLOCKS). A plain attribute, not a buffer: no weight, moved nowhere; on the
+        # host whatever device the model is built on (the meta device included).
+        handle = next(_handles)
+        _BLOCKS[handle] = self
+        self.dispatch_handle = torch.tensor(handle, dtype=torch.long, device="cpu")
 
     @property
     def local_expert_tokens(self) -> int:
@@ -278,7 +284,7 @@ class MoEBlock(nn.Module):
         elif torch.compiler.is_compiling():
             # Data-dependent expert sizes: one opaque operator running _dispatch eagerly, so that the
             # step stays one graph (no graph break; it can be saved whole, engine/saved_step.py).
-            routed = torch.ops.pangu_infer.moe_dispatch(x, flat_experts, weights.flatten(), counts, self.handle)
+            routed = torch.ops.pangu_infer.moe_dispatch(x, flat_experts, weights.flatten(), counts, self.dispatch_handle)
         else:
             routed = self._dispatch(x, flat_experts, weights.flatten(), counts)
         shared = getattr(self, self.shared_prefix)
