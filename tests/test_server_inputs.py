@@ -514,3 +514,17 @@ def test_an_empty_content_list_is_refused_naming_the_message(http, path):
     assert "messages[2].content is an empty list" in _error(http.post(path, json=body), "messages[2].content")
     messages[2]["content"] = [{"type": "text", "text": "and tomorrow?"}]
     assert http.post(path, json=body).status_code == 200
+
+
+def test_the_response_store_echoes_no_long_id_or_query_value_in_full(http):
+    """GET/DELETE of a stored response by an id of 20,000 characters (the URL holds it), and
+    input_items with such an `after`: a 404 or 400 whose message cuts the value (short_repr), not a
+    body that repeats the client's 20 kB."""
+    long_id = "resp_" + "x" * 20000
+    for method, path in (("GET", f"/v1/responses/{long_id}"), ("DELETE", f"/v1/responses/{long_id}"),
+                         ("GET", f"/v1/responses/{long_id}/input_items")):
+        r = http.request(method, path)
+        assert r.status_code == 404 and len(r.text) < 1000, (method, path[:40], len(r.text))
+    created = http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 1}).json()
+    r = http.get(f"/v1/responses/{created['id']}/input_items", params={"after": "item_" + "y" * 20000})
+    assert r.status_code == 400 and len(r.text) < 1000 and _error(r, "after")

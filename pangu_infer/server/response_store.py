@@ -6,6 +6,7 @@ import json
 from collections import OrderedDict
 from typing import Optional
 
+from pangu_infer.errors import short_repr
 from pangu_infer.server.errors import APIError
 
 MAX_STORED = 1024  # responses kept for previous_response_id and GET, newest first
@@ -39,7 +40,7 @@ class ResponseStore:
     def get(self, response_id: str, param: Optional[str] = None) -> tuple[dict, list[dict]]:
         item = self._items.get(response_id)
         if item is None:
-            raise APIError(404, f"no response with id {response_id!r} is stored here (only the newest {self.capacity}, "
+            raise APIError(404, f"no response with id {short_repr(response_id)} is stored here (only the newest {self.capacity}, "
                            f"{self.max_bytes >> 20} MiB in all, are kept)", param=param, code="not_found")
         return item[0], item[1]
 
@@ -48,16 +49,16 @@ class ResponseStore:
         after the item `after`, at most `limit` (1-100)."""
         self.get(response_id)
         if not 1 <= limit <= 100:
-            raise APIError(400, f"limit={limit}: expected 1 to 100", param="limit")
+            raise APIError(400, f"limit={short_repr(limit)}: expected 1 to 100", param="limit")
         if order not in ("asc", "desc"):
-            raise APIError(400, f"order={order!r}: expected asc or desc", param="order")
+            raise APIError(400, f"order={short_repr(order)}: expected asc or desc", param="order")
         items = list(self._items[response_id][2])
         if order == "desc":
             items.reverse()
         if after is not None:
             ids = [item["id"] for item in items]
             if after not in ids:
-                raise APIError(400, f"after={after!r} is not an input item of {response_id!r}", param="after")
+                raise APIError(400, f"after={short_repr(after)} is not an input item of {short_repr(response_id)}", param="after")
             items = items[ids.index(after) + 1 :]
         page = items[:limit]
         return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
