@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from pangu_infer.cli import add_chat_template_argument, add_model_arguments
 from pangu_infer.server.cli import add_app_arguments
+from pangu_infer.tokenizer import lone_surrogate_at
 
 logger = logging.getLogger("pangu_infer.batch")
 
@@ -114,7 +115,7 @@ def _parse_line(number: int, raw: bytes) -> dict:
         raise LineError("invalid_json_line", f"line {number}: expected a JSON object, got {type(item).__name__}")
     custom_id = item.get("custom_id") if isinstance(item.get("custom_id"), str) else None
     # Echoed in the output line: one UTF-8 cannot write had ended the whole run, every line's result lost.
-    if custom_id is not None and not _is_unicode(custom_id):
+    if custom_id is not None and lone_surrogate_at(custom_id) is not None:
         raise LineError("invalid_request", f"line {number}: custom_id {json.dumps(custom_id)[:60]} holds a lone UTF-16 surrogate "
                         "(an escape like \\ud800 without its pair), which is not valid Unicode")
     missing = [key for key in ("custom_id", "url", "body") if key not in item]
@@ -132,14 +133,6 @@ def _parse_line(number: int, raw: bytes) -> dict:
     if _streams(item["body"].get("stream")):
         raise LineError("invalid_request", f"line {number}: stream=true is not supported in a batch; leave stream out", custom_id)
     return item
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _streams(value: Any) -> bool:

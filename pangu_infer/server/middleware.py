@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from pangu_infer.server.errors import APIError, error_response, internal_error
 from pangu_infer.server.metrics import ServerMetrics
+from pangu_infer.tokenizer import lone_surrogate_at
 
 CLIENT_CLOSED = 499  # nginx's status for "client closed the connection"; only ever seen in metrics
 MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context; keeps one client from filling memory
@@ -162,7 +163,7 @@ def check_json_body(body: bytes) -> Optional[APIError]:
         return None  # the app's own message says where
     except ValueError:  # Python's limit on the digits of an integer
         return APIError(400, "the request body holds a number too long to read")
-    if isinstance(value, str) and _has_surrogate(value):
+    if isinstance(value, str) and lone_surrogate_at(value) is not None:
         return _surrogate_error("")
     if _not_finite(value):
         return _not_finite_error("", value)
@@ -177,11 +178,11 @@ def check_json_body(body: bytes) -> Optional[APIError]:
             return APIError(400, f"the request body nests JSON more than {MAX_JSON_DEPTH} levels deep")
         items = node.items() if isinstance(node, dict) else enumerate(node)
         for key, child in items:
-            if isinstance(key, str) and _has_surrogate(key):
+            if isinstance(key, str) and lone_surrogate_at(key) is not None:
                 return _surrogate_error(path)
             if isinstance(child, (dict, list)):
                 stack.append((child, depth + 1, f"{path}.{key}" if path else str(key)))
-            elif isinstance(child, str) and _has_surrogate(child):
+            elif isinstance(child, str) and lone_surrogate_at(child) is not None:
                 return _surrogate_error(f"{path}.{key}" if path else str(key))
             elif _not_finite(child):
                 return _not_finite_error(f"{path}.{key}" if path else str(key), child)
@@ -191,14 +192,6 @@ def check_json_body(body: bytes) -> Optional[APIError]:
 def _is_json(scope: dict) -> bool:
     content_type = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1").lower()
     return not content_type or "json" in content_type
-
-
-def _has_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _not_finite(value: Any) -> bool:
