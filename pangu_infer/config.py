@@ -346,16 +346,10 @@ def token_ids(d: dict[str, Any], vocab_size: int, source: str = "config") -> tup
         return v
 
     eos = d.get("eos_token_id")
-    if eos is None:
-        eos_ids = []
-    elif isinstance(eos, list):
-        if not all(_is_token_id(v) for v in eos):
-            raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
-        eos_ids = [v for v in (check("eos_token_id", v) for v in eos) if v is not None]
-    elif _is_token_id(eos):
-        eos_ids = [v for v in (check("eos_token_id", eos),) if v is not None]
-    else:
+    listed = [] if eos is None else eos if isinstance(eos, list) else [eos]
+    if not all(_is_token_id(v) for v in listed):
         raise ConfigError(f"{source} field eos_token_id={eos!r} must be a token id or a list of token ids (integers)")
+    eos_ids = [v for v in (check("eos_token_id", v) for v in listed) if v is not None]
     bos, pad = d.get("bos_token_id"), d.get("pad_token_id")
     if _is_token_id(pad) and not 0 <= pad < vocab_size:
         pad = None  # (no warning: -1 is a common spelling of none)
