@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 import weakref
 from dataclasses import replace
@@ -134,13 +133,6 @@ class LLM:
                     f"a draft model ({spec.draft_model!r}) with tensor_parallel_size={tensor_parallel_size}: "
                     "not supported yet; use one process, or prompt lookup"
                 )
-            if not enforce_eager:  # the workers replay rank 0's forwards eagerly; so does rank 0
-                print(
-                    f"pangu-infer: compiled decode off: not supported with tensor_parallel_size="
-                    f"{tensor_parallel_size} yet; decoding eagerly",
-                    file=sys.stderr,
-                )
-                self.engine_config = replace(self.engine_config, enforce_eager=True)
             self.loaded, self.parallel = load_tensor_parallel(
                 model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts
             )
@@ -182,8 +174,7 @@ class LLM:
             draft_name=self.draft.source if self.draft is not None else "draft model",
         )
         if self.parallel is not None:
-            pool = self.engine.pool
-            self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.kv_dtype)
+            self.parallel.attach(self.engine.runner)
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()
@@ -195,10 +186,14 @@ class LLM:
         """Wait until the compiled decode step, built on a background thread from load on, is ready
         (at most `timeout` seconds). Nothing needs to: until it is ready, decode steps run eagerly.
         Benchmarks and tests of compiled decode wait. True when decode steps now run compiled;
-        False where they cannot (`enforce_eager`, tensor parallel, no compiler, a failed compile,
-        the time ran out). With a draft model, its compiled step too, within the same `timeout`."""
+        False where they cannot (`enforce_eager`, no compiler, a failed compile,
+        the time ran out). With a draft model, its compiled step too, within the same `timeout`;
+        under tensor parallelism, every rank's (call it from the thread that runs the steps)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         ready = self.engine.runner.wait_compiled(timeout)
+        if self.parallel is not None:  # every worker rank's own step too
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = all(built for built, _ in self.parallel.wait_compiled(left)) and ready
         if self.engine.speculator is not None:  # a draft model's own compiled step
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             ready = self.engine.speculator.wait_compiled(left) and ready
@@ -379,11 +374,13 @@ class LLM:
         if lora_request is not None:
             engine.add_lora(lora_request)  # (a ValueError where LoRA is off or the adapter is bad)
             slot = engine.loras.add(lora_request)[1]
-        x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        inputs = (torch.tensor(ids, dtype=torch.long, device=self.device), torch.arange(len(ids), device=self.device), None)
         with engine.runner.bind():  # the model's lock, as a step holds it
             if lora is not None:  # this call's rows, never the last step's
                 lora.set_rows(None if slot < 0 else [slot] * len(ids))
-            hidden = self.model(x, torch.arange(len(ids), device=self.device), None)
+            if engine.runner.mirror is not None:  # tensor parallel: every rank's shard
+                engine.runner.mirror("forward", inputs)
+            hidden = self.model(*inputs)
             return self.model.compute_logits(hidden).cpu()
 
     def moe_stats(self) -> dict:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from pangu_infer import LLM, SamplingParams
 from pangu_infer.config import ModelConfig
+from pangu_infer.engine.saved_step import SavedStep
 from pangu_infer.loader.random import pangu_dense_config
 from pangu_infer.parallel.sharding import WeightSharder
 from pangu_infer.parallel.state import ParallelState, head_shard
@@ -32,11 +33,10 @@ def _workload(model_dir: Path, world_size: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # spawned ranks copy this: 4 ranks must not fight over 2 cores
     try:
-        # Tensor parallel runs with the default flags (it decodes eagerly, saying so); the
-        # one-process reference is eager too, so that nothing here waits for a compile.
+        # Eager on every rank, so that nothing here waits for a compile (the compiled steps of the
+        # ranks: test_every_rank_decodes_with_its_compiled_step_by_default).
         llm = LLM(str(model_dir), dtype="float32", device="cpu", tensor_parallel_size=world_size,
-                  kv_cache_memory=1 << 24, enforce_eager=world_size == 1)
-        eager = llm.engine.runner.decode_forward is None
+                  kv_cache_memory=1 << 24, enforce_eager=True)
         logits = llm.logits(LOGIT_IDS)
         greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
         chat = llm.chat(CHAT, SamplingParams(temperature=0.0, max_tokens=6), use_tqdm=False)[0].outputs[0].token_ids
@@ -48,7 +48,7 @@ def _workload(model_dir: Path, world_size: int) -> dict:
         llm.shutdown()
     finally:
         torch.set_num_threads(threads)
-    return {"logits": logits, "greedy": greedy, "chat": chat, "moe_stats": stats, "eager": eager, "embeddings": embeddings,
+    return {"logits": logits, "greedy": greedy, "chat": chat, "moe_stats": stats, "embeddings": embeddings,
             "predicted": (predicted.outputs[0].token_ids, predicted.metrics["accepted_prediction_tokens"])}
 
 
@@ -79,7 +79,6 @@ def test_fp32_logits_match_one_process(run, kind, world_size):
 @pytest.mark.parametrize("kind,world_size", CASES)
 def test_greedy_generate_and_chat_match_one_process(run, kind, world_size):
     got, want = run(kind, world_size), run(kind, 1)
-    assert got["eager"]  # the default (compiled decode) falls back to eager under tensor parallel
     assert got["greedy"] == want["greedy"]
     assert all(len(ids) == GREEDY.max_tokens for ids in got["greedy"])
     assert got["chat"] == want["chat"]
@@ -92,6 +91,38 @@ def test_embeddings_and_predicted_outputs_match_one_process(run, kind, world_siz
         assert (torch.tensor(a) - torch.tensor(b)).abs().max().item() < 1e-5
     tokens, accepted = got["predicted"]
     assert tokens == want["greedy"][0] and accepted >= GREEDY.max_tokens - 1
+
+
+@pytest.mark.parametrize("kind", ["dense", "moge"])
+def test_every_rank_decodes_with_its_compiled_step_by_default(run, kind, tiny_dense_dir, tiny_moge_dir):
+    """No flags: rank 0 and the worker each build a compiled decode step (the all-reduces inside it),
+    every decode step runs compiled on both, and the tokens are one process's. A second start loads
+    rank 0's step saved whole (nothing of the driver traced into it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model_dir = str({"dense": tiny_dense_dir, "moge": tiny_moge_dir}[kind])
+    try:
+        for start in range(2):
+            llm = LLM(model_dir, dtype="float32", device="cpu", tensor_parallel_size=2, kv_cache_memory=1 << 24)
+            assert llm.wait_compiled(timeout=540), llm.engine.runner.compile_error
+            if start == 0:
+                llm.shutdown()
+        saved = llm.engine.runner.decode_forward
+        assert isinstance(saved, SavedStep) and saved.built == 0 and saved.loaded > 0
+        runner = llm.engine.runner
+        step, rank0_steps = runner.decode_forward, []
+        runner.decode_forward = lambda *inputs: (rank0_steps.append(1), step(*inputs))[1]
+        before = llm.parallel.wait_compiled(0)
+        greedy = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+        after = llm.parallel.wait_compiled(0)
+        llm.shutdown()
+    finally:
+        torch.set_num_threads(threads)
+    assert greedy == run(kind, 1)["greedy"]
+    decode_steps = GREEDY.max_tokens - 1  # (both prompts' decodes share each step)
+    assert len(rank0_steps) == decode_steps
+    (ready, done_before), = before
+    assert ready and after == [(True, done_before + decode_steps)]
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

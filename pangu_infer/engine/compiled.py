@@ -10,7 +10,6 @@ import os
 import sys
 import threading
 import types
-from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -27,8 +26,11 @@ DecodeStep = Callable[[torch.Tensor, torch.Tensor, AttentionBatch], torch.Tensor
 
 
 def _decode_step(model: DecoderForCausalLM, input_ids, positions, attn) -> torch.Tensor:
-    # Every row of a decode-only step samples: the head runs inside the compiled graph too.
-    return model.compute_logits(model(input_ids, positions, attn))
+    # Every row of a decode-only step samples: the head runs inside the compiled graph too. A
+    # tensor-parallel worker rank holds no head (only rank 0 samples): its step ends at the hidden
+    # states (the rank is a constant of the graph and of a saved step's key).
+    hidden = model(input_ids, positions, attn)
+    return hidden if model.parallel.rank else model.compute_logits(hidden)
 
 
 # The sizes that change from one decode step to the next (batch rows, context length), marked

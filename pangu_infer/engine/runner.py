@@ -27,6 +27,7 @@ from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models import bf16_weights, bi_attention_kernel
 from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice, decode_kernel_chosen, decode_kernel_takes
+from pangu_infer.parallel.state import collectives_skipped
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -110,11 +111,14 @@ class ModelRunner:
                     )
             make_batch_invariant(model)
         self.device = device
+        self.num_blocks = num_blocks
         self.block_size = block_size
+        self.max_model_len = max_model_len
         self.attention_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.lora = model.__dict__.get("_lora_state")  # LoRA adapters' shared state (models/lora.py), if enabled
         slots = num_blocks * block_size
         compile_ = not enforce_eager and bool(self.attention_layers)
+        self.compiles = compile_  # a compiled decode step is (or was) being built
         # Never zero-filled: attention reads only slots its own sequence wrote (padding repeats
         # a valid slot), so the pages of a large pool are touched only as they are used. With
         # compiling on, one more block at the end is the warm-up's scratch space.
@@ -130,6 +134,10 @@ class ModelRunner:
         self._token = object()
         weakref.finalize(self, _unbind, self.attention_layers, self._binding, self._token)
         self.decode_forward: Optional[Callable] = None  # the compiled step, once ready
+        # Tensor parallel, rank 0: called before each forward of the model with its kind ("forward"
+        # eager, "decode" the compiled step) and inputs, so that every worker rank runs the same on
+        # its shard (parallel/launch.py). Not a forward hook: dynamo would trace a hook into the step.
+        self.mirror: Optional[Callable[[str, tuple], None]] = None
         self.compile_seconds = 0.0  # from here to the compiled step ready (0 while it builds)
         self.compile_error: Optional[str] = None  # why compiled decode is off, if it is
         self._compiled_done = threading.Event()
@@ -206,10 +214,11 @@ class ModelRunner:
                 return
             with _every_forward_held():  # no model's forward runs meanwhile: the target's, a draft's, another LLM's
                 _trace_inductors_placeholder()
-            say(
-                "compiling the decode step in the background (a minute or more the first time on this "
-                f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
-            )
+            if not self.model.parallel.rank:  # (tensor parallel: rank 0 says it for every rank)
+                say(
+                    "compiling the decode step in the background (a minute or more the first time on this "
+                    f"machine, seconds from the cache in {compile_cache_dir()}); decoding eagerly until it is ready"
+                )
             if self.device.type == "cpu":
                 from pangu_infer.quant.modules import prepare_native_ops
 
@@ -218,7 +227,8 @@ class ModelRunner:
                     bf16_weights.native_op()
                 if any(self.decode_kernel) or (self.batch_invariant and bi_attention_kernel.available()):
                     bi_attention_kernel.native_op()
-            with self._pinned():
+            # (each tensor-parallel rank warms its own step up alone: no collective pairs across ranks)
+            with self._pinned(), collectives_skipped():
                 step, error = self._build_steps(max_context, scratch)
             if step is not None:
                 self.decode_forward = step  # decode goes compiled while the prefill conversions compile
@@ -245,7 +255,8 @@ class ModelRunner:
 
     def _compile_off(self, why: str) -> None:
         self.compile_error = why
-        say(f"compiled decode off: {why}")
+        rank = self.model.parallel.rank
+        say(f"{f'tensor-parallel rank {rank}: ' if rank else ''}compiled decode off: {why}")
 
     def wait_compiled(self, timeout: Optional[float] = None) -> bool:
         """Wait for the background compile (at most `timeout` seconds); True when decode-only steps
@@ -390,7 +401,11 @@ class ModelRunner:
             if self.lora is not None:
                 self.lora.set_rows(lora_slots)  # the adapters' slot of each row (models/lora.py)
             if compiled:  # logits of every row, in decode order
+                if self.mirror is not None:
+                    self.mirror("decode", (ids, pos, attn))
                 return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}, {}
+            if self.mirror is not None:
+                self.mirror("forward", (ids, pos, attn))
             hidden = self.model(ids, pos, attn)
             prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
             pooled = self._pooled(hidden, prefills, len(decodes))
@@ -439,6 +454,8 @@ class ModelRunner:
             self._point_layers()
             if self.lora is not None:
                 self.lora.set_rows(lora_slots)
+            if self.mirror is not None:
+                self.mirror("decode", (ids, pos, attn))
             return list(batch.seqs), decode_forward(ids, pos, attn), {}, {}
 
     @staticmethod

@@ -290,7 +290,7 @@ class MoEBlock(nn.Module):
         shared = getattr(self, self.shared_prefix)
         out = routed if shared is None else shared(x) + routed
         if self.parallel.is_parallel:
-            self.parallel.all_reduce(out)
+            out = self.parallel.all_reduce(out)
         return out
 
     def _dispatch(self, x, flat_experts, flat_weights, counts) -> torch.Tensor:

@@ -25,7 +25,7 @@ import sys
 import time
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -33,11 +33,13 @@ import torch.distributed as dist
 from pangu_infer import memory
 from pangu_infer.device import distributed_backend, rank_device
 from pangu_infer.loader import LoadedModel, check_weights_fit, read_config, resolve_model_path
-from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.parallel.errors import ParallelStartupError
 from pangu_infer.parallel.group import CPU, LOAD_TIMEOUT_S, join_group, to_device
 from pangu_infer.parallel.state import ParallelState, building_shard, check_parallel_config
 from pangu_infer.parallel.worker import ShardLoad, WorkerArgs, serve
+
+if TYPE_CHECKING:
+    from pangu_infer.engine.runner import ModelRunner
 
 logger = logging.getLogger("pangu_infer.parallel")
 
@@ -104,14 +106,24 @@ class TensorParallelDriver:
         self.broadcast_seconds = 0.0  # time spent sending step inputs to the workers
         self._closed = False
 
-    def attach(self, model: DecoderForCausalLM, num_blocks: int, block_size: int, kv_dtype: torch.dtype) -> None:
-        """Give every worker a KV cache like rank 0's, then mirror each forward of `model`."""
-        self._send(("kv_cache", num_blocks, block_size, kv_dtype))
-        model.register_forward_pre_hook(self._mirror_forward, with_kwargs=True)
+    def attach(self, runner: "ModelRunner") -> None:
+        """Give every worker a runner like rank 0's (its KV cache, and a compiled decode step of its
+        own where rank 0 builds one), then mirror each forward `runner` runs, eager or compiled."""
+        self._send(("runner", runner.num_blocks, runner.block_size, runner.k_caches[0].dtype,
+                    runner.compiles, runner.max_model_len))
+        runner.mirror = self._mirror
         self.state.gather_counts = self._gather_expert_tokens
 
-    def _mirror_forward(self, module, args: tuple, kwargs: dict) -> None:
-        self._send(("forward", to_device(args, CPU), to_device(kwargs, CPU)))
+    def _mirror(self, kind: str, inputs: tuple) -> None:
+        self._send((kind, to_device(inputs, CPU)))
+
+    def wait_compiled(self, timeout: Optional[float]) -> list[tuple[bool, int]]:
+        """Each worker rank's (compiled step ready, compiled steps run so far), after waiting for its
+        build at most `timeout` seconds (call from the thread that runs the steps)."""
+        self._send(("compiled", timeout))
+        gathered: list[Any] = [None] * self.state.world_size
+        dist.gather_object(None, gathered, dst=0, group=self.control)
+        return [tuple(g) for g in gathered[1:]]
 
     def _gather_expert_tokens(self, local: list[int]) -> list[list[int]]:
         """[layer][rank] token-expert pairs each rank's experts computed, as each rank counted them."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
@@ -21,9 +22,10 @@ class ParallelState:
 
     rank: int = 0
     world_size: int = 1
-    # Seconds and calls spent in collectives inside the model forward (benchmarks read these).
-    collective_seconds: float = field(default=0.0, compare=False)
-    collective_calls: int = field(default=0, compare=False)
+    # Seconds and calls spent in collectives inside the model forward (benchmarks read these). Not
+    # in the repr: a saved compiled step's key describes the model's plain attributes by it.
+    collective_seconds: float = field(default=0.0, compare=False, repr=False)
+    collective_calls: int = field(default=0, compare=False, repr=False)
     # Set on rank 0 by the driver: collects a list of counts from every rank ([item][rank]).
     gather_counts: Optional[Callable[[list[int]], list[list[int]]]] = field(default=None, compare=False, repr=False)
 
@@ -38,7 +40,10 @@ class ParallelState:
         return self.gather_counts(local)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place."""
+        """Sum x over the ranks: in place eagerly; inside a compiled step, the opaque operator
+        pangu_infer::all_reduce (use the tensor returned)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.pangu_infer.all_reduce(x)
         start = time.perf_counter()
         dist.all_reduce(x)
         self.collective_seconds += time.perf_counter() - start
@@ -48,6 +53,41 @@ class ParallelState:
 
 SINGLE_PROCESS = ParallelState()
 _current: ParallelState = SINGLE_PROCESS
+# The shard this process's layers were last built for under tensor parallelism (building_shard):
+# the compiled all-reduce counts its time there, as the eager one does on the layers' own state.
+_own: ParallelState = SINGLE_PROCESS
+_skipping = threading.local()
+
+
+# A compiled step's all-reduce: one opaque operator, so that a tensor-parallel rank's decode step
+# is one graph like a single process's (dynamo would otherwise break the graph at the collective,
+# or trace it as functional collectives, on every backend differently). It runs the eager one.
+_lib = torch.library.Library("pangu_infer", "FRAGMENT")
+_lib.define("all_reduce(Tensor x) -> Tensor")
+
+
+def _all_reduce(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    if not getattr(_skipping, "on", False):
+        _own.all_reduce(out)
+    return out
+
+
+_lib.impl("all_reduce", _all_reduce, "CompositeExplicitAutograd")
+_lib._register_fake("all_reduce", lambda x: torch.empty_like(x))
+
+
+@contextlib.contextmanager
+def collectives_skipped() -> Iterator[None]:
+    """Compiled steps run on this thread skip their all-reduces (each rank warms up its compiled
+    step alone, on dummy tokens, beside the steps that answer: a collective there would pair with
+    another rank's unrelated one). Eager forwards are untouched."""
+    previous = getattr(_skipping, "on", False)
+    _skipping.on = True
+    try:
+        yield
+    finally:
+        _skipping.on = previous
 
 
 def current_parallel_state() -> ParallelState:
@@ -58,8 +98,10 @@ def current_parallel_state() -> ParallelState:
 @contextlib.contextmanager
 def building_shard(state: ParallelState) -> Iterator[ParallelState]:
     """Layers built inside this block hold the shard of `state`'s rank."""
-    global _current
+    global _current, _own
     previous, _current = _current, state
+    if state.is_parallel:
+        _own = state
     try:
         yield state
     finally:
@@ -167,7 +209,7 @@ class RowParallelProduct(nn.Module):
 def _reduced(y: torch.Tensor, bias: Optional[torch.Tensor], state: ParallelState, reduce: bool) -> torch.Tensor:
     """A row-parallel partial product summed over the ranks (or left partial), the bias added once."""
     if reduce:
-        state.all_reduce(y)
+        y = state.all_reduce(y)
         return y if bias is None else y + bias
     return y if bias is None or state.rank != 0 else y + bias
 

@@ -82,18 +82,27 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
     from pangu_infer.engine.runner import ModelRunner
 
     runner = None
+    compiled_steps = 0
     while True:
         message: list[Any] = [None]
         dist.broadcast_object_list(message, src=0, group=control)
         kind, *body = message[0]
-        if kind == "forward":
-            args, kwargs = body
-            assert runner is not None, "rank 0 sends the KV cache shape before any forward"
+        if kind in ("forward", "decode"):
+            args = to_device(body[0], device)
+            assert runner is not None, "rank 0 sends its runner's settings before any forward"
+            # "decode": rank 0 runs its compiled step; this rank its own, or the eager forward until
+            # its own build is done (the same collectives in the same order either way)
+            step = runner.decode_forward if kind == "decode" else None
             with runner.bind():
-                model(*to_device(args, device), **to_device(kwargs, device))
-        elif kind == "kv_cache":
-            num_blocks, block_size, kv_dtype = body
-            runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device)
+                (model if step is None else step)(*args)
+            compiled_steps += step is not None
+        elif kind == "runner":  # rank 0's KV cache shape and compile setting
+            num_blocks, block_size, kv_dtype, compiles, max_model_len = body
+            runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device, enforce_eager=not compiles,
+                                 max_model_len=max_model_len)
+        elif kind == "compiled":
+            ready = runner is not None and runner.wait_compiled(body[0])
+            dist.gather_object((ready, compiled_steps), None, dst=0, group=control)
         elif kind == "expert_tokens":
             dist.gather_object([m.local_expert_tokens for m in model.moe_layers()], None, dst=0, group=control)
         elif kind == "shutdown":
