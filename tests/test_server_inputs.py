@@ -528,3 +528,19 @@ def test_the_response_store_echoes_no_long_id_or_query_value_in_full(http):
     created = http.post("/v1/responses", json={"input": "hi", "max_output_tokens": 1}).json()
     r = http.get(f"/v1/responses/{created['id']}/input_items", params={"after": "item_" + "y" * 20000})
     assert r.status_code == 400 and len(r.text) < 1000 and _error(r, "after")
+
+
+# ---------------------------------------------------------------------- the Messages API's tool_use input
+@pytest.mark.parametrize("given", [{"value": ["Rome"]}, {"value": "Rome"}, {"value": 5}, {"value": None}, {}])
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+def test_a_tool_use_input_that_is_not_an_object_is_refused_naming_it(http, path, given):
+    """Anthropic's ToolUseBlockParam: input is a required object (the tool's arguments); a list, text
+    or number had been sent to the model as that call's arguments, and a null or missing one as {}."""
+    block = {"type": "tool_use", "id": "toolu_1", "name": "f", **({"input": given["value"]} if given else {})}
+    messages = [*MESSAGES, {"role": "assistant", "content": [{"type": "text", "text": "checking"}, block]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]}]
+    body = {**BASES["/v1/messages"], "messages": messages}
+    param = "messages[1].content[1].input"
+    assert f"{param} must be a JSON object" in _error(http.post(path, json=body), param)
+    block["input"] = {"city": "Rome"}
+    assert http.post(path, json=body).status_code == 200

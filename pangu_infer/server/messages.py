@@ -311,8 +311,11 @@ def _chat_messages(message: dict, where: str) -> list[dict]:
         elif kind == "tool_use" and role == "assistant":
             if not isinstance(block.get("id"), str) or not isinstance(block.get("name"), str):
                 raise APIError(400, f"{at} needs a string id and name", param=at)
+            if not isinstance(block.get("input"), dict):  # (Anthropic's: a required object, the tool's arguments)
+                raise APIError(400, f"{at}.input must be a JSON object (the tool's arguments), got {json.dumps(block.get('input'))[:100]}",
+                               param=f"{at}.input")
             calls.append({"id": block["id"], "type": "function",
-                          "function": {"name": block["name"], "arguments": json.dumps(block.get("input") or {}, ensure_ascii=False)}})
+                          "function": {"name": block["name"], "arguments": json.dumps(block["input"], ensure_ascii=False)}})
         elif kind == "tool_result" and role == "user":
             if not isinstance(block.get("tool_use_id"), str):
                 raise APIError(400, f"{at}.tool_use_id must be a string", param=at)
