@@ -244,7 +244,7 @@ ANTHROPIC_FIELDS = {
                                                     max_size=2)),
     "tool_choice": _jsonable_values(),
     "thinking": st.one_of(_jsonable_values(), st.fixed_dictionaries({"type": st.sampled_from(["enabled", "adaptive", "disabled", "x"]),
-                                                                     "budget_tokens": st.one_of(st.integers(-3, 50), HUGE)})),
+                                                                     "budget_tokens": st.one_of(st.integers(-3, 50), st.integers(1020, 1030), HUGE)})),
     "output_config": st.one_of(_jsonable_values(), st.fixed_dictionaries({"format": _jsonable_values()})),
     "temperature": st.one_of(st.floats(-1, 3), st.just(1e308)),
     "top_k": st.one_of(st.integers(-3, 50), HUGE),

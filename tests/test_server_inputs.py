@@ -544,3 +544,32 @@ def test_a_tool_use_input_that_is_not_an_object_is_refused_naming_it(http, path,
     assert f"{param} must be a JSON object" in _error(http.post(path, json=body), param)
     block["input"] = {"city": "Rome"}
     assert http.post(path, json=body).status_code == 200
+
+
+# ---------------------------------------------------------------------- the Messages API's thinking budget
+@pytest.mark.parametrize(("path", "budget", "max_tokens", "says"), [
+    ("/v1/messages", 1023, 2000, "must be an integer >= 1024"),
+    ("/v1/messages", 1, 2000, "must be an integer >= 1024"),
+    ("/v1/messages", 1024, 1024, "thinking.budget_tokens (1024) must be less than max_tokens (1024)"),
+    ("/v1/messages", 5000, 2, "thinking.budget_tokens (5000) must be less than max_tokens (2)"),
+    pytest.param("/v1/messages", 10**4000, 2, "thinking.budget_tokens (<an integer of 13288 bits>) must be less than max_tokens (2)",
+                 id="4001-digits"),
+    ("/v1/messages/count_tokens", 1023, None, "must be an integer >= 1024"),
+])
+def test_a_thinking_budget_anthropic_refuses_is_refused(http, path, budget, max_tokens, says):
+    """Anthropic's rules for thinking.budget_tokens: at least 1024 and less than max_tokens (the thinking
+    counts toward max_tokens); both had been taken (a budget of max_tokens or more left the answer no room)."""
+    body = {**BASES["/v1/messages"], "max_tokens": max_tokens, "thinking": {"type": "enabled", "budget_tokens": budget}}
+    message = _error(_post_raw(http, path, json.dumps(body)), "thinking.budget_tokens")
+    assert says in message and len(message) < 300, message
+
+
+def test_a_thinking_budget_anthropic_takes_becomes_the_reasoning_budget(http):
+    from pangu_infer.server.messages import MessagesRequest, to_chat_request
+
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    chat = to_chat_request(MessagesRequest.model_validate({**BASES["/v1/messages"], "max_tokens": 1025, "thinking": thinking}))
+    assert chat.max_reasoning_tokens == 1024 and chat.max_completion_tokens == 1025
+    body = {**BASES["/v1/messages"], "thinking": thinking}
+    del body["max_tokens"]
+    assert http.post("/v1/messages/count_tokens", json=body).status_code == 200  # (no max_tokens to be less than)

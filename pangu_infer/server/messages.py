@@ -4,7 +4,8 @@ A request becomes a chat request (`to_chat_request`): `system` a system turn, us
 user turns, `tool_result` blocks tool turns, assistant `tool_use` blocks tool calls (thinking
 blocks are not sent back). Client tools (`{"name", "description", "input_schema"}`) become function
 tools and `tool_choice` auto/any/tool/none maps to auto/required/named/none;
-`thinking: {"type": "enabled", "budget_tokens": N}` turns Pangu's thinking on with that budget,
+`thinking: {"type": "enabled", "budget_tokens": N}` turns Pangu's thinking on with that budget
+(as Anthropic's: 1024 <= N < max_tokens),
 `{"type": "adaptive"}` lets the model choose (Pangu's auto think), `{"type": "disabled"}` turns it
 off; `output_config.format` (a JSON schema) constrains the text as response_format does. The reply becomes content blocks: `thinking`, `text`, and a `tool_use`
 per call, with stop_reason end_turn, max_tokens, stop_sequence or tool_use. With `stream: true`,
@@ -26,13 +27,16 @@ from pydantic import Field
 
 from pangu_infer.chat import ChatStreamParser
 from pangu_infer.chat.render import join_text_parts
-from pangu_infer.errors import RequestError
+from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.outputs import RequestOutput
 from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, prepare_chat, start_chat, tool_field_sent_as
 from pangu_infer.server.errors import APIError, stream_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
+
+
+MIN_THINKING_BUDGET = 1024  # Anthropic's least thinking.budget_tokens
 
 
 class ThinkingConfig(_Request):
@@ -104,9 +108,15 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
         if kind == "adaptive":
             fields["chat_template_kwargs"] = {"enable_thinking": "auto"}
         elif kind == "enabled":
+            # Anthropic's rules: at least 1024, and less than max_tokens, which the thinking counts toward
             budget = req.thinking.budget_tokens
-            if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
-                raise APIError(400, f"thinking.budget_tokens must be an integer >= 1, got {budget!r}", param="thinking.budget_tokens")
+            if not isinstance(budget, int) or isinstance(budget, bool) or budget < MIN_THINKING_BUDGET:
+                raise APIError(400, f"thinking.budget_tokens must be an integer >= {MIN_THINKING_BUDGET}, got {short_repr(budget)}",
+                               param="thinking.budget_tokens")
+            if req.max_tokens is not None and 1 <= req.max_tokens <= budget:  # (a max_tokens below 1 is its own 400)
+                raise APIError(400, f"thinking.budget_tokens ({short_repr(budget)}) must be less than max_tokens "
+                               f"({short_repr(req.max_tokens)}): the thinking counts toward max_tokens, and the answer needs room after it",
+                               param="thinking.budget_tokens")
             fields["chat_template_kwargs"] = {"enable_thinking": True}
             fields["max_reasoning_tokens"] = budget
         elif kind == "disabled":
