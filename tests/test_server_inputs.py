@@ -573,3 +573,25 @@ def test_a_thinking_budget_anthropic_takes_becomes_the_reasoning_budget(http):
     body = {**BASES["/v1/messages"], "thinking": thinking}
     del body["max_tokens"]
     assert http.post("/v1/messages/count_tokens", json=body).status_code == 200  # (no max_tokens to be less than)
+
+
+# ---------------------------------------------------------------------- json_schema's name, description and strict
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("name", 5, "a string"), ("name", ["x"], "a string"), ("description", {"a": 1}, "a string"),
+    ("strict", "x", "true or false"), ("strict", 1, "true or false"),
+])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/responses"])
+def test_a_json_schema_name_or_strict_of_the_wrong_type_is_refused_naming_it(http, path, key, value, expected):
+    """OpenAI's json_schema response format: name and description strings, strict a boolean or null;
+    a number or text there had been taken (and ignored)."""
+    def body(given):
+        spec = {"name": "answer", "schema": {"type": "object"}, "strict": None, key: given}
+        if path == "/v1/responses":
+            return {**BASES[path], "text": {"format": {"type": "json_schema", **spec}}}
+        return {**BASES[path], "response_format": {"type": "json_schema", "json_schema": spec}}
+
+    param = f"text.format.{key}" if path == "/v1/responses" else f"response_format.json_schema.{key}"
+    message = _error(http.post(path, json=body(value)), param)
+    assert f"{param} must be {expected}, got {json.dumps(value)}" in message, message
+    for good in (True, False, None) if key == "strict" else ("ok", None):
+        assert http.post(path, json=body(good)).status_code == 200, good

@@ -36,6 +36,7 @@ from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, ReasoningEffort, _Request
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
+from pangu_infer.server.structured import check_json_schema_fields
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -481,6 +482,7 @@ def _response_format(fmt: Optional[dict]) -> Optional[dict]:
         if "schema" in fmt and not isinstance(fmt["schema"], (dict, bool)):
             raise APIError(400, f"text.format.schema must be a JSON schema (an object), got {json.dumps(fmt['schema'])[:200]}",
                            param="text.format.schema")
+        check_json_schema_fields(fmt, "text.format")
         schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
         return {"type": "json_schema", "json_schema": schema}
     raise APIError(400, f"text.format.type is {fmt.get('type')!r}; expected text, json_object or json_schema", param="text.format")

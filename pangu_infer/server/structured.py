@@ -15,6 +15,7 @@ the call is constrained). `parallel_tool_calls: false` allows one call.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Optional
 
 from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START
@@ -55,6 +56,7 @@ def _response_format(rf: Any, schema_param: str) -> StructuredOutputsParams:
                 400, 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
                 param="response_format.json_schema",
             )
+        check_json_schema_fields(spec, "response_format.json_schema")
         # OpenAI: a missing schema means any JSON object
         schema = spec.get("schema", {"type": "object"})
         return _build({"json": schema}, schema_param)
@@ -62,6 +64,15 @@ def _response_format(rf: Any, schema_param: str) -> StructuredOutputsParams:
         400, f"response_format type {short_repr(rf.type)} is not supported: use 'text', 'json_object' or 'json_schema'",
         param="response_format",
     )
+
+
+def check_json_schema_fields(spec: dict, where: str) -> None:
+    """OpenAI's json_schema response format (`where`, as the client sent it): name and description
+    strings, strict a boolean, each also null or left out."""
+    for key, kind, expected in (("name", str, "a string"), ("description", str, "a string"), ("strict", bool, "true or false")):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise APIError(400, f"{where}.{key} must be {expected}, got {json.dumps(value)[:100]}", param=f"{where}.{key}")
 
 
 def _build(fields: dict[str, Any], param: Optional[str]) -> StructuredOutputsParams:
