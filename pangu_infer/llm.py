@@ -270,7 +270,7 @@ class LLM:
         params = self._normalize_params(sampling_params, len(conversations))
         loras = self._normalize_loras(lora_request, len(conversations))
         requests = []
-        for conv, p, lora in zip(conversations, params, loras):
+        for c, (conv, p, lora) in enumerate(zip(conversations, params, loras)):
             text = self.render_chat(
                 conv, enable_thinking=enable_thinking, tools=tools, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, chat_template=template, **(chat_template_kwargs or {}),
@@ -279,7 +279,8 @@ class LLM:
             p = replace(p, skip_special_tokens=False)
             if enable_thinking is not False and is_pangu_template(self.tokenizer, template):
                 p = replace(p, allow_thinking=True)  # a constraint starts after the thinking part
-            requests.append((text, self.encode_prompt(text), p, lora, None, 0))
+            where = "messages" if conv is messages else f"messages[{c}]"  # (one conversation, or the c-th)
+            requests.append((text, self._encode_chat(text, conv, where, tools), p, lora, None, 0))
         outputs = self._run(requests, use_tqdm)
         for out in outputs:
             for comp in out.outputs:
@@ -424,12 +425,24 @@ class LLM:
             raise ValueError("no prompts given")
         return items
 
-    def _encode(self, text: str, where: str) -> list[int]:
-        """A prompt's token ids; the tokenizer's ValueError (a lone surrogate) names the prompt."""
+    def _encode(self, text: str, where: str, param: str = "prompt") -> list[int]:
+        """A prompt's token ids; the tokenizer's ValueError (a lone surrogate) names the prompt (the field at `where`)."""
         try:
             return self.tokenizer.encode(text)
         except ValueError as e:
-            raise RequestError(f"{where}: {e}", param="prompt") from None
+            raise RequestError(f"{where}: {e}", param=param) from None
+
+    def _encode_chat(self, text: str, conversation: list[dict], where: str, tools: Optional[list[dict]]) -> list[int]:
+        """A rendered conversation's token ids; the tokenizer's ValueError (a lone surrogate, counted in
+        the rendered text) names the message field or tool that holds it, as _encode names a prompt."""
+        try:
+            return self.encode_prompt(text)
+        except ValueError:
+            found = _lone_surrogate_field(conversation, where, "messages") or _lone_surrogate_field(tools, "tools", "tools")
+            if found is None:
+                raise
+            self._encode(*found)  # (raises: the field's own error, its character counted in the field)
+            raise
 
     def _normalize_params(self, params, n: int) -> list[SamplingParams]:
         if params is None:
@@ -499,6 +512,21 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [final[rid] for rid in ids]
+
+
+def _lone_surrogate_field(value: Any, where: str, param: str) -> Optional[tuple[str, str, str]]:
+    """(the text, where it is, param) of the first string in `value` (messages or tools: dicts and
+    lists) that holds a lone UTF-16 surrogate; None if none does."""
+    from pangu_infer.tokenizer import lone_surrogate_at
+
+    if isinstance(value, str):
+        return (value, where, param) if lone_surrogate_at(value) is not None else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, child in items:
+        found = _lone_surrogate_field(child, f"{where}[{key!r}]", param)
+        if found is not None:
+            return found
+    return None
 
 
 def _chat_template(value: str) -> str:

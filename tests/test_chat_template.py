@@ -194,6 +194,26 @@ def test_a_template_of_the_python_api_fails_with_a_value_error(llm):
         llm.render_chat(MESSAGES, chat_template="{{ 'x' * 10**10 }}")
 
 
+TOOLS_TEMPLATE = "{% for t in tools or [] %}{{ t['function']['description'] }}\n{% endfor %}" + PLAIN
+
+
+@pytest.mark.parametrize(("messages", "tools", "where", "at"), [
+    ([MESSAGES[0], {"role": "user", "content": "Name a \ud800 prime."}], None, r"messages\[1\]\['content'\]", r"7 \('\\ud800'\)"),
+    ([{"role": "user", "content": [{"type": "text", "text": "fine"}, {"type": "text", "text": "\udc00"}]}], None,
+     r"messages\[0\]\['content'\]\[1\]\['text'\]", r"0 \('\\udc00'\)"),
+    ([MESSAGES, [MESSAGES[0], {"role": "user", "content": "x \ud800"}]], None, r"messages\[1\]\[1\]\['content'\]", "2"),
+    (MESSAGES, [{"type": "function", "function": {"name": "f", "description": "half \udc80 a pair"}}],
+     r"tools\[0\]\['function'\]\['description'\]", "5"),
+])
+def test_a_lone_surrogate_in_a_conversation_is_a_value_error_naming_where(llm, messages, tools, where, at):
+    """A str Python builds from JSON's "\\ud800": the tokenizer's ValueError named a character of the
+    rendered prompt, not the message or field the caller gave it in (as LLM.generate names a prompt)."""
+    with pytest.raises(ValueError, match=rf"^{where}: the text holds a lone UTF-16 surrogate at character {at}") as e:
+        llm.chat(messages, SamplingParams(max_tokens=1), tools=tools, chat_template=TOOLS_TEMPLATE, use_tqdm=False)
+    assert e.value.param == ("tools" if tools else "messages")
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_the_models_own_template_failing_on_a_requests_messages_is_a_400_naming_messages(tiny_dense_dir):
     # (raise_exception in a model's template was a 400 already; any other failure was a 500)
     llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 22, enforce_eager=True,
