@@ -365,6 +365,27 @@ def test_an_operators_max_new_tokens_caps_every_servers_request_as_vllms_does(ti
         assert len(offline[0].outputs[0].token_ids) == 10, chosen
 
 
+def test_a_min_tokens_past_the_operators_cap_is_refused_naming_the_cap_not_a_max_tokens_never_sent(tiny_dense_dir):
+    """min_tokens over --override-generation-config's max_new_tokens: the 400 had said "expected at
+    most max_tokens=3", a value the client never sent (the request's max_tokens, cut to the cap)."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer import LLM
+    from pangu_infer.server.app import create_app
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True, max_model_len=256,
+              override_generation_config={"max_new_tokens": 3})
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        for path, body in (("/v1/completions", {"prompt": "the weather", "max_tokens": 10}), ("/v1/completions", {"prompt": "the weather"}),
+                           ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 10})):
+            r = http.post(path, json={"model": "m", **body, "min_tokens": 5})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "min_tokens", r.text
+            message = r.json()["error"]["message"]
+            assert "min_tokens=5 exceeds this server's cap of 3 tokens on a reply's length" in message and "max_tokens=" not in message, message
+            r = http.post(path, json={"model": "m", **body, "min_tokens": 3, "temperature": 0})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+
+
 def test_the_models_own_max_new_tokens_is_a_default_not_a_ceiling(tiny_dense_dir, tmp_path):
     """generation_config auto: the model's generation_config.json's max_new_tokens is the length of a
     request that gives none (vLLM's since its PR #34063), not a cap on one that gives its own."""

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pangu_infer.engine.async_engine import EngineDeadError
-from pangu_infer.errors import RequestError, RequestFailedError
+from pangu_infer.errors import RequestError, RequestFailedError, short_repr
 from pangu_infer.outputs import EmbeddingRequestOutput, RequestOutput
 from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError, from_request_error
@@ -61,8 +61,12 @@ def fit_default_length(state: ServerState, params: SamplingParams, ids: list[int
     room (the engine's None). A request's own max_tokens is kept, but never past the ceiling of a
     generation config the operator chose (LLM.max_tokens_ceiling: --override-generation-config's
     max_new_tokens, or a --generation-config folder's, which is then also the default above).
-    A length (capped) past the prompt's room stays the engine's 400."""
+    A length (capped) past the prompt's room stays the engine's 400; a min_tokens past the ceiling is
+    a 400 naming the ceiling (not the max_tokens it cut, a value the client never sent)."""
     ceiling = getattr(state.llm, "max_tokens_ceiling", None)
+    if ceiling is not None and params.min_tokens > ceiling:
+        raise RequestError(f"min_tokens={short_repr(params.min_tokens)} exceeds this server's cap of {ceiling} tokens on a reply's "
+                           "length (the max_new_tokens of its generation config)", param="min_tokens")
     if params.max_tokens is not None:
         return params if ceiling is None or params.max_tokens <= ceiling else replace(params, max_tokens=ceiling)
     limits = [n for n in (default_length, getattr(state.llm, "default_max_tokens", None)) if n is not None]
