@@ -157,6 +157,8 @@ def test_predictions_and_prompt_lookup_draft_side_by_side(tiny_dense_dir):
 
 @pytest.mark.parametrize("prediction, match", [
     ([1, 2, 10**6], r"prediction holds the token id 1000000, outside the model's vocabulary"),
+    # (an id of 4001 digits had been echoed in full)
+    pytest.param([1, 10**4000], r"prediction holds the token id <an integer of 13288 bits>, outside the model's vocabulary", id="4001-digits"),
     ([1] * 5000, r"prediction is 5000 tokens, more than the model's context of \d+ tokens"),
     # (a Python str from JSON's "\ud800": SentencePiece raised a RuntimeError about a C++ cast)
     ("fine \ud800 text", r"prediction: the text holds a lone UTF-16 surrogate at character 5 \('\\ud800'\)"),
@@ -164,7 +166,7 @@ def test_predictions_and_prompt_lookup_draft_side_by_side(tiny_dense_dir):
 def test_a_prediction_the_model_cannot_take_is_refused_naming_it(llm, prediction, match):
     with pytest.raises(ValueError, match=match) as e:
         llm.generate({"prompt_token_ids": PROMPT}, SamplingParams(max_tokens=4, prediction=prediction), use_tqdm=False)
-    assert e.value.param == "prediction"
+    assert e.value.param == "prediction" and len(str(e.value)) < 300
 
 
 @pytest.mark.parametrize("prediction", [3, {"type": "content"}, [1, "2"], [True]])

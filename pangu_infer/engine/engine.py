@@ -442,7 +442,8 @@ class LLMEngine:
         vocab = self.config.vocab_size
         outside = outside_vocabulary(ids, vocab)
         if outside is not None:
-            raise RequestError(f"prediction holds the token id {outside}, outside the model's vocabulary [0, {vocab})", param="prediction")
+            raise RequestError(f"prediction holds the token id {short_repr(outside)}, outside the model's vocabulary [0, {vocab})",
+                               param="prediction")
         if len(ids) > self.max_model_len:
             raise RequestError(
                 f"prediction is {len(ids)} tokens, more than the model's context of {self.max_model_len} tokens holds",
