@@ -109,8 +109,10 @@ def _parse_line(number: int, raw: bytes) -> dict:
         item = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise LineError("invalid_json_line", f"line {number}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (ValueError, RecursionError) as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise LineError("invalid_json_line", f"line {number}: not valid JSON ({e})") from None
+    except ValueError:  # Python's limit on the digits of an integer (its advice, sys.set_int_max_str_digits, is not the user's)
+        raise LineError("invalid_json_line", f"line {number}: holds a number too long to read") from None  # (the server's words)
     if not isinstance(item, dict):
         raise LineError("invalid_json_line", f"line {number}: expected a JSON object, got {type(item).__name__}")
     custom_id = item.get("custom_id") if isinstance(item.get("custom_id"), str) else None

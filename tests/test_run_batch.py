@@ -161,6 +161,20 @@ def test_an_unreadable_input_or_model_is_a_clear_error(tmp_path, capsys):
     assert "pangu-infer run-batch: error: " in capsys.readouterr().err and not out.exists()
 
 
+def test_a_number_too_long_to_read_fails_its_line_as_the_server_answers_it(llm):
+    """An integer past Python's digit limit: the line's error had repeated Python's advice to call
+    sys.set_int_max_str_digits, which means nothing to a batch's user; the server answers the same
+    body a 400 in the same words."""
+    body = '{"model": "m", "prompt": "x", "max_tokens": 2, "seed": 1%s}' % ("0" * 5000)
+    lines = [request("first", "/v1/completions", COMPLETION), '{"custom_id": "big", "url": "/v1/completions", "body": %s}' % body]
+    (_, first), (_, second) = parse_lines("\n".join(lines).encode())
+    assert first["custom_id"] == "first"
+    assert second.code == "invalid_json_line" and second.message == "line 2: holds a number too long to read", second.message
+    with TestClient(create_app(llm, served_model_name="m")) as http:
+        r = http.post("/v1/completions", content=body.encode(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"] == "the request body holds a number too long to read", r.text
+
+
 def test_a_custom_id_that_is_not_unicode_fails_its_line_alone(tiny_dense_dir, tmp_path):
     """A custom_id holding a lone surrogate (JSON's "\\ud800") is echoed in no output line: UTF-8 cannot
     write it, and writing it had ended the whole run (exit 2), every other line's result lost."""
