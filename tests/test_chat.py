@@ -158,6 +158,12 @@ def test_list_of_text_parts_is_joined(pangu_tokenizer: Tokenizer) -> None:
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"messages\[0\]\.content\[0\]"),
     ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}],
      r"messages\[0\]\.tool_calls\[0\]\.function\.arguments is not valid JSON"),
+    # (Python's own message, which advised calling sys.set_int_max_str_digits, had named no field)
+    ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1%s}' % ("0" * 5000)}}]}],
+     r"^messages\[0\]\.tool_calls\[0\]\.function\.arguments holds a number too long to read$"),
+    # (the arguments had been echoed in full)
+    ([{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{" + "x" * 100000}}]}],
+     r"^messages\[0\]\.tool_calls\[0\]\.function\.arguments is not valid JSON: '\{x{75}\.\.\.$"),
 ])
 def test_bad_messages_are_rejected_with_the_offending_index(
     pangu_tokenizer: Tokenizer, messages: Any, error: str

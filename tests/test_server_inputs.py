@@ -344,8 +344,18 @@ def test_a_function_call_item_of_bad_arguments_is_refused_naming_the_item(http):
              {"type": "function_call", "call_id": "c2", "name": "f", "arguments": "{not json"}]
     body = {**BASES["/v1/responses"], "instructions": "be brief", "input": items}  # (a system turn first: messages[k] != input[k])
     assert "input[3].arguments is not valid JSON" in _error(http.post("/v1/responses", json=body), "input[3].arguments")
+    items[3]["arguments"] = '{"a": 1%s}' % ("0" * 5000)  # valid JSON, past Python's digit limit
+    assert _error(http.post("/v1/responses", json=body), "input[3].arguments") == "input[3].arguments holds a number too long to read"
     items[3]["arguments"] = '{"a": 1}'
     assert http.post("/v1/responses", json=body).status_code == 200
+
+
+def test_a_chat_tool_calls_arguments_past_pythons_digit_limit_are_refused_naming_them(http):
+    """(Python's own message, which advised calling sys.set_int_max_str_digits, named no field.)"""
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1%s}' % ("0" * 5000)}}
+    messages = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "x"}]
+    message = _error(http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2}), "messages")
+    assert message == "messages[1].tool_calls[0].function.arguments holds a number too long to read"
 
 
 @pytest.mark.parametrize(("item", "param", "says"), [

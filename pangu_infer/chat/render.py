@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from pangu_infer.chat.markers import TOOL_CALL_END, TOOL_CALL_START
+from pangu_infer.errors import short_repr
 from pangu_infer.tokenizer import Tokenizer
 
 _PANGU_TURN_START = "[unused9]"
@@ -187,8 +188,10 @@ def _inline_tool_calls(index: int, message: dict[str, Any]) -> dict[str, Any]:
                 arguments = json.loads(arguments) if arguments.strip() else {}
             except json.JSONDecodeError:
                 raise ValueError(
-                    f"messages[{index}].tool_calls[{k}].function.arguments is not valid JSON: {arguments!r}"
+                    f"messages[{index}].tool_calls[{k}].function.arguments is not valid JSON: {short_repr(arguments)}"
                 ) from None
+            except ValueError:  # Python's limit on the digits of an integer (its advice, sys.set_int_max_str_digits, is not the user's)
+                raise ValueError(f"messages[{index}].tool_calls[{k}].function.arguments holds a number too long to read") from None
         rendered.append({"name": function["name"], "arguments": arguments})
     text = message["content"] + TOOL_CALL_START + json.dumps(rendered, ensure_ascii=False) + TOOL_CALL_END
     return {key: value for key, value in message.items() if key != "tool_calls"} | {"content": text}

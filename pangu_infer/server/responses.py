@@ -517,8 +517,10 @@ def _arguments(item: dict, where: str) -> str:
     try:
         if arguments.strip():
             json.loads(arguments)
-    except (ValueError, RecursionError):
+    except (json.JSONDecodeError, RecursionError):
         raise APIError(400, f"{where}.arguments is not valid JSON: {json.dumps(arguments)[:200]}", param=f"{where}.arguments") from None
+    except ValueError:  # Python's limit on the digits of an integer (its advice, sys.set_int_max_str_digits, is not the user's)
+        raise APIError(400, f"{where}.arguments holds a number too long to read", param=f"{where}.arguments") from None
     return arguments
 
 
