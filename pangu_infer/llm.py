@@ -368,7 +368,7 @@ class LLM:
         vocab = self.config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise ValueError(f"token id {short_repr(bad[0])} is outside the vocabulary [0, {vocab})")
         engine = self.engine
         lora = self.model.__dict__.get("_lora_state")  # (models/lora.py) the adapters' per-row slots
         slot = -1

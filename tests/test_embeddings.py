@@ -242,6 +242,14 @@ def test_prompts_that_are_no_prompts_are_a_value_error(llm, prompts):
     assert all_freed(llm.engine)
 
 
+def test_logits_of_an_id_outside_the_vocabulary_name_it_cut(llm):
+    """LLM.logits (the Python API's one forward): an id of 4001 digits had been echoed in full."""
+    with pytest.raises(ValueError, match=r"^token id <an integer of 13288 bits> is outside the vocabulary \[0, \d+\)$"):
+        llm.logits([1, 10**4000])
+    with pytest.raises(ValueError, match=r"^token id -3 is outside the vocabulary"):
+        llm.logits([1, -3])
+
+
 def test_a_prompt_may_fill_the_context(tiny_dense_dir, tiny_dense_config, reference):
     """Unlike a generation request, an embedding's prompt may be as long as the context (nothing follows it)."""
     llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True, max_model_len=64)
