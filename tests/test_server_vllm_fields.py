@@ -297,3 +297,213 @@ def test_special_token_text_written_as_ordinary_tokens_stays(pangu_tokenizer):
     loud = SpecialTokenFilter(texts)
     loud.saw([bos])
     assert loud.remove(reply) == reply.replace(texts[bos], "")
+
+
+# ---------------------------------------------------------------------- stream_options.continuous_usage_stats
+def _events(http, path: str, body: dict) -> list[dict]:
+    """The JSON chunks of a streamed reply, as sent (a field absent stays absent)."""
+    with http.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def _body(path: str, **fields) -> dict:
+    prompt = {"prompt": "the weather in the city"} if path == "/v1/completions" else {"messages": MESSAGES}
+    return {"model": "tiny", "max_tokens": 5, "temperature": 1.0, "seed": 3, "stream": True, **prompt, **fields}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_continuous_usage_stats_puts_running_counts_on_every_chunk(http, path):
+    """vLLM's: every chunk's usage holds the prompt's tokens and its own choice's tokens so far
+    (counted here from its logprobs, one entry per token); the last chunk, of include_usage, still
+    carries the whole request's usage with its details."""
+    chat = path == "/v1/chat/completions"
+    body = _body(path, n=2, logprobs=True if chat else 0, stream_options={"include_usage": True, "continuous_usage_stats": True})
+    events = _events(http, path, body)
+    prompt = body["messages"] if chat else body["prompt"]
+    prompt_tokens = http.post("/tokenize", json={"messages": prompt} if chat else {"prompt": prompt}).json()["count"]
+    *chunks, last = events
+    assert last["choices"] == [] and last["usage"]["prompt_tokens"] == prompt_tokens
+    seen = {0: 0, 1: 0}
+    for c in chunks:
+        (choice,) = c["choices"]
+        lps = choice["logprobs"]
+        seen[choice["index"]] += len(lps["content"] if chat else lps["tokens"]) if lps else 0
+        assert c["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": seen[choice["index"]],
+                              "total_tokens": prompt_tokens + seen[choice["index"]]}, c
+    assert seen[0] and seen[1]
+    assert last["usage"]["completion_tokens"] == seen[0] + seen[1] == 10
+    assert last["usage"]["total_tokens"] == prompt_tokens + 10 and "prompt_tokens_details" in last["usage"]
+    if chat:  # the role chunks first, before any token
+        assert [c["usage"]["completion_tokens"] for c in chunks[:2]] == [0, 0]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("options", "final", "every"), [
+    ({"continuous_usage_stats": True}, True, True),  # include_usage omitted: on with it (vLLM's default is true)
+    ({"include_usage": False, "continuous_usage_stats": True}, False, False),  # vLLM: no usage at all
+    ({"include_usage": True, "continuous_usage_stats": False}, True, False),
+    ({"include_usage": True}, True, False),
+    ({}, False, False),  # OpenAI's default, as before
+])
+def test_continuous_usage_stats_with_and_without_include_usage(http, path, options, final, every):
+    *chunks, last = _events(http, path, _body(path, stream_options=options))
+    if final:
+        assert last["choices"] == [] and last["usage"]["completion_tokens"] == 5
+    else:
+        chunks.append(last)
+        assert all(c["choices"] for c in chunks)
+    if every:
+        assert all(c["usage"]["prompt_tokens"] > 0 for c in chunks)
+    elif final:
+        assert all(c["usage"] is None for c in chunks)  # OpenAI's null on the others
+    else:
+        assert all("usage" not in c for c in chunks)
+
+
+def test_continuous_usage_stats_with_the_sdk(client):
+    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=4, stream=True,
+                                                 stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    assert all(c.usage is not None for c in chunks) and chunks[-1].usage.completion_tokens == 4
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 4
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("options", "field", "needle"), [
+    ({"continuous_usage_stats": "yes"}, "stream_options.continuous_usage_stats", "yes"),
+    ({"continuous_usage_stats": None}, "stream_options.continuous_usage_stats", "null"),
+    ({"continuous_usage_statistics": True}, "stream_options.continuous_usage_statistics", "continuous_usage_statistics"),
+])
+def test_bad_stream_options_are_a_400_naming_them(http, path, options, field, needle):
+    response = http.post(path, json=_body(path, stream_options=options))
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and needle in error["message"], error
+    # and without stream, as before
+    response = http.post(path, json={**_body(path, stream_options={"continuous_usage_stats": True}), "stream": False})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
+# ---------------------------------------------------------------------- return_token_ids
+def _decoded(tokenizer, prompt: list[int], ids: list[int]) -> str:
+    """The text of `ids` written after `prompt` (a SentencePiece word's leading space is kept there)."""
+    head, whole = (tokenizer.decode(t, skip_special_tokens=True) for t in (prompt, prompt + ids))
+    assert whole.startswith(head)
+    return whole[len(head):]
+
+
+def test_completion_return_token_ids(client, http, pangu_tokenizer):
+    """vLLM's places: each choice its prompt's ids (what /tokenize gives for the prompt) and its
+    generated ids, which decode to its text; n > 1 and several prompts each get their own."""
+    prompts = ["the weather in the city", "tell me"]
+    kwargs = dict(model="tiny", prompt=prompts, max_tokens=6, temperature=1.0, seed=5, n=2)
+    out = client.completions.create(**kwargs, extra_body={"return_token_ids": True})
+    assert len(out.choices) == 4
+    for choice in out.choices:
+        assert choice.prompt_token_ids == http.post("/tokenize", json={"prompt": prompts[choice.index // 2]}).json()["tokens"]
+        assert choice.token_ids and _decoded(pangu_tokenizer, choice.prompt_token_ids, choice.token_ids) == choice.text
+    assert sum(len(c.token_ids) for c in out.choices) == out.usage.completion_tokens
+    assert out.usage.prompt_tokens == sum(len(c.prompt_token_ids) for c in out.choices[::2])
+    assert len({tuple(c.token_ids) for c in out.choices}) > 1  # each choice its own
+    # the same ids with the ids named in logprobs (return_tokens_as_token_ids), and the same text without the field
+    named = client.completions.create(**kwargs, logprobs=0, extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})
+    assert [_ids(c.logprobs.tokens) for c in named.choices] == [c.token_ids for c in out.choices]
+    for off in (client.completions.create(**kwargs), client.completions.create(**kwargs, extra_body={"return_token_ids": False})):
+        assert [c.text for c in off.choices] == [c.text for c in out.choices]
+        assert all("token_ids" not in c.model_dump() and "prompt_token_ids" not in c.model_dump() for c in off.choices)
+
+
+def test_completion_return_token_ids_with_echo_and_truncation(client, http, pangu_tokenizer):
+    """echo puts the prompt's text before the reply, as without the field (vLLM's intent: the
+    prompt's ids stay in prompt_token_ids, token_ids hold the generated ones only); max_tokens 0
+    generates none; a truncated prompt's ids are those it ran with."""
+    prompt = "the weather in the city"
+    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=5, temperature=0, echo=True, extra_body={"return_token_ids": True})
+    choice = client.completions.create(**kwargs).choices[0]
+    assert choice.prompt_token_ids == ids
+    assert choice.text == prompt + _decoded(pangu_tokenizer, ids, choice.token_ids) and len(choice.token_ids) == 5
+    assert choice.text == client.completions.create(**{**kwargs, "extra_body": {}}).choices[0].text
+    only = client.completions.create(**{**kwargs, "max_tokens": 0}).choices[0]
+    assert only.text == prompt and only.prompt_token_ids == ids and only.token_ids == []
+    cut = client.completions.create(model="tiny", prompt=prompt, max_tokens=2, extra_body={"return_token_ids": True, "truncate_prompt_tokens": 3})
+    assert cut.choices[0].prompt_token_ids == ids[-3:] and cut.usage.prompt_tokens == 3
+
+
+def test_completion_return_token_ids_streamed(http, pangu_tokenizer):
+    """Streamed (vLLM's): a choice's first chunk carries its prompt's ids, every chunk the ids it
+    adds; joined they are the unstreamed reply's, and the echoed prompt's chunk adds none."""
+    body = {"model": "tiny", "prompt": ["the weather in the city", "tell me"], "max_tokens": 6, "temperature": 0, "n": 2,
+            "return_token_ids": True}
+    whole = http.post("/v1/completions", json=body).json()["choices"]
+    for echo in (False, True):
+        chunks = [c["choices"][0] for c in _events(http, "/v1/completions", {**body, "stream": True, "echo": echo})]
+        for want in whole:
+            mine = [c for c in chunks if c["index"] == want["index"]]
+            assert mine[0]["prompt_token_ids"] == want["prompt_token_ids"]
+            assert all("prompt_token_ids" not in c for c in mine[1:])
+            assert sum((c["token_ids"] for c in mine), []) == want["token_ids"]
+            text = "".join(c["text"] for c in mine)
+            assert text == (body["prompt"][want["index"] // 2] if echo else "") + want["text"]
+            if echo:
+                assert mine[0]["token_ids"] == [] and mine[0]["text"] == body["prompt"][want["index"] // 2]
+    plain = _events(http, "/v1/completions", {**body, "stream": True, "return_token_ids": False})
+    assert all("token_ids" not in c["choices"][0] and "prompt_token_ids" not in c["choices"][0] for c in plain)
+
+
+def test_chat_return_token_ids(client, http, pangu_tokenizer):
+    """Chat (vLLM's places): the prompt's ids on the response, as /tokenize renders the messages;
+    each choice's generated ids, which decode to its content."""
+    kwargs = dict(model="tiny", messages=MESSAGES, max_tokens=6, temperature=1.0, seed=11, n=2)
+    out = client.chat.completions.create(**kwargs, extra_body={"return_token_ids": True})
+    assert out.prompt_token_ids == http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    assert out.usage.prompt_tokens == len(out.prompt_token_ids)
+    for choice in out.choices:
+        assert choice.token_ids and _decoded(pangu_tokenizer, out.prompt_token_ids, choice.token_ids) == choice.message.content
+    assert sum(len(c.token_ids) for c in out.choices) == out.usage.completion_tokens
+    named = client.chat.completions.create(**kwargs, logprobs=True, extra_body={"return_token_ids": True, "return_tokens_as_token_ids": True})
+    assert [_ids([e.token for e in c.logprobs.content]) for c in named.choices] == [c.token_ids for c in out.choices]
+    off = client.chat.completions.create(**kwargs)
+    assert [c.message.content for c in off.choices] == [c.message.content for c in out.choices]
+    assert "prompt_token_ids" not in off.model_dump() and all("token_ids" not in c.model_dump() for c in off.choices)
+    # truncated: the ids it ran with
+    cut = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1, extra_body={"return_token_ids": True, "truncate_prompt_tokens": 4})
+    assert cut.prompt_token_ids == out.prompt_token_ids[-4:]
+
+
+def test_chat_return_token_ids_streamed(http):
+    """Streamed (vLLM's): each choice's first chunk (the role's) carries the prompt's ids at the
+    top, every later chunk its choice's new ids; joined they are the unstreamed reply's."""
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "n": 2, "return_token_ids": True}
+    whole = http.post("/v1/chat/completions", json=body).json()
+    chunks = _events(http, "/v1/chat/completions", {**body, "stream": True})
+    for want in whole["choices"]:
+        mine = [c for c in chunks if c["choices"][0]["index"] == want["index"]]
+        assert mine[0]["prompt_token_ids"] == whole["prompt_token_ids"] and mine[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert "token_ids" not in mine[0]["choices"][0] and all("prompt_token_ids" not in c for c in mine[1:])
+        assert sum((c["choices"][0]["token_ids"] for c in mine[1:]), []) == want["token_ids"]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in mine) == want["message"]["content"]
+
+
+def test_chat_return_token_ids_hold_the_parsed_markers(scripted, pangu_tokenizer):
+    """The generated ids are all the reply's, the reasoning and tool-call markers and the special
+    tokens skip_special_tokens takes out of the text included (vLLM's output.token_ids); streamed,
+    ids whose text the parsers hold back still come, on chunks of their own."""
+    reply = pangu_tokenizer.encode(SCRIPTED, add_special_tokens=False)
+    kwargs = dict(model="tools", messages=MESSAGES, tools=TOOLS, extra_body={"return_token_ids": True})
+    out = scripted.chat.completions.create(**kwargs)
+    assert out.choices[0].token_ids == reply and out.choices[0].message.tool_calls
+    chunks = list(scripted.chat.completions.create(**kwargs, stream=True))
+    assert sum((c.choices[0].token_ids for c in chunks[1:]), []) == reply
+    assert chunks[0].prompt_token_ids == out.prompt_token_ids
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize("value", ["yes", 1])
+def test_bad_return_token_ids_is_a_400(http, path, value):
+    response = http.post(path, json={**_body(path), "stream": False, "return_token_ids": value})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "return_token_ids" and str(value) in response.json()["error"]["message"]

@@ -81,8 +81,10 @@ from pangu_infer.server.streaming import (
     final_outputs,
     merged_outputs,
     observe,
+    running_usage,
     sse,
     start_requests,
+    stream_usage,
     unless_gone,
     usage_info,
 )
@@ -309,9 +311,8 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     request_id, gens, firsts, parse, ids, model = started
     as_ids = bool(req.return_tokens_as_token_ids)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, include_usage,
-                            special=req.skip_special_tokens, token_ids=as_ids)
+        body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, stream_usage(req),
+                            special=req.skip_special_tokens, token_ids=as_ids, return_ids=bool(req.return_token_ids))
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
@@ -321,6 +322,10 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     choices = [chat_choice(state, c, parse, req.logprobs, special, as_ids) for c in final.outputs]
     usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs), [final])
     extra = {"prompt_logprobs": prompt_logprobs(state, final.prompt_logprobs)} if req.prompt_logprobs is not None else {}
+    if req.return_token_ids:  # (vLLM's places: the prompt's on the response, each choice's own)
+        extra["prompt_token_ids"] = list(ids)
+        for choice, comp in zip(choices, final.outputs):
+            choice["token_ids"] = list(comp.token_ids)
     return JSONResponse(envelope(model, request_id, "chat.completion", int(time.time()), choices, usage=usage, **extra))
 
 
@@ -356,12 +361,16 @@ async def _chat_stream(
     firsts: list[RequestOutput],
     parse: ChatParsing,
     logprobs: bool,
-    include_usage: bool,
+    usage: tuple[bool, bool],
     special: bool = False,
     token_ids: bool = False,
+    return_ids: bool = False,
 ) -> AsyncIterator[str]:
-    """special: skip_special_tokens (their texts taken out of reasoning and content after parsing);
-    token_ids: return_tokens_as_token_ids."""
+    """usage: (a last usage chunk, usage on every chunk: stream_usage); special: skip_special_tokens
+    (their texts taken out of reasoning and content after parsing); token_ids:
+    return_tokens_as_token_ids; return_ids: return_token_ids (the prompt's ids on each choice's
+    first chunk, as vLLM, and each chunk's generated ids on its choice)."""
+    include_usage, continuous = usage
     created = int(time.time())
     n = len(firsts[0].outputs)
     parsers = [ChatStreamParser(reasoning=parse.reasoning, tool_calls=parse.tools) for _ in range(n)]
@@ -375,14 +384,24 @@ async def _chat_stream(
     prompt_tokens = len(firsts[0].prompt_token_ids)
     finished = False
 
-    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, lps: Optional[list[Logprob]] = None) -> str:
+    def chunk(index: int, delta: dict, finish_reason: Optional[str] = None, lps: Optional[list[Logprob]] = None,
+              ids: Optional[list[int]] = None) -> str:
+        """ids: the generated token ids it carries (return_token_ids); None on the first chunk, which
+        carries the prompt's instead."""
         choice = {
             "index": index,
             "delta": delta,
             "logprobs": {"content": chat_logprobs(state, lps or [], token_ids)} if logprobs and lps is not None else None,
             "finish_reason": finish_reason,
         }
-        extra = {"usage": None} if include_usage else {}
+        extra: dict[str, Any] = {}
+        if return_ids:
+            if ids is None:
+                extra["prompt_token_ids"] = list(firsts[0].prompt_token_ids)
+            else:
+                choice["token_ids"] = ids
+        if include_usage:
+            extra["usage"] = running_usage(prompt_tokens, completion_tokens[index]) if continuous else None
         return sse(envelope(model, request_id, "chat.completion.chunk", created, [choice], **extra))
 
     def filtered(i: int, kind: str, text: str, final: bool = False) -> list[dict]:
@@ -437,14 +456,14 @@ async def _chat_stream(
                     if comp.finished:
                         deltas += events_to_deltas(i, parsers[i].finish()) + flush(i)
                     lps = comp.logprobs_delta if comp.token_ids_delta else None
-                    if not deltas and lps:
-                        deltas = [{"content": ""}]  # carry the logprobs of tokens whose text is held back
+                    if not deltas and (lps or return_ids and comp.token_ids_delta):
+                        deltas = [{"content": ""}]  # carry the logprobs / ids of tokens whose text is held back
                     for k, delta in enumerate(deltas):
-                        yield chunk(i, delta, lps=lps if k == 0 else None)
+                        yield chunk(i, delta, lps=lps if k == 0 else None, ids=list(comp.token_ids_delta) if k == 0 else [])
                     if comp.finished:
                         done_choices.add(i)
                         reason = "tool_calls" if tool_indices[i] else comp.finish_reason
-                        yield chunk(i, {}, finish_reason=reason)
+                        yield chunk(i, {}, finish_reason=reason, ids=[])
                 if out.finished:
                     observe(state, out)
         finished = True
@@ -500,9 +519,8 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     echo = await asyncio.to_thread(_Echo, state, admitted, req.logprobs, prompt_only, as_ids) if req.echo else None
     prompt_tokens = sum(len(ids) for _, ids in admitted)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        body = _completion_stream(state, model, request_id, gens, firsts, req.n, req.logprobs is not None, include_usage, prompt_tokens, echo,
-                                  token_ids=as_ids)
+        body = _completion_stream(state, model, request_id, gens, firsts, req.n, req.logprobs is not None, stream_usage(req), prompt_tokens,
+                                  echo, token_ids=as_ids, return_ids=bool(req.return_token_ids))
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
@@ -512,11 +530,16 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         # vLLM's: every choice carries its prompt's logprobs whenever they were computed
         scored = {"prompt_logprobs": prompt_logprobs(state, final.prompt_logprobs)} if params.prompt_logprobs is not None else {}
         for comp in final.outputs:
+            # vLLM's return_token_ids: each choice its prompt's ids and its generated ones (an echoed
+            # prompt's not among them; none when max_tokens 0 drops the one generated)
+            ids = {"prompt_token_ids": list(final.prompt_token_ids),
+                   "token_ids": [] if prompt_only else list(comp.token_ids)} if req.return_token_ids else {}
             if echo is not None:
-                choices.append({**echo.choice(p * req.n + comp.index, p, final, comp), **scored})
+                choices.append({**echo.choice(p * req.n + comp.index, p, final, comp), **scored, **ids})
                 continue
             lps = _completion_logprobs(state, comp.logprobs or [], 0, as_ids=as_ids)[0] if req.logprobs is not None else None
-            choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason, **scored})
+            choices.append({"index": p * req.n + comp.index, "text": comp.text, "logprobs": lps, "finish_reason": comp.finish_reason,
+                            **scored, **ids})
     generated = 0 if prompt_only else sum(len(c.token_ids) for f in result for c in f.outputs)
     usage = usage_info(prompt_tokens, generated, result)
     return JSONResponse(envelope(model, request_id, "text_completion", int(time.time()), choices, usage=usage))
@@ -584,19 +607,37 @@ async def _completion_stream(
     firsts: list[RequestOutput],
     n: int,
     logprobs: bool,
-    include_usage: bool,
+    usage: tuple[bool, bool],
     prompt_tokens: int,
     echo: Optional[_Echo] = None,
     token_ids: bool = False,
+    return_ids: bool = False,
 ) -> AsyncIterator[str]:
-    """token_ids: return_tokens_as_token_ids."""
+    """usage: (a last usage chunk, usage on every chunk: stream_usage); token_ids:
+    return_tokens_as_token_ids; return_ids: return_token_ids (a choice's first chunk carries its
+    prompt's ids, each chunk the generated ids it adds, as vLLM)."""
+    include_usage, continuous = usage
     created = int(time.time())
-    completion_tokens = 0
+    generated: dict[int, int] = {}  # per choice, its tokens so far
     offsets: dict[int, int] = {}
     done_choices: set[int] = set()
     echoed: set[int] = set()
+    started: set[int] = set()  # choices whose first chunk is out (return_token_ids)
     finished = False
-    extra = {"usage": None} if include_usage else {}
+
+    def chunk(p: int, choice: dict, ids: list[int]) -> str:
+        """A chunk of one choice of prompt p; ids: the generated token ids it carries."""
+        index = choice["index"]
+        if return_ids:
+            if index not in started:
+                started.add(index)
+                choice["prompt_token_ids"] = list(firsts[p].prompt_token_ids)
+            choice["token_ids"] = ids
+        extra: dict[str, Any] = {}
+        if include_usage:  # (continuous: vLLM's counts, of this prompt and choice)
+            extra["usage"] = running_usage(len(firsts[p].prompt_token_ids), generated.get(index, 0)) if continuous else None
+        return sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
+
     try:
         async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for p, out in outputs:
@@ -610,24 +651,24 @@ async def _completion_stream(
                         else:
                             prompt_lps, offsets[index] = echo.prompt_logprobs(out)
                             choice = {"index": index, "text": echo.texts[p], "logprobs": prompt_lps, "finish_reason": None}
-                        yield sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
+                        yield chunk(p, choice, [])
                         if echo.prompt_only:
                             done_choices.add(index)
                     if index in done_choices or not (comp.text_delta or comp.token_ids_delta or comp.finished):
                         continue
                     if comp.finished:
                         done_choices.add(index)
-                    completion_tokens += len(comp.token_ids_delta)
+                    generated[index] = generated.get(index, 0) + len(comp.token_ids_delta)
                     lps = None
                     if logprobs:
                         lps, offsets[index] = _completion_logprobs(state, comp.logprobs_delta or [], offsets.get(index, 0), as_ids=token_ids)
                     choice = {"index": index, "text": comp.text_delta, "logprobs": lps, "finish_reason": comp.finish_reason}
-                    yield sse(envelope(model, request_id, "text_completion", created, [choice], **extra))
+                    yield chunk(p, choice, list(comp.token_ids_delta))
                 if out.finished:
                     observe(state, out)
         finished = True
         if include_usage:
-            usage = usage_info(prompt_tokens, completion_tokens, firsts)
+            usage = usage_info(prompt_tokens, sum(generated.values()), firsts)
             yield sse(envelope(model, request_id, "text_completion", created, [], usage=usage))
         yield "data: [DONE]\n\n"
     except Exception as e:

@@ -43,7 +43,17 @@ class _Response(BaseModel):
 
 
 class StreamOptions(_Request):
-    include_usage: bool = False
+    include_usage: bool = Field(False, description="a last chunk carries the whole request's usage; omitted: as continuous_usage_stats")
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM's: every chunk carries usage, the running count of its choice's tokens (with include_usage: "
+        "false sends no usage at all, as vLLM)",
+    )
+
+    def usage(self) -> tuple[bool, bool]:
+        """(the last usage chunk, usage on every chunk), as vLLM reads them: continuous_usage_stats only
+        with include_usage; include_usage omitted is continuous_usage_stats (vLLM's default is true)."""
+        final = self.include_usage if "include_usage" in self.model_fields_set else self.continuous_usage_stats
+        return final, final and self.continuous_usage_stats
 
 
 class ResponseFormat(_Request):
@@ -153,6 +163,10 @@ class SamplingFields(_Request):
     )
     return_tokens_as_token_ids: Optional[bool] = Field(
         None, description='logprobs name tokens as "token_id:<id>" instead of their text (vLLM)'
+    )
+    return_token_ids: Optional[bool] = Field(
+        None, description="vLLM's: the reply carries the prompt's token ids (prompt_token_ids) and each choice's generated ones "
+        "(token_ids); streamed, prompt_token_ids in a choice's first chunk and token_ids per chunk",
     )
     skip_special_tokens: bool = Field(
         True, description="leave the tokenizer's special tokens out of the reply's text (chat: after the reasoning and "
@@ -340,6 +354,7 @@ class ChatChoice(_Response):
     message: AssistantMessage
     logprobs: Optional[ChoiceLogprobs] = None
     finish_reason: Optional[str] = None
+    token_ids: Optional[list[int]] = Field(None, description="with return_token_ids: the generated token ids (vLLM's field)")
 
 
 class PromptLogprob(_Response):
@@ -361,6 +376,7 @@ class ChatCompletionResponse(_Response):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: Optional[PromptLogprobs] = Field(None, description="with prompt_logprobs (vLLM's field)")
+    prompt_token_ids: Optional[list[int]] = Field(None, description="with return_token_ids: the prompt's token ids as run (vLLM's field)")
 
 
 class CompletionLogprobs(_Response):
@@ -377,6 +393,8 @@ class CompletionChoice(_Response):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     prompt_logprobs: Optional[PromptLogprobs] = Field(None, description="with prompt_logprobs, or echo with logprobs (vLLM's field)")
+    prompt_token_ids: Optional[list[int]] = Field(None, description="with return_token_ids: its prompt's token ids as run (vLLM's field)")
+    token_ids: Optional[list[int]] = Field(None, description="with return_token_ids: the generated token ids, not the echoed prompt's")
 
 
 class CompletionResponse(_Response):

@@ -291,6 +291,16 @@ def usage_info(prompt_tokens: int, completion_tokens: int, outputs: list[Request
     return usage
 
 
+def stream_usage(req: Any) -> tuple[bool, bool]:
+    """A streamed request's (last usage chunk, usage on every chunk): stream_options as vLLM reads them."""
+    return req.stream_options.usage() if req.stream_options is not None else (False, False)
+
+
+def running_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """vLLM's usage on every chunk (continuous_usage_stats): the counts so far, without details."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+
+
 async def unless_gone(request: Request, work: Awaitable[Any], metrics: ServerMetrics) -> Any:
     """`work`'s result, or a bare 499 once the client has hung up (its requests aborted, blocks freed)."""
     try:
