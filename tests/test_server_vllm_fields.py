@@ -507,3 +507,54 @@ def test_bad_return_token_ids_is_a_400(http, path, value):
     response = http.post(path, json={**_body(path), "stream": False, "return_token_ids": value})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == "return_token_ids" and str(value) in response.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------- request_id, add_special_tokens
+@pytest.mark.parametrize(("path", "prefix"), [("/v1/completions", "cmpl"), ("/v1/chat/completions", "chatcmpl")])
+def test_request_id_names_the_reply(http, path, prefix):
+    """vLLM's: the reply's id (every streamed chunk's too) is the endpoint's prefix and the
+    request's request_id; two requests may send the same one, at the same time, and both run."""
+    body = {**_body(path, stream=False, temperature=0, max_tokens=4), "request_id": "trace-42"}
+    with http.stream("POST", path, json={**body, "stream": True}) as first:
+        lines = first.iter_lines()
+        opening = json.loads(next(line for line in lines if line.startswith("data: "))[len("data: "):])
+        second = http.post(path, json=body)  # while the first runs
+        rest = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: {")]
+    assert second.status_code == 200 and second.json()["id"] == f"{prefix}-trace-42"
+    assert {c["id"] for c in [opening, *rest]} == {f"{prefix}-trace-42"}
+    streamed = "".join(c["choices"][0].get("text") or c["choices"][0].get("delta", {}).get("content") or "" for c in [opening, *rest])
+    whole = second.json()["choices"][0]
+    assert streamed == (whole["text"] if prefix == "cmpl" else whole["message"]["content"])  # (greedy: the same reply)
+    plain = http.post(path, json=_body(path, stream=False, max_tokens=1)).json()["id"]
+    assert re.fullmatch(rf"{prefix}-[0-9a-f]{{32}}", plain)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+@pytest.mark.parametrize(("value", "needle"), [("", "at least 1"), ("x" * 257, "at most 256"), (42, "42")])
+def test_bad_request_id_is_a_400(http, path, value, needle):
+    response = http.post(path, json={**_body(path, stream=False), "request_id": value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "request_id" and needle in error["message"], error
+
+
+def test_completion_add_special_tokens(client, http):
+    """vLLM's (completions): false tokenizes a text prompt without BOS, as /tokenize does with the
+    same field; the reply is the one to those ids. Token-id prompts are taken as they are."""
+    prompt = "the weather in the city"
+    with_bos = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    without = http.post("/tokenize", json={"prompt": prompt, "add_special_tokens": False}).json()["tokens"]
+    assert with_bos == [1] + without
+    kwargs = dict(model="tiny", max_tokens=5, temperature=0, extra_body={"return_token_ids": True})
+    bare = client.completions.create(prompt=prompt, **{**kwargs, "extra_body": {**kwargs["extra_body"], "add_special_tokens": False}})
+    assert bare.choices[0].prompt_token_ids == without and bare.usage.prompt_tokens == len(without)
+    assert bare.choices[0].text == client.completions.create(prompt=without, **kwargs).choices[0].text
+    default = client.completions.create(prompt=prompt, **kwargs)
+    assert default.choices[0].prompt_token_ids == with_bos
+    ids = client.completions.create(prompt=with_bos, **{**kwargs, "extra_body": {**kwargs["extra_body"], "add_special_tokens": False}})
+    assert ids.choices[0].prompt_token_ids == with_bos
+    response = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "add_special_tokens": "no"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "add_special_tokens"
+    # chat renders its own special tokens (the template's): the field is not taken there
+    response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "add_special_tokens": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "add_special_tokens"

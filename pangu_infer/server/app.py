@@ -482,15 +482,16 @@ async def _chat_stream(
 
 
 # ---------------------------------------------------------------------- completions
-def _completion_prompts(state: ServerState, prompt: Any, n: int) -> list[tuple[Optional[str], list[int]]]:
+def _completion_prompts(state: ServerState, prompt: Any, n: int, add_special_tokens: bool = True) -> list[tuple[Optional[str], list[int]]]:
+    """(text, ids) of each prompt; texts tokenized with BOS first when add_special_tokens (and the model wants it)."""
     if not prompt:
         raise APIError(400, "prompt is empty: give a string, a list of strings, or token ids", param="prompt")
     single = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
     check_size(state, 1 if single else len(prompt), n)  # before tokenizing what may be thousands of prompts
     if isinstance(prompt, str):
-        return [(prompt, state.llm.tokenizer.encode(prompt))]
+        return [(prompt, state.llm.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))]
     if all(isinstance(p, str) for p in prompt):
-        return [(p, state.llm.tokenizer.encode(p)) for p in prompt]
+        return [(p, state.llm.tokenizer.encode(p, add_special_tokens=add_special_tokens)) for p in prompt]
     if all(isinstance(p, int) for p in prompt):
         return [(None, list(prompt))]
     return [(None, list(p)) for p in prompt]
@@ -509,9 +510,9 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     if req.prompt_logprobs is None and req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
     as_ids = bool(req.return_tokens_as_token_ids)
-    prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n)
+    prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n, req.add_special_tokens)
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority,
-                                                          default_length), state.metrics)
+                                                          default_length, client_id=req.request_id), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

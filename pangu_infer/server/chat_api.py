@@ -52,7 +52,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     try:
         started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority,
-                                                              length_field=length_field), state.metrics)
+                                                              length_field=length_field, client_id=req.request_id), state.metrics)
     except APIError as e:
         raise as_sent(e, length_field) from None
     if isinstance(started, Response):

@@ -19,6 +19,7 @@ from pangu_infer.sampling_params import MAX_STOP_STRINGS
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_REQUEST_ID_CHARS = 256  # a request_id is repeated in every streamed chunk
 # Accepted and ignored: bookkeeping for OpenAI's platform (user, metadata, store, service_tier,
 # safety_identifier, prompt caching hints).
 IGNORED_FIELDS = frozenset({
@@ -156,6 +157,10 @@ class SamplingFields(_Request):
         "e.g. 43 base64 characters)",
     )
     truncate_prompt_tokens: Optional[int] = Field(None, description="keep the prompt's last k tokens; -1: as many as fit the context")
+    request_id: Optional[str] = Field(
+        None, min_length=1, max_length=MAX_REQUEST_ID_CHARS,
+        description="vLLM's: the reply's id is cmpl-<request_id> (chat: chatcmpl-<request_id>), also in the request log",
+    )
     include_stop_str_in_output: bool = False
     prompt_logprobs: Optional[int] = Field(
         None, description=f"score the prompt: each token's logprob with this many top alternatives (0..{MAX_TOP_LOGPROBS}; "
@@ -243,6 +248,7 @@ class CompletionRequest(SamplingFields):
     max_tokens: Optional[int] = Field(16, description="0 only with echo: the prompt (and its logprobs) without generating")
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = Field(False, description="the reply starts with the prompt; with logprobs, the prompt's tokens are scored too")
+    add_special_tokens: bool = Field(True, description="vLLM's: text prompts tokenized with BOS first when the model wants one")
 
 
 class TokenizeRequest(_Request):

@@ -29,14 +29,16 @@ from pangu_infer.server.state import ServerState
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                          lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
                          default_length: Optional[int] = None, length_field: str = "max_tokens", pooling: Optional[str] = None,
-                         normalize: bool = True):
+                         normalize: bool = True, client_id: Optional[str] = None):
     """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
     the scheduling priority, when given) and wait for each one's first output, so a bad request is a
     400 before any byte is sent. length_field: the name the client gave max_tokens (as_sent).
     pooling: embedding requests (server/embeddings.py), whose first output is their only one;
-    normalize False: their vectors not L2-normalized."""
+    normalize False: their vectors not L2-normalized. client_id: the request's own request_id
+    (vLLM's): the reply's id is prefix-client_id."""
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling, normalize)
+        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling, normalize,
+                            client_id)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -45,7 +47,8 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling, normalize)
+        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling, normalize,
+                               client_id)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -163,13 +166,16 @@ class LoggedStream:
 
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None,
-                 length_field: str = "max_tokens", pooling: Optional[str] = None, normalize: bool = True):
-    base = f"{prefix}-{uuid.uuid4().hex}"
+                 length_field: str = "max_tokens", pooling: Optional[str] = None, normalize: bool = True,
+                 client_id: Optional[str] = None):
+    base = f"{prefix}-{uuid.uuid4().hex}" if client_id is None else f"{prefix}-{client_id}"
+    # The engine's ids stay unique whatever ids clients send (two requests of one request_id run both).
+    engine_base = base if client_id is None else f"{base}-{uuid.uuid4().hex[:8]}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None), ("pooling", pooling),
                                ("normalize", None if normalize else False)) if v is not None}
     submitted = [  # (request id, prompt text, ids, the parameters it runs with)
-        (base if len(prompts) == 1 else f"{base}-{i}", text, ids, fit_default_length(state, params, ids, default_length))
+        (engine_base if len(prompts) == 1 else f"{engine_base}-{i}", text, ids, fit_default_length(state, params, ids, default_length))
         for i, (text, ids) in enumerate(prompts)
     ]
     if state.log_requests:
