@@ -170,7 +170,7 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
                  client_id: Optional[str] = None):
     base = f"{prefix}-{uuid.uuid4().hex}" if client_id is None else f"{prefix}-{client_id}"
     # The engine's ids stay unique whatever ids clients send (two requests of one request_id run both).
-    engine_base = base if client_id is None else f"{base}-{uuid.uuid4().hex[:8]}"
+    engine_base = base if client_id is None else f"{base}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None), ("pooling", pooling),
                                ("normalize", None if normalize else False)) if v is not None}
