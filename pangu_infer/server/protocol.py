@@ -147,6 +147,8 @@ class SamplingFields(_Request):
     )
     truncate_prompt_tokens: Optional[int] = Field(None, description="keep the prompt's last k tokens; -1: as many as fit the context")
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = Field(False, description="beam search (vLLM's): the n best of n beams (n <= 10), each choice whole")
+    length_penalty: float = Field(1.0, description="beam search's score: cumulative logprob / length ** length_penalty (vLLM's)")
     prompt_logprobs: Optional[int] = Field(
         None, description=f"score the prompt: each token's logprob with this many top alternatives (0..{MAX_TOP_LOGPROBS}; "
         "not with stream=true), as vLLM returns them",
