@@ -253,6 +253,17 @@ def test_chat_use_beam_search(client, llm):
     for choice, seq in zip(got.choices, want.sequences):
         assert choice.finish_reason == "length"
         assert choice.message.content == llm.tokenizer.decode(seq.output_token_ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, n=k, max_tokens=steps, temperature=0, stream=True,
+                                            extra_body={"use_beam_search": True, "ignore_eos": True,
+                                                        "chat_template_kwargs": {"enable_thinking": False}})
+    streamed: dict[int, str] = {}
+    reasons = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + (c.delta.content or "")
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    assert [streamed[i] for i in range(k)] == [c.message.content for c in got.choices]
+    assert reasons == {i: "length" for i in range(k)}
     _no_leak(llm)
 
 
