@@ -343,3 +343,12 @@ def test_a_beam_search_cancelled_midway_frees_every_block(http, llm):
 
     steps, (steps_later, requests, free, total) = asyncio.run(scenario())
     assert steps_later == steps and not requests and free == total
+
+
+def test_a_prompt_that_fills_the_context_is_a_400_naming_the_prompt(http, llm):
+    """No max_tokens (null: the rest of the context) after a prompt that leaves none."""
+    prompt = [1] + [7] * (llm.engine.max_model_len - 1)
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": None, "use_beam_search": True})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt" and "context" in r.json()["error"]["message"]
+    _no_leak(llm)

@@ -175,7 +175,7 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
         for request_id, text, ids, own in submitted:
             log_request(state, request_id, text, ids, own, lora)
     gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) if beam is None else
-            beam_search_stream(state.engine, ids, replace(beam, max_tokens=own.max_tokens or state.llm.engine.max_model_len - len(ids)),
+            beam_search_stream(state.engine, ids, replace(beam, max_tokens=own.max_tokens or max(1, state.llm.engine.max_model_len - len(ids))),
                                request_id, prompt=text, **extra)
             for request_id, text, ids, own in submitted]
     if state.log_requests:  # (each logged as received above: each logs its end)
