@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import openai
 import pytest
@@ -295,18 +296,22 @@ def test_bad_length_penalty_and_length_penalty_without_beam_search(http):
 
 
 def test_other_requests_run_unaffected_beside_a_beam_search(http, llm):
-    greedy = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    greedy = {"model": "tiny", "prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     alone = http.post("/v1/completions", json=greedy).json()["choices"][0]["text"]
     results: dict[str, object] = {}
 
     def beam():
-        results["beam"] = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[1], "n": 4, "max_tokens": 12,
+        results["beam"] = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[1], "n": 4, "max_tokens": 80,
                                                              "temperature": 0, "use_beam_search": True, "ignore_eos": True})
 
     t = threading.Thread(target=beam)
     t.start()
+    while not llm.engine.requests and t.is_alive():  # (read from here: a glance, not a step)
+        time.sleep(0.001)
     beside = [http.post("/v1/completions", json=greedy).json()["choices"][0]["text"] for _ in range(3)]
+    overlapped = t.is_alive()
     t.join()
+    assert overlapped  # the greedy requests ran while the beam search did
     assert beside == [alone] * 3
     assert results["beam"].status_code == 200 and len(results["beam"].json()["choices"]) == 4
     _no_leak(llm)
