@@ -338,7 +338,8 @@ class LLM:
                     if not live:
                         break
                     runs = [(k, ids) for k in live for ids in searches[k].inputs()]
-                    outs = self._run([(None, ids, each, loras[k], items[k][2], 0) for k, ids in runs], use_tqdm=False)
+                    outs = self._run([(None, ids, each, loras[k], items[k][2], 0) for k, ids in runs], use_tqdm=False,
+                                     share_prefix=True)
                     entries: dict[int, list] = {k: [] for k in live}
                     for (k, _), out in zip(runs, outs):
                         entries[k].append(step_entry(out))
@@ -517,17 +518,19 @@ class LLM:
         self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str], int]], use_tqdm: bool,
         pooling: Optional[str] = None,
         normalize: bool = True,
+        share_prefix: bool = False,
     ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine. `pooling`: they are
-        embedding requests (embed), their vectors L2-normalized unless `normalize` is off."""
+        embedding requests (embed), their vectors L2-normalized unless `normalize` is off.
+        `share_prefix`: LLMEngine.add_request's (beam search's steps)."""
         engine = self.engine
         driver = getattr(engine, "driver", None)
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
             return driver.run_blocking(
                 [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt, rank) for text, tokens, p, lora, salt, rank in requests],
-                pooling=pooling, normalize=normalize,
+                pooling=pooling, normalize=normalize, share_prefix=share_prefix,
             )
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
@@ -537,7 +540,7 @@ class LLM:
                 rid = str(next(self._ids))
                 try:
                     engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
-                                       normalize=normalize)
+                                       normalize=normalize, share_prefix=share_prefix)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise

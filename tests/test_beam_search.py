@@ -100,6 +100,27 @@ def test_beam_search_runs_beams_together_and_reuses_the_prompts_blocks(llm):
     _no_leak(llm)
 
 
+def test_beam_steps_share_their_prefix_with_prefix_caching_off(tiny_dense_dir, reference, monkeypatch):
+    """As an n>1 request's forks do: each step's requests look their prefix up even where the
+    operator turned prefix caching off, so no step computes a beam's whole prefix again."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True, block_size=BLOCK,
+              enable_prefix_caching=False)
+    pool, runner = llm.engine.pool, llm.engine.runner
+    forwarded = []
+    real_run = runner.run
+    monkeypatch.setattr(runner, "run", lambda batch, drafts=None: forwarded.append(batch.total_tokens) or real_run(batch, drafts))
+    prompt, k, steps = list(range(100, 141)), 2, 6
+    out = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=k, max_tokens=steps, ignore_eos=True))[0]
+    assert [s.output_token_ids for s in out.sequences] == _transformers_beams(reference, prompt, k, steps)[0]
+    assert len(forwarded) == steps
+    assert sum(forwarded) <= len(prompt) + (steps - 1) * k * BLOCK  # (every prefix again: 41 + 2 * (42 + ... + 46))
+    _no_leak(llm)
+    # and an ordinary request still takes no hit
+    hits = pool.prefix_hits
+    llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    assert pool.prefix_hits == hits
+
+
 def _search_by_full_forwards(llm, ids, k, steps, eos, length_penalty):
     """vLLM's beam search written out over LLM.logits (no KV cache): (generated tokens, ended) best first."""
     beams = [([], 0.0)]

@@ -16,9 +16,9 @@ What a step costs: the requests of a step run together, in one engine step where
 allows. A beam's request finds its prefix in the prefix cache (the engine names every full block
 computed, and a step's requests end and give their blocks back before the next step's start, whose
 blocks stay findable until reused), so it computes only the tokens past its last full block: 1 to
-block_size tokens a beam, not its whole prefix (with enable_prefix_caching off: its whole prefix),
-as a prefill chunk (an eager step, not the compiled decode step). Blocks shared by the beams of a
-prompt are held once.
+block_size tokens a beam, not its whole prefix, as a prefill chunk (an eager step, not the compiled
+decode step). The requests look their prefix up even with enable_prefix_caching off, as an n>1
+request's forks do (`share_prefix`). Blocks shared by the beams of a prompt are held once.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ async def beam_search_stream(
 
     async def one(ids: list[int], rid: str) -> Logprob:
         last = None
-        async for out in engine.generate(ids, each, rid, **extra):
+        async for out in engine.generate(ids, each, rid, share_prefix=True, **extra):
             last = out
         return step_entry(last)
 

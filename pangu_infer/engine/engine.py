@@ -320,6 +320,7 @@ class LLMEngine:
         prediction_ids: Optional[list[int]] = None,
         pooling: Optional[str] = None,
         normalize: bool = True,
+        share_prefix: bool = False,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -334,7 +335,9 @@ class LLMEngine:
         `pooling` ("last" or "mean"): an embedding request instead (embedding_params gives its
         `params`): its prompt is computed like any other's, in the same steps, and it ends with its
         final hidden states pooled and L2-normalized (an EmbeddingRequestOutput), generating nothing;
-        `normalize` False (vLLM's PoolingParams.normalize): the pooled vector as it is."""
+        `normalize` False (vLLM's PoolingParams.normalize): the pooled vector as it is.
+        `share_prefix`: its prompt is looked up in the prefix cache even with enable_prefix_caching
+        off, as the forks of an n>1 request are (a beam search's steps: engine/beam_search.py)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._check_priority(priority)
@@ -378,6 +381,7 @@ class LLMEngine:
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             seq.pooling = pooling
             seq.normalize = normalize
+            seq.share_prefix = share_prefix
             if predicted is not None:
                 seq.prediction = Prediction(predicted)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):

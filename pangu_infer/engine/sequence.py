@@ -52,6 +52,9 @@ class Sequence:
         self.detokenizer = detokenizer
         self.generator = generator
         self.parent = parent  # a fork waits until its parent's prompt is in the prefix cache
+        # looks its prompt up in the prefix cache even with prefix caching off, as a fork does (a beam
+        # search's step: LLMEngine.add_request(share_prefix=True))
+        self.share_prefix = False
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission
