@@ -82,6 +82,20 @@ def test_beams_match_transformers(llm, reference, k):
     _no_leak(llm)
 
 
+def test_concurrency_limit_runs_prompts_in_groups_with_the_same_beams(llm):
+    params = BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids} for ids in PROMPTS]
+    together = llm.beam_search(prompts, params)
+    steps = llm.engine.num_steps
+    grouped = llm.beam_search(prompts, params, concurrency_limit=2)
+    assert llm.engine.num_steps - steps == 2 * params.max_tokens  # two groups, one after the other
+    assert [[s.tokens for s in o.sequences] for o in grouped] == [[s.tokens for s in o.sequences] for o in together]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="concurrency_limit"):
+            llm.beam_search(prompts, params, concurrency_limit=bad)
+    _no_leak(llm)
+
+
 def test_beam_search_runs_beams_together_and_reuses_the_prompts_blocks(llm):
     """One engine step per beam step for all prompts' beams (not one per beam), and each beam's
     request finds its prefix in the prefix cache: it computes only the tokens past its last full block."""
