@@ -184,6 +184,7 @@ class LLM:
         if self.parallel is not None:
             pool = self.engine.pool
             self.parallel.attach(self.model, pool.num_blocks, pool.block_size, self.engine.kv_dtype)
+            pool.share_partial_blocks = False  # (the workers' caches would not get the copies: runner.copy_slots)
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()

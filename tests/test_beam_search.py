@@ -96,21 +96,33 @@ def test_concurrency_limit_runs_prompts_in_groups_with_the_same_beams(llm):
     _no_leak(llm)
 
 
-def test_beam_search_runs_beams_together_and_reuses_the_prompts_blocks(llm):
-    """One engine step per beam step for all prompts' beams (not one per beam), and each beam's
-    request finds its prefix in the prefix cache: it computes only the tokens past its last full block."""
+def _count_forwarded(llm, monkeypatch) -> list[int]:
+    """The tokens each engine step forwards, from now on."""
+    runner, forwarded = llm.engine.runner, []
+    real_run = runner.run
+    monkeypatch.setattr(runner, "run", lambda batch, drafts=None: forwarded.append(batch.total_tokens) or real_run(batch, drafts))
+    return forwarded
+
+
+@pytest.mark.parametrize("prompt_len", [41, 44])  # a partly filled last block, and none
+def test_each_beam_step_forwards_one_token_a_beam(llm, monkeypatch, prompt_len):
+    """All prompts' beams run together (one engine step per beam step), and each beam's request
+    finds its prefix cached: its full blocks in the prefix cache, and the partly filled block its
+    parent's request left copied into its own (a fresh block, since siblings write it apart), so it
+    forwards its one new token only: a decode row."""
     engine = llm.engine
-    prompt = list(range(100, 141))  # 41 tokens: 10 full blocks of 4
+    prompt = list(range(5 * prompt_len, 6 * prompt_len))  # (in no other test)
     k, steps = 3, 6
-    before_steps, before_prompt, before_hits = engine.num_steps, engine.pool.prefix_queries, engine.pool.prefix_hits
-    llm.beam_search([{"prompt_token_ids": prompt}], BeamSearchParams(beam_width=k, max_tokens=steps, ignore_eos=True))
-    assert engine.num_steps - before_steps == steps
-    queried = engine.pool.prefix_queries - before_prompt
-    hit = engine.pool.prefix_hits - before_hits
-    computed = queried - hit
-    # the prompt once (41 tokens, none cached), then per beam at most a block's worth (BLOCK tokens)
-    assert computed <= len(prompt) + (steps - 1) * k * BLOCK
-    assert computed < queried / 4  # without the prefix cache every step would compute every prefix
+    forwarded = _count_forwarded(llm, monkeypatch)
+    out = llm.beam_search([{"prompt_token_ids": prompt}, {"prompt_token_ids": PROMPTS[0]}],
+                          BeamSearchParams(beam_width=k, max_tokens=steps, ignore_eos=True))
+    assert len(forwarded) == steps  # both prompts' beams in each step
+    assert forwarded[0] <= prompt_len + len(PROMPTS[0]) and forwarded[1:] == [2 * k] * (steps - 1)
+    monkeypatch.undo()
+    alone = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=k, max_tokens=steps, ignore_eos=True),
+                            concurrency_limit=1)
+    assert [s.tokens for s in out[0].sequences] == [s.tokens for s in alone[0].sequences]
+    assert engine.pool.partial_of_key  # (named partial blocks stay findable while free)
     _no_leak(llm)
 
 
@@ -119,20 +131,81 @@ def test_beam_steps_share_their_prefix_with_prefix_caching_off(tiny_dense_dir, r
     operator turned prefix caching off, so no step computes a beam's whole prefix again."""
     llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True, block_size=BLOCK,
               enable_prefix_caching=False)
-    pool, runner = llm.engine.pool, llm.engine.runner
-    forwarded = []
-    real_run = runner.run
-    monkeypatch.setattr(runner, "run", lambda batch, drafts=None: forwarded.append(batch.total_tokens) or real_run(batch, drafts))
+    pool = llm.engine.pool
+    forwarded = _count_forwarded(llm, monkeypatch)
     prompt, k, steps = list(range(100, 141)), 2, 6
     out = llm.beam_search({"prompt_token_ids": prompt}, BeamSearchParams(beam_width=k, max_tokens=steps, ignore_eos=True))[0]
     assert [s.output_token_ids for s in out.sequences] == _transformers_beams(reference, prompt, k, steps)[0]
-    assert len(forwarded) == steps
-    assert sum(forwarded) <= len(prompt) + (steps - 1) * k * BLOCK  # (every prefix again: 41 + 2 * (42 + ... + 46))
+    assert forwarded == [len(prompt)] + [k] * (steps - 1)  # (every prefix again: 41, 2 * 42, ..., 2 * 46)
     _no_leak(llm)
     # and an ordinary request still takes no hit
     hits = pool.prefix_hits
     llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
     assert pool.prefix_hits == hits
+
+
+def test_beam_search_with_a_draft_model_keeps_the_beams(llm, tiny_dense_dir):
+    """A draft model pages its KV by the target's blocks: a beam whose partial block was copied
+    has the draft compute that part itself (its draft_computed stops at the full blocks)."""
+    spec = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20, enforce_eager=True, block_size=BLOCK,
+               speculative_model=str(tiny_dense_dir), num_speculative_tokens=2)
+    params = BeamSearchParams(beam_width=3, max_tokens=6, ignore_eos=True)
+    prompts = [{"prompt_token_ids": ids} for ids in PROMPTS]
+    want = [[s.tokens for s in o.sequences] for o in llm.beam_search(prompts, params)]
+    assert [[s.tokens for s in o.sequences] for o in spec.beam_search(prompts, params)] == want
+    # and its draft cache stays whole: greedy text with drafts is the target's own afterwards
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, greedy, use_tqdm=False)] == \
+        [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    _no_leak(spec)
+
+
+def _seq(seq_id, tokens, share=True):
+    from pangu_infer.engine.sequence import Sequence
+
+    seq = Sequence(seq_id, f"r{seq_id}", 0, list(tokens), SamplingParams(max_tokens=1), None, None)
+    seq.share_prefix = share
+    return seq
+
+
+def test_a_partial_block_serves_only_while_it_is_unused_and_only_its_own_tokens():
+    from pangu_infer.engine.kv_cache import BlockPool
+
+    pool = BlockPool(num_blocks=6, block_size=4, enable_prefix_caching=False)
+    parent = _seq(0, range(10, 20))  # 10 tokens: 2 full blocks and 2 slots of a third
+    pool.match_prefix(parent, force=True)
+    pool.allocate(parent, 10)
+    parent.num_computed_tokens = 10
+    pool.register_full_blocks(parent)
+    tail = parent.block_table[2]
+    pool.release(parent)
+    # a child of the same tokens and one more: 2 full blocks hit, the tail's 2 slots to copy, 1 token to compute
+    child = _seq(1, list(range(10, 20)) + [7])
+    pool.match_prefix(child, force=True)
+    assert child.num_computed_tokens == 10 and child.partial_source == (tail, 2)
+    pool.allocate(child, 1)
+    assert pool.take_partial_copies([child]) == [(tail, child.block_table[2], 2)] and child.block_table[2] != tail
+    pool.release_partial_sources([child])
+    pool.release(child)
+    # other tokens in the tail, or no share_prefix: no match
+    for other in (_seq(2, list(range(10, 19)) + [99, 7]), _seq(3, list(range(10, 20)) + [7], share=False)):
+        pool.match_prefix(other, force=True)
+        assert other.partial_source is None and other.num_computed_tokens == 8
+        pool.release(other)
+    # the tail block handed out to another sequence (the full blocks kept): the name is gone
+    keeper = _seq(6, list(range(10, 18)) + [1], share=False)
+    pool.match_prefix(keeper, force=True)
+    assert keeper.num_computed_tokens == 8
+    hog = _seq(4, range(500, 516), share=False)
+    pool.allocate(hog, 16)
+    assert tail in hog.block_table
+    pool.release(hog)
+    late = _seq(5, list(range(10, 20)) + [7])
+    pool.match_prefix(late, force=True)
+    assert late.partial_source is None and late.num_computed_tokens == 8
+    pool.release(late)
+    pool.release(keeper)
+    assert pool.num_free_blocks == 6 and not any(pool.ref_count)
 
 
 def _search_by_full_forwards(llm, ids, k, steps, eos, length_penalty):

@@ -13,12 +13,16 @@ prompt and the generated tokens without a final EOS (vLLM's get_beam_search_scor
 beam_width returned.
 
 What a step costs: the requests of a step run together, in one engine step where the token budget
-allows. A beam's request finds its prefix in the prefix cache (the engine names every full block
-computed, and a step's requests end and give their blocks back before the next step's start, whose
-blocks stay findable until reused), so it computes only the tokens past its last full block: 1 to
-block_size tokens a beam, not its whole prefix, as a prefill chunk (an eager step, not the compiled
-decode step). The requests look their prefix up even with enable_prefix_caching off, as an n>1
-request's forks do (`share_prefix`). Blocks shared by the beams of a prompt are held once.
+allows, and each forwards one token: a decode row (the compiled decode step where it is ready), one
+per live beam. A beam's request finds its whole prefix but that token cached: its full blocks in the
+prefix cache (the engine names every full block computed; a step's requests end and give their blocks
+back before the next step's start, and those stay findable until reused), and the partly filled
+block its parent's request left (BlockPool names it when that request ends: `share_prefix`), whose
+first slots are copied into a fresh block of its own before the forward (siblings write their new
+tokens apart): at most block_size - 1 slots of K and V per layer and beam
+(`ModelRunner.copy_slots`). Where a block was reused meanwhile, that part is computed again instead.
+The requests look their prefix up even with enable_prefix_caching off, as an n>1 request's forks do.
+Full blocks shared by the beams of a prompt are held once.
 """
 
 from __future__ import annotations

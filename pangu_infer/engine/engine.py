@@ -593,6 +593,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._outputs(touched)
+        batch = self._copy_partials(batch, touched)
+        if not batch.seqs:
+            return self._outputs(touched)
         drafts, predicted = self._propose(batch)
         if drafts:
             drafts = self._grammar_drafts(batch, drafts, touched)
@@ -619,6 +622,24 @@ class LLMEngine:
             if sampled:
                 self._sample(sampled, logits, touched)
         return self._outputs(touched)
+
+    def _copy_partials(self, batch: ScheduledBatch, touched: dict[str, "_Request"]) -> ScheduledBatch:
+        """Before the forward: the KV of the partly filled blocks that sequences matched (a beam
+        search's steps: BlockPool._match_partial) copied into their own blocks. If the copy fails,
+        those sequences' requests end (a fault of the engine) and the step goes on without them."""
+        copies = self.pool.take_partial_copies(batch.seqs)
+        if not copies:
+            return batch
+        try:
+            self.runner.copy_slots(copies)
+        except Exception as e:
+            for seq in batch.seqs:
+                if seq.partial_source is not None:
+                    self._fail(self.requests[seq.request_id], e, touched)  # (its hold on the source is released)
+            kept = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if not s.is_finished]
+            batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept], batch.preempted)
+        self.pool.release_partial_sources(batch.seqs)
+        return batch
 
     def _propose(self, batch: ScheduledBatch) -> tuple[dict[int, list[int]], set[int]]:
         """The step's drafts (seq_id -> tokens, their KV blocks reserved), and which of them came
