@@ -10,8 +10,8 @@ _collecting = _gc.isenabled()
 _gc.disable()
 try:
     from pangu_infer.lora import LoRARequest
-    from pangu_infer.outputs import CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-    from pangu_infer.sampling_params import SamplingParams
+    from pangu_infer.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
+    from pangu_infer.sampling_params import BeamSearchParams, SamplingParams
 finally:
     if _collecting:
         _gc.enable()
@@ -28,5 +28,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EmbeddingOutput",
+__all__ = ["LLM", "SamplingParams", "BeamSearchParams", "BeamSearchOutput", "BeamSearchSequence", "LoRARequest", "RequestOutput", "CompletionOutput", "EmbeddingRequestOutput", "EmbeddingOutput",
            "__version__"]

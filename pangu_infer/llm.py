@@ -18,10 +18,10 @@ from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
 from pangu_infer.lora import LoRARequest
-from pangu_infer.outputs import EmbeddingRequestOutput, RequestOutput
+from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.parallel.launch import load_tensor_parallel
 from pangu_infer.parallel.state import check_tensor_parallel_size
-from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.sampling_params import BeamSearchParams, SamplingParams
 
 PromptType = Union[str, dict, list[int]]
 
@@ -175,6 +175,7 @@ class LLM:
         )
         if self.parallel is not None:
             self.parallel.attach(self.engine.runner)
+            self.engine.pool.share_partial_blocks = False  # (the workers' caches would not get the copies: runner.copy_slots)
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()
@@ -288,6 +289,67 @@ class LLM:
                 if comp.index == 0:
                     out.reasoning = reasoning
         return outputs
+
+    def beam_search(
+        self,
+        prompts: Union[PromptType, Sequence[PromptType]],
+        params: BeamSearchParams,
+        lora_request: Union[LoRARequest, Sequence[Optional[LoRARequest]], None] = None,
+        use_tqdm: bool = False,
+        concurrency_limit: Optional[int] = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's LLM.beam_search: per prompt, the params.beam_width best sequences (best first) of up
+        to params.max_tokens tokens (BeamSearchParams; engine/beam_search.py). Each sequence's
+        `tokens` and `text` hold the prompt and the generated tokens, as vLLM's do
+        (`output_token_ids`: the generated ones). The prompts' beams run together, each step one
+        engine request per beam (concurrency_limit: at most this many prompts at once). ValueError
+        (RequestError naming the field) for bad params, or a prompt that with max_tokens does not
+        fit the context; nothing stays queued in the engine after an error or an interrupt."""
+        from pangu_infer.engine.beam_search import BeamSearch, check_prompt, step_entry, step_params
+
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params={short_repr(params)} must be a BeamSearchParams")
+        if concurrency_limit is not None and (not isinstance(concurrency_limit, int) or isinstance(concurrency_limit, bool)
+                                              or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit={short_repr(concurrency_limit)} must be a positive integer or None")
+        items = self._normalize_prompts(prompts)
+        loras = self._normalize_loras(lora_request, len(items))
+        for i, (_, ids, _) in enumerate(items):
+            try:
+                check_prompt(ids, params, self.engine.limits)
+            except RequestError as e:
+                raise RequestError(f"prompt {i}: {e}" if len(items) > 1 else str(e), param=e.param) from None
+        searches = [BeamSearch(ids, params, self.engine.eos_token_ids) for _, ids, _ in items]
+        each = step_params(params)
+        limit = concurrency_limit or len(items)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), desc="beam search", unit="prompt", leave=False)
+        try:
+            for start in range(0, len(items), limit):
+                group = list(range(start, min(start + limit, len(items))))
+                while True:
+                    live = [k for k in group if not searches[k].done]
+                    if not live:
+                        break
+                    runs = [(k, ids) for k in live for ids in searches[k].inputs()]
+                    outs = self._run([(None, ids, each, loras[k], items[k][2], 0) for k, ids in runs], use_tqdm=False,
+                                     share_prefix=True)
+                    entries: dict[int, list] = {k: [] for k in live}
+                    for (k, _), out in zip(runs, outs):
+                        entries[k].append(step_entry(out))
+                    for k in live:
+                        searches[k].advance(entries[k])
+                if bar is not None:
+                    bar.update(len(group))
+        finally:
+            if bar is not None:
+                bar.close()
+        tok = self.tokenizer
+        decode = None if tok is None else (lambda ids: tok.decode(ids, skip_special_tokens=params.skip_special_tokens))
+        return [s.output(decode) for s in searches]
 
     def stream(
         self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None, lora_request: Optional[LoRARequest] = None
@@ -467,17 +529,19 @@ class LLM:
         self, requests: list[tuple[Optional[str], list[int], SamplingParams, Optional[LoRARequest], Optional[str], int]], use_tqdm: bool,
         pooling: Optional[str] = None,
         normalize: bool = True,
+        share_prefix: bool = False,
     ) -> list[RequestOutput]:
         """Generate every request to the end; if one is rejected (RequestError naming the prompt and the
         field) or the caller interrupts, none of them stays queued in the engine. `pooling`: they are
-        embedding requests (embed), their vectors L2-normalized unless `normalize` is off."""
+        embedding requests (embed), their vectors L2-normalized unless `normalize` is off.
+        `share_prefix`: LLMEngine.add_request's (beam search's steps)."""
         engine = self.engine
         driver = getattr(engine, "driver", None)
         if driver is not None and driver.is_running:
             # A server (AsyncEngine) in this process steps this engine from its own thread.
             return driver.run_blocking(
                 [(f"llm-{next(self._ids)}", tokens, p, text, lora, salt, rank) for text, tokens, p, lora, salt, rank in requests],
-                pooling=pooling, normalize=normalize,
+                pooling=pooling, normalize=normalize, share_prefix=share_prefix,
             )
         ids: list[str] = []
         final: dict[str, RequestOutput] = {}
@@ -487,7 +551,7 @@ class LLM:
                 rid = str(next(self._ids))
                 try:
                     engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
-                                       normalize=normalize)
+                                       normalize=normalize, share_prefix=share_prefix)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise

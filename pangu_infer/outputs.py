@@ -88,3 +88,34 @@ class EmbeddingRequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return 0
+
+
+@dataclass
+class BeamSearchSequence:
+    """One sequence of LLM.beam_search, vLLM's shape: `tokens` and `text` hold the prompt and the
+    generated tokens (a final EOS only with include_stop_str_in_output; `text` decodes `tokens`),
+    `cum_logprob` the sum of the generated tokens' logprobs (EOS's included), `logprobs` per
+    generated token the candidates read at that step (token id -> logprob), `finish_reason` "stop"
+    (EOS, `stop_reason` its id) or "length" (max_tokens). `score`: how it ranked,
+    cum_logprob / length ** length_penalty."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float]]
+    cum_logprob: float = 0.0
+    text: Optional[str] = None
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+    score: float = 0.0
+    num_prompt_tokens: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The generated tokens alone."""
+        return self.tokens[self.num_prompt_tokens :]
+
+
+@dataclass
+class BeamSearchOutput:
+    """vLLM's: the best beam_width sequences of one prompt, best first."""
+
+    sequences: list[BeamSearchSequence]

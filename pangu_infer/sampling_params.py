@@ -314,3 +314,45 @@ def _is_int(x: object) -> bool:
 
 def _is_num(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+# beam_width * 2 candidates per beam are read as top logprobs each step (vLLM's 2k, after
+# transformers'), so the widest beam is half the logprobs limit (vLLM's is the same, max_logprobs 20)
+MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
+
+
+@dataclass
+class BeamSearchParams:
+    """vLLM's BeamSearchParams, for LLM.beam_search (and the server's use_beam_search): keep the
+    beam_width best sequences for up to max_tokens tokens, scored by cumulative logprob /
+    length ** length_penalty (the length counts the prompt, as vLLM's; a final EOS is not counted).
+    temperature: as vLLM, the candidates of each beam are its 2 * beam_width most likely tokens
+    (logprobs of the raw logits) plus, above 0, one token drawn at that temperature. ignore_eos: EOS
+    is a token like any other (no beam ends before max_tokens). include_stop_str_in_output: a beam
+    that ended with EOS keeps that token in its tokens. skip_special_tokens: for its text.
+    A RequestError (a ValueError naming the field) for a value out of range."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        def bad(name: str, expected: str) -> RequestError:
+            return RequestError(f"invalid beam search parameter {name}={short_repr(getattr(self, name))}: expected {expected}", param=name)
+
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= MAX_BEAM_WIDTH:
+            raise bad("beam_width", f"an integer in [1, {MAX_BEAM_WIDTH}] (each beam reads 2 * beam_width top logprobs, "
+                      f"at most {MAX_LOGPROBS})")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "an integer >= 1")
+        if not _is_num(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a finite number >= 0")
+        if not _is_num(self.length_penalty):
+            raise bad("length_penalty", "a finite number")
+        for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "true or false")

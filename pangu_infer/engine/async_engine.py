@@ -55,6 +55,7 @@ class _Add:
     prediction_ids: Optional[list[int]] = None  # tokenized beforehand (LLMEngine.prediction_ids)
     pooling: Optional[str] = None  # an embedding request's (LLMEngine.add_request)
     normalize: bool = True  # (an embedding request's: LLMEngine.add_request)
+    share_prefix: bool = False  # (LLMEngine.add_request's)
 
 
 @dataclass
@@ -112,13 +113,14 @@ class AsyncEngine:
         priority: int = 0,
         pooling: Optional[str] = None,
         normalize: bool = True,
+        share_prefix: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Yield incremental outputs until the one with finished=True. `lora_request`: the LoRA
         adapter it runs with (one the engine does not hold, never loaded or made room for, is read
         on a worker thread first, so that reading its files stalls no other request). `cache_salt`
         and `priority`: LLMEngine.add_request's. `pooling`: an embedding request (LLMEngine.add_request's;
         `params` from embedding_params()), whose one output, an EmbeddingRequestOutput, is its last;
-        `normalize` False: its pooled vector not L2-normalized.
+        `normalize` False: its pooled vector not L2-normalized. `share_prefix`: LLMEngine.add_request's.
 
         Raises RequestError (a ValueError naming the field) on the first iteration when the request
         cannot be served, and RequestFailedError when it failed inside the engine (the other
@@ -154,7 +156,7 @@ class AsyncEngine:
             except ValueError as e:
                 raise RequestError(str(e), param="lora_request") from None
         self._send(_Add(request_id, list(prompt_token_ids), params, prompt, stream, added, grammar, lora_request, adapter,
-                        cache_salt, priority, bad_words_ids, prediction_ids, pooling, normalize))
+                        cache_salt, priority, bad_words_ids, prediction_ids, pooling, normalize, share_prefix))
         try:
             await added
         except asyncio.CancelledError:
@@ -180,7 +182,8 @@ class AsyncEngine:
                 # Closed early (client gone, task cancelled): free the request's KV blocks.
                 self._commands.put(_Abort(request_id, None))
 
-    def run_blocking(self, requests: list[tuple], pooling: Optional[str] = None, normalize: bool = True) -> list[RequestOutput]:
+    def run_blocking(self, requests: list[tuple], pooling: Optional[str] = None, normalize: bool = True,
+                     share_prefix: bool = False) -> list[RequestOutput]:
         """Generate (request_id, prompt ids, params, prompt[, lora_request[, cache_salt[, priority]]]) each to the end and return the final
         outputs, from a thread that runs no event loop: how LLM.generate/chat reach an engine this
         AsyncEngine drives (a server in the same process). The engine is stepped by its own thread
@@ -195,7 +198,8 @@ class AsyncEngine:
         ) -> RequestOutput:
             last = None
             try:
-                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority, pooling, normalize):
+                async for out in self.generate(ids, params, request_id, prompt, lora_request, cache_salt, priority, pooling, normalize,
+                                               share_prefix):
                     last = out
             except RequestError as e:
                 if len(requests) == 1:
@@ -280,7 +284,7 @@ class AsyncEngine:
                 self.engine.add_request(
                     command.request_id, command.prompt_token_ids, command.params, command.prompt, command.grammar,
                     command.lora_request, command.lora_adapter, command.cache_salt, command.priority, command.bad_words_ids,
-                    command.prediction_ids, command.pooling, command.normalize,
+                    command.prediction_ids, command.pooling, command.normalize, command.share_prefix,
                 )
             except Exception as e:  # RequestError, ValueError: the caller's mistake, not the engine's
                 _resolve(command.stream.loop, command.done, error=e)

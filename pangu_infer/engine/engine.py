@@ -320,6 +320,7 @@ class LLMEngine:
         prediction_ids: Optional[list[int]] = None,
         pooling: Optional[str] = None,
         normalize: bool = True,
+        share_prefix: bool = False,
     ) -> None:
         """Queue a request; RequestError (a ValueError naming the field) when it can never be served.
         `grammar`: what compile_grammar(params) returned for it, compiled beforehand on another
@@ -334,7 +335,9 @@ class LLMEngine:
         `pooling` ("last" or "mean"): an embedding request instead (embedding_params gives its
         `params`): its prompt is computed like any other's, in the same steps, and it ends with its
         final hidden states pooled and L2-normalized (an EmbeddingRequestOutput), generating nothing;
-        `normalize` False (vLLM's PoolingParams.normalize): the pooled vector as it is."""
+        `normalize` False (vLLM's PoolingParams.normalize): the pooled vector as it is.
+        `share_prefix`: its prompt is looked up in the prefix cache even with enable_prefix_caching
+        off, as the forks of an n>1 request are (a beam search's steps: engine/beam_search.py)."""
         if request_id in self.requests:
             raise RequestError(f"request id {request_id!r} is already in use", param="request_id")
         self._check_priority(priority)
@@ -378,6 +381,7 @@ class LLMEngine:
             seq.set_lora(lora_key, lora_slot)  # (and the prefix-cache salt of both)
             seq.pooling = pooling
             seq.normalize = normalize
+            seq.share_prefix = share_prefix
             if predicted is not None:
                 seq.prediction = Prediction(predicted)
             if compiled is not None or (params.max_reasoning_tokens is not None and self.think_markers is not None):
@@ -590,6 +594,9 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             return self._outputs(touched)
+        batch = self._copy_partials(batch, touched)
+        if not batch.seqs:
+            return self._outputs(touched)
         drafts, predicted = self._propose(batch)
         if drafts:
             drafts = self._grammar_drafts(batch, drafts, touched)
@@ -616,6 +623,24 @@ class LLMEngine:
             if sampled:
                 self._sample(sampled, logits, touched)
         return self._outputs(touched)
+
+    def _copy_partials(self, batch: ScheduledBatch, touched: dict[str, "_Request"]) -> ScheduledBatch:
+        """Before the forward: the KV of the partly filled blocks that sequences matched (a beam
+        search's steps: BlockPool._match_partial) copied into their own blocks. If the copy fails,
+        those sequences' requests end (a fault of the engine) and the step goes on without them."""
+        copies = self.pool.take_partial_copies(batch.seqs)
+        if not copies:
+            return batch
+        try:
+            self.runner.copy_slots(copies)
+        except Exception as e:
+            for seq in batch.seqs:
+                if seq.partial_source is not None:
+                    self._fail(self.requests[seq.request_id], e, touched)  # (its hold on the source is released)
+            kept = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if not s.is_finished]
+            batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept], batch.preempted)
+        self.pool.release_partial_sources(batch.seqs)
+        return batch
 
     def _propose(self, batch: ScheduledBatch) -> tuple[dict[int, list[int]], set[int]]:
         """The step's drafts (seq_id -> tokens, their KV blocks reserved), and which of them came

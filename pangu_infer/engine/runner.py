@@ -307,6 +307,17 @@ class ModelRunner:
                 layer.__dict__["decode_kernel"] = kernel
             state.token = self._token
 
+    @torch.inference_mode()
+    def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
+        """(source block, destination block, count): the first `count` slots of each source block's
+        keys and values copied into the destination block's, in every layer's cache."""
+        bs = self.block_size
+        src = torch.tensor([s * bs + j for s, _, m in copies for j in range(m)], dtype=torch.long, device=self.device)
+        dst = torch.tensor([d * bs + j for _, d, m in copies for j in range(m)], dtype=torch.long, device=self.device)
+        for cache in (*self.k_caches, *self.v_caches):
+            if cache is not None:
+                cache[dst] = cache[src]
+
     def run(
         self, batch: ScheduledBatch, drafts: Optional[dict[int, list[int]]] = None
     ) -> tuple[list[Sequence], torch.Tensor, dict[int, tuple[int, list[Logprob]]], dict[int, tuple[int, int, torch.Tensor]]]:

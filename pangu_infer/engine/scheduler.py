@@ -98,7 +98,7 @@ class Scheduler:
             if seq.parent is not None and not self._parent_prompt_cached(seq):
                 break  # forks of an n>1 request follow their parent's prefill
             if not seq.block_table and not seq.skips_prefix_cache:
-                self.pool.match_prefix(seq, force=seq.parent is not None)
+                self.pool.match_prefix(seq, force=seq.parent is not None or seq.share_prefix)
             n = self._chunk(seq, budget)
             if n == 0:  # the budget left does not reach its next chunk boundary: next step
                 self.pool.release(seq)

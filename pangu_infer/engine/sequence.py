@@ -52,6 +52,12 @@ class Sequence:
         self.detokenizer = detokenizer
         self.generator = generator
         self.parent = parent  # a fork waits until its parent's prompt is in the prefix cache
+        # looks its prompt up in the prefix cache even with prefix caching off, as a fork does (a beam
+        # search's step: LLMEngine.add_request(share_prefix=True))
+        self.share_prefix = False
+        # (block, slots): a partly filled block of an ended sequence whose first slots hold this
+        # one's KV past its full blocks, held until they are copied into its own (BlockPool._match_partial)
+        self.partial_source: Optional[tuple[int, int]] = None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at admission

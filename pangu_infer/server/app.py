@@ -73,7 +73,7 @@ from pangu_infer.server.chat_api import (
     start_chat,
     token_name,
 )
-from pangu_infer.server.params import check_model, check_size, to_sampling_params
+from pangu_infer.server.params import beam_search_params, check_model, check_size, to_sampling_params
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import (
     REQUEST_LOGGER,
@@ -511,8 +511,9 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
     as_ids = bool(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n, req.add_special_tokens)
+    beam = beam_search_params(req, params)
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority,
-                                                          default_length, client_id=req.request_id), state.metrics)
+                                                          default_length, client_id=req.request_id, beam=beam), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

@@ -21,7 +21,7 @@ from pangu_infer.errors import short_repr
 from pangu_infer.outputs import CompletionOutput
 from pangu_infer.sampling_params import SamplingParams
 from pangu_infer.server.errors import APIError
-from pangu_infer.server.params import check_model, check_size, to_sampling_params
+from pangu_infer.server.params import beam_search_params, check_model, check_size, to_sampling_params
 from pangu_infer.server.protocol import EFFORTS_WITHOUT_THINKING, ChatCompletionRequest
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import as_sent, start_requests, unless_gone
@@ -52,7 +52,9 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     try:
         started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority,
-                                                              length_field=length_field, client_id=req.request_id), state.metrics)
+                                                              length_field=length_field, client_id=req.request_id,
+                                                              beam=beam_search_params(req, params)),
+                                    state.metrics)
     except APIError as e:
         raise as_sent(e, length_field) from None
     if isinstance(started, Response):

@@ -6,8 +6,8 @@ import logging
 from dataclasses import replace
 from typing import Any, Optional
 
-from pangu_infer.errors import short_repr
-from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.errors import RequestError, short_repr
+from pangu_infer.sampling_params import MAX_BEAM_WIDTH, BeamSearchParams, SamplingParams
 from pangu_infer.server.errors import APIError
 from pangu_infer.server.structured import request_constraint
 from pangu_infer.server.protocol import IGNORED_FIELDS, SamplingFields
@@ -88,3 +88,42 @@ def check_size(state: ServerState, num_prompts: int, n: int) -> None:
             f"{state.max_seqs_per_request} (--max-num-seqs) at once, so one request may ask for at most that many",
             param="n",
         )
+
+
+# What beam search cannot honour (it reads n, temperature, max_tokens, ignore_eos, length_penalty,
+# include_stop_str_in_output and skip_special_tokens): a request that sets one of these with
+# use_beam_search is a 400 naming it (vLLM's server ignores most of them)
+BEAM_SEARCH_REFUSED = (
+    "logprobs", "top_logprobs", "prompt_logprobs", "echo", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+    "repetition_penalty", "seed", "stop", "stop_token_ids", "min_tokens", "logit_bias", "allowed_token_ids", "bad_words",
+    "truncate_prompt_tokens", "response_format", "structured_outputs", "guided_json", "guided_regex", "guided_choice",
+    "guided_grammar", "tools", "tool_choice", "prediction", "max_reasoning_tokens",
+)
+
+
+def beam_search_params(req: SamplingFields, params: SamplingParams) -> Optional[BeamSearchParams]:
+    """use_beam_search's parameters (vLLM's: the beam width is n, the temperature the request's, else
+    the default one), max_tokens as `params` has it (the server fits a length not given per prompt:
+    streaming._start); None without use_beam_search. A 400 naming a field beam search cannot honour."""
+    if not req.use_beam_search:
+        if req.length_penalty != 1.0:
+            raise APIError(400, f"length_penalty={short_repr(req.length_penalty)} applies only to beam search: give use_beam_search=true "
+                           "with it", param="length_penalty")
+        return None
+    default = {name: f.default for name, f in type(req).model_fields.items()}
+    for name in BEAM_SEARCH_REFUSED:
+        if name in req.model_fields_set and getattr(req, name) != default.get(name):
+            raise APIError(400, f"{name} is not available with use_beam_search (beam search reads n, temperature, max_tokens, "
+                           "ignore_eos, length_penalty and include_stop_str_in_output)", param=name)
+    if params.structured_outputs is not None or params.max_reasoning_tokens is not None:  # (the server's own: a thinking budget)
+        which = "max_reasoning_tokens" if params.max_reasoning_tokens is not None else "structured_outputs"
+        raise APIError(400, f"{which} (this server's default) is not available with use_beam_search; give "
+                       "chat_template_kwargs {\"enable_thinking\": false}, or no use_beam_search", param=which)
+    if req.n > MAX_BEAM_WIDTH:
+        raise APIError(400, f"n={short_repr(req.n)} is the beam width of use_beam_search: at most {MAX_BEAM_WIDTH}", param="n")
+    try:
+        return BeamSearchParams(beam_width=req.n, max_tokens=params.max_tokens or 1, ignore_eos=req.ignore_eos,
+                                temperature=params.temperature, length_penalty=req.length_penalty,
+                                include_stop_str_in_output=req.include_stop_str_in_output, skip_special_tokens=params.skip_special_tokens)
+    except RequestError as e:
+        raise APIError(400, str(e), param=e.param) from None

@@ -162,6 +162,8 @@ class SamplingFields(_Request):
         description="vLLM's: the reply's id is cmpl-<request_id> (chat: chatcmpl-<request_id>), also in the request log",
     )
     include_stop_str_in_output: bool = False
+    use_beam_search: bool = Field(False, description="beam search (vLLM's): the n best of n beams (n <= 10), each choice whole")
+    length_penalty: float = Field(1.0, description="beam search's score: cumulative logprob / length ** length_penalty (vLLM's)")
     prompt_logprobs: Optional[int] = Field(
         None, description=f"score the prompt: each token's logprob with this many top alternatives (0..{MAX_TOP_LOGPROBS}; "
         "not with stream=true), as vLLM returns them",

@@ -15,9 +15,10 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pangu_infer.engine.async_engine import EngineDeadError
+from pangu_infer.engine.beam_search import beam_search_stream
 from pangu_infer.errors import RequestError, RequestFailedError, short_repr
 from pangu_infer.outputs import EmbeddingRequestOutput, RequestOutput
-from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.sampling_params import BeamSearchParams, SamplingParams
 from pangu_infer.server.errors import APIError, from_request_error
 from pangu_infer.server.metrics import ServerMetrics
 from pangu_infer.server.middleware import CLIENT_CLOSED
@@ -29,16 +30,17 @@ from pangu_infer.server.state import ServerState
 async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                          lora: Optional[LoRARequest] = None, cache_salt: Optional[str] = None, priority: int = 0,
                          default_length: Optional[int] = None, length_field: str = "max_tokens", pooling: Optional[str] = None,
-                         normalize: bool = True, client_id: Optional[str] = None):
+                         normalize: bool = True, client_id: Optional[str] = None, beam: Optional[BeamSearchParams] = None):
     """Submit every prompt (each with the LoRA adapter `lora`, the prefix-cache salt `cache_salt` and
     the scheduling priority, when given) and wait for each one's first output, so a bad request is a
     400 before any byte is sent. length_field: the name the client gave max_tokens (as_sent).
     pooling: embedding requests (server/embeddings.py), whose first output is their only one;
     normalize False: their vectors not L2-normalized. client_id: the request's own request_id
-    (vLLM's): the reply's id is prefix-client_id."""
+    (vLLM's): the reply's id is prefix-client_id. beam: each prompt a beam search instead
+    (use_beam_search; its max_tokens that of `params` fitted per prompt), one output each."""
     if lora is None:
         return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling, normalize,
-                            client_id)
+                            client_id, beam)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -48,7 +50,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
         started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling, normalize,
-                               client_id)
+                               client_id, beam)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
@@ -167,7 +169,7 @@ class LoggedStream:
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None,
                  length_field: str = "max_tokens", pooling: Optional[str] = None, normalize: bool = True,
-                 client_id: Optional[str] = None):
+                 client_id: Optional[str] = None, beam: Optional[BeamSearchParams] = None):
     base = f"{prefix}-{uuid.uuid4().hex}" if client_id is None else f"{prefix}-{client_id}"
     # The engine's ids stay unique whatever ids clients send (two requests of one request_id run both).
     engine_base = base if client_id is None else f"{base}-{uuid.uuid4().hex}"
@@ -181,7 +183,10 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
     if state.log_requests:
         for request_id, text, ids, own in submitted:
             log_request(state, request_id, text, ids, own, lora)
-    gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) for request_id, text, ids, own in submitted]
+    gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) if beam is None else
+            beam_search_stream(state.engine, ids, replace(beam, max_tokens=own.max_tokens or max(1, state.llm.engine.max_model_len - len(ids))),
+                               request_id, prompt=text, **extra)
+            for request_id, text, ids, own in submitted]
     if state.log_requests:  # (each logged as received above: each logs its end)
         gens = [LoggedStream(g, request_id, length_field) for g, (request_id, *_) in zip(gens, submitted)]
     try:
