@@ -540,6 +540,26 @@ def test_the_response_store_echoes_no_long_id_or_query_value_in_full(http):
     assert r.status_code == 400 and len(r.text) < 1000 and _error(r, "after")
 
 
+LONG = "z" * 20000
+
+
+@pytest.mark.parametrize("path,extra,param", [
+    ("/v1/messages", {"thinking": {"type": LONG}}, "thinking.type"),
+    ("/v1/messages", {"messages": [{"role": LONG, "content": "hi"}]}, "messages[0].role"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": [{"type": LONG}]}]}, "messages[0].content[0]"),
+    ("/v1/responses", {"input": [{"type": "message", "role": LONG, "content": "hi"}]}, "input[0]"),
+    ("/v1/responses", {"input": [{"type": LONG}]}, "input[0]"),
+    ("/v1/responses", {"reasoning": {"effort": LONG}}, "reasoning.effort"),
+    ("/v1/responses", {"tools": [{"type": LONG}]}, "tools[0]"),
+    ("/v1/responses", {"text": {"format": {"type": LONG}}}, "text.format"),
+])
+def test_a_long_value_of_a_named_kind_is_named_cut_not_echoed(http, path, extra, param):
+    """A type, role or effort of 20,000 characters: a 400 naming the field whose message cuts the
+    value (short_repr), not one that repeats the client's 20 kB."""
+    r = http.post(path, json={**BASES[path], **extra})
+    assert r.status_code == 400 and len(r.text) < 1000 and _error(r, param), (r.status_code, len(r.text), r.text[:300])
+
+
 # ---------------------------------------------------------------------- the Messages API's tool_use input
 @pytest.mark.parametrize("given", [{"value": ["Rome"]}, {"value": "Rome"}, {"value": 5}, {"value": None}, {}])
 @pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])

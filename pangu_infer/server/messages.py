@@ -122,7 +122,7 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
         elif kind == "disabled":
             fields["chat_template_kwargs"] = {"enable_thinking": False}
         else:
-            raise APIError(400, f"thinking.type is {kind!r}; expected enabled, adaptive or disabled", param="thinking.type")
+            raise APIError(400, f"thinking.type is {short_repr(kind)}; expected enabled, adaptive or disabled", param="thinking.type")
     return chat_request(fields, schema_param="output_config.format.schema", sent_as=_sent_as)
 
 
@@ -302,7 +302,7 @@ async def _stream(state: ServerState, model: str, message_id: str, gens: list, f
 def _chat_messages(message: dict, where: str) -> list[dict]:
     role = message.get("role")
     if role not in ("user", "assistant"):
-        raise APIError(400, f"{where}.role is {role!r}; expected user or assistant", param=f"{where}.role")
+        raise APIError(400, f"{where}.role is {short_repr(role)}; expected user or assistant", param=f"{where}.role")
     content = message.get("content")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
@@ -334,7 +334,7 @@ def _chat_messages(message: dict, where: str) -> list[dict]:
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # earlier thinking is not sent back to the model
         else:
-            raise APIError(400, f"{at} has type {kind!r}; this server takes text, tool_use (assistant), tool_result (user) "
+            raise APIError(400, f"{at} has type {short_repr(kind)}; this server takes text, tool_use (assistant), tool_result (user) "
                            "and thinking blocks", param=at)
     out = results
     if texts or calls or not results:

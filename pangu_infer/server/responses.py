@@ -95,7 +95,7 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         if kind == "message":
             role = ROLES.get(item.get("role")) if isinstance(item.get("role"), str) else None
             if role is None:
-                raise APIError(400, f"{where}.role is {item.get('role')!r}; expected user, system, developer or assistant", param=where)
+                raise APIError(400, f"{where}.role is {short_repr(item.get('role'))}; expected user, system, developer or assistant", param=where)
             messages.append({"role": role, "content": _text(item.get("content"), where)})
         elif kind == "function_call":
             call = {"id": _field(item, "call_id", where), "type": "function",
@@ -112,7 +112,7 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
         elif kind == "reasoning":
             continue  # earlier thinking is not sent back to the model, as chat templates drop it too
         else:
-            raise APIError(400, f"{where} has type {kind!r}; this server takes message, function_call, "
+            raise APIError(400, f"{where} has type {short_repr(kind)}; this server takes message, function_call, "
                            "function_call_output and reasoning items", param=where)
     return messages
 
@@ -158,7 +158,7 @@ def to_chat_request(req: ResponsesRequest, messages: list[dict]) -> ChatCompleti
     logprobs = _logprobs_asked(req)
     effort = req.reasoning.effort if req.reasoning is not None else None
     if effort is not None and effort not in get_args(ReasoningEffort):
-        raise APIError(400, f"reasoning.effort is {effort!r}; expected one of {', '.join(get_args(ReasoningEffort))}", param="reasoning.effort")
+        raise APIError(400, f"reasoning.effort is {short_repr(effort)}; expected one of {', '.join(get_args(ReasoningEffort))}", param="reasoning.effort")
     fields: dict[str, Any] = {
         "model": req.model,
         "messages": ([{"role": "system", "content": req.instructions}] if req.instructions else []) + messages,
@@ -453,7 +453,7 @@ def _tools(req: ResponsesRequest) -> tuple[Optional[list[dict]], Any]:
         tools = []
         for i, tool in enumerate(req.tools):
             if tool.get("type") != "function":
-                raise APIError(400, f"tools[{i}] has type {tool.get('type')!r}; this server runs function tools only", param=f"tools[{i}]")
+                raise APIError(400, f"tools[{i}] has type {short_repr(tool.get('type'))}; this server runs function tools only", param=f"tools[{i}]")
             if not isinstance(tool.get("name"), str) or not tool["name"]:
                 raise APIError(400, f"tools[{i}].name must be a non-empty string, got {json.dumps(tool.get('name'))[:100]}",
                                param=f"tools[{i}].name")
@@ -485,7 +485,7 @@ def _response_format(fmt: Optional[dict]) -> Optional[dict]:
         check_json_schema_fields(fmt, "text.format")
         schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
         return {"type": "json_schema", "json_schema": schema}
-    raise APIError(400, f"text.format.type is {fmt.get('type')!r}; expected text, json_object or json_schema", param="text.format")
+    raise APIError(400, f"text.format.type is {short_repr(fmt.get('type'))}; expected text, json_object or json_schema", param="text.format")
 
 
 def _text(content: Any, where: str, field: str = "content") -> str:
