@@ -175,7 +175,6 @@ class LLM:
         )
         if self.parallel is not None:
             self.parallel.attach(self.engine.runner)
-            self.engine.pool.share_partial_blocks = False  # (the workers' caches would not get the copies: runner.copy_slots)
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()

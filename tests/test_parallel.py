@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pangu_infer import LLM, SamplingParams
+from pangu_infer import LLM, BeamSearchParams, SamplingParams
 from pangu_infer.config import ModelConfig
 from pangu_infer.engine.saved_step import SavedStep
 from pangu_infer.loader.random import pangu_dense_config
@@ -45,11 +45,17 @@ def _workload(model_dir: Path, world_size: int) -> dict:
         # greedy reply as the prediction: drafts of up to 8 tokens verified on every rank
         embeddings = [o.outputs.embedding for pooling in ("last", "mean") for o in llm.embed(PROMPTS, pooling=pooling, use_tqdm=False)]
         predicted = llm.generate(PROMPTS[0], SamplingParams(**{**GREEDY.__dict__, "prediction": greedy[0]}), use_tqdm=False)[0]
+        # a beam search: each step's beams copy their parent's partly filled KV block, on every rank
+        runner, copies = llm.engine.runner, []
+        real_copy = runner.copy_slots
+        runner.copy_slots = lambda slots: copies.append(len(slots)) or real_copy(slots)
+        beams = llm.beam_search(PROMPTS[1], BeamSearchParams(beam_width=2, max_tokens=6, ignore_eos=True))[0].sequences
         llm.shutdown()
     finally:
         torch.set_num_threads(threads)
     return {"logits": logits, "greedy": greedy, "chat": chat, "moe_stats": stats, "embeddings": embeddings,
-            "predicted": (predicted.outputs[0].token_ids, predicted.metrics["accepted_prediction_tokens"])}
+            "predicted": (predicted.outputs[0].token_ids, predicted.metrics["accepted_prediction_tokens"]),
+            "beams": ([b.tokens for b in beams], sum(copies))}
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +97,12 @@ def test_embeddings_and_predicted_outputs_match_one_process(run, kind, world_siz
         assert (torch.tensor(a) - torch.tensor(b)).abs().max().item() < 1e-5
     tokens, accepted = got["predicted"]
     assert tokens == want["greedy"][0] and accepted >= GREEDY.max_tokens - 1
+
+
+@pytest.mark.parametrize("kind,world_size", CASES)
+def test_beam_search_matches_one_process_with_its_kv_copies_on_every_rank(run, kind, world_size):
+    (got, copied), (want, _) = run(kind, world_size)["beams"], run(kind, 1)["beams"]
+    assert got == want and copied > 0
 
 
 @pytest.mark.parametrize("kind", ["dense", "moge"])

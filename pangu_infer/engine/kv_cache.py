@@ -42,10 +42,9 @@ class BlockPool:
         self.prefix_hits = 0  # of those, tokens found
         # The last, partly filled block of a share_prefix sequence that ended (a beam search's step),
         # named like a full block by its parent's hash and its tokens so far, findable while it is
-        # free and not reused: the next step's beam that extends it gets a copy of it (copy_partial)
-        # and computes only its new token. Off where the cache is not this process's alone (tensor
-        # parallel: LLM turns it off).
-        self.share_partial_blocks = True
+        # free and not reused: the next step's beam that extends it gets a copy of it (take_partial_copies, then ModelRunner.copy_slots)
+        # and computes only its new token (under tensor parallelism every rank copies its own shard:
+        # ModelRunner.copy_slots is mirrored like a forward).
         self.partial_of_key: dict[bytes, int] = {}
         self.partial_content: list[Optional[tuple]] = [None] * num_blocks  # (key, index, parent, tokens)
 
@@ -87,7 +86,7 @@ class BlockPool:
             parent = h
         cached = len(seq.block_table) * bs
         seq.draft_computed = cached  # (a draft model recomputes a partial block's part itself)
-        if seq.share_prefix and self.share_partial_blocks and len(seq.block_table) == usable:
+        if seq.share_prefix and len(seq.block_table) == usable:
             cached += self._match_partial(seq, parent)
         seq.num_computed_tokens = cached
         seq.num_cached_tokens = cached
@@ -162,7 +161,7 @@ class BlockPool:
         if seq.partial_source is not None:  # (matched, then not scheduled: no copy made)
             self._untake(seq.partial_source[0])
             seq.partial_source = None
-        if seq.share_prefix and self.share_partial_blocks:
+        if seq.share_prefix:
             self._name_partial(seq)
         for block in reversed(seq.block_table):
             self._untake(block)

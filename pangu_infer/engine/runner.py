@@ -135,8 +135,9 @@ class ModelRunner:
         weakref.finalize(self, _unbind, self.attention_layers, self._binding, self._token)
         self.decode_forward: Optional[Callable] = None  # the compiled step, once ready
         # Tensor parallel, rank 0: called before each forward of the model with its kind ("forward"
-        # eager, "decode" the compiled step) and inputs, so that every worker rank runs the same on
-        # its shard (parallel/launch.py). Not a forward hook: dynamo would trace a hook into the step.
+        # eager, "decode" the compiled step) and inputs, and before each copy_slots ("copy"), so that
+        # every worker rank does the same on its shard (parallel/launch.py). Not a forward hook:
+        # dynamo would trace a hook into the step.
         self.mirror: Optional[Callable[[str, tuple], None]] = None
         self.compile_seconds = 0.0  # from here to the compiled step ready (0 while it builds)
         self.compile_error: Optional[str] = None  # why compiled decode is off, if it is
@@ -311,6 +312,8 @@ class ModelRunner:
     def copy_slots(self, copies: list[tuple[int, int, int]]) -> None:
         """(source block, destination block, count): the first `count` slots of each source block's
         keys and values copied into the destination block's, in every layer's cache."""
+        if self.mirror is not None:  # tensor parallel: every rank's cache shard
+            self.mirror("copy", (copies,))
         bs = self.block_size
         src = torch.tensor([s * bs + j for s, _, m in copies for j in range(m)], dtype=torch.long, device=self.device)
         dst = torch.tensor([d * bs + j for _, d, m in copies for j in range(m)], dtype=torch.long, device=self.device)

@@ -96,6 +96,8 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
             with runner.bind():
                 (model if step is None else step)(*args)
             compiled_steps += step is not None
+        elif kind == "copy":  # KV slots copied between blocks (a beam search's partial blocks)
+            runner.copy_slots(*body[0])
         elif kind == "runner":  # rank 0's KV cache shape and compile setting
             num_blocks, block_size, kv_dtype, compiles, max_model_len = body
             runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device, enforce_eager=not compiles,
