@@ -8,6 +8,8 @@
    (--batch sequences, one token each). Broken out on rank 0: time inside the model's all-reduces
    (waiting for the slowest rank included) and time broadcasting each step's inputs to the workers.
    Every rank runs 1 thread, so N ranks use N cores: on this 2-core machine N = 4 oversubscribes.
+   `--modes eager,compiled` times each size both ways: compiled decode steps on every rank (the
+   default of a start with no flags; waited for before timing) against eager ones (--enforce-eager).
 2. The combine collective of the MoGE layer, alone: each rank holds a partial [T, H] output (its
    expert groups plus its slice of the shared expert) and every rank needs the sum. Compared:
    all_reduce, reduce_scatter + all_gather, and all_to_all + local sum + all_gather.
@@ -15,12 +17,12 @@
    layers: MoGE routing against a plain global top-8 on the same router probabilities.
 
     .venv/bin/python benchmarks/parallel.py
+    .venv/bin/python benchmarks/parallel.py --world-sizes 1,2 --modes eager,compiled --dtype auto --batch 1
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -37,8 +39,6 @@ from fixtures_tokenizer import build_pangu_tokenizer  # noqa: E402  (works witho
 
 from pangu_infer import LLM, SamplingParams  # noqa: E402
 from pangu_infer.loader.random import pangu_moge_config, random_state_dict, write_checkpoint  # noqa: E402
-
-WORLD_SIZES = (1, 2, 4)
 
 
 def build_model(directory: Path, args: argparse.Namespace) -> None:
@@ -57,11 +57,14 @@ def build_model(directory: Path, args: argparse.Namespace) -> None:
     write_checkpoint(str(directory), cfg, random_state_dict(cfg, dtype=torch.bfloat16))
 
 
-def time_steps(model_dir: Path, world_size: int, args: argparse.Namespace) -> dict:
+def time_steps(model_dir: Path, world_size: int, args: argparse.Namespace, mode: str = "eager") -> dict:
     llm = LLM(
-        str(model_dir), dtype="bfloat16", device="cpu", tensor_parallel_size=world_size,
+        str(model_dir), dtype=None if args.dtype == "auto" else args.dtype, device="cpu", tensor_parallel_size=world_size,
         enable_prefix_caching=False, kv_cache_memory=256 << 20, max_num_batched_tokens=args.prompt_len,
+        enforce_eager=mode == "eager",
     )
+    if mode == "compiled" and not llm.wait_compiled():  # every rank's compiled decode step
+        raise SystemExit(f"compiled decode did not build: {llm.engine.runner.compile_error}")
     engine = llm.engine
     state = llm.parallel.state if llm.parallel else None
     params = SamplingParams(temperature=0.0, max_tokens=args.decode_steps + 2, ignore_eos=True)
@@ -168,26 +171,36 @@ def main() -> None:
     p.add_argument("--prefill-reps", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--combine-reps", type=int, default=30)
+    p.add_argument("--dtype", default="bfloat16", help="the model's dtype (auto: the engine's default for this CPU)")
+    p.add_argument("--world-sizes", default="1,2,4", help="rank counts, the first the reference (step ms vs it)")
+    p.add_argument("--modes", default="eager", help="eager and/or compiled (the compiled decode step on every rank, "
+                   "waited for before timing), the first the reference of 'vs eager'")
     args = p.parse_args()
     torch.set_num_threads(1)  # workers copy rank 0's thread count: one core per rank
 
+    sizes = [int(n) for n in args.world_sizes.split(",")]
+    modes = args.modes.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         build_model(model_dir, args)
-        rounds = [{n: time_steps(model_dir, n, args) for n in WORLD_SIZES} for _ in range(args.rounds)]
+        rounds = [{(n, m): time_steps(model_dir, n, args, m) for n in sizes for m in modes} for _ in range(args.rounds)]
 
     print(f"MoGE model: hidden {args.hidden}, {args.layers} layers, 64 experts of width {args.hidden // 4} in 8 groups, "
-          f"shared expert {args.hidden}, 8/4 heads, bf16; decode batch {args.batch}, prefill {args.prompt_len} tokens")
-    print(f"{'step':8} {'ranks':>5} {'step ms':>9} {'vs 1 rank':>9} {'all-reduce ms':>14} {'broadcast ms':>13}")
+          f"shared expert {args.hidden}, 8/4 heads, {args.dtype}; decode batch {args.batch}, prefill {args.prompt_len} tokens")
+    print(f"{'step':8} {'ranks':>5} {'mode':>8} {'step ms':>9} {'vs 1 rank':>9} {'vs eager':>9} {'all-reduce ms':>14} {'broadcast ms':>13}")
     for kind in ("prefill", "decode"):
-        for n in WORLD_SIZES:
-            walls = [r[n][kind][0] for r in rounds]
-            ratio = statistics.median(r[n][kind][0] / r[1][kind][0] for r in rounds)
-            comm = statistics.median(r[n][kind][1] for r in rounds)
-            bcast = statistics.median(r[n][kind][2] for r in rounds)
-            print(f"{kind:8} {n:>5} {statistics.median(walls):9.2f} {ratio:9.2f} {comm:14.2f} {bcast:13.2f}")
+        for n in sizes:
+            for m in modes:
+                walls = [r[n, m][kind][0] for r in rounds]
+                ratio = statistics.median(r[n, m][kind][0] / r[sizes[0], m][kind][0] for r in rounds)
+                vs_eager = statistics.median(r[n, m][kind][0] / r[n, modes[0]][kind][0] for r in rounds)
+                comm = statistics.median(r[n, m][kind][1] for r in rounds)
+                bcast = statistics.median(r[n, m][kind][2] for r in rounds)
+                print(f"{kind:8} {n:>5} {m:>8} {statistics.median(walls):9.2f} {ratio:9.2f} {vs_eager:9.2f} {comm:14.2f} {bcast:13.2f}")
+    if 4 not in sizes:
+        return
 
-    stats = rounds[0][4]["stats"]
+    stats = rounds[0][4, modes[0]]["stats"]
     ranks = stats["ranks"]
     print("\nimbalance score (mean over steps and layers), same router probabilities:")
     print(f"{'devices':>7} {'MoGE':>6} {'global top-8':>13}")
