@@ -309,6 +309,42 @@ def test_a_prompt_too_long_for_max_tokens_is_refused_before_any_step(llm):
     _no_leak(llm)
 
 
+def _one(engine, rid, ids, params=None):
+    """One share_prefix request (a beam step's) run to its end on `engine` alone: its final output."""
+    engine.add_request(rid, ids, params or SamplingParams(max_tokens=1, temperature=0, logprobs=4), share_prefix=True)
+    for _ in range(50):
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out
+    raise AssertionError(f"request {rid} did not finish in 50 steps: {len(engine.scheduler.waiting)} waiting, "
+                         f"{engine.pool.num_free_blocks} of {engine.pool.num_blocks} blocks free")
+
+
+def test_a_beam_step_that_fills_the_kv_pool_gives_its_partial_block_up(tiny_dense_dir):
+    """A beam step whose tokens take the whole KV pool (a prompt and max_tokens as long as the pool,
+    which admission allows) cannot hold its parent's partly filled block as well as a block of its
+    own to copy it into: it computes those slots instead, rather than waiting for a free block forever
+    (the engine stepped on with nothing to run)."""
+    small = LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, block_size=BLOCK, max_model_len=4 * BLOCK, max_num_seqs=1)
+    engine = small.engine
+    assert engine.pool.num_blocks == 4
+    prompt = PROMPTS[1][:13]  # 3 full blocks and 1 slot of the fourth
+    first = _one(engine, "a", prompt)
+    child = prompt + list(first.outputs[0].token_ids)  # 14 tokens: the 3 blocks cached, 1 slot in the parent's partial block
+    hits = engine.pool.prefix_hits
+    second = _one(engine, "b", child)
+    assert engine.pool.prefix_hits - hits == 3 * BLOCK  # the dropped slot is not counted as a hit
+    want = small.logits(child)[-1].log_softmax(-1)
+    assert second.outputs[0].logprobs[0].logprob == pytest.approx(float(want[second.outputs[0].token_ids[0]]), abs=1e-4)
+    # and the whole search, as greedy decoding (one beam: its best candidate each step)
+    params = BeamSearchParams(beam_width=1, max_tokens=4 * BLOCK - 10, ignore_eos=True)
+    beams = small.beam_search({"prompt_token_ids": PROMPTS[1][:10]}, params)[0].sequences
+    greedy = small.generate({"prompt_token_ids": PROMPTS[1][:10]}, SamplingParams(temperature=0, max_tokens=params.max_tokens,
+                                                                                    ignore_eos=True), use_tqdm=False)
+    assert beams[0].output_token_ids == list(greedy[0].outputs[0].token_ids)
+    _no_leak(small)
+
+
 # ---------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def http(llm):

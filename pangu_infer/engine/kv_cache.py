@@ -108,6 +108,16 @@ class BlockPool:
         seq.partial_source = (block, len(tokens))
         return len(tokens)
 
+    def drop_partial(self, seq: Sequence) -> None:
+        """A waiting sequence gives back the partial block it matched (it cannot hold that block and a
+        block of its own to copy it into): those slots are computed in its forward instead."""
+        block, count = seq.partial_source
+        self._untake(block)
+        seq.partial_source = None
+        cached = seq.num_computed_tokens
+        seq.num_computed_tokens = seq.num_cached_tokens = cached - count
+        self.prefix_hits -= min(cached, seq.num_prompt_tokens) - min(cached - count, seq.num_prompt_tokens)
+
     def take_partial_copies(self, seqs: Seq[Sequence]) -> list[tuple[int, int, int]]:
         """(source block, destination block, slots) of each scheduled sequence that matched a partial
         block (its destination: the block of its table at that index, allocated by now); the copies

@@ -100,6 +100,11 @@ class Scheduler:
             if not seq.block_table and not seq.skips_prefix_cache:
                 self.pool.match_prefix(seq, force=seq.parent is not None or seq.share_prefix)
             n = self._chunk(seq, budget)
+            if n and seq.partial_source is not None and not self.pool.can_allocate(seq, n):
+                # Its parent's partly filled block and a block to copy it into do not both fit (a beam
+                # step that fills the pool would wait forever): those slots are computed instead.
+                self.pool.drop_partial(seq)
+                n = self._chunk(seq, budget)
             if n == 0:  # the budget left does not reach its next chunk boundary: next step
                 self.pool.release(seq)
                 seq.num_computed_tokens = 0
