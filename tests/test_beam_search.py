@@ -345,6 +345,33 @@ def test_a_beam_step_that_fills_the_kv_pool_gives_its_partial_block_up(tiny_dens
     _no_leak(small)
 
 
+def test_a_partial_copy_that_fails_leaves_its_block_unnamed(llm, monkeypatch):
+    """A step whose partial-block copy fails ends the requests it was for; the block that copy was
+    writing holds no valid K and V, so it must not be named for later steps (a later beam that
+    extends the same tokens would copy it and score its candidates from garbage)."""
+    engine = llm.engine
+    prompt = [1, 77, 300, 41, 900, 12]  # 1 full block and 2 slots (in no other test)
+    parent = _one(engine, "partial-parent", prompt)
+    child = prompt + list(parent.outputs[0].token_ids)
+    right = _one(engine, "partial-right", child).outputs[0].logprobs[0]
+    runner = engine.runner
+
+    def failing_copy(copies):  # fails midway: some destination slots written, wrongly
+        dst = torch.tensor([d * BLOCK + j for _, d, m in copies for j in range(m)])
+        for cache in runner.k_caches:
+            cache[dst] = 7.0
+        raise RuntimeError("injected copy failure")
+
+    monkeypatch.setattr(runner, "copy_slots", failing_copy)
+    failed = _one(engine, "partial-failed", child)
+    assert failed.error is not None
+    monkeypatch.undo()
+    again = _one(engine, "partial-again", child).outputs[0].logprobs[0]
+    assert again.token_id == right.token_id and again.logprob == pytest.approx(right.logprob, abs=1e-5)
+    assert [t for t, _ in again.top] == [t for t, _ in right.top]
+    _no_leak(llm)
+
+
 # ---------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def http(llm):

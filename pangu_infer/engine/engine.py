@@ -636,6 +636,8 @@ class LLMEngine:
         except Exception as e:
             for seq in batch.seqs:
                 if seq.partial_source is not None:
+                    # its block holds no valid slots past the full ones: not named as holding them when released
+                    seq.num_computed_tokens -= seq.partial_source[1]
                     self._fail(self.requests[seq.request_id], e, touched)  # (its hold on the source is released)
             kept = [(s, n) for s, n in zip(batch.seqs, batch.num_tokens) if not s.is_finished]
             batch = ScheduledBatch([s for s, _ in kept], [n for _, n in kept], batch.preempted)
