@@ -372,6 +372,38 @@ def test_a_partial_copy_that_fails_leaves_its_block_unnamed(llm, monkeypatch):
     _no_leak(llm)
 
 
+@pytest.mark.parametrize("length_penalty", [400.0, -400.0, 1e6])
+def test_a_length_penalty_past_the_float_range_ranks_as_its_exact_score(llm, length_penalty):
+    """cum_logprob / length ** length_penalty with a power past the float range (a 9-token prompt:
+    9 ** 400 is about 10 ** 381): the beams ranked by the exact value of that score (computed here
+    in decimal arithmetic), not an OverflowError or ZeroDivisionError."""
+    from decimal import MAX_EMAX, MIN_EMIN, Decimal, localcontext
+
+    from pangu_infer.engine.beam_search import BeamSearch
+    from pangu_infer.engine.sequence import Logprob
+
+    ids = PROMPTS[0]
+    params = BeamSearchParams(beam_width=2, max_tokens=5, length_penalty=length_penalty, ignore_eos=True)
+    plain = llm.beam_search({"prompt_token_ids": ids}, BeamSearchParams(beam_width=2, max_tokens=5, ignore_eos=True))[0]
+    got = llm.beam_search({"prompt_token_ids": ids}, params)[0]
+    # ignore_eos: every beam has one length at the end, so any penalty keeps the cumulative order
+    assert [s.tokens for s in got.sequences] == [s.tokens for s in plain.sequences]
+    # beams of different lengths (ended ones) ranked by the exact score
+    search = BeamSearch(ids, BeamSearchParams(beam_width=2, max_tokens=5, length_penalty=length_penalty), eos_token_ids={5})
+    search.advance([Logprob(5, -0.5, [(5, -0.5), (6, -0.25)])])  # one beam ends at once (length 9), one goes on
+    search.advance([Logprob(7, -0.125, [(7, -0.125), (8, -3.0)])])  # (length 11, then)
+    with localcontext() as ctx:
+        ctx.prec, ctx.Emax, ctx.Emin = 50, MAX_EMAX, MIN_EMIN
+
+        def exact(cum, length):
+            return Decimal(cum) / Decimal(length) ** Decimal(length_penalty)
+
+        want = sorted([(exact(-0.5, 9), [5]), (exact(-0.375, 11), [6, 7]), (exact(-3.25, 11), [6, 8])], reverse=True)[:2]
+    out = search.output(None).sequences
+    assert [s.output_token_ids for s in out] == [gen if gen != [5] else [] for _, gen in want]
+    assert all(math.isfinite(s.score) or s.score == -math.inf for s in out)
+
+
 # ---------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def http(llm):
@@ -528,3 +560,11 @@ def test_a_prompt_that_fills_the_context_is_a_400_naming_the_prompt(http, llm):
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == "prompt" and "context" in r.json()["error"]["message"]
     _no_leak(llm)
+
+
+def test_a_length_penalty_past_the_float_range_is_no_server_error(http):
+    for penalty in (400.0, -400.0, 1e300):
+        r = http.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "n": 2, "max_tokens": 3, "temperature": 0,
+                                               "use_beam_search": True, "length_penalty": penalty, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["choices"]) == 2

@@ -28,6 +28,7 @@ Full blocks shared by the beams of a prompt are held once.
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -65,9 +66,26 @@ class BeamSearch:
     def inputs(self) -> list[list[int]]:
         return [self.prompt + b.generated for b in self.beams]
 
+    def _length(self, beam: _Beam) -> int:
+        return max(len(self.prompt) + len(beam.generated) - (1 if beam.ended else 0), 1)
+
     def score(self, beam: _Beam) -> float:
-        length = len(self.prompt) + len(beam.generated) - (1 if beam.ended else 0)
-        return beam.cum_logprob / (max(length, 1) ** self.params.length_penalty)
+        """cum_logprob / length ** length_penalty; where the power passes the float range, its limit
+        (-0.0 for a power too large, -inf for one too small) instead of an OverflowError."""
+        try:
+            denominator = self._length(beam) ** self.params.length_penalty
+        except OverflowError:
+            denominator = math.inf
+        if denominator == 0.0:
+            return -math.inf if beam.cum_logprob < 0 else 0.0
+        return beam.cum_logprob / denominator
+
+    def _rank(self, beam: _Beam) -> tuple[float, float]:
+        """The score, then (where scores are limits that tie) the logarithm of its magnitude, negated:
+        the order of the exact scores (cumulative logprobs are <= 0)."""
+        cum = beam.cum_logprob
+        log_magnitude = -math.inf if cum == 0 else math.log(-cum) - self.params.length_penalty * math.log(self._length(beam))
+        return self.score(beam), -log_magnitude
 
     def advance(self, entries: list[Logprob]) -> None:
         """One step: entry i is the logprob entry (the drawn token and the top ones) of beam i's token."""
@@ -92,11 +110,11 @@ class BeamSearch:
             for cum, i, token, candidates in live[:width]
         ]
         # An ended beam's score never changes: only the best beam_width can be returned.
-        self.completed = sorted(self.completed, key=self.score, reverse=True)[:width]
+        self.completed = sorted(self.completed, key=self._rank, reverse=True)[:width]
         self.steps += 1
 
     def output(self, decode: Optional[Callable[[list[int]], str]]) -> BeamSearchOutput:
-        best = sorted(self.completed + self.beams, key=self.score, reverse=True)[: self.params.beam_width]
+        best = sorted(self.completed + self.beams, key=self._rank, reverse=True)[: self.params.beam_width]
         sequences = []
         for beam in best:
             keep = beam.generated if not beam.ended or self.params.include_stop_str_in_output else beam.generated[:-1]
