@@ -568,3 +568,15 @@ def test_a_length_penalty_past_the_float_range_is_no_server_error(http):
                                                "use_beam_search": True, "length_penalty": penalty, "ignore_eos": True})
         assert r.status_code == 200, r.text
         assert len(r.json()["choices"]) == 2
+
+
+def test_a_prompt_that_does_not_fit_refuses_the_request_before_any_beam_step(http, llm):
+    """Several prompts, the second too long for max_tokens: the 400 comes before any step, not after
+    the first prompt's whole beam search has run."""
+    steps = llm.engine.num_steps
+    long = [1] + [7] * (llm.engine.max_model_len - 5)  # room for 4 tokens
+    r = http.post("/v1/completions", json={"model": "tiny", "prompt": [PROMPTS[2], long], "n": 2, "max_tokens": 5,
+                                           "use_beam_search": True, "ignore_eos": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens", r.text
+    assert llm.engine.num_steps == steps
+    _no_leak(llm)

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from pangu_infer.engine.async_engine import EngineDeadError
-from pangu_infer.engine.beam_search import beam_search_stream
+from pangu_infer.engine.beam_search import beam_search_stream, check_prompt
 from pangu_infer.errors import RequestError, RequestFailedError, short_repr
 from pangu_infer.outputs import EmbeddingRequestOutput, RequestOutput
 from pangu_infer.sampling_params import BeamSearchParams, SamplingParams
@@ -180,13 +180,20 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
         (engine_base if len(prompts) == 1 else f"{engine_base}-{i}", text, ids, fit_default_length(state, params, ids, default_length))
         for i, (text, ids) in enumerate(prompts)
     ]
+    beams = [None if beam is None else replace(beam, max_tokens=own.max_tokens or max(1, state.llm.engine.max_model_len - len(ids)))
+             for _, _, ids, own in submitted]
+    if beam is not None:  # every prompt checked before any search starts (each runs to its end before its first output)
+        for (_, _, ids, _), each in zip(submitted, beams):
+            try:
+                check_prompt(ids, each, state.llm.engine.limits)
+            except RequestError as e:
+                raise from_request_error(e) from None
     if state.log_requests:
         for request_id, text, ids, own in submitted:
             log_request(state, request_id, text, ids, own, lora)
-    gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) if beam is None else
-            beam_search_stream(state.engine, ids, replace(beam, max_tokens=own.max_tokens or max(1, state.llm.engine.max_model_len - len(ids))),
-                               request_id, prompt=text, **extra)
-            for request_id, text, ids, own in submitted]
+    gens = [state.engine.generate(ids, own, request_id, prompt=text, **extra) if each is None else
+            beam_search_stream(state.engine, ids, each, request_id, prompt=text, **extra)
+            for (request_id, text, ids, own), each in zip(submitted, beams)]
     if state.log_requests:  # (each logged as received above: each logs its end)
         gens = [LoggedStream(g, request_id, length_field) for g, (request_id, *_) in zip(gens, submitted)]
     try:
