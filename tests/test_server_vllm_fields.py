@@ -6,6 +6,7 @@ LlamaForCausalLM on the same weights and against the engine's own LLM.generate."
 from __future__ import annotations
 
 import json
+import logging
 import re
 
 import openai
@@ -536,6 +537,23 @@ def test_bad_request_id_is_a_400(http, path, value, needle):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == "request_id" and needle in error["message"], error
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_request_id_writes_no_lines_of_its_own_into_the_log(llm, pangu_tokenizer, path, caplog):
+    """--enable-log-requests logs each request by the engine's id, which holds the request_id: a line
+    break or another control character in it is logged escaped (a client must not add lines of its
+    own to the server's log, nor clear an operator's terminal); the reply's id is the request_id as sent."""
+    forged = "t1\nreceived request cmpl-forged: prompt 'x'\r\x1b[2J\u2028"
+    caplog.set_level(logging.INFO)
+    engine = ScriptedEngine(pangu_tokenizer, "hello")
+    with TestClient(create_app(llm, served_model_name="tiny", engine=engine, enable_log_requests=True)) as http:
+        r = http.post(path, json={**_body(path, stream=False), "request_id": forged})
+    assert r.status_code == 200 and r.json()["id"].endswith("-" + forged), r.text
+    logged = [record.getMessage() for record in caplog.records if "t1" in record.getMessage()]
+    assert any(m.startswith("received request ") for m in logged) and any(m.startswith("finished request ") for m in logged)
+    assert not [m for m in logged if any(not c.isprintable() for c in m)], logged
+    assert all("t1\\nreceived request cmpl-forged: prompt 'x'\\r\\x1b[2J\\u2028" in m for m in logged), logged
 
 
 def test_completion_add_special_tokens(client, http):

@@ -166,13 +166,20 @@ class LoggedStream:
                              self.generated)
 
 
+def _printable(text: str) -> str:
+    """`text` with each character that is not printable escaped as Python writes it ('\\n', '\\x1b')."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int]]], params: SamplingParams, prefix: str,
                  lora: Optional[LoRARequest], cache_salt: Optional[str], priority: int = 0, default_length: Optional[int] = None,
                  length_field: str = "max_tokens", pooling: Optional[str] = None, normalize: bool = True,
                  client_id: Optional[str] = None, beam: Optional[BeamSearchParams] = None):
     base = f"{prefix}-{uuid.uuid4().hex}" if client_id is None else f"{prefix}-{client_id}"
-    # The engine's ids stay unique whatever ids clients send (two requests of one request_id run both).
-    engine_base = base if client_id is None else f"{base}-{uuid.uuid4().hex}"
+    # The engine's ids stay unique whatever ids clients send (two requests of one request_id run both),
+    # and are what the logs name: a character that is not printable (a line break, an escape
+    # sequence) is written escaped, so that a request_id adds no lines to the server's log.
+    engine_base = base if client_id is None else f"{prefix}-{_printable(client_id)}-{uuid.uuid4().hex}"
     # (only what is given: the tests' stand-in engines take none of these arguments)
     extra = {k: v for k, v in (("lora_request", lora), ("cache_salt", cache_salt), ("priority", priority or None), ("pooling", pooling),
                                ("normalize", None if normalize else False)) if v is not None}
