@@ -476,6 +476,8 @@ def test_chat_use_beam_search(client, llm):
     ({"stop": ["x"]}, "stop"),
     ({"seed": 3}, "seed"),
     ({"top_p": 0.5}, "top_p"),
+    ({"logprobs": 0}, "logprobs"),  # (completions' logprobs 0: the chosen token's logprob)
+    ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
     ({"n": 11}, "n"),
     ({"max_tokens": 10**6}, "max_tokens"),
@@ -485,6 +487,29 @@ def test_completions_beam_search_refuses_what_it_cannot_honour(http, llm, extra,
     r = http.post("/v1/completions", json=body)
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param
+    _no_leak(llm)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_sampling_values_that_change_nothing_are_taken_with_beam_search(http, llm, path):
+    """Clients such as LangChain's send the sampling defaults with every request: top_p 1, penalties
+    0, top_k -1, an empty stop list, chat's logprobs false. They change nothing, so use_beam_search
+    answers as without them (vLLM takes them); other values of those fields stay a 400."""
+    body = {"model": "tiny", "n": 2, "max_tokens": 3, "temperature": 0, "use_beam_search": True, "ignore_eos": True}
+    body |= {"prompt": PROMPTS[0]} if path == "/v1/completions" else {
+        "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"enable_thinking": False}}
+    plain = http.post(path, json=body)
+    assert plain.status_code == 200, plain.text
+    neutral = {"top_p": 1, "presence_penalty": 0, "frequency_penalty": 0.0, "top_k": -1, "min_p": 0, "repetition_penalty": 1.0,
+               "min_tokens": 0, "stop": [], "logit_bias": {}}
+    neutral |= {"logprobs": False} if path == "/v1/chat/completions" else {"echo": False}
+    got = http.post(path, json=body | neutral)
+    assert got.status_code == 200, got.text
+
+    def texts(r):
+        return [c.get("text", c.get("message", {}).get("content")) for c in r.json()["choices"]]
+
+    assert texts(got) == texts(plain)
     _no_leak(llm)
 
 

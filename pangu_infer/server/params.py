@@ -101,6 +101,22 @@ BEAM_SEARCH_REFUSED = (
 )
 
 
+# Values of those fields that change nothing (the sampling defaults themselves: clients such as
+# LangChain's OpenAI wrapper send them with every request), taken with use_beam_search as vLLM takes them.
+_NO_EFFECT = {"top_p": 1.0, "top_k": (0, -1), "min_p": 0.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+              "repetition_penalty": 1.0, "min_tokens": 0, "echo": False, "logprobs": False}
+
+
+def _changes_nothing(name: str, value: Any) -> bool:
+    """Is `value` of a beam-search-refused field one that changes nothing (an empty list or object, or
+    _NO_EFFECT's)? Types count: chat's logprobs false changes nothing, completions' logprobs 0 asks for one."""
+    if isinstance(value, (list, dict)) and not value:
+        return True
+    neutral = _NO_EFFECT.get(name, ())
+    return any(value == n and type(value) is type(n) or isinstance(n, float) and type(value) is int and value == n
+               for n in (neutral if isinstance(neutral, tuple) else (neutral,)))
+
+
 def beam_search_params(req: SamplingFields, params: SamplingParams) -> Optional[BeamSearchParams]:
     """use_beam_search's parameters (vLLM's: the beam width is n, the temperature the request's, else
     the default one), max_tokens as `params` has it (the server fits a length not given per prompt:
@@ -112,7 +128,8 @@ def beam_search_params(req: SamplingFields, params: SamplingParams) -> Optional[
         return None
     default = {name: f.default for name, f in type(req).model_fields.items()}
     for name in BEAM_SEARCH_REFUSED:
-        if name in req.model_fields_set and getattr(req, name) != default.get(name):
+        value = getattr(req, name, None)
+        if name in req.model_fields_set and value != default.get(name) and not _changes_nothing(name, value):
             raise APIError(400, f"{name} is not available with use_beam_search (beam search reads n, temperature, max_tokens, "
                            "ignore_eos, length_penalty and include_stop_str_in_output)", param=name)
     if params.structured_outputs is not None or params.max_reasoning_tokens is not None:  # (the server's own: a thinking budget)
