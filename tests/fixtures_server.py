@@ -156,6 +156,24 @@ def sdk_client(http):
     return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
 
 
+@pytest.fixture(scope="module")
+def http(llm):
+    """The server's app over the test module's `llm` fixture (served as "tiny"), in a TestClient.
+    A module that needs another app (other names, flags, exceptions raised) defines its own `http`."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer.server.app import create_app
+
+    with TestClient(create_app(llm, served_model_name="tiny")) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(http):
+    """The openai SDK over the module's `http`."""
+    return sdk_client(http)
+
+
 class ScriptedEngine:
     """Answers every request with the same token ids, one per output, through the real detokenizer."""
 

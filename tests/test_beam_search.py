@@ -24,15 +24,11 @@ import math
 import threading
 import time
 
-import openai
 import pytest
 import torch
-from fastapi.testclient import TestClient
 
-from fixtures_server import sdk_client
 from pangu_infer import LLM, BeamSearchOutput, BeamSearchParams, SamplingParams
 from pangu_infer.loader.random import random_state_dict, transformers_llama
-from pangu_infer.server.app import create_app
 
 PROMPTS = [[1, 5, 9, 200, 17, 33, 8, 412, 77], [1] + list(range(40, 60)), [1, 999, 3]]
 BLOCK = 4  # a small block size: beams cross block boundaries within a few tokens
@@ -405,17 +401,6 @@ def test_a_length_penalty_past_the_float_range_ranks_as_its_exact_score(llm, len
 
 
 # ---------------------------------------------------------------------- server
-@pytest.fixture(scope="module")
-def http(llm):
-    with TestClient(create_app(llm, served_model_name="tiny")) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def client(http) -> openai.OpenAI:
-    return sdk_client(http)
-
-
 def _decode(llm, ids):
     return llm.tokenizer.decode(ids)
 

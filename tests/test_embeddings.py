@@ -21,7 +21,6 @@ from pangu_infer.errors import RequestError
 from pangu_infer.loader.random import random_state_dict, transformers_llama
 from pangu_infer.outputs import EmbeddingRequestOutput
 from pangu_infer.server.app import create_app
-from fixtures_server import sdk_client
 
 # Lengths around the prefill chunk (32 tokens a step below): one token, within one chunk, exactly
 # two chunks, several chunks.
@@ -265,17 +264,6 @@ def test_bad_pooling_is_a_value_error(llm):
 
 
 # ---------------------------------------------------------------------- the server
-@pytest.fixture(scope="module")
-def http(llm):
-    with TestClient(create_app(llm, served_model_name="tiny")) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def client(http) -> openai.OpenAI:
-    return sdk_client(http)
-
-
 def test_openai_client_float_and_base64(client, llm, reference, pangu_tokenizer):
     texts = ["hello there", "the weather in the city", "a"]
     by_default = client.embeddings.create(model="tiny", input=texts)  # the client asks for base64 and decodes it

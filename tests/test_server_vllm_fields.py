@@ -9,7 +9,6 @@ import json
 import logging
 import re
 
-import openai
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -29,17 +28,6 @@ PLAIN = 500  # an ordinary token
 @pytest.fixture(scope="module")
 def llm(tiny_dense_dir):
     return LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True)
-
-
-@pytest.fixture(scope="module")
-def http(llm):
-    with TestClient(create_app(llm, served_model_name="tiny")) as http:
-        yield http
-
-
-@pytest.fixture(scope="module")
-def client(http) -> openai.OpenAI:
-    return sdk_client(http)
 
 
 @pytest.fixture(scope="module")
