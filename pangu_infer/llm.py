@@ -123,11 +123,6 @@ class LLM:
                     f"batch_invariant=True with tensor_parallel_size={tensor_parallel_size}: not supported "
                     "(the ranks' partial sums are reduced in an order of their own); use one process"
                 )
-            if enable_lora:
-                raise ValueError(
-                    f"enable_lora=True with tensor_parallel_size={tensor_parallel_size}: not supported yet "
-                    "(adapters are applied in one process); use one process"
-                )
             if spec.draft_model is not None:
                 raise ValueError(
                     f"a draft model ({spec.draft_model!r}) with tensor_parallel_size={tensor_parallel_size}: "

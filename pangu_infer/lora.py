@@ -206,7 +206,9 @@ def _checked_pair(
         raise ValueError(f"LoRA adapter {path!r}: rank {r} of {module!r} is above max_lora_rank={max_rank} (raise --max-lora-rank)")
     if not torch.isfinite(a).all() or not torch.isfinite(b).all():
         raise ValueError(f"LoRA adapter {path!r}: {module!r} holds non-finite values")
-    return a.to(device=device, dtype=dtype).contiguous(), (b.float() * scale).to(device=device, dtype=dtype).contiguous()
+    # A copied out of the file (safetensors maps it): the adapter is read on one thread and installed
+    # later on another, and a file rewritten meanwhile must not take the mapped pages away (SIGBUS).
+    return a.to(device=device, dtype=dtype, copy=True).contiguous(), (b.float() * scale).to(device=device, dtype=dtype).contiguous()
 
 
 def _read_gguf_adapter(

@@ -65,7 +65,12 @@ class LoRAManager:
         if adapter is None:
             adapter = self.read(request)
         if victim is not None:
-            free = self._loaded.pop(victim)[2]
+            free = self._loaded[victim][2]
+        if self.state.on_install is not None:
+            # tensor parallel: every worker rank installs it in this slot too, or none does (ValueError)
+            self.state.on_install(free, request, adapter)
+        if victim is not None:
+            del self._loaded[victim]
         key = next(_KEYS)
         self.state.install(free, adapter.modules)
         self._loaded[request.lora_name] = (request, key, free)

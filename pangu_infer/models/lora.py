@@ -15,17 +15,26 @@ traced once into the compiled decode step. Steps with no adapter row skip them: 
 `state.active`, compiled ones by running a second graph traced without them (`state.in_graph`
 False while it is traced; engine/compiled.py's LoRAVariants): the products read (in + out) *
 slots * max_rank weights per projection, more than a 4-bit small model's own weights.
+
+Under tensor parallelism each rank's slots hold its shard of every adapter, cut as the base weights
+are (parallel/sharding.py, applied to the adapter's matrices by `_shard_indices`): a column-parallel
+projection (q/k/v, gate/up: the rank holds some output rows) keeps those rows of B and all of A; a
+row-parallel one (o_proj, down_proj: the rank holds some input columns, its partial product summed
+over the ranks) keeps those columns of A and all of B, and adds its partial LoRA product to its
+partial sum before the all-reduce, so the sum over the ranks is x @ A^T @ B^T once. Adapters are
+checked against the whole model's shapes (`LoRAState.full_shapes`) and cut when installed.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from pangu_infer.models.batch_invariant import linear_sizes
+from pangu_infer.parallel.state import ParallelState, RowParallelLinear, RowParallelProduct, building_shard
 
 # The checkpoint projections an adapter may target, by HF module name. Routed experts are excluded.
 _TARGET = re.compile(r"^(?P<module>.+\.(q|k|v|o|gate|up|down)_proj)\.weight$")
@@ -40,6 +49,18 @@ class LoRAState:
         # HF module name (model.layers.0.self_attn.q_proj) -> (wrapper, index of its slice)
         self.targets: dict[str, tuple["LoRALinear", int]] = {}
         self.slot_ids = torch.full((max_rows,), -1, dtype=torch.long, device=device)
+        # What set_rows was last given (None: no adapter row): a tensor-parallel rank 0 sends it with
+        # each step's inputs, so that the workers' steps use the same rows (parallel/launch.py).
+        self.rows: Optional[list[int]] = None
+        # Tensor parallel: HF module name -> (in, out) of the whole projection, which an adapter is
+        # checked against, and the (input columns of A, output rows of B) this rank keeps of it
+        # (None: all of them); empty in one process.
+        self.full_shapes: dict[str, tuple[int, int]] = {}
+        self.shard: dict[str, tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = {}
+        # Tensor parallel, rank 0: called with (slot, LoRARequest, LoRAAdapter) before an adapter is installed here,
+        # so that every worker rank reads it and installs its shard into the same slot; raises (and
+        # no rank changes) where a rank cannot (parallel/launch.py).
+        self.on_install: Optional[Callable[[int, object, object], None]] = None
         # The slot of each column of lora_a's output: [slots * max_rank]
         self.column_slots = torch.arange(slots * max_rank, device=device) // max_rank
         self.active = False  # the step has rows with an adapter (set_rows)
@@ -51,28 +72,40 @@ class LoRAState:
         self.heads: Optional[tuple[int, int]] = None
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        """HF module name -> (in_features, out_features) of that projection."""
+        """HF module name -> (in_features, out_features) of that projection (the whole model's, also
+        on a tensor-parallel rank: what an adapter is written for)."""
+        if self.full_shapes:
+            return dict(self.full_shapes)
         return {name: (w.in_features, w.slices[i][1]) for name, (w, i) in self.targets.items()}
 
     def set_rows(self, slots: Optional[list[int]]) -> None:
         """Each row's slot for the next step (-1: none); None: no row has an adapter."""
         if slots is None:
             self.active = False
+            self.rows = None
             return
         if len(slots) > len(self.slot_ids):
             raise ValueError(f"a step of {len(slots)} rows; the LoRA slot table holds {len(self.slot_ids)}")
         self.slot_ids[: len(slots)].copy_(torch.tensor(slots, dtype=torch.long))
+        self.rows = list(slots)
         self.active = True
 
     def install(self, slot: int, modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """An adapter's (A [r, in], scaled B [out, r]) per HF module name into `slot`; the
-        projections it leaves out get zeros there."""
+        projections it leaves out get zeros there. Whole matrices: a tensor-parallel rank keeps its
+        shard of each (the scale, already in B, stays counted once: B is either cut by rows or whole
+        on every rank with A cut, and the ranks' partial products are summed)."""
         r0, r1 = slot * self.max_rank, (slot + 1) * self.max_rank
         for wrapper, i in self.targets.values():
             wrapper.lora_a[i][r0:r1].zero_()
             wrapper.lora_b[i][:, r0:r1].zero_()
         for name, (a, b) in modules.items():
             wrapper, i = self.targets[name]
+            cols, rows = self.shard.get(name, (None, None))
+            if cols is not None:
+                a = a.index_select(1, cols.to(a.device))
+            if rows is not None:
+                b = b.index_select(0, rows.to(b.device))
             r = a.shape[0]
             wrapper.lora_a[i][r0 : r0 + r].copy_(a)
             wrapper.lora_b[i][:, r0 : r0 + r].copy_(b)
@@ -85,6 +118,9 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.in_features = in_features
+        # A tensor-parallel rank's row-parallel projection (its input columns): the LoRA product is
+        # added to the partial sum before the base's all-reduce (and bias), not after.
+        self.row_parallel = isinstance(base, (RowParallelLinear, RowParallelProduct))
         self.slices: list[tuple[int, int]] = []  # (first output column, width) of each checkpoint projection
         self.lora_a = nn.ParameterList()
         self.lora_b = nn.ParameterList()
@@ -103,16 +139,15 @@ class LoRALinear(nn.Module):
         return len(self.slices) - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if not (self.state.in_graph if torch.compiler.is_compiling() else self.state.active):
-            return y
-        rows = self.slot_ids[: x.shape[0]]
-        mask = (rows[:, None] == self.column_slots[None, :]).to(self.lora_a[0].dtype)
-        xs = x.to(self.lora_a[0].dtype)
-        parts = [((xs @ a.t()) * mask) @ b.t() for a, b in zip(self.lora_a, self.lora_b)]
-        if len(parts) == 1:
-            return y + parts[0].to(y.dtype)
-        return y + torch.cat(parts, dim=-1).to(y.dtype)
+        row_parallel = self.row_parallel
+        y = self.base.partial(x) if row_parallel else self.base(x)
+        if self.state.in_graph if torch.compiler.is_compiling() else self.state.active:
+            rows = self.slot_ids[: x.shape[0]]
+            mask = (rows[:, None] == self.column_slots[None, :]).to(self.lora_a[0].dtype)
+            xs = x.to(self.lora_a[0].dtype)
+            parts = [((xs @ a.t()) * mask) @ b.t() for a, b in zip(self.lora_a, self.lora_b)]
+            y = y + (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).to(y.dtype)
+        return self.base.finish(y) if row_parallel else y
 
 
 def enable_lora(
@@ -144,7 +179,7 @@ def enable_lora(
                 base = model.get_submodule(path)
             except AttributeError:
                 continue  # a weight that is not a module's (stacked experts)
-            sizes = linear_sizes(base)
+            sizes = _row_parallel_sizes(base) or linear_sizes(base)
             if sizes is None:
                 continue
             n_in, n_out = sizes
@@ -160,5 +195,47 @@ def enable_lora(
         ends = [start + size for start, size in wrapper.slices]
         if [start for start, _ in wrapper.slices] != [0] + ends[:-1] or ends[-1] != width:
             raise ValueError(f"LoRA: the checkpoint projections of {path} do not tile its output in order: {wrapper.slices}")
+    parallel = getattr(model, "parallel", None)
+    if parallel is not None and parallel.is_parallel:
+        _shard_indices(model, state)
     model.__dict__["_lora_state"] = state
     return state
+
+
+def _row_parallel_sizes(base: nn.Module) -> Optional[tuple[int, int]]:
+    """(this rank's in, out) of a row-parallel projection (parallel/state.py), else None."""
+    if isinstance(base, RowParallelLinear):
+        return base.in_features, base.out_features
+    if isinstance(base, RowParallelProduct):
+        return linear_sizes(base.product)
+    return None
+
+
+def _shard_indices(model: nn.Module, state: LoRAState) -> None:
+    """A tensor-parallel rank's `state.full_shapes` and `state.shard`: the whole model's shape of
+    each target projection (from the model built for one process, on the meta device), and which
+    of its input columns and output rows this rank holds, found by putting index matrices through
+    the rank's own weight sharder (the same cut as the base weights: split or replicated KV heads,
+    fused projections, row-parallel columns)."""
+    from pangu_infer.models.registry import build_model_on_meta
+
+    with building_shard(ParallelState()):
+        whole = build_model_on_meta(model.config)
+    sharder = model.weight_sharder()
+    for name, (wrapper, i) in state.targets.items():
+        weight = name + ".weight"
+        target, index = whole.map_weight_name(weight)
+        param = whole.get_parameter(target)
+        n_out, n_in = (param[index] if index is not None else param).shape
+        out_index = sharder.shard(weight, torch.arange(n_out)[:, None].expand(n_out, n_in))[:, 0]
+        in_index = sharder.shard(weight, torch.arange(n_in)[None, :].expand(n_out, n_in))[0, :]
+        if len(out_index) != wrapper.slices[i][1] or len(in_index) != wrapper.in_features:
+            raise ValueError(
+                f"LoRA under tensor parallelism: {name} is [{n_out}, {n_in}] in the whole model, its shard here "
+                f"[{wrapper.slices[i][1]}, {wrapper.in_features}], and the weight sharder keeps [{len(out_index)}, {len(in_index)}] of it"
+            )
+        state.full_shapes[name] = (n_in, n_out)
+        state.shard[name] = (
+            None if torch.equal(in_index, torch.arange(n_in)) else in_index.contiguous(),
+            None if torch.equal(out_index, torch.arange(n_out)) else out_index.contiguous(),
+        )

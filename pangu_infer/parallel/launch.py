@@ -104,18 +104,46 @@ class TensorParallelDriver:
         # Held open while rank 0 lives: a worker whose socket closes knows rank 0 is gone and exits.
         self.pipes = pipes or []
         self.broadcast_seconds = 0.0  # time spent sending step inputs to the workers
+        self._lora: Any = None  # rank 0's LoRA slots' state (models/lora.py), with enable_lora
         self._closed = False
 
     def attach(self, runner: "ModelRunner") -> None:
         """Give every worker a runner like rank 0's (its KV cache, and a compiled decode step of its
-        own where rank 0 builds one), then mirror each forward `runner` runs, eager or compiled."""
+        own where rank 0 builds one), then mirror each forward `runner` runs, eager or compiled.
+        With LoRA adapters: the workers' slots first (so that their compiled steps have both graphs),
+        then every adapter rank 0 installs, and each step's rows with its inputs."""
+        self._lora = runner.lora
+        if self._lora is not None:
+            s = self._lora
+            self._send(("lora_enable", s.slots, s.max_rank, len(s.slot_ids), s.dtype))
+            s.on_install = self._install_lora
         self._send(("runner", runner.num_blocks, runner.block_size, runner.k_caches[0].dtype,
                     runner.compiles, runner.max_model_len))
         runner.mirror = self._mirror
         self.state.gather_counts = self._gather_expert_tokens
 
     def _mirror(self, kind: str, inputs: tuple) -> None:
-        self._send((kind, to_device(inputs, CPU)))
+        # The rows' adapter slots rank 0's step runs with (LoRAState.set_rows, called just before):
+        # the workers set the same, so that every rank adds the same adapters to the same rows and
+        # a compiled step picks the same graph (compiled.LoRAVariants).
+        rows = None if self._lora is None else self._lora.rows
+        self._send((kind, to_device(inputs, CPU), rows))
+
+    def _install_lora(self, slot: int, request: Any, adapter: Any) -> None:
+        """Before rank 0 installs `adapter` (read from `request`'s path) into `slot`: every worker
+        reads it from the same path itself and reports; all of them install their shard only if all
+        read it, else no rank changes and this raises a ValueError naming the adapter and the rank."""
+        self._send(("lora_read", slot, request.lora_path))
+        gathered: list[Any] = [None] * self.state.world_size
+        dist.gather_object(None, gathered, dst=0, group=self.control)
+        failed = [(rank, error) for rank, error in enumerate(gathered) if rank and error is not None]
+        self._send(("lora_install", not failed))
+        if failed:
+            rank, error = failed[0]
+            raise ValueError(
+                f"LoRA adapter {request.lora_name!r} ({request.lora_path}) could not be loaded on tensor-parallel rank "
+                f"{rank} of {self.state.world_size} (every rank reads it from the same path): {error}"
+            )
 
     def wait_compiled(self, timeout: Optional[float]) -> list[tuple[bool, int]]:
         """Each worker rank's (compiled step ready, compiled steps run so far), after waiting for its

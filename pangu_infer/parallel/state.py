@@ -186,6 +186,15 @@ class RowParallelLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _reduced(F.linear(x, self.weight), self.bias, self.state, self.reduce)
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's x_r @ W_r^T alone (what `finish` sums over the ranks): a LoRA wrapper adds
+        the rank's share of the adapter's product between the two (models/lora.py)."""
+        return F.linear(x, self.weight)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """A partial product summed over the ranks (or left partial), the bias added once."""
+        return _reduced(y, self.bias, self.state, self.reduce)
+
     def around(self, product: nn.Module) -> "RowParallelProduct":
         """This linear with its weight's product done by `product` (a quantized or packed weight
         laid out for its kernel, no bias): the all-reduce and the bias stay as they are."""
@@ -204,6 +213,12 @@ class RowParallelProduct(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _reduced(self.product(x), self.bias, self.state, self.reduce)
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x)
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        return _reduced(y, self.bias, self.state, self.reduce)
 
 
 def _reduced(y: torch.Tensor, bias: Optional[torch.Tensor], state: ParallelState, reduce: bool) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""A tensor-parallel worker (ranks 1..N-1): load this rank's shard, then replay rank 0's forwards.
+"""A tensor-parallel worker (ranks 1..N-1): load this rank's shard, then replay rank 0's forwards
+(with each step's LoRA rows), and install each LoRA adapter rank 0 installs, in the same slot.
 
 Spawned: `python -m pangu_infer.parallel.worker FD`, where FD is this process's end of a socket pair
 with rank 0 (see launch.py). Under torchrun, launch.py calls `serve` on ranks != 0 directly.
@@ -18,7 +19,9 @@ import torch.distributed as dist
 
 from pangu_infer.device import distributed_backend, rank_device
 from pangu_infer.loader import LoadedModel, load_serving_model
+from pangu_infer.lora import read_lora_adapter
 from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.lora import enable_lora
 from pangu_infer.parallel.group import join_group, to_device
 from pangu_infer.parallel.state import ParallelState, building_shard
 
@@ -83,6 +86,8 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
 
     runner = None
     compiled_steps = 0
+    lora = None  # the LoRA slots' state (models/lora.py), once rank 0 turns adapters on
+    pending = None  # (slot, this rank's reading of an adapter) until rank 0 says whether to install it
     while True:
         message: list[Any] = [None]
         dist.broadcast_object_list(message, src=0, group=control)
@@ -94,6 +99,8 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
             # its own build is done (the same collectives in the same order either way)
             step = runner.decode_forward if kind == "decode" else None
             with runner.bind():
+                if lora is not None:  # each row's adapter slot, as rank 0 set them for this step
+                    lora.set_rows(body[1])
                 (model if step is None else step)(*args)
             compiled_steps += step is not None
         elif kind == "copy":  # KV slots copied between blocks (a beam search's partial blocks)
@@ -102,6 +109,23 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
             num_blocks, block_size, kv_dtype, compiles, max_model_len = body
             runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device, enforce_eager=not compiles,
                                  max_model_len=max_model_len)
+        elif kind == "lora_enable":  # rank 0's LoRA slots (before "runner": its compiled step has both graphs)
+            slots, max_rank, rows, dtype = body
+            lora = enable_lora(model, slots, max_rank, rows, dtype, device)
+        elif kind == "lora_read":  # an adapter rank 0 is about to install: read here, then report
+            slot, path = body
+            pending, error = None, None
+            try:
+                pending = (slot, read_lora_adapter(path, lora.shapes(), lora.max_rank, lora.dtype, lora.device, lora.heads))
+            except (ValueError, OSError) as e:
+                error = str(e)
+            except Exception as e:  # noqa: BLE001  (reported to rank 0, whose call fails with it)
+                error = f"{type(e).__name__}: {e}"
+            dist.gather_object(error, None, dst=0, group=control)
+        elif kind == "lora_install":  # every rank read it (True): install this rank's shard; else drop it
+            if body[0] and pending is not None:
+                lora.install(pending[0], pending[1].modules)
+            pending = None
         elif kind == "compiled":
             ready = runner is not None and runner.wait_compiled(body[0])
             dist.gather_object((ready, compiled_steps), None, dst=0, group=control)

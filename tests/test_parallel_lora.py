@@ -1,0 +1,228 @@
+"""LoRA adapters under tensor parallelism (2 CPU ranks over gloo, and 4 for replicated KV heads)
+against one process: each rank holds its shard of every adapter, cut as the base weights are, and
+every rank's step adds the same adapters to the same rows. One process's adapters are checked
+against PEFT's own model in test_lora.py; here the reference is one process.
+
+Each (model, world size) workload runs once per module; one TP run at a time (1 thread per rank).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fixtures_lora import ALL_PROJECTIONS, make_peft_adapter
+from pangu_infer import LLM, LoRARequest, SamplingParams
+from pangu_infer.engine.compiled import LoRAVariants
+from test_lora import write_gguf_adapter
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+PROMPTS = [list(range(5, 17)), list(range(40, 75)), [1, 44, 2, 9, 100, 3, 17, 17]]
+LOGIT_IDS = list(range(3, 30))
+# Every request's (adapter, prompt): two adapters and the base model share the first batch; then
+# the other two adapters, which with max_loras=2 take the first two's slots (the workers must
+# install them in the same slots, in the same order).
+FIRST = [("full", 0), (None, 1), ("wide", 2), ("full", 1), (None, 0), ("wide", 0)]
+SECOND = [("attn", 0), ("gguf", 1), (None, 2), ("gguf", 2)]
+
+
+@pytest.fixture(scope="module")
+def dense_adapters(tmp_path_factory, lora_adapters, tiny_dense_config) -> dict[str, Path]:
+    """PEFT's "full" (rank 8, alpha 16) and "attn" (rsLoRA, rank_pattern); "wide": rank 32 on every
+    projection, wider than a rank's share of the KV heads (16 rows) and of the heads (32 rows);
+    "gguf": "full" as llama.cpp's converter writes it (q/k rows in its order, its alpha)."""
+    root = tmp_path_factory.mktemp("tp_lora")
+    wide = make_peft_adapter(root / "wide", tiny_dense_config, 5, r=32, lora_alpha=8, target_modules=ALL_PROJECTIONS)
+    gguf = write_gguf_adapter(root / "full.gguf", lora_adapters["full"], tiny_dense_config, "llama")
+    return {"full": lora_adapters["full"].path, "attn": lora_adapters["attn"].path, "wide": wide.path, "gguf": gguf}
+
+
+def write_adapter(directory: Path, shapes: dict[str, tuple[int, int]], r: int, alpha: float, seed: int) -> Path:
+    """An adapter in PEFT's files (adapter_config.json, adapter_model.safetensors) with random A
+    and B on the given projections (HF module name -> (in, out))."""
+    directory.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for module, (n_in, n_out) in shapes.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, n_in, generator=g) * 0.2
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(n_out, r, generator=g) * 0.2
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": sorted({m.rsplit(".", 1)[1] for m in shapes})}
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def _requests(paths: dict[str, Path]) -> dict[str, LoRARequest]:
+    return {name: LoRARequest(name, i + 1, str(p)) for i, (name, p) in enumerate(sorted(paths.items()))}
+
+
+def _generate(llm: LLM, reqs: dict[str, LoRARequest], plan: list) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for _, p in plan], GREEDY,
+                        lora_request=[reqs[name] if name else None for name, _ in plan], use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def _single_thread(fn):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # spawned ranks copy this: the ranks must not fight over 2 cores
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _dense_workload(model_dir: Path, paths: dict[str, Path], world_size: int, broken: Path) -> dict:
+    def run() -> dict:
+        llm = LLM(str(model_dir), dtype="float32", device="cpu", tensor_parallel_size=world_size, kv_cache_memory=1 << 24,
+                  enforce_eager=True, enable_lora=True, max_loras=2, max_lora_rank=32)
+        try:
+            reqs = _requests(paths)
+            out = {"first": _generate(llm, reqs, FIRST), "second": _generate(llm, reqs, SECOND)}
+            out["logits"] = {name: llm.logits(LOGIT_IDS, lora_request=reqs[name] if name else None)
+                             for name in ("wide", None, "full")}
+            # An adapter that was fine when rank 0 read it, gone before the other ranks read it
+            # (a path not readable on every rank): its load fails on rank 0's call, no rank changes.
+            bad = LoRARequest("broken", 99, str(broken))
+            adapter = llm.engine.read_lora(bad)
+            (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
+            try:
+                llm.engine.add_lora(bad, adapter)
+                out["failure"] = None
+            except ValueError as e:
+                out["failure"] = str(e)
+            out["after_failure"] = (sorted(r.lora_name for r in llm.engine.list_loras()), _generate(llm, reqs, SECOND))
+        finally:
+            llm.shutdown()
+        return out
+
+    return _single_thread(run)
+
+
+@pytest.fixture(scope="module")
+def dense_run(tiny_dense_dir, dense_adapters, tmp_path_factory):
+    cache: dict[int, dict] = {}
+
+    def get(world_size: int) -> dict:
+        if world_size not in cache:
+            broken = tmp_path_factory.mktemp("broken") / "adapter"
+            shutil.copytree(dense_adapters["attn"], broken)
+            cache[world_size] = _dense_workload(tiny_dense_dir, dense_adapters, world_size, broken)
+        return cache[world_size]
+
+    return get
+
+
+def test_two_adapters_and_base_rows_in_one_batch_match_one_process(dense_run, tiny_dense_config):
+    got, want = dense_run(2), dense_run(1)
+    assert got["first"] == want["first"]
+    assert got["second"] == want["second"]
+    base = {p: tokens for (name, p), tokens in zip(FIRST, want["first"]) if name is None}
+    # the adapters change the tokens (else LoRA ignored on every rank would pass)
+    for (name, p), tokens in zip(FIRST + SECOND, want["first"] + want["second"]):
+        if name is not None and p in base:
+            assert tokens != base[p], (name, p)
+
+
+def test_adapter_logits_match_one_process(dense_run):
+    got, want = dense_run(2)["logits"], dense_run(1)["logits"]
+    for name in want:
+        assert (got[name] - want[name]).abs().max().item() < 1e-4, name
+    assert (want["wide"] - want[None]).abs().max().item() > 1e-2  # the rank-32 adapter counts
+
+
+def test_an_adapter_that_fails_on_a_worker_rank_fails_the_load_and_changes_no_rank(dense_run):
+    got, want = dense_run(2), dense_run(1)
+    assert want["failure"] is None  # one process installs what it read
+    assert got["failure"] is not None
+    assert "'broken'" in got["failure"] and "tensor-parallel rank 1 of 2" in got["failure"]
+    assert "adapter_model.safetensors is not a readable safetensors file" in got["failure"]
+    names, tokens = got["after_failure"]
+    assert "broken" not in names
+    # every rank still holds the same adapters in the same slots: the tokens are one process's
+    assert tokens == want["second"]
+
+
+def test_four_ranks_with_replicated_kv_heads_match_one_process(tiny_dense_dir, dense_adapters, dense_run):
+    """4 ranks over 2 KV heads: two ranks share each KV head, and each keeps all of that head's rows
+    of k/v's B (as of the weights)."""
+    def run() -> dict:
+        llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", tensor_parallel_size=4, kv_cache_memory=1 << 24,
+                  enforce_eager=True, enable_lora=True, max_loras=2, max_lora_rank=32)
+        try:
+            return _generate(llm, _requests(dense_adapters), FIRST)
+        finally:
+            llm.shutdown()
+
+    assert _single_thread(run) == dense_run(1)["first"]
+
+
+def test_compiled_decode_with_and_without_adapter_rows_matches_one_process(tiny_dense_dir, dense_adapters, dense_run):
+    """Compiled decode on both ranks (two graphs each: with the adapters' products and without):
+    a batch with an adapter row and a base row, then one with base rows alone."""
+    def run() -> tuple:
+        llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", tensor_parallel_size=2, kv_cache_memory=1 << 24,
+                  enable_lora=True, max_loras=2, max_lora_rank=32)
+        try:
+            assert llm.wait_compiled(timeout=540), llm.engine.runner.compile_error
+            assert isinstance(llm.engine.runner.decode_forward, LoRAVariants)  # both graphs built
+            before = llm.parallel.wait_compiled(0)
+            reqs = _requests(dense_adapters)
+            mixed = _generate(llm, reqs, FIRST[:3])
+            base = _generate(llm, reqs, [(None, 0), (None, 2)])
+            after = llm.parallel.wait_compiled(0)
+        finally:
+            llm.shutdown()
+        return mixed, base, before, after
+
+    mixed, base, before, after = _single_thread(run)
+    want = dense_run(1)["first"]
+    assert mixed == want[:3]
+    assert base == [want[4], _base_of(dense_run(1), 2)]
+    (ready, done_before), = before
+    assert ready and after == [(True, done_before + 2 * (GREEDY.max_tokens - 1))]
+
+
+def _base_of(results: dict, prompt: int) -> list[int]:
+    return next(t for (name, p), t in zip(SECOND, results["second"]) if name is None and p == prompt)
+
+
+def _moge_workload(model_dir: Path, world_size: int, adapters: list[Path]) -> dict:
+    def run() -> dict:
+        llm = LLM(str(model_dir), dtype="float32", device="cpu", tensor_parallel_size=world_size, kv_cache_memory=1 << 24,
+                  enforce_eager=True, enable_lora=True, max_loras=2, max_lora_rank=16)
+        try:
+            reqs = [LoRARequest(f"moge{i}", i + 1, str(p)) for i, p in enumerate(adapters)]
+            plan = [(reqs[0], 0), (None, 0), (reqs[1], 0), (reqs[0], 1), (None, 1)]
+            outs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for _, p in plan], GREEDY,
+                                lora_request=[r for r, _ in plan], use_tqdm=False)
+            return {"tokens": [o.outputs[0].token_ids for o in outs],
+                    "logits": [llm.logits(LOGIT_IDS, lora_request=r) for r in (reqs[1], None)]}
+        finally:
+            llm.shutdown()
+
+    return _single_thread(run)
+
+
+def test_moge_shared_expert_and_attention_adapters_match_one_process(tiny_moge_dir, tmp_path):
+    """Pro MoE (MoGE): adapters on attention and the shared expert (the routed experts take none),
+    whose down_proj's partial sum is reduced with the experts' in one all-reduce."""
+    one = LLM(str(tiny_moge_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 24, enforce_eager=True,
+              enable_lora=True, max_loras=2, max_lora_rank=16)
+    shapes = one.engine.loras.state.shapes()
+    del one
+    assert any(".shared_expert." in m for m in shapes) and not any(".experts." in m for m in shapes)
+    adapters = [write_adapter(tmp_path / "a", shapes, 8, 16, 1),
+                write_adapter(tmp_path / "b", {m: s for m, s in shapes.items() if "shared_expert" in m or "o_proj" in m}, 16, 8, 2)]
+    got, want = _moge_workload(tiny_moge_dir, 2, adapters), _moge_workload(tiny_moge_dir, 1, adapters)
+    assert got["tokens"] == want["tokens"]
+    for a, b in zip(got["logits"], want["logits"], strict=True):
+        assert (a - b).abs().max().item() < 1e-4
+    # each adapter changes the tokens of the prompt it shares with a base row
+    assert want["tokens"][0] != want["tokens"][1] and want["tokens"][2] != want["tokens"][1]
+    assert want["tokens"][3] != want["tokens"][4]
+    assert (want["logits"][0] - want["logits"][1]).abs().max().item() > 1e-2
