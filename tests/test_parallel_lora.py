@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import json
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from fixtures_lora import ALL_PROJECTIONS, make_peft_adapter
+from fixtures_server import running_server
 from pangu_infer import LLM, LoRARequest, SamplingParams
 from pangu_infer.engine.compiled import LoRAVariants
 from test_lora import write_gguf_adapter
+import test_server_lora
+from test_server_lora import API_KEY, SERVED, SMALL, _check_choice, _complete, _post
 
+# the server tests' fixtures: the prompts and PEFT's greedy tokens for them
+prompts, expected = test_server_lora.prompts, test_server_lora.expected
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = [list(range(5, 17)), list(range(40, 75)), [1, 44, 2, 9, 100, 3, 17, 17]]
 LOGIT_IDS = list(range(3, 30))
@@ -88,6 +95,7 @@ def _dense_workload(model_dir: Path, paths: dict[str, Path], world_size: int, br
             # An adapter that was fine when rank 0 read it, gone before the other ranks read it
             # (a path not readable on every rank): its load fails on rank 0's call, no rank changes.
             bad = LoRARequest("broken", 99, str(broken))
+            out["before_failure"] = sorted(r.lora_name for r in llm.engine.list_loras())
             adapter = llm.engine.read_lora(bad)
             (broken / "adapter_model.safetensors").write_bytes(b"not safetensors")
             try:
@@ -142,7 +150,7 @@ def test_an_adapter_that_fails_on_a_worker_rank_fails_the_load_and_changes_no_ra
     assert "'broken'" in got["failure"] and "tensor-parallel rank 1 of 2" in got["failure"]
     assert "adapter_model.safetensors is not a readable safetensors file" in got["failure"]
     names, tokens = got["after_failure"]
-    assert "broken" not in names
+    assert names == got["before_failure"] == want["before_failure"]  # the adapter it would replace stays too
     # every rank still holds the same adapters in the same slots: the tokens are one process's
     assert tokens == want["second"]
 
@@ -226,3 +234,81 @@ def test_moge_shared_expert_and_attention_adapters_match_one_process(tiny_moge_d
     assert want["tokens"][0] != want["tokens"][1] and want["tokens"][2] != want["tokens"][1]
     assert want["tokens"][3] != want["tokens"][4]
     assert (want["logits"][0] - want["logits"][1]).abs().max().item() > 1e-2
+
+
+def test_a_tensor_parallel_server_loads_uses_and_unloads_adapters_at_runtime(tiny_dense_dir, lora_adapters, tmp_path,
+                                                                           prompts, expected, pangu_tokenizer):
+    """`serve --tensor-parallel-size 2 --lora-modules ... --enable-runtime-lora-updates`: a startup
+    adapter, one loaded at runtime and the base model answer side by side with PEFT's tokens; the
+    runtime one swapped in place, unloaded, and a folder that is no adapter refused with a 400."""
+    with running_server(tiny_dense_dir, *SMALL, "--tensor-parallel-size", "2", "--threads", "2",
+                        "--lora-modules", f"full={lora_adapters['full'].path}", "--enable-runtime-lora-updates",
+                        api_key=API_KEY, log_dir=tmp_path) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        attn = str(lora_adapters["attn"].path)
+        loaded = _post(server, "/v1/load_lora_adapter", {"lora_name": "attn", "lora_path": attn})
+        assert loaded.status_code == 200, loaded.text
+        with ThreadPoolExecutor(3) as pool:
+            outs = list(pool.map(lambda model: _complete(client, model, prompts[1]), ["attn", SERVED, "full"]))
+        for model, out in zip(["attn", SERVED, "full"], outs):
+            _check_choice(out.choices[0], prompts[1], expected[model][1], pangu_tokenizer, model)
+        swapped = _post(server, "/v1/load_lora_adapter",
+                        {"lora_name": "attn", "lora_path": str(lora_adapters["full"].path), "load_inplace": True})
+        assert swapped.status_code == 200, swapped.text
+        _check_choice(_complete(client, "attn", prompts[0]).choices[0], prompts[0], expected["full"][0], pangu_tokenizer, "swapped")
+        assert _post(server, "/v1/unload_lora_adapter", {"lora_name": "attn"}).status_code == 200
+        with pytest.raises(openai.NotFoundError, match="attn"):
+            _complete(client, "attn", prompts[0])
+        bad = _post(server, "/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(tiny_dense_dir)})
+        assert bad.status_code == 400 and str(tiny_dense_dir) in bad.json()["error"]["message"], bad.text
+        _check_choice(_complete(client, "full", prompts[2]).choices[0], prompts[2], expected["full"][2], pangu_tokenizer, "full")
+
+
+@pytest.mark.parametrize("family", ["dense", "moge", "r72b", "ultra"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_family_cuts_adapters_so_the_ranks_add_up_to_the_whole_product(family, world_size):
+    """Each rank's model (built on the meta device as that rank builds it) with LoRA turned on: every
+    projection an adapter may target is checked against the whole model's shape, and the ranks' cuts
+    of a random adapter give its whole product: the column-parallel ones' rows cover every output
+    row (a replicated KV head's rows on each rank that shares it), the row-parallel ones' partial
+    products, one per rank, sum to x @ A^T @ B^T (each input column on exactly one rank)."""
+    from pangu_infer import loader
+    from pangu_infer.config import ModelConfig
+    from pangu_infer.models.lora import enable_lora
+    from pangu_infer.models.registry import build_model_on_meta
+    from pangu_infer.parallel.state import ParallelState, building_shard
+
+    cfg = ModelConfig.from_hf_dict(getattr(loader.random, f"pangu_{family}_config")(vocab_size=64))
+    meta = torch.device("meta")
+    one = enable_lora(build_model_on_meta(cfg), 1, 4, 8, torch.float32, meta)
+    whole = one.shapes()
+    ranks = []
+    for rank in range(world_size):
+        with building_shard(ParallelState(rank, world_size)):
+            model = build_model_on_meta(cfg)
+        ranks.append(enable_lora(model, 1, 4, 8, torch.float32, meta))
+    g = torch.Generator().manual_seed(0)
+    for name, (n_in, n_out) in whole.items():
+        assert all(s.shapes()[name] == (n_in, n_out) for s in ranks), name
+        a, b, x = (torch.randn(*shape, generator=g, dtype=torch.float64) for shape in ((4, n_in), (n_out, 4), (3, n_in)))
+        want = x @ a.T @ b.T
+        row_parallel = {s.targets[name][0].row_parallel for s in ranks}
+        assert len(row_parallel) == 1, name
+        if row_parallel.pop():
+            total = torch.zeros_like(want)
+            for s in ranks:
+                cols, rows = s.shard[name]
+                assert rows is None and cols is not None, name  # B whole, A cut
+                total += x[:, cols] @ a[:, cols].T @ b.T
+            assert torch.allclose(total, want), name
+        else:
+            covered = torch.zeros(n_out, dtype=torch.bool)
+            for s in ranks:
+                cols, rows = s.shard[name]
+                assert cols is None, name  # A whole
+                rows = torch.arange(n_out) if rows is None else rows
+                assert len(rows) == s.targets[name][0].slices[s.targets[name][1]][1]
+                got = x @ a.T @ b[rows].T
+                assert torch.allclose(got, want[:, rows]), name
+                covered[rows] = True
+            assert covered.all(), name
