@@ -312,3 +312,41 @@ def test_every_family_cuts_adapters_so_the_ranks_add_up_to_the_whole_product(fam
                 assert torch.allclose(got, want[:, rows]), name
                 covered[rows] = True
             assert covered.all(), name
+
+
+def test_adapters_over_quantized_base_weights_on_two_ranks(tiny_pangu_gguf_q8_0, tmp_path, monkeypatch):
+    """A Q8_0 GGUF model, kept quantized on every rank (the same int8 weights as one process, summed
+    in float32: test_parallel_quant.py), with an adapter: its row-parallel products join the
+    quantized partial sums (LoRALinear around RowParallelProduct(QuantizedLinear)) before the
+    all-reduce, and the tokens are one process's."""
+    from pangu_infer.models.lora import LoRALinear
+    from pangu_infer.parallel.state import RowParallelProduct
+    from pangu_infer.quant.modules import QuantizedLinear
+
+    # as test_parallel_quant.py: every int8 product the kernel's float32 sums, on every rank
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT8", str(1 << 30))
+    monkeypatch.setenv("PANGU_INFER_AMX_PREFILL", "0")
+    path = str(tiny_pangu_gguf_q8_0.path)
+
+    def run(world_size: int, adapter: Path = None) -> dict:
+        llm = LLM(path, dtype="float32", device="cpu", tensor_parallel_size=world_size, kv_cache_memory=1 << 24,
+                  enforce_eager=True, enable_lora=True, max_lora_rank=8)
+        try:
+            if adapter is None:
+                return {"shapes": llm.engine.loras.state.shapes()}
+            req = LoRARequest("q", 1, str(adapter))
+            outs = llm.generate([{"prompt_token_ids": PROMPTS[p]} for p in (0, 0, 1)], GREEDY,
+                                lora_request=[req, None, req], use_tqdm=False)
+            wrapped = [m.base for m in llm.model.modules() if isinstance(m, LoRALinear) and m.row_parallel]
+            return {"tokens": [o.outputs[0].token_ids for o in outs], "logits": llm.logits(LOGIT_IDS, lora_request=req),
+                    "row_parallel": wrapped}
+        finally:
+            llm.shutdown()
+
+    adapter = write_adapter(tmp_path / "q8", run(1)["shapes"], 8, 16, 3)
+    want = run(1, adapter)
+    got = _single_thread(lambda: run(2, adapter))
+    assert got["row_parallel"] and all(isinstance(m, RowParallelProduct) and isinstance(m.product, QuantizedLinear)
+                                       for m in got["row_parallel"])
+    assert got["tokens"] == want["tokens"] and want["tokens"][0] != want["tokens"][1]
+    assert (got["logits"] - want["logits"]).abs().max().item() <= 1e-3 * want["logits"].abs().max().item()
