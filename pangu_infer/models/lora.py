@@ -214,9 +214,12 @@ def _row_parallel_sizes(base: nn.Module) -> Optional[tuple[int, int]]:
 def _shard_indices(model: nn.Module, state: LoRAState) -> None:
     """A tensor-parallel rank's `state.full_shapes` and `state.shard`: the whole model's shape of
     each target projection (from the model built for one process, on the meta device), and which
-    of its input columns and output rows this rank holds, found by putting index matrices through
+    of its output rows or input columns this rank holds, found by putting an index vector through
     the rank's own weight sharder (the same cut as the base weights: split or replicated KV heads,
-    fused projections, row-parallel columns)."""
+    fused projections, row-parallel columns). Which way a projection is cut comes first, from a
+    meta tensor of its whole shape; the index then goes through as one column (rows cut) or one row
+    (columns cut), never a whole matrix of indices (a 72B model's o_proj copied out twice per layer
+    took seconds)."""
     from pangu_infer.models.registry import build_model_on_meta
 
     with building_shard(ParallelState()):
@@ -227,8 +230,14 @@ def _shard_indices(model: nn.Module, state: LoRAState) -> None:
         target, index = whole.map_weight_name(weight)
         param = whole.get_parameter(target)
         n_out, n_in = (param[index] if index is not None else param).shape
-        out_index = sharder.shard(weight, torch.arange(n_out)[:, None].expand(n_out, n_in))[:, 0]
-        in_index = sharder.shard(weight, torch.arange(n_in)[None, :].expand(n_out, n_in))[0, :]
+        cut_out, cut_in = sharder.shard(weight, torch.empty(n_out, n_in, device="meta")).shape
+        if cut_in == n_in:  # column-parallel or replicated: the rows it keeps
+            out_index, in_index = sharder.shard(weight, torch.arange(n_out)[:, None])[:, 0], torch.arange(n_in)
+        elif cut_out == n_out:  # row-parallel: the input columns it keeps
+            out_index, in_index = torch.arange(n_out), sharder.shard(weight, torch.arange(n_in)[None, :])[0, :]
+        else:
+            raise ValueError(f"LoRA under tensor parallelism: {name} is cut both by rows and by columns ([{n_out}, {n_in}] -> "
+                             f"[{cut_out}, {cut_in}]), which its adapters cannot be")
         if len(out_index) != wrapper.slices[i][1] or len(in_index) != wrapper.in_features:
             raise ValueError(
                 f"LoRA under tensor parallelism: {name} is [{n_out}, {n_in}] in the whole model, its shard here "
