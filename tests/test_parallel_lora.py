@@ -92,6 +92,11 @@ def _dense_workload(model_dir: Path, paths: dict[str, Path], world_size: int, br
             out = {"first": _generate(llm, reqs, FIRST), "second": _generate(llm, reqs, SECOND)}
             out["logits"] = {name: llm.logits(LOGIT_IDS, lora_request=reqs[name] if name else None)
                              for name in ("wide", None, "full")}
+            # a predicted output (its draft tokens verified beside the adapter's rows on every rank)
+            want = out["first"][0]
+            predicted = llm.generate({"prompt_token_ids": PROMPTS[0]}, SamplingParams(**{**GREEDY.__dict__, "prediction": want}),
+                                     lora_request=reqs["full"], use_tqdm=False)[0]
+            out["predicted"] = (predicted.outputs[0].token_ids, predicted.metrics["accepted_prediction_tokens"])
             # An adapter that was fine when rank 0 read it, gone before the other ranks read it
             # (a path not readable on every rank): its load fails on rank 0's call, no rank changes.
             bad = LoRARequest("broken", 99, str(broken))
@@ -141,6 +146,11 @@ def test_adapter_logits_match_one_process(dense_run):
     for name in want:
         assert (got[name] - want[name]).abs().max().item() < 1e-4, name
     assert (want["wide"] - want[None]).abs().max().item() > 1e-2  # the rank-32 adapter counts
+
+
+def test_a_predicted_output_under_an_adapter_is_verified_on_every_rank(dense_run):
+    tokens, accepted = dense_run(2)["predicted"]
+    assert tokens == dense_run(1)["first"][0] and accepted >= GREEDY.max_tokens - 1
 
 
 def test_an_adapter_that_fails_on_a_worker_rank_fails_the_load_and_changes_no_rank(dense_run):
