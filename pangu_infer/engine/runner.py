@@ -213,6 +213,15 @@ class ModelRunner:
                 error = None
                 self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
                 return
+            if self.device.type == "cpu":
+                # Inductor's TritonBundler keeps one process-wide list of the compile in progress,
+                # asserted empty when a compile begins: a compile on another thread beside this build
+                # (a user's own torch.compile, a test's) failed one of them (BackendCompilerFailed:
+                # AssertionError in TritonBundler.begin_compile). No Triton kernels on the CPU: this
+                # thread's compiles leave the list alone (a setting of this thread's context only).
+                import torch._inductor.config as inductor_config
+
+                inductor_config.bundle_triton_into_fx_graph_cache = False
             with _every_forward_held():  # no model's forward runs meanwhile: the target's, a draft's, another LLM's
                 _trace_inductors_placeholder()
             if not self.model.parallel.rank:  # (tensor parallel: rank 0 says it for every rank)
