@@ -149,7 +149,7 @@ class AttentionBatch:
 
 
 # A decode group of one sequence runs one unmasked SDPA call up to this context; beyond it the two
-# products + softmax are faster (where they cross: benchmarks/kernels.py, figures in RESULTS.md).
+# products + softmax are faster (where they cross: benchmarks/cpu_kernels.py, figures in RESULTS.md).
 UNMASKED_SDPA_MAX_CONTEXT = 768
 
 # Decode attention by models/bi_attention_kernel.py's C kernel ("kernel"), by gathered K/V and two

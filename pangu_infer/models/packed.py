@@ -3,7 +3,7 @@
 `F.linear` on a plain `[out, in]` bf16 weight makes oneDNN re-lay the weight into its blocked
 format on every call. Laid out once, at load (`mkldnn._reorder_linear_weight`), the same product
 streams the weight faster for one token and for small batches, and the same at prefill sizes
-(benchmarks/kernels.py; the figures, which differ between CPUs, are in benchmarks/RESULTS.md). The packed tensor is opaque (no views, no
+(benchmarks/cpu_kernels.py; the figures, which differ between CPUs, are in benchmarks/RESULTS.md). The packed tensor is opaque (no views, no
 indexing), so packing happens after loading, quantization and sharding, on the modules that stay
 plain `nn.Linear`; a tied LM head gets a packed copy of the embedding (the lookup needs rows).
 
