@@ -256,3 +256,24 @@ def test_a_long_conversation_renders_within_the_budget(pangu_tokenizer):
     assert pangu_tokenizer.apply_chat_template(many).count("turn") == 20_000
     assert len(pangu_tokenizer.apply_chat_template([{"role": "user", "content": "字" * 1_000_000}], chat_template=BUSY)) > 1_000_000
     assert pangu_tokenizer.apply_chat_template(many[:1000], chat_template=BUSY).count("turn") > 1000
+
+
+THINKING = ("{% for m in messages %}{{ m['role'] }}: {% if m.get('reasoning_content') %}<think>{{ m['reasoning_content'] }}</think>"
+            "{% endif %}{{ m['content'] }}\n{% endfor %}")
+
+
+def test_a_turns_thinking_sent_as_reasoning_reaches_the_template_as_reasoning_content(llm):
+    """vLLM's clients now send an assistant turn's thinking back as `reasoning` (the name vLLM
+    answers with since its PR #27752), templates read `reasoning_content` (transformers renders the
+    reference): the prompt is the one the old name gives; both names with different texts are a 400."""
+    turn = {"role": "assistant", "content": "7"}
+    new = MESSAGES + [{**turn, "reasoning": "small primes first"}, {"role": "user", "content": "Another?"}]
+    old = MESSAGES + [{**turn, "reasoning_content": "small primes first"}, {"role": "user", "content": "Another?"}]
+    with TestClient(create_app(llm, served_model_name="m", trust_request_chat_template=True)) as http:
+        for messages in (new, old, [{**m, "reasoning_content": m["reasoning"]} if "reasoning" in m else m for m in new]):
+            r = http.post("/tokenize", json={"model": "m", "messages": messages, "chat_template": THINKING})
+            assert r.status_code == 200 and r.json()["tokens"] == llm.encode_prompt(reference(THINKING, old, False))
+        assert "<think>small primes first</think>" in reference(THINKING, old, False)
+        both = MESSAGES + [{**turn, "reasoning": "a", "reasoning_content": "b"}]
+        r = http.post("/v1/chat/completions", json={"model": "m", "messages": both, "max_tokens": 1, "chat_template": THINKING})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[2].reasoning"

@@ -513,6 +513,7 @@ def test_reasoning_goes_to_reasoning_content_never_content(thinking_client):
     out = thinking_client.chat.completions.create(model="thinker", messages=MESSAGES, temperature=0, max_tokens=20)
     message = out.choices[0].message
     assert message.reasoning_content.strip() == SCRIPTED_REASONING
+    assert message.reasoning == message.reasoning_content  # (vLLM's name now, beside the older one)
     assert message.content.strip() == SCRIPTED_ANSWER
     assert out.choices[0].finish_reason == "stop"
 
@@ -523,6 +524,8 @@ def test_streamed_reasoning_matches_non_streamed(thinking_client):
     reasoning = "".join(getattr(d, "reasoning_content", None) or "" for d in deltas)
     content = "".join(d.content or "" for d in deltas)
     assert reasoning.strip() == SCRIPTED_REASONING and content.strip() == SCRIPTED_ANSWER
+    # each delta under both names (vLLM's `reasoning` now, the older `reasoning_content`)
+    assert all(getattr(d, "reasoning", None) == getattr(d, "reasoning_content", None) for d in deltas)
     # all reasoning arrives before any content
     kinds = ["r" if getattr(d, "reasoning_content", None) else "c" for d in deltas if getattr(d, "reasoning_content", None) or d.content]
     assert kinds == sorted(kinds, reverse=True)

@@ -68,6 +68,7 @@ from pangu_infer.server.chat_api import (
     checked_template_kwargs,
     finite,
     prompt_logprobs,
+    reasoning_fields,
     render,
     special_token_filter,
     start_chat,
@@ -407,18 +408,20 @@ async def _chat_stream(
     def filtered(i: int, kind: str, text: str, final: bool = False) -> list[dict]:
         """The deltas of `text` on channel `kind` (content or reasoning), special tokens taken out
         when asked; what the other channel held back goes first (final: let out this channel's)."""
-        field = {"content": "content", "reasoning": "reasoning_content"}
+        def delta(channel: str, piece: str) -> dict:
+            return {"content": piece} if channel == "content" else reasoning_fields(piece)
+
         channels = filters[i]
         if channels is None:
-            return [{field[kind]: text}]
+            return [delta(kind, text)]
         other = "reasoning" if kind == "content" else "content"
         deltas = []
         held = channels[other].finish()
         if held:
-            deltas.append({field[other]: held})
+            deltas.append(delta(other, held))
         kept = channels[kind].finish() if final else channels[kind].feed(text)
         if kept:
-            deltas.append({field[kind]: kept})
+            deltas.append(delta(kind, kept))
         return deltas
 
     def flush(i: int) -> list[dict]:

@@ -122,6 +122,14 @@ def request_chat_template(state: ServerState, req: Any) -> Optional[str]:
     return given
 
 
+def reasoning_fields(text: str) -> dict[str, str]:
+    """The thinking of a reply (or of a streamed delta) under both names clients read: `reasoning`,
+    vLLM's since its PR #27752 (OpenAI's guidance for chain of thought in Chat Completions, as
+    OpenRouter names it; vLLM has since dropped the old name), and `reasoning_content`, DeepSeek's,
+    which older vLLM clients and the DeepSeek-convention ones (Vercel's AI SDK, OpenCode) read."""
+    return {"reasoning": text, "reasoning_content": text}
+
+
 # Fields only some roles carry (OpenAI's message types): a tool result answers a call by its id, and
 # only an assistant makes calls. Taken elsewhere they were silently dropped or shown to the template
 # as something the chat never said. (`name` goes with any role: OpenAI's types leave it off a tool
@@ -138,12 +146,25 @@ def check_message_fields(index: int, message: Any) -> None:
                            f"(only {' or '.join(roles)} messages can)", param=where)
 
 
+def _template_message(message: Any) -> dict[str, Any]:
+    """A message as the chat template gets it: a turn's thinking sent as `reasoning` (vLLM's name
+    now) is also its `reasoning_content`, the name templates read."""
+    out = message.model_dump(exclude_none=True)
+    if "reasoning" in out:
+        out.setdefault("reasoning_content", out["reasoning"])
+    return out
+
+
 def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking: Any, template_kwargs: dict) -> tuple[str, list[int]]:
     """A chat's prompt text and token ids, as the model's template (or the request's own, checked by
     request_chat_template) renders it (req: its messages, add_generation_prompt and continue_final_message)."""
     template = request_chat_template(state, req)
     for i, message in enumerate(req.messages):
         check_message_fields(i, message)
+        if message.reasoning is not None and message.reasoning_content not in (None, message.reasoning):
+            where = f"messages[{i}].reasoning"
+            raise APIError(400, f"{where} and messages[{i}].reasoning_content differ; give one (the same thinking under "
+                           "either name)", param=where)
         for k, call in enumerate(message.tool_calls or []):
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and not isinstance(function.get("arguments", ""), str):
@@ -153,7 +174,7 @@ def render(state: ServerState, req: Any, tools: Optional[list], enable_thinking:
     try:
         text = render_chat(
             state.llm.tokenizer,
-            [m.model_dump(exclude_none=True) for m in req.messages],
+            [_template_message(m) for m in req.messages],
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,
             enable_thinking=enable_thinking,
@@ -210,7 +231,7 @@ def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, 
         reasoning = special.remove(reasoning) if reasoning is not None else None
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
     if reasoning is not None:
-        message["reasoning_content"] = reasoning
+        message.update(reasoning_fields(reasoning))
     if calls:
         message["tool_calls"] = calls
     return {

@@ -122,6 +122,7 @@ class ChatMessage(_Request):
     name: Optional[str] = None
     tool_calls: Optional[list[dict[str, Any]]] = None
     tool_call_id: Optional[str] = None
+    reasoning: Optional[str] = None  # a turn's thinking under vLLM's name now; reasoning_content, the older one
     reasoning_content: Optional[str] = None
 
 
@@ -353,7 +354,8 @@ class ToolCall(_Response):
 class AssistantMessage(_Response):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = None
-    reasoning_content: Optional[str] = Field(None, description="Pangu's thinking ([unused16]...[unused17]); absent when none")
+    reasoning: Optional[str] = Field(None, description="Pangu's thinking ([unused16]...[unused17]); absent when none (vLLM's name)")
+    reasoning_content: Optional[str] = Field(None, description="the same as reasoning (the older name, DeepSeek's)")
     tool_calls: Optional[list[ToolCall]] = Field(None, description="absent when the reply calls no tool")
 
 
