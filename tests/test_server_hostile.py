@@ -549,6 +549,9 @@ def poisoned(tiny_dense_dir):
 
     def sampler(logits, rows):
         if any(r.params.seed == 666 and len(r.output_token_ids) >= 3 for r in rows):
+            # (a moment first: a streamed request's first tokens are taken and its 200 sent, even on a
+            # loaded machine, where the route could otherwise find them piled up with the fault)
+            time.sleep(0.5)
             raise RuntimeError(SECRET)
         return sample(logits, rows)
 
