@@ -547,11 +547,13 @@ def test_a_beam_search_cancelled_midway_frees_every_block(http, llm):
     driver = llm.engine.driver  # the AsyncEngine the app runs
 
     async def scenario():
+        before = await driver.call(lambda e: e.num_steps)
         search = beam_search_stream(driver, PROMPTS[1], BeamSearchParams(beam_width=4, max_tokens=200, ignore_eos=True), "cancelled")
         task = asyncio.ensure_future(search.__anext__())
-        while not await driver.call(lambda e: bool(e.requests)):
+        # a few of its 200 steps in (counted: polling for requests in flight could keep landing
+        # between two steps, where none are, on a loaded machine, until the search had ended)
+        while await driver.call(lambda e: e.num_steps) < before + 3:
             await asyncio.sleep(0.005)
-        await asyncio.sleep(0.05)  # a few steps in
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
