@@ -133,9 +133,7 @@ class TensorParallelDriver:
         """Before rank 0 installs `adapter` (read from `request`'s path) into `slot`: every worker
         reads it from the same path itself and reports; all of them install their shard only if all
         read it, else no rank changes and this raises a ValueError naming the adapter and the rank."""
-        self._send(("lora_read", slot, request.lora_path))
-        gathered: list[Any] = [None] * self.state.world_size
-        dist.gather_object(None, gathered, dst=0, group=self.control)
+        gathered = self._ask(("lora_read", slot, request.lora_path))
         failed = [(rank, error) for rank, error in enumerate(gathered) if rank and error is not None]
         self._send(("lora_install", not failed))
         if failed:
@@ -148,17 +146,18 @@ class TensorParallelDriver:
     def wait_compiled(self, timeout: Optional[float]) -> list[tuple[bool, int]]:
         """Each worker rank's (compiled step ready, compiled steps run so far), after waiting for its
         build at most `timeout` seconds (call from the thread that runs the steps)."""
-        self._send(("compiled", timeout))
-        gathered: list[Any] = [None] * self.state.world_size
-        dist.gather_object(None, gathered, dst=0, group=self.control)
-        return [tuple(g) for g in gathered[1:]]
+        return [tuple(g) for g in self._ask(("compiled", timeout))[1:]]
 
     def _gather_expert_tokens(self, local: list[int]) -> list[list[int]]:
         """[layer][rank] token-expert pairs each rank's experts computed, as each rank counted them."""
-        self._send(("expert_tokens",))
+        return [list(per_layer) for per_layer in zip(*self._ask(("expert_tokens",), local))]
+
+    def _ask(self, message: tuple, own: Any = None) -> list[Any]:
+        """Send `message`, then gather every rank's answer (rank 0's: `own`), in rank order."""
+        self._send(message)
         gathered: list[Any] = [None] * self.state.world_size
-        dist.gather_object(local, gathered, dst=0, group=self.control)
-        return [list(per_layer) for per_layer in zip(*gathered)]
+        dist.gather_object(own, gathered, dst=0, group=self.control)
+        return gathered
 
     def _send(self, message: tuple) -> None:
         if self._closed:
