@@ -38,9 +38,12 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     normalize False: their vectors not L2-normalized. client_id: the request's own request_id
     (vLLM's): the reply's id is prefix-client_id. beam: each prompt a beam search instead
     (use_beam_search; its max_tokens that of `params` fitted per prompt), one output each."""
+    def submit(adapter: Optional[LoRARequest]):
+        return _start(state, prompts, params, prefix, adapter, cache_salt, priority, default_length, length_field, pooling, normalize,
+                      client_id, beam)
+
     if lora is None:
-        return await _start(state, prompts, params, prefix, None, cache_salt, priority, default_length, length_field, pooling, normalize,
-                            client_id, beam)
+        return await submit(None)
     # The adapter named again here, and the submission counted in the same step (no await between):
     # one unloaded since the request's check_model is the same 404 as an unknown model, and an
     # unload that comes later answers 409 until the engine runs the request (server/lora.py _remove),
@@ -49,8 +52,7 @@ async def start_requests(state: ServerState, prompts: list[tuple[Optional[str], 
     name = lora.lora_name
     state.lora_submissions[name] = state.lora_submissions.get(name, 0) + 1
     try:
-        started = await _start(state, prompts, params, prefix, lora, cache_salt, priority, default_length, length_field, pooling, normalize,
-                               client_id, beam)
+        started = await submit(lora)
     finally:
         left = state.lora_submissions.pop(name) - 1
         if left:
