@@ -98,7 +98,7 @@ def test_packed_weights_leave_the_operator_table_with_their_module():
     from pangu_infer.models import packed
 
     lin = PackedLinear(torch.randn(8, 8).bfloat16(), None)
-    handle = lin.handle
+    handle = int(lin.handle)
     assert handle in packed._WEIGHTS
     del lin
     import gc
@@ -197,3 +197,40 @@ def test_the_packed_layout_is_measured_once_per_machine_and_can_be_set(monkeypat
 
 def test_the_layout_measurement_returns_a_layout():
     assert packed.measure_layouts(n_weights=2, size=256) in packed.LAYOUTS
+
+
+def test_a_model_of_the_same_shape_loads_the_saved_step_and_multiplies_by_its_own_packed_weights(
+    tmp_path, tiny_dense_dir, tiny_dense_config, pangu_tokenizer_dir,
+):
+    """A packed linear's handle reaches pangu_infer::packed_linear as a tensor (a graph input), not an
+    int baked into the graph: a second bf16 model of the same shape in the process (other weights,
+    other handles) loads the first one's saved step instead of tracing and compiling its own, and
+    that step multiplies by the second model's weights. Checked on logprobs: each model's compiled
+    greedy tokens score, under its own plain eager forward, what the step reported (within bf16
+    rounding), and far from what the other model gives them."""
+    from fixtures_models import build_tiny_model
+
+    from pangu_infer.engine import saved_step
+
+    other_dir = build_tiny_model(tmp_path / "other", tiny_dense_config, pangu_tokenizer_dir, seed=1)
+    kw = dict(dtype="bfloat16", device="cpu", max_model_len=64, kv_cache_memory=4 << 20)
+    first = LLM(str(tiny_dense_dir), **kw)
+    assert first.wait_compiled(), first.engine.runner.compile_error
+    second = LLM(str(other_dir), **kw)
+    assert second.wait_compiled(), second.engine.runner.compile_error
+    step = second.engine.runner.decode_forward
+    assert has_packed_linears(second.model)
+    assert isinstance(step, saved_step.SavedStep) and step.built == 0 and step.loaded >= 2
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=0, ignore_eos=True)
+    prompt = list(range(3, 12))
+    refs = [load_model(str(d), torch.bfloat16, CPU, load_tokenizer=False).model for d in (tiny_dense_dir, other_dir)]
+    for i, llm in enumerate((first, second)):
+        out = llm.generate([{"prompt_token_ids": prompt}], params)[0].outputs[0]
+        ids = torch.tensor(prompt + out.token_ids)
+        got = torch.tensor([lp.logprob for lp in out.logprobs[1:]])  # decode steps (the first came from the prefill)
+        for j, ref in enumerate(refs):
+            with torch.inference_mode():
+                rows = torch.log_softmax(ref.compute_logits(ref(ids, torch.arange(len(ids)))).float(), dim=-1)
+            want = rows[len(prompt) : len(ids) - 1].gather(1, ids[len(prompt) + 1 :, None]).squeeze(1)
+            gap = (got - want).abs().max().item()
+            assert gap <= 0.05 if i == j else gap > 0.3, (i, j, gap)

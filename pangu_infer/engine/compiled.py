@@ -138,7 +138,7 @@ def raise_recompile_limits(num_layers: int) -> None:
 
     Past a graph break (a MoE model's host load counters, off CPU) dynamo compiles each decoder
     layer's frame apart: the layer's modules are guarded, their integer attributes included (a
-    packed linear's handle differs per layer), so the same code object gets one entry per layer
+    batch-invariant row-tiled linear's handle differs per layer), so the same code object gets one entry per layer
     and per graph shape. With dynamo's default limit of 8 entries per code object, every layer
     past the 8th of a 12-layer MoGE model ran eagerly inside the compiled step ("hit
     config.recompile_limit (8)"; Pangu Pro MoE has 48 layers). Limits are only ever raised.

@@ -13,7 +13,7 @@ What a saved graph depends on is in its key, and a file is used only where the k
 package's code, torch and Python, the machine (kernels are built with -march=native), the threads,
 inductor's and dynamo's settings, the engine's PANGU_INFER_* settings, the KV cache's shape and
 dtype, the graph's example shape, and the model's structure: every module's class, plain
-attributes (norms' eps, the handles of packed weights, each layer's decode attention kernel) and
+attributes (norms' eps, each layer's decode attention kernel) and
 tensors' shapes, strides and dtypes. Weights and KV caches are read from the model at each call,
 never stored. Guards on the model's modules are dropped as in the regular compiled step (they
 cannot be saved either), which is why the structure is in the key instead. The per-machine kernel

@@ -8,9 +8,13 @@ indexing), so packing happens after loading, quantization and sharding, on the m
 plain `nn.Linear`; a tied LM head gets a packed copy of the embedding (the lookup needs rows).
 
 torch.compile cannot take the opaque weights as graph inputs, so the product is the operator
-`pangu_infer::packed_linear(x, handle)`: the weight is looked up from `handle` (an int the module holds)
-inside the operator, and a compiled decode step calls it as an opaque kernel (a small fixed cost
-over the direct call).
+`pangu_infer::packed_linear(x, handle, out_features)`: the weight is looked up from `handle` inside
+the operator, and a compiled decode step calls it as an opaque kernel (a small fixed cost over the
+direct call). The handle is a one-element tensor the module holds, a graph input read at each call,
+not an int: an int would be a constant of the traced graph (and of a saved step's key), so a model
+whose linears were numbered otherwise (a second LLM in the same process, a draft model loaded
+first) would trace, compile and save its own copy of the same step (models/moge.py's dispatch
+handle, the same way).
 """
 
 from __future__ import annotations
@@ -33,17 +37,16 @@ _WEIGHTS: dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 _handles = itertools.count()
 
 _lib = torch.library.Library("pangu_infer", "DEF")
-_lib.define("packed_linear(Tensor x, int handle) -> Tensor")
+_lib.define("packed_linear(Tensor x, Tensor handle, int out_features) -> Tensor")
 
 
-def _packed_linear(x: torch.Tensor, handle: int) -> torch.Tensor:
-    weight, bias = _WEIGHTS[handle]
+def _packed_linear(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    weight, bias = _WEIGHTS[int(handle)]
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-def _packed_linear_shape(x: torch.Tensor, handle: int) -> torch.Tensor:
-    weight, _ = _WEIGHTS[handle]
-    return x.new_empty(x.shape[0], weight.shape[0])
+def _packed_linear_shape(x: torch.Tensor, handle: torch.Tensor, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
 
 
 _lib.impl("packed_linear", _packed_linear, "CPU")
@@ -109,13 +112,14 @@ class PackedLinear(nn.Module):
             packed = torch.ops.mkldnn._reorder_linear_weight(w)
         self.weight = nn.Parameter(packed, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.handle = next(_handles)
-        _WEIGHTS[self.handle] = (self.weight, self.bias)
-        weakref.finalize(self, _WEIGHTS.pop, self.handle, None)
+        key = next(_handles)
+        self.handle = torch.tensor(key, dtype=torch.long)  # a graph input, not a constant (module docstring)
+        _WEIGHTS[key] = (self.weight, self.bias)
+        weakref.finalize(self, _WEIGHTS.pop, key, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.pangu_infer.packed_linear(x.reshape(-1, self.in_features).contiguous(), self.handle)
+        y = torch.ops.pangu_infer.packed_linear(x.reshape(-1, self.in_features).contiguous(), self.handle, self.out_features)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
