@@ -564,3 +564,39 @@ def test_completion_add_special_tokens(client, http):
     # chat renders its own special tokens (the template's): the field is not taken there
     response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "add_special_tokens": True})
     assert response.status_code == 400 and response.json()["error"]["param"] == "add_special_tokens"
+
+
+# ---------------------------------------------------------------------- X-Request-Id
+@pytest.mark.parametrize(("path", "prefix"), [("/v1/completions", "cmpl"), ("/v1/chat/completions", "chatcmpl")])
+def test_x_request_id_header_names_the_reply(http, path, prefix):
+    """vLLM's: a request's X-Request-Id header is its id (over a request_id in the body), in the
+    reply's id and every streamed chunk's; without --enable-request-id-headers no header comes back."""
+    body = _body(path, stream=False, max_tokens=2)
+    r = http.post(path, json={**body, "request_id": "from-body"}, headers={"X-Request-Id": "from-header"})
+    assert r.status_code == 200 and r.json()["id"] == f"{prefix}-from-header", r.text
+    assert "x-request-id" not in r.headers
+    with http.stream("POST", path, json={**body, "stream": True}, headers={"X-Request-Id": "trace"}) as response:
+        ids = {json.loads(line[6:])["id"] for line in response.iter_lines() if line.startswith("data: {")}
+    assert ids == {f"{prefix}-trace"}
+
+
+@pytest.mark.parametrize(("value", "needle"), [("", "got 0"), ("x" * 257, "got 257")])
+def test_bad_x_request_id_is_a_400_naming_the_header(http, value, needle):
+    response = http.post("/v1/completions", json=_body("/v1/completions", stream=False), headers={"X-Request-Id": value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "X-Request-Id" and needle in error["message"], error
+
+
+def test_enable_request_id_headers_echoes_the_header(llm, pangu_tokenizer):
+    """--enable-request-id-headers (vLLM's): every response carries X-Request-Id, the request's own
+    or a new one, errors and other endpoints included."""
+    engine = ScriptedEngine(pangu_tokenizer, "hello")
+    with TestClient(create_app(llm, served_model_name="tiny", engine=engine, enable_request_id_headers=True, api_key="k")) as http:
+        auth = {"Authorization": "Bearer k"}
+        ok = http.post("/v1/chat/completions", json=_body("/v1/chat/completions", stream=False), headers={**auth, "X-Request-Id": "t-1"})
+        assert ok.status_code == 200 and ok.headers["x-request-id"] == "t-1" and ok.json()["id"] == "chatcmpl-t-1"
+        denied = http.post("/v1/completions", json=_body("/v1/completions"), headers={"X-Request-Id": "t-2"})
+        assert denied.status_code == 401 and denied.headers["x-request-id"] == "t-2"
+        fresh = [http.get("/health").headers["x-request-id"] for _ in range(2)]
+        assert all(re.fullmatch(r"[0-9a-f]{32}", f) for f in fresh) and fresh[0] != fresh[1]

@@ -40,7 +40,7 @@ from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, stream_error
 from pangu_infer.server.metrics import ServerMetrics
-from pangu_infer.server.middleware import AuthAndCount, BodyGuard, InternalErrors
+from pangu_infer.server.middleware import AuthAndCount, BodyGuard, InternalErrors, RequestIdHeader
 from pangu_infer.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -74,7 +74,7 @@ from pangu_infer.server.chat_api import (
     start_chat,
     token_name,
 )
-from pangu_infer.server.params import beam_search_params, check_model, check_size, to_sampling_params
+from pangu_infer.server.params import beam_search_params, check_model, check_size, client_request_id, to_sampling_params
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import (
     REQUEST_LOGGER,
@@ -113,6 +113,7 @@ def create_app(
     trust_request_chat_template: bool = False,
     enable_log_requests: bool = False,
     max_log_len: Optional[int] = None,
+    enable_request_id_headers: bool = False,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name` (several names: requests may send any, replies
     name the first, as vLLM's); it owns (and stops) the AsyncEngine it makes.
@@ -123,7 +124,8 @@ def create_app(
     /v1/unload_lora_adapter change them while the server runs; trust_request_chat_template: a chat
     or /tokenize request may bring its own chat_template (vLLM's flag of the same name);
     enable_log_requests, max_log_len (vLLM's): log each request's prompt and parameters when it is
-    submitted (cut to max_log_len characters) and how it ended, at INFO."""
+    submitted (cut to max_log_len characters) and how it ended, at INFO; enable_request_id_headers
+    (vLLM's flag): every response carries X-Request-Id, the request's header or a new id."""
     own_engine = engine is None
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     served_model_name = names[0]
@@ -168,6 +170,8 @@ def create_app(
     app.add_middleware(
         AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=docs
     )
+    if enable_request_id_headers:  # (outside the key check: a 401 carries it too)
+        app.add_middleware(RequestIdHeader)
     if allowed_origins:
         # Outermost: a browser's preflight carries no key, and a 401 needs the CORS headers to be read.
         app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "DELETE"],
@@ -306,7 +310,8 @@ def _ok(model: type, chunk_object: str) -> dict:
 # ---------------------------------------------------------------------- chat
 async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request) -> Response:
     length_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    started = await start_chat(state, req, request, "chatcmpl", length_field)
+    client_id = client_request_id(request, req.request_id)
+    started = await start_chat(state, req, request, "chatcmpl", length_field, client_id)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started
@@ -515,8 +520,9 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     as_ids = bool(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n, req.add_special_tokens)
     beam = beam_search_params(req, params)
+    client_id = client_request_id(request, req.request_id)
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority,
-                                                          default_length, client_id=req.request_id, beam=beam), state.metrics)
+                                                          default_length, client_id=client_id, beam=beam), state.metrics)
     if isinstance(started, Response):
         return started
     request_id, gens, firsts = started

@@ -41,18 +41,20 @@ RESERVED_TEMPLATE_KWARGS = frozenset({
 })
 
 
-async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str, length_field: str):
+async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Request, prefix: str, length_field: str,
+                     client_id: Optional[str] = None):
     """A chat request checked, rendered and submitted: (request id, generators, first outputs,
     parsing, prompt ids as admitted, the model name to answer with), or the 499 Response of a
     client that left meanwhile. /v1/chat/completions, /v1/responses and /v1/messages share it.
     length_field: the name the client gave the reply's length limit (each API's own, which the chat
-    request holds as max_completion_tokens or max_tokens): admission's errors about it name it."""
+    request holds as max_completion_tokens or max_tokens): admission's errors about it name it.
+    client_id: the reply's id is prefix-client_id (params.client_request_id); None: req.request_id, if any."""
     params, text, ids, parse = await prepare_chat(state, req)
     lora = check_model(state, req.model)  # (checked first thing in prepare_chat: here, only which adapter)
     # Watched for a disconnect from here on: queued or in prefill, a client that leaves frees its slot.
     try:
         started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority,
-                                                              length_field=length_field, client_id=req.request_id,
+                                                              length_field=length_field, client_id=client_id or req.request_id,
                                                               beam=beam_search_params(req, params)),
                                     state.metrics)
     except APIError as e:

@@ -67,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-log-len", type=int, default=None, metavar="N",
                         help="with --enable-log-requests: characters of a logged prompt and of its parameters (default: all)")
     parser.add_argument(
+        "--enable-request-id-headers", action="store_true",
+        help="every response carries an X-Request-Id header: the request's own, or a new id (vLLM's flag; a request's "
+        "X-Request-Id names its chat or completion reply either way)",
+    )
+    parser.add_argument(
         "--uvicorn-log-level", default=None, choices=UVICORN_LOG_LEVELS,
         help="uvicorn's log level (vLLM's flag); info logs every request (default: warning, info with --verbose)",
     )
@@ -309,7 +314,8 @@ def run(args: argparse.Namespace) -> int:
                          allowed_origins=origins, lora_modules=loras,
                          enable_runtime_lora_updates=args.enable_runtime_lora_updates,
                          trust_request_chat_template=args.trust_request_chat_template,
-                         enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+                         enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+                         enable_request_id_headers=args.enable_request_id_headers)
         base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         proxied = f" (behind a proxy at {prefix}/)" if prefix else ""

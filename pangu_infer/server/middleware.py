@@ -1,11 +1,12 @@
-"""Pure ASGI middleware (streaming-safe): the API key, request counting, the body guard, and the
-generic 500 of a fault."""
+"""Pure ASGI middleware (streaming-safe): the API key, request counting, the body guard, the
+generic 500 of a fault, and the X-Request-Id response header."""
 
 from __future__ import annotations
 
 import json
 import math
 import secrets
+import uuid
 from typing import Any, Optional
 
 from pangu_infer.server.errors import APIError, error_response, internal_error
@@ -65,6 +66,30 @@ def route_path(scope: dict) -> str:
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root):] or "/"
     return path
+
+
+class RequestIdHeader:
+    """--enable-request-id-headers (vLLM's flag): every response carries an X-Request-Id header, the
+    request's own (as it came: the HTTP parser has already refused what a header cannot hold) or
+    else a new random one. (The header names a chat or completion reply whether or not this is on:
+    params.client_request_id.)"""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = next((value for name, value in scope["headers"] if name == b"x-request-id"), None)
+        value = sent if sent is not None else uuid.uuid4().hex.encode()
+
+        async def with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", value)]}
+            await send(message)
+
+        await self.app(scope, receive, with_id)
 
 
 class InternalErrors:

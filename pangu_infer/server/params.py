@@ -10,7 +10,7 @@ from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.sampling_params import MAX_BEAM_WIDTH, BeamSearchParams, SamplingParams
 from pangu_infer.server.errors import APIError
 from pangu_infer.server.structured import request_constraint
-from pangu_infer.server.protocol import IGNORED_FIELDS, SamplingFields
+from pangu_infer.server.protocol import IGNORED_FIELDS, MAX_REQUEST_ID_CHARS, SamplingFields
 from pangu_infer.lora import LoRARequest
 from pangu_infer.server.state import ServerState
 
@@ -35,6 +35,23 @@ def check_model(state: ServerState, model: Optional[str]) -> Optional[LoRAReques
         more = f" and {len(names) - MAX_NAMES_IN_MESSAGE} more" if len(names) > MAX_NAMES_IN_MESSAGE else ""
         served += f" and the LoRA adapters {', '.join(map(repr, names[:MAX_NAMES_IN_MESSAGE]))}{more}"
     raise APIError(404, f"the model {short_repr(model)} does not exist; {served}", param="model", code="model_not_found")
+
+
+REQUEST_ID_HEADER = "X-Request-Id"
+
+
+def client_request_id(request: Any, given: Optional[str]) -> Optional[str]:
+    """The request's own id, as vLLM takes it: the X-Request-Id header when sent (over the body's
+    request_id), else the body's (None: the server makes one). The header is held to request_id's
+    length (it is repeated in every streamed chunk); a 400 names it. (A proxy's header
+    characters cannot break the log: streaming._start escapes what is not printable.)"""
+    header = request.headers.get(REQUEST_ID_HEADER)
+    if header is None:
+        return given
+    if not 1 <= len(header) <= MAX_REQUEST_ID_CHARS:
+        raise APIError(400, f"the {REQUEST_ID_HEADER} header must hold 1 to {MAX_REQUEST_ID_CHARS} characters, got {len(header)}",
+                       param=REQUEST_ID_HEADER)
+    return header
 
 
 def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Optional[int], logprobs: Optional[int], chat: bool) -> SamplingParams:
