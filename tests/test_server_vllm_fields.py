@@ -142,6 +142,20 @@ def test_spaces_between_special_tokens_is_refused(http, path):
     assert response.status_code == 400 and response.json()["error"]["param"] == "spaces_between_special_tokens"
 
 
+@pytest.mark.parametrize(("path", "field", "value", "needle"), [
+    ("/v1/chat/completions", "include_reasoning", "no", "no"),
+    ("/v1/chat/completions", "include_reasoning", 0, "0"),
+    ("/v1/chat/completions", "echo", 1, "1"),
+    ("/v1/completions", "include_reasoning", False, "include_reasoning"),  # (chat's field only, as vLLM's)
+])
+def test_bad_new_fields_are_a_400_naming_the_field(http, path, field, value, needle):
+    body = {"model": "tiny", "max_tokens": 2, **({"prompt": "hi"} if path == "/v1/completions" else {"messages": MESSAGES}), field: value}
+    response = http.post(path, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and needle in error["message"], error
+
+
 # ---------------------------------------------------------------------- return_tokens_as_token_ids
 def _ids(tokens: list[str]) -> list[int]:
     assert all(re.fullmatch(r"token_id:\d+", t) for t in tokens), tokens
@@ -229,10 +243,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 @pytest.fixture(scope="module")
-def scripted(llm, pangu_tokenizer):
+def scripted_http(llm, pangu_tokenizer):
     engine = ScriptedEngine(pangu_tokenizer, SCRIPTED)
     with TestClient(create_app(llm, served_model_name="tools", engine=engine)) as http:
-        yield sdk_client(http)
+        yield http
+
+
+@pytest.fixture(scope="module")
+def scripted(scripted_http):
+    return sdk_client(scripted_http)
 
 
 @pytest.mark.parametrize("skip", [None, True, False])
@@ -564,6 +583,79 @@ def test_completion_add_special_tokens(client, http):
     # chat renders its own special tokens (the template's): the field is not taken there
     response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "add_special_tokens": True})
     assert response.status_code == 400 and response.json()["error"]["param"] == "add_special_tokens"
+
+
+# ---------------------------------------------------------------------- include_reasoning
+def _chat_events(http, body: dict) -> list[dict]:
+    return [c for c in _events(http, "/v1/chat/completions", {**body, "stream": True}) if c["choices"]]
+
+
+def test_include_reasoning_false_leaves_the_thinking_out(scripted_http, pangu_tokenizer):
+    """vLLM's field (default true): false drops the thinking, under both names, from the message and
+    from every streamed delta; the content and the tool calls are those of the reply with it, and the
+    ids of the thinking's tokens still come (return_token_ids)."""
+    body = {"model": "tools", "messages": MESSAGES, "tools": TOOLS, "return_token_ids": True}
+    shown = scripted_http.post("/v1/chat/completions", json=body).json()["choices"][0]
+    hidden = scripted_http.post("/v1/chat/completions", json={**body, "include_reasoning": False}).json()["choices"][0]
+    assert shown["message"]["reasoning"] == shown["message"]["reasoning_content"] == "the user wants weather"
+    assert "reasoning" not in hidden["message"] and "reasoning_content" not in hidden["message"]
+    assert hidden["message"]["content"] == shown["message"]["content"] == "Let me check."
+    assert hidden["message"]["tool_calls"][0]["function"] == shown["message"]["tool_calls"][0]["function"]
+    assert hidden["token_ids"] == shown["token_ids"]
+
+    def streamed(extra: dict) -> tuple[list[dict], list[int]]:
+        chunks = _chat_events(scripted_http, {**body, **extra})
+        return [c["choices"][0]["delta"] for c in chunks], sum((c["choices"][0].get("token_ids", []) for c in chunks), [])
+
+    deltas, ids = streamed({"include_reasoning": False})
+    assert not [d for d in deltas if "reasoning" in d or "reasoning_content" in d], deltas
+    shown_deltas, shown_ids = streamed({})
+    assert "".join(d.get("reasoning") or "" for d in shown_deltas) == "the user wants weather"
+    assert "".join(d.get("content") or "" for d in deltas) == "".join(d.get("content") or "" for d in shown_deltas) == "Let me check."
+    assert ids == shown_ids == pangu_tokenizer.encode(SCRIPTED, add_special_tokens=False)
+    assert [tc["function"]["name"] for d in deltas for tc in d.get("tool_calls", [])] == ["get_weather"]
+
+
+# ---------------------------------------------------------------------- chat echo
+PARTIAL = [MESSAGES[0], {"role": "assistant", "content": "The weather in the city is"}]
+
+
+def test_chat_echo_starts_the_reply_with_the_last_assistant_message(client, http):
+    """vLLM's chat echo (serving_chat: the last message's content before the reply when its role is
+    the reply's): continuing an assistant's turn, each choice's content is that turn's text followed
+    by what the reply without echo says; streamed, the text comes in a chunk of its own after the
+    role's, and nothing else changes (ids, usage)."""
+    kwargs = dict(model="tiny", messages=PARTIAL, max_tokens=5, temperature=0, n=2,
+                  extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    plain = client.chat.completions.create(**kwargs)
+    echoed = client.chat.completions.create(**{**kwargs, "extra_body": {**kwargs["extra_body"], "echo": True}})
+    assert [c.message.content for c in echoed.choices] == [PARTIAL[1]["content"] + c.message.content for c in plain.choices]
+    assert echoed.usage == plain.usage
+    body = {"model": "tiny", "messages": PARTIAL, "max_tokens": 5, "temperature": 0, "n": 2, "add_generation_prompt": False,
+            "continue_final_message": True, "echo": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    whole = http.post("/v1/chat/completions", json={**body, "stream": False, "stream_options": None}).json()
+    chunks = _chat_events(http, body)
+    for want in whole["choices"]:
+        mine = [c for c in chunks if c["choices"][0]["index"] == want["index"]]
+        assert mine[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert mine[1]["choices"][0]["delta"] == {"content": PARTIAL[1]["content"]} and mine[1]["choices"][0]["token_ids"] == []
+        assert mine[1]["usage"]["completion_tokens"] == 0
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in mine) == want["message"]["content"]
+        assert sum((c["choices"][0]["token_ids"] for c in mine[1:]), []) == want["token_ids"]
+
+
+def test_chat_echo_needs_the_last_message_to_be_the_replys_role(client):
+    """The last message a user's (vLLM answers add_generation_prompt's reply as the assistant's):
+    echo adds nothing. Text parts are echoed as they are rendered, joined by newlines."""
+    kwargs = dict(model="tiny", max_tokens=4, temperature=0)
+    plain = client.chat.completions.create(messages=MESSAGES, **kwargs).choices[0].message.content
+    assert client.chat.completions.create(messages=MESSAGES, **kwargs, extra_body={"echo": True}).choices[0].message.content == plain
+    parts = [MESSAGES[0], {"role": "assistant", "content": [{"type": "text", "text": "The weather"}, {"type": "text", "text": "is"}]}]
+    extra = {"add_generation_prompt": False, "continue_final_message": True}
+    after = client.chat.completions.create(messages=parts, **kwargs, extra_body=extra).choices[0].message.content
+    echoed = client.chat.completions.create(messages=parts, **kwargs, extra_body={**extra, "echo": True}).choices[0].message.content
+    assert echoed == "The weather\nis" + after
 
 
 # ---------------------------------------------------------------------- X-Request-Id

@@ -66,6 +66,7 @@ from pangu_infer.server.chat_api import (
     chat_choice,
     chat_logprobs,
     checked_template_kwargs,
+    echoed_text,
     finite,
     prompt_logprobs,
     reasoning_fields,
@@ -316,16 +317,18 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
         return started
     request_id, gens, firsts, parse, ids, model = started
     as_ids = bool(req.return_tokens_as_token_ids)
+    echo = echoed_text(req)
     if req.stream:
         body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, stream_usage(req),
-                            special=req.skip_special_tokens, token_ids=as_ids, return_ids=bool(req.return_token_ids))
+                            special=req.skip_special_tokens, token_ids=as_ids, return_ids=bool(req.return_token_ids),
+                            include_reasoning=req.include_reasoning, echo=echo)
         return StreamingResponse(body, media_type="text/event-stream")
     result = await unless_gone(request, final_outputs(state, gens, firsts), state.metrics)
     if isinstance(result, Response):
         return result
     final = result[0]
     special = special_token_filter(state) if req.skip_special_tokens else None
-    choices = [chat_choice(state, c, parse, req.logprobs, special, as_ids) for c in final.outputs]
+    choices = [chat_choice(state, c, parse, req.logprobs, special, as_ids, req.include_reasoning, echo) for c in final.outputs]
     usage = usage_info(len(ids), sum(len(c.token_ids) for c in final.outputs), [final])
     extra = {"prompt_logprobs": prompt_logprobs(state, final.prompt_logprobs)} if req.prompt_logprobs is not None else {}
     if req.return_token_ids:  # (vLLM's places: the prompt's on the response, each choice's own)
@@ -371,11 +374,15 @@ async def _chat_stream(
     special: bool = False,
     token_ids: bool = False,
     return_ids: bool = False,
+    include_reasoning: bool = True,
+    echo: str = "",
 ) -> AsyncIterator[str]:
     """usage: (a last usage chunk, usage on every chunk: stream_usage); special: skip_special_tokens
     (their texts taken out of reasoning and content after parsing); token_ids:
     return_tokens_as_token_ids; return_ids: return_token_ids (the prompt's ids on each choice's
-    first chunk, as vLLM, and each chunk's generated ids on its choice)."""
+    first chunk, as vLLM, and each chunk's generated ids on its choice); include_reasoning false: no
+    reasoning deltas (vLLM's field); echo: each choice's content starts with it, in a chunk of its own
+    after the role's (vLLM's chat echo: chat_api.echoed_text)."""
     include_usage, continuous = usage
     created = int(time.time())
     n = len(firsts[0].outputs)
@@ -436,6 +443,8 @@ async def _chat_stream(
     def events_to_deltas(i: int, events: list) -> list[dict]:
         deltas = []
         for ev in events:
+            if ev.kind == "reasoning" and not include_reasoning:
+                continue  # (its tokens' logprobs and ids still go out, on an empty content delta)
             if ev.kind in ("content", "reasoning"):
                 deltas += filtered(i, ev.kind, ev.text)
             else:
@@ -448,6 +457,9 @@ async def _chat_stream(
     try:
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
+        if echo:
+            for i in range(n):
+                yield chunk(i, {"content": echo}, ids=[])
         latest = list(firsts)  # each prompt's latest output: the usage's counts at the end
         async with aclosing(merged_outputs(gens, firsts)) as outputs:
             async for prompt_index, out in outputs:

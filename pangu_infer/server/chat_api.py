@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from pangu_infer.chat import TOOL_CALL_END, TOOL_CALL_START, is_pangu_template, parse_tool_calls, render_chat, split_reasoning
+from pangu_infer.chat.render import join_text_parts
 from pangu_infer.engine.sequence import Logprob
 from pangu_infer.errors import short_repr
 from pangu_infer.outputs import CompletionOutput
@@ -220,9 +221,11 @@ class ChatParsing:
 
 
 def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, logprobs: bool,
-                special: Optional[SpecialTokenFilter] = None, token_ids: bool = False) -> dict:
+                special: Optional[SpecialTokenFilter] = None, token_ids: bool = False, include_reasoning: bool = True,
+                echo: str = "") -> dict:
     """special: the special tokens to take out of reasoning and content once parsed (skip_special_tokens);
-    token_ids: logprobs name tokens as "token_id:<id>" (return_tokens_as_token_ids)."""
+    token_ids: logprobs name tokens as "token_id:<id>" (return_tokens_as_token_ids); include_reasoning
+    false: the thinking left out (vLLM's field); echo: text the content starts with (echoed_text)."""
     reasoning, content = split_reasoning(comp.text) if parse.reasoning else (None, comp.text)
     calls: list[dict] = []
     if parse.tools:
@@ -231,8 +234,10 @@ def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, 
         special.saw(comp.token_ids)
         content = special.remove(content)
         reasoning = special.remove(reasoning) if reasoning is not None else None
+    if echo:
+        content = echo + content
     message: dict[str, Any] = {"role": "assistant", "content": content if content or not calls else None}
-    if reasoning is not None:
+    if reasoning is not None and include_reasoning:
         message.update(reasoning_fields(reasoning))
     if calls:
         message["tool_calls"] = calls
@@ -242,6 +247,16 @@ def chat_choice(state: ServerState, comp: CompletionOutput, parse: ChatParsing, 
         "logprobs": {"content": chat_logprobs(state, comp.logprobs or [], token_ids)} if logprobs else None,
         "finish_reason": "tool_calls" if calls else comp.finish_reason,
     }
+
+
+def echoed_text(req: ChatCompletionRequest) -> str:
+    """vLLM's chat echo: the last message's content (text parts joined as rendered) when its role is the
+    reply's, which is always the assistant's here (continue_final_message, or a last assistant turn);
+    else nothing."""
+    if not req.echo or not req.messages or req.messages[-1].role != "assistant":
+        return ""
+    content = req.messages[-1].content
+    return join_text_parts(content)[0] if isinstance(content, list) else content or ""
 
 
 def token_name(state: ServerState, token_id: int, as_id: bool) -> str:

@@ -236,6 +236,12 @@ class ChatCompletionRequest(SamplingFields):
     max_reasoning_tokens: Optional[int] = Field(
         None, description="thinking budget: after this many reasoning tokens the server ends the thinking part"
     )
+    include_reasoning: bool = Field(True, description="vLLM's: false leaves the thinking out of the reply (reasoning and "
+                                    "reasoning_content, streamed or not); the content is the same")
+    echo: bool = Field(
+        False, description="vLLM's: when the last message's role is the reply's (assistant: continue_final_message), the reply's "
+        "content starts with that message's content (streamed: a chunk of its own after the role's)",
+    )
     prediction: Optional[PredictedOutput] = Field(
         None, description="OpenAI's Predicted Outputs: text the reply is expected to repeat mostly (a file being edited); "
         "the server drafts from it and verifies the drafts, so the reply is the one written without it, sooner where "
