@@ -132,17 +132,9 @@ def test_bad_values_are_a_400_naming_the_field_and_value(http, path, extra, need
     assert error["param"] == field and needle in error["message"], error
 
 
-@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
-def test_spaces_between_special_tokens_is_refused(http, path):
-    """The tokenizer's decode has no such switch (it never puts spaces around special tokens), so
-    the field is not taken rather than taken and ignored."""
-    body = {"model": "tiny", "max_tokens": 2, **({"prompt": "hi"} if path == "/v1/completions" else {"messages": MESSAGES}),
-            "spaces_between_special_tokens": True}
-    response = http.post(path, json=body)
-    assert response.status_code == 400 and response.json()["error"]["param"] == "spaces_between_special_tokens"
-
-
 @pytest.mark.parametrize(("path", "field", "value", "needle"), [
+    ("/v1/completions", "spaces_between_special_tokens", "yes", "yes"),
+    ("/v1/chat/completions", "spaces_between_special_tokens", None, "null"),
     ("/v1/chat/completions", "include_reasoning", "no", "no"),
     ("/v1/chat/completions", "include_reasoning", 0, "0"),
     ("/v1/chat/completions", "echo", 1, "1"),
@@ -656,6 +648,50 @@ def test_chat_echo_needs_the_last_message_to_be_the_replys_role(client):
     after = client.chat.completions.create(messages=parts, **kwargs, extra_body=extra).choices[0].message.content
     echoed = client.chat.completions.create(messages=parts, **kwargs, extra_body={**extra, "echo": True}).choices[0].message.content
     assert echoed == "The weather\nis" + after
+
+
+# ---------------------------------------------------------------------- spaces_between_special_tokens
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_spaces_between_special_tokens_is_taken_and_changes_nothing(http, pangu_tokenizer, path):
+    """The reply's text with special tokens kept is the same with either value (completions: the
+    tokenizer's decode of its ids): this server's tokenizers never put spaces around special tokens,
+    and the next test shows transformers' decode ignores the flag too."""
+    chat = path == "/v1/chat/completions"
+    base = {"model": "tiny", **{k: v for k, v in MIXED.items() if k != "extra_body"}, **MIXED["extra_body"], "skip_special_tokens": False,
+            "return_token_ids": True, **({"messages": MESSAGES, "logprobs": False} if chat else {"prompt": "the weather"})}
+    texts = []
+    for spaces in (True, False):
+        choice = http.post(path, json={**base, "spaces_between_special_tokens": spaces}).json()["choices"][0]
+        assert SPECIAL in choice["token_ids"] and PLAIN in choice["token_ids"]
+        texts.append(choice["message"]["content"] if chat else choice["text"])
+        assert "[unused13]" in texts[-1]
+        if not chat:  # (chat's first word keeps its space after the rendered prompt)
+            assert texts[-1] == pangu_tokenizer.decode(choice["token_ids"], skip_special_tokens=False)
+    assert texts[0] == texts[1]
+
+
+def test_transformers_decode_ignores_spaces_between_special_tokens(pangu_tokenizer, pangu_tokenizer_dir, smollm2_gguf_path):
+    """transformers' decode with spaces_between_special_tokens true or false gives one text: for
+    SmolLM2's GGUF tokenizer (tokenizers, as transformers builds it from the file) the text this
+    server decodes; for the Pangu SentencePiece model (transformers' generic SentencePiece tokenizer,
+    which keeps a word's dummy-prefix space after a special token where Pangu's own drops it) the same
+    text with either value, as this server's."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+    from transformers.tokenization_utils_sentencepiece import SentencePieceBackend
+
+    from pangu_infer.loader.gguf import load_gguf_tokenizer, read_gguf
+
+    ours = load_gguf_tokenizer(read_gguf(smollm2_gguf_path))
+    reference = PreTrainedTokenizerFast(tokenizer_object=convert_gguf_tokenizer(*get_gguf_tokenizer(str(smollm2_gguf_path))[:2])[0])
+    ids = ours.encode("<|im_start|>user\nhi<|im_end|><|im_start|><|im_end|>\n<|endoftext|>a<|endoftext|>", add_special_tokens=False)
+    assert len(set(ids) & ours.all_special_ids) == 3
+    for spaces in (True, False):
+        assert reference.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=spaces) == ours.decode(ids, skip_special_tokens=False)
+    pangu = SentencePieceBackend.from_pretrained(str(pangu_tokenizer_dir))
+    ids = pangu_tokenizer.encode("hello [unused13]world[unused0][unused1] the city</s>x[unused10]")
+    texts = {pangu.decode(ids, skip_special_tokens=False, spaces_between_special_tokens=spaces) for spaces in (True, False)}
+    assert len(texts) == 1 and "[unused0][unused1]" in texts.pop()
 
 
 # ---------------------------------------------------------------------- X-Request-Id

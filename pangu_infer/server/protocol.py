@@ -180,6 +180,10 @@ class SamplingFields(_Request):
         True, description="leave the tokenizer's special tokens out of the reply's text (chat: after the reasoning and "
         "tool-call markers are parsed)",
     )
+    spaces_between_special_tokens: bool = Field(
+        True, description="vLLM's; accepted and changes nothing: this server's tokenizers (and transformers' decode) "
+        "join special tokens' texts without spaces either way (docs/design.md)",
+    )
     response_format: Optional[ResponseFormat] = None
     structured_outputs: Optional[StructuredOutputs] = None
     guided_json: Union[dict[str, Any], str, None] = Field(None, description="alias of structured_outputs.json")
