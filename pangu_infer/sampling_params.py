@@ -142,6 +142,9 @@ class SamplingParams:
     # keep only the prompt's last k tokens (vLLM's left truncation); -1: as many as leave room for
     # max_tokens (or one token) in the model's context. None: a prompt that does not fit is an error
     truncate_prompt_tokens: Optional[int] = None
+    # which end truncate_prompt_tokens keeps (vLLM's truncation_side): "left" cuts the start and keeps
+    # the last k tokens, "right" cuts the end and keeps the first k
+    truncation_side: str = "left"
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # a constraint on the answer (JSON schema, regex, choice, grammar), compiled with xgrammar
@@ -213,6 +216,8 @@ class SamplingParams:
             not _is_int(self.truncate_prompt_tokens) or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
         ):
             raise bad("truncate_prompt_tokens", "an integer >= 1, -1 (as many as fit the context) or None")
+        if self.truncation_side not in ("left", "right"):
+            raise bad("truncation_side", "'left' (keep the prompt's last tokens) or 'right' (keep its first)")
         if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
             raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):

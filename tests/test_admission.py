@@ -191,6 +191,13 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tiny_dense_dir):
     assert fit.prompt_token_ids == ids[-(64 - 4):]  # as many as leave room for max_tokens
     short = llm.generate({"prompt_token_ids": ids[:5]}, SamplingParams(**greedy, truncate_prompt_tokens=20), use_tqdm=False)[0]
     assert short.prompt_token_ids == ids[:5]
+    first = llm.generate({"prompt_token_ids": ids}, SamplingParams(**greedy, truncate_prompt_tokens=20, truncation_side="right"),
+                         use_tqdm=False)[0]
+    head = llm.generate({"prompt_token_ids": ids[:20]}, SamplingParams(**greedy), use_tqdm=False)[0]
+    assert first.prompt_token_ids == ids[:20] and first.outputs[0].token_ids == head.outputs[0].token_ids  # (vLLM's truncation_side)
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="truncate_prompt_tokens"):
             SamplingParams(truncate_prompt_tokens=bad)
+    for bad in ("middle", None, "Left"):
+        with pytest.raises(ValueError, match="truncation_side"):
+            SamplingParams(truncation_side=bad)

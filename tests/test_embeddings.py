@@ -393,6 +393,9 @@ def test_truncate_prompt_tokens_and_normalize_as_vllm_takes_them(http, llm, refe
     fit = post(input=longest, truncate_prompt_tokens=-1)
     assert fit["usage"]["prompt_tokens"] == 2048
     check_equal(fit["data"][0]["embedding"], expected(reference, longest[-2048:], "last"))
+    for given, ids in ((PROMPTS[2], PROMPTS[2]), (text, words)):  # truncation_side right (vLLM's): the first k
+        first = post(input=given, truncate_prompt_tokens=3, truncation_side="right")
+        check_equal(first["data"][0]["embedding"], expected(reference, ids[:3], "last"))
 
     with torch.no_grad():
         hidden = reference.model(torch.tensor([PROMPTS[0]])).last_hidden_state[0, -1].float()

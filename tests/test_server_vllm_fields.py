@@ -728,3 +728,34 @@ def test_enable_request_id_headers_echoes_the_header(llm, pangu_tokenizer):
         assert denied.status_code == 401 and denied.headers["x-request-id"] == "t-2"
         fresh = [http.get("/health").headers["x-request-id"] for _ in range(2)]
         assert all(re.fullmatch(r"[0-9a-f]{32}", f) for f in fresh) and fresh[0] != fresh[1]
+
+
+# ---------------------------------------------------------------------- truncation_side
+def test_truncation_side_picks_the_end_truncate_prompt_tokens_keeps(client, http):
+    """vLLM's truncation_side (with truncate_prompt_tokens k): right keeps the prompt's first k tokens,
+    left (and no side, as before) its last k; the reply is the one to those ids."""
+    prompt = "the weather in the city today"
+    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    assert len(ids) > 4
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=3, temperature=0)
+    for side, kept in ((None, ids[-4:]), ("left", ids[-4:]), ("right", ids[:4])):
+        extra = {"return_token_ids": True, "truncate_prompt_tokens": 4, **({} if side is None else {"truncation_side": side})}
+        choice = client.completions.create(**kwargs, extra_body=extra).choices[0]
+        assert choice.prompt_token_ids == kept, side
+        assert choice.text == client.completions.create(**{**kwargs, "prompt": kept}).choices[0].text
+    assert client.completions.create(**kwargs, extra_body={"truncation_side": "right"}).choices[0].text == \
+        client.completions.create(**kwargs).choices[0].text  # (no truncate_prompt_tokens: nothing is cut, as vLLM)
+    rendered = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=1,
+                                          extra_body={"return_token_ids": True, "truncate_prompt_tokens": 5, "truncation_side": "right"})
+    assert chat.prompt_token_ids == rendered[:5]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/embeddings"])
+@pytest.mark.parametrize("value", ["middle", 1])
+def test_bad_truncation_side_is_a_400(http, path, value):
+    body = {"input": "a"} if path == "/v1/embeddings" else _body(path, stream=False)
+    response = http.post(path, json={**body, "truncate_prompt_tokens": 2, "truncation_side": value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "truncation_side" and str(value) in error["message"], error

@@ -41,7 +41,7 @@ def admit(
     if keep is not None:
         if keep == -1:  # as many as fit: the context, less room for one generated token (but a prompt-only request's)
             keep = limits.max_model_len if prompt_only else max(limits.max_model_len - (params.max_tokens or 1), 1)
-        ids = ids[-keep:]
+        ids = ids[:keep] if params.truncation_side == "right" else ids[-keep:]
     n_prompt = len(ids)
     context = limits.max_model_len
     if prompt_only:

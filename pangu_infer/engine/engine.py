@@ -919,11 +919,13 @@ def check_pooling(pooling: object) -> str:
     return pooling  # type: ignore[return-value]
 
 
-def embedding_params(truncate_prompt_tokens: Optional[int] = None) -> SamplingParams:
+def embedding_params(truncate_prompt_tokens: Optional[int] = None, truncation_side: str = "left") -> SamplingParams:
     """The SamplingParams an embedding request runs with (nothing of them is read but
     truncate_prompt_tokens: it never samples). truncate_prompt_tokens (vLLM's): embed the prompt's
-    last k tokens; -1: as many as fit the context. A RequestError naming it where it is not one."""
-    return SamplingParams(temperature=0.0, max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens)
+    last k tokens (truncation_side "right": its first k); -1: as many as fit the context. A
+    RequestError naming the field where it is not one."""
+    return SamplingParams(temperature=0.0, max_tokens=1, truncate_prompt_tokens=truncate_prompt_tokens,
+                          truncation_side=truncation_side)
 
 
 def utilization_kv_budget(utilization: float, total: int, free: int, held: int, reserve: int) -> int:

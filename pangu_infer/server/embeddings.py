@@ -67,12 +67,12 @@ async def handle(state: ServerState, req: EmbeddingRequest, request: Request) ->
 
 
 def _params(req: EmbeddingRequest):
-    """The inputs' engine parameters: embedding_params with the request's truncate_prompt_tokens,
-    checked as a completion's is (an integer >= 1, or -1): a 400 naming it."""
+    """The inputs' engine parameters: embedding_params with the request's truncate_prompt_tokens and
+    truncation_side, checked as a completion's are (an integer >= 1, or -1): a 400 naming it."""
     try:
-        return embedding_params(req.truncate_prompt_tokens)
+        return embedding_params(req.truncate_prompt_tokens, req.truncation_side or "left")
     except RequestError as e:
-        raise APIError(400, str(e), param="truncate_prompt_tokens") from None
+        raise APIError(400, str(e), param=e.param) from None
 
 
 def _inputs(state: ServerState, req: EmbeddingRequest, params) -> list[tuple[Optional[str], list[int]]]:

@@ -76,6 +76,7 @@ def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Opti
         allowed_token_ids=req.allowed_token_ids,
         bad_words=req.bad_words,
         truncate_prompt_tokens=req.truncate_prompt_tokens,
+        truncation_side=req.truncation_side or "left",
         include_stop_str_in_output=req.include_stop_str_in_output,
         seed=req.seed,
         ignore_eos=req.ignore_eos,

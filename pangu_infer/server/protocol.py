@@ -158,6 +158,10 @@ class SamplingFields(_Request):
         "e.g. 43 base64 characters)",
     )
     truncate_prompt_tokens: Optional[int] = Field(None, description="keep the prompt's last k tokens; -1: as many as fit the context")
+    truncation_side: Optional[Literal["left", "right"]] = Field(
+        None, description="vLLM's: which end truncate_prompt_tokens keeps: left (the default) cuts the start, keeping the last "
+        "k tokens; right cuts the end, keeping the first k",
+    )
     request_id: Optional[str] = Field(
         None, min_length=1, max_length=MAX_REQUEST_ID_CHARS,
         description="vLLM's: the reply's id is cmpl-<request_id> (chat: chatcmpl-<request_id>), also in the request log",
@@ -300,6 +304,9 @@ class EmbeddingRequest(_Request):
     add_special_tokens: bool = Field(True, description="vLLM's: texts tokenized with BOS first when the model wants one")
     truncate_prompt_tokens: Optional[int] = Field(
         None, description="vLLM's: embed each input's last k tokens; -1: as many as fit the context (usage counts those kept)"
+    )
+    truncation_side: Optional[Literal["left", "right"]] = Field(
+        None, description="vLLM's: right keeps each input's first k tokens instead (left, the default: the last k)"
     )
     normalize: bool = Field(True, description="vLLM's: true, the embedding L2-normalized; false, the pooled hidden state as it is")
 
