@@ -123,11 +123,6 @@ class LLM:
                     f"batch_invariant=True with tensor_parallel_size={tensor_parallel_size}: not supported "
                     "(the ranks' partial sums are reduced in an order of their own); use one process"
                 )
-            if spec.draft_model is not None:
-                raise ValueError(
-                    f"a draft model ({spec.draft_model!r}) with tensor_parallel_size={tensor_parallel_size}: "
-                    "not supported yet; use one process, or prompt lookup"
-                )
             self.loaded, self.parallel = load_tensor_parallel(
                 model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts
             )
@@ -159,15 +154,22 @@ class LLM:
         self.max_tokens_ceiling: Optional[int] = (
             override.get("max_new_tokens") if chosen_config is None else self.sampling_defaults.get("max_tokens")
         )
-        # The draft model of speculative decoding (engine/draft_model.py), loaded like the target.
+        # The draft model of speculative decoding (engine/draft_model.py), loaded like the target;
+        # under tensor parallelism whole, on rank 0 only (vLLM's draft_tensor_parallel_size=1): its
+        # forwards are rank 0's alone, and only the target's verifying forwards are mirrored.
         self.draft = None
-        if spec.draft_model is not None:
-            self.draft = _load_draft(spec, self.loaded, self.dtype, self.device, self.engine_config)
-        self.engine = LLMEngine(
-            self.model, self.tokenizer, self.engine_config, self.generation_config,
-            draft_model=self.draft.model if self.draft is not None else None,
-            draft_name=self.draft.source if self.draft is not None else "draft model",
-        )
+        try:
+            if spec.draft_model is not None:
+                self.draft = _load_draft(spec, self.loaded, self.dtype, self.device, self.engine_config)
+            self.engine = LLMEngine(
+                self.model, self.tokenizer, self.engine_config, self.generation_config,
+                draft_model=self.draft.model if self.draft is not None else None,
+                draft_name=self.draft.source if self.draft is not None else "draft model",
+            )
+        except BaseException:
+            if self.parallel is not None:  # the workers stop with the failed start (no process group left behind)
+                self.parallel.shutdown()
+            raise
         if self.parallel is not None:
             self.parallel.attach(self.engine.runner)
             # Stops the workers when this LLM is collected or the interpreter exits.

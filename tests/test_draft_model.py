@@ -216,7 +216,9 @@ def test_a_draft_with_a_shorter_context_is_refused(tmp_path, tiny_dense_dir, tin
         ({"method": "ngram"}, "num_speculative_tokens is required"),
         ({"method": "ngram", "model": "x", "num_speculative_tokens": 2}, "method 'ngram' takes no model"),
         ({"method": "draft_model", "num_speculative_tokens": 2}, "needs a model"),
-        ({"model": "x", "draft_tensor_parallel_size": 1}, "unknown key 'draft_tensor_parallel_size'"),
+        ({"model": "x", "draft_model_revision": "main"}, "unknown key 'draft_model_revision'"),
+        ({"model": "x", "draft_tensor_parallel_size": 2}, "draft_tensor_parallel_size 2 is not supported: the draft model runs whole on rank 0"),
+        ({"method": "ngram", "num_speculative_tokens": 2, "draft_tensor_parallel_size": 1}, "draft_tensor_parallel_size applies to a draft model"),
         ({"model": "x", "prompt_lookup_max": 3}, "prompt_lookup_max applies to prompt lookup"),
         ({"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min 4 exceeds"),
         ({"model": "x", "quantization": "fp8"}, "quantization 'fp8'"),
@@ -233,6 +235,8 @@ def test_speculative_config_forms():
     assert (s.draft_model, s.num_tokens) == ("d.gguf", 4)  # a draft model's default draft length
     s = speculative_settings({"method": "ngram", "num_speculative_tokens": 5, "prompt_lookup_max": 4, "prompt_lookup_min": 2})
     assert (s.draft_model, s.num_tokens, s.ngram_max, s.ngram_min) == (None, 5, 4, 2)
+    s = speculative_settings({"model": "d", "draft_tensor_parallel_size": 1})  # vLLM's spelling of how it runs here
+    assert (s.draft_model, s.num_tokens) == ("d", 4)
     s = speculative_settings(None, speculative_model="d", num_speculative_tokens=2)
     assert (s.draft_model, s.num_tokens) == ("d", 2)
     with pytest.raises(ValueError, match="num_speculative_tokens 3 differs from num_speculative_tokens=2"):

@@ -365,7 +365,10 @@ class SpeculativeSettings:
 
 # A draft model given with no draft length drafts this many tokens per step.
 DEFAULT_DRAFT_MODEL_TOKENS = 4
-SPECULATIVE_CONFIG_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "quantization")
+SPECULATIVE_CONFIG_KEYS = (
+    "method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "quantization",
+    "draft_tensor_parallel_size",
+)
 
 
 def speculative_settings(
@@ -375,7 +378,8 @@ def speculative_settings(
     speculative_ngram: int = 3,
 ) -> SpeculativeSettings:
     """vLLM's speculative_config ({"method": "ngram" | "draft_model", "model", "num_speculative_tokens",
-    "prompt_lookup_max", "prompt_lookup_min", "quantization"}), or this engine's own arguments
+    "prompt_lookup_max", "prompt_lookup_min", "quantization", "draft_tensor_parallel_size"}: 1, the
+    draft whole on one rank, is how a draft runs here), or this engine's own arguments
     (speculative_model, num_speculative_tokens, speculative_ngram), as one SpeculativeSettings.
     A field given twice with two values, an unknown key or method, or a bad value is a ValueError
     naming it."""
@@ -429,6 +433,15 @@ def speculative_settings(
         setattr(settings, field_name, v)
     if settings.ngram_min > settings.ngram_max:
         raise ValueError(f"speculative_config: prompt_lookup_min {settings.ngram_min} exceeds prompt_lookup_max {settings.ngram_max}")
+    draft_tp = speculative_config.get("draft_tensor_parallel_size")
+    if draft_tp is not None:
+        if settings.draft_model is None:
+            raise ValueError("speculative_config: draft_tensor_parallel_size applies to a draft model")
+        if draft_tp != 1 or isinstance(draft_tp, bool):
+            raise ValueError(
+                f"speculative_config: draft_tensor_parallel_size {draft_tp!r} is not supported: the draft model runs "
+                "whole on rank 0 (1), beside a tensor-parallel target"
+            )
     quantization = speculative_config.get("quantization")
     if quantization is not None:
         if settings.draft_model is None:
