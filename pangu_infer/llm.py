@@ -118,13 +118,9 @@ class LLM:
         configure_threads(threads)
         self.parallel = None  # rank 0's driver of the worker ranks, with tensor_parallel_size > 1
         if tensor_parallel_size > 1:
-            if batch_invariant:
-                raise ValueError(
-                    f"batch_invariant=True with tensor_parallel_size={tensor_parallel_size}: not supported "
-                    "(the ranks' partial sums are reduced in an order of their own); use one process"
-                )
             self.loaded, self.parallel = load_tensor_parallel(
-                model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts
+                model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts,
+                bf16_weights=not batch_invariant,
             )
             self.device = self.parallel.device
         else:

@@ -56,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pangu_infer.parallel.state import ParallelState, RowParallelLinear
+
 # At import, not inside the traced attention: the module registers pangu_infer::bi_attention.
 from pangu_infer.models import bi_attention_kernel
 
@@ -312,6 +314,15 @@ def make_batch_invariant(model: nn.Module, dtype: torch.dtype | None = None) -> 
     if getattr(model, "batch_invariant", False):
         return 0
     dtype = dtype or _activation_dtype(model)
+    # Tensor parallel: a row-parallel linear's own product is tiled like any linear (its all-reduce
+    # stays outside the tiles), and the ranks' partial sums are added in rank order.
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is RowParallelLinear:
+                setattr(parent, name, child.around(_weight_only(child.weight)))
+    parallel = getattr(model, "parallel", None)
+    if isinstance(parallel, ParallelState) and parallel.is_parallel:
+        parallel.ordered_sums = True
     sites = []
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -325,6 +336,13 @@ def make_batch_invariant(model: nn.Module, dtype: torch.dtype | None = None) -> 
             m.batch_invariant = True
     model.batch_invariant = True
     return len(sites)
+
+
+def _weight_only(weight: nn.Parameter) -> nn.Linear:
+    """An nn.Linear of `weight` with no bias (a row-parallel linear's product alone)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
+    linear.weight = weight
+    return linear
 
 
 def tied_head(hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:

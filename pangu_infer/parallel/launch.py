@@ -56,6 +56,7 @@ def load_tensor_parallel(
     device: torch.device,
     quantization: Any = None,
     offload_experts: bool = False,
+    bf16_weights: bool = True,
 ) -> tuple[LoadedModel, "TensorParallelDriver"]:
     """Load rank 0's shard with every other rank loading its own; returns once all ranks joined.
 
@@ -65,7 +66,7 @@ def load_tensor_parallel(
     """
     path = resolve_model_path(model)
     check_parallel_config(read_config(path), world_size)
-    load = ShardLoad(path, dtype, quantization, offload_experts)
+    load = ShardLoad(path, dtype, quantization, offload_experts, bf16_weights)
     if launched_by_torchrun():
         return _load_torchrun(load, world_size, device)
     check_fits(load, world_size, device)  # before any rank is started: spawned ranks all share this host
@@ -118,7 +119,7 @@ class TensorParallelDriver:
             self._send(("lora_enable", s.slots, s.max_rank, len(s.slot_ids), s.dtype))
             s.on_install = self._install_lora
         self._send(("runner", runner.num_blocks, runner.block_size, runner.k_caches[0].dtype,
-                    runner.compiles, runner.max_model_len))
+                    runner.compiles, runner.max_model_len, runner.batch_invariant, runner.max_num_seqs))
         runner.mirror = self._mirror
         self.state.gather_counts = self._gather_expert_tokens
 

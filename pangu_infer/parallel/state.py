@@ -28,6 +28,11 @@ class ParallelState:
     collective_calls: int = field(default=0, compare=False, repr=False)
     # Set on rank 0 by the driver: collects a list of counts from every rank ([item][rank]).
     gather_counts: Optional[Callable[[list[int]], list[list[int]]]] = field(default=None, compare=False, repr=False)
+    # Batch-invariant mode (models/batch_invariant.make_batch_invariant): every reduction adds the
+    # ranks' partial sums in rank order (ordered_all_reduce), the same order for every element
+    # whatever the batch; a ring all-reduce adds an element's partials in an order set by the chunk
+    # it falls in, which moves with the tensor's size (with more than 2 ranks, other bits).
+    ordered_sums: bool = field(default=False, compare=False, repr=False)
 
     @property
     def is_parallel(self) -> bool:
@@ -45,10 +50,24 @@ class ParallelState:
         if torch.compiler.is_compiling():
             return torch.ops.pangu_infer.all_reduce(x)
         start = time.perf_counter()
-        dist.all_reduce(x)
+        if self.ordered_sums:
+            ordered_all_reduce(x, self.world_size)
+        else:
+            dist.all_reduce(x)
         self.collective_seconds += time.perf_counter() - start
         self.collective_calls += 1
         return x
+
+
+def ordered_all_reduce(x: torch.Tensor, world_size: int) -> None:
+    """x summed over the ranks in place, in rank order: every rank's partials gathered (copies,
+    exact), then added one rank after another in float32 (at least), rounded once to x's dtype."""
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    dist.all_gather(parts, x.contiguous())
+    total = parts[0].to(torch.promote_types(x.dtype, torch.float32))
+    for part in parts[1:]:
+        total += part
+    x.copy_(total)
 
 
 SINGLE_PROCESS = ParallelState()

@@ -34,11 +34,13 @@ class ShardLoad:
     dtype: torch.dtype
     quantization: Any = None  # as LLM(quantization=...): "auto" keeps a GGUF file's blocks quantized
     offload_experts: bool = False
+    bf16_weights: bool = True  # False with batch_invariant, as in one process (LLM.__init__)
 
     def run(self, device: torch.device, load_tokenizer: bool = False) -> LoadedModel:
         """This rank's shard (call inside `building_shard`)."""
         return load_serving_model(
-            self.path, self.dtype, device, load_tokenizer, quantization=self.quantization, offload_experts=self.offload_experts
+            self.path, self.dtype, device, load_tokenizer, quantization=self.quantization, offload_experts=self.offload_experts,
+            bf16_weights=self.bf16_weights,
         )
 
 
@@ -105,10 +107,10 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
             compiled_steps += step is not None
         elif kind == "copy":  # KV slots copied between blocks (a beam search's partial blocks)
             runner.copy_slots(*body[0])
-        elif kind == "runner":  # rank 0's KV cache shape and compile setting
-            num_blocks, block_size, kv_dtype, compiles, max_model_len = body
+        elif kind == "runner":  # rank 0's KV cache shape, compile and batch-invariant settings
+            num_blocks, block_size, kv_dtype, compiles, max_model_len, batch_invariant, max_num_seqs = body
             runner = ModelRunner(model, num_blocks, block_size, kv_dtype, device, enforce_eager=not compiles,
-                                 max_model_len=max_model_len)
+                                 max_model_len=max_model_len, batch_invariant=batch_invariant, max_num_seqs=max_num_seqs)
         elif kind == "lora_enable":  # rank 0's LoRA slots (before "runner": its compiled step has both graphs)
             slots, max_rank, rows, dtype = body
             lora = enable_lora(model, slots, max_rank, rows, dtype, device)
