@@ -5,7 +5,8 @@ meta device (no weights, no memory) and prints the total and active parameter co
 bytes as a load would hold them, the KV-cache bytes per token, and for a memory budget how many
 tokens of context fit after the weights, per precision. The weights as loaded are the loader's own
 estimate (`pangu_infer.loader.weights_bytes`: a GGUF file's tensors as the loader's plan keeps their
-block types, 16-bit matrices a float32 CPU load keeps 16-bit); the other precisions come from
+block types, 16-bit matrices a float32 CPU load keeps 16-bit, a bf16 load on a CPU that packs its
+linears for oneDNN as packed, a tied head's packed copy included); the other precisions come from
 `pangu_infer.quant.loading.quantized_weight_bytes`. `--dtype auto` (the default) is what generate
 and serve pick on this machine when given no --dtype: the model's dtype and its KV cache's.
 """
@@ -139,7 +140,7 @@ def loaded_weight_bytes(
         half = kept_half_dtype(source.path, dtype, device, quantization, False)
         return weights_bytes(source.path, dtype, quantization, False, True, device), half
     half = _config_half(source.config, dtype, device, quantization)
-    return quantized_weight_bytes(model, dtype, resolve_quantization(model, quantization), matrix_dtype=half), half
+    return quantized_weight_bytes(model, dtype, resolve_quantization(model, quantization), matrix_dtype=half, device=device), half
 
 
 def _config_half(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, quantization: Any) -> Optional[torch.dtype]:
@@ -188,9 +189,11 @@ def weight_bytes(
     dtype: torch.dtype,
     quantization: str | QuantizationConfig | None,
     group_size: Optional[int] = None,
+    device: Optional[torch.device] = None,
 ) -> int:
-    """Resident weight bytes: float parts in `dtype`, quantized weights in the `pangu_infer.quant` format."""
-    return quantized_weight_bytes(model, dtype, parse_quantization(quantization, group_size))
+    """Resident weight bytes: float parts in `dtype`, quantized weights in the `pangu_infer.quant` format;
+    with `device`, bf16 linears packed where a load there packs them (quantized_weight_bytes)."""
+    return quantized_weight_bytes(model, dtype, parse_quantization(quantization, group_size), device=device)
 
 
 def context_tokens(memory_bytes: int, weights: int, kv_per_token: int) -> Optional[int]:
@@ -288,7 +291,7 @@ def _fit_table(
             how = quant if group is None else parse_quantization(quant, group)
             weights = weights_bytes(source.path, DTYPES[row_dtype], how, False, device=device, ckpt=source.gguf)
         else:
-            weights = weight_bytes(model, DTYPES[row_dtype], quant, group)
+            weights = weight_bytes(model, DTYPES[row_dtype], quant, group, device)
         kv = cfg.kv_bytes_per_token(DTYPES[row_dtype] if quant is None else kv_dtype)
         tokens = context_tokens(budget, weights, kv)
         fit = "does not fit" if tokens is None else f"{tokens:,}"

@@ -233,3 +233,42 @@ def test_a_nested_cgroup_v1_group_and_the_ones_above_it_count(tmp_path, monkeypa
     monkeypatch.setattr(memory, "V2_ROOT", str(tmp_path / "v2"))  # no v2 memory controller here
     monkeypatch.setattr(memory, "SELF_CGROUP", str(self_cgroup))
     assert memory.available_memory_bytes() == 1 << 30  # process_api's: 4 - 3 GiB, tighter than job7's 1.25
+
+
+# ------------------------------------------------------------------ bf16 packed for oneDNN
+
+DEMO_HEAD_BYTES = 49152 * 576 * 2  # SmolLM2-135M's vocabulary x hidden size, bf16
+
+
+def _packing(monkeypatch, packs: bool) -> None:
+    """As on a CPU whose oneDNN has the bf16 linear (an AVX-512 BF16 EPYC: blocks of 64 rows x 32
+    columns) or one without it, whatever this CPU is."""
+    monkeypatch.setattr("pangu_infer.device.can_pack", lambda device, dtype: packs and device.type == "cpu" and dtype == torch.bfloat16)
+    monkeypatch.setattr("pangu_infer.models.packed.packed_blocks", lambda: (64, 32))
+
+
+def test_a_bf16_load_that_packs_needs_the_tied_heads_packed_copy(smollm2_gguf_path, monkeypatch):
+    """load_serving_model packs a bf16 CPU load's linears where oneDNN has the bf16 linear, and gives
+    a tied LM head a packed copy of the embedding (the lookup keeps the rows): the demo model
+    (SmolLM2-135M, tied) holds vocab x hidden x 2 bytes more, on every tensor-parallel rank (none of
+    them owns a head of its own), and the memory check asks for them."""
+    from pangu_infer.loader import check_weights_fit
+
+    path = str(smollm2_gguf_path)
+    need = {}
+    for packs in (False, True):
+        _packing(monkeypatch, packs)
+        need[packs] = [weights_bytes(path, torch.bfloat16, "none", False, True, CPU, world) for world in (1, 2)]
+    # Its sizes are multiples of the blocks: the linears take no padding, only the copy is new.
+    assert need[True][0] - need[False][0] == DEMO_HEAD_BYTES
+    assert need[True][1] - need[False][1] == 2 * DEMO_HEAD_BYTES
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: need[False][0] + DEMO_HEAD_BYTES // 2)
+    _packing(monkeypatch, False)
+    check_weights_fit(path, torch.bfloat16, CPU, "none", False, keep_half=True)  # fits where nothing packs
+    _packing(monkeypatch, True)
+    with pytest.raises(ValueError, match=rf"needs about {need[True][0] / 2**30:.1f} GiB of memory for its weights \(bfloat16"):
+        check_weights_fit(path, torch.bfloat16, CPU, "none", False, keep_half=True)
+    # Kept quantized (Q4_1 as int4, Q8_0 as int8), nothing is packed: the int4 head's copy is counted once, as before.
+    auto = weights_bytes(path, torch.bfloat16, "auto", False, True, CPU)
+    _packing(monkeypatch, False)
+    assert weights_bytes(path, torch.bfloat16, "auto", False, True, CPU) == auto

@@ -234,3 +234,37 @@ def test_a_model_of_the_same_shape_loads_the_saved_step_and_multiplies_by_its_ow
             want = rows[len(prompt) : len(ids) - 1].gather(1, ids[len(prompt) + 1 :, None]).squeeze(1)
             gap = (got - want).abs().max().item()
             assert gap <= 0.05 if i == j else gap > 0.3, (i, j, gap)
+
+
+@pytest.mark.parametrize("layout", packed.LAYOUTS)
+def test_the_bytes_a_packed_weight_holds_are_known_before_packing(layout, monkeypatch):
+    """oneDNN's blocked layout pads a packed weight to its blocks: packed_bytes (what the memory
+    estimate counts) is what oneDNN allocates, odd shapes included."""
+    monkeypatch.setenv(packed.LAYOUT_ENV, layout)
+    packed.packed_layout.cache_clear()
+    for n, k in [(3, 5000), (1000, 777), (130, 96), (1536, 576), (7, 64)]:
+        weight = PackedLinear(torch.zeros(n, k, dtype=torch.bfloat16), None).weight
+        assert packed.packed_bytes(n, k) == torch.ops.mkldnn._nbytes(weight), (n, k)
+    assert packed.packed_bytes(3, 5000) > 10 * 3 * 5000 * 2  # padded rows, many times the weight
+    packed.packed_layout.cache_clear()
+
+
+def test_the_memory_estimate_is_what_a_packed_bf16_load_holds(tmp_path):
+    """A bf16 load that packs (a tied MoGE model whose widths are not multiples of oneDNN's blocks:
+    every packed linear and expert padded, and the tied head's packed copy) holds what
+    loader.weights_bytes counts, each packed weight as oneDNN allocated it."""
+    from fixtures_models import build_tiny_model
+
+    from pangu_infer.loader import load_serving_model, weights_bytes
+    from pangu_infer.loader.random import pangu_moge_config
+
+    config = pangu_moge_config(vocab_size=1000, hidden_size=48, num_experts=16, moe_intermediate_size=40,
+                               shared_expert_intermediate_size=40, tie_word_embeddings=True)
+    path = str(build_tiny_model(tmp_path, config))
+    model = load_serving_model(path, torch.bfloat16, CPU, load_tokenizer=False).model
+    assert model.lm_head is not None and model.lm_head is not model.model.embed_tokens
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
+    held = sum(torch.ops.mkldnn._nbytes(t) if t.layout == torch._mkldnn else t.numel() * t.element_size() for t in tensors)
+    estimate = weights_bytes(path, torch.bfloat16, None, False, True, CPU)
+    assert abs(estimate - held) <= 0.001 * held, (estimate, held)
+    assert estimate > weights_bytes(path, torch.bfloat16, None, False, True, torch.device("meta")) * 1.2  # packing counts

@@ -13,7 +13,7 @@ import torch
 from pangu_infer.cli import main
 from pangu_infer.config import ModelConfig
 from pangu_infer.loader.random import pangu_dense_config, pangu_moge_config
-from pangu_infer.models.registry import build_model_on_meta
+from pangu_infer.models.registry import build_model_on_meta, count_parameters
 from pangu_infer.plan import weight_bytes
 from pangu_infer.quant.formats import QuantizationConfig
 
@@ -73,10 +73,35 @@ def test_a_float32_cpu_load_keeps_the_bf16_matrices_its_config_names(capsys, mon
     assert rc == 0 and "16.06 GB (float32; the matrices kept in bfloat16, as its config's torch_dtype says)" in out
 
 
+@pytest.mark.parametrize("packs", [False, True])
+def test_a_bf16_plan_counts_the_tied_heads_packed_copy_where_a_load_packs(capsys, monkeypatch, tmp_path, packs):
+    """Where load_serving_model packs bf16 linears for oneDNN (device.can_pack: an AVX-512 BF16 or AMX
+    CPU), a tied LM head gets a packed copy of the embedding: the weights line and the bfloat16 row
+    of a config.json alone count it (vocab x hidden x 2 bytes; the widths here are multiples of
+    oneDNN's blocks, 64 rows x 32 columns on an AVX-512 BF16 EPYC, so nothing else is padded)."""
+    monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: torch.device("cpu"))
+    monkeypatch.setattr("pangu_infer.device.can_pack", lambda device, dtype: packs and device.type == "cpu" and dtype == torch.bfloat16)
+    monkeypatch.setattr("pangu_infer.models.packed.packed_blocks", lambda: (64, 32))
+    config = pangu_dense_config(vocab_size=1024, tie_word_embeddings=True)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    rc, out, _ = _plan(capsys, "--model", str(tmp_path), "--dtype", "bfloat16", "--memory-gb", "0.001")
+    assert rc == 0
+    params = count_parameters(build_model_on_meta(ModelConfig.from_file(str(tmp_path))))
+    head = 1024 * 64 * 2 if packs else 0
+    weights = _weights_line_bytes(out)
+    assert weights == 2 * params + head
+    kv = ModelConfig.from_file(str(tmp_path)).kv_bytes_per_token(torch.bfloat16)
+    assert _table(out)["bfloat16"].endswith(f"{(10**6 - weights) // kv:,}")
+    assert _table(out)["float32"].endswith(f"{(10**6 - 4 * params) // (2 * kv):,}")  # a float32 load packs nothing
+
+
 def test_plan_memory_budget_shows_context_that_fits_per_precision(capsys):
     rc, out, _ = _plan(capsys, "--model", str(PRO_MOE_72B), "--memory-gb", "160", "--dtype", "bfloat16")
     assert rc == 0
-    tokens = (160 * 10**9 - 2 * PRO_MOE_72B_PARAMS) // PRO_MOE_72B_KV_BF16
+    # Where a bf16 CPU load packs the linears, oneDNN pads the head's 153,376 rows to its blocks.
+    weights = _weights_line_bytes(out)
+    assert 2 * PRO_MOE_72B_PARAMS <= weights <= 2 * PRO_MOE_72B_PARAMS + 64 * 5120 * 2
+    tokens = (160 * 10**9 - weights) // PRO_MOE_72B_KV_BF16
     assert f"= {tokens:,} tokens of context" in out
     table = _table(out)
     assert "does not fit" in table["float32"] and "384.0 KiB" in table["float32"]
@@ -225,9 +250,14 @@ def _weights_line_bytes(out: str) -> int:
 
 
 def _held(model) -> int:
-    """Bytes of the loaded model's parameters and buffers (each tensor once)."""
+    """Bytes of the loaded model's parameters and buffers (each tensor once); a oneDNN-packed weight
+    as oneDNN allocated it (its blocked layout, padded: mkldnn._nbytes)."""
     seen = {id(t): t for t in list(model.parameters()) + list(model.buffers()) if not t.is_meta}
-    return sum(t.numel() * t.element_size() for t in seen.values())
+    return sum(_nbytes(t) for t in seen.values())
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return torch.ops.mkldnn._nbytes(t) if t.layout == torch._mkldnn else t.numel() * t.element_size()
 
 
 @pytest.fixture(scope="module")

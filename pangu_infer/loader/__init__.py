@@ -250,7 +250,9 @@ def weights_bytes(
     tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
     converts their block types: Q4 types int4, other block types int8, whatever the file's bytes),
     float tensors in the dtype they end up in (`dtype`; with keep_half, the 16-bit matrices a float32
-    CPU load keeps as load_serving_model decides, widened otherwise), offloaded experts not counted.
+    CPU load keeps as load_serving_model decides, widened otherwise), offloaded experts not counted;
+    a bf16 load on a CPU that packs (device.can_pack) as load_serving_model packs it: the linears in
+    oneDNN's padded layout, a tied LM head's packed copy of the embedding on every rank.
 
     tensor_parallel_size > 1: the sum of the shards of `ranks` (all by default), each counted from
     the model as that rank builds it (heads and MLP columns split, the embedding on every rank, the
@@ -276,10 +278,10 @@ def weights_bytes(
             net.lm_head = torch.nn.Module()  # a worker rank never fills the head it builds
         if gguf:
             total += quantized_weight_bytes(net, dtype, None, settings=_gguf_plan(ckpt, net, quantization)[1],
-                                            matrix_dtype=half)
+                                            matrix_dtype=half, device=device)
         else:
             total += quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization), offload_experts,
-                                            matrix_dtype=half)
+                                            matrix_dtype=half, device=device)
     return total
 
 

@@ -96,6 +96,53 @@ def measure_layouts(n_weights: int = 8, size: int = 2048) -> str:
     return min(near, key=lambda name: many[name])
 
 
+def _reorder(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The bf16 [out, in] `weight` laid out by oneDNN in `layout` (an opaque mkldnn tensor)."""
+    if layout == "decode":
+        return torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+    return torch.ops.mkldnn._reorder_linear_weight(weight)
+
+
+def packed_bytes(out_features: int, in_features: int) -> int:
+    """Bytes a bf16 [out, in] weight holds once packed, without packing it (the memory estimate's
+    count, quant.loading.quantized_weight_bytes): oneDNN's blocked layout pads the rows and columns
+    to its blocks (64 rows x 32 columns on an AVX-512 BF16 EPYC: a [3, 5000] weight takes 643,072
+    bytes, not 30,000), blocks a model's own sizes, multiples of 64, leave unpadded."""
+    rows, cols = packed_blocks()
+    return -(-out_features // rows) * rows * (-(-in_features // cols) * cols) * 2
+
+
+@functools.lru_cache(maxsize=1)
+def packed_blocks() -> tuple[int, int]:
+    """(rows, columns) oneDNN pads a packed bf16 weight to on this CPU, the larger of the two
+    layouts' (which one a load uses is measured, packed_layout(); the estimate does not measure):
+    read from the bytes (`mkldnn._nbytes`) of two small packed probes, a row of 512 columns (the
+    row block times 512) and 512 rows of one column (512 times the column block). (1, 1) where
+    oneDNN cannot say (nothing padded)."""
+    nbytes = getattr(torch.ops.mkldnn, "_nbytes", None)
+    if nbytes is None:
+        return 1, 1
+    probe = 512  # a multiple of any block oneDNN uses
+    rows = max(nbytes(_reorder(torch.zeros(1, probe, dtype=torch.bfloat16), layout)) // (2 * probe) for layout in LAYOUTS)
+    cols = max(nbytes(_reorder(torch.zeros(probe, 1, dtype=torch.bfloat16), layout)) // (2 * probe) for layout in LAYOUTS)
+    return max(rows, 1), max(cols, 1)
+
+
+def packed_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters of `model` (built on the meta device, as a load builds it) that
+    pack_linears lays out for oneDNN when they are plain bf16 on the CPU: the weight of every
+    plain nn.Linear and RowParallelLinear, the MoGE routed experts' w13 and w2 (one packed matrix
+    per expert). The tied LM head's packed copy is the embedding's, not a parameter of its own."""
+    names = set()
+    for prefix, module in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        if type(module) in (nn.Linear, RowParallelLinear):
+            names.add(dot + "weight")
+        elif callable(getattr(module, "pack_experts", None)):  # models/moge.py's StackedExperts
+            names.update((dot + "w13", dot + "w2"))
+    return names
+
+
 class PackedLinear(nn.Module):
     """Stands in for a bf16 nn.Linear on CPU: same product, the weight pre-laid out for oneDNN."""
 
@@ -105,12 +152,7 @@ class PackedLinear(nn.Module):
         # oneDNN's layout for a batch-size hint: the one-row layout or the general one, whichever
         # this machine measured faster (packed_layout()).
         self.layout = packed_layout()
-        w = weight.detach().contiguous()
-        if self.layout == "decode":
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
-        else:
-            packed = torch.ops.mkldnn._reorder_linear_weight(w)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        self.weight = nn.Parameter(_reorder(weight.detach().contiguous(), self.layout), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         key = next(_handles)
         self.handle = torch.tensor(key, dtype=torch.long)  # a graph input, not a constant (module docstring)

@@ -323,16 +323,31 @@ def quantized_weight_bytes(
     offload_experts: bool = False,
     settings: Optional[dict[str, Optional[QuantizationConfig]]] = None,
     matrix_dtype: Optional[torch.dtype] = None,
+    device: Optional[torch.device] = None,
 ) -> int:
     """Resident bytes of the weights after loading with this setting (what the memory planner uses).
 
     settings: target parameter -> its own setting (None: float), in place of `quantization`, as
     LoadHook takes them (a GGUF file's per-tensor plan). matrix_dtype: the dtype float parameters
-    of 2 or more dims are held in (load_weights' matrix_dtype), the others in `dtype`."""
+    of 2 or more dims are held in (load_weights' matrix_dtype), the others in `dtype`. device: where
+    the load puts them; a bf16 load on a CPU that packs (device.can_pack, load_serving_model's rule)
+    holds the plain bf16 linears oneDNN-packed (models/packed.py: padded to oneDNN's blocks) and,
+    for a tied LM head whose embedding stays bf16, a packed copy of the embedding besides its rows."""
+    from pangu_infer.device import can_pack
+
     elem = torch.empty((), dtype=dtype).element_size()
     matrix_elem = elem if matrix_dtype is None else torch.empty((), dtype=matrix_dtype).element_size()
     scale_elem = torch.empty((), dtype=KERNEL_DTYPE).element_size()
     kinds = quantizable_weights(model) if quantization is not None or settings is not None or offload_experts else {}
+    packs = device is not None and matrix_dtype is None and can_pack(device, dtype)
+    packed_head = None
+    if packs:
+        from pangu_infer.models.packed import packed_bytes, packed_parameters
+
+        packed_names = packed_parameters(model)
+        embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+        if model.lm_head is None and isinstance(embed, nn.Embedding):  # tied: pack_linears' head copy
+            packed_head = "model.embed_tokens.weight"
     total = 0
     for name, p in model.named_parameters():
         kind = kinds.get(name)
@@ -341,8 +356,13 @@ def quantized_weight_bytes(
         wanted = quantization if settings is None else settings.get(name)
         setting = None if kind is None or wanted is None else quantized_method(wanted, p.shape)
         if setting is None:
-            # The MoE family's expert-selection bias stays fp32 whatever the model dtype.
-            total += p.numel() * (4 if name.endswith("e_score_correction_bias") else matrix_elem if p.dim() >= 2 else elem)
+            if packs and name in packed_names:  # one packed matrix per expert ([E, N, K]) or per linear
+                total += p.numel() // (p.shape[-2] * p.shape[-1]) * packed_bytes(p.shape[-2], p.shape[-1])
+            elif name == packed_head:  # the rows the lookup reads, and the head's packed copy
+                total += p.numel() * elem + packed_bytes(*p.shape)
+            else:
+                # The MoE family's expert-selection bias stays fp32 whatever the model dtype.
+                total += p.numel() * (4 if name.endswith("e_score_correction_bias") else matrix_elem if p.dim() >= 2 else elem)
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
