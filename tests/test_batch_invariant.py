@@ -214,16 +214,17 @@ class RowCountDependentLinear(nn.Module):
 @pytest.mark.parametrize("switch", [2, 5, 40, 1000])
 def test_free_tiles_are_measured_and_stay_below_the_kernel_switch(switch, tmp_path, monkeypatch):
     """A kernel measured row-invariant up to T rows runs in unpadded tiles of at most T rows; one
-    that varies from 2 rows on is padded to PAD_TILE. Either way rows equal the row alone."""
+    that varies from 2 rows on (the same kernel for every 2..64 rows here) runs in calls of 2..64
+    rows, a one-row call padded to 2. Either way rows equal the row alone."""
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
-    monkeypatch.setattr(bi, "_free_tiles", {})
+    monkeypatch.setattr(bi, "_tiles", {})
     RowCountDependentLinear.__name__ = f"RowCountDependent{switch}Linear"  # its own cache entry
     inner = RowCountDependentLinear(switch)
     model = nn.Sequential(inner)
     bi.make_batch_invariant(model, torch.float32)
     wrapped = model[0]
     expected = max([t for t in bi.FREE_TILES if t < switch], default=None)
-    assert (wrapped.tile, wrapped.pad) == ((expected, False) if expected else (bi.PAD_TILE, True))
+    assert (wrapped.min_rows, wrapped.tile) == ((1, expected) if expected else (2, 64))
     x = torch.randn(150, 64)
     with torch.inference_mode():
         alone = torch.cat([wrapped(x[i : i + 1]) for i in range(len(x))])
@@ -233,7 +234,71 @@ def test_free_tiles_are_measured_and_stay_below_the_kernel_switch(switch, tmp_pa
         env.setenv(bi.MEASURE_ENV, "0")
         model = nn.Sequential(RowCountDependentLinear(switch))
         bi.make_batch_invariant(model, torch.float32)
-        assert (model[0].tile, model[0].pad) == (bi.PAD_TILE, True)
+        assert (model[0].min_rows, model[0].tile) == (bi.PAD_TILE, bi.PAD_TILE)
+
+
+class OneRowApartLinear(nn.Module):
+    """A bf16 linear whose one-row product alone rounds otherwise than at any other row count, in
+    a few outputs only (one fp32 ulp before the bf16 rounding: 4 outputs of the 228 x 576 that
+    the measurement computes, none in its first 64 rows), as oneDNN's bf16 products over 1536
+    inputs on a Zen 4 EPYC (about 1 in 7,000; RESULTS.md), which a measurement on 64 rows missed."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_features, self.out_features = 64, 576
+        self.weight = nn.Parameter(torch.randn(576, 64, generator=torch.Generator().manual_seed(5)), requires_grad=False)
+
+    def forward(self, x):
+        y = x.double() @ self.weight.double().t()
+        return (y.float() * (1 + 2**-23) if x.shape[0] == 1 else y).to(x.dtype)
+
+
+def test_a_one_row_product_that_rarely_differs_runs_padded_to_two_rows(tmp_path, monkeypatch):
+    """The measurement compares every row at every row count (the wrapper's own calls, the last
+    tile included) on enough rows to see rare differences, and a kernel that differs at one row
+    only runs in calls of 2..64 rows, a one-row call padded to 2: rows equal the row alone."""
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.setattr(bi, "_tiles", {})
+    inner = OneRowApartLinear()
+    x = torch.randn(300, 64, generator=torch.Generator().manual_seed(4)).bfloat16()
+    with torch.inference_mode():
+        assert not torch.equal(torch.cat([inner(x[i : i + 1]) for i in range(len(x))]), inner(x))  # the kernel does differ
+        model = nn.Sequential(inner)
+        bi.make_batch_invariant(model, torch.bfloat16)
+        wrapped = model[0]
+        assert (wrapped.min_rows, wrapped.tile) == (2, 64), wrapped.extra_repr()
+        alone = torch.cat([wrapped(x[i : i + 1]) for i in range(len(x))])
+        for m in (2, 3, 9, 33, 64, 65, 129, 300):
+            assert torch.equal(wrapped(x[:m]), alone[:m]), m
+
+
+def test_cached_tiles_of_the_old_measurement_or_format_are_measured_again(tmp_path, monkeypatch):
+    """A cache file written by the earlier measurement (batch_invariant_free_rows: 64 rows, first
+    rows only, which claimed invariance up to 14 rows for a kernel that differs at one row) or
+    holding a value of another form is measured again; a valid entry is taken as it is."""
+    import json
+
+    from pangu_infer.machine import machine_key
+
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(path))
+    signature = bi._signature(OneRowApartLinear(), 64, 576, torch.bfloat16)
+    key = f"{bi.TILES_KEY}|{signature}"
+    path.write_text(json.dumps({machine_key(): {f"batch_invariant_free_rows|{signature}": 64, key: 64}}))
+
+    def wrapped_tiles():
+        monkeypatch.setattr(bi, "_tiles", {})
+        model = nn.Sequential(OneRowApartLinear())
+        bi.make_batch_invariant(model, torch.bfloat16)
+        return model[0].min_rows, model[0].tile
+
+    assert wrapped_tiles() == (2, 64)
+    assert json.loads(path.read_text())[machine_key()][key] == [2, 64]
+    path.write_text(json.dumps({machine_key(): {key: [1, 16]}}))
+    assert wrapped_tiles() == (1, 16)
+    for wrong in ([2, 4], [1, 1], [3, 64], [True, 64], "1,64"):  # not a choice the measurement makes
+        path.write_text(json.dumps({machine_key(): {key: wrong}}))
+        assert wrapped_tiles() == (2, 64), wrong
 
 
 @pytest.fixture(params=["kernel", "torch"])
@@ -362,11 +427,15 @@ def test_compiled_linears_inline_their_kernel_and_equal_the_eager_tiles(name, mo
     if name == "nn.Linear bf16":
         assert wrapped.inline_rows == 0
     else:
-        assert not wrapped.pad and wrapped.inline_rows >= 2, wrapped.extra_repr()
+        if (wrapped.min_rows, wrapped.tile) == (bi.PAD_TILE, bi.PAD_TILE):
+            pytest.skip(f"{name}: measured not row-invariant at 1..2 or 2..{bi.PAD_TILE} rows here ({wrapped.extra_repr()})")
+        # On a Zen 4 EPYC the packed product of one row alone differs from the row among others:
+        # tiles of 2..64 rows there, a one-row call padded to 2 (in the compiled graph too)
+        assert wrapped.min_rows < wrapped.tile and wrapped.inline_rows >= 2, wrapped.extra_repr()
         if name == "QuantizedLinear int4":
             assert wrapped.inner.weight.kernel == "int4_vnni" or wrapped.inline_rows == 0
     counting = _CountingLinear(wrapped.inner)
-    monkeypatch.setitem(bi._MODULES, wrapped.handle, (counting, wrapped.tile, wrapped.pad))
+    monkeypatch.setitem(bi._MODULES, wrapped.handle, (counting, wrapped.tile, wrapped.min_rows))
     torch._dynamo.reset()
     step = torch.compile(lambda x: wrapped(x), options={"emulate_precision_casts": True, "cpp_wrapper": True})
     x = torch.randn(2 * max(wrapped.tile, 8) + 3, 1536, generator=torch.Generator().manual_seed(2)).bfloat16()
@@ -377,9 +446,13 @@ def test_compiled_linears_inline_their_kernel_and_equal_the_eager_tiles(name, mo
             torch._dynamo.maybe_mark_dynamic(xm, 0)
             before = counting.calls
             got = step(xm)
-            assert torch.equal(got, bi.row_tiled(wrapped.inner, x[:m], wrapped.tile, wrapped.pad)), f"{name}: {m} rows"
+            assert torch.equal(got, bi.row_tiled(wrapped.inner, x[:m], wrapped.tile, wrapped.min_rows)), f"{name}: {m} rows"
             called_back = counting.calls > before
             assert called_back == (m > wrapped.inline_rows), f"{name}: {m} rows, called back {called_back}"
+        # Every row alone (the one-row graph again): where a row alone is padded (min_rows 2), a
+        # kernel that rounds a row alone otherwise does so in a few rows only
+        for i in range(x.shape[0]):
+            assert torch.equal(step(x[i : i + 1].clone()), bi.row_tiled(wrapped.inner, x[i : i + 1], wrapped.tile, wrapped.min_rows)), f"{name}: row {i} alone"
     torch._dynamo.reset()
 
 

@@ -10,12 +10,17 @@ numbers in benchmarks/RESULTS.md):
   varied from 2 or 9 rows on; on an Intel Xeon with AMX it did not up to 128 rows; fp32 MKL varies
   at every M > 1 on both; RESULTS.md). A product whose calls all have the same shape is invariant
   by construction, so a linear whose kernel is not measured invariant runs in tiles of exactly
-  PAD_TILE rows (the last one padded with zeros). Where a linear's rows were measured equal to the
-  row alone at every row count 1..T (free_tile: once per kernel, shape and dtype, cached per
-  machine and thread count like pangu_infer.quant.tuning's thresholds), it runs unpadded in calls
-  of at most T rows: a one-row decode then costs what it does without the mode. This wraps whatever
-  linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized linears of
-  pangu_infer.quant, or any later one with the same call signature) without touching its kernel.
+  PAD_TILE rows (the last one padded with zeros). Where a linear's rows were measured equal at
+  every row count P..T (tiles(): once per kernel, shape and dtype, cached per machine and thread
+  count like pangu_infer.quant.tuning's thresholds), it runs in calls of P..T rows: P = 1, no
+  padding, a one-row decode costs what it does without the mode; P = 2 where a row alone rounds
+  otherwise than among others and every 2..T rows alike (oneDNN's bf16 products over 1536 inputs
+  on a Zen 4 EPYC: about 1 output in 7,000), a one-row call padded to two rows. The measurement
+  compares every row of enough rows (2^17 outputs) in the wrapper's own calls, last tile included:
+  such differences are rare, and 64 rows compared a few at a time missed them on the Zen 4. This
+  wraps whatever linear module the model holds (`nn.Linear`, `PackedLinear`, the quantized
+  linears of pangu_infer.quant, or any later one with the same call signature) without touching
+  its kernel.
 - Attention. Unmasked SDPA for one sequence, padded masked products for a batch and SDPA's flash
   kernel for prefill (whose KV split depends on the total length) all sum in different orders.
   Here every query token, decode or prefill, attends alone over its own context split into
@@ -64,10 +69,21 @@ from pangu_infer.models import bi_attention_kernel
 # Padded tile: rows of every product of a kernel that is not row-invariant here (each call exactly
 # PAD_TILE rows, the last tile padded with zeros). 8: a 16-way decode step is two tiles.
 ROW_TILE = PAD_TILE = 8
-# Free tiles: a kernel whose row i was measured equal to the row alone at every row count 1..T on
-# this machine runs in unpadded calls of at most T rows, T the largest of these (no padding for a
-# one-row decode; benchmarks/batch_invariant.py --sources, RESULTS.md).
+# Free tiles: a kernel whose rows were measured equal at every row count P..T on this machine (P a
+# MIN_ROWS entry) runs in calls of P..T rows, T the largest of these (no padding, or one row more,
+# for a one-row decode; benchmarks/batch_invariant.py --sources, RESULTS.md).
 FREE_TILES = (64, 32, 16, 8, 4, 2)
+# Row floors tried: 1 (no padding), 2 (a one-row call padded to two rows, for a kernel whose one-row
+# product alone differs from every other row count, as oneDNN's bf16 products over 1536 inputs on
+# a Zen 4 EPYC: RESULTS.md; two rows cost what one does where the weight's bytes set the time).
+MIN_ROWS = (1, 2)
+# Products measured per (kernel, row floor, row count): outputs of a kernel that differs between
+# row counts differ rarely (RESULTS.md), so the measurement needs many (measure_activations).
+MEASURE_ELEMENTS = 1 << 17
+MEASURE_MAX_ROWS = 2048
+# Cache entry (pangu_infer.machine) of a linear's measured (min_rows, tile). A new measurement gets
+# a new name: "batch_invariant_free_rows" was the old one's, whose 64 rows could miss a difference.
+TILES_KEY = "batch_invariant_tiles"
 # Set to 0: every linear in padded tiles, nothing measured.
 MEASURE_ENV = "PANGU_INFER_BATCH_INVARIANT_MEASURE"
 # Set to 0: compiled steps call every linear back through the opaque operator (no inlining).
@@ -79,20 +95,26 @@ _LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 _PREFILL_BLOCK_ELEMENTS = 1 << 24
 
 
-def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = PAD_TILE, pad: bool = True) -> torch.Tensor:
-    """fn over the rows of x [M, K] in calls of exactly `tile` rows, the last padded with zeros
-    (pad=False: calls of at most `tile` rows, unpadded; only for a kernel row-invariant up to `tile`)."""
+def row_tiled(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int = PAD_TILE, min_rows: int | None = None) -> torch.Tensor:
+    """fn over the rows of x [M, K] in calls of at most `tile` rows, a call of fewer than `min_rows`
+    rows (only the last can be) padded with zero rows to `min_rows` and its padding dropped.
+    min_rows defaults to `tile`: every call exactly `tile` rows (for any kernel). Less is only for a
+    kernel measured row-invariant at every row count min_rows..tile (tiles())."""
+    min_rows = tile if min_rows is None else min_rows
     m = x.shape[0]
-    if not pad:
-        if m <= tile:
-            return fn(x)
-        return torch.cat([fn(x[i : i + tile]) for i in range(0, m, tile)])
-    padded = -(-m // tile) * tile
-    if padded != m:
-        x = torch.cat((x, x.new_zeros(padded - m, *x.shape[1:])))
-    if padded == tile:
-        return fn(x)[:m]
-    return torch.cat([fn(x[i : i + tile]) for i in range(0, padded, tile)])[:m]
+    if min_rows <= m <= tile:
+        return fn(x)
+    out = []
+    for i in range(0, m, tile):
+        part = x[i : i + tile]
+        n = part.shape[0]
+        out.append(fn(part) if n >= min_rows else fn(pad_rows(part, min_rows))[:n])
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [M, K] with zero rows appended up to `rows`."""
+    return torch.cat((x, x.new_zeros(rows - x.shape[0], *x.shape[1:])))
 
 
 def fixed_order_sum(t: torch.Tensor) -> torch.Tensor:
@@ -122,17 +144,45 @@ def softmax(t: torch.Tensor) -> torch.Tensor:
     return p / fixed_order_sum(p)
 
 
-def first_varying_rows(fn: Callable[[torch.Tensor], torch.Tensor], in_features: int, dtype: torch.dtype, rows: int) -> int:
-    """The smallest row count M <= rows at which some row of fn(x[:M]) differs from the row
-    computed alone, on random activations of mixed scale; rows + 1 when none does."""
+def measure_activations(in_features: int, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """The rows a kernel's row invariance is measured on: random, of mixed scale, and enough of them
+    that the products hold at least MEASURE_ELEMENTS values (at least FREE_TILES[0] rows, at most
+    MEASURE_MAX_ROWS). A kernel that differs between row counts mostly differs in a few outputs
+    only, where its fp32 sums fall on either side of a bf16 rounding: on a Zen 4 EPYC a one-row
+    bf16 product over 1536 inputs differed from the same row among others in about 1 output in
+    7,000, which 64 rows of 576 outputs did not show reliably (RESULTS.md)."""
+    rows = max(FREE_TILES[0], min(MEASURE_MAX_ROWS, -(-MEASURE_ELEMENTS // max(out_features, 1))))
     gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(rows, in_features, generator=gen) * torch.rand(rows, 1, generator=gen).mul(4).add(0.1)).to(dtype)
+    return (torch.randn(rows, in_features, generator=gen) * torch.rand(rows, 1, generator=gen).mul(4).add(0.1)).to(dtype)
+
+
+def invariant_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, min_rows: int = 1, up_to: int = FREE_TILES[0]) -> int:
+    """The largest T <= up_to such that fn over the rows of x in row_tiled calls of at most M rows
+    (fewer than min_rows padded to min_rows: the wrapper's own calls, its last tile included)
+    computes the bits of calls of exactly min_rows rows, for every M in min_rows..T; min_rows = 1
+    compares against each row alone."""
     with torch.inference_mode():
-        alone = torch.cat([fn(x[i : i + 1]) for i in range(rows)])
-        for m in range(2, rows + 1):
-            if not torch.equal(fn(x[:m]), alone[:m]):
-                return m
-    return rows + 1
+        reference = row_tiled(fn, x, min_rows, min_rows)
+        for m in range(min_rows + 1, up_to + 1):
+            if not torch.equal(row_tiled(fn, x, m, min_rows), reference):
+                return m - 1
+    return up_to
+
+
+def measure_tiles(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[int, int]:
+    """(min_rows, tile) for fn on this machine: for each MIN_ROWS entry P, the largest FREE_TILES
+    entry T with fn invariant at every row count P..T (invariant_rows), and with P > 1 only a T of
+    at least PAD_TILE (fewer padded rows than PAD_TILE-row tiles, and tiles no smaller); the largest
+    T wins, the smaller P on a tie. (PAD_TILE, PAD_TILE), padded tiles, where none is."""
+    best = (PAD_TILE, PAD_TILE)
+    for floor in MIN_ROWS:
+        up_to = invariant_rows(fn, x, floor)
+        tile = max([t for t in FREE_TILES if _tile_allowed(floor, t) and t <= up_to], default=0)
+        if tile and (best == (PAD_TILE, PAD_TILE) or tile > best[1]):
+            best = (floor, tile)
+        if best[1] == FREE_TILES[0]:
+            break
+    return best
 
 
 def _signature(module: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> str:
@@ -152,33 +202,46 @@ def _signature(module: nn.Module, in_features: int, out_features: int, dtype: to
     return "|".join(parts)
 
 
-_free_tiles: dict[str, int] = {}
+_tiles: dict[str, tuple[int, int]] = {}
 
 
-def free_tile(module: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> int:
-    """The largest FREE_TILES entry T at which `module` (on CPU) was measured row-invariant at every
-    row count 1..T on this machine, cached per machine (pangu_infer.machine) like the quantized
-    kernels' thresholds; 1 when not even 2 rows are (the caller pads instead)."""
+def _tile_allowed(floor: int, tile: int) -> bool:
+    return floor in MIN_ROWS and tile in FREE_TILES and tile >= (2 if floor == 1 else PAD_TILE)
+
+
+def _valid_tiles(value: object) -> bool:
+    """A cached (min_rows, tile): a JSON list measure_tiles could have returned."""
+    if not (isinstance(value, list) and len(value) == 2 and all(type(v) is int for v in value)):
+        return False
+    return tuple(value) == (PAD_TILE, PAD_TILE) or _tile_allowed(*value)
+
+
+def tiles(module: nn.Module, in_features: int, out_features: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(min_rows, tile): `module` (on CPU) runs in calls of min_rows..tile rows, fewer padded to
+    min_rows (measure_tiles; (PAD_TILE, PAD_TILE) where nothing was measured). Measured once per
+    kernel, shape and dtype and cached per machine (pangu_infer.machine) like the quantized kernels'
+    thresholds, under TILES_KEY: a cache entry of an earlier measurement (another name) is never
+    taken for this one's."""
     from pangu_infer.machine import cached_choice
 
     if os.environ.get(MEASURE_ENV, "1") == "0":
-        return 1
+        return PAD_TILE, PAD_TILE
     params = [t for t in itertools.chain(module.parameters(), module.buffers())]
     if any(t.device.type != "cpu" for t in params):
-        return 1
-    key = f"batch_invariant_free_rows|{_signature(module, in_features, out_features, dtype)}"
-    if key not in _free_tiles:
+        return PAD_TILE, PAD_TILE
+    key = f"{TILES_KEY}|{_signature(module, in_features, out_features, dtype)}"
+    if key not in _tiles:
 
-        def measure() -> int:
-            return first_varying_rows(module, in_features, dtype, FREE_TILES[0]) - 1
+        def measure() -> list[int]:
+            return list(measure_tiles(module, measure_activations(in_features, out_features, dtype)))
 
-        invariant_up_to = cached_choice(key, measure, lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
-        _free_tiles[key] = max([t for t in FREE_TILES if t <= invariant_up_to], default=1)
-    return _free_tiles[key]
+        floor, tile = cached_choice(key, measure, _valid_tiles)
+        _tiles[key] = (floor, tile)
+    return _tiles[key]
 
 
-# handle -> (the wrapped linear module, tile, pad); what pangu_infer::row_tiled_linear runs. Entries leave with their wrapper.
-_MODULES: dict[int, tuple[nn.Module, int, bool]] = {}
+# handle -> (the wrapped linear module, tile, min_rows); what pangu_infer::row_tiled_linear runs. Entries leave with their wrapper.
+_MODULES: dict[int, tuple[nn.Module, int, int]] = {}
 _handles = itertools.count()
 
 _lib = torch.library.Library("pangu_infer", "FRAGMENT")
@@ -186,13 +249,13 @@ _lib.define("row_tiled_linear(Tensor x, int handle, int out_features) -> Tensor"
 
 
 def _row_tiled_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
-    # Called back from every compiled decode step once per linear: the common case (unpadded, one
-    # tile) goes straight to the module's forward.
-    inner, tile, pad = _MODULES[handle]
-    if not pad and x.shape[0] <= tile and torch.is_inference_mode_enabled():
+    # Called back from every compiled decode step once per linear: the common case (one tile, no
+    # padding) goes straight to the module's forward.
+    inner, tile, min_rows = _MODULES[handle]
+    if min_rows <= x.shape[0] <= tile and torch.is_inference_mode_enabled():
         return inner.forward(x)
     with torch.inference_mode():
-        return row_tiled(inner, x, tile, pad)
+        return row_tiled(inner, x, tile, min_rows)
 
 
 def _row_tiled_linear_fake(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
@@ -205,8 +268,9 @@ _lib._register_fake("row_tiled_linear", _row_tiled_linear_fake)
 
 
 class RowTiledLinear(nn.Module):
-    """Any linear module (x [..., in] -> [..., out]) run in row tiles: unpadded tiles of up to
-    `tile` rows where its kernel was measured row-invariant up to `tile` rows (free_tile), else
+    """Any linear module (x [..., in] -> [..., out]) run in row tiles: calls of `min_rows` to `tile`
+    rows (a shorter last one padded with zero rows to `min_rows`) where its kernel was measured
+    row-invariant at every row count min_rows..tile (tiles(): min_rows 1, no padding, or 2), else
     PAD_TILE-row calls padded with zeros. An opaque operator to torch.compile, so the compiled
     decode step runs exactly the eager tiles; eager calls the tiles directly."""
 
@@ -214,8 +278,7 @@ class RowTiledLinear(nn.Module):
         super().__init__()
         self.inner = inner
         self.in_features, self.out_features = in_features, out_features
-        free = free_tile(inner, in_features, out_features, dtype) if dtype is not None else 1
-        self.tile, self.pad = (free, False) if free > 1 else (PAD_TILE, True)
+        self.min_rows, self.tile = tiles(inner, in_features, out_features, dtype) if dtype is not None else (PAD_TILE, PAD_TILE)
         # A quantized weight converts to bf16 from `convert_min_rows` rows (another kernel, other
         # bits); the tile was measured (and inline_rows set) with its value now. The compile thread
         # retunes it later (quant.modules.prepare_prefill: the compiled conversion's own crossing,
@@ -228,9 +291,10 @@ class RowTiledLinear(nn.Module):
             weight.convert_min_rows = max(weight.convert_min_rows, weight.convert_min_rows_floor)
         # Rows up to which a compiled step traces the inner module itself instead of calling back
         # into Python (0: never); see inline_rows().
-        self.inline_rows = inline_rows(inner, self.tile) if not self.pad and os.environ.get(INLINE_ENV, "1") != "0" else 0
+        measured = self.min_rows < self.tile
+        self.inline_rows = inline_rows(inner, self.tile) if measured and os.environ.get(INLINE_ENV, "1") != "0" else 0
         self.handle = next(_handles)
-        _MODULES[self.handle] = (inner, self.tile, self.pad)
+        _MODULES[self.handle] = (inner, self.tile, self.min_rows)
         weakref.finalize(self, _MODULES.pop, self.handle, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,20 +302,31 @@ class RowTiledLinear(nn.Module):
         flat = x.reshape(-1, self.in_features).contiguous()
         if torch.compiler.is_compiling():
             # Up to inline_rows the compiled graph calls the inner module's own kernel op, which is
-            # what the eager tile calls (no padding there, one tile): the same bits without a
-            # Python callback per linear. The comparison is a guard on the step's batch size, so a
-            # bigger batch gets its own graph (warmed up by engine/compiled.py), with the callback.
-            if flat.shape[0] <= self.inline_rows:
-                y = self.inner(flat)
+            # what the eager tile calls (one tile, padded to min_rows as eager pads it): the same
+            # bits without a Python callback per linear. The comparisons are guards on the step's
+            # batch size, so a bigger batch gets its own graph (warmed up by engine/compiled.py),
+            # with the callback.
+            m = flat.shape[0]
+            if m <= self.inline_rows:
+                if self.min_rows == 1 or m >= self.min_rows:  # no guard where nothing is padded
+                    y = self.inner(flat)
+                else:
+                    y = self.inner(pad_rows(flat, self.min_rows))[:m]
             else:
                 y = torch.ops.pangu_infer.row_tiled_linear(flat, self.handle, self.out_features)
         else:
-            y = row_tiled(self.inner, flat, self.tile, self.pad)
+            y = row_tiled(self.inner, flat, self.tile, self.min_rows)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         inline = f", compiled inline up to {self.inline_rows} rows" if self.inline_rows else ""
-        return f"rows in {'padded' if self.pad else 'unpadded'} tiles of {self.tile}{inline}"
+        if self.min_rows == self.tile:
+            tiling = f"padded tiles of {self.tile}"
+        elif self.min_rows == 1:
+            tiling = f"unpadded tiles of {self.tile}"
+        else:
+            tiling = f"tiles of {self.min_rows}..{self.tile} (fewer padded to {self.min_rows})"
+        return f"rows in {tiling}{inline}"
 
 
 def inline_rows(inner: nn.Module, tile: int) -> int:
