@@ -12,7 +12,7 @@ import torch
 
 from pangu_infer.cpu_threads import check_threads, configure_threads
 from pangu_infer.device import resolve_device, resolve_dtype
-from pangu_infer.engine.engine import EngineConfig, LLMEngine, check_pooling, default_kv_cache_dtype, embedding_params
+from pangu_infer.engine.engine import EngineConfig, LLMEngine, check_draft_config, check_pooling, default_kv_cache_dtype, embedding_params
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
@@ -112,6 +112,8 @@ class LLM:
             max_lora_rank=max_lora_rank,
             scheduling_policy=scheduling_policy,
         )
+        if spec.draft_model is not None:  # before any model loads (the engine checks it again)
+            check_draft_config(self.engine_config)
         # threads: CPU threads for the products (llama.cpp's -t), set for this whole process; None: the
         # cores this process may use, cut to a cgroup CPU quota (pangu_infer.cpu_threads). Set before
         # loading: the kernels measured once per machine are measured per thread count.
@@ -162,12 +164,13 @@ class LLM:
                 draft_model=self.draft.model if self.draft is not None else None,
                 draft_name=self.draft.source if self.draft is not None else "draft model",
             )
+            if self.parallel is not None:
+                self.parallel.attach(self.engine.runner)
         except BaseException:
             if self.parallel is not None:  # the workers stop with the failed start (no process group left behind)
                 self.parallel.shutdown()
             raise
         if self.parallel is not None:
-            self.parallel.attach(self.engine.runner)
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()

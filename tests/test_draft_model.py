@@ -261,6 +261,10 @@ def test_draft_model_needs_tokens_and_no_batch_invariance(tiny_dense_dir):
         LLMEngine(model, None, EngineConfig(enforce_eager=True, kv_cache_memory=1 << 20), draft_model=model)
     with pytest.raises(ValueError, match="batch_invariant=True"):
         LLMEngine(model, None, EngineConfig(enforce_eager=True, kv_cache_memory=1 << 20, num_speculative_tokens=2, batch_invariant=True), draft_model=model)
+    # LLM refuses the pair before it loads anything: the draft's path is not even looked at (and,
+    # under tensor parallelism, no worker rank is started only to be stopped again)
+    with pytest.raises(ValueError, match="batch_invariant=True"):
+        LLM(str(tiny_dense_dir), speculative_model="/nonexistent/draft", batch_invariant=True, enforce_eager=True)
 
 
 def test_cli_generate_with_a_draft_model(tiny_dense_dir):

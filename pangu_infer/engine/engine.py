@@ -176,10 +176,7 @@ class LLMEngine:
         self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
         self.draft_model = draft_model
         if draft_model is not None:
-            if ec.num_speculative_tokens < 1:
-                raise ValueError(f"a draft model needs num_speculative_tokens >= 1 (got {ec.num_speculative_tokens})")
-            if ec.batch_invariant:
-                raise ValueError("a draft model with batch_invariant=True: not supported together (the draft's batches are not batch-invariant)")
+            check_draft_config(ec)
         # LoRA: the projections wrapped before the runner builds its compiled step (models/lora.py), and
         # the adapters' slots allocated before the KV cache is sized from what memory is left;
         # engines sharing a model share its adapters' slots and their manager.
@@ -917,6 +914,14 @@ def check_pooling(pooling: object) -> str:
     if pooling not in POOLING_TYPES:
         raise RequestError(f"pooling={short_repr(pooling)} must be one of {', '.join(map(repr, POOLING_TYPES))}", param="pooling")
     return pooling  # type: ignore[return-value]
+
+
+def check_draft_config(ec: "EngineConfig") -> None:
+    """What an engine with a draft model needs of its settings (LLM checks it before loading anything)."""
+    if ec.num_speculative_tokens < 1:
+        raise ValueError(f"a draft model needs num_speculative_tokens >= 1 (got {ec.num_speculative_tokens})")
+    if ec.batch_invariant:
+        raise ValueError("a draft model with batch_invariant=True: not supported together (the draft's batches are not batch-invariant)")
 
 
 def embedding_params(truncate_prompt_tokens: Optional[int] = None, truncation_side: str = "left") -> SamplingParams:
