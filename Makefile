@@ -25,10 +25,11 @@ demo: $(STAMP)
 # Tests run on one torch thread each (tests/conftest.py), and most of the suite's time is spent
 # compiling (Python and g++, one core each): two pytest workers halve it on a 2-core machine
 # (17.8 -> 9.5-11.8 minutes cold, benchmarks/RESULTS.md). `make test TEST_WORKERS=0` runs them in one process.
+# The 15 slowest tests are listed at the end: the suite's budget is about 15 minutes.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -q --timeout=600 -p no:cacheprovider -n $(TEST_WORKERS)
+	$(PY) -m pytest -q --timeout=600 -p no:cacheprovider -n $(TEST_WORKERS) --durations=15
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
