@@ -89,11 +89,13 @@ def test_self_draft_takes_fewer_steps(plain, tiny_dense_dir):
     assert spec.engine.num_steps <= 1 + 40 // 5 + 1 < plain_steps
 
 
-def test_draft_cache_survives_preemption_prefix_hits_and_n(plain, tiny_dense_dir, noisy_draft_dir):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_draft_cache_survives_preemption_prefix_hits_and_n(plain, tiny_dense_dir, noisy_draft_dir, seeded):
     """A KV pool so small that sequences are preempted and recomputed, prompts served from the
     prefix cache the second time, and n=2 forks that share their prompt's blocks: the text stays
-    the target's, and a draft equal to the target is still accepted every time."""
-    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, n=2)
+    the target's (greedy, or seeded sampling's), and a greedy draft equal to the target is still
+    accepted every time."""
+    params = SamplingParams(temperature=0.8 if seeded else 0, max_tokens=48, ignore_eos=True, n=2, seed=77 if seeded else None)
     want = [[c.token_ids for c in o.outputs] for o in plain.generate(PROMPTS, params, use_tqdm=False)]
     cpu = torch.device("cpu")
     target = load_model(str(tiny_dense_dir), torch.float32, cpu, load_tokenizer=False).model
@@ -109,7 +111,7 @@ def test_draft_cache_survives_preemption_prefix_hits_and_n(plain, tiny_dense_dir
             assert _run_engine(engine, PROMPTS, params, f"r{round_}") == want
         stats = engine.stats()
         assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0, stats
-        if draft == tiny_dense_dir:
+        if draft == tiny_dense_dir and not seeded:
             assert stats["spec_acceptance_rate"] == 1.0, stats
 
 
@@ -143,14 +145,16 @@ def test_a_failed_draft_forward_only_costs_the_drafts(plain, tiny_dense_dir, mon
     assert spec.engine.stats()["spec_acceptance_rate"] == 1.0  # caught up: nothing stale was drafted from
 
 
-def test_sampled_requests_follow_the_target_distribution(tmp_path):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_requests_follow_the_target_distribution(tmp_path, seeded):
     """600 sampled completions of 4 tokens with 2-token drafts from another random model (accepted,
     rejected and bonus tokens all occur) follow the target's joint distribution of those 4 tokens,
-    computed exactly from full forwards (as tests/test_spec_decode.py does for prompt lookup)."""
+    computed exactly from full forwards (as tests/test_spec_decode.py does for prompt lookup);
+    seeded ones (drafts racing with the target's noise, spec_decode.verify_seeded) too."""
     model = write_cyclic_model(tmp_path / "target", seed=5)
     draft = write_cyclic_model(tmp_path / "draft", seed=6)
     cfg = EngineConfig(max_num_seqs=256, num_speculative_tokens=2, seed=0, kv_cache_memory=16 << 20, enforce_eager=True)
-    stats = assert_samples_follow_the_target(LLMEngine(model, None, cfg, draft_model=draft), model)
+    stats = assert_samples_follow_the_target(LLMEngine(model, None, cfg, draft_model=draft), model, seeded)
     assert stats["spec_draft_tokens"] >= CYCLIC_SAMPLES and 0.1 < stats["spec_acceptance_rate"] < 0.9, stats
 
 
@@ -377,3 +381,27 @@ def test_inductors_process_wide_fx_trace_never_runs_beside_a_draft_forward(plain
     assert built.is_set() and served >= 1
     assert "the draft model's forward failed" not in caplog.text
     assert spec.engine.stats()["spec_acceptance_rate"] == 1.0
+
+
+def test_a_seeded_sampled_request_gives_the_same_text_every_time(plain, tiny_dense_dir, noisy_draft_dir):
+    """vLLM's per-request seed: the same seeded sampled request gives the same tokens whatever happens
+    around it. Here the second run hits the prefix cache (only its last prompt token is computed, and
+    drafted from), the third shares its steps (and their token budget) with other requests, the
+    fourth is a fresh engine's: all four are the same, and they are the text the request gets
+    without a draft model."""
+    spec = LLM(str(tiny_dense_dir), speculative_model=str(noisy_draft_dir), num_speculative_tokens=3, **KW)
+    seeded = SamplingParams(temperature=0.8, max_tokens=40, ignore_eos=True, seed=1234)
+    other = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
+    prompt = {"prompt_token_ids": ([5, 17, 300, 42, 9, 120, 77, 8, 64, 900] * 2)[:17]}  # a block of 16 tokens, and 1 more
+    first = _tokens(spec, [prompt], seeded)[0]
+    hits = spec.engine.stats()["prefix_cache_hits"]
+    again = _tokens(spec, [prompt], seeded)[0]
+    assert spec.engine.stats()["prefix_cache_hits"] > hits
+    # beside prompts whose prefill chunks take the steps' token budget (no room for drafts) or part of it
+    others = [{"prompt_token_ids": list(range(200 + 50 * i, 250 + 50 * i))} for i in range(6)]
+    batched = _tokens(spec, [prompt] + others, [seeded] + [other] * 6)[0]
+    fresh = _tokens(LLM(str(tiny_dense_dir), speculative_model=str(noisy_draft_dir), num_speculative_tokens=3, **KW), [prompt], seeded)[0]
+    assert spec.engine.stats()["spec_acceptance_rate"] > 0.3
+    alone = _tokens(plain, [prompt], seeded)[0]
+    same = {"prefix hit": again == first, "batched": batched == again, "fresh engine": fresh == first, "no draft": alone == first}
+    assert all(same.values()), same

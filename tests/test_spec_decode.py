@@ -129,7 +129,8 @@ def _chi_square_p_value(observed: torch.Tensor, probs: torch.Tensor) -> float:
     return torch.special.gammaincc(dof, chi2 / 2).item()
 
 
-def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path):
+@pytest.mark.parametrize("seeded", [False, True])
+def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path, seeded):
     """600 sampled completions of 4 tokens through the engine with 2-token prompt-lookup drafts
     (accepted, rejected and bonus tokens all occur) follow the joint distribution of those 4 tokens
     under the target model alone, computed exactly from full forwards. A 4-token vocabulary keeps
@@ -137,10 +138,10 @@ def test_sampled_speculation_follows_the_target_distribution_end_to_end(tmp_path
     cyclic prompt are accepted about half the time. Fixed seeds (the test is deterministic): p = 0.93
     here, while accepting every draft, keeping the draft token in the residual, drawing the bonus
     token from the wrong row, accepting with probability sqrt(p) or verifying at temperature 1 each
-    give p < 1e-14."""
+    give p < 1e-14. Seeded requests (a seed each) are verified by spec_decode.verify_seeded."""
     model = write_cyclic_model(tmp_path, seed=5)
     engine = LLMEngine(model, None, EngineConfig(max_num_seqs=256, num_speculative_tokens=2, seed=0, kv_cache_memory=16 << 20, enforce_eager=True))
-    stats = assert_samples_follow_the_target(engine, model)
+    stats = assert_samples_follow_the_target(engine, model, seeded)
     assert stats["spec_draft_tokens"] >= CYCLIC_SAMPLES and 0.2 < stats["spec_acceptance_rate"] < 0.8, stats  # both outcomes seen
 
 
@@ -158,14 +159,14 @@ def write_cyclic_model(directory, seed: int):
     return load_model(str(directory), torch.float32, torch.device("cpu"), load_tokenizer=False).model
 
 
-def assert_samples_follow_the_target(engine, model) -> dict:
+def assert_samples_follow_the_target(engine, model, seeded: bool = False) -> dict:
     """CYCLIC_SAMPLES sampled completions through `engine` follow the joint distribution of their
     CYCLIC_TOKENS tokens under `model` alone, computed exactly from full forwards (Pearson's test,
-    p > 1e-3); returns the engine's stats."""
+    p > 1e-3); returns the engine's stats. seeded: each request with a seed of its own."""
     vocab, num_tokens, temperature = CYCLIC_VOCAB, CYCLIC_TOKENS, CYCLIC_TEMPERATURE
     prompt = list(range(vocab)) * 6
-    params = SamplingParams(temperature=temperature, max_tokens=num_tokens, ignore_eos=True)
     for i in range(CYCLIC_SAMPLES):
+        params = SamplingParams(temperature=temperature, max_tokens=num_tokens, ignore_eos=True, seed=1000 + i if seeded else None)
         engine.add_request(str(i), prompt, params)
     counts = torch.zeros((vocab,) * num_tokens)
     while engine.has_unfinished_requests():
@@ -188,6 +189,43 @@ def assert_samples_follow_the_target(engine, model) -> dict:
     total_variation = 0.5 * (counts / CYCLIC_SAMPLES - target).abs().sum().item()
     assert p_value > 1e-3, f"chi-square p = {p_value:.3g}, total variation {total_variation:.3f}"
     return engine.stats()
+
+
+def test_a_seeded_sampled_request_writes_the_same_text_with_prompt_lookup_or_a_prediction(tmp_path):
+    """A seeded request's n-th token comes from its generator's n-th draw whether the sampler or
+    verification writes it (spec_decode.verify_seeded), so drafts change how fast it is written,
+    never what: with prompt lookup, each alone or six together (steps whose token budget leaves
+    the drafts shorter, or none), and with a predicted output, the text is plain decoding's."""
+    model = write_cyclic_model(tmp_path, seed=5)
+    kw = dict(max_num_seqs=8, max_num_batched_tokens=32, kv_cache_memory=16 << 20, enforce_eager=True)
+    plain = LLMEngine(model, None, EngineConfig(**kw))
+    lookup = LLMEngine(model, None, EngineConfig(num_speculative_tokens=3, **kw))
+    prompt = list(range(CYCLIC_VOCAB)) * 6
+    params = [SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=seed) for seed in range(6)]
+    want = _outputs(plain, prompt, params)
+    assert len(set(map(tuple, want))) == 6
+    assert _outputs(lookup, prompt, params) == want
+    assert [_outputs(lookup, prompt, [p])[0] for p in params] == want
+    assert lookup.stats()["spec_accepted_tokens"] > 20, lookup.stats()
+    predicted = [SamplingParams(**{**p.__dict__, "prediction": list(range(CYCLIC_VOCAB)) * 6}) for p in params]
+    assert _outputs(plain, prompt, predicted) == want
+    assert plain.predictions.num_accepted_tokens > 20
+
+
+_REQUEST_IDS = itertools.count()
+
+
+def _outputs(engine, prompt: list[int], params: list[SamplingParams]) -> list[list[int]]:
+    """The token ids each of the requests (one per params, all added at once) writes."""
+    ids = [f"r{next(_REQUEST_IDS)}" for _ in params]
+    for request_id, p in zip(ids, params):
+        engine.add_request(request_id, prompt, p)
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+    return [done[request_id] for request_id in ids]
 
 
 @pytest.mark.parametrize("steer", ["logit_bias", "allowed_token_ids"])

@@ -25,6 +25,7 @@ from typing import Any, Optional
 import torch
 
 from pangu_infer.engine.runner import ModelRunner
+from pangu_infer.engine.sampler import seeded_noise
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.engine.spec_decode import Speculator, rows_probs
@@ -105,6 +106,10 @@ class DraftModelSpeculator(Speculator):
                 lengths[seq.seq_id] = k
                 budget -= k
         self._advanced: dict[int, tuple[Any, int]] = {}  # seq_id -> (its grammar state, draft tokens it took)
+        # A seeded request's drafts race with the noise its next tokens will be drawn with: its
+        # generator is read ahead here and put back for verification (spec_decode.verify_seeded).
+        seeded = [seq.generator for seq in batch.seqs if seq.seq_id in lengths and seq.generator is not None]
+        states = [generator.get_state() for generator in seeded]
         try:
             return self._draft(batch, lengths)
         except Exception:  # a draft only saves time: the step goes on without drafts
@@ -113,6 +118,8 @@ class DraftModelSpeculator(Speculator):
         finally:  # grammars back where the sequences stand (the engine checks and verifies the drafts)
             for state, n in self._advanced.values():
                 state.rollback(n)
+            for generator, state in zip(seeded, states):
+                generator.set_state(state)
 
     @staticmethod
     def _computed(seq: Sequence) -> int:
@@ -187,9 +194,11 @@ class DraftModelSpeculator(Speculator):
             if probs.shape[1] < self.target_vocab:
                 probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
             for i, q in zip(sampled, probs):
-                generator = seqs[i].generator or self.generator
-                tokens[i] = int(torch.multinomial(q.to(generator.device), 1, generator=generator))
-                self._probs.setdefault(seqs[i].seq_id, []).append(q)
+                if seqs[i].generator is not None:  # the race its target's token at this position runs
+                    tokens[i] = int((q / seeded_noise(seqs[i].generator, q.shape[0]).to(q.device)).argmax())
+                else:
+                    tokens[i] = int(torch.multinomial(q.to(self.generator.device), 1, generator=self.generator))
+                    self._probs.setdefault(seqs[i].seq_id, []).append(q)
         for i in constrained:
             state = seqs[i].structured
             _, n = self._advanced.get(seqs[i].seq_id, (state, 0))

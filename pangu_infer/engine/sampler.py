@@ -143,38 +143,26 @@ class Sampler:
             return logits.argmax(dim=-1), blocked
         token_ids = logits.argmax(dim=-1) if greedy else logits.new_empty(len(rows), dtype=torch.long)
         device, vocab = logits.device, logits.shape[1]
-        params = [rows[i].params for i in sampled]
         index = torch.tensor(sampled, device=device)
-        temperature = torch.tensor([p.temperature for p in params], device=device)
-        scaled = logits[index] / temperature[:, None]
-        if any(p.top_k or p.top_p < 1 for p in params):
-            scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, params), float("-inf"))
-        probs = scaled.softmax(dim=-1)
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
-            probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
-        # probs need no renormalizing after masking: the race argmax is invariant to scaling a row
+        probs = race_probs(logits[index], [rows[i].params for i in sampled])
         noise = self._exponential_noise([rows[i] for i in sampled], vocab, device)
         token_ids[index] = (probs / noise).argmax(dim=-1)
         return token_ids, blocked
 
     def _exponential_noise(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
         """Exp(1) noise [len(rows), V]: shared generator for unseeded rows, one [V] draw per seeded row."""
-        noise = torch.empty(len(rows), vocab, device=device)
         shared = [j for j, r in enumerate(rows) if r.generator is None]
         if len(shared) == len(rows):
-            noise.uniform_(generator=self._default_generator(device))
-        elif shared:
+            return _exponential_(torch.empty(len(rows), vocab, device=device).uniform_(generator=self._default_generator(device)))
+        noise = torch.empty(len(rows), vocab, device=device)
+        if shared:
             draw = torch.empty(len(shared), vocab, device=device)
             draw.uniform_(generator=self._default_generator(device))
-            noise[torch.tensor(shared, device=device)] = draw
+            noise[torch.tensor(shared, device=device)] = _exponential_(draw)
         for j, row in enumerate(rows):
             if row.generator is not None:
-                # drawn on the generator's own device, so a CPU generator works for any logits
-                noise[j] = torch.empty(vocab, device=row.generator.device).uniform_(generator=row.generator)
-        # -log(U) is Exp(1): several times faster than Tensor.exponential_ on CPU. U = 0 gives
-        # inf (that token sits out this draw, odds 2**-24); the clamp keeps a 0/0 NaN from winning
-        return noise.log_().neg_().clamp_min_(torch.finfo(noise.dtype).tiny)
+                noise[j] = seeded_noise(row.generator, vocab)
+        return noise
 
     def _default_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -185,6 +173,36 @@ class Sampler:
                 generator.manual_seed(self._seed)
             self._generators[device] = generator
         return self._generators[device]
+
+
+def race_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The probabilities [n, V] a sampled row races with (each row under its own temperature,
+    top-k/top-p and min-p), unnormalized after min-p: the race's argmax does not change when a row is
+    scaled. Speculative verification of a seeded row (spec_decode.verify_seeded) computes the very
+    token the sampler would, from these and seeded_noise."""
+    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
+    scaled = logits / temperature[:, None]
+    if any(p.top_k or p.top_p < 1 for p in params):
+        scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, params), float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=logits.device)
+        probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
+    return probs
+
+
+def seeded_noise(generator: torch.Generator, vocab: int) -> torch.Tensor:
+    """A seeded row's Exp(1) noise [V] for its next token: one [V] draw of its generator, on the
+    generator's own device (so a CPU generator works for any logits). The sampler and speculative
+    verification take a seeded request's n-th output token from its n-th draw, so its tokens do
+    not depend on which of them wrote which."""
+    return _exponential_(torch.empty(vocab, device=generator.device).uniform_(generator=generator))
+
+
+def _exponential_(uniform: torch.Tensor) -> torch.Tensor:
+    """U(0, 1) -> Exp(1) in place: -log(U), several times faster than Tensor.exponential_ on CPU. U =
+    0 gives inf (that token sits out this draw, odds 2**-24); the clamp keeps a 0/0 NaN from winning."""
+    return uniform.log_().neg_().clamp_min_(torch.finfo(uniform.dtype).tiny)
 
 
 def _changes_logits(row: SamplingRow) -> bool:

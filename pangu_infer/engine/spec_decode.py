@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pangu_infer.engine.sampler import _top_k_top_p_threshold
+from pangu_infer.engine.sampler import _top_k_top_p_threshold, race_probs, seeded_noise
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.sampling_params import SamplingParams
 
@@ -131,6 +131,26 @@ def verify(
     return draft[:accepted] + [token]
 
 
+def verify_seeded(logits: torch.Tensor, draft: list[int], params: SamplingParams, generator: torch.Generator) -> list[int]:
+    """verify for a seeded sampled row: the token at each position is the one the sampler would draw
+    there (race_probs and the generator's next seeded_noise, one draw per position), and a draft
+    token is accepted while it is that token. The output is exactly what the request writes without
+    speculation, whether a step drafts or how long its draft is (batch composition, budget, prefix
+    hits, preemption). The generator ends one draw per token written, as the sampler leaves it.
+    A draft drawn from q with the same noise (DraftModelSpeculator) is accepted as often as the two
+    races agree: the Gumbel-max coupling of p and q (Daliri et al. 2024, "drafter-invariant
+    speculative decoding"), at least (1 - TV) / (1 + TV), against rejection sampling's 1 - TV; a
+    deterministic draft d is accepted with probability p(d), as rejection sampling accepts it."""
+    k = len(draft)
+    assert logits.shape[0] == k + 1, (tuple(logits.shape), k)
+    probs = race_probs(logits, [params] * (k + 1))
+    for j in range(k + 1):
+        token = int((probs[j] / seeded_noise(generator, logits.shape[1]).to(logits.device)).argmax())
+        if j == k or token != draft[j]:
+            break
+    return draft[:j] + [token]
+
+
 class Speculator:
     """What the engine asks of a draft source: `propose` drafts for a step's decode sequences (their
     KV blocks reserved) and `verify` them against the target's logits; it counts how many draft
@@ -195,7 +215,10 @@ class Speculator:
 
     def verify(self, seq: Sequence, logits: torch.Tensor, draft: list[int]) -> list[int]:
         q = self.draft_probs(seq)
-        tokens = verify(logits, draft, seq.params, seq.generator or self.generator, None if q is None else q[: len(draft)])
+        if seq.generator is not None and not seq.params.greedy:  # a seeded request: its text is the seed's alone
+            tokens = verify_seeded(logits, draft, seq.params, seq.generator)
+        else:
+            tokens = verify(logits, draft, seq.params, seq.generator or self.generator, None if q is None else q[: len(draft)])
         self.num_draft_tokens += len(draft)
         self.num_accepted_tokens += len(tokens) - 1
         return tokens
