@@ -47,9 +47,9 @@ def _tokens(llm: LLM, params: SamplingParams) -> list[list[int]]:
 @pytest.mark.parametrize("kind", ["dense", "moge"])
 def test_two_ranks_with_a_draft_model_write_one_process_greedy_text(kind, tiny_dense_dir, tiny_moge_dir, tmp_path):
     """A draft that is sometimes right (accepted and rejected drafts alike, through chunked
-    prefills): the greedy tokens are one process's without a draft, and seeded sampled requests
-    are one process's with the same draft. A draft refused at load stops the started workers:
-    the next tensor-parallel start in this process works."""
+    prefills): the greedy tokens and the seeded sampled ones are one process's without a draft.
+    A draft refused at load stops the started workers: the next tensor-parallel start in this
+    process works."""
     target = {"dense": tiny_dense_dir, "moge": tiny_moge_dir}[kind]
     draft = _noisy_twin(target, tmp_path / "draft")
     threads = torch.get_num_threads()
@@ -57,13 +57,8 @@ def test_two_ranks_with_a_draft_model_write_one_process_greedy_text(kind, tiny_d
     try:
         plain = LLM(str(target), **KW)
         want = _tokens(plain, GREEDY)
+        want_sampled = _tokens(plain, SAMPLED)
         del plain
-        one = LLM(str(target), speculative_model=str(draft), num_speculative_tokens=3, **KW)
-        # (the same calls as below: which steps a request's tokens take, prefix cache hits included,
-        # decides what its drafts draw from its generator)
-        assert _tokens(one, GREEDY) == want
-        want_sampled = _tokens(one, SAMPLED)
-        del one
         short = tmp_path / "short"  # a draft of a shorter context than the target's: refused once loaded
         shutil.copytree(draft, short)
         config = json.loads((short / "config.json").read_text())
