@@ -14,7 +14,8 @@ Greedy requests draft the draft model's argmax, and write the text plain greedy 
 Sampled requests draw their drafts from the draft model's distribution under their own temperature,
 top-k/top-p and min-p, kept for verification: spec_decode.verify's rejection sampling then keeps
 them on the target's distribution, and accepts more than an argmax draft would where the two
-models agree.
+models agree. A seeded request's drafts race with the draws its target tokens will be taken from
+(spec_decode.verify_seeded), so its text is its seed's alone.
 """
 
 from __future__ import annotations

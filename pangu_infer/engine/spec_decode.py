@@ -14,7 +14,10 @@ one token of its own:
   token is drawn from max(p - q, 0) renormalised; the output follows the target distribution p.
   Prompt lookup's drafts are deterministic (q one-hot: d is accepted with probability p(d), and
   the residual is p with d removed); a draft model samples its drafts from its own distribution
-  under the request's temperature, top-k/top-p and min-p (greedy requests take its argmax).
+  under the request's temperature, top-k/top-p and min-p (greedy requests take its argmax);
+- seeded sampled rows keep draft tokens while they equal the token the sampler would draw at
+  their position from the seed's own draws (verify_seeded): the text is the one the request
+  writes without speculation.
 """
 
 from __future__ import annotations
