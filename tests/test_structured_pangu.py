@@ -182,7 +182,8 @@ SPEC_SCHEMA = {
 def test_constrained_requests_take_speculative_drafts_and_keep_their_tokens(tiny_dense_dir, speculation):
     """A JSON schema whose output repeats its keys: drafts (prompt lookup, or a draft model equal to
     the target) are cut to what the grammar allows and verified under its masks, so the greedy tokens
-    are those of decoding without drafts, drafts are accepted, and sampled replies stay valid."""
+    are those of decoding without drafts, drafts are accepted, and seeded sampled replies are
+    valid and also those of decoding without drafts (spec_decode.verify_seeded, under the masks)."""
     kw = dict(dtype="float32", kv_cache_memory=16 << 20, enforce_eager=True)
     spec_kw = {"num_speculative_tokens": 4}
     if speculation == "draft model":
@@ -199,8 +200,12 @@ def test_constrained_requests_take_speculative_drafts_and_keep_their_tokens(tiny
     stats = spec.engine.stats()
     assert stats["spec_accepted_tokens"] > 0, stats
     sampled = SamplingParams(temperature=1.0, seed=7, max_tokens=200, n=3, structured_outputs=constrained)
-    for c in spec.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs:
+    accepted = stats["spec_accepted_tokens"]
+    replies = spec.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs
+    for c in replies:
         jsonschema.validate(json.loads(c.text), SPEC_SCHEMA)
+    assert [c.token_ids for c in replies] == [c.token_ids for c in plain.generate(prompts[:1], sampled, use_tqdm=False)[0].outputs]
+    assert spec.engine.stats()["spec_accepted_tokens"] > accepted
 
 
 # Compiles (the check at admission sees the path it forces token by token branch at once), but every
