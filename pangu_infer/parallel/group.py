@@ -1,7 +1,7 @@
 """The process groups of tensor parallelism, shared by rank 0 (launch.py) and the workers (worker.py).
 
 Every rank joins a compute group (the model's collectives: gloo on CPU, nccl/hccl on devices) and
-a gloo control group over which rank 0 sends each step's inputs as Python objects.
+a gloo control group over which rank 0 sends each step's inputs (messages.py).
 """
 
 from __future__ import annotations

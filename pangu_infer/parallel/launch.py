@@ -1,8 +1,8 @@
 """Multi-process tensor parallelism: rank 0 runs the engine, the other ranks replay its forwards.
 
-Rank 0 holds the real LLMEngine. A forward pre-hook on its model broadcasts each call's inputs
-(input ids, positions, attention metadata) over a control group; every other rank runs the same
-forward on its shard with its own KV-cache shard, so the collectives inside the layers match.
+Rank 0 holds the real LLMEngine. Its runner's `mirror` broadcasts each forward's inputs (input ids,
+positions, attention metadata, as tensors: messages.py) over a control group; every other rank runs
+the same forward on its shard with its own KV-cache shard, so the collectives inside the layers match.
 
 Two ways in:
 - spawned: `LLM(model, tensor_parallel_size=N)` in a plain process starts ranks 1..N-1 itself
@@ -12,7 +12,7 @@ Two ways in:
   machines); on ranks != 0 `LLM(...)` serves rank 0's steps, then ends the process.
 
 This module is rank 0's side (starting the ranks, then driving them); worker.py is the workers'
-loop, group.py the process groups both sides join.
+loop, group.py the process groups both sides join, messages.py what travels between them.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pangu_infer import memory
 from pangu_infer.device import distributed_backend, rank_device
 from pangu_infer.loader import LoadedModel, check_weights_fit, read_config, resolve_model_path
 from pangu_infer.parallel.errors import ParallelStartupError
-from pangu_infer.parallel.group import CPU, LOAD_TIMEOUT_S, join_group, to_device
+from pangu_infer.parallel import messages
+from pangu_infer.parallel.group import LOAD_TIMEOUT_S, join_group
 from pangu_infer.parallel.state import ParallelState, building_shard, check_parallel_config
 from pangu_infer.parallel.worker import ShardLoad, WorkerArgs, serve
 
@@ -105,6 +106,9 @@ class TensorParallelDriver:
         # Held open while rank 0 lives: a worker whose socket closes knows rank 0 is gone and exits.
         self.pipes = pipes or []
         self.broadcast_seconds = 0.0  # time spent sending step inputs to the workers
+        # Steps' inputs pickled, as every message was before they went as tensors (messages.py):
+        # benchmarks/parallel.py --steps-as compares the two.
+        self.pickled_steps = False
         self._lora: Any = None  # rank 0's LoRA slots' state (models/lora.py), with enable_lora
         self._closed = False
 
@@ -128,7 +132,7 @@ class TensorParallelDriver:
         # the workers set the same, so that every rank adds the same adapters to the same rows and
         # a compiled step picks the same graph (compiled.LoRAVariants).
         rows = None if self._lora is None else self._lora.rows
-        self._send((kind, to_device(inputs, CPU), rows))
+        self._send((kind, inputs, rows))
 
     def _install_lora(self, slot: int, request: Any, adapter: Any) -> None:
         """Before rank 0 installs `adapter` (read from `request`'s path) into `slot`: every worker
@@ -164,7 +168,7 @@ class TensorParallelDriver:
         if self._closed:
             raise RuntimeError("the tensor-parallel workers were shut down; create a new LLM")
         start = time.perf_counter()
-        dist.broadcast_object_list([message], src=0, group=self.control)
+        messages.send(message, self.control, pickled=self.pickled_steps)
         self.broadcast_seconds += time.perf_counter() - start
 
     def shutdown(self) -> None:

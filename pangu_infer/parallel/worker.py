@@ -22,7 +22,8 @@ from pangu_infer.loader import LoadedModel, load_serving_model
 from pangu_infer.lora import read_lora_adapter
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
-from pangu_infer.parallel.group import join_group, to_device
+from pangu_infer.parallel import messages
+from pangu_infer.parallel.group import join_group
 from pangu_infer.parallel.state import ParallelState, building_shard
 
 
@@ -91,11 +92,9 @@ def serve(model: DecoderForCausalLM, control: dist.ProcessGroup, device: torch.d
     lora = None  # the LoRA slots' state (models/lora.py), once rank 0 turns adapters on
     pending = None  # (slot, this rank's reading of an adapter) until rank 0 says whether to install it
     while True:
-        message: list[Any] = [None]
-        dist.broadcast_object_list(message, src=0, group=control)
-        kind, *body = message[0]
+        kind, *body = messages.receive(control, device)  # its tensors on this rank's device
         if kind in ("forward", "decode"):
-            args = to_device(body[0], device)
+            args = body[0]
             assert runner is not None, "rank 0 sends its runner's settings before any forward"
             # "decode": rank 0 runs its compiled step; this rank its own, or the eager forward until
             # its own build is done (the same collectives in the same order either way)
