@@ -113,7 +113,7 @@ def wire(monkeypatch):
         nonlocal receiving
         receiving = False
         messages.send(message, None, pickled=pickled)
-        frames = [int(sent[0][0])]
+        frames = [int(sent[0][:8].view(torch.int64)), len(sent)]  # (its frame, broadcasts)
         receiving = True
         got = messages.receive(None, CPU)
         assert not sent, "receive read every broadcast send made"
@@ -128,20 +128,20 @@ def test_steps_go_as_tensor_frames_and_control_messages_pickled(wire, monkeypatc
     monkeypatch.setattr(messages.pickle, "dumps", lambda obj: pickles.append(obj) or real_dumps(obj))
     for name, message in STEPS.items():
         frames, got = wire(message)
-        assert frames == [messages.STEP_FRAME], name
+        assert frames == [messages.STEP_FRAME, 1], name  # the whole step in one broadcast
         assert_same(got, message, name)
     assert pickles == []  # no step was pickled
     control = [("runner", 64, 16, torch.bfloat16, True, 2048, False, 8), ("lora_install", True), ("compiled", None), ("shutdown",)]
     for message in control:
         frames, got = wire(message)
-        assert frames == [messages.PICKLED_FRAME] and got == message
+        assert frames == [messages.PICKLED_FRAME, 1] and got == message
 
 
 def test_a_step_sent_pickled_comes_back_the_same(wire):
     """The driver's pickled_steps (the old form, for benchmarks) and the fallback below."""
     for name, message in STEPS.items():
         frames, got = wire(message, pickled=True)
-        assert frames == [messages.PICKLED_FRAME], name
+        assert frames == [messages.PICKLED_FRAME, 1], name
         assert_same(got, message, name, fresh=False)  # (pickle keeps a view's strides)
 
 
@@ -150,9 +150,23 @@ def test_a_step_with_a_value_the_frame_does_not_carry_goes_pickled_with_a_warnin
     message = ("forward", (torch.tensor([1, 2]), torch.tensor([0, 1]), None, 0.25), None)
     with caplog.at_level(logging.WARNING, logger="pangu_infer.parallel"):
         frames, got = wire(message)
-    assert frames == [messages.PICKLED_FRAME]
+    assert frames == [messages.PICKLED_FRAME, 1]
     assert_same(got, message)
     assert "float" in caplog.text
+
+
+def test_a_step_larger_than_the_first_broadcast_follows_in_a_second(wire):
+    """A decode batch of 8 at 4096 tokens of context: 300 KB of slots and mask."""
+    slots = torch.arange(8 * 4096).reshape(8, 4096)
+    attn = AttentionBatch(slot_mapping=slots[:, -1].clone(), decode_slots=slots, decode_mask=torch.ones(8, 1, 1, 4096, dtype=torch.bool))
+    message = ("decode", (torch.arange(8), torch.full((8,), 4095), attn), list(range(8)))
+    assert messages.encode(message)[1].numel() > messages.FIRST_BYTES
+    frames, got = wire(message)
+    assert frames == [messages.STEP_FRAME, 2]
+    assert_same(got, message)
+    frames, got = wire(message, pickled=True)
+    assert frames == [messages.PICKLED_FRAME, 2]
+    assert_same(got, message, fresh=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,8 +1,8 @@
 """The messages rank 0 sends the workers over the control group: each step's inputs as tensors,
 the rare control messages (runner settings, LoRA installs, shutdown, ...) pickled.
 
-Every message is two broadcasts: a header, int64 [frame, meta ints, body bytes], then a uint8 body
-of that size. A step frame's body is a list of int64 "meta" ints that describe the message (its
+Every message is one or two broadcasts of bytes: a header, int64 [frame, meta ints, body bytes],
+then the body, in the same broadcast where it fits in FIRST_BYTES, else in a second one. A step frame's body is a list of int64 "meta" ints that describe the message (its
 kind, the structure of its inputs, every int, bool and None, each tensor's dtype and shape),
 then the tensors' bytes, one after another. A pickled frame's body is the message pickled
 (as `dist.broadcast_object_list` sends it: what every message was before). A step sent as tensors
@@ -34,6 +34,12 @@ logger = logging.getLogger("pangu_infer.parallel")
 STEP_KINDS = ("forward", "decode", "copy")
 
 STEP_FRAME, PICKLED_FRAME = 1, 2
+# Every message's first broadcast: the header (3 int64s), then the body where it fits, else the
+# body is a second broadcast. A decode step's slots and mask take 9 bytes per row and context token:
+# 64 KiB holds 8 rows of 900 tokens, or one of 7,000. A broadcast cost ~130 us on 2 shared cores
+# (gloo, 2 processes), 15 us more at 64 KiB than at 24 bytes (benchmarks/RESULTS.md).
+HEADER_BYTES = 24
+FIRST_BYTES = 64 << 10
 
 # Value tags in the meta ints.
 _NONE, _FALSE, _TRUE, _INT, _INTS, _TENSOR, _TUPLE, _LIST = range(8)
@@ -170,16 +176,27 @@ def send(message: tuple, group: dist.ProcessGroup, pickled: bool = False) -> Non
         body = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         frame = torch.tensor([PICKLED_FRAME, 0, len(data)], dtype=torch.int64), body
     header, body = frame
-    dist.broadcast(header, src=0, group=group)
-    dist.broadcast(body, src=0, group=group)
+    first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
+    first[:HEADER_BYTES].view(torch.int64).copy_(header)
+    n = body.numel()
+    if n <= FIRST_BYTES - HEADER_BYTES:  # the body in the first broadcast: one broadcast in all
+        first[HEADER_BYTES : HEADER_BYTES + n].copy_(body)
+    dist.broadcast(first, src=0, group=group)
+    if n > FIRST_BYTES - HEADER_BYTES:
+        dist.broadcast(body, src=0, group=group)
 
 
 def receive(group: dist.ProcessGroup, device: torch.device) -> tuple:
     """A worker: the next message rank 0 sends, its tensors on `device`."""
-    header = torch.empty(3, dtype=torch.int64)
-    dist.broadcast(header, src=0, group=group)
-    body = torch.empty(int(header[2]), dtype=torch.uint8)
-    dist.broadcast(body, src=0, group=group)
-    if int(header[0]) == STEP_FRAME:
+    first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
+    dist.broadcast(first, src=0, group=group)
+    header = first[:HEADER_BYTES].view(torch.int64)
+    frame, _, n = header.tolist()
+    if n <= FIRST_BYTES - HEADER_BYTES:
+        body = first[HEADER_BYTES : HEADER_BYTES + n]
+    else:
+        body = torch.empty(n, dtype=torch.uint8)
+        dist.broadcast(body, src=0, group=group)
+    if frame == STEP_FRAME:
         return decode(header, body, device)
     return to_device(pickle.loads(body.numpy().tobytes()), device)
