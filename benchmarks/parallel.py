@@ -10,6 +10,8 @@
    Every rank runs 1 thread, so N ranks use N cores: on this 2-core machine N = 4 oversubscribes.
    `--modes eager,compiled` times each size both ways: compiled decode steps on every rank (the
    default of a start with no flags; waited for before timing) against eager ones (--enforce-eager).
+   `--steps-as tensors,pickled` times each both ways: the steps' inputs sent to the workers as
+   tensors (the default, parallel/messages.py) against pickled (the driver's pickled_steps).
 2. The combine collective of the MoGE layer, alone: each rank holds a partial [T, H] output (its
    expert groups plus its slice of the shared expert) and every rank needs the sum. Compared:
    all_reduce, reduce_scatter + all_gather, and all_to_all + local sum + all_gather.
@@ -57,7 +59,7 @@ def build_model(directory: Path, args: argparse.Namespace) -> None:
     write_checkpoint(str(directory), cfg, random_state_dict(cfg, dtype=torch.bfloat16))
 
 
-def time_steps(model_dir: Path, world_size: int, args: argparse.Namespace, mode: str = "eager") -> dict:
+def time_steps(model_dir: Path, world_size: int, args: argparse.Namespace, mode: str = "eager", steps_as: str = "tensors") -> dict:
     llm = LLM(
         str(model_dir), dtype=None if args.dtype == "auto" else args.dtype, device="cpu", tensor_parallel_size=world_size,
         enable_prefix_caching=False, kv_cache_memory=256 << 20, max_num_batched_tokens=args.prompt_len,
@@ -65,6 +67,8 @@ def time_steps(model_dir: Path, world_size: int, args: argparse.Namespace, mode:
     )
     if mode == "compiled" and not llm.wait_compiled():  # every rank's compiled decode step
         raise SystemExit(f"compiled decode did not build: {llm.engine.runner.compile_error}")
+    if llm.parallel:
+        llm.parallel.pickled_steps = steps_as == "pickled"
     engine = llm.engine
     state = llm.parallel.state if llm.parallel else None
     params = SamplingParams(temperature=0.0, max_tokens=args.decode_steps + 2, ignore_eos=True)
@@ -175,6 +179,8 @@ def main() -> None:
     p.add_argument("--world-sizes", default="1,2,4", help="rank counts, the first the reference (step ms vs it)")
     p.add_argument("--modes", default="eager", help="eager and/or compiled (the compiled decode step on every rank, "
                    "waited for before timing), the first the reference of 'vs eager'")
+    p.add_argument("--steps-as", default="tensors", help="tensors and/or pickled: how rank 0 sends each step's inputs "
+                   "to the workers (parallel/messages.py); each a table of its own")
     args = p.parse_args()
     torch.set_num_threads(1)  # workers copy rank 0's thread count: one core per rank
 
@@ -183,24 +189,36 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp)
         build_model(model_dir, args)
-        rounds = [{(n, m): time_steps(model_dir, n, args, m) for n in sizes for m in modes} for _ in range(args.rounds)]
+        ways = args.steps_as.split(",")
+        rounds = [{(n, m, w): time_steps(model_dir, n, args, m, w) for n in sizes for m in modes for w in ways}
+                  for _ in range(args.rounds)]
 
     print(f"MoGE model: hidden {args.hidden}, {args.layers} layers, 64 experts of width {args.hidden // 4} in 8 groups, "
           f"shared expert {args.hidden}, 8/4 heads, {args.dtype}; decode batch {args.batch}, prefill {args.prompt_len} tokens")
-    print(f"{'step':8} {'ranks':>5} {'mode':>8} {'step ms':>9} {'vs 1 rank':>9} {'vs eager':>9} {'all-reduce ms':>14} {'broadcast ms':>13}")
-    for kind in ("prefill", "decode"):
-        for n in sizes:
-            for m in modes:
-                walls = [r[n, m][kind][0] for r in rounds]
-                ratio = statistics.median(r[n, m][kind][0] / r[sizes[0], m][kind][0] for r in rounds)
-                vs_eager = statistics.median(r[n, m][kind][0] / r[n, modes[0]][kind][0] for r in rounds)
-                comm = statistics.median(r[n, m][kind][1] for r in rounds)
-                bcast = statistics.median(r[n, m][kind][2] for r in rounds)
-                print(f"{kind:8} {n:>5} {m:>8} {statistics.median(walls):9.2f} {ratio:9.2f} {vs_eager:9.2f} {comm:14.2f} {bcast:13.2f}")
+    for w in ways:
+        if len(ways) > 1:
+            print(f"\nsteps' inputs sent as {w}:")
+        print(f"{'step':8} {'ranks':>5} {'mode':>8} {'step ms':>9} {'vs 1 rank':>9} {'vs eager':>9} {'all-reduce ms':>14} {'broadcast ms':>13}")
+        for kind in ("prefill", "decode"):
+            for n in sizes:
+                for m in modes:
+                    walls = [r[n, m, w][kind][0] for r in rounds]
+                    ratio = statistics.median(r[n, m, w][kind][0] / r[sizes[0], m, w][kind][0] for r in rounds)
+                    vs_eager = statistics.median(r[n, m, w][kind][0] / r[n, modes[0], w][kind][0] for r in rounds)
+                    comm = statistics.median(r[n, m, w][kind][1] for r in rounds)
+                    bcast = statistics.median(r[n, m, w][kind][2] for r in rounds)
+                    print(f"{kind:8} {n:>5} {m:>8} {statistics.median(walls):9.2f} {ratio:9.2f} {vs_eager:9.2f} {comm:14.2f} {bcast:13.2f}")
+    if len(ways) > 1:
+        print(f"\nstep ms {ways[1]} / {ways[0]}, median of the rounds' ratios:")
+        for kind in ("prefill", "decode"):
+            for n in sizes[1:] if sizes[0] == 1 else sizes:
+                for m in modes:
+                    ratio = statistics.median(r[n, m, ways[1]][kind][0] / r[n, m, ways[0]][kind][0] for r in rounds)
+                    print(f"{kind:8} {n:>5} {m:>8} {ratio:9.2f}")
     if 4 not in sizes:
         return
 
-    stats = rounds[0][4, modes[0]]["stats"]
+    stats = rounds[0][4, modes[0], ways[0]]["stats"]
     ranks = stats["ranks"]
     print("\nimbalance score (mean over steps and layers), same router probabilities:")
     print(f"{'devices':>7} {'MoGE':>6} {'global top-8':>13}")
