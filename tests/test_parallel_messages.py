@@ -177,3 +177,33 @@ def test_a_step_on_a_device_comes_back_on_the_workers_device():
     on_device = messages.decode(*messages.encode((kind, (ids.to(cuda), pos.to(cuda), attn), rows)), cuda)
     assert on_device[1][0].device.type == "cuda" and on_device[1][2].prefills[0].kv_slots.device.type == "cuda"
     assert_same(messages.decode(*messages.encode(on_device), CPU), STEPS["forward"])
+
+
+def test_every_step_a_real_runner_mirrors_goes_as_a_frame_and_comes_back_equal(tiny_dense_dir):
+    """One process, the runner's mirror set as the driver sets it: prefill chunks with and without
+    masks, decode groups, a prediction's drafts, embeddings, logits() (no attention metadata) and a
+    beam search's KV copies; each message encodes (no pickled fallback) and decodes equal."""
+    from pangu_infer import LLM, BeamSearchParams, SamplingParams
+
+    llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=1 << 24, enforce_eager=True,
+              max_num_batched_tokens=16)  # (a 35-token prompt in chunks: later chunks have causal masks)
+    seen: dict[str, int] = {}
+
+    def mirror(kind, inputs):
+        message = (kind, inputs, None)
+        assert_same(messages.decode(*messages.encode(message), CPU), message, kind)
+        attn = inputs[2] if kind != "copy" else None
+        for what, there in (("mask", attn is not None and any(p.causal_mask is not None for p in attn.prefills)),
+                            ("groups", attn is not None and bool(attn.decode_groups)), ("no attn", kind == "forward" and attn is None)):
+            seen[what] = seen.get(what, 0) + there
+        seen[kind] = seen.get(kind, 0) + 1
+
+    llm.engine.runner.mirror = mirror
+    prompts = [{"prompt_token_ids": list(range(5, 17))}, {"prompt_token_ids": list(range(40, 75))}]
+    greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    first = llm.generate(prompts, greedy, use_tqdm=False)[0].outputs[0].token_ids
+    llm.generate(prompts[0], SamplingParams(**{**greedy.__dict__, "prediction": first}), use_tqdm=False)
+    llm.embed(prompts, use_tqdm=False)
+    llm.logits(list(range(3, 20)))
+    llm.beam_search(prompts[1], BeamSearchParams(beam_width=2, max_tokens=4, ignore_eos=True))
+    assert seen["forward"] > 10 and all(seen.get(k, 0) > 0 for k in ("copy", "mask", "groups", "no attn")), seen
