@@ -176,7 +176,7 @@ def send(message: tuple, group: dist.ProcessGroup, pickled: bool = False) -> Non
         body = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         frame = torch.tensor([PICKLED_FRAME, 0, len(data)], dtype=torch.int64), body
     header, body = frame
-    first = torch.empty(FIRST_BYTES, dtype=torch.uint8)
+    first = torch.zeros(FIRST_BYTES, dtype=torch.uint8)  # (zeros: no stale memory of this process sent)
     first[:HEADER_BYTES].view(torch.int64).copy_(header)
     n = body.numel()
     if n <= FIRST_BYTES - HEADER_BYTES:  # the body in the first broadcast: one broadcast in all
