@@ -41,6 +41,21 @@ def build_tiny_model(
     return directory
 
 
+def add_mlp_noise(directory: Path, scale: float = 0.15, seed: int = 7) -> Path:
+    """The model folder's weights with noise on its MLPs, in place: as a draft, a model that agrees
+    with the original often, not always (speculative decoding's tests)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(directory) / "model.safetensors"
+    tensors = load_file(str(path))
+    g = torch.Generator().manual_seed(seed)
+    for name, t in tensors.items():
+        if ".mlp." in name:
+            tensors[name] = t + scale * t.std() * torch.randn(t.shape, generator=g)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return Path(directory)
+
+
 def _tiny_vocab(tokenizer_dir: Path) -> tuple[int, int]:
     from pangu_infer.tokenizer import load_tokenizer
 

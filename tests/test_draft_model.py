@@ -16,7 +16,7 @@ from pangu_infer import LLM, SamplingParams
 from pangu_infer.engine.engine import EngineConfig, LLMEngine
 from pangu_infer.engine.spec_decode import speculative_settings
 from pangu_infer.loader import load_model
-from fixtures_models import build_tiny_model
+from fixtures_models import add_mlp_noise, build_tiny_model
 from test_spec_decode import CYCLIC_SAMPLES, assert_samples_follow_the_target, write_cyclic_model
 
 PROMPTS = [
@@ -32,17 +32,7 @@ KW = dict(dtype="float32", device="cpu", max_num_seqs=4, max_num_batched_tokens=
 def noisy_draft_dir(tmp_path_factory, tiny_dense_config, pangu_tokenizer_dir):
     """The target's weights with noise on its MLPs: a draft that agrees with the target often, not always."""
     directory = tmp_path_factory.mktemp("noisy_draft")
-    build_tiny_model(directory, tiny_dense_config, pangu_tokenizer_dir)
-    from safetensors.torch import load_file, save_file
-
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    g = torch.Generator().manual_seed(7)
-    for name, t in tensors.items():
-        if ".mlp." in name:
-            tensors[name] = t + 0.15 * t.std() * torch.randn(t.shape, generator=g)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return directory
+    return add_mlp_noise(build_tiny_model(directory, tiny_dense_config, pangu_tokenizer_dir))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+
+from fixtures_models import add_mlp_noise
 
 from pangu_infer import LLM, SamplingParams
 
@@ -30,14 +31,7 @@ KW = dict(dtype="float32", device="cpu", max_num_seqs=4, max_num_batched_tokens=
 def _noisy_twin(source: Path, directory: Path) -> Path:
     """`source`'s weights with noise on its MLPs: a draft that agrees with the target often, not always."""
     shutil.copytree(source, directory)
-    path = directory / "model.safetensors"
-    tensors = load_file(str(path))
-    g = torch.Generator().manual_seed(7)
-    for name, t in tensors.items():
-        if ".mlp." in name:
-            tensors[name] = t + 0.15 * t.std() * torch.randn(t.shape, generator=g)
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    return directory
+    return add_mlp_noise(directory)
 
 
 def _tokens(llm: LLM, params: SamplingParams) -> list[list[int]]:
