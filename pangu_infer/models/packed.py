@@ -79,10 +79,7 @@ def measure_layouts(n_weights: int = 8, size: int = 2048) -> str:
     CPU cache holds, as a model's weights are) at 1 and 256 rows, interleaved; returns the choice."""
     g = torch.Generator().manual_seed(0)
     plain = [torch.randn(size, size, generator=g).to(torch.bfloat16) for _ in range(n_weights)]
-    layouts = {
-        "decode": [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in plain],
-        "general": [torch.ops.mkldnn._reorder_linear_weight(w) for w in plain],
-    }
+    layouts = {layout: [_reorder(w, layout) for w in plain] for layout in LAYOUTS}
     del plain
     xs = {rows: torch.randn(rows, size, generator=g).to(torch.bfloat16) for rows in (1, 256)}
 
