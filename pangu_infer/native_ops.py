@@ -45,7 +45,7 @@ SOURCE = r"""
 #include <atomic>
 #include <string>
 
-typedef int (*int4_mm_fn)(const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t);
+typedef int (*int4_mm_fn)(const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 typedef int (*int8_mm_fn)(const void*, int64_t, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t);
 typedef int (*attention_fn)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, float, int, int, int, int64_t);
@@ -71,13 +71,14 @@ static at::Tensor int4_native_mm(const at::Tensor& x_, const at::Tensor& data, c
   const int64_t n = data.size(0) * 16, k = data.size(1) * 8;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == k, "int4 kernel: unexpected operands x ", x.sizes(), " ", x.scalar_type(), ", weight ", data.sizes());
   TORCH_CHECK(group > 0 && k % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 &&
-              sz.size(0) == data.size(0) && sz.size(1) == k / group && sz.size(2) == 2 && sz.size(3) == 16,
+              sz.size(0) == data.size(0) && sz.size(1) == k / group && (sz.size(2) == 1 || sz.size(2) == 2) && sz.size(3) == 16,
               "int4 kernel: scales ", sz.sizes(), " for weight ", data.sizes(), ", group ", group);
   at::Tensor y = at::empty({x.size(0), n}, x.options());
   const int4_mm_fn f = int4_kernel.load();
   TORCH_CHECK(f != nullptr, "int4 kernel: not loaded");
   if (x.size(0)) {
-    const int rc = f(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, at::get_num_threads());
+    /* sz.size(2): values per group and row, 2 with the zeros stored, 1 for the scales alone */
+    const int rc = f(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, sz.size(2), at::get_num_threads());
     TORCH_CHECK(rc == 0, "int4 kernel refused x ", x.sizes(), ", weight ", data.sizes(), ", group ", group, " (", rc, ")");
   }
   return y;

@@ -355,7 +355,7 @@ def test_the_avx2_build_gives_the_avx512_builds_bits(levels):
     """Where the CPU has AVX-512 VNNI, the AVX2 build (what an AVX2-only CPU such as AMD Zen 1-3
     runs) built beside it gives the same bits, with activations in one int8 level or two: products
     of 1 to 7 rows, groups of 32 and 128, one thread and two, the conversion to W^T and the fused
-    experts."""
+    experts, with zeros stored and scales only."""
     from pangu_infer.native import c_compiler, cpu_flags
 
     if not {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma"} <= cpu_flags():
@@ -367,31 +367,35 @@ def test_the_avx2_build_gives_the_avx512_builds_bits(levels):
     g = torch.Generator().manual_seed(5)
     for n, k, group in ((48, 256, 32), (160, 1024, 128), (512, 1536, 32)):
         q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-        data, sz = cpu_int4.pack(q, torch.rand(n, k // group, generator=g) * 0.02, (torch.rand(n, k // group, generator=g) - 0.5) * 0.02)
-        for rows in (1, 2, 3, 4, 5, 7):
-            x = (torch.randn(rows, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
-            for threads in (1, 2):
-                ys = []
-                for lib in (wide, narrow):
-                    y = torch.empty(rows, n, dtype=torch.bfloat16)
-                    assert lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), rows, n, k, group, threads) == 0
-                    ys.append(y)
-                assert torch.equal(ys[0], ys[1]), (n, k, group, rows, threads)
-        ts = []
-        for lib in (wide, narrow):
-            t = torch.empty(k, n, dtype=torch.bfloat16)
-            assert lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), t.data_ptr(), n, k, group, 2) == 0
-            ts.append(t)
-        assert torch.equal(ts[0], ts[1])
-        experts = torch.stack([data, data.roll(1, 0)]), torch.stack([sz, sz.roll(1, 0)])
-        ids = torch.tensor([1, 0, 1], dtype=torch.int64)
-        x = torch.randn(1, k, generator=g).bfloat16()
-        outs = []
-        for lib in (wide, narrow):
-            y = torch.empty(3, n, dtype=torch.bfloat16)
-            assert lib.pangu_int4_experts_mm(x.data_ptr(), ids.data_ptr(), 3, experts[0].data_ptr(), experts[1].data_ptr(), y.data_ptr(), 2, n, k, group, 1) == 0
-            outs.append(y)
-        assert torch.equal(outs[0], outs[1])
+        scale = torch.rand(n, k // group, generator=g) * 0.02
+        data, sz = cpu_int4.pack(q, scale, (torch.rand(n, k // group, generator=g) - 0.5) * 0.02)
+        sym = cpu_int4.pack(q, scale, None)[1]  # scales only (zeros all 0)
+        for s in (sz, sym):
+            zs = s.shape[2]
+            for rows in (1, 2, 3, 4, 5, 7):
+                x = (torch.randn(rows, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
+                for threads in (1, 2):
+                    ys = []
+                    for lib in (wide, narrow):
+                        y = torch.empty(rows, n, dtype=torch.bfloat16)
+                        assert lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), s.data_ptr(), y.data_ptr(), rows, n, k, group, zs, threads) == 0
+                        ys.append(y)
+                    assert torch.equal(ys[0], ys[1]), (n, k, group, zs, rows, threads)
+            ts = []
+            for lib in (wide, narrow):
+                t = torch.empty(k, n, dtype=torch.bfloat16)
+                assert lib.pangu_int4_to_bf16_t(data.data_ptr(), s.data_ptr(), t.data_ptr(), n, k, group, zs, 2) == 0
+                ts.append(t)
+            assert torch.equal(ts[0], ts[1])
+            experts = torch.stack([data, data.roll(1, 0)]), torch.stack([s, s.roll(1, 0)])
+            ids = torch.tensor([1, 0, 1], dtype=torch.int64)
+            x = torch.randn(1, k, generator=g).bfloat16()
+            outs = []
+            for lib in (wide, narrow):
+                y = torch.empty(3, n, dtype=torch.bfloat16)
+                assert lib.pangu_int4_experts_mm(x.data_ptr(), ids.data_ptr(), 3, experts[0].data_ptr(), experts[1].data_ptr(), y.data_ptr(), 2, n, k, group, zs, 1) == 0
+                outs.append(y)
+            assert torch.equal(outs[0], outs[1])
 
 
 def _native_or_skip() -> None:
@@ -467,3 +471,111 @@ def test_the_switch_and_a_failed_cpp_build_leave_the_python_operator(monkeypatch
     with torch.inference_mode():
         assert torch.equal(torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x), packed(x) * 2)
     torch._dynamo.reset()
+
+
+# ------------------------------------------------------------------ symmetric groups: scales only
+
+
+def _symmetric_pair(n: int, k: int, group: int, g: torch.Generator):
+    """One weight whose zeros are all 0 (GGUF's Q4_0: w = (q - 8) scale), laid out twice: scales only
+    (pack's zero None) and with its zeros stored (the 2-value form)."""
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 0.02
+    return cpu_int4.pack(q, scale, None), cpu_int4.pack(q, scale, torch.zeros_like(scale))
+
+
+def _with_zeros(sz: torch.Tensor) -> torch.Tensor:
+    """A scales-only layout [..., K/G, 1, 16] with its (zero) zeros stored: [..., K/G, 2, 16]."""
+    return torch.cat((sz, torch.zeros_like(sz)), dim=-2).contiguous()
+
+
+@pytest.mark.parametrize("n, k, group", [(48, 256, 32), (160, 1024, 128), (272, 1536, 32)])
+def test_a_symmetric_pack_keeps_the_scales_only_and_gives_the_2_value_forms_bits(n, k, group, levels):
+    """Products of 1 to 19 rows (a block pair and a last odd block, row chunks over weight tiles),
+    one thread and two, and the conversion to W^T: bitwise those of the same weight with its zeros."""
+    g = torch.Generator().manual_seed(n + k)
+    (data, sz), (data2, sz2) = _symmetric_pair(n, k, group, g)
+    assert torch.equal(data, data2)
+    assert sz.shape == (n // 16, k // group, 1, 16) and sz2.shape == (n // 16, k // group, 2, 16)
+    assert torch.equal(sz, sz2[:, :, :1]) and torch.equal(_with_zeros(sz), sz2)
+    before = torch.get_num_threads()
+    for rows in (1, 2, 3, 4, 5, 16, 19):
+        x = (torch.randn(rows, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            try:
+                y, y2 = cpu_int4.matmul(x, data, sz, group), cpu_int4.matmul(x, data2, sz2, group)
+            finally:
+                torch.set_num_threads(before)
+            assert torch.equal(y, y2), (rows, threads, (y.float() - y2.float()).abs().max())
+    want = cpu_int4.dequantize_t(data2, sz2, group)
+    assert torch.equal(cpu_int4.dequantize_t(data, sz, group), want)
+    assert torch.equal(cpu_int4.to_bf16_t(data, sz, group).clone(), want)  # the library's C loop
+
+
+def test_a_layout_of_another_value_count_is_refused():
+    (data, sz), _ = _symmetric_pair(32, 64, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unexpected operands"):
+        cpu_int4.matmul(torch.randn(1, 64).bfloat16(), data, torch.cat((sz, sz, sz), 2).contiguous(), 32)
+
+
+def test_a_weight_whose_zeros_are_all_0_packs_its_scales_only(levels):
+    """PackedWeight: zeros all 0 -> scales only (experts stacked, rows padded to 16), any zero not 0
+    -> the 2-value form; the products equal the 2-value form's bitwise and the dequantized weight's
+    within the kernel's rounding."""
+    from pangu_infer.quant.formats import QuantizedTensor
+
+    g = torch.Generator().manual_seed(8)
+    qt = quantize(torch.randn(3, 40, 256, generator=g), QuantizationConfig("int4", 32))
+    sym = QuantizedTensor("int4", qt.qweight, qt.scale, torch.zeros_like(qt.zero))
+    packed = PackedWeight(sym, CPU)
+    assert packed.kernel == "int4_vnni" and packed.scales.shape == (3, 3, 8, 1, 16)
+    one_off = sym.zero.clone()
+    one_off[2, 39, 7] = 2.0**-20
+    assert PackedWeight(QuantizedTensor("int4", qt.qweight, qt.scale, one_off), CPU).scales.shape == (3, 3, 8, 2, 16)
+    packed.convert_min_rows = 1 << 30
+    deq = dequantize(sym).double()
+    bound = 4e-3 if levels == 2 else 3e-2
+    for e in range(3):
+        for rows in (1, 3, 17):
+            x = torch.randn(rows, 256, generator=g).bfloat16()
+            with torch.inference_mode():
+                y = packed(x, e)
+            assert torch.equal(y, cpu_int4.matmul(x, packed.data[e], _with_zeros(packed.scales[e]), 32)[:, :40])
+            assert _rel(y, x.double() @ deq[e].T) < bound
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_experts_take_either_form_with_the_2_value_forms_bits(dtype):
+    """experts_one_token with the gate/up and down weights each scales-only or not (a GGUF file may
+    mix Q4_0 and Q4_K): the bits of both weights with their zeros stored."""
+    g = torch.Generator().manual_seed(9)
+    e, hidden, inter, group = 4, 96, 64, 32
+    pairs13 = [_symmetric_pair(2 * inter, hidden, group, g) for _ in range(e)]
+    pairs2 = [_symmetric_pair(hidden, inter, group, g) for _ in range(e)]
+
+    def stacked(pairs, form):
+        return torch.stack([p[form][0] for p in pairs]), torch.stack([p[form][1] for p in pairs])
+
+    ids = torch.tensor([3, 0, 2], dtype=torch.int64)
+    weights = torch.rand(3, generator=g).to(dtype)
+    for i in range(4):
+        x = (torch.randn(1, hidden, generator=g) * (1 + 10 * i)).to(dtype)
+        want = cpu_int4.experts_one_token(x, ids, weights, *stacked(pairs13, 1), group, *stacked(pairs2, 1), group, inter, hidden)
+        for f13, f2 in ((0, 0), (0, 1), (1, 0)):
+            got = cpu_int4.experts_one_token(x, ids, weights, *stacked(pairs13, f13), group, *stacked(pairs2, f2), group, inter, hidden)
+            assert torch.equal(got, want), (i, f13, f2)
+
+
+def test_the_cpp_operator_takes_the_scales_only_layout(monkeypatch):
+    monkeypatch.delenv(native_ops.ENV, raising=False)
+    _native_or_skip()
+    g = torch.Generator().manual_seed(10)
+    for n, k, group in ((48, 256, 32), (160, 1536, 128)):
+        (data, sz), (_, sz2) = _symmetric_pair(n, k, group, g)
+        for rows in (1, 3, 6):
+            x = torch.randn(rows, k, generator=g).bfloat16()
+            ours = torch.ops.pangu_infer.int4_native_mm(x, data, sz, group)
+            assert torch.equal(ours, torch.ops.pangu_infer.int4_vnni_mm(x, data, sz2, group))
+    with pytest.raises(RuntimeError, match="int4 kernel: scales"):
+        torch.ops.pangu_infer.int4_native_mm(torch.randn(1, k).bfloat16(), data, torch.cat((sz, sz, sz), 2).contiguous(), group)

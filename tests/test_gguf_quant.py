@@ -142,6 +142,27 @@ def test_tiny_file_stays_quantized_by_default_and_matches_its_dequantized_self(
     _assert_same_weights(kept.model, plain.model, method)
 
 
+def test_q4_0_weights_keep_only_their_scales_in_the_own_kernels_layout(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch):
+    """Q4_0 (w = (q - 8) d: every zero 0) packs 1 value per group and row for the own int4 kernel
+    (Q4_1: scale and zero, 2), and its products still match gguf's dequantization."""
+    from pangu_infer.quant import cpu_int4
+
+    if cpu_int4.library() is None:
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.ENV, "own")
+    cpu_int4.chosen.cache_clear()
+    try:
+        for qtype, values in (("Q4_0", 1), ("Q4_1", 2)):
+            tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", qtype)
+            kept = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)
+            own = [m for m in kept.model.modules() if isinstance(m, PackedWeight) and m.kernel == "int4_vnni"]
+            assert len(own) == 4 * 2 + 1 and all(m.scales.shape[-2:] == (values, 16) for m in own), qtype
+            plain = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+            _assert_same_weights(kept.model, plain.model, "int4")
+    finally:
+        cpu_int4.chosen.cache_clear()
+
+
 def test_llama_qk_unpermute_applies_to_quantized_rows(tiny_q4_1_llama):
     kept = load_model(str(tiny_q4_1_llama.path), torch.float32, CPU, load_tokenizer=False)
     plain = load_model(str(tiny_q4_1_llama.path), torch.float32, CPU, load_tokenizer=False, quantization="none")

@@ -88,6 +88,28 @@ def test_second_load_maps_the_cache_and_is_bitwise_the_same(tiny_file, cache_dir
     assert _mapped_from(linear.data.data_ptr()) == str(written)
 
 
+def test_a_q4_0_files_scales_only_layout_round_trips(tmp_path_factory, tiny_sentencepiece_vocab, cache_dir, monkeypatch):
+    """Q4_0's int4 weights in the own kernel's layout keep one value per group (no zeros): the cached
+    model reads back with that layout, bitwise."""
+    from pangu_infer.quant import cpu_int4
+
+    if cpu_int4.library() is None:
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.ENV, "own")
+    cpu_int4.chosen.cache_clear()
+    try:
+        path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "llama", "Q4_0").path
+        first = LLM(str(path), enforce_eager=True)
+        calls = _conversions(monkeypatch)
+        second = LLM(str(path), enforce_eager=True)
+        assert calls == [] and model_cache.same_model(first.model, second.model) is None
+        own = [m for m in second.model.modules() if type(m).__name__ == "PackedWeight" and m.kernel == "int4_vnni"]
+        assert own and all(m.scales.shape[-2] == 1 for m in own)
+        assert torch.equal(_answer(first)[0], _answer(second)[0])
+    finally:
+        cpu_int4.chosen.cache_clear()  # the next test measures or reads its choice again
+
+
 def _mapped_from(address: int):
     """The file whose mapping holds `address` (Linux /proc/self/maps), or None."""
     with open("/proc/self/maps", encoding="utf-8") as f:

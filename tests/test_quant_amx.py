@@ -77,6 +77,20 @@ def test_products_equal_the_bf16_weight_within_the_output_rounding(kind, n, k, r
     _close_to_bf16_weight(y, x, w[2])
 
 
+@pytest.mark.parametrize("n, k, rows", [(48, 256, 7), (272, 1536, 33), (80, 2560, 40)])  # 2560: two k panels
+def test_int4_scales_only_gives_the_2_value_forms_bits(n, k, rows):
+    """cpu_int4's layout with scales only (zeros all 0, GGUF's Q4_0): the products of the same
+    weight with its zeros stored, bitwise."""
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // 32, generator=g) * 0.02 + 0.001
+    data, sz = cpu_int4.pack(q, scale, None)
+    _, sz2 = cpu_int4.pack(q, scale, torch.zeros_like(scale))
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    y = amx.int4_product(x, data, sz, 32)
+    assert y is not None and torch.equal(y, amx.int4_product(x, data, sz2, 32))
+
+
 def _cancelling_rows(rows: int, k: int, seed: int) -> torch.Tensor:
     """Rows whose first 2 x 128 entries cancel against a weight repeating its first 128 columns
     (big fp32 partial sums, a small result): a change in the order of the sums shows in bf16."""

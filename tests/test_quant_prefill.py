@@ -303,6 +303,31 @@ def test_packed_path_turned_off_or_layout_unchecked_falls_back_to_plain_wt(monke
         monkeypatch.undo()
 
 
+@pytest.mark.parametrize("n, k", [(32, 64), (96, 576), (64, 1536)])
+def test_many_row_int4_products_of_a_scales_only_weight_give_its_2_value_forms_bits(n, k):
+    """cpu_int4's layout with scales only (zeros all 0, GGUF's Q4_0) converted for a product of many
+    rows (into oneDNN's packed layout where checked, else W^T by the library's C loop): bitwise what
+    the same weight with its zeros stored gives, and so is the packed conversion itself."""
+    from pangu_infer.quant import cpu_int4
+
+    if cpu_int4.library() is None:
+        pytest.skip("no AVX-512 VNNI or AVX2, or no C compiler: cpu_int4 does not run here")
+    ready = prefill.prepare() is None
+    g = torch.Generator().manual_seed(n + k)
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // 32, generator=g) * 0.05
+    data, sz = cpu_int4.pack(q, scale, None)
+    _, sz2 = cpu_int4.pack(q, scale, torch.zeros_like(scale))
+    assert sz.shape[2] == 1 and sz2.shape[2] == 2
+    x = torch.randn(67, k, generator=g).to(torch.bfloat16)
+    assert torch.equal(prefill.int4_vnni_product(x, data, sz, 32), prefill.int4_vnni_product(x, data, sz2, 32))
+    if ready and prefill.packed_layout_ok(n, k):
+        rb = prefill.packed_rows(n, k)
+        for threads in (1, 2):
+            got, want = (prefill._to_packed_raw(prefill._lib[3], (data, s, 32), n, k, rb, threads) for s in (sz, sz2))
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def test_packed_layout_check_refuses_a_layout_it_does_not_write(monkeypatch):
     prefill.packed_rows.cache_clear()
     try:

@@ -7,7 +7,7 @@ product, which is what keeps quantized prefill under bf16's speed (benchmarks/RE
 strip of output columns:
 
 - a strip of S columns (a multiple of 32) of the weight (int4 in cpu_int4's layout with its bf16
-  scale/zero per group, or int8 with a bf16 scale per row) is converted into bf16 VNNI pairs in a
+  scale/zero per group, or its scale alone where every zero is 0, or int8 with a bf16 scale per row) is converted into bf16 VNNI pairs in a
   buffer of this thread sized to stay in L2, in the order the products read it (k in chunks of KC,
   in each the strip's 32-column pieces, in each two 1 KB B tiles per 32 of k). The values are the
   packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once. int8 is
@@ -65,7 +65,7 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
-ABI = 4
+ABI = 5
 REVISION = 5  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
@@ -80,7 +80,7 @@ SOURCE = r"""
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-int pangu_amx_abi(void) { return 4; }
+int pangu_amx_abi(void) { return 5; }
 
 /* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
 int pangu_amx_init(void) {
@@ -141,15 +141,15 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
 }
 
 @INT4_OCTET@
-/* int4 in cpu_int4's layout: w [N/16][K/8][64] bytes, sz bf16 [N/16][K/G][2][16]. Octet o (k = 8o ..
-   8o + 7) of 16-row block b into strip block j. */
+/* int4 in cpu_int4's layout: w [N/16][K/8][64] bytes, sz bf16 [N/16][K/G][zs][16] (scales, then zeros
+   where zs == 2; zs == 1: scales only). Octet o (k = 8o .. 8o + 7) of 16-row block b into strip block j. */
 static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf, int64_t b, int64_t j, int64_t o,
-                             const strip_t* st, int64_t G) {
-  const int64_t ld = st->ld;
+                             const strip_t* st, int64_t G, int64_t zs) {
+  const int64_t ld = st->ld, gs = 16 * zs;
   const uint8_t* p = w + (b * (ld / 8) + st->k0 / 8 + o) * 64;
-  const uint16_t* s = sz + b * (ld / G) * 32 + ((st->k0 + 8 * o) / G) * 32;
+  const uint16_t* s = sz + b * (ld / G) * gs + ((st->k0 + 8 * o) / G) * gs;
   __m512 lo[4], hi[4];
-  int4_octet(p, s, lo, hi);
+  int4_octet(p, s, zs, lo, hi);
   uint32_t* d = at(buf, j, 4 * o, st);  /* pairs 4o .. 4o + 3: four consecutive rows of one B tile */
   _mm512_storeu_si512((void*)d, pairs(lo[0], lo[1]));
   _mm512_storeu_si512((void*)(d + 16), pairs(lo[2], lo[3]));
@@ -204,13 +204,13 @@ typedef struct {
   const uint16_t* q;
   uint32_t* buf;
   strip_t st;
-  int64_t G, b0, blocks, units, j, u;
+  int64_t G, zs, b0, blocks, units, j, u;
   int64_t acc, num, den;  /* spread: num units per den tile steps (block32), acc the carry */
 } cursor_t;
 
 static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
-                         int sh, int64_t G, int64_t n0, int64_t ns, int64_t ld, int64_t k0) {
-  cu->kind = kind; cu->w = w; cu->q = q; cu->buf = buf; cu->G = G;
+                         int sh, int64_t G, int64_t zs, int64_t n0, int64_t ns, int64_t ld, int64_t k0) {
+  cu->kind = kind; cu->w = w; cu->q = q; cu->buf = buf; cu->G = G; cu->zs = zs;
   cu->b0 = n0 / 16; cu->blocks = ns / 16;
   cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh; cu->st.ld = ld; cu->st.k0 = k0;
   cu->units = kind == 4 ? K / 8 : (K + 63) / 64;
@@ -220,7 +220,7 @@ static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* 
 
 static inline void cursor_step(cursor_t* cu) {
   if (cu->j >= cu->blocks) return;
-  if (cu->kind == 4) conv_int4((const uint8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G);
+  if (cu->kind == 4) conv_int4((const uint8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
   else conv_int8((const int8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, 64 * cu->u, &cu->st);
   if (++cu->u == cu->units) { cu->u = 0; cu->j++; }
 }
@@ -286,13 +286,14 @@ static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t 
 }
 
 /* y [M][N] bf16 = x [M][K] bf16 times W^T, W [N][K] given quantized:
-   kind 4: w = cpu_int4 data [N/16][K/8][64], q = sz bf16 [N/16][K/G][2][16], G the group;
+   kind 4: w = cpu_int4 data [N/16][K/8][64], q = sz bf16 [N/16][K/G][zs][16], G the group, zs 2 (scales
+   and zeros) or 1 (scales only);
    kind 8: w = int8 [N][K], q = scale bf16 [N];
    N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
 static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                    int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t kp, int threads) {
+                    int64_t K, int64_t G, int64_t zs, int kind, int64_t S, int64_t kc, int64_t kp, int threads) {
   if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
-  if (kind == 4 && (G % 8 || G < 8 || K % G)) return 1;
+  if (kind == 4 && (G % 8 || G < 8 || K % G || zs < 1 || zs > 2)) return 1;
   if (kind == 8 && K * 16 > 0x7fffffff) return 1;
   if (kind != 4 && kind != 8) return 1;
   /* k in panels of KP (0: one panel): a panel's rows of x stay in L2 across all strips, the fp32 sums
@@ -342,7 +343,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
       config_tiles();
       cursor_t cur, nxt;
       int which = 0;
-      cursor_start(&cur, kind, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
+      cursor_start(&cur, kind, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, zs, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
       cursor_finish(&cur);
       for (int64_t pn = 0; pn < panels; pn++) {
         const int64_t pk0 = pn * KP, pw = K - pk0 < KP ? K - pk0 : KP;
@@ -356,7 +357,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
           if (more) {  /* the next strip of this panel, or the first of the next panel */
             const int64_t n1 = s + 1 < s_end ? n0 + S : s_begin * S, q0 = s + 1 < s_end ? pk0 : pk0 + KP;
             const int64_t qw = K - q0 < KP ? K - q0 : KP;
-            cursor_start(&nxt, kind, w, q, bufs[1 - which], qw, KC, sh, G, n1, N - n1 < S ? N - n1 : S, K, q0);
+            cursor_start(&nxt, kind, w, q, bufs[1 - which], qw, KC, sh, G, zs, n1, N - n1 < S ? N - n1 : S, K, q0);
             nxt.num = nxt.blocks * nxt.units; nxt.den = mblocks * pieces * (pw / 32);
           }
           /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
@@ -389,10 +390,10 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
 /* In blocks of mb rows (0: all at once), each converting the weight again: a block's rows of x stay
    in L2 with the strip buffers instead of streaming through it once per strip. */
 int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                  int64_t K, int64_t G, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads) {
-  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, kind, S, kc, kp, threads);
+                  int64_t K, int64_t G, int64_t zs, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads) {
+  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, zs, kind, S, kc, kp, threads);
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, kind, S, kc, kp, threads);
+    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, zs, kind, S, kc, kp, threads);
     if (rc) return rc;
   }
   return 0;
@@ -436,7 +437,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     fn = lib.pangu_amx_qmm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
     return lib
 
 
@@ -530,10 +531,10 @@ def _fits(x: torch.Tensor, n: int, k: int) -> bool:
     )
 
 
-def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int) -> Optional[torch.Tensor]:
+def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int, zs: int = 1) -> Optional[torch.Tensor]:
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0] and lib.pangu_amx_qmm(
-        x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, kind, strip_width(k), K_CHUNK,
+        x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, zs, kind, strip_width(k), K_CHUNK,
         row_block(k), k_panel(k), torch.get_num_threads(),
     ):
         return None
@@ -548,10 +549,10 @@ def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_si
     if (
         lib is None or not _fits(x, n, k) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16
         or not (data.is_contiguous() and sz.is_contiguous()) or group_size % 8 or k % group_size
-        or tuple(sz.shape) != (data.shape[0], k // group_size, 2, 16)
+        or tuple(sz.shape) not in ((data.shape[0], k // group_size, 2, 16), (data.shape[0], k // group_size, 1, 16))
     ):
         return None
-    return _run(lib, x, data, sz, n, k, group_size, 4)
+    return _run(lib, x, data, sz, n, k, group_size, 4, cpu_int4.zero_values(sz))
 
 
 def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:

@@ -31,13 +31,16 @@ static inline void transpose16_epi32(const int8_t* base, int64_t ld, __m512i v[1
 
 # One octet of pangu_infer.quant.cpu_int4's int4 layout dequantized in fp32. p: its 64 bytes, 16 rows x
 # 4 bytes (byte j of a row: column j in the low nibble, column 4 + j in the high one); s: the group's
-# bf16 scales [16] then zeros [16]. lo[j] = column j, hi[j] = column 4 + j, lane r = row r; the weight
-# is q * scale + (zero - 8 scale), one fused multiply-add. AVX-512F.
+# bf16 scales [16], then where zs == 2 its zeros [16] (zs == 1: scales only, every zero 0). lo[j] =
+# column j, hi[j] = column 4 + j, lane r = row r; the weight is q * scale + (zero - 8 scale), one fused
+# multiply-add (with zero 0 the same bits as a stored zero of 0). Inlined: a caller whose zs is a
+# constant tests it once, not per octet. AVX-512F.
 INT4_OCTET = r"""
-static inline void int4_octet(const uint8_t* p, const uint16_t* s, __m512 lo[4], __m512 hi[4]) {
+static inline __attribute__((always_inline)) void int4_octet(const uint8_t* p, const uint16_t* s, int64_t zs, __m512 lo[4], __m512 hi[4]) {
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
   const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
-  const __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16));
+  const __m512 ze = zs == 2 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16))
+                            : _mm512_setzero_ps();
   const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
   const __m512i v = _mm512_loadu_si512((const void*)p);
   for (int j = 0; j < 4; j++) {

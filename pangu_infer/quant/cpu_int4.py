@@ -10,7 +10,10 @@ int4 model is almost all such products. This kernel does less arithmetic per wei
   products of 4) per activation row, with no conversion of the weights to float;
 - scales and zeros [N/16, K/G, 2, 16] in bf16 (the same rounding as the aten kernel's
   qScaleAndZeros): w = (q - 8) * scale + zero, so per group and row
-  y += scale * sum(x q) + (zero - 8 scale) * sum(x);
+  y += scale * sum(x q) + (zero - 8 scale) * sum(x). Where every zero of a weight is 0 (GGUF's Q4_0,
+  w = (q - 8) d), the scales alone, [N/16, K/G, 1, 16]: 18 bytes read per 32 weights instead of 20
+  (llama.cpp's Q4_0 reads 18), the same outputs bit for bit (the zero taken as 0 in the same
+  arithmetic). The kernels read the values per group (1 or 2) from the layout's shape;
 - activations quantized per group twice, x ~= d (a + b / 254) with int8 a and b (two more dot
   products per load): the rounding error is about 2^-16 of the group's largest value, finer than
   the bf16 activations the aten kernel takes (2^-9). That is the default where the CPU has AVX-512
@@ -89,18 +92,24 @@ static inline uint16_t tobf(float f) {
 
 # AVX-512 VNNI: one 16-row block per 512-bit vector, `vpdpbusd` dot products.
 _KERNELS_AVX512 = r"""
+static inline __m512 bf16x16(const uint16_t* s) {  /* 16 bf16 -> fp32 */
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+}
+/* A group's 16 zeros: stored after its scales where zs == 2, else (scales only) 0. */
+static inline __m512 zeros16(const uint16_t* s, int64_t zs) { return zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps(); }
+
 /* One block of 16 rows for M (1..4) activation rows. xq: [2][MMAX][K] int8 (coarse, fine);
-   dx, xs: [MMAX][K/G] per-group step and sum of x. */
+   dx, xs: [MMAX][K/G] per-group step and sum of x; zs: values per group and row in sz (1 or 2). */
 static inline __attribute__((always_inline)) void block16(
     const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t b) {
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   __m512 acc[MMAX];
   for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(15);
-  const int64_t ng = K / G;
+  const int64_t ng = K / G, gs = 16 * zs;
   const uint8_t* p = w + b * (K / 8) * 64;
-  const uint16_t* sp = sz + b * ng * 32;
-  for (int64_t g = 0; g < ng; g++, sp += 32) {
+  const uint16_t* sp = sz + b * ng * gs;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
     /* four independent accumulator chains per row (coarse/fine x low/high nibble): the dot
        products' latency overlaps. High nibbles are used in place (v & 0xF0 = 16 q): no shift. */
     __m512i cl[MMAX], ch[MMAX], fl[MMAX], fh[MMAX];
@@ -127,8 +136,7 @@ static inline __attribute__((always_inline)) void block16(
 #endif
       }
     }
-    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)sp)), 16));
-    __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(sp + 16))), 16));
+    __m512 sc = bf16x16(sp), ze = zeros16(sp, zs);
     __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
     const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
     for (int m = 0; m < M; m++) {
@@ -153,16 +161,16 @@ static inline __attribute__((always_inline)) void block16(
 /* One activation row, two blocks (32 weight rows) at once: each broadcast of x feeds both, and
    eight accumulator chains overlap. */
 static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
-                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t b) {
+                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
   __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
   const __m512i mask = _mm512_set1_epi8(15);
-  const int64_t ng = K / G;
+  const int64_t ng = K / G, gs = 16 * zs;
   const uint8_t* p0 = w + b * (K / 8) * 64;
   const uint8_t* p1 = p0 + (K / 8) * 64;
-  const uint16_t* s0 = sz + b * ng * 32;
-  const uint16_t* s1 = s0 + ng * 32;
+  const uint16_t* s0 = sz + b * ng * gs;
+  const uint16_t* s1 = s0 + ng * gs;
   const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
-  for (int64_t g = 0; g < ng; g++, s0 += 32, s1 += 32) {
+  for (int64_t g = 0; g < ng; g++, s0 += gs, s1 += gs) {
     __m512i cl0 = _mm512_setzero_si512(), ch0 = cl0, fl0 = cl0, fh0 = cl0;
     __m512i cl1 = cl0, ch1 = cl0, fl1 = cl0, fh1 = cl0;
     const int8_t* c = xq + g * G;
@@ -187,8 +195,7 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
     const __m512 step = _mm512_set1_ps(dx[g]), sum = _mm512_set1_ps(xs[g]);
     const __m512 fine_w = _mm512_set1_ps(1.0f / 254.0f);
     {
-      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s0)), 16));
-      __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s0 + 16))), 16));
+      __m512 sc = bf16x16(s0), ze = zeros16(s0, zs);
       __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch0), sixteenth, _mm512_cvtepi32_ps(cl0));
 #if INT4_FINE
       __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh0), sixteenth, _mm512_cvtepi32_ps(fl0));
@@ -200,8 +207,7 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
       acc0 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc0);
     }
     {
-      __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s1)), 16));
-      __m512 ze = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s1 + 16))), 16));
+      __m512 sc = bf16x16(s1), ze = zeros16(s1, zs);
       __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch1), sixteenth, _mm512_cvtepi32_ps(cl1));
 #if INT4_FINE
       __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh1), sixteenth, _mm512_cvtepi32_ps(fl1));
@@ -220,34 +226,42 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
 }
 
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
-    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
-  block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, b); }
+    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b); }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
 @INT4_OCTET@
 /* W^T [K, N] bf16 from the layout (products of many rows convert the weight once and run one bf16
    product): w = q * scale + (zero - 8 scale) in fp32, one fused multiply-add, rounded to bf16 once
    (to nearest even). Each 64-byte load is one octet of 16 rows: lane r holds row r's 4 bytes. */
-int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
-                         int64_t N, int64_t K, int64_t G, int64_t threads) {
-  if (N % 16 || G % 8 || G < 8 || K % G) return 1;
-  const int64_t nb = N / 16, ng = K / G, octets = K / 8;
-  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
-  for (int64_t b = 0; b < nb; b++) {
-    const uint8_t* p = w + b * octets * 64;
-    const uint16_t* sp = sz + b * ng * 32;
-    const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
-    for (int64_t o = 0; o < octets; o++, p += 64) {
-      __m512 f[2][4];  /* [low, high nibbles][j] */
-      int4_octet(p, sp + ((8 * o) / G) * 32, f[0], f[1]);
-      for (int j = 0; j < 4; j++) {
-        for (int h = 0; h < 2; h++) {
-          const __m512i u = _mm512_castps_si512(f[h][j]);
-          const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
-          _mm256_storeu_si256((__m256i*)(out + (8 * o + 4 * h + j) * N + 16 * b), _mm512_cvtepi32_epi16(r));
-        }
+/* Block b (16 rows); zs (values per group and row) a constant at each call: no test per octet. */
+static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t* w, const uint16_t* sz, uint16_t* out,
+                                                                  int64_t N, int64_t K, int64_t G, const int64_t zs, int64_t b) {
+  const int64_t ng = K / G, octets = K / 8, gs = 16 * zs;
+  const uint8_t* p = w + b * octets * 64;
+  const uint16_t* sp = sz + b * ng * gs;
+  const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+  for (int64_t o = 0; o < octets; o++, p += 64) {
+    __m512 f[2][4];  /* [low, high nibbles][j] */
+    int4_octet(p, sp + ((8 * o) / G) * gs, zs, f[0], f[1]);
+    for (int j = 0; j < 4; j++) {
+      for (int h = 0; h < 2; h++) {
+        const __m512i u = _mm512_castps_si512(f[h][j]);
+        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+        _mm256_storeu_si256((__m256i*)(out + (8 * o + 4 * h + j) * N + 16 * b), _mm512_cvtepi32_epi16(r));
       }
     }
+  }
+}
+
+int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
+                         int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
+  const int64_t nb = N / 16;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
+  for (int64_t b = 0; b < nb; b++) {
+    if (zs == 2) to_bf16_t_block(w, sz, out, N, K, G, 2, b);
+    else to_bf16_t_block(w, sz, out, N, K, G, 1, b);
   }
   return 0;
 }
@@ -276,9 +290,10 @@ static inline __m256 bf8(const uint16_t* s) {  /* 8 bf16 -> fp32 */
 }
 
 /* One group's end for 8 rows: the coarse and fine int32 sums (c, f) to fp32, times the group's scale
-   and the row's step, plus (zero - 8 scale) times the row's sum; the AVX-512 build's steps, in order. */
-static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, float step, float sum) {
-  const __m256 sc = bf8(s), ze = bf8(s + 16);
+   and the row's step, plus (zero - 8 scale) times the row's sum; the AVX-512 build's steps, in order.
+   s: the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1: scales only, zeros 0). */
+static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, int64_t zs, float step, float sum) {
+  const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
 #if INT4_FINE
   const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(c));
 #else
@@ -290,17 +305,18 @@ static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t*
 }
 
 /* Half h (rows 8h .. 8h + 7) of 16-row block b for M (1..4) activation rows; the arithmetic of the
-   AVX-512 block16 lane by lane. xq: [2][MMAX][K] int8 (coarse, fine); dx, xs: [MMAX][K/G]. */
+   AVX-512 block16 lane by lane. xq: [2][MMAX][K] int8 (coarse, fine); dx, xs: [MMAX][K/G]; zs: values
+   per group and row in sz (1 or 2). */
 static inline __attribute__((always_inline)) void block8(
     const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t b, int h) {
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b, int h) {
   __m256 acc[MMAX];
   for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(15);
-  const int64_t ng = K / G;
+  const int64_t ng = K / G, gs = 16 * zs;
   const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
-  const uint16_t* sp = sz + b * ng * 32 + 8 * h;
-  for (int64_t g = 0; g < ng; g++, sp += 32) {
+  const uint16_t* sp = sz + b * ng * gs + 8 * h;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i c[MMAX], f[MMAX];
     for (int m = 0; m < M; m++) { c[m] = _mm256_setzero_si256(); f[m] = _mm256_setzero_si256(); }
     /* up to 4 octets summed in int16 (at most 4 * 7620 = 30480), then widened to int32 */
@@ -327,7 +343,7 @@ static inline __attribute__((always_inline)) void block8(
         f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
       }
     }
-    for (int m = 0; m < M; m++) acc[m] = group_end(acc[m], c[m], f[m], sp, dx[m * ng + g], xs[m * ng + g]);
+    for (int m = 0; m < M; m++) acc[m] = group_end(acc[m], c[m], f[m], sp, zs, dx[m * ng + g], xs[m * ng + g]);
   }
   for (int m = 0; m < M; m++) {
     float t[8];
@@ -338,13 +354,13 @@ static inline __attribute__((always_inline)) void block8(
 
 /* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves. */
 static inline __attribute__((always_inline)) void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-                  uint16_t* y, int64_t K, int64_t G, int64_t b) {
+                  uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int64_t ng = K / G;
+  const int64_t ng = K / G, gs = 16 * zs;
   const uint8_t* p = w + b * (K / 8) * 64;
-  const uint16_t* sp = sz + b * ng * 32;
-  for (int64_t g = 0; g < ng; g++, sp += 32) {
+  const uint16_t* sp = sz + b * ng * gs;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
     const int8_t* cq = xq + g * G;
     const int8_t* fq = cq + MMAX * K;
@@ -365,8 +381,8 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
       c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
       f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
     }
-    acc0 = group_end(acc0, c0, f0, sp, dx[g], xs[g]);
-    acc1 = group_end(acc1, c1, f1, sp + 8, dx[g], xs[g]);
+    acc0 = group_end(acc0, c0, f0, sp, zs, dx[g], xs[g]);
+    acc1 = group_end(acc1, c1, f1, sp + 8, zs, dx[g], xs[g]);
   }
   float t[16];
   _mm256_storeu_ps(t, acc0);
@@ -380,54 +396,62 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
    The same arithmetic in the same order either way: the same bits. */
 #define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
-    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) { \
+    const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   for (int h = 0; h < 2; h++) \
-    CALL_G(block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, b, h), block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, b, h)); }
+    CALL_G(block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b, h)); }
 ROWS(2) ROWS(3) ROWS(4)
 static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-                  uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t b) {
+                  uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   (void)ldy;
-  CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, b), row16(xq, dx, xs, w, sz, y, K, G, b));
+  CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, sz, y, K, G, zs, b));
 }
 
 /* One activation row, blocks b and b + 1 (the AVX-512 kernel's pair; here one block after the other). */
 static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
-                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t b) {
-  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, i), row16(xq, dx, xs, w, sz, y, K, G, i));
+                   const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
+  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, zs, i), row16(xq, dx, xs, w, sz, y, K, G, zs, i));
 }
 
 /* W^T [K, N] bf16 from the layout, as the AVX-512 build's: q * scale + (zero - 8 scale) in fp32, one
-   fused multiply-add, rounded to bf16 once (to nearest even). */
-int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
-                         int64_t N, int64_t K, int64_t G, int64_t threads) {
-  if (N % 16 || G % 8 || G < 8 || K % G) return 1;
-  const int64_t nb = N / 16, ng = K / G, octets = K / 8;
-  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
-  for (int64_t b = 0; b < nb; b++) {
-    const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
-    const __m256i nib = _mm256_set1_epi32(15);
-    for (int h = 0; h < 2; h++) {
-      const uint8_t* p = w + b * octets * 64 + 32 * h;
-      const uint16_t* sp = sz + b * ng * 32 + 8 * h;
-      for (int64_t o = 0; o < octets; o++, p += 64) {
-        const uint16_t* s = sp + ((8 * o) / G) * 32;
-        const __m256 sc = bf8(s), ze = bf8(s + 16);
-        const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
-        const __m256i v = _mm256_loadu_si256((const __m256i*)p);
-        for (int j = 0; j < 4; j++) {
-          const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
-          const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, nib)), sc, off),
-                               _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), sc, off)};
-          for (int q = 0; q < 2; q++) {
-            const __m256i u = _mm256_castps_si256(f[q]);
-            const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
-            /* 8 words 0..0xFFFF -> 8 bf16: packus per 128-bit lane, then the two lanes' low halves together */
-            const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-            _mm_storeu_si128((__m128i*)(out + (8 * o + 4 * q + j) * N + 16 * b + 8 * h), _mm256_castsi256_si128(packed));
-          }
+   fused multiply-add, rounded to bf16 once (to nearest even). Block b (16 rows); zs (values per group
+   and row) a constant at each call: no test per octet. */
+static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t* w, const uint16_t* sz, uint16_t* out,
+                                                                  int64_t N, int64_t K, int64_t G, const int64_t zs, int64_t b) {
+  const int64_t ng = K / G, octets = K / 8, gs = 16 * zs;
+  const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
+  const __m256i nib = _mm256_set1_epi32(15);
+  for (int h = 0; h < 2; h++) {
+    const uint8_t* p = w + b * octets * 64 + 32 * h;
+    const uint16_t* sp = sz + b * ng * gs + 8 * h;
+    for (int64_t o = 0; o < octets; o++, p += 64) {
+      const uint16_t* s = sp + ((8 * o) / G) * gs;
+      const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
+      const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+      const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+      for (int j = 0; j < 4; j++) {
+        const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
+        const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, nib)), sc, off),
+                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), sc, off)};
+        for (int q = 0; q < 2; q++) {
+          const __m256i u = _mm256_castps_si256(f[q]);
+          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+          /* 8 words 0..0xFFFF -> 8 bf16: packus per 128-bit lane, then the two lanes' low halves together */
+          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+          _mm_storeu_si128((__m128i*)(out + (8 * o + 4 * q + j) * N + 16 * b + 8 * h), _mm256_castsi256_si128(packed));
         }
       }
     }
+  }
+}
+
+int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
+                         int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
+  const int64_t nb = N / 16;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
+  for (int64_t b = 0; b < nb; b++) {
+    if (zs == 2) to_bf16_t_block(w, sz, out, N, K, G, 2, b);
+    else to_bf16_t_block(w, sz, out, N, K, G, 1, b);
   }
   return 0;
 }
@@ -435,7 +459,7 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
 
 # What both builds share: the quantization of the activations, the row loops, the experts.
 _COMMON = r"""
-int pangu_int4_abi(void) { return 3; }
+int pangu_int4_abi(void) { return 4; }
 int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the activations */
 
 /* ---- The routed experts of one token (decode at batch 1), one call per product kind and layer.
@@ -476,31 +500,32 @@ static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, in
 }
 
 static void row_product(const int8_t* xq, const float* dx, const uint8_t* w, const uint16_t* sz,
-                        uint16_t* y, int64_t N, int64_t K, int64_t G, int64_t threads) {
+                        uint16_t* y, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
   const int64_t nb = N / 16, pairs = nb / 2;
   const float* xs = dx + MMAX * (K / G);
   if (threads > 1 && pairs >= 4 * threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+    for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, zs, 2 * i);
   } else {
-    for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+    for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, zs, 2 * i);
   }
-  if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, nb - 1);
+  if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, zs, nb - 1);
 }
 
 /* y [S, N] bf16: row x [K] bf16 times expert ids[j]'s weight, for each of the S selected experts.
-   w, sz: all E experts stacked in the layout. Returns 3 for an expert id out of range. */
+   w, sz: all E experts stacked in the layout (zs values per group and row). Returns 3 for an expert
+   id out of range. */
 int pangu_int4_experts_mm(const uint16_t* x, const int64_t* ids, int64_t S, const uint8_t* w, const uint16_t* sz,
-                          uint16_t* y, int64_t E, int64_t N, int64_t K, int64_t G, int64_t threads) {
-  if (N % 16 || G % 8 || G < 8 || K % G) return 1;
-  const int64_t ng = K / G, wstride = (N / 16) * (K / 8) * 64, sstride = (N / 16) * ng * 32;
+                          uint16_t* y, int64_t E, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
+  const int64_t ng = K / G, wstride = (N / 16) * (K / 8) * 64, sstride = (N / 16) * ng * 16 * zs;
   for (int64_t j = 0; j < S; j++) if (ids[j] < 0 || ids[j] >= E) return 3;
   int8_t* xq = (int8_t*)malloc((size_t)(2 * MMAX * K));
   float* dx = (float*)malloc(sizeof(float) * (size_t)(2 * MMAX * ng));
   if (!xq || !dx) { free(xq); free(dx); return 2; }
   quant_chunk(x, xq, dx, 0, 1, K, G);  /* once for all experts: the same row */
   for (int64_t j = 0; j < S; j++)
-    row_product(xq, dx, w + ids[j] * wstride, sz + ids[j] * sstride, y + j * N, N, K, G, threads);
+    row_product(xq, dx, w + ids[j] * wstride, sz + ids[j] * sstride, y + j * N, N, K, G, zs, threads);
   free(xq);
   free(dx);
   return 0;
@@ -515,9 +540,9 @@ int pangu_int4_experts_mm(const uint16_t* x, const int64_t* ids, int64_t S, cons
 __attribute__((optimize("fp-contract=off")))
 int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* wts, int64_t S, const uint8_t* w,
                             const uint16_t* sz, void* out, int64_t out_fp32, int64_t E, int64_t H, int64_t N,
-                            int64_t K, int64_t G, int64_t threads) {
-  if (N % 16 || G % 8 || G < 8 || K % G || H > N || S < 1 || S > 256) return 1;
-  const int64_t ng = K / G, wstride = (N / 16) * (K / 8) * 64, sstride = (N / 16) * ng * 32;
+                            int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || H > N || S < 1 || S > 256 || zs < 1 || zs > 2) return 1;
+  const int64_t ng = K / G, wstride = (N / 16) * (K / 8) * 64, sstride = (N / 16) * ng * 16 * zs;
   int64_t order[256];
   for (int64_t j = 0; j < S; j++) {
     if (ids[j] < 0 || ids[j] >= E) return 3;
@@ -534,7 +559,7 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
   for (int64_t t = 0; t < S; t++) {
     const int64_t j = order[t], e = ids[j];
     quant_chunk(h + j * K, xq, dx, 0, 1, K, G);
-    row_product(xq, dx, w + e * wstride, sz + e * sstride, y, N, K, G, threads);
+    row_product(xq, dx, w + e * wstride, sz + e * sstride, y, N, K, G, zs, threads);
     if (out_fp32) {
       const float r = ((const float*)wts)[j];
       for (int64_t d = 0; d < H; d++) p[d] = bf(y[d]) * r;
@@ -551,7 +576,8 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
   return 0;
 }
 
-/* y [M, N] bf16 = x [M, K] bf16 times the weight; returns 0, or 1 for a shape it does not take. */
+/* y [M, N] bf16 = x [M, K] bf16 times the weight (sz: zs values per group and row, 1 or 2); returns
+   0, or 1 for a shape it does not take. */
 /* Rows per tile of the weight when many activation rows are multiplied: the tile's 16-row blocks
    (TILE_BLOCKS x 16 x K/2 bytes, 48 KB at K = 1536) stay in the core's cache while every chunk of
    activation rows runs over them, so the weight is read from memory once per product, not once per
@@ -559,8 +585,8 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
 #define TILE_BLOCKS 4
 
 int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t threads) {
-  if (M < 1 || N % 16 || G % 8 || G < 8 || K % G) return 1;
+                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (M < 1 || N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
   const int64_t ng = K / G, nb = N / 16, nc = (M + MMAX - 1) / MMAX;
   const int64_t xq_stride = 2 * MMAX * K, dx_stride = 2 * MMAX * ng;  /* one chunk's buffers */
   int8_t* xq = (int8_t*)malloc((size_t)(nc * xq_stride));
@@ -577,11 +603,11 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
     const int64_t pairs = nb / 2;
     if (threads > 1 && pairs >= 4 * threads) {
       #pragma omp parallel for num_threads(threads) schedule(static)
-      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, zs, 2 * i);
     } else {
-      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, 2 * i);
+      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, zs, 2 * i);
     }
-    if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, nb - 1);
+    if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, zs, nb - 1);
   } else {
     /* tiles of the weight outside, the chunks of rows inside: each output is the same block
        function's over the same quantized chunk as one chunk at a time, so the same bits */
@@ -593,10 +619,10 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
       const int64_t b1 = (t + 1) * tb < nb ? (t + 1) * tb : nb;
       for (int64_t c = 0; c < nc; c++) {
         const int mm = CHUNK_ROWS(c);
-        void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t) =
+        void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t) =
             mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
         const float* dc = dx + c * dx_stride;
-        for (int64_t b = t * tb; b < b1; b++) f(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, N, K, G, b);
+        for (int64_t b = t * tb; b < b1; b++) f(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, N, K, G, zs, b);
       }
     }
   }
@@ -694,21 +720,21 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     """One build of the kernel (SOURCE or SOURCE_AVX2), its functions typed; None for a library of
     another ABI. Raises what build_c_library raises."""
     lib = build_c_library(name, source, compiler, FLAGS)
-    if lib.pangu_int4_abi() != 3:
+    if lib.pangu_int4_abi() != 4:
         return None
     lib.pangu_int4_levels.restype = ctypes.c_int
     fn = lib.pangu_int4_mm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
     ex = lib.pangu_int4_experts_mm
     ex.restype = ctypes.c_int
-    ex.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    ex.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
     down = lib.pangu_int4_experts_down
     down.restype = ctypes.c_int
-    down.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7
+    down.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8
     conv = lib.pangu_int4_to_bf16_t
     conv.restype = ctypes.c_int
-    conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
+    conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     return lib
 
 
@@ -769,17 +795,25 @@ def chosen() -> bool:
 # ------------------------------------------------------------------------------------ layout
 
 
-def pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 0..15 [N, K] (N a multiple of 16), scale and zero [N, K/G] -> the kernel's layout:
-    weight uint8 [N/16, K/8, 64] and scale-and-zero bf16 [N/16, K/G, 2, 16]."""
+    weight uint8 [N/16, K/8, 64] and scale-and-zero bf16 [N/16, K/G, 2, 16]; zero None (every zero
+    0): the scales only, [N/16, K/G, 1, 16]."""
     n, k = q.shape
     v = q.view(n // ROW_BLOCK, ROW_BLOCK, k // OCTET, 2, 4)
     data = torch.bitwise_or(v[:, :, :, 0], v[:, :, :, 1] << 4)  # [nb, 16, K/8, 4]
     data = data.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 64)
     ng = scale.shape[-1]
-    sz = torch.stack((scale, zero), 0).to(torch.bfloat16)  # [2, N, K/G]
-    sz = sz.view(2, n // ROW_BLOCK, ROW_BLOCK, ng).permute(1, 3, 0, 2).contiguous()
+    parts = (scale,) if zero is None else (scale, zero)
+    sz = torch.stack(parts, 0).to(torch.bfloat16)  # [1 or 2, N, K/G]
+    sz = sz.view(len(parts), n // ROW_BLOCK, ROW_BLOCK, ng).permute(1, 3, 0, 2).contiguous()
     return data.contiguous(), sz
+
+
+def zero_values(sz: torch.Tensor) -> int:
+    """Values per group and row of a scale-and-zero layout [..., K/G, 1 or 2, 16]: 2 with the zeros
+    stored, 1 for the scales alone (every zero 0); what the C functions take as `zs`."""
+    return sz.shape[-2]
 
 
 def unpack_codes(data: torch.Tensor) -> torch.Tensor:
@@ -795,7 +829,8 @@ def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch
     q = unpack_codes(data).float()  # [N, K]
     n, k = q.shape
     scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()  # [N, K/G, 1]
-    zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float()
+    # scales only: zeros of 0 in the same formula (the same bits as stored zeros of 0)
+    zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float() if zero_values(sz) == 2 else torch.zeros_like(scale)
     w = torch.addcmul(zero - 8 * scale, q.reshape(n, -1, group_size), scale)
     return w.reshape(n, k).to(torch.bfloat16).t()
 
@@ -810,7 +845,7 @@ def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Te
     if lib is None or not (data.is_contiguous() and sz.is_contiguous()):
         return dequantize_t(data, sz, group_size)
     out = scratch(("int4_vnni", n, k), (k, n))
-    if lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group_size, torch.get_num_threads()):
+    if lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group_size, zero_values(sz), torch.get_num_threads()):
         return dequantize_t(data, sz, group_size)
     return out
 
@@ -831,12 +866,14 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
         or data.dtype != torch.uint8
         or sz.dtype != torch.bfloat16
         or not (x.is_contiguous() and data.is_contiguous() and sz.is_contiguous())
-        or sz.shape != (data.shape[0], k // group_size, 2, ROW_BLOCK)
+        or sz.shape not in ((data.shape[0], k // group_size, 2, ROW_BLOCK), (data.shape[0], k // group_size, 1, ROW_BLOCK))
     ):
-        raise ValueError(f"int4 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}")
+        raise ValueError(f"int4 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}, scales {tuple(sz.shape)}")
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0]:
-        rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, torch.get_num_threads())
+        rc = lib.pangu_int4_mm(
+            x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, zero_values(sz), torch.get_num_threads()
+        )
         if rc:
             raise RuntimeError(f"int4 kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
     return y
@@ -881,7 +918,7 @@ def experts_one_token(
     products; all down products with the weighted sum) and the activation between them in torch
     (the same ATen kernel as per expert, so the same bits). The ids are read by the C code: no
     host sync. x [1, H] bf16 or fp32; ids [S] int64; weights [S] in x's dtype; data13/sz13 and
-    data2/sz2 the stacked experts' layouts ([E, ...])."""
+    data2/sz2 the stacked experts' layouts ([E, ...]), each with its zeros or scales only."""
     lib = library()
     s, e = ids.numel(), data13.shape[0]
     n13, k13 = data13.shape[1] * ROW_BLOCK, data13.shape[2] * OCTET
@@ -890,13 +927,17 @@ def experts_one_token(
         lib is None or x.dtype not in (torch.bfloat16, torch.float32) or x.numel() != k13 or weights.dtype != x.dtype
         or ids.dtype != torch.long or weights.numel() != s or k2 != inter or 2 * inter > n13 or hidden > n2
         or data2.shape[0] != e or not all(t.is_contiguous() for t in (data13, sz13, data2, sz2))
+        or sz13.shape != (e, n13 // ROW_BLOCK, k13 // group13, zero_values(sz13), ROW_BLOCK) or zero_values(sz13) not in (1, 2)
+        or sz2.shape != (e, n2 // ROW_BLOCK, k2 // group2, zero_values(sz2), ROW_BLOCK) or zero_values(sz2) not in (1, 2)
     ):
         raise ValueError(f"int4 experts: unexpected operands x {tuple(x.shape)} {x.dtype}, ids {tuple(ids.shape)}, weights {weights.dtype}")
     threads = torch.get_num_threads()
     ids = ids.reshape(-1).contiguous()
     xk = x.reshape(1, k13).to(torch.bfloat16).contiguous()
     gu = torch.empty(s, n13, dtype=torch.bfloat16)
-    rc = lib.pangu_int4_experts_mm(xk.data_ptr(), ids.data_ptr(), s, data13.data_ptr(), sz13.data_ptr(), gu.data_ptr(), e, n13, k13, group13, threads)
+    rc = lib.pangu_int4_experts_mm(
+        xk.data_ptr(), ids.data_ptr(), s, data13.data_ptr(), sz13.data_ptr(), gu.data_ptr(), e, n13, k13, group13, zero_values(sz13), threads
+    )
     if rc:
         raise RuntimeError(f"int4 experts kernel refused the gate/up products ({rc})")
     gu = gu[:, : 2 * inter].to(x.dtype)
@@ -905,7 +946,7 @@ def experts_one_token(
     w = weights.reshape(-1).contiguous()
     rc = lib.pangu_int4_experts_down(
         h.data_ptr(), ids.data_ptr(), w.data_ptr(), s, data2.data_ptr(), sz2.data_ptr(), out.data_ptr(),
-        int(x.dtype == torch.float32), e, hidden, n2, inter, group2, threads,
+        int(x.dtype == torch.float32), e, hidden, n2, inter, group2, zero_values(sz2), threads,
     )
     if rc:
         raise RuntimeError(f"int4 experts kernel refused the down products ({rc})")
@@ -955,4 +996,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "product", "to_bf16_t", "unpack_codes", "usable"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "product", "to_bf16_t", "unpack_codes", "usable", "zero_values"]

@@ -158,15 +158,21 @@ class PackedWeight(nn.Module):
         # temporary of one byte per weight, and no second copy of the packed weight is ever made.
         rows = max(cpu_int4.ROW_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // cpu_int4.ROW_BLOCK * cpu_int4.ROW_BLOCK)
         lead = qt.qweight.shape[:-2]
-        mats = [t.reshape(-1, *t.shape[-2:]) for t in (qt.qweight, qt.scale, qt.zero)]
+        # Every zero 0 (GGUF's Q4_0: w = (q - 8) d), as the kernel reads it (its bf16 bits): the scales
+        # alone, 1 value per group and row instead of 2 (10% fewer bytes per decode step's weight read).
+        zeros = 2 if qt.zero is not None and bool(qt.zero.to(torch.bfloat16).view(torch.int16).any()) else 1
+        mats = [t.reshape(-1, *t.shape[-2:]) for t in (qt.qweight, qt.scale)]
+        zero_mats = qt.zero.reshape(-1, *qt.zero.shape[-2:]) if zeros == 2 else [None] * len(mats[0])
         blocks = (n + pad) // cpu_int4.ROW_BLOCK
         data = torch.empty(len(mats[0]), blocks, self.in_features // cpu_int4.OCTET, 64, dtype=torch.uint8)
-        sz = torch.empty(len(mats[0]), blocks, qt.scale.shape[-1], 2, cpu_int4.ROW_BLOCK, dtype=torch.bfloat16)
-        for i, (m, scale, zero) in enumerate(zip(*mats)):  # experts one at a time
+        sz = torch.empty(len(mats[0]), blocks, qt.scale.shape[-1], zeros, cpu_int4.ROW_BLOCK, dtype=torch.bfloat16)
+        for i, (m, scale, zero) in enumerate(zip(*mats, zero_mats)):  # experts one at a time
             for start in range(0, n, rows):
-                q, s, z = unpack_int4(m[start : start + rows]), scale[start : start + rows], zero[start : start + rows]
+                q, s = unpack_int4(m[start : start + rows]), scale[start : start + rows]
+                z = None if zero is None else zero[start : start + rows]
                 if start + rows >= n and pad:  # padded rows: scale 0 and zero 0 give 0
-                    q, s, z = F.pad(q, (0, 0, 0, pad)), F.pad(s, (0, 0, 0, pad)), F.pad(z, (0, 0, 0, pad))
+                    q, s = F.pad(q, (0, 0, 0, pad)), F.pad(s, (0, 0, 0, pad))
+                    z = None if z is None else F.pad(z, (0, 0, 0, pad))
                 d, z = cpu_int4.pack(q, s, z)
                 b = start // cpu_int4.ROW_BLOCK
                 data[i, b : b + len(d)].copy_(d)

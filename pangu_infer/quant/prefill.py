@@ -159,30 +159,38 @@ static inline __m512i pair_words(__m512i even, __m512i odd) { return _mm512_or_s
 
 @INT4_OCTET@
 // From cpu_int4's layout: w [n/16][k/8][16][4 bytes] (byte j of a row: low nibble k = 8o + j, high
-// nibble k = 8o + 4 + j), sz bf16 [n/16][k/g][2][16] (scale, zero); weight = q * s + (z - 8 s) in
-// fp32, one fused multiply-add, rounded once: the same values as pangu_int4_to_bf16_t.
+// nibble k = 8o + 4 + j), sz bf16 [n/16][k/g][zs][16] (scale, then zero where zs == 2; zs == 1: scales
+// only, zeros 0); weight = q * s + (z - 8 s) in fp32, one fused multiply-add, rounded once: the same
+// values as pangu_int4_to_bf16_t.
+// Block b (16 rows); zs a constant at each call: no test per octet.
+static inline __attribute__((always_inline)) void int4v_block(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t k,
+                                                              int64_t g, const int64_t zs, int64_t rb, int64_t b0, int64_t b) {
+  const int64_t ng = k / g, octets = k / 8, gs = 16 * zs;
+  const uint8_t* p = w + b * octets * 64;
+  const uint16_t* sp = sz + b * ng * gs;
+  for (int64_t o = 0; o < octets; o++, p += 64) {
+    __m512 flo[4], fhi[4];
+    int4_octet(p, sp + ((8 * o) / g) * gs, zs, flo, fhi);
+    __m512i lo[4], hi[4];
+    for (int j = 0; j < 4; j++) {
+      lo[j] = round_hi(flo[j]);
+      hi[j] = round_hi(fhi[j]);
+    }
+    // pairs 4o .. 4o + 3: k = 8o + (0, 1), (2, 3) from the low nibbles, (4, 5), (6, 7) from the high ones
+    _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o, k, rb)), pair_words(lo[0], lo[1]));
+    _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 1, k, rb)), pair_words(lo[2], lo[3]));
+    _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 2, k, rb)), pair_words(hi[0], hi[1]));
+    _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 3, k, rb)), pair_words(hi[2], hi[3]));
+  }
+}
+
 extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n,
-                                     int64_t k, int64_t g, int64_t rb, int64_t b0, int64_t b1, int threads) {
-  if (n % rb || rb % 16 || (b0 * 16) % rb || g % 8 || g < 8 || k % g) return 0;
-  const int64_t ng = k / g, octets = k / 8;
+                                     int64_t k, int64_t g, int64_t zs, int64_t rb, int64_t b0, int64_t b1, int threads) {
+  if (n % rb || rb % 16 || (b0 * 16) % rb || g % 8 || g < 8 || k % g || zs < 1 || zs > 2) return 0;
   #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && b1 - b0 >= 2 * threads)
   for (int64_t b = b0; b < b1; ++b) {
-    const uint8_t* p = w + b * octets * 64;
-    const uint16_t* sp = sz + b * ng * 32;
-    for (int64_t o = 0; o < octets; o++, p += 64) {
-      __m512 flo[4], fhi[4];
-      int4_octet(p, sp + ((8 * o) / g) * 32, flo, fhi);
-      __m512i lo[4], hi[4];
-      for (int j = 0; j < 4; j++) {
-        lo[j] = round_hi(flo[j]);
-        hi[j] = round_hi(fhi[j]);
-      }
-      // pairs 4o .. 4o + 3: k = 8o + (0, 1), (2, 3) from the low nibbles, (4, 5), (6, 7) from the high ones
-      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o, k, rb)), pair_words(lo[0], lo[1]));
-      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 1, k, rb)), pair_words(lo[2], lo[3]));
-      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 2, k, rb)), pair_words(hi[0], hi[1]));
-      _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 3, k, rb)), pair_words(hi[2], hi[3]));
-    }
+    if (zs == 2) int4v_block(w, sz, out, k, g, 2, rb, b0, b);
+    else int4v_block(w, sz, out, k, g, 1, rb, b0, b);
   }
   return 1;
 }
@@ -226,7 +234,7 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
   return 1;
 }
 #else
-extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n, int64_t k, int64_t g, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
+extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n, int64_t k, int64_t g, int64_t zs, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n, int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 #endif
 """.replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET)
@@ -396,7 +404,7 @@ def _build() -> tuple:
     f8t.restype = p4.restype = p8.restype = ctypes.c_int
     f4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     f8.argtypes = f8t.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    p4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int]
+    p4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 7 + [ctypes.c_int]
     p8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     return f4, f8, f8t, p4, p8
 
@@ -425,11 +433,13 @@ def _check(lib: tuple) -> None:
     if rb:
         if cpu_int4.library() is not None:
             qv = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-            dv, szv = cpu_int4.pack(qv, torch.rand(n, k // group, generator=g) * 0.02, torch.rand(n, k // group, generator=g) * 0.02)
-            want = cpu_int4.dequantize_t(dv, szv, group).t()
-            for threads in (1, 2):
-                got = _to_packed_raw(lib[3], (dv, szv, group), n, k, rb, threads)
-                _same("int4 (packed)", got, _pack_plain(want, rb))
+            sv = torch.rand(n, k // group, generator=g) * 0.02
+            for zv in (torch.rand(n, k // group, generator=g) * 0.02, None):  # zeros stored, scales only
+                dv, szv = cpu_int4.pack(qv, sv, zv)
+                want = cpu_int4.dequantize_t(dv, szv, group).t()
+                for threads in (1, 2):
+                    got = _to_packed_raw(lib[3], (dv, szv, group), n, k, rb, threads)
+                    _same("int4 (packed)", got, _pack_plain(want, rb))
         for threads in (1, 2):
             got = _to_packed_raw(lib[4], (w8, s8), n, k, rb, threads)
             _same("int8 (packed)", got, _pack_plain(_int8_eager(w8, s8), rb))
@@ -552,7 +562,7 @@ def _to_packed_raw(fn, args: tuple, n: int, k: int, rb: int, threads: int) -> to
     out = torch.empty(n * k, dtype=torch.bfloat16)
     if len(args) == 3:
         data, sz, group = args
-        ok = fn(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group, rb, 0, n // _ROWS, threads)
+        ok = fn(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group, cpu_int4.zero_values(sz), rb, 0, n // _ROWS, threads)
     else:
         data, scales = args
         ok = fn(data.data_ptr(), scales.data_ptr(), out.data_ptr(), n, k, rb, 0, n // _ROWS, threads)
@@ -623,8 +633,9 @@ def int4_vnni_packed_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tens
     lib = _packed_usable(n, k, x)
     if lib is None or not (data.is_contiguous() and sz.is_contiguous()) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16:
         return None
+    zs = cpu_int4.zero_values(sz)  # 2: scales and zeros; 1: scales only
     return _sliced_product(x, n, k, lambda out, rb, b0, b1: lib[3](
-        data.data_ptr(), sz.data_ptr(), out, n, k, group_size, rb, b0, b1, torch.get_num_threads()))
+        data.data_ptr(), sz.data_ptr(), out, n, k, group_size, zs, rb, b0, b1, torch.get_num_threads()))
 
 
 def int4_vnni_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
