@@ -369,6 +369,9 @@ def quantized_weight_bytes(
         if setting.method == "int8":
             total += lead * (n * k + n * scale_elem)
             continue
+        # a scale and a zero per group and row: where every zero is 0 (GGUF's Q4_0) the own CPU kernel's
+        # layout keeps the scales alone (quant/cpu_int4.py): an upper bound there (20 bytes per 32 weights
+        # counted, 18 held)
         packed = n * k // 2 + 2 * n * (k // setting.group_size) * scale_elem
         if kind == "embedding":
             total += packed
