@@ -53,7 +53,7 @@ def speed(rounds: int) -> dict[int, float]:
 
     def token(lib) -> None:
         for data, sz, n, k in weights:
-            lib.pangu_int4_mm(xs[k].data_ptr(), data.data_ptr(), sz.data_ptr(), ys[n].data_ptr(), 1, n, k, GROUP, threads)
+            lib.pangu_int4_mm(xs[k].data_ptr(), data.data_ptr(), sz.data_ptr(), ys[n].data_ptr(), 1, n, k, GROUP, cpu_int4.zero_values(sz), threads)
 
     best = {lv: float("inf") for lv in builds}
     for lib in builds.values():

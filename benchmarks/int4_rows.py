@@ -12,6 +12,7 @@ for bit, then timed (best of interleaved passes), in milliseconds per row.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pangu_infer.native import c_compiler  # noqa: E402
+from pangu_infer.native import build_c_library, c_compiler  # noqa: E402
 from pangu_infer.quant import cpu_int4  # noqa: E402
 
 SHAPES = ((3072, 1536), (1536, 1536), (9600, 1536), (1536, 4800))
@@ -30,11 +31,26 @@ ROWS = (1, 2, 3, 4, 5, 16, 67)
 
 
 def sources_at(rev: str) -> dict:
-    """The kernel sources of pangu_infer/quant/cpu_int4.py at `rev` (the module's text up to FLAGS run)."""
-    text = subprocess.check_output(["git", "show", f"{rev}:pangu_infer/quant/cpu_int4.py"], cwd=ROOT, text=True)
+    """The kernel sources of pangu_infer/quant/cpu_int4.py at `rev` (the module's text up to FLAGS run),
+    with the shared C text of pangu_infer/quant/c_simd.py at `rev` where it has that file."""
+    def show(path: str) -> str:
+        return subprocess.check_output(["git", "show", f"{rev}:{path}"], cwd=ROOT, text=True)
+
+    text = show("pangu_infer/quant/cpu_int4.py")[: show("pangu_infer/quant/cpu_int4.py").index("FLAGS = C_FLAGS")]
     ns: dict = {}
-    exec(compile(text[: text.index("FLAGS = C_FLAGS")], f"{rev}:cpu_int4.py", "exec"), ns)
+    if "from pangu_infer.quant.c_simd import" in text:
+        exec(compile(show("pangu_infer/quant/c_simd.py"), f"{rev}:c_simd.py", "exec"), ns)  # that revision's int4_octet
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("from pangu_infer.quant.c_simd import"))
+    exec(compile(text, f"{rev}:cpu_int4.py", "exec"), ns)
     return ns
+
+
+def load_any(source: str, name: str) -> ctypes.CDLL:
+    """A build of either ABI: pangu_int4_mm takes the layout's values per group (zs) from ABI 4 on."""
+    lib = build_c_library(name, source, c_compiler(), cpu_int4.FLAGS)
+    lib.pangu_int4_mm.restype = ctypes.c_int
+    lib.pangu_int4_mm.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * (6 if lib.pangu_int4_abi() >= 4 else 5)
+    return lib
 
 
 def main() -> None:
@@ -50,7 +66,7 @@ def main() -> None:
         sys.exit("cpu_int4's kernel does not run here")
     old = sources_at(args.against)
     old_src = cpu_int4.level_source(old["SOURCE"] if cpu_int4.has_vnni() else old["SOURCE_AVX2"], levels)
-    libs = {"other": cpu_int4.load(old_src, f"{name}_rev", c_compiler()), "this": cpu_int4.load(new_src, name, c_compiler())}
+    libs = {"other": load_any(old_src, f"{name}_rev"), "this": load_any(new_src, name)}
     g = torch.Generator().manual_seed(0)
     print(f"{name}, {levels} level(s), {args.threads} threads; ms per row of one 1B layer, best of {args.repeats} interleaved")
     print(f"{'group':>5s} {'rows':>5s} {args.against[:10]:>10s} {'this':>8s} {'speed':>6s}  bits")
@@ -62,7 +78,8 @@ def main() -> None:
 
         def run(lib, xs, data, sz, n, k):
             y = torch.empty(xs[k].shape[0], n, dtype=torch.bfloat16)
-            rc = lib.pangu_int4_mm(xs[k].data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), xs[k].shape[0], n, k, group, args.threads)
+            zs = (cpu_int4.zero_values(sz),) if lib.pangu_int4_abi() >= 4 else ()  # scale and zero per group (2)
+            rc = lib.pangu_int4_mm(xs[k].data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), xs[k].shape[0], n, k, group, *zs, args.threads)
             assert rc == 0
             return y
 

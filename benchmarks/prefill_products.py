@@ -78,7 +78,7 @@ def main() -> int:
             "int4 packed": lambda: prefill.int4_vnni_packed_product(x, data, sz, 32),
             "int8 plain W^T": plain(lambda: prefill.int8_product(x, w8, s8)),
             "int8 packed": lambda: prefill.int8_packed_product(x, w8, s8),
-            "int4 conv.": lambda: lib[3](data.data_ptr(), sz.data_ptr(), ptr, n, k, 32, rb, 0, n // 16, args.threads),
+            "int4 conv.": lambda: lib[3](data.data_ptr(), sz.data_ptr(), ptr, n, k, 32, cpu_int4.zero_values(sz), rb, 0, n // 16, args.threads),
             "int8 conv.": lambda: lib[4](w8.data_ptr(), s8.data_ptr(), ptr, n, k, rb, 0, n // 16, args.threads),
             "product": lambda: prefill._packed_linear(x, scratch),
         }
