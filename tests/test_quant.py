@@ -350,6 +350,30 @@ def test_smollm2_perplexity_of_int8_and_int4_stays_near_float(smollm2):
     assert "Paris" in text8 and "Paris" in text4
 
 
+@pytest.mark.parametrize("wins, rows", [
+    ([False, False, True, True, True, True], 64),  # the crossing: converting wins from 64 rows on
+    ([False, True, False, False, False, False], tuning.NEVER),  # one win amid losses: load, not a crossing
+    ([False, False, True, False, True, True], 256),  # a loss after a win: the crossing is after it
+    ([True] * 6, 16),
+    ([False] * 6, tuning.NEVER),
+])
+def test_the_convert_rows_are_where_converting_wins_at_every_larger_count(wins, rows, monkeypatch):
+    assert tuning.crossing(wins) == rows
+    # measure() itself: the two candidates timed in turns at each count, decided by the same rule
+    answers = iter(wins)
+    seen = []
+
+    def fake_medians(fns, rounds=5):
+        assert set(fns) == {"convert", "kernel"}
+        seen.append(rounds)
+        return {"convert": 1.0, "kernel": 2.0} if next(answers) else {"convert": 2.0, "kernel": 1.0}
+
+    monkeypatch.setattr(tuning, "interleaved_medians", fake_medians)
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CPU"):
+        pytest.skip("no aten int8 kernel here")
+    assert tuning.measure("int8") == rows and len(seen) == len(tuning.ROW_CANDIDATES)
+
+
 def test_convert_rows_are_measured_once_and_cached_per_machine(tmp_path, monkeypatch):
     cache = tmp_path / "kernels.json"
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(cache))
@@ -360,7 +384,7 @@ def test_convert_rows_are_measured_once_and_cached_per_machine(tmp_path, monkeyp
     monkeypatch.setattr(tuning, "measure", lambda kind: calls.append(kind) or 48)
     assert tuning.convert_min_rows("int8") == 48
     # kept apart for quant/cpu_int8.py's kernel where it runs the few-row products here
-    name = "int8_own_convert_min_rows" if cpu_int8.usable(tuning.BENCH_K) else "int8_convert_min_rows"
+    name = ("int8_own_convert_min_rows" if cpu_int8.usable(tuning.BENCH_K) else "int8_convert_min_rows") + f"_v{tuning.MEASURE_REVISION}"
     assert json.loads(cache.read_text())[tuning.machine_key()][name] == 48
     monkeypatch.setattr(tuning, "_cache", {})  # a new process: read back, not measured again
     assert tuning.convert_min_rows("int8") == 48 and calls == ["int8"]

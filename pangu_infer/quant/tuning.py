@@ -4,8 +4,9 @@ A weight-only int4/int8 kernel streams the weight once per product and wins at d
 but its time grows with the rows; converting the weight to bf16 for one oneDNN product costs a
 fixed pass over the weight and then runs at bf16 speed. Where the two cross depends on the CPU
 (AMX or not, cores, memory): `convert_min_rows(kind)` times both on a weight of 1536 x 1536 for a
-few row counts and returns the smallest row count from which converting is faster (a very large
-number when it never is). The result is kept per machine (CPU model, threads, torch version) in
+few row counts, the two taking turns (interleaved medians), and returns the smallest row count from
+which converting is faster there and at every larger count (a very large number when it never is;
+`crossing`). The result is kept per machine (CPU model, threads, torch version) in
 `~/.cache/pangu-infer/kernels.json` (`$XDG_CACHE_HOME` respected); `PANGU_INFER_KERNEL_ROWS_<KIND>`
 (e.g. `PANGU_INFER_KERNEL_ROWS_INT4=64`) sets it by hand, and `PANGU_INFER_KERNEL_CACHE` names
 another cache file.
@@ -30,7 +31,7 @@ from typing import Optional
 import torch
 
 from pangu_infer.device import default_dtype
-from pangu_infer.machine import cache_path, cached_choice, interleaved_medians, machine_key, median_time
+from pangu_infer.machine import cache_path, cached_choice, interleaved_medians, machine_key
 from pangu_infer.quant import cpu_int4, cpu_int8
 from pangu_infer.quant.prefill import (
     dequantize_int4_cpu_packed, int4_cpu_layout_ok, int4_to_bf16, int4_vnni_product, int8_product, packed_enabled,
@@ -42,6 +43,7 @@ Q8_KERNEL_MAX_ROWS = 64  # rows from which a one-level int4 kernel's products in
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
 BENCH_N = BENCH_K = 1536
 KINDS = ("int4", "int8", "int4_vnni")
+MEASURE_REVISION = 2  # in the cached names: a changed measurement is made again, not read back
 _cache: dict[str, object] = {}
 
 
@@ -93,11 +95,27 @@ def measure(kind: str) -> int:
         def convert(x):
             return int8_product(x, w8, s8)
 
+    wins = []
     for rows in ROW_CANDIDATES:
         x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
-        if median_time(lambda: convert(x)) < median_time(lambda: kernel(x)):
-            return rows
-    return NEVER
+        t = interleaved_medians({"convert": lambda: convert(x), "kernel": lambda: kernel(x)}, rounds=5)
+        wins.append(t["convert"] < t["kernel"])
+    return crossing(wins)
+
+
+def crossing(wins: list[bool]) -> int:
+    """The row count (of ROW_CANDIDATES) from which converting won at every larger count too, else NEVER.
+
+    Both times grow about linearly with the rows, converting from a fixed cost on a smaller slope:
+    once it wins it keeps winning. A lone win below rows where the kernel won again is a blip of the
+    machine's load (a run measured beside other work chose 256 where a quiet one finds never, and
+    prefill ran 1.5x slower for it: RESULTS.md), not the crossing."""
+    rows = NEVER
+    for r, won in zip(reversed(ROW_CANDIDATES), reversed(wins)):
+        if not won:
+            break
+        rows = r
+    return rows
 
 
 AMX_ROWS = 512
@@ -198,6 +216,8 @@ def convert_min_rows(kind: str, activations: Optional[torch.dtype] = None) -> in
     # and apart again for the conversions into oneDNN's packed layout (prefill.py), cheaper still
     if kind != "int4" and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
         name += "_packed"
+    # MEASURE_REVISION: values measured by an earlier rule (one median after the other) are measured again
+    name += f"_v{MEASURE_REVISION}"
     if name not in _cache:
         _cache[name] = cached_choice(
             name, lambda: measure(kind), lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1
