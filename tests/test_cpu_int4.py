@@ -76,6 +76,37 @@ def test_products_match_the_dequantized_weight_on_odd_shapes(shape, group, rows,
     assert torch.equal(alone, y)
 
 
+@pytest.mark.parametrize("zeros", [True, False], ids=["scale_zero", "scales_only"])
+def test_many_rows_of_groups_of_32_give_each_rows_own_bits(zeros, levels):
+    """Groups of 32 (GGUF's Q4_0 and Q4_1 blocks): products of 2 to 9 rows (every count of rows in a
+    chunk of the AVX2 build's one-level pass of many rows, and chunks over tiles of the weight), one
+    thread and two, are bitwise the products of each row alone (the one-row path), with zero points
+    and with the scales only; and, one row at a time in float64, within the kernel's rounding."""
+    g = torch.Generator().manual_seed(54 + zeros)
+    n, k, group = 1024, 4096, 32  # many groups and outputs: a changed float step shows in some bf16 output
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 0.02
+    zero = (torch.rand(n, k // group, generator=g) - 0.5) * 0.02 if zeros else None
+    data, sz = cpu_int4.pack(q, scale, zero)
+    assert cpu_int4.zero_values(sz) == (2 if zeros else 1)
+    x = (torch.randn(9, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
+    x[3, :group] = 0  # a group of zeros (step 0) in one row
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            alone = torch.cat([cpu_int4.matmul(x[i : i + 1], data, sz, group) for i in range(9)])
+            for rows in range(2, 10):
+                y = cpu_int4.matmul(x[:rows].contiguous(), data, sz, group)
+                assert torch.equal(y, alone[:rows]), (threads, rows, (y.float() - alone[:rows].float()).abs().max())
+    finally:
+        torch.set_num_threads(before)
+    s = scale.bfloat16().double().repeat_interleave(group, 1)
+    z = zero.bfloat16().double().repeat_interleave(group, 1) if zeros else torch.zeros_like(s)
+    ref = x.double() @ ((q.double() - 8) * s + z).T
+    assert _rel(alone, ref) < (4e-3 if levels == 2 else 3e-2)
+
+
 def test_agrees_with_atens_kernel_at_least_as_well_as_it_agrees_with_the_exact_product(monkeypatch):
     """With two levels of int8 activations (finer than the bf16 activations aten's kernel takes)."""
     _use_levels(monkeypatch, 2)
