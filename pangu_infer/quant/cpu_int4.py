@@ -369,8 +369,8 @@ static inline __attribute__((always_inline)) void block8(
 static inline __attribute__((always_inline)) void many16(
     const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
     uint16_t* y, const int R, int64_t ldy, int64_t K, const int64_t zs, int64_t b) {
-  __m256 acc[2][4];
-  for (int m = 0; m < R; m++) { acc[0][m] = _mm256_setzero_ps(); acc[1][m] = _mm256_setzero_ps(); }
+  float acc[4][16] __attribute__((aligned(32)));  /* in memory: the registers hold the int16 sums */
+  memset(acc, 0, sizeof acc);
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int64_t ng = K / 32, gs = 16 * zs;
   const uint8_t* p = w + b * (K / 8) * 64;
@@ -394,16 +394,12 @@ static inline __attribute__((always_inline)) void many16(
     const __m256 off0 = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc0, ze0), off1 = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc1, ze1);
     for (int m = 0; m < R; m++) {
       const float step = dx[m * ng + g], sum = xs[m * ng + g];
-      acc[0][m] = group_end_sc(acc[0][m], _mm256_madd_epi16(c0[m], ones), _mm256_setzero_si256(), sc0, off0, step, sum);
-      acc[1][m] = group_end_sc(acc[1][m], _mm256_madd_epi16(c1[m], ones), _mm256_setzero_si256(), sc1, off1, step, sum);
+      _mm256_store_ps(acc[m], group_end_sc(_mm256_load_ps(acc[m]), _mm256_madd_epi16(c0[m], ones), _mm256_setzero_si256(), sc0, off0, step, sum));
+      _mm256_store_ps(acc[m] + 8, group_end_sc(_mm256_load_ps(acc[m] + 8), _mm256_madd_epi16(c1[m], ones), _mm256_setzero_si256(), sc1, off1, step, sum));
     }
   }
-  for (int m = 0; m < R; m++) {
-    float t[16];
-    _mm256_storeu_ps(t, acc[0][m]);
-    _mm256_storeu_ps(t + 8, acc[1][m]);
-    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(t[d]);
-  }
+  for (int m = 0; m < R; m++)
+    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(acc[m][d]);
 }
 
 /* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves. */
