@@ -445,21 +445,17 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
    registers, 1.2-1.3x faster products of 2-64 rows on Zen 1 (RESULTS.md, "a constant group").
    The same arithmetic in the same order either way: the same bits. */
 #define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
+/* Groups of 32 with the activations in one level: both halves in one pass (many16), zs a constant;
+   else the halves apart (block8). */
+#if INT4_FINE
+#define ROWS32(MM) for (int h = 0; h < 2; h++) block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b, h)
+#else
+#define ROWS32(MM) do { if (zs == 2) many16(xq, dx, xs, w, sz, y, MM, ldy, K, 2, b); else many16(xq, dx, xs, w, sz, y, MM, ldy, K, 1, b); } while (0)
+#endif
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
-  for (int h = 0; h < 2; h++) \
-    CALL_G(block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b, h)); }
+  if (G == 32) { ROWS32(MM); } else { for (int h = 0; h < 2; h++) block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b, h); } }
 ROWS(2) ROWS(3) ROWS(4)
-#if !INT4_FINE
-/* M (2..MMAX) rows of block b with G = 32 and one level: many16 with M and zs constants */
-static void rows_many32(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-                        uint16_t* y, int M, int64_t ldy, int64_t K, int64_t zs, int64_t b) {
-#define MANY(RR) do { if (zs == 2) many16(xq, dx, xs, w, sz, y, RR, ldy, K, 2, b); else many16(xq, dx, xs, w, sz, y, RR, ldy, K, 1, b); } while (0)
-  switch (M) { case 2: MANY(2); break; case 3: MANY(3); break; default: MANY(4); }
-#undef MANY
-}
-#define HAVE_ROWS_MANY32 1
-#endif
 static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
                   uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   (void)ldy;
@@ -682,12 +678,6 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
         void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t) =
             mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
         const float* dc = dx + c * dx_stride;
-#ifdef HAVE_ROWS_MANY32
-        if (G == 32 && mm >= 2) {
-          for (int64_t b = t * tb; b < b1; b++) rows_many32(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, mm, N, K, zs, b);
-          continue;
-        }
-#endif
         for (int64_t b = t * tb; b < b1; b++) f(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, N, K, G, zs, b);
       }
     }
