@@ -76,14 +76,16 @@ def test_products_match_the_dequantized_weight_on_odd_shapes(shape, group, rows,
     assert torch.equal(alone, y)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128])
 @pytest.mark.parametrize("zeros", [True, False], ids=["scale_zero", "scales_only"])
-def test_many_rows_of_groups_of_32_give_each_rows_own_bits(zeros, levels):
-    """Groups of 32 (GGUF's Q4_0 and Q4_1 blocks): products of 2 to 9 rows (every count of rows in a
-    chunk of the AVX2 build's one-level pass of many rows, and chunks over tiles of the weight), one
-    thread and two, are bitwise the products of each row alone (the one-row path), with zero points
-    and with the scales only; and, one row at a time in float64, within the kernel's rounding."""
-    g = torch.Generator().manual_seed(54 + zeros)
-    n, k, group = 1024, 4096, 32  # many groups and outputs: a changed float step shows in some bf16 output
+def test_many_rows_give_each_rows_own_bits(zeros, group, levels):
+    """Groups of 32 (GGUF's Q4_0 and Q4_1 blocks), 64 and 128 (this engine's default): products of 2
+    to 9 rows (every count of rows in a chunk of the AVX2 build's one-level pass of many rows, and
+    chunks over tiles of the weight), one thread and two, are bitwise the products of each row alone
+    (the one-row path), with zero points and with the scales only; and, one row at a time in
+    float64, within the kernel's rounding."""
+    g = torch.Generator().manual_seed(54 + zeros + group)
+    n, k = 1024, 4096  # many groups and outputs: a changed float step shows in some bf16 output
     q = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
     scale = torch.rand(n, k // group, generator=g) * 0.02
     zero = (torch.rand(n, k // group, generator=g) - 0.5) * 0.02 if zeros else None

@@ -361,32 +361,41 @@ static inline __attribute__((always_inline)) void block8(
   }
 }
 
-/* R (1..4) activation rows against all 16 rows of block b, G = 32, activations in one level, in one
-   pass: each broadcast of an activation's 4 bytes feeds both halves (as row16 does for one row), and
-   each unpacked octet all R rows (16 int16 sums of 4 octets in registers at R = 4). The int32 sums
-   are block8's (exact integers), each group's end the same steps in the same order: block8's bits.
-   On a Zen 3 EPYC 1.4x block8's speed at 4-256 rows (one thread). */
+/* R (1..4) activation rows against all 16 rows of block b, activations in one level, groups of G
+   (32, 64 or 128: a constant), in one pass: each broadcast of an activation's 4 bytes feeds both
+   halves (as row16 does for one row), and each unpacked octet all R rows (16 int16 sums of 4 octets
+   in registers at R = 4, widened to int32 every 4 octets). The int32 sums are block8's (exact
+   integers), each group's end the same steps in the same order: block8's bits. On a Zen 3 EPYC
+   1.4-1.5x block8's speed at 4-2048 rows. */
 static inline __attribute__((always_inline)) void many16(
     const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-    uint16_t* y, const int R, int64_t ldy, int64_t K, const int64_t zs, int64_t b) {
+    uint16_t* y, const int R, int64_t ldy, int64_t K, const int64_t G, const int64_t zs, int64_t b) {
   float acc[4][16] __attribute__((aligned(32)));  /* in memory: the registers hold the int16 sums */
   memset(acc, 0, sizeof acc);
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int64_t ng = K / 32, gs = 16 * zs;
+  const int64_t ng = K / G, gs = 16 * zs;
   const uint8_t* p = w + b * (K / 8) * 64;
   const uint16_t* sp = sz + b * ng * gs;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
-    __m256i c0[4], c1[4];
-    for (int m = 0; m < R; m++) { c0[m] = _mm256_setzero_si256(); c1[m] = _mm256_setzero_si256(); }
-    for (int o = 0; o < 4; o++, p += 64) {
-      const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
-      const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
-      const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+    __m256i s0[4], s1[4];  /* the group's int32 sums */
+    for (int q = 0; q < G / 32; q++) {
+      __m256i c0[4], c1[4];
+      for (int m = 0; m < R; m++) { c0[m] = _mm256_setzero_si256(); c1[m] = _mm256_setzero_si256(); }
+      for (int o = 0; o < 4; o++, p += 64) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+        const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+        const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        for (int m = 0; m < R; m++) {
+          const int8_t* cq = xq + m * K + g * G + 32 * q + 8 * o;
+          const __m256i b0 = bcast4(cq), b1 = bcast4(cq + 4);
+          c0[m] = dot2(c0[m], lo0, b0, hi0, b1);
+          c1[m] = dot2(c1[m], lo1, b0, hi1, b1);
+        }
+      }
       for (int m = 0; m < R; m++) {
-        const int8_t* cq = xq + m * K + g * 32 + 8 * o;
-        const __m256i b0 = bcast4(cq), b1 = bcast4(cq + 4);
-        c0[m] = dot2(c0[m], lo0, b0, hi0, b1);
-        c1[m] = dot2(c1[m], lo1, b0, hi1, b1);
+        const __m256i t0 = _mm256_madd_epi16(c0[m], ones), t1 = _mm256_madd_epi16(c1[m], ones);
+        s0[m] = q == 0 ? t0 : _mm256_add_epi32(s0[m], t0);
+        s1[m] = q == 0 ? t1 : _mm256_add_epi32(s1[m], t1);
       }
     }
     const __m256 sc0 = bf8(sp), sc1 = bf8(sp + 8);
@@ -394,8 +403,8 @@ static inline __attribute__((always_inline)) void many16(
     const __m256 off0 = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc0, ze0), off1 = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc1, ze1);
     for (int m = 0; m < R; m++) {
       const float step = dx[m * ng + g], sum = xs[m * ng + g];
-      _mm256_store_ps(acc[m], group_end_sc(_mm256_load_ps(acc[m]), _mm256_madd_epi16(c0[m], ones), _mm256_setzero_si256(), sc0, off0, step, sum));
-      _mm256_store_ps(acc[m] + 8, group_end_sc(_mm256_load_ps(acc[m] + 8), _mm256_madd_epi16(c1[m], ones), _mm256_setzero_si256(), sc1, off1, step, sum));
+      _mm256_store_ps(acc[m], group_end_sc(_mm256_load_ps(acc[m]), s0[m], _mm256_setzero_si256(), sc0, off0, step, sum));
+      _mm256_store_ps(acc[m] + 8, group_end_sc(_mm256_load_ps(acc[m] + 8), s1[m], _mm256_setzero_si256(), sc1, off1, step, sum));
     }
   }
   for (int m = 0; m < R; m++)
@@ -445,16 +454,18 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
    registers, 1.2-1.3x faster products of 2-64 rows on Zen 1 (RESULTS.md, "a constant group").
    The same arithmetic in the same order either way: the same bits. */
 #define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
-/* Groups of 32 with the activations in one level: both halves in one pass (many16), zs a constant;
-   else the halves apart (block8). */
+/* With the activations in one level and groups of 32, 64 or 128: both halves in one pass (many16),
+   the group size and zs constants; else the halves apart (block8, groups of 32 a constant). */
 #if INT4_FINE
-#define ROWS32(MM) for (int h = 0; h < 2; h++) block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b, h)
+#define MANY16(MM, GG) 0
 #else
-#define ROWS32(MM) do { if (zs == 2) many16(xq, dx, xs, w, sz, y, MM, ldy, K, 2, b); else many16(xq, dx, xs, w, sz, y, MM, ldy, K, 1, b); } while (0)
+#define MANY16(MM, GG) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, sz, y, MM, ldy, K, GG, 1, b), 1)))
 #endif
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
-  if (G == 32) { ROWS32(MM); } else { for (int h = 0; h < 2; h++) block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b, h); } }
+  if (MANY16(MM, 32) || MANY16(MM, 64) || MANY16(MM, 128)) return; \
+  for (int h = 0; h < 2; h++) \
+    CALL_G(block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b, h)); }
 ROWS(2) ROWS(3) ROWS(4)
 static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
                   uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
