@@ -254,18 +254,6 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
   }
 }
 
-int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
-                         int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
-  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
-  const int64_t nb = N / 16;
-  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
-  for (int64_t b = 0; b < nb; b++) {
-    if (zs == 2) to_bf16_t_block(w, sz, out, N, K, G, 2, b);
-    else to_bf16_t_block(w, sz, out, N, K, G, 1, b);
-  }
-  return 0;
-}
-
 """.replace("@INT4_OCTET@", INT4_OCTET)
 
 # AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
@@ -512,6 +500,14 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
   }
 }
 
+"""
+
+# What both builds share: the quantization of the activations, the row loops, the experts.
+_COMMON = r"""
+int pangu_int4_abi(void) { return 4; }
+int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the activations */
+
+/* W^T [K, N] bf16 from the layout, block by block (each build's to_bf16_t_block), zs a constant per call. */
 int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
                          int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
   if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
@@ -523,12 +519,6 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
   }
   return 0;
 }
-"""
-
-# What both builds share: the quantization of the activations, the row loops, the experts.
-_COMMON = r"""
-int pangu_int4_abi(void) { return 4; }
-int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the activations */
 
 /* ---- The routed experts of one token (decode at batch 1), one call per product kind and layer.
    The arithmetic is pangu_int4_mm's for one row, expert by expert: the same quantization of the
