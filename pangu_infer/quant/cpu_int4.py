@@ -284,8 +284,7 @@ static inline __m256 bf8(const uint16_t* s) {  /* 8 bf16 -> fp32 */
 
 /* One group's end for 8 rows: the coarse and fine int32 sums (c, f) to fp32, times the group's scale
    and the row's step, plus (zero - 8 scale) times the row's sum; the AVX-512 build's steps, in order.
-   s: the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1: scales only, zeros 0). */
-/* sc: the group's 8 scales; off: zero - 8 scale (computed once per group where many rows share them) */
+   sc: the group's 8 scales; off: zero - 8 scale (computed once per group where many rows share them). */
 static inline __m256 group_end_sc(__m256 acc, __m256i c, __m256i f, __m256 sc, __m256 off, float step, float sum) {
 #if INT4_FINE
   const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(f), _mm256_set1_ps(1.0f / 254.0f), _mm256_cvtepi32_ps(c));
@@ -296,6 +295,8 @@ static inline __m256 group_end_sc(__m256 acc, __m256i c, __m256i f, __m256 sc, _
   acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
   return _mm256_fmadd_ps(off, _mm256_set1_ps(sum), acc);
 }
+/* The same from the layout: s the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1:
+   scales only, zeros 0). */
 static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, int64_t zs, float step, float sum) {
   const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
   return group_end_sc(acc, c, f, sc, _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), step, sum);
@@ -557,6 +558,7 @@ static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, in
     }
 }
 
+/* One quantized row times the weight: blocks in pairs, the last one alone when their count is odd. */
 static void row_product(const int8_t* xq, const float* dx, const uint8_t* w, const uint16_t* sz,
                         uint16_t* y, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
   const int64_t nb = N / 16, pairs = nb / 2;
@@ -656,16 +658,8 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nc >= 4 * threads)
   for (int64_t c = 0; c < nc; c++)
     quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, CHUNK_ROWS(c), K, G);
-  if (M == 1) {  /* decode: blocks in pairs, the last one alone when their count is odd */
-    const float* xs = dx + MMAX * ng;
-    const int64_t pairs = nb / 2;
-    if (threads > 1 && pairs >= 4 * threads) {
-      #pragma omp parallel for num_threads(threads) schedule(static)
-      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, zs, 2 * i);
-    } else {
-      for (int64_t i = 0; i < pairs; i++) pair16(xq, dx, xs, w, sz, y, K, G, zs, 2 * i);
-    }
-    if (nb % 2) rows1(xq, dx, xs, w, sz, y, N, K, G, zs, nb - 1);
+  if (M == 1) {
+    row_product(xq, dx, w, sz, y, N, K, G, zs, threads);  /* decode: the experts' one-row product */
   } else {
     /* tiles of the weight outside, the chunks of rows inside: each output is the same block
        function's over the same quantized chunk as one chunk at a time, so the same bits */
