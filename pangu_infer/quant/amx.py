@@ -549,7 +549,7 @@ def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_si
     if (
         lib is None or not _fits(x, n, k) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16
         or not (data.is_contiguous() and sz.is_contiguous()) or group_size % 8 or k % group_size
-        or tuple(sz.shape) not in ((data.shape[0], k // group_size, 2, 16), (data.shape[0], k // group_size, 1, 16))
+        or not cpu_int4.scales_fit(sz, (data.shape[0], k // group_size))
     ):
         return None
     return _run(lib, x, data, sz, n, k, group_size, 4, cpu_int4.zero_values(sz))

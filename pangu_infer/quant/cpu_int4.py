@@ -862,6 +862,12 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> 
     return data.contiguous(), sz
 
 
+def scales_fit(sz: torch.Tensor, lead: tuple) -> bool:
+    """Is sz a scale-and-zero layout [*lead, 1 or 2, 16] (lead: its experts, blocks of 16 rows and
+    groups): with the zeros stored or the scales alone."""
+    return tuple(sz.shape) in ((*lead, 2, ROW_BLOCK), (*lead, 1, ROW_BLOCK))
+
+
 def zero_values(sz: torch.Tensor) -> int:
     """Values per group and row of a scale-and-zero layout [..., K/G, 1 or 2, 16]: 2 with the zeros
     stored, 1 for the scales alone (every zero 0); what the C functions take as `zs`."""
@@ -918,7 +924,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
         or data.dtype != torch.uint8
         or sz.dtype != torch.bfloat16
         or not (x.is_contiguous() and data.is_contiguous() and sz.is_contiguous())
-        or sz.shape not in ((data.shape[0], k // group_size, 2, ROW_BLOCK), (data.shape[0], k // group_size, 1, ROW_BLOCK))
+        or not scales_fit(sz, (data.shape[0], k // group_size))
     ):
         raise ValueError(f"int4 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}, scales {tuple(sz.shape)}")
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
@@ -979,8 +985,7 @@ def experts_one_token(
         lib is None or x.dtype not in (torch.bfloat16, torch.float32) or x.numel() != k13 or weights.dtype != x.dtype
         or ids.dtype != torch.long or weights.numel() != s or k2 != inter or 2 * inter > n13 or hidden > n2
         or data2.shape[0] != e or not all(t.is_contiguous() for t in (data13, sz13, data2, sz2))
-        or sz13.shape != (e, n13 // ROW_BLOCK, k13 // group13, zero_values(sz13), ROW_BLOCK) or zero_values(sz13) not in (1, 2)
-        or sz2.shape != (e, n2 // ROW_BLOCK, k2 // group2, zero_values(sz2), ROW_BLOCK) or zero_values(sz2) not in (1, 2)
+        or not scales_fit(sz13, (e, n13 // ROW_BLOCK, k13 // group13)) or not scales_fit(sz2, (e, n2 // ROW_BLOCK, k2 // group2))
     ):
         raise ValueError(f"int4 experts: unexpected operands x {tuple(x.shape)} {x.dtype}, ids {tuple(ids.shape)}, weights {weights.dtype}")
     threads = torch.get_num_threads()
@@ -1048,4 +1053,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "product", "to_bf16_t", "unpack_codes", "usable", "zero_values"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "product", "scales_fit", "to_bf16_t", "unpack_codes", "usable", "zero_values"]
