@@ -70,7 +70,8 @@ int pangu_int8_abi(void) { return 1; }
 /* The 4 rows a call of dots reads are 4 short streams (K bytes each), too short for the hardware's
    prefetchers to learn before the next 4 begin: one software prefetch per 16 columns fetches the
    next 4 rows' bytes (the 64 bytes at 4 K + 4 k from this call's first row: as the 16 columns k
-   of these 4 rows are read, the line 4 rows on). 1.9x faster one-row products at one thread on a
+   of these 4 rows are read, the line 4 rows on), in the first pass over a tile only (P; the later
+   rows of x find the tile in the cache). 1.9x faster one-row products at one thread on a
    Zen 3 EPYC (benchmarks/RESULTS.md, "int8 kernel: prefetching the next rows"); the same bits. */
 #define PREFETCH_NEXT_ROWS(w, K, k) _mm_prefetch((const char*)((uintptr_t)(w) + 4 * (uintptr_t)(K) + 4 * (uintptr_t)(k)), _MM_HINT_T0)
 
@@ -89,7 +90,7 @@ static inline int64_t hsum8(__m256i v) {
    instruction (the same integers as vpmaddwd then vpaddd: the sums, exact, are the AVX2 path's). A
    last 16 columns (K % 32 == 16) come through the low halves, the high ones zero. */
 static inline __attribute__((always_inline)) void dots(const int16_t* a, const int8_t* w, int64_t K,
-                                                       const int R, const int A, int64_t (*out)[2]) {
+                                                       const int R, const int A, const int P, int64_t (*out)[2]) {
   for (int r = 0; r < R; r++) for (int i = 0; i < A; i++) out[r][i] = 0;
   for (int64_t c0 = 0; c0 < K; c0 += CHUNK) {
     const int64_t c1 = c0 + CHUNK < K ? c0 + CHUNK : K;
@@ -97,8 +98,7 @@ static inline __attribute__((always_inline)) void dots(const int16_t* a, const i
     for (int r = 0; r < R; r++) for (int i = 0; i < A; i++) acc[r][i] = _mm512_setzero_si512();
     int64_t k = c0;
     for (; k + 32 <= c1; k += 32) {
-      PREFETCH_NEXT_ROWS(w, K, k);
-      PREFETCH_NEXT_ROWS(w, K, k + 16);
+      if (P) { PREFETCH_NEXT_ROWS(w, K, k); PREFETCH_NEXT_ROWS(w, K, k + 16); }
       __m512i av[2];
       for (int i = 0; i < A; i++) av[i] = _mm512_loadu_si512((const void*)(a + i * K + k));
       for (int r = 0; r < R; r++) {
@@ -119,14 +119,14 @@ static inline __attribute__((always_inline)) void dots(const int16_t* a, const i
 }
 #else
 static inline __attribute__((always_inline)) void dots(const int16_t* a, const int8_t* w, int64_t K,
-                                                       const int R, const int A, int64_t (*out)[2]) {
+                                                       const int R, const int A, const int P, int64_t (*out)[2]) {
   for (int r = 0; r < R; r++) for (int i = 0; i < A; i++) out[r][i] = 0;
   for (int64_t c0 = 0; c0 < K; c0 += CHUNK) {
     const int64_t c1 = c0 + CHUNK < K ? c0 + CHUNK : K;
     __m256i acc[4][2];
     for (int r = 0; r < R; r++) for (int i = 0; i < A; i++) acc[r][i] = _mm256_setzero_si256();
     for (int64_t k = c0; k < c1; k += 16) {
-      PREFETCH_NEXT_ROWS(w, K, k);
+      if (P) PREFETCH_NEXT_ROWS(w, K, k);
       __m256i av[2];
       for (int i = 0; i < A; i++) av[i] = _mm256_loadu_si256((const __m256i*)(a + i * K + k));
       for (int r = 0; r < R; r++) {
@@ -172,10 +172,10 @@ int pangu_int8_mm(const void* x, int64_t x_bf16, const int8_t* w, const uint16_t
         const int R = n1 - n >= 4 ? 4 : (int)(n1 - n);
         int64_t s[4][2];
         if (R == 4) {
-          if (A == 2) dots(am, w + n * K, K, 4, 2, s); else dots(am, w + n * K, K, 4, 1, s);
+          if (A == 2) dots(am, w + n * K, K, 4, 2, m == 0, s); else dots(am, w + n * K, K, 4, 1, m == 0, s);
         } else {
           for (int r = 0; r < R; r++) {
-            if (A == 2) dots(am, w + (n + r) * K, K, 1, 2, s + r); else dots(am, w + (n + r) * K, K, 1, 1, s + r);
+            if (A == 2) dots(am, w + (n + r) * K, K, 1, 2, 0, s + r); else dots(am, w + (n + r) * K, K, 1, 1, 0, s + r);
           }
         }
         for (int r = 0; r < R; r++)
