@@ -72,6 +72,15 @@ static inline __m256 widen_bf16(const uint16_t* p) {
 /* 8 float16 weights widened to float32 (F16C), exactly. */
 static inline __m256 widen_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 
+/* The 4 rows read at once are 4 streams of 2 K bytes. Where they are short (K <= 2048: 4 KB rows or
+   less) the hardware's prefetchers do not learn them before the next 4 begin, and one software
+   prefetch per 8 columns fetches the next 4 rows' bytes (into L2: the 64 bytes at 8 K + 8 k bytes
+   from the first row, the line 4 rows on), in the first pass over a tile only (later rows of x find
+   it in the cache). Longer rows stream without it: there it cost 5-10%. The same bits
+   (benchmarks/RESULTS.md, "prefetching the next rows"). */
+#define PREFETCH_MAX_K 2048
+#define PREFETCH_NEXT_ROWS(w, K, k) _mm_prefetch((const char*)((uintptr_t)(w) + 8 * (uintptr_t)(K) + 8 * (uintptr_t)(k)), _MM_HINT_T1)
+
 /* y [M, N] float32 = x [M, K] float32 times w [N, K] bf16 or float16 (transposed). Each output is
    the sum of its row of x against one weight row, in the same order whatever M is. Returns 0, or
    1 for a shape it does not take. */
@@ -84,11 +93,13 @@ int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int6
     const int64_t n0 = t * TILE_ROWS, n1 = n0 + TILE_ROWS < N ? n0 + TILE_ROWS : N;                              \
     for (int64_t m = 0; m < M; m++) {                                                                            \
       const float* xm = x + m * K;                                                                               \
+      const int prefetch = m == 0 && K <= PREFETCH_MAX_K;                                                        \
       int64_t n = n0;                                                                                            \
       for (; n + 4 <= n1; n += 4) {                                                                              \
         const uint16_t *w0 = w + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                                \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                              \
         for (int64_t k = 0; k < K; k += 8) {                                                                     \
+          if (prefetch) PREFETCH_NEXT_ROWS(w0, K, k);                                                            \
           const __m256 xv = _mm256_loadu_ps(xm + k);                                                             \
           a0 = _mm256_fmadd_ps(widen(w0 + k), xv, a0);                                                           \
           a1 = _mm256_fmadd_ps(widen(w1 + k), xv, a1);                                                           \
