@@ -314,3 +314,45 @@ def test_a_row_whose_restrictions_exclude_every_token_is_reported_and_the_others
     # once min_tokens is met, eos is allowed again
     assert Sampler()(logits[1:2], [row(seeded(3), output=(1, 2), eos=(7,), temperature=temperature, seed=3,
                                        allowed_token_ids=[7], min_tokens=2)]).token_ids == [7]
+
+
+def test_top_p_nucleus_past_the_second_shortlist_is_kept_whole():
+    # the 0.9 nucleus of 60,000 logits falling evenly spans about 38,000 tokens: past the 1,024
+    # candidates looked at first and the 16,384 looked at next
+    logits = torch.linspace(0, -1, 60000)
+    allowed = nucleus(logits, 0.9)
+    assert len(allowed) > 16384
+    picked = draw_many(logits, 300, temperature=1.0, top_p=0.9)
+    assert set(picked.tolist()) <= allowed
+    assert picked.max() > 16384
+
+
+def awkward_rows() -> torch.Tensor:
+    """Rows with ties, infinities and NaN, as logits can hold after masks and penalties."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-20, 20, (6, 5000), generator=g).float() / 4  # many ties
+    x[1, 100:4000] = float("-inf")
+    x[2, 7] = float("inf")
+    x[3, 11] = float("nan")
+    x[4] = float("-inf")
+    x[5, ::2] = -0.0
+    x[5, 1::2] = 0.0
+    return x
+
+
+@pytest.mark.parametrize("n", [1, 20, 1024, 4999, 5000])
+def test_the_largest_values_are_torchs_sorted_values(n):
+    from pangu_infer.engine.sampler import largest_sorted
+
+    x = awkward_rows()
+    expected = x.sort(dim=-1, descending=True).values[:, :n]
+    torch.testing.assert_close(largest_sorted(x, n), expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_row_argmax_is_torchs_argmax():
+    from pangu_infer.engine.sampler import row_argmax
+
+    x = awkward_rows()
+    assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+    assert torch.equal(row_argmax(x[:, ::3]), x[:, ::3].argmax(dim=-1))  # not contiguous
+

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pangu_infer.sampling_params import SamplingParams
@@ -113,7 +114,7 @@ class Sampler:
         blocked: list[int] = []
         if all(r.params.greedy and not _changes_logits(r) for r in rows):
             # the usual decode step: nothing else to do (a grammar's empty mask is caught before)
-            token_ids = logits.argmax(dim=-1)
+            token_ids = row_argmax(logits)
         else:
             token_ids, blocked = self._sample(logits, rows)
         result = _result(raw, token_ids, [r.params for r in rows])
@@ -140,29 +141,44 @@ class Sampler:
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
         sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
         if not sampled:
-            return logits.argmax(dim=-1), blocked
-        token_ids = logits.argmax(dim=-1) if greedy else logits.new_empty(len(rows), dtype=torch.long)
-        device, vocab = logits.device, logits.shape[1]
-        index = torch.tensor(sampled, device=device)
-        probs = race_probs(logits[index], [rows[i].params for i in sampled])
-        noise = self._exponential_noise([rows[i] for i in sampled], vocab, device)
-        token_ids[index] = (probs / noise).argmax(dim=-1)
+            return row_argmax(logits), blocked
+        token_ids = row_argmax(logits) if greedy else logits.new_empty(len(rows), dtype=torch.long)
+        index = torch.tensor(sampled, device=logits.device)
+        probs = race_probs(logits[index] if greedy else logits, [rows[i].params for i in sampled])
+        token_ids[index] = self._draw(probs, [rows[i] for i in sampled])
         return token_ids, blocked
 
-    def _exponential_noise(self, rows: list[SamplingRow], vocab: int, device: torch.device) -> torch.Tensor:
-        """Exp(1) noise [len(rows), V]: shared generator for unseeded rows, one [V] draw per seeded row."""
+    def _draw(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Each row's token [n] from its probabilities [n, V] (unnormalized). A seeded row: the
+        exponential race with its generator's next [V] draw (seeded_noise, which speculative
+        verification repeats). The others: the inverse of the cumulative distribution (float64 sums)
+        at one uniform draw each from the sampler's generator, instead of V draws, their logarithms
+        and a division per row (1.2 ms of a 153k-token row's draw on a Zen 3, benchmarks/sampler.py)."""
+        tokens = torch.empty(len(rows), dtype=torch.long, device=probs.device)
         shared = [j for j, r in enumerate(rows) if r.generator is None]
-        if len(shared) == len(rows):
-            return _exponential_(torch.empty(len(rows), vocab, device=device).uniform_(generator=self._default_generator(device)))
-        noise = torch.empty(len(rows), vocab, device=device)
         if shared:
-            draw = torch.empty(len(shared), vocab, device=device)
-            draw.uniform_(generator=self._default_generator(device))
-            noise[torch.tensor(shared, device=device)] = _exponential_(draw)
+            index = torch.tensor(shared, device=probs.device)
+            tokens[index] = self._inverse_cdf(probs[index] if len(shared) < len(rows) else probs)
         for j, row in enumerate(rows):
             if row.generator is not None:
-                noise[j] = seeded_noise(row.generator, vocab)
-        return noise
+                tokens[j] = row_argmax((probs[j] / seeded_noise(row.generator, probs.shape[1]).to(probs.device))[None])[0]
+        return tokens
+
+    def _inverse_cdf(self, probs: torch.Tensor) -> torch.Tensor:
+        """Token i of each row with probability probs[i] / sum(probs): the first whose cumulative sum
+        exceeds u times the row's total, u ~ U[0, 1) (float64: the sums of 153k float32
+        probabilities lose nothing a draw could see). Tokens of probability 0 are never picked."""
+        cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+        u = torch.empty(probs.shape[0], 1, dtype=torch.float64, device=probs.device)
+        u.uniform_(generator=self._default_generator(probs.device))
+        picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
+        # u * total rounding up to the total (odds about 2**-53) would land past the last token of
+        # positive probability: take that token
+        past = (probs.gather(1, picked) <= 0).squeeze(1)
+        if bool(past.any()):
+            last = probs.shape[1] - 1 - row_argmax((probs[past] > 0).flip(-1).to(torch.float32))
+            picked[past] = last[:, None].to(picked.device)
+        return picked.squeeze(1)
 
     def _default_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
@@ -180,8 +196,10 @@ def race_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     top-k/top-p and min-p), unnormalized after min-p: the race's argmax does not change when a row is
     scaled. Speculative verification of a seeded row (spec_decode.verify_seeded) computes the very
     token the sampler would, from these and seeded_noise."""
-    temperature = torch.tensor([p.temperature for p in params], device=logits.device)
-    scaled = logits / temperature[:, None]
+    if all(p.temperature == 1 for p in params):
+        scaled = logits  # (not edited below: masked_fill makes a new tensor)
+    else:
+        scaled = logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
     if any(p.top_k or p.top_p < 1 for p in params):
         scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, params), float("-inf"))
     probs = scaled.softmax(dim=-1)
@@ -311,32 +329,39 @@ def _occurrences(
 def _top_k_top_p_threshold(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Per row [n, 1], the smallest logit that survives top_k and then top_p (ties with it survive too).
 
-    Sorting the whole vocabulary is slow on CPUs (a batch of rows of 153k logits), so this first looks only
-    at the largest _TOP_P_CANDIDATES logits (or the largest top_k asked for) and sorts everything
-    only when some row's top_p nucleus does not end among them.
+    Sorting the whole vocabulary is slow (a batch of rows of 153k logits), so this first looks only
+    at the largest _TOP_P_CANDIDATES logits (or the largest top_k asked for), then at 16 times as
+    many, and so on, and sorts everything only when some row's top_p nucleus ends in none of them.
     """
     device, vocab = logits.device, logits.shape[1]
     top_k = torch.tensor([min(p.top_k, vocab) or vocab for p in params], device=device)
     # 2.0, not 1.0, for disabled rows: a cumulative sum rounding to 1 must not cut the tail
     top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=device)
-    n_candidates = min(vocab, max([_TOP_P_CANDIDATES] + [p.top_k for p in params]))
-    threshold, resolved = _threshold_among_largest(logits, top_k, top_p, n_candidates)
-    if not resolved:
-        threshold, _ = _threshold_among_largest(logits, top_k, top_p, vocab)
-    return threshold
+    n = min(vocab, max([_TOP_P_CANDIDATES] + [p.top_k for p in params]))
+    whole: list[torch.Tensor] = []  # the rows' logsumexp over the whole vocabulary, once asked
+    while True:
+        threshold, resolved = _threshold_among_largest(logits, top_k, top_p, n, whole)
+        if resolved or n == vocab:
+            return threshold
+        n = min(vocab, 16 * n)
 
 
 def _threshold_among_largest(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, n: int
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, n: int, whole: list[torch.Tensor]
 ) -> tuple[torch.Tensor, bool]:
-    """The top_k / top_p cut-off found among the n largest logits, and whether n was enough."""
-    vocab = logits.shape[1]
-    values = logits.topk(n, dim=-1).values if n < vocab else logits.sort(dim=-1, descending=True).values
+    """The top_k / top_p cut-off found among the n largest logits, and whether n was enough. `whole`:
+    empty, or holding the rows' logsumexp over all logits (computed here once, kept there)."""
+    values = largest_sorted(logits, n)
     in_top_k = torch.arange(n, device=logits.device) < top_k[:, None]
     values = values.masked_fill(~in_top_k, float("-inf"))
     # top_p is measured in the distribution renormalized over the top_k survivors
     has_top_k = top_k <= n
-    log_z = torch.where(has_top_k, values.logsumexp(dim=-1), logits.logsumexp(dim=-1))
+    if bool(has_top_k.all()):
+        log_z = values.logsumexp(dim=-1)
+    else:
+        if not whole:
+            whole.append(logits.logsumexp(dim=-1))
+        log_z = torch.where(has_top_k, values.logsumexp(dim=-1), whole[0]) if bool(has_top_k.any()) else whole[0]
     probs = (values - log_z[:, None]).exp()
     mass = probs.cumsum(dim=-1)
     # a token stays while the mass before it is below top_p: the smallest set reaching top_p,
@@ -344,6 +369,34 @@ def _threshold_among_largest(
     keep = in_top_k & (mass - probs < top_p[:, None])
     resolved = has_top_k | (top_p > 1) | (mass[:, -1] >= top_p)
     return values.gather(1, keep.sum(dim=-1, keepdim=True) - 1), bool(resolved.all())
+
+
+def _numpy_rows(x: torch.Tensor) -> bool:
+    """Do x's rows go through numpy (float32 on the CPU)? Its SIMD sort, partition and argmax run
+    many times faster than torch's CPU ones on a row of 153k logits (benchmarks/RESULTS.md,
+    "the sampler's sort and argmax"): 15 ms against 0.9 ms a full sort, 1.0 against 0.2 ms the
+    1024 largest, 0.17 against 0.02 ms an argmax."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and not x.requires_grad
+
+
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax [B, V] -> [B] int64: the first of equal maxima, NaN above everything (as
+    torch.argmax and numpy.argmax both count)."""
+    if _numpy_rows(x) and x.shape[1]:
+        return torch.from_numpy(np.argmax(x.numpy(), axis=-1).astype(np.int64, copy=False))
+    return x.argmax(dim=-1)
+
+
+def largest_sorted(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The n largest values of each row, largest first [B, n] (NaN first, as torch's descending
+    sort): values only, which any exact selection and sort give alike, bit for bit."""
+    vocab = x.shape[1]
+    if _numpy_rows(x) and 0 < n:
+        a = x.numpy()
+        if n < vocab:
+            a = np.partition(a, vocab - n, axis=-1)[:, vocab - n :]
+        return torch.from_numpy(np.sort(a, axis=-1)[:, ::-1].copy())  # (a copy: C order, positive strides)
+    return x.topk(n, dim=-1).values if n < vocab else x.sort(dim=-1, descending=True).values
 
 
 def _concat(parts: list[SampleResult]) -> SampleResult:
