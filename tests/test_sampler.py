@@ -356,3 +356,15 @@ def test_the_row_argmax_is_torchs_argmax():
     assert torch.equal(row_argmax(x), x.argmax(dim=-1))
     assert torch.equal(row_argmax(x[:, ::3]), x[:, ::3].argmax(dim=-1))  # not contiguous
 
+
+@pytest.mark.parametrize("filtered", [{"top_p": 0.5}, {"top_k": 5}])
+def test_a_row_without_filters_keeps_its_whole_vocabulary_beside_a_filtered_row(filtered):
+    # the filtered rows' shortlist (1,024 candidates) must not cut the unfiltered rows: a third of
+    # their probability lies past their 1,024 largest logits
+    logits = torch.linspace(0, -3, 3000)
+    n = 4000
+    rows = [row(temperature=1.0, **(filtered if i % 2 == 0 else {})) for i in range(n)]
+    picked = torch.tensor(Sampler(seed=0)(logits.expand(n, -1).contiguous(), rows).token_ids[1::2])
+    share = logits.double().softmax(-1)[1024:].sum().item()  # 0.325
+    past = (picked >= 1024).double().mean().item()
+    assert abs(past - share) < 4 * math.sqrt(share * (1 - share) / len(picked))

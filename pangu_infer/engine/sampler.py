@@ -342,8 +342,11 @@ def _top_k_top_p_threshold(logits: torch.Tensor, params: list[SamplingParams]) -
     while True:
         threshold, resolved = _threshold_among_largest(logits, top_k, top_p, n, whole)
         if resolved or n == vocab:
-            return threshold
+            break
         n = min(vocab, 16 * n)
+    # a row with neither filter (beside rows with one) keeps every token, not its n largest
+    unfiltered = (top_k >= vocab) & (top_p > 1)
+    return threshold.masked_fill(unfiltered[:, None], float("-inf")) if bool(unfiltered.any()) else threshold
 
 
 def _threshold_among_largest(
