@@ -143,10 +143,50 @@ class Sampler:
         if not sampled:
             return row_argmax(logits), blocked
         token_ids = row_argmax(logits) if greedy else logits.new_empty(len(rows), dtype=torch.long)
-        index = torch.tensor(sampled, device=logits.device)
-        probs = race_probs(logits[index] if greedy else logits, [rows[i].params for i in sampled])
-        token_ids[index] = self._draw(probs, [rows[i] for i in sampled])
+        # unseeded rows with top_k or top_p draw among their shortlist alone; the others race
+        short = [i for i in sampled if rows[i].generator is None and (rows[i].params.top_k or rows[i].params.top_p < 1)]
+        raced = [i for i in sampled if i not in set(short)]
+        for part, draw in ((short, self._draw_shortlisted), (raced, self._draw_raced)):
+            if part:
+                index = torch.tensor(part, device=logits.device)
+                token_ids[index] = draw(logits[index] if len(part) < len(rows) else logits, [rows[i] for i in part])
         return token_ids, blocked
+
+    def _draw_raced(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        return self._draw(race_probs(logits, [r.params for r in rows]), rows)
+
+    def _draw_shortlisted(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Unseeded rows with top_k or top_p: each row's token drawn among the tokens at or above its
+        cut-off only (weights exp(logit - the row's largest), min_p applied to them; the inverse of
+        their cumulative distribution at one uniform draw), with no pass over the whole vocabulary
+        after the cut-off is found: 2.6 -> 0.8 ms for a row of 153k under top_p 0.8
+        (benchmarks/sampler.py). The same distribution as the race over race_probs."""
+        params = [r.params for r in rows]
+        scaled = _scaled(logits, params)
+        n = scaled.shape[0]
+        row, col = (scaled >= _top_k_top_p_threshold(scaled, params)).nonzero(as_tuple=True)
+        value = scaled[row, col]
+        largest = value.new_full((n,), float("-inf")).scatter_reduce_(0, row, value, "amax")
+        weight = (value - largest[row]).to(torch.float64).exp()
+        if any(p.min_p > 0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float64, device=weight.device)
+            weight = weight.masked_fill(weight < min_p[row], 0.0)
+        count = torch.bincount(row, minlength=n)
+        end = count.cumsum(0)
+        start = end - count
+        cdf = weight.cumsum(0)
+        before = torch.where(start > 0, cdf[(start - 1).clamp(min=0)], cdf.new_zeros(()))
+        u = torch.empty(n, dtype=torch.float64, device=weight.device).uniform_(generator=self._default_generator(weight.device))
+        at = torch.searchsorted(cdf, before + u * (cdf[(end - 1).clamp(min=0)] - before), right=True)
+        at = torch.minimum(torch.maximum(at, start), (end - 1).clamp(min=0))
+        tokens = col[at] if len(col) else torch.zeros(n, dtype=torch.long, device=scaled.device)
+        for i in range(n):  # rare: a row with no token left (NaN logits), or rounding past its last weight
+            if count[i] == 0:
+                tokens[i] = row_argmax(scaled[i : i + 1])[0]
+            elif weight[at[i]] <= 0:
+                last = int(start[i]) + int(torch.nonzero(weight[start[i] : end[i]] > 0)[-1])
+                tokens[i] = col[last]
+        return tokens
 
     def _draw(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Each row's token [n] from its probabilities [n, V] (unnormalized). A seeded row: the
@@ -196,10 +236,7 @@ def race_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     top-k/top-p and min-p), unnormalized after min-p: the race's argmax does not change when a row is
     scaled. Speculative verification of a seeded row (spec_decode.verify_seeded) computes the very
     token the sampler would, from these and seeded_noise."""
-    if all(p.temperature == 1 for p in params):
-        scaled = logits  # (not edited below: masked_fill makes a new tensor)
-    else:
-        scaled = logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    scaled = _scaled(logits, params)
     if any(p.top_k or p.top_p < 1 for p in params):
         scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, params), float("-inf"))
     probs = scaled.softmax(dim=-1)
@@ -207,6 +244,14 @@ def race_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
         min_p = torch.tensor([p.min_p for p in params], device=logits.device)
         probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
     return probs
+
+
+def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The rows' logits over their temperatures (the same tensor where every temperature is 1: not to
+    be edited in place)."""
+    if all(p.temperature == 1 for p in params):
+        return logits
+    return logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
 
 
 def seeded_noise(generator: torch.Generator, vocab: int) -> torch.Tensor:
