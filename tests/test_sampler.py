@@ -370,9 +370,12 @@ def test_a_row_without_filters_keeps_its_whole_vocabulary_beside_a_filtered_row(
     assert abs(past - share) < 4 * math.sqrt(share * (1 - share) / len(picked))
 
 
-def test_a_row_of_nan_logits_under_top_p_leaves_the_other_rows_draws_alone():
+@pytest.mark.parametrize("with_seeds", [False, True])
+def test_a_row_of_nan_logits_under_top_p_leaves_the_other_rows_draws_alone(with_seeds):
+    # (it raised for the whole batch: the NaN row's cut-off index was -1)
     logits = SKEWED.expand(400, -1).clone()
     logits[::2, 1] = float("nan")  # a broken row every other one
-    picked = Sampler(seed=0)(logits, [row(temperature=1.0, top_p=0.7) for _ in range(400)]).token_ids
+    rows = [row(seeded(i) if with_seeds else None, temperature=1.0, top_p=0.7) for i in range(400)]
+    picked = Sampler(seed=0)(logits, rows).token_ids
     assert set(picked[1::2]) == {0, 1}  # the healthy rows: their 0.7 nucleus, both tokens
     assert all(0 <= t < 5 for t in picked[::2])  # the broken ones: some token id, no error

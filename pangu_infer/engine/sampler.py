@@ -416,7 +416,8 @@ def _threshold_among_largest(
     # never empty since the first token has nothing before it
     keep = in_top_k & (mass - probs < top_p[:, None])
     resolved = has_top_k | (top_p > 1) | (mass[:, -1] >= top_p)
-    return values.gather(1, keep.sum(dim=-1, keepdim=True) - 1), bool(resolved.all())
+    # (a row holding NaN keeps nothing: its first value, NaN, stands for it)
+    return values.gather(1, keep.sum(dim=-1, keepdim=True).clamp(min=1) - 1), bool(resolved.all())
 
 
 def _numpy_rows(x: torch.Tensor) -> bool:
