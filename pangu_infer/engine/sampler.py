@@ -7,9 +7,12 @@ Each step applies, as HF and vLLM do:
     -> presence / frequency penalties (output only) -> temperature -> top_k -> top_p -> min_p -> draw
 
 Greedy rows (temperature below 1e-5, as in vLLM) take the argmax of the penalized logits and
-consume no randomness. Sampled rows draw by an exponential race, argmax(probs / E) with
-E ~ Exp(1) per token, which picks token i with probability probs[i]. A seeded row gets its noise from its own generator, always with
-shape [V], so its tokens do not depend on the rest of the batch or its position in it.
+consume no randomness. A seeded row draws by an exponential race, argmax(probs / E) with
+E ~ Exp(1) per token, which picks token i with probability probs[i]; its noise comes from its own
+generator, always with shape [V], so its tokens do not depend on the rest of the batch or its
+position in it (and speculative verification repeats the race). The other sampled rows take one
+uniform draw each from the sampler's generator through their cumulative distribution (the same
+distribution, without V random numbers per row); under top_k or top_p, over their shortlist alone.
 
 top_k and top_p become one logit threshold per row, so tokens tied with the last survivor survive
 too (as in vLLM); with distinct logits that is exactly "the k largest" / "the smallest set whose
@@ -179,13 +182,17 @@ class Sampler:
         u = torch.empty(n, dtype=torch.float64, device=weight.device).uniform_(generator=self._default_generator(weight.device))
         at = torch.searchsorted(cdf, before + u * (cdf[(end - 1).clamp(min=0)] - before), right=True)
         at = torch.minimum(torch.maximum(at, start), (end - 1).clamp(min=0))
-        tokens = col[at] if len(col) else torch.zeros(n, dtype=torch.long, device=scaled.device)
-        for i in range(n):  # rare: a row with no token left (NaN logits), or rounding past its last weight
+        odd = count == 0  # rare: a row with no token left (NaN logits), or rounding past its last weight
+        if len(col):
+            tokens = col[at]
+            odd |= weight[at] <= 0
+        else:
+            tokens = torch.zeros(n, dtype=torch.long, device=scaled.device)
+        for i in odd.nonzero().flatten().tolist():
             if count[i] == 0:
                 tokens[i] = row_argmax(scaled[i : i + 1])[0]
-            elif weight[at[i]] <= 0:
-                last = int(start[i]) + int(torch.nonzero(weight[start[i] : end[i]] > 0)[-1])
-                tokens[i] = col[last]
+            else:
+                tokens[i] = col[int(start[i]) + int(torch.nonzero(weight[start[i] : end[i]] > 0)[-1])]
         return tokens
 
     def _draw(self, probs: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
