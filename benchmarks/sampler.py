@@ -11,6 +11,8 @@ sampling for the whole batch), medians of interleaved rounds. Settings:
     qwen            temperature 0.6, top_k 20, top_p 0.95
     seeded pangu    pangu with a per-request seed (the engine: an exponential race with the
                     request's own generator; transformers has no per-row seed, so its row is pangu's)
+    pangu rep 1.1   pangu with repetition_penalty 1.1 over a 600-token history (100 prompt, 500 output)
+    pangu lp 5      pangu asking logprobs 5 (transformers: log_softmax and topk of the raw scores)
 
 Logits (random, fixed seed): "peaked" rows have 40 likely tokens 12-16 above a N(0, 2^2)
 background, so the 0.8 nucleus is a few dozen tokens; "flat" rows have them 6-10 above, so the
@@ -42,7 +44,10 @@ SETTINGS = {
     "pangu": dict(temperature=1.0, top_p=0.8),
     "qwen": dict(temperature=0.6, top_k=20, top_p=0.95),
     "seeded pangu": dict(temperature=1.0, top_p=0.8, seed=1),
+    "pangu rep 1.1": dict(temperature=1.0, top_p=0.8, repetition_penalty=1.1),
+    "pangu lp 5": dict(temperature=1.0, top_p=0.8, logprobs=5),
 }
+HISTORY = 600  # tokens of each row's history (the first 100 its prompt)
 
 
 def make_logits(batch: int, vocab: int, lift: float, seed: int = 0) -> torch.Tensor:
@@ -57,9 +62,10 @@ def nucleus_size(row: torch.Tensor, top_p: float) -> int:
     return int(((probs.cumsum(-1) - probs) < top_p).sum())
 
 
-def transformers_step(logits: torch.Tensor, params: dict) -> torch.Tensor:
+def transformers_step(logits: torch.Tensor, params: dict, history: torch.Tensor) -> torch.Tensor:
     from transformers.generation.logits_process import (
         LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
         TemperatureLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
@@ -67,12 +73,17 @@ def transformers_step(logits: torch.Tensor, params: dict) -> torch.Tensor:
 
     if params["temperature"] == 0:
         return logits.argmax(dim=-1)
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(params["temperature"])])
+    if params.get("logprobs"):
+        logits.log_softmax(dim=-1).topk(params["logprobs"], dim=-1)
+    warpers = LogitsProcessorList()
+    if params.get("repetition_penalty", 1.0) != 1:
+        warpers.append(RepetitionPenaltyLogitsProcessor(params["repetition_penalty"]))
+    warpers.append(TemperatureLogitsWarper(params["temperature"]))
     if params.get("top_k"):
         warpers.append(TopKLogitsWarper(params["top_k"]))
     if params.get("top_p", 1.0) < 1:
         warpers.append(TopPLogitsWarper(params["top_p"]))
-    scores = warpers(None, logits)
+    scores = warpers(history, logits)  # (each warper returns a new tensor)
     return torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1)
 
 
@@ -92,19 +103,24 @@ def main() -> None:
             for batch in args.batch:
                 logits = make_logits(batch, vocab, lift)
                 size = nucleus_size(logits[0], 0.8)
+                history = torch.randint(0, vocab, (batch, HISTORY), generator=torch.Generator().manual_seed(1))
                 for name, params in SETTINGS.items():
                     sp = SamplingParams(**params)
-                    rows = [SamplingRow(sp, torch.Generator().manual_seed(i) if sp.seed is not None else None) for i in range(batch)]
+                    rows = [
+                        SamplingRow(sp, torch.Generator().manual_seed(i) if sp.seed is not None else None,
+                                    history[i, :100].tolist(), history[i, 100:].tolist(), (2,))
+                        for i in range(batch)
+                    ]
                     ours, theirs = [], []
                     for _ in range(2):  # warm both
                         sampler(logits, rows)
-                        transformers_step(logits, params)
+                        transformers_step(logits, params, history)
                     for _ in range(args.rounds):
                         t = time.perf_counter()
                         sampler(logits, rows)
                         ours.append(time.perf_counter() - t)
                         t = time.perf_counter()
-                        transformers_step(logits, params)
+                        transformers_step(logits, params, history)
                         theirs.append(time.perf_counter() - t)
                     a, b = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
                     print(f"{kind:>7s} {vocab:>7d} {batch:>5d} {size:>7d} {name:>13s} {a:>8.3f} {b:>12.3f} {b / a:>5.2f}x", flush=True)
