@@ -379,3 +379,14 @@ def test_a_row_of_nan_logits_under_top_p_leaves_the_other_rows_draws_alone(with_
     picked = Sampler(seed=0)(logits, rows).token_ids
     assert set(picked[1::2]) == {0, 1}  # the healthy rows: their 0.7 nucleus, both tokens
     assert all(0 <= t < 5 for t in picked[::2])  # the broken ones: some token id, no error
+
+
+@pytest.mark.parametrize("params", [{"top_p": 0.7}, {"top_k": 2}, {}])
+def test_a_row_with_an_infinite_logit_leaves_the_other_rows_draws_alone(params):
+    # an infinite logit (a model's overflow) once turned its row's weights to NaN, and the NaN ran
+    # on through the cumulative sums of every row after it
+    logits = SKEWED.expand(400, -1).clone()
+    logits[::2, 3] = float("inf")
+    picked = Sampler(seed=0)(logits, [row(temperature=1.0, **params) for _ in range(400)]).token_ids
+    assert set(picked[1::2]) == ({0, 1} if params else {0, 1, 2, 3, 4})
+    assert all(0 <= t < 5 for t in picked[::2])

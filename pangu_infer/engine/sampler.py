@@ -171,6 +171,11 @@ class Sampler:
         value = scaled[row, col]
         largest = value.new_full((n,), float("-inf")).scatter_reduce_(0, row, value, "amax")
         weight = (value - largest[row]).to(torch.float64).exp()
+        # an infinite logit (a model's overflow) makes its row's weights NaN: that row is drawn
+        # below, by its argmax, and its weights stay out of the sums every later row reads
+        broken = weight.isnan()
+        broken_rows = row[broken].unique().tolist() if bool(broken.any()) else []
+        weight = weight.masked_fill(broken, 0.0) if broken_rows else weight
         if any(p.min_p > 0 for p in params):
             min_p = torch.tensor([p.min_p for p in params], dtype=torch.float64, device=weight.device)
             weight = weight.masked_fill(weight < min_p[row], 0.0)
@@ -188,8 +193,8 @@ class Sampler:
             odd |= weight[at] <= 0
         else:
             tokens = torch.zeros(n, dtype=torch.long, device=scaled.device)
-        for i in odd.nonzero().flatten().tolist():
-            if count[i] == 0:
+        for i in sorted(set(odd.nonzero().flatten().tolist()) | set(broken_rows)):
+            if count[i] == 0 or i in broken_rows:
                 tokens[i] = row_argmax(scaled[i : i + 1])[0]
             else:
                 tokens[i] = col[int(start[i]) + int(torch.nonzero(weight[start[i] : end[i]] > 0)[-1])]
