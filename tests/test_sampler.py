@@ -390,3 +390,9 @@ def test_a_row_with_an_infinite_logit_leaves_the_other_rows_draws_alone(params):
     picked = Sampler(seed=0)(logits, [row(temperature=1.0, **params) for _ in range(400)]).token_ids
     assert set(picked[1::2]) == ({0, 1} if params else {0, 1, 2, 3, 4})
     assert all(0 <= t < 5 for t in picked[::2])
+
+
+@pytest.mark.parametrize("params", [{"top_p": 0.7}, {"top_k": 2}])
+def test_a_lone_row_of_nan_logits_under_a_filter_still_gets_a_token(params):
+    logits = torch.full((1, 5), float("nan"))
+    assert 0 <= Sampler(seed=0)(logits, [row(temperature=1.0, **params)]).token_ids[0] < 5
