@@ -37,6 +37,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pangu_infer.engine.sampler import Sampler, SamplingRow  # noqa: E402
 from pangu_infer.sampling_params import SamplingParams  # noqa: E402
+from transformers.generation.logits_process import (  # noqa: E402  (the peer, imported outside the timed calls)
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 SETTINGS = {
     "greedy": dict(temperature=0.0),
@@ -63,14 +70,6 @@ def nucleus_size(row: torch.Tensor, top_p: float) -> int:
 
 
 def transformers_step(logits: torch.Tensor, params: dict, history: torch.Tensor) -> torch.Tensor:
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
     if params["temperature"] == 0:
         return logits.argmax(dim=-1)
     if params.get("logprobs"):

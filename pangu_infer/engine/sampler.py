@@ -148,7 +148,7 @@ class Sampler:
         token_ids = row_argmax(logits) if greedy else logits.new_empty(len(rows), dtype=torch.long)
         # unseeded rows with top_k or top_p draw among their shortlist alone; the others race
         short = [i for i in sampled if rows[i].generator is None and (rows[i].params.top_k or rows[i].params.top_p < 1)]
-        raced = [i for i in sampled if i not in set(short)]
+        raced = sorted(set(sampled) - set(short))
         for part, draw in ((short, self._draw_shortlisted), (raced, self._draw_raced)):
             if part:
                 index = torch.tensor(part, device=logits.device)
@@ -393,7 +393,9 @@ def _top_k_top_p_threshold(logits: torch.Tensor, params: list[SamplingParams]) -
     # 2.0, not 1.0, for disabled rows: a cumulative sum rounding to 1 must not cut the tail
     top_p = torch.tensor([p.top_p if p.top_p < 1 else 2.0 for p in params], device=device)
     n = min(vocab, max([_TOP_P_CANDIDATES] + [p.top_k for p in params]))
-    whole: list[torch.Tensor] = []  # the rows' logsumexp over the whole vocabulary, once asked
+    # the rows' logsumexp over the whole vocabulary, for rows whose top_k is not among the candidates
+    # (top_p then measured over everything): needed at every shortlist short of the whole row
+    whole = logits.logsumexp(dim=-1) if bool((top_k > n).any()) else None
     while True:
         threshold, resolved = _threshold_among_largest(logits, top_k, top_p, n, whole)
         if resolved or n == vocab:
@@ -405,10 +407,10 @@ def _top_k_top_p_threshold(logits: torch.Tensor, params: list[SamplingParams]) -
 
 
 def _threshold_among_largest(
-    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, n: int, whole: list[torch.Tensor]
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, n: int, whole: torch.Tensor | None
 ) -> tuple[torch.Tensor, bool]:
     """The top_k / top_p cut-off found among the n largest logits, and whether n was enough. `whole`:
-    empty, or holding the rows' logsumexp over all logits (computed here once, kept there)."""
+    the rows' logsumexp over all logits, given wherever some row's top_k exceeds n."""
     values = largest_sorted(logits, n)
     in_top_k = torch.arange(n, device=logits.device) < top_k[:, None]
     values = values.masked_fill(~in_top_k, float("-inf"))
@@ -417,9 +419,7 @@ def _threshold_among_largest(
     if bool(has_top_k.all()):
         log_z = values.logsumexp(dim=-1)
     else:
-        if not whole:
-            whole.append(logits.logsumexp(dim=-1))
-        log_z = torch.where(has_top_k, values.logsumexp(dim=-1), whole[0]) if bool(has_top_k.any()) else whole[0]
+        log_z = torch.where(has_top_k, values.logsumexp(dim=-1), whole) if bool(has_top_k.any()) else whole
     probs = (values - log_z[:, None]).exp()
     mass = probs.cumsum(dim=-1)
     # a token stays while the mass before it is below top_p: the smallest set reaching top_p,
