@@ -18,6 +18,8 @@
   tensor on the engine thread, and every other request's 60 tokens took 33 s instead of 1.8 s;
 - a 500 (a fault in a route or in the engine): uvicorn closed its keep-alive connection, and the next
   request on it, a good one, failed with a reset.
+- an unknown key in a response format (response_format.json_schema, the Responses API's text.format,
+  the Messages API's output_config.format): a misspelt "shema" left the reply unconstrained, a 200.
 """
 
 from __future__ import annotations
@@ -625,3 +627,24 @@ def test_a_json_schema_name_or_strict_of_the_wrong_type_is_refused_naming_it(htt
     assert f"{param} must be {expected}, got {json.dumps(value)}" in message, message
     for good in (True, False, None) if key == "strict" else ("ok", None):
         assert http.post(path, json=body(good)).status_code == 200, good
+
+
+# ---------------------------------------------------------------------- json_schema's keys
+@pytest.mark.parametrize(("path", "fmt", "param"), [
+    ("/v1/chat/completions", {"type": "json_schema", "json_schema": {"name": "x", "shema": {"type": "integer"}}},
+     "response_format.json_schema.shema"),
+    ("/v1/chat/completions", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer"}, "stict": True}},
+     "response_format.json_schema.stict"),
+    ("/v1/responses", {"type": "json_schema", "name": "x", "shema": {"type": "integer"}}, "text.format.shema"),
+    ("/v1/responses", {"type": "json_object", "schema": {"type": "integer"}}, "text.format.schema"),
+    ("/v1/responses", {"type": "text", "name": "x"}, "text.format.name"),
+    ("/v1/messages", {"type": "json_schema", "schema": {"type": "integer"}, "strict": True}, "output_config.format.strict"),
+])
+def test_an_unknown_key_of_a_response_format_is_refused_not_ignored(http, path, fmt, param):
+    """A misspelt key ("shema") left the reply unconstrained (any JSON object), a 200; a schema beside
+    json_object was dropped. Each is refused, naming the key and the keys the format has."""
+    field = {"/v1/chat/completions": {"response_format": fmt}, "/v1/responses": {"text": {"format": fmt}},
+             "/v1/messages": {"output_config": {"format": fmt}}}[path]
+    message = _error(http.post(path, json={**BASES[path], **field}), param)
+    assert f"{param} is not a field of" in message, message
+    _still_serves(http)

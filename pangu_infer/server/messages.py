@@ -33,6 +33,7 @@ from pangu_infer.server.chat_api import ChatParsing, chat_choice, chat_request, 
 from pangu_infer.server.errors import APIError, stream_error
 from pangu_infer.server.protocol import ChatCompletionRequest, _Request
 from pangu_infer.server.state import ServerState
+from pangu_infer.server.structured import check_format_keys
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
 
 
@@ -102,6 +103,7 @@ def to_chat_request(req: MessagesRequest) -> ChatCompletionRequest:
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" or not isinstance(fmt.get("schema"), dict):
             raise APIError(400, 'output_config.format must be {"type": "json_schema", "schema": {...}}', param="output_config.format")
+        check_format_keys(fmt, "output_config.format", ("type", "schema"))
         fields["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt["schema"]}}
     if req.thinking is not None:
         kind = req.thinking.type

@@ -36,7 +36,7 @@ from pangu_infer.server.params import log_ignored_fields
 from pangu_infer.server.protocol import ChatCompletionRequest, ReasoningEffort, _Request
 from pangu_infer.server.state import ServerState
 from pangu_infer.server.streaming import final_outputs, merged_outputs, observe, sse_event, unless_gone
-from pangu_infer.server.structured import check_json_schema_fields
+from pangu_infer.server.structured import JSON_SCHEMA_KEYS, check_format_keys, check_json_schema_fields
 
 ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
 
@@ -474,7 +474,11 @@ def _given(obj: Optional[_Request]) -> dict:
 
 def _response_format(fmt: Optional[dict]) -> Optional[dict]:
     """text.format as chat's response_format."""
-    if fmt is None or fmt.get("type") == "text":
+    if fmt is None:
+        return None
+    if fmt.get("type") in ("text", "json_object"):  # (json_schema's keys: check_format_keys below)
+        check_format_keys(fmt, "text.format", ("type",))
+    if fmt.get("type") == "text":
         return None
     if fmt.get("type") == "json_object":
         return {"type": "json_object"}
@@ -482,6 +486,7 @@ def _response_format(fmt: Optional[dict]) -> Optional[dict]:
         if "schema" in fmt and not isinstance(fmt["schema"], (dict, bool)):
             raise APIError(400, f"text.format.schema must be a JSON schema (an object), got {json.dumps(fmt['schema'])[:200]}",
                            param="text.format.schema")
+        check_format_keys(fmt, "text.format", ("type", *JSON_SCHEMA_KEYS))
         check_json_schema_fields(fmt, "text.format")
         schema = {key: fmt[key] for key in ("name", "schema", "strict", "description") if key in fmt}
         return {"type": "json_schema", "json_schema": schema}

@@ -56,6 +56,7 @@ def _response_format(rf: Any, schema_param: str) -> StructuredOutputsParams:
                 400, 'response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}',
                 param="response_format.json_schema",
             )
+        check_format_keys(spec, "response_format.json_schema", JSON_SCHEMA_KEYS)
         check_json_schema_fields(spec, "response_format.json_schema")
         # OpenAI: a missing schema means any JSON object
         schema = spec.get("schema", {"type": "object"})
@@ -64,6 +65,18 @@ def _response_format(rf: Any, schema_param: str) -> StructuredOutputsParams:
         400, f"response_format type {short_repr(rf.type)} is not supported: use 'text', 'json_object' or 'json_schema'",
         param="response_format",
     )
+
+
+JSON_SCHEMA_KEYS = ("name", "description", "schema", "strict")  # OpenAI's json_schema response format
+
+
+def check_format_keys(spec: dict, where: str, known: tuple[str, ...]) -> None:
+    """A response format (`where`, as the client sent it) holds only the keys it has: a misspelt
+    one ("shema") left the reply unconstrained, a 200 that ignored it."""
+    for key in spec:
+        if key not in known:
+            name = key if len(key) <= 80 else key[:77] + "..."
+            raise APIError(400, f"{where}.{name} is not a field of {where}; it has {', '.join(known)}", param=f"{where}.{name}")
 
 
 def check_json_schema_fields(spec: dict, where: str) -> None:
