@@ -20,6 +20,8 @@
   request on it, a good one, failed with a reset.
 - an unknown key in a response format (response_format.json_schema, the Responses API's text.format,
   the Messages API's output_config.format): a misspelt "shema" left the reply unconstrained, a 200.
+- /tokenize's chat fields (tools, chat_template_kwargs, add_generation_prompt, ...) beside a prompt:
+  dropped, a 200; an empty Responses input: refused naming messages, a field that API does not have.
 """
 
 from __future__ import annotations
@@ -648,3 +650,24 @@ def test_an_unknown_key_of_a_response_format_is_refused_not_ignored(http, path, 
     message = _error(http.post(path, json={**BASES[path], **field}), param)
     assert f"{param} is not a field of" in message, message
     _still_serves(http)
+
+
+# ---------------------------------------------------------------------- /tokenize's chat fields beside a prompt
+@pytest.mark.parametrize(("field", "value"), [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("chat_template_kwargs", {"enable_thinking": False}),
+    ("chat_template", "{{ messages }}"), ("add_generation_prompt", False), ("continue_final_message", True),
+])
+def test_a_chat_field_beside_a_prompt_to_tokenize_is_refused_not_ignored(http, field, value):
+    """These shape a rendered chat; a prompt is tokenized as given, so they had been dropped (a 200
+    counting tokens the client did not ask for). Their defaults, which change nothing, are still taken."""
+    message = _error(http.post("/tokenize", json={"prompt": "hi", field: value}), field)
+    assert f"{field} applies to messages" in message, message
+    default = {"tools": [], "chat_template_kwargs": {}, "chat_template": None, "add_generation_prompt": True,
+               "continue_final_message": False}[field]
+    assert http.post("/tokenize", json={"prompt": "hi", field: default}).status_code == 200
+
+
+def test_an_empty_responses_input_is_refused_naming_input(http):
+    """(It was refused naming messages, a field the Responses API does not have.)"""
+    message = _error(http.post("/v1/responses", json={**BASES["/v1/responses"], "input": []}), "input")
+    assert "messages" not in message, message

@@ -338,11 +338,20 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     return JSONResponse(envelope(model, request_id, "chat.completion", int(time.time()), choices, usage=usage, **extra))
 
 
+# /tokenize's fields that shape a rendered chat: beside a prompt they would be dropped
+CHAT_ONLY_TOKENIZE_FIELDS = ("tools", "chat_template_kwargs", "chat_template", "add_generation_prompt", "continue_final_message")
+
+
 def _tokenize(state: ServerState, req: TokenizeRequest) -> TokenizeResponse:
     check_model(state, req.model)
     if (req.prompt is None) == (req.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", param="prompt")
     if req.prompt is not None:
+        for name in CHAT_ONLY_TOKENIZE_FIELDS:  # (a value that changes nothing, the default or empty, is taken)
+            value = getattr(req, name)
+            if name in req.model_fields_set and value != TokenizeRequest.model_fields[name].default and value not in ([], {}):
+                raise APIError(400, f"{name} applies to messages (a chat rendered by its template); this request gives a "
+                               "prompt, tokenized as it is", param=name)
         ids = state.llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
     else:
         template_kwargs = checked_template_kwargs(req.chat_template_kwargs)
