@@ -89,6 +89,8 @@ def conversation(req: ResponsesRequest, history: list[dict]) -> list[dict]:
     messages = list(history)
     if isinstance(req.input, str):
         return messages + [{"role": "user", "content": req.input}]
+    if not req.input:
+        raise APIError(400, "input is an empty list: give a string or at least one item", param="input")
     for i, item in enumerate(req.input):
         kind = item.get("type", "message")
         where = f"input[{i}]"
