@@ -428,3 +428,16 @@ def test_the_inverse_cdf_draw_is_numpys_cumulative_search(vocab):
         expected = np.searchsorted(cdf, u.numpy() * cdf[-1], side="right").clip(max=vocab - 1)
         exact += int((got == expected).sum())
     assert exact >= 4 * len(u) - 2  # the same token but where the draw falls within rounding of a boundary
+
+
+@pytest.mark.parametrize("temperature", [1e308, 3.5e38])
+def test_a_temperature_past_float32_draws_uniformly_from_the_unmasked_tokens(temperature):
+    # it was infinite as a float32, and a masked (-inf) logit over it NaN: masked tokens were drawn
+    from pangu_infer.engine.spec_decode import rows_probs
+
+    logits = SKEWED.expand(200, -1).clone()
+    logits[:, 2:] = float("-inf")  # a grammar's or allowed_token_ids' mask
+    picked = Sampler(seed=0)(logits, [row(temperature=temperature) for _ in range(200)]).token_ids
+    assert set(picked) == {0, 1}
+    probs = rows_probs(logits[:2], [SamplingParams(temperature=temperature)] * 2)
+    assert torch.equal(probs, torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0]] * 2))

@@ -22,11 +22,14 @@
   the Messages API's output_config.format): a misspelt "shema" left the reply unconstrained, a 200.
 - /tokenize's chat fields (tools, chat_template_kwargs, add_generation_prompt, ...) beside a prompt:
   dropped, a 200; an empty Responses input: refused naming messages, a field that API does not have.
+- a temperature past float32's range (1e308): infinite in the sampler, the masked logits over it NaN:
+  a grammar's forbidden token drawn (a 500), allowed_token_ids not kept (a 200 with other tokens).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import logging
 
 import httpx
@@ -671,3 +674,25 @@ def test_an_empty_responses_input_is_refused_naming_input(http):
     """(It was refused naming messages, a field the Responses API does not have.)"""
     message = _error(http.post("/v1/responses", json={**BASES["/v1/responses"], "input": []}), "input")
     assert "messages" not in message, message
+
+
+# ---------------------------------------------------------------------- a temperature past float32
+@pytest.mark.parametrize("temperature", [1e308, 3.5e38])
+@pytest.mark.parametrize("constraint", ["regex", "allowed_token_ids"])
+def test_a_temperature_past_float32_keeps_the_masks(http, temperature, constraint):
+    """A temperature a double holds and a float32 does not was infinite in the sampler: the masked
+    (-inf) logits over it were NaN, a grammar's forbidden token was drawn (the request a 500) and
+    allowed_token_ids was not kept. It is a uniform draw over the tokens the masks leave."""
+    body = {**BASES["/v1/completions"], "max_tokens": 6, "temperature": temperature, "seed": 1, "return_token_ids": True}
+    if constraint == "regex":
+        body["structured_outputs"] = {"regex": "[ab]+"}
+    else:
+        body["allowed_token_ids"] = [300, 301]
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    if constraint == "regex":
+        assert re.fullmatch("[ab]+", choice["text"]), choice
+    else:
+        assert set(choice["token_ids"]) <= {300, 301}, choice
+    _still_serves(http)

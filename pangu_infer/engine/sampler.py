@@ -298,7 +298,16 @@ def _scaled(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     be edited in place)."""
     if all(p.temperature == 1 for p in params):
         return logits
-    return logits / torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
+    return logits / temperatures(params, torch.get_default_dtype(), logits.device)[:, None]
+
+
+def temperatures(params: list[SamplingParams], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The rows' temperatures [n] in `dtype`, each at most its largest finite value: a temperature a
+    double holds and a float32 does not (1e308) was infinite there, and a masked logit (-inf) over it
+    NaN, so a grammar's or allowed_token_ids' masked tokens were drawn. At that bound the draw is
+    already uniform over the tokens the masks leave."""
+    top = torch.finfo(dtype).max
+    return torch.tensor([min(p.temperature, top) for p in params], dtype=dtype, device=device)
 
 
 def seeded_noise(generator: torch.Generator, vocab: int) -> torch.Tensor:

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pangu_infer.engine.sampler import _top_k_top_p_threshold, race_probs, seeded_noise
+from pangu_infer.engine.sampler import _top_k_top_p_threshold, race_probs, seeded_noise, temperatures
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.sampling_params import SamplingParams
 
@@ -79,7 +79,7 @@ def target_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def rows_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """target_probs with each row's own sampling parameters, in one pass over the batch."""
-    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype, device=logits.device)
+    temperature = temperatures(params, logits.dtype, logits.device)  # (past the dtype's range: its largest value)
     scaled = logits / temperature[:, None]
     if any(p.top_k or p.top_p < 1 for p in params):
         threshold = _top_k_top_p_threshold(scaled, params)
