@@ -441,3 +441,24 @@ def test_a_temperature_past_float32_draws_uniformly_from_the_unmasked_tokens(tem
     assert set(picked) == {0, 1}
     probs = rows_probs(logits[:2], [SamplingParams(temperature=temperature)] * 2)
     assert torch.equal(probs, torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0]] * 2))
+
+
+def test_a_row_holding_plus_infinity_draws_among_those_tokens_alone():
+    # softmax makes such a row NaN throughout, and the draw was token 0 or the last one, masked or not
+    from pangu_infer.engine.spec_decode import rows_probs
+
+    logits = SKEWED.expand(200, -1).clone()
+    logits[:, 1] = logits[:, 3] = float("inf")  # a positive logit over a repetition penalty near 0
+    logits[:, 0] = logits[:, 4] = float("-inf")  # masked
+    rows = [row(seeded(i) if i % 2 else None, temperature=1.0) for i in range(200)]
+    assert set(Sampler(seed=0)(logits, rows).token_ids) == {1, 3}
+    assert torch.equal(rows_probs(logits[:1], [SamplingParams()]), torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0]]))
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 1e300])
+def test_a_repetition_penalty_past_float32_leaves_no_nan(penalty):
+    # 1e-300 was 0 as a float32 (a seen masked token's -inf times it NaN, the argmax's pick), 1e300
+    # inf (a seen logit of 0 times it NaN)
+    logits = torch.tensor([[0.0, -1.0, float("-inf"), 2.0, -3.0]])
+    picked = Sampler(seed=0)(logits.clone(), [row(temperature=0, repetition_penalty=penalty, prompt=[0, 1, 2])]).token_ids
+    assert picked == [3]

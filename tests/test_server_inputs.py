@@ -24,6 +24,8 @@
   dropped, a 200; an empty Responses input: refused naming messages, a field that API does not have.
 - a temperature past float32's range (1e308): infinite in the sampler, the masked logits over it NaN:
   a grammar's forbidden token drawn (a 500), allowed_token_ids not kept (a 200 with other tokens).
+- a repetition penalty near 0 (1e-300: 0 as a float32; 1e-44: a positive logit over it +inf): NaN rows,
+  so a grammar's forbidden token (a 500), tokens outside allowed_token_ids, a bad word, were drawn.
 """
 
 from __future__ import annotations
@@ -695,4 +697,30 @@ def test_a_temperature_past_float32_keeps_the_masks(http, temperature, constrain
         assert re.fullmatch("[ab]+", choice["text"]), choice
     else:
         assert set(choice["token_ids"]) <= {300, 301}, choice
+    _still_serves(http)
+
+
+# ---------------------------------------------------------------------- a repetition penalty near 0
+@pytest.mark.parametrize("penalty", [1e-300, 1e-44])
+@pytest.mark.parametrize("constraint", ["regex", "allowed_token_ids", "bad_words"])
+def test_a_repetition_penalty_near_zero_keeps_the_masks(http, penalty, constraint):
+    """A penalty under float32's range was 0 in the sampler, and a seen token's masked logit (-inf)
+    times it NaN: the greedy argmax took that token (a bad word written). A seen token's positive
+    logit over a penalty near 0 is past the float range (+inf): the sampled row was NaN throughout
+    and drew token 0 or the last one whatever the masks (a 500 under a grammar, other tokens than
+    allowed_token_ids). The draw is now the limit: among the +inf tokens."""
+    body = {**BASES["/v1/completions"], "prompt": "a b a b the cat", "max_tokens": 6, "repetition_penalty": penalty,
+            "return_token_ids": True}
+    body.update({"regex": {"structured_outputs": {"regex": "[ab]+"}}, "allowed_token_ids": {"allowed_token_ids": [300, 301]},
+                 "bad_words": {"bad_words": ["the"]}}[constraint])
+    for sampling in ({"temperature": 0}, {"temperature": 1.0, "seed": 1}, {"temperature": 1.0}):
+        response = http.post("/v1/completions", json={**body, **sampling})
+        assert response.status_code == 200, (sampling, response.text)
+        choice = response.json()["choices"][0]
+        if constraint == "regex":
+            assert re.fullmatch("[ab]+", choice["text"]), (sampling, choice)
+        elif constraint == "allowed_token_ids":
+            assert set(choice["token_ids"]) <= {300, 301}, (sampling, choice)
+        else:
+            assert "the" not in choice["text"], (sampling, choice)
     _still_serves(http)

@@ -286,10 +286,28 @@ def race_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     scaled = _scaled(logits, params)
     if any(p.top_k or p.top_p < 1 for p in params):
         scaled = scaled.masked_fill(scaled < _top_k_top_p_threshold(scaled, params), float("-inf"))
-    probs = scaled.softmax(dim=-1)
+    probs = softmax_limit(scaled)
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], device=logits.device)
         probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
+    return probs
+
+
+def softmax_limit(scaled: torch.Tensor) -> torch.Tensor:
+    """Each row's softmax; a row holding +inf (a logit past the float range: a positive one over a
+    repetition penalty near 0, a model's overflow) is its limit, uniform over its +inf tokens.
+    softmax makes such a row NaN throughout, and a NaN row drew token 0 or the last one, a masked
+    token as likely as any. (A row of NaN logits, with no +inf, stays NaN: some token.)"""
+    probs = scaled.softmax(dim=-1)
+    if not scaled.shape[1]:
+        return probs
+    broken = probs[:, 0].isnan()  # (one NaN makes its whole row NaN: a look at one column finds them)
+    if bool(broken.any()):
+        rows = broken.nonzero().flatten()
+        infinite = torch.isposinf(scaled[rows])
+        limit = infinite.any(dim=-1)
+        uniform = infinite[limit].to(probs.dtype)
+        probs[rows[limit]] = uniform / uniform.sum(dim=-1, keepdim=True)
     return probs
 
 
@@ -402,7 +420,10 @@ def _apply_penalties_(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     if any(p.repetition_penalty != 1 for p in params):
         seen, _ = _occurrences([(i, seq) for i, r in enumerate(rows) if r.params.repetition_penalty != 1
                                 for seq in (r.prompt_token_ids, r.output_token_ids)], vocab, device)
-        penalty = torch.tensor([p.repetition_penalty for p in params], device=device)[seen // vocab]
+        # held to float32's normal range: a penalty under float32's range (1e-300) was 0 there (a masked
+        # -inf times it NaN, which the argmax takes), one over it inf (a logit of 0 times it NaN)
+        tiny, top = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max
+        penalty = torch.tensor([min(max(p.repetition_penalty, tiny), top) for p in params], device=device)[seen // vocab]
         values = flat[seen]
         flat[seen] = torch.where(values > 0, values / penalty, values * penalty)
     if any(p.presence_penalty != 0 or p.frequency_penalty != 0 for p in params):

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from pangu_infer.engine.sampler import _top_k_top_p_threshold, race_probs, seeded_noise, temperatures
+from pangu_infer.engine.sampler import _top_k_top_p_threshold, race_probs, seeded_noise, softmax_limit, temperatures
 from pangu_infer.engine.sequence import Sequence
 from pangu_infer.sampling_params import SamplingParams
 
@@ -84,7 +84,7 @@ def rows_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tens
     if any(p.top_k or p.top_p < 1 for p in params):
         threshold = _top_k_top_p_threshold(scaled, params)
         scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
-    probs = scaled.softmax(dim=-1)
+    probs = softmax_limit(scaled)  # (a row holding +inf: uniform over those tokens, as the sampler draws it)
     if any(p.min_p > 0 for p in params):
         min_p = torch.tensor([p.min_p for p in params], dtype=probs.dtype, device=probs.device)
         probs = probs.masked_fill(probs < probs.amax(dim=-1, keepdim=True) * min_p[:, None], 0.0)
