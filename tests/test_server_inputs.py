@@ -26,6 +26,8 @@
   a grammar's forbidden token drawn (a 500), allowed_token_ids not kept (a 200 with other tokens).
 - a repetition penalty near 0 (1e-300: 0 as a float32; 1e-44: a positive logit over it +inf): NaN rows,
   so a grammar's forbidden token (a 500), tokens outside allowed_token_ids, a bad word, were drawn.
+- a bad prompt of a completion's several (empty, an id outside the vocabulary, past the context):
+  the engine's message for one prompt, with no word of which (embeddings name input[i]).
 """
 
 from __future__ import annotations
@@ -724,3 +726,18 @@ def test_a_repetition_penalty_near_zero_keeps_the_masks(http, penalty, constrain
         else:
             assert "the" not in choice["text"], (sampling, choice)
     _still_serves(http)
+
+
+# ---------------------------------------------------------------------- which prompt of several
+@pytest.mark.parametrize(("prompt", "says"), [
+    ([[5, 6], []], "prompt[1]: the prompt is empty"),
+    ([[5], [5, 10**9]], "prompt[1]: prompt token id 1000000000 is outside the vocabulary"),
+    ([[5], [5] * 300], "prompt[1]: "),  # past the context of 256 tokens
+    ([[5], [6], []], "prompt[2]: the prompt is empty"),
+])
+@pytest.mark.parametrize("beam", [False, True])
+def test_a_bad_prompt_of_several_is_named_by_its_index(http, prompt, says, beam):
+    """(The message was the engine's for one prompt, with no word of which of the request's it was.)"""
+    body = {**BASES["/v1/completions"], "prompt": prompt, "max_tokens": 2, **({"use_beam_search": True} if beam else {})}
+    message = _error(http.post("/v1/completions", json=body), "prompt")
+    assert message.startswith(says), message

@@ -192,11 +192,11 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
     beams = [None if beam is None else replace(beam, max_tokens=own.max_tokens or max(1, state.llm.engine.max_model_len - len(ids)))
              for _, _, ids, own in submitted]
     if beam is not None:  # every prompt checked before any search starts (each runs to its end before its first output)
-        for (_, _, ids, _), each in zip(submitted, beams):
+        for i, ((_, _, ids, _), each) in enumerate(zip(submitted, beams)):
             try:
                 check_prompt(ids, each, state.llm.engine.limits)
             except RequestError as e:
-                raise from_request_error(e) from None
+                raise _prompts_error(e, i, len(prompts)) from None
     if state.log_requests:
         for request_id, text, ids, own in submitted:
             log_request(state, request_id, text, ids, own, lora)
@@ -213,9 +213,17 @@ async def _start(state: ServerState, prompts: list[tuple[Optional[str], list[int
     errors = [f for f in firsts if isinstance(f, BaseException)]
     if errors:
         await close_all(gens)
-        rejected = [e for e in errors if isinstance(e, RequestError)]
-        raise from_request_error(rejected[0]) if rejected else errors[0]
+        rejected = [(i, f) for i, f in enumerate(firsts) if isinstance(f, RequestError)]
+        raise _prompts_error(rejected[0][1], rejected[0][0], len(prompts)) if rejected else errors[0]
     return base, gens, list(firsts)
+
+
+def _prompts_error(e: RequestError, index: int, count: int) -> APIError:
+    """A prompt's rejection as a 400; of a request's several prompts, it names which (prompt[i])."""
+    err = from_request_error(e)
+    if count > 1 and e.param == "prompt":
+        err.message = f"prompt[{index}]: {err.message}"
+    return err
 
 
 async def close_all(gens: list) -> None:
