@@ -398,11 +398,10 @@ def test_a_lone_row_of_nan_logits_under_a_filter_still_gets_a_token(params):
     assert 0 <= Sampler(seed=0)(logits, [row(temperature=1.0, **params)]).token_ids[0] < 5
 
 
-@pytest.mark.parametrize("vocab", [5, 1023, 1024, 1025, 3000, 153376])
+@pytest.mark.parametrize("vocab", [5, 1023, 3000, 153376])
 def test_the_inverse_cdf_draw_is_numpys_cumulative_search(vocab):
-    # the two-step search (block sums, then one block's cumulative sum) picks the token whose span of
-    # a float64 cumulative sum of the whole row holds the draw (up to float32's rounding of a
-    # block's mass); zero-probability tokens, whole zero blocks and a zero tail included
+    # zero-probability tokens, a zero tail and a draw at 1 - 2**-53 included: never a token of
+    # probability 0
     import numpy as np
 
     from pangu_infer.engine.sampler import inverse_cdf
@@ -414,20 +413,13 @@ def test_the_inverse_cdf_draw_is_numpys_cumulative_search(vocab):
     probs[3, vocab // 3 :] = 0.0
     probs[3, 0] = 1e-30
     u = torch.cat([torch.tensor([0.0, 1 - 2**-53]), torch.rand(300, generator=g, dtype=torch.float64)])
-    exact = 0
     for r in range(4):
         p = probs[r].double().numpy()
         cdf = np.cumsum(p)
-        got = inverse_cdf(probs[r].expand(len(u), -1).contiguous(), u[:, None]).numpy()
-        some = [0, 1] + list(range(2, len(u), 10))
-        alone = [int(inverse_cdf(probs[r : r + 1], u[i : i + 1, None])[0]) for i in some]
-        assert alone == got[some].tolist()  # a lone row takes the one cumulative sum: the same tokens
-        assert (p[got] > 0).all()
-        slack = 1e-6 * cdf[-1]
-        assert (cdf[got] - p[got] <= u.numpy() * cdf[-1] + slack).all() and (cdf[got] >= u.numpy() * cdf[-1] - slack).all()
         expected = np.searchsorted(cdf, u.numpy() * cdf[-1], side="right").clip(max=vocab - 1)
-        exact += int((got == expected).sum())
-    assert exact >= 4 * len(u) - 2  # the same token but where the draw falls within rounding of a boundary
+        expected = np.where(p[expected] > 0, expected, np.flatnonzero(p > 0)[-1])
+        got = inverse_cdf(probs[r].expand(len(u), -1).contiguous(), u[:, None])
+        assert got.tolist() == expected.tolist()
 
 
 @pytest.mark.parametrize("temperature", [1e308, 3.5e38])

@@ -35,8 +35,6 @@ from pangu_infer.sampling_params import SamplingParams
 
 # how many of the largest logits top_p looks at before falling back to sorting the whole vocabulary
 _TOP_P_CANDIDATES = 1024
-# the tokens per block of inverse_cdf's first step
-_CDF_BLOCK = 1024
 
 
 class BadWords:
@@ -235,47 +233,18 @@ class Sampler:
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Each row's token [n] for its uniform draw u [n, 1] (float64, in [0, 1)) through the row's
-    probabilities [n, V] (unnormalized, float32): the first token whose cumulative sum exceeds u
-    times the row's total. Tokens of probability 0 are never picked.
-
-    In two steps: the sums of blocks of _CDF_BLOCK tokens (float32, pairwise: each block's mass to
-    float32's precision, as the probabilities themselves) and their cumulative sum (float64) find
-    the block; the float64 cumulative sum of that block alone finds the token, at the same fraction
-    of the block's mass. A float64 cumulative sum of whole rows cost 27 ms for 16 rows of 153k on
-    a Zen 3 (5 ms for 49k), a float64 sum of them 15 ms (torch's mixed-dtype reduction is scalar);
-    these steps, 0.8 and 0.4 ms. A lone row takes the one cumulative sum.
-    """
-    n, vocab = probs.shape
-    if n == 1:  # one row's float64 sums stay in cache (0.09 ms for 49k, 0.22 for 153k): fewer calls
-        cdf = probs.cumsum(dim=-1, dtype=torch.float64)
-        at = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=vocab - 1)
-        if bool(probs[0, at[0, 0]] <= 0):  # rounding up to the total (odds about 2**-53): the last positive token
-            at[0, 0] = vocab - 1 - row_argmax((probs > 0).flip(-1).to(torch.float32))[0]
-        return at[:, 0]
-    full = vocab // _CDF_BLOCK * _CDF_BLOCK
-    block_sums = probs[:, :full].reshape(n, -1, _CDF_BLOCK).sum(dim=-1)
-    if full < vocab:
-        block_sums = torch.cat([block_sums, probs[:, full:].sum(dim=-1, keepdim=True)], dim=1)
-    block_cdf = block_sums.to(torch.float64).cumsum(dim=-1)
-    target = u * block_cdf[:, -1:]
-    block = torch.searchsorted(block_cdf, target, right=True).clamp_(max=block_cdf.shape[1] - 1)
-    # the draw rounding up to the row's total (odds about 2**-50) lands on an empty block or past
-    # the last one: the last block of positive mass instead (then past its last token, below)
-    empty = (block_sums.gather(1, block) <= 0).squeeze(1)
-    if bool(empty.any()):
-        block[empty] = block_cdf.shape[1] - 1 - row_argmax((block_sums[empty] > 0).flip(-1).to(torch.float32))[:, None]
-    before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
-    fraction = (target - before) / block_sums.gather(1, block).to(torch.float64)
-    cols = block * _CDF_BLOCK + torch.arange(_CDF_BLOCK, device=probs.device)
-    inside = probs.gather(1, cols.clamp(max=vocab - 1)).masked_fill_(cols >= vocab, 0.0)
-    inside_cdf = inside.cumsum(dim=-1, dtype=torch.float64)
-    at = torch.searchsorted(inside_cdf, fraction * inside_cdf[:, -1:], right=True).clamp_(max=_CDF_BLOCK - 1)
-    # rounding past the block's last token of positive probability (the fraction rounding up to 1):
-    # that token
-    past = (inside.gather(1, at) <= 0).squeeze(1)
+    probabilities [n, V] (unnormalized): the first token whose cumulative sum exceeds u times the
+    row's total (float64: the sums of 153k float32 probabilities lose nothing a draw could see).
+    Tokens of probability 0 are never picked."""
+    cdf = torch.cumsum(probs, dim=-1, dtype=torch.float64)
+    picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=probs.shape[1] - 1)
+    # u * total rounding up to the total (odds about 2**-53) would land past the last token of
+    # positive probability: take that token
+    past = (probs.gather(1, picked) <= 0).squeeze(1)
     if bool(past.any()):
-        at[past] = _CDF_BLOCK - 1 - row_argmax((inside[past] > 0).flip(-1).to(torch.float32))[:, None]
-    return cols.gather(1, at).squeeze(1).clamp_(max=vocab - 1)  # (a row of NaN: some token)
+        last = probs.shape[1] - 1 - row_argmax((probs[past] > 0).flip(-1).to(torch.float32))
+        picked[past] = last[:, None].to(picked.device)
+    return picked.squeeze(1)
 
 
 def race_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
