@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import mmap
+import os
 import sys
 from typing import Optional
 
@@ -40,6 +41,34 @@ def trim_heap() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+# mallopt's parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# glibc's largest mmap threshold on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX: 4 MiB * sizeof(long))
+MMAP_THRESHOLD_MAX = 32 << 20
+KEEP_HEAP_ENV = "PANGU_INFER_KEEP_HEAP"
+
+
+def keep_freed_heap() -> bool:
+    """Let glibc's malloc keep freed memory for the next allocation of this process instead of
+    returning it to the system at once: allocations up to 32 MiB come from the heap (the most glibc
+    allows on 64-bit systems) and free memory at its top is returned past 1 GiB only (trim_heap
+    still returns it on demand, as loading does). glibc's default returns a freed chunk once more
+    than twice the largest freed one lies free: an eager forward's activations (a prefill chunk's
+    [tokens, 2 x intermediate] of 10-20 MB) came back on every layer as fresh pages, each faulted
+    in and zeroed by the kernel: 120,000-340,000 page faults and 0.3-1.0 s of system time in a
+    512-token prefill of the 1B Pangu-shaped Q4_0 file on a Zen 3, against 10,000 and 0.03 s kept
+    (benchmarks/RESULTS.md). Like a GPU engine's caching allocator or llama.cpp's compute buffers,
+    the memory a step used stays for the next. True where applied (glibc, not turned off by
+    PANGU_INFER_KEEP_HEAP=0); process-wide and idempotent."""
+    if os.environ.get(KEEP_HEAP_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return False
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    # (setting either turns glibc's adjusting of both off: each is given)
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def file_backed_ranges() -> list[tuple[int, int]]:

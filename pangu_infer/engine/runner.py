@@ -23,6 +23,7 @@ from pangu_infer.engine.compiled import (
 from pangu_infer.engine.sampler import token_logprobs
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Logprob, Sequence
+from pangu_infer.memory import keep_freed_heap
 from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models import bf16_weights, bi_attention_kernel
@@ -111,6 +112,8 @@ class ModelRunner:
                     )
             make_batch_invariant(model)
         self.device = device
+        if device.type == "cpu":  # the activations' memory kept from step to step (after loading's own trims)
+            keep_freed_heap()
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
