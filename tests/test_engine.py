@@ -305,3 +305,20 @@ def test_a_cache_salt_keeps_prefix_cache_blocks_to_requests_with_the_same_salt(l
     for bad in ("", 5, "x" * 2000):
         with pytest.raises(ValueError, match="cache_salt"):
             llm.generate({"prompt_token_ids": ids, "cache_salt": bad}, GREEDY, use_tqdm=False)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("seed", "x", r"seed='x' must be an integer in \[-9223372036854775808, 9223372036854775807\] or None"),
+    ("seed", 1.5, r"seed=1\.5 must be an integer"),
+    ("seed", True, r"seed=True must be an integer"),
+    ("seed", 2**64, r"seed=<an integer of 65 bits> must be an integer in"),
+    ("enforce_eager", "no", r"enforce_eager='no' must be True or False"),
+    ("enable_prefix_caching", "no", r"enable_prefix_caching='no' must be True or False"),
+    ("max_model_len", True, r"max_model_len=True must be a positive integer"),
+])
+def test_an_engine_field_of_the_wrong_type_is_a_value_error_naming_it(field, value, message):
+    """A str, float or bool seed was torch's RuntimeError from manual_seed once the model had loaded,
+    one past int64 an unnamed "Overflow when unpacking long long"; enforce_eager and
+    enable_prefix_caching "no" were taken as true (prefix caching on), max_model_len True as 1."""
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{field: value})

@@ -30,7 +30,7 @@ from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
 from pangu_infer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -108,14 +108,18 @@ class EngineConfig:
                 raise ValueError(
                     f"gpu_memory_utilization={util!r} and kv_cache_memory={kv!r} both size the KV cache: give one"
                 )
-        if not isinstance(self.batch_invariant, bool):
-            raise ValueError(f"batch_invariant={self.batch_invariant!r} must be True or False")
+        for name in ("batch_invariant", "enforce_eager", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
+        seed = self.seed
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
+            raise ValueError(f"seed={short_repr(seed)} must be an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if self.batch_invariant and self.max_num_batched_tokens < self.block_size:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least block_size={self.block_size} "
                 "with batch_invariant (prefill chunks end on block boundaries)"
             )
-        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
+        if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or isinstance(self.max_model_len, bool) or self.max_model_len < 1):
             raise ValueError(f"max_model_len={self.max_model_len!r} must be a positive integer")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(
