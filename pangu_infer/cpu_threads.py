@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 V1_CPU_ROOT = "/sys/fs/cgroup/cpu"  # cgroup v1: the cpu controller's hierarchy (often cpu,cpuacct)
 THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# The most threads asked for (llama.cpp's GGML_MAX_N_THREADS): torch.set_num_threads(10**6) is a
+# segmentation fault, 65536 libgomp's abort ("Thread creation failed"), and far fewer already only
+# oversubscribe the cores.
+MAX_THREADS = 512
 
 
 def cpu_quota(v2_root: str = V2_ROOT, v1_root: str = V1_CPU_ROOT, self_cgroup: str = SELF_CGROUP) -> Optional[float]:
@@ -62,12 +66,14 @@ def _v1_quota(group: str) -> Optional[float]:
 
 
 def check_threads(threads: Any) -> Optional[int]:
-    """`threads` as given to LLM(threads=) / --threads: None, or a positive int; else a ValueError
-    naming it."""
+    """`threads` as given to LLM(threads=) / --threads: None, or an int in [1, MAX_THREADS]; else a
+    ValueError naming it."""
     if threads is None:
         return None
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be a positive integer (or None for the default), got {threads!r}")
+    if threads > MAX_THREADS:
+        raise ValueError(f"threads={threads} is more than {MAX_THREADS}, the most this engine starts (llama.cpp's limit too)")
     return threads
 
 

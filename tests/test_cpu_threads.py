@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pangu_infer import cpu_threads
-from pangu_infer.cpu_threads import configure_threads, cpu_quota
+from pangu_infer.cpu_threads import check_threads, configure_threads, cpu_quota
 from pangu_infer.parallel.launch import rank_threads
 
 
@@ -57,6 +57,17 @@ def test_bad_threads_are_refused_naming_them(bad):
 
     with pytest.raises(ValueError, match=r"threads must be a positive integer.*" + repr(bad).replace(".", r"\.")):
         LLM("no-such-model-is-loaded", threads=bad)
+
+
+@pytest.mark.parametrize("many", [513, 10**6])
+def test_more_threads_than_llama_cpps_limit_are_refused_before_torch_sees_them(keep_threads, many):
+    """-t 1000000 was a segmentation fault in torch.set_num_threads (65536: libgomp's abort, "Thread
+    creation failed"): the process died without a word. Held to llama.cpp's GGML_MAX_N_THREADS."""
+    before = torch.get_num_threads()
+    with pytest.raises(ValueError, match=rf"threads={many} is more than 512"):
+        configure_threads(many)
+    assert torch.get_num_threads() == before
+    assert check_threads(512) == 512
 
 
 def test_threads_given_are_set(keep_threads):
