@@ -91,6 +91,14 @@ def test_a_truncated_or_foreign_file_is_an_error_naming_it(tmp_path, tiny_pangu_
             read_gguf_index(bad)
         with pytest.raises(GGUFError, match="cannot read GGUF file"):
             read_gguf(bad)
+    # cut inside the vocabulary's string array, at each of 48 bytes in a row: some cut falls in (or
+    # at the start of) a token's 8-byte length, which was struct.error (not a ValueError: a traceback)
+    start = raw.index(b"tokenizer.ggml.tokens") + 200
+    for cut in range(start, start + 48):
+        bad = tmp_path / "cut.gguf"
+        bad.write_bytes(raw[:cut])
+        with pytest.raises(GGUFIndexError, match=f"{bad}: a string at byte \\d+ runs past the end of the file"):
+            read_gguf_index(bad)
     other = tmp_path / "other.gguf"
     other.write_bytes(b"GGUF" + (7).to_bytes(4, "little") + bytes(32))
     with pytest.raises(GGUFIndexError, match="version 7"):

@@ -102,6 +102,8 @@ class _Cursor:
         size = len(buf)
         append = out.append
         for _ in range(count):
+            if pos + 8 > size:  # (its length itself cut off: struct.error)
+                raise GGUFIndexError(f"{self.path}: a string at byte {pos} runs past the end of the file")
             n = length(buf, pos)[0]
             pos += 8
             if pos + n > size:
