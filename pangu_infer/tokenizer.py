@@ -954,9 +954,19 @@ def _read_json(file: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as e:  # (JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8)
         raise ValueError(f"{str(file)!r} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(file)!r} must hold a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _bad_field(file: Path, field: str, value: Any, expected: str) -> ValueError:
+    """A field of a tokenizer file that is not what a tokenizer folder holds there."""
+    from pangu_infer.errors import short_repr
+
+    return ValueError(f"{str(file)!r}: {field}={short_repr(value)} must be {expected}")
 
 
 def _chat_template_of(folder: Path, config: dict[str, Any]) -> str | None:
@@ -966,41 +976,65 @@ def _chat_template_of(folder: Path, config: dict[str, Any]) -> str | None:
         return jinja_file.read_text(encoding="utf-8")
     template = config.get("chat_template")
     if isinstance(template, list):  # older multi-template form: [{"name": ..., "template": ...}]
+        for i, t in enumerate(template):
+            if not isinstance(t, dict) or not isinstance(t.get("name"), str) or not isinstance(t.get("template"), str):
+                raise _bad_field(folder / "tokenizer_config.json", f"chat_template[{i}]", t, "{'name': str, 'template': str}")
         named = {t["name"]: t["template"] for t in template}
         template = named.get("default")
     return template
 
 
-def _token_text(value: Any) -> str | None:
+def _token_text(value: Any, file: Path, field: str) -> str | None:
     # Special tokens appear either as plain strings or as AddedToken dicts with "content".
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+    text = value.get("content") if isinstance(value, dict) else value
+    if text is not None and not isinstance(text, str):
+        raise _bad_field(file, field, value, "a token's text (a string, or an object with a string 'content')")
+    return text
 
 
-def _special_token_text(name: str, config: dict[str, Any], special_map: dict[str, Any]) -> str | None:
-    return _token_text(config.get(name)) or _token_text(special_map.get(name))
+def _special_token_text(name: str, config: dict[str, Any], special_map: dict[str, Any], folder: Path) -> str | None:
+    return (_token_text(config.get(name), folder / "tokenizer_config.json", name)
+            or _token_text(special_map.get(name), folder / "special_tokens_map.json", name))
 
 
-def _load_sentencepiece(
-    folder: Path, config: dict[str, Any], special_map: dict[str, Any], chat_template: str | None
-) -> Tokenizer:
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
-    added = {
-        int(i): _AddedToken(
+def _added_tokens(folder: Path, config: dict[str, Any]) -> dict[int, _AddedToken]:
+    """tokenizer_config.json's added_tokens_decoder: {"id": {"content": text, "special": ...}}."""
+    file = folder / "tokenizer_config.json"
+    decoder = config.get("added_tokens_decoder", {})
+    if not isinstance(decoder, dict):
+        raise _bad_field(file, "added_tokens_decoder", decoder, "an object of token ids to tokens")
+    added = {}
+    for i, t in decoder.items():
+        if not (isinstance(i, str) and i.isascii() and i.isdecimal()):
+            raise ValueError(f"{str(file)!r}: added_tokens_decoder has the key {i!r}: expected a token id (digits)")
+        if not isinstance(t, dict) or not isinstance(t.get("content"), str):
+            raise _bad_field(file, f"added_tokens_decoder[{i!r}]", t, "an object with the token's text as 'content'")
+        added[int(i)] = _AddedToken(
             content=t["content"],
             special=bool(t.get("special", False)),
             lstrip=bool(t.get("lstrip", False)),
             rstrip=bool(t.get("rstrip", False)),
         )
-        for i, t in config.get("added_tokens_decoder", {}).items()
-    }
+    return added
+
+
+def _load_sentencepiece(
+    folder: Path, config: dict[str, Any], special_map: dict[str, Any], chat_template: str | None
+) -> Tokenizer:
+    try:
+        sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    except (RuntimeError, OSError) as e:  # (sentencepiece's error for a file it cannot parse)
+        raise ValueError(f"{str(folder / 'tokenizer.model')!r} is not a SentencePiece model: {e}") from None
+    added = _added_tokens(folder, config)
     # Special tokens named only by text (no added_tokens_decoder entry) are still split out whole.
     names = ("bos_token", "eos_token", "unk_token", "pad_token")
-    named = [_special_token_text(n, config, special_map) for n in names]
+    named = [_special_token_text(n, config, special_map, folder) for n in names]
+    where = folder / ("tokenizer_config.json" if "additional_special_tokens" in config else "special_tokens_map.json")
     additional = config.get("additional_special_tokens", special_map.get("additional_special_tokens", []))
+    if not isinstance(additional, list):
+        raise _bad_field(where, "additional_special_tokens", additional, "a list of tokens")
     known = {t.content for t in added.values()}
-    for text in named + [_token_text(t) for t in additional]:
+    for text in named + [_token_text(t, where, f"additional_special_tokens[{i}]") for i, t in enumerate(additional)]:
         if text and text not in known:
             token_id = sp.piece_to_id(text)
             if sp.id_to_piece(token_id) != text:
@@ -1024,9 +1058,12 @@ def _load_sentencepiece(
 def _load_hf_tokenizers(
     folder: Path, config: dict[str, Any], special_map: dict[str, Any], chat_template: str | None
 ) -> Tokenizer:
-    tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    try:
+        tk = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises Exception itself for a file it cannot parse
+        raise ValueError(f"{str(folder / 'tokenizer.json')!r} is not a tokenizers tokenizer file: {e}") from None
     backend = _HFTokenizersBackend(tk)
-    bos_id = _optional_id(backend, folder, "bos_token", _special_token_text("bos_token", config, special_map))
+    bos_id = _optional_id(backend, folder, "bos_token", _special_token_text("bos_token", config, special_map, folder))
     if "add_bos_token" in config:
         add_bos = bool(config["add_bos_token"])
     else:
@@ -1035,8 +1072,8 @@ def _load_hf_tokenizers(
     return Tokenizer.from_tokenizers(
         tk,
         bos_token_id=bos_id,
-        eos_token_id=_optional_id(backend, folder, "eos_token", _special_token_text("eos_token", config, special_map)),
-        pad_token_id=_optional_id(backend, folder, "pad_token", _special_token_text("pad_token", config, special_map)),
+        eos_token_id=_optional_id(backend, folder, "eos_token", _special_token_text("eos_token", config, special_map, folder)),
+        pad_token_id=_optional_id(backend, folder, "pad_token", _special_token_text("pad_token", config, special_map, folder)),
         add_bos=add_bos,
         chat_template=chat_template,
         special_token_ids={i for i, t in tk.get_added_tokens_decoder().items() if t.special},

@@ -2,6 +2,7 @@ import io
 import json
 import random
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -166,6 +167,56 @@ def test_load_tokenizer_names_the_folder_it_cannot_use(tmp_path: Path) -> None:
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="tokenizer.model.*tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+def _config_with(**fields):
+    return lambda config: json.dumps(dict(config, **fields))
+
+
+# (case, file, its new content: bytes, text, or a function of tokenizer_config.json's dict; the message)
+BROKEN_FILES = [
+    ("junk-sentencepiece", "tokenizer.model", b"junk", r"tokenizer\.model'? is not a SentencePiece model"),
+    ("empty-sentencepiece", "tokenizer.model", b"", r"tokenizer\.model'? is not a SentencePiece model"),
+    ("config-a-list", "tokenizer_config.json", "[]", r"tokenizer_config\.json'? must hold a JSON object, not list"),
+    ("special-map-a-list", "special_tokens_map.json", "[1]", r"special_tokens_map\.json'? must hold a JSON object"),
+    ("added-token-without-content", "tokenizer_config.json", _config_with(added_tokens_decoder={"5": {}}), r"added_tokens_decoder\['5'\]"),
+    ("added-token-a-string", "tokenizer_config.json", _config_with(added_tokens_decoder={"5": "a"}), r"added_tokens_decoder\['5'\]"),
+    ("added-token-id-not-a-number", "tokenizer_config.json", _config_with(added_tokens_decoder={"x": {"content": "a"}}),
+     r"added_tokens_decoder has the key 'x'"),
+    ("added-tokens-a-list", "tokenizer_config.json", _config_with(added_tokens_decoder=[1]), r"added_tokens_decoder=\[1\] must be an object"),
+    ("named-template-without-name", "tokenizer_config.json", _config_with(chat_template=[{"template": "x"}]), r"chat_template\[0\]"),
+    ("named-template-a-number", "tokenizer_config.json", _config_with(chat_template=[5]), r"chat_template\[0\]"),
+    ("bos-token-a-number", "tokenizer_config.json", _config_with(bos_token=5), r"bos_token=5"),
+    ("additional-special-token-a-number", "tokenizer_config.json", _config_with(additional_special_tokens=[5]),
+     r"additional_special_tokens"),
+    ("additional-special-tokens-a-string", "tokenizer_config.json", _config_with(additional_special_tokens="abc"),
+     r"additional_special_tokens"),
+]
+
+
+@pytest.mark.parametrize(("file", "content", "message"), [c[1:] for c in BROKEN_FILES], ids=[c[0] for c in BROKEN_FILES])
+def test_a_broken_tokenizer_file_is_a_value_error_naming_it(pangu_tokenizer_dir: Path, tmp_path: Path, file, content, message) -> None:
+    """Each was sentencepiece's RuntimeError, an AttributeError, KeyError or TypeError (the CLI's
+    traceback), or an unnamed int() ValueError; a string of additional special tokens made each
+    of its characters one."""
+    folder = tmp_path / "model"
+    shutil.copytree(pangu_tokenizer_dir, folder)
+    if callable(content):
+        content = content(json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")))
+    (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message) as caught:
+        load_tokenizer(folder)
+    assert file in str(caught.value)
+
+
+@pytest.mark.parametrize("content", ["{", "[]", "{}"])
+def test_a_broken_tokenizer_json_is_a_value_error_naming_it(llama_tokenizer_dir: Path, tmp_path: Path, content) -> None:
+    """tokenizers' own Exception (not a ValueError: the CLI's traceback)."""
+    folder = tmp_path / "model"
+    shutil.copytree(llama_tokenizer_dir, folder)
+    (folder / "tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=r"tokenizer\.json'? is not a tokenizers tokenizer file"):
+        load_tokenizer(folder)
 
 
 def test_model_without_chat_template_cannot_render_chat(pangu_tokenizer_dir: Path, tmp_path: Path) -> None:
