@@ -59,6 +59,8 @@ class LineError(Exception):
 def read_input(path: str) -> bytes:
     """The input file's bytes ('-': stdin); ValueError naming the file when it cannot be read."""
     if path == STDIO:
+        if sys.stdin is None:  # (`<&-`: Python leaves sys.stdin None)
+            raise ValueError(f"cannot read the input file {STDIO!r}: stdin is closed")
         return sys.stdin.buffer.read()
     try:
         with open(path, "rb") as f:
@@ -70,6 +72,8 @@ def read_input(path: str) -> bytes:
 def check_output(path: str) -> None:
     """Fail before the model loads when the output file cannot be written."""
     if path == STDIO:
+        if sys.stdout is None:  # (`>&-`)
+            raise ValueError(f"cannot write the output file {STDIO!r}: stdout is closed")
         return
     if os.path.isdir(path):
         raise ValueError(f"the output file {path!r} is a directory")

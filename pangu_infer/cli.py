@@ -337,6 +337,8 @@ def main(argv: Optional[list[str]] = None, exit_when_done: bool = False) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command in ONE_SHOT_COMMANDS:
+            if sys.stdout is None:  # (`>&-`: Python leaves sys.stdout None), before the model loads
+                raise ValueError("stdout is closed: nowhere to write the reply")
             rc = _generate(args) if args.command == "generate" else _chat(args)
             if exit_when_done:
                 _exit_now(rc)
@@ -358,7 +360,8 @@ def _exit_now(rc: int) -> None:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # (a stream closed when the process started)
+                stream.flush()
         except (OSError, ValueError):  # a closed pipe: nothing more can be written anyway
             pass
     os._exit(rc)
@@ -426,6 +429,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     from pangu_infer.chat_session import run_chat
 
+    if not args.message and sys.stdin is None:  # (`<&-`: Python leaves sys.stdin None)
+        raise ValueError("stdin is closed and no --message was given: nothing to answer")
     llm = _load(args)
     return run_chat(llm, args, sampling_params(llm, args))
 

@@ -225,6 +225,30 @@ def test_generate_says_why_a_reply_ended_early(monkeypatch, tiny_dense_dir, caps
     assert "pangu-infer generate: the reply ended early: request 0 failed inside the engine" in capsys.readouterr().err
 
 
+def test_chat_with_stdin_closed_and_no_message_is_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys):
+    """`pangu-infer chat <&-` (Python's sys.stdin is then None) was an AttributeError's traceback
+    ('NoneType' object has no attribute 'isatty') once the model had loaded."""
+    from pangu_infer.cli import main
+
+    monkeypatch.setattr(sys, "stdin", None)
+    code = main(["chat", "--model", str(tmp_path / "not-loaded"), "--enforce-eager"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == "pangu-infer chat: error: stdin is closed and no --message was given: nothing to answer"
+
+
+@pytest.mark.parametrize("command", [["chat", "--message", "Hi"], ["generate", "--prompt", "Hi"]])
+def test_a_closed_stdout_is_one_line_before_the_model_loads(monkeypatch, tmp_path, capsys, command):
+    """`pangu-infer chat --message Hi >&-` was an AttributeError's traceback ('NoneType' object has
+    no attribute 'isatty'), generate's reply went nowhere and its exit flush was one too."""
+    from pangu_infer.cli import main
+
+    monkeypatch.setattr(sys, "stdout", None)
+    code = main([*command, "--model", str(tmp_path / "not-loaded"), "--enforce-eager"])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == f"pangu-infer {command[0]}: error: stdout is closed: nowhere to write the reply"
+
+
 # ---------------------------------------------------------------------- in a real terminal
 UP = "\x1b[A"
 PTY_TIMEOUT_S = 90  # the chat loads torch and the model first; the steps below take well under a second each

@@ -161,6 +161,21 @@ def test_an_unreadable_input_or_model_is_a_clear_error(tmp_path, capsys):
     assert "pangu-infer run-batch: error: " in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize(("stream", "flags", "message"), [
+    ("stdin", ["-i", "-", "-o", "OUT"], "cannot read the input file '-': stdin is closed"),
+    ("stdout", ["-i", "IN", "-o", "-"], "cannot write the output file '-': stdout is closed"),
+])
+def test_a_closed_stdin_or_stdout_given_as_a_file_is_a_clear_error(tmp_path, capsys, monkeypatch, stream, flags, message):
+    """`-i - <&-` was an AttributeError's traceback ('NoneType' object has no attribute 'buffer');
+    `-o - >&-` loaded the model and wrote the results nowhere."""
+    given = tmp_path / "in.jsonl"
+    given.write_text(request("a", "/v1/completions", COMPLETION) + "\n")
+    flags = [str(given) if f == "IN" else str(tmp_path / "out.jsonl") if f == "OUT" else f for f in flags]
+    monkeypatch.setattr(sys, stream, None)
+    assert main(["run-batch", *flags, "--model", "/no/such/model"]) == 2
+    assert capsys.readouterr().err.strip() == f"pangu-infer run-batch: error: {message}"
+
+
 def test_a_number_too_long_to_read_fails_its_line_as_the_server_answers_it(llm):
     """An integer past Python's digit limit: the line's error had repeated Python's advice to call
     sys.set_int_max_str_digits, which means nothing to a batch's user; the server answers the same
