@@ -224,7 +224,7 @@ def _memory(text: str):
         if t.endswith(suffix):
             try:
                 return int(float(t[: -len(suffix)]) * mult)
-            except ValueError:
+            except (ValueError, OverflowError):  # (int() of nan, of inf)
                 break
     try:
         return int(t) if t.isdigit() else float(t)

@@ -606,6 +606,16 @@ def test_verbose_before_or_after_the_command(command):
         assert uvicorn_log_level(parse(["serve", "-v"])) == "info"
 
 
+@pytest.mark.parametrize("size", ["infGiB", "1e400MiB", "-infB", "nanGiB"])
+def test_a_kv_cache_memory_size_that_is_not_a_number_of_bytes_is_the_flags_error(size, capsys):
+    """--kv-cache-memory infGiB was an OverflowError's traceback (int() of an infinite float)."""
+    from pangu_infer.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "-p", "x", f"--kv-cache-memory={size}"])
+    assert f"argument --kv-cache-memory: invalid memory size '{size}'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------- llama.cpp's spellings
 @pytest.mark.parametrize("command", ["serve", "generate", "chat"])
 def test_llama_cpp_spellings_set_the_same_values(command):
