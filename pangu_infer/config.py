@@ -120,6 +120,9 @@ class ModelConfig:
         if arch in TOPK_MOE_ARCHITECTURES:
             return cls._from_family_dict(d, arch)
         get = _Getter(d)
+        # the MLP's activation is SiLU (transformers' "silu" and "swish" alike): any other would run as SiLU
+        if d.get("hidden_act") not in (None, "silu", "swish"):
+            raise ConfigError(f"config field hidden_act={d['hidden_act']!r}: only silu is supported")
         hidden = get.int("hidden_size")
         heads = get.int("num_attention_heads")
         kv_heads = get.int("num_key_value_heads", default=heads)

@@ -355,6 +355,17 @@ def test_sizes_that_are_not_positive_are_named(change, message):
         ModelConfig.from_hf_dict(_cfg(**change))
 
 
+@pytest.mark.parametrize("act", ["gelu", "relu", "junk", 5])
+@pytest.mark.parametrize("arch", ["PanguEmbeddedForCausalLM", "LlamaForCausalLM"])
+def test_an_activation_other_than_silu_is_refused(arch, act):
+    """hidden_act "gelu" loaded and ran SiLU (the MLP's only activation): another model's outputs,
+    silently. transformers' "swish" is SiLU too; the top-k family's configs already refused it."""
+    with pytest.raises(ConfigError, match=rf"config field hidden_act={act!r}: only silu is supported"):
+        ModelConfig.from_hf_dict(_cfg(architectures=[arch], hidden_act=act))
+    for same in ("silu", "swish", None):
+        ModelConfig.from_hf_dict(_cfg(architectures=[arch], hidden_act=same))
+
+
 @pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
 def test_torch_dtype_must_be_a_torch_dtype(key):
     """torch_dtype "float99" loaded silently (plan reads it as the checkpoint's dtype)."""
