@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from typing import Optional
+import re
+from typing import Optional, Union
 
 import torch
+
+from pangu_infer.errors import short_repr
 
 DTYPES = {
     "float32": torch.float32,
@@ -36,20 +39,23 @@ def default_device() -> str:
     return "cpu"
 
 
-def resolve_device(device: Optional[str]) -> torch.device:
+_DEVICE_NAME = re.compile(r"(cpu|cuda|npu)(:\d+)?")
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    if isinstance(device, torch.device):
+        device = str(device)
+    if device is not None and not isinstance(device, str):
+        raise ValueError(f"device={short_repr(device)} must be a string: cpu, cuda or npu (optionally with :index)")
     name = device or default_device()
+    if not _DEVICE_NAME.fullmatch(name):  # (torch.device("cpu:x") is torch's RuntimeError)
+        raise ValueError(f"unknown device {name!r}: expected cpu, cuda or npu (optionally with :index)")
     kind = name.split(":")[0]
-    if kind == "cpu":
-        return torch.device(name)
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} requested but CUDA is not available on this machine")
-        return torch.device(name)
-    if kind == "npu":
-        if not npu_available():
-            raise ValueError(f"device={name!r} requested but torch_npu is not installed or finds no NPU")
-        return torch.device(name)
-    raise ValueError(f"unknown device {name!r}: expected cpu, cuda or npu (optionally with :index)")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} requested but CUDA is not available on this machine")
+    if kind == "npu" and not npu_available():
+        raise ValueError(f"device={name!r} requested but torch_npu is not installed or finds no NPU")
+    return torch.device(name)
 
 
 @functools.lru_cache(maxsize=None)

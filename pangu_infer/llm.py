@@ -89,6 +89,8 @@ class LLM:
         # path or the template itself, as vLLM's --chat-template); checked before anything loads.
         template = None if chat_template is None else _chat_template(chat_template)
         check_tensor_parallel_size(tensor_parallel_size)
+        if not isinstance(offload_experts, bool):
+            raise ValueError(f"offload_experts={short_repr(offload_experts)} must be True or False")
         spec = speculative_settings(speculative_config, speculative_model, num_speculative_tokens, speculative_ngram)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)

@@ -1,5 +1,5 @@
 """Startup details: the background compile's lower CPU priority, garbage collection around imports,
-no torch._dynamo in an eager start."""
+no torch._dynamo in an eager start, LLM arguments refused before any model loads."""
 
 from __future__ import annotations
 
@@ -54,3 +54,26 @@ def test_an_eager_start_never_imports_torch_dynamo(tiny_dense_dir):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(device=3), r"device=3 must be a string: cpu, cuda or npu \(optionally with :index\)"),
+    (dict(device="cpu:x"), r"unknown device 'cpu:x': expected cpu, cuda or npu \(optionally with :index\)"),
+    (dict(device="cpu:-1"), r"unknown device 'cpu:-1'"),
+    (dict(offload_experts="no"), r"offload_experts='no' must be True or False"),
+])
+def test_a_bad_device_or_flag_is_named_before_any_model_loads(kwargs, message):
+    """device 3 was an AttributeError ('int' object has no attribute 'split'), "cpu:x" torch's
+    RuntimeError (--device cpu:x: a traceback); offload_experts "no" was read as True."""
+    from pangu_infer import LLM
+
+    with pytest.raises(ValueError, match=message):
+        LLM("no-such-model-is-loaded", **kwargs)
+
+
+def test_a_torch_device_is_taken_as_its_name():
+    import torch
+
+    from pangu_infer.device import resolve_device
+
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
