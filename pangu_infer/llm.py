@@ -264,7 +264,10 @@ class LLM:
 
         template = None if chat_template is None else _chat_template(chat_template)
 
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        # one conversation (a list of message dicts) or several (a list of them); anything else is
+        # render_chat's error about messages
+        several = isinstance(messages, list) and messages and isinstance(messages[0], list)
+        conversations = messages if several else [messages]
         params = self._normalize_params(sampling_params, len(conversations))
         loras = self._normalize_loras(lora_request, len(conversations))
         requests = []
@@ -352,7 +355,10 @@ class LLM:
         self, prompt: PromptType, sampling_params: Optional[SamplingParams] = None, lora_request: Optional[LoRARequest] = None
     ) -> Iterator[RequestOutput]:
         """Generate one prompt, yielding each step's incremental output (`text_delta`, ...)."""
-        (text, ids, salt), = self._normalize_prompts(prompt)
+        items = self._normalize_prompts(prompt)
+        if len(items) != 1:
+            raise ValueError(f"stream() takes one prompt, got {len(items)}")
+        (text, ids, salt), = items
         driver = getattr(self.engine, "driver", None)
         if driver is not None and driver.is_running:
             raise RuntimeError("this LLM's engine is driven by a running server (AsyncEngine) in this process: stream "
@@ -413,6 +419,8 @@ class LLM:
 
     def encode_prompt(self, text: str) -> list[int]:
         """Tokenize a rendered prompt; BOS is added unless the text already starts with it."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode_prompt() takes a text, got {short_repr(text)}")
         tok = self.tokenizer
         bos_text = None if tok.bos_token_id is None else tok.convert_ids_to_tokens([tok.bos_token_id])[0]
         return tok.encode(text, add_special_tokens=not (bos_text and text.startswith(bos_text)))
@@ -421,9 +429,16 @@ class LLM:
     def logits(self, token_ids: Sequence[int], lora_request: Optional[LoRARequest] = None) -> torch.Tensor:
         """Full forward of one sequence without the KV cache: float32 [len(token_ids), vocab]; with
         `lora_request` (an engine started with enable_lora=True), that adapter's, loaded if needed."""
+        if hasattr(token_ids, "tolist"):  # a tensor or an array of ids: its Python integers
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, (str, bytes, dict)) or not hasattr(token_ids, "__iter__"):
+            raise ValueError(f"logits() takes a list of token ids, got {short_repr(token_ids)}")
         ids = list(token_ids)
         if not ids:
             raise ValueError("logits() needs at least one token id")
+        odd = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool)), None)
+        if odd is not None:  # (a float was cut to an integer by torch.tensor, a bool read as 0 or 1)
+            raise ValueError(f"token id {short_repr(odd)} is not an integer")
         vocab = self.config.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
@@ -459,8 +474,13 @@ class LLM:
         """(text, token ids, cache salt) per prompt."""
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        elif prompts and isinstance(prompts, (list, tuple)) and all(isinstance(t, int) for t in prompts):
+        elif isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts):
             prompts = [{"prompt_token_ids": list(prompts)}]
+        elif isinstance(prompts, (list, tuple)) and any(isinstance(t, int) for t in prompts) and all(
+            isinstance(t, (int, float)) for t in prompts
+        ):  # token ids, one of them not an integer (not a list of prompts, the first of them a number)
+            bad = next(i for i, t in enumerate(prompts) if not isinstance(t, int))
+            raise ValueError(f"prompt token ids must be integers: [{bad}] is {short_repr(prompts[bad])}")
         elif not isinstance(prompts, (list, tuple)):
             try:
                 prompts = list(prompts)

@@ -109,6 +109,36 @@ def test_a_rejected_prompt_leaves_no_earlier_prompt_of_the_call_queued(llm):
     assert [o.outputs[0].token_ids for o in again] == [alone, alone]
 
 
+GREEDY = SamplingParams(temperature=0, max_tokens=2)
+
+# (case id, a call on the LLM, the ValueError's message): each was another exception, or a message
+# that named the wrong thing (or a float token id silently cut to an integer)
+BAD_CALLS = [
+    ("chat-one-message-not-in-a-list", lambda llm: llm.chat({"role": "user", "content": "hi"}, GREEDY, use_tqdm=False),
+     r"messages must be a non-empty list of \{'role': \.\.\., 'content': \.\.\.\} dicts"),  # KeyError: 0
+    ("generate-a-tensor", lambda llm: llm.generate(torch.tensor([5, 6]), GREEDY, use_tqdm=False),
+     r"prompts\[0\] must be a string or \{'prompt_token_ids': \[\.\.\.\]\}, got Tensor"),  # torch's RuntimeError
+    ("generate-a-float-among-the-ids", lambda llm: llm.generate([5, 1.0, 6], GREEDY, use_tqdm=False),
+     r"prompt token ids must be integers: \[1\] is 1\.0"),  # "prompts[0] must be a string ..., got int"
+    ("logits-a-float-id", lambda llm: llm.logits([5, 1.5]), r"token id 1\.5 is not an integer"),  # cut to 1
+    ("logits-a-bool-id", lambda llm: llm.logits([True]), r"token id True is not an integer"),  # read as 1
+    ("logits-none", lambda llm: llm.logits(None), r"logits\(\) takes a list of token ids, got None"),  # TypeError
+    ("logits-a-text", lambda llm: llm.logits("hello"), r"logits\(\) takes a list of token ids, got 'hello'"),  # TypeError
+    ("stream-two-prompts", lambda llm: next(llm.stream(["a", "b"], GREEDY)),
+     r"stream\(\) takes one prompt, got 2"),  # "too many values to unpack"
+    ("encode-prompt-a-number", lambda llm: llm.encode_prompt(5), r"encode_prompt\(\) takes a text, got 5"),  # AttributeError
+]
+
+
+@pytest.mark.parametrize("call,message", [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS])
+def test_a_bad_argument_to_a_call_is_a_value_error_naming_it_and_the_llm_still_serves(llm, call, message):
+    before = llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    with pytest.raises(ValueError, match=message):
+        call(llm)
+    _assert_engine_empty(llm)
+    assert llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == before
+
+
 @pytest.mark.parametrize("temperature", [1e-6, 1e-9, 1e-20, 1e-40, 1e-45])
 def test_near_zero_temperature_is_greedy(temperature):
     torch.manual_seed(0)
