@@ -366,6 +366,16 @@ def test_an_activation_other_than_silu_is_refused(arch, act):
         ModelConfig.from_hf_dict(_cfg(architectures=[arch], hidden_act=same))
 
 
+@pytest.mark.parametrize("change", [dict(hidden_size=10**12), dict(intermediate_size=10**19)])
+def test_sizes_past_any_tensor_are_named_not_torchs_overflow(change):
+    """hidden_size 10**12 (a [2e12, 1e12] projection) was torch's RuntimeError "Storage size
+    calculation overflowed" from the build on meta that sizes the weights (LLM() and plan alike),
+    where a size short of that overflow is the memory check's clear refusal."""
+    (field, value), = change.items()
+    with pytest.raises(ConfigError, match=rf"too large for any tensor.*{field}={value}"):
+        build_model_on_meta(ModelConfig.from_hf_dict(_cfg(**change)))
+
+
 @pytest.mark.parametrize("key", ["torch_dtype", "dtype"])
 def test_torch_dtype_must_be_a_torch_dtype(key):
     """torch_dtype "float99" loaded silently (plan reads it as the checkpoint's dtype)."""

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from pangu_infer.config import ModelConfig
+from pangu_infer.config import ConfigError, ModelConfig
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.moge import PanguProMoEForCausalLM
 from pangu_infer.models.pro_moe_v2 import PanguProMoEV2ForCausalLM
@@ -24,9 +24,22 @@ MODEL_CLASSES: dict[str, type[DecoderForCausalLM]] = {
 
 
 def build_model_on_meta(cfg: ModelConfig) -> DecoderForCausalLM:
-    """The model with every parameter on the meta device: shapes only, no memory."""
-    with torch.device("meta"), _no_init():
-        return MODEL_CLASSES[cfg.architecture](cfg)
+    """The model with every parameter on the meta device: shapes only, no memory. A ConfigError
+    where the config's sizes make a weight past any tensor's size (torch's overflow, not a memory
+    shortage: the memory check sizes the weights from this build)."""
+    try:
+        with torch.device("meta"), _no_init():
+            return MODEL_CLASSES[cfg.architecture](cfg)
+    except (RuntimeError, TypeError) as e:  # "Storage size calculation overflowed", "Overflow when unpacking long long"
+        if "overflow" not in str(e).lower():
+            raise
+        sizes = ", ".join(f"{name}={getattr(cfg, name)}" for name in _SIZES if getattr(cfg, name, 0))
+        raise ConfigError(f"config sizes too large for any tensor ({sizes}): {str(e).splitlines()[0]}") from None
+
+
+# the config fields a weight's shape is made of (for build_model_on_meta's error)
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size",
+          "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts")
 
 
 _INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
