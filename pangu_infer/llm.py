@@ -168,9 +168,17 @@ class LLM:
             )
             if self.parallel is not None:
                 self.parallel.attach(self.engine.runner)
-        except BaseException:
+        except BaseException as e:
             if self.parallel is not None:  # the workers stop with the failed start (no process group left behind)
                 self.parallel.shutdown()
+            if isinstance(e, RuntimeError) and _out_of_memory(e):  # buffers sized by the engine's settings
+                ec = self.engine_config
+                raise ValueError(
+                    f"the engine's buffers for max_num_seqs={ec.max_num_seqs}, max_num_batched_tokens={ec.max_num_batched_tokens}, "
+                    f"num_speculative_tokens={ec.num_speculative_tokens}"
+                    + (f", max_loras={ec.max_loras}, max_lora_rank={ec.max_lora_rank}" if ec.enable_lora else "")
+                    + f" need more memory than there is: {str(e).splitlines()[0]}"
+                ) from None
             raise
         if self.parallel is not None:
             # Stops the workers when this LLM is collected or the interpreter exits.
@@ -608,6 +616,12 @@ def _lone_surrogate_field(value: Any, where: str, param: str) -> Optional[tuple[
         if found is not None:
             return found
     return None
+
+
+def _out_of_memory(e: RuntimeError) -> bool:
+    """torch's allocation failure: the CPU allocator's "can't allocate memory", a device's out of memory."""
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
 def _chat_template(value: str) -> str:

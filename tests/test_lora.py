@@ -283,6 +283,14 @@ def test_rank_above_max_lora_rank_and_lora_off_are_value_errors(tiny_dense_dir, 
         off.generate({"prompt_token_ids": PROMPTS[0]}, GREEDY, lora_request=[None, None], use_tqdm=False)
 
 
+def test_engine_buffers_past_memory_are_a_value_error_naming_the_sizes(tiny_dense_dir):
+    """max_num_batched_tokens 10**12 with LoRA on sized the adapters' per-row slots for 10**12 rows:
+    torch's RuntimeError "DefaultCPUAllocator: can't allocate memory" (8 TB), a traceback."""
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens=1000000000000.*more memory than there is.*can't allocate memory"):
+        LLM(str(tiny_dense_dir), dtype="float32", enforce_eager=True, kv_cache_memory=4 << 20, enable_lora=True,
+            max_num_batched_tokens=10**12)
+
+
 def test_decode_steps_with_adapters_run_compiled(tiny_dense_dir, lora_adapters, base_reference):
     """The compiled decode step is traced twice: with the adapters' slots in it, which steps with an
     adapter row run (adapter requests, and adapter and base requests mixed), and without them, which
