@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 from safetensors import safe_open
 
-from pangu_infer.errors import WeightError
+from pangu_infer.errors import WeightError, short_repr
 from pangu_infer.quant.formats import SCALE_SUFFIX, ZERO_SUFFIX, QuantizedTensor, Weight
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -25,6 +25,9 @@ def checkpoint_files(model_dir: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise WeightError(f"{index_path} is not a valid safetensors index ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise WeightError(f"{index_path} is not a valid safetensors index (weight_map must map tensor names "
+                              f"to shard file names, got {short_repr(weight_map)})")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
         if missing:
