@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -150,6 +151,18 @@ def test_wrongly_shaped_tensor_is_named(tmp_path, tiny_dense_dir):
         load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False)
 
 
+@pytest.mark.parametrize("kind", [torch.int32, torch.bool, torch.uint8])
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_a_tensor_that_is_not_floating_point_is_named(tmp_path, tiny_dense_dir, kind, quantization):
+    """An int32, bool or uint8 weight loaded as its numbers cast to float: a corrupt checkpoint that
+    generated, silently."""
+    d = _copy_model(tiny_dense_dir, tmp_path / "m")
+    name = "model.layers.0.mlp.down_proj.weight"
+    _edit_weights(d, lambda t: t.__setitem__(name, (t[name] * 10).to(kind)))
+    with pytest.raises(WeightError, match=rf"tensor '{re.escape(name)}' has dtype {kind}, expected a floating-point weight"):
+        load_model(str(d), torch.float32, torch.device("cpu"), load_tokenizer=False, quantization=quantization)
+
+
 def _never_built(cfg):
     raise AssertionError(f"a model of {cfg.num_hidden_layers} layers was built")
 
@@ -207,6 +220,16 @@ def test_missing_shard_is_named(tmp_path, tiny_dense_config):
     build_tiny_model(tmp_path, tiny_dense_config, num_shards=2)
     (tmp_path / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(WeightError, match="model-00002-of-00002.safetensors"):
+        load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+
+
+@pytest.mark.parametrize("weight_map", [[], {"model.norm.weight": 5}, "x"])
+def test_an_index_whose_weight_map_is_not_names_to_files_is_named(tmp_path, tiny_dense_config, weight_map):
+    """A list was an AttributeError ('list' object has no attribute 'values'), a number for a file a
+    TypeError from os.path.join: tracebacks."""
+    build_tiny_model(tmp_path, tiny_dense_config, num_shards=2)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(WeightError, match=r"model\.safetensors\.index\.json is not a valid safetensors index \(weight_map must map"):
         load_model(str(tmp_path), torch.float32, torch.device("cpu"), load_tokenizer=False)
 
 

@@ -182,6 +182,8 @@ class DecoderForCausalLM(nn.Module):
             want = tuple(param[index].shape) if index is not None else tuple(param.shape)
             if tuple(tensor.shape) != want:
                 raise WeightError(f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {want}")
+            if isinstance(tensor, torch.Tensor) and not tensor.is_floating_point():  # (a QuantizedTensor carries its own)
+                raise WeightError(f"tensor {name!r} has dtype {tensor.dtype}, expected a floating-point weight")
             if hook is not None and hook.take(name, target, index, tensor):
                 seen.add(name)
                 continue
