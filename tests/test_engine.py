@@ -322,3 +322,12 @@ def test_an_engine_field_of_the_wrong_type_is_a_value_error_naming_it(field, val
     enable_prefix_caching "no" were taken as true (prefix caching on), max_model_len True as 1."""
     with pytest.raises(ValueError, match=message):
         EngineConfig(**{field: value})
+
+
+def test_a_max_model_len_past_the_models_context_is_refused_naming_both(llm):
+    """max_model_len 10**9 on a model of 2048 positions was cut to 2048 without a word (vLLM refuses
+    it too); the model's own length is taken."""
+    context = llm.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"max_model_len={context + 1} is more than the model's context of {context} tokens"):
+        LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_model_len=context + 1, kv_cache_memory=8 << 20, enforce_eager=True))
+    assert LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_model_len=context, kv_cache_memory=8 << 20, enforce_eager=True)).max_model_len == context

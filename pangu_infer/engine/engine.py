@@ -177,7 +177,13 @@ class LLMEngine:
         self.kv_dtype = self.dtype if ec.kv_cache_dtype == "auto" else getattr(torch, ec.kv_cache_dtype)
         if self.kv_dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("kv_cache_dtype='float16' is not supported on CPU (its attention kernel reads float32 and bfloat16 caches): use bfloat16")
-        self.max_model_len = min(ec.max_model_len or self.config.max_position_embeddings, self.config.max_position_embeddings)
+        context = self.config.max_position_embeddings
+        if ec.max_model_len is not None and ec.max_model_len > context:  # (vLLM refuses it too)
+            raise ValueError(
+                f"max_model_len={ec.max_model_len} is more than the model's context of {context} tokens "
+                "(max_position_embeddings; a GGUF file's context_length): give at most that, or leave it out"
+            )
+        self.max_model_len = ec.max_model_len or context
         self.draft_model = draft_model
         if draft_model is not None:
             check_draft_config(ec)
