@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 import weakref
 from dataclasses import replace
@@ -184,6 +185,11 @@ class LLM:
             # Stops the workers when this LLM is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         self._ids = itertools.count()
+        # Calls from several threads (generate, stream, embed, ...) share the engine: one steps it at
+        # a time, and each step's outputs go to the mailbox of the request's own call (_outputs_for),
+        # never to whichever call happened to step.
+        self._stepping = threading.Lock()
+        self._mail: dict[str, list[RequestOutput]] = {}
         # Seconds from the call to a ready engine: reading weights, packing, KV cache (the compiled
         # decode step is built on a background thread meanwhile; see wait_compiled).
         self.load_seconds = time.perf_counter() - start
@@ -372,17 +378,15 @@ class LLM:
             raise RuntimeError("this LLM's engine is driven by a running server (AsyncEngine) in this process: stream "
                                "through it (`async for out in AsyncEngine.generate(...)`), or use LLM.generate")
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request, cache_salt=salt)
+        self._add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request, cache_salt=salt)
         finished = False
         try:
             while not finished:
-                for out in self.engine.step():
-                    if out.request_id == rid:
-                        finished = out.finished
-                        yield out
+                for out in self._outputs_for([rid]):
+                    finished = out.finished
+                    yield out
         finally:
-            if not finished:
-                self.engine.abort_request(rid)
+            self._release([rid], [] if finished else [rid])
 
     def embed(
         self,
@@ -575,8 +579,8 @@ class LLM:
             for i, (text, tokens, p, lora, salt, rank) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    engine.add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
-                                       normalize=normalize, share_prefix=share_prefix)
+                    self._add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
+                                      normalize=normalize, share_prefix=share_prefix)
                 except RequestError as e:
                     if len(requests) == 1:
                         raise
@@ -587,20 +591,53 @@ class LLM:
 
                 bar = tqdm(total=len(requests), desc="embedding" if pooling else "generating", unit="req", leave=False)
             while len(final) < len(ids):
-                for out in engine.step():
+                for out in self._outputs_for(ids):
                     if out.finished:
                         final[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
-        except BaseException:
-            for rid in ids:
-                if rid not in final:
-                    engine.abort_request(rid)
-            raise
         finally:
+            self._release(ids, [rid for rid in ids if rid not in final])  # (after an error or an interrupt: abort them)
             if bar is not None:
                 bar.close()
         return [final[rid] for rid in ids]
+
+    def _add_request(self, rid: str, *args, **kwargs) -> None:
+        """LLMEngine.add_request, its outputs to this call's mailbox from now on."""
+        with self._stepping:
+            self.engine.add_request(rid, *args, **kwargs)
+            self._mail[rid] = []
+
+    def _outputs_for(self, rids: Sequence[str]) -> list[RequestOutput]:
+        """Outputs of these requests (each in its order): those another call's steps left in their
+        mailboxes, else those of one more engine step (whose outputs for other calls' requests go
+        to theirs)."""
+        with self._stepping:
+            got = self._collect(rids)
+            if got:
+                return got
+            for out in self.engine.step():
+                box = self._mail.get(out.request_id)
+                if box is not None:  # (None: a request no call waits for any more)
+                    box.append(out)
+            return self._collect(rids)
+
+    def _collect(self, rids: Sequence[str]) -> list[RequestOutput]:
+        got: list[RequestOutput] = []
+        for rid in rids:
+            box = self._mail.get(rid)
+            if box:
+                got.extend(box)
+                box.clear()
+        return got
+
+    def _release(self, rids: Sequence[str], unfinished: Sequence[str]) -> None:
+        """A call's end: its unfinished requests aborted (nothing stays queued), its mailboxes gone."""
+        with self._stepping:
+            for rid in unfinished:
+                self.engine.abort_request(rid)
+            for rid in rids:
+                self._mail.pop(rid, None)
 
 
 def _lone_surrogate_field(value: Any, where: str, param: str) -> Optional[tuple[str, str, str]]:

@@ -331,3 +331,34 @@ def test_a_max_model_len_past_the_models_context_is_refused_naming_both(llm):
     with pytest.raises(ValueError, match=rf"max_model_len={context + 1} is more than the model's context of {context} tokens"):
         LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_model_len=context + 1, kv_cache_memory=8 << 20, enforce_eager=True))
     assert LLMEngine(llm.model, llm.tokenizer, EngineConfig(max_model_len=context, kv_cache_memory=8 << 20, enforce_eager=True)).max_model_len == context
+
+
+def test_calls_from_two_threads_on_one_llm_each_get_their_own_outputs(llm):
+    """Two threads calling generate (or stream) on one LLM at once: each call's step loop took the
+    other's outputs, so one raised KeyError and the other waited forever for outputs already taken."""
+    import threading
+
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    batches = [[{"prompt_token_ids": [5 + i, 6, 7]} for i in range(3)], [{"prompt_token_ids": [50 + i, 60, 70, 80]} for i in range(3)]]
+    alone = [token_ids(llm.generate(b, params, use_tqdm=False)) for b in batches]
+    streamed_alone = [o.outputs[0].token_ids for o in llm.stream({"prompt_token_ids": [9, 8, 7]}, params)][-1]
+    got: dict = {}
+
+    def call(k):
+        try:
+            if k < 2:
+                got[k] = token_ids(llm.generate(batches[k], params, use_tqdm=False))
+            else:
+                got[k] = [o.outputs[0].token_ids for o in llm.stream({"prompt_token_ids": [9, 8, 7]}, params)][-1]
+        except BaseException as e:  # (reported below)
+            got[k] = repr(e)
+
+    for _ in range(3):
+        threads = [threading.Thread(target=call, args=(k,), daemon=True) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "a call never returned"
+        assert got == {0: alone[0], 1: alone[1], 2: streamed_alone}
+        assert not llm.engine.has_unfinished_requests()
