@@ -99,7 +99,10 @@ def test_a_request_the_client_got_wrong_mid_reply_logs_its_failure_with_the_400s
         r = http.post("/v1/completions", json={"prompt": [[5, 6], [5, 10_000_000]], "max_tokens": 50})
         assert r.status_code == 400, r.text
         first, second = _request_ids(request_log)
-        assert _ending(request_log, second) == f"failed request {second}: {r.json()['error']['message']}"
+        # the reply names which of the request's prompts (prompt[1]); the log line is that prompt's own
+        ending = _ending(request_log, second)
+        assert ending.startswith(f"failed request {second}: ")
+        assert "prompt[1]: " + ending.removeprefix(f"failed request {second}: ") == r.json()["error"]["message"]
         assert _ending(request_log, first).startswith((f"aborted request {first}: ", f"finished request {first}: "))
         # and requests that finish, on each API: one line, finished
         for path, body in [("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
