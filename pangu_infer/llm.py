@@ -187,7 +187,7 @@ class LLM:
         self._ids = itertools.count()
         # Calls from several threads (generate, stream, embed, ...) share the engine: one steps it at
         # a time, and each step's outputs go to the mailbox of the request's own call (_outputs_for),
-        # never to whichever call happened to step.
+        # never to whichever call happened to step. Request id -> its call's mailbox (one per call).
         self._stepping = threading.Lock()
         self._mail: dict[str, list[RequestOutput]] = {}
         # Seconds from the call to a ready engine: reading weights, packing, KV cache (the compiled
@@ -377,12 +377,13 @@ class LLM:
         if driver is not None and driver.is_running:
             raise RuntimeError("this LLM's engine is driven by a running server (AsyncEngine) in this process: stream "
                                "through it (`async for out in AsyncEngine.generate(...)`), or use LLM.generate")
-        rid = str(next(self._ids))
-        self._add_request(rid, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request, cache_salt=salt)
+        rid, box = str(next(self._ids)), []
+        self._add_request(rid, box, ids, sampling_params or self.default_sampling_params(), prompt=text, lora_request=lora_request,
+                          cache_salt=salt)
         finished = False
         try:
             while not finished:
-                for out in self._outputs_for([rid]):
+                for out in self._outputs_for(box):
                     finished = out.finished
                     yield out
         finally:
@@ -573,13 +574,14 @@ class LLM:
                 pooling=pooling, normalize=normalize, share_prefix=share_prefix,
             )
         ids: list[str] = []
+        box: list[RequestOutput] = []  # this call's mailbox
         final: dict[str, RequestOutput] = {}
         bar = None
         try:
             for i, (text, tokens, p, lora, salt, rank) in enumerate(requests):
                 rid = str(next(self._ids))
                 try:
-                    self._add_request(rid, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
+                    self._add_request(rid, box, tokens, p, prompt=text, lora_request=lora, cache_salt=salt, priority=rank, pooling=pooling,
                                       normalize=normalize, share_prefix=share_prefix)
                 except RequestError as e:
                     if len(requests) == 1:
@@ -591,7 +593,7 @@ class LLM:
 
                 bar = tqdm(total=len(requests), desc="embedding" if pooling else "generating", unit="req", leave=False)
             while len(final) < len(ids):
-                for out in self._outputs_for(ids):
+                for out in self._outputs_for(box):
                     if out.finished:
                         final[out.request_id] = out
                         if bar is not None:
@@ -602,34 +604,25 @@ class LLM:
                 bar.close()
         return [final[rid] for rid in ids]
 
-    def _add_request(self, rid: str, *args, **kwargs) -> None:
-        """LLMEngine.add_request, its outputs to this call's mailbox from now on."""
+    def _add_request(self, rid: str, box: list[RequestOutput], *args, **kwargs) -> None:
+        """LLMEngine.add_request, its outputs to `box` (its call's mailbox) from now on."""
         with self._stepping:
             self.engine.add_request(rid, *args, **kwargs)
-            self._mail[rid] = []
+            self._mail[rid] = box
 
-    def _outputs_for(self, rids: Sequence[str]) -> list[RequestOutput]:
-        """Outputs of these requests (each in its order): those another call's steps left in their
-        mailboxes, else those of one more engine step (whose outputs for other calls' requests go
-        to theirs)."""
+    def _outputs_for(self, box: list[RequestOutput]) -> list[RequestOutput]:
+        """A call's outputs, emptied from its mailbox: those another call's steps left there, else
+        those of one more engine step (whose outputs for other calls' requests go to theirs). Work
+        per step: its outputs, not the call's requests."""
         with self._stepping:
-            got = self._collect(rids)
-            if got:
-                return got
-            for out in self.engine.step():
-                box = self._mail.get(out.request_id)
-                if box is not None:  # (None: a request no call waits for any more)
-                    box.append(out)
-            return self._collect(rids)
-
-    def _collect(self, rids: Sequence[str]) -> list[RequestOutput]:
-        got: list[RequestOutput] = []
-        for rid in rids:
-            box = self._mail.get(rid)
-            if box:
-                got.extend(box)
-                box.clear()
-        return got
+            if not box:
+                for out in self.engine.step():
+                    mailbox = self._mail.get(out.request_id)
+                    if mailbox is not None:  # (None: a request no call waits for any more)
+                        mailbox.append(out)
+            got = box[:]
+            box.clear()
+            return got
 
     def _release(self, rids: Sequence[str], unfinished: Sequence[str]) -> None:
         """A call's end: its unfinished requests aborted (nothing stays queued), its mailboxes gone."""
