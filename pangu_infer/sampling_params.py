@@ -208,7 +208,7 @@ class SamplingParams:
             raise bad("presence_penalty", "a number in [-2, 2]")
         if not _is_num(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "a number in [-2, 2]")
-        if self.seed is not None and (not _is_int(self.seed) or not SEED_MIN <= self.seed <= SEED_MAX):
+        if not valid_seed(self.seed):
             raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
@@ -311,6 +311,11 @@ def _token_keys(bias: dict) -> dict:
                                param="logit_bias")
         out[key], given[key] = value, name
     return out
+
+
+def valid_seed(x: object) -> bool:
+    """None, or an integer in [SEED_MIN, SEED_MAX] (a request's seed, the engine's)."""
+    return x is None or (_is_int(x) and SEED_MIN <= x <= SEED_MAX)
 
 
 def _is_int(x: object) -> bool:

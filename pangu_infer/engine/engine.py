@@ -30,7 +30,7 @@ from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
 from pangu_infer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-from pangu_infer.sampling_params import SEED_MAX, SEED_MIN, SamplingParams
+from pangu_infer.sampling_params import SEED_MAX, SEED_MIN, SamplingParams, valid_seed
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -111,9 +111,8 @@ class EngineConfig:
         for name in ("batch_invariant", "enforce_eager", "enable_prefix_caching"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
-        seed = self.seed
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not SEED_MIN <= seed <= SEED_MAX):
-            raise ValueError(f"seed={short_repr(seed)} must be an integer in [{SEED_MIN}, {SEED_MAX}] or None")
+        if not valid_seed(self.seed):
+            raise ValueError(f"seed={short_repr(self.seed)} must be an integer in [{SEED_MIN}, {SEED_MAX}] or None")
         if self.batch_invariant and self.max_num_batched_tokens < self.block_size:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least block_size={self.block_size} "
