@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from safetensors.torch import save_file
@@ -232,6 +232,12 @@ def transformers_llama(config: dict, tensors: dict[str, torch.Tensor], dtype: to
 
 def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every tensor a real checkpoint of this config holds, by HF name, with O(1) activations."""
+    return dict(random_tensors(config, seed, dtype))
+
+
+def random_tensors(config: dict, seed: int = 0, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """random_state_dict's tensors one at a time, in the same order and with the same values (for
+    checkpoints too large to hold twice)."""
     cfg = ModelConfig.from_hf_dict(config)
     model = build_model_on_meta(cfg)
     g = torch.Generator().manual_seed(seed)
@@ -240,7 +246,6 @@ def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.fl
     shapes: dict[str, tuple[int, ...]] = {}
     for name in model.expected_weight_names():
         shapes[name] = _family_shape(model, name) if cfg.is_topk_moe else _hf_shape(name, cfg, h, q, kv)
-    out = {}
     for name, shape in shapes.items():
         if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=g)
@@ -256,8 +261,7 @@ def random_state_dict(config: dict, seed: int = 0, dtype: torch.dtype = torch.fl
             t = torch.randn(shape, generator=g)
         else:
             t = torch.randn(shape, generator=g) / shape[-1] ** 0.5
-        out[name] = t.to(dtype)
-    return out
+        yield name, t.to(dtype)
 
 
 def _family_shape(model, name: str) -> tuple[int, ...]:
