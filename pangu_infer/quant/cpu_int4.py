@@ -870,11 +870,16 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> 
     v = q.view(n // ROW_BLOCK, ROW_BLOCK, k // OCTET, 2, 4)
     data = torch.bitwise_or(v[:, :, :, 0], v[:, :, :, 1] << 4)  # [nb, 16, K/8, 4]
     data = data.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 64)
-    ng = scale.shape[-1]
+    return data.contiguous(), pack_scales(scale, zero)
+
+
+def pack_scales(scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """pack's scale-and-zero half: scale and zero [N, K/G] (N a multiple of 16; zero None: the scales
+    alone) -> bf16 [N/16, K/G, 2 or 1, 16]."""
+    n, ng = scale.shape
     parts = (scale,) if zero is None else (scale, zero)
     sz = torch.stack(parts, 0).to(torch.bfloat16)  # [1 or 2, N, K/G]
-    sz = sz.view(len(parts), n // ROW_BLOCK, ROW_BLOCK, ng).permute(1, 3, 0, 2).contiguous()
-    return data.contiguous(), sz
+    return sz.view(len(parts), n // ROW_BLOCK, ROW_BLOCK, ng).permute(1, 3, 0, 2).contiguous()
 
 
 def scales_fit(sz: torch.Tensor, lead: tuple) -> bool:
@@ -1068,4 +1073,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "product", "scales_fit", "to_bf16_t", "unpack_codes", "usable", "zero_values"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "pack_scales", "product", "scales_fit", "to_bf16_t", "unpack_codes", "usable", "zero_values"]

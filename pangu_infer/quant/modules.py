@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pangu_infer.quant import amx, cpu_int4, cpu_int8
+from pangu_infer.quant import amx, cpu_int4, cpu_int8, transcode
 from pangu_infer.quant.formats import QuantizedTensor, dequantize, unpack_int4
 from pangu_infer.quant import prefill
 from pangu_infer.quant.prefill import int4_to_bf16, int4_vnni_product, int8_product, weight_product
@@ -167,6 +167,11 @@ class PackedWeight(nn.Module):
         data = torch.empty(len(mats[0]), blocks, self.in_features // cpu_int4.OCTET, 64, dtype=torch.uint8)
         sz = torch.empty(len(mats[0]), blocks, qt.scale.shape[-1], zeros, cpu_int4.ROW_BLOCK, dtype=torch.bfloat16)
         for i, (m, scale, zero) in enumerate(zip(*mats, zero_mats)):  # experts one at a time
+            # The codes by transcode's one C pass where it is built (the same bytes), the scales here.
+            if transcode.pairs_to_octets(m.contiguous(), data[i]):
+                s, z = F.pad(scale, (0, 0, 0, pad)), None if zero is None else F.pad(zero, (0, 0, 0, pad))
+                sz[i].copy_(cpu_int4.pack_scales(s, z))
+                continue
             for start in range(0, n, rows):
                 q, s = unpack_int4(m[start : start + rows]), scale[start : start + rows]
                 z = None if zero is None else zero[start : start + rows]

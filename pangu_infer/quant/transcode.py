@@ -1,0 +1,161 @@
+"""Load-time repacking of 4-bit weights in one C pass each: GGUF Q4_0 / Q4_1 blocks into the portable
+int4 format, and the portable format into pangu_infer.quant.cpu_int4's kernel layout.
+
+Why: both steps are pure shuffles of nibbles (and, for the first, an f16 -> f32 conversion of each
+block's scale), but written as numpy / torch operations each takes several passes over a temporary
+of one byte per weight. On openPangu-Embedded-7B's Q4_0 file (4.7 GB) the two cost about 30 s of a
+first load's 45 s on a 2-core Zen 3 (benchmarks/RESULTS.md, "first load of a 7B GGUF"); in C they
+read and write each byte once, spread over the cores with OpenMP.
+
+Both functions give the same bytes as the Python they replace (tests/test_transcode.py compares them
+bit for bit, every f16 value included); where no C compiler is found, the build fails, or
+`PANGU_INFER_TRANSCODE=0`, the Python runs instead. The library is plain C (no intrinsics), built
+once per machine into the kernels' cache folder like the others.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from pangu_infer.native import kernel_library
+
+ENV = "PANGU_INFER_TRANSCODE"
+
+SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+
+int pangu_transcode_abi(void) { return 1; }
+
+/* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
+static inline float f16_to_f32(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+  if (exp == 0x1fu) {
+    bits = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  /* subnormal: man * 2^-24, normalized */
+    uint32_t e = 113u;
+    while (!(man & 0x400u)) { man <<= 1; e--; }
+    bits = sign | (e << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+/* rows x blocks of Q4_0 (head 2: f16 d, then 16 bytes of codes) or Q4_1 (head 4: f16 d, f16 m): the
+   packed pairs [rows, 16 * blocks] (byte i: column 2i in the high nibble, 2i + 1 in the low; in a
+   block, columns 0-15 are the low nibbles of its 16 code bytes, 16-31 the high ones), the scale d and
+   the zero (0 for Q4_0, m + 8 d for Q4_1) as float [rows, blocks]. */
+int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t head, uint8_t* packed, float* scale, float* zero) {
+  const int64_t stride = head + 16, total = rows * blocks;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < total; i++) {
+    const uint8_t* blk = src + i * stride;
+    const uint8_t* qs = blk + head;
+    uint8_t* out = packed + i * 16;
+    uint16_t dh;
+    memcpy(&dh, blk, 2);
+    const float d = f16_to_f32(dh);
+    scale[i] = d;
+    if (head == 4) {
+      uint16_t mh;
+      memcpy(&mh, blk + 2, 2);
+      zero[i] = f16_to_f32(mh) + 8.0f * d;
+    } else {
+      zero[i] = 0.0f;
+    }
+    for (int j = 0; j < 8; j++) {
+      out[j] = (uint8_t)(((qs[2 * j] & 15) << 4) | (qs[2 * j + 1] & 15));
+      out[8 + j] = (uint8_t)((qs[2 * j] & 0xf0) | (qs[2 * j + 1] >> 4));
+    }
+  }
+  return 0;
+}
+
+/* packed pairs [n, k / 2] -> the int4 kernel's layout [ceil(n / 16), k / 8, 64]: for each block of 16
+   rows and each 8 columns o, 16 rows x 4 bytes, byte j holding column 8o + j in the low nibble and
+   8o + 4 + j in the high one. Rows past n (the last block's padding) get code 0. */
+int pangu_pairs_to_octets(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
+  const int64_t nb = (n + 15) / 16, octets = k / 8;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; b++) {
+    for (int64_t r = 0; r < 16; r++) {
+      const int64_t row = b * 16 + r;
+      uint8_t* dst = out + b * octets * 64 + r * 4;
+      if (row >= n) {
+        for (int64_t o = 0; o < octets; o++) memset(dst + o * 64, 0, 4);
+        continue;
+      }
+      const uint8_t* p = packed + row * (k / 2);
+      for (int64_t o = 0; o < octets; o++, p += 4, dst += 64) {
+        dst[0] = (uint8_t)((p[0] >> 4) | (p[2] & 0xf0));
+        dst[1] = (uint8_t)((p[0] & 15) | (p[2] << 4));
+        dst[2] = (uint8_t)((p[1] >> 4) | (p[3] & 0xf0));
+        dst[3] = (uint8_t)((p[1] & 15) | (p[3] << 4));
+      }
+    }
+  }
+  return 0;
+}
+"""
+
+
+def disabled() -> bool:
+    return os.environ.get(ENV, "").strip().lower() in ("0", "off", "no", "false")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    """The built library, or None (then the callers' Python runs)."""
+    if disabled():
+        return None
+    lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python")
+    if lib is None or lib.pangu_transcode_abi() != 1:
+        return None
+    lib.pangu_q4_to_pairs.restype = ctypes.c_int
+    lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    lib.pangu_pairs_to_octets.restype = ctypes.c_int
+    lib.pangu_pairs_to_octets.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    return lib
+
+
+def q4_to_pairs(part: np.ndarray, head: int, packed: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Q4_0 (head 2) or Q4_1 (head 4) rows [rows, bytes] (C-contiguous) -> their codes written into
+    `packed` (uint8 [rows, K/2], contiguous) and (scale, zero) float32 [rows, K/32]; None where the
+    library is not here (nothing written)."""
+    lib = library()
+    if lib is None or not part.flags.c_contiguous or not packed.is_contiguous():
+        return None
+    rows, blocks = part.shape[0], part.shape[1] // (head + 16)
+    if part.shape[1] != blocks * (head + 16) or tuple(packed.shape) != (rows, blocks * 16) or packed.dtype != torch.uint8:
+        raise ValueError(f"q4_to_pairs: rows {tuple(part.shape)} of head {head} into {tuple(packed.shape)} {packed.dtype}")
+    scale = torch.empty(rows, blocks, dtype=torch.float32)
+    zero = torch.empty(rows, blocks, dtype=torch.float32)
+    lib.pangu_q4_to_pairs(part.ctypes.data, rows, blocks, head, packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
+    return scale, zero
+
+
+def pairs_to_octets(packed: torch.Tensor, out: torch.Tensor) -> bool:
+    """Packed pairs uint8 [N, K/2] -> `out` uint8 [ceil(N/16), K/8, 64] (cpu_int4.pack's weight, padded
+    rows code 0); False where the library is not here (nothing written)."""
+    lib = library()
+    if lib is None or not packed.is_contiguous() or not out.is_contiguous():
+        return False
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if k % 8 or tuple(out.shape) != (-(-n // 16), k // 8, 64) or out.dtype != torch.uint8 or packed.dtype != torch.uint8:
+        raise ValueError(f"pairs_to_octets: {tuple(packed.shape)} {packed.dtype} into {tuple(out.shape)} {out.dtype}")
+    lib.pangu_pairs_to_octets(packed.data_ptr(), n, k, out.data_ptr())
+    return True
+
+
+__all__ = ["ENV", "disabled", "library", "pairs_to_octets", "q4_to_pairs"]

@@ -1,0 +1,121 @@
+"""pangu_infer.quant.transcode: the C repacking of 4-bit weights gives the very bytes of the Python it
+replaces, for GGUF Q4_0 / Q4_1 blocks (every f16 scale value) and for the int4 kernel's layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fixtures_gguf import _tiny
+from pangu_infer.loader import load_model
+from pangu_infer.loader import gguf_tensors
+from pangu_infer.quant import cpu_int4, transcode
+from pangu_infer.quant.formats import QuantizationConfig, QuantizedTensor, pack_int4
+from pangu_infer.quant.modules import PackedWeight
+
+pytestmark = pytest.mark.skipif(transcode.library() is None, reason="no C compiler: the Python repacking runs")
+
+
+def _gguf_tensor(path, blocks: np.ndarray, qtype):
+    """The raw blocks [rows, bytes] written as one tensor by gguf's writer, and read back mapped (the
+    loader gives a slice's file pages back once read: they must be a file's)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("t", blocks, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf.GGUFReader(str(path)).tensors[0]
+
+
+def _python(monkeypatch):
+    """transcode's library switched off for the rest of the test (the Python path)."""
+    monkeypatch.setenv(transcode.ENV, "0")
+    transcode.library.cache_clear()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_library():
+    transcode.library.cache_clear()
+    yield
+    transcode.library.cache_clear()
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
+def test_q4_blocks_give_the_python_paths_bytes_for_every_f16_scale(tmp_path, monkeypatch, qtype_name):
+    """Random codes, and scales (and Q4_1 mins) running through all 65,536 f16 bit patterns:
+    subnormals, infinities and NaNs included."""
+    from gguf import GGMLQuantizationType as Q
+
+    qtype = Q[qtype_name]
+    head = 2 if qtype == Q.Q4_0 else 4
+    rows, k = 512, 4096  # 65,536 blocks
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(rows, k // 32, head + 16), dtype=np.uint8)
+    every_f16 = np.arange(1 << 16, dtype=np.uint16).reshape(rows, k // 32)
+    blocks[..., 0:2] = every_f16.view(np.uint8).reshape(rows, k // 32, 2)
+    if head == 4:
+        blocks[..., 2:4] = rng.permutation(every_f16.ravel()).reshape(rows, k // 32).view(np.uint8).reshape(rows, k // 32, 2)
+    t = _gguf_tensor(tmp_path / "t.gguf", blocks.reshape(rows, -1), qtype)
+    setting = QuantizationConfig("int4", 32)
+    fast = gguf_tensors.convert(t, setting)
+    _python(monkeypatch)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as in C
+        slow = gguf_tensors.convert(t, setting)
+    assert torch.equal(fast.qweight, slow.qweight)
+    assert _same_bits(fast.scale, slow.scale)
+    nan = slow.zero.isnan()  # inf + (-inf) and NaN payloads: a NaN either way, its bits the hardware's
+    assert torch.equal(fast.zero.isnan(), nan) and _same_bits(fast.zero[~nan], slow.zero[~nan])
+    assert nan.any() == (head == 4)
+
+
+@pytest.mark.parametrize("rows", [16, 40, 61])
+def test_kernel_layout_gives_the_python_paths_bytes(monkeypatch, rows):
+    """Whole blocks of 16 rows and a padded last block; with zeros (2 values per group) and without."""
+    if not cpu_int4.usable(256, 32):
+        pytest.skip("the own int4 kernel's layout is not used here")
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(0, 16, (2, rows, 256), dtype=torch.uint8, generator=g)  # two experts
+    scale = torch.rand(2, rows, 8, generator=g).to(torch.bfloat16)
+    for zero in (torch.rand(2, rows, 8, generator=g).to(torch.bfloat16), torch.zeros(2, rows, 8, dtype=torch.bfloat16)):
+        qt = QuantizedTensor("int4", pack_int4(q), scale, zero)
+        fast = PackedWeight(qt, torch.device("cpu"))
+        with monkeypatch.context() as m:
+            _python(m)
+            slow = PackedWeight(qt, torch.device("cpu"))
+        assert fast.kernel == slow.kernel == "int4_vnni"
+        assert torch.equal(fast.data, slow.data) and _same_bits(fast.scales, slow.scales)
+        transcode.library.cache_clear()
+
+
+def test_a_q4_0_file_loads_to_the_same_tensors_either_way(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch):
+    tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "Q4_0")
+    fast = load_model(str(tiny.path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    _python(monkeypatch)
+    slow = load_model(str(tiny.path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    a, b = _tensors(fast.model), _tensors(slow.model)
+    assert a.keys() == b.keys() and any(isinstance(m, PackedWeight) for m in fast.model.modules())
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(_bits(a[name]), _bits(b[name])), name
+
+
+def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.named_buffers()) | dict(model.named_parameters())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]) if t.is_floating_point() else t
+
+
+def test_mismatched_shapes_are_refused():
+    with pytest.raises(ValueError, match="pairs_to_octets"):
+        transcode.pairs_to_octets(torch.zeros(16, 8, dtype=torch.uint8), torch.zeros(1, 1, 64, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="q4_to_pairs"):
+        transcode.q4_to_pairs(np.zeros((2, 18), dtype=np.uint8), 2, torch.zeros(2, 8, dtype=torch.uint8))
