@@ -119,3 +119,21 @@ def test_mismatched_shapes_are_refused():
         transcode.pairs_to_octets(torch.zeros(16, 8, dtype=torch.uint8), torch.zeros(1, 1, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="q4_to_pairs"):
         transcode.q4_to_pairs(np.zeros((2, 18), dtype=np.uint8), 2, torch.zeros(2, 8, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("rows", [32, 40])
+def test_a_given_up_weight_is_rearranged_in_its_own_storage(rows):
+    """consume=True (the loader's own copy): the same layout as a new tensor, in the pairs' storage
+    where no row is padded (32), in a new tensor where the last block is (40)."""
+    if not cpu_int4.usable(256, 32):
+        pytest.skip("the own int4 kernel's layout is not used here")
+    g = torch.Generator().manual_seed(rows)
+    q = torch.randint(0, 16, (3, rows, 256), dtype=torch.uint8, generator=g)  # three experts
+    qt = QuantizedTensor("int4", pack_int4(q), torch.rand(3, rows, 8, generator=g).to(torch.bfloat16), torch.zeros(3, rows, 8, dtype=torch.bfloat16))
+    want = PackedWeight(qt, torch.device("cpu"))
+    given = QuantizedTensor("int4", qt.qweight.clone(), qt.scale, qt.zero)
+    got = PackedWeight(given, torch.device("cpu"), consume=True)
+    assert torch.equal(got.data, want.data) and _same_bits(got.scales, want.scales)
+    assert (got.data.data_ptr() == given.qweight.data_ptr()) == (rows % 16 == 0)
+    x = torch.randn(2, 256).to(torch.bfloat16)
+    assert torch.equal(got(x, expert=1), want(x, expert=1))

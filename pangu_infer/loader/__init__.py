@@ -12,6 +12,7 @@ import torch
 
 from pangu_infer.config import ConfigError, ModelConfig
 from pangu_infer.errors import WeightError
+from pangu_infer.memory import keep_freed_heap
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta
 
@@ -176,6 +177,11 @@ def load_model(
     from pangu_infer.quant.loading import make_load_hook
 
     path = resolve_model_path(model)
+    if device.type == "cpu":
+        # Conversion's temporaries (slices of rows dequantized, re-quantized, repacked: a few MB each)
+        # reuse the heap instead of fresh pages: a 7B Q4_0 file loaded in 12.4 s instead of 16.6, 2.5
+        # million page faults instead of 3.5 (RESULTS.md). The quantizing hook still trims as it goes.
+        keep_freed_heap()
     if path.endswith(".gguf"):
         return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half)
     from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_quantized_safetensors, iter_safetensors

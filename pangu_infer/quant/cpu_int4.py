@@ -866,11 +866,15 @@ def pack(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> 
     """Codes uint8 0..15 [N, K] (N a multiple of 16), scale and zero [N, K/G] -> the kernel's layout:
     weight uint8 [N/16, K/8, 64] and scale-and-zero bf16 [N/16, K/G, 2, 16]; zero None (every zero
     0): the scales only, [N/16, K/G, 1, 16]."""
+    return pack_codes(q), pack_scales(scale, zero)
+
+
+def pack_codes(q: torch.Tensor) -> torch.Tensor:
+    """pack's weight half: codes uint8 0..15 [N, K] (N a multiple of 16) -> uint8 [N/16, K/8, 64]."""
     n, k = q.shape
     v = q.view(n // ROW_BLOCK, ROW_BLOCK, k // OCTET, 2, 4)
     data = torch.bitwise_or(v[:, :, :, 0], v[:, :, :, 1] << 4)  # [nb, 16, K/8, 4]
-    data = data.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 64)
-    return data.contiguous(), pack_scales(scale, zero)
+    return data.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 64).contiguous()
 
 
 def pack_scales(scale: torch.Tensor, zero: Optional[torch.Tensor]) -> torch.Tensor:
@@ -1073,4 +1077,4 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "pack_scales", "product", "scales_fit", "to_bf16_t", "unpack_codes", "usable", "zero_values"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "pack_codes", "pack_scales", "product", "scales_fit", "to_bf16_t", "unpack_codes", "usable", "zero_values"]

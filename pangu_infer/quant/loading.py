@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pangu_infer.errors import WeightError
-from pangu_infer.memory import drop_mapped_pages, trim_heap
+from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.moge import MoEBlock, StackedExperts
 from pangu_infer.parallel.state import RowParallelLinear
@@ -186,7 +186,11 @@ class LoadHook:
 
     def _complete(self, target: str, qt: QuantizedTensor) -> None:
         """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
-        self.ready[target] = qt if self.kinds[target] == "embedding" else PackedWeight(qt, self.device, self.dtype)
+        if self.kinds[target] == "embedding":
+            self.ready[target] = qt
+        else:  # qt is this loader's own copy unless it lies in a mapped file (a pre-quantized checkpoint's)
+            consume = qt.method == "int4" and qt.qweight.device.type == "cpu" and not is_file_backed(qt.qweight, file_backed_ranges())
+            self.ready[target] = PackedWeight(qt, self.device, self.dtype, consume=consume)
         self.laid_out += qt.nbytes()
 
     def _release(self, tensor: torch.Tensor) -> None:

@@ -74,7 +74,9 @@ def _each_matrix(x: torch.Tensor, fn) -> torch.Tensor:
 class PackedWeight(nn.Module):
     """One quantized weight [..., N, K] (leading dims: experts) laid out for its device's kernel."""
 
-    def __init__(self, qt: QuantizedTensor, device: torch.device, activations: Optional[torch.dtype] = None):
+    def __init__(self, qt: QuantizedTensor, device: torch.device, activations: Optional[torch.dtype] = None, consume: bool = False):
+        """consume: qt is the caller's to give up (a loader's fresh copy, not file-backed): where the
+        layout allows, the weight is rearranged in qt's own storage instead of a second one."""
         super().__init__()
         self.method = qt.method
         self.activations = activations  # the model's dtype, where known: some row choices depend on it
@@ -92,7 +94,7 @@ class PackedWeight(nn.Module):
             self.register_buffer("scales", qt.scale.to(device=device, dtype=KERNEL_DTYPE))
         elif qt.method == "int4" and device.type == "cpu" and cpu_int4.usable(self.in_features, self.group_size):
             self.kernel = "int4_vnni"
-            self._pack_int4_vnni(qt)
+            self._pack_int4_vnni(qt, consume)
             self.convert_min_rows = convert_min_rows("int4_vnni", activations)
         elif qt.method == "int4" and device.type == "cpu":
             self.kernel = "int4_cpu"
@@ -152,39 +154,38 @@ class PackedWeight(nn.Module):
         self.register_buffer("data", _each_matrix(qt.qweight, pack))
         self.register_buffer("scales", F.pad(_scale_and_zero(qt), (0, 0, 0, pad)).contiguous())
 
-    def _pack_int4_vnni(self, qt: QuantizedTensor) -> None:
+    def _pack_int4_vnni(self, qt: QuantizedTensor, consume: bool = False) -> None:
         n, pad = self.out_features, -self.out_features % cpu_int4.ROW_BLOCK
-        # A few MB of rows at a time, written straight into the kept tensors: the unpacked codes are a
-        # temporary of one byte per weight, and no second copy of the packed weight is ever made.
-        rows = max(cpu_int4.ROW_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // cpu_int4.ROW_BLOCK * cpu_int4.ROW_BLOCK)
         lead = qt.qweight.shape[:-2]
         # Every zero 0 (GGUF's Q4_0: w = (q - 8) d), as the kernel reads it (its bf16 bits): the scales
         # alone, 1 value per group and row instead of 2 (10% fewer bytes per decode step's weight read).
         zeros = 2 if qt.zero is not None and bool(qt.zero.to(torch.bfloat16).view(torch.int16).any()) else 1
-        mats = [t.reshape(-1, *t.shape[-2:]) for t in (qt.qweight, qt.scale)]
-        zero_mats = qt.zero.reshape(-1, *qt.zero.shape[-2:]) if zeros == 2 else [None] * len(mats[0])
-        blocks = (n + pad) // cpu_int4.ROW_BLOCK
-        data = torch.empty(len(mats[0]), blocks, self.in_features // cpu_int4.OCTET, 64, dtype=torch.uint8)
-        sz = torch.empty(len(mats[0]), blocks, qt.scale.shape[-1], zeros, cpu_int4.ROW_BLOCK, dtype=torch.bfloat16)
-        for i, (m, scale, zero) in enumerate(zip(*mats, zero_mats)):  # experts one at a time
-            # The codes by transcode's one C pass where it is built (the same bytes), the scales here.
-            if transcode.pairs_to_octets(m.contiguous(), data[i]):
-                s, z = F.pad(scale, (0, 0, 0, pad)), None if zero is None else F.pad(zero, (0, 0, 0, pad))
-                sz[i].copy_(cpu_int4.pack_scales(s, z))
-                continue
-            for start in range(0, n, rows):
-                q, s = unpack_int4(m[start : start + rows]), scale[start : start + rows]
-                z = None if zero is None else zero[start : start + rows]
-                if start + rows >= n and pad:  # padded rows: scale 0 and zero 0 give 0
-                    q, s = F.pad(q, (0, 0, 0, pad)), F.pad(s, (0, 0, 0, pad))
-                    z = None if z is None else F.pad(z, (0, 0, 0, pad))
-                d, z = cpu_int4.pack(q, s, z)
-                b = start // cpu_int4.ROW_BLOCK
-                data[i, b : b + len(d)].copy_(d)
-                sz[i, b : b + len(z)].copy_(z)
-                del q, s, z, d
-        self.register_buffer("data", data.reshape(*lead, *data.shape[1:]))
+        scales = qt.scale.reshape(-1, *qt.scale.shape[-2:])
+        zero_mats = qt.zero.reshape(-1, *qt.zero.shape[-2:]) if zeros == 2 else [None] * len(scales)
+        sz = torch.stack([cpu_int4.pack_scales(F.pad(s, (0, 0, 0, pad)), None if z is None else F.pad(z, (0, 0, 0, pad)))
+                          for s, z in zip(scales, zero_mats)])  # padded rows: scale 0 and zero 0 give 0
         self.register_buffer("scales", sz.reshape(*lead, *sz.shape[1:]))
+        # The codes: in qt's own storage where the caller gives it up (the pairs and the kernel's
+        # layout take the same bytes when no row is padded), else into a new tensor by transcode's
+        # C pass, else in Python a few MB of rows at a time (the unpacked codes are a temporary of
+        # one byte per weight; no second copy of the packed weight is made).
+        data = transcode.pairs_to_octets_in_place(qt.qweight) if consume and not pad else None
+        if data is None:
+            mats = qt.qweight.reshape(-1, *qt.qweight.shape[-2:])
+            data = torch.empty(len(mats), (n + pad) // cpu_int4.ROW_BLOCK, self.in_features // cpu_int4.OCTET, 64, dtype=torch.uint8)
+            rows = max(cpu_int4.ROW_BLOCK, PACK_CHUNK_ELEMENTS // self.in_features // cpu_int4.ROW_BLOCK * cpu_int4.ROW_BLOCK)
+            for i, m in enumerate(mats):  # experts one at a time
+                if transcode.pairs_to_octets(m.contiguous(), data[i]):
+                    continue
+                for start in range(0, n, rows):
+                    q = unpack_int4(m[start : start + rows])
+                    if start + rows >= n and pad:  # padded rows: code 0 (their scale is 0)
+                        q = F.pad(q, (0, 0, 0, pad))
+                    b = start // cpu_int4.ROW_BLOCK
+                    data[i, b : b + len(q) // cpu_int4.ROW_BLOCK].copy_(cpu_int4.pack_codes(q))
+                    del q
+            data = data.reshape(*lead, *data.shape[1:])
+        self.register_buffer("data", data)
 
     def forward(self, x: torch.Tensor, expert: Optional[int] = None) -> torch.Tensor:
         lead = x.shape[:-1]

@@ -29,9 +29,11 @@ ENV = "PANGU_INFER_TRANSCODE"
 
 SOURCE = r"""
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <omp.h>
 
-int pangu_transcode_abi(void) { return 1; }
+int pangu_transcode_abi(void) { return 2; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -82,29 +84,53 @@ int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t 
   return 0;
 }
 
-/* packed pairs [n, k / 2] -> the int4 kernel's layout [ceil(n / 16), k / 8, 64]: for each block of 16
-   rows and each 8 columns o, 16 rows x 4 bytes, byte j holding column 8o + j in the low nibble and
-   8o + 4 + j in the high one. Rows past n (the last block's padding) get code 0. */
-int pangu_pairs_to_octets(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
-  const int64_t nb = (n + 15) / 16, octets = k / 8;
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < nb; b++) {
-    for (int64_t r = 0; r < 16; r++) {
-      const int64_t row = b * 16 + r;
-      uint8_t* dst = out + b * octets * 64 + r * 4;
-      if (row >= n) {
-        for (int64_t o = 0; o < octets; o++) memset(dst + o * 64, 0, 4);
-        continue;
-      }
-      const uint8_t* p = packed + row * (k / 2);
-      for (int64_t o = 0; o < octets; o++, p += 4, dst += 64) {
-        dst[0] = (uint8_t)((p[0] >> 4) | (p[2] & 0xf0));
-        dst[1] = (uint8_t)((p[0] & 15) | (p[2] << 4));
-        dst[2] = (uint8_t)((p[1] >> 4) | (p[3] & 0xf0));
-        dst[3] = (uint8_t)((p[1] & 15) | (p[3] << 4));
-      }
+/* One block of 16 rows of packed pairs (`valid` of them real, at src, k / 2 bytes each) -> the int4
+   kernel's layout at dst, k / 8 x 64 bytes: for each 8 columns o, 16 rows x 4 bytes, byte j holding
+   column 8o + j in the low nibble and 8o + 4 + j in the high one. Rows past `valid`: code 0. */
+static void octets_block(const uint8_t* src, int64_t valid, int64_t k, uint8_t* dst) {
+  const int64_t octets = k / 8;
+  for (int64_t r = 0; r < 16; r++) {
+    uint8_t* d = dst + r * 4;
+    if (r >= valid) {
+      for (int64_t o = 0; o < octets; o++) memset(d + o * 64, 0, 4);
+      continue;
+    }
+    const uint8_t* p = src + r * (k / 2);
+    for (int64_t o = 0; o < octets; o++, p += 4, d += 64) {
+      d[0] = (uint8_t)((p[0] >> 4) | (p[2] & 0xf0));
+      d[1] = (uint8_t)((p[0] & 15) | (p[2] << 4));
+      d[2] = (uint8_t)((p[1] >> 4) | (p[3] & 0xf0));
+      d[3] = (uint8_t)((p[1] & 15) | (p[3] << 4));
     }
   }
+}
+
+/* packed pairs [n, k / 2] -> the int4 kernel's layout [ceil(n / 16), k / 8, 64] (padded rows code 0). */
+int pangu_pairs_to_octets(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
+  const int64_t nb = (n + 15) / 16;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < nb; b++) {
+    const int64_t valid = n - b * 16 < 16 ? n - b * 16 : 16;
+    octets_block(packed + b * 16 * (k / 2), valid, k, out + b * 8 * k);
+  }
+  return 0;
+}
+
+/* The same where n is a multiple of 16, in place: a block's pairs and its octets take the same 8 k
+   bytes at the same offset, so each block is copied aside and written back rearranged. */
+int pangu_pairs_to_octets_in_place(uint8_t* packed, int64_t n, int64_t k) {
+  if (n % 16) return 1;
+  const int64_t nb = n / 16, bytes = 8 * k;
+  const int threads = omp_get_max_threads();
+  uint8_t* tmp = (uint8_t*)malloc((size_t)bytes * (size_t)threads);  /* before any byte is changed */
+  if (!tmp) return 1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < nb; b++) {
+    uint8_t* mine = tmp + (size_t)omp_get_thread_num() * (size_t)bytes;
+    memcpy(mine, packed + b * bytes, (size_t)bytes);
+    octets_block(mine, 16, k, packed + b * bytes);
+  }
+  free(tmp);
   return 0;
 }
 """
@@ -120,12 +146,14 @@ def library() -> Optional[ctypes.CDLL]:
     if disabled():
         return None
     lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python")
-    if lib is None or lib.pangu_transcode_abi() != 1:
+    if lib is None or lib.pangu_transcode_abi() != 2:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
     lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
     lib.pangu_pairs_to_octets.restype = ctypes.c_int
     lib.pangu_pairs_to_octets.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.pangu_pairs_to_octets_in_place.restype = ctypes.c_int
+    lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
@@ -158,4 +186,17 @@ def pairs_to_octets(packed: torch.Tensor, out: torch.Tensor) -> bool:
     return True
 
 
-__all__ = ["ENV", "disabled", "library", "pairs_to_octets", "q4_to_pairs"]
+def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
+    """pairs_to_octets over the pairs' own storage (uint8 [..., N, K/2], contiguous, N a multiple of
+    16; leading dims: experts, whose blocks never straddle): the same tensor viewed as
+    [..., N/16, K/8, 64], its pairs gone; None where it cannot (nothing changed)."""
+    lib = library()
+    n, half = packed.shape[-2], packed.shape[-1]
+    if lib is None or packed.dtype != torch.uint8 or not packed.is_contiguous() or n % 16 or half % 4:
+        return None
+    if lib.pangu_pairs_to_octets_in_place(packed.data_ptr(), packed.numel() // half, 2 * half):
+        return None
+    return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
+
+
+__all__ = ["ENV", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs"]
