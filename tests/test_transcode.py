@@ -48,32 +48,58 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
 
 
-@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1"])
+def _blocks_with_every_f16(qtype_name: str, rows: int = 512):
+    """Random block bytes of this type, 65,536 blocks whose f16 scales (d) run through every bit
+    pattern (subnormals, infinities and NaNs included), and whose second f16 (Q4_1's m, Q4_K's dmin)
+    through them all shuffled. Returns (bytes [rows, row bytes], K)."""
+    import gguf
+
+    weights, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]]
+    per_row = (1 << 16) // rows
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, size=(rows, per_row, size), dtype=np.uint8)
+    every_f16 = np.arange(1 << 16, dtype=np.uint16).reshape(rows, per_row).view(np.uint8).reshape(rows, per_row, 2)
+    d_at = size - 2 if qtype_name == "Q6_K" else 0  # Q6_K keeps d last
+    blocks[..., d_at : d_at + 2] = every_f16
+    if qtype_name in ("Q4_1", "Q4_K"):
+        blocks[..., 2:4] = rng.permutation(every_f16.reshape(-1, 2), axis=0).reshape(rows, per_row, 2)
+    return blocks.reshape(rows, -1), per_row * weights
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1", "Q4_K"])
 def test_q4_blocks_give_the_python_paths_bytes_for_every_f16_scale(tmp_path, monkeypatch, qtype_name):
-    """Random codes, and scales (and Q4_1 mins) running through all 65,536 f16 bit patterns:
-    subnormals, infinities and NaNs included."""
+    """Random codes (and Q4_K's 6-bit scales and mins), every f16 scale: the same codes, scales and
+    zeros as the numpy path."""
     from gguf import GGMLQuantizationType as Q
 
-    qtype = Q[qtype_name]
-    head = 2 if qtype == Q.Q4_0 else 4
-    rows, k = 512, 4096  # 65,536 blocks
-    rng = np.random.default_rng(0)
-    blocks = rng.integers(0, 256, size=(rows, k // 32, head + 16), dtype=np.uint8)
-    every_f16 = np.arange(1 << 16, dtype=np.uint16).reshape(rows, k // 32)
-    blocks[..., 0:2] = every_f16.view(np.uint8).reshape(rows, k // 32, 2)
-    if head == 4:
-        blocks[..., 2:4] = rng.permutation(every_f16.ravel()).reshape(rows, k // 32).view(np.uint8).reshape(rows, k // 32, 2)
-    t = _gguf_tensor(tmp_path / "t.gguf", blocks.reshape(rows, -1), qtype)
+    raw, k = _blocks_with_every_f16(qtype_name)
+    t = _gguf_tensor(tmp_path / "t.gguf", raw, Q[qtype_name])
     setting = QuantizationConfig("int4", 32)
     fast = gguf_tensors.convert(t, setting)
     _python(monkeypatch)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, as in C
         slow = gguf_tensors.convert(t, setting)
-    assert torch.equal(fast.qweight, slow.qweight)
+    assert fast.qweight.shape == (raw.shape[0], k // 2) and torch.equal(fast.qweight, slow.qweight)
     assert _same_bits(fast.scale, slow.scale)
-    nan = slow.zero.isnan()  # inf + (-inf) and NaN payloads: a NaN either way, its bits the hardware's
+    nan = slow.zero.isnan()  # inf - inf and NaN payloads: a NaN either way, its bits the hardware's
     assert torch.equal(fast.zero.isnan(), nan) and _same_bits(fast.zero[~nan], slow.zero[~nan])
-    assert nan.any() == (head == 4)
+    assert nan.any() == (qtype_name != "Q4_0")
+
+
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q6_K"])
+def test_dequantized_blocks_are_ggufs_own_values_for_every_f16_scale(qtype_name):
+    """The types kept as int8 are dequantized first: the C pass gives gguf's numpy values bit for bit."""
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    raw, k = _blocks_with_every_f16(qtype_name)
+    fast = transcode.dequantize(raw, qtype_name)
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = torch.from_numpy(dequantize(raw, Q[qtype_name]))
+    assert fast.shape == want.shape == (raw.shape[0], k)
+    nan = want.isnan()
+    assert torch.equal(fast.isnan(), nan) and _same_bits(fast[~nan], want[~nan])
+    assert transcode.dequantize(raw, "Q5_K") is None  # other types: gguf's dequantizer runs
 
 
 @pytest.mark.parametrize("rows", [16, 40, 61])
@@ -118,7 +144,7 @@ def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="pairs_to_octets"):
         transcode.pairs_to_octets(torch.zeros(16, 8, dtype=torch.uint8), torch.zeros(1, 1, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="q4_to_pairs"):
-        transcode.q4_to_pairs(np.zeros((2, 18), dtype=np.uint8), 2, torch.zeros(2, 8, dtype=torch.uint8))
+        transcode.q4_to_pairs(np.zeros((2, 18), dtype=np.uint8), "Q4_0", torch.zeros(2, 8, dtype=torch.uint8))
 
 
 @pytest.mark.parametrize("rows", [32, 40])

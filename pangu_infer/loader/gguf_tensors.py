@@ -42,7 +42,7 @@ from pangu_infer.quant.formats import (
 
 GGUF_GROUP = 32  # weights per Q4_0 / Q4_1 block and per Q4_K sub-block: the int4 group size used
 CHUNK_ELEMENTS = 1 << 20  # weights converted per slice of rows
-C_CHUNK_ELEMENTS = 1 << 24  # ... by the C pass (Q4_0 / Q4_1): 9 MB of the file per call
+C_CHUNK_ELEMENTS = 1 << 24  # ... by the C pass (Q4_0 / Q4_1 / Q4_K): 9 MB of the file per call
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 
 Weight = Union[torch.Tensor, QuantizedTensor]
@@ -117,7 +117,8 @@ def dequantize_rows(t: Any, start: int, stop: int) -> torch.Tensor:
         return torch.from_numpy(np.array(part, dtype=np.float16)).float()
     if t.tensor_type == Q.BF16:
         return torch.from_numpy(np.array(part).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(dequantize(part, t.tensor_type))
+    fast = transcode.dequantize(part, t.tensor_type.name)  # Q8_0, Q6_K: the same values, in one C pass
+    return fast if fast is not None else torch.from_numpy(dequantize(part, t.tensor_type))
 
 
 def _q4_codes_and_params(t: Any, part: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -158,7 +159,7 @@ def convert(t: Any, setting: QuantizationConfig) -> QuantizedTensor:
     step = max(1, CHUNK_ELEMENTS // max(k, 1))
     direct = setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types()
     data = _rows(t)
-    if direct and t.tensor_type != _types().Q4_K:
+    if direct:
         qt = _convert_q4_in_c(t, data, n, k)
         if qt is not None:
             return qt
@@ -182,16 +183,15 @@ def convert(t: Any, setting: QuantizationConfig) -> QuantizedTensor:
 
 
 def _convert_q4_in_c(t: Any, data: np.ndarray, n: int, k: int) -> Optional[QuantizedTensor]:
-    """convert's Q4_0 / Q4_1 path by pangu_infer.quant.transcode's C pass (the same bytes), slices of
-    C_CHUNK_ELEMENTS weights; None where that library is not here."""
-    head = 2 if t.tensor_type == _types().Q4_0 else 4
+    """convert's Q4_0 / Q4_1 / Q4_K path by pangu_infer.quant.transcode's C pass (the same bytes),
+    slices of C_CHUNK_ELEMENTS weights; None where that library is not here."""
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     scale = torch.empty(n, k // GGUF_GROUP, dtype=SCALE_DTYPE)
     zero = torch.empty(n, k // GGUF_GROUP, dtype=SCALE_DTYPE)
     step = max(1, C_CHUNK_ELEMENTS // max(k, 1))
     for start in range(0, n, step):
         stop = min(n, start + step)
-        params = transcode.q4_to_pairs(data[start:stop], head, packed[start:stop])
+        params = transcode.q4_to_pairs(data[start:stop], t.tensor_type.name, packed[start:stop])
         if params is None:
             return None
         scale[start:stop].copy_(params[0])

@@ -23,7 +23,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from pangu_infer.native import kernel_library
+from pangu_infer.native import C_FLAGS, kernel_library
 
 ENV = "PANGU_INFER_TRANSCODE"
 
@@ -33,7 +33,7 @@ SOURCE = r"""
 #include <string.h>
 #include <omp.h>
 
-int pangu_transcode_abi(void) { return 2; }
+int pangu_transcode_abi(void) { return 3; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -79,6 +79,76 @@ int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t 
     for (int j = 0; j < 8; j++) {
       out[j] = (uint8_t)(((qs[2 * j] & 15) << 4) | (qs[2 * j + 1] & 15));
       out[8 + j] = (uint8_t)((qs[2 * j] & 0xf0) | (qs[2 * j + 1] >> 4));
+    }
+  }
+  return 0;
+}
+
+/* rows x blocks of Q4_K (256 weights: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes
+   of codes) -> packed pairs [rows, 128 * blocks] and, per sub-block of 32, the scale d sc and the zero
+   8 (d sc) - dmin m as float [rows, 8 * blocks]. Sub-blocks 2i and 2i + 1 are the low and high
+   nibbles of code bytes 32i .. 32i + 31. */
+int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t* packed, float* scale, float* zero) {
+  const int64_t total = rows * blocks;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < total; i++) {
+    const uint8_t* blk = src + i * 144;
+    const uint8_t* sc = blk + 4;
+    const uint8_t* qs = blk + 16;
+    uint8_t* out = packed + i * 128;
+    uint16_t dh, mh;
+    memcpy(&dh, blk, 2);
+    memcpy(&mh, blk + 2, 2);
+    const float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
+    for (int j = 0; j < 8; j++) {
+      const int s = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+      const int m = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+      const float ds = d * (float)s, dm = dmin * (float)m;
+      scale[i * 8 + j] = ds;
+      zero[i * 8 + j] = 8.0f * ds - dm;
+    }
+    for (int c = 0; c < 4; c++) {
+      const uint8_t* q = qs + 32 * c;
+      uint8_t* o = out + 32 * c;
+      for (int j = 0; j < 16; j++) {
+        o[j] = (uint8_t)(((q[2 * j] & 15) << 4) | (q[2 * j + 1] & 15));
+        o[16 + j] = (uint8_t)((q[2 * j] & 0xf0) | (q[2 * j + 1] >> 4));
+      }
+    }
+  }
+  return 0;
+}
+
+/* rows x blocks of Q8_0 (f16 d, 32 int8) or Q6_K (128 bytes of low 4 bits, 64 of high 2 bits, 16 int8
+   scales, f16 d; 256 weights) -> float [rows, K], each value computed as gguf's numpy dequantizer
+   does (Q8_0: x d; Q6_K: (d sc) q with q = low | high << 4 minus 32). type: 8 (Q8_0) or 14 (Q6_K). */
+int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, float* out) {
+  if (type != 8 && type != 14) return 1;
+  const int64_t total = rows * blocks;
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < total; i++) {
+    uint16_t dh;
+    if (type == 8) {
+      const uint8_t* blk = src + i * 34;
+      memcpy(&dh, blk, 2);
+      const float d = f16_to_f32(dh);
+      const int8_t* x = (const int8_t*)(blk + 2);
+      float* o = out + i * 32;
+      for (int j = 0; j < 32; j++) o[j] = (float)x[j] * d;
+    } else {
+      const uint8_t* blk = src + i * 210;
+      const uint8_t* ql = blk;
+      const uint8_t* qh = blk + 128;
+      const int8_t* sc = (const int8_t*)(blk + 192);
+      memcpy(&dh, blk + 208, 2);
+      const float d = f16_to_f32(dh);
+      float* o = out + i * 256;
+      for (int e = 0; e < 256; e++) {
+        const int c = e >> 7, r = e & 127;
+        const int lo = (ql[c * 64 + (r & 63)] >> (4 * (r >> 6))) & 15;
+        const int hi = (qh[c * 32 + (r & 31)] >> (2 * (r >> 5))) & 3;
+        o[e] = (d * (float)sc[e >> 4]) * (float)((lo | (hi << 4)) - 32);
+      }
     }
   }
   return 0;
@@ -145,32 +215,60 @@ def library() -> Optional[ctypes.CDLL]:
     """The built library, or None (then the callers' Python runs)."""
     if disabled():
         return None
-    lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python")
-    if lib is None or lib.pangu_transcode_abi() != 2:
+    # (products rounded one by one, as numpy computes them: no fused multiply-adds)
+    lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python", flags=(*C_FLAGS, "-ffp-contract=off"))
+    if lib is None or lib.pangu_transcode_abi() != 3:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
     lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
     lib.pangu_pairs_to_octets.restype = ctypes.c_int
     lib.pangu_pairs_to_octets.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.pangu_pairs_to_octets_in_place.restype = ctypes.c_int
+    lib.pangu_q4k_to_pairs.restype = ctypes.c_int
+    lib.pangu_q4k_to_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
+    lib.pangu_dequantize.restype = ctypes.c_int
+    lib.pangu_dequantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
     lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
-def q4_to_pairs(part: np.ndarray, head: int, packed: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """Q4_0 (head 2) or Q4_1 (head 4) rows [rows, bytes] (C-contiguous) -> their codes written into
+Q4_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q4_K": (144, 256)}  # bytes and weights per block
+DEQUANTIZED = {"Q8_0": (8, 34, 32), "Q6_K": (14, 210, 256)}  # the C code, bytes and weights per block
+
+
+def q4_to_pairs(part: np.ndarray, kind: str, packed: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Q4_0, Q4_1 or Q4_K (`kind`) rows [rows, bytes] (C-contiguous) -> their codes written into
     `packed` (uint8 [rows, K/2], contiguous) and (scale, zero) float32 [rows, K/32]; None where the
     library is not here (nothing written)."""
     lib = library()
     if lib is None or not part.flags.c_contiguous or not packed.is_contiguous():
         return None
-    rows, blocks = part.shape[0], part.shape[1] // (head + 16)
-    if part.shape[1] != blocks * (head + 16) or tuple(packed.shape) != (rows, blocks * 16) or packed.dtype != torch.uint8:
-        raise ValueError(f"q4_to_pairs: rows {tuple(part.shape)} of head {head} into {tuple(packed.shape)} {packed.dtype}")
-    scale = torch.empty(rows, blocks, dtype=torch.float32)
-    zero = torch.empty(rows, blocks, dtype=torch.float32)
-    lib.pangu_q4_to_pairs(part.ctypes.data, rows, blocks, head, packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
+    size, weights = Q4_BYTES[kind]
+    rows, blocks = part.shape[0], part.shape[1] // size
+    if part.shape[1] != blocks * size or tuple(packed.shape) != (rows, blocks * weights // 2) or packed.dtype != torch.uint8:
+        raise ValueError(f"q4_to_pairs: {kind} rows {tuple(part.shape)} into {tuple(packed.shape)} {packed.dtype}")
+    scale = torch.empty(rows, blocks * weights // 32, dtype=torch.float32)
+    zero = torch.empty(rows, blocks * weights // 32, dtype=torch.float32)
+    if kind == "Q4_K":
+        lib.pangu_q4k_to_pairs(part.ctypes.data, rows, blocks, packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
+    else:
+        lib.pangu_q4_to_pairs(part.ctypes.data, rows, blocks, size - 16, packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
     return scale, zero
+
+
+def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
+    """Q8_0 or Q6_K (`kind`) rows [rows, bytes] (C-contiguous) -> float32 [rows, K], the values gguf's
+    own dequantizer gives, bit for bit; None where the library is not here or the type is another."""
+    lib = library()
+    if lib is None or kind not in DEQUANTIZED or not part.flags.c_contiguous:
+        return None
+    code, size, weights = DEQUANTIZED[kind]
+    rows, blocks = part.shape[0], part.shape[1] // size
+    if part.shape[1] != blocks * size:
+        raise ValueError(f"dequantize: {kind} rows {tuple(part.shape)}")
+    out = torch.empty(rows, blocks * weights, dtype=torch.float32)
+    lib.pangu_dequantize(part.ctypes.data, rows, blocks, code, out.data_ptr())
+    return out
 
 
 def pairs_to_octets(packed: torch.Tensor, out: torch.Tensor) -> bool:
@@ -199,4 +297,4 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
 
-__all__ = ["ENV", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs"]
+__all__ = ["DEQUANTIZED", "ENV", "Q4_BYTES", "dequantize", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs"]
