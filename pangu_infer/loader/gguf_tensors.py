@@ -20,7 +20,9 @@ A fused parameter (qkv_proj, gate_up_proj) takes one setting for all its pieces:
 piece is a Q4 type, float when every piece is float, int8 otherwise.
 
 Memory: each tensor is converted from the memory-mapped file in slices of about a million
-weights; nothing but the converted tensor and one slice's temporaries is ever held.
+weights (16 million in pangu_infer.quant.transcode's C passes: Q4_0, Q4_1 and Q4_K into int4
+pairs, Q8_0 and Q6_K dequantized, the same bytes as the numpy here); nothing but the converted
+tensor and one slice's temporaries is ever held.
 """
 
 from __future__ import annotations
