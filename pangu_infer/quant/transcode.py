@@ -1,16 +1,19 @@
-"""Load-time repacking of 4-bit weights in one C pass each: GGUF Q4_0 / Q4_1 blocks into the portable
-int4 format, and the portable format into pangu_infer.quant.cpu_int4's kernel layout.
+"""Load-time conversion of GGUF blocks in one C pass each: Q4_0 / Q4_1 / Q4_K blocks into the
+portable int4 format (packed pairs, scale and zero per group of 32), the portable format into
+pangu_infer.quant.cpu_int4's kernel layout (into a new tensor, or over the pairs' own storage), and
+Q8_0 / Q6_K blocks dequantized to float32 (then re-quantized per row as int8 by quant/formats.py).
 
-Why: both steps are pure shuffles of nibbles (and, for the first, an f16 -> f32 conversion of each
-block's scale), but written as numpy / torch operations each takes several passes over a temporary
-of one byte per weight. On openPangu-Embedded-7B's Q4_0 file (4.7 GB) the two cost about 30 s of a
-first load's 45 s on a 2-core Zen 3 (benchmarks/RESULTS.md, "first load of a 7B GGUF"); in C they
-read and write each byte once, spread over the cores with OpenMP.
+Why: these are shuffles of nibbles and conversions of f16 scales, but written as numpy / torch
+operations each took several passes over temporaries of one to four bytes per weight. A first load
+of a Q4_0 GGUF of openPangu-Embedded-7B's widths (4.7 GB) converted in 45.5 s on a 2-core Zen 3, 11 s
+with these passes (benchmarks/RESULTS.md, "First load of the 7B Q4_0 file"); its Q4_K_M sibling 40.9
+-> 15.7 s. They read and write each byte once, on torch's threads (OpenMP).
 
-Both functions give the same bytes as the Python they replace (tests/test_transcode.py compares them
-bit for bit, every f16 value included); where no C compiler is found, the build fails, or
-`PANGU_INFER_TRANSCODE=0`, the Python runs instead. The library is plain C (no intrinsics), built
-once per machine into the kernels' cache folder like the others.
+Every pass gives the same bytes as the Python it replaces (tests/test_transcode.py compares them
+bit for bit, every f16 value included; the dequantized values are gguf's own); where no C compiler
+is found, the build fails, or `PANGU_INFER_TRANSCODE=0`, the Python runs instead. The library is
+plain C (no intrinsics), built once per machine into the kernels' cache folder like the others, with
+`-ffp-contract=off` (each product rounded as numpy rounds it).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SOURCE = r"""
 #include <string.h>
 #include <omp.h>
 
-int pangu_transcode_abi(void) { return 3; }
+int pangu_transcode_abi(void) { return 4; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -58,9 +61,9 @@ static inline float f16_to_f32(uint16_t h) {
    packed pairs [rows, 16 * blocks] (byte i: column 2i in the high nibble, 2i + 1 in the low; in a
    block, columns 0-15 are the low nibbles of its 16 code bytes, 16-31 the high ones), the scale d and
    the zero (0 for Q4_0, m + 8 d for Q4_1) as float [rows, blocks]. */
-int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t head, uint8_t* packed, float* scale, float* zero) {
+int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t head, uint8_t* packed, float* scale, float* zero, int64_t threads) {
   const int64_t stride = head + 16, total = rows * blocks;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t i = 0; i < total; i++) {
     const uint8_t* blk = src + i * stride;
     const uint8_t* qs = blk + head;
@@ -88,9 +91,9 @@ int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t 
    of codes) -> packed pairs [rows, 128 * blocks] and, per sub-block of 32, the scale d sc and the zero
    8 (d sc) - dmin m as float [rows, 8 * blocks]. Sub-blocks 2i and 2i + 1 are the low and high
    nibbles of code bytes 32i .. 32i + 31. */
-int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t* packed, float* scale, float* zero) {
+int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t* packed, float* scale, float* zero, int64_t threads) {
   const int64_t total = rows * blocks;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t i = 0; i < total; i++) {
     const uint8_t* blk = src + i * 144;
     const uint8_t* sc = blk + 4;
@@ -122,10 +125,10 @@ int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t
 /* rows x blocks of Q8_0 (f16 d, 32 int8) or Q6_K (128 bytes of low 4 bits, 64 of high 2 bits, 16 int8
    scales, f16 d; 256 weights) -> float [rows, K], each value computed as gguf's numpy dequantizer
    does (Q8_0: x d; Q6_K: (d sc) q with q = low | high << 4 minus 32). type: 8 (Q8_0) or 14 (Q6_K). */
-int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, float* out) {
+int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, float* out, int64_t threads) {
   if (type != 8 && type != 14) return 1;
   const int64_t total = rows * blocks;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t i = 0; i < total; i++) {
     uint16_t dh;
     if (type == 8) {
@@ -176,9 +179,9 @@ static void octets_block(const uint8_t* src, int64_t valid, int64_t k, uint8_t* 
 }
 
 /* packed pairs [n, k / 2] -> the int4 kernel's layout [ceil(n / 16), k / 8, 64] (padded rows code 0). */
-int pangu_pairs_to_octets(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out) {
+int pangu_pairs_to_octets(const uint8_t* packed, int64_t n, int64_t k, uint8_t* out, int64_t threads) {
   const int64_t nb = (n + 15) / 16;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t b = 0; b < nb; b++) {
     const int64_t valid = n - b * 16 < 16 ? n - b * 16 : 16;
     octets_block(packed + b * 16 * (k / 2), valid, k, out + b * 8 * k);
@@ -188,13 +191,12 @@ int pangu_pairs_to_octets(const uint8_t* packed, int64_t n, int64_t k, uint8_t* 
 
 /* The same where n is a multiple of 16, in place: a block's pairs and its octets take the same 8 k
    bytes at the same offset, so each block is copied aside and written back rearranged. */
-int pangu_pairs_to_octets_in_place(uint8_t* packed, int64_t n, int64_t k) {
-  if (n % 16) return 1;
+int pangu_pairs_to_octets_in_place(uint8_t* packed, int64_t n, int64_t k, int64_t threads) {
+  if (n % 16 || threads < 1) return 1;
   const int64_t nb = n / 16, bytes = 8 * k;
-  const int threads = omp_get_max_threads();
   uint8_t* tmp = (uint8_t*)malloc((size_t)bytes * (size_t)threads);  /* before any byte is changed */
   if (!tmp) return 1;
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t b = 0; b < nb; b++) {
     uint8_t* mine = tmp + (size_t)omp_get_thread_num() * (size_t)bytes;
     memcpy(mine, packed + b * bytes, (size_t)bytes);
@@ -204,6 +206,11 @@ int pangu_pairs_to_octets_in_place(uint8_t* packed, int64_t n, int64_t k) {
   return 0;
 }
 """
+
+
+def _threads() -> int:
+    """The passes' OpenMP threads: torch's (the engine's --threads, or what the CPU quota allows)."""
+    return max(1, torch.get_num_threads())
 
 
 def disabled() -> bool:
@@ -217,18 +224,18 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     # (products rounded one by one, as numpy computes them: no fused multiply-adds)
     lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python", flags=(*C_FLAGS, "-ffp-contract=off"))
-    if lib is None or lib.pangu_transcode_abi() != 3:
+    if lib is None or lib.pangu_transcode_abi() != 4:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
-    lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+    lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.pangu_pairs_to_octets.restype = ctypes.c_int
-    lib.pangu_pairs_to_octets.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.pangu_pairs_to_octets.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.pangu_pairs_to_octets_in_place.restype = ctypes.c_int
     lib.pangu_q4k_to_pairs.restype = ctypes.c_int
-    lib.pangu_q4k_to_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3
+    lib.pangu_q4k_to_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.pangu_dequantize.restype = ctypes.c_int
-    lib.pangu_dequantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p]
-    lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    lib.pangu_dequantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
+    lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
@@ -250,9 +257,9 @@ def q4_to_pairs(part: np.ndarray, kind: str, packed: torch.Tensor) -> Optional[t
     scale = torch.empty(rows, blocks * weights // 32, dtype=torch.float32)
     zero = torch.empty(rows, blocks * weights // 32, dtype=torch.float32)
     if kind == "Q4_K":
-        lib.pangu_q4k_to_pairs(part.ctypes.data, rows, blocks, packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
+        lib.pangu_q4k_to_pairs(part.ctypes.data, rows, blocks, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), _threads())
     else:
-        lib.pangu_q4_to_pairs(part.ctypes.data, rows, blocks, size - 16, packed.data_ptr(), scale.data_ptr(), zero.data_ptr())
+        lib.pangu_q4_to_pairs(part.ctypes.data, rows, blocks, size - 16, packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), _threads())
     return scale, zero
 
 
@@ -267,7 +274,7 @@ def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
     if part.shape[1] != blocks * size:
         raise ValueError(f"dequantize: {kind} rows {tuple(part.shape)}")
     out = torch.empty(rows, blocks * weights, dtype=torch.float32)
-    lib.pangu_dequantize(part.ctypes.data, rows, blocks, code, out.data_ptr())
+    lib.pangu_dequantize(part.ctypes.data, rows, blocks, code, out.data_ptr(), _threads())
     return out
 
 
@@ -280,7 +287,7 @@ def pairs_to_octets(packed: torch.Tensor, out: torch.Tensor) -> bool:
     n, k = packed.shape[0], packed.shape[1] * 2
     if k % 8 or tuple(out.shape) != (-(-n // 16), k // 8, 64) or out.dtype != torch.uint8 or packed.dtype != torch.uint8:
         raise ValueError(f"pairs_to_octets: {tuple(packed.shape)} {packed.dtype} into {tuple(out.shape)} {out.dtype}")
-    lib.pangu_pairs_to_octets(packed.data_ptr(), n, k, out.data_ptr())
+    lib.pangu_pairs_to_octets(packed.data_ptr(), n, k, out.data_ptr(), _threads())
     return True
 
 
@@ -292,7 +299,7 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     n, half = packed.shape[-2], packed.shape[-1]
     if lib is None or packed.dtype != torch.uint8 or not packed.is_contiguous() or n % 16 or half % 4:
         return None
-    if lib.pangu_pairs_to_octets_in_place(packed.data_ptr(), packed.numel() // half, 2 * half):
+    if lib.pangu_pairs_to_octets_in_place(packed.data_ptr(), packed.numel() // half, 2 * half, _threads()):
         return None
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
