@@ -276,6 +276,21 @@ def write_gguf(
     return path
 
 
+def one_tensor_gguf(path: Path, data: np.ndarray, qtype) -> Any:
+    """`data` (raw blocks [rows, bytes] of `qtype`) written as the one tensor "t" of a GGUF file by
+    gguf's writer, and read back by its reader: memory-mapped, as the loader reads files (it gives a
+    slice's file pages back once converted, so they must be a file's)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("t", data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return gguf.GGUFReader(str(path)).tensors[0]
+
+
 def _tiny(tmp_path_factory, vocab: SentencePieceVocab, arch: str, qtype_name: str = "F32") -> TinyGGUF:
     import gguf
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_gguf import _tiny, passage_perplexity
+from fixtures_gguf import _tiny, one_tensor_gguf, passage_perplexity
 from pangu_infer.loader import load_model
 from pangu_infer.loader.gguf_tensors import convert, kept_method
 from pangu_infer.quant.formats import QuantizationConfig, dequantize
@@ -43,14 +43,7 @@ def _gguf_tensor(tmp_path, qtype_name: str, seed: int = 0):
         data = gguf.quants.quantize(w, qtype)
     except NotImplementedError:
         data = _random_blocks(qtype, N, K, rng)
-    path = tmp_path / f"{qtype_name}.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("t", data, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    t = gguf.GGUFReader(str(path)).tensors[0]
+    t = one_tensor_gguf(tmp_path / f"{qtype_name}.gguf", data, qtype)
     ref = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)).reshape(N, K)
     return t, ref
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_gguf import _tiny
+from fixtures_gguf import _tiny, one_tensor_gguf
 from pangu_infer.loader import load_model
 from pangu_infer.loader import gguf_tensors
 from pangu_infer.quant import cpu_int4, transcode
@@ -15,20 +15,6 @@ from pangu_infer.quant.formats import QuantizationConfig, QuantizedTensor, pack_
 from pangu_infer.quant.modules import PackedWeight
 
 pytestmark = pytest.mark.skipif(transcode.library() is None, reason="no C compiler: the Python repacking runs")
-
-
-def _gguf_tensor(path, blocks: np.ndarray, qtype):
-    """The raw blocks [rows, bytes] written as one tensor by gguf's writer, and read back mapped (the
-    loader gives a slice's file pages back once read: they must be a file's)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("t", blocks, raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return gguf.GGUFReader(str(path)).tensors[0]
 
 
 def _python(monkeypatch):
@@ -73,7 +59,7 @@ def test_q4_blocks_give_the_python_paths_bytes_for_every_f16_scale(tmp_path, mon
     from gguf import GGMLQuantizationType as Q
 
     raw, k = _blocks_with_every_f16(qtype_name)
-    t = _gguf_tensor(tmp_path / "t.gguf", raw, Q[qtype_name])
+    t = one_tensor_gguf(tmp_path / "t.gguf", raw, Q[qtype_name])
     setting = QuantizationConfig("int4", 32)
     fast = gguf_tensors.convert(t, setting)
     _python(monkeypatch)
