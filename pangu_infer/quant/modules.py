@@ -162,8 +162,9 @@ class PackedWeight(nn.Module):
         zeros = 2 if qt.zero is not None and bool(qt.zero.to(torch.bfloat16).view(torch.int16).any()) else 1
         scales = qt.scale.reshape(-1, *qt.scale.shape[-2:])
         zero_mats = qt.zero.reshape(-1, *qt.zero.shape[-2:]) if zeros == 2 else [None] * len(scales)
-        sz = torch.stack([cpu_int4.pack_scales(F.pad(s, (0, 0, 0, pad)), None if z is None else F.pad(z, (0, 0, 0, pad)))
-                          for s, z in zip(scales, zero_mats)])  # padded rows: scale 0 and zero 0 give 0
+        sz = torch.empty(len(scales), (n + pad) // cpu_int4.ROW_BLOCK, qt.scale.shape[-1], zeros, cpu_int4.ROW_BLOCK, dtype=torch.bfloat16)
+        for i, (s, z) in enumerate(zip(scales, zero_mats)):  # experts one at a time; padded rows: scale 0, zero 0
+            sz[i].copy_(cpu_int4.pack_scales(F.pad(s, (0, 0, 0, pad)), None if z is None else F.pad(z, (0, 0, 0, pad))))
         self.register_buffer("scales", sz.reshape(*lead, *sz.shape[1:]))
         # The codes: in qt's own storage where the caller gives it up (the pairs and the kernel's
         # layout take the same bytes when no row is padded), else into a new tensor by transcode's
