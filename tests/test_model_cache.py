@@ -349,3 +349,26 @@ def test_the_read_back_check_keeps_one_slice_of_the_copy_resident(cache_dir, mon
 def _mapped_files() -> set:
     with open("/proc/self/maps", encoding="utf-8") as f:
         return {parts[5] for parts in (line.split() for line in f) if len(parts) > 5}
+
+
+def test_a_large_files_first_load_shows_its_conversion_and_cache_write(tiny_file, cache_dir, monkeypatch, capsys):
+    """Files above loader.PROGRESS_BYTES (here: every file) get a bar for each half of a first load
+    (a 7B's conversion and its cache write take over ten seconds each); the cached load shows none."""
+    import pangu_infer.loader as loader
+
+    monkeypatch.setattr(loader, "PROGRESS_BYTES", 0)
+    for f in _files(cache_dir):
+        f.unlink()
+    capsys.readouterr()
+    LLM(str(tiny_file), enforce_eager=True)
+    err = capsys.readouterr().err
+    assert "converting weights" in err and "100%" in err and "writing the model cache" in err
+    LLM(str(tiny_file), enforce_eager=True)
+    err = capsys.readouterr().err
+    assert "converting weights" not in err and "writing the model cache" not in err
+    monkeypatch.setattr(loader, "PROGRESS_BYTES", 256 << 20)
+    for f in _files(cache_dir):
+        f.unlink()
+    LLM(str(tiny_file), enforce_eager=True)
+    err = capsys.readouterr().err
+    assert "converting weights" not in err and "writing the model cache" not in err  # a small file: quiet

@@ -437,7 +437,8 @@ def _load_gguf(
     if settings and any(v is not None for v in settings.values()):
         any_setting = next(v for v in by_target.values())
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
-    net.load_weights(iter_weights(ckpt, settings), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
+    progress = os.path.getsize(path) > PROGRESS_BYTES
+    net.load_weights(iter_weights(ckpt, settings, progress), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
     if half is not None:
         _keep_half(net)
     net.eval()
@@ -446,7 +447,7 @@ def _load_gguf(
     # far (loading may have measured some): they decided the layout.
     if use_cache and hook is not None:
         extras = {"config": ckpt.config, "tokenizer_spec": ckpt.tokenizer_spec}
-        model_cache.store(net, key, _build_cached, extras)
+        model_cache.store(net, key, _build_cached, extras, progress)
     tok = load_gguf_tokenizer(ckpt) if load_tokenizer else None
     return LoadedModel(net, cfg, tok, {}, path)
 

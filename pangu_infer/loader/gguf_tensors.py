@@ -207,34 +207,48 @@ def permute_quantized_rows(qt: QuantizedTensor, fn) -> QuantizedTensor:
     return QuantizedTensor(qt.method, fn(qt.qweight), fn(qt.scale), None if qt.zero is None else fn(qt.zero))
 
 
-def iter_weights(ckpt: Any, settings: dict[str, Optional[QuantizationConfig]]) -> Iterator[tuple[str, Weight]]:
+def iter_weights(ckpt: Any, settings: dict[str, Optional[QuantizationConfig]], progress: bool = False) -> Iterator[tuple[str, Weight]]:
     """(HF name, tensor) of a GGUFCheckpoint: a QuantizedTensor where `settings` (HF tensor name ->
-    setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32)."""
+    setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32).
+    progress: a bar over the file's tensor bytes (as the safetensors loader's)."""
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(int(t.n_bytes) for t in ckpt.reader.tensors), unit="B", unit_scale=True, desc="converting weights")
+    try:
+        for t in ckpt.reader.tensors:
+            if ckpt.hf_names.get(t.name) is not None:
+                yield _converted(ckpt, t, settings)
+            if bar is not None:
+                bar.update(int(t.n_bytes))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfig]]) -> tuple[str, Weight]:
+    """iter_weights' (HF name, tensor) for one GGUF tensor."""
     from pangu_infer.loader.gguf import _dequantize, unpermute_rows
 
-    heads = ckpt.config["num_attention_heads"]
-    kv_heads = ckpt.config["num_key_value_heads"]
-    for t in ckpt.reader.tensors:
-        hf_name = ckpt.hf_names.get(t.name)
-        if hf_name is None:
-            continue
-        setting = settings.get(hf_name)
-        if setting is None:
-            x: Weight = _dequantize(t, ckpt.path)  # a copy
-            _drop(_rows(t))
-        else:
-            x = convert(t, setting)
-        n_head = None
-        if ckpt.permuted_qk and ".self_attn.q_proj." in hf_name:
-            n_head = heads
-        elif ckpt.permuted_qk and ".self_attn.k_proj." in hf_name:
-            n_head = kv_heads
-        if n_head is not None:
-            def fn(y, n_head=n_head):
-                return unpermute_rows(y, n_head)
+    hf_name = ckpt.hf_names[t.name]
+    setting = settings.get(hf_name)
+    if setting is None:
+        x: Weight = _dequantize(t, ckpt.path)  # a copy
+        _drop(_rows(t))
+    else:
+        x = convert(t, setting)
+    n_head = None
+    if ckpt.permuted_qk and ".self_attn.q_proj." in hf_name:
+        n_head = ckpt.config["num_attention_heads"]
+    elif ckpt.permuted_qk and ".self_attn.k_proj." in hf_name:
+        n_head = ckpt.config["num_key_value_heads"]
+    if n_head is not None:
+        def fn(y, n_head=n_head):
+            return unpermute_rows(y, n_head)
 
-            x = fn(x) if isinstance(x, torch.Tensor) else permute_quantized_rows(x, fn)
-        yield hf_name, x
+        x = fn(x) if isinstance(x, torch.Tensor) else permute_quantized_rows(x, fn)
+    return hf_name, x
 
 
 def plan_settings(

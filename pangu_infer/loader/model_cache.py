@@ -290,9 +290,10 @@ def _header_bytes(header: dict) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = None) -> None:
+def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = None, progress: bool = False) -> None:
     """Write the model's snapshot (and `extras`, JSON: what else the load needs, such as the config
-    and tokenizer read from the GGUF header) to `target` atomically; CacheError if it cannot be described."""
+    and tokenizer read from the GGUF header) to `target` atomically; CacheError if it cannot be
+    described. progress: a bar over the bytes written (a 7B's 4.8 GB take as long as converting it)."""
     extras = extras or {}
     if json.loads(json.dumps(extras)) != extras:
         raise CacheError("the config or tokenizer does not survive JSON")
@@ -316,6 +317,11 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
     if shutil.disk_usage(target.parent).free < size + DISK_MARGIN:
         raise CacheError(f"not enough free disk space in {target.parent} for {size >> 20} MiB")
     fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=size, unit="B", unit_scale=True, desc="writing the model cache")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(head)
@@ -323,6 +329,8 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
                 # Strided tensors are written in their logical (row-major) order; `strides` restores the view.
                 data = t.detach().contiguous().view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
                 f.write(memoryview(data.numpy()).cast("B") if data.numel() else b"")
+                if bar is not None:
+                    bar.update(data.numel())
         os.replace(tmp, target)
     except BaseException:
         try:
@@ -330,6 +338,9 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
         except OSError:
             pass
         raise
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -571,12 +582,14 @@ def load(path: str, key: dict, build: Callable[[dict], nn.Module]) -> Optional[t
         return None
 
 
-def store(model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extras: Optional[dict] = None) -> Optional[Path]:
+def store(
+    model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extras: Optional[dict] = None, progress: bool = False
+) -> Optional[Path]:
     """Write the model's snapshot, check it reads back as the same model, and keep it; on any
-    problem keep nothing and say why in one line."""
+    problem keep nothing and say why in one line. progress: write's bar."""
     target = cache_file(key)
     try:
-        write(model, key, target, extras)
+        write(model, key, target, extras, progress)
     except CacheError as e:
         warn(f"not cached ({e})")
         return None
