@@ -231,11 +231,11 @@ def library() -> Optional[ctypes.CDLL]:
     lib.pangu_pairs_to_octets.restype = ctypes.c_int
     lib.pangu_pairs_to_octets.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64]
     lib.pangu_pairs_to_octets_in_place.restype = ctypes.c_int
+    lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.pangu_q4k_to_pairs.restype = ctypes.c_int
     lib.pangu_q4k_to_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.pangu_dequantize.restype = ctypes.c_int
     lib.pangu_dequantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
-    lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     return lib
 
 
