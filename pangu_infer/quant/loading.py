@@ -94,7 +94,12 @@ def resolve_quantization(
 
 
 class LoadHook:
-    """Takes the weights that are quantized or offloaded while `load_weights` runs."""
+    """Takes the weights that are quantized or offloaded while `load_weights` runs.
+
+    memory_mapped: the checkpoint's tensors may be views of a mapped file (safetensors): their pages
+    are given back as they are read, and a pre-quantized tensor that lies in the file is never laid
+    out over its own storage. False (the GGUF loader: its tensors are converted copies) lets every
+    int4 weight be rearranged in place."""
 
     def __init__(
         self,
@@ -189,7 +194,8 @@ class LoadHook:
         if self.kinds[target] == "embedding":
             self.ready[target] = qt
         else:  # qt is this loader's own copy unless it lies in a mapped file (a pre-quantized checkpoint's)
-            consume = qt.method == "int4" and qt.qweight.device.type == "cpu" and not is_file_backed(qt.qweight, file_backed_ranges())
+            mapped = self.memory_mapped and is_file_backed(qt.qweight, file_backed_ranges())  # (GGUF: converted copies)
+            consume = qt.method == "int4" and qt.qweight.device.type == "cpu" and not mapped
             self.ready[target] = PackedWeight(qt, self.device, self.dtype, consume=consume)
         self.laid_out += qt.nbytes()
 
