@@ -187,6 +187,8 @@ def convert(t: Any, setting: QuantizationConfig) -> QuantizedTensor:
 def _convert_q4_in_c(t: Any, data: np.ndarray, n: int, k: int) -> Optional[QuantizedTensor]:
     """convert's Q4_0 / Q4_1 / Q4_K path by pangu_infer.quant.transcode's C pass (the same bytes),
     slices of C_CHUNK_ELEMENTS weights; None where that library is not here."""
+    if transcode.library() is None:
+        return None
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     scale = torch.empty(n, k // GGUF_GROUP, dtype=SCALE_DTYPE)
     zero = torch.empty(n, k // GGUF_GROUP, dtype=SCALE_DTYPE)
@@ -211,20 +213,14 @@ def iter_weights(ckpt: Any, settings: dict[str, Optional[QuantizationConfig]], p
     """(HF name, tensor) of a GGUFCheckpoint: a QuantizedTensor where `settings` (HF tensor name ->
     setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32).
     progress: a bar over the file's tensor bytes (as the safetensors loader's)."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=sum(int(t.n_bytes) for t in ckpt.reader.tensors), unit="B", unit_scale=True, desc="converting weights")
-    try:
+    total = sum(int(t.n_bytes) for t in ckpt.reader.tensors)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting weights", disable=not progress) as bar:
         for t in ckpt.reader.tensors:
             if ckpt.hf_names.get(t.name) is not None:
                 yield _converted(ckpt, t, settings)
-            if bar is not None:
-                bar.update(int(t.n_bytes))
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(int(t.n_bytes))
 
 
 def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfig]]) -> tuple[str, Weight]:

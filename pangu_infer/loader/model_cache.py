@@ -316,31 +316,25 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
     target.parent.mkdir(parents=True, exist_ok=True)
     if shutil.disk_usage(target.parent).free < size + DISK_MARGIN:
         raise CacheError(f"not enough free disk space in {target.parent} for {size >> 20} MiB")
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc="writing the model cache")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(head)
-            for _, t in writes:
-                # Strided tensors are written in their logical (row-major) order; `strides` restores the view.
-                data = t.detach().contiguous().view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
-                f.write(memoryview(data.numpy()).cast("B") if data.numel() else b"")
-                if bar is not None:
-                    bar.update(data.numel())
-        os.replace(tmp, target)
-    except BaseException:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    with tqdm(total=size, unit="B", unit_scale=True, desc="writing the model cache", disable=not progress) as bar:
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+            with os.fdopen(fd, "wb") as f:
+                f.write(head)
+                for _, t in writes:
+                    # Strided tensors are written in their logical (row-major) order; `strides` restores the view.
+                    data = t.detach().contiguous().view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+                    f.write(memoryview(data.numpy()).cast("B") if data.numel() else b"")
+                    bar.update(data.numel())
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
 
 # ------------------------------------------------------------------------------------ reading

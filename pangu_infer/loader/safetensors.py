@@ -78,22 +78,15 @@ def matrix_dtypes(files: list[str]) -> set[str]:
 
 def iter_safetensors(files: list[str], progress: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard; tensors are views of the mapped file."""
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=checkpoint_bytes(files), unit="B", unit_scale=True, desc="loading weights")
-    try:
+    with tqdm(total=checkpoint_bytes(files) if progress else 0, unit="B", unit_scale=True, desc="loading weights", disable=not progress) as bar:
         for path in files:
             with open_safetensors(path) as f:
                 for name in f.keys():
                     tensor = f.get_tensor(name)
                     yield name, tensor
-                    if bar is not None:
-                        bar.update(tensor.numel() * tensor.element_size())
-    finally:
-        if bar is not None:
-            bar.close()
+                    bar.update(tensor.numel() * tensor.element_size())
 
 
 def iter_quantized_safetensors(files: list[str]) -> Iterator[tuple[str, Weight]]:

@@ -57,6 +57,16 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+/* n code bytes whose low nibbles are columns 0 .. n - 1 and high nibbles columns n .. 2n - 1 (a Q4_0 /
+   Q4_1 block's 16 bytes, a Q4_K chunk's 32) -> n bytes of packed pairs, column 2i in the high nibble
+   of byte i, 2i + 1 in the low. */
+static inline void nibble_pairs(const uint8_t* q, int n, uint8_t* out) {
+  for (int j = 0; j < n / 2; j++) {
+    out[j] = (uint8_t)(((q[2 * j] & 15) << 4) | (q[2 * j + 1] & 15));
+    out[n / 2 + j] = (uint8_t)((q[2 * j] & 0xf0) | (q[2 * j + 1] >> 4));
+  }
+}
+
 /* rows x blocks of Q4_0 (head 2: f16 d, then 16 bytes of codes) or Q4_1 (head 4: f16 d, f16 m): the
    packed pairs [rows, 16 * blocks] (byte i: column 2i in the high nibble, 2i + 1 in the low; in a
    block, columns 0-15 are the low nibbles of its 16 code bytes, 16-31 the high ones), the scale d and
@@ -79,10 +89,7 @@ int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t 
     } else {
       zero[i] = 0.0f;
     }
-    for (int j = 0; j < 8; j++) {
-      out[j] = (uint8_t)(((qs[2 * j] & 15) << 4) | (qs[2 * j + 1] & 15));
-      out[8 + j] = (uint8_t)((qs[2 * j] & 0xf0) | (qs[2 * j + 1] >> 4));
-    }
+    nibble_pairs(qs, 16, out);
   }
   return 0;
 }
@@ -110,14 +117,7 @@ int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t
       scale[i * 8 + j] = ds;
       zero[i * 8 + j] = 8.0f * ds - dm;
     }
-    for (int c = 0; c < 4; c++) {
-      const uint8_t* q = qs + 32 * c;
-      uint8_t* o = out + 32 * c;
-      for (int j = 0; j < 16; j++) {
-        o[j] = (uint8_t)(((q[2 * j] & 15) << 4) | (q[2 * j + 1] & 15));
-        o[16 + j] = (uint8_t)((q[2 * j] & 0xf0) | (q[2 * j + 1] >> 4));
-      }
-    }
+    for (int c = 0; c < 4; c++) nibble_pairs(qs + 32 * c, 32, out + 32 * c);
   }
   return 0;
 }
