@@ -15,7 +15,16 @@ Then one process timed phase by phase (`--breakdown`, the default): imports, the
 (a hit maps the converted model, its config and tokenizer spec), the GGUF header, the weights, the
 tokenizer, packing, the engine (KV cache), the first answer, and the wait for the compiled step.
 
+`--first-load` instead times a first start, each run with an empty model cache folder (the file
+converted, the model cache written): when `LLM(file)` returns, when the first answer (8 tokens)
+is back, when the process has ended (it waits for a cache write still running), then the next
+start's `LLM(file)`. Rows: the default (above model_cache.BACKGROUND_BYTES the file is written and
+checked after the load returns, with O_DIRECT); the write inside the load (O_DIRECT); the write
+inside the load through the page cache (O_DIRECT refused, as on a file system without it);
+llama.cpp loading the file and answering 8 tokens, when installed.
+
     .venv/bin/python benchmarks/startup.py [--model FILE.gguf] [--runs 3] [--no-breakdown] [--no-wait-row]
+    .venv/bin/python benchmarks/startup.py --model FILE.gguf --first-load [--runs 2]
 """
 
 from __future__ import annotations
@@ -93,7 +102,80 @@ print(json.dumps(marks))
 """
 
 
+# A first start: LLM(file) with the cache folder empty, as JSON on stdout (the parent times the
+# process's end). argv: file, how the cache is written (background | inside | inside-buffered | hit)
+FIRST_LOAD = """
+import json, sys, time
+t0 = time.perf_counter()
+import pangu_infer.loader.model_cache as MC
+from pangu_infer import LLM, SamplingParams
+how = sys.argv[2]
+if how.startswith("inside"):
+    MC.BACKGROUND_BYTES = 1 << 62
+if how == "inside-buffered":
+    class Refused:
+        def __init__(self, path):
+            raise MC._DirectRefused()
+    MC._DirectSink = Refused
+llm = LLM(sys.argv[1], enforce_eager=True)
+t1 = time.perf_counter()
+llm.generate("Hi", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+print(json.dumps({"loaded": t1 - t0, "answered": time.perf_counter() - t0}))
+"""
+
+LLAMA_CPP_8 = """
+import json, sys, time
+t0 = time.perf_counter()
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_threads=2, verbose=False)
+t1 = time.perf_counter()
+llm("Hi", max_tokens=8)
+print(json.dumps({"loaded": t1 - t0, "answered": time.perf_counter() - t0}))
+"""
+
 NO_CACHE = {"PANGU_INFER_MODEL_CACHE": "0"}
+
+
+def first_loads(model: str, runs: int) -> None:
+    """--first-load: see the module docstring."""
+    import shutil
+    import tempfile
+
+    py = sys.executable
+    rows = {
+        "no flags (written after the load)": "background",
+        "written inside the load (O_DIRECT)": "inside",
+        "inside the load, through the page cache": "inside-buffered",
+    }
+    try:
+        import llama_cpp  # noqa: F401
+
+        rows["llama-cpp-python: load + 8 tokens"] = "llama.cpp"
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp row", file=sys.stderr)
+    figures: dict[str, dict[str, list[float]]] = {name: {} for name in rows}
+    for _ in range(runs):
+        for name, how in rows.items():
+            folder = tempfile.mkdtemp(prefix="pangu-first-load-")
+            env = {"PANGU_INFER_MODEL_CACHE": "1", "PANGU_INFER_MODEL_CACHE_DIR": folder}
+            try:
+                cmd = [py, "-c", LLAMA_CPP_8, model] if how == "llama.cpp" else [py, "-c", FIRST_LOAD, model, how]
+                wall, out, _ = timed(cmd, env)
+                marks = json.loads(out.strip().splitlines()[-1]) | {"ended": wall}
+                if how != "llama.cpp":
+                    assert os.listdir(folder), f"{name}: no cache file written"
+                    _, out, _ = timed([py, "-c", FIRST_LOAD, model, "hit"], env)
+                    marks["next start: loaded"] = json.loads(out.strip().splitlines()[-1])["loaded"]
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            for k, v in marks.items():
+                figures[name].setdefault(k, []).append(v)
+    print(f"{os.path.basename(model)}: a first start (empty model cache folder), seconds from the process's start, "
+          f"median of {runs} alternating runs")
+    print(f"{'':42s}{'loaded':>9s}{'answered':>10s}{'ended':>8s}{'next start':>12s}")
+    for name, marks in figures.items():
+        cells = [statistics.median(marks[k]) if k in marks else float("nan") for k in ("loaded", "answered", "ended", "next start: loaded")]
+        print(f"{name:42s}" + "".join(f"{c:{w}.1f}" for c, w in zip(cells, (9, 10, 8, 12))))
 
 
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str, str]:
@@ -111,11 +193,15 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--no-breakdown", action="store_true", help="skip the phase-by-phase process")
     ap.add_argument("--no-wait-row", action="store_true", help="skip the row that waits for the compiled step")
+    ap.add_argument("--first-load", action="store_true", help="time first starts instead (see above)")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from pangu_infer.loader import demo_model_path
 
     model = args.model or demo_model_path()
+    if args.first_load:
+        first_loads(model, args.runs)
+        return
     py = sys.executable
     gen = [py, "-m", "pangu_infer.cli", "generate", "--model", model, "--prompt", "Hi", "--max-tokens", "1", "--stats"]
     rows = {

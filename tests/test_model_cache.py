@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -318,32 +323,124 @@ def _resident_bytes_of(path: str) -> int:
     return total
 
 
-def test_the_read_back_check_keeps_one_slice_of_the_copy_resident(cache_dir, monkeypatch):
-    """store() reads the written file back to compare it: each slice of the mapped copy is given back
-    once compared, so a first load never holds a second resident model (its peak RSS)."""
-    slice_bytes = 256 << 10
-    monkeypatch.setattr(model_cache, "COMPARE_BYTES", slice_bytes)
-    model = torch.nn.Linear(2048, 2048, bias=False)  # a 16 MiB weight: 64 slices
+def _linear_key(cache_dir, n: int = 2048):
+    """A key for a bare Linear model of n x n float32 weights (a fake source file)."""
     source = cache_dir.parent / "weights.gguf"
     source.write_bytes(b"GGUF")
-    key = model_cache.cache_key(str(source), torch.float32, torch.device("cpu"), "auto")
+    return model_cache.cache_key(str(source), torch.float32, torch.device("cpu"), "auto")
+
+
+def _meta_linear(n: int = 2048):
+    return lambda extras: torch.nn.Linear(n, n, bias=False, device="meta")
+
+
+def test_the_read_back_check_reads_the_file_through_one_buffer_not_the_mapping(cache_dir, monkeypatch):
+    """store() checks the file it wrote against the model: read() maps it (its tensors views of the
+    file), and the bytes are read from the disk through one buffer of DIRECT_CHUNK: the copy's mapping
+    never becomes resident, so a first load never holds a second model (its peak RSS)."""
+    monkeypatch.setattr(model_cache, "DIRECT_CHUNK", 256 << 10)
+    model = torch.nn.Linear(2048, 2048, bias=False)  # a 16 MiB weight: 64 buffers' worth
+    key = _linear_key(cache_dir)
     resident: list[int] = []
-    real_same = model_cache.same_model
+    real_same_bytes = model_cache._same_bytes
 
-    def same_model(a, b, compared=None):
-        def watch(t):
-            compared(t)
-            resident.append(_resident_bytes_of(str(model_cache.cache_file(key))))
+    def same_bytes(path, expected, writing, compared):
+        assert compared is None
+        return real_same_bytes(path, expected, writing, lambda: resident.append(_resident_bytes_of(str(path))))
 
-        return real_same(a, b, compared=watch)
-
-    monkeypatch.setattr(model_cache, "same_model", same_model)
-    written = model_cache.store(model, key, lambda extras: torch.nn.Linear(2048, 2048, bias=False, device="meta"))
+    monkeypatch.setattr(model_cache, "_same_bytes", same_bytes)
+    written = model_cache.store(model, key, _meta_linear())
     assert written is not None and written.is_file()
     assert len(resident) >= 64
-    # Never the whole copy (16 MiB): a slice, plus what the kernel maps around a fault (fault-around,
-    # readahead) of a file whose pages are all in the page cache, having just been written.
-    assert max(resident) <= 4 << 20, resident
+    assert max(resident) <= 1 << 20, resident  # (the header and extras pages, at most)
+
+
+def test_a_written_byte_that_differs_is_caught_and_nothing_is_kept(cache_dir, monkeypatch, capsys):
+    model = torch.nn.Linear(2048, 2048, bias=False)
+    key = _linear_key(cache_dir)
+    real_write_file = model_cache._write_file
+
+    def write_file(path, *args, **kwargs):
+        real_write_file(path, *args, **kwargs)
+        with open(path, "r+b") as f:  # one byte in the middle of the weight
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 1]))
+
+    monkeypatch.setattr(model_cache, "_write_file", write_file)
+    assert model_cache.store(model, key, _meta_linear()) is None
+    assert "tensor 'weight' differs" in capsys.readouterr().err
+    assert not _files(cache_dir)
+
+
+def test_a_tensor_the_read_back_does_not_take_from_the_file_is_caught(cache_dir, monkeypatch, capsys):
+    """The bytes are compared at the header's offsets: a copy whose tensor is not the view of those
+    bytes (here an equal tensor in memory) fails the check, though its values are the same."""
+    model = torch.nn.Linear(2048, 2048, bias=False)
+    key = _linear_key(cache_dir)
+    real_read = model_cache.read
+
+    def read(*args, **kwargs):
+        copy, extras = real_read(*args, **kwargs)
+        copy.weight = torch.nn.Parameter(copy.weight.detach().clone(), requires_grad=copy.weight.requires_grad)
+        return copy, extras
+
+    monkeypatch.setattr(model_cache, "read", read)
+    assert model_cache.store(model, key, _meta_linear()) is None
+    assert "tensor 'weight' is not read from its place in the file" in capsys.readouterr().err
+    assert not _files(cache_dir)
+
+
+def test_a_file_system_without_o_direct_gets_the_same_file_by_plain_writes(cache_dir, monkeypatch):
+    """O_DIRECT (the default where the file system takes it) and plain buffered writes give the same
+    bytes; a file system that refuses O_DIRECT at the first write (EINVAL) gets the plain ones."""
+    import errno
+    import fcntl
+
+    model = torch.nn.Linear(1000, 999, bias=True)  # sizes off every alignment: a padded, cut tail
+    key = _linear_key(cache_dir)
+    build = lambda extras: torch.nn.Linear(1000, 999, bias=True, device="meta")  # noqa: E731
+    direct = model_cache.store(model, key, build)
+    assert direct is not None
+    direct_bytes = direct.read_bytes()
+    direct.unlink()
+    real_write, refused = os.write, []
+
+    def write(fd, data):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    plain = model_cache.store(model, key, build)
+    assert refused and plain is not None and plain.read_bytes() == direct_bytes
+    monkeypatch.undo()
+    monkeypatch.delattr(os, "O_DIRECT")  # (no such flag: macOS)
+    plain.unlink()
+    assert model_cache.store(model, key, build).read_bytes() == direct_bytes
+
+
+def test_the_temporary_file_of_a_process_that_died_mid_write_is_removed(cache_dir):
+    model = torch.nn.Linear(64, 64, bias=False)
+    key = _linear_key(cache_dir)
+    target = model_cache.cache_file(key)
+    cache_dir.mkdir(parents=True)
+    dead = 2**22 + 12345  # above the largest pid Linux gives (pid_max <= 2^22)
+    old = time.time() - model_cache.ABANDONED_SECONDS - 60
+    abandoned = cache_dir / f"{target.name}.{dead}.x1.tmp"
+    live = cache_dir / f"{target.name}.{os.getpid()}.x2.tmp"  # a running process: maybe still writing
+    fresh = cache_dir / f"{target.name}.{dead}.x3.tmp"  # touched lately: maybe another machine's process
+    forgotten = cache_dir / f"{target.name}.{os.getpid()}.x4.tmp"  # a day old: its pid reused since
+    for tmp in (abandoned, live, fresh, forgotten):
+        tmp.write_bytes(b"partial")
+    os.utime(abandoned, (old, old))
+    os.utime(live, (old, old))
+    older = time.time() - model_cache.FORGOTTEN_SECONDS - 60
+    os.utime(forgotten, (older, older))
+    assert model_cache.store(model, key, _meta_linear(64)) == target
+    assert not abandoned.exists() and live.exists() and fresh.exists() and not forgotten.exists()
 
 
 def _mapped_files() -> set:
@@ -372,3 +469,110 @@ def test_a_large_files_first_load_shows_its_conversion_and_cache_write(tiny_file
     LLM(str(tiny_file), enforce_eager=True)
     err = capsys.readouterr().err
     assert "converting weights" not in err and "writing the model cache" not in err  # a small file: quiet
+
+
+# ------------------------------------------------------------------ writing in the background
+@pytest.fixture
+def held_writes(monkeypatch):
+    """From now on every model's cache is written in the background (BACKGROUND_BYTES 0), and each
+    background write waits for the event before it starts."""
+    monkeypatch.setattr(model_cache, "BACKGROUND_BYTES", 0)
+    go = threading.Event()
+    real = model_cache._store
+
+    def store(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            assert go.wait(120)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_cache, "_store", store)
+    yield go
+    go.set()
+    assert model_cache.wait(timeout=120)
+
+
+def test_a_large_models_cache_is_written_after_the_load_returns_as_the_model_was_loaded(
+    tiny_file, cache_dir, monkeypatch, held_writes, capsys
+):
+    """Above BACKGROUND_BYTES the load returns before the file is written (a 7B's write takes as long
+    as its conversion); the engine serves meanwhile, and the file holds the model as the load left
+    it, whatever the runner replaces afterwards."""
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    ref_logits, ref_tokens = _answer(LLM(str(tiny_file), enforce_eager=True))
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "1")
+    capsys.readouterr()
+    first = LLM(str(tiny_file), enforce_eager=True)
+    assert "in the background" in capsys.readouterr().err
+    assert not _files(cache_dir) and not model_cache.wait(timeout=0)  # not written yet
+    logits, tokens = _answer(first)
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+    for name, _ in list(first.model.named_children()):  # after the load: modules replaced
+        setattr(first.model, name, torch.nn.Identity())
+    held_writes.set()
+    assert model_cache.wait(timeout=120)
+    (written,) = _files(cache_dir)
+    assert not list(cache_dir.glob("*.tmp"))
+    calls = _conversions(monkeypatch)
+    second = LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []
+    logits, tokens = _answer(second)
+    assert torch.equal(logits, ref_logits) and tokens == ref_tokens
+
+
+def test_a_load_of_the_same_file_waits_for_the_write_in_flight(tiny_file, cache_dir, monkeypatch, held_writes):
+    LLM(str(tiny_file), enforce_eager=True)
+    calls = _conversions(monkeypatch)
+    threading.Timer(0.5, held_writes.set).start()
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []  # mapped from the file the first load's write left, not converted again
+    assert len(_files(cache_dir)) == 1
+
+
+_EXIT_SCRIPT = """
+import sys, time
+import torch
+torch.set_num_threads(int(sys.argv[3]))  # (the cache key holds the thread count: the test process's)
+from pangu_infer import LLM
+from pangu_infer.loader import model_cache
+model_cache.BACKGROUND_BYTES = 0
+real = model_cache._write_file
+
+def slow(path, head, writes, bar, writing, direct):
+    deadline = time.monotonic() + float(sys.argv[2])
+    while time.monotonic() < deadline and not writing.cancel.is_set():
+        time.sleep(0.02)
+    return real(path, head, writes, bar, writing, direct)
+
+model_cache._write_file = slow
+LLM(sys.argv[1], enforce_eager=True)
+print("loaded", flush=True)
+"""
+
+
+def test_a_process_that_ends_during_the_write_finishes_it_first(tiny_file, cache_dir, monkeypatch):
+    proc = subprocess.run([sys.executable, "-c", _EXIT_SCRIPT, str(tiny_file), "1.5", str(torch.get_num_threads())], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "loaded" in proc.stdout and "finishing the write of" in proc.stderr
+    assert len(_files(cache_dir)) == 1 and not list(cache_dir.glob("*.tmp"))
+    calls = _conversions(monkeypatch)
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []
+
+
+def test_ctrl_c_while_the_exit_waits_for_the_write_keeps_nothing(tiny_file, cache_dir):
+    proc = subprocess.Popen([sys.executable, "-c", _EXIT_SCRIPT, str(tiny_file), "120", str(torch.get_num_threads())], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "finishing the write of" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = "".join(lines) + rest
+    assert "not cached (interrupted)" in err, err
+    assert "Traceback" not in err and "terminate called" not in err and proc.returncode == 0, (proc.returncode, err)
+    assert not _files(cache_dir) and not list(cache_dir.glob("*.tmp"))

@@ -419,6 +419,7 @@ def _load_gguf(
     if use_cache:
         key = model_cache.cache_key(path, dtype, device, quantization)
         converted = model_cache.cache_file(key)
+        model_cache.wait(converted)  # this process's own write of it, in the background since its first load
         if converted.is_file():  # the converted model maps from it: its size is what the weights take
             check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half, need=converted.stat().st_size)
         hit = model_cache.load(path, key, _build_cached)

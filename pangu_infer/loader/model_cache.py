@@ -17,10 +17,17 @@ file deleted, converts again). A measurement added for other shapes, by another 
 process, leaves it valid.
 
 Safety:
-- written to a temporary file and renamed into place: a reader never sees a partial file;
+- written to a temporary file and renamed into place: a reader never sees a partial file; the
+  temporary file of a process killed mid-write is removed by a later write;
 - checked before it is kept: the file is loaded back at once and must reproduce every module
   class, plain attribute, tensor (bitwise, with its strides) and shared tensor of the model that
   was just converted; a model that does not round-trip is not cached;
+- a model above BACKGROUND_BYTES is snapshotted at load (its module tree and tensor references)
+  and written and checked in a thread after the load returns; a load of the same file in this
+  process waits for it, and the process waits for it at exit, saying so (Ctrl-C: nothing kept);
+- written with O_DIRECT from one aligned buffer, and checked by reading it the same way, where
+  the file system allows: the page cache's write path cost 2.8 s of CPU per GB on the VMs of
+  benchmarks/RESULTS.md (a 7B's first load: 35 s, 20 of them writing and checking the file);
 - a file that cannot be read back (truncated, another key, bad header) is ignored with one
   warning line, and the normal load rewrites it;
 - files written for another version of the same GGUF path (another size or mtime, engine source
@@ -36,6 +43,7 @@ with aligned loads), the gaps filled by small `__pad__.N` tensors.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -44,14 +52,17 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import numpy
 import torch
 from torch import nn
 
 from pangu_infer.machine import cache_root, changed_choices, choices_made, engine_settings, source_hash
-from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed
 
 FORMAT = "pangu-infer-model-cache/2"
 EXTRAS = "__extras__.json"  # the U8 tensor holding the extras (config, tokenizer spec) as JSON
@@ -254,6 +265,32 @@ def describe(model: nn.Module) -> tuple[list[dict], dict[str, torch.Tensor]]:
     return modules, tensors
 
 
+@dataclass
+class Snapshot:
+    """A model as its load left it: the module tree and tensors of describe() (references: a write
+    in the background reads them later; the runner replaces modules after load, it does not change
+    their tensors), the types of the attributes the format cannot hold, in named_modules' order,
+    and the kernel choices made so far (they decided the layout)."""
+
+    modules: list[dict]
+    tensors: dict[str, torch.Tensor]
+    opaque: list[tuple[str, str, str]]
+    choices: dict = field(default_factory=dict)
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """The model's Snapshot; CacheError when it holds something this format cannot rebuild."""
+    modules, tensors = describe(model)
+    opaque = [
+        (path, name, _class_name(type(value)))
+        for path, module in model.named_modules(remove_duplicate=False)
+        for name, value in module.__dict__.items()
+        if name not in _MODULE_INTERNALS and not name.startswith("_") and not isinstance(value, torch.Tensor)
+        and not _encode(value)[0]
+    ]
+    return Snapshot(modules, tensors, opaque, choices_made())
+
+
 # ------------------------------------------------------------------------------------ writing
 
 
@@ -290,14 +327,19 @@ def _header_bytes(header: dict) -> bytes:
     return len(raw).to_bytes(8, "little") + raw
 
 
-def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = None, progress: bool = False) -> None:
+def write(
+    model: "nn.Module | Snapshot", key: dict, target: Path, extras: Optional[dict] = None, progress: bool = False,
+    writing: Optional["_Write"] = None,
+) -> None:
     """Write the model's snapshot (and `extras`, JSON: what else the load needs, such as the config
     and tokenizer read from the GGUF header) to `target` atomically; CacheError if it cannot be
-    described. progress: a bar over the bytes written (a 7B's 4.8 GB take as long as converting it)."""
+    described. progress: a bar over the bytes written (a 7B's 4.8 GB take as long as converting it).
+    writing: a background write's record (its bytes written; a cancel stops it between tensors)."""
     extras = extras or {}
     if json.loads(json.dumps(extras)) != extras:
         raise CacheError("the config or tokenizer does not survive JSON")
-    modules, tensors = describe(model)
+    snap = model if isinstance(model, Snapshot) else snapshot(model)
+    tensors = dict(snap.tensors)
     # The extras (a tokenizer's vocabulary and merges: megabytes) as one UTF-8 tensor, parsed once:
     # a JSON string inside the JSON header would be parsed twice, escaped.
     tensors[EXTRAS] = torch.frombuffer(bytearray(json.dumps(extras).encode()), dtype=torch.uint8)
@@ -306,28 +348,31 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
     header["__metadata__"] = {
         "format": FORMAT,
         "key": json.dumps(key, sort_keys=True),
-        "modules": json.dumps(modules),
+        "modules": json.dumps(snap.modules),
         "aliases": json.dumps(aliases),
         "strides": json.dumps(strides),
-        "choices": json.dumps(choices_made(), sort_keys=True),
+        "choices": json.dumps(snap.choices, sort_keys=True),
     }
     head = _header_bytes(header)
     size = len(head) + (writes[-1][0] + writes[-1][1].numel() * writes[-1][1].element_size() if writes else 0)
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(target.parent)
     if shutil.disk_usage(target.parent).free < size + DISK_MARGIN:
         raise CacheError(f"not enough free disk space in {target.parent} for {size >> 20} MiB")
     from tqdm import tqdm
 
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    # (the pid in the name: a file left by a process that died while writing is removed later)
+    fd, tmp = tempfile.mkstemp(prefix=f"{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
     with tqdm(total=size, unit="B", unit_scale=True, desc="writing the model cache", disable=not progress) as bar:
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(head)
-                for _, t in writes:
-                    # Strided tensors are written in their logical (row-major) order; `strides` restores the view.
-                    data = t.detach().contiguous().view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
-                    f.write(memoryview(data.numpy()).cast("B") if data.numel() else b"")
-                    bar.update(data.numel())
+            try:
+                _write_file(tmp, head, writes, bar, writing, direct=True)
+            except _DirectRefused:  # (at its first write) the file system takes no O_DIRECT writes
+                bar.reset()
+                if writing is not None:
+                    writing.written = 0
+                _write_file(tmp, head, writes, bar, writing, direct=False)
             os.replace(tmp, target)
         except BaseException:
             try:
@@ -335,6 +380,140 @@ def write(model: nn.Module, key: dict, target: Path, extras: Optional[dict] = No
             except OSError:
                 pass
             raise
+
+
+DIRECT_CHUNK = 8 << 20  # bytes per O_DIRECT write
+DIRECT_ALIGN = 4096  # O_DIRECT's alignment of memory, length and offset (the largest logical block size)
+
+
+class _DirectRefused(Exception):
+    pass
+
+
+def _write_file(path: str, head: bytes, writes: list[tuple[int, torch.Tensor]], bar: Any, writing: Optional["_Write"],
+                direct: bool) -> None:
+    """The header, then each tensor's bytes in their logical order (`strides` in the header restores
+    a strided view), written to `path` from its start.
+
+    direct: with O_DIRECT, from a page-aligned buffer, where the file system takes it (Linux; not
+    tmpfs): a buffered write goes through the page cache, whose write path cost 2.8 s of CPU per GB
+    on the VMs of benchmarks/RESULTS.md ("stop 46: the model cache written after the load"), an
+    O_DIRECT one 0.2 s (the copy into the buffer), at 4-5x the speed. _DirectRefused if it cannot
+    open or its first write fails."""
+    sink = _DirectSink(path) if direct else _BufferedSink(path)
+    try:
+        sink.put(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+        for _, t in writes:
+            if writing is not None:
+                writing.check()
+            data = t.detach().contiguous().view(torch.uint8).reshape(-1) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+            sink.put(data)
+            bar.update(data.numel())
+            if writing is not None:
+                writing.written += data.numel()
+        sink.finish()
+    finally:
+        sink.close()
+
+
+class _BufferedSink:
+    def __init__(self, path: str):
+        self.f = open(path, "wb")
+
+    def put(self, data: torch.Tensor) -> None:
+        if data.numel():
+            self.f.write(memoryview(data.numpy()).cast("B"))
+
+    def finish(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _DirectSink:
+    def __init__(self, path: str):
+        import mmap
+
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            raise _DirectRefused()
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_TRUNC | flag)
+        except OSError:
+            raise _DirectRefused() from None
+        self.buffer = mmap.mmap(-1, DIRECT_CHUNK)  # (page-aligned)
+        self.view = numpy.frombuffer(self.buffer, dtype=numpy.uint8)
+        self.pos = self.total = 0
+        self.flushed = False
+
+    def put(self, data: torch.Tensor) -> None:
+        # numpy's copies (no GIL held, one thread): torch's would start a second OpenMP team beside
+        # the engine's, whose threads spin between products on the same cores
+        n, i, source = data.numel(), 0, data.numpy()
+        while i < n:
+            k = min(n - i, DIRECT_CHUNK - self.pos)
+            numpy.copyto(self.view[self.pos : self.pos + k], source[i : i + k])
+            self.pos += k
+            i += k
+            if self.pos == DIRECT_CHUNK:
+                self._flush(DIRECT_CHUNK)
+        self.total += n
+
+    def _flush(self, length: int) -> None:
+        try:
+            with memoryview(self.buffer) as whole, whole[:length] as part:  # (released even on an error)
+                written = os.write(self.fd, part)
+        except OSError as e:
+            if not self.flushed:
+                raise _DirectRefused() from e
+            raise
+        if written != length:  # (a short O_DIRECT write: the disk is full, or the file system balked)
+            raise OSError(f"wrote {written} of {length} bytes")
+        self.flushed = True
+        self.pos = 0
+
+    def finish(self) -> None:
+        if self.pos:  # the tail, padded to the alignment, then cut back to the file's size
+            padded = -(-self.pos // DIRECT_ALIGN) * DIRECT_ALIGN
+            self.view[self.pos : padded] = 0
+            self._flush(padded)
+        os.ftruncate(self.fd, self.total)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        del self.view
+        self.buffer.close()
+
+
+ABANDONED_SECONDS = 600  # a temporary file this old, of a process no longer running, is removed
+FORGOTTEN_SECONDS = 86400  # and one this old whatever its pid says (reused by another process)
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Remove the temporary files of writes whose process died (killed mid-write: the rename never
+    came), named <target>.<pid>.<random>.tmp: untouched for ABANDONED_SECONDS with the pid not
+    running, or for FORGOTTEN_SECONDS (a write in progress touches its file all the time)."""
+    for tmp in folder.glob("*.safetensors.*.tmp"):
+        try:
+            pid = int(tmp.name.rsplit(".", 3)[1])
+            age = time.time() - tmp.stat().st_mtime
+        except (IndexError, ValueError, OSError):
+            continue
+        if age <= ABANDONED_SECONDS:
+            continue
+        if age <= FORGOTTEN_SECONDS:
+            try:
+                os.kill(pid, 0)
+                continue  # still running (or not ours to signal): its write may be in progress
+            except ProcessLookupError:
+                pass
+            except OSError:
+                continue
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -496,17 +675,16 @@ def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
 # ----------------------------------------------------------------------------------- checking
 
 
-def _drop_if_mapped(t: torch.Tensor, ranges: list[tuple[int, int]]) -> None:
-    if is_file_backed(t, ranges):  # never anonymous memory: MADV_DONTNEED would zero it
-        drop_mapped_pages(t)
-
-
-def same_model(a: nn.Module, b: nn.Module, compared: Optional[Callable[[torch.Tensor], None]] = None) -> Optional[str]:
-    """None when `b` is `a` rebuilt: module classes, plain attributes, tensors (values, dtypes,
-    shapes, strides), parameters vs buffers and shared tensors; else what differs. `compared` is
-    called with each tensor of `b` once it has been compared."""
-    ma, ta = describe(a)
-    mb, tb = describe(b)
+def same_model(
+    a: "nn.Module | Snapshot", b: nn.Module, compared: Optional[Callable[[torch.Tensor], None]] = None, data: bool = True,
+) -> Optional[str]:
+    """None when `b` is `a` (a model, or a model's Snapshot) rebuilt: module classes, plain
+    attributes, tensors (values, dtypes, shapes, strides), parameters vs buffers and shared tensors;
+    else what differs. `compared` is called with each tensor of `b` once it has been compared.
+    data=False: everything but the tensors' values."""
+    sa = a if isinstance(a, Snapshot) else snapshot(a)
+    sb = snapshot(b)
+    ma, ta, mb, tb = sa.modules, sa.tensors, sb.modules, sb.tensors
     if json.dumps(ma, sort_keys=True) != json.dumps(mb, sort_keys=True):
         for x, y in zip(ma, mb):
             if json.dumps(x, sort_keys=True) != json.dumps(y, sort_keys=True):
@@ -516,26 +694,23 @@ def same_model(a: nn.Module, b: nn.Module, compared: Optional[Callable[[torch.Te
         y = tb[name]
         if x.dtype != y.dtype or x.shape != y.shape or x.stride() != y.stride():
             return f"tensor {name!r} differs"
+        if not data:
+            continue
         for xs, ys in _pieces(x, y):
             if not torch.equal(xs, ys):
                 return f"tensor {name!r} differs"
             if compared is not None:
                 compared(ys)
-    for pa, pb in ((_aliasing(ta), _aliasing(tb)),):
-        if pa != pb:
-            return "shared tensors differ"
-    for (na, ma_), (nb, mb_) in zip(a.named_modules(remove_duplicate=False), b.named_modules(remove_duplicate=False)):
-        for name in ma_.__dict__:
-            if name in _MODULE_INTERNALS or name.startswith("_"):
-                continue
-            va, vb = ma_.__dict__[name], mb_.__dict__.get(name, _MISSING)
-            if not isinstance(va, torch.Tensor) and not _encode(va)[0] and type(va) is not type(vb):
-                return f"{na}.{name}: {type(va).__name__} != {type(vb).__name__}"
+    if _aliasing(ta) != _aliasing(tb):
+        return "shared tensors differ"
+    types_b = {(path, name): cls for path, name, cls in sb.opaque}
+    for path, name, cls in sa.opaque:
+        if types_b.get((path, name)) != cls:
+            return f"{path}.{name}: {cls} != {types_b.get((path, name))}"
     return None
 
 
-_MISSING = object()
-COMPARE_BYTES = 4 << 20  # compared (and, read back, dropped) at most this much at a time
+COMPARE_BYTES = 4 << 20  # same_model compares at most this much at a time
 
 
 def _pieces(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -576,33 +751,248 @@ def load(path: str, key: dict, build: Callable[[dict], nn.Module]) -> Optional[t
         return None
 
 
+BACKGROUND_BYTES = 256 << 20  # models above this size are written after the load returns
+
+
 def store(
-    model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extras: Optional[dict] = None, progress: bool = False
+    model: nn.Module, key: dict, build: Callable[[dict], nn.Module], extras: Optional[dict] = None, progress: bool = False,
+    background: Optional[bool] = None,
 ) -> Optional[Path]:
     """Write the model's snapshot, check it reads back as the same model, and keep it; on any
-    problem keep nothing and say why in one line. progress: write's bar."""
+    problem keep nothing and say why in one line. progress: write's bar.
+
+    background (None: for models above BACKGROUND_BYTES): snapshot the model now, then write and
+    check the file in a thread and return None at once. Writing and checking a 7B's 4.8 GB takes
+    about 9 s of the disk's time (and 2 s of CPU) while the engine already serves; a load of the
+    same file in this process waits for it (wait()), and the process waits for it at exit, saying
+    so (_finish_writes)."""
     target = cache_file(key)
     try:
-        write(model, key, target, extras, progress)
+        snap = snapshot(model)
     except CacheError as e:
         warn(f"not cached ({e})")
+        return None
+    size = sum(t.numel() * t.element_size() for t in snap.tensors.values())
+    if background is None:
+        background = size > BACKGROUND_BYTES
+    if not background:
+        return _store(snap, key, target, build, extras, progress, None)
+    wait(target)  # (one write of a file at a time)
+    writing = _Write(target, size)
+    writing.thread = threading.Thread(
+        target=_store_quietly, args=(snap, key, target, build, extras, writing), name="pangu-infer model cache", daemon=True
+    )
+    with _WRITES_LOCK:
+        global _EXIT_HOOKED
+        _WRITES[target] = writing
+        if not _EXIT_HOOKED:  # (daemon threads still run in atexit handlers: this one waits for them)
+            import atexit
+
+            atexit.register(_finish_writes)
+            _EXIT_HOOKED = True
+    print(f"pangu-infer: model cache: writing {_gb(size)} to {target} in the background (the next start maps it)", file=sys.stderr)
+    writing.thread.start()
+    return None
+
+
+def _store(
+    snap: Snapshot, key: dict, target: Path, build: Callable[[dict], nn.Module], extras: Optional[dict], progress: bool,
+    writing: Optional["_Write"],
+) -> Optional[Path]:
+    try:
+        write(snap, key, target, extras, progress, writing)
+    except CacheError as e:
+        if writing is None or not writing.cancel.is_set():  # (an interrupted exit says it once)
+            warn(f"not cached ({e})")
         return None
     except OSError as e:
         warn(f"not written to {target.parent} ({e})")
         return None
     try:
-        # The copy read back is memory-mapped: each tensor's pages are given back once compared, so
-        # the check never holds a second resident model (peak RSS of a first load, RESULTS.md).
-        copy = read(target, key, build, check_choices=False)[0]
-        ranges = file_backed_ranges()
-        why = same_model(model, copy, compared=lambda t: _drop_if_mapped(t, ranges))
-        del copy
+        why = _check(snap, key, target, build, extras or {}, writing)
     except Exception as e:  # noqa: BLE001
         why = f"{type(e).__name__}: {e}"
     if why is not None:
-        warn(f"not cached: the written model does not read back the same ({why})")
+        if writing is None or not writing.cancel.is_set():
+            warn(f"not cached: the written model does not read back the same ({why})")
         target.unlink(missing_ok=True)
         return None
     for old in _stale(target):
         old.unlink(missing_ok=True)
     return target
+
+
+def _check(
+    snap: Snapshot, key: dict, target: Path, build: Callable[[dict], nn.Module], extras: dict, writing: Optional["_Write"],
+    compared: Optional[Callable[[], None]] = None,
+) -> Optional[str]:
+    """None when the file at `target` reads back as the snapshot's model, else what differs:
+    read() rebuilds it (mapped: its tensors are views of the file) with the same module tree,
+    attributes, tensor shapes, strides, sharing and extras, each mapped tensor a view of the bytes
+    its header entry names; and those bytes, read from the disk in order, are the snapshot's.
+
+    The bytes are read into one small buffer (O_DIRECT where the file system takes it), not through
+    the mapping: the check never holds a second resident copy of the model, and it leaves the page
+    cache as it was (filling it cost about 2 s of CPU per GB on the VMs of benchmarks/RESULTS.md).
+    compared: called after each buffer's worth is compared (tests watch the resident memory)."""
+    copy, extras_read = read(target, key, build, check_choices=False)
+    if extras_read != json.loads(json.dumps(extras)):
+        return "the extras differ"
+    why = same_model(snap, copy, data=False)
+    if why is not None:
+        return why
+    header, base = _read_header(target)
+    meta = header["__metadata__"]
+    aliases, strides = json.loads(meta["aliases"]), json.loads(meta["strides"])
+    size = target.stat().st_size
+    file_start: Optional[int] = None  # the address of the file's first byte in the copy's mapping
+    expected: list[tuple[int, str, torch.Tensor]] = []  # (offset in the file, name, the snapshot's tensor)
+    for name, t in snapshot(copy).tensors.items():
+        entry = header[aliases.get(name, name)]
+        start, stop = entry["data_offsets"]
+        if name in strides or t.numel() == 0:  # (a strided tensor is rebuilt as a copy: its values compared here)
+            if not torch.equal(t, snap.tensors[name]):
+                return f"tensor {name!r} differs"
+            continue
+        storage = t.untyped_storage()
+        if file_start is None:
+            file_start = storage.data_ptr()
+        address = storage.data_ptr() + t.storage_offset() * t.element_size()
+        if storage.data_ptr() != file_start or storage.nbytes() != size or address != file_start + base + start:
+            return f"tensor {name!r} is not read from its place in the file"
+        if name not in aliases:
+            expected.append((base + start, name, snap.tensors[name]))
+    del copy
+    expected.sort(key=lambda e: e[0])
+    return _same_bytes(target, expected, writing, compared)
+
+
+def _same_bytes(
+    path: Path, expected: list[tuple[int, str, torch.Tensor]], writing: Optional["_Write"], compared: Optional[Callable[[], None]],
+) -> Optional[str]:
+    """None when the file holds each tensor's bytes (in row-major order) at its offset, else the
+    first tensor that differs. `expected` sorted by offset; the file read once, in order."""
+    import mmap
+
+    flag = getattr(os, "O_DIRECT", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | flag)
+    except OSError:
+        fd, flag = os.open(path, os.O_RDONLY), 0
+    buffer = mmap.mmap(-1, DIRECT_CHUNK)  # (page-aligned, as O_DIRECT wants)
+    view = numpy.frombuffer(buffer, dtype=numpy.uint8)
+    try:
+        # compared by numpy (one thread; see _DirectSink.put), 5x faster than torch.equal on bytes
+        wanted = [(offset, name, t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()) for offset, name, t in expected]
+        i = 0
+        chunk_start = wanted[0][0] // DIRECT_ALIGN * DIRECT_ALIGN if wanted else 0
+        while i < len(wanted):
+            if writing is not None:
+                writing.check()
+            try:
+                n = os.preadv(fd, [buffer], chunk_start)
+            except OSError as e:
+                if not (flag and e.errno == errno.EINVAL):
+                    raise
+                os.close(fd)  # a file system that opens with O_DIRECT but reads only without it
+                fd, flag = os.open(path, os.O_RDONLY), 0
+                n = os.preadv(fd, [buffer], chunk_start)
+            if n <= 0:
+                return f"tensor {wanted[i][1]!r} is cut short"
+            chunk_end = chunk_start + n
+            # every tensor overlapping [chunk_start, chunk_end): the part inside it
+            j = i
+            while j < len(wanted) and wanted[j][0] < chunk_end:
+                offset, name, data = wanted[j]
+                lo, hi = max(offset, chunk_start), min(offset + data.size, chunk_end)
+                if hi > lo and not numpy.array_equal(view[lo - chunk_start : hi - chunk_start], data[lo - offset : hi - offset]):
+                    return f"tensor {name!r} differs"
+                j += 1
+            while i < len(wanted) and wanted[i][0] + wanted[i][2].size <= chunk_end:
+                i += 1  # (wholly compared)
+            if compared is not None:
+                compared()
+            chunk_start = chunk_end
+        return None
+    finally:
+        os.close(fd)
+        del view
+        buffer.close()
+
+
+class _Write:
+    """A write in the background: its thread, its target, bytes written of the total, a cancel."""
+
+    def __init__(self, target: Path, total: int):
+        self.target, self.total, self.written = target, total, 0
+        self.cancel = threading.Event()
+        # set by the thread as it ends (Thread.join, interrupted by Ctrl-C, can report a running
+        # thread as ended: Python 3.11)
+        self.done = threading.Event()
+        self.thread: Optional[threading.Thread] = None
+        self.started = time.monotonic()
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise CacheError("interrupted")
+
+
+_WRITES: dict[Path, _Write] = {}
+_WRITES_LOCK = threading.Lock()
+_EXIT_HOOKED = False
+
+
+def _store_quietly(snap: Snapshot, key: dict, target: Path, build: Callable[[dict], nn.Module], extras: Optional[dict],
+                   writing: _Write) -> None:
+    try:
+        written = _store(snap, key, target, build, extras, False, writing)
+        if written is not None:
+            logging.getLogger("pangu_infer.loader").info(
+                "model cache written: %s (%.1f s)", written, time.monotonic() - writing.started
+            )
+    except BaseException as e:  # noqa: BLE001  (a thread's error reaches nobody else: say it, keep nothing)
+        warn(f"not cached ({type(e).__name__}: {e})")
+    finally:
+        del snap  # (the tensors it holds alive)
+        writing.done.set()  # (it stays in _WRITES until a wait() has joined its thread)
+
+
+def wait(target: Optional[Path] = None, timeout: Optional[float] = None) -> bool:
+    """Wait for this process's background write of `target` (None: every one) to end; False if one
+    is still running after `timeout` seconds."""
+    with _WRITES_LOCK:
+        writes = [w for t, w in _WRITES.items() if target is None or t == target]
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for w in writes:
+        if not w.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            return False
+        assert w.thread is not None
+        # Its work is over; this waits out the thread's own teardown, which must not overlap the
+        # interpreter's exit (a C++ abort, "terminate called without an active exception").
+        w.thread.join()
+        with _WRITES_LOCK:
+            if _WRITES.get(w.target) is w:
+                del _WRITES[w.target]
+    return True
+
+
+def _finish_writes() -> None:
+    """At exit: let the background writes finish (the cache is the point of the first load), saying
+    so; interrupted (Ctrl-C), stop them and keep nothing."""
+    with _WRITES_LOCK:
+        writes = list(_WRITES.values())
+    try:
+        for w in writes:
+            if not w.done.is_set():
+                print(f"pangu-infer: model cache: finishing the write of {w.target.name} ({_gb(w.written)} of {_gb(w.total)} "
+                      "written; Ctrl-C skips it)", file=sys.stderr, flush=True)
+            wait(w.target)
+    except KeyboardInterrupt:
+        for w in writes:
+            w.cancel.set()
+        wait(timeout=10)
+        warn("not cached (interrupted)")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
