@@ -14,8 +14,18 @@ medians:
     prefill     tokens/s of a --prompt-len token prompt (one request, max_tokens 1)
     logits      max |difference| of the two models' logits on one prompt (same weights: float32 sums in another order)
 
+A third row is the bf16 model with its many-row products (prefill) as they were before the blocked
+kernel: the weight widened in slices into BLAS products (`blocked_chosen` False while it runs).
+
+`--products` instead times the many-row products alone at openPangu-Embedded-7B's shapes (hidden
+4096, MLP 12800, 32/8 heads of 128: q/k/v 6144 x 4096, o 4096 x 4096, gate/up 25600 x 4096, down
+4096 x 12800) for --rows rows: the blocked kernel (pangu_bf16w_gemm), widened slices into BLAS
+(`widened_mm`), and float32 BLAS on weights widened beforehand (twice the memory; the ceiling
+BLAS sets), in GFLOPS, medians of interleaved rounds.
+
 Usage:
     .venv/bin/python benchmarks/bf16_weights.py [--rounds 3] [--threads 2] [--layers 26] [--compiled]
+    .venv/bin/python benchmarks/bf16_weights.py --products [--rows 64,128,512] [--rounds 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -51,6 +61,36 @@ def prefill_rate(llm: LLM, prompt: list[int]) -> float:
     return len(prompt) / (time.perf_counter() - start)
 
 
+SHAPES_7B = {"q/k/v": (6144, 4096), "o": (4096, 4096), "gate/up": (25600, 4096), "down": (4096, 12800)}
+
+
+def products(rows: list[int], rounds: int) -> None:
+    """--products: see the module docstring."""
+    g = torch.Generator().manual_seed(0)
+    print(f"many-row products at the 7B's shapes, GFLOPS, {torch.get_num_threads()} threads, medians of {rounds} interleaved rounds")
+    print(f"{'rows':>5s} {'product':>8s} {'blocked kernel':>15s} {'widened slices':>15s} {'float32 BLAS':>13s}")
+    for m in rows:
+        for name, (n, k) in SHAPES_7B.items():
+            w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+            wide = w.float()
+            x = torch.randn(m, k, generator=g)
+            fns = {
+                "blocked": lambda: bf16_weights.kernel_mm(x, w, blocked=True),
+                "widened": lambda: bf16_weights.widened_mm(x, w),
+                "float32": lambda: torch.mm(x, wide.t()),
+            }
+            times: dict[str, list[float]] = {k_: [] for k_ in fns}
+            for fn in fns.values():
+                fn()
+            for _ in range(rounds):
+                for k_, fn in fns.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[k_].append(time.perf_counter() - start)
+            gf = {k_: 2 * m * n * k / statistics.median(t) / 1e9 for k_, t in times.items()}
+            print(f"{m:5d} {name:>8s} {gf['blocked']:15.1f} {gf['widened']:15.1f} {gf['float32']:13.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -59,8 +99,15 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--compiled", action="store_true", help="wait for and time the compiled decode steps")
+    ap.add_argument("--products", action="store_true", help="time the many-row products alone (see above)")
+    ap.add_argument("--rows", default="64,128,512", help="--products: rows of x, comma-separated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.products:
+        if bf16_weights.library() is None:
+            raise SystemExit("the bf16-weight kernel does not run here (x86 with AVX2, FMA and F16C and a C compiler)")
+        products([int(r) for r in args.rows.split(",")], args.rounds)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         build_pangu_tokenizer(root / "tokenizer")
@@ -84,14 +131,22 @@ def main() -> None:
                 llm.wait_compiled()
         g = torch.Generator().manual_seed(0)
         short = [torch.randint(100, 1000, (64,), generator=g).tolist() for _ in range(8)]
-        long_prompt = torch.randint(100, 1000, (args.prompt_len,), generator=g).tolist()
-        logits = [llm.logits(short[0][:32]) for llm in llms.values()]
+        logits = [llm.logits(short[0][:32]) for llm in llms.values()]  # (before the third row's alias)
+        widened = "bf16, prefill widened (before)"
+        llms[widened] = llms["bf16 weights (default)"]  # the same model, its many-row products as before
         rows: dict[str, dict[str, list[float]]] = {n: {"decode": [], "8-way": [], "prefill": []} for n in llms}
+        chosen = bf16_weights.blocked_chosen
         for r in range(args.rounds):
             for name, llm in llms.items():
-                rows[name]["decode"].append(decode_rate(llm, short[:1], args.decode_tokens))
-                rows[name]["8-way"].append(decode_rate(llm, short, args.decode_tokens))
-                rows[name]["prefill"].append(prefill_rate(llm, long_prompt))
+                bf16_weights.blocked_chosen = (lambda: False) if name == widened else chosen
+                try:
+                    rows[name]["decode"].append(decode_rate(llm, short[:1], args.decode_tokens))
+                    rows[name]["8-way"].append(decode_rate(llm, short, args.decode_tokens))
+                    # a new prompt each time: the rows sharing one model would find it in the prefix cache
+                    prompt = torch.randint(100, 1000, (args.prompt_len,), generator=g).tolist()
+                    rows[name]["prefill"].append(prefill_rate(llm, prompt))
+                finally:
+                    bf16_weights.blocked_chosen = chosen
             print(f"round {r + 1}: " + "; ".join(f"{n}: {', '.join(f'{k} {v[-1]:.2f}' for k, v in rows[n].items())}" for n in rows), flush=True)
         peer = next(iter(rows))
         med = {n: {k: statistics.median(v) for k, v in m.items()} for n, m in rows.items()}

@@ -10,8 +10,8 @@ loaded (`connect`), so the results are those of the eager calls, bit for bit:
 - `pangu_infer::int4_native_mm(x, data, sz, group)` -> pangu_int4_mm (pangu_infer.quant.cpu_int4);
 - `pangu_infer::int8_native_mm(x, data, scales)` -> pangu_int8_mm (pangu_infer.quant.cpu_int8);
 - `pangu_infer::bf16w_native_mm(x, weight, max_rows, slice)` -> pangu_bf16w_mm (pangu_f16w_mm for a
-  float16 weight) for up to max_rows
-  rows, else the weight widened `slice` elements at a time into BLAS products
+  float16 weight) for up to max_rows rows, else pangu_bf16w_gemm (pangu_f16w_gemm) where `slice`
+  is 0, or the weight widened `slice` elements at a time into BLAS products
   (pangu_infer.models.bf16_weights);
 - `pangu_infer::bi_attention_native(q, k_cache, v_cache, slots, valid, scale)` -> pangu_bi_attention
   (pangu_infer.models.bi_attention_kernel).
@@ -55,6 +55,8 @@ static std::atomic<attention_fn> attention_kernel{nullptr};
 typedef int (*bf16w_mm_fn)(const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t);
 static std::atomic<bf16w_mm_fn> bf16w_kernel{nullptr};
 static std::atomic<bf16w_mm_fn> f16w_kernel{nullptr};
+static std::atomic<bf16w_mm_fn> bf16w_gemm_kernel{nullptr};
+static std::atomic<bf16w_mm_fn> f16w_gemm_kernel{nullptr};
 
 static void set_native_kernel(const std::string& name, int64_t address) {
   if (name == "int4") int4_kernel.store(reinterpret_cast<int4_mm_fn>(address));
@@ -62,6 +64,8 @@ static void set_native_kernel(const std::string& name, int64_t address) {
   else if (name == "attention") attention_kernel.store(reinterpret_cast<attention_fn>(address));
   else if (name == "bf16w") bf16w_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
   else if (name == "f16w") f16w_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
+  else if (name == "bf16w_gemm") bf16w_gemm_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
+  else if (name == "f16w_gemm") f16w_gemm_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
   else TORCH_CHECK(false, "set_native_kernel: no kernel named ", name);
 }
 
@@ -111,6 +115,14 @@ static at::Tensor bf16w_native_mm(const at::Tensor& x_, const at::Tensor& w, int
   const at::Tensor x = x_.contiguous();
   const int64_t m = x.size(0), n = w.size(0), k = w.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
+  const bool half = w.scalar_type() == at::kHalf;
+  if (m > max_rows && slice <= 0) {  /* the blocked product */
+    const bf16w_mm_fn f = (half ? f16w_gemm_kernel : bf16w_gemm_kernel).load();
+    TORCH_CHECK(f != nullptr, "bf16-weight blocked kernel: not loaded");
+    const int rc = f(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, at::get_num_threads());
+    TORCH_CHECK(rc == 0, "bf16-weight blocked kernel refused x ", x.sizes(), ", weight ", w.sizes(), " (", rc, ")");
+    return y;
+  }
   if (m > max_rows) {  /* widened slices of weight rows, one BLAS product each */
     const int64_t step = std::max<int64_t>(1, slice / std::max<int64_t>(k, 1));
     for (int64_t n0 = 0; n0 < n; n0 += step) {
@@ -119,7 +131,7 @@ static at::Tensor bf16w_native_mm(const at::Tensor& x_, const at::Tensor& w, int
     }
     return y;
   }
-  const bf16w_mm_fn f = (w.scalar_type() == at::kBFloat16 ? bf16w_kernel : f16w_kernel).load();
+  const bf16w_mm_fn f = (half ? f16w_kernel : bf16w_kernel).load();
   TORCH_CHECK(f != nullptr, "bf16-weight kernel: not loaded");
   if (m) {
     const int rc = f(x.data_ptr(), w.data_ptr(), y.data_ptr(), m, n, k, at::get_num_threads());
@@ -202,7 +214,8 @@ def load() -> bool:
 
 
 def connect(kernel: str, library: Callable[[], Optional[ctypes.CDLL]], symbol: str, op: str, shape: Callable) -> bool:
-    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8", "attention", "bf16w" or "f16w"):
+    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8", "attention", "bf16w", "f16w",
+    "bf16w_gemm" or "f16w_gemm"):
     the C function `symbol` of `library()` (None where that kernel does not run here), with `shape`
     as the operator's shape function; load() first. True when compiled graphs can call it from now
     on (see connected)."""

@@ -155,3 +155,59 @@ def test_bf16_weights_stay_unless_measured_clearly_slower(own, kept, monkeypatch
         assert not bf16_weights.chosen()
     finally:
         bf16_weights._measured_faster.cache_clear()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k", [(49, 70, 96), (150, 33, 1032), (300, 16, 8), (7, 17, 520)])
+def test_the_blocked_product_equals_float64s_and_each_row_is_its_own(rows, n, k, dtype):
+    """The many-row kernel (pangu_bf16w_gemm): blocks of rows (150 > GEMM_MC), of columns (1032 >
+    GEMM_KC, with a ragged last block), a last panel of weight rows short of 16, register tiles of
+    fewer than 6 rows; each output row depends on its row of x only, bit for bit."""
+    g = torch.Generator().manual_seed(rows * n + k)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = torch.randn(rows, k, generator=g)
+    want = x.double() @ w.double().T
+    got = bf16_weights.kernel_mm(x, w, blocked=True)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4 * k ** 0.5)
+    assert torch.equal(bf16_weights.kernel_mm(x[-5:], w, blocked=True), got[-5:])
+    assert torch.equal(bf16_weights.kernel_mm(x[1:2], w, blocked=True), got[1:2])
+    if bf16_weights.native_op():  # the C++ operator: `slice` 0 asks for the blocked product
+        assert torch.equal(torch.ops.pangu_infer.bf16w_native_mm(x, w, 0, 0), got)
+
+
+@pytest.mark.parametrize("blocked", [True, False])
+def test_many_rows_take_the_blocked_kernel_or_widened_slices_as_chosen(blocked, monkeypatch):
+    monkeypatch.setattr(bf16_weights, "blocked_chosen", lambda: blocked)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 64, generator=g).to(torch.bfloat16)
+    x = torch.randn(bf16_weights.KERNEL_MAX_ROWS + 1, 64, generator=g)
+    want = bf16_weights.kernel_mm(x, w, blocked=True) if blocked else bf16_weights.widened_mm(x, w)
+    assert torch.equal(bf16_weights.matmul(x, w), want)
+    few = x[: bf16_weights.KERNEL_MAX_ROWS]
+    assert torch.equal(bf16_weights.matmul(few, w), bf16_weights.kernel_mm(few, w))  # few rows: the one-row kernel either way
+
+
+@pytest.mark.parametrize("own,blocked", [(0.9, True), (1.1, False)])
+def test_the_blocked_kernel_is_chosen_where_measured_faster(own, blocked, monkeypatch, tmp_path):
+    """Measured once per machine against widened slices into BLAS (an AVX-512 CPU's BLAS may win)
+    and kept in the per-machine cache; PANGU_INFER_BF16_WEIGHTS=1 takes it unmeasured."""
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv(bf16_weights.ENV, raising=False)
+    calls = []
+    monkeypatch.setattr(bf16_weights, "measure_blocked", lambda: calls.append(1) or {"own": own, "aten": 1.0})
+    bf16_weights.blocked_chosen.cache_clear()
+    try:
+        assert bf16_weights.blocked_chosen() is blocked
+        bf16_weights.blocked_chosen.cache_clear()  # as a new process would: read from the file
+        assert bf16_weights.blocked_chosen() is blocked and len(calls) == 1
+        bf16_weights.blocked_chosen.cache_clear()
+        monkeypatch.setenv(bf16_weights.ENV, "1")
+        assert bf16_weights.blocked_chosen()
+    finally:
+        bf16_weights.blocked_chosen.cache_clear()
+
+
+def test_measuring_the_blocked_kernel_times_both():
+    times = bf16_weights.measure_blocked()
+    assert set(times) == {"own", "aten"} and all(t > 0 for t in times.values())

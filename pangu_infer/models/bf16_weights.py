@@ -51,11 +51,14 @@ SLICE_ELEMENTS = 1 << 21  # weights widened at once for many-row products: an 8 
 SOURCE = r"""
 #include <stdint.h>
 #include <immintrin.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* Weight rows per tile: 64 KB of bf16 at K = 2048, kept in the core's cache while every row of x runs over it. */
 #define TILE_ROWS 16
 
-int pangu_bf16w_abi(void) { return 1; }
+int pangu_bf16w_abi(void) { return 2; }
 
 static inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -124,6 +127,133 @@ int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int6
 
 WIDENED_MM(pangu_bf16w_mm, widen_bf16)
 WIDENED_MM(pangu_f16w_mm, widen_f16)
+
+/* ---- many rows (prefill): a blocked product that widens the weight as it packs it ----
+   y [M, N] = x [M, K] w [N, K]^T as BLAS does it (BLIS's loops), with the weight read in bf16 (or
+   float16): each thread takes a range of panels of GEMM_NR weight rows; for each block of GEMM_MC
+   rows of x (kept in L2) and GEMM_KC columns, a panel is widened to float32 and transposed into a
+   [GEMM_KC][GEMM_NR] buffer (L1), which a 6 x 16 register tile of y multiplies against every
+   6 rows of x. Every output sums its K products in the same order (blocks of GEMM_KC, in order),
+   whatever M is. On the Zen 3 EPYC of benchmarks/RESULTS.md: 83-86 GFLOPS on one core, 150-175 on
+   two, where widened slices into BLAS ran at 85-140 ("stop 46: a blocked product for bf16 weights"). */
+#define GEMM_MR 6
+#define GEMM_NR 16
+#define GEMM_KC 512
+#define GEMM_MC 144
+
+static inline void transpose8(__m256* r) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* out[k][j] = w[j][k0 + k] widened, j < GEMM_NR (rows from nr on: zeros), k < kc (a multiple of 8) */
+#define PACK_PANEL(NAME, widen)                                                                                  \
+static void NAME(const uint16_t* w, int64_t K, int64_t nr, int64_t k0, int64_t kc, float* out) {                \
+  for (int64_t k = 0; k < kc; k += 8) {                                                                          \
+    for (int half = 0; half < 2; half++) {                                                                       \
+      __m256 r[8];                                                                                               \
+      for (int j = 0; j < 8; j++) {                                                                              \
+        const int64_t row = half * 8 + j;                                                                        \
+        r[j] = row < nr ? widen(w + row * K + k0 + k) : _mm256_setzero_ps();                                     \
+      }                                                                                                          \
+      transpose8(r);                                                                                             \
+      for (int j = 0; j < 8; j++) _mm256_store_ps(out + (k + j) * GEMM_NR + half * 8, r[j]);                     \
+    }                                                                                                            \
+  }                                                                                                              \
+}
+PACK_PANEL(pack_bf16, widen_bf16)
+PACK_PANEL(pack_f16, widen_f16)
+
+/* y[i][0..15] (+)= sum over k < kc of x[i][k] * wp[k][0..15], for R rows i */
+#define GEMM_TILE(R)                                                                                             \
+static void tile_##R(const float* x, int64_t ldx, const float* wp, int64_t kc, float* y, int64_t ldy, int add) { \
+  __m256 c[R][2];                                                                                                \
+  for (int i = 0; i < R; i++) { c[i][0] = _mm256_setzero_ps(); c[i][1] = _mm256_setzero_ps(); }                 \
+  for (int64_t k = 0; k < kc; k++) {                                                                             \
+    const __m256 b0 = _mm256_load_ps(wp + k * GEMM_NR), b1 = _mm256_load_ps(wp + k * GEMM_NR + 8);               \
+    for (int i = 0; i < R; i++) {                                                                                \
+      const __m256 a = _mm256_broadcast_ss(x + i * ldx + k);                                                     \
+      c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);                                                                 \
+      c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);                                                                 \
+    }                                                                                                            \
+  }                                                                                                              \
+  for (int i = 0; i < R; i++) {                                                                                  \
+    float* yi = y + i * ldy;                                                                                     \
+    if (add) {                                                                                                   \
+      c[i][0] = _mm256_add_ps(c[i][0], _mm256_loadu_ps(yi));                                                     \
+      c[i][1] = _mm256_add_ps(c[i][1], _mm256_loadu_ps(yi + 8));                                                 \
+    }                                                                                                            \
+    _mm256_storeu_ps(yi, c[i][0]);                                                                               \
+    _mm256_storeu_ps(yi + 8, c[i][1]);                                                                           \
+  }                                                                                                              \
+}
+GEMM_TILE(1) GEMM_TILE(2) GEMM_TILE(3) GEMM_TILE(4) GEMM_TILE(5) GEMM_TILE(6)
+
+static void tile(int r, const float* x, int64_t ldx, const float* wp, int64_t kc, float* y, int64_t ldy, int add) {
+  switch (r) {
+    case 6: tile_6(x, ldx, wp, kc, y, ldy, add); break;
+    case 5: tile_5(x, ldx, wp, kc, y, ldy, add); break;
+    case 4: tile_4(x, ldx, wp, kc, y, ldy, add); break;
+    case 3: tile_3(x, ldx, wp, kc, y, ldy, add); break;
+    case 2: tile_2(x, ldx, wp, kc, y, ldy, add); break;
+    default: tile_1(x, ldx, wp, kc, y, ldy, add); break;
+  }
+}
+
+/* Same contract as pangu_bf16w_mm: 0, or 1 for a shape it does not take. */
+#define BLOCKED_MM(NAME, pack)                                                                                   \
+int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int64_t K, int64_t threads) {       \
+  if (M < 1 || N < 1 || K < 8 || K % 8) return 1;                                                                \
+  const int64_t panels = (N + GEMM_NR - 1) / GEMM_NR;                                                            \
+  _Pragma("omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && panels >= 2 * threads)")        \
+  {                                                                                                              \
+    float wp[GEMM_KC * GEMM_NR] __attribute__((aligned(64)));                                                    \
+    float edge[GEMM_MR * GEMM_NR];                                                                               \
+    int t = 0, T = 1;                                                                                            \
+    PANGU_OMP_THREAD(t, T);                                                                                      \
+    const int64_t p0 = panels * t / T, p1 = panels * (t + 1) / T;                                                \
+    for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC) {                                                                \
+      const int64_t m1 = M - m0 < GEMM_MC ? M : m0 + GEMM_MC;                                                    \
+      for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {                                                              \
+        const int64_t kc = K - k0 < GEMM_KC ? K - k0 : GEMM_KC;                                                  \
+        for (int64_t p = p0; p < p1; p++) {                                                                      \
+          const int64_t n0 = p * GEMM_NR, nr = N - n0 < GEMM_NR ? N - n0 : GEMM_NR;                              \
+          pack(w + n0 * K, K, nr, k0, kc, wp);                                                                   \
+          for (int64_t m = m0; m < m1; m += GEMM_MR) {                                                           \
+            const int r = m1 - m < GEMM_MR ? (int)(m1 - m) : GEMM_MR;                                            \
+            if (nr == GEMM_NR) {                                                                                 \
+              tile(r, x + m * K + k0, K, wp, kc, y + m * N + n0, N, k0 > 0);                                     \
+            } else { /* the last panel's rows past N: through a tile of its own */                               \
+              for (int i = 0; i < r; i++)                                                                        \
+                for (int j = 0; j < nr; j++) edge[i * GEMM_NR + j] = k0 > 0 ? y[(m + i) * N + n0 + j] : 0.f;     \
+              tile(r, x + m * K + k0, K, wp, kc, edge, GEMM_NR, 1);                                              \
+              for (int i = 0; i < r; i++)                                                                        \
+                for (int j = 0; j < nr; j++) y[(m + i) * N + n0 + j] = edge[i * GEMM_NR + j];                    \
+            }                                                                                                    \
+          }                                                                                                      \
+        }                                                                                                        \
+      }                                                                                                          \
+    }                                                                                                            \
+  }                                                                                                              \
+  return 0;                                                                                                      \
+}
+#ifdef _OPENMP
+#define PANGU_OMP_THREAD(t, T) do { t = omp_get_thread_num(); T = omp_get_num_threads(); } while (0)
+#else
+#define PANGU_OMP_THREAD(t, T) do { } while (0)
+#endif
+BLOCKED_MM(pangu_bf16w_gemm, pack_bf16)
+BLOCKED_MM(pangu_f16w_gemm, pack_f16)
 """
 
 
@@ -146,9 +276,9 @@ def library() -> Optional[ctypes.CDLL]:
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma", "f16c"} <= set(flags):
         return None
     lib = kernel_library("bf16w_avx2", SOURCE, "bf16-weight kernel", "float32 weights")
-    if lib is None or lib.pangu_bf16w_abi() != 1:
+    if lib is None or lib.pangu_bf16w_abi() != 2:
         return None
-    for fn in (lib.pangu_bf16w_mm, lib.pangu_f16w_mm):
+    for fn in (lib.pangu_bf16w_mm, lib.pangu_f16w_mm, lib.pangu_bf16w_gemm, lib.pangu_f16w_gemm):
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 4
     return lib
@@ -157,8 +287,9 @@ def library() -> Optional[ctypes.CDLL]:
 HALF = (torch.bfloat16, torch.float16)  # the 16-bit weights kept (both widen to float32 exactly)
 
 
-def kernel_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 times the bf16 or float16 weight [N, K] transposed -> [M, N] float32, by the C kernel."""
+def kernel_mm(x: torch.Tensor, weight: torch.Tensor, blocked: bool = False) -> torch.Tensor:
+    """x [M, K] float32 times the bf16 or float16 weight [N, K] transposed -> [M, N] float32, by the C
+    kernel: the one for few rows, or (blocked) the blocked product for many (pangu_bf16w_gemm)."""
     lib = library()
     if (
         lib is None or x.dim() != 2 or x.dtype != torch.float32 or weight.dtype not in HALF or weight.dim() != 2
@@ -168,7 +299,10 @@ def kernel_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32)
     if x.shape[0]:
-        fn = lib.pangu_bf16w_mm if weight.dtype == torch.bfloat16 else lib.pangu_f16w_mm
+        if blocked:
+            fn = lib.pangu_bf16w_gemm if weight.dtype == torch.bfloat16 else lib.pangu_f16w_gemm
+        else:
+            fn = lib.pangu_bf16w_mm if weight.dtype == torch.bfloat16 else lib.pangu_f16w_mm
         rc = fn(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
         if rc:
             raise RuntimeError(f"bf16-weight kernel refused x {tuple(x.shape)}, weight {tuple(weight.shape)} ({rc})")
@@ -186,9 +320,12 @@ def widened_mm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float32 times a bf16 weight [N, K] transposed, in float32: the kernel for few rows."""
+    """x [M, K] float32 times a bf16 weight [N, K] transposed, in float32: the kernel for few rows;
+    for many the blocked product where it is the choice here (blocked_chosen), else widened slices."""
     if x.shape[0] <= KERNEL_MAX_ROWS:
         return kernel_mm(x, weight)
+    if blocked_chosen():
+        return kernel_mm(x, weight, blocked=True)
     return widened_mm(x.contiguous(), weight)
 
 
@@ -206,21 +343,28 @@ _lib.impl("bf16w_mm", matmul, "CPU")
 _lib._register_fake("bf16w_mm", _shape)
 
 
+_NATIVE = (("bf16w", "pangu_bf16w_mm"), ("f16w", "pangu_f16w_mm"), ("bf16w_gemm", "pangu_bf16w_gemm"), ("f16w_gemm", "pangu_f16w_gemm"))
+
+
+_native_slice = SLICE_ELEMENTS  # the operator's `slice` in compiled graphs: 0 where the blocked kernel is chosen
+
+
 def native_op() -> bool:
-    """Point `pangu_infer::bf16w_native_mm` at this kernel (both weight dtypes); True when compiled
-    graphs call it from now on."""
-    return (
-        native_ops.connect("f16w", library, "pangu_f16w_mm", "bf16w_native_mm", _shape)
-        and native_ops.connect("bf16w", library, "pangu_bf16w_mm", "bf16w_native_mm", _shape)
-    )
+    """Point `pangu_infer::bf16w_native_mm` at this kernel (both weight dtypes, both row counts); True
+    when compiled graphs call it from now on. (Makes the blocked kernel's choice here, before any
+    graph is traced: a traced graph reads only its outcome.)"""
+    global _native_slice
+    _native_slice = 0 if blocked_chosen() else SLICE_ELEMENTS
+    return all(native_ops.connect(kernel, library, symbol, "bf16w_native_mm", _shape) for kernel, symbol in _NATIVE)
 
 
 def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
-    connected (native_op), else the Python one; eagerly the functions themselves."""
+    connected (native_op), else the Python one; eagerly the functions themselves. (The operator's
+    `slice` 0 asks for the blocked product above KERNEL_MAX_ROWS rows, else widened slices.)"""
     if torch.compiler.is_compiling():
-        if native_ops.connected("bf16w") and native_ops.connected("f16w"):
-            return torch.ops.pangu_infer.bf16w_native_mm(x, weight, KERNEL_MAX_ROWS, SLICE_ELEMENTS)
+        if all(native_ops.connected(kernel) for kernel, _ in _NATIVE):
+            return torch.ops.pangu_infer.bf16w_native_mm(x, weight, KERNEL_MAX_ROWS, _native_slice)
         return torch.ops.pangu_infer.bf16w_mm(x, weight)
     return matmul(x, weight)
 
@@ -373,4 +517,39 @@ def _measured_faster() -> bool:
     return cached_choice("bf16_weight_kernel", measured, lambda v: v in ("own", "aten")) == "own"
 
 
-__all__ = ["Bf16Embedding", "Bf16Experts", "Bf16WeightLinear", "ENV", "chosen", "library", "matmul", "measure", "widen_model"]
+BLOCKED_M, BLOCKED_N, BLOCKED_K, BLOCKED_COUNT = 128, 2048, 2048, 2  # a 128-token prefill over 16 MB of bf16
+
+
+def measure_blocked() -> dict[str, float]:
+    """Seconds for BLOCKED_M-row products over BLOCKED_COUNT weights: the blocked kernel ("own")
+    against the weights widened in slices into BLAS products ("aten"), medians of interleaved passes."""
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(BLOCKED_N, BLOCKED_K, generator=g).to(torch.bfloat16) for _ in range(BLOCKED_COUNT)]
+    x = torch.randn(BLOCKED_M, BLOCKED_K, generator=g)
+    with torch.inference_mode():
+        return interleaved_medians({
+            "own": lambda: [kernel_mm(x, w, blocked=True) for w in weights],
+            "aten": lambda: [widened_mm(x, w) for w in weights],
+        })
+
+
+@functools.lru_cache(maxsize=None)
+def blocked_chosen() -> bool:
+    """Many-row products by the blocked kernel: forced (PANGU_INFER_BF16_WEIGHTS=1), or measured
+    faster than widened slices into BLAS once per machine (key `bf16_weight_prefill`: an AVX-512
+    CPU's BLAS may beat this AVX2 kernel)."""
+    if library() is None:
+        return False
+    if forced():
+        return True
+
+    def measured() -> str:
+        times = measure_blocked()
+        value = "own" if times["own"] <= times["aten"] else "aten"
+        log.info("bf16-weight prefill: %s (own %.1f ms, widened slices %.1f ms)", value, times["own"] * 1e3, times["aten"] * 1e3)
+        return value
+
+    return cached_choice("bf16_weight_prefill", measured, lambda v: v in ("own", "aten")) == "own"
+
+
+__all__ = ["Bf16Embedding", "Bf16Experts", "Bf16WeightLinear", "ENV", "blocked_chosen", "chosen", "library", "matmul", "measure", "measure_blocked", "widen_model"]
