@@ -9,8 +9,10 @@ decoded token reads twice the bytes.
 So the linear weights stay in bf16 as the checkpoint stores them, and their products run in
 float32: for few rows (decode, small batches) a C kernel of this module that widens each weight
 tile in registers (bf16 -> fp32 is a 16-bit shift, exact) and multiplies in float32 with FMA,
-reading 2 bytes per weight; for many rows (prefill) the weight is widened in slices of rows into
-a small float32 buffer for BLAS's product. The numbers are those of the float32 model (the same
+reading 2 bytes per weight; for many rows (prefill) a blocked product of this module that widens
+each panel of weight rows as it packs it (BLIS's loops, a 6 x 16 register tile), where measured
+faster than the other way (once per machine): slices of weight rows widened into a small float32
+buffer for BLAS's product. The numbers are those of the float32 model (the same
 weights, float32 arithmetic; only the order of the sums differs), with half the weight memory
 and, on the Zen 1 EPYC of benchmarks/RESULTS.md, 2.3x the one-row speed of float32 `F.linear`.
 The token embedding stays bf16 too (rows widened as they are looked up; a tied head multiplies
