@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -503,6 +504,8 @@ def _remove_abandoned(folder: Path) -> None:
         if age <= ABANDONED_SECONDS:
             continue
         if age <= FORGOTTEN_SECONDS:
+            if os.name == "nt":  # (os.kill there terminates the process: no way to ask)
+                continue
             try:
                 os.kill(pid, 0)
                 continue  # still running (or not ours to signal): its write may be in progress
@@ -890,13 +893,13 @@ def _same_bytes(
             if writing is not None:
                 writing.check()
             try:
-                n = os.preadv(fd, [buffer], chunk_start)
+                n = _read_at(fd, buffer, chunk_start)
             except OSError as e:
                 if not (flag and e.errno == errno.EINVAL):
                     raise
                 os.close(fd)  # a file system that opens with O_DIRECT but reads only without it
                 fd, flag = os.open(path, os.O_RDONLY), 0
-                n = os.preadv(fd, [buffer], chunk_start)
+                n = _read_at(fd, buffer, chunk_start)
             if n <= 0:
                 return f"tensor {wanted[i][1]!r} is cut short"
             chunk_end = chunk_start + n
@@ -918,6 +921,13 @@ def _same_bytes(
         os.close(fd)
         del view
         buffer.close()
+
+
+def _read_at(fd: int, buffer: Any, offset: int) -> int:
+    """Read into `buffer` from `offset` of the file: the bytes read (fewer at its end)."""
+    with io.FileIO(fd, "rb", closefd=False) as f:  # (os.preadv is not on every system)
+        f.seek(offset)
+        return f.readinto(buffer) or 0
 
 
 class _Write:
