@@ -576,3 +576,23 @@ def test_ctrl_c_while_the_exit_waits_for_the_write_keeps_nothing(tiny_file, cach
     assert "not cached (interrupted)" in err, err
     assert "Traceback" not in err and "terminate called" not in err and proc.returncode == 0, (proc.returncode, err)
     assert not _files(cache_dir) and not list(cache_dir.glob("*.tmp"))
+
+
+def test_a_forked_child_does_not_wait_for_its_parents_write(tiny_file, cache_dir, held_writes):
+    """The writing thread stays in the parent: a child forked meanwhile ends at once."""
+    LLM(str(tiny_file), enforce_eager=True)  # its write held by the fixture
+    pid = os.fork()
+    if pid == 0:  # the child: exit through the interpreter's own shutdown (atexit handlers run)
+        code = 0 if model_cache.wait(timeout=0) and not model_cache._WRITES else 1
+        model_cache._finish_writes()
+        os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the forked child waited for its parent's write")
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -952,6 +952,17 @@ _WRITES_LOCK = threading.Lock()
 _EXIT_HOOKED = False
 
 
+def _forget_writes_in_child() -> None:
+    """A forked child has none of the parent's threads: nothing of theirs to wait for at its exit."""
+    global _WRITES_LOCK
+    _WRITES_LOCK = threading.Lock()
+    _WRITES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_writes_in_child)
+
+
 def _store_quietly(snap: Snapshot, key: dict, target: Path, build: Callable[[dict], nn.Module], extras: Optional[dict],
                    writing: _Write) -> None:
     try:
