@@ -211,3 +211,32 @@ def test_the_blocked_kernel_is_chosen_where_measured_faster(own, blocked, monkey
 def test_measuring_the_blocked_kernel_times_both():
     times = bf16_weights.measure_blocked()
     assert set(times) == {"own", "aten"} and all(t > 0 for t in times.values())
+
+
+def test_fused_matrices_are_the_checkpoints_pieces_mapped_not_copied(bf16_dirs, monkeypatch):
+    """q/k/v and gate/up stay the checkpoint's own tensors (views of the memory-mapped safetensors
+    file, one product each) instead of copies joined into one fused matrix: a released 7B's load
+    held 8.9 GB of such copies (benchmarks/RESULTS.md, stop 46)."""
+    from pangu_infer.memory import file_backed_ranges, is_file_backed
+
+    monkeypatch.setenv(bf16_weights.ENV, "1")
+    llm = LLM(str(bf16_dirs["dense"]), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+    attn = llm.model.model.layers[0].self_attn
+    mlp = llm.model.model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, Bf16WeightLinear) and attn.qkv_proj.pieces == 3
+    assert isinstance(mlp.gate_up_proj, Bf16WeightLinear) and mlp.gate_up_proj.pieces == 2
+    assert attn.qkv_proj.out_features == attn.q_size + 2 * attn.kv_size
+    ranges = file_backed_ranges()
+    pieces = [b for m in (attn.qkv_proj, mlp.gate_up_proj) for b in m.buffers()]
+    assert pieces and all(is_file_backed(b, ranges) for b in pieces)
+    assert "fused_pieces" not in llm.model.__dict__  # all taken
+
+
+def test_pieces_no_kept_linear_takes_are_joined(bf16_dirs, monkeypatch):
+    """Where the kernel takes no linear (here: widths it does not take), the pieces become the fused
+    parameter as before, widened to float32 with the rest: the float32 model's logits."""
+    monkeypatch.setattr(bf16_weights, "COLUMNS", 1 << 20)
+    kept = _run(bf16_dirs["dense"], monkeypatch, True, enforce_eager=True)
+    plain = _run(bf16_dirs["dense"], monkeypatch, False, enforce_eager=True)
+    assert kept["kept"] == 0 and kept["others"] == {torch.float32}
+    assert torch.equal(kept["logits"], plain["logits"]) and kept["greedy"] == plain["greedy"]

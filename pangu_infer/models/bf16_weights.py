@@ -373,23 +373,38 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class Bf16WeightLinear(nn.Module):
     """Stands in for an nn.Linear of a float32 model: the weight kept in bf16 (a buffer, as the
-    checkpoint stores it), the product in float32 (see the module docstring)."""
+    checkpoint stores it), the product in float32 (see the module docstring).
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+    A fused matrix (q/k/v, gate/up) may be given as its pieces, in row order, as the checkpoint
+    stores them (views of the mapped file: nothing copied, nothing resident but what the page cache
+    holds): buffers piece0, piece1, ..., one product each, their columns side by side."""
+
+    def __init__(self, weight: "torch.Tensor | list[torch.Tensor]", bias: Optional[torch.Tensor]):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight", weight.detach().contiguous())
+        parts = list(weight) if isinstance(weight, (list, tuple)) else [weight]
+        self.out_features, self.in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
+        self.pieces = len(parts) if isinstance(weight, (list, tuple)) else 0
+        if self.pieces:
+            for i, p in enumerate(parts):
+                self.register_buffer(f"piece{i}", p.detach().contiguous())
+        else:
+            self.register_buffer("weight", weight.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = product(x.reshape(-1, self.in_features), self.weight)
+        x2 = x.reshape(-1, self.in_features)
+        if self.pieces:
+            y = torch.cat([product(x2, getattr(self, f"piece{i}")) for i in range(self.pieces)], dim=1)
+        else:
+            y = product(x2, self.weight)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bf16 weight"
+        kept = f"bf16 weight in {self.pieces} pieces" if self.pieces else "bf16 weight"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kept}"
 
 
 class Bf16Experts(nn.Module):
@@ -431,21 +446,31 @@ def widen_model(model: nn.Module) -> int:
     behind Bf16Experts, every other parameter and buffer (norms, biases, routers, rotary tables)
     becomes float32 (exactly: both 16-bit formats widen without rounding). Returns how many linears
     kept 16-bit weights."""
+    from pangu_infer.models.dense import join_fused_pieces
     from pangu_infer.models.moge import MoEBlock, StackedExperts
 
     routers = {id(m.gate) for m in model.modules() if isinstance(m, MoEBlock)}
-    sites = [
-        (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) in (nn.Linear, RowParallelLinear) and id(child) not in routers
-        and child.weight.dtype in HALF and child.in_features % COLUMNS == 0
-    ]
-    for parent, name, child in sites:
+    # fused matrices load_weights kept as the checkpoint's pieces (mapped views), by parameter name
+    pieces: dict[str, list[torch.Tensor]] = model.__dict__.get("fused_pieces", {})
+    sites = []
+    for path, parent in model.named_modules():
+        for name, child in parent.named_children():
+            parts = pieces.get(f"{path}.{name}.weight" if path else f"{name}.weight")
+            dtype = parts[0].dtype if parts else child.weight.dtype if type(child) in (nn.Linear, RowParallelLinear) else None
+            if (
+                type(child) in (nn.Linear, RowParallelLinear) and id(child) not in routers
+                and dtype in HALF and child.in_features % COLUMNS == 0
+            ):
+                sites.append((parent, name, child, parts))
+    for parent, name, child, parts in sites:
+        weight = parts if parts else child.weight
+        if parts:
+            del pieces[next(k for k, v in pieces.items() if v is parts)]
         if isinstance(child, RowParallelLinear):  # a tensor-parallel rank's columns: its all-reduce stays around
-            setattr(parent, name, child.around(Bf16WeightLinear(child.weight, None)))
+            setattr(parent, name, child.around(Bf16WeightLinear(weight, None)))
         else:
-            setattr(parent, name, Bf16WeightLinear(child.weight, child.bias))
+            setattr(parent, name, Bf16WeightLinear(weight, child.bias))
+    join_fused_pieces(model)  # (pieces no kept linear took: one parameter each, as without them)
     for experts in [m for m in model.modules() if isinstance(m, StackedExperts)]:
         w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
         if (

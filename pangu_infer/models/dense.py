@@ -167,6 +167,7 @@ class DecoderForCausalLM(nn.Module):
         expected = set(self.expected_weight_names())
         sharder = self.weight_sharder()
         seen: set[str] = set()
+        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
         for name, tensor in weights:
             if _SKIPPED.search(name):
                 continue
@@ -189,6 +190,11 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if index is None:
                 _set_param(self, target, tensor.to(device=device, dtype=matrix_dtype if matrix_dtype and tensor.dim() >= 2 else dtype))
+            elif matrix_dtype is not None and tensor.dim() == 2 and len(index) == 1 and isinstance(index[0], slice) and param.is_meta:
+                # A 16-bit piece of a fused matrix (q/k/v, gate/up): kept as the checkpoint gives it (a
+                # view of the mapped file, not a copy); models/bf16_weights.widen_model makes one product
+                # of the pieces (or, where it keeps no 16-bit weight, joins them: join_fused_pieces).
+                pieces.setdefault(target, []).append((index[0].start or 0, tensor.to(device=device, dtype=matrix_dtype)))
             else:
                 if param.is_meta:
                     kind = matrix_dtype if matrix_dtype and tensor.dim() >= 2 else dtype
@@ -200,6 +206,8 @@ class DecoderForCausalLM(nn.Module):
         if missing:
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise WeightError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
+        if pieces:  # (every piece came: the missing check above; in row order)
+            self.fused_pieces = {t: [x for _, x in sorted(ps, key=lambda p: p[0])] for t, ps in pieces.items()}
         if hook is not None:
             hook.finish(self)
         self.rotary.inv_freq = rope_inv_freq(self.config).to(device)
@@ -211,6 +219,13 @@ class DecoderForCausalLM(nn.Module):
 
     def finish_loading(self) -> None:
         """Hook for models that re-lay parameters after loading (MoGE stacks its experts)."""
+
+
+def join_fused_pieces(model: nn.Module) -> None:
+    """The fused matrices load_weights kept as pieces (model.fused_pieces) that nothing took, each
+    joined into its parameter (a copy, as loading them without pieces does)."""
+    for target, parts in model.__dict__.pop("fused_pieces", {}).items():
+        _set_param(model, target, torch.cat(parts, dim=0))
 
 
 def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> nn.Parameter:
