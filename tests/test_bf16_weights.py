@@ -139,22 +139,29 @@ def test_two_tensor_parallel_ranks_keep_bf16_matrices_inside_their_reductions(bf
     assert greedy == one["greedy"]
 
 
-@pytest.mark.parametrize("own,kept", [(1.2, True), (1.3, False)])
-def test_bf16_weights_stay_unless_measured_clearly_slower(own, kept, monkeypatch, tmp_path):
-    """Measured once per machine and kept in the per-machine cache; at equal speed half the memory wins."""
+def _measured_once(monkeypatch, tmp_path, measure: str, own: float, choice, cached) -> bool:
+    """choice() with bf16_weights.<measure> timing "own" at `own` against 1.0 for "aten", in an empty
+    per-machine cache: measured once, then read back from the file as a new process would."""
     monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
     monkeypatch.delenv(bf16_weights.ENV, raising=False)
     calls = []
-    monkeypatch.setattr(bf16_weights, "measure", lambda: calls.append(1) or {"own": own, "aten": 1.0})
-    bf16_weights._measured_faster.cache_clear()
+    monkeypatch.setattr(bf16_weights, measure, lambda: calls.append(1) or {"own": own, "aten": 1.0})
+    cached.cache_clear()
     try:
-        assert bf16_weights.chosen() is kept
-        bf16_weights._measured_faster.cache_clear()  # as a new process would: read from the file
-        assert bf16_weights.chosen() is kept and len(calls) == 1
-        monkeypatch.setenv(bf16_weights.ENV, "0")
-        assert not bf16_weights.chosen()
+        first = choice()
+        cached.cache_clear()
+        assert choice() is first and len(calls) == 1
+        return first
     finally:
-        bf16_weights._measured_faster.cache_clear()
+        cached.cache_clear()
+
+
+@pytest.mark.parametrize("own,kept", [(1.2, True), (1.3, False)])
+def test_bf16_weights_stay_unless_measured_clearly_slower(own, kept, monkeypatch, tmp_path):
+    """Measured once per machine and kept in the per-machine cache; at equal speed half the memory wins."""
+    assert _measured_once(monkeypatch, tmp_path, "measure", own, bf16_weights.chosen, bf16_weights._measured_faster) is kept
+    monkeypatch.setenv(bf16_weights.ENV, "0")
+    assert not bf16_weights.chosen()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -192,17 +199,10 @@ def test_many_rows_take_the_blocked_kernel_or_widened_slices_as_chosen(blocked, 
 def test_the_blocked_kernel_is_chosen_where_measured_faster(own, blocked, monkeypatch, tmp_path):
     """Measured once per machine against widened slices into BLAS (an AVX-512 CPU's BLAS may win)
     and kept in the per-machine cache; PANGU_INFER_BF16_WEIGHTS=1 takes it unmeasured."""
-    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(tmp_path / "kernels.json"))
-    monkeypatch.delenv(bf16_weights.ENV, raising=False)
-    calls = []
-    monkeypatch.setattr(bf16_weights, "measure_blocked", lambda: calls.append(1) or {"own": own, "aten": 1.0})
-    bf16_weights.blocked_chosen.cache_clear()
+    chosen = _measured_once(monkeypatch, tmp_path, "measure_blocked", own, bf16_weights.blocked_chosen, bf16_weights.blocked_chosen)
+    assert chosen is blocked
+    monkeypatch.setenv(bf16_weights.ENV, "1")
     try:
-        assert bf16_weights.blocked_chosen() is blocked
-        bf16_weights.blocked_chosen.cache_clear()  # as a new process would: read from the file
-        assert bf16_weights.blocked_chosen() is blocked and len(calls) == 1
-        bf16_weights.blocked_chosen.cache_clear()
-        monkeypatch.setenv(bf16_weights.ENV, "1")
         assert bf16_weights.blocked_chosen()
     finally:
         bf16_weights.blocked_chosen.cache_clear()
