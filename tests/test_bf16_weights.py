@@ -240,3 +240,24 @@ def test_pieces_no_kept_linear_takes_are_joined(bf16_dirs, monkeypatch):
     plain = _run(bf16_dirs["dense"], monkeypatch, False, enforce_eager=True)
     assert kept["kept"] == 0 and kept["others"] == {torch.float32}
     assert torch.equal(kept["logits"], plain["logits"]) and kept["greedy"] == plain["greedy"]
+
+
+def test_adapters_apply_over_kept_pieces(bf16_dirs, lora_adapters, monkeypatch):
+    """A LoRA adapter on q/k/v and gate/up adds to the pieces' product as to a fused weight: the same
+    greedy tokens and prompt logprobs as over the same weights widened to float32."""
+    from pangu_infer import LoRARequest
+
+    ids = list(range(3, 30))
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, prompt_logprobs=0)
+    outs = {}
+    for keep in (True, False):
+        monkeypatch.setenv(bf16_weights.ENV, "1" if keep else "0")
+        llm = LLM(str(bf16_dirs["dense"]), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True,
+                  enable_lora=True)
+        qkv = llm.model.model.layers[0].self_attn.qkv_proj  # a LoRALinear around the base module
+        assert (isinstance(qkv.base, Bf16WeightLinear) and qkv.base.pieces == 3) is keep
+        request = LoRARequest("full", 1, str(lora_adapters["full"].path))
+        out = llm.generate([{"prompt_token_ids": ids}], params, lora_request=request, use_tqdm=False)[0]
+        outs[keep] = (out.outputs[0].token_ids, torch.tensor([e.logprob for e in out.prompt_logprobs[1:]]))
+    assert outs[True][0] == outs[False][0]
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=0, atol=1e-4)
