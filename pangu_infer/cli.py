@@ -356,7 +356,11 @@ def main(argv: Optional[list[str]] = None, exit_when_done: bool = False) -> int:
 
 
 def _exit_now(rc: int) -> None:
-    """Flush what was written and end the process without the interpreter's teardown."""
+    """Flush what was written and end the process without the interpreter's teardown (after a model
+    cache write still running in the background: os._exit skips the atexit hook that waits for it)."""
+    model_cache = sys.modules.get("pangu_infer.loader.model_cache")
+    if model_cache is not None:
+        model_cache.finish_writes()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -584,7 +584,7 @@ def test_a_forked_child_does_not_wait_for_its_parents_write(tiny_file, cache_dir
     pid = os.fork()
     if pid == 0:  # the child: exit through the interpreter's own shutdown (atexit handlers run)
         code = 0 if model_cache.wait(timeout=0) and not model_cache._WRITES else 1
-        model_cache._finish_writes()
+        model_cache.finish_writes()
         os._exit(code)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -596,3 +596,48 @@ def test_a_forked_child_does_not_wait_for_its_parents_write(tiny_file, cache_dir
         os.kill(pid, signal.SIGKILL)
         pytest.fail("the forked child waited for its parent's write")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+_CLI_SCRIPT = """
+import sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from pangu_infer import cli
+from pangu_infer.loader import model_cache
+model_cache.BACKGROUND_BYTES = 0
+real = model_cache._write_file
+
+def slow(*args, **kwargs):
+    time.sleep(1.5)
+    return real(*args, **kwargs)
+
+model_cache._write_file = slow
+cli.main(["generate", "--model", sys.argv[1], "--prompt", "hi", "--max-tokens", "2", "--enforce-eager"], exit_when_done=True)
+"""
+
+
+def test_the_one_shot_cli_finishes_the_write_before_it_ends_the_process(tiny_file, cache_dir, monkeypatch):
+    """`pangu-infer generate` ends with os._exit (no interpreter teardown, no atexit): it waits for
+    the first load's cache write first, or every later run would convert the file again."""
+    proc = subprocess.run([sys.executable, "-c", _CLI_SCRIPT, str(tiny_file), str(torch.get_num_threads())],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "finishing the write of" in proc.stderr
+    assert len(_files(cache_dir)) == 1 and not list(cache_dir.glob("*.tmp"))
+    calls = _conversions(monkeypatch)
+    LLM(str(tiny_file), enforce_eager=True)
+    assert calls == []
+
+
+def test_the_servers_shutdown_finishes_the_write(tiny_file, cache_dir, held_writes):
+    """uvicorn re-raises the signal that stopped it once the app has shut down, and the process ends
+    without atexit: the app's shutdown waits for the write instead."""
+    from fastapi.testclient import TestClient
+
+    from pangu_infer.server.app import create_app
+
+    llm = LLM(str(tiny_file), enforce_eager=True)
+    with TestClient(create_app(llm, served_model_name=["tiny"])):
+        assert not _files(cache_dir)  # held
+        threading.Timer(0.5, held_writes.set).start()
+    assert len(_files(cache_dir)) == 1 and model_cache.wait(timeout=0)

@@ -768,7 +768,7 @@ def store(
     check the file in a thread and return None at once. Writing and checking a 7B's 4.8 GB takes
     about 9 s of the disk's time (and 2 s of CPU) while the engine already serves; a load of the
     same file in this process waits for it (wait()), and the process waits for it at exit, saying
-    so (_finish_writes)."""
+    so (finish_writes)."""
     target = cache_file(key)
     try:
         snap = snapshot(model)
@@ -791,7 +791,7 @@ def store(
         if not _EXIT_HOOKED:  # (daemon threads still run in atexit handlers: this one waits for them)
             import atexit
 
-            atexit.register(_finish_writes)
+            atexit.register(finish_writes)
             _EXIT_HOOKED = True
     print(f"pangu-infer: model cache: writing {_gb(size)} to {target} in the background (the next start maps it)", file=sys.stderr)
     writing.thread.start()
@@ -997,16 +997,19 @@ def wait(target: Optional[Path] = None, timeout: Optional[float] = None) -> bool
     return True
 
 
-def _finish_writes() -> None:
+def finish_writes(interruptible: bool = True) -> None:
     """At exit: let the background writes finish (the cache is the point of the first load), saying
-    so; interrupted (Ctrl-C), stop them and keep nothing."""
+    so; interrupted (Ctrl-C), stop them and keep nothing. Registered with atexit; called by what
+    ends a process without it (the CLI's os._exit, the server's shutdown, before uvicorn re-raises
+    the signal that stopped it). interruptible=False: the caller's Ctrl-C does not reach here."""
     with _WRITES_LOCK:
         writes = list(_WRITES.values())
     try:
         for w in writes:
             if not w.done.is_set():
+                skip = "; Ctrl-C skips it" if interruptible else ""
                 print(f"pangu-infer: model cache: finishing the write of {w.target.name} ({_gb(w.written)} of {_gb(w.total)} "
-                      "written; Ctrl-C skips it)", file=sys.stderr, flush=True)
+                      f"written{skip})", file=sys.stderr, flush=True)
             wait(w.target)
     except KeyboardInterrupt:
         for w in writes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import html
 import logging
+import sys
 import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import replace
@@ -156,6 +157,11 @@ def create_app(
         yield
         if own_engine:
             state.engine.shutdown()
+        # A first load's model cache write still running: finished here, before uvicorn re-raises
+        # the signal that stopped the server (the process then ends without atexit hooks).
+        model_cache = sys.modules.get("pangu_infer.loader.model_cache")
+        if model_cache is not None:
+            model_cache.finish_writes(interruptible=False)
 
     app = FastAPI(title="pangu-infer OpenAI-compatible API", version=pangu_infer.__version__, lifespan=lifespan)
     app.state.server = state
