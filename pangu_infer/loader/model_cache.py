@@ -407,7 +407,7 @@ def _write_file(path: str, head: bytes, writes: list[tuple[int, torch.Tensor]], 
         for _, t in writes:
             if writing is not None:
                 writing.check()
-            data = t.detach().contiguous().view(torch.uint8).reshape(-1) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+            data = _bytes_of(t)
             sink.put(data)
             bar.update(data.numel())
             if writing is not None:
@@ -415,6 +415,11 @@ def _write_file(path: str, head: bytes, writes: list[tuple[int, torch.Tensor]], 
         sink.finish()
     finally:
         sink.close()
+
+
+def _bytes_of(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's bytes in its logical (row-major) order, as the file holds them: uint8, 1-D."""
+    return t.detach().contiguous().view(torch.uint8).reshape(-1) if t.numel() else t.new_empty(0, dtype=torch.uint8)
 
 
 class _BufferedSink:
@@ -679,14 +684,14 @@ def _get(model: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 def same_model(
-    a: "nn.Module | Snapshot", b: nn.Module, compared: Optional[Callable[[torch.Tensor], None]] = None, data: bool = True,
+    a: "nn.Module | Snapshot", b: "nn.Module | Snapshot", compared: Optional[Callable[[torch.Tensor], None]] = None, data: bool = True,
 ) -> Optional[str]:
     """None when `b` is `a` (a model, or a model's Snapshot) rebuilt: module classes, plain
     attributes, tensors (values, dtypes, shapes, strides), parameters vs buffers and shared tensors;
     else what differs. `compared` is called with each tensor of `b` once it has been compared.
     data=False: everything but the tensors' values."""
     sa = a if isinstance(a, Snapshot) else snapshot(a)
-    sb = snapshot(b)
+    sb = b if isinstance(b, Snapshot) else snapshot(b)
     ma, ta, mb, tb = sa.modules, sa.tensors, sb.modules, sb.tensors
     if json.dumps(ma, sort_keys=True) != json.dumps(mb, sort_keys=True):
         for x, y in zip(ma, mb):
@@ -841,7 +846,8 @@ def _check(
     copy, extras_read = read(target, key, build, check_choices=False)
     if extras_read != json.loads(json.dumps(extras)):
         return "the extras differ"
-    why = same_model(snap, copy, data=False)
+    copied = snapshot(copy)
+    why = same_model(snap, copied, data=False)
     if why is not None:
         return why
     header, base = _read_header(target)
@@ -850,7 +856,7 @@ def _check(
     size = target.stat().st_size
     file_start: Optional[int] = None  # the address of the file's first byte in the copy's mapping
     expected: list[tuple[int, str, torch.Tensor]] = []  # (offset in the file, name, the snapshot's tensor)
-    for name, t in snapshot(copy).tensors.items():
+    for name, t in copied.tensors.items():
         entry = header[aliases.get(name, name)]
         start, stop = entry["data_offsets"]
         if name in strides or t.numel() == 0:  # (a strided tensor is rebuilt as a copy: its values compared here)
@@ -865,7 +871,7 @@ def _check(
             return f"tensor {name!r} is not read from its place in the file"
         if name not in aliases:
             expected.append((base + start, name, snap.tensors[name]))
-    del copy
+    del copy, copied
     expected.sort(key=lambda e: e[0])
     return _same_bytes(target, expected, writing, compared)
 
@@ -886,7 +892,7 @@ def _same_bytes(
     view = numpy.frombuffer(buffer, dtype=numpy.uint8)
     try:
         # compared by numpy (one thread; see _DirectSink.put), 5x faster than torch.equal on bytes
-        wanted = [(offset, name, t.detach().contiguous().view(torch.uint8).reshape(-1).numpy()) for offset, name, t in expected]
+        wanted = [(offset, name, _bytes_of(t).numpy()) for offset, name, t in expected]
         i = 0
         chunk_start = wanted[0][0] // DIRECT_ALIGN * DIRECT_ALIGN if wanted else 0
         while i < len(wanted):
