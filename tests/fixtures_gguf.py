@@ -208,9 +208,12 @@ def write_gguf(
     omit_keys: tuple[str, ...] = (),
     extra_tensors: Optional[dict[str, np.ndarray]] = None,
     metadata: Optional[dict[str, tuple[str, Any]]] = None,
+    qtypes: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Write an HF checkpoint as llama.cpp's converter would, for GGUF architecture `arch`.
-    `metadata`: keys (name -> (gguf writer kind, value)) written instead of the converter's values."""
+    `metadata`: keys (name -> (gguf writer kind, value)) written instead of the converter's values;
+    `qtypes`: HF tensor name -> the type of that matrix where it is not `qtype` (mixed files, as
+    llama.cpp's Q4_K_M)."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
@@ -263,8 +266,9 @@ def write_gguf(
         elif arch == "llama" and ".k_proj." in hf_name:
             data = llama_cpp_permute(data, kv_heads)
         arr = data.to(torch.float32).numpy()
-        if arr.ndim == 2 and qtype != Q.F32:
-            w.add_tensor(f"{gguf_name}.{suffix}", gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        kind = (qtypes or {}).get(hf_name, qtype)
+        if arr.ndim == 2 and kind != Q.F32:
+            w.add_tensor(f"{gguf_name}.{suffix}", gguf.quants.quantize(arr, kind), raw_dtype=kind)
         else:
             w.add_tensor(f"{gguf_name}.{suffix}", arr)
     for name, arr in (extra_tensors or {}).items():

@@ -107,15 +107,141 @@ def test_kernel_layout_gives_the_python_paths_bytes(monkeypatch, rows):
         transcode.library.cache_clear()
 
 
-def test_a_q4_0_file_loads_to_the_same_tensors_either_way(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch):
-    tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "Q4_0")
-    fast = load_model(str(tiny.path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+def _layout_kernel_here(k: int = 256) -> None:
+    if not cpu_int4.usable(k, 32):
+        pytest.skip("the own int4 kernel's layout is not used here")
+
+
+@pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1", "Q4_K"])
+def test_q4_blocks_laid_out_directly_give_the_portable_paths_layout_for_every_f16_scale(tmp_path, qtype_name):
+    """q4_to_layout (blocks straight into the kernel's layout) against the blocks converted to the
+    portable format and packed from it (PackedWeight), every f16 scale and zero; NaN stays NaN."""
+    from gguf import GGMLQuantizationType as Q
+
+    raw, k = _blocks_with_every_f16(qtype_name)
+    _layout_kernel_here(k)
+    t = one_tensor_gguf(tmp_path / "t.gguf", raw, Q[qtype_name])
+    with np.errstate(invalid="ignore", over="ignore"):
+        want = PackedWeight(gguf_tensors.convert(t, QuantizationConfig("int4", 32)), torch.device("cpu"))
+    blocks = transcode.Q4Blocks(np.ascontiguousarray(raw), qtype_name, None, materialize=None)
+    assert blocks.shape == (raw.shape[0], k)
+    layout = cpu_int4.Layout(raw.shape[0], k, 32, blocks.zero_values)
+    assert blocks.lay_out(0, layout.data, layout.sz)
+    assert torch.equal(layout.data, want.data)
+    nan = want.scales.isnan()
+    assert layout.sz.shape == want.scales.shape and torch.equal(layout.sz.isnan(), nan)
+    assert torch.equal(_bits(layout.sz[~nan]), _bits(want.scales[~nan]))
+
+
+@pytest.mark.parametrize("rows", [40, 61])
+def test_pieces_laid_out_at_any_row_in_any_order_give_the_packed_whole(rows):
+    """A fused weight's pieces written one after another at rows that are not multiples of 16 (a
+    block of the layout shared by two pieces), one piece's rows reordered (llama.cpp's permuted q/k),
+    a padded last block, and a piece with zeros after pieces without (the layout widened): the same
+    bytes as the whole weight packed from the portable format."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    _layout_kernel_here()
+    g = np.random.default_rng(rows)
+    kinds = [("Q4_0", 0, 21), ("Q4_0", 21, 30), ("Q4_1", 30, rows)]
+    w = g.standard_normal((rows, 256)).astype(np.float32)
+    parts = [gguf.quants.quantize(w[a:b], Q[kind]) for kind, a, b in kinds]
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(rows))  # piece 2's row i is its row order[i]
+    layout = cpu_int4.Layout(rows, 256, 32, 1)
+    for i, ((kind, a, b), part) in enumerate(zip(kinds, parts)):
+        blocks = transcode.Q4Blocks(part, kind, order if i == 1 else None, materialize=None)
+        if blocks.zero_values > layout.zero_values:
+            layout.with_zeros()
+        assert blocks.lay_out(a, layout.data, layout.sz)
+    # the reference: every piece in portable form (C pairs), rows reordered, stacked, packed
+    portable = []
+    for i, ((kind, a, b), part) in enumerate(zip(kinds, parts)):
+        packed = torch.empty(b - a, 128, dtype=torch.uint8)
+        sc, ze = transcode.q4_to_pairs(part, kind, packed)
+        qt = QuantizedTensor("int4", packed, sc.to(torch.bfloat16), ze.to(torch.bfloat16))
+        portable.append(qt[order] if i == 1 else qt)
+    want = PackedWeight(QuantizedTensor.cat(portable), torch.device("cpu"))
+    assert layout.zero_values == 2 and torch.equal(layout.data, want.data) and torch.equal(_bits(layout.sz), _bits(want.scales))
+    x = torch.randn(3, 256)
+    assert torch.equal(PackedWeight(layout, torch.device("cpu"))(x), want(x))
+
+
+def _mixed_tiny(tmp_path, vocab, arch: str, qtype_name: str, narrow_kv: bool):
+    """The tiny Pangu as a GGUF file of `arch`; narrow_kv: 8 heads of 8 and one of key/value (k and v
+    take 8 rows each: v starts at row 72 of q/k/v, inside a block of 16) and one layer's k in Q4_1
+    among Q4_0 (a fused weight of two types)."""
+    import gguf
+
+    from fixtures_gguf import tiny_pangu_config, tiny_pangu_tensors, write_gguf
+
+    config = tiny_pangu_config(vocab)
+    if arch == "llama":
+        config = {k: v for k, v in config.items() if k != "bias"}
+        config |= {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True}
+    qtypes = {}
+    if narrow_kv:
+        config |= {"num_attention_heads": 8, "num_key_value_heads": 1}
+        qtypes = {"model.layers.1.self_attn.k_proj.weight": gguf.GGMLQuantizationType.Q4_1}
+    path = tmp_path / f"tiny-{arch}-{qtype_name}.gguf"
+    write_gguf(path, arch=arch, config=config, tensors=tiny_pangu_tensors(config), vocab=vocab,
+               qtype=gguf.GGMLQuantizationType[qtype_name], qtypes=qtypes)
+    return path
+
+
+@pytest.mark.parametrize(
+    "arch, qtype_name, narrow_kv",
+    [("pangu-embedded", "Q4_0", False), ("llama", "Q4_1", False), ("llama", "Q4_0", True), ("pangu-embedded", "Q8_0", False)],
+)
+def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentencepiece_vocab, monkeypatch, arch, qtype_name, narrow_kv):
+    """The C passes (Q4 blocks written straight into the int4 kernel's layout, Q8_0 re-quantized per
+    row in one pass) against the Python conversion: every buffer and parameter bit for bit, llama's
+    permuted q/k and a fused weight of two types included; and the Q4 linears never took the
+    portable form (only the embedding did)."""
+    path = _mixed_tiny(tmp_path, tiny_sentencepiece_vocab, arch, qtype_name, narrow_kv)
+    converted: list[str] = []
+    real_convert = gguf_tensors.convert
+
+    def convert(t, setting):
+        converted.append(t.name)
+        return real_convert(t, setting)
+
+    monkeypatch.setattr(gguf_tensors, "convert", convert)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    fast = load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    if qtype_name.startswith("Q4") and cpu_int4.usable(64, 32):
+        assert converted == ["token_embd.weight"]
     _python(monkeypatch)
-    slow = load_model(str(tiny.path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    slow = load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
     a, b = _tensors(fast.model), _tensors(slow.model)
     assert a.keys() == b.keys() and any(isinstance(m, PackedWeight) for m in fast.model.modules())
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(_bits(a[name]), _bits(b[name])), name
+    ids = torch.tensor([1, 5, 9, 4])
+
+    def logits(m):
+        return m.compute_logits(m(ids, torch.arange(4)))
+
+    assert torch.equal(logits(fast.model), logits(slow.model))
+
+
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q6_K"])
+def test_int8_from_blocks_in_one_pass_is_the_quantized_dequantized_rows(qtype_name):
+    """dequantize_int8 (Q8_0 / Q6_K blocks to int8 rows and bf16 scales, no float copy) gives
+    _quantize_int8 of gguf's dequantized rows, every f16 scale; a row with a NaN: scale NaN, codes 0."""
+    from pangu_infer.quant.formats import _quantize_int8
+
+    raw, k = _blocks_with_every_f16(qtype_name)
+    w = transcode.dequantize(raw, qtype_name)
+    want_q, want_s = _quantize_int8(w)
+    q = torch.empty(raw.shape[0], k, dtype=torch.int8)
+    scale = torch.empty(raw.shape[0], dtype=torch.bfloat16)
+    assert transcode.dequantize_int8(raw, qtype_name, q, scale)
+    finite = torch.isfinite(w).all(1)
+    assert finite.sum() > raw.shape[0] // 4 and (~finite).any()
+    assert torch.equal(q[finite], want_q[finite]) and torch.equal(_bits(scale[finite]), _bits(want_s[finite]))
+    nan = w.isnan().any(1)
+    assert scale[nan].isnan().all() and not q[nan].any()
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,6 +257,15 @@ def test_mismatched_shapes_are_refused():
         transcode.pairs_to_octets(torch.zeros(16, 8, dtype=torch.uint8), torch.zeros(1, 1, 64, dtype=torch.uint8))
     with pytest.raises(ValueError, match="q4_to_pairs"):
         transcode.q4_to_pairs(np.zeros((2, 18), dtype=np.uint8), "Q4_0", torch.zeros(2, 8, dtype=torch.uint8))
+    data, sz = torch.zeros(1, 4, 64, dtype=torch.uint8), torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q4_to_layout"):  # 17 rows into one block of 16
+        transcode.q4_to_layout(np.zeros((17, 18), dtype=np.uint8), "Q4_0", None, 0, data, sz)
+    with pytest.raises(ValueError, match="q4_to_layout"):  # a source row out of range
+        transcode.q4_to_layout(np.zeros((2, 18), dtype=np.uint8), "Q4_0", torch.tensor([0, 2]), 0, data, sz)
+    with pytest.raises(ValueError, match="zeros"):  # Q4_1's zeros have no room
+        transcode.q4_to_layout(np.zeros((2, 20), dtype=np.uint8), "Q4_1", None, 0, data, sz)
+    with pytest.raises(ValueError, match="dequantize_int8"):
+        transcode.dequantize_int8(np.zeros((2, 34), dtype=np.uint8), "Q8_0", torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("rows", [32, 40])

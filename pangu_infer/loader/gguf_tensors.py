@@ -21,8 +21,10 @@ piece is a Q4 type, float when every piece is float, int8 otherwise.
 
 Memory: each tensor is converted from the memory-mapped file in slices of about a million
 weights (16 million in pangu_infer.quant.transcode's C passes: Q4_0, Q4_1 and Q4_K into int4
-pairs, Q8_0 and Q6_K dequantized, the same bytes as the numpy here); nothing but the converted
-tensor and one slice's temporaries is ever held.
+pairs, Q8_0 and Q6_K to int8 rows, the same bytes as the numpy here); nothing but the converted
+tensor and one slice's temporaries is ever held. With `iter_weights(lay_out=True)` (one process on
+a CPU) a Q4 tensor is not converted here at all: it goes to the load hook as transcode.Q4Blocks,
+which writes it straight into its linear's kernel layout.
 """
 
 from __future__ import annotations
@@ -165,6 +167,8 @@ def convert(t: Any, setting: QuantizationConfig) -> QuantizedTensor:
         qt = _convert_q4_in_c(t, data, n, k)
         if qt is not None:
             return qt
+    if setting.method == "int8" and t.tensor_type.name in transcode.DEQUANTIZED and transcode.library() is not None:
+        return _convert_int8_in_c(t, data, n, k)
     outs: list[torch.Tensor] = []
     for start in range(0, n, step):
         stop = min(n, start + step)
@@ -204,47 +208,72 @@ def _convert_q4_in_c(t: Any, data: np.ndarray, n: int, k: int) -> Optional[Quant
     return QuantizedTensor("int4", packed, scale, zero)
 
 
+def _convert_int8_in_c(t: Any, data: np.ndarray, n: int, k: int) -> QuantizedTensor:
+    """convert's int8 path for Q8_0 / Q6_K blocks by transcode's C pass: dequantized and re-quantized
+    per row in one go (the same codes and scales as _quantize_int8 of gguf's dequantized rows)."""
+    q = torch.empty(n, k, dtype=torch.int8)
+    scale = torch.empty(n, dtype=SCALE_DTYPE)
+    step = max(1, C_CHUNK_ELEMENTS // max(k, 1))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        transcode.dequantize_int8(data[start:stop], t.tensor_type.name, q[start:stop], scale[start:stop])
+        _drop(data[start:stop])
+    return QuantizedTensor("int8", q, scale)
+
+
 def permute_quantized_rows(qt: QuantizedTensor, fn) -> QuantizedTensor:
     """Apply a row permutation (llama's Q/K un-permute) to every per-row part of a quantized tensor."""
     return QuantizedTensor(qt.method, fn(qt.qweight), fn(qt.scale), None if qt.zero is None else fn(qt.zero))
 
 
-def iter_weights(ckpt: Any, settings: dict[str, Optional[QuantizationConfig]], progress: bool = False) -> Iterator[tuple[str, Weight]]:
+def iter_weights(
+    ckpt: Any, settings: dict[str, Optional[QuantizationConfig]], progress: bool = False, lay_out: bool = False
+) -> Iterator[tuple[str, Union[Weight, transcode.Q4Blocks]]]:
     """(HF name, tensor) of a GGUFCheckpoint: a QuantizedTensor where `settings` (HF tensor name ->
     setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32).
-    progress: a bar over the file's tensor bytes (as the safetensors loader's)."""
+    progress: a bar over the file's tensor bytes (as the safetensors loader's).
+    lay_out: Q4_0 / Q4_1 / Q4_K tensors kept as int4 groups of 32 come unconverted, as
+    transcode.Q4Blocks, for the load hook to write straight into its kernel's layout (one process on
+    a CPU: a tensor-parallel shard slices the portable form)."""
     from tqdm import tqdm
 
     total = sum(int(t.n_bytes) for t in ckpt.reader.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting weights", disable=not progress) as bar:
         for t in ckpt.reader.tensors:
             if ckpt.hf_names.get(t.name) is not None:
-                yield _converted(ckpt, t, settings)
+                yield _converted(ckpt, t, settings, lay_out)
             bar.update(int(t.n_bytes))
 
 
-def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfig]]) -> tuple[str, Weight]:
+def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfig]], lay_out: bool = False) -> tuple[str, Any]:
     """iter_weights' (HF name, tensor) for one GGUF tensor."""
     from pangu_infer.loader.gguf import _dequantize, unpermute_rows
 
     hf_name = ckpt.hf_names[t.name]
     setting = settings.get(hf_name)
-    if setting is None:
-        x: Weight = _dequantize(t, ckpt.path)  # a copy
-        _drop(_rows(t))
-    else:
-        x = convert(t, setting)
     n_head = None
     if ckpt.permuted_qk and ".self_attn.q_proj." in hf_name:
         n_head = ckpt.config["num_attention_heads"]
     elif ckpt.permuted_qk and ".self_attn.k_proj." in hf_name:
         n_head = ckpt.config["num_key_value_heads"]
-    if n_head is not None:
-        def fn(y, n_head=n_head):
-            return unpermute_rows(y, n_head)
 
-        x = fn(x) if isinstance(x, torch.Tensor) else permute_quantized_rows(x, fn)
-    return hf_name, x
+    def unpermuted(x: Weight) -> Weight:
+        if n_head is None:
+            return x
+        fn = lambda y: unpermute_rows(y, n_head)  # noqa: E731
+        return fn(x) if isinstance(x, torch.Tensor) else permute_quantized_rows(x, fn)
+
+    data = _rows(t)
+    direct = setting is not None and setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types()
+    if lay_out and direct and data.ndim == 2 and len(t.shape) == 2 and data.flags.c_contiguous and transcode.library() is not None:
+        order = None if n_head is None else unpermuted(torch.arange(len(data)))
+        return hf_name, transcode.Q4Blocks(data, t.tensor_type.name, order, lambda: unpermuted(convert(t, setting)), lambda: _drop(data))
+    if setting is None:
+        x: Weight = _dequantize(t, ckpt.path)  # a copy
+        _drop(data)
+    else:
+        x = convert(t, setting)
+    return hf_name, unpermuted(x)
 
 
 def plan_settings(

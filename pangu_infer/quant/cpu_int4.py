@@ -862,6 +862,46 @@ def chosen() -> bool:
 # ------------------------------------------------------------------------------------ layout
 
 
+class Layout:
+    """A weight [N, K] written straight into the kernel's layout (pack's weight and scale-and-zero),
+    row by row, by a loader (pangu_infer.quant.transcode.Q4Blocks: a GGUF file's Q4 blocks) instead of
+    packed from the portable format. N is padded to whole blocks of 16 rows: the padded rows are
+    code 0, scale 0 and zero 0 from the start, as pack's caller pads them."""
+
+    method = "int4"
+
+    def __init__(self, out_features: int, in_features: int, group_size: int, zero_values: int):
+        if zero_values not in (1, 2) or in_features % group_size or group_size % OCTET:
+            raise ValueError(f"no int4 layout for [{out_features}, {in_features}] in groups of {group_size} with {zero_values} values")
+        self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        blocks = -(-out_features // ROW_BLOCK)
+        self.data = torch.empty(blocks, in_features // OCTET, 64, dtype=torch.uint8)
+        self.sz = torch.empty(blocks, in_features // group_size, zero_values, ROW_BLOCK, dtype=torch.bfloat16)
+        if out_features % ROW_BLOCK:
+            self.data[-1].zero_()
+            self.sz[-1].zero_()
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
+
+    @property
+    def zero_values(self) -> int:
+        return zero_values(self.sz)
+
+    def with_zeros(self) -> "Layout":
+        """Room for zeros beside the scales (a piece with zeros after pieces without: theirs are 0)."""
+        if self.zero_values == 2:
+            return self
+        sz = torch.zeros(*self.sz.shape[:-2], 2, ROW_BLOCK, dtype=self.sz.dtype)
+        sz[..., :1, :] = self.sz
+        self.sz = sz
+        return self
+
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.sz.nbytes
+
+
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes uint8 0..15 [N, K] (N a multiple of 16), scale and zero [N, K/G] -> the kernel's layout:
     weight uint8 [N/16, K/8, 64] and scale-and-zero bf16 [N/16, K/G, 2, 16]; zero None (every zero

@@ -40,6 +40,7 @@ from pangu_infer.quant.formats import (
     parse_quantization,
     quantize,
 )
+from pangu_infer.quant import cpu_int4, transcode
 from pangu_infer.quant.modules import (
     CPU_INT4_ROWS,
     KERNEL_DTYPE,
@@ -135,6 +136,10 @@ class LoadHook:
         self.filled: dict[str, dict[tuple, int]] = {}
         # Complete targets: the kernel layout (linears, experts) or the portable tensor (embeddings).
         self.ready: dict[str, Union[PackedWeight, QuantizedTensor]] = {}
+        # Linears being written straight into the kernel's layout (GGUF Q4 blocks, _lay_out): the
+        # layout, and the rows of each piece already in.
+        self.laying: dict[str, cpu_int4.Layout] = {}
+        self.laid_rows: dict[str, dict[tuple, int]] = {}
         # StackedExperts module name -> {"gate"|"up"|"down": [view per expert]}
         self.offloaded: dict[str, dict[str, list]] = {}
 
@@ -170,6 +175,12 @@ class LoadHook:
             self._offload(name, target, index, tensor)
             return True
         setting = self._setting(target)
+        if isinstance(tensor, transcode.Q4Blocks):
+            if self._lay_out(name, target, index, tensor, setting):
+                return True
+            tensor = tensor.materialize()  # the portable form, as other loaders give it
+        elif target in self.laying:
+            raise WeightError(f"tensor {name!r} is a {type(tensor).__name__}, but the other pieces of {target!r} were GGUF Q4 blocks")
         if setting is None:
             if isinstance(tensor, QuantizedTensor):
                 raise WeightError(f"tensor {name!r} is quantized ({tensor.method}), but this model keeps {target!r} in float")
@@ -189,9 +200,46 @@ class LoadHook:
             self._complete(target, qt)
         return True
 
-    def _complete(self, target: str, qt: QuantizedTensor) -> None:
+    def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: "transcode.Q4Blocks", setting: Optional[QuantizationConfig]) -> bool:
+        """Write a GGUF file's Q4 blocks straight into the kernel's layout of their linear (its rows of
+        a fused one); False where that layout is not this weight's (then they are converted to the
+        portable form and go the usual way)."""
+        if index is not None and target in self.ready:
+            raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
+        layout = self.laying.get(target)
+        if layout is None:
+            param = self.params[target]
+            fits = (
+                setting is not None and setting.method == "int4" and setting.group_size == blocks.group_size
+                and self.kinds.get(target) == "linear" and self.device.type == "cpu" and param.dim() == 2
+                and target not in self.pending and (index is None or _row_slice(index) is not None)
+                and cpu_int4.usable(param.shape[1], blocks.group_size)
+            )
+            if not fits:
+                return False
+            layout = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values)
+        elif blocks.zero_values > layout.zero_values:
+            layout = layout.with_zeros()
+        rows = len(blocks.part)
+        row0 = 0 if index is None else _row_slice(index)
+        if row0 is None or not blocks.lay_out(row0, layout.data, layout.sz):
+            raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
+        if index is None:
+            self._complete(target, layout)
+            return True
+        self.laying[target] = layout
+        pieces = self.laid_rows.setdefault(target, {})
+        pieces[_index_key(index)] = rows
+        if sum(pieces.values()) >= layout.out_features:
+            del self.laid_rows[target]
+            self._complete(target, self.laying.pop(target))
+        return True
+
+    def _complete(self, target: str, qt: Union[QuantizedTensor, cpu_int4.Layout]) -> None:
         """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""
-        if self.kinds[target] == "embedding":
+        if isinstance(qt, cpu_int4.Layout):
+            self.ready[target] = PackedWeight(qt, self.device, self.dtype)
+        elif self.kinds[target] == "embedding":
             self.ready[target] = qt
         else:  # qt is this loader's own copy unless it lies in a mapped file (a pre-quantized checkpoint's)
             mapped = self.memory_mapped and is_file_backed(qt.qweight, file_backed_ranges())  # (GGUF: converted copies)
@@ -259,6 +307,10 @@ class LoadHook:
             target, qt = self.pending.popitem()
             self.filled.pop(target, None)
             self._complete(target, qt)
+        while self.laying:
+            target, layout = self.laying.popitem()
+            self.laid_rows.pop(target, None)
+            self._complete(target, layout)
         experts: dict[str, dict[str, PackedWeight]] = {}
         while self.ready:
             target, weight = self.ready.popitem()
@@ -285,6 +337,13 @@ class LoadHook:
             module.impl = OffloadedExperts(lists["gate"], lists["up"], lists["down"])
             del module.w13, module.w2
         trim_heap()
+
+
+def _row_slice(index: tuple) -> Optional[int]:
+    """The first row of a piece given as rows [start, stop) of its fused parameter; None for any other index."""
+    if len(index) == 1 and isinstance(index[0], slice) and index[0].step in (None, 1):
+        return index[0].start or 0
+    return None
 
 
 def _index_key(index: tuple) -> tuple:

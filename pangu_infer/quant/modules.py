@@ -27,7 +27,7 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +74,10 @@ def _each_matrix(x: torch.Tensor, fn) -> torch.Tensor:
 class PackedWeight(nn.Module):
     """One quantized weight [..., N, K] (leading dims: experts) laid out for its device's kernel."""
 
-    def __init__(self, qt: QuantizedTensor, device: torch.device, activations: Optional[torch.dtype] = None, consume: bool = False):
+    def __init__(self, qt: Union[QuantizedTensor, cpu_int4.Layout], device: torch.device, activations: Optional[torch.dtype] = None, consume: bool = False):
         """consume: qt is the caller's to give up (a loader's fresh copy, not file-backed): where the
-        layout allows, the weight is rearranged in qt's own storage instead of a second one."""
+        layout allows, the weight is rearranged in qt's own storage instead of a second one. A
+        cpu_int4.Layout is taken as it is (its tensors become the buffers)."""
         super().__init__()
         self.method = qt.method
         self.activations = activations  # the model's dtype, where known: some row choices depend on it
@@ -84,7 +85,14 @@ class PackedWeight(nn.Module):
         self.group_size = qt.group_size
         self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
         self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per kind by prepare_prefill)
-        if qt.method == "int8" and self._int8_kernel_fits(qt, device):
+        if isinstance(qt, cpu_int4.Layout):  # written in the kernel's layout by the loader (a GGUF file's Q4 blocks)
+            if device.type != "cpu" or not cpu_int4.usable(self.in_features, self.group_size):
+                raise ValueError(f"an int4 weight in cpu_int4's layout needs its kernel (device {device})")
+            self.kernel = "int4_vnni"
+            self.register_buffer("scales", qt.sz)
+            self.register_buffer("data", qt.data)
+            self.convert_min_rows = convert_min_rows("int4_vnni", activations)
+        elif qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
             # fewer rows than convert_min_rows: quant/cpu_int8.py's kernel where it was measured faster
             self.own_int8 = device.type == "cpu" and cpu_int8.usable(self.in_features)

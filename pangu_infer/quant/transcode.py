@@ -1,13 +1,17 @@
-"""Load-time conversion of GGUF blocks in one C pass each: Q4_0 / Q4_1 / Q4_K blocks into the
-portable int4 format (packed pairs, scale and zero per group of 32), the portable format into
-pangu_infer.quant.cpu_int4's kernel layout (into a new tensor, or over the pairs' own storage), and
-Q8_0 / Q6_K blocks dequantized to float32 (then re-quantized per row as int8 by quant/formats.py).
+"""Load-time conversion of GGUF blocks in one C pass each: Q4_0 / Q4_1 / Q4_K blocks straight into
+pangu_infer.quant.cpu_int4's kernel layout (`q4_to_layout`, what `Q4Blocks` hands the load hook:
+any destination row, rows reordered), or into the portable int4 format (packed pairs, scale and zero
+per group of 32) and the portable format into the kernel's layout (into a new tensor, or over the
+pairs' own storage); Q8_0 / Q6_K blocks dequantized to float32, or straight to int8 rows with one
+scale each (`dequantize_int8`: formats._quantize_int8's numbers, no float copy).
 
 Why: these are shuffles of nibbles and conversions of f16 scales, but written as numpy / torch
 operations each took several passes over temporaries of one to four bytes per weight. A first load
 of a Q4_0 GGUF of openPangu-Embedded-7B's widths (4.7 GB) converted in 45.5 s on a 2-core Zen 3, 11 s
 with these passes (benchmarks/RESULTS.md, "First load of the 7B Q4_0 file"); its Q4_K_M sibling 40.9
--> 15.7 s. They read and write each byte once, on torch's threads (OpenMP).
+-> 15.7 s. They read and write each byte once, on torch's threads (OpenMP). Writing Q4 blocks straight
+into the layout (the pieces of fused weights in their rows) and Q6_K straight to int8 took the 7B's
+11 s to about 4 s (benchmarks/RESULTS.md, "stop 47").
 
 Every pass gives the same bytes as the Python it replaces (tests/test_transcode.py compares them
 bit for bit, every f16 value included; the dequantized values are gguf's own); where no C compiler
@@ -34,9 +38,10 @@ SOURCE = r"""
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <omp.h>
 
-int pangu_transcode_abi(void) { return 4; }
+int pangu_transcode_abi(void) { return 5; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -122,38 +127,187 @@ int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t
   return 0;
 }
 
-/* rows x blocks of Q8_0 (f16 d, 32 int8) or Q6_K (128 bytes of low 4 bits, 64 of high 2 bits, 16 int8
-   scales, f16 d; 256 weights) -> float [rows, K], each value computed as gguf's numpy dequantizer
-   does (Q8_0: x d; Q6_K: (d sc) q with q = low | high << 4 minus 32). type: 8 (Q8_0) or 14 (Q6_K). */
-int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, float* out, int64_t threads) {
-  if (type != 8 && type != 14) return 1;
-  const int64_t total = rows * blocks;
-#pragma omp parallel for schedule(static) num_threads((int)threads)
-  for (int64_t i = 0; i < total; i++) {
+/* float -> bf16 bits as torch rounds it (nearest, ties to even; every NaN -> 0x7fc0). */
+static inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  return (uint16_t)((u + (((u >> 16) & 1u) + 0x7fffu)) >> 16);
+}
+
+/* The int4 layout's 4 bytes of one row for 8 columns (byte j: column j low, j + 4 high) from 8 code
+   bytes lo, hi whose `shift` nibbles (0: low, 4: high) hold columns 0-3 and 4-7. */
+static inline uint32_t octet(const uint8_t* lo, const uint8_t* hi, int shift) {
+  uint32_t a, b;
+  memcpy(&a, lo, 4);
+  memcpy(&b, hi, 4);
+  return shift ? ((a >> 4) & 0x0f0f0f0fu) | (b & 0xf0f0f0f0u) : (a & 0x0f0f0f0fu) | ((b & 0x0f0f0f0fu) << 4);
+}
+
+/* Q4_0 / Q4_1 (type 2 / 3: blocks of 32) or Q4_K (type 12: blocks of 256, sub-blocks of 32) rows (`n` of
+   them, K = 32 * groups columns) straight into the int4 kernel's layout of a weight
+   (pangu_infer.quant.cpu_int4.pack): destination rows row0 .. row0 + n - 1 of data uint8 [*, K/8, 64]
+   (16 rows a block: for each 8 columns o, 16 rows x 4 bytes, byte j holding column 8o + j in the low
+   nibble and 8o + 4 + j in the high one) and of sz bf16 [*, K/32, zs, 16] (scale, then zero where zs
+   is 2; zs 1: the scales alone). Destination row row0 + i comes from source row order[i] (order NULL:
+   row i), at src + order[i] * row_bytes. Scales and zeros as q4_to_pairs / q4k_to_pairs compute them,
+   rounded to bf16 as torch rounds; the same bytes as those, then pairs_to_octets and
+   cpu_int4.pack_scales (tests/test_transcode.py). Each block of 16 rows is written group by group,
+   each 64-byte line whole. */
+int pangu_q4_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t groups, int64_t type, const int64_t* order, int64_t row0, uint8_t* data, uint16_t* sz, int64_t zs, int64_t threads) {
+  if (n == 0) return 0;
+  if ((type != 2 && type != 3 && type != 12) || (type == 12 && groups % 8) || (zs != 1 && zs != 2) || n < 0) return 1;
+  const int64_t k = groups * 32, first = row0 / 16, last = (row0 + n - 1) / 16;
+  const int64_t head = type == 3 ? 4 : 2;
+#pragma omp parallel for schedule(dynamic, 1) num_threads((int)threads)
+  for (int64_t b = first; b <= last; b++) {
+    const uint8_t* rows[16];
+    for (int64_t s = 0; s < 16; s++) {
+      const int64_t i = b * 16 + s - row0;
+      rows[s] = (i < 0 || i >= n) ? NULL : src + (order ? order[i] : i) * row_bytes;
+    }
+    uint8_t* dblk = data + b * (k / 8) * 64;
+    uint16_t* sblk = sz + b * groups * zs * 16;
+    for (int64_t g = 0; g < groups; g++) {
+      uint8_t* line = dblk + g * 4 * 64;
+      uint16_t* sg = sblk + g * zs * 16;
+      for (int64_t s = 0; s < 16; s++) {
+        const uint8_t* row = rows[s];
+        if (!row) continue;
+        float d, z;
+        const uint8_t* q;
+        int shift;
+        uint16_t dh, mh;
+        if (type == 12) {
+          const uint8_t* blk = row + (g / 8) * 144;
+          const uint8_t* sc = blk + 4;
+          const int j = (int)(g % 8);
+          memcpy(&dh, blk, 2);
+          memcpy(&mh, blk + 2, 2);
+          const int sj = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+          const int mj = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+          const float ds = f16_to_f32(dh) * (float)sj, dm = f16_to_f32(mh) * (float)mj;
+          d = ds;
+          z = 8.0f * ds - dm;
+          q = blk + 16 + 32 * (j / 2);  /* 32 code bytes: this sub-block in their low (j even) or high nibbles */
+          shift = (j & 1) * 4;
+          for (int t = 0; t < 4; t++) {
+            const uint32_t w = octet(q + 8 * t, q + 8 * t + 4, shift);
+            memcpy(line + t * 64 + s * 4, &w, 4);
+          }
+        } else {
+          const uint8_t* blk = row + g * (head + 16);
+          memcpy(&dh, blk, 2);
+          d = f16_to_f32(dh);
+          if (head == 4) {
+            memcpy(&mh, blk + 2, 2);
+            z = f16_to_f32(mh) + 8.0f * d;
+          } else {
+            z = 0.0f;
+          }
+          q = blk + head;  /* 16 code bytes: columns 0-15 in their low nibbles, 16-31 in the high */
+          for (int t = 0; t < 4; t++) {
+            const uint32_t w = octet(q + 8 * (t & 1), q + 8 * (t & 1) + 4, (t >> 1) * 4);
+            memcpy(line + t * 64 + s * 4, &w, 4);
+          }
+        }
+        sg[s] = f32_to_bf16(d);
+        if (zs == 2) sg[16 + s] = f32_to_bf16(z);
+      }
+    }
+  }
+  return 0;
+}
+
+/* One Q8_0 (type 8) or Q6_K (type 14) row of `blocks` blocks dequantized into out[K], each value as
+   gguf's numpy dequantizer computes it (Q8_0: x d; Q6_K: (d sc) q with q = low | high << 4 minus 32). */
+static void dequantize_row(const uint8_t* row, int64_t blocks, int64_t type, float* out) {
+  for (int64_t i = 0; i < blocks; i++) {
     uint16_t dh;
     if (type == 8) {
-      const uint8_t* blk = src + i * 34;
+      const uint8_t* blk = row + i * 34;
       memcpy(&dh, blk, 2);
       const float d = f16_to_f32(dh);
       const int8_t* x = (const int8_t*)(blk + 2);
       float* o = out + i * 32;
       for (int j = 0; j < 32; j++) o[j] = (float)x[j] * d;
     } else {
-      const uint8_t* blk = src + i * 210;
+      const uint8_t* blk = row + i * 210;
       const uint8_t* ql = blk;
       const uint8_t* qh = blk + 128;
       const int8_t* sc = (const int8_t*)(blk + 192);
       memcpy(&dh, blk + 208, 2);
       const float d = f16_to_f32(dh);
       float* o = out + i * 256;
-      for (int e = 0; e < 256; e++) {
-        const int c = e >> 7, r = e & 127;
-        const int lo = (ql[c * 64 + (r & 63)] >> (4 * (r >> 6))) & 15;
-        const int hi = (qh[c * 32 + (r & 31)] >> (2 * (r >> 5))) & 3;
-        o[e] = (d * (float)sc[e >> 4]) * (float)((lo | (hi << 4)) - 32);
+      /* value e = 128 c + 32 u + j: low 4 bits from ql[64 c + 32 (u & 1) + j] (u >> 1: which nibble),
+         high 2 from qh[32 c + j] (bits 2u, 2u + 1), scale sc[e / 16] (runs of 32: vectorized) */
+      for (int c = 0; c < 2; c++) {
+        for (int u = 0; u < 4; u++) {
+          const uint8_t* l = ql + 64 * c + 32 * (u & 1);
+          const uint8_t* h = qh + 32 * c;
+          const int ls = 4 * (u >> 1), hs = 2 * u, e0 = 128 * c + 32 * u;
+          const float d0 = d * (float)sc[e0 >> 4], d1 = d * (float)sc[(e0 >> 4) + 1];
+          for (int j = 0; j < 32; j++) {
+            const int v = (((l[j] >> ls) & 15) | (((h[j] >> hs) & 3) << 4)) - 32;
+            o[e0 + j] = (j < 16 ? d0 : d1) * (float)v;
+          }
+        }
       }
     }
   }
+}
+
+/* rows x blocks of Q8_0 (f16 d, 32 int8) or Q6_K (128 bytes of low 4 bits, 64 of high 2 bits, 16 int8
+   scales, f16 d; 256 weights) -> float [rows, K], each value computed as gguf's numpy dequantizer
+   does (Q8_0: x d; Q6_K: (d sc) q with q = low | high << 4 minus 32). type: 8 (Q8_0) or 14 (Q6_K). */
+int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, float* out, int64_t threads) {
+  if (type != 8 && type != 14) return 1;
+  const int64_t per = type == 8 ? 32 : 256, bytes = type == 8 ? 34 : 210;
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+  for (int64_t r = 0; r < rows; r++) dequantize_row(src + r * blocks * bytes, blocks, type, out + r * blocks * per);
+  return 0;
+}
+
+/* rows x blocks of Q8_0 or Q6_K (type 8 / 14) -> int8 [rows, K] and one bf16 scale per row (bits), as
+   pangu_infer.quant.formats._quantize_int8 computes them from the dequantized row: scale = bf16 of
+   max(|w|) / 127 x (1 + 2^-7), at least bf16's smallest normal; q = w / scale rounded half to even,
+   clamped to +-127 (a NaN row: scale NaN, codes 0). No float copy of the weight is made. */
+int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, int8_t* q, uint16_t* scale, int64_t threads) {
+  if (type != 8 && type != 14) return 1;
+  const int64_t per = type == 8 ? 32 : 256, bytes = type == 8 ? 34 : 210, k = blocks * per;
+  float* tmp = (float*)malloc(sizeof(float) * (size_t)k * (size_t)threads);
+  if (!tmp) return 1;
+#pragma omp parallel for schedule(static) num_threads((int)threads)
+  for (int64_t r = 0; r < rows; r++) {
+    float* w = tmp + (size_t)omp_get_thread_num() * (size_t)k;
+    dequantize_row(src + r * blocks * bytes, blocks, type, w);
+    float m = 0.0f;
+    int nan = 0;
+    for (int64_t j = 0; j < k; j++) {
+      const float a = fabsf(w[j]);
+      nan |= a != a;
+      m = a > m ? a : m;
+    }
+    float s = m / 127.0f;
+    s = s * 1.0078125f;
+    s = s < 1.17549435e-38f ? 1.17549435e-38f : s;  /* bf16's smallest normal (torch.finfo(bfloat16).tiny) */
+    const uint16_t sb = nan ? 0x7fc0 : f32_to_bf16(s);
+    scale[r] = sb;
+    int8_t* out = q + r * k;
+    if (nan) {
+      memset(out, 0, (size_t)k);
+      continue;
+    }
+    uint32_t bits = (uint32_t)sb << 16;
+    float sf;
+    memcpy(&sf, &bits, 4);
+    for (int64_t j = 0; j < k; j++) {
+      float v = nearbyintf(w[j] / sf);
+      v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+      out[j] = v == v ? (int8_t)v : 0;  /* (an infinite weight over an infinite scale) */
+    }
+  }
+  free(tmp);
   return 0;
 }
 
@@ -224,7 +378,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     # (products rounded one by one, as numpy computes them: no fused multiply-adds)
     lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python", flags=(*C_FLAGS, "-ffp-contract=off"))
-    if lib is None or lib.pangu_transcode_abi() != 4:
+    if lib is None or lib.pangu_transcode_abi() != 5:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
     lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
@@ -234,6 +388,10 @@ def library() -> Optional[ctypes.CDLL]:
     lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.pangu_q4k_to_pairs.restype = ctypes.c_int
     lib.pangu_q4k_to_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
+    lib.pangu_q4_to_layout.restype = ctypes.c_int
+    lib.pangu_q4_to_layout.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.pangu_dequantize_int8.restype = ctypes.c_int
+    lib.pangu_dequantize_int8.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
     lib.pangu_dequantize.restype = ctypes.c_int
     lib.pangu_dequantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
     return lib
@@ -263,6 +421,76 @@ def q4_to_pairs(part: np.ndarray, kind: str, packed: torch.Tensor) -> Optional[t
     return scale, zero
 
 
+LAYOUT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12}  # GGML's type numbers, as pangu_q4_to_layout takes them
+
+
+def q4_to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: int, data: torch.Tensor, sz: torch.Tensor) -> bool:
+    """Q4_0, Q4_1 or Q4_K (`kind`) rows [n, bytes] (C-contiguous) written as rows row0 .. row0 + n - 1
+    of a weight in the int4 kernel's layout: data uint8 [N/16, K/8, 64], sz bf16 [N/16, K/32, zs, 16]
+    (cpu_int4.pack's; zs 1 drops the zeros: Q4_0's are all 0). Destination row row0 + i is source row
+    order[i] (int64 [n]; None: row i). False where the library is not here (nothing written)."""
+    lib = library()
+    if lib is None or not part.flags.c_contiguous or not data.is_contiguous() or not sz.is_contiguous():
+        return False
+    size, weights = Q4_BYTES[kind]
+    n, groups = part.shape[0], part.shape[1] // size * weights // 32
+    zs, k = sz.shape[-2], groups * 32
+    fits = (
+        data.dtype == torch.uint8 and sz.dtype == torch.bfloat16 and tuple(data.shape[1:]) == (k // 8, 64)
+        and tuple(sz.shape[1:]) == (groups, zs, 16) and zs in (1, 2) and len(sz) == len(data)
+        and part.shape[1] == groups * 32 // weights * size and 0 <= row0 and row0 + n <= 16 * len(data)
+        and (order is None or (order.dtype == torch.int64 and order.is_contiguous() and tuple(order.shape) == (n,)))
+    )
+    if not fits or (order is not None and n and not 0 <= int(order.min()) <= int(order.max()) < n):
+        raise ValueError(f"q4_to_layout: {kind} rows {tuple(part.shape)} at row {row0} into {tuple(data.shape)}, {tuple(sz.shape)}")
+    if zs == 1 and kind != "Q4_0":
+        raise ValueError(f"q4_to_layout: {kind} has zeros; its layout needs them (zs 2)")
+    rc = lib.pangu_q4_to_layout(
+        part.ctypes.data, part.shape[1], n, groups, LAYOUT_TYPES[kind], None if order is None else order.data_ptr(),
+        row0, data.data_ptr(), sz.data_ptr(), zs, _threads(),
+    )
+    if rc:
+        raise MemoryError("q4_to_layout: no memory for its row buffers")
+    return True
+
+
+class Q4Blocks:
+    """A Q4_0 / Q4_1 / Q4_K tensor of a GGUF file, not converted yet: what the GGUF loader hands the load
+    hook (pangu_infer.quant.loading) where the int4 kernel is cpu_int4's. The hook writes it straight
+    into its parameter's layout (lay_out: one C pass over the mapped blocks, a fused parameter's
+    pieces in their rows; no portable copy, no pairs rearranged after), or takes the portable form
+    (materialize) where it cannot.
+
+    part: the rows [N, bytes] (C-contiguous, the mapped file); order: the source row of each row
+    (int64 [N], llama.cpp's permuted q/k undone; None: as stored); materialize: the portable
+    QuantizedTensor, rows in order; done: called once the blocks are read (their pages dropped)."""
+
+    method = "int4"
+    group_size = 32
+
+    def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
+        size, weights = Q4_BYTES[kind]
+        self.part, self.kind, self.order = part, kind, order
+        self.shape = torch.Size((part.shape[0], part.shape[1] // size * weights))
+        self._materialize, self._done = materialize, done
+
+    @property
+    def zero_values(self) -> int:
+        """1 where every zero is 0 (Q4_0: w = (q - 8) d), else 2."""
+        return 1 if self.kind == "Q4_0" else 2
+
+    def lay_out(self, row0: int, data: torch.Tensor, sz: torch.Tensor) -> bool:
+        """Write the rows as rows row0.. of a layout (q4_to_layout); False where the library is not here."""
+        if not q4_to_layout(self.part, self.kind, self.order, row0, data, sz):
+            return False
+        if self._done is not None:
+            self._done()
+        return True
+
+    def materialize(self):
+        return self._materialize()
+
+
 def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
     """Q8_0 or Q6_K (`kind`) rows [rows, bytes] (C-contiguous) -> float32 [rows, K], the values gguf's
     own dequantizer gives, bit for bit; None where the library is not here or the type is another."""
@@ -276,6 +504,26 @@ def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
     out = torch.empty(rows, blocks * weights, dtype=torch.float32)
     lib.pangu_dequantize(part.ctypes.data, rows, blocks, code, out.data_ptr(), _threads())
     return out
+
+
+def dequantize_int8(part: np.ndarray, kind: str, q: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Q8_0 or Q6_K (`kind`) rows [rows, bytes] (C-contiguous) -> int8 codes `q` [rows, K] and bf16
+    scales `scale` [rows], what formats._quantize_int8 gives for the dequantized rows (one pass, no
+    float copy); False where the library is not here or the type is another (nothing written)."""
+    lib = library()
+    if lib is None or kind not in DEQUANTIZED or not part.flags.c_contiguous:
+        return False
+    code, size, weights = DEQUANTIZED[kind]
+    rows, blocks = part.shape[0], part.shape[1] // size
+    fits = (
+        part.shape[1] == blocks * size and q.dtype == torch.int8 and tuple(q.shape) == (rows, blocks * weights)
+        and q.is_contiguous() and scale.dtype == torch.bfloat16 and tuple(scale.shape) == (rows,) and scale.is_contiguous()
+    )
+    if not fits:
+        raise ValueError(f"dequantize_int8: {kind} rows {tuple(part.shape)} into {tuple(q.shape)} {q.dtype}, {tuple(scale.shape)} {scale.dtype}")
+    if lib.pangu_dequantize_int8(part.ctypes.data, rows, blocks, code, q.data_ptr(), scale.data_ptr(), _threads()):
+        raise MemoryError("dequantize_int8: no memory for its row buffers")
+    return True
 
 
 def pairs_to_octets(packed: torch.Tensor, out: torch.Tensor) -> bool:
@@ -304,4 +552,4 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
 
-__all__ = ["DEQUANTIZED", "ENV", "Q4_BYTES", "dequantize", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs"]
+__all__ = ["DEQUANTIZED", "ENV", "LAYOUT_TYPES", "Q4_BYTES", "Q4Blocks", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_layout", "q4_to_pairs"]
