@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fixtures_gguf import _tiny, one_tensor_gguf
+from fixtures_gguf import one_tensor_gguf
 from pangu_infer.loader import load_model
 from pangu_infer.loader import gguf_tensors
 from pangu_infer.quant import cpu_int4, transcode
