@@ -72,7 +72,7 @@ def test_q4_blocks_give_the_python_paths_bytes_for_every_f16_scale(tmp_path, mon
     assert nan.any() == (qtype_name != "Q4_0")
 
 
-@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_K", "Q6_K"])
 def test_dequantized_blocks_are_ggufs_own_values_for_every_f16_scale(qtype_name):
     """The types kept as int8 are dequantized first: the C pass gives gguf's numpy values bit for bit."""
     from gguf import GGMLQuantizationType as Q
@@ -225,23 +225,32 @@ def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentenc
     assert torch.equal(logits(fast.model), logits(slow.model))
 
 
-@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q6_K"])
+@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_K", "Q6_K"])
 def test_int8_from_blocks_in_one_pass_is_the_quantized_dequantized_rows(qtype_name):
     """dequantize_int8 (Q8_0 / Q6_K blocks to int8 rows and bf16 scales, no float copy) gives
     _quantize_int8 of gguf's dequantized rows, every f16 scale; a row with a NaN: scale NaN, codes 0."""
     from pangu_infer.quant.formats import _quantize_int8
 
+    import gguf
+
     raw, k = _blocks_with_every_f16(qtype_name)
-    w = transcode.dequantize(raw, qtype_name)
-    want_q, want_s = _quantize_int8(w)
-    q = torch.empty(raw.shape[0], k, dtype=torch.int8)
-    scale = torch.empty(raw.shape[0], dtype=torch.bfloat16)
-    assert transcode.dequantize_int8(raw, qtype_name, q, scale)
-    finite = torch.isfinite(w).all(1)
-    assert finite.sum() > raw.shape[0] // 4 and (~finite).any()
-    assert torch.equal(q[finite], want_q[finite]) and torch.equal(_bits(scale[finite]), _bits(want_s[finite]))
-    nan = w.isnan().any(1)
-    assert scale[nan].isnan().all() and not q[nan].any()
+    # and the same blocks with every f16 finite (the high byte of each kept below the infinities')
+    size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]][1]
+    tame = raw.reshape(raw.shape[0], -1, size).copy()
+    for at in (size - 1,) if qtype_name == "Q6_K" else (1, 3) if qtype_name == "Q4_K" else (1,):
+        tame[..., at] &= 0xBB
+    for blocks in (raw, tame.reshape(raw.shape)):
+        w = transcode.dequantize(blocks, qtype_name)
+        want_q, want_s = _quantize_int8(w)
+        q = torch.empty(blocks.shape[0], k, dtype=torch.int8)
+        scale = torch.empty(blocks.shape[0], dtype=torch.bfloat16)
+        assert transcode.dequantize_int8(blocks, qtype_name, q, scale)
+        finite = torch.isfinite(w).all(1)
+        assert finite.any()
+        assert torch.equal(q[finite], want_q[finite]) and torch.equal(_bits(scale[finite]), _bits(want_s[finite]))
+        nan = w.isnan().any(1)
+        assert scale[nan].isnan().all() and not q[nan].any()
+    assert finite.all()  # (the tame blocks)
 
 
 def _tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
