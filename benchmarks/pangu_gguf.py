@@ -41,7 +41,7 @@ SHAPES = {
                max_position_embeddings=32768),
 }
 SHARD_BYTES = 2 << 30
-QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q6_K": 18}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
+QUANT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
 
 
 def write_hf_folder(out: Path, vocab: int, shape: str = "1b") -> dict:

@@ -36,7 +36,7 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _blocks_with_every_f16(qtype_name: str, rows: int = 512):
     """Random block bytes of this type, 65,536 blocks whose f16 scales (d) run through every bit
-    pattern (subnormals, infinities and NaNs included), and whose second f16 (Q4_1's m, Q4_K's dmin)
+    pattern (subnormals, infinities and NaNs included), and whose second f16 (Q4_1's and Q5_1's m, Q4_K's and Q5_K's dmin)
     through them all shuffled. Returns (bytes [rows, row bytes], K)."""
     import gguf
 
@@ -47,7 +47,7 @@ def _blocks_with_every_f16(qtype_name: str, rows: int = 512):
     every_f16 = np.arange(1 << 16, dtype=np.uint16).reshape(rows, per_row).view(np.uint8).reshape(rows, per_row, 2)
     d_at = size - 2 if qtype_name == "Q6_K" else 0  # Q6_K keeps d last
     blocks[..., d_at : d_at + 2] = every_f16
-    if qtype_name in ("Q4_1", "Q4_K"):
+    if qtype_name in ("Q4_1", "Q4_K", "Q5_1", "Q5_K"):
         blocks[..., 2:4] = rng.permutation(every_f16.reshape(-1, 2), axis=0).reshape(rows, per_row, 2)
     return blocks.reshape(rows, -1), per_row * weights
 
@@ -72,7 +72,7 @@ def test_q4_blocks_give_the_python_paths_bytes_for_every_f16_scale(tmp_path, mon
     assert nan.any() == (qtype_name != "Q4_0")
 
 
-@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype_name", ["Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_dequantized_blocks_are_ggufs_own_values_for_every_f16_scale(qtype_name):
     """The types kept as int8 are dequantized first: the C pass gives gguf's numpy values bit for bit."""
     from gguf import GGMLQuantizationType as Q
@@ -85,7 +85,7 @@ def test_dequantized_blocks_are_ggufs_own_values_for_every_f16_scale(qtype_name)
     assert fast.shape == want.shape == (raw.shape[0], k)
     nan = want.isnan()
     assert torch.equal(fast.isnan(), nan) and _same_bits(fast[~nan], want[~nan])
-    assert transcode.dequantize(raw, "Q5_K") is None  # other types: gguf's dequantizer runs
+    assert transcode.dequantize(raw, "Q2_K") is None  # other types: gguf's dequantizer runs
 
 
 @pytest.mark.parametrize("rows", [16, 40, 61])
@@ -225,7 +225,7 @@ def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentenc
     assert torch.equal(logits(fast.model), logits(slow.model))
 
 
-@pytest.mark.parametrize("qtype_name", ["Q8_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("qtype_name", ["Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_int8_from_blocks_in_one_pass_is_the_quantized_dequantized_rows(qtype_name):
     """dequantize_int8 (Q8_0 / Q6_K blocks to int8 rows and bf16 scales, no float copy) gives
     _quantize_int8 of gguf's dequantized rows, every f16 scale; a row with a NaN: scale NaN, codes 0."""
@@ -237,7 +237,7 @@ def test_int8_from_blocks_in_one_pass_is_the_quantized_dequantized_rows(qtype_na
     # and the same blocks with every f16 finite (the high byte of each kept below the infinities')
     size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]][1]
     tame = raw.reshape(raw.shape[0], -1, size).copy()
-    for at in (size - 1,) if qtype_name == "Q6_K" else (1, 3) if qtype_name == "Q4_K" else (1,):
+    for at in (size - 1,) if qtype_name == "Q6_K" else (1, 3) if qtype_name in ("Q4_K", "Q5_K", "Q5_1") else (1,):
         tame[..., at] &= 0xBB
     for blocks in (raw, tame.reshape(raw.shape)):
         w = transcode.dequantize(blocks, qtype_name)

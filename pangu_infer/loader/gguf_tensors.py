@@ -209,9 +209,10 @@ def _convert_q4_in_c(t: Any, data: np.ndarray, n: int, k: int) -> Optional[Quant
 
 
 def _convert_int8_in_c(t: Any, data: np.ndarray, n: int, k: int) -> QuantizedTensor:
-    """convert's int8 path for Q8_0 / Q4_K / Q6_K blocks (Q4_K: a piece of a fused weight whose other
-    pieces are not Q4, as Q4_K_M files' q/k beside a Q6_K v) by transcode's C pass: dequantized and
-    re-quantized per row in one go (the same codes and scales as _quantize_int8 of gguf's dequantized rows)."""
+    """convert's int8 path for the block types transcode dequantizes (Q5_0, Q5_1, Q8_0, Q5_K, Q6_K; Q4_K
+    where it is a piece of a fused weight whose other pieces are not Q4, as Q4_K_M files' q/k beside
+    a Q6_K v) by transcode's C pass: dequantized and re-quantized per row in one go (the same codes
+    and scales as _quantize_int8 of gguf's dequantized rows)."""
     q = torch.empty(n, k, dtype=torch.int8)
     scale = torch.empty(n, dtype=SCALE_DTYPE)
     step = max(1, C_CHUNK_ELEMENTS // max(k, 1))

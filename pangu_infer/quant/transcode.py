@@ -2,7 +2,7 @@
 pangu_infer.quant.cpu_int4's kernel layout (`q4_to_layout`, what `Q4Blocks` hands the load hook:
 any destination row, rows reordered), or into the portable int4 format (packed pairs, scale and zero
 per group of 32) and the portable format into the kernel's layout (into a new tensor, or over the
-pairs' own storage); Q8_0 / Q4_K / Q6_K blocks dequantized to float32, or straight to int8 rows with one
+pairs' own storage); Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks dequantized to float32, or straight to int8 rows with one
 scale each (`dequantize_int8`: formats._quantize_int8's numbers, no float copy).
 
 Why: these are shuffles of nibbles and conversions of f16 scales, but written as numpy / torch
@@ -219,15 +219,54 @@ int pangu_q4_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t
   return 0;
 }
 
-/* One Q8_0 (type 8), Q4_K (type 12) or Q6_K (type 14) row of `blocks` blocks dequantized into out[K],
-   each value as gguf's numpy dequantizer computes it (Q8_0: x d; Q4_K: (d sc_j) q - (dmin m_j) per
-   sub-block j of 32; Q6_K: (d sc) q with q = low | high << 4 minus 32). */
+/* Weights and bytes per block of the types dequantize_row takes (GGML's numbers: 6 Q5_0, 7 Q5_1, 8 Q8_0,
+   12 Q4_K, 13 Q5_K, 14 Q6_K); 0 for any other type. */
+static int64_t block_weights(int64_t type) { return type == 6 || type == 7 || type == 8 ? 32 : type >= 12 && type <= 14 ? 256 : 0; }
+static int64_t block_bytes(int64_t type) {
+  switch (type) {
+    case 6: return 22;
+    case 7: return 24;
+    case 8: return 34;
+    case 12: return 144;
+    case 13: return 176;
+    case 14: return 210;
+    default: return 0;
+  }
+}
+
+/* One row of `blocks` blocks of a type block_weights takes dequantized into out[K], each value as gguf's
+   numpy dequantizer computes it: Q5_0 d (q - 16), Q5_1 d q + m (q: 4 low bits | a bit of the block's
+   32-bit qh << 4); Q8_0 x d; Q4_K / Q5_K (d sc_j) q - (dmin m_j) per sub-block j of 32 (Q5_K: the
+   5th bit of value i of sub-block j is bit j of qh[i]); Q6_K (d sc) q with q = low | high << 4
+   minus 32. */
 static void dequantize_row(const uint8_t* row, int64_t blocks, int64_t type, float* out) {
   for (int64_t i = 0; i < blocks; i++) {
     uint16_t dh;
-    if (type == 12) {
-      const uint8_t* blk = row + i * 144;
+    if (type == 6 || type == 7) {
+      const uint8_t* blk = row + i * block_bytes(type);
+      const int64_t at = type == 6 ? 2 : 4;
+      uint32_t qh;
+      memcpy(&dh, blk, 2);
+      memcpy(&qh, blk + at, 4);
+      const uint8_t* qs = blk + at + 4;
+      const float d = f16_to_f32(dh);
+      float m = 0.0f;
+      if (type == 7) {
+        uint16_t mh;
+        memcpy(&mh, blk + 2, 2);
+        m = f16_to_f32(mh);
+      }
+      float* o = out + i * 32;
+      for (int j = 0; j < 32; j++) {
+        const int q = ((j < 16 ? qs[j] : qs[j - 16] >> 4) & 15) | (int)(((qh >> j) & 1u) << 4);
+        o[j] = type == 6 ? d * (float)(q - 16) : d * (float)q + m;
+      }
+    } else if (type == 12 || type == 13) {
+      const int64_t size = block_bytes(type);
+      const uint8_t* blk = row + i * size;
       const uint8_t* sc = blk + 4;
+      const uint8_t* qh = blk + 16;  /* Q5_K: 32 bytes of 5th bits before the codes */
+      const uint8_t* qs = blk + (type == 13 ? 48 : 16);
       uint16_t mh;
       memcpy(&dh, blk, 2);
       memcpy(&mh, blk + 2, 2);
@@ -236,10 +275,14 @@ static void dequantize_row(const uint8_t* row, int64_t blocks, int64_t type, flo
         const int sj = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
         const int mj = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
         const float ds = d * (float)sj, dm = dmin * (float)mj;
-        const uint8_t* q = blk + 16 + 32 * (j / 2);
+        const uint8_t* q = qs + 32 * (j / 2);
         const int shift = (j & 1) * 4;
         float* o = out + i * 256 + j * 32;
-        for (int e = 0; e < 32; e++) o[e] = ds * (float)((q[e] >> shift) & 15) - dm;
+        if (type == 13) {
+          for (int e = 0; e < 32; e++) o[e] = ds * (float)(((q[e] >> shift) & 15) | (((qh[e] >> j) & 1) << 4)) - dm;
+        } else {
+          for (int e = 0; e < 32; e++) o[e] = ds * (float)((q[e] >> shift) & 15) - dm;
+        }
       }
     } else if (type == 8) {
       const uint8_t* blk = row + i * 34;
@@ -274,25 +317,23 @@ static void dequantize_row(const uint8_t* row, int64_t blocks, int64_t type, flo
   }
 }
 
-/* rows x blocks of Q8_0 (f16 d, 32 int8), Q4_K (f16 d, f16 dmin, 12 bytes of 6-bit scales and mins,
-   128 of codes; 256 weights) or Q6_K (128 bytes of low 4 bits, 64 of high 2 bits, 16 int8 scales, f16
-   d; 256 weights) -> float [rows, K], each value as gguf's numpy dequantizer computes it
-   (dequantize_row). type: 8 (Q8_0), 12 (Q4_K) or 14 (Q6_K). */
+/* rows x blocks of one of dequantize_row's types (GGML's number) -> float [rows, K], each value as gguf's
+   numpy dequantizer computes it. */
 int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, float* out, int64_t threads) {
-  if (type != 8 && type != 12 && type != 14) return 1;
-  const int64_t per = type == 8 ? 32 : 256, bytes = type == 8 ? 34 : (type == 12 ? 144 : 210);
+  const int64_t per = block_weights(type), bytes = block_bytes(type);
+  if (!per) return 1;
 #pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t r = 0; r < rows; r++) dequantize_row(src + r * blocks * bytes, blocks, type, out + r * blocks * per);
   return 0;
 }
 
-/* rows x blocks of Q8_0, Q4_K or Q6_K (type 8 / 12 / 14) -> int8 [rows, K] and one bf16 scale per row (bits), as
+/* rows x blocks of one of dequantize_row's types -> int8 [rows, K] and one bf16 scale per row (bits), as
    pangu_infer.quant.formats._quantize_int8 computes them from the dequantized row: scale = bf16 of
    max(|w|) / 127 x (1 + 2^-7), at least bf16's smallest normal; q = w / scale rounded half to even,
    clamped to +-127 (a NaN row: scale NaN, codes 0). No float copy of the weight is made. */
 int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, int8_t* q, uint16_t* scale, int64_t threads) {
-  if (type != 8 && type != 12 && type != 14) return 1;
-  const int64_t per = type == 8 ? 32 : 256, bytes = type == 8 ? 34 : (type == 12 ? 144 : 210), k = blocks * per;
+  const int64_t per = block_weights(type), bytes = block_bytes(type), k = blocks * per;
+  if (!per) return 1;
   float* tmp = (float*)malloc(sizeof(float) * (size_t)k * (size_t)threads);
   if (!tmp) return 1;
 #pragma omp parallel for schedule(static) num_threads((int)threads)
@@ -416,7 +457,10 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 Q4_BYTES = {"Q4_0": (18, 32), "Q4_1": (20, 32), "Q4_K": (144, 256)}  # bytes and weights per block
-DEQUANTIZED = {"Q8_0": (8, 34, 32), "Q4_K": (12, 144, 256), "Q6_K": (14, 210, 256)}  # the C code, bytes and weights per block
+# the types the C passes dequantize: GGML's type number, bytes and weights per block
+DEQUANTIZED = {
+    "Q5_0": (6, 22, 32), "Q5_1": (7, 24, 32), "Q8_0": (8, 34, 32), "Q4_K": (12, 144, 256), "Q5_K": (13, 176, 256), "Q6_K": (14, 210, 256),
+}
 
 
 def q4_to_pairs(part: np.ndarray, kind: str, packed: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -510,7 +554,7 @@ class Q4Blocks:
 
 
 def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
-    """Q8_0, Q4_K or Q6_K (`kind`) rows [rows, bytes] (C-contiguous) -> float32 [rows, K], the values gguf's
+    """Rows [rows, bytes] (C-contiguous) of a type in DEQUANTIZED (`kind`) -> float32 [rows, K], the values gguf's
     own dequantizer gives, bit for bit; None where the library is not here or the type is another."""
     lib = library()
     if lib is None or kind not in DEQUANTIZED or not part.flags.c_contiguous:
@@ -525,7 +569,7 @@ def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
 
 
 def dequantize_int8(part: np.ndarray, kind: str, q: torch.Tensor, scale: torch.Tensor) -> bool:
-    """Q8_0, Q4_K or Q6_K (`kind`) rows [rows, bytes] (C-contiguous) -> int8 codes `q` [rows, K] and bf16
+    """Rows [rows, bytes] (C-contiguous) of a type in DEQUANTIZED (`kind`) -> int8 codes `q` [rows, K] and bf16
     scales `scale` [rows], what formats._quantize_int8 gives for the dequantized rows (one pass, no
     float copy); False where the library is not here or the type is another (nothing written)."""
     lib = library()
