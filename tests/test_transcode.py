@@ -225,6 +225,26 @@ def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentenc
     assert torch.equal(logits(fast.model), logits(slow.model))
 
 
+def test_where_the_own_int4_kernel_is_not_used_q4_blocks_go_the_portable_way(tmp_path, tiny_sentencepiece_vocab, monkeypatch):
+    """No cpu_int4 kernel here (not chosen, or PANGU_INFER_INT4_KERNEL=aten): the hook does not lay
+    the blocks out, they are converted to the portable format and packed for aten's kernel, and the
+    model gives the logits of a float model of the same dequantized weights."""
+    path = _mixed_tiny(tmp_path, tiny_sentencepiece_vocab, "llama", "Q4_0", narrow_kv=True)
+    monkeypatch.setattr(cpu_int4, "chosen", lambda: False)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    converted: list[str] = []
+    real_convert = gguf_tensors.convert
+    monkeypatch.setattr(gguf_tensors, "convert", lambda t, setting: converted.append(t.name) or real_convert(t, setting))
+    kept = load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
+    kernels = {m.kernel for m in kept.model.modules() if isinstance(m, PackedWeight) and m.method == "int4"}
+    assert kernels and "int4_vnni" not in kernels
+    assert "blk.0.attn_q.weight" in converted and "blk.1.ffn_down.weight" in converted
+    plain = load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False, quantization="none")
+    ids = torch.tensor([1, 5, 9, 4])
+    got, want = (m.compute_logits(m(ids, torch.arange(4))) for m in (kept.model, plain.model))
+    assert torch.allclose(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+
+
 @pytest.mark.parametrize("qtype_name", ["Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"])
 def test_int8_from_blocks_in_one_pass_is_the_quantized_dequantized_rows(qtype_name):
     """dequantize_int8 (Q8_0 / Q6_K blocks to int8 rows and bf16 scales, no float copy) gives
