@@ -340,13 +340,18 @@ int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int6
   for (int64_t r = 0; r < rows; r++) {
     float* w = tmp + (size_t)omp_get_thread_num() * (size_t)k;
     dequantize_row(src + r * blocks * bytes, blocks, type, w);
-    float m = 0.0f;
-    int nan = 0;
+    /* max |w| as the largest bit pattern with the sign cleared: non-negative floats order as their
+       bits do, every NaN's above infinity's (an integer reduction, which the compiler vectorizes) */
+    uint32_t mb = 0;
     for (int64_t j = 0; j < k; j++) {
-      const float a = fabsf(w[j]);
-      nan |= a != a;
-      m = a > m ? a : m;
+      uint32_t a;
+      memcpy(&a, w + j, 4);  /* (the bits, without breaking C's aliasing rules) */
+      a &= 0x7fffffffu;
+      mb = a > mb ? a : mb;
     }
+    const int nan = mb > 0x7f800000u;
+    float m;
+    memcpy(&m, &mb, 4);
     float s = m / 127.0f;
     s = s * 1.0078125f;
     s = s < 1.17549435e-38f ? 1.17549435e-38f : s;  /* bf16's smallest normal (torch.finfo(bfloat16).tiny) */
@@ -360,6 +365,15 @@ int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int6
     uint32_t bits = (uint32_t)sb << 16;
     float sf;
     memcpy(&sf, &bits, 4);
+    if (m <= 3.0e38f) {  /* finite: every quotient within +-127.5, a plain loop the compiler vectorizes */
+      for (int64_t j = 0; j < k; j++) {
+        float v = nearbyintf(w[j] / sf);
+        v = v > 127.0f ? 127.0f : v;
+        v = v < -127.0f ? -127.0f : v;
+        out[j] = (int8_t)(int32_t)v;
+      }
+      continue;
+    }
     for (int64_t j = 0; j < k; j++) {
       float v = nearbyintf(w[j] / sf);
       v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
