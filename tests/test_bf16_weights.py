@@ -213,33 +213,55 @@ def test_measuring_the_blocked_kernel_times_both():
     assert set(times) == {"own", "aten"} and all(t > 0 for t in times.values())
 
 
-def test_fused_matrices_are_the_checkpoints_pieces_mapped_not_copied(bf16_dirs, monkeypatch):
+@pytest.mark.parametrize("kind", ["dense", "moge"])
+def test_fused_matrices_are_the_checkpoints_pieces_mapped_not_copied(bf16_dirs, monkeypatch, kind):
     """q/k/v and gate/up stay the checkpoint's own tensors (views of the memory-mapped safetensors
     file, one product each) instead of copies joined into one fused matrix: a released 7B's load
-    held 8.9 GB of such copies (benchmarks/RESULTS.md, stop 46)."""
+    held 8.9 GB of such copies (benchmarks/RESULTS.md, stop 46). So do a MoGE layer's routed
+    experts, each expert's gate, up and down (Pro MoE's are most of the model)."""
     from pangu_infer.memory import file_backed_ranges, is_file_backed
 
     monkeypatch.setenv(bf16_weights.ENV, "1")
-    llm = LLM(str(bf16_dirs["dense"]), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
+    llm = LLM(str(bf16_dirs[kind]), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
     attn = llm.model.model.layers[0].self_attn
     mlp = llm.model.model.layers[0].mlp
     assert isinstance(attn.qkv_proj, Bf16WeightLinear) and attn.qkv_proj.pieces == 3
-    assert isinstance(mlp.gate_up_proj, Bf16WeightLinear) and mlp.gate_up_proj.pieces == 2
     assert attn.qkv_proj.out_features == attn.q_size + 2 * attn.kv_size
+    fused = [attn.qkv_proj]
+    if kind == "moge":
+        experts = mlp.experts.impl
+        n = llm.model.config.num_experts
+        assert isinstance(experts, Bf16Experts) and experts.pieces == [2] * n and len(list(experts.buffers())) == 3 * n
+        assert isinstance(mlp.shared_expert.gate_up_proj, Bf16WeightLinear) and mlp.shared_expert.gate_up_proj.pieces == 2
+        fused += [experts, mlp.shared_expert.gate_up_proj]
+    else:
+        assert isinstance(mlp.gate_up_proj, Bf16WeightLinear) and mlp.gate_up_proj.pieces == 2
+        fused += [mlp.gate_up_proj]
     ranges = file_backed_ranges()
-    pieces = [b for m in (attn.qkv_proj, mlp.gate_up_proj) for b in m.buffers()]
+    pieces = [b for m in fused for b in m.buffers()]
     assert pieces and all(is_file_backed(b, ranges) for b in pieces)
     assert "fused_pieces" not in llm.model.__dict__  # all taken
 
 
-def test_pieces_no_kept_linear_takes_are_joined(bf16_dirs, monkeypatch):
+@pytest.mark.parametrize("kind", ["dense", "moge"])
+def test_pieces_no_kept_linear_takes_are_joined(bf16_dirs, monkeypatch, kind):
     """Where the kernel takes no linear (here: widths it does not take), the pieces become the fused
-    parameter as before, widened to float32 with the rest: the float32 model's logits."""
+    parameter (or the stacked experts) as before, widened to float32 with the rest: the float32
+    model's logits."""
     monkeypatch.setattr(bf16_weights, "COLUMNS", 1 << 20)
-    kept = _run(bf16_dirs["dense"], monkeypatch, True, enforce_eager=True)
-    plain = _run(bf16_dirs["dense"], monkeypatch, False, enforce_eager=True)
-    assert kept["kept"] == 0 and kept["others"] == {torch.float32}
+    kept = _run(bf16_dirs[kind], monkeypatch, True, enforce_eager=True)
+    plain = _run(bf16_dirs[kind], monkeypatch, False, enforce_eager=True)
+    assert kept["kept"] == 0 and kept["experts"] == 0 and kept["others"] == {torch.float32}
     assert torch.equal(kept["logits"], plain["logits"]) and kept["greedy"] == plain["greedy"]
+
+
+def test_a_moge_models_compiled_step_runs_the_experts_pieces(bf16_dirs, monkeypatch):
+    """The routed experts kept as the checkpoint's pieces inside a compiled decode step: the eager
+    step's tokens."""
+    compiled = _run(bf16_dirs["moge"], monkeypatch, True)
+    eager = _run(bf16_dirs["moge"], monkeypatch, True, enforce_eager=True)
+    assert compiled["compiled"] and compiled["experts"] > 0
+    assert compiled["greedy"] == eager["greedy"]
 
 
 def test_adapters_apply_over_kept_pieces(bf16_dirs, lora_adapters, monkeypatch):

@@ -409,19 +409,32 @@ class Bf16WeightLinear(nn.Module):
 
 class Bf16Experts(nn.Module):
     """The routed experts of one MoE layer with w13 [E, 2I, H] and w2 [E, H, I] kept in bf16 (buffers),
-    each expert's products in float32 by this module's kernel; `StackedExperts.impl` when set."""
+    each expert's products in float32 by this module's kernel; `StackedExperts.impl` when set.
 
-    def __init__(self, w13: torch.Tensor, w2: torch.Tensor, inter: int):
+    Or, as the checkpoint stores them (views of the mapped file: nothing copied, nothing resident but
+    what the page cache holds), w13 as each expert's row pieces (gate, up) and w2 as each expert's
+    matrix: buffers w13_{e}_{i} and w2_{e}, one product per piece."""
+
+    def __init__(self, w13: "torch.Tensor | list[list[torch.Tensor]]", w2: "torch.Tensor | list[torch.Tensor]", inter: int):
         super().__init__()
         self.inter = inter
-        self.register_buffer("w13", w13.detach().contiguous())
-        self.register_buffer("w2", w2.detach().contiguous())
+        self.pieces = [len(parts) for parts in w13] if isinstance(w13, (list, tuple)) else None
+        if self.pieces is None:
+            self.register_buffer("w13", w13.detach().contiguous())
+            self.register_buffer("w2", w2.detach().contiguous())
+            return
+        for e, parts in enumerate(w13):
+            for i, p in enumerate(parts):
+                self.register_buffer(f"w13_{e}_{i}", p.detach().contiguous())
+            self.register_buffer(f"w2_{e}", w2[e].detach().contiguous())
 
     def gate_up(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return product(x, self.w13[e])
+        if self.pieces is None:
+            return product(x, self.w13[e])
+        return torch.cat([product(x, getattr(self, f"w13_{e}_{i}")) for i in range(self.pieces[e])], dim=-1)
 
     def down(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        return product(h, self.w2[e])
+        return product(h, self.w2[e] if self.pieces is None else getattr(self, f"w2_{e}"))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(e, x).split(self.inter, dim=-1)
@@ -470,7 +483,18 @@ def widen_model(model: nn.Module) -> int:
             setattr(parent, name, child.around(Bf16WeightLinear(weight, None)))
         else:
             setattr(parent, name, Bf16WeightLinear(weight, child.bias))
-    join_fused_pieces(model)  # (pieces no kept linear took: one parameter each, as without them)
+    for path, experts in [(p, m) for p, m in model.named_modules() if isinstance(m, StackedExperts)]:
+        w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
+        parts13, parts2 = pieces.get(f"{path}.w13"), pieces.get(f"{path}.w2")
+        if (
+            experts.impl is None and w13 is not None and parts13 and parts2 and parts13[0].dtype in HALF
+            and w13.shape[-1] % COLUMNS == 0 and w2.shape[-1] % COLUMNS == 0 and len(parts2) == len(w2)
+            and len(parts13) % len(w13) == 0
+        ):  # the checkpoint's own matrices, expert by expert (views of the mapped file)
+            per = len(parts13) // len(w13)
+            experts.impl = Bf16Experts([parts13[e * per : (e + 1) * per] for e in range(len(w13))], parts2, experts.inter)
+            del pieces[f"{path}.w13"], pieces[f"{path}.w2"], experts.w13, experts.w2
+    join_fused_pieces(model)  # (pieces no kept linear or experts took: one parameter each, as without them)
     for experts in [m for m in model.modules() if isinstance(m, StackedExperts)]:
         w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
         if (

@@ -167,7 +167,7 @@ class DecoderForCausalLM(nn.Module):
         expected = set(self.expected_weight_names())
         sharder = self.weight_sharder()
         seen: set[str] = set()
-        pieces: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        pieces: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
         for name, tensor in weights:
             if _SKIPPED.search(name):
                 continue
@@ -190,11 +190,12 @@ class DecoderForCausalLM(nn.Module):
                 continue
             if index is None:
                 _set_param(self, target, tensor.to(device=device, dtype=matrix_dtype if matrix_dtype and tensor.dim() >= 2 else dtype))
-            elif matrix_dtype is not None and tensor.dim() == 2 and len(index) == 1 and isinstance(index[0], slice) and param.is_meta:
-                # A 16-bit piece of a fused matrix (q/k/v, gate/up): kept as the checkpoint gives it (a
-                # view of the mapped file, not a copy); models/bf16_weights.widen_model makes one product
-                # of the pieces (or, where it keeps no 16-bit weight, joins them: join_fused_pieces).
-                pieces.setdefault(target, []).append((index[0].start or 0, tensor.to(device=device, dtype=matrix_dtype)))
+            elif matrix_dtype is not None and tensor.dim() == 2 and param.is_meta and _piece_at(index) is not None:
+                # A 16-bit piece of a fused matrix (q/k/v, gate/up) or of stacked MoE experts (an
+                # expert's gate, up or down): kept as the checkpoint gives it (a view of the mapped
+                # file, not a copy); models/bf16_weights.widen_model makes products of the pieces (or,
+                # where it keeps no 16-bit weight, joins them: join_fused_pieces).
+                pieces.setdefault(target, {})[_piece_at(index)] = tensor.to(device=device, dtype=matrix_dtype)  # (again: replaced)
             else:
                 if param.is_meta:
                     kind = matrix_dtype if matrix_dtype and tensor.dim() >= 2 else dtype
@@ -207,7 +208,7 @@ class DecoderForCausalLM(nn.Module):
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise WeightError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
         if pieces:  # (every piece came: the missing check above; in row order)
-            self.fused_pieces = {t: [x for _, x in sorted(ps, key=lambda p: p[0])] for t, ps in pieces.items()}
+            self.fused_pieces = {t: [ps[at] for at in sorted(ps)] for t, ps in pieces.items()}
         if hook is not None:
             hook.finish(self)
         self.rotary.inv_freq = rope_inv_freq(self.config).to(device)
@@ -221,11 +222,23 @@ class DecoderForCausalLM(nn.Module):
         """Hook for models that re-lay parameters after loading (MoGE stacks its experts)."""
 
 
+def _piece_at(index: tuple) -> Optional[tuple[int, int]]:
+    """(expert, first row) of a piece of a parameter given as rows [start, stop) of a fused matrix
+    ((slice,): expert 0) or of one expert of a stack ((e, slice) or (e,)); None for other indexes."""
+    if len(index) == 1 and isinstance(index[0], slice) and index[0].step in (None, 1):
+        return 0, index[0].start or 0
+    if len(index) in (1, 2) and isinstance(index[0], int) and (len(index) == 1 or (isinstance(index[1], slice) and index[1].step in (None, 1))):
+        return index[0], 0 if len(index) == 1 else index[1].start or 0
+    return None
+
+
 def join_fused_pieces(model: nn.Module) -> None:
-    """The fused matrices load_weights kept as pieces (model.fused_pieces) that nothing took, each
-    joined into its parameter (a copy, as loading them without pieces does)."""
+    """The matrices load_weights kept as pieces (model.fused_pieces: every piece, in row order, of
+    every expert in order) that nothing took, each joined into its parameter (a copy, as loading them
+    without pieces does)."""
+    params = dict(model.named_parameters())
     for target, parts in model.__dict__.pop("fused_pieces", {}).items():
-        _set_param(model, target, torch.cat(parts, dim=0))
+        _set_param(model, target, torch.cat(parts, dim=0).view(params[target].shape))
 
 
 def _set_param(root: nn.Module, name: str, value: torch.Tensor) -> nn.Parameter:
