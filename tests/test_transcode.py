@@ -167,10 +167,10 @@ def test_pieces_laid_out_at_any_row_in_any_order_give_the_packed_whole(rows):
     assert torch.equal(PackedWeight(layout, torch.device("cpu"))(x), want(x))
 
 
-def _mixed_tiny(tmp_path, vocab, arch: str, qtype_name: str, narrow_kv: bool):
+def _mixed_tiny(tmp_path, vocab, arch: str, qtype_name: str, narrow_kv: bool, odd: str = "k"):
     """The tiny Pangu as a GGUF file of `arch`; narrow_kv: 8 heads of 8 and one of key/value (k and v
-    take 8 rows each: v starts at row 72 of q/k/v, inside a block of 16) and one layer's k in Q4_1
-    among Q4_0 (a fused weight of two types)."""
+    take 8 rows each: v starts at row 72 of q/k/v, inside a block of 16) and one layer's k (or `odd`)
+    in Q4_1 among the others (a fused weight of two types)."""
     import gguf
 
     from fixtures_gguf import tiny_pangu_config, tiny_pangu_tensors, write_gguf
@@ -182,7 +182,7 @@ def _mixed_tiny(tmp_path, vocab, arch: str, qtype_name: str, narrow_kv: bool):
     qtypes = {}
     if narrow_kv:
         config |= {"num_attention_heads": 8, "num_key_value_heads": 1}
-        qtypes = {"model.layers.1.self_attn.k_proj.weight": gguf.GGMLQuantizationType.Q4_1}
+        qtypes = {f"model.layers.1.self_attn.{odd}_proj.weight": gguf.GGMLQuantizationType.Q4_1}
     path = tmp_path / f"tiny-{arch}-{qtype_name}.gguf"
     write_gguf(path, arch=arch, config=config, tensors=tiny_pangu_tensors(config), vocab=vocab,
                qtype=gguf.GGMLQuantizationType[qtype_name], qtypes=qtypes)
@@ -190,15 +190,19 @@ def _mixed_tiny(tmp_path, vocab, arch: str, qtype_name: str, narrow_kv: bool):
 
 
 @pytest.mark.parametrize(
-    "arch, qtype_name, narrow_kv",
-    [("pangu-embedded", "Q4_0", False), ("llama", "Q4_1", False), ("llama", "Q4_0", True), ("pangu-embedded", "Q8_0", False)],
+    "arch, qtype_name, narrow_kv, odd",
+    [
+        ("pangu-embedded", "Q4_0", False, ""), ("llama", "Q4_1", False, ""), ("llama", "Q4_0", True, "k"),
+        ("pangu-embedded", "Q8_0", False, ""), ("llama", "Q8_0", True, "k"), ("llama", "Q8_0", True, "q"),
+    ],
 )
-def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentencepiece_vocab, monkeypatch, arch, qtype_name, narrow_kv):
-    """The C passes (Q4 blocks written straight into the int4 kernel's layout, Q8_0 re-quantized per
-    row in one pass) against the Python conversion: every buffer and parameter bit for bit, llama's
-    permuted q/k and a fused weight of two types included; and the Q4 linears never took the
-    portable form (only the embedding did)."""
-    path = _mixed_tiny(tmp_path, tiny_sentencepiece_vocab, arch, qtype_name, narrow_kv)
+def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentencepiece_vocab, monkeypatch, arch, qtype_name, narrow_kv, odd):
+    """The C passes (Q4 blocks written straight into the int4 kernel's layout, Q8_0 rows straight
+    into the int8 weight) against the Python conversion: every buffer and parameter bit for bit,
+    llama's permuted q/k and a fused weight of two types included (Q4_0 and Q4_1 in one layout; a
+    Q4_1 piece of an int8 q/k/v in the portable form, after or before the rows written in place);
+    and no tensor took the portable form but the int4 embedding and those Q4_1 pieces."""
+    path = _mixed_tiny(tmp_path, tiny_sentencepiece_vocab, arch, qtype_name, narrow_kv, odd)
     converted: list[str] = []
     real_convert = gguf_tensors.convert
 
@@ -211,6 +215,8 @@ def test_a_gguf_file_loads_to_the_same_tensors_either_way(tmp_path, tiny_sentenc
     fast = load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
     if qtype_name.startswith("Q4") and cpu_int4.usable(64, 32):
         assert converted == ["token_embd.weight"]
+    if qtype_name == "Q8_0":
+        assert converted == ([f"blk.1.attn_{odd}.weight"] if narrow_kv else [])
     _python(monkeypatch)
     slow = load_model(str(path), torch.float32, torch.device("cpu"), load_tokenizer=False)
     a, b = _tensors(fast.model), _tensors(slow.model)
@@ -229,7 +235,7 @@ def test_where_the_own_int4_kernel_is_not_used_q4_blocks_go_the_portable_way(tmp
     """No cpu_int4 kernel here (not chosen, or PANGU_INFER_INT4_KERNEL=aten): the hook does not lay
     the blocks out, they are converted to the portable format and packed for aten's kernel, and the
     model gives the logits of a float model of the same dequantized weights."""
-    path = _mixed_tiny(tmp_path, tiny_sentencepiece_vocab, "llama", "Q4_0", narrow_kv=True)
+    path = _mixed_tiny(tmp_path, tiny_sentencepiece_vocab, "llama", "Q4_0", narrow_kv=True, odd="k")
     monkeypatch.setattr(cpu_int4, "chosen", lambda: False)
     monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
     converted: list[str] = []
@@ -295,6 +301,8 @@ def test_mismatched_shapes_are_refused():
         transcode.q4_to_layout(np.zeros((2, 20), dtype=np.uint8), "Q4_1", None, 0, data, sz)
     with pytest.raises(ValueError, match="dequantize_int8"):
         transcode.dequantize_int8(np.zeros((2, 34), dtype=np.uint8), "Q8_0", torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="dequantize_int8"):  # a source row out of range
+        transcode.dequantize_int8(np.zeros((2, 34), dtype=np.uint8), "Q8_0", torch.zeros(2, 32, dtype=torch.int8), torch.zeros(2, dtype=torch.bfloat16), torch.tensor([1, 2]))
 
 
 @pytest.mark.parametrize("rows", [32, 40])

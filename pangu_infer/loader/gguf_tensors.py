@@ -23,8 +23,9 @@ Memory: each tensor is converted from the memory-mapped file in slices of about 
 weights (16 million in pangu_infer.quant.transcode's C passes: Q4_0, Q4_1 and Q4_K into int4
 pairs, Q8_0 and Q6_K to int8 rows, the same bytes as the numpy here); nothing but the converted
 tensor and one slice's temporaries is ever held. With `iter_weights(lay_out=True)` (one process on
-a CPU) a Q4 tensor is not converted here at all: it goes to the load hook as transcode.Q4Blocks,
-which writes it straight into its linear's kernel layout.
+a CPU) a Q4 tensor or one kept as int8 is not converted here at all: it goes to the load hook
+(transcode.Q4Blocks, transcode.Int8Rows), which writes it straight into its weight, a fused
+weight's pieces at their rows.
 """
 
 from __future__ import annotations
@@ -235,8 +236,9 @@ def iter_weights(
     setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32).
     progress: a bar over the file's tensor bytes (as the safetensors loader's).
     lay_out: Q4_0 / Q4_1 / Q4_K tensors kept as int4 groups of 32 come unconverted, as
-    transcode.Q4Blocks, for the load hook to write straight into its kernel's layout (one process on
-    a CPU: a tensor-parallel shard slices the portable form)."""
+    transcode.Q4Blocks, for the load hook to write straight into its kernel's layout, and tensors
+    kept as int8 (Q8_0, Q5 and Q6_K blocks) as transcode.Int8Rows, for it to write into their rows
+    of the int8 weight (one process on a CPU: a tensor-parallel shard slices the portable form)."""
     from tqdm import tqdm
 
     total = sum(int(t.n_bytes) for t in ckpt.reader.tensors)
@@ -266,10 +268,17 @@ def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfi
         return fn(x) if isinstance(x, torch.Tensor) else permute_quantized_rows(x, fn)
 
     data = _rows(t)
-    direct = setting is not None and setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types()
-    if lay_out and direct and data.ndim == 2 and len(t.shape) == 2 and data.flags.c_contiguous and transcode.library() is not None:
-        order = None if n_head is None else unpermuted(torch.arange(len(data)))
-        return hf_name, transcode.Q4Blocks(data, t.tensor_type.name, order, lambda: unpermuted(convert(t, setting)), lambda: _drop(data))
+    if lay_out and setting is not None and len(t.shape) == 2 and data.flags.c_contiguous and transcode.library() is not None:
+        kind = t.tensor_type.name
+        if setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types():
+            blocks = transcode.Q4Blocks
+        elif setting.method == "int8" and kind in transcode.DEQUANTIZED:
+            blocks = transcode.Int8Rows
+        else:
+            blocks = None
+        if blocks is not None:
+            order = None if n_head is None else unpermuted(torch.arange(len(data)))
+            return hf_name, blocks(data, kind, order, lambda: unpermuted(convert(t, setting)), lambda: _drop(data))
     if setting is None:
         x: Weight = _dequantize(t, ckpt.path)  # a copy
         _drop(data)

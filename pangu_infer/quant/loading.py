@@ -136,8 +136,8 @@ class LoadHook:
         self.filled: dict[str, dict[tuple, int]] = {}
         # Complete targets: the kernel layout (linears, experts) or the portable tensor (embeddings).
         self.ready: dict[str, Union[PackedWeight, QuantizedTensor]] = {}
-        # Linears being written straight into the kernel's layout (GGUF Q4 blocks, _lay_out): the
-        # layout, and the rows of each piece already in.
+        # Linears being written straight into the int4 kernel's layout (GGUF Q4 blocks, _lay_out): the
+        # layout, and the rows of each piece already in. (int8 rows go into `pending`'s weight.)
         self.laying: dict[str, cpu_int4.Layout] = {}
         self.laid_rows: dict[str, dict[tuple, int]] = {}
         # StackedExperts module name -> {"gate"|"up"|"down": [view per expert]}
@@ -175,7 +175,7 @@ class LoadHook:
             self._offload(name, target, index, tensor)
             return True
         setting = self._setting(target)
-        if isinstance(tensor, transcode.Q4Blocks):
+        if isinstance(tensor, (transcode.Q4Blocks, transcode.Int8Rows)):
             if self._lay_out(name, target, index, tensor, setting):
                 return True
             tensor = tensor.materialize()  # the portable form, as other loaders give it
@@ -200,37 +200,57 @@ class LoadHook:
             self._complete(target, qt)
         return True
 
-    def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: "transcode.Q4Blocks", setting: Optional[QuantizationConfig]) -> bool:
-        """Write a GGUF file's Q4 blocks straight into the kernel's layout of their linear (its rows of
-        a fused one); False where that layout is not this weight's (then they are converted to the
-        portable form and go the usual way)."""
+    def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: Any, setting: Optional[QuantizationConfig]) -> bool:
+        """Write a GGUF file's blocks (transcode.Q4Blocks, transcode.Int8Rows) straight into their
+        weight: Q4 blocks into the int4 kernel's layout of their linear, int8 rows into the int8
+        weight (a fused one shared with pieces that come in the portable form: `_place`); a fused
+        parameter's pieces at their rows. False where that is not this weight's form (then they are
+        converted to the portable form and go the usual way)."""
         if index is not None and target in self.ready:
             raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
-        layout = self.laying.get(target)
-        if layout is None:
-            param = self.params[target]
-            fits = (
-                setting is not None and setting.method == "int4" and setting.group_size == blocks.group_size
-                and self.kinds.get(target) == "linear" and self.device.type == "cpu" and param.dim() == 2
-                and target not in self.pending and (index is None or _row_slice(index) is not None)
-                and cpu_int4.usable(param.shape[1], blocks.group_size)
-            )
-            if not fits:
-                return False
-            layout = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values)
-        elif blocks.zero_values > layout.zero_values:
-            layout = layout.with_zeros()
-        rows = len(blocks.part)
+        int4 = isinstance(blocks, transcode.Q4Blocks)
+        param = self.params[target]
+        fits = (
+            setting is not None and setting.method == blocks.method and self.device.type == "cpu" and param.dim() == 2
+            and (index is None or _row_slice(index) is not None)
+            and self.kinds.get(target) in (("linear",) if int4 else ("linear", "embedding"))
+            and (not int4 or (setting.group_size == blocks.group_size and cpu_int4.usable(param.shape[1], blocks.group_size)))
+        )
         row0 = 0 if index is None else _row_slice(index)
-        if row0 is None or not blocks.lay_out(row0, layout.data, layout.sz):
+        if not int4:  # into the int8 weight, the one `_place` fills for a fused weight's other pieces
+            into = self.pending.get(target)
+            if into is None and not fits:
+                return False
+            if into is None:
+                into = QuantizedTensor("int8", torch.empty(*param.shape, dtype=torch.int8), torch.empty(param.shape[0], dtype=torch.bfloat16))
+            if into.method != "int8" or row0 is None or not blocks.lay_out(row0, into.qweight, into.scale):
+                raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
+            if index is None:
+                self._complete(target, into)
+                return True
+            self.pending[target] = into
+            pieces = self.filled.setdefault(target, {})
+            pieces[_index_key(index)] = len(blocks.part) * param.shape[1]
+            if sum(pieces.values()) >= into.qweight.numel():
+                del self.filled[target]
+                self._complete(target, self.pending.pop(target))
+            return True
+        into = self.laying.get(target)
+        if into is None:
+            if not fits or target in self.pending:
+                return False
+            into = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values)
+        elif blocks.zero_values > into.zero_values:
+            into = into.with_zeros()
+        if row0 is None or not blocks.lay_out(row0, into.data, into.sz):
             raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
         if index is None:
-            self._complete(target, layout)
+            self._complete(target, into)
             return True
-        self.laying[target] = layout
+        self.laying[target] = into
         pieces = self.laid_rows.setdefault(target, {})
-        pieces[_index_key(index)] = rows
-        if sum(pieces.values()) >= layout.out_features:
+        pieces[_index_key(index)] = len(blocks.part)
+        if sum(pieces.values()) >= into.out_features:
             del self.laid_rows[target]
             self._complete(target, self.laying.pop(target))
         return True

@@ -41,7 +41,7 @@ SOURCE = r"""
 #include <math.h>
 #include <omp.h>
 
-int pangu_transcode_abi(void) { return 5; }
+int pangu_transcode_abi(void) { return 6; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -327,11 +327,12 @@ int pangu_dequantize(const uint8_t* src, int64_t rows, int64_t blocks, int64_t t
   return 0;
 }
 
-/* rows x blocks of one of dequantize_row's types -> int8 [rows, K] and one bf16 scale per row (bits), as
+/* rows x blocks of one of dequantize_row's types -> int8 [rows, K] and one bf16 scale per row (bits) (row r
+   of the output from source row order[r]; order NULL: row r), as
    pangu_infer.quant.formats._quantize_int8 computes them from the dequantized row: scale = bf16 of
    max(|w|) / 127 x (1 + 2^-7), at least bf16's smallest normal; q = w / scale rounded half to even,
    clamped to +-127 (a NaN row: scale NaN, codes 0). No float copy of the weight is made. */
-int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, int8_t* q, uint16_t* scale, int64_t threads) {
+int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int64_t type, const int64_t* order, int8_t* q, uint16_t* scale, int64_t threads) {
   const int64_t per = block_weights(type), bytes = block_bytes(type), k = blocks * per;
   if (!per) return 1;
   float* tmp = (float*)malloc(sizeof(float) * (size_t)k * (size_t)threads);
@@ -339,7 +340,7 @@ int pangu_dequantize_int8(const uint8_t* src, int64_t rows, int64_t blocks, int6
 #pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t r = 0; r < rows; r++) {
     float* w = tmp + (size_t)omp_get_thread_num() * (size_t)k;
-    dequantize_row(src + r * blocks * bytes, blocks, type, w);
+    dequantize_row(src + (order ? order[r] : r) * blocks * bytes, blocks, type, w);
     /* max |w| as the largest bit pattern with the sign cleared: non-negative floats order as their
        bits do, every NaN's above infinity's (an integer reduction, which the compiler vectorizes) */
     uint32_t mb = 0;
@@ -451,7 +452,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     # (products rounded one by one, as numpy computes them: no fused multiply-adds)
     lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python", flags=(*C_FLAGS, "-ffp-contract=off"))
-    if lib is None or lib.pangu_transcode_abi() != 5:
+    if lib is None or lib.pangu_transcode_abi() != 6:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
     lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
@@ -464,7 +465,7 @@ def library() -> Optional[ctypes.CDLL]:
     lib.pangu_q4_to_layout.restype = ctypes.c_int
     lib.pangu_q4_to_layout.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.pangu_dequantize_int8.restype = ctypes.c_int
-    lib.pangu_dequantize_int8.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+    lib.pangu_dequantize_int8.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.pangu_dequantize.restype = ctypes.c_int
     lib.pangu_dequantize.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int64]
     return lib
@@ -567,6 +568,35 @@ class Q4Blocks:
         return self._materialize()
 
 
+class Int8Rows:
+    """A GGUF tensor of a type in DEQUANTIZED kept as int8, not converted yet: what the GGUF loader
+    hands the load hook (pangu_infer.quant.loading) on a CPU, for it to write the rows straight into
+    their place in the int8 weight (a fused parameter's pieces in their rows: no piece copied into
+    it after) with dequantize_int8, or take the portable form (materialize) where it cannot.
+    part, order, materialize, done: as Q4Blocks'."""
+
+    method = "int8"
+
+    def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
+        _, size, weights = DEQUANTIZED[kind]
+        self.part, self.kind, self.order = part, kind, order
+        self.shape = torch.Size((part.shape[0], part.shape[1] // size * weights))
+        self._materialize, self._done = materialize, done
+
+    def lay_out(self, row0: int, q: torch.Tensor, scale: torch.Tensor) -> bool:
+        """Write the rows as rows row0.. of int8 codes q [N, K] and bf16 scales [N]; False where the
+        library is not here."""
+        n = len(self.part)
+        if not dequantize_int8(self.part, self.kind, q[row0 : row0 + n], scale[row0 : row0 + n], self.order):
+            return False
+        if self._done is not None:
+            self._done()
+        return True
+
+    def materialize(self):
+        return self._materialize()
+
+
 def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
     """Rows [rows, bytes] (C-contiguous) of a type in DEQUANTIZED (`kind`) -> float32 [rows, K], the values gguf's
     own dequantizer gives, bit for bit; None where the library is not here or the type is another."""
@@ -582,10 +612,11 @@ def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
     return out
 
 
-def dequantize_int8(part: np.ndarray, kind: str, q: torch.Tensor, scale: torch.Tensor) -> bool:
+def dequantize_int8(part: np.ndarray, kind: str, q: torch.Tensor, scale: torch.Tensor, order: Optional[torch.Tensor] = None) -> bool:
     """Rows [rows, bytes] (C-contiguous) of a type in DEQUANTIZED (`kind`) -> int8 codes `q` [rows, K] and bf16
     scales `scale` [rows], what formats._quantize_int8 gives for the dequantized rows (one pass, no
-    float copy); False where the library is not here or the type is another (nothing written)."""
+    float copy); row i of the output from source row order[i] (int64 [rows]; None: row i). False
+    where the library is not here or the type is another (nothing written)."""
     lib = library()
     if lib is None or kind not in DEQUANTIZED or not part.flags.c_contiguous:
         return False
@@ -594,10 +625,12 @@ def dequantize_int8(part: np.ndarray, kind: str, q: torch.Tensor, scale: torch.T
     fits = (
         part.shape[1] == blocks * size and q.dtype == torch.int8 and tuple(q.shape) == (rows, blocks * weights)
         and q.is_contiguous() and scale.dtype == torch.bfloat16 and tuple(scale.shape) == (rows,) and scale.is_contiguous()
+        and (order is None or (order.dtype == torch.int64 and order.is_contiguous() and tuple(order.shape) == (rows,)))
     )
-    if not fits:
+    if not fits or (order is not None and rows and not 0 <= int(order.min()) <= int(order.max()) < rows):
         raise ValueError(f"dequantize_int8: {kind} rows {tuple(part.shape)} into {tuple(q.shape)} {q.dtype}, {tuple(scale.shape)} {scale.dtype}")
-    if lib.pangu_dequantize_int8(part.ctypes.data, rows, blocks, code, q.data_ptr(), scale.data_ptr(), _threads()):
+    ptr = None if order is None else order.data_ptr()
+    if lib.pangu_dequantize_int8(part.ctypes.data, rows, blocks, code, ptr, q.data_ptr(), scale.data_ptr(), _threads()):
         raise MemoryError("dequantize_int8: no memory for its row buffers")
     return True
 
@@ -628,4 +661,4 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
 
-__all__ = ["DEQUANTIZED", "ENV", "LAYOUT_TYPES", "Q4_BYTES", "Q4Blocks", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_layout", "q4_to_pairs"]
+__all__ = ["DEQUANTIZED", "ENV", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_layout", "q4_to_pairs"]
