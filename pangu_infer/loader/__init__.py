@@ -439,7 +439,8 @@ def _load_gguf(
         any_setting = next(v for v in by_target.values())
         hook = LoadHook(net, any_setting, False, dtype, device, memory_mapped=False, settings=by_target)
     progress = os.path.getsize(path) > PROGRESS_BYTES
-    # One process on a CPU: Q4 blocks go straight into the int4 kernel's layout (gguf_tensors.iter_weights).
+    # One process on a CPU: Q4 blocks go straight into the int4 kernel's layout, int8 rows into their
+    # weight (gguf_tensors.iter_weights).
     lay_out = hook is not None and device.type == "cpu" and not current_parallel_state().is_parallel
     net.load_weights(iter_weights(ckpt, settings, progress, lay_out), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
     if half is not None:

@@ -225,15 +225,7 @@ class LoadHook:
                 into = QuantizedTensor("int8", torch.empty(*param.shape, dtype=torch.int8), torch.empty(param.shape[0], dtype=torch.bfloat16))
             if into.method != "int8" or row0 is None or not blocks.lay_out(row0, into.qweight, into.scale):
                 raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
-            if index is None:
-                self._complete(target, into)
-                return True
-            self.pending[target] = into
-            pieces = self.filled.setdefault(target, {})
-            pieces[_index_key(index)] = len(blocks.part) * param.shape[1]
-            if sum(pieces.values()) >= into.qweight.numel():
-                del self.filled[target]
-                self._complete(target, self.pending.pop(target))
+            self._piece_in(target, index, into, self.pending, self.filled, len(blocks.part) * param.shape[1], into.qweight.numel())
             return True
         into = self.laying.get(target)
         if into is None:
@@ -244,16 +236,22 @@ class LoadHook:
             into = into.with_zeros()
         if row0 is None or not blocks.lay_out(row0, into.data, into.sz):
             raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
+        self._piece_in(target, index, into, self.laying, self.laid_rows, len(blocks.part), into.out_features)
+        return True
+
+    def _piece_in(self, target: str, index: Optional[tuple], into: Any, store: dict, counts: dict, amount: int, total: int) -> None:
+        """A weight written (index None) or one more of its pieces (`amount` of `total`): `store` holds
+        it and `counts` its pieces (a piece that comes again counts once) until the last is in; then
+        it is laid out for its kernel."""
         if index is None:
             self._complete(target, into)
-            return True
-        self.laying[target] = into
-        pieces = self.laid_rows.setdefault(target, {})
-        pieces[_index_key(index)] = len(blocks.part)
-        if sum(pieces.values()) >= into.out_features:
-            del self.laid_rows[target]
-            self._complete(target, self.laying.pop(target))
-        return True
+            return
+        store[target] = into
+        pieces = counts.setdefault(target, {})
+        pieces[_index_key(index)] = amount
+        if sum(pieces.values()) >= total:
+            del counts[target]
+            self._complete(target, store.pop(target))
 
     def _complete(self, target: str, qt: Union[QuantizedTensor, cpu_int4.Layout]) -> None:
         """Lay out a weight whose rows have all arrived for its kernel; its portable copy is then freed."""

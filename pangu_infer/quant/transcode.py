@@ -99,6 +99,19 @@ int pangu_q4_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, int64_t 
   return 0;
 }
 
+/* A Q4_K / Q5_K block's sub-block j (0..7): its scale d sc_j and min dmin m_j (f16 d and dmin, then
+   12 bytes of 6-bit scales and mins: GGML's packing), each product rounded once, as gguf's numpy. */
+static inline void k_scale_min(const uint8_t* blk, int j, float* ds, float* dm) {
+  const uint8_t* sc = blk + 4;
+  uint16_t dh, mh;
+  memcpy(&dh, blk, 2);
+  memcpy(&mh, blk + 2, 2);
+  const int s = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
+  const int m = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
+  *ds = f16_to_f32(dh) * (float)s;
+  *dm = f16_to_f32(mh) * (float)m;
+}
+
 /* rows x blocks of Q4_K (256 weights: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, 128 bytes
    of codes) -> packed pairs [rows, 128 * blocks] and, per sub-block of 32, the scale d sc and the zero
    8 (d sc) - dmin m as float [rows, 8 * blocks]. Sub-blocks 2i and 2i + 1 are the low and high
@@ -108,17 +121,11 @@ int pangu_q4k_to_pairs(const uint8_t* src, int64_t rows, int64_t blocks, uint8_t
 #pragma omp parallel for schedule(static) num_threads((int)threads)
   for (int64_t i = 0; i < total; i++) {
     const uint8_t* blk = src + i * 144;
-    const uint8_t* sc = blk + 4;
     const uint8_t* qs = blk + 16;
     uint8_t* out = packed + i * 128;
-    uint16_t dh, mh;
-    memcpy(&dh, blk, 2);
-    memcpy(&mh, blk + 2, 2);
-    const float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
     for (int j = 0; j < 8; j++) {
-      const int s = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
-      const int m = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-      const float ds = d * (float)s, dm = dmin * (float)m;
+      float ds, dm;
+      k_scale_min(blk, j, &ds, &dm);
       scale[i * 8 + j] = ds;
       zero[i * 8 + j] = 8.0f * ds - dm;
     }
@@ -180,13 +187,9 @@ int pangu_q4_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t
         uint16_t dh, mh;
         if (type == 12) {
           const uint8_t* blk = row + (g / 8) * 144;
-          const uint8_t* sc = blk + 4;
           const int j = (int)(g % 8);
-          memcpy(&dh, blk, 2);
-          memcpy(&mh, blk + 2, 2);
-          const int sj = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
-          const int mj = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-          const float ds = f16_to_f32(dh) * (float)sj, dm = f16_to_f32(mh) * (float)mj;
+          float ds, dm;
+          k_scale_min(blk, j, &ds, &dm);
           d = ds;
           z = 8.0f * ds - dm;
           q = blk + 16 + 32 * (j / 2);  /* 32 code bytes: this sub-block in their low (j even) or high nibbles */
@@ -264,17 +267,11 @@ static void dequantize_row(const uint8_t* row, int64_t blocks, int64_t type, flo
     } else if (type == 12 || type == 13) {
       const int64_t size = block_bytes(type);
       const uint8_t* blk = row + i * size;
-      const uint8_t* sc = blk + 4;
       const uint8_t* qh = blk + 16;  /* Q5_K: 32 bytes of 5th bits before the codes */
       const uint8_t* qs = blk + (type == 13 ? 48 : 16);
-      uint16_t mh;
-      memcpy(&dh, blk, 2);
-      memcpy(&mh, blk + 2, 2);
-      const float d = f16_to_f32(dh), dmin = f16_to_f32(mh);
       for (int j = 0; j < 8; j++) {
-        const int sj = j < 4 ? sc[j] & 63 : (sc[j + 4] & 15) | ((sc[j - 4] >> 6) << 4);
-        const int mj = j < 4 ? sc[j + 4] & 63 : (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4);
-        const float ds = d * (float)sj, dm = dmin * (float)mj;
+        float ds, dm;
+        k_scale_min(blk, j, &ds, &dm);
         const uint8_t* q = qs + 32 * (j / 2);
         const int shift = (j & 1) * 4;
         float* o = out + i * 256 + j * 32;
@@ -531,25 +528,38 @@ def q4_to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row
     return True
 
 
-class Q4Blocks:
+class _Blocks:
+    """A GGUF tensor not converted yet (Q4Blocks, Int8Rows): part, its rows [N, bytes] (C-contiguous,
+    the mapped file); order, the source row of each row (int64 [N], llama.cpp's permuted q/k undone;
+    None: as stored); materialize, the portable QuantizedTensor, rows in order; done, called once
+    the blocks are read (their pages dropped)."""
+
+    def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done, size: int, weights: int):
+        self.part, self.kind, self.order = part, kind, order
+        self.shape = torch.Size((part.shape[0], part.shape[1] // size * weights))
+        self._materialize, self._done = materialize, done
+
+    def _written(self, ok: bool) -> bool:
+        if ok and self._done is not None:
+            self._done()
+        return ok
+
+    def materialize(self):
+        return self._materialize()
+
+
+class Q4Blocks(_Blocks):
     """A Q4_0 / Q4_1 / Q4_K tensor of a GGUF file, not converted yet: what the GGUF loader hands the load
     hook (pangu_infer.quant.loading) where the int4 kernel is cpu_int4's. The hook writes it straight
     into its parameter's layout (lay_out: one C pass over the mapped blocks, a fused parameter's
     pieces in their rows; no portable copy, no pairs rearranged after), or takes the portable form
-    (materialize) where it cannot.
-
-    part: the rows [N, bytes] (C-contiguous, the mapped file); order: the source row of each row
-    (int64 [N], llama.cpp's permuted q/k undone; None: as stored); materialize: the portable
-    QuantizedTensor, rows in order; done: called once the blocks are read (their pages dropped)."""
+    (materialize) where it cannot."""
 
     method = "int4"
     group_size = 32
 
     def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
-        size, weights = Q4_BYTES[kind]
-        self.part, self.kind, self.order = part, kind, order
-        self.shape = torch.Size((part.shape[0], part.shape[1] // size * weights))
-        self._materialize, self._done = materialize, done
+        super().__init__(part, kind, order, materialize, done, *Q4_BYTES[kind])
 
     @property
     def zero_values(self) -> int:
@@ -558,43 +568,25 @@ class Q4Blocks:
 
     def lay_out(self, row0: int, data: torch.Tensor, sz: torch.Tensor) -> bool:
         """Write the rows as rows row0.. of a layout (q4_to_layout); False where the library is not here."""
-        if not q4_to_layout(self.part, self.kind, self.order, row0, data, sz):
-            return False
-        if self._done is not None:
-            self._done()
-        return True
-
-    def materialize(self):
-        return self._materialize()
+        return self._written(q4_to_layout(self.part, self.kind, self.order, row0, data, sz))
 
 
-class Int8Rows:
+class Int8Rows(_Blocks):
     """A GGUF tensor of a type in DEQUANTIZED kept as int8, not converted yet: what the GGUF loader
     hands the load hook (pangu_infer.quant.loading) on a CPU, for it to write the rows straight into
     their place in the int8 weight (a fused parameter's pieces in their rows: no piece copied into
-    it after) with dequantize_int8, or take the portable form (materialize) where it cannot.
-    part, order, materialize, done: as Q4Blocks'."""
+    it after) with dequantize_int8, or take the portable form (materialize) where it cannot."""
 
     method = "int8"
 
     def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
-        _, size, weights = DEQUANTIZED[kind]
-        self.part, self.kind, self.order = part, kind, order
-        self.shape = torch.Size((part.shape[0], part.shape[1] // size * weights))
-        self._materialize, self._done = materialize, done
+        super().__init__(part, kind, order, materialize, done, *DEQUANTIZED[kind][1:])
 
     def lay_out(self, row0: int, q: torch.Tensor, scale: torch.Tensor) -> bool:
         """Write the rows as rows row0.. of int8 codes q [N, K] and bf16 scales [N]; False where the
         library is not here."""
         n = len(self.part)
-        if not dequantize_int8(self.part, self.kind, q[row0 : row0 + n], scale[row0 : row0 + n], self.order):
-            return False
-        if self._done is not None:
-            self._done()
-        return True
-
-    def materialize(self):
-        return self._materialize()
+        return self._written(dequantize_int8(self.part, self.kind, q[row0 : row0 + n], scale[row0 : row0 + n], self.order))
 
 
 def dequantize(part: np.ndarray, kind: str) -> Optional[torch.Tensor]:
