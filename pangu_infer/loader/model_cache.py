@@ -391,6 +391,21 @@ class _DirectRefused(Exception):
     pass
 
 
+class _AlignedBuffer:
+    """DIRECT_CHUNK bytes of page-aligned memory (as O_DIRECT wants; an anonymous mapping) and a numpy
+    view of them: the one buffer a write (_DirectSink) or a check (_same_bytes) moves the file through."""
+
+    def __init__(self):
+        import mmap
+
+        self.buffer = mmap.mmap(-1, DIRECT_CHUNK)
+        self.view = numpy.frombuffer(self.buffer, dtype=numpy.uint8)
+
+    def close(self) -> None:
+        del self.view  # (the mapping cannot close while a view holds it)
+        self.buffer.close()
+
+
 def _write_file(path: str, head: bytes, writes: list[tuple[int, torch.Tensor]], bar: Any, writing: Optional["_Write"],
                 direct: bool) -> None:
     """The header, then each tensor's bytes in their logical order (`strides` in the header restores
@@ -439,8 +454,6 @@ class _BufferedSink:
 
 class _DirectSink:
     def __init__(self, path: str):
-        import mmap
-
         flag = getattr(os, "O_DIRECT", 0)
         if not flag:
             raise _DirectRefused()
@@ -448,8 +461,8 @@ class _DirectSink:
             self.fd = os.open(path, os.O_WRONLY | os.O_TRUNC | flag)
         except OSError:
             raise _DirectRefused() from None
-        self.buffer = mmap.mmap(-1, DIRECT_CHUNK)  # (page-aligned)
-        self.view = numpy.frombuffer(self.buffer, dtype=numpy.uint8)
+        self.aligned = _AlignedBuffer()
+        self.buffer, self.view = self.aligned.buffer, self.aligned.view
         self.pos = self.total = 0
         self.flushed = False
 
@@ -488,8 +501,8 @@ class _DirectSink:
 
     def close(self) -> None:
         os.close(self.fd)
-        del self.view
-        self.buffer.close()
+        del self.view, self.buffer
+        self.aligned.close()
 
 
 ABANDONED_SECONDS = 600  # a temporary file this old, of a process no longer running, is removed
@@ -881,15 +894,13 @@ def _same_bytes(
 ) -> Optional[str]:
     """None when the file holds each tensor's bytes (in row-major order) at its offset, else the
     first tensor that differs. `expected` sorted by offset; the file read once, in order."""
-    import mmap
-
     flag = getattr(os, "O_DIRECT", 0)
     try:
         fd = os.open(path, os.O_RDONLY | flag)
     except OSError:
         fd, flag = os.open(path, os.O_RDONLY), 0
-    buffer = mmap.mmap(-1, DIRECT_CHUNK)  # (page-aligned, as O_DIRECT wants)
-    view = numpy.frombuffer(buffer, dtype=numpy.uint8)
+    aligned = _AlignedBuffer()
+    buffer, view = aligned.buffer, aligned.view
     try:
         # compared by numpy (one thread; see _DirectSink.put), 5x faster than torch.equal on bytes
         wanted = [(offset, name, _bytes_of(t).numpy()) for offset, name, t in expected]
@@ -925,8 +936,8 @@ def _same_bytes(
         return None
     finally:
         os.close(fd)
-        del view
-        buffer.close()
+        del view, buffer
+        aligned.close()
 
 
 def _read_at(fd: int, buffer: Any, offset: int) -> int:
