@@ -462,7 +462,6 @@ class _DirectSink:
         except OSError:
             raise _DirectRefused() from None
         self.aligned = _AlignedBuffer()
-        self.buffer, self.view = self.aligned.buffer, self.aligned.view
         self.pos = self.total = 0
         self.flushed = False
 
@@ -472,7 +471,7 @@ class _DirectSink:
         n, i, source = data.numel(), 0, data.numpy()
         while i < n:
             k = min(n - i, DIRECT_CHUNK - self.pos)
-            numpy.copyto(self.view[self.pos : self.pos + k], source[i : i + k])
+            numpy.copyto(self.aligned.view[self.pos : self.pos + k], source[i : i + k])
             self.pos += k
             i += k
             if self.pos == DIRECT_CHUNK:
@@ -481,7 +480,7 @@ class _DirectSink:
 
     def _flush(self, length: int) -> None:
         try:
-            with memoryview(self.buffer) as whole, whole[:length] as part:  # (released even on an error)
+            with memoryview(self.aligned.buffer) as whole, whole[:length] as part:  # (released even on an error)
                 written = os.write(self.fd, part)
         except OSError as e:
             if not self.flushed:
@@ -495,13 +494,12 @@ class _DirectSink:
     def finish(self) -> None:
         if self.pos:  # the tail, padded to the alignment, then cut back to the file's size
             padded = -(-self.pos // DIRECT_ALIGN) * DIRECT_ALIGN
-            self.view[self.pos : padded] = 0
+            self.aligned.view[self.pos : padded] = 0
             self._flush(padded)
         os.ftruncate(self.fd, self.total)
 
     def close(self) -> None:
         os.close(self.fd)
-        del self.view, self.buffer
         self.aligned.close()
 
 
@@ -900,7 +898,6 @@ def _same_bytes(
     except OSError:
         fd, flag = os.open(path, os.O_RDONLY), 0
     aligned = _AlignedBuffer()
-    buffer, view = aligned.buffer, aligned.view
     try:
         # compared by numpy (one thread; see _DirectSink.put), 5x faster than torch.equal on bytes
         wanted = [(offset, name, _bytes_of(t).numpy()) for offset, name, t in expected]
@@ -910,13 +907,13 @@ def _same_bytes(
             if writing is not None:
                 writing.check()
             try:
-                n = _read_at(fd, buffer, chunk_start)
+                n = _read_at(fd, aligned.buffer, chunk_start)
             except OSError as e:
                 if not (flag and e.errno == errno.EINVAL):
                     raise
                 os.close(fd)  # a file system that opens with O_DIRECT but reads only without it
                 fd, flag = os.open(path, os.O_RDONLY), 0
-                n = _read_at(fd, buffer, chunk_start)
+                n = _read_at(fd, aligned.buffer, chunk_start)
             if n <= 0:
                 return f"tensor {wanted[i][1]!r} is cut short"
             chunk_end = chunk_start + n
@@ -925,7 +922,7 @@ def _same_bytes(
             while j < len(wanted) and wanted[j][0] < chunk_end:
                 offset, name, data = wanted[j]
                 lo, hi = max(offset, chunk_start), min(offset + data.size, chunk_end)
-                if hi > lo and not numpy.array_equal(view[lo - chunk_start : hi - chunk_start], data[lo - offset : hi - offset]):
+                if hi > lo and not numpy.array_equal(aligned.view[lo - chunk_start : hi - chunk_start], data[lo - offset : hi - offset]):
                     return f"tensor {name!r} differs"
                 j += 1
             while i < len(wanted) and wanted[i][0] + wanted[i][2].size <= chunk_end:
@@ -936,7 +933,6 @@ def _same_bytes(
         return None
     finally:
         os.close(fd)
-        del view, buffer
         aligned.close()
 
 
