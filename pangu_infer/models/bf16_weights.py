@@ -468,17 +468,16 @@ def widen_model(model: nn.Module) -> int:
     sites = []
     for path, parent in model.named_modules():
         for name, child in parent.named_children():
-            parts = pieces.get(f"{path}.{name}.weight" if path else f"{name}.weight")
+            key = f"{path}.{name}.weight" if path else f"{name}.weight"
+            parts = pieces.get(key)
             dtype = parts[0].dtype if parts else child.weight.dtype if type(child) in (nn.Linear, RowParallelLinear) else None
             if (
                 type(child) in (nn.Linear, RowParallelLinear) and id(child) not in routers
                 and dtype in HALF and child.in_features % COLUMNS == 0
             ):
-                sites.append((parent, name, child, parts))
-    for parent, name, child, parts in sites:
-        weight = parts if parts else child.weight
-        if parts:
-            del pieces[next(k for k, v in pieces.items() if v is parts)]
+                sites.append((parent, name, child, key))
+    for parent, name, child, key in sites:
+        weight = pieces.pop(key, None) or child.weight
         if isinstance(child, RowParallelLinear):  # a tensor-parallel rank's columns: its all-reduce stays around
             setattr(parent, name, child.around(Bf16WeightLinear(weight, None)))
         else:
@@ -495,7 +494,7 @@ def widen_model(model: nn.Module) -> int:
             experts.impl = Bf16Experts([parts13[e * per : (e + 1) * per] for e in range(len(w13))], parts2, experts.inter)
             del pieces[f"{path}.w13"], pieces[f"{path}.w2"], experts.w13, experts.w2
     join_fused_pieces(model)  # (pieces no kept linear or experts took: one parameter each, as without them)
-    for experts in [m for m in model.modules() if isinstance(m, StackedExperts)]:
+    for experts in [m for m in model.modules() if isinstance(m, StackedExperts)]:  # experts loaded stacked, or joined
         w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
         if (
             experts.impl is None and w13 is not None and w13.dtype in HALF and w2.dtype == w13.dtype

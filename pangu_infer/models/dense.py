@@ -222,14 +222,24 @@ class DecoderForCausalLM(nn.Module):
         """Hook for models that re-lay parameters after loading (MoGE stacks its experts)."""
 
 
+def row_piece_start(index: tuple) -> Optional[int]:
+    """The first row of a piece given as rows [start, stop) of its fused parameter ((slice,)); None
+    for any other index."""
+    if len(index) == 1 and isinstance(index[0], slice) and index[0].step in (None, 1):
+        return index[0].start or 0
+    return None
+
+
 def _piece_at(index: tuple) -> Optional[tuple[int, int]]:
     """(expert, first row) of a piece of a parameter given as rows [start, stop) of a fused matrix
     ((slice,): expert 0) or of one expert of a stack ((e, slice) or (e,)); None for other indexes."""
-    if len(index) == 1 and isinstance(index[0], slice) and index[0].step in (None, 1):
-        return 0, index[0].start or 0
-    if len(index) in (1, 2) and isinstance(index[0], int) and (len(index) == 1 or (isinstance(index[1], slice) and index[1].step in (None, 1))):
-        return index[0], 0 if len(index) == 1 else index[1].start or 0
-    return None
+    start = row_piece_start(index)
+    if start is not None:
+        return 0, start
+    if len(index) == 2 and isinstance(index[0], int):
+        start = row_piece_start(index[1:])
+        return None if start is None else (index[0], start)
+    return (index[0], 0) if len(index) == 1 and isinstance(index[0], int) else None
 
 
 def join_fused_pieces(model: nn.Module) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from pangu_infer.errors import WeightError
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
-from pangu_infer.models.dense import DecoderForCausalLM
+from pangu_infer.models.dense import DecoderForCausalLM, row_piece_start
 from pangu_infer.models.moge import MoEBlock, StackedExperts
 from pangu_infer.parallel.state import RowParallelLinear
 from pangu_infer.quant.formats import (
@@ -175,6 +175,8 @@ class LoadHook:
             self._offload(name, target, index, tensor)
             return True
         setting = self._setting(target)
+        if index is not None and target in self.ready:
+            raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
         if isinstance(tensor, (transcode.Q4Blocks, transcode.Int8Rows)):
             if self._lay_out(name, target, index, tensor, setting):
                 return True
@@ -192,12 +194,10 @@ class LoadHook:
             # Each slice of rows gives its pages back as soon as it is quantized, not the whole tensor at the end.
             qt = quantize(tensor, setting, done=drop_mapped_pages if mapped else None)
             self._release(tensor)
-        if index is not None:
-            if target in self.ready:
-                raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
-            qt = self._place(target, index, qt)
-        if qt is not None:
+        if index is None:
             self._complete(target, qt)
+        else:
+            self._place(target, index, qt)
         return True
 
     def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: Any, setting: Optional[QuantizationConfig]) -> bool:
@@ -206,17 +206,15 @@ class LoadHook:
         weight (a fused one shared with pieces that come in the portable form: `_place`); a fused
         parameter's pieces at their rows. False where that is not this weight's form (then they are
         converted to the portable form and go the usual way)."""
-        if index is not None and target in self.ready:
-            raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
         int4 = isinstance(blocks, transcode.Q4Blocks)
         param = self.params[target]
         fits = (
             setting is not None and setting.method == blocks.method and self.device.type == "cpu" and param.dim() == 2
-            and (index is None or _row_slice(index) is not None)
+            and (index is None or row_piece_start(index) is not None)
             and self.kinds.get(target) in (("linear",) if int4 else ("linear", "embedding"))
             and (not int4 or (setting.group_size == blocks.group_size and cpu_int4.usable(param.shape[1], blocks.group_size)))
         )
-        row0 = 0 if index is None else _row_slice(index)
+        row0 = 0 if index is None else row_piece_start(index)
         if not int4:  # into the int8 weight, the one `_place` fills for a fused weight's other pieces
             into = self.pending.get(target)
             if into is None and not fits:
@@ -275,11 +273,9 @@ class LoadHook:
         if self.memory_mapped and tensor.device.type == "cpu":
             drop_mapped_pages(tensor)
 
-    def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> Optional[QuantizedTensor]:
-        """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter.
-
-        Returns the fused tensor once all its rows are in (and forgets it), else None.
-        """
+    def _place(self, target: str, index: tuple, qt: QuantizedTensor) -> None:
+        """Copy the rows of one checkpoint tensor into the quantized form of its fused parameter,
+        laid out for its kernel once all its rows are in (_piece_in)."""
         full = self.pending.get(target)
         if full is None:
             shape = self.params[target].shape
@@ -291,17 +287,11 @@ class LoadHook:
                 torch.empty(*lead, *groups, dtype=qt.scale.dtype),
                 None if qt.zero is None else torch.empty(*lead, *groups, dtype=qt.zero.dtype),
             )
-            self.pending[target] = full
         full.qweight[index].copy_(qt.qweight)
         full.scale[index].copy_(qt.scale)
         if qt.zero is not None:
             full.zero[index].copy_(qt.zero)
-        pieces = self.filled.setdefault(target, {})
-        pieces[_index_key(index)] = qt.qweight.numel()
-        if sum(pieces.values()) < full.qweight.numel():
-            return None
-        del self.filled[target]
-        return self.pending.pop(target)
+        self._piece_in(target, index, full, self.pending, self.filled, qt.qweight.numel(), full.qweight.numel())
 
     def _offload(self, name: str, target: str, index: tuple, tensor: Weight) -> None:
         m = _EXPERT_PROJ.search(name)
@@ -355,13 +345,6 @@ class LoadHook:
             module.impl = OffloadedExperts(lists["gate"], lists["up"], lists["down"])
             del module.w13, module.w2
         trim_heap()
-
-
-def _row_slice(index: tuple) -> Optional[int]:
-    """The first row of a piece given as rows [start, stop) of its fused parameter; None for any other index."""
-    if len(index) == 1 and isinstance(index[0], slice) and index[0].step in (None, 1):
-        return index[0].start or 0
-    return None
 
 
 def _index_key(index: tuple) -> tuple:
