@@ -8,6 +8,7 @@ call the same C functions, through pointers that each kernel's module sets once 
 loaded (`connect`), so the results are those of the eager calls, bit for bit:
 
 - `pangu_infer::int4_native_mm(x, data, sz, group)` -> pangu_int4_mm (pangu_infer.quant.cpu_int4);
+- `pangu_infer::int5_native_mm(x, data, hb, sz, group)` -> pangu_int5_mm (its 5-bit form);
 - `pangu_infer::int8_native_mm(x, data, scales)` -> pangu_int8_mm (pangu_infer.quant.cpu_int8);
 - `pangu_infer::bf16w_native_mm(x, weight, max_rows, slice)` -> pangu_bf16w_mm (pangu_f16w_mm for a
   float16 weight) for up to max_rows rows, else pangu_bf16w_gemm (pangu_f16w_gemm) where `slice`
@@ -50,6 +51,8 @@ typedef int (*int8_mm_fn)(const void*, int64_t, const void*, const void*, void*,
 typedef int (*attention_fn)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, float, int, int, int, int64_t);
 static std::atomic<int4_mm_fn> int4_kernel{nullptr};
+typedef int (*int5_mm_fn)(const void*, const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+static std::atomic<int5_mm_fn> int5_kernel{nullptr};
 static std::atomic<int8_mm_fn> int8_kernel{nullptr};
 static std::atomic<attention_fn> attention_kernel{nullptr};
 typedef int (*bf16w_mm_fn)(const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t);
@@ -60,6 +63,7 @@ static std::atomic<bf16w_mm_fn> f16w_gemm_kernel{nullptr};
 
 static void set_native_kernel(const std::string& name, int64_t address) {
   if (name == "int4") int4_kernel.store(reinterpret_cast<int4_mm_fn>(address));
+  else if (name == "int5") int5_kernel.store(reinterpret_cast<int5_mm_fn>(address));
   else if (name == "int8") int8_kernel.store(reinterpret_cast<int8_mm_fn>(address));
   else if (name == "attention") attention_kernel.store(reinterpret_cast<attention_fn>(address));
   else if (name == "bf16w") bf16w_kernel.store(reinterpret_cast<bf16w_mm_fn>(address));
@@ -84,6 +88,26 @@ static at::Tensor int4_native_mm(const at::Tensor& x_, const at::Tensor& data, c
     /* sz.size(2): values per group and row, 2 with the zeros stored, 1 for the scales alone */
     const int rc = f(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, sz.size(2), at::get_num_threads());
     TORCH_CHECK(rc == 0, "int4 kernel refused x ", x.sizes(), ", weight ", data.sizes(), ", group ", group, " (", rc, ")");
+  }
+  return y;
+}
+
+static at::Tensor int5_native_mm(const at::Tensor& x_, const at::Tensor& data, const at::Tensor& hb, const at::Tensor& sz, int64_t group) {
+  const at::Tensor x = x_.contiguous();
+  TORCH_CHECK(data.dim() == 3 && data.scalar_type() == at::kByte && data.is_contiguous(), "int5 kernel: weight ", data.sizes(), " ", data.scalar_type());
+  TORCH_CHECK(hb.dim() == 3 && hb.scalar_type() == at::kByte && hb.is_contiguous() && hb.size(0) == data.size(0) &&
+              hb.size(1) == data.size(1) && hb.size(2) == 16, "int5 kernel: bit plane ", hb.sizes(), " for weight ", data.sizes());
+  const int64_t n = data.size(0) * 16, k = data.size(1) * 8;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == k, "int5 kernel: unexpected operands x ", x.sizes(), " ", x.scalar_type(), ", weight ", data.sizes());
+  TORCH_CHECK(group > 0 && k % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 &&
+              sz.size(0) == data.size(0) && sz.size(1) == k / group && (sz.size(2) == 1 || sz.size(2) == 2) && sz.size(3) == 16,
+              "int5 kernel: scales ", sz.sizes(), " for weight ", data.sizes(), ", group ", group);
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  const int5_mm_fn f = int5_kernel.load();
+  TORCH_CHECK(f != nullptr, "int5 kernel: not loaded");
+  if (x.size(0)) {
+    const int rc = f(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, sz.size(2), at::get_num_threads());
+    TORCH_CHECK(rc == 0, "int5 kernel refused x ", x.sizes(), ", weight ", data.sizes(), ", group ", group, " (", rc, ")");
   }
   return y;
 }
@@ -168,6 +192,7 @@ static at::Tensor bi_attention_native(const at::Tensor& q_, const at::Tensor& k_
 
 TORCH_LIBRARY_FRAGMENT(pangu_infer, m) {
   m.def("int4_native_mm(Tensor x, Tensor data, Tensor sz, int group_size) -> Tensor");
+  m.def("int5_native_mm(Tensor x, Tensor data, Tensor hb, Tensor sz, int group_size) -> Tensor");
   m.def("int8_native_mm(Tensor x, Tensor data, Tensor scales) -> Tensor");
   m.def("bi_attention_native(Tensor q, Tensor k_cache, Tensor v_cache, Tensor slots, Tensor valid, float scale) -> Tensor");
   m.def("bf16w_native_mm(Tensor x, Tensor weight, int max_rows, int slice) -> Tensor");
@@ -175,6 +200,7 @@ TORCH_LIBRARY_FRAGMENT(pangu_infer, m) {
 }
 TORCH_LIBRARY_IMPL(pangu_infer, CPU, m) {
   m.impl("int4_native_mm", int4_native_mm);
+  m.impl("int5_native_mm", int5_native_mm);
   m.impl("int8_native_mm", int8_native_mm);
   m.impl("bi_attention_native", bi_attention_native);
   m.impl("bf16w_native_mm", bf16w_native_mm);
@@ -214,7 +240,7 @@ def load() -> bool:
 
 
 def connect(kernel: str, library: Callable[[], Optional[ctypes.CDLL]], symbol: str, op: str, shape: Callable) -> bool:
-    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int8", "attention", "bf16w", "f16w",
+    """Make the operator `pangu_infer::<op>` call kernel `kernel` ("int4", "int5", "int8", "attention", "bf16w", "f16w",
     "bf16w_gemm" or "f16w_gemm"):
     the C function `symbol` of `library()` (None where that kernel does not run here), with `shape`
     as the operator's shape function; load() first. True when compiled graphs can call it from now

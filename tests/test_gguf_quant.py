@@ -113,8 +113,8 @@ def _assert_same_weights(kept, plain, method: str) -> None:
         with torch.inference_mode():
             got = m.weight(torch.eye(ref.shape[1])).t().float()
         row_max = ref.abs().amax(-1, keepdim=True)
-        # int4: bf16 scale/zero and the bf16 output; int8: half a step of the row's max, re-rounded
-        tol = row_max * (2**-6 if method == "int4" else 1 / 254 * (1 + 2**-6)) + ref.abs() * 2**-8
+        # int4 / int5: bf16 scale/zero and the bf16 output; int8: half a step of the row's max, re-rounded
+        tol = row_max * (2**-6 if method in ("int4", "int5") else 1 / 254 * (1 + 2**-6)) + ref.abs() * 2**-8
         assert (got - ref).abs().le(tol).all(), name
         checked += 1
     assert checked
@@ -154,6 +154,79 @@ def test_q4_0_weights_keep_only_their_scales_in_the_own_kernels_layout(tmp_path_
             _assert_same_weights(kept.model, plain.model, "int4")
     finally:
         cpu_int4.chosen.cache_clear()
+
+
+def _five_bit_here(monkeypatch, on: bool) -> None:
+    """5-bit codes for Q5 blocks chosen (PANGU_INFER_INT5=1, unmeasured) or not (=0) from now on."""
+    from pangu_infer.quant import cpu_int4
+
+    if on and (cpu_int4.library() is None or not cpu_int4.usable(64, 32)):
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "1" if on else "0")
+    cpu_int4.five_bit_chosen.cache_clear()
+
+
+@pytest.fixture
+def _five_bit_default():
+    from pangu_infer.quant import cpu_int4
+
+    yield
+    cpu_int4.five_bit_chosen.cache_clear()
+
+
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
+def test_q5_files_keep_their_5_bit_codes_with_only_the_bf16_rounding_of_scales(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch, _five_bit_default, qtype):
+    """Where the 5-bit kernel is chosen, every Q5 linear keeps the file's codes (cpu_int4's 5-bit
+    layout, kernel "int5"): read back through the kernel it is gguf's dequantization within the bf16
+    rounding of scale and zero (as Q4 files); with PANGU_INFER_INT5=0 the same file loads as int8 rows,
+    as before."""
+    from pangu_infer.quant import cpu_int4
+
+    _five_bit_here(monkeypatch, True)
+    tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", qtype)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    kept = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)
+    plain = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+    kinds = {n: m.kernel for n, m in kept.model.named_modules() if isinstance(m, PackedWeight)}
+    assert len(kinds) == 4 * 2 + 1 and set(kinds.values()) == {"int5"}
+    assert all(m.hb.shape == (*m.data.shape[:2], 16) for m in kept.model.modules() if isinstance(m, PackedWeight))
+    assert all(m.scales.shape[-2] == (1 if qtype == "Q5_0" else 2) for m in kept.model.modules() if isinstance(m, PackedWeight))
+    _assert_same_weights(kept.model, plain.model, "int5")
+    _five_bit_here(monkeypatch, False)
+    rows = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)
+    assert set(_kernels(rows.model).values()) == {"int8"}
+    # the logits of both within the quantizations' error of the dequantized model's (this random tiny
+    # model amplifies each product's bf16 rounding, about 0.3%, to about 5% of its logits)
+    ids = torch.tensor([1, 5, 9, 4, 7])
+    with torch.inference_mode():
+        want, five, eight = (m.compute_logits(m(ids, torch.arange(5))).double() for m in (plain.model, kept.model, rows.model))
+    for got in (five, eight):
+        assert ((got - want).norm() / want.norm()).item() < 0.1
+    assert cpu_int4.five_bit_chosen() is False
+
+
+def test_a_fused_weight_with_a_piece_of_another_type_keeps_int8_rows(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _five_bit_default):
+    """Q5_0 q and k beside a Q8_0 v (as Q5_K_M files keep some v in Q6_K): that layer's q/k/v is one
+    int8 weight (no piece laid out with 5-bit codes), every other linear keeps 5-bit codes."""
+    import gguf
+
+    from fixtures_gguf import tiny_pangu_config, tiny_pangu_tensors, write_gguf
+
+    _five_bit_here(monkeypatch, True)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    config = tiny_pangu_config(tiny_sentencepiece_vocab)
+    Q = gguf.GGMLQuantizationType
+    path = write_gguf(tmp_path / "mixed.gguf", arch="pangu-embedded", config=config, tensors=tiny_pangu_tensors(config),
+                      vocab=tiny_sentencepiece_vocab, qtype=Q.Q5_0, qtypes={"model.layers.1.self_attn.v_proj.weight": Q.Q8_0})
+    kept = load_model(str(path), torch.float32, CPU, load_tokenizer=False)
+    kinds = {n: m.kernel for n, m in kept.model.named_modules() if isinstance(m, PackedWeight)}
+    assert {n for n, k in kinds.items() if k != "int5"} == {"model.layers.1.self_attn.qkv_proj.weight"}
+    assert kinds["model.layers.1.self_attn.qkv_proj.weight"] == "int8"
+    plain = load_model(str(path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+    ids = torch.tensor([1, 5, 9, 4, 7])
+    with torch.inference_mode():
+        got, want = (m.compute_logits(m(ids, torch.arange(5))).double() for m in (kept.model, plain.model))
+    assert ((got - want).norm() / want.norm()).item() < 0.1
 
 
 def test_llama_qk_unpermute_applies_to_quantized_rows(tiny_q4_1_llama):

@@ -321,3 +321,115 @@ def test_a_given_up_weight_is_rearranged_in_its_own_storage(rows):
     assert (got.data.data_ptr() == given.qweight.data_ptr()) == (rows % 16 == 0)
     x = torch.randn(2, 256).to(torch.bfloat16)
     assert torch.equal(got(x, expert=1), want(x, expert=1))
+
+
+# ------------------------------------------------------------------ Q5 blocks into the 5-bit layout
+
+
+def _q5_reference(raw: np.ndarray, kind: str):
+    """Q5_0 / Q5_1 / Q5_K blocks [rows, bytes] read from GGML's block layout in numpy: the 5-bit codes
+    uint8 [rows, K], and per group of 32 the scale and zero of w = (q - 16) scale + zero as float32
+    (the C pass's arithmetic: Q5_1 m + 16 d, Q5_K 16 d sc - dmin m; Q5_0 no zero: None)."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    if kind in ("Q5_0", "Q5_1"):
+        head = 2 if kind == "Q5_0" else 4
+        b = raw.reshape(rows, -1, head + 20)
+        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+        qh = b[..., head : head + 4].copy().view(np.uint32)[..., 0]
+        qs = b[..., head + 4 :]
+        low = np.concatenate((qs & 15, qs >> 4), axis=-1)  # columns 0-15, 16-31
+        high = ((qh[..., None] >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8)
+        codes = (low | (high << 4)).reshape(rows, -1)
+        if kind == "Q5_0":
+            return codes, d, None
+        m = b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            return codes, d, m + np.float32(16) * d
+    b = raw.reshape(rows, -1, 176)
+    nb = b.shape[1]
+    d = b[..., 0:2].copy().view(np.float16).astype(np.float32)  # [rows, nb, 1]
+    dmin = b[..., 2:4].copy().view(np.float16).astype(np.float32)
+    sc, mn = Q4_K.get_scale_min(b[..., 4:16].reshape(-1, 12))  # (the same 6-bit packing as Q5_K's)
+    sc, mn = sc.reshape(rows, nb, 8).astype(np.float32), mn.reshape(rows, nb, 8).astype(np.float32)
+    qh = b[..., 16:48]
+    qs = b[..., 48:].reshape(rows, nb, 4, 1, 32)
+    low = np.concatenate((qs & 15, qs >> 4), axis=3).reshape(rows, nb, 8, 32)  # sub-block 2c: low nibbles of chunk c
+    high = (qh[:, :, None, :] >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = d * sc
+        zero = np.float32(16) * scale - dmin * mn
+    return (low | (high << 4)).reshape(rows, -1), scale.reshape(rows, -1), zero.reshape(rows, -1)
+
+
+def _five_bit_kernel_here(k: int = 256) -> None:
+    if not cpu_int4.usable(k, 32):
+        pytest.skip("the own int4 kernel's layout is not used here")
+
+
+@pytest.mark.parametrize("qtype_name", ["Q5_0", "Q5_1", "Q5_K"])
+def test_q5_blocks_laid_out_directly_give_the_codes_and_scales_of_the_blocks_for_every_f16_scale(qtype_name):
+    """q5_to_layout against the blocks read in numpy and packed by cpu_int4.pack5: the same codes
+    (low 4 bits and the bit plane) and bf16 scales and zeros, every f16 scale and zero; NaN stays NaN."""
+    raw, k = _blocks_with_every_f16(qtype_name)
+    _five_bit_kernel_here(k)
+    codes, scale, zero = _q5_reference(raw, qtype_name)
+    want = cpu_int4.pack5(torch.from_numpy(codes), torch.from_numpy(scale), None if zero is None else torch.from_numpy(zero))
+    blocks = transcode.Q5Blocks(np.ascontiguousarray(raw), qtype_name, None, materialize=None)
+    assert blocks.shape == (raw.shape[0], k) and blocks.zero_values == (1 if qtype_name == "Q5_0" else 2)
+    layout = cpu_int4.Layout(raw.shape[0], k, 32, blocks.zero_values, bits=5)
+    assert blocks.lay_out(0, layout.data, layout.hb, layout.sz)
+    assert torch.equal(layout.data, want[0]) and torch.equal(layout.hb, want[1])
+    nan = want[2].isnan()
+    assert layout.sz.shape == want[2].shape and torch.equal(layout.sz.isnan(), nan)
+    assert torch.equal(_bits(layout.sz[~nan]), _bits(want[2][~nan]))
+
+
+@pytest.mark.parametrize("rows", [40, 61])
+def test_q5_pieces_laid_out_at_any_row_in_any_order_give_the_packed_whole(rows):
+    """A fused weight's Q5 pieces at rows that are not multiples of 16 (a block's bit plane shared by
+    two pieces: each keeps the other's bits), one reordered, a padded last block, Q5_1 zeros after
+    Q5_0 pieces (the layout widened): the bytes of the whole weight packed by pack5, and its products
+    those of that weight."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+
+    _five_bit_kernel_here()
+    g = np.random.default_rng(rows)
+    kinds = [("Q5_0", 0, 21), ("Q5_0", 21, 30), ("Q5_1", 30, rows)]
+    w = g.standard_normal((rows, 256)).astype(np.float32)
+    parts = [gguf.quants.quantize(w[a:b], Q[kind]) for kind, a, b in kinds]
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(rows))
+    layout = cpu_int4.Layout(rows, 256, 32, 1, bits=5)
+    layout.hb.fill_(0xFF)  # (whatever an empty tensor held: every row's bits are written)
+    layout.hb[-1].zero_()
+    for i, ((kind, a, b), part) in enumerate(zip(kinds, parts)):
+        blocks = transcode.Q5Blocks(part, kind, order if i == 1 else None, materialize=None)
+        if blocks.zero_values > layout.zero_values:
+            layout.with_zeros()
+        assert blocks.lay_out(a, layout.data, layout.hb, layout.sz)
+    codes, scales, zeros = [], [], []
+    for i, ((kind, a, b), part) in enumerate(zip(kinds, parts)):
+        c, s, z = _q5_reference(part, kind)
+        z = np.zeros_like(s) if z is None else z
+        pick = order.numpy() if i == 1 else slice(None)
+        codes.append(c[pick]), scales.append(s[pick]), zeros.append(z[pick])
+    pad = -rows % 16
+    cat = lambda xs: torch.nn.functional.pad(torch.from_numpy(np.concatenate(xs)), (0, 0, 0, pad))  # noqa: E731
+    want = cpu_int4.pack5(cat(codes), cat(scales), cat(zeros))
+    assert layout.zero_values == 2
+    assert torch.equal(layout.data, want[0]) and torch.equal(layout.hb, want[1]) and torch.equal(_bits(layout.sz), _bits(want[2]))
+    x = torch.randn(2, 256).bfloat16()
+    y = PackedWeight(layout, torch.device("cpu"))(x)
+    assert torch.equal(y, cpu_int4.matmul5(x, *want, 32)[:, :rows])
+
+
+def test_q5_blocks_that_do_not_fit_are_refused():
+    data, hb, sz = torch.zeros(1, 4, 64, dtype=torch.uint8), torch.zeros(1, 4, 16, dtype=torch.uint8), torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q5_to_layout"):  # 17 rows into one block of 16
+        transcode.q5_to_layout(np.zeros((17, 22), dtype=np.uint8), "Q5_0", None, 0, data, hb, sz)
+    with pytest.raises(ValueError, match="zeros"):  # Q5_1's zeros have no room
+        transcode.q5_to_layout(np.zeros((2, 24), dtype=np.uint8), "Q5_1", None, 0, data, hb, sz)
+    with pytest.raises(ValueError, match="bit plane"):
+        transcode.q5_to_layout(np.zeros((2, 22), dtype=np.uint8), "Q5_0", None, 0, data, hb[:, :2], sz)

@@ -442,7 +442,8 @@ def _load_gguf(
     # One process on a CPU: Q4 blocks go straight into the int4 kernel's layout, int8 rows into their
     # weight (gguf_tensors.iter_weights).
     lay_out = hook is not None and device.type == "cpu" and not current_parallel_state().is_parallel
-    net.load_weights(iter_weights(ckpt, settings, progress, lay_out), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
+    five_bit = _gguf_five_bit(ckpt, net, quantization, by_target) if lay_out else frozenset()
+    net.load_weights(iter_weights(ckpt, settings, progress, lay_out, five_bit), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
     if half is not None:
         _keep_half(net)
     net.eval()
@@ -473,6 +474,17 @@ def _gguf_plan(ckpt: Any, net: DecoderForCausalLM, quantization: Any) -> tuple[d
         mode = "auto" if quantization is None else quantization
     if mode == "none":
         return {}, {}
+    types, targets = _gguf_tensors(ckpt, net)
+    by_target = plan_settings(types, targets, set(quantizable_weights(net)), mode)
+    if isinstance(quantization, QuantizationConfig):  # an explicit group size for int4
+        by_target = {k: (None if v is None else quantization) for k, v in by_target.items()}
+    settings = {name: by_target.get(target) for name, (target, _) in targets.items()}
+    return settings, {k: v for k, v in by_target.items() if v is not None}
+
+
+def _gguf_tensors(ckpt: Any, net: DecoderForCausalLM) -> tuple[dict, dict]:
+    """The GGUF file's tensors that load into `net`'s parameters: (HF name -> GGUF type, HF name ->
+    (target parameter, in_features)); a tied head's tensor left out."""
     params = dict(net.named_parameters())
     types, targets = {}, {}
     for t in ckpt.reader.tensors:
@@ -482,11 +494,18 @@ def _gguf_plan(ckpt: Any, net: DecoderForCausalLM, quantization: Any) -> tuple[d
         target = net.map_weight_name(hf_name)[0]
         if target in params:
             types[hf_name], targets[hf_name] = t.tensor_type, (target, params[target].shape[-1])
-    by_target = plan_settings(types, targets, set(quantizable_weights(net)), mode)
-    if isinstance(quantization, QuantizationConfig):  # an explicit group size for int4
-        by_target = {k: (None if v is None else quantization) for k, v in by_target.items()}
-    settings = {name: by_target.get(target) for name, (target, _) in targets.items()}
-    return settings, {k: v for k, v in by_target.items() if v is not None}
+    return types, targets
+
+
+def _gguf_five_bit(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:
+    """The HF names of the Q5 tensors a CPU load may keep with 5-bit codes (gguf_tensors.five_bit_names;
+    quant/loading.py decides per weight): with quantization "auto" (the default) only."""
+    from pangu_infer.loader.gguf_tensors import five_bit_names
+
+    if quantization not in (None, "auto"):
+        return frozenset()
+    types, targets = _gguf_tensors(ckpt, net)
+    return five_bit_names(types, targets, by_target)
 
 
 def _kept_half_dtype(ckpt: Any, dtype: torch.dtype, device: torch.device, quantization: Any) -> Optional[torch.dtype]:

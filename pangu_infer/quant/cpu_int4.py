@@ -269,15 +269,11 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
 
 """.replace("@INT4_OCTET@", INT4_OCTET)
 
-# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
-# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
-# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
-# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
-# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
-# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
-_KERNELS_AVX2 = r"""
+# AVX2 + FMA helpers of the AVX2 build's kernels and of the 5-bit kernel (_INT5), which both builds
+# carry (AVX-512 CPUs have AVX2).
+_AVX2_HELPERS = r"""
 /* acc (int16) + per 16-bit lane: the two u8 x s8 products of (a, b) and those of (c, d); a, c in
-   0..15, so each addend is at most 2 * 2 * 15 * 127 = 7620 in size. The empty asm keeps each
+   0..15, so each addend is at most 2 * 2 * 15 * 127 = 7620 in size (5-bit codes, 0..31: 15748). The empty asm keeps each
    step's sum in a register in this order: without it gcc 12 regroups a
    group's int16 additions, takes every product first and spills them to the stack (products of
    many rows 1.3x slower on Zen 3, one row 1.1x). */
@@ -308,6 +304,15 @@ static inline __m256 group_end_sc(__m256 acc, __m256i c, __m256i f, __m256 sc, _
   acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
   return _mm256_fmadd_ps(off, _mm256_set1_ps(sum), acc);
 }
+"""
+
+# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
+# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
+# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
+# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
+# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
+# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
+_KERNELS_AVX2 = r"""
 /* The same from the layout: s the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1:
    scales only, zeros 0). */
 static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, int64_t zs, float step, float sum) {
@@ -518,9 +523,187 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
 
 """
 
+# 5-bit codes (GGUF's Q5_0, Q5_1 and Q5_K blocks): the int4 layout's nibbles plus one bit plane, OR-ed
+# into the nibbles as bit 4 before the same u8 x s8 dot products (codes 0..31: 2 * 31 * 127 fits
+# `vpmaddubsw`'s int16 lanes; two octets are summed in int16 before widening, at most 31496):
+# w = (q - 16) * scale + zero. 6 bits a weight read with scale and zero in bf16 per group of 32 (5.5
+# with the scales only), where int8 rows read 8. AVX2 code, in both builds (not written for AVX-512:
+# not measurable on this project's machines so far).
+_INT5 = r"""
+/* The bit plane hb [N/16, K/8, 16] bytes: for octet o of block b, byte 4h + j (h 0, 1: rows 8h .. 8h + 7;
+   j 0..3) holds in bit d the 5th bit of row 8h + d's column 8o + j (a low nibble of the layout), byte
+   8 + 4h + j the same for column 8o + 4 + j (a high nibble). */
+
+/* 4 plane bytes at p -> 32 bytes, byte 4d + j 16 where bit d of p[j] is set, else 0: lane d (row d)
+   shifted right by d, then left by 4 (no bit crosses out of its byte: bit 8j + d -> 8j -> 8j + 4). */
+static inline __m256i plane_bits(const uint8_t* p) {
+  const __m256i v = _mm256_castps_si256(_mm256_broadcast_ss((const float*)(const void*)p));
+  const __m256i shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_si256(_mm256_slli_epi32(_mm256_srlv_epi32(v, shifts), 4), _mm256_set1_epi8(16));
+}
+
+/* A group's end with 5-bit codes: off = zero - 16 scale (zs == 1: zero 0). */
+static inline __m256 q5_off(const uint16_t* s, int64_t zs) {
+  const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
+  return _mm256_fnmadd_ps(_mm256_set1_ps(16.0f), sc, ze);
+}
+
+/* Half h (rows 8h .. 8h + 7) of block b for M (1..4) activation rows; block8's steps with 5-bit codes. */
+static inline __attribute__((always_inline)) void q5_block8(
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b, int h) {
+  __m256 acc[MMAX];
+  for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(15);
+  const int64_t ng = K / G, gs = 16 * zs;
+  const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
+  const uint8_t* e = hb + b * (K / 8) * 16 + 4 * h;
+  const uint16_t* sp = sz + b * ng * gs + 8 * h;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
+    __m256i c[MMAX], f[MMAX];
+    for (int m = 0; m < M; m++) { c[m] = _mm256_setzero_si256(); f[m] = _mm256_setzero_si256(); }
+    for (int64_t o0 = 0; o0 < G / 8; o0 += 2) {
+      const int64_t o1 = o0 + 2 < G / 8 ? o0 + 2 : G / 8;
+      __m256i c16[MMAX], f16[MMAX];
+      for (int m = 0; m < M; m++) { c16[m] = _mm256_setzero_si256(); f16[m] = _mm256_setzero_si256(); }
+      for (int64_t o = o0; o < o1; o++, p += 64, e += 16) {
+        const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, mask), plane_bits(e));
+        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), plane_bits(e + 8));
+        for (int m = 0; m < M; m++) {
+          const int8_t* cq = xq + m * K + g * G + 8 * o;
+          const int8_t* fq = cq + MMAX * K;
+          c16[m] = dot2(c16[m], lo, bcast4(cq), hi, bcast4(cq + 4));
+#if INT4_FINE
+          f16[m] = dot2(f16[m], lo, bcast4(fq), hi, bcast4(fq + 4));
+#else
+          (void)fq;
+#endif
+        }
+      }
+      for (int m = 0; m < M; m++) {
+        c[m] = _mm256_add_epi32(c[m], _mm256_madd_epi16(c16[m], _mm256_set1_epi16(1)));
+        f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
+      }
+    }
+    const __m256 sc = bf8(sp), off = q5_off(sp, zs);
+    for (int m = 0; m < M; m++) acc[m] = group_end_sc(acc[m], c[m], f[m], sc, off, dx[m * ng + g], xs[m * ng + g]);
+  }
+  for (int m = 0; m < M; m++) {
+    float t[8];
+    _mm256_storeu_ps(t, acc[m]);
+    for (int d = 0; d < 8; d++) y[m * ldy + b * 16 + 8 * h + d] = tobf(t[d]);
+  }
+}
+
+/* One activation row, all 16 rows of block b in one pass (row16's steps with 5-bit codes): each
+   broadcast of x feeds both halves. The same sums and group ends as q5_block8: its bits. */
+static inline __attribute__((always_inline)) void q5_row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
+                                                           const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const int64_t ng = K / G, gs = 16 * zs;
+  const uint8_t* p = w + b * (K / 8) * 64;
+  const uint8_t* e = hb + b * (K / 8) * 16;
+  const uint16_t* sp = sz + b * ng * gs;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
+    const int8_t* cq = xq + g * G;
+    const int8_t* fq = cq + MMAX * K;
+    PREFETCH_AHEAD(sp, SCALES_AHEAD);
+    for (int64_t o0 = 0; o0 < G / 8; o0 += 2) {
+      const int64_t o1 = o0 + 2 < G / 8 ? o0 + 2 : G / 8;
+      __m256i c160 = _mm256_setzero_si256(), c161 = c160, f160 = c160, f161 = c160;
+      for (int64_t o = o0; o < o1; o++, p += 64, e += 16, cq += 8, fq += 8) {
+        PREFETCH_AHEAD(p, WEIGHTS_AHEAD);
+        PREFETCH_AHEAD(e, WEIGHTS_AHEAD / 4);
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+        const __m256i lo0 = _mm256_or_si256(_mm256_and_si256(v0, mask), plane_bits(e));
+        const __m256i hi0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), plane_bits(e + 8));
+        const __m256i lo1 = _mm256_or_si256(_mm256_and_si256(v1, mask), plane_bits(e + 4));
+        const __m256i hi1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), mask), plane_bits(e + 12));
+        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4);
+        c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
+#if INT4_FINE
+        const __m256i bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
+        f160 = dot2(f160, lo0, bf0, hi0, bf1); f161 = dot2(f161, lo1, bf0, hi1, bf1);
+#endif
+      }
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
+      f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
+    }
+    acc0 = group_end_sc(acc0, c0, f0, bf8(sp), q5_off(sp, zs), dx[g], xs[g]);
+    acc1 = group_end_sc(acc1, c1, f1, bf8(sp + 8), q5_off(sp + 8, zs), dx[g], xs[g]);
+  }
+  float t[16];
+  _mm256_storeu_ps(t, acc0);
+  _mm256_storeu_ps(t + 8, acc1);
+  for (int d = 0; d < 16; d++) y[b * 16 + d] = tobf(t[d]);
+}
+
+/* The group size a constant where it is 32 (GGUF's blocks): the compiler unrolls a group's octets. */
+#define Q5_CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
+static void q5_rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
+                     uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
+  (void)ldy;
+  Q5_CALL_G(q5_row16(xq, dx, xs, w, hb, sz, y, K, 32, zs, b), q5_row16(xq, dx, xs, w, hb, sz, y, K, G, zs, b));
+}
+#define Q5_ROWS(MM) static void q5_rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  for (int h = 0; h < 2; h++) \
+    Q5_CALL_G(q5_block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, 32, zs, b, h), q5_block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, G, zs, b, h)); }
+Q5_ROWS(2) Q5_ROWS(3) Q5_ROWS(4)
+
+/* W^T [K, N] bf16 from the 5-bit layout: q * scale + (zero - 16 scale) in fp32, one fused
+   multiply-add, rounded to bf16 once (to nearest even), as the int4 conversion. Block b. */
+static void q5_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* out,
+                               int64_t N, int64_t K, int64_t G, int64_t zs, int64_t b) {
+  const int64_t ng = K / G, octets = K / 8, gs = 16 * zs;
+  const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
+  const __m256i nib = _mm256_set1_epi32(15), rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  (void)ng;
+  for (int h = 0; h < 2; h++) {
+    const uint8_t* p = w + b * octets * 64 + 32 * h;
+    const uint8_t* e = hb + b * octets * 16 + 4 * h;
+    const uint16_t* sp = sz + b * (K / G) * gs + 8 * h;
+    for (int64_t o = 0; o < octets; o++, p += 64, e += 16) {
+      const uint16_t* s = sp + ((8 * o) / G) * gs;
+      const __m256 sc = bf8(s), off = q5_off(s, zs);
+      const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+      uint32_t plo, phi;
+      memcpy(&plo, e, 4);
+      memcpy(&phi, e + 8, 4);
+      for (int j = 0; j < 4; j++) {
+        const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
+        /* bit d of plane byte j, for lane d (row d): shifted to bit 4 */
+        const __m256i blo = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(plo >> (8 * j))), rows), one), 4);
+        const __m256i bhi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(phi >> (8 * j))), rows), one), 4);
+        const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(bytes, nib), blo)), sc, off),
+                             _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(bytes, 4), bhi)), sc, off)};
+        for (int q = 0; q < 2; q++) {
+          const __m256i u = _mm256_castps_si256(f[q]);
+          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+          _mm_storeu_si128((__m128i*)(out + (8 * o + 4 * q + j) * N + 16 * b + 8 * h), _mm256_castsi256_si128(packed));
+        }
+      }
+    }
+  }
+}
+
+int pangu_int5_to_bf16_t(const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* out,
+                         int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
+  const int64_t nb = N / 16;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
+  for (int64_t b = 0; b < nb; b++) q5_to_bf16_t_block(w, hb, sz, out, N, K, G, zs, b);
+  return 0;
+}
+"""
+
 # What both builds share: the quantization of the activations, the row loops, the experts.
 _COMMON = r"""
-int pangu_int4_abi(void) { return 4; }
+int pangu_int4_abi(void) { return 5; }
 int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the activations */
 
 /* W^T [K, N] bf16 from the layout, block by block (each build's to_bf16_t_block), zs a constant per call. */
@@ -659,8 +842,9 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
    chunk of MMAX rows. */
 #define TILE_BLOCKS 4
 
-int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
-                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+/* The product with 4-bit codes (hb NULL) or 5-bit ones (hb the bit plane: _INT5's functions). */
+static int weight_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* y,
+                     int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
   if (M < 1 || N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
   const int64_t ng = K / G, nb = N / 16, nc = (M + MMAX - 1) / MMAX;
   const int64_t xq_stride = 2 * MMAX * K, dx_stride = 2 * MMAX * ng;  /* one chunk's buffers */
@@ -673,7 +857,11 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nc >= 4 * threads)
   for (int64_t c = 0; c < nc; c++)
     quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, CHUNK_ROWS(c), K, G);
-  if (M == 1) {
+  if (M == 1 && hb) {  /* decode, 5-bit codes: block by block */
+    const float* xs = dx + MMAX * ng;
+    #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 8 * threads)
+    for (int64_t b = 0; b < nb; b++) q5_rows1(xq, dx, xs, w, hb, sz, y, N, K, G, zs, b);
+  } else if (M == 1) {
     row_product(xq, dx, w, sz, y, N, K, G, zs, threads);  /* decode: the experts' one-row product */
   } else {
     /* tiles of the weight outside, the chunks of rows inside: each output is the same block
@@ -685,11 +873,16 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
     for (int64_t t = 0; t < tiles; t++) {
       const int64_t b1 = (t + 1) * tb < nb ? (t + 1) * tb : nb;
       for (int64_t c = 0; c < nc; c++) {
-        const int mm = CHUNK_ROWS(c);
+        const int rows = CHUNK_ROWS(c);
         void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t) =
-            mm == 1 ? rows1 : mm == 2 ? rows2 : mm == 3 ? rows3 : rows4;
+            rows == 1 ? rows1 : rows == 2 ? rows2 : rows == 3 ? rows3 : rows4;
+        void (*f5)(const int8_t*, const float*, const float*, const uint8_t*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t) =
+            rows == 1 ? q5_rows1 : rows == 2 ? q5_rows2 : rows == 3 ? q5_rows3 : q5_rows4;
         const float* dc = dx + c * dx_stride;
-        for (int64_t b = t * tb; b < b1; b++) f(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, N, K, G, zs, b);
+        for (int64_t b = t * tb; b < b1; b++) {
+          if (hb) f5(xq + c * xq_stride, dc, dc + MMAX * ng, w, hb, sz, y + c * MMAX * N, N, K, G, zs, b);
+          else f(xq + c * xq_stride, dc, dc + MMAX * ng, w, sz, y + c * MMAX * N, N, K, G, zs, b);
+        }
       }
     }
   }
@@ -698,10 +891,23 @@ int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint1
   free(dx);
   return 0;
 }
+
+int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
+                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  return weight_mm(x, w, NULL, sz, y, M, N, K, G, zs, threads);
+}
+
+/* y [M, N] bf16 = x [M, K] bf16 times a weight of 5-bit codes: the int4 layout w, its bit plane hb
+   [N/16, K/8, 16] and sz (w = (q - 16) scale + zero); pangu_int4_mm's rows, chunks and tiles. */
+int pangu_int5_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* y,
+                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
+  if (!hb) return 1;
+  return weight_mm(x, w, hb, sz, y, M, N, K, G, zs, threads);
+}
 """
 
-SOURCE = _HEAD + _KERNELS_AVX512 + _COMMON
-SOURCE_AVX2 = _HEAD + _KERNELS_AVX2 + _COMMON
+SOURCE = _HEAD + _AVX2_HELPERS + _KERNELS_AVX512 + _INT5 + _COMMON
+SOURCE_AVX2 = _HEAD + _AVX2_HELPERS + _KERNELS_AVX2 + _INT5 + _COMMON
 
 FLAGS = C_FLAGS
 
@@ -787,7 +993,7 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     """One build of the kernel (SOURCE or SOURCE_AVX2), its functions typed; None for a library of
     another ABI. Raises what build_c_library raises."""
     lib = build_c_library(name, source, compiler, FLAGS)
-    if lib.pangu_int4_abi() != 4:
+    if lib.pangu_int4_abi() != 5:
         return None
     lib.pangu_int4_levels.restype = ctypes.c_int
     fn = lib.pangu_int4_mm
@@ -802,6 +1008,12 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     conv = lib.pangu_int4_to_bf16_t
     conv.restype = ctypes.c_int
     conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
+    fn5 = lib.pangu_int5_mm
+    fn5.restype = ctypes.c_int
+    fn5.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
+    conv5 = lib.pangu_int5_to_bf16_t
+    conv5.restype = ctypes.c_int
+    conv5.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
     return lib
 
 
@@ -859,27 +1071,82 @@ def chosen() -> bool:
     return own_kernel_measured_faster("int4_decode_kernel" + tag(), measure, "int4 decode kernel")
 
 
+FIVE_BIT_ENV = "PANGU_INFER_INT5"
+MEASURE5_N, MEASURE5_K, MEASURE5_COUNT = 2048, 2048, 8  # 32 MB as int8, 24 MB with 5-bit codes
+
+
+def measure_five_bit() -> dict[str, float]:
+    """Seconds for one-row products over MEASURE5_COUNT weights: "own" with 5-bit codes (matmul5),
+    "aten" as int8 rows with the product a PackedWeight of int8 runs here (quant/cpu_int8.py's kernel
+    where it is chosen, else aten's); best of interleaved passes."""
+    import time
+
+    from pangu_infer.quant import cpu_int8
+
+    g = torch.Generator().manual_seed(0)
+    n, k, group = MEASURE5_N, MEASURE5_K, 32
+    five, eight = [], []
+    for _ in range(MEASURE5_COUNT):
+        q = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
+        scale, zero = torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01
+        five.append(pack5(q, scale, zero))
+        eight.append(((q.to(torch.int8) - 16).contiguous(), (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)))
+        del q
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    int8 = cpu_int8.matmul if cpu_int8.usable(k) else torch.ops.aten._weight_int8pack_mm
+    runs = {
+        "own": lambda: [matmul5(x, d, hb, sz, group) for d, hb, sz in five],
+        "aten": lambda: [int8(x, d, s) for d, s in eight],
+    }
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(5):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def five_bit_chosen() -> bool:
+    """Are GGUF's Q5 blocks kept with 5-bit codes here (the int4 layout and a bit plane, matmul5) rather
+    than as int8 rows: where the kernel runs and its one-row product beat int8's in a short measurement
+    made once per machine (pangu_infer.quant.tuning's cache, key `int5_decode_kernel`);
+    `PANGU_INFER_INT5=0` keeps int8 rows, `=1` uses it unmeasured."""
+    value = os.environ.get(FIVE_BIT_ENV, "").strip().lower()
+    if value in ("0", "off", "no", "false") or library() is None:
+        return False
+    if value in ("1", "on", "yes", "true"):
+        return True
+    return own_kernel_measured_faster("int5_decode_kernel" + tag(), measure_five_bit, "5-bit decode kernel (against int8 rows)")
+
+
 # ------------------------------------------------------------------------------------ layout
 
 
 class Layout:
-    """A weight [N, K] written straight into the kernel's layout (pack's weight and scale-and-zero),
-    row by row, by a loader (pangu_infer.quant.transcode.Q4Blocks: a GGUF file's Q4 blocks) instead of
-    packed from the portable format. N is padded to whole blocks of 16 rows: the padded rows are
-    code 0, scale 0 and zero 0 from the start, as pack's caller pads them."""
+    """A weight [N, K] written straight into the kernel's layout (pack's weight and scale-and-zero;
+    bits 5: pack5's, with the bit plane `hb`), row by row, by a loader (pangu_infer.quant.transcode's
+    Q4Blocks and Q5Blocks: a GGUF file's blocks) instead of packed from the portable format. N is
+    padded to whole blocks of 16 rows: the padded rows are code 0, scale 0 and zero 0 from the start,
+    as pack's caller pads them."""
 
-    method = "int4"
-
-    def __init__(self, out_features: int, in_features: int, group_size: int, zero_values: int):
-        if zero_values not in (1, 2) or in_features % group_size or group_size % OCTET:
-            raise ValueError(f"no int4 layout for [{out_features}, {in_features}] in groups of {group_size} with {zero_values} values")
+    def __init__(self, out_features: int, in_features: int, group_size: int, zero_values: int, bits: int = 4):
+        if zero_values not in (1, 2) or in_features % group_size or group_size % OCTET or bits not in (4, 5):
+            raise ValueError(f"no int{bits} layout for [{out_features}, {in_features}] in groups of {group_size} with {zero_values} values")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
+        self.method = f"int{bits}"
         blocks = -(-out_features // ROW_BLOCK)
         self.data = torch.empty(blocks, in_features // OCTET, 64, dtype=torch.uint8)
+        self.hb = torch.empty(blocks, in_features // OCTET, 16, dtype=torch.uint8) if bits == 5 else None
         self.sz = torch.empty(blocks, in_features // group_size, zero_values, ROW_BLOCK, dtype=torch.bfloat16)
         if out_features % ROW_BLOCK:
-            self.data[-1].zero_()
-            self.sz[-1].zero_()
+            for t in (self.data, self.hb, self.sz):
+                if t is not None:
+                    t[-1].zero_()
 
     @property
     def shape(self) -> torch.Size:
@@ -899,7 +1166,7 @@ class Layout:
         return self
 
     def nbytes(self) -> int:
-        return self.data.nbytes + self.sz.nbytes
+        return self.data.nbytes + self.sz.nbytes + (0 if self.hb is None else self.hb.nbytes)
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -944,6 +1211,54 @@ def unpack_codes(data: torch.Tensor) -> torch.Tensor:
     v = data.view(nb, octets, ROW_BLOCK, 4)
     q = torch.stack((v & 15, v >> 4), dim=3)  # [nb, K/8, 16, 2, 4]
     return q.permute(0, 2, 1, 3, 4).reshape(nb * ROW_BLOCK, octets * OCTET)
+
+
+def pack_plane(high: torch.Tensor) -> torch.Tensor:
+    """The 5-bit layout's bit plane: the codes' 5th bits uint8 0/1 [N, K] (N a multiple of 16) ->
+    uint8 [N/16, K/8, 16] (_INT5: byte 4h + j of octet o holds in bit d row 8h + d's column 8o + j,
+    byte 8 + 4h + j its column 8o + 4 + j)."""
+    n, k = high.shape
+    v = high.view(n // ROW_BLOCK, 2, 8, k // OCTET, 2, 4).to(torch.int32)  # [nb, h, d, o, low/high nibble, j]
+    v = v.permute(0, 3, 4, 1, 5, 2)  # [nb, o, low/high nibble, h, j, d]
+    weights = 1 << torch.arange(8, dtype=torch.int32)
+    return (v * weights).sum(-1).to(torch.uint8).reshape(n // ROW_BLOCK, k // OCTET, 16)
+
+
+def unpack_plane(hb: torch.Tensor) -> torch.Tensor:
+    """pack_plane's inverse: [N/16, K/8, 16] -> the 5th bits uint8 0/1 [N, K]."""
+    nb, octets = hb.shape[0], hb.shape[1]
+    bits = (hb.view(nb, octets, 2, 2, 4, 1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1  # [nb, o, lh, h, j, d]
+    return bits.permute(0, 3, 5, 1, 2, 4).reshape(nb * ROW_BLOCK, octets * OCTET).to(torch.uint8)
+
+
+def pack5(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """5-bit codes uint8 0..31 [N, K] (N a multiple of 16), scale and zero [N, K/G] (w = (q - 16) scale +
+    zero; zero None: every zero 0) -> the 5-bit layout: (weight [N/16, K/8, 64], bit plane [N/16, K/8, 16],
+    scale-and-zero [N/16, K/G, 2 or 1, 16])."""
+    return pack_codes(q & 15), pack_plane(q >> 4), pack_scales(scale, zero)
+
+
+def dequantize5_t(data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W^T [K, N] in bf16 from the 5-bit layout (the traceable form of to_bf16_t5)."""
+    q = (unpack_codes(data) | (unpack_plane(hb) << 4)).float()  # [N, K]
+    n, k = q.shape
+    scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()
+    zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float() if zero_values(sz) == 2 else torch.zeros_like(scale)
+    w = torch.addcmul(zero - 16 * scale, q.reshape(n, -1, group_size), scale)
+    return w.reshape(n, k).to(torch.bfloat16).t()
+
+
+def to_bf16_t5(data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """dequantize5_t by the library's C loop (into a buffer kept per shape and thread) outside a graph
+    being traced; else dequantize5_t."""
+    lib = library()
+    if torch.compiler.is_compiling() or lib is None or not all(t.is_contiguous() for t in (data, hb, sz)):
+        return dequantize5_t(data, hb, sz, group_size)
+    n, k = data.shape[0] * ROW_BLOCK, data.shape[1] * OCTET
+    out = scratch(("int4_vnni", n, k), (k, n))
+    if lib.pangu_int5_to_bf16_t(data.data_ptr(), hb.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group_size, zero_values(sz), torch.get_num_threads()):
+        return dequantize5_t(data, hb, sz, group_size)
+    return out
 
 
 def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -1001,6 +1316,35 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
     return y
 
 
+def matmul5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [M, K] bf16 (contiguous) times a weight of 5-bit codes (pack5's layout) -> [M, N] bf16; N the
+    padded row count."""
+    lib = library()
+    n = data.shape[0] * ROW_BLOCK
+    k = data.shape[1] * OCTET
+    if (
+        lib is None
+        or x.dtype != torch.bfloat16
+        or x.dim() != 2
+        or x.shape[1] != k
+        or data.dtype != torch.uint8
+        or hb.dtype != torch.uint8
+        or tuple(hb.shape) != (data.shape[0], data.shape[1], 16)
+        or sz.dtype != torch.bfloat16
+        or not all(t.is_contiguous() for t in (x, data, hb, sz))
+        or not scales_fit(sz, (data.shape[0], k // group_size))
+    ):
+        raise ValueError(f"int5 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}, plane {tuple(hb.shape)}, scales {tuple(sz.shape)}")
+    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    if x.shape[0]:
+        rc = lib.pangu_int5_mm(
+            x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, zero_values(sz), torch.get_num_threads()
+        )
+        if rc:
+            raise RuntimeError(f"int5 kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
+    return y
+
+
 # A plain Library registration, not torch.library.custom_op: the latter's wrapping costs a few
 # times the kernel itself at small expert widths (RESULTS.md, "int4 decode kernel of our own").
 _lib = torch.library.Library("pangu_infer", "FRAGMENT")
@@ -1017,6 +1361,20 @@ def _int4_vnni_mm_shape(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, g
 
 _lib.impl("int4_vnni_mm", _int4_vnni_mm, "CPU")
 _lib._register_fake("int4_vnni_mm", _int4_vnni_mm_shape)
+
+_lib.define("int5_vnni_mm(Tensor x, Tensor data, Tensor hb, Tensor sz, int group_size) -> Tensor")
+
+
+def _int5_vnni_mm(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    return matmul5(x.contiguous(), data, hb, sz, group_size)
+
+
+def _int5_vnni_mm_shape(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], data.shape[0] * ROW_BLOCK, dtype=torch.bfloat16)
+
+
+_lib.impl("int5_vnni_mm", _int5_vnni_mm, "CPU")
+_lib._register_fake("int5_vnni_mm", _int5_vnni_mm_shape)
 
 
 # ------------------------------------------------------------------ routed experts of one token
@@ -1104,7 +1462,8 @@ def native_op() -> bool:
     kernel; True when compiled graphs call it from now on. False where the kernel does not run
     here, PANGU_INFER_NATIVE_OPS=0, or the operators' build failed (logged; the Python operator
     runs as before). Meant for the background compile, before the decode step is traced."""
-    return native_ops.connect("int4", library, "pangu_int4_mm", "int4_native_mm", _int4_vnni_mm_shape)
+    int4 = native_ops.connect("int4", library, "pangu_int4_mm", "int4_native_mm", _int4_vnni_mm_shape)
+    return native_ops.connect("int5", library, "pangu_int5_mm", "int5_native_mm", _int5_vnni_mm_shape) and int4
 
 
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -1117,4 +1476,14 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
     return matmul(x.contiguous(), data, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FUSED_ENV", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "native_op", "pack", "pack_codes", "pack_scales", "product", "scales_fit", "to_bf16_t", "unpack_codes", "usable", "zero_values"]
+def product5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+    """product's 5-bit form (matmul5): the C++ operator while compiling where connected, else the
+    Python custom op; eagerly the C function directly."""
+    if torch.compiler.is_compiling():
+        if native_ops.connected("int5"):
+            return torch.ops.pangu_infer.int5_native_mm(x, data, hb, sz, group_size)
+        return torch.ops.pangu_infer.int5_vnni_mm(x, data, hb, sz, group_size)
+    return matmul5(x.contiguous(), data, hb, sz, group_size)
+
+
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FIVE_BIT_ENV", "FUSED_ENV", "five_bit_chosen", "measure_five_bit", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "matmul5", "native_op", "pack", "pack5", "pack_codes", "pack_plane", "pack_scales", "product", "product5", "scales_fit", "to_bf16_t", "to_bf16_t5", "unpack_codes", "unpack_plane", "usable", "zero_values", "dequantize5_t"]

@@ -136,8 +136,9 @@ class LoadHook:
         self.filled: dict[str, dict[tuple, int]] = {}
         # Complete targets: the kernel layout (linears, experts) or the portable tensor (embeddings).
         self.ready: dict[str, Union[PackedWeight, QuantizedTensor]] = {}
-        # Linears being written straight into the int4 kernel's layout (GGUF Q4 blocks, _lay_out): the
-        # layout, and the rows of each piece already in. (int8 rows go into `pending`'s weight.)
+        # Linears being written straight into the int4 kernel's layout (GGUF Q4 blocks; Q5 blocks into
+        # its 5-bit form; _lay_out): the layout, and the rows of each piece already in. (int8 rows go
+        # into `pending`'s weight.)
         self.laying: dict[str, cpu_int4.Layout] = {}
         self.laid_rows: dict[str, dict[tuple, int]] = {}
         # StackedExperts module name -> {"gate"|"up"|"down": [view per expert]}
@@ -177,9 +178,13 @@ class LoadHook:
         setting = self._setting(target)
         if index is not None and target in self.ready:
             raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
-        if isinstance(tensor, (transcode.Q4Blocks, transcode.Int8Rows)):
+        if isinstance(tensor, transcode.Q5Blocks) and not self._five_bit(target, setting):
+            tensor = tensor.as_int8_rows()  # this weight is not kept with 5-bit codes: int8 rows, as before
+        if isinstance(tensor, (transcode.Q4Blocks, transcode.Q5Blocks, transcode.Int8Rows)):
             if self._lay_out(name, target, index, tensor, setting):
                 return True
+            if target in self.laying:
+                raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
             tensor = tensor.materialize()  # the portable form, as other loaders give it
         elif target in self.laying:
             raise WeightError(f"tensor {name!r} is a {type(tensor).__name__}, but the other pieces of {target!r} were GGUF Q4 blocks")
@@ -200,15 +205,29 @@ class LoadHook:
             self._place(target, index, qt)
         return True
 
-    def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: Any, setting: Optional[QuantizationConfig]) -> bool:
-        """Write a GGUF file's blocks (transcode.Q4Blocks, transcode.Int8Rows) straight into their
-        weight: Q4 blocks into the int4 kernel's layout of their linear, int8 rows into the int8
-        weight (a fused one shared with pieces that come in the portable form: `_place`); a fused
-        parameter's pieces at their rows. False where that is not this weight's form (then they are
-        converted to the portable form and go the usual way)."""
-        int4 = isinstance(blocks, transcode.Q4Blocks)
+    def _five_bit(self, target: str, setting: Optional[QuantizationConfig]) -> bool:
+        """Is `target` kept with 5-bit codes (cpu_int4's 5-bit layout) where its file's blocks are Q5
+        ones (the loader sends transcode.Q5Blocks only where every piece of it is): a CPU linear whose
+        plan keeps it int8, on a machine where the 5-bit product was measured faster than int8's
+        (cpu_int4.five_bit_chosen), and not already begun in another form."""
         param = self.params[target]
-        fits = (
+        return (
+            setting is not None and setting.method == "int8" and self.device.type == "cpu" and param.dim() == 2
+            and self.kinds.get(target) == "linear" and target not in self.pending
+            and cpu_int4.usable(param.shape[1], transcode.Q5Blocks.group_size) and cpu_int4.five_bit_chosen()
+        )
+
+    def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: Any, setting: Optional[QuantizationConfig]) -> bool:
+        """Write a GGUF file's blocks (transcode.Q4Blocks, Q5Blocks, Int8Rows) straight into their
+        weight: Q4 blocks into the int4 kernel's layout of their linear, Q5 blocks into its 5-bit
+        layout (where `_five_bit` chose it), int8 rows into the int8 weight (a fused one shared with
+        pieces that come in the portable form: `_place`); a fused parameter's pieces at their rows.
+        False where that is not this weight's form (then they are converted to the portable form and
+        go the usual way)."""
+        int4 = isinstance(blocks, (transcode.Q4Blocks, transcode.Q5Blocks))  # into a cpu_int4.Layout
+        five = isinstance(blocks, transcode.Q5Blocks)
+        param = self.params[target]
+        fits = (five and (index is None or row_piece_start(index) is not None)) or (
             setting is not None and setting.method == blocks.method and self.device.type == "cpu" and param.dim() == 2
             and (index is None or row_piece_start(index) is not None)
             and self.kinds.get(target) in (("linear",) if int4 else ("linear", "embedding"))
@@ -229,10 +248,13 @@ class LoadHook:
         if into is None:
             if not fits or target in self.pending:
                 return False
-            into = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values)
+            into = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values, bits=5 if five else 4)
         elif blocks.zero_values > into.zero_values:
             into = into.with_zeros()
-        if row0 is None or not blocks.lay_out(row0, into.data, into.sz):
+        if into.method != ("int5" if five else "int4"):
+            raise WeightError(f"tensor {name!r} is {blocks.kind}, but the other pieces of {target!r} were laid out as {into.method}")
+        written = row0 is not None and (blocks.lay_out(row0, into.data, into.hb, into.sz) if five else blocks.lay_out(row0, into.data, into.sz))
+        if not written:
             raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
         self._piece_in(target, index, into, self.laying, self.laid_rows, len(blocks.part), into.out_features)
         return True

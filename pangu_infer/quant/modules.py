@@ -13,6 +13,9 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
   (fp32 ones are several times slower). It needs N % 16 == 0: other row counts are zero-padded at load.
 - int4 on x86 CPUs with AVX-512 VNNI: this package's own kernel and layout (pangu_infer.quant.cpu_int4,
   `PANGU_INFER_INT4_KERNEL=aten` turns it off), which reads the weight faster at decode.
+- 5-bit codes (GGUF's Q5_0 / Q5_1 / Q5_K, written by the loader as cpu_int4.Layout with bits 5; kernel
+  "int5"): the same kernel's 5-bit form (the int4 layout plus a bit plane), products of many rows
+  convert the weight to bf16 from the int4 kernel's measured row count.
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill); the
   conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
@@ -85,12 +88,15 @@ class PackedWeight(nn.Module):
         self.group_size = qt.group_size
         self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
         self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per kind by prepare_prefill)
-        if isinstance(qt, cpu_int4.Layout):  # written in the kernel's layout by the loader (a GGUF file's Q4 blocks)
+        if isinstance(qt, cpu_int4.Layout):  # written in the kernel's layout by the loader (a GGUF file's Q4 or Q5 blocks)
             if device.type != "cpu" or not cpu_int4.usable(self.in_features, self.group_size):
-                raise ValueError(f"an int4 weight in cpu_int4's layout needs its kernel (device {device})")
-            self.kernel = "int4_vnni"
+                raise ValueError(f"an {qt.method} weight in cpu_int4's layout needs its kernel (device {device})")
+            # 5-bit codes: the int4 layout and its bit plane (hb), cpu_int4's 5-bit product
+            self.kernel = "int4_vnni" if qt.hb is None else "int5"
             self.register_buffer("scales", qt.sz)
             self.register_buffer("data", qt.data)
+            if qt.hb is not None:
+                self.register_buffer("hb", qt.hb)
             self.convert_min_rows = convert_min_rows("int4_vnni", activations)
         elif qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
@@ -225,6 +231,10 @@ class PackedWeight(nn.Module):
             y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
+        elif self.kernel == "int5" and x2.shape[0] >= self.convert_min_rows:  # the weight in bf16, one product (as int4's plain W^T)
+            y = weight_product(xk, cpu_int4.to_bf16_t5(data, self.hb, scales, self.group_size), True)[:, : self.out_features]
+        elif self.kernel == "int5":
+            y = cpu_int4.product5(xk, data, self.hb, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
             w_t = int4_to_bf16(data, self.group_size, scales)
@@ -360,7 +370,7 @@ def prepare_native_ops(model: nn.Module) -> bool:
     once per machine) of cpu_int4's and cpu_int8's products where the model has weights that use
     them. True when the graph will call one."""
     weights = [m for m in model.modules() if isinstance(m, PackedWeight)]
-    int4 = any(m.kernel == "int4_vnni" for m in weights) and cpu_int4.native_op()
+    int4 = any(m.kernel in ("int4_vnni", "int5") for m in weights) and cpu_int4.native_op()
     int8 = any(getattr(m, "own_int8", False) for m in weights) and cpu_int8.native_op()
     return int4 or int8
 
@@ -373,7 +383,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     weights = [
         m for m in model.modules()
         if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
-        and (m.kernel in ("int8", "int4_vnni") or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
+        and (m.kernel in ("int8", "int4_vnni", "int5") or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
     ]
     if not weights:
         return None
@@ -383,7 +393,8 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
         for m in weights:
             # never down to a row count a batch-invariant tile runs (models/batch_invariant.RowTiledLinear)
             floor = getattr(m, "convert_min_rows_floor", 1)
-            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel), m.activations), floor)
+            # (5-bit weights convert where the int4 kernel's were measured to: the same products of rows)
+            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4", "int5": "int4_vnni"}.get(m.kernel, m.kernel), m.activations), floor)
             # oneDNN's packed layout, checked once per shape here rather than in a first request
             if m.kernel == "int8":
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
