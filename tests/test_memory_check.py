@@ -11,6 +11,7 @@ import torch
 from pangu_infer import LLM
 from pangu_infer import memory
 from pangu_infer.loader import load_serving_model, weights_bytes
+from pangu_infer.quant import cpu_int4
 
 CPU = torch.device("cpu")
 
@@ -99,6 +100,8 @@ def test_a_gguf_estimate_counts_what_the_loader_turns_the_file_into(tmp_path_fac
     from pangu_infer.models import bf16_weights
 
     monkeypatch.setenv(bf16_weights.ENV, "0")  # 16-bit matrices widened to float32
+    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "0")  # Q5 blocks as int8 rows (5-bit codes: below)
+    cpu_int4.five_bit_chosen.cache_clear()
     size = {}
     for qtype in ("F16", "Q4_0", "Q5_0", "Q8_0"):
         path = _tiny_gguf(tmp_path_factory, tiny_sentencepiece_vocab, qtype)
@@ -111,6 +114,14 @@ def test_a_gguf_estimate_counts_what_the_loader_turns_the_file_into(tmp_path_fac
     int8 = size["Q8_0"][1]  # the int8 rows Q8_0's blocks become: every weight a byte, a scale per row
     file, estimate = size["Q5_0"]
     assert estimate == int8 and estimate >= 1.25 * file  # Q5_0: 5.5 bits a weight in the file, 8 loaded
+    if cpu_int4.usable(64, 32):  # where the 5-bit kernel is chosen: the file's 5.5 bits (counted as 6)
+        monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "1")
+        cpu_int4.five_bit_chosen.cache_clear()
+        path = _tiny_gguf(tmp_path_factory, tiny_sentencepiece_vocab, "Q5_0")
+        five = weights_bytes(path, torch.float32, "auto", False, keep_half=True)
+        assert 0.9 * file <= five <= 1.1 * file < int8
+        assert weights_bytes(path, torch.float32, "int8", False, keep_half=True) == int8  # asked for int8: int8 rows
+    cpu_int4.five_bit_chosen.cache_clear()
     # the estimate the check compares: an F16 file that fits by its size but not widened is refused
     f16 = _tiny_gguf(tmp_path_factory, tiny_sentencepiece_vocab, "F16")
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: int(1.5 * os.path.getsize(f16)))

@@ -254,7 +254,8 @@ def weights_bytes(
 ) -> int:
     """Resident bytes of the weights a load of `path` holds, from its config or GGUF header alone (no
     tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
-    converts their block types: Q4 types int4, other block types int8, whatever the file's bytes),
+    converts their block types: Q4 types int4, Q5 ones 5-bit codes where a CPU load keeps them, other
+    block types int8, whatever the file's bytes),
     float tensors in the dtype they end up in (`dtype`; with keep_half, the 16-bit matrices a float32
     CPU load keeps as load_serving_model decides, widened otherwise), offloaded experts not counted;
     a bf16 load on a CPU that packs (device.can_pack) as load_serving_model packs it: the linears in
@@ -283,8 +284,12 @@ def weights_bytes(
         if net.lm_head is not None and not net.weight_sharder().owns("lm_head.weight"):
             net.lm_head = torch.nn.Module()  # a worker rank never fills the head it builds
         if gguf:
-            total += quantized_weight_bytes(net, dtype, None, settings=_gguf_plan(ckpt, net, quantization)[1],
-                                            matrix_dtype=half, device=device)
+            by_target = _gguf_plan(ckpt, net, quantization)[1]
+            # one CPU process: the Q5 tensors the hook keeps with 5-bit codes (see _load_gguf)
+            five = frozenset()
+            if tensor_parallel_size == 1 and device.type == "cpu" and by_target:
+                five = _gguf_five_bit_targets(ckpt, net, quantization, by_target)
+            total += quantized_weight_bytes(net, dtype, None, settings=by_target, matrix_dtype=half, device=device, five_bit=five)
         else:
             total += quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization), offload_experts,
                                             matrix_dtype=half, device=device)
@@ -495,6 +500,22 @@ def _gguf_tensors(ckpt: Any, net: DecoderForCausalLM) -> tuple[dict, dict]:
         if target in params:
             types[hf_name], targets[hf_name] = t.tensor_type, (target, params[target].shape[-1])
     return types, targets
+
+
+def _gguf_five_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:
+    """The target parameters a CPU load keeps with 5-bit codes: those of _gguf_five_bit's tensors,
+    linears the 5-bit kernel takes on this machine (quant/loading.py's LoadHook._five_bit, which
+    this mirrors for the memory estimate), where it was chosen (measured once per machine)."""
+    from pangu_infer.quant import cpu_int4
+    from pangu_infer.quant.loading import quantizable_weights
+
+    names = _gguf_five_bit(ckpt, net, quantization, by_target)
+    if not names:
+        return frozenset()
+    params, kinds = dict(net.named_parameters()), quantizable_weights(net)
+    targets = {net.map_weight_name(n)[0] for n in names}
+    targets = {t for t in targets if kinds.get(t) == "linear" and params[t].dim() == 2 and cpu_int4.usable(params[t].shape[1], 32)}
+    return frozenset(targets) if targets and cpu_int4.five_bit_chosen() else frozenset()
 
 
 def _gguf_five_bit(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:

@@ -416,6 +416,7 @@ def quantized_weight_bytes(
     settings: Optional[dict[str, Optional[QuantizationConfig]]] = None,
     matrix_dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
+    five_bit: frozenset = frozenset(),
 ) -> int:
     """Resident bytes of the weights after loading with this setting (what the memory planner uses).
 
@@ -424,7 +425,9 @@ def quantized_weight_bytes(
     of 2 or more dims are held in (load_weights' matrix_dtype), the others in `dtype`. device: where
     the load puts them; a bf16 load on a CPU that packs (device.can_pack, load_serving_model's rule)
     holds the plain bf16 linears oneDNN-packed (models/packed.py: padded to oneDNN's blocks) and,
-    for a tied LM head whose embedding stays bf16, a packed copy of the embedding besides its rows."""
+    for a tied LM head whose embedding stays bf16, a packed copy of the embedding besides its rows.
+    five_bit: target parameters held with 5-bit codes (cpu_int4's 5-bit layout: GGUF Q5 blocks
+    where the hook keeps them) in place of their int8 setting."""
     from pangu_infer.device import can_pack
 
     elem = torch.empty((), dtype=dtype).element_size()
@@ -458,6 +461,10 @@ def quantized_weight_bytes(
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
+        if name in five_bit:  # 5 bits a weight (the int4 layout and its bit plane), scale and zero per 32
+            n += -n % CPU_INT4_ROWS
+            total += lead * (n * k * 5 // 8 + 2 * n * (k // 32) * scale_elem)
+            continue
         if setting.method == "int8":
             total += lead * (n * k + n * scale_elem)
             continue
