@@ -115,6 +115,30 @@ def test_a_q4_0_files_scales_only_layout_round_trips(tmp_path_factory, tiny_sent
         cpu_int4.chosen.cache_clear()  # the next test measures or reads its choice again
 
 
+def test_a_q5_files_five_bit_layout_round_trips(tmp_path_factory, tiny_sentencepiece_vocab, cache_dir, monkeypatch):
+    """Q5_1 weights kept with 5-bit codes (the int4 layout, its bit plane and scale-and-zero): the
+    cached model reads back with that layout and kernel, bitwise, the plane mapped from the file."""
+    from pangu_infer.quant import cpu_int4
+
+    if cpu_int4.library() is None or not cpu_int4.usable(64, 32):
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "1")
+    cpu_int4.five_bit_chosen.cache_clear()
+    try:
+        path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "llama", "Q5_1").path
+        first = LLM(str(path), enforce_eager=True)
+        (written,) = _files(cache_dir)
+        calls = _conversions(monkeypatch)
+        second = LLM(str(path), enforce_eager=True)
+        assert calls == [] and model_cache.same_model(first.model, second.model) is None
+        five = [m for m in second.model.modules() if type(m).__name__ == "PackedWeight" and m.kernel == "int5"]
+        assert five and all(m.hb.shape[-1] == 16 for m in five)
+        assert _mapped_from(five[0].hb.data_ptr()) == str(written)
+        assert torch.equal(_answer(first)[0], _answer(second)[0])
+    finally:
+        cpu_int4.five_bit_chosen.cache_clear()
+
+
 def _mapped_from(address: int):
     """The file whose mapping holds `address` (Linux /proc/self/maps), or None."""
     with open("/proc/self/maps", encoding="utf-8") as f:

@@ -503,19 +503,13 @@ def _gguf_tensors(ckpt: Any, net: DecoderForCausalLM) -> tuple[dict, dict]:
 
 
 def _gguf_five_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:
-    """The target parameters a CPU load keeps with 5-bit codes: those of _gguf_five_bit's tensors,
-    linears the 5-bit kernel takes on this machine (quant/loading.py's LoadHook._five_bit, which
-    this mirrors for the memory estimate), where it was chosen (measured once per machine)."""
-    from pangu_infer.quant import cpu_int4
-    from pangu_infer.quant.loading import quantizable_weights
+    """The target parameters a CPU load keeps with 5-bit codes (for the memory estimate): those of
+    _gguf_five_bit's tensors that the load hook keeps so (quant.loading.keeps_five_bit)."""
+    from pangu_infer.quant.loading import keeps_five_bit, quantizable_weights
 
-    names = _gguf_five_bit(ckpt, net, quantization, by_target)
-    if not names:
-        return frozenset()
     params, kinds = dict(net.named_parameters()), quantizable_weights(net)
-    targets = {net.map_weight_name(n)[0] for n in names}
-    targets = {t for t in targets if kinds.get(t) == "linear" and params[t].dim() == 2 and cpu_int4.usable(params[t].shape[1], 32)}
-    return frozenset(targets) if targets and cpu_int4.five_bit_chosen() else frozenset()
+    targets = {net.map_weight_name(n)[0] for n in _gguf_five_bit(ckpt, net, quantization, by_target)}
+    return frozenset(t for t in targets if keeps_five_bit(params[t].shape, kinds.get(t)))
 
 
 def _gguf_five_bit(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:

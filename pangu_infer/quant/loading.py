@@ -22,7 +22,7 @@ stays float: it is 0.1% of a layer and its argmax picks the experts.
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -210,11 +210,9 @@ class LoadHook:
         ones (the loader sends transcode.Q5Blocks only where every piece of it is): a CPU linear whose
         plan keeps it int8, on a machine where the 5-bit product was measured faster than int8's
         (cpu_int4.five_bit_chosen), and not already begun in another form."""
-        param = self.params[target]
         return (
-            setting is not None and setting.method == "int8" and self.device.type == "cpu" and param.dim() == 2
-            and self.kinds.get(target) == "linear" and target not in self.pending
-            and cpu_int4.usable(param.shape[1], transcode.Q5Blocks.group_size) and cpu_int4.five_bit_chosen()
+            setting is not None and setting.method == "int8" and self.device.type == "cpu" and target not in self.pending
+            and keeps_five_bit(self.params[target].shape, self.kinds.get(target))
         )
 
     def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: Any, setting: Optional[QuantizationConfig]) -> bool:
@@ -408,6 +406,13 @@ def make_load_hook(
     return LoadHook(model, config, offload_experts, dtype, device, memory_mapped)
 
 
+def keeps_five_bit(shape: Sequence[int], kind: Optional[str]) -> bool:
+    """Does a CPU load keep a parameter of this shape and kind (quantizable_weights') with 5-bit codes
+    where its GGUF blocks are Q5 ones: a linear the 5-bit kernel takes, on a machine where it was
+    chosen (cpu_int4.five_bit_chosen: measured once per machine)."""
+    return kind == "linear" and len(shape) == 2 and cpu_int4.usable(shape[1], transcode.Q5Blocks.group_size) and cpu_int4.five_bit_chosen()
+
+
 def quantized_weight_bytes(
     model: DecoderForCausalLM,
     dtype: torch.dtype,
@@ -485,6 +490,7 @@ def quantized_weight_bytes(
 
 __all__ = [
     "LoadHook",
+    "keeps_five_bit",
     "make_load_hook",
     "quantizable_weights",
     "quantized_method",
