@@ -725,3 +725,27 @@ def test_a_five_bit_layout_is_a_packed_weight_of_its_own_kernel_at_every_row_cou
         few = packed(x[:2])
         compiled = torch.compile(lambda t: packed(t), fullgraph=True, dynamic=False)
         assert torch.equal(compiled(x[:2]), few)
+
+
+def test_five_bit_products_convert_from_the_row_count_measured_for_them(monkeypatch):
+    """A 5-bit weight's products of many rows convert it to bf16 from its own kind's row count
+    (tuning.convert_min_rows("int5"), PANGU_INFER_KERNEL_ROWS_INT5 overriding the measurement): below
+    it matmul5 runs, from it the C conversion, each close to the stored weight's product."""
+    from pangu_infer.quant import tuning
+
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT5", "8")
+    g = torch.Generator().manual_seed(11)
+    q, scale, zero = _five_bit_weight(g, 64, 256, 32, True)
+    layout = cpu_int4.Layout(64, 256, 32, 2, bits=5)
+    for t, v in zip((layout.data, layout.hb, layout.sz), cpu_int4.pack5(q, scale, zero)):
+        t.copy_(v)
+    packed = PackedWeight(layout, CPU, torch.float32)
+    assert tuning.convert_min_rows("int5") == 8 == packed.convert_min_rows
+    calls = []
+    real = cpu_int4.to_bf16_t5
+    monkeypatch.setattr(cpu_int4, "to_bf16_t5", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(9, 256, generator=g)
+    exact = _five_bit_reference(x.bfloat16(), q, scale, zero, 32)
+    with torch.inference_mode():
+        few, many = packed(x[:7]), packed(x)
+    assert len(calls) == 1 and _rel(few, exact[:7]) < 3e-2 and _rel(many, exact) < 3e-2

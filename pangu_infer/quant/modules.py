@@ -14,8 +14,8 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
 - int4 on x86 CPUs with AVX-512 VNNI: this package's own kernel and layout (pangu_infer.quant.cpu_int4,
   `PANGU_INFER_INT4_KERNEL=aten` turns it off), which reads the weight faster at decode.
 - 5-bit codes (GGUF's Q5_0 / Q5_1 / Q5_K, written by the loader as cpu_int4.Layout with bits 5; kernel
-  "int5"): the same kernel's 5-bit form (the int4 layout plus a bit plane), products of many rows
-  convert the weight to bf16 from the int4 kernel's measured row count.
+  "int5"): the same kernel's 5-bit form (the int4 layout plus a bit plane); products of many rows
+  convert the weight to bf16 from the row count measured for it (tuning.convert_min_rows("int5")).
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill); the
   conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
@@ -97,7 +97,7 @@ class PackedWeight(nn.Module):
             self.register_buffer("data", qt.data)
             if qt.hb is not None:
                 self.register_buffer("hb", qt.hb)
-            self.convert_min_rows = convert_min_rows("int4_vnni", activations)
+            self.convert_min_rows = convert_min_rows(self.kernel, activations)
         elif qt.method == "int8" and self._int8_kernel_fits(qt, device):
             self.kernel = "int8"
             # fewer rows than convert_min_rows: quant/cpu_int8.py's kernel where it was measured faster
@@ -393,8 +393,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
         for m in weights:
             # never down to a row count a batch-invariant tile runs (models/batch_invariant.RowTiledLinear)
             floor = getattr(m, "convert_min_rows_floor", 1)
-            # (5-bit weights convert where the int4 kernel's were measured to: the same products of rows)
-            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4", "int5": "int4_vnni"}.get(m.kernel, m.kernel), m.activations), floor)
+            m.convert_min_rows = max(convert_min_rows({"int4_cpu": "int4"}.get(m.kernel, m.kernel), m.activations), floor)
             # oneDNN's packed layout, checked once per shape here rather than in a first request
             if m.kernel == "int8":
                 prefill.packed_layout_ok(m.data.shape[-2], m.data.shape[-1])
