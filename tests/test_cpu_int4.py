@@ -749,3 +749,31 @@ def test_five_bit_products_convert_from_the_row_count_measured_for_them(monkeypa
     with torch.inference_mode():
         few, many = packed(x[:7]), packed(x)
     assert len(calls) == 1 and _rel(few, exact[:7]) < 3e-2 and _rel(many, exact) < 3e-2
+
+
+def test_a_compiled_graph_calls_the_five_bit_cpp_operator_without_python(monkeypatch):
+    """A 5-bit weight in a compiled graph: with the C++ operator connected (native_op connects both
+    forms) the graph never enters the Python operator; without it the Python operator is traced."""
+    monkeypatch.delenv(native_ops.ENV, raising=False)
+    _native_or_skip()
+    g = torch.Generator().manual_seed(12)
+    layout = cpu_int4.Layout(48, 64, 32, 2, bits=5)
+    for t, v in zip((layout.data, layout.hb, layout.sz), cpu_int4.pack5(*_five_bit_weight(g, 48, 64, 32, True))):
+        t.copy_(v)
+    packed = PackedWeight(layout, CPU)
+    x = torch.randn(1, 64, generator=g).bfloat16()
+    with torch.inference_mode():
+        want = packed(x) * 2
+
+    def broken(*a, **k):
+        raise AssertionError("the Python operator ran")
+
+    monkeypatch.setattr(cpu_int4, "matmul5", broken)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        assert torch.equal(torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x), want)
+    monkeypatch.setitem(native_ops._connected, "int5", False)
+    torch._dynamo.reset()
+    with torch.inference_mode(), pytest.raises(Exception, match="the Python operator ran"):
+        torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x)
+    torch._dynamo.reset()
