@@ -658,10 +658,9 @@ Q5_ROWS(2) Q5_ROWS(3) Q5_ROWS(4)
    multiply-add, rounded to bf16 once (to nearest even), as the int4 conversion. Block b. */
 static void q5_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* out,
                                int64_t N, int64_t K, int64_t G, int64_t zs, int64_t b) {
-  const int64_t ng = K / G, octets = K / 8, gs = 16 * zs;
+  const int64_t octets = K / 8, gs = 16 * zs;
   const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
   const __m256i nib = _mm256_set1_epi32(15), rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  (void)ng;
   for (int h = 0; h < 2; h++) {
     const uint8_t* p = w + b * octets * 64 + 32 * h;
     const uint8_t* e = hb + b * octets * 16 + 4 * h;
