@@ -269,8 +269,9 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
 
 """.replace("@INT4_OCTET@", INT4_OCTET)
 
-# AVX2 + FMA helpers of the AVX2 build's kernels and of the 5-bit kernel (_INT5), which both builds
-# carry (AVX-512 CPUs have AVX2).
+# AVX2 + FMA helpers and block functions of the AVX2 build's kernels and of the 5-bit kernel (_INT5),
+# which both builds carry (AVX-512 CPUs have AVX2; static inline: the AVX-512 build compiles what its
+# 5-bit functions call).
 _AVX2_HELPERS = r"""
 /* acc (int16) + per 16-bit lane: the two u8 x s8 products of (a, b) and those of (c, d); a, c in
    0..15, so each addend is at most 2 * 2 * 15 * 127 = 7620 in size (5-bit codes, 0..31: 15748). The empty asm keeps each
@@ -304,45 +305,53 @@ static inline __m256 group_end_sc(__m256 acc, __m256i c, __m256i f, __m256 sc, _
   acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
   return _mm256_fmadd_ps(off, _mm256_set1_ps(sum), acc);
 }
-"""
+/* The 5-bit codes' bit plane (_INT5): 4 plane bytes at p -> 32 bytes, byte 4d + j 16 where bit d of
+   p[j] is set, else 0: lane d (row d) shifted right by d, then left by 4 (no bit crosses out of its
+   byte: bit 8j + d -> 8j -> 8j + 4). */
+static inline __m256i plane_bits(const uint8_t* p) {
+  const __m256i v = _mm256_castps_si256(_mm256_broadcast_ss((const float*)(const void*)p));
+  const __m256i shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_and_si256(_mm256_slli_epi32(_mm256_srlv_epi32(v, shifts), 4), _mm256_set1_epi8(16));
+}
 
-# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
-# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
-# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
-# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
-# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
-# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
-_KERNELS_AVX2 = r"""
-/* The same from the layout: s the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1:
-   scales only, zeros 0). */
-static inline __m256 group_end(__m256 acc, __m256i c, __m256i f, const uint16_t* s, int64_t zs, float step, float sum) {
+/* zero - o scale for a group's 8 rows, o the codes' offset (8 for 4-bit codes, 16 for 5-bit ones):
+   s the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1: scales only, zeros 0). */
+static inline __m256 group_off(const uint16_t* s, int64_t zs, float o) {
   const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
-  return group_end_sc(acc, c, f, sc, _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze), step, sum);
+  return _mm256_fnmadd_ps(_mm256_set1_ps(o), sc, ze);
 }
 
 /* Half h (rows 8h .. 8h + 7) of 16-row block b for M (1..4) activation rows; the arithmetic of the
    AVX-512 block16 lane by lane. xq: [2][MMAX][K] int8 (coarse, fine); dx, xs: [MMAX][K/G]; zs: values
-   per group and row in sz (1 or 2). */
+   per group and row in sz (1 or 2). hb: NULL for 4-bit codes (a constant at every call: the 5-bit
+   steps compile away), else the 5-bit codes' bit plane, each 5th bit OR-ed into its nibble. Octets
+   are summed in int16 before widening to int32: 4 with 4-bit codes (at most 4 * 7620 = 30480), 2
+   with 5-bit ones (2 * 15748 = 31496). */
 static inline __attribute__((always_inline)) void block8(
-    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
     uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b, int h) {
   __m256 acc[MMAX];
   for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(15);
-  const int64_t ng = K / G, gs = 16 * zs;
+  const int64_t ng = K / G, gs = 16 * zs, span = hb ? 2 : 4;
   const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
+  const uint8_t* e = hb ? hb + b * (K / 8) * 16 + 4 * h : NULL;
   const uint16_t* sp = sz + b * ng * gs + 8 * h;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i c[MMAX], f[MMAX];
     for (int m = 0; m < M; m++) { c[m] = _mm256_setzero_si256(); f[m] = _mm256_setzero_si256(); }
-    /* up to 4 octets summed in int16 (at most 4 * 7620 = 30480), then widened to int32 */
-    for (int64_t o0 = 0; o0 < G / 8; o0 += 4) {
-      const int64_t o1 = o0 + 4 < G / 8 ? o0 + 4 : G / 8;
+    for (int64_t o0 = 0; o0 < G / 8; o0 += span) {
+      const int64_t o1 = o0 + span < G / 8 ? o0 + span : G / 8;
       __m256i c16[MMAX], f16[MMAX];
       for (int m = 0; m < M; m++) { c16[m] = _mm256_setzero_si256(); f16[m] = _mm256_setzero_si256(); }
       for (int64_t o = o0; o < o1; o++, p += 64) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)p);
-        const __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+        if (hb) {
+          lo = _mm256_or_si256(lo, plane_bits(e));
+          hi = _mm256_or_si256(hi, plane_bits(e + 8));
+          e += 16;
+        }
         for (int m = 0; m < M; m++) {
           const int8_t* cq = xq + m * K + g * G + 8 * o;
           const int8_t* fq = cq + MMAX * K;
@@ -359,7 +368,8 @@ static inline __attribute__((always_inline)) void block8(
         f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
       }
     }
-    for (int m = 0; m < M; m++) acc[m] = group_end(acc[m], c[m], f[m], sp, zs, dx[m * ng + g], xs[m * ng + g]);
+    const __m256 sc = bf8(sp), off = group_off(sp, zs, hb ? 16.0f : 8.0f);
+    for (int m = 0; m < M; m++) acc[m] = group_end_sc(acc[m], c[m], f[m], sc, off, dx[m * ng + g], xs[m * ng + g]);
   }
   for (int m = 0; m < M; m++) {
     float t[8];
@@ -368,6 +378,69 @@ static inline __attribute__((always_inline)) void block8(
   }
 }
 
+/* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves.
+   hb as block8's (NULL: 4-bit codes); the same sums and group ends as block8: its bits. */
+static inline __attribute__((always_inline)) void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
+                                                        const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+  const int64_t ng = K / G, gs = 16 * zs, span = hb ? 2 : 4;
+  const uint8_t* p = w + b * (K / 8) * 64;
+  const uint8_t* e = hb ? hb + b * (K / 8) * 16 : NULL;
+  const uint16_t* sp = sz + b * ng * gs;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
+    const int8_t* cq = xq + g * G;
+    const int8_t* fq = cq + MMAX * K;
+    PREFETCH_AHEAD(sp, SCALES_AHEAD);
+    for (int64_t o0 = 0; o0 < G / 8; o0 += span) {
+      const int64_t o1 = o0 + span < G / 8 ? o0 + span : G / 8;
+      __m256i c160 = _mm256_setzero_si256(), c161 = c160, f160 = c160, f161 = c160;
+      for (int64_t o = o0; o < o1; o++, p += 64, cq += 8, fq += 8) {
+        PREFETCH_AHEAD(p, WEIGHTS_AHEAD);
+        const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
+        __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+        __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        if (hb) {
+          PREFETCH_AHEAD(e, WEIGHTS_AHEAD / 4);
+          lo0 = _mm256_or_si256(lo0, plane_bits(e)); hi0 = _mm256_or_si256(hi0, plane_bits(e + 8));
+          lo1 = _mm256_or_si256(lo1, plane_bits(e + 4)); hi1 = _mm256_or_si256(hi1, plane_bits(e + 12));
+          e += 16;
+        }
+        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4);
+        c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
+#if INT4_FINE
+        const __m256i bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
+        f160 = dot2(f160, lo0, bf0, hi0, bf1); f161 = dot2(f161, lo1, bf0, hi1, bf1);
+#endif
+      }
+      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
+      f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
+    }
+    const float o = hb ? 16.0f : 8.0f;
+    acc0 = group_end_sc(acc0, c0, f0, bf8(sp), group_off(sp, zs, o), dx[g], xs[g]);
+    acc1 = group_end_sc(acc1, c1, f1, bf8(sp + 8), group_off(sp + 8, zs, o), dx[g], xs[g]);
+  }
+  float t[16];
+  _mm256_storeu_ps(t, acc0);
+  _mm256_storeu_ps(t + 8, acc1);
+  for (int d = 0; d < 16; d++) y[b * 16 + d] = tobf(t[d]);
+}
+
+/* CALL_G(f, ..., G, ...): f with the group size a constant where it is 32 (GGUF's Q4_0 and Q4_1 blocks,
+   this engine's default): the compiler then unrolls a group's 4 octets and keeps its sums in
+   registers, 1.2-1.3x faster products of 2-64 rows on Zen 1 (RESULTS.md, "a constant group").
+   The same arithmetic in the same order either way: the same bits. */
+#define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
+"""
+
+# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
+# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
+# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
+# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
+# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
+# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
+_KERNELS_AVX2 = r"""
 /* R (1..4) activation rows against all 16 rows of block b, activations in one level, groups of G
    (32, 64 or 128: a constant), in one pass: each broadcast of an activation's 4 bytes feeds both
    halves (as row16 does for one row), and each unpacked octet all R rows (16 int16 sums of 4 octets
@@ -419,51 +492,6 @@ static inline __attribute__((always_inline)) void many16(
     for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(acc[m][d]);
 }
 
-/* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves. */
-static inline __attribute__((always_inline)) void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
-                  uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int64_t ng = K / G, gs = 16 * zs;
-  const uint8_t* p = w + b * (K / 8) * 64;
-  const uint16_t* sp = sz + b * ng * gs;
-  for (int64_t g = 0; g < ng; g++, sp += gs) {
-    __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
-    const int8_t* cq = xq + g * G;
-    const int8_t* fq = cq + MMAX * K;
-    PREFETCH_AHEAD(sp, SCALES_AHEAD);
-    for (int64_t o0 = 0; o0 < G / 8; o0 += 4) {
-      const int64_t o1 = o0 + 4 < G / 8 ? o0 + 4 : G / 8;
-      __m256i c160 = _mm256_setzero_si256(), c161 = c160, f160 = c160, f161 = c160;
-      for (int64_t o = o0; o < o1; o++, p += 64, cq += 8, fq += 8) {
-        PREFETCH_AHEAD(p, WEIGHTS_AHEAD);
-        const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
-        const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
-        const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4);
-        c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
-#if INT4_FINE
-        const __m256i bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
-        f160 = dot2(f160, lo0, bf0, hi0, bf1); f161 = dot2(f161, lo1, bf0, hi1, bf1);
-#endif
-      }
-      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
-      f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
-    }
-    acc0 = group_end(acc0, c0, f0, sp, zs, dx[g], xs[g]);
-    acc1 = group_end(acc1, c1, f1, sp + 8, zs, dx[g], xs[g]);
-  }
-  float t[16];
-  _mm256_storeu_ps(t, acc0);
-  _mm256_storeu_ps(t + 8, acc1);
-  for (int d = 0; d < 16; d++) y[b * 16 + d] = tobf(t[d]);
-}
-
-/* CALL_G(f, ..., G, ...): f with the group size a constant where it is 32 (GGUF's Q4_0 and Q4_1 blocks,
-   this engine's default): the compiler then unrolls a group's 4 octets and keeps its sums in
-   registers, 1.2-1.3x faster products of 2-64 rows on Zen 1 (RESULTS.md, "a constant group").
-   The same arithmetic in the same order either way: the same bits. */
-#define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
 /* With the activations in one level and groups of 32, 64 or 128: both halves in one pass (many16),
    the group size and zs constants; else the halves apart (block8, groups of 32 a constant). */
 #if INT4_FINE
@@ -475,18 +503,18 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   if (MANY16(MM, 32) || MANY16(MM, 64) || MANY16(MM, 128)) return; \
   for (int h = 0; h < 2; h++) \
-    CALL_G(block8(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b, h)); }
+    CALL_G(block8(xq, dx, xs, w, NULL, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, NULL, sz, y, MM, ldy, K, G, zs, b, h)); }
 ROWS(2) ROWS(3) ROWS(4)
 static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
                   uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   (void)ldy;
-  CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, sz, y, K, G, zs, b));
+  CALL_G(row16(xq, dx, xs, w, NULL, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, NULL, sz, y, K, G, zs, b));
 }
 
 /* One activation row, blocks b and b + 1 (the AVX-512 kernel's pair; here one block after the other). */
 static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
                    const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
-  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, sz, y, K, 32, zs, i), row16(xq, dx, xs, w, sz, y, K, G, zs, i));
+  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, NULL, sz, y, K, 32, zs, i), row16(xq, dx, xs, w, NULL, sz, y, K, G, zs, i));
 }
 
 /* W^T [K, N] bf16 from the layout, as the AVX-512 build's: q * scale + (zero - 8 scale) in fp32, one
@@ -534,124 +562,15 @@ _INT5 = r"""
    j 0..3) holds in bit d the 5th bit of row 8h + d's column 8o + j (a low nibble of the layout), byte
    8 + 4h + j the same for column 8o + 4 + j (a high nibble). */
 
-/* 4 plane bytes at p -> 32 bytes, byte 4d + j 16 where bit d of p[j] is set, else 0: lane d (row d)
-   shifted right by d, then left by 4 (no bit crosses out of its byte: bit 8j + d -> 8j -> 8j + 4). */
-static inline __m256i plane_bits(const uint8_t* p) {
-  const __m256i v = _mm256_castps_si256(_mm256_broadcast_ss((const float*)(const void*)p));
-  const __m256i shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_and_si256(_mm256_slli_epi32(_mm256_srlv_epi32(v, shifts), 4), _mm256_set1_epi8(16));
-}
-
-/* A group's end with 5-bit codes: off = zero - 16 scale (zs == 1: zero 0). */
-static inline __m256 q5_off(const uint16_t* s, int64_t zs) {
-  const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
-  return _mm256_fnmadd_ps(_mm256_set1_ps(16.0f), sc, ze);
-}
-
-/* Half h (rows 8h .. 8h + 7) of block b for M (1..4) activation rows; block8's steps with 5-bit codes. */
-static inline __attribute__((always_inline)) void q5_block8(
-    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
-    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b, int h) {
-  __m256 acc[MMAX];
-  for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(15);
-  const int64_t ng = K / G, gs = 16 * zs;
-  const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
-  const uint8_t* e = hb + b * (K / 8) * 16 + 4 * h;
-  const uint16_t* sp = sz + b * ng * gs + 8 * h;
-  for (int64_t g = 0; g < ng; g++, sp += gs) {
-    __m256i c[MMAX], f[MMAX];
-    for (int m = 0; m < M; m++) { c[m] = _mm256_setzero_si256(); f[m] = _mm256_setzero_si256(); }
-    for (int64_t o0 = 0; o0 < G / 8; o0 += 2) {
-      const int64_t o1 = o0 + 2 < G / 8 ? o0 + 2 : G / 8;
-      __m256i c16[MMAX], f16[MMAX];
-      for (int m = 0; m < M; m++) { c16[m] = _mm256_setzero_si256(); f16[m] = _mm256_setzero_si256(); }
-      for (int64_t o = o0; o < o1; o++, p += 64, e += 16) {
-        const __m256i v = _mm256_loadu_si256((const __m256i*)p);
-        const __m256i lo = _mm256_or_si256(_mm256_and_si256(v, mask), plane_bits(e));
-        const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v, 4), mask), plane_bits(e + 8));
-        for (int m = 0; m < M; m++) {
-          const int8_t* cq = xq + m * K + g * G + 8 * o;
-          const int8_t* fq = cq + MMAX * K;
-          c16[m] = dot2(c16[m], lo, bcast4(cq), hi, bcast4(cq + 4));
-#if INT4_FINE
-          f16[m] = dot2(f16[m], lo, bcast4(fq), hi, bcast4(fq + 4));
-#else
-          (void)fq;
-#endif
-        }
-      }
-      for (int m = 0; m < M; m++) {
-        c[m] = _mm256_add_epi32(c[m], _mm256_madd_epi16(c16[m], _mm256_set1_epi16(1)));
-        f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
-      }
-    }
-    const __m256 sc = bf8(sp), off = q5_off(sp, zs);
-    for (int m = 0; m < M; m++) acc[m] = group_end_sc(acc[m], c[m], f[m], sc, off, dx[m * ng + g], xs[m * ng + g]);
-  }
-  for (int m = 0; m < M; m++) {
-    float t[8];
-    _mm256_storeu_ps(t, acc[m]);
-    for (int d = 0; d < 8; d++) y[m * ldy + b * 16 + 8 * h + d] = tobf(t[d]);
-  }
-}
-
-/* One activation row, all 16 rows of block b in one pass (row16's steps with 5-bit codes): each
-   broadcast of x feeds both halves. The same sums and group ends as q5_block8: its bits. */
-static inline __attribute__((always_inline)) void q5_row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
-                                                           const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int64_t ng = K / G, gs = 16 * zs;
-  const uint8_t* p = w + b * (K / 8) * 64;
-  const uint8_t* e = hb + b * (K / 8) * 16;
-  const uint16_t* sp = sz + b * ng * gs;
-  for (int64_t g = 0; g < ng; g++, sp += gs) {
-    __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
-    const int8_t* cq = xq + g * G;
-    const int8_t* fq = cq + MMAX * K;
-    PREFETCH_AHEAD(sp, SCALES_AHEAD);
-    for (int64_t o0 = 0; o0 < G / 8; o0 += 2) {
-      const int64_t o1 = o0 + 2 < G / 8 ? o0 + 2 : G / 8;
-      __m256i c160 = _mm256_setzero_si256(), c161 = c160, f160 = c160, f161 = c160;
-      for (int64_t o = o0; o < o1; o++, p += 64, e += 16, cq += 8, fq += 8) {
-        PREFETCH_AHEAD(p, WEIGHTS_AHEAD);
-        PREFETCH_AHEAD(e, WEIGHTS_AHEAD / 4);
-        const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
-        const __m256i lo0 = _mm256_or_si256(_mm256_and_si256(v0, mask), plane_bits(e));
-        const __m256i hi0 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), mask), plane_bits(e + 8));
-        const __m256i lo1 = _mm256_or_si256(_mm256_and_si256(v1, mask), plane_bits(e + 4));
-        const __m256i hi1 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), mask), plane_bits(e + 12));
-        const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4);
-        c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
-#if INT4_FINE
-        const __m256i bf0 = bcast4(fq), bf1 = bcast4(fq + 4);
-        f160 = dot2(f160, lo0, bf0, hi0, bf1); f161 = dot2(f161, lo1, bf0, hi1, bf1);
-#endif
-      }
-      c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
-      f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
-    }
-    acc0 = group_end_sc(acc0, c0, f0, bf8(sp), q5_off(sp, zs), dx[g], xs[g]);
-    acc1 = group_end_sc(acc1, c1, f1, bf8(sp + 8), q5_off(sp + 8, zs), dx[g], xs[g]);
-  }
-  float t[16];
-  _mm256_storeu_ps(t, acc0);
-  _mm256_storeu_ps(t + 8, acc1);
-  for (int d = 0; d < 16; d++) y[b * 16 + d] = tobf(t[d]);
-}
-
-/* The group size a constant where it is 32 (GGUF's blocks): the compiler unrolls a group's octets. */
-#define Q5_CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
 static void q5_rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
                      uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   (void)ldy;
-  Q5_CALL_G(q5_row16(xq, dx, xs, w, hb, sz, y, K, 32, zs, b), q5_row16(xq, dx, xs, w, hb, sz, y, K, G, zs, b));
+  CALL_G(row16(xq, dx, xs, w, hb, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, hb, sz, y, K, G, zs, b));
 }
 #define Q5_ROWS(MM) static void q5_rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   for (int h = 0; h < 2; h++) \
-    Q5_CALL_G(q5_block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, 32, zs, b, h), q5_block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, G, zs, b, h)); }
+    CALL_G(block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, G, zs, b, h)); }
 Q5_ROWS(2) Q5_ROWS(3) Q5_ROWS(4)
 
 /* W^T [K, N] bf16 from the 5-bit layout: q * scale + (zero - 16 scale) in fp32, one fused
@@ -667,7 +586,7 @@ static void q5_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const uint16
     const uint16_t* sp = sz + b * (K / G) * gs + 8 * h;
     for (int64_t o = 0; o < octets; o++, p += 64, e += 16) {
       const uint16_t* s = sp + ((8 * o) / G) * gs;
-      const __m256 sc = bf8(s), off = q5_off(s, zs);
+      const __m256 sc = bf8(s), off = group_off(s, zs, 16.0f);
       const __m256i v = _mm256_loadu_si256((const __m256i*)p);
       uint32_t plo, phi;
       memcpy(&plo, e, 4);
