@@ -943,10 +943,24 @@ def usable(in_features: int, group_size: int) -> bool:
 MEASURE_N, MEASURE_K, MEASURE_GROUP, MEASURE_COUNT = 2048, 4096, 64, 8  # 32 MB of int4: beyond the caches
 
 
-def measure() -> dict[str, float]:
-    """Seconds for one-row products over MEASURE_COUNT weights, each kernel (best of interleaved passes)."""
+def _best_of_interleaved(runs: dict, passes: int = 5) -> dict[str, float]:
+    """Best seconds of each candidate over `passes` interleaved passes, after a warm-up call of each."""
     import time
 
+    best = {name: float("inf") for name in runs}
+    with torch.inference_mode():
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(passes):
+            for name, fn in runs.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def measure() -> dict[str, float]:
+    """Seconds for one-row products over MEASURE_COUNT weights, each kernel (best of interleaved passes)."""
     g = torch.Generator().manual_seed(0)
     n, k, group = MEASURE_N, MEASURE_K, MEASURE_GROUP
     ours, aten = [], []
@@ -965,16 +979,7 @@ def measure() -> dict[str, float]:
         "own": lambda: [matmul(x, d, sz, group) for d, sz in ours],
         "aten": lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, d, group, sz) for d, sz in aten],
     }
-    best = {name: float("inf") for name in runs}
-    with torch.inference_mode():
-        for name, fn in runs.items():
-            fn()  # warm-up
-        for _ in range(5):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return _best_of_interleaved(runs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -990,15 +995,16 @@ def chosen() -> bool:
 
 
 FIVE_BIT_ENV = "PANGU_INFER_INT5"
-MEASURE5_N, MEASURE5_K, MEASURE5_COUNT = 2048, 2048, 8  # 32 MB as int8, 24 MB with 5-bit codes
+# 96 MB as int8, 72 MB with 5-bit codes: past the last-level cache (at 32 MB as int8 the two measured
+# within noise of each other on the 2-core EPYC of RESULTS.md, where one-row products of 150 MB and
+# more run 1.45x faster with 5-bit codes); about 1.4 s once per machine
+MEASURE5_N, MEASURE5_K, MEASURE5_COUNT = 4096, 4096, 6
 
 
 def measure_five_bit() -> dict[str, float]:
     """Seconds for one-row products over MEASURE5_COUNT weights: "own" with 5-bit codes (matmul5),
     "aten" as int8 rows with the product a PackedWeight of int8 runs here (quant/cpu_int8.py's kernel
     where it is chosen, else aten's); best of interleaved passes."""
-    import time
-
     from pangu_infer.quant import cpu_int8
 
     g = torch.Generator().manual_seed(0)
@@ -1016,16 +1022,7 @@ def measure_five_bit() -> dict[str, float]:
         "own": lambda: [matmul5(x, d, hb, sz, group) for d, hb, sz in five],
         "aten": lambda: [int8(x, d, s) for d, s in eight],
     }
-    best = {name: float("inf") for name in runs}
-    with torch.inference_mode():
-        for fn in runs.values():
-            fn()  # warm-up
-        for _ in range(5):
-            for name, fn in runs.items():
-                start = time.perf_counter()
-                fn()
-                best[name] = min(best[name], time.perf_counter() - start)
-    return best
+    return _best_of_interleaved(runs)
 
 
 @functools.lru_cache(maxsize=None)
