@@ -251,3 +251,33 @@ def test_demo_model_perplexity_as_loaded_is_within_1_percent_of_bf16(smollm2_ggu
         if q == "auto":
             assert set(_kernels(loaded.model).values()) == {"int4", "int8"}  # Q4_1 linears, Q8_0 tied head
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
+
+
+def test_q5_blocks_take_int8_rows_where_the_measurement_chose_them(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch, tmp_path, _five_bit_default):
+    """Where int8 rows measured faster than the 5-bit product (kept per machine, measured once), a Q5
+    file loads as int8 rows, and its memory estimate counts them so; where 5-bit codes won, as them."""
+    import json
+
+    from pangu_infer.loader import weights_bytes
+    from pangu_infer.quant import cpu_int4, tuning
+
+    if cpu_int4.library() is None or not cpu_int4.usable(64, 32):
+        pytest.skip("the own int4 kernel does not run here")
+    cache = tmp_path / "kernels.json"
+    monkeypatch.setenv("PANGU_INFER_KERNEL_CACHE", str(cache))
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    monkeypatch.delenv(cpu_int4.FIVE_BIT_ENV, raising=False)
+    tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "Q5_1")
+    calls, held, estimate = [], {}, {}
+    for own, kernel in ((2.0, "int8"), (1.0, "int5")):
+        monkeypatch.setattr(cpu_int4, "measure_five_bit", lambda own=own: calls.append(1) or {"own": own, "aten": 1.5})
+        cpu_int4.five_bit_chosen.cache_clear()
+        cache.unlink(missing_ok=True)
+        kept = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)
+        assert set(_kernels(kept.model).values()) == {kernel}
+        held[kernel] = sum(t.nbytes for m in kept.model.modules() if isinstance(m, PackedWeight) for t in m.buffers())
+        estimate[kernel] = weights_bytes(str(tiny.path), torch.float32, "auto", False)
+        assert json.loads(cache.read_text())[tuning.machine_key()]["int5_decode_kernel" + cpu_int4.tag()] == ("own" if kernel == "int5" else "aten")
+    assert len(calls) == 2  # once per measurement kept, not per load or estimate
+    saved = held["int8"] - held["int5"]
+    assert saved > 0 and abs((estimate["int8"] - estimate["int5"]) - saved) <= 0.1 * saved
