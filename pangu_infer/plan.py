@@ -157,10 +157,13 @@ def _config_half(cfg: ModelConfig, dtype: torch.dtype, device: torch.device, qua
 
 def gguf_precision(source: Source, model: DecoderForCausalLM, dtype: torch.dtype, device: torch.device, quantization: Any) -> str:
     """How a load keeps a .gguf file's tensors, per block type (the loader's plan), e.g.
-    "Q4_1 as int4 in groups of 32, Q8_0 as int8, F32 as float32"."""
-    from pangu_infer.loader import _gguf_plan, _kept_half_dtype
+    "Q4_1 as int4 in groups of 32, Q8_0 as int8, F32 as float32" ("Q5_K as 5-bit codes in groups of
+    32 or int8" where some of a type's tensors keep their codes and others go to int8 rows)."""
+    from pangu_infer.loader import _gguf_five_bit_targets, _gguf_plan, _kept_half_dtype
 
-    settings, _ = _gguf_plan(source.gguf, model, quantization)
+    settings, by_target = _gguf_plan(source.gguf, model, quantization)
+    # Q5 blocks a CPU load keeps with their 5-bit codes (quant/loading.py), where the rest says int8
+    five = _gguf_five_bit_targets(source.gguf, model, quantization, by_target) if device.type == "cpu" and by_target else {}
     half = _kept_half_dtype(source.gguf, dtype, device, quantization)
     kept: dict[str, list[str]] = {}
     count: dict[str, int] = {}
@@ -174,6 +177,8 @@ def gguf_precision(source: Source, model: DecoderForCausalLM, dtype: torch.dtype
             how = _name(as_dtype)
         elif setting.method == "int4":
             how = f"int4 in groups of {setting.group_size}"
+        elif model.map_weight_name(name)[0] in five:
+            how = "5-bit codes in groups of 32"
         else:
             how = setting.method
         count[t.tensor_type.name] = count.get(t.tensor_type.name, 0) + 1

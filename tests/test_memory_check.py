@@ -114,7 +114,7 @@ def test_a_gguf_estimate_counts_what_the_loader_turns_the_file_into(tmp_path_fac
     int8 = size["Q8_0"][1]  # the int8 rows Q8_0's blocks become: every weight a byte, a scale per row
     file, estimate = size["Q5_0"]
     assert estimate == int8 and estimate >= 1.25 * file  # Q5_0: 5.5 bits a weight in the file, 8 loaded
-    if cpu_int4.usable(64, 32):  # where the 5-bit kernel is chosen: the file's 5.5 bits (counted as 6)
+    if cpu_int4.usable(64, 32):  # where the 5-bit kernel is chosen: the file's 5.5 bits
         monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "1")
         cpu_int4.five_bit_chosen.cache_clear()
         path = _tiny_gguf(tmp_path_factory, tiny_sentencepiece_vocab, "Q5_0")

@@ -363,3 +363,29 @@ def test_plan_names_a_gguf_file_it_cannot_read(capsys, tmp_path: Path, smollm2_g
     missing = tmp_path / "missing.gguf"
     rc, _, err = _plan(capsys, "--model", str(missing))
     assert rc == 2 and f"--model {str(missing)!r}: no such .gguf file" in err
+
+
+@pytest.mark.parametrize("five_bit", ["1", "0"])
+def test_plan_of_a_q5_file_names_the_5_bit_codes_a_cpu_load_keeps(capsys, monkeypatch, tmp_path_factory, tiny_sentencepiece_vocab, five_bit):
+    """Q5 blocks kept with their 5-bit codes (where the CPU kernel runs and is chosen) or as int8
+    rows: the plan says which, and its weights line is what the load holds (Q5_0: the scales alone)."""
+    from fixtures_gguf import _tiny
+    from pangu_infer.device import default_dtype
+    from pangu_infer.loader import load_serving_model
+    from pangu_infer.quant import cpu_int4
+
+    if five_bit == "1" and not cpu_int4.usable(64, 32):
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, five_bit)
+    cpu_int4.five_bit_chosen.cache_clear()
+    try:
+        path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "Q5_0").path
+        monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)
+        rc, out, err = _plan(capsys, "--model", str(path))
+        assert rc == 0, err
+        assert ("Q5_0 as int8 or 5-bit codes in groups of 32," if five_bit == "1" else "Q5_0 as int8,") in out
+        planned = _weights_line_bytes(out)
+        held = _held(load_serving_model(str(path), default_dtype(CPU), CPU, load_tokenizer=False).model)
+        assert abs(planned - held) <= 0.01 * held, (planned, held)
+    finally:
+        cpu_int4.five_bit_chosen.cache_clear()

@@ -286,7 +286,7 @@ def weights_bytes(
         if gguf:
             by_target = _gguf_plan(ckpt, net, quantization)[1]
             # one CPU process: the Q5 tensors the hook keeps with 5-bit codes (see _load_gguf)
-            five = frozenset()
+            five = {}
             if tensor_parallel_size == 1 and device.type == "cpu" and by_target:
                 five = _gguf_five_bit_targets(ckpt, net, quantization, by_target)
             total += quantized_weight_bytes(net, dtype, None, settings=by_target, matrix_dtype=half, device=device, five_bit=five)
@@ -502,14 +502,20 @@ def _gguf_tensors(ckpt: Any, net: DecoderForCausalLM) -> tuple[dict, dict]:
     return types, targets
 
 
-def _gguf_five_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:
-    """The target parameters a CPU load keeps with 5-bit codes (for the memory estimate): those of
-    _gguf_five_bit's tensors that the load hook keeps so (quant.loading.keeps_five_bit)."""
+def _gguf_five_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> dict[str, int]:
+    """The target parameters a CPU load keeps with 5-bit codes (for the memory estimate and the plan):
+    those of _gguf_five_bit's tensors that the load hook keeps so (quant.loading.keeps_five_bit), each
+    with its values per group and row (1 where every piece is Q5_0: the scales alone; else 2)."""
     from pangu_infer.quant.loading import keeps_five_bit, quantizable_weights
 
     params, kinds = dict(net.named_parameters()), quantizable_weights(net)
-    targets = {net.map_weight_name(n)[0] for n in _gguf_five_bit(ckpt, net, quantization, by_target)}
-    return frozenset(t for t in targets if keeps_five_bit(params[t].shape, kinds.get(t)))
+    types, targets = _gguf_tensors(ckpt, net)
+    out: dict[str, int] = {}
+    for name in _gguf_five_bit(ckpt, net, quantization, by_target):
+        target = targets[name][0]
+        if keeps_five_bit(params[target].shape, kinds.get(target)):
+            out[target] = max(out.get(target, 1), 1 if types[name].name == "Q5_0" else 2)
+    return out
 
 
 def _gguf_five_bit(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:

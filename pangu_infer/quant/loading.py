@@ -421,7 +421,7 @@ def quantized_weight_bytes(
     settings: Optional[dict[str, Optional[QuantizationConfig]]] = None,
     matrix_dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
-    five_bit: frozenset = frozenset(),
+    five_bit: Optional[dict[str, int]] = None,
 ) -> int:
     """Resident bytes of the weights after loading with this setting (what the memory planner uses).
 
@@ -432,7 +432,8 @@ def quantized_weight_bytes(
     holds the plain bf16 linears oneDNN-packed (models/packed.py: padded to oneDNN's blocks) and,
     for a tied LM head whose embedding stays bf16, a packed copy of the embedding besides its rows.
     five_bit: target parameters held with 5-bit codes (cpu_int4's 5-bit layout: GGUF Q5 blocks
-    where the hook keeps them) in place of their int8 setting."""
+    where the hook keeps them) in place of their int8 setting, each with its values per group and row
+    (1: the scales alone, Q5_0; 2: scale and zero)."""
     from pangu_infer.device import can_pack
 
     elem = torch.empty((), dtype=dtype).element_size()
@@ -466,9 +467,9 @@ def quantized_weight_bytes(
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
-        if name in five_bit:  # 5 bits a weight (the int4 layout and its bit plane), scale and zero per 32
+        if five_bit and name in five_bit:  # 5 bits a weight (the int4 layout and its bit plane), scale (and zero) per 32
             n += -n % CPU_INT4_ROWS
-            total += lead * (n * k * 5 // 8 + 2 * n * (k // 32) * scale_elem)
+            total += lead * (n * k * 5 // 8 + five_bit[name] * n * (k // 32) * scale_elem)
             continue
         if setting.method == "int8":
             total += lead * (n * k + n * scale_elem)
