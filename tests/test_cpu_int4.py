@@ -640,7 +640,7 @@ def test_the_five_bit_layout_round_trips_and_converts_to_the_stored_numbers():
         data, hb, sz = cpu_int4.pack5(q, scale, zero)
         assert data.shape == (3, 32, 64) and hb.shape == (3, 32, 16) and sz.shape == (3, 8, 2 if zeros else 1, 16)
         assert torch.equal(cpu_int4.unpack_codes(data) | (cpu_int4.unpack_plane(hb) << 4), q)
-        c, t = cpu_int4.to_bf16_t5(data, hb, sz, 32), cpu_int4.dequantize5_t(data, hb, sz, 32)
+        c, t = cpu_int4.to_bf16_t(data, sz, 32, hb), cpu_int4.dequantize_t(data, sz, 32, hb)
         s = scale.bfloat16().float().repeat_interleave(32, 1)
         z = zero.bfloat16().float().repeat_interleave(32, 1) if zeros else torch.zeros_like(s)
         want = torch.addcmul(z - 16 * s, q.float(), s).bfloat16().t()
@@ -742,8 +742,8 @@ def test_five_bit_products_convert_from_the_row_count_measured_for_them(monkeypa
     packed = PackedWeight(layout, CPU, torch.float32)
     assert tuning.convert_min_rows("int5") == 8 == packed.convert_min_rows
     calls = []
-    real = cpu_int4.to_bf16_t5
-    monkeypatch.setattr(cpu_int4, "to_bf16_t5", lambda *a: calls.append(1) or real(*a))
+    real = cpu_int4.to_bf16_t
+    monkeypatch.setattr(cpu_int4, "to_bf16_t", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(9, 256, generator=g)
     exact = _five_bit_reference(x.bfloat16(), q, scale, zero, 32)
     with torch.inference_mode():

@@ -1153,63 +1153,47 @@ def pack5(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) ->
     return pack_codes(q & 15), pack_plane(q >> 4), pack_scales(scale, zero)
 
 
-def dequantize5_t(data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """W^T [K, N] in bf16 from the 5-bit layout (the traceable form of to_bf16_t5)."""
-    q = (unpack_codes(data) | (unpack_plane(hb) << 4)).float()  # [N, K]
-    n, k = q.shape
-    scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()
-    zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float() if zero_values(sz) == 2 else torch.zeros_like(scale)
-    w = torch.addcmul(zero - 16 * scale, q.reshape(n, -1, group_size), scale)
-    return w.reshape(n, k).to(torch.bfloat16).t()
-
-
-def to_bf16_t5(data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """dequantize5_t by the library's C loop (into a buffer kept per shape and thread) outside a graph
-    being traced; else dequantize5_t."""
-    lib = library()
-    if torch.compiler.is_compiling() or lib is None or not all(t.is_contiguous() for t in (data, hb, sz)):
-        return dequantize5_t(data, hb, sz, group_size)
-    n, k = data.shape[0] * ROW_BLOCK, data.shape[1] * OCTET
-    out = scratch(("int4_vnni", n, k), (k, n))
-    if lib.pangu_int5_to_bf16_t(data.data_ptr(), hb.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group_size, zero_values(sz), torch.get_num_threads()):
-        return dequantize5_t(data, hb, sz, group_size)
-    return out
-
-
-def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """W^T [K, N] in bf16 from the kernel's layout (products of many rows convert the weight)."""
-    q = unpack_codes(data).float()  # [N, K]
+def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W^T [K, N] in bf16 from the kernel's layout (products of many rows convert the weight); hb: the
+    bit plane of 5-bit codes (pack5's layout: w = (q - 16) scale + zero), else None."""
+    q = unpack_codes(data) if hb is None else unpack_codes(data) | (unpack_plane(hb) << 4)
+    q = q.float()  # [N, K]
     n, k = q.shape
     scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()  # [N, K/G, 1]
     # scales only: zeros of 0 in the same formula (the same bits as stored zeros of 0)
     zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float() if zero_values(sz) == 2 else torch.zeros_like(scale)
-    w = torch.addcmul(zero - 8 * scale, q.reshape(n, -1, group_size), scale)
+    w = torch.addcmul(zero - (8 if hb is None else 16) * scale, q.reshape(n, -1, group_size), scale)
     return w.reshape(n, k).to(torch.bfloat16).t()
 
 
-def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
+def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dequantize_t by the library's C loop (one pass, into a buffer kept per shape and thread),
-    where it runs and outside a graph being traced; else dequantize_t."""
+    where it runs and outside a graph being traced; else dequantize_t. hb as dequantize_t's."""
     if torch.compiler.is_compiling():  # a graph being traced: the traceable formula
-        return dequantize_t(data, sz, group_size)
+        return dequantize_t(data, sz, group_size, hb)
     lib = library()
     n, k = data.shape[0] * ROW_BLOCK, data.shape[1] * OCTET
-    if lib is None or not (data.is_contiguous() and sz.is_contiguous()):
-        return dequantize_t(data, sz, group_size)
+    if lib is None or not (data.is_contiguous() and sz.is_contiguous() and (hb is None or hb.is_contiguous())):
+        return dequantize_t(data, sz, group_size, hb)
     out = scratch(("int4_vnni", n, k), (k, n))
-    if lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), out.data_ptr(), n, k, group_size, zero_values(sz), torch.get_num_threads()):
-        return dequantize_t(data, sz, group_size)
-    return out
+    args = (out.data_ptr(), n, k, group_size, zero_values(sz), torch.get_num_threads())
+    if hb is None:
+        rc = lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), *args)
+    else:
+        rc = lib.pangu_int5_to_bf16_t(data.data_ptr(), hb.data_ptr(), sz.data_ptr(), *args)
+    return dequantize_t(data, sz, group_size, hb) if rc else out
 
 
 # ------------------------------------------------------------------------------------ product
 
 
-def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [M, K] bf16 (contiguous) times the weight -> [M, N] bf16; N is the padded row count."""
+def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x [M, K] bf16 (contiguous) times the weight -> [M, N] bf16; N is the padded row count. hb: the
+    bit plane of a weight of 5-bit codes (pack5's layout), else None."""
     lib = library()
     n = data.shape[0] * ROW_BLOCK
     k = data.shape[1] * OCTET
+    kind = "int4" if hb is None else "int5"
     if (
         lib is None
         or x.dtype != torch.bfloat16
@@ -1219,45 +1203,26 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
         or sz.dtype != torch.bfloat16
         or not (x.is_contiguous() and data.is_contiguous() and sz.is_contiguous())
         or not scales_fit(sz, (data.shape[0], k // group_size))
+        or (hb is not None and (hb.dtype != torch.uint8 or tuple(hb.shape) != (data.shape[0], data.shape[1], 16) or not hb.is_contiguous()))
     ):
-        raise ValueError(f"int4 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}, scales {tuple(sz.shape)}")
+        plane = "" if hb is None else f", plane {tuple(hb.shape)}"
+        raise ValueError(f"{kind} kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}{plane}, scales {tuple(sz.shape)}")
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0]:
-        rc = lib.pangu_int4_mm(
-            x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, zero_values(sz), torch.get_num_threads()
-        )
+        shape = (x.shape[0], n, k, group_size, zero_values(sz), torch.get_num_threads())
+        if hb is None:
+            rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape)
+        else:
+            rc = lib.pangu_int5_mm(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape)
         if rc:
-            raise RuntimeError(f"int4 kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
+            raise RuntimeError(f"{kind} kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
     return y
 
 
 def matmul5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [M, K] bf16 (contiguous) times a weight of 5-bit codes (pack5's layout) -> [M, N] bf16; N the
-    padded row count."""
-    lib = library()
-    n = data.shape[0] * ROW_BLOCK
-    k = data.shape[1] * OCTET
-    if (
-        lib is None
-        or x.dtype != torch.bfloat16
-        or x.dim() != 2
-        or x.shape[1] != k
-        or data.dtype != torch.uint8
-        or hb.dtype != torch.uint8
-        or tuple(hb.shape) != (data.shape[0], data.shape[1], 16)
-        or sz.dtype != torch.bfloat16
-        or not all(t.is_contiguous() for t in (x, data, hb, sz))
-        or not scales_fit(sz, (data.shape[0], k // group_size))
-    ):
-        raise ValueError(f"int5 kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}, plane {tuple(hb.shape)}, scales {tuple(sz.shape)}")
-    y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
-    if x.shape[0]:
-        rc = lib.pangu_int5_mm(
-            x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group_size, zero_values(sz), torch.get_num_threads()
-        )
-        if rc:
-            raise RuntimeError(f"int5 kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
-    return y
+    """x [M, K] bf16 (contiguous) times a weight of 5-bit codes (pack5's layout: data, bit plane hb,
+    sz) -> [M, N] bf16; N the padded row count."""
+    return matmul(x, data, sz, group_size, hb)
 
 
 # A plain Library registration, not torch.library.custom_op: the latter's wrapping costs a few
@@ -1401,4 +1366,4 @@ def product5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Te
     return matmul5(x.contiguous(), data, hb, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FIVE_BIT_ENV", "FUSED_ENV", "five_bit_chosen", "measure_five_bit", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "matmul5", "native_op", "pack", "pack5", "pack_codes", "pack_plane", "pack_scales", "product", "product5", "scales_fit", "to_bf16_t", "to_bf16_t5", "unpack_codes", "unpack_plane", "usable", "zero_values", "dequantize5_t"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FIVE_BIT_ENV", "FUSED_ENV", "five_bit_chosen", "measure_five_bit", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "matmul5", "native_op", "pack", "pack5", "pack_codes", "pack_plane", "pack_scales", "product", "product5", "scales_fit", "to_bf16_t", "unpack_codes", "unpack_plane", "usable", "zero_values"]

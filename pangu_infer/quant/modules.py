@@ -232,7 +232,7 @@ class PackedWeight(nn.Module):
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int5" and x2.shape[0] >= self.convert_min_rows:  # the weight in bf16, one product (as int4's plain W^T)
-            y = weight_product(xk, cpu_int4.to_bf16_t5(data, self.hb, scales, self.group_size), True)[:, : self.out_features]
+            y = weight_product(xk, cpu_int4.to_bf16_t(data, scales, self.group_size, self.hb), True)[:, : self.out_features]
         elif self.kernel == "int5":
             y = cpu_int4.product5(xk, data, self.hb, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:

@@ -92,7 +92,7 @@ def measure(kind: str) -> int:
             return cpu_int4.matmul5(x, data, hb, sz, group)
 
         def convert(x):  # what PackedWeight runs
-            return weight_product(x, cpu_int4.to_bf16_t5(data, hb, sz, group), True)
+            return weight_product(x, cpu_int4.to_bf16_t(data, sz, group, hb), True)
 
     else:
         if not torch._C._dispatch_has_kernel_for_dispatch_key("aten::_weight_int8pack_mm", "CPU"):
