@@ -432,42 +432,42 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
    registers, 1.2-1.3x faster products of 2-64 rows on Zen 1 (RESULTS.md, "a constant group").
    The same arithmetic in the same order either way: the same bits. */
 #define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
-"""
 
-# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
-# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
-# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
-# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
-# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
-# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
-_KERNELS_AVX2 = r"""
 /* R (1..4) activation rows against all 16 rows of block b, activations in one level, groups of G
    (32, 64 or 128: a constant), in one pass: each broadcast of an activation's 4 bytes feeds both
-   halves (as row16 does for one row), and each unpacked octet all R rows (16 int16 sums of 4 octets
-   in registers at R = 4, widened to int32 every 4 octets). The int32 sums are block8's (exact
-   integers), each group's end the same steps in the same order: block8's bits. On a Zen 3 EPYC
-   at 4-2048 rows 1.1x block8's speed (both with dot2's register barrier), 1.4-1.5x block8's
-   without it. */
+   halves (as row16 does for one row), and each unpacked octet all R rows (16 int16 sums of `span`
+   octets in registers at R = 4, widened to int32 every `span` octets: 4 with 4-bit codes, 2 with
+   5-bit ones, hb as block8's). The int32 sums are block8's (exact integers), each group's end the
+   same steps in the same order: block8's bits. On a Zen 3 EPYC at 4-2048 rows 1.1x block8's speed
+   with 4-bit codes (both with dot2's register barrier; 1.4-1.5x block8's without it), 1.3-1.45x at
+   2-16 rows with 5-bit codes (the plane expanded once for both halves). */
 static inline __attribute__((always_inline)) void many16(
-    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
     uint16_t* y, const int R, int64_t ldy, int64_t K, const int64_t G, const int64_t zs, int64_t b) {
   float acc[4][16] __attribute__((aligned(32)));  /* in memory: the registers hold the int16 sums */
   memset(acc, 0, sizeof acc);
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int64_t ng = K / G, gs = 16 * zs;
+  const int span = hb ? 2 : 4;
   const uint8_t* p = w + b * (K / 8) * 64;
+  const uint8_t* e = hb ? hb + b * (K / 8) * 16 : NULL;
   const uint16_t* sp = sz + b * ng * gs;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i s0[4], s1[4];  /* the group's int32 sums */
-    for (int q = 0; q < G / 32; q++) {
+    for (int q = 0; q < G / (8 * span); q++) {
       __m256i c0[4], c1[4];
       for (int m = 0; m < R; m++) { c0[m] = _mm256_setzero_si256(); c1[m] = _mm256_setzero_si256(); }
-      for (int o = 0; o < 4; o++, p += 64) {
+      for (int o = 0; o < span; o++, p += 64) {
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
-        const __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
-        const __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
+        __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
+        if (hb) {
+          lo0 = _mm256_or_si256(lo0, plane_bits(e)); hi0 = _mm256_or_si256(hi0, plane_bits(e + 8));
+          lo1 = _mm256_or_si256(lo1, plane_bits(e + 4)); hi1 = _mm256_or_si256(hi1, plane_bits(e + 12));
+          e += 16;
+        }
         for (int m = 0; m < R; m++) {
-          const int8_t* cq = xq + m * K + g * G + 32 * q + 8 * o;
+          const int8_t* cq = xq + m * K + g * G + 8 * span * q + 8 * o;
           const __m256i b0 = bcast4(cq), b1 = bcast4(cq + 4);
           c0[m] = dot2(c0[m], lo0, b0, hi0, b1);
           c1[m] = dot2(c1[m], lo1, b0, hi1, b1);
@@ -479,9 +479,8 @@ static inline __attribute__((always_inline)) void many16(
         s1[m] = q == 0 ? t1 : _mm256_add_epi32(s1[m], t1);
       }
     }
-    const __m256 sc0 = bf8(sp), sc1 = bf8(sp + 8);
-    const __m256 ze0 = zs == 2 ? bf8(sp + 16) : _mm256_setzero_ps(), ze1 = zs == 2 ? bf8(sp + 24) : _mm256_setzero_ps();
-    const __m256 off0 = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc0, ze0), off1 = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc1, ze1);
+    const float o = hb ? 16.0f : 8.0f;
+    const __m256 sc0 = bf8(sp), sc1 = bf8(sp + 8), off0 = group_off(sp, zs, o), off1 = group_off(sp + 8, zs, o);
     for (int m = 0; m < R; m++) {
       const float step = dx[m * ng + g], sum = xs[m * ng + g];
       _mm256_store_ps(acc[m], group_end_sc(_mm256_load_ps(acc[m]), s0[m], _mm256_setzero_si256(), sc0, off0, step, sum));
@@ -493,15 +492,25 @@ static inline __attribute__((always_inline)) void many16(
 }
 
 /* With the activations in one level and groups of 32, 64 or 128: both halves in one pass (many16),
-   the group size and zs constants; else the halves apart (block8, groups of 32 a constant). */
+   the group size and zs constants (HB: NULL for 4-bit codes, else the plane); else the halves apart
+   (block8, groups of 32 a constant). */
 #if INT4_FINE
-#define MANY16(MM, GG) 0
+#define MANY16(MM, GG, HB) 0
 #else
-#define MANY16(MM, GG) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, sz, y, MM, ldy, K, GG, 1, b), 1)))
+#define MANY16(MM, GG, HB) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, HB, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, HB, sz, y, MM, ldy, K, GG, 1, b), 1)))
 #endif
+"""
+
+# AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
+# 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
+# `vpmaddwd` by ones (pairs to int32); the high nibbles are shifted down first (16 q in place would
+# overflow int16), and the low and high nibbles' pair sums of up to 4 octets are added in int16 (at
+# most 4 * 2 * 2 * 15 * 127 = 30480) before one widening to int32. The integer sums are those of the AVX-512 kernel (its high-nibble sums
+# are 16 times these, scaled by 1/16 exactly), so every output is bitwise the AVX-512 kernel's.
+_KERNELS_AVX2 = r"""
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
-  if (MANY16(MM, 32) || MANY16(MM, 64) || MANY16(MM, 128)) return; \
+  if (MANY16(MM, 32, NULL) || MANY16(MM, 64, NULL) || MANY16(MM, 128, NULL)) return; \
   for (int h = 0; h < 2; h++) \
     CALL_G(block8(xq, dx, xs, w, NULL, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, NULL, sz, y, MM, ldy, K, G, zs, b, h)); }
 ROWS(2) ROWS(3) ROWS(4)
@@ -562,13 +571,20 @@ _INT5 = r"""
    j 0..3) holds in bit d the 5th bit of row 8h + d's column 8o + j (a low nibble of the layout), byte
    8 + 4h + j the same for column 8o + 4 + j (a high nibble). */
 
+/* hb is never NULL in the 5-bit functions: told to the compiler, so that the block functions' 5-bit
+   steps are laid out as constants (two octets per int16 sum, the plane ORs unconditional) as the
+   4-bit ones are with NULL (1.3x at 2-16 rows against a run-time test). */
+#define HB_SET(hb) do { if (!(hb)) __builtin_unreachable(); } while (0)
 static void q5_rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
                      uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   (void)ldy;
+  HB_SET(hb);
   CALL_G(row16(xq, dx, xs, w, hb, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, hb, sz, y, K, G, zs, b));
 }
 #define Q5_ROWS(MM) static void q5_rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  HB_SET(hb); \
+  if (MANY16(MM, 32, hb) || MANY16(MM, 64, hb) || MANY16(MM, 128, hb)) return; \
   for (int h = 0; h < 2; h++) \
     CALL_G(block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, G, zs, b, h)); }
 Q5_ROWS(2) Q5_ROWS(3) Q5_ROWS(4)
