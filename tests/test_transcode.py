@@ -114,7 +114,7 @@ def _layout_kernel_here(k: int = 256) -> None:
 
 @pytest.mark.parametrize("qtype_name", ["Q4_0", "Q4_1", "Q4_K"])
 def test_q4_blocks_laid_out_directly_give_the_portable_paths_layout_for_every_f16_scale(tmp_path, qtype_name):
-    """q4_to_layout (blocks straight into the kernel's layout) against the blocks converted to the
+    """to_layout (Q4 blocks straight into the kernel's layout) against the blocks converted to the
     portable format and packed from it (PackedWeight), every f16 scale and zero; NaN stays NaN."""
     from gguf import GGMLQuantizationType as Q
 
@@ -293,12 +293,12 @@ def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="q4_to_pairs"):
         transcode.q4_to_pairs(np.zeros((2, 18), dtype=np.uint8), "Q4_0", torch.zeros(2, 8, dtype=torch.uint8))
     data, sz = torch.zeros(1, 4, 64, dtype=torch.uint8), torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="q4_to_layout"):  # 17 rows into one block of 16
-        transcode.q4_to_layout(np.zeros((17, 18), dtype=np.uint8), "Q4_0", None, 0, data, sz)
-    with pytest.raises(ValueError, match="q4_to_layout"):  # a source row out of range
-        transcode.q4_to_layout(np.zeros((2, 18), dtype=np.uint8), "Q4_0", torch.tensor([0, 2]), 0, data, sz)
+    with pytest.raises(ValueError, match="to_layout: Q4_0 rows"):  # 17 rows into one block of 16
+        transcode.to_layout(np.zeros((17, 18), dtype=np.uint8), "Q4_0", None, 0, data, sz)
+    with pytest.raises(ValueError, match="to_layout: Q4_0 rows"):  # a source row out of range
+        transcode.to_layout(np.zeros((2, 18), dtype=np.uint8), "Q4_0", torch.tensor([0, 2]), 0, data, sz)
     with pytest.raises(ValueError, match="zeros"):  # Q4_1's zeros have no room
-        transcode.q4_to_layout(np.zeros((2, 20), dtype=np.uint8), "Q4_1", None, 0, data, sz)
+        transcode.to_layout(np.zeros((2, 20), dtype=np.uint8), "Q4_1", None, 0, data, sz)
     with pytest.raises(ValueError, match="dequantize_int8"):
         transcode.dequantize_int8(np.zeros((2, 34), dtype=np.uint8), "Q8_0", torch.zeros(2, 16, dtype=torch.int8), torch.zeros(2, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="dequantize_int8"):  # a source row out of range
@@ -370,7 +370,7 @@ def _five_bit_kernel_here(k: int = 256) -> None:
 
 @pytest.mark.parametrize("qtype_name", ["Q5_0", "Q5_1", "Q5_K"])
 def test_q5_blocks_laid_out_directly_give_the_codes_and_scales_of_the_blocks_for_every_f16_scale(qtype_name):
-    """q5_to_layout against the blocks read in numpy and packed by cpu_int4.pack5: the same codes
+    """to_layout (Q5 blocks into the 5-bit layout) against the blocks read in numpy and packed by cpu_int4.pack5: the same codes
     (low 4 bits and the bit plane) and bf16 scales and zeros, every f16 scale and zero; NaN stays NaN."""
     raw, k = _blocks_with_every_f16(qtype_name)
     _five_bit_kernel_here(k)
@@ -379,7 +379,7 @@ def test_q5_blocks_laid_out_directly_give_the_codes_and_scales_of_the_blocks_for
     blocks = transcode.Q5Blocks(np.ascontiguousarray(raw), qtype_name, None, materialize=None)
     assert blocks.shape == (raw.shape[0], k) and blocks.zero_values == (1 if qtype_name == "Q5_0" else 2)
     layout = cpu_int4.Layout(raw.shape[0], k, 32, blocks.zero_values, bits=5)
-    assert blocks.lay_out(0, layout.data, layout.hb, layout.sz)
+    assert blocks.lay_out(0, layout.data, layout.sz, layout.hb)
     assert torch.equal(layout.data, want[0]) and torch.equal(layout.hb, want[1])
     nan = want[2].isnan()
     assert layout.sz.shape == want[2].shape and torch.equal(layout.sz.isnan(), nan)
@@ -408,7 +408,7 @@ def test_q5_pieces_laid_out_at_any_row_in_any_order_give_the_packed_whole(rows):
         blocks = transcode.Q5Blocks(part, kind, order if i == 1 else None, materialize=None)
         if blocks.zero_values > layout.zero_values:
             layout.with_zeros()
-        assert blocks.lay_out(a, layout.data, layout.hb, layout.sz)
+        assert blocks.lay_out(a, layout.data, layout.sz, layout.hb)
     codes, scales, zeros = [], [], []
     for i, ((kind, a, b), part) in enumerate(zip(kinds, parts)):
         c, s, z = _q5_reference(part, kind)
@@ -427,9 +427,13 @@ def test_q5_pieces_laid_out_at_any_row_in_any_order_give_the_packed_whole(rows):
 
 def test_q5_blocks_that_do_not_fit_are_refused():
     data, hb, sz = torch.zeros(1, 4, 64, dtype=torch.uint8), torch.zeros(1, 4, 16, dtype=torch.uint8), torch.zeros(1, 1, 1, 16, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="q5_to_layout"):  # 17 rows into one block of 16
-        transcode.q5_to_layout(np.zeros((17, 22), dtype=np.uint8), "Q5_0", None, 0, data, hb, sz)
+    with pytest.raises(ValueError, match="to_layout: Q5_0 rows"):  # 17 rows into one block of 16
+        transcode.to_layout(np.zeros((17, 22), dtype=np.uint8), "Q5_0", None, 0, data, sz, hb)
     with pytest.raises(ValueError, match="zeros"):  # Q5_1's zeros have no room
-        transcode.q5_to_layout(np.zeros((2, 24), dtype=np.uint8), "Q5_1", None, 0, data, hb, sz)
+        transcode.to_layout(np.zeros((2, 24), dtype=np.uint8), "Q5_1", None, 0, data, sz, hb)
     with pytest.raises(ValueError, match="bit plane"):
-        transcode.q5_to_layout(np.zeros((2, 22), dtype=np.uint8), "Q5_0", None, 0, data, hb[:, :2], sz)
+        transcode.to_layout(np.zeros((2, 22), dtype=np.uint8), "Q5_0", None, 0, data, sz, hb[:, :2])
+    with pytest.raises(ValueError, match="bit plane none"):  # 5-bit codes need their plane
+        transcode.to_layout(np.zeros((2, 22), dtype=np.uint8), "Q5_0", None, 0, data, sz)
+    with pytest.raises(ValueError, match="bit plane"):  # and Q4 blocks have none
+        transcode.to_layout(np.zeros((2, 18), dtype=np.uint8), "Q4_0", None, 0, data, sz, hb)

@@ -278,7 +278,7 @@ def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfi
         kind = t.tensor_type.name
         if setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types():
             blocks = transcode.Q4Blocks
-        elif setting.method == "int8" and kind in transcode.Q5_TYPES and hf_name in five_bit:
+        elif setting.method == "int8" and kind in transcode.Q5_BYTES and hf_name in five_bit:
             blocks = transcode.Q5Blocks
         elif setting.method == "int8" and kind in transcode.DEQUANTIZED:
             blocks = transcode.Int8Rows
@@ -307,7 +307,7 @@ def five_bit_names(tensor_types: dict[str, Any], targets: dict[str, tuple[str, i
         name
         for target, names in pieces.items()
         if by_target.get(target) is not None and by_target[target].method == "int8"
-        and all(getattr(tensor_types[n], "name", None) in transcode.Q5_TYPES for n in names)
+        and all(getattr(tensor_types[n], "name", None) in transcode.Q5_BYTES for n in names)
         for name in names
     )
 

@@ -225,13 +225,12 @@ class LoadHook:
         int4 = isinstance(blocks, (transcode.Q4Blocks, transcode.Q5Blocks))  # into a cpu_int4.Layout
         five = isinstance(blocks, transcode.Q5Blocks)
         param = self.params[target]
-        fits = (five and (index is None or row_piece_start(index) is not None)) or (
+        row0 = 0 if index is None else row_piece_start(index)
+        fits = row0 is not None and (five or (  # (Q5 blocks come here only where _five_bit chose them)
             setting is not None and setting.method == blocks.method and self.device.type == "cpu" and param.dim() == 2
-            and (index is None or row_piece_start(index) is not None)
             and self.kinds.get(target) in (("linear",) if int4 else ("linear", "embedding"))
             and (not int4 or (setting.group_size == blocks.group_size and cpu_int4.usable(param.shape[1], blocks.group_size)))
-        )
-        row0 = 0 if index is None else row_piece_start(index)
+        ))
         if not int4:  # into the int8 weight, the one `_place` fills for a fused weight's other pieces
             into = self.pending.get(target)
             if into is None and not fits:
@@ -251,8 +250,7 @@ class LoadHook:
             into = into.with_zeros()
         if into.method != ("int5" if five else "int4"):
             raise WeightError(f"tensor {name!r} is {blocks.kind}, but the other pieces of {target!r} were laid out as {into.method}")
-        written = row0 is not None and (blocks.lay_out(row0, into.data, into.hb, into.sz) if five else blocks.lay_out(row0, into.data, into.sz))
-        if not written:
+        if row0 is None or not blocks.lay_out(row0, into.data, into.sz, into.hb):
             raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
         self._piece_in(target, index, into, self.laying, self.laid_rows, len(blocks.part), into.out_features)
         return True

@@ -1,6 +1,6 @@
 """Load-time conversion of GGUF blocks in one C pass each: Q4_0 / Q4_1 / Q4_K blocks straight into
-pangu_infer.quant.cpu_int4's kernel layout (`q4_to_layout`, what `Q4Blocks` hands the load hook:
-any destination row, rows reordered), or into the portable int4 format (packed pairs, scale and zero
+pangu_infer.quant.cpu_int4's kernel layout and Q5_0 / Q5_1 / Q5_K ones into its 5-bit form
+(`to_layout`, what `Q4Blocks` / `Q5Blocks` hand the load hook: any destination row, rows reordered), or into the portable int4 format (packed pairs, scale and zero
 per group of 32) and the portable format into the kernel's layout (into a new tensor, or over the
 pairs' own storage); Q5_0 / Q5_1 / Q8_0 / Q4_K / Q5_K / Q6_K blocks dequantized to float32, or straight to int8 rows with one
 scale each (`dequantize_int8`: formats._quantize_int8's numbers, no float copy).
@@ -41,7 +41,7 @@ SOURCE = r"""
 #include <math.h>
 #include <omp.h>
 
-int pangu_transcode_abi(void) { return 7; }
+int pangu_transcode_abi(void) { return 8; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -160,79 +160,19 @@ static inline uint32_t octet(const uint8_t* lo, const uint8_t* hi, int shift) {
    row i), at src + order[i] * row_bytes. Scales and zeros as q4_to_pairs / q4k_to_pairs compute them,
    rounded to bf16 as torch rounds; the same bytes as those, then pairs_to_octets and
    cpu_int4.pack_scales (tests/test_transcode.py). Each block of 16 rows is written group by group,
-   each 64-byte line whole. */
-int pangu_q4_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t groups, int64_t type, const int64_t* order, int64_t row0, uint8_t* data, uint16_t* sz, int64_t zs, int64_t threads) {
+   each 64-byte line whole.
+   Q5_0 / Q5_1 (type 6 / 7) or Q5_K (type 13) rows the same way into cpu_int4's 5-bit layout (pack5):
+   the codes' low 4 bits in data's nibbles, their 5th bits in the plane hb uint8 [*, K/8, 16] (byte
+   4h + j of octet o: bit d is row 8h + d's column 8o + j; byte 8 + 4h + j its column 8o + 4 + j; the
+   bits of a block's rows outside this call are kept), w = (q - 16) scale + zero: Q5_0 d and 0, Q5_1 d
+   and m + 16 d, Q5_K d sc_j and 16 d sc_j - dmin m_j. hb: NULL for the Q4 types. */
+int pangu_blocks_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t groups, int64_t type, const int64_t* order, int64_t row0, uint8_t* data, uint8_t* hb, uint16_t* sz, int64_t zs, int64_t threads) {
   if (n == 0) return 0;
-  if ((type != 2 && type != 3 && type != 12) || (type == 12 && groups % 8) || (zs != 1 && zs != 2) || n < 0) return 1;
+  const int five = type == 6 || type == 7 || type == 13, kq = type == 12 || type == 13;  /* 5-bit codes; K-quant blocks of 256 */
+  if ((type != 2 && type != 3 && type != 12 && !five) || (kq && groups % 8) || (zs != 1 && zs != 2) || n < 0 || !five != !hb) return 1;
   const int64_t k = groups * 32, first = row0 / 16, last = (row0 + n - 1) / 16;
-  const int64_t head = type == 3 ? 4 : 2;
-#pragma omp parallel for schedule(dynamic, 1) num_threads((int)threads)
-  for (int64_t b = first; b <= last; b++) {
-    const uint8_t* rows[16];
-    for (int64_t s = 0; s < 16; s++) {
-      const int64_t i = b * 16 + s - row0;
-      rows[s] = (i < 0 || i >= n) ? NULL : src + (order ? order[i] : i) * row_bytes;
-    }
-    uint8_t* dblk = data + b * (k / 8) * 64;
-    uint16_t* sblk = sz + b * groups * zs * 16;
-    for (int64_t g = 0; g < groups; g++) {
-      uint8_t* line = dblk + g * 4 * 64;
-      uint16_t* sg = sblk + g * zs * 16;
-      for (int64_t s = 0; s < 16; s++) {
-        const uint8_t* row = rows[s];
-        if (!row) continue;
-        float d, z;
-        const uint8_t* q;
-        int shift;
-        uint16_t dh, mh;
-        if (type == 12) {
-          const uint8_t* blk = row + (g / 8) * 144;
-          const int j = (int)(g % 8);
-          float ds, dm;
-          k_scale_min(blk, j, &ds, &dm);
-          d = ds;
-          z = 8.0f * ds - dm;
-          q = blk + 16 + 32 * (j / 2);  /* 32 code bytes: this sub-block in their low (j even) or high nibbles */
-          shift = (j & 1) * 4;
-          for (int t = 0; t < 4; t++) {
-            const uint32_t w = octet(q + 8 * t, q + 8 * t + 4, shift);
-            memcpy(line + t * 64 + s * 4, &w, 4);
-          }
-        } else {
-          const uint8_t* blk = row + g * (head + 16);
-          memcpy(&dh, blk, 2);
-          d = f16_to_f32(dh);
-          if (head == 4) {
-            memcpy(&mh, blk + 2, 2);
-            z = f16_to_f32(mh) + 8.0f * d;
-          } else {
-            z = 0.0f;
-          }
-          q = blk + head;  /* 16 code bytes: columns 0-15 in their low nibbles, 16-31 in the high */
-          for (int t = 0; t < 4; t++) {
-            const uint32_t w = octet(q + 8 * (t & 1), q + 8 * (t & 1) + 4, (t >> 1) * 4);
-            memcpy(line + t * 64 + s * 4, &w, 4);
-          }
-        }
-        sg[s] = f32_to_bf16(d);
-        if (zs == 2) sg[16 + s] = f32_to_bf16(z);
-      }
-    }
-  }
-  return 0;
-}
-
-/* Q5_0 / Q5_1 (type 6 / 7: blocks of 32) or Q5_K (type 13: blocks of 256, sub-blocks of 32) rows straight
-   into cpu_int4's 5-bit layout (pack5): q4_to_layout's rows, order and row0, the codes' low 4 bits in
-   data's nibbles as there, their 5th bits in the plane hb uint8 [*, K/8, 16] (byte 4h + j of octet o:
-   bit d is row 8h + d's column 8o + j; byte 8 + 4h + j its column 8o + 4 + j; the bits of a block's rows
-   outside this call are kept), w = (q - 16) scale + zero with scale and zero in sz bf16 [*, K/32, zs, 16]:
-   Q5_0 d and 0 (zs 1 drops it), Q5_1 d and m + 16 d, Q5_K d sc_j and 16 d sc_j - dmin m_j, rounded
-   to bf16 as torch rounds. */
-int pangu_q5_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t groups, int64_t type, const int64_t* order, int64_t row0, uint8_t* data, uint8_t* hb, uint16_t* sz, int64_t zs, int64_t threads) {
-  if (n == 0) return 0;
-  if ((type != 6 && type != 7 && type != 13) || (type == 13 && groups % 8) || (zs != 1 && zs != 2) || n < 0) return 1;
-  const int64_t k = groups * 32, first = row0 / 16, last = (row0 + n - 1) / 16;
+  const int64_t head = type == 3 || type == 7 ? 4 : 2;  /* f16 d (and m) before a 32-block's codes */
+  const float offset = five ? 16.0f : 8.0f;  /* the codes' middle: zero = offset * d - (d offset - zero') */
 #pragma omp parallel for schedule(dynamic, 1) num_threads((int)threads)
   for (int64_t b = first; b <= last; b++) {
     const uint8_t* rows[16];
@@ -244,7 +184,6 @@ int pangu_q5_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t
       if (rows[s]) for (int j = 0; j < 4; j++) { mine[4 * (s / 8) + j] |= (uint8_t)(1u << (s % 8)); mine[8 + 4 * (s / 8) + j] |= (uint8_t)(1u << (s % 8)); }
     }
     uint8_t* dblk = data + b * (k / 8) * 64;
-    uint8_t* hblk = hb + b * (k / 8) * 16;
     uint16_t* sblk = sz + b * groups * zs * 16;
     for (int64_t g = 0; g < groups; g++) {
       uint8_t* line = dblk + g * 4 * 64;
@@ -255,54 +194,54 @@ int pangu_q5_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t
         const uint8_t* row = rows[s];
         if (!row) continue;
         float d, z;
-        uint32_t high = 0;  /* bit e: the 5th bit of the group's column e */
-        if (type == 13) {
-          const uint8_t* blk = row + (g / 8) * 176;
+        uint32_t high = 0;  /* 5-bit codes: bit e is the 5th bit of the group's column e */
+        if (kq) {
+          const uint8_t* blk = row + (g / 8) * (five ? 176 : 144);
           const int j = (int)(g % 8);
           float ds, dm;
           k_scale_min(blk, j, &ds, &dm);
           d = ds;
-          z = 16.0f * ds - dm;
-          const uint8_t* qh = blk + 16;
-          const uint8_t* q = blk + 48 + 32 * (j / 2);
+          z = offset * ds - dm;
+          const uint8_t* q = blk + (five ? 48 : 16) + 32 * (j / 2);  /* 32 code bytes: this sub-block in their low (j even) or high nibbles */
           const int shift = (j & 1) * 4;
-          for (int e = 0; e < 32; e++) high |= (uint32_t)((qh[e] >> j) & 1) << e;
+          if (five) for (int e = 0; e < 32; e++) high |= (uint32_t)((blk[16 + e] >> j) & 1) << e;  /* Q5_K: 32 bytes of 5th bits */
           for (int t = 0; t < 4; t++) {
             const uint32_t w = octet(q + 8 * t, q + 8 * t + 4, shift);
             memcpy(line + t * 64 + s * 4, &w, 4);
           }
         } else {
-          const int64_t head = type == 7 ? 4 : 2;
-          const uint8_t* blk = row + g * (head + 20);
+          const uint8_t* blk = row + g * (head + (five ? 20 : 16));
           uint16_t dh, mh;
           memcpy(&dh, blk, 2);
           d = f16_to_f32(dh);
-          if (type == 7) {
+          if (head == 4) {
             memcpy(&mh, blk + 2, 2);
-            z = f16_to_f32(mh) + 16.0f * d;
+            z = f16_to_f32(mh) + offset * d;
           } else {
             z = 0.0f;
           }
-          memcpy(&high, blk + head, 4);
-          const uint8_t* q = blk + head + 4;  /* 16 code bytes: columns 0-15 in their low nibbles, 16-31 in the high */
+          if (five) memcpy(&high, blk + head, 4);  /* Q5_0 / Q5_1: a 32-bit word of 5th bits */
+          const uint8_t* q = blk + head + (five ? 4 : 0);  /* 16 code bytes: columns 0-15 in their low nibbles, 16-31 in the high */
           for (int t = 0; t < 4; t++) {
             const uint32_t w = octet(q + 8 * (t & 1), q + 8 * (t & 1) + 4, (t >> 1) * 4);
             memcpy(line + t * 64 + s * 4, &w, 4);
           }
         }
         const int h = (int)(s / 8), bit = (int)(s % 8);
-        for (int t = 0; t < 4; t++)
-          for (int j = 0; j < 4; j++) {
-            plane[t][4 * h + j] |= (uint8_t)(((high >> (8 * t + j)) & 1u) << bit);
-            plane[t][8 + 4 * h + j] |= (uint8_t)(((high >> (8 * t + 4 + j)) & 1u) << bit);
-          }
+        if (five)
+          for (int t = 0; t < 4; t++)
+            for (int j = 0; j < 4; j++) {
+              plane[t][4 * h + j] |= (uint8_t)(((high >> (8 * t + j)) & 1u) << bit);
+              plane[t][8 + 4 * h + j] |= (uint8_t)(((high >> (8 * t + 4 + j)) & 1u) << bit);
+            }
         sg[s] = f32_to_bf16(d);
         if (zs == 2) sg[16 + s] = f32_to_bf16(z);
       }
-      for (int t = 0; t < 4; t++) {
-        uint8_t* out = hblk + (g * 4 + t) * 16;
-        for (int i = 0; i < 16; i++) out[i] = (uint8_t)((out[i] & ~mine[i]) | plane[t][i]);
-      }
+      if (five)
+        for (int t = 0; t < 4; t++) {
+          uint8_t* out = hb + (b * (k / 8) + g * 4 + t) * 16;
+          for (int i = 0; i < 16; i++) out[i] = (uint8_t)((out[i] & ~mine[i]) | plane[t][i]);
+        }
     }
   }
   return 0;
@@ -535,7 +474,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     # (products rounded one by one, as numpy computes them: no fused multiply-adds)
     lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python", flags=(*C_FLAGS, "-ffp-contract=off"))
-    if lib is None or lib.pangu_transcode_abi() != 7:
+    if lib is None or lib.pangu_transcode_abi() != 8:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
     lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
@@ -545,10 +484,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.pangu_pairs_to_octets_in_place.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
     lib.pangu_q4k_to_pairs.restype = ctypes.c_int
     lib.pangu_q4k_to_pairs.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
-    lib.pangu_q4_to_layout.restype = ctypes.c_int
-    lib.pangu_q4_to_layout.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    lib.pangu_q5_to_layout.restype = ctypes.c_int
-    lib.pangu_q5_to_layout.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.pangu_blocks_to_layout.restype = ctypes.c_int
+    lib.pangu_blocks_to_layout.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     lib.pangu_dequantize_int8.restype = ctypes.c_int
     lib.pangu_dequantize_int8.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
     lib.pangu_dequantize.restype = ctypes.c_int
@@ -583,14 +520,25 @@ def q4_to_pairs(part: np.ndarray, kind: str, packed: torch.Tensor) -> Optional[t
     return scale, zero
 
 
-LAYOUT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12}  # GGML's type numbers, as pangu_q4_to_layout takes them
-Q5_TYPES = {"Q5_0": 6, "Q5_1": 7, "Q5_K": 13}  # ... and pangu_q5_to_layout
 Q5_BYTES = {"Q5_0": (22, 32), "Q5_1": (24, 32), "Q5_K": (176, 256)}  # bytes and weights per block
+# GGML's type numbers, as pangu_blocks_to_layout takes them: Q4 types into the int4 layout, Q5 ones
+# into its 5-bit form
+LAYOUT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12, "Q5_0": 6, "Q5_1": 7, "Q5_K": 13}
 
 
-def _layout_rows(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: int, data: torch.Tensor, sz: torch.Tensor, size: int, weights: int, what: str) -> tuple[int, int, int]:
-    """The checks q4_to_layout and q5_to_layout share: (rows, groups of 32, zs); ValueError naming
-    what does not fit."""
+def to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: int, data: torch.Tensor, sz: torch.Tensor,
+              hb: Optional[torch.Tensor] = None) -> bool:
+    """Q4_0, Q4_1 or Q4_K (`kind`) rows [n, bytes] (C-contiguous) written as rows row0 .. row0 + n - 1
+    of a weight in the int4 kernel's layout: data uint8 [N/16, K/8, 64], sz bf16 [N/16, K/32, zs, 16]
+    (cpu_int4.pack's; zs 1 drops the zeros: Q4_0's are all 0); or Q5_0, Q5_1 or Q5_K rows into its 5-bit
+    form, with the bit plane hb uint8 [N/16, K/8, 16] (pack5's; zs 1 for Q5_0). Destination row row0 + i
+    is source row order[i] (int64 [n]; None: row i). False where the library is not here (nothing
+    written)."""
+    lib = library()
+    five = kind in Q5_BYTES
+    if lib is None or not part.flags.c_contiguous or not all(t is None or t.is_contiguous() for t in (data, sz, hb)):
+        return False
+    size, weights = Q5_BYTES[kind] if five else Q4_BYTES[kind]
     n, groups = part.shape[0], part.shape[1] // size * weights // 32
     zs, k = sz.shape[-2], groups * 32
     fits = (
@@ -600,46 +548,18 @@ def _layout_rows(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row
         and (order is None or (order.dtype == torch.int64 and order.is_contiguous() and tuple(order.shape) == (n,)))
     )
     if not fits or (order is not None and n and not 0 <= int(order.min()) <= int(order.max()) < n):
-        raise ValueError(f"{what}: {kind} rows {tuple(part.shape)} at row {row0} into {tuple(data.shape)}, {tuple(sz.shape)}")
+        raise ValueError(f"to_layout: {kind} rows {tuple(part.shape)} at row {row0} into {tuple(data.shape)}, {tuple(sz.shape)}")
     if zs == 1 and kind not in ("Q4_0", "Q5_0"):
-        raise ValueError(f"{what}: {kind} has zeros; its layout needs them (zs 2)")
-    return n, groups, zs
-
-
-def q4_to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: int, data: torch.Tensor, sz: torch.Tensor) -> bool:
-    """Q4_0, Q4_1 or Q4_K (`kind`) rows [n, bytes] (C-contiguous) written as rows row0 .. row0 + n - 1
-    of a weight in the int4 kernel's layout: data uint8 [N/16, K/8, 64], sz bf16 [N/16, K/32, zs, 16]
-    (cpu_int4.pack's; zs 1 drops the zeros: Q4_0's are all 0). Destination row row0 + i is source row
-    order[i] (int64 [n]; None: row i). False where the library is not here (nothing written)."""
-    lib = library()
-    if lib is None or not part.flags.c_contiguous or not data.is_contiguous() or not sz.is_contiguous():
-        return False
-    n, groups, zs = _layout_rows(part, kind, order, row0, data, sz, *Q4_BYTES[kind], "q4_to_layout")
-    rc = lib.pangu_q4_to_layout(
+        raise ValueError(f"to_layout: {kind} has zeros; its layout needs them (zs 2)")
+    if five != (hb is not None) or (five and (hb.dtype != torch.uint8 or tuple(hb.shape) != (*data.shape[:2], 16))):
+        plane = "none" if hb is None else f"{tuple(hb.shape)} {hb.dtype}"
+        raise ValueError(f"to_layout: {kind} rows with bit plane {plane} for weight {tuple(data.shape)}")
+    rc = lib.pangu_blocks_to_layout(
         part.ctypes.data, part.shape[1], n, groups, LAYOUT_TYPES[kind], None if order is None else order.data_ptr(),
-        row0, data.data_ptr(), sz.data_ptr(), zs, _threads(),
+        row0, data.data_ptr(), None if hb is None else hb.data_ptr(), sz.data_ptr(), zs, _threads(),
     )
     if rc:
-        raise MemoryError("q4_to_layout: no memory for its row buffers")
-    return True
-
-
-def q5_to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: int, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor) -> bool:
-    """Q5_0, Q5_1 or Q5_K (`kind`) rows [n, bytes] (C-contiguous) written as rows row0 .. row0 + n - 1
-    of a weight in cpu_int4's 5-bit layout (pack5's: data, bit plane hb uint8 [N/16, K/8, 16], sz; zs 1
-    drops the zeros: Q5_0's are all 0), rows reordered as q4_to_layout's. False where the library is
-    not here (nothing written)."""
-    lib = library()
-    if lib is None or not part.flags.c_contiguous or not all(t.is_contiguous() for t in (data, hb, sz)):
-        return False
-    n, groups, zs = _layout_rows(part, kind, order, row0, data, sz, *Q5_BYTES[kind], "q5_to_layout")
-    if hb.dtype != torch.uint8 or tuple(hb.shape) != (*data.shape[:2], 16):
-        raise ValueError(f"q5_to_layout: bit plane {tuple(hb.shape)} {hb.dtype} for weight {tuple(data.shape)}")
-    if lib.pangu_q5_to_layout(
-        part.ctypes.data, part.shape[1], n, groups, Q5_TYPES[kind], None if order is None else order.data_ptr(),
-        row0, data.data_ptr(), hb.data_ptr(), sz.data_ptr(), zs, _threads(),
-    ):
-        raise ValueError(f"q5_to_layout: {kind} rows {tuple(part.shape)} refused")
+        raise ValueError(f"to_layout: {kind} rows {tuple(part.shape)} refused")
     return True
 
 
@@ -663,49 +583,46 @@ class _Blocks:
         return self._materialize()
 
 
-class Q4Blocks(_Blocks):
+class _LaidOutBlocks(_Blocks):
+    """Q4 or Q5 blocks (Q4Blocks, Q5Blocks): written straight into their parameter's layout by one C
+    pass over the mapped blocks (lay_out, to_layout; a fused parameter's pieces in their rows), or
+    taken in the portable form (materialize) where they cannot."""
+
+    group_size = 32
+
+    @property
+    def zero_values(self) -> int:
+        """1 where every zero is 0 (Q4_0: w = (q - 8) d; Q5_0: w = (q - 16) d), else 2."""
+        return 1 if self.kind in ("Q4_0", "Q5_0") else 2
+
+    def lay_out(self, row0: int, data: torch.Tensor, sz: torch.Tensor, hb: Optional[torch.Tensor] = None) -> bool:
+        """Write the rows as rows row0.. of a layout (to_layout; hb the 5-bit form's plane, None for Q4
+        blocks); False where the library is not here."""
+        return self._written(to_layout(self.part, self.kind, self.order, row0, data, sz, hb))
+
+
+class Q4Blocks(_LaidOutBlocks):
     """A Q4_0 / Q4_1 / Q4_K tensor of a GGUF file, not converted yet: what the GGUF loader hands the load
     hook (pangu_infer.quant.loading) where the int4 kernel is cpu_int4's. The hook writes it straight
-    into its parameter's layout (lay_out: one C pass over the mapped blocks, a fused parameter's
-    pieces in their rows; no portable copy, no pairs rearranged after), or takes the portable form
-    (materialize) where it cannot."""
+    into its parameter's layout (no portable copy, no pairs rearranged after), or takes the portable
+    form where it cannot."""
 
     method = "int4"
-    group_size = 32
 
     def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
         super().__init__(part, kind, order, materialize, done, *Q4_BYTES[kind])
 
-    @property
-    def zero_values(self) -> int:
-        """1 where every zero is 0 (Q4_0: w = (q - 8) d), else 2."""
-        return 1 if self.kind == "Q4_0" else 2
 
-    def lay_out(self, row0: int, data: torch.Tensor, sz: torch.Tensor) -> bool:
-        """Write the rows as rows row0.. of a layout (q4_to_layout); False where the library is not here."""
-        return self._written(q4_to_layout(self.part, self.kind, self.order, row0, data, sz))
-
-
-class Q5Blocks(_Blocks):
+class Q5Blocks(_LaidOutBlocks):
     """A Q5_0 / Q5_1 / Q5_K tensor of a GGUF file, not converted yet: what the GGUF loader hands the load
     hook where cpu_int4's 5-bit kernel runs and every piece of its weight is of these types. The hook
-    writes it straight into the weight's 5-bit layout (lay_out), or takes the portable int8 form
-    (materialize) where it cannot."""
+    writes it straight into the weight's 5-bit layout, or takes the portable int8 form where it
+    cannot."""
 
     method = "int5"
-    group_size = 32
 
     def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
         super().__init__(part, kind, order, materialize, done, *Q5_BYTES[kind])
-
-    @property
-    def zero_values(self) -> int:
-        """1 where every zero is 0 (Q5_0: w = (q - 16) d), else 2."""
-        return 1 if self.kind == "Q5_0" else 2
-
-    def lay_out(self, row0: int, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor) -> bool:
-        """Write the rows as rows row0.. of a 5-bit layout (q5_to_layout); False where the library is not here."""
-        return self._written(q5_to_layout(self.part, self.kind, self.order, row0, data, hb, sz))
 
     def as_int8_rows(self) -> "Int8Rows":
         """The same blocks kept as int8 rows (a weight not kept with 5-bit codes)."""
@@ -794,4 +711,4 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
 
-__all__ = ["DEQUANTIZED", "ENV", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "Q5_BYTES", "Q5_TYPES", "Q5Blocks", "q5_to_layout", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_layout", "q4_to_pairs"]
+__all__ = ["DEQUANTIZED", "ENV", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "Q5_BYTES", "Q5Blocks", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs", "to_layout"]
