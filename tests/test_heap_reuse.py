@@ -14,8 +14,10 @@ from pangu_infer.loader.random import pangu_dense_config
 from pangu_infer.memory import _libc
 from pangu_infer.tokenizer import load_tokenizer
 
-# Five prefills of 1024 different tokens each; prints the minor page faults of the last three (the
-# second, too, sometimes still grows the heap by about 48 MB: 12,000 faults once in three runs).
+# Five prefills of 1024 different tokens each; prints the minor page faults of each. The heap kept
+# still grows now and then after the first: the second by about 48 MB (12,000 faults) once in three
+# runs, the third by 17 MB (4,300 faults) once in four here and in CI, so the test reads the median
+# of the last three.
 PREFILLS = """
 import random, resource, sys
 from pangu_infer import LLM, SamplingParams
@@ -27,7 +29,7 @@ for _ in range(5):
     prompt = {"prompt_token_ids": [rng.randrange(3, llm.config.vocab_size) for _ in range(1024)]}
     llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print("FAULTS", sum(counts[2:]))
+print("FAULTS", *counts)
 """
 
 
@@ -43,8 +45,10 @@ def test_a_prefills_activations_are_reused_not_faulted_in_again_unless_turned_of
         proc = subprocess.run([sys.executable, "-c", PREFILLS, str(model)], capture_output=True, text=True,
                               env={**os.environ, **env}, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        return int(proc.stdout.split("FAULTS")[-1])
+        counts = [int(n) for n in proc.stdout.split("FAULTS")[-1].split()]
+        assert len(counts) == 5, proc.stdout[-1000:]
+        return sorted(counts[2:])[1]
 
     kept, returned = faults(), faults(PANGU_INFER_KEEP_HEAP="0")
-    # about 75 a prefill kept (the KV cache's new blocks), about 32,800 (128 MB) returned each time
-    assert kept < 3000 < 30000 < returned
+    # about 60 a prefill kept (the KV cache's new blocks), 29,000-35,000 (about 128 MB) returned each time
+    assert kept < 1000 < 20000 < returned, (kept, returned)
