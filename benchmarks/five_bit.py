@@ -1,12 +1,13 @@
-"""The same weights three ways on a CPU: int4 codes, 5-bit codes (GGUF's Q5 blocks as the loader keeps
-them: cpu_int4's layout plus a bit plane) and int8 rows (what Q5 blocks were kept as before, and still
-are where the 5-bit product is not chosen), products of `--rows` activation rows.
+"""The same weights four ways on a CPU: int4 codes, 5-bit codes (GGUF's Q5 blocks as the loader keeps
+them: cpu_int4's layout plus a bit plane), 6-bit codes (GGUF's Q6_K blocks as the loader keeps them:
+two bit planes, groups of 16, scales only) and int8 rows (what Q5 and Q6_K blocks were kept as
+before, and still are where those products are not chosen), products of `--rows` activation rows.
 
-For each form, `--count` weights of [N, K] (random codes, scale and zero per group of 32; far more
-bytes than the caches hold), timed as one pass of products over all of them, best of interleaved
-passes: milliseconds, the bytes the pass reads and the rate it reads them at. int4 and 5-bit run
-pangu_infer.quant.cpu_int4 (matmul, matmul5), int8 the product a PackedWeight of int8 runs here
-(quant/cpu_int8.py's kernel where it is chosen, else aten's).
+For each form, `--count` weights of [N, K] (random codes, scale and zero per group of 32, or a scale
+per 16 for 6-bit codes; far more bytes than the caches hold), timed as one pass of products over all
+of them, best of interleaved passes: milliseconds, the bytes the pass reads and the rate it reads
+them at. int4, 5- and 6-bit run pangu_infer.quant.cpu_int4 (matmul, matmul5), int8 the product a
+PackedWeight of int8 runs here (quant/cpu_int8.py's kernel where it is chosen, else aten's).
 
     .venv/bin/python benchmarks/five_bit.py [--rows 1] [--threads 2] [--n 4096 --k 2048 --count 24]
 """
@@ -41,12 +42,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     n, k = args.n, args.k
-    four, five, eight = [], [], []
+    four, five, six, eight = [], [], [], []
     for _ in range(args.count):
         q = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
         scale, zero = torch.rand(n, k // GROUP, generator=g) * 0.02, (torch.rand(n, k // GROUP, generator=g) - 0.5) * 0.02
         four.append(cpu_int4.pack(q & 15, scale, zero))
         five.append(cpu_int4.pack5(q, scale, zero))
+        six.append(cpu_int4.pack6(q | (torch.randint(0, 2, (n, k), dtype=torch.uint8, generator=g) << 5), torch.rand(n, k // 16, generator=g) * 0.02, None))
         eight.append(((q.to(torch.int8) - 16).contiguous(), (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)))
         del q
     x = torch.randn(args.rows, k, generator=g).bfloat16()
@@ -54,6 +56,7 @@ def main() -> None:
     runs = {
         "int4 (cpu_int4.matmul)": (lambda: [cpu_int4.matmul(x, d, sz, GROUP) for d, sz in four], four),
         "5-bit (cpu_int4.matmul5)": (lambda: [cpu_int4.matmul5(x, d, hb, sz, GROUP) for d, hb, sz in five], five),
+        "6-bit, groups of 16": (lambda: [cpu_int4.matmul5(x, d, hb, sz, 16) for d, hb, sz in six], six),
         f"int8 rows ({'cpu_int8' if int8 is cpu_int8.matmul else 'aten'})": (lambda: [int8(x, d, s) for d, s in eight], eight),
     }
     best = {name: float("inf") for name in runs}

@@ -8,7 +8,7 @@ call the same C functions, through pointers that each kernel's module sets once 
 loaded (`connect`), so the results are those of the eager calls, bit for bit:
 
 - `pangu_infer::int4_native_mm(x, data, sz, group)` -> pangu_int4_mm (pangu_infer.quant.cpu_int4);
-- `pangu_infer::int5_native_mm(x, data, hb, sz, group)` -> pangu_int5_mm (its 5-bit form);
+- `pangu_infer::int5_native_mm(x, data, hb, sz, group)` -> pangu_int5_mm (its 5- and 6-bit forms: the planes from hb's width);
 - `pangu_infer::int8_native_mm(x, data, scales)` -> pangu_int8_mm (pangu_infer.quant.cpu_int8);
 - `pangu_infer::bf16w_native_mm(x, weight, max_rows, slice)` -> pangu_bf16w_mm (pangu_f16w_mm for a
   float16 weight) for up to max_rows rows, else pangu_bf16w_gemm (pangu_f16w_gemm) where `slice`
@@ -51,7 +51,7 @@ typedef int (*int8_mm_fn)(const void*, int64_t, const void*, const void*, void*,
 typedef int (*attention_fn)(const void*, const void*, const void*, const void*, const void*, void*, int64_t, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, float, int, int, int, int64_t);
 static std::atomic<int4_mm_fn> int4_kernel{nullptr};
-typedef int (*int5_mm_fn)(const void*, const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
+typedef int (*int5_mm_fn)(const void*, const void*, const void*, const void*, void*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t);
 static std::atomic<int5_mm_fn> int5_kernel{nullptr};
 static std::atomic<int8_mm_fn> int8_kernel{nullptr};
 static std::atomic<attention_fn> attention_kernel{nullptr};
@@ -96,7 +96,7 @@ static at::Tensor int5_native_mm(const at::Tensor& x_, const at::Tensor& data, c
   const at::Tensor x = x_.contiguous();
   TORCH_CHECK(data.dim() == 3 && data.scalar_type() == at::kByte && data.is_contiguous(), "int5 kernel: weight ", data.sizes(), " ", data.scalar_type());
   TORCH_CHECK(hb.dim() == 3 && hb.scalar_type() == at::kByte && hb.is_contiguous() && hb.size(0) == data.size(0) &&
-              hb.size(1) == data.size(1) && hb.size(2) == 16, "int5 kernel: bit plane ", hb.sizes(), " for weight ", data.sizes());
+              hb.size(1) == data.size(1) && (hb.size(2) == 16 || hb.size(2) == 32), "int5 kernel: bit planes ", hb.sizes(), " for weight ", data.sizes());
   const int64_t n = data.size(0) * 16, k = data.size(1) * 8;
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.size(1) == k, "int5 kernel: unexpected operands x ", x.sizes(), " ", x.scalar_type(), ", weight ", data.sizes());
   TORCH_CHECK(group > 0 && k % group == 0 && sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() && sz.dim() == 4 &&
@@ -106,7 +106,7 @@ static at::Tensor int5_native_mm(const at::Tensor& x_, const at::Tensor& data, c
   const int5_mm_fn f = int5_kernel.load();
   TORCH_CHECK(f != nullptr, "int5 kernel: not loaded");
   if (x.size(0)) {
-    const int rc = f(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, sz.size(2), at::get_num_threads());
+    const int rc = f(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), x.size(0), n, k, group, sz.size(2), hb.size(2) / 16, at::get_num_threads());
     TORCH_CHECK(rc == 0, "int5 kernel refused x ", x.sizes(), ", weight ", data.sizes(), ", group ", group, " (", rc, ")");
   }
   return y;

@@ -159,11 +159,11 @@ def gguf_precision(source: Source, model: DecoderForCausalLM, dtype: torch.dtype
     """How a load keeps a .gguf file's tensors, per block type (the loader's plan), e.g.
     "Q4_1 as int4 in groups of 32, Q8_0 as int8, F32 as float32" ("Q5_K as 5-bit codes in groups of
     32 or int8" where some of a type's tensors keep their codes and others go to int8 rows)."""
-    from pangu_infer.loader import _gguf_five_bit_targets, _gguf_plan, _kept_half_dtype
+    from pangu_infer.loader import _gguf_high_bit_targets, _gguf_plan, _kept_half_dtype
 
     settings, by_target = _gguf_plan(source.gguf, model, quantization)
-    # Q5 blocks a CPU load keeps with their 5-bit codes (quant/loading.py), where the rest says int8
-    five = _gguf_five_bit_targets(source.gguf, model, quantization, by_target) if device.type == "cpu" and by_target else {}
+    # Q5 / Q6_K blocks a CPU load keeps with their 5- / 6-bit codes (quant/loading.py), where the rest says int8
+    high = _gguf_high_bit_targets(source.gguf, model, quantization, by_target) if device.type == "cpu" and by_target else {}
     half = _kept_half_dtype(source.gguf, dtype, device, quantization)
     kept: dict[str, list[str]] = {}
     count: dict[str, int] = {}
@@ -177,8 +177,9 @@ def gguf_precision(source: Source, model: DecoderForCausalLM, dtype: torch.dtype
             how = _name(as_dtype)
         elif setting.method == "int4":
             how = f"int4 in groups of {setting.group_size}"
-        elif model.map_weight_name(name)[0] in five:
-            how = "5-bit codes in groups of 32"
+        elif model.map_weight_name(name)[0] in high:
+            bits = high[model.map_weight_name(name)[0]][0]
+            how = f"{bits}-bit codes in groups of {16 if bits == 6 else 32}"
         else:
             how = setting.method
         count[t.tensor_type.name] = count.get(t.tensor_type.name, 0) + 1

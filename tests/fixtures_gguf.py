@@ -197,6 +197,31 @@ def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def quantize_q6_k(w: np.ndarray) -> np.ndarray:
+    """float32 rows [rows, K] (K a multiple of 256) -> GGML Q6_K blocks uint8 [rows, K / 256 * 210], a
+    plain rounding (gguf-py dequantizes Q6_K but has no quantizer for it; llama.cpp's searches its
+    scales, which the tests here do not need): per sub-block of 16 the scale max|w| / 31 as an int8
+    multiple of the block's f16 d (max scale / 127), codes rounded to -32..31 and stored + 32; laid out
+    as GGML's block_q6_K (ql[128]: low 4 bits, qh[64]: high 2, int8 scales[16], f16 d)."""
+    rows, k = w.shape
+    nb = k // 256
+    x = w.reshape(rows, nb, 16, 16).astype(np.float32)
+    sub = np.abs(x).max(-1) / 31  # [rows, nb, 16]
+    d = (sub.max(-1) / 127).astype(np.float16)
+    df = d.astype(np.float32)[..., None]
+    sc = np.round(np.divide(sub, df, out=np.zeros_like(sub), where=df > 0)).clip(-128, 127).astype(np.int8)
+    step = (df * sc)[..., None]
+    q = np.round(np.divide(x, step, out=np.zeros_like(x), where=step != 0)).clip(-32, 31).astype(np.int16) + 32
+    q = q.reshape(rows, nb, 256).astype(np.uint8)
+    ql, qh = np.zeros((rows, nb, 128), np.uint8), np.zeros((rows, nb, 64), np.uint8)
+    for c in range(2):  # value 128 c + 32 u + j: ql[64 c + 32 (u & 1) + j] (nibble u >> 1), qh[32 c + j] (bits 2u, 2u + 1)
+        for u in range(4):
+            v = q[..., 128 * c + 32 * u : 128 * c + 32 * u + 32]
+            ql[..., 64 * c + 32 * (u & 1) : 64 * c + 32 * (u & 1) + 32] |= (v & 15) << (4 * (u >> 1))
+            qh[..., 32 * c : 32 * c + 32] |= (v >> 4) << (2 * u)
+    return np.concatenate((ql, qh, sc.view(np.uint8), d.view(np.uint8).reshape(rows, nb, 2)), -1).reshape(rows, nb * 210)
+
+
 def write_gguf(
     path: Path,
     *,
@@ -268,7 +293,8 @@ def write_gguf(
         arr = data.to(torch.float32).numpy()
         kind = (qtypes or {}).get(hf_name, qtype)
         if arr.ndim == 2 and kind != Q.F32:
-            w.add_tensor(f"{gguf_name}.{suffix}", gguf.quants.quantize(arr, kind), raw_dtype=kind)
+            blocks = quantize_q6_k(arr) if kind == Q.Q6_K else gguf.quants.quantize(arr, kind)
+            w.add_tensor(f"{gguf_name}.{suffix}", blocks, raw_dtype=kind)
         else:
             w.add_tensor(f"{gguf_name}.{suffix}", arr)
     for name, arr in (extra_tensors or {}).items():
@@ -278,6 +304,16 @@ def write_gguf(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_q6_k_gguf(path: Path, vocab: SentencePieceVocab, qtypes: Optional[dict[str, Any]] = None) -> Path:
+    """The tiny Pangu 4x wider (Q6_K blocks hold 256 weights a row) with every matrix Q6_K (quantize_q6_k's
+    rounding), but those `qtypes` names."""
+    import gguf
+
+    config = tiny_pangu_config(vocab) | {"hidden_size": 256, "intermediate_size": 512}
+    return write_gguf(path, arch="pangu-embedded", config=config, tensors=tiny_pangu_tensors(config), vocab=vocab,
+                      qtype=gguf.GGMLQuantizationType.Q6_K, qtypes=qtypes)
 
 
 def one_tensor_gguf(path: Path, data: np.ndarray, qtype) -> Any:

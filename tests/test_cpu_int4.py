@@ -614,49 +614,61 @@ def test_the_cpp_operator_takes_the_scales_only_layout(monkeypatch):
         torch.ops.pangu_infer.int4_native_mm(torch.randn(1, k).bfloat16(), data, torch.cat((sz, sz, sz), 2).contiguous(), group)
 
 
-# ------------------------------------------------------------------ 5-bit codes (GGUF's Q5 blocks)
+# ------------------------------------------- 5- and 6-bit codes (GGUF's Q5 blocks, Q6_K blocks)
 
 
-def _five_bit_weight(g, n: int, k: int, group: int, zeros: bool):
-    q = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
+def _five_bit_weight(g, n: int, k: int, group: int, zeros: bool, bits: int = 5):
+    q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
     scale = torch.rand(n, k // group, generator=g) * 0.02
     zero = (torch.rand(n, k // group, generator=g) - 0.5) * 0.02 if zeros else None
     return q, scale, zero
 
 
-def _five_bit_reference(x: torch.Tensor, q, scale, zero, group: int) -> torch.Tensor:
+def _pack(bits: int, q, scale, zero):
+    return (cpu_int4.pack5 if bits == 5 else cpu_int4.pack6)(q, scale, zero)
+
+
+def _five_bit_reference(x: torch.Tensor, q, scale, zero, group: int, bits: int = 5) -> torch.Tensor:
     s = scale.bfloat16().double().repeat_interleave(group, 1)
     z = zero.bfloat16().double().repeat_interleave(group, 1) if zero is not None else torch.zeros_like(s)
-    return x.double() @ ((q.double() - 16) * s + z).T
+    return x.double() @ ((q.double() - (1 << (bits - 1))) * s + z).T
 
 
-def test_the_five_bit_layout_round_trips_and_converts_to_the_stored_numbers():
-    """pack5: the codes' low 4 bits in the int4 layout, the 5th in the bit plane (unpack_plane gives
-    them back); W^T in bf16 from the C loop and from the traceable formula bit for bit, and each the
-    stored w = (q - 16) scale + zero rounded once to bf16."""
+@pytest.mark.parametrize("bits, group", [(5, 32), (6, 16), (6, 32)])
+def test_the_five_bit_layout_round_trips_and_converts_to_the_stored_numbers(bits, group):
+    """pack5 / pack6: the codes' low 4 bits in the int4 layout, the 5th (and 6th) in the bit planes
+    (unpack_high gives them back); W^T in bf16 from the C loop and from the traceable formula bit for
+    bit, and each the stored w = (q - 16) scale + zero (6 bits: q - 32) rounded once to bf16."""
     g = torch.Generator().manual_seed(5)
     for zeros in (True, False):
-        q, scale, zero = _five_bit_weight(g, 48, 256, 32, zeros)
-        data, hb, sz = cpu_int4.pack5(q, scale, zero)
-        assert data.shape == (3, 32, 64) and hb.shape == (3, 32, 16) and sz.shape == (3, 8, 2 if zeros else 1, 16)
-        assert torch.equal(cpu_int4.unpack_codes(data) | (cpu_int4.unpack_plane(hb) << 4), q)
-        c, t = cpu_int4.to_bf16_t(data, sz, 32, hb), cpu_int4.dequantize_t(data, sz, 32, hb)
-        s = scale.bfloat16().float().repeat_interleave(32, 1)
-        z = zero.bfloat16().float().repeat_interleave(32, 1) if zeros else torch.zeros_like(s)
-        want = torch.addcmul(z - 16 * s, q.float(), s).bfloat16().t()
+        q, scale, zero = _five_bit_weight(g, 48, 256, group, zeros, bits)
+        data, hb, sz = _pack(bits, q, scale, zero)
+        assert data.shape == (3, 32, 64) and hb.shape == (3, 32, 16 * (bits - 4)) and sz.shape == (3, 256 // group, 2 if zeros else 1, 16)
+        assert cpu_int4.planes(hb) == bits - 4
+        assert torch.equal(cpu_int4.unpack_codes(data) | (cpu_int4.unpack_high(hb) << 4), q)
+        c, t = cpu_int4.to_bf16_t(data, sz, group, hb), cpu_int4.dequantize_t(data, sz, group, hb)
+        s = scale.bfloat16().float().repeat_interleave(group, 1)
+        z = zero.bfloat16().float().repeat_interleave(group, 1) if zeros else torch.zeros_like(s)
+        want = torch.addcmul(z - (1 << (bits - 1)) * s, q.float(), s).bfloat16().t()
         assert torch.equal(c, t) and torch.equal(c, want)
 
 
-@pytest.mark.parametrize("n, k, group, rows", [(48, 256, 32, 1), (160, 1536, 32, 3), (64, 512, 64, 4), (96, 128, 32, 9), (1024, 2048, 32, 6)])
-def test_five_bit_products_match_the_stored_weight_and_each_row_alone(n, k, group, rows, levels):
-    """matmul5 (one row: the one-pass block; more: halves of blocks, chunks of 4 rows over tiles of
-    the weight, one thread and two): within the activations' rounding of the exact product of the
-    stored weight (one level: llama.cpp's Q8_0 rounding, the product of those rounded activations to
-    the output's bf16 rounding), and each row's bits those of the row alone."""
+@pytest.mark.parametrize(
+    "n, k, group, rows, bits",
+    [
+        (48, 256, 32, 1, 5), (160, 1536, 32, 3, 5), (64, 512, 64, 4, 5), (96, 128, 32, 9, 5), (1024, 2048, 32, 6, 5),
+        (48, 256, 16, 1, 6), (160, 1536, 16, 3, 6), (64, 512, 32, 4, 6), (96, 128, 16, 9, 6), (1024, 2048, 16, 6, 6),
+    ],
+)
+def test_five_bit_products_match_the_stored_weight_and_each_row_alone(n, k, group, rows, bits, levels):
+    """matmul5 with 5- or 6-bit codes (one row: the one-pass block; more: halves of blocks, chunks of
+    4 rows over tiles of the weight, one thread and two): within the activations' rounding of the
+    exact product of the stored weight (one level: llama.cpp's Q8_0 rounding, the product of those
+    rounded activations to the output's bf16 rounding), and each row's bits those of the row alone."""
     g = torch.Generator().manual_seed(n + k + rows)
     for zeros in (True, False):
-        q, scale, zero = _five_bit_weight(g, n, k, group, zeros)
-        data, hb, sz = cpu_int4.pack5(q, scale, zero)
+        q, scale, zero = _five_bit_weight(g, n, k, group, zeros, bits)
+        data, hb, sz = _pack(bits, q, scale, zero)
         x = (torch.randn(rows, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
         before = torch.get_num_threads()
         try:
@@ -667,9 +679,10 @@ def test_five_bit_products_match_the_stored_weight_and_each_row_alone(n, k, grou
                 assert y.shape == (rows, n) and torch.equal(y, alone), threads
         finally:
             torch.set_num_threads(before)
-        exact = _five_bit_reference(x, q, scale, zero, group)
+        exact = _five_bit_reference(x, q, scale, zero, group, bits)
         if levels == 1:
-            q8 = _q8_reference(x, q.int() - 8, scale, zero if zeros else torch.zeros_like(scale), group)  # (q - 8) - 8 = q - 16
+            # (q - offset + 8) - 8 = q - 16 (5 bits) or q - 32 (6 bits)
+            q8 = _q8_reference(x, q.int() - (1 << (bits - 1)) + 8, scale, zero if zeros else torch.zeros_like(scale), group)
             assert torch.allclose(y.double(), q8, rtol=2**-8, atol=2**-14 * q8.abs().max().item())
         else:
             assert _rel(y, exact) < 4e-3
@@ -682,14 +695,16 @@ def test_five_bit_operands_that_do_not_fit_are_refused():
         cpu_int4.matmul5(torch.randn(1, 64).bfloat16(), data, hb[:, :4], sz, 32)
     with pytest.raises(ValueError, match="int5 kernel: unexpected operands"):
         cpu_int4.matmul5(torch.randn(1, 96).bfloat16(), data, hb, sz, 32)
+    with pytest.raises(ValueError, match=r"int7 kernel: unexpected operands .* plane \(2, 8, 48\)"):  # three planes: no such form
+        cpu_int4.matmul5(torch.randn(1, 64).bfloat16(), data, torch.cat((hb, hb, hb), -1), sz, 32)
 
 
 def test_the_five_bit_cpp_operator_gives_the_python_operators_bits(monkeypatch):
     monkeypatch.delenv(native_ops.ENV, raising=False)
     _native_or_skip()
     g = torch.Generator().manual_seed(7)
-    for n, k, group, zeros in ((48, 256, 32, True), (160, 1536, 32, False)):
-        data, hb, sz = cpu_int4.pack5(*_five_bit_weight(g, n, k, group, zeros))
+    for n, k, group, zeros, bits in ((48, 256, 32, True, 5), (160, 1536, 32, False, 5), (48, 256, 16, False, 6), (64, 512, 32, True, 6)):
+        data, hb, sz = _pack(bits, *_five_bit_weight(g, n, k, group, zeros, bits))
         for rows in (0, 1, 3, 6):
             x = torch.randn(rows, k, generator=g).bfloat16()
             ours = torch.ops.pangu_infer.int5_native_mm(x, data, hb, sz, group)
@@ -700,22 +715,23 @@ def test_the_five_bit_cpp_operator_gives_the_python_operators_bits(monkeypatch):
         torch.ops.pangu_infer.int5_native_mm(torch.randn(1, k).bfloat16(), data, hb, sz, 64)
 
 
-def test_a_five_bit_layout_is_a_packed_weight_of_its_own_kernel_at_every_row_count():
-    """A loader's 5-bit cpu_int4.Layout (padded rows zeroed) becomes PackedWeight kernel "int5": few
-    rows through matmul5, many through the bf16 conversion, both close to the stored weight's product;
-    inside a compiled function the product is an operator (no graph break)."""
+@pytest.mark.parametrize("bits, group", [(5, 32), (6, 16)])
+def test_a_five_bit_layout_is_a_packed_weight_of_its_own_kernel_at_every_row_count(bits, group):
+    """A loader's 5- or 6-bit cpu_int4.Layout (padded rows zeroed) becomes PackedWeight kernel "int5" /
+    "int6": few rows through matmul5, many through the bf16 conversion, both close to the stored
+    weight's product; inside a compiled function the product is an operator (no graph break)."""
     g = torch.Generator().manual_seed(9)
     n, k = 40, 256  # 3 blocks, the last padded
-    q, scale, zero = _five_bit_weight(g, 48, k, 32, True)
+    q, scale, zero = _five_bit_weight(g, 48, k, group, True, bits)
     q[n:], scale[n:], zero[n:] = 0, 0, 0
-    layout = cpu_int4.Layout(n, k, 32, 2, bits=5)
-    assert layout.method == "int5" and not (layout.data[2].any() or layout.hb[2].any() or layout.sz[2].any())  # padded block: zeros
-    data, hb, sz = cpu_int4.pack5(q, scale, zero)
+    layout = cpu_int4.Layout(n, k, group, 2, bits=bits)
+    assert layout.method == f"int{bits}" and not (layout.data[2].any() or layout.hb[2].any() or layout.sz[2].any())  # padded block: zeros
+    data, hb, sz = _pack(bits, q, scale, zero)
     layout.data.copy_(data), layout.hb.copy_(hb), layout.sz.copy_(sz)  # (as a loader writes it)
     packed = PackedWeight(layout, CPU)
-    assert packed.kernel == "int5" and packed.method == "int5" and packed.out_features == n
+    assert packed.kernel == f"int{bits}" and packed.method == f"int{bits}" and packed.out_features == n
     x = (torch.randn(40, k, generator=g)).bfloat16()
-    exact = _five_bit_reference(x, q[:n], scale[:n], zero[:n], 32)
+    exact = _five_bit_reference(x, q[:n], scale[:n], zero[:n], group, bits)
     with torch.inference_mode():
         for m in (1, 3, 40):
             packed.convert_min_rows = 8

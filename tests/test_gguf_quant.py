@@ -113,8 +113,8 @@ def _assert_same_weights(kept, plain, method: str) -> None:
         with torch.inference_mode():
             got = m.weight(torch.eye(ref.shape[1])).t().float()
         row_max = ref.abs().amax(-1, keepdim=True)
-        # int4 / int5: bf16 scale/zero and the bf16 output; int8: half a step of the row's max, re-rounded
-        tol = row_max * (2**-6 if method in ("int4", "int5") else 1 / 254 * (1 + 2**-6)) + ref.abs() * 2**-8
+        # int4 / int5 / int6: bf16 scale/zero and the bf16 output; int8: half a step of the row's max, re-rounded
+        tol = row_max * (2**-6 if method in ("int4", "int5", "int6") else 1 / 254 * (1 + 2**-6)) + ref.abs() * 2**-8
         assert (got - ref).abs().le(tol).all(), name
         checked += 1
     assert checked
@@ -281,3 +281,89 @@ def test_q5_blocks_take_int8_rows_where_the_measurement_chose_them(tmp_path_fact
     assert len(calls) == 2  # once per measurement kept, not per load or estimate
     saved = held["int8"] - held["int5"]
     assert saved > 0 and abs((estimate["int8"] - estimate["int5"]) - saved) <= 0.1 * saved
+
+
+# ------------------------------------------------------------------ Q6_K files (6-bit codes)
+
+
+from fixtures_gguf import tiny_q6_k_gguf  # noqa: E402
+
+
+def _six_bit_here(monkeypatch, on: bool) -> None:
+    """6-bit codes for Q6_K blocks chosen (PANGU_INFER_INT6=1, unmeasured) or not (=0) from now on."""
+    from pangu_infer.quant import cpu_int4
+
+    if on and (cpu_int4.library() is None or not cpu_int4.usable(256, 16)):
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.SIX_BIT_ENV, "1" if on else "0")
+    cpu_int4.six_bit_chosen.cache_clear()
+
+
+@pytest.fixture
+def _six_bit_default():
+    from pangu_infer.quant import cpu_int4
+
+    yield
+    cpu_int4.six_bit_chosen.cache_clear()
+
+
+def test_q6_k_files_keep_their_6_bit_codes_with_only_the_bf16_rounding_of_scales(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _six_bit_default):
+    """Where the 6-bit form is chosen, every Q6_K linear (the head included) keeps the file's codes
+    (cpu_int4's 6-bit layout, groups of 16, scales only; kernel "int6"): read back through the kernel
+    it is gguf's dequantization within the bf16 rounding of the scales; the memory estimate counts
+    those bytes; with PANGU_INFER_INT6=0 the same file loads as int8 rows, as before."""
+    from pangu_infer.loader import weights_bytes
+    from pangu_infer.quant import cpu_int4
+
+    _six_bit_here(monkeypatch, True)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    path = tiny_q6_k_gguf(tmp_path / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
+    kept = load_model(str(path), torch.float32, CPU, load_tokenizer=False)
+    plain = load_model(str(path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+    packed = {n: m for n, m in kept.model.named_modules() if isinstance(m, PackedWeight)}
+    assert len(packed) == 4 * 2 + 1 and {m.kernel for m in packed.values()} == {"int6"}
+    assert all(m.hb.shape == (*m.data.shape[:2], 32) and m.scales.shape[-2] == 1 and m.group_size == 16 for m in packed.values())
+    _assert_same_weights(kept.model, plain.model, "int6")
+    held = {"int6": sum(t.nbytes for m in packed.values() for t in m.buffers())}
+    estimate = {"int6": weights_bytes(str(path), torch.float32, "auto", False)}
+    _six_bit_here(monkeypatch, False)
+    rows = load_model(str(path), torch.float32, CPU, load_tokenizer=False)
+    assert set(_kernels(rows.model).values()) == {"int8"}
+    held["int8"] = sum(t.nbytes for m in rows.model.modules() if isinstance(m, PackedWeight) for t in m.buffers())
+    estimate["int8"] = weights_bytes(str(path), torch.float32, "auto", False)
+    saved = held["int8"] - held["int6"]
+    assert saved > 0 and abs((estimate["int8"] - estimate["int6"]) - saved) <= 0.1 * saved
+    ids = torch.tensor([1, 5, 9, 4, 7])
+    with torch.inference_mode():
+        want, six, eight = (m.compute_logits(m(ids, torch.arange(5))).double() for m in (plain.model, kept.model, rows.model))
+    # the logits within the quantizations' error of the dequantized model's (amplified by this random
+    # model, as for Q5 files); the 6-bit form, the file's own codes, closer than int8 rows re-rounded
+    # from them (0.070 against 0.103 here)
+    six_err, eight_err = (((got - want).norm() / want.norm()).item() for got in (six, eight))
+    assert six_err < 0.1 and six_err < eight_err < 0.15
+    assert cpu_int4.six_bit_chosen() is False
+
+
+def test_a_fused_weight_with_a_q6_k_piece_among_q4_ones_keeps_int8_rows(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _six_bit_default):
+    """Q4_0 q and k beside a Q6_K v (llama.cpp's Q4_K_M has Q4_K ones there; gguf-py cannot write
+    Q4_K): that q/k/v is one int8 weight; the Q6_K down projections and head alone keep 6-bit codes,
+    the Q4 linears int4."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    _six_bit_here(monkeypatch, True)
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    q4 = {f"model.layers.{i}.{n}.weight": Q.Q4_0 for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}
+    q4["model.layers.1.self_attn.v_proj.weight"] = Q.Q4_0
+    q4["model.embed_tokens.weight"] = Q.Q4_0
+    path = tiny_q6_k_gguf(tmp_path / "tiny-q6_k.gguf", tiny_sentencepiece_vocab, qtypes=q4)
+    kept = load_model(str(path), torch.float32, CPU, load_tokenizer=False)
+    kinds = {n: m.kernel for n, m in kept.model.named_modules() if isinstance(m, PackedWeight)}
+    assert kinds["model.layers.0.self_attn.qkv_proj.weight"] == "int8"  # Q4_0 q, k and a Q6_K v
+    assert kinds["model.layers.1.self_attn.qkv_proj.weight"] == "int4_vnni"
+    assert {n for n, k in kinds.items() if k == "int6"} == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight", "lm_head.weight"}
+    plain = load_model(str(path), torch.float32, CPU, load_tokenizer=False, quantization="none")
+    ids = torch.tensor([1, 5, 9, 4, 7])
+    with torch.inference_mode():
+        got, want = (m.compute_logits(m(ids, torch.arange(5))).double() for m in (kept.model, plain.model))
+    assert ((got - want).norm() / want.norm()).item() < 0.1

@@ -389,3 +389,29 @@ def test_plan_of_a_q5_file_names_the_5_bit_codes_a_cpu_load_keeps(capsys, monkey
         assert abs(planned - held) <= 0.01 * held, (planned, held)
     finally:
         cpu_int4.five_bit_chosen.cache_clear()
+
+
+@pytest.mark.parametrize("six_bit", ["1", "0"])
+def test_plan_of_a_q6_k_file_names_the_6_bit_codes_a_cpu_load_keeps(capsys, monkeypatch, tmp_path, tiny_sentencepiece_vocab, six_bit):
+    """Q6_K blocks kept with their 6-bit codes (groups of 16) or as int8 rows: the plan says which, and
+    its weights line is what the load holds."""
+    from fixtures_gguf import tiny_q6_k_gguf
+    from pangu_infer.device import default_dtype
+    from pangu_infer.loader import load_serving_model
+    from pangu_infer.quant import cpu_int4
+
+    if six_bit == "1" and not cpu_int4.usable(256, 16):
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.SIX_BIT_ENV, six_bit)
+    cpu_int4.six_bit_chosen.cache_clear()
+    try:
+        path = tiny_q6_k_gguf(tmp_path / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
+        monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)
+        rc, out, err = _plan(capsys, "--model", str(path))
+        assert rc == 0, err
+        assert ("Q6_K as int8 or 6-bit codes in groups of 16," if six_bit == "1" else "Q6_K as int8,") in out
+        planned = _weights_line_bytes(out)
+        held = _held(load_serving_model(str(path), default_dtype(CPU), CPU, load_tokenizer=False).model)
+        assert abs(planned - held) <= 0.01 * held, (planned, held)
+    finally:
+        cpu_int4.six_bit_chosen.cache_clear()

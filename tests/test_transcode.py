@@ -437,3 +437,90 @@ def test_q5_blocks_that_do_not_fit_are_refused():
         transcode.to_layout(np.zeros((2, 22), dtype=np.uint8), "Q5_0", None, 0, data, sz)
     with pytest.raises(ValueError, match="bit plane"):  # and Q4 blocks have none
         transcode.to_layout(np.zeros((2, 18), dtype=np.uint8), "Q4_0", None, 0, data, sz, hb)
+
+
+# ------------------------------------------------------------------ Q6_K blocks into the 6-bit layout
+
+
+def _q6k_reference(raw: np.ndarray):
+    """Q6_K blocks [rows, bytes] -> their 6-bit codes uint8 [rows, K], read by gguf's own dequantizer
+    from a copy with d = 1 and every sub-block's scale 1 (then it gives q - 32), and the scales d sc_j
+    float32 [rows, K/16] (f16 d times the int8 scale, as the C pass computes them)."""
+    import gguf
+
+    rows = raw.shape[0]
+    b = raw.reshape(rows, -1, 210)
+    d = b[..., 208:210].copy().view(np.float16)[..., 0].astype(np.float32)  # [rows, nb]
+    sc = b[..., 192:208].copy().view(np.int8).astype(np.float32)  # [rows, nb, 16]
+    unit = b.copy()
+    unit[..., 192:208] = 1
+    unit[..., 208:210] = np.array([1.0], dtype=np.float16).view(np.uint8)
+    codes = gguf.quants.dequantize(unit.reshape(rows, -1), gguf.GGMLQuantizationType.Q6_K) + 32
+    assert codes.min() >= 0 and codes.max() <= 63
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = d[..., None] * sc
+    return codes.astype(np.uint8), scale.reshape(rows, -1)
+
+
+def test_q6_k_blocks_laid_out_directly_give_the_codes_and_scales_of_the_blocks_for_every_f16_scale():
+    """to_layout (Q6_K blocks into the 6-bit layout, groups of 16) against the blocks read by gguf's
+    dequantizer and packed by cpu_int4.pack6: the same codes (low 4 bits and both planes) and bf16
+    scales d sc_j, every f16 d; NaN stays NaN."""
+    raw, k = _blocks_with_every_f16("Q6_K")
+    _five_bit_kernel_here(k)
+    codes, scale = _q6k_reference(raw)
+    want = cpu_int4.pack6(torch.from_numpy(codes), torch.from_numpy(scale), None)
+    blocks = transcode.Q6Blocks(np.ascontiguousarray(raw), "Q6_K", None, materialize=None)
+    assert blocks.shape == (raw.shape[0], k) and blocks.zero_values == 1 and blocks.group_size == 16 and blocks.bits == 6
+    layout = cpu_int4.Layout(raw.shape[0], k, 16, 1, bits=6)
+    assert blocks.lay_out(0, layout.data, layout.sz, layout.hb)
+    assert torch.equal(layout.data, want[0]) and torch.equal(layout.hb, want[1])
+    nan = want[2].isnan()
+    assert layout.sz.shape == want[2].shape and torch.equal(layout.sz.isnan(), nan)
+    assert torch.equal(_bits(layout.sz[~nan]), _bits(want[2][~nan]))
+
+
+@pytest.mark.parametrize("rows", [40, 61])
+def test_q6_k_pieces_laid_out_at_any_row_in_any_order_give_the_packed_whole(rows):
+    """A fused weight's Q6_K pieces at rows that are not multiples of 16 (a block's two planes shared
+    by two pieces: each keeps the other's bits), one reordered, a padded last block: the bytes of the
+    whole weight packed by pack6, and its products those of that weight."""
+    from fixtures_gguf import quantize_q6_k
+
+    _five_bit_kernel_here()
+    g = np.random.default_rng(rows)
+    cuts = [(0, 21), (21, 30), (30, rows)]
+    w = g.standard_normal((rows, 512)).astype(np.float32)
+    parts = [quantize_q6_k(w[a:b]) for a, b in cuts]
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(rows))
+    layout = cpu_int4.Layout(rows, 512, 16, 1, bits=6)
+    layout.hb.fill_(0xFF)  # (whatever an empty tensor held: every row's bits are written)
+    layout.hb[-1].zero_()
+    for i, ((a, b), part) in enumerate(zip(cuts, parts)):
+        blocks = transcode.Q6Blocks(part, "Q6_K", order if i == 1 else None, materialize=None)
+        assert blocks.lay_out(a, layout.data, layout.sz, layout.hb)
+    codes, scales = [], []
+    for i, part in enumerate(parts):
+        c, s = _q6k_reference(part)
+        pick = order.numpy() if i == 1 else slice(None)
+        codes.append(c[pick]), scales.append(s[pick])
+    pad = -rows % 16
+    cat = lambda xs: torch.nn.functional.pad(torch.from_numpy(np.concatenate(xs)), (0, 0, 0, pad))  # noqa: E731
+    want = cpu_int4.pack6(cat(codes), cat(scales), None)
+    assert torch.equal(layout.data, want[0]) and torch.equal(layout.hb, want[1]) and torch.equal(_bits(layout.sz), _bits(want[2]))
+    x = torch.randn(2, 512).bfloat16()
+    y = PackedWeight(layout, torch.device("cpu"))(x)
+    assert torch.equal(y, cpu_int4.matmul5(x, *want, 16)[:, :rows])
+
+
+def test_q6_k_blocks_that_do_not_fit_are_refused():
+    data, sz = torch.zeros(1, 32, 64, dtype=torch.uint8), torch.zeros(1, 16, 1, 16, dtype=torch.bfloat16)
+    hb = torch.zeros(1, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="to_layout: Q6_K rows"):  # 17 rows into one block of 16
+        transcode.to_layout(np.zeros((17, 210), dtype=np.uint8), "Q6_K", None, 0, data, sz, hb)
+    with pytest.raises(ValueError, match="to_layout: Q6_K rows"):  # scales of groups of 32: Q6_K's are 16 wide
+        transcode.to_layout(np.zeros((2, 210), dtype=np.uint8), "Q6_K", None, 0, data, sz[:, :8].contiguous(), hb)
+    with pytest.raises(ValueError, match="bit plane"):  # one plane: the 5-bit form's
+        transcode.to_layout(np.zeros((2, 210), dtype=np.uint8), "Q6_K", None, 0, data, sz, hb[..., :16].contiguous())
+    with pytest.raises(ValueError, match="bit plane none"):
+        transcode.to_layout(np.zeros((2, 210), dtype=np.uint8), "Q6_K", None, 0, data, sz)

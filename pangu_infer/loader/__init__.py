@@ -285,11 +285,11 @@ def weights_bytes(
             net.lm_head = torch.nn.Module()  # a worker rank never fills the head it builds
         if gguf:
             by_target = _gguf_plan(ckpt, net, quantization)[1]
-            # one CPU process: the Q5 tensors the hook keeps with 5-bit codes (see _load_gguf)
+            # one CPU process: the Q5 / Q6_K tensors the hook keeps with their codes (see _load_gguf)
             five = {}
             if tensor_parallel_size == 1 and device.type == "cpu" and by_target:
-                five = _gguf_five_bit_targets(ckpt, net, quantization, by_target)
-            total += quantized_weight_bytes(net, dtype, None, settings=by_target, matrix_dtype=half, device=device, five_bit=five)
+                five = _gguf_high_bit_targets(ckpt, net, quantization, by_target)
+            total += quantized_weight_bytes(net, dtype, None, settings=by_target, matrix_dtype=half, device=device, high_bit=five)
         else:
             total += quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization), offload_experts,
                                             matrix_dtype=half, device=device)
@@ -447,8 +447,8 @@ def _load_gguf(
     # One process on a CPU: Q4 blocks go straight into the int4 kernel's layout, int8 rows into their
     # weight (gguf_tensors.iter_weights).
     lay_out = hook is not None and device.type == "cpu" and not current_parallel_state().is_parallel
-    five_bit = _gguf_five_bit(ckpt, net, quantization, by_target) if lay_out else frozenset()
-    net.load_weights(iter_weights(ckpt, settings, progress, lay_out, five_bit), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
+    high_bit = _gguf_high_bit(ckpt, net, quantization, by_target) if lay_out else frozenset()
+    net.load_weights(iter_weights(ckpt, settings, progress, lay_out, high_bit), dtype=dtype, device=device, hook=hook, matrix_dtype=half)
     if half is not None:
         _keep_half(net)
     net.eval()
@@ -502,31 +502,34 @@ def _gguf_tensors(ckpt: Any, net: DecoderForCausalLM) -> tuple[dict, dict]:
     return types, targets
 
 
-def _gguf_five_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> dict[str, int]:
-    """The target parameters a CPU load keeps with 5-bit codes (for the memory estimate and the plan):
-    those of _gguf_five_bit's tensors that the load hook keeps so (quant.loading.keeps_five_bit), each
-    with its values per group and row (1 where every piece is Q5_0: the scales alone; else 2)."""
-    from pangu_infer.quant.loading import keeps_five_bit, quantizable_weights
+def _gguf_high_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> dict[str, tuple[int, int]]:
+    """The target parameters a CPU load keeps with 5- or 6-bit codes (for the memory estimate and the
+    plan): those of _gguf_high_bit's tensors that the load hook keeps so (quant.loading.keeps_high_bit),
+    each with (bits, values per group and row: 1 where every piece is Q5_0 or Q6_K, the scales alone;
+    else 2)."""
+    from pangu_infer.quant import transcode
+    from pangu_infer.quant.loading import keeps_high_bit, quantizable_weights
 
     params, kinds = dict(net.named_parameters()), quantizable_weights(net)
     types, targets = _gguf_tensors(ckpt, net)
-    out: dict[str, int] = {}
-    for name in _gguf_five_bit(ckpt, net, quantization, by_target):
-        target = targets[name][0]
-        if keeps_five_bit(params[target].shape, kinds.get(target)):
-            out[target] = max(out.get(target, 1), 1 if types[name].name == "Q5_0" else 2)
+    out: dict[str, tuple[int, int]] = {}
+    for name in _gguf_high_bit(ckpt, net, quantization, by_target):
+        target, bits = targets[name][0], transcode.layout_bits(types[name].name)
+        if keeps_high_bit(params[target].shape, kinds.get(target), bits):
+            zs = 1 if types[name].name in ("Q5_0", "Q6_K") else 2
+            out[target] = (bits, max(out.get(target, (bits, 1))[1], zs))
     return out
 
 
-def _gguf_five_bit(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:
-    """The HF names of the Q5 tensors a CPU load may keep with 5-bit codes (gguf_tensors.five_bit_names;
+def _gguf_high_bit(ckpt: Any, net: DecoderForCausalLM, quantization: Any, by_target: dict) -> frozenset:
+    """The HF names of the Q5 / Q6_K tensors a CPU load may keep with their codes (gguf_tensors.high_bit_names;
     quant/loading.py decides per weight): with quantization "auto" (the default) only."""
-    from pangu_infer.loader.gguf_tensors import five_bit_names
+    from pangu_infer.loader.gguf_tensors import high_bit_names
 
     if quantization not in (None, "auto"):
         return frozenset()
     types, targets = _gguf_tensors(ckpt, net)
-    return five_bit_names(types, targets, by_target)
+    return high_bit_names(types, targets, by_target)
 
 
 def _kept_half_dtype(ckpt: Any, dtype: torch.dtype, device: torch.device, quantization: Any) -> Optional[torch.dtype]:

@@ -8,7 +8,8 @@ How each GGUF type is kept (`auto`, the default; docs/design.md has the table wi
 | Q4_1 `w = q * d + m` | int4, groups of 32: scale d, zero m + 8 d | q exact; d, m + 8 d rounded to bf16 |
 | Q4_K `w = q * d * sc_j - dmin * m_j` (sub-blocks of 32) | int4, groups of 32: scale d sc_j, zero 8 d sc_j - dmin m_j | q exact; scale and zero rounded to bf16 |
 | Q5_0 `d (q - 16)`, Q5_1 `d q + m`, Q5_K `q d sc_j - dmin m_j` | 5-bit codes, groups of 32: scale d (d sc_j), zero 0 (m + 16 d; 16 d sc_j - dmin m_j) | q exact; scale and zero rounded to bf16 (CPU, one process, every piece of the weight Q5, the kernel chosen: quant/loading.py) |
-| Q8_0, Q6_K, other block types (and Q5 ones elsewhere) | int8, one scale per row | re-rounded: half a step of max|row| / 127 |
+| Q6_K `d sc_j (q - 32)` (sub-blocks of 16) | 6-bit codes, groups of 16: scale d sc_j, zero 0 | q exact; scale rounded to bf16 (CPU, one process, every piece of the weight Q6_K, the kernel chosen: quant/loading.py) |
+| Q8_0, other block types (and Q5 / Q6_K ones elsewhere) | int8, one scale per row | re-rounded: half a step of max|row| / 127 |
 | F32, F16, BF16 | float (the model's dtype) | as a float load |
 
 The engine's int4 weight is `(q - 8) * scale + zero` per group of 32 with bf16 scale and zero,
@@ -19,7 +20,7 @@ slice of rows at a time (gguf's own dequantizer) and re-quantized per row.
 
 A fused parameter (qkv_proj, gate_up_proj) takes one setting for all its pieces: int4 when every
 piece is a Q4 type, float when every piece is float, int8 otherwise (5-bit codes where every piece is
-a Q5 type and the load hook keeps them: `five_bit_names`).
+a Q5 type, 6-bit ones where every piece is Q6_K, and the load hook keeps them: `high_bit_names`).
 
 Memory: each tensor is converted from the memory-mapped file in slices of about a million
 weights (16 million in pangu_infer.quant.transcode's C passes: Q4_0, Q4_1 and Q4_K into int4
@@ -233,7 +234,7 @@ def permute_quantized_rows(qt: QuantizedTensor, fn) -> QuantizedTensor:
 
 def iter_weights(
     ckpt: Any, settings: dict[str, Optional[QuantizationConfig]], progress: bool = False, lay_out: bool = False,
-    five_bit: frozenset = frozenset(),
+    high_bit: frozenset = frozenset(),
 ) -> Iterator[tuple[str, Union[Weight, transcode.Q4Blocks]]]:
     """(HF name, tensor) of a GGUFCheckpoint: a QuantizedTensor where `settings` (HF tensor name ->
     setting) has one, else the float tensor as `GGUFCheckpoint.tensors()` gives it (float32).
@@ -242,20 +243,20 @@ def iter_weights(
     transcode.Q4Blocks, for the load hook to write straight into its kernel's layout, and tensors
     kept as int8 (Q8_0, Q5 and Q6_K blocks) as transcode.Int8Rows, for it to write into their rows
     of the int8 weight (one process on a CPU: a tensor-parallel shard slices the portable form).
-    five_bit (with lay_out): HF names of Q5_0 / Q5_1 / Q5_K tensors kept as int8 that come as
-    transcode.Q5Blocks instead, for the hook to keep with 5-bit codes where it can (`five_bit_names`:
-    those whose parameter's pieces are all of these types)."""
+    high_bit (with lay_out): HF names of Q5_0 / Q5_1 / Q5_K and Q6_K tensors kept as int8 that come as
+    transcode.Q5Blocks / Q6Blocks instead, for the hook to keep with their 5- or 6-bit codes where it
+    can (`high_bit_names`: those whose parameter's pieces are all of one of these widths)."""
     from tqdm import tqdm
 
     total = sum(int(t.n_bytes) for t in ckpt.reader.tensors)
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting weights", disable=not progress) as bar:
         for t in ckpt.reader.tensors:
             if ckpt.hf_names.get(t.name) is not None:
-                yield _converted(ckpt, t, settings, lay_out, five_bit)
+                yield _converted(ckpt, t, settings, lay_out, high_bit)
             bar.update(int(t.n_bytes))
 
 
-def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfig]], lay_out: bool = False, five_bit: frozenset = frozenset()) -> tuple[str, Any]:
+def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfig]], lay_out: bool = False, high_bit: frozenset = frozenset()) -> tuple[str, Any]:
     """iter_weights' (HF name, tensor) for one GGUF tensor."""
     from pangu_infer.loader.gguf import _dequantize, unpermute_rows
 
@@ -278,8 +279,10 @@ def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfi
         kind = t.tensor_type.name
         if setting.method == "int4" and setting.group_size == GGUF_GROUP and t.tensor_type in int4_types():
             blocks = transcode.Q4Blocks
-        elif setting.method == "int8" and kind in transcode.Q5_BYTES and hf_name in five_bit:
+        elif setting.method == "int8" and kind in transcode.Q5_BYTES and hf_name in high_bit:
             blocks = transcode.Q5Blocks
+        elif setting.method == "int8" and kind in transcode.Q6_BYTES and hf_name in high_bit:
+            blocks = transcode.Q6Blocks
         elif setting.method == "int8" and kind in transcode.DEQUANTIZED:
             blocks = transcode.Int8Rows
         else:
@@ -295,11 +298,11 @@ def _converted(ckpt: Any, t: Any, settings: dict[str, Optional[QuantizationConfi
     return hf_name, unpermuted(x)
 
 
-def five_bit_names(tensor_types: dict[str, Any], targets: dict[str, tuple[str, int]], by_target: dict[str, Optional[QuantizationConfig]]) -> frozenset:
+def high_bit_names(tensor_types: dict[str, Any], targets: dict[str, tuple[str, int]], by_target: dict[str, Optional[QuantizationConfig]]) -> frozenset:
     """HF tensor names (of `tensor_types`: name -> GGUF type; `targets`: name -> (target parameter,
-    in_features)) that may be kept with 5-bit codes: Q5_0 / Q5_1 / Q5_K tensors whose parameter keeps
-    int8 (`by_target`) and whose every piece is of those types (a Q6_K v beside Q5_K q and k keeps the
-    fused qkv in int8 rows)."""
+    in_features)) that may be kept with their 5- or 6-bit codes: Q5_0 / Q5_1 / Q5_K tensors, and Q6_K
+    ones, whose parameter keeps int8 (`by_target`) and whose every piece is of one of those widths (a
+    Q6_K v beside Q5_K or Q4_K q and k keeps the fused qkv in int8 rows)."""
     pieces: dict[str, list[str]] = {}
     for name in tensor_types:
         pieces.setdefault(targets[name][0], []).append(name)
@@ -307,7 +310,7 @@ def five_bit_names(tensor_types: dict[str, Any], targets: dict[str, tuple[str, i
         name
         for target, names in pieces.items()
         if by_target.get(target) is not None and by_target[target].method == "int8"
-        and all(getattr(tensor_types[n], "name", None) in transcode.Q5_BYTES for n in names)
+        and any(all(getattr(tensor_types[n], "name", None) in types for n in names) for types in (transcode.Q5_BYTES, transcode.Q6_BYTES))
         for name in names
     )
 
@@ -340,7 +343,7 @@ __all__ = [
     "combine_methods",
     "convert",
     "dequantize_rows",
-    "five_bit_names",
+    "high_bit_names",
     "iter_weights",
     "kept_method",
     "plan_settings",

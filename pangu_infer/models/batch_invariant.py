@@ -336,7 +336,7 @@ def inline_rows(inner: nn.Module, tile: int) -> int:
     opaque. That holds for
     - PackedLinear: its forward is the registered pangu_infer::packed_linear op;
     - the quantized linears with the own int4 kernel (the registered pangu_infer::int4_vnni_mm op, or
-      its 5-bit form's int5_vnni_mm)
+      its 5- and 6-bit forms' int5_vnni_mm)
       or the int8 kernel (quant/cpu_int8.py's registered pangu_infer::int8_own_mm op where it runs,
       else aten::_weight_int8pack_mm, which inductor lowers to a call of the same aten kernel
       unless max-autotune is on), below the row count where they convert the weight
@@ -349,7 +349,7 @@ def inline_rows(inner: nn.Module, tile: int) -> int:
         return tile
     if type(inner) is QuantizedLinear:
         weight = inner.weight
-        if getattr(weight, "kernel", None) not in ("int4_vnni", "int5", "int8") or weight.method not in ("int4", "int5", "int8"):
+        if getattr(weight, "kernel", None) not in ("int4_vnni", "int5", "int6", "int8") or weight.method not in ("int4", "int5", "int6", "int8"):
             return 0
         if any(os.environ.get(v, "0") == "1" for v in ("TORCHINDUCTOR_MAX_AUTOTUNE", "TORCHINDUCTOR_MAX_AUTOTUNE_GEMM")):
             return 0  # inductor may then pick its own GEMM template for the int8 product

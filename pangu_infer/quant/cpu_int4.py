@@ -314,7 +314,39 @@ static inline __m256i plane_bits(const uint8_t* p) {
   return _mm256_and_si256(_mm256_slli_epi32(_mm256_srlv_epi32(v, shifts), 4), _mm256_set1_epi8(16));
 }
 
-/* zero - o scale for a group's 8 rows, o the codes' offset (8 for 4-bit codes, 16 for 5-bit ones):
+/* The high bits of one octet of a block OR-ed into its unpacked nibbles, by code width (P 1: the 5-bit
+   codes' plane, 16 bytes an octet; P 2: the 6-bit codes' 2 high bits, 32 bytes an octet, laid out
+   so that one load and a shift give each register its bits: 32-bit lane d, byte j holds in bits 4-5
+   row d's column 8o + j (lo of rows 0-7), in bits 6-7 row d's column 8o + 4 + j (hi), in bits 0-1
+   row 8 + d's column 8o + j, in bits 2-3 row 8 + d's column 8o + 4 + j). HIGH16: all 16 rows (lo0
+   and hi0 rows 0-7, lo1 and hi1 rows 8-15; e the octet's bytes); HIGH8: rows 8h .. 8h + 7 (e: the
+   octet's bytes, P 1: 4h bytes on). P a constant at each call. */
+#define HIGH16(P, e, lo0, hi0, lo1, hi1) do { \
+    if ((P) == 1) { \
+      lo0 = _mm256_or_si256(lo0, plane_bits(e)); hi0 = _mm256_or_si256(hi0, plane_bits((e) + 8)); \
+      lo1 = _mm256_or_si256(lo1, plane_bits((e) + 4)); hi1 = _mm256_or_si256(hi1, plane_bits((e) + 12)); \
+    } else if ((P) == 2) { \
+      const __m256i v_ = _mm256_loadu_si256((const __m256i*)(const void*)(e)), m_ = _mm256_set1_epi8(0x30); \
+      lo0 = _mm256_or_si256(lo0, _mm256_and_si256(v_, m_)); hi0 = _mm256_or_si256(hi0, _mm256_and_si256(_mm256_srli_epi32(v_, 2), m_)); \
+      lo1 = _mm256_or_si256(lo1, _mm256_and_si256(_mm256_slli_epi32(v_, 4), m_)); hi1 = _mm256_or_si256(hi1, _mm256_and_si256(_mm256_slli_epi32(v_, 2), m_)); \
+    } \
+  } while (0)
+#define HIGH8(P, e, h, lo, hi) do { \
+    if ((P) == 1) { \
+      lo = _mm256_or_si256(lo, plane_bits(e)); hi = _mm256_or_si256(hi, plane_bits((e) + 8)); \
+    } else if ((P) == 2) { \
+      const __m256i v_ = _mm256_loadu_si256((const __m256i*)(const void*)(e)), m_ = _mm256_set1_epi8(0x30); \
+      if ((h) == 0) { lo = _mm256_or_si256(lo, _mm256_and_si256(v_, m_)); hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi32(v_, 2), m_)); } \
+      else { lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi32(v_, 4), m_)); hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi32(v_, 2), m_)); } \
+    } \
+  } while (0)
+/* Octets summed in int16 before widening to int32, by code width: 4 with 4-bit codes (at most
+   4 * 7620 = 30480), 2 with 5-bit ones (2 * 15748 = 31496), 1 with 6-bit ones (32004); the codes'
+   middle (offset) 8, 16, 32. */
+#define SPAN(P) ((P) == 0 ? 4 : (P) == 1 ? 2 : 1)
+#define OFFSET(P) ((P) == 0 ? 8.0f : (P) == 1 ? 16.0f : 32.0f)
+
+/* zero - o scale for a group's 8 rows, o the codes' offset (8, 16, 32 for 4-, 5-, 6-bit codes):
    s the group's scales, then where zs == 2 its zeros 16 halfwords on (zs == 1: scales only, zeros 0). */
 static inline __m256 group_off(const uint16_t* s, int64_t zs, float o) {
   const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
@@ -323,19 +355,19 @@ static inline __m256 group_off(const uint16_t* s, int64_t zs, float o) {
 
 /* Half h (rows 8h .. 8h + 7) of 16-row block b for M (1..4) activation rows; the arithmetic of the
    AVX-512 block16 lane by lane. xq: [2][MMAX][K] int8 (coarse, fine); dx, xs: [MMAX][K/G]; zs: values
-   per group and row in sz (1 or 2). hb: NULL for 4-bit codes (a constant at every call: the 5-bit
-   steps compile away), else the 5-bit codes' bit plane, each 5th bit OR-ed into its nibble. Octets
-   are summed in int16 before widening to int32: 4 with 4-bit codes (at most 4 * 7620 = 30480), 2
-   with 5-bit ones (2 * 15748 = 31496). */
+   per group and row in sz (1 or 2). P: the bit planes beside the nibbles (0: 4-bit codes, hb NULL;
+   1: 5-bit, 2: 6-bit; a constant at every call, so the planes' steps compile away where there are
+   none), hb the planes [N/16, K/8, 16 P], each code's high bits OR-ed into its nibble. Octets are
+   summed in int16 SPAN(P) at a time before widening to int32. */
 static inline __attribute__((always_inline)) void block8(
-    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz,
     uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b, int h) {
   __m256 acc[MMAX];
   for (int m = 0; m < M; m++) acc[m] = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(15);
-  const int64_t ng = K / G, gs = 16 * zs, span = hb ? 2 : 4;
+  const int64_t ng = K / G, gs = 16 * zs, span = SPAN(P);
   const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
-  const uint8_t* e = hb ? hb + b * (K / 8) * 16 + 4 * h : NULL;
+  const uint8_t* e = P ? hb + b * (K / 8) * 16 * P + (P == 1 ? 4 * h : 0) : NULL;
   const uint16_t* sp = sz + b * ng * gs + 8 * h;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i c[MMAX], f[MMAX];
@@ -347,10 +379,9 @@ static inline __attribute__((always_inline)) void block8(
       for (int64_t o = o0; o < o1; o++, p += 64) {
         const __m256i v = _mm256_loadu_si256((const __m256i*)p);
         __m256i lo = _mm256_and_si256(v, mask), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
-        if (hb) {
-          lo = _mm256_or_si256(lo, plane_bits(e));
-          hi = _mm256_or_si256(hi, plane_bits(e + 8));
-          e += 16;
+        if (P) {
+          HIGH8(P, e, h, lo, hi);
+          e += 16 * P;
         }
         for (int m = 0; m < M; m++) {
           const int8_t* cq = xq + m * K + g * G + 8 * o;
@@ -368,7 +399,7 @@ static inline __attribute__((always_inline)) void block8(
         f[m] = _mm256_add_epi32(f[m], _mm256_madd_epi16(f16[m], _mm256_set1_epi16(1)));
       }
     }
-    const __m256 sc = bf8(sp), off = group_off(sp, zs, hb ? 16.0f : 8.0f);
+    const __m256 sc = bf8(sp), off = group_off(sp, zs, OFFSET(P));
     for (int m = 0; m < M; m++) acc[m] = group_end_sc(acc[m], c[m], f[m], sc, off, dx[m * ng + g], xs[m * ng + g]);
   }
   for (int m = 0; m < M; m++) {
@@ -379,14 +410,14 @@ static inline __attribute__((always_inline)) void block8(
 }
 
 /* One activation row, all 16 rows of block b in one pass: each broadcast of x feeds both halves.
-   hb as block8's (NULL: 4-bit codes); the same sums and group ends as block8: its bits. */
+   hb and P as block8's (P 0: 4-bit codes); the same sums and group ends as block8: its bits. */
 static inline __attribute__((always_inline)) void row16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
-                                                        const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
+                                                        const uint8_t* hb, const int P, const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
   __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-  const int64_t ng = K / G, gs = 16 * zs, span = hb ? 2 : 4;
+  const int64_t ng = K / G, gs = 16 * zs, span = SPAN(P);
   const uint8_t* p = w + b * (K / 8) * 64;
-  const uint8_t* e = hb ? hb + b * (K / 8) * 16 : NULL;
+  const uint8_t* e = P ? hb + b * (K / 8) * 16 * P : NULL;
   const uint16_t* sp = sz + b * ng * gs;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i c0 = _mm256_setzero_si256(), c1 = c0, f0 = c0, f1 = c0;
@@ -401,11 +432,10 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
         __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
         __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-        if (hb) {
-          PREFETCH_AHEAD(e, WEIGHTS_AHEAD / 4);
-          lo0 = _mm256_or_si256(lo0, plane_bits(e)); hi0 = _mm256_or_si256(hi0, plane_bits(e + 8));
-          lo1 = _mm256_or_si256(lo1, plane_bits(e + 4)); hi1 = _mm256_or_si256(hi1, plane_bits(e + 12));
-          e += 16;
+        if (P) {
+          PREFETCH_AHEAD(e, WEIGHTS_AHEAD / 4 * P);
+          HIGH16(P, e, lo0, hi0, lo1, hi1);
+          e += 16 * P;
         }
         const __m256i bc0 = bcast4(cq), bc1 = bcast4(cq + 4);
         c160 = dot2(c160, lo0, bc0, hi0, bc1); c161 = dot2(c161, lo1, bc0, hi1, bc1);
@@ -417,7 +447,7 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
       c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(c160, ones)); c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(c161, ones));
       f0 = _mm256_add_epi32(f0, _mm256_madd_epi16(f160, ones)); f1 = _mm256_add_epi32(f1, _mm256_madd_epi16(f161, ones));
     }
-    const float o = hb ? 16.0f : 8.0f;
+    const float o = OFFSET(P);
     acc0 = group_end_sc(acc0, c0, f0, bf8(sp), group_off(sp, zs, o), dx[g], xs[g]);
     acc1 = group_end_sc(acc1, c1, f1, bf8(sp + 8), group_off(sp + 8, zs, o), dx[g], xs[g]);
   }
@@ -436,21 +466,21 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
 /* R (1..4) activation rows against all 16 rows of block b, activations in one level, groups of G
    (32, 64 or 128: a constant), in one pass: each broadcast of an activation's 4 bytes feeds both
    halves (as row16 does for one row), and each unpacked octet all R rows (16 int16 sums of `span`
-   octets in registers at R = 4, widened to int32 every `span` octets: 4 with 4-bit codes, 2 with
-   5-bit ones, hb as block8's). The int32 sums are block8's (exact integers), each group's end the
+   octets in registers at R = 4, widened to int32 every `span` octets: SPAN(P), hb and P as
+   block8's). The int32 sums are block8's (exact integers), each group's end the
    same steps in the same order: block8's bits. On a Zen 3 EPYC at 4-2048 rows 1.1x block8's speed
    with 4-bit codes (both with dot2's register barrier; 1.4-1.5x block8's without it), 1.3-1.45x at
    2-16 rows with 5-bit codes (the plane expanded once for both halves). */
 static inline __attribute__((always_inline)) void many16(
-    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz,
     uint16_t* y, const int R, int64_t ldy, int64_t K, const int64_t G, const int64_t zs, int64_t b) {
   float acc[4][16] __attribute__((aligned(32)));  /* in memory: the registers hold the int16 sums */
   memset(acc, 0, sizeof acc);
   const __m256i mask = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
   const int64_t ng = K / G, gs = 16 * zs;
-  const int span = hb ? 2 : 4;
+  const int span = SPAN(P);
   const uint8_t* p = w + b * (K / 8) * 64;
-  const uint8_t* e = hb ? hb + b * (K / 8) * 16 : NULL;
+  const uint8_t* e = P ? hb + b * (K / 8) * 16 * P : NULL;
   const uint16_t* sp = sz + b * ng * gs;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i s0[4], s1[4];  /* the group's int32 sums */
@@ -461,10 +491,9 @@ static inline __attribute__((always_inline)) void many16(
         const __m256i v0 = _mm256_loadu_si256((const __m256i*)p), v1 = _mm256_loadu_si256((const __m256i*)(p + 32));
         __m256i lo0 = _mm256_and_si256(v0, mask), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), mask);
         __m256i lo1 = _mm256_and_si256(v1, mask), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), mask);
-        if (hb) {
-          lo0 = _mm256_or_si256(lo0, plane_bits(e)); hi0 = _mm256_or_si256(hi0, plane_bits(e + 8));
-          lo1 = _mm256_or_si256(lo1, plane_bits(e + 4)); hi1 = _mm256_or_si256(hi1, plane_bits(e + 12));
-          e += 16;
+        if (P) {
+          HIGH16(P, e, lo0, hi0, lo1, hi1);
+          e += 16 * P;
         }
         for (int m = 0; m < R; m++) {
           const int8_t* cq = xq + m * K + g * G + 8 * span * q + 8 * o;
@@ -479,7 +508,7 @@ static inline __attribute__((always_inline)) void many16(
         s1[m] = q == 0 ? t1 : _mm256_add_epi32(s1[m], t1);
       }
     }
-    const float o = hb ? 16.0f : 8.0f;
+    const float o = OFFSET(P);
     const __m256 sc0 = bf8(sp), sc1 = bf8(sp + 8), off0 = group_off(sp, zs, o), off1 = group_off(sp + 8, zs, o);
     for (int m = 0; m < R; m++) {
       const float step = dx[m * ng + g], sum = xs[m * ng + g];
@@ -491,13 +520,13 @@ static inline __attribute__((always_inline)) void many16(
     for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(acc[m][d]);
 }
 
-/* With the activations in one level and groups of 32, 64 or 128: both halves in one pass (many16),
-   the group size and zs constants (HB: NULL for 4-bit codes, else the plane); else the halves apart
-   (block8, groups of 32 a constant). */
+/* With the activations in one level and groups of GG (16, 32, 64 or 128): both halves in one pass
+   (many16), the group size and zs constants (HB, PP: NULL and 0 for 4-bit codes, else the planes and
+   their count); else the halves apart (block8, groups of 32 a constant). */
 #if INT4_FINE
-#define MANY16(MM, GG, HB) 0
+#define MANY16(MM, GG, HB, PP) 0
 #else
-#define MANY16(MM, GG, HB) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, HB, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, HB, sz, y, MM, ldy, K, GG, 1, b), 1)))
+#define MANY16(MM, GG, HB, PP) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, HB, PP, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, HB, PP, sz, y, MM, ldy, K, GG, 1, b), 1)))
 #endif
 """
 
@@ -510,20 +539,20 @@ static inline __attribute__((always_inline)) void many16(
 _KERNELS_AVX2 = r"""
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
-  if (MANY16(MM, 32, NULL) || MANY16(MM, 64, NULL) || MANY16(MM, 128, NULL)) return; \
+  if (MANY16(MM, 32, NULL, 0) || MANY16(MM, 64, NULL, 0) || MANY16(MM, 128, NULL, 0)) return; \
   for (int h = 0; h < 2; h++) \
-    CALL_G(block8(xq, dx, xs, w, NULL, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, NULL, sz, y, MM, ldy, K, G, zs, b, h)); }
+    CALL_G(block8(xq, dx, xs, w, NULL, 0, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, NULL, 0, sz, y, MM, ldy, K, G, zs, b, h)); }
 ROWS(2) ROWS(3) ROWS(4)
 static void rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint16_t* sz,
                   uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
   (void)ldy;
-  CALL_G(row16(xq, dx, xs, w, NULL, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, NULL, sz, y, K, G, zs, b));
+  CALL_G(row16(xq, dx, xs, w, NULL, 0, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, NULL, 0, sz, y, K, G, zs, b));
 }
 
 /* One activation row, blocks b and b + 1 (the AVX-512 kernel's pair; here one block after the other). */
 static void pair16(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w,
                    const uint16_t* sz, uint16_t* y, int64_t K, int64_t G, int64_t zs, int64_t b) {
-  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, NULL, sz, y, K, 32, zs, i), row16(xq, dx, xs, w, NULL, sz, y, K, G, zs, i));
+  for (int64_t i = b; i < b + 2; i++) CALL_G(row16(xq, dx, xs, w, NULL, 0, sz, y, K, 32, zs, i), row16(xq, dx, xs, w, NULL, 0, sz, y, K, G, zs, i));
 }
 
 /* W^T [K, N] bf16 from the layout, as the AVX-512 build's: q * scale + (zero - 8 scale) in fp32, one
@@ -575,43 +604,58 @@ _INT5 = r"""
    steps are laid out as constants (two octets per int16 sum, the plane ORs unconditional) as the
    4-bit ones are with NULL (1.3x at 2-16 rows against a run-time test). */
 #define HB_SET(hb) do { if (!(hb)) __builtin_unreachable(); } while (0)
-static void q5_rows1(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const uint16_t* sz,
-                     uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
-  (void)ldy;
-  HB_SET(hb);
-  CALL_G(row16(xq, dx, xs, w, hb, sz, y, K, 32, zs, b), row16(xq, dx, xs, w, hb, sz, y, K, G, zs, b));
-}
-#define Q5_ROWS(MM) static void q5_rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+/* The row functions of codes with P planes (q5_: 5-bit codes, q6_: 6-bit ones), the group size GC a
+   constant where it is GC (32 for GGUF's Q5 blocks, 16 for Q6_K's scales). */
+#define HIGH_ROWS1(NAME, PP, GC) static void NAME(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  (void)ldy; \
+  HB_SET(hb); \
+  if (G == GC) row16(xq, dx, xs, w, hb, PP, sz, y, K, GC, zs, b); else row16(xq, dx, xs, w, hb, PP, sz, y, K, G, zs, b); }
+#define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   HB_SET(hb); \
-  if (MANY16(MM, 32, hb) || MANY16(MM, 64, hb) || MANY16(MM, 128, hb)) return; \
-  for (int h = 0; h < 2; h++) \
-    CALL_G(block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, 32, zs, b, h), block8(xq, dx, xs, w, hb, sz, y, MM, ldy, K, G, zs, b, h)); }
-Q5_ROWS(2) Q5_ROWS(3) Q5_ROWS(4)
+  if (MANY16(MM, GC, hb, PP) || MANY16(MM, 32, hb, PP) || MANY16(MM, 64, hb, PP) || MANY16(MM, 128, hb, PP)) return; \
+  for (int h = 0; h < 2; h++) { \
+    if (G == GC) block8(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, GC, zs, b, h); \
+    else block8(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, G, zs, b, h); } }
+HIGH_ROWS1(q5_rows1, 1, 32) HIGH_ROWS(q5_rows, 2, 1, 32) HIGH_ROWS(q5_rows, 3, 1, 32) HIGH_ROWS(q5_rows, 4, 1, 32)
+HIGH_ROWS1(q6_rows1, 2, 16) HIGH_ROWS(q6_rows, 2, 2, 16) HIGH_ROWS(q6_rows, 3, 2, 16) HIGH_ROWS(q6_rows, 4, 2, 16)
 
-/* W^T [K, N] bf16 from the 5-bit layout: q * scale + (zero - 16 scale) in fp32, one fused
-   multiply-add, rounded to bf16 once (to nearest even), as the int4 conversion. Block b. */
-static void q5_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* out,
-                               int64_t N, int64_t K, int64_t G, int64_t zs, int64_t b) {
+/* W^T [K, N] bf16 from the layout of codes with P planes (1: 5-bit, 2: 6-bit; a constant at each
+   call): q * scale + (zero - OFFSET(P) scale) in fp32, one fused multiply-add, rounded to bf16 once
+   (to nearest even), as the int4 conversion. Block b. */
+static inline __attribute__((always_inline)) void high_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz, uint16_t* out,
+                                                                       int64_t N, int64_t K, int64_t G, int64_t zs, int64_t b) {
   const int64_t octets = K / 8, gs = 16 * zs;
   const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
   const __m256i nib = _mm256_set1_epi32(15), rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int h = 0; h < 2; h++) {
     const uint8_t* p = w + b * octets * 64 + 32 * h;
-    const uint8_t* e = hb + b * octets * 16 + 4 * h;
+    const uint8_t* e = hb + b * octets * 16 * P + (P == 1 ? 4 * h : 0);
     const uint16_t* sp = sz + b * (K / G) * gs + 8 * h;
-    for (int64_t o = 0; o < octets; o++, p += 64, e += 16) {
+    for (int64_t o = 0; o < octets; o++, p += 64, e += 16 * P) {
       const uint16_t* s = sp + ((8 * o) / G) * gs;
-      const __m256 sc = bf8(s), off = group_off(s, zs, 16.0f);
+      const __m256 sc = bf8(s), off = group_off(s, zs, OFFSET(P));
       const __m256i v = _mm256_loadu_si256((const __m256i*)p);
-      uint32_t plo, phi;
-      memcpy(&plo, e, 4);
-      memcpy(&phi, e + 8, 4);
+      uint32_t plo = 0, phi = 0;
+      /* P 2: the octet's 2 high bits of rows 8h + d in lane d, moved to bits 4-5 (lo) and 6-7 (hi) of each byte */
+      const __m256i crumbs = P == 2 ? (h == 0 ? _mm256_loadu_si256((const __m256i*)(const void*)e)
+                                              : _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(const void*)e), 4)) : _mm256_setzero_si256();
+      if (P == 1) {
+        memcpy(&plo, e, 4);
+        memcpy(&phi, e + 8, 4);
+      }
       for (int j = 0; j < 4; j++) {
         const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
-        /* bit d of plane byte j, for lane d (row d): shifted to bit 4 */
-        const __m256i blo = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(plo >> (8 * j))), rows), one), 4);
-        const __m256i bhi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(phi >> (8 * j))), rows), one), 4);
+        __m256i blo, bhi;
+        if (P == 1) {  /* bit d of plane byte j, for lane d (row d): shifted to bit 4 */
+          blo = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(plo >> (8 * j))), rows), one), 4);
+          bhi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(phi >> (8 * j))), rows), one), 4);
+        } else {  /* byte j's bits 4-5 and 6-7 -> bits 4-5 of lane d */
+          const __m256i c = _mm256_srli_epi32(crumbs, 8 * j);
+          blo = _mm256_and_si256(c, _mm256_set1_epi32(0x30));
+          bhi = _mm256_and_si256(_mm256_srli_epi32(c, 2), _mm256_set1_epi32(0x30));
+        }
         const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(bytes, nib), blo)), sc, off),
                              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(bytes, 4), bhi)), sc, off)};
         for (int q = 0; q < 2; q++) {
@@ -625,19 +669,23 @@ static void q5_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const uint16
   }
 }
 
+/* pangu_int4_to_bf16_t's for codes with `planes` bit planes (1: 5-bit codes, 2: 6-bit) in hb. */
 int pangu_int5_to_bf16_t(const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* out,
-                         int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
-  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
+                         int64_t N, int64_t K, int64_t G, int64_t zs, int64_t planes, int64_t threads) {
+  if (N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2 || !hb || planes < 1 || planes > 2) return 1;
   const int64_t nb = N / 16;
   #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 2 * threads)
-  for (int64_t b = 0; b < nb; b++) q5_to_bf16_t_block(w, hb, sz, out, N, K, G, zs, b);
+  for (int64_t b = 0; b < nb; b++) {
+    if (planes == 2) high_to_bf16_t_block(w, hb, 2, sz, out, N, K, G, zs, b);
+    else high_to_bf16_t_block(w, hb, 1, sz, out, N, K, G, zs, b);
+  }
   return 0;
 }
 """
 
 # What both builds share: the quantization of the activations, the row loops, the experts.
 _COMMON = r"""
-int pangu_int4_abi(void) { return 5; }
+int pangu_int4_abi(void) { return 6; }
 int pangu_int4_levels(void) { return INT4_FINE ? 2 : 1; }  /* int8 levels of the activations */
 
 /* W^T [K, N] bf16 from the layout, block by block (each build's to_bf16_t_block), zs a constant per call. */
@@ -776,8 +824,9 @@ int pangu_int4_experts_down(const uint16_t* h, const int64_t* ids, const void* w
    chunk of MMAX rows. */
 #define TILE_BLOCKS 4
 
-/* The product with 4-bit codes (hb NULL) or 5-bit ones (hb the bit plane: _INT5's functions). */
-static int weight_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* y,
+/* The product with 4-bit codes (hb NULL, planes 0) or 5- or 6-bit ones (hb the 1 or 2 bit planes:
+   _INT5's functions). */
+static int weight_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, int64_t planes, const uint16_t* sz, uint16_t* y,
                      int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
   if (M < 1 || N % 16 || G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
   const int64_t ng = K / G, nb = N / 16, nc = (M + MMAX - 1) / MMAX;
@@ -791,10 +840,13 @@ static int weight_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, con
   #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nc >= 4 * threads)
   for (int64_t c = 0; c < nc; c++)
     quant_chunk(x, xq + c * xq_stride, dx + c * dx_stride, c * MMAX, CHUNK_ROWS(c), K, G);
-  if (M == 1 && hb) {  /* decode, 5-bit codes: block by block */
+  if (M == 1 && hb) {  /* decode, 5- or 6-bit codes: block by block */
     const float* xs = dx + MMAX * ng;
     #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && nb >= 8 * threads)
-    for (int64_t b = 0; b < nb; b++) q5_rows1(xq, dx, xs, w, hb, sz, y, N, K, G, zs, b);
+    for (int64_t b = 0; b < nb; b++) {
+      if (planes == 2) q6_rows1(xq, dx, xs, w, hb, sz, y, N, K, G, zs, b);
+      else q5_rows1(xq, dx, xs, w, hb, sz, y, N, K, G, zs, b);
+    }
   } else if (M == 1) {
     row_product(xq, dx, w, sz, y, N, K, G, zs, threads);  /* decode: the experts' one-row product */
   } else {
@@ -811,7 +863,8 @@ static int weight_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, con
         void (*f)(const int8_t*, const float*, const float*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t) =
             rows == 1 ? rows1 : rows == 2 ? rows2 : rows == 3 ? rows3 : rows4;
         void (*f5)(const int8_t*, const float*, const float*, const uint8_t*, const uint8_t*, const uint16_t*, uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t) =
-            rows == 1 ? q5_rows1 : rows == 2 ? q5_rows2 : rows == 3 ? q5_rows3 : q5_rows4;
+            planes == 2 ? (rows == 1 ? q6_rows1 : rows == 2 ? q6_rows2 : rows == 3 ? q6_rows3 : q6_rows4)
+                        : (rows == 1 ? q5_rows1 : rows == 2 ? q5_rows2 : rows == 3 ? q5_rows3 : q5_rows4);
         const float* dc = dx + c * dx_stride;
         for (int64_t b = t * tb; b < b1; b++) {
           if (hb) f5(xq + c * xq_stride, dc, dc + MMAX * ng, w, hb, sz, y + c * MMAX * N, N, K, G, zs, b);
@@ -828,15 +881,16 @@ static int weight_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, con
 
 int pangu_int4_mm(const uint16_t* x, const uint8_t* w, const uint16_t* sz, uint16_t* y,
                   int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
-  return weight_mm(x, w, NULL, sz, y, M, N, K, G, zs, threads);
+  return weight_mm(x, w, NULL, 0, sz, y, M, N, K, G, zs, threads);
 }
 
-/* y [M, N] bf16 = x [M, K] bf16 times a weight of 5-bit codes: the int4 layout w, its bit plane hb
-   [N/16, K/8, 16] and sz (w = (q - 16) scale + zero); pangu_int4_mm's rows, chunks and tiles. */
+/* y [M, N] bf16 = x [M, K] bf16 times a weight of 5- or 6-bit codes: the int4 layout w (the low 4
+   bits), its `planes` bit planes hb [N/16, K/8, 16 planes] (1: 5-bit codes, w = (q - 16) scale +
+   zero; 2: 6-bit, w = (q - 32) scale + zero) and sz; pangu_int4_mm's rows, chunks and tiles. */
 int pangu_int5_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, const uint16_t* sz, uint16_t* y,
-                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t threads) {
-  if (!hb) return 1;
-  return weight_mm(x, w, hb, sz, y, M, N, K, G, zs, threads);
+                  int64_t M, int64_t N, int64_t K, int64_t G, int64_t zs, int64_t planes, int64_t threads) {
+  if (!hb || planes < 1 || planes > 2) return 1;
+  return weight_mm(x, w, hb, planes, sz, y, M, N, K, G, zs, threads);
 }
 """
 
@@ -927,7 +981,7 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     """One build of the kernel (SOURCE or SOURCE_AVX2), its functions typed; None for a library of
     another ABI. Raises what build_c_library raises."""
     lib = build_c_library(name, source, compiler, FLAGS)
-    if lib.pangu_int4_abi() != 5:
+    if lib.pangu_int4_abi() != 6:
         return None
     lib.pangu_int4_levels.restype = ctypes.c_int
     fn = lib.pangu_int4_mm
@@ -944,10 +998,10 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
     fn5 = lib.pangu_int5_mm
     fn5.restype = ctypes.c_int
-    fn5.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 6
+    fn5.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 7
     conv5 = lib.pangu_int5_to_bf16_t
     conv5.restype = ctypes.c_int
-    conv5.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+    conv5.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6
     return lib
 
 
@@ -1055,24 +1109,62 @@ def five_bit_chosen() -> bool:
     return own_kernel_measured_faster("int5_decode_kernel" + tag(), measure_five_bit, "5-bit decode kernel (against int8 rows)")
 
 
+SIX_BIT_ENV = "PANGU_INFER_INT6"
+
+
+def measure_six_bit() -> dict[str, float]:
+    """measure_five_bit's for 6-bit codes in Q6_K's groups of 16, scales only (pack6), against the
+    same int8 rows."""
+    from pangu_infer.quant import cpu_int8
+
+    g = torch.Generator().manual_seed(0)
+    n, k, group = MEASURE5_N, MEASURE5_K, 16
+    six, eight = [], []
+    for _ in range(MEASURE5_COUNT):
+        q = torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=g)
+        six.append(pack6(q, torch.rand(n, k // group, generator=g) * 0.01, None))
+        eight.append(((q.to(torch.int8) - 32).contiguous(), (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)))
+        del q
+    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
+    int8 = cpu_int8.matmul if cpu_int8.usable(k) else torch.ops.aten._weight_int8pack_mm
+    runs = {
+        "own": lambda: [matmul(x, d, sz, group, hb) for d, hb, sz in six],
+        "aten": lambda: [int8(x, d, s) for d, s in eight],
+    }
+    return _best_of_interleaved(runs)
+
+
+@functools.lru_cache(maxsize=None)
+def six_bit_chosen() -> bool:
+    """Are GGUF's Q6_K blocks kept with their 6-bit codes here (the int4 layout and two bit planes,
+    groups of 16) rather than as int8 rows: five_bit_chosen's rule, measured apart (key
+    `int6_decode_kernel`); `PANGU_INFER_INT6=0` keeps int8 rows, `=1` uses it unmeasured."""
+    value = os.environ.get(SIX_BIT_ENV, "").strip().lower()
+    if value in ("0", "off", "no", "false") or library() is None:
+        return False
+    if value in ("1", "on", "yes", "true"):
+        return True
+    return own_kernel_measured_faster("int6_decode_kernel" + tag(), measure_six_bit, "6-bit decode kernel (against int8 rows)")
+
+
 # ------------------------------------------------------------------------------------ layout
 
 
 class Layout:
     """A weight [N, K] written straight into the kernel's layout (pack's weight and scale-and-zero;
-    bits 5: pack5's, with the bit plane `hb`), row by row, by a loader (pangu_infer.quant.transcode's
+    bits 5 or 6: pack5's or pack6's, with the bit planes `hb`), row by row, by a loader (pangu_infer.quant.transcode's
     Q4Blocks and Q5Blocks: a GGUF file's blocks) instead of packed from the portable format. N is
     padded to whole blocks of 16 rows: the padded rows are code 0, scale 0 and zero 0 from the start,
     as pack's caller pads them."""
 
     def __init__(self, out_features: int, in_features: int, group_size: int, zero_values: int, bits: int = 4):
-        if zero_values not in (1, 2) or in_features % group_size or group_size % OCTET or bits not in (4, 5):
+        if zero_values not in (1, 2) or in_features % group_size or group_size % OCTET or bits not in (4, 5, 6):
             raise ValueError(f"no int{bits} layout for [{out_features}, {in_features}] in groups of {group_size} with {zero_values} values")
         self.out_features, self.in_features, self.group_size = out_features, in_features, group_size
         self.method = f"int{bits}"
         blocks = -(-out_features // ROW_BLOCK)
         self.data = torch.empty(blocks, in_features // OCTET, 64, dtype=torch.uint8)
-        self.hb = torch.empty(blocks, in_features // OCTET, 16, dtype=torch.uint8) if bits == 5 else None
+        self.hb = torch.empty(blocks, in_features // OCTET, 16 * (bits - 4), dtype=torch.uint8) if bits > 4 else None
         self.sz = torch.empty(blocks, in_features // group_size, zero_values, ROW_BLOCK, dtype=torch.bfloat16)
         if out_features % ROW_BLOCK:
             for t in (self.data, self.hb, self.sz):
@@ -1158,8 +1250,37 @@ def pack_plane(high: torch.Tensor) -> torch.Tensor:
 def unpack_plane(hb: torch.Tensor) -> torch.Tensor:
     """pack_plane's inverse: [N/16, K/8, 16] -> the 5th bits uint8 0/1 [N, K]."""
     nb, octets = hb.shape[0], hb.shape[1]
-    bits = (hb.view(nb, octets, 2, 2, 4, 1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1  # [nb, o, lh, h, j, d]
+    bits = (hb.reshape(nb, octets, 2, 2, 4, 1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1  # [nb, o, lh, h, j, d]
     return bits.permute(0, 3, 5, 1, 2, 4).reshape(nb * ROW_BLOCK, octets * OCTET).to(torch.uint8)
+
+
+def planes(hb: Optional[torch.Tensor]) -> int:
+    """Bit planes beside the nibbles in hb [N/16, K/8, 16 P]: 1 for 5-bit codes (pack5), 2 for 6-bit
+    ones (pack6); 0 for None (4-bit codes)."""
+    return 0 if hb is None else hb.shape[-1] // 16
+
+
+def pack_crumbs(high: torch.Tensor) -> torch.Tensor:
+    """The 6-bit layout's high bits: the codes' 2 high bits uint8 0..3 [N, K] (N a multiple of 16) ->
+    uint8 [N/16, K/8, 32] (_INT5's HIGH16: for octet o, byte 4d + j holds in bits 4-5 row d's column
+    8o + j, in bits 6-7 row d's column 8o + 4 + j, in bits 0-1 and 2-3 the same of row 8 + d)."""
+    n, k = high.shape
+    v = high.view(n // ROW_BLOCK, 2, 8, k // OCTET, 2, 4)  # [nb, h, d, o, low/high nibble, j]
+    b = (v[:, 0, :, :, 0] << 4) | (v[:, 0, :, :, 1] << 6) | v[:, 1, :, :, 0] | (v[:, 1, :, :, 1] << 2)  # [nb, d, o, j]
+    return b.permute(0, 2, 1, 3).reshape(n // ROW_BLOCK, k // OCTET, 32).contiguous()
+
+
+def unpack_crumbs(hb: torch.Tensor) -> torch.Tensor:
+    """pack_crumbs' inverse: [N/16, K/8, 32] -> the 2 high bits uint8 0..3 [N, K]."""
+    nb, octets = hb.shape[0], hb.shape[1]
+    b = hb.reshape(nb, octets, 8, 4).permute(0, 2, 1, 3)  # [nb, d, o, j]
+    rows = [torch.stack(((b >> s) & 3, (b >> (s + 2)) & 3), dim=3) for s in (4, 0)]  # rows d, then 8 + d: [nb, d, o, lh, j]
+    return torch.stack(rows, dim=1).reshape(nb * ROW_BLOCK, octets * OCTET)
+
+
+def unpack_high(hb: torch.Tensor) -> torch.Tensor:
+    """The codes' bits above the nibbles (pack5's plane or pack6's crumbs): uint8 [N, K], 0..1 or 0..3."""
+    return unpack_crumbs(hb) if planes(hb) == 2 else unpack_plane(hb)
 
 
 def pack5(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1169,16 +1290,24 @@ def pack5(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) ->
     return pack_codes(q & 15), pack_plane(q >> 4), pack_scales(scale, zero)
 
 
+def pack6(q: torch.Tensor, scale: torch.Tensor, zero: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """6-bit codes uint8 0..63 [N, K] (N a multiple of 16), scale and zero [N, K/G] (w = (q - 32) scale +
+    zero; zero None: every zero 0; GGUF's Q6_K: groups of 16, scales only) -> the 6-bit layout: (weight
+    [N/16, K/8, 64], the 2 high bits [N/16, K/8, 32] (pack_crumbs), scale-and-zero [N/16, K/G, 2 or 1, 16])."""
+    return pack_codes(q & 15), pack_crumbs(q >> 4), pack_scales(scale, zero)
+
+
 def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W^T [K, N] in bf16 from the kernel's layout (products of many rows convert the weight); hb: the
-    bit plane of 5-bit codes (pack5's layout: w = (q - 16) scale + zero), else None."""
-    q = unpack_codes(data) if hb is None else unpack_codes(data) | (unpack_plane(hb) << 4)
+    bit planes of 5- or 6-bit codes (pack5's or pack6's layout: w = (q - 16) scale + zero, or q - 32),
+    else None."""
+    q = unpack_codes(data) if hb is None else unpack_codes(data) | (unpack_high(hb) << 4)
     q = q.float()  # [N, K]
     n, k = q.shape
     scale = sz[:, :, 0].permute(0, 2, 1).reshape(n, -1, 1).float()  # [N, K/G, 1]
     # scales only: zeros of 0 in the same formula (the same bits as stored zeros of 0)
     zero = sz[:, :, 1].permute(0, 2, 1).reshape(n, -1, 1).float() if zero_values(sz) == 2 else torch.zeros_like(scale)
-    w = torch.addcmul(zero - (8 if hb is None else 16) * scale, q.reshape(n, -1, group_size), scale)
+    w = torch.addcmul(zero - (8 << planes(hb)) * scale, q.reshape(n, -1, group_size), scale)
     return w.reshape(n, k).to(torch.bfloat16).t()
 
 
@@ -1196,7 +1325,7 @@ def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optiona
     if hb is None:
         rc = lib.pangu_int4_to_bf16_t(data.data_ptr(), sz.data_ptr(), *args)
     else:
-        rc = lib.pangu_int5_to_bf16_t(data.data_ptr(), hb.data_ptr(), sz.data_ptr(), *args)
+        rc = lib.pangu_int5_to_bf16_t(data.data_ptr(), hb.data_ptr(), sz.data_ptr(), *args[:-1], planes(hb), args[-1])
     return dequantize_t(data, sz, group_size, hb) if rc else out
 
 
@@ -1205,11 +1334,11 @@ def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optiona
 
 def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [M, K] bf16 (contiguous) times the weight -> [M, N] bf16; N is the padded row count. hb: the
-    bit plane of a weight of 5-bit codes (pack5's layout), else None."""
+    bit planes of a weight of 5- or 6-bit codes (pack5's or pack6's layout), else None."""
     lib = library()
     n = data.shape[0] * ROW_BLOCK
     k = data.shape[1] * OCTET
-    kind = "int4" if hb is None else "int5"
+    kind = f"int{4 + planes(hb)}"
     if (
         lib is None
         or x.dtype != torch.bfloat16
@@ -1219,7 +1348,7 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
         or sz.dtype != torch.bfloat16
         or not (x.is_contiguous() and data.is_contiguous() and sz.is_contiguous())
         or not scales_fit(sz, (data.shape[0], k // group_size))
-        or (hb is not None and (hb.dtype != torch.uint8 or tuple(hb.shape) != (data.shape[0], data.shape[1], 16) or not hb.is_contiguous()))
+        or (hb is not None and (hb.dtype != torch.uint8 or tuple(hb.shape) not in ((data.shape[0], data.shape[1], 16), (data.shape[0], data.shape[1], 32)) or not hb.is_contiguous()))
     ):
         plane = "" if hb is None else f", plane {tuple(hb.shape)}"
         raise ValueError(f"{kind} kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}{plane}, scales {tuple(sz.shape)}")
@@ -1229,15 +1358,15 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
         if hb is None:
             rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape)
         else:
-            rc = lib.pangu_int5_mm(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape)
+            rc = lib.pangu_int5_mm(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape[:-1], planes(hb), shape[-1])
         if rc:
             raise RuntimeError(f"{kind} kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
     return y
 
 
 def matmul5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
-    """x [M, K] bf16 (contiguous) times a weight of 5-bit codes (pack5's layout: data, bit plane hb,
-    sz) -> [M, N] bf16; N the padded row count."""
+    """x [M, K] bf16 (contiguous) times a weight of 5- or 6-bit codes (pack5's or pack6's layout: data,
+    bit planes hb, sz) -> [M, N] bf16; N the padded row count."""
     return matmul(x, data, sz, group_size, hb)
 
 
@@ -1382,4 +1511,4 @@ def product5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Te
     return matmul5(x.contiguous(), data, hb, sz, group_size)
 
 
-__all__ = ["ACTIVATIONS_ENV", "ENV", "FIVE_BIT_ENV", "FUSED_ENV", "five_bit_chosen", "measure_five_bit", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "matmul5", "native_op", "pack", "pack5", "pack_codes", "pack_plane", "pack_scales", "product", "product5", "scales_fit", "to_bf16_t", "unpack_codes", "unpack_plane", "usable", "zero_values"]
+__all__ = ["ACTIVATIONS_ENV", "ENV", "FIVE_BIT_ENV", "FUSED_ENV", "SIX_BIT_ENV", "five_bit_chosen", "measure_five_bit", "measure_six_bit", "six_bit_chosen", "activation_levels", "has_vnni", "level_source", "tag", "chosen", "dequantize_t", "disabled", "experts", "experts_one_token", "fused_experts_enabled", "forced", "library", "measure", "matmul", "matmul5", "native_op", "pack", "pack5", "pack6", "planes", "pack_codes", "pack_crumbs", "pack_plane", "pack_scales", "product", "product5", "scales_fit", "to_bf16_t", "unpack_codes", "unpack_crumbs", "unpack_high", "unpack_plane", "usable", "zero_values"]

@@ -178,9 +178,9 @@ class LoadHook:
         setting = self._setting(target)
         if index is not None and target in self.ready:
             raise WeightError(f"tensor {name!r} comes twice in the checkpoint ({target!r} was already complete)")
-        if isinstance(tensor, transcode.Q5Blocks) and not self._five_bit(target, setting):
-            tensor = tensor.as_int8_rows()  # this weight is not kept with 5-bit codes: int8 rows, as before
-        if isinstance(tensor, (transcode.Q4Blocks, transcode.Q5Blocks, transcode.Int8Rows)):
+        if isinstance(tensor, transcode.HighBlocks) and not self._high_bit(target, setting, tensor.bits):
+            tensor = tensor.as_int8_rows()  # this weight is not kept with its 5- or 6-bit codes: int8 rows, as before
+        if isinstance(tensor, (transcode.Q4Blocks, transcode.HighBlocks, transcode.Int8Rows)):
             if self._lay_out(name, target, index, tensor, setting):
                 return True
             if target in self.laying:
@@ -205,28 +205,28 @@ class LoadHook:
             self._place(target, index, qt)
         return True
 
-    def _five_bit(self, target: str, setting: Optional[QuantizationConfig]) -> bool:
-        """Is `target` kept with 5-bit codes (cpu_int4's 5-bit layout) where its file's blocks are Q5
-        ones (the loader sends transcode.Q5Blocks only where every piece of it is): a CPU linear whose
-        plan keeps it int8, on a machine where the 5-bit product was measured faster than int8's
-        (cpu_int4.five_bit_chosen), and not already begun in another form."""
+    def _high_bit(self, target: str, setting: Optional[QuantizationConfig], bits: int) -> bool:
+        """Is `target` kept with its `bits`-bit codes (5: cpu_int4's 5-bit layout, its file's blocks Q5
+        ones; 6: the 6-bit layout, Q6_K blocks; the loader sends transcode.HighBlocks only where every
+        piece of it is of one width): a CPU linear whose plan keeps it int8, on a machine where that
+        product was measured faster than int8's (keeps_high_bit), and not already begun in another form."""
         return (
             setting is not None and setting.method == "int8" and self.device.type == "cpu" and target not in self.pending
-            and keeps_five_bit(self.params[target].shape, self.kinds.get(target))
+            and keeps_high_bit(self.params[target].shape, self.kinds.get(target), bits)
         )
 
     def _lay_out(self, name: str, target: str, index: Optional[tuple], blocks: Any, setting: Optional[QuantizationConfig]) -> bool:
-        """Write a GGUF file's blocks (transcode.Q4Blocks, Q5Blocks, Int8Rows) straight into their
-        weight: Q4 blocks into the int4 kernel's layout of their linear, Q5 blocks into its 5-bit
-        layout (where `_five_bit` chose it), int8 rows into the int8 weight (a fused one shared with
+        """Write a GGUF file's blocks (transcode.Q4Blocks, HighBlocks, Int8Rows) straight into their
+        weight: Q4 blocks into the int4 kernel's layout of their linear, Q5 and Q6_K blocks into its
+        5- and 6-bit layouts (where `_high_bit` chose them), int8 rows into the int8 weight (a fused one shared with
         pieces that come in the portable form: `_place`); a fused parameter's pieces at their rows.
         False where that is not this weight's form (then they are converted to the portable form and
         go the usual way)."""
-        int4 = isinstance(blocks, (transcode.Q4Blocks, transcode.Q5Blocks))  # into a cpu_int4.Layout
-        five = isinstance(blocks, transcode.Q5Blocks)
+        int4 = isinstance(blocks, (transcode.Q4Blocks, transcode.HighBlocks))  # into a cpu_int4.Layout
+        high = isinstance(blocks, transcode.HighBlocks)
         param = self.params[target]
         row0 = 0 if index is None else row_piece_start(index)
-        fits = row0 is not None and (five or (  # (Q5 blocks come here only where _five_bit chose them)
+        fits = row0 is not None and (high or (  # (Q5 / Q6_K blocks come here only where _high_bit chose them)
             setting is not None and setting.method == blocks.method and self.device.type == "cpu" and param.dim() == 2
             and self.kinds.get(target) in (("linear",) if int4 else ("linear", "embedding"))
             and (not int4 or (setting.group_size == blocks.group_size and cpu_int4.usable(param.shape[1], blocks.group_size)))
@@ -245,10 +245,10 @@ class LoadHook:
         if into is None:
             if not fits or target in self.pending:
                 return False
-            into = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values, bits=5 if five else 4)
+            into = cpu_int4.Layout(param.shape[0], param.shape[1], blocks.group_size, blocks.zero_values, bits=blocks.bits)
         elif blocks.zero_values > into.zero_values:
             into = into.with_zeros()
-        if into.method != ("int5" if five else "int4"):
+        if into.method != blocks.method or into.group_size != blocks.group_size:
             raise WeightError(f"tensor {name!r} is {blocks.kind}, but the other pieces of {target!r} were laid out as {into.method}")
         if row0 is None or not blocks.lay_out(row0, into.data, into.sz, into.hb):
             raise WeightError(f"tensor {name!r} could not be laid out with the other pieces of {target!r}")
@@ -404,11 +404,14 @@ def make_load_hook(
     return LoadHook(model, config, offload_experts, dtype, device, memory_mapped)
 
 
-def keeps_five_bit(shape: Sequence[int], kind: Optional[str]) -> bool:
-    """Does a CPU load keep a parameter of this shape and kind (quantizable_weights') with 5-bit codes
-    where its GGUF blocks are Q5 ones: a linear the 5-bit kernel takes, on a machine where it was
-    chosen (cpu_int4.five_bit_chosen: measured once per machine)."""
-    return kind == "linear" and len(shape) == 2 and cpu_int4.usable(shape[1], transcode.Q5Blocks.group_size) and cpu_int4.five_bit_chosen()
+def keeps_high_bit(shape: Sequence[int], kind: Optional[str], bits: int) -> bool:
+    """Does a CPU load keep a parameter of this shape and kind (quantizable_weights') with its `bits`-bit
+    codes where its GGUF blocks are Q5 ones (5) or Q6_K ones (6): a linear the kernel takes, on a
+    machine where that form was chosen (cpu_int4.five_bit_chosen / six_bit_chosen: measured once per
+    machine)."""
+    blocks = transcode.Q6Blocks if bits == 6 else transcode.Q5Blocks
+    chosen = cpu_int4.six_bit_chosen if bits == 6 else cpu_int4.five_bit_chosen
+    return kind == "linear" and len(shape) == 2 and cpu_int4.usable(shape[1], blocks.group_size) and chosen()
 
 
 def quantized_weight_bytes(
@@ -419,7 +422,7 @@ def quantized_weight_bytes(
     settings: Optional[dict[str, Optional[QuantizationConfig]]] = None,
     matrix_dtype: Optional[torch.dtype] = None,
     device: Optional[torch.device] = None,
-    five_bit: Optional[dict[str, int]] = None,
+    high_bit: Optional[dict[str, tuple[int, int]]] = None,
 ) -> int:
     """Resident bytes of the weights after loading with this setting (what the memory planner uses).
 
@@ -429,9 +432,9 @@ def quantized_weight_bytes(
     the load puts them; a bf16 load on a CPU that packs (device.can_pack, load_serving_model's rule)
     holds the plain bf16 linears oneDNN-packed (models/packed.py: padded to oneDNN's blocks) and,
     for a tied LM head whose embedding stays bf16, a packed copy of the embedding besides its rows.
-    five_bit: target parameters held with 5-bit codes (cpu_int4's 5-bit layout: GGUF Q5 blocks
-    where the hook keeps them) in place of their int8 setting, each with its values per group and row
-    (1: the scales alone, Q5_0; 2: scale and zero)."""
+    high_bit: target parameters held with 5- or 6-bit codes (cpu_int4's layouts with bit planes: GGUF
+    Q5 or Q6_K blocks where the hook keeps them) in place of their int8 setting, each with (bits,
+    values per group and row: 1 the scales alone, Q5_0 and Q6_K; 2 scale and zero)."""
     from pangu_infer.device import can_pack
 
     elem = torch.empty((), dtype=dtype).element_size()
@@ -465,9 +468,11 @@ def quantized_weight_bytes(
             continue
         lead = p.numel() // (p.shape[-2] * p.shape[-1])
         n, k = p.shape[-2], p.shape[-1]
-        if five_bit and name in five_bit:  # 5 bits a weight (the int4 layout and its bit plane), scale (and zero) per 32
+        if high_bit and name in high_bit:  # 5 or 6 bits a weight (the int4 layout and its planes), scale (and zero) per 32 or 16
+            bits, zs = high_bit[name]
+            group = 16 if bits == 6 else 32
             n += -n % CPU_INT4_ROWS
-            total += lead * (n * k * 5 // 8 + five_bit[name] * n * (k // 32) * scale_elem)
+            total += lead * (n * k * bits // 8 + zs * n * (k // group) * scale_elem)
             continue
         if setting.method == "int8":
             total += lead * (n * k + n * scale_elem)
@@ -489,7 +494,7 @@ def quantized_weight_bytes(
 
 __all__ = [
     "LoadHook",
-    "keeps_five_bit",
+    "keeps_high_bit",
     "make_load_hook",
     "quantizable_weights",
     "quantized_method",

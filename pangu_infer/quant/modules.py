@@ -14,8 +14,9 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
 - int4 on x86 CPUs with AVX-512 VNNI: this package's own kernel and layout (pangu_infer.quant.cpu_int4,
   `PANGU_INFER_INT4_KERNEL=aten` turns it off), which reads the weight faster at decode.
 - 5-bit codes (GGUF's Q5_0 / Q5_1 / Q5_K, written by the loader as cpu_int4.Layout with bits 5; kernel
-  "int5"): the same kernel's 5-bit form (the int4 layout plus a bit plane); products of many rows
-  convert the weight to bf16 from the row count measured for it (tuning.convert_min_rows("int5")).
+  "int5") and 6-bit ones (GGUF's Q6_K, bits 6, groups of 16; kernel "int6"): the same kernel's forms
+  with bit planes (the int4 layout plus one or two planes); products of many rows convert the weight
+  to bf16 from the row count measured for each (tuning.convert_min_rows("int5") / ("int6")).
 - From a row count measured once per machine on (pangu_infer.quant.tuning), int8 and int4 CPU
   products convert the weight to bf16 and run one oneDNN product instead (prefill); the
   conversion is one C++ loop per kind once `pangu_infer.quant.prefill.prepare` has built it.
@@ -88,11 +89,11 @@ class PackedWeight(nn.Module):
         self.group_size = qt.group_size
         self.convert_min_rows = NEVER  # products of this many rows or more convert the weight to bf16
         self.amx_prefill = False  # ... or run quant/amx.py's kernel (chosen per kind by prepare_prefill)
-        if isinstance(qt, cpu_int4.Layout):  # written in the kernel's layout by the loader (a GGUF file's Q4 or Q5 blocks)
+        if isinstance(qt, cpu_int4.Layout):  # written in the kernel's layout by the loader (a GGUF file's Q4, Q5 or Q6_K blocks)
             if device.type != "cpu" or not cpu_int4.usable(self.in_features, self.group_size):
                 raise ValueError(f"an {qt.method} weight in cpu_int4's layout needs its kernel (device {device})")
-            # 5-bit codes: the int4 layout and its bit plane (hb), cpu_int4's 5-bit product
-            self.kernel = "int4_vnni" if qt.hb is None else "int5"
+            # 5- or 6-bit codes: the int4 layout and its bit planes (hb), cpu_int4's product with them
+            self.kernel = "int4_vnni" if qt.hb is None else f"int{4 + cpu_int4.planes(qt.hb)}"
             self.register_buffer("scales", qt.sz)
             self.register_buffer("data", qt.data)
             if qt.hb is not None:
@@ -231,9 +232,9 @@ class PackedWeight(nn.Module):
             y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
-        elif self.kernel == "int5" and x2.shape[0] >= self.convert_min_rows:  # the weight in bf16, one product (as int4's plain W^T)
+        elif self.kernel in ("int5", "int6") and x2.shape[0] >= self.convert_min_rows:  # the weight in bf16, one product (as int4's plain W^T)
             y = weight_product(xk, cpu_int4.to_bf16_t(data, scales, self.group_size, self.hb), True)[:, : self.out_features]
-        elif self.kernel == "int5":
+        elif self.kernel in ("int5", "int6"):
             y = cpu_int4.product5(xk, data, self.hb, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
             # The same for int4: W^T dequantized to bf16 from the kernel's own layout, one product.
@@ -370,7 +371,7 @@ def prepare_native_ops(model: nn.Module) -> bool:
     once per machine) of cpu_int4's and cpu_int8's products where the model has weights that use
     them. True when the graph will call one."""
     weights = [m for m in model.modules() if isinstance(m, PackedWeight)]
-    int4 = any(m.kernel in ("int4_vnni", "int5") for m in weights) and cpu_int4.native_op()
+    int4 = any(m.kernel in ("int4_vnni", "int5", "int6") for m in weights) and cpu_int4.native_op()
     int8 = any(getattr(m, "own_int8", False) for m in weights) and cpu_int8.native_op()
     return int4 or int8
 
@@ -383,7 +384,7 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
     weights = [
         m for m in model.modules()
         if isinstance(m, PackedWeight) and m.data.device.type == "cpu"
-        and (m.kernel in ("int8", "int4_vnni", "int5") or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
+        and (m.kernel in ("int8", "int4_vnni", "int5", "int6") or (m.kernel == "int4_cpu" and m.data.shape[-2] % CPU_INT4_BLOCK == 0))
     ]
     if not weights:
         return None

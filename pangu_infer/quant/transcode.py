@@ -41,7 +41,7 @@ SOURCE = r"""
 #include <math.h>
 #include <omp.h>
 
-int pangu_transcode_abi(void) { return 8; }
+int pangu_transcode_abi(void) { return 9; }
 
 /* IEEE half -> float, every value exact (subnormals, infinities, NaN payloads as numpy's astype). */
 static inline float f16_to_f32(uint16_t h) {
@@ -245,14 +245,75 @@ static inline __attribute__((always_inline)) void layout_block(const uint8_t* sr
   }
 }
 
+/* Q6_K (type 14: blocks of 256 weights, 16 sub-blocks of 16 with int8 scales, w = d sc_j (q - 32))
+   rows the same way into cpu_int4's 6-bit layout (pack6): groups of 16 (`groups` is K/16 here),
+   scale d sc_j, zero 0 (zs 1: the scales alone; zs 2: zeros of 0 stored); the codes' low 4 bits in
+   data's nibbles, their 2 high bits in hb uint8 [*, K/8, 32] (cpu_int4.pack_crumbs: for octet o,
+   byte 4d + j holds in bits 4-5 row d's column 8o + j, in bits 6-7 row d's column 8o + 4 + j, in
+   bits 0-1 and 2-3 the same of row 8 + d; the bits of a block's rows outside this call kept).
+   Block b. */
+static void q6k_layout_block(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t groups, const int64_t* order,
+                             int64_t row0, uint8_t* data, uint8_t* hb, uint16_t* sz, int64_t zs, int64_t b) {
+  const int64_t octets = groups * 2;
+  const uint8_t* rows[16];
+  uint8_t mine[8];  /* the bits of byte 4d + j that this call's rows own: 0xF0 for row d, 0x0F for row 8 + d */
+  memset(mine, 0, sizeof mine);
+  for (int64_t s = 0; s < 16; s++) {
+    const int64_t i = b * 16 + s - row0;
+    rows[s] = (i < 0 || i >= n) ? NULL : src + (order ? order[i] : i) * row_bytes;
+    if (rows[s]) mine[s % 8] |= (uint8_t)(s < 8 ? 0xF0 : 0x0F);
+  }
+  uint8_t* dblk = data + b * octets * 64;
+  uint16_t* sblk = sz + b * groups * zs * 16;
+  for (int64_t g = 0; g < groups; g++) {
+    uint8_t crumbs[2][32];  /* the group's two octets' high bits */
+    memset(crumbs, 0, sizeof crumbs);
+    uint16_t* sg = sblk + g * zs * 16;
+    const int sub = (int)(g % 16);  /* sub-block of the block: values 16 sub .. 16 sub + 15 */
+    const int c = sub / 8, u = (sub % 8) / 2, j0 = 16 * (sub % 2);
+    for (int64_t s = 0; s < 16; s++) {
+      const uint8_t* row = rows[s];
+      if (!row) continue;
+      const uint8_t* blk = row + (g / 16) * 210;
+      /* value e = 128 c + 32 u + j: low 4 bits from ql[64 c + 32 (u & 1) + j] (u >> 1: which nibble),
+         high 2 from qh[32 c + j] (bits 2u, 2u + 1), as dequantize_row reads them */
+      const uint8_t* l = blk + 64 * c + 32 * (u & 1) + j0;
+      const uint8_t* h = blk + 128 + 32 * c + j0;
+      const int ls = 4 * (u >> 1), hs = 2 * u;
+      uint8_t code[16];
+      for (int e = 0; e < 16; e++) code[e] = (uint8_t)(((l[e] >> ls) & 15) | (((h[e] >> hs) & 3) << 4));
+      const int d = (int)(s % 8), at = s < 8 ? 4 : 0;  /* row d: bits 4-7; row 8 + d: bits 0-3 */
+      for (int t = 0; t < 2; t++) {
+        uint8_t w[4];
+        for (int j = 0; j < 4; j++) {
+          const uint8_t lo = code[8 * t + j], hi = code[8 * t + 4 + j];
+          w[j] = (uint8_t)((lo & 15) | ((hi & 15) << 4));
+          crumbs[t][4 * d + j] |= (uint8_t)(((lo >> 4) | ((hi >> 4) << 2)) << at);
+        }
+        memcpy(dblk + (2 * g + t) * 64 + s * 4, w, 4);
+      }
+      uint16_t dh;
+      memcpy(&dh, blk + 208, 2);
+      sg[s] = f32_to_bf16(f16_to_f32(dh) * (float)(int8_t)blk[192 + sub]);
+      if (zs == 2) sg[16 + s] = 0;
+    }
+    for (int t = 0; t < 2; t++) {
+      uint8_t* out = hb + (b * octets + 2 * g + t) * 32;
+      for (int i = 0; i < 32; i++) out[i] = (uint8_t)((out[i] & ~mine[i / 4]) | crumbs[t][i]);
+    }
+  }
+}
+
 int pangu_blocks_to_layout(const uint8_t* src, int64_t row_bytes, int64_t n, int64_t groups, int64_t type, const int64_t* order, int64_t row0, uint8_t* data, uint8_t* hb, uint16_t* sz, int64_t zs, int64_t threads) {
   if (n == 0) return 0;
-  const int five = type == 6 || type == 7 || type == 13;
-  if ((type != 2 && type != 3 && type != 12 && !five) || ((type == 12 || type == 13) && groups % 8) || (zs != 1 && zs != 2) || n < 0 || !five != !hb) return 1;
+  const int five = type == 6 || type == 7 || type == 13, six = type == 14;
+  if ((type != 2 && type != 3 && type != 12 && !five && !six) || ((type == 12 || type == 13) && groups % 8) || (six && groups % 16) ||
+      (zs != 1 && zs != 2) || n < 0 || !(five || six) != !hb) return 1;
   const int64_t first = row0 / 16, last = (row0 + n - 1) / 16;
 #pragma omp parallel for schedule(dynamic, 1) num_threads((int)threads)
   for (int64_t b = first; b <= last; b++) {
-    if (five) layout_block(src, row_bytes, n, groups, type, order, row0, data, hb, sz, zs, b, 1);
+    if (six) q6k_layout_block(src, row_bytes, n, groups, order, row0, data, hb, sz, zs, b);
+    else if (five) layout_block(src, row_bytes, n, groups, type, order, row0, data, hb, sz, zs, b, 1);
     else layout_block(src, row_bytes, n, groups, type, order, row0, data, hb, sz, zs, b, 0);
   }
   return 0;
@@ -485,7 +546,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     # (products rounded one by one, as numpy computes them: no fused multiply-adds)
     lib = kernel_library("transcode", SOURCE, "weight repacking in C", "repacking in Python", flags=(*C_FLAGS, "-ffp-contract=off"))
-    if lib is None or lib.pangu_transcode_abi() != 8:
+    if lib is None or lib.pangu_transcode_abi() != 9:
         return None
     lib.pangu_q4_to_pairs.restype = ctypes.c_int
     lib.pangu_q4_to_pairs.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3 + [ctypes.c_int64]
@@ -532,9 +593,20 @@ def q4_to_pairs(part: np.ndarray, kind: str, packed: torch.Tensor) -> Optional[t
 
 
 Q5_BYTES = {"Q5_0": (22, 32), "Q5_1": (24, 32), "Q5_K": (176, 256)}  # bytes and weights per block
+Q6_BYTES = {"Q6_K": (210, 256)}
 # GGML's type numbers, as pangu_blocks_to_layout takes them: Q4 types into the int4 layout, Q5 ones
-# into its 5-bit form
-LAYOUT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12, "Q5_0": 6, "Q5_1": 7, "Q5_K": 13}
+# into its 5-bit form, Q6_K into its 6-bit form
+LAYOUT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12, "Q5_0": 6, "Q5_1": 7, "Q5_K": 13, "Q6_K": 14}
+
+
+def layout_bits(kind: str) -> int:
+    """The codes' width in the layout a GGUF type goes into (to_layout): 4, 5 or 6."""
+    return 6 if kind in Q6_BYTES else 5 if kind in Q5_BYTES else 4
+
+
+def layout_group(kind: str) -> int:
+    """The group of weights sharing a scale (and zero) in that layout: Q6_K's sub-blocks of 16, else 32."""
+    return 16 if kind in Q6_BYTES else 32
 
 
 def to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: int, data: torch.Tensor, sz: torch.Tensor,
@@ -542,27 +614,28 @@ def to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: 
     """Q4_0, Q4_1 or Q4_K (`kind`) rows [n, bytes] (C-contiguous) written as rows row0 .. row0 + n - 1
     of a weight in the int4 kernel's layout: data uint8 [N/16, K/8, 64], sz bf16 [N/16, K/32, zs, 16]
     (cpu_int4.pack's; zs 1 drops the zeros: Q4_0's are all 0); or Q5_0, Q5_1 or Q5_K rows into its 5-bit
-    form, with the bit plane hb uint8 [N/16, K/8, 16] (pack5's; zs 1 for Q5_0). Destination row row0 + i
-    is source row order[i] (int64 [n]; None: row i). False where the library is not here (nothing
-    written)."""
+    form, with the bit plane hb uint8 [N/16, K/8, 16] (pack5's; zs 1 for Q5_0); or Q6_K rows into its
+    6-bit form, groups of 16, with the planes hb uint8 [N/16, K/8, 32] (pack6's; zs 1: no zeros).
+    Destination row row0 + i is source row order[i] (int64 [n]; None: row i). False where the library
+    is not here (nothing written)."""
     lib = library()
-    five = kind in Q5_BYTES
+    bits, group = layout_bits(kind), layout_group(kind)
     if lib is None or not part.flags.c_contiguous or not all(t is None or t.is_contiguous() for t in (data, sz, hb)):
         return False
-    size, weights = Q5_BYTES[kind] if five else Q4_BYTES[kind]
-    n, groups = part.shape[0], part.shape[1] // size * weights // 32
-    zs, k = sz.shape[-2], groups * 32
+    size, weights = {**Q4_BYTES, **Q5_BYTES, **Q6_BYTES}[kind]
+    n, groups = part.shape[0], part.shape[1] // size * weights // group
+    zs, k = sz.shape[-2], groups * group
     fits = (
         data.dtype == torch.uint8 and sz.dtype == torch.bfloat16 and tuple(data.shape[1:]) == (k // 8, 64)
         and tuple(sz.shape[1:]) == (groups, zs, 16) and zs in (1, 2) and len(sz) == len(data)
-        and part.shape[1] == groups * 32 // weights * size and 0 <= row0 and row0 + n <= 16 * len(data)
+        and part.shape[1] == groups * group // weights * size and 0 <= row0 and row0 + n <= 16 * len(data)
         and (order is None or (order.dtype == torch.int64 and order.is_contiguous() and tuple(order.shape) == (n,)))
     )
     if not fits or (order is not None and n and not 0 <= int(order.min()) <= int(order.max()) < n):
         raise ValueError(f"to_layout: {kind} rows {tuple(part.shape)} at row {row0} into {tuple(data.shape)}, {tuple(sz.shape)}")
-    if zs == 1 and kind not in ("Q4_0", "Q5_0"):
+    if zs == 1 and kind not in ("Q4_0", "Q5_0", "Q6_K"):
         raise ValueError(f"to_layout: {kind} has zeros; its layout needs them (zs 2)")
-    if five != (hb is not None) or (five and (hb.dtype != torch.uint8 or tuple(hb.shape) != (*data.shape[:2], 16))):
+    if (bits > 4) != (hb is not None) or (hb is not None and (hb.dtype != torch.uint8 or tuple(hb.shape) != (*data.shape[:2], 16 * (bits - 4)))):
         plane = "none" if hb is None else f"{tuple(hb.shape)} {hb.dtype}"
         raise ValueError(f"to_layout: {kind} rows with bit plane {plane} for weight {tuple(data.shape)}")
     rc = lib.pangu_blocks_to_layout(
@@ -595,20 +668,21 @@ class _Blocks:
 
 
 class _LaidOutBlocks(_Blocks):
-    """Q4 or Q5 blocks (Q4Blocks, Q5Blocks): written straight into their parameter's layout by one C
-    pass over the mapped blocks (lay_out, to_layout; a fused parameter's pieces in their rows), or
-    taken in the portable form (materialize) where they cannot."""
+    """Q4, Q5 or Q6_K blocks (Q4Blocks, HighBlocks): written straight into their parameter's layout by
+    one C pass over the mapped blocks (lay_out, to_layout; a fused parameter's pieces in their rows),
+    or taken in the portable form (materialize) where they cannot."""
 
     group_size = 32
+    bits = 4
 
     @property
     def zero_values(self) -> int:
-        """1 where every zero is 0 (Q4_0: w = (q - 8) d; Q5_0: w = (q - 16) d), else 2."""
-        return 1 if self.kind in ("Q4_0", "Q5_0") else 2
+        """1 where every zero is 0 (Q4_0: w = (q - 8) d; Q5_0: w = (q - 16) d; Q6_K: (q - 32) d sc_j), else 2."""
+        return 1 if self.kind in ("Q4_0", "Q5_0", "Q6_K") else 2
 
     def lay_out(self, row0: int, data: torch.Tensor, sz: torch.Tensor, hb: Optional[torch.Tensor] = None) -> bool:
-        """Write the rows as rows row0.. of a layout (to_layout; hb the 5-bit form's plane, None for Q4
-        blocks); False where the library is not here."""
+        """Write the rows as rows row0.. of a layout (to_layout; hb the 5- or 6-bit form's planes, None
+        for Q4 blocks); False where the library is not here."""
         return self._written(to_layout(self.part, self.kind, self.order, row0, data, sz, hb))
 
 
@@ -624,20 +698,34 @@ class Q4Blocks(_LaidOutBlocks):
         super().__init__(part, kind, order, materialize, done, *Q4_BYTES[kind])
 
 
-class Q5Blocks(_LaidOutBlocks):
-    """A Q5_0 / Q5_1 / Q5_K tensor of a GGUF file, not converted yet: what the GGUF loader hands the load
-    hook where cpu_int4's 5-bit kernel runs and every piece of its weight is of these types. The hook
-    writes it straight into the weight's 5-bit layout, or takes the portable int8 form where it
-    cannot."""
+class HighBlocks(_LaidOutBlocks):
+    """A GGUF tensor of codes wider than 4 bits (Q5Blocks, Q6Blocks), not converted yet: what the GGUF
+    loader hands the load hook where cpu_int4's kernel runs and every piece of its weight is of the
+    same width. The hook writes it straight into the weight's 5- or 6-bit layout (`bits`), or takes
+    it as int8 rows (as_int8_rows) where it does not keep that width."""
 
-    method = "int5"
+    def as_int8_rows(self) -> "Int8Rows":
+        """The same blocks kept as int8 rows (a weight not kept with its own code width)."""
+        return Int8Rows(self.part, self.kind, self.order, self._materialize, self._done)
+
+
+class Q5Blocks(HighBlocks):
+    """A Q5_0 / Q5_1 / Q5_K tensor: into cpu_int4's 5-bit layout (groups of 32)."""
+
+    method, bits = "int5", 5
 
     def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
         super().__init__(part, kind, order, materialize, done, *Q5_BYTES[kind])
 
-    def as_int8_rows(self) -> "Int8Rows":
-        """The same blocks kept as int8 rows (a weight not kept with 5-bit codes)."""
-        return Int8Rows(self.part, self.kind, self.order, self._materialize, self._done)
+
+class Q6Blocks(HighBlocks):
+    """A Q6_K tensor: into cpu_int4's 6-bit layout, groups of 16 (Q6_K's sub-blocks, each its own
+    scale), the scales alone."""
+
+    method, bits, group_size = "int6", 6, 16
+
+    def __init__(self, part: np.ndarray, kind: str, order: Optional[torch.Tensor], materialize, done=None):
+        super().__init__(part, kind, order, materialize, done, *Q6_BYTES[kind])
 
 
 class Int8Rows(_Blocks):
@@ -722,4 +810,4 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
 
-__all__ = ["DEQUANTIZED", "ENV", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "Q5_BYTES", "Q5Blocks", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs", "to_layout"]
+__all__ = ["DEQUANTIZED", "ENV", "HighBlocks", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "Q5_BYTES", "Q5Blocks", "Q6_BYTES", "Q6Blocks", "layout_bits", "layout_group", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs", "to_layout"]

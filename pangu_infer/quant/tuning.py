@@ -42,7 +42,7 @@ NEVER = 1 << 30
 Q8_KERNEL_MAX_ROWS = 64  # rows from which a one-level int4 kernel's products in bf16 models convert at the latest
 ROW_CANDIDATES = (16, 32, 64, 128, 256, 512)
 BENCH_N = BENCH_K = 1536
-KINDS = ("int4", "int8", "int4_vnni", "int5")
+KINDS = ("int4", "int8", "int4_vnni", "int5", "int6")
 MEASURE_REVISION = 2  # in the cached names: a changed measurement is made again, not read back
 _cache: dict[str, object] = {}
 
@@ -82,11 +82,16 @@ def measure(kind: str) -> int:
         def convert(x):  # what PackedWeight runs: into oneDNN's packed layout where it can (quant/prefill.py)
             return int4_vnni_product(x, data, sz, group)
 
-    elif kind == "int5":  # cpu_int4's 5-bit form (GGUF's Q5 blocks), converted to a plain W^T by its C loop
+    elif kind in ("int5", "int6"):  # cpu_int4's 5- or 6-bit form (GGUF's Q5 / Q6_K blocks), converted to a plain W^T by its C loop
         if cpu_int4.library() is None:
             return NEVER
-        q = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
-        data, hb, sz = cpu_int4.pack5(q, torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01)
+        if kind == "int5":
+            q = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
+            data, hb, sz = cpu_int4.pack5(q, torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01)
+        else:  # Q6_K's form: groups of 16, the scales alone
+            group = 16
+            q = torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=g)
+            data, hb, sz = cpu_int4.pack6(q, torch.rand(n, k // group, generator=g) * 0.01, None)
 
         def kernel(x):
             return cpu_int4.matmul5(x, data, hb, sz, group)
@@ -207,7 +212,7 @@ def _env_override(kind: str) -> Optional[int]:
 
 
 def convert_min_rows(kind: str, activations: Optional[torch.dtype] = None) -> int:
-    """Rows from which a CPU `kind` ("int4" | "int8" | "int4_vnni" | "int5") product converts the weight to bf16.
+    """Rows from which a CPU `kind` ("int4" | "int8" | "int4_vnni" | "int5" | "int6") product converts the weight to bf16.
 
     activations: the model's dtype (default: this CPU's default dtype); it matters only for
     cpu_int4's kernel with activations in one int8 level (see Q8_KERNEL_MAX_ROWS)."""
@@ -223,11 +228,11 @@ def convert_min_rows(kind: str, activations: Optional[torch.dtype] = None) -> in
     # cpu_int4's conversion is its library's own C loop from the start.
     # cpu_int4's own kernel per build (cpu_int4.tag(): its activations' levels).
     # cpu_int8's kernel apart from aten's (it crosses the conversion at other rows).
-    own = kind in ("int4_vnni", "int5")  # cpu_int4's kernel, converted by its library's C loop
+    own = kind in ("int4_vnni", "int5", "int6")  # cpu_int4's kernel, converted by its library's C loop
     tag = cpu_int4.tag() if own else "_own" if kind == "int8" and cpu_int8.usable(BENCH_K) else ""
     name = f"{kind}{tag}_convert_min_rows" + ("_compiled" if ready() and not own else "")
     # and apart again for the conversions into oneDNN's packed layout (prefill.py), cheaper still
-    if kind not in ("int4", "int5") and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
+    if kind not in ("int4", "int5", "int6") and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
         name += "_packed"
     # MEASURE_REVISION: values measured by an earlier rule (one median after the other) are measured again
     name += f"_v{MEASURE_REVISION}"
