@@ -115,28 +115,35 @@ def test_a_q4_0_files_scales_only_layout_round_trips(tmp_path_factory, tiny_sent
         cpu_int4.chosen.cache_clear()  # the next test measures or reads its choice again
 
 
-def test_a_q5_files_five_bit_layout_round_trips(tmp_path_factory, tiny_sentencepiece_vocab, cache_dir, monkeypatch):
-    """Q5_1 weights kept with 5-bit codes (the int4 layout, its bit plane and scale-and-zero): the
-    cached model reads back with that layout and kernel, bitwise, the plane mapped from the file."""
+@pytest.mark.parametrize("bits", [5, 6])
+def test_a_q5_files_five_bit_layout_round_trips(tmp_path_factory, tiny_sentencepiece_vocab, cache_dir, monkeypatch, bits):
+    """Q5_1 weights kept with 5-bit codes (the int4 layout, its bit plane and scale-and-zero), or Q6_K
+    ones with 6-bit codes (the 2 high bits, scales per 16): the cached model reads back with that
+    layout and kernel, bitwise, the high bits mapped from the file."""
+    from fixtures_gguf import tiny_q6_k_gguf
     from pangu_infer.quant import cpu_int4
 
-    if cpu_int4.library() is None or not cpu_int4.usable(64, 32):
+    if cpu_int4.library() is None or not cpu_int4.usable(256, 16):
         pytest.skip("the own int4 kernel does not run here")
-    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "1")
-    cpu_int4.five_bit_chosen.cache_clear()
+    env, chosen = (cpu_int4.FIVE_BIT_ENV, cpu_int4.five_bit_chosen) if bits == 5 else (cpu_int4.SIX_BIT_ENV, cpu_int4.six_bit_chosen)
+    monkeypatch.setenv(env, "1")
+    chosen.cache_clear()
     try:
-        path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "llama", "Q5_1").path
+        if bits == 5:
+            path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "llama", "Q5_1").path
+        else:
+            path = tiny_q6_k_gguf(tmp_path_factory.mktemp("q6_k") / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
         first = LLM(str(path), enforce_eager=True)
         (written,) = _files(cache_dir)
         calls = _conversions(monkeypatch)
         second = LLM(str(path), enforce_eager=True)
         assert calls == [] and model_cache.same_model(first.model, second.model) is None
-        five = [m for m in second.model.modules() if type(m).__name__ == "PackedWeight" and m.kernel == "int5"]
-        assert five and all(m.hb.shape[-1] == 16 for m in five)
-        assert _mapped_from(five[0].hb.data_ptr()) == str(written)
+        kept = [m for m in second.model.modules() if type(m).__name__ == "PackedWeight" and m.kernel == f"int{bits}"]
+        assert kept and all(m.hb.shape[-1] == 16 * (bits - 4) for m in kept)
+        assert _mapped_from(kept[0].hb.data_ptr()) == str(written)
         assert torch.equal(_answer(first)[0], _answer(second)[0])
     finally:
-        cpu_int4.five_bit_chosen.cache_clear()
+        chosen.cache_clear()
 
 
 def _mapped_from(address: int):
