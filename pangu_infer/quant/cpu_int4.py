@@ -305,26 +305,29 @@ static inline __m256 group_end_sc(__m256 acc, __m256i c, __m256i f, __m256 sc, _
   acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
   return _mm256_fmadd_ps(off, _mm256_set1_ps(sum), acc);
 }
-/* The 5-bit codes' bit plane (_INT5): 4 plane bytes at p -> 32 bytes, byte 4d + j 16 where bit d of
-   p[j] is set, else 0: lane d (row d) shifted right by d, then left by 4 (no bit crosses out of its
-   byte: bit 8j + d -> 8j -> 8j + 4). */
-static inline __m256i plane_bits(const uint8_t* p) {
-  const __m256i v = _mm256_castps_si256(_mm256_broadcast_ss((const float*)(const void*)p));
-  const __m256i shifts = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  return _mm256_and_si256(_mm256_slli_epi32(_mm256_srlv_epi32(v, shifts), 4), _mm256_set1_epi8(16));
+/* The 5-bit codes' plane (_INT5) of one octet of a block, 16 bytes at p, as one register whose bit 4 +
+   r of each byte is the 5th bit for nibble register r (0: lo of rows 0-7, 1: hi of rows 0-7, 2: lo of
+   rows 8-15, 3: hi of rows 8-15) once shifted right by r: plane byte 4e + j holds in bit r row e's
+   (register r's half) column, in bit 4 + r row 4 + e's; both 128-bit halves load the 16 bytes, the
+   low one (lanes e = 0..3) shifted left by 4 (bit 8j + r -> 8j + 4 + r), the high one (lanes 4 + e)
+   as it is. */
+static inline __m256i plane_word(const uint8_t* p) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(const void*)p));
+  return _mm256_sllv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
 }
 
 /* The high bits of one octet of a block OR-ed into its unpacked nibbles, by code width (P 1: the 5-bit
-   codes' plane, 16 bytes an octet; P 2: the 6-bit codes' 2 high bits, 32 bytes an octet, laid out
-   so that one load and a shift give each register its bits: 32-bit lane d, byte j holds in bits 4-5
-   row d's column 8o + j (lo of rows 0-7), in bits 6-7 row d's column 8o + 4 + j (hi), in bits 0-1
-   row 8 + d's column 8o + j, in bits 2-3 row 8 + d's column 8o + 4 + j). HIGH16: all 16 rows (lo0
-   and hi0 rows 0-7, lo1 and hi1 rows 8-15; e the octet's bytes); HIGH8: rows 8h .. 8h + 7 (e: the
-   octet's bytes, P 1: 4h bytes on). P a constant at each call. */
+   codes' plane, 16 bytes an octet: plane_word; P 2: the 6-bit codes' 2 high bits, 32 bytes an octet,
+   laid out so that one load and a shift give each register its bits: 32-bit lane d, byte j holds in
+   bits 4-5 row d's column 8o + j (lo of rows 0-7), in bits 6-7 row d's column 8o + 4 + j (hi), in
+   bits 0-1 row 8 + d's column 8o + j, in bits 2-3 row 8 + d's column 8o + 4 + j). HIGH16: all 16
+   rows (lo0 and hi0 rows 0-7, lo1 and hi1 rows 8-15; e the octet's bytes); HIGH8: rows 8h .. 8h + 7.
+   P a constant at each call. */
 #define HIGH16(P, e, lo0, hi0, lo1, hi1) do { \
     if ((P) == 1) { \
-      lo0 = _mm256_or_si256(lo0, plane_bits(e)); hi0 = _mm256_or_si256(hi0, plane_bits((e) + 8)); \
-      lo1 = _mm256_or_si256(lo1, plane_bits((e) + 4)); hi1 = _mm256_or_si256(hi1, plane_bits((e) + 12)); \
+      const __m256i w_ = plane_word(e), m_ = _mm256_set1_epi8(16); \
+      lo0 = _mm256_or_si256(lo0, _mm256_and_si256(w_, m_)); hi0 = _mm256_or_si256(hi0, _mm256_and_si256(_mm256_srli_epi32(w_, 1), m_)); \
+      lo1 = _mm256_or_si256(lo1, _mm256_and_si256(_mm256_srli_epi32(w_, 2), m_)); hi1 = _mm256_or_si256(hi1, _mm256_and_si256(_mm256_srli_epi32(w_, 3), m_)); \
     } else if ((P) == 2) { \
       const __m256i v_ = _mm256_loadu_si256((const __m256i*)(const void*)(e)), m_ = _mm256_set1_epi8(0x30); \
       lo0 = _mm256_or_si256(lo0, _mm256_and_si256(v_, m_)); hi0 = _mm256_or_si256(hi0, _mm256_and_si256(_mm256_srli_epi32(v_, 2), m_)); \
@@ -333,7 +336,8 @@ static inline __m256i plane_bits(const uint8_t* p) {
   } while (0)
 #define HIGH8(P, e, h, lo, hi) do { \
     if ((P) == 1) { \
-      lo = _mm256_or_si256(lo, plane_bits(e)); hi = _mm256_or_si256(hi, plane_bits((e) + 8)); \
+      const __m256i w_ = _mm256_srl_epi32(plane_word(e), _mm_cvtsi32_si128(2 * (h))), m_ = _mm256_set1_epi8(16); \
+      lo = _mm256_or_si256(lo, _mm256_and_si256(w_, m_)); hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi32(w_, 1), m_)); \
     } else if ((P) == 2) { \
       const __m256i v_ = _mm256_loadu_si256((const __m256i*)(const void*)(e)), m_ = _mm256_set1_epi8(0x30); \
       if ((h) == 0) { lo = _mm256_or_si256(lo, _mm256_and_si256(v_, m_)); hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_srli_epi32(v_, 2), m_)); } \
@@ -367,7 +371,7 @@ static inline __attribute__((always_inline)) void block8(
   const __m256i mask = _mm256_set1_epi8(15);
   const int64_t ng = K / G, gs = 16 * zs, span = SPAN(P);
   const uint8_t* p = w + b * (K / 8) * 64 + 32 * h;
-  const uint8_t* e = P ? hb + b * (K / 8) * 16 * P + (P == 1 ? 4 * h : 0) : NULL;
+  const uint8_t* e = P ? hb + b * (K / 8) * 16 * P : NULL;
   const uint16_t* sp = sz + b * ng * gs + 8 * h;
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m256i c[MMAX], f[MMAX];
@@ -628,34 +632,26 @@ static inline __attribute__((always_inline)) void high_to_bf16_t_block(const uin
                                                                        int64_t N, int64_t K, int64_t G, int64_t zs, int64_t b) {
   const int64_t octets = K / 8, gs = 16 * zs;
   const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
-  const __m256i nib = _mm256_set1_epi32(15), rows = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i nib = _mm256_set1_epi32(15);
   for (int h = 0; h < 2; h++) {
     const uint8_t* p = w + b * octets * 64 + 32 * h;
-    const uint8_t* e = hb + b * octets * 16 * P + (P == 1 ? 4 * h : 0);
+    const uint8_t* e = hb + b * octets * 16 * P;
     const uint16_t* sp = sz + b * (K / G) * gs + 8 * h;
     for (int64_t o = 0; o < octets; o++, p += 64, e += 16 * P) {
       const uint16_t* s = sp + ((8 * o) / G) * gs;
       const __m256 sc = bf8(s), off = group_off(s, zs, OFFSET(P));
       const __m256i v = _mm256_loadu_si256((const __m256i*)p);
-      uint32_t plo = 0, phi = 0;
-      /* P 2: the octet's 2 high bits of rows 8h + d in lane d, moved to bits 4-5 (lo) and 6-7 (hi) of each byte */
-      const __m256i crumbs = P == 2 ? (h == 0 ? _mm256_loadu_si256((const __m256i*)(const void*)e)
-                                              : _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(const void*)e), 4)) : _mm256_setzero_si256();
-      if (P == 1) {
-        memcpy(&plo, e, 4);
-        memcpy(&phi, e + 8, 4);
-      }
+      /* the octet's high bits of rows 8h + d in lane d: byte j's bits 4 (lo) and 5 (hi) for 5-bit codes
+         (plane_word shifted by 2h), bits 4-5 (lo) and 6-7 (hi) for 6-bit ones (the crumbs, row 8 + d's
+         shifted up by 4) */
+      const __m256i high = P == 1 ? _mm256_srl_epi32(plane_word(e), _mm_cvtsi32_si128(2 * h))
+                           : h == 0 ? _mm256_loadu_si256((const __m256i*)(const void*)e)
+                           : _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(const void*)e), 4);
+      const __m256i hmask = _mm256_set1_epi32(P == 1 ? 0x10 : 0x30);
       for (int j = 0; j < 4; j++) {
         const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
-        __m256i blo, bhi;
-        if (P == 1) {  /* bit d of plane byte j, for lane d (row d): shifted to bit 4 */
-          blo = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(plo >> (8 * j))), rows), one), 4);
-          bhi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32((int)(phi >> (8 * j))), rows), one), 4);
-        } else {  /* byte j's bits 4-5 and 6-7 -> bits 4-5 of lane d */
-          const __m256i c = _mm256_srli_epi32(crumbs, 8 * j);
-          blo = _mm256_and_si256(c, _mm256_set1_epi32(0x30));
-          bhi = _mm256_and_si256(_mm256_srli_epi32(c, 2), _mm256_set1_epi32(0x30));
-        }
+        const __m256i c = _mm256_srli_epi32(high, 8 * j);
+        const __m256i blo = _mm256_and_si256(c, hmask), bhi = _mm256_and_si256(_mm256_srli_epi32(c, P), hmask);
         const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(bytes, nib), blo)), sc, off),
                              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(bytes, 4), bhi)), sc, off)};
         for (int q = 0; q < 2; q++) {
@@ -1238,11 +1234,11 @@ def unpack_codes(data: torch.Tensor) -> torch.Tensor:
 
 def pack_plane(high: torch.Tensor) -> torch.Tensor:
     """The 5-bit layout's bit plane: the codes' 5th bits uint8 0/1 [N, K] (N a multiple of 16) ->
-    uint8 [N/16, K/8, 16] (_INT5: byte 4h + j of octet o holds in bit d row 8h + d's column 8o + j,
-    byte 8 + 4h + j its column 8o + 4 + j)."""
+    uint8 [N/16, K/8, 16] (_INT5's plane_word: byte 4e + j of octet o holds in bit 4 a + 2 h + n the
+    5th bit of row 8h + 4a + e's column 8o + 4n + j, for h, a, n in 0, 1)."""
     n, k = high.shape
-    v = high.view(n // ROW_BLOCK, 2, 8, k // OCTET, 2, 4).to(torch.int32)  # [nb, h, d, o, low/high nibble, j]
-    v = v.permute(0, 3, 4, 1, 5, 2)  # [nb, o, low/high nibble, h, j, d]
+    v = high.view(n // ROW_BLOCK, 2, 2, 4, k // OCTET, 2, 4).to(torch.int32)  # [nb, h, a, e, o, n, j]
+    v = v.permute(0, 4, 3, 6, 2, 1, 5).reshape(n // ROW_BLOCK, k // OCTET, 4, 4, 8)  # [nb, o, e, j, bit 4a + 2h + n]
     weights = 1 << torch.arange(8, dtype=torch.int32)
     return (v * weights).sum(-1).to(torch.uint8).reshape(n // ROW_BLOCK, k // OCTET, 16)
 
@@ -1250,8 +1246,9 @@ def pack_plane(high: torch.Tensor) -> torch.Tensor:
 def unpack_plane(hb: torch.Tensor) -> torch.Tensor:
     """pack_plane's inverse: [N/16, K/8, 16] -> the 5th bits uint8 0/1 [N, K]."""
     nb, octets = hb.shape[0], hb.shape[1]
-    bits = (hb.reshape(nb, octets, 2, 2, 4, 1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1  # [nb, o, lh, h, j, d]
-    return bits.permute(0, 3, 5, 1, 2, 4).reshape(nb * ROW_BLOCK, octets * OCTET).to(torch.uint8)
+    bits = (hb.reshape(nb, octets, 4, 4, 1).to(torch.int32) >> torch.arange(8, dtype=torch.int32)) & 1  # [nb, o, e, j, bit]
+    bits = bits.reshape(nb, octets, 4, 4, 2, 2, 2)  # [nb, o, e, j, a, h, n]
+    return bits.permute(0, 5, 4, 2, 1, 6, 3).reshape(nb * ROW_BLOCK, octets * OCTET).to(torch.uint8)
 
 
 def planes(hb: Optional[torch.Tensor]) -> int:

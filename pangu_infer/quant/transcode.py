@@ -162,9 +162,9 @@ static inline uint32_t octet(const uint8_t* lo, const uint8_t* hi, int shift) {
    cpu_int4.pack_scales (tests/test_transcode.py). Each block of 16 rows is written group by group,
    each 64-byte line whole.
    Q5_0 / Q5_1 (type 6 / 7) or Q5_K (type 13) rows the same way into cpu_int4's 5-bit layout (pack5):
-   the codes' low 4 bits in data's nibbles, their 5th bits in the plane hb uint8 [*, K/8, 16] (byte
-   4h + j of octet o: bit d is row 8h + d's column 8o + j; byte 8 + 4h + j its column 8o + 4 + j; the
-   bits of a block's rows outside this call are kept), w = (q - 16) scale + zero: Q5_0 d and 0, Q5_1 d
+   the codes' low 4 bits in data's nibbles, their 5th bits in the plane hb uint8 [*, K/8, 16]
+   (cpu_int4.pack_plane: byte 4e + j of octet o holds in bit 4a + 2h + n row 8h + 4a + e's column
+   8o + 4n + j; the bits of a block's rows outside this call are kept), w = (q - 16) scale + zero: Q5_0 d and 0, Q5_1 d
    and m + 16 d, Q5_K d sc_j and 16 d sc_j - dmin m_j. hb: NULL for the Q4 types. */
 /* pangu_blocks_to_layout's block b; five (5-bit codes) a constant at each call, so that the Q4 types'
    pass compiles without the plane's steps (it runs at the speed of the Q4-only pass it replaced:
@@ -175,12 +175,12 @@ static inline __attribute__((always_inline)) void layout_block(const uint8_t* sr
   const int64_t k = groups * 32, head = type == 3 || type == 7 ? 4 : 2;  /* f16 d (and m) before a 32-block's codes */
   const float offset = five ? 16.0f : 8.0f;  /* the codes' middle, in the zero: w = (q - offset) scale + zero */
   const uint8_t* rows[16];
-  uint8_t mine[16];  /* plane bytes' bits of this call's rows: bit d of byte 4h + j is row 8h + d */
+  uint8_t mine[16];  /* plane bytes' bits of this call's rows: bits 4a + 2h, 4a + 2h + 1 of byte 4e + j are row 8h + 4a + e's */
   memset(mine, 0, sizeof mine);
   for (int64_t s = 0; s < 16; s++) {
     const int64_t i = b * 16 + s - row0;
     rows[s] = (i < 0 || i >= n) ? NULL : src + (order ? order[i] : i) * row_bytes;
-    if (five && rows[s]) for (int j = 0; j < 4; j++) { mine[4 * (s / 8) + j] |= (uint8_t)(1u << (s % 8)); mine[8 + 4 * (s / 8) + j] |= (uint8_t)(1u << (s % 8)); }
+    if (five && rows[s]) for (int j = 0; j < 4; j++) mine[4 * (s % 4) + j] |= (uint8_t)(3u << (4 * ((s % 8) / 4) + 2 * (s / 8)));
   }
   uint8_t* dblk = data + b * (k / 8) * 64;
   uint16_t* sblk = sz + b * groups * zs * 16;
@@ -226,13 +226,11 @@ static inline __attribute__((always_inline)) void layout_block(const uint8_t* sr
           memcpy(line + t * 64 + s * 4, &w, 4);
         }
       }
-      if (five) {
-        const int h = (int)(s / 8), bit = (int)(s % 8);
+      if (five) {  /* row s = 8h + 4a + e: byte 4e + j, bit 4a + 2h (column 8t + j) and the next (8t + 4 + j) */
+        const int e = (int)(s % 4), at = (int)(4 * ((s % 8) / 4) + 2 * (s / 8));
         for (int t = 0; t < 4; t++)
-          for (int j = 0; j < 4; j++) {
-            plane[t][4 * h + j] |= (uint8_t)(((high >> (8 * t + j)) & 1u) << bit);
-            plane[t][8 + 4 * h + j] |= (uint8_t)(((high >> (8 * t + 4 + j)) & 1u) << bit);
-          }
+          for (int j = 0; j < 4; j++)
+            plane[t][4 * e + j] |= (uint8_t)((((high >> (8 * t + j)) & 1u) << at) | (((high >> (8 * t + 4 + j)) & 1u) << (at + 1)));
       }
       sg[s] = f32_to_bf16(d);
       if (zs == 2) sg[16 + s] = f32_to_bf16(z);
