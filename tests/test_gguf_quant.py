@@ -156,33 +156,35 @@ def test_q4_0_weights_keep_only_their_scales_in_the_own_kernels_layout(tmp_path_
         cpu_int4.chosen.cache_clear()
 
 
-def _five_bit_here(monkeypatch, on: bool) -> None:
-    """5-bit codes for Q5 blocks chosen (PANGU_INFER_INT5=1, unmeasured) or not (=0) from now on."""
+def _codes_here(monkeypatch, bits: int, on: bool) -> None:
+    """5-bit codes for Q5 blocks (bits 5: PANGU_INFER_INT5) or 6-bit ones for Q6_K blocks (6:
+    PANGU_INFER_INT6) chosen (=1, unmeasured) or not (=0) from now on."""
     from pangu_infer.quant import cpu_int4
 
-    if on and (cpu_int4.library() is None or not cpu_int4.usable(64, 32)):
+    if on and (cpu_int4.library() is None or not cpu_int4.usable(256, 16)):
         pytest.skip("the own int4 kernel does not run here")
-    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, "1" if on else "0")
-    cpu_int4.five_bit_chosen.cache_clear()
+    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV if bits == 5 else cpu_int4.SIX_BIT_ENV, "1" if on else "0")
+    (cpu_int4.five_bit_chosen if bits == 5 else cpu_int4.six_bit_chosen).cache_clear()
 
 
 @pytest.fixture
-def _five_bit_default():
+def _codes_default():
     from pangu_infer.quant import cpu_int4
 
     yield
     cpu_int4.five_bit_chosen.cache_clear()
+    cpu_int4.six_bit_chosen.cache_clear()
 
 
 @pytest.mark.parametrize("qtype", ["Q5_0", "Q5_1"])
-def test_q5_files_keep_their_5_bit_codes_with_only_the_bf16_rounding_of_scales(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch, _five_bit_default, qtype):
+def test_q5_files_keep_their_5_bit_codes_with_only_the_bf16_rounding_of_scales(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch, _codes_default, qtype):
     """Where the 5-bit kernel is chosen, every Q5 linear keeps the file's codes (cpu_int4's 5-bit
     layout, kernel "int5"): read back through the kernel it is gguf's dequantization within the bf16
     rounding of scale and zero (as Q4 files); with PANGU_INFER_INT5=0 the same file loads as int8 rows,
     as before."""
     from pangu_infer.quant import cpu_int4
 
-    _five_bit_here(monkeypatch, True)
+    _codes_here(monkeypatch, 5, True)
     tiny = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", qtype)
     monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
     kept = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)
@@ -192,7 +194,7 @@ def test_q5_files_keep_their_5_bit_codes_with_only_the_bf16_rounding_of_scales(t
     assert all(m.hb.shape == (*m.data.shape[:2], 16) for m in kept.model.modules() if isinstance(m, PackedWeight))
     assert all(m.scales.shape[-2] == (1 if qtype == "Q5_0" else 2) for m in kept.model.modules() if isinstance(m, PackedWeight))
     _assert_same_weights(kept.model, plain.model, "int5")
-    _five_bit_here(monkeypatch, False)
+    _codes_here(monkeypatch, 5, False)
     rows = load_model(str(tiny.path), torch.float32, CPU, load_tokenizer=False)
     assert set(_kernels(rows.model).values()) == {"int8"}
     # the logits of both within the quantizations' error of the dequantized model's (this random tiny
@@ -205,14 +207,14 @@ def test_q5_files_keep_their_5_bit_codes_with_only_the_bf16_rounding_of_scales(t
     assert cpu_int4.five_bit_chosen() is False
 
 
-def test_a_fused_weight_with_a_piece_of_another_type_keeps_int8_rows(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _five_bit_default):
+def test_a_fused_weight_with_a_piece_of_another_type_keeps_int8_rows(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _codes_default):
     """Q5_0 q and k beside a Q8_0 v (as Q5_K_M files keep some v in Q6_K): that layer's q/k/v is one
     int8 weight (no piece laid out with 5-bit codes), every other linear keeps 5-bit codes."""
     import gguf
 
     from fixtures_gguf import tiny_pangu_config, tiny_pangu_tensors, write_gguf
 
-    _five_bit_here(monkeypatch, True)
+    _codes_here(monkeypatch, 5, True)
     monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
     config = tiny_pangu_config(tiny_sentencepiece_vocab)
     Q = gguf.GGMLQuantizationType
@@ -253,7 +255,7 @@ def test_demo_model_perplexity_as_loaded_is_within_1_percent_of_bf16(smollm2_ggu
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
 
 
-def test_q5_blocks_take_int8_rows_where_the_measurement_chose_them(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch, tmp_path, _five_bit_default):
+def test_q5_blocks_take_int8_rows_where_the_measurement_chose_them(tmp_path_factory, tiny_sentencepiece_vocab, monkeypatch, tmp_path, _codes_default):
     """Where int8 rows measured faster than the 5-bit product (kept per machine, measured once), a Q5
     file loads as int8 rows, and its memory estimate counts them so; where 5-bit codes won, as them."""
     import json
@@ -289,25 +291,7 @@ def test_q5_blocks_take_int8_rows_where_the_measurement_chose_them(tmp_path_fact
 from fixtures_gguf import tiny_q6_k_gguf  # noqa: E402
 
 
-def _six_bit_here(monkeypatch, on: bool) -> None:
-    """6-bit codes for Q6_K blocks chosen (PANGU_INFER_INT6=1, unmeasured) or not (=0) from now on."""
-    from pangu_infer.quant import cpu_int4
-
-    if on and (cpu_int4.library() is None or not cpu_int4.usable(256, 16)):
-        pytest.skip("the own int4 kernel does not run here")
-    monkeypatch.setenv(cpu_int4.SIX_BIT_ENV, "1" if on else "0")
-    cpu_int4.six_bit_chosen.cache_clear()
-
-
-@pytest.fixture
-def _six_bit_default():
-    from pangu_infer.quant import cpu_int4
-
-    yield
-    cpu_int4.six_bit_chosen.cache_clear()
-
-
-def test_q6_k_files_keep_their_6_bit_codes_with_only_the_bf16_rounding_of_scales(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _six_bit_default):
+def test_q6_k_files_keep_their_6_bit_codes_with_only_the_bf16_rounding_of_scales(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _codes_default):
     """Where the 6-bit form is chosen, every Q6_K linear (the head included) keeps the file's codes
     (cpu_int4's 6-bit layout, groups of 16, scales only; kernel "int6"): read back through the kernel
     it is gguf's dequantization within the bf16 rounding of the scales; the memory estimate counts
@@ -315,7 +299,7 @@ def test_q6_k_files_keep_their_6_bit_codes_with_only_the_bf16_rounding_of_scales
     from pangu_infer.loader import weights_bytes
     from pangu_infer.quant import cpu_int4
 
-    _six_bit_here(monkeypatch, True)
+    _codes_here(monkeypatch, 6, True)
     monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
     path = tiny_q6_k_gguf(tmp_path / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
     kept = load_model(str(path), torch.float32, CPU, load_tokenizer=False)
@@ -326,7 +310,7 @@ def test_q6_k_files_keep_their_6_bit_codes_with_only_the_bf16_rounding_of_scales
     _assert_same_weights(kept.model, plain.model, "int6")
     held = {"int6": sum(t.nbytes for m in packed.values() for t in m.buffers())}
     estimate = {"int6": weights_bytes(str(path), torch.float32, "auto", False)}
-    _six_bit_here(monkeypatch, False)
+    _codes_here(monkeypatch, 6, False)
     rows = load_model(str(path), torch.float32, CPU, load_tokenizer=False)
     assert set(_kernels(rows.model).values()) == {"int8"}
     held["int8"] = sum(t.nbytes for m in rows.model.modules() if isinstance(m, PackedWeight) for t in m.buffers())
@@ -344,14 +328,14 @@ def test_q6_k_files_keep_their_6_bit_codes_with_only_the_bf16_rounding_of_scales
     assert cpu_int4.six_bit_chosen() is False
 
 
-def test_a_fused_weight_with_a_q6_k_piece_among_q4_ones_keeps_int8_rows(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _six_bit_default):
+def test_a_fused_weight_with_a_q6_k_piece_among_q4_ones_keeps_int8_rows(tmp_path, tiny_sentencepiece_vocab, monkeypatch, _codes_default):
     """Q4_0 q and k beside a Q6_K v (llama.cpp's Q4_K_M has Q4_K ones there; gguf-py cannot write
     Q4_K): that q/k/v is one int8 weight; the Q6_K down projections and head alone keep 6-bit codes,
     the Q4 linears int4."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    _six_bit_here(monkeypatch, True)
+    _codes_here(monkeypatch, 6, True)
     monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
     q4 = {f"model.layers.{i}.{n}.weight": Q.Q4_0 for i in range(2) for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")}
     q4["model.layers.1.self_attn.v_proj.weight"] = Q.Q4_0

@@ -365,53 +365,35 @@ def test_plan_names_a_gguf_file_it_cannot_read(capsys, tmp_path: Path, smollm2_g
     assert rc == 2 and f"--model {str(missing)!r}: no such .gguf file" in err
 
 
-@pytest.mark.parametrize("five_bit", ["1", "0"])
-def test_plan_of_a_q5_file_names_the_5_bit_codes_a_cpu_load_keeps(capsys, monkeypatch, tmp_path_factory, tiny_sentencepiece_vocab, five_bit):
-    """Q5 blocks kept with their 5-bit codes (where the CPU kernel runs and is chosen) or as int8
-    rows: the plan says which, and its weights line is what the load holds (Q5_0: the scales alone)."""
-    from fixtures_gguf import _tiny
+@pytest.mark.parametrize("qtype, chosen", [("Q5_0", "1"), ("Q5_0", "0"), ("Q6_K", "1"), ("Q6_K", "0")])
+def test_plan_of_a_q5_or_q6_k_file_names_the_codes_a_cpu_load_keeps(capsys, monkeypatch, tmp_path_factory, tiny_sentencepiece_vocab, qtype, chosen):
+    """Q5 blocks kept with their 5-bit codes, Q6_K ones with their 6-bit codes (where the CPU kernel
+    runs and that form is chosen), or as int8 rows: the plan says which, and its weights line is what
+    the load holds (Q5_0 and Q6_K: the scales alone)."""
+    from fixtures_gguf import _tiny, tiny_q6_k_gguf
     from pangu_infer.device import default_dtype
     from pangu_infer.loader import load_serving_model
     from pangu_infer.quant import cpu_int4
 
-    if five_bit == "1" and not cpu_int4.usable(64, 32):
+    if chosen == "1" and not cpu_int4.usable(256, 16):
         pytest.skip("the own int4 kernel does not run here")
-    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV, five_bit)
+    five = qtype == "Q5_0"
+    monkeypatch.setenv(cpu_int4.FIVE_BIT_ENV if five else cpu_int4.SIX_BIT_ENV, chosen)
     cpu_int4.five_bit_chosen.cache_clear()
+    cpu_int4.six_bit_chosen.cache_clear()
     try:
-        path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "Q5_0").path
+        if five:
+            path = _tiny(tmp_path_factory, tiny_sentencepiece_vocab, "pangu-embedded", "Q5_0").path
+        else:
+            path = tiny_q6_k_gguf(tmp_path_factory.mktemp("q6_k") / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
         monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)
         rc, out, err = _plan(capsys, "--model", str(path))
         assert rc == 0, err
-        assert ("Q5_0 as int8 or 5-bit codes in groups of 32," if five_bit == "1" else "Q5_0 as int8,") in out
+        codes = "5-bit codes in groups of 32" if five else "6-bit codes in groups of 16"
+        assert (f"{qtype} as int8 or {codes}," if chosen == "1" else f"{qtype} as int8,") in out
         planned = _weights_line_bytes(out)
         held = _held(load_serving_model(str(path), default_dtype(CPU), CPU, load_tokenizer=False).model)
         assert abs(planned - held) <= 0.01 * held, (planned, held)
     finally:
         cpu_int4.five_bit_chosen.cache_clear()
-
-
-@pytest.mark.parametrize("six_bit", ["1", "0"])
-def test_plan_of_a_q6_k_file_names_the_6_bit_codes_a_cpu_load_keeps(capsys, monkeypatch, tmp_path, tiny_sentencepiece_vocab, six_bit):
-    """Q6_K blocks kept with their 6-bit codes (groups of 16) or as int8 rows: the plan says which, and
-    its weights line is what the load holds."""
-    from fixtures_gguf import tiny_q6_k_gguf
-    from pangu_infer.device import default_dtype
-    from pangu_infer.loader import load_serving_model
-    from pangu_infer.quant import cpu_int4
-
-    if six_bit == "1" and not cpu_int4.usable(256, 16):
-        pytest.skip("the own int4 kernel does not run here")
-    monkeypatch.setenv(cpu_int4.SIX_BIT_ENV, six_bit)
-    cpu_int4.six_bit_chosen.cache_clear()
-    try:
-        path = tiny_q6_k_gguf(tmp_path / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
-        monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)
-        rc, out, err = _plan(capsys, "--model", str(path))
-        assert rc == 0, err
-        assert ("Q6_K as int8 or 6-bit codes in groups of 16," if six_bit == "1" else "Q6_K as int8,") in out
-        planned = _weights_line_bytes(out)
-        held = _held(load_serving_model(str(path), default_dtype(CPU), CPU, load_tokenizer=False).model)
-        assert abs(planned - held) <= 0.01 * held, (planned, held)
-    finally:
         cpu_int4.six_bit_chosen.cache_clear()

@@ -1067,28 +1067,54 @@ FIVE_BIT_ENV = "PANGU_INFER_INT5"
 MEASURE5_N, MEASURE5_K, MEASURE5_COUNT = 4096, 4096, 6
 
 
-def measure_five_bit() -> dict[str, float]:
-    """Seconds for one-row products over MEASURE5_COUNT weights: "own" with 5-bit codes (matmul5),
-    "aten" as int8 rows with the product a PackedWeight of int8 runs here (quant/cpu_int8.py's kernel
-    where it is chosen, else aten's); best of interleaved passes."""
+SIX_BIT_ENV = "PANGU_INFER_INT6"
+
+
+def _measure_codes(bits: int) -> dict[str, float]:
+    """Seconds for one-row products over MEASURE5_COUNT weights: "own" with `bits`-bit codes (5: pack5's
+    groups of 32 with zeros, GGUF's Q5 blocks; 6: pack6's groups of 16, scales only, Q6_K's), "aten"
+    the same codes as int8 rows with the product a PackedWeight of int8 runs here (quant/cpu_int8.py's
+    kernel where it is chosen, else aten's); best of interleaved passes."""
     from pangu_infer.quant import cpu_int8
 
     g = torch.Generator().manual_seed(0)
-    n, k, group = MEASURE5_N, MEASURE5_K, 32
-    five, eight = [], []
+    n, k, group = MEASURE5_N, MEASURE5_K, 32 if bits == 5 else 16
+    own, eight = [], []
     for _ in range(MEASURE5_COUNT):
-        q = torch.randint(0, 32, (n, k), dtype=torch.uint8, generator=g)
-        scale, zero = torch.rand(n, k // group, generator=g) * 0.01, torch.rand(n, k // group, generator=g) * 0.01
-        five.append(pack5(q, scale, zero))
-        eight.append(((q.to(torch.int8) - 16).contiguous(), (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)))
+        q = torch.randint(0, 1 << bits, (n, k), dtype=torch.uint8, generator=g)
+        scale = torch.rand(n, k // group, generator=g) * 0.01
+        own.append(pack5(q, scale, torch.rand(n, k // group, generator=g) * 0.01) if bits == 5 else pack6(q, scale, None))
+        eight.append(((q.to(torch.int8) - (1 << (bits - 1))).contiguous(), (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)))
         del q
     x = torch.randn(1, k, generator=g).to(torch.bfloat16)
     int8 = cpu_int8.matmul if cpu_int8.usable(k) else torch.ops.aten._weight_int8pack_mm
     runs = {
-        "own": lambda: [matmul5(x, d, hb, sz, group) for d, hb, sz in five],
+        "own": lambda: [matmul(x, d, sz, group, hb) for d, hb, sz in own],
         "aten": lambda: [int8(x, d, s) for d, s in eight],
     }
     return _best_of_interleaved(runs)
+
+
+def measure_five_bit() -> dict[str, float]:
+    """_measure_codes for 5-bit codes (what five_bit_chosen measures)."""
+    return _measure_codes(5)
+
+
+def measure_six_bit() -> dict[str, float]:
+    """_measure_codes for 6-bit codes (what six_bit_chosen measures)."""
+    return _measure_codes(6)
+
+
+def _codes_chosen(env: str, key: str, measure_name: str, what: str) -> bool:
+    """five_bit_chosen / six_bit_chosen: off with env=0 or where the kernel does not run, on with
+    env=1, else the measurement (this module's `measure_name`, looked up at the call) made once per
+    machine."""
+    value = os.environ.get(env, "").strip().lower()
+    if value in ("0", "off", "no", "false") or library() is None:
+        return False
+    if value in ("1", "on", "yes", "true"):
+        return True
+    return own_kernel_measured_faster(key + tag(), lambda: globals()[measure_name](), what)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1097,50 +1123,15 @@ def five_bit_chosen() -> bool:
     than as int8 rows: where the kernel runs and its one-row product beat int8's in a short measurement
     made once per machine (pangu_infer.quant.tuning's cache, key `int5_decode_kernel`);
     `PANGU_INFER_INT5=0` keeps int8 rows, `=1` uses it unmeasured."""
-    value = os.environ.get(FIVE_BIT_ENV, "").strip().lower()
-    if value in ("0", "off", "no", "false") or library() is None:
-        return False
-    if value in ("1", "on", "yes", "true"):
-        return True
-    return own_kernel_measured_faster("int5_decode_kernel" + tag(), measure_five_bit, "5-bit decode kernel (against int8 rows)")
-
-
-SIX_BIT_ENV = "PANGU_INFER_INT6"
-
-
-def measure_six_bit() -> dict[str, float]:
-    """measure_five_bit's for 6-bit codes in Q6_K's groups of 16, scales only (pack6), against the
-    same int8 rows."""
-    from pangu_infer.quant import cpu_int8
-
-    g = torch.Generator().manual_seed(0)
-    n, k, group = MEASURE5_N, MEASURE5_K, 16
-    six, eight = [], []
-    for _ in range(MEASURE5_COUNT):
-        q = torch.randint(0, 64, (n, k), dtype=torch.uint8, generator=g)
-        six.append(pack6(q, torch.rand(n, k // group, generator=g) * 0.01, None))
-        eight.append(((q.to(torch.int8) - 32).contiguous(), (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)))
-        del q
-    x = torch.randn(1, k, generator=g).to(torch.bfloat16)
-    int8 = cpu_int8.matmul if cpu_int8.usable(k) else torch.ops.aten._weight_int8pack_mm
-    runs = {
-        "own": lambda: [matmul(x, d, sz, group, hb) for d, hb, sz in six],
-        "aten": lambda: [int8(x, d, s) for d, s in eight],
-    }
-    return _best_of_interleaved(runs)
+    return _codes_chosen(FIVE_BIT_ENV, "int5_decode_kernel", "measure_five_bit", "5-bit decode kernel (against int8 rows)")
 
 
 @functools.lru_cache(maxsize=None)
 def six_bit_chosen() -> bool:
-    """Are GGUF's Q6_K blocks kept with their 6-bit codes here (the int4 layout and two bit planes,
+    """Are GGUF's Q6_K blocks kept with their 6-bit codes here (the int4 layout and the 2 high bits,
     groups of 16) rather than as int8 rows: five_bit_chosen's rule, measured apart (key
     `int6_decode_kernel`); `PANGU_INFER_INT6=0` keeps int8 rows, `=1` uses it unmeasured."""
-    value = os.environ.get(SIX_BIT_ENV, "").strip().lower()
-    if value in ("0", "off", "no", "false") or library() is None:
-        return False
-    if value in ("1", "on", "yes", "true"):
-        return True
-    return own_kernel_measured_faster("int6_decode_kernel" + tag(), measure_six_bit, "6-bit decode kernel (against int8 rows)")
+    return _codes_chosen(SIX_BIT_ENV, "int6_decode_kernel", "measure_six_bit", "6-bit decode kernel (against int8 rows)")
 
 
 # ------------------------------------------------------------------------------------ layout
