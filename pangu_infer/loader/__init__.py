@@ -286,10 +286,10 @@ def weights_bytes(
         if gguf:
             by_target = _gguf_plan(ckpt, net, quantization)[1]
             # one CPU process: the Q5 / Q6_K tensors the hook keeps with their codes (see _load_gguf)
-            five = {}
+            high = {}
             if tensor_parallel_size == 1 and device.type == "cpu" and by_target:
-                five = _gguf_high_bit_targets(ckpt, net, quantization, by_target)
-            total += quantized_weight_bytes(net, dtype, None, settings=by_target, matrix_dtype=half, device=device, high_bit=five)
+                high = _gguf_high_bit_targets(ckpt, net, quantization, by_target)
+            total += quantized_weight_bytes(net, dtype, None, settings=by_target, matrix_dtype=half, device=device, high_bit=high)
         else:
             total += quantized_weight_bytes(net, dtype, resolve_quantization(net, quantization), offload_experts,
                                             matrix_dtype=half, device=device)
