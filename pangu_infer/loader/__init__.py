@@ -516,7 +516,7 @@ def _gguf_high_bit_targets(ckpt: Any, net: DecoderForCausalLM, quantization: Any
     for name in _gguf_high_bit(ckpt, net, quantization, by_target):
         target, bits = targets[name][0], transcode.layout_bits(types[name].name)
         if keeps_high_bit(params[target].shape, kinds.get(target), bits):
-            zs = 1 if types[name].name in ("Q5_0", "Q6_K") else 2
+            zs = 1 if types[name].name in transcode.SCALES_ONLY else 2
             out[target] = (bits, max(out.get(target, (bits, 1))[1], zs))
     return out
 

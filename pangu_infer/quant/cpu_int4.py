@@ -468,7 +468,7 @@ static inline __attribute__((always_inline)) void row16(const int8_t* xq, const 
 #define CALL_G(call_32, call_g) do { if (G == 32) { call_32; } else { call_g; } } while (0)
 
 /* R (1..4) activation rows against all 16 rows of block b, activations in one level, groups of G
-   (32, 64 or 128: a constant), in one pass: each broadcast of an activation's 4 bytes feeds both
+   (16, 32, 64 or 128: a constant), in one pass: each broadcast of an activation's 4 bytes feeds both
    halves (as row16 does for one row), and each unpacked octet all R rows (16 int16 sums of `span`
    octets in registers at R = 4, widened to int32 every `span` octets: SPAN(P), hb and P as
    block8's). The int32 sums are block8's (exact integers), each group's end the
@@ -600,9 +600,9 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
 # with the scales only), where int8 rows read 8. AVX2 code, in both builds (not written for AVX-512:
 # not measurable on this project's machines so far).
 _INT5 = r"""
-/* The bit plane hb [N/16, K/8, 16] bytes: for octet o of block b, byte 4h + j (h 0, 1: rows 8h .. 8h + 7;
-   j 0..3) holds in bit d the 5th bit of row 8h + d's column 8o + j (a low nibble of the layout), byte
-   8 + 4h + j the same for column 8o + 4 + j (a high nibble). */
+/* The high bits beside the nibbles: 5-bit codes' plane hb [N/16, K/8, 16] (for octet o of block b,
+   byte 4e + j holds in bit 4a + 2h + n the 5th bit of row 8h + 4a + e's column 8o + 4n + j:
+   plane_word) or 6-bit codes' 2 high bits hb [N/16, K/8, 32] (HIGH16's crumbs). */
 
 /* hb is never NULL in the 5-bit functions: told to the compiler, so that the block functions' 5-bit
    steps are laid out as constants (two octets per int16 sum, the plane ORs unconditional) as the
@@ -618,7 +618,7 @@ _INT5 = r"""
 #define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   HB_SET(hb); \
-  if (MANY16(MM, GC, hb, PP) || MANY16(MM, 32, hb, PP) || MANY16(MM, 64, hb, PP) || MANY16(MM, 128, hb, PP)) return; \
+  if ((GC != 32 && MANY16(MM, GC, hb, PP)) || MANY16(MM, 32, hb, PP) || MANY16(MM, 64, hb, PP) || MANY16(MM, 128, hb, PP)) return; \
   for (int h = 0; h < 2; h++) { \
     if (G == GC) block8(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, GC, zs, b, h); \
     else block8(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, G, zs, b, h); } }
@@ -1140,7 +1140,7 @@ def six_bit_chosen() -> bool:
 class Layout:
     """A weight [N, K] written straight into the kernel's layout (pack's weight and scale-and-zero;
     bits 5 or 6: pack5's or pack6's, with the bit planes `hb`), row by row, by a loader (pangu_infer.quant.transcode's
-    Q4Blocks and Q5Blocks: a GGUF file's blocks) instead of packed from the portable format. N is
+    Q4Blocks, Q5Blocks and Q6Blocks: a GGUF file's blocks) instead of packed from the portable format. N is
     padded to whole blocks of 16 rows: the padded rows are code 0, scale 0 and zero 0 from the start,
     as pack's caller pads them."""
 

@@ -595,6 +595,9 @@ Q6_BYTES = {"Q6_K": (210, 256)}
 # GGML's type numbers, as pangu_blocks_to_layout takes them: Q4 types into the int4 layout, Q5 ones
 # into its 5-bit form, Q6_K into its 6-bit form
 LAYOUT_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q4_K": 12, "Q5_0": 6, "Q5_1": 7, "Q5_K": 13, "Q6_K": 14}
+LAYOUT_BYTES = {**Q4_BYTES, **Q5_BYTES, **Q6_BYTES}  # bytes and weights per block of each
+# the types whose every zero is 0 in their layout (w = (q - offset) scale): laid out with the scales alone
+SCALES_ONLY = frozenset({"Q4_0", "Q5_0", "Q6_K"})
 
 
 def layout_bits(kind: str) -> int:
@@ -620,7 +623,7 @@ def to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: 
     bits, group = layout_bits(kind), layout_group(kind)
     if lib is None or not part.flags.c_contiguous or not all(t is None or t.is_contiguous() for t in (data, sz, hb)):
         return False
-    size, weights = {**Q4_BYTES, **Q5_BYTES, **Q6_BYTES}[kind]
+    size, weights = LAYOUT_BYTES[kind]
     n, groups = part.shape[0], part.shape[1] // size * weights // group
     zs, k = sz.shape[-2], groups * group
     fits = (
@@ -631,7 +634,7 @@ def to_layout(part: np.ndarray, kind: str, order: Optional[torch.Tensor], row0: 
     )
     if not fits or (order is not None and n and not 0 <= int(order.min()) <= int(order.max()) < n):
         raise ValueError(f"to_layout: {kind} rows {tuple(part.shape)} at row {row0} into {tuple(data.shape)}, {tuple(sz.shape)}")
-    if zs == 1 and kind not in ("Q4_0", "Q5_0", "Q6_K"):
+    if zs == 1 and kind not in SCALES_ONLY:
         raise ValueError(f"to_layout: {kind} has zeros; its layout needs them (zs 2)")
     if (bits > 4) != (hb is not None) or (hb is not None and (hb.dtype != torch.uint8 or tuple(hb.shape) != (*data.shape[:2], 16 * (bits - 4)))):
         plane = "none" if hb is None else f"{tuple(hb.shape)} {hb.dtype}"
@@ -676,7 +679,7 @@ class _LaidOutBlocks(_Blocks):
     @property
     def zero_values(self) -> int:
         """1 where every zero is 0 (Q4_0: w = (q - 8) d; Q5_0: w = (q - 16) d; Q6_K: (q - 32) d sc_j), else 2."""
-        return 1 if self.kind in ("Q4_0", "Q5_0", "Q6_K") else 2
+        return 1 if self.kind in SCALES_ONLY else 2
 
     def lay_out(self, row0: int, data: torch.Tensor, sz: torch.Tensor, hb: Optional[torch.Tensor] = None) -> bool:
         """Write the rows as rows row0.. of a layout (to_layout; hb the 5- or 6-bit form's planes, None
@@ -808,4 +811,4 @@ def pairs_to_octets_in_place(packed: torch.Tensor) -> Optional[torch.Tensor]:
     return packed.view(*packed.shape[:-2], n // 16, half // 4, 64)
 
 
-__all__ = ["DEQUANTIZED", "ENV", "HighBlocks", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "Q5_BYTES", "Q5Blocks", "Q6_BYTES", "Q6Blocks", "layout_bits", "layout_group", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs", "to_layout"]
+__all__ = ["DEQUANTIZED", "ENV", "HighBlocks", "LAYOUT_TYPES", "Int8Rows", "Q4_BYTES", "Q4Blocks", "Q5_BYTES", "Q5Blocks", "Q6_BYTES", "Q6Blocks", "SCALES_ONLY", "layout_bits", "layout_group", "dequantize", "dequantize_int8", "disabled", "library", "pairs_to_octets", "pairs_to_octets_in_place", "q4_to_pairs", "to_layout"]
