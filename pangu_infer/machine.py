@@ -123,6 +123,13 @@ def changed_choices(made: dict[str, dict[str, Any]]) -> list[str]:
     )
 
 
+def stored_choice(name: str) -> Any:
+    """The value stored under `name` for this machine, or None: what cached_choice would give without
+    measuring, for callers that must not measure (a memory estimate before a load)."""
+    entry = _read().get(machine_key())
+    return entry.get(name) if isinstance(entry, dict) else None
+
+
 def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], bool]) -> Any:
     """The value stored under `name` for this machine if `valid(value)`, else compute() stored there.
 

@@ -50,5 +50,6 @@ def test_a_prefills_activations_are_reused_not_faulted_in_again_unless_turned_of
         return sorted(counts[2:])[1]
 
     kept, returned = faults(), faults(PANGU_INFER_KEEP_HEAP="0")
-    # about 60 a prefill kept (the KV cache's new blocks), 29,000-35,000 (about 128 MB) returned each time
-    assert kept < 1000 < 20000 < returned, (kept, returned)
+    # about 60 a prefill kept (the KV cache's new blocks); returned each time: 29,000-35,000 (about 128
+    # MB) where the activations are float32 (an AVX2 EPYC), about 16,500 where they are bf16 (an AMX Xeon)
+    assert kept < 1000 and returned > max(8000, 10 * kept), (kept, returned)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from pangu_infer.device import can_pack  # noqa: F401  (here too: where the packing lives)
-from pangu_infer.machine import cached_choice, env_choice, interleaved_medians
+from pangu_infer.machine import cached_choice, env_choice, interleaved_medians, stored_choice
 from pangu_infer.memory import drop_mapped_pages, file_backed_ranges, is_file_backed, trim_heap
 from pangu_infer.parallel.state import RowParallelLinear
 
@@ -109,19 +109,36 @@ def packed_bytes(out_features: int, in_features: int) -> int:
     return -(-out_features // rows) * rows * (-(-in_features // cols) * cols) * 2
 
 
-@functools.lru_cache(maxsize=1)
+def known_layout() -> Optional[str]:
+    """The layout a load packs into where that is known without measuring: set by hand, or measured
+    on this machine before (packed_layout's stored choice); None where a load would measure first."""
+    forced = env_choice(LAYOUT_ENV, LAYOUTS)
+    if forced is not None:
+        return forced
+    stored = stored_choice("packed_bf16_layout")
+    return stored if stored in LAYOUTS else None
+
+
 def packed_blocks() -> tuple[int, int]:
-    """(rows, columns) oneDNN pads a packed bf16 weight to on this CPU, the larger of the two
-    layouts' (which one a load uses is measured, packed_layout(); the estimate does not measure):
-    read from the bytes (`mkldnn._nbytes`) of two small packed probes, a row of 512 columns (the
-    row block times 512) and 512 rows of one column (512 times the column block). (1, 1) where
-    oneDNN cannot say (nothing padded)."""
+    """(rows, columns) oneDNN pads a packed bf16 weight to on this CPU, in the layout a load uses
+    (known_layout), else the larger of the two layouts' (the estimate does not measure; on an AMX Xeon
+    the general layout's blocks are half the decode layout's, on the EPYCs measured the same)."""
+    blocks = [layout_blocks(layout) for layout in ((known_layout(),) if known_layout() else LAYOUTS)]
+    return max(r for r, _ in blocks), max(c for _, c in blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def layout_blocks(layout: str) -> tuple[int, int]:
+    """(rows, columns) oneDNN pads a bf16 weight packed in `layout` to: read from the bytes
+    (`mkldnn._nbytes`) of two small packed probes, a row of 512 columns (the row block times 512)
+    and 512 rows of one column (512 times the column block). (1, 1) where oneDNN cannot say (nothing
+    padded)."""
     nbytes = getattr(torch.ops.mkldnn, "_nbytes", None)
     if nbytes is None:
         return 1, 1
     probe = 512  # a multiple of any block oneDNN uses
-    rows = max(nbytes(_reorder(torch.zeros(1, probe, dtype=torch.bfloat16), layout)) // (2 * probe) for layout in LAYOUTS)
-    cols = max(nbytes(_reorder(torch.zeros(probe, 1, dtype=torch.bfloat16), layout)) // (2 * probe) for layout in LAYOUTS)
+    rows = nbytes(_reorder(torch.zeros(1, probe, dtype=torch.bfloat16), layout)) // (2 * probe)
+    cols = nbytes(_reorder(torch.zeros(probe, 1, dtype=torch.bfloat16), layout)) // (2 * probe)
     return max(rows, 1), max(cols, 1)
 
 
