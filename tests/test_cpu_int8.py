@@ -25,8 +25,8 @@ def _exact(a: torch.Tensor, w: torch.Tensor, step: float, scales: torch.Tensor) 
 @pytest.mark.parametrize("m, n, k", [(1, 37, 48), (2, 64, 1024), (3, 33, 3072), (5, 100, 1040), (16, 4, 16)])
 def test_integer_activations_give_the_exact_sums(m, n, k):
     g = torch.Generator().manual_seed(m * n + k)
-    a = torch.randint(-16383, 16384, (m, k), generator=g)
-    a[:, 0] = 16383  # each row's largest magnitude is exactly the top level: x / d is a
+    a = torch.randint(-32767, 32768, (m, k), generator=g)
+    a[:, 0] = 32767  # each row's largest magnitude is exactly the top level: x / d is a
     step = 2.0**-10
     w = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     scales = (torch.rand(n, generator=g) * 0.01).to(torch.bfloat16)
@@ -38,13 +38,13 @@ def test_integer_activations_give_the_exact_sums(m, n, k):
 def test_the_largest_sums_do_not_overflow():
     # every product at its largest, all of one sign: a lane's int32 sum over a chunk is at its bound
     k = 4096
-    a = torch.full((2, k), 16383)
-    a[1] = -16383
+    a = torch.full((2, k), 32767)
+    a[1] = -32767
     w = torch.full((8, k), -128, dtype=torch.int8)
     scales = torch.ones(8, dtype=torch.bfloat16)
     y = cpu_int8.matmul(a.float(), w, scales)
     assert torch.equal(y, _exact(a, w, 1.0, scales))
-    assert y[0, 0].item() == -16383 * 128 * k
+    assert y[0, 0].item() == -32767 * 128 * k
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,7 +56,7 @@ def test_products_match_the_dequantized_weight(dtype):
     ref = x.double() @ (qt.qweight.double() * scales.double()[:, None]).T
     y = cpu_int8.matmul(x, qt.qweight, scales)
     rel = ((y.double() - ref).norm() / ref.norm()).item()
-    assert rel < 1e-4, rel  # 15-bit activations: about 2^-15 of each row's largest value
+    assert rel < 1e-4, rel  # 16-bit activations: about 2^-16 of each row's largest value
     # aten's kernel (bf16 activations and outputs) is 30x or more further from the same reference
     aten = torch.ops.aten._weight_int8pack_mm(x.bfloat16(), qt.qweight, scales)
     assert ((aten.double() - ref).norm() / ref.norm()).item() > 10 * rel

@@ -4,16 +4,13 @@ Why: the default many-row path (quant/prefill.py) converts the whole weight into
 bf16 layout, then runs oneDNN's product; the bf16 weight is written out and read back once per
 product, which is what keeps quantized prefill under bf16's speed (benchmarks/RESULTS.md,
 "Quantized prefill into oneDNN's packed bf16 layout"). Here one C function does both, strip by
-strip of output columns:
+strip of output columns. int4 (bf16 tile products):
 
 - a strip of S columns (a multiple of 32) of the weight (int4 in cpu_int4's layout with its bf16
-  scale/zero per group, or its scale alone where every zero is 0, or int8 with a bf16 scale per row) is converted into bf16 VNNI pairs in a
+  scale/zero per group, or its scale alone where every zero is 0) is converted into bf16 VNNI pairs in a
   buffer of this thread sized to stay in L2, in the order the products read it (k in chunks of KC,
   in each the strip's 32-column pieces, in each two 1 KB B tiles per 32 of k). The values are the
-  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once. int8 is
-  only widened (every int8 is exact in bf16), and its per-row scale multiplies the fp32 sums when
-  they are written: a cheaper conversion, and no rounding of the weight (closer to the float
-  weight than the packed path's bf16(q * s));
+  packed path's: q * s + (z - 8 s) in fp32, one fused multiply-add, rounded to bf16 once;
 - x is copied once per product into 32-row blocks laid out as AMX A tiles ([K/32][32][32] bf16,
   the last rows zero; a buffer kept per thread up to 32 MB, bigger ones allocated per call); every 32 rows run against each 32-column piece with 2 x 2 fp32 accumulator
   tiles (`tdpbf16ps`), k chunk by k chunk so that the rows' chunk stays in L1 across the pieces;
@@ -21,15 +18,22 @@ strip of output columns:
   between the tile products (the vector units are free while the tile unit works);
 - each 32 x 32 block of fp32 sums is rounded to bf16 (nearest even) into y.
 
+int8 with a bf16 scale per row (AMX-INT8 tile products, `i8_rows` in the C source): each row of x
+quantized to 16-bit integers as quant/cpu_int8.py's decode kernel does it, split into two bytes
+(two planes of x, read as A tiles where they lie), the weight's strips only transposed into B
+tiles (no conversion to bf16), exact int32 sums scaled in double: a row's output is bit for bit the
+decode kernel's rounded to bf16, for the tile work of a bf16 product and none of the weight's bf16
+traffic (RESULTS.md, "int8 prefill with int8 tile products").
+
 Rows are independent (each row's sums run over k in the same order whatever the row count), so a
 row's result does not depend on the rows next to it. N must be a multiple of 16 (a last half
-piece is converted zero-padded), K a multiple of 32 (and at most `max_k()`, any by default),
-else the caller's path runs. Above K = 2048, K runs in panels of at most 2048 (`k_panel`): per
+piece is converted zero-padded), K a multiple of 32 (int8: of 64, at most 65536; both at most
+`max_k()`, any by default), else the caller's path runs. int4: Above K = 2048, K runs in panels of at most 2048 (`k_panel`): per
 block of rows, per panel, all strips (the panel's x stays in L2), the fp32 sums of all the block's
 rows and this thread's columns kept between panels and rounded once after the last.
 
 Built once per machine with the C compiler (`$CC`, else `cc`/`gcc`) and `-march=native` (which
-carries `-mamx-tile -mamx-bf16` on an AMX CPU) into `~/.cache/pangu-infer/`, loaded with ctypes;
+carries `-mamx-tile -mamx-bf16 -mamx-int8` on an AMX CPU) into `~/.cache/pangu-infer/`, loaded with ctypes;
 the process asks Linux for the AMX tile state once (`arch_prctl(ARCH_REQ_XCOMP_PERM,
 XFEATURE_XTILEDATA)`, as oneDNN does). Nothing of it runs where the CPU has no `amx_bf16`, where
 there is no compiler or where Linux refuses the tile state: the packed path runs as before.
@@ -65,8 +69,8 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
-ABI = 5
-REVISION = 5  # in the names of the per-machine choices: a changed kernel or rule is measured again
+ABI = 6
+REVISION = 6  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
 #include <stdint.h>
@@ -80,7 +84,7 @@ SOURCE = r"""
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-int pangu_amx_abi(void) { return 5; }
+int pangu_amx_abi(void) { return 6; }
 
 /* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
 int pangu_amx_init(void) {
@@ -107,12 +111,13 @@ typedef struct {
   uint8_t rows[16];
 } tilecfg;
 
+/* Tiles 0-7: 16 rows of 64 bytes. A constant: gcc 12 does not order stores into a local configuration
+   before `ldtilecfg` reads it (seen: the column bytes still zero, a general-protection fault), so nothing
+   is stored at run time, and the barrier keeps it that way. */
+static const tilecfg TILES = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 static void config_tiles(void) {
-  tilecfg c;
-  memset(&c, 0, sizeof c);
-  c.palette_id = 1;
-  for (int t = 0; t < 8; t++) { c.rows[t] = 16; c.colsb[t] = 64; }
-  _tile_loadconfig(&c);
+  __asm__ volatile("" ::: "memory");
+  _tile_loadconfig(&TILES);
 }
 
 static inline __m512i round_hi(__m512 f) {  /* bf16 of f (nearest even) in the high half, low half zero */
@@ -157,49 +162,10 @@ static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf
   _mm512_storeu_si512((void*)(d + 48), pairs(hi[2], hi[3]));
 }
 
-/* Four int8 per 32-bit lane (k = 4i .. 4i + 3 of one row) -> the words (bf16(k0), bf16(k1)) and
-   (bf16(k2), bf16(k3)). Every int8 is exact in bf16: its fp32 has the low 16 bits zero, so the bf16 is
-   the fp32's high half with no rounding (no scale here: it is applied to the sums, see write_rows). */
-static inline __m512i widen_lo(__m512i v) {
-  const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 24), 24)));
-  const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 16), 24)));
-  return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
-}
-static inline __m512i widen_hi(__m512i v) {
-  const __m512i e = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(v, 8), 24)));
-  const __m512i o = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)));
-  return _mm512_or_si512(_mm512_srli_epi32(e, 16), o);
-}
-
 @TRANSPOSE16@
-/* int8 [N][K] (its bf16 scale per row applied to the sums, not here): columns c .. c + 63 (or the last ones) of rows 16b .. 16b + 15
-   into strip block j. */
-static inline void conv_int8(const int8_t* w, const uint16_t* scale, uint32_t* buf, int64_t b, int64_t j, int64_t c,
-                             const strip_t* st) {
-  (void)scale;
-  const int64_t K = st->K, ld = st->ld, r0 = b * 16;
-  const int8_t* base = w + r0 * ld + st->k0;
-  if (c + 64 <= K) {  /* one 64-byte load per row, a 16 x 16 transpose of 32-bit words */
-    __m512i v[16];
-    transpose16_epi32(base + c, ld, v);
-    for (int i = 0; i < 16; i++) {  /* v[i]: lane r = row r0 + r, columns c + 4i .. c + 4i + 3 */
-      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2, st), widen_lo(v[i]));
-      _mm512_storeu_si512((void*)at(buf, j, (c + 4 * i) / 2 + 1, st), widen_hi(v[i]));
-    }
-    return;
-  }
-  const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)ld));
-  for (; c < K; c += 4) {
-    const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
-    _mm512_storeu_si512((void*)at(buf, j, c / 2, st), widen_lo(gv));
-    _mm512_storeu_si512((void*)at(buf, j, c / 2 + 1, st), widen_hi(gv));
-  }
-}
-
-/* The conversion of one strip, a unit at a time (an octet of a 16-row block for int4, 64 columns of
-   one for int8), so that the next strip's can run between the current strip's tile products. */
+/* The conversion of one strip, a unit at a time (an octet of a 16-row block), so that the next
+   strip's can run between the current strip's tile products. */
 typedef struct {
-  int kind;
   const void* w;
   const uint16_t* q;
   uint32_t* buf;
@@ -208,20 +174,19 @@ typedef struct {
   int64_t acc, num, den;  /* spread: num units per den tile steps (block32), acc the carry */
 } cursor_t;
 
-static void cursor_start(cursor_t* cu, int kind, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
+static void cursor_start(cursor_t* cu, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
                          int sh, int64_t G, int64_t zs, int64_t n0, int64_t ns, int64_t ld, int64_t k0) {
-  cu->kind = kind; cu->w = w; cu->q = q; cu->buf = buf; cu->G = G; cu->zs = zs;
+  cu->w = w; cu->q = q; cu->buf = buf; cu->G = G; cu->zs = zs;
   cu->b0 = n0 / 16; cu->blocks = ns / 16;
   cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh; cu->st.ld = ld; cu->st.k0 = k0;
-  cu->units = kind == 4 ? K / 8 : (K + 63) / 64;
+  cu->units = K / 8;
   cu->j = 0; cu->u = 0;
   cu->acc = 0; cu->num = 0; cu->den = 1;
 }
 
 static inline void cursor_step(cursor_t* cu) {
   if (cu->j >= cu->blocks) return;
-  if (cu->kind == 4) conv_int4((const uint8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
-  else conv_int8((const int8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, 64 * cu->u, &cu->st);
+  conv_int4((const uint8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
   if (++cu->u == cu->units) { cu->u = 0; cu->j++; }
 }
 
@@ -256,8 +221,7 @@ static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, i
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
     /* the next strip's conversion, in the vector units while the tile products run, spread evenly
-       over the strip's steps (an int8 unit is 1024 weights, 8 times an int4 unit: one per step
-       would bunch int8's conversion into the first eighth of the strip, leaving the rest tile-bound) */
+       over the strip's steps */
     next->acc += next->num;
     while (next->acc >= next->den) { next->acc -= next->den; cursor_step(next); }
   }
@@ -267,39 +231,28 @@ static inline void block32(const uint16_t* xa, const uint32_t* bp, int64_t k0, i
   _tile_stored(3, c + 16 * 32 + 16, 128);
 }
 
-/* sc: the bf16 scales of these columns (int8: the weight's per-row scale times the fp32 sums, one
-   product before the one rounding to bf16), or NULL. */
-static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols, const uint16_t* sc) {
+static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t rows, int64_t cols) {
   const __mmask16 m0 = cols >= 16 ? 0xFFFF : (__mmask16)((1u << cols) - 1);
   const __mmask16 m1 = cols >= 32 ? 0xFFFF : (cols <= 16 ? 0 : (__mmask16)((1u << (cols - 16)) - 1));
-  __m512 s0 = _mm512_set1_ps(1.0f), s1 = _mm512_set1_ps(1.0f);
-  if (sc) {
-    s0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m0, sc)), 16));
-    s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m1, sc + 16)), 16));
-  }
   for (int64_t r = 0; r < rows; r++) {
-    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * 32), s0));
-    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(c + r * 32 + 16), s1));
+    __m256i lo = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32));
+    __m256i hi = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(c + r * 32 + 16));
     _mm256_mask_storeu_epi16(y + r * ldy, m0, lo);
     if (m1) _mm256_mask_storeu_epi16(y + r * ldy + 16, m1, hi);
   }
 }
 
-/* y [M][N] bf16 = x [M][K] bf16 times W^T, W [N][K] given quantized:
-   kind 4: w = cpu_int4 data [N/16][K/8][64], q = sz bf16 [N/16][K/G][zs][16], G the group, zs 2 (scales
-   and zeros) or 1 (scales only);
-   kind 8: w = int8 [N][K], q = scale bf16 [N];
-   N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
+/* y [M][N] bf16 = x [M][K] bf16 times W^T, W [N][K] in cpu_int4's layout: w = data [N/16][K/8][64], q = sz
+   bf16 [N/16][K/G][zs][16], G the group, zs 2 (scales and zeros) or 1 (scales only); N % 16 == 0,
+   K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
 static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                    int64_t K, int64_t G, int64_t zs, int kind, int64_t S, int64_t kc, int64_t kp, int threads) {
+                    int64_t K, int64_t G, int64_t zs, int64_t S, int64_t kc, int64_t kp, int threads) {
   if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
-  if (kind == 4 && (G % 8 || G < 8 || K % G || zs < 1 || zs > 2)) return 1;
-  if (kind == 8 && K * 16 > 0x7fffffff) return 1;
-  if (kind != 4 && kind != 8) return 1;
+  if (G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
   /* k in panels of KP (0: one panel): a panel's rows of x stay in L2 across all strips, the fp32 sums
      kept between panels */
   const int64_t KP = kp > 0 && kp < K ? kp : K, panels = (K + KP - 1) / KP;
-  if (panels > 1 && (KP % 64 || (kind == 4 && KP % G))) return 1;
+  if (panels > 1 && (KP % 64 || KP % G)) return 1;
   int sh = 4;  /* k chunks: a power of two from 32 (the whole of K when kc <= 0) */
   while (kc > 0 ? (2 << sh) < kc : (2 << sh) < KP) sh++;
   const int64_t KC = (int64_t)2 << sh;
@@ -343,7 +296,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
       config_tiles();
       cursor_t cur, nxt;
       int which = 0;
-      cursor_start(&cur, kind, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, zs, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
+      cursor_start(&cur, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, zs, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
       cursor_finish(&cur);
       for (int64_t pn = 0; pn < panels; pn++) {
         const int64_t pk0 = pn * KP, pw = K - pk0 < KP ? K - pk0 : KP;
@@ -357,7 +310,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
           if (more) {  /* the next strip of this panel, or the first of the next panel */
             const int64_t n1 = s + 1 < s_end ? n0 + S : s_begin * S, q0 = s + 1 < s_end ? pk0 : pk0 + KP;
             const int64_t qw = K - q0 < KP ? K - q0 : KP;
-            cursor_start(&nxt, kind, w, q, bufs[1 - which], qw, KC, sh, G, zs, n1, N - n1 < S ? N - n1 : S, K, q0);
+            cursor_start(&nxt, w, q, bufs[1 - which], qw, KC, sh, G, zs, n1, N - n1 < S ? N - n1 : S, K, q0);
             nxt.num = nxt.blocks * nxt.units; nxt.den = mblocks * pieces * (pw / 32);
           }
           /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
@@ -374,7 +327,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
             const int64_t rows = M - mb * 32 < 32 ? M - mb * 32 : 32;
             for (int64_t pc = 0; pc < pieces; pc++) {
               const int64_t cols = (ns - 32 * pc) < 32 ? ns - 32 * pc : 32;
-              write_rows(cc + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols, kind == 8 ? q + n0 + 32 * pc : NULL);
+              write_rows(cc + pc * 1024, y + mb * 32 * N + n0 + 32 * pc, N, rows, cols);
             }
           }
           if (more) { cursor_finish(&nxt); cur = nxt; which = 1 - which; }
@@ -387,13 +340,180 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
   return fail;
 }
 
-/* In blocks of mb rows (0: all at once), each converting the weight again: a block's rows of x stay
-   in L2 with the strip buffers instead of streaming through it once per strip. */
+
+/* ---------------- int8 weights: int8 x int8 tile products, the activations in two int8 levels ----------------
+   Each row of x is quantized as pangu_infer.quant.cpu_int8's kernel does it (a = nearbyint(x / d) with d =
+   max|x| / 32767 in fp32, |a| <= 32767) and split into a = 256 h + l, h = a >> 8 in [-128, 127] (signed), l =
+   a & 255 (unsigned): two planes of bytes, [rows][K] each. The weight's 16-row blocks are the B tiles once
+   their 4-byte k quads are transposed (a strip at a time, like the int4 conversion, into a buffer of this
+   thread), the planes' rows the A tiles as they lie (16 rows, 64 bytes of k each): `tdpbssd` (h times w) and
+   `tdpbusd` (l times w) into int32, exact (|h w| K < 2^31 and |l w| K < 2^31 for K <= 65536). Then y =
+   (256 H + L) d scale in double, rounded to fp32 and then to bf16: bit for bit the decode kernel's fp32
+   output rounded to bf16. The tile work is bf16's (two int8 products of 64 k per bf16 product of 32 k);
+   what it saves is the weight's conversion to bf16 and the bf16 weight's traffic. */
+#ifdef __AMX_INT8__
+#define I8_LEVELS 32767.0f  /* cpu_int8's LEVELS */
+
+static inline __m512 bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+/* One row of x into its planes (h, l: K bytes each) and its step d; a row holding NaN or infinity gets d
+   NaN and zero planes (NaN outputs, as the decode kernel). */
+static void i8_quantize_row(const uint16_t* xr, int64_t K, int8_t* h, uint8_t* l, double* d) {
+  __m512i mx = _mm512_setzero_si512();  /* |x| as bf16 bits: ordered as integers, NaN above infinity */
+  for (int64_t k = 0; k < K; k += 32)
+    mx = _mm512_max_epu16(mx, _mm512_and_si512(_mm512_loadu_si512((const void*)(xr + k)), _mm512_set1_epi16(0x7fff)));
+  const uint16_t top = (uint16_t)_mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_and_si512(mx, _mm512_set1_epi32(0xffff)), _mm512_srli_epi32(mx, 16)));
+  float amax;
+  { const uint32_t u = (uint32_t)top << 16; memcpy(&amax, &u, 4); }
+  const float step = top < 0x7f80 ? amax / I8_LEVELS : __builtin_nanf("");
+  const float inv = step > 0.0f ? 1.0f / step : 0.0f;
+  *d = step;
+  const __m512 vi = _mm512_set1_ps(inv);
+  for (int64_t k = 0; k < K; k += 16) {
+    const __m512i a = _mm512_cvtps_epi32(_mm512_mul_ps(bf16x16(xr + k), vi));  /* nearest even, as nearbyintf */
+    _mm_storeu_si128((__m128i*)(h + k), _mm512_cvtepi32_epi8(_mm512_srai_epi32(a, 8)));
+    _mm_storeu_si128((__m128i*)(l + k), _mm512_cvtepi32_epi8(a));
+  }
+}
+
+/* A strip's buffer: per 32-column piece, per 64 of k, two B tiles (the piece's two 16-row blocks: 16 k
+   quads x 16 rows x 4 bytes). One unit: 64 of k of one 16-row block, a 16 x 16 transpose of 32-bit words. */
+typedef struct { const int8_t* w; int64_t K, n0, blocks, steps, j, s, acc, num, den; int8_t* buf; } i8cursor_t;
+
+static inline void i8_step(i8cursor_t* cu) {
+  if (cu->j >= cu->blocks) return;
+  __m512i v[16];
+  transpose16_epi32(cu->w + (cu->n0 + 16 * cu->j) * cu->K + 64 * cu->s, cu->K, v);
+  int8_t* dst = cu->buf + ((cu->j / 2) * cu->steps + cu->s) * 2048 + (cu->j % 2) * 1024;
+  for (int i = 0; i < 16; i++) _mm512_store_si512((void*)(dst + 64 * i), v[i]);
+  if (++cu->s == cu->steps) { cu->s = 0; cu->j++; }
+}
+
+static inline void i8_start(i8cursor_t* cu, const int8_t* w, int64_t K, int64_t n0, int64_t blocks, int8_t* buf) {
+  cu->w = w; cu->K = K; cu->n0 = n0; cu->blocks = blocks; cu->steps = K / 64; cu->j = 0; cu->s = 0;
+  cu->acc = 0; cu->num = 0; cu->den = 1; cu->buf = buf;
+}
+
+/* The 4 int32 tiles of 16 rows of x times a piece (c: h by the first 16 columns, l by them, h by the
+   second 16, l by them; [16 rows][16 columns] each) into y: (256 h + l) d scale, in double. */
+static inline void i8_write(const int32_t* c, uint16_t* y, int64_t N, int64_t n0, int64_t cols, int64_t m0, int64_t rows,
+                            const double* d, const uint16_t* sc) {
+  const __mmask32 keep = cols >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << cols) - 1);
+  const __m512 s0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)keep, sc + n0)), 16));
+  const __m512 s1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16((__mmask16)(keep >> 16), sc + n0 + 16)), 16));
+  const __m512d s[4] = {_mm512_cvtps_pd(_mm512_castps512_ps256(s0)), _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s0), 1))),
+                        _mm512_cvtps_pd(_mm512_castps512_ps256(s1)), _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(s1), 1)))};
+  const __m512d k256 = _mm512_set1_pd(256.0);
+  for (int64_t r = 0; r < rows; r++) {
+    const __m512d dr = _mm512_set1_pd(d[m0 + r]);
+    __m256 f[4];
+    for (int i = 0; i < 4; i++) {
+      const int32_t* hh = c + (i >> 1) * 512 + r * 16 + (i & 1) * 8;
+      const __m512d sum = _mm512_fmadd_pd(_mm512_cvtepi32_pd(_mm256_load_si256((const __m256i*)hh)), k256,
+                                          _mm512_cvtepi32_pd(_mm256_load_si256((const __m256i*)(hh + 256))));  /* exact */
+      f[i] = _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_mul_pd(sum, dr), s[i]));
+    }
+    const __m512 lo = _mm512_insertf32x8(_mm512_castps256_ps512(f[0]), f[1], 1);
+    const __m512 hi = _mm512_insertf32x8(_mm512_castps256_ps512(f[2]), f[3], 1);
+    _mm512_mask_storeu_epi16(y + (m0 + r) * N + n0, keep, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+  }
+}
+
+/* y [M][N] bf16 = x [M][K] bf16 times (w [N][K] int8 with a bf16 scale per row sc)^T. N % 16 == 0, K % 64
+   == 0, K <= 65536; S the strip width (a multiple of 32). Each thread takes an equal share of the 16-row
+   blocks, in strips of S rows of w converted one while the one before is multiplied; per strip, per 16
+   rows of x, per piece, all of k. A piece's sums are written while the next piece's tile products run
+   (deferred by one piece). Returns nonzero when refused. */
+static int i8_rows(const uint16_t* x, const int8_t* w, const uint16_t* sc, uint16_t* y, int64_t M, int64_t N, int64_t K,
+                   int64_t S, int threads) {
+  if (N % 16 || K % 64 || K > 65536 || S % 32 || S <= 0 || M <= 0) return 1;
+  const int64_t tbs = (M + 15) / 16, Mp = tbs * 16, steps = K / 64, nblocks = N / 16, sb = S / 16;
+  int8_t* hp = (int8_t*)kept_buffer(0, (size_t)Mp * K * 2);
+  double* d = (double*)kept_buffer(2, sizeof(double) * (size_t)Mp);
+  if (!hp || !d) return 2;
+  uint8_t* lp = (uint8_t*)hp + Mp * K;
+  #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && Mp >= 32)
+  for (int64_t m = 0; m < Mp; m++) {
+    if (m < M) i8_quantize_row(x + m * K, K, hp + m * K, lp + m * K, d + m);
+    else { memset(hp + m * K, 0, K); memset(lp + m * K, 0, K); d[m] = 0.0; }
+  }
+  int fail = 0;
+  #pragma omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && nblocks >= 2)
+  {
+    const int nt = omp_get_num_threads(), me = omp_get_thread_num();
+    const int64_t b_begin = nblocks * me / nt, b_end = nblocks * (me + 1) / nt;
+    int8_t* bufs[2] = {(int8_t*)kept_buffer(1, (size_t)S * K), (int8_t*)kept_buffer(3, (size_t)S * K)};
+    if (!(bufs[0] && bufs[1])) {
+      #pragma omp atomic write
+      fail = 2;
+    } else if (b_begin < b_end) {
+      config_tiles();
+      int32_t cb[2][1024] __attribute__((aligned(64)));
+      int cw = 0;
+      int64_t pend_n = -1, pend_m = 0, pend_cols = 0;
+      i8cursor_t cur;
+      i8_start(&cur, w, K, b_begin * 16, b_end - b_begin < sb ? b_end - b_begin : sb, bufs[0]);
+      while (cur.j < cur.blocks) i8_step(&cur);
+      int which = 0;
+      for (int64_t b0 = b_begin; b0 < b_end; b0 += sb) {
+        const int64_t blocks = b_end - b0 < sb ? b_end - b0 : sb, pieces = (blocks + 1) / 2, n0 = b0 * 16;
+        const int8_t* buf = bufs[which];
+        i8cursor_t nx;
+        i8_start(&nx, w, K, (b0 + sb) * 16, 0, bufs[1 - which]);
+        if (b0 + sb < b_end) {
+          nx.blocks = b_end - b0 - sb < sb ? b_end - b0 - sb : sb;
+          nx.num = nx.blocks * steps; nx.den = tbs * pieces * steps;
+        }
+        for (int64_t tb = 0; tb < tbs; tb++) {
+          const int8_t* xh = hp + tb * 16 * K;
+          const int8_t* xl = (const int8_t*)lp + tb * 16 * K;
+          for (int64_t p = 0; p < pieces; p++) {
+            const int8_t* bp = buf + p * steps * 2048;
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+            for (int64_t s = 0; s < steps; s++, bp += 2048) {
+              _tile_loadd(4, xh + 64 * s, K);
+              _tile_loadd(6, bp, 64);
+              _tile_dpbssd(0, 4, 6);
+              _tile_loadd(5, xl + 64 * s, K);
+              _tile_dpbusd(1, 5, 6);
+              _tile_loadd(7, bp + 1024, 64);
+              _tile_dpbssd(2, 4, 7);
+              _tile_dpbusd(3, 5, 7);
+              nx.acc += nx.num;
+              while (nx.acc >= nx.den) { nx.acc -= nx.den; i8_step(&nx); }
+            }
+            /* the previous piece's sums are written while this piece's tile products run */
+            if (pend_n >= 0) i8_write(cb[1 - cw], y, N, pend_n, pend_cols, pend_m, M - pend_m < 16 ? M - pend_m : 16, d, sc);
+            int32_t* c = cb[cw];
+            _tile_stored(0, c, 64); _tile_stored(1, c + 256, 64); _tile_stored(2, c + 512, 64); _tile_stored(3, c + 768, 64);
+            pend_n = n0 + 32 * p; pend_cols = 16 * blocks - 32 * p < 32 ? 16 * blocks - 32 * p : 32; pend_m = tb * 16; cw = 1 - cw;
+          }
+        }
+        while (nx.j < nx.blocks) i8_step(&nx);
+        which = 1 - which;
+      }
+      if (pend_n >= 0) i8_write(cb[1 - cw], y, N, pend_n, pend_cols, pend_m, M - pend_m < 16 ? M - pend_m : 16, d, sc);
+      _tile_release();
+    }
+  }
+  return fail;
+}
+#endif
+
+/* kind 4 (cpu_int4's layout, qmm_rows) in blocks of mb rows (0: all at once), each converting the
+   weight again: a block's rows of x stay in L2 with the strip buffers instead of streaming through it
+   once per strip; kind 8 (int8, i8_rows; G, zs, kc, mb and kp unused). */
 int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
                   int64_t K, int64_t G, int64_t zs, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads) {
-  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, zs, kind, S, kc, kp, threads);
+#ifdef __AMX_INT8__
+  if (kind == 8) return i8_rows(x, (const int8_t*)w, q, y, M, N, K, S, threads);
+#endif
+  if (kind != 4) return 1;
+  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, zs, S, kc, kp, threads);
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, zs, kind, S, kc, kp, threads);
+    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, zs, S, kc, kp, threads);
     if (rc) return rc;
   }
   return 0;
@@ -533,12 +653,26 @@ def _fits(x: torch.Tensor, n: int, k: int) -> bool:
 
 def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int, zs: int = 1) -> Optional[torch.Tensor]:
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    strip = strip_width(k) if kind == 4 else int8_strip_width(k)
     if x.shape[0] and lib.pangu_amx_qmm(
-        x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, zs, kind, strip_width(k), K_CHUNK,
+        x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, zs, kind, strip, K_CHUNK,
         row_block(k), k_panel(k), torch.get_num_threads(),
     ):
         return None
     return y
+
+
+def int8_strip_width(k: int) -> int:
+    """Weight rows per strip of the int8 kernel: its int8 strip (S K bytes, twice, the one multiplied and
+    the next one) within about 768 KB each, 64 to 512 rows (RESULTS.md, "int8 prefill with int8 tile
+    products"). PANGU_INFER_AMX_STRIP sets it by hand."""
+    try:
+        s = int(os.environ.get(STRIP_ENV, "0"))
+    except ValueError:
+        s = 0
+    if s <= 0:
+        s = (768 << 10) // k
+    return max(64, min(512, s) // 32 * 32)
 
 
 def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> Optional[torch.Tensor]:
@@ -556,11 +690,14 @@ def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_si
 
 
 def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:
-    """x [M, K] bf16 times an int8 weight [N, K] with a bf16 scale per row: [M, N] bf16, or None."""
+    """x [M, K] bf16 times an int8 weight [N, K] with a bf16 scale per row: [M, N] bf16 (bit for bit
+    quant.cpu_int8's product rounded to bf16), or None where the kernel does not take the operands
+    (K % 64, K > 65536, no AMX-INT8)."""
     lib = library()
     n, k = data.shape
     if (
-        lib is None or not _fits(x, n, k) or data.dtype != torch.int8 or scales.dtype != torch.bfloat16
+        lib is None or "amx_int8" not in cpu_flags() or not _fits(x, n, k) or k % 64 or k > 65536
+        or data.dtype != torch.int8 or scales.dtype != torch.bfloat16
         or not (data.is_contiguous() and scales.is_contiguous()) or tuple(scales.shape) != (n,)
     ):
         return None

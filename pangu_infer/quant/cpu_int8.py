@@ -9,8 +9,8 @@ product of a decode step: at 16 sequences it took a fifth of the step.
 
 What it computes, for x [M, K] (float32 or bfloat16) and the int8 weight [N, K] with one bf16 scale
 per row (the engine's int8 format, unchanged):
-- each row of x quantized to integers of 15 bits, a = round(x / d) with d = max|x| / 16383 (a
-  rounding error of at most 2^-15 of the row's largest value: finer than the bf16 activations
+- each row of x quantized to integers of 16 bits, a = round(x / d) with d = max|x| / 32767 (a
+  rounding error of at most 2^-16 of the row's largest value: finer than the bf16 activations
   aten's kernel takes, 2^-9 of each value);
 - the dot products sum(a w) exactly in integers (`vpmaddwd`: int16 pairs into int32, summed in
   int32 over CHUNK columns, which cannot overflow, then in int64);
@@ -58,10 +58,12 @@ SOURCE = r"""
 #include <math.h>
 #include <immintrin.h>
 
-/* Columns per int32 sum: each of the 8 lanes adds CHUNK / 16 products of pairs, each at most
-   2 * 128 * 16383 in size, so a lane stays under 2^29 and the 8 lanes' sum under 2^31. */
+/* Columns per int32 sum: each lane adds at most CHUNK / 8 products (AVX2; AVX-512: CHUNK / 16), each
+   at most 128 * 32767 in size, so a lane stays under 2^30; the lanes are summed in int64 (hsum8,
+   hsum16). quant/amx.py's prefill kernel quantizes rows the same way (LEVELS) and splits the integers
+   into two bytes. */
 #define CHUNK 1024
-#define LEVELS 16383.0f
+#define LEVELS 32767.0f
 /* Weight rows per tile: 48 KB at K = 1536, kept in the core's cache while every row of x runs over it. */
 #define TILE_ROWS 32
 
@@ -77,15 +79,17 @@ int pangu_int8_abi(void) { return 1; }
 
 static inline float bf(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
-static inline int64_t hsum8(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
-  return (int64_t)_mm_cvtsi128_si32(s);
+static inline int64_t hsum8(__m256i v) {  /* the 8 int32 lanes' sum, in int64 */
+  const __m256i q = _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+  const __m128i s = _mm_add_epi64(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+  return _mm_cvtsi128_si64(s) + _mm_extract_epi64(s, 1);
 }
 
 /* out[r][i] = sum over K of a[i][k] w[r][k], exactly, for R weight rows and A rows of a (A <= 2). */
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+static inline int64_t hsum16(__m512i v) {  /* the 16 int32 lanes' sum, in int64 */
+  return _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
 /* AVX-512 with VNNI: 32 columns a step, vpdpwssd adding the int16 pairs' products into int32 in one
    instruction (the same integers as vpmaddwd then vpaddd: the sums, exact, are the AVX2 path's). A
    last 16 columns (K % 32 == 16) come through the low halves, the high ones zero. */
@@ -114,7 +118,7 @@ static inline __attribute__((always_inline)) void dots(const int16_t* a, const i
         for (int i = 0; i < A; i++) acc[r][i] = _mm512_dpwssd_epi32(acc[r][i], wv, av[i]);
       }
     }
-    for (int r = 0; r < R; r++) for (int i = 0; i < A; i++) out[r][i] += (int64_t)_mm512_reduce_add_epi32(acc[r][i]);
+    for (int r = 0; r < R; r++) for (int i = 0; i < A; i++) out[r][i] += hsum16(acc[r][i]);
   }
 }
 #else

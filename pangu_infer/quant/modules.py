@@ -6,7 +6,7 @@ Kernels (all shipped with PyTorch; measured in benchmarks/RESULTS.md, "weight-on
   bf16 even for fp32 models: the fp32 path of the kernel is several times slower on CPU, and bf16
   rounding of activations (2^-9) is below int8's own error (2^-8).
 - int8 on x86 CPUs with AVX2, where it was measured faster: this package's own kernel
-  (pangu_infer.quant.cpu_int8, the same weight and scales; activations in 15-bit integers per row,
+  (pangu_infer.quant.cpu_int8, the same weight and scales; activations in 16-bit integers per row,
   exact integer sums, float32 out; `PANGU_INFER_INT8_KERNEL=aten` turns it off).
 - int4 on CPU: `aten._convert_weight_to_int4pack_for_cpu(int32 [N, K], 1)` at load, then
   `aten._weight_int4pack_mm_for_cpu(x, packed, G, scale_and_zero [K/G, N, 2])`, bf16 activations
