@@ -430,9 +430,12 @@ static int i8_rows(const uint16_t* x, const int8_t* w, const uint16_t* sc, uint1
                    int64_t S, int threads) {
   if (N % 16 || K % 64 || K > 65536 || S % 32 || S <= 0 || M <= 0) return 1;
   const int64_t tbs = (M + 15) / 16, Mp = tbs * 16, steps = K / 64, nblocks = N / 16, sb = S / 16;
-  int8_t* hp = (int8_t*)kept_buffer(0, (size_t)Mp * K * 2);
+  /* the planes kept per thread up to 32 MB (as qmm_rows' x), bigger ones allocated per call */
+  const size_t pbytes = (size_t)Mp * K * 2;
+  const int pkept = pbytes <= ((size_t)32 << 20);
+  int8_t* hp = (int8_t*)(pkept ? kept_buffer(0, pbytes) : aligned_alloc(4096, (pbytes + 4095) / 4096 * 4096));
   double* d = (double*)kept_buffer(2, sizeof(double) * (size_t)Mp);
-  if (!hp || !d) return 2;
+  if (!hp || !d) { if (!pkept) free(hp); return 2; }
   uint8_t* lp = (uint8_t*)hp + Mp * K;
   #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if(threads > 1 && Mp >= 32)
   for (int64_t m = 0; m < Mp; m++) {
@@ -498,6 +501,7 @@ static int i8_rows(const uint16_t* x, const int8_t* w, const uint16_t* sc, uint1
       _tile_release();
     }
   }
+  if (!pkept) free(hp);
   return fail;
 }
 #endif
