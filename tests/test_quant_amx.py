@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fixtures_gguf import passage_perplexity
+from fixtures_gguf import passage_perplexity, tiny_q6_k_gguf
 from pangu_infer.engine.compiled import compile_problem
 from pangu_infer.loader import load_model
 from pangu_infer.quant import amx, cpu_int4, cpu_int8, prefill, tuning
@@ -29,6 +29,22 @@ def _int4(n: int, k: int, group: int = 32, seed: int = 0):
     return data, sz, cpu_int4.dequantize_t(data, sz, group).t()  # the bf16 weight [N, K] the packed path multiplies
 
 
+def _codes(bits: int, n: int, k: int, seed: int = 0):
+    """5- or 6-bit codes in cpu_int4's layout with their high bits (GGUF's Q5 blocks: groups of 32 with
+    zeros; Q6_K: groups of 16, scales only): (data, sz, the bf16 weight [N, K], hb, group)."""
+    g = torch.Generator().manual_seed(seed)
+    group = 32 if bits == 5 else 16
+    q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
+    scale = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    zero = (torch.rand(n, k // group, generator=g) - 0.5) * 0.1 if bits == 5 else None
+    data, hb, sz = (cpu_int4.pack5 if bits == 5 else cpu_int4.pack6)(q, scale, zero)
+    return data, sz, cpu_int4.dequantize_t(data, sz, group, hb).t(), hb, group
+
+
+def _weight(kind: str, n: int, k: int):
+    return {"int4": _int4, "int8": _int8}[kind](n, k) if kind in ("int4", "int8") else _codes(int(kind[3]), n, k)
+
+
 def _int8(n: int, k: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     w8 = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
@@ -37,7 +53,9 @@ def _int8(n: int, k: int, seed: int = 0):
 
 
 def _product(kind: str, x: torch.Tensor, w: tuple) -> torch.Tensor:
-    return amx.int4_product(x, w[0], w[1], 32) if kind == "int4" else amx.int8_product(x, w[0], w[1])
+    if kind == "int8":
+        return amx.int8_product(x, w[0], w[1])
+    return amx.int4_product(x, w[0], w[1], 32) if kind == "int4" else amx.int4_product(x, w[0], w[1], w[4], w[3])
 
 
 def _close_to_bf16_weight(y: torch.Tensor, x: torch.Tensor, w_bf16: torch.Tensor) -> None:
@@ -63,13 +81,13 @@ def _int8_right(y: torch.Tensor, x: torch.Tensor, w: tuple) -> None:
 
 
 def _right(kind: str, y: torch.Tensor, x: torch.Tensor, w: tuple) -> None:
-    if kind == "int4":
-        _close_to_bf16_weight(y, x, w[2])
-    else:
+    if kind == "int8":
         _int8_right(y, x, w)
+    else:  # int4, 5- and 6-bit codes: the bf16 weight the packed path would multiply
+        _close_to_bf16_weight(y, x, w[2])
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int5", "int6", "int8"])
 @pytest.mark.parametrize(
     "n, k, rows",
     [
@@ -83,7 +101,7 @@ def _right(kind: str, y: torch.Tensor, x: torch.Tensor, w: tuple) -> None:
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_products_equal_their_references(kind, n, k, rows, threads):
-    w = _int4(n, k) if kind == "int4" else _int8(n, k)
+    w = _weight(kind, n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -151,13 +169,17 @@ def test_shapes_it_does_not_take_are_refused(monkeypatch):
     w8, s8, _ = _int8(40, 64)
     assert amx.int8_product(torch.randn(40, 64, dtype=torch.bfloat16), w8, s8) is None  # N % 16
     assert amx.int8_product(torch.randn(40, 64), *_int8(64, 64)[:2]) is None  # fp32 x
+    data, sz, _, hb, group = _codes(6, 64, 256)
+    assert amx.int4_product(torch.randn(40, 256, dtype=torch.bfloat16), data, sz, group, hb[:, :, :16].contiguous()) is not None  # 16 bytes: a 5-bit plane
+    assert amx.int4_product(torch.randn(40, 256, dtype=torch.bfloat16), data, sz, group, hb[:, :8].contiguous()) is None  # not the weight's octets
+    assert amx.int4_product(torch.randn(40, 256, dtype=torch.bfloat16), data, sz, group, hb[:, :, :8].contiguous()) is None  # 8 bytes an octet
     data, sz, _ = _int4(64, 2560)
     assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is not None  # any K by default
     monkeypatch.setenv(amx.MAX_K_ENV, "2048")
     assert amx.int4_product(torch.randn(40, 2560, dtype=torch.bfloat16), data, sz, 32) is None  # K > max_k()
 
 
-@pytest.mark.parametrize("kind", ["int4", "int8"])
+@pytest.mark.parametrize("kind", ["int4", "int6", "int8"])
 @pytest.mark.parametrize(
     "k, panel, rows, n",
     [
@@ -178,7 +200,7 @@ def test_wide_k_runs_in_k_panels_when_allowed(kind, k, panel, rows, n, monkeypat
         assert amx.k_panel(k) == {2560: 1280, 4800: 1664}[k]
     if panel == "0":
         assert amx.k_panel(k) == 0 and amx.row_block(k) == 0
-    w = _int4(n, k) if kind == "int4" else _int8(n, k)
+    w = _weight(kind, n, k)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
     y = _product(kind, x, w)
     assert y is not None
@@ -241,7 +263,7 @@ def test_chosen_per_kind_where_a_pass_over_the_shapes_measured_faster_and_by_han
     measured = []
 
     def measure(kind, weights):
-        measured.append((kind, sorted(tuple(d.shape) for d, _, _ in weights)))
+        measured.append((kind, sorted(tuple(d.shape) for d, _, _, _ in weights)))
         return {"amx": 1.0, "packed": 2.0 if kind == "int8" else 1.0}  # faster for int8 only
 
     monkeypatch.setattr(tuning, "measure_amx", measure)
@@ -323,3 +345,38 @@ def test_demo_model_perplexity_through_the_kernel_is_within_1_percent_of_bf16(sm
         out[q] = passage_perplexity(loaded)
     assert {"int4_product", "int8_product"} <= set(calls), set(calls)
     assert abs(out["auto"] / out["none"] - 1) < 0.01, out
+
+
+@pytest.mark.skipif(compile_problem(CPU) is not None, reason="no C++ compiler for inductor here")
+def test_a_q6_k_files_prefill_through_the_kernel_matches_the_dequantized_codes(tmp_path, tiny_sentencepiece_vocab, forced_on, monkeypatch):
+    """A GGUF file whose matrices are Q6_K, kept as 6-bit codes (kernel "int6"): a whole prefill with
+    every many-row product through the kernel (the high bits converted with the nibbles) against the
+    same model with each product on its codes dequantized to bf16 (cpu_int4.dequantize_t), eagerly."""
+    if not cpu_int4.usable(256, 16):
+        pytest.skip("the own int4 kernel does not run here")
+    monkeypatch.setenv(cpu_int4.SIX_BIT_ENV, "1")
+    cpu_int4.six_bit_chosen.cache_clear()
+    monkeypatch.setenv("PANGU_INFER_MODEL_CACHE", "0")
+    monkeypatch.setenv("PANGU_INFER_KERNEL_ROWS_INT6", "16")
+    path = tiny_q6_k_gguf(tmp_path / "tiny-q6_k.gguf", tiny_sentencepiece_vocab)
+    loaded = load_model(str(path), torch.bfloat16, CPU, load_tokenizer=False)
+    weights = [m for m in loaded.model.modules() if isinstance(m, PackedWeight)]
+    assert weights and {m.kernel for m in weights} == {"int6"}
+    assert prepare_prefill(loaded.model) is None
+    calls = []
+    real = amx.int4_product
+    monkeypatch.setattr(amx, "int4_product", lambda *a: calls.append(a[4] is not None) or real(*a))
+    ids = torch.randint(3, 200, (70,), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None)).float()
+        assert len(calls) >= len(weights) and all(calls)
+
+        def dequantized(self, x, expert=None):
+            w = cpu_int4.dequantize_t(self.data, self.scales, self.group_size, self.hb).t()[: self.out_features]
+            return F.linear(x.to(torch.bfloat16), w).to(x.dtype)
+
+        monkeypatch.setattr(PackedWeight, "forward", dequantized)
+        want = loaded.model.compute_logits(loaded.model(ids, torch.arange(len(ids)), None)).float()
+    cpu_int4.six_bit_chosen.cache_clear()
+    assert (got - want).abs().max() <= 0.02 * want.abs().max()
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() >= 0.999

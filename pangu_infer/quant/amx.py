@@ -69,8 +69,8 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_AMX_PREFILL"
 STRIP_ENV = "PANGU_INFER_AMX_STRIP"  # output columns per strip, by hand (measuring)
 K_CHUNK = 256  # k per chunk of a row block kept in L1 (a power of two)
-ABI = 6
-REVISION = 6  # in the names of the per-machine choices: a changed kernel or rule is measured again
+ABI = 7
+REVISION = 7  # in the names of the per-machine choices: a changed kernel or rule is measured again
 
 SOURCE = r"""
 #include <stdint.h>
@@ -84,7 +84,7 @@ SOURCE = r"""
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-int pangu_amx_abi(void) { return 6; }
+int pangu_amx_abi(void) { return 7; }
 
 /* Ask the kernel for the AMX tile state (once per process; harmless if oneDNN already did). */
 int pangu_amx_init(void) {
@@ -146,15 +146,51 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
 }
 
 @INT4_OCTET@
-/* int4 in cpu_int4's layout: w [N/16][K/8][64] bytes, sz bf16 [N/16][K/G][zs][16] (scales, then zeros
-   where zs == 2; zs == 1: scales only). Octet o (k = 8o .. 8o + 7) of 16-row block b into strip block j. */
-static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf, int64_t b, int64_t j, int64_t o,
-                             const strip_t* st, int64_t G, int64_t zs) {
+/* One octet of 5- or 6-bit codes (cpu_int4's layout plus the high bits, P planes: 1, 5-bit codes'
+   plane, 16 bytes an octet; 2, 6-bit codes' crumbs, 32 bytes; cpu_int4.py's _INT5 has the bit orders)
+   dequantized as int4_octet does: lo[j] = column j, hi[j] = column 4 + j, lane r = row r, the weight
+   q * scale + (zero - 2^(3 + P) scale), one fused multiply-add. The high bits are brought to bits 4
+   (and 5) of each byte as cpu_int4's high_to_bf16_t_block does per half of 8 rows: rows 0-7 in the low
+   256 bits, rows 8-15 in the high ones. */
+static inline __attribute__((always_inline)) void high_octet(const uint8_t* p, const uint8_t* e, const int P, const uint16_t* s,
+                                                             int64_t zs, __m512 lo[4], __m512 hi[4]) {
+  const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
+  const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+  const __m512 ze = zs == 2 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16))
+                            : _mm512_setzero_ps();
+  const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(P == 1 ? 16.0f : 32.0f), sc, ze);
+  __m256i h0, h1;
+  if (P == 1) {  /* plane_word: the 16 bytes in both halves, the low one shifted left by 4; rows 8-15 two bits further */
+    const __m256i w = _mm256_sllv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(const void*)e)),
+                                        _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+    h0 = w; h1 = _mm256_srli_epi32(w, 2);
+  } else {  /* the crumbs: rows d's in bits 4-7 of each byte, rows 8 + d's in bits 0-3 */
+    h0 = _mm256_loadu_si256((const __m256i*)(const void*)e); h1 = _mm256_slli_epi32(h0, 4);
+  }
+  const __m512i high = _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1);
+  const __m512i hmask = _mm512_set1_epi32(P == 1 ? 0x10 : 0x30);
+  const __m512i v = _mm512_loadu_si512((const void*)p);
+  for (int j = 0; j < 4; j++) {
+    const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);
+    const __m512i c = _mm512_srli_epi32(high, 8 * j);
+    const __m512i blo = _mm512_and_si512(c, hmask), bhi = _mm512_and_si512(_mm512_srli_epi32(c, P), hmask);
+    lo[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_or_si512(_mm512_and_si512(bytes, nib), blo)), sc, off);
+    hi[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_or_si512(_mm512_srli_epi32(bytes, 4), bhi)), sc, off);
+  }
+}
+
+/* Codes in cpu_int4's layout: w [N/16][K/8][64] bytes, sz bf16 [N/16][K/G][zs][16] (scales, then zeros
+   where zs == 2; zs == 1: scales only); P 0: int4, 1 or 2: 5- or 6-bit codes with their high bits in
+   hb [N/16][K/8][16 P] (a constant at each call). Octet o (k = 8o .. 8o + 7) of 16-row block b into
+   strip block j. */
+static inline __attribute__((always_inline)) void conv_codes(const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz,
+                                                             uint32_t* buf, int64_t b, int64_t j, int64_t o, const strip_t* st, int64_t G, int64_t zs) {
   const int64_t ld = st->ld, gs = 16 * zs;
   const uint8_t* p = w + (b * (ld / 8) + st->k0 / 8 + o) * 64;
   const uint16_t* s = sz + b * (ld / G) * gs + ((st->k0 + 8 * o) / G) * gs;
   __m512 lo[4], hi[4];
-  int4_octet(p, s, zs, lo, hi);
+  if (P == 0) int4_octet(p, s, zs, lo, hi);
+  else high_octet(p, hb + (b * (ld / 8) + st->k0 / 8 + o) * 16 * P, P, s, zs, lo, hi);
   uint32_t* d = at(buf, j, 4 * o, st);  /* pairs 4o .. 4o + 3: four consecutive rows of one B tile */
   _mm512_storeu_si512((void*)d, pairs(lo[0], lo[1]));
   _mm512_storeu_si512((void*)(d + 16), pairs(lo[2], lo[3]));
@@ -167,6 +203,8 @@ static inline void conv_int4(const uint8_t* w, const uint16_t* sz, uint32_t* buf
    strip's can run between the current strip's tile products. */
 typedef struct {
   const void* w;
+  const uint8_t* hb;
+  int P;
   const uint16_t* q;
   uint32_t* buf;
   strip_t st;
@@ -174,9 +212,9 @@ typedef struct {
   int64_t acc, num, den;  /* spread: num units per den tile steps (block32), acc the carry */
 } cursor_t;
 
-static void cursor_start(cursor_t* cu, const void* w, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
+static void cursor_start(cursor_t* cu, const void* w, const uint8_t* hb, int P, const uint16_t* q, uint32_t* buf, int64_t K, int64_t KC,
                          int sh, int64_t G, int64_t zs, int64_t n0, int64_t ns, int64_t ld, int64_t k0) {
-  cu->w = w; cu->q = q; cu->buf = buf; cu->G = G; cu->zs = zs;
+  cu->w = w; cu->hb = hb; cu->P = P; cu->q = q; cu->buf = buf; cu->G = G; cu->zs = zs;
   cu->b0 = n0 / 16; cu->blocks = ns / 16;
   cu->st.K = K; cu->st.S = (cu->blocks + 1) / 2 * 32; cu->st.KC = KC; cu->st.sh = sh; cu->st.ld = ld; cu->st.k0 = k0;
   cu->units = K / 8;
@@ -186,7 +224,10 @@ static void cursor_start(cursor_t* cu, const void* w, const uint16_t* q, uint32_
 
 static inline void cursor_step(cursor_t* cu) {
   if (cu->j >= cu->blocks) return;
-  conv_int4((const uint8_t*)cu->w, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
+  const uint8_t* w = (const uint8_t*)cu->w;
+  if (cu->P == 0) conv_codes(w, NULL, 0, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
+  else if (cu->P == 1) conv_codes(w, cu->hb, 1, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
+  else conv_codes(w, cu->hb, 2, cu->q, cu->buf, cu->b0 + cu->j, cu->j, cu->u, &cu->st, cu->G, cu->zs);
   if (++cu->u == cu->units) { cu->u = 0; cu->j++; }
 }
 
@@ -243,9 +284,10 @@ static inline void write_rows(const float* c, uint16_t* y, int64_t ldy, int64_t 
 }
 
 /* y [M][N] bf16 = x [M][K] bf16 times W^T, W [N][K] in cpu_int4's layout: w = data [N/16][K/8][64], q = sz
-   bf16 [N/16][K/G][zs][16], G the group, zs 2 (scales and zeros) or 1 (scales only); N % 16 == 0,
-   K % 32 == 0; S the strip width (a multiple of 32). Returns nonzero when refused. */
-static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
+   bf16 [N/16][K/G][zs][16], G the group, zs 2 (scales and zeros) or 1 (scales only), P planes of high
+   bits in hb (0: int4 codes); N % 16 == 0, K % 32 == 0; S the strip width (a multiple of 32). Returns
+   nonzero when refused. */
+static int qmm_rows(const uint16_t* x, const void* w, const uint8_t* hb, int P, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
                     int64_t K, int64_t G, int64_t zs, int64_t S, int64_t kc, int64_t kp, int threads) {
   if (N % 16 || K % 32 || S % 32 || S <= 0 || M <= 0) return 1;
   if (G % 8 || G < 8 || K % G || zs < 1 || zs > 2) return 1;
@@ -296,7 +338,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
       config_tiles();
       cursor_t cur, nxt;
       int which = 0;
-      cursor_start(&cur, w, q, bufs[0], KP < K ? KP : K, KC, sh, G, zs, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
+      cursor_start(&cur, w, hb, P, q, bufs[0], KP < K ? KP : K, KC, sh, G, zs, s_begin * S, N - s_begin * S < S ? N - s_begin * S : S, K, 0);
       cursor_finish(&cur);
       for (int64_t pn = 0; pn < panels; pn++) {
         const int64_t pk0 = pn * KP, pw = K - pk0 < KP ? K - pk0 : KP;
@@ -310,7 +352,7 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint16_t* q, uint16_
           if (more) {  /* the next strip of this panel, or the first of the next panel */
             const int64_t n1 = s + 1 < s_end ? n0 + S : s_begin * S, q0 = s + 1 < s_end ? pk0 : pk0 + KP;
             const int64_t qw = K - q0 < KP ? K - q0 : KP;
-            cursor_start(&nxt, w, q, bufs[1 - which], qw, KC, sh, G, zs, n1, N - n1 < S ? N - n1 : S, K, q0);
+            cursor_start(&nxt, w, hb, P, q, bufs[1 - which], qw, KC, sh, G, zs, n1, N - n1 < S ? N - n1 : S, K, q0);
             nxt.num = nxt.blocks * nxt.units; nxt.den = mblocks * pieces * (pw / 32);
           }
           /* per 32 rows of x: k in chunks of KC (their 32 x KC of x stays in L1 across the strip's
@@ -510,14 +552,16 @@ static int i8_rows(const uint16_t* x, const int8_t* w, const uint16_t* sc, uint1
    weight again: a block's rows of x stay in L2 with the strip buffers instead of streaming through it
    once per strip; kind 8 (int8, i8_rows; G, zs, kc, mb and kp unused). */
 int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t* y, int64_t M, int64_t N,
-                  int64_t K, int64_t G, int64_t zs, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads) {
+                  int64_t K, int64_t G, int64_t zs, int kind, int64_t S, int64_t kc, int64_t mb, int64_t kp, int threads,
+                  const uint8_t* hb, int64_t planes) {
 #ifdef __AMX_INT8__
   if (kind == 8) return i8_rows(x, (const int8_t*)w, q, y, M, N, K, S, threads);
 #endif
-  if (kind != 4) return 1;
-  if (mb <= 0 || mb >= M) return qmm_rows(x, w, q, y, M, N, K, G, zs, S, kc, kp, threads);
+  if (kind != 4 || planes < 0 || planes > 2 || (planes && !hb)) return 1;
+  const int P = (int)planes;
+  if (mb <= 0 || mb >= M) return qmm_rows(x, w, hb, P, q, y, M, N, K, G, zs, S, kc, kp, threads);
   for (int64_t m0 = 0; m0 < M; m0 += mb) {
-    const int rc = qmm_rows(x + m0 * K, w, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, zs, S, kc, kp, threads);
+    const int rc = qmm_rows(x + m0 * K, w, hb, P, q, y + m0 * N, M - m0 < mb ? M - m0 : mb, N, K, G, zs, S, kc, kp, threads);
     if (rc) return rc;
   }
   return 0;
@@ -561,7 +605,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     fn = lib.pangu_amx_qmm
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64]
     return lib
 
 
@@ -655,12 +699,13 @@ def _fits(x: torch.Tensor, n: int, k: int) -> bool:
     )
 
 
-def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int, zs: int = 1) -> Optional[torch.Tensor]:
+def _run(lib, x: torch.Tensor, w: torch.Tensor, q: torch.Tensor, n: int, k: int, group: int, kind: int, zs: int = 1,
+         hb: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     strip = strip_width(k) if kind == 4 else int8_strip_width(k)
     if x.shape[0] and lib.pangu_amx_qmm(
         x.data_ptr(), w.data_ptr(), q.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, zs, kind, strip, K_CHUNK,
-        row_block(k), k_panel(k), torch.get_num_threads(),
+        row_block(k), k_panel(k), torch.get_num_threads(), None if hb is None else hb.data_ptr(), cpu_int4.planes(hb),
     ):
         return None
     return y
@@ -679,18 +724,22 @@ def int8_strip_width(k: int) -> int:
     return max(64, min(512, s) // 32 * 32)
 
 
-def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> Optional[torch.Tensor]:
-    """x [M, K] bf16 times a cpu_int4-layout weight: [M, N] bf16 (N the padded row count), or None
-    where this kernel does not take the operands (then the caller's path runs)."""
+def int4_product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int,
+                 hb: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+    """x [M, K] bf16 times a cpu_int4-layout weight (with hb, 5- or 6-bit codes: cpu_int4.pack5 /
+    pack6's high bits): [M, N] bf16 (N the padded row count), or None where this kernel does not
+    take the operands (then the caller's path runs)."""
     lib = library()
     n, k = data.shape[0] * cpu_int4.ROW_BLOCK, data.shape[1] * cpu_int4.OCTET
     if (
         lib is None or not _fits(x, n, k) or data.dtype != torch.uint8 or sz.dtype != torch.bfloat16
         or not (data.is_contiguous() and sz.is_contiguous()) or group_size % 8 or k % group_size
         or not cpu_int4.scales_fit(sz, (data.shape[0], k // group_size))
+        or (hb is not None and (hb.dtype != torch.uint8 or not hb.is_contiguous()
+                                or tuple(hb.shape) not in ((data.shape[0], data.shape[1], 16), (data.shape[0], data.shape[1], 32))))
     ):
         return None
-    return _run(lib, x, data, sz, n, k, group_size, 4, cpu_int4.zero_values(sz))
+    return _run(lib, x, data, sz, n, k, group_size, 4, cpu_int4.zero_values(sz), hb)
 
 
 def int8_product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> Optional[torch.Tensor]:

@@ -232,8 +232,11 @@ class PackedWeight(nn.Module):
             y = y if y.shape[1] == self.out_features else y[:, : self.out_features]
         elif self.kernel == "int4_vnni":
             y = cpu_int4.product(xk, data, scales, self.group_size)[:, : self.out_features]
-        elif self.kernel in ("int5", "int6") and x2.shape[0] >= self.convert_min_rows:  # the weight in bf16, one product (as int4's plain W^T)
-            y = weight_product(xk, cpu_int4.to_bf16_t(data, scales, self.group_size, self.hb), True)[:, : self.out_features]
+        elif self.kernel in ("int5", "int6") and x2.shape[0] >= self.convert_min_rows:
+            # quant/amx.py's kernel where it was chosen, else the weight in bf16, one product (as int4's plain W^T)
+            y = amx.int4_product(xk, data, scales, self.group_size, self.hb) if amx.use(self.amx_prefill) else None
+            y = weight_product(xk, cpu_int4.to_bf16_t(data, scales, self.group_size, self.hb), True) if y is None else y
+            y = y[:, : self.out_features]
         elif self.kernel in ("int5", "int6"):
             y = cpu_int4.product5(xk, data, self.hb, scales, self.group_size)[:, : self.out_features]
         elif self.kernel == "int4_cpu" and x2.shape[0] >= self.convert_min_rows:
@@ -403,14 +406,16 @@ def prepare_prefill(model: nn.Module) -> Optional[str]:
         # quant/amx.py's kernel where it beat that path on a pass over one weight of each of the
         # model's shapes of that kind (measured once per machine, quant/tuning.py), chosen here
         # rather than in a first request
-        for kernel, kind in (("int4_vnni", "int4"), ("int8", "int8")):
+        for kernel, kind in (("int4_vnni", "int4"), ("int5", "int5"), ("int6", "int6"), ("int8", "int8")):
             same = [m for m in weights if m.kernel == kernel]
             if not (amx_ok and same):
                 continue
             one_each = {}
             for m in same:
-                lead = (0,) * (m.data.dim() - (3 if kernel == "int4_vnni" else 2))  # experts: the first one
-                one_each.setdefault((tuple(m.data.shape[len(lead):]), m.group_size), (m.data[lead], m.scales[lead], m.group_size))
+                lead = (0,) * (m.data.dim() - (2 if kernel == "int8" else 3))  # experts: the first one
+                hb = getattr(m, "hb", None)
+                hb = None if hb is None else hb[lead]
+                one_each.setdefault((tuple(m.data.shape[len(lead):]), m.group_size), (m.data[lead], m.scales[lead], m.group_size, hb))
             chosen = amx_chosen(kind, list(one_each.values()))
             for m in same:
                 m.amx_prefill = chosen

@@ -139,43 +139,57 @@ AMX_ROWS = 512
 AMX_MARGIN = 0.97  # the AMX kernel's median at most this fraction of the packed path's
 
 
+LAYOUT_KINDS = ("int4", "int5", "int6")  # kinds in cpu_int4's layout (5 and 6: codes with high bits)
+
+
 def measure_amx(kind: str, weights: list) -> dict[str, float]:
     """Median seconds of one pass of products of AMX_ROWS rows over `weights` ([(data, scales,
-    group)], one of each shape of a model, cpu_int4's layout for "int4", int8 [N, K] with a bf16
-    scale per row for "int8"), one after the other as a prefill runs them: quant/amx.py's kernel
-    ("amx") and the many-row path that runs without it ("packed"), interleaved. A pass rather than
-    each shape alone: the packed path's bf16 copies also push the next product's operands out of
-    the caches, which a product timed alone does not see (RESULTS.md)."""
+    group, hb)], one of each shape of a model, cpu_int4's layout for "int4", "int5" and "int6" (hb:
+    the high bits of 5- or 6-bit codes, else None), int8 [N, K] with a bf16 scale per row for "int8"),
+    one after the other as a prefill runs them: quant/amx.py's kernel ("amx") and the many-row path
+    that runs without it ("packed"), interleaved. A pass rather than each shape alone: the packed
+    path's bf16 copies also push the next product's operands out of the caches, which a product
+    timed alone does not see (RESULTS.md)."""
     from pangu_infer.quant import amx
 
     def k_of(data):
-        return data.shape[1] * cpu_int4.OCTET if kind == "int4" else data.shape[1]
+        return data.shape[1] * cpu_int4.OCTET if kind in LAYOUT_KINDS else data.shape[1]
 
     g = torch.Generator().manual_seed(0)
-    xs = {k: torch.randn(AMX_ROWS, k, generator=g).to(torch.bfloat16) for k in sorted({k_of(d) for d, _, _ in weights})}
+    xs = {k: torch.randn(AMX_ROWS, k, generator=g).to(torch.bfloat16) for k in sorted({k_of(w[0]) for w in weights})}
     if kind == "int4":
-        kernel, packed = amx.int4_product, int4_vnni_product
+        def kernel(x, d, s, group, _hb):
+            return amx.int4_product(x, d, s, group)
+
+        def packed(x, d, s, group, _hb):
+            return int4_vnni_product(x, d, s, group)
+    elif kind in LAYOUT_KINDS:  # 5- and 6-bit codes: without the kernel, converted to a bf16 W^T (modules.PackedWeight)
+        def kernel(x, d, s, group, hb):
+            return amx.int4_product(x, d, s, group, hb)
+
+        def packed(x, d, s, group, hb):
+            return weight_product(x, cpu_int4.to_bf16_t(d, s, group, hb), True)
     else:
-        def kernel(x, d, s, _group):
+        def kernel(x, d, s, _group, _hb):
             return amx.int8_product(x, d, s)
 
-        def packed(x, d, s, _group):
+        def packed(x, d, s, _group, _hb):
             return int8_product(x, d, s)
 
     def run(use_amx):
-        for d, s, grp in weights:
+        for d, s, grp, hb in weights:
             x = xs[k_of(d)]
-            if not use_amx or kernel(x, d, s, grp) is None:  # a shape the kernel refuses: the packed path
-                packed(x, d, s, grp)
+            if not use_amx or kernel(x, d, s, grp, hb) is None:  # a shape the kernel refuses: the packed path
+                packed(x, d, s, grp, hb)
     with torch.inference_mode():
         return interleaved_medians({"amx": lambda: run(True), "packed": lambda: run(False)}, rounds=7)
 
 
 def amx_prefill(kind: str, weights: list) -> bool:
-    """Do many-row products of `kind` ("int4" | "int8") run quant/amx.py's kernel on this machine,
-    for a model whose weights of that kind have these shapes (`weights`: one (data, scales, group)
-    of each): measured once per machine and set of shapes (cached), taken where it is at least
-    AMX_MARGIN faster; PANGU_INFER_AMX_PREFILL=0/1 decides without measuring."""
+    """Do many-row products of `kind` ("int4" | "int5" | "int6" | "int8") run quant/amx.py's kernel on
+    this machine, for a model whose weights of that kind have these shapes (`weights`: one (data,
+    scales, group, hb) of each): measured once per machine and set of shapes (cached), taken where it
+    is at least AMX_MARGIN faster; PANGU_INFER_AMX_PREFILL=0/1 decides without measuring."""
     from pangu_infer.quant import amx
 
     setting = amx.setting()
@@ -184,9 +198,9 @@ def amx_prefill(kind: str, weights: list) -> bool:
     if amx.library() is None or not weights:
         return False
     shapes = []
-    for d, _, grp in weights:
-        n, k = (d.shape[0] * cpu_int4.ROW_BLOCK, d.shape[1] * cpu_int4.OCTET) if kind == "int4" else tuple(d.shape)
-        shapes.append(f"{n}x{k}" + (f"g{grp}" if kind == "int4" else ""))
+    for d, _, grp, _ in weights:
+        n, k = (d.shape[0] * cpu_int4.ROW_BLOCK, d.shape[1] * cpu_int4.OCTET) if kind in LAYOUT_KINDS else tuple(d.shape)
+        shapes.append(f"{n}x{k}" + (f"g{grp}" if kind in LAYOUT_KINDS else ""))
     # the kernel's revision in the name: a changed kernel is measured again
     name = f"amx_prefill_v{amx.REVISION}_{kind}_" + "_".join(sorted(shapes))
     if name not in _cache:
