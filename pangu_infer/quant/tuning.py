@@ -12,8 +12,9 @@ which converting is faster there and at every larger count (a very large number 
 another cache file.
 
 `amx_prefill(kind, weights)` chooses, the same way, whether a model's many-row int4 (cpu_int4's
-layout) or int8 products run quant/amx.py's kernel, which reads the quantized weight itself,
-instead of the conversion into oneDNN's packed layout: interleaved medians of a pass of 512-row
+layout; int5 and int6: GGUF's 5- and 6-bit codes in it) or int8 products run quant/amx.py's kernel,
+which reads the quantized weight itself, instead of the conversion to bf16 (int4 and int8 into
+oneDNN's packed layout, 5- and 6-bit codes to a plain W^T): interleaved medians of a pass of 512-row
 products over one weight of each of the model's shapes, and the AMX kernel only where it is at
 least AMX_MARGIN faster (`amx_prefill_v<REVISION>_<kind>_<shapes>`; PANGU_INFER_AMX_PREFILL=0/1
 decides by hand).
@@ -157,18 +158,12 @@ def measure_amx(kind: str, weights: list) -> dict[str, float]:
 
     g = torch.Generator().manual_seed(0)
     xs = {k: torch.randn(AMX_ROWS, k, generator=g).to(torch.bfloat16) for k in sorted({k_of(w[0]) for w in weights})}
-    if kind == "int4":
-        def kernel(x, d, s, group, _hb):
-            return amx.int4_product(x, d, s, group)
-
-        def packed(x, d, s, group, _hb):
-            return int4_vnni_product(x, d, s, group)
-    elif kind in LAYOUT_KINDS:  # 5- and 6-bit codes: without the kernel, converted to a bf16 W^T (modules.PackedWeight)
+    if kind in LAYOUT_KINDS:
         def kernel(x, d, s, group, hb):
             return amx.int4_product(x, d, s, group, hb)
 
-        def packed(x, d, s, group, hb):
-            return weight_product(x, cpu_int4.to_bf16_t(d, s, group, hb), True)
+        def packed(x, d, s, group, hb):  # as modules.PackedWeight: 5- and 6-bit codes to a bf16 W^T
+            return int4_vnni_product(x, d, s, group) if hb is None else weight_product(x, cpu_int4.to_bf16_t(d, s, group, hb), True)
     else:
         def kernel(x, d, s, _group, _hb):
             return amx.int8_product(x, d, s)
