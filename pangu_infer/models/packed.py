@@ -100,12 +100,13 @@ def _reorder(weight: torch.Tensor, layout: str) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight)
 
 
-def packed_bytes(out_features: int, in_features: int) -> int:
+def packed_bytes(out_features: int, in_features: int, blocks: Optional[tuple[int, int]] = None) -> int:
     """Bytes a bf16 [out, in] weight holds once packed, without packing it (the memory estimate's
     count, quant.loading.quantized_weight_bytes): oneDNN's blocked layout pads the rows and columns
     to its blocks (64 rows x 32 columns on an AVX-512 BF16 EPYC: a [3, 5000] weight takes 643,072
-    bytes, not 30,000), blocks a model's own sizes, multiples of 64, leave unpadded."""
-    rows, cols = packed_blocks()
+    bytes, not 30,000), blocks a model's own sizes, multiples of 64, leave unpadded. `blocks`:
+    packed_blocks(), where the caller counts many weights (it reads the machine's stored choices)."""
+    rows, cols = packed_blocks() if blocks is None else blocks
     return -(-out_features // rows) * rows * (-(-in_features // cols) * cols) * 2
 
 
@@ -123,7 +124,8 @@ def packed_blocks() -> tuple[int, int]:
     """(rows, columns) oneDNN pads a packed bf16 weight to on this CPU, in the layout a load uses
     (known_layout), else the larger of the two layouts' (the estimate does not measure; on an AMX Xeon
     the general layout's blocks are half the decode layout's, on the EPYCs measured the same)."""
-    blocks = [layout_blocks(layout) for layout in ((known_layout(),) if known_layout() else LAYOUTS)]
+    known = known_layout()
+    blocks = [layout_blocks(layout) for layout in ((known,) if known else LAYOUTS)]
     return max(r for r, _ in blocks), max(c for _, c in blocks)
 
 

@@ -444,9 +444,10 @@ def quantized_weight_bytes(
     packs = device is not None and matrix_dtype is None and can_pack(device, dtype)
     packed_head = None
     if packs:
-        from pangu_infer.models.packed import packed_bytes, packed_parameters
+        from pangu_infer.models.packed import packed_blocks, packed_bytes, packed_parameters
 
         packed_names = packed_parameters(model)
+        blocks = packed_blocks()
         embed = getattr(getattr(model, "model", None), "embed_tokens", None)
         if model.lm_head is None and isinstance(embed, nn.Embedding):  # tied: pack_linears' head copy
             packed_head = "model.embed_tokens.weight"
@@ -459,9 +460,9 @@ def quantized_weight_bytes(
         setting = None if kind is None or wanted is None else quantized_method(wanted, p.shape)
         if setting is None:
             if packs and name in packed_names:  # one packed matrix per expert ([E, N, K]) or per linear
-                total += p.numel() // (p.shape[-2] * p.shape[-1]) * packed_bytes(p.shape[-2], p.shape[-1])
+                total += p.numel() // (p.shape[-2] * p.shape[-1]) * packed_bytes(p.shape[-2], p.shape[-1], blocks)
             elif name == packed_head:  # the rows the lookup reads, and the head's packed copy
-                total += p.numel() * elem + packed_bytes(*p.shape)
+                total += p.numel() * elem + packed_bytes(*p.shape, blocks)
             else:
                 # The MoE family's expert-selection bias stays fp32 whatever the model dtype.
                 total += p.numel() * (4 if name.endswith("e_score_correction_bias") else matrix_elem if p.dim() >= 2 else elem)
