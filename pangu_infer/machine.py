@@ -141,8 +141,7 @@ def cached_choice(name: str, compute: Callable[[], Any], valid: Callable[[Any], 
     """
     key = machine_key()
     path = cache_path()
-    entry = _read().get(key)
-    value = entry.get(name) if isinstance(entry, dict) else None
+    value = stored_choice(name)
     if not valid(value):
         measured = compute()
         try:

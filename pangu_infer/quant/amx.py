@@ -62,7 +62,7 @@ import torch
 
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant import cpu_int4
-from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
+from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD, TRANSPOSE16_EPI32
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
 }
 
 @INT4_OCTET@
+@PLANE_WORD@
 /* One octet of 5- or 6-bit codes (cpu_int4's layout plus the high bits, P planes: 1, 5-bit codes'
    plane, 16 bytes an octet; 2, 6-bit codes' crumbs, 32 bytes; cpu_int4.py's _INT5 has the bit orders)
    dequantized as int4_octet does: lo[j] = column j, hi[j] = column 4 + j, lane r = row r, the weight
@@ -160,9 +161,8 @@ static inline __attribute__((always_inline)) void high_octet(const uint8_t* p, c
                             : _mm512_setzero_ps();
   const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(P == 1 ? 16.0f : 32.0f), sc, ze);
   __m256i h0, h1;
-  if (P == 1) {  /* plane_word: the 16 bytes in both halves, the low one shifted left by 4; rows 8-15 two bits further */
-    const __m256i w = _mm256_sllv_epi32(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(const void*)e)),
-                                        _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+  if (P == 1) {  /* the plane: rows 8-15's bits two further up than rows 0-7's */
+    const __m256i w = plane_word(e);
     h0 = w; h1 = _mm256_srli_epi32(w, 2);
   } else {  /* the crumbs: rows d's in bits 4-7 of each byte, rows 8 + d's in bits 0-3 */
     h0 = _mm256_loadu_si256((const __m256i*)(const void*)e); h1 = _mm256_slli_epi32(h0, 4);
@@ -566,7 +566,7 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
   }
   return 0;
 }
-""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET)
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET).replace("@PLANE_WORD@", PLANE_WORD)
 
 FLAGS = (*C_FLAGS, "-Werror=incompatible-pointer-types")
 _lock = threading.Lock()
@@ -633,15 +633,20 @@ def use(chosen: bool) -> bool:
     return chosen
 
 
+def _strip_by_hand() -> int:
+    """PANGU_INFER_AMX_STRIP as a number (0: unset or not a number)."""
+    try:
+        return int(os.environ.get(STRIP_ENV, "0"))
+    except ValueError:
+        return 0
+
+
 def strip_width(k: int) -> int:
     """Output columns per strip. Up to K = 2048: 64, with the rows in blocks (row_block) whose x
     stays in L2 beside the two strip buffers; wider: the strip's bf16 weight (2 K S bytes) within
     about 768 KB of L2, 32 to 256 columns, all rows at once (RESULTS.md, "Quantized prefill with an
     AMX kernel"). PANGU_INFER_AMX_STRIP sets it by hand."""
-    try:
-        s = int(os.environ.get(STRIP_ENV, "0"))
-    except ValueError:
-        s = 0
+    s = _strip_by_hand()
     if s <= 0:
         kw = k_panel(k) or k  # with k panels, a strip is as wide as a panel's
         s = 64 if kw <= 2048 else (768 << 10) // (2 * kw)
@@ -715,10 +720,7 @@ def int8_strip_width(k: int) -> int:
     """Weight rows per strip of the int8 kernel: its int8 strip (S K bytes, twice, the one multiplied and
     the next one) within about 768 KB each, 64 to 512 rows (RESULTS.md, "int8 prefill with int8 tile
     products"). PANGU_INFER_AMX_STRIP sets it by hand."""
-    try:
-        s = int(os.environ.get(STRIP_ENV, "0"))
-    except ValueError:
-        s = 0
+    s = _strip_by_hand()
     if s <= 0:
         s = (768 << 10) // k
     return max(64, min(512, s) // 32 * 32)

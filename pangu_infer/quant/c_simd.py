@@ -50,3 +50,17 @@ static inline __attribute__((always_inline)) void int4_octet(const uint8_t* p, c
   }
 }
 """
+
+# The 5-bit codes' plane of one octet as one AVX2 register (cpu_int4's _INT5 layout: pack_plane). AVX2.
+PLANE_WORD = r"""
+/* The 5-bit codes' plane (_INT5) of one octet of a block, 16 bytes at p, as one register whose bit 4 +
+   r of each byte is the 5th bit for nibble register r (0: lo of rows 0-7, 1: hi of rows 0-7, 2: lo of
+   rows 8-15, 3: hi of rows 8-15) once shifted right by r: plane byte 4e + j holds in bit r row e's
+   (register r's half) column, in bit 4 + r row 4 + e's; both 128-bit halves load the 16 bytes, the
+   low one (lanes e = 0..3) shifted left by 4 (bit 8j + r -> 8j + 4 + r), the high one (lanes 4 + e)
+   as it is. */
+static inline __m256i plane_word(const uint8_t* p) {
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(const void*)p));
+  return _mm256_sllv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+}
+"""

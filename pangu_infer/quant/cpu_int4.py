@@ -56,7 +56,7 @@ import torch
 from pangu_infer import native_ops
 from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
-from pangu_infer.quant.c_simd import INT4_OCTET
+from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD
 from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
@@ -305,17 +305,7 @@ static inline __m256 group_end_sc(__m256 acc, __m256i c, __m256i f, __m256 sc, _
   acc = _mm256_fmadd_ps(t, _mm256_mul_ps(sc, _mm256_set1_ps(step)), acc);
   return _mm256_fmadd_ps(off, _mm256_set1_ps(sum), acc);
 }
-/* The 5-bit codes' plane (_INT5) of one octet of a block, 16 bytes at p, as one register whose bit 4 +
-   r of each byte is the 5th bit for nibble register r (0: lo of rows 0-7, 1: hi of rows 0-7, 2: lo of
-   rows 8-15, 3: hi of rows 8-15) once shifted right by r: plane byte 4e + j holds in bit r row e's
-   (register r's half) column, in bit 4 + r row 4 + e's; both 128-bit halves load the 16 bytes, the
-   low one (lanes e = 0..3) shifted left by 4 (bit 8j + r -> 8j + 4 + r), the high one (lanes 4 + e)
-   as it is. */
-static inline __m256i plane_word(const uint8_t* p) {
-  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(const void*)p));
-  return _mm256_sllv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
-}
-
+@PLANE_WORD@
 /* The high bits of one octet of a block OR-ed into its unpacked nibbles, by code width (P 1: the 5-bit
    codes' plane, 16 bytes an octet: plane_word; P 2: the 6-bit codes' 2 high bits, 32 bytes an octet,
    laid out so that one load and a shift give each register its bits: 32-bit lane d, byte j holds in
@@ -532,7 +522,7 @@ static inline __attribute__((always_inline)) void many16(
 #else
 #define MANY16(MM, GG, HB, PP) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, HB, PP, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, HB, PP, sz, y, MM, ldy, K, GG, 1, b), 1)))
 #endif
-"""
+""".replace("@PLANE_WORD@", PLANE_WORD)
 
 # AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
 # 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
