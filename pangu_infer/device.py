@@ -156,3 +156,12 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
         return False
     return bool(ops._is_mkldnn_bf16_supported())
+
+
+def tracing() -> bool:
+    """True while dynamo traces the calling code into a graph (a compiled step), False when it runs
+    eagerly. Not `torch.compiler.is_compiling()`: torch holds that flag for the whole process while
+    any thread compiles, so the engine's requests, served eagerly while its background thread
+    compiles the decode step, took the traced paths (the quantized prefill's eager formulas instead
+    of its loops, the graph's LoRA switch instead of the live one). Dynamo folds this call to True."""
+    return torch.compiler.is_dynamo_compiling()

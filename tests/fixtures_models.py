@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -163,3 +164,24 @@ def slow_fx_trace_build(monkeypatch):
 
     monkeypatch.setattr(runner_module, "build_decode_step", build)
     return built
+
+
+@pytest.fixture
+def compiling_elsewhere():
+    """While the test runs, another thread sits inside a torch.compile session (its backend waits),
+    as the engine's background thread does while it compiles the decode step beside live requests.
+    torch 2.13 holds torch.compiler.is_compiling() True for the whole process meanwhile."""
+    inside, release = threading.Event(), threading.Event()
+
+    def backend(gm, example_inputs):
+        inside.set()
+        release.wait(120)
+        return gm.forward
+
+    thread = threading.Thread(target=lambda: torch.compile(lambda x: x + 1, backend=backend)(torch.zeros(2)), daemon=True)
+    thread.start()
+    assert inside.wait(120), "the compile in the other thread never reached its backend"
+    assert torch.compiler.is_compiling()  # what the code must not be misled by
+    yield
+    release.set()
+    thread.join(120)

@@ -64,6 +64,20 @@ def test_adapters_and_the_base_model_in_one_batch_match_peft(lora_llm, lora_adap
     assert outs[3].outputs[0].token_ids != base_greedy(base_reference, PROMPTS[0], 8)
 
 
+def test_an_adapter_applies_while_another_thread_compiles(lora_llm, lora_adapters, compiling_elsewhere):
+    """A server compiles its decode step on a background thread while it serves eagerly: the eager
+    steps apply the live adapters then too, not the switch the graph being traced reads (off while
+    the base variant, traced without them, compiles: engine/compiled.py)."""
+    reqs = requests(lora_adapters)
+    lora = lora_llm.engine.runner.lora
+    lora.in_graph = False
+    try:
+        out = lora_llm.generate([{"prompt_token_ids": PROMPTS[1]}], GREEDY, lora_request=[reqs["full"]], use_tqdm=False)
+    finally:
+        lora.in_graph = True
+    assert out[0].outputs[0].token_ids == lora_adapters["full"].greedy(PROMPTS[1], 8)
+
+
 def test_prompt_logprobs_under_an_adapter_are_pefts(lora_llm, lora_adapters):
     reqs = requests(lora_adapters)
     ids = PROMPTS[2]

@@ -49,6 +49,22 @@ def test_int4_conversion_equals_the_eager_one(n, k, group, threads):
     assert torch.equal(got, want)
 
 
+def test_the_conversions_run_their_loops_while_another_thread_compiles(monkeypatch, compiling_elsewhere):
+    """The engine compiles its decode step on a background thread while requests prefill eagerly:
+    those prefills convert through the loops, not the formulas kept for a graph being traced."""
+    def eager(*a, **k):
+        raise AssertionError("the eager formula ran in a thread that is not tracing")
+
+    monkeypatch.setattr(prefill, "_int8_eager", eager)
+    monkeypatch.setattr(prefill, "_int4_eager", eager)
+    g = torch.Generator().manual_seed(3)
+    w8 = torch.randint(-128, 128, (64, 64), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(64, generator=g) * 0.02).to(torch.bfloat16)
+    assert torch.equal(prefill.int8_to_bf16(w8, s8), (w8.float() * s8.float()[:, None]).to(torch.bfloat16))
+    data, scales = _packed_int4(64, 64, 32)
+    assert prefill.int4_to_bf16(data, 32, scales).shape == (64, 64)
+
+
 @pytest.mark.parametrize("n, k", [(64, 64), (208, 576), (200, 576), (7, 48)])
 def test_int8_conversion_folds_the_scale_rounding_once(n, k):
     g = torch.Generator().manual_seed(1)

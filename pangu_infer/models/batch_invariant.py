@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pangu_infer.device import tracing
 from pangu_infer.parallel.state import ParallelState, RowParallelLinear
 
 # At import, not inside the traced attention: the module registers pangu_infer::bi_attention.
@@ -300,7 +301,7 @@ class RowTiledLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         flat = x.reshape(-1, self.in_features).contiguous()
-        if torch.compiler.is_compiling():
+        if tracing():
             # Up to inline_rows the compiled graph calls the inner module's own kernel op, which is
             # what the eager tile calls (one tile, padded to min_rows as eager pads it): the same
             # bits without a Python callback per linear. The comparisons are guards on the step's

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer import native_ops
+from pangu_infer.device import tracing
 from pangu_infer.machine import cached_choice, interleaved_medians
 from pangu_infer.native import cpu_flags, kernel_library
 from pangu_infer.parallel.state import RowParallelLinear
@@ -364,7 +365,7 @@ def product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
     connected (native_op), else the Python one; eagerly the functions themselves. (The operator's
     `slice` 0 asks for the blocked product above KERNEL_MAX_ROWS rows, else widened slices.)"""
-    if torch.compiler.is_compiling():
+    if tracing():
         if all(native_ops.connected(kernel) for kernel, _ in _NATIVE):
             return torch.ops.pangu_infer.bf16w_native_mm(x, weight, KERNEL_MAX_ROWS, _native_slice)
         return torch.ops.pangu_infer.bf16w_mm(x, weight)

@@ -52,6 +52,7 @@ from typing import Optional
 import torch
 
 from pangu_infer import native_ops
+from pangu_infer.device import tracing
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 
 log = logging.getLogger(__name__)
@@ -514,7 +515,7 @@ def native_op() -> bool:
 def attention(q, k_cache, v_cache, slots, valid, scale) -> torch.Tensor:
     """The kernel as the caller's context wants it: while compiling the C++ operator where it is
     connected (native_op), else the Python one; eagerly the C function."""
-    if torch.compiler.is_compiling():
+    if tracing():
         if native_ops.connected("attention"):
             return torch.ops.pangu_infer.bi_attention_native(q, k_cache, v_cache, slots, valid, scale)
         return torch.ops.pangu_infer.bi_attention(q, k_cache, v_cache, slots, valid, scale)

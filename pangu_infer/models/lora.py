@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from pangu_infer.device import tracing
 from pangu_infer.models.batch_invariant import linear_sizes
 from pangu_infer.parallel.state import ParallelState, RowParallelLinear, RowParallelProduct, building_shard
 
@@ -141,7 +142,7 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         row_parallel = self.row_parallel
         y = self.base.partial(x) if row_parallel else self.base(x)
-        if self.state.in_graph if torch.compiler.is_compiling() else self.state.active:
+        if self.state.in_graph if tracing() else self.state.active:
             rows = self.slot_ids[: x.shape[0]]
             mask = (rows[:, None] == self.column_slots[None, :]).to(self.lora_a[0].dtype)
             xs = x.to(self.lora_a[0].dtype)

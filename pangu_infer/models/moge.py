@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.device import tracing
 from pangu_infer.models import batch_invariant
 from pangu_infer.models.batch_invariant import row_tiled
 from pangu_infer.models.dense import DecoderForCausalLM
@@ -72,7 +73,7 @@ _lib._register_fake("moe_dispatch", _moe_dispatch_shape)
 def count_experts(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Token-expert pairs per expert [E] (long). Eagerly one bincount; inside a compiled step a
     scatter-add (bincount's output size depends on the values: dynamo breaks the graph on it)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.zeros(num_experts, dtype=torch.long, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
     return torch.bincount(ids, minlength=num_experts)
 
@@ -161,7 +162,7 @@ class MoGELoad:
         # Softmax keeps the order, so the global top-k of the logits is that of the probabilities.
         topk_ids = router_logits.topk(self.top_k, dim=-1).indices
         topk_counts = count_experts(topk_ids.flatten(), expert_counts.numel())
-        if torch.compiler.is_compiling() and expert_counts.device.type == "cpu":
+        if tracing() and expert_counts.device.type == "cpu":
             both = torch.stack((expert_counts, topk_counts))
             self._graph_counts += both
             # imbalance_score's numbers (integer counts, one float64 division), without a tensor of the count
@@ -281,7 +282,7 @@ class MoEBlock(nn.Module):
             # Decode at batch 1 with int4 experts on the own CPU kernel: one op for all experts, the
             # same numbers as _one_token, and no graph break in a compiled step.
             routed = impl.one_token(x, flat_experts, weights.flatten().to(x.dtype))
-        elif torch.compiler.is_compiling():
+        elif tracing():
             # Data-dependent expert sizes: one opaque operator running _dispatch eagerly, so that the
             # step stays one graph (no graph break; it can be saved whole, engine/saved_step.py).
             routed = torch.ops.pangu_infer.moe_dispatch(x, flat_experts, weights.flatten(), counts, self.dispatch_handle)

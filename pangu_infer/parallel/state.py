@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pangu_infer.config import ModelConfig
+from pangu_infer.device import tracing
 
 
 @dataclass
@@ -47,7 +48,7 @@ class ParallelState:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks: in place eagerly; inside a compiled step, the opaque operator
         pangu_infer::all_reduce (use the tensor returned)."""
-        if torch.compiler.is_compiling():
+        if tracing():
             return torch.ops.pangu_infer.all_reduce(x)
         start = time.perf_counter()
         if self.ordered_sums:

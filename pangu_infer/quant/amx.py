@@ -60,6 +60,7 @@ from typing import Optional
 
 import torch
 
+from pangu_infer.device import tracing
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD, TRANSPOSE16_EPI32
@@ -623,7 +624,7 @@ def use(chosen: bool) -> bool:
     """Does a many-row product whose weight chose `chosen` (PackedWeight.amx_prefill, measured per
     machine) run the kernel now: PANGU_INFER_AMX_PREFILL=0 never, =1 always once
     prepare() has built it, else `chosen`; never inside a graph dynamo traces (a ctypes call)."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return False
     s = setting()
     if s == "off":

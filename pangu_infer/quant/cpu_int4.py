@@ -54,6 +54,7 @@ from typing import Optional
 import torch
 
 from pangu_infer import native_ops
+from pangu_infer.device import tracing
 from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD
@@ -1292,7 +1293,7 @@ def dequantize_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Opti
 def to_bf16_t(data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor] = None) -> torch.Tensor:
     """dequantize_t by the library's C loop (one pass, into a buffer kept per shape and thread),
     where it runs and outside a graph being traced; else dequantize_t. hb as dequantize_t's."""
-    if torch.compiler.is_compiling():  # a graph being traced: the traceable formula
+    if tracing():  # a graph being traced: the traceable formula
         return dequantize_t(data, sz, group_size, hb)
     lib = library()
     n, k = data.shape[0] * ROW_BLOCK, data.shape[1] * OCTET
@@ -1451,7 +1452,7 @@ _lib._register_fake("int4_vnni_experts", _int4_vnni_experts_shape)
 
 def experts(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden) -> torch.Tensor:
     """experts_one_token as the caller's context wants it: the custom op while compiling, else direct."""
-    if torch.compiler.is_compiling():
+    if tracing():
         return torch.ops.pangu_infer.int4_vnni_experts(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden)
     return experts_one_token(x, ids, weights, data13, sz13, group13, data2, sz2, group2, inter, hidden)
 
@@ -1472,7 +1473,7 @@ def native_op() -> bool:
 def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
     connected (native_op), else the Python custom op; eagerly the C function directly."""
-    if torch.compiler.is_compiling():
+    if tracing():
         if native_ops.connected("int4"):
             return torch.ops.pangu_infer.int4_native_mm(x, data, sz, group_size)
         return torch.ops.pangu_infer.int4_vnni_mm(x, data, sz, group_size)
@@ -1482,7 +1483,7 @@ def product(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: i
 def product5(x: torch.Tensor, data: torch.Tensor, hb: torch.Tensor, sz: torch.Tensor, group_size: int) -> torch.Tensor:
     """product's 5-bit form (matmul5): the C++ operator while compiling where connected, else the
     Python custom op; eagerly the C function directly."""
-    if torch.compiler.is_compiling():
+    if tracing():
         if native_ops.connected("int5"):
             return torch.ops.pangu_infer.int5_native_mm(x, data, hb, sz, group_size)
         return torch.ops.pangu_infer.int5_vnni_mm(x, data, hb, sz, group_size)

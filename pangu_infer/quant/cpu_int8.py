@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from pangu_infer import native_ops
+from pangu_infer.device import tracing
 from pangu_infer.machine import interleaved_medians, own_kernel_measured_faster
 from pangu_infer.native import cpu_flags, kernel_library
 
@@ -273,7 +274,7 @@ def native_op() -> bool:
 def product(x: torch.Tensor, data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The product as the caller's context wants it: while compiling the C++ operator where it is
     connected (native_op), else the Python one; eagerly the C function."""
-    if torch.compiler.is_compiling():
+    if tracing():
         if native_ops.connected("int8"):
             return torch.ops.pangu_infer.int8_native_mm(x, data, scales)
         return torch.ops.pangu_infer.int8_own_mm(x, data, scales)

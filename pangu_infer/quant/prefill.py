@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from pangu_infer.device import cpu_has_bf16
+from pangu_infer.device import cpu_has_bf16, tracing
 from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
 from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
@@ -250,7 +250,7 @@ def enabled() -> bool:
 
 
 def _int4_eager(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():  # the same formula without out= into strided views (dynamo refuses those)
+    if tracing():  # the same formula without out= into strided views (dynamo refuses those)
         n, k = data.shape[0], data.shape[1] * 2
         v = data.view(n // _INT4_BLOCK, k, 32).permute(1, 0, 2)
         codes = torch.stack((v & 15, v >> 4), dim=2).reshape(k // group_size, group_size, n).float()
@@ -272,7 +272,7 @@ def _int4_fits(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> boo
 def _usable() -> Optional[tuple]:
     # Inside a graph dynamo traces (a compiled decode step with many rows), the eager formulas:
     # dynamo cannot trace a ctypes call, and inductor fuses those itself.
-    return _lib if enabled() and not torch.compiler.is_compiling() else None
+    return _lib if enabled() and not tracing() else None
 
 
 def int4_to_bf16(data: torch.Tensor, group_size: int, scales: torch.Tensor) -> torch.Tensor:
@@ -305,7 +305,7 @@ def _int8_fits(data: torch.Tensor, scales: torch.Tensor) -> bool:
 def int8_to_bf16(data: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """W [N, K] in bf16 with each row's scale folded in."""
     lib = _usable()
-    if torch.compiler.is_compiling():
+    if tracing():
         return _int8_eager(data, scales)
     out = scratch(("int8", *data.shape), tuple(data.shape))
     if lib is None or not _int8_fits(data, scales):
