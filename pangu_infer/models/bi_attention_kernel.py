@@ -72,6 +72,10 @@ _COMMON = r"""
 
 #define MAXD 256
 #define MAXG 16
+/* rows ahead that the score and value passes prefetch: the cache's rows are a head's slice of
+   each slot, strided, and a page's next slots may lie anywhere (benchmarks/decode_attention.py --against) */
+#define KDIST 16
+#define VDIST 16
 """
 
 AVX512 = r"""
@@ -311,6 +315,10 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
         unsigned live = 0;
         for (int i = 0; i < 16; i++) {
           const int64_t j = jb + i;
+          if (j + KDIST < L && ok[j + KDIST]) {  /* the next block's row, in cache by the time it is read */
+            const char* nr = (const char*)kc + ((sl[j + KDIST] * Hkv + h) * D) * ksz;
+            for (int64_t c = 0; c < D * ksz; c += 64) _mm_prefetch(nr + c, _MM_HINT_T0);
+          }
           if (j >= L || !ok[j]) continue;
           live |= 1u << i;
           const char* kr = (const char*)kc + ((sl[j] * Hkv + h) * D) * ksz;
@@ -352,6 +360,10 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
       for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < V; v++) acc[g][v] = v_zero();
       for (int64_t j = 0; j < L; j++) {
+        if (j + VDIST < L && ok[j + VDIST]) {
+          const char* nr = (const char*)vc + ((sl[j + VDIST] * Hkv + h) * D) * ksz;
+          for (int64_t c = 0; c < D * ksz; c += 64) _mm_prefetch(nr + c, _MM_HINT_T0);
+        }
         if (!ok[j]) continue;
         const char* vr = (const char*)vc + ((sl[j] * Hkv + h) * D) * ksz;
         vec vv[MAXD / 16];
