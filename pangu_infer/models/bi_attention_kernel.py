@@ -80,6 +80,9 @@ _COMMON = r"""
 
 AVX512 = r"""
 typedef __m512 vec;
+/* keys whose dot products run side by side, value vectors accumulated in registers: 8 of 32 registers each */
+#define KGROUP 8
+#define VGROUP 8
 typedef __mmask16 vmask;
 static inline vec v_set1(float x) { return _mm512_set1_ps(x); }
 static inline vec v_zero(void) { return _mm512_setzero_ps(); }
@@ -137,6 +140,9 @@ static inline __m512 reduce16(const __m512 a[16]) {
 AVX2 = r"""
 /* 16 lanes as two halves: lo = lanes 0..7, hi = lanes 8..15 */
 typedef struct { __m256 lo, hi; } vec;
+/* AVX-512's KGROUP and VGROUP for 16 registers (each vec two): the same sums in the same order */
+#define KGROUP 4
+#define VGROUP 4
 typedef vec vmask;
 #define V2(f, a, b) { f((a).lo, (b).lo), f((a).hi, (b).hi) }
 static inline vec v_set1(float x) { const vec r = {_mm256_set1_ps(x), _mm256_set1_ps(x)}; return r; }
@@ -309,6 +315,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
          per query head 16 dot products reduced together by reduce16 (scores of keys not valid:
          -inf) */
       float kb[16 * MAXD] __attribute__((aligned(64)));
+      memset(kb, 0, sizeof(float) * 16 * D);  /* rows of keys not valid are multiplied, then dropped */
       vec topv[MAXG];
       for (int64_t g = 0; g < G; g++) topv[g] = v_set1(-__builtin_inff());
       for (int64_t jb = 0; jb < Lp; jb += 16) {
@@ -327,13 +334,17 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
         for (int64_t g = 0; g < G; g++) {
           vec s = v_set1(-__builtin_inff());
           if (live) {
+            /* KGROUP keys' dot products side by side (independent chains; each key's own sum over
+               the D lanes in the same order as one at a time: v = 0, then fused adds for 1..V-1) */
             vec a[16];
-            for (int i = 0; i < 16; i++) {
-              if (!((live >> i) & 1)) { a[i] = v_zero(); continue; }
-              const float* kr = kb + i * D;
-              vec acc = v_mul(qv[g][0], v_load(kr));
-              for (int64_t v = 1; v < V; v++) acc = v_fmadd(qv[g][v], v_load(kr + 16 * v), acc);
-              a[i] = acc;
+            for (int i0 = 0; i0 < 16; i0 += KGROUP) {
+              vec t[KGROUP];
+              for (int i = 0; i < KGROUP; i++) t[i] = v_mul(qv[g][0], v_load(kb + (i0 + i) * D));
+              for (int64_t v = 1; v < V; v++) {
+                const vec qg = qv[g][v];
+                for (int i = 0; i < KGROUP; i++) t[i] = v_fmadd(qg, v_load(kb + (i0 + i) * D + 16 * v), t[i]);
+              }
+              for (int i = 0; i < KGROUP; i++) a[i0 + i] = ((live >> (i0 + i)) & 1) ? t[i] : v_zero();
             }
             s = v_select(s, live, v_mul(reduce16(a), v_set1(scale)));
           }
@@ -355,22 +366,46 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
         }
         total[g] = v_reduce_add(sum);
       }
-      /* values weighted by p, in key order */
+      /* values weighted by p, in key order: 16 keys at a time, their rows widened to fp32 once
+         (kb again), then per query head VGROUP vectors of the sums held in registers over the 16
+         keys (each lane's sum in the same key order as one key at a time; keys not valid skipped) */
       vec acc[MAXG][MAXD / 16];
       for (int64_t g = 0; g < G; g++)
         for (int64_t v = 0; v < V; v++) acc[g][v] = v_zero();
-      for (int64_t j = 0; j < L; j++) {
-        if (j + VDIST < L && ok[j + VDIST]) {
-          const char* nr = (const char*)vc + ((sl[j + VDIST] * Hkv + h) * D) * ksz;
-          for (int64_t c = 0; c < D * ksz; c += 64) _mm_prefetch(nr + c, _MM_HINT_T0);
+      for (int64_t jb = 0; jb < L; jb += 16) {
+        const int m = L - jb < 16 ? (int)(L - jb) : 16;
+        unsigned live = 0;
+        for (int i = 0; i < m; i++) {
+          const int64_t j = jb + i;
+          if (j + VDIST < L && ok[j + VDIST]) {
+            const char* nr = (const char*)vc + ((sl[j + VDIST] * Hkv + h) * D) * ksz;
+            for (int64_t c = 0; c < D * ksz; c += 64) _mm_prefetch(nr + c, _MM_HINT_T0);
+          }
+          if (!ok[j]) continue;
+          live |= 1u << i;
+          const char* vr = (const char*)vc + ((sl[j] * Hkv + h) * D) * ksz;
+          for (int64_t v = 0; v < V; v++) v_store(kb + i * D + 16 * v, load16(vr + 16 * v * ksz, kv_f32));
         }
-        if (!ok[j]) continue;
-        const char* vr = (const char*)vc + ((sl[j] * Hkv + h) * D) * ksz;
-        vec vv[MAXD / 16];
-        for (int64_t v = 0; v < V; v++) vv[v] = load16(vr + 16 * v * ksz, kv_f32);
+        if (!live) continue;
         for (int64_t g = 0; g < G; g++) {
-          const vec p = v_set1(sc[g * Lp + j]);
-          for (int64_t v = 0; v < V; v++) acc[g][v] = v_fmadd(p, vv[v], acc[g][v]);
+          const float* pg = sc + g * Lp + jb;
+          int64_t v = 0;
+          for (; v + VGROUP <= V; v += VGROUP) {
+            vec r[VGROUP];
+            for (int c = 0; c < VGROUP; c++) r[c] = acc[g][v + c];
+            for (int i = 0; i < m; i++) {
+              if (!((live >> i) & 1)) continue;
+              const vec p = v_set1(pg[i]);
+              for (int c = 0; c < VGROUP; c++) r[c] = v_fmadd(p, v_load(kb + i * D + 16 * (v + c)), r[c]);
+            }
+            for (int c = 0; c < VGROUP; c++) acc[g][v + c] = r[c];
+          }
+          for (; v < V; v++) {
+            vec r = acc[g][v];
+            for (int i = 0; i < m; i++)
+              if ((live >> i) & 1) r = v_fmadd(v_set1(pg[i]), v_load(kb + i * D + 16 * v), r);
+            acc[g][v] = r;
+          }
         }
       }
       for (int64_t g = 0; g < G; g++) {
