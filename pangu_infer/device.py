@@ -160,7 +160,7 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 def tracing() -> bool:
     """True while dynamo traces the calling code into a graph (a compiled step), False when it runs
-    eagerly. Not `torch.compiler.is_compiling()`: torch holds that flag for the whole process while
+    eagerly. Not `torch.compiler.is_compiling`: torch holds that flag for the whole process while
     any thread compiles, so the engine's requests, served eagerly while its background thread
     compiles the decode step, took the traced paths (the quantized prefill's eager formulas instead
     of its loops, the graph's LoRA switch instead of the live one). Dynamo folds this call to True."""

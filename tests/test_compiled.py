@@ -472,3 +472,16 @@ def test_a_compile_on_another_thread_beside_the_background_build_fails_neither(t
         assert llm.wait_compiled(timeout=540), llm.engine.runner.compile_error
     finally:
         TritonBundler.end_compile()
+
+
+def test_no_module_asks_torchs_process_wide_compiling_flag():
+    """torch.compiler.is_compiling() is True for the whole process while any thread compiles, so
+    the eager steps served beside the background build took the graph's forms (tests/test_lora.py
+    and tests/test_quant_prefill.py show two such bugs): the package asks device.tracing() instead."""
+    import pangu_infer
+    from pangu_infer.device import tracing
+
+    root = Path(pangu_infer.__file__).parent
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py") if "is_compiling(" in p.read_text()]
+    assert users == [], users
+    assert tracing() is False and torch.compile(lambda x: x + int(tracing()), fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
