@@ -511,8 +511,14 @@ class LLM:
                 items.append((p.get("prompt"), list(ids), p.get("cache_salt")))
             elif isinstance(p, dict) and isinstance(p.get("prompt"), str):
                 items.append((p["prompt"], self._encode(p["prompt"], f"prompts[{i}]['prompt']"), p.get("cache_salt")))
+            elif isinstance(p, (list, tuple)) and all(isinstance(t, int) for t in p):  # a batch of token-id lists, as vLLM takes
+                items.append((None, list(p), None))
+            elif isinstance(p, (list, tuple)) and any(isinstance(t, int) for t in p):
+                bad = next(j for j, t in enumerate(p) if not isinstance(t, int))
+                raise ValueError(f"prompt token ids must be integers: prompts[{i}][{bad}] is {short_repr(p[bad])}")
             else:
-                raise ValueError(f"prompts[{i}] must be a string or {{'prompt_token_ids': [...]}}, got {type(p).__name__}")
+                raise ValueError(f"prompts[{i}] must be a string, {{'prompt_token_ids': [...]}} or a list of token ids, "
+                                 f"got {type(p).__name__}")
         if not items:
             raise ValueError("no prompts given")
         return items

@@ -117,7 +117,11 @@ BAD_CALLS = [
     ("chat-one-message-not-in-a-list", lambda llm: llm.chat({"role": "user", "content": "hi"}, GREEDY, use_tqdm=False),
      r"messages must be a non-empty list of \{'role': \.\.\., 'content': \.\.\.\} dicts"),  # KeyError: 0
     ("generate-a-tensor", lambda llm: llm.generate(torch.tensor([5, 6]), GREEDY, use_tqdm=False),
-     r"prompts\[0\] must be a string or \{'prompt_token_ids': \[\.\.\.\]\}, got Tensor"),  # torch's RuntimeError
+     r"prompts\[0\] must be a string, \{'prompt_token_ids': \[\.\.\.\]\} or a list of token ids, got Tensor"),  # torch's RuntimeError
+    ("generate-a-float-in-a-batch-of-ids", lambda llm: llm.generate([[5, 6], [7, 2.0]], GREEDY, use_tqdm=False),
+     r"prompt token ids must be integers: prompts\[1\]\[1\] is 2\.0"),
+    ("generate-an-empty-list-in-a-batch", lambda llm: llm.generate([[5, 6], []], GREEDY, use_tqdm=False),
+     r"prompt 1: the prompt is empty"),
     ("generate-a-float-among-the-ids", lambda llm: llm.generate([5, 1.0, 6], GREEDY, use_tqdm=False),
      r"prompt token ids must be integers: \[1\] is 1\.0"),  # "prompts[0] must be a string ..., got int"
     ("logits-a-float-id", lambda llm: llm.logits([5, 1.5]), r"token id 1\.5 is not an integer"),  # cut to 1
@@ -231,3 +235,12 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(tiny_dense_dir):
     for bad in ("middle", None, "Left"):
         with pytest.raises(ValueError, match="truncation_side"):
             SamplingParams(truncation_side=bad)
+
+
+def test_a_batch_of_token_id_lists_is_a_batch_of_prompts_as_in_vllm(llm):
+    """vLLM's generate takes token ids as one prompt ([5, 6, 7]) or a batch of them ([[5, 6, 7], [8, 9]])."""
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = [llm.generate({"prompt_token_ids": ids}, params, use_tqdm=False)[0].outputs[0].token_ids for ids in ([5, 6, 7], [8, 9])]
+    got = llm.generate([[5, 6, 7], (8, 9)], params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in got] == [[5, 6, 7], [8, 9]]
+    assert [o.outputs[0].token_ids for o in got] == want
