@@ -68,6 +68,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn prefix caching off (--no-enable-prefix-caching: vLLM's spelling)")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
                    help="prefix caching on: the default (vLLM's flag, taken so its command lines work)")
+    p.add_argument("--tokenizer", default=None,
+                   help="a folder or hub id whose tokenizer (and chat template) is used instead of the model's, as vLLM's flag")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="taken so vLLM's command lines work: nothing in a model folder is ever run here, so there is nothing to trust")
     p.add_argument(
@@ -173,6 +175,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
     if getattr(args, "no_model_cache", False):
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
     return dict(
+        tokenizer=args.tokenizer,
         dtype=args.dtype,
         device=args.device,
         quantization=args.quantization,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -17,7 +18,7 @@ from pangu_infer.engine.engine import EngineConfig, LLMEngine, check_draft_confi
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
-from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model
+from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model, resolve_tokenizer_path
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.parallel.launch import load_tensor_parallel
@@ -36,12 +37,19 @@ class LLM:
     quantization: "auto" (default) keeps the checkpoint's own quantization (a GGUF file's Q4 blocks
     as int4, its other block types as int8); "none" loads float weights in `dtype`; "int8"/"int4"
     quantize while loading (docs/design.md, "Quantized weights").
+
+    tokenizer: as vLLM's, a folder (or hub id) whose tokenizer is used instead of the model's own
+    (whose tokenizer files are then never read); its vocabulary must fit the model's. Its chat
+    template comes with it. trust_remote_code: taken so vLLM's calls work; nothing in a model
+    folder is ever run here, so there is nothing to trust.
     """
 
     def __init__(
         self,
         model: Optional[str] = None,
         *,
+        tokenizer: Optional[str] = None,
+        trust_remote_code: bool = False,
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[str] = None,
         quantization: Optional[str] = "auto",
@@ -89,6 +97,9 @@ class LLM:
         # chat_template: the Jinja template chats are rendered with instead of the model's (a file's
         # path or the template itself, as vLLM's --chat-template); checked before anything loads.
         template = None if chat_template is None else _chat_template(chat_template)
+        if not isinstance(trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code={short_repr(trust_remote_code)} must be True or False")
+        own_tokenizer = None if tokenizer is None else _tokenizer(tokenizer)  # before the model loads
         check_tensor_parallel_size(tensor_parallel_size)
         if not isinstance(offload_experts, bool):
             raise ValueError(f"offload_experts={short_repr(offload_experts)} must be True or False")
@@ -125,14 +136,21 @@ class LLM:
         if tensor_parallel_size > 1:
             self.loaded, self.parallel = load_tensor_parallel(
                 model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts,
-                bf16_weights=not batch_invariant,
+                bf16_weights=not batch_invariant, load_tokenizer=own_tokenizer is None,
             )
             self.device = self.parallel.device
         else:
             self.loaded = load_serving_model(
-                model, self.dtype, self.device, quantization=quantization, offload_experts=offload_experts,
-                bf16_weights=not batch_invariant,  # the kernel's many-row path is BLAS's, not row-tiled
+                model, self.dtype, self.device, load_tokenizer=own_tokenizer is None, quantization=quantization,
+                offload_experts=offload_experts, bf16_weights=not batch_invariant,  # (the kernel's many-row path is BLAS's, not row-tiled)
             )
+        if own_tokenizer is not None:
+            if own_tokenizer.vocab_size > self.loaded.config.vocab_size:
+                if self.parallel is not None:  # the workers stop with the failed start
+                    self.parallel.shutdown()
+                raise ValueError(f"tokenizer={tokenizer!r} has {own_tokenizer.vocab_size} tokens, more than the model's "
+                                 f"vocabulary (vocab_size {self.loaded.config.vocab_size})")
+            self.loaded.tokenizer = own_tokenizer
         if kv_cache_dtype is None and dtype in (None, "auto"):  # nothing asked: the compact cache where it costs nothing
             kv = default_kv_cache_dtype(self.loaded.model, self.dtype, self.device)
             self.engine_config = replace(self.engine_config, kv_cache_dtype=kv)
@@ -658,6 +676,19 @@ def _out_of_memory(e: RuntimeError) -> bool:
     """torch's allocation failure: the CPU allocator's "can't allocate memory", a device's out of memory."""
     text = str(e)
     return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _tokenizer(name: str) -> Any:
+    """LLM(tokenizer=...)'s tokenizer, or a ValueError naming the argument."""
+    from pangu_infer.tokenizer import load_tokenizer
+
+    if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
+        raise ValueError(f"tokenizer={short_repr(name)} must be a folder or a hub id")
+    folder = resolve_tokenizer_path(str(name))
+    try:
+        return load_tokenizer(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"tokenizer={str(name)!r}: {e}") from None
 
 
 def _chat_template(value: str) -> str:

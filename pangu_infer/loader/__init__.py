@@ -73,6 +73,26 @@ def resolve_model_path(model: Optional[str]) -> str:
         raise ModelNotFoundError(f"--model {model!r} is not a local path and could not be downloaded from the hub: {e}") from None
 
 
+def resolve_tokenizer_path(tokenizer: str) -> str:
+    """LLM(tokenizer=...)'s folder: a local folder holding tokenizer.model or tokenizer.json (with
+    its tokenizer_config.json), or a hub id whose tokenizer files alone are downloaded."""
+    path = os.path.expanduser(tokenizer)
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        raise ModelNotFoundError(f"tokenizer={tokenizer!r} is a file: pass the folder that holds tokenizer.model or tokenizer.json")
+    if not (tokenizer.count("/") == 1 and not tokenizer.startswith((".", "/", "~"))):
+        raise ModelNotFoundError(f"tokenizer={tokenizer!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(
+            tokenizer, allow_patterns=["tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.jinja"],
+        )
+    except Exception as e:  # network, auth and not-found errors all end here
+        raise ModelNotFoundError(f"tokenizer={tokenizer!r} is not a local folder and could not be downloaded from the hub: {e}") from None
+
+
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
 
 

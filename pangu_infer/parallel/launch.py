@@ -58,6 +58,7 @@ def load_tensor_parallel(
     quantization: Any = None,
     offload_experts: bool = False,
     bf16_weights: bool = True,
+    load_tokenizer: bool = True,
 ) -> tuple[LoadedModel, "TensorParallelDriver"]:
     """Load rank 0's shard with every other rank loading its own; returns once all ranks joined.
 
@@ -67,7 +68,7 @@ def load_tensor_parallel(
     """
     path = resolve_model_path(model)
     check_parallel_config(read_config(path), world_size)
-    load = ShardLoad(path, dtype, quantization, offload_experts, bf16_weights)
+    load = ShardLoad(path, dtype, quantization, offload_experts, bf16_weights, load_tokenizer)
     if launched_by_torchrun():
         return _load_torchrun(load, world_size, device)
     check_fits(load, world_size, device)  # before any rank is started: spawned ranks all share this host

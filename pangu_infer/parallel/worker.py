@@ -36,11 +36,12 @@ class ShardLoad:
     quantization: Any = None  # as LLM(quantization=...): "auto" keeps a GGUF file's blocks quantized
     offload_experts: bool = False
     bf16_weights: bool = True  # False with batch_invariant, as in one process (LLM.__init__)
+    tokenizer: bool = True  # False where LLM(tokenizer=...) names another: the model's own is never read
 
     def run(self, device: torch.device, load_tokenizer: bool = False) -> LoadedModel:
         """This rank's shard (call inside `building_shard`)."""
         return load_serving_model(
-            self.path, self.dtype, device, load_tokenizer, quantization=self.quantization, offload_experts=self.offload_experts,
+            self.path, self.dtype, device, load_tokenizer and self.tokenizer, quantization=self.quantization, offload_experts=self.offload_experts,
             bf16_weights=self.bf16_weights,
         )
 

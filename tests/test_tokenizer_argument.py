@@ -1,0 +1,84 @@
+"""LLM(tokenizer=...) and --tokenizer, as vLLM's: a model folder holding only its weights and config
+runs with the tokenizer of another folder, the model's own tokenizer files are never read, and a bad
+tokenizer argument is a ValueError naming it. trust_remote_code is taken as vLLM's calls pass it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.cli import main
+from pangu_infer.tokenizer import load_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+SMALL = dict(enforce_eager=True, kv_cache_memory=4 << 20)
+
+
+@pytest.fixture(scope="module")
+def weights_only(tmp_path_factory, tiny_dense_dir):
+    """The tiny model's weights, config and generation config, without its tokenizer files."""
+    folder = tmp_path_factory.mktemp("weights_only")
+    for f in tiny_dense_dir.iterdir():
+        if f.name in ("config.json", "generation_config.json") or f.suffix == ".safetensors" or f.name.endswith(".index.json"):
+            shutil.copy(f, folder / f.name)
+    assert not any(folder.glob("tokenizer*"))
+    return folder
+
+
+def test_a_weights_only_folder_runs_with_the_tokenizer_of_another(weights_only, tiny_dense_dir, pangu_tokenizer_dir):
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        LLM(str(weights_only), **SMALL)  # what the argument is for
+    llm = LLM(str(weights_only), tokenizer=str(pangu_tokenizer_dir), trust_remote_code=True, **SMALL)
+    whole = LLM(str(tiny_dense_dir), **SMALL)
+    text = "hello world, the tokenizer of another folder"
+    assert llm.get_tokenizer().encode(text) == load_tokenizer(pangu_tokenizer_dir).encode(text)
+    got, want = (m.generate([text], GREEDY, use_tqdm=False)[0] for m in (llm, whole))
+    assert got.prompt_token_ids == want.prompt_token_ids
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids and got.outputs[0].text == want.outputs[0].text
+
+
+def test_the_given_tokenizer_replaces_the_models_own_and_brings_its_chat_template(tmp_path, tiny_dense_dir, pangu_tokenizer_dir):
+    other = tmp_path / "tok"
+    shutil.copytree(pangu_tokenizer_dir, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    (other / "tokenizer_config.json").write_text(json.dumps(config))
+    llm = LLM(str(tiny_dense_dir), tokenizer=str(other), **SMALL)
+    assert llm.render_chat([{"role": "user", "content": "hi"}]) == "<<hi>>"
+    assert LLM(str(tiny_dense_dir), **SMALL).render_chat([{"role": "user", "content": "hi"}]) != "<<hi>>"
+
+
+def test_bad_tokenizer_arguments_are_value_errors_naming_it(tmp_path, tiny_dense_dir, pangu_tokenizer_dir):
+    with pytest.raises(ValueError, match=r"tokenizer='/no/such/folder': no such folder"):
+        LLM(str(tiny_dense_dir), tokenizer="/no/such/folder", **SMALL)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match=r"tokenizer='.*empty': no tokenizer in"):
+        LLM(str(tiny_dense_dir), tokenizer=str(empty), **SMALL)
+    file = tmp_path / "tokenizer.json"
+    file.write_text("{}")
+    with pytest.raises(ValueError, match=r"tokenizer='.*tokenizer.json' is a file: pass the folder"):
+        LLM(str(tiny_dense_dir), tokenizer=str(file), **SMALL)
+    with pytest.raises(ValueError, match=r"tokenizer=5 must be a folder or a hub id"):
+        LLM(str(tiny_dense_dir), tokenizer=5, **SMALL)
+    with pytest.raises(ValueError, match=r"trust_remote_code='yes' must be True or False"):
+        LLM(str(tiny_dense_dir), trust_remote_code="yes", **SMALL)
+    # a tokenizer with more tokens than the model's vocabulary would produce ids the model has no row for
+    vocab = json.loads((tiny_dense_dir / "config.json").read_text())["vocab_size"]
+    larger = tmp_path / "larger"
+    shutil.copytree(pangu_tokenizer_dir, larger)
+    config = json.loads((larger / "tokenizer_config.json").read_text())
+    config.setdefault("added_tokens_decoder", {})[str(vocab + 9)] = {"content": "<|extra|>", "special": True}
+    (larger / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"has {vocab + 10} tokens, more than the model's vocabulary \(vocab_size {vocab}\)"):
+        LLM(str(tiny_dense_dir), tokenizer=str(larger), **SMALL)
+
+
+def test_the_cli_takes_tokenizer(weights_only, pangu_tokenizer_dir, capsys):
+    argv = ["generate", "--model", str(weights_only), "--tokenizer", str(pangu_tokenizer_dir), "--prompt", "hello",
+            "--max-tokens", "3", "--temperature", "0", "--enforce-eager", "--kv-cache-memory", "4MiB", "--trust-remote-code"]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip()
