@@ -157,7 +157,7 @@ def slow_fx_trace_build(monkeypatch):
     monkeypatch.setattr(loop_body.InterpreterShim, "_dummy_gm", staticmethod(functools.cache(slow_placeholder)))
     built = threading.Event()
 
-    def build(*args):
+    def build(*args, **kwargs):
         loop_body.InterpreterShim._dummy_gm()
         built.set()
         return None, "a stand-in build"

@@ -209,7 +209,7 @@ def test_requests_run_eagerly_while_compiling_and_switch_to_compiled_between_ste
     import pangu_infer.engine.runner as runner_module
 
     gate, real = threading.Event(), runner_module.build_decode_step
-    monkeypatch.setattr(runner_module, "build_decode_step", lambda *a: gate.wait(600) and real(*a))
+    monkeypatch.setattr(runner_module, "build_decode_step", lambda *a, **k: gate.wait(600) and real(*a, **k))
     llm = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, max_model_len=256)
     runner = llm.engine.runner
     eager = LLM(str(tiny_dense_dir), dtype="float32", device="cpu", kv_cache_memory=4 << 20, enforce_eager=True)
@@ -485,3 +485,46 @@ def test_no_module_asks_torchs_process_wide_compiling_flag():
     users = [str(p.relative_to(root)) for p in root.rglob("*.py") if "is_compiling(" in p.read_text()]
     assert users == [], users
     assert tracing() is False and torch.compile(lambda x: x + int(tracing()), fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
+
+
+def _waiting_build(tiny_dense_dir):
+    """An LLM whose background build waits for the process's compile lock (another model's build)."""
+    llm = LLM(str(tiny_dense_dir), dtype="float32", kv_cache_memory=4 << 20)
+    assert llm.engine.runner.compiling
+    return llm
+
+
+def test_a_collected_llm_lets_its_background_build_go_and_its_model_with_it(tiny_dense_dir):
+    """`del llm` while its decode step is still to be built (here: waiting behind another model's
+    build) ends the build thread, which then no longer holds the model's memory nor keeps the
+    lock's next waiter behind it."""
+    import gc
+    import time
+    import weakref
+
+    from pangu_infer.engine import runner as runner_module
+
+    with runner_module._COMPILE_LOCK:  # another model's build, as long as this test needs
+        llm = _waiting_build(tiny_dense_dir)
+        model, done = weakref.ref(llm.model), llm.engine.runner._compiled_done
+        del llm
+        gc.collect()
+        assert done.wait(20), "the build still waits for the lock with its LLM gone"
+        deadline = time.monotonic() + 20
+        while model() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            gc.collect()
+        assert model() is None, "the model outlived its LLM"
+
+
+def test_shutdown_lets_the_background_build_go_and_steps_run_eagerly(tiny_dense_dir):
+    from pangu_infer.engine import runner as runner_module
+
+    with runner_module._COMPILE_LOCK:
+        llm = _waiting_build(tiny_dense_dir)
+        want = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        llm.shutdown()
+        assert not llm.wait_compiled(20)
+        assert not llm.engine.runner.compiling and "stopped" in llm.engine.runner.compile_error
+        got = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids

@@ -148,11 +148,25 @@ def raise_recompile_limits(num_layers: int) -> None:
     cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 16 * num_layers + 64)
 
 
-def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, batch_invariant: bool = False) -> None:
+class CompileStopped(BaseException):
+    """Raised between two graphs of a build whose `stop` event is set (the engine was let go): a
+    BaseException, so that the handlers that fall back from one way of building to another let it
+    through."""
+
+
+def _check_stop(stop: Optional[threading.Event]) -> None:
+    if stop is not None and stop.is_set():
+        raise CompileStopped()
+
+
+def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, batch_invariant: bool = False,
+             stop: Optional[threading.Event] = None) -> None:
     """Run the compiled step once per (batch, context), on dummy tokens that read and write only
     the `scratch` slots of the bound cache (slots no sequence is ever given), so that no user
-    request waits for a compile and a warm-up running beside live steps never touches their KV."""
+    request waits for a compile and a warm-up running beside live steps never touches their KV.
+    Each shape is a graph of its own to trace and compile: `stop` is checked before each."""
     for batch, ctx in shapes:
+        _check_stop(stop)
         step(*_dummy_step(batch, ctx, device, scratch, batch_invariant))
 
 
@@ -182,7 +196,7 @@ def _saved_steps_apply(model: DecoderForCausalLM, device: torch.device, batch_in
 
 def _build_saved(
     model: DecoderForCausalLM, kv_cache: torch.Tensor, shapes, scratch: range, step: Optional[saved_step.SavedStep] = None,
-    variant: str = "",
+    variant: str = "", stop: Optional[threading.Event] = None,
 ) -> saved_step.SavedStep:
     """The decode step (`step` extended, or a new one) over one saved graph per warm-up shape that
     the graphs before it do not cover: each loaded from the steps folder, or traced, compiled and
@@ -194,6 +208,7 @@ def _build_saved(
     options = _options(device, batch_invariant=False)
     step = step or saved_step.SavedStep(model, _decode_step)
     for batch, ctx in shapes:
+        _check_stop(stop)
         inputs = _dummy_step(batch, ctx, device, scratch)
         if step.graph_for(*inputs) is not None:
             continue
@@ -262,27 +277,28 @@ def cached_decode_step(
 
 def build_decode_step(
     model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool = False,
-    max_batch: Optional[int] = None, variant: str = "",
+    max_batch: Optional[int] = None, variant: str = "", stop: Optional[threading.Event] = None,
 ) -> tuple[Optional[DecodeStep], Optional[str]]:
     """(the model's compiled decode step for the KV cache bound now, None) once built and warmed
     up, or (None, why) where compiling failed. `kv_cache` is one of the bound cache tensors;
     sequences reach at most `max_context` tokens (it decides which graphs to warm up); the warm-up
     writes only the `scratch` slots. Meant for a background thread: it prints nothing, and builds
     for one model run one at a time. A model with LoRA adapters has two: `variant` "lora" computes
-    the adapters' products, "base" leaves them out (LoRAVariants runs each where it applies)."""
+    the adapters' products, "base" leaves them out (LoRAVariants runs each where it applies).
+    `stop` set: CompileStopped before the next graph, nothing kept of the build."""
     lora = model.__dict__.get("_lora_state")
     if lora is None:
-        return _build_decode_step(model, kv_cache, max_context, scratch, batch_invariant, max_batch, variant)
+        return _build_decode_step(model, kv_cache, max_context, scratch, batch_invariant, max_batch, variant, stop)
     lora.in_graph = variant != "base"  # what the graphs traced now compute (models/lora.py)
     try:
-        return _build_decode_step(model, kv_cache, max_context, scratch, batch_invariant, max_batch, variant)
+        return _build_decode_step(model, kv_cache, max_context, scratch, batch_invariant, max_batch, variant, stop)
     finally:
         lora.in_graph = True
 
 
 def _build_decode_step(
     model: DecoderForCausalLM, kv_cache: torch.Tensor, max_context: int, scratch: range, batch_invariant: bool,
-    max_batch: Optional[int], variant: str,
+    max_batch: Optional[int], variant: str, stop: Optional[threading.Event] = None,
 ) -> tuple[Optional[DecodeStep], Optional[str]]:
     # Inductor's caches read the variable each time they look a graph up.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(compile_cache_dir())
@@ -298,7 +314,7 @@ def _build_decode_step(
         if (step is None or isinstance(step, saved_step.SavedStep)) and _saved_steps_apply(model, device, batch_invariant):
             try:
                 with torch.inference_mode():  # (graphs for shapes another engine's warm-up did not need added)
-                    step = _build_saved(model, kv_cache, [s for s in shapes if s not in warmed], scratch, step, variant)
+                    step = _build_saved(model, kv_cache, [s for s in shapes if s not in warmed], scratch, step, variant, stop)
                 steps[key] = (step, warmed | set(shapes))
                 return step, None
             except Exception:  # noqa: BLE001  the regular compiled step may still build
@@ -308,7 +324,7 @@ def _build_decode_step(
             step = _compile(model, device, batch_invariant)
         try:
             with torch.inference_mode():
-                _warm_up(step, device, [s for s in shapes if s not in warmed], scratch, batch_invariant)
+                _warm_up(step, device, [s for s in shapes if s not in warmed], scratch, batch_invariant, stop)
         except Exception as e:  # noqa: BLE001  any dynamo/inductor failure: the eager forward still works
             logger.info("compiling the decode step failed", exc_info=True)
             text = str(e).strip()

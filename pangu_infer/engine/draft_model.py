@@ -214,5 +214,8 @@ class DraftModelSpeculator(Speculator):
     def wait_compiled(self, timeout: Optional[float] = None) -> bool:
         return self.runner.wait_compiled(timeout)
 
+    def stop_compile(self) -> None:
+        self.runner.stop_compile()
+
     def describe(self) -> str:
         return f"draft model {self.name}, {self.num_tokens} tokens"

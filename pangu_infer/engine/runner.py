@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from pangu_infer.engine.compiled import (
+    CompileStopped,
     LoRAVariants,
     build_decode_step,
     cached_decode_step,
@@ -146,6 +147,7 @@ class ModelRunner:
         self.compile_seconds = 0.0  # from here to the compiled step ready (0 while it builds)
         self.compile_error: Optional[str] = None  # why compiled decode is off, if it is
         self._compiled_done = threading.Event()
+        self._compile_stop = threading.Event()  # stop_compile(): the build ends at its next stopping point
         # The first step's start and end: the build waits for the first step if one starts soon
         # after load (a prompt given with the command), so that it does not slow that answer.
         self._first_step = [threading.Event(), threading.Event()]
@@ -188,12 +190,13 @@ class ModelRunner:
         """build_decode_step; with LoRA adapters, the graph with their products and the one without
         (LoRAVariants), or the first alone (logged) where the second fails to build."""
         args = (self.model, self.k_caches[0], max_context, scratch, self.batch_invariant, self.max_num_seqs)
+        stop = self._compile_stop
         if self.lora is None:
-            return build_decode_step(*args)
-        step, error = build_decode_step(*args, variant="lora")
+            return build_decode_step(*args, stop=stop)
+        step, error = build_decode_step(*args, variant="lora", stop=stop)
         if step is None:
             return step, error
-        base, why = build_decode_step(*args, variant="base")
+        base, why = build_decode_step(*args, variant="base", stop=stop)
         if base is None:
             logger.info("the decode step without LoRA products failed to build (%s): steps with no adapter row "
                         "run the adapters' products too (zeros)", why)
@@ -211,7 +214,10 @@ class ModelRunner:
         # in dynamo ("using FX to symbolically trace a dynamo-optimized function").
         locked = False
         try:
-            locked = _COMPILE_LOCK.acquire()
+            # (waiting for another model's build, if any; stop_compile() ends the wait)
+            while not (locked := _COMPILE_LOCK.acquire(timeout=0.25)):
+                if self._compile_stop.is_set():
+                    raise CompileStopped()
             problem = compile_problem(self.device)
             if problem is not None:
                 error = None
@@ -249,11 +255,17 @@ class ModelRunner:
             if self.device.type == "cpu":
                 from pangu_infer.quant.modules import prepare_prefill
 
+                if self._compile_stop.is_set():
+                    raise CompileStopped()
                 why = prepare_prefill(self.model)  # quantized weights' conversion for prefill, one loop each
                 if why is not None:
                     logger.info("quantized prefill conversions stay eager for some shapes: %s", why)
         except _ProcessExiting:
             error = None  # the process is ending: nothing to report
+        except CompileStopped:  # stop_compile(): nothing to report either
+            error = None
+            if self.decode_forward is None:
+                self.compile_error = "the build was stopped (stop_compile: the engine was let go)"
         except BaseException as e:  # noqa: BLE001  (reported below; the engine stays eager)
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -271,6 +283,13 @@ class ModelRunner:
         self.compile_error = why
         rank = self.model.parallel.rank
         say(f"{f'tensor-parallel rank {rank}: ' if rank else ''}compiled decode off: {why}")
+
+    def stop_compile(self) -> None:
+        """Let the background build go (the engine is being let go: LLM.shutdown, or the LLM is
+        collected): it ends at its next stopping point (a wait for another model's build, before each
+        graph, before the prefill conversions), and its thread drops the model. Steps keep running,
+        eagerly where the compiled step was not ready."""
+        self._compile_stop.set()
 
     def wait_compiled(self, timeout: Optional[float] = None) -> bool:
         """Wait for the background compile (at most `timeout` seconds); True when decode-only steps

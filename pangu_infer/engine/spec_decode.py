@@ -232,6 +232,9 @@ class Speculator:
     def wait_compiled(self, timeout: Optional[float] = None) -> bool:
         return True
 
+    def stop_compile(self) -> None:
+        """Let a background build of the speculator's own compiled step go (none here)."""
+
     def describe(self) -> str:
         raise NotImplementedError
 
