@@ -41,7 +41,9 @@ class LLM:
     tokenizer: as vLLM's, a folder (or hub id) whose tokenizer is used instead of the model's own
     (whose tokenizer files are then never read); its vocabulary must fit the model's. Its chat
     template comes with it. trust_remote_code: taken so vLLM's calls work; nothing in a model
-    folder is ever run here, so there is nothing to trust.
+    folder is ever run here, so there is nothing to trust. skip_tokenizer_init: as vLLM's, no
+    tokenizer at all (none is read): prompts are token ids, outputs carry token ids and empty texts,
+    and what needs one (text prompts, chat, stop strings, bad_words) is a ValueError.
     """
 
     def __init__(
@@ -49,6 +51,7 @@ class LLM:
         model: Optional[str] = None,
         *,
         tokenizer: Optional[str] = None,
+        skip_tokenizer_init: bool = False,
         trust_remote_code: bool = False,
         dtype: Union[str, torch.dtype, None] = None,
         device: Optional[str] = None,
@@ -99,7 +102,12 @@ class LLM:
         template = None if chat_template is None else _chat_template(chat_template)
         if not isinstance(trust_remote_code, bool):
             raise ValueError(f"trust_remote_code={short_repr(trust_remote_code)} must be True or False")
+        if not isinstance(skip_tokenizer_init, bool):
+            raise ValueError(f"skip_tokenizer_init={short_repr(skip_tokenizer_init)} must be True or False")
+        if skip_tokenizer_init and tokenizer is not None:
+            raise ValueError(f"skip_tokenizer_init=True and tokenizer={tokenizer!r}: give one")
         own_tokenizer = None if tokenizer is None else _tokenizer(tokenizer)  # before the model loads
+        read_tokenizer = own_tokenizer is None and not skip_tokenizer_init
         check_tensor_parallel_size(tensor_parallel_size)
         if not isinstance(offload_experts, bool):
             raise ValueError(f"offload_experts={short_repr(offload_experts)} must be True or False")
@@ -136,12 +144,12 @@ class LLM:
         if tensor_parallel_size > 1:
             self.loaded, self.parallel = load_tensor_parallel(
                 model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts,
-                bf16_weights=not batch_invariant, load_tokenizer=own_tokenizer is None,
+                bf16_weights=not batch_invariant, load_tokenizer=read_tokenizer,
             )
             self.device = self.parallel.device
         else:
             self.loaded = load_serving_model(
-                model, self.dtype, self.device, load_tokenizer=own_tokenizer is None, quantization=quantization,
+                model, self.dtype, self.device, load_tokenizer=read_tokenizer, quantization=quantization,
                 offload_experts=offload_experts, bf16_weights=not batch_invariant,  # (the kernel's many-row path is BLAS's, not row-tiled)
             )
         if own_tokenizer is not None:
@@ -450,6 +458,7 @@ class LLM:
     def render_chat(self, messages: list[dict], *, enable_thinking=None, tools=None, chat_template=None, **template_kwargs) -> str:
         from pangu_infer.chat import render_chat
 
+        self._need_tokenizer("a chat")
         return render_chat(
             self.tokenizer, messages, enable_thinking=enable_thinking, tools=tools, chat_template=chat_template, **template_kwargs
         )
@@ -458,6 +467,7 @@ class LLM:
         """Tokenize a rendered prompt; BOS is added unless the text already starts with it."""
         if not isinstance(text, str):
             raise ValueError(f"encode_prompt() takes a text, got {short_repr(text)}")
+        self._need_tokenizer("encode_prompt()")
         tok = self.tokenizer
         bos_text = None if tok.bos_token_id is None else tok.convert_ids_to_tokens([tok.bos_token_id])[0]
         return tok.encode(text, add_special_tokens=not (bos_text and text.startswith(bos_text)))
@@ -549,8 +559,14 @@ class LLM:
             raise ValueError("no prompts given")
         return items
 
+    def _need_tokenizer(self, what: str) -> None:
+        if self.tokenizer is None:
+            raise ValueError(f"{what} needs the model's tokenizer, and this LLM has none (skip_tokenizer_init=True): "
+                             "give token ids, {'prompt_token_ids': [...]}")
+
     def _encode(self, text: str, where: str, param: str = "prompt") -> list[int]:
         """A prompt's token ids; the tokenizer's ValueError (a lone surrogate) names the prompt (the field at `where`)."""
+        self._need_tokenizer(f"{where}, a text,")
         try:
             return self.tokenizer.encode(text)
         except ValueError as e:

@@ -82,3 +82,28 @@ def test_the_cli_takes_tokenizer(weights_only, pangu_tokenizer_dir, capsys):
             "--max-tokens", "3", "--temperature", "0", "--enforce-eager", "--kv-cache-memory", "4MiB", "--trust-remote-code"]
     assert main(argv) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_skip_tokenizer_init_runs_token_ids_without_any_tokenizer(weights_only, tiny_dense_dir):
+    """vLLM's skip_tokenizer_init: nothing tokenizes (a folder without tokenizer files loads), token
+    ids in and out with empty texts; what needs a tokenizer is a ValueError saying so."""
+    llm = LLM(str(weights_only), skip_tokenizer_init=True, **SMALL)
+    whole = LLM(str(tiny_dense_dir), **SMALL)
+    ids = [5, 6, 7, 8]
+    got, want = (m.generate([ids], GREEDY, use_tqdm=False)[0] for m in (llm, whole))
+    assert llm.get_tokenizer() is None
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids and got.outputs[0].text == ""
+    for call, what in (
+        (lambda: llm.generate("hello", GREEDY, use_tqdm=False), r"prompts\[0\], a text, needs the model's tokenizer"),
+        (lambda: llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False), r"a chat needs the model's tokenizer"),
+        (lambda: llm.encode_prompt("hi"), r"encode_prompt\(\) needs the model's tokenizer"),
+        (lambda: llm.generate([ids], SamplingParams(max_tokens=3, stop=["x"]), use_tqdm=False), r"stop strings need the model's tokenizer"),
+        (lambda: llm.generate([ids], SamplingParams(max_tokens=3, bad_words=["x"]), use_tqdm=False), r"bad_words needs the model's tokenizer"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            call()
+    assert llm.generate([ids], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want.outputs[0].token_ids  # still serving
+    with pytest.raises(ValueError, match=r"skip_tokenizer_init=True and tokenizer='.*': give one"):
+        LLM(str(weights_only), skip_tokenizer_init=True, tokenizer=str(tiny_dense_dir), **SMALL)
+    with pytest.raises(ValueError, match=r"skip_tokenizer_init=1 must be True or False"):
+        LLM(str(weights_only), skip_tokenizer_init=1, **SMALL)

@@ -352,6 +352,8 @@ class LLMEngine:
             if params.n != 1 or params.prompt_logprobs is not None or params.structured_outputs is not None or params.prediction is not None:
                 raise RequestError("an embedding request takes no sampling parameters: give embedding_params()", param="sampling_params")
         ids, params = admit(prompt_token_ids, params, self.limits, prompt_only=pooling is not None)
+        if params.stop and self.tokenizer is None:  # (matched in the detokenized text: there would be none)
+            raise RequestError("stop strings need the model's tokenizer, and this engine has none: give stop_token_ids", param="stop")
         check_cache_salt(cache_salt)
         if bad_words_ids is None:
             bad_words_ids = self.bad_words_ids(params.bad_words) if params.bad_words else []
