@@ -68,6 +68,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn prefix caching off (--no-enable-prefix-caching: vLLM's spelling)")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
                    help="prefix caching on: the default (vLLM's flag, taken so its command lines work)")
+    p.add_argument("--revision", default=None, help="a model on the hub: the branch, tag or commit to download (vLLM's flag)")
+    p.add_argument("--download-dir", default=None, help="a model on the hub: the folder to download it into (vLLM's flag)")
     p.add_argument("--tokenizer", default=None,
                    help="a folder or hub id whose tokenizer (and chat template) is used instead of the model's, as vLLM's flag")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -176,6 +178,8 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
     return dict(
         tokenizer=args.tokenizer,
+        revision=args.revision,
+        download_dir=args.download_dir,
         dtype=args.dtype,
         device=args.device,
         quantization=args.quantization,

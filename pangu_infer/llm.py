@@ -18,7 +18,7 @@ from pangu_infer.engine.engine import EngineConfig, LLMEngine, check_draft_confi
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
-from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model, resolve_tokenizer_path
+from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model, resolve_model_path, resolve_tokenizer_path
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.parallel.launch import load_tensor_parallel
@@ -43,7 +43,9 @@ class LLM:
     template comes with it. trust_remote_code: taken so vLLM's calls work; nothing in a model
     folder is ever run here, so there is nothing to trust. skip_tokenizer_init: as vLLM's, no
     tokenizer at all (none is read): prompts are token ids, outputs carry token ids and empty texts,
-    and what needs one (text prompts, chat, stop strings, bad_words) is a ValueError.
+    and what needs one (text prompts, chat, stop strings, bad_words) is a ValueError. revision,
+    download_dir: as vLLM's, for a model named by its hub id: the branch, tag or commit, and the
+    folder the download goes to (a ValueError for a local path).
     """
 
     def __init__(
@@ -51,6 +53,8 @@ class LLM:
         model: Optional[str] = None,
         *,
         tokenizer: Optional[str] = None,
+        revision: Optional[str] = None,
+        download_dir: Optional[str] = None,
         skip_tokenizer_init: bool = False,
         trust_remote_code: bool = False,
         dtype: Union[str, torch.dtype, None] = None,
@@ -112,6 +116,11 @@ class LLM:
         if not isinstance(offload_experts, bool):
             raise ValueError(f"offload_experts={short_repr(offload_experts)} must be True or False")
         spec = speculative_settings(speculative_config, speculative_model, num_speculative_tokens, speculative_ngram)
+        for name, value in (("revision", revision), ("download_dir", download_dir)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValueError(f"{name}={short_repr(value)} must be a non-empty string")
+        if revision is not None or download_dir is not None:  # (after every check above: a download takes long)
+            model = resolve_model_path(model, revision, download_dir)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.engine_config = EngineConfig(

@@ -50,12 +50,20 @@ def demo_model_path() -> str:
     return path
 
 
-def resolve_model_path(model: Optional[str]) -> str:
-    """A local folder, a local .gguf file, or a hub id downloaded with huggingface_hub."""
+def resolve_model_path(model: Optional[str], revision: Optional[str] = None, download_dir: Optional[str] = None) -> str:
+    """A local folder, a local .gguf file, or a hub id downloaded with huggingface_hub (at
+    `revision`, a branch, tag or commit, into `download_dir`: vLLM's --revision and --download-dir,
+    which name nothing for a local path: a ModelNotFoundError there)."""
+    hub_only = [f"{name}={value!r}" for name, value in (("revision", revision), ("download_dir", download_dir)) if value is not None]
+    verb = "apply" if len(hub_only) > 1 else "applies"
     if not model:
+        if hub_only:
+            raise ModelNotFoundError(f"{', '.join(hub_only)} {verb} to a model on the hub; the demo model is a local file")
         return demo_model_path()
     path = os.path.expanduser(model)
     if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf")):
+        if hub_only:
+            raise ModelNotFoundError(f"{', '.join(hub_only)} {verb} to a model on the hub; {model!r} is a local path")
         return path
     if os.path.exists(path):
         raise ModelNotFoundError(f"--model {model!r} is a file but not a .gguf file; pass the model folder instead")
@@ -67,6 +75,8 @@ def resolve_model_path(model: Optional[str]) -> str:
 
         return snapshot_download(
             model,
+            revision=revision,
+            cache_dir=None if download_dir is None else os.path.expanduser(download_dir),
             allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
         )
     except Exception as e:  # network, auth and not-found errors all end here

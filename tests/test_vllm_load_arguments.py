@@ -1,6 +1,7 @@
-"""LLM(tokenizer=...) and --tokenizer, as vLLM's: a model folder holding only its weights and config
-runs with the tokenizer of another folder, the model's own tokenizer files are never read, and a bad
-tokenizer argument is a ValueError naming it. trust_remote_code is taken as vLLM's calls pass it."""
+"""vLLM's load arguments: tokenizer= and --tokenizer (a model folder holding only its weights and
+config runs with the tokenizer of another folder, the model's own tokenizer files never read),
+skip_tokenizer_init, revision and download_dir (--revision, --download-dir) for a hub model, and
+trust_remote_code taken as vLLM's calls pass it; each bad value a ValueError naming it."""
 
 from __future__ import annotations
 
@@ -107,3 +108,32 @@ def test_skip_tokenizer_init_runs_token_ids_without_any_tokenizer(weights_only, 
         LLM(str(weights_only), skip_tokenizer_init=True, tokenizer=str(tiny_dense_dir), **SMALL)
     with pytest.raises(ValueError, match=r"skip_tokenizer_init=1 must be True or False"):
         LLM(str(weights_only), skip_tokenizer_init=1, **SMALL)
+
+
+def test_a_hub_model_is_downloaded_at_the_revision_into_the_download_dir(monkeypatch, tmp_path, tiny_dense_dir, pangu_tokenizer_dir, capsys):
+    """vLLM's revision and download_dir (--revision, --download-dir) reach huggingface_hub's download
+    of a model named by its hub id (the hub itself is out of reach here: the download is a stand-in);
+    so does tokenizer= as a hub id. For a local path they name nothing: a ValueError."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, cache_dir))
+        return str(pangu_tokenizer_dir if repo_id == "someone/tok" else tiny_dense_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    llm = LLM("someone/tiny", revision="v1.1", download_dir=str(tmp_path / "dl"), tokenizer="someone/tok", **SMALL)
+    assert calls == [("someone/tok", None, None), ("someone/tiny", "v1.1", str(tmp_path / "dl"))]
+    assert llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    calls.clear()
+    LLM("someone/tiny", **SMALL)
+    assert calls == [("someone/tiny", None, None)]
+    calls.clear()
+    assert main(["generate", "--model", "someone/tiny", "--revision", "abc123", "--download-dir", str(tmp_path), "--prompt", "hi",
+                 "--max-tokens", "2", "--enforce-eager", "--kv-cache-memory", "4MiB"]) == 0
+    assert calls == [("someone/tiny", "abc123", str(tmp_path))]
+    with pytest.raises(ValueError, match=r"revision='v1' applies to a model on the hub; '.*' is a local path"):
+        LLM(str(tiny_dense_dir), revision="v1", **SMALL)
+    with pytest.raises(ValueError, match=r"download_dir='' must be a non-empty string"):
+        LLM("someone/tiny", download_dir="", **SMALL)
