@@ -68,6 +68,15 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="turn prefix caching off (--no-enable-prefix-caching: vLLM's spelling)")
     p.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true",
                    help="prefix caching on: the default (vLLM's flag, taken so its command lines work)")
+    p.add_argument("--tokenizer-mode", choices=["auto", "slow"], default="auto",
+                   help="auto or slow, as vLLM's: the same here (Pangu's tokenizer.model is always encoded by SentencePiece's own "
+                   "rules, the slow tokenizer's; openPangu's vLLM commands pass slow)")
+    p.add_argument("--enable-chunked-prefill", action="store_true",
+                   help="prompts are prefilled in chunks of --max-num-batched-tokens beside the decodes: always (vLLM's flag, "
+                   "taken so its command lines work)")
+    p.add_argument("--distributed-executor-backend", choices=["mp", "uni", "external_launcher", "ray"], default=None,
+                   help="vLLM's: mp (the ranks of --tensor-parallel-size are processes this one starts: the default here), "
+                   "external_launcher (torchrun started them), uni (one process, --tensor-parallel-size 1); ray is not used")
     p.add_argument("--revision", default=None, help="a model on the hub: the branch, tag or commit to download (vLLM's flag)")
     p.add_argument("--download-dir", default=None, help="a model on the hub: the folder to download it into (vLLM's flag)")
     p.add_argument("--tokenizer", default=None,
@@ -167,12 +176,30 @@ def _chat_template_argument(text: str) -> str:
     return _ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), text)
 
 
+def check_executor_backend(backend: Optional[str], tensor_parallel_size: int) -> None:
+    """vLLM's --distributed-executor-backend against how this engine runs its ranks: ValueError where
+    the two differ."""
+    from pangu_infer.parallel.launch import launched_by_torchrun
+
+    if backend == "ray":
+        raise ValueError("--distributed-executor-backend ray: this engine's tensor-parallel ranks are processes it starts "
+                         "itself (mp, the default) or torchrun's (external_launcher); Ray is not used")
+    if backend == "uni" and tensor_parallel_size > 1:
+        raise ValueError(f"--distributed-executor-backend uni runs one process: --tensor-parallel-size {tensor_parallel_size} needs mp")
+    if backend == "external_launcher" and not launched_by_torchrun():
+        raise ValueError("--distributed-executor-backend external_launcher: start each rank with torchrun "
+                         "(torchrun --nproc-per-node N -m pangu_infer.cli serve ...), or leave the flag out to start them here")
+    if backend == "mp" and launched_by_torchrun():
+        raise ValueError("--distributed-executor-backend mp: this process was started by torchrun (external_launcher)")
+
+
 def llm_kwargs(args: argparse.Namespace) -> dict:
     """LLM's keyword arguments from the model flags; a bad --generation-config or
     --override-generation-config is a ValueError naming the flag (before anything loads)."""
     from pangu_infer.generation_config import check_generation_config, check_override
 
     check_generation_config(args.generation_config, "--generation-config")
+    check_executor_backend(args.distributed_executor_backend, args.tensor_parallel_size)
     override = check_override(args.override_generation_config, "--override-generation-config")
     if getattr(args, "no_model_cache", False):
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)

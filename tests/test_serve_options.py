@@ -735,3 +735,35 @@ def test_several_served_names_as_vllm_takes_them(tiny_dense_dir):
         assert reply["model"] == "pangu" and reply["usage"]["completion_tokens"] == 2
         missing = http.post("/v1/completions", json={"model": "other", "prompt": "hi", "max_tokens": 2})
         assert missing.status_code == 404 and "serves 'pangu' (also 'pangu-7b')" in missing.json()["error"]["message"]
+
+
+def test_openpangus_own_vllm_serve_command_line_works_here():
+    """The flags of openPangu's published vLLM(-Ascend) serve commands (Ascend-Pangu-Infer's run
+    scripts for Embedded 1B/7B; tool and reasoning parsers as vLLM-Ascend registers them) parse, and
+    those that state what this engine always does change no setting; the settings they name are
+    taken. A flag naming something this engine does not do is an error naming it."""
+    from pangu_infer.cli import build_parser, llm_kwargs
+
+    parse = build_parser().parse_args
+    vllm = ["serve", "/opt/pangu/openPangu-Embedded-7B-V1.1", "--served-model-name", "pangu_embedded_7b",
+            "--tensor-parallel-size", "1", "--trust-remote-code", "--host", "127.0.0.1", "--port", "1040",
+            "--max-num-seqs", "32", "--max-model-len", "16384", "--max-num-batched-tokens", "4096",
+            "--tokenizer-mode", "slow", "--dtype", "bfloat16", "--distributed-executor-backend", "mp",
+            "--gpu-memory-utilization", "0.9", "--no-enable-prefix-caching", "--enable-chunked-prefill",
+            "--enable-auto-tool-choice", "--tool-call-parser", "pangu", "--reasoning-parser", "pangu"]
+    args = parse(vllm)
+    kwargs = llm_kwargs(args)
+    assert (kwargs["max_num_seqs"], kwargs["max_model_len"], kwargs["max_num_batched_tokens"]) == (32, 16384, 4096)
+    assert kwargs["enable_prefix_caching"] is False and kwargs["dtype"] == "bfloat16" and kwargs["gpu_memory_utilization"] == 0.9
+    plain = [a for a in vllm if a not in ("--tokenizer-mode", "slow", "--distributed-executor-backend", "mp", "--enable-chunked-prefill",
+                                          "--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser", "pangu", "--trust-remote-code")]
+    assert llm_kwargs(parse(plain)) == kwargs
+    with pytest.raises(ValueError, match=r"--distributed-executor-backend ray: .*Ray is not used"):
+        llm_kwargs(parse([*plain, "--distributed-executor-backend", "ray"]))
+    with pytest.raises(ValueError, match=r"--distributed-executor-backend uni runs one process: --tensor-parallel-size 2 needs mp"):
+        llm_kwargs(parse([*plain, "--distributed-executor-backend", "uni", "--tensor-parallel-size", "2"]))
+    with pytest.raises(ValueError, match=r"external_launcher: start each rank with torchrun"):
+        llm_kwargs(parse([*plain, "--distributed-executor-backend", "external_launcher"]))
+    for flag, value in (("--tool-call-parser", "hermes"), ("--reasoning-parser", "deepseek_r1"), ("--tokenizer-mode", "mistral")):
+        with pytest.raises(SystemExit):
+            parse([*plain, flag, value])

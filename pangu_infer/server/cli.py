@@ -102,6 +102,15 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
         help="let a chat request bring its own Jinja chat_template (vLLM's flag; rendered in Jinja's sandbox); "
         "refused with a 400 otherwise",
     )
+    # vLLM's tool and reasoning flags, as openPangu's own vLLM commands give them: this server always
+    # reads Pangu's markers ([unused11]...[unused12] tool calls, [unused16]...[unused17] thinking),
+    # which are the parsers vLLM-Ascend registers as "pangu"; another parser name is refused.
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="the model's tool calls become tool_calls: the default (vLLM's flag, taken so its command lines work)")
+    parser.add_argument("--tool-call-parser", choices=["pangu"], default=None,
+                        help="pangu: the [unused11]...[unused12] tool calls this server always reads (vLLM-Ascend's parser name)")
+    parser.add_argument("--reasoning-parser", choices=["pangu"], default=None,
+                        help="pangu: the [unused16]...[unused17] thinking this server always splits into reasoning (vLLM-Ascend's parser name)")
     parser.add_argument(
         "--reasoning-budget", type=int, default=None, metavar="N",
         help="default thinking budget of chat requests: after N reasoning tokens the server writes [unused17] "
