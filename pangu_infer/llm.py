@@ -221,10 +221,7 @@ class LLM:
             self._finalizer = weakref.finalize(self, self.parallel.shutdown)
         # A background build still running when this LLM is collected would hold the model (and keep
         # another LLM's build waiting) until it ends: let it go at its next stopping point.
-        speculator = self.engine.speculator
-        self._stop_compiles = weakref.finalize(
-            self, _stop_compiles, [self.engine.runner.stop_compile] + ([speculator.stop_compile] if speculator is not None else [])
-        )
+        self._stop_compiles = weakref.finalize(self, self.engine.stop_compile)
         self._ids = itertools.count()
         # Calls from several threads (generate, stream, embed, ...) share the engine: one steps it at
         # a time, and each step's outputs go to the mailbox of the request's own call (_outputs_for),
@@ -709,11 +706,6 @@ def _out_of_memory(e: RuntimeError) -> bool:
     """torch's allocation failure: the CPU allocator's "can't allocate memory", a device's out of memory."""
     text = str(e)
     return "can't allocate memory" in text or "out of memory" in text.lower()
-
-
-def _stop_compiles(stops: list) -> None:
-    for stop in stops:
-        stop()
 
 
 def _tokenizer(name: str) -> Any:

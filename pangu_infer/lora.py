@@ -17,6 +17,8 @@ from typing import Optional
 
 import torch
 
+from pangu_infer import hub
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # A PEFT tensor name: base_model.model.<module>.<kind>[.<adapter name>].weight, where kind is
@@ -73,14 +75,9 @@ def resolve_adapter_path(path: str) -> str:
         return local
     if os.path.exists(local):
         raise ValueError(f"LoRA adapter {path!r} is a file; pass the adapter's folder (with {ADAPTER_CONFIG})")
-    if path.count("/") != 1 or path.startswith((".", "/", "~")):
+    if not hub.looks_like_hub_id(path):
         raise ValueError(f"LoRA adapter {path!r}: no such folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(path, allow_patterns=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
-    except Exception as e:  # network, auth and not-found errors all end here
-        raise ValueError(f"LoRA adapter {path!r} is not a local folder and could not be downloaded from the hub: {e}") from None
+    return hub.download(path, f"LoRA adapter {path!r} is not a local folder", [ADAPTER_CONFIG, ADAPTER_WEIGHTS], ValueError)
 
 
 def _config(path: str) -> dict:

@@ -154,7 +154,8 @@ class CompileStopped(BaseException):
     through."""
 
 
-def _check_stop(stop: Optional[threading.Event]) -> None:
+def check_stop(stop: Optional[threading.Event]) -> None:
+    """CompileStopped where `stop` is set: a build's stopping point."""
     if stop is not None and stop.is_set():
         raise CompileStopped()
 
@@ -166,7 +167,7 @@ def _warm_up(step: DecodeStep, device: torch.device, shapes, scratch: range, bat
     request waits for a compile and a warm-up running beside live steps never touches their KV.
     Each shape is a graph of its own to trace and compile: `stop` is checked before each."""
     for batch, ctx in shapes:
-        _check_stop(stop)
+        check_stop(stop)
         step(*_dummy_step(batch, ctx, device, scratch, batch_invariant))
 
 
@@ -208,7 +209,7 @@ def _build_saved(
     options = _options(device, batch_invariant=False)
     step = step or saved_step.SavedStep(model, _decode_step)
     for batch, ctx in shapes:
-        _check_stop(stop)
+        check_stop(stop)
         inputs = _dummy_step(batch, ctx, device, scratch)
         if step.graph_for(*inputs) is not None:
             continue

@@ -882,6 +882,13 @@ class LLMEngine:
         )
 
     # ------------------------------------------------------------------ stats
+    def stop_compile(self) -> None:
+        """Let the background builds of the compiled decode steps go: the runner's, and a draft
+        model's (ModelRunner.stop_compile)."""
+        self.runner.stop_compile()
+        if self.speculator is not None:
+            self.speculator.stop_compile()
+
     def stats(self) -> dict:
         pool = self.pool
         running = {s.request_id: s.lora_key for s in self.scheduler.running}

@@ -18,6 +18,7 @@ from pangu_infer.engine.compiled import (
     LoRAVariants,
     build_decode_step,
     cached_decode_step,
+    check_stop,
     compile_cache_dir,
     compile_problem,
     say,
@@ -216,8 +217,7 @@ class ModelRunner:
         try:
             # (waiting for another model's build, if any; stop_compile() ends the wait)
             while not (locked := _COMPILE_LOCK.acquire(timeout=0.25)):
-                if self._compile_stop.is_set():
-                    raise CompileStopped()
+                check_stop(self._compile_stop)
             problem = compile_problem(self.device)
             if problem is not None:
                 error = None
@@ -255,8 +255,7 @@ class ModelRunner:
             if self.device.type == "cpu":
                 from pangu_infer.quant.modules import prepare_prefill
 
-                if self._compile_stop.is_set():
-                    raise CompileStopped()
+                check_stop(self._compile_stop)
                 why = prepare_prefill(self.model)  # quantized weights' conversion for prefill, one loop each
                 if why is not None:
                     logger.info("quantized prefill conversions stay eager for some shapes: %s", why)

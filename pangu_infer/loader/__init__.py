@@ -10,6 +10,7 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from pangu_infer import hub
 from pangu_infer.config import ConfigError, ModelConfig
 from pangu_infer.errors import WeightError
 from pangu_infer.memory import keep_freed_heap
@@ -67,20 +68,12 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None, dow
         return path
     if os.path.exists(path):
         raise ModelNotFoundError(f"--model {model!r} is a file but not a .gguf file; pass the model folder instead")
-    looks_like_hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~"))
-    if not looks_like_hub_id:
+    if not hub.looks_like_hub_id(model):
         raise ModelNotFoundError(f"--model {model!r}: no such folder or .gguf file")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            model,
-            revision=revision,
-            cache_dir=None if download_dir is None else os.path.expanduser(download_dir),
-            allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
-        )
-    except Exception as e:  # network, auth and not-found errors all end here
-        raise ModelNotFoundError(f"--model {model!r} is not a local path and could not be downloaded from the hub: {e}") from None
+    return hub.download(
+        model, f"--model {model!r} is not a local path", ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+        ModelNotFoundError, revision, None if download_dir is None else os.path.expanduser(download_dir),
+    )
 
 
 def resolve_tokenizer_path(tokenizer: str) -> str:
@@ -91,16 +84,12 @@ def resolve_tokenizer_path(tokenizer: str) -> str:
         return path
     if os.path.exists(path):
         raise ModelNotFoundError(f"tokenizer={tokenizer!r} is a file: pass the folder that holds tokenizer.model or tokenizer.json")
-    if not (tokenizer.count("/") == 1 and not tokenizer.startswith((".", "/", "~"))):
+    if not hub.looks_like_hub_id(tokenizer):
         raise ModelNotFoundError(f"tokenizer={tokenizer!r}: no such folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(
-            tokenizer, allow_patterns=["tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.jinja"],
-        )
-    except Exception as e:  # network, auth and not-found errors all end here
-        raise ModelNotFoundError(f"tokenizer={tokenizer!r} is not a local folder and could not be downloaded from the hub: {e}") from None
+    return hub.download(
+        tokenizer, f"tokenizer={tokenizer!r} is not a local folder", ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.jinja"],
+        ModelNotFoundError,
+    )
 
 
 _LAYER_NAME = re.compile(r"model\.layers\.(\d+)\.")
