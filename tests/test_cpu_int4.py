@@ -126,6 +126,45 @@ def test_agrees_with_atens_kernel_at_least_as_well_as_it_agrees_with_the_exact_p
     assert _rel(ours(x), aten(x).double()) < 5e-3
 
 
+@pytest.mark.parametrize("k, group", [(64, 8), (96, 16), (1536, 32), (4800, 32), (576, 64), (256, 128)])
+def test_the_activations_quantization_is_its_definition_bit_for_bit(levels, k, group):
+    """The kernel's rounding of a product's activations (vectorized, eight values a step) against its
+    definition in torch, per row and group of the bf16 x: the step d = amax / 127 and 1 / d (0 where d
+    is 0) in fp32, a = round(x / d) halves to even, the fine level round((x / d - a) 254), and the sum
+    that the zero point multiplies: with two levels x's own fp32 sum, left to right; with one, d times
+    the sum of a. Every value bit for bit, rows with a group of zeros, values from 1e-30 to 1e30."""
+    lib = cpu_int4.library()
+    g = torch.Generator().manual_seed(k + group)
+    rows = 4
+    x = torch.randn(rows, k, generator=g) * torch.exp(torch.randn(rows, k, generator=g) * 8)
+    x[1, :group] = 0.0
+    x[2, group : 2 * group] = -0.0
+    x[3, 0] = 1e30
+    x = x.bfloat16()
+    ng = k // group
+    xq = torch.zeros(2, 4, k, dtype=torch.int8)
+    dx = torch.zeros(2, 4, ng)
+    assert lib.pangu_int4_quantize(x.data_ptr(), xq.data_ptr(), dx.data_ptr(), rows, k, group) == 0
+    xf = x.float().view(rows, ng, group)
+    d = xf.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, torch.div(torch.ones_like(d), d), torch.zeros_like(d))
+    v = xf * inv[..., None]
+    a = torch.round(v)
+    if levels == 2:
+        total = torch.zeros(rows, ng)
+        for i in range(group):
+            total = total + xf[..., i]
+    else:
+        total = d * a.sum(-1)
+    bits = lambda t: t.contiguous().view(torch.int32)
+    assert torch.equal(xq[0, :rows], a.view(rows, k).to(torch.int8))
+    assert torch.equal(bits(dx[0, :rows]), bits(d))
+    assert torch.equal(bits(dx[1, :rows]), bits(total))
+    if levels == 2:
+        assert torch.equal(xq[1, :rows], torch.round((v - a) * 254.0).view(rows, k).to(torch.int8))
+    assert lib.pangu_int4_quantize(x.data_ptr(), xq.data_ptr(), dx.data_ptr(), 5, k, group) == 1  # more rows than a chunk
+
+
 def _q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group: int) -> torch.Tensor:
     """The one-level kernel's product in float64, written from its definition: the activations as
     llama.cpp's Q8_0 rounds them (per row and group of the bf16 x [M, K], the step d = amax / 127

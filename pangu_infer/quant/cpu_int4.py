@@ -692,6 +692,41 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
    The arithmetic is pangu_int4_mm's for one row, expert by expert: the same quantization of the
    row, the same blocks, the same rounding of each output to bf16. */
 
+static inline float max8(__m256 v) {  /* the largest lane (lanes hold no NaN) */
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+static inline int32_t add8(__m256i v) {  /* the lanes' sum (int32, wrapping: any order) */
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
+}
+/* r[i] lane j <- r[j] lane i */
+static inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+/* The low byte of each int32 lane (C's (int8_t) of an int32) to 8 consecutive bytes. */
+static inline void low_bytes8(int8_t* dst, __m256i v) {
+  const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                        0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i b = _mm256_shuffle_epi8(v, pick);
+  const int32_t lo = _mm256_cvtsi256_si32(b), hi = _mm256_extract_epi32(b, 4);
+  memcpy(dst, &lo, 4);
+  memcpy(dst + 4, &hi, 4);
+}
+
 /* Rows m0..m0+mm-1 of x quantized per group into one chunk's buffers (xq [2][MMAX][K], dx and
    xs [MMAX][K/G] each). xs, what the zero point multiplies: with two levels the sum of x, with one
    the sum of its rounding d a (as llama.cpp's Q8_1): the product is then exactly (d a) . w, and the
@@ -699,30 +734,79 @@ int pangu_int4_to_bf16_t(const uint8_t* w, const uint16_t* sz, uint16_t* out,
    weights and not shifting a row's outputs along the scales (RESULTS.md, "the one-level rounding's
    sum"). */
 static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, int mm, int64_t K, int64_t G) {
+  /* Eight values a step, each rounded as one value alone would be (the largest magnitude by max,
+     which any order gives; nearbyint in the current rounding mode; C's float -> int32 -> int8). The
+     one sum whose bits depend on its order, x's sum with two levels, is each group's own left-to-right
+     fp32 sum, eight groups side by side (their values transposed into lanes). */
   const int64_t ng = K / G;
   float* xs = dx + MMAX * ng;
-  for (int m = 0; m < mm; m++)
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const int rn = _MM_FROUND_CUR_DIRECTION | _MM_FROUND_NO_EXC;  /* nearbyintf's rounding */
+  for (int m = 0; m < mm; m++) {
+    const uint16_t* xr = x + (m0 + m) * K;
+    float* dr = dx + m * ng;
+    float* sr = xs + m * ng;  /* each group's 1 / d until the group is quantized */
     for (int64_t g = 0; g < ng; g++) {
-      const uint16_t* xr = x + (m0 + m) * K + g * G;
-      float amax = 0.0f, s = 0.0f;
-      for (int64_t k = 0; k < G; k++) { float v = bf(xr[k]); s += v; const float a = fabsf(v); amax = a > amax ? a : amax; }
-      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-      int32_t qs = 0;
-      for (int64_t k = 0; k < G; k++) {
-        const float v = bf(xr[k]) * inv, c = nearbyintf(v);
-        xq[m * K + g * G + k] = (int8_t)c;
-        qs += (int32_t)c;
+      const uint16_t* xg = xr + g * G;
+      __m256 amax = _mm256_setzero_ps();
+      for (int64_t k = 0; k < G; k += 8) amax = _mm256_max_ps(_mm256_andnot_ps(sign, bf8(xg + k)), amax);  /* a > amax ? a : amax */
+      dr[g] = max8(amax);
+    }
+    int64_t g = 0;  /* d = amax / 127, 1 / d (0 where d is 0), eight groups a step */
+    for (; g + 8 <= ng; g += 8) {
+      const __m256 d = _mm256_div_ps(_mm256_loadu_ps(dr + g), _mm256_set1_ps(127.0f));
+      const __m256 inv = _mm256_and_ps(_mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_GT_OQ), _mm256_div_ps(_mm256_set1_ps(1.0f), d));
+      _mm256_storeu_ps(dr + g, d);
+      _mm256_storeu_ps(sr + g, inv);
+    }
+    for (; g < ng; g++) {
+      const float d = dr[g] / 127.0f;
+      dr[g] = d;
+      sr[g] = d > 0.0f ? 1.0f / d : 0.0f;
+    }
+    for (g = 0; g < ng; g++) {
+      const uint16_t* xg = xr + g * G;
+      const __m256 vinv = _mm256_set1_ps(sr[g]);
+      __m256i qs = _mm256_setzero_si256();
+      int8_t* q = xq + m * K + g * G;
+      for (int64_t k = 0; k < G; k += 8) {
+        const __m256 v = _mm256_mul_ps(bf8(xg + k), vinv), c = _mm256_round_ps(v, rn);
+        const __m256i ci = _mm256_cvttps_epi32(c);
+        low_bytes8(q + k, ci);
+        qs = _mm256_add_epi32(qs, ci);
 #if INT4_FINE
-        xq[MMAX * K + m * K + g * G + k] = (int8_t)nearbyintf((v - c) * 254.0f);
+        low_bytes8(q + MMAX * K + k, _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_sub_ps(v, c), _mm256_set1_ps(254.0f)), rn)));
 #endif
       }
-      dx[m * ng + g] = d;
-#if INT4_FINE
-      xs[m * ng + g] = s;
-#else
-      xs[m * ng + g] = d * (float)qs;
+#if !INT4_FINE
+      sr[g] = dr[g] * (float)add8(qs);
 #endif
     }
+#if INT4_FINE
+    for (int64_t g0 = 0; g0 < ng; g0 += 8) {  /* lane j: group g0 + j's sum, its values in order */
+      const int n8 = ng - g0 < 8 ? (int)(ng - g0) : 8;
+      __m256 sum = _mm256_setzero_ps();
+      for (int64_t k = 0; k < G; k += 8) {
+        __m256 r[8];
+        for (int j = 0; j < 8; j++) r[j] = j < n8 ? bf8(xr + (g0 + j) * G + k) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int i = 0; i < 8; i++) sum = _mm256_add_ps(sum, r[i]);
+      }
+      float t[8];
+      _mm256_storeu_ps(t, sum);
+      for (int j = 0; j < n8; j++) xs[m * ng + g0 + j] = t[j];
+    }
+#endif
+  }
+}
+
+/* The activations' quantization alone, for checking it: rows x [M, K] bf16 (M <= MMAX) -> xq [2][MMAX][K]
+   int8 (coarse, fine: fine left unwritten with one level) and dx [2][MMAX][K/G] (steps, then sums).
+   Returns 1 for a shape the kernel does not take. */
+int pangu_int4_quantize(const uint16_t* x, int8_t* xq, float* dx, int64_t M, int64_t K, int64_t G) {
+  if (M < 1 || M > MMAX || G % 8 || G < 8 || K % G) return 1;
+  quant_chunk(x, xq, dx, 0, (int)M, K, G);
+  return 0;
 }
 
 /* One quantized row times the weight: blocks in pairs, the last one alone when their count is odd. */
@@ -980,6 +1064,8 @@ def load(source: str, name: str, compiler: str) -> Optional[ctypes.CDLL]:
     down = lib.pangu_int4_experts_down
     down.restype = ctypes.c_int
     down.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 8
+    lib.pangu_int4_quantize.restype = ctypes.c_int
+    lib.pangu_int4_quantize.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     conv = lib.pangu_int4_to_bf16_t
     conv.restype = ctypes.c_int
     conv.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5
