@@ -174,7 +174,6 @@ def _q8_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: t
     sum(e (w - zero')), which for Q4_1-style weights is about 2.5x larger and shifts every output of
     a row along the scales.)"""
     rows, k = x.shape
-    n = q.shape[0]
     xg = x.float().view(rows, k // group, group)
     d = xg.abs().amax(-1, keepdim=True) / 127.0
     a = torch.round(xg * torch.where(d > 0, 1.0 / d, torch.zeros_like(d)))
@@ -468,6 +467,38 @@ def test_the_avx2_build_gives_the_avx512_builds_bits(levels):
                 assert lib.pangu_int4_experts_mm(x.data_ptr(), ids.data_ptr(), 3, experts[0].data_ptr(), experts[1].data_ptr(), y.data_ptr(), 2, n, k, group, zs, 1) == 0
                 outs.append(y)
             assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_the_avx2_build_gives_the_avx512_builds_bits_with_5_and_6_bit_codes(levels, bits):
+    """The same for the codes with bit planes (GGUF's Q5 blocks and Q6_K), whose products of 2-4 rows
+    per chunk the AVX-512 build runs with both halves of a block in one register: 1 to 9 rows (chunks
+    of 4, the last one shorter), groups of 16, 32 and 128, zeros stored and scales only, one thread
+    and two."""
+    from pangu_infer.native import c_compiler, cpu_flags
+
+    if not {"avx512f", "avx512bw", "avx512_vnni", "avx2", "fma"} <= cpu_flags():
+        pytest.skip("needs a CPU with AVX-512 VNNI to compare the two builds")
+    suffix = "" if levels == 2 else "_q8"
+    wide = cpu_int4.load(cpu_int4.level_source(cpu_int4.SOURCE, levels), "int4_vnni" + suffix, c_compiler())
+    narrow = cpu_int4.load(cpu_int4.level_source(cpu_int4.SOURCE_AVX2, levels), "int4_avx2" + suffix, c_compiler())
+    pack = cpu_int4.pack5 if bits == 5 else cpu_int4.pack6
+    g = torch.Generator().manual_seed(bits)
+    for n, k, group in ((48, 256, 16), (160, 1024, 128), (96, 1536, 32)):
+        q = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=g)
+        scale = torch.rand(n, k // group, generator=g) * 0.02
+        for zero in ((torch.rand(n, k // group, generator=g) - 0.5) * 0.02, None):
+            data, hb, sz = pack(q, scale, zero)
+            for rows in (1, 2, 3, 4, 5, 6, 9):
+                x = (torch.randn(rows, k, generator=g) * torch.linspace(0.01, 30, k)).bfloat16()
+                for threads in (1, 2):
+                    ys = []
+                    for lib in (wide, narrow):
+                        y = torch.empty(rows, n, dtype=torch.bfloat16)
+                        assert lib.pangu_int5_mm(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(),
+                                                 rows, n, k, group, sz.shape[2], bits - 4, threads) == 0
+                        ys.append(y)
+                    assert torch.equal(ys[0], ys[1]), (n, k, group, zero is None, rows, threads)
 
 
 def _native_or_skip() -> None:

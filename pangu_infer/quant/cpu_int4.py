@@ -65,6 +65,11 @@ log = logging.getLogger(__name__)
 ENV = "PANGU_INFER_INT4_KERNEL"
 ACTIVATIONS_ENV = "PANGU_INFER_INT4_ACTIVATIONS"
 ROW_BLOCK = 16  # rows per block of the layout
+# The kernels' revision, in the names of the per-machine row counts from which their products of many
+# rows convert the weight instead (quant/tuning.py): a changed kernel is measured again. 2: the AVX-512
+# build's products of 2-4 rows per chunk sum both nibbles of a level in one register (4-bit codes 1.3x),
+# and run 5- and 6-bit codes 16 rows to a register (hblock16; 6-bit 2.8-3.3x).
+REVISION = 2
 OCTET = 8  # columns per 64-byte load of a block
 
 _HEAD = r"""
@@ -132,19 +137,24 @@ static inline __attribute__((always_inline)) void block16(
     for (int64_t o = 0; o < G / 8; o++, p += 64) {
       __m512i v = _mm512_loadu_si512((const void*)p);
       __m512i lo = _mm512_and_si512(v, mask);
-      __m512i hi = _mm512_andnot_si512(mask, v);
+      /* One row: the high nibbles in place (16 q) into their own sums, cl + ch / 16 at the group's end.
+         More rows: shifted down once for all of them into the same sums, which then hold that integer
+         (exact: under 2^24), and the end skips a conversion and a multiply-add per row and level. */
+      __m512i hi = M == 1 ? _mm512_andnot_si512(mask, v) : _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
       for (int m = 0; m < M; m++) {
         const int8_t* c = xq + m * K + g * G + 8 * o;
         int32_t c0, c1;
         memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4);
         cl[m] = _mm512_dpbusd_epi32(cl[m], lo, _mm512_set1_epi32(c0));
-        ch[m] = _mm512_dpbusd_epi32(ch[m], hi, _mm512_set1_epi32(c1));
+        if (M == 1) ch[m] = _mm512_dpbusd_epi32(ch[m], hi, _mm512_set1_epi32(c1));
+        else cl[m] = _mm512_dpbusd_epi32(cl[m], hi, _mm512_set1_epi32(c1));
 #if INT4_FINE
         const int8_t* f = c + MMAX * K;
         int32_t f0, f1;
         memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
         fl[m] = _mm512_dpbusd_epi32(fl[m], lo, _mm512_set1_epi32(f0));
-        fh[m] = _mm512_dpbusd_epi32(fh[m], hi, _mm512_set1_epi32(f1));
+        if (M == 1) fh[m] = _mm512_dpbusd_epi32(fh[m], hi, _mm512_set1_epi32(f1));
+        else fl[m] = _mm512_dpbusd_epi32(fl[m], hi, _mm512_set1_epi32(f1));
 #endif
       }
     }
@@ -152,12 +162,77 @@ static inline __attribute__((always_inline)) void block16(
     __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
     const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
     for (int m = 0; m < M; m++) {
-      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch[m]), sixteenth, _mm512_cvtepi32_ps(cl[m]));
+      __m512 coarse = M == 1 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch[m]), sixteenth, _mm512_cvtepi32_ps(cl[m])) : _mm512_cvtepi32_ps(cl[m]);
 #if INT4_FINE
-      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh[m]), sixteenth, _mm512_cvtepi32_ps(fl[m]));
+      __m512 fine = M == 1 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh[m]), sixteenth, _mm512_cvtepi32_ps(fl[m])) : _mm512_cvtepi32_ps(fl[m]);
       __m512 t = _mm512_fmadd_ps(fine, _mm512_set1_ps(1.0f / 254.0f), coarse);
 #else
       __m512 t = coarse;
+#endif
+      acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
+      acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+    }
+  }
+  for (int m = 0; m < M; m++) {
+    float t[16];
+    _mm512_storeu_ps(t, acc[m]);
+    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(t[d]);
+  }
+}
+
+/* Codes with P bit planes beside the nibbles (1: 5-bit codes, 2: 6-bit; _INT5's layout: a constant at
+   every call) for M (1..4) activation rows: block16's loop with both halves of the block in one
+   512-bit register, each octet's planes OR-ed into its unpacked nibbles as HIGH16 does for the AVX2
+   build (the upper eight 32-bit lanes take the plane shifted as HIGH16's second half is), the low and
+   high columns' products into the same int32 sums. Those sums are block8's exact integers and each
+   group's end is block8's steps in order: the AVX2 build's bits. Called by _INT5's row functions of
+   2-4 rows (HIGH_BLOCK16). */
+#define HIGH_BLOCK16 1
+static inline __attribute__((always_inline)) void hblock16(
+    const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz,
+    uint16_t* y, const int M, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) {
+  __m512 acc[MMAX];
+  for (int m = 0; m < M; m++) acc[m] = _mm512_setzero_ps();
+  const __m512i mask = _mm512_set1_epi8(15), hmask = _mm512_set1_epi8(P == 1 ? 16 : 0x30);
+  const int64_t ng = K / G, gs = 16 * zs;
+  const uint8_t* p = w + b * (K / 8) * 64;
+  const uint8_t* e = hb + b * (K / 8) * 16 * P;
+  const uint16_t* sp = sz + b * ng * gs;
+  for (int64_t g = 0; g < ng; g++, sp += gs) {
+    __m512i cl[MMAX], fl[MMAX];
+    for (int m = 0; m < M; m++) { cl[m] = _mm512_setzero_si512(); fl[m] = _mm512_setzero_si512(); }
+    for (int64_t o = 0; o < G / 8; o++, p += 64, e += 16 * P) {
+      const __m512i v = _mm512_loadu_si512((const void*)p);
+      /* lane d < 8: the bits HIGH16 gives rows d (lo0, hi0); lane 8 + d: those of rows 8 + d (lo1, hi1) */
+      const __m512i high = P == 1
+          ? _mm512_srlv_epi32(_mm512_sllv_epi32(_mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i*)(const void*)e)),
+                                                _mm512_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0, 4, 4, 4, 4, 0, 0, 0, 0)),
+                              _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2))
+          : _mm512_sllv_epi32(_mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(const void*)e)),
+                              _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4));
+      const __m512i lo = _mm512_or_si512(_mm512_and_si512(v, mask), _mm512_and_si512(high, hmask));
+      const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), mask), _mm512_and_si512(_mm512_srli_epi32(high, P), hmask));
+      for (int m = 0; m < M; m++) {
+        const int8_t* c = xq + m * K + g * G + 8 * o;
+        int32_t c0, c1;
+        memcpy(&c0, c, 4); memcpy(&c1, c + 4, 4);
+        cl[m] = _mm512_dpbusd_epi32(cl[m], lo, _mm512_set1_epi32(c0));
+        cl[m] = _mm512_dpbusd_epi32(cl[m], hi, _mm512_set1_epi32(c1));
+#if INT4_FINE
+        const int8_t* f = c + MMAX * K;
+        int32_t f0, f1;
+        memcpy(&f0, f, 4); memcpy(&f1, f + 4, 4);
+        fl[m] = _mm512_dpbusd_epi32(fl[m], lo, _mm512_set1_epi32(f0));
+        fl[m] = _mm512_dpbusd_epi32(fl[m], hi, _mm512_set1_epi32(f1));
+#endif
+      }
+    }
+    const __m512 sc = bf16x16(sp), off = _mm512_fnmadd_ps(_mm512_set1_ps(OFFSET(P)), sc, zeros16(sp, zs));
+    for (int m = 0; m < M; m++) {
+#if INT4_FINE
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fl[m]), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(cl[m]));
+#else
+      const __m512 t = _mm512_cvtepi32_ps(cl[m]);
 #endif
       acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
       acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
@@ -606,6 +681,13 @@ _INT5 = r"""
   (void)ldy; \
   HB_SET(hb); \
   if (G == GC) row16(xq, dx, xs, w, hb, PP, sz, y, K, GC, zs, b); else row16(xq, dx, xs, w, hb, PP, sz, y, K, G, zs, b); }
+#ifdef HIGH_BLOCK16  /* the AVX-512 build: all 16 rows in one register (hblock16) */
+#define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  HB_SET(hb); \
+  if (G == GC) hblock16(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, GC, zs, b); \
+  else hblock16(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, G, zs, b); }
+#else
 #define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   HB_SET(hb); \
@@ -613,6 +695,7 @@ _INT5 = r"""
   for (int h = 0; h < 2; h++) { \
     if (G == GC) block8(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, GC, zs, b, h); \
     else block8(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, G, zs, b, h); } }
+#endif
 HIGH_ROWS1(q5_rows1, 1, 32) HIGH_ROWS(q5_rows, 2, 1, 32) HIGH_ROWS(q5_rows, 3, 1, 32) HIGH_ROWS(q5_rows, 4, 1, 32)
 HIGH_ROWS1(q6_rows1, 2, 16) HIGH_ROWS(q6_rows, 2, 2, 16) HIGH_ROWS(q6_rows, 3, 2, 16) HIGH_ROWS(q6_rows, 4, 2, 16)
 

@@ -239,6 +239,8 @@ def convert_min_rows(kind: str, activations: Optional[torch.dtype] = None) -> in
     # cpu_int8's kernel apart from aten's (it crosses the conversion at other rows).
     own = kind in ("int4_vnni", "int5", "int6")  # cpu_int4's kernel, converted by its library's C loop
     tag = cpu_int4.tag() if own else "_own" if kind == "int8" and cpu_int8.usable(BENCH_K) else ""
+    # cpu_int4's kernels' revision (cpu_int4.REVISION): a faster kernel crosses at other rows
+    tag += f"_r{cpu_int4.REVISION}" if own else ""
     name = f"{kind}{tag}_convert_min_rows" + ("_compiled" if ready() and not own else "")
     # and apart again for the conversions into oneDNN's packed layout (prefill.py), cheaper still
     if kind not in ("int4", "int5", "int6") and ready() and packed_enabled() and packed_layout_ok(BENCH_N, BENCH_K):
