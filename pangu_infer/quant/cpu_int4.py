@@ -201,7 +201,9 @@ static inline __attribute__((always_inline)) void hblock16(
   for (int64_t g = 0; g < ng; g++, sp += gs) {
     __m512i cl[MMAX], fl[MMAX];
     for (int m = 0; m < M; m++) { cl[m] = _mm512_setzero_si512(); fl[m] = _mm512_setzero_si512(); }
+    if (M == 1) PREFETCH_AHEAD(sp, SCALES_AHEAD);
     for (int64_t o = 0; o < G / 8; o++, p += 64, e += 16 * P) {
+      if (M == 1) { PREFETCH_AHEAD(p, WEIGHTS_AHEAD); PREFETCH_AHEAD(e, WEIGHTS_AHEAD / 4 * P); }
       const __m512i v = _mm512_loadu_si512((const void*)p);
       /* lane d < 8: the bits HIGH16 gives rows d (lo0, hi0); lane 8 + d: those of rows 8 + d (lo1, hi1) */
       const __m512i high = P == 1
@@ -676,11 +678,18 @@ _INT5 = r"""
 #define HB_SET(hb) do { if (!(hb)) __builtin_unreachable(); } while (0)
 /* The row functions of codes with P planes (q5_: 5-bit codes, q6_: 6-bit ones), the group size GC a
    constant where it is GC (32 for GGUF's Q5 blocks, 16 for Q6_K's scales). */
+#ifdef HIGH_BLOCK16
+#define HIGH_ROWS1(NAME, PP, GC) static void NAME(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  HB_SET(hb); \
+  if (G == GC) hblock16(xq, dx, xs, w, hb, PP, sz, y, 1, ldy, K, GC, zs, b); else hblock16(xq, dx, xs, w, hb, PP, sz, y, 1, ldy, K, G, zs, b); }
+#else
 #define HIGH_ROWS1(NAME, PP, GC) static void NAME(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   (void)ldy; \
   HB_SET(hb); \
   if (G == GC) row16(xq, dx, xs, w, hb, PP, sz, y, K, GC, zs, b); else row16(xq, dx, xs, w, hb, PP, sz, y, K, G, zs, b); }
+#endif
 #ifdef HIGH_BLOCK16  /* the AVX-512 build: all 16 rows in one register (hblock16) */
 #define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
