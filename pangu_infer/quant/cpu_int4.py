@@ -23,7 +23,10 @@ int4 model is almost all such products. This kernel does less arithmetic per wei
   moves by 0.01% (`activation_levels`, `PANGU_INFER_INT4_ACTIVATIONS=int8|int8x2`;
   benchmarks/int4_activations.py).
 
-Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). The kernel is
+Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). Codes of 5 and 6
+bits (GGUF's Q5 blocks and Q6_K: pack5, pack6) keep their high bits in planes beside the nibbles;
+the AVX-512 build multiplies all 16 rows of a block in one register for them as for 4-bit codes
+(hblock16), the AVX2 build two halves of 8 (block8, many16, row16). The kernel is
 built once per machine with the C compiler inductor also needs (`$CC`, else `cc`/`gcc`), with
 `-march=native`, into `~/.cache/pangu-infer/` (`$XDG_CACHE_HOME` respected), and loaded with ctypes.
 Where it cannot be used (no AVX-512 VNNI, no compiler, a shape it does not take) the aten kernel
@@ -139,7 +142,8 @@ static inline __attribute__((always_inline)) void block16(
       __m512i lo = _mm512_and_si512(v, mask);
       /* One or two rows: the high nibbles in place (16 q) into their own sums, cl + ch / 16 at the
          group's end. Three or four: shifted down once for all of them into the same sums, which then
-         hold that integer (exact: under 2^24): half the registers (4 rows 1.3x faster), and the end
+         hold that integer, so its conversion is the same one rounding of the same value as that
+         multiply-add's (the same bits): half the registers (4 rows 1.3x faster), and the end
          skips a conversion and a multiply-add per row and level; with fewer rows the longer chain of
          dependent products costs more than that (0.95x at 2 rows). */
       __m512i hi = M < 3 ? _mm512_andnot_si512(mask, v) : _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
@@ -186,9 +190,9 @@ static inline __attribute__((always_inline)) void block16(
    every call) for M (1..4) activation rows: block16's loop with both halves of the block in one
    512-bit register, each octet's planes OR-ed into its unpacked nibbles as HIGH16 does for the AVX2
    build (the upper eight 32-bit lanes take the plane shifted as HIGH16's second half is), the low and
-   high columns' products into the same int32 sums. Those sums are block8's exact integers and each
-   group's end is block8's steps in order: the AVX2 build's bits. Called by _INT5's row functions of
-   2-4 rows (HIGH_BLOCK16). */
+   high columns' products into the same int32 sums. Those sums are block8's integers and each group's
+   end is block8's steps in order: the AVX2 build's bits. _INT5's row functions call it for 1-4 rows
+   (HIGH_BLOCK16); one row with the row loop's prefetches. */
 #define HIGH_BLOCK16 1
 static inline __attribute__((always_inline)) void hblock16(
     const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz,
@@ -680,25 +684,22 @@ _INT5 = r"""
 #define HB_SET(hb) do { if (!(hb)) __builtin_unreachable(); } while (0)
 /* The row functions of codes with P planes (q5_: 5-bit codes, q6_: 6-bit ones), the group size GC a
    constant where it is GC (32 for GGUF's Q5 blocks, 16 for Q6_K's scales). */
-#ifdef HIGH_BLOCK16
+#ifdef HIGH_BLOCK16  /* the AVX-512 build: all 16 rows in one register (hblock16) */
 #define HIGH_ROWS1(NAME, PP, GC) static void NAME(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   HB_SET(hb); \
   if (G == GC) hblock16(xq, dx, xs, w, hb, PP, sz, y, 1, ldy, K, GC, zs, b); else hblock16(xq, dx, xs, w, hb, PP, sz, y, 1, ldy, K, G, zs, b); }
-#else
-#define HIGH_ROWS1(NAME, PP, GC) static void NAME(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
-    const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
-  (void)ldy; \
-  HB_SET(hb); \
-  if (G == GC) row16(xq, dx, xs, w, hb, PP, sz, y, K, GC, zs, b); else row16(xq, dx, xs, w, hb, PP, sz, y, K, G, zs, b); }
-#endif
-#ifdef HIGH_BLOCK16  /* the AVX-512 build: all 16 rows in one register (hblock16) */
 #define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   HB_SET(hb); \
   if (G == GC) hblock16(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, GC, zs, b); \
   else hblock16(xq, dx, xs, w, hb, PP, sz, y, MM, ldy, K, G, zs, b); }
 #else
+#define HIGH_ROWS1(NAME, PP, GC) static void NAME(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
+    const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
+  (void)ldy; \
+  HB_SET(hb); \
+  if (G == GC) row16(xq, dx, xs, w, hb, PP, sz, y, K, GC, zs, b); else row16(xq, dx, xs, w, hb, PP, sz, y, K, G, zs, b); }
 #define HIGH_ROWS(NAME, MM, PP, GC) static void NAME##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint8_t* hb, const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
   HB_SET(hb); \
