@@ -43,6 +43,7 @@ from pangu_infer.device import tracing
 from pangu_infer.machine import cached_choice, interleaved_medians
 from pangu_infer.native import cpu_flags, kernel_library
 from pangu_infer.parallel.state import RowParallelLinear
+from pangu_infer.quant.c_simd import TRANSPOSE8
 
 log = logging.getLogger(__name__)
 
@@ -144,21 +145,7 @@ WIDENED_MM(pangu_f16w_mm, widen_f16)
 #define GEMM_KC 512
 #define GEMM_MC 144
 
-static inline void transpose8(__m256* r) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20); r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20); r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31); r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31); r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-
+@TRANSPOSE8@
 /* out[k][j] = w[j][k0 + k] widened, j < GEMM_NR (rows from nr on: zeros), k < kc (a multiple of 8) */
 #define PACK_PANEL(NAME, widen)                                                                                  \
 static void NAME(const uint16_t* w, int64_t K, int64_t nr, int64_t k0, int64_t kc, float* out) {                \
@@ -257,7 +244,7 @@ int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int6
 #endif
 BLOCKED_MM(pangu_bf16w_gemm, pack_bf16)
 BLOCKED_MM(pangu_f16w_gemm, pack_f16)
-"""
+""".replace("@TRANSPOSE8@", TRANSPOSE8)
 
 
 def _setting() -> str:

@@ -1,6 +1,6 @@
 """C text shared by the engine's C kernels (pangu_infer.quant.cpu_int4's library, pangu_infer.quant.
-prefill's conversion loops and pangu_infer.quant.amx's kernel are built as separate libraries; each
-source includes what it uses of these)."""
+prefill's conversion loops, pangu_infer.quant.amx's kernel and pangu_infer.models.bf16_weights' kernel
+are built as separate libraries; each source includes what it uses of these)."""
 
 # 16 rows of 64 int8 weights (row i at base + i * ld) as 32-bit words transposed: v[j], lane r, holds
 # row r's bytes 4j .. 4j + 3. One 64-byte load per row instead of a gather per 4 columns. AVX-512F.
@@ -26,6 +26,24 @@ static inline void transpose16_epi32(const int8_t* base, int64_t ld, __m512i v[1
     v[4 + q] = _mm512_shuffle_i32x4(bb, e, 0x88);
     v[12 + q] = _mm512_shuffle_i32x4(bb, e, 0xdd);
   }
+}
+"""
+
+# An 8 x 8 block of floats transposed in registers: r[i] lane j <- r[j] lane i. AVX.
+TRANSPOSE8 = r"""
+static inline void transpose8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
+  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 """
 

@@ -60,7 +60,7 @@ from pangu_infer import native_ops
 from pangu_infer.device import tracing
 from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
-from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD
+from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD, TRANSPOSE8
 from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,18 @@ static inline __m512 bf16x16(const uint16_t* s) {  /* 16 bf16 -> fp32 */
 }
 /* A group's 16 zeros: stored after its scales where zs == 2, else (scales only) 0. */
 static inline __m512 zeros16(const uint16_t* s, int64_t zs) { return zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps(); }
+/* A group's end for 16 rows: its sum t in fp32 times the scales and the row's step, plus the offsets
+   (zero - o scale) times the row's sum; the AVX2 build's group_end_sc steps, in order. */
+static inline __m512 group_end16(__m512 acc, __m512 t, __m512 sc, __m512 off, float step, float sum) {
+  acc = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(step)), acc);
+  return _mm512_fmadd_ps(off, _mm512_set1_ps(sum), acc);
+}
+/* 16 sums rounded to bf16 (to nearest even) at y. */
+static inline void store16(uint16_t* y, __m512 acc) {
+  float t[16];
+  _mm512_storeu_ps(t, acc);
+  for (int d = 0; d < 16; d++) y[d] = tobf(t[d]);
+}
 
 /* One block of 16 rows for M (1..4) activation rows. xq: [2][MMAX][K] int8 (coarse, fine);
    dx, xs: [MMAX][K/G] per-group step and sum of x; zs: values per group and row in sz (1 or 2). */
@@ -175,15 +187,10 @@ static inline __attribute__((always_inline)) void block16(
 #else
       __m512 t = coarse;
 #endif
-      acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
-      acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+      acc[m] = group_end16(acc[m], t, sc, off, dx[m * ng + g], xs[m * ng + g]);
     }
   }
-  for (int m = 0; m < M; m++) {
-    float t[16];
-    _mm512_storeu_ps(t, acc[m]);
-    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(t[d]);
-  }
+  for (int m = 0; m < M; m++) store16(y + m * ldy + b * 16, acc[m]);
 }
 
 /* Codes with P bit planes beside the nibbles (1: 5-bit codes, 2: 6-bit; _INT5's layout: a constant at
@@ -242,15 +249,10 @@ static inline __attribute__((always_inline)) void hblock16(
 #else
       const __m512 t = _mm512_cvtepi32_ps(cl[m]);
 #endif
-      acc[m] = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(dx[m * ng + g])), acc[m]);
-      acc[m] = _mm512_fmadd_ps(off, _mm512_set1_ps(xs[m * ng + g]), acc[m]);
+      acc[m] = group_end16(acc[m], t, sc, off, dx[m * ng + g], xs[m * ng + g]);
     }
   }
-  for (int m = 0; m < M; m++) {
-    float t[16];
-    _mm512_storeu_ps(t, acc[m]);
-    for (int d = 0; d < 16; d++) y[m * ldy + b * 16 + d] = tobf(t[d]);
-  }
+  for (int m = 0; m < M; m++) store16(y + m * ldy + b * 16, acc[m]);
 }
 
 /* One activation row, two blocks (32 weight rows) at once: each broadcast of x feeds both, and
@@ -797,22 +799,7 @@ static inline int32_t add8(__m256i v) {  /* the lanes' sum (int32, wrapping: any
   s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
   return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1)));
 }
-/* r[i] lane j <- r[j] lane i */
-static inline void transpose8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xee);
-  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xee);
-  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xee);
-  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xee);
-  r[0] = _mm256_permute2f128_ps(u0, u4, 0x20); r[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
-  r[2] = _mm256_permute2f128_ps(u2, u6, 0x20); r[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
-  r[4] = _mm256_permute2f128_ps(u0, u4, 0x31); r[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
-  r[6] = _mm256_permute2f128_ps(u2, u6, 0x31); r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
-}
-/* The low byte of each int32 lane (C's (int8_t) of an int32) to 8 consecutive bytes. */
+@TRANSPOSE8@/* The low byte of each int32 lane (C's (int8_t) of an int32) to 8 consecutive bytes. */
 static inline void low_bytes8(int8_t* dst, __m256i v) {
   const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
                                         0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
@@ -1058,7 +1045,7 @@ int pangu_int5_mm(const uint16_t* x, const uint8_t* w, const uint8_t* hb, const 
   if (!hb || planes < 1 || planes > 2) return 1;
   return weight_mm(x, w, hb, planes, sz, y, M, N, K, G, zs, threads);
 }
-"""
+""".replace("@TRANSPOSE8@", TRANSPOSE8)
 
 SOURCE = _HEAD + _AVX2_HELPERS + _KERNELS_AVX512 + _INT5 + _COMMON
 SOURCE_AVX2 = _HEAD + _AVX2_HELPERS + _KERNELS_AVX2 + _INT5 + _COMMON
