@@ -12,7 +12,7 @@ from torch import nn
 
 from pangu_infer.config import ModelConfig
 from pangu_infer.models import batch_invariant as bi
-from pangu_infer.models import bi_attention_kernel
+from pangu_infer.models import bi_attention_kernel, norm_rope
 from pangu_infer.parallel.state import current_parallel_state, head_shard, row_parallel_linear
 
 
@@ -53,6 +53,10 @@ class RMSNorm(nn.Module):
         self.batch_invariant = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.batch_invariant:  # eager CPU steps: one C pass (models/norm_rope.py)
+            y = norm_rope.rms_norm(x, self.weight, self.eps)
+            if y is not None:
+                return y
         # Normalise in fp32, multiply in the activation dtype: the reference implementations do.
         dtype = x.dtype
         xf = x.float()
@@ -101,6 +105,9 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, heads, head_dim]; cos/sin: [T, head_dim]."""
+    y = norm_rope.rotary(x, cos, sin)  # eager CPU steps: one C pass, the same bits (models/norm_rope.py)
+    if y is not None:
+        return y
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
