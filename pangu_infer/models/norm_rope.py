@@ -1,12 +1,11 @@
-"""RMSNorm and the rotary embedding of eager steps (prefill) as C loops of our own, one pass each.
+"""RMSNorm and the rotary embedding of eager steps (prefill) in fewer passes, with C loops of our own.
 
 Why: in eager code each is a chain of torch operators over the whole chunk: RMSNorm widens x to
 fp32, squares it, averages, multiplies, rounds back and multiplies by the weight (six passes, two
 fp32 copies of the chunk); the rotary embedding builds the rotated copy (a negation and a cat) and
 rounds two products and their sum. In a 2048-token prefill of a 1B model on 2 cores those took
-about a quarter of the time beside the products (benchmarks/RESULTS.md, "stop 52: RMSNorm and the
-rotary embedding in one pass"). A compiled step fuses them already (inductor); these are for the
-eager steps.
+about 15% of the time (benchmarks/RESULTS.md, "stop 52: RMSNorm and the rotary embedding in fewer
+passes"). A compiled step fuses them already (inductor); these are for the eager steps.
 
 - `rotary(x, cos, sin)`: out = x cos + rotate_half(x) sin with every operator's rounding as the
   torch form (layers.apply_rotary) does it: in a bf16 model each product rounded to bf16 and then
