@@ -177,7 +177,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     n = x.shape[-1] if x.dim() else 0
     if (
         bf is None
-        or x.dim() < 1
         or n % 8
         or n == 0
         or x.stride(-1) != 1
@@ -187,9 +186,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
         or not _eager_cpu(x, weight)
     ):
         return None
-    rows = x.reshape(-1, n) if x.dim() != 2 else x
-    if rows.stride(-1) != 1:
-        return None
+    rows = x.reshape(-1, n) if x.dim() != 2 else x  # (the last stride stays 1)
     lib = library()
     if lib is None:
         return None

@@ -123,6 +123,29 @@ static inline __m512 group_end16(__m512 acc, __m512 t, __m512 sc, __m512 off, fl
   acc = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, _mm512_set1_ps(step)), acc);
   return _mm512_fmadd_ps(off, _mm512_set1_ps(sum), acc);
 }
+/* A group's sum t in fp32 from its int32 sums. level_sum16: coarse c and fine f sums that each hold
+   the whole integer, t = c + f / 254 (one level: c). nibble_sum16: the high nibbles used in place
+   (16 q) in sums of their own, c = cl + ch / 16 and f = fl + fh / 16 first (exact: the same integers,
+   so the same t). */
+static inline __m512 level_sum16(__m512i c, __m512i f) {
+#if INT4_FINE
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(f), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(c));
+#else
+  (void)f;
+  return _mm512_cvtepi32_ps(c);
+#endif
+}
+static inline __m512 nibble_sum16(__m512i cl, __m512i ch, __m512i fl, __m512i fh) {
+  const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
+  const __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch), sixteenth, _mm512_cvtepi32_ps(cl));
+#if INT4_FINE
+  const __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh), sixteenth, _mm512_cvtepi32_ps(fl));
+  return _mm512_fmadd_ps(fine, _mm512_set1_ps(1.0f / 254.0f), coarse);
+#else
+  (void)fl; (void)fh;
+  return coarse;
+#endif
+}
 /* 16 sums rounded to bf16 (to nearest even) at y. */
 static inline void store16(uint16_t* y, __m512 acc) {
   float t[16];
@@ -176,17 +199,9 @@ static inline __attribute__((always_inline)) void block16(
 #endif
       }
     }
-    __m512 sc = bf16x16(sp), ze = zeros16(sp, zs);
-    __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
-    const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
+    const __m512 sc = bf16x16(sp), off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, zeros16(sp, zs));
     for (int m = 0; m < M; m++) {
-      __m512 coarse = M < 3 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch[m]), sixteenth, _mm512_cvtepi32_ps(cl[m])) : _mm512_cvtepi32_ps(cl[m]);
-#if INT4_FINE
-      __m512 fine = M < 3 ? _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh[m]), sixteenth, _mm512_cvtepi32_ps(fl[m])) : _mm512_cvtepi32_ps(fl[m]);
-      __m512 t = _mm512_fmadd_ps(fine, _mm512_set1_ps(1.0f / 254.0f), coarse);
-#else
-      __m512 t = coarse;
-#endif
+      const __m512 t = M < 3 ? nibble_sum16(cl[m], ch[m], fl[m], fh[m]) : level_sum16(cl[m], fl[m]);
       acc[m] = group_end16(acc[m], t, sc, off, dx[m * ng + g], xs[m * ng + g]);
     }
   }
@@ -244,11 +259,7 @@ static inline __attribute__((always_inline)) void hblock16(
     }
     const __m512 sc = bf16x16(sp), off = _mm512_fnmadd_ps(_mm512_set1_ps(OFFSET(P)), sc, zeros16(sp, zs));
     for (int m = 0; m < M; m++) {
-#if INT4_FINE
-      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fl[m]), _mm512_set1_ps(1.0f / 254.0f), _mm512_cvtepi32_ps(cl[m]));
-#else
-      const __m512 t = _mm512_cvtepi32_ps(cl[m]);
-#endif
+      const __m512 t = level_sum16(cl[m], fl[m]);
       acc[m] = group_end16(acc[m], t, sc, off, dx[m * ng + g], xs[m * ng + g]);
     }
   }
@@ -266,7 +277,6 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
   const uint8_t* p1 = p0 + (K / 8) * 64;
   const uint16_t* s0 = sz + b * ng * gs;
   const uint16_t* s1 = s0 + ng * gs;
-  const __m512 sixteenth = _mm512_set1_ps(1.0f / 16.0f);
   for (int64_t g = 0; g < ng; g++, s0 += gs, s1 += gs) {
     __m512i cl0 = _mm512_setzero_si512(), ch0 = cl0, fl0 = cl0, fh0 = cl0;
     PREFETCH_AHEAD(s0, SCALES_AHEAD); PREFETCH_AHEAD(s1, SCALES_AHEAD);
@@ -291,37 +301,12 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
       fl1 = _mm512_dpbusd_epi32(fl1, lo1, bf0); fh1 = _mm512_dpbusd_epi32(fh1, hi1, bf1);
 #endif
     }
-    const __m512 step = _mm512_set1_ps(dx[g]), sum = _mm512_set1_ps(xs[g]);
-    const __m512 fine_w = _mm512_set1_ps(1.0f / 254.0f);
-    {
-      __m512 sc = bf16x16(s0), ze = zeros16(s0, zs);
-      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch0), sixteenth, _mm512_cvtepi32_ps(cl0));
-#if INT4_FINE
-      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh0), sixteenth, _mm512_cvtepi32_ps(fl0));
-      __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
-#else
-      __m512 t = coarse;
-#endif
-      acc0 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc0);
-      acc0 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc0);
-    }
-    {
-      __m512 sc = bf16x16(s1), ze = zeros16(s1, zs);
-      __m512 coarse = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ch1), sixteenth, _mm512_cvtepi32_ps(cl1));
-#if INT4_FINE
-      __m512 fine = _mm512_fmadd_ps(_mm512_cvtepi32_ps(fh1), sixteenth, _mm512_cvtepi32_ps(fl1));
-      __m512 t = _mm512_fmadd_ps(fine, fine_w, coarse);
-#else
-      __m512 t = coarse;
-#endif
-      acc1 = _mm512_fmadd_ps(t, _mm512_mul_ps(sc, step), acc1);
-      acc1 = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze), sum, acc1);
-    }
+    const __m512 sc0 = bf16x16(s0), sc1 = bf16x16(s1);
+    acc0 = group_end16(acc0, nibble_sum16(cl0, ch0, fl0, fh0), sc0, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc0, zeros16(s0, zs)), dx[g], xs[g]);
+    acc1 = group_end16(acc1, nibble_sum16(cl1, ch1, fl1, fh1), sc1, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc1, zeros16(s1, zs)), dx[g], xs[g]);
   }
-  float t[32];
-  _mm512_storeu_ps(t, acc0);
-  _mm512_storeu_ps(t + 16, acc1);
-  for (int d = 0; d < 32; d++) y[b * 16 + d] = tobf(t[d]);
+  store16(y + b * 16, acc0);
+  store16(y + b * 16 + 16, acc1);
 }
 
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
