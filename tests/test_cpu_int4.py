@@ -863,3 +863,52 @@ def test_a_compiled_graph_calls_the_five_bit_cpp_operator_without_python(monkeyp
     with torch.inference_mode(), pytest.raises(Exception, match="the Python operator ran"):
         torch.compile(lambda t: packed(t) * 2, fullgraph=True)(x)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("build", ["native", "avx2"])
+@pytest.mark.parametrize("bits", [4, 5, 6])
+def test_a_row_holding_nan_or_infinity_gives_nan_outputs_and_leaves_the_other_rows(bits, build, levels):
+    """A model's overflow must not turn into plausible numbers: a row of x with one NaN or one
+    infinity (in one group) gives NaN in every output of that row, as the product of the dequantized
+    weight does (the one-level rounding had dropped a NaN into a huge finite sum), with zeros stored
+    and scales only, one row and chunks of several, in each build; the other rows keep their bits."""
+    from pangu_infer.native import c_compiler, cpu_flags
+
+    source = cpu_int4.SOURCE if build == "native" else cpu_int4.SOURCE_AVX2
+    if build == "native" and not {"avx512f", "avx512bw", "avx512_vnni"} <= cpu_flags():
+        pytest.skip("the AVX-512 build needs AVX-512 VNNI")
+    suffix = "" if levels == 2 else "_q8"
+    lib = cpu_int4.load(cpu_int4.level_source(source, levels), ("int4_vnni" if build == "native" else "int4_avx2") + suffix, c_compiler())
+    g = torch.Generator().manual_seed(bits)
+    n, k, group = 64, 512, 32
+    for zeros in (True, False):
+        q, scale, zero = _five_bit_weight(g, n, k, group, zeros, bits)
+        packed = cpu_int4.pack(q, scale, zero) if bits == 4 else _pack(bits, q, scale, zero)
+        data, sz = packed[0], packed[-1]
+        zs = sz.shape[2]
+
+        def mm(x):
+            y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+            if bits == 4:
+                rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, zs, 2)
+            else:
+                hb = packed[1]
+                rc = lib.pangu_int5_mm(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), x.shape[0], n, k, group, zs, bits - 4, 2)
+            assert rc == 0
+            return y
+
+        x = (torch.randn(6, k, generator=g) * 3).bfloat16()
+        clean = mm(x)
+        assert clean.isfinite().all()
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for col in (0, 37, k - 1):
+                xb = x.clone()
+                xb[1, col] = bad
+                xb[4, (col + 100) % k] = bad
+                for rows, nan_rows in ((xb[1:2], {0}), (xb[:3], {1}), (xb, {1, 4})):
+                    y = mm(rows.contiguous())
+                    for i in range(rows.shape[0]):
+                        if i in nan_rows:
+                            assert y[i].isnan().all(), (bad, col, i, y[i, :4])
+                        else:
+                            assert torch.equal(y[i], clean[i]), (bad, col, i)

@@ -22,6 +22,8 @@ int4 model is almost all such products. This kernel does less arithmetic per wei
   of the activations for its Q4 dot products, 1.5x faster there, and the demo model's perplexity
   moves by 0.01% (`activation_levels`, `PANGU_INFER_INT4_ACTIVATIONS=int8|int8x2`;
   benchmarks/int4_activations.py).
+- a row of x holding NaN or infinity gives NaN in every output of that row (the group's step is NaN),
+  as the product of the dequantized weight does; the other rows keep their bits.
 
 Row counts above 4 run in chunks of 4 rows (each chunk reads the weight again). Codes of 5 and 6
 bits (GGUF's Q5 blocks and Q6_K: pack5, pack6) keep their high bits in planes beside the nibbles;
@@ -815,9 +817,16 @@ static void quant_chunk(const uint16_t* x, int8_t* xq, float* dx, int64_t m0, in
     float* sr = xs + m * ng;  /* each group's 1 / d until the group is quantized */
     for (int64_t g = 0; g < ng; g++) {
       const uint16_t* xg = xr + g * G;
-      __m256 amax = _mm256_setzero_ps();
-      for (int64_t k = 0; k < G; k += 8) amax = _mm256_max_ps(_mm256_andnot_ps(sign, bf8(xg + k)), amax);  /* a > amax ? a : amax */
-      dr[g] = max8(amax);
+      __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
+      for (int64_t k = 0; k < G; k += 8) {
+        const __m256 a = _mm256_andnot_ps(sign, bf8(xg + k));
+        amax = _mm256_max_ps(a, amax);  /* a > amax ? a : amax: a NaN is passed over here */
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      }
+      /* a NaN in the group makes its step NaN (and 1 / d 0): every output of the row is NaN, as
+         the product of the dequantized weight gives (its codes would otherwise round as 0 and,
+         with one level, the integer sum of a NaN's conversion make a huge finite output) */
+      dr[g] = _mm256_movemask_ps(nan) ? __builtin_nanf("") : max8(amax);
     }
     int64_t g = 0;  /* d = amax / 127, 1 / d (0 where d is 0), eight groups a step */
     for (; g + 8 <= ng; g += 8) {
