@@ -73,8 +73,9 @@ ROW_BLOCK = 16  # rows per block of the layout
 # The kernels' revision, in the names of the per-machine row counts from which their products of many
 # rows convert the weight instead (quant/tuning.py): a changed kernel is measured again. 2: the AVX-512
 # build's products of 2-4 rows per chunk sum both nibbles of a level in one register (4-bit codes 1.3x),
-# and run 5- and 6-bit codes 16 rows to a register (hblock16; 6-bit 2.8-3.3x).
-REVISION = 2
+# and run 5- and 6-bit codes 16 rows to a register (hblock16; 6-bit 2.8-3.3x). 3: the AVX-512 build's
+# 4-bit products of 1-4 rows per chunk with groups of 32 a constant (1.1-1.15x at 2-67 rows).
+REVISION = 3
 OCTET = 8  # columns per 64-byte load of a block
 
 _HEAD = r"""
@@ -311,9 +312,11 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
   store16(y + b * 16 + 16, acc1);
 }
 
+/* Rows 1-4 against block b, the group size a constant where it is 32 (CALL_G: GGUF's Q4_0 and Q4_1
+   blocks): 1.1-1.15x at 2-67 rows here (RESULTS.md, stop 53); the same bits. */
 #define ROWS(MM) static void rows##MM(const int8_t* xq, const float* dx, const float* xs, const uint8_t* w, \
     const uint16_t* sz, uint16_t* y, int64_t ldy, int64_t K, int64_t G, int64_t zs, int64_t b) { \
-  block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b); }
+  CALL_G(block16(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b), block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b)); }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
 @INT4_OCTET@
