@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pangu_infer.models import bi_attention_kernel, layers  # noqa: E402
 from pangu_infer.native import build_c_library, c_compiler  # noqa: E402
+from pangu_infer.quant.c_simd import BF16_AVX2  # noqa: E402
 
 # (sequences, context, KV heads, query heads per KV head): the engine's own measurement, the 1B
 # Pangu-shaped model's compare.py 16-way and one-sequence decode, one long context of a 7B shape
@@ -54,7 +55,8 @@ def source_at(rev: str) -> str:
     text = subprocess.check_output(["git", "show", f"{rev}:pangu_infer/models/bi_attention_kernel.py"], cwd=ROOT, text=True)
     ns: dict = {}
     exec(compile(text[: text.index("def source(")], f"{rev}:bi_attention_kernel.py", "exec"), ns)  # the C text only
-    return ns["_COMMON"] + (ns["AVX512"] if bi_attention_kernel.instruction_set() == "avx512" else ns["AVX2"]) + ns["BODY"]
+    text = ns["_COMMON"] + (ns["AVX512"] if bi_attention_kernel.instruction_set() == "avx512" else ns["AVX2"]) + ns["BODY"]
+    return text.replace("@BF16_AVX2@", BF16_AVX2)  # (later revisions share it with other kernels)
 
 
 def _loaded(source: str, name: str) -> ctypes.CDLL:

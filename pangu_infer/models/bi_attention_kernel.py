@@ -196,12 +196,9 @@ static inline __m256 pow2(__m256 n) {  /* 2^n for an integer n in [-126, 127] */
 static inline vec v_scale2(vec p, vec n) { const vec r = {_mm256_mul_ps(p.lo, pow2(n.lo)), _mm256_mul_ps(p.hi, pow2(n.hi))}; return r; }
 static inline vec v_keep(vmask keep, vec x) { const vec r = V2(_mm256_and_ps, keep, x); return r; }
 
+@BF16_AVX2@
 static inline __m128i bf16_8(__m256 x) {  /* 8 lanes rounded to bf16, to nearest even (NaN stays NaN) */
-  const __m256i u = _mm256_castps_si256(x);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-  r = _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64)), nan);
+  const __m256i r = round_bf16(x);
   /* 8 words 0..0xFFFF: packus per 128-bit lane, then the two lanes' low halves together */
   return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08));
 }
@@ -210,9 +207,6 @@ static inline void store_bf16(uint16_t* dst, vec x) {
   _mm_storeu_si128((__m128i*)(dst + 8), bf16_8(x.hi));
 }
 
-static inline __m256 bf8(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
 static inline vec load16(const void* p, int f32) {
   if (f32) return v_load((const float*)p);
   const vec r = {bf8((const uint16_t*)p), bf8((const uint16_t*)p + 8)};
@@ -431,7 +425,10 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
 
 def source(isa: str) -> str:
     """The kernel's C source for "avx512" or "avx2"."""
-    return _COMMON + (AVX512 if isa == "avx512" else AVX2) + BODY
+    # imported here: pangu_infer.quant's package imports the models (dense), which import this module
+    from pangu_infer.quant.c_simd import BF16_AVX2
+
+    return (_COMMON + (AVX512 if isa == "avx512" else AVX2) + BODY).replace("@BF16_AVX2@", BF16_AVX2)
 
 FLAGS = C_FLAGS
 

@@ -45,17 +45,9 @@ SOURCE = r"""
 #include <math.h>
 #include <immintrin.h>
 
+@BF16_AVX2@
 static inline __m256 load8(const void* p, int bf) {  /* 8 values (bf16 or fp32) -> fp32 */
-  if (!bf) return _mm256_loadu_ps((const float*)p);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
-/* fp32 -> bf16, to nearest even (NaN stays a quiet NaN), in the low 16 bits of each 32-bit lane */
-static inline __m256i round_bf16(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                                       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64)), nan);
+  return bf ? bf8((const uint16_t*)p) : _mm256_loadu_ps((const float*)p);
 }
 static inline __m256 as_bf16(__m256 v) { return _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16(v), 16)); }
 static inline void store8(void* p, __m256 v, int bf) {
@@ -121,7 +113,10 @@ def library() -> Optional[ctypes.CDLL]:
     """The built loops, or None where they cannot run here (the torch forms run)."""
     if disabled() or platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "fma"} <= cpu_flags():
         return None
-    lib = kernel_library("norm_rope", SOURCE, "RMSNorm and rotary loops", "the torch forms run")
+    # imported here: pangu_infer.quant's package imports the models (dense), which import this module
+    from pangu_infer.quant.c_simd import BF16_AVX2
+
+    lib = kernel_library("norm_rope", SOURCE.replace("@BF16_AVX2@", BF16_AVX2), "RMSNorm and rotary loops", "the torch forms run")
     if lib is None:
         return None
     lib.pangu_rope.restype = ctypes.c_int

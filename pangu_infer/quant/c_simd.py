@@ -1,6 +1,7 @@
 """C text shared by the engine's C kernels (pangu_infer.quant.cpu_int4's library, pangu_infer.quant.
-prefill's conversion loops, pangu_infer.quant.amx's kernel and pangu_infer.models.bf16_weights' kernel
-are built as separate libraries; each source includes what it uses of these)."""
+prefill's conversion loops, pangu_infer.quant.amx's kernel, pangu_infer.models.bf16_weights',
+bi_attention_kernel's and norm_rope's kernels are built as separate libraries; each source includes
+what it uses of these)."""
 
 # 16 rows of 64 int8 weights (row i at base + i * ld) as 32-bit words transposed: v[j], lane r, holds
 # row r's bytes 4j .. 4j + 3. One 64-byte load per row instead of a gather per 4 columns. AVX-512F.
@@ -80,5 +81,21 @@ PLANE_WORD = r"""
 static inline __m256i plane_word(const uint8_t* p) {
   const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)(const void*)p));
   return _mm256_sllv_epi32(v, _mm256_setr_epi32(4, 4, 4, 4, 0, 0, 0, 0));
+}
+"""
+
+# bf16 <-> fp32, 8 lanes at a time. AVX2. bf8: 8 bf16 values at p widened (exact). round_bf16: 8 fp32
+# lanes rounded to bf16 to nearest even, as torch rounds them (a NaN stays a quiet NaN: its top bits
+# with the quiet bit set), the bits in the low 16 of each 32-bit lane.
+BF16_AVX2 = r"""
+static inline __m256 bf8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)p)), 16));
+}
+static inline __m256i round_bf16(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                                       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64)), nan);
 }
 """

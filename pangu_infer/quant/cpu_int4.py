@@ -62,7 +62,7 @@ from pangu_infer import native_ops
 from pangu_infer.device import tracing
 from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
-from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD, TRANSPOSE8
+from pangu_infer.quant.c_simd import BF16_AVX2, INT4_OCTET, PLANE_WORD, TRANSPOSE8
 from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,7 @@ static inline __m256i dot2(__m256i acc, __m256i a, __m256i b, __m256i c, __m256i
    and a broadcast measured slower here) */
 static inline __m256i bcast4(const int8_t* p) { return _mm256_castps_si256(_mm256_broadcast_ss((const float*)(const void*)p)); }
 
-static inline __m256 bf8(const uint16_t* s) {  /* 8 bf16 -> fp32 */
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)s)), 16));
-}
-
+@BF16_AVX2@
 /* One group's end for 8 rows: the coarse and fine int32 sums (c, f) to fp32, times the group's scale
    and the row's step, plus (zero - 8 scale) times the row's sum; the AVX-512 build's steps, in order.
    sc: the group's 8 scales; off: zero - 8 scale (computed once per group where many rows share them). */
@@ -598,7 +595,7 @@ static inline __attribute__((always_inline)) void many16(
 #else
 #define MANY16(MM, GG, HB, PP) (G == GG && (zs == 2 ? (many16(xq, dx, xs, w, HB, PP, sz, y, MM, ldy, K, GG, 2, b), 1) : (many16(xq, dx, xs, w, HB, PP, sz, y, MM, ldy, K, GG, 1, b), 1)))
 #endif
-""".replace("@PLANE_WORD@", PLANE_WORD)
+""".replace("@PLANE_WORD@", PLANE_WORD).replace("@BF16_AVX2@", BF16_AVX2)
 
 # AVX2 + FMA (CPUs without AVX-512 VNNI, e.g. AMD Zen 1-3): the same arithmetic per output row, a
 # 16-row block as two halves of 8 rows. `vpdpbusd` is `vpmaddubsw` (u8 x s8 pairs to int16) then
