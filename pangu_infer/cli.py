@@ -81,6 +81,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--download-dir", default=None, help="a model on the hub: the folder to download it into (vLLM's flag)")
     p.add_argument("--tokenizer", default=None,
                    help="a folder or hub id whose tokenizer (and chat template) is used instead of the model's, as vLLM's flag")
+    p.add_argument("--tokenizer-revision", default=None,
+                   help="the tokenizer on the hub: the branch, tag or commit to download (of --tokenizer, else of the model's "
+                   "own; vLLM's flag)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="taken so vLLM's command lines work: nothing in a model folder is ever run here, so there is nothing to trust")
     p.add_argument(
@@ -205,6 +208,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
     return dict(
         tokenizer=args.tokenizer,
+        tokenizer_revision=args.tokenizer_revision,
         revision=args.revision,
         download_dir=args.download_dir,
         dtype=args.dtype,

@@ -45,7 +45,9 @@ class LLM:
     tokenizer at all (none is read): prompts are token ids, outputs carry token ids and empty texts,
     and what needs one (text prompts, chat, stop strings, bad_words) is a ValueError. revision,
     download_dir: as vLLM's, for a model named by its hub id: the branch, tag or commit, and the
-    folder the download goes to (a ValueError for a local path).
+    folder the download goes to (a ValueError for a local path). tokenizer_revision: as vLLM's, the
+    branch, tag or commit of the tokenizer on the hub: of `tokenizer`'s hub id, or, with no
+    tokenizer given, of the model's own (a ValueError where that is a local path).
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class LLM:
         model: Optional[str] = None,
         *,
         tokenizer: Optional[str] = None,
+        tokenizer_revision: Optional[str] = None,
         revision: Optional[str] = None,
         download_dir: Optional[str] = None,
         skip_tokenizer_init: bool = False,
@@ -110,7 +113,14 @@ class LLM:
             raise ValueError(f"skip_tokenizer_init={short_repr(skip_tokenizer_init)} must be True or False")
         if skip_tokenizer_init and tokenizer is not None:
             raise ValueError(f"skip_tokenizer_init=True and tokenizer={tokenizer!r}: give one")
-        own_tokenizer = None if tokenizer is None else _tokenizer(tokenizer)  # before the model loads
+        if tokenizer_revision is not None:
+            if not isinstance(tokenizer_revision, str) or not tokenizer_revision.strip():
+                raise ValueError(f"tokenizer_revision={short_repr(tokenizer_revision)} must be a non-empty string")
+            if skip_tokenizer_init:
+                raise ValueError(f"skip_tokenizer_init=True and tokenizer_revision={tokenizer_revision!r}: give one")
+            if tokenizer is None:  # the model's own tokenizer, at that revision
+                tokenizer = _hub_model_for_tokenizer(model, tokenizer_revision)
+        own_tokenizer = None if tokenizer is None else _tokenizer(tokenizer, tokenizer_revision)  # before the model loads
         read_tokenizer = own_tokenizer is None and not skip_tokenizer_init
         check_tensor_parallel_size(tensor_parallel_size)
         if not isinstance(offload_experts, bool):
@@ -708,13 +718,26 @@ def _out_of_memory(e: RuntimeError) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower()
 
 
-def _tokenizer(name: str) -> Any:
-    """LLM(tokenizer=...)'s tokenizer, or a ValueError naming the argument."""
+def _hub_model_for_tokenizer(model: Optional[str], revision: str) -> str:
+    """The model's hub id, where tokenizer_revision names a revision of the model's own tokenizer."""
+    if model is None:
+        raise ModelNotFoundError(f"tokenizer_revision={revision!r} applies to a tokenizer on the hub; the demo model is a local file")
+    if not isinstance(model, str) or os.path.exists(os.path.expanduser(model)):
+        raise ModelNotFoundError(
+            f"tokenizer_revision={revision!r} applies to a tokenizer on the hub; {str(model)!r} is a local path "
+            "(name the tokenizer's hub id with tokenizer=)"
+        )
+    return model
+
+
+def _tokenizer(name: str, revision: Optional[str] = None) -> Any:
+    """LLM(tokenizer=...)'s tokenizer (at tokenizer_revision `revision` on the hub), or a ValueError
+    naming the argument."""
     from pangu_infer.tokenizer import load_tokenizer
 
     if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
         raise ValueError(f"tokenizer={short_repr(name)} must be a folder or a hub id")
-    folder = resolve_tokenizer_path(str(name))
+    folder = resolve_tokenizer_path(str(name), revision)
     try:
         return load_tokenizer(folder)
     except (FileNotFoundError, ValueError) as e:

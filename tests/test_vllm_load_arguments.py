@@ -137,3 +137,40 @@ def test_a_hub_model_is_downloaded_at_the_revision_into_the_download_dir(monkeyp
         LLM(str(tiny_dense_dir), revision="v1", **SMALL)
     with pytest.raises(ValueError, match=r"download_dir='' must be a non-empty string"):
         LLM("someone/tiny", download_dir="", **SMALL)
+
+
+def test_the_tokenizer_revision_reaches_the_tokenizers_download(monkeypatch, tmp_path, tiny_dense_dir, pangu_tokenizer_dir):
+    """vLLM's tokenizer_revision (--tokenizer-revision): the revision of tokenizer='s hub id, or, with
+    no tokenizer given, of the model's own tokenizer on the hub (downloaded apart from the weights,
+    which stay at --revision); for a local folder or file it names nothing: a ValueError naming it."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, revision=None, cache_dir=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, "tokenizer*" in (allow_patterns or [])))
+        return str(pangu_tokenizer_dir if repo_id == "someone/tok" else tiny_dense_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    LLM("someone/tiny", tokenizer="someone/tok", tokenizer_revision="t1", **SMALL)
+    assert calls == [("someone/tok", "t1", True), ("someone/tiny", None, False)]
+    calls.clear()
+    llm = LLM("someone/tiny", revision="v2", tokenizer_revision="t2", **SMALL)
+    assert calls == [("someone/tiny", "t2", True), ("someone/tiny", "v2", False)]
+    assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    calls.clear()
+    assert main(["generate", "--model", "someone/tiny", "--tokenizer-revision", "t3", "--prompt", "hi",
+                 "--max-tokens", "2", "--enforce-eager", "--kv-cache-memory", "4MiB"]) == 0
+    assert calls == [("someone/tiny", "t3", True), ("someone/tiny", None, False)]
+    calls.clear()
+    for kwargs, message in (
+        (dict(model=str(tiny_dense_dir)), r"tokenizer_revision='t' applies to a tokenizer on the hub; '.*' is a local path"),
+        (dict(model=None), r"tokenizer_revision='t' applies to a tokenizer on the hub; the demo model is a local file"),
+        (dict(model="someone/tiny", tokenizer=str(pangu_tokenizer_dir)), r"tokenizer_revision='t' applies to a tokenizer on the hub; '.*' is a local folder"),
+        (dict(model="someone/tiny", skip_tokenizer_init=True), r"skip_tokenizer_init=True and tokenizer_revision='t': give one"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LLM(tokenizer_revision="t", **kwargs, **SMALL)
+    with pytest.raises(ValueError, match=r"tokenizer_revision=' ' must be a non-empty string"):
+        LLM("someone/tiny", tokenizer_revision=" ", **SMALL)
+    assert calls == []  # every refusal before any download

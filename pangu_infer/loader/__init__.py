@@ -76,11 +76,14 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None, dow
     )
 
 
-def resolve_tokenizer_path(tokenizer: str) -> str:
+def resolve_tokenizer_path(tokenizer: str, revision: Optional[str] = None) -> str:
     """LLM(tokenizer=...)'s folder: a local folder holding tokenizer.model or tokenizer.json (with
-    its tokenizer_config.json), or a hub id whose tokenizer files alone are downloaded."""
+    its tokenizer_config.json), or a hub id whose tokenizer files alone are downloaded (at
+    `revision`: vLLM's tokenizer_revision, which names nothing for a local folder)."""
     path = os.path.expanduser(tokenizer)
     if os.path.isdir(path):
+        if revision is not None:
+            raise ModelNotFoundError(f"tokenizer_revision={revision!r} applies to a tokenizer on the hub; {tokenizer!r} is a local folder")
         return path
     if os.path.exists(path):
         raise ModelNotFoundError(f"tokenizer={tokenizer!r} is a file: pass the folder that holds tokenizer.model or tokenizer.json")
@@ -88,7 +91,7 @@ def resolve_tokenizer_path(tokenizer: str) -> str:
         raise ModelNotFoundError(f"tokenizer={tokenizer!r}: no such folder")
     return hub.download(
         tokenizer, f"tokenizer={tokenizer!r} is not a local folder", ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.jinja"],
-        ModelNotFoundError,
+        ModelNotFoundError, revision,
     )
 
 
