@@ -43,7 +43,7 @@ from pangu_infer.device import tracing
 from pangu_infer.machine import cached_choice, interleaved_medians
 from pangu_infer.native import cpu_flags, kernel_library
 from pangu_infer.parallel.state import RowParallelLinear
-from pangu_infer.quant.c_simd import TRANSPOSE8
+from pangu_infer.quant.c_simd import BF16_AVX2, TRANSPOSE8
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,8 @@ static inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* 8 bf16 weights widened to float32: the 16 bits become the high half of each float, exactly. */
-static inline __m256 widen_bf16(const uint16_t* p) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p)), 16));
-}
+/* 8 bf16 weights widened to float32: c_simd's bf8 (the 16 bits become the high half of each float, exactly). */
+@BF16_AVX2@
 
 /* 8 float16 weights widened to float32 (F16C), exactly. */
 static inline __m256 widen_f16(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
@@ -129,7 +127,7 @@ int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int6
   return 0;                                                                                                      \
 }
 
-WIDENED_MM(pangu_bf16w_mm, widen_bf16)
+WIDENED_MM(pangu_bf16w_mm, bf8)
 WIDENED_MM(pangu_f16w_mm, widen_f16)
 
 /* ---- many rows (prefill): a blocked product that widens the weight as it packs it ----
@@ -161,7 +159,7 @@ static void NAME(const uint16_t* w, int64_t K, int64_t nr, int64_t k0, int64_t k
     }                                                                                                            \
   }                                                                                                              \
 }
-PACK_PANEL(pack_bf16, widen_bf16)
+PACK_PANEL(pack_bf16, bf8)
 PACK_PANEL(pack_f16, widen_f16)
 
 /* y[i][0..15] (+)= sum over k < kc of x[i][k] * wp[k][0..15], for R rows i */
@@ -244,7 +242,7 @@ int NAME(const float* x, const uint16_t* w, float* y, int64_t M, int64_t N, int6
 #endif
 BLOCKED_MM(pangu_bf16w_gemm, pack_bf16)
 BLOCKED_MM(pangu_f16w_gemm, pack_f16)
-""".replace("@TRANSPOSE8@", TRANSPOSE8)
+""".replace("@TRANSPOSE8@", TRANSPOSE8).replace("@BF16_AVX2@", BF16_AVX2)
 
 
 def _setting() -> str:
