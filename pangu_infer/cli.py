@@ -51,7 +51,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="context length limit (-c/--ctx-size: llama.cpp's spelling)")
     p.add_argument("--max-num-seqs", "-np", "--parallel", dest="max_num_seqs", type=int, default=64,
                    help="sequences batched per step (-np/--parallel: llama.cpp's spelling)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (prefill chunk size)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per step, decodes and prefill chunks together (default 2048; with --no-enable-chunked-prefill, "
+                   "at least --max-model-len)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--kv-cache-memory", type=_memory, default=None, help="KV cache bytes (e.g. 2GiB) or a fraction of free memory (e.g. 0.5)")
     p.add_argument(
@@ -71,9 +73,12 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-mode", choices=["auto", "slow"], default="auto",
                    help="auto or slow, as vLLM's: the same here (Pangu's tokenizer.model is always encoded by SentencePiece's own "
                    "rules, the slow tokenizer's; openPangu's vLLM commands pass slow)")
-    p.add_argument("--enable-chunked-prefill", action="store_true",
-                   help="prompts are prefilled in chunks of --max-num-batched-tokens beside the decodes: always (vLLM's flag, "
-                   "taken so its command lines work)")
+    p.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", action="store_true", default=True,
+                   help="prompts longer than what is left of a step's --max-num-batched-tokens are prefilled in chunks beside "
+                   "the decodes: the default (vLLM's flag)")
+    p.add_argument("--no-enable-chunked-prefill", dest="enable_chunked_prefill", action="store_false",
+                   help="each prompt is prefilled in one step, waiting for a step whose budget holds it whole "
+                   "(--max-num-batched-tokens then at least --max-model-len; vLLM's flag)")
     p.add_argument("--distributed-executor-backend", choices=["mp", "uni", "external_launcher", "ray"], default=None,
                    help="vLLM's: mp (the ranks of --tensor-parallel-size are processes this one starts: the default here), "
                    "external_launcher (torchrun started them), uni (one process, --tensor-parallel-size 1); ray is not used")
@@ -179,30 +184,14 @@ def _chat_template_argument(text: str) -> str:
     return _ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), text)
 
 
-def check_executor_backend(backend: Optional[str], tensor_parallel_size: int) -> None:
-    """vLLM's --distributed-executor-backend against how this engine runs its ranks: ValueError where
-    the two differ."""
-    from pangu_infer.parallel.launch import launched_by_torchrun
-
-    if backend == "ray":
-        raise ValueError("--distributed-executor-backend ray: this engine's tensor-parallel ranks are processes it starts "
-                         "itself (mp, the default) or torchrun's (external_launcher); Ray is not used")
-    if backend == "uni" and tensor_parallel_size > 1:
-        raise ValueError(f"--distributed-executor-backend uni runs one process: --tensor-parallel-size {tensor_parallel_size} needs mp")
-    if backend == "external_launcher" and not launched_by_torchrun():
-        raise ValueError("--distributed-executor-backend external_launcher: start each rank with torchrun "
-                         "(torchrun --nproc-per-node N -m pangu_infer.cli serve ...), or leave the flag out to start them here")
-    if backend == "mp" and launched_by_torchrun():
-        raise ValueError("--distributed-executor-backend mp: this process was started by torchrun (external_launcher)")
-
-
 def llm_kwargs(args: argparse.Namespace) -> dict:
     """LLM's keyword arguments from the model flags; a bad --generation-config or
     --override-generation-config is a ValueError naming the flag (before anything loads)."""
     from pangu_infer.generation_config import check_generation_config, check_override
+    from pangu_infer.parallel.launch import check_executor_backend
 
     check_generation_config(args.generation_config, "--generation-config")
-    check_executor_backend(args.distributed_executor_backend, args.tensor_parallel_size)
+    check_executor_backend(args.distributed_executor_backend, args.tensor_parallel_size, cli=True)
     override = check_override(args.override_generation_config, "--override-generation-config")
     if getattr(args, "no_model_cache", False):
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)
@@ -220,6 +209,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=args.enable_chunked_prefill,
         block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,

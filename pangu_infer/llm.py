@@ -21,7 +21,7 @@ from pangu_infer.generation_config import check_generation_config, check_model_f
 from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model, resolve_model_path, resolve_tokenizer_path
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
-from pangu_infer.parallel.launch import load_tensor_parallel
+from pangu_infer.parallel.launch import check_executor_backend, load_tensor_parallel
 from pangu_infer.parallel.state import check_tensor_parallel_size
 from pangu_infer.sampling_params import BeamSearchParams, SamplingParams
 
@@ -37,6 +37,15 @@ class LLM:
     quantization: "auto" (default) keeps the checkpoint's own quantization (a GGUF file's Q4 blocks
     as int4, its other block types as int8); "none" loads float weights in `dtype`; "int8"/"int4"
     quantize while loading (docs/design.md, "Quantized weights").
+
+    distributed_executor_backend: as vLLM's, how the tensor_parallel_size ranks start: "mp"
+    (processes this one starts, the default here), "external_launcher" (torchrun started each, one
+    LLM per rank), "uni" (one process); "ray" is a ValueError (Ray is not used).
+
+    max_num_batched_tokens, enable_chunked_prefill: as vLLM's, the tokens one step forwards (decodes
+    and prefill chunks together; default 2048) and whether a prompt longer than what is left of a
+    step's budget is prefilled in chunks beside the decodes (the default) or waits for a step that
+    holds it whole (False: the budget must be at least max_model_len, and defaults to that).
 
     tokenizer: as vLLM's, a folder (or hub id) whose tokenizer is used instead of the model's own
     (whose tokenizer files are then never read); its vocabulary must fit the model's. Its chat
@@ -65,9 +74,11 @@ class LLM:
         quantization: Optional[str] = "auto",
         offload_experts: bool = False,
         tensor_parallel_size: int = 1,
+        distributed_executor_backend: Optional[str] = None,
         seed: Optional[int] = None,
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: Optional[int] = None,
+        enable_chunked_prefill: bool = True,
         block_size: int = 16,
         kv_cache_memory: Union[None, int, float] = None,
         gpu_memory_utilization: Optional[float] = None,
@@ -123,6 +134,7 @@ class LLM:
         own_tokenizer = None if tokenizer is None else _tokenizer(tokenizer, tokenizer_revision)  # before the model loads
         read_tokenizer = own_tokenizer is None and not skip_tokenizer_init
         check_tensor_parallel_size(tensor_parallel_size)
+        check_executor_backend(distributed_executor_backend, tensor_parallel_size)
         if not isinstance(offload_experts, bool):
             raise ValueError(f"offload_experts={short_repr(offload_experts)} must be True or False")
         spec = speculative_settings(speculative_config, speculative_model, num_speculative_tokens, speculative_ngram)
@@ -136,6 +148,7 @@ class LLM:
         self.engine_config = EngineConfig(
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill,
             block_size=block_size,
             kv_cache_memory=kv_cache_memory,
             gpu_memory_utilization=gpu_memory_utilization,
@@ -212,6 +225,7 @@ class LLM:
                 draft_model=self.draft.model if self.draft is not None else None,
                 draft_name=self.draft.source if self.draft is not None else "draft model",
             )
+            self.engine_config = self.engine.engine_config  # with what the engine chose for what was left out
             if self.parallel is not None:
                 self.parallel.attach(self.engine.runner)
         except BaseException as e:
@@ -220,7 +234,7 @@ class LLM:
             if isinstance(e, RuntimeError) and _out_of_memory(e):  # buffers sized by the engine's settings
                 ec = self.engine_config
                 raise ValueError(
-                    f"the engine's buffers for max_num_seqs={ec.max_num_seqs}, max_num_batched_tokens={ec.max_num_batched_tokens}, "
+                    f"the engine's buffers for max_num_seqs={ec.max_num_seqs}, max_num_batched_tokens={ec.max_num_batched_tokens or 'default'}, "
                     f"num_speculative_tokens={ec.num_speculative_tokens}"
                     + (f", max_loras={ec.max_loras}, max_lora_rank={ec.max_lora_rank}" if ec.enable_lora else "")
                     + f" need more memory than there is: {str(e).splitlines()[0]}"

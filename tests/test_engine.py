@@ -96,14 +96,88 @@ def test_chunked_prefill_equals_unchunked(llm, monkeypatch):
             assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= 1e-4
 
 
-def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llm, alone):
+
+def test_without_chunked_prefill_each_prompt_is_prefilled_whole_in_one_step(llm, monkeypatch):
+    """enable_chunked_prefill=False (vLLM's): under a step budget that holds only some of the six
+    prompts at once, each prompt is prefilled from its start to its end in one step, the later ones
+    waiting for a step with room for all of theirs, beside the earlier ones' decodes. The tokens and
+    logprobs equal those of all prompts prefilled in one step. The same budget with chunked
+    prefill on splits prompts (what the setting changes)."""
+    from pangu_infer.engine.runner import ModelRunner
+
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=g).tolist() for n in (300, 38, 129, 77, 211, 53)]
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    steps: list[tuple[list[tuple[str, int, int]], int]] = []  # per step: its prefill chunks, and its decode rows
+    forward = ModelRunner.run
+
+    def recording_run(self, batch, drafts=None):
+        pairs = list(zip(batch.seqs, batch.num_tokens))
+        prefill = [(s.request_id, s.num_computed_tokens, n) for s, n in pairs if s.num_computed_tokens < s.num_prompt_tokens]
+        steps.append((prefill, len(pairs) - len(prefill)))
+        return forward(self, batch, drafts)
+
+    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    whole, _ = run(llm, prompts, params, kv_cache_memory=8 << 20, block_size=16, enable_prefix_caching=False)
+    steps.clear()
+    budget = dict(kv_cache_memory=8 << 20, block_size=16, max_model_len=320, max_num_batched_tokens=320, enable_prefix_caching=False)
+    unchunked, _ = run(llm, prompts, params, enable_chunked_prefill=False, **budget)
+    prefill = [c for chunks, _ in steps for c in chunks]
+    assert sorted(prefill) == sorted((str(i), 0, len(p)) for i, p in enumerate(prompts))  # each prompt once, whole
+    assert sum(1 for chunks, _ in steps if chunks) >= 3  # 808 prompt tokens under a budget of 320
+    assert any(chunks and decodes for chunks, decodes in steps)  # prefills beside decodes
+    assert all(sum(n for _, _, n in chunks) + decodes <= 320 for chunks, decodes in steps)
+    for got, want in zip(unchunked, whole):
+        got, want = got.outputs[0], want.outputs[0]
+        assert got.token_ids == want.token_ids
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert abs(a.logprob - b.logprob) <= 1e-4
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    steps.clear()
+    run(llm, prompts, params, **budget)  # chunked prefill on (the default)
+    assert any(start > 0 for chunks, _ in steps for _, start, _ in chunks)
+
+
+def test_without_chunked_prefill_the_step_budget_holds_the_longest_prompt(llm):
+    """vLLM's rule: without chunked prefill max_num_batched_tokens defaults to max(max_model_len,
+    2048), and a smaller one given is a ValueError naming both (else a prompt of max_model_len
+    tokens would wait forever)."""
+    from pangu_infer.engine.engine import step_budget
+
+    assert step_budget(EngineConfig(enable_chunked_prefill=False), 8192) == 8192
+    assert step_budget(EngineConfig(enable_chunked_prefill=False), 512) == 2048
+    assert step_budget(EngineConfig(), 8192) == 2048  # chunked: vLLM's 2048
+    assert step_budget(EngineConfig(max_num_batched_tokens=300), 8192) == 300
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens=100 is less than max_model_len=320 with enable_chunked_prefill=False"):
+        LLMEngine(llm.model, llm.tokenizer, EngineConfig(enable_chunked_prefill=False, max_num_batched_tokens=100, max_model_len=320, enforce_eager=True))
+    engine = LLMEngine(llm.model, llm.tokenizer, EngineConfig(enable_chunked_prefill=False, max_model_len=320, kv_cache_memory=8 << 20, enforce_eager=True))
+    assert engine.engine_config.max_num_batched_tokens == 2048 and engine.scheduler.max_num_batched_tokens == 2048
+    with pytest.raises(ValueError, match=r"enable_chunked_prefill='no' must be True or False"):
+        EngineConfig(enable_chunked_prefill="no")
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole-prompts"])
+def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llm, alone, chunked, monkeypatch):
+    """Without chunked prefill too: a prompt (or a preempted sequence's recomputation) waits for
+    blocks for all its tokens, never taking a part of them."""
+    from pangu_infer.engine.runner import ModelRunner
+
     prompts, expected = alone
     per_token = llm.config.kv_bytes_per_token(torch.float32)
     budget = per_token * 16 * 30  # 30 blocks of 16 tokens shared by 24 prompts of up to 308 tokens
-    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=budget, block_size=16)
+    parts: list[int] = []  # tokens a prefill chunk left for a later step
+    forward = ModelRunner.run
+
+    def recording_run(self, batch, drafts=None):
+        parts.extend(s.num_tokens - s.num_computed_tokens - n for s, n in zip(batch.seqs, batch.num_tokens))
+        return forward(self, batch, drafts)
+
+    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=budget, block_size=16, enable_chunked_prefill=chunked)
     assert token_ids(outs) == expected
     assert engine.stats()["num_preemptions"] > 0
     assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
+    if not chunked:
+        assert max(parts) == 0
 
 
 def test_prefix_caching_equals_no_caching_and_counts_hits(llm):

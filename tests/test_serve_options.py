@@ -737,6 +737,21 @@ def test_several_served_names_as_vllm_takes_them(tiny_dense_dir):
         assert missing.status_code == 404 and "serves 'pangu' (also 'pangu-7b')" in missing.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
+def test_chunked_prefill_flags_reach_the_engine(command):
+    """vLLM's --enable-chunked-prefill (the default) and --no-enable-chunked-prefill; without chunked
+    prefill --max-num-batched-tokens left out lets the engine take max_model_len (vLLM's default)."""
+    from pangu_infer.cli import build_parser, llm_kwargs
+
+    parse = build_parser().parse_args
+    extra = ["--prompt", "x"] if command == "generate" else []
+    default = llm_kwargs(parse([command, *extra]))
+    assert default["enable_chunked_prefill"] is True and default["max_num_batched_tokens"] is None
+    assert llm_kwargs(parse([command, *extra, "--enable-chunked-prefill"])) == default
+    off = llm_kwargs(parse([command, *extra, "--no-enable-chunked-prefill", "--max-num-batched-tokens", "8192"]))
+    assert off == {**default, "enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
+
+
 def test_openpangus_own_vllm_serve_command_line_works_here():
     """The flags of openPangu's published vLLM(-Ascend) serve commands (Ascend-Pangu-Infer's run
     scripts for Embedded 1B/7B; tool and reasoning parsers as vLLM-Ascend registers them) parse, and

@@ -174,3 +174,21 @@ def test_the_tokenizer_revision_reaches_the_tokenizers_download(monkeypatch, tmp
     with pytest.raises(ValueError, match=r"tokenizer_revision=' ' must be a non-empty string"):
         LLM("someone/tiny", tokenizer_revision=" ", **SMALL)
     assert calls == []  # every refusal before any download
+
+
+def test_distributed_executor_backend_is_taken_as_vllms_llm_takes_it(tiny_dense_dir):
+    """LLM(distributed_executor_backend=...) as vLLM's: mp and uni run one process here at
+    tensor_parallel_size=1; what this engine does not do is a ValueError naming it, before loading."""
+    for backend in ("mp", "uni", None):
+        llm = LLM(str(tiny_dense_dir), distributed_executor_backend=backend, **SMALL)
+        assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    refused = {
+        "ray": r"distributed_executor_backend='ray': .*Ray is not used",
+        "external_launcher": r"distributed_executor_backend='external_launcher': start each rank with torchrun",
+        "threads": r"distributed_executor_backend='threads' must be one of mp, uni, external_launcher, ray",
+    }
+    for backend, message in refused.items():
+        with pytest.raises(ValueError, match=message):
+            LLM("/no/such/model", distributed_executor_backend=backend, **SMALL)  # refused before any load
+    with pytest.raises(ValueError, match=r"distributed_executor_backend='uni' runs one process: tensor_parallel_size=2 needs mp"):
+        LLM("/no/such/model", distributed_executor_backend="uni", tensor_parallel_size=2, **SMALL)

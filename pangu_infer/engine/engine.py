@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
@@ -37,6 +37,8 @@ logger = logging.getLogger("pangu_infer.engine")
 DEFAULT_CPU_KV_BYTES = 4 << 30
 MAX_BAD_WORD_TOKENS = 4096  # tokens of one request's bad_words, both spellings: what each step matches
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# A step's token budget where max_num_batched_tokens is not given (vLLM's, with chunked prefill)
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 # How an embedding request pools its prompt's final hidden states (add_request(pooling=...)):
 # the last position's (vLLM's default for a decoder, what decoder embedding models train), or their mean
 POOLING_TYPES = ("last", "mean")
@@ -47,7 +49,13 @@ class EngineConfig:
     """Everything a user tunes about serving; each field has a CLI flag of the same name."""
 
     max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
+    # tokens one step forwards, decodes and prefill chunks together; None: DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    # or, with enable_chunked_prefill=False, at least max_model_len (vLLM's defaults)
+    max_num_batched_tokens: Optional[int] = None
+    # vLLM's: True, a prompt longer than what is left of a step's budget is prefilled in chunks beside
+    # the decodes; False, each prompt in one step (it waits for a step whose budget holds it whole),
+    # so max_num_batched_tokens must be at least max_model_len
+    enable_chunked_prefill: bool = True
     block_size: int = 16
     # bytes (int), a fraction of free memory (float in (0, 1]), or None: 4 GiB on CPU, 90% elsewhere
     kv_cache_memory: Union[None, int, float] = None
@@ -83,6 +91,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "speculative_ngram_min", "max_loras", "max_lora_rank"):
             v = getattr(self, name)
+            if name == "max_num_batched_tokens" and v is None:
+                continue  # the default, chosen once max_model_len is known (LLMEngine)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         k = self.num_speculative_tokens
@@ -108,12 +118,12 @@ class EngineConfig:
                 raise ValueError(
                     f"gpu_memory_utilization={util!r} and kv_cache_memory={kv!r} both size the KV cache: give one"
                 )
-        for name in ("batch_invariant", "enforce_eager", "enable_prefix_caching"):
+        for name in ("batch_invariant", "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be True or False")
         if not valid_seed(self.seed):
             raise ValueError(f"seed={short_repr(self.seed)} must be an integer in [{SEED_MIN}, {SEED_MAX}] or None")
-        if self.batch_invariant and self.max_num_batched_tokens < self.block_size:
+        if self.batch_invariant and (self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS) < self.block_size:
             raise ValueError(
                 f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least block_size={self.block_size} "
                 "with batch_invariant (prefill chunks end on block boundaries)"
@@ -151,6 +161,23 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
+
+def step_budget(ec: EngineConfig, max_model_len: int) -> int:
+    """The step's token budget: max_num_batched_tokens, or its default (DEFAULT_MAX_NUM_BATCHED_TOKENS;
+    without chunked prefill at least max_model_len, as vLLM). Without chunked prefill a prompt runs in
+    one step, so a budget below max_model_len would leave the longest prompts waiting forever: a
+    ValueError naming both."""
+    budget = ec.max_num_batched_tokens
+    if budget is None:
+        return DEFAULT_MAX_NUM_BATCHED_TOKENS if ec.enable_chunked_prefill else max(max_model_len, DEFAULT_MAX_NUM_BATCHED_TOKENS)
+    if not ec.enable_chunked_prefill and budget < max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens={budget} is less than max_model_len={max_model_len} with enable_chunked_prefill=False: "
+            "each prompt is then prefilled in one step, so the step's budget must hold the longest; raise "
+            "max_num_batched_tokens, lower max_model_len, or leave chunked prefill on"
+        )
+    return budget
+
 class LLMEngine:
     def __init__(
         self,
@@ -183,6 +210,7 @@ class LLMEngine:
                 "(max_position_embeddings; a GGUF file's context_length): give at most that, or leave it out"
             )
         self.max_model_len = ec.max_model_len or context
+        self.engine_config = ec = replace(ec, max_num_batched_tokens=step_budget(ec, self.max_model_len))
         self.draft_model = draft_model
         if draft_model is not None:
             check_draft_config(ec)
@@ -201,7 +229,7 @@ class LLMEngine:
         self.pool = BlockPool(num_blocks, ec.block_size, ec.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1,
-            ec.scheduling_policy,
+            ec.scheduling_policy, ec.enable_chunked_prefill,
         )
         self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
         self.runner = ModelRunner(

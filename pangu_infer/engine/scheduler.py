@@ -39,7 +39,8 @@ def scheduling_rank(seq: Sequence) -> tuple[int, int]:
 
 class Scheduler:
     def __init__(
-        self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, chunk_multiple: int = 1, policy: str = "fcfs"
+        self, pool: BlockPool, max_num_seqs: int, max_num_batched_tokens: int, chunk_multiple: int = 1, policy: str = "fcfs",
+        chunked_prefill: bool = True,
     ):
         if policy not in POLICIES:
             raise ValueError(f"scheduling_policy={policy!r} must be one of {', '.join(POLICIES)}")
@@ -49,6 +50,9 @@ class Scheduler:
         # tokens of the sequence (batch-invariant mode: the block size), never where the step's
         # budget happens to run out.
         self.chunk_multiple = chunk_multiple
+        # False (vLLM's enable_chunked_prefill=False): a sequence's remaining tokens are computed in one
+        # step or wait for a step whose budget (and the KV pool) holds them all
+        self.chunked_prefill = chunked_prefill
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -131,11 +135,15 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         """Tokens of `seq` to compute in this step within `budget`: all that remain, or a chunk
-        ending on a multiple of chunk_multiple (0 when the budget does not reach one)."""
+        ending on a multiple of chunk_multiple (0 when the budget does not reach one; without
+        chunked prefill, 0 when it does not reach the end)."""
         start = seq.num_computed_tokens
         n = min(seq.num_tokens - start, budget)
-        if n < seq.num_tokens - start and self.chunk_multiple > 1:
-            n = (start + n) // self.chunk_multiple * self.chunk_multiple - start
+        if n < seq.num_tokens - start:
+            if not self.chunked_prefill:
+                return 0
+            if self.chunk_multiple > 1:
+                n = (start + n) // self.chunk_multiple * self.chunk_multiple - start
         return max(n, 0)
 
     def _parent_prompt_cached(self, seq: Sequence) -> bool:

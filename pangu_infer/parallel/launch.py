@@ -32,6 +32,7 @@ import torch.distributed as dist
 
 from pangu_infer import memory
 from pangu_infer.device import distributed_backend, rank_device
+from pangu_infer.errors import short_repr
 from pangu_infer.loader import LoadedModel, check_weights_fit, read_config, resolve_model_path
 from pangu_infer.parallel.errors import ParallelStartupError
 from pangu_infer.parallel import messages
@@ -48,6 +49,32 @@ logger = logging.getLogger("pangu_infer.parallel")
 def launched_by_torchrun() -> bool:
     """True in a process torchrun started as one rank of a group of more than one."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ and "MASTER_ADDR" in os.environ
+
+
+# vLLM's distributed_executor_backend values: how the tensor-parallel ranks start
+EXECUTOR_BACKENDS = ("mp", "uni", "external_launcher", "ray")
+
+
+def check_executor_backend(backend: Optional[str], tensor_parallel_size: int, cli: bool = False) -> None:
+    """vLLM's distributed_executor_backend (--distributed-executor-backend where `cli`) against how this
+    engine runs its ranks: ValueError where the two differ. mp: processes this one starts (the
+    default here); external_launcher: torchrun started them; uni: one process; Ray is not used."""
+    if backend is None:
+        return
+    name, tp = ("--distributed-executor-backend ", "--tensor-parallel-size ") if cli else ("distributed_executor_backend=", "tensor_parallel_size=")
+    shown = backend if cli else short_repr(backend)
+    if backend not in EXECUTOR_BACKENDS:
+        raise ValueError(f"{name}{shown} must be one of {', '.join(EXECUTOR_BACKENDS)}")
+    if backend == "ray":
+        raise ValueError(f"{name}{shown}: this engine's tensor-parallel ranks are processes it starts "
+                         "itself (mp, the default) or torchrun's (external_launcher); Ray is not used")
+    if backend == "uni" and tensor_parallel_size > 1:
+        raise ValueError(f"{name}{shown} runs one process: {tp}{tensor_parallel_size} needs mp")
+    if backend == "external_launcher" and not launched_by_torchrun():
+        raise ValueError(f"{name}{shown}: start each rank with torchrun "
+                         "(torchrun --nproc-per-node N -m pangu_infer.cli serve ...), or leave it out to start them here")
+    if backend == "mp" and launched_by_torchrun():
+        raise ValueError(f"{name}{shown}: this process was started by torchrun (external_launcher)")
 
 
 def load_tensor_parallel(
