@@ -33,9 +33,10 @@ from pangu_infer.models import bi_attention_kernel, layers  # noqa: E402
 from pangu_infer.native import build_c_library, c_compiler  # noqa: E402
 from pangu_infer.quant.c_simd import BF16_AVX2  # noqa: E402
 
-# (sequences, context, KV heads, query heads per KV head): the engine's own measurement, the 1B
-# Pangu-shaped model's compare.py 16-way and one-sequence decode, one long context of a 7B shape
-SHAPES = ((8, 512, 8, 4), (16, 320, 6, 2), (1, 320, 6, 2), (1, 2048, 8, 4))
+# (sequences, context, KV heads, query heads per KV head, head width): the engine's own measurement,
+# the 1B Pangu-shaped model's compare.py 16-way and one-sequence decode, one long context of a 7B
+# shape, the demo model's one-sequence decode (3 KV heads of 64)
+SHAPES = ((8, 512, 8, 4, 128), (16, 320, 6, 2, 128), (1, 320, 6, 2, 128), (1, 2048, 8, 4, 128), (1, 320, 3, 3, 64))
 
 
 def max_difference(kv_dtype: torch.dtype, batch: int, length: int, kv_heads: int, group: int, dim: int = 128) -> float:
@@ -72,8 +73,7 @@ def against(rev: str, rounds: int, layers_n: int = 26) -> None:
     builds = {rev[:10]: _loaded(source_at(rev), "bi_attention_against"), "this": _loaded(bi_attention_kernel.source(bi_attention_kernel.instruction_set()), "bi_attention_this")}
     print(f"{torch.get_num_threads()} threads, bf16 caches, {layers_n} layers' caches in turn; us per layer (median of {rounds} passes each)")
     print(f"{'seqs x ctx':>11s} {'Hkv x G':>8s} " + " ".join(f"{k:>10s}" for k in builds) + f" {'speed':>6s} {'GB/s':>6s}  bits")
-    dim = 128
-    for batch, length, hkv, group in SHAPES:
+    for batch, length, hkv, group, dim in SHAPES:
         g = torch.Generator().manual_seed(2)
         slots_n = max(8192, batch * length)
         caches = [(torch.randn(slots_n, hkv, dim, generator=g).bfloat16(), torch.randn(slots_n, hkv, dim, generator=g).bfloat16()) for _ in range(layers_n)]
@@ -115,9 +115,9 @@ def main() -> None:
     print(f"{args.threads} threads, build {bi_attention_kernel.instruction_set()}; ms per call (medians of interleaved passes)")
     print(f"{'cache':>9s} {'seqs x ctx':>11s} {'Hkv x G':>8s} {'kernel':>8s} {'torch':>8s} {'speed':>6s} {'max diff':>9s}")
     for dtype in (torch.float32, torch.bfloat16):
-        for b, length, hkv, group in SHAPES:
-            t = layers._measure_decode(dtype, b, length, hkv, group)
-            diff = max_difference(dtype, b, length, hkv, group)
+        for b, length, hkv, group, dim in SHAPES:
+            t = layers._measure_decode(dtype, b, length, hkv, group, dim)
+            diff = max_difference(dtype, b, length, hkv, group, dim)
             print(f"{str(dtype).replace('torch.', ''):>9s} {f'{b} x {length}':>11s} {f'{hkv} x {group}':>8s} "
                   f"{t['own'] * 1e3:8.2f} {t['aten'] * 1e3:8.2f} {t['aten'] / t['own']:5.1f}x {diff:9.1e}")
 
