@@ -40,6 +40,17 @@ def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+def assert_same_tokens_and_logprobs(outputs, expected, tol: float = 1e-4) -> None:
+    """The same tokens, and each step's logprob and top entries (ids, and values within tol)."""
+    for got, want in zip(outputs, expected, strict=True):
+        got, want = got.outputs[0], want.outputs[0]
+        assert got.token_ids == want.token_ids
+        for a, b in zip(got.logprobs, want.logprobs, strict=True):
+            assert abs(a.logprob - b.logprob) <= tol
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= tol
+
+
 @pytest.fixture(scope="module", params=["dense", "moge"])
 def llm(request, tiny_dense_dir, tiny_moge_dir):
     path = tiny_dense_dir if request.param == "dense" else tiny_moge_dir
@@ -87,13 +98,7 @@ def test_chunked_prefill_equals_unchunked(llm, monkeypatch):
     assert all(sum(r == str(i) for r, _, _ in prefill) >= 2 for i in range(len(prompts)))  # every prompt is split
     assert sum(start % 16 != 0 for _, start, _ in prefill) >= len(prompts)  # chunks that begin mid-block
     assert any(len(step) > 1 for step in chunks)  # a step holding chunks of two prompts
-    for got, want in zip(chunked, whole):
-        got, want = got.outputs[0], want.outputs[0]
-        assert got.token_ids == want.token_ids
-        for a, b in zip(got.logprobs, want.logprobs):
-            assert abs(a.logprob - b.logprob) <= 1e-4
-            assert [t for t, _ in a.top] == [t for t, _ in b.top]
-            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top, b.top)) <= 1e-4
+    assert_same_tokens_and_logprobs(chunked, whole)
 
 
 
@@ -127,12 +132,7 @@ def test_without_chunked_prefill_each_prompt_is_prefilled_whole_in_one_step(llm,
     assert sum(1 for chunks, _ in steps if chunks) >= 3  # 808 prompt tokens under a budget of 320
     assert any(chunks and decodes for chunks, decodes in steps)  # prefills beside decodes
     assert all(sum(n for _, _, n in chunks) + decodes <= 320 for chunks, decodes in steps)
-    for got, want in zip(unchunked, whole):
-        got, want = got.outputs[0], want.outputs[0]
-        assert got.token_ids == want.token_ids
-        for a, b in zip(got.logprobs, want.logprobs):
-            assert abs(a.logprob - b.logprob) <= 1e-4
-            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    assert_same_tokens_and_logprobs(unchunked, whole)
     steps.clear()
     run(llm, prompts, params, **budget)  # chunked prefill on (the default)
     assert any(start > 0 for chunks, _ in steps for _, start, _ in chunks)
