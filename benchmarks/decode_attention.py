@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from pangu_infer.models import bi_attention_kernel, layers  # noqa: E402
 from pangu_infer.native import build_c_library, c_compiler  # noqa: E402
-from pangu_infer.quant.c_simd import BF16_AVX2  # noqa: E402
+from pangu_infer.quant.c_simd import BF16_AVX2, BF16_AVX512  # noqa: E402
 
 # (sequences, context, KV heads, query heads per KV head, head width): the engine's own measurement,
 # the 1B Pangu-shaped model's compare.py 16-way and one-sequence decode, one long context of a 7B
@@ -57,7 +57,7 @@ def source_at(rev: str) -> str:
     ns: dict = {}
     exec(compile(text[: text.index("def source(")], f"{rev}:bi_attention_kernel.py", "exec"), ns)  # the C text only
     text = ns["_COMMON"] + (ns["AVX512"] if bi_attention_kernel.instruction_set() == "avx512" else ns["AVX2"]) + ns["BODY"]
-    return text.replace("@BF16_AVX2@", BF16_AVX2)  # (later revisions share it with other kernels)
+    return text.replace("@BF16_AVX2@", BF16_AVX2).replace("@BF16_AVX512@", BF16_AVX512)  # (later revisions share them with other kernels)
 
 
 def _loaded(source: str, name: str) -> ctypes.CDLL:

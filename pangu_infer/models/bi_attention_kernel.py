@@ -103,19 +103,13 @@ static inline vec v_round(vec x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_
 static inline vec v_scale2(vec p, vec n) { return _mm512_scalef_ps(p, n); }  /* p 2^n, n an integer */
 static inline vec v_keep(vmask keep, vec x) { return _mm512_maskz_mov_ps(keep, x); }
 
+@BF16_AVX512@
 /* 16 lanes rounded to bf16, to nearest even as torch does (NaN stays NaN) */
-static inline void store_bf16(uint16_t* dst, __m512 x) {
-  const __m512i u = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(64)));
-  _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(r));
-}
+static inline void store_bf16(uint16_t* dst, __m512 x) { _mm256_storeu_si256((__m256i*)dst, _mm512_cvtepi32_epi16(round_bf16x16(x))); }
 
 static inline __m512 load16(const void* p, int f32) {
   if (f32) return _mm512_loadu_ps((const float*)p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  return bf16x16((const uint16_t*)p);
 }
 
 /* r[i] = the sum of the 16 lanes of a[i], i = 0..15, for all 16 at once: the same tree of adds
@@ -426,9 +420,9 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
 def source(isa: str) -> str:
     """The kernel's C source for "avx512" or "avx2"."""
     # imported here: pangu_infer.quant's package imports the models (dense), which import this module
-    from pangu_infer.quant.c_simd import BF16_AVX2
+    from pangu_infer.quant.c_simd import BF16_AVX2, BF16_AVX512
 
-    return (_COMMON + (AVX512 if isa == "avx512" else AVX2) + BODY).replace("@BF16_AVX2@", BF16_AVX2)
+    return (_COMMON + (AVX512 if isa == "avx512" else AVX2) + BODY).replace("@BF16_AVX2@", BF16_AVX2).replace("@BF16_AVX512@", BF16_AVX512)
 
 FLAGS = C_FLAGS
 

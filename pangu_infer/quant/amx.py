@@ -63,7 +63,7 @@ import torch
 from pangu_infer.device import tracing
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
 from pangu_infer.quant import cpu_int4
-from pangu_infer.quant.c_simd import INT4_OCTET, PLANE_WORD, TRANSPOSE16_EPI32
+from pangu_infer.quant.c_simd import BF16_AVX512, INT4_OCTET, PLANE_WORD, TRANSPOSE16_EPI32
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +121,9 @@ static void config_tiles(void) {
   _tile_loadconfig(&TILES);
 }
 
-static inline __m512i round_hi(__m512 f) {  /* bf16 of f (nearest even) in the high half, low half zero */
-  __m512i u = _mm512_castps_si512(f);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  return _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
-}
-static inline __m512i pair_words(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
+@BF16_AVX512@
 /* lane r of even and odd (fp32) -> word r = (bf16(even[r]), bf16(odd[r])), rounded to nearest even as
-   round_hi (vcvtne2ps2bf16 puts even in the low 16 halfwords, odd in the high ones; one permutation). */
+   round_bf16x16 (vcvtne2ps2bf16 puts even in the low 16 halfwords, odd in the high ones; one permutation). */
 static inline __m512i pairs(__m512 even, __m512 odd) {
   const __m512i idx = _mm512_setr_epi32(0x100000, 0x110001, 0x120002, 0x130003, 0x140004, 0x150005, 0x160006, 0x170007,
                                         0x180008, 0x190009, 0x1a000a, 0x1b000b, 0x1c000c, 0x1d000d, 0x1e000e, 0x1f000f);
@@ -157,9 +152,7 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
 static inline __attribute__((always_inline)) void high_octet(const uint8_t* p, const uint8_t* e, const int P, const uint16_t* s,
                                                              int64_t zs, __m512 lo[4], __m512 hi[4]) {
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
-  const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
-  const __m512 ze = zs == 2 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16))
-                            : _mm512_setzero_ps();
+  const __m512 sc = bf16x16(s), ze = zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps();
   const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(P == 1 ? 16.0f : 32.0f), sc, ze);
   __m256i h0, h1;
   if (P == 1) {  /* the plane: rows 8-15's bits two further up than rows 0-7's */
@@ -397,9 +390,6 @@ static int qmm_rows(const uint16_t* x, const void* w, const uint8_t* hb, int P, 
 #ifdef __AMX_INT8__
 #define I8_LEVELS 32767.0f  /* cpu_int8's LEVELS */
 
-static inline __m512 bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
 
 /* One row of x into its planes (h, l: K bytes each) and its step d; a row holding NaN or infinity gets d
    NaN and zero planes (NaN outputs, as the decode kernel). */
@@ -567,7 +557,7 @@ int pangu_amx_qmm(const uint16_t* x, const void* w, const uint16_t* q, uint16_t*
   }
   return 0;
 }
-""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET).replace("@PLANE_WORD@", PLANE_WORD)
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@BF16_AVX512@", BF16_AVX512).replace("@INT4_OCTET@", INT4_OCTET).replace("@PLANE_WORD@", PLANE_WORD)
 
 FLAGS = (*C_FLAGS, "-Werror=incompatible-pointer-types")
 _lock = threading.Lock()

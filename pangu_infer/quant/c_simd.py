@@ -48,18 +48,38 @@ static inline void transpose8(__m256 r[8]) {
 }
 """
 
+# bf16 <-> fp32, 16 lanes at a time. AVX-512F. bf16x16: 16 bf16 values at p widened (exact).
+# round_bf16x16: 16 fp32 lanes rounded to bf16 to nearest even, as torch rounds them (a NaN stays a
+# quiet NaN: its top bits with the quiet bit set), the bits in the low 16 of each 32-bit lane (
+# _mm512_cvtepi32_epi16 packs them); round_bf16x16_finite: the same for lanes known finite (weights
+# dequantized from finite scales), without the NaN test; round_bf16x16_top: its bits in the top 16 of
+# each lane (the low 16 not cleared). BF16_AVX2's, 16 lanes wide.
+BF16_AVX512 = r"""
+static inline __m512 bf16x16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(const void*)p)), 16));
+}
+static inline __m512i round_bf16x16_top(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+}
+static inline __m512i round_bf16x16_finite(__m512 v) { return _mm512_srli_epi32(round_bf16x16_top(v), 16); }
+static inline __m512i round_bf16x16(__m512 v) {
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  return _mm512_mask_mov_epi32(round_bf16x16_finite(v), nan,
+                               _mm512_or_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16), _mm512_set1_epi32(64)));
+}
+"""
+
 # One octet of pangu_infer.quant.cpu_int4's int4 layout dequantized in fp32. p: its 64 bytes, 16 rows x
 # 4 bytes (byte j of a row: column j in the low nibble, column 4 + j in the high one); s: the group's
 # bf16 scales [16], then where zs == 2 its zeros [16] (zs == 1: scales only, every zero 0). lo[j] =
 # column j, hi[j] = column 4 + j, lane r = row r; the weight is q * scale + (zero - 8 scale), one fused
 # multiply-add (with zero 0 the same bits as a stored zero of 0). Inlined: a caller whose zs is a
-# constant tests it once, not per octet. AVX-512F.
+# constant tests it once, not per octet. AVX-512F; after BF16_AVX512 (bf16x16).
 INT4_OCTET = r"""
 static inline __attribute__((always_inline)) void int4_octet(const uint8_t* p, const uint16_t* s, int64_t zs, __m512 lo[4], __m512 hi[4]) {
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
-  const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
-  const __m512 ze = zs == 2 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(s + 16))), 16))
-                            : _mm512_setzero_ps();
+  const __m512 sc = bf16x16(s), ze = zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps();
   const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
   const __m512i v = _mm512_loadu_si512((const void*)p);
   for (int j = 0; j < 4; j++) {
@@ -86,16 +106,19 @@ static inline __m256i plane_word(const uint8_t* p) {
 
 # bf16 <-> fp32, 8 lanes at a time. AVX2. bf8: 8 bf16 values at p widened (exact). round_bf16: 8 fp32
 # lanes rounded to bf16 to nearest even, as torch rounds them (a NaN stays a quiet NaN: its top bits
-# with the quiet bit set), the bits in the low 16 of each 32-bit lane.
+# with the quiet bit set), the bits in the low 16 of each 32-bit lane; round_bf16_finite: the same for
+# lanes known finite (weights dequantized from finite scales), without the NaN test.
 BF16_AVX2 = r"""
 static inline __m256 bf8(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)(const void*)p)), 16));
 }
-static inline __m256i round_bf16(__m256 v) {
+static inline __m256i round_bf16_finite(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
-                                                       _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+  return _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)),
+                                            _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))), 16);
+}
+static inline __m256i round_bf16(__m256 v) {
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(64)), nan);
+  return _mm256_blendv_epi8(round_bf16_finite(v), _mm256_or_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16), _mm256_set1_epi32(64)), nan);
 }
 """

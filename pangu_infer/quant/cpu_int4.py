@@ -62,7 +62,7 @@ from pangu_infer import native_ops
 from pangu_infer.device import tracing
 from pangu_infer.machine import own_kernel_measured_faster
 from pangu_infer.native import C_FLAGS, build_c_library, c_compiler, cpu_flags
-from pangu_infer.quant.c_simd import BF16_AVX2, INT4_OCTET, PLANE_WORD, TRANSPOSE8
+from pangu_infer.quant.c_simd import BF16_AVX2, BF16_AVX512, INT4_OCTET, PLANE_WORD, TRANSPOSE8
 from pangu_infer.quant.scratch import scratch
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,13 @@ static inline uint16_t tobf(float f) {
 
 # AVX-512 VNNI: one 16-row block per 512-bit vector, `vpdpbusd` dot products.
 _KERNELS_AVX512 = r"""
-static inline __m512 bf16x16(const uint16_t* s) {  /* 16 bf16 -> fp32 */
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)s)), 16));
+@BF16_AVX512@
+/* zero - o scale for a group's 16 rows (the AVX2 build's group_off), o the codes' offset (8, 16, 32 for
+   4-, 5-, 6-bit codes): sc its scales (bf16x16(s)), s the group's scales, then where zs == 2 its zeros
+   16 halfwords on (zs == 1: scales only, zeros 0). */
+static inline __m512 group_off16(__m512 sc, const uint16_t* s, int64_t zs, float o) {
+  return _mm512_fnmadd_ps(_mm512_set1_ps(o), sc, zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps());
 }
-/* A group's 16 zeros: stored after its scales where zs == 2, else (scales only) 0. */
-static inline __m512 zeros16(const uint16_t* s, int64_t zs) { return zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps(); }
 /* A group's end for 16 rows: its sum t in fp32 times the scales and the row's step, plus the offsets
    (zero - o scale) times the row's sum; the AVX2 build's group_end_sc steps, in order. */
 static inline __m512 group_end16(__m512 acc, __m512 t, __m512 sc, __m512 off, float step, float sum) {
@@ -202,7 +204,7 @@ static inline __attribute__((always_inline)) void block16(
 #endif
       }
     }
-    const __m512 sc = bf16x16(sp), off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, zeros16(sp, zs));
+    const __m512 sc = bf16x16(sp), off = group_off16(sc, sp, zs, 8.0f);
     for (int m = 0; m < M; m++) {
       const __m512 t = M < 3 ? nibble_sum16(cl[m], ch[m], fl[m], fh[m]) : level_sum16(cl[m], fl[m]);
       acc[m] = group_end16(acc[m], t, sc, off, dx[m * ng + g], xs[m * ng + g]);
@@ -260,7 +262,7 @@ static inline __attribute__((always_inline)) void hblock16(
 #endif
       }
     }
-    const __m512 sc = bf16x16(sp), off = _mm512_fnmadd_ps(_mm512_set1_ps(OFFSET(P)), sc, zeros16(sp, zs));
+    const __m512 sc = bf16x16(sp), off = group_off16(sc, sp, zs, OFFSET(P));
     for (int m = 0; m < M; m++) {
       const __m512 t = level_sum16(cl[m], fl[m]);
       acc[m] = group_end16(acc[m], t, sc, off, dx[m * ng + g], xs[m * ng + g]);
@@ -305,8 +307,8 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
 #endif
     }
     const __m512 sc0 = bf16x16(s0), sc1 = bf16x16(s1);
-    acc0 = group_end16(acc0, nibble_sum16(cl0, ch0, fl0, fh0), sc0, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc0, zeros16(s0, zs)), dx[g], xs[g]);
-    acc1 = group_end16(acc1, nibble_sum16(cl1, ch1, fl1, fh1), sc1, _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc1, zeros16(s1, zs)), dx[g], xs[g]);
+    acc0 = group_end16(acc0, nibble_sum16(cl0, ch0, fl0, fh0), sc0, group_off16(sc0, s0, zs, 8.0f), dx[g], xs[g]);
+    acc1 = group_end16(acc1, nibble_sum16(cl1, ch1, fl1, fh1), sc1, group_off16(sc1, s1, zs, 8.0f), dx[g], xs[g]);
   }
   store16(y + b * 16, acc0);
   store16(y + b * 16 + 16, acc1);
@@ -329,21 +331,19 @@ static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t*
   const int64_t ng = K / G, octets = K / 8, gs = 16 * zs;
   const uint8_t* p = w + b * octets * 64;
   const uint16_t* sp = sz + b * ng * gs;
-  const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
   for (int64_t o = 0; o < octets; o++, p += 64) {
     __m512 f[2][4];  /* [low, high nibbles][j] */
     int4_octet(p, sp + ((8 * o) / G) * gs, zs, f[0], f[1]);
     for (int j = 0; j < 4; j++) {
       for (int h = 0; h < 2; h++) {
-        const __m512i u = _mm512_castps_si512(f[h][j]);
-        const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half), _mm512_and_si512(_mm512_srli_epi32(u, 16), one)), 16);
+        const __m512i r = round_bf16x16_finite(f[h][j]);  /* finite scales: finite weights */
         _mm256_storeu_si256((__m256i*)(out + (8 * o + 4 * h + j) * N + 16 * b), _mm512_cvtepi32_epi16(r));
       }
     }
   }
 }
 
-""".replace("@INT4_OCTET@", INT4_OCTET)
+""".replace("@BF16_AVX512@", BF16_AVX512).replace("@INT4_OCTET@", INT4_OCTET)
 
 # AVX2 + FMA helpers and block functions of the AVX2 build's kernels and of the 5-bit kernel (_INT5),
 # which both builds carry (AVX-512 CPUs have AVX2; static inline: the AVX-512 build compiles what its
@@ -628,23 +628,20 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
 static inline __attribute__((always_inline)) void to_bf16_t_block(const uint8_t* w, const uint16_t* sz, uint16_t* out,
                                                                   int64_t N, int64_t K, int64_t G, const int64_t zs, int64_t b) {
   const int64_t ng = K / G, octets = K / 8, gs = 16 * zs;
-  const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
-  const __m256i nib = _mm256_set1_epi32(15);
+  const __m256i byte = _mm256_set1_epi32(0xFF), nib = _mm256_set1_epi32(15);
   for (int h = 0; h < 2; h++) {
     const uint8_t* p = w + b * octets * 64 + 32 * h;
     const uint16_t* sp = sz + b * ng * gs + 8 * h;
     for (int64_t o = 0; o < octets; o++, p += 64) {
       const uint16_t* s = sp + ((8 * o) / G) * gs;
-      const __m256 sc = bf8(s), ze = zs == 2 ? bf8(s + 16) : _mm256_setzero_ps();
-      const __m256 off = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), sc, ze);
+      const __m256 sc = bf8(s), off = group_off(s, zs, 8.0f);
       const __m256i v = _mm256_loadu_si256((const __m256i*)p);
       for (int j = 0; j < 4; j++) {
         const __m256i bytes = _mm256_and_si256(_mm256_srli_epi32(v, 8 * j), byte);
         const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(bytes, nib)), sc, off),
                              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4)), sc, off)};
         for (int q = 0; q < 2; q++) {
-          const __m256i u = _mm256_castps_si256(f[q]);
-          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+          const __m256i r = round_bf16_finite(f[q]);  /* finite scales: finite weights */
           /* 8 words 0..0xFFFF -> 8 bf16: packus per 128-bit lane, then the two lanes' low halves together */
           const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
           _mm_storeu_si128((__m128i*)(out + (8 * o + 4 * q + j) * N + 16 * b + 8 * h), _mm256_castsi256_si128(packed));
@@ -706,8 +703,7 @@ HIGH_ROWS1(q6_rows1, 2, 16) HIGH_ROWS(q6_rows, 2, 2, 16) HIGH_ROWS(q6_rows, 3, 2
 static inline __attribute__((always_inline)) void high_to_bf16_t_block(const uint8_t* w, const uint8_t* hb, const int P, const uint16_t* sz, uint16_t* out,
                                                                        int64_t N, int64_t K, int64_t G, int64_t zs, int64_t b) {
   const int64_t octets = K / 8, gs = 16 * zs;
-  const __m256i half = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), byte = _mm256_set1_epi32(0xFF);
-  const __m256i nib = _mm256_set1_epi32(15);
+  const __m256i byte = _mm256_set1_epi32(0xFF), nib = _mm256_set1_epi32(15);
   for (int h = 0; h < 2; h++) {
     const uint8_t* p = w + b * octets * 64 + 32 * h;
     const uint8_t* e = hb + b * octets * 16 * P;
@@ -730,8 +726,7 @@ static inline __attribute__((always_inline)) void high_to_bf16_t_block(const uin
         const __m256 f[2] = {_mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_and_si256(bytes, nib), blo)), sc, off),
                              _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(bytes, 4), bhi)), sc, off)};
         for (int q = 0; q < 2; q++) {
-          const __m256i u = _mm256_castps_si256(f[q]);
-          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), _mm256_and_si256(_mm256_srli_epi32(u, 16), one)), 16);
+          const __m256i r = round_bf16_finite(f[q]);
           const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
           _mm_storeu_si128((__m128i*)(out + (8 * o + 4 * q + j) * N + 16 * b + 8 * h), _mm256_castsi256_si128(packed));
         }

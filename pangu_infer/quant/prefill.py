@@ -37,11 +37,10 @@ import threading
 from typing import Optional
 
 import torch
-from torch import nn
 
 from pangu_infer.device import cpu_has_bf16, tracing
 from pangu_infer.quant import cpu_int4
-from pangu_infer.quant.c_simd import INT4_OCTET, TRANSPOSE16_EPI32
+from pangu_infer.quant.c_simd import BF16_AVX512, INT4_OCTET, TRANSPOSE16_EPI32
 from pangu_infer.quant.scratch import SCRATCH_MAX_BYTES, scratch, thread_buffers
 
 
@@ -63,6 +62,7 @@ _SOURCE = r"""
 #include <stdint.h>
 #ifdef __AVX512F__
 #include <immintrin.h>
+@BF16_AVX512@
 #endif
 
 static inline float bf2f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
@@ -118,19 +118,16 @@ extern "C" int pangu_int8_to_bf16_t(const int8_t* w, const uint16_t* scale, uint
   if (n % 16 || k % 4 || k * 16 > INT32_MAX) return 0;
   #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1)
   for (int64_t r0 = 0; r0 < n; r0 += 16) {
-    const __m512 s = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
+    const __m512 s = bf16x16(scale + r0);
     const __m512i idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)k));
-    const __m512i bias = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
     const int8_t* base = w + r0 * k;
     for (int64_t c = 0; c < k; c += 4) {
       const __m512i g = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
       for (int j = 0; j < 4; ++j) {
         const __m512i b = _mm512_srai_epi32(_mm512_sllv_epi32(g, _mm512_set1_epi32(24 - 8 * j)), 24);
-        __m512i u = _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(b), s));
-        u = _mm512_add_epi32(u, _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
-        _mm256_storeu_si256((__m256i*)(out + (c + j) * n + r0), _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        const __m512i r = round_bf16x16_finite(_mm512_mul_ps(_mm512_cvtepi32_ps(b), s));  // finite scales
+        _mm256_storeu_si256((__m256i*)(out + (c + j) * n + r0), _mm512_cvtepi32_epi16(r));
       }
     }
   }
@@ -150,12 +147,12 @@ static inline int64_t packed_at(int64_t b, int64_t b0, int64_t p, int64_t k, int
   const int64_t r = b * 16 - b0 * 16;
   return (r / rb) * rb * k + p * rb * 2 + (r % rb) * 2;
 }
-static inline __m512i round_hi(__m512 f) {  // the bf16 of f (nearest even) in the high half, low half zero
-  __m512i u = _mm512_castps_si512(f);
-  u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1))));
-  return _mm512_and_si512(u, _mm512_set1_epi32((int)0xffff0000u));
+// the even and odd k of 16 rows (finite: weights from finite scales) -> the 16 words of one pair, each
+// value rounded to bf16 (round_bf16x16_top), even k in the low half
+static inline __m512i pair_words(__m512 even, __m512 odd) {
+  return _mm512_or_si512(_mm512_srli_epi32(round_bf16x16_top(even), 16),
+                         _mm512_and_si512(round_bf16x16_top(odd), _mm512_set1_epi32((int)0xffff0000u)));
 }
-static inline __m512i pair_words(__m512i even, __m512i odd) { return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd); }
 
 @INT4_OCTET@
 // From cpu_int4's layout: w [n/16][k/8][16][4 bytes] (byte j of a row: low nibble k = 8o + j, high
@@ -169,13 +166,8 @@ static inline __attribute__((always_inline)) void int4v_block(const uint8_t* w, 
   const uint8_t* p = w + b * octets * 64;
   const uint16_t* sp = sz + b * ng * gs;
   for (int64_t o = 0; o < octets; o++, p += 64) {
-    __m512 flo[4], fhi[4];
-    int4_octet(p, sp + ((8 * o) / g) * gs, zs, flo, fhi);
-    __m512i lo[4], hi[4];
-    for (int j = 0; j < 4; j++) {
-      lo[j] = round_hi(flo[j]);
-      hi[j] = round_hi(fhi[j]);
-    }
+    __m512 lo[4], hi[4];
+    int4_octet(p, sp + ((8 * o) / g) * gs, zs, lo, hi);
     // pairs 4o .. 4o + 3: k = 8o + (0, 1), (2, 3) from the low nibbles, (4, 5), (6, 7) from the high ones
     _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o, k, rb)), pair_words(lo[0], lo[1]));
     _mm512_storeu_si512((void*)(out + packed_at(b, b0, 4 * o + 1, k, rb)), pair_words(lo[2], lo[3]));
@@ -203,8 +195,7 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
   #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && b1 - b0 >= 2 * threads)
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t r0 = b * 16;
-    const __m512 s = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(scale + r0))), 16));
+    const __m512 s = bf16x16(scale + r0);
     const __m512i idx = _mm512_mullo_epi32(
         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32((int)k));
     const int8_t* base = w + r0 * k;
@@ -215,18 +206,18 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
       __m512i v[16];
       transpose16_epi32(base + c, k, v);
       for (int j = 0; j < 16; j++) {  // v[j]: lane i = row r0 + i, columns c + 4j .. c + 4j + 3
-        __m512i r[4];
+        __m512 r[4];
         for (int h = 0; h < 4; ++h)
-          r[h] = round_hi(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[j], _mm512_set1_epi32(24 - 8 * h)), 24)), s));
+          r[h] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(v[j], _mm512_set1_epi32(24 - 8 * h)), 24)), s);
         _mm512_storeu_si512((void*)(out + packed_at(b, b0, (c + 4 * j) / 2, k, rb)), pair_words(r[0], r[1]));
         _mm512_storeu_si512((void*)(out + packed_at(b, b0, (c + 4 * j) / 2 + 1, k, rb)), pair_words(r[2], r[3]));
       }
     }
     for (; c < k; c += 4) {
       const __m512i gv = _mm512_i32gather_epi32(idx, (const void*)(base + c), 1);
-      __m512i r[4];
+      __m512 r[4];
       for (int j = 0; j < 4; ++j)
-        r[j] = round_hi(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(gv, _mm512_set1_epi32(24 - 8 * j)), 24)), s));
+        r[j] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_sllv_epi32(gv, _mm512_set1_epi32(24 - 8 * j)), 24)), s);
       _mm512_storeu_si512((void*)(out + packed_at(b, b0, c / 2, k, rb)), pair_words(r[0], r[1]));
       _mm512_storeu_si512((void*)(out + packed_at(b, b0, c / 2 + 1, k, rb)), pair_words(r[2], r[3]));
     }
@@ -237,7 +228,7 @@ extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint
 extern "C" int pangu_int4v_to_packed(const uint8_t* w, const uint16_t* sz, uint16_t* out, int64_t n, int64_t k, int64_t g, int64_t zs, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 extern "C" int pangu_int8_to_packed(const int8_t* w, const uint16_t* scale, uint16_t* out, int64_t n, int64_t k, int64_t rb, int64_t b0, int64_t b1, int threads) { return 0; }
 #endif
-""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@INT4_OCTET@", INT4_OCTET)
+""".replace("@TRANSPOSE16@", TRANSPOSE16_EPI32).replace("@BF16_AVX512@", BF16_AVX512).replace("@INT4_OCTET@", INT4_OCTET)
 
 
 def enabled() -> bool:
