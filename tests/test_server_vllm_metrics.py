@@ -72,3 +72,56 @@ def test_requests_not_sequences_and_their_adapters_are_counted(llm, lora_adapter
     assert got[("vllm:num_requests_running", m)] == 1 and got[("vllm:num_requests_waiting", m)] == 2
     info = [labels for (name, labels) in got if name == "vllm:lora_requests_info"]
     assert info == [(("max_lora", "2"), ("running_lora_adapters", "full"), ("waiting_lora_adapters", "attn"))]
+
+
+def test_the_engine_line_is_logged_while_requests_run_unless_disable_log_stats(llm, caplog, monkeypatch):
+    """vLLM's periodic engine line (its default; --disable-log-stats turns it off): prompt tokens forwarded
+    and tokens generated per second over the interval, requests running and waiting, KV cache use and
+    the prefix cache's hit rate; nothing while the server is idle."""
+    import logging
+    import re
+    import time
+
+    from pangu_infer.server import metrics
+
+    monkeypatch.setattr(metrics, "LOG_STATS_INTERVAL_S", 0.5)
+    caplog.set_level(logging.INFO, logger=metrics.STATS_LOGGER)
+    line = re.compile(r"Avg prompt throughput: ([\d.]+) tokens/s, Avg generation throughput: ([\d.]+) tokens/s, Running: (\d+) reqs, "
+                      r"Waiting: (\d+) reqs, KV cache usage: ([\d.]+)%, Prefix cache hit rate: ([\d.]+)%")
+
+    def lines() -> list:
+        return [line.fullmatch(r.getMessage()) for r in caplog.records if r.name == metrics.STATS_LOGGER]
+
+    for log_stats in (True, False):
+        caplog.clear()
+        with TestClient(create_app(llm, served_model_name="m", log_stats=log_stats)) as http:
+            time.sleep(0.7)  # idle: no line
+            assert lines() == []
+            r = http.post("/v1/completions", json={"model": "m", "prompt": "hello there " * 8, "max_tokens": 40, "temperature": 0,
+                                                   "ignore_eos": True})
+            assert r.status_code == 200
+            time.sleep(1.3)  # the interval that saw it, then an idle one
+        got = lines()
+        if not log_stats:
+            assert got == []
+            continue
+        assert got and all(got), [r.getMessage() for r in caplog.records]
+        prompt, generation = sum(float(m[1]) for m in got), sum(float(m[2]) for m in got)
+        assert prompt > 0 and generation > 0
+        assert all(float(m[5]) <= 100 and float(m[6]) <= 100 for m in got)
+        assert len(got) <= 2  # the idle intervals after it log nothing
+
+
+def test_serve_logs_the_engine_line_unless_disable_log_stats(tiny_dense_dir, monkeypatch):
+    """`pangu-infer serve` makes its app with the engine line on, and off with --disable-log-stats."""
+    import uvicorn
+
+    from pangu_infer.cli import main
+    from pangu_infer.server import app as server_app
+
+    made = []
+    monkeypatch.setattr(server_app, "create_app", lambda *a, **k: made.append(k["log_stats"]))
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    base = ["serve", str(tiny_dense_dir), "--dtype", "float32", "--enforce-eager", "--max-model-len", "64", "--kv-cache-memory", "4MiB", "--port", "0"]
+    assert main(base) == 0 and main([*base, "--disable-log-stats"]) == 0
+    assert made == [True, False]

@@ -265,6 +265,7 @@ class LLMEngine:
         self._next_seq_id = 0
         self.num_prompt_tokens = 0
         self.num_generated_tokens = 0
+        self.num_prefill_tokens = 0  # prompt tokens forwarded (prefill chunks; a preempted sequence's recomputation too)
         self.num_steps = 0
         self.finished_requests = 0
         logger.info(
@@ -636,8 +637,10 @@ class LLMEngine:
         drafts, predicted = self._propose(batch)
         if drafts:
             drafts = self._grammar_drafts(batch, drafts, touched)
+        prefill = sum(n for s, n in zip(batch.seqs, batch.num_tokens) if s.num_computed_tokens < s.num_prompt_tokens)
         parts = self._forward(batch, drafts, touched)
         self.num_steps += 1
+        self.num_prefill_tokens += prefill
         for seqs, num_tokens, (sampled, logits, prompt_logprobs, pooled) in parts:
             for seq, n in zip(seqs, num_tokens):
                 if seq.seq_id in drafts or seq.is_finished:
@@ -940,6 +943,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": pool.hit_rate(),
             "num_preemptions": self.scheduler.num_preemptions,
             "prompt_tokens": self.num_prompt_tokens,
+            "prefill_tokens": self.num_prefill_tokens,
             "generation_tokens": self.num_generated_tokens,
             "num_steps": self.num_steps,
             "finished_requests": self.finished_requests,

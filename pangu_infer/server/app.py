@@ -40,7 +40,8 @@ from pangu_infer.errors import short_repr
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, stream_error
-from pangu_infer.server.metrics import ServerMetrics
+from pangu_infer.server.metrics import STATS_LOGGER, ServerMetrics
+from pangu_infer.server.metrics import log_stats as log_stats_forever
 from pangu_infer.server.middleware import AuthAndCount, BodyGuard, InternalErrors, RequestIdHeader
 from pangu_infer.server.protocol import (
     ChatCompletionRequest,
@@ -116,6 +117,7 @@ def create_app(
     enable_log_requests: bool = False,
     max_log_len: Optional[int] = None,
     enable_request_id_headers: bool = False,
+    log_stats: bool = True,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name` (several names: requests may send any, replies
     name the first, as vLLM's); it owns (and stops) the AsyncEngine it makes.
@@ -127,7 +129,10 @@ def create_app(
     or /tokenize request may bring its own chat_template (vLLM's flag of the same name);
     enable_log_requests, max_log_len (vLLM's): log each request's prompt and parameters when it is
     submitted (cut to max_log_len characters) and how it ended, at INFO; enable_request_id_headers
-    (vLLM's flag): every response carries X-Request-Id, the request's header or a new id."""
+    (vLLM's flag): every response carries X-Request-Id, the request's header or a new id; log_stats
+    (False: vLLM's --disable-log-stats): vLLM's engine line at INFO every LOG_STATS_INTERVAL_S seconds
+    while anything runs (prompt and generation throughput, requests running and waiting, KV cache use,
+    prefix cache hit rate)."""
     own_engine = engine is None
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     served_model_name = names[0]
@@ -151,10 +156,15 @@ def create_app(
     )
     if enable_log_requests:  # (shown whatever the engine's log level: the operator asked for them)
         logging.getLogger(REQUEST_LOGGER).setLevel(logging.INFO)
+    if log_stats:  # (shown by default, as vLLM's)
+        logging.getLogger(STATS_LOGGER).setLevel(logging.INFO)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        stats_task = asyncio.create_task(log_stats_forever(state.engine)) if log_stats else None
         yield
+        if stats_task is not None:
+            stats_task.cancel()
         if own_engine:
             state.engine.shutdown()
         # A first load's model cache write still running: finished here, before uvicorn re-raises

@@ -11,8 +11,10 @@ extension, KEDA rules and vLLM's Grafana dashboard query), from the same figures
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -133,6 +135,55 @@ class _EngineCollector(Collector):
             for devices, value in self.moe[key].items():
                 g.add_metric([self.model_name, str(devices)], value)
             yield g
+
+
+# vLLM's periodic engine line (logged unless --disable-log-stats), every LOG_STATS_INTERVAL_S seconds
+STATS_LOGGER = "pangu_infer.server.stats"
+LOG_STATS_INTERVAL_S = 10.0  # vLLM's VLLM_LOG_STATS_INTERVAL default
+stats_log = logging.getLogger(STATS_LOGGER)
+
+
+class StatsLine:
+    """vLLM's periodic line from two engine stats snapshots: prompt tokens forwarded and tokens
+    generated per second since the last one, requests running and waiting, the KV cache's use and
+    the prefix cache's hit rate (over the prompt tokens looked up since the last line; all of them
+    where none were). None while the engine is idle (nothing ran since, nothing queued), as vLLM
+    keeps an idle server's log quiet."""
+
+    def __init__(self, first: dict, now: float) -> None:
+        self.last, self.when = first, now
+
+    def update(self, s: dict, now: float) -> Optional[str]:
+        last, elapsed = self.last, max(now - self.when, 1e-9)
+        self.last, self.when = s, now
+        prompt = (s["prefill_tokens"] - last["prefill_tokens"]) / elapsed
+        generation = (s["generation_tokens"] - last["generation_tokens"]) / elapsed
+        running, waiting = s["num_requests_running"], s["num_requests_waiting"]
+        if not (prompt or generation or running or waiting):
+            return None
+        queries = s["prefix_cache_queries"] - last["prefix_cache_queries"]
+        hit_rate = (s["prefix_cache_hits"] - last["prefix_cache_hits"]) / queries if queries else s["prefix_cache_hit_rate"]
+        return (
+            f"Avg prompt throughput: {prompt:.1f} tokens/s, Avg generation throughput: {generation:.1f} tokens/s, "
+            f"Running: {running} reqs, Waiting: {waiting} reqs, KV cache usage: {100 * s['kv_usage']:.1f}%, "
+            f"Prefix cache hit rate: {100 * hit_rate:.1f}%"
+        )
+
+
+async def log_stats(engine: Any, interval: Optional[float] = None) -> None:
+    """StatsLine's line at INFO every `interval` seconds (LOG_STATS_INTERVAL_S) while the server runs;
+    ends when the engine thread has stopped (/health reports that)."""
+    try:
+        line = StatsLine(await engine.stats(), time.monotonic())
+        while True:
+            await asyncio.sleep(LOG_STATS_INTERVAL_S if interval is None else interval)
+            text = line.update(await engine.stats(), time.monotonic())
+            if text is not None:
+                stats_log.info(text)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # the engine is gone: nothing more to report
+        stats_log.debug("engine stats logging stopped: %s", e)
 
 
 class ServerMetrics:
