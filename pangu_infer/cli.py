@@ -37,9 +37,14 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--offload-experts", action="store_true", help="MoE models: keep routed experts memory-mapped from the checkpoint, paged in as used")
     p.add_argument(
-        "--tensor-parallel-size", type=int, default=1,
-        help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process",
+        "--tensor-parallel-size", "-tp", type=int, default=1,
+        help="ranks that split the model (heads, MLP columns, MoGE expert groups); spawned here, or one per torchrun process "
+        "(-tp: vLLM's spelling)",
     )
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1,
+                   help="vLLM's: 1, the only value here (--tensor-parallel-size splits a model over devices)")
+    p.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                   help="vLLM's: 1, the only value here (one engine per server: run a server per device group behind a balancer)")
     p.add_argument("--seed", type=int, default=None, help="engine seed for unseeded sampling")
     p.add_argument(
         "-t", "--threads", type=int, default=None,
@@ -192,6 +197,12 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
 
     check_generation_config(args.generation_config, "--generation-config")
     check_executor_backend(args.distributed_executor_backend, args.tensor_parallel_size, cli=True)
+    if args.pipeline_parallel_size != 1:
+        raise ValueError(f"--pipeline-parallel-size {args.pipeline_parallel_size}: pipeline parallelism is not done here; "
+                         "--tensor-parallel-size N splits the model over N devices")
+    if args.data_parallel_size != 1:
+        raise ValueError(f"--data-parallel-size {args.data_parallel_size}: one engine per server here; run a server per "
+                         "device (or --tensor-parallel-size group) behind a load balancer")
     override = check_override(args.override_generation_config, "--override-generation-config")
     if getattr(args, "no_model_cache", False):
         os.environ["PANGU_INFER_MODEL_CACHE"] = "0"  # read by the loader (loader/model_cache.py)

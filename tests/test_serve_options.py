@@ -752,6 +752,20 @@ def test_chunked_prefill_flags_reach_the_engine(command):
     assert off == {**default, "enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
 
 
+def test_vllms_parallel_size_flags():
+    """-tp (vLLM's spelling of --tensor-parallel-size); --pipeline-parallel-size/-pp and
+    --data-parallel-size/-dp take 1, what this engine does, and refuse more naming the flag."""
+    from pangu_infer.cli import build_parser, llm_kwargs
+
+    parse = build_parser().parse_args
+    assert llm_kwargs(parse(["serve", "m", "-tp", "2"]))["tensor_parallel_size"] == 2
+    assert llm_kwargs(parse(["serve", "m", "-pp", "1", "--data-parallel-size", "1"])) == llm_kwargs(parse(["serve", "m"]))
+    for flags, says in ((["-pp", "2"], "--pipeline-parallel-size 2: pipeline parallelism is not done here"),
+                        (["--data-parallel-size", "4"], "--data-parallel-size 4: one engine per server here")):
+        with pytest.raises(ValueError, match=says):
+            llm_kwargs(parse(["serve", "m", *flags]))
+
+
 def test_openpangus_own_vllm_serve_command_line_works_here():
     """The flags of openPangu's published vLLM(-Ascend) serve commands (Ascend-Pangu-Infer's run
     scripts for Embedded 1B/7B; tool and reasoning parsers as vLLM-Ascend registers them) parse, and

@@ -112,16 +112,27 @@ def test_the_engine_line_is_logged_while_requests_run_unless_disable_log_stats(l
         assert len(got) <= 2  # the idle intervals after it log nothing
 
 
-def test_serve_logs_the_engine_line_unless_disable_log_stats(tiny_dense_dir, monkeypatch):
-    """`pangu-infer serve` makes its app with the engine line on, and off with --disable-log-stats."""
+def test_serve_takes_disable_log_stats_and_disable_fastapi_docs(tiny_dense_dir, monkeypatch):
+    """`pangu-infer serve` makes its app with the engine line and the API docs on, and each off with
+    vLLM's --disable-log-stats and --disable-fastapi-docs."""
     import uvicorn
 
     from pangu_infer.cli import main
     from pangu_infer.server import app as server_app
 
     made = []
-    monkeypatch.setattr(server_app, "create_app", lambda *a, **k: made.append(k["log_stats"]))
+    monkeypatch.setattr(server_app, "create_app", lambda *a, **k: made.append((k["log_stats"], k["docs"])))
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
     base = ["serve", str(tiny_dense_dir), "--dtype", "float32", "--enforce-eager", "--max-model-len", "64", "--kv-cache-memory", "4MiB", "--port", "0"]
-    assert main(base) == 0 and main([*base, "--disable-log-stats"]) == 0
-    assert made == [True, False]
+    for flags in ([], ["--disable-log-stats"], ["--disable-fastapi-docs"]):
+        assert main([*base, *flags]) == 0
+    assert made == [(True, True), (False, True), (True, False)]
+
+
+def test_without_docs_the_api_docs_are_404_and_the_api_answers(llm):
+    """create_app(docs=False) (vLLM's --disable-fastapi-docs): /docs, /redoc and /openapi.json are gone."""
+    for docs in (True, False):
+        with TestClient(create_app(llm, served_model_name="m", docs=docs)) as http:
+            for path in ("/docs", "/redoc", "/openapi.json"):
+                assert http.get(path).status_code == (200 if docs else 404), (docs, path)
+            assert http.get("/v1/models").json()["data"][0]["id"] == "m"

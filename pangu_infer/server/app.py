@@ -118,6 +118,7 @@ def create_app(
     max_log_len: Optional[int] = None,
     enable_request_id_headers: bool = False,
     log_stats: bool = True,
+    docs: bool = True,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name` (several names: requests may send any, replies
     name the first, as vLLM's); it owns (and stops) the AsyncEngine it makes.
@@ -132,7 +133,7 @@ def create_app(
     (vLLM's flag): every response carries X-Request-Id, the request's header or a new id; log_stats
     (False: vLLM's --disable-log-stats): vLLM's engine line at INFO every LOG_STATS_INTERVAL_S seconds
     while anything runs (prompt and generation throughput, requests running and waiting, KV cache use,
-    prefix cache hit rate)."""
+    prefix cache hit rate); docs (False: vLLM's --disable-fastapi-docs): no /docs, /redoc, /openapi.json."""
     own_engine = engine is None
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     served_model_name = names[0]
@@ -173,7 +174,8 @@ def create_app(
         if model_cache is not None:
             model_cache.finish_writes(interruptible=False)
 
-    app = FastAPI(title="pangu-infer OpenAI-compatible API", version=pangu_infer.__version__, lifespan=lifespan)
+    off = {} if docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="pangu-infer OpenAI-compatible API", version=pangu_infer.__version__, lifespan=lifespan, **off)
     app.state.server = state
     add_error_handlers(app)
     _add_routes(app, state)
@@ -181,11 +183,11 @@ def create_app(
     _add_chat_page(app)
     # The API docs describe the API: they need the key too. (Added last = outermost: the key is
     # checked, and the request counted, before the body guard reads a byte.)
-    docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None} | KEYED_ROUTES
+    keyed = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url} - {None} | KEYED_ROUTES
     app.add_middleware(InternalErrors)  # innermost: a route's fault is a 500 that keeps the connection
     app.add_middleware(BodyGuard)
     app.add_middleware(
-        AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=docs
+        AuthAndCount, api_key=api_key, metrics=state.metrics, endpoints={getattr(r, "path", None) for r in app.routes}, protected=keyed
     )
     if enable_request_id_headers:  # (outside the key check: a 401 carries it too)
         app.add_middleware(RequestIdHeader)

@@ -64,6 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--disable-log-requests", action="store_true",
                         help="requests are not logged: the default (vLLM's older flag, taken so its command lines work)")
+    parser.add_argument("--disable-fastapi-docs", action="store_true",
+                        help="no API docs: /docs, /redoc and /openapi.json answer 404 (vLLM's flag)")
     parser.add_argument("--disable-log-stats", action="store_true",
                         help="no engine line every 10 s while requests run (prompt and generation throughput, requests "
                         "running and waiting, KV cache use, prefix cache hit rate), as vLLM's flag")
@@ -327,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
                          enable_runtime_lora_updates=args.enable_runtime_lora_updates,
                          trust_request_chat_template=args.trust_request_chat_template,
                          enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
-                         enable_request_id_headers=args.enable_request_id_headers, log_stats=not args.disable_log_stats)
+                         enable_request_id_headers=args.enable_request_id_headers, log_stats=not args.disable_log_stats,
+                         docs=not args.disable_fastapi_docs)
         base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         proxied = f" (behind a proxy at {prefix}/)" if prefix else ""
