@@ -52,11 +52,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "fewer where a container's CPU quota allows fewer; OMP_NUM_THREADS is respected); tensor-parallel "
         "ranks on the CPU share them",
     )
-    p.add_argument("--max-model-len", "-c", "--ctx-size", dest="max_model_len", type=int, default=None,
-                   help="context length limit (-c/--ctx-size: llama.cpp's spelling)")
+    p.add_argument("--max-model-len", "-c", "--ctx-size", dest="max_model_len", type=_token_count, default=None,
+                   help="context length limit, e.g. 4096, 4k (4000) or 4K (4096) as vLLM reads it (-c/--ctx-size: llama.cpp's spelling)")
     p.add_argument("--max-num-seqs", "-np", "--parallel", dest="max_num_seqs", type=int, default=64,
                    help="sequences batched per step (-np/--parallel: llama.cpp's spelling)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+    p.add_argument("--max-num-batched-tokens", type=_token_count, default=None,
                    help="tokens per step, decodes and prefill chunks together (default 2048; with --no-enable-chunked-prefill, "
                    "at least --max-model-len)")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
@@ -253,6 +253,23 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object")
     return value
+
+
+_TOKEN_COUNT = re.compile(r"(\d+(?:\.\d+)?)([kmgtKMGT]?)")
+_DECIMAL = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_BINARY = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _token_count(text: str) -> int:
+    """A count of tokens as vLLM's flags read one: '4096'; with a lowercase suffix, powers of 1000 ('4k'
+    4000, '25.6k' 25600); with an uppercase one, powers of 1024 ('4K' 4096; whole numbers only)."""
+    m = _TOKEN_COUNT.fullmatch(text.strip())
+    if m is None or (m[2] in _BINARY and "." in m[1]) or (not m[2] and "." in m[1]):
+        raise argparse.ArgumentTypeError(f"invalid token count {text!r}: expected e.g. 4096, 4k (4000) or 4K (4096)")
+    number, suffix = m[1], m[2]
+    if suffix in _DECIMAL:
+        return int(float(number) * _DECIMAL[suffix])
+    return int(number) * _BINARY.get(suffix, 1)
 
 
 def _memory(text: str):

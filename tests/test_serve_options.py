@@ -752,6 +752,22 @@ def test_chunked_prefill_flags_reach_the_engine(command):
     assert off == {**default, "enable_chunked_prefill": False, "max_num_batched_tokens": 8192}
 
 
+def test_token_counts_read_as_vllm_reads_them(capsys):
+    """--max-model-len 4k / 25.6k (powers of 1000) and 16K (powers of 1024), as vLLM's flags take them,
+    for -c and --max-num-batched-tokens too; anything else is the flag's own error."""
+    from pangu_infer.cli import build_parser, llm_kwargs
+
+    parse = build_parser().parse_args
+    for text, value in (("4096", 4096), ("4k", 4000), ("4K", 4096), ("25.6k", 25600), ("1M", 1 << 20), ("2m", 2_000_000)):
+        assert llm_kwargs(parse(["serve", "m", "--max-model-len", text]))["max_model_len"] == value
+        assert llm_kwargs(parse(["generate", "-p", "x", "-c", text]))["max_model_len"] == value
+        assert llm_kwargs(parse(["serve", "m", "--max-num-batched-tokens", text]))["max_num_batched_tokens"] == value
+    for text in ("1.5K", "4.5", "4kb", "-1", "four"):
+        with pytest.raises(SystemExit):
+            parse(["serve", "m", "--max-model-len", text])
+        assert f"argument --max-model-len/-c/--ctx-size: invalid token count '{text}'" in capsys.readouterr().err
+
+
 def test_vllms_parallel_size_flags():
     """-tp (vLLM's spelling of --tensor-parallel-size); --pipeline-parallel-size/-pp and
     --data-parallel-size/-dp take 1, what this engine does, and refuse more naming the flag."""

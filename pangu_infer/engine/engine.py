@@ -161,7 +161,6 @@ class _Request:
         return all(s.is_finished for s in self.seqs)
 
 
-
 def step_budget(ec: EngineConfig, max_model_len: int) -> int:
     """The step's token budget: max_num_batched_tokens, or its default (DEFAULT_MAX_NUM_BATCHED_TOKENS;
     without chunked prefill at least max_model_len, as vLLM). Without chunked prefill a prompt runs in
@@ -177,6 +176,7 @@ def step_budget(ec: EngineConfig, max_model_len: int) -> int:
             "max_num_batched_tokens, lower max_model_len, or leave chunked prefill on"
         )
     return budget
+
 
 class LLMEngine:
     def __init__(

@@ -40,8 +40,7 @@ from pangu_infer.errors import short_repr
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import CompletionOutput, RequestOutput
 from pangu_infer.server.errors import APIError, add_error_handlers, error_response, stream_error
-from pangu_infer.server.metrics import STATS_LOGGER, ServerMetrics
-from pangu_infer.server.metrics import log_stats as log_stats_forever
+from pangu_infer.server.metrics import STATS_LOGGER, ServerMetrics, log_stats_forever
 from pangu_infer.server.middleware import AuthAndCount, BodyGuard, InternalErrors, RequestIdHeader
 from pangu_infer.server.protocol import (
     ChatCompletionRequest,

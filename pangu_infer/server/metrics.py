@@ -170,7 +170,7 @@ class StatsLine:
         )
 
 
-async def log_stats(engine: Any, interval: Optional[float] = None) -> None:
+async def log_stats_forever(engine: Any, interval: Optional[float] = None) -> None:
     """StatsLine's line at INFO every `interval` seconds (LOG_STATS_INTERVAL_S) while the server runs;
     ends when the engine thread has stopped (/health reports that)."""
     try:
