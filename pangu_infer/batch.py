@@ -272,8 +272,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         names = served_names(args, llm.loaded.source)
         loras = add_startup_adapters(llm, lora_modules, names)
+        # (no periodic engine line: the progress bar on stderr reports the run)
         app = create_app(llm, served_model_name=names, reasoning_budget=args.reasoning_budget, lora_modules=loras,
-                         trust_request_chat_template=args.trust_request_chat_template)
+                         trust_request_chat_template=args.trust_request_chat_template, log_stats=False)
         out = sys.stdout if args.output_file == STDIO else open(args.output_file, "w", encoding="utf-8")
         try:
             def write(line: dict) -> None:
