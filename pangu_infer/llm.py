@@ -18,7 +18,9 @@ from pangu_infer.engine.engine import EngineConfig, LLMEngine, check_draft_confi
 from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_settings
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
-from pangu_infer.loader import LoadedModel, ModelNotFoundError, load_serving_model, resolve_model_path, resolve_tokenizer_path
+from pangu_infer.loader import (
+    LoadedModel, ModelNotFoundError, demo_model_path, load_serving_model, read_config, resolve_model_path, resolve_tokenizer_path,
+)
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.parallel.launch import check_executor_backend, load_tensor_parallel
@@ -132,6 +134,8 @@ class LLM:
             if tokenizer is None:  # the model's own tokenizer, at that revision
                 tokenizer = _hub_model_for_tokenizer(model, tokenizer_revision)
         own_tokenizer = None if tokenizer is None else _tokenizer(tokenizer, tokenizer_revision)  # before the model loads
+        if own_tokenizer is not None:  # a local model's vocabulary is in its config: checked before its weights load
+            _check_tokenizer_fits(tokenizer, own_tokenizer, _local_vocab_size(model))
         read_tokenizer = own_tokenizer is None and not skip_tokenizer_init
         check_tensor_parallel_size(tensor_parallel_size)
         check_executor_backend(distributed_executor_backend, tensor_parallel_size)
@@ -185,11 +189,12 @@ class LLM:
                 offload_experts=offload_experts, bf16_weights=not batch_invariant,  # (the kernel's many-row path is BLAS's, not row-tiled)
             )
         if own_tokenizer is not None:
-            if own_tokenizer.vocab_size > self.loaded.config.vocab_size:
+            try:  # (a hub model's config is known only now)
+                _check_tokenizer_fits(tokenizer, own_tokenizer, self.loaded.config.vocab_size)
+            except ValueError:
                 if self.parallel is not None:  # the workers stop with the failed start
                     self.parallel.shutdown()
-                raise ValueError(f"tokenizer={tokenizer!r} has {own_tokenizer.vocab_size} tokens, more than the model's "
-                                 f"vocabulary (vocab_size {self.loaded.config.vocab_size})")
+                raise
             self.loaded.tokenizer = own_tokenizer
         if kv_cache_dtype is None and dtype in (None, "auto"):  # nothing asked: the compact cache where it costs nothing
             kv = default_kv_cache_dtype(self.loaded.model, self.dtype, self.device)
@@ -742,6 +747,27 @@ def _hub_model_for_tokenizer(model: Optional[str], revision: str) -> str:
             "(name the tokenizer's hub id with tokenizer=)"
         )
     return model
+
+
+def _local_vocab_size(model: Optional[str]) -> Optional[int]:
+    """The vocabulary of a local model folder or .gguf file (the demo model's for None), read from its
+    config.json or GGUF header; None for a hub id, or a config that does not read (the load then says
+    what is wrong with it)."""
+    path = demo_model_path() if not model else os.path.expanduser(model)
+    if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))):
+        return None
+    try:
+        return read_config(path).vocab_size
+    except Exception:
+        return None
+
+
+def _check_tokenizer_fits(name: str, tokenizer: Any, vocab_size: Optional[int]) -> None:
+    """A tokenizer given by name (LLM(tokenizer=...)) with more tokens than the model's vocabulary
+    would produce ids the model has no row for: a ValueError naming both (vocab_size None: not known yet)."""
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer={name!r} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"vocabulary (vocab_size {vocab_size})")
 
 
 def _tokenizer(name: str, revision: Optional[str] = None) -> Any:

@@ -78,6 +78,24 @@ def test_bad_tokenizer_arguments_are_value_errors_naming_it(tmp_path, tiny_dense
         LLM(str(tiny_dense_dir), tokenizer=str(larger), **SMALL)
 
 
+def test_a_tokenizer_larger_than_a_local_models_vocabulary_is_refused_before_its_weights_load(tmp_path, tiny_dense_dir, pangu_tokenizer_dir, monkeypatch):
+    """A local folder's (or GGUF file's) vocabulary is in its config: the refusal comes before the weights
+    load (a 7B load is a minute without the model cache), for a folder and for the demo GGUF file."""
+    import pangu_infer.llm as llm_module
+
+    vocab = json.loads((tiny_dense_dir / "config.json").read_text())["vocab_size"]
+    larger = tmp_path / "larger"
+    shutil.copytree(pangu_tokenizer_dir, larger)
+    config = json.loads((larger / "tokenizer_config.json").read_text())
+    config.setdefault("added_tokens_decoder", {})["60000"] = {"content": "<|extra|>", "special": True}
+    (larger / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(llm_module, "load_serving_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(ValueError, match=rf"has 60001 tokens, more than the model's vocabulary \(vocab_size {vocab}\)"):
+        LLM(str(tiny_dense_dir), tokenizer=str(larger), **SMALL)
+    with pytest.raises(ValueError, match=r"has 60001 tokens, more than the model's vocabulary \(vocab_size 49152\)"):
+        LLM(tokenizer=str(larger), **SMALL)  # the demo model, a GGUF file
+
+
 def test_the_cli_takes_tokenizer(weights_only, pangu_tokenizer_dir, capsys):
     argv = ["generate", "--model", str(weights_only), "--tokenizer", str(pangu_tokenizer_dir), "--prompt", "hello",
             "--max-tokens", "3", "--temperature", "0", "--enforce-eager", "--kv-cache-memory", "4MiB", "--trust-remote-code"]
