@@ -104,6 +104,10 @@ class LLM:
         pooling: str = "last",
     ):
         start = time.perf_counter()
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if model is not None and not isinstance(model, str):
+            raise ValueError(f"model={short_repr(model)} must be a model folder, a .gguf file or a hub id")
         check_threads(threads)
         # pooling: how embed() pools a prompt's final hidden states, "last" (the last token's, vLLM's
         # default for a decoder) or "mean" (vLLM's --override-pooler-config pooling_type); checked first

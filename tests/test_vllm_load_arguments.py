@@ -210,3 +210,15 @@ def test_distributed_executor_backend_is_taken_as_vllms_llm_takes_it(tiny_dense_
             LLM("/no/such/model", distributed_executor_backend=backend, **SMALL)  # refused before any load
     with pytest.raises(ValueError, match=r"distributed_executor_backend='uni' runs one process: tensor_parallel_size=2 needs mp"):
         LLM("/no/such/model", distributed_executor_backend="uni", tensor_parallel_size=2, **SMALL)
+
+
+def test_the_model_argument_is_a_path_or_a_hub_id(tiny_dense_dir):
+    """LLM(model) takes a str or an os.PathLike (a pathlib.Path); anything else is a ValueError naming
+    it (it was a TypeError from deep in the loader)."""
+    from pathlib import Path
+
+    for bad in (5, ["x"], b"folder"):
+        with pytest.raises(ValueError, match=r"model=.* must be a model folder, a .gguf file or a hub id"):
+            LLM(bad, **SMALL)
+    llm = LLM(Path(tiny_dense_dir), **SMALL)
+    assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
