@@ -89,7 +89,7 @@ def resolve_dtype(dtype: "Optional[str | torch.dtype]", device: torch.device) ->
         if dtype not in DTYPES.values():
             raise ValueError(f"unsupported dtype {dtype}: expected float32, bfloat16 or float16")
         return dtype
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list or dict is unhashable: not looked up)
         raise ValueError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16, auto")
     return DTYPES[dtype]
 

@@ -222,3 +222,25 @@ def test_the_model_argument_is_a_path_or_a_hub_id(tiny_dense_dir):
             LLM(bad, **SMALL)
     llm = LLM(Path(tiny_dense_dir), **SMALL)
     assert llm.generate(["hi"], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_every_llm_argument_of_a_wrong_kind_is_a_value_error(tiny_dense_dir):
+    """Each keyword of LLM given a value of another kind (a string, a negative, a fraction, a list, a dict,
+    a bool, NaN) is taken or is a ValueError naming it: never a TypeError or another exception from deep
+    in the loader (dtype=[...] was 'unhashable type')."""
+    import inspect
+    import math
+
+    odd = ["x", -1, 1.5, [1], {"a": 1}, True, math.nan]
+    for name, p in inspect.signature(LLM.__init__).parameters.items():
+        if name in ("self", "model") or name in SMALL:
+            continue
+        for value in odd:
+            if value is p.default:
+                continue
+            try:
+                LLM(str(tiny_dense_dir), **{**SMALL, name: value})
+            except ValueError:
+                pass
+            except Exception as e:  # noqa: BLE001 (what the test is about)
+                pytest.fail(f"LLM({name}={value!r}): {type(e).__name__}: {e}")
