@@ -768,6 +768,26 @@ def test_token_counts_read_as_vllm_reads_them(capsys):
         assert f"argument --max-model-len/-c/--ctx-size: invalid token count '{text}'" in capsys.readouterr().err
 
 
+def test_load_format_names_the_models_kind():
+    """vLLM's --load-format: auto (the default), safetensors for a folder or hub id, gguf for a .gguf
+    file (the demo model is one); the other kind is refused naming both, and a format this engine does
+    not read (pt, dummy, ...) is argparse's error."""
+    from pangu_infer.cli import build_parser, llm_kwargs
+
+    parse = build_parser().parse_args
+    plain = llm_kwargs(parse(["serve", "org/model"]))
+    assert llm_kwargs(parse(["serve", "org/model", "--load-format", "safetensors"])) == plain
+    assert llm_kwargs(parse(["serve", "--model", "m.gguf", "--load-format", "gguf"])) == llm_kwargs(parse(["serve", "--model", "m.gguf"]))
+    assert llm_kwargs(parse(["generate", "-p", "x", "--load-format", "gguf"]))  # the demo model
+    for argv, says in ((["serve", "org/model", "--load-format", "gguf"], "--load-format gguf: --model 'org/model' is not a .gguf file"),
+                       (["serve", "--model", "m.gguf", "--load-format", "safetensors"], "--load-format safetensors: --model 'm.gguf' is a .gguf file"),
+                       (["generate", "-p", "x", "--load-format", "safetensors"], "--load-format safetensors: the demo model is a .gguf file")):
+        with pytest.raises(ValueError, match=re.escape(says)):
+            llm_kwargs(parse(argv))
+    with pytest.raises(SystemExit):
+        parse(["serve", "org/model", "--load-format", "dummy"])
+
+
 def test_vllms_parallel_size_flags():
     """-tp (vLLM's spelling of --tensor-parallel-size); --pipeline-parallel-size/-pp and
     --data-parallel-size/-dp take 1, what this engine does, and refuse more naming the flag."""
