@@ -152,8 +152,7 @@ static inline uint32_t* at(uint32_t* buf, int64_t j, int64_t p, const strip_t* t
 static inline __attribute__((always_inline)) void high_octet(const uint8_t* p, const uint8_t* e, const int P, const uint16_t* s,
                                                              int64_t zs, __m512 lo[4], __m512 hi[4]) {
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
-  const __m512 sc = bf16x16(s), ze = zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps();
-  const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(P == 1 ? 16.0f : 32.0f), sc, ze);
+  const __m512 sc = bf16x16(s), off = group_off16(sc, s, zs, P == 1 ? 16.0f : 32.0f);
   __m256i h0, h1;
   if (P == 1) {  /* the plane: rows 8-15's bits two further up than rows 0-7's */
     const __m256i w = plane_word(e);

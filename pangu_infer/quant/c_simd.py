@@ -75,12 +75,16 @@ static inline __m512i round_bf16x16(__m512 v) {
 # bf16 scales [16], then where zs == 2 its zeros [16] (zs == 1: scales only, every zero 0). lo[j] =
 # column j, hi[j] = column 4 + j, lane r = row r; the weight is q * scale + (zero - 8 scale), one fused
 # multiply-add (with zero 0 the same bits as a stored zero of 0). Inlined: a caller whose zs is a
-# constant tests it once, not per octet. AVX-512F; after BF16_AVX512 (bf16x16).
+# constant tests it once, not per octet. group_off16: a group's zero - o scale for its 16 rows, o the
+# codes' offset (8, 16, 32 for 4-, 5-, 6-bit codes), sc its scales (bf16x16(s)); cpu_int4's AVX2 build
+# has group_off for 8. AVX-512F; after BF16_AVX512 (bf16x16).
 INT4_OCTET = r"""
+static inline __m512 group_off16(__m512 sc, const uint16_t* s, int64_t zs, float o) {
+  return _mm512_fnmadd_ps(_mm512_set1_ps(o), sc, zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps());
+}
 static inline __attribute__((always_inline)) void int4_octet(const uint8_t* p, const uint16_t* s, int64_t zs, __m512 lo[4], __m512 hi[4]) {
   const __m512i byte_mask = _mm512_set1_epi32(0xFF), nib = _mm512_set1_epi32(15);
-  const __m512 sc = bf16x16(s), ze = zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps();
-  const __m512 off = _mm512_fnmadd_ps(_mm512_set1_ps(8.0f), sc, ze);
+  const __m512 sc = bf16x16(s), off = group_off16(sc, s, zs, 8.0f);
   const __m512i v = _mm512_loadu_si512((const void*)p);
   for (int j = 0; j < 4; j++) {
     const __m512i bytes = _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), byte_mask);

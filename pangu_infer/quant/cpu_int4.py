@@ -116,12 +116,7 @@ static inline uint16_t tobf(float f) {
 # AVX-512 VNNI: one 16-row block per 512-bit vector, `vpdpbusd` dot products.
 _KERNELS_AVX512 = r"""
 @BF16_AVX512@
-/* zero - o scale for a group's 16 rows (the AVX2 build's group_off), o the codes' offset (8, 16, 32 for
-   4-, 5-, 6-bit codes): sc its scales (bf16x16(s)), s the group's scales, then where zs == 2 its zeros
-   16 halfwords on (zs == 1: scales only, zeros 0). */
-static inline __m512 group_off16(__m512 sc, const uint16_t* s, int64_t zs, float o) {
-  return _mm512_fnmadd_ps(_mm512_set1_ps(o), sc, zs == 2 ? bf16x16(s + 16) : _mm512_setzero_ps());
-}
+@INT4_OCTET@
 /* A group's end for 16 rows: its sum t in fp32 times the scales and the row's step, plus the offsets
    (zero - o scale) times the row's sum; the AVX2 build's group_end_sc steps, in order. */
 static inline __m512 group_end16(__m512 acc, __m512 t, __m512 sc, __m512 off, float step, float sum) {
@@ -321,7 +316,6 @@ static void pair16(const int8_t* xq, const float* dx, const float* xs, const uin
   CALL_G(block16(xq, dx, xs, w, sz, y, MM, ldy, K, 32, zs, b), block16(xq, dx, xs, w, sz, y, MM, ldy, K, G, zs, b)); }
 ROWS(1) ROWS(2) ROWS(3) ROWS(4)
 
-@INT4_OCTET@
 /* W^T [K, N] bf16 from the layout (products of many rows convert the weight once and run one bf16
    product): w = q * scale + (zero - 8 scale) in fp32, one fused multiply-add, rounded to bf16 once
    (to nearest even). Each 64-byte load is one octet of 16 rows: lane r holds row r's 4 bytes. */
