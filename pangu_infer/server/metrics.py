@@ -170,19 +170,17 @@ class StatsLine:
         )
 
 
-async def log_stats_forever(engine: Any, interval: Optional[float] = None) -> None:
-    """StatsLine's line at INFO every `interval` seconds (LOG_STATS_INTERVAL_S) while the server runs;
-    ends when the engine thread has stopped (/health reports that)."""
+async def log_stats_forever(engine: Any) -> None:
+    """StatsLine's line at INFO every LOG_STATS_INTERVAL_S seconds while the server runs (cancelled
+    at its shutdown); ends when the engine thread has stopped (/health reports that)."""
     try:
         line = StatsLine(await engine.stats(), time.monotonic())
         while True:
-            await asyncio.sleep(LOG_STATS_INTERVAL_S if interval is None else interval)
+            await asyncio.sleep(LOG_STATS_INTERVAL_S)
             text = line.update(await engine.stats(), time.monotonic())
             if text is not None:
                 stats_log.info(text)
-    except asyncio.CancelledError:
-        raise
-    except Exception as e:  # the engine is gone: nothing more to report
+    except Exception as e:  # the engine is gone: nothing more to report (a cancel is no Exception: it goes through)
         stats_log.debug("engine stats logging stopped: %s", e)
 
 
