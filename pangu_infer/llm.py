@@ -19,7 +19,8 @@ from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_sett
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
 from pangu_infer.loader import (
-    LoadedModel, ModelNotFoundError, demo_model_path, load_serving_model, read_config, resolve_model_path, resolve_tokenizer_path,
+    LoadedModel, ModelNotFoundError, demo_model_path, is_local_model, load_serving_model, read_config, resolve_model_path,
+    resolve_tokenizer_path,
 )
 from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
@@ -745,9 +746,9 @@ def _hub_model_for_tokenizer(model: Optional[str], revision: str) -> str:
     """The model's hub id, where tokenizer_revision names a revision of the model's own tokenizer."""
     if model is None:
         raise ModelNotFoundError(f"tokenizer_revision={revision!r} applies to a tokenizer on the hub; the demo model is a local file")
-    if not isinstance(model, str) or os.path.exists(os.path.expanduser(model)):
+    if os.path.exists(os.path.expanduser(model)):  # (model is a string: LLM checked it first)
         raise ModelNotFoundError(
-            f"tokenizer_revision={revision!r} applies to a tokenizer on the hub; {str(model)!r} is a local path "
+            f"tokenizer_revision={revision!r} applies to a tokenizer on the hub; {model!r} is a local path "
             "(name the tokenizer's hub id with tokenizer=)"
         )
     return model
@@ -758,7 +759,7 @@ def _local_vocab_size(model: Optional[str]) -> Optional[int]:
     config.json or GGUF header; None for a hub id, or a config that does not read (the load then says
     what is wrong with it)."""
     path = demo_model_path() if not model else os.path.expanduser(model)
-    if not (os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))):
+    if not is_local_model(path):
         return None
     try:
         return read_config(path).vocab_size

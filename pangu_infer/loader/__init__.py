@@ -51,6 +51,11 @@ def demo_model_path() -> str:
     return path
 
 
+def is_local_model(path: str) -> bool:
+    """A local model folder or .gguf file: what resolve_model_path takes as it is, without a download."""
+    return os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))
+
+
 def resolve_model_path(model: Optional[str], revision: Optional[str] = None, download_dir: Optional[str] = None) -> str:
     """A local folder, a local .gguf file, or a hub id downloaded with huggingface_hub (at
     `revision`, a branch, tag or commit, into `download_dir`: vLLM's --revision and --download-dir,
@@ -62,7 +67,7 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None, dow
             raise ModelNotFoundError(f"{', '.join(hub_only)} {verb} to a model on the hub; the demo model is a local file")
         return demo_model_path()
     path = os.path.expanduser(model)
-    if os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf")):
+    if is_local_model(path):
         if hub_only:
             raise ModelNotFoundError(f"{', '.join(hub_only)} {verb} to a model on the hub; {model!r} is a local path")
         return path
