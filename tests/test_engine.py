@@ -40,6 +40,33 @@ def token_ids(outputs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+def recorded_steps(monkeypatch) -> list[list[tuple[str, int, int, int, int]]]:
+    """Every runner step from here on: per scheduled sequence (request id, its first position, tokens
+    computed, prompt tokens, all its tokens), read as the step starts."""
+    from pangu_infer.engine.runner import ModelRunner
+
+    steps: list[list[tuple[str, int, int, int, int]]] = []
+    forward = ModelRunner.run
+
+    def recording_run(self, batch, drafts=None):
+        steps.append([(s.request_id, s.num_computed_tokens, n, s.num_prompt_tokens, s.num_tokens) for s, n in zip(batch.seqs, batch.num_tokens)])
+        return forward(self, batch, drafts)
+
+    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    return steps
+
+
+def prefill_chunks(step) -> list[tuple[str, int, int]]:
+    """(request, first position, tokens) of a recorded step's prefill chunks."""
+    return [(r, start, n) for r, start, n, prompt, _ in step if start < prompt]
+
+
+def six_prompts(llm) -> list[list[int]]:
+    """Prompts of 300, 38, 129, 77, 211 and 53 tokens."""
+    g = torch.Generator().manual_seed(4)
+    return [torch.randint(3, llm.config.vocab_size, (n,), generator=g).tolist() for n in (300, 38, 129, 77, 211, 53)]
+
+
 def assert_same_tokens_and_logprobs(outputs, expected, tol: float = 1e-4) -> None:
     """The same tokens, and each step's logprob and top entries (ids, and values within tol)."""
     for got, want in zip(outputs, expected, strict=True):
@@ -75,24 +102,14 @@ def test_chunked_prefill_equals_unchunked(llm, monkeypatch):
     """Six prompts of 38 to 300 tokens under a 37-token step budget: every prompt is prefilled in
     several chunks that end mid-block (blocks of 16), steps share the budget between sequences.
     Tokens and fp32 logprobs equal those of whole-prompt prefills."""
-    from pangu_infer.engine.runner import ModelRunner
-
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=g).tolist() for n in (300, 38, 129, 77, 211, 53)]
+    prompts = six_prompts(llm)
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
-    chunks: list[list[tuple[str, int, int]]] = []  # per step: (request, first position, tokens) of each prefill chunk
-    forward = ModelRunner.run
-
-    def recording_run(self, batch, drafts=None):
-        seqs = zip(batch.seqs, batch.num_tokens)
-        chunks.append([(s.request_id, s.num_computed_tokens, n) for s, n in seqs if s.num_computed_tokens < s.num_prompt_tokens])
-        return forward(self, batch, drafts)
-
-    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    steps = recorded_steps(monkeypatch)
     whole, _ = run(llm, prompts, params, kv_cache_memory=8 << 20, block_size=16)
-    assert [len(step) for step in chunks if step] == [len(prompts)]  # the reference: one prefill step
-    chunks.clear()
+    assert [len(prefill_chunks(step)) for step in steps if prefill_chunks(step)] == [len(prompts)]  # the reference: one prefill step
+    steps.clear()
     chunked, _ = run(llm, prompts, params, kv_cache_memory=8 << 20, block_size=16, max_num_batched_tokens=37)
+    chunks = [prefill_chunks(step) for step in steps]
     prefill = [c for step in chunks for c in step]
     assert all(sum(n for r, _, n in prefill if r == str(i)) == len(p) for i, p in enumerate(prompts))
     assert all(sum(r == str(i) for r, _, _ in prefill) >= 2 for i in range(len(prompts)))  # every prompt is split
@@ -101,41 +118,29 @@ def test_chunked_prefill_equals_unchunked(llm, monkeypatch):
     assert_same_tokens_and_logprobs(chunked, whole)
 
 
-
 def test_without_chunked_prefill_each_prompt_is_prefilled_whole_in_one_step(llm, monkeypatch):
     """enable_chunked_prefill=False (vLLM's): under a step budget that holds only some of the six
     prompts at once, each prompt is prefilled from its start to its end in one step, the later ones
     waiting for a step with room for all of theirs, beside the earlier ones' decodes. The tokens and
     logprobs equal those of all prompts prefilled in one step. The same budget with chunked
     prefill on splits prompts (what the setting changes)."""
-    from pangu_infer.engine.runner import ModelRunner
-
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(3, llm.config.vocab_size, (n,), generator=g).tolist() for n in (300, 38, 129, 77, 211, 53)]
+    prompts = six_prompts(llm)
     params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
-    steps: list[tuple[list[tuple[str, int, int]], int]] = []  # per step: its prefill chunks, and its decode rows
-    forward = ModelRunner.run
-
-    def recording_run(self, batch, drafts=None):
-        pairs = list(zip(batch.seqs, batch.num_tokens))
-        prefill = [(s.request_id, s.num_computed_tokens, n) for s, n in pairs if s.num_computed_tokens < s.num_prompt_tokens]
-        steps.append((prefill, len(pairs) - len(prefill)))
-        return forward(self, batch, drafts)
-
-    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    recorded = recorded_steps(monkeypatch)
     whole, _ = run(llm, prompts, params, kv_cache_memory=8 << 20, block_size=16, enable_prefix_caching=False)
-    steps.clear()
+    recorded.clear()
     budget = dict(kv_cache_memory=8 << 20, block_size=16, max_model_len=320, max_num_batched_tokens=320, enable_prefix_caching=False)
     unchunked, _ = run(llm, prompts, params, enable_chunked_prefill=False, **budget)
+    steps = [(prefill_chunks(step), len(step) - len(prefill_chunks(step))) for step in recorded]  # prefill chunks, decode rows
     prefill = [c for chunks, _ in steps for c in chunks]
     assert sorted(prefill) == sorted((str(i), 0, len(p)) for i, p in enumerate(prompts))  # each prompt once, whole
     assert sum(1 for chunks, _ in steps if chunks) >= 3  # 808 prompt tokens under a budget of 320
     assert any(chunks and decodes for chunks, decodes in steps)  # prefills beside decodes
     assert all(sum(n for _, _, n in chunks) + decodes <= 320 for chunks, decodes in steps)
     assert_same_tokens_and_logprobs(unchunked, whole)
-    steps.clear()
+    recorded.clear()
     run(llm, prompts, params, **budget)  # chunked prefill on (the default)
-    assert any(start > 0 for chunks, _ in steps for _, start, _ in chunks)
+    assert any(start > 0 for step in recorded for _, start, _ in prefill_chunks(step))
 
 
 def test_without_chunked_prefill_the_step_budget_holds_the_longest_prompt(llm):
@@ -155,29 +160,21 @@ def test_without_chunked_prefill_the_step_budget_holds_the_longest_prompt(llm):
     with pytest.raises(ValueError, match=r"enable_chunked_prefill='no' must be True or False"):
         EngineConfig(enable_chunked_prefill="no")
 
+
 @pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "whole-prompts"])
 def test_preemption_under_a_tiny_kv_budget_keeps_outputs(llm, alone, chunked, monkeypatch):
     """Without chunked prefill too: a prompt (or a preempted sequence's recomputation) waits for
     blocks for all its tokens, never taking a part of them."""
-    from pangu_infer.engine.runner import ModelRunner
-
     prompts, expected = alone
     per_token = llm.config.kv_bytes_per_token(torch.float32)
     budget = per_token * 16 * 30  # 30 blocks of 16 tokens shared by 24 prompts of up to 308 tokens
-    parts: list[int] = []  # tokens a prefill chunk left for a later step
-    forward = ModelRunner.run
-
-    def recording_run(self, batch, drafts=None):
-        parts.extend(s.num_tokens - s.num_computed_tokens - n for s, n in zip(batch.seqs, batch.num_tokens))
-        return forward(self, batch, drafts)
-
-    monkeypatch.setattr(ModelRunner, "run", recording_run)
+    steps = recorded_steps(monkeypatch)
     outs, engine = run(llm, prompts, GREEDY, kv_cache_memory=budget, block_size=16, enable_chunked_prefill=chunked)
     assert token_ids(outs) == expected
     assert engine.stats()["num_preemptions"] > 0
     assert engine.stats()["kv_blocks_free"] == engine.pool.num_blocks
-    if not chunked:
-        assert max(parts) == 0
+    if not chunked:  # no step left tokens of a sequence for a later one
+        assert max(total - start - n for step in steps for _, start, n, _, total in step) == 0
 
 
 def test_prefix_caching_equals_no_caching_and_counts_hits(llm):
