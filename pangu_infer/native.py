@@ -11,14 +11,17 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
+from pangu_infer import machine
 from pangu_infer.machine import cache_root, cpu_flags  # noqa: F401  (cpu_flags: here too, beside the builds)
 
 
@@ -49,6 +52,56 @@ def compile_problem(device: torch.device) -> Optional[str]:
 
         return None if has_triton() else "Triton is not installed (inductor needs it on CUDA)"
     return f"torch.compile is not set up for {device.type} devices here"
+
+
+# machine.py's name for the answers of inductor's instruction-set probes on this machine
+VEC_ISA_CHOICE = "inductor_vec_isa"
+
+
+def known_vec_isa() -> None:
+    """Inductor's list of the vector instruction sets its C++ can use here, made without the probes
+    this machine has passed before. Inductor checks each set the CPU lists (and AVX-512 BF16, VNNI,
+    AMX within them) by building a test library and loading it in a child Python, in every process:
+    six children on an AVX-512 CPU with AMX, 1.5 s of each process's first compile or compiled-step
+    load (benchmarks/RESULTS.md). A probe that loaded is kept per machine (machine.py) with the
+    compiler inductor uses, by its test library's name (a hash of the test's code and flags), and
+    taken as loaded from then on; one that failed is probed again next time, as inductor would.
+    Inductor keeps the list for the process. Linux on x86-64, where torch's probe is
+    `VecISA._probe_load`; elsewhere inductor probes as before."""
+    if platform.machine() not in ("x86_64", "AMD64") or not sys.platform.startswith("linux"):
+        return
+    from torch._inductor import cpu_vec_isa
+
+    probe = getattr(cpu_vec_isa.VecISA, "_probe_load", None)
+    if probe is None or cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:
+        return
+    compiler = cxx_compiler()
+    if compiler is None:
+        return
+    stored = machine.stored_choice(VEC_ISA_CHOICE)
+    loaded = set(stored.get("loaded", [])) if isinstance(stored, dict) and stored.get("compiler") == compiler else set()
+    passed: set[str] = set()
+
+    def probe_known(self, output_path: str) -> bool:
+        name = os.path.basename(output_path)
+        if name in loaded:
+            return True
+        ok = probe(self, output_path)
+        if ok:
+            passed.add(name)
+        return ok
+
+    cpu_vec_isa.VecISA._probe_load = probe_known
+    try:
+        cpu_vec_isa.valid_vec_isa_list()
+    finally:
+        cpu_vec_isa.VecISA._probe_load = probe
+    if passed:
+        every = sorted(loaded | passed)
+        machine.cached_choice(
+            VEC_ISA_CHOICE, lambda: {"compiler": compiler, "loaded": every},
+            lambda v: isinstance(v, dict) and v.get("compiler") == compiler and set(every) <= set(v.get("loaded", [])),
+        )
 
 
 # How the engine's C kernels are built: for this CPU (-march=native), OpenMP for their threads.
@@ -141,4 +194,4 @@ def build_torch_ops(name: str, source: str) -> str:
     return path
 
 
-__all__ = ["C_FLAGS", "build_c_library", "build_torch_ops", "c_compiler", "cxx_compiler", "compile_cache_dir", "compile_problem", "cpu_flags"]
+__all__ = ["C_FLAGS", "build_c_library", "build_torch_ops", "c_compiler", "cxx_compiler", "compile_cache_dir", "compile_problem", "cpu_flags", "known_vec_isa"]

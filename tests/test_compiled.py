@@ -97,6 +97,70 @@ def test_the_cache_lives_under_the_users_cache_folder(monkeypatch, tmp_path):
     assert compile_cache_dir() == tmp_path / "mine"
 
 
+def test_a_saved_step_loads_without_inductors_header_preprocessing(monkeypatch, tmp_path):
+    """Inductor runs the preprocessor over its C++ wrapper's header before it looks for a built
+    library (0.17 s a graph); a saved step's libraries are built: loaded with that step off."""
+    import io
+
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    key = {"format": saved_step.FORMAT, "graph": [1, 16]}
+    path = saved_step.step_file(key)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(json.dumps({"key": key, "choices": {}}).encode() + b"\n" + b"graph bytes")
+    seen = []
+
+    def load(f: io.BytesIO):
+        seen.append((f.read(), inductor_config.cpp_cache_precompile_headers))
+        return "graph"
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", load)
+    assert inductor_config.cpp_cache_precompile_headers
+    assert saved_step.load(key) == "graph"
+    assert seen == [(b"graph bytes", False)] and inductor_config.cpp_cache_precompile_headers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64", reason="inductor probes x86 sets on Linux")
+def test_inductors_instruction_set_probes_run_once_per_machine(tmp_path):
+    """Inductor builds a test library per vector instruction set and loads each in a child Python in
+    every process (1.5 s); the answer is kept per machine and a second process takes it unprobed,
+    with the same list."""
+    from pangu_infer.native import cxx_compiler
+
+    if cxx_compiler() is None:
+        pytest.skip("no C++ compiler")
+    script = (
+        "import json\n"
+        "from torch._inductor import cpu_vec_isa\n"
+        "from pangu_infer import native\n"
+        "probes, real = [], cpu_vec_isa.VecISA._probe_load\n"
+        "cpu_vec_isa.VecISA._probe_load = lambda self, path: probes.append(str(self)) or real(self, path)\n"
+        "native.known_vec_isa()\n"
+        "flags = cpu_vec_isa.x86_isa_checker()\n"
+        "listed = [str(i) for i in cpu_vec_isa.supported_vec_isa_list if all(f in flags for f in str(i).split())]\n"
+        "print(json.dumps({'probes': probes, 'isa': [str(i) for i in cpu_vec_isa.valid_vec_isa_list()], 'listed': listed}))\n"
+    )
+    env = {**os.environ, "PANGU_INFER_KERNEL_CACHE": str(tmp_path / "kernels.json")}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["probes"] and first["isa"]  # probed, and what loaded kept
+    stored = json.loads((tmp_path / "kernels.json").read_text())
+    assert [len(v["inductor_vec_isa"]["loaded"]) > 0 for v in stored.values()] == [True]
+    second = run()
+    assert second["isa"] == first["isa"]
+    if first["isa"] == first["listed"]:  # every set the CPU lists loaded: no probe the second time
+        assert second["probes"] == []
+    else:  # a set that failed here is probed each time, as inductor does
+        assert 0 < len(second["probes"]) < len(first["probes"])
+
+
 def test_a_second_start_reads_the_compiled_graphs_from_the_persistent_cache(tmp_path, tiny_moge_dir):
     """Two processes with an empty cache folder, each loading with compiled decode on and waiting
     for it: the first compiles (one progress line) and fills ~/.cache/pangu-infer (here

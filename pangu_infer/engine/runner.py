@@ -31,6 +31,7 @@ from pangu_infer.models.batch_invariant import KV_SPLIT, make_batch_invariant
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models import bf16_weights, bi_attention_kernel
 from pangu_infer.models.layers import Attention, AttentionBatch, PrefillSlice, decode_kernel_chosen, decode_kernel_takes
+from pangu_infer.native import known_vec_isa
 from pangu_infer.parallel.state import collectives_skipped
 
 logger = logging.getLogger("pangu_infer.engine")
@@ -224,6 +225,7 @@ class ModelRunner:
                 self._compile_off(f"{problem}; decoding eagerly (--enforce-eager turns compiling off)")
                 return
             if self.device.type == "cpu":
+                known_vec_isa()  # inductor's probes of the CPU's instruction sets, once per machine
                 # Inductor's TritonBundler keeps one process-wide list of the compile in progress,
                 # asserted empty when a compile begins: a compile on another thread beside this build
                 # (a user's own torch.compile, a test's) failed one of them (BackendCompilerFailed:

@@ -135,7 +135,13 @@ def load(key: dict) -> Optional[Callable]:
             if changed:
                 logger.info("saved decode step %s was built under other kernel choices (%s): building it again", path.name, ", ".join(changed))
                 return None
-            fn = torch.compiler.load_compiled_function(io.BytesIO(f.read()))
+            # Inductor runs the compiler's preprocessor over its C++ wrapper's header, to key a
+            # precompiled form of it, before it looks for the built library (0.17 s a graph): a
+            # saved step's libraries are built already (one that is not builds without it).
+            from torch._inductor import config as inductor_config
+
+            with inductor_config.patch(cpp_cache_precompile_headers=False):
+                fn = torch.compiler.load_compiled_function(io.BytesIO(f.read()))
         os.utime(path)  # recently used: kept when older files are pruned
         return fn
     except FileNotFoundError:
