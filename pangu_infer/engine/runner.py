@@ -23,6 +23,7 @@ from pangu_infer.engine.compiled import (
     compile_problem,
     say,
 )
+from pangu_infer.engine import eager_step
 from pangu_infer.engine.sampler import token_logprobs
 from pangu_infer.engine.scheduler import ScheduledBatch
 from pangu_infer.engine.sequence import Logprob, Sequence
@@ -135,6 +136,12 @@ class ModelRunner:
         self.k_caches = [torch.empty(k, dtype=kv_dtype, device=device) for k, _ in shapes]
         self.v_caches = [None if v is None else torch.empty(v, dtype=kv_dtype, device=device) for _, v in shapes]
         self.decode_kernel = self._choose_decode_attention(kv_dtype)
+        # Eager decode-only steps with the modules' Python left out, where the model takes it
+        # (engine/eager_step.py): until the compiled step is ready, or always under enforce_eager.
+        self.eager_step = (
+            eager_step.build(model, self.decode_kernel, self.k_caches, self.v_caches)
+            if device.type == "cpu" and not batch_invariant else None
+        )
         # The model's binding state. A token, not the runner, marks the bound cache, so that a
         # bound runner can still be collected (and unbinds then).
         self._binding = model.__dict__.setdefault("_kv_binding", _Binding())
@@ -453,7 +460,8 @@ class ModelRunner:
                 return [s for s, _ in decodes], decode_forward(ids, pos, attn), {}, {}
             if self.mirror is not None:
                 self.mirror("forward", (ids, pos, attn))
-            hidden = self.model(ids, pos, attn)
+            eager = self.eager_step if decodes and not prefills and not invariant else None
+            hidden = self.model(ids, pos, attn) if eager is None else eager(ids, pos, attn)
             prompt_logprobs = self._prompt_logprobs(hidden, prefills, len(decodes))
             pooled = self._pooled(hidden, prefills, len(decodes))
             sampled: list[Sequence] = []

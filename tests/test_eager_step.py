@@ -1,0 +1,94 @@
+"""engine/eager_step.py: eager decode steps without the modules' Python give the same bits as the
+modules (models/dense.py's forward), on the kernels' every kind of weight it calls straight."""
+
+from __future__ import annotations
+
+import torch
+
+from pangu_infer import LLM, SamplingParams
+from pangu_infer.engine import eager_step
+from pangu_infer.quant import cpu_int4
+
+# No prefix cache: a prompt's second request would read its first one's blocks (other bits in the
+# prefill, whichever decode step runs).
+ARGS = dict(enforce_eager=True, max_model_len=256, enable_prefix_caching=False)
+PROMPTS = [
+    "Once upon a time, there was a dragon who",
+    "The capital of France is",
+    # a longer context than the others: decode attention splits the batch into two groups
+    "Here is a long list of numbers: " + ", ".join(str(i) for i in range(60)),
+]
+
+
+def _generate(llm: LLM, lean: bool, calls: list) -> list:
+    runner = llm.engine.runner
+    step = runner.eager_step
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return step(*args)
+
+    runner.eager_step = counted if lean else None
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=3)
+        out = llm.generate(PROMPTS, params, use_tqdm=False)
+    finally:
+        runner.eager_step = step
+    return [(o.outputs[0].token_ids, [(lp.token_id, lp.logprob, lp.top) for lp in o.outputs[0].logprobs]) for o in out]
+
+
+def _same_as_modules(llm: LLM, direct_kinds: set[str]) -> None:
+    step = llm.engine.runner.eager_step
+    assert step is not None, "the eager step should take this model"
+    # the quantized linears of the C kernels' kinds are called straight, not as modules
+    direct = {type(c).__name__ for layer in step.layers for c in (layer[1], layer[8], layer[11], layer[13]) if hasattr(c, "tensors")}
+    kinds = {m.kernel for m in llm.engine.model.modules() if type(m).__name__ == "PackedWeight"}
+    if direct_kinds and direct_kinds <= kinds and cpu_int4.library() is not None:
+        assert direct, f"no linear called straight ({kinds})"
+    calls: list = []
+    lean = _generate(llm, True, calls)
+    assert calls and max(calls) == len(PROMPTS), "the decode steps should have run through the eager step"
+    modules = _generate(llm, False, [])
+    assert lean == modules
+
+
+def test_demo_model_int4(smollm2_gguf_path):
+    llm = LLM(str(smollm2_gguf_path), **ARGS)
+    _same_as_modules(llm, {"int4_vnni"})
+
+
+def test_float32_cache(smollm2_gguf_path):
+    llm = LLM(str(smollm2_gguf_path), **ARGS, kv_cache_dtype="float32")
+    assert llm.engine.runner.k_caches[0].dtype == torch.float32
+    _same_as_modules(llm, {"int4_vnni"})
+
+
+def test_biases_int4(tiny_pangu_gguf):
+    # Pangu-Embedded's q/k/v/o biases, weights quantized to int4 while loading
+    llm = LLM(str(tiny_pangu_gguf.path), **ARGS, quantization="int4")
+    assert llm.engine.model.model.layers[0].self_attn.qkv_proj.bias is not None
+    _same_as_modules(llm, {"int4_vnni"})
+
+
+def test_six_bit_codes(tmp_path, tiny_sentencepiece_vocab):
+    from fixtures_gguf import tiny_q6_k_gguf
+
+    path = tiny_q6_k_gguf(tmp_path / "q6k.gguf", tiny_sentencepiece_vocab)
+    llm = LLM(str(path), **ARGS)
+    _same_as_modules(llm, {"int6"})
+
+
+def test_not_taken(smollm2_gguf_path, monkeypatch):
+    # the batch-invariant mode runs its own kernels
+    llm = LLM(str(smollm2_gguf_path), **ARGS, batch_invariant=True)
+    assert llm.engine.runner.eager_step is None
+    llm.shutdown()
+    monkeypatch.setenv(eager_step.ENV, "0")
+    llm = LLM(str(smollm2_gguf_path), **ARGS)
+    assert llm.engine.runner.eager_step is None
+
+
+def test_moge_not_taken(tiny_moge_dir):
+    llm = LLM(str(tiny_moge_dir), enforce_eager=True, max_model_len=128)
+    assert llm.engine.runner.eager_step is None
+
