@@ -3,6 +3,8 @@ modules (models/dense.py's forward), on the kernels' every kind of weight it cal
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from pangu_infer import LLM, SamplingParams
@@ -92,3 +94,47 @@ def test_moge_not_taken(tiny_moge_dir):
     llm = LLM(str(tiny_moge_dir), enforce_eager=True, max_model_len=128)
     assert llm.engine.runner.eager_step is None
 
+
+def _build_start_recorded(monkeypatch) -> list:
+    """ModelRunner._wait_while_busy's return times (time.monotonic), the build stopped right there."""
+    from pangu_infer.engine import runner as runner_module
+
+    ends = []
+    wait = runner_module.ModelRunner._wait_while_busy
+
+    def recorded(self, deadline):
+        wait(self, deadline)
+        ends.append(time.monotonic())
+        self.stop_compile()  # (nothing compiled by these tests)
+
+    monkeypatch.setattr(runner_module.ModelRunner, "_wait_while_busy", recorded)
+    return ends
+
+
+def test_build_waits_while_steps_run(smollm2_gguf_path, monkeypatch):
+    # A run shorter than the grace ends before the background build starts; the build starts once
+    # the engine is idle.
+    from pangu_infer.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", 60.0)
+    ends = _build_start_recorded(monkeypatch)
+    llm = LLM(str(smollm2_gguf_path), max_model_len=256, enable_prefix_caching=False)
+    begun = time.monotonic()
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=120, ignore_eos=True), use_tqdm=False)
+    done = time.monotonic()
+    assert done - begun > 1.5 * runner_module.FIRST_STEP_GRACE_S  # (a run longer than the first step's wait)
+    assert not llm.wait_compiled(timeout=30)
+    assert len(ends) == 1 and done <= ends[0] < done + 10 * runner_module.IDLE_GAP_S + 5
+
+
+def test_build_starts_after_the_grace(smollm2_gguf_path, monkeypatch):
+    # ... and a run longer than the grace has the build start during it.
+    from pangu_infer.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", 1.0)
+    ends = _build_start_recorded(monkeypatch)
+    llm = LLM(str(smollm2_gguf_path), max_model_len=512, enable_prefix_caching=False)
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=400, ignore_eos=True), use_tqdm=False)
+    done = time.monotonic()
+    assert not llm.wait_compiled(timeout=30)
+    assert len(ends) == 1 and ends[0] < done - 0.5

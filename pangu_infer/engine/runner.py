@@ -40,6 +40,12 @@ logger = logging.getLogger("pangu_infer.engine")
 # The background compile starts this long after load, or after the first step if one starts
 # within it (engine/compiled.py; ModelRunner).
 FIRST_STEP_GRACE_S = 1.0
+# ... and then waits while steps keep coming, up to this long after load:
+# a run shorter than that (a one-off `generate`) ends eagerly with the whole CPU, a longer one is
+# compiled from then on (ModelRunner._wait_while_busy).
+BUSY_GRACE_S = 5.0
+# Steps further apart than this: the engine is idle (between two steps of a run: ~1 ms).
+IDLE_GAP_S = 0.1
 # How much lower the background compile's CPU priority is (nice increment; _lower_thread_priority).
 COMPILE_NICE = 10
 # Rows of prompt logits computed at once for prompt logprobs ([rows, vocab] float32: 78 MB at 153k).
@@ -160,6 +166,8 @@ class ModelRunner:
         # The first step's start and end: the build waits for the first step if one starts soon
         # after load (a prompt given with the command), so that it does not slow that answer.
         self._first_step = [threading.Event(), threading.Event()]
+        self._in_step = False  # a step is running (the build's _wait_while_busy reads these)
+        self._step_ended = 0.0  # time.monotonic() at the end of the last step
         if not compile_:
             self._compiled_done.set()
             return
@@ -214,15 +222,17 @@ class ModelRunner:
 
     def _build_compiled(self, max_context: int, scratch: range) -> None:
         start = time.perf_counter()
-        started, ended = self._first_step
-        if started.wait(FIRST_STEP_GRACE_S):
-            ended.wait()
-        _lower_thread_priority()
         step, error = None, "the compile thread stopped"
         # One build at a time in a process: two models' builds at once (two LLMs) failed one of them
         # in dynamo ("using FX to symbolically trace a dynamo-optimized function").
         locked = False
         try:
+            started, ended = self._first_step
+            if started.wait(FIRST_STEP_GRACE_S):
+                ended.wait()
+                self._wait_while_busy(start + BUSY_GRACE_S)
+            check_stop(self._compile_stop)
+            _lower_thread_priority()
             # (waiting for another model's build, if any; stop_compile() ends the wait)
             while not (locked := _COMPILE_LOCK.acquire(timeout=0.25)):
                 check_stop(self._compile_stop)
@@ -241,8 +251,7 @@ class ModelRunner:
                 import torch._inductor.config as inductor_config
 
                 inductor_config.bundle_triton_into_fx_graph_cache = False
-            with _every_forward_held():  # no model's forward runs meanwhile: the target's, a draft's, another LLM's
-                _trace_inductors_placeholder()
+            _trace_inductors_placeholder()
             if not self.model.parallel.rank:  # (tensor parallel: rank 0 says it for every rank)
                 say(
                     "compiling the decode step in the background (a minute or more the first time on this "
@@ -371,13 +380,29 @@ class ModelRunner:
         prompt logprobs: seq_id -> (the first prompt position scored, its entries). Fourth, for
         embedding requests' sequences (which never sample): seq_id -> their chunk's pooling result
         (_pooled). The sequences themselves are left unchanged."""
-        if self._first_step[1].is_set():
-            return self._run(batch, drafts)
-        self._first_step[0].set()
+        self._in_step = True
         try:
-            return self._run(batch, drafts)
+            if self._first_step[1].is_set():
+                return self._run(batch, drafts)
+            self._first_step[0].set()
+            try:
+                return self._run(batch, drafts)
+            finally:
+                self._first_step[1].set()
         finally:
-            self._first_step[1].set()
+            self._in_step = False
+            self._step_ended = time.monotonic()
+
+    def _wait_while_busy(self, deadline: float) -> None:
+        """The build's start, held while steps keep coming until `deadline` (time.perf_counter), or
+        the engine is idle for IDLE_GAP_S, or stop_compile(). The build's first seconds are torch's
+        imports and the saved graphs' loading, Python that takes the interpreter lock from every
+        kernel call of an eager step beside it: the demo's eager steps ran 2-3x slower, and a 256-token
+        `generate` took twice as long as without the build (benchmarks/RESULTS.md)."""
+        while time.perf_counter() < deadline and not self._compile_stop.is_set():
+            if not self._in_step and time.monotonic() - self._step_ended > IDLE_GAP_S:
+                return
+            time.sleep(0.02)
 
     @torch.inference_mode()
     def _run(
@@ -618,16 +643,21 @@ def _trace_inductors_placeholder() -> None:
     so a module called on another thread meanwhile fails ("module is not installed as a
     submodule"). Inductor traces one function that way, once per process, in the middle of a
     compile (loop_body.InterpreterShim's placeholder graph, cached after): an eager step on the
-    engine thread at that moment failed its request with a 500. Traced here first, where the
-    caller holds the lock every step's forward takes, of every model in the process (a draft
-    model's too: _every_forward_held); the compile's own traces (make_fx) pass other callers'
-    module calls through."""
+    engine thread at that moment failed its request with a 500. Traced here first, holding the
+    lock every step's forward takes, of every model in the process (a draft model's too:
+    _every_forward_held); the compile's own traces (make_fx) pass other callers' module calls
+    through. The module is imported before the locks are taken: its import (most of inductor, a
+    second or more) held every step while the lock was."""
     try:
         from torch._inductor.loop_body import InterpreterShim
-
-        InterpreterShim._dummy_gm()
     except Exception as e:  # noqa: BLE001  (torch's private helper moved: the compile goes on as it did)
         logger.debug("inductor's placeholder graph not traced ahead: %s", e)
+        return
+    with _every_forward_held():  # no model's forward runs meanwhile: the target's, a draft's, another LLM's
+        try:
+            InterpreterShim._dummy_gm()
+        except Exception as e:  # noqa: BLE001
+            logger.debug("inductor's placeholder graph not traced ahead: %s", e)
 
 
 def _start_compile_thread(target: Callable, *args) -> None:
