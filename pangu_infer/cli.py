@@ -321,6 +321,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help="above 1 makes tokens of the prompt and the reply less likely (default: the model's generation_config, else 1: none)")
     p.add_argument("--sample-seed", dest="sample_seed", type=int, default=None, help="seed of this request's sampling")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end-of-sequence token, up to --max-tokens (llama.cpp's flag, vLLM's ignore_eos: for timing runs)")
 
 
 def _sampling_changes(args: argparse.Namespace) -> dict:
@@ -330,6 +332,8 @@ def _sampling_changes(args: argparse.Namespace) -> dict:
             changes[name] = getattr(args, name)
     if args.sample_seed is not None:
         changes["seed"] = args.sample_seed
+    if args.ignore_eos:
+        changes["ignore_eos"] = True
     return changes
 
 

@@ -51,7 +51,7 @@ def test_the_key_reads_the_same_in_every_process(kind, request, tmp_path):
     assert keys[0]["graph"] == [1, 16] and keys[0]["kv_cache"][1] == "torch.float32"
 
 
-def test_the_key_follows_what_a_trace_bakes_in_and_not_the_weights_values(llm):
+def test_the_key_follows_what_a_trace_bakes_in_and_not_the_weights_values(llm, monkeypatch):
     model = llm.engine.runner.model
     base = _key(llm)
     with torch.no_grad():
@@ -76,6 +76,11 @@ def test_the_key_follows_what_a_trace_bakes_in_and_not_the_weights_values(llm):
         assert _key(llm) != base
     finally:
         torch.set_num_threads(threads)
+    # an engine setting is in the key; the switch of the eager decode step, which no graph holds, is not
+    monkeypatch.setenv("PANGU_INFER_EAGER_STEP", "0")
+    assert _key(llm) == base
+    monkeypatch.setenv("PANGU_INFER_DECODE_ATTENTION", "torch")
+    assert _key(llm) != base
 
 
 def _write(key: dict, choices: dict, header_key=None, body: bytes = b"not a compiled function") -> None:

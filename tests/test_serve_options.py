@@ -423,6 +423,9 @@ def test_generation_config_in_the_python_api_and_the_generate_command(tiny_dense
     auto = LLM(str(tiny_dense_dir), enforce_eager=True, dtype="float32")  # the model's file: do_sample false
     assert auto.default_sampling_params().temperature == 0.0
     assert sampling_params(auto, build_parser().parse_args(base)).max_tokens == 256
+    # llama.cpp's --ignore-eos (vLLM's ignore_eos)
+    assert not sampling_params(auto, build_parser().parse_args(base)).ignore_eos
+    assert sampling_params(auto, build_parser().parse_args([*base, "--ignore-eos"])).ignore_eos
 
 
 def test_bad_generation_config_values_name_the_flag_and_key(tmp_path):

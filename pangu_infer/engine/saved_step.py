@@ -36,6 +36,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from pangu_infer import machine
+from pangu_infer.engine import eager_step
 from pangu_infer.models.layers import AttentionBatch
 
 logger = logging.getLogger("pangu_infer.engine")
@@ -108,7 +109,8 @@ def step_key(model: torch.nn.Module, kv_cache: torch.Tensor, shape: tuple[int, i
         "threads": torch.get_num_threads(),
         "compile_settings": _settings_hash(),
         "options": sorted((k, repr(v)) for k, v in options.items() if k != "guard_filter_fn"),
-        "settings": machine.engine_settings(ENV_OFF),
+        # (less the switches of what no graph holds: this cache's, the eager decode step's)
+        "settings": machine.engine_settings(ENV_OFF, eager_step.ENV),
         "model": structure(model),
         "kv_cache": [list(kv_cache.shape), str(kv_cache.dtype), str(kv_cache.device)],
         "graph": list(shape),
