@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 import torch
 
 from pangu_infer import LLM, SamplingParams
@@ -43,7 +45,8 @@ def _same_as_modules(llm: LLM, direct_kinds: set[str]) -> None:
     step = llm.engine.runner.eager_step
     assert step is not None, "the eager step should take this model"
     # the quantized linears of the C kernels' kinds are called straight, not as modules
-    direct = {type(c).__name__ for layer in step.layers for c in (layer[1], layer[8], layer[11], layer[13]) if hasattr(c, "tensors")}
+    linears = [c for layer in step.layers for c in (layer[1], layer[8], *getattr(layer[11], "linears", ()))]
+    direct = [c for c in linears if hasattr(c, "tensors")]
     kinds = {m.kernel for m in llm.engine.model.modules() if type(m).__name__ == "PackedWeight"}
     if direct_kinds and direct_kinds <= kinds and cpu_int4.library() is not None:
         assert direct, f"no linear called straight ({kinds})"
@@ -90,9 +93,24 @@ def test_not_taken(smollm2_gguf_path, monkeypatch):
     assert llm.engine.runner.eager_step is None
 
 
-def test_moge_not_taken(tiny_moge_dir):
-    llm = LLM(str(tiny_moge_dir), enforce_eager=True, max_model_len=128)
-    assert llm.engine.runner.eager_step is None
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_moge(tiny_moge_dir, quantization, monkeypatch):
+    # MoGE's block runs as a module (routing, experts, load counters); the attention half inline
+    llm = LLM(str(tiny_moge_dir), **{**ARGS, "max_model_len": 512}, dtype="bfloat16", quantization=quantization)
+    assert type(llm.engine.model).__name__ == "PanguProMoEForCausalLM"
+    counted = []
+    real = eager_step.EagerDecodeStep.__call__
+
+    def step_and_count(self, *args):
+        out = real(self, *args)
+        counted.append([layer["tokens"] for layer in llm.moe_stats()["layers"]])
+        return out
+
+    monkeypatch.setattr(eager_step.EagerDecodeStep, "__call__", step_and_count)
+    _same_as_modules(llm, {"int4_vnni"} if quantization == "int4" else set())
+    # every eager step's tokens (a row per prompt) reached the experts' load counters of every layer
+    assert len(counted) >= 10
+    assert all(b[0] - a[0] == len(PROMPTS) and len(set(b)) == 1 for a, b in zip(counted, counted[1:]))
 
 
 def _build_start_recorded(monkeypatch) -> list:

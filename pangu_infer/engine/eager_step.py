@@ -9,11 +9,12 @@ start with a prompt given, those steps also hand the interpreter lock to the bac
 at every operator, and both slow down.
 
 `EagerDecodeStep` runs the same operations in the same order on the same kernels (the same bits:
-tests/test_eager_step.py) for the plain pre-norm decoder (models/dense.py's classes exactly, on
-CPU, bf16 activations, decode attention by the C kernel, no LoRA, one rank), with what the
-module path checks at each call checked once when it is built: the operands' layouts and
-pointers. Quantized linears of the C kernels' kinds (int4, and 5- and 6-bit codes) call their
-kernel straight; any other linear is called as a module. `build` returns None for a model or
+tests/test_eager_step.py) for the pre-norm decoder (models/dense.py's layer, attention and norm
+classes exactly, on CPU, bf16 activations, decode attention by the C kernel, no LoRA, one rank),
+with what the module path checks at each call checked once when it is built: the operands'
+layouts and pointers. Quantized linears of the C kernels' kinds (int4, and 5- and 6-bit codes)
+call their kernel straight; any other linear is called as a module, as is any MLP but SwiGLU
+(MoGE's block and the other MoE blocks: their routing, expert dispatch and load counters). `build` returns None for a model or
 runner it does not take, and those steps run the modules as before. `PANGU_INFER_EAGER_STEP=0`
 turns it off.
 """
@@ -83,6 +84,21 @@ def _linear(module: torch.nn.Module) -> Linear:
     return call
 
 
+def _mlp(mlp: torch.nn.Module) -> Linear:
+    """mlp(h): SwiGLU's products and activation inline (its linears as `_linear` calls them), any
+    other MLP (MoGE's and the other MoE blocks, their routing and load counters) as a module."""
+    if type(mlp) is not SwiGLU:
+        return lambda h, threads: mlp(h)
+    gate_up, down, inter = _linear(mlp.gate_up_proj), _linear(mlp.down_proj), mlp.inter
+
+    def call(h: torch.Tensor, threads: int) -> torch.Tensor:
+        gate, up = gate_up(h, threads).split(inter, dim=-1)
+        return down(F.silu(gate) * up, threads)
+
+    call.linears = (gate_up, down)  # type: ignore[attr-defined]
+    return call
+
+
 def _norm(module: RMSNorm, lib) -> Optional[Norm]:
     """RMSNorm.forward's C pass (norm_rope.rms_norm) for x [rows, N] bf16 contiguous, its operands
     checked once; None where that pass does not take the weight."""
@@ -139,7 +155,7 @@ class EagerDecodeStep:
         slot_mapping = attn.slot_mapping
         cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
         rope, attention = self.rope, self.attention
-        for norm1, qkv, q_size, kv_size, heads, kv_heads, dim, scale, o_proj, layer, norm2, gate_up, inter, down in self.layers:
+        for norm1, qkv, q_size, kv_size, heads, kv_heads, dim, scale, o_proj, layer, norm2, mlp in self.layers:
             h = norm1(x, threads)
             q, k, v = qkv(h, threads).split([q_size, kv_size, kv_size], dim=-1)
             # apply_rotary's C pass on each (rows of heads x dim, the row stride the fused product's)
@@ -163,9 +179,7 @@ class EagerDecodeStep:
                 if rc:
                     raise RuntimeError(f"decode attention kernel refused q {tuple(q_rot.shape)}, cache {tuple(k_cache.shape)} ({rc})")
             x = x + o_proj(out.view(t, q_size), threads)
-            h = norm2(x, threads)
-            gate, up = gate_up(h, threads).split(inter, dim=-1)
-            x = x + down(F.silu(gate) * up, threads)
+            x = x + mlp(norm2(x, threads), threads)
         return self.final_norm(x, threads)
 
 
@@ -189,7 +203,7 @@ def build(model: torch.nn.Module, decode_kernel: list[bool], k_caches: list, v_c
     for layer, k_cache, v_cache in zip(dm.layers, k_caches, v_caches):
         a, mlp = layer.self_attn, layer.mlp
         if not (
-            type(layer) is DecoderLayer and type(a) is Attention and type(mlp) is SwiGLU
+            type(layer) is DecoderLayer and type(a) is Attention
             and type(layer.input_layernorm) is RMSNorm and type(layer.post_attention_layernorm) is RMSNorm
         ):
             return None
@@ -205,7 +219,7 @@ def build(model: torch.nn.Module, decode_kernel: list[bool], k_caches: list, v_c
             return None
         layers.append((
             norm1, _linear(a.qkv_proj), a.q_size, a.kv_size, a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale),
-            _linear(a.o_proj), a, norm2, _linear(mlp.gate_up_proj), mlp.inter, _linear(mlp.down_proj),
+            _linear(a.o_proj), a, norm2, _mlp(mlp),
         ))
     if len({entry[6] for entry in layers}) != 1:
         return None
