@@ -159,3 +159,10 @@ def test_build_starts_after_the_grace(smollm2_gguf_path, monkeypatch):
     done = time.monotonic()
     assert not llm.wait_compiled(timeout=30)
     assert len(ends) == 1 and ends[0] < done - 0.5  # (the run: at least 1.5 s)
+
+
+def test_lora_not_taken(tiny_dense_dir):
+    # the adapters' products ride on the modules (models/lora.py): their eager steps run the modules
+    args = dict(dtype="bfloat16", enforce_eager=True, kv_cache_memory=8 << 20)
+    assert LLM(str(tiny_dense_dir), **args).engine.runner.eager_step is not None
+    assert LLM(str(tiny_dense_dir), **args, enable_lora=True).engine.runner.eager_step is None
