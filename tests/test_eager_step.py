@@ -166,3 +166,15 @@ def test_lora_not_taken(tiny_dense_dir):
     args = dict(dtype="bfloat16", enforce_eager=True, kv_cache_memory=8 << 20)
     assert LLM(str(tiny_dense_dir), **args).engine.runner.eager_step is not None
     assert LLM(str(tiny_dense_dir), **args, enable_lora=True).engine.runner.eager_step is None
+
+
+def test_tensor_parallel_not_taken(smollm2_gguf_path, monkeypatch):
+    # a rank's shard needs the all-reduces inside the modules
+    from types import SimpleNamespace
+
+    llm = LLM(str(smollm2_gguf_path), **ARGS)
+    runner, model = llm.engine.runner, llm.engine.model
+    args = (model, runner.decode_kernel, runner.k_caches, runner.v_caches)
+    assert eager_step.build(*args) is not None
+    monkeypatch.setattr(model, "parallel", SimpleNamespace(world_size=2, rank=0))
+    assert eager_step.build(*args) is None
