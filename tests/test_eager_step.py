@@ -62,6 +62,13 @@ def test_demo_model_int4(smollm2_gguf_path):
     _same_as_modules(llm, {"int4_vnni"})
 
 
+def test_float32_activations(smollm2_gguf_path):
+    # the default on a CPU without native bf16 (AVX2-only x86): int4 products of float32 activations
+    llm = LLM(str(smollm2_gguf_path), **ARGS, dtype="float32")
+    assert llm.engine.model.model.norm.weight.dtype == torch.float32
+    _same_as_modules(llm, {"int4_vnni"})
+
+
 def test_float32_cache(smollm2_gguf_path):
     llm = LLM(str(smollm2_gguf_path), **ARGS, kv_cache_dtype="float32")
     assert llm.engine.runner.k_caches[0].dtype == torch.float32

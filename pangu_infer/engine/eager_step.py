@@ -10,7 +10,7 @@ at every operator, and both slow down.
 
 `EagerDecodeStep` runs the same operations in the same order on the same kernels (the same bits:
 tests/test_eager_step.py) for the pre-norm decoder (models/dense.py's layer, attention and norm
-classes exactly, on CPU, bf16 activations, decode attention by the C kernel, no LoRA, one rank),
+classes exactly, on CPU, bf16 or float32 activations, decode attention by the C kernel, no LoRA, one rank),
 with what the module path checks at each call checked once when it is built: the operands'
 layouts and pointers. Quantized linears of the C kernels' kinds (int4, and 5- and 6-bit codes)
 call their kernel straight; any other linear is called as a module, as is any MLP but SwiGLU
@@ -34,6 +34,8 @@ from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.modules import PackedWeight, QuantizedLinear
 
 ENV = "PANGU_INFER_EAGER_STEP"  # 0/off: eager decode steps run the model's modules
+# the activations' dtypes the C passes take, with their kind flag (norm_rope's: 1 bf16, 0 float32)
+_KINDS = {torch.bfloat16: 1, torch.float32: 0}
 
 Linear = Callable[[torch.Tensor, int], torch.Tensor]
 Norm = Callable[[torch.Tensor, int], torch.Tensor]
@@ -44,9 +46,9 @@ def enabled() -> bool:
 
 
 def _linear(module: torch.nn.Module) -> Linear:
-    """module(x) for x [rows, in] bf16 contiguous: the kernel called straight for a quantized
-    linear the C kernels read at this row count (as PackedWeight.forward would call it), else the
-    module itself."""
+    """module(x) for x [rows, in] (bf16 or float32) contiguous: the kernel called straight for a
+    quantized linear the C kernels read at this row count (as PackedWeight.forward would call it:
+    x rounded to bf16, the product in bf16, then x's dtype), else the module itself."""
     weight = getattr(module, "weight", None)
     lib = cpu_int4.library()
     if not (type(module) is QuantizedLinear and type(weight) is PackedWeight and lib is not None):
@@ -73,11 +75,11 @@ def _linear(module: torch.nn.Module) -> Linear:
         rows = x.shape[0]
         if rows >= weight.convert_min_rows or not rows:  # prefill-sized: the module's converted product
             return module(x)
-        x = x.contiguous()
+        xk = x.to(torch.bfloat16).contiguous()
         y = torch.empty(rows, n, dtype=torch.bfloat16)
-        if fn(x.data_ptr(), *pointers, y.data_ptr(), rows, n, k, *tail, threads):
+        if fn(xk.data_ptr(), *pointers, y.data_ptr(), rows, n, k, *tail, threads):
             raise RuntimeError(f"{kind} kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}")
-        y = y if n == out_features else y[:, :out_features]
+        y = (y if n == out_features else y[:, :out_features]).to(x.dtype)
         return y if bias is None else y + bias
 
     call.tensors = (data, sz, hb)  # type: ignore[attr-defined]  (kept alive with the call)
@@ -100,19 +102,19 @@ def _mlp(mlp: torch.nn.Module) -> Linear:
 
 
 def _norm(module: RMSNorm, lib) -> Optional[Norm]:
-    """RMSNorm.forward's C pass (norm_rope.rms_norm) for x [rows, N] bf16 contiguous, its operands
-    checked once; None where that pass does not take the weight."""
+    """RMSNorm.forward's C pass (norm_rope.rms_norm) for x [rows, N] contiguous of the weight's
+    dtype (bf16 or float32), its operands checked once; None where that pass does not take the weight."""
     weight, eps = module.weight, module.eps
     n = weight.shape[0]
-    if module.batch_invariant or weight.dtype != torch.bfloat16 or weight.dim() != 1 or not weight.is_contiguous() or n % 8 or not n:
+    if module.batch_invariant or weight.dtype not in _KINDS or weight.dim() != 1 or not weight.is_contiguous() or n % 8 or not n:
         return None
-    pointer, fn = weight.data_ptr(), lib.pangu_rms_norm
+    pointer, fn, dtype, kind = weight.data_ptr(), lib.pangu_rms_norm, weight.dtype, _KINDS[weight.dtype]
 
     def call(x: torch.Tensor, threads: int) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=torch.bfloat16)
+        out = torch.empty(x.shape, dtype=dtype)
         # the mean of squares by torch's own operators, as rms_norm computes it (the same bits)
         mean_sq = x.to(torch.float32, copy=True).pow_(2).mean(-1)
-        if fn(x.data_ptr(), x.stride(0), mean_sq.data_ptr(), pointer, out.data_ptr(), x.shape[0], n, eps, 1, threads):
+        if fn(x.data_ptr(), x.stride(0), mean_sq.data_ptr(), pointer, out.data_ptr(), x.shape[0], n, eps, kind, threads):
             raise RuntimeError(f"RMSNorm loop refused x {tuple(x.shape)}")
         return out
 
@@ -128,6 +130,7 @@ class EagerDecodeStep:
         self.model = model
         self.layers = layers
         self.final_norm = final_norm
+        self.dtype = model.model.norm.weight.dtype  # the activations'; every norm's weight has it (build)
         self.rope = norm_lib.pangu_rope
         self.attention = attention_lib.pangu_bi_attention
 
@@ -137,9 +140,10 @@ class EagerDecodeStep:
         x = model.model.embed_tokens(input_ids)
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         t = x.shape[0]
-        head_dim = self.layers[0][6]
+        head_dim, dtype = self.layers[0][6], self.dtype
+        kind = _KINDS[dtype]
         if (
-            x.dtype != torch.bfloat16 or x.dim() != 2 or not x.is_contiguous() or cos.dtype != torch.bfloat16
+            x.dtype != dtype or x.dim() != 2 or not x.is_contiguous() or cos.dtype != dtype
             or cos.shape != (t, head_dim) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous())
         ):
             return model(input_ids, positions, attn)  # (a rotary this loop does not take: partial, other dtype)
@@ -159,22 +163,22 @@ class EagerDecodeStep:
             h = norm1(x, threads)
             q, k, v = qkv(h, threads).split([q_size, kv_size, kv_size], dim=-1)
             # apply_rotary's C pass on each (rows of heads x dim, the row stride the fused product's)
-            q_rot = torch.empty(t, heads, dim, dtype=torch.bfloat16)
-            k_rot = torch.empty(t, kv_heads, dim, dtype=torch.bfloat16)
-            if rope(q.data_ptr(), q.stride(0), dim, cos_p, sin_p, q_rot.data_ptr(), t, heads, dim, 1, threads) or rope(
-                k.data_ptr(), k.stride(0), dim, cos_p, sin_p, k_rot.data_ptr(), t, kv_heads, dim, 1, threads
+            q_rot = torch.empty(t, heads, dim, dtype=dtype)
+            k_rot = torch.empty(t, kv_heads, dim, dtype=dtype)
+            if rope(q.data_ptr(), q.stride(0), dim, cos_p, sin_p, q_rot.data_ptr(), t, heads, dim, kind, threads) or rope(
+                k.data_ptr(), k.stride(0), dim, cos_p, sin_p, k_rot.data_ptr(), t, kv_heads, dim, kind, threads
             ):
                 raise RuntimeError("rotary loop refused its operands")
             k_cache, v_cache = layer.k_cache, layer.v_cache
             k_cache.index_put_((slot_mapping,), k_rot.to(k_cache.dtype))
             v_cache.index_put_((slot_mapping,), v.view(t, kv_heads, dim).to(v_cache.dtype))
-            out = torch.empty(t, heads, dim, dtype=torch.bfloat16)
+            out = torch.empty(t, heads, dim, dtype=dtype)
             cache32 = int(k_cache.dtype == torch.float32)
             for first, end, ctx, slots, valid in spans:
                 rc = attention(
                     q_rot[first].data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(),
                     out[first].data_ptr(), k_cache.shape[0], end - first, heads, kv_heads, dim, ctx, end - first,
-                    scale, 0, cache32, 0, threads,
+                    scale, 1 - kind, cache32, 1 - kind, threads,
                 )
                 if rc:
                     raise RuntimeError(f"decode attention kernel refused q {tuple(q_rot.shape)}, cache {tuple(k_cache.shape)} ({rc})")
@@ -215,7 +219,7 @@ def build(model: torch.nn.Module, decode_kernel: list[bool], k_caches: list, v_c
         ):
             return None
         norm1, norm2 = _norm(layer.input_layernorm, norm_lib), _norm(layer.post_attention_layernorm, norm_lib)
-        if norm1 is None or norm2 is None:
+        if norm1 is None or norm2 is None or {n.weight.dtype for n in (layer.input_layernorm, layer.post_attention_layernorm)} != {dm.norm.weight.dtype}:
             return None
         layers.append((
             norm1, _linear(a.qkv_proj), a.q_size, a.kv_size, a.num_heads, a.num_kv_heads, a.head_dim, float(a.scale),
