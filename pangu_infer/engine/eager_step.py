@@ -34,8 +34,6 @@ from pangu_infer.quant import cpu_int4
 from pangu_infer.quant.modules import PackedWeight, QuantizedLinear
 
 ENV = "PANGU_INFER_EAGER_STEP"  # 0/off: eager decode steps run the model's modules
-# the activations' dtypes the C passes take, with their kind flag (norm_rope's: 1 bf16, 0 float32)
-_KINDS = {torch.bfloat16: 1, torch.float32: 0}
 
 Linear = Callable[[torch.Tensor, int], torch.Tensor]
 Norm = Callable[[torch.Tensor, int], torch.Tensor]
@@ -49,13 +47,14 @@ def _linear(module: torch.nn.Module) -> Linear:
     """module(x) for x [rows, in] (bf16 or float32) contiguous: the kernel called straight for a
     quantized linear the C kernels read at this row count (as PackedWeight.forward would call it:
     x rounded to bf16, the product in bf16, then x's dtype), else the module itself."""
+    def as_module(x: torch.Tensor, threads: int) -> torch.Tensor:
+        return module(x)
+
     weight = getattr(module, "weight", None)
     lib = cpu_int4.library()
-    if not (type(module) is QuantizedLinear and type(weight) is PackedWeight and lib is not None):
-        return lambda x, threads: module(x)
-    kind = weight.kernel
-    if kind not in ("int4_vnni", "int5", "int6"):
-        return lambda x, threads: module(x)
+    kind = getattr(weight, "kernel", None)
+    if not (type(module) is QuantizedLinear and type(weight) is PackedWeight and lib is not None and kind in ("int4_vnni", "int5", "int6")):
+        return as_module
     data, sz, hb = weight.data, weight.scales, weight.hb if kind != "int4_vnni" else None
     n, k = data.shape[0] * cpu_int4.ROW_BLOCK, data.shape[1] * cpu_int4.OCTET
     group, out_features, bias = weight.group_size, weight.out_features, module.bias
@@ -64,7 +63,7 @@ def _linear(module: torch.nn.Module) -> Linear:
         and cpu_int4.scales_fit(sz, (data.shape[0], k // group)) and weight.in_features == k
         and (hb is None or (hb.dtype == torch.uint8 and hb.is_contiguous()))
     ):
-        return lambda x, threads: module(x)
+        return as_module
     zeros = cpu_int4.zero_values(sz)
     # The tensors stay referenced here: their pointers are taken once.
     pointers = (data.data_ptr(), sz.data_ptr()) if hb is None else (data.data_ptr(), hb.data_ptr(), sz.data_ptr())
@@ -102,23 +101,19 @@ def _mlp(mlp: torch.nn.Module) -> Linear:
 
 
 def _norm(module: RMSNorm, lib) -> Optional[Norm]:
-    """RMSNorm.forward's C pass (norm_rope.rms_norm) for x [rows, N] contiguous of the weight's
-    dtype (bf16 or float32), its operands checked once; None where that pass does not take the weight."""
+    """RMSNorm.forward's C pass (norm_rope.rms_norm_pass) for x [rows, N] contiguous of the weight's
+    dtype (bf16 or float32), the weight checked once; None where that pass does not take the weight."""
     weight, eps = module.weight, module.eps
     n = weight.shape[0]
-    if module.batch_invariant or weight.dtype not in _KINDS or weight.dim() != 1 or not weight.is_contiguous() or n % 8 or not n:
+    if module.batch_invariant or weight.dtype not in norm_rope.KINDS or weight.dim() != 1 or not weight.is_contiguous() or n % 8 or not n:
         return None
-    pointer, fn, dtype, kind = weight.data_ptr(), lib.pangu_rms_norm, weight.dtype, _KINDS[weight.dtype]
 
     def call(x: torch.Tensor, threads: int) -> torch.Tensor:
-        out = torch.empty(x.shape, dtype=dtype)
-        # the mean of squares by torch's own operators, as rms_norm computes it (the same bits)
-        mean_sq = x.to(torch.float32, copy=True).pow_(2).mean(-1)
-        if fn(x.data_ptr(), x.stride(0), mean_sq.data_ptr(), pointer, out.data_ptr(), x.shape[0], n, eps, kind, threads):
+        out = norm_rope.rms_norm_pass(lib, x, weight, eps, threads)
+        if out is None:
             raise RuntimeError(f"RMSNorm loop refused x {tuple(x.shape)}")
         return out
 
-    call.weight = weight  # type: ignore[attr-defined]
     return call
 
 
@@ -131,7 +126,7 @@ class EagerDecodeStep:
         self.layers = layers
         self.final_norm = final_norm
         self.dtype = model.model.norm.weight.dtype  # the activations'; every norm's weight has it (build)
-        self.rope = norm_lib.pangu_rope
+        self.norm_lib = norm_lib
         self.attention = attention_lib.pangu_bi_attention
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
@@ -141,7 +136,7 @@ class EagerDecodeStep:
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         t = x.shape[0]
         head_dim, dtype = self.layers[0][6], self.dtype
-        kind = _KINDS[dtype]
+        kind = norm_rope.KINDS[dtype]
         if (
             x.dtype != dtype or x.dim() != 2 or not x.is_contiguous() or cos.dtype != dtype
             or cos.shape != (t, head_dim) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous())
@@ -157,17 +152,14 @@ class EagerDecodeStep:
             spans.append((start, end, ctx, slots, valid))
             start = end
         slot_mapping = attn.slot_mapping
-        cos_p, sin_p = cos.data_ptr(), sin.data_ptr()
-        rope, attention = self.rope, self.attention
+        lib, attention = self.norm_lib, self.attention
         for norm1, qkv, q_size, kv_size, heads, kv_heads, dim, scale, o_proj, layer, norm2, mlp in self.layers:
             h = norm1(x, threads)
             q, k, v = qkv(h, threads).split([q_size, kv_size, kv_size], dim=-1)
             # apply_rotary's C pass on each (rows of heads x dim, the row stride the fused product's)
-            q_rot = torch.empty(t, heads, dim, dtype=dtype)
-            k_rot = torch.empty(t, kv_heads, dim, dtype=dtype)
-            if rope(q.data_ptr(), q.stride(0), dim, cos_p, sin_p, q_rot.data_ptr(), t, heads, dim, kind, threads) or rope(
-                k.data_ptr(), k.stride(0), dim, cos_p, sin_p, k_rot.data_ptr(), t, kv_heads, dim, kind, threads
-            ):
+            q_rot = norm_rope.rope_pass(lib, q.view(t, heads, dim), cos, sin, threads)
+            k_rot = norm_rope.rope_pass(lib, k.view(t, kv_heads, dim), cos, sin, threads)
+            if q_rot is None or k_rot is None:
                 raise RuntimeError("rotary loop refused its operands")
             k_cache, v_cache = layer.k_cache, layer.v_cache
             k_cache.index_put_((slot_mapping,), k_rot.to(k_cache.dtype))

@@ -126,7 +126,8 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
-_KINDS = {torch.bfloat16: 1, torch.float32: 0}
+# the activations' dtypes the loops take, and their kind flag
+KINDS = {torch.bfloat16: 1, torch.float32: 0}
 
 
 def _eager_cpu(*ts: torch.Tensor) -> bool:
@@ -139,9 +140,8 @@ def _eager_cpu(*ts: torch.Tensor) -> bool:
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[torch.Tensor]:
     """layers.apply_rotary's result (x [T, H, D], each row's D values contiguous; cos, sin [T, D]) or
     None where the loop does not take these operands (then the torch form runs)."""
-    bf = _KINDS.get(x.dtype)
     if (
-        bf is None
+        x.dtype not in KINDS
         or x.dim() != 3
         or x.stride(2) != 1
         or x.shape[2] % 16
@@ -154,12 +154,16 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[to
     ):
         return None
     lib = library()
-    if lib is None:
-        return None
+    return None if lib is None else rope_pass(lib, x, cos, sin, torch.get_num_threads())
+
+
+def rope_pass(lib: ctypes.CDLL, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, threads: int) -> Optional[torch.Tensor]:
+    """rotary's loop on operands it takes (checked by the caller: rotary, or once by
+    engine/eager_step.py); None where the loop refuses them."""
     t, h, d = x.shape
     out = torch.empty(t, h, d, dtype=x.dtype)
     if t and h:
-        rc = lib.pangu_rope(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d, bf, torch.get_num_threads())
+        rc = lib.pangu_rope(x.data_ptr(), x.stride(0), x.stride(1), cos.data_ptr(), sin.data_ptr(), out.data_ptr(), t, h, d, KINDS[x.dtype], threads)
         if rc:
             return None
     return out
@@ -168,10 +172,9 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Optional[to
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torch.Tensor]:
     """layers.RMSNorm's result for x [..., N] (rows contiguous) and a weight [N] of x's dtype, or None
     where the loop does not take these operands (then the torch form runs)."""
-    bf = _KINDS.get(x.dtype)
     n = x.shape[-1] if x.dim() else 0
     if (
-        bf is None
+        x.dtype not in KINDS
         or n % 8
         or n == 0
         or x.stride(-1) != 1
@@ -185,12 +188,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> Optional[torc
     lib = library()
     if lib is None:
         return None
-    out = torch.empty(rows.shape, dtype=x.dtype)
+    out = rms_norm_pass(lib, rows, weight, eps, torch.get_num_threads())
+    return None if out is None else out.view(x.shape)
+
+
+def rms_norm_pass(lib: ctypes.CDLL, rows: torch.Tensor, weight: torch.Tensor, eps: float, threads: int) -> Optional[torch.Tensor]:
+    """rms_norm's loop for rows [R, N] on operands it takes (checked by the caller: rms_norm, or once
+    by engine/eager_step.py); None where the loop refuses them."""
+    out = torch.empty(rows.shape, dtype=rows.dtype)
     if rows.shape[0]:
         # the mean of squares by torch's own operators (its reduction's order, so the same bits)
-        sq = rows.to(torch.float32, copy=True)
-        mean_sq = sq.pow_(2).mean(-1)
-        rc = lib.pangu_rms_norm(rows.data_ptr(), rows.stride(0), mean_sq.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], n, eps, bf, torch.get_num_threads())
+        mean_sq = rows.to(torch.float32, copy=True).pow_(2).mean(-1)
+        rc = lib.pangu_rms_norm(rows.data_ptr(), rows.stride(0), mean_sq.data_ptr(), weight.data_ptr(), out.data_ptr(),
+                                rows.shape[0], rows.shape[1], eps, KINDS[rows.dtype], threads)
         if rc:
             return None
-    return out.view(x.shape)
+    return out
