@@ -46,7 +46,7 @@ def _same_as_modules(llm: LLM, direct_kinds: set[str]) -> None:
     assert step is not None, "the eager step should take this model"
     # the quantized linears of the C kernels' kinds are called straight, not as modules
     linears = [c for layer in step.layers for c in (layer[1], layer[8], *getattr(layer[11], "linears", ()))]
-    direct = [c for c in linears if hasattr(c, "tensors")]
+    direct = [c for c in linears if getattr(c, "direct", False)]
     kinds = {m.kernel for m in llm.engine.model.modules() if type(m).__name__ == "PackedWeight"}
     if direct_kinds and direct_kinds <= kinds and cpu_int4.library() is not None:
         assert direct, f"no linear called straight ({kinds})"

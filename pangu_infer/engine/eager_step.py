@@ -64,24 +64,16 @@ def _linear(module: torch.nn.Module) -> Linear:
         and (hb is None or (hb.dtype == torch.uint8 and hb.is_contiguous()))
     ):
         return as_module
-    zeros = cpu_int4.zero_values(sz)
-    # The tensors stay referenced here: their pointers are taken once.
-    pointers = (data.data_ptr(), sz.data_ptr()) if hb is None else (data.data_ptr(), hb.data_ptr(), sz.data_ptr())
-    fn = lib.pangu_int4_mm if hb is None else lib.pangu_int5_mm
-    tail = (group, zeros) if hb is None else (group, zeros, cpu_int4.planes(hb))
 
     def call(x: torch.Tensor, threads: int) -> torch.Tensor:
         rows = x.shape[0]
         if rows >= weight.convert_min_rows or not rows:  # prefill-sized: the module's converted product
             return module(x)
-        xk = x.to(torch.bfloat16).contiguous()
-        y = torch.empty(rows, n, dtype=torch.bfloat16)
-        if fn(xk.data_ptr(), *pointers, y.data_ptr(), rows, n, k, *tail, threads):
-            raise RuntimeError(f"{kind} kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}")
+        y = cpu_int4.mm_pass(lib, x.to(torch.bfloat16).contiguous(), data, sz, group, hb, threads)
         y = (y if n == out_features else y[:, :out_features]).to(x.dtype)
         return y if bias is None else y + bias
 
-    call.tensors = (data, sz, hb)  # type: ignore[attr-defined]  (kept alive with the call)
+    call.direct = True  # type: ignore[attr-defined]  (the kernel called straight: tests)
     return call
 
 
@@ -127,7 +119,7 @@ class EagerDecodeStep:
         self.final_norm = final_norm
         self.dtype = model.model.norm.weight.dtype  # the activations'; every norm's weight has it (build)
         self.norm_lib = norm_lib
-        self.attention = attention_lib.pangu_bi_attention
+        self.attention_lib = attention_lib
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBatch) -> torch.Tensor:
         model = self.model
@@ -136,7 +128,6 @@ class EagerDecodeStep:
         cos, sin = model.rotary.cos_sin(positions, x.dtype)
         t = x.shape[0]
         head_dim, dtype = self.layers[0][6], self.dtype
-        kind = norm_rope.KINDS[dtype]
         if (
             x.dtype != dtype or x.dim() != 2 or not x.is_contiguous() or cos.dtype != dtype
             or cos.shape != (t, head_dim) or sin.shape != cos.shape or not (cos.is_contiguous() and sin.is_contiguous())
@@ -149,10 +140,10 @@ class EagerDecodeStep:
         for end, ctx in groups:
             slots = attn.decode_slots[start:end, :ctx].to(torch.long).contiguous()
             valid = attn.decode_mask[start:end, ..., :ctx].reshape(end - start, ctx).to(torch.bool).contiguous()
-            spans.append((start, end, ctx, slots, valid))
+            spans.append((start, end, slots, valid))
             start = end
         slot_mapping = attn.slot_mapping
-        lib, attention = self.norm_lib, self.attention
+        lib, lib_a = self.norm_lib, self.attention_lib
         for norm1, qkv, q_size, kv_size, heads, kv_heads, dim, scale, o_proj, layer, norm2, mlp in self.layers:
             h = norm1(x, threads)
             q, k, v = qkv(h, threads).split([q_size, kv_size, kv_size], dim=-1)
@@ -165,15 +156,8 @@ class EagerDecodeStep:
             k_cache.index_put_((slot_mapping,), k_rot.to(k_cache.dtype))
             v_cache.index_put_((slot_mapping,), v.view(t, kv_heads, dim).to(v_cache.dtype))
             out = torch.empty(t, heads, dim, dtype=dtype)
-            cache32 = int(k_cache.dtype == torch.float32)
-            for first, end, ctx, slots, valid in spans:
-                rc = attention(
-                    q_rot[first].data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(),
-                    out[first].data_ptr(), k_cache.shape[0], end - first, heads, kv_heads, dim, ctx, end - first,
-                    scale, 1 - kind, cache32, 1 - kind, threads,
-                )
-                if rc:
-                    raise RuntimeError(f"decode attention kernel refused q {tuple(q_rot.shape)}, cache {tuple(k_cache.shape)} ({rc})")
+            for first, end, slots, valid in spans:
+                bi_attention_kernel.attention_pass(lib_a, q_rot[first:end], k_cache, v_cache, slots, valid, out[first:end], scale, threads)
             x = x + o_proj(out.view(t, q_size), threads)
             x = x + mlp(norm2(x, threads), threads)
         return self.final_norm(x, threads)

@@ -513,15 +513,23 @@ def run(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: to
         raise ValueError("batch-invariant attention: the caches must be contiguous")
     out = torch.empty(n, h, d, dtype=q.dtype)
     if n:
-        rc = lib.pangu_bi_attention(
-            q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(), out.data_ptr(),
-            k_cache.shape[0], n, h, k_cache.shape[1], d, length, slots.shape[0], float(scale),
-            int(q.dtype == torch.float32), int(k_cache.dtype == torch.float32), int(q.dtype == torch.float32),
-            torch.get_num_threads(),
-        )
-        if rc:
-            raise RuntimeError(f"batch-invariant attention kernel refused q {tuple(q.shape)}, cache {tuple(k_cache.shape)} ({rc})")
+        attention_pass(lib, q, k_cache, v_cache, slots, valid, out, scale, torch.get_num_threads())
     return out
+
+
+def attention_pass(lib: ctypes.CDLL, q, k_cache, v_cache, slots, valid, out, scale: float, threads: int) -> None:
+    """The kernel's call on operands `run` has made fit (q [N, H, D] and out contiguous, of one
+    dtype; slots [N or 1, L] long and valid [N, L] bool, contiguous; contiguous caches): out is
+    written. run calls it, and the eager decode step (engine/eager_step.py) with each decode
+    group's rows. RuntimeError where the kernel refuses them."""
+    n, h, d = q.shape
+    rc = lib.pangu_bi_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(), out.data_ptr(),
+        k_cache.shape[0], n, h, k_cache.shape[1], d, slots.shape[-1], slots.shape[0], float(scale),
+        int(q.dtype == torch.float32), int(k_cache.dtype == torch.float32), int(out.dtype == torch.float32), threads,
+    )
+    if rc:
+        raise RuntimeError(f"batch-invariant attention kernel refused q {tuple(q.shape)}, cache {tuple(k_cache.shape)} ({rc})")
 
 
 # A plain Library registration (as quant/cpu_int4.py's ops): opaque to inductor, so a compiled

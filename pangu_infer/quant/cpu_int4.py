@@ -1466,7 +1466,6 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
     """x [M, K] bf16 (contiguous) times the weight -> [M, N] bf16; N is the padded row count. hb: the
     bit planes of a weight of 5- or 6-bit codes (pack5's or pack6's layout), else None."""
     lib = library()
-    n = data.shape[0] * ROW_BLOCK
     k = data.shape[1] * OCTET
     kind = f"int{4 + planes(hb)}"
     if (
@@ -1482,14 +1481,22 @@ def matmul(x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: in
     ):
         plane = "" if hb is None else f", plane {tuple(hb.shape)}"
         raise ValueError(f"{kind} kernel: unexpected operands x {tuple(x.shape)} {x.dtype}, weight {tuple(data.shape)}{plane}, scales {tuple(sz.shape)}")
+    return mm_pass(lib, x, data, sz, group_size, hb, torch.get_num_threads())
+
+
+def mm_pass(lib: ctypes.CDLL, x: torch.Tensor, data: torch.Tensor, sz: torch.Tensor, group_size: int, hb: Optional[torch.Tensor], threads: int) -> torch.Tensor:
+    """matmul's kernel call on operands it has checked (or the eager decode step checked once per
+    weight: engine/eager_step.py) -> [M, N] bf16; RuntimeError where the kernel refuses them."""
+    n, k = data.shape[0] * ROW_BLOCK, data.shape[1] * OCTET
     y = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
     if x.shape[0]:
-        shape = (x.shape[0], n, k, group_size, zero_values(sz), torch.get_num_threads())
+        shape = (x.shape[0], n, k, group_size, zero_values(sz), threads)
         if hb is None:
             rc = lib.pangu_int4_mm(x.data_ptr(), data.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape)
         else:
             rc = lib.pangu_int5_mm(x.data_ptr(), data.data_ptr(), hb.data_ptr(), sz.data_ptr(), y.data_ptr(), *shape[:-1], planes(hb), shape[-1])
         if rc:
+            kind = f"int{4 + planes(hb)}"
             raise RuntimeError(f"{kind} kernel refused x {tuple(x.shape)}, weight {tuple(data.shape)}, group {group_size} ({rc})")
     return y
 
