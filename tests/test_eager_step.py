@@ -168,6 +168,22 @@ def test_build_starts_after_the_grace(smollm2_gguf_path, monkeypatch):
     assert len(ends) == 1 and ends[0] < done - 0.5  # (the run: at least 1.5 s)
 
 
+def test_build_starts_at_once_for_a_run_longer_than_the_grace(smollm2_gguf_path, monkeypatch):
+    # A run whose tokens left, at its steps' pace, end after the grace would only put the compiled
+    # steps off by waiting: the build starts at its first decode steps.
+    from pangu_infer.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", 2.5)
+    ends = _build_start_recorded(monkeypatch)
+    llm = LLM(str(smollm2_gguf_path), max_model_len=512, enable_prefix_caching=False)
+    begun = time.monotonic()
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=300, ignore_eos=True), use_tqdm=False)
+    done = time.monotonic()
+    assert done - begun > 3.0  # (300 steps of at least 10 ms)
+    assert not llm.wait_compiled(timeout=30)
+    assert len(ends) == 1 and ends[0] < begun + 1.0
+
+
 def test_lora_not_taken(tiny_dense_dir):
     # the adapters' products ride on the modules (models/lora.py): their eager steps run the modules
     args = dict(dtype="bfloat16", enforce_eager=True, kv_cache_memory=8 << 20)

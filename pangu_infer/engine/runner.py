@@ -42,7 +42,8 @@ logger = logging.getLogger("pangu_infer.engine")
 FIRST_STEP_GRACE_S = 1.0
 # ... and then waits while steps keep coming, up to this long after load:
 # a run shorter than that (a one-off `generate`) ends eagerly with the whole CPU, a longer one is
-# compiled from then on (ModelRunner._wait_while_busy).
+# compiled from then on; a run whose tokens left (max_tokens) at its eager steps' pace outlast the
+# grace has it start at once (ModelRunner._wait_while_busy).
 BUSY_GRACE_S = 5.0
 # Steps further apart than this: the engine is idle (between two steps of a run: ~1 ms).
 IDLE_GAP_S = 0.1
@@ -168,10 +169,16 @@ class ModelRunner:
         self._first_step = [threading.Event(), threading.Event()]
         self._in_step = False  # a step is running (the build's _wait_while_busy reads these)
         self._step_ended = 0.0  # time.monotonic() at the end of the last step
+        # While the build waits (_wait_while_busy): the fastest decode-only step's seconds (one slow
+        # step does not end the wait), and the most steps a sequence of the last has left (its
+        # max_tokens, or the context's end)
+        self._pace: Optional[tuple[float, int]] = None
+        self._pacing = False
+        self._max_context = 0
         if not compile_:
             self._compiled_done.set()
             return
-        max_context = min(max_model_len or slots, slots)
+        max_context = self._max_context = min(max_model_len or slots, slots)
         self.decode_forward = self._cached_step(max_context)
         if self.decode_forward is not None:  # another engine over this model built it
             self._compiled_done.set()
@@ -381,6 +388,7 @@ class ModelRunner:
         embedding requests' sequences (which never sample): seq_id -> their chunk's pooling result
         (_pooled). The sequences themselves are left unchanged."""
         self._in_step = True
+        began = time.perf_counter()
         try:
             if self._first_step[1].is_set():
                 return self._run(batch, drafts)
@@ -390,19 +398,41 @@ class ModelRunner:
             finally:
                 self._first_step[1].set()
         finally:
+            if self._pacing and all(n == 1 for n in batch.num_tokens):
+                took = time.perf_counter() - began
+                self._pace = (took if self._pace is None else min(took, self._pace[0]), max(map(self._steps_left, batch.seqs), default=0))
             self._in_step = False
             self._step_ended = time.monotonic()
 
+    def _steps_left(self, seq: Sequence) -> int:
+        """The most decode steps `seq` may still take: to its max_tokens or the context's end (fewer
+        where it stops sooner: an end-of-sequence token, a stop string)."""
+        if seq.pooling is not None:
+            return 0
+        left = self._max_context - seq.num_tokens
+        if seq.params.max_tokens is not None:
+            left = min(left, seq.params.max_tokens - len(seq.output_token_ids))
+        return max(left, 0)
+
     def _wait_while_busy(self, deadline: float) -> None:
         """The build's start, held while steps keep coming until `deadline` (time.perf_counter), or
-        the engine is idle for IDLE_GAP_S, or stop_compile(). The build's first seconds are torch's
-        imports and the saved graphs' loading, Python that takes the interpreter lock from every
-        kernel call of an eager step beside it: the demo's eager steps ran 2-3x slower, and a 256-token
-        `generate` took twice as long as without the build (benchmarks/RESULTS.md)."""
-        while time.perf_counter() < deadline and not self._compile_stop.is_set():
-            if not self._in_step and time.monotonic() - self._step_ended > IDLE_GAP_S:
-                return
-            time.sleep(0.02)
+        the engine is idle for IDLE_GAP_S, or stop_compile(), or the running sequences' steps left
+        (to their max_tokens), at the fastest decode step's pace, end after the deadline: waiting then
+        would only put the compiled steps off. The build's first seconds are torch's imports and the
+        saved graphs' loading, Python that takes the interpreter lock from every kernel call of an
+        eager step beside it: the demo's eager steps ran 2-3x slower, and a 256-token `generate`
+        took twice as long as without the build (benchmarks/RESULTS.md)."""
+        self._pacing = True
+        try:
+            while (now := time.perf_counter()) < deadline and not self._compile_stop.is_set():
+                if not self._in_step and time.monotonic() - self._step_ended > IDLE_GAP_S:
+                    return
+                pace = self._pace
+                if pace is not None and pace[0] * pace[1] > deadline - now:
+                    return
+                time.sleep(0.02)
+        finally:
+            self._pacing = False
 
     @torch.inference_mode()
     def _run(
