@@ -26,6 +26,8 @@ EXTERNAL_COMMANDS = {
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model; names match the LLM/EngineConfig fields."""
+    from pangu_infer.sampling_params import MAX_LOGPROBS
+
     p.add_argument("--model", "-m", default=None, help="model folder, .gguf file or hub id (default: the demo model; -m: llama.cpp's)")
     p.add_argument("--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (default: auto)")
     p.add_argument("--device", default=None, help="cpu | cuda | npu (default: the best present)")
@@ -148,6 +150,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         '"max_new_tokens" also caps a server request\'s own max_tokens (vLLM\'s server-wide limit)',
     )
     p.add_argument(
+        "--max-logprobs", type=int, default=MAX_LOGPROBS,
+        help=f"the most top logprobs a token of a request may ask for (logprobs, top_logprobs, prompt_logprobs; "
+        f"default: {MAX_LOGPROBS}, OpenAI's and vLLM's); -1: no limit, every token of the vocabulary (vLLM's flag)",
+    )
+    p.add_argument(
         "--scheduling-policy", default="fcfs", choices=["fcfs", "priority"],
         help="fcfs (default): requests run in arrival order; priority: by each request's priority, lower first "
         "(vLLM's; the running request of lowest priority is preempted when KV blocks run out)",
@@ -251,6 +258,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank,
         scheduling_policy=args.scheduling_policy,
+        max_logprobs=args.max_logprobs,
         threads=args.threads,
         generation_config=args.generation_config,
         override_generation_config=override or None,

@@ -26,7 +26,7 @@ from pangu_infer.lora import LoRARequest
 from pangu_infer.outputs import BeamSearchOutput, EmbeddingRequestOutput, RequestOutput
 from pangu_infer.parallel.launch import check_executor_backend, load_tensor_parallel
 from pangu_infer.parallel.state import check_tensor_parallel_size
-from pangu_infer.sampling_params import BeamSearchParams, SamplingParams
+from pangu_infer.sampling_params import MAX_LOGPROBS, BeamSearchParams, SamplingParams
 
 PromptType = Union[str, dict, list[int]]
 
@@ -99,6 +99,7 @@ class LLM:
         max_lora_rank: int = 16,
         chat_template: Optional[str] = None,
         scheduling_policy: str = "fcfs",
+        max_logprobs: int = MAX_LOGPROBS,
         threads: Optional[int] = None,
         generation_config: Optional[str] = "auto",
         override_generation_config: Optional[dict] = None,
@@ -174,6 +175,7 @@ class LLM:
             max_loras=max_loras,
             max_lora_rank=max_lora_rank,
             scheduling_policy=scheduling_policy,
+            max_logprobs=max_logprobs,
         )
         if spec.draft_model is not None:  # before any model loads (the engine checks it again)
             check_draft_config(self.engine_config)

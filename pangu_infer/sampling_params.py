@@ -210,16 +210,16 @@ class SamplingParams:
             raise bad("frequency_penalty", "a number in [-2, 2]")
         if not valid_seed(self.seed):
             raise bad("seed", f"an integer in [{SEED_MIN}, {SEED_MAX}] or None")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < -1):
+            raise bad("logprobs", "an integer >= 0, -1 (every token of the vocabulary) or None")
         if self.truncate_prompt_tokens is not None and (
             not _is_int(self.truncate_prompt_tokens) or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
         ):
             raise bad("truncate_prompt_tokens", "an integer >= 1, -1 (as many as fit the context) or None")
         if self.truncation_side not in ("left", "right"):
             raise bad("truncation_side", "'left' (keep the prompt's last tokens) or 'right' (keep its first)")
-        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
-            raise bad("prompt_logprobs", f"an integer in [0, {MAX_LOGPROBS}] or None")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs) or self.prompt_logprobs < -1):
+            raise bad("prompt_logprobs", "an integer >= 0, -1 (every token of the vocabulary) or None")
         if not isinstance(self.stop, list) or any(not isinstance(s, str) or not s for s in self.stop):
             raise bad("stop", "a non-empty string or a list of non-empty strings")
         if len(self.stop) > MAX_STOP_STRINGS:
@@ -327,7 +327,8 @@ def _is_num(x: object) -> bool:
 
 
 # beam_width * 2 candidates per beam are read as top logprobs each step (vLLM's 2k, after
-# transformers'), so the widest beam is half the logprobs limit (vLLM's is the same, max_logprobs 20)
+# transformers'), so the widest beam is half the default logprobs limit (vLLM's is the same, its
+# max_logprobs 20); an engine of a lower max_logprobs takes narrower beams only (beam_search.check_prompt)
 MAX_BEAM_WIDTH = MAX_LOGPROBS // 2
 
 

@@ -11,17 +11,39 @@ from dataclasses import dataclass, replace
 from typing import Iterable, Optional, Sequence
 
 from pangu_infer.errors import RequestError, short_repr
-from pangu_infer.sampling_params import SamplingParams
+from pangu_infer.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What the engine can serve: the model's vocabulary and context, the KV pool, the batch."""
+    """What the engine can serve: the model's vocabulary and context, the KV pool, the batch, the
+    top logprobs a token may ask for (vLLM's max_logprobs; -1: the whole vocabulary)."""
 
     vocab_size: int
     max_model_len: int
     pool_tokens: int  # tokens the whole KV pool holds
     max_num_seqs: int
+    max_logprobs: int = MAX_LOGPROBS
+
+
+def checked_logprobs(k: Optional[int], limits: Limits, field: str) -> Optional[int]:
+    """A request's count of top logprobs (logprobs, prompt_logprobs; the server's top_logprobs,
+    named `field`): -1 (vLLM's: every token of the vocabulary) as the vocabulary's size; a
+    RequestError naming `field` above the engine's max_logprobs or the vocabulary."""
+    if k is None:
+        return None
+    vocab, cap = limits.vocab_size, limits.max_logprobs
+    asked = vocab if k == -1 else k
+    if cap != -1 and asked > cap:
+        what = f"{field}=-1 (the whole vocabulary, {vocab} tokens)" if k == -1 else f"{field}={short_repr(k)}"
+        raise RequestError(
+            f"{what} is more than this engine's max_logprobs={cap} top logprobs a token (start it with a higher "
+            "--max-logprobs, or LLM(max_logprobs=...); -1: no limit)",
+            param=field,
+        )
+    if asked > vocab:
+        raise RequestError(f"{field}={short_repr(k)} is more than the vocabulary's {vocab} tokens", param=field)
+    return asked
 
 
 def admit(
@@ -84,12 +106,10 @@ def admit(
             f"n={short_repr(params.n)} asks for more sequences than the engine runs at once (max_num_seqs={limits.max_num_seqs})",
             param="n",
         )
-    if params.logprobs is not None and params.logprobs > vocab:
-        raise RequestError(f"logprobs={params.logprobs} is more than the vocabulary's {vocab} tokens", param="logprobs")
-    if params.prompt_logprobs is not None and params.prompt_logprobs > vocab:
-        raise RequestError(
-            f"prompt_logprobs={params.prompt_logprobs} is more than the vocabulary's {vocab} tokens", param="prompt_logprobs"
-        )
+    logprobs = checked_logprobs(params.logprobs, limits, "logprobs")
+    prompt_logprobs = checked_logprobs(params.prompt_logprobs, limits, "prompt_logprobs")
+    if (logprobs, prompt_logprobs) != (params.logprobs, params.prompt_logprobs):
+        params = replace(params, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     return ids, params
 
 

@@ -140,8 +140,17 @@ def step_params(params: BeamSearchParams) -> SamplingParams:
 
 def check_prompt(prompt_token_ids: list[int], params: BeamSearchParams, limits: Limits) -> None:
     """The checks of a request of the longest beam (the prompt, max_tokens after it: the context,
-    the KV pool, the vocabulary), before any step: a RequestError naming the field."""
+    the KV pool, the vocabulary; the 2 * beam_width top logprobs of its steps against the engine's
+    max_logprobs), before any step: a RequestError naming the field."""
     admit(list(prompt_token_ids), SamplingParams(max_tokens=params.max_tokens), limits)
+    read = 2 * params.beam_width
+    if limits.max_logprobs != -1 and read > limits.max_logprobs:
+        raise RequestError(
+            f"beam_width={params.beam_width} reads {read} top logprobs a step (2 * beam_width), more than this "
+            f"engine's max_logprobs={limits.max_logprobs}: at most beam_width={limits.max_logprobs // 2} here "
+            "(or start it with a higher --max-logprobs)",
+            param="beam_width",
+        )
 
 
 def step_entry(out: RequestOutput) -> Logprob:

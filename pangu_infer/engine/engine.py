@@ -30,7 +30,7 @@ from pangu_infer.lora import LoRAAdapter, LoRARequest
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.lora import enable_lora
 from pangu_infer.outputs import EmbeddingOutput, EmbeddingRequestOutput, RequestOutput
-from pangu_infer.sampling_params import SEED_MAX, SEED_MIN, SamplingParams, valid_seed
+from pangu_infer.sampling_params import MAX_LOGPROBS, SEED_MAX, SEED_MIN, SamplingParams, valid_seed
 
 logger = logging.getLogger("pangu_infer.engine")
 
@@ -87,6 +87,9 @@ class EngineConfig:
     # vLLM's: "fcfs" (arrival order) or "priority" (each request's priority, lower first; the running
     # request of lowest priority is the one preempted when blocks run out): engine/scheduler.py
     scheduling_policy: str = "fcfs"
+    # vLLM's: the most top logprobs a request's token may ask for (logprobs, prompt_logprobs, the
+    # server's top_logprobs); -1: no limit (a token's whole vocabulary)
+    max_logprobs: int = MAX_LOGPROBS
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "speculative_ngram", "speculative_ngram_min", "max_loras", "max_lora_rank"):
@@ -140,6 +143,8 @@ class EngineConfig:
             )
         if not isinstance(self.enable_lora, bool):
             raise ValueError(f"enable_lora={self.enable_lora!r} must be True or False")
+        if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
+            raise ValueError(f"max_logprobs={short_repr(self.max_logprobs)} must be an integer >= 0, or -1 (no limit)")
         if self.enable_lora and self.batch_invariant:
             raise ValueError("enable_lora=True with batch_invariant=True: not supported together (adapters' products are not batch-invariant)")
 
@@ -231,7 +236,7 @@ class LLMEngine:
             self.pool, ec.max_num_seqs, ec.max_num_batched_tokens, ec.block_size if ec.batch_invariant else 1,
             ec.scheduling_policy, ec.enable_chunked_prefill,
         )
-        self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs)
+        self.limits = Limits(self.config.vocab_size, self.max_model_len, num_blocks * ec.block_size, ec.max_num_seqs, ec.max_logprobs)
         self.runner = ModelRunner(
             model, num_blocks, ec.block_size, self.kv_dtype, self.device,
             enforce_eager=ec.enforce_eager, max_model_len=self.max_model_len, batch_invariant=ec.batch_invariant,

@@ -557,7 +557,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
         params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
     as_ids = bool(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n, req.add_special_tokens)
-    beam = beam_search_params(req, params)
+    beam = beam_search_params(state, req, params)
     client_id = client_request_id(request, req.request_id)
     started = await unless_gone(request, start_requests(state, prompts, params, "cmpl", lora, req.cache_salt, req.priority,
                                                           default_length, client_id=client_id, beam=beam), state.metrics)
@@ -636,7 +636,8 @@ class _Echo:
         entries = list(out.prompt_logprobs or [])
         ids = out.prompt_token_ids  # as admitted
         entries += [None] * (len(ids) - len(entries))  # (always complete once a token is out)
-        return _completion_logprobs(self.state, entries, 0, ids, self.as_ids, self.logprobs)
+        top = None if self.logprobs == -1 else self.logprobs  # (-1: the whole vocabulary, vLLM's)
+        return _completion_logprobs(self.state, entries, 0, ids, self.as_ids, top)
 
     def choice(self, index: int, p: int, out: RequestOutput, comp: CompletionOutput) -> dict:
         lps, end = self.prompt_logprobs(out)

@@ -56,7 +56,7 @@ async def start_chat(state: ServerState, req: ChatCompletionRequest, request: Re
     try:
         started = await unless_gone(request, start_requests(state, [(text, ids)], params, prefix, lora, req.cache_salt, req.priority,
                                                               length_field=length_field, client_id=client_id or req.request_id,
-                                                              beam=beam_search_params(req, params)),
+                                                              beam=beam_search_params(state, req, params)),
                                     state.metrics)
     except APIError as e:
         raise as_sent(e, length_field) from None

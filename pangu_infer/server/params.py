@@ -6,6 +6,7 @@ import logging
 from dataclasses import replace
 from typing import Any, Optional
 
+from pangu_infer.engine.admission import checked_logprobs
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.sampling_params import MAX_BEAM_WIDTH, BeamSearchParams, SamplingParams
 from pangu_infer.server.errors import APIError
@@ -61,6 +62,9 @@ def to_sampling_params(state: ServerState, req: SamplingFields, max_tokens: Opti
         # vLLM refuses them too: a stream's chunks have no place for them
         raise APIError(400, f"prompt_logprobs={short_repr(req.prompt_logprobs)} is not available with stream=true; "
                        "ask without streaming", param="prompt_logprobs")
+    limits = state.llm.engine.limits  # (the engine's admission checks them again, naming its own fields)
+    checked_logprobs(logprobs, limits, "top_logprobs" if chat else "logprobs")
+    checked_logprobs(req.prompt_logprobs, limits, "prompt_logprobs")
     changes: dict[str, Any] = {}
     for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         value = getattr(req, name)
@@ -135,7 +139,7 @@ def _changes_nothing(name: str, value: Any) -> bool:
                for n in (neutral if isinstance(neutral, tuple) else (neutral,)))
 
 
-def beam_search_params(req: SamplingFields, params: SamplingParams) -> Optional[BeamSearchParams]:
+def beam_search_params(state: ServerState, req: SamplingFields, params: SamplingParams) -> Optional[BeamSearchParams]:
     """use_beam_search's parameters (vLLM's: the beam width is n, the temperature the request's, else
     the default one), max_tokens as `params` has it (the server fits a length not given per prompt:
     streaming._start); None without use_beam_search. A 400 naming a field beam search cannot honour."""
@@ -154,8 +158,11 @@ def beam_search_params(req: SamplingFields, params: SamplingParams) -> Optional[
         which = "max_reasoning_tokens" if params.max_reasoning_tokens is not None else "structured_outputs"
         raise APIError(400, f"{which} (this server's default) is not available with use_beam_search; give "
                        "chat_template_kwargs {\"enable_thinking\": false}, or no use_beam_search", param=which)
-    if req.n > MAX_BEAM_WIDTH:
-        raise APIError(400, f"n={short_repr(req.n)} is the beam width of use_beam_search: at most {MAX_BEAM_WIDTH}", param="n")
+    cap = state.llm.engine.limits.max_logprobs  # (each beam reads 2 * n top logprobs a step)
+    widest = MAX_BEAM_WIDTH if cap == -1 else min(MAX_BEAM_WIDTH, cap // 2)
+    if req.n > widest:
+        why = "" if widest == MAX_BEAM_WIDTH else f" (each beam reads 2 * n top logprobs a step, and this server's --max-logprobs is {cap})"
+        raise APIError(400, f"n={short_repr(req.n)} is the beam width of use_beam_search: at most {widest}{why}", param="n")
     try:
         return BeamSearchParams(beam_width=req.n, max_tokens=params.max_tokens or 1, ignore_eos=req.ignore_eos,
                                 temperature=params.temperature, length_penalty=req.length_penalty,

@@ -18,7 +18,8 @@ from pydantic_core import PydanticCustomError
 from pangu_infer.sampling_params import MAX_STOP_STRINGS
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+# The top logprobs a token may ask for are limited by the engine's max_logprobs (vLLM's flag, 20 by
+# default, OpenAI's limit): checked with the request (params.to_sampling_params), not here.
 MAX_REQUEST_ID_CHARS = 256  # a request_id is repeated in every streamed chunk
 # Accepted and ignored: bookkeeping for OpenAI's platform (user, metadata, store, service_tier,
 # safety_identifier, prompt caching hints).
@@ -170,8 +171,8 @@ class SamplingFields(_Request):
     use_beam_search: bool = Field(False, description="beam search (vLLM's): the n best of n beams (n <= 10), each choice whole")
     length_penalty: float = Field(1.0, description="beam search's score: cumulative logprob / length ** length_penalty (vLLM's)")
     prompt_logprobs: Optional[int] = Field(
-        None, description=f"score the prompt: each token's logprob with this many top alternatives (0..{MAX_TOP_LOGPROBS}; "
-        "not with stream=true), as vLLM returns them",
+        None, ge=-1, description="score the prompt: each token's logprob with this many top alternatives (0 up to the "
+        "server's --max-logprobs, 20 by default; -1 the whole vocabulary; not with stream=true), as vLLM returns them",
     )
     return_tokens_as_token_ids: Optional[bool] = Field(
         None, description='logprobs name tokens as "token_id:<id>" instead of their text (vLLM)'
@@ -223,7 +224,8 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # (a 0 is refused naming this field, not max_tokens)
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: Optional[int] = Field(None, ge=-1, description="0 up to the server's --max-logprobs (20 by default); -1: "
+                                        "the whole vocabulary (vLLM's)")
     tools: Optional[Tools] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
     chat_template_kwargs: Optional[dict[str, Any]] = Field(
@@ -263,7 +265,8 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str], list[int], list[list[int]]]
     max_tokens: Optional[int] = Field(16, description="0 only with echo: the prompt (and its logprobs) without generating")
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    logprobs: Optional[int] = Field(None, ge=-1, description="0 up to the server's --max-logprobs (20 by default); -1: the "
+                                    "whole vocabulary (vLLM's)")
     echo: bool = Field(False, description="the reply starts with the prompt; with logprobs, the prompt's tokens are scored too")
     add_special_tokens: bool = Field(True, description="vLLM's: text prompts tokenized with BOS first when the model wants one")
 

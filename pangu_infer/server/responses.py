@@ -68,7 +68,7 @@ class ResponsesRequest(_Request):
     stream: bool = False
     store: bool = Field(True, description="keep the response for previous_response_id and GET /v1/responses/{id}")
     previous_response_id: Optional[str] = Field(None, min_length=1)  # ("" had been taken as no previous response)
-    top_logprobs: Optional[int] = Field(None, ge=0, le=20)
+    top_logprobs: Optional[int] = Field(None, ge=0, description="up to the server's --max-logprobs (20 by default)")
     truncation: Optional[Literal["auto", "disabled"]] = Field(
         None, description="auto: drop the conversation's oldest turns until the prompt fits the context with max_output_tokens"
     )
