@@ -80,9 +80,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer-mode", choices=["auto", "slow"], default="auto",
                    help="auto or slow, as vLLM's: the same here (Pangu's tokenizer.model is always encoded by SentencePiece's own "
                    "rules, the slow tokenizer's; openPangu's vLLM commands pass slow)")
-    p.add_argument("--load-format", choices=["auto", "safetensors", "gguf"], default="auto",
+    p.add_argument("--load-format", choices=["auto", "safetensors", "gguf", "dummy"], default="auto",
                    help="vLLM's: auto (the default) reads a model folder's safetensors or a .gguf file, as the model is; "
-                   "safetensors or gguf say which, and a model of the other kind is refused")
+                   "safetensors or gguf say which, and a model of the other kind is refused; dummy: random weights "
+                   "from the model folder's config.json (a hub model's config and tokenizer alone are downloaded), "
+                   "quantized as --quantization says, for timing a model without its weights")
     p.add_argument("--enable-chunked-prefill", dest="enable_chunked_prefill", action="store_true", default=True,
                    help="prompts longer than what is left of a step's --max-num-batched-tokens are prefilled in chunks beside "
                    "the decodes: the default (vLLM's flag)")
@@ -199,17 +201,6 @@ def _chat_template_argument(text: str) -> str:
     return _ESCAPE.sub(lambda m: codecs.decode(m.group(0), "unicode_escape"), text)
 
 
-def check_load_format(load_format: str, model: Optional[str]) -> None:
-    """vLLM's --load-format against the model given: safetensors is a model folder or hub id, gguf a
-    .gguf file (the demo model, with no --model, is one); ValueError naming both where they differ."""
-    gguf = model is None or str(model).endswith(".gguf")
-    if load_format == "gguf" and not gguf:
-        raise ValueError(f"--load-format gguf: --model {model!r} is not a .gguf file")
-    if load_format == "safetensors" and gguf:
-        named = "the demo model" if model is None else f"--model {model!r}"
-        raise ValueError(f"--load-format safetensors: {named} is a .gguf file (--load-format gguf or auto reads it)")
-
-
 def llm_kwargs(args: argparse.Namespace) -> dict:
     """LLM's keyword arguments from the model flags; a bad --generation-config or
     --override-generation-config is a ValueError naming the flag (before anything loads)."""
@@ -218,7 +209,9 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
 
     check_generation_config(args.generation_config, "--generation-config")
     check_executor_backend(args.distributed_executor_backend, args.tensor_parallel_size, cli=True)
-    check_load_format(args.load_format, getattr(args, "model", None) or getattr(args, "model_tag", None))
+    from pangu_infer.loader import check_load_format
+
+    check_load_format(args.load_format, getattr(args, "model", None) or getattr(args, "model_tag", None), "--load-format", "--model")
     if args.pipeline_parallel_size != 1:
         raise ValueError(f"--pipeline-parallel-size {args.pipeline_parallel_size}: pipeline parallelism is not done here; "
                          "--tensor-parallel-size N splits the model over N devices")
@@ -259,6 +252,7 @@ def llm_kwargs(args: argparse.Namespace) -> dict:
         max_lora_rank=args.max_lora_rank,
         scheduling_policy=args.scheduling_policy,
         max_logprobs=args.max_logprobs,
+        load_format=args.load_format,
         threads=args.threads,
         generation_config=args.generation_config,
         override_generation_config=override or None,

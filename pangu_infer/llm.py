@@ -19,7 +19,7 @@ from pangu_infer.engine.spec_decode import SpeculativeSettings, speculative_sett
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.generation_config import check_generation_config, check_model_file, check_model_folder, check_override, sampling_defaults
 from pangu_infer.loader import (
-    LoadedModel, ModelNotFoundError, demo_model_path, is_local_model, load_serving_model, read_config, resolve_model_path,
+    LoadedModel, ModelNotFoundError, check_load_format, demo_model_path, is_local_model, load_serving_model, read_config, resolve_model_path,
     resolve_tokenizer_path,
 )
 from pangu_infer.lora import LoRARequest
@@ -100,6 +100,7 @@ class LLM:
         chat_template: Optional[str] = None,
         scheduling_policy: str = "fcfs",
         max_logprobs: int = MAX_LOGPROBS,
+        load_format: str = "auto",
         threads: Optional[int] = None,
         generation_config: Optional[str] = "auto",
         override_generation_config: Optional[dict] = None,
@@ -111,6 +112,8 @@ class LLM:
         if model is not None and not isinstance(model, str):
             raise ValueError(f"model={short_repr(model)} must be a model folder, a .gguf file or a hub id")
         check_threads(threads)
+        # load_format (vLLM's): "dummy" builds the model from its config.json with random weights
+        dummy = check_load_format(load_format, model)
         # pooling: how embed() pools a prompt's final hidden states, "last" (the last token's, vLLM's
         # default for a decoder) or "mean" (vLLM's --override-pooler-config pooling_type); checked first
         try:
@@ -152,7 +155,7 @@ class LLM:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise ValueError(f"{name}={short_repr(value)} must be a non-empty string")
         if revision is not None or download_dir is not None:  # (after every check above: a download takes long)
-            model = resolve_model_path(model, revision, download_dir)
+            model = resolve_model_path(model, revision, download_dir, weights=not dummy)
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.engine_config = EngineConfig(
@@ -187,13 +190,14 @@ class LLM:
         if tensor_parallel_size > 1:
             self.loaded, self.parallel = load_tensor_parallel(
                 model, tensor_parallel_size, self.dtype, self.device, quantization, offload_experts,
-                bf16_weights=not batch_invariant, load_tokenizer=read_tokenizer,
+                bf16_weights=not batch_invariant, load_tokenizer=read_tokenizer, dummy=dummy,
             )
             self.device = self.parallel.device
         else:
             self.loaded = load_serving_model(
                 model, self.dtype, self.device, load_tokenizer=read_tokenizer, quantization=quantization,
                 offload_experts=offload_experts, bf16_weights=not batch_invariant,  # (the kernel's many-row path is BLAS's, not row-tiled)
+                dummy=dummy,
             )
         if own_tokenizer is not None:
             try:  # (a hub model's config is known only now)

@@ -773,22 +773,29 @@ def test_token_counts_read_as_vllm_reads_them(capsys):
 
 def test_load_format_names_the_models_kind():
     """vLLM's --load-format: auto (the default), safetensors for a folder or hub id, gguf for a .gguf
-    file (the demo model is one); the other kind is refused naming both, and a format this engine does
-    not read (pt, dummy, ...) is argparse's error."""
+    file (the demo model is one), dummy for a folder or hub id (random weights: test_dummy_load.py);
+    the other kind is refused naming both, and a format this engine does not read (pt, npcache, ...)
+    is argparse's error."""
     from pangu_infer.cli import build_parser, llm_kwargs
 
     parse = build_parser().parse_args
-    plain = llm_kwargs(parse(["serve", "org/model"]))
-    assert llm_kwargs(parse(["serve", "org/model", "--load-format", "safetensors"])) == plain
-    assert llm_kwargs(parse(["serve", "--model", "m.gguf", "--load-format", "gguf"])) == llm_kwargs(parse(["serve", "--model", "m.gguf"]))
+
+    def kwargs(argv: list[str]) -> dict:
+        return {k: v for k, v in llm_kwargs(parse(argv)).items() if k != "load_format"}
+
+    plain = kwargs(["serve", "org/model"])
+    assert kwargs(["serve", "org/model", "--load-format", "safetensors"]) == plain
+    assert kwargs(["serve", "--model", "m.gguf", "--load-format", "gguf"]) == kwargs(["serve", "--model", "m.gguf"])
     assert llm_kwargs(parse(["generate", "-p", "x", "--load-format", "gguf"]))  # the demo model
     for argv, says in ((["serve", "org/model", "--load-format", "gguf"], "--load-format gguf: --model 'org/model' is not a .gguf file"),
                        (["serve", "--model", "m.gguf", "--load-format", "safetensors"], "--load-format safetensors: --model 'm.gguf' is a .gguf file"),
-                       (["generate", "-p", "x", "--load-format", "safetensors"], "--load-format safetensors: the demo model is a .gguf file")):
+                       (["generate", "-p", "x", "--load-format", "safetensors"], "--load-format safetensors: the demo model is a .gguf file"),
+                       (["serve", "--model", "m.gguf", "--load-format", "dummy"], "--load-format dummy: --model 'm.gguf' is a .gguf file")):
         with pytest.raises(ValueError, match=re.escape(says)):
             llm_kwargs(parse(argv))
+    assert llm_kwargs(parse(["serve", "org/model", "--load-format", "dummy"]))["load_format"] == "dummy"
     with pytest.raises(SystemExit):
-        parse(["serve", "org/model", "--load-format", "dummy"])
+        parse(["serve", "org/model", "--load-format", "pt"])
 
 
 def test_vllms_parallel_size_flags():

@@ -12,7 +12,7 @@ import torch
 
 from pangu_infer import hub
 from pangu_infer.config import ConfigError, ModelConfig
-from pangu_infer.errors import WeightError
+from pangu_infer.errors import WeightError, short_repr
 from pangu_infer.memory import keep_freed_heap
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta
@@ -56,10 +56,12 @@ def is_local_model(path: str) -> bool:
     return os.path.isdir(path) or (os.path.isfile(path) and path.endswith(".gguf"))
 
 
-def resolve_model_path(model: Optional[str], revision: Optional[str] = None, download_dir: Optional[str] = None) -> str:
+def resolve_model_path(model: Optional[str], revision: Optional[str] = None, download_dir: Optional[str] = None,
+                       weights: bool = True) -> str:
     """A local folder, a local .gguf file, or a hub id downloaded with huggingface_hub (at
     `revision`, a branch, tag or commit, into `download_dir`: vLLM's --revision and --download-dir,
-    which name nothing for a local path: a ModelNotFoundError there)."""
+    which name nothing for a local path: a ModelNotFoundError there). weights=False: a hub model's
+    config and tokenizer files only (load_format "dummy")."""
     hub_only = [f"{name}={value!r}" for name, value in (("revision", revision), ("download_dir", download_dir)) if value is not None]
     verb = "apply" if len(hub_only) > 1 else "applies"
     if not model:
@@ -75,10 +77,32 @@ def resolve_model_path(model: Optional[str], revision: Optional[str] = None, dow
         raise ModelNotFoundError(f"--model {model!r} is a file but not a .gguf file; pass the model folder instead")
     if not hub.looks_like_hub_id(model):
         raise ModelNotFoundError(f"--model {model!r}: no such folder or .gguf file")
+    patterns = ["*.json", "tokenizer.model", "*.jinja", "*.txt"] + (["*.safetensors"] if weights else [])
     return hub.download(
-        model, f"--model {model!r} is not a local path", ["*.json", "*.safetensors", "tokenizer.model", "*.jinja", "*.txt"],
+        model, f"--model {model!r} is not a local path", patterns,
         ModelNotFoundError, revision, None if download_dir is None else os.path.expanduser(download_dir),
     )
+
+
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")  # vLLM's names, those read here
+
+
+def check_load_format(load_format: object, model: Optional[str], flag: str = "load_format", model_flag: str = "model") -> bool:
+    """vLLM's load_format against the model given (True for "dummy": random weights): safetensors is a
+    model folder or hub id, gguf a .gguf file (the demo model, with no model, is one), dummy a model
+    folder or hub id (its config.json); a ValueError naming both (as `flag` and `model_flag` spell
+    them: the command's or LLM's) where they differ."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"{flag}={short_repr(load_format)} must be one of {', '.join(LOAD_FORMATS)}")
+    gguf = model is None or str(model).endswith(".gguf")
+    named = "the demo model" if model is None else f"{model_flag} {model!r}"
+    if load_format == "gguf" and not gguf:
+        raise ValueError(f"{flag} gguf: {named} is not a .gguf file")
+    if load_format in ("safetensors", "dummy") and gguf:
+        also = " (--load-format gguf or auto reads it)" if load_format == "safetensors" else (
+            ": dummy builds random weights from a model folder's config.json")
+        raise ValueError(f"{flag} {load_format}: {named} is a .gguf file{also}")
+    return load_format == "dummy"
 
 
 def resolve_tokenizer_path(tokenizer: str, revision: Optional[str] = None) -> str:
@@ -189,8 +213,13 @@ def load_model(
     offload_experts: bool = False,
     keep_half: bool = False,
     matrix_dtype: Optional[torch.dtype] = None,
+    dummy: bool = False,
 ) -> LoadedModel:
     """Build the model on the meta device and assign the checkpoint's tensors to it.
+
+    dummy (vLLM's load_format "dummy"): a model folder's config.json alone, with random weights
+    (loader.random.dummy_tensors: the same on every load and every tensor-parallel rank), quantized
+    as a checkpoint's would be: for timing a model without its weights.
 
     keep_half: a float32 CPU load of a GGUF file whose matrices are all F16 (or all BF16) keeps them
     in that dtype, multiplied in float32 (models/bf16_weights.py), where the kernel is chosen here.
@@ -203,7 +232,9 @@ def load_model(
     """
     from pangu_infer.quant.loading import make_load_hook
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, weights=not dummy)
+    if dummy:
+        check_dummy(path, offload_experts)
     if device.type == "cpu":
         # Conversion's temporaries (slices of rows dequantized, re-quantized, repacked: a few MB each)
         # reuse the heap instead of fresh pages: a 7B Q4_0 file loaded in 12.4 s instead of 16.6, 2.5
@@ -213,14 +244,20 @@ def load_model(
         return _load_gguf(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half)
     from pangu_infer.loader.safetensors import checkpoint_bytes, checkpoint_files, iter_quantized_safetensors, iter_safetensors
 
-    files = checkpoint_files(path)
-    cfg = read_checked_config(path, files)
+    if dummy:
+        from pangu_infer.loader.random import dummy_tensors
+
+        cfg = ModelConfig.from_file(path)
+        weights = dummy_tensors(path, matrix_dtype or dtype)
+    else:
+        files = checkpoint_files(path)
+        cfg = read_checked_config(path, files)
+        progress = checkpoint_bytes(files) > PROGRESS_BYTES
+        # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
+        weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
     generation_config = read_generation_config(path, cfg.vocab_size)
     net = build_model_on_meta(cfg)
     hook = make_load_hook(net, quantization, offload_experts, dtype, device)
-    progress = checkpoint_bytes(files) > PROGRESS_BYTES
-    # A pre-quantized checkpoint pairs each int weight with its scales (and zeros).
-    weights = iter_quantized_safetensors(files) if cfg.quantization_config else iter_safetensors(files, progress=progress)
     net.load_weights(weights if hook is None else hook.weights(weights), dtype=dtype, device=device, hook=hook, matrix_dtype=matrix_dtype)
     if matrix_dtype is not None:
         _keep_half(net)
@@ -241,8 +278,9 @@ def load_serving_model(
     quantization: Any = None,
     offload_experts: bool = False,
     bf16_weights: bool = True,
+    dummy: bool = False,
 ) -> LoadedModel:
-    """load_model, then laid out for this CPU's fastest products: what every process of an engine
+    """load_model (`dummy`: random weights, load_model's), then laid out for this CPU's fastest products: what every process of an engine
     serves (one process, each tensor-parallel rank, a draft model).
     - bf16 on a CPU that multiplies it natively: the linear weights laid out for oneDNN once
       (pangu_infer.models.packed);
@@ -253,13 +291,15 @@ def load_serving_model(
       `bf16_weights=False` widens them to float32 instead)."""
     from pangu_infer.models.packed import can_pack, pack_linears
 
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, weights=not dummy)
+    if dummy:
+        check_dummy(path, offload_experts)
     if not path.endswith(".gguf"):  # (a GGUF file is checked as it loads: _load_gguf)
-        check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half=bf16_weights)
-    half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if bf16_weights else None
+        check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half=bf16_weights, dummy=dummy)
+    half = kept_half_dtype(path, dtype, device, quantization, offload_experts, dummy) if bf16_weights else None
     if half is not None:
-        return load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half)
-    loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half=bf16_weights)
+        return load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, matrix_dtype=half, dummy=dummy)
+    loaded = load_model(path, dtype, device, load_tokenizer, quantization, offload_experts, keep_half=bf16_weights, dummy=dummy)
     if can_pack(device, dtype):
         pack_linears(loaded.model)
     return loaded
@@ -278,8 +318,9 @@ def weights_bytes(
     tensor_parallel_size: int = 1,
     ranks: Optional[Iterable[int]] = None,
     ckpt: Any = None,
+    dummy: bool = False,
 ) -> int:
-    """Resident bytes of the weights a load of `path` holds, from its config or GGUF header alone (no
+    """Resident bytes of the weights a load of `path` holds (`dummy`: random weights from its config), from its config or GGUF header alone (no
     tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
     converts their block types: Q4 types int4, Q5 ones 5-bit codes where a CPU load keeps them, other
     block types int8, whatever the file's bytes),
@@ -302,8 +343,9 @@ def weights_bytes(
         cfg = ckpt.model_config()
         half = _kept_half_dtype(ckpt, dtype, device, quantization) if keep_half else None
     else:
-        cfg = read_checked_config(path)  # (its layers the checkpoint's: a config's absurd count builds nothing)
-        half = kept_half_dtype(path, dtype, device, quantization, offload_experts) if keep_half else None
+        # (its layers the checkpoint's: a config's absurd count builds nothing)
+        cfg = ModelConfig.from_file(path) if dummy else read_checked_config(path)
+        half = kept_half_dtype(path, dtype, device, quantization, offload_experts, dummy) if keep_half else None
     total = 0
     for rank in range(tensor_parallel_size) if ranks is None else ranks:
         with building_shard(ParallelState(rank, tensor_parallel_size)):
@@ -344,6 +386,7 @@ def check_weights_fit(
     available: Optional[int] = None,
     ckpt: Any = None,
     need: Optional[int] = None,
+    dummy: bool = False,
 ) -> None:
     """A ValueError naming the model, what its weights need and what the machine has, before a CPU
     load that cannot fit in memory starts (the kernel would kill it part way, with no message).
@@ -362,7 +405,7 @@ def check_weights_fit(
         return
     ranks = None if ranks is None else list(ranks)
     if need is None:
-        need = weights_bytes(path, dtype, quantization, offload_experts, keep_half, device, tensor_parallel_size, ranks, ckpt)
+        need = weights_bytes(path, dtype, quantization, offload_experts, keep_half, device, tensor_parallel_size, ranks, ckpt, dummy)
     have = available_memory_bytes() if available is None else available
     if need <= have:
         return
@@ -372,8 +415,8 @@ def check_weights_fit(
     parallel = tensor_parallel_size, ranks
     if quantization in (None, "auto", "none") and not path.endswith(".gguf") and not cfg.quantization_config:
         for method in ("int8", "int4"):
-            hints.append(f"--quantization {method} (about {weights_bytes(path, dtype, method, offload_experts, False, device, *parallel) / gib:.1f} GiB)")
-    if cfg.is_moe and not offload_experts and not path.endswith(".gguf"):
+            hints.append(f"--quantization {method} (about {weights_bytes(path, dtype, method, offload_experts, False, device, *parallel, dummy=dummy) / gib:.1f} GiB)")
+    if cfg.is_moe and not offload_experts and not path.endswith(".gguf") and not dummy:
         hints.append(f"--offload-experts (about {weights_bytes(path, dtype, quantization, True, keep_half, device, *parallel) / gib:.1f} GiB)")
     hints.append("a machine (or container) with more memory")
     whose, how = "its weights", _describe(dtype, quantization)
@@ -394,18 +437,36 @@ def _describe(dtype: torch.dtype, quantization: Any) -> str:
     return f"{getattr(quantization, 'method', quantization)}, the rest in {name}"
 
 
-def kept_half_dtype(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool) -> Optional[torch.dtype]:
+def kept_half_dtype(path: str, dtype: torch.dtype, device: torch.device, quantization: Any, offload_experts: bool,
+                    dummy: bool = False) -> Optional[torch.dtype]:
     """bfloat16 or float16 when a float32 load of the safetensors checkpoint `path` keeps its matrices
     as stored (all BF16, or all F16) and multiplies them in float32 (models/bf16_weights.py), else
-    None. (A GGUF file decides while it loads, its header read: load_model's keep_half.)"""
+    None. (A GGUF file decides while it loads, its header read: load_model's keep_half.) `dummy`:
+    random weights, their matrices "stored" in the config's torch_dtype, as its checkpoint's are."""
     if offload_experts or path.endswith(".gguf") or not _float32_cpu_load(dtype, device, quantization):
         return None
     from pangu_infer.loader.safetensors import checkpoint_files, matrix_dtypes
     from pangu_infer.models import bf16_weights
 
-    if bf16_weights.disabled() or ModelConfig.from_file(path).quantization_config:
+    cfg = ModelConfig.from_file(path)
+    if bf16_weights.disabled() or cfg.quantization_config:
         return None
+    if dummy:
+        return _half_of({_SAFETENSORS_DTYPES.get(cfg.torch_dtype, "F32")})
     return _half_of(matrix_dtypes(checkpoint_files(path)))
+
+
+_SAFETENSORS_DTYPES = {"bfloat16": "BF16", "float16": "F16"}  # a config's torch_dtype, as safetensors names it
+
+
+def check_dummy(path: str, offload_experts: bool) -> None:
+    """load_format "dummy" takes a model folder's config.json: a ValueError naming what it cannot take."""
+    if path.endswith(".gguf"):
+        raise ValueError(f"load_format='dummy' builds random weights from a model folder's config.json; {path!r} is a "
+                         ".gguf file, whose weights are its own: give a model folder, or load_format 'auto'")
+    if offload_experts:
+        raise ValueError("offload_experts=True maps the routed experts from the checkpoint's files, and load_format='dummy' "
+                         "has none: drop one of them")
 
 
 def _float32_cpu_load(dtype: torch.dtype, device: torch.device, quantization: Any) -> bool:

@@ -264,6 +264,17 @@ def random_tensors(config: dict, seed: int = 0, dtype: torch.dtype = torch.float
         yield name, t.to(dtype)
 
 
+DUMMY_SEED = 0  # load_format "dummy": every load of a config, and every tensor-parallel rank, the same weights
+
+
+def dummy_tensors(model_dir: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The random weights of load_format "dummy" (vLLM's): random_tensors of the folder's config.json
+    (as random_state_dict(config, DUMMY_SEED) holds them), one tensor at a time, in `dtype`."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    return random_tensors(config, DUMMY_SEED, dtype)
+
+
 def _family_shape(model, name: str) -> tuple[int, ...]:
     """The checkpoint shape of a PanguProMoEV2 / PanguUltraMoE tensor: its slice of the model's parameter."""
     target, index = model.map_weight_name(name)

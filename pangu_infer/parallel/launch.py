@@ -86,6 +86,7 @@ def load_tensor_parallel(
     offload_experts: bool = False,
     bf16_weights: bool = True,
     load_tokenizer: bool = True,
+    dummy: bool = False,
 ) -> tuple[LoadedModel, "TensorParallelDriver"]:
     """Load rank 0's shard with every other rank loading its own; returns once all ranks joined.
 
@@ -93,9 +94,9 @@ def load_tensor_parallel(
     quantized, a GGUF file's blocks), bf16 linears packed on CPU, experts offloaded if asked.
     Under torchrun this returns only on rank 0: the other ranks serve rank 0's steps and exit.
     """
-    path = resolve_model_path(model)
+    path = resolve_model_path(model, weights=not dummy)
     check_parallel_config(read_config(path), world_size)
-    load = ShardLoad(path, dtype, quantization, offload_experts, bf16_weights, load_tokenizer)
+    load = ShardLoad(path, dtype, quantization, offload_experts, bf16_weights, load_tokenizer, dummy)
     if launched_by_torchrun():
         return _load_torchrun(load, world_size, device)
     check_fits(load, world_size, device)  # before any rank is started: spawned ranks all share this host
@@ -112,7 +113,7 @@ def check_fits(load: ShardLoad, world_size: int, device: torch.device, ranks: Op
     (`ranks`), on each of them, with memory measured before the group formed (`available`)."""
     check_weights_fit(load.path, load.dtype, device, load.quantization, load.offload_experts,
                       keep_half=True,  # as ShardLoad.run loads (load_serving_model's default)
-                      tensor_parallel_size=world_size, ranks=ranks, available=available)
+                      tensor_parallel_size=world_size, ranks=ranks, available=available, dummy=load.dummy)
 
 
 # ---------------------------------------------------------------------- rank 0

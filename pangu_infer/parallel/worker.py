@@ -37,12 +37,13 @@ class ShardLoad:
     offload_experts: bool = False
     bf16_weights: bool = True  # False with batch_invariant, as in one process (LLM.__init__)
     tokenizer: bool = True  # False where LLM(tokenizer=...) names another: the model's own is never read
+    dummy: bool = False  # load_format "dummy": random weights from the config (the same on every rank)
 
     def run(self, device: torch.device, load_tokenizer: bool = False) -> LoadedModel:
         """This rank's shard (call inside `building_shard`)."""
         return load_serving_model(
             self.path, self.dtype, device, load_tokenizer and self.tokenizer, quantization=self.quantization, offload_experts=self.offload_experts,
-            bf16_weights=self.bf16_weights,
+            bf16_weights=self.bf16_weights, dummy=self.dummy,
         )
 
 
