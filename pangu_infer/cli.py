@@ -69,9 +69,11 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "KV cache together, as vLLM's flag (e.g. 0.9); the KV cache gets the rest after the weights",
     )
     p.add_argument(
-        "--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16"],
+        "--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2"],
         help="the KV cache's dtype: auto is the model's (as vLLM); not given, bfloat16 where the model runs in "
-        "float32 only because the CPU lacks native bf16 products (half the memory, same speed), else the model's",
+        "float32 only because the CPU lacks native bf16 products (half the memory, same speed), else the model's; "
+        "fp8 (e4m3, as vLLM's), fp8_e4m3 or fp8_e5m2: one byte a value, scale 1, half a bf16 cache's memory "
+        "(read back into the model's dtype for attention)",
     )
     p.add_argument("--no-prefix-caching", "--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="turn prefix caching off (--no-enable-prefix-caching: vLLM's spelling)")

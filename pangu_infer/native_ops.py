@@ -168,8 +168,9 @@ static at::Tensor bi_attention_native(const at::Tensor& q_, const at::Tensor& k_
                                       const at::Tensor& slots_, const at::Tensor& valid_, double scale) {
   TORCH_CHECK(q_.dim() == 3 && (q_.scalar_type() == at::kFloat || q_.scalar_type() == at::kBFloat16),
               "batch-invariant attention: queries ", q_.sizes(), " ", q_.scalar_type());
-  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == k_cache.scalar_type() &&
-              (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+  const at::ScalarType kv = k_cache.scalar_type();  /* the kernel's kv_kind: bf16 0, fp32 1, fp8 e4m3fn 2, e5m2 3 */
+  const int kv_kind = kv == at::kBFloat16 ? 0 : kv == at::kFloat ? 1 : kv == at::kFloat8_e4m3fn ? 2 : kv == at::kFloat8_e5m2 ? 3 : -1;
+  TORCH_CHECK(k_cache.dim() == 3 && v_cache.sizes() == k_cache.sizes() && v_cache.scalar_type() == kv && kv_kind >= 0,
               "batch-invariant attention: caches ", k_cache.sizes(), " ", k_cache.scalar_type(), " and ", v_cache.sizes(), " ", v_cache.scalar_type());
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "batch-invariant attention: the caches must be contiguous");
   TORCH_CHECK(slots_.dim() == 2, "batch-invariant attention: slots ", slots_.sizes());
@@ -183,7 +184,7 @@ static at::Tensor bi_attention_native(const at::Tensor& q_, const at::Tensor& k_
   if (n) {
     const int rc = f(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(), out.data_ptr(),
                      k_cache.size(0), n, h, k_cache.size(1), d, length, slots.size(0), static_cast<float>(scale),
-                     q.scalar_type() == at::kFloat, k_cache.scalar_type() == at::kFloat, q.scalar_type() == at::kFloat,
+                     q.scalar_type() == at::kFloat, kv_kind, q.scalar_type() == at::kFloat,
                      at::get_num_threads());
     TORCH_CHECK(rc == 0, "batch-invariant attention kernel refused q ", q.sizes(), ", cache ", k_cache.sizes(), " (", rc, ")");
   }

@@ -189,9 +189,9 @@ def build(model: torch.nn.Module, decode_kernel: list[bool], k_caches: list, v_c
             return None
         if (
             v_cache is None or a.values_in_keys or a.v_dim != a.head_dim or a.head_dim % 16
-            or k_cache.dtype not in (torch.bfloat16, torch.float32) or v_cache.dtype != k_cache.dtype
+            or k_cache.dtype not in bi_attention_kernel.KV_KINDS or v_cache.dtype != k_cache.dtype
             or a.q_size != a.num_heads * a.head_dim or a.kv_size != a.num_kv_heads * a.head_dim
-            or not bi_attention_kernel.takes(a.num_heads, a.head_dim, k_cache.dtype, k_cache, v_cache)
+            or not bi_attention_kernel.takes(a.num_heads, a.head_dim, dm.norm.weight.dtype, k_cache, v_cache)
         ):
             return None
         norm1, norm2 = _norm(layer.input_layernorm, norm_lib), _norm(layer.post_attention_layernorm, norm_lib)

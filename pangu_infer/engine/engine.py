@@ -36,7 +36,9 @@ logger = logging.getLogger("pangu_infer.engine")
 
 DEFAULT_CPU_KV_BYTES = 4 << 30
 MAX_BAD_WORD_TOKENS = 4096  # tokens of one request's bad_words, both spellings: what each step matches
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8", "fp8_e4m3", "fp8_e5m2")
+# vLLM's fp8 names: "fp8" is e4m3 (as vLLM's on CUDA), each with scale 1 (vLLM's without calibration)
+FP8_KV_DTYPES = {"fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # A step's token budget where max_num_batched_tokens is not given (vLLM's, with chunked prefill)
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 2048
 # How an embedding request pools its prompt's final hidden states (add_request(pooling=...)):
@@ -141,6 +143,9 @@ class EngineConfig:
             raise ValueError(
                 f"scheduling_policy={self.scheduling_policy!r} must be one of {', '.join(SCHEDULING_POLICIES)}"
             )
+        if self.batch_invariant and self.kv_cache_dtype in FP8_KV_DTYPES:
+            raise ValueError(f"kv_cache_dtype={self.kv_cache_dtype!r} with batch_invariant=True: not supported together "
+                             "(the batch-invariant attention kernel reads float32 and bfloat16 caches)")
         if not isinstance(self.enable_lora, bool):
             raise ValueError(f"enable_lora={self.enable_lora!r} must be True or False")
         if not isinstance(self.max_logprobs, int) or isinstance(self.max_logprobs, bool) or self.max_logprobs < -1:
@@ -205,7 +210,7 @@ class LLMEngine:
         param = next(model.parameters())
         self.device = param.device
         self.dtype = param.dtype if param.is_floating_point() else torch.bfloat16
-        self.kv_dtype = self.dtype if ec.kv_cache_dtype == "auto" else getattr(torch, ec.kv_cache_dtype)
+        self.kv_dtype = kv_torch_dtype(ec.kv_cache_dtype, self.dtype)
         if self.kv_dtype == torch.float16 and self.device.type == "cpu":
             raise ValueError("kv_cache_dtype='float16' is not supported on CPU (its attention kernel reads float32 and bfloat16 caches): use bfloat16")
         context = self.config.max_position_embeddings
@@ -1037,6 +1042,13 @@ def _picks(result: SampleResult, seqs: list[Sequence]) -> Iterator[tuple[int, Op
             top = result.top_logprobs[i] if result.top_logprobs is not None else None
             lp = Logprob(result.token_ids[i], result.logprobs[i], list(top or []))
         yield result.token_ids[i], lp
+
+
+def kv_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's torch dtype for an EngineConfig.kv_cache_dtype ("auto": the model's)."""
+    if kv_cache_dtype == "auto":
+        return model_dtype
+    return FP8_KV_DTYPES.get(kv_cache_dtype) or getattr(torch, kv_cache_dtype)
 
 
 def default_kv_cache_dtype(model: DecoderForCausalLM, dtype: torch.dtype, device: torch.device) -> str:

@@ -112,6 +112,27 @@ static inline __m512 load16(const void* p, int f32) {
   return bf16x16((const uint16_t*)p);
 }
 
+/* 16 fp8 values of an fp8 cache (kind 2: e4m3fn, 3: e5m2) widened to fp32 exactly, as torch's casts
+   widen them: the exponent rebiased in the bits (normal values), the mantissa times 2^-9 or 2^-16
+   (subnormal ones), e4m3fn's 0x7F NaN, e5m2's top exponent inf or NaN; the sign last. */
+static inline __m512 fp8x16(const uint8_t* p, int kind) {
+  const int e4 = kind == 2, mbits = e4 ? 3 : 2;
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7F));
+  const __m512i e = _mm512_srli_epi32(mag, mbits), m = _mm512_and_si512(mag, _mm512_set1_epi32(e4 ? 7 : 3));
+  __m512 r = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(mag, 23 - mbits), _mm512_set1_epi32((e4 ? 120 : 112) << 23)));
+  const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(m), _mm512_set1_ps(e4 ? 0x1p-9f : 0x1p-16f));
+  r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), sub);
+  if (e4) {
+    r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7F)), _mm512_set1_ps(__builtin_nanf("")));
+  } else {
+    const __m512i top = _mm512_or_si512(_mm512_set1_epi32(0x7F800000), _mm512_slli_epi32(m, 21));
+    r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(31)), _mm512_castsi512_ps(top));
+  }
+  const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(r), sign));
+}
+
 /* r[i] = the sum of the 16 lanes of a[i], i = 0..15, for all 16 at once: the same tree of adds
    for every i (lanes k and k+2 of each 128-bit quarter, then the two pairs, then quarters 0+1 and
    2+3, then the two halves). */
@@ -207,6 +228,29 @@ static inline vec load16(const void* p, int f32) {
   return r;
 }
 
+/* AVX-512's fp8x16, 8 lanes at a time, the same arithmetic */
+static inline __m256 fp8x8(const uint8_t* p, int kind) {
+  const int e4 = kind == 2, mbits = e4 ? 3 : 2;
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)p));
+  const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi32(0x7F));
+  const __m256i e = _mm256_srli_epi32(mag, mbits), m = _mm256_and_si256(mag, _mm256_set1_epi32(e4 ? 7 : 3));
+  __m256 r = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(mag, 23 - mbits), _mm256_set1_epi32((e4 ? 120 : 112) << 23)));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(e4 ? 0x1p-9f : 0x1p-16f));
+  r = _mm256_blendv_ps(r, sub, _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_setzero_si256())));
+  if (e4) {
+    r = _mm256_blendv_ps(r, _mm256_set1_ps(__builtin_nanf("")), _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7F))));
+  } else {
+    const __m256i top = _mm256_or_si256(_mm256_set1_epi32(0x7F800000), _mm256_slli_epi32(m, 21));
+    r = _mm256_blendv_ps(r, _mm256_castsi256_ps(top), _mm256_castsi256_ps(_mm256_cmpeq_epi32(e, _mm256_set1_epi32(31))));
+  }
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, _mm256_set1_epi32(0x80)), 24);
+  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_castps_si256(r), sign));
+}
+static inline vec fp8x16(const uint8_t* p, int kind) {
+  const vec r = {fp8x8(p, kind), fp8x8(p + 8, kind)};
+  return r;
+}
+
 /* AVX-512's reduce16, the same tree of adds: within each 128-bit quarter as there (unpacks work
    per 128-bit lane), then quarters 0+1 (the lo half's two lanes) plus quarters 2+3 (the hi half's). */
 static inline void quarters(const __m256 a[16], __m256 c[4]) {
@@ -256,19 +300,25 @@ static inline vec exp2_neg(vec x) {
   return v_keep(keep, v_scale2(p, n));
 }
 
-int pangu_bi_attention_abi(void) { return 2; }
+int pangu_bi_attention_abi(void) { return 3; }
+
+/* A cache row's 16 values from p: kv_kind 0 bf16, 1 fp32, 2 fp8 e4m3fn, 3 fp8 e5m2 */
+static inline vec loadkv(const void* p, int kind) {
+  return kind >= 2 ? fp8x16((const uint8_t*)p, kind) : load16(p, kind == 1);
+}
 
 /* q [N, H, D]; caches [S, Hkv, D] (value rows Dv wide, Dv = D here); slots [R, L] int64 (R = 1:
-   shared by every query), valid [N, L] bytes; out [N, H, D]. *_f32: fp32, else bf16.
+   shared by every query), valid [N, L] bytes; out [N, H, D]. *_f32: fp32, else bf16; the caches
+   in kv_kind's dtype (loadkv).
    Returns 0, or nonzero for shapes it does not take (1) or a valid key's slot outside [0, S) (3;
    that query's output is then left unwritten). */
 int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int64_t* slots,
                        const uint8_t* valid, void* out, int64_t S, int64_t N, int64_t H, int64_t Hkv,
-                       int64_t D, int64_t L, int64_t R, float scale, int q_f32, int kv_f32, int out_f32,
+                       int64_t D, int64_t L, int64_t R, float scale, int q_f32, int kv_kind, int out_f32,
                        int64_t threads) {
-  if (Hkv <= 0 || H % Hkv || D % 16 || D > MAXD || H / Hkv > MAXG || (R != 1 && R != N)) return 1;
+  if (Hkv <= 0 || H % Hkv || D % 16 || D > MAXD || H / Hkv > MAXG || (R != 1 && R != N) || kv_kind < 0 || kv_kind > 3) return 1;
   const int64_t G = H / Hkv, V = D / 16, tasks = N * Hkv;
-  const size_t qsz = q_f32 ? 4 : 2, ksz = kv_f32 ? 4 : 2, osz = out_f32 ? 4 : 2;
+  const size_t qsz = q_f32 ? 4 : 2, ksz = kv_kind == 1 ? 4 : kv_kind == 0 ? 2 : 1, osz = out_f32 ? 4 : 2;
   const float log2e = 1.4426950408889634f;
   int bad = 0;
   #pragma omp parallel num_threads(threads > 1 ? threads : 1) if(threads > 1 && tasks >= 2)
@@ -317,7 +367,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
           if (j >= L || !ok[j]) continue;
           live |= 1u << i;
           const char* kr = (const char*)kc + ((sl[j] * Hkv + h) * D) * ksz;
-          for (int64_t v = 0; v < V; v++) v_store(kb + i * D + 16 * v, load16(kr + 16 * v * ksz, kv_f32));
+          for (int64_t v = 0; v < V; v++) v_store(kb + i * D + 16 * v, loadkv(kr + 16 * v * ksz, kv_kind));
         }
         for (int64_t g = 0; g < G; g++) {
           vec s = v_set1(-__builtin_inff());
@@ -372,7 +422,7 @@ int pangu_bi_attention(const void* q, const void* kc, const void* vc, const int6
           if (!ok[j]) continue;
           live |= 1u << i;
           const char* vr = (const char*)vc + ((sl[j] * Hkv + h) * D) * ksz;
-          for (int64_t v = 0; v < V; v++) v_store(kb + i * D + 16 * v, load16(vr + 16 * v * ksz, kv_f32));
+          for (int64_t v = 0; v < V; v++) v_store(kb + i * D + 16 * v, loadkv(vr + 16 * v * ksz, kv_kind));
         }
         if (!live) continue;
         for (int64_t g = 0; g < G; g++) {
@@ -455,7 +505,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     try:
         lib = build_c_library("bi_attention", source(isa), compiler, FLAGS)
-        if lib.pangu_bi_attention_abi() != 2:
+        if lib.pangu_bi_attention_abi() != 3:
             return None
     except (OSError, subprocess.SubprocessError) as e:
         log.warning("batch-invariant attention kernel not built (%s): using the torch form", e)
@@ -467,6 +517,9 @@ def library() -> Optional[ctypes.CDLL]:
 
 
 _DTYPES = (torch.bfloat16, torch.float32)
+# the caches' dtypes the kernel reads, by the kv_kind it is told (an fp8 cache outside the
+# batch-invariant mode: its decode attention, kv_cache_dtype "fp8", "fp8_e4m3", "fp8_e5m2")
+KV_KINDS = {torch.bfloat16: 0, torch.float32: 1, torch.float8_e4m3fn: 2, torch.float8_e5m2: 3}
 
 
 def available() -> bool:
@@ -493,7 +546,7 @@ def takes(heads: int, head_dim: int, q_dtype: torch.dtype, k_cache: torch.Tensor
     hkv = k_cache.shape[1]
     return (
         k_cache.device.type == "cpu"
-        and q_dtype in _DTYPES and k_cache.dtype in _DTYPES and v_cache.dtype == k_cache.dtype
+        and q_dtype in _DTYPES and k_cache.dtype in KV_KINDS and v_cache.dtype == k_cache.dtype
         and v_cache.shape == k_cache.shape and head_dim == d and d % 16 == 0 and d <= MAX_HEAD_DIM
         and heads % hkv == 0 and heads // hkv <= MAX_GROUP
     )
@@ -526,7 +579,7 @@ def attention_pass(lib: ctypes.CDLL, q, k_cache, v_cache, slots, valid, out, sca
     rc = lib.pangu_bi_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), valid.data_ptr(), out.data_ptr(),
         k_cache.shape[0], n, h, k_cache.shape[1], d, slots.shape[-1], slots.shape[0], float(scale),
-        int(q.dtype == torch.float32), int(k_cache.dtype == torch.float32), int(out.dtype == torch.float32), threads,
+        int(q.dtype == torch.float32), KV_KINDS[k_cache.dtype], int(out.dtype == torch.float32), threads,
     )
     if rc:
         raise RuntimeError(f"batch-invariant attention kernel refused q {tuple(q.shape)}, cache {tuple(k_cache.shape)} ({rc})")

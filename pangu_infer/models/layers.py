@@ -155,6 +155,8 @@ class AttentionBatch:
     batch_invariant: bool = False
 
 
+# The fp8 KV caches (kv_cache_dtype "fp8", "fp8_e4m3", "fp8_e5m2"): read converted to the queries' dtype
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # A decode group of one sequence runs one unmasked SDPA call up to this context; beyond it the two
 # products + softmax are faster (where they cross: benchmarks/cpu_kernels.py, figures in RESULTS.md).
 UNMASKED_SDPA_MAX_CONTEXT = 768
@@ -169,22 +171,28 @@ def decode_kernel_chosen(kv_dtype: torch.dtype) -> bool:
     """Do decode queries on CPU run the C kernel, which reads each sequence's keys and values
     where they lie in the paged cache (no gathered copy), in fp32 with masked keys skipped?
     Forced by DECODE_ATTENTION_ENV, else measured once per machine and cache dtype against the
-    torch form at a decode batch of 8 x 512 keys (kept in kernels.json)."""
+    torch form at a decode batch of 8 x 512 keys (kept in kernels.json); an fp8 cache's always
+    (the kernel widens its bytes as it reads them)."""
     from pangu_infer import machine
 
-    if kv_dtype not in (torch.float32, torch.bfloat16) or not bi_attention_kernel.available():
+    if kv_dtype not in bi_attention_kernel.KV_KINDS or not bi_attention_kernel.available():
         return False
     forced = machine.env_choice(DECODE_ATTENTION_ENV, ("kernel", "torch"))
     if forced is not None:
         return forced == "kernel"
+    if kv_dtype in FP8_DTYPES:  # the torch form widens gathered copies first: 3.5x slower at 1024 keys (RESULTS.md)
+        return True
     name = "decode_attention_kernel|" + str(kv_dtype).replace("torch.", "")
     return machine.own_kernel_measured_faster(name, lambda: _measure_decode(kv_dtype), "decode attention kernel")
 
 
 def decode_kernel_takes(layer: "Attention", kv_dtype: torch.dtype, k_cache: torch.Tensor, v_cache: Optional[torch.Tensor]) -> bool:
     """Can the C kernel run this layer's decode attention over these caches (no sinks, a value
-    cache, shapes it handles)? Whether it is the faster form here is decode_kernel_chosen's."""
-    return layer.sinks(kv_dtype) is None and bi_attention_kernel.takes(layer.num_heads, layer.head_dim, kv_dtype, k_cache, v_cache)
+    cache, shapes it handles)? Whether it is the faster form here is decode_kernel_chosen's. (The
+    queries are in the cache's dtype, or for an fp8 cache in the model's, bfloat16 or float32: the
+    kernel takes either, each call told which.)"""
+    q_dtype = torch.float32 if kv_dtype in FP8_DTYPES else kv_dtype
+    return layer.sinks(q_dtype) is None and bi_attention_kernel.takes(layer.num_heads, layer.head_dim, q_dtype, k_cache, v_cache)
 
 
 def _measure_decode(kv_dtype: torch.dtype, batch: int = 8, length: int = 512, kv_heads: int = 8, group: int = 4, dim: int = 128) -> dict[str, float]:
@@ -331,10 +339,15 @@ class Attention(nn.Module):
         qg = q.to(keys.dtype).view(b, hkv, h // hkv, d)
         return F.scaled_dot_product_attention(qg, keys, vals, scale=self.scale).reshape(b, h, -1).to(q.dtype)
 
-    def _decode_kv(self, slots: torch.Tensor, mask: Optional[torch.Tensor]):
-        """Gathered keys [B, Hkv, L, D] and values [B, Hkv, L, Dv] of decode rows, sinks first."""
+    def _decode_kv(self, slots: torch.Tensor, mask: Optional[torch.Tensor], dtype: torch.dtype):
+        """Gathered keys [B, Hkv, L, D] and values [B, Hkv, L, Dv] of decode rows, sinks first; an
+        fp8 cache's in `dtype` (the queries')."""
         keys = gather_heads_first(self.k_cache, slots)
+        if keys.dtype in FP8_DTYPES:
+            keys = keys.to(dtype)
         vals = keys[..., : self.values_in_keys] if self.values_in_keys else gather_heads_first(self.v_cache, slots)
+        if vals.dtype in FP8_DTYPES:
+            vals = vals.to(dtype)
         sinks = self.sinks(keys.dtype)
         if sinks is not None:
             b = keys.shape[0]
@@ -349,7 +362,8 @@ class Attention(nn.Module):
         k_cache, v_cache = self.k_cache, self.v_cache
         assert k_cache is not None, "the runner binds a KV cache before a paged forward"
         # index_put_ on the cache tensors themselves: torch.compile keeps it in place (index_copy_
-        # or a write through a view makes the compiled step copy the whole cache).
+        # or a write through a view makes the compiled step copy the whole cache). An fp8 cache:
+        # scale 1 (vLLM's without calibration), torch's cast saturating (e4m3: at +-448).
         k_cache.index_put_((attn.slot_mapping,), k.to(k_cache.dtype))
         if v_cache is not None:
             v_cache.index_put_((attn.slot_mapping,), v.to(v_cache.dtype))
@@ -369,7 +383,7 @@ class Attention(nn.Module):
                 continue
             unmasked = end - start == 1 and ctx <= UNMASKED_SDPA_MAX_CONTEXT  # one sequence: nothing padded
             mask = None if unmasked else attn.decode_mask[start:end, ..., :ctx]
-            keys, vals, mask = self._decode_kv(slots, mask)
+            keys, vals, mask = self._decode_kv(slots, mask, q.dtype)
             if unmasked:
                 out[start:end] = self._decode_attention_unmasked(q[start:end], keys, vals)
             else:
