@@ -129,3 +129,23 @@ def test_the_kernel_widens_every_fp8_code_as_torch_does(fp8):
     q = torch.randn(3, 16, 64, generator=g)
     slots, valid = torch.randint(0, 512, (3, 100), generator=g), torch.rand(3, 100, generator=g) > 0.2
     assert torch.equal(kernel.run(q, k, v, slots, valid, 0.125), kernel.run(q, k.float(), v.float(), slots, valid, 0.125))
+
+
+def test_tensor_parallel_ranks_hold_fp8_shards(tiny_moge_dir):
+    # every rank's cache shard is fp8 (the runner message carries the dtype): one process's logprobs,
+    # not those of a float32 cache
+    args = dict(dtype="float32", kv_cache_memory=8 << 20, enforce_eager=True, device="cpu")
+    prompts = [{"prompt_token_ids": PROMPT}]
+    greedy = SamplingParams(max_tokens=12, temperature=0, logprobs=0)
+
+    def logprobs(llm: LLM) -> torch.Tensor:
+        return torch.tensor([lp.logprob for lp in llm.generate(prompts, greedy, use_tqdm=False)[0].outputs[0].logprobs])
+
+    one, wide = (logprobs(LLM(str(tiny_moge_dir), kv_cache_dtype=kv, **args)) for kv in ("fp8", "float32"))
+    llm = LLM(str(tiny_moge_dir), tensor_parallel_size=2, kv_cache_dtype="fp8", **args)
+    try:
+        split = logprobs(llm)
+    finally:
+        llm.shutdown()
+    assert split.tolist() == pytest.approx(one.tolist(), abs=1e-4)
+    assert (split - wide).abs().max() > 1e-3
