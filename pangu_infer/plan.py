@@ -22,6 +22,7 @@ import torch
 
 from pangu_infer.config import ConfigError, ModelConfig
 from pangu_infer.device import DTYPES, resolve_device, resolve_dtype
+from pangu_infer.engine.engine import KV_CACHE_DTYPES
 from pangu_infer.models.dense import DecoderForCausalLM
 from pangu_infer.models.registry import build_model_on_meta, count_active_parameters, count_parameters
 from pangu_infer.quant.formats import CHOICES, DEFAULT_GROUP_SIZE, INT4_GROUP_SIZES, METHODS, QuantizationConfig, parse_quantization
@@ -51,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--group-size", type=int, default=None, choices=INT4_GROUP_SIZES, help=f"int4 group size (default: {DEFAULT_GROUP_SIZE})")
     parser.add_argument("--memory-gb", type=_positive_gb, default=None, help="memory budget in GB (10^9 bytes): prints how much context fits")
+    parser.add_argument(
+        "--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+        help="the KV cache's dtype, as generate and serve take it (auto: the model's; fp8: one byte a value); "
+        "not given: what they pick with this --dtype",
+    )
 
 
 def _positive_gb(text: str) -> float:
@@ -110,16 +116,18 @@ def read_config(model: str) -> ModelConfig:
     return read_source(model).config
 
 
-def engine_dtypes(dtype: str, model: DecoderForCausalLM) -> tuple[torch.device, torch.dtype, torch.dtype]:
-    """(device, model dtype, KV-cache dtype) of a load with `--dtype dtype` on this machine, as LLM
-    chooses them: "auto" is device.default_dtype's choice, its KV cache engine.default_kv_cache_dtype's
-    (bfloat16 on a CPU without native bf16, where that costs nothing); a dtype asked for is the cache's too."""
-    from pangu_infer.engine.engine import default_kv_cache_dtype
+def engine_dtypes(dtype: str, model: DecoderForCausalLM, kv_cache_dtype: Optional[str] = None) -> tuple[torch.device, torch.dtype, torch.dtype]:
+    """(device, model dtype, KV-cache dtype) of a load with `--dtype dtype` (and `--kv-cache-dtype
+    kv_cache_dtype`, if given) on this machine, as LLM chooses them: "auto" is device.default_dtype's
+    choice, its KV cache engine.default_kv_cache_dtype's (bfloat16 on a CPU without native bf16, where
+    that costs nothing); a dtype asked for is the cache's too, unless a cache dtype is asked for."""
+    from pangu_infer.engine.engine import default_kv_cache_dtype, kv_torch_dtype
 
     device = resolve_device(None)
     chosen = resolve_dtype(dtype, device)
-    kv = default_kv_cache_dtype(model, chosen, device) if dtype == "auto" else "auto"
-    return device, chosen, chosen if kv == "auto" else DTYPES[kv]
+    if kv_cache_dtype is None:
+        kv_cache_dtype = default_kv_cache_dtype(model, chosen, device) if dtype == "auto" else "auto"
+    return device, chosen, kv_torch_dtype(kv_cache_dtype, chosen)
 
 
 def loaded_weight_bytes(
@@ -219,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     total, active = count_parameters(model), count_active_parameters(model)
     # A pre-quantized checkpoint's config.json says how its weights are stored.
     quant = resolve_quantization(model, parse_quantization(args.quantization, args.group_size))
-    device, dtype, kv_dtype = engine_dtypes(args.dtype, model)
+    device, dtype, kv_dtype = engine_dtypes(args.dtype, model, args.kv_cache_dtype)
     dtype_name, kv_name = _name(dtype), _name(kv_dtype)
     # What LLM(quantization=...) is given: a group size only where asked (a .gguf file's int4 groups are 32).
     asked = args.quantization if args.group_size is None else parse_quantization(args.quantization, args.group_size)
@@ -238,6 +246,8 @@ def run(args: argparse.Namespace) -> int:
         f"auto: what generate and serve pick on this machine ({device.type}) when given no --dtype"
         if args.dtype == "auto" else f"--dtype {args.dtype}"
     )
+    if args.kv_cache_dtype is not None:
+        chosen += f", --kv-cache-dtype {args.kv_cache_dtype}"
     lines.append(f"dtype       {dtype_name}, KV cache {kv_name} ({chosen})")
     experts = ""
     if cfg.is_moge:
@@ -268,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
         lines.append("")
         stored_int4 = source.gguf is None and quant is not None and quant.method == "int4"
         int4_group = quant.group_size if stored_int4 else args.group_size
-        lines += _fit_table(source, model, budget, dtype_name, kv_dtype, args.memory_gb, int4_group, device)
+        lines += _fit_table(source, model, budget, dtype_name, kv_dtype, args.memory_gb, int4_group, device, args.kv_cache_dtype is not None)
     print("\n".join(lines))
     return 0
 
@@ -279,12 +289,13 @@ def _name(dtype: torch.dtype) -> str:
 
 def _fit_table(
     source: Source, model: DecoderForCausalLM, budget: int, dtype: str, kv_dtype: torch.dtype, memory_gb: float,
-    int4_group: Optional[int], device: torch.device,
+    int4_group: Optional[int], device: torch.device, kv_asked: bool = False,
 ) -> list[str]:
     """Weights, KV per token and context that fits, for float32, bfloat16, int8 and int4. The float rows
-    are that --dtype (every weight and the KV cache in it); the quantized rows keep the float parts in
-    `dtype` and the KV cache in `kv_dtype`, as --quantization int8/int4 would with this --dtype (a .gguf
-    file's rows as the loader quantizes that file: int4 in its groups of 32)."""
+    are that --dtype (every weight and the KV cache in it; kv_asked: the KV cache in `kv_dtype`, a
+    --kv-cache-dtype given); the quantized rows keep the float parts in `dtype` and the KV cache in
+    `kv_dtype`, as --quantization int8/int4 would with this --dtype (a .gguf file's rows as the loader
+    quantizes that file: int4 in its groups of 32)."""
     from pangu_infer.loader import weights_bytes
 
     cfg = source.config
@@ -298,7 +309,7 @@ def _fit_table(
             weights = weights_bytes(source.path, DTYPES[row_dtype], how, False, device=device, ckpt=source.gguf)
         else:
             weights = weight_bytes(model, DTYPES[row_dtype], quant, group, device)
-        kv = cfg.kv_bytes_per_token(DTYPES[row_dtype] if quant is None else kv_dtype)
+        kv = cfg.kv_bytes_per_token(DTYPES[row_dtype] if quant is None and not kv_asked else kv_dtype)
         tokens = context_tokens(budget, weights, kv)
         fit = "does not fit" if tokens is None else f"{tokens:,}"
         rows.append(f"{name:<10} {_bytes(weights):>10}  {kv / 1024:>6.1f} KiB  {fit}")
@@ -307,7 +318,10 @@ def _fit_table(
     )
     kv_name = _name(kv_dtype)
     cache = "and the KV cache too" if kv_name == dtype else f"the KV cache in {kv_name}"
-    rows.append(f"The quantized rows keep {kept} in {dtype}, {cache}.")
+    if kv_asked:
+        rows.append(f"The quantized rows keep {kept} in {dtype}; every row's KV cache is {kv_name} (--kv-cache-dtype).")
+    else:
+        rows.append(f"The quantized rows keep {kept} in {dtype}, {cache}.")
     rows.append("Weights and KV cache only: activations and runtime buffers need memory on top.")
     return rows
 

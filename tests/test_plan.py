@@ -329,6 +329,23 @@ def test_the_plans_dtype_and_kv_bytes_are_what_the_engine_allocates(capsys, monk
     assert llm.config.kv_bytes_per_token(llm.engine.kv_dtype) == per_token
 
 
+@pytest.mark.parametrize("kv", ["fp8", "fp8_e5m2", "float32"])
+def test_a_kv_cache_dtype_asked_is_what_the_engine_allocates(capsys, monkeypatch, kv, smollm2_gguf_path):
+    """--kv-cache-dtype as generate and serve take it: the plan's bytes per token are the engine's
+    cache bytes over its slots, and every row of the fit table counts them."""
+    from pangu_infer import LLM
+
+    monkeypatch.setattr("pangu_infer.plan.resolve_device", lambda _: CPU)
+    rc, out, _ = _plan(capsys, "--model", str(smollm2_gguf_path), "--kv-cache-dtype", kv, "--memory-gb", "1")
+    assert rc == 0
+    runner = LLM(str(smollm2_gguf_path), device="cpu", kv_cache_memory=1 << 22, enforce_eager=True, kv_cache_dtype=kv).engine.runner
+    per_token = sum(c.numel() * c.element_size() for c in runner.k_caches + runner.v_caches) // runner.k_caches[0].shape[0]
+    name = str(runner.k_caches[0].dtype).removeprefix("torch.")
+    assert _line(out, "KV cache ").startswith(f"KV cache    {per_token:,} bytes per token") and f"({name})" in _line(out, "KV cache ")
+    assert f"--kv-cache-dtype {kv}" in _line(out, "dtype ")
+    assert all(f"{per_token / 1024:>6.1f} KiB" in row for row in _table(out).values())
+
+
 def test_auto_is_bfloat16_on_a_cpu_with_native_bf16(capsys, smollm2_gguf_path, monkeypatch):
     import pangu_infer.device as device
 
