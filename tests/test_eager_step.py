@@ -139,48 +139,42 @@ def _build_start_recorded(monkeypatch) -> list:
     return ends
 
 
+def _run_with_grace(path, monkeypatch, grace: float, max_tokens: int, max_model_len: int) -> tuple[float, float, list]:
+    """One greedy run of max_tokens steps (each at least 10 ms) with the build's grace `grace`: its
+    start and end (time.monotonic) and when the build's wait returned (_build_start_recorded)."""
+    from pangu_infer.engine import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", grace)
+    ends = _build_start_recorded(monkeypatch)
+    llm = LLM(str(path), max_model_len=max_model_len, enable_prefix_caching=False)
+    begun = time.monotonic()
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=max_tokens, ignore_eos=True), use_tqdm=False)
+    done = time.monotonic()
+    assert not llm.wait_compiled(timeout=30)
+    return begun, done, ends
+
+
 def test_build_waits_while_steps_run(smollm2_gguf_path, monkeypatch):
     # A run shorter than the grace ends before the background build starts; the build starts once
     # the engine is idle.
     from pangu_infer.engine import runner as runner_module
 
-    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", 60.0)
-    ends = _build_start_recorded(monkeypatch)
-    llm = LLM(str(smollm2_gguf_path), max_model_len=256, enable_prefix_caching=False)
-    begun = time.monotonic()
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=150, ignore_eos=True), use_tqdm=False)
-    done = time.monotonic()
+    begun, done, ends = _run_with_grace(smollm2_gguf_path, monkeypatch, 60.0, 150, 256)
     assert done - begun > 1.4 * runner_module.FIRST_STEP_GRACE_S  # (a run longer than the first step's wait)
-    assert not llm.wait_compiled(timeout=30)
     assert len(ends) == 1 and done <= ends[0] < done + 10 * runner_module.IDLE_GAP_S + 5
 
 
 def test_build_starts_after_the_grace(smollm2_gguf_path, monkeypatch):
     # ... and a run longer than the grace has the build start during it.
-    from pangu_infer.engine import runner as runner_module
-
-    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", 0.3)
-    ends = _build_start_recorded(monkeypatch)
-    llm = LLM(str(smollm2_gguf_path), max_model_len=512, enable_prefix_caching=False)
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=150, ignore_eos=True), use_tqdm=False)
-    done = time.monotonic()
-    assert not llm.wait_compiled(timeout=30)
+    _, done, ends = _run_with_grace(smollm2_gguf_path, monkeypatch, 0.3, 150, 512)
     assert len(ends) == 1 and ends[0] < done - 0.5  # (the run: at least 1.5 s)
 
 
 def test_build_starts_at_once_for_a_run_longer_than_the_grace(smollm2_gguf_path, monkeypatch):
     # A run whose tokens left, at its steps' pace, end after the grace would only put the compiled
     # steps off by waiting: the build starts at its first decode steps.
-    from pangu_infer.engine import runner as runner_module
-
-    monkeypatch.setattr(runner_module, "BUSY_GRACE_S", 2.5)
-    ends = _build_start_recorded(monkeypatch)
-    llm = LLM(str(smollm2_gguf_path), max_model_len=512, enable_prefix_caching=False)
-    begun = time.monotonic()
-    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=300, ignore_eos=True), use_tqdm=False)
-    done = time.monotonic()
+    begun, done, ends = _run_with_grace(smollm2_gguf_path, monkeypatch, 2.5, 300, 512)
     assert done - begun > 3.0  # (300 steps of at least 10 ms)
-    assert not llm.wait_compiled(timeout=30)
     assert len(ends) == 1 and ends[0] < begun + 1.0
 
 
