@@ -280,8 +280,8 @@ def load_serving_model(
     bf16_weights: bool = True,
     dummy: bool = False,
 ) -> LoadedModel:
-    """load_model (`dummy`: random weights, load_model's), then laid out for this CPU's fastest products: what every process of an engine
-    serves (one process, each tensor-parallel rank, a draft model).
+    """load_model (`dummy`: random weights, load_model's), then laid out for this CPU's fastest
+    products: what every process of an engine serves (one process, each tensor-parallel rank, a draft model).
     - bf16 on a CPU that multiplies it natively: the linear weights laid out for oneDNN once
       (pangu_infer.models.packed);
     - float32 on a CPU whose kernel for it is built and not measured clearly slower (the default where bf16 is
@@ -320,8 +320,8 @@ def weights_bytes(
     ckpt: Any = None,
     dummy: bool = False,
 ) -> int:
-    """Resident bytes of the weights a load of `path` holds (`dummy`: random weights from its config), from its config or GGUF header alone (no
-    tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
+    """Resident bytes of the weights a load of `path` holds (`dummy`: random weights from its config),
+    from its config or GGUF header alone (no tensor data read): quantized where it quantizes (a GGUF file's tensors as the loader's own plan
     converts their block types: Q4 types int4, Q5 ones 5-bit codes where a CPU load keeps them, other
     block types int8, whatever the file's bytes),
     float tensors in the dtype they end up in (`dtype`; with keep_half, the 16-bit matrices a float32

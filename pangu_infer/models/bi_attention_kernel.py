@@ -25,7 +25,9 @@ pangu_infer.native_ops, else the Python one `pangu_infer::bi_attention`).
 
 Outside the mode, the same kernel is the default decode attention on CPU where a one-time
 measurement finds it faster than gathering K/V into copies for two batched products
-(models/layers.decode_kernel_chosen): it reads the paged cache in place and skips padding.
+(models/layers.decode_kernel_chosen): it reads the paged cache in place and skips padding. It also
+reads the fp8 caches of kv_cache_dtype "fp8"/"fp8_e4m3"/"fp8_e5m2" (`kv_kind` 2 and 3, KV_KINDS),
+widening each byte to fp32 exactly as torch's cast does (always their decode attention on CPU).
 
 Built once per machine like pangu_infer/quant/cpu_int4.py (`$CC`, else `cc`/`gcc`, -march=native,
 into `~/.cache/pangu-infer/`), loaded with ctypes. Needs AVX-512F, or AVX2 with FMA, on x86-64 and
