@@ -255,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
         f"model {llm.loaded.source}: {cfg.architecture}, {n_params / 1e6:.1f} M parameters, "
         f"{llm.dtype}".replace("torch.", "")
         + (f", {args.quantization}" if args.quantization else "")
+        + (", random weights (--load-format dummy)" if args.load_format == "dummy" else "")
         + f", {torch.get_num_threads()} threads, prompt {args.prompt_len} ({args.prompt_kind}), output {args.output_len}"
         + (f", {engine.speculator.describe()}" if engine.speculator else "")
         + (f", LoRA adapter {args.lora}" if lora is not None else "")

@@ -46,6 +46,16 @@ def test_bench_header_counts_the_parameters_of_quantized_models_too(tiny_dense_d
     assert f"{expected / 1e6:.1f} M parameters" in header and "int4" in header
 
 
+def test_bench_of_a_dummy_load_says_its_weights_are_random(tiny_dense_dir, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "config_only"
+    shutil.copytree(tiny_dense_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert main(["bench", "--model", str(folder), *FAST, "--mode", "latency", "--load-format", "dummy", "--quantization", "int4"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert "int4, random weights (--load-format dummy)" in header
+
+
 def test_bench_reports_draft_acceptance_with_prompt_lookup(tiny_dense_dir, capsys):
     argv = ["bench", "--model", str(tiny_dense_dir), *FAST, "--mode", "latency",
             "--prompt-kind", "repeat", "--num-speculative-tokens", "3"]
