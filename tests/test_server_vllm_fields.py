@@ -404,6 +404,28 @@ def _decoded(tokenizer, prompt: list[int], ids: list[int]) -> str:
     return whole[len(head):]
 
 
+def test_the_servers_flag_names_tokens_by_id_unless_a_request_says_otherwise(llm, client, pangu_tokenizer):
+    # vLLM's --return-tokens-as-token-ids: the default of every request's return_tokens_as_token_ids
+    from pangu_infer.server.cli import add_arguments
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--return-tokens-as-token-ids"]).return_tokens_as_token_ids
+    assert not parser.parse_args([]).return_tokens_as_token_ids
+    chat = dict(model="tiny", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True, top_logprobs=1)
+    completion = dict(model="tiny", prompt="the weather in the city", max_tokens=4, temperature=0, logprobs=1)
+    plain_chat = [e.token for e in client.chat.completions.create(**chat).choices[0].logprobs.content]
+    plain_completion = client.completions.create(**completion).choices[0].logprobs.tokens
+    with TestClient(create_app(llm, served_model_name="tiny", return_tokens_as_token_ids=True)) as http:
+        by_id = sdk_client(http)
+        named = [e.token for e in by_id.chat.completions.create(**chat).choices[0].logprobs.content]
+        assert [pangu_tokenizer.decode([t], skip_special_tokens=False) for t in _ids(named)] == plain_chat
+        assert _ids(by_id.completions.create(**completion).choices[0].logprobs.tokens)
+        asked_text = by_id.completions.create(**completion, extra_body={"return_tokens_as_token_ids": False})
+        assert asked_text.choices[0].logprobs.tokens == plain_completion
+
+
 def test_completion_return_token_ids(client, http, pangu_tokenizer):
     """vLLM's places: each choice its prompt's ids (what /tokenize gives for the prompt) and its
     generated ids, which decode to its text; n > 1 and several prompts each get their own."""

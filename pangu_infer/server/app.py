@@ -118,6 +118,7 @@ def create_app(
     enable_request_id_headers: bool = False,
     log_stats: bool = True,
     docs: bool = True,
+    return_tokens_as_token_ids: bool = False,
 ) -> FastAPI:
     """The app serving `llm` as `served_model_name` (several names: requests may send any, replies
     name the first, as vLLM's); it owns (and stops) the AsyncEngine it makes.
@@ -132,7 +133,9 @@ def create_app(
     (vLLM's flag): every response carries X-Request-Id, the request's header or a new id; log_stats
     (False: vLLM's --disable-log-stats): vLLM's engine line at INFO every LOG_STATS_INTERVAL_S seconds
     while anything runs (prompt and generation throughput, requests running and waiting, KV cache use,
-    prefix cache hit rate); docs (False: vLLM's --disable-fastapi-docs): no /docs, /redoc, /openapi.json."""
+    prefix cache hit rate); docs (False: vLLM's --disable-fastapi-docs): no /docs, /redoc, /openapi.json;
+    return_tokens_as_token_ids (vLLM's flag): logprobs name tokens "token_id:<id>" unless a request's own
+    return_tokens_as_token_ids says otherwise."""
     own_engine = engine is None
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name)
     served_model_name = names[0]
@@ -153,6 +156,7 @@ def create_app(
         other_model_names=tuple(names[1:]),
         log_requests=enable_log_requests,
         max_log_len=max_log_len,
+        return_tokens_as_token_ids=return_tokens_as_token_ids,
     )
     if enable_log_requests:  # (shown whatever the engine's log level: the operator asked for them)
         logging.getLogger(REQUEST_LOGGER).setLevel(logging.INFO)
@@ -333,7 +337,7 @@ async def _chat(state: ServerState, req: ChatCompletionRequest, request: Request
     if isinstance(started, Response):
         return started
     request_id, gens, firsts, parse, ids, model = started
-    as_ids = bool(req.return_tokens_as_token_ids)
+    as_ids = state.tokens_as_ids(req.return_tokens_as_token_ids)
     echo = echoed_text(req)
     if req.stream:
         body = _chat_stream(state, model, request_id, gens, firsts, parse, req.logprobs, stream_usage(req),
@@ -555,7 +559,7 @@ async def _completion(state: ServerState, req: CompletionRequest, request: Reque
     params = to_sampling_params(state, req, max_tokens, req.logprobs, chat=False)
     if req.prompt_logprobs is None and req.echo and req.logprobs is not None:
         params = replace(params, prompt_logprobs=req.logprobs)  # the echoed prompt is scored (vLLM: the same)
-    as_ids = bool(req.return_tokens_as_token_ids)
+    as_ids = state.tokens_as_ids(req.return_tokens_as_token_ids)
     prompts = await asyncio.to_thread(_completion_prompts, state, req.prompt, req.n, req.add_special_tokens)
     beam = beam_search_params(state, req, params)
     client_id = client_request_id(request, req.request_id)

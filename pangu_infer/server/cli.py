@@ -72,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-log-len", type=int, default=None, metavar="N",
                         help="with --enable-log-requests: characters of a logged prompt and of its parameters (default: all)")
     parser.add_argument(
+        "--return-tokens-as-token-ids", action="store_true",
+        help="logprobs name each token \"token_id:<id>\" instead of its text (vLLM's flag: tokens that are not whole "
+        "UTF-8 text stay identifiable); a request's own return_tokens_as_token_ids still decides for it",
+    )
+    parser.add_argument(
         "--enable-request-id-headers", action="store_true",
         help="every response carries an X-Request-Id header: the request's own, or a new id (vLLM's flag; a request's "
         "X-Request-Id names its chat or completion reply either way)",
@@ -330,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
                          trust_request_chat_template=args.trust_request_chat_template,
                          enable_log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                          enable_request_id_headers=args.enable_request_id_headers, log_stats=not args.disable_log_stats,
-                         docs=not args.disable_fastapi_docs)
+                         docs=not args.disable_fastapi_docs, return_tokens_as_token_ids=args.return_tokens_as_token_ids)
         base = f"{'https' if https else 'http'}://{args.host}:{args.port}"
         adapters = f" with LoRA adapters {', '.join(repr(m.request.lora_name) for m in loras)}" if loras else ""
         proxied = f" (behind a proxy at {prefix}/)" if prefix else ""

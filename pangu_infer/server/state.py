@@ -40,6 +40,8 @@ class ServerState:
     lora_submissions: dict[str, int] = field(default_factory=dict)
     runtime_lora_updates: bool = False  # --enable-runtime-lora-updates: /v1/load_lora_adapter and unload answer
     trust_request_chat_template: bool = False  # --trust-request-chat-template: a request may bring its chat_template
+    # --return-tokens-as-token-ids (vLLM's): logprobs name tokens "token_id:<id>" where a request does not say
+    return_tokens_as_token_ids: bool = False
     other_model_names: tuple[str, ...] = ()  # --served-model-name's names after the first: requests may send them
     log_requests: bool = False  # --enable-log-requests: each request's prompt and parameters, and its end, logged
     max_log_len: Optional[int] = None  # --max-log-len: characters of a logged prompt and parameters (None: all)
@@ -48,6 +50,10 @@ class ServerState:
     def model_names(self) -> tuple[str, ...]:
         """Every name of the served model (the first is the one replies give)."""
         return (self.model_name, *self.other_model_names)
+
+    def tokens_as_ids(self, asked: Optional[bool]) -> bool:
+        """Do a request's logprobs name tokens "token_id:<id>"? Its own return_tokens_as_token_ids, else the server's."""
+        return self.return_tokens_as_token_ids if asked is None else bool(asked)
 
     def reply_model(self, lora: Optional[LoRARequest]) -> str:
         """The `model` a response names: the adapter's name for a request that runs one, else the served name."""
