@@ -44,6 +44,15 @@ class _DraftView:
     wants_prompt_logprobs = False
     pooling = None
 
+    @property
+    def params(self) -> Any:
+        """The sequence's sampling parameters (its max_tokens: the runner's estimate of the steps left)."""
+        return self.seq.params
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.seq.output_token_ids
+
     def __init__(self, seq: Sequence, token_ids: list[int], computed: int, num_tokens: int, wants: bool):
         self.seq = seq
         self.seq_id = seq.seq_id

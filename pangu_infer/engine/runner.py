@@ -398,15 +398,16 @@ class ModelRunner:
             finally:
                 self._first_step[1].set()
         finally:
+            self._in_step = False
+            self._step_ended = time.monotonic()
             if self._pacing and all(n == 1 for n in batch.num_tokens):
                 took = time.perf_counter() - began
                 self._pace = (took if self._pace is None else min(took, self._pace[0]), max(map(self._steps_left, batch.seqs), default=0))
-            self._in_step = False
-            self._step_ended = time.monotonic()
 
     def _steps_left(self, seq: Sequence) -> int:
         """The most decode steps `seq` may still take: to its max_tokens or the context's end (fewer
-        where it stops sooner: an end-of-sequence token, a stop string)."""
+        where it stops sooner: an end-of-sequence token, a stop string). A draft model's runner is
+        given views of the sequences (draft_model._DraftView), which read these from theirs."""
         if seq.pooling is not None:
             return 0
         left = self._max_context - seq.num_tokens
