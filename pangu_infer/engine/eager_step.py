@@ -188,9 +188,9 @@ def build(model: torch.nn.Module, decode_kernel: list[bool], k_caches: list, v_c
         ):
             return None
         if (
-            v_cache is None or a.values_in_keys or a.v_dim != a.head_dim or a.head_dim % 16
-            or k_cache.dtype not in bi_attention_kernel.KV_KINDS or v_cache.dtype != k_cache.dtype
+            a.values_in_keys or a.v_dim != a.head_dim or a.head_dim % 16
             or a.q_size != a.num_heads * a.head_dim or a.kv_size != a.num_kv_heads * a.head_dim
+            # (a value cache of the key cache's shape, in a dtype the kernel reads)
             or not bi_attention_kernel.takes(a.num_heads, a.head_dim, dm.norm.weight.dtype, k_cache, v_cache)
         ):
             return None
