@@ -292,9 +292,7 @@ def load_serving_model(
     from pangu_infer.models.packed import can_pack, pack_linears
 
     path = resolve_model_path(model, weights=not dummy)
-    if dummy:
-        check_dummy(path, offload_experts)
-    if not path.endswith(".gguf"):  # (a GGUF file is checked as it loads: _load_gguf)
+    if not path.endswith(".gguf"):  # (a GGUF file is checked as it loads: _load_gguf; dummy refuses one: load_model)
         check_weights_fit(path, dtype, device, quantization, offload_experts, keep_half=bf16_weights, dummy=dummy)
     half = kept_half_dtype(path, dtype, device, quantization, offload_experts, dummy) if bf16_weights else None
     if half is not None:
