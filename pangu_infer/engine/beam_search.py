@@ -143,14 +143,20 @@ def check_prompt(prompt_token_ids: list[int], params: BeamSearchParams, limits: 
     the KV pool, the vocabulary; the 2 * beam_width top logprobs of its steps against the engine's
     max_logprobs), before any step: a RequestError naming the field."""
     admit(list(prompt_token_ids), SamplingParams(max_tokens=params.max_tokens), limits)
-    read = 2 * params.beam_width
-    if limits.max_logprobs != -1 and read > limits.max_logprobs:
+    widest = widest_beam(limits)
+    if widest is not None and params.beam_width > widest:
         raise RequestError(
-            f"beam_width={params.beam_width} reads {read} top logprobs a step (2 * beam_width), more than this "
-            f"engine's max_logprobs={limits.max_logprobs}: at most beam_width={limits.max_logprobs // 2} here "
+            f"beam_width={params.beam_width} reads {2 * params.beam_width} top logprobs a step (2 * beam_width), more "
+            f"than this engine's max_logprobs={limits.max_logprobs}: at most beam_width={widest} here "
             "(or start it with a higher --max-logprobs)",
             param="beam_width",
         )
+
+
+def widest_beam(limits: Limits) -> Optional[int]:
+    """The widest beam whose steps' 2 * beam_width top logprobs the engine's max_logprobs allows
+    (None: no limit)."""
+    return None if limits.max_logprobs == -1 else limits.max_logprobs // 2
 
 
 def step_entry(out: RequestOutput) -> Logprob:

@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any, Optional
 
 from pangu_infer.engine.admission import checked_logprobs
+from pangu_infer.engine.beam_search import widest_beam
 from pangu_infer.errors import RequestError, short_repr
 from pangu_infer.sampling_params import MAX_BEAM_WIDTH, BeamSearchParams, SamplingParams
 from pangu_infer.server.errors import APIError
@@ -158,10 +159,12 @@ def beam_search_params(state: ServerState, req: SamplingFields, params: Sampling
         which = "max_reasoning_tokens" if params.max_reasoning_tokens is not None else "structured_outputs"
         raise APIError(400, f"{which} (this server's default) is not available with use_beam_search; give "
                        "chat_template_kwargs {\"enable_thinking\": false}, or no use_beam_search", param=which)
-    cap = state.llm.engine.limits.max_logprobs  # (each beam reads 2 * n top logprobs a step)
-    widest = MAX_BEAM_WIDTH if cap == -1 else min(MAX_BEAM_WIDTH, cap // 2)
+    limits = state.llm.engine.limits
+    allowed = widest_beam(limits)  # (each beam reads 2 * n top logprobs a step)
+    widest = MAX_BEAM_WIDTH if allowed is None else min(MAX_BEAM_WIDTH, allowed)
     if req.n > widest:
-        why = "" if widest == MAX_BEAM_WIDTH else f" (each beam reads 2 * n top logprobs a step, and this server's --max-logprobs is {cap})"
+        why = "" if widest == MAX_BEAM_WIDTH else (
+            f" (each beam reads 2 * n top logprobs a step, and this server's --max-logprobs is {limits.max_logprobs})")
         raise APIError(400, f"n={short_repr(req.n)} is the beam width of use_beam_search: at most {widest}{why}", param="n")
     try:
         return BeamSearchParams(beam_width=req.n, max_tokens=params.max_tokens or 1, ignore_eos=req.ignore_eos,
